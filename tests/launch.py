@@ -1,0 +1,85 @@
+"""Run SPMD test programs under ``mpiexec`` with a hard timeout.
+
+Every multi-rank test goes through :func:`run_spmd`: a hang becomes a failed test after
+``timeout`` seconds (the whole process group is killed), never a blocked CI. The program is run
+with ``python -m mpi4py`` so an uncaught exception on any rank aborts every rank.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def mpiexec() -> str:
+    """The mpiexec beside this Python (the mpich wheel's), else the one on PATH."""
+    local = Path(sys.executable).parent / "mpiexec"
+    if local.exists():
+        return str(local)
+    found = shutil.which("mpiexec")
+    if found is None:
+        raise RuntimeError("expected an mpiexec (pip install 'typedcoll[mpich]'), found none")
+    return found
+
+
+def launch_command(nranks: int, argv: Sequence[str]) -> List[str]:
+    cmd = [mpiexec(), "-n", str(nranks)]
+    if "Open MPI" in _mpi_vendor():
+        cmd[1:1] = ["--oversubscribe"]
+    return cmd + list(argv)
+
+
+_VENDOR: Optional[str] = None
+
+
+def _mpi_vendor() -> str:
+    global _VENDOR
+    if _VENDOR is None:
+        out = subprocess.run([mpiexec(), "--version"], capture_output=True, text=True, timeout=30)
+        _VENDOR = out.stdout + out.stderr
+    return _VENDOR
+
+
+class SpmdResult:
+    def __init__(self, returncode: int, stdout: str, stderr: str, timed_out: bool) -> None:
+        self.returncode = returncode
+        self.stdout = stdout
+        self.stderr = stderr
+        self.timed_out = timed_out
+
+    def __repr__(self) -> str:
+        return (f"SpmdResult(rc={self.returncode}, timed_out={self.timed_out})\n--- stdout\n"
+                f"{self.stdout}\n--- stderr\n{self.stderr}")
+
+
+def run_spmd(code: str, nranks: int, *, timeout: float = 60.0, tmp_path: Optional[Path] = None,
+             env: Optional[Dict[str, str]] = None, abort_on_error: bool = True) -> SpmdResult:
+    """Run ``code`` (a Python program, dedented) on ``nranks`` ranks; kill all after ``timeout``."""
+    directory = Path(tmp_path) if tmp_path is not None else Path(os.environ.get("TMPDIR", "/tmp"))
+    script = directory / f"spmd_{os.getpid()}_{abs(hash(code)) % 10**8}_{nranks}.py"
+    script.write_text(textwrap.dedent(code))
+    run_env = dict(os.environ)
+    run_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), str(REPO / "tests"),
+                                                          run_env.get("PYTHONPATH", "")]))
+    run_env.setdefault("PYTHONUNBUFFERED", "1")
+    if env:
+        run_env.update(env)
+    argv = [sys.executable] + (["-m", "mpi4py"] if abort_on_error else []) + [str(script)]
+    proc = subprocess.Popen(launch_command(nranks, argv), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=run_env,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        return SpmdResult(proc.returncode, out, err, False)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        return SpmdResult(-9, out, err, True)

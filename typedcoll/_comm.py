@@ -1,0 +1,335 @@
+"""TypedComm: typed, self-checking collectives. Each public method is one line over an op helper.
+
+The op helpers take the :class:`~typedcoll._protocol.Protocol`, so the executor layer and the
+torch backend reuse them unchanged. Argument problems (a bad schema, root, reduce op or step) are
+never raised before the collective: the rank still takes part and flags its error, so every rank
+raises in the same call and none is left waiting.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional, Tuple, Type, TypeVar, overload
+
+import numpy as np
+
+from . import _schema
+from ._callsite import register_internal
+from ._protocol import (MODE_ARRAY, MODE_EMPTY, MODE_MSG, Phase1, Protocol, reduce_values)
+from ._schema import KIND_ARRAY, KIND_MSGSPEC, KIND_NUMPY_SCALAR, SchemaInfo
+from ._wire import FLAG_OVERFLOW, NO_ROOT, REDUCE_OPS
+
+T = TypeVar("T")
+_ZEROS = bytes(8)
+_NO_SCHEMA = SchemaInfo(None, "", _ZEROS, KIND_MSGSPEC, None)
+_INT64 = 2 ** 63
+
+
+def _resolve(value: Any, schema: Any) -> Tuple[Optional[SchemaInfo], Optional[str]]:
+    try:
+        return _schema.resolve(type(value) if schema is None else schema), None
+    except TypeError as exc:
+        return None, f"TypeError: {exc}"
+
+
+def _check_step(step: Any) -> Optional[str]:
+    if step is None or (isinstance(step, (int, np.integer)) and not isinstance(step, bool)
+                        and -_INT64 < int(step) < _INT64):
+        return None
+    return f"TypeError: expected step to be None or a 64-bit int, got {step!r}"
+
+
+def _check_root(root: Any, size: int) -> Optional[str]:
+    if isinstance(root, (int, np.integer)) and not isinstance(root, bool) and 0 <= root < size:
+        return None
+    return f"ValueError: expected root in 0..{size - 1}, got {root!r}"
+
+
+def _payload_mode(info: Optional[SchemaInfo], value: Any) -> Tuple[int, Any, bytes, Optional[str]]:
+    """(mode, value to encode, array fingerprint, error) for a contribution under ``info``."""
+    if info is None or info.kind == KIND_MSGSPEC:
+        return MODE_MSG, value, _ZEROS, None
+    if info.kind == KIND_NUMPY_SCALAR:
+        if not isinstance(value, np.generic):
+            return MODE_ARRAY, None, _ZEROS, (f"TypeError: expected a numpy scalar of type "
+                                              f"{info.name}, got {type(value).__name__}")
+        value = np.asarray(value)
+    elif not isinstance(value, np.ndarray):
+        return MODE_ARRAY, None, _ZEROS, (f"TypeError: expected numpy.ndarray, got "
+                                          f"{type(value).__name__}")
+    return MODE_ARRAY, value, _schema.array_fingerprint(value.dtype.str, value.shape), None
+
+
+def _first_error(*errors: Optional[str]) -> Optional[str]:
+    for error in errors:
+        if error is not None:
+            return error
+    return None
+
+
+def allgather_op(p: Protocol, op: str, value: Any, schema: Any, step: Any,
+                 pin_site: bool = False) -> List[Any]:
+    info, error = _resolve(value, schema)
+    mode, payload, array_fp, mode_error = _payload_mode(info, value)
+    error = _first_error(error, mode_error, _check_step(step))
+    try:
+        p1 = p.phase1(op, info, payload, mode, step=None if error else step, array_fp=array_fp,
+                      pin_site=pin_site, error=error)
+        out = [p.decode(p1, buf, r) for r, buf in enumerate(p.gather_payloads(p1))]  # type: ignore[arg-type]
+    except BaseException as exc:
+        p.failed(exc)
+        raise
+    p.completed()
+    return out
+
+
+def gather_op(p: Protocol, value: Any, root: Any, schema: Any, step: Any) -> Optional[List[Any]]:
+    info, error = _resolve(value, schema)
+    mode, payload, array_fp, mode_error = _payload_mode(info, value)
+    root_error = _check_root(root, p.size)
+    error = _first_error(error, mode_error, root_error, _check_step(step))
+    try:
+        p1 = p.phase1("gather", info, payload, mode, root=NO_ROOT if root_error else int(root),
+                      step=None if error else step, array_fp=array_fp, validate=True,
+                      error=error)
+        bufs = p.gather_payloads(p1, int(root))
+        out = None if bufs is None else [p.decode(p1, b, r) for r, b in enumerate(bufs)]
+    except BaseException as exc:
+        p.failed(exc)
+        raise
+    p.completed()
+    return out
+
+
+def bcast_op(p: Protocol, value: Any, root: Any, schema: Any, step: Any) -> Any:
+    root_error = _check_root(root, p.size)
+    is_root = root_error is None and p.rank == root
+    info, error = _resolve(value, schema)
+    mode, payload, _, mode_error = _payload_mode(info, value) if is_root else (MODE_EMPTY, None,
+                                                                               _ZEROS, None)
+    error = _first_error(error, mode_error, root_error, _check_step(step))
+    try:
+        p1 = p.phase1("bcast", info, payload, mode, root=NO_ROOT if root_error else int(root),
+                      step=None if error else step, error=error)
+        out = p.decode(p1, p.bcast_payload(p1, int(root)), int(root))
+    except BaseException as exc:
+        p.failed(exc)
+        raise
+    p.completed()
+    return out
+
+
+def allreduce_op(p: Protocol, value: Any, op: Any, step: Any) -> Any:
+    reduce_code = REDUCE_OPS.get(op) if isinstance(op, str) else None
+    op_error = None if reduce_code is not None else (
+        f"ValueError: expected op 'sum', 'max', 'min' or 'prod', got {op!r}")
+    info: Optional[SchemaInfo] = None
+    mode, payload, array_fp, value_error = MODE_MSG, value, _ZEROS, None
+    is_scalar = isinstance(value, np.generic)
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.generic, np.ndarray)):
+        value_error = (f"TypeError: expected an int, float, numpy scalar or numpy array, got "
+                       f"{type(value).__name__}")
+    elif isinstance(value, (np.ndarray, np.generic)):
+        payload = np.asarray(value)
+        if payload.dtype.kind not in "iufc":
+            value_error = f"TypeError: expected a numeric dtype, got {payload.dtype}"
+        info = _schema.resolve(type(value) if is_scalar else np.ndarray)
+        mode = MODE_ARRAY
+        array_fp = _schema.array_fingerprint(payload.dtype.str, payload.shape)
+    else:
+        info = _schema.resolve(type(value))
+    error = _first_error(value_error, op_error, _check_step(step))
+    try:
+        p1 = p.phase1("allreduce", info, payload, mode, reduce_op=reduce_code or 0,
+                      step=None if error else step, array_fp=array_fp, error=error)
+        if p1.flags[0] & FLAG_OVERFLOW:  # equal dtype and shape: every rank overflowed alike
+            result = p.allreduce_large(p1, payload, op)
+        else:
+            values = [_decode_reduce(p, p1, buf, r)
+                      for r, buf in enumerate(p.gather_payloads(p1))]  # type: ignore[arg-type]
+            result = reduce_values(values, op)
+        if is_scalar:
+            result = result[()]
+    except BaseException as exc:
+        p.failed(exc)
+        raise
+    p.completed()
+    return result
+
+
+def _decode_reduce(p: Protocol, p1: Phase1, buf: Any, source: int) -> Any:
+    if p1.info is not None and p1.info.kind == KIND_NUMPY_SCALAR:
+        # Reduce numpy scalars as 0-d arrays: array ufuncs wrap on integer overflow like MPI,
+        # where scalar arithmetic would warn.
+        array_info = _schema.resolve(np.ndarray)
+        return p.decode(Phase1(p1.seq, p1.flags, p1.lengths, None, None, array_info, p1.op), buf,
+                        source)
+    return p.decode(p1, buf, source)
+
+
+def empty_op(p: Protocol, op: str, error: Optional[str] = None) -> Phase1:
+    """A collective with no payload (barrier, split, dup): envelopes only."""
+    try:
+        p1 = p.phase1(op, _NO_SCHEMA, None, MODE_EMPTY, error=error)
+    except BaseException as exc:
+        p.failed(exc)
+        raise
+    p.completed()
+    return p1
+
+
+class TypedComm:
+    """Typed, self-checking collectives over an mpi4py intracommunicator (or torch.distributed).
+
+    Every collective carries a schema-tagged, sequence-numbered envelope that every rank checks:
+    ranks that disagree about what they are calling all raise :class:`DesyncError` in the same
+    call. ``timeout`` bounds each collective in seconds (None: wait forever). Typed traffic runs
+    on a private duplicate of ``comm``, so it never mixes with the caller's own messages.
+    """
+
+    def __init__(self, comm: Any, timeout: Optional[float] = None, *,
+                 name: Optional[str] = None) -> None:
+        from ._mpi import MPITransport, comm_name
+        if not hasattr(comm, "Dup"):
+            raise TypeError(f"expected an mpi4py intracommunicator, got {comm!r} (for "
+                            f"torch.distributed use TypedComm.from_torch)")
+        self._p = Protocol(MPITransport(comm.Dup()), name or comm_name(comm), timeout)
+
+    @classmethod
+    def _from_transport(cls, transport: Any, name: str, timeout: Optional[float]) -> "TypedComm":
+        self = cls.__new__(cls)
+        self._p = Protocol(transport, name, timeout)
+        return self
+
+    @classmethod
+    def from_torch(cls, group: Any = None, timeout: Optional[float] = None, *,
+                   name: Optional[str] = None) -> "TypedComm":
+        """A TypedComm over an initialised torch.distributed process group (default: world)."""
+        from ._torch import transport_for_group
+        transport, default_name = transport_for_group(group)
+        return cls._from_transport(transport, name or default_name, timeout)
+
+    @property
+    def rank(self) -> int:
+        return self._p.rank
+
+    @property
+    def size(self) -> int:
+        return self._p.size
+
+    @property
+    def seq(self) -> int:
+        """Collectives issued so far on this communicator: the 0-based number of the next one."""
+        return self._p.seq
+
+    @property
+    def name(self) -> str:
+        return self._p.name
+
+    @property
+    def timeout(self) -> Optional[float]:
+        return self._p.timeout
+
+    def __repr__(self) -> str:
+        return f"TypedComm({self.name}, rank {self.rank} of {self.size}, seq {self.seq})"
+
+    @overload
+    def allgather(self, value: T, *, schema: None = None, step: Optional[int] = None) -> List[T]: ...
+    @overload
+    def allgather(self, value: Any, *, schema: Type[T], step: Optional[int] = None) -> List[T]: ...
+    @overload
+    def allgather(self, value: Any, *, schema: Any, step: Optional[int] = None) -> List[Any]: ...
+
+    def allgather(self, value, *, schema=None, step=None):
+        """Every rank's value, in rank order. ``schema`` defaults to ``type(value)``."""
+        return allgather_op(self._p, "allgather", value, schema, step)
+
+    @overload
+    def gather(self, value: T, root: int = 0, *, schema: None = None,
+               step: Optional[int] = None) -> Optional[List[T]]: ...
+    @overload
+    def gather(self, value: Any, root: int = 0, *, schema: Type[T],
+               step: Optional[int] = None) -> Optional[List[T]]: ...
+    @overload
+    def gather(self, value: Any, root: int = 0, *, schema: Any,
+               step: Optional[int] = None) -> Optional[List[Any]]: ...
+
+    def gather(self, value, root=0, *, schema=None, step=None):
+        """Every rank's value on ``root`` (in rank order); None on the other ranks."""
+        return gather_op(self._p, value, root, schema, step)
+
+    @overload
+    def bcast(self, value: T, root: int = 0, *, schema: None = None,
+              step: Optional[int] = None) -> T: ...
+    @overload
+    def bcast(self, value: Any, root: int = 0, *, schema: Type[T],
+              step: Optional[int] = None) -> T: ...
+    @overload
+    def bcast(self, value: Any, root: int = 0, *, schema: Any, step: Optional[int] = None) -> Any: ...
+
+    def bcast(self, value, root=0, *, schema=None, step=None):
+        """``root``'s value on every rank; other ranks' ``value`` is ignored (pass None)."""
+        return bcast_op(self._p, value, root, schema, step)
+
+    def allreduce(self, value: T, op: str = "sum", *, step: Optional[int] = None) -> T:
+        """Combine ints, floats, numpy scalars or arrays with "sum", "max", "min" or "prod"."""
+        return allreduce_op(self._p, value, op, step)
+
+    def barrier(self) -> None:
+        """Wait until every rank arrives (and check that they all called barrier)."""
+        empty_op(self._p, "barrier")
+
+    def split(self, color: Optional[int], key: int = 0) -> Optional["TypedComm"]:
+        """A TypedComm per color, ranks ordered by key; None where color is None."""
+        error = None
+        if color is not None and (not isinstance(color, int) or isinstance(color, bool)
+                                  or color < 0):
+            error = f"ValueError: expected color to be None or an int >= 0, got {color!r}"
+        elif not isinstance(key, int) or isinstance(key, bool):
+            error = f"TypeError: expected key to be an int, got {key!r}"
+        empty_op(self._p, "split", error)
+        sub = self._p.transport.split(color, key)
+        if sub is None:
+            return None
+        return TypedComm._from_transport(sub, f"{self.name}.split({color})", self.timeout)
+
+    def dup(self) -> "TypedComm":
+        """A TypedComm over a new communicator with the same ranks and its own sequence."""
+        empty_op(self._p, "dup")
+        return TypedComm._from_transport(self._p.transport.dup(), f"{self.name}.dup",
+                                         self.timeout)
+
+    def abort(self, code: int = 1) -> None:
+        """End every rank of the job now (after a CollectiveTimeout, say)."""
+        self._p.transport.abort(code)
+
+    # --- tensor collectives (torch.distributed backend) ------------------------------------
+    def all_gather_tensor(self, tensor: Any, *, name: str = "", step: Optional[int] = None) -> Any:
+        """Checked all-gather of ``tensor`` along dim 0 (torch backend)."""
+        from . import _tensor
+        return _tensor.all_gather_tensor(self._p, tensor, name, step)
+
+    def all_reduce_tensor(self, tensor: Any, op: str = "sum", *, name: str = "",
+                          step: Optional[int] = None) -> Any:
+        """Checked all-reduce of ``tensor`` (torch backend)."""
+        from . import _tensor
+        return _tensor.all_reduce_tensor(self._p, tensor, op, name, step)
+
+    def broadcast_tensor(self, tensor: Any, root: int = 0, *, name: str = "",
+                         step: Optional[int] = None) -> Any:
+        """Checked broadcast of ``root``'s ``tensor`` (torch backend)."""
+        from . import _tensor
+        return _tensor.broadcast_tensor(self._p, tensor, root, name, step)
+
+    def reduce_scatter_tensor(self, tensor: Any, op: str = "sum", *, name: str = "",
+                              step: Optional[int] = None) -> Any:
+        """Checked reduce-scatter of ``tensor`` along dim 0 (torch backend)."""
+        from . import _tensor
+        return _tensor.reduce_scatter_tensor(self._p, tensor, op, name, step)
+
+    def synchronize(self) -> None:
+        """Verify every deferred tensor check now (torch/NCCL backend); no-op elsewhere."""
+        from . import _tensor
+        _tensor.synchronize(self._p)
+
+
+register_internal(__file__)

@@ -1,0 +1,114 @@
+"""The exception tree.
+
+Every error a typed collective raises is a :class:`CollectiveError` and is raised on *every* rank
+of the communicator in the same call (except where a docstring says otherwise), so no rank is left
+waiting in a collective its peers abandoned. Each message starts with one shape,
+``collective #<seq> on <communicator>: ...``, then says what was expected and what was got.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+
+class CollectiveError(Exception):
+    """Base of every error raised by a typed collective.
+
+    ``seq`` is the 0-based number of the failing collective on its communicator and ``comm`` the
+    communicator's name. Catch this to handle any typedcoll failure.
+    """
+
+    def __init__(self, message: str, *, seq: int, comm: str = "") -> None:
+        super().__init__(message)
+        self.seq = seq
+        self.comm = comm
+
+
+class DesyncError(CollectiveError):
+    """Raised on every rank when the ranks disagree about what collective they are in.
+
+    The ranks called different operations, with different schemas, roots, reduce ops, steps,
+    array shapes or dtypes, or sit at different sequence numbers: the program took a rank-local
+    branch around a collective. It is the program's fault, not the transport's: retrying the same
+    code path fails the same way. Read the groups (which ranks called what, from which line), find
+    the branch that made them differ, and make every rank reach the same collectives (for
+    conditional messages, post them to a :class:`~typedcoll.executor.SymmetricFlush`).
+
+    ``kinds`` lists the :class:`MismatchKind` values that differ, ``groups`` the ranks that agree
+    with each other, each with the envelope they sent.
+
+    The communicator stays usable after this error: every rank took part in the same backend
+    collectives, so the next typed collective is matched correctly again.
+    """
+
+    def __init__(self, message: str, *, seq: int, comm: str = "", kinds: Sequence = (),
+                 groups: Sequence = ()) -> None:
+        super().__init__(message, seq=seq, comm=comm)
+        self.kinds = tuple(kinds)
+        self.groups = tuple(groups)
+
+
+class CollectiveTimeout(CollectiveError):
+    """Raised when a collective does not complete within the communicator's ``timeout``.
+
+    Some rank never reached the matching collective: it is stuck elsewhere, dead, or took a branch
+    around it. Only the ranks that arrived raise this (the others are not in the call). The
+    backend collective is still pending, so the communicator is unusable afterwards: every later
+    call raises this error again. Retrying does not help; end the job (``python -m mpi4py`` or
+    ``comm.abort()``) and read the report.
+    """
+
+    def __init__(self, message: str, *, seq: int, comm: str = "", op: str = "", schema: str = "",
+                 site: str = "", timeout: float = 0.0,
+                 missing: Optional[Sequence[int]] = None) -> None:
+        super().__init__(message, seq=seq, comm=comm)
+        self.op = op
+        self.schema = schema
+        self.site = site
+        self.timeout = timeout
+        self.missing = tuple(missing) if missing is not None else None
+
+
+class EncodeError(CollectiveError):
+    """Raised on the rank whose own value could not be sent.
+
+    The value does not match the collective's schema, or msgspec cannot encode it (an unsupported
+    type, an int beyond 64 bits). It is the calling code's fault; fix the value or the schema.
+    The rank still took part in the collective, so its peers raise :class:`PeerError` in the same
+    call and nothing hangs.
+    """
+
+
+class DecodeError(CollectiveError):
+    """Raised when a payload received from ``source`` does not decode as the schema.
+
+    With matching envelopes this means corrupt bytes or a peer running different code under the
+    same schema fingerprint; it never comes from a plain desync (that is a :class:`DesyncError`).
+    Every rank that decodes the payload raises it; ranks that do not receive the payload (non-roots
+    of ``gather``) do not.
+    """
+
+    def __init__(self, message: str, *, seq: int, comm: str = "", source: int = -1,
+                 schema: str = "") -> None:
+        super().__init__(message, seq=seq, comm=comm)
+        self.source = source
+        self.schema = schema
+
+
+class PeerError(CollectiveError):
+    """Raised on every other rank when one or more ranks failed their part of a collective.
+
+    ``ranks`` are the failing ranks, ``error_type`` and ``detail`` what the first of them (the root
+    cause) reported. The fault is on that rank; read its own error for what was wrong.
+    """
+
+    def __init__(self, message: str, *, seq: int, comm: str = "", ranks: Sequence[int] = (),
+                 error_type: str = "", detail: str = "") -> None:
+        super().__init__(message, seq=seq, comm=comm)
+        self.ranks = tuple(ranks)
+        self.error_type = error_type
+        self.detail = detail
+
+
+for _cls in (CollectiveError, DesyncError, CollectiveTimeout, EncodeError, DecodeError, PeerError):
+    _cls.__module__ = "typedcoll"

@@ -1,0 +1,182 @@
+"""Schemas: what a collective's payload is, its name and structural fingerprint, and its codec.
+
+A schema is any type msgspec can decode, or ``numpy.ndarray`` (and numpy scalar types, for
+``allreduce``). Each schema is resolved once into a :class:`SchemaInfo` holding its display name,
+an 8-byte fingerprint and a reusable decoder; later calls hit a dict.
+
+The fingerprint hashes msgspec's structural type information (field names, wire names, types,
+defaults presence, tags, array_like), so two versions of a same-named Struct differ while the
+same Struct defined in two processes agrees. Python's ``hash`` is salted per process, so blake2b.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Dict, Tuple
+
+import msgspec
+import msgspec.inspect as mi
+import numpy as np
+
+FINGERPRINT_SIZE = 8
+NO_FINGERPRINT = bytes(FINGERPRINT_SIZE)
+
+# The msgpack encoder is stateless apart from its internal buffer: one serves every schema.
+ENCODER = msgspec.msgpack.Encoder()
+
+KIND_MSGSPEC = 0
+KIND_ARRAY = 1  # numpy.ndarray: raw bytes, dtype and shape in a small prefix
+KIND_NUMPY_SCALAR = 2  # a numpy scalar type: travels as a 0-d array, comes back as the scalar
+
+
+class SchemaInfo:
+    """A resolved schema: display name, fingerprint and decoder, built once per schema."""
+
+    __slots__ = ("schema", "name", "fingerprint", "kind", "decoder")
+
+    def __init__(self, schema: Any, name: str, fingerprint: bytes, kind: int,
+                 decoder: Any) -> None:
+        self.schema = schema
+        self.name = name
+        self.fingerprint = fingerprint
+        self.kind = kind
+        self.decoder = decoder
+
+    def __repr__(self) -> str:
+        return f"SchemaInfo({self.name}, {self.fingerprint.hex()})"
+
+
+_CACHE: Dict[Any, SchemaInfo] = {}
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.blake2b(text.encode(), digest_size=FINGERPRINT_SIZE).digest()
+
+
+def resolve(schema: Any) -> SchemaInfo:
+    """The SchemaInfo of ``schema``; raises TypeError naming the schema when it is unsupported."""
+    try:
+        return _CACHE[schema]
+    except KeyError:
+        pass
+    except TypeError:  # an unhashable annotation: resolve it every time (rare, still correct)
+        return _build(schema)
+    info = _build(schema)
+    _CACHE[schema] = info
+    return info
+
+
+def _build(schema: Any) -> SchemaInfo:
+    if schema is np.ndarray:
+        return SchemaInfo(schema, "ndarray", _digest("ndarray"), KIND_ARRAY, None)
+    if isinstance(schema, type) and issubclass(schema, np.generic):
+        name = np.dtype(schema).name
+        return SchemaInfo(schema, name, _digest("numpy:" + np.dtype(schema).str), KIND_NUMPY_SCALAR,
+                          None)
+    try:
+        type_info = mi.type_info(schema)
+        decoder = msgspec.msgpack.Decoder(schema)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"expected a schema msgspec can decode or numpy.ndarray, got {schema!r}: "
+                        f"{exc}") from exc
+    return SchemaInfo(schema, render_name(type_info), _digest(canonical(type_info)),
+                      KIND_MSGSPEC, decoder)
+
+
+def render_name(t: mi.Type) -> str:
+    """A short, readable name: ``RankState``, ``Optional[RankState]``, ``list[int]``."""
+    if isinstance(t, (mi.StructType, mi.DataclassType, mi.TypedDictType, mi.NamedTupleType,
+                      mi.EnumType)):
+        return t.cls.__name__
+    if isinstance(t, mi.UnionType):
+        others = [x for x in t.types if not isinstance(x, mi.NoneType)]
+        if len(others) == 1 and len(others) < len(t.types):
+            return f"Optional[{render_name(others[0])}]"
+        return " | ".join(render_name(x) for x in t.types)
+    if isinstance(t, (mi.ListType, mi.SetType, mi.FrozenSetType, mi.VarTupleType)):
+        container = {mi.ListType: "list", mi.SetType: "set", mi.FrozenSetType: "frozenset",
+                     mi.VarTupleType: "tuple"}[type(t)]
+        suffix = ", ..." if isinstance(t, mi.VarTupleType) else ""
+        return f"{container}[{render_name(t.item_type)}{suffix}]"
+    if isinstance(t, mi.TupleType):
+        return f"tuple[{', '.join(render_name(x) for x in t.item_types)}]"
+    if isinstance(t, mi.DictType):
+        return f"dict[{render_name(t.key_type)}, {render_name(t.value_type)}]"
+    if isinstance(t, mi.LiteralType):
+        return f"Literal[{', '.join(repr(v) for v in t.values)}]"
+    if isinstance(t, mi.NoneType):
+        return "None"
+    if isinstance(t, mi.Metadata):
+        return render_name(t.type)
+    return type(t).__name__.removesuffix("Type").lower()
+
+
+def canonical(t: mi.Type, _seen: Tuple[int, ...] = ()) -> str:
+    """A deterministic structural description of ``t``; recursive types refer back by depth."""
+    if isinstance(t, (mi.StructType, mi.DataclassType, mi.TypedDictType, mi.NamedTupleType)):
+        if id(t) in _seen:
+            return f"<ref {_seen.index(id(t))}>"
+        seen = _seen + (id(t),)
+        fields = ",".join(
+            f"{f.name}/{f.encode_name}{'!' if f.required else '?'}:{canonical(f.type, seen)}"
+            for f in t.fields)
+        extra = ""
+        if isinstance(t, mi.StructType):
+            extra = f"|tag={t.tag_field}={t.tag!r}|array_like={t.array_like}"
+        return f"{type(t).__name__}({t.cls.__qualname__}{extra}|{fields})"
+    if isinstance(t, mi.UnionType):
+        return "Union(" + ",".join(canonical(x, _seen) for x in t.types) + ")"
+    if isinstance(t, mi.EnumType):
+        return f"Enum({t.cls.__qualname__}|{','.join(repr(m.value) for m in t.cls)})"
+    parts = []
+    for slot in getattr(type(t), "__struct_fields__", ()):  # every mi.Type is a msgspec Struct
+        value = getattr(t, slot)
+        if isinstance(value, mi.Type):
+            value = canonical(value, _seen)
+        elif isinstance(value, tuple) and value and isinstance(value[0], mi.Type):
+            value = "(" + ",".join(canonical(x, _seen) for x in value) + ")"
+        elif isinstance(value, type):
+            value = value.__qualname__
+        else:
+            value = repr(value)
+        parts.append(f"{slot}={value}")
+    return f"{type(t).__name__}({','.join(parts)})"
+
+
+# --- arrays -----------------------------------------------------------------------------------
+# An array payload is: u16 little-endian length of a msgpack prefix, the prefix (dtype string,
+# shape), then the raw C-order bytes. The prefix makes the payload self-describing, so ranks that
+# did not know the shape (non-roots of bcast) can rebuild it.
+
+_ARRAY_META = msgspec.msgpack.Decoder(Tuple[str, Tuple[int, ...]])
+_ARRAY_FP_CACHE: Dict[Tuple[str, Tuple[int, ...]], bytes] = {}
+
+
+def array_fingerprint(dtype_str: str, shape: Tuple[int, ...]) -> bytes:
+    key = (dtype_str, shape)
+    fp = _ARRAY_FP_CACHE.get(key)
+    if fp is None:
+        if len(_ARRAY_FP_CACHE) > 4096:
+            _ARRAY_FP_CACHE.clear()
+        fp = _ARRAY_FP_CACHE[key] = _digest(f"{dtype_str}{shape}")
+    return fp
+
+
+def encode_array(arr: np.ndarray) -> bytes:
+    if arr.dtype.hasobject:
+        raise TypeError(f"expected an array of plain numbers, got dtype {arr.dtype}")
+    meta = ENCODER.encode((arr.dtype.str, arr.shape))
+    return len(meta).to_bytes(2, "little") + meta + np.ascontiguousarray(arr).tobytes()
+
+
+def decode_array(buf: Any) -> np.ndarray:
+    view = memoryview(buf)
+    n = int.from_bytes(view[:2], "little")
+    dtype_str, shape = _ARRAY_META.decode(view[2:2 + n])
+    dtype = np.dtype(dtype_str)
+    data = view[2 + n:]
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(data) != expected:
+        raise ValueError(f"expected {expected} bytes of {dtype_str} data for shape {shape}, "
+                         f"got {len(data)}")
+    return np.frombuffer(data, dtype=dtype).reshape(shape).copy()
