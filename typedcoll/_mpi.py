@@ -14,6 +14,7 @@ import numpy as np
 from mpi4py import MPI
 
 from ._callsite import register_internal
+from ._transport import TransportTimeout
 
 _MPI_OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN, "prod": MPI.PROD}
 
@@ -22,10 +23,6 @@ _MPI_OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN, "prod": MPI.PROD}
 # oversubscribed peer needs.
 _SPIN_TESTS = 200
 _MAX_SLEEP = 0.002
-
-
-class TransportTimeout(Exception):
-    """The backend collective did not complete by its deadline (it is still pending)."""
 
 
 def wait_until(request: MPI.Request, deadline: float) -> None:

@@ -42,8 +42,8 @@ from ._callsite import format_site, register_internal, site_fingerprint, user_fr
 from ._errors import (CollectiveError, CollectiveTimeout, DecodeError, DesyncError, EncodeError,
                       PeerError)
 from ._mismatch import EnvelopeInfo, desync_message, group_envelopes, mismatch_kinds
-from ._mpi import TransportTimeout
-from ._recorder import COMPLETED, FAILED, FlightRecorder, capacity_from_env, finish
+from ._transport import TransportTimeout
+from ._recorder import FlightRecorder, capacity_from_env
 from ._schema import ENCODER, KIND_ARRAY, KIND_MSGSPEC, KIND_NUMPY_SCALAR, SchemaInfo
 from ._wire import (CHECKED, FLAG_LOCAL_ERROR, FLAG_NO_PAYLOAD, FLAG_NONE_VALUE, FLAG_OVERFLOW,
                     FLAGS_OFFSET, HEADER, HEADER_SIZE, LENGTH_OFFSET, MAGIC, MAX_PAYLOAD,
@@ -59,6 +59,8 @@ _VECTOR_CHECK_RANKS = 32
 
 # Called as hook(protocol, error) before a CollectiveError propagates (diagnostics dumps).
 ERROR_HOOKS: List[Callable[["Protocol", BaseException], None]] = []
+# Called as hook(protocol) when a communicator is created (diagnostics attach hang reporters).
+NEW_PROTOCOL_HOOKS: List[Callable[["Protocol"], None]] = []
 # Every live protocol, for dumps on signals and at exit.
 LIVE: "weakref.WeakSet[Protocol]" = weakref.WeakSet()
 
@@ -101,8 +103,10 @@ class Protocol:
         self.broken: Optional[CollectiveTimeout] = None
         # Set by diagnostics: (protocol, seq) -> (missing ranks or None, report text).
         self.hang_reporter: Optional[Callable[["Protocol", int], Tuple[Any, str]]] = None
-        self._entry: Optional[list] = None
+        self._site: Tuple[Any, int] = (None, 0)
         LIVE.add(self)
+        for hook in list(NEW_PROTOCOL_HOOKS):
+            hook(self)
 
     def _alloc(self, slot: int) -> None:
         self.slot = slot
@@ -154,7 +158,9 @@ class Protocol:
         HEADER.pack_into(send, 0, MAGIC, OPS[op], reduce_op, 0, root, seq, step, fingerprint,
                          array_fp, site_fp, flags, n)
         recorder = self.recorder
-        self._entry = recorder.start(seq, op, info, code, lineno, step, n) if recorder else None
+        if recorder is not None:
+            recorder.start(seq, op, info, code, lineno, step, n)
+        self._site = (code, lineno)
 
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         recv = self.recv
@@ -360,10 +366,7 @@ class Protocol:
             raise  # unreachable: _timed_out raises
 
     def _timed_out_p2(self, p1: Phase1):
-        entry = self._entry
-        code = entry[3] if entry else None
-        lineno = entry[4] if entry else 0
-        self._timed_out(p1.seq, p1.op, p1.info, code, lineno)
+        self._timed_out(p1.seq, p1.op, p1.info, *self._site)
 
     def decode(self, p1: Phase1, buf: Any, source: int) -> Any:
         info = p1.info
@@ -383,10 +386,14 @@ class Protocol:
 
     # --- bookkeeping ------------------------------------------------------------------------
     def completed(self) -> None:
-        finish(self._entry, COMPLETED)
+        if self.recorder is not None:
+            self.recorder.in_flight = False
 
     def failed(self, exc: BaseException) -> None:
-        finish(self._entry, FAILED, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        if self.recorder is not None:
+            text = str(exc)
+            self.recorder.fail(self.seq - 1, f"{type(exc).__name__}: "
+                                             f"{text.splitlines()[0] if text else ''}")
         if isinstance(exc, CollectiveError):
             for hook in list(ERROR_HOOKS):
                 try:

@@ -1,27 +1,29 @@
 """The flight recorder's ring buffer: the last N collectives of one communicator.
 
-Recording sits on the hot path of every collective, so an entry is a plain list written once at
-the start and patched (state, end time) at the end; formatting (call site text, schema name)
-happens only when someone reads the buffer. ``TYPEDCOLL_TRACE_BUFFER`` sets N (default 2000;
-0 turns recording off).
+Recording sits on the hot path of every collective, so a start is one tuple stored into a
+preallocated list (~250 ns with its timestamp); nothing is formatted until someone reads the
+buffer. Collectives on one communicator run one after another, so an entry's state needs no
+write of its own: every entry before the newest is completed unless marked failed, and the
+newest is "started" while its collective is in flight. ``TYPEDCOLL_TRACE_BUFFER`` sets N
+(default 2000; 0 turns recording off).
 """
 
 from __future__ import annotations
 
 import os
 import time
-from typing import Any, Iterator, List, Optional
+from typing import Any, Dict, List, Optional
 
 from ._callsite import format_site
 
 STARTED = "started"
 COMPLETED = "completed"
 FAILED = "failed"
-
 DEFAULT_CAPACITY = 2000
 
-# Entry layout (a list, patched in place).
-SEQ, OP, SCHEMA, CODE, LINENO, STEP, NBYTES, STATE, T_START, T_END, ERROR = range(11)
+# Entry tuple layout.
+SEQ, OP, INFO, CODE, LINENO, STEP, NBYTES, T_START = range(8)
+NO_STEP = -(2 ** 63)
 
 
 def capacity_from_env() -> int:
@@ -31,7 +33,7 @@ def capacity_from_env() -> int:
     try:
         value = int(raw)
     except ValueError:
-        raise ValueError(f"TYPEDCOLL_TRACE_BUFFER: expected a non-negative integer, got {raw!r}")
+        value = -1
     if value < 0:
         raise ValueError(f"TYPEDCOLL_TRACE_BUFFER: expected a non-negative integer, got {raw!r}")
     return value
@@ -40,50 +42,64 @@ def capacity_from_env() -> int:
 class FlightRecorder:
     """A fixed-size ring of collective records for one communicator."""
 
-    __slots__ = ("capacity", "_ring", "_count")
+    __slots__ = ("capacity", "ring", "count", "in_flight", "failures")
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._ring: List[Optional[list]] = [None] * capacity
-        self._count = 0
+        self.ring: List[Optional[tuple]] = [None] * capacity
+        self.count = 0  # collectives recorded since creation, dropped ones included
+        self.in_flight = False  # the newest entry's collective has not returned yet
+        self.failures: Dict[int, tuple] = {}  # seq -> (end time ns, error text)
 
-    def start(self, seq: int, op: str, schema: Any, code: Any, lineno: int, step: int,
-              nbytes: int) -> list:
-        entry = [seq, op, schema, code, lineno, step, nbytes, STARTED, time.time_ns(), 0, None]
-        self._ring[self._count % self.capacity] = entry
-        self._count += 1
-        return entry
+    def start(self, seq: int, op: str, info: Any, code: Any, lineno: int, step: int,
+              nbytes: int) -> None:
+        self.ring[self.count % self.capacity] = (seq, op, info, code, lineno, step, nbytes,
+                                                 time.time_ns())
+        self.count += 1
+        self.in_flight = True
+
+    def fail(self, seq: int, error: str) -> None:
+        self.failures[seq] = (time.time_ns(), error)
+        if len(self.failures) > self.capacity:
+            self.failures.pop(next(iter(self.failures)))
+        self.in_flight = False
 
     def __len__(self) -> int:
-        return min(self._count, self.capacity)
+        return min(self.count, self.capacity)
 
-    @property
-    def total(self) -> int:
-        """Collectives recorded since creation, including those the ring has dropped."""
-        return self._count
+    def last(self) -> Optional[tuple]:
+        return self.ring[(self.count - 1) % self.capacity] if self.count else None
 
-    def entries(self) -> Iterator[list]:
-        """Raw entries, oldest first."""
+    def snapshot(self) -> List[Dict[str, Any]]:
+        """The recorded collectives, oldest first, as plain dicts (JSON-ready)."""
         n = len(self)
-        first = self._count - n
-        for i in range(first, self._count):
-            entry = self._ring[i % self.capacity]
-            if entry is not None:
-                yield entry
+        out = []
+        for i in range(self.count - n, self.count):
+            entry = self.ring[i % self.capacity]
+            if entry is None:
+                continue
+            out.append(describe_entry(entry, self.state_of(entry, i == self.count - 1),
+                                      self.failures.get(entry[SEQ])))
+        return out
 
-    def last(self) -> Optional[list]:
-        if self._count == 0:
-            return None
-        return self._ring[(self._count - 1) % self.capacity]
-
-
-def finish(entry: Optional[list], state: str, error: Optional[str] = None) -> None:
-    if entry is not None:
-        entry[STATE] = state
-        entry[T_END] = time.time_ns()
-        if error is not None:
-            entry[ERROR] = error
+    def state_of(self, entry: tuple, newest: bool) -> str:
+        if entry[SEQ] in self.failures:
+            return FAILED
+        return STARTED if newest and self.in_flight else COMPLETED
 
 
-def entry_site(entry: list) -> str:
-    return format_site(entry[CODE], entry[LINENO])
+def describe_entry(entry: tuple, state: str, failure: Optional[tuple] = None) -> Dict[str, Any]:
+    info = entry[INFO]
+    return {
+        "seq": entry[SEQ],
+        "op": entry[OP],
+        "schema": info.name if info is not None else "",
+        "fingerprint": info.fingerprint.hex() if info is not None else "",
+        "site": format_site(entry[CODE], entry[LINENO]),
+        "step": None if entry[STEP] == NO_STEP else entry[STEP],
+        "bytes": entry[NBYTES],
+        "state": state,
+        "t_start_ns": entry[T_START],
+        "t_end_ns": failure[0] if failure else None,
+        "error": failure[1] if failure else None,
+    }
