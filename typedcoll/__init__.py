@@ -10,6 +10,7 @@ from ._comm import TypedComm
 from ._errors import (CollectiveError, CollectiveTimeout, DecodeError, DesyncError, EncodeError,
                       PeerError)
 from ._mismatch import EnvelopeInfo, Group, MismatchKind
+from ._diag import dump_traces
 
 __version__ = "0.1.0"
 
@@ -24,4 +25,5 @@ __all__ = [
     "MismatchKind",
     "PeerError",
     "TypedComm",
+    "dump_traces",
 ]

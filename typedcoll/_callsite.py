@@ -15,6 +15,7 @@ from typing import Dict, Optional, Set, Tuple
 
 _INTERNAL_FILES: Set[str] = set()
 _SITE_FP: Dict[Tuple[CodeType, int], bytes] = {}
+_LINES: Dict[Tuple[CodeType, int], int] = {}
 
 
 def register_internal(filename: str) -> None:
@@ -31,19 +32,37 @@ def user_frame(depth: int = 2) -> Optional[FrameType]:
     return frame
 
 
-def format_site(code: Optional[CodeType], lineno: int) -> str:
+def line_of(code: CodeType, lasti: int) -> int:
+    """The source line of bytecode offset ``lasti`` in ``code``.
+
+    Hot paths record ``frame.f_lasti`` (an int read) rather than ``frame.f_lineno`` (a walk of
+    the line table, ~300 instructions per call); the line is worked out only when shown.
+    """
+    key = (code, lasti)
+    line = _LINES.get(key)
+    if line is None:
+        line = code.co_firstlineno
+        for start, end, number in code.co_lines():
+            if start <= lasti < end:
+                line = number if number is not None else line
+                break
+        _LINES[key] = line
+    return line
+
+
+def format_site(code: Optional[CodeType], lasti: int) -> str:
     """``file.py:LINE`` (basename: the same script launched from different paths agrees)."""
     if code is None:
         return "?"
-    return f"{os.path.basename(code.co_filename)}:{lineno}"
+    return f"{os.path.basename(code.co_filename)}:{line_of(code, lasti)}"
 
 
-def site_fingerprint(code: Optional[CodeType], lineno: int) -> bytes:
+def site_fingerprint(code: Optional[CodeType], lasti: int) -> bytes:
     """8 bytes identifying a call site across processes (for ops that pin their call site)."""
-    key = (code, lineno)
+    key = (code, lasti)
     fp = _SITE_FP.get(key)  # type: ignore[arg-type]
     if fp is None:
-        fp = hashlib.blake2b(format_site(code, lineno).encode(), digest_size=8).digest()
+        fp = hashlib.blake2b(format_site(code, lasti).encode(), digest_size=8).digest()
         _SITE_FP[key] = fp  # type: ignore[index]
     return fp
 

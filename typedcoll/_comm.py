@@ -14,7 +14,8 @@ import numpy as np
 
 from . import _schema
 from ._callsite import register_internal
-from ._protocol import (MODE_ARRAY, MODE_EMPTY, MODE_MSG, Phase1, Protocol, reduce_values)
+from ._protocol import (MODE_ARRAY, MODE_EMPTY, MODE_MSG, Phase1, Protocol, _fast_allgather,
+                        reduce_values)
 from ._schema import KIND_ARRAY, KIND_MSGSPEC, KIND_NUMPY_SCALAR, SchemaInfo
 from ._wire import FLAG_OVERFLOW, NO_ROOT, REDUCE_OPS
 
@@ -24,14 +25,14 @@ _NO_SCHEMA = SchemaInfo(None, "", _ZEROS, KIND_MSGSPEC, None)
 _INT64 = 2 ** 63
 
 
-def _resolve(value: Any, schema: Any) -> Tuple[Optional[SchemaInfo], Optional[str]]:
+def resolve(value: Any, schema: Any) -> Tuple[Optional[SchemaInfo], Optional[str]]:
     try:
         return _schema.resolve(type(value) if schema is None else schema), None
     except TypeError as exc:
         return None, f"TypeError: {exc}"
 
 
-def _check_step(step: Any) -> Optional[str]:
+def check_step(step: Any) -> Optional[str]:
     if step is None or (isinstance(step, (int, np.integer)) and not isinstance(step, bool)
                         and -_INT64 < int(step) < _INT64):
         return None
@@ -44,7 +45,7 @@ def _check_root(root: Any, size: int) -> Optional[str]:
     return f"ValueError: expected root in 0..{size - 1}, got {root!r}"
 
 
-def _payload_mode(info: Optional[SchemaInfo], value: Any) -> Tuple[int, Any, bytes, Optional[str]]:
+def payload_mode(info: Optional[SchemaInfo], value: Any) -> Tuple[int, Any, bytes, Optional[str]]:
     """(mode, value to encode, array fingerprint, error) for a contribution under ``info``."""
     if info is None or info.kind == KIND_MSGSPEC:
         return MODE_MSG, value, _ZEROS, None
@@ -68,25 +69,15 @@ def _first_error(*errors: Optional[str]) -> Optional[str]:
 
 def allgather_op(p: Protocol, op: str, value: Any, schema: Any, step: Any,
                  pin_site: bool = False) -> List[Any]:
-    info, error = _resolve(value, schema)
-    mode, payload, array_fp, mode_error = _payload_mode(info, value)
-    error = _first_error(error, mode_error, _check_step(step))
-    try:
-        p1 = p.phase1(op, info, payload, mode, step=None if error else step, array_fp=array_fp,
-                      pin_site=pin_site, error=error)
-        out = [p.decode(p1, buf, r) for r, buf in enumerate(p.gather_payloads(p1))]  # type: ignore[arg-type]
-    except BaseException as exc:
-        p.failed(exc)
-        raise
-    p.completed()
-    return out
+    """Allgather under op name ``op`` (the executor's flush uses "flush" with a pinned site)."""
+    return p.allgather(value, schema, step, op, pin_site)
 
 
 def gather_op(p: Protocol, value: Any, root: Any, schema: Any, step: Any) -> Optional[List[Any]]:
-    info, error = _resolve(value, schema)
-    mode, payload, array_fp, mode_error = _payload_mode(info, value)
+    info, error = resolve(value, schema)
+    mode, payload, array_fp, mode_error = payload_mode(info, value)
     root_error = _check_root(root, p.size)
-    error = _first_error(error, mode_error, root_error, _check_step(step))
+    error = _first_error(error, mode_error, root_error, check_step(step))
     try:
         p1 = p.phase1("gather", info, payload, mode, root=NO_ROOT if root_error else int(root),
                       step=None if error else step, array_fp=array_fp, validate=True,
@@ -103,10 +94,10 @@ def gather_op(p: Protocol, value: Any, root: Any, schema: Any, step: Any) -> Opt
 def bcast_op(p: Protocol, value: Any, root: Any, schema: Any, step: Any) -> Any:
     root_error = _check_root(root, p.size)
     is_root = root_error is None and p.rank == root
-    info, error = _resolve(value, schema)
-    mode, payload, _, mode_error = _payload_mode(info, value) if is_root else (MODE_EMPTY, None,
+    info, error = resolve(value, schema)
+    mode, payload, _, mode_error = payload_mode(info, value) if is_root else (MODE_EMPTY, None,
                                                                                _ZEROS, None)
-    error = _first_error(error, mode_error, root_error, _check_step(step))
+    error = _first_error(error, mode_error, root_error, check_step(step))
     try:
         p1 = p.phase1("bcast", info, payload, mode, root=NO_ROOT if root_error else int(root),
                       step=None if error else step, error=error)
@@ -137,7 +128,7 @@ def allreduce_op(p: Protocol, value: Any, op: Any, step: Any) -> Any:
         array_fp = _schema.array_fingerprint(payload.dtype.str, payload.shape)
     else:
         info = _schema.resolve(type(value))
-    error = _first_error(value_error, op_error, _check_step(step))
+    error = _first_error(value_error, op_error, check_step(step))
     try:
         p1 = p.phase1("allreduce", info, payload, mode, reduce_op=reduce_code or 0,
                       step=None if error else step, array_fp=array_fp, error=error)
@@ -241,7 +232,16 @@ class TypedComm:
 
     def allgather(self, value, *, schema=None, step=None):
         """Every rank's value, in rank order. ``schema`` defaults to ``type(value)``."""
-        return allgather_op(self._p, "allgather", value, schema, step)
+        if _fast_allgather is None:
+            return self._p.allgather(value, schema, step)
+        try:  # the C steady state, called from here to save a Python frame per collective
+            out = _fast_allgather(self._p, value, schema, step, "allgather", False)
+        except BaseException as exc:
+            self._p.failed(exc)
+            raise
+        if out.__class__ is list:
+            return out
+        return self._p.after_fast(out, value, schema, step, "allgather", False)
 
     @overload
     def gather(self, value: T, root: int = 0, *, schema: None = None,

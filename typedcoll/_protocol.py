@@ -30,6 +30,9 @@ The timeout, when set, is one deadline for both phases, enforced with nonblockin
 from __future__ import annotations
 
 import operator
+import os
+import struct
+import sys
 import time
 import weakref
 from typing import Any, Callable, List, Optional, Tuple
@@ -37,24 +40,22 @@ from typing import Any, Callable, List, Optional, Tuple
 import msgspec
 import numpy as np
 
-from . import _schema
-from ._callsite import format_site, register_internal, site_fingerprint, user_frame
-from ._errors import (CollectiveError, CollectiveTimeout, DecodeError, DesyncError, EncodeError,
-                      PeerError)
-from ._mismatch import EnvelopeInfo, desync_message, group_envelopes, mismatch_kinds
-from ._transport import TransportTimeout
+from . import _coldpath, _schema
+from ._callsite import _INTERNAL_FILES, register_internal, site_fingerprint, user_frame
+from ._errors import CollectiveError, CollectiveTimeout, DecodeError
 from ._recorder import FlightRecorder, capacity_from_env
-from ._schema import ENCODER, KIND_ARRAY, KIND_MSGSPEC, KIND_NUMPY_SCALAR, SchemaInfo
+from ._schema import _CACHE as _SCHEMAS
+from ._schema import ENCODER, KIND_MSGSPEC, KIND_NUMPY_SCALAR, SchemaInfo
+from ._transport import TransportTimeout
 from ._wire import (CHECKED, FLAG_LOCAL_ERROR, FLAG_NO_PAYLOAD, FLAG_NONE_VALUE, FLAG_OVERFLOW,
                     FLAGS_OFFSET, HEADER, HEADER_SIZE, LENGTH_OFFSET, MAGIC, MAX_PAYLOAD,
-                    NATIVE_LITTLE, NO_ROOT, NO_STEP, OPS, REDUCE_OPS, REDUCING_OPS, ROOTED_OPS,
-                    SlotPolicy)
+                    NATIVE_LITTLE, NO_ROOT, NO_STEP, OPS, SlotPolicy)
 
 MODE_MSG, MODE_ARRAY, MODE_EMPTY = 0, 1, 2
 _ZEROS = bytes(8)
-_ENVELOPE_INFO_DECODER = msgspec.msgpack.Decoder(EnvelopeInfo)
+_STEP_LIMIT = 2 ** 63
 # Above this many ranks the envelope check switches from a byte-compare loop to one numpy
-# comparison (measured crossover on the dev machine: the loop wins below ~32 ranks).
+# comparison (the loop's per-rank cost overtakes numpy's fixed cost around 32 ranks).
 _VECTOR_CHECK_RANKS = 32
 
 # Called as hook(protocol, error) before a CollectiveError propagates (diagnostics dumps).
@@ -64,16 +65,35 @@ NEW_PROTOCOL_HOOKS: List[Callable[["Protocol"], None]] = []
 # Every live protocol, for dumps on signals and at exit.
 LIVE: "weakref.WeakSet[Protocol]" = weakref.WeakSet()
 
-_ARRAY_LIKE_REDUCE = {"sum": np.add, "prod": np.multiply, "max": np.maximum, "min": np.minimum}
+_ARRAY_REDUCE = {"sum": np.add, "prod": np.multiply, "max": np.maximum, "min": np.minimum}
 _SCALAR_REDUCE = {"sum": operator.add, "prod": operator.mul, "max": max, "min": min}
+
+# Bound once: the hot path calls these on every collective.
+_encode = ENCODER.encode
+_pack = HEADER.pack_into
+_getframe = sys._getframe
+_time_ns = time.time_ns
+
+
+_TAKE_PY = object()  # the C fast path's answer for "not the steady state, nothing done"
+try:
+    from . import _speedups
+except ImportError:  # built without a compiler: the pure-Python fast path serves
+    _speedups = None  # type: ignore[assignment]
+if _speedups is not None and not os.environ.get("TYPEDCOLL_PURE_PYTHON"):
+    _speedups.configure(_SCHEMAS, OPS, _encode, _INTERNAL_FILES, site_fingerprint, _TAKE_PY)
+    _fast_allgather: Optional[Callable[..., Any]] = _speedups.allgather
+else:
+    _fast_allgather = None
 
 
 class Phase1:
-    """What phase 1 left behind for phase 2: flags and lengths of every rank, own overflow."""
+    """What phase 1 left for phase 2: every rank's flags and lengths, own overflow, deadline."""
 
     __slots__ = ("seq", "flags", "lengths", "overflow", "deadline", "info", "op")
 
-    def __init__(self, seq, flags, lengths, overflow, deadline, info, op):
+    def __init__(self, seq: int, flags: bytearray, lengths: List[int], overflow: Optional[bytes],
+                 deadline: Optional[float], info: Optional[SchemaInfo], op: str) -> None:
         self.seq = seq
         self.flags = flags
         self.lengths = lengths
@@ -86,6 +106,13 @@ class Phase1:
 class Protocol:
     """One communicator's protocol state: sequence number, slot buffers, flight recorder."""
 
+    # Slots: the hot path reads a dozen attributes per call, and slot descriptors are cheaper
+    # than instance-dict lookups.
+    __slots__ = ("transport", "rank", "size", "name", "timeout", "seq", "policy", "slot", "send",
+                 "send_view", "recv", "recv_view", "recv_u32", "offsets", "peer_offsets",
+                 "recorder", "_broken", "hang_reporter", "_site", "extensions", "fast",
+                 "__weakref__")
+
     def __init__(self, transport: Any, name: str, timeout: Optional[float]) -> None:
         if timeout is not None and not timeout > 0:
             raise ValueError(f"timeout: expected None or seconds > 0, got {timeout!r}")
@@ -96,237 +123,353 @@ class Protocol:
         self.timeout = timeout
         self.seq = 0
         self.policy = SlotPolicy()
-        self.slot = 0
         self._alloc(self.policy.size)
         capacity = capacity_from_env()
         self.recorder: Optional[FlightRecorder] = FlightRecorder(capacity) if capacity else None
-        self.broken: Optional[CollectiveTimeout] = None
+        self._broken: Optional[CollectiveTimeout] = None
+        self._refresh_fast()
+        self._agree_on_timeout()
         # Set by diagnostics: (protocol, seq) -> (missing ranks or None, report text).
         self.hang_reporter: Optional[Callable[["Protocol", int], Tuple[Any, str]]] = None
         self._site: Tuple[Any, int] = (None, 0)
+        # Per-communicator state of other layers (diagnostics, the torch tensor checks).
+        self.extensions: dict = {}
         LIVE.add(self)
         for hook in list(NEW_PROTOCOL_HOOKS):
-            hook(self)
+            try:
+                hook(self)
+            except Exception:  # diagnostics never break communicator creation
+                pass
 
     def _alloc(self, slot: int) -> None:
+        # Fixed-size buffers written through memoryviews: resizing a bytearray per call (as
+        # msgspec's encode_into does) and padding it back costs more than one copy.
         self.slot = slot
         self.send = bytearray(slot)
+        self.send_view = memoryview(self.send)
         self.recv = bytearray(slot * self.size)
         self.recv_view = memoryview(self.recv)
         self.recv_u32 = self.recv_view.cast("I") if NATIVE_LITTLE else None
+        self.offsets = [r * slot for r in range(self.size)]
+        self.peer_offsets = [r * slot for r in range(self.size) if r != self.rank]
+        if hasattr(self, "_broken"):  # not during __init__, which refreshes once all is set
+            self._refresh_fast()
 
-    # --- phase 1 ---------------------------------------------------------------------------
+    def _agree_on_timeout(self) -> None:
+        """Collective, at creation: every rank must use the same timeout.
+
+        With a timeout the backend calls are nonblocking, without one blocking, and MPI never
+        matches a blocking collective with a nonblocking one: ranks that disagree would hang in
+        their first collective. One exchange here turns that into an error on every rank.
+        """
+        mine = struct.pack("<?d", self.timeout is not None, self.timeout or 0.0)
+        blob = self.transport.allgatherv(mine, [len(mine)] * self.size, None)
+        values = [struct.unpack_from("<?d", blob, r * len(mine)) for r in range(self.size)]
+        settings = [value if flag else None for flag, value in values]
+        if len(set(settings)) > 1:
+            listing = ", ".join(f"rank {r}: {v}" for r, v in enumerate(settings))
+            raise ValueError(f"{self.name}: expected the same timeout on every rank, got "
+                             f"{listing}")
+
+    def _refresh_fast(self) -> None:
+        """The C fast path's view of this communicator, or None where it must not run.
+
+        One list read instead of a dozen attribute lookups per call. It must be refreshed
+        whenever what it holds can change: new buffers, a slot-size decision, a timeout.
+        """
+        if (self.timeout is not None or self._broken is not None or self.recv_u32 is None
+                or self.slot != self.policy.size):
+            self.fast = None
+            return
+        rec = self.recorder
+        self.fast = [self.send, self.recv, self.slot, self.size, self.transport.allgather_slots,
+                     rec.ring if rec else None, rec.state if rec else None,
+                     rec.capacity if rec else 0, self.policy.min_slot]
+
+    @property
+    def broken(self) -> Optional[CollectiveTimeout]:
+        """The timeout that made this communicator unusable, if any."""
+        return self._broken
+
+    @broken.setter
+    def broken(self, error: Optional[CollectiveTimeout]) -> None:
+        self._broken = error
+        self._refresh_fast()
+
+    # --- the hot path ---------------------------------------------------------------------
+    def allgather(self, value: Any, schema: Any, step: Any, op: str = "allgather",
+                  pin_site: bool = False) -> List[Any]:
+        """Allgather (and the executor's flush): the C steady state when built, else Python.
+
+        Both speak the protocol of :meth:`allgather_general`; they only skip its generality.
+        """
+        out = _TAKE_PY
+        if _fast_allgather is not None:
+            try:
+                out = _fast_allgather(self, value, schema, step, op, pin_site)
+            except BaseException as exc:
+                self.failed(exc)
+                raise
+            if out.__class__ is list:
+                return out
+        return self.after_fast(out, value, schema, step, op, pin_site)
+
+    def after_fast(self, out: Any, value: Any, schema: Any, step: Any, op: str,
+                   pin_site: bool) -> List[Any]:
+        """Finish a call the C fast path did not complete (its answer is ``out``)."""
+        if out is _TAKE_PY:
+            return self._allgather_py(value, schema, step, op, pin_site)
+        code, lasti, seq = out  # exchanged, but not the steady state: finish generally
+        info = _SCHEMAS[type(value) if schema is None else schema]
+        try:  # the C path runs only without a timeout: no deadline, as on every rank
+            result = self._finish_unsteady(seq, op, info, code, lasti, pin_site,
+                                           NO_STEP if step is None else step, None)
+        except BaseException as exc:
+            self.failed(exc)
+            raise
+        self.completed()
+        return result
+
+    def _allgather_py(self, value: Any, schema: Any, step: Any, op: str,
+                      pin_site: bool) -> List[Any]:
+        """The steady state in Python, flattened into one function.
+
+        A Python call costs ~190 ns on the reference machine, so the general path's layers
+        alone would break the 1.5x-of-raw budget. Anything unusual (an array schema, an
+        overflowing or failing payload, a new slot size) takes the general path.
+        """
+        try:
+            info = _SCHEMAS.get(type(value) if schema is None else schema)
+        except TypeError:  # an unhashable schema: the general path reports it
+            info = None
+        if (info is None or info.kind or self.broken is not None or self.recv_u32 is None
+                or self.slot != self.policy.size
+                or (step is not None and (type(step) is not int
+                                          or not -_STEP_LIMIT < step < _STEP_LIMIT))):
+            return self.allgather_general(value, schema, step, op, pin_site)
+        try:
+            payload = _encode(value)
+        except Exception:  # the general path flags it to every rank
+            return self.allgather_general(value, schema, step, op, pin_site)
+        n = len(payload)
+        slot = self.slot
+        if n > slot - HEADER_SIZE:
+            return self.allgather_general(value, schema, step, op, pin_site)
+        frame = _getframe(2)  # usually the user: TypedComm.allgather's caller
+        while frame.f_code.co_filename in _INTERNAL_FILES:
+            frame = frame.f_back
+        code = frame.f_code
+        lasti = frame.f_lasti
+        seq = self.seq
+        self.seq = seq + 1
+        send = self.send
+        self.send_view[HEADER_SIZE:HEADER_SIZE + n] = payload
+        _pack(send, 0, MAGIC, OPS[op], 0, 0, NO_ROOT, seq, NO_STEP if step is None else step,
+              info.fingerprint, _ZEROS, site_fingerprint(code, lasti) if pin_site else _ZEROS,
+              FLAG_NONE_VALUE if value is None else 0, n)
+        rec = self.recorder
+        if rec is not None:
+            rec.ring[rec.count % rec.capacity] = (seq, op, info, code, lasti,
+                                                  NO_STEP if step is None else step, n,
+                                                  _time_ns())
+            rec.count += 1
+            rec.in_flight = True
+        try:
+            recv = self.recv
+            deadline = None
+            if self.timeout is None:
+                self.transport.allgather_slots(send, recv)
+            else:
+                deadline = time.monotonic() + self.timeout
+                try:
+                    self.transport.allgather_slots_until(send, recv, deadline)
+                except TransportTimeout:
+                    _coldpath.timed_out(self, seq, op, info, code, lasti)
+            # Check every header before decoding any payload: a desync must win over a decode
+            # error, or ranks would raise different errors for one fault.
+            check = send[:CHECKED]
+            agree = True
+            if self.size <= _VECTOR_CHECK_RANKS:
+                for offset in self.peer_offsets:
+                    if recv[offset + FLAGS_OFFSET] > FLAG_NONE_VALUE or not recv.startswith(
+                            check, offset):
+                        agree = False
+                        break
+            else:
+                agree = (max(recv[FLAGS_OFFSET::slot]) <= FLAG_NONE_VALUE
+                         and self._headers_agree(check))
+            if not agree:
+                out = self._finish_unsteady(seq, op, info, code, lasti, pin_site,
+                                            NO_STEP if step is None else step, deadline)
+            else:
+                decode = info.decoder.decode
+                u32 = self.recv_u32
+                view = self.recv_view
+                out = []
+                for offset in self.offsets:
+                    n = u32[(offset + LENGTH_OFFSET) >> 2]
+                    if n > slot - HEADER_SIZE:
+                        raise self._corrupt_length(seq, op, info, offset // slot, n)
+                    try:
+                        out.append(decode(view[offset + HEADER_SIZE:offset + HEADER_SIZE + n]))
+                    except msgspec.DecodeError as exc:
+                        raise _coldpath.decode_failure(self, seq, op, info, offset // slot,
+                                                       exc) from exc
+                if slot != self.policy.min_slot:
+                    self.policy.observe(max(u32[LENGTH_OFFSET // 4::slot // 4]))
+                    if self.policy.size != slot:
+                        self._refresh_fast()
+        except BaseException as exc:
+            self.failed(exc)
+            raise
+        if rec is not None:
+            rec.in_flight = False
+        return out
+
+    def _finish_unsteady(self, seq: int, op: str, info: SchemaInfo, code: Any, lasti: int,
+                         pin_site: bool, step: int, deadline: Optional[float]) -> List[Any]:
+        """After a fast-path exchange that was not the steady state: the general verdict.
+
+        ``deadline`` must be what the general path would use: whether the next backend calls
+        are blocking or nonblocking depends on it, and MPI never matches one with the other.
+        """
+        self._site = (code, lasti)
+        p1 = self._after_exchange(seq, op, info, code, lasti, pin_site, NO_ROOT, 0, step, None,
+                                  None, deadline)
+        return [self.decode(p1, b, r) for r, b in enumerate(self.gather_payloads(p1))]  # type: ignore[arg-type]
+
+    def allgather_general(self, value: Any, schema: Any, step: Any, op: str = "allgather",
+                          pin_site: bool = False) -> List[Any]:
+        from ._comm import check_step, payload_mode, resolve  # argument checks live with the API
+        info, error = resolve(value, schema)
+        mode, payload, array_fp, mode_error = payload_mode(info, value)
+        error = error or mode_error or check_step(step)
+        try:
+            p1 = self.phase1(op, info, payload, mode, step=None if error else step,
+                             array_fp=array_fp, pin_site=pin_site, error=error)
+            out = [self.decode(p1, b, r) for r, b in enumerate(self.gather_payloads(p1))]  # type: ignore[arg-type]
+        except BaseException as exc:
+            self.failed(exc)
+            raise
+        self.completed()
+        return out
+
+    # --- phase 1, general -------------------------------------------------------------------
     def phase1(self, op: str, info: Optional[SchemaInfo], value: Any, mode: int, *,
                root: int = NO_ROOT, reduce_op: int = 0, step: Optional[int] = None,
                array_fp: bytes = _ZEROS, pin_site: bool = False, validate: bool = False,
                error: Optional[str] = None) -> Phase1:
         if self.broken is not None:
-            self._raise_broken(op, info)
+            _coldpath.refuse_broken(self, op, info)
         if self.slot != self.policy.size:
             self._alloc(self.policy.size)
         frame = user_frame(2)
         code = frame.f_code if frame is not None else None
-        lineno = frame.f_lineno if frame is not None else 0
+        lasti = frame.f_lasti if frame is not None else 0
         seq = self.seq
         self.seq = seq + 1
         slot = self.slot
-        send = self.send
-        flags = 0
-        overflow = None
-        if step is None:
-            step = NO_STEP
+        wire_step = NO_STEP if step is None else step
+        payload = b""
         if error is None:
-            error = self._encode(info, value, mode)
-            if error is None and validate and info.kind == KIND_MSGSPEC:
-                error = self._validate(info)
+            payload, error = self._encode(info, value, mode, validate)
+        flags = 0
         if error is not None:
             flags = FLAG_LOCAL_ERROR
-            send[HEADER_SIZE:] = error.encode()[:slot - HEADER_SIZE]
+            payload = error.encode()[:slot - HEADER_SIZE]
         elif mode == MODE_EMPTY:
             flags = FLAG_NO_PAYLOAD
         elif value is None:
             flags = FLAG_NONE_VALUE
-        n = len(send) - HEADER_SIZE
+        n = len(payload)
+        overflow = None
         if n > slot - HEADER_SIZE:
-            overflow = bytes(send[HEADER_SIZE:])
-            del send[HEADER_SIZE:]
+            overflow = payload
             flags |= FLAG_OVERFLOW
-        if len(send) < slot:
-            send.extend(bytes(slot - len(send)))
+        else:
+            self.send_view[HEADER_SIZE:HEADER_SIZE + n] = payload
         fingerprint = info.fingerprint if info is not None else _ZEROS
-        site_fp = site_fingerprint(code, lineno) if pin_site else _ZEROS
-        HEADER.pack_into(send, 0, MAGIC, OPS[op], reduce_op, 0, root, seq, step, fingerprint,
-                         array_fp, site_fp, flags, n)
-        recorder = self.recorder
-        if recorder is not None:
-            recorder.start(seq, op, info, code, lineno, step, n)
-        self._site = (code, lineno)
-
+        site_fp = site_fingerprint(code, lasti) if pin_site else _ZEROS
+        _pack(self.send, 0, MAGIC, OPS[op], reduce_op, 0, root, seq, wire_step, fingerprint,
+              array_fp, site_fp, flags, n)
+        if self.recorder is not None:
+            self.recorder.start(seq, op, info, code, lasti, wire_step, n)
+        self._site = (code, lasti)
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
-        recv = self.recv
         try:
             if deadline is None:
-                self.transport.allgather_slots(send, recv)
+                self.transport.allgather_slots(self.send, self.recv)
             else:
-                self.transport.allgather_slots_until(send, recv, deadline)
+                self.transport.allgather_slots_until(self.send, self.recv, deadline)
         except TransportTimeout:
-            self._timed_out(seq, op, info, code, lineno)
+            _coldpath.timed_out(self, seq, op, info, code, lasti)
+        return self._after_exchange(seq, op, info, code, lasti, pin_site, root, reduce_op,
+                                    wire_step, value if mode == MODE_ARRAY else None, overflow,
+                                    deadline)
 
+    def _after_exchange(self, seq: int, op: str, info: Optional[SchemaInfo], code: Any,
+                        lasti: int, pin_site: bool, root: int, reduce_op: int, step: int,
+                        array: Any, overflow: Optional[bytes],
+                        deadline: Optional[float]) -> Phase1:
+        slot, recv = self.slot, self.recv
         flags_all = recv[FLAGS_OFFSET::slot]
         if self.recv_u32 is not None:
             lengths = self.recv_u32[LENGTH_OFFSET // 4::slot // 4].tolist()
         else:
-            lengths = [int.from_bytes(recv[r * slot + LENGTH_OFFSET:r * slot + HEADER_SIZE],
-                                      "little") for r in range(self.size)]
+            lengths = [int.from_bytes(recv[o + LENGTH_OFFSET:o + HEADER_SIZE], "little")
+                       for o in self.offsets]
         self.policy.observe(max(lengths))
-        check = send[:CHECKED]
-        if self.size <= _VECTOR_CHECK_RANKS:
-            agree = True
-            for offset in range(0, len(recv), slot):
-                if not recv.startswith(check, offset):
-                    agree = False
-                    break
-        else:
-            rows = np.frombuffer(recv, dtype=np.uint8).reshape(self.size, slot)[:, :CHECKED]
-            agree = bool((rows == np.frombuffer(check, dtype=np.uint8)).all())
-        if not agree or FLAG_LOCAL_ERROR in flags_all:
-            self._disagreement(seq, op, info, code, lineno, pin_site, root, reduce_op, step,
-                               value if mode == MODE_ARRAY else None, flags_all, deadline)
+        if self.policy.size != slot:
+            self._refresh_fast()
+        if not self._headers_agree(self.send[:CHECKED]) or FLAG_LOCAL_ERROR in flags_all:
+            _coldpath.disagreement(self, seq, op, info, code, lasti, pin_site, root, reduce_op,
+                                   step, array, flags_all, deadline)
         return Phase1(seq, flags_all, lengths, overflow, deadline, info, op)
 
-    def _encode(self, info: Optional[SchemaInfo], value: Any, mode: int) -> Optional[str]:
-        """Write the payload after the header; returns an error text instead of raising."""
-        send = self.send
+    def _encode(self, info: Optional[SchemaInfo], value: Any, mode: int,
+                validate: bool) -> Tuple[bytes, Optional[str]]:
+        """(payload, None) or (b"", error text): a failure to encode never raises here."""
         try:
             if mode == MODE_MSG:
-                ENCODER.encode_into(value, send, HEADER_SIZE)
+                payload = _encode(value)
+                if validate and info is not None and info.kind == KIND_MSGSPEC:
+                    # Only the root decodes a gather payload: check it here, so a bad value
+                    # fails on every rank in this call, not only on the root.
+                    info.decoder.decode(payload)
             elif mode == MODE_ARRAY:
-                send[HEADER_SIZE:] = _schema.encode_array(value)
+                payload = _schema.encode_array(value)
             else:
-                del send[HEADER_SIZE:]
+                payload = b""
         except Exception as exc:  # any failure to encode becomes this rank's flagged error
-            return f"{type(exc).__name__}: {exc}"
-        if len(send) - HEADER_SIZE > MAX_PAYLOAD:
-            return f"ValueError: expected a payload of at most {MAX_PAYLOAD} bytes, " \
-                   f"got {len(send) - HEADER_SIZE}"
-        return None
+            return b"", f"{type(exc).__name__}: {exc}"
+        if len(payload) > MAX_PAYLOAD:
+            return b"", (f"ValueError: expected a payload of at most {MAX_PAYLOAD} bytes, "
+                         f"got {len(payload)}")
+        return payload, None
 
-    def _validate(self, info: SchemaInfo) -> Optional[str]:
-        """Decode our own payload, for ops whose receivers are not every rank (gather)."""
-        try:
-            info.decoder.decode(self.send[HEADER_SIZE:])
-        except msgspec.DecodeError as exc:
-            return f"{type(exc).__name__}: {exc}"
-        return None
+    def _headers_agree(self, check: bytearray) -> bool:
+        recv = self.recv
+        if self.size <= _VECTOR_CHECK_RANKS:
+            for offset in self.peer_offsets:
+                if not recv.startswith(check, offset):
+                    return False
+            return True
+        rows = np.frombuffer(recv, dtype=np.uint8).reshape(self.size, self.slot)[:, :CHECKED]
+        return bool((rows == np.frombuffer(check, dtype=np.uint8)).all())
 
-    # --- the disagreement path (cold) -------------------------------------------------------
-    def _disagreement(self, seq, op, info, code, lineno, pin_site, root, reduce_op, step,
-                      array, flags_all, deadline) -> None:
-        slot, recv = self.slot, self.recv
-        failed = [r for r in range(self.size) if flags_all[r] & FLAG_LOCAL_ERROR]
-        regions = {bytes(recv[r * slot:r * slot + CHECKED])
-                   for r in range(self.size) if r not in failed}
-        if len(regions) > 1:
-            own_error = None
-            if self.rank in failed:
-                own_error = self._error_text(self.rank).split("\n", 1)[-1]
-            mine = EnvelopeInfo(
-                rank=self.rank, seq=seq, op=op, schema=info.name if info else "?",
-                fingerprint=info.fingerprint.hex() if info else "", site=format_site(code, lineno),
-                site_checked=pin_site, step=None if step == NO_STEP else step,
-                root=root if op in ROOTED_OPS else None,
-                reduce_op=_reduce_name(reduce_op) if op in REDUCING_OPS else None,
-                shape=tuple(array.shape) if isinstance(array, np.ndarray) else None,
-                dtype=str(array.dtype) if isinstance(array, (np.ndarray, np.generic)) else None,
-                error=own_error)
-            envelopes = self.exchange_infos(mine, deadline, seq, op, info, code, lineno)
-            kinds = mismatch_kinds(envelopes)
-            groups = group_envelopes(envelopes)
-            raise DesyncError(desync_message(seq, self.name, kinds, groups), seq=seq,
-                              comm=self.name, kinds=kinds, groups=groups)
-        if failed:
-            first = failed[0]
-            error_type, _, detail = self._error_text(first).partition("\n")
-            if self.rank in failed:
-                raise EncodeError(f"collective #{seq} on {self.name}: rank {self.rank} could not "
-                                  f"send its {op}[{info.name if info else '?'}] contribution: "
-                                  f"{self._error_text(self.rank).partition(chr(10))[2]}",
-                                  seq=seq, comm=self.name)
-            others = "" if len(failed) == 1 else f" (and {len(failed) - 1} more)"
-            raise PeerError(f"collective #{seq} on {self.name}: rank {first}{others} failed its "
-                            f"{op}[{info.name if info else '?'}] contribution: {detail}",
-                            seq=seq, comm=self.name, ranks=failed, error_type=error_type,
-                            detail=detail)
+    def _corrupt_length(self, seq: int, op: str, info: Any, rank: int, n: int) -> DecodeError:
+        return DecodeError(f"collective #{seq} on {self.name}: rank {rank}'s envelope claims "
+                           f"{n} inline payload bytes, expected at most "
+                           f"{self.slot - HEADER_SIZE}", seq=seq, comm=self.name, source=rank,
+                           schema=info.name if info is not None else "?")
 
-    def _error_text(self, rank: int) -> str:
-        offset = rank * self.slot
-        n = int.from_bytes(self.recv[offset + LENGTH_OFFSET:offset + HEADER_SIZE], "little")
-        text = bytes(self.recv[offset + HEADER_SIZE:offset + HEADER_SIZE + n])
-        kind, _, detail = text.decode(errors="replace").partition(": ")
-        return f"{kind}\n{detail}"
-
-    def exchange_infos(self, mine: EnvelopeInfo, deadline, seq, op, info, code,
-                       lineno) -> List[EnvelopeInfo]:
-        """Allgather every rank's readable envelope (lengths first, so counts agree)."""
-        payload = ENCODER.encode(mine)
-        try:
-            lengths = self.transport.allgatherv(len(payload).to_bytes(4, "little"),
-                                                [4] * self.size, deadline)
-            counts = [int.from_bytes(lengths[4 * r:4 * r + 4], "little") for r in range(self.size)]
-            blob = self.transport.allgatherv(payload, counts, deadline)
-        except TransportTimeout:
-            self._timed_out(seq, op, info, code, lineno)
-        out, offset = [], 0
-        for r, count in enumerate(counts):
-            try:
-                out.append(_ENVELOPE_INFO_DECODER.decode(blob[offset:offset + count]))
-            except msgspec.DecodeError as exc:
-                raise DecodeError(f"collective #{seq} on {self.name}: the envelope description "
-                                  f"from rank {r} does not decode: {exc}", seq=seq,
-                                  comm=self.name, source=r, schema="EnvelopeInfo") from exc
-            offset += count
-        return out
-
-    # --- timeouts ---------------------------------------------------------------------------
-    def _timed_out(self, seq, op, info, code, lineno):
-        schema = info.name if info else "?"
-        site = format_site(code, lineno)
-        text = (f"collective #{seq} on {self.name}: {op}[{schema}] at {site} did not complete "
-                f"within {self.timeout:g} s")
-        missing = None
-        if self.hang_reporter is not None:
-            try:
-                missing, report = self.hang_reporter(self, seq)
-                if report:
-                    text += "\n" + report
-            except Exception as exc:  # a failing report must not hide the timeout itself
-                text += f"\n(hang report unavailable: {type(exc).__name__}: {exc})"
-        err = CollectiveTimeout(text, seq=seq, comm=self.name, op=op, schema=schema, site=site,
-                                timeout=self.timeout or 0.0, missing=missing)
-        self.broken = err
-        raise err
-
-    def _raise_broken(self, op, info):
-        cause = self.broken
-        assert cause is not None
-        raise CollectiveTimeout(
-            f"collective #{self.seq} on {self.name}: {op}[{info.name if info else '?'}] refused: "
-            f"the communicator is unusable since collective #{cause.seq} ({cause.op}"
-            f"[{cause.schema}] at {cause.site}) timed out", seq=self.seq, comm=self.name, op=op,
-            schema=info.name if info else "?", site=cause.site, timeout=cause.timeout,
-            missing=cause.missing)
-
-    # --- phase 2 and decoding ------------------------------------------------------------------
-    def inline_view(self, rank: int, length: int) -> memoryview:
-        offset = rank * self.slot + HEADER_SIZE
-        return self.recv_view[offset:offset + length]
-
+    # --- phase 2 and decoding ---------------------------------------------------------------
     def gather_payloads(self, p1: Phase1, root: Optional[int] = None) -> Optional[List[Any]]:
-        """Every rank's payload (all ranks, or only ``root`` when given; None elsewhere)."""
+        """Every rank's payload (on every rank, or on ``root`` only when given: None elsewhere)."""
         flags, lengths = p1.flags, p1.lengths
-        overflowed = [bool(f & FLAG_OVERFLOW) for f in flags] if any(flags) else None
+        overflowed = [bool(f & FLAG_OVERFLOW) for f in flags]
         extra = None
-        if overflowed is not None and any(overflowed):
+        if any(overflowed):
             counts = [n if o else 0 for n, o in zip(lengths, overflowed)]
             own = p1.overflow or b""
             try:
@@ -335,54 +478,53 @@ class Protocol:
                 else:
                     extra = self.transport.gatherv(own, counts, root, p1.deadline)
             except TransportTimeout:
-                self._timed_out_p2(p1)
+                _coldpath.timed_out(self, p1.seq, p1.op, p1.info, *self._site)
         if root is not None and self.rank != root:
             return None
         out: List[Any] = []
         offset = 0
         for r in range(self.size):
-            if overflowed is not None and overflowed[r]:
+            if overflowed[r]:
                 out.append(memoryview(extra)[offset:offset + lengths[r]])  # type: ignore[arg-type]
                 offset += lengths[r]
             else:
-                out.append(self.inline_view(r, lengths[r]))
+                out.append(self._inline(p1, r))
         return out
+
+    def _inline(self, p1: Phase1, rank: int) -> memoryview:
+        n = p1.lengths[rank]
+        if n > self.slot - HEADER_SIZE:
+            raise self._corrupt_length(p1.seq, p1.op, p1.info, rank, n)
+        offset = rank * self.slot + HEADER_SIZE
+        return self.recv_view[offset:offset + n]
 
     def bcast_payload(self, p1: Phase1, root: int) -> Any:
         if not p1.flags[root] & FLAG_OVERFLOW:
-            return self.inline_view(root, p1.lengths[root])
-        buf = bytearray(p1.overflow) if self.rank == root else bytearray(p1.lengths[root])
+            return self._inline(p1, root)
+        buf = bytearray(p1.overflow) if self.rank == root else bytearray(p1.lengths[root])  # type: ignore[arg-type]
         try:
             self.transport.bcast_bytes(buf, root, p1.deadline)
         except TransportTimeout:
-            self._timed_out_p2(p1)
+            _coldpath.timed_out(self, p1.seq, p1.op, p1.info, *self._site)
         return buf
 
     def allreduce_large(self, p1: Phase1, array: np.ndarray, op: str) -> np.ndarray:
         try:
             return self.transport.allreduce_array(array, op, p1.deadline)
         except TransportTimeout:
-            self._timed_out_p2(p1)
-            raise  # unreachable: _timed_out raises
-
-    def _timed_out_p2(self, p1: Phase1):
-        self._timed_out(p1.seq, p1.op, p1.info, *self._site)
+            _coldpath.timed_out(self, p1.seq, p1.op, p1.info, *self._site)
+            raise  # unreachable: timed_out raises
 
     def decode(self, p1: Phase1, buf: Any, source: int) -> Any:
         info = p1.info
+        assert info is not None  # phase 1 raised for every rank whose schema did not resolve
         try:
             if info.kind == KIND_MSGSPEC:
                 return info.decoder.decode(buf)
             arr = _schema.decode_array(buf)
             return arr[()] if info.kind == KIND_NUMPY_SCALAR else arr
         except (msgspec.DecodeError, ValueError, TypeError) as exc:
-            if source == self.rank:
-                raise EncodeError(f"collective #{p1.seq} on {self.name}: rank {self.rank} could "
-                                  f"not send its {p1.op}[{info.name}] contribution: {exc}",
-                                  seq=p1.seq, comm=self.name) from exc
-            raise DecodeError(f"collective #{p1.seq} on {self.name}: payload from rank {source} "
-                              f"does not decode as {info.name}: {exc}", seq=p1.seq,
-                              comm=self.name, source=source, schema=info.name) from exc
+            raise _coldpath.decode_failure(self, p1.seq, p1.op, info, source, exc) from exc
 
     # --- bookkeeping ------------------------------------------------------------------------
     def completed(self) -> None:
@@ -390,7 +532,7 @@ class Protocol:
             self.recorder.in_flight = False
 
     def failed(self, exc: BaseException) -> None:
-        if self.recorder is not None:
+        if self.recorder is not None and self.recorder.in_flight:
             text = str(exc)
             self.recorder.fail(self.seq - 1, f"{type(exc).__name__}: "
                                              f"{text.splitlines()[0] if text else ''}")
@@ -407,7 +549,7 @@ def reduce_values(values: List[Any], op: str) -> Any:
     first = values[0]
     if isinstance(first, np.ndarray):
         acc = first.copy()
-        ufunc = _ARRAY_LIKE_REDUCE[op]
+        ufunc = _ARRAY_REDUCE[op]
         for v in values[1:]:
             ufunc(acc, v, out=acc)
         return acc
@@ -416,13 +558,6 @@ def reduce_values(values: List[Any], op: str) -> Any:
     for v in values[1:]:
         acc = combine(acc, v)
     return acc
-
-
-def _reduce_name(code: int) -> Optional[str]:
-    for name, c in REDUCE_OPS.items():
-        if c == code:
-            return name
-    return None
 
 
 register_internal(__file__)

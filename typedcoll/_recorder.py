@@ -22,7 +22,8 @@ FAILED = "failed"
 DEFAULT_CAPACITY = 2000
 
 # Entry tuple layout.
-SEQ, OP, INFO, CODE, LINENO, STEP, NBYTES, T_START = range(8)
+SEQ, OP, INFO, CODE, LASTI, STEP, NBYTES, T_START = range(8)  # LASTI: see _callsite.line_of
+LINENO = LASTI  # TODO(integration): old name still used by _diag_log; format_site takes lasti
 NO_STEP = -(2 ** 63)
 
 
@@ -42,21 +43,39 @@ def capacity_from_env() -> int:
 class FlightRecorder:
     """A fixed-size ring of collective records for one communicator."""
 
-    __slots__ = ("capacity", "ring", "count", "in_flight", "failures")
+    __slots__ = ("capacity", "ring", "state", "failures")
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.ring: List[Optional[tuple]] = [None] * capacity
-        self.count = 0  # collectives recorded since creation, dropped ones included
-        self.in_flight = False  # the newest entry's collective has not returned yet
+        # [collectives recorded since creation (dropped ones included), newest still in flight]:
+        # a list, so the C fast path updates it without attribute lookups.
+        self.state: list = [0, False]
         self.failures: Dict[int, tuple] = {}  # seq -> (end time ns, error text)
 
-    def start(self, seq: int, op: str, info: Any, code: Any, lineno: int, step: int,
+    @property
+    def count(self) -> int:
+        return self.state[0]
+
+    @count.setter
+    def count(self, value: int) -> None:
+        self.state[0] = value
+
+    @property
+    def in_flight(self) -> bool:
+        return self.state[1]
+
+    @in_flight.setter
+    def in_flight(self, value: bool) -> None:
+        self.state[1] = value
+
+    def start(self, seq: int, op: str, info: Any, code: Any, lasti: int, step: int,
               nbytes: int) -> None:
-        self.ring[self.count % self.capacity] = (seq, op, info, code, lineno, step, nbytes,
-                                                 time.time_ns())
-        self.count += 1
-        self.in_flight = True
+        state = self.state
+        self.ring[state[0] % self.capacity] = (seq, op, info, code, lasti, step, nbytes,
+                                               time.time_ns())
+        state[0] += 1
+        state[1] = True
 
     def fail(self, seq: int, error: str) -> None:
         self.failures[seq] = (time.time_ns(), error)
@@ -95,7 +114,7 @@ def describe_entry(entry: tuple, state: str, failure: Optional[tuple] = None) ->
         "op": entry[OP],
         "schema": info.name if info is not None else "",
         "fingerprint": info.fingerprint.hex() if info is not None else "",
-        "site": format_site(entry[CODE], entry[LINENO]),
+        "site": format_site(entry[CODE], entry[LASTI]),
         "step": None if entry[STEP] == NO_STEP else entry[STEP],
         "bytes": entry[NBYTES],
         "state": state,

@@ -80,34 +80,36 @@ SHRINK_WINDOW = 256
 
 
 class SlotPolicy:
-    """The deterministic slot-size rule; fed the largest payload length of each collective."""
+    """The deterministic slot-size rule, fed the largest payload length of each collective.
 
-    __slots__ = ("size", "_window_max", "_count", "min_slot", "max_slot")
+    At the minimum size with everything fitting there is nothing to decide, and ``observe`` keeps
+    no state, so a hot path may skip calling it then: every rank skips it in the same collectives.
+    """
+
+    __slots__ = ("size", "window_max", "count", "min_slot", "max_slot")
 
     def __init__(self, min_slot: int = MIN_SLOT, max_slot: int = MAX_SLOT) -> None:
         self.min_slot = min_slot
         self.max_slot = max_slot
         self.size = min_slot
-        self._window_max = 0
-        self._count = 0
+        self.window_max = 0
+        self.count = 0
 
-    def observe(self, largest_payload: int) -> bool:
-        """Update after a collective; True when the slot size changed."""
-        if largest_payload > self._window_max:
-            self._window_max = largest_payload
-        self._count += 1
+    def observe(self, largest_payload: int) -> None:
         need = HEADER_SIZE + largest_payload
-        if need > self.size and self.size < self.max_slot:
-            self.size = self._fit(need)
-            return True
-        if self._count >= SHRINK_WINDOW:
-            fitted = self._fit(HEADER_SIZE + self._window_max)
-            self._window_max = 0
-            self._count = 0
-            if fitted < self.size:
-                self.size = fitted
-                return True
-        return False
+        if need > self.size:
+            if self.size < self.max_slot:
+                self.size = self._fit(need)
+                self.window_max = self.count = 0
+            return
+        if self.size == self.min_slot:
+            return
+        if largest_payload > self.window_max:
+            self.window_max = largest_payload
+        self.count += 1
+        if self.count >= SHRINK_WINDOW:
+            self.size = self._fit(HEADER_SIZE + self.window_max)
+            self.window_max = self.count = 0
 
     def _fit(self, need: int) -> int:
         size = self.min_slot
