@@ -84,8 +84,8 @@ def library_versions(mpi: Any = None, torch_version: Optional[str] = None) -> Di
 def header_lines(doc: Dict[str, Any]) -> List[str]:
     v, m = doc["versions"], doc["machine"]
     lines = [f"# {doc['title']}"]
-    libs = [f"typedcoll {v['typedcoll']} ({v.get('typedcoll_fast_path', 'fast path not recorded')})",
-            f"python {v['python']}"]
+    fast = v.get("typedcoll_fast_path", "fast path not recorded")
+    libs = [f"typedcoll {v['typedcoll']} ({fast})", f"python {v['python']}"]
     if "mpi4py" in v:
         libs.append(f"mpi4py {v['mpi4py']} on {v['mpi_library']} (MPI {v['mpi_standard']})")
     libs += [f"msgspec {v['msgspec']}", f"numpy {v['numpy']}"]

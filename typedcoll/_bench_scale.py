@@ -6,11 +6,14 @@ local slot: every other rank sent exactly what this one did, which is the steady
 envelopes agree, nothing raises). Per N and payload it times, each as the median over rounds of
 a batch's mean per call:
 
-  check    phase 1 with nothing delivered: encode, header, and the verification of the N
-           envelopes already in ``recv`` (the sequence number is rewound before each call, so the
-           slots left by the previous identical call stay valid). This is the envelope check's
-           cost, including its N-independent part (~2-3 µs of encode and header).
-  decode   ``gather_payloads`` plus the typed decode of the N payloads, on phase 1's result.
+  check    ``Protocol.phase1`` (the general path) with nothing delivered: encode, header, and
+           the verification of the N envelopes already in ``recv`` (the sequence number is
+           rewound before each call, so the slots left by the previous identical call stay
+           valid). The envelope check's cost, with its N-independent part (encode and header).
+  decode   ``gather_payloads`` plus the typed decode of the N payloads, on phase 1's result
+           (the general path's Python loop).
+  hot      ``TypedComm.allgather`` with nothing delivered (sequence rewound likewise): check plus
+           decode on the path a user's call takes, the C fast path where it is built.
   full     a complete ``TypedComm.allgather`` through the simulated transport, delivery included.
   deliver  the simulated delivery alone (a numpy broadcast copy of the slot into N places).
   unpickle what mpi4py's pickle allgather does with the same N payloads on receipt: N loads.
@@ -100,7 +103,7 @@ def _median_us(fn: Callable[[], Any], rounds: int, budget: float, max_iters: int
 
 def measure(payload_name: str, n: int, rounds: int, budget: float,
             max_iters: int) -> Dict[str, Any]:
-    """The five timings of one payload at N simulated ranks."""
+    """The timings of one payload at N simulated ranks."""
     value = BY_NAME[payload_name].typed(0)
     transport = SimTransport(n)
     comm = TypedComm._from_transport(transport, f"sim{n}", None)
@@ -134,12 +137,19 @@ def measure(payload_name: str, n: int, rounds: int, budget: float,
         raise AssertionError(f"the simulated decode of {payload_name} at N={n} is wrong")
     decode_us = _median_us(decode, rounds, budget, max_iters)
 
+    def hot() -> Any:
+        p.seq = last_seq
+        return comm.allgather(value)
+    if hot() != [value] * n:
+        raise AssertionError(f"the undelivered allgather of {payload_name} at N={n} is wrong")
+    hot_us = _median_us(hot, rounds, budget, max_iters)
+
     blobs = [pickle.dumps(BY_NAME[payload_name].native(0), protocol=pickle.HIGHEST_PROTOCOL)] * n
     loads = pickle.loads
     unpickle_us = _median_us(lambda: [loads(b) for b in blobs], rounds, budget, max_iters)
     return {"payload": payload_name, "n": n, "slot": p.slot,
             "check_us": report.quantile(check_rounds, 0.5), "check_min_us": min(check_rounds),
-            "decode_us": decode_us, "full_us": full, "deliver_us": deliver,
+            "decode_us": decode_us, "hot_us": hot_us, "full_us": full, "deliver_us": deliver,
             "unpickle_us": unpickle_us}
 
 
@@ -216,17 +226,18 @@ def scale_table(doc: Dict[str, Any]) -> str:
            + (f"; 1-min load average {m['load_average'][0]:g} at start, "
               f"{m['load_average'][1]:g} at end" if m.get("load_average") else ""),
            f"# medians over {doc['settings']['rounds']} rounds; us per call on one rank; "
-           f"check = phase 1 without delivery (encode + header + verify N envelopes)", ""]
+           f"check = phase 1 without delivery (encode + header + verify N envelopes); "
+           f"hot = the user's allgather without delivery (check + decode)", ""]
     for name in TIMED_PAYLOADS:
         rows = [t for t in doc["timings"] if t["payload"] == name]
         if not rows:
             continue
         out.append(f"{name} (slot {rows[0]['slot']} B)")
-        out.append(f"{'N':>7} {'check':>10} {'(min)':>8} {'decode':>10} {'full':>10} "
-                   f"{'deliver':>10} {'unpickle':>10}  {'check/rank':>10}")
+        out.append(f"{'N':>7} {'check':>10} {'(min)':>8} {'decode':>10} {'hot':>10} "
+                   f"{'full':>10} {'deliver':>10} {'unpickle':>10}  {'check/rank':>10}")
         for t in rows:
             out.append(f"{t['n']:>7,} {t['check_us']:>10.1f} {t['check_min_us']:>8.1f} "
-                       f"{t['decode_us']:>10.1f} "
+                       f"{t['decode_us']:>10.1f} {t['hot_us']:>10.1f} "
                        f"{t['full_us']:>10.1f} {t['deliver_us']:>10.1f} {t['unpickle_us']:>10.1f}"
                        f"  {t['check_us'] * 1000 / t['n']:>8.1f}ns")
         out.append("")

@@ -97,7 +97,7 @@ def exchange_infos(p: "Protocol", mine: EnvelopeInfo, deadline: Optional[float],
     for r, count in enumerate(counts):
         try:
             out.append(_ENVELOPE_INFO_DECODER.decode(blob[offset:offset + count]))
-        except msgspec.DecodeError as exc:
+        except Exception as exc:  # untrusted bytes: any decoder failure is a decode error
             raise DecodeError(f"collective #{seq} on {p.name}: the envelope description from "
                               f"rank {r} does not decode: {exc}", seq=seq, comm=p.name, source=r,
                               schema="EnvelopeInfo") from exc

@@ -16,7 +16,7 @@ from . import _schema
 from ._callsite import register_internal
 from ._protocol import (MODE_ARRAY, MODE_EMPTY, MODE_MSG, Phase1, Protocol, _fast_allgather,
                         reduce_values)
-from ._schema import KIND_ARRAY, KIND_MSGSPEC, KIND_NUMPY_SCALAR, SchemaInfo
+from ._schema import KIND_MSGSPEC, KIND_NUMPY_SCALAR, SchemaInfo
 from ._wire import FLAG_OVERFLOW, NO_ROOT, REDUCE_OPS
 
 T = TypeVar("T")

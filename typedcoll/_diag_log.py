@@ -106,7 +106,6 @@ def log_error(p: Any, exc: BaseException, comm_id: str, world_rank: int) -> None
 
 
 _LOGGED: "weakref.WeakKeyDictionary[Any, int]" = weakref.WeakKeyDictionary()
-_DEBUG_CLASSES: Dict[type, type] = {}
 
 
 def _log_newest(p: Any) -> None:
@@ -123,45 +122,21 @@ def _log_newest(p: Any) -> None:
         info = entry[_recorder.INFO]
         step = entry[_recorder.STEP]
         fields.update(op=entry[_recorder.OP], schema=info.name if info is not None else "",
-                      site=_recorder.format_site(entry[_recorder.CODE], entry[_recorder.LINENO]),
+                      site=_recorder.format_site(entry[_recorder.CODE], entry[_recorder.LASTI]),
                       step=None if step == _recorder.NO_STEP else step,
                       bytes=entry[_recorder.NBYTES],
                       us=round((time.time_ns() - entry[_recorder.T_START]) / 1e3, 1))
     LOGGER.debug(_ENCODER.encode(fields).decode())
 
 
-def _debug_class(base: type) -> type:
-    """``base`` with ``completed`` (every op's success path) and ``allgather`` (the flattened
-    fast path, which skips ``completed``) logging after they return; a seq already logged is
-    skipped, so a collective that takes both logs once."""
-    cls = _DEBUG_CLASSES.get(base)
-    if cls is None:
-        def completed(self: Any) -> None:
-            base.completed(self)
-            _log_newest(self)
-
-        namespace: Dict[str, Any] = {"__slots__": (), "completed": completed}
-        if hasattr(base, "allgather"):
-            def allgather(self: Any, *args: Any, **kwargs: Any) -> Any:
-                out = base.allgather(self, *args, **kwargs)
-                _log_newest(self)
-                return out
-
-            namespace["allgather"] = allgather
-        cls = type(base.__name__, (base,), namespace)
-        _DEBUG_CLASSES[base] = cls
-    return cls
-
-
 def attach(p: Any) -> None:
     """Make ``p`` log each completed collective, only when debug lines are on.
 
-    The protocol has ``__slots__`` and no per-collective hook, so ``p``'s class is swapped for a
-    layout-identical subclass: communicators without debug logging keep the plain class and pay
-    nothing.
+    Communicators without debug logging pay nothing: the observer is set only here, and the
+    protocol then runs its Python paths (the C fast path does not call observers).
     """
     if LOGGER.isEnabledFor(logging.DEBUG):
-        p.__class__ = _debug_class(type(p))
+        p.set_observer(_log_newest)
 
 
 register_internal(__file__)  # the debug wrappers must not become the reported call site

@@ -110,7 +110,7 @@ class Protocol:
     # than instance-dict lookups.
     __slots__ = ("transport", "rank", "size", "name", "timeout", "seq", "policy", "slot", "send",
                  "send_view", "recv", "recv_view", "recv_u32", "offsets", "peer_offsets",
-                 "recorder", "_broken", "hang_reporter", "_site", "extensions", "fast",
+                 "recorder", "_broken", "hang_reporter", "_site", "extensions", "fast", "observer",
                  "__weakref__")
 
     def __init__(self, transport: Any, name: str, timeout: Optional[float]) -> None:
@@ -127,6 +127,9 @@ class Protocol:
         capacity = capacity_from_env()
         self.recorder: Optional[FlightRecorder] = FlightRecorder(capacity) if capacity else None
         self._broken: Optional[CollectiveTimeout] = None
+        # Called with the protocol after each successful collective (debug logging). Setting it
+        # turns the C fast path off for this communicator: only Python paths call it.
+        self.observer: Optional[Callable[["Protocol"], None]] = None
         self._refresh_fast()
         self._agree_on_timeout()
         # Set by diagnostics: (protocol, seq) -> (missing ranks or None, report text).
@@ -178,13 +181,19 @@ class Protocol:
         whenever what it holds can change: new buffers, a slot-size decision, a timeout.
         """
         if (self.timeout is not None or self._broken is not None or self.recv_u32 is None
-                or self.slot != self.policy.size):
+                or self.slot != self.policy.size or self.observer is not None):
             self.fast = None
             return
         rec = self.recorder
+        on = rec is not None  # not bool(rec): an empty recorder has len() 0
         self.fast = [self.send, self.recv, self.slot, self.size, self.transport.allgather_slots,
-                     rec.ring if rec else None, rec.state if rec else None,
-                     rec.capacity if rec else 0, self.policy.min_slot]
+                     rec.ring if on else None, rec.state if on else None,
+                     rec.capacity if on else 0, self.policy.min_slot]
+
+    def set_observer(self, observer: Optional[Callable[["Protocol"], None]]) -> None:
+        """Call ``observer(protocol)`` after every successful collective (None: stop)."""
+        self.observer = observer
+        self._refresh_fast()
 
     @property
     def broken(self) -> Optional[CollectiveTimeout]:
@@ -322,8 +331,7 @@ class Protocol:
         except BaseException as exc:
             self.failed(exc)
             raise
-        if rec is not None:
-            rec.in_flight = False
+        self.completed()
         return out
 
     def _finish_unsteady(self, seq: int, op: str, info: SchemaInfo, code: Any, lasti: int,
@@ -522,14 +530,28 @@ class Protocol:
             if info.kind == KIND_MSGSPEC:
                 return info.decoder.decode(buf)
             arr = _schema.decode_array(buf)
+            # The envelope's array fingerprint was checked equal on every rank; a payload whose
+            # own dtype or shape contradicts it is corrupt (zeros: bcast, where only the root
+            # knows the array, so only the payload describes it).
+            expected = bytes(self.send_view[32:40])
+            if expected != _ZEROS and _schema.array_fingerprint(arr.dtype.str,
+                                                                arr.shape) != expected:
+                raise ValueError(f"expected the envelope's dtype and shape, got {arr.dtype} "
+                                 f"{arr.shape}")
             return arr[()] if info.kind == KIND_NUMPY_SCALAR else arr
-        except (msgspec.DecodeError, ValueError, TypeError) as exc:
+        except Exception as exc:  # untrusted bytes: whatever the decoder raises (RecursionError
+            # on deep nesting, UnicodeDecodeError in a str) is this payload's decode error
             raise _coldpath.decode_failure(self, p1.seq, p1.op, info, source, exc) from exc
 
     # --- bookkeeping ------------------------------------------------------------------------
     def completed(self) -> None:
         if self.recorder is not None:
             self.recorder.in_flight = False
+        if self.observer is not None:
+            try:
+                self.observer(self)
+            except Exception:  # diagnostics never raise into user code
+                pass
 
     def failed(self, exc: BaseException) -> None:
         if self.recorder is not None and self.recorder.in_flight:

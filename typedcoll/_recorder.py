@@ -23,7 +23,6 @@ DEFAULT_CAPACITY = 2000
 
 # Entry tuple layout.
 SEQ, OP, INFO, CODE, LASTI, STEP, NBYTES, T_START = range(8)  # LASTI: see _callsite.line_of
-LINENO = LASTI  # TODO(integration): old name still used by _diag_log; format_site takes lasti
 NO_STEP = -(2 ** 63)
 
 

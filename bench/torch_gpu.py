@@ -1,0 +1,154 @@
+"""GPU cost of the checked tensor collectives: typed (envelope + check) against raw NCCL.
+
+Run (one process per GPU; world size 1 on a single GPU):
+    torchrun --nproc-per-node=1 bench/torch_gpu.py [--rounds 7] [--json out.json]
+
+Methods, interleaved round by round; each figure is the median over rounds of one round's mean
+wall time per call, over back-to-back calls ended by ``torch.cuda.synchronize()`` and, for the
+typed ones, ``comm.synchronize()`` (every deferred check verified inside the timing):
+  ag_raw       torch.empty + all_gather_single                     (the floor)
+  ag_typed     comm.all_gather_tensor, deferred check (default)
+  ag_eager     comm.all_gather_tensor, eager check (a host sync before each payload)
+  ag_packed    the alternative layout: payload and envelope packed into one buffer, one
+               all-gather, then unpacked (two extra payload copies); not used by typedcoll
+  envelope     the check alone: H2D of the envelope, its NCCL all-gather, D2H, event
+  ar_raw       all_reduce (sum, in place)
+  ar_typed     comm.all_reduce_tensor, deferred check
+  ar_maxmin    all_reduce + a 2x6-word int64 MAX all-reduce: what the alternative in-band
+               all-reduce check (max == min of the envelope words) would cost
+Goal: ag_typed <= 1.05 x ag_raw at >= 1 MiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+import typedcoll as tc
+from typedcoll import _tensor
+from typedcoll._torch import all_gather_single
+
+SIZES = [1 << 10, 16 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
+
+
+def _label(n: int) -> str:
+    return f"{n >> 20} MiB" if n >= 1 << 20 else f"{n >> 10} KiB"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    if "RANK" not in os.environ:  # plain `python bench/torch_gpu.py`: world size 1
+        from typedcoll._torch import free_port
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(local)
+    device = torch.device("cuda", local)
+    dist.init_process_group("nccl", device_id=device)
+    world = dist.get_world_size()
+    rank = dist.get_rank()
+    typed = tc.TypedComm.from_torch()
+    eager = tc.TypedComm.from_torch()
+    _tensor.set_tensor_check(eager, "eager")
+    words = torch.zeros(12, dtype=torch.int64, device=device)
+    env_in = torch.zeros(_tensor.BLOCK, dtype=torch.uint8, device=device)
+    env_out = torch.zeros(_tensor.BLOCK * world, dtype=torch.uint8, device=device)
+    env_host = torch.zeros(_tensor.BLOCK * (world + 1), dtype=torch.uint8, pin_memory=True)
+
+    results = {}
+    for nbytes in SIZES:
+        x = torch.randn(nbytes // 4, device=device)
+        shape = (x.shape[0] * world,)
+
+        def ag_raw():
+            out = x.new_empty(shape)
+            all_gather_single(out, x)
+
+        def ag_packed():
+            send = torch.empty(nbytes + _tensor.BLOCK, dtype=torch.uint8, device=device)
+            send[:nbytes].copy_(x.view(torch.uint8))
+            send[nbytes:].copy_(env_host[:_tensor.BLOCK], non_blocking=True)
+            both = torch.empty((world, nbytes + _tensor.BLOCK), dtype=torch.uint8, device=device)
+            all_gather_single(both, send)
+            both[:, :nbytes].contiguous().view(torch.float32)
+
+        def envelope():
+            env_in.copy_(env_host[:_tensor.BLOCK], non_blocking=True)
+            all_gather_single(env_out, env_in)
+            env_host[_tensor.BLOCK:].copy_(env_out, non_blocking=True)
+            torch.cuda.Event().record()
+
+        def ar_maxmin():
+            dist.all_reduce(x)
+            dist.all_reduce(words, op=dist.ReduceOp.MAX)
+
+        methods = {
+            "ag_raw": ag_raw,
+            "ag_typed": lambda: typed.all_gather_tensor(x, name="h"),
+            "ag_eager": lambda: eager.all_gather_tensor(x, name="h"),
+            "ag_packed": ag_packed,
+            "envelope": envelope,
+            "ar_raw": lambda: dist.all_reduce(x),
+            "ar_typed": lambda: typed.all_reduce_tensor(x, "sum", name="g"),
+            "ar_maxmin": ar_maxmin,
+        }
+        # The same numbers first: a benchmark of a wrong result is worthless.
+        want = x.new_empty(shape)
+        all_gather_single(want, x)
+        assert torch.equal(typed.all_gather_tensor(x, name="h"), want)
+        assert torch.equal(eager.all_gather_tensor(x, name="h"), want)
+        iters = max(10, min(400, (256 << 20) // (nbytes * max(world, 1))))
+        samples = {name: [] for name in methods}
+        for _ in range(args.rounds):
+            for name, fn in methods.items():
+                for _ in range(3):
+                    fn()
+                torch.cuda.synchronize()
+                typed.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(iters):
+                    fn()
+                torch.cuda.synchronize()
+                typed.synchronize()
+                eager.synchronize()
+                samples[name].append((time.perf_counter() - t0) / iters * 1e6)
+        medians = {name: statistics.median(v) for name, v in samples.items()}
+        gathered = [None] * world
+        dist.all_gather_object(gathered, medians)  # the benchmark's own bookkeeping, once
+        results[nbytes] = {name: max(m[name] for m in gathered) for name in methods}
+
+    if rank == 0:
+        names = list(next(iter(results.values())))
+        print(f"# typedcoll GPU tensor checks: {world} rank(s), {torch.cuda.get_device_name()}, "
+              f"torch {torch.__version__}, NCCL {'.'.join(map(str, torch.cuda.nccl.version()))},"
+              f" python {platform.python_version()}")
+        print(f"# {args.rounds} interleaved rounds; median of round means, us per call, "
+              f"slowest rank; x = / raw of the same op")
+        print(f"{'size':>7} " + " ".join(f"{n:>10}" for n in names)
+              + f" {'ag x':>6} {'eager x':>7} {'ar x':>6}")
+        for nbytes, row in results.items():
+            print(f"{_label(nbytes):>7} " + " ".join(f"{row[n]:10.1f}" for n in names)
+                  + f" {row['ag_typed'] / row['ag_raw']:6.3f}"
+                  + f" {row['ag_eager'] / row['ag_raw']:7.3f}"
+                  + f" {row['ar_typed'] / row['ar_raw']:6.3f}")
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump({"world": world, "us_per_call": results}, fh, indent=2)
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""The protocol's three implementations of one wire format: C steady state, Python steady state,
+general path. Ranks may take different ones in the same collective (a schema cached on one rank
+only, an overflow on one rank, a build without the C extension), so they must interoperate and
+agree on every verdict; and the backend calls they issue must match (MPI never pairs a blocking
+collective with a nonblocking one).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from launch import run_spmd
+
+PRELUDE = """
+import os, sys
+from typing import Optional, Tuple
+import msgspec
+import typedcoll as tc
+from typedcoll import _protocol
+from mpi4py import MPI
+
+class RankState(msgspec.Struct):
+    rank: int
+    num_active_requests: int
+    num_active_tokens: int
+
+class IterStats(msgspec.Struct):
+    iteration: int
+    tokens: int = 0
+
+world = MPI.COMM_WORLD
+def report(text):
+    print(f"rank {world.rank}: {text}", flush=True)
+"""
+
+
+def test_cached_and_uncached_schema_desync_with_timeout_raises_instead_of_hanging(tmp_path):
+    # Field report: rank 0 meets IterStats for the first time (general path, nonblocking exchange
+    # under a timeout) while rank 1 repeats a cached schema (fast path): the cold path's envelope
+    # exchange must use the same kind of backend call on both.
+    code = PRELUDE + """
+c = tc.TypedComm(world, timeout=10)
+c.allgather((False, 1), schema=Tuple[bool, int])
+try:
+    if world.rank == 0:
+        c.allgather(IterStats(iteration=3))
+    else:
+        c.allgather((False, 1), schema=Tuple[bool, int])
+except tc.DesyncError as exc:
+    report(f"{type(exc).__name__} seq={exc.seq} kinds={[k.value for k in exc.kinds]}")
+report(f"after {c.allgather(world.rank)}")
+"""
+    res = run_spmd(code, 2, timeout=60, tmp_path=tmp_path)
+    assert not res.timed_out and res.returncode == 0, res
+    for rank in (0, 1):
+        assert f"rank {rank}: DesyncError seq=1 kinds=['schema']" in res.stdout, res
+        assert f"rank {rank}: after [0, 1]" in res.stdout, res
+
+
+@pytest.mark.parametrize("nranks", [2, 4])
+def test_c_and_python_ranks_interoperate(tmp_path, nranks):
+    # Odd ranks run the pure-Python fast path, even ranks the C one (where it is built): the
+    # results, the desync verdict and the error texts must be the same on all of them.
+    code = PRELUDE + """
+if world.rank % 2:
+    _protocol._fast_allgather = None
+    import typedcoll._comm
+    typedcoll._comm._fast_allgather = None
+c = tc.TypedComm(world)
+r = world.rank
+for it in range(50):
+    got = c.allgather(RankState(r, it, 2 * r), step=it)
+    assert got == [RankState(q, it, 2 * q) for q in range(world.size)], got
+    idle = c.allgather(None if (r + it) % 3 == 0 else RankState(r, it, 0), schema=Optional[RankState])
+    assert [x is None for x in idle] == [(q + it) % 3 == 0 for q in range(world.size)]
+big = c.allgather(list(range(100 * (r + 1))))           # overflows the slot on some ranks
+assert [len(x) for x in big] == [100 * (q + 1) for q in range(world.size)]
+for it in range(3):                                       # back in the steady state after growth
+    assert c.allgather(RankState(r, it, 0)) == [RankState(q, it, 0) for q in range(world.size)]
+try:
+    c.allgather(IterStats(iteration=1) if r == 1 else RankState(r, 0, 0), step=7)
+except tc.DesyncError as exc:
+    report(str(exc).splitlines()[0])
+try:
+    c.allgather(RankState("x", 0, 0) if r == 0 else RankState(r, 0, 0))
+except tc.CollectiveError as exc:
+    report(f"{type(exc).__name__}: {exc}")
+report(f"seq {c.seq} {'python' if r % 2 else 'c'}")
+"""
+    res = run_spmd(code, nranks, timeout=90, tmp_path=tmp_path)
+    assert not res.timed_out and res.returncode == 0, res
+    seq = 2 * 50 + 1 + 3 + 2
+    for rank in range(nranks):
+        assert f"rank {rank}: collective #104 on COMM_WORLD diverged (schema):" in res.stdout, res
+        assert f"rank {rank}: seq {seq} " in res.stdout, res
+    assert ("rank 0: EncodeError: collective #105 on COMM_WORLD: rank 0 could not send its "
+            "allgather[RankState] contribution: Expected `int`, got `str` - at `$.rank`") in res.stdout
+    assert ("rank 1: DecodeError: collective #105 on COMM_WORLD: payload from rank 0 does not "
+            "decode as RankState: Expected `int`, got `str` - at `$.rank`") in res.stdout
+
+
+def test_ranks_must_agree_on_timeout(tmp_path):
+    code = PRELUDE + """
+try:
+    tc.TypedComm(world, timeout=None if world.rank else 5.0)
+except ValueError as exc:
+    report(str(exc))
+"""
+    res = run_spmd(code, 2, timeout=60, tmp_path=tmp_path)
+    assert not res.timed_out and res.returncode == 0, res
+    for rank in (0, 1):
+        assert (f"rank {rank}: COMM_WORLD: expected the same timeout on every rank, got "
+                f"rank 0: 5.0, rank 1: None") in res.stdout, res
+
+
+def test_c_fast_path_is_built_here():
+    # CI builds the extension (gcc is on every machine of this project); if it silently failed,
+    # the performance claims would not hold, so say so loudly.
+    from typedcoll import _protocol
+    assert _protocol._fast_allgather is not None

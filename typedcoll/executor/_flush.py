@@ -1,0 +1,166 @@
+"""SymmetricFlush: conditional messages posted locally, drained by one typed collective.
+
+The bug class (field notes §1): a collective issued under a rank-local condition (this rank has a
+previous batch, timed-out requests, metrics turned on) makes the ranks' collective sequences differ
+by one, and every later collective pairs the wrong calls. The fix is structural: code under a
+rank-local condition never issues a collective; it only *posts* a message to a named channel.
+At a flush point that every rank reaches the same number of times, one collective drains every
+channel at once: each rank contributes its pending messages (or None when it has none), and every
+rank receives every rank's.
+
+Wire format. A flush is one typed ``allgather`` whose envelope op is ``"flush"``, with the call
+site pinned, and whose schema is ``Optional[<batch Struct>]``: the batch Struct has one field per
+channel (declaration order), each a tuple of that channel's message type, so the payload is
+decoded by msgspec into typed messages, never unpickled. Coalescing is the point: the fix that
+inspired this drains each channel with its own collective; here one collective carries the whole
+control plane of an iteration (field notes §1: "the fix still costs one collective per drained
+channel per iteration").
+
+How a flush reached under a rank-local condition is caught. The flush is itself a collective, so
+calling it on some ranks only re-creates the bug one level up. Its envelope makes that a
+:class:`~typedcoll.DesyncError` on every rank, in the flush call itself or in the very next
+collective, never a silent misdelivery:
+  - the other ranks are in a different collective at that sequence number: the envelopes differ
+    in op (``flush`` against ``allgather``...), schema, and call site;
+  - the other ranks are in a flush too, but a different flush point: the call site is part of the
+    compared header (``pin_site``), so ``CALL_SITE`` differs, even when schema and step agree;
+  - the other ranks are at the same flush point, but one iteration later: the step differs (pass
+    the iteration as ``step``; by default the step is the flush's own ordinal, which differs just
+    the same);
+  - the ranks built the flush with different channels: the batch Struct's fingerprint differs
+    (``SCHEMA``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+
+import msgspec
+
+from .. import _schema
+from .._callsite import register_internal
+from .._comm import TypedComm, allgather_op
+
+
+
+class Delivery:
+    """What one flush delivered: every rank's messages per channel, in rank then post order.
+
+    ``delivery[channel]`` is a list with one tuple per rank (empty when that rank posted nothing);
+    ``delivery.messages(channel)`` yields ``(source_rank, message)`` pairs.
+    """
+
+    __slots__ = ("step", "seq", "_by_channel", "_count")
+
+    def __init__(self, step: int, seq: int, by_channel: Dict[str, List[Tuple[Any, ...]]],
+                 count: int) -> None:
+        self.step = step
+        self.seq = seq
+        self._by_channel = by_channel
+        self._count = count
+
+    def __getitem__(self, channel: str) -> List[Tuple[Any, ...]]:
+        return self._by_channel[channel]
+
+    def messages(self, channel: str) -> Iterator[Tuple[int, Any]]:
+        for rank, posted in enumerate(self._by_channel[channel]):
+            for message in posted:
+                yield rank, message
+
+    def latest(self, channel: str) -> List[Any]:
+        """Each rank's last message on ``channel``, None for ranks that posted none."""
+        return [posted[-1] if posted else None for posted in self._by_channel[channel]]
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __repr__(self) -> str:
+        return f"Delivery(step={self.step}, seq={self.seq}, messages={self._count})"
+
+
+class SymmetricFlush:
+    """Named channels of typed messages, drained on every rank by one ``flush`` collective.
+
+    ``channels`` maps each channel name to its message type (any type msgspec can decode, usually
+    a Struct); every rank must declare the same channels in the same order, or the first flush
+    raises :class:`~typedcoll.DesyncError` (schema). :meth:`post` is local and never
+    communicates, so it may be called under any rank-local condition; :meth:`flush` is a
+    collective and must be reached the same number of times on every rank, from the same line
+    (see the module docstring for how a violation is reported).
+    """
+
+    def __init__(self, comm: TypedComm, channels: Mapping[str, Any], *,
+                 name: str = "FlushBatch") -> None:
+        if not channels:
+            raise ValueError("expected at least one channel, got none")
+        self.comm = comm
+        self.channels: Tuple[str, ...] = tuple(channels)
+        self._types = dict(channels)
+        # One Struct per flush layout; frozen tuples so a delivered batch cannot be mutated by one
+        # consumer under another's feet. array_like: field names would be repeated per rank.
+        self._batch_type = msgspec.defstruct(
+            name, [(ch, Tuple[tp, ...], ()) for ch, tp in channels.items()],  # type: ignore[valid-type]
+            frozen=True, array_like=True)
+        self._schema = Optional[self._batch_type]
+        # Resolved here, on every rank alike: a bad channel type fails at construction, on the
+        # rank that built it, rather than at the first flush.
+        _schema.resolve(self._schema)
+        self._pending: Dict[str, List[Any]] = {ch: [] for ch in self.channels}
+        self._num_pending = 0
+        self.flushes = 0
+        self.posted: Dict[str, int] = {ch: 0 for ch in self.channels}
+        self.delivered: Dict[str, int] = {ch: 0 for ch in self.channels}
+
+    def post(self, channel: str, message: Any) -> None:
+        """Queue ``message`` on ``channel`` until the next flush; local, never communicates.
+
+        Raises KeyError for an undeclared channel and TypeError when ``message`` is not an
+        instance of the channel's type (for Struct, scalar and container channel types): both are
+        bugs of the posting code, raised here on the posting rank rather than as a decode error on
+        every rank at the flush.
+        """
+        expected = self._types[channel] if channel in self._types else None
+        if expected is None:
+            raise KeyError(f"expected a channel in {list(self.channels)}, got {channel!r}")
+        if isinstance(expected, type) and not isinstance(message, expected):
+            raise TypeError(f"channel {channel!r}: expected {expected.__name__}, got "
+                            f"{type(message).__name__}")
+        self._pending[channel].append(message)
+        self._num_pending += 1
+        self.posted[channel] += 1
+
+    @property
+    def num_pending(self) -> int:
+        """Messages posted on this rank since the last flush."""
+        return self._num_pending
+
+    def flush(self, step: Optional[int] = None) -> Delivery:
+        """Drain every channel on every rank: one ``flush`` collective, call site pinned.
+
+        ``step`` (the iteration, say) goes into the envelope; None uses this flush's ordinal.
+        Every rank receives every rank's pending messages; this rank's queue is emptied.
+        """
+        if step is None:
+            step = self.flushes
+        batch = None
+        if self._num_pending:
+            pending = self._pending
+            batch = self._batch_type(*[tuple(pending[ch]) for ch in self.channels])
+            for queue in pending.values():
+                queue.clear()
+            self._num_pending = 0
+        seq = self.comm.seq
+        received = allgather_op(self.comm._p, "flush", batch, self._schema, step, pin_site=True)
+        self.flushes += 1
+        by_channel: Dict[str, List[Tuple[Any, ...]]] = {}
+        count = 0
+        for ch in self.channels:
+            per_rank = [() if b is None else getattr(b, ch) for b in received]
+            n = sum(len(x) for x in per_rank)
+            self.delivered[ch] += n
+            count += n
+            by_channel[ch] = per_rank
+        return Delivery(step, seq, by_channel, count)
+
+
+register_internal(__file__)
