@@ -33,7 +33,8 @@ import torch
 import torch.distributed as dist
 
 import typedcoll as tc
-from typedcoll import _tensor
+from typedcoll import _tensor_device
+from typedcoll._tensor_envelope import BLOCK
 from typedcoll._torch import all_gather_single
 
 SIZES = [1 << 10, 16 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
@@ -61,11 +62,11 @@ def main(argv=None) -> int:
     rank = dist.get_rank()
     typed = tc.TypedComm.from_torch()
     eager = tc.TypedComm.from_torch()
-    _tensor.set_tensor_check(eager, "eager")
+    _tensor_device.set_tensor_check(eager, "eager")
     words = torch.zeros(12, dtype=torch.int64, device=device)
-    env_in = torch.zeros(_tensor.BLOCK, dtype=torch.uint8, device=device)
-    env_out = torch.zeros(_tensor.BLOCK * world, dtype=torch.uint8, device=device)
-    env_host = torch.zeros(_tensor.BLOCK * (world + 1), dtype=torch.uint8, pin_memory=True)
+    env_in = torch.zeros(BLOCK, dtype=torch.uint8, device=device)
+    env_out = torch.zeros(BLOCK * world, dtype=torch.uint8, device=device)
+    env_host = torch.zeros(BLOCK * (world + 1), dtype=torch.uint8, pin_memory=True)
 
     results = {}
     for nbytes in SIZES:
@@ -77,17 +78,17 @@ def main(argv=None) -> int:
             all_gather_single(out, x)
 
         def ag_packed():
-            send = torch.empty(nbytes + _tensor.BLOCK, dtype=torch.uint8, device=device)
+            send = torch.empty(nbytes + BLOCK, dtype=torch.uint8, device=device)
             send[:nbytes].copy_(x.view(torch.uint8))
-            send[nbytes:].copy_(env_host[:_tensor.BLOCK], non_blocking=True)
-            both = torch.empty((world, nbytes + _tensor.BLOCK), dtype=torch.uint8, device=device)
+            send[nbytes:].copy_(env_host[:BLOCK], non_blocking=True)
+            both = torch.empty((world, nbytes + BLOCK), dtype=torch.uint8, device=device)
             all_gather_single(both, send)
             both[:, :nbytes].contiguous().view(torch.float32)
 
         def envelope():
-            env_in.copy_(env_host[:_tensor.BLOCK], non_blocking=True)
+            env_in.copy_(env_host[:BLOCK], non_blocking=True)
             all_gather_single(env_out, env_in)
-            env_host[_tensor.BLOCK:].copy_(env_out, non_blocking=True)
+            env_host[BLOCK:].copy_(env_out, non_blocking=True)
             torch.cuda.Event().record()
 
         def ar_maxmin():

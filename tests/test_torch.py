@@ -304,10 +304,11 @@ def test_timeout_names_the_collective(tmp_path):
 
 # --- the device-path verdict, on hand-built envelope blocks (no GPU) ----------------------------
 def _blocks(calls, seqs):
-    from typedcoll import _tensor
-    buf = bytearray(_tensor.BLOCK * len(calls))
+    from typedcoll import _tensor_device as device
+    from typedcoll._tensor_envelope import BLOCK
+    buf = bytearray(BLOCK * len(calls))
     for r, (call, seq) in enumerate(zip(calls, seqs)):
-        _tensor.pack_block(memoryview(buf)[r * _tensor.BLOCK:], call, seq)
+        device.pack_block(memoryview(buf)[r * BLOCK:], call, seq)
     return bytes(buf)
 
 
@@ -318,15 +319,16 @@ class _P:
 
 def test_device_verdict_on_hand_built_blocks():
     import typedcoll as tc
-    from typedcoll import _tensor
+    from typedcoll import _tensor_device as device
+    from typedcoll._tensor_envelope import BLOCK, _Call
     p = [_P(r, 3) for r in range(3)]
     x, y = torch.zeros(2, 3), torch.zeros(4, 3)
-    calls = [_tensor._Call(p[r], "all_gather_tensor", t, "h", 5) for r, t in enumerate([x, x, y])]
+    calls = [_Call(p[r], "all_gather_tensor", t, "h", 5) for r, t in enumerate([x, x, y])]
     blocks = _blocks(calls, [9, 9, 9])
     for r in range(3):
-        rec = _tensor._Pending(9, calls[r], None)
-        own = blocks[r * _tensor.BLOCK:r * _tensor.BLOCK + 48]
-        err = _tensor.verdict(p[r], rec, blocks, own, "deferred")
+        rec = device._Pending(9, calls[r], None)
+        own = blocks[r * BLOCK:r * BLOCK + 48]
+        err = device.verdict(p[r], rec, blocks, own, "deferred")
         assert isinstance(err, tc.DesyncError)
         assert __import__("re").fullmatch(
             r"collective #9 on WORLD diverged \(shape\):"
@@ -334,16 +336,16 @@ def test_device_verdict_on_hand_built_blocks():
             + " step 5" + _line("rank 2", r"all_gather_tensor\[h\] shape=\(4, 3\) "
                                           r"dtype=float32") + " step 5", str(err)), str(err)
     same = _blocks(calls[:2], [9, 9])
-    assert _tensor.verdict(p[0], _tensor._Pending(9, calls[0], None), same, same[:48],
+    assert device.verdict(p[0], device._Pending(9, calls[0], None), same, same[:48],
                            "deferred") is None
-    bad = _tensor._Call(p[1], "all_reduce_tensor", x, "g", None, reduce_op="avg")
-    good = _tensor._Call(p[0], "all_reduce_tensor", x, "g", None, reduce_op="sum")
+    bad = _Call(p[1], "all_reduce_tensor", x, "g", None, reduce_op="avg")
+    good = _Call(p[0], "all_reduce_tensor", x, "g", None, reduce_op="sum")
     blocks = _blocks([good, bad], [3, 3])
-    err = _tensor.verdict(p[0], _tensor._Pending(3, good, None), blocks, blocks[:48], "deferred")
+    err = device.verdict(p[0], device._Pending(3, good, None), blocks, blocks[:48], "deferred")
     assert isinstance(err, tc.PeerError) and str(err) == (
         "collective #3 on WORLD: rank 1 failed its all_reduce_tensor[g] contribution: expected "
         "op 'sum', 'max', 'min' or 'prod', got 'avg'")
-    assert _tensor.verdict(p[1], _tensor._Pending(3, bad, None), blocks,
+    assert device.verdict(p[1], device._Pending(3, bad, None), blocks,
                            blocks[256:304], "deferred") is None  # it raised at call time
 
 

@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 
 import typedcoll as tc
-from typedcoll import _tensor
+from typedcoll import _tensor_device
+from typedcoll._tensor_envelope import BLOCK
 from typedcoll._torch import all_gather_single, free_port, reduce_scatter_single
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -75,7 +76,7 @@ def test_matches_plain_nccl_and_cpu_path(groups, op, dtype, mode):
     nccl, gloo = groups
     gpu = tc.TypedComm.from_torch(nccl, timeout=60)
     cpu = tc.TypedComm.from_torch(gloo, timeout=60)
-    _tensor.set_tensor_check(gpu, mode)
+    _tensor_device.set_tensor_check(gpu, mode)
     gen = torch.Generator().manual_seed(SEED + zlib.crc32(f"{op}{dtype}{mode}".encode()))
     for step in range(80):  # more calls than the pinned ring has slots
         shape = tuple(int(n) for n in torch.randint(1, 300, (2,), generator=gen))
@@ -94,7 +95,7 @@ def _corrupt_and_verify(comm, offset, value):
     checks = comm._p.extensions["tensor"]
     torch.cuda.synchronize()
     rec = checks.pending[-1]
-    rec.slot.view[_tensor.BLOCK + offset] = value
+    rec.slot.view[BLOCK + offset] = value
     comm.synchronize()
 
 
@@ -114,7 +115,7 @@ def test_deferred_check_raises_at_next_call(groups):
     comm.all_reduce_tensor(x, "sum", name="g")
     torch.cuda.synchronize()
     checks = comm._p.extensions["tensor"]
-    checks.pending[-1].slot.view[_tensor.BLOCK + 1] = 11  # op code: a peer's broadcast
+    checks.pending[-1].slot.view[BLOCK + 1] = 11  # op code: a peer's broadcast
     with pytest.raises(tc.DesyncError, match=r"collective #0 on WORLD diverged"):
         comm.all_reduce_tensor(x, "sum", name="g")
     comm.all_reduce_tensor(x, "sum", name="g")  # usable again on the GPU side at world size 1
@@ -124,7 +125,7 @@ def test_deferred_check_raises_at_next_call(groups):
 @pytest.mark.parametrize("mode", ["deferred", "eager"])
 def test_local_error_raises_encode_error(groups, mode):
     comm = tc.TypedComm.from_torch(groups[0])
-    _tensor.set_tensor_check(comm, mode)
+    _tensor_device.set_tensor_check(comm, mode)
     with pytest.raises(tc.EncodeError, match=r"^collective #0 on WORLD: rank 0 could not send "
                        r"its all_reduce_tensor\[g\] contribution: expected op 'sum', 'max', "
                        r"'min' or 'prod', got 'avg'$"):

@@ -193,11 +193,21 @@ class TypedComm:
 
     @classmethod
     def from_torch(cls, group: Any = None, timeout: Optional[float] = None, *,
-                   name: Optional[str] = None) -> "TypedComm":
-        """A TypedComm over an initialised torch.distributed process group (default: world)."""
+                   name: Optional[str] = None,
+                   tensor_check: Optional[str] = None) -> "TypedComm":
+        """A TypedComm over an initialised torch.distributed process group (default: world).
+
+        ``tensor_check`` chooses how CUDA tensor envelopes are verified: "deferred" (default;
+        no host sync, verified at the next tensor call or :meth:`synchronize`) or "eager" (one
+        host sync per call, verified before the payload reaches NCCL); see docs/torch.md.
+        """
         from ._torch import transport_for_group
         transport, default_name = transport_for_group(group)
-        return cls._from_transport(transport, name or default_name, timeout)
+        comm = cls._from_transport(transport, name or default_name, timeout)
+        if tensor_check is not None:
+            from ._tensor_device import set_tensor_check
+            set_tensor_check(comm, tensor_check)
+        return comm
 
     @property
     def rank(self) -> int:

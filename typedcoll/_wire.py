@@ -74,7 +74,7 @@ def reduce_op_name(code: int) -> str:
 # the same numbers: grow at once to fit the largest payload seen (up to MAX_SLOT), and shrink
 # after a window of collectives whose payloads would all have fit in a smaller slot.
 
-MIN_SLOT = 256
+MIN_SLOT = 128  # RankState-sized records (~100 bytes with the header) fit inline
 MAX_SLOT = 4096
 SHRINK_WINDOW = 256
 

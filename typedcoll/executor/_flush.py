@@ -156,7 +156,7 @@ class SymmetricFlush:
         count = 0
         for ch in self.channels:
             per_rank = [() if b is None else getattr(b, ch) for b in received]
-            n = sum(len(x) for x in per_rank)
+            n = sum(map(len, per_rank))
             self.delivered[ch] += n
             count += n
             by_channel[ch] = per_rank
