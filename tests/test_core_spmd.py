@@ -29,5 +29,5 @@ def test_timeout(spmd, nranks):
 
 @pytest.mark.parametrize("nranks", SIZES)
 def test_property_matches_mpi4py(spmd, nranks):
-    result = spmd("core_property", nranks, timeout=180)
+    result = spmd("core_property", nranks, timeout=90)
     assert "hypothesis: derandomized" in result.stdout

@@ -15,7 +15,7 @@ from mpi4py import MPI
 import typedcoll as tc
 from typedcoll._comm import TypedComm
 from typedcoll._mpi import MPITransport
-from typedcoll._wire import SHRINK_WINDOW
+from typedcoll._wire import HEADER_SIZE, MAX_SLOT, MIN_SLOT, SHRINK_WINDOW
 from spmd.harness import WORLD, Checker, slot_size
 
 
@@ -186,18 +186,31 @@ def blob(n):
     return value
 
 
+def slot_for(need):
+    """The documented rule: the smallest doubling of MIN_SLOT that holds ``need``, capped."""
+    slot = MIN_SLOT
+    while slot < need and slot < MAX_SLOT:
+        slot *= 2
+    return slot
+
+
 last = size - 1
+room = MIN_SLOT - HEADER_SIZE  # payload bytes a fresh slot holds inline
 sized = comm.dup()
-chk.eq("fresh slot", slot_size(sized), 256)
-# (payload bytes on the last rank, slot size after the collective): 256-byte slots hold 200.
-for n, slot_after in [(199, 256), (200, 256), (201, 512), (456, 512), (457, 1024),
-                      (4040, 4096), (4041, 4096), (100_000, 4096), (4041, 4096)]:
+chk.eq("fresh slot", slot_size(sized), MIN_SLOT)
+expected_slot = MIN_SLOT
+# Payload sizes on the last rank around every slot boundary; the slot only grows here.
+for n in [room - 1, room, room + 1, 199, 200, 201, 455, 456, 457, MAX_SLOT - HEADER_SIZE - 1,
+          MAX_SLOT - HEADER_SIZE, MAX_SLOT - HEADER_SIZE + 1, 100_000, 4041]:
     mine = blob(n) if rank == last else blob(10 + rank)
     got = sized.allgather(mine)
     chk.eq(f"allgather payload {n}", got, [blob(n) if r == last else blob(10 + r)
                                            for r in range(size)])
-    chk.eq(f"slot after payload {n}", slot_size(sized), slot_after)
+    expected_slot = max(expected_slot, slot_for(HEADER_SIZE + n))
+    chk.eq(f"slot after payload {n}", slot_size(sized), expected_slot)
     chk.same(f"slot after payload {n} agrees", slot_size(sized))
+chk.eq("boundaries straddled", (slot_for(HEADER_SIZE + room), slot_for(HEADER_SIZE + room + 1)),
+       (MIN_SLOT, 2 * MIN_SLOT))
 for n in (199, 200, 201, 4041, 100_000):
     for root in range(size):
         c = comm.dup()
@@ -216,16 +229,16 @@ got = sized.allgather(None if rank % 2 else [rank] * 3000, schema=Optional[list[
 chk.eq("None beside overflow", got, [None if r % 2 else [r] * 3000 for r in range(size)])
 
 # Shrink: after a window (or two: the window under way may hold a large payload) of small
-# payloads, the slot returns to 256 on every rank.
-chk.eq("grown before shrink", slot_size(sized), 4096)
+# payloads, the slot returns to the minimum on every rank.
+chk.eq("grown before shrink", slot_size(sized), MAX_SLOT)
 for i in range(2 * SHRINK_WINDOW + 1):
     got = sized.allgather(i)
 chk.eq("last small allgather", got, [2 * SHRINK_WINDOW] * size)
-chk.eq("shrunk", slot_size(sized), 256)
+chk.eq("shrunk", slot_size(sized), MIN_SLOT)
 chk.same("shrunk slot agrees", slot_size(sized))
-chk.eq("after shrink, boundary", sized.allgather(blob(201 if rank == 0 else 200)),
-       [blob(201 if r == 0 else 200) for r in range(size)])
-chk.eq("after shrink, regrown", slot_size(sized), 512)
+chk.eq("after shrink, boundary", sized.allgather(blob(room + 1 if rank == 0 else room)),
+       [blob(room + 1 if r == 0 else room) for r in range(size)])
+chk.eq("after shrink, regrown", slot_size(sized), 2 * MIN_SLOT)
 
 # --- rule 2: one backend collective in steady state -----------------------------------------
 class Counting:

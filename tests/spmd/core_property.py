@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from mpi4py import MPI
 
 import typedcoll as tc
+from typedcoll._wire import HEADER_SIZE, MIN_SLOT
 from spmd.harness import WORLD, Checker, equal, slot_size
 
 MAX_RANKS = 4
@@ -115,7 +116,7 @@ chk = Checker("core_property")
 comm = tc.TypedComm(MPI.COMM_WORLD)
 rank, size = comm.rank, comm.size
 examples = [0]
-overflowing = [0]  # examples with a payload beyond the 200 bytes a fresh slot holds
+overflowing = [0]  # examples with a payload beyond what a fresh slot holds inline
 
 
 def send_program(program):
@@ -151,7 +152,7 @@ if rank == 0:
               suppress_health_check=list(HealthCheck), print_blob=True)
     @given(st.lists(steps(), min_size=1, max_size=10))
     def test_programs(program):
-        if any(len(msgspec.msgpack.encode(v)) > 200 for _, _, _, values in program
+        if any(len(msgspec.msgpack.encode(v)) > MIN_SLOT - HEADER_SIZE for _, _, _, values in program
                for v in values[:size]):
             overflowing[0] += 1
         verdicts = run_everywhere(program)
@@ -160,13 +161,14 @@ if rank == 0:
         assert len({(seq, slot) for _, seq, slot in verdicts}) == 1, verdicts
 
     try:
+        coverage = run_everywhere(COVERAGE)
         test_programs()
     finally:
         send_program(None)  # releases the other ranks, even when a failure propagates
     print(f"hypothesis: {overflowing[0]} of {examples[0]} examples overflowed a slot",
           flush=True)
     chk.true("a fair share of examples overflow", overflowing[0] >= examples[0] // 5)
-    chk.eq("the coverage program", run_everywhere(COVERAGE)[0][0], [])
+    chk.eq("the coverage program", [diffs for diffs, _, _ in coverage], [[]] * size)
 else:
     while (program := receive_program()) is not None:
         run_and_agree(program)
