@@ -162,6 +162,11 @@ def peers_table(doc: Dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def plain_label(method: Dict[str, Any]) -> str:
+    """A method's label outside the table, where "same" has no row above it to refer to."""
+    return method["label"].replace("  same, DEBUG=", "gloo under DEBUG=").strip()
+
+
 def peers_markdown(doc: Dict[str, Any]) -> str:
     """The median table as Markdown (for docs/bench.md): µs/call, × MPI floor, [× gloo floor]."""
     payloads = [p["name"] for p in doc["payloads"]]
@@ -170,7 +175,7 @@ def peers_markdown(doc: Dict[str, Any]) -> str:
     out = ["| method | " + " | ".join(f"{p} ({sizes[p]:,} B)" for p in payloads) + " |",
            "|---|" + "---:|" * len(payloads)]
     for m in doc["methods"]:
-        label = m["label"].replace("  same, DEBUG=", "gloo under TORCH_DISTRIBUTED_DEBUG=").strip()
+        label = plain_label(m).replace("DEBUG=", "TORCH_DISTRIBUTED_DEBUG=")
         if m.get("skipped"):
             out.append(f"| {label} | skipped: {m['skipped']} |" + " |" * (len(payloads) - 1))
             continue
@@ -206,7 +211,7 @@ def plot_peers(doc: Dict[str, Any], path: str) -> Optional[str]:
         err = [[r["median_us"] - r["p10_us"] for r in rows],
                [r["p90_us"] - r["median_us"] for r in rows]]
         ax.errorbar(x, y, yerr=err, marker=markers[i % len(markers)], capsize=3,
-                    linestyle="--" if m.get("is_floor") else "-", label=m["label"].strip())
+                    linestyle="--" if m.get("is_floor") else "-", label=plain_label(m))
     ax.set_xscale("log")
     ax.set_yscale("log")
     for name, size in sizes.items():

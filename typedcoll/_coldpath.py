@@ -17,8 +17,8 @@ from ._errors import CollectiveTimeout, DecodeError, DesyncError, EncodeError, P
 from ._mismatch import EnvelopeInfo, desync_message, group_envelopes, mismatch_kinds
 from ._schema import ENCODER
 from ._transport import TransportTimeout
-from ._wire import (CHECKED, FLAG_LOCAL_ERROR, HEADER_SIZE, LENGTH_OFFSET, NO_STEP,
-                    REDUCE_OP_NAMES, REDUCING_OPS, ROOTED_OPS)
+from ._wire import (CHECKED, FLAG_LOCAL_ERROR, FLAG_OVERFLOW, HEADER_SIZE, LENGTH_OFFSET,
+                    NO_STEP, REDUCE_OP_NAMES, REDUCING_OPS, ROOTED_OPS)
 
 if TYPE_CHECKING:
     from ._protocol import Protocol
@@ -34,8 +34,13 @@ def label(op: str, info: Any) -> str:
 
 def disagreement(p: "Protocol", seq: int, op: str, info: Any, code: Any, lasti: int,
                  pin_site: bool, root: int, reduce_op: int, step: int, array: Any,
-                 flags_all: bytearray, deadline: Optional[float]) -> None:
-    """Raise the error every rank agrees on: DesyncError, or EncodeError / PeerError."""
+                 flags_all: bytearray, deadline: Optional[float], own_error: Optional[str] = None,
+                 own_overflow: Optional[bytes] = None) -> None:
+    """Raise the error every rank agrees on: DesyncError, or EncodeError / PeerError.
+
+    ``own_error`` is this rank's full error text when it failed (its slot may hold only the
+    start of it); ``own_overflow`` the bytes it could not fit inline.
+    """
     slot, recv = p.slot, p.recv
     failed = [r for r in range(p.size) if flags_all[r] & FLAG_LOCAL_ERROR]
     # A rank that failed before it knew its schema sent no fingerprint: leave it out of the
@@ -51,7 +56,7 @@ def disagreement(p: "Protocol", seq: int, op: str, info: Any, code: Any, lasti: 
             reduce_op=REDUCE_OP_NAMES.get(reduce_op) if op in REDUCING_OPS else None,
             shape=tuple(array.shape) if isinstance(array, np.ndarray) else None,
             dtype=str(array.dtype) if isinstance(array, np.ndarray) else None,
-            error=error_text(p, p.rank)[1] if p.rank in failed else None)
+            error=_split_error(own_error)[1] if own_error is not None else None)
         envelopes = exchange_infos(p, mine, deadline, seq, op, info, code, lasti)
         kinds = mismatch_kinds(envelopes)
         groups = group_envelopes(envelopes)
@@ -60,12 +65,27 @@ def disagreement(p: "Protocol", seq: int, op: str, info: Any, code: Any, lasti: 
     if not failed:
         return
     what = label(op, info)
+    # Texts longer than the slot: every rank sees the same flags and lengths, so every rank
+    # joins the same allgatherv of them (or none does).
+    long_texts = None
+    counts = [p_len if flags_all[r] & FLAG_LOCAL_ERROR and flags_all[r] & FLAG_OVERFLOW else 0
+              for r, p_len in enumerate(_lengths(p))]
+    if any(counts):
+        try:
+            long_texts = p.transport.allgatherv(own_overflow or b"", counts, deadline)
+        except TransportTimeout:
+            timed_out(p, seq, op, info, code, lasti)
     if p.rank in failed:
+        detail = _split_error(own_error)[1] if own_error is not None else error_text(p, p.rank)[1]
         raise EncodeError(f"collective #{seq} on {p.name}: rank {p.rank} could not send its "
-                          f"{what} contribution: {error_text(p, p.rank)[1]}", seq=seq,
-                          comm=p.name)
+                          f"{what} contribution: {detail}", seq=seq, comm=p.name)
     first = failed[0]
-    error_type, detail = error_text(p, first)
+    if counts[first]:
+        start = sum(counts[:first])
+        error_type, detail = _split_error(bytes(long_texts[start:start + counts[first]])  # type: ignore[index]
+                                          .decode(errors="replace"))
+    else:
+        error_type, detail = error_text(p, first)
     others = "" if len(failed) == 1 else f" (and {len(failed) - 1} more)"
     raise PeerError(f"collective #{seq} on {p.name}: rank {first}{others} failed its {what} "
                     f"contribution: {detail}", seq=seq, comm=p.name, ranks=failed,
@@ -77,9 +97,18 @@ def error_text(p: "Protocol", rank: int) -> "tuple[str, str]":
     offset = rank * p.slot
     n = int.from_bytes(p.recv[offset + LENGTH_OFFSET:offset + HEADER_SIZE], "little")
     n = min(n, p.slot - HEADER_SIZE)  # a corrupt length must not read past the slot
-    text = bytes(p.recv[offset + HEADER_SIZE:offset + HEADER_SIZE + n])
-    kind, _, detail = text.decode(errors="replace").partition(": ")
+    return _split_error(bytes(p.recv[offset + HEADER_SIZE:offset + HEADER_SIZE + n])
+                        .decode(errors="replace"))
+
+
+def _split_error(text: Optional[str]) -> "tuple[str, str]":
+    kind, _, detail = (text or "").partition(": ")
     return kind, detail
+
+
+def _lengths(p: "Protocol") -> List[int]:
+    return [int.from_bytes(p.recv[o + LENGTH_OFFSET:o + HEADER_SIZE], "little")
+            for o in p.offsets]
 
 
 def exchange_infos(p: "Protocol", mine: EnvelopeInfo, deadline: Optional[float], seq: int,

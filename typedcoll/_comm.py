@@ -14,6 +14,7 @@ import numpy as np
 
 from . import _schema
 from ._callsite import register_internal
+from ._errors import DecodeError
 from ._protocol import (MODE_ARRAY, MODE_EMPTY, MODE_MSG, Phase1, Protocol, _fast_allgather,
                         reduce_values)
 from ._schema import KIND_MSGSPEC, KIND_NUMPY_SCALAR, SchemaInfo
@@ -95,6 +96,11 @@ def bcast_op(p: Protocol, value: Any, root: Any, schema: Any, step: Any) -> Any:
     root_error = _check_root(root, p.size)
     is_root = root_error is None and p.rank == root
     info, error = resolve(value, schema)
+    if not is_root and schema is None and value is None:
+        # Without a schema a non-root cannot know what it will decode; the root's type is not
+        # something it may guess (that would be pickle's positional trust again).
+        error = ("TypeError: expected schema= on the non-root ranks of bcast (the type of the "
+                 "root's value), got none")
     mode, payload, _, mode_error = payload_mode(info, value) if is_root else (MODE_EMPTY, None,
                                                                                _ZEROS, None)
     error = _first_error(error, mode_error, root_error, check_step(step))
@@ -132,7 +138,16 @@ def allreduce_op(p: Protocol, value: Any, op: Any, step: Any) -> Any:
     try:
         p1 = p.phase1("allreduce", info, payload, mode, reduce_op=reduce_code or 0,
                       step=None if error else step, array_fp=array_fp, error=error)
-        if p1.flags[0] & FLAG_OVERFLOW:  # equal dtype and shape: every rank overflowed alike
+        overflowed = [bool(f & FLAG_OVERFLOW) for f in p1.flags]
+        if any(overflowed) and (not all(overflowed) or mode != MODE_ARRAY):
+            # Equal dtype and shape (checked) make every rank overflow alike, and only arrays
+            # can: anything else is a corrupt header.
+            raise DecodeError(f"collective #{p1.seq} on {p.name}: expected every rank or none "
+                              f"to send an overflowing array, got overflow flags "
+                              f"{[int(o) for o in overflowed]}", seq=p1.seq, comm=p.name,
+                              source=overflowed.index(not overflowed[p.rank]) if not all(
+                                  overflowed) else p.rank, schema=p1.info.name if p1.info else "?")
+        if overflowed[0]:
             result = p.allreduce_large(p1, payload, op)
         else:
             values = [_decode_reduce(p, p1, buf, r)

@@ -70,22 +70,26 @@ class CollectiveTimeout(CollectiveError):
 
 
 class EncodeError(CollectiveError):
-    """Raised on the rank whose own value could not be sent.
+    """Raised on the rank whose own contribution could not be sent.
 
-    The value does not match the collective's schema, or msgspec cannot encode it (an unsupported
-    type, an int beyond 64 bits). It is the calling code's fault; fix the value or the schema.
-    The rank still took part in the collective, so its peers raise :class:`PeerError` in the same
-    call and nothing hangs.
+    The value does not match the collective's schema, msgspec cannot encode it (an unsupported
+    type, an int beyond 64 bits), or the call's arguments are invalid on this rank (schema, root,
+    reduce op, step). It is the calling code's fault; fix the value or the call. The rank still
+    took part in the collective, so its peers raise in the same call and nothing hangs: a
+    :class:`PeerError` naming this rank, or, for a value that encoded but fails its schema in
+    ``allgather`` and ``bcast`` (where every rank decodes every payload), a :class:`DecodeError`
+    naming this rank as the source.
     """
 
 
 class DecodeError(CollectiveError):
     """Raised when a payload received from ``source`` does not decode as the schema.
 
-    With matching envelopes this means corrupt bytes or a peer running different code under the
-    same schema fingerprint; it never comes from a plain desync (that is a :class:`DesyncError`).
-    Every rank that decodes the payload raises it; ranks that do not receive the payload (non-roots
-    of ``gather``) do not.
+    The source rank sent a value that encodes but does not match the schema (a str in an int
+    field: that rank raises :class:`EncodeError` in the same call), or the bytes are corrupt. It
+    never comes from a plain desync (that is a :class:`DesyncError`). Every rank that decodes the
+    payload raises it; ranks that do not receive the payload (non-roots of ``gather``) do not,
+    which is why ``gather`` checks each value on its sender instead (:class:`PeerError`).
     """
 
     def __init__(self, message: str, *, seq: int, comm: str = "", source: int = -1,

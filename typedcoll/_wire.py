@@ -98,7 +98,9 @@ class SlotPolicy:
     def observe(self, largest_payload: int) -> None:
         need = HEADER_SIZE + largest_payload
         if need > self.size:
-            if self.size < self.max_slot:
+            # Grow only for what a slot can hold: a payload that overflows even the largest slot
+            # travels in phase 2 anyway, and growing for it would just carry empty slots.
+            if need <= self.max_slot:
                 self.size = self._fit(need)
                 self.window_max = self.count = 0
             return
