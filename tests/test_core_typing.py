@@ -47,7 +47,8 @@ REPO = Path(__file__).resolve().parent.parent
 def test_reveal_types(tmp_path, request):
     pytest.importorskip("mypy", reason="mypy is in the test extra: pip install -e '.[test]'")
     (tmp_path / "snippet.py").write_text(textwrap.dedent(SNIPPET))
-    cache = request.config.cache.mkdir("typedcoll-mypy") if request.config.cache else tmp_path
+    provider = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
+    cache = provider.mkdir("typedcoll-mypy") if provider is not None else tmp_path
     out = subprocess.run(
         [sys.executable, "-m", "mypy", "--no-error-summary", "--cache-dir", str(cache),
          "--follow-imports=silent", "snippet.py"],

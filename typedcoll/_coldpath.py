@@ -71,8 +71,9 @@ def disagreement(p: "Protocol", seq: int, op: str, info: Any, code: Any, lasti: 
     counts = [p_len if flags_all[r] & FLAG_LOCAL_ERROR and flags_all[r] & FLAG_OVERFLOW else 0
               for r, p_len in enumerate(_lengths(p))]
     if any(counts):
+        own = (own_overflow or b"") if counts[p.rank] else b""  # only an error text travels here
         try:
-            long_texts = p.transport.allgatherv(own_overflow or b"", counts, deadline)
+            long_texts = p.transport.allgatherv(own, counts, deadline)
         except TransportTimeout:
             timed_out(p, seq, op, info, code, lasti)
     if p.rank in failed:
