@@ -353,14 +353,14 @@ def test_invalid_utf8_in_envelope_description():
 
 
 def test_allreduce_payload_of_another_dtype():
-    from typedcoll._schema import encode_array
+    from typedcoll.codecs import encode_array
     comm = mirror(encode_array(np.zeros(4, dtype="m8[s]")))
     with pytest.raises(tc.DecodeError, match=r"^collective #0 on REPRO: payload from rank 1 "):
         comm.allreduce(np.arange(4))
 
 
 def test_allreduce_payload_of_another_shape():
-    from typedcoll._schema import encode_array
+    from typedcoll.codecs import encode_array
     comm = mirror(encode_array(np.zeros(5, dtype=np.int64)))
     with pytest.raises(tc.DecodeError, match=r"^collective #0 on REPRO: payload from rank 1 "):
         comm.allreduce(np.arange(4))

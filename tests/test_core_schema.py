@@ -9,7 +9,7 @@ import msgspec
 import numpy as np
 import pytest
 
-from typedcoll._schema import KIND_ARRAY, KIND_MSGSPEC, KIND_NUMPY_SCALAR, resolve
+from typedcoll.codecs import KIND_ARRAY, KIND_MSGSPEC, KIND_NUMPY_SCALAR, resolve
 
 
 def define(namespace_tag, extra_field=False, frozen=False, tag=None):
@@ -73,7 +73,7 @@ def test_fingerprint_is_stable_across_processes():
     assert fp(int) == resolve(int).fingerprint
     import subprocess
     import sys
-    code = ("from typedcoll._schema import resolve\n"
+    code = ("from typedcoll.codecs import resolve\n"
             "from typing import Optional\n"
             "print(resolve(Optional[list[int]]).fingerprint.hex())")
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -37,7 +37,7 @@ from . import _bench_report as report
 from ._bench_payloads import BY_NAME, PAYLOADS
 from ._comm import TypedComm
 from ._protocol import MODE_MSG
-from ._schema import resolve
+from .codecs import resolve
 
 GOAL_N = 4096
 GOAL_CHECK_US = 50.0

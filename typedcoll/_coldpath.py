@@ -15,7 +15,7 @@ import numpy as np
 from ._callsite import format_site, register_internal
 from ._errors import CollectiveTimeout, DecodeError, DesyncError, EncodeError, PeerError
 from ._mismatch import EnvelopeInfo, desync_message, group_envelopes, mismatch_kinds
-from ._schema import ENCODER
+from .codecs import ENCODER
 from ._transport import TransportTimeout
 from ._wire import (CHECKED, FLAG_LOCAL_ERROR, FLAG_OVERFLOW, HEADER_SIZE, LENGTH_OFFSET,
                     NO_STEP, REDUCE_OP_NAMES, REDUCING_OPS, ROOTED_OPS)

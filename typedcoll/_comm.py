@@ -12,12 +12,12 @@ from typing import Any, List, Optional, Tuple, Type, TypeVar, overload
 
 import numpy as np
 
-from . import _schema
+from . import codecs
 from ._callsite import register_internal
 from ._errors import DecodeError
 from ._protocol import (MODE_ARRAY, MODE_EMPTY, MODE_MSG, Phase1, Protocol, _fast_allgather,
                         reduce_values)
-from ._schema import KIND_MSGSPEC, KIND_NUMPY_SCALAR, SchemaInfo
+from .codecs import KIND_MSGSPEC, KIND_NUMPY_SCALAR, SchemaInfo
 from ._wire import FLAG_OVERFLOW, NO_ROOT, REDUCE_OPS
 
 T = TypeVar("T")
@@ -28,7 +28,7 @@ _INT64 = 2 ** 63
 
 def resolve(value: Any, schema: Any) -> Tuple[Optional[SchemaInfo], Optional[str]]:
     try:
-        return _schema.resolve(type(value) if schema is None else schema), None
+        return codecs.resolve(type(value) if schema is None else schema), None
     except TypeError as exc:
         return None, f"TypeError: {exc}"
 
@@ -58,7 +58,7 @@ def payload_mode(info: Optional[SchemaInfo], value: Any) -> Tuple[int, Any, byte
     elif not isinstance(value, np.ndarray):
         return MODE_ARRAY, None, _ZEROS, (f"TypeError: expected numpy.ndarray, got "
                                           f"{type(value).__name__}")
-    return MODE_ARRAY, value, _schema.array_fingerprint(value.dtype.str, value.shape), None
+    return MODE_ARRAY, value, codecs.array_fingerprint(value.dtype.str, value.shape), None
 
 
 def _first_error(*errors: Optional[str]) -> Optional[str]:
@@ -129,11 +129,11 @@ def allreduce_op(p: Protocol, value: Any, op: Any, step: Any) -> Any:
         payload = np.asarray(value)
         if payload.dtype.kind not in "iufc":
             value_error = f"TypeError: expected a numeric dtype, got {payload.dtype}"
-        info = _schema.resolve(type(value) if is_scalar else np.ndarray)
+        info = codecs.resolve(type(value) if is_scalar else np.ndarray)
         mode = MODE_ARRAY
-        array_fp = _schema.array_fingerprint(payload.dtype.str, payload.shape)
+        array_fp = codecs.array_fingerprint(payload.dtype.str, payload.shape)
     else:
-        info = _schema.resolve(type(value))
+        info = codecs.resolve(type(value))
     error = _first_error(value_error, op_error, check_step(step))
     try:
         p1 = p.phase1("allreduce", info, payload, mode, reduce_op=reduce_code or 0,
@@ -166,7 +166,7 @@ def _decode_reduce(p: Protocol, p1: Phase1, buf: Any, source: int) -> Any:
     if p1.info is not None and p1.info.kind == KIND_NUMPY_SCALAR:
         # Reduce numpy scalars as 0-d arrays: array ufuncs wrap on integer overflow like MPI,
         # where scalar arithmetic would warn.
-        array_info = _schema.resolve(np.ndarray)
+        array_info = codecs.resolve(np.ndarray)
         return p.decode(Phase1(p1.seq, p1.flags, p1.lengths, None, None, array_info, p1.op), buf,
                         source)
     return p.decode(p1, buf, source)

@@ -40,12 +40,13 @@ from typing import Any, Callable, List, Optional, Tuple
 import msgspec
 import numpy as np
 
-from . import _coldpath, _schema
+from . import _coldpath
+from . import codecs
 from ._callsite import _INTERNAL_FILES, register_internal, site_fingerprint, user_frame
 from ._errors import CollectiveError, CollectiveTimeout, DecodeError
 from ._recorder import FlightRecorder, capacity_from_env
-from ._schema import _CACHE as _SCHEMAS
-from ._schema import ENCODER, KIND_MSGSPEC, KIND_NUMPY_SCALAR, SchemaInfo
+from .codecs._schema import _CACHE as _SCHEMAS
+from .codecs import ENCODER, KIND_MSGSPEC, KIND_NUMPY_SCALAR, SchemaInfo
 from ._transport import TransportTimeout
 from ._wire import (CHECKED, FLAG_LOCAL_ERROR, FLAG_NO_PAYLOAD, FLAG_NONE_VALUE, FLAG_OVERFLOW,
                     FLAGS_OFFSET, HEADER, HEADER_SIZE, LENGTH_OFFSET, MAGIC, MAX_PAYLOAD,
@@ -55,6 +56,7 @@ MODE_MSG, MODE_ARRAY, MODE_EMPTY = 0, 1, 2
 _ZEROS = bytes(8)
 _STEP_LIMIT = 2 ** 63
 _MAX_ERROR_TEXT = 4096  # bytes of a failed rank's error text that reach its peers
+_LOCAL_ERROR_BIT = bytes(1 if flag & FLAG_LOCAL_ERROR else 0 for flag in range(256))
 # Above this many ranks the envelope check switches from a byte-compare loop to one numpy
 # comparison (the loop's per-rank cost overtakes numpy's fixed cost around 32 ranks).
 _VECTOR_CHECK_RANKS = 32
@@ -84,24 +86,39 @@ except ImportError:  # built without a compiler: the pure-Python fast path serve
 if _speedups is not None and not os.environ.get("TYPEDCOLL_PURE_PYTHON"):
     _speedups.configure(_SCHEMAS, OPS, _encode, _INTERNAL_FILES, site_fingerprint, _TAKE_PY)
     _fast_allgather: Optional[Callable[..., Any]] = _speedups.allgather
+    _scan: Optional[Callable[..., Any]] = _speedups.scan
 else:
     _fast_allgather = None
+    _scan = None
 
 
 class Phase1:
-    """What phase 1 left for phase 2: every rank's flags and lengths, own overflow, deadline."""
+    """What phase 1 left for phase 2: every rank's flags and lengths, own overflow, deadline.
 
-    __slots__ = ("seq", "flags", "lengths", "overflow", "deadline", "info", "op")
+    ``lengths`` is read from the received headers on first use: building a list of N ints is
+    per-rank Python work that the envelope check itself does not need.
+    """
 
-    def __init__(self, seq: int, flags: bytearray, lengths: List[int], overflow: Optional[bytes],
-                 deadline: Optional[float], info: Optional[SchemaInfo], op: str) -> None:
+    __slots__ = ("seq", "flags", "_lengths", "overflow", "deadline", "info", "op", "_protocol")
+
+    def __init__(self, seq: int, flags: bytearray, lengths: Optional[List[int]],
+                 overflow: Optional[bytes], deadline: Optional[float],
+                 info: Optional[SchemaInfo], op: str, protocol: Optional["Protocol"] = None) -> None:
         self.seq = seq
         self.flags = flags
-        self.lengths = lengths
+        self._lengths = lengths
         self.overflow = overflow
         self.deadline = deadline
         self.info = info
         self.op = op
+        self._protocol = protocol
+
+    @property
+    def lengths(self) -> List[int]:
+        if self._lengths is None:
+            assert self._protocol is not None  # set whenever lengths are deferred
+            self._lengths = self._protocol._lengths()
+        return self._lengths
 
 
 class Protocol:
@@ -423,20 +440,33 @@ class Protocol:
                         own_error: Optional[str] = None) -> Phase1:
         slot, recv = self.slot, self.recv
         flags_all = recv[FLAGS_OFFSET::slot]
-        if self.recv_u32 is not None:
-            lengths = self.recv_u32[LENGTH_OFFSET // 4::slot // 4].tolist()
+        check = self.send[:CHECKED]
+        if _scan is not None:
+            agree, failed, largest = _scan(recv, slot, check)
         else:
-            lengths = [int.from_bytes(recv[o + LENGTH_OFFSET:o + HEADER_SIZE], "little")
-                       for o in self.offsets]
-        self.policy.observe(max(lengths))
+            if self.recv_u32 is None:
+                largest = max(int.from_bytes(recv[o + LENGTH_OFFSET:o + HEADER_SIZE], "little")
+                              for o in self.offsets)
+            else:
+                largest = max(self.recv_u32[LENGTH_OFFSET // 4::slot // 4])
+            # Flags are bits (a failed rank whose error text overflowed carries
+            # LOCAL_ERROR|OVERFLOW): translate maps each flag byte to that bit at C speed.
+            failed = 1 in flags_all.translate(_LOCAL_ERROR_BIT)
+            agree = self._headers_agree(check)
+        self.policy.observe(largest)
         if self.policy.size != slot:
             self._refresh_fast()
-        # Flags are bits: a failed rank whose error text overflowed carries LOCAL_ERROR|OVERFLOW.
-        failed = any(flag & FLAG_LOCAL_ERROR for flag in flags_all)
-        if failed or not self._headers_agree(self.send[:CHECKED]):
+        if failed or not agree:
             _coldpath.disagreement(self, seq, op, info, code, lasti, pin_site, root, reduce_op,
                                    step, array, flags_all, deadline, own_error, overflow)
-        return Phase1(seq, flags_all, lengths, overflow, deadline, info, op)
+        return Phase1(seq, flags_all, None, overflow, deadline, info, op, self)
+
+    def _lengths(self) -> List[int]:
+        """Every rank's payload length, from the received headers."""
+        if self.recv_u32 is not None:
+            return self.recv_u32[LENGTH_OFFSET // 4::self.slot // 4].tolist()
+        return [int.from_bytes(self.recv[o + LENGTH_OFFSET:o + HEADER_SIZE], "little")
+                for o in self.offsets]
 
     def _encode(self, info: Optional[SchemaInfo], value: Any, mode: int,
                 validate: bool) -> Tuple[bytes, Optional[str]]:
@@ -449,7 +479,7 @@ class Protocol:
                     # fails on every rank in this call, not only on the root.
                     info.decoder.decode(payload)
             elif mode == MODE_ARRAY:
-                payload = _schema.encode_array(value)
+                payload = codecs.encode_array(value)
             else:
                 payload = b""
         except Exception as exc:  # any failure to encode becomes this rank's flagged error
@@ -535,12 +565,12 @@ class Protocol:
         try:
             if info.kind == KIND_MSGSPEC:
                 return info.decoder.decode(buf)
-            arr = _schema.decode_array(buf)
+            arr = codecs.decode_array(buf)
             # The envelope's array fingerprint was checked equal on every rank; a payload whose
             # own dtype or shape contradicts it is corrupt (zeros: bcast, where only the root
             # knows the array, so only the payload describes it).
             expected = bytes(self.send_view[32:40])
-            if expected != _ZEROS and _schema.array_fingerprint(arr.dtype.str,
+            if expected != _ZEROS and codecs.array_fingerprint(arr.dtype.str,
                                                                 arr.shape) != expected:
                 raise ValueError(f"expected the envelope's dtype and shape, got {arr.dtype} "
                                  f"{arr.shape}")

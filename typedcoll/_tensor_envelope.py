@@ -14,7 +14,8 @@ from ._callsite import format_site, register_internal, user_frame
 from ._errors import CollectiveError, CollectiveTimeout, DesyncError, EncodeError, PeerError
 from ._mismatch import EnvelopeInfo, desync_message, group_envelopes, mismatch_kinds
 from ._protocol import Protocol
-from ._schema import ENCODER, KIND_MSGSPEC, SchemaInfo, _digest, array_fingerprint
+from .codecs import ENCODER, KIND_MSGSPEC, SchemaInfo, array_fingerprint
+from .codecs._schema import _digest
 from ._wire import (HEADER_SIZE, NO_ROOT, NO_STEP, REDUCE_OPS, REDUCING_OPS, ROOTED_OPS, op_name,
                     reduce_op_name)
 

@@ -13,7 +13,7 @@ from mpi4py import MPI
 
 import typedcoll as tc
 from typedcoll import Group, MismatchKind
-from typedcoll._schema import resolve
+from typedcoll.codecs import resolve
 from typedcoll._wire import HEADER_SIZE, MIN_SLOT
 from spmd.harness import Checker
 

@@ -37,7 +37,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import msgspec
 
-from .. import _schema
+from .. import codecs
 from .._callsite import register_internal
 from .._comm import TypedComm, allgather_op
 
@@ -104,7 +104,7 @@ class SymmetricFlush:
         self._schema = Optional[self._batch_type]
         # Resolved here, on every rank alike: a bad channel type fails at construction, on the
         # rank that built it, rather than at the first flush.
-        _schema.resolve(self._schema)
+        codecs.resolve(self._schema)
         self._pending: Dict[str, List[Any]] = {ch: [] for ch in self.channels}
         self._num_pending = 0
         self.flushes = 0

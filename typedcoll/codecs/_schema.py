@@ -12,7 +12,6 @@ same Struct defined in two processes agrees. Python's ``hash`` is salted per pro
 from __future__ import annotations
 
 import hashlib
-import math
 from typing import Any, Dict, Tuple
 
 import msgspec
@@ -148,55 +147,3 @@ def canonical(t: mi.Type, _seen: Tuple[int, ...] = ()) -> str:
             value = repr(value)
         parts.append(f"{slot}={value}")
     return f"{type(t).__name__}({','.join(parts)})"
-
-
-# --- arrays -----------------------------------------------------------------------------------
-# An array payload is: u16 little-endian length of a msgpack prefix, the prefix (dtype string,
-# shape), then the raw C-order bytes. The prefix makes the payload self-describing, so ranks that
-# did not know the shape (non-roots of bcast) can rebuild it.
-
-_ARRAY_META = msgspec.msgpack.Decoder(Tuple[str, Tuple[int, ...]])
-_ARRAY_FP_CACHE: Dict[Tuple[str, Tuple[int, ...]], bytes] = {}
-
-
-def array_fingerprint(dtype_str: str, shape: Tuple[int, ...]) -> bytes:
-    key = (dtype_str, shape)
-    fp = _ARRAY_FP_CACHE.get(key)
-    if fp is None:
-        if len(_ARRAY_FP_CACHE) > 4096:
-            _ARRAY_FP_CACHE.clear()
-        fp = _ARRAY_FP_CACHE[key] = _digest(f"{dtype_str}{shape}")
-    return fp
-
-
-def encode_array(arr: np.ndarray) -> bytes:
-    if arr.dtype.hasobject:
-        raise TypeError(f"expected an array of plain numbers, got dtype {arr.dtype}")
-    meta = ENCODER.encode((arr.dtype.str, arr.shape))
-    return len(meta).to_bytes(2, "little") + meta + np.ascontiguousarray(arr).tobytes()
-
-
-def decode_array(buf: Any) -> np.ndarray:
-    """The array in ``buf``; ValueError for anything that is not a well-formed array payload.
-
-    The prefix comes from a peer, so it is checked before numpy sees it: ``np.dtype`` of an
-    arbitrary string can raise SyntaxError (it parses "(2,)i4"-style strings with ast), and an
-    int64 product of the shape can overflow or wrap.
-    """
-    view = memoryview(buf)
-    n = int.from_bytes(view[:2], "little")
-    dtype_str, shape = _ARRAY_META.decode(view[2:2 + n])
-    try:
-        dtype = np.dtype(dtype_str)
-    except Exception as exc:  # numpy raises TypeError, ValueError or SyntaxError here
-        raise ValueError(f"expected a numpy dtype string, got {dtype_str!r}") from exc
-    if dtype.hasobject:
-        raise ValueError(f"expected an array of plain numbers, got dtype {dtype}")
-    if any(d < 0 for d in shape):
-        raise ValueError(f"expected a shape of sizes >= 0, got {shape}")
-    data = view[2 + n:]
-    expected = math.prod(shape) * dtype.itemsize
-    if len(data) != expected:
-        raise ValueError(f"expected {expected} bytes of {dtype_str} data for shape {shape}, "
-                         f"got {len(data)}")
-    return np.frombuffer(data, dtype=dtype).reshape(shape).copy()
