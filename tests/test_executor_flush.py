@@ -89,4 +89,4 @@ def late():
     flush.flush(step=7 if r == 1 else 8)
 expect(late, 2, ["step"])
 """, 2, tmp_path)
-    assert "flush[Optional[FlushBatch]] at" in out.stdout
+    assert "flush[FlushBatch] at" in out.stdout

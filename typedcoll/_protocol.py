@@ -45,6 +45,7 @@ from . import codecs
 from ._callsite import _INTERNAL_FILES, register_internal, site_fingerprint, user_frame
 from ._errors import CollectiveError, CollectiveTimeout, DecodeError
 from ._recorder import FlightRecorder, capacity_from_env
+from .codecs._schema import _BY_ID as _SCHEMAS_BY_ID
 from .codecs._schema import _CACHE as _SCHEMAS
 from .codecs import ENCODER, KIND_MSGSPEC, KIND_NUMPY_SCALAR, SchemaInfo
 from ._transport import TransportTimeout
@@ -84,7 +85,8 @@ try:
 except ImportError:  # built without a compiler: the pure-Python fast path serves
     _speedups = None  # type: ignore[assignment]
 if _speedups is not None and not os.environ.get("TYPEDCOLL_PURE_PYTHON"):
-    _speedups.configure(_SCHEMAS, OPS, _encode, _INTERNAL_FILES, site_fingerprint, _TAKE_PY)
+    _speedups.configure(_SCHEMAS, _SCHEMAS_BY_ID, OPS, _encode, _INTERNAL_FILES,
+                        site_fingerprint, _TAKE_PY)
     _fast_allgather: Optional[Callable[..., Any]] = _speedups.allgather
     _scan: Optional[Callable[..., Any]] = _speedups.scan
 else:

@@ -33,7 +33,7 @@
 #define MAGIC 0xC1
 #define NO_ROOT (-1)
 
-static PyObject *SCHEMAS, *OPS, *ENCODE, *INTERNAL, *SITE_FP, *TAKE_PY;
+static PyObject *SCHEMAS, *SCHEMAS_BY_ID, *OPS, *ENCODE, *INTERNAL, *SITE_FP, *TAKE_PY;
 static PyObject *s_seq, *s_policy, *s_size, *s_observe, *s_fast;
 
 static void put_u32(unsigned char *p, uint32_t v) {
@@ -61,13 +61,14 @@ static PyObject *take_py(void) {
     return TAKE_PY;
 }
 
-/* configure(schemas, ops, encode, internal_files, site_fingerprint, take_py) */
+/* configure(schemas, schemas_by_id, ops, encode, internal_files, site_fingerprint, take_py) */
 static PyObject *configure(PyObject *mod, PyObject *args) {
-    PyObject *schemas, *ops, *encode, *internal, *site_fp, *take;
-    if (!PyArg_ParseTuple(args, "O!O!OO!OO", &PyDict_Type, &schemas, &PyDict_Type, &ops, &encode,
-                          &PySet_Type, &internal, &site_fp, &take))
+    PyObject *schemas, *by_id, *ops, *encode, *internal, *site_fp, *take;
+    if (!PyArg_ParseTuple(args, "O!O!O!OO!OO", &PyDict_Type, &schemas, &PyDict_Type, &by_id,
+                          &PyDict_Type, &ops, &encode, &PySet_Type, &internal, &site_fp, &take))
         return NULL;
     Py_XSETREF(SCHEMAS, Py_NewRef(schemas));
+    Py_XSETREF(SCHEMAS_BY_ID, Py_NewRef(by_id));
     Py_XSETREF(OPS, Py_NewRef(ops));
     Py_XSETREF(ENCODE, Py_NewRef(encode));
     Py_XSETREF(INTERNAL, Py_NewRef(internal));
@@ -154,10 +155,25 @@ static PyObject *allgather(PyObject *mod, PyObject *const *args, Py_ssize_t narg
 
     /* --- may we take the fast path? (no state touched yet) --- */
     PyObject *key = schema == Py_None ? (PyObject *)Py_TYPE(value) : schema;
-    PyObject *info = PyDict_GetItemWithError(SCHEMAS, key); /* borrowed */
+    PyObject *info = NULL; /* borrowed */
+    {
+        /* By identity first: typing objects hash in Python code (see codecs._schema._BY_ID). */
+        PyObject *id = PyLong_FromVoidPtr(key);
+        if (id == NULL) return NULL;
+        PyObject *entry = PyDict_GetItemWithError(SCHEMAS_BY_ID, id); /* borrowed */
+        Py_DECREF(id);
+        if (entry != NULL && PyTuple_Check(entry) && PyTuple_GET_SIZE(entry) == 2 &&
+            PyTuple_GET_ITEM(entry, 0) == key)
+            info = PyTuple_GET_ITEM(entry, 1);
+        else if (PyErr_Occurred())
+            return NULL;
+    }
     if (info == NULL) {
-        PyErr_Clear(); /* unhashable, or not resolved yet */
-        return take_py();
+        info = PyDict_GetItemWithError(SCHEMAS, key);
+        if (info == NULL) {
+            PyErr_Clear(); /* unhashable, or not resolved yet */
+            return take_py();
+        }
     }
     long long step = INT64_MIN;
     if (step_obj != Py_None) {

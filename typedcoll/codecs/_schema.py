@@ -49,6 +49,7 @@ class SchemaInfo:
 
 
 _CACHE: Dict[Any, SchemaInfo] = {}
+_BY_ID: Dict[int, Tuple[Any, SchemaInfo]] = {}
 
 
 def _digest(text: str) -> bytes:
@@ -65,6 +66,10 @@ def resolve(schema: Any) -> SchemaInfo:
         return _build(schema)
     info = _build(schema)
     _CACHE[schema] = info
+    # Keyed by identity too: typing objects such as Optional[RankState] hash in Python code
+    # (~1 us a lookup), and the C fast path looks up the schema on every collective. The entry
+    # holds the schema itself, so its id cannot be reused while the entry exists.
+    _BY_ID[id(schema)] = (schema, info)
     return info
 
 

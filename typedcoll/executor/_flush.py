@@ -9,7 +9,9 @@ channel at once: each rank contributes its pending messages (or None when it has
 rank receives every rank's.
 
 Wire format. A flush is one typed ``allgather`` whose envelope op is ``"flush"``, with the call
-site pinned, and whose schema is ``Optional[<batch Struct>]``: the batch Struct has one field per
+site pinned, and whose schema is the batch Struct (a rank with nothing pending sends the empty
+batch, four bytes; not None under ``Optional[...]``, whose typing object Python hashes slowly on
+every lookup of its schema): the batch Struct has one field per
 channel (declaration order), each a tuple of that channel's message type, so the payload is
 decoded by msgspec into typed messages, never unpickled. Coalescing is the point: the fix that
 inspired this drains each channel with its own collective; here one collective carries the whole
@@ -101,7 +103,8 @@ class SymmetricFlush:
         self._batch_type = msgspec.defstruct(
             name, [(ch, Tuple[tp, ...], ()) for ch, tp in channels.items()],  # type: ignore[valid-type]
             frozen=True, array_like=True)
-        self._schema = Optional[self._batch_type]
+        self._schema = self._batch_type
+        self._empty = self._batch_type()
         # Resolved here, on every rank alike: a bad channel type fails at construction, on the
         # rank that built it, rather than at the first flush.
         codecs.resolve(self._schema)
@@ -142,7 +145,7 @@ class SymmetricFlush:
         """
         if step is None:
             step = self.flushes
-        batch = None
+        batch = self._empty
         if self._num_pending:
             pending = self._pending
             batch = self._batch_type(*[tuple(pending[ch]) for ch in self.channels])
@@ -155,7 +158,7 @@ class SymmetricFlush:
         by_channel: Dict[str, List[Tuple[Any, ...]]] = {}
         count = 0
         for ch in self.channels:
-            per_rank = [() if b is None else getattr(b, ch) for b in received]
+            per_rank = [getattr(b, ch) for b in received]
             n = sum(map(len, per_rank))
             self.delivered[ch] += n
             count += n
