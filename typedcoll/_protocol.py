@@ -207,8 +207,9 @@ class Protocol:
         rec = self.recorder
         on = rec is not None  # not bool(rec): an empty recorder has len() 0
         self.fast = [self.send, self.recv, self.slot, self.size, self.transport.allgather_slots,
-                     rec.ring if on else None, rec.state if on else None,
-                     rec.capacity if on else 0, self.policy.min_slot]
+                     rec.numbers if on else None, rec.state if on else None,
+                     rec.capacity if on else 0, self.policy.min_slot,
+                     rec.objects if on else None]
 
     def set_observer(self, observer: Optional[Callable[["Protocol"], None]]) -> None:
         """Call ``observer(protocol)`` after every successful collective (None: stop)."""
@@ -298,11 +299,7 @@ class Protocol:
               FLAG_NONE_VALUE if value is None else 0, n)
         rec = self.recorder
         if rec is not None:
-            rec.ring[rec.count % rec.capacity] = (seq, op, info, code, lasti,
-                                                  NO_STEP if step is None else step, n,
-                                                  _time_ns())
-            rec.count += 1
-            rec.in_flight = True
+            rec.start(seq, op, info, code, lasti, NO_STEP if step is None else step, n)
         try:
             recv = self.recv
             deadline = None

@@ -1,28 +1,34 @@
 """The flight recorder's ring buffer: the last N collectives of one communicator.
 
-Recording sits on the hot path of every collective, so a start is one tuple stored into a
-preallocated list (~250 ns with its timestamp); nothing is formatted until someone reads the
-buffer. Collectives on one communicator run one after another, so an entry's state needs no
-write of its own: every entry before the newest is completed unless marked failed, and the
-newest is "started" while its collective is in flight. ``TYPEDCOLL_TRACE_BUFFER`` sets N
-(default 2000; 0 turns recording off).
+Recording sits on the hot path of every collective, so an entry allocates nothing: its numbers
+are written in place into a preallocated byte array (``ENTRY`` below; the C fast path writes the
+same bytes) and its two object references (schema info, code object) into a preallocated list.
+Nothing is formatted until someone reads the buffer. Collectives on one communicator run one
+after another, so an entry's state needs no write of its own: every entry before the newest is
+completed unless marked failed, and the newest is "started" while its collective is in flight.
+``TYPEDCOLL_TRACE_BUFFER`` sets N (default 2000; 0 turns recording off).
 """
 
 from __future__ import annotations
 
 import os
+import struct
 import time
 from typing import Any, Dict, List, Optional
 
 from ._callsite import format_site
+from ._wire import OP_NAMES, OPS
 
 STARTED = "started"
 COMPLETED = "completed"
 FAILED = "failed"
 DEFAULT_CAPACITY = 2000
 
-# Entry tuple layout.
-SEQ, OP, INFO, CODE, LASTI, STEP, NBYTES, T_START = range(8)  # LASTI: see _callsite.line_of
+# An entry's numbers, little-endian (mirrored in _speedups.c): seq, step, start time (ns since the
+# epoch), payload bytes, bytecode offset of the call site (see _callsite.line_of), op code.
+ENTRY = struct.Struct("<QqQIiB7x")
+# The tuple an entry reads back as.
+SEQ, OP, INFO, CODE, LASTI, STEP, NBYTES, T_START = range(8)
 NO_STEP = -(2 ** 63)
 
 
@@ -42,11 +48,12 @@ def capacity_from_env() -> int:
 class FlightRecorder:
     """A fixed-size ring of collective records for one communicator."""
 
-    __slots__ = ("capacity", "ring", "state", "failures")
+    __slots__ = ("capacity", "numbers", "objects", "state", "failures")
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self.ring: List[Optional[tuple]] = [None] * capacity
+        self.numbers = bytearray(ENTRY.size * capacity)
+        self.objects: List[Any] = [None] * (2 * capacity)  # per entry: schema info, code object
         # [collectives recorded since creation (dropped ones included), newest still in flight]:
         # a list, so the C fast path updates it without attribute lookups.
         self.state: list = [0, False]
@@ -71,10 +78,20 @@ class FlightRecorder:
     def start(self, seq: int, op: str, info: Any, code: Any, lasti: int, step: int,
               nbytes: int) -> None:
         state = self.state
-        self.ring[state[0] % self.capacity] = (seq, op, info, code, lasti, step, nbytes,
-                                               time.time_ns())
+        index = state[0] % self.capacity
+        ENTRY.pack_into(self.numbers, index * ENTRY.size, seq, step, time.time_ns(), nbytes,
+                        lasti, OPS[op])
+        self.objects[2 * index] = info
+        self.objects[2 * index + 1] = code
         state[0] += 1
         state[1] = True
+
+    def entry(self, index: int) -> tuple:
+        """Entry ``index`` of the ring (0 .. capacity-1) as a tuple (see SEQ, OP, ...)."""
+        seq, step, t_start, nbytes, lasti, op = ENTRY.unpack_from(self.numbers,
+                                                                  index * ENTRY.size)
+        return (seq, OP_NAMES.get(op, f"op#{op}"), self.objects[2 * index],
+                self.objects[2 * index + 1], lasti, step, nbytes, t_start)
 
     def fail(self, seq: int, error: str) -> None:
         self.failures[seq] = (time.time_ns(), error)
@@ -86,17 +103,16 @@ class FlightRecorder:
         return min(self.count, self.capacity)
 
     def last(self) -> Optional[tuple]:
-        return self.ring[(self.count - 1) % self.capacity] if self.count else None
+        return self.entry((self.count - 1) % self.capacity) if self.count else None
 
     def snapshot(self) -> List[Dict[str, Any]]:
         """The recorded collectives, oldest first, as plain dicts (JSON-ready)."""
         n = len(self)
         out = []
-        for i in range(self.count - n, self.count):
-            entry = self.ring[i % self.capacity]
-            if entry is None:
-                continue
-            out.append(describe_entry(entry, self.state_of(entry, i == self.count - 1),
+        count = self.count
+        for i in range(count - n, count):
+            entry = self.entry(i % self.capacity)
+            out.append(describe_entry(entry, self.state_of(entry, i == count - 1),
                                       self.failures.get(entry[SEQ])))
         return out
 

@@ -106,37 +106,31 @@ static int user_site(PyCodeObject **code_out, int *lasti_out) {
     return 0;
 }
 
-static PyObject *wall_time_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return PyLong_FromLongLong((long long)ts.tv_sec * 1000000000LL + ts.tv_nsec);
-}
-
-/* The flight-recorder entry: the same tuple FlightRecorder.start stores. */
-static int record(PyObject *ring, PyObject *state, Py_ssize_t capacity, long long seq,
-                  PyObject *op, PyObject *info, PyCodeObject *code, int lasti, long long step,
-                  Py_ssize_t n) {
-    if (ring == Py_None) return 0;
+/* The flight-recorder entry, as FlightRecorder.start writes it (_recorder.ENTRY): the numbers in
+ * place in a preallocated byte array, the schema info and code object into a preallocated list.
+ * No allocation beyond the count's int. */
+#define ENTRY_SIZE 40
+static int record(PyObject *numbers, PyObject *objects, PyObject *state, Py_ssize_t capacity,
+                  long long seq, long opcode, PyObject *info, PyCodeObject *code, int lasti,
+                  long long step, Py_ssize_t n) {
+    if (numbers == Py_None) return 0;
     Py_ssize_t count = PyLong_AsSsize_t(PyList_GET_ITEM(state, 0));
     if (count < 0 && PyErr_Occurred()) return -1;
-    PyObject *entry = PyTuple_New(8);
-    if (entry == NULL) return -1;
-    PyObject *items[8] = {PyLong_FromLongLong(seq), Py_NewRef(op), Py_NewRef(info),
-                          Py_NewRef(code ? (PyObject *)code : Py_None), PyLong_FromLong(lasti),
-                          PyLong_FromLongLong(step), PyLong_FromSsize_t(n), wall_time_ns()};
-    int failed = 0;
-    for (int i = 0; i < 8; i++) {
-        if (items[i] == NULL) {
-            failed = 1;
-            items[i] = Py_NewRef(Py_None);
-        }
-        PyTuple_SET_ITEM(entry, i, items[i]);
-    }
-    if (failed) {
-        Py_DECREF(entry);
+    Py_ssize_t index = count % capacity;
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    unsigned char *e = (unsigned char *)PyByteArray_AS_STRING(numbers) + index * ENTRY_SIZE;
+    put_u64(e, (uint64_t)seq);
+    put_u64(e + 8, (uint64_t)step);
+    put_u64(e + 16, (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec);
+    put_u32(e + 24, (uint32_t)n);
+    put_u32(e + 28, (uint32_t)lasti);
+    e[32] = (unsigned char)opcode;
+    memset(e + 33, 0, 7);
+    if (PyList_SetItem(objects, 2 * index, Py_NewRef(info)) < 0 ||
+        PyList_SetItem(objects, 2 * index + 1,
+                       Py_NewRef(code ? (PyObject *)code : Py_None)) < 0)
         return -1;
-    }
-    if (PyList_SetItem(ring, count % capacity, entry) < 0) return -1; /* steals entry */
     PyObject *next = PyLong_FromSsize_t(count + 1);
     if (next == NULL || PyList_SetItem(state, 0, next) < 0) return -1;
     return PyList_SetItem(state, 1, Py_NewRef(Py_True));
@@ -196,21 +190,24 @@ static PyObject *allgather(PyObject *mod, PyObject *const *args, Py_ssize_t narg
     /* Protocol.fast is None whenever this path must not run (timeout, broken, slot resize). */
     PyObject *state = PyObject_GetAttr(proto, s_fast);
     if (state == NULL) return NULL;
-    if (!PyList_Check(state) || PyList_GET_SIZE(state) != 9 || !PyBytes_Check(fp) ||
+    if (!PyList_Check(state) || PyList_GET_SIZE(state) != 10 || !PyBytes_Check(fp) ||
         PyBytes_GET_SIZE(fp) != 8) {
         Py_DECREF(state);
         return take_py();
     }
     PyObject *send = PyList_GET_ITEM(state, 0), *recv = PyList_GET_ITEM(state, 1),
              *exchange = PyList_GET_ITEM(state, 4), *ring = PyList_GET_ITEM(state, 5),
-             *rec_state = PyList_GET_ITEM(state, 6);
+             *rec_state = PyList_GET_ITEM(state, 6), *ring_objects = PyList_GET_ITEM(state, 9);
     Py_ssize_t slot = PyLong_AsSsize_t(PyList_GET_ITEM(state, 2));
     Py_ssize_t size = PyLong_AsSsize_t(PyList_GET_ITEM(state, 3));
     Py_ssize_t capacity = PyLong_AsSsize_t(PyList_GET_ITEM(state, 7));
     Py_ssize_t min_slot = PyLong_AsSsize_t(PyList_GET_ITEM(state, 8));
     if (PyErr_Occurred() || !PyByteArray_Check(send) || PyByteArray_GET_SIZE(send) != slot ||
         !PyByteArray_Check(recv) || PyByteArray_GET_SIZE(recv) != slot * size ||
-        (ring != Py_None && (!PyList_Check(ring) || !PyList_Check(rec_state) || capacity <= 0))) {
+        (ring != Py_None &&
+         (!PyByteArray_Check(ring) || PyByteArray_GET_SIZE(ring) != capacity * ENTRY_SIZE ||
+          !PyList_Check(ring_objects) || PyList_GET_SIZE(ring_objects) != 2 * capacity ||
+          !PyList_Check(rec_state) || capacity <= 0))) {
         Py_DECREF(state);
         if (!PyErr_Occurred())
             PyErr_SetString(PyExc_RuntimeError, "typedcoll: inconsistent fast-path state");
@@ -268,7 +265,9 @@ static PyObject *allgather(PyObject *mod, PyObject *const *args, Py_ssize_t narg
     s[48] = value == Py_None ? FLAG_NONE_VALUE : 0;
     s[49] = s[50] = s[51] = 0;
     put_u32(s + 52, (uint32_t)n);
-    if (record(ring, rec_state, capacity, seq, op, info, code, lasti, step, n) < 0) goto error;
+    if (record(ring, ring_objects, rec_state, capacity, seq, opcode, info, code, lasti, step, n) <
+        0)
+        goto error;
 
     PyObject *call_args[3] = {NULL, send, recv};
     PyObject *done = PyObject_Vectorcall(exchange, call_args + 1,
