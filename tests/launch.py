@@ -73,11 +73,6 @@ def run_spmd(code: str, nranks: int, *, timeout: float = 60.0, tmp_path: Optiona
     if env:
         run_env.update(env)
     argv = [sys.executable] + (["-m", "mpi4py"] if abort_on_error else []) + [str(script)]
-    # Each rank also bounds itself: if pytest dies (CI's own timeout, a signal) before it can
-    # kill the process group, orphaned ranks must not spin on the machine's cores for ever.
-    reaper = shutil.which("timeout")
-    if reaper is not None:
-        argv = [reaper, "-s", "KILL", str(int(timeout) + 10)] + argv
     proc = subprocess.Popen(launch_command(nranks, argv), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=run_env,
                             start_new_session=True)

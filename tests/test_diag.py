@@ -187,6 +187,30 @@ print(f"rank {comm.rank} continued", flush=True)
     assert "rank 0 continued" in res.stdout and "rank 1 continued" in res.stdout
 
 
+def test_sigterm_dumps_a_rank_stuck_in_mpi_and_it_still_ends(tmp_path):
+    # What Slurm or torchrun send: the dump must be written while the rank is blocked in MPI,
+    # then the previous (default) handler must still end the process. hydra kills the other
+    # ranks as soon as one dies, so the dump file itself is checked here, after the job.
+    trace = tmp_path / "trace"
+    code = PRELUDE + """
+import threading
+comm = tc.TypedComm(MPI.COMM_WORLD)
+comm.allgather(comm.rank, step=7)
+if comm.rank == 1:
+    threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    comm.barrier()  # rank 0 never joins: rank 1 is blocked inside MPI when the signal comes
+else:
+    time.sleep(30)  # ended by the launcher once rank 1 is gone
+"""
+    res = run_spmd(code, 2, timeout=40, tmp_path=tmp_path, abort_on_error=False,
+                   env={"TYPEDCOLL_TRACE_DIR": str(trace)})
+    assert not res.timed_out and res.returncode != 0, res
+    doc = json.loads((trace / "rank1.json").read_text())
+    last = doc["comms"][0]["entries"][-1]
+    assert doc["reason"] == "SIGTERM", doc
+    assert (last["op"], last["state"], last["seq"]) == ("barrier", "started", 1), last
+
+
 def test_buffer_off_still_dumps_without_entries(tmp_path, capsys):
     trace = tmp_path / "trace"
     res = run_spmd(DESYNC, 3, timeout=60, tmp_path=tmp_path,
