@@ -15,8 +15,8 @@ import numpy as np
 from . import codecs
 from ._callsite import register_internal
 from ._errors import DecodeError
-from ._protocol import (MODE_ARRAY, MODE_EMPTY, MODE_MSG, Phase1, Protocol, _fast_allgather,
-                        reduce_values)
+from ._payloads import Phase1, reduce_values
+from ._protocol import MODE_ARRAY, MODE_EMPTY, MODE_MSG, Protocol, _fast_allgather
 from .codecs import KIND_MSGSPEC, KIND_NUMPY_SCALAR, SchemaInfo
 from ._wire import FLAG_OVERFLOW, NO_ROOT, REDUCE_OPS
 

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from ._callsite import register_internal
-from ._protocol import reduce_values
+from ._payloads import reduce_values
 from ._transport import TransportTimeout
 
 # torch 2.13 renamed the fused-tensor collectives and deprecates the old names with a
