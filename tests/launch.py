@@ -8,44 +8,16 @@ with ``python -m mpi4py`` so an uncaught exception on any rank aborts every rank
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional
+
+from typedcoll._launch import mpiexec_command
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def mpiexec() -> str:
-    """The mpiexec beside this Python (the mpich wheel's), else the one on PATH."""
-    local = Path(sys.executable).parent / "mpiexec"
-    if local.exists():
-        return str(local)
-    found = shutil.which("mpiexec")
-    if found is None:
-        raise RuntimeError("expected an mpiexec (pip install 'typedcoll[mpich]'), found none")
-    return found
-
-
-def launch_command(nranks: int, argv: Sequence[str]) -> List[str]:
-    cmd = [mpiexec(), "-n", str(nranks)]
-    if "Open MPI" in _mpi_vendor():
-        cmd[1:1] = ["--oversubscribe"]
-    return cmd + list(argv)
-
-
-_VENDOR: Optional[str] = None
-
-
-def _mpi_vendor() -> str:
-    global _VENDOR
-    if _VENDOR is None:
-        out = subprocess.run([mpiexec(), "--version"], capture_output=True, text=True, timeout=30)
-        _VENDOR = out.stdout + out.stderr
-    return _VENDOR
 
 
 class SpmdResult:
@@ -73,7 +45,7 @@ def run_spmd(code: str, nranks: int, *, timeout: float = 60.0, tmp_path: Optiona
     if env:
         run_env.update(env)
     argv = [sys.executable] + (["-m", "mpi4py"] if abort_on_error else []) + [str(script)]
-    proc = subprocess.Popen(launch_command(nranks, argv), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(mpiexec_command(nranks, argv), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=run_env,
                             start_new_session=True)
     try:
