@@ -190,16 +190,31 @@ def peers_markdown(doc: Dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def plot_peers(doc: Dict[str, Any], path: str) -> Optional[str]:
-    """Latency against payload size per method (log-log, p10–p90 bars); None, or why not."""
+def open_figure() -> Any:
+    """``(pyplot, figure, axes)`` on the headless Agg backend, or a str saying why not."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:
         return f"matplotlib is not installed ({exc}); render later with --render"
-    sizes = {p["name"]: p["bytes"] for p in doc["payloads"]}
     fig, ax = plt.subplots(figsize=(9, 6), dpi=110)
+    return plt, fig, ax
+
+
+def save_figure(plt: Any, fig: Any, path: str) -> None:
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_peers(doc: Dict[str, Any], path: str) -> Optional[str]:
+    """Latency against payload size per method (log-log, p10–p90 bars); None, or why not."""
+    opened = open_figure()
+    if isinstance(opened, str):
+        return opened
+    plt, fig, ax = opened
+    sizes = {p["name"]: p["bytes"] for p in doc["payloads"]}
     markers = "os^vDP*Xh"
     for i, m in enumerate(doc["methods"]):
         rows = [r for r in doc["results"] if r["method"] == m["key"]]
@@ -224,9 +239,7 @@ def plot_peers(doc: Dict[str, Any], path: str) -> Optional[str]:
                  f"({doc['machine']['cpu_model']})", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(plt, fig, path)
     return None
 
 

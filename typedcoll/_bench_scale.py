@@ -35,6 +35,7 @@ import numpy as np
 
 from . import _bench_report as report
 from ._bench_payloads import BY_NAME, PAYLOADS
+from ._bench_report import open_figure, save_figure
 from ._comm import TypedComm
 from ._protocol import MODE_MSG
 from .codecs import resolve
@@ -264,13 +265,11 @@ def scale_table(doc: Dict[str, Any]) -> str:
 
 
 def plot_scale(doc: Dict[str, Any], path: str) -> Optional[str]:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        return f"matplotlib is not installed ({exc}); render later with --render"
-    fig, ax = plt.subplots(figsize=(9, 6), dpi=110)
+    """Check and decode cost against N (log-log); None, or why not."""
+    opened = open_figure()
+    if isinstance(opened, str):
+        return opened
+    plt, fig, ax = opened
     styles = {"check_us": "-", "decode_us": "--", "unpickle_us": ":"}
     for i, name in enumerate(TIMED_PAYLOADS):
         rows = [t for t in doc["timings"] if t["payload"] == name]
@@ -288,9 +287,7 @@ def plot_scale(doc: Dict[str, Any], path: str) -> Optional[str]:
                  f"goal: check <= {goal['check_us_max']:g} us at N={goal['n']}", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(plt, fig, path)
     return None
 
 

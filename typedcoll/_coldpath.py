@@ -69,7 +69,7 @@ def disagreement(p: "Protocol", seq: int, op: str, info: Any, code: Any, lasti: 
     # joins the same allgatherv of them (or none does).
     long_texts = None
     counts = [p_len if flags_all[r] & FLAG_LOCAL_ERROR and flags_all[r] & FLAG_OVERFLOW else 0
-              for r, p_len in enumerate(_lengths(p))]
+              for r, p_len in enumerate(p._lengths())]
     if any(counts):
         own = (own_overflow or b"") if counts[p.rank] else b""  # only an error text travels here
         try:
@@ -105,11 +105,6 @@ def error_text(p: "Protocol", rank: int) -> "tuple[str, str]":
 def _split_error(text: Optional[str]) -> "tuple[str, str]":
     kind, _, detail = (text or "").partition(": ")
     return kind, detail
-
-
-def _lengths(p: "Protocol") -> List[int]:
-    return [int.from_bytes(p.recv[o + LENGTH_OFFSET:o + HEADER_SIZE], "little")
-            for o in p.offsets]
 
 
 def exchange_infos(p: "Protocol", mine: EnvelopeInfo, deadline: Optional[float], seq: int,

@@ -17,7 +17,7 @@ import time
 from typing import Any, Dict, List, Optional
 
 from ._callsite import format_site
-from ._wire import OP_NAMES, OPS
+from ._wire import NO_STEP, OPS, op_name
 
 STARTED = "started"
 COMPLETED = "completed"
@@ -29,7 +29,6 @@ DEFAULT_CAPACITY = 2000
 ENTRY = struct.Struct("<QqQIiB7x")
 # The tuple an entry reads back as.
 SEQ, OP, INFO, CODE, LASTI, STEP, NBYTES, T_START = range(8)
-NO_STEP = -(2 ** 63)
 
 
 def capacity_from_env() -> int:
@@ -90,7 +89,7 @@ class FlightRecorder:
         """Entry ``index`` of the ring (0 .. capacity-1) as a tuple (see SEQ, OP, ...)."""
         seq, step, t_start, nbytes, lasti, op = ENTRY.unpack_from(self.numbers,
                                                                   index * ENTRY.size)
-        return (seq, OP_NAMES.get(op, f"op#{op}"), self.objects[2 * index],
+        return (seq, op_name(op), self.objects[2 * index],
                 self.objects[2 * index + 1], lasti, step, nbytes, t_start)
 
     def fail(self, seq: int, error: str) -> None:
