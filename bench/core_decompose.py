@@ -5,9 +5,12 @@ Run: ``mpiexec -n 2 python bench/core_decompose.py``
 
   raw64_np       comm.Allgather of a 64-byte numpy buffer (the core issue's floor)
   raw128_ba      comm.Allgather of 128-byte bytearrays (typedcoll's slot size and buffer type)
-  raw128+encdec  the same plus what any decoded path must do: msgspec-encode the record once and
+  raw128_direct  MPI_Allgather of the same bytearrays called from C through typedcoll's binding
+                 (_speedups.direct: no mpi4py argument parsing), which the typed path uses
+  raw128+encdec  raw128_ba plus what any decoded path must do: msgspec-encode the record once and
                  decode one payload per rank, in plain Python, without typedcoll
   typed          TypedComm.allgather (envelope, check, flight recorder, decode)
+  typed_mpi4py   the same exchanging through mpi4py's comm.Allgather (TYPEDCOLL_DIRECT_MPI=0)
   typed_norec    the same with TYPEDCOLL_TRACE_BUFFER=0
 """
 
@@ -20,6 +23,8 @@ import numpy as np
 from mpi4py import MPI
 
 import typedcoll as tc
+from typedcoll import _speedups
+from typedcoll._mpi import direct_allgather
 
 
 class RankState(msgspec.Struct):
@@ -32,9 +37,15 @@ def main() -> None:
     world = MPI.COMM_WORLD
     record = RankState(world.rank, 3, 17)
     recorded = tc.TypedComm(world)
-    os.environ["TYPEDCOLL_TRACE_BUFFER"] = "0"  # read when a communicator is created
+    os.environ["TYPEDCOLL_DIRECT_MPI"] = "0"  # read when a communicator is created
+    through_mpi4py = tc.TypedComm(world)
+    del os.environ["TYPEDCOLL_DIRECT_MPI"]
+    os.environ["TYPEDCOLL_TRACE_BUFFER"] = "0"
     unrecorded = tc.TypedComm(world)
     raw = world.Dup()
+    binding = direct_allgather(raw)
+    if binding is None or through_mpi4py._p.transport.direct_allgather is not None:
+        raise SystemExit("expected the direct MPI binding here (C extension built, mpi4py 4)")
     small, small_out = np.zeros(64, np.uint8), np.zeros(64 * world.size, np.uint8)
     slot, slots = bytearray(128), bytearray(128 * world.size)
     decoder, encoder = msgspec.msgpack.Decoder(RankState), msgspec.msgpack.Encoder()
@@ -48,8 +59,10 @@ def main() -> None:
     methods = {
         "raw64_np": lambda: raw.Allgather(small, small_out),
         "raw128_ba": lambda: raw.Allgather(slot, slots),
+        "raw128_direct": lambda: _speedups.exchange(binding, slot, slots),
         "raw128+encdec": lambda: (raw.Allgather(slot, slots), encode_decode()),
         "typed": lambda: recorded.allgather(record),
+        "typed_mpi4py": lambda: through_mpi4py.allgather(record),
         "typed_norec": lambda: unrecorded.allgather(record),
     }
     samples = {name: [] for name in methods}

@@ -14,5 +14,7 @@ def test_demo_exits_zero():
     text = out.stdout
     assert "TypeError: " in text and "typedcoll.DesyncError: collective #" in text, text
     assert "every message reached every rank exactly once (checked)" in text, text
-    assert "coalesced SymmetricFlush   : 1 collective" in text, text
+    assert "one collective per channel, pickle (the engine's fix) : 3 collectives" in text, text
+    assert "coalesced SymmetricFlush                              : 1 collective" in text, text
+    assert "x the engine's fix, " in text and "x typed per channel)" in text, text
     assert text.rstrip().endswith("result: every mode behaved as expected"), text

@@ -118,3 +118,57 @@ def test_c_fast_path_is_built_here():
     # the performance claims would not hold, so say so loudly.
     from typedcoll import _protocol
     assert _protocol._fast_allgather is not None
+
+
+def test_direct_mpi_binding_is_used_here():
+    # The C fast path's own MPI_Allgather binding (_speedups.direct) is what keeps a checked
+    # allgather near the raw floor; a build or mpi4py where it silently fell back would too.
+    from mpi4py import MPI
+
+    import typedcoll as tc
+    comm = tc.TypedComm(MPI.COMM_SELF)
+    binding = comm._p.transport.direct_allgather
+    assert binding is not None and comm._p.fast[-1] is binding
+    assert comm.allgather(7) == [7]
+
+
+def test_direct_and_mpi4py_exchanges_interoperate(tmp_path):
+    # Rank 0 exchanges through the direct binding, rank 1 through mpi4py's comm.Allgather: one
+    # MPI collective either way, so results and verdicts must be identical.
+    code = PRELUDE + """
+if world.rank == 1:
+    os.environ["TYPEDCOLL_DIRECT_MPI"] = "0"
+c = tc.TypedComm(world)
+assert (c._p.transport.direct_allgather is None) == (world.rank == 1)
+r = world.rank
+for it in range(20):
+    assert c.allgather(RankState(r, it, 0), step=it) == [RankState(q, it, 0) for q in range(2)]
+try:
+    c.allgather(IterStats(iteration=1) if r == 1 else RankState(r, 0, 0))
+except tc.DesyncError as exc:
+    report(str(exc).splitlines()[0])
+report(f"after {c.allgather(r)}")
+"""
+    res = run_spmd(code, 2, timeout=60, tmp_path=tmp_path)
+    assert not res.timed_out and res.returncode == 0, res
+    for rank in (0, 1):
+        assert f"rank {rank}: collective #20 on COMM_WORLD diverged (schema):" in res.stdout, res
+        assert f"rank {rank}: after [0, 1]" in res.stdout, res
+
+
+def test_direct_binding_raises_mpi_errors_as_mpi4py_does(tmp_path):
+    # A communicator freed under the TypedComm reaches MPI as MPI_COMM_NULL through the direct
+    # binding too (the handle is read at every call), and MPI's error comes back as mpi4py's.
+    code = PRELUDE + """
+c = tc.TypedComm(world)
+assert c._p.transport.direct_allgather is not None
+c.allgather(1)
+c._p.transport.comm.Free()
+try:
+    c.allgather(2)
+except MPI.Exception as exc:
+    report(f"{type(exc).__name__} {exc.Get_error_class() == MPI.ERR_COMM}")
+"""
+    res = run_spmd(code, 1, timeout=60, tmp_path=tmp_path)
+    assert not res.timed_out and res.returncode == 0, res
+    assert "rank 0: Exception True" in res.stdout, res

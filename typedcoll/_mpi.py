@@ -47,6 +47,26 @@ def wait_until(request: MPI.Request, deadline: float) -> None:
         pause = min(pause * 2, _MAX_SLEEP)
 
 
+def direct_allgather(comm: MPI.Intracomm) -> Optional[object]:
+    """The C fast path's binding of MPI_Allgather over ``comm`` (``_speedups.direct``), or None.
+
+    None, and the fast path calls ``comm.Allgather`` instead, when the extension is not built,
+    the platform cannot look symbols up, mpi4py does not report where its handles live, or
+    ``TYPEDCOLL_DIRECT_MPI=0`` is set (to compare the two, or to rule this path out).
+    """
+    if os.environ.get("TYPEDCOLL_DIRECT_MPI", "1") == "0":
+        return None
+    try:
+        from . import _speedups
+        make = _speedups.direct
+        handle_address = MPI._addressof(comm)
+        handle_size = MPI._sizeof(MPI.Comm)
+        byte_handle = MPI.BYTE.handle
+    except (ImportError, AttributeError, TypeError):
+        return None
+    return make(MPI.__file__, comm, handle_address, byte_handle, handle_size, MPI.Exception)
+
+
 def comm_name(comm: MPI.Comm) -> str:
     if comm == MPI.COMM_WORLD:
         return "COMM_WORLD"
@@ -77,6 +97,7 @@ class MPITransport:
         self.size = comm.Get_size()
         # The hot path: bound once, called with (send, recv) byte buffers.
         self.allgather_slots = comm.Allgather
+        self.direct_allgather = direct_allgather(comm)
 
     def allgather_slots_until(self, send: bytearray, recv: bytearray, deadline: float) -> None:
         wait_until(self.comm.Iallgather(send, recv), deadline)

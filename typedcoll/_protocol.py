@@ -97,6 +97,16 @@ else:
     _scan = None
 
 
+def _direct_binding(transport: Any) -> Any:
+    """The transport's direct MPI_Allgather capsule (``_mpi.direct_allgather``), or None.
+
+    Only a real capsule: a wrapping transport (tests count backend calls through one) answers any
+    attribute with a callable, and must be called through ``allgather_slots`` like any other.
+    """
+    binding = getattr(transport, "direct_allgather", None)
+    return binding if type(binding).__name__ == "PyCapsule" else None
+
+
 class Protocol(Payloads):
     """One communicator's protocol state: sequence number, slot buffers, flight recorder."""
 
@@ -183,7 +193,8 @@ class Protocol(Payloads):
         self.fast = [self.send, self.recv, self.slot, self.size, self.transport.allgather_slots,
                      rec.numbers if on else None, rec.state if on else None,
                      rec.capacity if on else 0, self.policy.min_slot,
-                     rec.objects if on else None]
+                     rec.objects if on else None,
+                     _direct_binding(self.transport)]
 
     def set_observer(self, observer: Optional[Callable[["Protocol"], None]]) -> None:
         """Call ``observer(protocol)`` after every successful collective (None: stop)."""

@@ -1,18 +1,24 @@
 """Control-plane cost per iteration: one collective per channel against one coalesced flush.
 
-Both sides move the same messages with typed collectives, so the difference is the coalescing
-alone: the per-channel fix (field notes §1: "no new collectives; the fix still costs one
-collective per drained channel per iteration") gathers the router's rank states, the timeouts and
-the iteration stats in three ``allgather`` calls (None where a rank has nothing); the
-SymmetricFlush posts all three and drains them in one ``flush``. Every rank posts every message,
-the largest payload an iteration can have.
+Three ways to move one iteration's control plane (the router's rank states, the timeouts and the
+iteration stats; every rank posts every message, the largest payload an iteration can have):
+  per_channel_pickle  the engine's fix as shipped (field notes §1: "no new collectives; the fix
+                      still costs one collective per drained channel per iteration"): three
+                      mpi4py ``comm.allgather(obj)`` calls of pickled Python objects, the rank
+                      state as a field list decoded ``RankState(*fields)``, the timed-out request
+                      ids as a list, the stats as a 26-key dict
+  per_channel         the same three channels over typed collectives (``TypedComm.allgather``,
+                      None where a rank has nothing): what is left is the coalescing alone
+  flush               three ``SymmetricFlush.post`` calls and one ``flush`` collective
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
+
+import msgspec
 
 from .._comm import TypedComm
 from ._flush import SymmetricFlush
@@ -32,10 +38,19 @@ def _messages(rank: int, it: int):
                       avg_decoded_tokens_per_iter=1.0))
 
 
-def methods(comm: TypedComm) -> Dict[str, Callable[[int], None]]:
-    """``{"per_channel": f, "flush": g}``: each call does one iteration's control plane."""
+def methods(comm: TypedComm, pickle_comm: Any = None) -> Dict[str, Callable[[int], None]]:
+    """``{name: f}``: each call does one iteration's control plane. ``pickle_comm`` (an mpi4py
+    communicator) adds the engine's pickle-based fix; without one it is left out."""
     flush = SymmetricFlush(comm, CHANNELS)
     state, flag, stats = _messages(comm.rank, 0)
+    state_fields = list(msgspec.structs.astuple(state))
+    timed_out = list(flag.request_ids)
+    stats_dict = msgspec.structs.asdict(stats)
+
+    def per_channel_pickle(it: int) -> None:
+        [RankState(*fields) for fields in pickle_comm.allgather(state_fields)]
+        pickle_comm.allgather(timed_out)
+        pickle_comm.allgather(stats_dict)
 
     def per_channel(it: int) -> None:
         comm.allgather(state, step=it)
@@ -48,13 +63,20 @@ def methods(comm: TypedComm) -> Dict[str, Callable[[int], None]]:
         flush.post("iter_stats", stats)
         flush.flush(step=it)
 
-    return {"per_channel": per_channel, "flush": coalesced}
+    fns = {"per_channel": per_channel, "flush": coalesced}
+    if pickle_comm is not None:
+        fns = {"per_channel_pickle": per_channel_pickle, **fns}
+    return fns
 
 
-def measure(comm: TypedComm, rounds: int = 7, iters: int = 300,
-            warmup: int = 50) -> Dict[str, float]:
-    """Medians over interleaved rounds of each round's mean µs per iteration, slowest rank."""
-    fns = methods(comm)
+def measure(comm: TypedComm, rounds: int = 7, iters: int = 300, warmup: int = 50,
+            pickle_comm: Any = None) -> Dict[str, float]:
+    """Medians over interleaved rounds of each round's mean µs per iteration, slowest rank.
+
+    ``ratio`` is flush / per_channel (typed, the coalescing alone); with ``pickle_comm`` also
+    ``ratio_pickle``, flush / the engine's pickle-based per-channel fix.
+    """
+    fns = methods(comm, pickle_comm)
     samples: Dict[str, List[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
@@ -69,6 +91,8 @@ def measure(comm: TypedComm, rounds: int = 7, iters: int = 300,
     out = {f"{name}_us": max(comm.allgather(statistics.median(v), schema=float))
            for name, v in samples.items()}
     out["ratio"] = out["flush_us"] / out["per_channel_us"]
+    if pickle_comm is not None:
+        out["ratio_pickle"] = out["flush_us"] / out["per_channel_pickle_us"]
     out["per_channel_collectives"] = 3
     out["flush_collectives"] = 1
     return out

@@ -41,7 +41,7 @@ import msgspec
 
 from .. import codecs
 from .._callsite import register_internal
-from .._comm import TypedComm, allgather_op
+from .._comm import TypedComm
 
 
 
@@ -49,35 +49,38 @@ class Delivery:
     """What one flush delivered: every rank's messages per channel, in rank then post order.
 
     ``delivery[channel]`` is a list with one tuple per rank (empty when that rank posted nothing);
-    ``delivery.messages(channel)`` yields ``(source_rank, message)`` pairs.
+    ``delivery.messages(channel)`` yields ``(source_rank, message)`` pairs. Views are built when
+    asked for: a flush whose delivery is only partly read pays only for what is read.
     """
 
-    __slots__ = ("step", "seq", "_by_channel", "_count")
+    __slots__ = ("step", "seq", "_batches", "_count")
 
-    def __init__(self, step: int, seq: int, by_channel: Dict[str, List[Tuple[Any, ...]]],
-                 count: int) -> None:
+    def __init__(self, step: int, seq: int, batches: List[Any]) -> None:
         self.step = step
         self.seq = seq
-        self._by_channel = by_channel
-        self._count = count
+        self._batches = batches
+        self._count = -1
 
     def __getitem__(self, channel: str) -> List[Tuple[Any, ...]]:
-        return self._by_channel[channel]
+        return [getattr(batch, channel) for batch in self._batches]
 
     def messages(self, channel: str) -> Iterator[Tuple[int, Any]]:
-        for rank, posted in enumerate(self._by_channel[channel]):
-            for message in posted:
+        for rank, batch in enumerate(self._batches):
+            for message in getattr(batch, channel):
                 yield rank, message
 
     def latest(self, channel: str) -> List[Any]:
         """Each rank's last message on ``channel``, None for ranks that posted none."""
-        return [posted[-1] if posted else None for posted in self._by_channel[channel]]
+        return [posted[-1] if posted else None for posted in self[channel]]
 
     def __len__(self) -> int:
+        if self._count < 0:
+            self._count = sum(len(posted) for batch in self._batches
+                              for posted in msgspec.structs.astuple(batch))
         return self._count
 
     def __repr__(self) -> str:
-        return f"Delivery(step={self.step}, seq={self.seq}, messages={self._count})"
+        return f"Delivery(step={self.step}, seq={self.seq}, messages={len(self)})"
 
 
 class SymmetricFlush:
@@ -97,22 +100,25 @@ class SymmetricFlush:
             raise ValueError("expected at least one channel, got none")
         self.comm = comm
         self.channels: Tuple[str, ...] = tuple(channels)
-        self._types = dict(channels)
         # One Struct per flush layout; frozen tuples so a delivered batch cannot be mutated by one
         # consumer under another's feet. array_like: field names would be repeated per rank.
         self._batch_type = msgspec.defstruct(
             name, [(ch, Tuple[tp, ...], ()) for ch, tp in channels.items()],  # type: ignore[valid-type]
             frozen=True, array_like=True)
-        self._schema = self._batch_type
-        self._empty = self._batch_type()
+        # Sent as a plain tuple of tuples: msgpack-identical to the array_like batch Struct it
+        # decodes as, without building the Struct on the sending side.
+        self._empty = ((),) * len(self.channels)
         # Resolved here, on every rank alike: a bad channel type fails at construction, on the
         # rank that built it, rather than at the first flush.
-        codecs.resolve(self._schema)
-        self._pending: Dict[str, List[Any]] = {ch: [] for ch in self.channels}
-        self._num_pending = 0
+        codecs.resolve(self._batch_type)
+        self._queues: List[List[Any]] = [[] for _ in self.channels]
+        # post() is called several times per iteration: one dict lookup gives the queue and the
+        # type to check (None where isinstance cannot check it, e.g. Optional[...]).
+        self._post_to = {ch: (queue, tp if isinstance(tp, type) else None)
+                         for (ch, tp), queue in zip(channels.items(), self._queues)}
+        self._flushed = [0] * len(self.channels)
+        self._allgather = comm._p.allgather
         self.flushes = 0
-        self.posted: Dict[str, int] = {ch: 0 for ch in self.channels}
-        self.delivered: Dict[str, int] = {ch: 0 for ch in self.channels}
 
     def post(self, channel: str, message: Any) -> None:
         """Queue ``message`` on ``channel`` until the next flush; local, never communicates.
@@ -122,48 +128,47 @@ class SymmetricFlush:
         bugs of the posting code, raised here on the posting rank rather than as a decode error on
         every rank at the flush.
         """
-        expected = self._types[channel] if channel in self._types else None
-        if expected is None:
+        target = self._post_to.get(channel)
+        if target is None:
             raise KeyError(f"expected a channel in {list(self.channels)}, got {channel!r}")
-        if isinstance(expected, type) and not isinstance(message, expected):
+        queue, expected = target
+        if expected is not None and not isinstance(message, expected):
             raise TypeError(f"channel {channel!r}: expected {expected.__name__}, got "
                             f"{type(message).__name__}")
-        self._pending[channel].append(message)
-        self._num_pending += 1
-        self.posted[channel] += 1
+        queue.append(message)
 
     @property
     def num_pending(self) -> int:
         """Messages posted on this rank since the last flush."""
-        return self._num_pending
+        return sum(map(len, self._queues))
+
+    @property
+    def posted(self) -> Dict[str, int]:
+        """Messages posted on this rank so far, per channel (flushed or pending)."""
+        return {ch: done + len(queue)
+                for ch, done, queue in zip(self.channels, self._flushed, self._queues)}
 
     def flush(self, step: Optional[int] = None) -> Delivery:
         """Drain every channel on every rank: one ``flush`` collective, call site pinned.
 
         ``step`` (the iteration, say) goes into the envelope; None uses this flush's ordinal.
-        Every rank receives every rank's pending messages; this rank's queue is emptied.
+        Every rank receives every rank's pending messages; this rank's queues are emptied.
         """
         if step is None:
             step = self.flushes
+        queues = self._queues
         batch = self._empty
-        if self._num_pending:
-            pending = self._pending
-            batch = self._batch_type(*[tuple(pending[ch]) for ch in self.channels])
-            for queue in pending.values():
-                queue.clear()
-            self._num_pending = 0
-        seq = self.comm.seq
-        received = allgather_op(self.comm._p, "flush", batch, self._schema, step, pin_site=True)
+        if any(queues):
+            batch = tuple(map(tuple, queues))
+            flushed = self._flushed
+            for i, queue in enumerate(queues):
+                if queue:
+                    flushed[i] += len(queue)
+                    queue.clear()
+        seq = self.comm._p.seq
+        received = self._allgather(batch, self._batch_type, step, "flush", True)
         self.flushes += 1
-        by_channel: Dict[str, List[Tuple[Any, ...]]] = {}
-        count = 0
-        for ch in self.channels:
-            per_rank = [getattr(b, ch) for b in received]
-            n = sum(map(len, per_rank))
-            self.delivered[ch] += n
-            count += n
-            by_channel[ch] = per_rank
-        return Delivery(step, seq, by_channel, count)
+        return Delivery(step, seq, received)
 
 
 register_internal(__file__)

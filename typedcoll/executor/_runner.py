@@ -114,7 +114,7 @@ def worker(results: str, plan: FaultPlan, *, modes=("typed", "symmetric", "raw")
         if mode == "symmetric" and cost_rounds:
             from ._cost import measure
             cost = measure(TypedComm(world, name="cost"), rounds=cost_rounds,
-                           iters=cost_iters, warmup=10)
+                           iters=cost_iters, warmup=10, pickle_comm=world.Dup())
             writer.write({"mode": "cost", **cost})
         if not settle(sync, timeout):
             writer.write({"mode": mode, "status": "hung", "where": "end of mode"})
