@@ -17,6 +17,14 @@ typed ones, ``comm.synchronize()`` (every deferred check verified inside the tim
   ar_maxmin    all_reduce + a 2x6-word int64 MAX all-reduce: what the alternative in-band
                all-reduce check (max == min of the envelope words) would cost
 Goal: ag_typed <= 1.05 x ag_raw at >= 1 MiB.
+
+Wall time per call is bound by the CPU here (every torch.distributed call costs tens of us of
+Python and launch work, far more than a world-size-1 all-gather costs the GPU), so the device's
+own time is measured too, in the GPU-bound regime a serving loop runs in (the CPU runs ahead):
+  dev_raw, dev_typed  GPU time per call between two CUDA events, over a burst of calls enqueued
+               while the stream is held by a torch.cuda._sleep, so no launch gap is inside the
+               interval (checked: the start event must still be pending when the burst is
+               enqueued; the burst fits the ring of deferred checks, so the CPU never waits)
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ import torch.distributed as dist
 
 import typedcoll as tc
 from typedcoll import _tensor_device
-from typedcoll._tensor_envelope import BLOCK
+from typedcoll._tensor_envelope import BLOCK, RING
 from typedcoll._torch import all_gather_single
 
 SIZES = [1 << 10, 16 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
@@ -42,6 +50,24 @@ SIZES = [1 << 10, 16 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
 
 def _label(n: int) -> str:
     return f"{n >> 20} MiB" if n >= 1 << 20 else f"{n >> 10} KiB"
+
+
+def _device_time(fn, burst: int, hold_s: float, comm) -> float:
+    """GPU us per call of ``fn`` over a burst enqueued behind a sleep (see the module doc)."""
+    torch.cuda.synchronize()
+    comm.synchronize()
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(int(hold_s * 2e9))  # ~2 GHz SM clock: at least hold_s
+    start.record()
+    for _ in range(burst):
+        fn()
+    end.record()
+    if start.query():
+        raise SystemExit(f"device-time burst not GPU-bound: raise the hold ({hold_s:.3f} s)")
+    torch.cuda.synchronize()
+    comm.synchronize()
+    return start.elapsed_time(end) * 1e3 / burst
 
 
 def main(argv=None) -> int:
@@ -126,9 +152,15 @@ def main(argv=None) -> int:
                 eager.synchronize()
                 samples[name].append((time.perf_counter() - t0) / iters * 1e6)
         medians = {name: statistics.median(v) for name, v in samples.items()}
+        burst = RING - 4
+        slowest = max(medians["ag_raw"], medians["ag_typed"])
+        for name in ("ag_raw", "ag_typed"):
+            medians["dev_" + name[3:]] = statistics.median(
+                _device_time(methods[name], burst, 3 * burst * slowest * 1e-6 + 0.005, typed)
+                for _ in range(args.rounds))
         gathered = [None] * world
         dist.all_gather_object(gathered, medians)  # the benchmark's own bookkeeping, once
-        results[nbytes] = {name: max(m[name] for m in gathered) for name in methods}
+        results[nbytes] = {name: max(m[name] for m in gathered) for name in medians}
 
     if rank == 0:
         names = list(next(iter(results.values())))
@@ -138,12 +170,13 @@ def main(argv=None) -> int:
         print(f"# {args.rounds} interleaved rounds; median of round means, us per call, "
               f"slowest rank; x = / raw of the same op")
         print(f"{'size':>7} " + " ".join(f"{n:>10}" for n in names)
-              + f" {'ag x':>6} {'eager x':>7} {'ar x':>6}")
+              + f" {'ag x':>6} {'eager x':>7} {'ar x':>6} {'dev x':>6}")
         for nbytes, row in results.items():
             print(f"{_label(nbytes):>7} " + " ".join(f"{row[n]:10.1f}" for n in names)
                   + f" {row['ag_typed'] / row['ag_raw']:6.3f}"
                   + f" {row['ag_eager'] / row['ag_raw']:7.3f}"
-                  + f" {row['ar_typed'] / row['ar_raw']:6.3f}")
+                  + f" {row['ar_typed'] / row['ar_raw']:6.3f}"
+                  + f" {row['dev_typed'] / row['dev_raw']:6.3f}")
         if args.json:
             with open(args.json, "w") as fh:
                 json.dump({"world": world, "us_per_call": results}, fh, indent=2)

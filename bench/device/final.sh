@@ -14,16 +14,25 @@ subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-I", sysconfig.get_paths()["i
                 "typedcoll/_speedups.c", "-o", out], check=True)
 import typedcoll._protocol as p
 assert p._fast_allgather is not None, "C fast path not loaded"
+from mpi4py import MPI
+from typedcoll._mpi import direct_allgather
+assert direct_allgather(MPI.COMM_WORLD) is not None, "direct MPI_Allgather binding not found"
 PY
 nvidia-smi -L
 echo "== GPU tests"
 timeout 240 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_torch_gpu.py
+echo "== MPI tests of the fast path (Open MPI here)"
+timeout 240 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_protocol_paths.py
 echo "== GPU check cost"
 timeout 240 torchrun --nproc-per-node=1 bench/torch_gpu.py --rounds 5 --json $OUT/gpu.json
 for n in 2 8; do
   echo "== core overhead, $n ranks"
   mpirun --oversubscribe -n $n python3 bench/core_overhead.py --rounds 15 --json $OUT/core_overhead_${n}.json
 done
+echo "== where the time goes, 2 ranks"
+mpirun --oversubscribe -n 2 python3 bench/core_decompose.py
+echo "== flush cost, 2 ranks"
+mpirun --oversubscribe -n 2 python3 bench/flush_cost.py --rounds 15 --iters 1000 --json $OUT/flush_cost_2.json
 echo "== flush cost, 8 ranks"
 mpirun --oversubscribe -n 8 python3 bench/flush_cost.py --rounds 15 --iters 1000 --json $OUT/flush_cost_8.json
 echo "== peers, 8 ranks"
