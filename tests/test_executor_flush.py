@@ -10,9 +10,7 @@ PRELUDE = """
 from mpi4py import MPI
 import typedcoll as tc
 from typedcoll.executor import SymmetricFlush, RankState, TimeoutFlag, IterStats
-# No timeout: with one set, the core's fast and general paths exchange envelopes with blocking and
-# nonblocking MPI calls respectively, which never match (core bug, reported); the launcher's
-# timeout still bounds every test.
+# No timeout on the communicator: the launcher's timeout bounds every test.
 comm = tc.TypedComm(MPI.COMM_WORLD, name="tp")
 flush = SymmetricFlush(comm, {"rank_state": RankState, "timeouts": TimeoutFlag,
                               "iter_stats": IterStats})
@@ -41,6 +39,13 @@ assert len(d) == n + 2 * (n // 2)
 empty = flush.flush(step=1)          # nothing pending anywhere: still one collective, all None
 assert len(empty) == 0 and comm.seq == 2
 assert flush.posted["timeouts"] == (2 if r % 2 else 0)
+assert d["timeouts"] is d["timeouts"] and d.channels == flush.channels
+try:
+    d["nope"]
+except KeyError as exc:
+    assert "expected a channel in ['rank_state', 'timeouts', 'iter_stats'], got 'nope'" in str(exc)
+else:
+    raise AssertionError("expected a KeyError")
 print("OK", r)
 """, nranks, tmp_path)
     assert out.stdout.count("OK") == nranks

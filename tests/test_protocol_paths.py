@@ -132,6 +132,43 @@ def test_direct_mpi_binding_is_used_here():
     assert comm.allgather(7) == [7]
 
 
+def test_direct_binding_checks_buffer_sizes():
+    # MPI writes one slot per rank into recv: a short buffer must be refused, not overrun.
+    from mpi4py import MPI
+
+    from typedcoll import _speedups
+    from typedcoll._mpi import direct_allgather
+    comm = MPI.COMM_SELF.Dup()
+    binding = direct_allgather(comm)
+    send, recv = bytearray(b"x" * 128), bytearray(128)
+    _speedups.exchange(binding, send, recv)
+    assert recv == send
+    with pytest.raises(ValueError, match="expected a send slot of 1 to 2\\*\\*31-1 bytes and a "
+                                         "receive buffer of 1 slots, got 128 and 256 bytes"):
+        _speedups.exchange(binding, send, bytearray(256))
+    comm.Free()
+
+
+def test_replaced_allgather_slots_turns_the_direct_binding_off():
+    # Tracing or fault injection that replaces the transport's send method must see every call.
+    from mpi4py import MPI
+
+    import typedcoll as tc
+    comm = tc.TypedComm(MPI.COMM_SELF)
+    transport = comm._p.transport
+    seen = []
+
+    def traced(send, recv):
+        seen.append(len(send))
+        transport.comm.Allgather(send, recv)
+    transport.allgather_slots = traced
+    comm._p._refresh_fast()
+    assert comm._p.fast[-1] is None
+    comm.allgather(1)
+    comm.allgather(2)
+    assert seen == [128, 128]
+
+
 def test_direct_and_mpi4py_exchanges_interoperate(tmp_path):
     # Rank 0 exchanges through the direct binding, rank 1 through mpi4py's comm.Allgather: one
     # MPI collective either way, so results and verdicts must be identical.
@@ -156,19 +193,31 @@ report(f"after {c.allgather(r)}")
         assert f"rank {rank}: after [0, 1]" in res.stdout, res
 
 
-def test_direct_binding_raises_mpi_errors_as_mpi4py_does(tmp_path):
-    # A communicator freed under the TypedComm reaches MPI as MPI_COMM_NULL through the direct
-    # binding too (the handle is read at every call), and MPI's error comes back as mpi4py's.
+def test_direct_binding_meets_a_freed_communicator_as_mpi4py_does(tmp_path):
+    # A communicator freed under the TypedComm: the direct binding reads the handle at every call,
+    # sees MPI_COMM_NULL and leaves the call to mpi4py (Open MPI itself crashes on a null
+    # communicator), so the outcome is mpi4py's own: MPICH raises ERR_COMM.
     code = PRELUDE + """
+def outcome(fn):
+    try:
+        fn()
+    except MPI.Exception as exc:
+        return f"MPI error class {exc.Get_error_class()}"
+    return "no error"
+raw = world.Dup()
+raw.Free()
+expected = outcome(lambda: raw.Allgather(bytearray(128), bytearray(128)))
 c = tc.TypedComm(world)
 assert c._p.transport.direct_allgather is not None
 c.allgather(1)
+c.allgather(1)
 c._p.transport.comm.Free()
-try:
-    c.allgather(2)
-except MPI.Exception as exc:
-    report(f"{type(exc).__name__} {exc.Get_error_class() == MPI.ERR_COMM}")
+got = outcome(lambda: c.allgather(2))
+report(f"same={got == expected} {got} mpich={'MPICH' in MPI.Get_library_version()}")
 """
     res = run_spmd(code, 1, timeout=60, tmp_path=tmp_path)
     assert not res.timed_out and res.returncode == 0, res
-    assert "rank 0: Exception True" in res.stdout, res
+    assert "rank 0: same=True " in res.stdout, res
+    if "mpich=True" in res.stdout:
+        from mpi4py import MPI
+        assert f"MPI error class {MPI.ERR_COMM}" in res.stdout, res

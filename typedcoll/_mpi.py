@@ -52,19 +52,21 @@ def direct_allgather(comm: MPI.Intracomm) -> Optional[object]:
 
     None, and the fast path calls ``comm.Allgather`` instead, when the extension is not built,
     the platform cannot look symbols up, mpi4py does not report where its handles live, or
-    ``TYPEDCOLL_DIRECT_MPI=0`` is set (to compare the two, or to rule this path out).
+    ``TYPEDCOLL_DIRECT_MPI=0`` is set (to compare the two, or for an MPI profiling tool that
+    interposes only on mpi4py's own calls).
     """
     if os.environ.get("TYPEDCOLL_DIRECT_MPI", "1") == "0":
         return None
     try:
         from . import _speedups
-        make = _speedups.direct
-        handle_address = MPI._addressof(comm)
         handle_size = MPI._sizeof(MPI.Comm)
-        byte_handle = MPI.BYTE.handle
-    except (ImportError, AttributeError, TypeError):
+        if MPI._sizeof(MPI.Datatype) != handle_size:
+            return None
+        return _speedups.direct(MPI.__file__, comm, MPI._addressof(comm), MPI.BYTE.handle,
+                                MPI.COMM_NULL.handle, handle_size, comm.Get_size(),
+                                MPI.Exception)
+    except (ImportError, AttributeError, TypeError, ValueError, OverflowError):
         return None
-    return make(MPI.__file__, comm, handle_address, byte_handle, handle_size, MPI.Exception)
 
 
 def comm_name(comm: MPI.Comm) -> str:

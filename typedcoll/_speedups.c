@@ -19,10 +19,14 @@
  *
  * Over MPI the exchange itself may skip mpi4py's Python binding: ``direct(...)`` (below) wraps
  * MPI_Allgather as the MPI library mpi4py loaded exports it, and the call here hands it the two
- * byte arrays and the communicator's handle, read at every call from the mpi4py object (so a
- * freed communicator reaches MPI as MPI_COMM_NULL, exactly as through mpi4py). That binding's
- * argument parsing was ~0.9 us of a ~5 us allgather at 2 ranks; everything else is the same MPI
- * call mpi4py makes, with the GIL released around it as mpi4py does.
+ * byte arrays and the communicator's handle, read at every call from the mpi4py object (a freed
+ * communicator, MPI_COMM_NULL, goes through mpi4py's binding instead, which reports it as it
+ * always does: Open MPI itself crashes on a null communicator). That binding's argument parsing
+ * was ~0.9 us of a ~3.4 us allgather at 2 ranks. The call is MPI_Allgather with int counts (a
+ * slot is at most 4 KiB) where mpi4py 4 calls the large-count MPI_Allgather_c where the library
+ * has it; the buffers are exported and the GIL released around it, as mpi4py does. PMPI tools
+ * see it when loaded into the global symbol scope (LD_PRELOAD); TYPEDCOLL_DIRECT_MPI=0 routes
+ * the exchange through mpi4py for tools that interpose only there.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -162,6 +166,8 @@ typedef struct {
     void *fn;
     const void *comm_handle; /* where the mpi4py Comm object keeps its handle (MPI._addressof) */
     intptr_t byte_type;      /* MPI_BYTE */
+    intptr_t null_comm;      /* MPI_COMM_NULL: left to mpi4py (Open MPI crashes on it) */
+    Py_ssize_t size;         /* ranks: the receive buffer holds one slot per rank */
     int handle_size;
     PyObject *comm;          /* keeps comm_handle valid */
     PyObject *error_type;    /* MPI.Exception, raised with the error code */
@@ -175,31 +181,44 @@ static void direct_free(PyObject *capsule) {
     PyMem_Free(d);
 }
 
-/* direct(library_path, comm, comm_handle_address, byte_handle, handle_size, error_type)
- * -> capsule, or None when the library does not export MPI_Allgather. */
+/* A handle value as mpi4py reports it (unsigned 64-bit), narrowed to the handle's own width. */
+static intptr_t narrow(unsigned long long value, int handle_size) {
+    if (handle_size == 4) return (intptr_t)(int32_t)(uint32_t)value;
+    return (intptr_t)value;
+}
+
+/* direct(library_path, comm, comm_handle_address, byte_handle, null_comm_handle, handle_size,
+ *        comm_size, error_type) -> capsule, or None when MPI_Allgather cannot be found. */
 static PyObject *direct(PyObject *mod, PyObject *args) {
     const char *path;
     PyObject *comm, *error_type;
-    unsigned long long handle_addr;
-    long long byte_type;
+    unsigned long long handle_addr, byte_type, null_comm;
     int handle_size;
-    if (!PyArg_ParseTuple(args, "sOKLiO", &path, &comm, &handle_addr, &byte_type, &handle_size,
-                          &error_type))
+    Py_ssize_t comm_size;
+    if (!PyArg_ParseTuple(args, "sOKKKinO", &path, &comm, &handle_addr, &byte_type, &null_comm,
+                          &handle_size, &comm_size, &error_type))
         return NULL;
-    if (handle_size != 4 && handle_size != (int)sizeof(void *)) Py_RETURN_NONE;
-    /* RTLD_NOLOAD: only the library already loaded; dlsym on it also searches its
-     * dependencies, where libmpi lives. */
-    void *lib = dlopen(path, RTLD_NOW | RTLD_NOLOAD);
-    if (lib == NULL) Py_RETURN_NONE;
-    void *fn = dlsym(lib, "MPI_Allgather");
-    dlclose(lib); /* still loaded: mpi4py holds it */
+    if ((handle_size != 4 && handle_size != (int)sizeof(void *)) || comm_size < 1)
+        Py_RETURN_NONE;
+    /* The symbol the dynamic linker gave mpi4py's module: the global scope first (LD_PRELOAD,
+     * a PMPI profiler loaded RTLD_GLOBAL), then the module's own dependencies, where libmpi
+     * lives (RTLD_NOLOAD: only the library mpi4py already loaded). */
+    void *fn = dlsym(RTLD_DEFAULT, "MPI_Allgather");
+    if (fn == NULL) {
+        void *lib = dlopen(path, RTLD_NOW | RTLD_NOLOAD);
+        if (lib == NULL) Py_RETURN_NONE;
+        fn = dlsym(lib, "MPI_Allgather");
+        dlclose(lib); /* still loaded: mpi4py holds it */
+    }
     if (fn == NULL) Py_RETURN_NONE;
     Direct *d = PyMem_Malloc(sizeof(Direct));
     if (d == NULL) return PyErr_NoMemory();
     d->fn = fn;
     d->comm_handle = (const void *)(uintptr_t)handle_addr;
-    d->byte_type = (intptr_t)byte_type;
+    d->byte_type = narrow(byte_type, handle_size);
+    d->null_comm = narrow(null_comm, handle_size);
     d->handle_size = handle_size;
+    d->size = comm_size;
     d->comm = Py_NewRef(comm);
     d->error_type = Py_NewRef(error_type);
     PyObject *capsule = PyCapsule_New(d, "typedcoll.direct", direct_free);
@@ -211,38 +230,62 @@ static PyObject *direct(PyObject *mod, PyObject *args) {
     return capsule;
 }
 
-/* 0, or -1 with the MPI error raised as mpi4py raises it. */
-static int direct_allgather(PyObject *capsule, PyObject *send, PyObject *recv, Py_ssize_t slot) {
+/* The communicator's handle now, widened: what it is compared with MPI_COMM_NULL as. */
+static intptr_t direct_handle(const Direct *d) {
+    if (d->handle_size == 4) return (intptr_t)*(const int32_t *)d->comm_handle;
+    return (intptr_t)*(void *const *)d->comm_handle;
+}
+
+/* 0; -1 with an exception set (MPI's error raised as mpi4py raises it); 1 when the communicator
+ * is MPI_COMM_NULL (freed), which the caller hands to mpi4py's own binding to report.
+ * ``send`` must hold one slot and ``recv`` one per rank. Both buffers are exported for the
+ * duration of the call, as mpi4py does, so no other thread can resize them while MPI runs
+ * without the GIL. */
+static int direct_allgather(PyObject *capsule, PyObject *send, PyObject *recv) {
     Direct *d = (Direct *)PyCapsule_GetPointer(capsule, "typedcoll.direct");
     if (d == NULL) return -1;
-    if (slot > INT32_MAX) {
-        PyErr_SetString(PyExc_OverflowError, "typedcoll: slot too large for one MPI count");
+    if (direct_handle(d) == d->null_comm) return 1;
+    Py_buffer sbuf, rbuf;
+    if (PyObject_GetBuffer(send, &sbuf, PyBUF_SIMPLE) < 0) return -1;
+    if (PyObject_GetBuffer(recv, &rbuf, PyBUF_WRITABLE) < 0) {
+        PyBuffer_Release(&sbuf);
         return -1;
     }
-    const void *s = PyByteArray_AS_STRING(send);
-    void *r = PyByteArray_AS_STRING(recv);
-    int count = (int)slot, rc;
-    if (d->handle_size == 4) {
-        int32_t comm = *(const int32_t *)d->comm_handle, byte = (int32_t)d->byte_type;
-        Py_BEGIN_ALLOW_THREADS
-        rc = ((allgather_int_handles)d->fn)(s, count, byte, r, count, byte, comm);
-        Py_END_ALLOW_THREADS
+    int rc = 0;
+    if (sbuf.len == 0 || sbuf.len > INT32_MAX || rbuf.len != sbuf.len * d->size) {
+        PyErr_Format(PyExc_ValueError,
+                     "typedcoll: expected a send slot of 1 to 2**31-1 bytes and a receive "
+                     "buffer of %zd slots, got %zd and %zd bytes", d->size, sbuf.len, rbuf.len);
+        rc = -1;
     } else {
-        void *comm = *(void *const *)d->comm_handle, *byte = (void *)d->byte_type;
-        Py_BEGIN_ALLOW_THREADS
-        rc = ((allgather_ptr_handles)d->fn)(s, count, byte, r, count, byte, comm);
-        Py_END_ALLOW_THREADS
+        int count = (int)sbuf.len;
+        if (d->handle_size == 4) {
+            int32_t comm = *(const int32_t *)d->comm_handle, byte = (int32_t)d->byte_type;
+            Py_BEGIN_ALLOW_THREADS
+            rc = ((allgather_int_handles)d->fn)(sbuf.buf, count, byte, rbuf.buf, count, byte,
+                                                comm);
+            Py_END_ALLOW_THREADS
+        } else {
+            void *comm = *(void *const *)d->comm_handle, *byte = (void *)d->byte_type;
+            Py_BEGIN_ALLOW_THREADS
+            rc = ((allgather_ptr_handles)d->fn)(sbuf.buf, count, byte, rbuf.buf, count, byte,
+                                                comm);
+            Py_END_ALLOW_THREADS
+        }
+        if (rc != 0) {
+            PyObject *code = PyLong_FromLong(rc);
+            PyObject *exc = code ? PyObject_CallOneArg(d->error_type, code) : NULL;
+            Py_XDECREF(code);
+            if (exc != NULL) {
+                PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+                Py_DECREF(exc);
+            }
+            rc = -1;
+        }
     }
-    if (rc == 0) return 0;
-    PyObject *code = PyLong_FromLong(rc);
-    if (code == NULL) return -1;
-    PyObject *exc = PyObject_CallOneArg(d->error_type, code);
-    Py_DECREF(code);
-    if (exc != NULL) {
-        PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
-        Py_DECREF(exc);
-    }
-    return -1;
+    PyBuffer_Release(&rbuf);
+    PyBuffer_Release(&sbuf);
+    return rc;
 }
 
 /* exchange(capsule, send, recv): the bare direct MPI_Allgather of two bytearrays, no envelope.
@@ -252,12 +295,12 @@ static PyObject *exchange(PyObject *mod, PyObject *const *args, Py_ssize_t nargs
         PyErr_SetString(PyExc_TypeError, "exchange expects (capsule, bytearray, bytearray)");
         return NULL;
     }
-    Py_ssize_t slot = PyByteArray_GET_SIZE(args[1]);
-    if (slot == 0 || PyByteArray_GET_SIZE(args[2]) % slot != 0) {
-        PyErr_SetString(PyExc_ValueError, "exchange: recv must hold whole slots");
+    int rc = direct_allgather(args[0], args[1], args[2]);
+    if (rc < 0) return NULL;
+    if (rc > 0) {
+        PyErr_SetString(PyExc_ValueError, "exchange: the communicator is MPI_COMM_NULL");
         return NULL;
     }
-    if (direct_allgather(args[0], args[1], args[2], slot) < 0) return NULL;
     Py_RETURN_NONE;
 }
 #endif
@@ -419,9 +462,10 @@ static PyObject *allgather(PyObject *mod, PyObject *const *args, Py_ssize_t narg
 #ifndef HAVE_DIRECT
     (void)direct_call;
 #else
-    if (direct_call != Py_None) {
-        if (direct_allgather(direct_call, send, recv, slot) < 0) goto error;
-    } else
+    int sent = 1;
+    if (direct_call != Py_None && (sent = direct_allgather(direct_call, send, recv)) < 0)
+        goto error;
+    if (sent != 0)
 #endif
     {
         PyObject *call_args[3] = {NULL, send, recv};

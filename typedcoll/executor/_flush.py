@@ -5,15 +5,16 @@ previous batch, timed-out requests, metrics turned on) makes the ranks' collecti
 by one, and every later collective pairs the wrong calls. The fix is structural: code under a
 rank-local condition never issues a collective; it only *posts* a message to a named channel.
 At a flush point that every rank reaches the same number of times, one collective drains every
-channel at once: each rank contributes its pending messages (or None when it has none), and every
-rank receives every rank's.
+channel at once: each rank contributes its pending messages (an empty batch when it has none),
+and every rank receives every rank's.
 
 Wire format. A flush is one typed ``allgather`` whose envelope op is ``"flush"``, with the call
-site pinned, and whose schema is the batch Struct (a rank with nothing pending sends the empty
-batch, four bytes; not None under ``Optional[...]``, whose typing object Python hashes slowly on
-every lookup of its schema): the batch Struct has one field per
-channel (declaration order), each a tuple of that channel's message type, so the payload is
-decoded by msgspec into typed messages, never unpickled. Coalescing is the point: the fix that
+site pinned, and whose schema is the batch Struct: one field per channel (declaration order),
+each a tuple of that channel's message type, array_like, so the payload is decoded by msgspec
+into typed messages, never unpickled. The sender encodes a plain tuple of tuples,
+msgpack-identical to the Struct, without building one. A rank with nothing pending sends the
+empty batch (1 + one byte per channel), not None under ``Optional[...]``, whose typing object
+Python hashes slowly on every lookup of its schema. Coalescing is the point: the fix that
 inspired this drains each channel with its own collective; here one collective carries the whole
 control plane of an iteration (field notes §1: "the fix still costs one collective per drained
 channel per iteration").
@@ -53,20 +54,27 @@ class Delivery:
     asked for: a flush whose delivery is only partly read pays only for what is read.
     """
 
-    __slots__ = ("step", "seq", "_batches", "_count")
+    __slots__ = ("step", "seq", "channels", "_batches", "_views", "_count")
 
-    def __init__(self, step: int, seq: int, batches: List[Any]) -> None:
+    def __init__(self, step: int, seq: int, channels: Tuple[str, ...], batches: List[Any]) -> None:
         self.step = step
         self.seq = seq
-        self._batches = batches
+        self.channels = channels
+        self._batches = batches  # one decoded batch Struct per rank
+        self._views: Dict[str, List[Tuple[Any, ...]]] = {}
         self._count = -1
 
     def __getitem__(self, channel: str) -> List[Tuple[Any, ...]]:
-        return [getattr(batch, channel) for batch in self._batches]
+        view = self._views.get(channel)
+        if view is None:
+            if channel not in self.channels:
+                raise KeyError(f"expected a channel in {list(self.channels)}, got {channel!r}")
+            view = self._views[channel] = [getattr(batch, channel) for batch in self._batches]
+        return view
 
     def messages(self, channel: str) -> Iterator[Tuple[int, Any]]:
-        for rank, batch in enumerate(self._batches):
-            for message in getattr(batch, channel):
+        for rank, posted in enumerate(self[channel]):
+            for message in posted:
                 yield rank, message
 
     def latest(self, channel: str) -> List[Any]:
@@ -144,7 +152,8 @@ class SymmetricFlush:
 
     @property
     def posted(self) -> Dict[str, int]:
-        """Messages posted on this rank so far, per channel (flushed or pending)."""
+        """Messages posted on this rank so far, per channel (flushed or pending); a new dict on
+        every read (what each rank received is counted by its :class:`Delivery`)."""
         return {ch: done + len(queue)
                 for ch, done, queue in zip(self.channels, self._flushed, self._queues)}
 
@@ -168,7 +177,7 @@ class SymmetricFlush:
         seq = self.comm._p.seq
         received = self._allgather(batch, self._batch_type, step, "flush", True)
         self.flushes += 1
-        return Delivery(step, seq, received)
+        return Delivery(step, seq, self.channels, received)
 
 
 register_internal(__file__)
