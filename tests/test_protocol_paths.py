@@ -221,3 +221,39 @@ report(f"same={got == expected} {got} mpich={'MPICH' in MPI.Get_library_version(
     if "mpich=True" in res.stdout:
         from mpi4py import MPI
         assert f"MPI error class {MPI.ERR_COMM}" in res.stdout, res
+
+
+def test_pending_deferred_checks_are_verified_before_every_typed_call():
+    # The torch device path's deferred envelope checks (``Protocol.deferred``) must be verified
+    # at the next typed call of any kind, object collectives included, and a failed one raised
+    # there before the collective is issued.
+    from mpi4py import MPI
+
+    import typedcoll as tc
+
+    class Deferred:
+        def __init__(self, fail_at=None):
+            self.calls, self.fail_at = 0, fail_at
+
+        def verify_ready(self, protocol):
+            self.calls += 1
+            if self.calls == self.fail_at:
+                raise tc.DesyncError("collective #0 on self diverged (envelope):", seq=0)
+
+    comm = tc.TypedComm(MPI.COMM_SELF)
+    p = comm._p
+    p.deferred = Deferred()
+    p._refresh_fast()
+    assert p.fast is None
+    assert comm.allgather(1) == [1] and comm.allgather(2) == [2]
+    assert comm.gather(3, root=0) == [3] and comm.bcast(4, root=0) == 4
+    assert comm.allreduce(5) == 5
+    comm.barrier()
+    assert p.deferred.calls == 6 and comm.seq == 6
+    p.deferred = Deferred(fail_at=1)
+    with pytest.raises(tc.DesyncError, match="diverged"):
+        comm.allgather(6)
+    assert comm.seq == 6  # not issued
+    p.deferred = None
+    p._refresh_fast()
+    assert p.fast is not None and comm.allgather(7) == [7]

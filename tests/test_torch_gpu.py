@@ -138,3 +138,21 @@ def test_object_collectives_on_nccl_group_use_gloo(groups):
     comm = tc.TypedComm.from_torch(groups[0])
     assert dist.get_backend(comm._p.transport.control) == "gloo"
     assert comm.allgather({"a": 1}) == [{"a": 1}]
+
+
+def test_object_collective_verifies_pending_device_checks(groups):
+    # "Verified at the next typed call": an object collective counts, and a failed check raises
+    # there, before the object collective is issued.
+    comm = tc.TypedComm.from_torch(groups[0])
+    comm.all_gather_tensor(torch.randn(4, device="cuda"), name="h")
+    torch.cuda.synchronize()
+    checks = comm._p.extensions["tensor"]
+    assert checks.pending and comm._p.deferred is checks
+    checks.pending[-1].slot.view[BLOCK + 1] = 11  # op code: a peer's broadcast
+    with pytest.raises(tc.DesyncError, match=r"collective #0 on WORLD diverged"):
+        comm.allgather(1)
+    assert not checks.pending and comm._p.deferred is None
+    assert comm.allgather({"b": 2}) == [{"b": 2}] and comm.seq == 2
+    comm.all_gather_tensor(torch.randn(4, device="cuda"), name="h")
+    comm.synchronize()
+    assert comm._p.deferred is None

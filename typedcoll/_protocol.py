@@ -119,6 +119,7 @@ class Protocol(Payloads):
     __slots__ = ("transport", "rank", "size", "name", "timeout", "seq", "policy", "slot", "send",
                  "send_view", "recv", "recv_view", "recv_u32", "offsets", "peer_offsets",
                  "recorder", "_broken", "hang_reporter", "_site", "extensions", "fast", "observer",
+                 "deferred",
                  "__weakref__")
 
     def __init__(self, transport: Any, name: str, timeout: Optional[float]) -> None:
@@ -138,6 +139,10 @@ class Protocol(Payloads):
         # Called with the protocol after each successful collective (debug logging). Setting it
         # turns the C fast path off for this communicator: only Python paths call it.
         self.observer: Optional[Callable[["Protocol"], None]] = None
+        # Deferred device checks with calls still unverified (``_tensor_device``): while set,
+        # every typed call verifies what has arrived before it starts, object collectives
+        # included, so they take the Python paths.
+        self.deferred: Any = None
         self._refresh_fast()
         self._agree_on_timeout()
         # Set by diagnostics: (protocol, seq) -> (missing ranks or None, report text).
@@ -189,7 +194,8 @@ class Protocol(Payloads):
         whenever what it holds can change: new buffers, a slot-size decision, a timeout.
         """
         if (self.timeout is not None or self._broken is not None or self.recv_u32 is None
-                or self.slot != self.policy.size or self.observer is not None):
+                or self.slot != self.policy.size or self.observer is not None
+                or self.deferred is not None):
             self.fast = None
             return
         rec = self.recorder
@@ -262,7 +268,7 @@ class Protocol(Payloads):
         except TypeError:  # an unhashable schema: the general path reports it
             info = None
         if (info is None or info.kind or self.broken is not None or self.recv_u32 is None
-                or self.slot != self.policy.size
+                or self.slot != self.policy.size or self.deferred is not None
                 or (step is not None and (type(step) is not int
                                           or not -_STEP_LIMIT < step < _STEP_LIMIT))):
             return self.allgather_general(value, schema, step, op, pin_site)
@@ -373,6 +379,8 @@ class Protocol(Payloads):
                root: int = NO_ROOT, reduce_op: int = 0, step: Optional[int] = None,
                array_fp: bytes = _ZEROS, pin_site: bool = False, validate: bool = False,
                error: Optional[str] = None) -> Phase1:
+        if self.deferred is not None:
+            self.deferred.verify_ready(self)  # raises the first failed check, before seq moves
         if self.broken is not None:
             _coldpath.refuse_broken(self, op, info)
         if self.slot != self.policy.size:

@@ -25,9 +25,9 @@ host sync would stall the GPU queue, so the envelope travels on the device, in b
   2. The payload collective is enqueued behind it on the same group (NCCL runs a group's
      collectives in issue order).
   3. Verification, on the host, of the pinned copy: each rank's first ``CHECKED`` header bytes
-     against its own. *Deferred* (default): at the next tensor collective, for every pending
-     check whose event has completed, without waiting, and at ``comm.synchronize()``, waiting
-     for all; a ring of ``RING`` slots bounds the unchecked calls in flight (the oldest is waited
+     against its own. *Deferred* (default): at the next typed call (tensor or object: the
+     protocol's ``deferred`` hook), for every pending check whose event has completed, without
+     waiting, and at ``comm.synchronize()``, waiting for all; a ring of ``RING`` slots bounds the unchecked calls in flight (the oldest is waited
      for when the ring is full). *Eager* (``TYPEDCOLL_TENSOR_CHECK=eager`` or
      ``TypedComm.from_torch(..., tensor_check="eager")``): wait for this call's envelope and verify it before
      the payload is enqueued -- one host sync per call, and nothing reaches NCCL's undefined

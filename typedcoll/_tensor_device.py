@@ -74,6 +74,18 @@ class _DeviceChecks:
             self.verify_oldest(p, wait=True)
         return slot
 
+    def track(self, p: Protocol, rec: "_Pending") -> None:
+        """Add an unverified call; the protocol then verifies before every typed call."""
+        self.pending.append(rec)
+        if p.deferred is not self:
+            p.deferred = self
+            p._refresh_fast()
+
+    def _drained(self, p: Protocol) -> None:
+        if not self.pending and p.deferred is self:
+            p.deferred = None
+            p._refresh_fast()
+
     def verify_ready(self, p: Protocol) -> None:
         """Verify, oldest first, every pending check whose envelope has arrived; never waits."""
         pending = self.pending
@@ -97,6 +109,8 @@ class _DeviceChecks:
             for later in self.pending:
                 later.slot.pending = None
             self.pending.clear()
+        self._drained(p)
+        if error is not None:
             raise error
 
 
@@ -190,7 +204,7 @@ def _device(p: Protocol, call: _Call, launch: Callable[[bool], Any]) -> None:
         slot.recv.copy_(slot.dev_out, non_blocking=True)
         slot.event.record()
         rec = slot.pending = _Pending(seq, call, slot)
-        checks.pending.append(rec)
+        checks.track(p, rec)
         if checks.mode == "eager":
             checks.verify_all(p)
         if call.error is not None:
