@@ -128,7 +128,7 @@ def test_direct_mpi_binding_is_used_here():
     import typedcoll as tc
     comm = tc.TypedComm(MPI.COMM_SELF)
     binding = comm._p.transport.direct_allgather
-    assert binding is not None and comm._p.fast[-1] is binding
+    assert binding is not None and comm._p.fast[10] is binding
     assert comm.allgather(7) == [7]
 
 
@@ -163,7 +163,7 @@ def test_replaced_allgather_slots_turns_the_direct_binding_off():
         transport.comm.Allgather(send, recv)
     transport.allgather_slots = traced
     comm._p._refresh_fast()
-    assert comm._p.fast[-1] is None
+    assert comm._p.fast[10] is None
     comm.allgather(1)
     comm.allgather(2)
     assert seen == [128, 128]
@@ -257,3 +257,69 @@ def test_pending_deferred_checks_are_verified_before_every_typed_call():
     p.deferred = None
     p._refresh_fast()
     assert p.fast is not None and comm.allgather(7) == [7]
+
+
+@pytest.mark.parametrize("nranks", [2, 4])
+def test_gather_bcast_barrier_allreduce_steady_state_interoperates(tmp_path, nranks):
+    # gather, bcast, barrier and allreduce of numbers have a C steady state too: even ranks run
+    # it, odd ranks the general Python path, and results, overflow phases and verdicts must be
+    # the same everywhere.
+    code = PRELUDE + """
+import typedcoll._comm as ops
+from typedcoll import _protocol
+if world.rank % 2:
+    ops._fast_collective = None
+general = []
+phase1 = _protocol.Protocol.phase1
+def counting_phase1(self, op, *args, **kwargs):
+    general.append(op)
+    return phase1(self, op, *args, **kwargs)
+_protocol.Protocol.phase1 = counting_phase1
+c = tc.TypedComm(world)
+r, n = world.rank, world.size
+for it in range(30):
+    if it == 1:
+        warm = len(general)  # the first round resolves each schema on the general path
+    assert c.gather(RankState(r, it, 0), root=it % n, step=it) == (
+        [RankState(q, it, 0) for q in range(n)] if r == it % n else None)
+    got = c.bcast(RankState(r, it, 1) if r == it % n else None, root=it % n, schema=RankState)
+    assert got == RankState(it % n, it, 1), got
+    assert c.bcast((True, it) if r == 0 else None, schema=Tuple[bool, int]) == (True, it)
+    assert c.allreduce(r + it) == sum(q + it for q in range(n))
+    assert c.allreduce(float(r), "max") == float(n - 1)
+    c.barrier()
+if r % 2 == 0:
+    report(f"general path calls after warm-up: {len(general) - warm}")
+big = c.gather(list(range(100 * (r + 1))), root=0)          # some ranks overflow the slot
+assert big is None or [len(x) for x in big] == [100 * (q + 1) for q in range(n)]
+assert c.bcast(list(range(2000)) if r == 1 else None, root=1, schema=list) == list(range(2000))
+try:
+    c.bcast(RankState(r, 0, 0), root=r % 2)                    # ranks disagree on the root
+except tc.DesyncError as exc:
+    report(str(exc).splitlines()[0])
+try:
+    c.gather(RankState("x", 0, 0) if r == 1 else RankState(r, 0, 0), root=0)
+except tc.CollectiveError as exc:
+    report(f"{type(exc).__name__}: {exc}")
+try:
+    if r == 0:
+        c.barrier()
+    else:
+        c.allreduce(1)
+except tc.DesyncError as exc:
+    report(str(exc).splitlines()[0])
+report(f"seq {c.seq}")
+"""
+    res = run_spmd(code, nranks, timeout=120, tmp_path=tmp_path)
+    assert not res.timed_out and res.returncode == 0, res
+    per_iteration = 6
+    seq = 30 * per_iteration
+    assert "rank 0: general path calls after warm-up: 0" in res.stdout, res
+    for rank in range(nranks):
+        assert f"rank {rank}: collective #{seq + 2} on COMM_WORLD diverged (root):" in res.stdout, res
+        assert f"rank {rank}: collective #{seq + 4} on COMM_WORLD diverged (" in res.stdout, res
+        assert f"rank {rank}: seq {seq + 5}" in res.stdout, res
+    assert ("rank 1: EncodeError: collective #183 on COMM_WORLD: rank 1 could not send its "
+            "gather[RankState] contribution: Expected `int`, got `str` - at `$.rank`") in res.stdout
+    assert ("rank 0: PeerError: collective #183 on COMM_WORLD: rank 1 failed its "
+            "gather[RankState] contribution: Expected `int`, got `str` - at `$.rank`") in res.stdout

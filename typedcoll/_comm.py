@@ -16,14 +16,16 @@ from . import codecs
 from ._callsite import register_internal
 from ._errors import DecodeError
 from ._payloads import Phase1, reduce_values
-from ._protocol import MODE_ARRAY, MODE_EMPTY, MODE_MSG, Protocol, _fast_allgather
+from ._protocol import (_TAKE_PY, EMPTY_SCHEMA, MODE_ARRAY, MODE_EMPTY, MODE_MSG, Protocol,
+                        _fast_allgather, _fast_collective)
 from .codecs import KIND_MSGSPEC, KIND_NUMPY_SCALAR, SchemaInfo
-from ._wire import FLAG_OVERFLOW, NO_ROOT, REDUCE_OPS
+from ._wire import FLAG_OVERFLOW, NO_ROOT, NO_STEP, REDUCE_OPS
 
 T = TypeVar("T")
 _ZEROS = bytes(8)
-_NO_SCHEMA = SchemaInfo(None, "", _ZEROS, KIND_MSGSPEC, None)
 _INT64 = 2 ** 63
+# The kinds of _speedups.collective (see _speedups.c).
+_KIND_ALL, _KIND_GATHER, _KIND_BCAST, _KIND_EMPTY = 0, 1, 2, 3
 
 
 def resolve(value: Any, schema: Any) -> Tuple[Optional[SchemaInfo], Optional[str]]:
@@ -68,6 +70,36 @@ def _first_error(*errors: Optional[str]) -> Optional[str]:
     return None
 
 
+def _steady(p: Protocol, value: Any, schema: Any, step: Any, op: str, root: int, reduce_code: int,
+            kind: int) -> Any:
+    """The C steady state of one collective (``_speedups.collective``): a list (the result, or
+    for the other kinds a 1-item list holding it), ``_TAKE_PY``, or ``(code, lasti, seq)`` when
+    the slots were exchanged but the call was not the steady state."""
+    try:
+        return _fast_collective(p, value, schema, step, op, root, reduce_code, kind)  # type: ignore[misc]
+    except BaseException as exc:
+        p.failed(exc)
+        raise
+
+
+def _unsteady(p: Protocol, out: Any, op: str, info: SchemaInfo, step: Any, root: int,
+              reduce_code: int, rest: Any) -> Any:
+    """Finish a collective whose slots the C path exchanged outside the steady state: the
+    general path's verdict from the received slots (the error every rank agrees on, or phase 2
+    when a peer overflowed), then ``rest(phase1)`` as the general path would."""
+    code, lasti, seq = out
+    try:
+        p._site = (code, lasti)
+        p1 = p._after_exchange(seq, op, info, code, lasti, False, root, reduce_code,
+                               NO_STEP if step is None else step, None, None, None)
+        result = rest(p1)
+    except BaseException as exc:
+        p.failed(exc)
+        raise
+    p.completed()
+    return result
+
+
 def allgather_op(p: Protocol, op: str, value: Any, schema: Any, step: Any,
                  pin_site: bool = False) -> List[Any]:
     """Allgather under op name ``op`` (the executor's flush uses "flush" with a pinned site)."""
@@ -75,6 +107,13 @@ def allgather_op(p: Protocol, op: str, value: Any, schema: Any, step: Any,
 
 
 def gather_op(p: Protocol, value: Any, root: Any, schema: Any, step: Any) -> Optional[List[Any]]:
+    if _fast_collective is not None and type(root) is int:
+        out = _steady(p, value, schema, step, "gather", root, 0, _KIND_GATHER)
+        if out.__class__ is list:
+            return out[0]
+        if out is not _TAKE_PY:
+            return _unsteady(p, out, "gather", resolve(value, schema)[0], step, root, 0,  # type: ignore[arg-type]
+                             lambda p1: _gather_rest(p, p1, root))
     info, error = resolve(value, schema)
     mode, payload, array_fp, mode_error = payload_mode(info, value)
     root_error = _check_root(root, p.size)
@@ -83,8 +122,7 @@ def gather_op(p: Protocol, value: Any, root: Any, schema: Any, step: Any) -> Opt
         p1 = p.phase1("gather", info, payload, mode, root=NO_ROOT if root_error else int(root),
                       step=None if error else step, array_fp=array_fp, validate=True,
                       error=error)
-        bufs = p.gather_payloads(p1, int(root))
-        out = None if bufs is None else [p.decode(p1, b, r) for r, b in enumerate(bufs)]
+        out = _gather_rest(p, p1, int(root))
     except BaseException as exc:
         p.failed(exc)
         raise
@@ -92,7 +130,20 @@ def gather_op(p: Protocol, value: Any, root: Any, schema: Any, step: Any) -> Opt
     return out
 
 
+def _gather_rest(p: Protocol, p1: Phase1, root: int) -> Optional[List[Any]]:
+    bufs = p.gather_payloads(p1, root)
+    return None if bufs is None else [p.decode(p1, b, r) for r, b in enumerate(bufs)]
+
+
 def bcast_op(p: Protocol, value: Any, root: Any, schema: Any, step: Any) -> Any:
+    if (_fast_collective is not None and type(root) is int
+            and (schema is not None or value is not None)):
+        out = _steady(p, value, schema, step, "bcast", root, 0, _KIND_BCAST)
+        if out.__class__ is list:
+            return out[0]
+        if out is not _TAKE_PY:
+            return _unsteady(p, out, "bcast", resolve(value, schema)[0], step, root, 0,  # type: ignore[arg-type]
+                             lambda p1: p.decode(p1, p.bcast_payload(p1, root), root))
     root_error = _check_root(root, p.size)
     is_root = root_error is None and p.rank == root
     info, error = resolve(value, schema)
@@ -117,6 +168,13 @@ def bcast_op(p: Protocol, value: Any, root: Any, schema: Any, step: Any) -> Any:
 
 def allreduce_op(p: Protocol, value: Any, op: Any, step: Any) -> Any:
     reduce_code = REDUCE_OPS.get(op) if isinstance(op, str) else None
+    if _fast_collective is not None and reduce_code is not None and type(value) in (int, float):
+        out = _steady(p, value, None, step, "allreduce", NO_ROOT, reduce_code, _KIND_ALL)
+        if out.__class__ is list:
+            return reduce_values(out, op)
+        if out is not _TAKE_PY:
+            return _unsteady(p, out, "allreduce", codecs.resolve(type(value)), step, NO_ROOT,
+                             reduce_code, lambda p1: _allreduce_rest(p, p1, value, op, MODE_MSG))
     op_error = None if reduce_code is not None else (
         f"ValueError: expected op 'sum', 'max', 'min' or 'prod', got {op!r}")
     info: Optional[SchemaInfo] = None
@@ -138,21 +196,7 @@ def allreduce_op(p: Protocol, value: Any, op: Any, step: Any) -> Any:
     try:
         p1 = p.phase1("allreduce", info, payload, mode, reduce_op=reduce_code or 0,
                       step=None if error else step, array_fp=array_fp, error=error)
-        overflowed = [bool(f & FLAG_OVERFLOW) for f in p1.flags]
-        if any(overflowed) and (not all(overflowed) or mode != MODE_ARRAY):
-            # Equal dtype and shape (checked) make every rank overflow alike, and only arrays
-            # can: anything else is a corrupt header.
-            raise DecodeError(f"collective #{p1.seq} on {p.name}: expected every rank or none "
-                              f"to send an overflowing array, got overflow flags "
-                              f"{[int(o) for o in overflowed]}", seq=p1.seq, comm=p.name,
-                              source=overflowed.index(not overflowed[p.rank]) if not all(
-                                  overflowed) else p.rank, schema=p1.info.name if p1.info else "?")
-        if overflowed[0]:
-            result = p.allreduce_large(p1, payload, op)
-        else:
-            values = [_decode_reduce(p, p1, buf, r)
-                      for r, buf in enumerate(p.gather_payloads(p1))]  # type: ignore[arg-type]
-            result = reduce_values(values, op)
+        result = _allreduce_rest(p, p1, payload, op, mode)
         if is_scalar:
             result = result[()]
     except BaseException as exc:
@@ -160,6 +204,23 @@ def allreduce_op(p: Protocol, value: Any, op: Any, step: Any) -> Any:
         raise
     p.completed()
     return result
+
+
+def _allreduce_rest(p: Protocol, p1: Phase1, payload: Any, op: str, mode: int) -> Any:
+    overflowed = [bool(f & FLAG_OVERFLOW) for f in p1.flags]
+    if any(overflowed) and (not all(overflowed) or mode != MODE_ARRAY):
+        # Equal dtype and shape (checked) make every rank overflow alike, and only arrays can:
+        # anything else is a corrupt header.
+        raise DecodeError(f"collective #{p1.seq} on {p.name}: expected every rank or none "
+                          f"to send an overflowing array, got overflow flags "
+                          f"{[int(o) for o in overflowed]}", seq=p1.seq, comm=p.name,
+                          source=overflowed.index(not overflowed[p.rank]) if not all(
+                              overflowed) else p.rank, schema=p1.info.name if p1.info else "?")
+    if overflowed[0]:
+        return p.allreduce_large(p1, payload, op)
+    values = [_decode_reduce(p, p1, buf, r)
+              for r, buf in enumerate(p.gather_payloads(p1))]  # type: ignore[arg-type]
+    return reduce_values(values, op)
 
 
 def _decode_reduce(p: Protocol, p1: Phase1, buf: Any, source: int) -> Any:
@@ -172,10 +233,21 @@ def _decode_reduce(p: Protocol, p1: Phase1, buf: Any, source: int) -> Any:
     return p.decode(p1, buf, source)
 
 
+def barrier_op(p: Protocol) -> None:
+    if _fast_collective is not None:
+        out = _steady(p, None, None, None, "barrier", NO_ROOT, 0, _KIND_EMPTY)
+        if out.__class__ is list:
+            return
+        if out is not _TAKE_PY:
+            _unsteady(p, out, "barrier", EMPTY_SCHEMA, None, NO_ROOT, 0, lambda p1: None)
+            return
+    empty_op(p, "barrier")
+
+
 def empty_op(p: Protocol, op: str, error: Optional[str] = None) -> Phase1:
     """A collective with no payload (barrier, split, dup): envelopes only."""
     try:
-        p1 = p.phase1(op, _NO_SCHEMA, None, MODE_EMPTY, error=error)
+        p1 = p.phase1(op, EMPTY_SCHEMA, None, MODE_EMPTY, error=error)
     except BaseException as exc:
         p.failed(exc)
         raise
@@ -301,7 +373,7 @@ class TypedComm:
 
     def barrier(self) -> None:
         """Wait until every rank arrives (and check that they all called barrier)."""
-        empty_op(self._p, "barrier")
+        barrier_op(self._p)
 
     def split(self, color: Optional[int], key: int = 0) -> Optional["TypedComm"]:
         """A TypedComm per color, ranks ordered by key; None where color is None."""

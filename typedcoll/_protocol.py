@@ -83,17 +83,21 @@ _time_ns = time.time_ns
 
 
 _TAKE_PY = object()  # the C fast path's answer for "not the steady state, nothing done"
+# The schema of collectives that carry no payload (barrier, split, dup).
+EMPTY_SCHEMA = SchemaInfo(None, "", bytes(8), KIND_MSGSPEC, None)
 try:
     from . import _speedups
 except ImportError:  # built without a compiler: the pure-Python fast path serves
     _speedups = None  # type: ignore[assignment]
 if _speedups is not None and not os.environ.get("TYPEDCOLL_PURE_PYTHON"):
     _speedups.configure(_SCHEMAS, _SCHEMAS_BY_ID, OPS, _encode, _INTERNAL_FILES,
-                        site_fingerprint, _TAKE_PY)
+                        site_fingerprint, _TAKE_PY, EMPTY_SCHEMA, EMPTY_SCHEMA.fingerprint)
     _fast_allgather: Optional[Callable[..., Any]] = _speedups.allgather
+    _fast_collective: Optional[Callable[..., Any]] = _speedups.collective
     _scan: Optional[Callable[..., Any]] = _speedups.scan
 else:
     _fast_allgather = None
+    _fast_collective = None
     _scan = None
 
 
@@ -204,7 +208,7 @@ class Protocol(Payloads):
                      rec.numbers if on else None, rec.state if on else None,
                      rec.capacity if on else 0, self.policy.min_slot,
                      rec.objects if on else None,
-                     _direct_binding(self.transport)]
+                     _direct_binding(self.transport), self.rank]
 
     def set_observer(self, observer: Optional[Callable[["Protocol"], None]]) -> None:
         """Call ``observer(protocol)`` after every successful collective (None: stop)."""

@@ -1,11 +1,14 @@
-/* The steady state of a typed allgather, in C.
+/* The steady state of typed collectives, in C: allgather (and the flush), and through
+ * ``collective`` gather, bcast, barrier and allreduce of Python numbers.
  *
- * Exactly the protocol of Protocol.allgather in _protocol.py (read its docstring and _wire.py's
- * header layout): encode, write the 56-byte header and the inline payload into the slot, record
- * the flight-recorder entry, one allgather of the slots, compare every header's first 48 bytes
- * with ours, decode every inline payload. The interpreter executes ~340 bytecodes for that in
- * Python (~25k instructions at 2 ranks, measured with callgrind); here it is a few thousand, which
- * is what keeps a checked allgather within 1.5x of a raw one.
+ * Exactly the protocol of Protocol.allgather / Protocol.phase1 in _protocol.py (read its
+ * docstring and _wire.py's header layout): encode, write the 56-byte header and the inline
+ * payload into the slot, record the flight-recorder entry, one allgather of the slots, compare
+ * every header's first 48 bytes with ours, decode the payloads this rank needs (every rank's for
+ * allgather, the root's for bcast, every rank's on the gather root, none for a barrier). The
+ * interpreter executes ~340 bytecodes for an allgather in Python (~25k instructions at 2 ranks,
+ * measured with callgrind), the general path several times that; here it is a few thousand,
+ * which is what keeps a checked allgather within 1.5x of a raw one.
  *
  * It handles only the common case and never raises for protocol reasons:
  *   - returns TAKE_PY before touching any state when the call is unusual (no cached schema, an
@@ -14,7 +17,8 @@
  *     set, a length is corrupt or a payload does not decode: Python then finishes the collective
  *     on the general path from the received slots, which produces the exact error every rank
  *     agrees on;
- *   - otherwise returns the list of decoded values.
+ *   - otherwise returns the list of decoded values (allgather), or a 1-item list holding the
+ *     result (the other kinds: a bcast may deliver any object, a tuple included).
  * Errors of the backend itself (an MPI exception) propagate unchanged.
  *
  * Over MPI the exchange itself may skip mpi4py's Python binding: ``direct(...)`` (below) wraps
@@ -45,10 +49,12 @@
 #define LENGTH_OFFSET 52
 #define FLAG_NONE_VALUE 1
 #define FLAG_LOCAL_ERROR 2
+#define FLAG_NO_PAYLOAD 8
 #define MAGIC 0xC1
 #define NO_ROOT (-1)
 
 static PyObject *SCHEMAS, *SCHEMAS_BY_ID, *OPS, *ENCODE, *INTERNAL, *SITE_FP, *TAKE_PY;
+static PyObject *EMPTY_INFO, *EMPTY_FINGERPRINT; /* the schema of collectives without payload */
 static PyObject *s_seq, *s_policy, *s_size, *s_observe, *s_fast;
 /* (address of code, lasti) -> (code, site fingerprint): hashing a code object walks its bytecode
  * (~0.8 us per flush for _callsite.site_fingerprint's own cache), its address does not; holding
@@ -80,12 +86,16 @@ static PyObject *take_py(void) {
     return TAKE_PY;
 }
 
-/* configure(schemas, schemas_by_id, ops, encode, internal_files, site_fingerprint, take_py) */
+/* configure(schemas, schemas_by_id, ops, encode, internal_files, site_fingerprint, take_py,
+ *           empty_info, empty_fingerprint) */
 static PyObject *configure(PyObject *mod, PyObject *args) {
-    PyObject *schemas, *by_id, *ops, *encode, *internal, *site_fp, *take;
-    if (!PyArg_ParseTuple(args, "O!O!O!OO!OO", &PyDict_Type, &schemas, &PyDict_Type, &by_id,
-                          &PyDict_Type, &ops, &encode, &PySet_Type, &internal, &site_fp, &take))
+    PyObject *schemas, *by_id, *ops, *encode, *internal, *site_fp, *take, *empty, *empty_fp;
+    if (!PyArg_ParseTuple(args, "O!O!O!OO!OOOO!", &PyDict_Type, &schemas, &PyDict_Type, &by_id,
+                          &PyDict_Type, &ops, &encode, &PySet_Type, &internal, &site_fp, &take,
+                          &empty, &PyBytes_Type, &empty_fp))
         return NULL;
+    Py_XSETREF(EMPTY_INFO, Py_NewRef(empty));
+    Py_XSETREF(EMPTY_FINGERPRINT, Py_NewRef(empty_fp));
     Py_XSETREF(SCHEMAS, Py_NewRef(schemas));
     Py_XSETREF(SCHEMAS_BY_ID, Py_NewRef(by_id));
     Py_XSETREF(OPS, Py_NewRef(ops));
@@ -332,39 +342,36 @@ static PyObject *pinned_site(PyCodeObject *code, int lasti) {
     return site;
 }
 
-/* allgather(proto, value, schema, step, op, pin_site) */
-static PyObject *allgather(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError, "allgather expects 6 arguments");
-        return NULL;
-    }
-    PyObject *proto = args[0], *value = args[1], *schema = args[2], *step_obj = args[3],
-             *op = args[4];
-    int pin_site = PyObject_IsTrue(args[5]);
-    if (pin_site < 0) return NULL;
+/* The schema cache's SchemaInfo for ``key`` (borrowed), or NULL: with an exception set on error,
+ * without one when the schema is not resolved yet (or unhashable). */
+static PyObject *lookup_info(PyObject *key) {
+    /* By identity first: typing objects hash in Python code (see codecs._schema._BY_ID). */
+    PyObject *id = PyLong_FromVoidPtr(key);
+    if (id == NULL) return NULL;
+    PyObject *entry = PyDict_GetItemWithError(SCHEMAS_BY_ID, id); /* borrowed */
+    Py_DECREF(id);
+    if (entry != NULL && PyTuple_Check(entry) && PyTuple_GET_SIZE(entry) == 2 &&
+        PyTuple_GET_ITEM(entry, 0) == key)
+        return PyTuple_GET_ITEM(entry, 1);
+    if (PyErr_Occurred()) return NULL;
+    PyObject *info = PyDict_GetItemWithError(SCHEMAS, key);
+    if (info == NULL) PyErr_Clear();
+    return info;
+}
 
-    /* --- may we take the fast path? (no state touched yet) --- */
-    PyObject *key = schema == Py_None ? (PyObject *)Py_TYPE(value) : schema;
-    PyObject *info = NULL; /* borrowed */
-    {
-        /* By identity first: typing objects hash in Python code (see codecs._schema._BY_ID). */
-        PyObject *id = PyLong_FromVoidPtr(key);
-        if (id == NULL) return NULL;
-        PyObject *entry = PyDict_GetItemWithError(SCHEMAS_BY_ID, id); /* borrowed */
-        Py_DECREF(id);
-        if (entry != NULL && PyTuple_Check(entry) && PyTuple_GET_SIZE(entry) == 2 &&
-            PyTuple_GET_ITEM(entry, 0) == key)
-            info = PyTuple_GET_ITEM(entry, 1);
-        else if (PyErr_Occurred())
-            return NULL;
-    }
-    if (info == NULL) {
-        info = PyDict_GetItemWithError(SCHEMAS, key);
-        if (info == NULL) {
-            PyErr_Clear(); /* unhashable, or not resolved yet */
-            return take_py();
-        }
-    }
+/* What a collective sends and decodes. Every kind is one exchange of the slots with the same
+ * header layout; they differ in who contributes a payload and whose payloads are decoded. */
+enum {
+    KIND_ALL = 0,    /* allgather, flush, allreduce: every rank sends, every rank decodes all */
+    KIND_GATHER = 1, /* every rank sends (checked against the schema first), the root decodes */
+    KIND_BCAST = 2,  /* the root sends, every rank decodes the root's payload */
+    KIND_EMPTY = 3,  /* nobody sends (barrier): the envelopes alone */
+};
+
+/* The steady state of one collective; see the module comment for what it returns. Results of
+ * kinds other than KIND_ALL come wrapped in a 1-item list (a bcast may deliver any object). */
+static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObject *step_obj,
+                        PyObject *op, int pin_site, long root, long reduce_op, int kind) {
     long long step = INT64_MIN;
     if (step_obj != Py_None) {
         if (!PyLong_CheckExact(step_obj)) return take_py();
@@ -378,15 +385,21 @@ static PyObject *allgather(PyObject *mod, PyObject *const *args, Py_ssize_t narg
     PyObject *opcode_obj = PyDict_GetItemWithError(OPS, op);
     if (opcode_obj == NULL) return PyErr_Occurred() ? NULL : take_py();
     long opcode = PyLong_AsLong(opcode_obj);
-    PyObject *info_fast = PyObject_GetAttr(info, s_fast); /* (fingerprint, decode) or None */
-    if (info_fast == NULL) return NULL;
-    Py_DECREF(info_fast); /* info, held by the schema cache, keeps it alive */
-    if (!PyTuple_Check(info_fast) || PyTuple_GET_SIZE(info_fast) != 2) return take_py();
-    PyObject *fp = PyTuple_GET_ITEM(info_fast, 0), *decode = PyTuple_GET_ITEM(info_fast, 1);
+    PyObject *fp, *decode = NULL; /* borrowed: info, held by the schema cache, keeps them */
+    if (kind == KIND_EMPTY) {
+        fp = EMPTY_FINGERPRINT;
+    } else {
+        PyObject *info_fast = PyObject_GetAttr(info, s_fast); /* (fingerprint, decode) or None */
+        if (info_fast == NULL) return NULL;
+        Py_DECREF(info_fast);
+        if (!PyTuple_Check(info_fast) || PyTuple_GET_SIZE(info_fast) != 2) return take_py();
+        fp = PyTuple_GET_ITEM(info_fast, 0);
+        decode = PyTuple_GET_ITEM(info_fast, 1);
+    }
     /* Protocol.fast is None whenever this path must not run (timeout, broken, slot resize). */
     PyObject *state = PyObject_GetAttr(proto, s_fast);
     if (state == NULL) return NULL;
-    if (!PyList_Check(state) || PyList_GET_SIZE(state) != 11 || !PyBytes_Check(fp) ||
+    if (!PyList_Check(state) || PyList_GET_SIZE(state) != 12 || !PyBytes_Check(fp) ||
         PyBytes_GET_SIZE(fp) != 8) {
         Py_DECREF(state);
         return take_py();
@@ -399,8 +412,10 @@ static PyObject *allgather(PyObject *mod, PyObject *const *args, Py_ssize_t narg
     Py_ssize_t size = PyLong_AsSsize_t(PyList_GET_ITEM(state, 3));
     Py_ssize_t capacity = PyLong_AsSsize_t(PyList_GET_ITEM(state, 7));
     Py_ssize_t min_slot = PyLong_AsSsize_t(PyList_GET_ITEM(state, 8));
+    Py_ssize_t rank = PyLong_AsSsize_t(PyList_GET_ITEM(state, 11));
     if (PyErr_Occurred() || !PyByteArray_Check(send) || PyByteArray_GET_SIZE(send) != slot ||
         !PyByteArray_Check(recv) || PyByteArray_GET_SIZE(recv) != slot * size ||
+        rank < 0 || rank >= size ||
         (ring != Py_None &&
          (!PyByteArray_Check(ring) || PyByteArray_GET_SIZE(ring) != capacity * ENTRY_SIZE ||
           !PyList_Check(ring_objects) || PyList_GET_SIZE(ring_objects) != 2 * capacity ||
@@ -410,18 +425,41 @@ static PyObject *allgather(PyObject *mod, PyObject *const *args, Py_ssize_t narg
             PyErr_SetString(PyExc_RuntimeError, "typedcoll: inconsistent fast-path state");
         return NULL;
     }
-    PyObject *payload = PyObject_CallOneArg(ENCODE, value);
-    if (payload == NULL) {
-        PyErr_Clear(); /* the general path flags the failure to every rank */
+    if ((kind == KIND_GATHER || kind == KIND_BCAST) && (root < 0 || root >= size)) {
         Py_DECREF(state);
         return take_py();
     }
-    if (!PyBytes_Check(payload) || PyBytes_GET_SIZE(payload) > slot - HEADER_SIZE) {
-        Py_DECREF(payload);
-        Py_DECREF(state);
-        return take_py();
+    int sends = kind == KIND_ALL || kind == KIND_GATHER || (kind == KIND_BCAST && rank == root);
+    PyObject *payload = NULL;
+    Py_ssize_t n = 0;
+    if (sends) {
+        payload = PyObject_CallOneArg(ENCODE, value);
+        if (payload == NULL) {
+            PyErr_Clear(); /* the general path flags the failure to every rank */
+            Py_DECREF(state);
+            return take_py();
+        }
+        if (!PyBytes_Check(payload) || PyBytes_GET_SIZE(payload) > slot - HEADER_SIZE) {
+            Py_DECREF(payload);
+            Py_DECREF(state);
+            return take_py();
+        }
+        n = PyBytes_GET_SIZE(payload);
+        if (kind == KIND_GATHER) {
+            /* Only the root decodes a gather payload: a value that does not match the schema
+             * must fail on its own rank, which the general path does (and flags to all). */
+            PyObject *dargs[2] = {NULL, payload};
+            PyObject *checked = PyObject_Vectorcall(decode, dargs + 1,
+                                                    1 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+            if (checked == NULL) {
+                PyErr_Clear();
+                Py_DECREF(payload);
+                Py_DECREF(state);
+                return take_py();
+            }
+            Py_DECREF(checked);
+        }
     }
-    Py_ssize_t n = PyBytes_GET_SIZE(payload);
 
     /* --- from here on the collective is issued: no more TAKE_PY --- */
     PyObject *result = NULL, *site = NULL, *seq_obj = NULL, *out = NULL;
@@ -440,19 +478,20 @@ static PyObject *allgather(PyObject *mod, PyObject *const *args, Py_ssize_t narg
     }
     if (pin_site && (site = pinned_site(code, lasti)) == NULL) goto error;
     unsigned char *s = (unsigned char *)PyByteArray_AS_STRING(send);
-    memcpy(s + HEADER_SIZE, PyBytes_AS_STRING(payload), (size_t)n);
+    if (n) memcpy(s + HEADER_SIZE, PyBytes_AS_STRING(payload), (size_t)n);
     s[0] = MAGIC;
     s[1] = (unsigned char)opcode;
-    s[2] = 0;
+    s[2] = (unsigned char)reduce_op;
     s[3] = 0;
-    put_u32(s + 4, (uint32_t)(int32_t)NO_ROOT);
+    put_u32(s + 4, (uint32_t)(int32_t)(kind == KIND_GATHER || kind == KIND_BCAST ? root
+                                                                                 : NO_ROOT));
     put_u64(s + 8, (uint64_t)seq);
     put_u64(s + 16, (uint64_t)step);
     memcpy(s + 24, PyBytes_AS_STRING(fp), 8);
     memset(s + 32, 0, 8);
     if (site) memcpy(s + 40, PyBytes_AS_STRING(site), 8);
     else memset(s + 40, 0, 8);
-    s[48] = value == Py_None ? FLAG_NONE_VALUE : 0;
+    s[48] = !sends ? FLAG_NO_PAYLOAD : value == Py_None ? FLAG_NONE_VALUE : 0;
     s[49] = s[50] = s[51] = 0;
     put_u32(s + 52, (uint32_t)n);
     if (record(ring, ring_objects, rec_state, capacity, seq, opcode, info, code, lasti, step, n) <
@@ -483,19 +522,32 @@ static PyObject *allgather(PyObject *mod, PyObject *const *args, Py_ssize_t narg
     for (Py_ssize_t i = 0; i < size && agree; i++) {
         const unsigned char *h = r + i * slot;
         uint32_t len = get_u32(h + LENGTH_OFFSET);
-        if (h[FLAGS_OFFSET] > FLAG_NONE_VALUE || (Py_ssize_t)len > cap ||
-            memcmp(h, s, CHECKED) != 0)
+        unsigned char flags = h[FLAGS_OFFSET];
+        int sent_nothing = kind == KIND_EMPTY || (kind == KIND_BCAST && i != root);
+        if (memcmp(h, s, CHECKED) != 0 ||
+            (sent_nothing ? flags != FLAG_NO_PAYLOAD || len != 0
+                          : flags > FLAG_NONE_VALUE || (Py_ssize_t)len > cap))
             agree = 0;
         if (len > largest) largest = len;
     }
     if (agree) {
-        out = PyList_New(size);
-        if (out == NULL) goto error;
-        for (Py_ssize_t i = 0; i < size; i++) {
-            const unsigned char *h = r + i * slot;
+        Py_ssize_t first = 0, count = size; /* the slots to decode */
+        if (kind == KIND_BCAST) {
+            first = root;
+            count = 1;
+        } else if (kind == KIND_EMPTY || (kind == KIND_GATHER && rank != root)) {
+            count = 0;
+        }
+        PyObject *values = PyList_New(count);
+        if (values == NULL) goto error;
+        for (Py_ssize_t k = 0; k < count; k++) {
+            const unsigned char *h = r + (first + k) * slot;
             PyObject *view = PyMemoryView_FromMemory((char *)h + HEADER_SIZE,
                                                      get_u32(h + LENGTH_OFFSET), PyBUF_READ);
-            if (view == NULL) goto error;
+            if (view == NULL) {
+                Py_DECREF(values);
+                goto error;
+            }
             PyObject *dargs[2] = {NULL, view};
             PyObject *item = PyObject_Vectorcall(decode, dargs + 1,
                                                  1 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
@@ -506,7 +558,22 @@ static PyObject *allgather(PyObject *mod, PyObject *const *args, Py_ssize_t narg
                 agree = 0;
                 break;
             }
-            PyList_SET_ITEM(out, i, item);
+            PyList_SET_ITEM(values, k, item);
+        }
+        if (!agree) {
+            Py_DECREF(values);
+        } else if (kind == KIND_ALL) {
+            out = values;
+        } else {
+            PyObject *one = kind == KIND_BCAST ? PyList_GET_ITEM(values, 0)
+                            : kind == KIND_GATHER && rank == root ? values : Py_None;
+            out = PyList_New(1);
+            if (out == NULL) {
+                Py_DECREF(values);
+                goto error;
+            }
+            PyList_SET_ITEM(out, 0, Py_NewRef(one));
+            Py_DECREF(values);
         }
     }
     if (!agree) {
@@ -537,9 +604,48 @@ cleanup:
     Py_XDECREF(site);
     Py_XDECREF(seq_obj);
     Py_XDECREF(code);
-    Py_DECREF(payload);
+    Py_XDECREF(payload);
     Py_DECREF(state);
     return result;
+}
+
+/* allgather(proto, value, schema, step, op, pin_site) */
+static PyObject *allgather(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "allgather expects 6 arguments");
+        return NULL;
+    }
+    PyObject *value = args[1], *schema = args[2];
+    int pin_site = PyObject_IsTrue(args[5]);
+    if (pin_site < 0) return NULL;
+    PyObject *info = lookup_info(schema == Py_None ? (PyObject *)Py_TYPE(value) : schema);
+    if (info == NULL) return PyErr_Occurred() ? NULL : take_py();
+    return steady(args[0], value, info, args[3], args[4], pin_site, NO_ROOT, 0, KIND_ALL);
+}
+
+/* collective(proto, value, schema, step, op, root, reduce_op, kind): gather, bcast, barrier and
+ * allreduce of Python numbers, as ``allgather`` but for the kind's senders and decoders. The
+ * schema is looked up as allgather's is (``schema`` or the type of ``value``); a barrier has
+ * none (KIND_EMPTY). */
+static PyObject *collective(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 8) {
+        PyErr_SetString(PyExc_TypeError, "collective expects 8 arguments");
+        return NULL;
+    }
+    PyObject *value = args[1], *schema = args[2];
+    long root = PyLong_AsLong(args[5]), reduce_op = PyLong_AsLong(args[6]);
+    long kind = PyLong_AsLong(args[7]);
+    if (PyErr_Occurred()) return NULL;
+    if (kind < KIND_ALL || kind > KIND_EMPTY || reduce_op < 0 || reduce_op > 255) {
+        PyErr_SetString(PyExc_ValueError, "collective: bad kind or reduce op");
+        return NULL;
+    }
+    PyObject *info = EMPTY_INFO;
+    if (kind != KIND_EMPTY) {
+        info = lookup_info(schema == Py_None ? (PyObject *)Py_TYPE(value) : schema);
+        if (info == NULL) return PyErr_Occurred() ? NULL : take_py();
+    }
+    return steady(args[0], value, info, args[3], args[4], 0, root, reduce_op, (int)kind);
 }
 
 /* scan(recv, slot, check) -> (agree, failed, largest)
@@ -592,6 +698,8 @@ static PyMethodDef methods[] = {
 #endif
     {"allgather", (PyCFunction)(void (*)(void))allgather, METH_FASTCALL,
      "The steady state of Protocol.allgather; see the module comment."},
+    {"collective", (PyCFunction)(void (*)(void))collective, METH_FASTCALL,
+     "The steady state of gather, bcast, barrier and allreduce; see the module comment."},
     {NULL, NULL, 0, NULL},
 };
 

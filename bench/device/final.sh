@@ -29,6 +29,10 @@ for n in 2 8; do
   echo "== core overhead, $n ranks"
   mpirun --oversubscribe -n $n python3 bench/core_overhead.py --rounds 15 --json $OUT/core_overhead_${n}.json
 done
+for n in 2 8; do
+  echo "== every collective against pickle, $n ranks"
+  mpirun --oversubscribe -n $n python3 bench/collectives.py --json $OUT/collectives_${n}.json
+done
 echo "== where the time goes, 2 ranks"
 mpirun --oversubscribe -n 2 python3 bench/core_decompose.py
 echo "== flush cost, 2 ranks"
