@@ -308,6 +308,11 @@ try:
         c.allreduce(1)
 except tc.DesyncError as exc:
     report(str(exc).splitlines()[0])
+for op in (c.gather, c.bcast):                                 # a root no C long can hold
+    try:
+        op(1, root=2 ** 70 if r == 1 else 0, schema=int)
+    except tc.CollectiveError as exc:
+        report(f"{type(exc).__name__}: {exc}")
 report(f"seq {c.seq}")
 """
     res = run_spmd(code, nranks, timeout=120, tmp_path=tmp_path)
@@ -318,8 +323,59 @@ report(f"seq {c.seq}")
     for rank in range(nranks):
         assert f"rank {rank}: collective #{seq + 2} on COMM_WORLD diverged (root):" in res.stdout, res
         assert f"rank {rank}: collective #{seq + 4} on COMM_WORLD diverged (" in res.stdout, res
-        assert f"rank {rank}: seq {seq + 5}" in res.stdout, res
+        assert f"rank {rank}: seq {seq + 7}" in res.stdout, res
     assert ("rank 1: EncodeError: collective #183 on COMM_WORLD: rank 1 could not send its "
             "gather[RankState] contribution: Expected `int`, got `str` - at `$.rank`") in res.stdout
     assert ("rank 0: PeerError: collective #183 on COMM_WORLD: rank 1 failed its "
             "gather[RankState] contribution: Expected `int`, got `str` - at `$.rank`") in res.stdout
+    for seq, op in ((185, "gather"), (186, "bcast")):
+        assert (f"rank 1: EncodeError: collective #{seq} on COMM_WORLD: rank 1 could not send "
+                f"its {op}[int] contribution: expected root in 0..{nranks - 1}, got "
+                f"{2 ** 70}") in res.stdout, res
+        assert (f"rank 0: PeerError: collective #{seq} on COMM_WORLD: rank 1 failed its "
+                f"{op}[int] contribution: expected root in 0..{nranks - 1}, got "
+                f"{2 ** 70}") in res.stdout, res
+
+
+@pytest.mark.parametrize("schema", ["raw", "memoryview"])
+def test_results_that_reference_their_payload_outlive_the_receive_buffer(schema):
+    # msgspec.Raw and memoryview values point into the bytes they were decoded from; the slots
+    # they arrive in are overwritten by the next collective and reallocated when the slot grows.
+    import msgspec
+    from mpi4py import MPI
+
+    import typedcoll as tc
+    comm = tc.TypedComm(MPI.COMM_SELF)
+    if schema == "raw":
+        kept = comm.allgather(msgspec.Raw(msgspec.msgpack.encode(b"AAAA")), schema=msgspec.Raw)
+        expected = [msgspec.msgpack.encode(b"AAAA")]
+        again = comm.bcast(msgspec.Raw(msgspec.msgpack.encode(b"CCCC")), schema=msgspec.Raw)
+    else:
+        kept = comm.allgather(memoryview(b"AAAA"), schema=memoryview)
+        expected = [b"AAAA"]
+        again = comm.bcast(memoryview(b"CCCC"), schema=memoryview)
+    comm.allgather(b"B" * 64)
+    comm.allgather(b"Q" * 1000)  # the slot grows: the receive buffer is reallocated
+    assert [bytes(x) for x in kept] == expected
+    assert bytes(again).endswith(b"CCCC")
+
+
+def test_collectives_with_a_timeout_take_the_general_path(monkeypatch):
+    # The C steady state has no deadline: with timeout= gather, bcast, allreduce and barrier go
+    # through phase1's nonblocking exchange (allgather through its flattened Python path, which
+    # has one too), on every rank alike, so MPI calls still match.
+    from mpi4py import MPI
+
+    import typedcoll as tc
+    from typedcoll import _protocol
+    comm = tc.TypedComm(MPI.COMM_SELF, timeout=30)
+    seen = []
+    real = _protocol.Protocol.phase1
+    monkeypatch.setattr(_protocol.Protocol, "phase1",
+                        lambda self, op, *a, **k: (seen.append(op), real(self, op, *a, **k))[1])
+    for _ in range(2):  # the second round has every schema cached
+        seen.clear()
+        assert comm.allgather(1) == [1] and comm.gather(2) == [2] and comm.bcast(3) == 3
+        assert comm.allreduce(4) == 4
+        comm.barrier()
+        assert seen == ["gather", "bcast", "allreduce", "barrier"]

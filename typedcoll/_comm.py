@@ -107,7 +107,7 @@ def allgather_op(p: Protocol, op: str, value: Any, schema: Any, step: Any,
 
 
 def gather_op(p: Protocol, value: Any, root: Any, schema: Any, step: Any) -> Optional[List[Any]]:
-    if _fast_collective is not None and type(root) is int:
+    if _fast_collective is not None and type(root) is int and 0 <= root < p.size:
         out = _steady(p, value, schema, step, "gather", root, 0, _KIND_GATHER)
         if out.__class__ is list:
             return out[0]
@@ -136,8 +136,7 @@ def _gather_rest(p: Protocol, p1: Phase1, root: int) -> Optional[List[Any]]:
 
 
 def bcast_op(p: Protocol, value: Any, root: Any, schema: Any, step: Any) -> Any:
-    if (_fast_collective is not None and type(root) is int
-            and (schema is not None or value is not None)):
+    if _fast_collective is not None and type(root) is int and 0 <= root < p.size:
         out = _steady(p, value, schema, step, "bcast", root, 0, _KIND_BCAST)
         if out.__class__ is list:
             return out[0]

@@ -89,6 +89,8 @@ try:
     from . import _speedups
 except ImportError:  # built without a compiler: the pure-Python fast path serves
     _speedups = None  # type: ignore[assignment]
+if getattr(_speedups, "ABI", None) != 2:  # a stale build of older source: not used
+    _speedups = None  # type: ignore[assignment]
 if _speedups is not None and not os.environ.get("TYPEDCOLL_PURE_PYTHON"):
     _speedups.configure(_SCHEMAS, _SCHEMAS_BY_ID, OPS, _encode, _INTERNAL_FILES,
                         site_fingerprint, _TAKE_PY, EMPTY_SCHEMA, EMPTY_SCHEMA.fingerprint)

@@ -86,6 +86,16 @@ static PyObject *take_py(void) {
     return TAKE_PY;
 }
 
+/* After a failure the general path will report to every rank (an unencodable value, say):
+ * TAKE_PY with the error dropped, but KeyboardInterrupt and other non-Exception errors (user
+ * code runs in a Struct's __post_init__) propagate, as the general path's ``except Exception``
+ * lets them. */
+static PyObject *take_py_after_error(void) {
+    if (!PyErr_ExceptionMatches(PyExc_Exception)) return NULL;
+    PyErr_Clear();
+    return take_py();
+}
+
 /* configure(schemas, schemas_by_id, ops, encode, internal_files, site_fingerprint, take_py,
  *           empty_info, empty_fingerprint) */
 static PyObject *configure(PyObject *mod, PyObject *args) {
@@ -385,23 +395,29 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
     PyObject *opcode_obj = PyDict_GetItemWithError(OPS, op);
     if (opcode_obj == NULL) return PyErr_Occurred() ? NULL : take_py();
     long opcode = PyLong_AsLong(opcode_obj);
-    PyObject *fp, *decode = NULL; /* borrowed: info, held by the schema cache, keeps them */
-    if (kind == KIND_EMPTY) {
-        fp = EMPTY_FINGERPRINT;
-    } else {
-        PyObject *info_fast = PyObject_GetAttr(info, s_fast); /* (fingerprint, decode) or None */
+    /* info.fast, held for the whole call: user code (a decoder's __post_init__, the transport)
+     * runs before its fingerprint and decoder are last used. */
+    PyObject *info_fast = NULL, *fp = EMPTY_FINGERPRINT, *decode = NULL;
+    if (kind != KIND_EMPTY) {
+        info_fast = PyObject_GetAttr(info, s_fast); /* (fingerprint, decode) or None */
         if (info_fast == NULL) return NULL;
-        Py_DECREF(info_fast);
-        if (!PyTuple_Check(info_fast) || PyTuple_GET_SIZE(info_fast) != 2) return take_py();
+        if (!PyTuple_Check(info_fast) || PyTuple_GET_SIZE(info_fast) != 2) {
+            Py_DECREF(info_fast);
+            return take_py();
+        }
         fp = PyTuple_GET_ITEM(info_fast, 0);
         decode = PyTuple_GET_ITEM(info_fast, 1);
     }
     /* Protocol.fast is None whenever this path must not run (timeout, broken, slot resize). */
     PyObject *state = PyObject_GetAttr(proto, s_fast);
-    if (state == NULL) return NULL;
+    if (state == NULL) {
+        Py_XDECREF(info_fast);
+        return NULL;
+    }
     if (!PyList_Check(state) || PyList_GET_SIZE(state) != 12 || !PyBytes_Check(fp) ||
         PyBytes_GET_SIZE(fp) != 8) {
         Py_DECREF(state);
+        Py_XDECREF(info_fast);
         return take_py();
     }
     PyObject *send = PyList_GET_ITEM(state, 0), *recv = PyList_GET_ITEM(state, 1),
@@ -421,12 +437,14 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
           !PyList_Check(ring_objects) || PyList_GET_SIZE(ring_objects) != 2 * capacity ||
           !PyList_Check(rec_state) || capacity <= 0))) {
         Py_DECREF(state);
+        Py_XDECREF(info_fast);
         if (!PyErr_Occurred())
             PyErr_SetString(PyExc_RuntimeError, "typedcoll: inconsistent fast-path state");
         return NULL;
     }
     if ((kind == KIND_GATHER || kind == KIND_BCAST) && (root < 0 || root >= size)) {
         Py_DECREF(state);
+        Py_XDECREF(info_fast);
         return take_py();
     }
     int sends = kind == KIND_ALL || kind == KIND_GATHER || (kind == KIND_BCAST && rank == root);
@@ -435,13 +453,15 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
     if (sends) {
         payload = PyObject_CallOneArg(ENCODE, value);
         if (payload == NULL) {
-            PyErr_Clear(); /* the general path flags the failure to every rank */
+            /* the general path flags the failure to every rank */
             Py_DECREF(state);
-            return take_py();
+            Py_XDECREF(info_fast);
+            return take_py_after_error();
         }
         if (!PyBytes_Check(payload) || PyBytes_GET_SIZE(payload) > slot - HEADER_SIZE) {
             Py_DECREF(payload);
             Py_DECREF(state);
+            Py_XDECREF(info_fast);
             return take_py();
         }
         n = PyBytes_GET_SIZE(payload);
@@ -452,10 +472,10 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
             PyObject *checked = PyObject_Vectorcall(decode, dargs + 1,
                                                     1 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
             if (checked == NULL) {
-                PyErr_Clear();
                 Py_DECREF(payload);
                 Py_DECREF(state);
-                return take_py();
+                Py_XDECREF(info_fast);
+                return take_py_after_error();
             }
             Py_DECREF(checked);
         }
@@ -553,6 +573,10 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
                                                  1 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
             Py_DECREF(view);
             if (item == NULL) {
+                if (!PyErr_ExceptionMatches(PyExc_Exception)) {
+                    Py_DECREF(values);
+                    goto error;
+                }
                 /* The general path re-decodes and raises the error every rank agrees on. */
                 PyErr_Clear();
                 agree = 0;
@@ -606,6 +630,7 @@ cleanup:
     Py_XDECREF(code);
     Py_XDECREF(payload);
     Py_DECREF(state);
+    Py_XDECREF(info_fast);
     return result;
 }
 
@@ -633,13 +658,18 @@ static PyObject *collective(PyObject *mod, PyObject *const *args, Py_ssize_t nar
         return NULL;
     }
     PyObject *value = args[1], *schema = args[2];
-    long root = PyLong_AsLong(args[5]), reduce_op = PyLong_AsLong(args[6]);
-    long kind = PyLong_AsLong(args[7]);
+    int overflow = 0;
+    long root = PyLong_AsLongAndOverflow(args[5], &overflow);
+    if (overflow) return take_py(); /* out of range: the general path flags it to every rank */
+    long reduce_op = PyLong_AsLong(args[6]), kind = PyLong_AsLong(args[7]);
     if (PyErr_Occurred()) return NULL;
     if (kind < KIND_ALL || kind > KIND_EMPTY || reduce_op < 0 || reduce_op > 255) {
         PyErr_SetString(PyExc_ValueError, "collective: bad kind or reduce op");
         return NULL;
     }
+    /* A bcast non-root names the schema it expects; without one (and no value to take the type
+     * of) the general path reports the missing schema to every rank. */
+    if (kind == KIND_BCAST && schema == Py_None && value == Py_None) return take_py();
     PyObject *info = EMPTY_INFO;
     if (kind != KIND_EMPTY) {
         info = lookup_info(schema == Py_None ? (PyObject *)Py_TYPE(value) : schema);
@@ -715,5 +745,8 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     INTERN(s_observe, "observe");
     INTERN(s_fast, "fast");
     if ((SITE_CACHE = PyDict_New()) == NULL) return NULL;
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    /* What _protocol.py checks before binding: a stale build of older source is not used. */
+    if (m != NULL && PyModule_AddIntConstant(m, "ABI", 2) < 0) Py_CLEAR(m);
+    return m;
 }

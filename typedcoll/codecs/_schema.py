@@ -82,12 +82,28 @@ def _build(schema: Any) -> SchemaInfo:
                           None)
     try:
         type_info = mi.type_info(schema)
-        decoder = msgspec.msgpack.Decoder(schema)
+        decoder: Any = msgspec.msgpack.Decoder(schema)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"expected a schema msgspec can decode or numpy.ndarray, got {schema!r}: "
                         f"{exc}") from exc
-    return SchemaInfo(schema, render_name(type_info), _digest(canonical(type_info)),
-                      KIND_MSGSPEC, decoder)
+    structure = canonical(type_info)
+    if "RawType(" in structure or "MemoryViewType(" in structure:
+        decoder = _CopyingDecoder(decoder)
+    return SchemaInfo(schema, render_name(type_info), _digest(structure), KIND_MSGSPEC, decoder)
+
+
+class _CopyingDecoder:
+    """The decoder of a schema whose values may point into the bytes they were decoded from
+    (``msgspec.Raw``, ``memoryview``): it decodes from a private copy, because payloads arrive
+    in a receive buffer that the next collective overwrites or reallocates."""
+
+    __slots__ = ("inner",)
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def decode(self, buf: Any) -> Any:
+        return self.inner.decode(bytes(buf))
 
 
 def render_name(t: mi.Type) -> str:
