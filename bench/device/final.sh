@@ -43,3 +43,5 @@ echo "== peers, 8 ranks"
 mpirun --oversubscribe -n 8 python3 bench/peers.py --no-progress --json $OUT/8ranks-device.json --png ''
 echo "== scale"
 python3 bench/scale.py --rounds 5 --json $OUT/scale-device.json --png '' --no-progress
+# One archive: the device tool returns a limited number of files per call.
+tar -C $OUT -czf $OUT/results.tgz $(cd $OUT && ls *.json) && (cd $OUT && rm -f *.json)
