@@ -13,61 +13,19 @@ from typing import Any, List, Optional, Tuple, Type, TypeVar, overload
 import numpy as np
 
 from . import codecs
+from ._args import check_root, check_step, first_error, payload_mode, resolve
 from ._callsite import register_internal
 from ._errors import DecodeError
 from ._payloads import Phase1, reduce_values
 from ._protocol import (_TAKE_PY, EMPTY_SCHEMA, MODE_ARRAY, MODE_EMPTY, MODE_MSG, Protocol,
                         _fast_allgather, _fast_collective)
-from .codecs import KIND_MSGSPEC, KIND_NUMPY_SCALAR, SchemaInfo
+from .codecs import KIND_NUMPY_SCALAR, SchemaInfo
 from ._wire import FLAG_OVERFLOW, NO_ROOT, NO_STEP, REDUCE_OPS
 
 T = TypeVar("T")
 _ZEROS = bytes(8)
-_INT64 = 2 ** 63
 # The kinds of _speedups.collective (see _speedups.c).
 _KIND_ALL, _KIND_GATHER, _KIND_BCAST, _KIND_EMPTY = 0, 1, 2, 3
-
-
-def resolve(value: Any, schema: Any) -> Tuple[Optional[SchemaInfo], Optional[str]]:
-    try:
-        return codecs.resolve(type(value) if schema is None else schema), None
-    except TypeError as exc:
-        return None, f"TypeError: {exc}"
-
-
-def check_step(step: Any) -> Optional[str]:
-    if step is None or (isinstance(step, (int, np.integer)) and not isinstance(step, bool)
-                        and -_INT64 < int(step) < _INT64):
-        return None
-    return f"TypeError: expected step to be None or a 64-bit int, got {step!r}"
-
-
-def _check_root(root: Any, size: int) -> Optional[str]:
-    if isinstance(root, (int, np.integer)) and not isinstance(root, bool) and 0 <= root < size:
-        return None
-    return f"ValueError: expected root in 0..{size - 1}, got {root!r}"
-
-
-def payload_mode(info: Optional[SchemaInfo], value: Any) -> Tuple[int, Any, bytes, Optional[str]]:
-    """(mode, value to encode, array fingerprint, error) for a contribution under ``info``."""
-    if info is None or info.kind == KIND_MSGSPEC:
-        return MODE_MSG, value, _ZEROS, None
-    if info.kind == KIND_NUMPY_SCALAR:
-        if not isinstance(value, np.generic):
-            return MODE_ARRAY, None, _ZEROS, (f"TypeError: expected a numpy scalar of type "
-                                              f"{info.name}, got {type(value).__name__}")
-        value = np.asarray(value)
-    elif not isinstance(value, np.ndarray):
-        return MODE_ARRAY, None, _ZEROS, (f"TypeError: expected numpy.ndarray, got "
-                                          f"{type(value).__name__}")
-    return MODE_ARRAY, value, codecs.array_fingerprint(value.dtype.str, value.shape), None
-
-
-def _first_error(*errors: Optional[str]) -> Optional[str]:
-    for error in errors:
-        if error is not None:
-            return error
-    return None
 
 
 def _steady(p: Protocol, value: Any, schema: Any, step: Any, op: str, root: int, reduce_code: int,
@@ -116,8 +74,8 @@ def gather_op(p: Protocol, value: Any, root: Any, schema: Any, step: Any) -> Opt
                              lambda p1: _gather_rest(p, p1, root))
     info, error = resolve(value, schema)
     mode, payload, array_fp, mode_error = payload_mode(info, value)
-    root_error = _check_root(root, p.size)
-    error = _first_error(error, mode_error, root_error, check_step(step))
+    root_error = check_root(root, p.size)
+    error = first_error(error, mode_error, root_error, check_step(step))
     try:
         p1 = p.phase1("gather", info, payload, mode, root=NO_ROOT if root_error else int(root),
                       step=None if error else step, array_fp=array_fp, validate=True,
@@ -143,7 +101,7 @@ def bcast_op(p: Protocol, value: Any, root: Any, schema: Any, step: Any) -> Any:
         if out is not _TAKE_PY:
             return _unsteady(p, out, "bcast", resolve(value, schema)[0], step, root, 0,  # type: ignore[arg-type]
                              lambda p1: p.decode(p1, p.bcast_payload(p1, root), root))
-    root_error = _check_root(root, p.size)
+    root_error = check_root(root, p.size)
     is_root = root_error is None and p.rank == root
     info, error = resolve(value, schema)
     if not is_root and schema is None and value is None:
@@ -153,7 +111,7 @@ def bcast_op(p: Protocol, value: Any, root: Any, schema: Any, step: Any) -> Any:
                  "root's value), got none")
     mode, payload, _, mode_error = payload_mode(info, value) if is_root else (MODE_EMPTY, None,
                                                                                _ZEROS, None)
-    error = _first_error(error, mode_error, root_error, check_step(step))
+    error = first_error(error, mode_error, root_error, check_step(step))
     try:
         p1 = p.phase1("bcast", info, payload, mode, root=NO_ROOT if root_error else int(root),
                       step=None if error else step, error=error)
@@ -191,7 +149,7 @@ def allreduce_op(p: Protocol, value: Any, op: Any, step: Any) -> Any:
         array_fp = codecs.array_fingerprint(payload.dtype.str, payload.shape)
     else:
         info = codecs.resolve(type(value))
-    error = _first_error(value_error, op_error, check_step(step))
+    error = first_error(value_error, op_error, check_step(step))
     try:
         p1 = p.phase1("allreduce", info, payload, mode, reduce_op=reduce_code or 0,
                       step=None if error else step, array_fp=array_fp, error=error)

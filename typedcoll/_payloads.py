@@ -20,6 +20,10 @@ from .codecs import KIND_MSGSPEC, KIND_NUMPY_SCALAR, SchemaInfo
 from ._transport import TransportTimeout
 from ._wire import FLAG_OVERFLOW, HEADER_SIZE
 
+# How a contribution travels: msgspec-encoded, as a numpy array, or not at all (a barrier, the
+# non-roots of bcast).
+MODE_MSG, MODE_ARRAY, MODE_EMPTY = 0, 1, 2
+
 if TYPE_CHECKING:
     from ._protocol import Protocol
 

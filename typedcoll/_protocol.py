@@ -50,13 +50,13 @@ from ._recorder import FlightRecorder, capacity_from_env
 from .codecs._schema import _BY_ID as _SCHEMAS_BY_ID
 from .codecs._schema import _CACHE as _SCHEMAS
 from .codecs import ENCODER, KIND_MSGSPEC, SchemaInfo
-from ._payloads import Payloads, Phase1
+from ._args import check_step, payload_mode, resolve
+from ._payloads import MODE_ARRAY, MODE_EMPTY, MODE_MSG, Payloads, Phase1
 from ._transport import TransportTimeout
 from ._wire import (CHECKED, FLAG_LOCAL_ERROR, FLAG_NO_PAYLOAD, FLAG_NONE_VALUE, FLAG_OVERFLOW,
                     FLAGS_OFFSET, HEADER, HEADER_SIZE, LENGTH_OFFSET, MAGIC, MAX_PAYLOAD,
                     NATIVE_LITTLE, NO_ROOT, NO_STEP, OPS, SlotPolicy)
 
-MODE_MSG, MODE_ARRAY, MODE_EMPTY = 0, 1, 2
 _ZEROS = bytes(8)
 _STEP_LIMIT = 2 ** 63
 _MAX_ERROR_TEXT = 4096  # bytes of a failed rank's error text that reach its peers
@@ -366,7 +366,6 @@ class Protocol(Payloads):
 
     def allgather_general(self, value: Any, schema: Any, step: Any, op: str = "allgather",
                           pin_site: bool = False) -> List[Any]:
-        from ._comm import check_step, payload_mode, resolve  # argument checks live with the API
         info, error = resolve(value, schema)
         mode, payload, array_fp, mode_error = payload_mode(info, value)
         error = error or mode_error or check_step(step)

@@ -63,7 +63,7 @@ def methods(comm: TypedComm, pickle_comm: Any = None) -> Dict[str, Callable[[int
         flush.post("iter_stats", stats)
         flush.flush(step=it)
 
-    fns = {"per_channel": per_channel, "flush": coalesced}
+    fns: Dict[str, Callable[[int], None]] = {"per_channel": per_channel, "flush": coalesced}
     if pickle_comm is not None:
         fns = {"per_channel_pickle": per_channel_pickle, **fns}
     return fns
