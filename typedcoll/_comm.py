@@ -58,12 +58,6 @@ def _unsteady(p: Protocol, out: Any, op: str, info: SchemaInfo, step: Any, root:
     return result
 
 
-def allgather_op(p: Protocol, op: str, value: Any, schema: Any, step: Any,
-                 pin_site: bool = False) -> List[Any]:
-    """Allgather under op name ``op`` (the executor's flush uses "flush" with a pinned site)."""
-    return p.allgather(value, schema, step, op, pin_site)
-
-
 def gather_op(p: Protocol, value: Any, root: Any, schema: Any, step: Any) -> Optional[List[Any]]:
     if _fast_collective is not None and type(root) is int and 0 <= root < p.size:
         out = _steady(p, value, schema, step, "gather", root, 0, _KIND_GATHER)
