@@ -46,10 +46,9 @@ def _unsteady(p: Protocol, out: Any, op: str, info: SchemaInfo, step: Any, root:
     general path's verdict from the received slots (the error every rank agrees on, or phase 2
     when a peer overflowed), then ``rest(phase1)`` as the general path would."""
     code, lasti, seq = out
-    try:
-        p._site = (code, lasti)
-        p1 = p._after_exchange(seq, op, info, code, lasti, False, root, reduce_code,
-                               NO_STEP if step is None else step, None, None, None)
+    try:  # the C path runs only without a timeout: no deadline, as on every rank
+        p1 = p.unsteady_phase1(seq, op, info, code, lasti, False,
+                               NO_STEP if step is None else step, None, root, reduce_code)
         result = rest(p1)
     except BaseException as exc:
         p.failed(exc)

@@ -352,16 +352,24 @@ class Protocol(Payloads):
         self.completed()
         return out
 
-    def _finish_unsteady(self, seq: int, op: str, info: SchemaInfo, code: Any, lasti: int,
-                         pin_site: bool, step: int, deadline: Optional[float]) -> List[Any]:
-        """After a fast-path exchange that was not the steady state: the general verdict.
+    def unsteady_phase1(self, seq: int, op: str, info: SchemaInfo, code: Any, lasti: int,
+                        pin_site: bool, step: int, deadline: Optional[float],
+                        root: int = NO_ROOT, reduce_op: int = 0) -> Phase1:
+        """After a fast-path exchange (C or Python) that was not the steady state: the general
+        verdict from the received slots, as phase 1 would reach it (the error every rank agrees
+        on, or the overflow phase still to run), for any op.
 
         ``deadline`` must be what the general path would use: whether the next backend calls
         are blocking or nonblocking depends on it, and MPI never matches one with the other.
         """
         self._site = (code, lasti)
-        p1 = self._after_exchange(seq, op, info, code, lasti, pin_site, NO_ROOT, 0, step, None,
-                                  None, deadline)
+        return self._after_exchange(seq, op, info, code, lasti, pin_site, root, reduce_op, step,
+                                    None, None, deadline)
+
+    def _finish_unsteady(self, seq: int, op: str, info: SchemaInfo, code: Any, lasti: int,
+                         pin_site: bool, step: int, deadline: Optional[float]) -> List[Any]:
+        """An allgather after :meth:`unsteady_phase1`: every rank's payload, decoded."""
+        p1 = self.unsteady_phase1(seq, op, info, code, lasti, pin_site, step, deadline)
         return [self.decode(p1, b, r) for r, b in enumerate(self.gather_payloads(p1))]  # type: ignore[arg-type]
 
     def allgather_general(self, value: Any, schema: Any, step: Any, op: str = "allgather",
