@@ -99,7 +99,14 @@ class MPITransport:
         self.size = comm.Get_size()
         # The hot path: bound once, called with (send, recv) byte buffers.
         self.allgather_slots = comm.Allgather
-        self.direct_allgather = direct_allgather(comm)
+        self._direct = direct_allgather(comm)
+
+    @property
+    def direct_allgather(self) -> Optional[object]:
+        """The C fast path's own binding of ``allgather_slots`` (see :func:`direct_allgather`),
+        only while ``allgather_slots`` is still ``comm.Allgather``: a replaced one (tracing,
+        fault injection) must see every call."""
+        return self._direct if self.allgather_slots == self.comm.Allgather else None
 
     def allgather_slots_until(self, send: bytearray, recv: bytearray, deadline: float) -> None:
         wait_until(self.comm.Iallgather(send, recv), deadline)

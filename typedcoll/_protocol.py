@@ -104,17 +104,13 @@ else:
 
 
 def _direct_binding(transport: Any) -> Any:
-    """The transport's direct MPI_Allgather capsule (``_mpi.direct_allgather``), or None.
+    """The transport's direct MPI_Allgather capsule (``MPITransport.direct_allgather``), or None.
 
-    Only a real capsule, and only while ``allgather_slots`` is still the communicator's own
-    ``Allgather``: a wrapping transport (tests count backend calls through one) or a replaced
-    ``allgather_slots`` (tracing, fault injection) must be called like any other transport.
+    Only a real capsule: a wrapping transport (tests count backend calls through one) answers
+    any attribute with a callable, and must be called through ``allgather_slots`` like any other.
     """
     binding = getattr(transport, "direct_allgather", None)
-    if type(binding).__name__ != "PyCapsule":
-        return None
-    comm = getattr(transport, "comm", None)
-    return binding if transport.allgather_slots == getattr(comm, "Allgather", None) else None
+    return binding if type(binding).__name__ == "PyCapsule" else None
 
 
 class Protocol(Payloads):
