@@ -23,14 +23,9 @@ import numpy as np
 from mpi4py import MPI
 
 import typedcoll as tc
+from _record import RankState  # bench/ is on sys.path when a script runs
 from typedcoll import _speedups
 from typedcoll._mpi import direct_allgather
-
-
-class RankState(msgspec.Struct):
-    rank: int
-    num_active_requests: int
-    num_active_tokens: int
 
 
 def main() -> None:

@@ -24,12 +24,7 @@ import numpy as np
 from mpi4py import MPI
 
 import typedcoll as tc
-
-
-class RankState(msgspec.Struct):
-    rank: int
-    num_active_requests: int
-    num_active_tokens: int
+from _record import RankState  # bench/ is on sys.path when a script runs
 
 
 def main(argv=None) -> int:

@@ -29,11 +29,7 @@ from pathlib import Path
 
 import msgspec
 
-
-class RankState(msgspec.Struct):
-    rank: int
-    num_active_requests: int
-    num_active_tokens: int
+from _record import RankState  # bench/ is on sys.path when a script runs
 
 
 def child(variant: str, rank: int, size: int, port: int, rounds: int, iters: int,
