@@ -11,7 +11,8 @@ typed ones, ``comm.synchronize()`` (every deferred check verified inside the tim
   ag_eager     comm.all_gather_tensor, eager check (a host sync before each payload)
   ag_packed    the alternative layout: payload and envelope packed into one buffer, one
                all-gather, then unpacked (two extra payload copies); not used by typedcoll
-  envelope     the check alone: H2D of the envelope, its NCCL all-gather, D2H, event
+  ag_serial    the first session's design, for comparison: the envelope's copies and an
+               out-of-place all-gather on the caller's stream, then the payload
   ar_raw       all_reduce (sum, in place)
   ar_typed     comm.all_reduce_tensor, deferred check
   ar_maxmin    all_reduce + a 2x6-word int64 MAX all-reduce: what the alternative in-band
@@ -21,10 +22,13 @@ Goal: ag_typed <= 1.05 x ag_raw at >= 1 MiB.
 Wall time per call is bound by the CPU here (every torch.distributed call costs tens of us of
 Python and launch work, far more than a world-size-1 all-gather costs the GPU), so the device's
 own time is measured too, in the GPU-bound regime a serving loop runs in (the CPU runs ahead):
-  dev_raw, dev_typed  GPU time per call between two CUDA events, over a burst of calls enqueued
-               while the stream is held by a torch.cuda._sleep, so no launch gap is inside the
-               interval (checked: the start event must still be pending when the burst is
-               enqueued; the burst fits the ring of deferred checks, so the CPU never waits)
+  dev_*        GPU time per call of ag_raw, ag_typed, ag_serial, ar_raw and ar_typed: from a
+               CUDA event to the last of the end events recorded on the caller's stream and on
+               the typed communicator's two copy streams (so its copies count), over a burst of
+               calls enqueued while the caller's stream is held by a torch.cuda._sleep, so no
+               launch gap is inside the interval (checked: the start event must still be
+               pending when the burst is enqueued; the burst fits the ring of deferred checks,
+               so the CPU never waits)
 """
 
 from __future__ import annotations
@@ -56,18 +60,21 @@ def _device_time(fn, burst: int, hold_s: float, comm) -> float:
     """GPU us per call of ``fn`` over a burst enqueued behind a sleep (see the module doc)."""
     torch.cuda.synchronize()
     comm.synchronize()
+    streams = [torch.cuda.current_stream()]
+    streams += _tensor_device._checks(comm._p).streams()
     start = torch.cuda.Event(enable_timing=True)
-    end = torch.cuda.Event(enable_timing=True)
+    ends = [torch.cuda.Event(enable_timing=True) for _ in streams]
     torch.cuda._sleep(int(hold_s * 2e9))  # ~2 GHz SM clock: at least hold_s
     start.record()
     for _ in range(burst):
         fn()
-    end.record()
+    for end, stream in zip(ends, streams):
+        end.record(stream)
     if start.query():
         raise SystemExit(f"device-time burst not GPU-bound: raise the hold ({hold_s:.3f} s)")
     torch.cuda.synchronize()
     comm.synchronize()
-    return start.elapsed_time(end) * 1e3 / burst
+    return max(start.elapsed_time(end) for end in ends) * 1e3 / burst
 
 
 def main(argv=None) -> int:
@@ -111,11 +118,12 @@ def main(argv=None) -> int:
             all_gather_single(both, send)
             both[:, :nbytes].contiguous().view(torch.float32)
 
-        def envelope():
+        def ag_serial():
             env_in.copy_(env_host[:BLOCK], non_blocking=True)
             all_gather_single(env_out, env_in)
             env_host[BLOCK:].copy_(env_out, non_blocking=True)
             torch.cuda.Event().record()
+            ag_raw()
 
         def ar_maxmin():
             dist.all_reduce(x)
@@ -126,7 +134,7 @@ def main(argv=None) -> int:
             "ag_typed": lambda: typed.all_gather_tensor(x, name="h"),
             "ag_eager": lambda: eager.all_gather_tensor(x, name="h"),
             "ag_packed": ag_packed,
-            "envelope": envelope,
+            "ag_serial": ag_serial,
             "ar_raw": lambda: dist.all_reduce(x),
             "ar_typed": lambda: typed.all_reduce_tensor(x, "sum", name="g"),
             "ar_maxmin": ar_maxmin,
@@ -153,11 +161,14 @@ def main(argv=None) -> int:
                 samples[name].append((time.perf_counter() - t0) / iters * 1e6)
         medians = {name: statistics.median(v) for name, v in samples.items()}
         burst = RING - 4
-        slowest = max(medians["ag_raw"], medians["ag_typed"])
-        for name in ("ag_raw", "ag_typed"):
-            medians["dev_" + name[3:]] = statistics.median(
-                _device_time(methods[name], burst, 3 * burst * slowest * 1e-6 + 0.005, typed)
-                for _ in range(args.rounds))
+        timed = ("ag_raw", "ag_typed", "ag_serial", "ar_raw", "ar_typed")
+        hold = 3 * burst * max(medians[name] for name in timed) * 1e-6 + 0.005
+        device_samples = {name: [] for name in timed}
+        for _ in range(args.rounds):  # interleaved, like the wall-time rounds
+            for name in timed:
+                device_samples[name].append(_device_time(methods[name], burst, hold, typed))
+        for name in timed:
+            medians["dev_" + name] = statistics.median(device_samples[name])
         gathered = [None] * world
         dist.all_gather_object(gathered, medians)  # the benchmark's own bookkeeping, once
         results[nbytes] = {name: max(m[name] for m in gathered) for name in medians}
@@ -170,13 +181,14 @@ def main(argv=None) -> int:
         print(f"# {args.rounds} interleaved rounds; median of round means, us per call, "
               f"slowest rank; x = / raw of the same op")
         print(f"{'size':>7} " + " ".join(f"{n:>10}" for n in names)
-              + f" {'ag x':>6} {'eager x':>7} {'ar x':>6} {'dev x':>6}")
+              + f" {'ag x':>6} {'eager x':>7} {'ar x':>6} {'dev ag x':>8} {'dev ar x':>8}")
         for nbytes, row in results.items():
             print(f"{_label(nbytes):>7} " + " ".join(f"{row[n]:10.1f}" for n in names)
                   + f" {row['ag_typed'] / row['ag_raw']:6.3f}"
                   + f" {row['ag_eager'] / row['ag_raw']:7.3f}"
                   + f" {row['ar_typed'] / row['ar_raw']:6.3f}"
-                  + f" {row['dev_typed'] / row['dev_raw']:6.3f}")
+                  + f" {row['dev_ag_typed'] / row['dev_ag_raw']:8.3f}"
+                  + f" {row['dev_ar_typed'] / row['dev_ar_raw']:8.3f}")
         if args.json:
             with open(args.json, "w") as fh:
                 json.dump({"world": world, "us_per_call": results}, fh, indent=2)

@@ -326,7 +326,7 @@ def test_device_verdict_on_hand_built_blocks():
     calls = [_Call(p[r], "all_gather_tensor", t, "h", 5) for r, t in enumerate([x, x, y])]
     blocks = _blocks(calls, [9, 9, 9])
     for r in range(3):
-        rec = device._Pending(9, calls[r], None)
+        rec = device._Pending(9, calls[r], 0, None)
         own = blocks[r * BLOCK:r * BLOCK + 48]
         err = device.verdict(p[r], rec, blocks, own, "deferred")
         assert isinstance(err, tc.DesyncError)
@@ -336,16 +336,16 @@ def test_device_verdict_on_hand_built_blocks():
             + " step 5" + _line("rank 2", r"all_gather_tensor\[h\] shape=\(4, 3\) "
                                           r"dtype=float32") + " step 5", str(err)), str(err)
     same = _blocks(calls[:2], [9, 9])
-    assert device.verdict(p[0], device._Pending(9, calls[0], None), same, same[:48],
+    assert device.verdict(p[0], device._Pending(9, calls[0], 0, None), same, same[:48],
                            "deferred") is None
     bad = _Call(p[1], "all_reduce_tensor", x, "g", None, reduce_op="avg")
     good = _Call(p[0], "all_reduce_tensor", x, "g", None, reduce_op="sum")
     blocks = _blocks([good, bad], [3, 3])
-    err = device.verdict(p[0], device._Pending(3, good, None), blocks, blocks[:48], "deferred")
+    err = device.verdict(p[0], device._Pending(3, good, 0, None), blocks, blocks[:48], "deferred")
     assert isinstance(err, tc.PeerError) and str(err) == (
         "collective #3 on WORLD: rank 1 failed its all_reduce_tensor[g] contribution: expected "
         "op 'sum', 'max', 'min' or 'prod', got 'avg'")
-    assert device.verdict(p[1], device._Pending(3, bad, None), blocks,
+    assert device.verdict(p[1], device._Pending(3, bad, 0, None), blocks,
                            blocks[256:304], "deferred") is None  # it raised at call time
 
 

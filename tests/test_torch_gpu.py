@@ -93,9 +93,10 @@ def test_matches_plain_nccl_and_cpu_path(groups, op, dtype, mode):
 
 def _corrupt_and_verify(comm, offset, value):
     checks = comm._p.extensions["tensor"]
+    checks.copy_back(force=True)  # the corruption must land after the envelope's copy back
     torch.cuda.synchronize()
     rec = checks.pending[-1]
-    rec.slot.view[BLOCK + offset] = value
+    rec.blocks[offset] = value  # this rank's block as gathered: a peer that says otherwise
     comm.synchronize()
 
 
@@ -113,9 +114,10 @@ def test_deferred_check_raises_at_next_call(groups):
     comm = tc.TypedComm.from_torch(groups[0])
     x = torch.randn(5, device="cuda")
     comm.all_reduce_tensor(x, "sum", name="g")
-    torch.cuda.synchronize()
     checks = comm._p.extensions["tensor"]
-    checks.pending[-1].slot.view[BLOCK + 1] = 11  # op code: a peer's broadcast
+    checks.copy_back(force=True)
+    torch.cuda.synchronize()
+    checks.pending[-1].blocks[1] = 11  # op code: a peer's broadcast
     with pytest.raises(tc.DesyncError, match=r"collective #0 on WORLD diverged"):
         comm.all_reduce_tensor(x, "sum", name="g")
     comm.all_reduce_tensor(x, "sum", name="g")  # usable again on the GPU side at world size 1
@@ -145,10 +147,11 @@ def test_object_collective_verifies_pending_device_checks(groups):
     # there, before the object collective is issued.
     comm = tc.TypedComm.from_torch(groups[0])
     comm.all_gather_tensor(torch.randn(4, device="cuda"), name="h")
-    torch.cuda.synchronize()
     checks = comm._p.extensions["tensor"]
+    checks.copy_back(force=True)
+    torch.cuda.synchronize()
     assert checks.pending and comm._p.deferred is checks
-    checks.pending[-1].slot.view[BLOCK + 1] = 11  # op code: a peer's broadcast
+    checks.pending[-1].blocks[1] = 11  # op code: a peer's broadcast
     with pytest.raises(tc.DesyncError, match=r"collective #0 on WORLD diverged"):
         comm.allgather(1)
     assert not checks.pending and comm._p.deferred is None
@@ -156,3 +159,45 @@ def test_object_collective_verifies_pending_device_checks(groups):
     comm.all_gather_tensor(torch.randn(4, device="cuda"), name="h")
     comm.synchronize()
     assert comm._p.deferred is None
+
+
+def test_copies_back_coalesce_while_the_gpu_is_busy(groups):
+    # A burst enqueued behind a busy stream: the copy back of the first envelope waits for the
+    # stream, so the later slots go back together, in fewer copies than calls. A corrupt envelope
+    # in the middle of a shared copy is still pinned to its own seq, and the results are right.
+    comm = tc.TypedComm.from_torch(groups[0])
+    checks = _tensor_device._checks(comm._p)
+    xs = [torch.randn(64, 3, device="cuda") for _ in range(24)]
+    torch.cuda._sleep(int(0.05 * 2e9))
+    outs = [comm.all_gather_tensor(x, name="h", step=i) for i, x in enumerate(xs)]
+    checks.copy_back(force=True)
+    events = {id(checks.done[rec.index]) for rec in checks.pending}
+    assert len(checks.pending) == 24 and 2 <= len(events) < 24, len(events)
+    torch.cuda.synchronize()
+    assert all(torch.equal(out, x) for out, x in zip(outs, xs))
+    checks.pending[13].blocks[16] ^= 1  # rank 0's step as gathered for seq 13: 13 -> 12
+    with pytest.raises(tc.DesyncError, match=r"^collective #13 on WORLD diverged \(envelope\):"
+                       r"\n  rank 0: all_gather_tensor\[h\] shape=\(64, 3\) dtype=float32 at "
+                       r"test_torch_gpu\.py:\d+ step 12$"):
+        comm.synchronize()
+    comm.all_gather_tensor(xs[0], name="h")
+    comm.synchronize()
+
+
+def test_calls_on_several_streams(groups):
+    # The envelope gather runs on whatever stream is current, as the payload does; switching
+    # streams between calls changes neither results nor checks.
+    comm = tc.TypedComm.from_torch(groups[0])
+    side = torch.cuda.Stream()
+    gen = torch.Generator().manual_seed(SEED)
+    for step in range(40):
+        host = torch.randn(16, 5, generator=gen)
+        stream = side if step % 3 else torch.cuda.current_stream()
+        with torch.cuda.stream(stream):
+            x = host.cuda()
+            got = comm.all_gather_tensor(x, name="h", step=step)
+            want = comm.all_reduce_tensor(x.clone(), "sum", name="g", step=step)
+        stream.synchronize()
+        assert torch.equal(got.cpu(), host) and torch.equal(want.cpu(), host)
+    comm.synchronize()
+    assert not comm._p.extensions["tensor"].pending
