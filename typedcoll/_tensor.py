@@ -17,21 +17,23 @@ Host path (CPU tensors, gloo). Per call:
 Device path (CUDA tensors, NCCL). A gloo round trip (~1 ms) per call would dwarf NCCL, and a
 host sync would stall the GPU queue, so the envelope travels on the device, in band:
   1. The rank writes a ``BLOCK``-byte envelope (the same header, dtype+shape+device hashed into
-     its array fingerprint, then the meta) into a pinned host ring slot, copies it to the GPU
-     and all-gathers it over the caller's group: one tiny NCCL collective, fixed size on every
-     rank and identical for every op, so ranks that disagree about op, shape or root still meet
-     in a well-defined NCCL call. The gathered blocks are copied back into the pinned slot and a
-     CUDA event is recorded. No host sync.
+     its array fingerprint, then the meta) into a pinned host ring slot, copies it into its own
+     block of the slot's device buffer and all-gathers that buffer in place over the caller's
+     group: one tiny NCCL collective, fixed size on every rank and identical for every op, so
+     ranks that disagree about op, shape or root still meet in a well-defined NCCL call. The
+     gathered blocks are copied back into pinned memory behind a CUDA event. No host sync. The
+     two copies run on the ring's own streams, so on the caller's stream the check is one event
+     wait, the gather and one event record (``_tensor_device._DeviceChecks`` has the streams).
   2. The payload collective is enqueued behind it on the same group (NCCL runs a group's
      collectives in issue order).
   3. Verification, on the host, of the pinned copy: each rank's first ``CHECKED`` header bytes
      against its own. *Deferred* (default): at the next typed call (tensor or object: the
-     protocol's ``deferred`` hook), for every pending check whose event has completed, without
-     waiting, and at ``comm.synchronize()``, waiting for all; a ring of ``RING`` slots bounds the unchecked calls in flight (the oldest is waited
-     for when the ring is full). *Eager* (``TYPEDCOLL_TENSOR_CHECK=eager`` or
-     ``TypedComm.from_torch(..., tensor_check="eager")``): wait for this call's envelope and verify it before
-     the payload is enqueued -- one host sync per call, and nothing reaches NCCL's undefined
-     behaviour.
+     protocol's ``deferred`` hook), for every pending check whose copy back has completed,
+     without waiting, and at ``comm.synchronize()``, waiting for all; a ring of ``RING`` slots
+     bounds the unchecked calls in flight (the oldest is waited for when the ring is full).
+     *Eager* (``TYPEDCOLL_TENSOR_CHECK=eager`` or ``TypedComm.from_torch(...,
+     tensor_check="eager")``): wait for this call's envelope and verify it before the payload
+     is enqueued -- one host sync per call, and nothing reaches NCCL's undefined behaviour.
   Every rank holds every rank's block, so every rank reaches the same verdict and builds the
   same ``DesyncError`` text from the blocks alone: no further exchange, nothing to meet in. In
   deferred mode the ranks may detect it at different calls; the envelope precedes the payload on
