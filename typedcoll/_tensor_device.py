@@ -101,6 +101,10 @@ class _DeviceChecks:
         self.done: List[Optional[Any]] = [None] * RING  # the event of the slot's copy back
         self.h2d = torch.cuda.Stream(device)
         self.d2h = torch.cuda.Stream(device)
+        # Freed (a dropped communicator, a ring moved to another device), the buffer must not be
+        # reused before the copies already enqueued on these streams have run.
+        self.outs.record_stream(self.h2d)
+        self.outs.record_stream(self.d2h)
         self.device = device
         self.callers.clear()
         self.uncopied.clear()
