@@ -18,7 +18,6 @@ import torch.distributed as dist
 
 import typedcoll as tc
 from typedcoll import _tensor_device
-from typedcoll._tensor_envelope import BLOCK
 from typedcoll._torch import all_gather_single, free_port, reduce_scatter_single
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -91,11 +90,16 @@ def test_matches_plain_nccl_and_cpu_path(groups, op, dtype, mode):
     assert not gpu._p.extensions["tensor"].pending
 
 
-def _corrupt_and_verify(comm, offset, value):
+def _copied_back(comm):
+    """The communicator's device checks, every envelope copied back: a corruption lands after."""
     checks = comm._p.extensions["tensor"]
-    checks.copy_back(force=True)  # the corruption must land after the envelope's copy back
+    checks.copy_back(force=True)
     torch.cuda.synchronize()
-    rec = checks.pending[-1]
+    return checks
+
+
+def _corrupt_and_verify(comm, offset, value):
+    rec = _copied_back(comm).pending[-1]
     rec.blocks[offset] = value  # this rank's block as gathered: a peer that says otherwise
     comm.synchronize()
 
@@ -114,9 +118,7 @@ def test_deferred_check_raises_at_next_call(groups):
     comm = tc.TypedComm.from_torch(groups[0])
     x = torch.randn(5, device="cuda")
     comm.all_reduce_tensor(x, "sum", name="g")
-    checks = comm._p.extensions["tensor"]
-    checks.copy_back(force=True)
-    torch.cuda.synchronize()
+    checks = _copied_back(comm)
     checks.pending[-1].blocks[1] = 11  # op code: a peer's broadcast
     with pytest.raises(tc.DesyncError, match=r"collective #0 on WORLD diverged"):
         comm.all_reduce_tensor(x, "sum", name="g")
@@ -147,9 +149,7 @@ def test_object_collective_verifies_pending_device_checks(groups):
     # there, before the object collective is issued.
     comm = tc.TypedComm.from_torch(groups[0])
     comm.all_gather_tensor(torch.randn(4, device="cuda"), name="h")
-    checks = comm._p.extensions["tensor"]
-    checks.copy_back(force=True)
-    torch.cuda.synchronize()
+    checks = _copied_back(comm)
     assert checks.pending and comm._p.deferred is checks
     checks.pending[-1].blocks[1] = 11  # op code: a peer's broadcast
     with pytest.raises(tc.DesyncError, match=r"collective #0 on WORLD diverged"):
@@ -170,10 +170,9 @@ def test_copies_back_coalesce_while_the_gpu_is_busy(groups):
     xs = [torch.randn(64, 3, device="cuda") for _ in range(24)]
     torch.cuda._sleep(int(0.05 * 2e9))
     outs = [comm.all_gather_tensor(x, name="h", step=i) for i, x in enumerate(xs)]
-    checks.copy_back(force=True)
+    _copied_back(comm)
     events = {id(checks.done[rec.index]) for rec in checks.pending}
     assert len(checks.pending) == 24 and 2 <= len(events) < 24, len(events)
-    torch.cuda.synchronize()
     assert all(torch.equal(out, x) for out, x in zip(outs, xs))
     checks.pending[13].blocks[16] ^= 1  # rank 0's step as gathered for seq 13: 13 -> 12
     with pytest.raises(tc.DesyncError, match=r"^collective #13 on WORLD diverged \(envelope\):"
