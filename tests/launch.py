@@ -39,7 +39,7 @@ def run_spmd(code: str, nranks: int, *, timeout: float = 60.0, tmp_path: Optiona
     script = directory / f"spmd_{os.getpid()}_{abs(hash(code)) % 10**8}_{nranks}.py"
     script.write_text(textwrap.dedent(code))
     run_env = dict(os.environ)
-    run_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), str(REPO / "tests"),
+    run_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), str(REPO / "tests"),
                                                           run_env.get("PYTHONPATH", "")]))
     run_env.setdefault("PYTHONUNBUFFERED", "1")
     if env:

@@ -54,7 +54,7 @@ def test_reveal_types(tmp_path, request):
          "--follow-imports=silent", "snippet.py"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
         # mypy does not follow setuptools' editable-install import hook: point it at the repo.
-        env={**os.environ, "MYPYPATH": str(REPO)})
+        env={**os.environ, "MYPYPATH": str(REPO / "src")})
     revealed = re.findall(r'Revealed type is "([^"]+)"', out.stdout)
     # Older mypy spells "builtins.list" and "Union[X, None]": normalise to mypy 2's spelling.
     revealed = [re.sub(r"Union\[(.*), None\]", r"\1 | None", t).replace("builtins.", "")

@@ -10,8 +10,8 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 python3 - <<'PY'
 import subprocess, sysconfig
 inc = sysconfig.get_paths()["include"]
-out = "typedcoll/_speedups" + sysconfig.get_config_var("EXT_SUFFIX")
-subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-I", inc, "typedcoll/_speedups.c", "-o", out], check=True)
+out = "src/typedcoll/_speedups" + sysconfig.get_config_var("EXT_SUFFIX")
+subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-I", inc, "src/typedcoll/_speedups.c", "-o", out], check=True)
 import typedcoll._protocol as p
 assert p._fast_allgather is not None, "C fast path not loaded"
 print("built", out)

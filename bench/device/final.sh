@@ -9,9 +9,9 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 python3 - <<'PY'
 import subprocess, sysconfig
-out = "typedcoll/_speedups" + sysconfig.get_config_var("EXT_SUFFIX")
+out = "src/typedcoll/_speedups" + sysconfig.get_config_var("EXT_SUFFIX")
 subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-I", sysconfig.get_paths()["include"],
-                "typedcoll/_speedups.c", "-o", out], check=True)
+                "src/typedcoll/_speedups.c", "-o", out], check=True)
 import typedcoll._protocol as p
 assert p._fast_allgather is not None, "C fast path not loaded"
 from mpi4py import MPI
