@@ -6,4 +6,4 @@
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("typedcoll._speedups", ["src/typedcoll/_speedups.c"], optional=True)])
+setup(ext_modules=[Extension("typedcoll.core._speedups", ["src/typedcoll/core/_speedups.c"], optional=True)])

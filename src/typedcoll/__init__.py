@@ -1,29 +1,48 @@
 """typedcoll: typed, self-checking collectives between ranks.
 
-Every collective carries a schema-tagged, sequence-numbered envelope that every rank checks, so a
-rank that skipped or reordered a collective makes every rank raise a precise :class:`DesyncError`
-(which ranks called what, with which schema, from which line) instead of a positional TypeError
-far from the cause, silently wrong data, or a hang. Payloads are msgspec-encoded; never pickle.
+Every collective carries an envelope that every rank checks in band: which call it is (its
+``name=`` or its call site), on which communicator, with which op, schema, step, root, reduce op
+and shape. A rank that skipped, added or reordered a collective makes every rank raise the same
+precise :class:`DesyncError` in the same call, instead of a TypeError far from the cause, a hang,
+or another call's data. Payloads are msgspec-encoded; never pickle.
+
+Layout (imports point down only)::
+
+    typedcoll/__init__.py   this file: the public names, re-exported
+    _comm.py                TypedComm: each method one call into the core
+    core/                   wire format, call identity, the protocol, verdicts, payloads, the C
+                            fast path and its contract, the flight recorder, errors
+    codecs/                 schemas and fingerprints, numpy arrays, nesting, reductions
+    transports/             mpi (mpi4py), torch (torch.distributed), memory (threads)
+    tensor/                 checked tensor collectives (torch, NCCL)
+    diagnostics/            hang reports, dumps, logs, the trace analyzer
+    executor/               SymmetricFlush: conditional messages, drained symmetrically
+    compat/                 drop-in surfaces for mpi4py and torch object collectives
+    testing/                N ranks as threads of one process
+    lint/                   the static check for collectives under rank-local conditions
+    demo/                   the engine model behind ``typedcoll demo``
 """
 
 from ._comm import TypedComm
-from ._errors import (CollectiveError, CollectiveTimeout, DecodeError, DesyncError, EncodeError,
-                      PeerError)
-from ._mismatch import EnvelopeInfo, Group, MismatchKind
-from ._diag import dump_traces
-
-__version__ = "0.1.0"
+from ._version import __version__
+from .core.errors import (CollectiveError, CollectiveTimeout, ConcurrentCallError, DecodeError,
+                          DesyncError, EncodeError, PeerError)
+from .core.identity import transparent
+from .core.mismatch import EnvelopeInfo, Group, MismatchKind, Note
 
 __all__ = [
     "CollectiveError",
     "CollectiveTimeout",
+    "ConcurrentCallError",
     "DecodeError",
     "DesyncError",
     "EncodeError",
     "EnvelopeInfo",
     "Group",
     "MismatchKind",
+    "Note",
     "PeerError",
     "TypedComm",
-    "dump_traces",
+    "__version__",
+    "transparent",
 ]

@@ -15,7 +15,7 @@ import math
 import msgspec
 import numpy as np
 
-from ._schema import ENCODER, _digest
+from .schema import ENCODER, _digest
 
 _ARRAY_META = msgspec.msgpack.Decoder(Tuple[str, Tuple[int, ...]])
 _ARRAY_FP_CACHE: Dict[Tuple[str, Tuple[int, ...]], bytes] = {}

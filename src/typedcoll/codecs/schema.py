@@ -11,7 +11,10 @@ same Struct defined in two processes agrees. Python's ``hash`` is salted per pro
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import hashlib
+import sys
 from typing import Any, Dict, Tuple
 
 import msgspec
@@ -21,18 +24,43 @@ import numpy as np
 FINGERPRINT_SIZE = 8
 NO_FINGERPRINT = bytes(FINGERPRINT_SIZE)
 
-# The msgpack encoder is stateless apart from its internal buffer: one serves every schema.
-ENCODER = msgspec.msgpack.Encoder()
-
 KIND_MSGSPEC = 0
 KIND_ARRAY = 1  # numpy.ndarray: raw bytes, dtype and shape in a small prefix
 KIND_NUMPY_SCALAR = 2  # a numpy scalar type: travels as a 0-d array, comes back as the scalar
 
+# msgpack extension code of a numpy array inside a msgspec payload (a Struct's ndarray field).
+ARRAY_EXT = 1
+
+
+def _enc_hook(obj: Any) -> Any:
+    if isinstance(obj, np.ndarray):
+        from .array import encode_array
+        return msgspec.msgpack.Ext(ARRAY_EXT, encode_array(obj))
+    if isinstance(obj, np.generic):
+        return obj.item()  # a numpy scalar inside a container travels as the Python number
+    raise NotImplementedError(f"Encoding objects of type {type(obj).__name__} is unsupported")
+
+
+def _dec_hook(tp: Any, obj: Any) -> Any:
+    if tp is np.ndarray and isinstance(obj, msgspec.msgpack.Ext) and obj.code == ARRAY_EXT:
+        from .array import decode_array
+        return decode_array(obj.data)
+    raise NotImplementedError(f"expected {getattr(tp, '__name__', tp)}")
+
+
+# The msgpack encoder is stateless apart from its internal buffer: one serves every schema.
+ENCODER = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
+
 
 class SchemaInfo:
-    """A resolved schema: display name, fingerprint and decoder, built once per schema."""
+    """A resolved schema: display name, fingerprint and decoder, built once per schema.
 
-    __slots__ = ("schema", "name", "fingerprint", "kind", "decoder", "fast")
+    ``path`` is how a receiver that named no schema finds the class: ``module:qualname`` (empty
+    for schemas that are not classes, such as ``Optional[T]``).
+    """
+
+    __slots__ = ("schema", "name", "fingerprint", "kind", "decoder", "path", "path_prefix",
+                 "record_class", "fast")
 
     def __init__(self, schema: Any, name: str, fingerprint: bytes, kind: int,
                  decoder: Any) -> None:
@@ -41,11 +69,52 @@ class SchemaInfo:
         self.fingerprint = fingerprint
         self.kind = kind
         self.decoder = decoder
-        # What the C fast path needs, in one attribute read: (fingerprint, bound decode).
-        self.fast = (fingerprint, decoder.decode) if kind == KIND_MSGSPEC and decoder else None
+        self.path = class_path(schema)
+        # How a rooted payload names its class for receivers that named no schema: len, path.
+        encoded = self.path.encode()[:255]
+        self.path_prefix = bytes((len(encoded),)) + encoded
+        # A record class (Struct, dataclass, Enum) whose values must be instances of it: the
+        # sender says "expected RankState, got dict" before any peer decodes anything.
+        self.record_class = schema if kind == KIND_MSGSPEC and _is_record(schema) else None
+        # What the C fast path needs, in one attribute read.
+        self.fast = ((fingerprint, decoder.decode, self.record_class, self.path_prefix)
+                     if kind == KIND_MSGSPEC and decoder else None)
 
     def __repr__(self) -> str:
         return f"SchemaInfo({self.name}, {self.fingerprint.hex()})"
+
+
+def _is_record(schema: Any) -> bool:
+    return isinstance(schema, type) and (issubclass(schema, (msgspec.Struct, enum.Enum))
+                                         or dataclasses.is_dataclass(schema))
+
+
+def class_path(schema: Any) -> str:
+    """``module:qualname`` of a class schema that can be found again by name, else ""."""
+    if not isinstance(schema, type) or "<locals>" in schema.__qualname__:
+        return ""
+    return f"{schema.__module__}:{schema.__qualname__}"
+
+
+def find_class(path: str) -> Any:
+    """The class at ``module:qualname`` among modules already imported (never imports one).
+
+    Raises LookupError naming what is missing.
+    """
+    if path == "builtins:NoneType":
+        return type(None)
+    module_name, _, qualname = path.partition(":")
+    module = sys.modules.get(module_name)
+    if module is None or not qualname:
+        raise LookupError(f"expected the class {path} in an imported module, got no module "
+                          f"{module_name!r} (import it on this rank, or pass schema=)")
+    target: Any = module
+    for part in qualname.split("."):
+        target = getattr(target, part, None)
+        if target is None:
+            raise LookupError(f"expected the class {path}, got no {qualname!r} in module "
+                              f"{module_name!r} (pass schema=)")
+    return target
 
 
 _CACHE: Dict[Any, SchemaInfo] = {}
@@ -82,7 +151,7 @@ def _build(schema: Any) -> SchemaInfo:
                           None)
     try:
         type_info = mi.type_info(schema)
-        decoder: Any = msgspec.msgpack.Decoder(schema)
+        decoder: Any = msgspec.msgpack.Decoder(schema, dec_hook=_dec_hook)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"expected a schema msgspec can decode or numpy.ndarray, got {schema!r}: "
                         f"{exc}") from exc

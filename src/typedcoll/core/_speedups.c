@@ -1,0 +1,1163 @@
+/* The C fast path: the steady state of the hot collectives, and the MPI exchange itself.
+ *
+ * Exactly the protocol of core/protocol.py and core/ops.py (read their docstrings, and
+ * core/wire.py for the header and the agreement block): for allgather (and the flush), gather up
+ * to 16 ranks and allreduce of Python numbers (GATHER exchange), bcast and barrier (REDUCE
+ * exchange): encode, find the call's identity (name or site), write the 64-byte header and the
+ * inline payload, record the flight-recorder entry, exchange, check the agreement block, decode
+ * what this rank needs. The interpreter would run a few hundred bytecodes per call for that;
+ * here it is a few thousand instructions, which is what keeps a checked collective near a raw
+ * one.
+ *
+ * It never raises for protocol reasons (core/fast.py documents the contract):
+ *   - TAKE_PY before touching any state when the call is unusual (no cached schema, an array,
+ *     a value that does not encode, is not an instance of its record class, nests too deep or
+ *     does not fit the slot, a name or step of the wrong type, a thread already inside);
+ *   - a tuple (code, lasti, seq, occurrence, deadline, timed_out) after the exchange when it was
+ *     not the steady state (the block disagrees, a flag is set, a payload does not decode, the
+ *     deadline passed): Python finishes from the same bytes and reaches the verdict every rank
+ *     reaches;
+ *   - otherwise the list of values (allgather), or a 1-item list holding the result.
+ * Errors of the backend itself (an MPI error code) are raised as mpi4py raises them.
+ *
+ * The MPI exchange (transports/mpi.py has its Python twin and the message format): ceil(log2 N)
+ * rounds; round k sends to rank - 2**k and receives from rank + 2**k, through MPI_Sendrecv
+ * (blocking) or MPI_Isend/MPI_Irecv polled until a deadline. The MPI symbols are the ones
+ * mpi4py's own module resolves (the global scope first, so a PMPI tool preloaded there sees
+ * the calls); handles are ints (MPICH's ABI) or pointers (Open MPI's), chosen by the handle size
+ * mpi4py reports. The GIL is released around every MPI call, as mpi4py does.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <frameobject.h>
+#include <pythread.h>
+#include <sched.h>
+#include <stdint.h>
+#include <string.h>
+#include <time.h>
+#if defined(__unix__) || defined(__APPLE__)
+#include <dlfcn.h>
+#define HAVE_ENGINE 1
+#endif
+
+/* --- the contract with core/wire.py, core/recorder.py and core/fast.py (checked at import) --- */
+#define HEADER_SIZE 64
+#define CHECKED 56
+#define AGREE_SIZE 128
+#define AGREE_FLAGS 112
+#define AGREE_LENGTH 116
+#define MAGIC 0xC2
+#define FLAGS_OFFSET 56
+#define LENGTH_OFFSET 60
+#define SCHEMA_OFFSET 24
+#define FLAG_LOCAL_ERROR 1
+#define FLAG_OVERFLOW 2
+#define FLAG_WILD_SCHEMA 4
+#define SHAPE_REDUCE 0
+#define SHAPE_GATHER 1
+#define NO_ROOT (-1)
+#define MAX_NESTING 128
+#define MAX_NAME 256
+#define ENTRY_SIZE 48
+#define OBJECTS_PER_ENTRY 3
+#define PREFIX 8
+
+enum { F_SEND, F_RECV, F_BLOCK, F_SLOT, F_SIZE, F_RANK, F_EXCHANGE, F_ENGINE, F_RING,
+       F_RING_OBJECTS, F_RING_STATE, F_CAPACITY, F_MIN_SLOT, F_COUNTS, F_BUSY, F_INSTANCE,
+       F_TIMEOUT, F_PROTOCOL, F_COUNT };
+static const char *FAST_FIELDS[F_COUNT] = {
+    "send", "recv", "block", "slot", "size", "rank", "exchange", "engine", "ring",
+    "ring_objects", "ring_state", "capacity", "min_slot", "counts", "busy", "instance",
+    "timeout", "protocol"};
+
+/* What a collective sends and decodes (one exchange each; they differ in shape, in who sends a
+ * payload and whose payloads are decoded). */
+enum { KIND_ALL, KIND_GATHER, KIND_BCAST, KIND_EMPTY };
+
+static PyObject *SCHEMAS, *SCHEMAS_BY_ID, *OPS, *ENCODE, *SKIP_FILES, *SKIP_CODES, *SITE_FP,
+    *NAME_FP, *TAKE_PY;
+/* (address of code, lasti) -> (code, fingerprint); name -> fingerprint. Hashing a code object
+ * walks its bytecode, its address does not; holding the code keeps the address from reuse. */
+static PyObject *SITE_CACHE, *NAME_CACHE;
+static PyObject *s_seq, *s_step, *s_policy, *s_observe, *s_size, *s_fast, *s_exchange;
+
+static void put_u32(unsigned char *p, uint32_t v) {
+    for (int i = 0; i < 4; i++) p[i] = (unsigned char)(v >> (8 * i));
+}
+static void put_u64(unsigned char *p, uint64_t v) {
+    for (int i = 0; i < 8; i++) p[i] = (unsigned char)(v >> (8 * i));
+}
+static uint32_t get_u32(const unsigned char *p) {
+    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) |
+           ((uint32_t)p[3] << 24);
+}
+
+static double monotonic(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static PyObject *take_py(void) { return Py_NewRef(TAKE_PY); }
+
+/* After a failure the Python steps will report to every rank (a value that does not encode):
+ * TAKE_PY with the error dropped; KeyboardInterrupt and other non-Exception errors propagate. */
+static PyObject *take_py_after_error(void) {
+    if (!PyErr_ExceptionMatches(PyExc_Exception)) return NULL;
+    PyErr_Clear();
+    return take_py();
+}
+
+/* --- nesting: the twin of codecs/nesting.py --- */
+static int fixed_size(unsigned char b) {
+    switch (b) {
+    case 0xC0: case 0xC2: case 0xC3: return 0;
+    case 0xCC: case 0xD0: return 1;
+    case 0xCD: case 0xD1: case 0xD4: return 2;
+    case 0xD5: return 3;
+    case 0xCA: case 0xCE: case 0xD2: return 4;
+    case 0xD6: return 5;
+    case 0xCB: case 0xCF: case 0xD3: return 8;
+    case 0xD7: return 9;
+    case 0xD8: return 17;
+    default: return -1;
+    }
+}
+
+static uint64_t read_be(const unsigned char *p, int width) {
+    uint64_t v = 0;
+    for (int i = 0; i < width; i++) v = (v << 8) | p[i];
+    return v;
+}
+
+/* 1 when the first msgpack object of p[0:n] nests at most ``limit`` deep (malformed bytes count
+ * as fine: the decoder rejects them at a depth already proved within the limit), else 0. */
+static int nesting_within(const unsigned char *p, Py_ssize_t n, int limit) {
+    if (n <= limit) return 1;
+    uint64_t remaining[MAX_NESTING + 1];
+    int depth = 0;
+    Py_ssize_t pos = 0;
+    while (pos < n) {
+        unsigned char b = p[pos++];
+        int64_t items = -1;
+        if (b <= 0x7F || b >= 0xE0) {
+        } else if (b >= 0xA0 && b <= 0xBF) {
+            pos += b & 0x1F;
+        } else if (b <= 0x8F) {
+            items = 2 * (b & 0x0F);
+        } else if (b <= 0x9F) {
+            items = b & 0x0F;
+        } else if (fixed_size(b) >= 0) {
+            pos += fixed_size(b);
+        } else if (b == 0xC4 || b == 0xC5 || b == 0xC6 || b == 0xC7 || b == 0xC8 || b == 0xC9 ||
+                   b == 0xD9 || b == 0xDA || b == 0xDB) {
+            int width = (b == 0xC4 || b == 0xC7 || b == 0xD9) ? 1
+                        : (b == 0xC5 || b == 0xC8 || b == 0xDA) ? 2 : 4;
+            int extra = (b == 0xC7 || b == 0xC8 || b == 0xC9) ? 1 : 0;
+            if (pos + width > n) return 1;
+            pos += width + extra + (Py_ssize_t)read_be(p + pos, width);
+        } else if (b >= 0xDC && b <= 0xDF) {
+            int width = (b == 0xDC || b == 0xDE) ? 2 : 4;
+            if (pos + width > n) return 1;
+            items = (int64_t)read_be(p + pos, width) * (b >= 0xDE ? 2 : 1);
+            pos += width;
+        } else {
+            return 1; /* 0xC1: malformed */
+        }
+        if (items > 0) {
+            if (depth >= limit) return 0;
+            remaining[depth++] = (uint64_t)items;
+            continue;
+        }
+        while (depth > 0) {
+            if (--remaining[depth - 1]) break;
+            depth--;
+        }
+        if (depth == 0) return 1;
+    }
+    return 1;
+}
+
+static PyObject *py_nesting_ok(PyObject *mod, PyObject *args) {
+    Py_buffer buf;
+    int limit = MAX_NESTING;
+    if (!PyArg_ParseTuple(args, "y*|i", &buf, &limit)) return NULL;
+    if (limit < 0 || limit > MAX_NESTING) {
+        PyBuffer_Release(&buf);
+        PyErr_SetString(PyExc_ValueError, "nesting_ok: limit out of range");
+        return NULL;
+    }
+    int ok = nesting_within((const unsigned char *)buf.buf, buf.len, limit);
+    PyBuffer_Release(&buf);
+    return PyBool_FromLong(ok);
+}
+
+/* --- the agreement block --- */
+static void own_block(const unsigned char *slot, unsigned char *block) {
+    memcpy(block, slot, CHECKED);
+    for (int i = 0; i < CHECKED; i++) block[CHECKED + i] = (unsigned char)~slot[i];
+    memset(block + 2 * CHECKED, 0, AGREE_SIZE - 2 * CHECKED);
+    if (slot[FLAGS_OFFSET] & FLAG_WILD_SCHEMA) {
+        memset(block + SCHEMA_OFFSET, 0, 8);
+        memset(block + CHECKED + SCHEMA_OFFSET, 0, 8);
+    }
+    block[AGREE_FLAGS] = slot[FLAGS_OFFSET];
+    memcpy(block + AGREE_LENGTH, slot + LENGTH_OFFSET, 4);
+}
+
+static void or_bytes(unsigned char *dst, const unsigned char *src, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; i++) dst[i] |= src[i];
+}
+
+static int block_agreed(const unsigned char *block) {
+    for (int i = 0; i < CHECKED; i++)
+        if (block[i] & block[CHECKED + i]) return 0;
+    return 1;
+}
+
+/* --- configure --- */
+/* configure(schemas, schemas_by_id, ops, encode, skip_files, skip_codes, site_fingerprint,
+ *           name_fingerprint, take_py) */
+static PyObject *configure(PyObject *mod, PyObject *args) {
+    PyObject *schemas, *by_id, *ops, *encode, *files, *codes, *site_fp, *name_fp, *take;
+    if (!PyArg_ParseTuple(args, "O!O!O!OO!O!OOO", &PyDict_Type, &schemas, &PyDict_Type, &by_id,
+                          &PyDict_Type, &ops, &encode, &PySet_Type, &files, &PySet_Type, &codes,
+                          &site_fp, &name_fp, &take))
+        return NULL;
+    Py_XSETREF(SCHEMAS, Py_NewRef(schemas));
+    Py_XSETREF(SCHEMAS_BY_ID, Py_NewRef(by_id));
+    Py_XSETREF(OPS, Py_NewRef(ops));
+    Py_XSETREF(ENCODE, Py_NewRef(encode));
+    Py_XSETREF(SKIP_FILES, Py_NewRef(files));
+    Py_XSETREF(SKIP_CODES, Py_NewRef(codes));
+    Py_XSETREF(SITE_FP, Py_NewRef(site_fp));
+    Py_XSETREF(NAME_FP, Py_NewRef(name_fp));
+    Py_XSETREF(TAKE_PY, Py_NewRef(take));
+    Py_RETURN_NONE;
+}
+
+/* --- call identity --- */
+/* The caller's frame: the first whose file is not typedcoll's own plumbing and whose code is not
+ * marked transparent. New references to its code object, and its lasti. */
+static int user_site(PyCodeObject **code_out, int *lasti_out) {
+    PyFrameObject *frame = PyEval_GetFrame(); /* borrowed */
+    Py_XINCREF(frame);
+    int check_codes = PySet_GET_SIZE(SKIP_CODES) > 0;
+    while (frame != NULL) {
+        PyCodeObject *code = PyFrame_GetCode(frame);
+        int skip = PySet_Contains(SKIP_FILES, code->co_filename);
+        if (skip == 0 && check_codes) skip = PySet_Contains(SKIP_CODES, (PyObject *)code);
+        if (skip < 0) {
+            Py_DECREF(code);
+            Py_DECREF(frame);
+            return -1;
+        }
+        if (!skip) {
+            *code_out = code;
+            *lasti_out = PyFrame_GetLasti(frame);
+            Py_DECREF(frame);
+            return 0;
+        }
+        Py_DECREF(code);
+        PyFrameObject *back = PyFrame_GetBack(frame);
+        Py_DECREF(frame);
+        frame = back;
+    }
+    *code_out = NULL;
+    *lasti_out = 0;
+    return 0;
+}
+
+/* The identity fingerprint of an unnamed call at (code, lasti) (a new reference). */
+static PyObject *site_identity(PyCodeObject *code, int lasti) {
+    PyObject *code_obj = code ? (PyObject *)code : Py_None;
+    PyObject *key = Py_BuildValue("(ni)", (Py_ssize_t)(uintptr_t)code, lasti);
+    if (key == NULL) return NULL;
+    PyObject *entry = PyDict_GetItemWithError(SITE_CACHE, key); /* borrowed */
+    if (entry != NULL && PyTuple_GET_ITEM(entry, 0) == code_obj) {
+        Py_DECREF(key);
+        return Py_NewRef(PyTuple_GET_ITEM(entry, 1));
+    }
+    if (PyErr_Occurred()) {
+        Py_DECREF(key);
+        return NULL;
+    }
+    PyObject *fp = PyObject_CallFunction(SITE_FP, "Oi", code_obj, lasti);
+    if (fp != NULL && (!PyBytes_Check(fp) || PyBytes_GET_SIZE(fp) != 8)) {
+        Py_CLEAR(fp);
+        PyErr_SetString(PyExc_RuntimeError, "typedcoll: bad site fingerprint");
+    }
+    PyObject *value = fp ? PyTuple_Pack(2, code_obj, fp) : NULL;
+    int failed = value == NULL || PyDict_SetItem(SITE_CACHE, key, value) < 0;
+    Py_XDECREF(value);
+    Py_DECREF(key);
+    if (failed) Py_CLEAR(fp);
+    return fp;
+}
+
+/* The identity fingerprint of a call named ``name`` (a new reference). */
+static PyObject *name_identity(PyObject *name) {
+    PyObject *fp = PyDict_GetItemWithError(NAME_CACHE, name);
+    if (fp != NULL) return Py_NewRef(fp);
+    if (PyErr_Occurred()) return NULL;
+    fp = PyObject_CallOneArg(NAME_FP, name);
+    if (fp != NULL && (!PyBytes_Check(fp) || PyBytes_GET_SIZE(fp) != 8)) {
+        Py_CLEAR(fp);
+        PyErr_SetString(PyExc_RuntimeError, "typedcoll: bad name fingerprint");
+    }
+    if (fp != NULL && PyDict_GET_SIZE(NAME_CACHE) < 65536 &&
+        PyDict_SetItem(NAME_CACHE, name, fp) < 0)
+        Py_CLEAR(fp);
+    return fp;
+}
+
+/* The schema cache's SchemaInfo for ``key`` (borrowed), or NULL: with an exception set on error,
+ * without one when the schema is not resolved yet (or unhashable). */
+static PyObject *lookup_info(PyObject *key) {
+    PyObject *id = PyLong_FromVoidPtr(key);
+    if (id == NULL) return NULL;
+    PyObject *entry = PyDict_GetItemWithError(SCHEMAS_BY_ID, id); /* borrowed */
+    Py_DECREF(id);
+    if (entry != NULL && PyTuple_Check(entry) && PyTuple_GET_SIZE(entry) == 2 &&
+        PyTuple_GET_ITEM(entry, 0) == key)
+        return PyTuple_GET_ITEM(entry, 1);
+    if (PyErr_Occurred()) return NULL;
+    PyObject *info = PyDict_GetItemWithError(SCHEMAS, key);
+    if (info == NULL) PyErr_Clear();
+    return info;
+}
+
+/* --- the flight recorder: core/recorder.py's ENTRY, written in place --- */
+static int record_start(PyObject *ring, PyObject *objects, PyObject *state, Py_ssize_t capacity,
+                        long long seq, long opcode, PyObject *info, PyCodeObject *code, int lasti,
+                        long long step, Py_ssize_t n, PyObject *name, Py_ssize_t occurrence) {
+    if (ring == Py_None) return 0;
+    Py_ssize_t count = PyLong_AsSsize_t(PyList_GET_ITEM(state, 0));
+    if (count < 0 && PyErr_Occurred()) return -1;
+    Py_ssize_t index = count % capacity;
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    unsigned char *e = (unsigned char *)PyByteArray_AS_STRING(ring) + index * ENTRY_SIZE;
+    put_u64(e, (uint64_t)seq);
+    put_u64(e + 8, (uint64_t)step);
+    put_u64(e + 16, (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec);
+    put_u64(e + 24, 0);
+    put_u32(e + 32, (uint32_t)n);
+    put_u32(e + 36, (uint32_t)lasti);
+    put_u32(e + 40, (uint32_t)occurrence);
+    e[44] = (unsigned char)opcode;
+    e[45] = 0; /* started */
+    e[46] = e[47] = 0;
+    Py_ssize_t base = OBJECTS_PER_ENTRY * index;
+    if (PyList_SetItem(objects, base, Py_NewRef(info)) < 0 ||
+        PyList_SetItem(objects, base + 1, Py_NewRef(code ? (PyObject *)code : Py_None)) < 0 ||
+        PyList_SetItem(objects, base + 2, Py_NewRef(name)) < 0)
+        return -1;
+    PyObject *next = PyLong_FromSsize_t(count + 1);
+    if (next == NULL || PyList_SetItem(state, 0, next) < 0) return -1;
+    return PyList_SetItem(state, 1, Py_NewRef(Py_True));
+}
+
+static int record_complete(PyObject *ring, PyObject *state, Py_ssize_t capacity) {
+    if (ring == Py_None) return 0;
+    Py_ssize_t count = PyLong_AsSsize_t(PyList_GET_ITEM(state, 0));
+    if (count <= 0) return PyErr_Occurred() ? -1 : 0;
+    unsigned char *e =
+        (unsigned char *)PyByteArray_AS_STRING(ring) + ((count - 1) % capacity) * ENTRY_SIZE;
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    put_u64(e + 24, (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec);
+    e[45] = 1; /* completed */
+    return PyList_SetItem(state, 1, Py_NewRef(Py_False));
+}
+
+/* --- the MPI exchange --- */
+#ifdef HAVE_ENGINE
+/* MPI handles are ints (MPICH's ABI) or pointers (Open MPI's): both prototypes of each call,
+ * chosen by the handle size mpi4py reports. Requests have the handle size too. */
+typedef int (*sendrecv_i)(const void *, int, int32_t, int, int, void *, int, int32_t, int, int,
+                          int32_t, void *);
+typedef int (*sendrecv_p)(const void *, int, void *, int, int, void *, int, void *, int, int,
+                          void *, void *);
+typedef int (*isend_i)(const void *, int, int32_t, int, int, int32_t, void *);
+typedef int (*isend_p)(const void *, int, void *, int, int, void *, void *);
+typedef int (*irecv_i)(void *, int, int32_t, int, int, int32_t, void *);
+typedef int (*irecv_p)(void *, int, void *, int, int, void *, void *);
+typedef int (*testall_t)(int, void *, int *, void *);
+
+typedef struct {
+    void *sendrecv, *isend, *irecv, *testall;
+    const void *comm_handle; /* where the mpi4py Comm object keeps its handle */
+    intptr_t byte_type, null_comm;
+    int handle_size, size, rank, tag;
+    PyObject *comm;       /* keeps comm_handle valid */
+    PyObject *error_type; /* MPI.Exception, raised with an error code */
+    unsigned char *out, *inbox, *held, *region;
+    Py_ssize_t out_cap, inbox_cap, held_cap, region_cap;
+    int broken; /* a timed-out exchange left requests pending on these buffers: never free */
+} Engine;
+
+static void engine_free(PyObject *capsule) {
+    Engine *e = (Engine *)PyCapsule_GetPointer(capsule, "typedcoll.engine");
+    if (e == NULL) return;
+    Py_XDECREF(e->comm);
+    Py_XDECREF(e->error_type);
+    if (!e->broken) {
+        PyMem_RawFree(e->out);
+        PyMem_RawFree(e->inbox);
+        PyMem_RawFree(e->held);
+        PyMem_RawFree(e->region);
+    }
+    PyMem_Free(e);
+}
+
+static intptr_t narrow(unsigned long long value, int handle_size) {
+    if (handle_size == 4) return (intptr_t)(int32_t)(uint32_t)value;
+    return (intptr_t)value;
+}
+
+static void *find_symbol(const char *path, const char *name) {
+    void *fn = dlsym(RTLD_DEFAULT, name);
+    if (fn != NULL) return fn;
+    void *lib = dlopen(path, RTLD_NOW | RTLD_NOLOAD);
+    if (lib == NULL) return NULL;
+    fn = dlsym(lib, name);
+    dlclose(lib); /* still loaded: mpi4py holds it */
+    return fn;
+}
+
+/* engine(library_path, comm, comm_handle_address, byte_handle, null_comm_handle, handle_size,
+ *        size, rank, tag, error_type) -> capsule, or None when a symbol cannot be found. */
+static PyObject *engine(PyObject *mod, PyObject *args) {
+    const char *path;
+    PyObject *comm, *error_type;
+    unsigned long long handle_addr, byte_type, null_comm;
+    int handle_size, size, rank, tag;
+    if (!PyArg_ParseTuple(args, "sOKKKiiiiO", &path, &comm, &handle_addr, &byte_type, &null_comm,
+                          &handle_size, &size, &rank, &tag, &error_type))
+        return NULL;
+    if ((handle_size != 4 && handle_size != (int)sizeof(void *)) || size < 1 || rank < 0 ||
+        rank >= size)
+        Py_RETURN_NONE;
+    void *fns[4];
+    const char *names[4] = {"MPI_Sendrecv", "MPI_Isend", "MPI_Irecv", "MPI_Testall"};
+    for (int i = 0; i < 4; i++)
+        if ((fns[i] = find_symbol(path, names[i])) == NULL) Py_RETURN_NONE;
+    Engine *e = PyMem_Calloc(1, sizeof(Engine));
+    if (e == NULL) return PyErr_NoMemory();
+    e->sendrecv = fns[0];
+    e->isend = fns[1];
+    e->irecv = fns[2];
+    e->testall = fns[3];
+    e->comm_handle = (const void *)(uintptr_t)handle_addr;
+    e->byte_type = narrow(byte_type, handle_size);
+    e->null_comm = narrow(null_comm, handle_size);
+    e->handle_size = handle_size;
+    e->size = size;
+    e->rank = rank;
+    e->tag = tag;
+    e->comm = Py_NewRef(comm);
+    e->error_type = Py_NewRef(error_type);
+    PyObject *capsule = PyCapsule_New(e, "typedcoll.engine", engine_free);
+    if (capsule == NULL) {
+        Py_DECREF(e->comm);
+        Py_DECREF(e->error_type);
+        PyMem_Free(e);
+    }
+    return capsule;
+}
+
+static int grow(unsigned char **buf, Py_ssize_t *cap, Py_ssize_t need) {
+    if (*cap >= need) return 0;
+    unsigned char *p = PyMem_RawRealloc(*buf, (size_t)need);
+    if (p == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    *buf = p;
+    *cap = need;
+    return 0;
+}
+
+static intptr_t comm_now(const Engine *e) {
+    if (e->handle_size == 4) return (intptr_t)*(const int32_t *)e->comm_handle;
+    return (intptr_t)*(void *const *)e->comm_handle;
+}
+
+static int mpi_error(const Engine *e, int rc) {
+    PyObject *code = PyLong_FromLong(rc);
+    PyObject *exc = code ? PyObject_CallOneArg(e->error_type, code) : NULL;
+    Py_XDECREF(code);
+    if (exc != NULL) {
+        PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+        Py_DECREF(exc);
+    }
+    return -1;
+}
+
+/* One round: send out[0:out_len] to dest, receive into inbox from source. 1 done, 0 deadline
+ * passed (requests left pending), -1 error. Runs without the GIL. */
+static int round_trip(Engine *e, Py_ssize_t out_len, int dest, int source, double deadline,
+                      int *rc_out) {
+    int rc;
+    char statuses[512];
+    intptr_t comm = comm_now(e);
+    if (deadline < 0) {
+        if (e->handle_size == 4)
+            rc = ((sendrecv_i)e->sendrecv)(e->out, (int)out_len, (int32_t)e->byte_type, dest,
+                                           e->tag, e->inbox, (int)e->inbox_cap,
+                                           (int32_t)e->byte_type, source, e->tag, (int32_t)comm,
+                                           statuses);
+        else
+            rc = ((sendrecv_p)e->sendrecv)(e->out, (int)out_len, (void *)e->byte_type, dest,
+                                           e->tag, e->inbox, (int)e->inbox_cap,
+                                           (void *)e->byte_type, source, e->tag, (void *)comm,
+                                           statuses);
+        *rc_out = rc;
+        return rc == 0 ? 1 : -1;
+    }
+    /* Requests: two handles of handle_size bytes each. */
+    union { int32_t i[2]; void *p[2]; } req;
+    memset(&req, 0, sizeof(req));
+    if (e->handle_size == 4) {
+        rc = ((irecv_i)e->irecv)(e->inbox, (int)e->inbox_cap, (int32_t)e->byte_type, source,
+                                 e->tag, (int32_t)comm, &req.i[0]);
+        if (rc == 0)
+            rc = ((isend_i)e->isend)(e->out, (int)out_len, (int32_t)e->byte_type, dest, e->tag,
+                                     (int32_t)comm, &req.i[1]);
+    } else {
+        rc = ((irecv_p)e->irecv)(e->inbox, (int)e->inbox_cap, (void *)e->byte_type, source,
+                                 e->tag, (void *)comm, &req.p[0]);
+        if (rc == 0)
+            rc = ((isend_p)e->isend)(e->out, (int)out_len, (void *)e->byte_type, dest, e->tag,
+                                     (void *)comm, &req.p[1]);
+    }
+    if (rc != 0) {
+        *rc_out = rc;
+        return -1;
+    }
+    /* Spin first (a round about to complete should not pay a wake-up), then yield the core
+     * (oversubscribed ranks need it to progress), then sleep with backoff. */
+    int done = 0;
+    long pause_ns = 100000;
+    double yield_until = -1;
+    for (long tests = 0;; tests++) {
+        rc = ((testall_t)e->testall)(2, &req, &done, statuses);
+        if (rc != 0) {
+            *rc_out = rc;
+            return -1;
+        }
+        if (done) return 1;
+        if (tests < 200) continue;
+        double now = monotonic();
+        if (now >= deadline) {
+            e->broken = 1;
+            return 0;
+        }
+        if (yield_until < 0) yield_until = now + 0.05;
+        if (now < yield_until) {
+            sched_yield();
+            continue;
+        }
+        struct timespec ts = {0, pause_ns};
+        nanosleep(&ts, NULL);
+        if (pause_ns < 2000000) pause_ns *= 2;
+    }
+}
+
+/* The exchange of core/transport.py over MPI point to point; see transports/mpi.py for the
+ * message format. 1 done, 0 the deadline passed, -1 error (exception set). Holds the GIL only
+ * between rounds. */
+static int engine_exchange(Engine *e, const unsigned char *send, Py_ssize_t slot,
+                           unsigned char *recv, unsigned char *block, int shape,
+                           double deadline) {
+    int n = e->size, r = e->rank;
+    own_block(send, block);
+    Py_ssize_t region_len = 0;
+    if (!(send[FLAGS_OFFSET] & FLAG_OVERFLOW)) {
+        region_len = get_u32(send + LENGTH_OFFSET);
+        if (region_len > slot - HEADER_SIZE) region_len = slot - HEADER_SIZE;
+    }
+    if (e->broken) {
+        PyErr_SetString(PyExc_RuntimeError, "typedcoll: the exchange is unusable after a timeout");
+        return -1;
+    }
+    Py_ssize_t half = (n + 1) / 2;
+    if (grow(&e->inbox, &e->inbox_cap, PREFIX + AGREE_SIZE + (half > 0 ? half : 1) * slot) < 0 ||
+        grow(&e->out, &e->out_cap, PREFIX + AGREE_SIZE + (half > 0 ? half : 1) * slot) < 0 ||
+        grow(&e->region, &e->region_cap, slot) < 0)
+        return -1;
+    Py_ssize_t have = 1;
+    if (shape == SHAPE_GATHER) {
+        if (grow(&e->held, &e->held_cap, (Py_ssize_t)n * slot) < 0) return -1;
+        memcpy(e->held, send, (size_t)slot);
+    } else {
+        memcpy(e->region, send + HEADER_SIZE, (size_t)region_len);
+    }
+    for (Py_ssize_t dist = 1; dist < n; dist *= 2) {
+        unsigned char *o = e->out;
+        Py_ssize_t count, out_len;
+        if (shape == SHAPE_GATHER) {
+            count = have < dist ? have : dist;
+            if (count > n - dist) count = n - dist;
+            out_len = PREFIX + AGREE_SIZE + count * slot;
+            memcpy(o + PREFIX + AGREE_SIZE, e->held, (size_t)(count * slot));
+        } else {
+            count = region_len;
+            out_len = PREFIX + AGREE_SIZE + region_len;
+            memcpy(o + PREFIX + AGREE_SIZE, e->region, (size_t)region_len);
+        }
+        o[0] = (unsigned char)shape;
+        o[1] = o[2] = o[3] = 0;
+        put_u32(o + 4, (uint32_t)count);
+        memcpy(o + PREFIX, block, AGREE_SIZE);
+        int rc = 0, status;
+        int dest = (int)((r - dist % n + n) % n), source = (int)((r + dist) % n);
+        Py_BEGIN_ALLOW_THREADS
+        status = round_trip(e, out_len, dest, source, deadline, &rc);
+        Py_END_ALLOW_THREADS
+        if (status < 0) return mpi_error(e, rc);
+        if (status == 0) return 0;
+        const unsigned char *in = e->inbox;
+        or_bytes(block, in + PREFIX, AGREE_SIZE);
+        Py_ssize_t got = get_u32(in + 4);
+        const unsigned char *body = in + PREFIX + AGREE_SIZE;
+        if (shape == SHAPE_GATHER && in[0] == SHAPE_GATHER) {
+            Py_ssize_t most = dist < n - dist ? dist : n - dist;
+            if (got > most) got = most;
+            if (got > n - have) got = n - have;
+            memcpy(e->held + have * slot, body, (size_t)(got * slot));
+            have += got;
+        } else if (shape != SHAPE_GATHER && in[0] != SHAPE_GATHER) {
+            if (got > slot - HEADER_SIZE) got = slot - HEADER_SIZE;
+            if (got > region_len) {
+                memset(e->region + region_len, 0, (size_t)(got - region_len));
+                region_len = got;
+            }
+            or_bytes(e->region, body, got);
+        }
+    }
+    if (shape == SHAPE_GATHER) {
+        for (Py_ssize_t i = 0; i < have && i < n; i++) {
+            Py_ssize_t owner = (r + i) % n;
+            memcpy(recv + owner * slot, e->held + i * slot, (size_t)slot);
+        }
+    } else {
+        memcpy(recv + HEADER_SIZE, e->region, (size_t)region_len);
+        memset(recv + HEADER_SIZE + region_len, 0, (size_t)(slot - HEADER_SIZE - region_len));
+    }
+    return 1;
+}
+
+/* exchange(engine, send, recv, block, shape, deadline) -> bool: False when the deadline (a
+ * time.monotonic() value; < 0: none) passed first. */
+static PyObject *py_exchange(PyObject *mod, PyObject *args) {
+    PyObject *capsule;
+    Py_buffer send, recv, block;
+    int shape;
+    double deadline;
+    if (!PyArg_ParseTuple(args, "Oy*w*w*id", &capsule, &send, &recv, &block, &shape, &deadline))
+        return NULL;
+    PyObject *result = NULL;
+    Engine *e = (Engine *)PyCapsule_GetPointer(capsule, "typedcoll.engine");
+    if (e != NULL) {
+        if (send.len < HEADER_SIZE || recv.len != send.len * e->size || block.len != AGREE_SIZE) {
+            PyErr_SetString(PyExc_ValueError, "exchange: expected a slot, size slots and a block");
+        } else {
+            int status = engine_exchange(e, send.buf, send.len, recv.buf, block.buf, shape,
+                                         deadline);
+            if (status >= 0) result = PyBool_FromLong(status);
+        }
+    }
+    PyBuffer_Release(&send);
+    PyBuffer_Release(&recv);
+    PyBuffer_Release(&block);
+    return result;
+}
+#endif
+
+/* --- the steady state --- */
+typedef struct {
+    PyObject *send, *recv, *block, *exchange, *engine, *ring, *ring_objects, *ring_state,
+        *counts, *busy, *timeout;
+    Py_ssize_t slot, size, rank, capacity, min_slot, instance;
+} Fast;
+
+/* Protocol.fast read into ``f`` (borrowed references, valid while ``state`` is held): 1, or 0
+ * when the C path must not run (None, or a shape that is not ours), -1 on error. */
+static int read_fast(PyObject *state, Fast *f) {
+    if (!PyList_CheckExact(state) || PyList_GET_SIZE(state) != F_COUNT) return 0;
+    PyObject **items = ((PyListObject *)state)->ob_item;
+    f->send = items[F_SEND];
+    f->recv = items[F_RECV];
+    f->block = items[F_BLOCK];
+    f->exchange = items[F_EXCHANGE];
+    f->engine = items[F_ENGINE];
+    f->ring = items[F_RING];
+    f->ring_objects = items[F_RING_OBJECTS];
+    f->ring_state = items[F_RING_STATE];
+    f->counts = items[F_COUNTS];
+    f->busy = items[F_BUSY];
+    f->timeout = items[F_TIMEOUT];
+    f->slot = PyLong_AsSsize_t(items[F_SLOT]);
+    f->size = PyLong_AsSsize_t(items[F_SIZE]);
+    f->rank = PyLong_AsSsize_t(items[F_RANK]);
+    f->capacity = PyLong_AsSsize_t(items[F_CAPACITY]);
+    f->min_slot = PyLong_AsSsize_t(items[F_MIN_SLOT]);
+    f->instance = PyLong_AsSsize_t(items[F_INSTANCE]);
+    if (PyErr_Occurred()) return -1;
+    if (!PyByteArray_Check(f->send) || PyByteArray_GET_SIZE(f->send) != f->slot ||
+        !PyByteArray_Check(f->recv) || PyByteArray_GET_SIZE(f->recv) != f->slot * f->size ||
+        !PyByteArray_Check(f->block) || PyByteArray_GET_SIZE(f->block) != AGREE_SIZE ||
+        !PyList_CheckExact(f->busy) || PyList_GET_SIZE(f->busy) != 4 ||
+        !PyDict_CheckExact(f->counts) || f->rank < 0 || f->rank >= f->size ||
+        f->slot < 2 * HEADER_SIZE ||
+        (f->ring != Py_None &&
+         (!PyByteArray_Check(f->ring) || f->capacity <= 0 ||
+          PyByteArray_GET_SIZE(f->ring) != f->capacity * ENTRY_SIZE ||
+          !PyList_CheckExact(f->ring_objects) ||
+          PyList_GET_SIZE(f->ring_objects) != OBJECTS_PER_ENTRY * f->capacity ||
+          !PyList_CheckExact(f->ring_state)))) {
+        PyErr_SetString(PyExc_RuntimeError, "typedcoll: inconsistent fast-path state");
+        return -1;
+    }
+    return 1;
+}
+
+static int slot_log2(Py_ssize_t slot) {
+    int k = 0;
+    while ((Py_ssize_t)1 << (k + 1) <= slot) k++;
+    return k;
+}
+
+/* Decode ``n`` bytes at ``p`` with ``decode``: a new reference, or NULL with no exception set
+ * when the Python steps must judge it (too deep, or any ordinary decoding failure), or NULL with
+ * an exception set for a non-Exception error (KeyboardInterrupt), which propagates. */
+static PyObject *decode_or_defer(PyObject *decode, const unsigned char *p, Py_ssize_t n) {
+    if (n > MAX_NESTING && !nesting_within(p, n, MAX_NESTING)) return NULL;
+    PyObject *view = PyMemoryView_FromMemory((char *)p, n, PyBUF_READ);
+    if (view == NULL) return NULL;
+    PyObject *item = PyObject_CallOneArg(decode, view);
+    Py_DECREF(view);
+    if (item == NULL && PyErr_ExceptionMatches(PyExc_Exception)) PyErr_Clear();
+    return item;
+}
+
+static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObject *step_obj,
+                        PyObject *name, PyObject *op, long root, long reduce_op, int kind,
+                        PyObject *schema) {
+    /* --- every check before anything is touched: TAKE_PY and the Python steps run all --- */
+    PyObject *state = PyObject_GetAttr(proto, s_fast);
+    if (state == NULL) return NULL;
+    Fast f;
+    int usable = read_fast(state, &f);
+    if (usable <= 0) {
+        Py_DECREF(state);
+        return usable < 0 ? NULL : take_py();
+    }
+    PyObject *result = NULL, *payload = NULL, *identity = NULL, *info_fast = NULL;
+    PyCodeObject *code = NULL;
+    int lasti = 0;
+    {
+        /* Another thread inside, or a collision to report: the Python steps say so. */
+        int inside = PyObject_IsTrue(PyList_GET_ITEM(f.busy, 0));
+        if (inside < 0) goto error;
+        if (inside || PyList_GET_ITEM(f.busy, 3) != Py_None) goto take;
+    }
+    /* A deadline needs the C engine: a Python exchange reports its timeout as an exception. */
+    if (f.engine != Py_None && !PyCapsule_CheckExact(f.engine)) goto take;
+    if (f.timeout != Py_None && f.engine == Py_None) goto take;
+    long long step;
+    {
+        PyObject *s = step_obj == Py_None ? PyObject_GetAttr(proto, s_step) : Py_NewRef(step_obj);
+        if (s == NULL) goto error;
+        int overflow = 0;
+        step = PyLong_CheckExact(s) ? PyLong_AsLongLongAndOverflow(s, &overflow) : 0;
+        int bad = !PyLong_CheckExact(s) || overflow || (step_obj != Py_None && step == INT64_MIN);
+        Py_DECREF(s);
+        if (PyErr_Occurred()) goto error;
+        if (bad) goto take;
+    }
+    if (name != Py_None &&
+        (!PyUnicode_CheckExact(name) || PyUnicode_GET_LENGTH(name) < 1 ||
+         PyUnicode_GET_LENGTH(name) > MAX_NAME))
+        goto take;
+    PyObject *opcode_obj = PyDict_GetItemWithError(OPS, op);
+    if (opcode_obj == NULL) {
+        if (PyErr_Occurred()) goto error;
+        goto take;
+    }
+    long opcode = PyLong_AsLong(opcode_obj);
+    PyObject *fp = NULL, *decode = NULL, *record_class = Py_None, *prefix = NULL;
+    if (kind != KIND_EMPTY) {
+        info_fast = PyObject_GetAttr(info, s_fast); /* (fp, decode, record class, path prefix) */
+        if (info_fast == NULL) goto error;
+        if (!PyTuple_Check(info_fast) || PyTuple_GET_SIZE(info_fast) != 4) goto take;
+        fp = PyTuple_GET_ITEM(info_fast, 0);
+        decode = PyTuple_GET_ITEM(info_fast, 1);
+        record_class = PyTuple_GET_ITEM(info_fast, 2);
+        prefix = PyTuple_GET_ITEM(info_fast, 3);
+        if (!PyBytes_Check(fp) || PyBytes_GET_SIZE(fp) != 8 || !PyBytes_Check(prefix)) goto take;
+    }
+    int sends = kind == KIND_ALL || kind == KIND_GATHER || (kind == KIND_BCAST && f.rank == root);
+    Py_ssize_t n = 0, prefix_len = kind == KIND_BCAST && sends ? PyBytes_GET_SIZE(prefix) : 0;
+    if (kind == KIND_BCAST && !sends && schema == Py_None) goto take; /* it takes the root's */
+    if (sends) {
+        if (record_class != Py_None) {
+            int is = PyObject_IsInstance(value, record_class);
+            if (is < 0) goto error;
+            if (!is) goto take; /* "expected RankState, got dict", from the Python steps */
+        }
+        payload = PyObject_CallOneArg(ENCODE, value);
+        if (payload == NULL) {
+            Py_DECREF(state);
+            Py_XDECREF(info_fast);
+            return take_py_after_error();
+        }
+        if (!PyBytes_Check(payload)) goto take;
+        n = PyBytes_GET_SIZE(payload);
+        if (n + prefix_len > f.slot - HEADER_SIZE) goto take;
+        if (n > MAX_NESTING &&
+            !nesting_within((const unsigned char *)PyBytes_AS_STRING(payload), n, MAX_NESTING))
+            goto take;
+        if (kind == KIND_GATHER) {
+            /* Only the root decodes a gather payload: a value that does not match the schema
+             * must fail on its own rank, which the Python steps flag to every rank. */
+            PyObject *checked = PyObject_CallOneArg(decode, payload);
+            if (checked == NULL) {
+                Py_DECREF(payload);
+                Py_DECREF(state);
+                Py_XDECREF(info_fast);
+                return take_py_after_error();
+            }
+            Py_DECREF(checked);
+        }
+    }
+    if (kind == KIND_ALL && reduce_op >= 8 && PyFloat_CheckExact(value)) goto take;
+
+    /* --- from here the call is issued: no more TAKE_PY --- */
+    if (user_site(&code, &lasti) < 0) goto error;
+    identity = name == Py_None ? site_identity(code, lasti) : name_identity(name);
+    if (identity == NULL) goto error;
+    long long seq;
+    Py_ssize_t occurrence;
+    {
+        PyObject *cur = PyObject_GetAttr(proto, s_seq);
+        if (cur == NULL) goto error;
+        seq = PyLong_AsLongLong(cur);
+        Py_DECREF(cur);
+        if (PyErr_Occurred()) goto error;
+        PyObject *next = PyLong_FromLongLong(seq + 1);
+        if (next == NULL) goto error;
+        int rc = PyObject_SetAttr(proto, s_seq, next);
+        Py_DECREF(next);
+        if (rc < 0) goto error;
+        PyObject *count = PyDict_GetItemWithError(f.counts, identity);
+        if (count == NULL && PyErr_Occurred()) goto error;
+        occurrence = (count ? PyLong_AsSsize_t(count) : 0) + 1;
+        PyObject *occ = PyLong_FromSsize_t(occurrence);
+        if (occ == NULL) goto error;
+        rc = PyDict_SetItem(f.counts, identity, occ);
+        Py_DECREF(occ);
+        if (rc < 0) goto error;
+        PyObject *me = PyLong_FromUnsignedLong(PyThread_get_thread_ident());
+        if (me == NULL || PyList_SetItem(f.busy, 0, me) < 0) goto error;
+    }
+    unsigned char *s = (unsigned char *)PyByteArray_AS_STRING(f.send);
+    if (prefix_len) memcpy(s + HEADER_SIZE, PyBytes_AS_STRING(prefix), (size_t)prefix_len);
+    if (n) memcpy(s + HEADER_SIZE + prefix_len, PyBytes_AS_STRING(payload), (size_t)n);
+    s[0] = MAGIC;
+    s[1] = (unsigned char)opcode;
+    s[2] = (unsigned char)reduce_op;
+    s[3] = (unsigned char)slot_log2(f.slot);
+    put_u32(s + 4, (uint32_t)(int32_t)(kind == KIND_GATHER || kind == KIND_BCAST ? root : NO_ROOT));
+    put_u64(s + 8, (uint64_t)seq);
+    put_u64(s + 16, (uint64_t)step);
+    if (fp != NULL) memcpy(s + 24, PyBytes_AS_STRING(fp), 8);
+    else memset(s + 24, 0, 8);
+    memset(s + 32, 0, 8);
+    memcpy(s + 40, PyBytes_AS_STRING(identity), 8);
+    put_u32(s + 48, (uint32_t)f.instance);
+    memset(s + 52, 0, 4);
+    s[FLAGS_OFFSET] = 0;
+    s[57] = s[58] = s[59] = 0;
+    put_u32(s + LENGTH_OFFSET, (uint32_t)(n + prefix_len));
+    if (record_start(f.ring, f.ring_objects, f.ring_state, f.capacity, seq, opcode,
+                     kind == KIND_EMPTY ? Py_None : info, code, lasti, step, n + prefix_len,
+                     name, occurrence) < 0)
+        goto error;
+
+    int shape = kind == KIND_BCAST || kind == KIND_EMPTY ? SHAPE_REDUCE : SHAPE_GATHER;
+    double deadline = -1;
+    if (f.timeout != Py_None) {
+        double t = PyFloat_AsDouble(f.timeout);
+        if (t == -1 && PyErr_Occurred()) goto error;
+        deadline = monotonic() + t;
+    }
+    int timed_out = 0;
+    unsigned char *rb = (unsigned char *)PyByteArray_AS_STRING(f.recv);
+    unsigned char *block = (unsigned char *)PyByteArray_AS_STRING(f.block);
+#ifdef HAVE_ENGINE
+    if (f.engine != Py_None) {
+        Engine *e = (Engine *)PyCapsule_GetPointer(f.engine, "typedcoll.engine");
+        if (e == NULL) goto error;
+        int status = engine_exchange(e, s, f.slot, rb, block, shape, deadline);
+        if (status < 0) goto error;
+        timed_out = status == 0;
+    } else
+#endif
+    {
+        PyObject *shape_obj = PyLong_FromLong(shape);
+        if (shape_obj == NULL) goto error;
+        PyObject *done = PyObject_CallFunctionObjArgs(f.exchange, f.send, f.recv, f.block,
+                                                      shape_obj, Py_None, NULL);
+        Py_DECREF(shape_obj);
+        if (done == NULL) goto error;
+        Py_DECREF(done);
+    }
+    /* Buffers may have been replaced by a thread that ran Python code meanwhile? No: busy
+     * keeps other threads out, and the protocol's buffers change only on its own thread. */
+    rb = (unsigned char *)PyByteArray_AS_STRING(f.recv);
+    block = (unsigned char *)PyByteArray_AS_STRING(f.block);
+    if (timed_out || block[AGREE_FLAGS] != 0 || !block_agreed(block)) goto resume;
+
+    /* --- the steady state: decode what this rank needs --- */
+    Py_ssize_t cap = f.slot - HEADER_SIZE;
+    uint32_t or_len = get_u32(block + AGREE_LENGTH);
+    PyObject *values = NULL;
+    if (kind == KIND_ALL || (kind == KIND_GATHER && f.rank == root)) {
+        values = PyList_New(f.size);
+        if (values == NULL) goto error;
+        for (Py_ssize_t i = 0; i < f.size; i++) {
+            const unsigned char *h = rb + i * f.slot;
+            Py_ssize_t len = get_u32(h + LENGTH_OFFSET);
+            PyObject *item = len <= cap ? decode_or_defer(decode, h + HEADER_SIZE, len) : NULL;
+            if (item == NULL) {
+                Py_DECREF(values);
+                if (PyErr_Occurred()) goto error;
+                goto resume;
+            }
+            PyList_SET_ITEM(values, i, item);
+        }
+    } else if (kind == KIND_BCAST) {
+        Py_ssize_t len = or_len;
+        const unsigned char *region = rb + HEADER_SIZE;
+        if (len < 1 || len > cap || 1 + (Py_ssize_t)region[0] > len) goto resume;
+        Py_ssize_t skip = 1 + region[0];
+        PyObject *item = decode_or_defer(decode, region + skip, len - skip);
+        if (item == NULL) {
+            if (PyErr_Occurred()) goto error;
+            goto resume;
+        }
+        values = PyList_New(1);
+        if (values == NULL) {
+            Py_DECREF(item);
+            goto error;
+        }
+        PyList_SET_ITEM(values, 0, item);
+    }
+    if (f.slot != f.min_slot || HEADER_SIZE + (Py_ssize_t)or_len > f.slot) {
+        PyObject *pol = PyObject_GetAttr(proto, s_policy);
+        PyObject *len_obj = pol ? PyLong_FromUnsignedLong(or_len) : NULL;
+        PyObject *observed = len_obj ? PyObject_CallMethodOneArg(pol, s_observe, len_obj) : NULL;
+        Py_XDECREF(len_obj);
+        PyObject *size_now = observed ? PyObject_GetAttr(pol, s_size) : NULL;
+        Py_XDECREF(observed);
+        Py_XDECREF(pol);
+        if (size_now == NULL) {
+            Py_XDECREF(values);
+            goto error;
+        }
+        Py_ssize_t new_size = PyLong_AsSsize_t(size_now);
+        Py_DECREF(size_now);
+        /* A new slot size takes effect at the next call, through the Python steps. */
+        if (new_size != f.slot && PyObject_SetAttr(proto, s_fast, Py_None) < 0) {
+            Py_XDECREF(values);
+            goto error;
+        }
+    }
+    if (record_complete(f.ring, f.ring_state, f.capacity) < 0) {
+        Py_XDECREF(values);
+        goto error;
+    }
+    if (PyList_SetItem(f.busy, 0, PyLong_FromLong(0)) < 0) {
+        Py_XDECREF(values);
+        goto error;
+    }
+    if (kind == KIND_ALL) {
+        result = values;
+    } else {
+        result = PyList_New(1);
+        if (result == NULL) {
+            Py_XDECREF(values);
+            goto error;
+        }
+        PyList_SET_ITEM(result, 0, kind == KIND_EMPTY || (kind == KIND_GATHER && f.rank != root)
+                                       ? Py_NewRef(Py_None)
+                                   : kind == KIND_BCAST ? Py_NewRef(PyList_GET_ITEM(values, 0))
+                                                        : Py_NewRef(values));
+        Py_XDECREF(values);
+    }
+    goto cleanup;
+resume:
+    /* Exchanged, not the steady state: the Python steps finish from the same bytes (the
+     * channel stays busy until they do). */
+    result = Py_BuildValue("(OiLnNO)", code ? (PyObject *)code : Py_None, lasti, seq, occurrence,
+                           deadline < 0 ? Py_NewRef(Py_None) : PyFloat_FromDouble(deadline),
+                           timed_out ? Py_True : Py_False);
+    goto cleanup;
+take:
+    result = take_py();
+    goto cleanup;
+error:
+    result = NULL;
+cleanup:
+    Py_XDECREF(code);
+    Py_XDECREF(identity);
+    Py_XDECREF(payload);
+    Py_XDECREF(info_fast);
+    Py_DECREF(state);
+    return result;
+}
+
+/* --- entry points (core/fast.py) --- */
+static PyObject *schema_info(PyObject *value, PyObject *schema) {
+    return lookup_info(schema == Py_None ? (PyObject *)Py_TYPE(value) : schema);
+}
+
+/* allgather(protocol, value, schema, step, name, op) */
+static PyObject *allgather(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "allgather expects 6 arguments");
+        return NULL;
+    }
+    PyObject *info = schema_info(args[1], args[2]);
+    if (info == NULL) return PyErr_Occurred() ? NULL : take_py();
+    return steady(args[0], args[1], info, args[3], args[4], args[5], NO_ROOT, 0, KIND_ALL,
+                  args[2]);
+}
+
+/* rooted(protocol, value, schema, step, name, op, root): "gather" or "bcast" */
+static PyObject *rooted(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "rooted expects 7 arguments");
+        return NULL;
+    }
+    int overflow = 0;
+    long root = PyLong_AsLongAndOverflow(args[6], &overflow);
+    if (overflow || (root == -1 && PyErr_Occurred())) {
+        PyErr_Clear();
+        return take_py();
+    }
+    int kind;
+    if (PyUnicode_CompareWithASCIIString(args[5], "gather") == 0) kind = KIND_GATHER;
+    else if (PyUnicode_CompareWithASCIIString(args[5], "bcast") == 0) kind = KIND_BCAST;
+    else return take_py();
+    PyObject *info = schema_info(args[1], args[2]);
+    if (info == NULL) return PyErr_Occurred() ? NULL : take_py();
+    return steady(args[0], args[1], info, args[3], args[4], args[5], root, 0, kind, args[2]);
+}
+
+/* allreduce(protocol, value, step, name, reduce_code): Python ints and floats */
+static PyObject *allreduce(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "allreduce expects 5 arguments");
+        return NULL;
+    }
+    long code = PyLong_AsLong(args[4]);
+    if (code == -1 && PyErr_Occurred()) return NULL;
+    if (code < 1 || code > 255) return take_py();
+    PyObject *info = lookup_info((PyObject *)Py_TYPE(args[1]));
+    if (info == NULL) return PyErr_Occurred() ? NULL : take_py();
+    PyObject *op = PyUnicode_InternFromString("allreduce");
+    if (op == NULL) return NULL;
+    PyObject *out = steady(args[0], args[1], info, args[2], args[3], op, NO_ROOT, code, KIND_ALL,
+                           Py_None);
+    Py_DECREF(op);
+    return out;
+}
+
+/* empty(protocol, step, name): the barrier */
+static PyObject *empty(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "empty expects 3 arguments");
+        return NULL;
+    }
+    PyObject *op = PyUnicode_InternFromString("barrier");
+    if (op == NULL) return NULL;
+    PyObject *out = steady(args[0], Py_None, Py_None, args[1], args[2], op, NO_ROOT, 0,
+                           KIND_EMPTY, Py_None);
+    Py_DECREF(op);
+    return out;
+}
+
+static PyMethodDef methods[] = {
+    {"configure", configure, METH_VARARGS, "Bind the protocol's tables (once, at import)."},
+    {"allgather", (PyCFunction)(void (*)(void))allgather, METH_FASTCALL,
+     "The steady state of allgather and the flush; see the module comment."},
+    {"rooted", (PyCFunction)(void (*)(void))rooted, METH_FASTCALL,
+     "The steady state of gather (GATHER exchange) and bcast; see the module comment."},
+    {"allreduce", (PyCFunction)(void (*)(void))allreduce, METH_FASTCALL,
+     "The steady state of allreduce of Python numbers."},
+    {"empty", (PyCFunction)(void (*)(void))empty, METH_FASTCALL, "The steady state of barrier."},
+    {"nesting_ok", py_nesting_ok, METH_VARARGS,
+     "nesting_ok(buf, limit=MAX_NESTING): the twin of codecs.nesting.nesting_ok."},
+#ifdef HAVE_ENGINE
+    {"engine", engine, METH_VARARGS, "Bind the MPI exchange over a communicator."},
+    {"exchange", py_exchange, METH_VARARGS,
+     "exchange(engine, send, recv, block, shape, deadline) -> False when the deadline passed."},
+#endif
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_speedups", NULL, -1, methods};
+
+#define INTERN(var, text) \
+    if ((var = PyUnicode_InternFromString(text)) == NULL) return NULL
+
+PyMODINIT_FUNC PyInit__speedups(void) {
+    INTERN(s_seq, "seq");
+    INTERN(s_step, "step");
+    INTERN(s_policy, "policy");
+    INTERN(s_observe, "observe");
+    INTERN(s_size, "size");
+    INTERN(s_fast, "fast");
+    INTERN(s_exchange, "exchange");
+    if ((SITE_CACHE = PyDict_New()) == NULL || (NAME_CACHE = PyDict_New()) == NULL) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    PyObject *fields = PyTuple_New(F_COUNT);
+    if (fields == NULL) goto fail;
+    for (int i = 0; i < F_COUNT; i++) {
+        PyObject *s = PyUnicode_FromString(FAST_FIELDS[i]);
+        if (s == NULL) {
+            Py_DECREF(fields);
+            goto fail;
+        }
+        PyTuple_SET_ITEM(fields, i, s);
+    }
+    if (PyModule_AddObject(m, "FAST_FIELDS", fields) < 0) {
+        Py_DECREF(fields);
+        goto fail;
+    }
+    /* What core/fast.py compares with core/wire.py and core/recorder.py before binding. */
+    if (PyModule_AddIntConstant(m, "HEADER_SIZE", HEADER_SIZE) < 0 ||
+        PyModule_AddIntConstant(m, "CHECKED", CHECKED) < 0 ||
+        PyModule_AddIntConstant(m, "AGREE_SIZE", AGREE_SIZE) < 0 ||
+        PyModule_AddIntConstant(m, "MAGIC", MAGIC) < 0 ||
+        PyModule_AddIntConstant(m, "FLAGS_OFFSET", FLAGS_OFFSET) < 0 ||
+        PyModule_AddIntConstant(m, "LENGTH_OFFSET", LENGTH_OFFSET) < 0 ||
+        PyModule_AddIntConstant(m, "FLAG_LOCAL_ERROR", FLAG_LOCAL_ERROR) < 0 ||
+        PyModule_AddIntConstant(m, "FLAG_OVERFLOW", FLAG_OVERFLOW) < 0 ||
+        PyModule_AddIntConstant(m, "FLAG_WILD_SCHEMA", FLAG_WILD_SCHEMA) < 0 ||
+        PyModule_AddIntConstant(m, "GATHER", SHAPE_GATHER) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_NESTING", MAX_NESTING) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_NAME", MAX_NAME) < 0 ||
+        PyModule_AddIntConstant(m, "ENTRY_SIZE", ENTRY_SIZE) < 0 ||
+        PyModule_AddIntConstant(m, "OBJECTS_PER_ENTRY", OBJECTS_PER_ENTRY) < 0)
+        goto fail;
+    return m;
+fail:
+    Py_DECREF(m);
+    return NULL;
+}

@@ -1,0 +1,70 @@
+"""The per-call record: everything one typed collective carries through the protocol.
+
+An op builds one :class:`Call` from its arguments; the protocol fills in what the exchange
+decides (sequence number, deadline, own payload) and every later step, cold paths included,
+reads the record instead of a long list of positional parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+from ..codecs import SchemaInfo
+from .wire import GATHER, NO_ROOT, NO_STEP
+
+# How a contribution travels: msgspec-encoded, as a numpy array, or not at all (a barrier, the
+# non-roots of bcast).
+MODE_MSG, MODE_ARRAY, MODE_EMPTY = 0, 1, 2
+
+_ZEROS = bytes(8)
+
+
+class Call:
+    """One typed collective on one rank."""
+
+    __slots__ = ("op", "shape", "info", "mode", "value", "root", "reduce_op", "step", "name",
+                 "code", "lasti", "error", "array_fp", "validate", "wild", "settings",
+                 "seq", "deadline", "overflow", "occurrence", "array_meta", "same_shape",
+                 "inline", "timed_out")
+
+    def __init__(self, op: str, shape: int, info: Optional[SchemaInfo], mode: int, value: Any, *,
+                 root: int = NO_ROOT, reduce_op: int = 0, step: Any = None,
+                 name: Optional[str] = None, error: Optional[str] = None,
+                 array_fp: bytes = _ZEROS, validate: bool = False, wild: bool = False,
+                 settings: Optional[str] = None,
+                 array_meta: Optional[Tuple[Tuple[int, ...], str]] = None,
+                 same_shape: bool = True) -> None:
+        self.op = op
+        self.shape = shape  # wire.GATHER or wire.REDUCE
+        self.info = info
+        self.mode = mode
+        self.value = value  # what this rank encodes (None where it sends nothing)
+        self.root = root
+        self.reduce_op = reduce_op
+        self.step = step  # None: the communicator's step clock
+        self.name = name
+        self.error = error  # this rank's argument or value error, flagged to every rank
+        self.array_fp = array_fp
+        self.validate = validate  # decode our own payload before sending (only a root decodes)
+        self.wild = wild  # this rank named no schema: it takes the root's
+        self.settings = settings  # communicator settings compared at creation (messages)
+        self.array_meta = array_meta  # (shape, dtype.str) of an array contribution
+        self.same_shape = same_shape  # the op combines values: shapes must agree, not only dtypes
+        # The payload rides in the slot (GATHER; a bcast root's in REDUCE); otherwise it moves
+        # whole in phase 2, on the backend's own rooted collective.
+        self.inline = shape == GATHER or op == "bcast"
+        self.code: Any = None
+        self.lasti = 0
+        self.seq = 0
+        self.deadline: Optional[float] = None
+        self.overflow: Optional[bytes] = None  # own payload bytes that move in phase 2
+        self.occurrence = 0
+        self.timed_out = False  # the C path's exchange passed its deadline (Python reports it)
+
+    @property
+    def wire_step(self) -> int:
+        return NO_STEP if self.step is None else self.step
+
+    @property
+    def schema_name(self) -> str:
+        return self.info.name if self.info is not None else "?"

@@ -1,0 +1,170 @@
+"""The C fast path's binding: its contract with the Python protocol, checked at import.
+
+``_speedups.c`` runs the steady state of the hot ops (allgather and the flush, bcast, barrier,
+gather, allreduce of Python numbers) in one C call: encode, header, exchange, verdict, decode.
+It reads a communicator's state from one list, ``Protocol.fast``, whose fields are named by
+``FAST_FIELDS``; the extension exports the names it was built against, and they must be equal
+here, as must the wire constants it copies, or the extension is not used at all.
+
+Each entry point returns:
+  - a list: the steady state's result (for rooted and empty ops, a 1-item list holding it);
+  - ``TAKE_PY``: nothing was done; the Python steps run the whole call;
+  - a tuple ``(code, lasti, seq, occurrence, deadline, timed_out)``: the exchange ran but was
+    not the steady state (a peer disagreed, failed or overflowed, or the deadline passed);
+    :func:`resumed` hands its facts to the Python steps, which reach the verdict every rank
+    reaches from the same bytes.
+
+``TYPEDCOLL_PURE_PYTHON=1`` turns the extension off: the Python steps serve every call, which is
+how CI's second leg holds both paths to the same results.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any, Optional
+
+from ..codecs.nesting import MAX_NESTING
+from ..codecs.schema import _BY_ID, _CACHE
+from .call import Call
+from .identity import SKIP_CODES, SKIP_FILES, name_fingerprint, register_internal, site_fingerprint
+from . import recorder, wire
+
+if TYPE_CHECKING:
+    from .protocol import Protocol
+
+TAKE_PY: Any = object()  # "not the steady state, nothing done"
+
+FAST_FIELDS = (
+    "send", "recv", "block", "slot", "size", "rank", "exchange", "engine", "ring", "ring_objects",
+    "ring_state", "capacity", "min_slot", "counts", "busy", "instance", "timeout", "protocol",
+)
+
+try:
+    from . import _speedups
+except ImportError:  # built without a compiler: the Python steps serve every call
+    _speedups = None  # type: ignore[assignment]
+
+_CONSTANTS = {
+    "HEADER_SIZE": wire.HEADER_SIZE, "CHECKED": wire.CHECKED, "AGREE_SIZE": wire.AGREE_SIZE,
+    "MAGIC": wire.MAGIC, "FLAGS_OFFSET": wire.FLAGS_OFFSET, "LENGTH_OFFSET": wire.LENGTH_OFFSET,
+    "FLAG_LOCAL_ERROR": wire.FLAG_LOCAL_ERROR, "FLAG_OVERFLOW": wire.FLAG_OVERFLOW,
+    "FLAG_WILD_SCHEMA": wire.FLAG_WILD_SCHEMA, "GATHER": wire.GATHER,
+    "MAX_NESTING": MAX_NESTING, "ENTRY_SIZE": recorder.ENTRY.size,
+    "OBJECTS_PER_ENTRY": recorder.OBJECTS_PER_ENTRY,
+}
+
+
+def _compatible(module: Any) -> bool:
+    """The extension was built from this source: same field layout and wire constants."""
+    try:
+        return (tuple(module.FAST_FIELDS) == FAST_FIELDS
+                and all(getattr(module, k) == v for k, v in _CONSTANTS.items()))
+    except AttributeError:
+        return False
+
+
+if _speedups is not None and (os.environ.get("TYPEDCOLL_PURE_PYTHON")
+                              or not _compatible(_speedups)):
+    _speedups = None  # type: ignore[assignment]
+
+ENABLED = _speedups is not None
+if _speedups is not None:
+    from ..codecs import ENCODER
+    _speedups.configure(_CACHE, _BY_ID, wire.OPS, ENCODER.encode, SKIP_FILES, SKIP_CODES,
+                        site_fingerprint, name_fingerprint, TAKE_PY)
+
+
+def bind(p: "Protocol") -> Optional[list]:
+    """``p``'s state as the C path reads it, or None where only the Python steps may run."""
+    if _speedups is None:
+        return None
+    transport = p.transport
+    engine = getattr(transport, "engine", None)
+    # A deadline needs the C engine: other transports report a timeout as a Python exception.
+    if ((p.timeout is not None and engine is None) or p.channel.broken is not None
+            or p.recv_u32 is None or p.slot != p.policy.size or p.observer is not None
+            or p.deferred is not None or p.freed):
+        return None
+    rec = p.recorder
+    on = rec is not None
+    state = {
+        "send": p.send, "recv": p.recv, "block": p.block, "slot": p.slot, "size": p.size,
+        "rank": p.rank, "exchange": transport.exchange, "engine": engine,
+        "ring": rec.numbers if on else None, "ring_objects": rec.objects if on else None,
+        "ring_state": rec.state if on else None, "capacity": rec.capacity if on else 0,
+        "min_slot": p.policy.min_slot, "counts": p.counts, "busy": p.channel.busy,
+        "instance": p.instance,
+        "timeout": None if p.timeout is None else float(p.timeout), "protocol": p,
+    }
+    return [state[name] for name in FAST_FIELDS]
+
+
+def allgather(p: "Protocol", value: Any, schema: Any, step: Any, name: Any, op: str) -> Any:
+    if _speedups is None or p.fast is None:
+        return TAKE_PY
+    return _guard(p, _speedups.allgather, value, schema, step, name, op)
+
+
+def rooted(p: "Protocol", value: Any, schema: Any, step: Any, name: Any, op: str,
+           root: Any) -> Any:
+    if _speedups is None or p.fast is None or type(root) is not int or not 0 <= root < p.size:
+        return TAKE_PY
+    return _guard(p, _speedups.rooted, value, schema, step, name, op, root)
+
+
+def allreduce(p: "Protocol", value: Any, step: Any, name: Any, code: int) -> Any:
+    if _speedups is None or p.fast is None:
+        return TAKE_PY
+    return _guard(p, _speedups.allreduce, value, step, name, code)
+
+
+def empty(p: "Protocol", step: Any, name: Any) -> Any:
+    if _speedups is None or p.fast is None:
+        return TAKE_PY
+    return _guard(p, _speedups.empty, step, name)
+
+
+def _guard(p: "Protocol", entry: Any, *args: Any) -> Any:
+    try:
+        return entry(p, *args)
+    except BaseException as exc:  # the C path released the channel; record and tell hooks
+        p.failed(exc)
+        raise
+
+
+def resumed(p: "Protocol", call: Call, out: Any) -> Call:
+    """``call`` as the C path started and exchanged it (its answer ``out``): the same site,
+    number, occurrence, deadline and step clock that the C path wrote into the header."""
+    call.code, call.lasti, call.seq, call.occurrence, call.deadline, call.timed_out = out
+    if call.step is None and p.step != wire.NO_STEP:
+        call.step = p.step
+    return call
+
+
+def mpi_engine(transport: Any) -> Any:
+    """The C binding of the MPI exchange over ``transport``'s communicator, or None."""
+    if _speedups is None or not hasattr(_speedups, "engine") \
+            or os.environ.get("TYPEDCOLL_DIRECT_MPI", "1") == "0":
+        return None
+    from mpi4py import MPI
+    comm = transport.comm
+    try:
+        handle_size = MPI._sizeof(MPI.Comm)
+        if MPI._sizeof(MPI.Datatype) != handle_size or MPI._sizeof(MPI.Request) != handle_size:
+            return None
+        return _speedups.engine(MPI.__file__, comm, MPI._addressof(comm), MPI.BYTE.handle,
+                                MPI.COMM_NULL.handle, handle_size, comm.Get_size(),
+                                comm.Get_rank(), transport.tag, MPI.Exception)
+    except (AttributeError, TypeError, ValueError, OverflowError):
+        return None
+
+
+def run_engine(engine: Any, send: Any, recv: Any, block: Any, shape: int,
+               deadline: Optional[float]) -> bool:
+    """The C exchange: False when the deadline passed first."""
+    assert _speedups is not None
+    return bool(_speedups.exchange(engine, send, recv, block, shape,
+                                   -1.0 if deadline is None else deadline))
+
+
+register_internal(__file__)

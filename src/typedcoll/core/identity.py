@@ -1,0 +1,162 @@
+"""Call identity: which call a collective is, so that calls identical on the wire are told apart.
+
+A collective's identity is its ``name=`` when the caller gives one, else its call site: the first
+frame on the stack that is neither typedcoll's own plumbing nor a function marked
+:func:`transparent`. The identity's fingerprint rides in every envelope and every rank compares
+it, so a rank that skipped one vote and entered the next (same op, same schema, same shape) still
+disagrees with its peers: the sites differ.
+
+Sites are ``file.py:LINE`` with the file's basename, so the same program launched from different
+paths agrees. Hot paths record the code object and bytecode offset (``f_lasti``, an int read);
+the line is worked out only when shown or first fingerprinted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import types
+from types import CodeType, FrameType
+from typing import Any, Callable, Dict, Optional, Set, Tuple, TypeVar, Union
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+# Files whose frames are plumbing: typedcoll's own modules, and modules marked transparent.
+SKIP_FILES: Set[str] = set()
+# Functions marked transparent, by code object (their frames are skipped wherever they live).
+SKIP_CODES: Set[CodeType] = set()
+_SITE_FP: Dict[Tuple[Optional[CodeType], int], bytes] = {}
+_LINES: Dict[Tuple[CodeType, int], int] = {}
+_NAME_FP: Dict[str, bytes] = {}
+MAX_NAME = 256
+
+
+def register_internal(filename: str) -> None:
+    """Frames from ``filename`` are skipped when looking for the caller's site."""
+    SKIP_FILES.add(filename)
+
+
+def transparent(target: Union[_F, types.ModuleType, str]) -> Union[_F, types.ModuleType, str]:
+    """Mark a wrapper as transparent: the call site of a collective it issues is its caller's.
+
+    Use it on functions and methods that forward to typedcoll (an engine's ``tp_allgather``,
+    a ``vote(x)`` helper), so that two votes issued through one helper from two lines keep two
+    identities. ``target`` may also be a module, or a module's name (``transparent(__name__)``),
+    to mark every function in it. Returns ``target``, so it works as a decorator.
+    """
+    if isinstance(target, str):
+        module = sys.modules.get(target)
+        if module is None:
+            raise ValueError(f"expected the name of an imported module, got {target!r}")
+        target_module: types.ModuleType = module
+    elif isinstance(target, types.ModuleType):
+        target_module = target
+    else:
+        code = _code_of(target)
+        if code is None:
+            raise TypeError(f"expected a function, method, module or module name, got "
+                            f"{target!r}")
+        SKIP_CODES.add(code)
+        return target
+    filename = getattr(target_module, "__file__", None)
+    if not filename:
+        raise ValueError(f"expected a module loaded from a file, got {target_module!r}")
+    register_internal(filename)
+    return target
+
+
+def _code_of(target: Any) -> Optional[CodeType]:
+    """The code object whose frames a call of ``target`` runs (through wraps, methods)."""
+    seen = 0
+    while seen < 32:
+        seen += 1
+        if isinstance(target, (staticmethod, classmethod)):
+            target = target.__func__
+        elif isinstance(target, types.MethodType):
+            target = target.__func__
+        elif hasattr(target, "__wrapped__"):
+            target = target.__wrapped__
+        else:
+            break
+    code = getattr(target, "__code__", None)
+    return code if isinstance(code, CodeType) else None
+
+
+def user_frame(depth: int = 2) -> Optional[FrameType]:
+    """The first frame outside typedcoll and transparent functions, ``depth`` frames up."""
+    frame: Optional[FrameType] = sys._getframe(depth)
+    files, codes = SKIP_FILES, SKIP_CODES
+    while frame is not None and (frame.f_code.co_filename in files or
+                                 (codes and frame.f_code in codes)):
+        frame = frame.f_back
+    return frame
+
+
+def line_of(code: CodeType, lasti: int) -> int:
+    """The source line of bytecode offset ``lasti`` in ``code``."""
+    key = (code, lasti)
+    line = _LINES.get(key)
+    if line is None:
+        line = code.co_firstlineno
+        for start, end, number in code.co_lines():
+            if start <= lasti < end:
+                line = number if number is not None else line
+                break
+        _LINES[key] = line
+    return line
+
+
+def format_site(code: Optional[CodeType], lasti: int) -> str:
+    """``file.py:LINE`` (basename: the same script launched from different paths agrees)."""
+    if code is None:
+        return "?"
+    return f"{os.path.basename(code.co_filename)}:{line_of(code, lasti)}"
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.blake2b(text.encode(), digest_size=8).digest()
+
+
+def site_fingerprint(code: Optional[CodeType], lasti: int) -> bytes:
+    """The identity of an unnamed call: 8 bytes that agree across processes for one site."""
+    key = (code, lasti)
+    fp = _SITE_FP.get(key)
+    if fp is None:
+        fp = _SITE_FP[key] = _digest("site:" + format_site(code, lasti))
+    return fp
+
+
+def check_name(name: Any) -> Optional[str]:
+    """The error text for a bad ``name=`` (None when it is fine)."""
+    if name is None or (type(name) is str and 0 < len(name) <= MAX_NAME):
+        return None
+    return (f"TypeError: expected name to be None or a str of 1 to {MAX_NAME} characters, got "
+            f"{name!r}"[:300])
+
+
+def name_fingerprint(name: str) -> bytes:
+    """The identity of a named call: the same from any line, on any rank."""
+    fp = _NAME_FP.get(name)
+    if fp is None:
+        if len(_NAME_FP) > 65536:
+            _NAME_FP.clear()
+        fp = _NAME_FP[name] = _digest("name:" + name)
+    return fp
+
+
+def describe_identity(name: Optional[str], site: str) -> str:
+    """How an identity reads in messages: the site, and the name where one was given."""
+    return site if name is None else f"{site} name={name!r}"
+
+
+def ordinal(n: int) -> str:
+    """1 -> "1st", 2 -> "2nd", 11 -> "11th": how many times a call ran, in messages."""
+    if 10 <= n % 100 <= 20:
+        suffix = "th"
+    else:
+        suffix = {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+register_internal(__file__)

@@ -1,0 +1,104 @@
+"""Communicator lifetime as collectives: creation, split, dup and free, each checked like any other.
+
+Creation agrees on the settings every rank must share (the timeout: with one, the backend calls
+are nonblocking, without one blocking, and backends never match one with the other), so a bad or
+different setting on one rank raises on every rank instead of hanging the others. ``split`` and
+``dup`` first exchange their arguments in band (a bad color on one rank raises everywhere), then
+make the backend communicator; ``free`` is a collective too, so a rank that frees while its peers
+still call raises a DesyncError rather than leaving them waiting.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Tuple
+
+import msgspec
+
+from ..codecs import resolve
+from .args import check_color_key, check_timeout, first_error
+from .call import MODE_EMPTY, MODE_MSG, Call
+from .channel import Channel
+from .errors import DesyncError
+from .identity import check_name, register_internal
+from .mismatch import MismatchKind, desync_message, group_envelopes
+from .ops import _common, run
+from .payloads import gathered
+from .protocol import CREATE_SEQ, Protocol
+from .verdict import describe_call
+from .wire import GATHER, REDUCE
+
+_SETTINGS = resolve(Tuple[bool, float])
+_SPLIT = resolve(Tuple[int, int])
+_settings_decoder = msgspec.msgpack.Decoder(Tuple[bool, float])
+
+
+def _settings_text(timeout: Optional[float]) -> str:
+    return "timeout=None" if timeout is None else f"timeout={timeout:g}"
+
+
+def create(p: Protocol, timeout: Any) -> None:
+    """The creation exchange: every rank checks and compares the settings."""
+    error = check_timeout(timeout)
+    value = (False, 0.0) if error is not None or timeout is None else (True, float(timeout))
+    call = Call("create", GATHER, _SETTINGS, MODE_MSG, value, error=error,
+                settings=_settings_text(None if error else timeout))
+    call.seq = CREATE_SEQ
+
+    def compare(c: Call) -> None:
+        settings = []
+        for buf in gathered(p, c):
+            given, seconds = _settings_decoder.decode(buf)
+            settings.append(seconds if given else None)
+        if len(set(settings)) == 1:
+            return
+        mine = describe_call(p, c)
+        infos = [msgspec.structs.replace(mine, rank=r, settings=_settings_text(s), thread="",
+                                         notes=()) for r, s in enumerate(settings)]
+        kinds = [MismatchKind.SETTINGS]
+        groups = group_envelopes(infos)
+        raise DesyncError(desync_message(c.seq, p.name, kinds, groups).replace(
+            f"collective #{c.seq}", "creation"), seq=-1, comm=p.name, kinds=kinds,
+            groups=groups)
+    run(p, call, compare)
+
+
+def split(p: Protocol, color: Any, key: Any, step: Any, name: Any,
+          make: Callable[[Any, str], Any]) -> Any:
+    """The exchange of (color, key), then the backend split; ``make(transport, name)``."""
+    arg_error = check_color_key(color, key)
+    step, name, common_error = _common(step, name)
+    value = (-1 if color is None else int(color), int(key)) if arg_error is None else (0, 0)
+    call = Call("split", GATHER, _SPLIT, MODE_MSG, value, step=step, name=name,
+                error=first_error(arg_error, common_error))
+
+    def rest(c: Call) -> Any:
+        sub = p.transport.split(None if color is None else int(color), int(key))
+        return None if sub is None else make(sub, f"{p.name}.split({color})")
+    return run(p, call, rest)
+
+
+def dup(p: Protocol, step: Any, name: Any, make: Callable[[Any, str], Any]) -> Any:
+    step, name, error = _common(step, name)
+    call = Call("dup", REDUCE, None, MODE_EMPTY, None, step=step, name=name, error=error)
+    return run(p, call, lambda c: make(p.transport.dup(), f"{p.name}.dup"))
+
+
+def free(p: Protocol) -> None:
+    """Collective: every rank frees together; the private channel goes with its last user."""
+    if p.freed:
+        return
+    call = Call("free", REDUCE, None, MODE_EMPTY, None)
+    run(p, call, lambda c: None)
+    release(p)
+
+
+def release(p: Protocol) -> None:
+    """Mark ``p`` freed, and free its channel's transport when it was the last user."""
+    p.freed = True
+    p.refresh_fast()
+    channel: Channel = p.channel
+    if channel.release():
+        channel.transport.free()
+
+
+register_internal(__file__)

@@ -1,0 +1,239 @@
+"""Mismatch analysis: pure logic over per-rank envelope descriptions, no communicator.
+
+The same analysis serves a live :class:`DesyncError` (the ranks exchange their
+:class:`EnvelopeInfo` once they have seen that the compact headers differ), hang reports and the
+offline trace analyzer (records read back from per-rank dumps). :func:`describe` is the one
+formatter of "what a rank was calling".
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import msgspec
+
+from .identity import ordinal
+from .wire import REDUCING_OPS, ROOTED_OPS
+
+
+class MismatchKind(enum.Enum):
+    """One aspect in which the ranks of a collective disagree."""
+
+    SEQUENCE = "sequence"
+    COMMUNICATOR = "communicator"
+    OP = "op"
+    CALL = "call site"
+    SCHEMA = "schema"
+    STEP = "step"
+    ROOT = "root"
+    REDUCE_OP = "reduce op"
+    SHAPE = "shape"
+    DTYPE = "dtype"
+    SETTINGS = "settings"
+    MISSING_RANKS = "missing ranks"
+
+
+MismatchKind.__module__ = "typedcoll"
+
+
+class Note(msgspec.Struct, frozen=True, kw_only=True):
+    """A rank-local decision recorded with ``comm.note(key, value)``."""
+
+    key: str
+    value: Any = None
+    site: str = "?"
+    step: Optional[int] = None
+
+
+class EnvelopeInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """What one rank says it is calling: the readable form of its envelope."""
+
+    rank: int
+    seq: int
+    op: str
+    schema: str = ""
+    fingerprint: str = ""
+    comm: str = ""
+    site: str = "?"
+    name: Optional[str] = None
+    occurrence: int = 0
+    step: Optional[int] = None
+    root: Optional[int] = None
+    reduce_op: Optional[str] = None
+    shape: Optional[Tuple[int, ...]] = None
+    dtype: Optional[str] = None
+    settings: Optional[str] = None
+    thread: str = ""
+    error_type: Optional[str] = None
+    error: Optional[str] = None
+    notes: Tuple[Note, ...] = ()
+
+
+class Group(msgspec.Struct, frozen=True):
+    """Ranks whose envelopes agree in every field shown, and that envelope."""
+
+    ranks: Tuple[int, ...]
+    envelope: EnvelopeInfo
+
+
+def _identity(e: EnvelopeInfo) -> Any:
+    return ("name", e.name) if e.name is not None else ("site", e.site)
+
+
+# (kind, how to read the compared value from an envelope), in the order messages list them
+_CHECKS = (
+    (MismatchKind.SEQUENCE, lambda e: e.seq),
+    (MismatchKind.COMMUNICATOR, lambda e: e.comm),
+    (MismatchKind.OP, lambda e: e.op),
+    (MismatchKind.CALL, _identity),
+    (MismatchKind.SCHEMA, lambda e: (e.schema, e.fingerprint)),
+    (MismatchKind.STEP, lambda e: e.step),
+    (MismatchKind.ROOT, lambda e: e.root),
+    (MismatchKind.REDUCE_OP, lambda e: e.reduce_op),
+    (MismatchKind.SHAPE, lambda e: e.shape),
+    (MismatchKind.DTYPE, lambda e: e.dtype),
+    (MismatchKind.SETTINGS, lambda e: e.settings),
+)
+
+
+def _shown(e: EnvelopeInfo) -> tuple:
+    return (e.seq, e.comm, e.op, e.schema, e.fingerprint, e.site, e.name, e.occurrence, e.step,
+            e.root, e.reduce_op, e.shape, e.dtype, e.settings, e.error)
+
+
+def group_envelopes(envelopes: Sequence[EnvelopeInfo]) -> List[Group]:
+    """Ranks grouped by identical envelopes, groups ordered by their lowest rank."""
+    by_key: Dict[tuple, List[EnvelopeInfo]] = {}
+    for env in sorted(envelopes, key=lambda e: e.rank):
+        by_key.setdefault(_shown(env), []).append(env)
+    return [Group(tuple(e.rank for e in members), members[0]) for members in by_key.values()]
+
+
+def mismatch_kinds(envelopes: Sequence[EnvelopeInfo]) -> List[MismatchKind]:
+    """The aspects in which the envelopes differ, in a fixed order."""
+    return [kind for kind, read in _CHECKS if len({read(e) for e in envelopes}) > 1]
+
+
+def compact_ranks(ranks: Sequence[int]) -> str:
+    """``[0, 1, 2, 4, 5]`` -> ``"ranks 0-2,4-5"``; ``[3]`` -> ``"rank 3"``."""
+    ordered = sorted(set(ranks))
+    if not ordered:
+        return "no ranks"
+    runs: List[str] = []
+    start = prev = ordered[0]
+    for r in ordered[1:] + [None]:  # type: ignore[list-item]
+        if r is not None and r == prev + 1:
+            prev = r
+            continue
+        runs.append(str(start) if start == prev else f"{start}-{prev}")
+        if r is not None:
+            start = prev = r
+    return ("ranks " if len(ordered) > 1 else "rank ") + ",".join(runs)
+
+
+def label(op: str, schema: str) -> str:
+    """``allgather[RankState]``, or the bare op for collectives without a payload schema."""
+    return f"{op}[{schema}]" if schema else op
+
+
+def describe(env: EnvelopeInfo, kinds: Sequence[MismatchKind] = (),
+             show_fingerprint: bool = False) -> str:
+    """What a rank was calling, as one fragment::
+
+        allgather[RankState] at model.py:88, its 3rd call, step 451
+
+    ``kinds`` adds the fields that differ; ``show_fingerprint`` tells apart two versions of a
+    same-named schema.
+    """
+    schema = env.schema
+    if show_fingerprint and env.fingerprint:
+        schema = f"{schema}@{env.fingerprint[:8]}"
+    text = label(env.op, schema)
+    if MismatchKind.COMMUNICATOR in kinds:
+        text += f" on {env.comm}"
+    if env.op in ROOTED_OPS or MismatchKind.ROOT in kinds:
+        text += f" root={env.root}"
+    if env.op in REDUCING_OPS or MismatchKind.REDUCE_OP in kinds:
+        text += f" op={env.reduce_op}"
+    if env.shape is not None:
+        text += f" shape={tuple(env.shape)}"
+    if env.dtype is not None:
+        text += f" dtype={env.dtype}"
+    if env.settings is not None and MismatchKind.SETTINGS in kinds:
+        text += f" {env.settings}"
+    if MismatchKind.SEQUENCE in kinds:
+        text += f" seq={env.seq}"
+    if env.name is not None:
+        text += f" name={env.name!r}"
+    text += f" at {env.site}"
+    if env.occurrence:
+        text += f", its {ordinal(env.occurrence)} call"
+    if env.step is not None:
+        text += f", step {env.step}"
+    if env.error:
+        text += f" (failed: {env.error})"
+    return text
+
+
+def format_groups(groups: Sequence[Group], kinds: Sequence[MismatchKind],
+                  indent: str = "  ") -> List[str]:
+    labels = [compact_ranks(g.ranks) + ":" for g in groups]
+    width = max(len(text) for text in labels)
+    schemas = {(g.envelope.schema, g.envelope.fingerprint) for g in groups}
+    collide = len(schemas) > len({name for name, _ in schemas})
+    return [f"{indent}{text:<{width}} {describe(g.envelope, kinds, collide)}"
+            for text, g in zip(labels, groups)]
+
+
+def differing_notes(groups: Sequence[Group]) -> List[Tuple[str, str, List[Tuple[str, str]]]]:
+    """The latest notes whose values differ between groups: (key, site, [(ranks, value)])."""
+    if len(groups) < 2:
+        return []
+    by_key: Dict[str, Dict[int, Note]] = {}
+    for g in groups:
+        for note in g.envelope.notes:
+            by_key.setdefault(note.key, {})[g.ranks[0]] = note
+    out = []
+    for key, notes in by_key.items():
+        values = {repr(n.value) for n in notes.values()}
+        missing = [g for g in groups if g.ranks[0] not in notes]
+        if len(values) < 2 and not missing:
+            continue
+        site = next(iter(notes.values())).site
+        rows: Dict[str, List[int]] = {}
+        for g in groups:
+            note = notes.get(g.ranks[0])
+            rows.setdefault(repr(note.value) if note else "(not noted)", []).extend(g.ranks)
+        out.append((key, site, [(compact_ranks(r), v) for v, r in rows.items()]))
+    return out
+
+
+def format_decisions(groups: Sequence[Group], indent: str = "  ") -> List[str]:
+    """``decisions that differ: can_queue at x.py:12 — ranks 0,2-3: True; rank 1: False``."""
+    rows = differing_notes(groups)
+    if not rows:
+        return []
+    lines = [f"{indent}decisions that differ:"]
+    for key, site, values in rows:
+        lines.append(f"{indent}  {key} at {site} — " + "; ".join(f"{r}: {v}" for r, v in values))
+    return lines
+
+
+def _hint(kinds: Sequence[MismatchKind]) -> List[str]:
+    if list(kinds) == [MismatchKind.CALL]:
+        return ["  only the call sites differ: if these are the same collective called from "
+                "different lines, give every rank's call the same name= (or mark the wrapper "
+                "they share with @typedcoll.transparent)"]
+    if MismatchKind.STEP in kinds and len(kinds) == 1:
+        return ["  the ranks are at different steps of the same call: a rank skipped or "
+                "repeated an iteration"]
+    return []
+
+
+def desync_message(seq: int, comm: str, kinds: Sequence[MismatchKind],
+                   groups: Sequence[Group]) -> str:
+    kinds_text = ", ".join(k.value for k in kinds) or "envelope"
+    head = f"collective #{seq} on {comm} diverged ({kinds_text}):"
+    return "\n".join([head] + format_groups(groups, kinds) + format_decisions(groups)
+                     + _hint(kinds))

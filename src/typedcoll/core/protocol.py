@@ -1,0 +1,317 @@
+"""The backend-independent protocol: one exchange, one verdict, then the op's own second phase.
+
+Every typed collective, whatever its kind, runs these steps (``ops`` holds each op's choices):
+
+  1. Start. Refuse at once, on this rank only, a call on a freed or broken communicator or one
+     entered while another thread is inside a collective on the same channel (nothing was sent:
+     no peer is waiting for this call). Take the next sequence number and find the call's
+     identity: its ``name=``, else its call site.
+  2. Encode. This rank's contribution becomes its payload; any failure (a bad argument, a value
+     msgspec cannot encode or that fails the schema) becomes an error text instead, flagged in
+     the header. A rank never raises before step 3: its peers would wait for it.
+  3. Exchange (``transport.exchange``; one backend operation of one of two shapes). Each rank
+     writes its slot: the 64-byte header (``wire``) and, when it fits, its payload. GATHER gives
+     every rank every slot (allgather, allreduce, flush, split); REDUCE gives every rank the OR
+     of every header and a root's payload in O(log N) (bcast, barrier, gather, scatter, reduce,
+     alltoall: their payloads then move on the backend's own rooted collective). Either way every
+     rank also gets the agreement block, and ranks that disagree about the shape still meet.
+  4. Verdict, from the agreement block, the same bytes on every rank, hence the same verdict:
+     headers differ or some rank flagged an error -> ``verdict.disagreement`` exchanges the
+     readable envelopes once and raises the same DesyncError (or EncodeError on the failed rank
+     and PeerError elsewhere) on every rank. Every rank also feeds the same number to the same
+     slot-size rule, so the next slot size needs no message.
+  5. Phase 2 (``payloads``; only for payloads that overflowed, or for ops whose payload moves
+     on a rooted collective): counts come from headers every rank has seen, so every rank joins
+     the same backend operations. Then typed decoding, never pickle: a payload that does not
+     decode raises the same error on every rank that decodes it, whatever its stack depth.
+
+With ``timeout``, one deadline bounds every backend operation of the call. The C fast path
+(``fast``) runs steps 1-4 and the decoding of the steady state; it hands anything else to these
+Python steps with the exchange's result, so both reach the same verdicts from the same bytes.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from ..codecs import ENCODER, KIND_MSGSPEC, SchemaInfo, encode_array, nesting_ok
+from ..codecs.nesting import MAX_NESTING
+from . import verdict
+from .call import MODE_ARRAY, MODE_EMPTY, MODE_MSG, Call
+from .channel import Channel, thread_label
+from .errors import CollectiveError, ConcurrentCallError
+from .identity import format_site, name_fingerprint, register_internal, site_fingerprint, \
+    user_frame
+from .recorder import FlightRecorder, capacity_from_env
+from .wire import (AGREE_SIZE, CHECKED, FLAG_LOCAL_ERROR, FLAG_OVERFLOW, FLAG_WILD_SCHEMA, HEADER, HEADER_SIZE,
+                   MAGIC, MAX_PAYLOAD, NATIVE_LITTLE, NO_STEP, OPS, REDUCE, SlotPolicy, agreed,
+                   block_flags, block_length, slot_log2)
+from .transport import TransportTimeout
+
+_ZEROS = bytes(8)
+_INT64 = 2 ** 63
+_MAX_ERROR_TEXT = 4096  # bytes of a failed rank's error text that reach its peers
+CREATE_SEQ = 2 ** 64 - 1  # the creation exchange: before the first collective, numbered apart
+
+# Called as hook(protocol, error) before a CollectiveError propagates (diagnostics dumps).
+ERROR_HOOKS: List[Callable[["Protocol", BaseException], None]] = []
+# Called as hook(protocol) when a communicator is created (diagnostics attach hang reporters).
+NEW_PROTOCOL_HOOKS: List[Callable[["Protocol"], None]] = []
+# Every live protocol, for dumps on signals and at exit.
+LIVE: "weakref.WeakSet[Protocol]" = weakref.WeakSet()
+
+_encode = ENCODER.encode
+_pack = HEADER.pack_into
+_get_ident = threading.get_ident
+
+
+class Protocol:
+    """One communicator's protocol state: sequence, step clock, slot buffers, flight recorder."""
+
+    __slots__ = ("channel", "transport", "rank", "size", "name", "instance", "timeout", "seq",
+                 "step", "policy", "slot", "send", "send_view", "recv", "recv_view", "recv_u32",
+                 "block", "counts", "recorder", "fast", "observer", "deferred", "hang_reporter",
+                 "extensions", "freed", "notes", "__weakref__")
+
+    def __init__(self, channel: Channel, instance: int, name: str,
+                 timeout: Optional[float]) -> None:
+        self.channel = channel
+        self.transport = channel.transport
+        self.rank: int = self.transport.rank
+        self.size: int = self.transport.size
+        self.name = name
+        self.instance = instance
+        self.timeout = timeout  # checked and agreed on by the creation exchange (ops.create)
+        self.seq = 0
+        self.step = NO_STEP  # the step clock: set_step() stamps every later collective
+        self.policy = SlotPolicy()
+        self.slot = 0
+        self.block = bytearray(AGREE_SIZE)
+        self.counts: Dict[bytes, int] = {}  # identity fingerprint -> calls so far (occurrence)
+        capacity = capacity_from_env()
+        self.recorder: Optional[FlightRecorder] = FlightRecorder(capacity) if capacity else None
+        self.notes: Dict[str, Any] = {}  # key -> Note: the latest decisions (comm.note)
+        self.freed = False
+        # Called with the protocol after each successful collective (debug logging). Setting it
+        # turns the C fast path off for this communicator: only Python paths call it.
+        self.observer: Optional[Callable[["Protocol"], None]] = None
+        # Deferred device checks with calls still unverified (tensor collectives): while set,
+        # every typed call verifies what has arrived before it starts.
+        self.deferred: Any = None
+        # Set by diagnostics: (protocol, call) -> (missing ranks or None, report text).
+        self.hang_reporter: Optional[Callable[["Protocol", Call], Tuple[Any, str]]] = None
+        self.extensions: Dict[str, Any] = {}  # per-communicator state of other layers
+        self.fast: Optional[list] = None
+        self._alloc(self.policy.size)
+        LIVE.add(self)
+        for hook in list(NEW_PROTOCOL_HOOKS):
+            try:
+                hook(self)
+            except Exception:  # diagnostics never break communicator creation
+                pass
+
+    def _alloc(self, slot: int) -> None:
+        # Fixed-size buffers written through memoryviews: resizing per call costs more than one
+        # copy.
+        self.slot = slot
+        self.send = bytearray(slot)
+        self.send_view = memoryview(self.send)
+        self.recv = bytearray(slot * self.size)
+        self.recv_view = memoryview(self.recv)
+        self.recv_u32 = self.recv_view.cast("I") if NATIVE_LITTLE else None
+        self.refresh_fast()
+
+    def refresh_fast(self) -> None:
+        """Rebuild the C fast path's view of this communicator (``fast.bind``), or turn it off
+        where only the Python steps may run. Whatever it holds must be refreshed when it can
+        change: new buffers, a slot-size decision, a timeout, a break."""
+        from . import fast
+        self.fast = fast.bind(self)
+
+    # --- step 1: start --------------------------------------------------------------------
+    def start(self, call: Call) -> None:
+        """Refuse a call that must not run, then number it and find its identity."""
+        channel = self.channel
+        if self.freed:
+            raise CollectiveError(f"collective #{self.seq} on {self.name}: {call.op} refused: "
+                                  f"the communicator was freed", seq=self.seq, comm=self.name)
+        busy = channel.busy
+        if busy[0]:
+            self._collide(call)
+        if channel.broken is not None:
+            verdict.refuse_broken(self, call)
+        if self.deferred is not None:
+            self.deferred.verify_ready(self)  # raises the first failed check, before seq moves
+        busy[0] = _get_ident()
+        if self.slot != self.policy.size:
+            self._alloc(self.policy.size)
+        frame = user_frame(2)
+        call.code = frame.f_code if frame is not None else None
+        call.lasti = frame.f_lasti if frame is not None else 0
+        if call.seq != CREATE_SEQ:
+            call.seq = self.seq
+            self.seq += 1
+        if call.step is None:
+            call.step = None if self.step == NO_STEP else self.step
+        identity = self.identity(call)
+        call.occurrence = self.counts.get(identity, 0) + 1
+        self.counts[identity] = call.occurrence
+        if channel.poison is not None and call.error is None:
+            call.error = channel.poison
+        if self.recorder is not None:
+            self.recorder.start(call.seq, call.op, call.info, call.code, call.lasti,
+                                call.wire_step, 0, call.name, call.occurrence)
+
+    def identity(self, call: Call) -> bytes:
+        if call.name is not None:
+            return name_fingerprint(call.name)
+        return site_fingerprint(call.code, call.lasti)
+
+    def _collide(self, call: Call) -> None:
+        """Another thread is inside a collective on this channel: refuse, and poison it."""
+        busy = self.channel.busy
+        frame = user_frame(3)
+        site = format_site(frame.f_code, frame.f_lasti) if frame is not None else "?"
+        mine = thread_label()
+        other = str(busy[1] or f"thread ident {busy[0]}")
+        text = (f"ConcurrentCallError: {call.op} at {site} in thread {mine} entered while "
+                f"thread {other} was inside a collective at {busy[2] or '?'} on "
+                f"{self.channel.label}")
+        self.channel.poison = text
+        raise ConcurrentCallError(
+            f"collective #{self.seq} on {self.name}: {call.op} at {site} refused: thread {mine} "
+            f"entered while thread {other} was inside a collective on the same channel "
+            f"({self.channel.label}); a communicator serves one thread at a time (give each "
+            f"thread its own: comm.dup())", seq=self.seq, comm=self.name,
+            threads=(other, mine), ranks=(self.rank,))
+
+    # --- steps 2 to 4 -----------------------------------------------------------------------
+    def exchange(self, call: Call) -> None:
+        """Encode, exchange and reach the verdict every rank reaches; raise it if it is an error.
+
+        The busy marker names the call for a thread that collides with it.
+        """
+        busy = self.channel.busy
+        busy[1] = thread_label()
+        busy[2] = format_site(call.code, call.lasti)
+        payload = b""
+        if call.error is None and call.mode != MODE_EMPTY:
+            payload, call.error = self.encode(call)
+        flags = 0
+        if call.error is not None:
+            # The whole text: one longer than the slot travels like any overflowing payload.
+            flags = FLAG_LOCAL_ERROR
+            payload = call.error.encode()[:_MAX_ERROR_TEXT]
+        self.write(call, payload, flags)
+        if self.recorder is not None:
+            self.recorder.set_bytes(len(payload))
+        call.deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        try:
+            self.transport.exchange(self.send, self.recv, self.block, call.shape, call.deadline)
+        except TransportTimeout:
+            verdict.timed_out(self, call)
+        self.after_exchange(call)
+
+    def after_exchange(self, call: Call) -> None:
+        """Step 4 from the agreement block (the C fast path calls this after its own exchange)."""
+        block = self.block
+        flags = block_flags(block)
+        self.policy.observe(block_length(block))
+        if flags & FLAG_LOCAL_ERROR or not agreed(block):
+            verdict.disagreement(self, call)
+
+    def settle(self, call: Call, error: Optional[str]) -> None:
+        """Agree on an outcome only some ranks could judge (a class found by name): one more
+        REDUCE exchange, after which every rank raises the same error, or none does."""
+        payload = b"" if error is None else error.encode()[:_MAX_ERROR_TEXT]
+        self.write(call, payload, FLAG_LOCAL_ERROR if error is not None else 0, OPS["settle"])
+        try:
+            self.transport.exchange(self.send, self.recv, self.block, REDUCE, call.deadline)
+        except TransportTimeout:
+            verdict.timed_out(self, call)
+        if block_flags(self.block) & FLAG_LOCAL_ERROR or not agreed(self.block):
+            call.error = error
+            verdict.disagreement(self, call)
+
+    def encode(self, call: Call) -> Tuple[bytes, Optional[str]]:
+        """(payload, None) or (b"", error text): a failure to encode never raises here."""
+        value = call.value
+        try:
+            if call.mode == MODE_ARRAY:
+                payload = encode_array(value)
+            else:
+                payload = _encode(value)
+                if len(payload) > MAX_NESTING and not nesting_ok(payload):
+                    return b"", (f"ValueError: expected a value nested at most {MAX_NESTING} "
+                                 f"deep, got one nested deeper")
+                info = call.info
+                if call.validate and info is not None and info.kind == KIND_MSGSPEC:
+                    # Only a root decodes this payload: check it here, so a bad value fails on
+                    # every rank in this call, not only on the root.
+                    verdict.decode_any(info, payload)
+        except Exception as exc:  # any failure to encode becomes this rank's flagged error
+            return b"", verdict.error_text(exc, call)
+        if call.op in PATH_OPS and call.info is not None:
+            payload = call.info.path_prefix + payload
+        if len(payload) > MAX_PAYLOAD:
+            return b"", (f"ValueError: expected a payload of at most {MAX_PAYLOAD} bytes, "
+                         f"got {len(payload)}")
+        return payload, None
+
+    def write(self, call: Call, payload: bytes, flags: int, opcode: int = 0) -> None:
+        """This rank's slot: header, and the payload inline when it fits and the op wants it
+        there (else it waits in ``call.overflow`` for phase 2)."""
+        n = len(payload)
+        slot = self.slot
+        call.overflow = None
+        if not call.inline and not flags & FLAG_LOCAL_ERROR:
+            call.overflow = payload
+            n = 0
+        elif n > slot - HEADER_SIZE:
+            call.overflow = payload
+            flags |= FLAG_OVERFLOW
+        else:
+            self.send_view[HEADER_SIZE:HEADER_SIZE + n] = payload
+        if call.wild:
+            flags |= FLAG_WILD_SCHEMA
+        info = call.info
+        _pack(self.send, 0, MAGIC, opcode or OPS[call.op], call.reduce_op, slot_log2(slot),
+              call.root,
+              call.seq, call.wire_step,
+              info.fingerprint if info is not None and not call.wild else _ZEROS,
+              call.array_fp, self.identity(call), self.instance, flags, n)
+
+    # --- bookkeeping ------------------------------------------------------------------------
+    def completed(self, call: Optional[Call] = None) -> None:
+        self.channel.busy[0] = 0
+        if self.recorder is not None:
+            self.recorder.complete()
+        if self.observer is not None:
+            try:
+                self.observer(self)
+            except Exception:  # diagnostics never raise into user code
+                pass
+
+    def failed(self, exc: BaseException) -> None:
+        """A call that started ended with ``exc``: release the channel, record, tell hooks."""
+        self.channel.busy[0] = 0
+        if self.recorder is not None and self.recorder.in_flight:
+            text = str(exc)
+            self.recorder.fail(f"{type(exc).__name__}: "
+                               f"{text.splitlines()[0] if text else ''}")
+        if isinstance(exc, CollectiveError):
+            for hook in list(ERROR_HOOKS):
+                try:
+                    hook(self, exc)
+                except Exception:  # diagnostics never raise into user code
+                    pass
+
+
+# Ops whose receivers may name no schema: the root's payload starts with its class's path.
+PATH_OPS = frozenset({"bcast", "scatter"})
+
+
+register_internal(__file__)

@@ -1,0 +1,146 @@
+"""The flight recorder: the last N collectives of one communicator, in a ring.
+
+Recording sits on the hot path of every collective, so an entry allocates nothing: its numbers
+are written in place into a preallocated byte array (``ENTRY`` below; the C fast path writes the
+same bytes, and ``fast`` checks the layout at import) and its object references (schema info,
+code object, name) into a preallocated list. Nothing is formatted until someone reads the ring:
+:meth:`FlightRecorder.snapshot` gives :class:`RecordEntry` Structs, the one model that dumps
+write and the trace analyzer reads. ``TYPEDCOLL_TRACE_BUFFER`` sets N (default 2000; 0 turns
+recording off).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+from typing import Any, Dict, List, Optional
+
+import msgspec
+
+from .identity import format_site
+from .wire import NO_STEP, OPS, op_name
+
+DEFAULT_CAPACITY = 2000
+STARTED, COMPLETED, FAILED = 0, 1, 2
+STATE_NAMES = ("started", "completed", "failed")
+
+# An entry's numbers, little-endian: seq, step, start and end time (ns since the epoch; end 0
+# while started), payload bytes, bytecode offset of the call site, occurrence, op code, state.
+ENTRY = struct.Struct("<QqQQIiIBB2x")
+OBJECTS_PER_ENTRY = 3  # schema info, code object, name
+
+
+class RecordEntry(msgspec.Struct, kw_only=True):
+    """One recorded collective, as dumps hold it and the analyzer reads it."""
+
+    seq: int
+    op: str
+    schema: str = ""
+    fingerprint: str = ""
+    site: str = "?"
+    name: Optional[str] = None
+    occurrence: int = 0
+    step: Optional[int] = None
+    bytes: int = 0
+    state: str = "completed"
+    t_start_ns: int = 0
+    t_end_ns: Optional[int] = None
+    error: Optional[str] = None
+
+
+def capacity_from_env() -> int:
+    raw = os.environ.get("TYPEDCOLL_TRACE_BUFFER", "")
+    if not raw:
+        return DEFAULT_CAPACITY
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(f"TYPEDCOLL_TRACE_BUFFER: expected a non-negative integer, got {raw!r}")
+    return value
+
+
+class FlightRecorder:
+    """A fixed-size ring of collective records for one communicator."""
+
+    __slots__ = ("capacity", "numbers", "objects", "state", "failures")
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.numbers = bytearray(ENTRY.size * capacity)
+        self.objects: List[Any] = [None] * (OBJECTS_PER_ENTRY * capacity)
+        # [entries recorded since creation (dropped ones included), newest still in flight]:
+        # a list, so the C fast path updates it without attribute lookups.
+        self.state: list = [0, False]
+        self.failures: Dict[int, str] = {}  # entry count -> error text
+
+    @property
+    def count(self) -> int:
+        return int(self.state[0])
+
+    @property
+    def in_flight(self) -> bool:
+        return bool(self.state[1])
+
+    def _offset(self) -> int:
+        return ((self.state[0] - 1) % self.capacity) * ENTRY.size
+
+    def start(self, seq: int, op: str, info: Any, code: Any, lasti: int, step: int,
+              nbytes: int, name: Optional[str], occurrence: int) -> None:
+        state = self.state
+        index = state[0] % self.capacity
+        ENTRY.pack_into(self.numbers, index * ENTRY.size, seq & (2 ** 64 - 1), step,
+                        time.time_ns(), 0, nbytes, lasti, occurrence, OPS[op], STARTED)
+        base = OBJECTS_PER_ENTRY * index
+        self.objects[base] = info
+        self.objects[base + 1] = code
+        self.objects[base + 2] = name
+        state[0] += 1
+        state[1] = True
+
+    def set_bytes(self, nbytes: int) -> None:
+        struct.pack_into("<I", self.numbers, self._offset() + 32, nbytes)
+
+    def complete(self) -> None:
+        if self.state[1]:
+            offset = self._offset()
+            struct.pack_into("<Q", self.numbers, offset + 24, time.time_ns())
+            self.numbers[offset + 45] = COMPLETED
+            self.state[1] = False
+
+    def fail(self, error: str) -> None:
+        offset = self._offset()
+        struct.pack_into("<Q", self.numbers, offset + 24, time.time_ns())
+        self.numbers[offset + 45] = FAILED
+        self.failures[self.state[0]] = error
+        if len(self.failures) > self.capacity:
+            self.failures.pop(next(iter(self.failures)))
+        self.state[1] = False
+
+    def __len__(self) -> int:
+        return min(self.count, self.capacity)
+
+    def entry(self, number: int) -> RecordEntry:
+        """The ``number``-th entry recorded (1-based count since creation), read back."""
+        index = (number - 1) % self.capacity
+        (seq, step, t_start, t_end, nbytes, lasti, occurrence, op,
+         state) = ENTRY.unpack_from(self.numbers, index * ENTRY.size)
+        info, code, name = self.objects[OBJECTS_PER_ENTRY * index:
+                                        OBJECTS_PER_ENTRY * (index + 1)]
+        return RecordEntry(
+            seq=seq, op=op_name(op), schema=info.name if info is not None else "",
+            fingerprint=info.fingerprint.hex() if info is not None else "",
+            site=format_site(code, lasti), name=name, occurrence=occurrence,
+            step=None if step == NO_STEP else step, bytes=nbytes,
+            state=STATE_NAMES[state] if state < len(STATE_NAMES) else "started",
+            t_start_ns=t_start, t_end_ns=t_end or None, error=self.failures.get(number))
+
+    def last(self) -> Optional[RecordEntry]:
+        return self.entry(self.count) if self.count else None
+
+    def snapshot(self) -> List[RecordEntry]:
+        """The recorded collectives, oldest first."""
+        count = self.count
+        return [self.entry(number) for number in range(count - len(self) + 1, count + 1)]

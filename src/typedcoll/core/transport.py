@@ -1,0 +1,117 @@
+"""What the protocol needs from a backend, and the exchange every transport implements alike.
+
+A transport moves bytes and knows nothing of schemas or verdicts. Implementations: ``mpi``
+(mpi4py), ``torch`` (torch.distributed, gloo) and ``memory`` (threads of one process, for
+``typedcoll.testing``). Every method that communicates takes a ``deadline`` (a
+``time.monotonic()`` value, or None to wait forever) and raises :class:`TransportTimeout` when it
+has not completed by then; the operation is then still pending and the transport unusable.
+
+The exchange (phase 1 of every typed collective)
+------------------------------------------------
+``exchange(send, recv, block, shape, deadline)``: ``send`` is this rank's slot (header, inline
+payload). Afterwards ``block`` holds the agreement block over every rank (``core.wire``), and
+
+* ``shape == GATHER``: ``recv`` holds every rank's slot, in rank order;
+* ``shape == REDUCE``: ``recv[HEADER_SIZE:]`` holds the OR of every rank's inline payload (only a
+  root sends one: a bcast's payload arrives on every rank).
+
+Ranks may disagree about the shape (one calls allgather, its peer bcast). The exchange must then
+still complete on every rank, and the agreement block then says that the headers differ, so that
+every rank reaches the same verdict in the same call and never meets undefined backend
+behaviour. Transports that gather every slot get this for free (:func:`finish_gathered`); the MPI
+transport runs one point-to-point schedule for both shapes (``transports.mpi``).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Protocol
+
+import numpy as np
+
+from .wire import (FLAG_OVERFLOW, FLAGS_OFFSET, GATHER, HEADER_SIZE, LENGTH_OFFSET, fold)
+
+
+class TransportTimeout(Exception):
+    """The backend operation did not complete by its deadline (it is still pending)."""
+
+
+class Transport(Protocol):
+    """The byte-level operations the protocol runs on (see the module docstring)."""
+
+    kind: str  # "mpi", "torch" or "memory"
+    rank: int
+    size: int
+
+    def exchange(self, send: bytearray, recv: bytearray, block: bytearray, shape: int,
+                 deadline: Optional[float]) -> None: ...
+
+    def allgatherv(self, send: bytes, counts: List[int],
+                   deadline: Optional[float]) -> bytearray: ...
+
+    def gatherv(self, send: bytes, counts: List[int], root: int,
+                deadline: Optional[float]) -> Optional[bytearray]: ...
+
+    # The parts operations learn their counts themselves (lengths first): after a REDUCE
+    # exchange only the sender of each part knows its length.
+    def gather_parts(self, send: bytes, root: int,
+                     deadline: Optional[float]) -> Optional[List[bytes]]: ...
+
+    def scatter_parts(self, parts: Optional[List[bytes]], root: int,
+                      deadline: Optional[float]) -> bytes: ...
+
+    def alltoall_parts(self, parts: Optional[List[bytes]],
+                       deadline: Optional[float]) -> List[bytes]: ...
+
+    def bcast_bytes(self, buf: bytearray, root: int, deadline: Optional[float]) -> None: ...
+
+    def allreduce_array(self, array: np.ndarray, op: str,
+                        deadline: Optional[float]) -> np.ndarray: ...
+
+    def split(self, color: Optional[int], key: int) -> Optional["Transport"]: ...
+
+    def dup(self) -> "Transport": ...
+
+    def abort(self, code: int) -> None: ...
+
+    def free(self) -> None: ...
+
+    # Typed point to point: one message, its envelope first (on a communicator of its own).
+    def send_bytes(self, data: bytes, dest: int, tag: int,
+                   deadline: Optional[float]) -> None: ...
+
+    def recv_bytes(self, source: int, tag: int, deadline: Optional[float]) -> bytes: ...
+
+
+def inline_length(slot: bytes) -> int:
+    """How many payload bytes sit inline in ``slot`` (none when the payload overflowed)."""
+    if slot[FLAGS_OFFSET] & FLAG_OVERFLOW:
+        return 0
+    return min(int.from_bytes(slot[LENGTH_OFFSET:LENGTH_OFFSET + 4], "little"),
+               len(slot) - HEADER_SIZE)
+
+
+def finish_gathered(recv: bytearray, slot: int, size: int, block: bytearray, shape: int) -> None:
+    """Complete an exchange from every rank's gathered slot (``recv``).
+
+    The REDUCE shape's payload region is the OR of each slot's *inline* bytes only: a slot also
+    carries stale bytes past its length, which must not leak into the root's payload.
+    """
+    fold(recv, slot, size, block)
+    if shape == GATHER:
+        return
+    acc = 0
+    for r in range(size):
+        start = r * slot + HEADER_SIZE
+        n = inline_length(recv[r * slot:(r + 1) * slot])
+        acc |= int.from_bytes(recv[start:start + n], "little")
+    width = slot - HEADER_SIZE
+    recv[HEADER_SIZE:slot] = acc.to_bytes(width, "little") if acc.bit_length() <= 8 * width \
+        else bytes(width)
+
+
+def displacements(counts: List[int]) -> List[int]:
+    displs, total = [], 0
+    for c in counts:
+        displs.append(total)
+        total += c
+    return displs

@@ -1,0 +1,246 @@
+"""The protocol's cold paths: turning a disagreement, a failure or a timeout into the right error.
+
+Reached only when the agreement block showed that the headers differ or that some rank flagged
+an error, or when a deadline passed. Every rank evaluates the same block, so every rank comes
+here in the same call; one more exchange (the readable envelopes, lengths first so every rank's
+counts agree) gives every rank the same facts, from which each builds the same error.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple
+
+import msgspec
+import numpy as np
+
+from ..codecs import ENCODER, SchemaInfo
+from .transport import TransportTimeout
+from .call import Call
+from .errors import (CollectiveTimeout, ConcurrentCallError, DecodeError, DesyncError,
+                     EncodeError, PeerError)
+from .identity import format_site, register_internal
+from .mismatch import (EnvelopeInfo, Group, compact_ranks, desync_message, differing_notes,
+                       group_envelopes, label, mismatch_kinds)
+from .wire import (AGREE_SIZE, FLAG_LOCAL_ERROR, FLAGS_OFFSET, HEADER_SIZE, REDUCE_OP_NAMES,
+                   REDUCING_OPS, ROOTED_OPS, agreed, or_into, own_block)
+
+if TYPE_CHECKING:
+    from .protocol import Protocol
+
+_INFO_DECODER = msgspec.msgpack.Decoder(Tuple[bytes, EnvelopeInfo])
+
+
+def describe_call(p: "Protocol", call: Call, error: Optional[str] = None) -> EnvelopeInfo:
+    """This rank's readable envelope for ``call``."""
+    shape, dtype = call.array_meta if call.array_meta is not None else (None, None)
+    return EnvelopeInfo(
+        rank=p.rank, seq=call.seq, op=call.op, schema=call.schema_name if not call.wild else "",
+        fingerprint=call.info.fingerprint.hex() if call.info is not None and not call.wild
+        else "", comm=p.name, site=format_site(call.code, call.lasti), name=call.name,
+        occurrence=call.occurrence, step=call.step,
+        root=call.root if call.op in ROOTED_OPS else None,
+        reduce_op=REDUCE_OP_NAMES.get(call.reduce_op) if call.op in REDUCING_OPS else None,
+        shape=tuple(shape) if shape is not None else None, dtype=dtype, settings=call.settings,
+        thread=threading.current_thread().name,
+        error_type=split_error(error)[0] if error is not None else None,
+        error=split_error(error)[1] if error is not None else None,
+        notes=tuple(p.notes.values()))
+
+
+def disagreement(p: "Protocol", call: Call) -> None:
+    """Raise the error every rank agrees on: DesyncError, or EncodeError / PeerError."""
+    header = bytes(p.send[:HEADER_SIZE])
+    pairs = exchange_infos(p, call, header, describe_call(p, call, call.error))
+    failed = [r for r, (h, _) in enumerate(pairs) if h[FLAGS_OFFSET] & FLAG_LOCAL_ERROR]
+    infos = [info for _, info in pairs]
+    # A rank that failed before it knew its schema or root sent no such field: leave it out of
+    # the comparison, so a plain usage error on one rank reads as that error, not as a desync.
+    block, mine = bytearray(AGREE_SIZE), bytearray(AGREE_SIZE)
+    for r, (h, _) in enumerate(pairs):
+        if r not in failed:
+            own_block(h, mine)
+            or_into(block, mine)
+    if len(failed) < p.size and not agreed(block):
+        others = [info for r, info in enumerate(infos) if r not in failed]
+        kinds = mismatch_kinds(others)
+        groups = group_envelopes(infos)
+        raise DesyncError(desync_message(call.seq, p.name, kinds, groups), seq=call.seq,
+                          comm=p.name, kinds=kinds, groups=groups,
+                          decisions=_decisions(groups))
+    if not failed:  # unreachable for well-formed peers: the block said something differed
+        raise DesyncError(f"collective #{call.seq} on {p.name}: the agreement block and the "
+                          f"envelopes disagree (corrupt exchange)", seq=call.seq, comm=p.name)
+    raise failure(p, call, failed, infos)
+
+
+def failure(p: "Protocol", call: Call, failed: Sequence[int],
+            infos: Sequence[EnvelopeInfo]) -> Exception:
+    """The error for failed ranks: their own on themselves, PeerError naming them elsewhere."""
+    first = failed[0]
+    what = label(call.op, call.schema_name)
+    texts = {r: infos[r].error or "" for r in failed}
+    kinds = {r: infos[r].error_type or "" for r in failed}
+    if "ConcurrentCallError" in kinds.values():
+        r = next(r for r in failed if kinds[r] == "ConcurrentCallError")
+        err = ConcurrentCallError(
+            f"collective #{call.seq} on {p.name}: rank {r} saw two threads in one collective "
+            f"(the channel is now unusable on every rank): {texts[r]}", seq=call.seq,
+            comm=p.name, threads=(infos[r].thread,), ranks=tuple(failed))
+        p.channel.broken = err
+        return err
+    site = infos[first].site
+    if p.rank in failed:
+        return EncodeError(f"collective #{call.seq} on {p.name}: rank {p.rank} could not send "
+                           f"its {what} contribution at {infos[p.rank].site}: "
+                           f"{texts[p.rank]}", seq=call.seq, comm=p.name)
+    more = "" if len(failed) == 1 else f" (and {compact_ranks(failed[1:])})"
+    return PeerError(f"collective #{call.seq} on {p.name}: rank {first}{more} failed its {what} "
+                     f"contribution at {site}: {texts[first]}", seq=call.seq, comm=p.name,
+                     ranks=failed, error_type=kinds[first], detail=texts[first])
+
+
+def _decisions(groups: Sequence[Group]) -> list:
+    return differing_notes(groups)
+
+
+def exchange_infos(p: "Protocol", call: Call, header: bytes,
+                   mine: EnvelopeInfo) -> List[Tuple[bytes, EnvelopeInfo]]:
+    """Every rank's (header, readable envelope): lengths first, so every rank's counts agree."""
+    payload = ENCODER.encode((header, mine))
+    try:
+        lengths = p.transport.allgatherv(len(payload).to_bytes(4, "little"), [4] * p.size,
+                                         call.deadline)
+        counts = [int.from_bytes(lengths[4 * r:4 * r + 4], "little") for r in range(p.size)]
+        blob = p.transport.allgatherv(payload, counts, call.deadline)
+    except TransportTimeout:
+        timed_out(p, call)
+    out, offset = [], 0
+    for r, count in enumerate(counts):
+        try:
+            out.append(_INFO_DECODER.decode(blob[offset:offset + count]))
+        except Exception as exc:  # untrusted bytes: any decoder failure is a decode error
+            raise DecodeError(f"collective #{call.seq} on {p.name}: the envelope description "
+                              f"from rank {r} does not decode: {exc}", seq=call.seq,
+                              comm=p.name, source=r, schema="EnvelopeInfo") from exc
+        offset += count
+    return out
+
+
+def split_error(text: Optional[str]) -> Tuple[str, str]:
+    """``"TypeError: detail"`` -> ("TypeError", "detail")."""
+    kind, _, detail = (text or "").partition(": ")
+    return kind, detail
+
+
+def error_text(exc: BaseException, call: Call) -> str:
+    """A failure to produce this rank's payload, as the text its peers receive.
+
+    msgspec's own messages keep their shape ("Expected `int`, got `str` - at `$.rank`"); an
+    unsupported value says what was expected and what was given.
+    """
+    detail = str(exc)
+    if isinstance(exc, msgspec.EncodeError) or "is unsupported" in detail:
+        detail = (f"expected {call.schema_name}, got {type(call.value).__name__}: msgspec "
+                  f"cannot encode it ({detail}); give the value a type msgspec supports (a "
+                  f"Struct, a dataclass, builtins, numpy arrays)")
+    return f"{type(exc).__name__}: {detail}"
+
+
+def decode_any(info: SchemaInfo, buf: Any) -> Any:
+    """Decode ``buf`` as ``info`` alike on every rank, whatever each rank's stack depth.
+
+    msgspec guards its recursion with the interpreter's limit, so a payload that decodes at a
+    shallow stack may raise RecursionError deep in another rank's: the payload's nesting was
+    already checked against a fixed limit, so such a rank decodes it again on a fresh stack.
+    """
+    try:
+        return info.decoder.decode(buf)
+    except RecursionError:
+        return _decode_on_fresh_stack(info, bytes(buf))
+
+
+def _decode_on_fresh_stack(info: SchemaInfo, data: bytes) -> Any:
+    from ..codecs.nesting import MAX_NESTING
+    import sys
+    result: List[Any] = []
+    error: List[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(info.decoder.decode(data))
+        except BaseException as exc:  # handed to the calling thread as is
+            error.append(exc)
+
+    need = 4 * MAX_NESTING + 200
+    old = sys.getrecursionlimit()
+    if old < need:
+        sys.setrecursionlimit(need)
+    try:
+        thread = threading.Thread(target=run, name="typedcoll-decode")
+        thread.start()
+        thread.join()
+    finally:
+        if old < need:
+            sys.setrecursionlimit(old)
+    if error:
+        raise error[0]
+    return result[0]
+
+
+def decode_failure(p: "Protocol", call: Call, source: int, exc: BaseException) -> Exception:
+    """The error for a payload that does not decode: the sender's own, or its peers'."""
+    site = format_site(call.code, call.lasti)
+    name = call.info.name if call.info is not None else "?"
+    detail = f"{type(exc).__name__}: {exc}" if not isinstance(exc, msgspec.DecodeError) \
+        else str(exc)
+    if source == p.rank:
+        return EncodeError(f"collective #{call.seq} on {p.name}: rank {p.rank} could not send "
+                           f"its {label(call.op, name)} contribution at {site}: expected "
+                           f"{name}: {detail}", seq=call.seq, comm=p.name)
+    return DecodeError(f"collective #{call.seq} on {p.name}: payload from rank {source} does not "
+                       f"decode as {name} ({label(call.op, name)} at {site}): {detail}",
+                       seq=call.seq, comm=p.name, source=source, schema=name)
+
+
+def timed_out(p: "Protocol", call: Call) -> None:
+    """Raise CollectiveTimeout; the channel is unusable from now on."""
+    site = format_site(call.code, call.lasti)
+    what = label(call.op, call.schema_name)
+    timeout = p.timeout if p.timeout is not None else 0.0
+    text = (f"collective #{call.seq} on {p.name}: {what} at {site} did not complete within "
+            f"{timeout:g} s")
+    missing = None
+    if p.hang_reporter is not None:
+        try:
+            missing, report = p.hang_reporter(p, call)
+            if report:
+                text += "\n" + report
+        except Exception as exc:  # a failing report must not hide the timeout itself
+            text += f"\n(hang report unavailable: {type(exc).__name__}: {exc})"
+    err = CollectiveTimeout(text, seq=call.seq, comm=p.name, op=call.op,
+                            schema=call.schema_name, site=site, timeout=timeout,
+                            missing=missing)
+    p.channel.broken = err
+    p.refresh_fast()
+    raise err
+
+
+def refuse_broken(p: "Protocol", call: Call) -> None:
+    """Raise for a call on a channel whose earlier collective timed out or collided."""
+    cause = p.channel.broken
+    assert cause is not None  # only called when broken is set
+    what = label(call.op, call.schema_name)
+    if isinstance(cause, CollectiveTimeout):
+        raise CollectiveTimeout(
+            f"collective #{p.seq} on {p.name}: {what} refused: the communicator is unusable "
+            f"since collective #{cause.seq} on {cause.comm} ({cause.op}[{cause.schema}] at "
+            f"{cause.site}) timed out", seq=p.seq, comm=p.name, op=call.op,
+            schema=call.schema_name, site=cause.site, timeout=cause.timeout,
+            missing=cause.missing)
+    raise type(cause)(f"collective #{p.seq} on {p.name}: {what} refused: the communicator is "
+                      f"unusable since collective #{cause.seq} on {cause.comm}: {cause}",
+                      seq=p.seq, comm=p.name)
+
+
+register_internal(__file__)

@@ -1,0 +1,340 @@
+"""The MPI transport: byte operations over private duplicates of an mpi4py intracommunicator.
+
+Channels. ``channel_for(parent)`` returns the parent's private channel, made once per parent
+(``MPI_Comm_dup``, three times: collectives, typed point-to-point, and the side channel that
+diagnostics use to ask a hung peer where it is) and cached as an MPI attribute
+of the parent, so every TypedComm built over it shares it and constructing thousands costs
+no communicators. It is freed with the last TypedComm that frees it, or with the parent.
+
+The exchange. Phase 1 of every typed collective runs one point-to-point schedule, the same for
+both shapes, so ranks that disagree about the shape (one in an allgather, its peer in a bcast)
+still exchange well-formed messages in the same rounds. Round k (distance d = 2**k, ceil(log2 N)
+rounds): send to rank r - d, receive from rank r + d (mod N), on the collective communicator
+with one reserved tag. Every message is::
+
+    u8 shape, u8 0, u16 0, u32 count      shape GATHER: count slots follow; REDUCE: count bytes
+    agreement block (128 bytes)           the OR of every header this rank has heard of so far
+    GATHER: count slots (Bruck's allgather: the first min(d, N - d) slots this rank holds, in
+            the order rank r, r+1, ...); REDUCE: the OR of the payload regions heard of so far
+
+After the last round every rank's block covers every rank (OR is idempotent, so overlapping
+coverage when N is not a power of two changes nothing), and GATHER ranks hold every slot. A
+message of the other shape is ORed into the block and otherwise ignored: the block then shows the
+disagreement, so no rank decodes what it could not have gathered. MPI delivers messages between
+two ranks with one tag in order, so consecutive exchanges never mix. The C fast path runs this
+same schedule (``core/_speedups.c``, over MPI's C symbols); this module is its Python twin.
+
+Everything after the verdict (phase 2, the cold paths) uses MPI's own collectives: every rank
+has then agreed which one comes next.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, List, Optional
+
+import numpy as np
+from mpi4py import MPI
+
+from ..core.channel import Channel
+from ..core.identity import register_internal
+from ..core.transport import TransportTimeout, displacements
+from ..core.wire import (AGREE_SIZE, FLAG_OVERFLOW, FLAGS_OFFSET, GATHER, HEADER_SIZE,
+                         LENGTH_OFFSET, or_into, own_block)
+
+EXCHANGE_TAG = 0x7C31  # the collective communicator carries no other point-to-point traffic
+PREFIX = 8
+_MPI_OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN, "prod": MPI.PROD, "land": MPI.LAND,
+            "lor": MPI.LOR, "lxor": MPI.LXOR, "band": MPI.BAND, "bor": MPI.BOR, "bxor": MPI.BXOR}
+
+# Waiting with a deadline: spin on Test first (a call about to complete should not pay a
+# wake-up), then yield the core between tests (ranks that oversubscribe cores need it to make
+# progress), and only after a while sleep with backoff, so a rank waiting for a stuck peer does
+# not burn a core.
+_SPIN_TESTS = 200
+_YIELD_SECONDS = 0.05
+_MAX_SLEEP = 0.002
+
+
+def wait_all(requests: List[MPI.Request], deadline: Optional[float]) -> None:
+    if deadline is None:
+        MPI.Request.Waitall(requests)
+        return
+    for _ in range(_SPIN_TESTS):
+        if MPI.Request.Testall(requests):
+            return
+    now = time.monotonic()
+    yield_until = min(now + _YIELD_SECONDS, deadline)
+    while now < yield_until:
+        os.sched_yield()
+        if MPI.Request.Testall(requests):
+            return
+        now = time.monotonic()
+    pause = 1e-4
+    while not MPI.Request.Testall(requests):
+        if time.monotonic() >= deadline:
+            raise TransportTimeout()
+        time.sleep(pause)
+        pause = min(pause * 2, _MAX_SLEEP)
+
+
+def comm_name(comm: MPI.Comm) -> str:
+    if comm == MPI.COMM_WORLD:
+        return "COMM_WORLD"
+    if comm == MPI.COMM_SELF:
+        return "COMM_SELF"
+    name = comm.Get_name()
+    return name.removeprefix("MPI_") if name else "comm"
+
+
+_KEYVAL: Optional[int] = None
+
+
+def _on_parent_freed(comm: Any, keyval: int, channel: Any) -> None:
+    # The parent is being freed (or MPI finalised): its private channel goes with it.
+    try:
+        if channel.users > 0:
+            channel.transport.free()
+    except Exception:  # freeing at teardown must never raise into MPI
+        pass
+
+
+def channel_for(parent: Any) -> Channel:
+    """The private channel of ``parent``: made by the first TypedComm over it, then shared."""
+    global _KEYVAL
+    if not isinstance(parent, MPI.Intracomm) or parent == MPI.COMM_NULL:
+        raise TypeError(f"expected an mpi4py intracommunicator, got {parent!r} (for "
+                        f"torch.distributed use TypedComm.from_torch)")
+    if _KEYVAL is None:
+        _KEYVAL = MPI.Comm.Create_keyval(delete_fn=_on_parent_freed)
+    channel = parent.Get_attr(_KEYVAL)
+    if channel is None or channel.users <= 0:
+        channel = Channel(MPITransport(parent.Dup(), parent.Dup(), parent.Dup()),
+                          comm_name(parent))
+        parent.Set_attr(_KEYVAL, channel)
+    return channel  # type: ignore[no-any-return]
+
+
+class MPITransport:
+    """Byte operations over private communicators: collectives, point to point, and a side
+    channel for diagnostics (only their watcher thread and hang reports use it)."""
+
+    kind = "mpi"
+
+    def __init__(self, comm: MPI.Intracomm, p2p: MPI.Intracomm, side: MPI.Intracomm) -> None:
+        self.comm = comm
+        self.p2p = p2p
+        self.side = side
+        self.rank = comm.Get_rank()
+        self.size = comm.Get_size()
+        self._inbox = bytearray(0)
+        self.tag = EXCHANGE_TAG
+        # The C fast path's binding of the exchange over MPI's own symbols (None: Python's).
+        from ..core import fast
+        self.engine = fast.mpi_engine(self)
+
+    # --- the exchange ----------------------------------------------------------------------
+    def exchange(self, send: bytearray, recv: bytearray, block: bytearray, shape: int,
+                 deadline: Optional[float]) -> None:
+        engine = self.engine
+        if engine is not None:
+            from ..core import fast
+            if fast.run_engine(engine, send, recv, block, shape, deadline):
+                return
+            raise TransportTimeout()
+        self._exchange(send, recv, block, shape, deadline)
+
+    def _exchange(self, send: bytearray, recv: bytearray, block: bytearray, shape: int,
+                  deadline: Optional[float]) -> None:
+        n, r, slot = self.size, self.rank, len(send)
+        own_block(send, block)
+        flags = send[FLAGS_OFFSET]
+        length = int.from_bytes(send[LENGTH_OFFSET:HEADER_SIZE], "little")
+        region_len = 0 if flags & FLAG_OVERFLOW else min(length, slot - HEADER_SIZE)
+        if shape == GATHER:
+            held = bytearray(n * slot)  # slots of ranks r, r+1, ... in that order
+            held[:slot] = send
+            have = 1
+        else:
+            region = bytearray(send[HEADER_SIZE:HEADER_SIZE + region_len])
+        inbox_size = PREFIX + AGREE_SIZE + max((n + 1) // 2, 1) * slot
+        if len(self._inbox) < inbox_size:
+            self._inbox = bytearray(inbox_size)
+        inbox = self._inbox
+        dist = 1
+        while dist < n:
+            if shape == GATHER:
+                count = min(have, dist, n - dist)
+                out = (bytes((GATHER, 0, 0, 0)) + count.to_bytes(4, "little") + block
+                       + held[:count * slot])
+            else:
+                out = (bytes((shape, 0, 0, 0)) + len(region).to_bytes(4, "little") + block
+                       + region)
+            self._sendrecv(out, (r - dist) % n, inbox, (r + dist) % n, deadline)
+            or_into(block, inbox[PREFIX:PREFIX + AGREE_SIZE])
+            got_shape = inbox[0]
+            got = int.from_bytes(inbox[4:8], "little")
+            body = PREFIX + AGREE_SIZE
+            if shape == GATHER and got_shape == GATHER:
+                got = min(got, dist, n - dist, n - have)
+                held[have * slot:(have + got) * slot] = inbox[body:body + got * slot]
+                have += got
+            elif shape != GATHER and got_shape != GATHER:
+                got = min(got, slot - HEADER_SIZE)
+                if got > len(region):
+                    region.extend(bytes(got - len(region)))
+                acc = int.from_bytes(region[:got], "little") | int.from_bytes(
+                    inbox[body:body + got], "little")
+                region[:got] = acc.to_bytes(got, "little")
+            dist *= 2
+        if shape == GATHER:
+            for i in range(min(have, n)):
+                owner = (r + i) % n
+                recv[owner * slot:(owner + 1) * slot] = held[i * slot:(i + 1) * slot]
+        else:
+            recv[HEADER_SIZE:HEADER_SIZE + len(region)] = region
+            recv[HEADER_SIZE + len(region):slot] = bytes(slot - HEADER_SIZE - len(region))
+
+    def _sendrecv(self, out: bytes, dest: int, inbox: bytearray, source: int,
+                  deadline: Optional[float]) -> None:
+        if deadline is None:
+            self.comm.Sendrecv([out, MPI.BYTE], dest, EXCHANGE_TAG, [inbox, MPI.BYTE], source,
+                               EXCHANGE_TAG)
+            return
+        requests = [self.comm.Irecv([inbox, MPI.BYTE], source, EXCHANGE_TAG),
+                    self.comm.Isend([out, MPI.BYTE], dest, EXCHANGE_TAG)]
+        wait_all(requests, deadline)
+
+    # --- phase 2 and the cold paths: MPI's own collectives ------------------------------------
+    def allgatherv(self, send: bytes, counts: List[int],
+                   deadline: Optional[float]) -> bytearray:
+        recv = bytearray(sum(counts))
+        spec = [recv, (counts, displacements(counts)), MPI.BYTE]
+        if deadline is None:
+            self.comm.Allgatherv([send, len(send), MPI.BYTE], spec)
+        else:
+            wait_all([self.comm.Iallgatherv([send, len(send), MPI.BYTE], spec)], deadline)
+        return recv
+
+    def gatherv(self, send: bytes, counts: List[int], root: int,
+                deadline: Optional[float]) -> Optional[bytearray]:
+        recv = bytearray(sum(counts)) if self.rank == root else None
+        spec = [recv, (counts, displacements(counts)), MPI.BYTE] if recv is not None else None
+        self._wait(self.comm.Igatherv([send, len(send), MPI.BYTE], spec, root=root)
+                   if deadline is not None else None, deadline,
+                   lambda: self.comm.Gatherv([send, len(send), MPI.BYTE], spec, root=root))
+        return recv
+
+    def gather_parts(self, send: bytes, root: int,
+                     deadline: Optional[float]) -> Optional[List[bytes]]:
+        mine = np.array([len(send)], dtype=np.int64)
+        lengths = np.zeros(self.size, dtype=np.int64) if self.rank == root else None
+        self._call(lambda: self.comm.Gather(mine, lengths, root=root),
+                   lambda: self.comm.Igather(mine, lengths, root=root), deadline)
+        counts = [int(x) for x in lengths] if lengths is not None else [0] * self.size
+        blob = self.gatherv(send, counts, root, deadline)
+        if blob is None:
+            return None
+        offsets = displacements(counts)
+        return [bytes(blob[o:o + c]) for o, c in zip(offsets, counts)]
+
+    def scatter_parts(self, parts: Optional[List[bytes]], root: int,
+                      deadline: Optional[float]) -> bytes:
+        is_root = self.rank == root
+        counts = [len(x) for x in parts] if is_root and parts is not None else [0] * self.size
+        lengths = np.array(counts, dtype=np.int64) if is_root else None
+        mine = np.zeros(1, dtype=np.int64)
+        self._call(lambda: self.comm.Scatter(lengths, mine, root=root),
+                   lambda: self.comm.Iscatter(lengths, mine, root=root), deadline)
+        out = bytearray(int(mine[0]))
+        blob = b"".join(parts) if is_root and parts is not None else b""
+        spec = [blob, (counts, displacements(counts)), MPI.BYTE] if is_root else None
+        self._call(lambda: self.comm.Scatterv(spec, [out, MPI.BYTE], root=root),
+                   lambda: self.comm.Iscatterv(spec, [out, MPI.BYTE], root=root), deadline)
+        return bytes(out)
+
+    def alltoall_parts(self, parts: Optional[List[bytes]],
+                       deadline: Optional[float]) -> List[bytes]:
+        parts = parts if parts is not None else [b""] * self.size
+        send_counts = np.array([len(x) for x in parts], dtype=np.int64)
+        recv_counts = np.zeros(self.size, dtype=np.int64)
+        self._call(lambda: self.comm.Alltoall(send_counts, recv_counts),
+                   lambda: self.comm.Ialltoall(send_counts, recv_counts), deadline)
+        sc = [int(x) for x in send_counts]
+        rc = [int(x) for x in recv_counts]
+        out = bytearray(sum(rc))
+        blob = b"".join(parts)
+        send_spec = [blob, (sc, displacements(sc)), MPI.BYTE]
+        recv_spec = [out, (rc, displacements(rc)), MPI.BYTE]
+        self._call(lambda: self.comm.Alltoallv(send_spec, recv_spec),
+                   lambda: self.comm.Ialltoallv(send_spec, recv_spec), deadline)
+        offsets = displacements(rc)
+        return [bytes(out[o:o + c]) for o, c in zip(offsets, rc)]
+
+    def bcast_bytes(self, buf: bytearray, root: int, deadline: Optional[float]) -> None:
+        self._call(lambda: self.comm.Bcast([buf, len(buf), MPI.BYTE], root=root),
+                   lambda: self.comm.Ibcast([buf, len(buf), MPI.BYTE], root=root), deadline)
+
+    def allreduce_array(self, arr: np.ndarray, op: str,
+                        deadline: Optional[float]) -> np.ndarray:
+        # MPI reduces native byte order only: reduce a native copy, hand back the caller's order.
+        send = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("="))
+        out = np.empty_like(send)
+        if op in ("land", "lor", "lxor") and send.dtype.kind in "fc":
+            raise TypeError(f"expected integers or bools for op {op!r}, got {send.dtype}")
+        self._call(lambda: self.comm.Allreduce(send, out, op=_MPI_OPS[op]),
+                   lambda: self.comm.Iallreduce(send, out, op=_MPI_OPS[op]), deadline)
+        return out.astype(arr.dtype, copy=False)
+
+    def _call(self, blocking: Any, nonblocking: Any, deadline: Optional[float]) -> None:
+        if deadline is None:
+            blocking()
+        else:
+            wait_all([nonblocking()], deadline)
+
+    def _wait(self, request: Any, deadline: Optional[float], blocking: Any) -> None:
+        if deadline is None:
+            blocking()
+        else:
+            wait_all([request], deadline)
+
+    # --- point to point --------------------------------------------------------------------
+    def send_bytes(self, data: bytes, dest: int, tag: int, deadline: Optional[float]) -> None:
+        self._call(lambda: self.p2p.Send([data, len(data), MPI.BYTE], dest, tag),
+                   lambda: self.p2p.Isend([data, len(data), MPI.BYTE], dest, tag), deadline)
+
+    def recv_bytes(self, source: int, tag: int, deadline: Optional[float]) -> bytes:
+        status = MPI.Status()
+        if deadline is None:
+            self.p2p.Probe(source, tag, status)
+        else:
+            while not self.p2p.Iprobe(source, tag, status):
+                if time.monotonic() >= deadline:
+                    raise TransportTimeout()
+                time.sleep(1e-4)
+        buf = bytearray(status.Get_count(MPI.BYTE))
+        self.p2p.Recv([buf, MPI.BYTE], status.Get_source(), status.Get_tag())
+        return bytes(buf)
+
+    # --- communicators ----------------------------------------------------------------------
+    def split(self, color: Optional[int], key: int) -> Optional["MPITransport"]:
+        color_ = MPI.UNDEFINED if color is None else color
+        subs = [c.Split(color_, key) for c in (self.comm, self.p2p, self.side)]
+        if subs[0] == MPI.COMM_NULL:
+            return None
+        return MPITransport(*subs)
+
+    def dup(self) -> "MPITransport":
+        return MPITransport(self.comm.Dup(), self.p2p.Dup(), self.side.Dup())
+
+    def abort(self, code: int = 1) -> None:
+        self.comm.Abort(code)
+
+    def free(self) -> None:
+        for comm in (self.comm, self.p2p, self.side):
+            if comm not in (MPI.COMM_WORLD, MPI.COMM_SELF, MPI.COMM_NULL):
+                comm.Free()
+
+
+register_internal(__file__)
