@@ -15,7 +15,7 @@ import textwrap
 from pathlib import Path
 from typing import Dict, Optional
 
-from typedcoll._launch import mpiexec_command
+from typedcoll.demo.launch import mpiexec_command
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -43,6 +43,7 @@ from . import verdict
 from .call import MODE_ARRAY, MODE_EMPTY, MODE_MSG, Call
 from .channel import Channel, thread_label
 from .errors import CollectiveError, ConcurrentCallError
+from .fresh import on_fresh_stack
 from .identity import format_site, name_fingerprint, register_internal, site_fingerprint, \
     user_frame
 from .recorder import FlightRecorder, capacity_from_env
@@ -243,7 +244,10 @@ class Protocol:
             if call.mode == MODE_ARRAY:
                 payload = encode_array(value)
             else:
-                payload = _encode(value)
+                try:
+                    payload = _encode(value)
+                except RecursionError:  # deep in this rank's stack, not in the value
+                    payload = on_fresh_stack(_encode, value)
                 if len(payload) > MAX_NESTING and not nesting_ok(payload):
                     return b"", (f"ValueError: expected a value nested at most {MAX_NESTING} "
                                  f"deep, got one nested deeper")

@@ -17,6 +17,7 @@ import numpy as np
 from ..codecs import ENCODER, SchemaInfo
 from .transport import TransportTimeout
 from .call import Call
+from .fresh import on_fresh_stack
 from .errors import (CollectiveTimeout, ConcurrentCallError, DecodeError, DesyncError,
                      EncodeError, PeerError)
 from .identity import format_site, register_internal
@@ -34,8 +35,13 @@ _INFO_DECODER = msgspec.msgpack.Decoder(Tuple[bytes, EnvelopeInfo])
 def describe_call(p: "Protocol", call: Call, error: Optional[str] = None) -> EnvelopeInfo:
     """This rank's readable envelope for ``call``."""
     shape, dtype = call.array_meta if call.array_meta is not None else (None, None)
+    if dtype is not None:  # "int64", and the byte order where it is not the native one
+        kind = np.dtype(dtype)
+        dtype = kind.name if kind.isnative else f"{kind.name} ({'big' if dtype[0] == '>' else 'little'}-endian)"
+    internal = call.op in ("create", "split")  # their payloads are ours, not the caller's
     return EnvelopeInfo(
-        rank=p.rank, seq=call.seq, op=call.op, schema=call.schema_name if not call.wild else "",
+        rank=p.rank, seq=call.seq, op=call.op,
+        schema=call.schema_name if not (call.wild or internal) else "",
         fingerprint=call.info.fingerprint.hex() if call.info is not None and not call.wild
         else "", comm=p.name, site=format_site(call.code, call.lasti), name=call.name,
         occurrence=call.occurrence, step=call.step,
@@ -157,35 +163,7 @@ def decode_any(info: SchemaInfo, buf: Any) -> Any:
     try:
         return info.decoder.decode(buf)
     except RecursionError:
-        return _decode_on_fresh_stack(info, bytes(buf))
-
-
-def _decode_on_fresh_stack(info: SchemaInfo, data: bytes) -> Any:
-    from ..codecs.nesting import MAX_NESTING
-    import sys
-    result: List[Any] = []
-    error: List[BaseException] = []
-
-    def run() -> None:
-        try:
-            result.append(info.decoder.decode(data))
-        except BaseException as exc:  # handed to the calling thread as is
-            error.append(exc)
-
-    need = 4 * MAX_NESTING + 200
-    old = sys.getrecursionlimit()
-    if old < need:
-        sys.setrecursionlimit(need)
-    try:
-        thread = threading.Thread(target=run, name="typedcoll-decode")
-        thread.start()
-        thread.join()
-    finally:
-        if old < need:
-            sys.setrecursionlimit(old)
-    if error:
-        raise error[0]
-    return result[0]
+        return on_fresh_stack(info.decoder.decode, bytes(buf))
 
 
 def decode_failure(p: "Protocol", call: Call, source: int, exc: BaseException) -> Exception:

@@ -1,0 +1,603 @@
+"""Typed point to point: every message carries its envelope, checked by the receiver.
+
+A message is one transport message on the private point-to-point channel::
+
+    u32 little-endian length of the envelope, the envelope (:class:`Envelope`, msgpack),
+    then the payload (msgspec-encoded, or a numpy array in its own format)
+
+Every message travels with the one transport tag ``TRANSPORT_TAG``; the caller's tag rides in
+the envelope and messages are matched here, as MPI matches them: a receive takes the first
+message, in arrival order from each source, whose communicator instance, source and tag fit
+(either may be a wildcard), and posted receives are served in the order they were posted. This
+is what lets a receive name "any tag" on transports that only receive by an explicit one, and
+keeps the several TypedComms that share one private channel apart.
+
+What the receiver checks before it decodes, so that a send matched with the wrong receive never
+returns the other call's data:
+  - the sender flagged an error (it could not encode its value): PeerError naming the sender;
+  - the schemas differ (fingerprints), both calls were named and the names differ, the step
+    clocks differ, or the message is not the one this receive expects from that source and tag
+    (its number: a receive that timed out still counts, so its late message is not taken for the
+    next one's): DesyncError naming both sides' call sites.
+A receive without ``schema`` takes the sender's class, found by module and qualified name among
+modules this rank already imported and checked against the sender's fingerprint.
+
+Only the receiver raises on a mismatch (a send has completed by then). The communicator's
+``timeout`` bounds every receive; a receive that times out leaves nothing pending, so the
+communicator stays usable.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from typing import Any, Dict, List, Optional, Tuple
+
+import msgspec
+
+from ..codecs import (KIND_ARRAY, KIND_MSGSPEC, KIND_NUMPY_SCALAR, SchemaInfo, decode_array,
+                      encode_array, find_class, nesting_ok, resolve)
+from ..codecs.nesting import MAX_NESTING
+from ..codecs.schema import ENCODER
+from .args import check_dest, payload_mode, schema_of
+from .errors import (CollectiveError, CollectiveTimeout, DecodeError, DesyncError, EncodeError,
+                     PeerError)
+from .identity import check_name, format_site, name_fingerprint, register_internal, \
+    site_fingerprint, user_frame
+from .mismatch import EnvelopeInfo, Group, MismatchKind, format_groups, label
+from .transport import TransportTimeout
+from .verdict import decode_any
+from .wire import NO_STEP
+
+TRANSPORT_TAG = 0  # the private channel carries nothing else; the caller's tag is in the envelope
+MAX_TAG = 2 ** 31 - 1
+_LENGTH = 4
+_POLL_MIN, _POLL_MAX = 1e-5, 1e-3  # backoff between polls of several sources
+
+
+class Envelope(msgspec.Struct, array_like=True, frozen=True):
+    """What a send says about its message; the receiver checks it before decoding."""
+
+    instance: int  # the communicator instance on the shared channel
+    source: int
+    tag: int
+    seq: int  # this message's number among the sender's messages to (dest, tag)
+    schema: str
+    fingerprint: bytes
+    path: str  # module:qualname of the schema class ("" when it is not one)
+    kind: int  # KIND_MSGSPEC, KIND_ARRAY or KIND_NUMPY_SCALAR
+    name: Optional[str]
+    site: str
+    occurrence: int
+    step: Optional[int]
+    error: Optional[str] = None  # the sender could not encode its value: this is why
+
+
+_ENVELOPE_ENCODER = msgspec.msgpack.Encoder()
+_ENVELOPE_DECODER = msgspec.msgpack.Decoder(Envelope)
+
+
+class _State:
+    """A communicator's point-to-point counters."""
+
+    __slots__ = ("sent", "received", "counts")
+
+    def __init__(self) -> None:
+        self.sent: Dict[Tuple[int, int], int] = {}  # (dest, tag) -> messages sent
+        self.received: Dict[Tuple[int, int], int] = {}  # (source, tag) -> messages taken
+        self.counts: Dict[bytes, int] = {}  # identity -> point-to-point calls so far
+
+
+def _state(p: Any) -> _State:
+    state = p.extensions.get("p2p")
+    if state is None:
+        state = p.extensions["p2p"] = _State()
+    return state  # type: ignore[no-any-return]
+
+
+# --- identity and messages ------------------------------------------------------------------
+class _Caller:
+    """Who is calling: the site (or name), its occurrence, and the step clock."""
+
+    __slots__ = ("site", "name", "occurrence", "step")
+
+    def __init__(self, p: Any, name: Optional[str]) -> None:
+        frame = user_frame(2)
+        code, lasti = (frame.f_code, frame.f_lasti) if frame is not None else (None, 0)
+        self.site = format_site(code, lasti)
+        self.name = name
+        identity = name_fingerprint(name) if name is not None else site_fingerprint(code, lasti)
+        counts = _state(p).counts
+        self.occurrence = counts.get(identity, 0) + 1
+        counts[identity] = self.occurrence
+        self.step = None if p.step == NO_STEP else p.step
+
+
+def _peer(rank: Optional[int], what: str) -> str:
+    return f"{what} rank {rank}" if rank is not None else f"{what} any rank"
+
+
+def _tag_text(tag: Optional[int]) -> str:
+    return f"tag {tag}" if tag is not None else "any tag"
+
+
+def _head(op: str, seq: Optional[int], peer: Optional[int], tag: Optional[int],
+          comm: str) -> str:
+    """``recv #2 from rank 0 (tag 5) on WORLD``: how point-to-point messages start."""
+    number = f" #{seq}" if seq is not None else ""
+    return (f"{op}{number} {_peer(peer, 'to' if op == 'send' else 'from')} ({_tag_text(tag)}) "
+            f"on {comm}")
+
+
+def _refuse_freed(p: Any, op: str, peer: Optional[int], tag: Optional[int]) -> None:
+    if p.freed:
+        raise CollectiveError(f"{_head(op, None, peer, tag, p.name)}: refused: the "
+                              f"communicator was freed", seq=-1, comm=p.name)
+
+
+def _check_tag(tag: Any, wildcard: bool) -> Optional[str]:
+    if wildcard and tag is None:
+        return None
+    if isinstance(tag, int) and not isinstance(tag, bool) and 0 <= tag <= MAX_TAG:
+        return None
+    return (f"ValueError: expected tag to be {'None (any tag) or ' if wildcard else ''}an int "
+            f"in 0..{MAX_TAG}, got {tag!r}")[:300]
+
+
+def _encode_payload(info: SchemaInfo, value: Any) -> Tuple[bytes, Optional[str]]:
+    """(payload, None) or (b"", error text); never raises."""
+    mode, encoded, _, error = payload_mode(info, value)
+    if error is not None:
+        return b"", error
+    try:
+        if info.kind != KIND_MSGSPEC:
+            return encode_array(encoded), None
+        payload = ENCODER.encode(encoded)
+    except Exception as exc:  # any failure to encode becomes the flagged error
+        detail = str(exc)
+        if isinstance(exc, msgspec.EncodeError) or "is unsupported" in detail:
+            detail = (f"expected {info.name}, got {type(value).__name__}: msgspec cannot encode "
+                      f"it ({detail}); give the value a type msgspec supports (a Struct, a "
+                      f"dataclass, builtins, numpy arrays)")
+        return b"", f"{type(exc).__name__}: {detail}"
+    if len(payload) > MAX_NESTING and not nesting_ok(payload):
+        return b"", (f"ValueError: expected a value nested at most {MAX_NESTING} deep, got one "
+                     f"nested deeper")
+    return payload, None
+
+
+def _message(p: Any, value: Any, dest: Any, tag: Any, schema: Any, name: Any,
+             refused: Optional[str] = None,
+             op: str = "send") -> Tuple[bytes, int, int, Optional[EncodeError]]:
+    """The message to send, its dest and tag, and the error to raise here after sending it.
+
+    ``refused``: a layer above already found the value unsendable (its error text).
+    """
+    _refuse_freed(p, op, dest if isinstance(dest, int) else None,
+                  tag if isinstance(tag, int) else None)
+    # Without a valid peer and tag there is nobody to tell: these fail on this rank alone.
+    local = check_dest(dest, p.size, "dest") or _check_tag(tag, False) or check_name(name)
+    if local is not None:
+        raise EncodeError(f"{op} on {p.name}: refused: {local}", seq=-1, comm=p.name)
+    dest, tag = int(dest), int(tag)
+    caller = _Caller(p, name)
+    sent = _state(p).sent
+    seq = sent.get((dest, tag), 0)
+    sent[(dest, tag)] = seq + 1
+    info, error = schema_of(value, schema)
+    payload = b""
+    if refused is not None:
+        error = refused
+    elif info is not None:
+        payload, error = _encode_payload(info, value)
+    envelope = Envelope(
+        p.instance, p.rank, tag, seq, info.name if info is not None else "?",
+        info.fingerprint if info is not None else b"", info.path if info is not None else "",
+        info.kind if info is not None else KIND_MSGSPEC, name, caller.site, caller.occurrence,
+        caller.step, error)
+    head = _ENVELOPE_ENCODER.encode(envelope)
+    data = len(head).to_bytes(_LENGTH, "little") + head + (payload if error is None else b"")
+    failure = None
+    if error is not None:
+        failure = EncodeError(f"{_head(op, seq, dest, tag, p.name)}: rank {p.rank} could not "
+                              f"send its {label(op, envelope.schema)} at {caller.site}: {error}",
+                              seq=seq, comm=p.name)
+    return data, dest, tag, failure
+
+
+# --- the mailbox: matching messages to receives ------------------------------------------------
+class _Message:
+    __slots__ = ("envelope", "payload", "source", "error")
+
+    def __init__(self, envelope: Optional[Envelope], payload: memoryview, source: int,
+                 error: Optional[str]) -> None:
+        self.envelope = envelope
+        self.payload = payload
+        self.source = source
+        self.error = error  # the envelope itself did not decode
+
+
+def _parse(data: bytes, source: int) -> _Message:
+    view = memoryview(data)
+    n = int.from_bytes(view[:_LENGTH], "little")
+    try:
+        envelope = _ENVELOPE_DECODER.decode(view[_LENGTH:_LENGTH + n])
+    except Exception as exc:  # untrusted bytes: any decoder failure is a decode error
+        return _Message(None, view[:0], source, f"{type(exc).__name__}: {exc}")
+    return _Message(envelope, view[_LENGTH + n:], source, None)
+
+
+class _Mailbox:
+    """The messages of one private channel that arrived before a receive wanted them, and the
+    receives posted before their message arrived; shared by the TypedComms on the channel."""
+
+    def __init__(self, transport: Any) -> None:
+        self.transport = transport
+        self.unexpected: List[_Message] = []
+        self.posted: List["RecvRequest"] = []
+        self.lock = threading.RLock()
+        self.turn = 0  # where the next poll of every source starts (fairness)
+
+    def post(self, request: "RecvRequest") -> None:
+        with self.lock:
+            for i, message in enumerate(self.unexpected):
+                if request.matches(message):
+                    del self.unexpected[i]
+                    request.bind(message)
+                    return
+            self.posted.append(request)
+
+    def withdraw(self, request: "RecvRequest") -> None:
+        with self.lock:
+            if request in self.posted:
+                self.posted.remove(request)
+
+    def deliver(self, data: bytes, source: int) -> None:
+        message = _parse(data, source)
+        for i, request in enumerate(self.posted):
+            if request.matches(message):
+                del self.posted[i]
+                request.bind(message)
+                return
+        self.unexpected.append(message)
+
+    def progress(self, request: "RecvRequest", deadline: Optional[float],
+                 once: bool = False) -> bool:
+        """Receive until ``request`` has its message (True), or the deadline passes (False).
+
+        ``once``: look at what has arrived without waiting (a request's ``test``).
+        """
+        with self.lock:
+            pause = _POLL_MIN
+            while request.message is None:
+                sources = ([request.source] if request.source is not None
+                           else self._rotation(request.size))
+                if deadline is None and len(sources) == 1 and not once:
+                    self.deliver(self.transport.recv_bytes(sources[0], TRANSPORT_TAG, None),
+                                 sources[0])
+                    continue
+                got = False
+                for source in sources:
+                    try:
+                        data = self.transport.recv_bytes(source, TRANSPORT_TAG,
+                                                         time.monotonic())
+                    except TransportTimeout:
+                        continue
+                    self.deliver(data, source)
+                    got = True
+                    break
+                if got:
+                    pause = _POLL_MIN
+                    continue
+                if once:
+                    return False
+                if deadline is not None and time.monotonic() >= deadline:
+                    return False
+                time.sleep(pause)
+                pause = min(2 * pause, _POLL_MAX)
+            return True
+
+    def _rotation(self, size: int) -> List[int]:
+        start = self.turn % size
+        self.turn += 1
+        return list(range(start, size)) + list(range(start))
+
+
+_MAILBOXES: "weakref.WeakKeyDictionary[Any, _Mailbox]" = weakref.WeakKeyDictionary()
+_MAILBOX_LOCK = threading.Lock()
+
+
+def _mailbox(p: Any) -> _Mailbox:
+    box = _MAILBOXES.get(p.channel)
+    if box is None:
+        with _MAILBOX_LOCK:
+            box = _MAILBOXES.get(p.channel)
+            if box is None:
+                box = _MAILBOXES[p.channel] = _Mailbox(p.transport)
+    return box
+
+
+# --- requests ----------------------------------------------------------------------------------
+class SendRequest:
+    """A started send: ``wait()`` completes it (returns None); ``test()`` -> (done, None)."""
+
+    __slots__ = ("_handle", "_failure", "_done")
+
+    def __init__(self, handle: Any, failure: Optional[EncodeError]) -> None:
+        self._handle = handle
+        self._failure = failure
+        self._done = handle is None
+
+    def wait(self) -> None:
+        if not self._done:
+            self._handle.wait(None)
+            self._done = True
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise failure
+
+    def test(self) -> Tuple[bool, None]:
+        if not self._done and self._handle.test():
+            self._done = True
+        if self._done:
+            self.wait()
+        return self._done, None
+
+
+class RecvRequest:
+    """A posted receive: ``wait()`` returns the value; ``test()`` -> (done, value or None)."""
+
+    __slots__ = ("_p", "source", "tag", "size", "_info", "_caller", "_box", "message",
+                 "expected", "_done", "_value", "_error", "__weakref__")
+
+    def __init__(self, p: Any, source: Optional[int], tag: Optional[int],
+                 info: Optional[SchemaInfo], caller: _Caller) -> None:
+        self._p = p
+        self.source = source
+        self.tag = tag
+        self.size = p.size
+        self._info = info
+        self._caller = caller
+        self._box = _mailbox(p)
+        self.message: Optional[_Message] = None
+        self.expected = 0  # the number the bound message should carry
+        self._done = False
+        self._value: Any = None
+        self._error: Optional[BaseException] = None
+        self._box.post(self)
+
+    def matches(self, message: _Message) -> bool:
+        env = message.envelope
+        if env is None:  # an envelope that does not decode goes to whoever listens to its source
+            return self.source is None or self.source == message.source
+        return (env.instance == self._p.instance
+                and (self.source is None or self.source == message.source)
+                and (self.tag is None or self.tag == env.tag))
+
+    def bind(self, message: _Message) -> None:
+        """Take ``message``: it is the next one from its source and tag for this receive, in
+        the order receives were matched (not the order they are waited for)."""
+        self.message = message
+        env = message.envelope
+        if env is not None:
+            received = _state(self._p).received
+            key = (message.source, env.tag)
+            self.expected = received.get(key, 0)
+            received[key] = self.expected + 1
+
+    def wait(self) -> Any:
+        if not self._done:
+            p = self._p
+            deadline = None if p.timeout is None else time.monotonic() + p.timeout
+            try:
+                if not self._box.progress(self, deadline):
+                    self._box.withdraw(self)
+                    _timed_out(p, self)
+                self._value = _take(p, self)
+            except CollectiveError as exc:  # the request's one outcome: a later wait repeats it
+                self._error = exc
+            self._done = True
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+    def test(self) -> Tuple[bool, Any]:
+        if self._done:
+            return True, self._value
+        if self.message is None and not self._box.progress(self, None, once=True):
+            return False, None
+        return True, self.wait()
+
+
+def _timed_out(p: Any, request: RecvRequest) -> None:
+    # The late message of a receive that timed out must not pass for the next one's: count it.
+    seq = None
+    if request.source is not None and request.tag is not None:
+        received = _state(p).received
+        seq = received.get((request.source, request.tag), 0)
+        received[(request.source, request.tag)] = seq + 1
+    schema = request._info.name if request._info is not None else ""
+    caller = request._caller
+    timeout = p.timeout if p.timeout is not None else 0.0
+    raise CollectiveTimeout(
+        f"{_head('recv', seq, request.source, request.tag, p.name)}: {label('recv', schema)} at "
+        f"{caller.site} did not complete within {timeout:g} s: no message from "
+        f"{'rank ' + str(request.source) if request.source is not None else 'any rank'} arrived",
+        seq=-1 if seq is None else seq, comm=p.name, op="recv", schema=schema, site=caller.site,
+        timeout=timeout, missing=(request.source,) if request.source is not None else None)
+
+
+def _take(p: Any, request: RecvRequest) -> Any:
+    """Check the matched message against the receive, then decode it."""
+    message = request.message
+    assert message is not None  # progress() returned True
+    caller = request._caller
+    env = message.envelope
+    if env is None:
+        raise DecodeError(f"{_head('recv', None, message.source, request.tag, p.name)}: the "
+                          f"envelope from rank {message.source} does not decode: "
+                          f"{message.error}", seq=-1, comm=p.name, source=message.source,
+                          schema="Envelope")
+    expected = request.expected
+    head = _head("recv", expected, message.source, env.tag, p.name)
+    info = request._info
+    if env.error is not None:
+        raise PeerError(f"{head}: rank {message.source} failed its {label('send', env.schema)} "
+                        f"at {env.site}: {env.error}", seq=expected, comm=p.name,
+                        ranks=(message.source,), error_type=env.error.partition(": ")[0],
+                        detail=env.error.partition(": ")[2])
+    kinds = []
+    if env.seq != expected:
+        kinds.append(MismatchKind.SEQUENCE)
+        if env.seq < expected:
+            # The late message of a receive that timed out, which counted it already: the
+            # next message is again the one the next receive expects.
+            _state(p).received[(message.source, env.tag)] -= 1
+    if env.name is not None and caller.name is not None and env.name != caller.name:
+        kinds.append(MismatchKind.CALL)
+    if info is not None and info.fingerprint != env.fingerprint:
+        kinds.append(MismatchKind.SCHEMA)
+    if env.step != caller.step:
+        kinds.append(MismatchKind.STEP)
+    if kinds:
+        _diverged(p, head, kinds, expected, message.source, env, info, caller)
+    if info is None:
+        info = _sender_class(p, head, env, message.source)
+    return _decode(p, head, info, message.payload, message.source, caller.site)
+
+
+def _diverged(p: Any, head: str, kinds: List[MismatchKind], expected: int, source: int,
+              env: Envelope, info: Optional[SchemaInfo], caller: _Caller) -> None:
+    sent = EnvelopeInfo(rank=source, seq=env.seq, op="send", schema=env.schema,
+                        fingerprint=env.fingerprint.hex(), comm=p.name, site=env.site,
+                        name=env.name, occurrence=env.occurrence, step=env.step)
+    mine = EnvelopeInfo(rank=p.rank, seq=expected, op="recv",
+                        schema=info.name if info is not None else "",
+                        fingerprint=info.fingerprint.hex() if info is not None else "",
+                        comm=p.name, site=caller.site, name=caller.name,
+                        occurrence=caller.occurrence, step=caller.step)
+    groups = [Group((source,), sent), Group((p.rank,), mine)]
+    lines = [f"{head} diverged ({', '.join(k.value for k in kinds)}):"]
+    lines += format_groups(groups, kinds)
+    if MismatchKind.SEQUENCE in kinds:
+        lines.append(f"  expected message #{expected} from rank {source}, got #{env.seq} (a "
+                     f"receive that timed out, or a send or receive skipped on one side)")
+    raise DesyncError("\n".join(lines), seq=expected, comm=p.name, kinds=kinds, groups=groups)
+
+
+def _sender_class(p: Any, head: str, env: Envelope, source: int) -> SchemaInfo:
+    """The sender's schema, found by its class path (never importing) and checked."""
+    if not env.path:
+        raise DecodeError(f"{head}: expected the sender's schema to be a class this rank can "
+                          f"find by name, got {env.schema}; pass schema= to recv", seq=env.seq,
+                          comm=p.name, source=source, schema=env.schema)
+    try:
+        info = resolve(find_class(env.path))
+    except (LookupError, TypeError) as exc:
+        raise DecodeError(f"{head}: {exc}", seq=env.seq, comm=p.name, source=source,
+                          schema=env.schema) from exc
+    if info.fingerprint != env.fingerprint:
+        raise DecodeError(f"{head}: expected {env.path} with the sender's structure "
+                          f"({env.fingerprint.hex()[:8]}), got a class of another structure "
+                          f"({info.fingerprint.hex()[:8]}) on this rank; pass schema=",
+                          seq=env.seq, comm=p.name, source=source, schema=env.schema)
+    return info
+
+
+def _decode(p: Any, head: str, info: SchemaInfo, payload: Any, source: int, site: str) -> Any:
+    try:
+        if info.kind == KIND_MSGSPEC:
+            if len(payload) > MAX_NESTING and not nesting_ok(payload):
+                raise ValueError(f"expected a payload nested at most {MAX_NESTING} deep, got "
+                                 f"one nested deeper")
+            return decode_any(info, bytes(payload))
+        array = decode_array(payload)
+        return array[()] if info.kind == KIND_NUMPY_SCALAR else array
+    except Exception as exc:  # untrusted bytes: whatever the decoder or a user type raises
+        detail = f"{type(exc).__name__}: {exc}" if not isinstance(exc, msgspec.DecodeError) \
+            else str(exc)
+        raise DecodeError(f"{head}: payload does not decode as {info.name} (recv at {site}): "
+                          f"{detail}", seq=-1, comm=p.name, source=source,
+                          schema=info.name) from exc
+
+
+# --- the operations ---------------------------------------------------------------------------
+def isend(p: Any, value: Any, dest: Any, tag: Any, schema: Any, name: Any,
+          refused: Optional[str] = None) -> SendRequest:
+    """Start sending ``value``: its envelope and payload in one message.
+
+    A value that does not encode still sends its envelope, flagged with the error, so the
+    receiver raises PeerError instead of waiting; this rank raises EncodeError when the request
+    completes.
+    """
+    data, dest, tag, failure = _message(p, value, dest, tag, schema, name, refused)
+    start = getattr(p.transport, "isend_bytes", None)
+    if start is None:  # transports that buffer every send (memory) need no handle
+        p.transport.send_bytes(data, dest, TRANSPORT_TAG, None)
+        return SendRequest(None, failure)
+    return SendRequest(start(data, dest, TRANSPORT_TAG), failure)
+
+
+def send(p: Any, value: Any, dest: Any, tag: Any, schema: Any, name: Any,
+         refused: Optional[str] = None) -> None:
+    data, dest, tag, failure = _message(p, value, dest, tag, schema, name, refused)
+    deadline = None if p.timeout is None else time.monotonic() + p.timeout
+    try:
+        p.transport.send_bytes(data, dest, TRANSPORT_TAG, deadline)
+    except TransportTimeout:
+        raise CollectiveTimeout(f"{_head('send', None, dest, tag, p.name)}: send did not "
+                                f"complete within {p.timeout:g} s (rank {dest} never received "
+                                f"it)", seq=-1, comm=p.name, op="send", timeout=p.timeout,
+                                missing=(dest,)) from None
+    if failure is not None:
+        raise failure
+
+
+def irecv(p: Any, source: Any, tag: Any, schema: Any, name: Any) -> RecvRequest:
+    """Post a receive from ``source`` (None: any) with ``tag`` (None: any)."""
+    _refuse_freed(p, "recv", source if isinstance(source, int) else None,
+                  tag if isinstance(tag, int) else None)
+    local = ((check_dest(source, p.size, "source") if source is not None else None)
+             or _check_tag(tag, True) or check_name(name))
+    info = None
+    if local is None and schema is not None:
+        info, local = schema_of(None, schema)
+    if local is not None:
+        raise EncodeError(f"recv on {p.name}: refused: {local}", seq=-1, comm=p.name)
+    return RecvRequest(p, None if source is None else int(source),
+                       None if tag is None else int(tag), info, _Caller(p, name))
+
+
+def recv(p: Any, source: Any, tag: Any, schema: Any, name: Any) -> Any:
+    return irecv(p, source, tag, schema, name).wait()
+
+
+def sendrecv(p: Any, value: Any, dest: Any, source: Any, sendtag: Any, recvtag: Any,
+             schema: Any, recv_schema: Any, name: Any, refused: Optional[str] = None) -> Any:
+    """Post the receive, start the send, then complete both (a pair exchanging never
+    deadlocks: neither waits for its send before its receive is posted)."""
+    request = irecv(p, source, recvtag, recv_schema, name)
+    sending = isend(p, value, dest, sendtag, schema, name, refused)
+    try:
+        value = request.wait()
+    finally:
+        sending.wait()
+    return value
+
+
+def matched(request: RecvRequest) -> Tuple[int, int, int]:
+    """(source, tag, number) of the message a completed receive took (wildcards resolved)."""
+    message = request.message
+    if message is None or message.envelope is None:
+        raise ValueError("expected a completed receive")
+    return message.source, message.envelope.tag, message.envelope.seq
+
+
+def head(p: Any, request: RecvRequest) -> str:
+    """How messages about a completed receive start: ``recv #0 from rank 1 (tag 0) on WORLD``."""
+    source, tag, seq = matched(request)
+    return _head("recv", seq, source, tag, p.name)
+
+
+register_internal(__file__)

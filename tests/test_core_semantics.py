@@ -1,0 +1,394 @@
+"""The protocol's promises, rank by rank, over in-process ranks (``typedcoll.testing``).
+
+Every case of the call-identity issue at 2 and 4 ranks: calls identical on the wire told apart
+by their identity, skips caught by the step clock or surfacing as a timeout, one verdict on every
+rank whatever its stack, argument errors agreed on in band, messages pinned. The same cases run
+under mpiexec in tests/spmd/core_errors.py; CI runs both with and without the C fast path.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import threading
+from typing import Any, Callable, List, Optional
+
+import msgspec
+import numpy as np
+import pytest
+
+import typedcoll as tc
+from typedcoll.testing import run
+
+FILE = "test_core_semantics.py"
+
+
+class RankState(msgspec.Struct):
+    rank: int
+    num_active_requests: int = 0
+    num_active_tokens: int = 0
+
+
+def errors_of(n: int, fn: Callable[..., Any], *args: Any,
+              timeout: Optional[float] = None) -> List[BaseException]:
+    """Every rank's exception, in rank order; fails unless every rank raised."""
+    with pytest.raises(BaseExceptionGroup) as info:
+        run(n, fn, *args, timeout=timeout)
+    by_rank = {int(str(e.__notes__[-1]).split()[1]): e for e in info.value.exceptions}
+    assert sorted(by_rank) == list(range(n)), f"not every rank raised: {info.value.exceptions}"
+    return [by_rank[r] for r in range(n)]
+
+
+def line_of(fn: Callable[..., Any], marker: str) -> int:
+    """The line in this file holding ``marker`` inside ``fn`` (sites named in messages)."""
+    import inspect
+    lines, start = inspect.getsourcelines(fn)
+    for i, text in enumerate(lines):
+        if marker in text:
+            return start + i
+    raise AssertionError(marker)
+
+
+# --- identity ------------------------------------------------------------------------------
+def wire_identical_votes(comm: tc.TypedComm) -> List[Any]:
+    out = []
+    for it in range(3):
+        if not (comm.rank == comm.size - 1 and it == 1):
+            comm.allgather(np.array([it], dtype=np.int64))  # batch-size vote
+        out.append(comm.allgather(np.array([10 + it], dtype=np.int64)))  # timeout vote
+    return out
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_wire_identical_votes_raise_at_the_first_misaligned_call(n):
+    errors = errors_of(n, wire_identical_votes)
+    first = line_of(wire_identical_votes, "batch-size vote")
+    second = line_of(wire_identical_votes, "timeout vote")
+    others = "ranks 0-2:" if n == 4 else "rank 0:"
+    last = f"rank {n - 1}:"
+    width = max(len(others), len(last))
+    expected = "\n".join([
+        "collective #2 on WORLD diverged (call site):",
+        f"  {others:<{width}} allgather[ndarray] shape=(1,) dtype=int64 at {FILE}:{first}, "
+        f"its 2nd call",
+        f"  {last:<{width}} allgather[ndarray] shape=(1,) dtype=int64 at {FILE}:{second}, "
+        f"its 2nd call",
+        "  only the call sites differ: if these are the same collective called from different "
+        "lines, give every rank's call the same name= (or mark the wrapper they share with "
+        "@typedcoll.transparent)",
+    ])
+    for e in errors:
+        assert type(e) is tc.DesyncError
+        assert str(e) == expected
+        assert e.seq == 2 and e.kinds == (tc.MismatchKind.CALL,)
+        assert [g.ranks for g in e.groups] == [tuple(range(n - 1)), (n - 1,)]
+
+
+def extra_call(comm: tc.TypedComm) -> List[Any]:
+    if comm.rank == 0:
+        comm.allgather(10)  # the extra call
+    return [comm.allgather(comm.rank * 100), comm.allgather(3)]
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_an_extra_call_raises_desync_on_every_rank(n):
+    errors = errors_of(n, extra_call)
+    extra, first = line_of(extra_call, "the extra call"), line_of(extra_call, "rank * 100")
+    for e in errors:
+        assert type(e) is tc.DesyncError and e.seq == 0
+        lines = str(e).splitlines()
+        assert lines[0] == "collective #0 on WORLD diverged (call site):"
+        assert lines[1].endswith(f"allgather[int] at {FILE}:{extra}, its 1st call")
+        assert lines[2].endswith(f"allgather[int] at {FILE}:{first}, its 1st call")
+
+
+def same_site_skip(comm: tc.TypedComm, clock: bool) -> List[Any]:
+    out = []
+    for it in range(4):
+        if clock:
+            comm.set_step(it)
+        if comm.rank == 1 and it == 1:
+            continue  # this rank has nothing to report this iteration
+        out.append(comm.allgather(RankState(comm.rank, it)))
+    return out
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_a_same_site_skip_with_the_step_clock_raises_desync(n):
+    errors = errors_of(n, same_site_skip, True)
+    site = line_of(same_site_skip, "RankState(comm.rank, it)")
+    for e in errors:
+        assert type(e) is tc.DesyncError and e.kinds == (tc.MismatchKind.STEP,)
+        lines = str(e).splitlines()
+        assert lines[0] == "collective #1 on WORLD diverged (step):"
+        assert lines[1].split(":", 1)[1].strip() == \
+            f"allgather[RankState] at {FILE}:{site}, its 2nd call, step 1"
+        assert lines[2].split(":", 1)[1].strip() == \
+            f"allgather[RankState] at {FILE}:{site}, its 2nd call, step 2"
+        assert lines[-1].startswith("  the ranks are at different steps of the same call")
+
+
+def test_a_same_site_skip_without_a_clock_is_a_timeout_never_data():
+    """Nothing in the calls tells them apart: the short rank surfaces when the others time out,
+    and no rank returns a result built from another iteration's data."""
+    with pytest.raises(BaseExceptionGroup) as info:
+        run(2, same_site_skip, False, timeout=1.0)
+    errors = info.value.exceptions
+    assert len(errors) == 1 and type(errors[0]) is tc.CollectiveTimeout
+    assert errors[0].__notes__ == ["(rank 0 of 2)"]
+    assert str(errors[0]).splitlines()[0].startswith(
+        "collective #3 on WORLD: allgather[RankState] at ")
+
+
+def named_roles(comm: tc.TypedComm) -> Any:
+    if comm.rank == 0:
+        return comm.bcast(RankState(0, 7), root=0, name="schedule")  # the root's line
+    return comm.bcast(None, root=0, schema=RankState, name="schedule")  # everyone else's
+
+
+def test_the_same_name_matches_from_any_line():
+    assert run(3, named_roles) == [RankState(0, 7)] * 3
+
+
+def unnamed_roles(comm: tc.TypedComm) -> Any:
+    if comm.rank == 0:
+        return comm.bcast(RankState(0, 7), root=0)
+    return comm.bcast(None, root=0, schema=RankState)
+
+
+def test_roles_on_different_lines_without_a_name_raise_with_advice():
+    for e in errors_of(2, unnamed_roles):
+        assert type(e) is tc.DesyncError and e.kinds == (tc.MismatchKind.CALL,)
+        assert "give every rank's call the same name=" in str(e)
+
+
+@tc.transparent
+def vote(comm: tc.TypedComm, value: int) -> List[int]:
+    return comm.allgather(value)
+
+
+def votes_through_a_wrapper(comm: tc.TypedComm) -> List[Any]:
+    if comm.rank == 0:
+        vote(comm, 1)  # the vote only rank 0 takes
+    return vote(comm, 2)  # the vote every rank takes
+
+
+def test_a_transparent_wrapper_keeps_its_callers_sites():
+    errors = errors_of(2, votes_through_a_wrapper)
+    only, every = (line_of(votes_through_a_wrapper, "only rank 0"),
+                   line_of(votes_through_a_wrapper, "every rank takes"))
+    for e in errors:
+        assert f"at {FILE}:{only}, its 1st call" in str(e).splitlines()[1]
+        assert f"at {FILE}:{every}, its 1st call" in str(e).splitlines()[2]
+
+
+def test_transparent_marks_functions_modules_and_module_names():
+    import types
+    module = types.ModuleType("wrapper_module")
+    module.__file__ = "/nowhere/wrapper_module.py"
+    assert tc.transparent(module) is module
+    with pytest.raises(ValueError, match="expected the name of an imported module, got 'no_such"):
+        tc.transparent("no_such_module_here")
+    with pytest.raises(TypeError, match="expected a function, method, module or module name"):
+        tc.transparent(42)  # type: ignore[arg-type]
+
+
+# --- one verdict on every rank ------------------------------------------------------------------
+def deep_caller(comm: tc.TypedComm, nesting: int) -> int:
+    value: Any = 0
+    for _ in range(nesting):
+        value = [value]
+
+    def at_depth(n: int) -> List[Any]:
+        return at_depth(n - 1) if n else comm.allgather(value, schema=list)
+    return len(at_depth(sys.getrecursionlimit() - 80 if comm.rank == 1 else 0))
+
+
+@pytest.mark.parametrize("timeout", [None, 5.0])
+def test_decoding_does_not_depend_on_the_callers_stack(timeout):
+    assert run(2, deep_caller, 100, timeout=timeout) == [2, 2]
+
+
+@pytest.mark.parametrize("timeout", [None, 5.0])
+def test_too_deep_a_value_fails_alike_on_every_rank(timeout):
+    errors = errors_of(2, deep_caller, 200, timeout=timeout)
+    assert [type(e) for e in errors] == [tc.EncodeError, tc.EncodeError]
+    for e in errors:
+        assert str(e).endswith(": expected a value nested at most 128 deep, got one nested "
+                               "deeper")
+
+
+class Picky(msgspec.Struct):
+    x: int
+
+    def __post_init__(self) -> None:
+        if self.x < 0:
+            raise ValueError("expected x >= 0")
+
+
+def picky(comm: tc.TypedComm) -> Any:
+    value = Picky(1)
+    if comm.rank == 1:
+        msgspec.structs.force_setattr(value, "x", -1)
+    return comm.allgather(value)
+
+
+@pytest.mark.parametrize("timeout", [None, 5.0])
+def test_a_user_type_that_rejects_a_value_raises_typedcoll_errors(timeout):
+    site = line_of(picky, "return comm.allgather(value)")
+    e0, e1 = errors_of(2, picky, timeout=timeout)
+    assert type(e0) is tc.DecodeError and e0.source == 1
+    assert str(e0) == (f"collective #0 on WORLD: payload from rank 1 does not decode as Picky "
+                       f"(allgather[Picky] at {FILE}:{site}): expected x >= 0")
+    assert type(e1) is tc.EncodeError
+    assert str(e1) == (f"collective #0 on WORLD: rank 1 could not send its allgather[Picky] "
+                       f"contribution at {FILE}:{site}: expected Picky: expected x >= 0")
+
+
+def bad_value(comm: tc.TypedComm) -> Any:
+    return comm.allgather({"rank": 1} if comm.rank == 1 else RankState(0), schema=RankState)
+
+
+def test_a_bad_value_names_its_site_and_what_was_expected():
+    site = line_of(bad_value, "return comm.allgather")
+    e0, e1 = errors_of(2, bad_value)
+    assert str(e1) == (f"collective #0 on WORLD: rank 1 could not send its allgather[RankState] "
+                       f"contribution at {FILE}:{site}: expected RankState, got dict")
+    assert type(e0) is tc.PeerError and e0.ranks == (1,) and e0.error_type == "TypeError"
+    assert str(e0) == (f"collective #0 on WORLD: rank 1 failed its allgather[RankState] "
+                       f"contribution at {FILE}:{site}: expected RankState, got dict")
+
+
+def unencodable(comm: tc.TypedComm) -> Any:
+    return comm.allgather(object() if comm.rank == 0 else 1, schema=int)
+
+
+def test_a_value_msgspec_cannot_encode_says_what_to_do():
+    e0, e1 = errors_of(2, unencodable)
+    assert type(e0) is tc.EncodeError and type(e1) is tc.PeerError
+    assert "expected int, got object: msgspec cannot encode it" in str(e0)
+    assert "give the value a type msgspec supports" in str(e0)
+
+
+# --- argument errors on one rank --------------------------------------------------------------
+ARGUMENTS = {
+    "root": (lambda c: c.bcast(1, root=c.size if c.rank == 1 else 0),
+             f"ValueError: expected root in 0..1, got 2"),
+    "op": (lambda c: c.allreduce(1, op="avg" if c.rank == 1 else "sum"),
+           "ValueError: expected op to be one of"),
+    "step": (lambda c: c.allgather(1, step=2 ** 63 if c.rank == 1 else 0),
+             "TypeError: expected step to be None or a 64-bit int, got 9223372036854775808"),
+    "name": (lambda c: c.allgather(1, name="" if c.rank == 1 else "x"),
+             "TypeError: expected name to be None or a str of 1 to 256 characters, got ''"),
+    "schema": (lambda c: c.allgather(1, schema=object() if c.rank == 1 else int),
+               "TypeError: expected a schema msgspec can decode"),
+    "color": (lambda c: c.split(2 ** 31 if c.rank == 1 else 0),
+              "ValueError: expected color to be None or an int in 0..2**31-1, got 2147483648"),
+    "key": (lambda c: c.split(0, key=2 ** 40 if c.rank == 1 else 0),
+            "ValueError: expected key to be an int in -2**31..2**31-1, got 1099511627776"),
+}
+
+
+@pytest.mark.parametrize("which", sorted(ARGUMENTS))
+def test_a_bad_argument_on_one_rank_raises_on_every_rank(which):
+    call, text = ARGUMENTS[which]
+    e0, e1 = errors_of(2, call, timeout=5.0)
+    assert type(e1) is tc.EncodeError and type(e0) is tc.PeerError
+    assert e0.ranks == (1,)
+    kind, _, detail = text.partition(": ")
+    assert e0.error_type == kind and e0.detail.startswith(detail)
+    assert f": {detail}" in str(e1)
+
+
+@pytest.mark.parametrize("bad", [0, math.nan, "5", -1.0, True])
+def test_a_bad_timeout_on_one_rank_raises_on_every_rank(bad):
+    from typedcoll.transports.memory import World
+    from typedcoll._comm import _created
+    from typedcoll.core.channel import Channel
+
+    transports = World(2).transports()
+    outcomes: List[Any] = [None, None]
+
+    def make(r: int) -> None:
+        try:
+            _created(Channel(transports[r], "WORLD"), bad if r == 1 else 5.0, None)
+        except tc.CollectiveError as exc:
+            outcomes[r] = exc
+
+    threads = [threading.Thread(target=make, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert not any(t.is_alive() for t in threads), "a rank hung at creation"
+    assert type(outcomes[1]) is tc.EncodeError and type(outcomes[0]) is tc.PeerError
+    assert f"expected timeout None or seconds > 0, got {bad!r}" in str(outcomes[1])
+
+
+def test_different_timeouts_raise_a_desync_of_settings():
+    from typedcoll.transports.memory import World
+    from typedcoll._comm import _created
+    from typedcoll.core.channel import Channel
+
+    transports = World(2).transports()
+    outcomes: List[Any] = [None, None]
+
+    def make(r: int) -> None:
+        try:
+            _created(Channel(transports[r], "WORLD"), 5.0 if r else None, None)
+        except tc.CollectiveError as exc:
+            outcomes[r] = exc
+
+    threads = [threading.Thread(target=make, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    for e in outcomes:
+        assert type(e) is tc.DesyncError and e.kinds == (tc.MismatchKind.SETTINGS,)
+        assert str(e).splitlines()[0] == "creation on WORLD diverged (settings):"
+        assert "create timeout=None at " in str(e) and "create timeout=5 at " in str(e)
+
+
+# --- smaller items -----------------------------------------------------------------------------
+def barrier_steps(comm: tc.TypedComm) -> None:
+    comm.barrier(step=1 if comm.rank == 0 else 2)
+
+
+def test_barrier_takes_a_step():
+    for e in errors_of(2, barrier_steps):
+        assert type(e) is tc.DesyncError and e.kinds == (tc.MismatchKind.STEP,)
+
+
+def big_endian(comm: tc.TypedComm) -> Any:
+    values = (np.arange(2000) * (comm.rank + 1)).astype(">i8")
+    return comm.allreduce(values), comm.allreduce(np.arange(3, dtype=">f4"), op="max")
+
+
+def test_non_native_byte_order_in_allreduce():
+    (total, top), _ = run(2, big_endian)
+    assert total.dtype == np.dtype(">i8") and total.tolist() == (np.arange(2000) * 3).tolist()
+    assert top.dtype == np.dtype(">f4") and top.tolist() == [0.0, 1.0, 2.0]
+
+
+def nan_holder(comm: tc.TypedComm, holder: int, op: str) -> Any:
+    return comm.allreduce(math.nan if comm.rank == holder else 1.0, op=op)
+
+
+@pytest.mark.parametrize("op", ["max", "min"])
+@pytest.mark.parametrize("holder", [0, 1, 2])
+def test_nan_wins_max_and_min_whichever_rank_holds_it(op, holder):
+    assert all(math.isnan(v) for v in run(3, nan_holder, holder, op))
+
+
+def lifetime(comm: tc.TypedComm) -> Any:
+    with comm.dup() as twin:
+        out = twin.allgather(comm.rank)
+    with pytest.raises(tc.CollectiveError, match=r"allgather refused: the communicator was freed"):
+        twin.allgather(1)
+    twin.free()  # idempotent
+    return out
+
+
+def test_context_manager_and_free():
+    assert run(2, lifetime) == [[0, 1], [0, 1]]
