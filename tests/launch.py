@@ -13,7 +13,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 from typedcoll.demo.launch import mpiexec_command
 
@@ -33,8 +33,15 @@ class SpmdResult:
 
 
 def run_spmd(code: str, nranks: int, *, timeout: float = 60.0, tmp_path: Optional[Path] = None,
-             env: Optional[Dict[str, str]] = None, abort_on_error: bool = True) -> SpmdResult:
-    """Run ``code`` (a Python program, dedented) on ``nranks`` ranks; kill all after ``timeout``."""
+             env: Optional[Dict[str, str]] = None, abort_on_error: bool = True,
+             args: Sequence[str] = (),
+             rank_env: Optional[Sequence[Dict[str, str]]] = None) -> SpmdResult:
+    """Run ``code`` (a Python program, dedented) on ``nranks`` ranks; kill all after ``timeout``.
+
+    ``args`` follow the script on every rank; ``rank_env`` gives each rank variables of its own
+    (one launch of several single-rank parts: MPI's MPMD form), e.g. one rank on the C fast path
+    and its peer on the pure-Python one.
+    """
     directory = Path(tmp_path) if tmp_path is not None else Path(os.environ.get("TMPDIR", "/tmp"))
     script = directory / f"spmd_{os.getpid()}_{abs(hash(code)) % 10**8}_{nranks}.py"
     script.write_text(textwrap.dedent(code))
@@ -44,8 +51,19 @@ def run_spmd(code: str, nranks: int, *, timeout: float = 60.0, tmp_path: Optiona
     run_env.setdefault("PYTHONUNBUFFERED", "1")
     if env:
         run_env.update(env)
-    argv = [sys.executable] + (["-m", "mpi4py"] if abort_on_error else []) + [str(script)]
-    proc = subprocess.Popen(mpiexec_command(nranks, argv), stdout=subprocess.PIPE,
+    argv = ([sys.executable] + (["-m", "mpi4py"] if abort_on_error else []) + [str(script)]
+            + list(args))
+    command = mpiexec_command(nranks, argv)
+    if rank_env is not None:
+        command = command[:-len(argv) - 2]  # mpiexec (and its options), then one part per rank
+        for r, extra in enumerate(rank_env):
+            if r:
+                command.append(":")
+            command += ["-n", "1"]
+            for key, value in extra.items():
+                command += ["-env", key, value]
+            command += argv
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=run_env,
                             start_new_session=True)
     try:

@@ -334,7 +334,18 @@ static int record_start(PyObject *ring, PyObject *objects, PyObject *state, Py_s
     if (ring == Py_None) return 0;
     Py_ssize_t count = PyLong_AsSsize_t(PyList_GET_ITEM(state, 0));
     if (count < 0 && PyErr_Occurred()) return -1;
-    Py_ssize_t index = count % capacity;
+    /* The ring doubles in place until it holds ``capacity`` entries (FlightRecorder._grow). */
+    Py_ssize_t allocated = PyByteArray_GET_SIZE(ring) / ENTRY_SIZE;
+    if (count == allocated && allocated < capacity) {
+        Py_ssize_t more = allocated < capacity - allocated ? allocated : capacity - allocated;
+        if (PyByteArray_Resize(ring, (allocated + more) * ENTRY_SIZE) < 0) return -1;
+        memset(PyByteArray_AS_STRING(ring) + allocated * ENTRY_SIZE, 0,
+               (size_t)(more * ENTRY_SIZE));
+        for (Py_ssize_t i = 0; i < OBJECTS_PER_ENTRY * more; i++)
+            if (PyList_Append(objects, Py_None) < 0) return -1;
+        allocated += more;
+    }
+    Py_ssize_t index = count % allocated;
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     unsigned char *e = (unsigned char *)PyByteArray_AS_STRING(ring) + index * ENTRY_SIZE;
@@ -362,8 +373,9 @@ static int record_complete(PyObject *ring, PyObject *state, Py_ssize_t capacity)
     if (ring == Py_None) return 0;
     Py_ssize_t count = PyLong_AsSsize_t(PyList_GET_ITEM(state, 0));
     if (count <= 0) return PyErr_Occurred() ? -1 : 0;
+    Py_ssize_t allocated = PyByteArray_GET_SIZE(ring) / ENTRY_SIZE;
     unsigned char *e =
-        (unsigned char *)PyByteArray_AS_STRING(ring) + ((count - 1) % capacity) * ENTRY_SIZE;
+        (unsigned char *)PyByteArray_AS_STRING(ring) + ((count - 1) % allocated) * ENTRY_SIZE;
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     put_u64(e + 24, (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec);
@@ -714,9 +726,11 @@ static int read_fast(PyObject *state, Fast *f) {
         f->slot < 2 * HEADER_SIZE ||
         (f->ring != Py_None &&
          (!PyByteArray_Check(f->ring) || f->capacity <= 0 ||
-          PyByteArray_GET_SIZE(f->ring) != f->capacity * ENTRY_SIZE ||
+          PyByteArray_GET_SIZE(f->ring) % ENTRY_SIZE != 0 ||
+          PyByteArray_GET_SIZE(f->ring) > f->capacity * ENTRY_SIZE ||
           !PyList_CheckExact(f->ring_objects) ||
-          PyList_GET_SIZE(f->ring_objects) != OBJECTS_PER_ENTRY * f->capacity ||
+          PyList_GET_SIZE(f->ring_objects) !=
+              OBJECTS_PER_ENTRY * (PyByteArray_GET_SIZE(f->ring) / ENTRY_SIZE) ||
           !PyList_CheckExact(f->ring_state)))) {
         PyErr_SetString(PyExc_RuntimeError, "typedcoll: inconsistent fast-path state");
         return -1;

@@ -25,7 +25,7 @@ class Call:
     __slots__ = ("op", "shape", "info", "mode", "value", "root", "reduce_op", "step", "name",
                  "code", "lasti", "error", "array_fp", "validate", "wild", "settings",
                  "seq", "deadline", "overflow", "occurrence", "array_meta", "same_shape",
-                 "inline", "timed_out")
+                 "inline", "timed_out", "clocked")
 
     def __init__(self, op: str, shape: int, info: Optional[SchemaInfo], mode: int, value: Any, *,
                  root: int = NO_ROOT, reduce_op: int = 0, step: Any = None,
@@ -33,7 +33,7 @@ class Call:
                  array_fp: bytes = _ZEROS, validate: bool = False, wild: bool = False,
                  settings: Optional[str] = None,
                  array_meta: Optional[Tuple[Tuple[int, ...], str]] = None,
-                 same_shape: bool = True) -> None:
+                 same_shape: bool = True, clocked: bool = True) -> None:
         self.op = op
         self.shape = shape  # wire.GATHER or wire.REDUCE
         self.info = info
@@ -59,6 +59,7 @@ class Call:
         self.deadline: Optional[float] = None
         self.overflow: Optional[bytes] = None  # own payload bytes that move in phase 2
         self.occurrence = 0
+        self.clocked = clocked  # stamped with the step clock unless it gives its own step
         self.timed_out = False  # the C path's exchange passed its deadline (Python reports it)
 
     @property

@@ -41,7 +41,7 @@ def create(p: Protocol, timeout: Any) -> None:
     error = check_timeout(timeout)
     value = (False, 0.0) if error is not None or timeout is None else (True, float(timeout))
     call = Call("create", GATHER, _SETTINGS, MODE_MSG, value, error=error,
-                settings=_settings_text(None if error else timeout))
+                settings=_settings_text(None if error else timeout), clocked=False)
     call.seq = CREATE_SEQ
 
     def compare(c: Call) -> None:
@@ -87,7 +87,9 @@ def free(p: Protocol) -> None:
     """Collective: every rank frees together; the private channel goes with its last user."""
     if p.freed:
         return
-    call = Call("free", REDUCE, None, MODE_EMPTY, None)
+    # Not stamped with the step clock: after a caught DesyncError the ranks' clocks may differ,
+    # and freeing must still work.
+    call = Call("free", REDUCE, None, MODE_EMPTY, None, clocked=False)
     run(p, call, lambda c: None)
     release(p)
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from ..codecs import (KIND_NUMPY_SCALAR, SchemaInfo, array_fingerprint, check_operands,
                       reduce_values, resolve)
+from ..codecs.reduce import LOGICAL
 from .transport import TransportTimeout
 from . import fast, payloads, verdict
 from .args import (check_reduce_op, check_root, check_step, first_error, payload_mode,
@@ -331,9 +332,11 @@ def _allreduce_rest(p: Protocol, call: Call, op: str) -> Any:
                               source=source, schema=call.schema_name)
         array = np.asarray(call.value)
         try:
-            return p.transport.allreduce_array(array, op, call.deadline)
+            out = p.transport.allreduce_array(array, op, call.deadline)
         except TransportTimeout:
             verdict.timed_out(p, call)
+        # As reduce_values gives them: logical ops make bools, whichever path combined them.
+        return out.astype(bool) if op in LOGICAL else out
     values = [_decode_reduce(p, call, buf, r)
               for r, buf in enumerate(payloads.gathered(p, call))]
     return _combine(values, op, call)

@@ -532,11 +532,39 @@ def isend(p: Any, value: Any, dest: Any, tag: Any, schema: Any, name: Any,
     completes.
     """
     data, dest, tag, failure = _message(p, value, dest, tag, schema, name, refused)
-    start = getattr(p.transport, "isend_bytes", None)
-    if start is None:  # transports that buffer every send (memory) need no handle
-        p.transport.send_bytes(data, dest, TRANSPORT_TAG, None)
+    transport = p.transport
+    start = getattr(transport, "isend_bytes", None)
+    if start is not None:
+        return SendRequest(start(data, dest, TRANSPORT_TAG), failure)
+    if transport.kind == "memory":  # its sends are buffered: they never block
+        transport.send_bytes(data, dest, TRANSPORT_TAG, None)
         return SendRequest(None, failure)
-    return SendRequest(start(data, dest, TRANSPORT_TAG), failure)
+    return SendRequest(_SendingThread(transport, data, dest), failure)
+
+
+class _SendingThread:
+    """A blocking send on its own thread, for transports without a nonblocking one: a large
+    message must not wait for its receiver to be matched before this rank can receive."""
+
+    def __init__(self, transport: Any, data: bytes, dest: int) -> None:
+        self.error: List[BaseException] = []
+        self.thread = threading.Thread(target=self._run, args=(transport, data, dest),
+                                       name="typedcoll-isend", daemon=True)
+        self.thread.start()
+
+    def _run(self, transport: Any, data: bytes, dest: int) -> None:
+        try:
+            transport.send_bytes(data, dest, TRANSPORT_TAG, None)
+        except BaseException as exc:  # handed to wait()
+            self.error.append(exc)
+
+    def test(self) -> bool:
+        return not self.thread.is_alive()
+
+    def wait(self, deadline: Optional[float]) -> None:
+        self.thread.join()
+        if self.error:
+            raise self.error[0]
 
 
 def send(p: Any, value: Any, dest: Any, tag: Any, schema: Any, name: Any,

@@ -155,7 +155,7 @@ class Protocol:
         if call.seq != CREATE_SEQ:
             call.seq = self.seq
             self.seq += 1
-        if call.step is None:
+        if call.step is None and call.clocked:
             call.step = None if self.step == NO_STEP else self.step
         identity = self.identity(call)
         call.occurrence = self.counts.get(identity, 0) + 1
@@ -221,6 +221,8 @@ class Protocol:
         block = self.block
         flags = block_flags(block)
         self.policy.observe(block_length(block))
+        if self.policy.size != self.slot:
+            self.fast = None  # the next call re-allocates (start), then binds the C path again
         if flags & FLAG_LOCAL_ERROR or not agreed(block):
             verdict.disagreement(self, call)
 

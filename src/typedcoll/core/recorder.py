@@ -1,9 +1,10 @@
 """The flight recorder: the last N collectives of one communicator, in a ring.
 
 Recording sits on the hot path of every collective, so an entry allocates nothing: its numbers
-are written in place into a preallocated byte array (``ENTRY`` below; the C fast path writes the
-same bytes, and ``fast`` checks the layout at import) and its object references (schema info,
-code object, name) into a preallocated list. Nothing is formatted until someone reads the ring:
+are written in place into a byte array (``ENTRY`` below; the C fast path writes the same bytes,
+and ``fast`` checks the layout at import) and its object references (schema info, code object,
+name) into a list. Both start small and double, in place, until they hold ``capacity`` entries,
+so thousands of communicators that hardly communicate cost little memory. Nothing is formatted until someone reads the ring:
 :meth:`FlightRecorder.snapshot` gives :class:`RecordEntry` Structs, the one model that dumps
 write and the trace analyzer reads. ``TYPEDCOLL_TRACE_BUFFER`` sets N (default 2000; 0 turns
 recording off).
@@ -22,6 +23,7 @@ from .identity import format_site
 from .wire import NO_STEP, OPS, op_name
 
 DEFAULT_CAPACITY = 2000
+INITIAL_ENTRIES = 8
 STARTED, COMPLETED, FAILED = 0, 1, 2
 STATE_NAMES = ("started", "completed", "failed")
 
@@ -69,8 +71,9 @@ class FlightRecorder:
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self.numbers = bytearray(ENTRY.size * capacity)
-        self.objects: List[Any] = [None] * (OBJECTS_PER_ENTRY * capacity)
+        first = min(INITIAL_ENTRIES, capacity)
+        self.numbers = bytearray(ENTRY.size * first)
+        self.objects: List[Any] = [None] * (OBJECTS_PER_ENTRY * first)
         # [entries recorded since creation (dropped ones included), newest still in flight]:
         # a list, so the C fast path updates it without attribute lookups.
         self.state: list = [0, False]
@@ -84,13 +87,26 @@ class FlightRecorder:
     def in_flight(self) -> bool:
         return bool(self.state[1])
 
+    @property
+    def allocated(self) -> int:
+        return len(self.numbers) // ENTRY.size
+
     def _offset(self) -> int:
-        return ((self.state[0] - 1) % self.capacity) * ENTRY.size
+        return ((self.state[0] - 1) % self.allocated) * ENTRY.size
+
+    def _grow(self) -> None:
+        """Double in place (the C path holds these very objects); only before the first wrap,
+        so every entry keeps its index."""
+        more = min(self.allocated, self.capacity - self.allocated)
+        self.numbers.extend(bytes(ENTRY.size * more))
+        self.objects.extend([None] * (OBJECTS_PER_ENTRY * more))
 
     def start(self, seq: int, op: str, info: Any, code: Any, lasti: int, step: int,
               nbytes: int, name: Optional[str], occurrence: int) -> None:
         state = self.state
-        index = state[0] % self.capacity
+        if state[0] == self.allocated < self.capacity:
+            self._grow()
+        index = state[0] % self.allocated
         ENTRY.pack_into(self.numbers, index * ENTRY.size, seq & (2 ** 64 - 1), step,
                         time.time_ns(), 0, nbytes, lasti, occurrence, OPS[op], STARTED)
         base = OBJECTS_PER_ENTRY * index
@@ -124,7 +140,7 @@ class FlightRecorder:
 
     def entry(self, number: int) -> RecordEntry:
         """The ``number``-th entry recorded (1-based count since creation), read back."""
-        index = (number - 1) % self.capacity
+        index = (number - 1) % self.allocated
         (seq, step, t_start, t_end, nbytes, lasti, occurrence, op,
          state) = ENTRY.unpack_from(self.numbers, index * ENTRY.size)
         info, code, name = self.objects[OBJECTS_PER_ENTRY * index:
