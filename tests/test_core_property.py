@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 import typedcoll as tc
 from typedcoll.testing import run
 
-TIMEOUT = 0.3
+TIMEOUT = 1.0  # long enough for a loaded 2-core machine: only the prefix cases wait it out
 
 
 class Item(msgspec.Struct, frozen=True):
@@ -172,7 +172,7 @@ def outcome(comm: tc.TypedComm, plans: List[List[Step]]) -> Tuple[List[Any], Any
 @given(programs())
 def test_correct_programs_return_the_reference(program):
     n, plan = program
-    results = run(n, execute, [plan] * n, timeout=10.0)
+    results = run(n, execute, [plan] * n, timeout=None)  # the C fast path serves these
     for rank in range(n):
         assert results[rank] == [expected(s, rank, n) for s in plan]
 
