@@ -68,4 +68,9 @@ class Call:
 
     @property
     def schema_name(self) -> str:
-        return self.info.name if self.info is not None else "?"
+        """The schema as messages show it: none where this rank has no payload and names no
+        schema (a barrier; a bcast receiver that takes the root's), "?" where it did not
+        resolve."""
+        if self.info is not None:
+            return self.info.name
+        return "" if self.mode == MODE_EMPTY else "?"

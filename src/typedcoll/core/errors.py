@@ -43,7 +43,8 @@ class DesyncError(CollectiveError):
     values differ between the groups.
 
     The communicator stays usable after this error: every rank took part in the same backend
-    exchanges, so the next typed collective is matched correctly again.
+    exchange, and where the ranks were on different communicators sharing one channel, each
+    gives back the number it spent, so the next typed collective is matched correctly again.
     """
 
     def __init__(self, message: str, *, seq: int, comm: str = "", kinds: Sequence[Any] = (),

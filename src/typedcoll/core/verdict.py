@@ -21,7 +21,7 @@ from .fresh import on_fresh_stack
 from .errors import (CollectiveTimeout, ConcurrentCallError, DecodeError, DesyncError,
                      EncodeError, PeerError)
 from .identity import format_site, register_internal
-from .mismatch import (EnvelopeInfo, Group, compact_ranks, desync_message, differing_notes,
+from .mismatch import (EnvelopeInfo, Group, MismatchKind, compact_ranks, desync_message, differing_notes,
                        group_envelopes, label, mismatch_kinds)
 from .wire import (AGREE_SIZE, FLAG_LOCAL_ERROR, FLAGS_OFFSET, HEADER_SIZE, REDUCE_OP_NAMES,
                    REDUCING_OPS, ROOTED_OPS, agreed, or_into, own_block)
@@ -71,6 +71,11 @@ def disagreement(p: "Protocol", call: Call) -> None:
         others = [info for r, info in enumerate(infos) if r not in failed]
         kinds = mismatch_kinds(others)
         groups = group_envelopes(infos)
+        if MismatchKind.COMMUNICATOR in kinds:
+            # Each rank spent a number of a different communicator on this call: give it back,
+            # so that every communicator's numbers stay aligned across ranks afterwards.
+            p.seq -= 1
+            p.counts[p.identity(call)] -= 1
         raise DesyncError(desync_message(call.seq, p.name, kinds, groups), seq=call.seq,
                           comm=p.name, kinds=kinds, groups=groups,
                           decisions=_decisions(groups))

@@ -25,7 +25,10 @@ two ranks with one tag in order, so consecutive exchanges never mix. The C fast 
 same schedule (``core/_speedups.c``, over MPI's C symbols); this module is its Python twin.
 
 Everything after the verdict (phase 2, the cold paths) uses MPI's own collectives: every rank
-has then agreed which one comes next.
+has then agreed which one comes next. Always their nonblocking forms, waited for with or without
+a deadline: MPI never matches a blocking collective with a nonblocking one, and ranks whose
+settings differ (a bad timeout on one rank, found by the creation exchange itself) must still
+meet in the exchange that reports it.
 """
 
 from __future__ import annotations
@@ -211,27 +214,21 @@ class MPITransport:
                    deadline: Optional[float]) -> bytearray:
         recv = bytearray(sum(counts))
         spec = [recv, (counts, displacements(counts)), MPI.BYTE]
-        if deadline is None:
-            self.comm.Allgatherv([send, len(send), MPI.BYTE], spec)
-        else:
-            wait_all([self.comm.Iallgatherv([send, len(send), MPI.BYTE], spec)], deadline)
+        wait_all([self.comm.Iallgatherv([send, len(send), MPI.BYTE], spec)], deadline)
         return recv
 
     def gatherv(self, send: bytes, counts: List[int], root: int,
                 deadline: Optional[float]) -> Optional[bytearray]:
         recv = bytearray(sum(counts)) if self.rank == root else None
         spec = [recv, (counts, displacements(counts)), MPI.BYTE] if recv is not None else None
-        self._wait(self.comm.Igatherv([send, len(send), MPI.BYTE], spec, root=root)
-                   if deadline is not None else None, deadline,
-                   lambda: self.comm.Gatherv([send, len(send), MPI.BYTE], spec, root=root))
+        wait_all([self.comm.Igatherv([send, len(send), MPI.BYTE], spec, root=root)], deadline)
         return recv
 
     def gather_parts(self, send: bytes, root: int,
                      deadline: Optional[float]) -> Optional[List[bytes]]:
         mine = np.array([len(send)], dtype=np.int64)
         lengths = np.zeros(self.size, dtype=np.int64) if self.rank == root else None
-        self._call(lambda: self.comm.Gather(mine, lengths, root=root),
-                   lambda: self.comm.Igather(mine, lengths, root=root), deadline)
+        wait_all([self.comm.Igather(mine, lengths, root=root)], deadline)
         counts = [int(x) for x in lengths] if lengths is not None else [0] * self.size
         blob = self.gatherv(send, counts, root, deadline)
         if blob is None:
@@ -245,13 +242,11 @@ class MPITransport:
         counts = [len(x) for x in parts] if is_root and parts is not None else [0] * self.size
         lengths = np.array(counts, dtype=np.int64) if is_root else None
         mine = np.zeros(1, dtype=np.int64)
-        self._call(lambda: self.comm.Scatter(lengths, mine, root=root),
-                   lambda: self.comm.Iscatter(lengths, mine, root=root), deadline)
+        wait_all([self.comm.Iscatter(lengths, mine, root=root)], deadline)
         out = bytearray(int(mine[0]))
         blob = b"".join(parts) if is_root and parts is not None else b""
         spec = [blob, (counts, displacements(counts)), MPI.BYTE] if is_root else None
-        self._call(lambda: self.comm.Scatterv(spec, [out, MPI.BYTE], root=root),
-                   lambda: self.comm.Iscatterv(spec, [out, MPI.BYTE], root=root), deadline)
+        wait_all([self.comm.Iscatterv(spec, [out, MPI.BYTE], root=root)], deadline)
         return bytes(out)
 
     def alltoall_parts(self, parts: Optional[List[bytes]],
@@ -259,22 +254,19 @@ class MPITransport:
         parts = parts if parts is not None else [b""] * self.size
         send_counts = np.array([len(x) for x in parts], dtype=np.int64)
         recv_counts = np.zeros(self.size, dtype=np.int64)
-        self._call(lambda: self.comm.Alltoall(send_counts, recv_counts),
-                   lambda: self.comm.Ialltoall(send_counts, recv_counts), deadline)
+        wait_all([self.comm.Ialltoall(send_counts, recv_counts)], deadline)
         sc = [int(x) for x in send_counts]
         rc = [int(x) for x in recv_counts]
         out = bytearray(sum(rc))
         blob = b"".join(parts)
         send_spec = [blob, (sc, displacements(sc)), MPI.BYTE]
         recv_spec = [out, (rc, displacements(rc)), MPI.BYTE]
-        self._call(lambda: self.comm.Alltoallv(send_spec, recv_spec),
-                   lambda: self.comm.Ialltoallv(send_spec, recv_spec), deadline)
+        wait_all([self.comm.Ialltoallv(send_spec, recv_spec)], deadline)
         offsets = displacements(rc)
         return [bytes(out[o:o + c]) for o, c in zip(offsets, rc)]
 
     def bcast_bytes(self, buf: bytearray, root: int, deadline: Optional[float]) -> None:
-        self._call(lambda: self.comm.Bcast([buf, len(buf), MPI.BYTE], root=root),
-                   lambda: self.comm.Ibcast([buf, len(buf), MPI.BYTE], root=root), deadline)
+        wait_all([self.comm.Ibcast([buf, len(buf), MPI.BYTE], root=root)], deadline)
 
     def allreduce_array(self, arr: np.ndarray, op: str,
                         deadline: Optional[float]) -> np.ndarray:
@@ -283,26 +275,12 @@ class MPITransport:
         out = np.empty_like(send)
         if op in ("land", "lor", "lxor") and send.dtype.kind in "fc":
             raise TypeError(f"expected integers or bools for op {op!r}, got {send.dtype}")
-        self._call(lambda: self.comm.Allreduce(send, out, op=_MPI_OPS[op]),
-                   lambda: self.comm.Iallreduce(send, out, op=_MPI_OPS[op]), deadline)
+        wait_all([self.comm.Iallreduce(send, out, op=_MPI_OPS[op])], deadline)
         return out.astype(arr.dtype, copy=False)
-
-    def _call(self, blocking: Any, nonblocking: Any, deadline: Optional[float]) -> None:
-        if deadline is None:
-            blocking()
-        else:
-            wait_all([nonblocking()], deadline)
-
-    def _wait(self, request: Any, deadline: Optional[float], blocking: Any) -> None:
-        if deadline is None:
-            blocking()
-        else:
-            wait_all([request], deadline)
 
     # --- point to point --------------------------------------------------------------------
     def send_bytes(self, data: bytes, dest: int, tag: int, deadline: Optional[float]) -> None:
-        self._call(lambda: self.p2p.Send([data, len(data), MPI.BYTE], dest, tag),
-                   lambda: self.p2p.Isend([data, len(data), MPI.BYTE], dest, tag), deadline)
+        wait_all([self.p2p.Isend([data, len(data), MPI.BYTE], dest, tag)], deadline)
 
     def recv_bytes(self, source: int, tag: int, deadline: Optional[float]) -> bytes:
         status = MPI.Status()

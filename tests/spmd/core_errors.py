@@ -1,0 +1,145 @@
+"""SPMD: every rank raises the same error in the same call, over real MPI (C and Python paths).
+
+Run by tests/test_core_mpi.py at 2 and 4 ranks. The same cases as tests/test_core_semantics.py,
+here through the MPI transport's own exchange, plus what only a real backend shows: ranks in
+collectives of different exchange shapes meeting, two communicators over one parent used in
+different orders, and threads colliding on one communicator.
+"""
+
+import os
+import threading
+
+import msgspec
+import numpy as np
+from mpi4py import MPI
+
+import typedcoll as tc
+from spmd.harness import WORLD, Checker
+
+
+class RankState(msgspec.Struct):
+    rank: int
+    num_active_requests: int = 0
+
+
+FILE = os.path.basename(__file__)  # the launcher runs a copy of this file
+chk = Checker("core_errors")
+comm = tc.TypedComm(MPI.COMM_WORLD, timeout=20.0)
+rank, size = comm.rank, comm.size
+last = size - 1
+others = "rank 0:" if size == 2 else f"ranks 0-{last - 1}:"
+label = f"rank {last}:"
+width = max(len(others), len(label))
+
+
+def lines(err):
+    return str(err.error).splitlines()
+
+
+# Two votes identical on the wire, from two lines; the last rank skips the first one once.
+def iteration(it):
+    if not (rank == last and it == 1):
+        comm.allgather(np.array([it], dtype=np.int64))  # the batch-size vote
+    comm.allgather(np.array([10 + it], dtype=np.int64))  # the timeout vote
+
+
+first_line = iteration.__code__.co_firstlineno
+iteration(0)
+with chk.expect(tc.DesyncError, "wire-identical votes") as err:
+    iteration(1)
+votes = lines(err)
+chk.eq("votes: head", votes[0], "collective #2 on COMM_WORLD diverged (call site):")
+chk.eq("votes: the others", votes[1],
+       f"  {others:<{width}} allgather[ndarray] shape=(1,) dtype=int64 at "
+       f"{FILE}:{first_line + 2}, its 2nd call")
+chk.eq("votes: the skipper", votes[2],
+       f"  {label:<{width}} allgather[ndarray] shape=(1,) dtype=int64 at "
+       f"{FILE}:{first_line + 3}, its 2nd call")
+chk.usable(comm, "after the votes")
+
+# Ranks in collectives whose exchanges have different shapes still meet, and all raise.
+# (Each pair's two lambdas share a line, so the call sites agree: only what differs is named.)
+PAIRS = {
+    "bcast/allgather": (lambda: comm.bcast(1, 0), lambda: comm.allgather(1), "op, root"),
+    "barrier/allgather": (lambda: comm.barrier(), lambda: comm.allgather(1), "op, schema"),
+    "gather/allreduce": (lambda: comm.gather(1, 0), lambda: comm.allreduce(1),
+                         "op, root, reduce op"),
+    "scatter/barrier": (lambda: comm.scatter([1] * size if rank == 0 else None, 0, schema=int),
+                        lambda: comm.barrier(), "op, call site, schema, root"),  # two lines
+}
+for what, (mine, theirs, kinds) in PAIRS.items():
+    with chk.expect(tc.DesyncError, what) as err:
+        (theirs if rank == last else mine)()
+    head = lines(err)[0]
+    chk.true(f"{what}: head {head!r}", head.startswith(
+        f"collective #{comm.seq - 1} on COMM_WORLD diverged (op, ") and all(
+        k in head for k in kinds.split(", ")))
+    chk.usable(comm, what)
+
+# The same site, one iteration short on one rank: the step clock tells them apart.
+with chk.expect(tc.DesyncError, "same-site skip") as err:
+    for it in range(3):
+        comm.set_step(it)
+        if rank == last and it == 1:
+            continue
+        comm.allgather(RankState(rank, it))
+chk.eq("skip: kinds", err.error.kinds, (tc.MismatchKind.STEP,))
+comm.set_step(None)
+chk.usable(comm, "after the skip")
+
+# Two communicators over one parent, used in different orders.
+second = tc.TypedComm(MPI.COMM_WORLD, timeout=20.0)
+chk.eq("second name", second.name, "COMM_WORLD#2")
+with chk.expect(tc.DesyncError, "communicators mixed") as err:
+    (second if rank == last else comm).allgather(rank)
+chk.true("mixed: communicator named", "communicator" in lines(err)[0]
+         and "on COMM_WORLD#2" in str(err.error))
+chk.usable(comm, "after mixing")
+
+# One rank's bad argument: every rank raises in the same call.
+with chk.expect(tc.EncodeError if rank == last else tc.PeerError, "bad root") as err:
+    comm.bcast(1, root=size if rank == last else 0)
+chk.true("bad root: named", f"expected root in 0..{last}, got {size}" in str(err.error))
+chk.usable(comm, "after a bad root")
+with chk.expect(tc.EncodeError if rank == last else tc.PeerError, "bad color") as err:
+    comm.split(2 ** 31 if rank == last else 0)
+chk.usable(comm, "after a bad color")
+with chk.expect(tc.EncodeError if rank == last else tc.PeerError, "bad timeout") as err:
+    tc.TypedComm(MPI.COMM_WORLD, timeout=0 if rank == last else 5.0)
+chk.true("bad timeout: named", "expected timeout None or seconds > 0, got 0" in str(err.error))
+with chk.expect(tc.DesyncError, "different timeouts") as err:
+    tc.TypedComm(MPI.COMM_WORLD, timeout=1.0 if rank == last else 5.0)
+chk.eq("timeouts: kinds", err.error.kinds, (tc.MismatchKind.SETTINGS,))
+
+# A rank that frees while its peers still call: a desync, not a hang.
+victim = tc.TypedComm(WORLD.Dup(), timeout=20.0)
+with chk.expect(tc.DesyncError, "free while others call") as err:
+    victim.free() if rank == last else victim.allgather(1)
+chk.true("free: op named", "free" in str(err.error) and "allgather" in str(err.error))
+
+# Two threads on one communicator: refused, never paired across threads, never a hang.
+shared = tc.TypedComm(WORLD.Dup(), timeout=5.0)
+outcomes = {0: [], 1: []}
+
+
+def hammer(tid):
+    for i in range(300):
+        try:
+            shared.allgather((tid, i))
+        except tc.CollectiveError as exc:
+            outcomes[tid].append(type(exc).__name__)
+            return
+    outcomes[tid].append("done")
+
+
+threads = [threading.Thread(target=hammer, args=(t,)) for t in range(2)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join(60)
+chk.true("threads: none hung", not any(t.is_alive() for t in threads))
+ends = outcomes[0] + outcomes[1]
+chk.true(f"threads: a collision was refused ({ends})", "ConcurrentCallError" in ends)
+with chk.expect(tc.ConcurrentCallError, "the channel is unusable after a collision"):
+    shared.allgather(rank)
+chk.done(uniform=False)
