@@ -26,3 +26,13 @@ def test_errors(spmd, nranks):
 def test_timeouts(spmd, nranks):
     # The program ends with os._exit after its markers; 90 s bounds a wrongly blocking rank.
     spmd("core_timeout", nranks, timeout=90, uniform=False)
+
+
+@pytest.mark.parametrize("program,args", [("core_ops", ["none"]), ("core_ops", ["30"]),
+                                          ("core_errors", [])])
+def test_the_c_and_python_paths_meet_in_one_job(spmd, program, args):
+    """Half the ranks on the C fast path, half on the pure-Python steps, in one job: they speak
+    one protocol and reach the same verdicts (the programs check every rank's results and
+    messages, and compare them across ranks)."""
+    spmd(program, 4, timeout=240, args=args,
+         rank_env=[{"TYPEDCOLL_PURE_PYTHON": "1"} if r % 2 else {} for r in range(4)])

@@ -23,6 +23,7 @@ Layout (imports point down only)::
     demo/                   the engine model behind ``typedcoll demo``
 """
 
+from . import compat, diagnostics, testing
 from ._comm import TypedComm
 from ._version import __version__
 from .core.errors import (CollectiveError, CollectiveTimeout, ConcurrentCallError, DecodeError,
@@ -44,5 +45,8 @@ __all__ = [
     "PeerError",
     "TypedComm",
     "__version__",
+    "compat",
+    "diagnostics",
+    "testing",
     "transparent",
 ]

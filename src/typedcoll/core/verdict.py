@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from .protocol import Protocol
 
 _INFO_DECODER = msgspec.msgpack.Decoder(Tuple[bytes, EnvelopeInfo])
+MAX_INFO = 1 << 20  # an envelope description is a few hundred bytes; notes make it longer
 
 
 def describe_call(p: "Protocol", call: Call, error: Optional[str] = None) -> EnvelopeInfo:
@@ -123,6 +124,12 @@ def exchange_infos(p: "Protocol", call: Call, header: bytes,
         lengths = p.transport.allgatherv(len(payload).to_bytes(4, "little"), [4] * p.size,
                                          call.deadline)
         counts = [int.from_bytes(lengths[4 * r:4 * r + 4], "little") for r in range(p.size)]
+        for r, count in enumerate(counts):  # every rank reads the same counts: all raise alike
+            if count > MAX_INFO:
+                raise DecodeError(f"collective #{call.seq} on {p.name}: rank {r}'s envelope "
+                                  f"description claims {count} bytes, expected at most "
+                                  f"{MAX_INFO}", seq=call.seq, comm=p.name, source=r,
+                                  schema="EnvelopeInfo")
         blob = p.transport.allgatherv(payload, counts, call.deadline)
     except TransportTimeout:
         timed_out(p, call)

@@ -1,0 +1,182 @@
+"""Pure logic of the core, no communicator: the agreement block, nesting, mismatch analysis.
+
+The nesting scanner has a C twin; both must give the same answer for any bytes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import typedcoll as tc
+from typedcoll.codecs.nesting import MAX_NESTING, nesting_ok
+from typedcoll.core import fast
+from typedcoll.core.mismatch import (EnvelopeInfo, Note, compact_ranks, describe,
+                                     desync_message, group_envelopes, mismatch_kinds)
+from typedcoll.core.wire import (AGREE_SIZE, CHECKED, FLAG_WILD_SCHEMA, HEADER, HEADER_SIZE,
+                                 MAGIC, NO_ROOT, NO_STEP, SlotPolicy, agreed, block_length,
+                                 fold, or_into, own_block)
+
+
+def header(**fields) -> bytearray:
+    values = dict(op=1, redop=0, slot=7, root=NO_ROOT, seq=0, step=NO_STEP, schema=b"S" * 8,
+                  array=bytes(8), identity=b"I" * 8, instance=1, flags=0, length=0)
+    values.update(fields)
+    slot = bytearray(128)
+    HEADER.pack_into(slot, 0, MAGIC, values["op"], values["redop"], values["slot"],
+                     values["root"], values["seq"], values["step"], values["schema"],
+                     values["array"], values["identity"], values["instance"], values["flags"],
+                     values["length"])
+    return slot
+
+
+def agreement(*slots: bytearray) -> bytearray:
+    recv = b"".join(slots)
+    block = bytearray(AGREE_SIZE)
+    fold(bytearray(recv), 128, len(slots), block)
+    return block
+
+
+def test_the_header_is_64_bytes_and_its_checked_part_56():
+    assert HEADER.size == HEADER_SIZE == 64 and CHECKED == 56
+
+
+def test_equal_headers_agree_and_any_difference_disagrees():
+    assert agreed(agreement(header(), header(), header()))
+    for field, value in [("op", 2), ("root", 0), ("seq", 1), ("step", 3), ("schema", b"T" * 8),
+                         ("identity", b"J" * 8), ("instance", 2), ("slot", 8), ("redop", 1)]:
+        assert not agreed(agreement(header(), header(**{field: value}), header())), field
+
+
+def test_flags_and_lengths_are_ored_but_not_compared():
+    block = agreement(header(length=3, flags=0), header(length=64, flags=2))
+    assert agreed(block) and block_length(block) == 67 and block[112] == 2
+
+
+def test_a_rank_without_a_schema_takes_part_without_its_fingerprint():
+    wild = header(schema=bytes(8), flags=FLAG_WILD_SCHEMA)
+    assert agreed(agreement(header(), wild))
+    assert not agreed(agreement(header(), wild, header(schema=b"T" * 8)))
+
+
+def test_or_into_is_bytewise_or():
+    block = bytearray(b"\x01\x00\xf0")
+    or_into(block, b"\x02\x80\x0f")
+    assert block == bytearray(b"\x03\x80\xff")
+
+
+def test_the_slot_policy_grows_at_once_and_shrinks_after_a_window():
+    policy = SlotPolicy()
+    policy.observe(500)
+    assert policy.size == 1024
+    for _ in range(255):
+        policy.observe(10)
+    assert policy.size == 1024
+    policy.observe(10)
+    assert policy.size == 128
+    policy.observe(10 ** 6)  # past the largest slot: it travels in phase 2, no growth
+    assert policy.size == 128
+
+
+def nested(depth: int) -> bytes:
+    value: object = 0
+    for _ in range(depth):
+        value = [value]
+    return msgspec.msgpack.encode(value)
+
+
+@pytest.mark.parametrize("depth,ok", [(1, True), (MAX_NESTING, True), (MAX_NESTING + 1, False),
+                                      (5000, False)])
+def test_nesting_is_judged_from_the_bytes(depth, ok):
+    data = nested(depth) if depth < 900 else b"\x91" * depth + b"\x00"
+    assert nesting_ok(data) is ok
+
+
+@pytest.mark.skipif(not fast.ENABLED, reason="the C extension is not built or is turned off")
+@settings(max_examples=400, derandomize=True)
+@given(st.one_of(st.binary(max_size=400),
+                 st.recursive(st.text(max_size=5) | st.binary(max_size=5)
+                              | st.none() | st.floats(allow_nan=False)
+                              | st.integers(-2 ** 63, 2 ** 64 - 1),
+                              lambda inner: st.lists(inner, max_size=3)
+                              | st.dictionaries(st.text(max_size=3), inner, max_size=3),
+                              max_leaves=300).map(msgspec.msgpack.encode)),
+       st.integers(1, MAX_NESTING))
+def test_the_c_nesting_scanner_agrees_with_its_python_twin(data, limit):
+    assert fast._speedups.nesting_ok(data, limit) == nesting_ok(data, limit)
+
+
+def env(rank: int, **fields) -> EnvelopeInfo:
+    base = dict(rank=rank, seq=14, op="allgather", schema="RankState", fingerprint="ab" * 8,
+                comm="tp", site="model.py:143", occurrence=2, step=2)
+    base.update(fields)
+    return EnvelopeInfo(**base)
+
+
+def test_desync_message_pinned():
+    envelopes = [env(0, schema="IterStats", site="model.py:165", occurrence=3, step=1),
+                 env(1, schema="IterStats", site="model.py:165", occurrence=3, step=1),
+                 env(2), env(3, schema="IterStats", site="model.py:165", occurrence=3, step=1)]
+    kinds = mismatch_kinds(envelopes)
+    groups = group_envelopes(envelopes)
+    assert desync_message(14, "tp", kinds, groups) == (
+        "collective #14 on tp diverged (call site, schema, step):\n"
+        "  ranks 0-1,3: allgather[IterStats] at model.py:165, its 3rd call, step 1\n"
+        "  rank 2:      allgather[RankState] at model.py:143, its 2nd call, step 2")
+
+
+def test_decisions_that_differ_are_listed():
+    note = lambda v: (Note(key="can_queue", value=v, site="loop.py:12", step=4),)  # noqa: E731
+    envelopes = [env(0, notes=note(True)), env(1, site="x.py:1", notes=note(False)),
+                 env(2, notes=note(True))]
+    text = desync_message(14, "tp", mismatch_kinds(envelopes), group_envelopes(envelopes))
+    assert text.endswith("  decisions that differ:\n"
+                         "    can_queue at loop.py:12 — ranks 0,2: True; rank 1: False\n"
+                         "  only the call sites differ: if these are the same collective called "
+                         "from different lines, give every rank's call the same name= (or mark "
+                         "the wrapper they share with @typedcoll.transparent)")
+
+
+def test_describe_shows_what_differs():
+    e = env(0, op="bcast", root=0, name="schedule")
+    assert describe(e) == ("bcast[RankState] root=0 name='schedule' at model.py:143, "
+                           "its 2nd call, step 2")
+    assert describe(env(0, comm="tp#2"), [tc.MismatchKind.COMMUNICATOR]).startswith(
+        "allgather[RankState] on tp#2 at")
+
+
+@pytest.mark.parametrize("ranks,text", [([3], "rank 3"), ([0, 1, 2, 4, 5], "ranks 0-2,4-5"),
+                                        ([5, 1], "ranks 1,5")])
+def test_compact_ranks(ranks, text):
+    assert compact_ranks(ranks) == text
+
+
+def test_the_public_api():
+    assert sorted(tc.__all__) == sorted([
+        "CollectiveError", "CollectiveTimeout", "ConcurrentCallError", "DecodeError",
+        "DesyncError", "EncodeError", "EnvelopeInfo", "Group", "MismatchKind", "Note",
+        "PeerError", "TypedComm", "__version__", "compat", "diagnostics", "testing",
+        "transparent"])
+    for name in ("CollectiveError", "DesyncError", "CollectiveTimeout", "EncodeError",
+                 "DecodeError", "PeerError", "ConcurrentCallError", "MismatchKind"):
+        assert getattr(tc, name).__module__ == "typedcoll"
+    for cls in (tc.DesyncError, tc.CollectiveTimeout, tc.EncodeError, tc.DecodeError,
+                tc.PeerError, tc.ConcurrentCallError):
+        assert issubclass(cls, tc.CollectiveError)
+        doc = cls.__doc__ or ""
+        assert "Raised" in doc or "raised" in doc, cls
+
+
+def test_importing_typedcoll_installs_nothing():
+    import subprocess
+    import sys
+    code = ("import sys, signal, typedcoll; "
+            "print(sys.excepthook is sys.__excepthook__, "
+            "signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": ""}, timeout=60)
+    assert out.stdout.split() == ["True", "True"], out.stderr
