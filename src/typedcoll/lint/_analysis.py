@@ -1,0 +1,206 @@
+"""The whole-program analysis: per-function summaries iterated to a fixed point.
+
+Every function is interpreted with its parameters as placeholders; a round then recomputes what
+each function returns, which parameters it hands to an in-place collective, what its callers pass
+each parameter, and what every ``self`` attribute holds. Rounds repeat until nothing changes.
+
+Parameters take what the analysed callers pass. With no analysed caller a parameter is rank-local,
+except a set-up method's (configuration) and names that say they are configuration or the rank.
+"""
+
+from __future__ import annotations
+
+import ast
+from typing import Dict, Iterator, List, Optional, Set, Tuple
+
+from ._attributes import AttributeModel
+from ._balance import Sequencer, gate_balanced
+from ._callgraph import Function, Program
+from ._collectives import is_rank_name
+from ._config import Config
+from ._calls import bind
+from ._facts import AttrWrite, Gate
+from ._taint import FunctionAnalysis, function_globals
+from ._values import SYMMETRIC, Taint, collapse, expand, join, local, rank
+
+_MAX_ROUNDS = 8
+Callers = Dict[Function, List[Tuple[Function, Optional[ast.Call]]]]
+
+
+class Analysis:
+    """Implements the ``Facts`` the per-function interpreter asks for, and runs the rounds."""
+
+    def __init__(self, program: Program, config: Config) -> None:
+        self.program = program
+        self.config = config
+        self.sequencer = Sequencer(program)
+        self._keys = {fn: f"{fn.module.source.path}:{fn.qualname}" for fn in program.functions}
+        self.results: Dict[Function, FunctionAnalysis] = {}
+        self._returns: Dict[Function, Taint] = {}
+        self._syncs: Dict[Function, Set[str]] = {}
+        self._items: Dict[Function, Optional[List[Taint]]] = {}
+        self._envs: Dict[Function, Dict[str, Taint]] = {}
+        self.params: Dict[str, Dict[str, Taint]] = {}
+        self._callers = self._caller_map()
+        self.attributes = AttributeModel(program, config, self._callers)
+        self._rebound = {m: set().union(*(function_globals(f) for f in program.functions
+                                           if f.module is m)) for m in program.modules}
+        self._balance: Dict[Tuple[int, str, bool], bool] = {}
+        self.static_cache: Dict[int, Optional[Taint]] = {}
+
+    # -- Facts ------------------------------------------------------------------------------
+    def key(self, fn: Function) -> str:
+        return self._keys[fn]
+
+    def attribute(self, fn: Function, name: str) -> Taint:
+        if fn.cls is not None and "." not in name:
+            method = self.program.class_method(fn.cls, name)
+            if method is not None and method.is_property:
+                return expand(self._returns.get(method, SYMMETRIC), self.params)
+        return self.attributes.read(fn, name)
+
+    def attribute_kinds(self, fn: Function, name: str) -> Set[str]:
+        return self.attributes.kinds.get((self.attributes.family(fn), name), set())
+
+    def returns(self, fn: Function) -> Taint:
+        return self._returns.get(fn, SYMMETRIC)
+
+    def returned_items(self, fn: Function) -> Optional[List[Taint]]:
+        result = self.results.get(fn)
+        if result is None or result.returns_other:
+            return None
+        return result.returned_items
+
+    def syncs(self, fn: Function) -> Set[str]:
+        return self._syncs.get(fn, set())
+
+    def outer_name(self, fn: Function, name: str) -> Optional[Taint]:
+        scope = fn.parent
+        while scope is not None:
+            result = self.results.get(scope)
+            if result is not None and name in result.final_env:
+                return result.final_env[name]
+            scope = scope.parent
+        top = fn.module.top
+        if top is None or fn is top:
+            return None
+        result = self.results.get(top)
+        found = result.final_env.get(name) if result is not None else None
+        if name in self._rebound[fn.module]:
+            return join(found or SYMMETRIC, local(name, "module state rebound by a function", 0))
+        return found
+
+    def accepted(self, fn: Function, first: int, last: int) -> bool:
+        accepted = fn.module.source.accepted
+        return bool(accepted) and any(line in accepted for line in range(first, last + 1))
+
+    def balanced(self, gate: Gate, point_to_point: bool) -> bool:
+        root = gate.root
+        key = (id(root.node), root.kind, point_to_point)
+        hit = self._balance.get(key)
+        if hit is None:
+            hit = self._balance[key] = gate_balanced(self.sequencer, root, point_to_point)
+        return hit
+
+    # -- rounds -----------------------------------------------------------------------------
+    def _caller_map(self) -> Callers:
+        callers: Callers = {}
+        for caller, calls in self.program.calls.items():
+            for node, target in calls:
+                for callee in target.functions:
+                    callers.setdefault(callee, []).append((caller, node))
+        return callers
+
+    def run(self) -> None:
+        """Rounds to a fixed point; after the first, only the functions whose inputs changed
+        (their parameters, their callees' results, the attributes and names they read) are
+        interpreted again."""
+        order = [m.top for m in self.program.modules if m.top is not None]
+        order += [fn for fn in self.program.functions if fn.parent is None and fn.name != "<module>"]
+        order += [fn for fn in self.program.functions if fn.parent is not None]
+        self.params = {self._keys[fn]: self._entry_params(fn) for fn in self.program.functions}
+        pending: Set[Function] = set(order)
+        for _ in range(_MAX_ROUNDS):
+            for fn in order:
+                if fn in pending:
+                    self.results[fn] = FunctionAnalysis(fn, self).run()
+            pending = self._update()
+            if not pending:
+                break
+
+    def _entry_params(self, fn: Function) -> Dict[str, Taint]:
+        out: Dict[str, Taint] = {}
+        for name in fn.params:
+            if self.attributes.is_setup_root(fn) or self.config.matches("symmetric_names", name):
+                out[name] = SYMMETRIC
+            elif is_rank_name(name, self.config):
+                out[name] = rank(name, "rank identity", 0)
+            else:
+                out[name] = local(name, f"parameter of {fn.qualname}, which no analysed code "
+                                  "calls", getattr(fn.node, "lineno", 0))
+        return out
+
+    def _writes(self) -> Iterator[Tuple[Function, AttrWrite, Taint]]:
+        for fn in self.program.functions:
+            result = self.results.get(fn)
+            if result is not None:
+                for write in result.writes:
+                    yield fn, write, expand(write.taint, self.params)
+
+    def _update(self) -> Set[Function]:
+        """Recompute the summaries; the functions whose inputs changed."""
+        returns = {fn: r.returned for fn, r in self.results.items()}
+        items = {fn: self.returned_items(fn) for fn in self.results}
+        syncs = {fn: r.synced_params for fn, r in self.results.items()}
+        setter_values = self.attributes.setter_values(self._writes())
+        params: Dict[str, Dict[str, Taint]] = {}
+        for fn in self.program.functions:
+            params[self._keys[fn]] = self._passed(fn, setter_values.get(fn))
+        before = dict(self.attributes.taints)
+        self.attributes.update(self._writes())
+        pending: Set[Function] = set()
+        for fn in self.program.functions:
+            if params[self._keys[fn]] != self.params.get(self._keys[fn]):
+                pending.add(fn)
+            if (returns.get(fn) != self._returns.get(fn) or syncs.get(fn) != self._syncs.get(fn)
+                    or items.get(fn) != self._items.get(fn)):
+                pending.update(caller for caller, _ in self._callers.get(fn, []))
+                if fn.is_property:
+                    pending.update(self._readers({fn.name}))
+        changed = {key[1] for key in set(before) | set(self.attributes.taints)
+                   if before.get(key) != self.attributes.taints.get(key)}
+        pending.update(self._readers(changed))
+        envs = {fn: r.final_env for fn, r in self.results.items()}
+        for scope, env in envs.items():
+            if env != self._envs.get(scope):
+                pending.update(f for f in self.program.functions
+                               if f is not scope and (f.parent is scope or (
+                                   scope.name == "<module>" and f.module is scope.module)))
+        self._returns, self._items, self._syncs, self.params = returns, items, syncs, params
+        self._envs = envs
+        return pending
+
+    def _readers(self, names: Set[str]) -> Set[Function]:
+        if not names:
+            return set()
+        return {fn for fn, result in self.results.items() if result.attribute_reads & names}
+
+    def _passed(self, fn: Function, setter_value: Optional[Taint]) -> Dict[str, Taint]:
+        """What the analysed callers pass each parameter of ``fn`` (collapsed to one cause)."""
+        callers = self._callers.get(fn)
+        if not callers or self.attributes.is_setup_root(fn):
+            return self._entry_params(fn)
+        passed: Dict[str, List[Taint]] = {name: [] for name in fn.params}
+        if setter_value is not None and fn.params:
+            passed[fn.params[0]].append(setter_value)
+        for caller, node in callers:
+            record = self.results[caller].calls.get(id(node)) if node is not None else None
+            if node is None or record is None:
+                continue  # a property assignment, or dead code in the caller
+            for name, value in bind(fn, record.target.bound, node, record.args,
+                                    record.keywords, record.spread).items():
+                if name in passed:
+                    passed[name].append(expand(value, self.params))
+        line = getattr(fn.node, "lineno", 0)
+        return {name: collapse(join(*values), name, f"parameter of {fn.qualname}; a caller passes",
+                               line) for name, values in passed.items()}

@@ -1,0 +1,57 @@
+"""Parallel dimensions of collectives: which group a call's collectives run on, by naming.
+
+A branch on one dimension's rank around a collective on another dimension's group is taken alike
+by every member of that group: every rank of a tensor-parallel group sits on the same pipeline
+stage, so ``if self.pp_rank == 0: self.tp_group.allreduce(x)`` cannot make them diverge. The
+dimension of a collective is read from the words of its name, its receiver and its ``group=``
+argument (``tp_gather``, ``self.tp_group``, ``group=get_pp_group()``); "*" marks a collective
+whose names carry none, such as the world's.
+"""
+
+from __future__ import annotations
+
+import ast
+from typing import Dict, FrozenSet
+
+from ._callgraph import CallTarget, Function, Program
+from ._collectives import last_identifier, words
+
+_GROUP_KEYWORDS = ("group", "comm", "process_group", "pg")
+WORLD = "*"
+
+
+class Dimensions:
+    """The dimensions every analysed function's collectives may run on, to a fixed point."""
+
+    def __init__(self, program: Program) -> None:
+        self.program = program
+        self.known = frozenset(program.table.config.parallel_dimensions)
+        self.reached: Dict[Function, FrozenSet[str]] = {}
+        changed = True
+        while changed:
+            changed = False
+            for fn in program.functions:
+                found = frozenset().union(*(self.of_call(node, target)
+                                            for node, target in program.calls[fn]))
+                if found != self.reached.get(fn, frozenset()):
+                    self.reached[fn] = found
+                    changed = True
+
+    def of_call(self, node: ast.Call, target: CallTarget) -> FrozenSet[str]:
+        if target.collective is None:
+            return frozenset().union(*(self.reached.get(f, frozenset())
+                                       for f in target.functions))
+        names = [target.collective.op]
+        if isinstance(node.func, ast.Attribute):
+            names.append(last_identifier(node.func.value) or "")
+        names += [last_identifier(kw.value) or "" for kw in node.keywords
+                  if kw.arg in _GROUP_KEYWORDS]
+        found = {w for name in names for w in words(name)} & self.known
+        return frozenset(found) if found else frozenset({WORLD})
+
+    def disjoint(self, tested: str, node: ast.Call, target: CallTarget) -> bool:
+        """The rank named in ``tested`` (a source text) is of dimensions none of the call's
+        collectives spans; False when either side names no dimension."""
+        ranks = set(words(tested)) & self.known
+        dims = self.of_call(node, target)
+        return bool(ranks) and WORLD not in dims and not ranks & dims
