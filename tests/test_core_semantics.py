@@ -392,3 +392,34 @@ def lifetime(comm: tc.TypedComm) -> Any:
 
 def test_context_manager_and_free():
     assert run(2, lifetime) == [[0, 1], [0, 1]]
+
+
+def rooted_at_scale(comm: tc.TypedComm) -> Any:
+    r = comm.rank
+    return (comm.gather(RankState(r), root=3), comm.reduce(r, "sum", root=5),
+            comm.gather(b"x" * (5000 if r == 7 else 10), root=0),
+            comm.scatter([RankState(i) for i in range(comm.size)] if r == 2 else None, 2),
+            comm.alltoall([r * 100 + j for j in range(comm.size)]))
+
+
+def test_rooted_collectives_past_the_direct_gather_size():
+    """Beyond 16 ranks gather and reduce take a REDUCE exchange and a rooted backend gather."""
+    n = 18
+    out = run(n, rooted_at_scale)
+    for r, (gathered, total, big, mine, alltoall) in enumerate(out):
+        assert gathered == ([RankState(i) for i in range(n)] if r == 3 else None)
+        assert total == (sum(range(n)) if r == 5 else None)
+        assert big == ([b"x" * (5000 if i == 7 else 10) for i in range(n)] if r == 0 else None)
+        assert mine == RankState(r)
+        assert alltoall == [j * 100 + r for j in range(n)]
+
+
+def bad_value_at_scale(comm: tc.TypedComm) -> Any:
+    return comm.gather({"rank": 1} if comm.rank == 9 else RankState(0), root=0,
+                       schema=RankState)
+
+
+def test_a_bad_value_past_the_direct_gather_size_raises_on_every_rank():
+    errors = errors_of(18, bad_value_at_scale)
+    assert type(errors[9]) is tc.EncodeError
+    assert all(type(e) is tc.PeerError and e.ranks == (9,) for r, e in enumerate(errors) if r != 9)
