@@ -15,9 +15,13 @@ import math
 import msgspec
 import numpy as np
 
-from .schema import ENCODER, _digest
+from .digest import digest8
+
+
 
 _ARRAY_META = msgspec.msgpack.Decoder(Tuple[str, Tuple[int, ...]])
+_META_ENCODER = msgspec.msgpack.Encoder()
+
 _ARRAY_FP_CACHE: Dict[Tuple[str, Tuple[int, ...]], bytes] = {}
 
 
@@ -27,14 +31,14 @@ def array_fingerprint(dtype_str: str, shape: Tuple[int, ...]) -> bytes:
     if fp is None:
         if len(_ARRAY_FP_CACHE) > 4096:
             _ARRAY_FP_CACHE.clear()
-        fp = _ARRAY_FP_CACHE[key] = _digest(f"{dtype_str}{shape}")
+        fp = _ARRAY_FP_CACHE[key] = digest8(f"{dtype_str}{shape}")
     return fp
 
 
 def encode_array(arr: np.ndarray) -> bytes:
     if arr.dtype.hasobject:
         raise TypeError(f"expected an array of plain numbers, got dtype {arr.dtype}")
-    meta = ENCODER.encode((arr.dtype.str, arr.shape))
+    meta = _META_ENCODER.encode((arr.dtype.str, arr.shape))
     return len(meta).to_bytes(2, "little") + meta + np.ascontiguousarray(arr).tobytes()
 
 

@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import hashlib
 import sys
 from typing import Any, Dict, Tuple
 
 import msgspec
 import msgspec.inspect as mi
 import numpy as np
+
+from .digest import digest8
+
+from .array import decode_array, encode_array
 
 FINGERPRINT_SIZE = 8
 NO_FINGERPRINT = bytes(FINGERPRINT_SIZE)
@@ -34,7 +37,6 @@ ARRAY_EXT = 1
 
 def _enc_hook(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
-        from .array import encode_array
         return msgspec.msgpack.Ext(ARRAY_EXT, encode_array(obj))
     if isinstance(obj, np.generic):
         return obj.item()  # a numpy scalar inside a container travels as the Python number
@@ -43,7 +45,6 @@ def _enc_hook(obj: Any) -> Any:
 
 def _dec_hook(tp: Any, obj: Any) -> Any:
     if tp is np.ndarray and isinstance(obj, msgspec.msgpack.Ext) and obj.code == ARRAY_EXT:
-        from .array import decode_array
         return decode_array(obj.data)
     raise NotImplementedError(f"expected {getattr(tp, '__name__', tp)}")
 
@@ -121,10 +122,6 @@ _CACHE: Dict[Any, SchemaInfo] = {}
 _BY_ID: Dict[int, Tuple[Any, SchemaInfo]] = {}
 
 
-def _digest(text: str) -> bytes:
-    return hashlib.blake2b(text.encode(), digest_size=FINGERPRINT_SIZE).digest()
-
-
 def resolve(schema: Any) -> SchemaInfo:
     """The SchemaInfo of ``schema``; raises TypeError naming the schema when it is unsupported."""
     try:
@@ -144,10 +141,10 @@ def resolve(schema: Any) -> SchemaInfo:
 
 def _build(schema: Any) -> SchemaInfo:
     if schema is np.ndarray:
-        return SchemaInfo(schema, "ndarray", _digest("ndarray"), KIND_ARRAY, None)
+        return SchemaInfo(schema, "ndarray", digest8("ndarray"), KIND_ARRAY, None)
     if isinstance(schema, type) and issubclass(schema, np.generic):
         name = np.dtype(schema).name
-        return SchemaInfo(schema, name, _digest("numpy:" + np.dtype(schema).str), KIND_NUMPY_SCALAR,
+        return SchemaInfo(schema, name, digest8("numpy:" + np.dtype(schema).str), KIND_NUMPY_SCALAR,
                           None)
     try:
         type_info = mi.type_info(schema)
@@ -158,7 +155,7 @@ def _build(schema: Any) -> SchemaInfo:
     structure = canonical(type_info)
     if "RawType(" in structure or "MemoryViewType(" in structure:
         decoder = _CopyingDecoder(decoder)
-    return SchemaInfo(schema, render_name(type_info), _digest(structure), KIND_MSGSPEC, decoder)
+    return SchemaInfo(schema, render_name(type_info), digest8(structure), KIND_MSGSPEC, decoder)
 
 
 class _CopyingDecoder:

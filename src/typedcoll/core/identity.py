@@ -13,12 +13,13 @@ the line is worked out only when shown or first fingerprinted.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 import types
 from types import CodeType, FrameType
 from typing import Any, Callable, Dict, Optional, Set, Tuple, TypeVar, Union
+
+from ..codecs.digest import digest8
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -114,16 +115,12 @@ def format_site(code: Optional[CodeType], lasti: int) -> str:
     return f"{os.path.basename(code.co_filename)}:{line_of(code, lasti)}"
 
 
-def _digest(text: str) -> bytes:
-    return hashlib.blake2b(text.encode(), digest_size=8).digest()
-
-
 def site_fingerprint(code: Optional[CodeType], lasti: int) -> bytes:
     """The identity of an unnamed call: 8 bytes that agree across processes for one site."""
     key = (code, lasti)
     fp = _SITE_FP.get(key)
     if fp is None:
-        fp = _SITE_FP[key] = _digest("site:" + format_site(code, lasti))
+        fp = _SITE_FP[key] = digest8("site:" + format_site(code, lasti))
     return fp
 
 
@@ -141,7 +138,7 @@ def name_fingerprint(name: str) -> bytes:
     if fp is None:
         if len(_NAME_FP) > 65536:
             _NAME_FP.clear()
-        fp = _NAME_FP[name] = _digest("name:" + name)
+        fp = _NAME_FP[name] = digest8("name:" + name)
     return fp
 
 
