@@ -1,39 +1,58 @@
-"""The torch.distributed backend on gloo (CPU): desyncs, errors and values at 2 and 4 ranks.
+"""The torch.distributed backend on gloo (CPU): values, desyncs and timeouts at 2 and 4 ranks.
 
-Each multi-rank program is this file run as ``python tests/test_torch.py WORKER RANK SIZE PORT
+Each multi-rank program is this file run as ``python tests/test_torch.py PROGRAM RANK SIZE PORT
 OUT`` in SIZE processes on a free localhost port, killed as a group after a hard timeout so a
-hang fails the test. One program runs many cases in sequence (a DesyncError leaves the
-communicator usable), writing every rank's outcomes to JSON that the tests then check: one
-process start per program keeps the whole file well under a minute.
+hang fails the test. One program runs every case in sequence (a DesyncError leaves the
+communicator usable) and checks its own values (a failed check exits non-zero); what must be
+compared across ranks (error texts) is written to JSON that the tests then check. One run per
+size keeps the file short: most of its time is each process importing torch.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
 
+import msgspec
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch") if __name__ != "__main__" else __import__("torch")
 
 HERE = Path(__file__).resolve()
 SEED = int(os.environ.get("TYPEDCOLL_SEED", random.randrange(2 ** 31)))
-SITE = r"test_torch\.py:\d+"
+_MARK = re.compile(r"#\s*@(\S+)")
+# "test_torch.py:LINE" of each line marked ``# @tag`` in this file: expected messages name call
+# sites without hard-coded line numbers.
+SITES = {m.group(1): f"{HERE.name}:{n}" for n, line in enumerate(HERE.read_text().splitlines(), 1)
+         for m in [_MARK.search(line)] if m}
 
 
-def run_ranks(worker: str, size: int, tmp_path: Path, timeout: float = 45.0) -> list:
-    """Run ``worker`` on ``size`` gloo ranks; every rank's outcome dict, in rank order."""
-    from typedcoll._torch import free_port
+class RankState(msgspec.Struct):
+    rank: int
+    num_active_requests: int
+    num_active_tokens: int
+
+
+class TimeoutFlag(msgspec.Struct):
+    timed_out: bool
+
+
+def run_ranks(program: str, size: int, tmp_path: Path, timeout: float = 60.0) -> List[dict]:
+    """Run ``program`` on ``size`` gloo ranks; every rank's outcomes, in rank order."""
+    from typedcoll.transports.torch import free_port
     port = free_port()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [
-        str(HERE.parent.parent), os.environ.get("PYTHONPATH", "")])), TYPEDCOLL_SEED=str(SEED),
-               OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, str(HERE), worker, str(r), str(size), str(port),
+    env = dict(os.environ, TYPEDCOLL_SEED=str(SEED), OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, str(HERE), program, str(r), str(size), str(port),
                                str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, env=env, start_new_session=True) for r in range(size)]
     outputs = []
@@ -43,310 +62,528 @@ def run_ranks(worker: str, size: int, tmp_path: Path, timeout: float = 45.0) -> 
     except subprocess.TimeoutExpired:
         for proc in procs:
             os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail(f"{worker} at {size} ranks hung (seed {SEED}): "
+        pytest.fail(f"{program} at {size} ranks hung (seed {SEED}):\n"
                     + "\n".join(p.communicate()[0][-3000:] for p in procs))
     for r, (proc, out) in enumerate(zip(procs, outputs)):
-        assert proc.returncode == 0, f"{worker} rank {r} failed (seed {SEED}):\n{out[-5000:]}"
-    return [json.loads((tmp_path / f"{worker}.{r}.json").read_text()) for r in range(size)]
+        assert proc.returncode == 0, f"{program} rank {r} failed (seed {SEED}):\n{out[-6000:]}"
+    return [json.loads((tmp_path / f"{program}.{r}.json").read_text()) for r in range(size)]
 
 
 # --- the programs (run in the child processes) ---------------------------------------------------
-def _outcome(fn):
+def outcome(fn: Callable[[], Any]) -> dict:
     import typedcoll as tc
     try:
         value = fn()
     except tc.CollectiveError as exc:
-        return {"error": type(exc).__name__, "message": str(exc), "seq": exc.seq}
+        return {"error": type(exc).__name__, "message": str(exc)}
     return {"value": repr(value)}
 
 
-def worker_desync(rank: int, size: int) -> dict:
-    import msgspec
-    import typedcoll as tc
-
-    class RankState(msgspec.Struct):
-        rank: int
-        num_active_requests: int
-        num_active_tokens: int
-
-    class TimeoutFlag(msgspec.Struct):
-        timed_out: bool
-
-    comm = tc.TypedComm.from_torch(timeout=20)
-    odd = rank == size - 1  # the one rank that takes another branch
-    z = torch.zeros
-    cases = {
-        "schema": lambda: comm.allgather(TimeoutFlag(True) if odd else RankState(rank, 1, 2),
-                                         step=4),
-        "op": lambda: comm.bcast(1, root=0) if odd else comm.allgather(1),
-        "root": lambda: comm.bcast(rank, root=1 if odd else 0),
-        "step": lambda: comm.allgather(rank, step=8 if odd else 7),
-        "t_shape": lambda: comm.all_gather_tensor(z(3 if odd else 2, 4), name="hidden", step=1),
-        "t_dtype": lambda: comm.all_reduce_tensor(z(4, dtype=torch.float64 if odd
-                                                    else torch.float32), "sum", name="grad"),
-        "t_op": lambda: comm.all_reduce_tensor(z(4), "max" if odd else "sum", name="grad"),
-        "t_root": lambda: comm.broadcast_tensor(z(4), 1 if odd else 0, name="weights"),
-        "t_name": lambda: comm.all_reduce_tensor(z(4), "sum", name="loss" if odd else "grad"),
-        "t_kind": lambda: (comm.reduce_scatter_tensor(z(4), "sum", name="grad") if odd
-                           else comm.all_reduce_tensor(z(4), "sum", name="grad")),
-        "t_vs_object": lambda: (comm.allgather(RankState(rank, 0, 0)) if odd
-                                else comm.all_gather_tensor(z(2), name="hidden")),
-        "t_step": lambda: comm.all_gather_tensor(z(2), name="hidden", step=2 if odd else 1),
-        "t_local_error": lambda: comm.all_reduce_tensor(z(2), "avg" if odd else "sum",
-                                                        name="grad"),
-        "t_not_tensor": lambda: comm.all_gather_tensor([1.0] if odd else z(1), name="hidden"),
-    }
-    out = {name: _outcome(fn) for name, fn in cases.items()}
-    out["after"] = _outcome(lambda: comm.all_gather_tensor(torch.tensor([rank]), name="r")
-                            .tolist())
-    out["mpi4py_imported"] = {"value": repr("mpi4py" in sys.modules)}
-    return out
+def same(got: Any, want: Any) -> bool:
+    if isinstance(want, np.ndarray):
+        return (isinstance(got, np.ndarray) and got.dtype == want.dtype
+                and got.shape == want.shape and bool(np.array_equal(got, want, equal_nan=True)))
+    if isinstance(want, list):
+        return isinstance(got, list) and len(got) == len(want) and all(map(same, got, want))
+    if isinstance(want, float) and math.isnan(want):
+        return isinstance(got, float) and math.isnan(got)
+    return type(got) is type(want) and got == want
 
 
-def worker_values(rank: int, size: int) -> dict:
-    """Typed results against plain torch collectives (and numpy) on fresh random data."""
-    import numpy as np
+def check(label: str, got: Any, want: Any) -> None:
+    if not same(got, want):
+        raise AssertionError(f"{label} (seed {SEED}):\n  got  {got!r}\n  want {want!r}")
+
+
+def program_all(rank: int, size: int) -> dict:
+    """The values, then the desyncs (whose last case leaves the world's channel timed out)."""
+    check_values(rank, size)
+    return desyncs(rank, size)
+
+
+def check_values(rank: int, size: int) -> None:
+    """Every collective against values computed independently on every rank."""
     import torch.distributed as dist
     import typedcoll as tc
-    from typedcoll import _torch
-    from typedcoll._torch import all_gather_single, reduce_scatter_single
+    from typedcoll.codecs import reduce_values
+    from typedcoll.transports import torch as transport_module
 
-    comm = tc.TypedComm.from_torch(timeout=20)
-    checks = 0
+    comm = tc.TypedComm.from_torch(timeout=30)
+    ranks = range(size)
 
-    def data(r, step, dtype):
-        gen = torch.Generator().manual_seed(SEED * 1000 + step * 31 + r)
-        if dtype.is_floating_point:
-            return torch.randn(4, 3, generator=gen).to(dtype)
-        return torch.randint(-10 ** 6, 10 ** 6, (4, 3), generator=gen, dtype=dtype)
+    def blob(r: int, n: int) -> bytes:
+        return np.random.default_rng([SEED, r, n]).integers(0, 256, n, dtype=np.uint8).tobytes()
 
-    ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN,
-           "prod": dist.ReduceOp.PRODUCT}
+    # allgather, gather and bcast, inline and overflowing (phase 2) payloads
+    for n in (0, 3, 100, 5000):
+        check(f"allgather {n}", comm.allgather(blob(rank, n)), [blob(r, n) for r in ranks])
+        for root in ranks:
+            check(f"gather {n} root {root}", comm.gather(blob(rank, n), root),
+                  [blob(r, n) for r in ranks] if rank == root else None)
+            check(f"bcast {n} root {root}",
+                  comm.bcast(blob(rank, n) if rank == root else None, root, schema=bytes),
+                  blob(root, n))
+            check(f"scatter {n} root {root}",
+                  comm.scatter([blob(r, n + r) for r in ranks] if rank == root else None, root,
+                               schema=bytes), blob(rank, n + rank))
+        check(f"alltoall {n}", comm.alltoall([blob(rank * size + j, n) for j in ranks]),
+              [blob(i * size + rank, n) for i in ranks])
+    states = [RankState(r, 3 * r, 17) for r in ranks]
+    check("allgather RankState", comm.allgather(states[rank]), states)
+    for root in ranks:  # receivers without a schema get the root's class
+        check(f"bcast without schema, root {root}",
+              comm.bcast(states[root] if rank == root else None, root), states[root])
+
+    # allreduce and reduce: every op, Python numbers, arrays inline and above a slot,
+    # non-native byte order, and the NaN rule
+    int_ops = ["sum", "prod", "max", "min", "land", "lor", "lxor", "band", "bor", "bxor"]
+    for op in int_ops:
+        ints = [(r * 7 + 3) % 11 for r in ranks]
+        check(f"allreduce int {op}", comm.allreduce(ints[rank], op), reduce_values(ints, op))
+        check(f"reduce int {op}", comm.reduce(ints[rank], op, root=size - 1),
+              reduce_values(ints, op) if rank == size - 1 else None)
+        for dtype in ("<i8", ">i4", "<u2", "u1", "?"):
+            for n in (3, 3000):
+                arrays = [np.random.default_rng([SEED, r, n]).integers(0, 4, n).astype(dtype)
+                          for r in ranks]
+                check(f"allreduce {dtype}[{n}] {op}", comm.allreduce(arrays[rank], op),
+                      reduce_values(arrays, op))
+    for op in ("sum", "prod", "max", "min", "land", "lor", "lxor"):
+        for dtype in ("<f8", ">f8", "<f4"):
+            for n in (3, 3000):
+                # Small integers: exact in any order of association, so gloo's own sums match.
+                arrays = [np.random.default_rng([SEED, r, n]).integers(1, 4, n).astype(dtype)
+                          for r in ranks]
+                check(f"allreduce {dtype}[{n}] {op}", comm.allreduce(arrays[rank], op),
+                      reduce_values(arrays, op))
+    for n in (3, 3000):
+        for op in ("max", "min"):
+            arrays = [np.full(n, np.nan if r == size - 1 else 1.0) for r in ranks]
+            check(f"NaN {op} [{n}]", comm.allreduce(arrays[rank], op), np.full(n, np.nan))
+    comm.barrier()
+    comm.barrier(step=3, name="sync")
+
+    # split and dup: values, then a dup after a split that left a rank out
+    sub = comm.split(rank % 2, key=-rank)
+    check("split", sub.allgather(rank), sorted(range(rank % 2, size, 2), reverse=True))
+    partial = comm.split(None if rank == 0 else 1)
+    check("split with None", partial.allgather(rank) if partial else None,
+          list(range(1, size)) if rank else None)
+    dup = comm.dup()
+    check("dup", dup.allgather(rank), list(ranks))
+    check("dup of split", sub.dup().allgather(rank), sub.allgather(rank))
+    for c in (sub, dup) + ((partial,) if partial else ()):
+        c.free()
+
+    # typed point to point (the transport's): a ring of sends before receives completes
+    from typedcoll.core.transport import TransportTimeout
+    transport = comm._p.transport
+    for n in (0, 5, 100_000):
+        transport.send_bytes(blob(rank, n), (rank + 1) % size, 3, time.monotonic() + 20)
+        check(f"recv_bytes {n}", transport.recv_bytes((rank - 1) % size, 3,
+                                                      time.monotonic() + 20),
+              blob((rank - 1) % size, n))
+    lonely = comm.dup()  # a receive that times out leaves its channel unusable
+    if rank == 0:
+        try:
+            lonely._p.transport.recv_bytes(1, 4, time.monotonic() + 0.2)
+            raise AssertionError("a receive with no sender returned")
+        except TransportTimeout:
+            pass
+
+    # lifetime: TypedComms over one group share its channel; the last free destroys it
+    group = dist.new_group(list(ranks))
+    first, second = tc.TypedComm.from_torch(group), tc.TypedComm.from_torch(group)
+    check("shared channel", first._p.channel is second._p.channel, True)
+    check("names", [first.name, second.name], [f"group[{','.join(map(str, ranks))}]",
+                                               f"group[{','.join(map(str, ranks))}]#2"])
+    first.free()
+    check("the other still works", second.allgather(rank), list(ranks))
+    check("freed refuses", outcome(lambda: first.allgather(1)), {
+        "error": "CollectiveError", "message": f"collective #1 on {first.name}: allgather "
+                                               f"refused: the communicator was freed"})
+    old = second._p.channel
+    second.free()
+    with tc.TypedComm.from_torch(group) as third:
+        check("a new channel", third._p.channel is not old, True)
+        check("after re-creation", third.allgather(rank), list(ranks))
+    many = [tc.TypedComm.from_torch(group) for _ in range(1000)]
+    check("1000 constructions share one channel", len({id(c._p.channel) for c in many}), 1)
+    check("the last of them", many[-1].allgather(rank), list(ranks))
+    check("its name", many[-1].name, f"group[{','.join(map(str, ranks))}]#1000")
+
+    # tensor collectives against plain torch collectives on the world group
     for step, dtype in enumerate([torch.float32, torch.float64, torch.int64, torch.bfloat16]):
-        x = data(rank, step, dtype)
-        assert x.abs().sum() > 0
+        gen = torch.Generator().manual_seed(SEED * 100 + step * 31 + rank)
+        x = (torch.randn(4, 3, generator=gen) * 100).to(dtype)
         want = x.new_empty((4 * size, 3))
-        all_gather_single(want, x)
-        assert torch.equal(comm.all_gather_tensor(x, name="h", step=step), want)
-        assert torch.equal(want, torch.cat([data(r, step, dtype) for r in range(size)]))
-        for op, red in ops.items():
+        transport_module.all_gather_single(want, x)
+        check(f"all_gather_tensor {dtype}",
+              torch.equal(comm.all_gather_tensor(x, name="h", step=step), want), True)
+        for op, red in {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX,
+                        "min": dist.ReduceOp.MIN, "prod": dist.ReduceOp.PRODUCT}.items():
             got, ref = x.clone(), x.clone()
             comm.all_reduce_tensor(got, op, name="g", step=step)
             dist.all_reduce(ref, op=red)
-            assert torch.equal(got, ref), (op, dtype)
-            ref_rs = x.new_empty((4 // size, 3)) if 4 % size == 0 else None
-            if ref_rs is not None:
-                reduce_scatter_single(ref_rs, x, op=red)
-                assert torch.equal(comm.reduce_scatter_tensor(x, op, name="r"), ref_rs)
-            checks += 3
-        for root in range(size):
-            got = x.clone()
+            check(f"all_reduce_tensor {dtype} {op}", torch.equal(got, ref), True)
+            if 4 % size == 0:
+                ref_rs = x.new_empty((4 // size, 3))
+                transport_module.reduce_scatter_single(ref_rs, x, op=red)
+                check(f"reduce_scatter_tensor {dtype} {op}",
+                      torch.equal(comm.reduce_scatter_tensor(x, op, name="r"), ref_rs), True)
+        for root in ranks:
+            got, ref = x.clone(), x.clone()
             comm.broadcast_tensor(got, root, name="w", step=step)
-            assert torch.equal(got, data(root, step, dtype))
-            checks += 1
-    # Object collectives, overflow sizes included (phase 2: allgatherv, gatherv, bcast).
-    rng = np.random.default_rng(SEED + rank)
-    for n in (3, 300, 5000):
-        mine = rng.integers(0, 255, n, dtype=np.uint8).tobytes()
-        every = comm.allgather(mine)
-        assert every[rank] == mine and len({len(v) for v in every}) == 1
-        assert comm.gather(mine, root=size - 1) == (every if rank == size - 1 else None)
-        assert comm.bcast(mine if rank == 0 else None, root=0, schema=bytes) == every[0]
-        for dtype in (np.float64, np.int32, np.uint32):
-            arr = rng.integers(1, 100, n).astype(dtype)
-            parts = comm.allgather(arr)
-            assert np.array_equal(comm.allreduce(arr, "sum"), sum(parts[1:], parts[0].copy()))
-        checks += 4
-    sub = comm.split(rank % 2, key=-rank)
-    assert sub.allgather(rank) == sorted(range(rank % 2, size, 2), reverse=True)
-    dup = comm.dup()
-    assert dup.all_gather_tensor(torch.tensor([rank]), name="r").tolist() == list(range(size))
-    # Steady state: one gloo all_gather_single per typed allgather, never the object API.
-    calls = []
-    original = _torch.all_gather_single
-    _torch.all_gather_single = lambda *a, **k: calls.append(1) or original(*a, **k)
-    forbidden = ("all_gather_object", "broadcast_object_list", "gather_object")
-    saved = {name: getattr(dist, name) for name in forbidden}
-    for name in forbidden:
-        setattr(dist, name, None)
-    for i in range(5):
-        comm.allgather({"rank": rank, "i": i})
-    for name, fn in saved.items():
-        setattr(dist, name, fn)
-    _torch.all_gather_single = original
-    assert len(calls) == 5, calls
-    return {"checks": {"value": checks}, "mpi4py": {"value": "mpi4py" in sys.modules}}
+            dist.broadcast(ref, src=root)
+            check(f"broadcast_tensor {dtype} root {root}", torch.equal(got, ref), True)
+    check("0-d all_gather_tensor", comm.all_gather_tensor(torch.tensor(rank)).tolist(),
+          list(ranks))
+
+    # Steady state: one gloo all-gather per typed allgather, nothing else on the private group
+    calls: List[str] = []
+
+    class Counting:
+        def __getattr__(self, name: str) -> Any:
+            calls.append(name)
+            return getattr(control, name)
+    control, transport.control = transport.control, Counting()
+    try:
+        for i in range(5):
+            comm.allgather({"rank": rank, "i": i})
+    finally:
+        transport.control = control
+    check("one all-gather per allgather", calls, ["_allgather_base"] * 5)
+    check("no mpi4py", "mpi4py" in sys.modules, False)
+    comm.free()  # the world's channel goes with it: the desyncs start on a fresh one
 
 
-def worker_timeout(rank: int, size: int) -> dict:
+def desyncs(rank: int, size: int) -> dict:
+    """The call-identity cases, tensor mismatches and creation errors; every rank's text."""
     import typedcoll as tc
-    comm = tc.TypedComm.from_torch(timeout=0.5, name="tc")
-    out = {}
-    if rank == 0:  # its peers skip this collective
-        out["hang"] = _outcome(lambda: comm.allgather(1))
-        out["again"] = _outcome(lambda: comm.allgather(1))
-    comm2 = tc.TypedComm.from_torch(timeout=20)  # made by every rank: a world collective
-    out["fresh"] = _outcome(lambda: comm2.allgather(rank))
+
+    comm = tc.TypedComm.from_torch(timeout=30)
+    odd = size - 1
+    out: Dict[str, dict] = {}
+
+    # Two votes identical on the wire (one-int64 arrays) from two lines; one rank skips the
+    # first vote once: every rank raises at that iteration, naming both call sites.
+    def votes() -> None:
+        for it in range(3):
+            if not (rank == odd and it == 1):
+                comm.allgather(np.array([rank + it], dtype=np.int64))  # @vote-batch
+            comm.allgather(np.array([10 * it], dtype=np.int64))  # @vote-timeout
+    out["votes"] = outcome(votes)
+    out["votes usable"] = outcome(lambda: comm.allgather(rank))
+
+    def extra() -> Any:
+        if rank == odd:
+            comm.allgather(10)  # @extra
+        return comm.allgather(rank)  # @after-extra
+    out["extra call"] = outcome(extra)
+    out["extra usable"] = outcome(lambda: comm.allgather(rank))
+
+    def skip_with_step_clock() -> None:
+        for it in range(3):
+            comm.set_step(it)
+            if rank == odd and it == 1:
+                continue
+            comm.allgather(RankState(rank, it, 0))  # @loop
+    out["same-site skip"] = outcome(skip_with_step_clock)
+    comm.set_step(None)
+    out["named"] = outcome(lambda: comm.bcast(7, root=0, name="schedule") if rank == 0  # @root
+                           else comm.bcast(None, root=0, schema=int, name="schedule"))  # @peer
+    z = torch.zeros
+    tensor_cases = {
+        "t_shape": lambda: comm.all_gather_tensor(z(3 if rank == odd else 2, 4), step=1),  # @t1
+        "t_dtype": lambda: comm.all_reduce_tensor(  # @t2
+            z(4, dtype=torch.float64 if rank == odd else torch.float32), "sum"),
+        "t_op": lambda: comm.all_reduce_tensor(z(4), "max" if rank == odd else "sum"),  # @t3
+        "t_root": lambda: comm.broadcast_tensor(z(4), odd if rank == odd else 0),  # @t4
+        "t_name": lambda: comm.all_reduce_tensor(z(4), name="loss" if rank == odd  # @t5
+                                                 else "grad"),
+        "t_vs_object": lambda: (comm.allgather(RankState(rank, 0, 0)) if rank == odd  # @t6
+                                else comm.all_gather_tensor(z(2))),  # @t6b
+        "t_bad_op": lambda: comm.all_reduce_tensor(z(2), "avg" if rank == odd else "sum"),  # @t7
+        "t_not_tensor": lambda: comm.all_gather_tensor([1.0] if rank == odd else z(1)),  # @t8
+    }
+    for key, fn in tensor_cases.items():
+        out[key] = outcome(fn)
+    out["tensor usable"] = outcome(lambda: comm.all_gather_tensor(torch.tensor([rank])).tolist())
+
+    # A bad or different timeout on one rank: every rank raises at creation
+    out["bad timeout"] = outcome(lambda: tc.TypedComm.from_torch(  # @bad-timeout
+        timeout=0 if rank == odd else 5))
+    out["other timeout"] = outcome(lambda: tc.TypedComm.from_torch(  # @other-timeout
+        timeout=6 if rank == odd else 5))
+    forever = tc.TypedComm.from_torch(timeout=math.inf)
+    out["inf timeout"] = outcome(lambda: (forever.timeout, forever.allgather(rank),
+                                          forever.gather(b"x" * 5000, root=0) is not None))
+
+    # No step clock: the same-site skip leaves the short rank one call behind; its peers time
+    # out in their last call (never data), while it waits for them, out of the collective.
+    short = tc.TypedComm.from_torch(timeout=1.5, name="short")
+    results = []
+
+    def skip_without_clock() -> None:
+        for it in range(3):
+            if rank == odd and it == 1:
+                continue
+            results.append(short.allgather(RankState(rank, it, 0)))  # @no-clock
+    out["no clock"] = outcome(skip_without_clock)
+    out["no clock: calls returned"] = {"value": len(results)}
+    if rank != odd:
+        out["refused after timeout"] = outcome(lambda: short.allgather(1))  # @refused
+    # The short rank stays until its peers timed out: its exit would close their connections.
+    wait_for_all("timed-out", size - 1, count=rank != odd)
     return out
 
 
-def _child(worker: str, rank: int, size: int, port: int, out: str) -> None:
+def _child(program: str, rank: int, size: int, port: int, out: str) -> None:
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=size)
-    result = globals()[f"worker_{worker}"](rank, size)
-    Path(out, f"{worker}.{rank}.json").write_text(json.dumps(result))
+    result = globals()[f"program_{program}"](rank, size)
+    Path(out, f"{program}.{rank}.json").write_text(json.dumps(result))
+    # Rank 0 serves the job's store: it leaves last, once every other rank is done with it.
+    wait_for_all(f"{program}/finished", size)
+    if rank == 0:
+        wait_for_all(f"{program}/left", size - 1, count=False)
+    else:  # the last use of the store: rank 0 may leave at once
+        dist.distributed_c10d._get_default_store().add(f"typedcoll-test/{program}/left", 1)
     sys.stdout.flush()
-    os._exit(0)  # skip teardown: a timed-out gloo op stays pending forever
+    os._exit(0)  # skip teardown: a timed-out collective may still be pending
+
+
+def wait_for_all(key: str, size: int, count: bool = True) -> None:
+    """Wait (at most 30 s) until ``size`` ranks added to ``key`` in the job's store."""
+    import torch.distributed as dist
+    store = dist.distributed_c10d._get_default_store()
+    store.add(f"typedcoll-test/{key}", 1 if count else 0)
+    deadline = time.monotonic() + 30
+    while store.add(f"typedcoll-test/{key}", 0) < size and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 # --- the tests -----------------------------------------------------------------------------------
-def _line(ranks: str, text: str) -> str:
-    return rf"\n  {ranks}: +{text} at {SITE}"
+@pytest.fixture(scope="module", params=[2, 4])
+def desync(request, tmp_path_factory):
+    """One run of the program at each size: its values are checked in the ranks; the desync
+    outcomes come back."""
+    size = request.param
+    return size, run_ranks("all", size, tmp_path_factory.mktemp(f"all{size}"))
 
 
-@pytest.fixture(scope="module")
-def desync2(tmp_path_factory):
-    return run_ranks("desync", 2, tmp_path_factory.mktemp("desync2"))
+def test_every_collective_matches_independent_values(desync):
+    size, results = desync  # a failed check in any rank fails the run itself
+    assert len(results) == size
 
 
-EXPECTED = {
-    "schema": ("DesyncError", r"collective #0 on WORLD diverged \(schema\):"
-               + _line("rank 0", r"allgather\[RankState\]") + " step 4"
-               + _line("rank 1", r"allgather\[TimeoutFlag\]") + " step 4"),
-    "op": ("DesyncError", r"collective #1 on WORLD diverged \(op, root\):"
-           + _line("rank 0", r"allgather\[int\] root=None")
-           + _line("rank 1", r"bcast\[int\] root=0")),
-    "root": ("DesyncError", r"collective #2 on WORLD diverged \(root\):"
-             + _line("rank 0", r"bcast\[int\] root=0") + _line("rank 1", r"bcast\[int\] root=1")),
-    "step": ("DesyncError", r"collective #3 on WORLD diverged \(step\):"
-             + _line("rank 0", r"allgather\[int\]") + " step 7"
-             + _line("rank 1", r"allgather\[int\]") + " step 8"),
-    "t_shape": ("DesyncError", r"collective #4 on WORLD diverged \(shape\):"
-                + _line("rank 0", r"all_gather_tensor\[hidden\] shape=\(2, 4\) dtype=float32")
-                + " step 1"
-                + _line("rank 1", r"all_gather_tensor\[hidden\] shape=\(3, 4\) dtype=float32")
-                + " step 1"),
-    "t_dtype": ("DesyncError", r"collective #5 on WORLD diverged \(dtype\):"
-                + _line("rank 0", r"all_reduce_tensor\[grad\] op=sum shape=\(4,\) "
-                        r"dtype=float32")
-                + _line("rank 1", r"all_reduce_tensor\[grad\] op=sum shape=\(4,\) "
-                        r"dtype=float64")),
-    "t_op": ("DesyncError", r"collective #6 on WORLD diverged \(reduce op\):"
-             + _line("rank 0", r"all_reduce_tensor\[grad\] op=sum")
-             + _line("rank 1", r"all_reduce_tensor\[grad\] op=max")),
-    "t_root": ("DesyncError", r"collective #7 on WORLD diverged \(root\):"
-               + _line("rank 0", r"broadcast_tensor\[weights\] root=0")
-               + _line("rank 1", r"broadcast_tensor\[weights\] root=1")),
-    "t_name": ("DesyncError", r"collective #8 on WORLD diverged \(schema\):"
-               + _line("rank 0", r"all_reduce_tensor\[grad\] op=sum")
-               + _line("rank 1", r"all_reduce_tensor\[loss\] op=sum")),
-    "t_kind": ("DesyncError", r"collective #9 on WORLD diverged \(op\):"
-               + _line("rank 0", r"all_reduce_tensor\[grad\] op=sum")
-               + _line("rank 1", r"reduce_scatter_tensor\[grad\] op=sum")),
-    "t_vs_object": ("DesyncError", r"collective #10 on WORLD diverged \(op, schema\):"
-                    + _line("rank 0", r"all_gather_tensor\[hidden\]")
-                    + _line("rank 1", r"allgather\[RankState\]")),
-    "t_step": ("DesyncError", r"collective #11 on WORLD diverged \(step\):"
-               + _line("rank 0", r"all_gather_tensor\[hidden\]") + " step 1"
-               + _line("rank 1", r"all_gather_tensor\[hidden\]") + " step 2"),
-}
+def _groups(size: int) -> tuple:
+    """The group labels of messages: the majority, then the odd rank out (the last)."""
+    many = "rank 0" if size == 2 else f"ranks 0-{size - 2}"
+    return many, f"rank {size - 1}"
 
 
-@pytest.mark.parametrize("case", sorted(EXPECTED))
-def test_desync_raises_same_error_on_every_rank(desync2, case):
-    kind, pattern = EXPECTED[case]
-    messages = {r[case].get("message") for r in desync2}
-    assert len(messages) == 1, desync2  # every rank, the same text
-    for outcome in desync2:
-        assert outcome[case]["error"] == kind, outcome[case]
-        assert __import__("re").fullmatch(pattern, outcome[case]["message"]), \
-            f"{outcome[case]['message']!r}\n !~ {pattern!r}"
+def _table(head: str, size: int, many: str, odd: str, hint: Optional[str] = None) -> str:
+    labels = _groups(size)
+    width = max(len(label) for label in labels) + 1
+    rows = [f"  {labels[0] + ':':<{width}} {many}", f"  {labels[1] + ':':<{width}} {odd}"]
+    return "\n".join([head] + rows + ([f"  {hint}"] if hint else []))
 
 
-def test_local_error_names_failing_rank(desync2):
-    zero, one = desync2[0]["t_local_error"], desync2[1]["t_local_error"]
-    assert one == {"error": "EncodeError", "seq": 12, "message": (
-        "collective #12 on WORLD: rank 1 could not send its all_reduce_tensor[grad] "
-        "contribution: expected op 'sum', 'max', 'min' or 'prod', got 'avg'")}
-    assert zero == {"error": "PeerError", "seq": 12, "message": (
-        "collective #12 on WORLD: rank 1 failed its all_reduce_tensor[grad] contribution: "
-        "expected op 'sum', 'max', 'min' or 'prod', got 'avg'")}
-    assert desync2[0]["t_not_tensor"]["error"] == "PeerError"
-    assert desync2[1]["t_not_tensor"]["message"].endswith(
-        "could not send its all_gather_tensor[hidden] contribution: expected a torch.Tensor, "
-        "got list")
+SITE_HINT = ("only the call sites differ: if these are the same collective called from different "
+             "lines, give every rank's call the same name= (or mark the wrapper they share with "
+             "@typedcoll.transparent)")
 
 
-def test_usable_after_desync_and_no_mpi(desync2):
-    for outcome in desync2:
-        assert outcome["after"] == {"value": "[0, 1]"}
-        assert outcome["mpi4py_imported"] == {"value": "False"}
+def _expected(size: int) -> Dict[str, str]:
+    s = SITES
+    t, vote = "shape=(4,) dtype=float32", "shape=(1,) dtype=int64"
+    return {
+        "votes": _table("collective #2 on WORLD diverged (call site):", size,
+                        f"allgather[ndarray] {vote} at {s['vote-batch']}, its 2nd call",
+                        f"allgather[ndarray] {vote} at {s['vote-timeout']}, its 2nd call",
+                        SITE_HINT),
+        "extra call": _table("collective #4 on WORLD diverged (call site):", size,
+                             f"allgather[int] at {s['after-extra']}, its 1st call",
+                             f"allgather[int] at {s['extra']}, its 1st call", SITE_HINT),
+        "same-site skip": _table(
+            "collective #7 on WORLD diverged (step):", size,
+            f"allgather[RankState] at {s['loop']}, its 2nd call, step 1",
+            f"allgather[RankState] at {s['loop']}, its 2nd call, step 2",
+            "the ranks are at different steps of the same call: a rank skipped or repeated an "
+            "iteration"),
+        "t_shape": _table("collective #9 on WORLD diverged (shape):", size,
+                          f"all_gather_tensor shape=(2, 4) dtype=float32 at {s['t1']}, its 1st "
+                          f"call, step 1",
+                          f"all_gather_tensor shape=(3, 4) dtype=float32 at {s['t1']}, its 1st "
+                          f"call, step 1"),
+        "t_dtype": _table("collective #10 on WORLD diverged (dtype):", size,
+                          f"all_reduce_tensor op=sum {t} at {s['t2']}, its 1st call",
+                          f"all_reduce_tensor op=sum shape=(4,) dtype=float64 at {s['t2']}, its "
+                          f"1st call"),
+        "t_op": _table("collective #11 on WORLD diverged (reduce op):", size,
+                       f"all_reduce_tensor op=sum {t} at {s['t3']}, its 1st call",
+                       f"all_reduce_tensor op=max {t} at {s['t3']}, its 1st call"),
+        "t_root": _table("collective #12 on WORLD diverged (root):", size,
+                         f"broadcast_tensor root=0 {t} at {s['t4']}, its 1st call",
+                         f"broadcast_tensor root={size - 1} {t} at {s['t4']}, its 1st call"),
+        "t_name": _table("collective #13 on WORLD diverged (call site):", size,
+                         f"all_reduce_tensor op=sum {t} name='grad' at {s['t5']}, its 1st call",
+                         f"all_reduce_tensor op=sum {t} name='loss' at {s['t5']}, its 1st call",
+                         SITE_HINT),
+        "t_vs_object": _table(
+            "collective #14 on WORLD diverged (op, call site, schema, shape, dtype):", size,
+            f"all_gather_tensor shape=(2,) dtype=float32 at {s['t6b']}, its 1st call",
+            f"allgather[RankState] at {s['t6']}, its 1st call"),
+        "other timeout": _table("creation on WORLD#3 diverged (settings):", size,
+                                f"create timeout=5 at {s['other-timeout']}, "
+                                f"its 1st call",
+                                f"create timeout=6 at {s['other-timeout']}, "
+                                f"its 1st call"),
+    }
 
 
-@pytest.mark.parametrize("size", [2, 4])
-def test_values_match_plain_torch(tmp_path, size):
-    results = run_ranks("values", size, tmp_path, timeout=60)
-    assert len({r["checks"]["value"] for r in results}) == 1
-    assert not any(r["mpi4py"]["value"] for r in results)
+@pytest.mark.parametrize("case", ["votes", "extra call", "same-site skip", "t_shape", "t_dtype",
+                                  "t_op", "t_root", "t_name", "t_vs_object", "other timeout"])
+def test_desync_raises_the_same_error_on_every_rank(desync, case):
+    size, results = desync
+    want = {"error": "DesyncError", "message": _expected(size)[case]}
+    assert [r[case] for r in results] == [want] * size
 
 
-def test_timeout_names_the_collective(tmp_path):
-    results = run_ranks("timeout", 2, tmp_path)
-    hang, again = results[0]["hang"], results[0]["again"]
-    assert hang["error"] == "CollectiveTimeout"
-    assert __import__("re").fullmatch(rf"collective #0 on tc: allgather\[int\] at {SITE} did not "
-                                      rf"complete within 0\.5 s(\n.*)?", hang["message"],
-                                      flags=__import__("re").S), hang
-    assert again["error"] == "CollectiveTimeout" and "refused" in again["message"]
-    assert [r["fresh"] for r in results] == [{"value": "[0, 1]"}] * 2
+def test_after_a_desync_the_communicator_is_usable(desync):
+    size, results = desync
+    for key in ("votes usable", "extra usable"):
+        assert [r[key] for r in results] == [{"value": repr(list(range(size)))}] * size
+    assert [r["tensor usable"] for r in results] == [{"value": repr(list(range(size)))}] * size
+    assert [r["named"] for r in results] == [{"value": "7"}] * size  # same name, two lines
 
 
-# --- the device-path verdict, on hand-built envelope blocks (no GPU) ----------------------------
-def _blocks(calls, seqs):
-    from typedcoll import _tensor_device as device
-    from typedcoll._tensor_envelope import BLOCK
-    buf = bytearray(BLOCK * len(calls))
-    for r, (call, seq) in enumerate(zip(calls, seqs)):
-        device.pack_block(memoryview(buf)[r * BLOCK:], call, seq)
-    return bytes(buf)
+@pytest.mark.parametrize("case, head, what, line, detail", [
+    ("t_bad_op", "collective #15 on WORLD", "all_reduce_tensor", "t7",
+     "expected op 'sum', 'prod', 'max' or 'min', got 'avg'"),
+    ("t_not_tensor", "collective #16 on WORLD", "all_gather_tensor", "t8",
+     "expected a torch.Tensor, got list"),
+    ("bad timeout", "creation on WORLD#2", "create",
+     "bad-timeout", "expected timeout None or seconds > 0, got 0"),
+])
+def test_one_ranks_bad_argument_raises_on_every_rank(desync, case, head, what, line, detail):
+    size, results = desync
+    odd = size - 1
+    peer = {"error": "PeerError", "message": f"{head}: rank {odd} failed its {what} "
+                                             f"contribution at {SITES[line]}: {detail}"}
+    own = {"error": "EncodeError", "message": f"{head}: rank {odd} could not send its {what} "
+                                              f"contribution at {SITES[line]}: {detail}"}
+    assert [r[case] for r in results] == [peer] * odd + [own]
 
 
-class _P:
+def test_infinite_timeout_waits_like_none(desync):
+    size, results = desync
+    assert [r["inf timeout"]["value"] for r in results] == [
+        f"(inf, {list(range(size))}, {r == 0})" for r in range(size)]
+
+
+def test_without_a_step_clock_the_short_rank_times_its_peers_out(desync):
+    # The skip itself is invisible (same call, same site, no step); the short rank's peers then
+    # wait in their last call and raise CollectiveTimeout: never a result from a missing rank.
+    size, results = desync
+    odd = size - 1
+    assert results[odd]["no clock"] == {"value": "None"}
+    for r in results[:odd]:
+        assert r["no clock"]["error"] == "CollectiveTimeout"
+        assert re.fullmatch(rf"collective #2 on short: allgather\[RankState\] at "
+                            rf"{re.escape(SITES['no-clock'])} did not complete within 1\.5 s"
+                            rf"(\n.*)?", r["no clock"]["message"], flags=re.S), r["no clock"]
+        assert r["refused after timeout"]["error"] == "CollectiveTimeout"
+        assert r["refused after timeout"]["message"].startswith(
+            "collective #3 on short: allgather[int] refused: the communicator is unusable since "
+            f"collective #2 on short (allgather[RankState] at {SITES['no-clock']}) timed out")
+    assert [r["no clock: calls returned"] for r in results] == [{"value": 2}] * size
+
+
+# --- the device path's verdict, on hand-built envelope blocks (no GPU) ----------------------------
+class _FakeProtocol:
+    """What the device verdict reads of a communicator."""
+
     def __init__(self, rank: int, size: int) -> None:
-        self.rank, self.size, self.name = rank, size, "WORLD"
+        from types import SimpleNamespace
+        self.rank, self.size, self.name, self.instance = rank, size, "WORLD", 1
+        self.transport = SimpleNamespace(kind="torch", device_group=object())
+        self.channel = SimpleNamespace(broken=None)
+
+    def identity(self, call: Any) -> bytes:
+        from typedcoll.core.protocol import Protocol
+        return Protocol.identity(self, call)  # type: ignore[arg-type]
+
+
+def _device_call(p: Any, op: str, tensor: Any, seq: int, **kwargs: Any) -> Any:
+    from typedcoll.tensor.envelope import tensor_call
+    call = tensor_call(p, op, tensor, kwargs.pop("name", ""), kwargs.pop("step", None), **kwargs)
+    frame = sys._getframe(1)
+    call.code, call.lasti, call.seq, call.occurrence = frame.f_code, frame.f_lasti, seq, 1
+    return call
+
+
+def _blocks(ps: List[Any], calls: List[Any]) -> bytes:
+    from typedcoll.tensor import device
+    from typedcoll.tensor.envelope import BLOCK
+    buf = bytearray(BLOCK * len(calls))
+    for r, (p, call) in enumerate(zip(ps, calls)):
+        device.pack_block(memoryview(buf)[r * BLOCK:], p, call)
+    return bytes(buf)
 
 
 def test_device_verdict_on_hand_built_blocks():
     import typedcoll as tc
-    from typedcoll import _tensor_device as device
-    from typedcoll._tensor_envelope import BLOCK, _Call
-    p = [_P(r, 3) for r in range(3)]
+    from typedcoll.core.wire import CHECKED
+    from typedcoll.tensor import device
+    from typedcoll.tensor.envelope import BLOCK
+    ps = [_FakeProtocol(r, 3) for r in range(3)]
     x, y = torch.zeros(2, 3), torch.zeros(4, 3)
-    calls = [_Call(p[r], "all_gather_tensor", t, "h", 5) for r, t in enumerate([x, x, y])]
-    blocks = _blocks(calls, [9, 9, 9])
+    calls = [_device_call(p, "all_gather_tensor", t, 9, step=5)  # @hand-built
+             for p, t in zip(ps, [x, x, y])]
+    blocks = _blocks(ps, calls)
+    texts = set()
     for r in range(3):
-        rec = device._Pending(9, calls[r], 0, None)
-        own = blocks[r * BLOCK:r * BLOCK + 48]
-        err = device.verdict(p[r], rec, blocks, own, "deferred")
+        err = device.check(ps[r], calls[r], blocks, blocks[r * BLOCK:r * BLOCK + CHECKED],
+                           "deferred")
         assert isinstance(err, tc.DesyncError)
-        assert __import__("re").fullmatch(
-            r"collective #9 on WORLD diverged \(shape\):"
-            + _line("ranks 0-1", r"all_gather_tensor\[h\] shape=\(2, 3\) dtype=float32")
-            + " step 5" + _line("rank 2", r"all_gather_tensor\[h\] shape=\(4, 3\) "
-                                          r"dtype=float32") + " step 5", str(err)), str(err)
-    same = _blocks(calls[:2], [9, 9])
-    assert device.verdict(p[0], device._Pending(9, calls[0], 0, None), same, same[:48],
-                           "deferred") is None
-    bad = _Call(p[1], "all_reduce_tensor", x, "g", None, reduce_op="avg")
-    good = _Call(p[0], "all_reduce_tensor", x, "g", None, reduce_op="sum")
-    blocks = _blocks([good, bad], [3, 3])
-    err = device.verdict(p[0], device._Pending(3, good, 0, None), blocks, blocks[:48], "deferred")
+        texts.add(str(err))
+    assert texts == {
+        "collective #9 on WORLD diverged (shape):\n"
+        f"  ranks 0-1: all_gather_tensor shape=(2, 3) dtype=float32 at {SITES['hand-built']}, "
+        "its 1st call, step 5\n"
+        f"  rank 2:    all_gather_tensor shape=(4, 3) dtype=float32 at {SITES['hand-built']}, "
+        "its 1st call, step 5"}
+    same = _blocks(ps[:2], calls[:2])
+    assert device.check(ps[0], calls[0], same, same[:CHECKED], "deferred") is None
+
+    ps = ps[:2]
+    good = _device_call(ps[0], "all_reduce_tensor", x, 3, reduce_op="sum")  # @good
+    bad = _device_call(ps[1], "all_reduce_tensor", x, 3, reduce_op="avg")  # @bad
+    blocks = _blocks(ps, [good, bad])
+    err = device.check(ps[0], good, blocks, blocks[:CHECKED], "deferred")
     assert isinstance(err, tc.PeerError) and str(err) == (
-        "collective #3 on WORLD: rank 1 failed its all_reduce_tensor[g] contribution: expected "
-        "op 'sum', 'max', 'min' or 'prod', got 'avg'")
-    assert device.verdict(p[1], device._Pending(3, bad, 0, None), blocks,
-                           blocks[256:304], "deferred") is None  # it raised at call time
+        f"collective #3 on WORLD: rank 1 failed its all_reduce_tensor contribution at "
+        f"{SITES['bad']}: expected op 'sum', 'prod', 'max' or 'min', got 'avg'")
+    own = blocks[BLOCK:BLOCK + CHECKED]
+    assert device.check(ps[1], bad, blocks, own, "deferred") is None  # it raised at call time
+    err = device.check(ps[1], bad, blocks, own, "eager")
+    assert isinstance(err, tc.EncodeError) and str(err) == (
+        f"collective #3 on WORLD: rank 1 could not send its all_reduce_tensor contribution at "
+        f"{SITES['bad']}: expected op 'sum', 'prod', 'max' or 'min', got 'avg'")
+    assert good.array_fp == bad.array_fp and good.error is None
+
+
+def test_long_device_envelopes_are_cut_to_fit():
+    from typedcoll.tensor.envelope import META_MAX, DeviceMeta, META_DECODER, encode_meta
+    meta = DeviceMeta("n" * 256, "float32", "cuda", tuple(range(1, 40)), "s" * 300, 7, "c" * 99,
+                      "e" * 500)
+    cut = META_DECODER.decode(encode_meta(meta))
+    assert len(encode_meta(meta)) <= META_MAX
+    assert (cut.name, cut.shape, cut.site, cut.comm, cut.error, cut.occurrence) == (
+        "n" * 24, (), "s" * 40, "c" * 24, "e" * 64, 7)
 
 
 if __name__ == "__main__":

@@ -1,28 +1,38 @@
 """Device-path tests: CUDA tensor collectives over NCCL at world size 1 (skipped without a GPU).
 
-Run on the device machine: ``python -m pytest -q tests/test_torch_gpu.py``. Each collective's
-result is compared, on fresh random data, with the plain NCCL collective and with the CPU (gloo,
-phase-1) path, in both check modes; the verification path is driven by corrupting the gathered
-envelope in pinned memory, as a peer with a different envelope would.
+Run on a GPU machine: ``python -m pytest -q tests/test_torch_gpu.py``. Each collective's result is
+compared, on fresh random data, with the plain NCCL collective and with the CPU (gloo) path, in
+both check modes; the verification path is driven by corrupting the gathered envelope in pinned
+memory, as a peer with a different envelope would. Every test frees its communicators, so each
+starts on a fresh private channel named WORLD.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import re
 import zlib
+from pathlib import Path
+from typing import Any
 
 import pytest
-import torch
-import torch.distributed as dist
 
-import typedcoll as tc
-from typedcoll import _tensor_device
-from typedcoll._torch import all_gather_single, free_port, reduce_scatter_single
+torch = pytest.importorskip("torch")
+dist = pytest.importorskip("torch.distributed")
+
+import typedcoll as tc  # noqa: E402
+from typedcoll.tensor import device  # noqa: E402
+from typedcoll.transports.torch import (all_gather_single, free_port,  # noqa: E402
+                                        reduce_scatter_single)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 SEED = int(os.environ.get("TYPEDCOLL_SEED", random.randrange(2 ** 31)))
+HERE = Path(__file__).resolve()
+_MARK = re.compile(r"#\s*@(\S+)")
+SITES = {m.group(1): f"{HERE.name}:{n}" for n, line in enumerate(HERE.read_text().splitlines(), 1)
+         for m in [_MARK.search(line)] if m}
 
 
 @pytest.fixture(scope="module")
@@ -36,13 +46,13 @@ def groups():
     dist.destroy_process_group()
 
 
-def _data(shape, dtype, gen):
+def _data(shape: Any, dtype: Any, gen: Any) -> Any:
     if dtype.is_floating_point:
         return torch.randn(shape, generator=gen, dtype=torch.float32).to(dtype)
     return torch.randint(-1000, 1000, shape, generator=gen, dtype=dtype)
 
 
-def _raw(op, t, group):
+def _raw(op: str, t: Any, group: Any) -> Any:
     if op == "all_gather":
         out = t.new_empty((t.shape[0] * dist.get_world_size(group),) + t.shape[1:])
         all_gather_single(out, t, group=group)
@@ -58,7 +68,7 @@ def _raw(op, t, group):
     return out
 
 
-def _typed(comm, op, t, step):
+def _typed(comm: Any, op: str, t: Any, step: int) -> Any:
     if op == "all_gather":
         return comm.all_gather_tensor(t, name="h", step=step)
     if op == "all_reduce":
@@ -73,24 +83,23 @@ def _typed(comm, op, t, step):
 @pytest.mark.parametrize("op", ["all_gather", "all_reduce", "broadcast", "reduce_scatter"])
 def test_matches_plain_nccl_and_cpu_path(groups, op, dtype, mode):
     nccl, gloo = groups
-    gpu = tc.TypedComm.from_torch(nccl, timeout=60)
-    cpu = tc.TypedComm.from_torch(gloo, timeout=60)
-    _tensor_device.set_tensor_check(gpu, mode)
-    gen = torch.Generator().manual_seed(SEED + zlib.crc32(f"{op}{dtype}{mode}".encode()))
-    for step in range(80):  # more calls than the pinned ring has slots
-        shape = tuple(int(n) for n in torch.randint(1, 300, (2,), generator=gen))
-        host = _data(shape, dtype, gen)
-        assert host.abs().sum() > 0
-        got = _typed(gpu, op, host.cuda(), step)
-        want = _raw(op, host.cuda(), nccl)
-        via_cpu = _typed(cpu, op, host.clone(), step)
-        assert torch.equal(got, want)
-        assert torch.equal(got.cpu(), via_cpu)
-    gpu.synchronize()
-    assert not gpu._p.extensions["tensor"].pending
+    with tc.TypedComm.from_torch(nccl, timeout=60, tensor_check=mode) as gpu, \
+            tc.TypedComm.from_torch(gloo, timeout=60) as cpu:
+        gen = torch.Generator().manual_seed(SEED + zlib.crc32(f"{op}{dtype}{mode}".encode()))
+        for step in range(80):  # more calls than the pinned ring has slots
+            shape = tuple(int(n) for n in torch.randint(1, 300, (2,), generator=gen))
+            host = _data(shape, dtype, gen)
+            assert host.abs().sum() > 0
+            got = _typed(gpu, op, host.cuda(), step)
+            want = _raw(op, host.cuda(), nccl)
+            via_cpu = _typed(cpu, op, host.clone(), step)
+            assert torch.equal(got, want)
+            assert torch.equal(got.cpu(), via_cpu)
+        gpu.synchronize()
+        assert not gpu._p.extensions["tensor"].pending
 
 
-def _copied_back(comm):
+def _copied_back(comm: Any) -> Any:
     """The communicator's device checks, every envelope copied back: a corruption lands after."""
     checks = comm._p.extensions["tensor"]
     checks.copy_back(force=True)
@@ -98,105 +107,130 @@ def _copied_back(comm):
     return checks
 
 
-def _corrupt_and_verify(comm, offset, value):
-    rec = _copied_back(comm).pending[-1]
-    rec.blocks[offset] = value  # this rank's block as gathered: a peer that says otherwise
-    comm.synchronize()
-
-
 def test_deferred_check_raises_at_synchronize(groups):
-    comm = tc.TypedComm.from_torch(groups[0])
-    x = torch.randn(4, 3, device="cuda")
-    comm.all_gather_tensor(x, name="h", step=7)
-    with pytest.raises(tc.DesyncError, match=r"(?s)^collective #0 on WORLD diverged \(envelope\)"
-                       r":\n  rank 0: all_gather_tensor\[h\] shape=\(4, 3\) dtype=float32 at "
-                       r"test_torch_gpu\.py:\d+ step 7$"):
-        _corrupt_and_verify(comm, 8, 99)  # the seq field: a peer at another collective
+    with tc.TypedComm.from_torch(groups[0]) as comm:
+        comm.all_gather_tensor(torch.randn(4, 3, device="cuda"), name="h", step=7)  # @sync
+        _copied_back(comm).pending[-1].blocks[8] = 99  # the seq: a peer at another collective
+        with pytest.raises(tc.DesyncError) as err:
+            comm.synchronize()
+        assert str(err.value) == (
+            "collective #99 on WORLD diverged (envelope):\n"
+            f"  rank 0: all_gather_tensor shape=(4, 3) dtype=float32 name='h' at "
+            f"{SITES['sync']}, its 1st call, step 7")
 
 
 def test_deferred_check_raises_at_next_call(groups):
-    comm = tc.TypedComm.from_torch(groups[0])
-    x = torch.randn(5, device="cuda")
-    comm.all_reduce_tensor(x, "sum", name="g")
-    checks = _copied_back(comm)
-    checks.pending[-1].blocks[1] = 11  # op code: a peer's broadcast
-    with pytest.raises(tc.DesyncError, match=r"collective #0 on WORLD diverged"):
+    with tc.TypedComm.from_torch(groups[0]) as comm:
+        x = torch.randn(5, device="cuda")
         comm.all_reduce_tensor(x, "sum", name="g")
-    comm.all_reduce_tensor(x, "sum", name="g")  # usable again on the GPU side at world size 1
-    comm.synchronize()
+        _copied_back(comm).pending[-1].blocks[1] = 11  # the op code: a peer's broadcast
+        with pytest.raises(tc.DesyncError, match=r"^collective #0 on WORLD diverged"):
+            comm.all_reduce_tensor(x, "sum", name="g")
+        comm.all_reduce_tensor(x, "sum", name="g")  # usable again at world size 1
+        comm.synchronize()
 
 
 @pytest.mark.parametrize("mode", ["deferred", "eager"])
 def test_local_error_raises_encode_error(groups, mode):
-    comm = tc.TypedComm.from_torch(groups[0])
-    _tensor_device.set_tensor_check(comm, mode)
-    with pytest.raises(tc.EncodeError, match=r"^collective #0 on WORLD: rank 0 could not send "
-                       r"its all_reduce_tensor\[g\] contribution: expected op 'sum', 'max', "
-                       r"'min' or 'prod', got 'avg'$"):
-        comm.all_reduce_tensor(torch.ones(3, device="cuda"), "avg", name="g")
-    comm.synchronize()  # the failing rank's own pending check does not raise twice
-    assert comm.all_reduce_tensor(torch.ones(3, device="cuda"), "sum").sum().item() == 3
+    with tc.TypedComm.from_torch(groups[0], tensor_check=mode) as comm:
+        with pytest.raises(tc.EncodeError) as err:
+            comm.all_reduce_tensor(torch.ones(3, device="cuda"), "avg", name="g")  # @avg
+        assert str(err.value) == (
+            f"collective #0 on WORLD: rank 0 could not send its all_reduce_tensor contribution "
+            f"at {SITES['avg']}: expected op 'sum', 'prod', 'max' or 'min', got 'avg'")
+        comm.synchronize()  # the failing rank's own pending check does not raise twice
+        assert comm.all_reduce_tensor(torch.ones(3, device="cuda"), "sum").sum().item() == 3
 
 
-def test_object_collectives_on_nccl_group_use_gloo(groups):
-    comm = tc.TypedComm.from_torch(groups[0])
-    assert dist.get_backend(comm._p.transport.control) == "gloo"
-    assert comm.allgather({"a": 1}) == [{"a": 1}]
+def test_object_collectives_on_an_nccl_group_use_private_gloo(groups):
+    with tc.TypedComm.from_torch(groups[0]) as comm:
+        assert comm._p.transport.control.name() == "gloo"
+        assert comm._p.transport.device_group is groups[0]
+        assert comm.allgather({"a": 1}) == [{"a": 1}]
+        cpu = comm.all_gather_tensor(torch.arange(3))  # CPU tensors take the gloo path
+        assert cpu.tolist() == [0, 1, 2] and not comm._p.extensions
 
 
 def test_object_collective_verifies_pending_device_checks(groups):
     # "Verified at the next typed call": an object collective counts, and a failed check raises
     # there, before the object collective is issued.
-    comm = tc.TypedComm.from_torch(groups[0])
-    comm.all_gather_tensor(torch.randn(4, device="cuda"), name="h")
-    checks = _copied_back(comm)
-    assert checks.pending and comm._p.deferred is checks
-    checks.pending[-1].blocks[1] = 11  # op code: a peer's broadcast
-    with pytest.raises(tc.DesyncError, match=r"collective #0 on WORLD diverged"):
-        comm.allgather(1)
-    assert not checks.pending and comm._p.deferred is None
-    assert comm.allgather({"b": 2}) == [{"b": 2}] and comm.seq == 2
-    comm.all_gather_tensor(torch.randn(4, device="cuda"), name="h")
-    comm.synchronize()
-    assert comm._p.deferred is None
+    with tc.TypedComm.from_torch(groups[0]) as comm:
+        comm.all_gather_tensor(torch.randn(4, device="cuda"), name="h")
+        checks = _copied_back(comm)
+        assert checks.pending and comm._p.deferred is checks
+        checks.pending[-1].blocks[1] = 11  # the op code: a peer's broadcast
+        with pytest.raises(tc.DesyncError, match=r"^collective #0 on WORLD diverged"):
+            comm.allgather(1)
+        assert not checks.pending and comm._p.deferred is None
+        assert comm.allgather({"b": 2}) == [{"b": 2}] and comm.seq == 2
+        comm.all_gather_tensor(torch.randn(4, device="cuda"), name="h")
+        comm.synchronize()
+        assert comm._p.deferred is None
 
 
 def test_copies_back_coalesce_while_the_gpu_is_busy(groups):
     # A burst enqueued behind a busy stream: the copy back of the first envelope waits for the
     # stream, so the later slots go back together, in fewer copies than calls. A corrupt envelope
     # in the middle of a shared copy is still pinned to its own seq, and the results are right.
-    comm = tc.TypedComm.from_torch(groups[0])
-    checks = _tensor_device._checks(comm._p)
-    xs = [torch.randn(64, 3, device="cuda") for _ in range(24)]
-    torch.cuda._sleep(int(0.05 * 2e9))
-    outs = [comm.all_gather_tensor(x, name="h", step=i) for i, x in enumerate(xs)]
-    _copied_back(comm)
-    events = {id(checks.done[rec.index]) for rec in checks.pending}
-    assert len(checks.pending) == 24 and 2 <= len(events) < 24, len(events)
-    assert all(torch.equal(out, x) for out, x in zip(outs, xs))
-    checks.pending[13].blocks[16] ^= 1  # rank 0's step as gathered for seq 13: 13 -> 12
-    with pytest.raises(tc.DesyncError, match=r"^collective #13 on WORLD diverged \(envelope\):"
-                       r"\n  rank 0: all_gather_tensor\[h\] shape=\(64, 3\) dtype=float32 at "
-                       r"test_torch_gpu\.py:\d+ step 12$"):
+    with tc.TypedComm.from_torch(groups[0]) as comm:
+        checks = device.checks_of(comm._p)
+        xs = [torch.randn(64, 3, device="cuda") for _ in range(24)]
+        torch.cuda._sleep(int(0.05 * 2e9))
+        outs = [comm.all_gather_tensor(x, name="h", step=i)  # @burst
+                for i, x in enumerate(xs)]
+        _copied_back(comm)
+        events = {id(checks.done[rec.index]) for rec in checks.pending}
+        assert len(checks.pending) == 24 and 2 <= len(events) < 24, len(events)
+        assert all(torch.equal(out, x) for out, x in zip(outs, xs))
+        checks.pending[13].blocks[16] ^= 1  # rank 0's step as gathered for seq 13: 13 -> 12
+        with pytest.raises(tc.DesyncError) as err:
+            comm.synchronize()
+        assert str(err.value) == (
+            "collective #13 on WORLD diverged (envelope):\n"
+            f"  rank 0: all_gather_tensor shape=(64, 3) dtype=float32 name='h' at "
+            f"{SITES['burst']}, its 14th call, step 12")
+        comm.all_gather_tensor(xs[0], name="h")
         comm.synchronize()
-    comm.all_gather_tensor(xs[0], name="h")
-    comm.synchronize()
 
 
 def test_calls_on_several_streams(groups):
     # The envelope gather runs on whatever stream is current, as the payload does; switching
     # streams between calls changes neither results nor checks.
-    comm = tc.TypedComm.from_torch(groups[0])
-    side = torch.cuda.Stream()
-    gen = torch.Generator().manual_seed(SEED)
-    for step in range(40):
-        host = torch.randn(16, 5, generator=gen)
-        stream = side if step % 3 else torch.cuda.current_stream()
-        with torch.cuda.stream(stream):
-            x = host.cuda()
-            got = comm.all_gather_tensor(x, name="h", step=step)
-            want = comm.all_reduce_tensor(x.clone(), "sum", name="g", step=step)
-        stream.synchronize()
-        assert torch.equal(got.cpu(), host) and torch.equal(want.cpu(), host)
-    comm.synchronize()
-    assert not comm._p.extensions["tensor"].pending
+    with tc.TypedComm.from_torch(groups[0]) as comm:
+        side = torch.cuda.Stream()
+        gen = torch.Generator().manual_seed(SEED)
+        for step in range(40):
+            host = torch.randn(16, 5, generator=gen)
+            stream = side if step % 3 else torch.cuda.current_stream()
+            with torch.cuda.stream(stream):
+                x = host.cuda()
+                got = comm.all_gather_tensor(x, name="h", step=step)
+                want = comm.all_reduce_tensor(x.clone(), "sum", name="g", step=step)
+            stream.synchronize()
+            assert torch.equal(got.cpu(), host) and torch.equal(want.cpu(), host)
+        comm.synchronize()
+        assert not comm._p.extensions["tensor"].pending
+
+
+def test_split_and_dup_get_their_own_nccl_backend(groups):
+    with tc.TypedComm.from_torch(groups[0]) as comm:
+        x = torch.randn(6, 2, device="cuda")
+        with comm.dup() as dup:
+            assert dup._p.transport.device_group is not groups[0]
+            assert torch.equal(dup.all_gather_tensor(x), x)
+            assert torch.equal(dup.all_reduce_tensor(x.clone(), "max"), x)
+            dup.synchronize()
+        with comm.split(0) as sub:
+            assert torch.equal(sub.reduce_scatter_tensor(x, "sum"), x)
+            assert torch.equal(sub.broadcast_tensor(x.clone(), 0), x)
+            assert sub.allgather(5) == [5]
+            sub.synchronize()
+        assert torch.equal(comm.all_gather_tensor(x), x)
+
+
+def test_without_nccl_a_cuda_tensor_is_a_local_error(groups):
+    with tc.TypedComm.from_torch(groups[1]) as comm:
+        with pytest.raises(tc.EncodeError, match=r"expected a CPU tensor \(the group has no NCCL "
+                                                 r"backend\), got one on cuda:0$"):
+            comm.all_gather_tensor(torch.ones(2, device="cuda"))
+        assert comm.all_gather_tensor(torch.ones(2)).tolist() == [1.0, 1.0]

@@ -237,25 +237,25 @@ class TypedComm:
         self._p.transport.abort(code)
 
     # --- tensor collectives (torch backend) ------------------------------------------------
-    def all_gather_tensor(self, tensor: Any, *, name: str = "", step: Optional[int] = None) -> Any:
+    def all_gather_tensor(self, tensor: Any, *, name: Optional[str] = None, step: Optional[int] = None) -> Any:
         """Checked all-gather of ``tensor`` along dim 0 (torch backend)."""
         from .tensor import ops as tensor_ops
         return tensor_ops.all_gather_tensor(self._p, tensor, name, step)
 
-    def all_reduce_tensor(self, tensor: Any, op: str = "sum", *, name: str = "",
+    def all_reduce_tensor(self, tensor: Any, op: str = "sum", *, name: Optional[str] = None,
                           step: Optional[int] = None) -> Any:
         """Checked all-reduce of ``tensor`` (torch backend)."""
         from .tensor import ops as tensor_ops
         return tensor_ops.all_reduce_tensor(self._p, tensor, op, name, step)
 
-    def broadcast_tensor(self, tensor: Any, root: int = 0, *, name: str = "",
+    def broadcast_tensor(self, tensor: Any, root: int = 0, *, name: Optional[str] = None,
                          step: Optional[int] = None) -> Any:
         """Checked broadcast of ``root``'s ``tensor`` (torch backend)."""
         from .tensor import ops as tensor_ops
         return tensor_ops.broadcast_tensor(self._p, tensor, root, name, step)
 
-    def reduce_scatter_tensor(self, tensor: Any, op: str = "sum", *, name: str = "",
-                              step: Optional[int] = None) -> Any:
+    def reduce_scatter_tensor(self, tensor: Any, op: str = "sum", *,
+                              name: Optional[str] = None, step: Optional[int] = None) -> Any:
         """Checked reduce-scatter of ``tensor`` along dim 0 (torch backend)."""
         from .tensor import ops as tensor_ops
         return tensor_ops.reduce_scatter_tensor(self._p, tensor, op, name, step)
@@ -264,6 +264,44 @@ class TypedComm:
         """Verify every deferred tensor check now (torch/NCCL backend); no-op elsewhere."""
         from .tensor import ops as tensor_ops
         tensor_ops.synchronize(self._p)
+
+    # --- point to point (core/p2p.py) ---
+    def send(self, value: Any, dest: int, tag: int = 0, *, schema: Any = None,
+             name: Optional[str] = None) -> None:
+        """Send ``value`` to rank ``dest``: one message, its envelope (schema, call identity,
+        its number among this rank's messages to ``dest`` with ``tag``) before the payload."""
+        from .core import p2p
+        p2p.send(self._p, value, dest, tag, schema, name)
+
+    def recv(self, source: Optional[int], tag: Optional[int] = 0, *, schema: Any = None,
+             name: Optional[str] = None) -> Any:
+        """The next message from ``source`` with ``tag`` (None: any rank, any tag), checked
+        against its envelope; without ``schema``, decoded as the sender's class. The
+        communicator's ``timeout`` bounds the wait."""
+        from .core import p2p
+        return p2p.recv(self._p, source, tag, schema, name)
+
+    def isend(self, value: Any, dest: int, tag: int = 0, *, schema: Any = None,
+              name: Optional[str] = None) -> Any:
+        """Start :meth:`send`; the request's ``wait()`` completes it."""
+        from .core import p2p
+        return p2p.isend(self._p, value, dest, tag, schema, name)
+
+    def irecv(self, source: Optional[int], tag: Optional[int] = 0, *, schema: Any = None,
+              name: Optional[str] = None) -> Any:
+        """Post :meth:`recv` now (messages are matched in posting order); the request's
+        ``wait()`` returns the value, ``test()`` gives ``(done, value or None)``."""
+        from .core import p2p
+        return p2p.irecv(self._p, source, tag, schema, name)
+
+    def sendrecv(self, value: Any, dest: int, source: Optional[int], sendtag: int = 0,
+                 recvtag: Optional[int] = 0, *, schema: Any = None, recv_schema: Any = None,
+                 name: Optional[str] = None) -> Any:
+        """Send ``value`` to ``dest`` and receive from ``source`` without deadlocking on a
+        pair that does the same: the receive is posted before the send starts."""
+        from .core import p2p
+        return p2p.sendrecv(self._p, value, dest, source, sendtag, recvtag, schema,
+                            recv_schema, name)
 
 
 def _created(channel: Channel, timeout: Any, name: Optional[str]) -> Protocol:

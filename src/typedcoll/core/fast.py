@@ -94,7 +94,8 @@ def bind(p: "Protocol") -> Optional[list]:
         "ring_state": rec.state if on else None, "capacity": rec.capacity if on else 0,
         "min_slot": p.policy.min_slot, "counts": p.counts, "busy": p.channel.busy,
         "instance": p.instance,
-        "timeout": None if p.timeout is None else float(p.timeout), "protocol": p,
+        "timeout": None if p.timeout in (None, float("inf")) else float(p.timeout),
+        "protocol": p,
     }
     return [state[name] for name in FAST_FIELDS]
 

@@ -23,8 +23,9 @@ from .identity import check_name, register_internal
 from .mismatch import MismatchKind, desync_message, group_envelopes
 from .ops import _common, run
 from .payloads import gathered
-from .protocol import CREATE_SEQ, Protocol
-from .verdict import describe_call
+from .protocol import Protocol
+from .verdict import CREATE_SEQ
+from .verdict import describe_call, where
 from .wire import GATHER, REDUCE
 
 _SETTINGS = resolve(Tuple[bool, float])
@@ -56,9 +57,8 @@ def create(p: Protocol, timeout: Any) -> None:
                                          notes=()) for r, s in enumerate(settings)]
         kinds = [MismatchKind.SETTINGS]
         groups = group_envelopes(infos)
-        raise DesyncError(desync_message(c.seq, p.name, kinds, groups).replace(
-            f"collective #{c.seq}", "creation"), seq=-1, comm=p.name, kinds=kinds,
-            groups=groups)
+        raise DesyncError(desync_message(c.seq, p.name, kinds, groups, head=where(p, c)),
+                          seq=c.seq, comm=p.name, kinds=kinds, groups=groups)
     run(p, call, compare)
 
 

@@ -232,8 +232,8 @@ def _hint(kinds: Sequence[MismatchKind]) -> List[str]:
 
 
 def desync_message(seq: int, comm: str, kinds: Sequence[MismatchKind],
-                   groups: Sequence[Group]) -> str:
+                   groups: Sequence[Group], head: str = "") -> str:
     kinds_text = ", ".join(k.value for k in kinds) or "envelope"
-    head = f"collective #{seq} on {comm} diverged ({kinds_text}):"
-    return "\n".join([head] + format_groups(groups, kinds) + format_decisions(groups)
-                     + _hint(kinds))
+    first = f"{head or f'collective #{seq} on {comm}'} diverged ({kinds_text}):"
+    return "\n".join([first] + format_groups(groups, kinds) + format_decisions(groups)
+                      + _hint(kinds))

@@ -18,6 +18,7 @@ from ..codecs import (KIND_NUMPY_SCALAR, SchemaInfo, array_fingerprint, check_op
 from ..codecs.reduce import LOGICAL
 from .transport import TransportTimeout
 from . import fast, payloads, verdict
+from .verdict import where
 from .args import (check_reduce_op, check_root, check_step, first_error, payload_mode,
                    schema_of)
 from .call import MODE_ARRAY, MODE_EMPTY, MODE_MSG, Call
@@ -326,7 +327,7 @@ def _allreduce_rest(p: Protocol, call: Call, op: str) -> Any:
             # Equal dtype and shape (checked) make every rank overflow alike, and only arrays
             # can: anything else is a corrupt header.
             source = flags.index(0) if not all(flags) else p.rank
-            raise DecodeError(f"collective #{call.seq} on {p.name}: expected every rank or "
+            raise DecodeError(f"{where(p, call)}: expected every rank or "
                               f"none to send an overflowing array, got overflow flags "
                               f"{[int(bool(f)) for f in flags]}", seq=call.seq, comm=p.name,
                               source=source, schema=call.schema_name)

@@ -54,6 +54,11 @@ TRANSPORT_TAG = 0  # the private channel carries nothing else; the caller's tag 
 MAX_TAG = 2 ** 31 - 1
 _LENGTH = 4
 _POLL_MIN, _POLL_MAX = 1e-5, 1e-3  # backoff between polls of several sources
+# Transports whose receive with a deadline already passed only looks, leaving nothing pending:
+# receives from any rank, and test(), poll with it.
+_CAN_POLL = frozenset({"mpi", "memory"})
+# Transports whose sends never wait for their receiver (buffered, or left in flight).
+_SENDS_NEVER_WAIT = frozenset({"memory", "torch"})
 
 
 class Envelope(msgspec.Struct, array_like=True, frozen=True):
@@ -269,34 +274,51 @@ class _Mailbox:
         ``once``: look at what has arrived without waiting (a request's ``test``).
         """
         with self.lock:
+            if request.source is not None and not once:
+                return self._wait_for(request, request.source, deadline)
+            if self.transport.kind not in _CAN_POLL:
+                raise CollectiveError(
+                    f"{_head('recv', None, request.source, request.tag, request.p.name)}: "
+                    f"refused: expected a transport that can look for a message without "
+                    f"waiting for it (a receive from any rank, or test()), got "
+                    f"{self.transport.kind}'s; name the source and wait", seq=-1,
+                    comm=request.p.name)
             pause = _POLL_MIN
             while request.message is None:
-                sources = ([request.source] if request.source is not None
-                           else self._rotation(request.size))
-                if deadline is None and len(sources) == 1 and not once:
-                    self.deliver(self.transport.recv_bytes(sources[0], TRANSPORT_TAG, None),
-                                 sources[0])
-                    continue
-                got = False
-                for source in sources:
-                    try:
-                        data = self.transport.recv_bytes(source, TRANSPORT_TAG,
-                                                         time.monotonic())
-                    except TransportTimeout:
-                        continue
-                    self.deliver(data, source)
-                    got = True
-                    break
-                if got:
+                if self._poll(request):
                     pause = _POLL_MIN
                     continue
-                if once:
-                    return False
-                if deadline is not None and time.monotonic() >= deadline:
+                if once or (deadline is not None and time.monotonic() >= deadline):
                     return False
                 time.sleep(pause)
                 pause = min(2 * pause, _POLL_MAX)
             return True
+
+    def _wait_for(self, request: "RecvRequest", source: int,
+                  deadline: Optional[float]) -> bool:
+        """Receive from ``source`` until ``request`` has its message: one waiting receive at a
+        time (a receive that gives up may not be retried on every transport: gloo closes the
+        connection of a receive that timed out)."""
+        while request.message is None:
+            try:
+                data = self.transport.recv_bytes(source, TRANSPORT_TAG, deadline)
+            except TransportTimeout:
+                return False
+            self.deliver(data, source)
+        return True
+
+    def _poll(self, request: "RecvRequest") -> bool:
+        """One look at each candidate source; True when a message arrived."""
+        sources = ([request.source] if request.source is not None
+                   else self._rotation(request.size))
+        for source in sources:
+            try:
+                data = self.transport.recv_bytes(source, TRANSPORT_TAG, time.monotonic())
+            except TransportTimeout:
+                continue
+            self.deliver(data, source)
+            return True
+        return False
 
     def _rotation(self, size: int) -> List[int]:
         start = self.turn % size
@@ -348,12 +370,12 @@ class SendRequest:
 class RecvRequest:
     """A posted receive: ``wait()`` returns the value; ``test()`` -> (done, value or None)."""
 
-    __slots__ = ("_p", "source", "tag", "size", "_info", "_caller", "_box", "message",
+    __slots__ = ("p", "source", "tag", "size", "_info", "_caller", "_box", "message",
                  "expected", "_done", "_value", "_error", "__weakref__")
 
     def __init__(self, p: Any, source: Optional[int], tag: Optional[int],
                  info: Optional[SchemaInfo], caller: _Caller) -> None:
-        self._p = p
+        self.p = p
         self.source = source
         self.tag = tag
         self.size = p.size
@@ -371,7 +393,7 @@ class RecvRequest:
         env = message.envelope
         if env is None:  # an envelope that does not decode goes to whoever listens to its source
             return self.source is None or self.source == message.source
-        return (env.instance == self._p.instance
+        return (env.instance == self.p.instance
                 and (self.source is None or self.source == message.source)
                 and (self.tag is None or self.tag == env.tag))
 
@@ -381,14 +403,14 @@ class RecvRequest:
         self.message = message
         env = message.envelope
         if env is not None:
-            received = _state(self._p).received
+            received = _state(self.p).received
             key = (message.source, env.tag)
             self.expected = received.get(key, 0)
             received[key] = self.expected + 1
 
     def wait(self) -> Any:
         if not self._done:
-            p = self._p
+            p = self.p
             deadline = None if p.timeout is None else time.monotonic() + p.timeout
             try:
                 if not self._box.progress(self, deadline):
@@ -536,7 +558,7 @@ def isend(p: Any, value: Any, dest: Any, tag: Any, schema: Any, name: Any,
     start = getattr(transport, "isend_bytes", None)
     if start is not None:
         return SendRequest(start(data, dest, TRANSPORT_TAG), failure)
-    if transport.kind == "memory":  # its sends are buffered: they never block
+    if transport.kind in _SENDS_NEVER_WAIT:
         transport.send_bytes(data, dest, TRANSPORT_TAG, None)
         return SendRequest(None, failure)
     return SendRequest(_SendingThread(transport, data, dest), failure)

@@ -22,6 +22,7 @@ from ..codecs import (KIND_MSGSPEC, KIND_NUMPY_SCALAR, SchemaInfo, decode_array,
 from ..codecs.nesting import MAX_NESTING
 from .transport import TransportTimeout
 from . import verdict
+from .verdict import where
 from .call import Call
 from .errors import DecodeError
 from .identity import register_internal
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 
 
 def _corrupt_length(p: "Protocol", call: Call, rank: int, n: int) -> DecodeError:
-    return DecodeError(f"collective #{call.seq} on {p.name}: rank {rank}'s envelope claims "
+    return DecodeError(f"{where(p, call)}: rank {rank}'s envelope claims "
                        f"{n} inline payload bytes, expected at most {p.slot - HEADER_SIZE}",
                        seq=call.seq, comm=p.name, source=rank, schema=call.schema_name)
 
@@ -107,7 +108,7 @@ def split_path(p: "Protocol", call: Call, buf: Any, source: int) -> Tuple[str, A
     """A rooted payload's class path and the encoded value after it."""
     view = memoryview(buf)
     if not len(view):
-        raise DecodeError(f"collective #{call.seq} on {p.name}: rank {source}'s payload is "
+        raise DecodeError(f"{where(p, call)}: rank {source}'s payload is "
                           f"empty, expected a class path and a value", seq=call.seq,
                           comm=p.name, source=source, schema=call.schema_name)
     n = view[0]

@@ -40,6 +40,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from ..codecs import ENCODER, KIND_MSGSPEC, SchemaInfo, encode_array, nesting_ok
 from ..codecs.nesting import MAX_NESTING
 from . import verdict
+from .verdict import CREATE_SEQ
 from .call import MODE_ARRAY, MODE_EMPTY, MODE_MSG, Call
 from .channel import Channel, thread_label
 from .errors import CollectiveError, ConcurrentCallError
@@ -55,7 +56,6 @@ from .transport import TransportTimeout
 _ZEROS = bytes(8)
 _INT64 = 2 ** 63
 _MAX_ERROR_TEXT = 4096  # bytes of a failed rank's error text that reach its peers
-CREATE_SEQ = 2 ** 64 - 1  # the creation exchange: before the first collective, numbered apart
 
 # Called as hook(protocol, error) before a CollectiveError propagates (diagnostics dumps).
 ERROR_HOOKS: List[Callable[["Protocol", BaseException], None]] = []
@@ -152,6 +152,10 @@ class Protocol:
         frame = user_frame(2)
         call.code = frame.f_code if frame is not None else None
         call.lasti = frame.f_lasti if frame is not None else 0
+        # Named for a thread that collides with this call (read only then: formatting is cheap
+        # beside a collective, and the C path, which skips it, refuses such a thread too).
+        busy[1] = thread_label()
+        busy[2] = format_site(call.code, call.lasti)
         if call.seq != CREATE_SEQ:
             call.seq = self.seq
             self.seq += 1
@@ -195,9 +199,6 @@ class Protocol:
 
         The busy marker names the call for a thread that collides with it.
         """
-        busy = self.channel.busy
-        busy[1] = thread_label()
-        busy[2] = format_site(call.code, call.lasti)
         payload = b""
         if call.error is None and call.mode != MODE_EMPTY:
             payload, call.error = self.encode(call)
@@ -209,12 +210,19 @@ class Protocol:
         self.write(call, payload, flags)
         if self.recorder is not None:
             self.recorder.set_bytes(len(payload))
-        call.deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        call.deadline = self.deadline()
         try:
             self.transport.exchange(self.send, self.recv, self.block, call.shape, call.deadline)
         except TransportTimeout:
             verdict.timed_out(self, call)
         self.after_exchange(call)
+
+    def deadline(self) -> Optional[float]:
+        """When this call's backend operations must be done by (None: never; an infinite
+        timeout waits forever too, without polling for a deadline that cannot come)."""
+        if self.timeout is None or self.timeout == float("inf"):
+            return None
+        return time.monotonic() + self.timeout
 
     def after_exchange(self, call: Call) -> None:
         """Step 4 from the agreement block (the C fast path calls this after its own exchange)."""

@@ -29,8 +29,25 @@ from .wire import (AGREE_SIZE, FLAG_LOCAL_ERROR, FLAGS_OFFSET, HEADER_SIZE, REDU
 if TYPE_CHECKING:
     from .protocol import Protocol
 
+CREATE_SEQ = 2 ** 64 - 1  # the creation exchange: before the first collective, numbered apart
+
 _INFO_DECODER = msgspec.msgpack.Decoder(Tuple[bytes, EnvelopeInfo])
 MAX_INFO = 1 << 20  # an envelope description is a few hundred bytes; notes make it longer
+
+
+def where(p: "Protocol", call: Call) -> str:
+    """How every message about ``call`` starts: ``collective #14 on tp``."""
+    if call.seq == CREATE_SEQ:
+        return f"creation on {p.name}"
+    return f"collective #{call.seq} on {p.name}"
+
+
+def what(call: Call) -> str:
+    """``allgather[RankState]``; the bare op where the payload is typedcoll's own (creation)."""
+    return label(call.op, "" if call.op in INTERNAL_PAYLOADS else call.schema_name)
+
+
+INTERNAL_PAYLOADS = frozenset({"create", "split"})
 
 
 def describe_call(p: "Protocol", call: Call, error: Optional[str] = None) -> EnvelopeInfo:
@@ -39,7 +56,7 @@ def describe_call(p: "Protocol", call: Call, error: Optional[str] = None) -> Env
     if dtype is not None:  # "int64", and the byte order where it is not the native one
         kind = np.dtype(dtype)
         dtype = kind.name if kind.isnative else f"{kind.name} ({'big' if dtype[0] == '>' else 'little'}-endian)"
-    internal = call.op in ("create", "split")  # their payloads are ours, not the caller's
+    internal = call.op in INTERNAL_PAYLOADS  # their payloads are ours, not the caller's
     return EnvelopeInfo(
         rank=p.rank, seq=call.seq, op=call.op,
         schema=call.schema_name if not (call.wild or internal) else "",
@@ -77,11 +94,14 @@ def disagreement(p: "Protocol", call: Call) -> None:
             # so that every communicator's numbers stay aligned across ranks afterwards.
             p.seq -= 1
             p.counts[p.identity(call)] -= 1
-        raise DesyncError(desync_message(call.seq, p.name, kinds, groups), seq=call.seq,
+        # Every rank builds the same text from the same envelopes: the head names rank 0's seq.
+        seq = infos[0].seq
+        head = where(p, call) if call.seq == CREATE_SEQ else f"collective #{seq} on {p.name}"
+        raise DesyncError(desync_message(seq, p.name, kinds, groups, head=head), seq=seq,
                           comm=p.name, kinds=kinds, groups=groups,
                           decisions=_decisions(groups))
     if not failed:  # unreachable for well-formed peers: the block said something differed
-        raise DesyncError(f"collective #{call.seq} on {p.name}: the agreement block and the "
+        raise DesyncError(f"{where(p, call)}: the agreement block and the "
                           f"envelopes disagree (corrupt exchange)", seq=call.seq, comm=p.name)
     raise failure(p, call, failed, infos)
 
@@ -90,24 +110,23 @@ def failure(p: "Protocol", call: Call, failed: Sequence[int],
             infos: Sequence[EnvelopeInfo]) -> Exception:
     """The error for failed ranks: their own on themselves, PeerError naming them elsewhere."""
     first = failed[0]
-    what = label(call.op, call.schema_name)
     texts = {r: infos[r].error or "" for r in failed}
     kinds = {r: infos[r].error_type or "" for r in failed}
     if "ConcurrentCallError" in kinds.values():
         r = next(r for r in failed if kinds[r] == "ConcurrentCallError")
         err = ConcurrentCallError(
-            f"collective #{call.seq} on {p.name}: rank {r} saw two threads in one collective "
+            f"{where(p, call)}: rank {r} saw two threads in one collective "
             f"(the channel is now unusable on every rank): {texts[r]}", seq=call.seq,
             comm=p.name, threads=(infos[r].thread,), ranks=tuple(failed))
         p.channel.broken = err
         return err
     site = infos[first].site
     if p.rank in failed:
-        return EncodeError(f"collective #{call.seq} on {p.name}: rank {p.rank} could not send "
-                           f"its {what} contribution at {infos[p.rank].site}: "
+        return EncodeError(f"{where(p, call)}: rank {p.rank} could not send "
+                           f"its {what(call)} contribution at {infos[p.rank].site}: "
                            f"{texts[p.rank]}", seq=call.seq, comm=p.name)
     more = "" if len(failed) == 1 else f" (and {compact_ranks(failed[1:])})"
-    return PeerError(f"collective #{call.seq} on {p.name}: rank {first}{more} failed its {what} "
+    return PeerError(f"{where(p, call)}: rank {first}{more} failed its {what(call)} "
                      f"contribution at {site}: {texts[first]}", seq=call.seq, comm=p.name,
                      ranks=failed, error_type=kinds[first], detail=texts[first])
 
@@ -126,7 +145,7 @@ def exchange_infos(p: "Protocol", call: Call, header: bytes,
         counts = [int.from_bytes(lengths[4 * r:4 * r + 4], "little") for r in range(p.size)]
         for r, count in enumerate(counts):  # every rank reads the same counts: all raise alike
             if count > MAX_INFO:
-                raise DecodeError(f"collective #{call.seq} on {p.name}: rank {r}'s envelope "
+                raise DecodeError(f"{where(p, call)}: rank {r}'s envelope "
                                   f"description claims {count} bytes, expected at most "
                                   f"{MAX_INFO}", seq=call.seq, comm=p.name, source=r,
                                   schema="EnvelopeInfo")
@@ -138,7 +157,7 @@ def exchange_infos(p: "Protocol", call: Call, header: bytes,
         try:
             out.append(_INFO_DECODER.decode(blob[offset:offset + count]))
         except Exception as exc:  # untrusted bytes: any decoder failure is a decode error
-            raise DecodeError(f"collective #{call.seq} on {p.name}: the envelope description "
+            raise DecodeError(f"{where(p, call)}: the envelope description "
                               f"from rank {r} does not decode: {exc}", seq=call.seq,
                               comm=p.name, source=r, schema="EnvelopeInfo") from exc
         offset += count
@@ -185,10 +204,10 @@ def decode_failure(p: "Protocol", call: Call, source: int, exc: BaseException) -
     detail = f"{type(exc).__name__}: {exc}" if not isinstance(exc, msgspec.DecodeError) \
         else str(exc)
     if source == p.rank:
-        return EncodeError(f"collective #{call.seq} on {p.name}: rank {p.rank} could not send "
+        return EncodeError(f"{where(p, call)}: rank {p.rank} could not send "
                            f"its {label(call.op, name)} contribution at {site}: expected "
                            f"{name}: {detail}", seq=call.seq, comm=p.name)
-    return DecodeError(f"collective #{call.seq} on {p.name}: payload from rank {source} does not "
+    return DecodeError(f"{where(p, call)}: payload from rank {source} does not "
                        f"decode as {name} ({label(call.op, name)} at {site}): {detail}",
                        seq=call.seq, comm=p.name, source=source, schema=name)
 
@@ -196,9 +215,8 @@ def decode_failure(p: "Protocol", call: Call, source: int, exc: BaseException) -
 def timed_out(p: "Protocol", call: Call) -> None:
     """Raise CollectiveTimeout; the channel is unusable from now on."""
     site = format_site(call.code, call.lasti)
-    what = label(call.op, call.schema_name)
     timeout = p.timeout if p.timeout is not None else 0.0
-    text = (f"collective #{call.seq} on {p.name}: {what} at {site} did not complete within "
+    text = (f"{where(p, call)}: {what(call)} at {site} did not complete within "
             f"{timeout:g} s")
     missing = None
     if p.hang_reporter is not None:
@@ -220,15 +238,14 @@ def refuse_broken(p: "Protocol", call: Call) -> None:
     """Raise for a call on a channel whose earlier collective timed out or collided."""
     cause = p.channel.broken
     assert cause is not None  # only called when broken is set
-    what = label(call.op, call.schema_name)
     if isinstance(cause, CollectiveTimeout):
         raise CollectiveTimeout(
-            f"collective #{p.seq} on {p.name}: {what} refused: the communicator is unusable "
+            f"collective #{p.seq} on {p.name}: {what(call)} refused: the communicator is unusable "
             f"since collective #{cause.seq} on {cause.comm} ({cause.op}[{cause.schema}] at "
             f"{cause.site}) timed out", seq=p.seq, comm=p.name, op=call.op,
             schema=call.schema_name, site=cause.site, timeout=cause.timeout,
             missing=cause.missing)
-    raise type(cause)(f"collective #{p.seq} on {p.name}: {what} refused: the communicator is "
+    raise type(cause)(f"collective #{p.seq} on {p.name}: {what(call)} refused: the communicator is "
                       f"unusable since collective #{cause.seq} on {cause.comm}: {cause}",
                       seq=p.seq, comm=p.name)
 

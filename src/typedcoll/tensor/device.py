@@ -1,7 +1,7 @@
 """The device path of tensor collectives: envelopes all-gathered by NCCL, verified later.
 
-The design is described in ``_tensor``'s module docstring (device path, steps 1-3); the streams
-that carry one envelope's trip are described at :class:`_DeviceChecks`.
+The design is in ``tensor.ops``' module docstring (device path, steps 1-3); the streams that
+carry one envelope's trip are described at :class:`DeviceChecks`.
 """
 
 from __future__ import annotations
@@ -11,29 +11,44 @@ import os
 import time
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
-import msgspec
 import torch
+from torch._C._distributed_c10d import AllgatherOptions
 
-from ._callsite import register_internal
-from ._errors import CollectiveError
-from ._protocol import Protocol
-from ._torch import all_gather_single
-from ._wire import (CHECKED, FLAG_LOCAL_ERROR, FLAGS_OFFSET, HEADER, HEADER_SIZE, MAGIC, NO_STEP,
-                    OPS)
-
-from ._tensor_envelope import (BLOCK, META_MAX, MODES, RING, _Call, _META_DECODER, _ZEROS,
-    _desync, _infos, _local_error, _role, _timeout)
+from ..core import verdict
+from ..core.identity import format_site, register_internal
+from ..core.protocol import Protocol
+from ..core.wire import (CHECKED, FLAG_LOCAL_ERROR, FLAGS_OFFSET, HEADER, HEADER_SIZE, MAGIC,
+                         OPS, slot_log2)
+from .envelope import (BLOCK, MODES, RING, DeviceMeta, TensorCall, desync_error, dtype_name,
+                       encode_meta, infos_from_blocks)
 
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+# torch declares no types for these constructors: called through Any, strict mypy accepts them.
+_Event: Any = torch.cuda.Event
+_Stream: Any = torch.cuda.Stream
 
 
-class _Pending:
-    """One device call whose envelope is not verified yet: its seq, arguments and ring slot."""
+def stream_ordered(kind: Any) -> Any:
+    """Options of a device collective that runs on the caller's stream, as the dist.* calls
+    with ``async_op=False`` do (the payload and the envelope alike)."""
+    opts = kind()
+    opts.asyncOp = False
+    return opts
 
-    __slots__ = ("seq", "call", "index", "checks")
 
-    def __init__(self, seq: int, call: _Call, index: int, checks: "_DeviceChecks") -> None:
-        self.seq = seq
+def enqueued(work: Any) -> None:
+    """Order the caller's stream after ``work`` (NCCL may have done so already and return
+    None: with ``asyncOp=False`` it runs on the caller's stream)."""
+    if work is not None:
+        work.wait()
+
+
+class Pending:
+    """One device call whose envelope is not verified yet: its record and ring slot."""
+
+    __slots__ = ("call", "index", "checks")
+
+    def __init__(self, call: TensorCall, index: int, checks: "DeviceChecks") -> None:
         self.call = call
         self.index = index
         self.checks = checks
@@ -50,7 +65,7 @@ class _Pending:
         return self.checks.recv_view[self.index * row:(self.index + 1) * row]
 
 
-class _DeviceChecks:
+class DeviceChecks:
     """One communicator's envelope ring on one device, and its unverified calls, oldest first.
 
     The ring: ``RING`` slots of pinned host memory (``sends``: this rank's envelope; ``recvs``:
@@ -70,37 +85,40 @@ class _DeviceChecks:
        so a payload collective that hangs still has its envelope checked.
 
     A slot is reused only after its check was verified, i.e. after ``done`` completed: no call
-    can overwrite an envelope that an earlier collective or copy still reads.
+    can overwrite an envelope that an earlier collective or copy still reads. As the protocol's
+    ``deferred`` hook, :meth:`verify_ready` runs before every typed call while checks are
+    pending.
     """
 
     def __init__(self, size: int, rank: int, mode: str) -> None:
         self.size = size
         self.rank = rank
         self.mode = mode
-        self.pending: Deque[_Pending] = collections.deque()
-        self.owners: List[Optional[_Pending]] = [None] * RING
+        self.pending: Deque[Pending] = collections.deque()
+        self.owners: List[Optional[Pending]] = [None] * RING
         self.next = 0
         self.device: Optional[torch.device] = None
         self.uncopied: List[Tuple[int, Any]] = []  # (slot, caller's stream), gathered, in order
         self.last_copy: Optional[Any] = None
         self.callers: Dict[int, Any] = {}  # raw stream handle -> torch Stream
+        self.gather_opts = stream_ordered(AllgatherOptions)
 
     def _build(self, device: torch.device) -> None:
         row = self.size * BLOCK
         self.sends = torch.empty((RING, BLOCK), dtype=torch.uint8, pin_memory=True)
         self.recvs = torch.empty((RING, row), dtype=torch.uint8, pin_memory=True)
-        self.send_view = memoryview(self.sends.view(-1).numpy())
-        self.recv_view = memoryview(self.recvs.view(-1).numpy())
+        self.send_view = self.sends.view(-1).numpy().data
+        self.recv_view = self.recvs.view(-1).numpy().data
         self.outs = torch.empty((RING, row), dtype=torch.uint8, device=device)
         self.send_rows = list(self.sends)
         self.owns = [self.outs[i, self.rank * BLOCK:(self.rank + 1) * BLOCK]
                      for i in range(RING)]
-        self.staged = [torch.cuda.Event() for _ in range(RING)]
-        self.gathered = [torch.cuda.Event() for _ in range(RING)]
-        self.copied = [torch.cuda.Event() for _ in range(RING)]
+        self.staged = [_Event() for _ in range(RING)]
+        self.gathered = [_Event() for _ in range(RING)]
+        self.copied = [_Event() for _ in range(RING)]
         self.done: List[Optional[Any]] = [None] * RING  # the event of the slot's copy back
-        self.h2d = torch.cuda.Stream(device)
-        self.d2h = torch.cuda.Stream(device)
+        self.h2d = _Stream(device)
+        self.d2h = _Stream(device)
         # Freed (a dropped communicator, a ring moved to another device), the buffer must not be
         # reused before the copies already enqueued on these streams have run.
         self.outs.record_stream(self.h2d)
@@ -143,7 +161,7 @@ class _DeviceChecks:
         staged = self.staged[index]
         staged.record(self.h2d)
         caller.wait_event(staged)
-        all_gather_single(self.outs[index], own, group=group)
+        enqueued(group._allgather_base(self.outs[index], own, self.gather_opts))
         self.gathered[index].record(caller)
         self.uncopied.append((index, caller))
         self.copy_back(force=False)
@@ -174,7 +192,7 @@ class _DeviceChecks:
         self.last_copy = event
         uncopied.clear()
 
-    def arrived(self, rec: _Pending, wait: bool) -> Any:
+    def arrived(self, rec: Pending, wait: bool) -> Any:
         """``rec``'s copy-back event, issuing the copy if it is still waiting (None: not yet)."""
         event = self.done[rec.index]
         if event is None:
@@ -182,18 +200,18 @@ class _DeviceChecks:
             event = self.done[rec.index]
         return event
 
-    def track(self, p: Protocol, rec: "_Pending") -> None:
+    def track(self, p: Protocol, rec: Pending) -> None:
         """Add an unverified call; the protocol then verifies before every typed call."""
         self.owners[rec.index] = rec
         self.pending.append(rec)
         if p.deferred is not self:
             p.deferred = self
-            p._refresh_fast()
+            p.refresh_fast()
 
     def _drained(self, p: Protocol) -> None:
         if not self.pending and p.deferred is self:
             p.deferred = None
-            p._refresh_fast()
+            p.refresh_fast()
 
     def verify_ready(self, p: Protocol) -> None:
         """Verify, oldest first, every pending check whose envelope has arrived; never waits."""
@@ -216,7 +234,7 @@ class _DeviceChecks:
                 _wait_event(p, event, rec)
         self.pending.popleft()
         self.owners[rec.index] = None
-        error = verdict(p, rec, bytes(rec.blocks), bytes(rec.own[:CHECKED]), self.mode)
+        error = check(p, rec.call, bytes(rec.blocks), bytes(rec.own[:CHECKED]), self.mode)
         if error is not None:
             # The calls after a failed one ran on a desynchronised group: drop their checks.
             for later in self.pending:
@@ -244,47 +262,44 @@ def _copy(stream: Any, caller: Any, dst: torch.Tensor, src: torch.Tensor) -> Non
             dst.copy_(src, non_blocking=True)
 
 
-def verdict(p: Any, rec: _Pending, blocks: bytes, own: bytes,
-            mode: str) -> Optional[CollectiveError]:
+def check(p: Any, call: TensorCall, blocks: bytes, own: bytes,
+          mode: str) -> Optional[Exception]:
     """The error (or None) that every rank derives from the same gathered envelope blocks."""
     size = len(blocks) // BLOCK
     failed = [r for r in range(size) if blocks[r * BLOCK + FLAGS_OFFSET] & FLAG_LOCAL_ERROR]
-    agree = all(blocks.startswith(own, r * BLOCK) for r in range(size) if r not in failed)
-    if agree and not failed:
+    if not failed and all(blocks.startswith(own, r * BLOCK) for r in range(size)):
         return None
-    parsed = []
-    for r in range(size):
-        block = blocks[r * BLOCK:(r + 1) * BLOCK]
-        header = HEADER.unpack_from(block, 0)
-        raw = block[HEADER_SIZE:HEADER_SIZE + min(header[-1], META_MAX)]
-        meta = None
-        if not header[10] & FLAG_LOCAL_ERROR:
-            try:
-                meta = _META_DECODER.decode(raw)
-            except msgspec.DecodeError:
-                meta = None
-        parsed.append((r, header, meta, raw))
-    if failed:
-        if rec.call.error is not None and p.rank in failed and mode == "deferred":
-            return None  # this rank raised its EncodeError when it made the call
-        texts = {r: raw.decode(errors="replace") for r, _, _, raw in parsed}
-        return _local_error(p, rec.seq, rec.call, failed, texts)
-    return _desync(p, rec.seq, _infos([(r, h, m) for r, h, m, _ in parsed]))
+    infos = infos_from_blocks(blocks, size)
+    fine = [r for r in range(size) if r not in failed]
+    # The ranks that did not fail must agree with each other and with what this rank sent. The
+    # message names rank 0's seq, so that every rank's text is the same.
+    ref = own if p.rank not in failed else blocks[fine[0] * BLOCK:][:CHECKED] if fine else b""
+    if any(not blocks.startswith(ref, r * BLOCK) for r in fine):
+        return desync_error(p, infos[0].seq, infos, [infos[r] for r in fine])
+    if p.rank in failed and call.error is not None and mode == "deferred":
+        return None  # this rank raised its EncodeError when it made the call
+    return verdict.failure(p, call, failed, infos)
 
 
-def pack_block(view: Any, call: _Call, seq: int) -> None:
-    """Write ``call``'s device envelope (header, then meta or error text) at ``view[:BLOCK]``."""
-    if call.error is None:
-        payload, array_fp, flags = call.payload, call.array_fp, 0
-    else:
-        payload, array_fp, flags = call.error.encode()[:META_MAX], _ZEROS, FLAG_LOCAL_ERROR
-    HEADER.pack_into(view, 0, MAGIC, OPS[call.op], call.reduce_code, 0, call.root, seq,
-                     NO_STEP if call.step is None else call.step, _role(call.name).fingerprint,
-                     array_fp, _ZEROS, flags, len(payload))
+def pack_block(view: Any, p: Protocol, call: TensorCall) -> None:
+    """Write ``call``'s device envelope (header, then DeviceMeta) at ``view[:BLOCK]``."""
+    tensor = call.tensor
+    is_tensor = isinstance(tensor, torch.Tensor)
+    meta = DeviceMeta(call.name, dtype_name(tensor.dtype) if is_tensor else "?",
+                      tensor.device.type if is_tensor else "?",
+                      tuple(tensor.shape) if is_tensor else (), format_site(call.code, call.lasti),
+                      call.occurrence, p.name, call.error)
+    payload = encode_meta(meta)
+    info = call.info
+    assert info is not None
+    HEADER.pack_into(view, 0, MAGIC, OPS[call.op], call.reduce_op, slot_log2(BLOCK), call.root,
+                     call.seq, call.wire_step, info.fingerprint, call.array_fp,
+                     p.identity(call), p.instance,
+                     FLAG_LOCAL_ERROR if call.error is not None else 0, len(payload))
     view[HEADER_SIZE:HEADER_SIZE + len(payload)] = payload
 
 
-def _wait_event(p: Protocol, event: Any, rec: _Pending) -> None:
+def _wait_event(p: Protocol, event: Any, rec: Pending) -> None:
     if p.timeout is None:
         event.synchronize()
         return
@@ -292,57 +307,54 @@ def _wait_event(p: Protocol, event: Any, rec: _Pending) -> None:
     pause = 1e-5
     while not event.query():
         if time.monotonic() >= deadline:
-            raise _timeout(p, rec.seq, rec.call)
+            verdict.timed_out(p, rec.call)
         time.sleep(pause)
         pause = min(pause * 2, 0.002)
 
 
-def _checks(p: Protocol) -> _DeviceChecks:
-    checks = p.extensions.get("tensor")
+def checks_of(p: Protocol) -> DeviceChecks:
+    checks: Optional[DeviceChecks] = p.extensions.get("tensor")
     if checks is None:
         mode = os.environ.get("TYPEDCOLL_TENSOR_CHECK", "deferred") or "deferred"
         if mode not in MODES:
             raise ValueError(f"TYPEDCOLL_TENSOR_CHECK: expected one of {MODES}, got {mode!r}")
-        checks = p.extensions["tensor"] = _DeviceChecks(p.size, p.rank, mode)
+        checks = p.extensions["tensor"] = DeviceChecks(p.size, p.rank, mode)
     return checks
 
 
-def set_tensor_check(comm: Any, mode: str) -> None:
+def set_tensor_check(p: Protocol, mode: str) -> None:
     """Choose how a communicator verifies its CUDA tensor envelopes: "deferred" or "eager"."""
     if mode not in MODES:
         raise ValueError(f"expected mode 'deferred' or 'eager', got {mode!r}")
-    _checks(comm._p if hasattr(comm, "_p") else comm).mode = mode
+    checks_of(p).mode = mode
 
 
-def _device(p: Protocol, call: _Call, launch: Callable[[bool], Any]) -> None:
-    checks = _checks(p)
+def run(p: Protocol, call: TensorCall, launch: Callable[[Any], None]) -> None:
+    """The device path of one call; ``launch(group)`` enqueues the payload collective."""
+    checks = checks_of(p)
+    p.start(call)  # verifies every pending check that has arrived, numbers the call
     try:
-        checks.verify_ready(p)
-        if p.broken is not None:
-            raise p.broken
-        seq = p.seq
-        p.seq = seq + 1
-        if p.recorder is not None:
-            p.recorder.start(seq, call.op, _role(call.name), call.code, call.lasti,
-                             NO_STEP if call.step is None else call.step, 0)
-        device = call.tensor.device if call.on_device else \
-            torch.device("cuda", torch.cuda.current_device())
+        tensor = call.tensor
+        device = tensor.device if call.on_device and isinstance(tensor, torch.Tensor) \
+            else torch.device("cuda", torch.cuda.current_device())
         index = checks.claim(p, device)
-        pack_block(checks.send_view[index * BLOCK:], call, seq)
-        checks.exchange(index, p.transport.group)
-        rec = _Pending(seq, call, index, checks)
-        checks.track(p, rec)
+        pack_block(checks.send_view[index * BLOCK:], p, call)
+        group = p.transport.device_group
+        checks.exchange(index, group)
+        checks.track(p, Pending(call, index, checks))
         if checks.mode == "eager":
             checks.verify_all(p)
         if call.error is not None:
             # Deferred: this rank cannot take part in the payload; its peers learn why from
             # its envelope at their next check.
-            raise _local_error(p, seq, call, [p.rank], {})
-        launch(False)
+            own = infos_from_blocks(bytes(checks.send_view[index * BLOCK:(index + 1) * BLOCK]),
+                                    1)[0]
+            raise verdict.failure(p, call, [p.rank], [own] * p.size)
+        launch(group)
     except BaseException as exc:
         p.failed(exc)
         raise
-    p.completed()
+    p.completed(call)
 
 
 register_internal(__file__)

@@ -1,60 +1,85 @@
-"""The torch.distributed transport: raw byte collectives over a private gloo group.
+"""The torch.distributed transport: byte operations over a private gloo group.
 
-It moves bytes and knows nothing of envelopes (the protocol in ``_protocol`` does the rest), so a
-``TypedComm.from_torch`` behaves exactly like one over MPI. Two groups per communicator:
+Channels. ``channel_for_group(group)`` returns the group's private channel, made once per group
+and shared by every TypedComm built over it (constructing thousands costs one gloo group), and
+freed with the last TypedComm that frees it. The private group is a gloo backend that this
+module constructs itself over a store prefix of its own, not a ``dist.new_group``: that one would
+name its store keys after how many groups the process already holds (which differs between
+ranks once a split left some of them out, and repeats after a group is destroyed), and would
+join torch's registry of groups, which the caller's own later ``new_group`` calls depend on.
+The prefix is ``typedcoll/<group name>/<n>``, ``n`` counted in the store itself: every member
+adds 1 before it connects, and no member connects the next group before every member has
+added for this one, so all read the same ``n``. ``split`` and ``dup`` derive their prefixes
+from their parent's (the derived groups are made in the same order on every rank).
 
-* ``control``: a private gloo group over the same ranks, created here. Every object collective
-  and every envelope of a CPU tensor collective travels on it, as uint8 CPU tensors viewed
-  zero-copy over the protocol's bytearrays (``torch.frombuffer``): one ``all_gather_single`` per
-  typed collective in steady state, never ``all_gather_object``, never pickle. Private, like the
-  MPI transport's ``Dup``, so typed traffic never pairs with the caller's own collectives. Gloo
-  even when the user's group is NCCL: object payloads are CPU bytes, and copying them to the GPU
-  and back would cost two copies and a host sync per call for nothing.
-* ``group``: the caller's group (NCCL, gloo, or a mixed "cpu:gloo,cuda:nccl" group). Tensor
-  payloads and the device-side envelopes of CUDA tensor collectives (``_tensor``) travel on it.
+Gloo even when the caller's group is NCCL: object payloads are CPU bytes, and a detour through
+the GPU would cost two copies and a host sync per call. CPU tensor payloads travel here too.
+CUDA tensor payloads and their envelopes travel on ``device_group``: the caller's group when it
+has an NCCL backend (a derived communicator gets a private NCCL backend of its own).
 
-Deadlines: without one, the blocking torch call; with one, ``async_op=True`` and
-``Work.wait(timeout)`` (gloo raises once the time is up and leaves the work pending), raising
-:class:`TransportTimeout`. Polling ``is_completed()`` was measured slower on the 2-core dev
-machine (2.8 ms against 1.1 ms per 256-byte gather): the spinning thread starves gloo's own.
+The exchange. Phase 1 of every typed collective is ONE all-gather of every rank's fixed-size
+slot on the private group, for both shapes: ranks that disagree about the shape (one in an
+allgather, its peer in a bcast) still meet in the same gloo operation, and every rank then
+folds the same gathered slots into the agreement block (``core.transport.finish_gathered``).
+Gloo has no cheaper OR-reduction of bytes to offer for the REDUCE shape, so nothing is lost.
+
+Deadlines. ``None`` (and ``math.inf``) wait without a deadline. A finite deadline is passed to
+gloo as the operation's own timeout (plus a margin, so gloo abandons the operation soon after
+and a process can exit cleanly) and bounds ``Work.wait``, which raises while the operation is
+still pending: :class:`TransportTimeout`. Polling ``is_completed()`` was measured slower on a
+2-core machine (2.8 ms against 1.1 ms per 256-byte gather): the spinning thread starves gloo's.
 """
 
 from __future__ import annotations
 
-import inspect
+import math
 import os
 import socket
 import time
 from datetime import timedelta
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch._C._distributed_c10d import (AllgatherOptions, AllreduceOptions, AllToAllOptions,
+                                        BroadcastOptions, GatherOptions, ReduceScatterOptions,
+                                        ScatterOptions)
+from torch.distributed import distributed_c10d as c10d
 
-from ._callsite import register_internal
-from ._payloads import reduce_values
-from ._transport import TransportTimeout
+from ..codecs.reduce import reduce_values
+from ..core.channel import Channel
+from ..core.identity import register_internal
+from ..core.transport import TransportTimeout, finish_gathered
 
 # torch 2.13 renamed the fused-tensor collectives and deprecates the old names with a
-# FutureWarning (an error under pytest's filterwarnings); torch 2.11 (the device image) has only
-# the old ones.
+# FutureWarning; torch 2.11 has only the old ones.
 all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
-REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN,
-              "prod": dist.ReduceOp.PRODUCT}
-# numpy dtypes gloo reduces natively; others (uint16/32/64) are gathered and reduced in numpy.
-_GLOO_REDUCIBLE = frozenset("?bBhilqefdFD") - {"H", "I", "L", "Q"}
-_SORT_RANKS = "sort_ranks" in inspect.signature(dist.new_group).parameters
+# Gloo needs a finite timeout: "no deadline" is a year of it.
+FOREVER = timedelta(days=365)
+_FOREVER_S = FOREVER.total_seconds()
+_MARGIN_S = 1.0  # gloo abandons a timed-out operation this long after its deadline
+
+TORCH_OPS = {"sum": dist.ReduceOp.SUM, "prod": dist.ReduceOp.PRODUCT, "max": dist.ReduceOp.MAX,
+             "min": dist.ReduceOp.MIN, "band": dist.ReduceOp.BAND, "bor": dist.ReduceOp.BOR,
+             "bxor": dist.ReduceOp.BXOR}
+# (numpy kind, itemsize) -> the ops gloo reduces natively with the same result as
+# codecs.reduce_values; anything else is gathered and reduced in rank order on every rank
+# (logical ops, bools, uint16-64 and int16 that gloo lacks, and float max/min, whose NaN rule
+# gloo does not follow).
+_INT_OPS = frozenset(TORCH_OPS)
+_GLOO_NATIVE = {("i", 1): _INT_OPS, ("u", 1): _INT_OPS, ("i", 4): _INT_OPS, ("i", 8): _INT_OPS,
+                ("f", 4): frozenset({"sum", "prod"}), ("f", 8): frozenset({"sum", "prod"})}
 _EMPTY = torch.empty(0, dtype=torch.uint8)
 
 
 def u8(buf: Any) -> torch.Tensor:
     """A uint8 CPU tensor over ``buf``'s memory: no copy for writable buffers (bytearrays).
 
-    Read-only ones (bytes) are copied first: torch tensors are always writable, and torch warns
-    on a read-only view. torch.frombuffer refuses empty buffers.
+    Read-only ones (bytes) are copied first: torch warns on a read-only view. torch.frombuffer
+    refuses empty buffers.
     """
     if not len(buf):
         return _EMPTY
@@ -63,20 +88,29 @@ def u8(buf: Any) -> torch.Tensor:
     return torch.frombuffer(buf, dtype=torch.uint8)
 
 
+def options(kind: Any, deadline: Optional[float]) -> Any:
+    """Options of one gloo operation, its timeout taken from ``deadline``."""
+    opts = kind()
+    if deadline is not None:
+        remaining = deadline - time.monotonic()
+        if remaining < _FOREVER_S:
+            opts.timeout = timedelta(seconds=max(remaining, 0.0) + _MARGIN_S)
+    return opts
+
+
 def wait_work(work: Any, deadline: Optional[float]) -> None:
-    """Wait for an async torch collective; TransportTimeout once ``deadline`` has passed."""
-    if deadline is None:
+    """Wait for a torch operation; TransportTimeout once ``deadline`` has passed."""
+    remaining = math.inf if deadline is None else deadline - time.monotonic()
+    if remaining >= _FOREVER_S:  # None, math.inf, or beyond what a timedelta holds
         work.wait()
         return
-    remaining = deadline - time.monotonic()
     try:
-        if remaining <= 0 and not work.is_completed():
-            raise TransportTimeout()
-        work.wait(timeout=timedelta(seconds=max(remaining, 1e-3)))
-    except RuntimeError as exc:
-        # Gloo reports a timeout as a RuntimeError; anything else (a peer died) is a real error.
-        if not work.is_completed() and time.monotonic() >= deadline - 1e-3:
-            raise TransportTimeout() from exc
+        work.wait(timedelta(seconds=max(remaining, 1e-3)))
+    except RuntimeError:
+        # Collectives stay pending after a timed-out wait; point-to-point operations are failed
+        # by it (gloo closes the pair). Before the deadline, it is a real failure (a peer died).
+        if not work.is_completed() or time.monotonic() >= deadline - 1e-3:
+            raise TransportTimeout() from None
         raise
 
 
@@ -84,137 +118,267 @@ def group_name(group: Any) -> str:
     """``WORLD`` for the default group, else ``group[0,2,5]`` (its global ranks)."""
     if group is None or group is dist.group.WORLD:
         return "WORLD"
-    ranks = dist.get_process_group_ranks(group)
-    return "group[" + ",".join(map(str, ranks)) + "]"
+    return "group[" + ",".join(map(str, dist.get_process_group_ranks(group))) + "]"
 
 
-def _new_group(ranks: List[int], backend: Optional[str]) -> Any:
-    # Local synchronisation: only the members call, so subgroups and splits work without the
-    # whole world taking part; unsorted, so a split's key order is the new rank order.
-    kwargs = {"sort_ranks": False} if _SORT_RANKS else {}
-    return dist.new_group(ranks, backend=backend, use_local_synchronization=True, **kwargs)
+def free_port() -> int:
+    """A free localhost TCP port, for launching test and benchmark process groups."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _gloo(store: Any, prefix: str, rank: int, size: int) -> Any:
+    return c10d.ProcessGroupGloo(c10d.PrefixStore(prefix + "/gloo/", store), rank, size, FOREVER)
+
+
+def _nccl(store: Any, prefix: str, rank: int, size: int) -> Any:
+    return c10d.ProcessGroupNCCL(c10d.PrefixStore(prefix + "/nccl/", store), rank, size,
+                                 c10d.ProcessGroupNCCL.Options())
 
 
 class TorchTransport:
-    """Byte collectives over a private gloo group; ``group`` carries tensor payloads."""
+    """Byte operations on a private gloo backend (``control``); CUDA tensors on
+    ``device_group``; ``store`` is a prefix of the job's c10d store private to this channel
+    (diagnostics post and read per-rank status there)."""
 
     kind = "torch"
 
-    def __init__(self, group: Any, control: Any) -> None:
-        self.group = group
+    def __init__(self, control: Any, ranks: List[int], base_store: Any, prefix: str,
+                 device_group: Any, owns_device_group: bool) -> None:
         self.control = control
-        self.rank = dist.get_rank(control)
-        self.size = dist.get_world_size(control)
-        self.ranks = dist.get_process_group_ranks(control)
+        self.ranks = ranks  # global ranks, in this communicator's rank order
+        self.rank = int(control.rank())
+        self.size = int(control.size())
+        self.base_store = base_store
+        self.prefix = prefix
+        self.store = c10d.PrefixStore(prefix + "/diag/", base_store)
+        self.device_group = device_group
+        self.owns_device_group = owns_device_group
+        self.derived = 0  # splits and dups so far: names their groups alike on every rank
         self._owners: Tuple[Any, Any] = (None, None)
         self._views: Tuple[torch.Tensor, torch.Tensor] = (_EMPTY, _EMPTY)
+        self._gather_opts = AllgatherOptions()
+        self._sends: List[Tuple[Any, torch.Tensor]] = []  # point-to-point sends in flight
 
-    def _slot_views(self, send: bytearray, recv: bytearray) -> Tuple[torch.Tensor, torch.Tensor]:
-        # The protocol keeps one pair of slot bytearrays until the slot size changes, each
-        # pinned by a memoryview (so it cannot be resized under a tensor view of it): the views
-        # are made once per pair, not per call.
+    # --- the exchange ------------------------------------------------------------------------
+    def exchange(self, send: bytearray, recv: bytearray, block: bytearray, shape: int,
+                 deadline: Optional[float]) -> None:
         owners = self._owners
         if send is not owners[0] or recv is not owners[1]:
+            # The protocol keeps one pair of slot buffers until the slot size changes, each
+            # pinned by a memoryview (it cannot be resized under a tensor view of it): views
+            # are made once per pair, not per call.
             self._views = (u8(send), u8(recv))
             self._owners = (send, recv)
-        return self._views
+        send_t, recv_t = self._views
+        opts = self._gather_opts if deadline is None else options(AllgatherOptions,
+                                                                  deadline)
+        wait_work(self.control._allgather_base(recv_t, send_t, opts), deadline)
+        finish_gathered(recv, len(send), self.size, block, shape)
 
-    def allgather_slots(self, send: bytearray, recv: bytearray) -> None:
-        send_t, recv_t = self._slot_views(send, recv)
-        all_gather_single(recv_t, send_t, group=self.control)
-
-    def allgather_slots_until(self, send: bytearray, recv: bytearray, deadline: float) -> None:
-        send_t, recv_t = self._slot_views(send, recv)
-        wait_work(all_gather_single(recv_t, send_t, group=self.control, async_op=True), deadline)
-
-    def _padded_gather(self, send: bytes, width: int, deadline: Optional[float]) -> torch.Tensor:
-        # Gloo gathers equal sizes only: pad every contribution to the largest count, which every
-        # rank knows (the counts come from headers all ranks have seen).
+    # --- phase 2 and the cold paths ------------------------------------------------------------
+    def _gather_padded(self, send: bytes, width: int, deadline: Optional[float]) -> torch.Tensor:
+        # Gloo gathers equal sizes only: every contribution is padded to the largest count,
+        # which every rank knows (counts come from headers, or lengths, every rank has seen).
         padded = torch.zeros(width, dtype=torch.uint8)
         padded[:len(send)] = u8(send)
         out = torch.empty(width * self.size, dtype=torch.uint8)
-        work = all_gather_single(out, padded, group=self.control, async_op=deadline is not None)
-        if deadline is not None:
-            wait_work(work, deadline)
-        return out
+        wait_work(self.control._allgather_base(out, padded,
+                                               options(AllgatherOptions, deadline)),
+                  deadline)
+        return out.view(self.size, width)
 
     def allgatherv(self, send: bytes, counts: List[int],
-                   deadline: Optional[float] = None) -> bytearray:
+                   deadline: Optional[float]) -> bytearray:
         width = max(counts)
         if width == 0:
             return bytearray()
         if width == min(counts):
             recv = bytearray(width * self.size)
-            work = all_gather_single(u8(recv), u8(send), group=self.control,
-                                     async_op=deadline is not None)
-            if deadline is not None:
-                wait_work(work, deadline)
+            wait_work(self.control._allgather_base(u8(recv), u8(send),
+                                                   options(AllgatherOptions, deadline)),
+                      deadline)
             return recv
-        rows = self._padded_gather(send, width, deadline).view(self.size, width)
+        rows = self._gather_padded(send, width, deadline)
         return bytearray(b"".join(rows[r, :c].numpy().tobytes() for r, c in enumerate(counts)))
 
     def gatherv(self, send: bytes, counts: List[int], root: int,
-                deadline: Optional[float] = None) -> Optional[bytearray]:
+                deadline: Optional[float]) -> Optional[bytearray]:
         width = max(counts)
         if width == 0:
             return bytearray() if self.rank == root else None
         padded = torch.zeros(width, dtype=torch.uint8)
         padded[:len(send)] = u8(send)
-        rows = ([torch.empty(width, dtype=torch.uint8) for _ in range(self.size)]
-                if self.rank == root else None)
-        work = dist.gather(padded, rows, dst=self.ranks[root], group=self.control,
-                           async_op=deadline is not None)
-        if deadline is not None:
-            wait_work(work, deadline)
-        if rows is None:
+        rows = [torch.empty(width, dtype=torch.uint8) for _ in range(self.size)] \
+            if self.rank == root else []
+        opts = options(GatherOptions, deadline)
+        opts.rootRank = root
+        wait_work(self.control.gather([rows] if rows else [], [padded], opts), deadline)
+        if not rows:
             return None
         return bytearray(b"".join(rows[r][:c].numpy().tobytes() for r, c in enumerate(counts)))
 
-    def bcast_bytes(self, buf: bytearray, root: int, deadline: Optional[float] = None) -> None:
-        if not buf:
-            return
-        work = dist.broadcast(u8(buf), src=self.ranks[root], group=self.control,
-                              async_op=deadline is not None)
-        if deadline is not None:
-            wait_work(work, deadline)
+    def _lengths(self, mine: List[int], deadline: Optional[float]) -> np.ndarray:
+        """Every rank's ``mine`` (one int64 per entry), as a (size, len(mine)) table."""
+        raw = self.allgatherv(np.array(mine, dtype="<i8").tobytes(), [8 * len(mine)] * self.size,
+                              deadline)
+        return np.frombuffer(raw, dtype="<i8").reshape(self.size, len(mine))
 
-    def allreduce_array(self, arr: np.ndarray, op: str,
-                        deadline: Optional[float] = None) -> np.ndarray:
-        out = np.ascontiguousarray(arr).copy()
-        if out.dtype.char not in _GLOO_REDUCIBLE or out.dtype.byteorder == ">":
-            # Every rank gathers the same bytes and reduces them in rank order: the same result
-            # everywhere, at the cost of size x the traffic (only dtypes gloo cannot reduce).
-            raw = self.allgatherv(out.tobytes(), [out.nbytes] * self.size, deadline)
-            parts = np.frombuffer(raw, dtype=out.dtype).reshape((self.size,) + out.shape)
-            return reduce_values(list(parts), op)
-        work = dist.all_reduce(torch.from_numpy(out), op=REDUCE_OPS[op], group=self.control,
-                               async_op=deadline is not None)
-        if deadline is not None:
-            wait_work(work, deadline)
+    def gather_parts(self, send: bytes, root: int,
+                     deadline: Optional[float]) -> Optional[List[bytes]]:
+        # Lengths first: after a REDUCE exchange only each sender knows its own.
+        counts = [int(n) for n in self._lengths([len(send)], deadline)[:, 0]]
+        blob = self.gatherv(send, counts, root, deadline)
+        if blob is None:
+            return None
+        out, offset = [], 0
+        for c in counts:
+            out.append(bytes(blob[offset:offset + c]))
+            offset += c
         return out
 
+    def scatter_parts(self, parts: Optional[List[bytes]], root: int,
+                      deadline: Optional[float]) -> bytes:
+        # Lengths first, from the root to every rank: each pads to the largest.
+        is_root = self.rank == root
+        lengths = bytearray(np.array([len(x) for x in parts] if is_root and parts is not None
+                                     else [0] * self.size, dtype="<i8").tobytes())
+        self.bcast_bytes(lengths, root, deadline)
+        counts = [int(n) for n in np.frombuffer(lengths, dtype="<i8")]
+        width = max(counts)
+        if width == 0:
+            return b""
+        mine = torch.empty(width, dtype=torch.uint8)
+        rows = []
+        if is_root and parts is not None:
+            for part in parts:
+                row = torch.zeros(width, dtype=torch.uint8)
+                row[:len(part)] = u8(part)
+                rows.append(row)
+        opts = options(ScatterOptions, deadline)
+        opts.rootRank = root
+        wait_work(self.control.scatter([mine], [rows] if rows else [], opts), deadline)
+        return mine[:counts[self.rank]].numpy().tobytes()
+
+    def alltoall_parts(self, parts: Optional[List[bytes]],
+                       deadline: Optional[float]) -> List[bytes]:
+        # Every rank's send counts first (the whole table), so every rank knows what it
+        # receives and all skip together when nothing moves.
+        parts = parts if parts is not None else [b""] * self.size
+        table = self._lengths([len(x) for x in parts], deadline)
+        send_counts = [int(n) for n in table[self.rank]]
+        recv_counts = [int(n) for n in table[:, self.rank]]
+        if not table.any():
+            return [b""] * self.size
+        out = torch.empty(sum(recv_counts), dtype=torch.uint8)
+        wait_work(self.control.alltoall_base(out, u8(b"".join(parts)), recv_counts, send_counts,
+                                             options(AllToAllOptions, deadline)), deadline)
+        blob = out.numpy().tobytes()
+        result, offset = [], 0
+        for c in recv_counts:
+            result.append(blob[offset:offset + c])
+            offset += c
+        return result
+
+    def bcast_bytes(self, buf: bytearray, root: int, deadline: Optional[float]) -> None:
+        if not buf:
+            return
+        opts = options(BroadcastOptions, deadline)
+        opts.rootRank = root
+        wait_work(self.control.broadcast([u8(buf)], opts), deadline)
+
+    def allreduce_array(self, array: np.ndarray, op: str,
+                        deadline: Optional[float]) -> np.ndarray:
+        # Gloo reduces native byte order only: reduce a native copy, hand back the caller's.
+        native = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("="))
+        if native.size and op in _GLOO_NATIVE.get((native.dtype.kind, native.dtype.itemsize),
+                                                  ()):
+            result = native.copy()
+            opts = options(AllreduceOptions, deadline)
+            opts.reduceOp = TORCH_OPS[op]
+            wait_work(self.control.allreduce([torch.from_numpy(result)], opts), deadline)
+        else:
+            # Every rank gathers the same bytes and reduces them in rank order: the same
+            # result everywhere, at size x the traffic.
+            raw = self.allgatherv(native.tobytes(), [native.nbytes] * self.size, deadline)
+            parts = np.frombuffer(raw, dtype=native.dtype).reshape((self.size,) + native.shape)
+            result = reduce_values(list(parts), op)
+        if result.dtype == native.dtype:
+            return result.astype(array.dtype, copy=False)
+        return result  # the logical ops give bools, as codecs.reduce_values does
+
+    # --- tensors (the tensor layer's host path) ------------------------------------------------
+    def all_gather_tensor(self, out: torch.Tensor, src: torch.Tensor,
+                          deadline: Optional[float]) -> None:
+        wait_work(self.control._allgather_base(_bytes_of(out), _bytes_of(src),
+                                               options(AllgatherOptions, deadline)),
+                  deadline)
+
+    def all_reduce_tensor(self, tensor: torch.Tensor, op: str,
+                          deadline: Optional[float]) -> None:
+        opts = options(AllreduceOptions, deadline)
+        opts.reduceOp = TORCH_OPS[op]
+        target = torch.view_as_real(tensor) if tensor.is_complex() else tensor
+        wait_work(self.control.allreduce([target], opts), deadline)
+
+    def broadcast_tensor(self, tensor: torch.Tensor, root: int,
+                         deadline: Optional[float]) -> None:
+        opts = options(BroadcastOptions, deadline)
+        opts.rootRank = root
+        wait_work(self.control.broadcast([_bytes_of(tensor)], opts), deadline)
+
+    def reduce_scatter_tensor(self, out: torch.Tensor, src: torch.Tensor, op: str,
+                              deadline: Optional[float]) -> None:
+        opts = options(ReduceScatterOptions, deadline)
+        opts.reduceOp = TORCH_OPS[op]
+        if src.is_complex():
+            out, src = torch.view_as_real(out), torch.view_as_real(src)
+        wait_work(self.control._reduce_scatter_base(out, src, opts), deadline)
+
+    # --- point to point: the length, then the bytes, on the private group ------------------
+    def send_bytes(self, data: bytes, dest: int, tag: int, deadline: Optional[float]) -> None:
+        # A gloo send completes only once the receiver has posted its receive, so waiting here
+        # would deadlock a ring of sends that MPI's buffered small sends complete. The sends are
+        # left in flight instead (their buffers held until done; gloo keeps a pair's messages
+        # of one tag in order), and the receiver's deadline bounds the exchange.
+        self._sends = [sent for sent in self._sends if not sent[0].is_completed()]
+        parts = [torch.tensor([len(data)], dtype=torch.int64)] + ([u8(data)] if data else [])
+        for part in parts:
+            self._sends.append((self.control.send([part], dest, tag), part))
+
+    def recv_bytes(self, source: int, tag: int, deadline: Optional[float]) -> bytes:
+        length = torch.zeros(1, dtype=torch.int64)
+        wait_work(self.control.recv([length], source, tag), deadline)
+        buf = bytearray(int(length[0]))
+        if buf:
+            wait_work(self.control.recv([u8(buf)], source, tag), deadline)
+        return bytes(buf)
+
+    # --- communicators ------------------------------------------------------------------------
     def split(self, color: Optional[int], key: int) -> Optional["TorchTransport"]:
-        # Every rank learns every (color, key); the members of each color then create their two
-        # groups on their own (local synchronisation), ordered by (key, old rank) as in MPI.
-        mine = np.array([-1 if color is None else color, key], dtype=np.int64)
-        table = np.frombuffer(self.allgatherv(mine.tobytes(), [16] * self.size),
-                              dtype=np.int64).reshape(self.size, 2)
+        # Every rank learns every (color, key); the members of each color then connect their
+        # own groups, ordered by (key, old rank) as in MPI.
+        table = self._lengths([-1 if color is None else color, key], None)
+        self.derived += 1
         if color is None:
             return None
         members = sorted((int(table[r, 1]), r) for r in range(self.size)
                          if table[r, 0] == color)
-        ranks = [self.ranks[r] for _, r in members]
-        return self._derived(ranks)
+        return self._derived([r for _, r in members], f"split{self.derived}.{color}")
 
     def dup(self) -> "TorchTransport":
-        return self._derived(list(self.ranks))
+        self.derived += 1
+        return self._derived(list(range(self.size)), f"dup{self.derived}")
 
-    def _derived(self, ranks: List[int]) -> "TorchTransport":
-        control = _new_group(ranks, "gloo")
-        backend = dist.get_backend(self.group)
-        group = control if backend == "gloo" else _new_group(ranks, None if ":" in backend
-                                                             else backend)
-        return TorchTransport(group, control)
+    def _derived(self, members: List[int], tag: str) -> "TorchTransport":
+        prefix = f"{self.prefix}/{tag}"
+        rank, size = members.index(self.rank), len(members)
+        device = None if self.device_group is None else _nccl(self.base_store, prefix, rank,
+                                                               size)
+        return TorchTransport(_gloo(self.base_store, prefix, rank, size),
+                              [self.ranks[r] for r in members], self.base_store, prefix, device,
+                              owns_device_group=device is not None)
 
     def abort(self, code: int = 1) -> None:
         # torch.distributed has no job-wide abort: exiting non-zero makes torchrun (or any
@@ -222,30 +386,46 @@ class TorchTransport:
         os._exit(code)
 
     def free(self) -> None:
-        if self.group is not self.control and self.group is not dist.group.WORLD:
-            dist.destroy_process_group(self.group)
-        dist.destroy_process_group(self.control)
+        self._sends.clear()
+        self.control.shutdown()
+        if self.owns_device_group:
+            self.device_group.shutdown()
+        self._owners = (None, None)
+        self._views = (_EMPTY, _EMPTY)
 
 
-def transport_for_group(group: Any = None) -> Tuple[TorchTransport, str]:
-    """(transport, default name) for an initialised torch.distributed group (None: world)."""
+def _bytes_of(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor's memory as flat uint8: moving bytes works for every dtype."""
+    return tensor.reshape(-1).view(torch.uint8)
+
+
+_CHANNELS: Dict[int, Tuple[Any, Channel]] = {}
+
+
+def channel_for_group(group: Any = None) -> Channel:
+    """The private channel of ``group`` (None: the world): made by the first TypedComm over
+    it, then shared until its last user frees."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("expected an initialised torch.distributed process group "
                            "(call torch.distributed.init_process_group first)")
     pg = dist.group.WORLD if group is None else group
-    if dist.get_rank(pg) < 0:
-        raise ValueError(f"this process (global rank {dist.get_rank()}) is not a member of "
-                         f"{group_name(pg)}")
-    ranks = dist.get_process_group_ranks(pg)
-    control = _new_group(ranks, "gloo")
-    return TorchTransport(pg, control), group_name(pg)
-
-
-def free_port() -> int:
-    """A free localhost TCP port, for launching test and benchmark process groups."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    if pg is None or pg is dist.GroupMember.NON_GROUP_MEMBER or dist.get_rank(pg) < 0:
+        raise ValueError(f"expected a group this process (global rank {dist.get_rank()}) is a "
+                         f"member of, got {group!r}")
+    cached = _CHANNELS.get(id(pg))
+    if cached is not None and cached[0] is pg and cached[1].users > 0:
+        return cached[1]
+    store = c10d._get_default_store()
+    size = dist.get_world_size(pg)
+    count = store.add(f"typedcoll/{pg.group_name}/channels", 1)
+    prefix = f"typedcoll/{pg.group_name}/{(count - 1) // size}"
+    has_cuda = "nccl" in str(dist.get_backend(pg))
+    transport = TorchTransport(_gloo(store, prefix, dist.get_rank(pg), size),
+                               dist.get_process_group_ranks(pg), store, prefix,
+                               pg if has_cuda else None, owns_device_group=False)
+    channel = Channel(transport, group_name(pg))
+    _CHANNELS[id(pg)] = (pg, channel)
+    return channel
 
 
 register_internal(__file__)
