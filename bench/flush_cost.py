@@ -1,12 +1,13 @@
 """Control-plane cost per iteration: one collective per channel against one coalesced flush.
 
-Run: ``mpiexec -n 2 python bench/flush_cost.py`` (``--rounds``/``--iters`` to taste).
+Run: ``mpiexec -n 2 python bench/flush_cost.py`` (``--rounds``/``--iters`` to taste;
+``TYPEDCOLL_PURE_PYTHON=1`` measures the Python paths alone).
 
-Every method moves the same messages every iteration (each rank's state for the router, its
-timed-out request ids, its 26-field iteration stats):
+Every method moves one iteration's control plane (each rank's state for the router, its
+timeouts, its 26-key iteration stats; ``typedcoll.demo.cost`` builds the messages):
   per_channel_pickle  the engine's fix as shipped: three mpi4py comm.allgather(obj) calls of
-                      pickled objects, one per channel ("no new collectives; the fix still costs
-                      one collective per drained channel")
+                      pickled objects, one per drained channel (the timeouts as the engine's
+                      bool vote, the stats as its dict)
   per_channel         three TypedComm.allgather calls, one per channel: the coalescing alone
   flush               three SymmetricFlush.post calls and one flush collective
 Interleaved round by round so machine noise hits all alike; the table shows the median over
@@ -25,7 +26,7 @@ import msgspec
 from mpi4py import MPI
 
 import typedcoll as tc
-from typedcoll.executor._cost import measure
+from typedcoll.demo.cost import measure
 
 
 def main(argv=None) -> int:

@@ -1,97 +1,207 @@
-"""SymmetricFlush: delivery, local post checks, and a flush under a rank-local condition."""
+"""SymmetricFlush on in-process ranks: delivery, local post checks, the step clock, and a flush
+reached under a rank-local condition."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
-from launch import run_spmd
-
-PRELUDE = """
-from mpi4py import MPI
 import typedcoll as tc
-from typedcoll.executor import SymmetricFlush, RankState, TimeoutFlag, IterStats
-# No timeout on the communicator: the launcher's timeout bounds every test.
-comm = tc.TypedComm(MPI.COMM_WORLD, name="tp")
-flush = SymmetricFlush(comm, {"rank_state": RankState, "timeouts": TimeoutFlag,
-                              "iter_stats": IterStats})
-r, n = comm.rank, comm.size
-"""
+from typedcoll import testing
+from typedcoll.executor import Delivery, IterStats, RankState, SymmetricFlush, TimeoutFlag
+
+CHANNELS = {"rank_state": RankState, "timeouts": TimeoutFlag, "iter_stats": IterStats}
+SITE = r"test_executor_flush\.py:\d+"
 
 
-def _run(body: str, nranks: int, tmp_path):
-    result = run_spmd(PRELUDE + body, nranks, timeout=60, tmp_path=tmp_path)
-    assert not result.timed_out and result.returncode == 0, repr(result)
-    return result
+def run(n, fn):
+    return testing.run(n, fn, timeout=10, name="tp")
+
+
+def raised(n, fn):
+    """Every rank's exception, in rank order; fails when some rank returned."""
+    with pytest.raises(Exception) as info:  # an ExceptionGroup (its backport on Python 3.10)
+        run(n, fn)
+    errors = list(info.value.exceptions)  # type: ignore[attr-defined]
+    assert len(errors) == n, errors
+    return errors
 
 
 @pytest.mark.parametrize("nranks", [1, 2, 4])
-def test_flush_delivers_every_rank_messages(nranks, tmp_path):
-    out = _run("""
-flush.post("rank_state", RankState(r, r, 10 * r))
-if r % 2:
-    flush.post("timeouts", TimeoutFlag(rank=r, iteration=0, request_ids=(r, r + 1)))
-    flush.post("timeouts", TimeoutFlag(rank=r, iteration=0))
-d = flush.flush(step=0)
-assert d["rank_state"] == [(RankState(s, s, 10 * s),) for s in range(n)]
-assert [len(x) for x in d["timeouts"]] == [2 if s % 2 else 0 for s in range(n)]
-assert d.latest("iter_stats") == [None] * n and flush.num_pending == 0
-assert len(d) == n + 2 * (n // 2)
-empty = flush.flush(step=1)          # nothing pending anywhere: still one collective, all None
-assert len(empty) == 0 and comm.seq == 2
-assert flush.posted["timeouts"] == (2 if r % 2 else 0)
-assert d["timeouts"] is d["timeouts"] and d.channels == flush.channels
-try:
-    d["nope"]
-except KeyError as exc:
-    assert "expected a channel in ['rank_state', 'timeouts', 'iter_stats'], got 'nope'" in str(exc)
-else:
-    raise AssertionError("expected a KeyError")
-print("OK", r)
-""", nranks, tmp_path)
-    assert out.stdout.count("OK") == nranks
+def test_flush_delivers_every_rank_messages(nranks):
+    def body(comm):
+        r, n = comm.rank, comm.size
+        flush = SymmetricFlush(comm, CHANNELS)
+        flush.post("rank_state", RankState(r, r, 10 * r))
+        if r % 2:
+            flush.post("timeouts", TimeoutFlag(rank=r, iteration=0, request_ids=(r, r + 1)))
+            flush.post("timeouts", TimeoutFlag(rank=r, iteration=0))
+        assert flush.num_pending == (3 if r % 2 else 1)
+        d = flush.flush(step=0)
+        assert isinstance(d, Delivery) and d.step == 0 and d.seq == 0
+        assert d["rank_state"] == [(RankState(s, s, 10 * s),) for s in range(n)]
+        assert [len(x) for x in d["timeouts"]] == [2 if s % 2 else 0 for s in range(n)]
+        assert list(d.messages("timeouts")) == [
+            (s, m) for s in range(n) if s % 2
+            for m in (TimeoutFlag(rank=s, iteration=0, request_ids=(s, s + 1)),
+                      TimeoutFlag(rank=s, iteration=0))]
+        assert d.latest("iter_stats") == [None] * n and flush.num_pending == 0
+        assert len(d) == n + 2 * (n // 2) and d["timeouts"] is d["timeouts"]
+        assert repr(d) == f"Delivery(step=0, seq=0, messages={len(d)})"
+        empty = flush.flush(step=1)  # nothing pending anywhere: still one collective
+        assert len(empty) == 0 and comm.seq == 2 and flush.flushes == 2
+        assert flush.posted == {"rank_state": 1, "timeouts": 2 if r % 2 else 0,
+                                "iter_stats": 0}
+        with pytest.raises(KeyError, match=re.escape(
+                "expected a channel in ['rank_state', 'timeouts', 'iter_stats'], got 'nope'")):
+            d["nope"]
+        return d.channels
+
+    assert run(nranks, body) == [("rank_state", "timeouts", "iter_stats")] * nranks
 
 
-def test_post_checks_locally(tmp_path):
-    _run("""
-import pytest
-with pytest.raises(KeyError, match="expected a channel in"):
-    flush.post("nope", RankState(r))
-with pytest.raises(TypeError, match="channel 'timeouts': expected TimeoutFlag, got RankState"):
-    flush.post("timeouts", RankState(r))
-assert flush.num_pending == 0
-""", 1, tmp_path)
+def test_post_checks_locally():
+    def body(comm):
+        flush = SymmetricFlush(comm, CHANNELS)
+        with pytest.raises(KeyError, match=re.escape(
+                "expected a channel in ['rank_state', 'timeouts', 'iter_stats'], got 'nope'")):
+            flush.post("nope", RankState(0))
+        with pytest.raises(TypeError, match="^channel 'timeouts': expected TimeoutFlag, got "
+                                            "RankState$"):
+            flush.post("timeouts", RankState(0))
+        assert flush.num_pending == 0 and comm.seq == 0  # nothing was communicated
+        with pytest.raises(ValueError, match="^expected at least one channel, got none$"):
+            SymmetricFlush(comm, {})
+
+    run(1, body)
 
 
-def test_flush_under_rank_local_condition_is_caught(tmp_path):
-    # Rank 1 flushes once more (a gated flush): its flush meets its peers' allgather, then the
-    # ranks are realigned; then two different flush points; then a flush one iteration late.
-    out = _run("""
-def expect(fn, seq, kinds):
-    try:
-        fn()
-    except tc.DesyncError as exc:
-        assert exc.seq == seq, (exc.seq, seq, str(exc))
-        assert [k.value for k in exc.kinds] == kinds, (exc.kinds, str(exc))
-        print(f"rank {r} caught #{exc.seq}:", str(exc).replace(chr(10), " | "))
-    else:
-        raise AssertionError("expected a DesyncError")
+def test_flush_step_sets_the_clock_and_ordinal_is_the_default():
+    def body(comm):
+        flush = SymmetricFlush(comm, CHANNELS)
+        assert flush.flush().step == 0 and comm.step is None  # no clock: the flush's ordinal
+        assert flush.flush(step=7).step == 7 and comm.step == 7
+        comm.allgather(comm.rank)  # stamped with step 7 by the clock
+        assert flush.flush().step == 7  # no step given: the clock
+        return comm.step
 
-def gated():
-    if r == 1:
-        flush.flush(step=5)                             # flush point A, rank-local
-    else:
-        comm.allgather(RankState(r), step=5)
-expect(gated, 0, ["op", "schema", "call site"])
+    assert run(2, body) == [7, 7]
 
-def two_points():
-    if r == 1:
-        flush.flush(step=6)                             # flush point B
-    else:
-        flush.flush(step=6)                             # flush point C
-expect(two_points, 1, ["call site"])
 
-def late():
-    flush.flush(step=7 if r == 1 else 8)
-expect(late, 2, ["step"])
-""", 2, tmp_path)
-    assert "flush[FlushBatch] at" in out.stdout
+def test_clock_from_flush_catches_a_skipped_iteration_later():
+    # The flush sets step 4 on every rank; rank 0 then moves its clock on alone: the next
+    # collective, the same call on every rank, differs in step only.
+    def body(comm):
+        SymmetricFlush(comm, CHANNELS).flush(step=4)
+        if comm.rank == 0:
+            comm.set_step(5)
+        comm.allgather(comm.rank)
+
+    errors = raised(2, body)
+    assert {type(e) for e in errors} == {tc.DesyncError}
+    text = str(errors[0])
+    assert re.fullmatch(
+        rf"collective #1 on tp diverged \(step\):\n"
+        rf"  rank 0: allgather\[int\] at {SITE}, its 1st call, step 5\n"
+        rf"  rank 1: allgather\[int\] at {SITE}, its 1st call, step 4\n"
+        rf"  the ranks are at different steps of the same call: a rank skipped or repeated an "
+        rf"iteration", text), text
+    assert str(errors[1]) == text
+
+
+def test_flush_under_rank_local_condition_meets_another_collective():
+    def body(comm):
+        flush = SymmetricFlush(comm, CHANNELS)
+        if comm.rank == 1:
+            flush.post("rank_state", RankState(1))
+            flush.flush(step=5)                       # a flush reached on rank 1 only
+        else:
+            comm.allgather(RankState(0), step=5)
+
+    errors = raised(2, body)
+    assert {type(e) for e in errors} == {tc.DesyncError}
+    text = str(errors[0])
+    assert re.fullmatch(
+        rf"collective #0 on tp diverged \(op, call site, schema\):\n"
+        rf"  rank 0: allgather\[RankState\] at {SITE}, its 1st call, step 5\n"
+        rf"  rank 1: flush\[FlushBatch\] at {SITE}, its 1st call, step 5", text), text
+    assert [k.value for k in errors[0].kinds] == ["op", "call site", "schema"]
+    assert str(errors[1]) == text
+
+
+def test_two_flush_points_differ_in_call_site_and_a_name_joins_them():
+    def two_points(comm):
+        flush = SymmetricFlush(comm, CHANNELS)
+        if comm.rank == 1:
+            flush.flush(step=6)
+        else:
+            flush.flush(step=6)
+
+    errors = raised(2, two_points)
+    text = str(errors[0])
+    assert re.fullmatch(
+        rf"collective #0 on tp diverged \(call site\):\n"
+        rf"  rank 0: flush\[FlushBatch\] at {SITE}, its 1st call, step 6\n"
+        rf"  rank 1: flush\[FlushBatch\] at {SITE}, its 1st call, step 6\n"
+        rf"  only the call sites differ: if these are the same collective called from different "
+        rf"lines, give every rank's call the same name= \(or mark the wrapper they share with "
+        rf"@typedcoll.transparent\)", text), text
+
+    def named(comm):
+        flush = SymmetricFlush(comm, CHANNELS)
+        flush.post("rank_state", RankState(comm.rank))
+        if comm.rank == 1:
+            d = flush.flush(step=6, name="drain")
+        else:
+            d = flush.flush(step=6, name="drain")
+        return len(d)
+
+    assert run(2, named) == [2, 2]
+
+
+def test_flush_one_iteration_late_differs_in_step():
+    def body(comm):
+        SymmetricFlush(comm, CHANNELS).flush(step=7 if comm.rank == 1 else 8)
+
+    errors = raised(2, body)
+    text = str(errors[0])
+    assert re.fullmatch(
+        rf"collective #0 on tp diverged \(step\):\n"
+        rf"  rank 0: flush\[FlushBatch\] at {SITE}, its 1st call, step 8\n"
+        rf"  rank 1: flush\[FlushBatch\] at {SITE}, its 1st call, step 7\n"
+        rf"  the ranks are at different steps of the same call: a rank skipped or repeated an "
+        rf"iteration", text), text
+
+
+def test_different_channels_differ_in_schema():
+    def body(comm):
+        channels = CHANNELS if comm.rank == 0 else {"rank_state": RankState}
+        SymmetricFlush(comm, channels).flush(step=1)
+
+    errors = raised(2, body)
+    text = str(errors[0])
+    assert re.fullmatch(
+        rf"collective #0 on tp diverged \(schema\):\n"
+        rf"  rank 0: flush\[FlushBatch@[0-9a-f]{{8}}\] at {SITE}, its 1st call, step 1\n"
+        rf"  rank 1: flush\[FlushBatch@[0-9a-f]{{8}}\] at {SITE}, its 1st call, step 1", text), text
+
+
+def test_bad_step_on_one_rank_fails_the_flush_on_every_rank_and_keeps_messages():
+    def body(comm):
+        flush = SymmetricFlush(comm, CHANNELS)
+        flush.post("rank_state", RankState(comm.rank))
+        try:
+            flush.flush(step="x" if comm.rank == 1 else 1)  # type: ignore[arg-type]
+        finally:
+            # Nothing was delivered: the message is still pending and no clock moved.
+            assert flush.num_pending == 1 and comm.step is None
+
+    errors = raised(2, body)
+    assert [type(e) for e in errors] == [tc.PeerError, tc.EncodeError]
+    assert re.fullmatch(rf"collective #0 on tp: rank 1 failed its flush\[FlushBatch\] "
+                        rf"contribution at {SITE}: expected step to be None or a 64-bit int, "
+                        rf"got 'x'", str(errors[0])), str(errors[0])
+    assert re.fullmatch(rf"collective #0 on tp: rank 1 could not send its flush\[FlushBatch\] "
+                        rf"contribution at {SITE}: expected step to be None or a 64-bit int, "
+                        rf"got 'x'", str(errors[1])), str(errors[1])

@@ -1,5 +1,7 @@
-"""The executor model: raw reproduces the engine's three failures, typed names the divergence,
-symmetric conserves every message in all three loops."""
+"""The executor model. On in-process ranks (``typedcoll.testing.run``): the typed mode raises one
+DesyncError on every rank at the fault, naming the two lines of the model and the decisions that
+differ; the symmetric mode runs to the end with every message conserved, in all three loops.
+Under mpiexec: the raw mode reproduces the engine's three failures."""
 
 from __future__ import annotations
 
@@ -7,82 +9,117 @@ import re
 
 import pytest
 
+import typedcoll as tc
 from launch import run_spmd
-from typedcoll.executor._runner import final_record, read_records
+from typedcoll import testing
+from typedcoll.demo.backends import typed_backend
+from typedcoll.demo.demo import final_record, read_records
+from typedcoll.demo.model import ExecutorModel
+from typedcoll.demo.plan import LOOPS, FaultPlan
 
-RUN = """
-from typedcoll.executor._plan import FaultPlan
-from typedcoll.executor._runner import worker
-plan = {plan}
-worker({results!r}, plan, modes={modes!r}, cost_rounds=0, hang_after=1.0, grace=1.5)
-"""
 
-# Each plan: one rank keeps its previous batch while a peer idles (or the reverse), so the gate
+def run_model(comm, plan, mode):
+    world = comm.dup()
+    return ExecutorModel(typed_backend(mode, comm, world), plan, comm.rank, comm.size).run()
+
+
+def run(plan, mode):
+    return testing.run(plan.ranks, run_model, plan, mode, timeout=20, name="tp")
+
+
+def desync(plan):
+    """Every rank's error in the typed mode; they must be one DesyncError, the same on all."""
+    with pytest.raises(Exception) as info:  # an ExceptionGroup (its backport on Python 3.10)
+        run(plan, "typed")
+    errors = list(info.value.exceptions)  # type: ignore[attr-defined]
+    assert len(errors) == plan.ranks and {type(e) for e in errors} == {tc.DesyncError}, errors
+    assert len({str(e) for e in errors}) == 1 and len({e.seq for e in errors}) == 1
+    return errors[0]
+
+
+# One rank keeps its previous batch while a peer idles, so the gate
 # `previous_batch is not None and (can_queue or not can_queue_this_rank)` differs between ranks.
+# (plan, the raw failure, where it surfaced, the typed mode's two sides: (step, call), and the
+# decision that differs between them)
 SCENARIOS = {
     "bool": ("FaultPlan.scripted(2, 8, loop='overlap', disaggregated=True, empty=[(1, 3)], "
              "metrics_all=True)",
              "TypeError: argument of type 'bool' is not iterable", "error/blocked-request vote",
-             (3, "allgather[TimeoutFlag]", 4, "allgather[KvStatus]")),
+             {(3, "allgather[TimeoutFlag]"), (4, "allgather[KvStatus]")},
+             r"can_queue_this_rank at model\.py:\d+ — rank 0: True; rank 1: False"),
     "27": ("FaultPlan.scripted(2, 8, loop='overlap', empty=[(1, 3)], metrics_all=True)",
            "TypeError: RankState.__init__() takes from 2 to 4 positional arguments but 27 were "
            "given", "router gather of rank states",
-           (3, "allgather[IterStats]", 4, "allgather[RankState]")),
-    "int": ("FaultPlan.scripted(2, 8, loop='non_overlap', empty=[(1, 2)], metrics_on=[(0, 3)])",
+           {(3, "allgather[IterStats]"), (4, "allgather[RankState]")},
+           r"can_queue_this_rank at model\.py:\d+ — rank 0: True; rank 1: False"),
+    # Stats sampled at iteration 3 only: rank 1 reported its previous batch at iteration 2,
+    # silently, and rank 0 reports its own at 3, ahead of the forward pass.
+    "int": ("FaultPlan.scripted(2, 8, loop='non_overlap', empty=[(1, 2)], "
+            "metrics_on=[(0, 3), (1, 3)])",
             "TypeError: 'int' object is not iterable", "forward tp_cp_allgather (flattening)",
-            (3, "allgather[IterStats]", 3, "allgather[tuple[bool, int]]")),
+            {(3, "allgather[IterStats]"), (3, "allgather[tuple[bool, int]]")},
+            r"has_previous_batch at model\.py:\d+ — rank 0: True; rank 1: False"),
 }
 
 
-def _run(tmp_path, plan: str, modes, nranks: int, timeout: float = 90):
-    results = tmp_path / "results"
-    results.mkdir()
-    result = run_spmd(RUN.format(plan=plan, results=str(results), modes=tuple(modes)), nranks,
-                      timeout=timeout, tmp_path=tmp_path, abort_on_error=False)
-    assert not result.timed_out, repr(result)
-    return read_records(str(results)), result
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_typed_names_the_divergence_and_the_decisions(name):
+    plan_text, _, _, sides, decision = SCENARIOS[name]
+    exc = desync(eval(plan_text))
+    text = str(exc)
+    lines = text.splitlines()
+    assert re.fullmatch(r"collective #\d+ on tp diverged \(call site, schema(, step)?\):",
+                        lines[0]), text
+    found = {re.fullmatch(r"  rank (\d):\s+(allgather\[.+\]) at (model\.py:\d+), its \d+\w\w "
+                          r"call, step (\d+)", line).groups() for line in lines[1:3]}
+    assert {(int(step), call) for _, call, _, step in found} == sides, text
+    assert len({site for _, _, site, _ in found}) == 2, text  # two different lines of the model
+    assert re.fullmatch(r"  decisions that differ:\n    " + decision, "\n".join(lines[3:])), text
+    assert [key for key, _, _ in exc.decisions] == [decision.split()[0]]
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("disaggregated", [False, True])
+def test_random_plans_typed_raises_symmetric_conserves(loop, disaggregated):
+    plan = FaultPlan.random(3, 4, 40, loop=loop, disaggregated=disaggregated)
+    exc = desync(plan)
+    assert "can_queue_this_rank" in [key for key, _, _ in exc.decisions], str(exc)
+    outs = run(plan, "symmetric")
+    per_batch = 2 if loop == "pipeline" else 1
+    # One flush before the loop, then one per (micro-)batch on every rank, whatever its gates.
+    assert {o["flushes"] for o in outs} == {1 + per_batch * plan.iterations}
+    assert all(o["iterations"] == plan.iterations for o in outs)
+    assert outs[0]["deliveries"] == outs[0]["posted"] * plan.ranks
+    assert outs[0]["posted_by_channel"]["iter_stats"] > 0
+    assert (outs[0]["posted_by_channel"]["timeouts"] > 0) == disaggregated
+
+
+def test_symmetric_conserves_messages_over_a_long_run():
+    plan = FaultPlan.random(1, 2, 200, loop="overlap", disaggregated=True, p_empty=0.15,
+                            p_timeout=0.2)
+    outs = run(plan, "symmetric")
+    assert [o["flushes"] for o in outs] == [201, 201]
+    assert outs[0]["posted_by_channel"]["timeouts"] > 0
+
+
+RAW = """
+from typedcoll.demo.plan import FaultPlan
+from typedcoll.demo.runner import worker
+plan = {plan}
+worker({results!r}, plan, modes=("raw",), cost_rounds=0, hang_after=1.0, grace=1.5)
+"""
 
 
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
-def test_raw_reproduces_and_typed_names_the_divergence(name, tmp_path):
-    plan, error, where, (step_a, call_a, step_b, call_b) = SCENARIOS[name]
-    records, result = _run(tmp_path, plan, ("typed", "raw"), 2)
-    raw = {r: final_record(recs, "raw") for r, recs in records.items()}
+def test_raw_reproduces_the_engine_failure(name, tmp_path):
+    plan, error, where, _, _ = SCENARIOS[name]
+    results = tmp_path / "results"
+    results.mkdir()
+    result = run_spmd(RAW.format(plan=plan, results=str(results)), 2, timeout=60,
+                      tmp_path=tmp_path, abort_on_error=False)
+    assert not result.timed_out, repr(result)
+    raw = {r: final_record(recs, "raw") for r, recs in read_records(str(results)).items()}
     crashed = [o for o in raw.values() if o["status"] == "crashed"]
     assert crashed and all(o["error"] == error and o["where"] == where for o in crashed), raw
     # The others did not hang forever: each is reported blocked, then the job was aborted.
     assert all(o["status"] in ("crashed", "hung") for o in raw.values()), raw
-
-    typed = [final_record(recs, "typed") for recs in records.values()]
-    assert {o["status"] for o in typed} == {"desync"}
-    assert len({o["error"] for o in typed}) == 1 and len({o["seq"] for o in typed}) == 1
-    text = typed[0]["error"]
-    lines = text.splitlines()
-    assert re.match(rf"typedcoll.DesyncError: collective #{typed[0]['seq']} on tp diverged \(",
-                    lines[0]), text
-    sites = {re.search(r"(allgather\[.+\]) at (_model\.py:\d+) step (\d+)", line).groups()
-             for line in lines[1:]}
-    assert {(call, int(step)) for call, _, step in sites} == {(call_a, step_a), (call_b, step_b)}
-    assert len({site for _, site, _ in sites}) == 2, text  # two different lines of the model
-
-
-@pytest.mark.parametrize("nranks, iterations", [(2, 300), (4, 40)])
-def test_symmetric_conserves_messages_in_every_loop(nranks, iterations, tmp_path):
-    runs = []
-    for loop in ("overlap", "non_overlap", "pipeline"):
-        for seed, disagg in ((1, True), (2, False)):
-            d = tmp_path / f"{loop}-{seed}"
-            d.mkdir()
-            plan = (f"FaultPlan.random({seed}, {nranks}, {iterations}, loop={loop!r}, "
-                    f"disaggregated={disagg}, p_empty=0.15, p_timeout=0.2)")
-            records, _ = _run(d, plan, ("symmetric",), nranks, timeout=240)
-            outs = [final_record(records[r], "symmetric") for r in range(nranks)]
-            assert all(o["status"] == "completed" for o in outs), outs
-            per_batch = 2 if loop == "pipeline" else 1
-            # The pipeline loop flushes at the bottom of every handled micro-batch: equally often
-            # on every rank (ledgers compared in the model's final check), 2 per iteration here.
-            assert {o["flushes"] for o in outs} == {1 + per_batch * iterations}
-            assert outs[0]["deliveries"] == outs[0]["posted"] * nranks
-            runs.append(outs[0]["posted_by_channel"])
-    # The random plans exercised every channel.
-    assert all(sum(r[ch] for r in runs) > 0 for ch in ("rank_state", "timeouts", "iter_stats"))

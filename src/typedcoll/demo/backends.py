@@ -1,6 +1,6 @@
 """The executor model's distributed layer, one class per mode.
 
-The model (``_model``) calls the same methods in all three modes; only what they move differs:
+The model (``model``) calls the same methods in all three modes; only what they move differs:
   RawBackend        mpi4py's pickle collectives (``comm.allgather(obj)``) matched by position,
                     decoded the way the engine did (``RankState(*fields)``, flattening gathers).
   TypedBackend      the same collectives over TypedComm: every call checked, schemas typed.
@@ -20,11 +20,11 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import msgspec
 
-from .._callsite import register_internal
 from .._comm import TypedComm
-from ._flush import Delivery, SymmetricFlush
-from . import _messages as m
-from ._messages import IterStats, KvStatus, TimeoutFlag
+from ..core.identity import register_internal
+from ..executor import SymmetricFlush
+from ..executor import messages as m
+from ..executor.messages import IterStats, KvStatus, TimeoutFlag
 
 Assignment = List[Tuple[int, int, int]]  # (rank, request id, tokens to generate)
 
@@ -42,6 +42,20 @@ class RankState:
         self.num_active_tokens = num_active_tokens
 
 
+def engine_dict(message: msgspec.Struct) -> Dict[str, Any]:
+    """``message`` as the engine's dict (its keys, nested records as dicts): what it pickled."""
+    out = {}
+    for field in msgspec.structs.fields(message):
+        value = getattr(message, field.name)
+        out[field.encode_name] = (engine_dict(value) if isinstance(value, msgspec.Struct)
+                                  else value)
+    return out
+
+
+def _no_note(key: str, value: Any) -> None:
+    """mpi4py's collectives keep no record of a rank's decisions."""
+
+
 class RawBackend:
     """mpi4py pickle collectives, matched purely by position (the engine before the fix).
 
@@ -50,6 +64,7 @@ class RawBackend:
     """
 
     mode = "raw"
+    note = staticmethod(_no_note)
 
     def __init__(self, tp: Any, world: Any) -> None:
         self.tp = tp
@@ -112,7 +127,10 @@ class RawBackend:
 
     def iter_stats(self, stats: IterStats, it: int) -> None:
         self.stored["iter_stats"] = self._allgather("allgather of the 26-key iter-stats dict", it,
-                                                    msgspec.structs.asdict(stats))
+                                                    engine_dict(stats))
+
+    def start_iteration(self, it: int) -> None:
+        pass
 
     def end_of_batch(self, state: m.RankState, it: int) -> None:
         pass
@@ -129,41 +147,50 @@ class TypedBackend:
     def __init__(self, tp: TypedComm, world: TypedComm) -> None:
         self.tp = tp
         self.world = world
+        self.note = tp.note
+
+    def start_iteration(self, it: int) -> None:
+        # The step clock: every collective of the iteration carries it, so a rank that skipped
+        # a call of the loop disagrees in step even where op, schema and call site agree.
+        self.tp.set_step(it)
+        self.world.set_step(it)
 
     def vote(self, status: KvStatus, it: int) -> bool:
-        return any(s.error is not None for s in self.tp.allgather(status, step=it))
+        return any(s.error is not None for s in self.tp.allgather(status))
 
     def router(self, state: m.RankState, it: int) -> List[m.RankState]:
-        return self.tp.allgather(state, step=it)
+        return self.tp.allgather(state)
 
     def bcast_assignment(self, assignment: Optional[Assignment], it: int) -> Assignment:
-        return self.world.bcast(assignment, root=0, schema=Assignment, step=it)
+        return self.world.bcast(assignment, root=0, schema=Assignment)
 
     def sizes(self, batch_size: int, it: int) -> List[int]:
-        return self.tp.allgather(batch_size, schema=int, step=it)
+        return self.tp.allgather(batch_size, schema=int)
 
     def fwd_tokens(self, has_context: bool, num_tokens: int, it: int) -> None:
-        self.tp.allgather((has_context, num_tokens), schema=Tuple[bool, int], step=it)
+        self.tp.allgather((has_context, num_tokens), schema=Tuple[bool, int])
 
     def tp_cp_allgather(self, num_seqs: int, it: int) -> List[int]:
-        gathered = self.tp.allgather([num_seqs], schema=List[int], step=it)
+        gathered = self.tp.allgather([num_seqs], schema=List[int])
         return [n for part in gathered for n in part]
 
     def fwd_max_tokens(self, max_tokens: int, it: int) -> None:
-        self.tp.allgather(max_tokens, schema=int, step=it)
+        self.tp.allgather(max_tokens, schema=int)
 
     def kv_responses(self, done: List[int], it: int) -> None:
-        self.tp.allgather(done, schema=List[int], step=it)
+        self.tp.allgather(done, schema=List[int])
 
     def responses(self, responses: List[Tuple[int, int]], it: int) -> int:
-        gathered = self.tp.allgather(responses, schema=List[Tuple[int, int]], step=it)
+        # One collective reached from two lines of the loop (with the previous batch's
+        # responses, or with none): named, so that both lines are the same call.
+        gathered = self.tp.allgather(responses, schema=List[Tuple[int, int]], name="responses")
         return sum(len(r) for r in gathered)
 
     def timeouts(self, flag: TimeoutFlag, it: int) -> None:
-        self.tp.allgather(flag, step=it)
+        self.tp.allgather(flag)
 
     def iter_stats(self, stats: IterStats, it: int) -> None:
-        self.tp.allgather(stats, step=it)
+        self.tp.allgather(stats)
 
     def end_of_batch(self, state: m.RankState, it: int) -> None:
         pass
@@ -229,7 +256,7 @@ class SymmetricBackend(TypedBackend):
     def iter_stats(self, stats: IterStats, it: int) -> None:
         self._post("iter_stats", stats)
 
-    def end_of_batch(self, state: m.RankState, it: int) -> Delivery:
+    def end_of_batch(self, state: m.RankState, it: int) -> None:
         self._post("rank_state", state)
         delivery = self.flush.flush(step=it)
         for ch, i in self._index.items():
@@ -239,12 +266,11 @@ class SymmetricBackend(TypedBackend):
                     account[0] += 1
                     account[1] = zlib.crc32(_ENC.encode(message), account[1])
         self.latest_states = delivery.latest("rank_state")
-        return delivery
 
     def finish(self) -> Dict[str, Any]:
         """Exchange ledgers and check conservation on every rank; raises ConservationError."""
-        mine = Ledger(self.flush.flushes, tuple(tuple(a) for a in self._posted),
-                      tuple(tuple(tuple(a) for a in per) for per in self._delivered))
+        mine = Ledger(self.flush.flushes, tuple((a[0], a[1]) for a in self._posted),
+                      tuple(tuple((a[0], a[1]) for a in per) for per in self._delivered))
         ledgers = self.tp.allgather(mine)
         me = self.tp.rank
         problems = []
@@ -266,6 +292,14 @@ class SymmetricBackend(TypedBackend):
                 "deliveries": posted * self.tp.size,
                 "posted_by_channel": {ch: sum(lg.posted[i][0] for lg in ledgers)
                                       for ch, i in self._index.items()}}
+
+
+MODES = {"typed": TypedBackend, "symmetric": SymmetricBackend}
+
+
+def typed_backend(mode: str, tp: TypedComm, world: TypedComm) -> TypedBackend:
+    """The backend of a typed ``mode`` ("typed" or "symmetric") over two TypedComms."""
+    return MODES[mode](tp, world)
 
 
 class Watchdog:

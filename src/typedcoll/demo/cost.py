@@ -2,11 +2,12 @@
 
 Three ways to move one iteration's control plane (the router's rank states, the timeouts and the
 iteration stats; every rank posts every message, the largest payload an iteration can have):
-  per_channel_pickle  the engine's fix as shipped (field notes §1: "no new collectives; the fix
-                      still costs one collective per drained channel per iteration"): three
-                      mpi4py ``comm.allgather(obj)`` calls of pickled Python objects, the rank
-                      state as a field list decoded ``RankState(*fields)``, the timed-out request
-                      ids as a list, the stats as a 26-key dict
+  per_channel_pickle  the engine's fix as shipped (it adds no collectives, but still costs one
+                      per drained channel per iteration): three mpi4py ``comm.allgather(obj)``
+                      calls of pickled Python objects, the rank state as a field list decoded
+                      ``RankState(*fields)``, the timeout vote as ``bool(timed_out_requests)``
+                      (the engine votes a bool; the other methods carry the request ids), the
+                      stats as the engine's 26-key dict
   per_channel         the same three channels over typed collectives (``TypedComm.allgather``,
                       None where a rank has nothing): what is left is the coalescing alone
   flush               three ``SymmetricFlush.post`` calls and one ``flush`` collective
@@ -16,26 +17,34 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import msgspec
 
 from .._comm import TypedComm
-from ._flush import SymmetricFlush
-from ._messages import IterStats, RankState, TimeoutFlag
+from ..executor import SymmetricFlush
+from ..executor.messages import InflightBatchingStats, IterStats, KvCacheStats, RankState, \
+    TimeoutFlag
+from .backends import RankState as EngineRankState
+from .backends import engine_dict
 
 CHANNELS = {"rank_state": RankState, "timeouts": TimeoutFlag, "iter_stats": IterStats}
 
 
-def _messages(rank: int, it: int):
+def _messages(rank: int, it: int) -> Tuple[RankState, TimeoutFlag, IterStats]:
     return (RankState(rank, 5 + rank, 311 + rank),
             TimeoutFlag(rank=rank, iteration=it, request_ids=(it * 1000 + 901, it * 1000 + 902)),
-            IterStats(iteration=it, iter_latency_ms=13.75, gpu_mem_usage_bytes=43 << 30,
-                      cpu_mem_usage_bytes=6 << 30, num_active_requests=5 + rank,
-                      num_scheduled_requests=5, num_generation_requests=5, num_gen_tokens=5,
-                      max_batch_size=8, max_num_tokens=8192, max_num_blocks=4096,
-                      free_num_blocks=4000, used_num_blocks=96, tokens_per_block=32,
-                      avg_decoded_tokens_per_iter=1.0))
+            IterStats(timestamp="11-26-2026 10:15:02", iteration=it, iter_latency_ms=13.75,
+                      num_active_requests=5 + rank, max_num_active_requests=8,
+                      max_batch_size_static=8, max_batch_size_runtime=8,
+                      max_num_tokens_static=8192, max_num_tokens_runtime=8192,
+                      gpu_mem_usage=43 << 30, cpu_mem_usage=6 << 30, pinned_mem_usage=1 << 30,
+                      kv_cache_stats=KvCacheStats(max_num_blocks=4096, free_num_blocks=4000,
+                                                  used_num_blocks=96, tokens_per_block=32),
+                      inflight_batching_stats=InflightBatchingStats(
+                          num_scheduled_requests=5, num_gen_requests=5,
+                          avg_num_decoded_tokens_per_iter=1.0),
+                      host_step_time_ms=11.0, prev_device_step_time_ms=9.5, rank=rank))
 
 
 def methods(comm: TypedComm, pickle_comm: Any = None) -> Dict[str, Callable[[int], None]]:
@@ -44,12 +53,12 @@ def methods(comm: TypedComm, pickle_comm: Any = None) -> Dict[str, Callable[[int
     flush = SymmetricFlush(comm, CHANNELS)
     state, flag, stats = _messages(comm.rank, 0)
     state_fields = list(msgspec.structs.astuple(state))
-    timed_out = list(flag.request_ids)
-    stats_dict = msgspec.structs.asdict(stats)
+    any_timed_out = bool(flag.request_ids)
+    stats_dict = engine_dict(stats)
 
     def per_channel_pickle(it: int) -> None:
-        [RankState(*fields) for fields in pickle_comm.allgather(state_fields)]
-        pickle_comm.allgather(timed_out)
+        [EngineRankState(*fields) for fields in pickle_comm.allgather(state_fields)]
+        any(pickle_comm.allgather(any_timed_out))
         pickle_comm.allgather(stats_dict)
 
     def per_channel(it: int) -> None:

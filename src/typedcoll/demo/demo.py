@@ -1,23 +1,25 @@
 """``typedcoll demo``: the executor model in raw, typed and symmetric modes, side by side.
 
 Run as a plain command, it relaunches itself under ``mpiexec -n N`` with ``--worker DIR``; every
-rank runs the three modes on one seeded fault plan and writes what it saw to DIR (``_runner``);
+rank runs the three modes on one seeded fault plan and writes what it saw to DIR (``runner``);
 the plain process then reads DIR back and prints the summary. Exit 0 when every mode behaved as
-expected: raw fails (as the engine did), typed raises the same DesyncError on every rank, and
-symmetric runs to the end with every message delivered exactly once to every rank.
+expected: raw fails (as the engine did), typed raises the same DesyncError on every rank, naming
+the decisions that differ, and symmetric runs to the end with every message delivered exactly
+once to every rank.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from .._launch import relaunch
-from .._mismatch import compact_ranks
-from ._plan import LOOPS, FaultPlan
+from ..core.mismatch import compact_ranks
+from .launch import relaunch
+from .plan import LOOPS, FaultPlan
 
 RULE = "-" * 78
 
@@ -64,7 +66,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.worker:
         from mpi4py import MPI
 
-        from ._runner import worker
+        from .runner import worker
         args.ranks = MPI.COMM_WORLD.Get_size()
         modes = tuple(m for m in ("typed", "symmetric", "raw") if m in _modes(args))
         return worker(args.worker, _plan(args), modes=modes, cost_rounds=args.cost_rounds)
@@ -72,6 +74,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("typedcoll demo: expected --ranks of at least 2 (a desync needs two ranks)",
               file=sys.stderr)
         return 2
+    _modes(args)  # refuse unknown modes before launching anything
     with tempfile.TemporaryDirectory(prefix="typedcoll-demo-") as results:
         log_path = os.path.join(results, "mpiexec.log")
         worker_argv = ["typedcoll", "demo", "--worker", results, "--iterations",
@@ -82,7 +85,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"typedcoll demo: launching {args.ranks} ranks under mpiexec ...", flush=True)
         with open(log_path, "w") as log:
             rc = relaunch(worker_argv, args.ranks, args.timeout, stdout=log, stderr=log)
-        from ._runner import read_records
         records = read_records(results)
         ok = summarize(args, _plan(args), records, rc)
         if not ok:
@@ -92,12 +94,29 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0 if ok else 1
 
 
+def read_records(results: str) -> Dict[int, list]:
+    """``{rank: [record, ...]}`` from a results directory (what ``runner`` wrote)."""
+    out: Dict[int, list] = {}
+    for name in sorted(os.listdir(results)):
+        if name.startswith("rank") and name.endswith(".jsonl"):
+            with open(os.path.join(results, name)) as fh:
+                out[int(name[4:-6])] = [json.loads(line) for line in fh if line.strip()]
+    return out
+
+
+def final_record(records: list, mode: str) -> Optional[Dict[str, Any]]:
+    """A rank's outcome in ``mode``: its own record, else its watchdog's "hung" line."""
+    mine = [r for r in records if r.get("mode") == mode]
+    done = [r for r in mine if r.get("status") != "hung"]
+    return (done or mine or [None])[-1]
+
+
 def _outcomes(records: Dict[int, list], mode: str, ranks: int) -> Dict[int, Optional[dict]]:
-    from ._runner import final_record
     return {r: final_record(records.get(r, []), mode) for r in range(ranks)}
 
 
-def _group(outcomes: Dict[int, Optional[dict]], key) -> Dict[Any, List[int]]:
+def _group(outcomes: Dict[int, Optional[dict]],
+           key: Callable[[Optional[dict]], Tuple[str, str]]) -> Dict[Any, List[int]]:
     groups: Dict[Any, List[int]] = {}
     for rank, rec in outcomes.items():
         groups.setdefault(key(rec), []).append(rank)
@@ -150,15 +169,18 @@ def _print_raw(n: int, records: Dict[int, list]) -> bool:
 def _print_typed(n: int, records: Dict[int, list]) -> bool:
     typed = _outcomes(records, "typed", n)
     texts = {o["error"] for o in typed.values() if o is not None and o["status"] == "desync"}
-    typed_ok = all(o is not None and o["status"] == "desync" for o in typed.values()) and \
-        len(texts) == 1
-    print(f"\n{RULE}\n2. typed: the same code over TypedComm")
+    typed_ok = all(o is not None and o["status"] == "desync" and o["decisions"]
+                   for o in typed.values()) and len(texts) == 1
+    print(f"\n{RULE}\n2. typed: the same code over TypedComm (step clock set per iteration, "
+          f"gates noted)")
     if typed_ok:
-        first = next(iter(typed.values()))
+        first = typed[0]
+        assert first is not None
         print(f"   every rank raised, in the same collective (#{first['seq']}):")
         for line in first["error"].splitlines():
             print(f"     {line}")
-        print("   -> the first divergent collective, both call sites, the ranks on each side.")
+        print("   -> the first divergent collective, both call sites, the ranks on each side, and "
+              "the\n      rank-local decisions that differ between them.")
     else:
         for (status, text), ranks in _group(typed, _raw_key).items():
             print(f"   {compact_ranks(ranks) + ':':<13}{text}")
@@ -204,7 +226,7 @@ def _print_cost(args: argparse.Namespace, n: int, records: Dict[int, list]) -> N
                   f"are inflated)")
 
 
-def _raw_key(rec: Optional[dict]):
+def _raw_key(rec: Optional[dict]) -> Tuple[str, str]:
     if rec is None:
         return ("missing", "no record (killed before it could report)")
     status = rec["status"]

@@ -1,4 +1,4 @@
-"""A faithful model of an attention-DP serving engine's executor loops (field notes §1).
+"""A faithful model of an attention-DP serving engine's executor loops.
 
 N ranks each hold their own requests (attention data parallelism). Every iteration, on the
 tensor-parallel communicator ``tp`` unless noted:
@@ -18,25 +18,29 @@ more than others, and every later collective pairs the wrong calls.
 
 The loops differ where the gated messages sit:
   overlap      step 7 after the forward pass, for the previous iteration's batch. Raw failures:
-               the vote receiving a peer's bool ("argument of type 'bool' is not iterable") with
-               disaggregated serving; the router receiving a peer's 26-key dict ("RankState.__init__()
-               takes from 2 to 4 positional arguments but 27 were given") without it.
-  non_overlap  the previous iteration's timeouts and stats are reported right after step 4, before
-               the forward pass; responses are gathered unconditionally at the end. Raw failure: the
-               flattening gather receiving a peer's bare int ("'int' object is not iterable").
+               the vote receiving a peer's bool ("argument of type 'bool' is not iterable")
+               with disaggregated serving; the router receiving a peer's 26-key dict
+               ("RankState.__init__() takes from 2 to 4 positional arguments but 27 were
+               given") without it.
+  non_overlap  the previous iteration's timeouts and stats are reported right after step 4,
+               before the forward pass; responses are gathered unconditionally at the end. Raw
+               failure: the flattening gather receiving a peer's bare int ("'int' object is not
+               iterable").
   pipeline     ``MICRO_BATCHES`` micro-batch slots per iteration, steps 4-7 per slot, each slot
                with its own previous batch; the symmetric mode flushes at the bottom of every
                handled micro-batch, the same number of times on every rank.
 Every collective is issued from a line of this module (the backends are registered internal), so
-a DesyncError in the typed mode names the two lines here that diverged.
+a DesyncError in the typed mode names the two lines here that diverged; the rank-local decisions
+(``can_queue``, ``can_queue_this_rank``, ``has_previous_batch``, ``timed_out``) are recorded with
+``comm.note``, so it also says which ranks decided what.
 """
 
 from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Tuple
 
-from . import _messages as m
-from ._plan import FaultPlan
+from ..executor import messages as m
+from .plan import FaultPlan
 
 MAX_BATCH = 8
 MICRO_BATCHES = 2
@@ -61,12 +65,14 @@ def request_tokens(rid: int) -> int:
 class ExecutorModel:
     """One rank of the engine: its requests, its previous batch, and the loop of ``plan.loop``.
 
-    ``backend`` provides the collectives (raw, typed or symmetric); ``run`` returns a summary
-    dict. ``iteration`` is the iteration in progress (for error reports).
+    ``backend`` provides the collectives (raw, typed or symmetric) and ``note(key, value)``,
+    which records a rank-local decision where the backend can (``TypedComm.note``); ``run``
+    returns a summary dict. ``iteration`` is the iteration in progress (for error reports).
     """
 
     def __init__(self, backend: Any, plan: FaultPlan, rank: int, size: int) -> None:
         self.c = backend
+        self.note = backend.note
         self.plan = plan
         self.rank = rank
         self.size = size
@@ -117,18 +123,25 @@ class ExecutorModel:
     def _stats(self, it: int) -> m.IterStats:
         ntok = sum(self.active.values())
         used = (ntok + 31) // 32
+        scheduled = min(len(self.active), MAX_BATCH)
         return m.IterStats(
-            iteration=it, iter_latency_ms=12.5 + 0.25 * len(self.active),
-            gpu_mem_usage_bytes=(40 << 30) + used * (2 << 20), cpu_mem_usage_bytes=6 << 30,
-            pinned_mem_usage_bytes=1 << 30, num_active_requests=len(self.active),
-            num_queued_requests=0, num_completed_requests=self.completed,
-            max_num_active_requests=MAX_BATCH, max_batch_size=MAX_BATCH, max_num_tokens=8192,
-            num_scheduled_requests=min(len(self.active), MAX_BATCH), num_context_requests=0,
-            num_generation_requests=min(len(self.active), MAX_BATCH), num_paused_requests=0,
-            num_ctx_tokens=0, num_gen_tokens=min(len(self.active), MAX_BATCH),
-            avg_decoded_tokens_per_iter=1.0, max_num_blocks=4096, free_num_blocks=4096 - used,
-            used_num_blocks=used, tokens_per_block=32, alloc_total_blocks=used,
-            alloc_new_blocks=len(self.kv_done), reused_blocks=0, kv_cache_hit_rate=0.0)
+            timestamp=f"iteration {it}", iteration=it,
+            iter_latency_ms=12.5 + 0.25 * len(self.active),
+            num_active_requests=len(self.active), num_completed_requests=self.completed,
+            max_num_active_requests=MAX_BATCH, max_batch_size_static=MAX_BATCH,
+            max_batch_size_runtime=MAX_BATCH, max_num_tokens_static=8192,
+            max_num_tokens_runtime=8192, gpu_mem_usage=(40 << 30) + used * (2 << 20),
+            cpu_mem_usage=6 << 30, pinned_mem_usage=1 << 30,
+            kv_cache_stats=m.KvCacheStats(
+                max_num_blocks=4096, free_num_blocks=4096 - used, used_num_blocks=used,
+                tokens_per_block=32, alloc_total_blocks=used,
+                alloc_new_blocks=len(self.kv_done)),
+            inflight_batching_stats=m.InflightBatchingStats(
+                num_scheduled_requests=scheduled, num_gen_requests=scheduled,
+                avg_num_decoded_tokens_per_iter=1.0),
+            host_step_time_ms=11.0, prev_device_step_time_ms=9.5,
+            scheduler_mode="non_overlap" if self.plan.loop == "non_overlap" else "overlap",
+            rank=self.rank)
 
     def _timeout_flag(self, it: int) -> m.TimeoutFlag:
         flag = m.TimeoutFlag(rank=self.rank, iteration=it, request_ids=tuple(self.timed_out))
@@ -168,6 +181,23 @@ class ExecutorModel:
         self.c.kv_responses(self.kv_done, it)
         self.kv_done = []
 
+    def _gate(self, batch: Batch, prev: Optional[Batch], it: int) -> Tuple[bool, bool]:
+        """Step 4, then step 7's rank-local gate: (can_queue, report the previous batch).
+
+        Each decision is noted (``comm.note``), so a DesyncError says which ranks decided what.
+        """
+        sizes = self.c.sizes(len(batch.rids), it)
+        can_queue = 0 not in sizes
+        can_queue_this_rank = len(batch.rids) > 0
+        report = prev is not None and (can_queue or not can_queue_this_rank)
+        note = self.note
+        note("can_queue", can_queue)
+        note("can_queue_this_rank", can_queue_this_rank)
+        note("has_previous_batch", prev is not None)
+        if self.plan.disaggregated:
+            note("timed_out", bool(self.timed_out))
+        return can_queue, report
+
     def run(self) -> Dict[str, Any]:
         loop = {"overlap": self._overlap, "non_overlap": self._non_overlap,
                 "pipeline": self._pipeline}[self.plan.loop]
@@ -175,6 +205,7 @@ class ExecutorModel:
         self.c.end_of_batch(self._state(), -1)
         for it in range(self.plan.iterations):
             self.iteration = it
+            self.c.start_iteration(it)
             loop(it)
         summary = {"iterations": self.plan.iterations, "completed_requests": self.completed}
         summary.update(self.c.finish())
@@ -183,14 +214,13 @@ class ExecutorModel:
     def _overlap(self, it: int) -> None:
         self._top(it)
         batch = self._schedule(it)
-        sizes = self.c.sizes(len(batch.rids), it)
-        can_queue = 0 not in sizes
-        can_queue_this_rank = len(batch.rids) > 0
+        prev = self.prev[0]
+        can_queue, report = self._gate(batch, prev, it)
         if can_queue:
             self._forward(batch, it)
         self._kv_responses(it)
-        prev = self.prev[0]
-        if prev is not None and (can_queue or not can_queue_this_rank):
+        if report:
+            assert prev is not None
             self.responses_seen += self.c.responses(prev.finished, it)
             self._report(it)
             self.prev[0] = None
@@ -203,10 +233,8 @@ class ExecutorModel:
     def _non_overlap(self, it: int) -> None:
         self._top(it)
         batch = self._schedule(it)
-        sizes = self.c.sizes(len(batch.rids), it)
-        can_queue = 0 not in sizes
-        can_queue_this_rank = len(batch.rids) > 0
-        if self.prev[0] is not None and (can_queue or not can_queue_this_rank):
+        can_queue, report = self._gate(batch, self.prev[0], it)
+        if report:
             self._report(it)
             self.prev[0] = None
         if can_queue:
@@ -220,14 +248,13 @@ class ExecutorModel:
         self._top(it)
         for slot in range(MICRO_BATCHES):
             batch = self._schedule(it, slot)
-            sizes = self.c.sizes(len(batch.rids), it)
-            can_queue = 0 not in sizes
-            can_queue_this_rank = len(batch.rids) > 0
+            prev = self.prev[slot]
+            can_queue, report = self._gate(batch, prev, it)
             if can_queue:
                 self._forward(batch, it)
             self._kv_responses(it)
-            prev = self.prev[slot]
-            if prev is not None and (can_queue or not can_queue_this_rank):
+            if report:
+                assert prev is not None
                 self.responses_seen += self.c.responses(prev.finished, it)
                 self._report(it)
                 self.prev[slot] = None

@@ -3,7 +3,9 @@
 Every rank builds the same plan from the same seed (numpy's PCG64 is reproducible across
 processes), so no plan ever travels between ranks. Per rank and iteration it says: whether the
 scheduler produced an empty batch (KV-cache pressure, nothing active), how many KV transfers timed
-out, and whether per-rank metrics are on; per iteration, how many new requests arrive.
+out, and whether per-rank metrics are on; per iteration, how many new requests arrive. The
+engine turns per-rank metrics on for the whole job, so random plans do the same (on every rank
+or none); hand-written plans may turn them on rank by rank.
 """
 
 from __future__ import annotations
@@ -46,17 +48,17 @@ class FaultPlan:
     @classmethod
     def random(cls, seed: int, ranks: int, iterations: int, *, loop: str = "overlap",
                disaggregated: bool = False, p_empty: float = 0.08, p_timeout: float = 0.05,
-               p_metrics: float = 0.5, mean_arrivals: float = 0.9) -> "FaultPlan":
-        """Independent faults with the given probabilities, reproducible from ``seed``."""
+               metrics: bool = True, mean_arrivals: float = 0.9) -> "FaultPlan":
+        """Independent faults with the given probabilities, reproducible from ``seed``;
+        ``metrics``: per-rank metrics on for the whole run."""
         rng = np.random.default_rng(seed)
         shape = (ranks, iterations)
         empty = rng.random(shape) < p_empty
         timeouts = np.where(rng.random(shape) < p_timeout, rng.integers(1, 4, shape), 0)
-        metrics = rng.random(shape) < p_metrics
         arrivals = rng.poisson(mean_arrivals * ranks, iterations)
         return cls(ranks=ranks, iterations=iterations, loop=loop, disaggregated=disaggregated,
-                   seed=seed, empty=empty, timeouts=timeouts.astype(np.int64), metrics=metrics,
-                   arrivals=arrivals.astype(np.int64))
+                   seed=seed, empty=empty, timeouts=timeouts.astype(np.int64),
+                   metrics=np.full(shape, metrics), arrivals=arrivals.astype(np.int64))
 
     @classmethod
     def scripted(cls, ranks: int, iterations: int, *, loop: str = "overlap",
@@ -87,6 +89,12 @@ class FaultPlan:
         parts = [f"{int(self.empty.sum())} empty batches"]
         if self.disaggregated:
             parts.append(f"{int(self.timeouts.sum())} KV-transfer timeouts")
-        parts.append(f"per-rank metrics on in {100 * self.metrics.mean():.0f}% of rank-iterations")
+        if self.metrics.all():
+            parts.append("per-rank metrics on")
+        elif self.metrics.any():
+            parts.append(f"per-rank metrics on in {100 * self.metrics.mean():.0f}% of "
+                         f"rank-iterations")
+        else:
+            parts.append("per-rank metrics off")
         parts.append(f"{int(self.arrivals.sum())} requests arriving")
         return ", ".join(parts)

@@ -18,17 +18,17 @@ import json
 import os
 import threading
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from mpi4py import MPI
 
 from .._comm import TypedComm
-from .._errors import DesyncError
-from .._mpi import wait_until
-from .._transport import TransportTimeout
-from ._backends import ConservationError, RawBackend, SymmetricBackend, TypedBackend, Watchdog
-from ._model import ExecutorModel
-from ._plan import FaultPlan
+from ..core.errors import DesyncError
+from ..core.transport import TransportTimeout
+from ..transports.mpi import wait_all
+from .backends import ConservationError, RawBackend, Watchdog, typed_backend
+from .model import ExecutorModel
+from .plan import FaultPlan
 
 ABORT_CODE = 17  # the raw run ended by abort: some rank was left blocked by its crashed peers
 
@@ -47,18 +47,20 @@ class RecordWriter:
             fh.write(json.dumps(record) + "\n")
 
 
-def run_mode(mode: str, plan: FaultPlan, world: Any, writer: RecordWriter, *,
+def run_mode(mode: str, plan: FaultPlan, world: Any, tp_parent: Any, writer: RecordWriter, *,
              timeout: float = 30.0, hang_after: float = 1.5) -> Dict[str, Any]:
-    """Run ``plan`` in ``mode`` ("raw", "typed", "symmetric"); write and return this rank's record."""
+    """Run ``plan`` in ``mode`` ("raw", "typed", "symmetric"); write and return this rank's
+    record. ``tp_parent`` is the tensor-parallel communicator (a duplicate of ``world``)."""
     rank = world.Get_rank()
     record: Dict[str, Any] = {"mode": mode}
     t0 = time.perf_counter()
+    typed: list = []
     if mode == "raw":
         backend: Any = RawBackend(world.Dup(), world.Dup())
     else:
-        tp = TypedComm(world, timeout=timeout, name="tp")
-        wc = TypedComm(world, timeout=timeout, name="world")
-        backend = (TypedBackend if mode == "typed" else SymmetricBackend)(tp, wc)
+        typed = [TypedComm(tp_parent, timeout=timeout, name="tp"),
+                 TypedComm(world, timeout=timeout, name="world")]
+        backend = typed_backend(mode, *typed)
     model = ExecutorModel(backend, plan, rank, world.Get_size())
 
     def hung(label: str, it: int, waited: float) -> None:
@@ -74,7 +76,8 @@ def run_mode(mode: str, plan: FaultPlan, world: Any, writer: RecordWriter, *,
         record.update(status="completed", **summary)
     except DesyncError as exc:
         record.update(status="desync", error=f"typedcoll.DesyncError: {exc}", seq=exc.seq,
-                      kinds=[k.value for k in exc.kinds], iteration=model.iteration)
+                      kinds=[k.value for k in exc.kinds], iteration=model.iteration,
+                      decisions=[key for key, _, _ in exc.decisions])
     except ConservationError as exc:
         record.update(status="lost", error=f"ConservationError: {exc}")
     except Exception as exc:  # the raw run's failures are the point: record, never re-raise
@@ -82,6 +85,13 @@ def run_mode(mode: str, plan: FaultPlan, world: Any, writer: RecordWriter, *,
                       iteration=model.iteration)
         if isinstance(backend, RawBackend):
             record["where"] = backend.last[0]
+    if record["status"] in ("completed", "desync"):
+        # Every rank ended in the same call (a DesyncError is raised on all of them), so every
+        # rank reaches these frees; after a desync the ranks' step clocks may differ, and the
+        # teardown is no iteration's.
+        for comm in typed:
+            comm.set_step(None)
+            comm.free()
     record["seconds"] = round(time.perf_counter() - t0, 3)
     writer.write(record)
     return record
@@ -94,56 +104,37 @@ def settle(comm: Any, deadline_s: float) -> bool:
     collective, which ranks left blocked in a raw collective would never join.
     """
     try:
-        wait_until(comm.Ibarrier(), time.monotonic() + deadline_s)
+        wait_all([comm.Ibarrier()], time.monotonic() + deadline_s)
     except TransportTimeout:
         return False
     return True
 
 
-def worker(results: str, plan: FaultPlan, *, modes=("typed", "symmetric", "raw"),
-           cost_rounds: int = 3, cost_iters: int = 60, timeout: float = 30.0,
-           hang_after: float = 1.5, grace: float = 2.0) -> int:
+def worker(results: str, plan: FaultPlan, *,
+           modes: Tuple[str, ...] = ("typed", "symmetric", "raw"), cost_rounds: int = 3,
+           cost_iters: int = 60, timeout: float = 30.0, hang_after: float = 1.5,
+           grace: float = 2.0) -> int:
     """One rank of the demo job: every mode on ``plan``, the cost measurement, raw last."""
     world = MPI.COMM_WORLD
     writer = RecordWriter(results, world.Get_rank())
+    tp_parent = world.Dup()  # the engine's tensor-parallel communicator, apart from the world's
     for mode in modes:
         if mode == "raw":
             continue
         sync = world.Dup()
-        run_mode(mode, plan, world, writer, timeout=timeout)
+        run_mode(mode, plan, world, tp_parent, writer, timeout=timeout)
         if mode == "symmetric" and cost_rounds:
-            from ._cost import measure
-            cost = measure(TypedComm(world, name="cost"), rounds=cost_rounds,
-                           iters=cost_iters, warmup=10, pickle_comm=world.Dup())
+            from .cost import measure
+            with TypedComm(world, name="cost") as comm:
+                cost = measure(comm, rounds=cost_rounds, iters=cost_iters, warmup=10,
+                               pickle_comm=world.Dup())
             writer.write({"mode": "cost", **cost})
         if not settle(sync, timeout):
             writer.write({"mode": mode, "status": "hung", "where": "end of mode"})
             world.Abort(ABORT_CODE)
     if "raw" in modes:
         sync = world.Dup()
-        run_mode("raw", plan, world, writer, hang_after=hang_after)
+        run_mode("raw", plan, world, tp_parent, writer, hang_after=hang_after)
         if not settle(sync, hang_after + grace):
             world.Abort(ABORT_CODE)
     return 0
-
-
-def plan_from_args(args: Any, ranks: int) -> FaultPlan:
-    return FaultPlan.random(args.seed, ranks, args.iterations, loop=args.loop,
-                            disaggregated=args.disaggregated)
-
-
-def read_records(results: str) -> Dict[int, list]:
-    """``{rank: [record, ...]}`` from a results directory."""
-    out: Dict[int, list] = {}
-    for name in sorted(os.listdir(results)):
-        if name.startswith("rank") and name.endswith(".jsonl"):
-            with open(os.path.join(results, name)) as fh:
-                out[int(name[4:-6])] = [json.loads(line) for line in fh if line.strip()]
-    return out
-
-
-def final_record(records: list, mode: str) -> Optional[Dict[str, Any]]:
-    """A rank's outcome in ``mode``: its own record, else its watchdog's "hung" line."""
-    mine = [r for r in records if r.get("mode") == mode]
-    done = [r for r in mine if r.get("status") != "hung"]
-    return (done or mine or [None])[-1]

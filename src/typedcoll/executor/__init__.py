@@ -1,26 +1,27 @@
-"""typedcoll.executor: symmetric flushes, and a faithful model of a serving engine's loops.
+"""typedcoll.executor: conditional messages, drained on every rank by one symmetric flush.
 
-:class:`SymmetricFlush` is the public tool: code under a rank-local condition posts typed messages
-to named channels, and one ``flush`` collective, reached the same number of times on every rank,
-drains them all. The messages of an attention-DP executor's control plane (:class:`RankState`,
-:class:`TimeoutFlag`, :class:`IterStats`, :class:`KvStatus`) are Structs defined here.
-:class:`ExecutorModel` and :class:`FaultPlan` drive ``typedcoll demo``.
+:class:`SymmetricFlush` is the tool: code under a rank-local condition posts typed messages to
+named channels (local, no communication), and one ``flush`` collective, reached the same number
+of times on every rank, drains every channel at once; :class:`Delivery` is what a flush
+delivered. The control-plane messages of an attention-DP serving engine are Structs defined here
+(:class:`RankState`, :class:`KvStatus`, :class:`TimeoutFlag`, :class:`IterStats` and the
+records nested in it). The engine model that ``typedcoll demo`` runs lives in
+``typedcoll.demo``.
 """
 
-from ._backends import ConservationError
-from ._flush import Delivery, SymmetricFlush
-from ._messages import IterStats, KvStatus, RankState, TimeoutFlag
-from ._model import ExecutorModel
-from ._plan import FaultPlan
+from .flush import Delivery, SymmetricFlush
+from .messages import (InflightBatchingStats, IterStats, KvCacheStats, KvStatus, RankState,
+                       SpecDecodingStats, StaticBatchingStats, TimeoutFlag)
 
 __all__ = [
-    "ConservationError",
     "Delivery",
-    "ExecutorModel",
-    "FaultPlan",
+    "InflightBatchingStats",
     "IterStats",
+    "KvCacheStats",
     "KvStatus",
     "RankState",
+    "SpecDecodingStats",
+    "StaticBatchingStats",
     "SymmetricFlush",
     "TimeoutFlag",
 ]

@@ -1,37 +1,31 @@
 """SymmetricFlush: conditional messages posted locally, drained by one typed collective.
 
-The bug class (field notes §1): a collective issued under a rank-local condition (this rank has a
-previous batch, timed-out requests, metrics turned on) makes the ranks' collective sequences differ
-by one, and every later collective pairs the wrong calls. The fix is structural: code under a
-rank-local condition never issues a collective; it only *posts* a message to a named channel.
-At a flush point that every rank reaches the same number of times, one collective drains every
-channel at once: each rank contributes its pending messages (an empty batch when it has none),
-and every rank receives every rank's.
+The bug class: a collective issued under a rank-local condition (this rank has a previous batch,
+timed-out requests, metrics turned on) makes the ranks' sequences of collectives differ by one,
+and every later collective pairs the wrong calls. The fix is structural: code under a rank-local
+condition never issues a collective, it only *posts* a message to a named channel. At a flush
+point that every rank reaches the same number of times, one collective drains every channel at
+once: each rank contributes its pending messages (an empty batch when it has none), and every
+rank receives every rank's.
 
-Wire format. A flush is one typed ``allgather`` whose envelope op is ``"flush"``, with the call
-site pinned, and whose schema is the batch Struct: one field per channel (declaration order),
-each a tuple of that channel's message type, array_like, so the payload is decoded by msgspec
-into typed messages, never unpickled. The sender encodes a plain tuple of tuples,
-msgpack-identical to the Struct, without building one. A rank with nothing pending sends the
-empty batch (1 + one byte per channel), not None under ``Optional[...]``, whose typing object
-Python hashes slowly on every lookup of its schema. Coalescing is the point: the fix that
-inspired this drains each channel with its own collective; here one collective carries the whole
-control plane of an iteration (field notes §1: "the fix still costs one collective per drained
-channel per iteration").
+Wire format. A flush is one typed allgather whose envelope op is ``flush`` and whose schema is
+the batch Struct: one field per channel (in declaration order), each a tuple of that channel's
+message type, ``array_like``, so every rank decodes typed messages, never unpickled ones. A rank
+with nothing pending sends the prebuilt empty batch (one byte per channel and one more).
+Coalescing is the point: draining each channel with its own collective costs one collective per
+channel per iteration; here one collective carries the whole control plane of an iteration.
 
 How a flush reached under a rank-local condition is caught. The flush is itself a collective, so
-calling it on some ranks only re-creates the bug one level up. Its envelope makes that a
-:class:`~typedcoll.DesyncError` on every rank, in the flush call itself or in the very next
-collective, never a silent misdelivery:
-  - the other ranks are in a different collective at that sequence number: the envelopes differ
-    in op (``flush`` against ``allgather``...), schema, and call site;
-  - the other ranks are in a flush too, but a different flush point: the call site is part of the
-    compared header (``pin_site``), so ``CALL_SITE`` differs, even when schema and step agree;
-  - the other ranks are at the same flush point, but one iteration later: the step differs (pass
-    the iteration as ``step``; by default the step is the flush's own ordinal, which differs just
-    the same);
-  - the ranks built the flush with different channels: the batch Struct's fingerprint differs
-    (``SCHEMA``).
+calling it on some ranks only would re-create the bug one level up. Its envelope makes that a
+:class:`~typedcoll.DesyncError` on every rank, in the flush itself or in the very next
+collective, never a misdelivery:
+  - the other ranks are in another collective: the envelopes differ in op (``flush`` against
+    ``allgather``...), schema and call;
+  - the other ranks are at another flush point: a flush's identity is its call site (or its
+    ``name=``), compared like every collective's;
+  - the other ranks are at the same flush point one iteration later: the step differs (pass the
+    iteration as ``step``);
+  - the ranks declared different channels: the batch Struct's fingerprint differs (schema).
 """
 
 from __future__ import annotations
@@ -41,22 +35,23 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 import msgspec
 
 from .. import codecs
-from .._callsite import register_internal
 from .._comm import TypedComm
-
+from ..core import ops
+from ..core.identity import register_internal
 
 
 class Delivery:
     """What one flush delivered: every rank's messages per channel, in rank then post order.
 
-    ``delivery[channel]`` is a list with one tuple per rank (empty when that rank posted nothing);
-    ``delivery.messages(channel)`` yields ``(source_rank, message)`` pairs. Views are built when
-    asked for: a flush whose delivery is only partly read pays only for what is read.
+    ``delivery[channel]`` is a list with one tuple per rank (empty when that rank posted
+    nothing); ``delivery.messages(channel)`` yields ``(source_rank, message)`` pairs. Views are
+    built when first asked for: a consumer that reads one channel pays for that one only.
     """
 
     __slots__ = ("step", "seq", "channels", "_batches", "_views", "_count")
 
-    def __init__(self, step: int, seq: int, channels: Tuple[str, ...], batches: List[Any]) -> None:
+    def __init__(self, step: int, seq: int, channels: Tuple[str, ...],
+                 batches: List[Any]) -> None:
         self.step = step
         self.seq = seq
         self.channels = channels
@@ -94,47 +89,43 @@ class Delivery:
 class SymmetricFlush:
     """Named channels of typed messages, drained on every rank by one ``flush`` collective.
 
-    ``channels`` maps each channel name to its message type (any type msgspec can decode, usually
-    a Struct); every rank must declare the same channels in the same order, or the first flush
+    ``channels`` maps each channel name to its message type (any type msgspec decodes, usually a
+    Struct); every rank must declare the same channels in the same order, or the first flush
     raises :class:`~typedcoll.DesyncError` (schema). :meth:`post` is local and never
     communicates, so it may be called under any rank-local condition; :meth:`flush` is a
     collective and must be reached the same number of times on every rank, from the same line
-    (see the module docstring for how a violation is reported).
+    or with the same ``name=`` (see the module docstring for how a violation is reported).
+    ``batch_name`` names the batch schema in messages.
     """
 
     def __init__(self, comm: TypedComm, channels: Mapping[str, Any], *,
-                 name: str = "FlushBatch") -> None:
+                 batch_name: str = "FlushBatch") -> None:
         if not channels:
             raise ValueError("expected at least one channel, got none")
         self.comm = comm
         self.channels: Tuple[str, ...] = tuple(channels)
-        # One Struct per flush layout; frozen tuples so a delivered batch cannot be mutated by one
-        # consumer under another's feet. array_like: field names would be repeated per rank.
-        self._batch_type = msgspec.defstruct(
-            name, [(ch, Tuple[tp, ...], ()) for ch, tp in channels.items()],  # type: ignore[valid-type]
-            frozen=True, array_like=True)
-        # Sent as a plain tuple of tuples: msgpack-identical to the array_like batch Struct it
-        # decodes as, without building the Struct on the sending side.
-        self._empty = ((),) * len(self.channels)
-        # Resolved here, on every rank alike: a bad channel type fails at construction, on the
-        # rank that built it, rather than at the first flush.
+        # Frozen tuples, so one consumer of a delivery cannot mutate it under another's feet;
+        # array_like, so channel names are not repeated in every rank's payload.
+        fields = [(ch, Tuple[tp, ...], ()) for ch, tp in channels.items()]
+        self._batch_type = msgspec.defstruct(batch_name, fields, frozen=True, array_like=True)
+        # Resolved here, on every rank alike: a channel type msgspec cannot handle fails at
+        # construction on the rank that built it, rather than at the first flush.
         codecs.resolve(self._batch_type)
+        self._empty = self._batch_type()
         self._queues: List[List[Any]] = [[] for _ in self.channels]
-        # post() is called several times per iteration: one dict lookup gives the queue and the
-        # type to check (None where isinstance cannot check it, e.g. Optional[...]).
+        # post() runs several times per iteration: one dict lookup gives the queue and the type
+        # to check (None where isinstance cannot check it, e.g. Optional[...]).
         self._post_to = {ch: (queue, tp if isinstance(tp, type) else None)
                          for (ch, tp), queue in zip(channels.items(), self._queues)}
         self._flushed = [0] * len(self.channels)
-        self._allgather = comm._p.allgather
         self.flushes = 0
 
     def post(self, channel: str, message: Any) -> None:
         """Queue ``message`` on ``channel`` until the next flush; local, never communicates.
 
         Raises KeyError for an undeclared channel and TypeError when ``message`` is not an
-        instance of the channel's type (for Struct, scalar and container channel types): both are
-        bugs of the posting code, raised here on the posting rank rather than as a decode error on
-        every rank at the flush.
+        instance of the channel's type: both are bugs of the posting code, raised here on the
+        posting rank rather than as an error on every rank at the flush.
         """
         target = self._post_to.get(channel)
         if target is None:
@@ -152,30 +143,42 @@ class SymmetricFlush:
 
     @property
     def posted(self) -> Dict[str, int]:
-        """Messages posted on this rank so far, per channel (flushed or pending); a new dict on
-        every read (what each rank received is counted by its :class:`Delivery`)."""
+        """Messages posted on this rank so far, per channel (flushed or pending)."""
         return {ch: done + len(queue)
                 for ch, done, queue in zip(self.channels, self._flushed, self._queues)}
 
-    def flush(self, step: Optional[int] = None) -> Delivery:
-        """Drain every channel on every rank: one ``flush`` collective, call site pinned.
+    def flush(self, step: Optional[int] = None, *, name: Optional[str] = None) -> Delivery:
+        """Drain every channel on every rank: one ``flush`` collective.
 
-        ``step`` (the iteration, say) goes into the envelope; None uses this flush's ordinal.
-        Every rank receives every rank's pending messages; this rank's queues are emptied.
+        ``step`` (the iteration, say) goes into the envelope and, once the flush succeeded,
+        becomes the communicator's step clock (:meth:`TypedComm.set_step`), so the collectives
+        that follow in the iteration are stamped with it too. Without one, the flush carries
+        the clock if it was set, else its own ordinal. ``name`` gives the flush an identity of
+        its own (default: its call site). Every rank receives every rank's pending messages and
+        this rank's queues are emptied; a flush that raises leaves them pending.
         """
+        comm = self.comm
+        sets_clock = step is not None
         if step is None:
-            step = self.flushes
+            clock = comm.step
+            step = self.flushes if clock is None else clock
         queues = self._queues
-        batch = self._empty
-        if any(queues):
-            batch = tuple(map(tuple, queues))
+        pending = any(queues)
+        batch = self._batch_type(*map(tuple, queues)) if pending else self._empty
+        seq = comm.seq
+        # A bad step or name is flagged in the flush itself: every rank raises there together.
+        received = ops.allgather(comm._p, batch, self._batch_type, step, name, op="flush")
+        if sets_clock:
+            # Only once every rank agreed on the step: a failed flush leaves every rank's clock
+            # as it was.
+            comm.set_step(step)
+        # Emptied only once delivered: a flush that raised leaves its messages pending.
+        if pending:
             flushed = self._flushed
             for i, queue in enumerate(queues):
                 if queue:
                     flushed[i] += len(queue)
                     queue.clear()
-        seq = self.comm._p.seq
-        received = self._allgather(batch, self._batch_type, step, "flush", True)
         self.flushes += 1
         return Delivery(step, seq, self.channels, received)
 
