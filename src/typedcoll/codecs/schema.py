@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import sys
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, List, Tuple
 
 import msgspec
 import msgspec.inspect as mi
@@ -77,9 +77,14 @@ class SchemaInfo:
         # A record class (Struct, dataclass, Enum) whose values must be instances of it: the
         # sender says "expected RankState, got dict" before any peer decodes anything.
         self.record_class = schema if kind == KIND_MSGSPEC and _is_record(schema) else None
-        # What the C fast path needs, in one attribute read.
-        self.fast = ((fingerprint, decoder.decode, self.record_class, self.path_prefix)
-                     if kind == KIND_MSGSPEC and decoder else None)
+        # What the C fast path needs, in one attribute read; with a decoder of a list of this
+        # schema, which decodes every rank's payload of an allgather in one call (None where
+        # values may point into their bytes: they are decoded one by one from private copies).
+        list_decode = None
+        if kind == KIND_MSGSPEC and isinstance(decoder, msgspec.msgpack.Decoder):
+            list_decode = msgspec.msgpack.Decoder(List[schema], dec_hook=_dec_hook).decode
+        self.fast = ((fingerprint, decoder.decode, self.record_class, self.path_prefix,
+                      list_decode) if kind == KIND_MSGSPEC and decoder else None)
 
     def __repr__(self) -> str:
         return f"SchemaInfo({self.name}, {self.fingerprint.hex()})"

@@ -130,10 +130,10 @@ static uint64_t read_be(const unsigned char *p, int width) {
     return v;
 }
 
-/* 1 when the first msgpack object of p[0:n] nests at most ``limit`` deep (malformed bytes count
- * as fine: the decoder rejects them at a depth already proved within the limit), else 0. */
-static int nesting_within(const unsigned char *p, Py_ssize_t n, int limit) {
-    if (n <= limit) return 1;
+/* Walk the first msgpack object of p[0:n]: 1 when it is complete and nests at most ``limit``
+ * deep (*end: where it ends), 0 when it nests deeper, -1 when the bytes are malformed or end
+ * before the object does. */
+static int msgpack_walk(const unsigned char *p, Py_ssize_t n, int limit, Py_ssize_t *end) {
     uint64_t remaining[MAX_NESTING + 1];
     int depth = 0;
     Py_ssize_t pos = 0;
@@ -154,15 +154,15 @@ static int nesting_within(const unsigned char *p, Py_ssize_t n, int limit) {
             int width = (b == 0xC4 || b == 0xC7 || b == 0xD9) ? 1
                         : (b == 0xC5 || b == 0xC8 || b == 0xDA) ? 2 : 4;
             int extra = (b == 0xC7 || b == 0xC8 || b == 0xC9) ? 1 : 0;
-            if (pos + width > n) return 1;
+            if (pos + width > n) return -1;
             pos += width + extra + (Py_ssize_t)read_be(p + pos, width);
         } else if (b >= 0xDC && b <= 0xDF) {
             int width = (b == 0xDC || b == 0xDE) ? 2 : 4;
-            if (pos + width > n) return 1;
+            if (pos + width > n) return -1;
             items = (int64_t)read_be(p + pos, width) * (b >= 0xDE ? 2 : 1);
             pos += width;
         } else {
-            return 1; /* 0xC1: malformed */
+            return -1; /* 0xC1 */
         }
         if (items > 0) {
             if (depth >= limit) return 0;
@@ -173,9 +173,21 @@ static int nesting_within(const unsigned char *p, Py_ssize_t n, int limit) {
             if (--remaining[depth - 1]) break;
             depth--;
         }
-        if (depth == 0) return 1;
+        if (depth == 0) {
+            if (pos > n) return -1;
+            *end = pos;
+            return 1;
+        }
     }
-    return 1;
+    return -1;
+}
+
+/* 1 when the first msgpack object of p[0:n] nests at most ``limit`` deep, else 0. Malformed
+ * bytes count as fine: the decoder rejects them at a depth already proved within the limit. */
+static int nesting_within(const unsigned char *p, Py_ssize_t n, int limit) {
+    if (n <= limit) return 1;
+    Py_ssize_t end;
+    return msgpack_walk(p, n, limit, &end) != 0;
 }
 
 static PyObject *py_nesting_ok(PyObject *mod, PyObject *args) {
@@ -757,6 +769,51 @@ static PyObject *decode_or_defer(PyObject *decode, const unsigned char *p, Py_ss
     return item;
 }
 
+/* Every slot's payload decoded in one call of ``list_decode`` (a decoder of a list of the
+ * schema): the payloads copied behind one msgpack array header. Only when every payload is
+ * exactly one complete msgpack object nested within the limit, so that the concatenation cannot
+ * be read across a payload's bounds. A new list; NULL without an exception when the payloads
+ * must be decoded one by one (which judges any failure), NULL with one on a hard error. */
+static PyObject *decode_batch(PyObject *list_decode, const unsigned char *rb, Py_ssize_t slot,
+                              Py_ssize_t size) {
+    if (list_decode == Py_None || size < 2 || size > UINT32_MAX) return NULL;
+    Py_ssize_t cap = slot - HEADER_SIZE, total = 5;
+    for (Py_ssize_t i = 0; i < size; i++) {
+        const unsigned char *h = rb + i * slot;
+        Py_ssize_t len = get_u32(h + LENGTH_OFFSET), end = 0;
+        if (len > cap || msgpack_walk(h + HEADER_SIZE, len, MAX_NESTING - 1, &end) != 1 ||
+            end != len)
+            return NULL;
+        total += len;
+    }
+    PyObject *joined = PyBytes_FromStringAndSize(NULL, total);
+    if (joined == NULL) return NULL;
+    unsigned char *out = (unsigned char *)PyBytes_AS_STRING(joined);
+    out[0] = 0xDD; /* array32, big-endian count */
+    out[1] = (unsigned char)(size >> 24);
+    out[2] = (unsigned char)(size >> 16);
+    out[3] = (unsigned char)(size >> 8);
+    out[4] = (unsigned char)size;
+    Py_ssize_t at = 5;
+    for (Py_ssize_t i = 0; i < size; i++) {
+        const unsigned char *h = rb + i * slot;
+        Py_ssize_t len = get_u32(h + LENGTH_OFFSET);
+        memcpy(out + at, h + HEADER_SIZE, (size_t)len);
+        at += len;
+    }
+    PyObject *values = PyObject_CallOneArg(list_decode, joined);
+    Py_DECREF(joined);
+    if (values == NULL) {
+        if (PyErr_ExceptionMatches(PyExc_Exception)) PyErr_Clear();
+        return NULL;
+    }
+    if (!PyList_CheckExact(values) || PyList_GET_SIZE(values) != size) {
+        Py_DECREF(values);
+        return NULL;
+    }
+    return values;
+}
+
 static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObject *step_obj,
                         PyObject *name, PyObject *op, long root, long reduce_op, int kind,
                         PyObject *schema) {
@@ -802,15 +859,18 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
         goto take;
     }
     long opcode = PyLong_AsLong(opcode_obj);
-    PyObject *fp = NULL, *decode = NULL, *record_class = Py_None, *prefix = NULL;
+    PyObject *fp = NULL, *decode = NULL, *record_class = Py_None, *prefix = NULL,
+             *list_decode = Py_None;
     if (kind != KIND_EMPTY) {
-        info_fast = PyObject_GetAttr(info, s_fast); /* (fp, decode, record class, path prefix) */
+        /* (fingerprint, decode, record class, path prefix, decode of a list or None) */
+        info_fast = PyObject_GetAttr(info, s_fast);
         if (info_fast == NULL) goto error;
-        if (!PyTuple_Check(info_fast) || PyTuple_GET_SIZE(info_fast) != 4) goto take;
+        if (!PyTuple_Check(info_fast) || PyTuple_GET_SIZE(info_fast) != 5) goto take;
         fp = PyTuple_GET_ITEM(info_fast, 0);
         decode = PyTuple_GET_ITEM(info_fast, 1);
         record_class = PyTuple_GET_ITEM(info_fast, 2);
         prefix = PyTuple_GET_ITEM(info_fast, 3);
+        list_decode = PyTuple_GET_ITEM(info_fast, 4);
         if (!PyBytes_Check(fp) || PyBytes_GET_SIZE(fp) != 8 || !PyBytes_Check(prefix)) goto take;
     }
     int sends = kind == KIND_ALL || kind == KIND_GATHER || (kind == KIND_BCAST && f.rank == root);
@@ -940,6 +1000,10 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
     uint32_t or_len = get_u32(block + AGREE_LENGTH);
     PyObject *values = NULL;
     if (kind == KIND_ALL || (kind == KIND_GATHER && f.rank == root)) {
+        values = decode_batch(list_decode, rb, f.slot, f.size);
+        if (values == NULL && PyErr_Occurred()) goto error;
+    }
+    if (values == NULL && (kind == KIND_ALL || (kind == KIND_GATHER && f.rank == root))) {
         values = PyList_New(f.size);
         if (values == NULL) goto error;
         for (Py_ssize_t i = 0; i < f.size; i++) {
