@@ -42,6 +42,16 @@ def encode_array(arr: np.ndarray) -> bytes:
     return len(meta).to_bytes(2, "little") + meta + np.ascontiguousarray(arr).tobytes()
 
 
+def encode_array_split(arr: np.ndarray) -> Tuple[bytes, memoryview]:
+    """(prefix, data): the payload in two parts, the data being the array's own memory (no
+    copy for a C-contiguous array), for payloads that move in phase 2 anyway."""
+    if arr.dtype.hasobject:
+        raise TypeError(f"expected an array of plain numbers, got dtype {arr.dtype}")
+    meta = _META_ENCODER.encode((arr.dtype.str, arr.shape))
+    data = memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
+    return len(meta).to_bytes(2, "little") + meta, data
+
+
 def decode_array(buf: Any) -> np.ndarray:
     """The array in ``buf``; ValueError for anything that is not a well-formed array payload.
 
@@ -51,7 +61,18 @@ def decode_array(buf: Any) -> np.ndarray:
     """
     view = memoryview(buf)
     n = int.from_bytes(view[:2], "little")
-    dtype_str, shape = _ARRAY_META.decode(view[2:2 + n])
+    return _array_over(view[:2 + n], view[2 + n:]).copy()
+
+
+def decode_array_view(prefix: Any, data: Any) -> np.ndarray:
+    """The array of a split payload, over ``data`` itself: no copy (``data`` is a buffer of
+    this call's own, which no later collective reuses)."""
+    return _array_over(memoryview(prefix), memoryview(data))
+
+
+def _array_over(prefix: memoryview, data: memoryview) -> np.ndarray:
+    n = int.from_bytes(prefix[:2], "little")
+    dtype_str, shape = _ARRAY_META.decode(prefix[2:2 + n])
     try:
         dtype = np.dtype(dtype_str)
     except Exception as exc:  # numpy raises TypeError, ValueError or SyntaxError here
@@ -60,9 +81,8 @@ def decode_array(buf: Any) -> np.ndarray:
         raise ValueError(f"expected an array of plain numbers, got dtype {dtype}")
     if any(d < 0 for d in shape):
         raise ValueError(f"expected a shape of sizes >= 0, got {shape}")
-    data = view[2 + n:]
     expected = math.prod(shape) * dtype.itemsize
     if len(data) != expected:
         raise ValueError(f"expected {expected} bytes of {dtype_str} data for shape {shape}, "
                          f"got {len(data)}")
-    return np.frombuffer(data, dtype=dtype).reshape(shape).copy()
+    return np.frombuffer(data, dtype=dtype).reshape(shape)

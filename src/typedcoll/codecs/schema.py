@@ -21,6 +21,7 @@ import msgspec.inspect as mi
 import numpy as np
 
 from .digest import digest8
+from .nesting import MAX_NESTING
 
 from .array import decode_array, encode_array
 
@@ -61,7 +62,7 @@ class SchemaInfo:
     """
 
     __slots__ = ("schema", "name", "fingerprint", "kind", "decoder", "path", "path_prefix",
-                 "record_class", "fast")
+                 "record_class", "needs_nesting_scan", "fast")
 
     def __init__(self, schema: Any, name: str, fingerprint: bytes, kind: int,
                  decoder: Any) -> None:
@@ -77,6 +78,9 @@ class SchemaInfo:
         # A record class (Struct, dataclass, Enum) whose values must be instances of it: the
         # sender says "expected RankState, got dict" before any peer decodes anything.
         self.record_class = schema if kind == KIND_MSGSPEC and _is_record(schema) else None
+        # msgspec recurses no deeper than a schema's own structure, whatever the payload: only
+        # schemas that can nest without bound (Any, Raw, recursive types) need the nesting scan.
+        self.needs_nesting_scan = True
         # What the C fast path needs, in one attribute read; with a decoder of a list of this
         # schema, which decodes every rank's payload of an allgather in one call (None where
         # values may point into their bytes: they are decoded one by one from private copies).
@@ -160,7 +164,38 @@ def _build(schema: Any) -> SchemaInfo:
     structure = canonical(type_info)
     if "RawType(" in structure or "MemoryViewType(" in structure:
         decoder = _CopyingDecoder(decoder)
-    return SchemaInfo(schema, render_name(type_info), digest8(structure), KIND_MSGSPEC, decoder)
+    info = SchemaInfo(schema, render_name(type_info), digest8(structure), KIND_MSGSPEC, decoder)
+    depth = static_depth(type_info)
+    info.needs_nesting_scan = depth is None or depth >= MAX_NESTING
+    return info
+
+
+def static_depth(t: mi.Type, _seen: Tuple[int, ...] = ()) -> Any:
+    """How deep msgspec can nest decoding ``t``; None where nothing bounds it (Any, Raw, a
+    recursive type)."""
+    if isinstance(t, mi.Metadata):
+        return static_depth(t.type, _seen)
+    if isinstance(t, (mi.AnyType, mi.RawType)):
+        return None
+    if isinstance(t, mi.CustomType):
+        return 1 if t.cls is np.ndarray else None
+    if isinstance(t, mi.UnionType):
+        return _deepest([static_depth(x, _seen) for x in t.types], 0)
+    if isinstance(t, (mi.ListType, mi.SetType, mi.FrozenSetType, mi.VarTupleType)):
+        return _deepest([static_depth(t.item_type, _seen)], 1)
+    if isinstance(t, mi.TupleType):
+        return _deepest([static_depth(x, _seen) for x in t.item_types], 1)
+    if isinstance(t, mi.DictType):
+        return _deepest([static_depth(t.key_type, _seen), static_depth(t.value_type, _seen)], 1)
+    if isinstance(t, (mi.StructType, mi.DataclassType, mi.TypedDictType, mi.NamedTupleType)):
+        if id(t) in _seen:
+            return None
+        return _deepest([static_depth(f.type, _seen + (id(t),)) for f in t.fields], 1)
+    return 1
+
+
+def _deepest(depths: List[Any], own: int) -> Any:
+    return None if None in depths else own + max(depths, default=0)
 
 
 class _CopyingDecoder:

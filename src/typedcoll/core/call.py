@@ -25,7 +25,7 @@ class Call:
     __slots__ = ("op", "shape", "info", "mode", "value", "root", "reduce_op", "step", "name",
                  "code", "lasti", "error", "array_fp", "validate", "wild", "settings",
                  "seq", "deadline", "overflow", "occurrence", "array_meta", "same_shape",
-                 "inline", "timed_out", "clocked")
+                 "inline", "split", "timed_out", "clocked")
 
     def __init__(self, op: str, shape: int, info: Optional[SchemaInfo], mode: int, value: Any, *,
                  root: int = NO_ROOT, reduce_op: int = 0, step: Any = None,
@@ -57,7 +57,9 @@ class Call:
         self.lasti = 0
         self.seq = 0
         self.deadline: Optional[float] = None
-        self.overflow: Optional[bytes] = None  # own payload bytes that move in phase 2
+        self.overflow: Any = None  # own payload bytes that move in phase 2
+        # An array too big for its slot, in two parts: (dtype-and-shape prefix, its own memory).
+        self.split: Any = None
         self.occurrence = 0
         self.clocked = clocked  # stamped with the step clock unless it gives its own step
         self.timed_out = False  # the C path's exchange passed its deadline (Python reports it)

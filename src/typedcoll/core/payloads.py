@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, List, Optional, Tuple
 
 from ..codecs import (KIND_MSGSPEC, KIND_NUMPY_SCALAR, SchemaInfo, decode_array, find_class,
                       nesting_ok, resolve)
+from ..codecs.array import decode_array_view
 from ..codecs.nesting import MAX_NESTING
 from .transport import TransportTimeout
 from . import verdict
@@ -26,7 +27,7 @@ from .verdict import where
 from .call import Call
 from .errors import DecodeError
 from .identity import register_internal
-from .wire import (FLAG_OVERFLOW, FLAGS_OFFSET, HEADER_SIZE, LENGTH_OFFSET, SCHEMA_OFFSET,
+from .wire import (FLAG_OVERFLOW, FLAG_SPLIT_ARRAY, FLAGS_OFFSET, HEADER_SIZE, LENGTH_OFFSET, SCHEMA_OFFSET,
                    block_flags, block_length)
 
 if TYPE_CHECKING:
@@ -45,6 +46,20 @@ def lengths(p: "Protocol") -> List[int]:
     slot, recv = p.slot, p.recv
     return [int.from_bytes(recv[r * slot + LENGTH_OFFSET:r * slot + HEADER_SIZE], "little")
             for r in range(p.size)]
+
+
+class SplitArray:
+    """An array that arrived in two parts: its dtype-and-shape prefix (from its slot) and its
+    bare data (a view of this call's own phase-2 buffer)."""
+
+    __slots__ = ("prefix", "data")
+
+    def __init__(self, prefix: bytes, data: Any) -> None:
+        self.prefix = prefix
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.prefix) + len(self.data)
 
 
 def gathered(p: "Protocol", call: Call) -> List[Any]:
@@ -78,8 +93,16 @@ def _collect(p: "Protocol", call: Call, move: Any, root: Optional[int]) -> Optio
     offset = 0
     for r in range(p.size):
         if overflowed[r]:
-            out.append(memoryview(extra)[offset:offset + sizes[r]])
+            data = memoryview(extra)[offset:offset + sizes[r]]
             offset += sizes[r]
+            if recv[r * slot + FLAGS_OFFSET] & FLAG_SPLIT_ARRAY:
+                start = r * slot + HEADER_SIZE
+                n = 2 + int.from_bytes(recv[start:start + 2], "little")
+                if n > slot - HEADER_SIZE:
+                    raise _corrupt_length(p, call, r, n)
+                out.append(SplitArray(bytes(recv[start:start + n]), data))
+            else:
+                out.append(data)
             continue
         if sizes[r] > slot - HEADER_SIZE:
             raise _corrupt_length(p, call, r, sizes[r])
@@ -143,11 +166,16 @@ def decode(p: "Protocol", call: Call, buf: Any, source: int,
     assert info is not None  # the exchange raised for every rank whose schema did not resolve
     try:
         if info.kind == KIND_MSGSPEC:
-            if len(buf) > MAX_NESTING and not nesting_ok(buf):
+            if isinstance(buf, SplitArray):  # an array where the schema wants a message
+                raise ValueError(f"expected a msgpack payload, got an array's data")
+            if len(buf) > MAX_NESTING and info.needs_nesting_scan and not nesting_ok(buf):
                 raise ValueError(f"expected a payload nested at most {MAX_NESTING} deep, got "
                                  f"one nested deeper")
             return verdict.decode_any(info, buf)
-        arr = decode_array(buf)
+        if isinstance(buf, SplitArray):
+            arr = decode_array_view(buf.prefix, buf.data)
+        else:
+            arr = decode_array(buf)
         # The envelope's array fingerprint was checked equal on every rank; a payload whose own
         # dtype (or shape, where the op combines values) contradicts it is corrupt.
         meta = call.array_meta

@@ -38,6 +38,7 @@ import weakref
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..codecs import ENCODER, KIND_MSGSPEC, SchemaInfo, encode_array, nesting_ok
+from ..codecs.array import encode_array_split
 from ..codecs.nesting import MAX_NESTING
 from . import verdict
 from .verdict import CREATE_SEQ
@@ -48,7 +49,7 @@ from .fresh import on_fresh_stack
 from .identity import format_site, name_fingerprint, register_internal, site_fingerprint, \
     user_frame
 from .recorder import FlightRecorder, capacity_from_env
-from .wire import (AGREE_SIZE, CHECKED, FLAG_LOCAL_ERROR, FLAG_OVERFLOW, FLAG_WILD_SCHEMA, HEADER, HEADER_SIZE,
+from .wire import (AGREE_SIZE, CHECKED, FLAG_LOCAL_ERROR, FLAG_OVERFLOW, FLAG_SPLIT_ARRAY, FLAG_WILD_SCHEMA, GATHER, HEADER, HEADER_SIZE,
                    MAGIC, MAX_PAYLOAD, NATIVE_LITTLE, NO_STEP, OPS, REDUCE, SlotPolicy, agreed,
                    block_flags, block_length, slot_log2)
 from .transport import TransportTimeout
@@ -252,13 +253,19 @@ class Protocol:
         value = call.value
         try:
             if call.mode == MODE_ARRAY:
+                if call.shape == GATHER and MAX_PAYLOAD >= value.nbytes > self.slot - HEADER_SIZE:
+                    # Past the slot anyway: its dtype and shape ride inline and phase 2 sends
+                    # the array's own memory, received into one buffer and decoded as views.
+                    call.split = encode_array_split(value)
+                    return call.split[0], None
                 payload = encode_array(value)
             else:
                 try:
                     payload = _encode(value)
                 except RecursionError:  # deep in this rank's stack, not in the value
                     payload = on_fresh_stack(_encode, value)
-                if len(payload) > MAX_NESTING and not nesting_ok(payload):
+                if (len(payload) > MAX_NESTING and call.info is not None
+                        and call.info.needs_nesting_scan and not nesting_ok(payload)):
                     return b"", (f"ValueError: expected a value nested at most {MAX_NESTING} "
                                  f"deep, got one nested deeper")
                 info = call.info
@@ -281,7 +288,17 @@ class Protocol:
         n = len(payload)
         slot = self.slot
         call.overflow = None
-        if not call.inline and not flags & FLAG_LOCAL_ERROR:
+        if call.split is not None and not flags & FLAG_LOCAL_ERROR \
+                and n <= slot - HEADER_SIZE:
+            self.send_view[HEADER_SIZE:HEADER_SIZE + n] = payload
+            call.overflow = call.split[1]
+            n = len(call.overflow)
+            flags |= FLAG_OVERFLOW | FLAG_SPLIT_ARRAY
+        elif call.split is not None and not flags & FLAG_LOCAL_ERROR:
+            call.overflow = payload + bytes(call.split[1])  # a prefix too long for the slot
+            flags |= FLAG_OVERFLOW
+            n = len(call.overflow)
+        elif not call.inline and not flags & FLAG_LOCAL_ERROR:
             call.overflow = payload
             n = 0
         elif n > slot - HEADER_SIZE:

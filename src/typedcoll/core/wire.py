@@ -67,6 +67,7 @@ FLAG_LOCAL_ERROR = 1  # the rank failed to produce its value; the payload is the
 FLAG_OVERFLOW = 2  # the payload did not fit the slot; it travels in the second phase
 FLAG_WILD_SCHEMA = 4  # the rank named no schema and takes the root's: its fingerprint is not
 #                       compared (it counts as neither 0 nor 1 in the agreement block)
+FLAG_SPLIT_ARRAY = 8  # the inline bytes are an array's dtype and shape; phase 2 moves its data
 SCHEMA_OFFSET = 24
 
 # Every collective starts with one exchange of this shape (the transport's ``exchange``):

@@ -210,9 +210,8 @@ class MPITransport:
         wait_all(requests, deadline)
 
     # --- phase 2 and the cold paths: MPI's own collectives ------------------------------------
-    def allgatherv(self, send: bytes, counts: List[int],
-                   deadline: Optional[float]) -> bytearray:
-        recv = bytearray(sum(counts))
+    def allgatherv(self, send: Any, counts: List[int], deadline: Optional[float]) -> Any:
+        recv = np.empty(sum(counts), dtype=np.uint8)  # not zeroed: MPI writes every byte read
         spec = [recv, (counts, displacements(counts)), MPI.BYTE]
         wait_all([self.comm.Iallgatherv([send, len(send), MPI.BYTE], spec)], deadline)
         return recv
