@@ -1,263 +1,389 @@
-"""Diagnostics end to end: dumps from real multi-rank runs, hang reports, signals, logs.
+"""Diagnostics in one process: hang reports, decisions, dumps and logs over in-memory ranks.
 
-Every multi-rank run goes through ``run_spmd`` with a hard timeout, so a diagnostics bug that
-hangs fails the test instead of CI.
+Ranks are threads (``typedcoll.testing.run``), so these run in milliseconds; the same code paths
+over MPI are in test_diag_mpi.py. Expected texts are pinned; call-site lines are found by the
+``# mark:`` comments below, so editing this file does not break them.
 """
 
 from __future__ import annotations
 
+import gc
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Dict
 
+import msgspec
 import pytest
 
 import typedcoll as tc
-from launch import run_spmd
-from typedcoll._trace import main as trace_main
+import typedcoll.diagnostics as diag
+from typedcoll.core.protocol import ERROR_HOOKS, NEW_PROTOCOL_HOOKS
+from typedcoll.diagnostics import hang, log, side, watcher
+from typedcoll.diagnostics.model import FORMAT, VERSION, Dump
+from typedcoll.diagnostics.trace import main as trace_main
+from typedcoll.testing import run
 
-PRELUDE = """
-import json, os, signal, sys, time
-import msgspec
-import typedcoll as tc
-from mpi4py import MPI
+FILE = os.path.basename(__file__)
+MARKS: Dict[str, int] = {m.group(1): n for n, text in enumerate(Path(__file__).read_text()
+                                                                .splitlines(), 1)
+                         for m in [re.search(r"# mark: (\w+)", text)] if m}
+
+
+def at(mark: str) -> str:
+    return f"{FILE}:{MARKS[mark]}"
+
 
 class RankState(msgspec.Struct):
     rank: int
 
+
 class TimeoutFlag(msgspec.Struct):
     on: bool
-"""
 
-DESYNC = PRELUDE + """
-comm = tc.TypedComm(MPI.COMM_WORLD)
-for step in range(3):
-    comm.allgather(RankState(comm.rank), step=step)
-try:
+
+@pytest.fixture(autouse=True)
+def installed():
+    diag.install()
+
+
+def errors_of(excinfo) -> Dict[int, BaseException]:
+    """rank -> its exception, from testing.run's ExceptionGroup."""
+    out = {}
+    for e in excinfo.value.exceptions:
+        note = next(n for n in e.__notes__ if n.startswith("(rank "))
+        out[int(note[6:note.index(" of")])] = e
+    return out
+
+
+def normal(text: str) -> str:
+    """The first line and the side channel's report, durations replaced by N (they vary).
+
+    ``typedcoll.testing`` adds its own in-process lines before the report: not ours to pin.
+    """
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("hang report"))
+    text = "\n".join(lines[:1] + lines[start:])
+    text = re.sub(r"answered in [0-9.]+ s", "answered in N s", text)
+    return re.sub(r"(in flight for|completed) ([0-9.]+) s", r"\1 N s", text)
+
+
+# --- install ---------------------------------------------------------------------------------
+def test_import_installs_nothing():
+    code = ("import sys, threading, typedcoll, typedcoll.diagnostics.trace\n"
+            "assert 'mpi4py' not in sys.modules and 'torch' not in sys.modules\n"
+            "from typedcoll.core.protocol import ERROR_HOOKS, NEW_PROTOCOL_HOOKS\n"
+            "assert not ERROR_HOOKS and not NEW_PROTOCOL_HOOKS, (ERROR_HOOKS, NEW_PROTOCOL_HOOKS)\n"
+            "assert sys.excepthook is sys.__excepthook__\n"
+            "assert [t.name for t in threading.enumerate()] == ['MainThread']\n"
+            "typedcoll.diagnostics.install(); typedcoll.diagnostics.install()\n"
+            "assert len(NEW_PROTOCOL_HOOKS) == len(ERROR_HOOKS) == 1\n"
+            "assert [t.name for t in threading.enumerate()] == "
+            "['MainThread', 'typedcoll-diagnostics']\n"
+            "assert sys.excepthook is not sys.__excepthook__\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_install_is_idempotent_from_any_thread():
+    threads = [threading.Thread(target=diag.install) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    diag.install()
+    assert NEW_PROTOCOL_HOOKS.count(NEW_PROTOCOL_HOOKS[-1]) == 1
+    assert len([h for h in ERROR_HOOKS if h.__module__.startswith("typedcoll")]) == 1
+    assert [t.name for t in threading.enumerate()].count("typedcoll-diagnostics") == 1
+
+
+# --- hang reports ------------------------------------------------------------------------------
+def elsewhere(comm):
+    comm.note("can_queue", comm.rank != 1)  # mark: note
+    comm.note("batch", 8)
+    for step in range(3):
+        comm.allgather(RankState(comm.rank))  # mark: loop
+    if comm.rank == 1:
+        time.sleep(0.6)  # mark: sleep
+        return None
+    comm.allgather(RankState(comm.rank))  # mark: late
+    return None
+
+
+def test_hang_report_names_the_absent_rank_where_it_is_and_what_differs():
+    with pytest.raises(BaseExceptionGroup) as excinfo:
+        run(3, elsewhere, timeout=0.3)  # rank 1 is away for 0.6 s: the report is ready before
+    errors = errors_of(excinfo)
+    assert sorted(errors) == [0, 2]
+    for r, err in errors.items():
+        assert isinstance(err, tc.CollectiveTimeout) and err.missing == (1,)
+        assert normal(str(err)) == "\n".join([
+            f"collective #3 on WORLD: allgather[RankState] at {at('late')} did not complete "
+            f"within 0.3 s",
+            "hang report (side channel: 2 of 2 peers answered in N s):",
+            "  never arrived at collective #3 on WORLD: rank 1",
+            f"    rank 1: now at {at('sleep')} in elsewhere (thread rank-1)",
+            f"      last started: allgather[RankState] on WORLD seq=2 at {at('loop')}, its 3rd "
+            f"call: completed",
+            "  arrived: ranks 0,2",
+            "  decisions that differ:",
+            f"    can_queue at {at('note')} — ranks 0,2: True; rank 1: False",
+        ])
+
+
+def one_short(comm):
+    for step in range(2):
+        comm.allgather(RankState(comm.rank))  # mark: short_loop
+    if comm.rank == 0:
+        comm.allgather(RankState(comm.rank))  # mark: extra
+    else:
+        time.sleep(0.8)  # mark: moved_on
+
+
+def test_a_rank_one_call_short_is_named_with_where_it_moved_on_to():
+    with pytest.raises(BaseExceptionGroup) as excinfo:
+        run(2, one_short, timeout=0.3)
+    (err,) = errors_of(excinfo).values()
+    lines = normal(str(err)).splitlines()
+    assert lines[2:6] == [
+        "  never arrived at collective #2 on WORLD: rank 1",
+        f"    rank 1: now at {at('moved_on')} in one_short (thread rank-1)",
+        f"      last started: allgather[RankState] on WORLD seq=1 at {at('short_loop')}, its 2nd "
+        f"call: completed",
+        "  arrived: rank 0",
+    ]
+
+
+def silent(comm):
+    comm.allgather(RankState(comm.rank))  # mark: together
+    if comm.rank == 1:
+        watcher.forget(comm._p.channel)  # as if its process had died: nobody answers for it
+        time.sleep(hang.GRACE + 0.8)
+        return
+    comm.allgather(RankState(comm.rank))
+
+
+def test_a_rank_that_does_not_answer_is_named_unresponsive_with_what_is_known():
+    started = time.monotonic()
+    with pytest.raises(BaseExceptionGroup) as excinfo:
+        run(2, silent, timeout=0.3)
+    (err,) = errors_of(excinfo).values()
+    assert time.monotonic() - started < 0.3 + 2.0 + 1.0
+    assert err.missing == (1,)
+    assert normal(str(err)).splitlines()[1:] == [
+        "hang report (side channel: 0 of 1 peer answered within 1 s):",
+        "  unresponsive: rank 1 (no answer within 1 s: stuck in a C call that holds the GIL, "
+        "dead, or running without typedcoll diagnostics)",
+        "    rank 1: it never answered this rank's side channel",
+        f"    last collective every rank took part in: allgather[RankState] on WORLD seq=0 at "
+        f"{at('together')}, its 1st call: completed N s ago",
+        "  arrived: rank 0",
+    ]
+
+
+def test_the_store_protocol_works_over_a_torch_store(monkeypatch):
+    # What a torch channel runs (its Store is the group's, under a prefix of its own), here over
+    # an in-process HashStore shared by the in-memory ranks.
+    torch_dist = pytest.importorskip("torch.distributed")
+    stores: Dict[int, object] = {}
+
+    def make_side(channel):
+        store = stores.setdefault(id(channel.transport.world), torch_dist.HashStore())
+        return side.StoreSide(channel, store, 0.01)
+    monkeypatch.setattr(side, "make_side", make_side)
+    with pytest.raises(BaseExceptionGroup) as excinfo:
+        run(3, elsewhere, timeout=0.3)
+    assert len(stores) == 1
+    for err in errors_of(excinfo).values():
+        assert err.missing == (1,)
+        assert f"    rank 1: now at {at('sleep')} in elsewhere (thread rank-1)" in str(err)
+
+
+def test_with_the_recorder_off_the_report_still_counts_collectives(monkeypatch, tmp_path):
+    monkeypatch.setenv("TYPEDCOLL_TRACE_BUFFER", "0")
+    with pytest.raises(BaseExceptionGroup) as excinfo:
+        run(2, one_short, timeout=0.3)
+    (err,) = errors_of(excinfo).values()
+    assert normal(str(err)).splitlines()[2:5] == [
+        "  never arrived at collective #2 on WORLD: rank 1",
+        f"    rank 1: now at {at('moved_on')} in one_short (thread rank-1)",
+        "      on WORLD: issued 2 collectives",
+    ]
+    del excinfo, err
+    gc.collect()  # a dump lists every live communicator of the process: one job's only
+
+    def body(comm):
+        comm.allgather(comm.rank)
+        return diag.dump_traces("manual", directory=str(tmp_path)) if comm.rank == 0 else None
+    run(2, body)
+    dump = msgspec.json.decode((tmp_path / "rank0.json").read_bytes(), type=Dump)
+    for c in dump.comms:
+        assert (c.entries, c.capacity, c.recorded) == ([], 0, 0)
+    assert trace_main([str(tmp_path)]) == 0
+
+
+# --- decisions in a DesyncError --------------------------------------------------------------
+def gate(comm):
+    comm.note("can_queue", comm.rank != 2)  # mark: gate_note
+    comm.note("batch", 8)
     if comm.rank == 2:
-        comm.allgather(TimeoutFlag(True), step=3)   # the rank-local branch
-    comm.allgather(RankState(comm.rank), step=3)
-except tc.DesyncError:
-    # Every rank logs and dumps before any rank's uncaught error aborts the job.
-    MPI.COMM_WORLD.Barrier()
-    raise
-"""
-
-# Rank 1 skips collective #3 on COMM_WORLD and blocks (no timeout) in a barrier of another
-# communicator, which rank 0 never calls: rank 0 times out and must name rank 1 and that barrier.
-HANG = PRELUDE + """
-comm = tc.TypedComm(MPI.COMM_WORLD, timeout=TIMEOUT)
-side = tc.TypedComm(MPI.COMM_WORLD, name="side")
-for step in range(3):
-    comm.allgather(RankState(comm.rank), step=step)
-if comm.rank == 1:
-    side.barrier()
-comm.allgather(RankState(comm.rank), step=3)
-"""
+        comm.allgather(TimeoutFlag(True))  # mark: flag
+    comm.allgather(RankState(comm.rank))  # mark: state
 
 
-def dumps(directory: Path) -> dict:
-    return {int(p.stem[4:]): json.loads(p.read_text()) for p in directory.glob("rank*.json")}
+def test_desync_lists_the_decisions_that_differ():
+    with pytest.raises(BaseExceptionGroup) as excinfo:
+        run(4, gate)
+    errors = errors_of(excinfo)
+    assert sorted(errors) == [0, 1, 2, 3]
+    for err in errors.values():
+        assert isinstance(err, tc.DesyncError)
+        assert str(err).splitlines()[-2:] == [
+            "  decisions that differ:",
+            f"    can_queue at {at('gate_note')} — ranks 0-1,3: True; rank 2: False"]
+        assert err.decisions == (("can_queue", at("gate_note"),
+                                  [("ranks 0-1,3", "True"), ("rank 2", "False")]),)
 
 
-def test_desync_dumps_every_rank_and_trace_finds_it(tmp_path, capsys):
-    trace = tmp_path / "trace"
-    res = run_spmd(DESYNC, 3, timeout=60, tmp_path=tmp_path,
-                   env={"TYPEDCOLL_TRACE_DIR": str(trace)})
-    assert not res.timed_out and res.returncode != 0, res
-    docs = dumps(trace)
-    assert sorted(docs) == [0, 1, 2], res
-    for rank, doc in docs.items():
-        assert doc["format"] == "typedcoll-trace" and doc["version"] == 1 and doc["rank"] == rank
-        assert doc["events"][0] == "DesyncError"
-        (world,) = doc["comms"]
-        assert world["id"] == "COMM_WORLD" and world["seq"] == 4 and world["size"] == 3
-        assert [e["seq"] for e in world["entries"]] == [0, 1, 2, 3]
-        assert world["entries"][3]["state"] == "failed"
-    # One structured line per rank per error, with the error's fields.
-    lines = [json.loads(line) for line in res.stderr.splitlines()
-             if line.startswith('{"event":"collective_error"')]
-    assert sorted(line["rank"] for line in lines) == [0, 1, 2], res
-    assert {tuple(line["kinds"]) for line in lines} == {("schema",)}
-    assert lines[0]["seq"] == 3 and lines[0]["error"] == "DesyncError"
-    assert [g["ranks"] for g in lines[0]["groups"]] == [[0, 1], [2]]
-    capsys.readouterr()
-    assert trace_main([str(trace)]) == 1
-    out = capsys.readouterr().out
-    assert ("collective #3 on COMM_WORLD diverged (schema):\n"
-            "    ranks 0-1: allgather[RankState] at " in out)
-    assert "    rank 2:    allgather[TimeoutFlag] at " in out
+def test_note_records_the_latest_value_site_and_step():
+    def body(comm):
+        comm.set_step(7)
+        comm.note("k", 1)
+        comm.note("k", {"why": "x"})  # mark: latest
+        return comm._p.decisions()
+    ((note,),) = run(1, body)
+    assert note == tc.Note(key="k", value={"why": "x"}, site=at("latest"), step=7)
 
 
-def test_hang_report_names_the_missing_rank_and_the_job_ends(tmp_path, capsys):
-    trace = tmp_path / "trace"
-    timeout = 2.0
-    start = time.monotonic()
-    # abort_on_error=False: our own excepthook must end the job, not `python -m mpi4py`.
-    res = run_spmd(HANG.replace("TIMEOUT", str(timeout)), 2, timeout=40, tmp_path=tmp_path,
-                   env={"TYPEDCOLL_TRACE_DIR": str(trace)}, abort_on_error=False)
-    elapsed = time.monotonic() - start
-    assert not res.timed_out and res.returncode != 0, res
-    assert elapsed < timeout + 8, (elapsed, res)
-    assert "did not complete within 2 s\nhang report (status files in " in res.stderr, res
-    assert "  not arrived at collective #3 on COMM_WORLD: rank 1\n" \
-           "    rank 1: last started barrier at " in res.stderr
-    assert "(#0 on side), in flight for " in res.stderr
-    assert "; issued 3 collectives on COMM_WORLD\n  arrived: rank 0" in res.stderr
-    docs = dumps(trace)
-    assert sorted(docs) == [0, 1], res
-    assert docs[0]["reason"] == "uncaught CollectiveTimeout"
-    assert docs[1]["reason"] == "request from rank 0"  # dumped while stuck in MPI
-    capsys.readouterr()
-    assert trace_main([str(trace)]) == 1
-    out = capsys.readouterr().out
-    assert "collective #3 on COMM_WORLD is missing ranks: rank 1 never started it" in out
-    assert "collective #0 on side is missing ranks: rank 0 never started it" in out
-
-
-def test_hang_report_without_trace_dir_says_the_side_channel_is_off(tmp_path):
-    res = run_spmd(HANG.replace("TIMEOUT", "1.0"), 2, timeout=40, tmp_path=tmp_path,
-                   abort_on_error=False)
-    assert not res.timed_out and res.returncode != 0, res
-    assert "hang report: the side channel is off; set TYPEDCOLL_TRACE_DIR" in res.stderr, res
-
-
-KILLED = PRELUDE + """
-comm = tc.TypedComm(MPI.COMM_WORLD)
-comm.allgather(RankState(comm.rank), step=0)
-if comm.rank == 1:
-    time.sleep(0.6)  # let every status file show #0
-    os.kill(os.getpid(), signal.SIGKILL)
-comm.allgather(RankState(comm.rank), step=1)  # ranks 0 and 2 block here, inside MPI
-"""
-
-
-def test_killed_rank_leaves_the_others_dumps(tmp_path, capsys):
-    # MPICH hydra SIGKILLs every rank the moment one dies, leaving nothing to dump (documented).
-    # mpiexec.gforker, like Slurm or torchrun, signals the survivors first (SIGINT, then
-    # SIGQUIT): their diagnostics threads must dump although the main threads are stuck in MPI.
-    gforker = Path(sys.executable).parent / "mpiexec.gforker"
-    if not gforker.exists():
-        pytest.skip("needs the mpich wheel's mpiexec.gforker")
-    trace = tmp_path / "trace"
-    script = tmp_path / "killed.py"
-    script.write_text(KILLED)
-    env = dict(os.environ, TYPEDCOLL_TRACE_DIR=str(trace), PYTHONUNBUFFERED="1")
-    proc = subprocess.run([str(gforker), "-n", "3", sys.executable, str(script)], env=env,
-                          capture_output=True, text=True, timeout=40)
-    docs = dumps(trace)
-    assert sorted(docs) == [0, 2], (proc.stdout, proc.stderr)
-    assert {docs[0]["reason"], docs[2]["reason"]} <= {"SIGINT", "uncaught KeyboardInterrupt"}
-    for doc in (docs[0], docs[2]):
-        last = doc["comms"][0]["entries"][-1]
-        assert (last["seq"], last["state"]) == (1, "started"), last
-    capsys.readouterr()
-    assert trace_main([str(trace)]) == 1
-    out = capsys.readouterr().out
-    assert "collective #1 on COMM_WORLD is missing ranks: rank 1 never started it" in out
-    assert "  rank 1: no dump (killed, or ran without TYPEDCOLL_TRACE_DIR)" in out
-
-
-def test_sigusr1_dumps_a_rank_stuck_in_mpi_and_it_continues(tmp_path):
-    trace = tmp_path / "trace"
-    code = PRELUDE + """
-comm = tc.TypedComm(MPI.COMM_WORLD)
-pids = comm.allgather(os.getpid(), step=7)
-if comm.rank == 0:
-    time.sleep(0.5)  # rank 1 is now blocked inside MPI in the barrier below
-    os.kill(pids[1], signal.SIGUSR1)
-    path = os.path.join(os.environ["TYPEDCOLL_TRACE_DIR"], "rank1.json")
-    deadline = time.monotonic() + 10
-    while not os.path.exists(path) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    doc = json.load(open(path))
-    last = doc["comms"][0]["entries"][-1]
-    assert doc["reason"] == "SIGUSR1", doc
-    assert (last["op"], last["state"], last["seq"]) == ("barrier", "started", 1), last
-    print("live dump ok", flush=True)
-comm.barrier()
-print(f"rank {comm.rank} continued", flush=True)
-"""
-    res = run_spmd(code, 2, timeout=40, tmp_path=tmp_path,
-                   env={"TYPEDCOLL_TRACE_DIR": str(trace)})
-    assert res.returncode == 0 and "live dump ok" in res.stdout, res
-    assert "rank 0 continued" in res.stdout and "rank 1 continued" in res.stdout
-
-
-def test_sigterm_dumps_a_rank_stuck_in_mpi_and_it_still_ends(tmp_path):
-    # What Slurm or torchrun send: the dump must be written while the rank is blocked in MPI,
-    # then the previous (default) handler must still end the process. hydra kills the other
-    # ranks as soon as one dies, so the dump file itself is checked here, after the job.
-    trace = tmp_path / "trace"
-    code = PRELUDE + """
-import threading
-comm = tc.TypedComm(MPI.COMM_WORLD)
-comm.allgather(comm.rank, step=7)
-if comm.rank == 1:
-    threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
-    comm.barrier()  # rank 0 never joins: rank 1 is blocked inside MPI when the signal comes
-else:
-    time.sleep(30)  # ended by the launcher once rank 1 is gone
-"""
-    res = run_spmd(code, 2, timeout=40, tmp_path=tmp_path, abort_on_error=False,
-                   env={"TYPEDCOLL_TRACE_DIR": str(trace)})
-    assert not res.timed_out and res.returncode != 0, res
-    doc = json.loads((trace / "rank1.json").read_text())
-    last = doc["comms"][0]["entries"][-1]
-    assert doc["reason"] == "SIGTERM", doc
-    assert (last["op"], last["state"], last["seq"]) == ("barrier", "started", 1), last
-
-
-def test_buffer_off_still_dumps_without_entries(tmp_path, capsys):
-    trace = tmp_path / "trace"
-    res = run_spmd(DESYNC, 3, timeout=60, tmp_path=tmp_path,
-                   env={"TYPEDCOLL_TRACE_DIR": str(trace), "TYPEDCOLL_TRACE_BUFFER": "0"})
-    assert not res.timed_out and "DesyncError" in res.stderr, res
-    docs = dumps(trace)
-    assert sorted(docs) == [0, 1, 2]
-    for doc in docs.values():
-        (world,) = doc["comms"]
-        assert world["entries"] == [] and world["capacity"] == 0 and world["seq"] == 4
-    capsys.readouterr()
-    assert trace_main([str(trace)]) == 0
-    assert "no entries to compare (flight recorder off" in capsys.readouterr().out
-
-
-def test_debug_log_lines_per_collective(tmp_path):
-    code = PRELUDE + """
-comm = tc.TypedComm(MPI.COMM_WORLD)
-comm.allgather(RankState(comm.rank), step=5)
-comm.bcast(RankState(0), root=0)
-comm.barrier()
-"""
-    res = run_spmd(code, 1, timeout=30, tmp_path=tmp_path, env={"TYPEDCOLL_LOG": "debug"})
-    assert res.returncode == 0, res
-    lines = [json.loads(line) for line in res.stderr.splitlines() if line.startswith("{")]
-    assert [(x["seq"], x["op"], x["schema"], x["step"]) for x in lines] == [
-        (0, "allgather", "RankState", 5), (1, "bcast", "RankState", None),
-        (2, "barrier", "", None)], res
-    assert lines[0]["site"].startswith("spmd_") and lines[0]["comm"] == "COMM_WORLD"
-
-
-def test_dump_traces_without_a_directory_writes_nothing():
-    assert tc.dump_traces("manual") is None
+# --- dumps -------------------------------------------------------------------------------------
+def test_dump_traces_without_a_directory_writes_nothing(monkeypatch):
+    monkeypatch.delenv("TYPEDCOLL_TRACE_DIR", raising=False)
+    assert diag.dump_traces("manual") is None
 
 
 def test_dump_traces_never_raises(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    assert tc.dump_traces("manual", directory=str(blocker / "sub")) is None
+    assert diag.dump_traces("manual", directory=str(blocker / "sub")) is None
     assert "typedcoll diagnostics: could not write the trace dump (manual)" \
         in capsys.readouterr().err
 
 
-def test_dump_traces_writes_a_versioned_dump(tmp_path):
-    path = tc.dump_traces("manual", "why", directory=str(tmp_path))
+def test_a_dump_holds_entries_notes_stacks_and_where_each_rank_is(tmp_path):
+    gc.collect()  # earlier tests' in-memory jobs: a dump lists every live communicator
+
+    def body(comm):
+        comm.set_step(4)
+        comm.note("can_queue", comm.rank == 0)
+        comm.allgather(RankState(comm.rank))
+        comm.allgather(RankState(comm.rank), name="vote")
+        comm.allgather(comm.rank)
+        path = None
+        if comm.rank == 0:
+            path = diag.dump_traces("manual", "why", directory=str(tmp_path))  # mark: dumping
+        comm.barrier()  # rank 1's communicator lives until the dump is written
+        return path
+    path, _ = run(2, body)
     assert path == str(tmp_path / "rank0.json")
-    doc = json.loads(Path(path).read_text())
-    assert (doc["format"], doc["version"], doc["reason"], doc["message"]) == \
-        ("typedcoll-trace", 1, "manual", "why")
     assert not list(tmp_path.glob("*.tmp.*"))
+    dump = msgspec.json.decode(Path(path).read_bytes(), type=Dump)
+    assert (dump.format, dump.version, dump.reason, dump.message) == (FORMAT, VERSION, "manual",
+                                                                      "why")
+    assert dump.events[-1] == "manual" and dump.pid == os.getpid()
+    mine = {c.rank: c for c in dump.comms if c.id == "WORLD"}
+    assert sorted(mine) == [0, 1]  # in-memory ranks: one process holds both
+    c = mine[0]
+    assert (c.size, c.seq, c.step, c.transport, c.world_ranks) == (2, 3, 4, "memory", [0, 1])
+    assert mine[1].where.startswith(f"{FILE}:") and mine[1].where.endswith(" in body")
+    entries = [e for e in c.entries if e.op != "create"]
+    assert [(e.seq, e.op, e.schema, e.name, e.step, e.state) for e in entries] == [
+        (0, "allgather", "RankState", None, 4, "completed"),
+        (1, "allgather", "RankState", "vote", 4, "completed"),
+        (2, "allgather", "int", None, 4, "completed")]
+    assert all(e.t_end_ns is not None and e.t_end_ns >= e.t_start_ns for e in entries)
+    assert [(n.key, n.value, n.step) for n in c.notes] == [("can_queue", True, 4)]
+    assert c.where == f"{at('dumping')} in body"
+    names = [t.name for t in dump.threads]
+    assert names[0] == "MainThread" and "rank-0" in names and "typedcoll-diagnostics" in names
+    rank0 = next(t for t in dump.threads if t.name == "rank-0")
+    assert any(f.endswith(f"{FILE}:{MARKS['dumping']} in body") for f in rank0.frames)
+
+
+def test_a_timed_out_rank_dumps_with_what_it_saw_of_its_peers(tmp_path, monkeypatch):
+    monkeypatch.setenv("TYPEDCOLL_TRACE_DIR", str(tmp_path))
+    with pytest.raises(BaseExceptionGroup):
+        run(2, silent, timeout=0.3)
+    dump = msgspec.json.decode((tmp_path / "rank0.json").read_bytes(), type=Dump)
+    world = next(c for c in dump.comms if c.id == "WORLD" and c.rank == 0)
+    (peer,) = world.peers
+    assert (peer.rank, peer.answered, peer.status) == (1, False, None) and peer.asked_ns > 0
+    assert world.entries[-1].state == "failed"
+    assert world.entries[-1].error.startswith("CollectiveTimeout: collective #1 on WORLD")
+
+
+# --- logs -----------------------------------------------------------------------------------------
+@pytest.fixture
+def clean_logger():
+    saved = (log.LOGGER.level, list(log.LOGGER.handlers), log.LOGGER.propagate)
+    yield log.LOGGER
+    log.LOGGER.setLevel(saved[0])
+    log.LOGGER.handlers[:] = saved[1]
+    log.LOGGER.propagate = saved[2]
+
+
+def test_one_json_line_per_rank_per_error(caplog, clean_logger):
+    with caplog.at_level(logging.ERROR, logger="typedcoll"):
+        with pytest.raises(BaseExceptionGroup):
+            run(4, gate)
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "typedcoll"]
+    assert sorted(line["rank"] for line in lines) == [0, 1, 2, 3]
+    for line in lines:
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", line["ts"])
+        assert (line["level"], line["event"], line["error"], line["comm"], line["seq"]) == (
+            "error", "collective_error", "DesyncError", "WORLD", 0)
+        assert line["pid"] == os.getpid() and line["host"]
+        assert line["comm_rank"] == line["rank"] and line["comm_size"] == 4
+        assert line["kinds"] == ["call site", "schema"]
+        assert line["decisions"] == [["can_queue", at("gate_note"),
+                                      [["ranks 0-1,3", "True"], ["rank 2", "False"]]]]
+        assert line["message"].startswith("collective #0 on WORLD diverged")
+
+
+@pytest.mark.parametrize("level, events", [
+    ("off", set()),
+    ("error", {"collective_error"}),
+    ("info", {"collective_error", "comm_created"}),
+    ("debug", {"collective_error", "comm_created", "collective"}),
+])
+def test_every_log_level_means_something(level, events, monkeypatch, capsys, clean_logger):
+    monkeypatch.setenv("TYPEDCOLL_LOG", level)
+    assert log.configure() is None
+    capsys.readouterr()
+
+    def body(comm):
+        comm.allgather(RankState(comm.rank))
+        comm.allgather(RankState(comm.rank), step=comm.rank)  # a desync: one error per rank
+    with pytest.raises(BaseExceptionGroup):
+        run(2, body)
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()
+             if line.startswith("{")]
+    assert {line["event"] for line in lines} == events
+    if level == "debug":
+        (one, other) = [x for x in lines if x["event"] == "collective"]
+        assert (one["seq"], one["op"], one["schema"], one["site"].split(":")[0]) == (
+            0, "allgather", "RankState", FILE)
+        assert one["us"] >= 0
+    assert len([x for x in lines if x["event"] == "collective_error"]) == (0 if level == "off"
+                                                                          else 2)
+
+
+def test_an_unknown_log_level_is_refused(monkeypatch, capsys, clean_logger):
+    monkeypatch.setenv("TYPEDCOLL_LOG", "verbose")
+    assert log.configure() == ("TYPEDCOLL_LOG: expected one of off, error, info, debug, got "
+                               "'verbose'; the setting is ignored")
+    assert "typedcoll diagnostics: TYPEDCOLL_LOG: expected one of" in capsys.readouterr().err

@@ -1,8 +1,10 @@
-"""The trace analyzer: pure logic on hand-built per-rank dumps, and the CLI on files."""
+"""The trace analyzer: pure logic on hand-built dumps, the CLI on files, and hostile inputs."""
 
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -10,28 +12,35 @@ import msgspec
 import pytest
 
 from typedcoll import MismatchKind
-from typedcoll._trace import Dump, TraceInputError, analyze, main, parse_dump
+from typedcoll.diagnostics import trace
+from typedcoll.diagnostics.analysis import analyze, clean
+from typedcoll.diagnostics.model import Dump
+from typedcoll.diagnostics.trace import TraceInputError, main, parse_dump
 
 
 def entry(seq: int, op: str = "allgather", schema: str = "RankState", site: str = "loop.py:10",
-          step: Optional[int] = None, state: str = "completed") -> Dict[str, Any]:
+          step: Optional[int] = None, state: str = "completed", occurrence: int = 0,
+          **more: Any) -> Dict[str, Any]:
     return {"seq": seq, "op": op, "schema": schema, "fingerprint": schema.lower()[:8],
-            "site": site, "step": step, "bytes": 7, "state": state,
-            "t_start_ns": 1_000 * seq, "t_end_ns": None, "error": None}
+            "site": site, "name": None, "occurrence": occurrence, "step": step, "bytes": 7,
+            "state": state, "t_start_ns": 1_000 * seq, "t_end_ns": 1_000 * seq + 500,
+            "error": None, **more}
 
 
 def dump(rank: int, comms: List[Dict[str, Any]], reason: str = "DesyncError") -> Dict[str, Any]:
-    return {"format": "typedcoll-trace", "version": 1, "rank": rank, "world_size": 4,
+    return {"format": "typedcoll-trace", "version": 2, "rank": rank, "world_size": 4,
             "host": "node0", "pid": 100 + rank, "time_ns": 0, "reason": reason, "message": "",
-            "events": [reason], "comms": comms}
+            "events": [reason], "threads": [], "comms": comms}
 
 
 def comm(rank: int, size: int, entries: List[Dict[str, Any]], seq: Optional[int] = None,
-         comm_id: str = "COMM_WORLD") -> Dict[str, Any]:
+         comm_id: str = "COMM_WORLD", notes: Optional[List[Dict[str, Any]]] = None,
+         where: str = "?") -> Dict[str, Any]:
     return {"id": comm_id, "name": comm_id, "rank": rank, "size": size,
             "world_ranks": list(range(size)), "transport": "mpi",
             "seq": seq if seq is not None else (entries[-1]["seq"] + 1 if entries else 0),
-            "timeout": None, "capacity": 2000, "recorded": len(entries), "entries": entries}
+            "timeout": None, "where": where, "capacity": 2000, "recorded": len(entries),
+            "entries": entries, "notes": notes or [], "peers": []}
 
 
 def dumps_of(*docs: Dict[str, Any]) -> Dict[int, Dump]:
@@ -42,28 +51,37 @@ def steady(n: int) -> List[Dict[str, Any]]:
     return [entry(s, step=s) for s in range(n)]
 
 
+# --- analysis ----------------------------------------------------------------------------------
 def test_consistent_dumps_have_no_finding():
     report = analyze(dumps_of(*(dump(r, [comm(r, 3, steady(5))]) for r in range(3))))
     assert report.consistent and report.first is None
     assert report.comms[0].compared == (0, 4)
 
 
-def test_first_divergence_groups_ranks_like_a_live_desync():
+def test_first_divergence_groups_ranks_like_a_live_desync_with_decisions():
     docs = []
     for r in range(4):
         es = steady(3)
         es.append(entry(3, schema="TimeoutFlag", site="py_executor.py:4438", step=3) if r == 3
                   else entry(3, site="adp_router.py:88", step=3))
         es.append(entry(4, op="barrier", schema="", site="loop.py:20"))
-        docs.append(dump(r, [comm(r, 4, es)]))
+        notes = [{"key": "can_queue", "value": r != 3, "site": "py_executor.py:5285",
+                  "step": 3}, {"key": "batch", "value": 8, "site": "x.py:1", "step": 3}]
+        docs.append(dump(r, [comm(r, 4, es, notes=notes)]))
     report = analyze(dumps_of(*docs))
     assert not report.consistent
     div = report.comms[0].divergence
-    assert div is not None and div.seq == 3 and div.kinds == [MismatchKind.SCHEMA]
+    assert div is not None and div.seq == 3
+    assert div.kinds == [MismatchKind.CALL, MismatchKind.SCHEMA]
     assert [g.ranks for g in div.groups] == [(0, 1, 2), (3,)]
-    assert div.text == ("collective #3 on COMM_WORLD diverged (schema):\n"
-                        "  ranks 0-2: allgather[RankState] at adp_router.py:88 step 3\n"
-                        "  rank 3:    allgather[TimeoutFlag] at py_executor.py:4438 step 3")
+    assert div.text == (
+        "collective #3 on COMM_WORLD diverged (call site, schema):\n"
+        "  ranks 0-2: allgather[RankState] at adp_router.py:88, step 3\n"
+        "  rank 3:    allgather[TimeoutFlag] at py_executor.py:4438, step 3\n"
+        "  decisions that differ:\n"
+        "    can_queue at py_executor.py:5285 — ranks 0-2: True; rank 3: False")
+    assert div.decisions == [("can_queue", "py_executor.py:5285",
+                              [("ranks 0-2", "True"), ("rank 3", "False")])]
     assert report.first is div
 
 
@@ -74,8 +92,9 @@ def test_op_and_step_divergence_kinds():
     assert div is not None and div.kinds == [MismatchKind.OP, MismatchKind.STEP]
 
 
-def test_rank_whose_buffer_stops_earlier_is_missing():
-    docs = [dump(r, [comm(r, 3, steady(6 if r != 1 else 4))]) for r in range(3)]
+def test_rank_whose_count_stops_earlier_is_missing_with_where_it_was():
+    docs = [dump(r, [comm(r, 3, steady(6 if r != 1 else 4),
+                          where="prog.py:30 in main" if r == 1 else "?")]) for r in range(3)]
     report = analyze(dumps_of(*docs))
     missing = report.comms[0].missing
     assert missing is not None and missing.seq == 4 and missing.missing == [1]
@@ -83,26 +102,24 @@ def test_rank_whose_buffer_stops_earlier_is_missing():
     assert report.comms[0].divergence is None
     assert missing.text.splitlines()[0] == \
         "collective #4 on COMM_WORLD is missing ranks: rank 1 never started it"
-    assert "  rank 1: stops at #3 (allgather[RankState] at loop.py:10 step 3, completed)" \
-        in missing.text
+    assert ("  rank 1: stops at #3 (allgather[RankState] at loop.py:10, step 3: completed); "
+            "at dump time at prog.py:30 in main") in missing.text
 
 
 def test_member_without_a_dump_is_missing():
     es = steady(3)
-    es[-1]["state"] = "failed"
-    es[-1]["error"] = "CollectiveTimeout: collective #2 on COMM_WORLD: ..."
-    report = analyze(dumps_of(dump(0, [comm(0, 2, es)])))
+    es[-1].update(state="failed", error="CollectiveTimeout: collective #2 on COMM_WORLD: ...")
+    report = analyze(dumps_of(dump(0, [comm(0, 3, es)])))
     missing = report.comms[0].missing
-    assert missing is not None and missing.seq == 2 and missing.no_dump == [1]
-    assert "rank 1: no dump" in missing.text
+    assert missing is not None and missing.seq == 2 and missing.no_dump == [1, 2]
+    assert "  ranks 1-2: no dump (killed, or ran without TYPEDCOLL_TRACE_DIR)" in missing.text
 
 
 def test_communicator_never_used_by_one_rank():
     a = dump(0, [comm(0, 2, steady(2)), comm(0, 2, [], comm_id="side")])
     b = dump(1, [comm(1, 2, steady(2)), comm(1, 2, [entry(0, op="barrier", schema="",
                                                          state="started")], comm_id="side")])
-    report = analyze(dumps_of(a, b))
-    side = {c.comm: c for c in report.comms}["side"]
+    side = {c.comm: c for c in analyze(dumps_of(a, b)).comms}["side"]
     assert side.missing is not None and side.missing.missing == [0]
     assert "rank 0: issued no collective" in side.missing.text
 
@@ -118,23 +135,38 @@ def test_buffer_off_dumps_compare_sequence_numbers_only():
     assert report.consistent and report.comms[0].compared is None
 
 
+def test_creation_entries_are_not_aligned_and_read_as_creation(tmp_path, capsys):
+    create = entry(2 ** 64 - 1, op="create", schema="tuple[bool, float]", t_start_ns=0)
+    write(tmp_path, [dump(r, [comm(r, 2, [create] + steady(2), seq=2)]) for r in range(2)])
+    assert main([str(tmp_path), "--last", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "(2 ranks; compared collectives #0-#1):\n  consistent" in out
+    assert "    COMM_WORLD creation create[tuple[bool, float]] at loop.py:10: completed" in out
+
+
 def test_last_entries_merge_communicators_in_time_order():
-    a = dump(0, [comm(0, 2, steady(3)), comm(0, 2, [dict(entry(0, op="barrier"), t_start_ns=1500)],
-                                              comm_id="side")])
-    b = dump(1, [comm(1, 2, steady(3)), comm(1, 2, [dict(entry(0, op="barrier"), t_start_ns=1500)],
-                                              comm_id="side")])
+    a = dump(0, [comm(0, 2, steady(3)),
+                 comm(0, 2, [dict(entry(0, op="barrier"), t_start_ns=1500)], comm_id="side")])
+    b = dump(1, [comm(1, 2, steady(3)),
+                 comm(1, 2, [dict(entry(0, op="barrier"), t_start_ns=1500)], comm_id="side")])
     report = analyze(dumps_of(a, b), last=3)
-    assert [(c, e.seq) for c, e in report.last[0]] == [("COMM_WORLD", 1), ("side", 0),
-                                                      ("COMM_WORLD", 2)]
+    assert [(c, e.seq) for c, e in report.last[0].entries] == [
+        ("COMM_WORLD", 1), ("side", 0), ("COMM_WORLD", 2)]
 
 
+def test_clean_strips_control_characters_and_bounds_length():
+    assert clean("a\x1b[31mb\nc\x00") == "a?[31mb?c?"
+    assert clean("x" * 10_000) == "x" * 199 + "…"
+
+
+# --- reading -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("data, message", [
-    (b'{"format": "typedcoll-trace", "version": 1, "rank": 0, "comms": [{"id"',
+    (b'{"format": "typedcoll-trace", "version": 2, "rank": 0, "comms": [{"id"',
      "truncated or not JSON"),
     (b'{"format": "chrome-trace", "traceEvents": []}', "not a typedcoll trace dump"),
     (b'[1, 2, 3]', "not a typedcoll trace dump"),
-    (b'{"format": "typedcoll-trace", "version": 99, "rank": 0}', "unsupported dump version 99"),
-    (b'{"format": "typedcoll-trace", "version": 1, "rank": "zero"}', "malformed typedcoll dump"),
+    (b'{"format": "typedcoll-trace", "version": 1, "rank": 0}', "unsupported dump version 1"),
+    (b'{"format": "typedcoll-trace", "version": 2, "rank": "zero"}', "malformed typedcoll dump"),
 ])
 def test_unreadable_dumps_name_the_file(data, message):
     with pytest.raises(TraceInputError, match=rf"^rank0\.json: .*{message}"):
@@ -146,6 +178,88 @@ def write(directory: Path, docs: List[Dict[str, Any]]) -> None:
         (directory / f"rank{d['rank']}.json").write_text(json.dumps(d))
 
 
+HOSTILE = [
+    (lambda d: d["comms"][0].update(size=10 ** 12),
+     "communicator 'COMM_WORLD': size 1000000000000 outside 1..1048576"),
+    (lambda d: d["comms"][0].update(rank=5), "communicator 'COMM_WORLD': rank 5 outside 0..1"),
+    (lambda d: d["comms"][0].update(seq=2 ** 70), "malformed typedcoll dump"),
+    (lambda d: d["comms"][0].update(seq=-1), "seq -1 outside 0..2**64-1"),
+    (lambda d: d["comms"][0].update(world_ranks=[0]), "world_ranks must hold 2 ranks"),
+    (lambda d: d["comms"][0]["entries"][0].update(seq=-5), "entry seq -5 outside"),
+    (lambda d: d.update(rank=2 ** 40), "rank 1099511627776 outside 0..1048575"),
+    (lambda d: d.update(comms=d["comms"] * 5000), "5000 communicators, over the 4096"),
+]
+
+
+@pytest.mark.parametrize("edit, message", HOSTILE)
+def test_hostile_numbers_are_refused_before_anything_is_sized_by_them(tmp_path, capsys, edit,
+                                                                      message):
+    doc = dump(0, [comm(0, 2, steady(3))])
+    edit(doc)
+    (tmp_path / "rank0.json").write_text(json.dumps(doc))
+    started = time.monotonic()
+    assert main([str(tmp_path)]) == 2
+    assert time.monotonic() - started < 5
+    err = capsys.readouterr().err
+    assert err.startswith(f"typedcoll trace: error: {tmp_path / 'rank0.json'}: ") and \
+        message in err, err
+
+
+def test_huge_sequence_numbers_do_not_spin(tmp_path, capsys):
+    top = 2 ** 63 - 1
+    write(tmp_path, [dump(0, [comm(0, 2, [entry(top - 1), entry(top)], seq=top + 1)]),
+                     dump(1, [comm(1, 2, [entry(3)], seq=4)])])
+    started = time.monotonic()
+    assert main([str(tmp_path)]) == 1
+    assert time.monotonic() - started < 5
+    out = capsys.readouterr().out
+    assert "collective #4 on COMM_WORLD is missing ranks: rank 1 never started it" in out
+
+
+def test_a_fifo_named_like_a_dump_is_refused_without_blocking(tmp_path, capsys):
+    write(tmp_path, [dump(1, [comm(1, 2, steady(1))])])
+    os.mkfifo(tmp_path / "rank0.json")
+    started = time.monotonic()
+    assert main([str(tmp_path)]) == 2
+    assert time.monotonic() - started < 5
+    assert "rank0.json: not a regular file (a FIFO, device or directory named like a dump); " \
+        "refused" in capsys.readouterr().err
+
+
+def test_a_file_over_the_limit_is_refused_from_its_size(tmp_path, capsys, monkeypatch):
+    path = tmp_path / "rank0.json"
+    with open(path, "wb") as fh:  # sparse: a terabyte on paper, nothing on disk
+        fh.truncate(2 ** 40)
+    started = time.monotonic()
+    assert main([str(tmp_path)]) == 2
+    assert time.monotonic() - started < 5
+    assert f"rank0.json: {2 ** 40} bytes, over the {trace.MAX_FILE_BYTES} bytes a dump may " \
+        f"have; refused" in capsys.readouterr().err
+
+
+def test_windows_keep_only_the_newest_entries(tmp_path, monkeypatch):
+    monkeypatch.setattr(trace, "WINDOW", 3)
+    write(tmp_path, [dump(r, [comm(r, 2, steady(10))]) for r in range(2)])
+    dumps = trace.load_dir(str(tmp_path))
+    assert [e.seq for e in dumps[0].comms[0].entries] == [7, 8, 9]
+
+
+def test_a_dump_under_another_rank_s_name_is_refused(tmp_path, capsys):
+    (tmp_path / "rank3.json").write_text(json.dumps(dump(0, [comm(0, 2, steady(1))])))
+    assert main([str(tmp_path)]) == 2
+    assert "rank3.json: the dump says it is rank 0's" in capsys.readouterr().err
+
+
+def test_two_dumps_of_one_member_or_two_sizes_are_refused(tmp_path, capsys):
+    write(tmp_path, [dump(0, [comm(0, 2, steady(1))]), dump(1, [comm(0, 2, steady(1))])])
+    assert main([str(tmp_path)]) == 2
+    assert "communicator 'COMM_WORLD' rank 0 is also in" in capsys.readouterr().err
+    write(tmp_path, [dump(1, [comm(1, 3, steady(1))])])
+    assert main([str(tmp_path)]) == 2
+    assert "communicator 'COMM_WORLD' has 3 ranks here and 2 in" in capsys.readouterr().err
+
+
+# --- the CLI -------------------------------------------------------------------------------------
 def test_cli_exit_codes_and_text(tmp_path, capsys):
     write(tmp_path, [dump(r, [comm(r, 2, steady(3))]) for r in range(2)])
     assert main([str(tmp_path)]) == 0
@@ -154,8 +268,27 @@ def test_cli_exit_codes_and_text(tmp_path, capsys):
     write(tmp_path, [dump(1, [comm(1, 2, steady(2))])])
     assert main([str(tmp_path), "--last", "1"]) == 1
     out = capsys.readouterr().out
-    assert "first finding: collective #2 on COMM_WORLD is missing ranks" in out
-    assert "  rank 1:\n    COMM_WORLD #1 allgather[RankState] at loop.py:10 step 1, completed" in out
+    assert "first finding: collective #2 on COMM_WORLD is missing ranks: rank 1 never started " \
+           "it\n" in out
+    assert "  rank 1:\n    COMM_WORLD #1 allgather[RankState] at loop.py:10, step 1: completed" \
+        in out
+
+
+def test_cli_lines_are_whole_and_clean(tmp_path, capsys):
+    docs = []
+    for r in range(2):
+        es = steady(2) + [entry(2, site="evil\x1b[2J.py:1\nFAKE LINE" if r else "ok.py:3",
+                                state="failed", error="DesyncError: collective #2 on "
+                                                      "COMM_WORLD diverged (call site):")]
+        docs.append(dump(r, [comm(r, 2, es)], reason="Desync\nError"))
+    write(tmp_path, docs)
+    assert main([str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\nFAKE LINE" not in out
+    assert ("first finding: collective #2 on COMM_WORLD diverged (call site): rank 0 at "
+            "ok.py:3; rank 1 at evil?[2J.py:1?FAKE LINE\n") in out
+    assert "  rank 0: dumped on Desync?Error (node0 pid 100)" in out
+    assert ": failed (DesyncError: collective #2 on COMM_WORLD diverged (call site))\n" in out
 
 
 def test_cli_json(tmp_path, capsys):
@@ -163,9 +296,15 @@ def test_cli_json(tmp_path, capsys):
                      dump(1, [comm(1, 2, steady(1) + [entry(1, op="bcast", step=1)])])])
     assert main([str(tmp_path), "--json"]) == 1
     doc = json.loads(capsys.readouterr().out)
-    assert doc["format"] == "typedcoll-trace-report" and doc["consistent"] is False
+    assert (doc["format"], doc["version"], doc["consistent"]) == (
+        "typedcoll-trace-report", 2, False)
     assert doc["first"]["seq"] == 1 and doc["first"]["kinds"] == ["op"]
     assert [g["ranks"] for g in doc["first"]["groups"]] == [[0], [1]]
+    assert doc["first"]["groups"][0]["envelope"]["op"] == "allgather"
+    assert [t["rank"] for t in doc["last"]] == [0, 1]
+    assert doc["last"][1]["entries"][-1][0] == "COMM_WORLD"
+    assert doc["last"][1]["entries"][-1][1]["op"] == "bcast"
+    assert doc["comms"][0]["compared"] == [0, 1]
 
 
 def test_cli_unreadable_input_exits_2(tmp_path, capsys):
@@ -174,7 +313,8 @@ def test_cli_unreadable_input_exits_2(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
     assert f"typedcoll trace: error: {tmp_path / 'rank1.json'}: truncated or not JSON" \
         in capsys.readouterr().err
-    assert main([str(tmp_path / "empty")]) == 2
+    assert main([str(tmp_path / "absent")]) == 2
+    assert "cannot list the directory" in capsys.readouterr().err
     empty = tmp_path / "none"
     empty.mkdir()
     assert main([str(empty)]) == 2

@@ -13,8 +13,7 @@ from typing import Any, List, Optional, Sequence, Type, TypeVar, overload
 from .core import lifecycle, ops
 from .core.args import check_step
 from .core.channel import Channel
-from .core.identity import format_site, register_internal
-from .core.mismatch import Note
+from .core.identity import register_internal
 from .core.protocol import Protocol
 from .core.wire import NO_STEP
 
@@ -120,8 +119,8 @@ class TypedComm:
         """
         frame = sys._getframe(1)
         p = self._p
-        p.notes[key] = Note(key=key, value=value, site=format_site(frame.f_code, frame.f_lasti),
-                            step=None if p.step == NO_STEP else p.step)
+        # Stored raw (a few hundred ns); made into Notes only when an error reads them.
+        p.notes[key] = (value, frame.f_code, frame.f_lasti, p.step)
 
     # --- collectives -----------------------------------------------------------------------
     @overload
@@ -306,6 +305,8 @@ class TypedComm:
 
 def _created(channel: Channel, timeout: Any, name: Optional[str]) -> Protocol:
     """A new communicator on ``channel``, after the creation exchange agreed on its settings."""
+    from . import diagnostics
+    diagnostics.install()  # hang reports, dumps and logs need no set-up of the caller's
     instance = channel.next_instance()
     given = name if isinstance(name, str) and name else None
     p = Protocol(channel, instance, given or channel.name_of(instance),

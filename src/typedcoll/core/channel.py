@@ -11,9 +11,12 @@ whether two threads collided.
 from __future__ import annotations
 
 import threading
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional
 
 from .errors import CollectiveError
+
+# Called as hook(channel) before a channel's transport is freed (diagnostics stop watching it).
+CLOSE_HOOKS: List[Callable[["Channel"], None]] = []
 
 
 class Channel:
@@ -53,6 +56,15 @@ class Channel:
         """One user freed its communicator; True when it was the last (free the transport)."""
         self.users -= 1
         return self.users <= 0
+
+    def close(self) -> None:
+        """Free the private communicator, after telling whoever watches it."""
+        for hook in list(CLOSE_HOOKS):
+            try:
+                hook(self)
+            except Exception:  # diagnostics never keep a channel from closing
+                pass
+        self.transport.free()
 
 
 def thread_label() -> str:

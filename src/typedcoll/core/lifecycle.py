@@ -100,7 +100,7 @@ def release(p: Protocol) -> None:
     p.refresh_fast()
     channel: Channel = p.channel
     if channel.release():
-        channel.transport.free()
+        channel.close()
 
 
 register_internal(__file__)

@@ -45,6 +45,7 @@ from .verdict import CREATE_SEQ
 from .call import MODE_ARRAY, MODE_EMPTY, MODE_MSG, Call
 from .channel import Channel, thread_label
 from .errors import CollectiveError, ConcurrentCallError
+from .mismatch import Note
 from .fresh import on_fresh_stack
 from .identity import format_site, name_fingerprint, register_internal, site_fingerprint, \
     user_frame
@@ -95,7 +96,9 @@ class Protocol:
         self.counts: Dict[bytes, int] = {}  # identity fingerprint -> calls so far (occurrence)
         capacity = capacity_from_env()
         self.recorder: Optional[FlightRecorder] = FlightRecorder(capacity) if capacity else None
-        self.notes: Dict[str, Any] = {}  # key -> Note: the latest decisions (comm.note)
+        # key -> (value, code, lasti, step): the latest decisions (comm.note), made into Notes
+        # only when read (decisions()).
+        self.notes: Dict[str, Any] = {}
         self.freed = False
         # Called with the protocol after each successful collective (debug logging). Setting it
         # turns the C fast path off for this communicator: only Python paths call it.
@@ -314,6 +317,12 @@ class Protocol:
               call.seq, call.wire_step,
               info.fingerprint if info is not None and not call.wild else _ZEROS,
               call.array_fp, self.identity(call), self.instance, flags, n)
+
+    def decisions(self) -> Tuple[Note, ...]:
+        """The latest recorded decisions (``comm.note``), one per key."""
+        return tuple(Note(key=key, value=value, site=format_site(code, lasti),
+                          step=None if step == NO_STEP else step)
+                     for key, (value, code, lasti, step) in self.notes.items())
 
     # --- bookkeeping ------------------------------------------------------------------------
     def completed(self, call: Optional[Call] = None) -> None:

@@ -69,7 +69,7 @@ def describe_call(p: "Protocol", call: Call, error: Optional[str] = None) -> Env
         thread=threading.current_thread().name,
         error_type=split_error(error)[0] if error is not None else None,
         error=split_error(error)[1] if error is not None else None,
-        notes=tuple(p.notes.values()))
+        notes=p.decisions())
 
 
 def disagreement(p: "Protocol", call: Call) -> None:

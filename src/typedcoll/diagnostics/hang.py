@@ -1,298 +1,225 @@
-"""The hang side channel: per-rank status files, written by a daemon thread, read on timeout.
+"""The hang report: what a timed-out rank learns by asking every peer over the side channel.
 
-Why files. When a collective times out, the ranks that did not arrive are by definition not in
-that collective, and may be stuck in another one, so nothing can be asked of them through the
-communicator. Each rank's diagnostics thread therefore publishes its position to
-``$TYPEDCOLL_TRACE_DIR/rank<R>.status``: per communicator, how many collectives it has issued and
-the newest flight-recorder entry (op, schema, site, step, state, start time). The thread wakes
-every ``INTERVAL`` seconds and writes only when something changed, so the hot path pays nothing
-and an idle or hung rank writes nothing. mpi4py releases the GIL inside blocking MPI calls, so the
-thread keeps running while the main thread is stuck. A directory on a shared filesystem makes
-this work across nodes; the files are small and replaced atomically.
+A collective #N that times out raises :class:`~typedcoll.CollectiveTimeout`; before it does, the
+protocol calls :func:`hang_report`, which asks every peer of the communicator where it is
+(``side``) and waits at most ``GRACE`` seconds for the answers. A peer that has issued at most N
+collectives on the communicator never arrived at #N: it is named with its last started collective
+(on any communicator) and where it is now (file:line of the thread inside a collective, else of
+its main thread). That covers a rank one call short, which skipped a call and moved on: it has
+issued N and is somewhere else. A peer that does not answer (stuck in a C call that holds the
+GIL, dead) is named as unresponsive, with what this rank knows of it: the last collective that
+completed here, which every member took part in.
 
-On a timeout at collective #N the waiting rank reads its peers' status files: a peer that has
-issued at most N collectives on that communicator has not arrived, and its newest entry on any
-communicator says where it is. The same rank then writes ``dump-request.json``; every other
-rank's thread sees it on its next tick and dumps its flight recorder, so the analyzer gets every
-rank's buffer, including those of the ranks stuck elsewhere. The thread also receives SIGTERM and
-SIGUSR1 through the signal wakeup fd, so those dumps happen even while the main thread is stuck
-in C.
+The decisions that differ between the ranks that answered (``comm.note``) follow, in the same
+words as a DesyncError's. The text follows ``core.mismatch``: :func:`describe` says what a rank
+was calling, :func:`compact_ranks` lists ranks.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
-import select
-import signal
-import socket
 import threading
 import time
-import uuid
-from typing import Any, Dict, List, Optional, Tuple
+import weakref
+from typing import Dict, List, Optional, Sequence, Tuple
 
-import msgspec
+from ..core.call import Call
+from ..core.channel import Channel
+from ..core.identity import register_internal
+from ..core.mismatch import (EnvelopeInfo, Group, MismatchKind, compact_ranks, describe,
+                             format_decisions)
+from ..core.protocol import Protocol
+from ..core.recorder import RecordEntry
+from . import side as side_channel
+from . import state, watcher
+from .model import CommState, PeerSeen, RankStatus
 
-from . import _diag, _recorder
-from ._mismatch import compact_ranks
-from ._protocol import LIVE, Protocol
-
-INTERVAL = 0.25
-# How long a timed-out rank waits for its peers' requested dumps: a few watcher ticks.
-PEER_DUMP_WAIT = 2.0
-REQUEST_FILE = "dump-request.json"
-_ENCODER = msgspec.json.Encoder()
-
-
-class _Watcher:
-    """The diagnostics thread's state."""
-
-    thread: Optional[threading.Thread] = None
-    directory = ""
-    rfd = -1
-    wfd = -1
-    via_wakeup = False
-    signature: Any = None
-    request_mtime = 0
-    started_ns = 0
-    dumped: Dict[int, threading.Event] = {}
-    main_took_sigterm = threading.Event()
+GRACE = 1.0  # how long the asker waits for answers: the report comes within timeout + GRACE
+MAX_DETAILED = 8  # ranks described one by one in each list; the rest are only listed
+UNRESPONSIVE_WHY = ("stuck in a C call that holds the GIL, dead, or running without typedcoll "
+                    "diagnostics")
+_NONCES = itertools.count(int.from_bytes(os.urandom(3), "little") << 20)
 
 
-def start_watcher(directory: str) -> int:
-    """Start the thread; returns the write end of its wakeup pipe (for set_wakeup_fd)."""
-    os.makedirs(directory, exist_ok=True)
-    _Watcher.directory = directory
-    _Watcher.started_ns = time.time_ns()
-    _Watcher.request_mtime = _mtime(os.path.join(directory, REQUEST_FILE))
-    _Watcher.rfd, _Watcher.wfd = os.pipe()
-    os.set_blocking(_Watcher.wfd, False)
-    for signum in _diag.DUMP_SIGNALS:
-        _Watcher.dumped[signum] = threading.Event()
-    _Watcher.thread = threading.Thread(target=_run, name="typedcoll-diagnostics", daemon=True)
-    _Watcher.thread.start()
-    return _Watcher.wfd
+class _Seen:
+    """What the side channel told this rank of its peers, per channel (for dumps)."""
+
+    lock = threading.Lock()
+    # channel -> comm rank -> the latest
+    peers: "weakref.WeakKeyDictionary[Channel, Dict[int, PeerSeen]]" = \
+        weakref.WeakKeyDictionary()
 
 
-def take_wakeup_fd(wfd: int) -> None:
-    """Route signals to the thread, unless someone else (asyncio) already owns the wakeup fd."""
-    try:
-        old = signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
-    except (ValueError, OSError) as exc:
-        _diag.warn(f"signals will be handled on the main thread only: {exc}")
-        return
-    if old != -1:
-        signal.set_wakeup_fd(old)
-        return
-    _Watcher.via_wakeup = True
+def peers_seen(channel: Channel) -> List[PeerSeen]:
+    with _Seen.lock:
+        return [seen for _, seen in sorted(_Seen.peers.get(channel, {}).items())]
 
 
-def signals_via_watcher() -> bool:
-    return _Watcher.via_wakeup
-
-
-def wait_signal_dump(signum: int) -> None:
-    """Main-thread side of a signal: wait for the thread's dump, dump here if it never comes."""
-    event = _Watcher.dumped.get(signum)
-    if event is None or not event.wait(1.0):
-        _diag.dump_traces(signal.Signals(signum).name)
-    if event is not None:
-        event.clear()
-
-
-def main_thread_took_sigterm() -> None:
-    _Watcher.main_took_sigterm.set()
-
-
-def _run() -> None:
-    while True:
-        try:
-            readable, _, _ = select.select([_Watcher.rfd], [], [], INTERVAL)
-            if readable:
-                for signum in os.read(_Watcher.rfd, 64):
-                    _on_signal(signum)
-            publish_status()
-            _check_request()
-        except Exception as exc:  # the thread must survive anything, or hang reports go stale
-            _diag.warn(f"diagnostics thread: {type(exc).__name__}: {exc}")
-            time.sleep(INTERVAL)
-
-
-def _on_signal(signum: int) -> None:
-    if signum not in _diag.DUMP_SIGNALS:
-        return
-    _diag.dump_traces(signal.Signals(signum).name)
-    _Watcher.dumped[signum].set()
-    if signum == signal.SIGTERM and _diag.previous_handler(signum) == signal.SIG_DFL:
-        # The main thread may be stuck in C and never run its handler; SIGTERM must still end
-        # the process, as it would have without us.
-        if not _Watcher.main_took_sigterm.wait(1.0):
-            os._exit(128 + signal.SIGTERM)
-
-
-# --- status files ----------------------------------------------------------------------------
-def _status_path(directory: str, rank: int) -> str:
-    return os.path.join(directory, f"rank{rank}.status")
-
-
-def _comm_status(p: Protocol) -> Dict[str, Any]:
-    recorder = p.recorder
-    entry = recorder.last() if recorder is not None else None
-    last = None
-    if entry is not None:  # only the newest entry: a full snapshot per tick would cost the GIL
-        last = _recorder.describe_entry(entry, recorder.state_of(entry, True),
-                                        recorder.failures.get(entry[_recorder.SEQ]))
-    return {"seq": p.seq, "last": last}
-
-
-def publish_status(force: bool = False) -> None:
-    """Write this rank's status file if any communicator moved since the last write."""
-    protocols = list(LIVE)
-    signature = tuple(sorted(
-        (_diag.comm_meta(p).id, p.seq,
-         p.recorder.count if p.recorder is not None else 0,
-         p.recorder.in_flight if p.recorder is not None else False,
-         len(p.recorder.failures) if p.recorder is not None else 0) for p in protocols))
-    if signature == _Watcher.signature and not force:
-        return
-    doc = {"format": "typedcoll-status", "version": 1, "rank": _diag.world_rank(),
-           "host": socket.gethostname(), "pid": os.getpid(), "time_ns": time.time_ns(),
-           "comms": {_diag.comm_meta(p).id: _comm_status(p) for p in protocols}}
-    _diag.write_atomic(_status_path(_Watcher.directory, doc["rank"]), _ENCODER.encode(doc))
-    _Watcher.signature = signature
-
-
-def _read_json(path: str) -> Optional[Dict[str, Any]]:
-    try:
-        with open(path, "rb") as fh:
-            doc = msgspec.json.decode(fh.read())
-        return doc if isinstance(doc, dict) else None
-    except (OSError, msgspec.DecodeError):
-        return None
-
-
-def _mtime(path: str) -> int:
-    try:
-        return os.stat(path).st_mtime_ns
-    except OSError:
-        return 0
-
-
-# --- dump requests -----------------------------------------------------------------------------
-def request_peer_dumps(exc: Any) -> None:
-    """Ask every rank's thread to dump, then wait (bounded) for their dumps to land."""
-    directory = _diag.trace_dir()
-    if not directory:
-        return
-    me = _diag.world_rank()
-    asked = time.time_ns()
-    doc = {"format": "typedcoll-dump-request", "version": 1, "nonce": uuid.uuid4().hex,
-           "rank": me, "time_ns": asked, "reason": str(exc).split("\n", 1)[0]}
-    try:
-        _diag.write_atomic(os.path.join(directory, REQUEST_FILE), _ENCODER.encode(doc))
-    except OSError as err:
-        _diag.warn(f"could not ask peers to dump: {err}")
-        return
-    size = _diag.world_size() or 0
-    pending = [r for r in range(size) if r != me]
-    deadline = time.monotonic() + PEER_DUMP_WAIT
-    while pending and time.monotonic() < deadline:
-        time.sleep(0.05)
-        pending = [r for r in pending
-                   if _mtime(os.path.join(directory, f"rank{r}.json")) < asked]
-
-
-def _check_request() -> None:
-    path = os.path.join(_Watcher.directory, REQUEST_FILE)
-    mtime = _mtime(path)
-    if mtime == _Watcher.request_mtime:
-        return
-    _Watcher.request_mtime = mtime
-    doc = _read_json(path)
-    # A request left over from an earlier job in the same directory is not for us.
-    if doc is None or doc.get("time_ns", 0) < _Watcher.started_ns:
-        return
-    if doc.get("rank") == _diag.world_rank():
-        return
-    _diag.dump_traces(f"request from rank {doc.get('rank')}", str(doc.get("reason", "")))
-
-
-# --- the hang report ---------------------------------------------------------------------------
-def hang_report(p: Protocol, seq: int) -> Tuple[Optional[List[int]], str]:
-    """(ranks of ``p`` that have not reached collective ``seq``, report text); see module doc."""
-    directory = _diag.trace_dir()
-    if not directory:
-        return None, ("hang report: the side channel is off; set TYPEDCOLL_TRACE_DIR to a "
-                      "directory every rank can write (shared across nodes) to name the ranks "
-                      "that did not arrive and where they are")
-    meta = _diag.comm_meta(p)
-    world = meta.world_ranks or list(range(p.size))
-    peers = [r for r in range(p.size) if r != p.rank]
-    statuses = {r: _read_json(_status_path(directory, world[r])) for r in peers}
-    if any(not _arrived(statuses[r], meta.id, seq) for r in peers):
-        # A peer may have arrived just before our deadline, after its last publication.
-        time.sleep(INTERVAL * 1.5)
-        statuses = {r: _read_json(_status_path(directory, world[r])) for r in peers}
-    missing = [r for r in peers if not _arrived(statuses[r], meta.id, seq)]
-    arrived = [r for r in range(p.size) if r not in missing]
+def _remember(channel: Channel, peers: Sequence[int], answers: Dict[int, RankStatus],
+              asked_ns: int) -> None:
     now = time.time_ns()
-    lines = [f"hang report (status files in {directory}):"]
-    if not missing:
-        lines.append(f"  every rank's status shows it reached collective #{seq}: the collective "
-                     f"is slow, or its transport is stuck")
-        return [], "\n".join(lines)
-    lines.append(f"  not arrived at collective #{seq} on {p.name}: {compact_ranks(missing)}")
-    for r in missing:
-        label = f"rank {r}" if world[r] == r else f"rank {r} (world rank {world[r]})"
-        lines.append(f"    {label}: {_describe_status(statuses[r], meta.id, p.name, now)}")
+    with _Seen.lock:
+        seen = _Seen.peers.setdefault(channel, {})
+        for r in peers:
+            old = seen.get(r)
+            status = answers.get(r)
+            seen[r] = PeerSeen(
+                rank=r, answered=status is not None, asked_ns=asked_ns,
+                seen_ns=now if status is not None else (old.seen_ns if old else 0),
+                status=status if status is not None else (old.status if old else None))
+
+
+def ask_peers(p: Protocol, seq: int, reason: str, dump: bool,
+              grace: float = GRACE) -> Tuple[Optional[Dict[int, RankStatus]], str]:
+    """Every peer's answer that came within ``grace`` (None, and why, without a side channel)."""
+    side = watcher.side_of(p.channel)
+    if isinstance(side, str):
+        return None, side
+    peers = [r for r in range(p.size) if r != p.rank]
+    query = side_channel.Query(next(_NONCES), p.rank, p.instance, seq, dump, reason[:200])
+    asked_ns = time.time_ns()
+    replies = side.ask(query, peers, time.monotonic() + grace)
+    answers = {r: a.status for r, a in replies.items() if 0 <= r < p.size and r != p.rank}
+    _remember(p.channel, peers, answers, asked_ns)
+    return answers, ""
+
+
+def hang_report(p: Protocol, call: Call) -> Tuple[Optional[Tuple[int, ...]], str]:
+    """(ranks that never arrived or did not answer, report text) for the timed-out ``call``."""
+    started = time.monotonic()
+    reason = f"collective #{call.seq} on {p.name} timed out"
+    answers, why = ask_peers(p, call.seq, reason, state.trace_dir() is not None)
+    if answers is None:
+        return None, "\n".join([f"hang report unavailable: {why}"] + _last_together(p))
+    took = time.monotonic() - started
+    peers = [r for r in range(p.size) if r != p.rank]
+    silent = [r for r in peers if r not in answers]
+    absent: List[int] = []
+    arrived = [p.rank]
+    for r, status in sorted(answers.items()):
+        comm = status.comm
+        (arrived if comm is not None and comm.seq > call.seq else absent).append(r)
+    head = (f"hang report (side channel: {len(answers)} of {len(peers)} "
+            f"{'peer' if len(peers) == 1 else 'peers'} answered "
+            f"{f'in {took:.3f}' if not silent else f'within {GRACE:g}'} s):")
+    lines = [head]
+    if absent:
+        lines.append(f"  never arrived at collective #{call.seq} on {p.name}: "
+                     f"{compact_ranks(absent)}")
+        for r in absent[:MAX_DETAILED]:
+            lines += _absent_lines(p, r, answers[r])
+        if len(absent) > MAX_DETAILED:
+            lines.append(f"    ... and {len(absent) - MAX_DETAILED} more")
+    if silent:
+        lines.append(f"  unresponsive: {compact_ranks(silent)} (no answer within {GRACE:g} s: "
+                     f"{UNRESPONSIVE_WHY})")
+        together = _last_together(p, indent="    ")
+        for r in silent[:MAX_DETAILED]:
+            lines.append(f"    rank {r}{_world(p, r)}: {_last_answer(p.channel, r)}")
+        if len(silent) > MAX_DETAILED:
+            lines.append(f"    ... and {len(silent) - MAX_DETAILED} more")
+        lines += together
+    if not absent and not silent:
+        lines.append(f"  every rank has started collective #{call.seq}: it is slow, or the "
+                     f"transport is stuck")
     lines.append(f"  arrived: {compact_ranks(arrived)}")
+    lines += _decisions(p, answers)
+    missing = tuple(sorted(absent + silent))
     return missing, "\n".join(lines)
 
 
-def _arrived(status: Optional[Dict[str, Any]], comm_id: str, seq: int) -> bool:
-    if status is None:
-        return False
-    comm = status.get("comms", {}).get(comm_id)
-    return comm is not None and comm.get("seq", 0) > seq
+def _world(p: Protocol, r: int) -> str:
+    ranks = state.world_ranks(p.channel)
+    if ranks is None or r >= len(ranks) or ranks[r] == r:
+        return ""
+    return f" (world rank {ranks[r]})"
 
 
-def describe_entry(entry: Dict[str, Any], comm_id: str, now_ns: int) -> str:
-    """``allgather[Flag] at prog.py:15 (#2 on COMM_WORLD, step 4), in flight for 2.1 s``."""
-    what = f"{entry['op']}[{entry['schema']}]" if entry.get("schema") else entry["op"]
-    where = f"#{entry['seq']} on {comm_id}"
-    if entry.get("step") is not None:
-        where += f", step {entry['step']}"
-    age = max(0.0, (now_ns - entry["t_start_ns"]) / 1e9)
-    if entry["state"] == "started":
-        state = f"in flight for {age:.1f} s"
-    elif entry["state"] == "failed":
-        state = f"failed: {entry.get('error')}"
+def entry_text(e: RecordEntry, comm: Optional[str], now_ns: int) -> str:
+    """``allgather[int] on COMM_WORLD seq=2 at prog.py:9, its 3rd call: completed`` (without
+    ``on ...`` when ``comm`` is None)."""
+    env = EnvelopeInfo(rank=0, seq=e.seq, op=e.op, schema=e.schema, fingerprint=e.fingerprint,
+                       comm=comm or "", site=e.site, name=e.name, occurrence=e.occurrence,
+                       step=e.step)
+    kinds = [MismatchKind.SEQUENCE] if comm is None else [MismatchKind.COMMUNICATOR,
+                                                          MismatchKind.SEQUENCE]
+    text = describe(env, kinds)
+    if e.state == "started":
+        return f"{text}: in flight for {max(0, now_ns - e.t_start_ns) / 1e9:.1f} s"
+    if e.state == "failed":
+        return f"{text}: failed ({e.error})"
+    return f"{text}: completed"
+
+
+def _newest(status: RankStatus) -> Optional[CommState]:
+    started = [(c.last.t_start_ns, i) for i, c in enumerate(status.comms) if c.last is not None]
+    return status.comms[max(started)[1]] if started else None
+
+
+def _absent_lines(p: Protocol, r: int, status: RankStatus) -> List[str]:
+    now = status.time_ns
+    inside = f", inside a collective on {status.collective}" if status.collective else ""
+    if status.thread:
+        lines = [f"    rank {r}{_world(p, r)}: now at {status.where} (thread {status.thread}"
+                 f"{inside})"]
     else:
-        state = f"completed (started {age:.1f} s ago)"
-    return f"{what} at {entry['site']} ({where}), {state}"
-
-
-def _describe_status(status: Optional[Dict[str, Any]], comm_id: str, comm_name: str,
-                     now_ns: int) -> str:
-    if status is None:
-        return ("no status file: not started yet, dead before its first collective, or "
-                "writing to another TYPEDCOLL_TRACE_DIR")
-    comms = status.get("comms", {})
-    newest = max(((cid, c["last"]) for cid, c in comms.items() if c.get("last")),
-                 key=lambda item: item[1]["t_start_ns"], default=None)
-    here = comms.get(comm_id)
-    if newest is None:
-        text = "no collective recorded (flight recorder off or none issued)"
-    else:
-        text = "last started " + describe_entry(newest[1], newest[0], now_ns)
+        lines = [f"    rank {r}{_world(p, r)}: the thread that created {p.name} there has ended"]
+    newest = _newest(status)
+    if newest is not None and newest.last is not None:
+        lines.append(f"      last started: {entry_text(newest.last, newest.id, now)}")
+    here = status.comm
     if here is None:
-        text += f"; has no {comm_name} communicator"
-    elif newest is None or newest[0] != comm_id:
-        text += f"; issued {here.get('seq', 0)} collectives on {comm_name}"
-    if status.get("host") == socket.gethostname():
-        try:
-            os.kill(int(status["pid"]), 0)
-        except ProcessLookupError:
-            text += f" (process {status['pid']} is gone)"
-        except (OSError, KeyError, ValueError, TypeError):
-            pass
+        lines.append(f"      it has no live {p.name} (freed it?)")
+    elif newest is None or newest.id != here.id:
+        text = f"      on {p.name}: issued {here.seq} collectives"
+        if here.last is not None:
+            text += f", the last {entry_text(here.last, None, now)}"
+        lines.append(text)
+    return lines
+
+
+def _last_answer(channel: Channel, r: int) -> str:
+    seen = next((s for s in peers_seen(channel) if s.rank == r and s.status is not None), None)
+    if seen is None or seen.status is None:
+        return "it never answered this rank's side channel"
+    age = (time.time_ns() - seen.seen_ns) / 1e9
+    status = seen.status
+    text = f"its last answer, {age:.1f} s ago: at {status.where}"
+    newest = _newest(status)
+    if newest is not None and newest.last is not None:
+        text += f", last started {entry_text(newest.last, newest.id, status.time_ns)}"
     return text
+
+
+def _last_together(p: Protocol, indent: str = "  ") -> List[str]:
+    """The newest collective every rank took part in, from this rank's own recorder."""
+    recorder = p.recorder
+    if recorder is None:
+        return [f"{indent}every rank took part in the first {max(p.seq - 1, 0)} collectives "
+                f"on {p.name} (flight recorder off)"]
+    done = None
+    for number in range(recorder.count, recorder.count - len(recorder), -1):
+        entry = recorder.entry(number)  # newest first: the in-flight one, then completed ones
+        if entry.state == "completed":
+            done = entry
+            break
+    if done is None:
+        return []
+    age = (time.time_ns() - (done.t_end_ns or done.t_start_ns)) / 1e9
+    return [f"{indent}last collective every rank took part in: "
+            f"{entry_text(done, p.name, time.time_ns())} {age:.1f} s ago"]
+
+
+def _decisions(p: Protocol, answers: Dict[int, RankStatus]) -> List[str]:
+    """The decisions that differ between the ranks that answered (and this rank)."""
+    groups = [Group((p.rank,), EnvelopeInfo(rank=p.rank, seq=0, op="", notes=tuple(
+        p.decisions())))]
+    for r, status in sorted(answers.items()):
+        notes = tuple(status.comm.notes) if status.comm is not None else ()
+        groups.append(Group((r,), EnvelopeInfo(rank=r, seq=0, op="", notes=notes)))
+    groups.sort(key=lambda g: g.ranks)
+    return format_decisions(groups)
+
+
+register_internal(__file__)

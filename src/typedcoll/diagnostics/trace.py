@@ -1,17 +1,16 @@
-"""``typedcoll trace DIR``: find the first divergent collective in per-rank flight-recorder dumps.
+"""``typedcoll trace DIR [--json] [--last K]``: the first divergent collective in per-rank dumps.
 
-The analysis is pure logic over decoded dumps (no communicator), in the manner of torch's flight
-recorder analyzer: dumps are grouped by communicator id (name plus creation ordinal, the same on
-every member), each member's entries are aligned by sequence number, and two findings are
-reported per communicator:
+Reads every ``rank<R>.json`` in DIR (``dumps`` writes them), analyses them (``analysis``) and
+prints the report, or with ``--json`` the same as one JSON object (``typedcoll-trace-report``,
+documented in ``docs/diagnostics.md``). Exit codes: 0 consistent, 1 a divergence or missing
+ranks, 2 unreadable input.
 
-- the first divergent collective: the lowest seq that every member started and whose entries
-  disagree (op, schema or step; the same :mod:`_mismatch` grouping and text as a live
-  ``DesyncError``);
-- missing ranks: the lowest seq that some member never started (its buffer stops earlier), and
-  members with no dump at all (killed, or never wrote one).
-
-Exit codes: 0 consistent, 1 a divergence or missing ranks, 2 unreadable input.
+Dumps may be hostile or corrupt, so reading is bounded in memory and time whatever they hold:
+only regular files are opened (a FIFO named ``rank0.json`` is refused without blocking), a file
+over ``MAX_FILE_BYTES`` is refused from its size before a byte is read, every number a dump
+claims (a communicator's size, ranks, sequence numbers) is checked against hard limits before
+anything is sized by it, and each rank keeps only the newest ``WINDOW`` entries per
+communicator. The analysis then loops over entries held, never over claimed ranges.
 """
 
 from __future__ import annotations
@@ -19,147 +18,155 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import stat
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import msgspec
 
-from ._mismatch import (EnvelopeInfo, Group, MismatchKind, compact_ranks, desync_message,
-                        format_groups, group_envelopes, mismatch_kinds)
+from ..core.identity import register_internal
+from .analysis import Report, analyze, clean, format_report
+from .model import FORMAT, REPORT_FORMAT, REPORT_VERSION, VERSION, Dump, DumpHeader
 
-FORMAT = "typedcoll-trace"
-SUPPORTED_VERSION = 1
-_DUMP_NAME = re.compile(r"^rank(\d+)\.json$")
-
-
-class Entry(msgspec.Struct, kw_only=True):
-    """One flight-recorder entry as dumped."""
-
-    seq: int
-    op: str
-    schema: str = ""
-    fingerprint: str = ""
-    site: str = "?"
-    step: Optional[int] = None
-    bytes: int = 0
-    state: str = "completed"
-    t_start_ns: int = 0
-    t_end_ns: Optional[int] = None
-    error: Optional[str] = None
-
-
-class CommDump(msgspec.Struct, kw_only=True):
-    """One communicator's part of a rank's dump."""
-
-    id: str
-    rank: int
-    size: int
-    seq: int
-    name: str = ""
-    world_ranks: Optional[List[int]] = None
-    transport: str = ""
-    timeout: Optional[float] = None
-    capacity: int = 0
-    recorded: int = 0
-    entries: List[Entry] = []
-
-
-class Dump(msgspec.Struct, kw_only=True):
-    """One rank's dump file (format ``typedcoll-trace``, version 1)."""
-
-    format: str
-    version: int
-    rank: int
-    world_size: Optional[int] = None
-    host: str = ""
-    pid: int = 0
-    time_ns: int = 0
-    reason: str = ""
-    message: str = ""
-    events: List[str] = []
-    comms: List[CommDump] = []
+MAX_FILE_BYTES = 64 * 2 ** 20
+MAX_FILES = 65536
+MAX_RANKS = 2 ** 20  # the largest communicator size (and world rank) a dump may claim
+MAX_COMMS = 4096  # communicators per dump
+MAX_MEMBERS = 2 ** 22  # the sizes of every distinct communicator, added up
+WINDOW = 4096  # newest entries kept per communicator per rank
+MAX_ENTRIES = 4_000_000  # kept over all dumps: beyond, the input is refused as too large
+MAX_LAST = 1000
+MAX_SEQ = 2 ** 64 - 1
+_DUMP_NAME = re.compile(r"^rank(\d{1,7})\.json$")
+_HEADER = msgspec.json.Decoder(DumpHeader)
+_DUMP = msgspec.json.Decoder(Dump)
 
 
 class TraceInputError(Exception):
     """A dump that cannot be read: names the file and what is wrong with it."""
 
 
-class Finding(msgspec.Struct, kw_only=True):
-    """A divergence or missing ranks at collective ``seq`` of communicator ``comm``."""
-
-    comm: str
-    seq: int
-    kinds: List[MismatchKind]
-    groups: List[Group]  # the ranks that started the collective, grouped by envelope
-    missing: List[int] = []  # comm ranks that never started it
-    no_dump: List[int] = []  # comm ranks that left no dump
-    stops_at: Dict[int, Optional[Entry]] = {}  # missing rank -> its last entry on this comm
-    t_start_ns: int = 0
-    text: str = ""
-
-
-class CommReport(msgspec.Struct, kw_only=True):
-    """The analysis of one communicator."""
-
-    comm: str
-    size: int
-    world_ranks: List[int]
-    dumped: List[int]
-    compared: Optional[Tuple[int, int]]  # the seq range every dumped member still holds
-    divergence: Optional[Finding] = None
-    missing: Optional[Finding] = None
-
-
-class Report(msgspec.Struct, kw_only=True):
-    """The whole analysis: ``consistent`` is False when any communicator has a finding."""
-
-    consistent: bool
-    ranks: List[int]
-    comms: List[CommReport]
-    first: Optional[Finding]
-    last: Dict[int, List[Tuple[str, Entry]]]
-
-
-# --- reading ---------------------------------------------------------------------------------
-def parse_dump(data: bytes, source: str) -> Dump:
-    """Decode one dump, or raise TraceInputError naming ``source`` and the problem."""
+def read_bounded(path: str, limit: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of regular file ``path``, refused (TraceInputError) above ``limit`` bytes."""
     try:
-        doc = msgspec.json.decode(data)
+        # O_NONBLOCK: opening a FIFO for reading must not wait for a writer.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise TraceInputError(f"{path}: cannot open: {exc.strerror or exc}") from exc
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise TraceInputError(f"{path}: not a regular file (a FIFO, device or directory "
+                                  f"named like a dump); refused")
+        if info.st_size > limit:
+            raise TraceInputError(f"{path}: {info.st_size} bytes, over the {limit} bytes a "
+                                  f"dump may have; refused")
+        os.set_blocking(fd, True)
+        chunks, total = [], 0
+        while True:
+            chunk = os.read(fd, min(1 << 20, limit + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > limit:  # it grew while we read
+                raise TraceInputError(f"{path}: over the {limit} bytes a dump may have; "
+                                      f"refused")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def parse_dump(data: bytes, source: str) -> Dump:
+    """Decode and check one dump, or raise TraceInputError naming ``source`` and the problem."""
+    try:
+        header = _HEADER.decode(data)
+    except msgspec.ValidationError as exc:
+        raise TraceInputError(f"{source}: not a typedcoll trace dump ({exc})") from exc
     except msgspec.DecodeError as exc:
         raise TraceInputError(f"{source}: truncated or not JSON ({exc}); was the writer killed "
                               f"mid-dump, or is this not a typedcoll dump?") from exc
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        found = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
+    if header.format != FORMAT:
         raise TraceInputError(f"{source}: not a typedcoll trace dump (expected format "
-                              f"{FORMAT!r}, found {found!r})")
-    if doc.get("version") != SUPPORTED_VERSION:
-        raise TraceInputError(f"{source}: unsupported dump version {doc.get('version')!r} "
-                              f"(this typedcoll reads version {SUPPORTED_VERSION})")
+                              f"{FORMAT!r}, found {clean(repr(header.format), 80)})")
+    if header.version != VERSION:
+        raise TraceInputError(f"{source}: unsupported dump version {header.version!r} (this "
+                              f"typedcoll reads version {VERSION})")
     try:
-        return msgspec.convert(doc, Dump)
-    except msgspec.ValidationError as exc:
+        dump = _DUMP.decode(data)
+    except msgspec.DecodeError as exc:  # ValidationError included
         raise TraceInputError(f"{source}: malformed typedcoll dump: {exc}") from exc
+    check_dump(dump, source)
+    return dump
+
+
+def check_dump(dump: Dump, source: str) -> None:
+    """Every number later code sizes or loops by, within hard limits; windows trimmed."""
+    def bad(what: str) -> TraceInputError:
+        return TraceInputError(f"{source}: malformed typedcoll dump: {what}")
+
+    if not 0 <= dump.rank < MAX_RANKS:
+        raise bad(f"rank {dump.rank} outside 0..{MAX_RANKS - 1}")
+    if len(dump.comms) > MAX_COMMS:
+        raise bad(f"{len(dump.comms)} communicators, over the {MAX_COMMS} accepted")
+    for c in dump.comms:
+        where = f"communicator {clean(c.id, 80)!r}"
+        if not 1 <= c.size <= MAX_RANKS:
+            raise bad(f"{where}: size {c.size} outside 1..{MAX_RANKS}")
+        if not 0 <= c.rank < c.size:
+            raise bad(f"{where}: rank {c.rank} outside 0..{c.size - 1}")
+        if not 0 <= c.seq <= MAX_SEQ:
+            raise bad(f"{where}: seq {c.seq} outside 0..2**64-1")
+        if c.world_ranks is not None and (len(c.world_ranks) != c.size or any(
+                not 0 <= w < MAX_RANKS for w in c.world_ranks)):
+            raise bad(f"{where}: world_ranks must hold {c.size} ranks below {MAX_RANKS}")
+        for e in c.entries:
+            if not 0 <= e.seq <= MAX_SEQ:
+                raise bad(f"{where}: entry seq {e.seq} outside 0..2**64-1")
+        del c.entries[:-WINDOW]
 
 
 def load_dir(directory: str) -> Dict[int, Dump]:
-    """Every ``rank<R>.json`` in ``directory``, by world rank."""
+    """Every ``rank<R>.json`` in ``directory``, by world rank, checked."""
     try:
-        names = sorted(os.listdir(directory))
+        with os.scandir(directory) as it:
+            names = sorted(e.name for e in it if _DUMP_NAME.match(e.name))
     except OSError as exc:
-        raise TraceInputError(f"{directory}: cannot list the directory: {exc}") from exc
+        raise TraceInputError(f"{directory}: cannot list the directory: "
+                              f"{exc.strerror or exc}") from exc
+    if len(names) > MAX_FILES:
+        raise TraceInputError(f"{directory}: {len(names)} dumps, over the {MAX_FILES} this "
+                              f"reader accepts")
     dumps: Dict[int, Dump] = {}
+    members: Dict[Tuple[str, int], str] = {}
+    sizes: Dict[str, Tuple[int, str]] = {}
+    kept = claimed = 0
     for name in names:
-        if not _DUMP_NAME.match(name):
-            continue
         path = os.path.join(directory, name)
-        try:
-            with open(path, "rb") as fh:
-                data = fh.read()
-        except OSError as exc:
-            raise TraceInputError(f"{path}: cannot read: {exc}") from exc
-        dump = parse_dump(data, path)
+        dump = parse_dump(read_bounded(path), path)
+        if dump.rank != int(_DUMP_NAME.match(name).group(1)):  # type: ignore[union-attr]
+            raise TraceInputError(f"{path}: the dump says it is rank {dump.rank}'s")
         if dump.rank in dumps:
             raise TraceInputError(f"{path}: a second dump for rank {dump.rank}")
+        for c in dump.comms:
+            key = (c.id, c.rank)
+            if key in members:
+                raise TraceInputError(f"{path}: communicator {clean(c.id, 80)!r} rank {c.rank} "
+                                      f"is also in {members[key]}")
+            members[key] = path
+            if c.id not in sizes:
+                claimed += c.size
+                if claimed > MAX_MEMBERS:
+                    raise TraceInputError(f"{path}: the communicators' sizes add up to over "
+                                          f"{MAX_MEMBERS} ranks; refused")
+            size, first = sizes.setdefault(c.id, (c.size, path))
+            if size != c.size:
+                raise TraceInputError(f"{path}: communicator {clean(c.id, 80)!r} has {c.size} "
+                                      f"ranks here and {size} in {first}")
+            kept += len(c.entries)
+        if kept > MAX_ENTRIES:
+            raise TraceInputError(f"{directory}: over {MAX_ENTRIES} entries in all; analyse a "
+                                  f"copy holding fewer ranks")
         dumps[dump.rank] = dump
     if not dumps:
         raise TraceInputError(f"{directory}: no rank<R>.json dumps (set TYPEDCOLL_TRACE_DIR "
@@ -167,134 +174,10 @@ def load_dir(directory: str) -> Dict[int, Dump]:
     return dumps
 
 
-# --- analysis (pure) -------------------------------------------------------------------------
-def _envelope(rank: int, e: Entry) -> EnvelopeInfo:
-    # The entry's error is left out: at a divergence it is the DesyncError itself, on every
-    # rank; the last-entries section shows it.
-    return EnvelopeInfo(rank=rank, seq=e.seq, op=e.op, schema=e.schema,
-                        fingerprint=e.fingerprint, site=e.site, step=e.step)
-
-
-def analyze_comm(comm_id: str, members: Dict[int, CommDump]) -> CommReport:
-    """Align one communicator's members (comm rank -> its dump) by seq; see the module doc."""
-    any_member = next(iter(members.values()))
-    size = any_member.size
-    world = any_member.world_ranks or list(range(size))
-    by_seq = {r: {e.seq: e for e in m.entries} for r, m in members.items()}
-    reached = {r: m.seq for r, m in members.items()}
-    oldest = max((min(s) if s else m.seq) for s, m in zip(by_seq.values(), members.values()))
-    low = min(reached.values())
-    report = CommReport(comm=comm_id, size=size, world_ranks=list(world),
-                        dumped=sorted(members), compared=(oldest, low - 1) if low > oldest else None)
-    for seq in range(oldest, low):
-        envelopes = [_envelope(r, by_seq[r][seq]) for r in sorted(members) if seq in by_seq[r]]
-        kinds = mismatch_kinds(envelopes)
-        if kinds:
-            groups = group_envelopes(envelopes)
-            report.divergence = Finding(
-                comm=comm_id, seq=seq, kinds=kinds, groups=groups,
-                t_start_ns=min(by_seq[r][seq].t_start_ns for r in members if seq in by_seq[r]),
-                text=desync_message(seq, comm_id, kinds, groups))
-            break
-    no_dump = [r for r in range(size) if r not in members]
-    top = max(reached.values())
-    if low < top or no_dump:
-        # With every dumped member level, the absent ones are reported against the newest
-        # collective the others started (the one a killed rank left them waiting in).
-        seq = low if low < top else max(top - 1, 0)
-        missing = [r for r in sorted(members) if reached[r] <= seq]
-        present = [r for r in sorted(members) if reached[r] > seq]
-        envelopes = [_envelope(r, by_seq[r][seq]) for r in present if seq in by_seq[r]]
-        stops_at = {r: (by_seq[r].get(reached[r] - 1)) for r in missing}
-        finding = Finding(comm=comm_id, seq=seq, kinds=[MismatchKind.MISSING_RANKS],
-                          groups=group_envelopes(envelopes), missing=missing, no_dump=no_dump,
-                          stops_at=stops_at,
-                          t_start_ns=min((by_seq[r][seq].t_start_ns for r in present
-                                          if seq in by_seq[r]), default=0))
-        finding.text = missing_message(finding, reached)
-        report.missing = finding
-    return report
-
-
-def missing_message(f: Finding, reached: Dict[int, int]) -> str:
-    """``collective #5 on COMM_WORLD is missing ranks: rank 1 never started it`` and details."""
-    absent = sorted(f.missing + f.no_dump)
-    lines = [f"collective #{f.seq} on {f.comm} is missing ranks: {compact_ranks(absent)} "
-             f"never started it"]
-    if f.groups:
-        lines.append("  started by:")
-        lines += format_groups(f.groups, [], indent="    ")
-    for r in f.missing:
-        last = f.stops_at.get(r)
-        where = f"stops at #{reached[r] - 1}" if reached[r] else "issued no collective"
-        if last is not None:
-            where += f" ({_describe(last)})"
-        lines.append(f"  rank {r}: {where}")
-    for r in f.no_dump:
-        lines.append(f"  rank {r}: no dump (killed, or ran without TYPEDCOLL_TRACE_DIR)")
-    return "\n".join(lines)
-
-
-def _describe(e: Entry) -> str:
-    text = f"{e.op}[{e.schema}]" if e.schema else e.op
-    text += f" at {e.site}"
-    if e.step is not None:
-        text += f" step {e.step}"
-    if e.state == "failed":
-        return f"{text}, failed: {e.error}"
-    return f"{text}, {'in flight at dump time' if e.state == 'started' else e.state}"
-
-
-def analyze(dumps: Dict[int, Dump], last: int = 5) -> Report:
-    """Analyse per-rank dumps (world rank -> dump)."""
-    comms: Dict[str, Dict[int, CommDump]] = {}
-    for dump in dumps.values():
-        for c in dump.comms:
-            comms.setdefault(c.id, {})[c.rank] = c
-    reports = [analyze_comm(cid, comms[cid]) for cid in sorted(comms)]
-    findings = [f for r in reports for f in (r.divergence, r.missing) if f is not None]
-    # Divergences first: a missing rank is usually the consequence of an earlier desync.
-    first = min(findings, key=lambda f: (MismatchKind.MISSING_RANKS in f.kinds, f.t_start_ns),
-                default=None)
-    tails: Dict[int, List[Tuple[str, Entry]]] = {}
-    for rank, dump in sorted(dumps.items()):
-        merged = [(c.id, e) for c in dump.comms for e in c.entries]
-        merged.sort(key=lambda item: item[1].t_start_ns)
-        tails[rank] = merged[-last:] if last > 0 else []
-    return Report(consistent=not findings, ranks=sorted(dumps), comms=reports, first=first,
-                  last=tails)
-
-
-# --- output ----------------------------------------------------------------------------------
-def format_report(report: Report, dumps: Dict[int, Dump], source: str) -> str:
-    """The human-readable report."""
-    lines = [f"typedcoll trace: {len(dumps)} dump{'s' if len(dumps) != 1 else ''} "
-             f"({compact_ranks(report.ranks)}) in {source}"]
-    for rank, d in sorted(dumps.items()):
-        lines.append(f"  rank {rank}: dumped on {d.reason or '?'} ({d.host} pid {d.pid})")
-    lines.append("")
-    if report.first is not None:
-        lines.append(f"first finding: {report.first.text.splitlines()[0].rstrip(':')}")
-        lines.append("")
-    for c in report.comms:
-        world = "" if c.world_ranks == list(range(c.size)) else \
-            f", world {compact_ranks(c.world_ranks)}"
-        span = f"#{c.compared[0]}-#{c.compared[1]}" if c.compared else "none"
-        lines.append(f"{c.comm} ({c.size} ranks{world}; compared collectives {span}):")
-        if c.divergence is None and c.missing is None:
-            lines.append("  consistent" if c.compared else
-                         "  consistent sequence numbers; no entries to compare (flight recorder "
-                         "off, TYPEDCOLL_TRACE_BUFFER=0?)")
-        for finding in (c.divergence, c.missing):
-            if finding is not None:
-                lines += ["  " + line for line in finding.text.split("\n")]
-    lines.append("")
-    lines.append("last entries per rank (oldest first):")
-    for rank, tail in report.last.items():
-        lines.append(f"  rank {rank}:" + ("" if tail else " (none recorded)"))
-        for comm_id, e in tail:
-            lines.append(f"    {comm_id} #{e.seq} {_describe(e)}")
-    return "\n".join(lines)
+def report_json(report: Report) -> bytes:
+    """The ``--json`` document (schema in docs/diagnostics.md)."""
+    doc = {"format": REPORT_FORMAT, "version": REPORT_VERSION, **msgspec.to_builtins(report)}
+    return msgspec.json.encode(doc)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -302,23 +185,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="typedcoll trace",
         description="Merge per-rank flight-recorder dumps (TYPEDCOLL_TRACE_DIR) and report the "
-                    "first divergent collective and missing ranks. Exit 0: consistent; 1: a "
-                    "divergence or missing ranks; 2: unreadable input.")
+                    "first divergent collective, the decisions that differ, and missing ranks. "
+                    "Exit 0: consistent; 1: a divergence or missing ranks; 2: unreadable input.")
     parser.add_argument("directory", help="the directory holding rank<R>.json dumps")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--last", type=int, default=5, metavar="K",
-                        help="entries to show from the end of each rank's buffer (default 5)")
+                        help=f"entries to show from the end of each rank's buffer (default 5, "
+                             f"at most {MAX_LAST})")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         dumps = load_dir(args.directory)
     except TraceInputError as exc:
         print(f"typedcoll trace: error: {exc}", file=sys.stderr)
         return 2
-    report = analyze(dumps, max(args.last, 0))
-    if args.json:
-        doc = msgspec.to_builtins(report)
-        doc = {"format": "typedcoll-trace-report", "version": 1, **doc}
-        print(msgspec.json.encode(doc).decode())
-    else:
-        print(format_report(report, dumps, args.directory))
+    report = analyze(dumps, min(max(args.last, 0), MAX_LAST))
+    try:
+        if args.json:
+            sys.stdout.write(report_json(report).decode() + "\n")
+        else:
+            print(format_report(report, dumps, args.directory))
+        sys.stdout.flush()
+    except BrokenPipeError:  # `typedcoll trace DIR | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0 if report.consistent else 1
+
+
+register_internal(__file__)

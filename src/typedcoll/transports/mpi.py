@@ -98,7 +98,7 @@ def _on_parent_freed(comm: Any, keyval: int, channel: Any) -> None:
     # The parent is being freed (or MPI finalised): its private channel goes with it.
     try:
         if channel.users > 0:
-            channel.transport.free()
+            channel.close()
     except Exception:  # freeing at teardown must never raise into MPI
         pass
 

@@ -1,0 +1,256 @@
+"""The trace analysis: pure logic over decoded dumps (no communicator), unit-tested by hand.
+
+In the manner of torch's flight-recorder analyzer: communicators are grouped by id (the same on
+every member), each member's entries are aligned by sequence number, and two findings are
+reported per communicator:
+
+- the first divergent collective: the lowest seq that every dumped member holds and whose
+  entries disagree (op, call site or name, schema, step: the same grouping and words as a live
+  ``DesyncError``), followed by the decisions (notes) that differ between the groups;
+- missing ranks: the lowest seq that some member never started (its count stops earlier), and
+  members with no dump at all (killed, or never wrote one), each with where it was at dump time.
+
+Everything here is bounded by what was read: loops run over entries held, never over a range of
+sequence numbers or ranks a dump merely claims (``trace`` bounds the reading itself).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import msgspec
+
+from ..core.identity import register_internal
+from ..core.mismatch import (EnvelopeInfo, Group, MismatchKind, Note, compact_ranks, describe,
+                             desync_message, differing_notes, format_groups, group_envelopes,
+                             mismatch_kinds)
+from ..core.recorder import RecordEntry
+from .model import CommDump, Dump
+
+MAX_FIELD = 200  # characters of any one string from a dump that reach the output
+MAX_RANK_LINES = 16  # per finding: more ranks are summarised in one line
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def clean(text: Optional[str], limit: int = MAX_FIELD) -> str:
+    """A string from a dump, safe to print on one line: no control characters, bounded."""
+    if text is None:
+        return ""
+    text = _UNSAFE.sub("?", text if len(text) <= 4 * limit else text[:4 * limit])
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+class Finding(msgspec.Struct, kw_only=True):
+    """A divergence, or missing ranks, at collective ``seq`` of communicator ``comm``."""
+
+    comm: str
+    seq: int
+    kinds: List[MismatchKind]
+    groups: List[Group]  # the ranks that started the collective, grouped by envelope
+    missing: List[int] = []  # ranks whose count stops before ``seq``
+    no_dump: List[int] = []  # ranks that left no dump
+    stops_at: List[Tuple[int, Optional[RecordEntry]]] = []  # missing rank, its newest entry
+    where: List[Tuple[int, str]] = []  # missing rank, where it was at dump time
+    decisions: List[Tuple[str, str, List[Tuple[str, str]]]] = []
+    t_start_ns: int = 0
+    text: str = ""
+
+
+class CommReport(msgspec.Struct, kw_only=True):
+    """The analysis of one communicator."""
+
+    comm: str
+    size: int
+    world_ranks: List[int]
+    dumped: List[int]
+    compared: Optional[Tuple[int, int]]  # lowest and highest seq every dumped member holds
+    divergence: Optional[Finding] = None
+    missing: Optional[Finding] = None
+
+
+class RankTail(msgspec.Struct, kw_only=True):
+    """A rank's newest entries, across its communicators, oldest first."""
+
+    rank: int
+    entries: List[Tuple[str, RecordEntry]]
+
+
+class Report(msgspec.Struct, kw_only=True):
+    """The whole analysis: ``consistent`` is False when any communicator has a finding."""
+
+    consistent: bool
+    ranks: List[int]
+    comms: List[CommReport]
+    first: Optional[Finding]
+    last: List[RankTail]
+
+
+def envelope(rank: int, e: RecordEntry, comm: str, notes: Sequence[Note] = ()) -> EnvelopeInfo:
+    # The entry's error is left out: at a divergence it is the DesyncError itself, on every
+    # rank; the last-entries section shows it.
+    return EnvelopeInfo(rank=rank, seq=e.seq, op=clean(e.op, 64), schema=clean(e.schema),
+                        fingerprint=clean(e.fingerprint, 64), comm=clean(comm),
+                        site=clean(e.site), name=None if e.name is None else clean(e.name),
+                        occurrence=e.occurrence, step=e.step, notes=tuple(notes))
+
+
+def seq_label(e: RecordEntry) -> str:
+    """``#12``, or ``creation`` for the exchange that created the communicator."""
+    return "creation" if e.op == "create" else f"#{e.seq}"
+
+
+def describe_entry(e: RecordEntry) -> str:
+    """``allgather[RankState] at loop.py:10, its 4th call, step 3: completed``."""
+    text = describe(envelope(0, e, ""))
+    if e.state == "failed":
+        # The error's first line; a DesyncError's ends in ":" before its groups.
+        return f"{text}: failed ({clean(e.error).rstrip(': ')})"
+    if e.state == "started":
+        return f"{text}: in flight at dump time"
+    return f"{text}: {clean(e.state, 32)}"
+
+
+def _aligned(m: CommDump) -> Dict[int, RecordEntry]:
+    # The creation exchange is numbered apart from the collectives (the top seq): not aligned.
+    return {e.seq: e for e in m.entries if e.op != "create"}
+
+
+def analyze_comm(comm_id: str, members: Dict[int, CommDump]) -> CommReport:
+    """Align one communicator's members (comm rank -> its dump) by seq; see the module doc."""
+    first = members[min(members)]
+    size = first.size
+    world = first.world_ranks if first.world_ranks is not None else list(range(size))
+    by_seq = {r: _aligned(m) for r, m in members.items()}
+    reached = {r: m.seq for r, m in members.items()}
+    common = set.intersection(*(set(s) for s in by_seq.values())) if by_seq else set()
+    report = CommReport(comm=comm_id, size=size, world_ranks=list(world), dumped=sorted(members),
+                        compared=(min(common), max(common)) if common else None)
+    for seq in sorted(common):
+        envelopes = [envelope(r, by_seq[r][seq], comm_id, members[r].notes)
+                     for r in sorted(members)]
+        kinds = mismatch_kinds(envelopes)
+        if kinds:
+            groups = group_envelopes(envelopes)
+            report.divergence = Finding(
+                comm=comm_id, seq=seq, kinds=kinds, groups=groups,
+                decisions=differing_notes(groups),
+                t_start_ns=min(by_seq[r][seq].t_start_ns for r in members),
+                text=desync_message(seq, clean(comm_id), kinds, groups))
+            break
+    no_dump = [r for r in range(size) if r not in members]
+    low, top = min(reached.values()), max(reached.values())
+    if low < top or no_dump:
+        # With every dumped member level, the absent ones are reported against the newest
+        # collective the others started (the one a killed rank left them waiting in).
+        seq = low if low < top else max(top - 1, 0)
+        missing = [r for r in sorted(members) if reached[r] <= seq]
+        present = [r for r in sorted(members) if reached[r] > seq]
+        envelopes = [envelope(r, by_seq[r][seq], comm_id) for r in present if seq in by_seq[r]]
+        finding = Finding(
+            comm=comm_id, seq=seq, kinds=[MismatchKind.MISSING_RANKS],
+            groups=group_envelopes(envelopes), missing=missing, no_dump=no_dump,
+            stops_at=[(r, by_seq[r].get(reached[r] - 1)) for r in missing],
+            where=[(r, clean(members[r].where)) for r in missing],
+            t_start_ns=min((by_seq[r][seq].t_start_ns for r in present if seq in by_seq[r]),
+                           default=0))
+        finding.text = missing_message(finding, reached)
+        report.missing = finding
+    return report
+
+
+def missing_message(f: Finding, reached: Dict[int, int]) -> str:
+    """``collective #5 on COMM_WORLD is missing ranks: rank 1 never started it`` and details."""
+    absent = sorted(f.missing + f.no_dump)
+    lines = [f"collective #{f.seq} on {clean(f.comm)} is missing ranks: {compact_ranks(absent)} "
+             f"never started it"]
+    if f.groups:
+        lines.append("  started by:")
+        lines += format_groups(f.groups, [], indent="    ")
+    where = dict(f.where)
+    stops = dict(f.stops_at)
+    for r in f.missing[:MAX_RANK_LINES]:
+        last = stops.get(r)
+        text = f"stops at #{reached[r] - 1}" if reached[r] else "issued no collective"
+        if last is not None:
+            text += f" ({describe_entry(last)})"
+        if where.get(r, "?") != "?":
+            text += f"; at dump time at {where[r]}"
+        lines.append(f"  rank {r}: {text}")
+    if len(f.missing) > MAX_RANK_LINES:
+        lines.append(f"  ... and {len(f.missing) - MAX_RANK_LINES} more ranks that stop earlier")
+    if f.no_dump:
+        lines.append(f"  {compact_ranks(f.no_dump)}: no dump (killed, or ran without "
+                     f"TYPEDCOLL_TRACE_DIR)")
+    return "\n".join(lines)
+
+
+def analyze(dumps: Dict[int, Dump], last: int = 5) -> Report:
+    """Analyse per-process dumps (world rank -> dump)."""
+    comms: Dict[str, Dict[int, CommDump]] = {}
+    for dump in dumps.values():
+        for c in dump.comms:
+            comms.setdefault(c.id, {})[c.rank] = c
+    reports = [analyze_comm(cid, comms[cid]) for cid in sorted(comms)]
+    findings = [f for r in reports for f in (r.divergence, r.missing) if f is not None]
+    # Divergences first: a missing rank is usually the consequence of an earlier desync.
+    first = min(findings, key=lambda f: (MismatchKind.MISSING_RANKS in f.kinds, f.t_start_ns),
+                default=None)
+    # Per world rank, not per file: one process may hold several ranks (in-memory ranks).
+    merged: Dict[int, List[Tuple[str, RecordEntry]]] = {}
+    for dump in dumps.values():
+        for c in dump.comms:
+            rank = c.world_ranks[c.rank] if c.world_ranks is not None else dump.rank
+            merged.setdefault(rank, []).extend(
+                (c.id, e) for e in (c.entries[-last:] if last > 0 else []))
+    tails = []
+    for rank, items in sorted(merged.items()):
+        items.sort(key=lambda item: item[1].t_start_ns)
+        tails.append(RankTail(rank=rank, entries=items[-last:] if last > 0 else []))
+    return Report(consistent=not findings, ranks=sorted(dumps), comms=reports, first=first,
+                  last=tails)
+
+
+def summary(f: Finding) -> str:
+    """The first finding in one complete line."""
+    if MismatchKind.MISSING_RANKS in f.kinds:
+        return f.text.splitlines()[0]
+    kinds = ", ".join(k.value for k in f.kinds)
+    sides = "; ".join(f"{compact_ranks(g.ranks)} at {g.envelope.site}" for g in f.groups[:4])
+    more = f"; and {len(f.groups) - 4} more groups" if len(f.groups) > 4 else ""
+    return f"collective #{f.seq} on {clean(f.comm)} diverged ({kinds}): {sides}{more}"
+
+
+def format_report(report: Report, dumps: Dict[int, Dump], source: str) -> str:
+    """The human-readable report."""
+    lines = [f"typedcoll trace: {len(dumps)} dump{'s' if len(dumps) != 1 else ''} "
+             f"({compact_ranks(report.ranks)}) in {clean(source, 1000)}"]
+    for rank, d in sorted(dumps.items())[:MAX_RANK_LINES]:
+        lines.append(f"  rank {rank}: dumped on {clean(d.reason) or '?'} ({clean(d.host)} pid "
+                     f"{d.pid})")
+    if len(dumps) > MAX_RANK_LINES:
+        lines.append(f"  ... and {len(dumps) - MAX_RANK_LINES} more")
+    lines.append("")
+    if report.first is not None:
+        lines += [f"first finding: {summary(report.first)}", ""]
+    for c in report.comms:
+        world = "" if c.world_ranks == list(range(c.size)) else \
+            f", world {compact_ranks(c.world_ranks)}"
+        span = f"#{c.compared[0]}-#{c.compared[1]}" if c.compared else "none"
+        lines.append(f"{clean(c.comm)} ({c.size} ranks{world}; compared collectives {span}):")
+        if c.divergence is None and c.missing is None:
+            lines.append("  consistent" if c.compared else
+                         "  consistent sequence numbers; no entries to compare (flight recorder "
+                         "off, TYPEDCOLL_TRACE_BUFFER=0?)")
+        for finding in (c.divergence, c.missing):
+            if finding is not None:
+                lines += ["  " + line for line in finding.text.split("\n")]
+    lines += ["", "last entries per rank (oldest first):"]
+    for tail in report.last[:MAX_RANK_LINES]:
+        lines.append(f"  rank {tail.rank}:" + ("" if tail.entries else " (none recorded)"))
+        for comm_id, e in tail.entries:
+            lines.append(f"    {clean(comm_id)} {seq_label(e)} {describe_entry(e)}")
+    return "\n".join(lines)
+
+
+register_internal(__file__)

@@ -1,0 +1,300 @@
+"""What diagnostics know of each communicator, and a rank's state, built only when asked.
+
+Nothing here runs on the hot path: a communicator is registered once, when it is created
+(``NEW_PROTOCOL_HOOKS``), and a rank's state (:class:`RankStatus`) is built from the protocol's
+own fields, its flight recorder and ``sys._current_frames()`` only when a peer asks over the side
+channel or a dump is written. Either may happen on the diagnostics thread while the rank's own
+threads run on: every read here is of a value the GIL keeps whole (a list copied in one call, an
+int), so a state is at worst a few microseconds old, never torn.
+
+Communicator ids. A dump names each communicator by an id that every member computes alike
+without talking: its name, plus ``#k`` for the k-th communicator of that name this rank created
+(communicators are created collectively, so the k-th is the same one on every member).
+
+Ranks as threads. Under ``typedcoll.testing`` every rank is a thread of one process, with
+in-memory transports; a communicator's *owner* (``owner_key``) says which rank of which job it
+belongs to, so that a rank's state lists its own communicators and threads, not its neighbours'.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+import sys
+import sysconfig
+import threading
+import time
+import weakref
+from types import FrameType
+from typing import Any, Dict, Hashable, List, Optional, Tuple
+
+from ..core.channel import Channel
+from ..core.identity import SKIP_CODES, SKIP_FILES, register_internal
+from ..core.protocol import LIVE, Protocol
+from ..core.wire import NO_STEP
+from .model import CommState, RankStatus, ThreadStack
+
+DIR_ENV = "TYPEDCOLL_TRACE_DIR"
+MAX_FRAMES = 128  # per stack, innermost kept: a runaway recursion must not bloat an answer
+MAX_THREADS = 256
+HOST = socket.gethostname()
+
+
+class CommMeta:
+    """What diagnostics keep per communicator."""
+
+    __slots__ = ("id", "creator")
+
+    def __init__(self, comm_id: str, creator: int) -> None:
+        self.id = comm_id
+        self.creator = creator  # ident of the thread that created it
+
+
+class _Registry:
+    meta: "weakref.WeakKeyDictionary[Protocol, CommMeta]" = weakref.WeakKeyDictionary()
+    world_ranks: "weakref.WeakKeyDictionary[Channel, Optional[List[int]]]" = \
+        weakref.WeakKeyDictionary()
+    created: Dict[Tuple[Hashable, str], int] = {}
+
+
+def trace_dir() -> Optional[str]:
+    """The dump directory (``TYPEDCOLL_TRACE_DIR``), or None when file dumps are off."""
+    return os.environ.get(DIR_ENV) or None
+
+
+# --- who is who ----------------------------------------------------------------------------
+def owner_key(transport: Any) -> Hashable:
+    """Which rank a transport belongs to: None for "this process" (MPI, torch); for in-memory
+    ranks (threads of one process), the job and the rank in it."""
+    if transport.kind == "memory":
+        return (id(transport.world), transport.members[transport.rank])
+    return None
+
+
+def process_world_rank() -> Optional[int]:
+    """This process's world rank (MPI's when mpi4py is initialised, else torch's), or None."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None:
+        try:
+            if mpi.Is_initialized() and not mpi.Is_finalized():
+                return int(mpi.COMM_WORLD.Get_rank())
+        except Exception:  # a broken MPI must not break diagnostics
+            pass
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None:
+        try:
+            if dist.is_available() and dist.is_initialized():
+                return int(dist.get_rank())
+        except Exception:
+            pass
+    return None
+
+
+def process_world_size() -> Optional[int]:
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None:
+        try:
+            if mpi.Is_initialized() and not mpi.Is_finalized():
+                return int(mpi.COMM_WORLD.Get_size())
+        except Exception:
+            pass
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None:
+        try:
+            if dist.is_available() and dist.is_initialized():
+                return int(dist.get_world_size())
+        except Exception:
+            pass
+    return None
+
+
+def world_rank_of(p: Protocol) -> int:
+    """The world rank of the rank that owns ``p``."""
+    ranks = world_ranks(p.channel)
+    return ranks[p.rank] if ranks is not None and p.rank < len(ranks) else p.rank
+
+
+def world_ranks(channel: Channel) -> Optional[List[int]]:
+    """Communicator rank -> world rank (None when the backend cannot tell)."""
+    if channel in _Registry.world_ranks:
+        return _Registry.world_ranks[channel]
+    ranks = _translate(channel.transport)
+    _Registry.world_ranks[channel] = ranks
+    return ranks
+
+
+def _translate(transport: Any) -> Optional[List[int]]:
+    try:
+        if transport.kind == "memory":
+            return list(transport.members)
+        if transport.kind == "mpi":
+            from mpi4py import MPI
+            group, world = transport.comm.Get_group(), MPI.COMM_WORLD.Get_group()
+            try:
+                return [int(r) for r in MPI.Group.Translate_ranks(
+                    group, list(range(transport.size)), world)]
+            finally:
+                group.Free()
+                world.Free()
+        ranks = getattr(transport, "ranks", None)  # torch: global ranks, in comm rank order
+        if ranks is not None:
+            return [int(r) for r in ranks]
+    except Exception:  # world ranks are a nicety of messages: never fail for them
+        pass
+    return None
+
+
+def register(p: Protocol) -> CommMeta:
+    """Give ``p`` its cross-rank id (at creation; or late, for one created before install)."""
+    meta = _Registry.meta.get(p)
+    if meta is None:
+        key = (owner_key(p.transport), p.name)
+        k = _Registry.created.get(key, 0) + 1
+        _Registry.created[key] = k
+        meta = CommMeta(p.name if k == 1 else f"{p.name}#{k}", threading.get_ident())
+        _Registry.meta[p] = meta
+        world_ranks(p.channel)
+    return meta
+
+
+def comm_id(p: Protocol) -> str:
+    return register(p).id
+
+
+def protocols(owner: Hashable = ..., *, everyone: bool = False) -> List[Protocol]:
+    """Live communicators of one owner (``everyone``: of the whole process), by id."""
+    found = [p for p in list(LIVE) if not p.freed
+             and (everyone or owner_key(p.transport) == owner)]
+    found.sort(key=lambda p: (p.name, p.instance))
+    for p in found:
+        register(p)
+    return sorted(found, key=comm_id)
+
+
+# --- stacks ----------------------------------------------------------------------------------
+def frame_text(frame: FrameType, short: bool = False) -> str:
+    code = frame.f_code
+    path = os.path.basename(code.co_filename) if short else code.co_filename
+    return f"{path}:{frame.f_lineno} in {code.co_name}"
+
+
+def stack_of(frame: Optional[FrameType]) -> List[str]:
+    """``frame``'s stack, outermost first, the innermost MAX_FRAMES frames."""
+    out: List[str] = []
+    while frame is not None and len(out) < MAX_FRAMES:
+        out.append(frame_text(frame))
+        frame = frame.f_back
+    out.reverse()
+    return out
+
+
+def where_of(frame: Optional[FrameType]) -> str:
+    """Where a thread is, in the caller's terms (short form): above typedcoll's own frames (a
+    thread inside a collective is at the collective's call site), and above the standard
+    library's (a thread in ``queue.get`` is at the line that called it); its innermost frame
+    when there is no such frame."""
+    if frame is None:
+        return "?"
+    frames = []
+    while frame is not None:
+        frames.append(frame)
+        frame = frame.f_back
+    inside = max((i for i, f in enumerate(frames) if f.f_code.co_filename in SKIP_FILES
+                  or f.f_code in SKIP_CODES), default=-1)
+    outer = frames[inside + 1:] or frames
+    chosen = next((f for f in outer if not _library(f.f_code.co_filename)
+                   and f.f_code not in SKIP_CODES), outer[0])
+    return frame_text(chosen, short=True)
+
+
+_STDLIB = tuple(os.path.realpath(sysconfig.get_paths()[key]) + os.sep
+                for key in ("stdlib", "platstdlib"))
+
+
+@functools.lru_cache(maxsize=4096)
+def _library(filename: str) -> bool:
+    """The standard library's frames (threading, queue, selectors, frozen modules)."""
+    return filename.startswith("<frozen ") or os.path.realpath(filename).startswith(_STDLIB)
+
+
+def thread_names() -> Dict[int, str]:
+    return {t.ident: t.name for t in threading.enumerate() if t.ident is not None}
+
+
+def all_stacks(owner: Hashable = ..., everyone: bool = True) -> List[ThreadStack]:
+    """Every thread's stack (the diagnostics thread's own included: it is writing this)."""
+    names = thread_names()
+    busy = _busy_threads(protocols(owner, everyone=everyone))
+    out = []
+    for ident, frame in list(sys._current_frames().items())[:MAX_THREADS]:
+        out.append(ThreadStack(ident=ident, name=names.get(ident, "?"), frames=stack_of(frame),
+                               collective=busy.get(ident)))
+    out.sort(key=lambda t: (t.ident != threading.main_thread().ident, t.name, t.ident))
+    return out
+
+
+def _busy_threads(found: List[Protocol]) -> Dict[int, str]:
+    """Thread ident -> the communicator it is inside a collective on."""
+    out: Dict[int, str] = {}
+    for p in found:
+        ident = p.channel.busy[0]
+        if ident and (ident not in out or _in_flight(p)):
+            out[ident] = comm_id(p)
+    return out
+
+
+def _in_flight(p: Protocol) -> bool:
+    return p.recorder is not None and p.recorder.in_flight
+
+
+# --- a rank's state ----------------------------------------------------------------------------
+def comm_state(p: Protocol) -> CommState:
+    last = None
+    if p.recorder is not None:
+        try:
+            last = p.recorder.last()
+        except Exception:  # written concurrently by the rank's own thread: skip the entry
+            last = None
+    return CommState(id=comm_id(p), name=p.name, instance=p.instance, rank=p.rank, size=p.size,
+                     seq=p.seq, step=None if p.step == NO_STEP else p.step, last=last,
+                     notes=list(p.decisions()))
+
+
+def _focus(channel: Channel, asked: Optional[Protocol],
+           busy: Dict[int, str]) -> int:
+    """The thread that says where a rank is: the one inside a collective (on ``channel`` first,
+    else on any of the rank's channels), else the communicator's creator (0: it has ended)."""
+    ident = channel.busy[0] or next(iter(busy), 0)
+    if ident:
+        return int(ident)
+    creator = register(asked).creator if asked is not None else threading.main_thread().ident
+    return creator if creator in sys._current_frames() else 0
+
+
+def where_now(p: Protocol) -> str:
+    """``file.py:LINE in function`` of the thread that says where ``p``'s rank is now."""
+    busy = _busy_threads(protocols(owner_key(p.transport)))
+    return where_of(sys._current_frames().get(_focus(p.channel, p, busy)))
+
+
+def rank_status(channel: Channel, instance: int, *, stack: bool = True) -> RankStatus:
+    """This rank's answer to "where are you?" about communicator ``instance`` of ``channel``."""
+    found = protocols(owner_key(channel.transport))
+    asked = next((p for p in found if p.channel is channel and p.instance == instance), None)
+    busy = _busy_threads(found)
+    ident = _focus(channel, asked, busy)
+    frame = sys._current_frames().get(ident)
+    ranks = world_ranks(channel)
+    rank = channel.transport.rank
+    return RankStatus(
+        rank=ranks[rank] if ranks is not None and rank < len(ranks) else rank,
+        host=HOST, pid=os.getpid(), time_ns=time.time_ns(), where=where_of(frame),
+        thread=thread_names().get(ident, f"ident {ident}") if ident else "",
+        collective=busy.get(ident),
+        stack=stack_of(frame) if stack else [],
+        comm=comm_state(asked) if asked is not None else None,
+        comms=[comm_state(p) for p in found])
+
+
+register_internal(__file__)

@@ -1,0 +1,183 @@
+"""The watcher: one daemon thread per process that answers the side channel and takes signals.
+
+It polls every channel's side channel (``side``) when due, every few milliseconds for MPI, and
+otherwise sleeps in ``select`` on a pipe, which is also the signal wake-up fd (``dumps``): a
+rank blocked inside MPI still answers its peers and still writes its dump on SIGTERM. It holds
+``_Watcher.lock`` while it uses a transport, so whoever frees a channel's communicators
+(``forget``) or finalises MPI (``stop``, at exit) first waits out a poll in progress.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import sys
+import threading
+import time
+import weakref
+from typing import Callable, Dict, Optional, Set, Tuple, Union
+
+from ..core.channel import Channel
+from ..core.identity import register_internal
+from . import side as side_channels
+from .side import Answerer, MPISide, Side
+
+IDLE_INTERVAL = 0.25  # with no side channel to poll: only signals and stopping wake the thread
+
+
+class _Watcher:
+    thread: Optional[threading.Thread] = None
+    rfd = -1
+    wfd = -1
+    # id(channel) -> (weak channel, its side channel or why it has none), for every channel
+    sides: Dict[int, Tuple["weakref.ref[Channel]", Union[Side, str]]] = {}
+    polled: Dict[int, Tuple["weakref.ref[Channel]", Side]] = {}  # those that need polling
+    due: Dict[int, float] = {}  # id(channel) -> when to poll it next (monotonic)
+    # Held while the thread uses a transport: whoever frees a channel's communicators, or
+    # finalises MPI, takes it first (see ``forget`` and ``stop``).
+    lock = threading.RLock()
+    prune_at = 64
+    warned: Set[int] = set()
+    stopped = False
+    answer: Optional[Answerer] = None
+    on_signal: Optional[Callable[[int], None]] = None
+    after_poll: Optional[Callable[[], None]] = None
+
+
+def attach(channel: Channel) -> Union[Side, str]:
+    """Serve ``channel``'s side channel from now on (idempotent); returns it or why none."""
+    known = _Watcher.sides.get(id(channel))
+    if known is not None and known[0]() is channel:
+        return known[1]
+    try:
+        side: Union[Side, str] = side_channels.make_side(channel)
+    except Exception as exc:  # a transport we cannot poll: no side channel, and say why
+        side = f"no side channel: {type(exc).__name__}: {exc}"
+    ref = weakref.ref(channel)
+    with _Watcher.lock:
+        if len(_Watcher.sides) >= _Watcher.prune_at:  # channels gone since: forget them
+            for key, (old, _) in list(_Watcher.sides.items()):
+                if old() is None:
+                    del _Watcher.sides[key]
+            _Watcher.prune_at = 2 * len(_Watcher.sides) + 64
+        _Watcher.sides[id(channel)] = (ref, side)
+        if not isinstance(side, str) and side.interval is not None:
+            _Watcher.polled[id(channel)] = (ref, side)
+            _Watcher.due[id(channel)] = 0.0
+            wake()
+    return side
+
+
+def side_of(channel: Channel) -> Union[Side, str]:
+    """``channel``'s side channel (attaching it if it was created before install)."""
+    return attach(channel)
+
+
+def forget(channel: Channel) -> None:
+    """Stop serving ``channel`` (before its communicators are freed): waits out a poll."""
+    with _Watcher.lock:
+        _Watcher.sides.pop(id(channel), None)
+        _Watcher.polled.pop(id(channel), None)
+        _Watcher.due.pop(id(channel), None)
+        side_channels.forget_local(channel)
+
+
+def start(answer: Answerer, on_signal: Callable[[int], None],
+          after_poll: Callable[[], None]) -> int:
+    """Start the thread (once); returns the write end of its wake-up pipe.
+
+    ``answer(channel, query)`` builds this rank's answer, ``on_signal(signum)`` handles a signal
+    and ``after_poll()`` does what may wait until the answers are sent (requested dumps).
+    """
+    _Watcher.answer = answer
+    side_channels.ANSWERER[0] = answer
+    _Watcher.on_signal = on_signal
+    _Watcher.after_poll = after_poll
+    if _Watcher.thread is None:
+        _Watcher.rfd, _Watcher.wfd = os.pipe()
+        os.set_blocking(_Watcher.wfd, False)
+        os.set_blocking(_Watcher.rfd, False)
+        _Watcher.thread = threading.Thread(target=_run, name="typedcoll-diagnostics",
+                                           daemon=True)
+        _Watcher.thread.start()
+    return _Watcher.wfd
+
+
+def wake() -> None:
+    if _Watcher.wfd >= 0:
+        try:
+            os.write(_Watcher.wfd, b"\0")
+        except OSError:  # the pipe is full: the thread is awake anyway
+            pass
+
+
+def stop() -> None:
+    """No more polling (at exit, before MPI is finalised); waits out a poll in progress."""
+    with _Watcher.lock:
+        _Watcher.stopped = True
+
+
+def running() -> bool:
+    return _Watcher.thread is not None and _Watcher.thread.is_alive() and not _Watcher.stopped
+
+
+def _run() -> None:
+    while not _Watcher.stopped:
+        try:
+            now = time.monotonic()
+            wait = min(_Watcher.due.values(), default=now + IDLE_INTERVAL) - now
+            if wait > 0:
+                readable, _, _ = select.select([_Watcher.rfd], [], [], wait)
+                if readable:
+                    _drain_pipe()
+            _poll()
+            if _Watcher.after_poll is not None:
+                _Watcher.after_poll()
+        except Exception as exc:  # the thread must survive anything, or peers go unanswered
+            _warn(f"diagnostics thread: {type(exc).__name__}: {exc}")
+            time.sleep(IDLE_INTERVAL)
+
+
+def _drain_pipe() -> None:
+    try:
+        data = os.read(_Watcher.rfd, 256)
+    except BlockingIOError:
+        return
+    for signum in data:
+        if signum and _Watcher.on_signal is not None:
+            _Watcher.on_signal(signum)
+
+
+def _poll() -> None:
+    answer = _Watcher.answer
+    with _Watcher.lock:
+        if _Watcher.stopped or answer is None:
+            return
+        now = time.monotonic()
+        for key, (ref, side) in list(_Watcher.polled.items()):
+            channel = ref()
+            if channel is None or channel.users <= 0 or (
+                    isinstance(side, MPISide) and side.MPI.Is_finalized()):
+                _Watcher.polled.pop(key, None)
+                _Watcher.due.pop(key, None)
+                continue
+            if _Watcher.due.get(key, 0.0) > now:
+                continue
+            _Watcher.due[key] = now + (side.interval or IDLE_INTERVAL)
+            try:
+                side.serve(answer, channel)
+            except Exception as exc:  # one broken channel (a dead peer) must not stop the rest
+                if key not in _Watcher.warned:  # once per channel: it may fail every second
+                    _Watcher.warned.add(key)
+                    _warn(f"side channel of {channel.label}: {type(exc).__name__}: {exc}")
+                _Watcher.due[key] = now + 1.0
+
+
+def _warn(text: str) -> None:
+    try:
+        print(f"typedcoll diagnostics: {text}", file=sys.stderr, flush=True)
+    except Exception:  # nowhere left to report to
+        pass
+
+
+register_internal(__file__)
