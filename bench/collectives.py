@@ -1,88 +1,116 @@
 """Every typed collective against mpi4py's pickle-based one, interleaved in one run.
 
-Run: ``mpiexec -n 2 python bench/collectives.py`` (``--rounds``/``--iters`` to taste).
+Run: ``mpiexec -n 2 python bench/collectives.py [--rounds R] [--iters I] [--json F]``
+(Open MPI: ``mpirun --oversubscribe --bind-to core -n N ...``).
 
-Pairs, each on the core issue's 3-field RankState record (a dict for pickle) or an int:
-  allgather   TypedComm.allgather(state)                  comm.allgather(dict)
-  gather      TypedComm.gather(state, root=0)             comm.gather(dict, root=0)
-  bcast       TypedComm.bcast(state or None, schema=...)  comm.bcast(dict or None)
-  allreduce   TypedComm.allreduce(int)                    comm.allreduce(int)
-  barrier     TypedComm.barrier()                         comm.Barrier() (the raw floor: no pickle)
-Each figure is the median over rounds of one round's mean per call, slowest rank; the ratio is
-typed / pickle (below 1: typed is faster), with the envelope checked on every rank.
+Pairs, on the 3-field ``RankState`` record (a dict for pickle) or an int; root 0:
+  allgather   TypedComm.allgather(state)                   comm.allgather(dict)
+  gather      TypedComm.gather(state)                      comm.gather(dict)
+  bcast       TypedComm.bcast(state or None, schema=...)   comm.bcast(dict or None)
+  allreduce   TypedComm.allreduce(int)                     comm.allreduce(int)
+  reduce      TypedComm.reduce(int)                        comm.reduce(int)
+  barrier     TypedComm.barrier()                          comm.Barrier() (MPI's own, no pickle)
+  scatter     TypedComm.scatter(states or None, schema=...)  comm.scatter(dicts or None)
+  alltoall    TypedComm.alltoall(states)                   comm.alltoall(dicts)
+Column ``mpi4py`` is the peer; ratio typed/mpi4py below 1 means typed is faster. Goals:
+bcast <= 1.2, barrier <= 1.3, every other collective ahead of pickle (<= 1.0).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
-import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import msgspec
 from mpi4py import MPI
 
 import typedcoll as tc
-from _record import RankState  # bench/ is on sys.path when a script runs
+from harness import records, report, timing
+
+RankState = records.RankState
+METHODS = ("typed", "mpi4py")
+GOALS = {"bcast": 1.2, "barrier": 1.3}
+CASES = ("allgather", "gather", "bcast", "allreduce", "reduce", "barrier", "scatter", "alltoall")
+RATIOS = [report.Ratio(c, "typed", "mpi4py", ("<=", GOALS.get(c, 1.0))) for c in CASES]
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--iters", type=int, default=1000)
-    parser.add_argument("--json", help="also write the figures to this file (rank 0)")
-    args = parser.parse_args(argv)
+def _state(rank: int, dest: int = 0) -> RankState:
+    return RankState(rank, 3 + rank, 17 * rank + dest)
 
-    world = MPI.COMM_WORLD
-    raw = world.Dup()
-    typed = tc.TypedComm(world)
-    rank = world.rank
-    state = RankState(rank, 3 + rank, 17 * rank)
+
+def pairs(typed: tc.TypedComm, peer: Any) -> Dict[str, Tuple[Callable[[], Any],
+                                                            Callable[[], Any],
+                                                            Callable[[Any, Any], Optional[str]]]]:
+    """case -> (typed call, peer call, check of (typed result, peer result))."""
+    rank, size = typed.rank, typed.size
+    root = rank == 0
+    state = _state(rank)
     as_dict = msgspec.structs.asdict(state)
-    pairs = {
-        "allgather": (lambda: typed.allgather(state), lambda: raw.allgather(as_dict)),
-        "gather": (lambda: typed.gather(state, root=0), lambda: raw.gather(as_dict, root=0)),
-        "bcast": (lambda: typed.bcast(state if rank == 0 else None, schema=RankState),
-                  lambda: raw.bcast(as_dict if rank == 0 else None)),
-        "allreduce": (lambda: typed.allreduce(rank), lambda: raw.allreduce(rank)),
-        "barrier": (typed.barrier, raw.Barrier),
-    }
-    # Same answers first: a benchmark of a wrong result is worthless.
-    gathered = raw.gather(as_dict)
-    assert typed.gather(state) == (None if rank else [RankState(**d) for d in gathered])
-    assert typed.bcast(state if rank == 0 else None, schema=RankState) == RankState(
-        **raw.bcast(as_dict if rank == 0 else None))
-    assert typed.allreduce(rank) == raw.allreduce(rank)
+    every = [_state(r) for r in range(size)]
+    to_each = [_state(rank, d) for d in range(size)]
+    to_each_dicts = [msgspec.structs.asdict(s) for s in to_each]
+    from_each = [_state(r, rank) for r in range(size)]
+    total = size * (size - 1) // 2
 
-    samples = {(name, side): [] for name in pairs for side in ("typed", "pickle")}
-    for _ in range(args.rounds):
-        for name, fns in pairs.items():
-            for side, fn in zip(("typed", "pickle"), fns):
-                for _ in range(args.iters // 5):
-                    fn()
-                raw.Barrier()
-                t0 = time.perf_counter()
-                for _ in range(args.iters):
-                    fn()
-                samples[name, side].append((time.perf_counter() - t0) / args.iters * 1e6)
-    medians = {key: statistics.median(v) for key, v in samples.items()}
-    slowest = {key: max(m[key] for m in raw.allgather(medians)) for key in medians}
-    if rank == 0:
-        print(f"# typedcoll collectives: {world.size} ranks, "
-              f"{MPI.Get_library_version().splitlines()[0].strip()}; {args.rounds} interleaved "
-              f"rounds x {args.iters} calls; median of round means, slowest rank; us")
-        print(f"{'collective':<10} {'typed':>8} {'pickle':>8} {'typed/pickle':>13}")
-        rows = {}
-        for name in pairs:
-            t, pk = slowest[name, "typed"], slowest[name, "pickle"]
-            rows[name] = {"typed_us": t, "pickle_us": pk, "ratio": t / pk}
-            print(f"{name:<10} {t:8.2f} {pk:8.2f} {t / pk:13.2f}")
-        print("(barrier: pickle column is the raw comm.Barrier)")
-        if args.json:
-            with open(args.json, "w") as fh:
-                json.dump({"ranks": world.size, "rounds": args.rounds, "iters": args.iters,
-                           "collectives": rows}, fh, indent=2)
+    def states(got: Any) -> Any:
+        return None if got is None else [RankState(**d) for d in got]
+
+    def expect(want_typed: Any, want_peer: Any) -> Callable[[Any, Any], Optional[str]]:
+        def check(t: Any, p: Any) -> Optional[str]:
+            if t == want_typed and p == want_peer:
+                return None
+            return f"expected {want_typed!r:.80} and {want_peer!r:.80}, got {t!r:.80}, {p!r:.80}"
+        return check
+
+    return {
+        "allgather": (lambda: typed.allgather(state), lambda: states(peer.allgather(as_dict)),
+                      expect(every, every)),
+        "gather": (lambda: typed.gather(state), lambda: states(peer.gather(as_dict)),
+                   expect(every if root else None, every if root else None)),
+        "bcast": (lambda: typed.bcast(state if root else None, schema=RankState),
+                  lambda: RankState(**peer.bcast(as_dict if root else None)),
+                  expect(every[0], every[0])),
+        "allreduce": (lambda: typed.allreduce(rank), lambda: peer.allreduce(rank),
+                      expect(total, total)),
+        "reduce": (lambda: typed.reduce(rank), lambda: peer.reduce(rank),
+                   expect(total if root else None, total if root else None)),
+        "barrier": (typed.barrier, peer.Barrier, expect(None, None)),
+        "scatter": (lambda: typed.scatter(to_each if root else None, schema=RankState),
+                    lambda: RankState(**peer.scatter(to_each_dicts if root else None)),
+                    expect(_state(0, rank), _state(0, rank))),
+        "alltoall": (lambda: typed.alltoall(to_each), lambda: states(peer.alltoall(to_each_dicts)),
+                     expect(from_each, from_each)),
+    }
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    args = timing.add_arguments(parser, rounds=15, iters=1000).parse_args(argv)
+    settings = timing.Settings(args)
+    world = MPI.COMM_WORLD
+    control, peer = world.Dup(), world.Dup()
+    typed = tc.TypedComm(world)
+    table = pairs(typed, peer)
+
+    problems: List[str] = []
+    for case, (typed_call, peer_call, check) in table.items():
+        problem = check(typed_call(), peer_call())
+        if problem:
+            problems.append(f"{case}: {problem}")
+    report.stop_on_wrong_results(control, problems)
+
+    cells = [timing.Cell(case, method, call) for case, (typed_call, peer_call, _) in table.items()
+             for method, call in zip(METHODS, (typed_call, peer_call))]
+    results = timing.measure(control, cells, settings)
+    if results is None:
+        return 0
+    doc = report.document("collectives", "typedcoll collectives against mpi4py", world.size,
+                          settings.as_dict(), results, RATIOS, report.versions(typed))
+    doc["notes"].append("mpi4py column: pickle-based lowercase collectives; for barrier, "
+                        "comm.Barrier")
+    print(report.table(doc, METHODS, "collective"))
+    report.write_json(doc, args.json)
     return 0
 
 

@@ -1,87 +1,63 @@
-"""Core overhead check: a checked typed allgather of a 3-field Struct against its floor and today's path.
+"""Core overhead: a checked allgather of a 3-field Struct against its floor and pickle.
 
-Run: ``mpiexec -n 2 python bench/core_overhead.py`` (add ``--rounds``/``--iters`` to taste).
+Run: ``mpiexec -n 2 python bench/core_overhead.py [--rounds R] [--iters I] [--json F]``
+(Open MPI: ``mpirun --oversubscribe --bind-to core -n N ...``).
 
-Three methods, interleaved round by round so machine noise hits them alike; the table shows the
-median over rounds of each round's mean per call, and the two ratios the core issue targets:
-  raw       comm.Allgather of a 64-byte numpy buffer (the floor)
-  pickle    mpi4py's unchecked comm.allgather of the same record as a dict (what executors use)
-  typed     typedcoll TypedComm.allgather of the RankState Struct (checked envelope)
-Targets: typed <= 1.5x raw, and pickle >= 1.5x typed.
+Three methods on the 3-field ``RankState`` record, interleaved round by round:
+  raw      ``comm.Allgather`` of a 64-byte numpy buffer (the floor: no encoding, no check)
+  pickle   mpi4py's ``comm.allgather`` of the same record as a dict (what executors use)
+  typed    ``TypedComm.allgather(record)``: envelope, call identity check, typed decode
+Goals: typed <= 1.5x raw; typed ahead of pickle.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
 import sys
-import time
+from typing import Optional, Sequence
 
 import msgspec
 import numpy as np
 from mpi4py import MPI
 
 import typedcoll as tc
-from _record import RankState  # bench/ is on sys.path when a script runs
+from harness import records, report, timing
+
+METHODS = ("raw", "pickle", "typed")
+CASE = "RankState"
+RATIOS = [report.Ratio(CASE, "typed", "raw", ("<=", 1.5)),
+          report.Ratio(CASE, "typed", "pickle", ("<=", 1.0))]
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--iters", type=int, default=2000)
-    parser.add_argument("--warmup", type=int, default=500)
-    parser.add_argument("--json", help="also write the figures to this file (rank 0)")
-    args = parser.parse_args(argv)
-
+    args = timing.add_arguments(parser, rounds=15, iters=2000).parse_args(argv)
+    settings = timing.Settings(args)
     world = MPI.COMM_WORLD
-    raw_comm = world.Dup()
+    control, raw_comm = world.Dup(), world.Dup()
     typed = tc.TypedComm(world)
-    rank = world.rank
-    send = np.zeros(64, np.uint8)
-    recv = np.empty(64 * world.size, np.uint8)
-    record = RankState(rank, 3 + rank, 17 * rank)
-    as_dict = {"rank": rank, "num_active_requests": 3 + rank, "num_active_tokens": 17 * rank}
+    rank, size = world.rank, world.size
+    record = records.rank_state(rank)
+    as_dict = msgspec.structs.asdict(record)
+    send, recv = np.zeros(64, np.uint8), np.empty(64 * size, np.uint8)
+    calls = {"raw": lambda: raw_comm.Allgather(send, recv),
+             "pickle": lambda: raw_comm.allgather(as_dict),
+             "typed": lambda: typed.allgather(record)}
 
-    methods = {
-        "raw": lambda: raw_comm.Allgather(send, recv),
-        "pickle": lambda: raw_comm.allgather(as_dict),
-        "typed": lambda: typed.allgather(record),
-    }
-    # Same answer first: a benchmark of a wrong result is worthless.
-    assert typed.allgather(record) == [RankState(**d) for d in raw_comm.allgather(as_dict)]
+    expected = [records.rank_state(r) for r in range(size)]
+    report.stop_on_wrong_results(control, [p for p in (
+        records.problem(typed.allgather(record), expected, "typed"),
+        records.problem([records.RankState(**d) for d in raw_comm.allgather(as_dict)],
+                        expected, "pickle")) if p])
 
-    samples = {name: [] for name in methods}
-    for _ in range(args.rounds):
-        for name, fn in methods.items():
-            for _ in range(args.warmup):
-                fn()
-            raw_comm.Barrier()
-            t0 = time.perf_counter()
-            for _ in range(args.iters):
-                fn()
-            samples[name].append((time.perf_counter() - t0) / args.iters * 1e6)
-    # Every rank's medians: the slowest rank is what a collective costs.
-    medians = {name: statistics.median(v) for name, v in samples.items()}
-    worst = {name: max(world.allgather(m)) for name, m in medians.items()}
-    if rank == 0:
-        print(f"# typedcoll core overhead: {world.size} ranks, {MPI.Get_library_version().splitlines()[0].strip()}, "
-              f"mpi4py {MPI.Get_version()} / python {platform.python_version()} / msgspec {msgspec.__version__} / "
-              f"{platform.machine()} {MPI.Get_processor_name()}")
-        print(f"# {args.rounds} interleaved rounds x {args.iters} calls; median of round means, slowest rank")
-        print(f"{'method':<8} {'us/call':>9} {'x raw':>7}")
-        for name, us in worst.items():
-            print(f"{name:<8} {us:9.2f} {us / worst['raw']:7.2f}")
-        typed_vs_raw = worst["typed"] / worst["raw"]
-        pickle_vs_typed = worst["pickle"] / worst["typed"]
-        print(f"typed / raw    = {typed_vs_raw:.2f}  (target <= 1.5)  {'OK' if typed_vs_raw <= 1.5 else 'MISSED'}")
-        print(f"pickle / typed = {pickle_vs_typed:.2f}  (target >= 1.5)  {'OK' if pickle_vs_typed >= 1.5 else 'MISSED'}")
-        if args.json:
-            with open(args.json, "w") as fh:
-                json.dump({"ranks": world.size, "us_per_call": worst, "typed_vs_raw": typed_vs_raw,
-                           "pickle_vs_typed": pickle_vs_typed, "rounds": args.rounds,
-                           "iters": args.iters}, fh, indent=2)
+    cells = [timing.Cell(CASE, m, calls[m]) for m in METHODS]
+    results = timing.measure(control, cells, settings)
+    if results is None:
+        return 0
+    doc = report.document("core_overhead", "typedcoll core overhead", size, settings.as_dict(),
+                          results, RATIOS, report.versions(typed))
+    print(report.table(doc, METHODS))
+    report.write_json(doc, args.json)
     return 0
 
 

@@ -1,77 +1,73 @@
 """Flight-recorder cost: a typed allgather of a 3-field Struct with the recorder on and off.
 
-Run: ``mpiexec -n 2 python bench/recorder_cost.py`` (``--rounds``/``--iters`` to taste).
+Run: ``mpiexec -n 2 python bench/recorder_cost.py [--rounds R] [--iters I] [--json F]``
+(Open MPI: ``mpirun --oversubscribe --bind-to core -n N ...``).
 
 Two TypedComms over the same world, identical but for the recorder: ``on`` keeps the default
-ring buffer (``TYPEDCOLL_TRACE_BUFFER`` unset: 2000 entries), ``off`` has it removed, which is
-what ``TYPEDCOLL_TRACE_BUFFER=0`` does at creation. Rounds are interleaved so machine noise hits
-both alike; the figure is the median over rounds of each round's mean per call, on the slowest
-rank. Target (issue 5): recording costs <= 5% of the typed allgather.
+ring buffer (``TYPEDCOLL_TRACE_BUFFER`` unset), ``off`` is created with
+``TYPEDCOLL_TRACE_BUFFER=0``. Besides the ratio of the medians, ``paired_ratio`` is the median
+over rounds of each round's on/off (slowest rank), which slow drifts of the machine disturb
+less. Goal: recording costs <= 5% of the typed allgather.
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
+import os
 import statistics
 import sys
-import time
+from typing import Optional, Sequence
 
-import msgspec
 from mpi4py import MPI
 
 import typedcoll as tc
-from _record import RankState  # bench/ is on sys.path when a script runs
+from harness import records, report, timing
+
+CASE = "RankState"
+RATIOS = [report.Ratio(CASE, "on", "off", ("<=", 1.05))]
 
 
-def main(argv=None) -> int:
+def unrecorded(world: MPI.Intracomm) -> tc.TypedComm:
+    previous = os.environ.get("TYPEDCOLL_TRACE_BUFFER")
+    os.environ["TYPEDCOLL_TRACE_BUFFER"] = "0"  # read when a communicator is created
+    try:
+        return tc.TypedComm(world)
+    finally:
+        if previous is None:
+            del os.environ["TYPEDCOLL_TRACE_BUFFER"]
+        else:
+            os.environ["TYPEDCOLL_TRACE_BUFFER"] = previous
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=21)
-    parser.add_argument("--iters", type=int, default=3000)
-    parser.add_argument("--warmup", type=int, default=300)
-    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                        help="cpu: process time, steadier on a shared, oversubscribed machine")
-    args = parser.parse_args(argv)
-
+    args = timing.add_arguments(parser, rounds=21, iters=3000).parse_args(argv)
+    settings = timing.Settings(args)
     world = MPI.COMM_WORLD
-    on = tc.TypedComm(world)
-    off = tc.TypedComm(world)
-    off._p.recorder = None  # what TYPEDCOLL_TRACE_BUFFER=0 leaves at creation
-    if on._p.recorder is None:
-        raise SystemExit("expected the recorder on by default: unset TYPEDCOLL_TRACE_BUFFER")
-    record = RankState(world.rank, 3 + world.rank, 17 * world.rank)
-    methods = {"off": lambda: off.allgather(record), "on": lambda: on.allgather(record)}
-    assert on.allgather(record) == off.allgather(record)
-
-    clock = time.perf_counter if args.clock == "wall" else time.process_time
-    samples = {name: [] for name in methods}
-    for i in range(args.rounds):
-        # Alternate which goes first, so neither always runs on a freshly warmed cache.
-        order = list(methods.items()) if i % 2 == 0 else list(methods.items())[::-1]
-        for name, fn in order:
-            for _ in range(args.warmup):
-                fn()
-            world.Barrier()
-            t0 = clock()
-            for _ in range(args.iters):
-                fn()
-            samples[name].append((clock() - t0) / args.iters * 1e6)
-    medians = {name: statistics.median(v) for name, v in samples.items()}
-    worst = {name: max(world.allgather(m)) for name, m in medians.items()}
-    # Paired per round too: the ratio of each round's two means, less sensitive to drift.
-    ratios = [a / b for a, b in zip(samples["on"], samples["off"])]
-    paired = max(world.allgather(statistics.median(ratios)))
-    if world.rank == 0:
-        print(f"# typedcoll recorder cost: {world.size} ranks, "
-              f"{MPI.Get_library_version().splitlines()[0].strip()}, python "
-              f"{platform.python_version()}, msgspec {msgspec.__version__}")
-        print(f"# {args.rounds} interleaved rounds x {args.iters} calls, {args.clock} clock; "
-              f"median of round means, slowest rank")
-        for name, us in worst.items():
-            print(f"recorder {name:<4} {us:8.2f} us/call")
-        cost = worst["on"] / worst["off"] - 1
-        print(f"recorder cost  = {cost * 100:+.1f}% (medians), {(paired - 1) * 100:+.1f}% "
-              f"(paired rounds)  (target <= 5%)  {'OK' if max(cost, paired - 1) <= 0.05 else 'MISSED'}")
+    control = world.Dup()
+    on, off = tc.TypedComm(world), unrecorded(world)
+    if on._p.recorder is None or off._p.recorder is not None:
+        raise SystemExit("expected the recorder on by default and off with "
+                         "TYPEDCOLL_TRACE_BUFFER=0: unset TYPEDCOLL_TRACE_BUFFER")
+    record = records.rank_state(world.rank)
+    expected = [records.rank_state(r) for r in range(world.size)]
+    report.stop_on_wrong_results(control, [p for p in (
+        records.problem(on.allgather(record), expected, "on"),
+        records.problem(off.allgather(record), expected, "off")) if p])
+    cells = [timing.Cell(CASE, "off", lambda: off.allgather(record)),
+             timing.Cell(CASE, "on", lambda: on.allgather(record))]
+    results = timing.measure(control, cells, settings)
+    if results is None:
+        return 0
+    by_method = {r["method"]: r["rounds_us"] for r in results}
+    paired = statistics.median(a / b for a, b in zip(by_method["on"], by_method["off"]))
+    doc = report.document("recorder_cost", "typedcoll flight-recorder cost", world.size,
+                          settings.as_dict(), results, RATIOS, report.versions(on),
+                          paired_ratio=paired)
+    print(report.table(doc, ("off", "on")))
+    print(f"paired rounds: on/off {paired:.3f} (goal <= 1.05 "
+          f"{'ok' if paired <= 1.05 else 'MISSED'})")
+    report.write_json(doc, args.json)
     return 0
 
 

@@ -1,7 +1,7 @@
 """GPU cost of the checked tensor collectives: typed (envelope + check) against raw NCCL.
 
 Run (one process per GPU; world size 1 on a single GPU):
-    torchrun --nproc-per-node=1 bench/torch_gpu.py [--rounds 7] [--json out.json]
+    torchrun --nproc-per-node=1 bench/torch_gpu.py [--rounds 7] [--iters 400] [--json out.json]
 
 Methods, interleaved round by round; each figure is the median over rounds of one round's mean
 wall time per call, over back-to-back calls ended by ``torch.cuda.synchronize()`` and, for the
@@ -45,9 +45,9 @@ import torch
 import torch.distributed as dist
 
 import typedcoll as tc
-from typedcoll import _tensor_device
-from typedcoll._tensor_envelope import BLOCK, RING
-from typedcoll._torch import all_gather_single
+from typedcoll.tensor import device as tensor_device
+from typedcoll.tensor.envelope import BLOCK, RING
+from typedcoll.transports.torch import all_gather_single, free_port
 
 SIZES = [1 << 10, 16 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
 
@@ -66,7 +66,7 @@ def _device_time(fn, burst: int, hold_s: float, comm) -> float:
         torch.cuda.synchronize()
         comm.synchronize()
         streams = [torch.cuda.current_stream()]
-        streams += _tensor_device._checks(comm._p).streams()
+        streams += tensor_device._checks(comm._p).streams()
         start = torch.cuda.Event(enable_timing=True)
         ends = [torch.cuda.Event(enable_timing=True) for _ in streams]
         torch.cuda._sleep(int(hold_s * 2e9))  # ~2 GHz SM clock: at least hold_s
@@ -87,11 +87,12 @@ def _device_time(fn, burst: int, hold_s: float, comm) -> float:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--iters", type=int, default=400,
+                        help="most timed calls per method, size and round (default 400)")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     if "RANK" not in os.environ:  # plain `python bench/torch_gpu.py`: world size 1
-        from typedcoll._torch import free_port
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -101,8 +102,7 @@ def main(argv=None) -> int:
     world = dist.get_world_size()
     rank = dist.get_rank()
     typed = tc.TypedComm.from_torch()
-    eager = tc.TypedComm.from_torch()
-    _tensor_device.set_tensor_check(eager, "eager")
+    eager = tc.TypedComm.from_torch(tensor_check="eager")
     words = torch.zeros(12, dtype=torch.int64, device=device)
     env_in = torch.zeros(BLOCK, dtype=torch.uint8, device=device)
     env_out = torch.zeros(BLOCK * world, dtype=torch.uint8, device=device)
@@ -151,7 +151,7 @@ def main(argv=None) -> int:
         all_gather_single(want, x)
         assert torch.equal(typed.all_gather_tensor(x, name="h"), want)
         assert torch.equal(eager.all_gather_tensor(x, name="h"), want)
-        iters = max(10, min(400, (256 << 20) // (nbytes * max(world, 1))))
+        iters = max(min(10, args.iters), min(args.iters, (256 << 20) // (nbytes * max(world, 1))))
         samples = {name: [] for name in methods}
         for _ in range(args.rounds):
             for name, fn in methods.items():

@@ -1,7 +1,9 @@
-"""The benchmark never rots: a tiny 2-rank run covers every method and payload with real numbers.
+"""The benchmarks never rot: every script under bench/ runs at tiny sizes and writes the
+document docs/bench.md describes.
 
-Also: the DETAIL row really ran under torch's DETAIL wrapper (the engine's own shape-mismatch
-probe was caught), the scale simulation measures a correct allgather, and saved results render.
+The MPI scripts run one after another in one 2-rank launch (one MPI start-up for all of them),
+each with one round of at most two calls per cell; the others as plain processes. Every run is
+bounded by a timeout.
 """
 
 from __future__ import annotations
@@ -10,115 +12,144 @@ import importlib.util
 import json
 import subprocess
 import sys
+from pathlib import Path
+from typing import Any, Dict
 
-import msgspec
 import pytest
 
-from typedcoll import _bench, _bench_scale
-from typedcoll._bench_methods import METHOD_KEYS
-from typedcoll._bench_payloads import PAYLOAD_NAMES, PAYLOADS
+from launch import REPO, run_spmd
 
+BENCH = REPO / "bench"
 HAS_TORCH = importlib.util.find_spec("torch") is not None
-HAS_TYPED_TORCH = HAS_TORCH and importlib.util.find_spec("typedcoll._torch") is not None
+TINY = ["--rounds", "1", "--iters", "2", "--budget", "0.01"]
+MPI_SCRIPTS = {
+    "core_overhead": [],
+    "collectives": [],
+    "core_decompose": [],
+    "recorder_cost": [],
+    "peers": ["--payloads", "RankState", "2,048 ints", "64 KiB"],
+}
+DOCUMENT = {"kind", "schema_version", "script", "title", "created", "argv", "ranks", "versions",
+            "machine", "settings", "results", "ratios", "unavailable", "notes"}
+RESULT = {"case", "method", "iters", "warmup", "rounds_us", "median_us", "p10_us", "p90_us"}
+RATIO = {"case", "num", "den", "value", "goal", "met"}
 
 
 @pytest.fixture(scope="module")
-def quick_doc(tmp_path_factory):
-    """One ``typedcoll bench --quick`` at 2 ranks, through the self-launcher, bounded in time."""
-    out = tmp_path_factory.mktemp("bench") / "quick.json"
-    cmd = [sys.executable, "-m", "typedcoll", "bench", "--ranks", "2", "--quick", "--json",
-           str(out), "--png", "", "--no-progress", "--timeout", "60"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
-    assert proc.returncode == 0, f"rc {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-    assert "median us/call (x MPI floor)" in proc.stdout
-    return json.loads(out.read_text())
+def docs(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Dict[str, Any]]:
+    """Every MPI script's document from one 2-rank launch."""
+    tmp = tmp_path_factory.mktemp("bench")
+    runs = [(str(BENCH / f"{name}.py"), [*TINY, *args, "--json", str(tmp / f"{name}.json")])
+            for name, args in MPI_SCRIPTS.items()]
+    code = f"""
+    import runpy, sys
+    sys.path.insert(0, {str(BENCH)!r})
+    for script, args in {runs!r}:
+        sys.argv = [script, *args]
+        try:
+            runpy.run_path(script, run_name="__main__")
+        except SystemExit as exc:
+            if exc.code not in (0, None):
+                raise
+    """
+    result = run_spmd(code, 2, timeout=150, tmp_path=tmp)
+    assert not result.timed_out and result.returncode == 0, repr(result)
+    return {name: json.loads((tmp / f"{name}.json").read_text()) for name in MPI_SCRIPTS}
 
 
-def test_quick_run_has_every_method_and_payload(quick_doc):
-    doc = quick_doc
-    assert doc["ranks"] == 2
-    assert [m["key"] for m in doc["methods"]] == METHOD_KEYS
-    assert [p["name"] for p in doc["payloads"]] == PAYLOAD_NAMES
-    for key in ("typedcoll", "mpi4py", "mpi_library", "msgspec", "numpy"):
-        assert doc["versions"][key]
-    assert doc["machine"]["cores"] >= 1 and doc["machine"]["cpu_model"]
-    allowed_skips = set()
+def check_document(doc: Dict[str, Any], script: str, ranks: int) -> None:
+    assert DOCUMENT <= set(doc), sorted(DOCUMENT - set(doc))
+    assert (doc["kind"], doc["script"], doc["ranks"]) == ("typedcoll-bench", script, ranks)
+    for key in ("typedcoll", "fast_path", "python", "msgspec", "numpy"):
+        assert doc["versions"][key], key
+    assert doc["machine"]["cores"] >= 1 and doc["settings"]["rounds"] == 1
+    for r in doc["results"]:
+        assert RESULT <= set(r), r
+        assert len(r["rounds_us"]) == 1 and 1 <= r["iters"] <= 2, r
+        assert 0 < r["p10_us"] <= r["median_us"] <= r["p90_us"], r
+    for r in doc["ratios"]:
+        assert RATIO <= set(r) and r["value"] > 0, r
+        assert (r["met"] is None) == (r["goal"] is None), r
+
+
+@pytest.mark.parametrize("script, cases, methods", [
+    ("core_overhead", {"RankState"}, {"raw", "pickle", "typed"}),
+    ("collectives", {"allgather", "gather", "bcast", "allreduce", "reduce", "barrier", "scatter",
+                     "alltoall"}, {"typed", "mpi4py"}),
+    ("core_decompose", {"RankState", "64 KiB array", "1 MiB array", "2,048 ints"},
+     {"raw64", "raw", "typed", "pickle", "exchange", "encode", "allgatherv", "decode",
+      "copy_free", "py_decode"}),
+    ("recorder_cost", {"RankState"}, {"on", "off"}),
+])
+def test_mpi_script_document(docs: Dict[str, Dict[str, Any]], script: str, cases: set,
+                             methods: set) -> None:
+    doc = docs[script]
+    check_document(doc, script, 2)
+    assert {r["case"] for r in doc["results"]} == cases
+    assert methods <= {r["method"] for r in doc["results"]}
+    assert doc["ratios"], "every script holds its figures against a peer"
+
+
+def test_peers_document(docs: Dict[str, Dict[str, Any]]) -> None:
+    doc = docs["peers"]
+    check_document(doc, "peers", 2)
+    keys = [m["key"] for m in doc["methods"]]
+    assert keys == ["mpi_raw", "mpi_pickle", "mpi_pkl5", "typed_mpi", "gloo_raw",
+                    "gloo_detail", "gloo_object", "typed_gloo"]
+    ran = {r["method"] for r in doc["results"]}
+    # Every method ran, or says why not; none does both.
+    assert ran | set(doc["unavailable"]) == set(keys) and not ran & set(doc["unavailable"])
+    assert {"mpi_raw", "mpi_pickle", "mpi_pkl5", "typed_mpi"} <= ran
     if not HAS_TORCH:
-        allowed_skips |= {k for k in METHOD_KEYS if k.startswith(("gloo", "typed_gloo"))}
-    if not HAS_TYPED_TORCH:
-        allowed_skips.add("typed_gloo")
-    cells = {(r["method"], r["payload"]): r for r in doc["results"]}
-    for method in doc["methods"]:
-        if method["skipped"]:
-            assert method["key"] in allowed_skips, method
-            assert not any(m == method["key"] for m, _ in cells)
-            continue
-        for payload in PAYLOAD_NAMES:
-            r = cells[(method["key"], payload)]
-            assert len(r["rounds_us"]) == doc["settings"]["rounds"]
-            assert all(us > 0 for us in r["rounds_us"]), r
-            assert 0 < r["p10_us"] <= r["median_us"] <= r["p90_us"], r
-            assert r["x_floor"] > 0 and r["iters"] >= 1
-            if method["key"] == "mpi_raw":
-                assert r["x_floor"] == 1.0
+        assert all("torch" in doc["unavailable"][k] for k in keys if k.startswith(("gloo", "typed_g")))
+    assert [p["name"] for p in doc["payloads"]] == ["RankState", "2,048 ints", "64 KiB"]
+    assert doc["payloads"][2]["floor_bytes"] == 64 << 10
 
 
-def test_saved_result_renders(quick_doc, tmp_path, capsys):
-    path = tmp_path / "doc.json"
-    path.write_text(json.dumps(quick_doc))
-    png = tmp_path / "doc.png"
-    assert _bench.main(["--render", str(path), "--png", str(png)]) == 0
-    text = capsys.readouterr().out
-    assert "typedcoll on MPI" in text and "1 MiB" in text
+def test_scale_model_with_measured_points(docs: Dict[str, Dict[str, Any]],
+                                          tmp_path: Path) -> None:
+    measured = tmp_path / "collectives.json"
+    measured.write_text(json.dumps(docs["collectives"]))
+    out, png = tmp_path / "scale.json", tmp_path / "scale.png"
+    args = ["--measured", str(measured), "--json", str(out)]
     if importlib.util.find_spec("matplotlib") is not None:
+        args += ["--png", str(png)]
+    proc = subprocess.run([sys.executable, str(BENCH / "scale.py"), *args], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(out.read_text())
+    assert DOCUMENT <= set(doc) and doc["script"] == "scale"
+    rows = {(r["op"], r["side"], r["n"]): r for r in doc["model"]["rows"]}
+    # Bruck's allgather of 128-byte slots at 16,384 ranks: 2 MiB into every rank, in 14 rounds.
+    assert rows["allgather", "typed", 16384]["steps"] == 14
+    assert rows["allgather", "typed", 16384]["bytes"] == 14 * 136 + 16383 * 128
+    assert rows["barrier", "typed", 16384]["bytes"] == 14 * 136
+    assert (rows["barrier", "mpi", 16384]["steps"], rows["barrier", "mpi", 16384]["bytes"]) \
+        == (14, 0)
+    assert {(m["op"], m["side"], m["n"]) for m in doc["measured"]} == {
+        (op, side, 2) for op in doc["model"]["ops"] for side in ("typed", "mpi4py")}
+    assert rows["bcast", "typed", 2]["model_us"] is not None
+    if png.exists():
         assert png.stat().st_size > 10_000
 
 
-def test_detail_row_ran_under_a_live_detail_wrapper(quick_doc):
-    """The engine proves DETAIL on every run: disagreeing shapes on a DETAIL group are caught."""
-    if not HAS_TORCH:
-        pytest.skip("torch is not installed")
-    assert doc_method(quick_doc, "gloo_detail")["skipped"] is None
-    assert quick_doc["detail_check"].startswith("caught: Detected mismatch between collectives")
-
-
-def doc_method(doc, key):
-    return next(m for m in doc["methods"] if m["key"] == key)
-
-
-def test_scale_simulation_measures_a_correct_allgather():
-    t = _bench_scale.measure("IterStats", 64, rounds=1, budget=0.001, max_iters=5)
-    assert t["n"] == 64 and t["slot"] >= 256
-    for key in ("check_us", "check_min_us", "decode_us", "hot_us", "full_us", "deliver_us",
-                "unpickle_us"):
-        assert t[key] > 0, t
-
-
-def test_wire_bytes_follow_the_slot_policy():
-    wire = {w["payload"]: w for w in _bench_scale.wire_bytes()}
-    assert wire["RankState"]["typed_overflow_per_peer"] == 0
-    assert wire["RankState"]["typed_phase1_per_peer"] == wire["RankState"]["slot"]
-    one_mib = wire["1 MiB"]
-    assert one_mib["typed_overflow_per_peer"] > 1 << 20  # the blob plus its msgpack header
-    assert one_mib["pickle_per_peer"] > 1 << 20
-
-
-def test_scale_cli_quick(tmp_path, capsys):
-    out = tmp_path / "scale.json"
-    assert _bench.main(["--scale", "--quick", "--json", str(out), "--png", "",
-                        "--no-progress"]) == 0
+@pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed")
+def test_torch_gloo_document(tmp_path: Path) -> None:
+    out = tmp_path / "gloo.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "torch_gloo.py"), "--ranks", "2", *TINY,
+                           "--json", str(out)], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
     doc = json.loads(out.read_text())
-    assert doc["n_values"] == [8, 16, 32, 64]
-    assert doc["goal"]["check_us"] is None  # N = 4096 is not simulated in quick mode
-    assert "wire bytes" in capsys.readouterr().out
+    check_document(doc, "torch_gloo", 2)
+    ran = {r["method"] for r in doc["results"]}
+    assert {"raw", "object", "detail"} <= ran
+    assert ("typed" in ran) != ("typed" in doc["unavailable"])
 
 
-@pytest.mark.parametrize("payload", PAYLOADS, ids=PAYLOAD_NAMES)
-def test_payload_forms_agree(payload):
-    typed, native = payload.typed(1), payload.native(1)
-    assert payload.typed(1) == typed  # deterministic: every rank can rebuild every other's
-    if isinstance(typed, msgspec.Struct):
-        assert native == msgspec.structs.asdict(typed)
-        assert payload.raw_size(1) == len(msgspec.msgpack.encode(typed))
-    else:
-        assert native == typed and payload.raw_size(1) == len(typed)
+@pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed")
+def test_torch_gpu_script_imports() -> None:
+    """Its run needs a GPU (tests/test_torch_gpu.py's machine); here: the API it uses exists."""
+    proc = subprocess.run([sys.executable, str(BENCH / "torch_gpu.py"), "--help"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "--rounds" in proc.stdout, proc.stderr

@@ -36,7 +36,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import msgspec
 
-from ..codecs import (KIND_ARRAY, KIND_MSGSPEC, KIND_NUMPY_SCALAR, SchemaInfo, decode_array,
+from ..codecs import (KIND_MSGSPEC, KIND_NUMPY_SCALAR, SchemaInfo, decode_array,
                       encode_array, find_class, nesting_ok, resolve)
 from ..codecs.nesting import MAX_NESTING
 from ..codecs.schema import ENCODER

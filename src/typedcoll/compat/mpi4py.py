@@ -1,0 +1,221 @@
+"""The mpi4py drop-in: mpi4py's lowercase communicator API over typed collectives, no pickle.
+
+``typedcoll.compat.mpi4py(comm)`` returns a :class:`Comm` with the methods and signatures of
+mpi4py's object API (``allgather``, ``gather``, ``bcast``, ``scatter``, ``alltoall``,
+``allreduce``, ``reduce``, ``barrier``, ``send``, ``recv``, ``sendrecv``, ``isend``,
+``irecv``, ``Get_rank``, ``Get_size``, ``rank``, ``size``): results equal mpi4py's for the
+supported payloads (``compat.values``), and every call is a typed collective, checked on every
+rank. Each method also takes keyword-only ``name=`` and ``step=``, as TypedComm's do.
+
+mpi4py is imported only by the TypedComm made over an mpi4py communicator, never here: the
+same class serves a TypedComm over another transport (``typedcoll.testing``).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, List, Optional, Sequence, Tuple
+
+from .._comm import TypedComm
+from ..core import p2p
+from ..core.errors import DecodeError
+from ..core.identity import register_internal
+from . import objects
+from . import values as tagged
+from .values import Refused, Unresolved
+
+
+def _wildcards() -> Tuple[Any, Any]:
+    """mpi4py's ANY_SOURCE and ANY_TAG, where mpi4py is loaded (they differ between MPIs)."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is None:
+        return None, None
+    return mpi.ANY_SOURCE, mpi.ANY_TAG
+
+
+def _source(source: Any) -> Any:
+    return None if source is None or source == _wildcards()[0] else source
+
+
+def _tag(tag: Any) -> Any:
+    return None if tag is None or tag == _wildcards()[1] else tag
+
+
+class Request:
+    """mpi4py's request for ``isend`` and ``irecv``: ``wait()`` returns the received object
+    (None for a send); ``test()`` returns ``(flag, object or None)``."""
+
+    __slots__ = ("_comm", "_request", "_receives", "_done", "_value")
+
+    def __init__(self, comm: "Comm", request: Any, receives: bool) -> None:
+        self._comm = comm
+        self._request = request
+        self._receives = receives
+        self._done = False
+        self._value: Any = None
+
+    def wait(self, status: Any = None) -> Any:
+        if not self._done:
+            got = self._request.wait()
+            self._value = self._comm._received(self._request, got, status) \
+                if self._receives else None
+            self._done = True
+        return self._value
+
+    def test(self, status: Any = None) -> Tuple[bool, Any]:
+        if self._done:
+            return True, self._value
+        flag, _ = self._request.test()
+        if not flag:
+            return False, None
+        return True, self.wait(status)
+
+    @staticmethod
+    def waitall(requests: Sequence["Request"], statuses: Any = None) -> List[Any]:
+        return [r.wait(statuses[i] if statuses is not None else None)
+                for i, r in enumerate(requests)]
+
+    @staticmethod
+    def testall(requests: Sequence["Request"]) -> Tuple[bool, Optional[List[Any]]]:
+        results = [r.test() for r in requests]
+        if all(flag for flag, _ in results):
+            return True, [value for _, value in results]
+        return False, None
+
+
+class Comm:
+    """mpi4py's lowercase object API over a :class:`~typedcoll.TypedComm`.
+
+    ``comm`` is an mpi4py intracommunicator (a TypedComm over it is created here: a collective,
+    so every rank must construct its ``Comm`` at the same point) or a TypedComm. ``comm.comm``
+    is the communicator beneath, ``comm.typed`` the TypedComm.
+    """
+
+    def __init__(self, comm: Any, timeout: Optional[float] = None) -> None:
+        if isinstance(comm, TypedComm):
+            self.typed = comm
+            self.comm = None
+        else:
+            self.typed = TypedComm(comm, timeout)
+            self.comm = comm
+        self._p = self.typed._p
+
+    # --- what it is ----------------------------------------------------------------------
+    def Get_rank(self) -> int:
+        return self._p.rank
+
+    def Get_size(self) -> int:
+        return self._p.size
+
+    @property
+    def rank(self) -> int:
+        return self._p.rank
+
+    @property
+    def size(self) -> int:
+        return self._p.size
+
+    def __repr__(self) -> str:
+        return f"compat.mpi4py({self.typed!r})"
+
+    # --- collectives -----------------------------------------------------------------------
+    def allgather(self, sendobj: Any, *, step: Optional[int] = None,
+                  name: Optional[str] = None) -> List[Any]:
+        return objects.allgather(self._p, sendobj, step, name)
+
+    def gather(self, sendobj: Any, root: int = 0, *, step: Optional[int] = None,
+               name: Optional[str] = None) -> Optional[List[Any]]:
+        return objects.gather(self._p, sendobj, root, step, name)
+
+    def bcast(self, obj: Any, root: int = 0, *, step: Optional[int] = None,
+              name: Optional[str] = None) -> Any:
+        return objects.bcast(self._p, obj, root, step, name)
+
+    def scatter(self, sendobj: Optional[Sequence[Any]], root: int = 0, *,
+                step: Optional[int] = None, name: Optional[str] = None) -> Any:
+        return objects.scatter(self._p, sendobj, root, step, name)
+
+    def alltoall(self, sendobj: Sequence[Any], *, step: Optional[int] = None,
+                 name: Optional[str] = None) -> List[Any]:
+        return objects.alltoall(self._p, sendobj, step, name)
+
+    def allreduce(self, sendobj: Any, op: Any = "sum", *, step: Optional[int] = None,
+                  name: Optional[str] = None) -> Any:
+        """``op``: an ``MPI.Op`` (SUM, PROD, MAX, MIN, LAND, LOR, LXOR, BAND, BOR, BXOR) or its
+        name; values combine in rank order with the op's Python meaning (``a + b`` for SUM)."""
+        return objects.allreduce(self._p, sendobj, op, step, name)
+
+    def reduce(self, sendobj: Any, op: Any = "sum", root: int = 0, *,
+               step: Optional[int] = None, name: Optional[str] = None) -> Any:
+        return objects.reduce(self._p, sendobj, op, root, step, name)
+
+    def barrier(self, *, step: Optional[int] = None, name: Optional[str] = None) -> None:
+        objects.barrier(self._p, step, name)
+
+    # --- point to point --------------------------------------------------------------------
+    def send(self, obj: Any, dest: int, tag: int = 0, *, name: Optional[str] = None) -> None:
+        tree, refused = _encoded(obj)
+        p2p.send(self._p, tree, dest, tag, Any, name, refused)
+
+    def isend(self, obj: Any, dest: int, tag: int = 0, *,
+              name: Optional[str] = None) -> Request:
+        tree, refused = _encoded(obj)
+        return Request(self, p2p.isend(self._p, tree, dest, tag, Any, name, refused), False)
+
+    def recv(self, buf: Any = None, source: Any = None, tag: Any = None, status: Any = None,
+             *, name: Optional[str] = None) -> Any:
+        """The next object from ``source`` with ``tag`` (default: any source, any tag, as
+        mpi4py's ``ANY_SOURCE`` and ``ANY_TAG``); ``buf`` is ignored, as mpi4py ignores it."""
+        request = p2p.irecv(self._p, _source(source), _tag(tag), Any, name)
+        return self._received(request, request.wait(), status)
+
+    def irecv(self, buf: Any = None, source: Any = None, tag: Any = None, *,
+              name: Optional[str] = None) -> Request:
+        return Request(self, p2p.irecv(self._p, _source(source), _tag(tag), Any, name), True)
+
+    def sendrecv(self, sendobj: Any, dest: int, sendtag: int = 0, recvbuf: Any = None,
+                 source: Any = None, recvtag: Any = None, status: Any = None, *,
+                 name: Optional[str] = None) -> Any:
+        tree, refused = _encoded(sendobj)
+        request = p2p.irecv(self._p, _source(source), _tag(recvtag), Any, name)
+        sending = p2p.isend(self._p, tree, dest, sendtag, Any, name, refused)
+        try:
+            got = request.wait()
+        finally:
+            sending.wait()
+        return self._received(request, got, status)
+
+    def _received(self, request: Any, tree: Any, status: Any) -> Any:
+        if status is not None:
+            source, tag, _ = p2p.matched(request)
+            status.Set_source(source)
+            status.Set_tag(tag)
+        try:
+            return tagged.decode(tree)
+        except Exception as exc:  # a class this rank lacks, or malformed markers
+            detail = str(exc) if isinstance(exc, Unresolved) else f"{type(exc).__name__}: {exc}"
+            source, _, _ = p2p.matched(request)
+            raise DecodeError(f"{p2p.head(self._p, request)}: could not rebuild the value from "
+                              f"rank {source}: {detail}", seq=-1, comm=self._p.name,
+                              source=source, schema="Any") from None
+
+    # --- lifetime --------------------------------------------------------------------------
+    def free(self) -> None:
+        """Collective: free the TypedComm beneath (not the mpi4py communicator)."""
+        self.typed.free()
+
+    def __enter__(self) -> "Comm":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.typed.__exit__(exc_type, exc, tb)
+
+
+def _encoded(obj: Any) -> Tuple[Any, Optional[str]]:
+    try:
+        return tagged.encode(obj)[0], None
+    except Refused as exc:
+        return None, exc.text()
+
+
+register_internal(__file__)

@@ -1,0 +1,233 @@
+"""The torch drop-in: torch.distributed's object collectives over typed collectives, no pickle.
+
+``typedcoll.compat.torch(group=None)`` returns an :class:`ObjectCollectives` whose methods have
+the names and signatures of ``torch.distributed``'s object collectives (``all_gather_object``,
+``broadcast_object_list``, ``gather_object``, ``scatter_object_list``, ``send_object_list``,
+``recv_object_list``, ``barrier``) and fill their lists in place as those do. Traffic runs on
+the group's private gloo side (``TypedComm.from_torch``); values are self-describing
+(``compat.values``), never pickled.
+
+As in torch, ``src``/``dst`` are global ranks and ``group_src``/``group_dst`` ranks within the
+group. A list whose length must match between ranks (``broadcast_object_list``,
+``send_object_list``/``recv_object_list``) travels under the schema ``tuple[Any, ...]`` of its
+length, so lengths that differ are a DesyncError naming both sides instead of a hang. Argument
+errors (an output list of the wrong size, a missing input list on the source) are flagged in the
+call: every rank raises in it.
+
+torch is imported only by ``TypedComm.from_torch``; built over a TypedComm instead (any
+transport, ``typedcoll.testing`` say), ranks are that communicator's.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
+from .._comm import TypedComm
+from ..core import p2p
+from ..core.errors import DecodeError
+from ..core.identity import register_internal
+from . import objects
+from . import values as tagged
+from .values import Refused, Unresolved
+
+_TUPLES: Dict[int, Any] = {}
+
+
+def _schema(n: int) -> Any:
+    """``tuple[Any, ..., Any]`` of length ``n``: a list's length in its envelope."""
+    schema = _TUPLES.get(n)
+    if schema is None:
+        schema = _TUPLES[n] = Tuple[(Any,) * n] if n else Tuple[()]
+    return schema
+
+
+class ObjectCollectives:
+    """torch.distributed's object collectives, bound to one group (or a TypedComm)."""
+
+    def __init__(self, group: Any = None, timeout: Optional[float] = None) -> None:
+        if isinstance(group, TypedComm):
+            self.typed = group
+            self.group = None
+            self._torch_group = False
+        else:
+            self.typed = TypedComm.from_torch(group, timeout)
+            self.group = group
+            self._torch_group = True
+        self._p = self.typed._p
+
+    def __repr__(self) -> str:
+        return f"compat.torch({self.typed!r})"
+
+    # --- ranks -------------------------------------------------------------------------------
+    def _group_rank(self, op: str, global_rank: Optional[int], group_rank: Optional[int],
+                    default: Optional[int]) -> Tuple[Optional[int], Optional[str]]:
+        """torch's rule: a global rank or a group rank (not both); (rank in group, error)."""
+        if global_rank is not None and group_rank is not None:
+            return None, f"ValueError: {op}: expected a global rank or a group rank, got both"
+        if group_rank is not None:
+            return group_rank, None
+        if global_rank is None:
+            return default, None
+        if not self._torch_group or self.group is None:
+            return global_rank, None
+        import torch.distributed as dist
+        try:
+            return dist.get_group_rank(self.group, global_rank), None
+        except (ValueError, RuntimeError) as exc:
+            return None, f"ValueError: {op}: rank {global_rank} is not in the group: {exc}"
+
+    def _global_rank(self, group_rank: int) -> int:
+        if not self._torch_group or self.group is None:
+            return group_rank
+        import torch.distributed as dist
+        return dist.get_global_rank(self.group, group_rank)  # type: ignore[no-any-return]
+
+    def _check_group(self, op: str, group: Any) -> Optional[str]:
+        if group is None or group is self.group or group is self.typed:
+            return None
+        return (f"ValueError: {op}: expected group=None or the group this object was made "
+                f"for, got {group!r}")
+
+    # --- collectives -------------------------------------------------------------------------
+    def all_gather_object(self, object_list: List[Any], obj: Any, group: Any = None) -> None:
+        """``object_list[i]`` = rank i's ``obj`` (``object_list`` holds at least one slot per
+        rank)."""
+        p = self._p
+        error = self._check_group("all_gather_object", group) or _output_list(
+            "object_list", object_list, p.size)
+        if error is not None:
+            objects.refuse(p, "allgather", error)
+        object_list[:p.size] = objects.allgather(p, obj)
+
+    def broadcast_object_list(self, object_list: List[Any], src: Optional[int] = None,
+                              group: Any = None, device: Any = None,
+                              group_src: Optional[int] = None) -> None:
+        """Every rank's ``object_list`` items become ``src``'s (same length on every rank;
+        ``src``'s own list is left as it is)."""
+        p = self._p
+        root, error = self._group_rank("broadcast_object_list", src, group_src, 0)
+        error = self._check_group("broadcast_object_list", group) or error
+        if error is None and not isinstance(object_list, list):
+            error = (f"TypeError: broadcast_object_list: expected object_list to be a list, "
+                     f"got {type(object_list).__name__}")
+        if error is not None:
+            objects.refuse(p, "bcast", error, root=root)
+        got = objects.bcast(p, object_list, root, schema=_schema(len(object_list)))
+        if p.rank != root:
+            object_list[:] = got
+
+    def gather_object(self, obj: Any, object_gather_list: Optional[List[Any]] = None,
+                      dst: Optional[int] = None, group: Any = None,
+                      group_dst: Optional[int] = None) -> None:
+        """On ``dst``, ``object_gather_list[i]`` = rank i's ``obj``."""
+        p = self._p
+        root, error = self._group_rank("gather_object", dst, group_dst, 0)
+        error = self._check_group("gather_object", group) or error
+        if error is None and p.rank == root:
+            error = _output_list("object_gather_list", object_gather_list, p.size)
+        if error is not None:
+            objects.refuse(p, "gather", error, root=root)
+        got = objects.gather(p, obj, root)
+        if got is not None and object_gather_list is not None:
+            object_gather_list[:p.size] = got
+
+    def scatter_object_list(self, scatter_object_output_list: List[Any],
+                            scatter_object_input_list: Optional[List[Any]] = None,
+                            src: Optional[int] = None, group: Any = None,
+                            group_src: Optional[int] = None) -> None:
+        """``scatter_object_output_list[0]`` = ``src``'s ``scatter_object_input_list[rank]``."""
+        p = self._p
+        root, error = self._group_rank("scatter_object_list", src, group_src, 0)
+        error = self._check_group("scatter_object_list", group) or error
+        if error is None and (not isinstance(scatter_object_output_list, list)
+                              or len(scatter_object_output_list) < 1):
+            error = ("ValueError: expected argument scatter_object_output_list to be a list of "
+                     "size at least 1")
+        if error is None and p.rank == root and scatter_object_input_list is None:
+            error = "ValueError: source rank must provide non-None scatter_object_input_list"
+        if error is not None:
+            objects.refuse(p, "scatter", error, root=root)
+        scatter_object_output_list[0] = objects.scatter(p, scatter_object_input_list, root)
+
+    def barrier(self, group: Any = None, async_op: bool = False, device_ids: Any = None,
+                timeout: Any = None) -> Any:
+        """A checked barrier; with ``async_op``, an already completed work handle."""
+        error = self._check_group("barrier", group)
+        if error is not None:
+            objects.refuse(self._p, "barrier", error)
+        objects.barrier(self._p)
+        return _Done() if async_op else None
+
+    # --- point to point ----------------------------------------------------------------------
+    def send_object_list(self, object_list: List[Any], dst: Optional[int] = None,
+                         group: Any = None, device: Any = None,
+                         group_dst: Optional[int] = None, use_batch: bool = False) -> None:
+        """Send the items of ``object_list`` to ``dst``, whose list must have the same length."""
+        p = self._p
+        peer, error = self._group_rank("send_object_list", dst, group_dst, None)
+        error = self._check_group("send_object_list", group) or error
+        if error is None and peer is None:
+            error = "ValueError: send_object_list: expected dst or group_dst, got neither"
+        if error is not None or peer == p.rank:
+            raise ValueError((error or f"ValueError: send_object_list: expected a destination "
+                              f"other than this rank ({p.rank})").partition(": ")[2])
+        trees, refused = _encode_each(object_list)
+        p2p.send(p, trees, peer, 0, _schema(len(object_list)), None, refused)
+
+    def recv_object_list(self, object_list: List[Any], src: Optional[int] = None,
+                         group: Any = None, device: Any = None,
+                         group_src: Optional[int] = None, use_batch: bool = False) -> int:
+        """Fill ``object_list`` from ``src`` (None: any rank); returns the sender's global rank."""
+        p = self._p
+        peer, error = self._group_rank("recv_object_list", src, group_src, None)
+        error = self._check_group("recv_object_list", group) or error
+        if error is not None or peer == p.rank:
+            raise ValueError((error or f"ValueError: recv_object_list: expected a source other "
+                              f"than this rank ({p.rank})").partition(": ")[2])
+        request = p2p.irecv(p, peer, 0, _schema(len(object_list)), None)
+        trees = request.wait()
+        source, _, _ = p2p.matched(request)
+        try:
+            object_list[:] = [tagged.decode(tree) for tree in trees]
+        except Exception as exc:  # a class this rank lacks, or malformed markers
+            detail = str(exc) if isinstance(exc, Unresolved) else f"{type(exc).__name__}: {exc}"
+            raise DecodeError(f"{p2p.head(p, request)}: could not rebuild the objects from rank "
+                              f"{source}: {detail}", seq=-1, comm=p.name, source=source,
+                              schema="Any") from None
+        return self._global_rank(source)
+
+    # --- lifetime ----------------------------------------------------------------------------
+    def free(self) -> None:
+        """Collective: free the TypedComm beneath (its private groups), not ``group``."""
+        self.typed.free()
+
+
+class _Done:
+    """The work handle of an ``async_op`` barrier that already completed."""
+
+    def wait(self, timeout: Any = None) -> bool:
+        return True
+
+    def is_completed(self) -> bool:
+        return True
+
+
+def _output_list(what: str, value: Any, size: int) -> Optional[str]:
+    if isinstance(value, list) and len(value) >= size:
+        return None
+    got = f"a list of {len(value)}" if isinstance(value, list) else type(value).__name__
+    return f"ValueError: expected {what} to be a list of at least {size} items, got {got}"
+
+
+def _encode_each(items: List[Any]) -> Tuple[Optional[Tuple[Any, ...]], Optional[str]]:
+    trees = []
+    for i, item in enumerate(items):
+        try:
+            trees.append(tagged.encode(item)[0])
+        except Refused as exc:
+            kind, _, detail = exc.text().partition(": ")
+            return None, f"{kind}: item {i}: {detail}"
+    return tuple(trees), None
+
+
+register_internal(__file__)

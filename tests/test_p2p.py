@@ -1,0 +1,378 @@
+"""Typed point to point under typedcoll.testing: values, matching, mismatches, errors, timeouts.
+
+Over MPI the same checks run in tests/spmd/compat_p2p.py (test_p2p_mpi.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import sys
+import threading
+import types
+from pathlib import Path
+from typing import Optional
+
+import msgspec
+import numpy as np
+import pytest
+
+import typedcoll as tc
+from typedcoll._comm import _created
+from typedcoll.testing import run
+
+
+class Request(msgspec.Struct):
+    id: int
+    text: str
+
+
+class Reply(msgspec.Struct):
+    id: int
+
+
+@dataclasses.dataclass
+class Point:
+    x: int
+    y: float
+
+
+def only_rank(group: BaseException, rank: int) -> BaseException:
+    found = [e for e in group.exceptions if f"(rank {rank} of" in "".join(e.__notes__)]
+    assert len(found) == 1, group.exceptions
+    return found[0]
+
+
+def line_of(text: str) -> int:
+    for offset, line in enumerate(Path(__file__).read_text().splitlines()):
+        if text in line:
+            return offset + 1
+    raise AssertionError(text)
+
+
+# --- values -------------------------------------------------------------------------------------
+VALUES = [Request(1, "a"), Point(1, 2.5), np.arange(6).reshape(2, 3), np.float32(1.5), 7,
+          "text", [1, 2], {"k": [1.0]}, None, b"raw"]
+
+
+@pytest.mark.parametrize("value", VALUES, ids=lambda v: type(v).__name__)
+def test_value_arrives_as_its_own_class_without_schema(value):
+    def prog(comm):
+        if comm.rank == 0:
+            comm.send(value, 1, tag=3)
+            return None
+        return comm.recv(0, 3)
+
+    got = run(2, prog, timeout=10)[1]
+    assert type(got) is type(value)
+    if isinstance(value, np.ndarray):
+        assert got.dtype == value.dtype and np.array_equal(got, value)
+    else:
+        assert got == value
+
+
+def test_schema_given_on_receiver_decodes_as_it():
+    def prog(comm):
+        if comm.rank == 0:
+            comm.send(None, 1, schema=Optional[Request])
+            comm.send(Request(2, "b"), 1, schema=Optional[Request])
+            return None
+        return [comm.recv(0, schema=Optional[Request]) for _ in range(2)]
+
+    assert run(2, prog, timeout=10)[1] == [None, Request(2, "b")]
+
+
+def test_tags_match_out_of_order_and_wildcards_take_arrival_order():
+    def prog(comm):
+        if comm.rank == 0:
+            for tag in (1, 2, 3):
+                comm.send(f"t{tag}", 1, tag=tag)
+            return None
+        first = comm.recv(0, 2)
+        rest = [comm.recv(None, None), comm.recv(0, None)]
+        return [first] + rest
+
+    assert run(2, prog, timeout=10)[1] == ["t2", "t1", "t3"]
+
+
+def test_irecv_posted_first_takes_the_first_message_whatever_the_wait_order():
+    def prog(comm):
+        if comm.rank == 0:
+            comm.send("first", 1, tag=5)
+            comm.send("second", 1, tag=5)
+            return None
+        early = comm.irecv(0, None)
+        late = comm.irecv(0, 5)
+        return [late.wait(), early.wait(), early.test()]
+
+    assert run(2, prog, timeout=10)[1] == ["second", "first", (True, "first")]
+
+
+def test_isend_irecv_test_and_sendrecv_exchange():
+    def prog(comm):
+        peer = 1 - comm.rank
+        request = comm.irecv(peer, 0)
+        before = request.test()
+        sending = comm.isend({"from": comm.rank}, peer)
+        sending.wait()
+        swapped = comm.sendrecv(comm.rank * 10, peer, peer, sendtag=7, recvtag=7)
+        return before, request.wait(), swapped, sending.test()
+
+    out = run(2, prog, timeout=10)
+    assert out[0][1:] == ({"from": 1}, 10, (True, None))
+    assert out[1][1:] == ({"from": 0}, 0, (True, None))
+
+
+def test_communicators_sharing_a_channel_keep_their_messages_apart():
+    def prog(comm):
+        other = tc.TypedComm.__new__(tc.TypedComm)
+        other._p = _created(comm._p.channel, 5.0, None)
+        if comm.rank == 0:
+            other.send("on the second", 1)
+            comm.send("on the first", 1)
+            return None
+        return comm.recv(0), other.recv(0), other.name
+
+    assert run(2, prog, timeout=10)[1] == ("on the first", "on the second", "WORLD#2")
+
+
+# --- mismatches: the receiver raises, naming both sites ---------------------------------------
+def test_schema_mismatch_names_both_sites():
+    def prog(comm):
+        if comm.rank == 0:
+            comm.send(Request(1, "a"), 1)  # SEND-REQUEST
+            return comm.rank
+        return comm.recv(0, schema=Reply)  # RECV-REPLY
+
+    with pytest.raises(ExceptionGroup) as info:
+        run(2, prog, timeout=10)
+    err = only_rank(info.value, 1)
+    assert isinstance(err, tc.DesyncError)
+    assert err.kinds == (tc.MismatchKind.SCHEMA,)
+    assert str(err) == (
+        f"recv #0 from rank 0 (tag 0) on WORLD diverged (schema):\n"
+        f"  rank 0: send[Request] at test_p2p.py:{line_of('# SEND-REQUEST')}, its 1st call\n"
+        f"  rank 1: recv[Reply] at test_p2p.py:{line_of('# RECV-REPLY')}, its 1st call")
+
+
+def test_both_named_and_names_differ():
+    def prog(comm):
+        if comm.rank == 0:
+            comm.send(1, 1, name="votes")
+            comm.send(2, 1, name="sizes")
+            return None
+        first = comm.recv(0, name="votes")
+        try:
+            comm.recv(0, name="timeouts")
+        except tc.DesyncError as err:
+            return first, err.kinds, str(err).splitlines()[0]
+
+    assert run(2, prog, timeout=10)[1] == (
+        1, (tc.MismatchKind.CALL,), "recv #1 from rank 0 (tag 0) on WORLD diverged (call site):")
+
+
+def test_one_side_named_is_no_mismatch():
+    def prog(comm):
+        if comm.rank == 0:
+            comm.send(1, 1, name="votes")
+            return None
+        return comm.recv(0)
+
+    assert run(2, prog, timeout=10)[1] == 1
+
+
+def test_step_clocks_that_differ_are_a_mismatch():
+    def prog(comm):
+        comm.set_step(4 if comm.rank == 0 else 5)
+        if comm.rank == 0:
+            comm.send(1, 1)
+            return None
+        try:
+            comm.recv(0)
+        except tc.DesyncError as err:
+            return err.kinds, [g.envelope.step for g in err.groups]
+
+    assert run(2, prog, timeout=10)[1] == ((tc.MismatchKind.STEP,), [4, 5])
+
+
+def test_late_message_of_a_timed_out_recv_is_not_the_next_ones():
+    release = threading.Event()
+
+    def prog(comm):
+        if comm.rank == 0:
+            release.wait(10)
+            comm.send("late", 1)
+            comm.send("next", 1)
+            return None
+        with pytest.raises(tc.CollectiveTimeout):
+            comm.recv(0)
+        release.set()
+        try:
+            comm.recv(0)
+        except tc.DesyncError as err:
+            return err.kinds, str(err).splitlines()[-1], comm.recv(0)
+
+    kinds, hint, after = run(2, prog, timeout=0.5)[1]
+    assert kinds == (tc.MismatchKind.SEQUENCE,)
+    assert hint == ("  expected message #1 from rank 0, got #0 (a receive that timed out, or a "
+                    "send or receive skipped on one side)")
+    assert after == "next"
+
+
+# --- errors --------------------------------------------------------------------------------------
+def test_unencodable_value_raises_on_sender_and_peer_error_on_receiver():
+    def prog(comm):
+        if comm.rank == 0:
+            comm.send(object(), 1)  # BAD-SEND
+        return comm.recv(0)
+
+    with pytest.raises(ExceptionGroup) as info:
+        run(2, prog, timeout=10)
+    site = f"test_p2p.py:{line_of('# BAD-SEND')}"
+    sender, receiver = only_rank(info.value, 0), only_rank(info.value, 1)
+    detail = ("NotImplementedError: expected object, got object: msgspec cannot encode it "
+              "(Encoding objects of type object is unsupported); give the value a type msgspec "
+              "supports (a Struct, a dataclass, builtins, numpy arrays)")
+    assert isinstance(sender, tc.EncodeError) and isinstance(receiver, tc.PeerError)
+    assert str(sender) == (f"send #0 to rank 1 (tag 0) on WORLD: rank 0 could not send its "
+                           f"send[object] at {site}: {detail}")
+    assert str(receiver) == (f"recv #0 from rank 0 (tag 0) on WORLD: rank 0 failed its "
+                             f"send[object] at {site}: {detail}")
+    assert receiver.ranks == (0,)
+
+
+def test_value_not_matching_its_schema_is_flagged():
+    def prog(comm):
+        if comm.rank == 0:
+            with pytest.raises(tc.EncodeError, match=r"expected Request, got dict"):
+                comm.send({"id": 1}, 1, schema=Request)
+            return None
+        with pytest.raises(tc.PeerError, match=r"failed its send\[Request\]"):
+            comm.recv(0)
+        return "ok"
+
+    assert run(2, prog, timeout=10)[1] == "ok"
+
+
+def test_recv_timeout_names_the_absent_sender():
+    def prog(comm):
+        if comm.rank == 1:
+            comm.recv(0, 4, schema=int)  # WAITS
+
+    with pytest.raises(ExceptionGroup) as info:
+        run(2, prog, timeout=0.3)
+    err = only_rank(info.value, 1)
+    assert isinstance(err, tc.CollectiveTimeout)
+    assert err.missing == (0,)
+    assert str(err) == (f"recv #0 from rank 0 (tag 4) on WORLD: recv[int] at "
+                        f"test_p2p.py:{line_of('# WAITS')} did not complete within 0.3 s: no "
+                        f"message from rank 0 arrived")
+
+
+def test_communicator_stays_usable_after_a_recv_timeout():
+    timed_out = threading.Event()
+
+    def prog(comm):
+        if comm.rank == 1:
+            with pytest.raises(tc.CollectiveTimeout):
+                comm.recv(0, 9)
+            timed_out.set()
+        timed_out.wait(10)
+        return comm.allgather(comm.rank)
+
+    assert run(2, prog, timeout=0.3) == [[0, 1], [0, 1]]
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda c: c.send(1, 2), "send on WORLD: refused: ValueError: expected dest in 0..1, got 2"),
+    (lambda c: c.send(1, 0, tag=-1),
+     "send on WORLD: refused: ValueError: expected tag to be an int in 0..2147483647, got -1"),
+    (lambda c: c.recv(5), "recv on WORLD: refused: ValueError: expected source in 0..1, got 5"),
+    (lambda c: c.recv(0, "x"), "recv on WORLD: refused: ValueError: expected tag to be None (any "
+                               "tag) or an int in 0..2147483647, got 'x'"),
+    (lambda c: c.recv(0, schema=object()), "recv on WORLD: refused: TypeError: expected a schema"),
+])
+def test_bad_arguments_raise_on_the_calling_rank(call, message):
+    def prog(comm):
+        if comm.rank == 0:
+            with pytest.raises(tc.EncodeError) as info:
+                call(comm)
+            return str(info.value)
+
+    assert run(2, prog, timeout=5)[0].startswith(message)
+
+
+def test_freed_communicator_refuses():
+    def prog(comm):
+        comm.free()
+        with pytest.raises(tc.CollectiveError, match=re.escape(
+                "send to rank 0 (tag 0) on WORLD: refused: the communicator was freed")):
+            comm.send(1, 0)
+        return True
+
+    assert run(2, prog, timeout=5) == [True, True]
+
+
+# --- receivers without a schema find the sender's class by name ----------------------------------
+def _rank0_only_module() -> types.ModuleType:
+    """A module whose class only rank 0's thread can see (what each rank imported, in one
+    process)."""
+    module = types.ModuleType("p2p_rank0_only")
+
+    @dataclasses.dataclass
+    class Hidden:
+        a: int
+
+    Hidden.__module__, Hidden.__qualname__ = module.__name__, "Hidden"
+
+    def __getattr__(name: str):
+        if name == "Hidden" and threading.current_thread().name == "rank-0":
+            return Hidden
+        raise AttributeError(name)
+
+    module.__getattr__ = __getattr__  # type: ignore[attr-defined]
+    module.Hidden_for_rank0 = Hidden  # type: ignore[attr-defined]
+    return module
+
+
+def test_class_the_receiver_cannot_find_is_a_decode_error(monkeypatch):
+    module = _rank0_only_module()
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+
+    def prog(comm):
+        if comm.rank == 0:
+            comm.send(module.Hidden_for_rank0(1), 1)
+            return None
+        with pytest.raises(tc.DecodeError) as info:
+            comm.recv(0)
+        return str(info.value)
+
+    assert run(2, prog, timeout=5)[1] == (
+        "recv #0 from rank 0 (tag 0) on WORLD: expected the class p2p_rank0_only:Hidden, got "
+        "no 'Hidden' in module 'p2p_rank0_only' (pass schema=)")
+
+
+def test_class_of_another_structure_is_a_decode_error(monkeypatch):
+    module = types.ModuleType("p2p_versions")
+
+    def make(version: int) -> type:
+        fields = [("a", int)] + ([("b", int)] if version == 2 else [])
+        cls = dataclasses.make_dataclass("Msg", fields)
+        cls.__module__ = module.__name__
+        return cls
+
+    old, new = make(1), make(2)
+    module.Msg = old  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+
+    def prog(comm):
+        if comm.rank == 0:
+            comm.send(new(1, 2), 1)
+            return None
+        with pytest.raises(tc.DecodeError, match=r"expected p2p_versions:Msg with the sender's "
+                                                 r"structure \(\w{8}\), got a class of another "
+                                                 r"structure \(\w{8}\) on this rank; pass schema="):
+            comm.recv(0)
+        return "ok"
+
+    assert run(2, prog, timeout=5)[1] == "ok"
