@@ -137,10 +137,6 @@ def test_class_one_receiver_lacks_raises_on_every_rank(monkeypatch):
                "'core_rank0_only'" in str(e) for e in errors.values())
 
 
-@pytest.mark.xfail(strict=True, reason="core: a receiver that cannot find the root's class "
-                   "raises EncodeError ('could not send its bcast[?] contribution') and its "
-                   "peers PeerError; the issue asks for DecodeError naming the class on every "
-                   "rank (Protocol.settle reuses the contribution-failure verdict)")
 def test_class_one_receiver_lacks_is_a_decode_error(monkeypatch):
     module = _rank0_only("core_rank0_only_decode")
     monkeypatch.setitem(sys.modules, module.__name__, module)
@@ -153,9 +149,6 @@ def test_class_one_receiver_lacks_is_a_decode_error(monkeypatch):
     assert all(isinstance(e, tc.DecodeError) for e in info.value.exceptions)
 
 
-@pytest.mark.xfail(strict=True, reason="core: reduce_scatter runs as a plain alltoall, so its "
-                   "envelope carries neither its op nor its reduce op: ranks with different ops "
-                   "return differently combined values without an error")
 def test_reduce_scatter_with_different_ops_raises():
     def prog(comm):
         with pytest.raises(tc.DesyncError):
@@ -164,8 +157,6 @@ def test_reduce_scatter_with_different_ops_raises():
     run(2, prog, timeout=10)
 
 
-@pytest.mark.xfail(strict=True, reason="core: reduce_scatter and alltoall called with one name "
-                   "pair up silently (same envelope)")
 def test_reduce_scatter_against_alltoall_raises():
     def prog(comm):
         with pytest.raises(tc.DesyncError):
@@ -177,8 +168,6 @@ def test_reduce_scatter_against_alltoall_raises():
     run(2, prog, timeout=10)
 
 
-@pytest.mark.xfail(strict=True, reason="core: reduce_scatter with a bad op reports 'expected a "
-                   "sequence of 2 values, got str' (the op's error replaces the values)")
 def test_reduce_scatter_bad_op_names_the_op():
     def prog(comm):
         with pytest.raises(tc.CollectiveError, match="expected op to be one of"):
@@ -187,9 +176,6 @@ def test_reduce_scatter_bad_op_names_the_op():
     run(2, prog, timeout=10)
 
 
-@pytest.mark.xfail(strict=True, reason="core: reduce_scatter of arrays whose shapes differ "
-                   "within a column raises numpy's ValueError on that rank only; the others "
-                   "return (shapes are not in the envelope)")
 def test_reduce_scatter_shapes_that_differ_raise_on_every_rank():
     def prog(comm):
         with pytest.raises(tc.DesyncError):

@@ -245,10 +245,33 @@ def _encode_parts(p: Protocol, info: SchemaInfo, values: Sequence[Any],
 
 # --- alltoall and reduce_scatter ------------------------------------------------------------
 def alltoall(p: Protocol, values: Any, schema: Any, step: Any, name: Any) -> List[Any]:
+    return _exchange_parts(p, "alltoall", values, schema, step, name)
+
+
+def reduce_scatter(p: Protocol, values: Any, op: Any, schema: Any, step: Any,
+                   name: Any) -> Any:
+    """Rank i gets ``op`` over every rank's ``values[i]``, combined in rank order.
+
+    Its own op in the envelope, with the reduce op and the values' dtype and shape: ranks that
+    combine differently, or call alltoall meanwhile, raise instead of pairing up.
+    """
+    code, op_error = check_reduce_op(op)
+    got = _exchange_parts(p, "reduce_scatter", values, schema, step, name, reduce_op=code,
+                          error=op_error)
+    op_name = REDUCE_OP_NAMES.get(code, "sum")
+    if isinstance(got[0], np.generic):  # as 0-d arrays: wrap on overflow like MPI, no warning
+        return reduce_values([np.asarray(v) for v in got], op_name)[()]
+    return reduce_values(got, op_name)
+
+
+def _exchange_parts(p: Protocol, op: str, values: Any, schema: Any, step: Any, name: Any, *,
+                    reduce_op: int = 0, error: Optional[str] = None) -> List[Any]:
+    """Each rank sends ``values[j]`` to rank j: a REDUCE exchange, then the backend's alltoall."""
     step, name, common_error = _common(step, name)
-    error = common_error
+    error = first_error(error, common_error)
     info: Optional[SchemaInfo] = None
     parts: Optional[List[bytes]] = None
+    array_fp = _ZEROS
     if not isinstance(values, Sequence) or isinstance(values, (str, bytes)) \
             or len(values) != p.size:
         error = error or (f"ValueError: expected a sequence of {p.size} values, got "
@@ -256,9 +279,13 @@ def alltoall(p: Protocol, values: Any, schema: Any, step: Any, name: Any) -> Lis
     else:
         info, schema_error = schema_of(values[0], schema)
         error = error or schema_error
+        if reduce_op:
+            array_fp, shape_error = _column_shapes(values)
+            error = error or shape_error
         if error is None and info is not None:
-            parts, error = _encode_parts(p, info, values, "alltoall")
-    call = Call("alltoall", REDUCE, info, MODE_EMPTY, None, step=step, name=name, error=error)
+            parts, error = _encode_parts(p, info, values, op)
+    call = Call(op, REDUCE, info, MODE_EMPTY, None, step=step, name=name, error=error,
+                reduce_op=reduce_op, array_fp=array_fp)
 
     def rest(c: Call) -> List[Any]:
         try:
@@ -269,14 +296,19 @@ def alltoall(p: Protocol, values: Any, schema: Any, step: Any, name: Any) -> Lis
     return run(p, call, rest)  # type: ignore[no-any-return]
 
 
-def reduce_scatter(p: Protocol, values: Any, op: Any, schema: Any, step: Any,
-                   name: Any) -> Any:
-    """Rank i gets ``op`` over every rank's ``values[i]``: an alltoall, combined in rank order."""
-    code, op_error = check_reduce_op(op)
-    if op_error is not None:
-        values = op_error  # flagged through alltoall's own check, on this rank only
-    got = alltoall(p, values, schema, step, name)
-    return reduce_values(got, REDUCE_OP_NAMES.get(code, "sum"))
+def _column_shapes(values: Sequence[Any]) -> tuple:
+    """(fingerprint, error): the dtype and shape of each value a rank reduces, in the envelope,
+    so that a column whose values differ across ranks raises on every rank (numbers: zeros)."""
+    arrays = [isinstance(v, (np.ndarray, np.generic)) for v in values]
+    if not any(arrays):
+        bad = [type(v).__name__ for v in values
+               if isinstance(v, bool) or not isinstance(v, (int, float))]
+        return _ZEROS, (f"TypeError: expected ints, floats, numpy scalars or arrays, got "
+                        f"{bad[0]}" if bad else None)
+    if not all(arrays):
+        return _ZEROS, "TypeError: expected all numbers or all numpy values, got a mix"
+    shapes = ";".join(f"{np.asarray(v).dtype.str}{np.shape(v)}" for v in values)
+    return array_fingerprint(shapes, None), None  # type: ignore[arg-type]
 
 
 # --- allreduce ---------------------------------------------------------------------------------

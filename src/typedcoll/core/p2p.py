@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import threading
 import time
-import weakref
 from typing import Any, Dict, List, Optional, Tuple
 
 import msgspec
@@ -47,40 +46,14 @@ from .identity import check_name, format_site, name_fingerprint, register_intern
     site_fingerprint, user_frame
 from .mismatch import EnvelopeInfo, Group, MismatchKind, format_groups, label
 from .transport import TransportTimeout
+from .mailbox import (_ENVELOPE_ENCODER, _LENGTH, TRANSPORT_TAG, Envelope, Message, head_text,
+                      mailbox_of)
 from .verdict import decode_any
 from .wire import NO_STEP
 
-TRANSPORT_TAG = 0  # the private channel carries nothing else; the caller's tag is in the envelope
 MAX_TAG = 2 ** 31 - 1
-_LENGTH = 4
-_POLL_MIN, _POLL_MAX = 1e-5, 1e-3  # backoff between polls of several sources
-# Transports whose receive with a deadline already passed only looks, leaving nothing pending:
-# receives from any rank, and test(), poll with it.
-_CAN_POLL = frozenset({"mpi", "memory"})
 # Transports whose sends never wait for their receiver (buffered, or left in flight).
 _SENDS_NEVER_WAIT = frozenset({"memory", "torch"})
-
-
-class Envelope(msgspec.Struct, array_like=True, frozen=True):
-    """What a send says about its message; the receiver checks it before decoding."""
-
-    instance: int  # the communicator instance on the shared channel
-    source: int
-    tag: int
-    seq: int  # this message's number among the sender's messages to (dest, tag)
-    schema: str
-    fingerprint: bytes
-    path: str  # module:qualname of the schema class ("" when it is not one)
-    kind: int  # KIND_MSGSPEC, KIND_ARRAY or KIND_NUMPY_SCALAR
-    name: Optional[str]
-    site: str
-    occurrence: int
-    step: Optional[int]
-    error: Optional[str] = None  # the sender could not encode its value: this is why
-
-
-_ENVELOPE_ENCODER = msgspec.msgpack.Encoder()
-_ENVELOPE_DECODER = msgspec.msgpack.Decoder(Envelope)
 
 
 class _State:
@@ -119,25 +92,9 @@ class _Caller:
         self.step = None if p.step == NO_STEP else p.step
 
 
-def _peer(rank: Optional[int], what: str) -> str:
-    return f"{what} rank {rank}" if rank is not None else f"{what} any rank"
-
-
-def _tag_text(tag: Optional[int]) -> str:
-    return f"tag {tag}" if tag is not None else "any tag"
-
-
-def _head(op: str, seq: Optional[int], peer: Optional[int], tag: Optional[int],
-          comm: str) -> str:
-    """``recv #2 from rank 0 (tag 5) on WORLD``: how point-to-point messages start."""
-    number = f" #{seq}" if seq is not None else ""
-    return (f"{op}{number} {_peer(peer, 'to' if op == 'send' else 'from')} ({_tag_text(tag)}) "
-            f"on {comm}")
-
-
 def _refuse_freed(p: Any, op: str, peer: Optional[int], tag: Optional[int]) -> None:
     if p.freed:
-        raise CollectiveError(f"{_head(op, None, peer, tag, p.name)}: refused: the "
+        raise CollectiveError(f"{head_text(op, None, peer, tag, p.name)}: refused: the "
                               f"communicator was freed", seq=-1, comm=p.name)
 
 
@@ -205,139 +162,10 @@ def _message(p: Any, value: Any, dest: Any, tag: Any, schema: Any, name: Any,
     data = len(head).to_bytes(_LENGTH, "little") + head + (payload if error is None else b"")
     failure = None
     if error is not None:
-        failure = EncodeError(f"{_head(op, seq, dest, tag, p.name)}: rank {p.rank} could not "
+        failure = EncodeError(f"{head_text(op, seq, dest, tag, p.name)}: rank {p.rank} could not "
                               f"send its {label(op, envelope.schema)} at {caller.site}: {error}",
                               seq=seq, comm=p.name)
     return data, dest, tag, failure
-
-
-# --- the mailbox: matching messages to receives ------------------------------------------------
-class _Message:
-    __slots__ = ("envelope", "payload", "source", "error")
-
-    def __init__(self, envelope: Optional[Envelope], payload: memoryview, source: int,
-                 error: Optional[str]) -> None:
-        self.envelope = envelope
-        self.payload = payload
-        self.source = source
-        self.error = error  # the envelope itself did not decode
-
-
-def _parse(data: bytes, source: int) -> _Message:
-    view = memoryview(data)
-    n = int.from_bytes(view[:_LENGTH], "little")
-    try:
-        envelope = _ENVELOPE_DECODER.decode(view[_LENGTH:_LENGTH + n])
-    except Exception as exc:  # untrusted bytes: any decoder failure is a decode error
-        return _Message(None, view[:0], source, f"{type(exc).__name__}: {exc}")
-    return _Message(envelope, view[_LENGTH + n:], source, None)
-
-
-class _Mailbox:
-    """The messages of one private channel that arrived before a receive wanted them, and the
-    receives posted before their message arrived; shared by the TypedComms on the channel."""
-
-    def __init__(self, transport: Any) -> None:
-        self.transport = transport
-        self.unexpected: List[_Message] = []
-        self.posted: List["RecvRequest"] = []
-        self.lock = threading.RLock()
-        self.turn = 0  # where the next poll of every source starts (fairness)
-
-    def post(self, request: "RecvRequest") -> None:
-        with self.lock:
-            for i, message in enumerate(self.unexpected):
-                if request.matches(message):
-                    del self.unexpected[i]
-                    request.bind(message)
-                    return
-            self.posted.append(request)
-
-    def withdraw(self, request: "RecvRequest") -> None:
-        with self.lock:
-            if request in self.posted:
-                self.posted.remove(request)
-
-    def deliver(self, data: bytes, source: int) -> None:
-        message = _parse(data, source)
-        for i, request in enumerate(self.posted):
-            if request.matches(message):
-                del self.posted[i]
-                request.bind(message)
-                return
-        self.unexpected.append(message)
-
-    def progress(self, request: "RecvRequest", deadline: Optional[float],
-                 once: bool = False) -> bool:
-        """Receive until ``request`` has its message (True), or the deadline passes (False).
-
-        ``once``: look at what has arrived without waiting (a request's ``test``).
-        """
-        with self.lock:
-            if request.source is not None and not once:
-                return self._wait_for(request, request.source, deadline)
-            if self.transport.kind not in _CAN_POLL:
-                raise CollectiveError(
-                    f"{_head('recv', None, request.source, request.tag, request.p.name)}: "
-                    f"refused: expected a transport that can look for a message without "
-                    f"waiting for it (a receive from any rank, or test()), got "
-                    f"{self.transport.kind}'s; name the source and wait", seq=-1,
-                    comm=request.p.name)
-            pause = _POLL_MIN
-            while request.message is None:
-                if self._poll(request):
-                    pause = _POLL_MIN
-                    continue
-                if once or (deadline is not None and time.monotonic() >= deadline):
-                    return False
-                time.sleep(pause)
-                pause = min(2 * pause, _POLL_MAX)
-            return True
-
-    def _wait_for(self, request: "RecvRequest", source: int,
-                  deadline: Optional[float]) -> bool:
-        """Receive from ``source`` until ``request`` has its message: one waiting receive at a
-        time (a receive that gives up may not be retried on every transport: gloo closes the
-        connection of a receive that timed out)."""
-        while request.message is None:
-            try:
-                data = self.transport.recv_bytes(source, TRANSPORT_TAG, deadline)
-            except TransportTimeout:
-                return False
-            self.deliver(data, source)
-        return True
-
-    def _poll(self, request: "RecvRequest") -> bool:
-        """One look at each candidate source; True when a message arrived."""
-        sources = ([request.source] if request.source is not None
-                   else self._rotation(request.size))
-        for source in sources:
-            try:
-                data = self.transport.recv_bytes(source, TRANSPORT_TAG, time.monotonic())
-            except TransportTimeout:
-                continue
-            self.deliver(data, source)
-            return True
-        return False
-
-    def _rotation(self, size: int) -> List[int]:
-        start = self.turn % size
-        self.turn += 1
-        return list(range(start, size)) + list(range(start))
-
-
-_MAILBOXES: "weakref.WeakKeyDictionary[Any, _Mailbox]" = weakref.WeakKeyDictionary()
-_MAILBOX_LOCK = threading.Lock()
-
-
-def _mailbox(p: Any) -> _Mailbox:
-    box = _MAILBOXES.get(p.channel)
-    if box is None:
-        with _MAILBOX_LOCK:
-            box = _MAILBOXES.get(p.channel)
-            if box is None:
-                box = _MAILBOXES[p.channel] = _Mailbox(p.transport)
-    return box
 
 
 # --- requests ----------------------------------------------------------------------------------
@@ -381,15 +209,15 @@ class RecvRequest:
         self.size = p.size
         self._info = info
         self._caller = caller
-        self._box = _mailbox(p)
-        self.message: Optional[_Message] = None
+        self._box = mailbox_of(p)
+        self.message: Optional[Message] = None
         self.expected = 0  # the number the bound message should carry
         self._done = False
         self._value: Any = None
         self._error: Optional[BaseException] = None
         self._box.post(self)
 
-    def matches(self, message: _Message) -> bool:
+    def matches(self, message: Message) -> bool:
         env = message.envelope
         if env is None:  # an envelope that does not decode goes to whoever listens to its source
             return self.source is None or self.source == message.source
@@ -397,7 +225,7 @@ class RecvRequest:
                 and (self.source is None or self.source == message.source)
                 and (self.tag is None or self.tag == env.tag))
 
-    def bind(self, message: _Message) -> None:
+    def bind(self, message: Message) -> None:
         """Take ``message``: it is the next one from its source and tag for this receive, in
         the order receives were matched (not the order they are waited for)."""
         self.message = message
@@ -443,7 +271,7 @@ def _timed_out(p: Any, request: RecvRequest) -> None:
     caller = request._caller
     timeout = p.timeout if p.timeout is not None else 0.0
     raise CollectiveTimeout(
-        f"{_head('recv', seq, request.source, request.tag, p.name)}: {label('recv', schema)} at "
+        f"{head_text('recv', seq, request.source, request.tag, p.name)}: {label('recv', schema)} at "
         f"{caller.site} did not complete within {timeout:g} s: no message from "
         f"{'rank ' + str(request.source) if request.source is not None else 'any rank'} arrived",
         seq=-1 if seq is None else seq, comm=p.name, op="recv", schema=schema, site=caller.site,
@@ -457,12 +285,12 @@ def _take(p: Any, request: RecvRequest) -> Any:
     caller = request._caller
     env = message.envelope
     if env is None:
-        raise DecodeError(f"{_head('recv', None, message.source, request.tag, p.name)}: the "
+        raise DecodeError(f"{head_text('recv', None, message.source, request.tag, p.name)}: the "
                           f"envelope from rank {message.source} does not decode: "
                           f"{message.error}", seq=-1, comm=p.name, source=message.source,
                           schema="Envelope")
     expected = request.expected
-    head = _head("recv", expected, message.source, env.tag, p.name)
+    head = head_text("recv", expected, message.source, env.tag, p.name)
     info = request._info
     if env.error is not None:
         raise PeerError(f"{head}: rank {message.source} failed its {label('send', env.schema)} "
@@ -596,7 +424,7 @@ def send(p: Any, value: Any, dest: Any, tag: Any, schema: Any, name: Any,
     try:
         p.transport.send_bytes(data, dest, TRANSPORT_TAG, deadline)
     except TransportTimeout:
-        raise CollectiveTimeout(f"{_head('send', None, dest, tag, p.name)}: send did not "
+        raise CollectiveTimeout(f"{head_text('send', None, dest, tag, p.name)}: send did not "
                                 f"complete within {p.timeout:g} s (rank {dest} never received "
                                 f"it)", seq=-1, comm=p.name, op="send", timeout=p.timeout,
                                 missing=(dest,)) from None
@@ -647,7 +475,7 @@ def matched(request: RecvRequest) -> Tuple[int, int, int]:
 def head(p: Any, request: RecvRequest) -> str:
     """How messages about a completed receive start: ``recv #0 from rank 1 (tag 0) on WORLD``."""
     source, tag, seq = matched(request)
-    return _head("recv", seq, source, tag, p.name)
+    return head_text("recv", seq, source, tag, p.name)
 
 
 register_internal(__file__)

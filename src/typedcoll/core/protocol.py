@@ -249,7 +249,7 @@ class Protocol:
             verdict.timed_out(self, call)
         if block_flags(self.block) & FLAG_LOCAL_ERROR or not agreed(self.block):
             call.error = error
-            verdict.disagreement(self, call)
+            verdict.disagreement(self, call, receiving=True)
 
     def encode(self, call: Call) -> Tuple[bytes, Optional[str]]:
         """(payload, None) or (b"", error text): a failure to encode never raises here."""

@@ -72,8 +72,12 @@ def describe_call(p: "Protocol", call: Call, error: Optional[str] = None) -> Env
         notes=p.decisions())
 
 
-def disagreement(p: "Protocol", call: Call) -> None:
-    """Raise the error every rank agrees on: DesyncError, or EncodeError / PeerError."""
+def disagreement(p: "Protocol", call: Call, receiving: bool = False) -> None:
+    """Raise the error every rank agrees on: DesyncError, or EncodeError / PeerError.
+
+    ``receiving``: the failures were in receiving, not sending (a rank could not find the class
+    a root sent): every rank raises the same DecodeError naming the first such rank.
+    """
     header = bytes(p.send[:HEADER_SIZE])
     pairs = exchange_infos(p, call, header, describe_call(p, call, call.error))
     failed = [r for r, (h, _) in enumerate(pairs) if h[FLAGS_OFFSET] & FLAG_LOCAL_ERROR]
@@ -103,6 +107,13 @@ def disagreement(p: "Protocol", call: Call) -> None:
     if not failed:  # unreachable for well-formed peers: the block said something differed
         raise DesyncError(f"{where(p, call)}: the agreement block and the "
                           f"envelopes disagree (corrupt exchange)", seq=call.seq, comm=p.name)
+    if receiving:
+        first = failed[0]
+        raise DecodeError(f"{where(p, call)}: rank {first}"
+                          f"{'' if len(failed) == 1 else f' (and {compact_ranks(failed[1:])})'} "
+                          f"could not decode the root's {what(call)} payload at "
+                          f"{infos[first].site}: {infos[first].error}", seq=call.seq,
+                          comm=p.name, source=first, schema=call.schema_name)
     raise failure(p, call, failed, infos)
 
 

@@ -18,6 +18,7 @@ from typing import Any, Deque, Dict, List, Optional, Tuple
 import numpy as np
 
 from ..codecs.reduce import reduce_values
+from ..core.identity import register_internal
 from ..core.transport import TransportTimeout, finish_gathered
 
 
@@ -181,3 +182,6 @@ class MemoryTransport:
 
     def free(self) -> None:
         pass
+
+
+register_internal(__file__)

@@ -82,6 +82,22 @@ def wait_all(requests: List[MPI.Request], deadline: Optional[float]) -> None:
         pause = min(pause * 2, _MAX_SLEEP)
 
 
+class _Sending:
+    """An MPI send in flight, and the bytes it reads from (kept alive until it completes)."""
+
+    __slots__ = ("request", "data")
+
+    def __init__(self, request: MPI.Request, data: bytes) -> None:
+        self.request = request
+        self.data = data
+
+    def test(self) -> bool:
+        return bool(self.request.Test())
+
+    def wait(self, deadline: Optional[float]) -> None:
+        wait_all([self.request], deadline)
+
+
 def comm_name(comm: MPI.Comm) -> str:
     if comm == MPI.COMM_WORLD:
         return "COMM_WORLD"
@@ -280,6 +296,11 @@ class MPITransport:
     # --- point to point --------------------------------------------------------------------
     def send_bytes(self, data: bytes, dest: int, tag: int, deadline: Optional[float]) -> None:
         wait_all([self.p2p.Isend([data, len(data), MPI.BYTE], dest, tag)], deadline)
+
+    def isend_bytes(self, data: bytes, dest: int, tag: int) -> "_Sending":
+        """A send left in flight: a large message must not wait for its receiver to be
+        matched before this rank can receive (two ranks sending to each other)."""
+        return _Sending(self.p2p.Isend([data, len(data), MPI.BYTE], dest, tag), data)
 
     def recv_bytes(self, source: int, tag: int, deadline: Optional[float]) -> bytes:
         status = MPI.Status()
