@@ -196,16 +196,14 @@ def where_of(frame: Optional[FrameType]) -> str:
     when there is no such frame."""
     if frame is None:
         return "?"
-    frames = []
-    while frame is not None:
-        frames.append(frame)
+    innermost = frame
+    # Outward from the innermost frame, the first that is the caller's own code: typedcoll
+    # frames may also sit below it (a rank of typedcoll.testing runs on one of our threads).
+    while frame is not None and (frame.f_code.co_filename in SKIP_FILES
+                                 or frame.f_code in SKIP_CODES
+                                 or _library(frame.f_code.co_filename)):
         frame = frame.f_back
-    inside = max((i for i, f in enumerate(frames) if f.f_code.co_filename in SKIP_FILES
-                  or f.f_code in SKIP_CODES), default=-1)
-    outer = frames[inside + 1:] or frames
-    chosen = next((f for f in outer if not _library(f.f_code.co_filename)
-                   and f.f_code not in SKIP_CODES), outer[0])
-    return frame_text(chosen, short=True)
+    return frame_text(frame if frame is not None else innermost, short=True)
 
 
 _STDLIB = tuple(os.path.realpath(sysconfig.get_paths()[key]) + os.sep
