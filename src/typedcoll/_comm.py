@@ -316,6 +316,8 @@ def _created(channel: Channel, timeout: Any, name: Optional[str]) -> Protocol:
         lifecycle.create(p, timeout)
     except BaseException:
         lifecycle.release(p)
+        if channel.instances == instance:  # a failed creation numbers nothing: every rank
+            channel.instances -= 1          # gives its number back, and later ones align
         raise
     return p
 

@@ -63,12 +63,14 @@
 #define PREFIX 8
 
 enum { F_SEND, F_RECV, F_BLOCK, F_SLOT, F_SIZE, F_RANK, F_EXCHANGE, F_ENGINE, F_RING,
-       F_RING_OBJECTS, F_RING_STATE, F_CAPACITY, F_MIN_SLOT, F_COUNTS, F_BUSY, F_INSTANCE,
-       F_TIMEOUT, F_PROTOCOL, F_COUNT };
+       F_RING_OBJECTS, F_RING_STATE, F_CAPACITY, F_MIN_SLOT, F_COUNTS, F_BUSY, F_ACQUIRE,
+       F_RELEASE, F_INSTANCE, F_TIMEOUT, F_PROTOCOL, F_COUNT };
 static const char *FAST_FIELDS[F_COUNT] = {
     "send", "recv", "block", "slot", "size", "rank", "exchange", "engine", "ring",
-    "ring_objects", "ring_state", "capacity", "min_slot", "counts", "busy", "instance",
-    "timeout", "protocol"};
+    "ring_objects", "ring_state", "capacity", "min_slot", "counts", "busy", "acquire",
+    "release", "instance", "timeout", "protocol"};
+/* The channel's busy marker (core/channel.py): who is inside, where, and two flags. */
+enum { BUSY_IDENT, BUSY_CODE, BUSY_LASTI, BUSY_POISON, BUSY_BROKEN, BUSY_COUNT };
 
 /* What a collective sends and decodes (one exchange each; they differ in shape, in who sends a
  * payload and whose payloads are decoded). */
@@ -703,7 +705,7 @@ static PyObject *py_exchange(PyObject *mod, PyObject *args) {
 /* --- the steady state --- */
 typedef struct {
     PyObject *send, *recv, *block, *exchange, *engine, *ring, *ring_objects, *ring_state,
-        *counts, *busy, *timeout;
+        *counts, *busy, *acquire, *release, *timeout;
     Py_ssize_t slot, size, rank, capacity, min_slot, instance;
 } Fast;
 
@@ -722,6 +724,8 @@ static int read_fast(PyObject *state, Fast *f) {
     f->ring_state = items[F_RING_STATE];
     f->counts = items[F_COUNTS];
     f->busy = items[F_BUSY];
+    f->acquire = items[F_ACQUIRE];
+    f->release = items[F_RELEASE];
     f->timeout = items[F_TIMEOUT];
     f->slot = PyLong_AsSsize_t(items[F_SLOT]);
     f->size = PyLong_AsSsize_t(items[F_SIZE]);
@@ -733,7 +737,7 @@ static int read_fast(PyObject *state, Fast *f) {
     if (!PyByteArray_Check(f->send) || PyByteArray_GET_SIZE(f->send) != f->slot ||
         !PyByteArray_Check(f->recv) || PyByteArray_GET_SIZE(f->recv) != f->slot * f->size ||
         !PyByteArray_Check(f->block) || PyByteArray_GET_SIZE(f->block) != AGREE_SIZE ||
-        !PyList_CheckExact(f->busy) || PyList_GET_SIZE(f->busy) != 4 ||
+        !PyList_CheckExact(f->busy) || PyList_GET_SIZE(f->busy) != BUSY_COUNT ||
         !PyDict_CheckExact(f->counts) || f->rank < 0 || f->rank >= f->size ||
         f->slot < 2 * HEADER_SIZE ||
         (f->ring != Py_None &&
@@ -748,6 +752,15 @@ static int read_fast(PyObject *state, Fast *f) {
         return -1;
     }
     return 1;
+}
+
+/* Leave the channel (Channel.unclaim): the marker cleared, then the lock released. */
+static int release_channel(Fast *f) {
+    if (PyList_SetItem(f->busy, BUSY_IDENT, PyLong_FromLong(0)) < 0) return -1;
+    PyObject *done = PyObject_CallNoArgs(f->release);
+    if (done == NULL) return -1;
+    Py_DECREF(done);
+    return 0;
 }
 
 static int slot_log2(Py_ssize_t slot) {
@@ -828,13 +841,11 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
     }
     PyObject *result = NULL, *payload = NULL, *identity = NULL, *info_fast = NULL;
     PyCodeObject *code = NULL;
-    int lasti = 0;
-    {
-        /* Another thread inside, or a collision to report: the Python steps say so. */
-        int inside = PyObject_IsTrue(PyList_GET_ITEM(f.busy, 0));
-        if (inside < 0) goto error;
-        if (inside || PyList_GET_ITEM(f.busy, 3) != Py_None) goto take;
-    }
+    int lasti = 0, observed_here = 0;
+    /* A collision to report, or a broken channel: the Python steps say so. */
+    if (PyList_GET_ITEM(f.busy, BUSY_POISON) != Py_None ||
+        PyList_GET_ITEM(f.busy, BUSY_BROKEN) != Py_False)
+        goto take;
     /* A deadline needs the C engine: a Python exchange reports its timeout as an exception. */
     if (f.engine != Py_None && !PyCapsule_CheckExact(f.engine)) goto take;
     if (f.timeout != Py_None && f.engine == Py_None) goto take;
@@ -909,8 +920,30 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
     }
     if (kind == KIND_ALL && reduce_op >= 8 && PyFloat_CheckExact(value)) goto take;
 
+    {
+        /* Enter, or find another thread inside (then the Python steps refuse this call): the
+         * lock is tested and taken in one step, with no Python code between the two. */
+        PyObject *got = PyObject_CallOneArg(f.acquire, Py_False);
+        if (got == NULL) goto error;
+        int entered = got == Py_True;
+        Py_DECREF(got);
+        if (!entered) goto take;
+        PyObject *me = PyLong_FromUnsignedLong(PyThread_get_thread_ident());
+        if (me == NULL || PyList_SetItem(f.busy, BUSY_IDENT, me) < 0) {
+            release_channel(&f);
+            goto error;
+        }
+    }
+
     /* --- from here the call is issued: no more TAKE_PY --- */
     if (user_site(&code, &lasti) < 0) goto error;
+    {
+        PyObject *where = PyLong_FromLong(lasti);
+        if (where == NULL) goto error;
+        if (PyList_SetItem(f.busy, BUSY_LASTI, where) < 0 ||
+            PyList_SetItem(f.busy, BUSY_CODE, Py_NewRef(code ? (PyObject *)code : Py_None)) < 0)
+            goto error;
+    }
     identity = name == Py_None ? site_identity(code, lasti) : name_identity(name);
     if (identity == NULL) goto error;
     long long seq;
@@ -934,8 +967,6 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
         rc = PyDict_SetItem(f.counts, identity, occ);
         Py_DECREF(occ);
         if (rc < 0) goto error;
-        PyObject *me = PyLong_FromUnsignedLong(PyThread_get_thread_ident());
-        if (me == NULL || PyList_SetItem(f.busy, 0, me) < 0) goto error;
     }
     unsigned char *s = (unsigned char *)PyByteArray_AS_STRING(f.send);
     if (prefix_len) memcpy(s + HEADER_SIZE, PyBytes_AS_STRING(prefix), (size_t)prefix_len);
@@ -995,9 +1026,25 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
     block = (unsigned char *)PyByteArray_AS_STRING(f.block);
     if (timed_out || block[AGREE_FLAGS] != 0 || !block_agreed(block)) goto resume;
 
-    /* --- the steady state: decode what this rank needs --- */
+    /* --- the steady state: feed the slot rule (as every rank does, whatever happens next),
+     * then decode what this rank needs --- */
     Py_ssize_t cap = f.slot - HEADER_SIZE;
     uint32_t or_len = get_u32(block + AGREE_LENGTH);
+    if (f.slot != f.min_slot || HEADER_SIZE + (Py_ssize_t)or_len > f.slot) {
+        PyObject *pol = PyObject_GetAttr(proto, s_policy);
+        PyObject *len_obj = pol ? PyLong_FromUnsignedLong(or_len) : NULL;
+        PyObject *observed = len_obj ? PyObject_CallMethodOneArg(pol, s_observe, len_obj) : NULL;
+        Py_XDECREF(len_obj);
+        PyObject *size_now = observed ? PyObject_GetAttr(pol, s_size) : NULL;
+        Py_XDECREF(observed);
+        Py_XDECREF(pol);
+        if (size_now == NULL) goto error;
+        Py_ssize_t new_size = PyLong_AsSsize_t(size_now);
+        Py_DECREF(size_now);
+        /* A new slot size takes effect at the next call, through the Python steps. */
+        if (new_size != f.slot && PyObject_SetAttr(proto, s_fast, Py_None) < 0) goto error;
+    }
+    observed_here = 1;
     PyObject *values = NULL;
     if (kind == KIND_ALL || (kind == KIND_GATHER && f.rank == root)) {
         values = decode_batch(list_decode, rb, f.slot, f.size);
@@ -1034,31 +1081,11 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
         }
         PyList_SET_ITEM(values, 0, item);
     }
-    if (f.slot != f.min_slot || HEADER_SIZE + (Py_ssize_t)or_len > f.slot) {
-        PyObject *pol = PyObject_GetAttr(proto, s_policy);
-        PyObject *len_obj = pol ? PyLong_FromUnsignedLong(or_len) : NULL;
-        PyObject *observed = len_obj ? PyObject_CallMethodOneArg(pol, s_observe, len_obj) : NULL;
-        Py_XDECREF(len_obj);
-        PyObject *size_now = observed ? PyObject_GetAttr(pol, s_size) : NULL;
-        Py_XDECREF(observed);
-        Py_XDECREF(pol);
-        if (size_now == NULL) {
-            Py_XDECREF(values);
-            goto error;
-        }
-        Py_ssize_t new_size = PyLong_AsSsize_t(size_now);
-        Py_DECREF(size_now);
-        /* A new slot size takes effect at the next call, through the Python steps. */
-        if (new_size != f.slot && PyObject_SetAttr(proto, s_fast, Py_None) < 0) {
-            Py_XDECREF(values);
-            goto error;
-        }
-    }
     if (record_complete(f.ring, f.ring_state, f.capacity) < 0) {
         Py_XDECREF(values);
         goto error;
     }
-    if (PyList_SetItem(f.busy, 0, PyLong_FromLong(0)) < 0) {
+    if (release_channel(&f) < 0) {
         Py_XDECREF(values);
         goto error;
     }
@@ -1080,9 +1107,10 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
 resume:
     /* Exchanged, not the steady state: the Python steps finish from the same bytes (the
      * channel stays busy until they do). */
-    result = Py_BuildValue("(OiLnNO)", code ? (PyObject *)code : Py_None, lasti, seq, occurrence,
+    result = Py_BuildValue("(OiLnNOO)", code ? (PyObject *)code : Py_None, lasti, seq,
+                           occurrence,
                            deadline < 0 ? Py_NewRef(Py_None) : PyFloat_FromDouble(deadline),
-                           timed_out ? Py_True : Py_False);
+                           timed_out ? Py_True : Py_False, observed_here ? Py_True : Py_False);
     goto cleanup;
 take:
     result = take_py();

@@ -25,7 +25,7 @@ class Call:
     __slots__ = ("op", "shape", "info", "mode", "value", "root", "reduce_op", "step", "name",
                  "code", "lasti", "error", "array_fp", "validate", "wild", "settings",
                  "seq", "deadline", "overflow", "occurrence", "array_meta", "same_shape",
-                 "inline", "split", "timed_out", "clocked")
+                 "inline", "split", "timed_out", "observed", "clocked")
 
     def __init__(self, op: str, shape: int, info: Optional[SchemaInfo], mode: int, value: Any, *,
                  root: int = NO_ROOT, reduce_op: int = 0, step: Any = None,
@@ -63,6 +63,7 @@ class Call:
         self.occurrence = 0
         self.clocked = clocked  # stamped with the step clock unless it gives its own step
         self.timed_out = False  # the C path's exchange passed its deadline (Python reports it)
+        self.observed = False  # the C path fed this exchange to the slot-size rule already
 
     @property
     def wire_step(self) -> int:

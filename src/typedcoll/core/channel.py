@@ -11,7 +11,7 @@ whether two threads collided.
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Tuple
 
 from .errors import CollectiveError
 
@@ -19,30 +19,71 @@ from .errors import CollectiveError
 CLOSE_HOOKS: List[Callable[["Channel"], None]] = []
 
 
+# The busy marker's fields (a list, so the C fast path reads and writes it without attribute
+# lookups): the thread inside a collective, its call site, and two flags every call checks.
+BUSY_IDENT, BUSY_CODE, BUSY_LASTI, BUSY_POISON, BUSY_BROKEN = range(5)
+
+
 class Channel:
     """One private communicator (a transport) and its shared state."""
 
-    __slots__ = ("transport", "busy", "broken", "instances", "users", "label", "__weakref__")
+    __slots__ = ("transport", "busy", "lock", "_broken", "instances", "users", "label",
+                 "__weakref__")
 
     def __init__(self, transport: Any, label: str) -> None:
         self.transport = transport
         self.label = label  # the parent's name: communicators on the channel are label, label#2
-        # [thread ident, thread name, call site, poison] of the thread inside a collective
-        # ([0, "", "", None] when none is): a list, so the C fast path reads and sets it without
-        # attribute lookups. The poison is set by a thread that found another inside: the next
-        # collective on the channel tells every rank (see ConcurrentCallError).
-        self.busy: List[Any] = [0, "", "", None]
-        self.broken: Optional[CollectiveError] = None
+        # Held by the thread inside a collective: taken without waiting, so a second thread
+        # finds it taken and is refused (ConcurrentCallError); nothing else runs between the
+        # test and the taking. The busy marker then names that thread and where it is.
+        self.lock = threading.Lock()
+        # [ident, code, lasti, poison, broken]: the poison is set by a thread refused for a
+        # collision (the next collective on the channel tells every rank), broken once a
+        # collective timed out or a collision was reported.
+        self.busy: List[Any] = [0, None, 0, None, False]
+        self._broken: Optional[CollectiveError] = None
         self.instances = 0  # TypedComms built on this channel so far
         self.users = 0  # of those, not freed yet
 
+    def claim(self) -> bool:
+        """Enter a collective on this thread; False when another thread is inside."""
+        if not self.lock.acquire(False):
+            return False
+        self.busy[BUSY_IDENT] = threading.get_ident()
+        return True
+
+    def unclaim(self) -> None:
+        """Leave the collective this thread entered (nothing when it holds none)."""
+        busy = self.busy
+        if busy[BUSY_IDENT] == threading.get_ident():
+            busy[BUSY_IDENT] = 0
+            self.lock.release()
+
     @property
     def poison(self) -> Optional[str]:
-        return self.busy[3]  # type: ignore[no-any-return]
+        return self.busy[BUSY_POISON]  # type: ignore[no-any-return]
 
     @poison.setter
     def poison(self, text: Optional[str]) -> None:
-        self.busy[3] = text
+        self.busy[BUSY_POISON] = text
+
+    @property
+    def broken(self) -> Optional[CollectiveError]:
+        """The error that made the channel unusable (a timeout, a collision), or None."""
+        return self._broken
+
+    @broken.setter
+    def broken(self, error: Optional[CollectiveError]) -> None:
+        self._broken = error
+        self.busy[BUSY_BROKEN] = error is not None  # every C binding on the channel sees it
+
+    def inside(self) -> Tuple[str, Any, int]:
+        """(thread, code, lasti) of the thread inside a collective, for a collision's message."""
+        busy = self.busy
+        ident = busy[BUSY_IDENT]
+        thread = next((t for t in threading.enumerate() if t.ident == ident), None)
+        name = f"{thread.name} (ident {ident})" if thread is not None else f"ident {ident}"
+        return name, busy[BUSY_CODE], busy[BUSY_LASTI]
 
     def next_instance(self) -> int:
         self.instances += 1

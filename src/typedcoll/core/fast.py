@@ -9,10 +9,11 @@ here, as must the wire constants it copies, or the extension is not used at all.
 Each entry point returns:
   - a list: the steady state's result (for rooted and empty ops, a 1-item list holding it);
   - ``TAKE_PY``: nothing was done; the Python steps run the whole call;
-  - a tuple ``(code, lasti, seq, occurrence, deadline, timed_out)``: the exchange ran but was
-    not the steady state (a peer disagreed, failed or overflowed, or the deadline passed);
-    :func:`resumed` hands its facts to the Python steps, which reach the verdict every rank
-    reaches from the same bytes.
+  - a tuple ``(code, lasti, seq, occurrence, deadline, timed_out, observed)``: the exchange ran
+    but was not the steady state (a peer disagreed, failed or overflowed, a payload does not
+    decode, the deadline passed); :func:`resumed` hands its facts to the Python steps, which
+    reach the verdict every rank reaches from the same bytes. ``observed``: the C path already
+    fed this exchange to the slot-size rule (each exchange feeds it exactly once).
 
 ``TYPEDCOLL_PURE_PYTHON=1`` turns the extension off: the Python steps serve every call, which is
 how CI's second leg holds both paths to the same results.
@@ -36,7 +37,8 @@ TAKE_PY: Any = object()  # "not the steady state, nothing done"
 
 FAST_FIELDS = (
     "send", "recv", "block", "slot", "size", "rank", "exchange", "engine", "ring", "ring_objects",
-    "ring_state", "capacity", "min_slot", "counts", "busy", "instance", "timeout", "protocol",
+    "ring_state", "capacity", "min_slot", "counts", "busy", "acquire", "release", "instance",
+    "timeout", "protocol",
 )
 
 try:
@@ -93,6 +95,7 @@ def bind(p: "Protocol") -> Optional[list]:
         "ring": rec.numbers if on else None, "ring_objects": rec.objects if on else None,
         "ring_state": rec.state if on else None, "capacity": rec.capacity if on else 0,
         "min_slot": p.policy.min_slot, "counts": p.counts, "busy": p.channel.busy,
+        "acquire": p.channel.lock.acquire, "release": p.channel.lock.release,
         "instance": p.instance,
         "timeout": None if p.timeout in (None, float("inf")) else float(p.timeout),
         "protocol": p,
@@ -136,7 +139,8 @@ def _guard(p: "Protocol", entry: Any, *args: Any) -> Any:
 def resumed(p: "Protocol", call: Call, out: Any) -> Call:
     """``call`` as the C path started and exchanged it (its answer ``out``): the same site,
     number, occurrence, deadline and step clock that the C path wrote into the header."""
-    call.code, call.lasti, call.seq, call.occurrence, call.deadline, call.timed_out = out
+    (call.code, call.lasti, call.seq, call.occurrence, call.deadline, call.timed_out,
+     call.observed) = out
     if call.step is None and p.step != wire.NO_STEP:
         call.step = p.step
     return call

@@ -15,7 +15,6 @@ import numpy as np
 
 from ..codecs import (KIND_NUMPY_SCALAR, SchemaInfo, array_fingerprint, check_operands,
                       reduce_values, resolve)
-from ..codecs.reduce import LOGICAL
 from .transport import TransportTimeout
 from . import fast, payloads, verdict
 from .verdict import where
@@ -257,7 +256,7 @@ def reduce_scatter(p: Protocol, values: Any, op: Any, schema: Any, step: Any,
     """
     code, op_error = check_reduce_op(op)
     got = _exchange_parts(p, "reduce_scatter", values, schema, step, name, reduce_op=code,
-                          error=op_error)
+                          error=op_error or _operands_error(values, code))
     op_name = REDUCE_OP_NAMES.get(code, "sum")
     if isinstance(got[0], np.generic):  # as 0-d arrays: wrap on overflow like MPI, no warning
         return reduce_values([np.asarray(v) for v in got], op_name)[()]
@@ -311,6 +310,19 @@ def _column_shapes(values: Sequence[Any]) -> tuple:
     return array_fingerprint(shapes, None), None  # type: ignore[arg-type]
 
 
+def _operands_error(values: Any, code: int) -> Optional[str]:
+    """The error when ``code`` does not apply to one of ``values`` (bitwise ops on floats)."""
+    if not code or not isinstance(values, Sequence) or isinstance(values, (str, bytes)):
+        return None
+    for v in values:
+        kind = np.asarray(v).dtype.kind if isinstance(v, (np.ndarray, np.generic)) else (
+            "f" if isinstance(v, float) else "i")
+        error = check_operands(REDUCE_OP_NAMES[code], kind)
+        if error:
+            return error
+    return None
+
+
 # --- allreduce ---------------------------------------------------------------------------------
 def allreduce(p: Protocol, value: Any, op: Any, step: Any, name: Any) -> Any:
     code, op_error = check_reduce_op(op)
@@ -352,6 +364,13 @@ def _reduce_call(op: str, shape: int, value: Any, code: int, step: Any, name: An
                       error=first_error(error, value_error))
 
 
+# Reductions whose result is the same bit for bit in any order: integer arithmetic wraps alike,
+# min, max and the bitwise ops are exact. Only these may use the backend's own reduction, past
+# the slot; every other array is combined in rank order, as inline ones are (floats round by
+# order; the NaN rule; bools).
+_ORDER_FREE = frozenset({"sum", "prod", "max", "min", "band", "bor", "bxor"})
+
+
 def _allreduce_rest(p: Protocol, call: Call, op: str) -> Any:
     flags = [p.recv[r * p.slot + 56] & FLAG_OVERFLOW for r in range(p.size)]
     if any(flags):
@@ -364,12 +383,11 @@ def _allreduce_rest(p: Protocol, call: Call, op: str) -> Any:
                               f"{[int(bool(f)) for f in flags]}", seq=call.seq, comm=p.name,
                               source=source, schema=call.schema_name)
         array = np.asarray(call.value)
-        try:
-            out = p.transport.allreduce_array(array, op, call.deadline)
-        except TransportTimeout:
-            verdict.timed_out(p, call)
-        # As reduce_values gives them: logical ops make bools, whichever path combined them.
-        return out.astype(bool) if op in LOGICAL else out
+        if op in _ORDER_FREE and array.dtype.kind in "iu":
+            try:
+                return p.transport.allreduce_array(array, op, call.deadline)
+            except TransportTimeout:
+                verdict.timed_out(p, call)
     values = [_decode_reduce(p, call, buf, r)
               for r, buf in enumerate(payloads.gathered(p, call))]
     return _combine(values, op, call)

@@ -146,8 +146,10 @@ def resolve_wild(p: "Protocol", call: Call, path: str) -> Tuple[Optional[SchemaI
     """
     agreed_fp = bytes(p.block[SCHEMA_OFFSET:SCHEMA_OFFSET + 8])
     if not path:
-        return None, (f"DecodeError: expected the root's class to be importable by name, got a "
-                      f"schema that is not a class; pass schema= on every rank")
+        return None, ("DecodeError: expected the root's schema to be a class importable by "
+                      "module and name, got one that is not (a typing construct such as "
+                      "Optional[T], or a class defined inside a function); pass schema= on "
+                      "every rank")
     try:
         info = resolve(find_class(path))
     except (LookupError, TypeError) as exc:

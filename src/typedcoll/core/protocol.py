@@ -43,7 +43,7 @@ from ..codecs.nesting import MAX_NESTING
 from . import verdict
 from .verdict import CREATE_SEQ
 from .call import MODE_ARRAY, MODE_EMPTY, MODE_MSG, Call
-from .channel import Channel, thread_label
+from .channel import BUSY_CODE, BUSY_LASTI, Channel, thread_label
 from .errors import CollectiveError, ConcurrentCallError
 from .mismatch import Note
 from .fresh import on_fresh_stack
@@ -52,7 +52,7 @@ from .identity import format_site, name_fingerprint, register_internal, site_fin
 from .recorder import FlightRecorder, capacity_from_env
 from .wire import (AGREE_SIZE, CHECKED, FLAG_LOCAL_ERROR, FLAG_OVERFLOW, FLAG_SPLIT_ARRAY, FLAG_WILD_SCHEMA, GATHER, HEADER, HEADER_SIZE,
                    MAGIC, MAX_PAYLOAD, NATIVE_LITTLE, NO_STEP, OPS, REDUCE, SlotPolicy, agreed,
-                   block_flags, block_length, slot_log2)
+                   block_flags, block_length, instances_differ, slot_log2)
 from .transport import TransportTimeout
 
 _ZEROS = bytes(8)
@@ -143,23 +143,20 @@ class Protocol:
         if self.freed:
             raise CollectiveError(f"collective #{self.seq} on {self.name}: {call.op} refused: "
                                   f"the communicator was freed", seq=self.seq, comm=self.name)
-        busy = channel.busy
-        if busy[0]:
-            self._collide(call)
         if channel.broken is not None:
             verdict.refuse_broken(self, call)
         if self.deferred is not None:
             self.deferred.verify_ready(self)  # raises the first failed check, before seq moves
-        busy[0] = _get_ident()
+        if not channel.claim():
+            self._collide(call)
+        busy = channel.busy
         if self.slot != self.policy.size:
             self._alloc(self.policy.size)
         frame = user_frame(2)
         call.code = frame.f_code if frame is not None else None
         call.lasti = frame.f_lasti if frame is not None else 0
-        # Named for a thread that collides with this call (read only then: formatting is cheap
-        # beside a collective, and the C path, which skips it, refuses such a thread too).
-        busy[1] = thread_label()
-        busy[2] = format_site(call.code, call.lasti)
+        busy[BUSY_CODE] = call.code  # where this thread is, for one that collides with it
+        busy[BUSY_LASTI] = call.lasti
         if call.seq != CREATE_SEQ:
             call.seq = self.seq
             self.seq += 1
@@ -181,13 +178,12 @@ class Protocol:
 
     def _collide(self, call: Call) -> None:
         """Another thread is inside a collective on this channel: refuse, and poison it."""
-        busy = self.channel.busy
         frame = user_frame(3)
         site = format_site(frame.f_code, frame.f_lasti) if frame is not None else "?"
         mine = thread_label()
-        other = str(busy[1] or f"thread ident {busy[0]}")
+        other, code, lasti = self.channel.inside()
         text = (f"ConcurrentCallError: {call.op} at {site} in thread {mine} entered while "
-                f"thread {other} was inside a collective at {busy[2] or '?'} on "
+                f"thread {other} was inside a collective at {format_site(code, lasti)} on "
                 f"{self.channel.label}")
         self.channel.poison = text
         raise ConcurrentCallError(
@@ -232,7 +228,11 @@ class Protocol:
         """Step 4 from the agreement block (the C fast path calls this after its own exchange)."""
         block = self.block
         flags = block_flags(block)
-        self.policy.observe(block_length(block))
+        # Every rank feeds the same number to the slot rule, once per exchange; except when the
+        # ranks were on different communicators sharing the channel: each gives this exchange
+        # back to its own (verdict.disagreement), so none may count it.
+        if not call.observed and not instances_differ(block):
+            self.policy.observe(block_length(block))
         if self.policy.size != self.slot:
             self.fast = None  # the next call re-allocates (start), then binds the C path again
         if flags & FLAG_LOCAL_ERROR or not agreed(block):
@@ -326,7 +326,7 @@ class Protocol:
 
     # --- bookkeeping ------------------------------------------------------------------------
     def completed(self, call: Optional[Call] = None) -> None:
-        self.channel.busy[0] = 0
+        self.channel.unclaim()
         if self.recorder is not None:
             self.recorder.complete()
         if self.observer is not None:
@@ -337,7 +337,7 @@ class Protocol:
 
     def failed(self, exc: BaseException) -> None:
         """A call that started ended with ``exc``: release the channel, record, tell hooks."""
-        self.channel.busy[0] = 0
+        self.channel.unclaim()
         if self.recorder is not None and self.recorder.in_flight:
             text = str(exc)
             self.recorder.fail(f"{type(exc).__name__}: "

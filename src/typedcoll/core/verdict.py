@@ -98,9 +98,11 @@ def disagreement(p: "Protocol", call: Call, receiving: bool = False) -> None:
             # so that every communicator's numbers stay aligned across ranks afterwards.
             p.seq -= 1
             p.counts[p.identity(call)] -= 1
-        # Every rank builds the same text from the same envelopes: the head names rank 0's seq.
-        seq = infos[0].seq
-        head = where(p, call) if call.seq == CREATE_SEQ else f"collective #{seq} on {p.name}"
+        # Every rank builds the same text from the same envelopes: the head names the lowest
+        # rank's seq (a creation, numbered apart, only where no rank is in a collective).
+        numbered = [i.seq for i in infos if i.seq != CREATE_SEQ]
+        seq = numbered[0] if numbered else CREATE_SEQ
+        head = f"creation on {p.name}" if seq == CREATE_SEQ else f"collective #{seq} on {p.name}"
         raise DesyncError(desync_message(seq, p.name, kinds, groups, head=head), seq=seq,
                           comm=p.name, kinds=kinds, groups=groups,
                           decisions=_decisions(groups))

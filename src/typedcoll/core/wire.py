@@ -147,6 +147,16 @@ def agreed(block: bytes) -> bool:
     return a & b == 0
 
 
+INSTANCE_OFFSET = 48
+
+
+def instances_differ(block: bytes) -> bool:
+    """The ranks were on different communicators of one channel (the instance field differs)."""
+    a = block[INSTANCE_OFFSET:INSTANCE_OFFSET + 4]
+    b = block[CHECKED + INSTANCE_OFFSET:CHECKED + INSTANCE_OFFSET + 4]
+    return any(x & y for x, y in zip(a, b))
+
+
 def block_flags(block: bytes) -> int:
     return block[AGREE_FLAGS]
 
