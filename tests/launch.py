@@ -15,7 +15,7 @@ import textwrap
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
-from typedcoll.demo.launch import mpiexec_command
+from typedcoll.demo.launch import is_open_mpi, mpiexec_command
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -60,8 +60,9 @@ def run_spmd(code: str, nranks: int, *, timeout: float = 60.0, tmp_path: Optiona
             if r:
                 command.append(":")
             command += ["-n", "1"]
-            for key, value in extra.items():
-                command += ["-env", key, value]
+            for key, value in extra.items():  # Open MPI and MPICH's hydra name it differently
+                command += (["-x", f"{key}={value}"] if is_open_mpi(command[0])
+                            else ["-env", key, value])
             command += argv
     proc = subprocess.Popen(command, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=run_env,

@@ -217,9 +217,16 @@ def test_with_the_recorder_off_the_report_still_counts_collectives(monkeypatch, 
     del excinfo, err
     gc.collect()  # a dump lists every live communicator of the process: one job's only
 
+    dumped = threading.Event()
+
     def body(comm):
         comm.allgather(comm.rank)
-        return diag.dump_traces("manual", directory=str(tmp_path)) if comm.rank == 0 else None
+        if comm.rank == 0:
+            out = diag.dump_traces("manual", directory=str(tmp_path))
+            dumped.set()
+            return out
+        dumped.wait(30)  # rank 1's communicator lives, one collective in, until rank 0 dumped
+        return None
     run(2, body)
     dump = msgspec.json.decode((tmp_path / "rank0.json").read_bytes(), type=Dump)
     for c in dump.comms:

@@ -436,7 +436,7 @@ def _expected(size: int) -> Dict[str, str]:
             "collective #14 on WORLD diverged (op, call site, schema, shape, dtype):", size,
             f"all_gather_tensor shape=(2,) dtype=float32 at {s['t6b']}, its 1st call",
             f"allgather[RankState] at {s['t6']}, its 1st call"),
-        "other timeout": _table("creation on WORLD#3 diverged (settings):", size,
+        "other timeout": _table("creation on WORLD#2 diverged (settings):", size,
                                 f"create timeout=5 at {s['other-timeout']}, "
                                 f"its 1st call",
                                 f"create timeout=6 at {s['other-timeout']}, "

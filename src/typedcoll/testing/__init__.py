@@ -80,8 +80,14 @@ def run(n: int, fn: Callable[..., Any], *args: Any, timeout: Optional[float] = 3
     return results
 
 
+# A rank that timed out asks its peers where they are before it raises; on a loaded machine that
+# takes seconds, and only a rank stuck in its own code should be reported as such.
+_REPORT_GRACE = 10.0
+
+
 def _join(threads: List[threading.Thread], timeout: Optional[float]) -> List[int]:
-    """Wait for every rank; once one has finished, the others get ``timeout`` more seconds.
+    """Wait for every rank; once one has finished, the others get ``timeout`` more seconds, and
+    the time a timed-out rank takes to gather its hang report (``_REPORT_GRACE``).
 
     Returns the ranks still running after that. Ranks waiting in a collective time out on their
     own; this only catches a rank stuck in its own code.
@@ -97,7 +103,7 @@ def _join(threads: List[threading.Thread], timeout: Optional[float]) -> List[int
             return []
         if first_done is None and len(alive) < len(threads):
             first_done = time.monotonic()
-        if first_done is not None and time.monotonic() - first_done > timeout + 1.0:
+        if first_done is not None and time.monotonic() - first_done > timeout + _REPORT_GRACE:
             return alive
         threads[alive[0]].join(0.05)
 
