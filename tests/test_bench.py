@@ -27,7 +27,9 @@ MPI_SCRIPTS = {
     "collectives": [],
     "core_decompose": [],
     "recorder_cost": [],
-    "peers": ["--payloads", "RankState", "2,048 ints", "64 KiB"],
+    # torch's gloo can abort a process in its teardown, after the run (tests/test_torch.py and
+    # bench/torch_gloo.py cover the gloo rows): the MPI rows only, here.
+    "peers": ["--payloads", "RankState", "2,048 ints", "64 KiB", "--no-torch"],
 }
 DOCUMENT = {"kind", "schema_version", "script", "title", "created", "argv", "ranks", "versions",
             "machine", "settings", "results", "ratios", "unavailable", "notes"}
@@ -52,7 +54,7 @@ def docs(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Dict[str, Any]]:
             if exc.code not in (0, None):
                 raise
     """
-    result = run_spmd(code, 2, timeout=150, tmp_path=tmp)
+    result = run_spmd(code, 2, timeout=240, tmp_path=tmp)
     assert not result.timed_out and result.returncode == 0, repr(result)
     return {name: json.loads((tmp / f"{name}.json").read_text()) for name in MPI_SCRIPTS}
 

@@ -15,6 +15,6 @@ def test_the_usage_example_runs(tmp_path):
     example = next(b for b in blocks if b.startswith("# example.py"))
     result = run_spmd(example, 2, timeout=120, tmp_path=tmp_path)
     assert not result.timed_out and result.returncode == 0, repr(result)
-    lines = sorted(result.stdout.splitlines())
-    assert [line.split()[0] for line in lines] == ["0", "1"], repr(result)
-    assert all("{'it': 2} 4" in line for line in lines), repr(result)
+    # Both ranks print one line; mpiexec may interleave them, so count rather than split.
+    assert result.stdout.count("{'it': 2} 4") == 2, repr(result)
+    assert result.stdout.count("RankState(rank=1, num_active_requests=2)") == 2, repr(result)

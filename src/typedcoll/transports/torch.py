@@ -32,6 +32,9 @@ still pending: :class:`TransportTimeout`. Polling ``is_completed()`` was measure
 
 from __future__ import annotations
 
+import atexit
+import weakref
+
 import math
 import os
 import socket
@@ -160,6 +163,8 @@ class TorchTransport:
         self._views: Tuple[torch.Tensor, torch.Tensor] = (_EMPTY, _EMPTY)
         self._gather_opts = AllgatherOptions()
         self._sends: List[Tuple[Any, torch.Tensor]] = []  # point-to-point sends in flight
+        self.freed = False
+        _OPEN.add(self)
 
     # --- the exchange ------------------------------------------------------------------------
     def exchange(self, send: bytearray, recv: bytearray, block: bytearray, shape: int,
@@ -386,12 +391,32 @@ class TorchTransport:
         os._exit(code)
 
     def free(self) -> None:
+        if self.freed:
+            return
+        self.freed = True
         self._sends.clear()
         self.control.shutdown()
         if self.owns_device_group:
             self.device_group.shutdown()
         self._owners = (None, None)
         self._views = (_EMPTY, _EMPTY)
+
+
+# Private groups still open when the interpreter exits are shut down first: left to the
+# interpreter's teardown, a gloo backend can be destroyed with its threads still joinable, and
+# the process aborts ("terminate called without an active exception") after the job finished.
+_OPEN: "weakref.WeakSet[TorchTransport]" = weakref.WeakSet()
+
+
+def _shut_down_at_exit() -> None:
+    for transport in list(_OPEN):
+        try:
+            transport.free()
+        except Exception:  # the process is exiting: nothing left to report to
+            pass
+
+
+atexit.register(_shut_down_at_exit)
 
 
 def _bytes_of(tensor: torch.Tensor) -> torch.Tensor:
