@@ -66,7 +66,7 @@ def _device_time(fn, burst: int, hold_s: float, comm) -> float:
         torch.cuda.synchronize()
         comm.synchronize()
         streams = [torch.cuda.current_stream()]
-        streams += tensor_device._checks(comm._p).streams()
+        streams += tensor_device.checks_of(comm._p).streams()
         start = torch.cuda.Event(enable_timing=True)
         ends = [torch.cuda.Event(enable_timing=True) for _ in streams]
         torch.cuda._sleep(int(hold_s * 2e9))  # ~2 GHz SM clock: at least hold_s

@@ -12,9 +12,18 @@ from launch import SpmdResult, run_spmd
 SPMD_DIR = Path(__file__).resolve().parent / "spmd"
 
 
+# Programs that leave with os._exit(0) while a timed-out collective is still pending: Open MPI's
+# launcher reports "exited without calling finalize" and fails the job even though every rank
+# finished its checks, so for those the markers are the verdict.
+EXITS_WITHOUT_FINALIZE = 'exited without calling "finalize"'
+
+
 def check_spmd(result: SpmdResult, program: str, nranks: int, uniform: bool = True) -> None:
     assert not result.timed_out, f"{program} at {nranks} ranks hung: {result!r}"
-    assert result.returncode == 0, f"{program} at {nranks} ranks failed: {result!r}"
+    skipped_finalize = (EXITS_WITHOUT_FINALIZE in result.stdout + result.stderr
+                        and "os._exit(0)" in (SPMD_DIR / f"{program}.py").read_text())
+    assert result.returncode == 0 or skipped_finalize, \
+        f"{program} at {nranks} ranks failed: {result!r}"
     markers = re.findall(rf"SPMD-OK {re.escape(program)} rank (\d+)/{nranks} checks (\d+)(?!\d)",
                          result.stdout)
     assert sorted(int(r) for r, _ in markers) == list(range(nranks)), repr(result)

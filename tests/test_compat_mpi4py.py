@@ -295,4 +295,4 @@ def test_import_pulls_in_neither_mpi4py_nor_torch():
 @pytest.mark.parametrize("nranks", [2, 4])
 def test_matches_mpi4py_on_random_programs(spmd, nranks):
     result = spmd("compat_mpi4py", nranks, timeout=240)
-    assert f"hypothesis: derandomized" in result.stdout
+    assert "hypothesis: derandomized" in result.stdout

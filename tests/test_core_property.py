@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Tuple
 
 import msgspec
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -179,6 +179,19 @@ def test_a_creation_meeting_a_collective_names_a_real_collective():
         assert str(2 ** 64 - 1) not in str(e).splitlines()[0], str(e)
 
 
+def test_a_late_creation_is_waited_for_beyond_a_tight_timeout():
+    """A creation is the first traffic on a new backend group (gloo connects lazily): one rank
+    arriving there later than the communicator's timeout is start-up, not a hang."""
+    def fn(comm: tc.TypedComm) -> Any:
+        if comm.rank == 1:
+            time.sleep(0.6)
+        made = second_comm(comm)
+        assert made.timeout == 0.2
+        return made.allgather(comm.rank)
+    got = outcomes(2, fn, timeout=0.2)
+    assert got == [[0, 1], [0, 1]], got
+
+
 # --- 3. allreduce of arrays past the slot: MPI's own reduction --------------------------------
 MPI_ALLREDUCE_PAST_THE_SLOT = """
 import json, sys

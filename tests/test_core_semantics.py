@@ -273,7 +273,7 @@ def test_a_value_msgspec_cannot_encode_says_what_to_do():
 # --- argument errors on one rank --------------------------------------------------------------
 ARGUMENTS = {
     "root": (lambda c: c.bcast(1, root=c.size if c.rank == 1 else 0),
-             f"ValueError: expected root in 0..1, got 2"),
+             "ValueError: expected root in 0..1, got 2"),
     "op": (lambda c: c.allreduce(1, op="avg" if c.rank == 1 else "sum"),
            "ValueError: expected op to be one of"),
     "step": (lambda c: c.allgather(1, step=2 ** 63 if c.rank == 1 else 0),

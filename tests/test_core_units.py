@@ -19,7 +19,7 @@ from typedcoll.core.mismatch import (EnvelopeInfo, Note, compact_ranks, describe
                                      desync_message, group_envelopes, mismatch_kinds)
 from typedcoll.core.wire import (AGREE_SIZE, CHECKED, FLAG_WILD_SCHEMA, HEADER, HEADER_SIZE,
                                  MAGIC, NO_ROOT, NO_STEP, SlotPolicy, agreed, block_length,
-                                 fold, or_into, own_block)
+                                 fold, or_into)
 
 
 def header(**fields) -> bytearray:

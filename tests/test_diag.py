@@ -394,3 +394,13 @@ def test_an_unknown_log_level_is_refused(monkeypatch, capsys, clean_logger):
     assert log.configure() == ("TYPEDCOLL_LOG: expected one of off, error, info, debug, got "
                                "'verbose'; the setting is ignored")
     assert "typedcoll diagnostics: TYPEDCOLL_LOG: expected one of" in capsys.readouterr().err
+
+
+def test_a_recorded_creation_reads_as_creation_not_its_sentinel_number():
+    from typedcoll.core.recorder import RecordEntry
+    created = RecordEntry(seq=2 ** 64 - 1, op="create", schema="tuple[bool, float]",
+                          site="prog.py:4")
+    text = hang.entry_text(created, "WORLD", 0)
+    assert text == "create[tuple[bool, float]] on WORLD (creation) at prog.py:4: completed", text
+    later = hang.entry_text(RecordEntry(seq=3, op="barrier", site="prog.py:9"), "WORLD", 0)
+    assert " seq=3 at prog.py:9" in later, later

@@ -27,7 +27,8 @@ class TypedComm:
     ``name=``, else its call site), which communicator, op, schema, step, root, reduce op and
     array shape. Ranks that disagree all raise :class:`DesyncError` in the same call.
     ``timeout`` bounds each collective in seconds (None: wait forever), and must be the same on
-    every rank. Typed traffic runs on a private duplicate of ``comm`` (one per parent, shared by
+    every rank; creating the communicator waits at least 10 s whatever it is, since peers may
+    still be starting or connecting. Typed traffic runs on a private duplicate of ``comm`` (one per parent, shared by
     every TypedComm over it), so it never mixes with the caller's own messages.
 
     One thread at a time: a thread entering a collective while another is inside one on the same

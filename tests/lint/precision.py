@@ -2,7 +2,6 @@
 
 import functools
 import re
-import socket
 import sys
 
 import numpy as np

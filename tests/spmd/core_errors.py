@@ -120,10 +120,12 @@ chk.true("free: op named", "free" in str(err.error) and "allgather" in str(err.e
 # Two threads on one communicator: refused, never paired across threads, never a hang.
 shared = tc.TypedComm(WORLD.Dup(), timeout=5.0)
 outcomes = {0: [], 1: []}
+start = threading.Barrier(2)  # the two threads begin together, so their calls overlap
 
 
 def hammer(tid):
-    for i in range(300):
+    start.wait()
+    for i in range(3000):
         try:
             shared.allgather((tid, i))
         except tc.CollectiveError as exc:

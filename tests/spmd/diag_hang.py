@@ -94,7 +94,7 @@ else:
         f"      on COMM_WORLD: issued 4 collectives, the last allgather[RankState] seq=3 at "
         f"{FILE}:{LOOP_LINE}, its 3rd call: completed",
         f"  arrived: {peers}",
-        f"  decisions that differ:",
+        "  decisions that differ:",
         f"    can_queue at {FILE}:{NOTE_LINE} — {peers}: True; rank {absent}: False",
     ])
 RAW_BARRIER_LINE = line_at(1)

@@ -523,19 +523,19 @@ static int mpi_error(const Engine *e, int rc) {
 
 /* One round: send out[0:out_len] to dest, receive into inbox from source. 1 done, 0 deadline
  * passed (requests left pending), -1 error. Runs without the GIL. */
-static int round_trip(Engine *e, Py_ssize_t out_len, int dest, int source, double deadline,
-                      int *rc_out) {
+static int round_trip(Engine *e, const unsigned char *out, Py_ssize_t out_len, int dest,
+                      int source, double deadline, int *rc_out) {
     int rc;
     char statuses[512];
     intptr_t comm = comm_now(e);
     if (deadline < 0) {
         if (e->handle_size == 4)
-            rc = ((sendrecv_i)e->sendrecv)(e->out, (int)out_len, (int32_t)e->byte_type, dest,
+            rc = ((sendrecv_i)e->sendrecv)(out, (int)out_len, (int32_t)e->byte_type, dest,
                                            e->tag, e->inbox, (int)e->inbox_cap,
                                            (int32_t)e->byte_type, source, e->tag, (int32_t)comm,
                                            statuses);
         else
-            rc = ((sendrecv_p)e->sendrecv)(e->out, (int)out_len, (void *)e->byte_type, dest,
+            rc = ((sendrecv_p)e->sendrecv)(out, (int)out_len, (void *)e->byte_type, dest,
                                            e->tag, e->inbox, (int)e->inbox_cap,
                                            (void *)e->byte_type, source, e->tag, (void *)comm,
                                            statuses);
@@ -549,13 +549,13 @@ static int round_trip(Engine *e, Py_ssize_t out_len, int dest, int source, doubl
         rc = ((irecv_i)e->irecv)(e->inbox, (int)e->inbox_cap, (int32_t)e->byte_type, source,
                                  e->tag, (int32_t)comm, &req.i[0]);
         if (rc == 0)
-            rc = ((isend_i)e->isend)(e->out, (int)out_len, (int32_t)e->byte_type, dest, e->tag,
+            rc = ((isend_i)e->isend)(out, (int)out_len, (int32_t)e->byte_type, dest, e->tag,
                                      (int32_t)comm, &req.i[1]);
     } else {
         rc = ((irecv_p)e->irecv)(e->inbox, (int)e->inbox_cap, (void *)e->byte_type, source,
                                  e->tag, (void *)comm, &req.p[0]);
         if (rc == 0)
-            rc = ((isend_p)e->isend)(e->out, (int)out_len, (void *)e->byte_type, dest, e->tag,
+            rc = ((isend_p)e->isend)(out, (int)out_len, (void *)e->byte_type, dest, e->tag,
                                      (void *)comm, &req.p[1]);
     }
     if (rc != 0) {
@@ -591,9 +591,29 @@ static int round_trip(Engine *e, Py_ssize_t out_len, int dest, int source, doubl
     }
 }
 
+/* The agreement block of ``n`` gathered slots (core/wire.py ``fold``). */
+static void fold_slots(const unsigned char *recv, Py_ssize_t slot, Py_ssize_t n,
+                       unsigned char *block) {
+    unsigned char one[AGREE_SIZE];
+    own_block(recv, block);
+    for (Py_ssize_t i = 1; i < n; i++) {
+        own_block(recv + i * slot, one);
+        or_bytes(block, one, AGREE_SIZE);
+    }
+}
+
+/* Ranks met in exchanges of both shapes: a block that shows disagreement on every rank. */
+static void force_disagreement(unsigned char *block) {
+    block[0] |= 1;
+    block[CHECKED] |= 1;
+    /* Each rank heard only part of the flags and lengths: every rank feeds the slot rule 0. */
+    memset(block + 2 * CHECKED, 0, AGREE_SIZE - 2 * CHECKED);
+}
+
 /* The exchange of core/transport.py over MPI point to point; see transports/mpi.py for the
- * message format. 1 done, 0 the deadline passed, -1 error (exception set). Holds the GIL only
- * between rounds. */
+ * message format. 1 done, 0 the deadline passed, -1 error (exception set). Every round runs
+ * without the GIL, released once: the buffers are this exchange's own while it runs (the
+ * channel's lock keeps every other thread out). */
 static int engine_exchange(Engine *e, const unsigned char *send, Py_ssize_t slot,
                            unsigned char *recv, unsigned char *block, int shape,
                            double deadline) {
@@ -609,68 +629,87 @@ static int engine_exchange(Engine *e, const unsigned char *send, Py_ssize_t slot
         return -1;
     }
     Py_ssize_t half = (n + 1) / 2;
-    if (grow(&e->inbox, &e->inbox_cap, PREFIX + AGREE_SIZE + (half > 0 ? half : 1) * slot) < 0 ||
-        grow(&e->out, &e->out_cap, PREFIX + AGREE_SIZE + (half > 0 ? half : 1) * slot) < 0 ||
-        grow(&e->region, &e->region_cap, slot) < 0)
+    if (half < 1) half = 1;
+    /* ``held``: the 8-byte message prefix, then the slots of ranks r, r+1, ... (a GATHER
+     * message is its first bytes, sent in place). */
+    if (grow(&e->inbox, &e->inbox_cap, PREFIX + AGREE_SIZE + half * slot) < 0 ||
+        grow(&e->out, &e->out_cap, PREFIX + AGREE_SIZE + slot) < 0 ||
+        grow(&e->region, &e->region_cap, slot) < 0 ||
+        grow(&e->held, &e->held_cap, PREFIX + (Py_ssize_t)n * slot) < 0)
         return -1;
+    unsigned char *held = e->held + PREFIX;
     Py_ssize_t have = 1;
-    if (shape == SHAPE_GATHER) {
-        if (grow(&e->held, &e->held_cap, (Py_ssize_t)n * slot) < 0) return -1;
-        memcpy(e->held, send, (size_t)slot);
-    } else {
-        memcpy(e->region, send + HEADER_SIZE, (size_t)region_len);
-    }
+    if (shape == SHAPE_GATHER) memcpy(held, send, (size_t)slot);
+    else memcpy(e->region, send + HEADER_SIZE, (size_t)region_len);
+    unsigned char seen = shape == SHAPE_GATHER ? 2 : 1; /* the shapes heard of: bit per shape */
+    int rc = 0, status = 1;
+    Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t dist = 1; dist < n; dist *= 2) {
-        unsigned char *o = e->out;
+        const unsigned char *out;
         Py_ssize_t count, out_len;
+        unsigned char *o;
         if (shape == SHAPE_GATHER) {
             count = have < dist ? have : dist;
             if (count > n - dist) count = n - dist;
-            out_len = PREFIX + AGREE_SIZE + count * slot;
-            memcpy(o + PREFIX + AGREE_SIZE, e->held, (size_t)(count * slot));
+            o = e->held;
+            out_len = PREFIX + count * slot;
         } else {
             count = region_len;
-            out_len = PREFIX + AGREE_SIZE + region_len;
+            o = e->out;
+            memcpy(o + PREFIX, block, AGREE_SIZE);
             memcpy(o + PREFIX + AGREE_SIZE, e->region, (size_t)region_len);
+            out_len = PREFIX + AGREE_SIZE + region_len;
         }
         o[0] = (unsigned char)shape;
-        o[1] = o[2] = o[3] = 0;
+        o[1] = seen;
+        o[2] = o[3] = 0;
         put_u32(o + 4, (uint32_t)count);
-        memcpy(o + PREFIX, block, AGREE_SIZE);
-        int rc = 0, status;
+        out = o;
         int dest = (int)((r - dist % n + n) % n), source = (int)((r + dist) % n);
-        Py_BEGIN_ALLOW_THREADS
-        status = round_trip(e, out_len, dest, source, deadline, &rc);
-        Py_END_ALLOW_THREADS
-        if (status < 0) return mpi_error(e, rc);
-        if (status == 0) return 0;
+        status = round_trip(e, out, out_len, dest, source, deadline, &rc);
+        if (status <= 0) break;
         const unsigned char *in = e->inbox;
-        or_bytes(block, in + PREFIX, AGREE_SIZE);
+        int in_gather = in[0] == SHAPE_GATHER;
+        seen |= (unsigned char)((in[1] & 3) | (in_gather ? 2 : 1));
         Py_ssize_t got = get_u32(in + 4);
-        const unsigned char *body = in + PREFIX + AGREE_SIZE;
-        if (shape == SHAPE_GATHER && in[0] == SHAPE_GATHER) {
+        if (!in_gather) {
+            or_bytes(block, in + PREFIX, AGREE_SIZE);
+            if (shape != SHAPE_GATHER) {
+                if (got > slot - HEADER_SIZE) got = slot - HEADER_SIZE;
+                if (got > region_len) {
+                    memset(e->region + region_len, 0, (size_t)(got - region_len));
+                    region_len = got;
+                }
+                or_bytes(e->region, in + PREFIX + AGREE_SIZE, got);
+            }
+        } else if (shape == SHAPE_GATHER) {
             Py_ssize_t most = dist < n - dist ? dist : n - dist;
             if (got > most) got = most;
             if (got > n - have) got = n - have;
-            memcpy(e->held + have * slot, body, (size_t)(got * slot));
+            memcpy(held + have * slot, in + PREFIX, (size_t)(got * slot));
             have += got;
-        } else if (shape != SHAPE_GATHER && in[0] != SHAPE_GATHER) {
-            if (got > slot - HEADER_SIZE) got = slot - HEADER_SIZE;
-            if (got > region_len) {
-                memset(e->region + region_len, 0, (size_t)(got - region_len));
-                region_len = got;
-            }
-            or_bytes(e->region, body, got);
         }
     }
-    if (shape == SHAPE_GATHER) {
-        for (Py_ssize_t i = 0; i < have && i < n; i++) {
-            Py_ssize_t owner = (r + i) % n;
-            memcpy(recv + owner * slot, e->held + i * slot, (size_t)slot);
+    if (status > 0 && seen != 3) {
+        if (shape == SHAPE_GATHER) {
+            for (Py_ssize_t i = 0; i < have && i < n; i++) {
+                Py_ssize_t owner = (r + i) % n;
+                memcpy(recv + owner * slot, held + i * slot, (size_t)slot);
+            }
+        } else {
+            memcpy(recv + HEADER_SIZE, e->region, (size_t)region_len);
+            memset(recv + HEADER_SIZE + region_len, 0,
+                   (size_t)(slot - HEADER_SIZE - region_len));
         }
-    } else {
-        memcpy(recv + HEADER_SIZE, e->region, (size_t)region_len);
-        memset(recv + HEADER_SIZE + region_len, 0, (size_t)(slot - HEADER_SIZE - region_len));
+    }
+    Py_END_ALLOW_THREADS
+    if (status < 0) return mpi_error(e, rc);
+    if (status == 0) return 0;
+    if (seen == 3) {
+        force_disagreement(block);
+    } else if (shape == SHAPE_GATHER) {
+        if (have == n) fold_slots(recv, slot, n, block);
+        else force_disagreement(block); /* a peer sent short: corrupt, never decoded */
     }
     return 1;
 }

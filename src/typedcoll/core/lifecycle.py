@@ -19,7 +19,7 @@ from .args import check_color_key, check_timeout, first_error
 from .call import MODE_EMPTY, MODE_MSG, Call
 from .channel import Channel
 from .errors import DesyncError
-from .identity import check_name, register_internal
+from .identity import register_internal
 from .mismatch import MismatchKind, desync_message, group_envelopes
 from .ops import _common, run
 from .payloads import gathered

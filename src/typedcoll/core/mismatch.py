@@ -163,7 +163,8 @@ def describe(env: EnvelopeInfo, kinds: Sequence[MismatchKind] = (),
     if env.settings is not None and MismatchKind.SETTINGS in kinds:
         text += f" {env.settings}"
     if MismatchKind.SEQUENCE in kinds:
-        text += f" seq={env.seq}"
+        # The creation exchange is numbered apart from the collectives, with the top number.
+        text += " (creation)" if env.seq == 2 ** 64 - 1 else f" seq={env.seq}"
     if env.name is not None:
         text += f" name={env.name!r}"
     text += f" at {env.site}"

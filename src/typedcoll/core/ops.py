@@ -20,7 +20,7 @@ from . import fast, payloads, verdict
 from .verdict import where
 from .args import (check_reduce_op, check_root, check_step, first_error, payload_mode,
                    schema_of)
-from .call import MODE_ARRAY, MODE_EMPTY, MODE_MSG, Call
+from .call import MODE_ARRAY, MODE_EMPTY, Call
 from .errors import DecodeError
 from .identity import check_name, register_internal
 from .protocol import Protocol

@@ -169,7 +169,7 @@ def decode(p: "Protocol", call: Call, buf: Any, source: int,
     try:
         if info.kind == KIND_MSGSPEC:
             if isinstance(buf, SplitArray):  # an array where the schema wants a message
-                raise ValueError(f"expected a msgpack payload, got an array's data")
+                raise ValueError("expected a msgpack payload, got an array's data")
             if len(buf) > MAX_NESTING and info.needs_nesting_scan and not nesting_ok(buf):
                 raise ValueError(f"expected a payload nested at most {MAX_NESTING} deep, got "
                                  f"one nested deeper")

@@ -37,12 +37,16 @@ import time
 import weakref
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from ..codecs import ENCODER, KIND_MSGSPEC, SchemaInfo, encode_array, nesting_ok
+from ..codecs import ENCODER, KIND_MSGSPEC, encode_array, nesting_ok
 from ..codecs.array import encode_array_split
 from ..codecs.nesting import MAX_NESTING
 from . import verdict
-from .verdict import CREATE_SEQ
-from .call import MODE_ARRAY, MODE_EMPTY, MODE_MSG, Call
+# The creation exchange is the first traffic on a new backend group, which may still be
+# connecting its ranks (gloo does so lazily, slowly on a loaded host): it waits at least
+# CREATION_MIN_TIMEOUT whatever the communicator's timeout, so a tight timeout bounds
+# collectives, not start-up.
+from .verdict import CREATE_SEQ, CREATION_MIN_TIMEOUT
+from .call import MODE_ARRAY, MODE_EMPTY, Call
 from .channel import BUSY_CODE, BUSY_LASTI, Channel, thread_label
 from .errors import CollectiveError, ConcurrentCallError
 from .mismatch import Note
@@ -50,9 +54,10 @@ from .fresh import on_fresh_stack
 from .identity import format_site, name_fingerprint, register_internal, site_fingerprint, \
     user_frame
 from .recorder import FlightRecorder, capacity_from_env
-from .wire import (AGREE_SIZE, CHECKED, FLAG_LOCAL_ERROR, FLAG_OVERFLOW, FLAG_SPLIT_ARRAY, FLAG_WILD_SCHEMA, GATHER, HEADER, HEADER_SIZE,
-                   MAGIC, MAX_PAYLOAD, NATIVE_LITTLE, NO_STEP, OPS, REDUCE, SlotPolicy, agreed,
-                   block_flags, block_length, instances_differ, slot_log2)
+from .wire import (AGREE_SIZE, FLAG_LOCAL_ERROR, FLAG_OVERFLOW, FLAG_SPLIT_ARRAY,
+                   FLAG_WILD_SCHEMA, GATHER, HEADER, HEADER_SIZE, MAGIC, MAX_PAYLOAD,
+                   NATIVE_LITTLE, NO_STEP, OPS, REDUCE, SlotPolicy, agreed, block_flags,
+                   block_length, instances_differ, slot_log2)
 from .transport import TransportTimeout
 
 _ZEROS = bytes(8)
@@ -210,19 +215,19 @@ class Protocol:
         self.write(call, payload, flags)
         if self.recorder is not None:
             self.recorder.set_bytes(len(payload))
-        call.deadline = self.deadline()
+        call.deadline = self.deadline(CREATION_MIN_TIMEOUT if call.seq == CREATE_SEQ else 0.0)
         try:
             self.transport.exchange(self.send, self.recv, self.block, call.shape, call.deadline)
         except TransportTimeout:
             verdict.timed_out(self, call)
         self.after_exchange(call)
 
-    def deadline(self) -> Optional[float]:
+    def deadline(self, at_least: float = 0.0) -> Optional[float]:
         """When this call's backend operations must be done by (None: never; an infinite
         timeout waits forever too, without polling for a deadline that cannot come)."""
         if self.timeout is None or self.timeout == float("inf"):
             return None
-        return time.monotonic() + self.timeout
+        return time.monotonic() + max(self.timeout, at_least)
 
     def after_exchange(self, call: Call) -> None:
         """Step 4 from the agreement block (the C fast path calls this after its own exchange)."""

@@ -29,6 +29,7 @@ from .wire import (AGREE_SIZE, FLAG_LOCAL_ERROR, FLAGS_OFFSET, HEADER_SIZE, REDU
 if TYPE_CHECKING:
     from .protocol import Protocol
 
+CREATION_MIN_TIMEOUT = 10.0  # the creation exchange waits at least this long (core/protocol.py)
 CREATE_SEQ = 2 ** 64 - 1  # the creation exchange: before the first collective, numbered apart
 
 _INFO_DECODER = msgspec.msgpack.Decoder(Tuple[bytes, EnvelopeInfo])
@@ -229,6 +230,8 @@ def timed_out(p: "Protocol", call: Call) -> None:
     """Raise CollectiveTimeout; the channel is unusable from now on."""
     site = format_site(call.code, call.lasti)
     timeout = p.timeout if p.timeout is not None else 0.0
+    if call.seq == CREATE_SEQ:
+        timeout = max(timeout, CREATION_MIN_TIMEOUT)
     text = (f"{where(p, call)}: {what(call)} at {site} did not complete within "
             f"{timeout:g} s")
     missing = None

@@ -140,6 +140,17 @@ def or_slots(recv: bytearray, slot: int, size: int) -> None:
     recv[:slot] = acc.to_bytes(slot, "little")
 
 
+def force_disagreement(block: bytearray) -> None:
+    """Make ``block`` say the headers differ (ranks met in exchanges of different shapes).
+
+    Its flags and length are zeroed: each rank heard only part of them, and every rank must
+    feed the slot-size rule the same number.
+    """
+    block[0] |= 1
+    block[CHECKED] |= 1
+    block[2 * CHECKED:AGREE_SIZE] = bytes(AGREE_SIZE - 2 * CHECKED)
+
+
 def agreed(block: bytes) -> bool:
     """Every rank's checked header was the same."""
     a = int.from_bytes(block[:CHECKED], "little")

@@ -31,6 +31,7 @@ from ..core.mismatch import (EnvelopeInfo, Group, MismatchKind, compact_ranks, d
                              format_decisions)
 from ..core.protocol import Protocol
 from ..core.recorder import RecordEntry
+from ..core.verdict import where
 from . import side as side_channel
 from . import state, watcher
 from .model import CommState, PeerSeen, RankStatus
@@ -105,7 +106,7 @@ def hang_report(p: Protocol, call: Call) -> Tuple[Optional[Tuple[int, ...]], str
             f"{f'in {took:.3f}' if not silent else f'within {GRACE:g}'} s):")
     lines = [head]
     if absent:
-        lines.append(f"  never arrived at collective #{call.seq} on {p.name}: "
+        lines.append(f"  never arrived at {where(p, call)}: "
                      f"{compact_ranks(absent)}")
         for r in absent[:MAX_DETAILED]:
             lines += _absent_lines(p, r, answers[r])

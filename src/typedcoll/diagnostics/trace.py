@@ -20,7 +20,7 @@ import os
 import re
 import stat
 import sys
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import msgspec
 

@@ -82,7 +82,7 @@ def run(n: int, fn: Callable[..., Any], *args: Any, timeout: Optional[float] = 3
 
 # A rank that timed out asks its peers where they are before it raises; on a loaded machine that
 # takes seconds, and only a rank stuck in its own code should be reported as such.
-_REPORT_GRACE = 10.0
+_REPORT_GRACE = 3.0
 
 
 def _join(threads: List[threading.Thread], timeout: Optional[float]) -> List[int]:

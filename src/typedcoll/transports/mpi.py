@@ -12,15 +12,18 @@ still exchange well-formed messages in the same rounds. Round k (distance d = 2*
 rounds): send to rank r - d, receive from rank r + d (mod N), on the collective communicator
 with one reserved tag. Every message is::
 
-    u8 shape, u8 0, u16 0, u32 count      shape GATHER: count slots follow; REDUCE: count bytes
-    agreement block (128 bytes)           the OR of every header this rank has heard of so far
+    u8 shape, u8 shapes seen, u16 0, u32 count
     GATHER: count slots (Bruck's allgather: the first min(d, N - d) slots this rank holds, in
-            the order rank r, r+1, ...); REDUCE: the OR of the payload regions heard of so far
+            the order rank r, r+1, ...), sent in place
+    REDUCE: the agreement block (the OR of every header this rank has heard of so far), then
+            count bytes: the OR of the payload regions heard of so far
 
-After the last round every rank's block covers every rank (OR is idempotent, so overlapping
-coverage when N is not a power of two changes nothing), and GATHER ranks hold every slot. A
-message of the other shape is ORed into the block and otherwise ignored: the block then shows the
-disagreement, so no rank decodes what it could not have gathered. MPI delivers messages between
+"Shapes seen" has a bit per shape, ORed along: after the last round every rank has heard, at
+first or second hand, of every rank (overlapping coverage when N is not a power of two changes
+nothing: OR is idempotent). A GATHER rank then holds every slot and folds their agreement block
+itself; a REDUCE rank's block covers every rank. Ranks that saw both shapes (one in an
+allgather, its peer in a bcast) all mark their block as disagreeing, so no rank decodes what it
+could not have gathered, and every rank enters the same cold path. MPI delivers messages between
 two ranks with one tag in order, so consecutive exchanges never mix. The C fast path runs this
 same schedule (``core/_speedups.c``, over MPI's C symbols); this module is its Python twin.
 
@@ -44,7 +47,7 @@ from ..core.channel import Channel
 from ..core.identity import register_internal
 from ..core.transport import TransportTimeout, displacements
 from ..core.wire import (AGREE_SIZE, FLAG_OVERFLOW, FLAGS_OFFSET, GATHER, HEADER_SIZE,
-                         LENGTH_OFFSET, or_into, own_block)
+                         LENGTH_OFFSET, fold, force_disagreement, or_into, own_block)
 
 EXCHANGE_TAG = 0x7C31  # the collective communicator carries no other point-to-point traffic
 PREFIX = 8
@@ -171,12 +174,12 @@ class MPITransport:
         flags = send[FLAGS_OFFSET]
         length = int.from_bytes(send[LENGTH_OFFSET:HEADER_SIZE], "little")
         region_len = 0 if flags & FLAG_OVERFLOW else min(length, slot - HEADER_SIZE)
+        held = bytearray(n * slot)  # GATHER: slots of ranks r, r+1, ... in that order
+        have = 1
         if shape == GATHER:
-            held = bytearray(n * slot)  # slots of ranks r, r+1, ... in that order
             held[:slot] = send
-            have = 1
-        else:
-            region = bytearray(send[HEADER_SIZE:HEADER_SIZE + region_len])
+        region = bytearray(send[HEADER_SIZE:HEADER_SIZE + region_len])
+        seen = 2 if shape == GATHER else 1  # the shapes heard of, one bit each
         inbox_size = PREFIX + AGREE_SIZE + max((n + 1) // 2, 1) * slot
         if len(self._inbox) < inbox_size:
             self._inbox = bytearray(inbox_size)
@@ -185,32 +188,40 @@ class MPITransport:
         while dist < n:
             if shape == GATHER:
                 count = min(have, dist, n - dist)
-                out = (bytes((GATHER, 0, 0, 0)) + count.to_bytes(4, "little") + block
-                       + held[:count * slot])
+                out = bytes((GATHER, seen, 0, 0)) + count.to_bytes(4, "little") + \
+                    held[:count * slot]
             else:
-                out = (bytes((shape, 0, 0, 0)) + len(region).to_bytes(4, "little") + block
+                out = (bytes((shape, seen, 0, 0)) + len(region).to_bytes(4, "little") + block
                        + region)
             self._sendrecv(out, (r - dist) % n, inbox, (r + dist) % n, deadline)
-            or_into(block, inbox[PREFIX:PREFIX + AGREE_SIZE])
-            got_shape = inbox[0]
+            in_gather = inbox[0] == GATHER
+            seen |= (inbox[1] & 3) | (2 if in_gather else 1)
             got = int.from_bytes(inbox[4:8], "little")
-            body = PREFIX + AGREE_SIZE
-            if shape == GATHER and got_shape == GATHER:
+            if not in_gather:
+                or_into(block, inbox[PREFIX:PREFIX + AGREE_SIZE])
+                if shape != GATHER:
+                    got = min(got, slot - HEADER_SIZE)
+                    if got > len(region):
+                        region.extend(bytes(got - len(region)))
+                    body = PREFIX + AGREE_SIZE
+                    acc = int.from_bytes(region[:got], "little") | int.from_bytes(
+                        inbox[body:body + got], "little")
+                    region[:got] = acc.to_bytes(got, "little")
+            elif shape == GATHER:
                 got = min(got, dist, n - dist, n - have)
-                held[have * slot:(have + got) * slot] = inbox[body:body + got * slot]
+                held[have * slot:(have + got) * slot] = inbox[PREFIX:PREFIX + got * slot]
                 have += got
-            elif shape != GATHER and got_shape != GATHER:
-                got = min(got, slot - HEADER_SIZE)
-                if got > len(region):
-                    region.extend(bytes(got - len(region)))
-                acc = int.from_bytes(region[:got], "little") | int.from_bytes(
-                    inbox[body:body + got], "little")
-                region[:got] = acc.to_bytes(got, "little")
             dist *= 2
-        if shape == GATHER:
-            for i in range(min(have, n)):
+        if seen == 3:  # ranks met in exchanges of both shapes: disagreement, on every rank
+            force_disagreement(block)
+        elif shape == GATHER:
+            for i in range(have):
                 owner = (r + i) % n
                 recv[owner * slot:(owner + 1) * slot] = held[i * slot:(i + 1) * slot]
+            if have == n:
+                fold(recv, slot, n, block)
+            else:  # a peer sent short: corrupt, never decoded
+                force_disagreement(block)
         else:
             recv[HEADER_SIZE:HEADER_SIZE + len(region)] = region
             recv[HEADER_SIZE + len(region):slot] = bytes(slot - HEADER_SIZE - len(region))
