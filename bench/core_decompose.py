@@ -55,7 +55,8 @@ RATIOS = ([report.Ratio(SMALL, "typed", "raw64", ("<=", 1.5)),
            report.Ratio(SMALL, "exchange", "raw64"),
            report.Ratio(SMALL, "exchange+codec", "raw64")]
           + [r for case, goal in (("64 KiB array", 1.1), ("1 MiB array", 1.0), ("2,048 ints", 1.0))
-             for r in (report.Ratio(case, "typed", "raw", ("<=", 1.25) if "array" in case else None),
+             for r in (report.Ratio(case, "typed", "raw",
+                                    ("<=", 1.25) if "array" in case else None),
                        report.Ratio(case, "typed", "pickle", ("<=", goal)),
                        report.Ratio(case, "copy_free", "raw",
                                     ("<=", 1.25) if "array" in case else None),

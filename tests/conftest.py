@@ -33,7 +33,8 @@ def check_spmd(result: SpmdResult, program: str, nranks: int, uniform: bool = Tr
 
 @pytest.fixture
 def spmd(tmp_path):
-    """``spmd(program, nranks, timeout)``: run tests/spmd/<program>.py, check every rank's marker."""
+    """``spmd(program, nranks, timeout)``: run tests/spmd/<program>.py, check every rank's
+    marker."""
 
     def run(program: str, nranks: int, timeout: float = 60.0, uniform: bool = True,
             **kwargs) -> SpmdResult:

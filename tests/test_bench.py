@@ -103,7 +103,8 @@ def test_peers_document(docs: Dict[str, Dict[str, Any]]) -> None:
     assert ran | set(doc["unavailable"]) == set(keys) and not ran & set(doc["unavailable"])
     assert {"mpi_raw", "mpi_pickle", "mpi_pkl5", "typed_mpi"} <= ran
     if not HAS_TORCH:
-        assert all("torch" in doc["unavailable"][k] for k in keys if k.startswith(("gloo", "typed_g")))
+        assert all("torch" in doc["unavailable"][k]
+                   for k in keys if k.startswith(("gloo", "typed_g")))
     assert [p["name"] for p in doc["payloads"]] == ["RankState", "2,048 ints", "64 KiB"]
     assert doc["payloads"][2]["floor_bytes"] == 64 << 10
 

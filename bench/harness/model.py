@@ -1,4 +1,5 @@
-"""The scaling model: latency steps and bytes per collective, typedcoll against MPI, N = 2 ... 16,384.
+"""The scaling model: latency steps and bytes per collective, typedcoll against MPI, N = 2 to
+16,384.
 
 Costs follow the usual latency-bandwidth model of collective algorithms: a collective costs
 ``steps`` message latencies on its critical path (a linear rooted collective: one per peer at

@@ -28,8 +28,9 @@ class TypedComm:
     array shape. Ranks that disagree all raise :class:`DesyncError` in the same call.
     ``timeout`` bounds each collective in seconds (None: wait forever), and must be the same on
     every rank; creating the communicator waits at least 10 s whatever it is, since peers may
-    still be starting or connecting. Typed traffic runs on a private duplicate of ``comm`` (one per parent, shared by
-    every TypedComm over it), so it never mixes with the caller's own messages.
+    still be starting or connecting. Typed traffic runs on a private duplicate of ``comm`` (one
+    per parent, shared by every TypedComm over it), so it never mixes with the caller's own
+    messages.
 
     One thread at a time: a thread entering a collective while another is inside one on the same
     channel raises :class:`ConcurrentCallError`. Free with :meth:`free` (collective) or use as a
@@ -207,7 +208,8 @@ class TypedComm:
     def split(self, color: Optional[int], key: int = 0, *, step: Optional[int] = None,
               name: Optional[str] = None) -> Optional["TypedComm"]:
         """A TypedComm per color, ranks ordered by key; None where color is None."""
-        return lifecycle.split(self._p, color, key, step, name, self._child)  # type: ignore[no-any-return]
+        child = lifecycle.split(self._p, color, key, step, name, self._child)
+        return child  # type: ignore[no-any-return]
 
     def dup(self, *, step: Optional[int] = None, name: Optional[str] = None) -> "TypedComm":
         """A TypedComm over a new private communicator with the same ranks: its own sequence,
@@ -237,7 +239,8 @@ class TypedComm:
         self._p.transport.abort(code)
 
     # --- tensor collectives (torch backend) ------------------------------------------------
-    def all_gather_tensor(self, tensor: Any, *, name: Optional[str] = None, step: Optional[int] = None) -> Any:
+    def all_gather_tensor(self, tensor: Any, *, name: Optional[str] = None,
+                          step: Optional[int] = None) -> Any:
         """Checked all-gather of ``tensor`` along dim 0 (torch backend)."""
         from .tensor import ops as tensor_ops
         return tensor_ops.all_gather_tensor(self._p, tensor, name, step)

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from .p2p import RecvRequest
 
 TRANSPORT_TAG = 0  # the private channel carries nothing else; the caller's tag is in the envelope
-_LENGTH = 4
+LENGTH_PREFIX = 4
 _POLL_MIN, _POLL_MAX = 1e-5, 1e-3  # backoff between polls of several sources
 # Transports whose receive with a deadline already passed only looks, leaving nothing pending:
 # receives from any rank, and test(), poll with it.
@@ -50,7 +50,7 @@ class Envelope(msgspec.Struct, array_like=True, frozen=True):
     error: Optional[str] = None  # the sender could not encode its value: this is why
 
 
-_ENVELOPE_ENCODER = msgspec.msgpack.Encoder()
+ENVELOPE_ENCODER = msgspec.msgpack.Encoder()
 _ENVELOPE_DECODER = msgspec.msgpack.Decoder(Envelope)
 
 
@@ -83,12 +83,12 @@ class Message:
 
 def parse(data: bytes, source: int) -> Message:
     view = memoryview(data)
-    n = int.from_bytes(view[:_LENGTH], "little")
+    n = int.from_bytes(view[:LENGTH_PREFIX], "little")
     try:
-        envelope = _ENVELOPE_DECODER.decode(view[_LENGTH:_LENGTH + n])
+        envelope = _ENVELOPE_DECODER.decode(view[LENGTH_PREFIX:LENGTH_PREFIX + n])
     except Exception as exc:  # untrusted bytes: any decoder failure is a decode error
         return Message(None, view[:0], source, f"{type(exc).__name__}: {exc}")
-    return Message(envelope, view[_LENGTH + n:], source, None)
+    return Message(envelope, view[LENGTH_PREFIX + n:], source, None)
 
 
 class Mailbox:

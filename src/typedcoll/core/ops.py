@@ -95,7 +95,8 @@ def allgather(p: Protocol, value: Any, schema: Any, step: Any, name: Any,
         return out  # type: ignore[no-any-return]
     call = value_call(op, GATHER, value, schema, step, name)
     if out is not fast.TAKE_PY:
-        return finish(p, fast.resumed(p, call, out), lambda c: _decode_all(p, c))  # type: ignore[no-any-return]
+        resumed = fast.resumed(p, call, out)
+        return finish(p, resumed, lambda c: _decode_all(p, c))  # type: ignore[no-any-return]
     return run(p, call, lambda c: _decode_all(p, c))  # type: ignore[no-any-return]
 
 

@@ -31,67 +31,28 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import msgspec
 
-from ..codecs import (KIND_MSGSPEC, KIND_NUMPY_SCALAR, SchemaInfo, decode_array,
-                      encode_array, find_class, nesting_ok, resolve)
+from ..codecs import KIND_MSGSPEC, SchemaInfo, encode_array, nesting_ok
 from ..codecs.nesting import MAX_NESTING
 from ..codecs.schema import ENCODER
 from .args import check_dest, payload_mode, schema_of
-from .errors import (CollectiveError, CollectiveTimeout, DecodeError, DesyncError, EncodeError,
-                     PeerError)
-from .identity import check_name, format_site, name_fingerprint, register_internal, \
-    site_fingerprint, user_frame
-from .mismatch import EnvelopeInfo, Group, MismatchKind, format_groups, label
-from .transport import TransportTimeout
-from .mailbox import (_ENVELOPE_ENCODER, _LENGTH, TRANSPORT_TAG, Envelope, Message, head_text,
+from .errors import CollectiveError, CollectiveTimeout, EncodeError
+from .identity import check_name, register_internal
+from .mailbox import (ENVELOPE_ENCODER, LENGTH_PREFIX, TRANSPORT_TAG, Envelope, Message, head_text,
                       mailbox_of)
-from .verdict import decode_any
-from .wire import NO_STEP
+from .mismatch import label
+from .p2p_receive import Caller, p2p_state, recv_timed_out, take
+from .transport import TransportTimeout
 
 MAX_TAG = 2 ** 31 - 1
 # Transports whose sends never wait for their receiver (buffered, or left in flight).
 _SENDS_NEVER_WAIT = frozenset({"memory", "torch"})
 
 
-class _State:
-    """A communicator's point-to-point counters."""
-
-    __slots__ = ("sent", "received", "counts")
-
-    def __init__(self) -> None:
-        self.sent: Dict[Tuple[int, int], int] = {}  # (dest, tag) -> messages sent
-        self.received: Dict[Tuple[int, int], int] = {}  # (source, tag) -> messages taken
-        self.counts: Dict[bytes, int] = {}  # identity -> point-to-point calls so far
-
-
-def _state(p: Any) -> _State:
-    state = p.extensions.get("p2p")
-    if state is None:
-        state = p.extensions["p2p"] = _State()
-    return state  # type: ignore[no-any-return]
-
-
-# --- identity and messages ------------------------------------------------------------------
-class _Caller:
-    """Who is calling: the site (or name), its occurrence, and the step clock."""
-
-    __slots__ = ("site", "name", "occurrence", "step")
-
-    def __init__(self, p: Any, name: Optional[str]) -> None:
-        frame = user_frame(2)
-        code, lasti = (frame.f_code, frame.f_lasti) if frame is not None else (None, 0)
-        self.site = format_site(code, lasti)
-        self.name = name
-        identity = name_fingerprint(name) if name is not None else site_fingerprint(code, lasti)
-        counts = _state(p).counts
-        self.occurrence = counts.get(identity, 0) + 1
-        counts[identity] = self.occurrence
-        self.step = None if p.step == NO_STEP else p.step
-
-
+# --- messages ---------------------------------------------------------------------------------
 def _refuse_freed(p: Any, op: str, peer: Optional[int], tag: Optional[int]) -> None:
     if p.freed:
         raise CollectiveError(f"{head_text(op, None, peer, tag, p.name)}: refused: the "
@@ -143,8 +104,8 @@ def _message(p: Any, value: Any, dest: Any, tag: Any, schema: Any, name: Any,
     if local is not None:
         raise EncodeError(f"{op} on {p.name}: refused: {local}", seq=-1, comm=p.name)
     dest, tag = int(dest), int(tag)
-    caller = _Caller(p, name)
-    sent = _state(p).sent
+    caller = Caller(p, name)
+    sent = p2p_state(p).sent
     seq = sent.get((dest, tag), 0)
     sent[(dest, tag)] = seq + 1
     info, error = schema_of(value, schema)
@@ -158,8 +119,8 @@ def _message(p: Any, value: Any, dest: Any, tag: Any, schema: Any, name: Any,
         info.fingerprint if info is not None else b"", info.path if info is not None else "",
         info.kind if info is not None else KIND_MSGSPEC, name, caller.site, caller.occurrence,
         caller.step, error)
-    head = _ENVELOPE_ENCODER.encode(envelope)
-    data = len(head).to_bytes(_LENGTH, "little") + head + (payload if error is None else b"")
+    head = ENVELOPE_ENCODER.encode(envelope)
+    data = len(head).to_bytes(LENGTH_PREFIX, "little") + head + (payload if error is None else b"")
     failure = None
     if error is not None:
         failure = EncodeError(f"{head_text(op, seq, dest, tag, p.name)}: rank {p.rank} could not "
@@ -198,17 +159,17 @@ class SendRequest:
 class RecvRequest:
     """A posted receive: ``wait()`` returns the value; ``test()`` -> (done, value or None)."""
 
-    __slots__ = ("p", "source", "tag", "size", "_info", "_caller", "_box", "message",
+    __slots__ = ("p", "source", "tag", "size", "info", "caller", "_box", "message",
                  "expected", "_done", "_value", "_error", "__weakref__")
 
     def __init__(self, p: Any, source: Optional[int], tag: Optional[int],
-                 info: Optional[SchemaInfo], caller: _Caller) -> None:
+                 info: Optional[SchemaInfo], caller: Caller) -> None:
         self.p = p
         self.source = source
         self.tag = tag
         self.size = p.size
-        self._info = info
-        self._caller = caller
+        self.info = info
+        self.caller = caller
         self._box = mailbox_of(p)
         self.message: Optional[Message] = None
         self.expected = 0  # the number the bound message should carry
@@ -231,7 +192,7 @@ class RecvRequest:
         self.message = message
         env = message.envelope
         if env is not None:
-            received = _state(self.p).received
+            received = p2p_state(self.p).received
             key = (message.source, env.tag)
             self.expected = received.get(key, 0)
             received[key] = self.expected + 1
@@ -243,8 +204,8 @@ class RecvRequest:
             try:
                 if not self._box.progress(self, deadline):
                     self._box.withdraw(self)
-                    _timed_out(p, self)
-                self._value = _take(p, self)
+                    recv_timed_out(p, self)
+                self._value = take(p, self)
             except CollectiveError as exc:  # the request's one outcome: a later wait repeats it
                 self._error = exc
             self._done = True
@@ -258,118 +219,6 @@ class RecvRequest:
         if self.message is None and not self._box.progress(self, None, once=True):
             return False, None
         return True, self.wait()
-
-
-def _timed_out(p: Any, request: RecvRequest) -> None:
-    # The late message of a receive that timed out must not pass for the next one's: count it.
-    seq = None
-    if request.source is not None and request.tag is not None:
-        received = _state(p).received
-        seq = received.get((request.source, request.tag), 0)
-        received[(request.source, request.tag)] = seq + 1
-    schema = request._info.name if request._info is not None else ""
-    caller = request._caller
-    timeout = p.timeout if p.timeout is not None else 0.0
-    raise CollectiveTimeout(
-        f"{head_text('recv', seq, request.source, request.tag, p.name)}: {label('recv', schema)} at "
-        f"{caller.site} did not complete within {timeout:g} s: no message from "
-        f"{'rank ' + str(request.source) if request.source is not None else 'any rank'} arrived",
-        seq=-1 if seq is None else seq, comm=p.name, op="recv", schema=schema, site=caller.site,
-        timeout=timeout, missing=(request.source,) if request.source is not None else None)
-
-
-def _take(p: Any, request: RecvRequest) -> Any:
-    """Check the matched message against the receive, then decode it."""
-    message = request.message
-    assert message is not None  # progress() returned True
-    caller = request._caller
-    env = message.envelope
-    if env is None:
-        raise DecodeError(f"{head_text('recv', None, message.source, request.tag, p.name)}: the "
-                          f"envelope from rank {message.source} does not decode: "
-                          f"{message.error}", seq=-1, comm=p.name, source=message.source,
-                          schema="Envelope")
-    expected = request.expected
-    head = head_text("recv", expected, message.source, env.tag, p.name)
-    info = request._info
-    if env.error is not None:
-        raise PeerError(f"{head}: rank {message.source} failed its {label('send', env.schema)} "
-                        f"at {env.site}: {env.error}", seq=expected, comm=p.name,
-                        ranks=(message.source,), error_type=env.error.partition(": ")[0],
-                        detail=env.error.partition(": ")[2])
-    kinds = []
-    if env.seq != expected:
-        kinds.append(MismatchKind.SEQUENCE)
-        if env.seq < expected:
-            # The late message of a receive that timed out, which counted it already: the
-            # next message is again the one the next receive expects.
-            _state(p).received[(message.source, env.tag)] -= 1
-    if env.name is not None and caller.name is not None and env.name != caller.name:
-        kinds.append(MismatchKind.CALL)
-    if info is not None and info.fingerprint != env.fingerprint:
-        kinds.append(MismatchKind.SCHEMA)
-    if env.step != caller.step:
-        kinds.append(MismatchKind.STEP)
-    if kinds:
-        _diverged(p, head, kinds, expected, message.source, env, info, caller)
-    if info is None:
-        info = _sender_class(p, head, env, message.source)
-    return _decode(p, head, info, message.payload, message.source, caller.site)
-
-
-def _diverged(p: Any, head: str, kinds: List[MismatchKind], expected: int, source: int,
-              env: Envelope, info: Optional[SchemaInfo], caller: _Caller) -> None:
-    sent = EnvelopeInfo(rank=source, seq=env.seq, op="send", schema=env.schema,
-                        fingerprint=env.fingerprint.hex(), comm=p.name, site=env.site,
-                        name=env.name, occurrence=env.occurrence, step=env.step)
-    mine = EnvelopeInfo(rank=p.rank, seq=expected, op="recv",
-                        schema=info.name if info is not None else "",
-                        fingerprint=info.fingerprint.hex() if info is not None else "",
-                        comm=p.name, site=caller.site, name=caller.name,
-                        occurrence=caller.occurrence, step=caller.step)
-    groups = [Group((source,), sent), Group((p.rank,), mine)]
-    lines = [f"{head} diverged ({', '.join(k.value for k in kinds)}):"]
-    lines += format_groups(groups, kinds)
-    if MismatchKind.SEQUENCE in kinds:
-        lines.append(f"  expected message #{expected} from rank {source}, got #{env.seq} (a "
-                     f"receive that timed out, or a send or receive skipped on one side)")
-    raise DesyncError("\n".join(lines), seq=expected, comm=p.name, kinds=kinds, groups=groups)
-
-
-def _sender_class(p: Any, head: str, env: Envelope, source: int) -> SchemaInfo:
-    """The sender's schema, found by its class path (never importing) and checked."""
-    if not env.path:
-        raise DecodeError(f"{head}: expected the sender's schema to be a class this rank can "
-                          f"find by name, got {env.schema}; pass schema= to recv", seq=env.seq,
-                          comm=p.name, source=source, schema=env.schema)
-    try:
-        info = resolve(find_class(env.path))
-    except (LookupError, TypeError) as exc:
-        raise DecodeError(f"{head}: {exc}", seq=env.seq, comm=p.name, source=source,
-                          schema=env.schema) from exc
-    if info.fingerprint != env.fingerprint:
-        raise DecodeError(f"{head}: expected {env.path} with the sender's structure "
-                          f"({env.fingerprint.hex()[:8]}), got a class of another structure "
-                          f"({info.fingerprint.hex()[:8]}) on this rank; pass schema=",
-                          seq=env.seq, comm=p.name, source=source, schema=env.schema)
-    return info
-
-
-def _decode(p: Any, head: str, info: SchemaInfo, payload: Any, source: int, site: str) -> Any:
-    try:
-        if info.kind == KIND_MSGSPEC:
-            if len(payload) > MAX_NESTING and not nesting_ok(payload):
-                raise ValueError(f"expected a payload nested at most {MAX_NESTING} deep, got "
-                                 f"one nested deeper")
-            return decode_any(info, bytes(payload))
-        array = decode_array(payload)
-        return array[()] if info.kind == KIND_NUMPY_SCALAR else array
-    except Exception as exc:  # untrusted bytes: whatever the decoder or a user type raises
-        detail = f"{type(exc).__name__}: {exc}" if not isinstance(exc, msgspec.DecodeError) \
-            else str(exc)
-        raise DecodeError(f"{head}: payload does not decode as {info.name} (recv at {site}): "
-                          f"{detail}", seq=-1, comm=p.name, source=source,
-                          schema=info.name) from exc
 
 
 # --- the operations ---------------------------------------------------------------------------
@@ -444,7 +293,7 @@ def irecv(p: Any, source: Any, tag: Any, schema: Any, name: Any) -> RecvRequest:
     if local is not None:
         raise EncodeError(f"recv on {p.name}: refused: {local}", seq=-1, comm=p.name)
     return RecvRequest(p, None if source is None else int(source),
-                       None if tag is None else int(tag), info, _Caller(p, name))
+                       None if tag is None else int(tag), info, Caller(p, name))
 
 
 def recv(p: Any, source: Any, tag: Any, schema: Any, name: Any) -> Any:

@@ -27,8 +27,8 @@ from .verdict import where
 from .call import Call
 from .errors import DecodeError
 from .identity import register_internal
-from .wire import (FLAG_OVERFLOW, FLAG_SPLIT_ARRAY, FLAGS_OFFSET, HEADER_SIZE, LENGTH_OFFSET, SCHEMA_OFFSET,
-                   block_flags, block_length)
+from .wire import (FLAG_OVERFLOW, FLAG_SPLIT_ARRAY, FLAGS_OFFSET, HEADER_SIZE, LENGTH_OFFSET,
+                   SCHEMA_OFFSET, block_flags, block_length)
 
 if TYPE_CHECKING:
     from .protocol import Protocol

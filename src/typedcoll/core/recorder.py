@@ -4,7 +4,8 @@ Recording sits on the hot path of every collective, so an entry allocates nothin
 are written in place into a byte array (``ENTRY`` below; the C fast path writes the same bytes,
 and ``fast`` checks the layout at import) and its object references (schema info, code object,
 name) into a list. Both start small and double, in place, until they hold ``capacity`` entries,
-so thousands of communicators that hardly communicate cost little memory. Nothing is formatted until someone reads the ring:
+so thousands of communicators that hardly communicate cost little memory. Nothing is formatted
+until someone reads the ring:
 :meth:`FlightRecorder.snapshot` gives :class:`RecordEntry` Structs, the one model that dumps
 write and the trace analyzer reads. ``TYPEDCOLL_TRACE_BUFFER`` sets N (default 2000; 0 turns
 recording off).

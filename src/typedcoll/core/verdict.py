@@ -21,8 +21,8 @@ from .fresh import on_fresh_stack
 from .errors import (CollectiveTimeout, ConcurrentCallError, DecodeError, DesyncError,
                      EncodeError, PeerError)
 from .identity import format_site, register_internal
-from .mismatch import (EnvelopeInfo, Group, MismatchKind, compact_ranks, desync_message, differing_notes,
-                       group_envelopes, label, mismatch_kinds)
+from .mismatch import (EnvelopeInfo, Group, MismatchKind, compact_ranks, desync_message,
+                       differing_notes, group_envelopes, label, mismatch_kinds)
 from .wire import (AGREE_SIZE, FLAG_LOCAL_ERROR, FLAGS_OFFSET, HEADER_SIZE, REDUCE_OP_NAMES,
                    REDUCING_OPS, ROOTED_OPS, agreed, or_into, own_block)
 
@@ -56,7 +56,8 @@ def describe_call(p: "Protocol", call: Call, error: Optional[str] = None) -> Env
     shape, dtype = call.array_meta if call.array_meta is not None else (None, None)
     if dtype is not None:  # "int64", and the byte order where it is not the native one
         kind = np.dtype(dtype)
-        dtype = kind.name if kind.isnative else f"{kind.name} ({'big' if dtype[0] == '>' else 'little'}-endian)"
+        order = "big" if dtype[0] == ">" else "little"
+        dtype = kind.name if kind.isnative else f"{kind.name} ({order}-endian)"
     internal = call.op in INTERNAL_PAYLOADS  # their payloads are ours, not the caller's
     return EnvelopeInfo(
         rank=p.rank, seq=call.seq, op=call.op,

@@ -116,7 +116,8 @@ class Analysis:
         (their parameters, their callees' results, the attributes and names they read) are
         interpreted again."""
         order = [m.top for m in self.program.modules if m.top is not None]
-        order += [fn for fn in self.program.functions if fn.parent is None and fn.name != "<module>"]
+        order += [fn for fn in self.program.functions
+                  if fn.parent is None and fn.name != "<module>"]
         order += [fn for fn in self.program.functions if fn.parent is not None]
         self.params = {self._keys[fn]: self._entry_params(fn) for fn in self.program.functions}
         pending: Set[Function] = set(order)

@@ -89,7 +89,8 @@ class Reach:
 
 @dataclass(frozen=True)
 class CallTarget:
-    """What a call is: a collective, and/or analysed functions it may run (``bound``: self passed)."""
+    """What a call is: a collective, and/or analysed functions it may run (``bound``: self
+    passed)."""
 
     collective: Optional[CollectiveOp]
     functions: Tuple[Function, ...]

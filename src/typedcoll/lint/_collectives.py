@@ -111,7 +111,8 @@ def dotted_name(node: ast.expr) -> Optional[str]:
 
 
 def resolve_alias(dotted: str, imports: Dict[str, str]) -> str:
-    """Replace the first component by what it was imported as (``dist.x`` -> ``torch.distributed.x``)."""
+    """Replace the first component by what it was imported as (``dist.x`` ->
+    ``torch.distributed.x``)."""
     head, _, rest = dotted.partition(".")
     target = imports.get(head)
     if target is None:
@@ -120,7 +121,8 @@ def resolve_alias(dotted: str, imports: Dict[str, str]) -> str:
 
 
 def last_identifier(node: ast.expr) -> Optional[str]:
-    """The name a receiver goes by: ``self.tp_group`` -> tp_group, ``get_world_group()`` -> its callee's."""
+    """The name a receiver goes by: ``self.tp_group`` -> tp_group, ``get_world_group()`` -> its
+    callee's."""
     if isinstance(node, ast.Attribute):
         return node.attr
     if isinstance(node, ast.Name):

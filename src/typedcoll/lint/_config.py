@@ -22,9 +22,9 @@ DEFAULT_WRAPPERS = (
     "broadcast_pyobj", "broadcast_object",
 )
 
-# Receivers whose ambiguous methods (``gather``, ``reduce``, ``send``, ``flush``...) are collectives:
-# a name whose snake_case or CamelCase words include one of these (``tp_group``, ``COMM_WORLD``,
-# ``self.dist``, ``get_world_group()``).
+# Receivers whose ambiguous methods (``gather``, ``reduce``, ``send``, ``flush``...) are
+# collectives: a name whose snake_case or CamelCase words include one of these (``tp_group``,
+# ``COMM_WORLD``, ``self.dist``, ``get_world_group()``).
 DEFAULT_COMMUNICATOR_WORDS = (
     "comm", "communicator", "group", "pg", "dist", "distributed", "mpi", "world", "flush",
 )

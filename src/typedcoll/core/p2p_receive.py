@@ -1,0 +1,175 @@
+"""The receiving side of typed point to point: each communicator's message counters, who is
+calling, and the receiver's verdict on a matched message (the checks listed in ``p2p.py``'s
+module docstring, then decoding), kept apart from the sending and matching in ``p2p.py``."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+
+import msgspec
+
+from ..codecs import (KIND_MSGSPEC, KIND_NUMPY_SCALAR, SchemaInfo, decode_array, find_class,
+                      nesting_ok, resolve)
+from ..codecs.nesting import MAX_NESTING
+from .errors import CollectiveTimeout, DecodeError, DesyncError, PeerError
+from .identity import format_site, name_fingerprint, register_internal, site_fingerprint, \
+    user_frame
+from .mailbox import Envelope, head_text
+from .mismatch import EnvelopeInfo, Group, MismatchKind, format_groups, label
+from .verdict import decode_any
+from .wire import NO_STEP
+
+if TYPE_CHECKING:
+    from .p2p import RecvRequest
+
+
+class P2PState:
+    """A communicator's point-to-point counters."""
+
+    __slots__ = ("sent", "received", "counts")
+
+    def __init__(self) -> None:
+        self.sent: Dict[Tuple[int, int], int] = {}  # (dest, tag) -> messages sent
+        self.received: Dict[Tuple[int, int], int] = {}  # (source, tag) -> messages taken
+        self.counts: Dict[bytes, int] = {}  # identity -> point-to-point calls so far
+
+
+def p2p_state(p: Any) -> P2PState:
+    state = p.extensions.get("p2p")
+    if state is None:
+        state = p.extensions["p2p"] = P2PState()
+    return state  # type: ignore[no-any-return]
+
+
+class Caller:
+    """Who is calling: the site (or name), its occurrence, and the step clock."""
+
+    __slots__ = ("site", "name", "occurrence", "step")
+
+    def __init__(self, p: Any, name: Optional[str]) -> None:
+        frame = user_frame(2)
+        code, lasti = (frame.f_code, frame.f_lasti) if frame is not None else (None, 0)
+        self.site = format_site(code, lasti)
+        self.name = name
+        identity = name_fingerprint(name) if name is not None else site_fingerprint(code, lasti)
+        counts = p2p_state(p).counts
+        self.occurrence = counts.get(identity, 0) + 1
+        counts[identity] = self.occurrence
+        self.step = None if p.step == NO_STEP else p.step
+
+
+def recv_timed_out(p: Any, request: RecvRequest) -> None:
+    # The late message of a receive that timed out must not pass for the next one's: count it.
+    seq = None
+    if request.source is not None and request.tag is not None:
+        received = p2p_state(p).received
+        seq = received.get((request.source, request.tag), 0)
+        received[(request.source, request.tag)] = seq + 1
+    schema = request.info.name if request.info is not None else ""
+    caller = request.caller
+    timeout = p.timeout if p.timeout is not None else 0.0
+    raise CollectiveTimeout(
+        f"{head_text('recv', seq, request.source, request.tag, p.name)}: "
+        f"{label('recv', schema)} at "
+        f"{caller.site} did not complete within {timeout:g} s: no message from "
+        f"{'rank ' + str(request.source) if request.source is not None else 'any rank'} arrived",
+        seq=-1 if seq is None else seq, comm=p.name, op="recv", schema=schema, site=caller.site,
+        timeout=timeout, missing=(request.source,) if request.source is not None else None)
+
+
+def take(p: Any, request: RecvRequest) -> Any:
+    """Check the matched message against the receive, then decode it."""
+    message = request.message
+    assert message is not None  # progress() returned True
+    caller = request.caller
+    env = message.envelope
+    if env is None:
+        raise DecodeError(f"{head_text('recv', None, message.source, request.tag, p.name)}: the "
+                          f"envelope from rank {message.source} does not decode: "
+                          f"{message.error}", seq=-1, comm=p.name, source=message.source,
+                          schema="Envelope")
+    expected = request.expected
+    head = head_text("recv", expected, message.source, env.tag, p.name)
+    info = request.info
+    if env.error is not None:
+        raise PeerError(f"{head}: rank {message.source} failed its {label('send', env.schema)} "
+                        f"at {env.site}: {env.error}", seq=expected, comm=p.name,
+                        ranks=(message.source,), error_type=env.error.partition(": ")[0],
+                        detail=env.error.partition(": ")[2])
+    kinds = []
+    if env.seq != expected:
+        kinds.append(MismatchKind.SEQUENCE)
+        if env.seq < expected:
+            # The late message of a receive that timed out, which counted it already: the
+            # next message is again the one the next receive expects.
+            p2p_state(p).received[(message.source, env.tag)] -= 1
+    if env.name is not None and caller.name is not None and env.name != caller.name:
+        kinds.append(MismatchKind.CALL)
+    if info is not None and info.fingerprint != env.fingerprint:
+        kinds.append(MismatchKind.SCHEMA)
+    if env.step != caller.step:
+        kinds.append(MismatchKind.STEP)
+    if kinds:
+        diverged(p, head, kinds, expected, message.source, env, info, caller)
+    if info is None:
+        info = sender_class(p, head, env, message.source)
+    return decode_payload(p, head, info, message.payload, message.source, caller.site)
+
+
+def diverged(p: Any, head: str, kinds: List[MismatchKind], expected: int, source: int,
+              env: Envelope, info: Optional[SchemaInfo], caller: Caller) -> None:
+    sent = EnvelopeInfo(rank=source, seq=env.seq, op="send", schema=env.schema,
+                        fingerprint=env.fingerprint.hex(), comm=p.name, site=env.site,
+                        name=env.name, occurrence=env.occurrence, step=env.step)
+    mine = EnvelopeInfo(rank=p.rank, seq=expected, op="recv",
+                        schema=info.name if info is not None else "",
+                        fingerprint=info.fingerprint.hex() if info is not None else "",
+                        comm=p.name, site=caller.site, name=caller.name,
+                        occurrence=caller.occurrence, step=caller.step)
+    groups = [Group((source,), sent), Group((p.rank,), mine)]
+    lines = [f"{head} diverged ({', '.join(k.value for k in kinds)}):"]
+    lines += format_groups(groups, kinds)
+    if MismatchKind.SEQUENCE in kinds:
+        lines.append(f"  expected message #{expected} from rank {source}, got #{env.seq} (a "
+                     f"receive that timed out, or a send or receive skipped on one side)")
+    raise DesyncError("\n".join(lines), seq=expected, comm=p.name, kinds=kinds, groups=groups)
+
+
+def sender_class(p: Any, head: str, env: Envelope, source: int) -> SchemaInfo:
+    """The sender's schema, found by its class path (never importing) and checked."""
+    if not env.path:
+        raise DecodeError(f"{head}: expected the sender's schema to be a class this rank can "
+                          f"find by name, got {env.schema}; pass schema= to recv", seq=env.seq,
+                          comm=p.name, source=source, schema=env.schema)
+    try:
+        info = resolve(find_class(env.path))
+    except (LookupError, TypeError) as exc:
+        raise DecodeError(f"{head}: {exc}", seq=env.seq, comm=p.name, source=source,
+                          schema=env.schema) from exc
+    if info.fingerprint != env.fingerprint:
+        raise DecodeError(f"{head}: expected {env.path} with the sender's structure "
+                          f"({env.fingerprint.hex()[:8]}), got a class of another structure "
+                          f"({info.fingerprint.hex()[:8]}) on this rank; pass schema=",
+                          seq=env.seq, comm=p.name, source=source, schema=env.schema)
+    return info
+
+
+def decode_payload(p: Any, head: str, info: SchemaInfo, payload: Any, source: int,
+                   site: str) -> Any:
+    try:
+        if info.kind == KIND_MSGSPEC:
+            if len(payload) > MAX_NESTING and not nesting_ok(payload):
+                raise ValueError(f"expected a payload nested at most {MAX_NESTING} deep, got "
+                                 f"one nested deeper")
+            return decode_any(info, bytes(payload))
+        array = decode_array(payload)
+        return array[()] if info.kind == KIND_NUMPY_SCALAR else array
+    except Exception as exc:  # untrusted bytes: whatever the decoder or a user type raises
+        detail = f"{type(exc).__name__}: {exc}" if not isinstance(exc, msgspec.DecodeError) \
+            else str(exc)
+        raise DecodeError(f"{head}: payload does not decode as {info.name} (recv at {site}): "
+                          f"{detail}", seq=-1, comm=p.name, source=source,
+                          schema=info.name) from exc
+
+
+register_internal(__file__)
