@@ -125,7 +125,7 @@ def test_scale_model_with_measured_points(docs: Dict[str, Dict[str, Any]],
     rows = {(r["op"], r["side"], r["n"]): r for r in doc["model"]["rows"]}
     # Bruck's allgather of 128-byte slots at 16,384 ranks: 2 MiB into every rank, in 14 rounds.
     assert rows["allgather", "typed", 16384]["steps"] == 14
-    assert rows["allgather", "typed", 16384]["bytes"] == 14 * 136 + 16383 * 128
+    assert rows["allgather", "typed", 16384]["bytes"] == 14 * 8 + 16383 * 128
     assert rows["barrier", "typed", 16384]["bytes"] == 14 * 136
     assert (rows["barrier", "mpi", 16384]["steps"], rows["barrier", "mpi", 16384]["bytes"]) \
         == (14, 0)

@@ -743,3 +743,71 @@ def test_the_c_path_serves_in_process_ranks_without_a_timeout():
     """The findings above that name the C path need it loaded in the C leg."""
     if not os.environ.get("TYPEDCOLL_PURE_PYTHON"):
         assert C_PATH, "the C extension is not loaded: the C-path findings are not exercised"
+
+
+# --- reduce of Python numbers: the C path's gather to the root, and the Python steps ------------
+REDUCE_OPS = ["sum", "prod", "max", "min", "land", "lor", "lxor", "band", "bor", "bxor"]
+
+
+WARM_UP = 3  # collectives before the checked ones: the first call of a type fills caches
+
+
+def reduce_everywhere(comm: tc.TypedComm) -> Any:
+    r, n = comm.rank, comm.size
+    comm.reduce(0, "sum", 0)
+    comm.reduce(0.0, "sum", 0)
+    comm.barrier()
+    out = {}
+    for op in REDUCE_OPS:
+        for root in range(n):
+            out[op, "int", root] = comm.reduce(3 * r - 4, op, root)
+            if op not in ("band", "bor", "bxor"):
+                out[op, "float", root] = comm.reduce(r * 0.5 - 0.25, op, root)
+    return out
+
+
+def reduced(values: List[Any], op: str) -> Any:
+    import functools
+    import operator
+    combine = {"sum": operator.add, "prod": operator.mul, "max": max, "min": min,
+               "land": lambda a, b: bool(a) and bool(b), "lor": lambda a, b: bool(a) or bool(b),
+               "lxor": lambda a, b: bool(a) != bool(b), "band": operator.and_,
+               "bor": operator.or_, "bxor": operator.xor}[op]
+    acc = functools.reduce(combine, values)
+    return bool(acc) if op in ("land", "lor", "lxor") else acc
+
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+def test_reduce_of_numbers_gives_the_rank_order_result_at_the_root_only(timeout, monkeypatch):
+    """Every op and root, ints and floats: the root gets the rank-order combination, every
+    other rank None; with timeout=None in the C leg the C path serves every one of them
+    once the first call of each type has filled the caches."""
+    served = []
+    original = fast.reduce
+
+    @tc.transparent  # the call site stays the caller's
+    def spy(p: Any, *args: Any) -> Any:
+        seq = p.seq
+        out = original(p, *args)
+        if seq >= WARM_UP:
+            served.append(out.__class__ is list)
+        return out
+    monkeypatch.setattr(fast, "reduce", spy)
+    n = 3
+    got = outcomes(n, reduce_everywhere, timeout=timeout)
+    for r, out in enumerate(got):
+        assert not isinstance(out, BaseException), f"rank {r}: {out!r}"
+        for (op, kind, root), value in out.items():
+            values = [3 * k - 4 if kind == "int" else k * 0.5 - 0.25 for k in range(n)]
+            want = reduced(values, op) if r == root else None
+            assert value == want and type(value) is type(want), (op, kind, root, r, value)
+    if C_PATH and timeout is None:
+        assert served and all(served), served
+
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+def test_a_bitwise_reduce_of_floats_fails_alike_on_every_rank(timeout):
+    got = outcomes(2, lambda comm: comm.reduce(comm.rank + 0.5, "band", 0), timeout=timeout)
+    assert all(isinstance(e, tc.CollectiveError) for e in got), got
+    assert len({type(e) for e in got}) == 1, got
+    assert all("band" in str(e) and "float" in str(e) for e in got), [str(e) for e in got]

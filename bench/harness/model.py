@@ -7,11 +7,11 @@ the root) plus ``bytes`` through its busiest rank's link (the larger of what it 
 receives). With ``r = ceil(log2 N)``, payload ``L`` per rank, slot ``S``:
 
 typedcoll (``core/wire.py``, ``transports/mpi.py``): every call starts with one exchange, r
-rounds of Sendrecv at distance 2**k, each message an 8-byte prefix and the 128-byte agreement
-block plus
-  GATHER   Bruck's allgather of the slots: r steps, r*136 + (N-1)*S bytes
-  REDUCE   the OR of the payload regions (a bcast root's inline payload, else nothing):
-           r steps, r*(136 + inline) bytes
+rounds of Sendrecv at distance 2**k, each message an 8-byte prefix plus
+  GATHER   Bruck's allgather of the slots (no agreement block: every rank folds it from the
+           gathered headers): r steps, r*8 + (N-1)*S bytes
+  REDUCE   the 128-byte agreement block and the OR of the payload regions (a bcast root's
+           inline payload, else nothing): r steps, r*(136 + inline) bytes
 then, where the op's payload moves on MPI's own rooted collective, that collective:
   allgather, allreduce, flush, split   GATHER (+ Allgatherv of what overflows its slot)
   gather, reduce                       GATHER up to 16 ranks; beyond, REDUCE + Gather of 8-byte
@@ -85,7 +85,7 @@ class Wire:
 # --- typedcoll ---------------------------------------------------------------------------------
 def gather_exchange(w: Wire, n: int, slot: int) -> Cost:
     r = rounds(n)
-    return Cost(r, r * (w.prefix + w.block) + (n - 1) * slot)
+    return Cost(r, r * w.prefix + (n - 1) * slot)
 
 
 def reduce_exchange(w: Wire, n: int, inline: int) -> Cost:

@@ -140,8 +140,11 @@ for name, mpi_op in OPS.items():
             got = comm.reduce(value, name, root)
             check(f"reduce {name} {label} root {root}", got, expected if rank == root else None)
     if name in ("sum", "prod", "max", "min"):
-        check(f"allreduce {name} float", comm.allreduce(rank * 0.5, op=name),
-              raw.allreduce(rank * 0.5, op=mpi_op))
+        expected = raw.allreduce(rank * 0.5, op=mpi_op)
+        check(f"allreduce {name} float", comm.allreduce(rank * 0.5, op=name), expected)
+        for root in range(size):
+            check(f"reduce {name} float root {root}", comm.reduce(rank * 0.5, name, root),
+                  expected if rank == root else None)
 check("reduce_scatter", comm.reduce_scatter([rank * 10 + j for j in range(size)]),
       sum(r * 10 + rank for r in range(size)))
 check("nan max", math.isnan(comm.allreduce(math.nan if rank == size - 1 else 1.0, op="max")),

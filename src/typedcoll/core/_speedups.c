@@ -957,7 +957,8 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
             Py_DECREF(checked);
         }
     }
-    if (kind == KIND_ALL && reduce_op >= 8 && PyFloat_CheckExact(value)) goto take;
+    /* A bitwise reduction of floats is refused by the Python steps, on every rank alike. */
+    if (reduce_op >= 8 && PyFloat_CheckExact(value)) goto take;
 
     {
         /* Enter, or find another thread inside (then the Python steps refuse this call): the
@@ -1203,21 +1204,31 @@ static PyObject *rooted(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) 
     return steady(args[0], args[1], info, args[3], args[4], args[5], root, 0, kind, args[2]);
 }
 
-/* allreduce(protocol, value, step, name, reduce_code): Python ints and floats */
+/* allreduce(protocol, value, step, name, reduce_code[, root]): Python ints and floats; with a
+ * root, the reduce: gathered to the root, which combines (None elsewhere) */
 static PyObject *allreduce(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "allreduce expects 5 arguments");
+    if (nargs != 5 && nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "allreduce expects 5 or 6 arguments");
         return NULL;
     }
     long code = PyLong_AsLong(args[4]);
     if (code == -1 && PyErr_Occurred()) return NULL;
     if (code < 1 || code > 255) return take_py();
+    long root = NO_ROOT;
+    if (nargs == 6) {
+        int overflow = 0;
+        root = PyLong_AsLongAndOverflow(args[5], &overflow);
+        if (overflow || (root == -1 && PyErr_Occurred())) {
+            PyErr_Clear();
+            return take_py();
+        }
+    }
     PyObject *info = lookup_info((PyObject *)Py_TYPE(args[1]));
     if (info == NULL) return PyErr_Occurred() ? NULL : take_py();
-    PyObject *op = PyUnicode_InternFromString("allreduce");
+    PyObject *op = PyUnicode_InternFromString(nargs == 6 ? "reduce" : "allreduce");
     if (op == NULL) return NULL;
-    PyObject *out = steady(args[0], args[1], info, args[2], args[3], op, NO_ROOT, code, KIND_ALL,
-                           Py_None);
+    PyObject *out = steady(args[0], args[1], info, args[2], args[3], op, root, code,
+                           nargs == 6 ? KIND_GATHER : KIND_ALL, Py_None);
     Py_DECREF(op);
     return out;
 }

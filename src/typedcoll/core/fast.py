@@ -122,6 +122,12 @@ def allreduce(p: "Protocol", value: Any, step: Any, name: Any, code: int) -> Any
     return _guard(p, _speedups.allreduce, value, step, name, code)
 
 
+def reduce(p: "Protocol", value: Any, step: Any, name: Any, code: int, root: Any) -> Any:
+    if _speedups is None or p.fast is None or type(root) is not int or not 0 <= root < p.size:
+        return TAKE_PY
+    return _guard(p, _speedups.allreduce, value, step, name, code, root)
+
+
 def empty(p: "Protocol", step: Any, name: Any) -> Any:
     if _speedups is None or p.fast is None:
         return TAKE_PY

@@ -126,13 +126,24 @@ def gather(p: Protocol, value: Any, root: Any, schema: Any, step: Any,
 
 def reduce(p: Protocol, value: Any, op: Any, root: Any, step: Any, name: Any) -> Any:
     code, op_error = check_reduce_op(op)
+    direct = p.size <= GATHER_DIRECT_MAX
+    if direct and op_error is None and type(value) in (int, float):
+        out = fast.reduce(p, value, step, name, code, root)
+        if out.__class__ is list:
+            values = out[0]
+            return None if values is None else reduce_values(values, REDUCE_OP_NAMES[code])
+    else:
+        out = fast.TAKE_PY
     root_error = check_root(root, p.size)
-    call = _reduce_call("reduce", GATHER if p.size <= GATHER_DIRECT_MAX else REDUCE, value, code,
-                        step, name, root=NO_ROOT if root_error else int(root),
+    call = _reduce_call("reduce", GATHER if direct else REDUCE, value, code, step, name,
+                        root=NO_ROOT if root_error else int(root),
                         error=first_error(op_error, root_error))
     op_name = REDUCE_OP_NAMES.get(code, "sum")
-    return run(p, call, lambda c: _at_root(p, c, c.root,
-                                           lambda values: _combine(values, op_name, c)))
+    rest = lambda c: _at_root(p, c, c.root,  # noqa: E731
+                              lambda values: _combine(values, op_name, c))
+    if out is not fast.TAKE_PY:
+        return finish(p, fast.resumed(p, call, out), rest)
+    return run(p, call, rest)
 
 
 def _at_root(p: Protocol, call: Call, root: int, finish_values: Callable[[List[Any]], Any]) -> Any:
