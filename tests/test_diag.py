@@ -136,6 +136,17 @@ def test_hang_report_names_the_absent_rank_where_it_is_and_what_differs():
         ])
 
 
+def test_hang_report_describes_ranks_alike_once_and_caps_the_places():
+    p = run(1, lambda comm: comm._p)[0]
+    places = {r: ("a.py:1" if r < 9 else f"b.py:{r}") for r in range(1, 20)}
+    lines = hang._grouped(p, list(places), lambda r: [f"    {hang._WHO}: now at {places[r]}",
+                                                      "      last started: x"])
+    shown = [f"    rank {r}: now at b.py:{r}" for r in range(9, 9 + hang.MAX_DETAILED - 1)]
+    assert lines == (["    ranks 1-8: now at a.py:1", "      last started: x"]
+                     + [line for text in shown for line in (text, "      last started: x")]
+                     + ["    ... and ranks 16-19, elsewhere"])
+
+
 def one_short(comm):
     for step in range(2):
         comm.allgather(RankState(comm.rank))  # mark: short_loop

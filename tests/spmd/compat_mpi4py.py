@@ -145,7 +145,8 @@ def run_step(comm: Any, step: tuple) -> Any:
     op, root, reduce_op, vals = step
     n, r = comm.Get_size(), comm.Get_rank()
     root %= n
-    mine = vals[r]
+    cycle = lambda items: [items[j % len(items)] for j in range(n)]  # noqa: E731 (any size)
+    mine = vals[r % len(vals)]
     if op == "allgather":
         return comm.allgather(mine)
     if op == "gather":
@@ -153,9 +154,9 @@ def run_step(comm: Any, step: tuple) -> Any:
     if op == "bcast":
         return comm.bcast(mine if r == root else None, root=root)
     if op == "scatter":
-        return comm.scatter(vals[root][:n] if r == root else None, root=root)
+        return comm.scatter(cycle(vals[root % len(vals)]) if r == root else None, root=root)
     if op == "alltoall":
-        return comm.alltoall(mine[:n])
+        return comm.alltoall(cycle(mine))
     if op == "allreduce":
         return comm.allreduce(mine, op=MPI_OPS[reduce_op])
     if op == "reduce":

@@ -10,6 +10,7 @@ still call raises a DesyncError rather than leaving them waiting.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Optional, Tuple
 
 import msgspec
@@ -46,6 +47,8 @@ def create(p: Protocol, timeout: Any) -> None:
     call.seq = CREATE_SEQ
 
     def compare(c: Call) -> None:
+        if c.deadline is None:  # the settings are not agreed yet: no blocking backend forms
+            c.deadline = math.inf
         settings = []
         for buf in gathered(p, c):
             given, seconds = _settings_decoder.decode(buf)

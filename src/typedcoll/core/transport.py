@@ -5,6 +5,9 @@ A transport moves bytes and knows nothing of schemas or verdicts. Implementation
 ``typedcoll.testing``). Every method that communicates takes a ``deadline`` (a
 ``time.monotonic()`` value, or None to wait forever) and raises :class:`TransportTimeout` when it
 has not completed by then; the operation is then still pending and the transport unusable.
+``None`` also tells a backend that every rank of the call passes None (phase 2 after an agreed
+verdict, on a communicator created without a timeout), so it may use a blocking form that only
+matches itself; a cold path with no deadline passes ``math.inf``, which waits forever too.
 
 The exchange (phase 1 of every typed collective)
 ------------------------------------------------

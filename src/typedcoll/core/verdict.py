@@ -8,6 +8,7 @@ counts agree) gives every rank the same facts, from which each builds the same e
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple
 
@@ -154,9 +155,12 @@ def exchange_infos(p: "Protocol", call: Call, header: bytes,
                    mine: EnvelopeInfo) -> List[Tuple[bytes, EnvelopeInfo]]:
     """Every rank's (header, readable envelope): lengths first, so every rank's counts agree."""
     payload = ENCODER.encode((header, mine))
+    # A cold path: the ranks may not have agreed their settings (a bad timeout on one rank at
+    # creation), so never the blocking form that ``None`` asks of a backend.
+    deadline = math.inf if call.deadline is None else call.deadline
     try:
         lengths = p.transport.allgatherv(len(payload).to_bytes(4, "little"), [4] * p.size,
-                                         call.deadline)
+                                         deadline)
         counts = [int.from_bytes(lengths[4 * r:4 * r + 4], "little") for r in range(p.size)]
         for r, count in enumerate(counts):  # every rank reads the same counts: all raise alike
             if count > MAX_INFO:
@@ -164,7 +168,7 @@ def exchange_infos(p: "Protocol", call: Call, header: bytes,
                                   f"description claims {count} bytes, expected at most "
                                   f"{MAX_INFO}", seq=call.seq, comm=p.name, source=r,
                                   schema="EnvelopeInfo")
-        blob = p.transport.allgatherv(payload, counts, call.deadline)
+        blob = p.transport.allgatherv(payload, counts, deadline)
     except TransportTimeout:
         timed_out(p, call)
     out, offset = [], 0

@@ -22,7 +22,7 @@ import os
 import threading
 import time
 import weakref
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..core.call import Call
 from ..core.channel import Channel
@@ -108,18 +108,12 @@ def hang_report(p: Protocol, call: Call) -> Tuple[Optional[Tuple[int, ...]], str
     if absent:
         lines.append(f"  never arrived at {where(p, call)}: "
                      f"{compact_ranks(absent)}")
-        for r in absent[:MAX_DETAILED]:
-            lines += _absent_lines(p, r, answers[r])
-        if len(absent) > MAX_DETAILED:
-            lines.append(f"    ... and {len(absent) - MAX_DETAILED} more")
+        lines += _grouped(p, absent, lambda r: _absent_lines(p, answers[r]))
     if silent:
         lines.append(f"  unresponsive: {compact_ranks(silent)} (no answer within {GRACE:g} s: "
                      f"{UNRESPONSIVE_WHY})")
         together = _last_together(p, indent="    ")
-        for r in silent[:MAX_DETAILED]:
-            lines.append(f"    rank {r}{_world(p, r)}: {_last_answer(p.channel, r)}")
-        if len(silent) > MAX_DETAILED:
-            lines.append(f"    ... and {len(silent) - MAX_DETAILED} more")
+        lines += _grouped(p, silent, lambda r: [f"    {_WHO}: {_last_answer(p.channel, r)}"])
         lines += together
     if not absent and not silent:
         lines.append(f"  every rank has started collective #{call.seq}: it is slow, or the "
@@ -130,11 +124,35 @@ def hang_report(p: Protocol, call: Call) -> Tuple[Optional[Tuple[int, ...]], str
     return missing, "\n".join(lines)
 
 
-def _world(p: Protocol, r: int) -> str:
-    ranks = state.world_ranks(p.channel)
-    if ranks is None or r >= len(ranks) or ranks[r] == r:
-        return ""
-    return f" (world rank {ranks[r]})"
+_WHO = "\0who\0"  # where a rank's description names it, filled in once per group
+
+
+def _grouped(p: Protocol, ranks: Sequence[int],
+             describe_rank: Callable[[int], List[str]]) -> List[str]:
+    """Each rank's description, ranks described alike under one label (at 16 ranks and more,
+    most absent ranks wait at the same line), at most MAX_DETAILED groups."""
+    groups: Dict[Tuple[str, ...], List[int]] = {}
+    for r in ranks:
+        groups.setdefault(tuple(describe_rank(r)), []).append(r)
+    lines: List[str] = []
+    for body, members in list(groups.items())[:MAX_DETAILED]:
+        lines.append(body[0].replace(_WHO, _label(p, members), 1))
+        lines += body[1:]
+    if len(groups) > MAX_DETAILED:
+        rest = [r for members in list(groups.values())[MAX_DETAILED:] for r in members]
+        lines.append(f"    ... and {compact_ranks(rest)}, elsewhere")
+    return lines
+
+
+def _label(p: Protocol, members: Sequence[int]) -> str:
+    """``rank 3``, ``ranks 0-2,5``, with their world ranks where they differ."""
+    world = state.world_ranks(p.channel)
+    text = compact_ranks(members)
+    if world is None or any(r >= len(world) for r in members) \
+            or all(world[r] == r for r in members):
+        return text
+    mapped = [world[r] for r in members]
+    return f"{text} (world {compact_ranks(mapped)})"
 
 
 def entry_text(e: RecordEntry, comm: Optional[str], now_ns: int) -> str:
@@ -158,14 +176,13 @@ def _newest(status: RankStatus) -> Optional[CommState]:
     return status.comms[max(started)[1]] if started else None
 
 
-def _absent_lines(p: Protocol, r: int, status: RankStatus) -> List[str]:
+def _absent_lines(p: Protocol, status: RankStatus) -> List[str]:
     now = status.time_ns
     inside = f", inside a collective on {status.collective}" if status.collective else ""
     if status.thread:
-        lines = [f"    rank {r}{_world(p, r)}: now at {status.where} (thread {status.thread}"
-                 f"{inside})"]
+        lines = [f"    {_WHO}: now at {status.where} (thread {status.thread}{inside})"]
     else:
-        lines = [f"    rank {r}{_world(p, r)}: the thread that created {p.name} there has ended"]
+        lines = [f"    {_WHO}: the thread that created {p.name} there has ended"]
     newest = _newest(status)
     if newest is not None and newest.last is not None:
         lines.append(f"      last started: {entry_text(newest.last, newest.id, now)}")

@@ -176,7 +176,7 @@ class LocalSide:
 
     def __init__(self, channel: Channel) -> None:
         transport = channel.transport
-        self.key = (id(transport.world), transport.context)
+        self.key = (transport.world.serial, transport.context)
         _LOCAL.setdefault(self.key, weakref.WeakValueDictionary())[transport.rank] = channel
 
     def serve(self, answer: Answerer, channel: Channel) -> None:
@@ -199,7 +199,7 @@ class LocalSide:
 def forget_local(channel: Channel) -> None:
     transport = channel.transport
     if transport.kind == "memory":
-        _LOCAL.get((id(transport.world), transport.context), {}).pop(transport.rank, None)
+        _LOCAL.get((transport.world.serial, transport.context), {}).pop(transport.rank, None)
 
 
 # --- Store (torch) -----------------------------------------------------------------------------

@@ -68,7 +68,7 @@ def owner_key(transport: Any) -> Hashable:
     """Which rank a transport belongs to: None for "this process" (MPI, torch); for in-memory
     ranks (threads of one process), the job and the rank in it."""
     if transport.kind == "memory":
-        return (id(transport.world), transport.members[transport.rank])
+        return (transport.world.serial, transport.members[transport.rank])
     return None
 
 

@@ -25,9 +25,12 @@ from ..core.transport import TransportTimeout, finish_gathered
 class World:
     """What the ranks of one in-memory job share."""
 
+    _serials = itertools.count(1)  # a job's identity for the process's lifetime (ids get reused)
+
     def __init__(self, size: int) -> None:
         if size < 1:
             raise ValueError(f"expected at least 1 rank, got {size}")
+        self.serial = next(World._serials)
         self.size = size
         self.lock = threading.Condition()
         self.pending: Dict[Tuple[Any, int], Dict[int, Any]] = {}

@@ -28,10 +28,14 @@ two ranks with one tag in order, so consecutive exchanges never mix. The C fast 
 same schedule (``core/_speedups.c``, over MPI's C symbols); this module is its Python twin.
 
 Everything after the verdict (phase 2, the cold paths) uses MPI's own collectives: every rank
-has then agreed which one comes next. Always their nonblocking forms, waited for with or without
-a deadline: MPI never matches a blocking collective with a nonblocking one, and ranks whose
-settings differ (a bad timeout on one rank, found by the creation exchange itself) must still
-meet in the exchange that reports it.
+has then agreed which one comes next. MPI never matches a blocking collective with a nonblocking
+one, so the form follows the deadline, which the caller makes alike on every rank: ``None``
+(phase 2 after an agreed verdict on a communicator without a timeout: the settings were agreed
+at creation) takes the blocking form, which MPI libraries tune and which costs several times
+less than a nonblocking one and its wait at 8 ranks and more; a number, ``math.inf`` included,
+takes the nonblocking form, waited on. The cold paths pass ``math.inf`` where they have no
+deadline: ranks whose settings differ (a bad timeout on one rank, found by the creation exchange
+itself) must still meet in the exchange that reports it.
 """
 
 from __future__ import annotations
@@ -237,24 +241,33 @@ class MPITransport:
         wait_all(requests, deadline)
 
     # --- phase 2 and the cold paths: MPI's own collectives ------------------------------------
+    def _collective(self, name: str, deadline: Optional[float], *args: Any,
+                    **kwargs: Any) -> None:
+        """``comm.<name>(...)``, blocking for ``deadline`` None, else its nonblocking form
+        waited on (the module's docstring: why every rank picks the same form)."""
+        if deadline is None:
+            getattr(self.comm, name)(*args, **kwargs)
+        else:
+            wait_all([getattr(self.comm, "I" + name.lower())(*args, **kwargs)], deadline)
+
     def allgatherv(self, send: Any, counts: List[int], deadline: Optional[float]) -> Any:
         recv = np.empty(sum(counts), dtype=np.uint8)  # not zeroed: MPI writes every byte read
         spec = [recv, (counts, displacements(counts)), MPI.BYTE]
-        wait_all([self.comm.Iallgatherv([send, len(send), MPI.BYTE], spec)], deadline)
+        self._collective("Allgatherv", deadline, [send, len(send), MPI.BYTE], spec)
         return recv
 
     def gatherv(self, send: bytes, counts: List[int], root: int,
                 deadline: Optional[float]) -> Optional[bytearray]:
         recv = bytearray(sum(counts)) if self.rank == root else None
         spec = [recv, (counts, displacements(counts)), MPI.BYTE] if recv is not None else None
-        wait_all([self.comm.Igatherv([send, len(send), MPI.BYTE], spec, root=root)], deadline)
+        self._collective("Gatherv", deadline, [send, len(send), MPI.BYTE], spec, root=root)
         return recv
 
     def gather_parts(self, send: bytes, root: int,
                      deadline: Optional[float]) -> Optional[List[bytes]]:
         mine = np.array([len(send)], dtype=np.int64)
         lengths = np.zeros(self.size, dtype=np.int64) if self.rank == root else None
-        wait_all([self.comm.Igather(mine, lengths, root=root)], deadline)
+        self._collective("Gather", deadline, mine, lengths, root=root)
         counts = [int(x) for x in lengths] if lengths is not None else [0] * self.size
         blob = self.gatherv(send, counts, root, deadline)
         if blob is None:
@@ -268,11 +281,11 @@ class MPITransport:
         counts = [len(x) for x in parts] if is_root and parts is not None else [0] * self.size
         lengths = np.array(counts, dtype=np.int64) if is_root else None
         mine = np.zeros(1, dtype=np.int64)
-        wait_all([self.comm.Iscatter(lengths, mine, root=root)], deadline)
+        self._collective("Scatter", deadline, lengths, mine, root=root)
         out = bytearray(int(mine[0]))
         blob = b"".join(parts) if is_root and parts is not None else b""
         spec = [blob, (counts, displacements(counts)), MPI.BYTE] if is_root else None
-        wait_all([self.comm.Iscatterv(spec, [out, MPI.BYTE], root=root)], deadline)
+        self._collective("Scatterv", deadline, spec, [out, MPI.BYTE], root=root)
         return bytes(out)
 
     def alltoall_parts(self, parts: Optional[List[bytes]],
@@ -280,19 +293,19 @@ class MPITransport:
         parts = parts if parts is not None else [b""] * self.size
         send_counts = np.array([len(x) for x in parts], dtype=np.int64)
         recv_counts = np.zeros(self.size, dtype=np.int64)
-        wait_all([self.comm.Ialltoall(send_counts, recv_counts)], deadline)
+        self._collective("Alltoall", deadline, send_counts, recv_counts)
         sc = [int(x) for x in send_counts]
         rc = [int(x) for x in recv_counts]
         out = bytearray(sum(rc))
         blob = b"".join(parts)
         send_spec = [blob, (sc, displacements(sc)), MPI.BYTE]
         recv_spec = [out, (rc, displacements(rc)), MPI.BYTE]
-        wait_all([self.comm.Ialltoallv(send_spec, recv_spec)], deadline)
+        self._collective("Alltoallv", deadline, send_spec, recv_spec)
         offsets = displacements(rc)
         return [bytes(out[o:o + c]) for o, c in zip(offsets, rc)]
 
     def bcast_bytes(self, buf: bytearray, root: int, deadline: Optional[float]) -> None:
-        wait_all([self.comm.Ibcast([buf, len(buf), MPI.BYTE], root=root)], deadline)
+        self._collective("Bcast", deadline, [buf, len(buf), MPI.BYTE], root=root)
 
     def allreduce_array(self, arr: np.ndarray, op: str,
                         deadline: Optional[float]) -> np.ndarray:
@@ -301,7 +314,7 @@ class MPITransport:
         out = np.empty_like(send)
         if op in ("land", "lor", "lxor") and send.dtype.kind in "fc":
             raise TypeError(f"expected integers or bools for op {op!r}, got {send.dtype}")
-        wait_all([self.comm.Iallreduce(send, out, op=_MPI_OPS[op])], deadline)
+        self._collective("Allreduce", deadline, send, out, op=_MPI_OPS[op])
         return out.astype(arr.dtype, copy=False)
 
     # --- point to point --------------------------------------------------------------------
