@@ -16,7 +16,7 @@ PROGRAM = Path(__file__).resolve().parent / "spmd" / "diag_gloo.py"
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("size", [2, 4])
+@pytest.mark.parametrize("size", [2, 4, 8])
 def test_gloo_hang_report_names_the_absent_rank_and_where_it_is(size, monkeypatch):
     from typedcoll.transports.torch import free_port
     port = free_port()

@@ -1,4 +1,4 @@
-"""The torch.distributed backend on gloo (CPU): values, desyncs and timeouts at 2 and 4 ranks.
+"""The torch.distributed backend on gloo (CPU): values, desyncs and timeouts at 2, 4 and 8 ranks.
 
 Each multi-rank program is this file run as ``python tests/test_torch.py PROGRAM RANK SIZE PORT
 OUT`` in SIZE processes on a free localhost port, killed as a group after a hard timeout so a
@@ -365,7 +365,7 @@ def wait_for_all(key: str, size: int, count: bool = True) -> None:
 
 
 # --- the tests -----------------------------------------------------------------------------------
-@pytest.fixture(scope="module", params=[2, 4])
+@pytest.fixture(scope="module", params=[2, 4, 8])
 def desync(request, tmp_path_factory):
     """One run of the program at each size: its values are checked in the ranks; the desync
     outcomes come back."""
