@@ -144,7 +144,7 @@ def test_hang_report_describes_ranks_alike_once_and_caps_the_places():
     shown = [f"    rank {r}: now at b.py:{r}" for r in range(9, 9 + hang.MAX_DETAILED - 1)]
     assert lines == (["    ranks 1-8: now at a.py:1", "      last started: x"]
                      + [line for text in shown for line in (text, "      last started: x")]
-                     + ["    ... and ranks 16-19, elsewhere"])
+                     + [f"    ... and ranks 16-19 (at most {hang.MAX_DETAILED} descriptions)"])
 
 
 def one_short(comm):

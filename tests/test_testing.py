@@ -86,6 +86,22 @@ def test_a_skipped_collective_times_out_naming_the_absent_rank_and_where_it_is()
         f"  rank 1: at test_testing.py:{line_of('# ELSEWHERE')} in prog (outside typedcoll)")
 
 
+def test_absent_ranks_at_one_place_are_named_on_one_line():
+    def prog(comm):
+        if comm.rank:
+            time.sleep(0.8)  # AWAY
+            return None
+        return comm.allgather(comm.rank)
+
+    with pytest.raises(ExceptionGroup) as info:
+        run(5, prog, timeout=0.3)
+    (error,) = info.value.exceptions
+    assert error.missing == (1, 2, 3, 4)
+    assert str(error).splitlines()[1:3] == [
+        "ranks that never arrived, and where they are:",
+        f"  ranks 1-4: at test_testing.py:{line_of('# AWAY')} in prog (outside typedcoll)"]
+
+
 def test_a_rank_waiting_in_another_call_is_shown_inside_typedcoll():
     def prog(comm):
         if comm.rank == 1:

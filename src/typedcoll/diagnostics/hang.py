@@ -140,7 +140,7 @@ def _grouped(p: Protocol, ranks: Sequence[int],
         lines += body[1:]
     if len(groups) > MAX_DETAILED:
         rest = [r for members in list(groups.values())[MAX_DETAILED:] for r in members]
-        lines.append(f"    ... and {compact_ranks(rest)}, elsewhere")
+        lines.append(f"    ... and {compact_ranks(rest)} (at most {MAX_DETAILED} descriptions)")
     return lines
 
 

@@ -22,11 +22,12 @@ import os
 import sys
 import threading
 import time
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .._comm import TypedComm, _created
 from ..core.channel import Channel
 from ..core.identity import SKIP_FILES, format_site, register_internal
+from ..core.mismatch import compact_ranks
 from ..transports.memory import World
 
 if sys.version_info >= (3, 11):
@@ -127,10 +128,11 @@ class _Reporter:
         transport = p.transport
         arrived = _arrived(transport)
         missing = tuple(r for r in range(p.size) if r not in arrived)
-        lines = []
+        places: Dict[str, List[int]] = {}  # ranks at the same place on one line
         for r in missing:
-            world_rank = transport.members[r]
-            lines.append(f"  rank {r}: {_whereabouts(self.threads[world_rank])}")
+            where = _whereabouts(self.threads[transport.members[r]])
+            places.setdefault(where, []).append(r)
+        lines = [f"  {compact_ranks(ranks)}: {where}" for where, ranks in places.items()]
         text = ""
         if missing:
             text = "ranks that never arrived, and where they are:\n" + "\n".join(lines)
