@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from typing import Any, List, Optional, Sequence, Type, TypeVar, overload
 
-from .core import lifecycle, ops
+from .core import lifecycle, ops, parts
 from .core.args import check_step
 from .core.channel import Channel
 from .core.identity import register_internal
@@ -177,12 +177,12 @@ class TypedComm:
     def scatter(self, values: Optional[Sequence[Any]], root: int = 0, *, schema: Any = None,
                 step: Optional[int] = None, name: Optional[str] = None) -> Any:
         """``values[i]`` of ``root`` on rank i; other ranks pass None."""
-        return ops.scatter(self._p, values, root, schema, step, name)
+        return parts.scatter(self._p, values, root, schema, step, name)
 
     def alltoall(self, values: Sequence[Any], *, schema: Any = None,
                  step: Optional[int] = None, name: Optional[str] = None) -> List[Any]:
         """``values[j]`` of rank i arrives on rank j at position i."""
-        return ops.alltoall(self._p, values, schema, step, name)
+        return parts.alltoall(self._p, values, schema, step, name)
 
     def allreduce(self, value: T, op: Any = "sum", *, step: Optional[int] = None,
                   name: Optional[str] = None) -> T:
@@ -198,7 +198,7 @@ class TypedComm:
     def reduce_scatter(self, values: Sequence[Any], op: Any = "sum", *, schema: Any = None,
                        step: Optional[int] = None, name: Optional[str] = None) -> Any:
         """Rank i gets ``op`` over every rank's ``values[i]``."""
-        return ops.reduce_scatter(self._p, values, op, schema, step, name)
+        return parts.reduce_scatter(self._p, values, op, schema, step, name)
 
     def barrier(self, *, step: Optional[int] = None, name: Optional[str] = None) -> None:
         """Wait until every rank arrives (and check that they all called barrier)."""

@@ -26,7 +26,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..core import ops, payloads
+from ..core import ops, parts, payloads
 from ..core.args import check_reduce_op, check_root, first_error
 from ..core.errors import CollectiveError, DecodeError
 from ..core.identity import format_site, register_internal, user_frame
@@ -254,7 +254,7 @@ def scatter(p: Protocol, values: Any, root: Any = 0, step: Any = None, name: Any
         else:
             trees = values  # the core flags what is wrong with it, on this rank
     seq = p.seq
-    got = ops.scatter(p, trees, root, Any, step, name)
+    got = parts.scatter(p, trees, root, Any, step, name)
     return _finish(p, [got], [int(root)], _flags([got]), "scatter", seq, step)[0]
 
 
@@ -266,7 +266,7 @@ def alltoall(p: Protocol, values: Any, step: Any = None, name: Any = None) -> Li
         if error is not None:
             _refuse(p, "alltoall", REDUCE, error, step, name)
     seq = p.seq
-    got = ops.alltoall(p, trees, Any, step, name)
+    got = parts.alltoall(p, trees, Any, step, name)
     return _finish(p, got, range(p.size), _flags(got), "alltoall", seq, step)
 
 

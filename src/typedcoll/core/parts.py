@@ -1,0 +1,161 @@
+"""The collectives whose payload is one value per destination rank: scatter, alltoall and
+reduce_scatter.
+
+The root (scatter) or every rank (alltoall) encodes and checks each value on its own side; a
+REDUCE exchange agrees on the call; then the backend's own rooted or all-to-all collective
+moves each rank's parts. A receiver of ``scatter`` without ``schema=`` takes the root's class,
+as in ``bcast``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional, Sequence
+
+import numpy as np
+
+from ..codecs import SchemaInfo, array_fingerprint, check_operands, reduce_values
+from . import payloads, verdict
+from .args import check_reduce_op, check_root, first_error, payload_mode, schema_of
+from .call import MODE_EMPTY, Call
+from .identity import register_internal
+from .ops import _ZEROS, _common, _from_root, run
+from .protocol import Protocol
+from .transport import TransportTimeout
+from .wire import NO_ROOT, REDUCE, REDUCE_OP_NAMES
+
+
+# --- scatter -----------------------------------------------------------------------------------
+def scatter(p: Protocol, values: Any, root: Any, schema: Any, step: Any, name: Any) -> Any:
+    root_error = check_root(root, p.size)
+    is_root = root_error is None and p.rank == root
+    step, name, common_error = _common(step, name)
+    parts: Optional[List[bytes]] = None
+    error = first_error(root_error, common_error)
+    info: Optional[SchemaInfo] = None
+    wild = not is_root and schema is None
+    if is_root:
+        if not isinstance(values, Sequence) or isinstance(values, (str, bytes)) \
+                or len(values) != p.size:
+            error = error or (f"ValueError: expected a sequence of {p.size} values on the root, "
+                              f"got {type(values).__name__}"
+                              f"{' of ' + str(len(values)) if hasattr(values, '__len__') else ''}")
+        else:
+            info, schema_error = schema_of(values[0], schema)
+            error = error or schema_error
+            if error is None and info is not None:
+                parts, error = _encode_parts(p, info, values, "scatter")
+    elif not wild:
+        info, schema_error = schema_of(None, schema)
+        error = error or schema_error
+    call = Call("scatter", REDUCE, info, MODE_EMPTY, None,
+                root=NO_ROOT if root_error else int(root), step=step, name=name, wild=wild,
+                error=error)
+
+    def rest(c: Call) -> Any:
+        try:
+            mine = p.transport.scatter_parts(parts, c.root, c.deadline)
+        except TransportTimeout:
+            verdict.timed_out(p, c)
+        return _from_root(p, c, mine, c.root)
+    return run(p, call, rest)
+
+
+def _encode_parts(p: Protocol, info: SchemaInfo, values: Sequence[Any],
+                  op: str) -> tuple:
+    """Each value encoded (and checked against the schema) on this rank: (parts, error)."""
+    parts = []
+    for i, v in enumerate(values):
+        mode, encoded, _, mode_error = payload_mode(info, v)
+        probe = Call(op, REDUCE, info, mode, encoded, validate=True)
+        probe.value = encoded
+        payload, error = p.encode(probe)
+        error = mode_error or error
+        if error is not None:
+            kind, _, detail = error.partition(": ")
+            return None, f"{kind}: value {i}: {detail}"
+        parts.append(payload)
+    return parts, None
+
+
+# --- alltoall and reduce_scatter ------------------------------------------------------------
+def alltoall(p: Protocol, values: Any, schema: Any, step: Any, name: Any) -> List[Any]:
+    return _exchange_parts(p, "alltoall", values, schema, step, name)
+
+
+def reduce_scatter(p: Protocol, values: Any, op: Any, schema: Any, step: Any,
+                   name: Any) -> Any:
+    """Rank i gets ``op`` over every rank's ``values[i]``, combined in rank order.
+
+    Its own op in the envelope, with the reduce op and the values' dtype and shape: ranks that
+    combine differently, or call alltoall meanwhile, raise instead of pairing up.
+    """
+    code, op_error = check_reduce_op(op)
+    got = _exchange_parts(p, "reduce_scatter", values, schema, step, name, reduce_op=code,
+                          error=op_error or _operands_error(values, code))
+    op_name = REDUCE_OP_NAMES.get(code, "sum")
+    if isinstance(got[0], np.generic):  # as 0-d arrays: wrap on overflow like MPI, no warning
+        return reduce_values([np.asarray(v) for v in got], op_name)[()]
+    return reduce_values(got, op_name)
+
+
+def _exchange_parts(p: Protocol, op: str, values: Any, schema: Any, step: Any, name: Any, *,
+                    reduce_op: int = 0, error: Optional[str] = None) -> List[Any]:
+    """Each rank sends ``values[j]`` to rank j: a REDUCE exchange, then the backend's alltoall."""
+    step, name, common_error = _common(step, name)
+    error = first_error(error, common_error)
+    info: Optional[SchemaInfo] = None
+    parts: Optional[List[bytes]] = None
+    array_fp = _ZEROS
+    if not isinstance(values, Sequence) or isinstance(values, (str, bytes)) \
+            or len(values) != p.size:
+        error = error or (f"ValueError: expected a sequence of {p.size} values, got "
+                          f"{type(values).__name__}")
+    else:
+        info, schema_error = schema_of(values[0], schema)
+        error = error or schema_error
+        if reduce_op:
+            array_fp, shape_error = _column_shapes(values)
+            error = error or shape_error
+        if error is None and info is not None:
+            parts, error = _encode_parts(p, info, values, op)
+    call = Call(op, REDUCE, info, MODE_EMPTY, None, step=step, name=name, error=error,
+                reduce_op=reduce_op, array_fp=array_fp)
+
+    def rest(c: Call) -> List[Any]:
+        try:
+            got = p.transport.alltoall_parts(parts, c.deadline)
+        except TransportTimeout:
+            verdict.timed_out(p, c)
+        return [payloads.decode(p, c, buf, r) for r, buf in enumerate(got)]
+    return run(p, call, rest)  # type: ignore[no-any-return]
+
+
+def _column_shapes(values: Sequence[Any]) -> tuple:
+    """(fingerprint, error): the dtype and shape of each value a rank reduces, in the envelope,
+    so that a column whose values differ across ranks raises on every rank (numbers: zeros)."""
+    arrays = [isinstance(v, (np.ndarray, np.generic)) for v in values]
+    if not any(arrays):
+        bad = [type(v).__name__ for v in values
+               if isinstance(v, bool) or not isinstance(v, (int, float))]
+        return _ZEROS, (f"TypeError: expected ints, floats, numpy scalars or arrays, got "
+                        f"{bad[0]}" if bad else None)
+    if not all(arrays):
+        return _ZEROS, "TypeError: expected all numbers or all numpy values, got a mix"
+    shapes = ";".join(f"{np.asarray(v).dtype.str}{np.shape(v)}" for v in values)
+    return array_fingerprint(shapes, None), None  # type: ignore[arg-type]
+
+
+def _operands_error(values: Any, code: int) -> Optional[str]:
+    """The error when ``code`` does not apply to one of ``values`` (bitwise ops on floats)."""
+    if not code or not isinstance(values, Sequence) or isinstance(values, (str, bytes)):
+        return None
+    for v in values:
+        kind = np.asarray(v).dtype.kind if isinstance(v, (np.ndarray, np.generic)) else (
+            "f" if isinstance(v, float) else "i")
+        error = check_operands(REDUCE_OP_NAMES[code], kind)
+        if error:
+            return error
+    return None
+
+
+register_internal(__file__)
