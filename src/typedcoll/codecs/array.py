@@ -8,7 +8,7 @@ know the shape (non-roots of bcast) can rebuild it; the envelope carries
 
 from __future__ import annotations
 
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Tuple, cast
 
 import math
 
@@ -48,7 +48,7 @@ def encode_array_split(arr: np.ndarray) -> Tuple[bytes, memoryview]:
     if arr.dtype.hasobject:
         raise TypeError(f"expected an array of plain numbers, got dtype {arr.dtype}")
     meta = _META_ENCODER.encode((arr.dtype.str, arr.shape))
-    data = memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
+    data = memoryview(cast(Any, np.ascontiguousarray(arr).reshape(-1).view(np.uint8)))
     return len(meta).to_bytes(2, "little") + meta, data
 
 

@@ -12,7 +12,7 @@ payloads shorter than ``MAX_NESTING`` need no scan at all.
 
 from __future__ import annotations
 
-from typing import Union
+from typing import List, Union
 
 MAX_NESTING = 128
 
@@ -44,7 +44,7 @@ def nesting_ok(buf: Union[bytes, bytearray, memoryview], limit: int = MAX_NESTIN
 
 def _depth_within(data: bytes, limit: int) -> bool:
     # remaining[i]: objects still to read in the i-th open container (maps count keys and values)
-    remaining = []
+    remaining: List[int] = []
     pos, end = 0, len(data)
     while pos < end:
         b = data[pos]

@@ -80,7 +80,7 @@ class ObjectCollectives:
         if not self._torch_group or self.group is None:
             return group_rank
         import torch.distributed as dist
-        return dist.get_global_rank(self.group, group_rank)  # type: ignore[no-any-return]
+        return dist.get_global_rank(self.group, group_rank)
 
     def _check_group(self, op: str, group: Any) -> Optional[str]:
         if group is None or group is self.group or group is self.typed:

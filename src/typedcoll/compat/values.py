@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import struct
 import sys
-from typing import Any, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import msgspec.inspect as mi
 import numpy as np
@@ -101,7 +101,7 @@ def is_plain(value: Any, depth: int) -> bool:
     if t is str or t is float or t is bool or value is None or t is bytes:
         return True
     if t is int:
-        return _MIN_INT <= value <= _MAX_INT
+        return _MIN_INT <= value <= _MAX_INT  # type: ignore[no-any-return]
     if depth >= MAX_NESTING:
         return False
     if t is dict:
@@ -185,7 +185,7 @@ class _Tagger:
             exc.path = f"[{where!r}]" + exc.path
             raise
 
-    def _dict(self, value: dict, depth: int) -> Any:
+    def _dict(self, value: Dict[Any, Any], depth: int) -> Any:
         if all(_native_key(k) for k in value):
             return {k: self._item(x, depth, k) for k, x in value.items()}
         out: List[Any] = [_MARKERS[DICT]]
@@ -249,7 +249,7 @@ def _class_info(cls: type) -> Any:
     return info
 
 
-_CLASS_INFO: dict = {}
+_CLASS_INFO: Dict[type, Any] = {}
 
 
 def _array_bytes(array: np.ndarray) -> bytes:

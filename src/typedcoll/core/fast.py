@@ -22,7 +22,7 @@ how CI's second leg holds both paths to the same results.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, List, Optional
 
 from ..codecs.nesting import MAX_NESTING
 from ..codecs.schema import _BY_ID, _CACHE
@@ -42,9 +42,9 @@ FAST_FIELDS = (
 )
 
 try:
-    from . import _speedups
+    from . import _speedups  # type: ignore[attr-defined]  # C extension, no stub
 except ImportError:  # built without a compiler: the Python steps serve every call
-    _speedups = None  # type: ignore[assignment]
+    _speedups = None
 
 _CONSTANTS = {
     "HEADER_SIZE": wire.HEADER_SIZE, "CHECKED": wire.CHECKED, "AGREE_SIZE": wire.AGREE_SIZE,
@@ -67,7 +67,7 @@ def _compatible(module: Any) -> bool:
 
 if _speedups is not None and (os.environ.get("TYPEDCOLL_PURE_PYTHON")
                               or not _compatible(_speedups)):
-    _speedups = None  # type: ignore[assignment]
+    _speedups = None
 
 ENABLED = _speedups is not None
 if _speedups is not None:
@@ -76,7 +76,7 @@ if _speedups is not None:
                         site_fingerprint, name_fingerprint, TAKE_PY)
 
 
-def bind(p: "Protocol") -> Optional[list]:
+def bind(p: "Protocol") -> Optional[List[Any]]:
     """``p``'s state as the C path reads it, or None where only the Python steps may run."""
     if _speedups is None:
         return None
@@ -92,8 +92,10 @@ def bind(p: "Protocol") -> Optional[list]:
     state = {
         "send": p.send, "recv": p.recv, "block": p.block, "slot": p.slot, "size": p.size,
         "rank": p.rank, "exchange": transport.exchange, "engine": engine,
-        "ring": rec.numbers if on else None, "ring_objects": rec.objects if on else None,
-        "ring_state": rec.state if on else None, "capacity": rec.capacity if on else 0,
+        "ring": rec.numbers if on else None,  # type: ignore[union-attr]
+        "ring_objects": rec.objects if on else None,  # type: ignore[union-attr]
+        "ring_state": rec.state if on else None,  # type: ignore[union-attr]
+        "capacity": rec.capacity if on else 0,  # type: ignore[union-attr]
         "min_slot": p.policy.min_slot, "counts": p.counts, "busy": p.channel.busy,
         "acquire": p.channel.lock.acquire, "release": p.channel.lock.release,
         "instance": p.instance,

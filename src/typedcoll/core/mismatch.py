@@ -97,14 +97,14 @@ _CHECKS = (
 )
 
 
-def _shown(e: EnvelopeInfo) -> tuple:
+def _shown(e: EnvelopeInfo) -> Tuple[Any, ...]:
     return (e.seq, e.comm, e.op, e.schema, e.fingerprint, e.site, e.name, e.occurrence, e.step,
             e.root, e.reduce_op, e.shape, e.dtype, e.settings, e.error)
 
 
 def group_envelopes(envelopes: Sequence[EnvelopeInfo]) -> List[Group]:
     """Ranks grouped by identical envelopes, groups ordered by their lowest rank."""
-    by_key: Dict[tuple, List[EnvelopeInfo]] = {}
+    by_key: Dict[Tuple[Any, ...], List[EnvelopeInfo]] = {}
     for env in sorted(envelopes, key=lambda e: e.rank):
         by_key.setdefault(_shown(env), []).append(env)
     return [Group(tuple(e.rank for e in members), members[0]) for members in by_key.values()]
@@ -122,7 +122,7 @@ def compact_ranks(ranks: Sequence[int]) -> str:
         return "no ranks"
     runs: List[str] = []
     start = prev = ordered[0]
-    for r in ordered[1:] + [None]:  # type: ignore[list-item]
+    for r in ordered[1:] + [None]:
         if r is not None and r == prev + 1:
             prev = r
             continue
@@ -192,6 +192,7 @@ def differing_notes(groups: Sequence[Group]) -> List[Tuple[str, str, List[Tuple[
     if len(groups) < 2:
         return []
     by_key: Dict[str, Dict[int, Note]] = {}
+    note: Optional[Note]
     for g in groups:
         for note in g.envelope.notes:
             by_key.setdefault(note.key, {})[g.ranks[0]] = note

@@ -9,7 +9,7 @@ ops first and hands the rest to these functions.
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Tuple
 
 import numpy as np
 
@@ -60,7 +60,7 @@ def finish(p: Protocol, call: Call, rest: Callable[[Call], Any]) -> Any:
     return result
 
 
-def _common(step: Any, name: Any) -> tuple:
+def _common(step: Any, name: Any) -> Tuple[Any, Any, Optional[str]]:
     """(step, name, error): a bad step or name is flagged, and left out of the header."""
     step_error, name_error = check_step(step), check_name(name)
     return (None if step_error else step, None if name_error else name,
@@ -91,7 +91,7 @@ def allgather(p: Protocol, value: Any, schema: Any, step: Any, name: Any,
               op: str = "allgather") -> List[Any]:
     out = fast.allgather(p, value, schema, step, name, op)
     if out.__class__ is list:
-        return out  # type: ignore[no-any-return]
+        return out
     call = value_call(op, GATHER, value, schema, step, name)
     if out is not fast.TAKE_PY:
         resumed = fast.resumed(p, call, out)

@@ -9,7 +9,7 @@ as in ``bcast``.
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -61,7 +61,7 @@ def scatter(p: Protocol, values: Any, root: Any, schema: Any, step: Any, name: A
 
 
 def _encode_parts(p: Protocol, info: SchemaInfo, values: Sequence[Any],
-                  op: str) -> tuple:
+                  op: str) -> Tuple[Optional[List[bytes]], Optional[str]]:
     """Each value encoded (and checked against the schema) on this rank: (parts, error)."""
     parts = []
     for i, v in enumerate(values):
@@ -130,7 +130,7 @@ def _exchange_parts(p: Protocol, op: str, values: Any, schema: Any, step: Any, n
     return run(p, call, rest)  # type: ignore[no-any-return]
 
 
-def _column_shapes(values: Sequence[Any]) -> tuple:
+def _column_shapes(values: Sequence[Any]) -> Tuple[bytes, Optional[str]]:
     """(fingerprint, error): the dtype and shape of each value a rank reduces, in the envelope,
     so that a column whose values differ across ranks raises on every rank (numbers: zeros)."""
     arrays = [isinstance(v, (np.ndarray, np.generic)) for v in values]

@@ -114,7 +114,7 @@ class Protocol:
         # Set by diagnostics: (protocol, call) -> (missing ranks or None, report text).
         self.hang_reporter: Optional[Callable[["Protocol", Call], Tuple[Any, str]]] = None
         self.extensions: Dict[str, Any] = {}  # per-communicator state of other layers
-        self.fast: Optional[list] = None
+        self.fast: Optional[List[Any]] = None
         self._alloc(self.policy.size)
         LIVE.add(self)
         for hook in list(NEW_PROTOCOL_HOOKS):

@@ -77,7 +77,7 @@ class FlightRecorder:
         self.objects: List[Any] = [None] * (OBJECTS_PER_ENTRY * first)
         # [entries recorded since creation (dropped ones included), newest still in flight]:
         # a list, so the C fast path updates it without attribute lookups.
-        self.state: list = [0, False]
+        self.state: List[int] = [0, False]
         self.failures: Dict[int, str] = {}  # entry count -> error text
 
     @property

@@ -27,7 +27,7 @@ transport runs one point-to-point schedule for both shapes (``transports.mpi``).
 
 from __future__ import annotations
 
-from typing import List, Optional, Protocol
+from typing import List, Optional, Protocol, Union
 
 import numpy as np
 
@@ -85,7 +85,7 @@ class Transport(Protocol):
     def recv_bytes(self, source: int, tag: int, deadline: Optional[float]) -> bytes: ...
 
 
-def inline_length(slot: bytes) -> int:
+def inline_length(slot: Union[bytes, bytearray]) -> int:
     """How many payload bytes sit inline in ``slot`` (none when the payload overflowed)."""
     if slot[FLAGS_OFFSET] & FLAG_OVERFLOW:
         return 0

@@ -147,7 +147,7 @@ def failure(p: "Protocol", call: Call, failed: Sequence[int],
                      ranks=failed, error_type=kinds[first], detail=texts[first])
 
 
-def _decisions(groups: Sequence[Group]) -> list:
+def _decisions(groups: Sequence[Group]) -> List[Tuple[str, str, List[Tuple[str, str]]]]:
     return differing_notes(groups)
 
 

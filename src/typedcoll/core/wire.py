@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import struct
 import sys
-from typing import Dict
+from typing import Dict, Union
 
 MAGIC = 0xC2
 HEADER = struct.Struct("<BBBBiQq8s8s8sI4xB3xI")
@@ -102,7 +102,7 @@ def reduce_op_name(code: int) -> str:
 _MASK = (1 << (8 * CHECKED)) - 1
 
 
-def own_block(slot: bytes, block: bytearray) -> None:
+def own_block(slot: Union[bytes, bytearray], block: bytearray) -> None:
     """This rank's own agreement block: what the OR starts from."""
     header = int.from_bytes(slot[:CHECKED], "little")
     block[:CHECKED] = slot[:CHECKED]
@@ -115,7 +115,7 @@ def own_block(slot: bytes, block: bytearray) -> None:
     block[AGREE_LENGTH:AGREE_LENGTH + 4] = slot[LENGTH_OFFSET:LENGTH_OFFSET + 4]
 
 
-def or_into(block: bytearray, other: bytes) -> None:
+def or_into(block: bytearray, other: Union[bytes, bytearray]) -> None:
     """``block |= other`` over ``len(block)`` bytes (Python ints OR at C speed)."""
     n = len(block)
     block[:] = (int.from_bytes(block, "little") | int.from_bytes(other[:n], "little")).to_bytes(
@@ -151,7 +151,7 @@ def force_disagreement(block: bytearray) -> None:
     block[2 * CHECKED:AGREE_SIZE] = bytes(AGREE_SIZE - 2 * CHECKED)
 
 
-def agreed(block: bytes) -> bool:
+def agreed(block: Union[bytes, bytearray]) -> bool:
     """Every rank's checked header was the same."""
     a = int.from_bytes(block[:CHECKED], "little")
     b = int.from_bytes(block[CHECKED:2 * CHECKED], "little")
@@ -161,18 +161,18 @@ def agreed(block: bytes) -> bool:
 INSTANCE_OFFSET = 48
 
 
-def instances_differ(block: bytes) -> bool:
+def instances_differ(block: Union[bytes, bytearray]) -> bool:
     """The ranks were on different communicators of one channel (the instance field differs)."""
     a = block[INSTANCE_OFFSET:INSTANCE_OFFSET + 4]
     b = block[CHECKED + INSTANCE_OFFSET:CHECKED + INSTANCE_OFFSET + 4]
     return any(x & y for x, y in zip(a, b))
 
 
-def block_flags(block: bytes) -> int:
+def block_flags(block: Union[bytes, bytearray]) -> int:
     return block[AGREE_FLAGS]
 
 
-def block_length(block: bytes) -> int:
+def block_length(block: Union[bytes, bytearray]) -> int:
     """The OR of every rank's payload length: the length itself where one rank sent one."""
     return int.from_bytes(block[AGREE_LENGTH:AGREE_LENGTH + 4], "little")
 

@@ -36,7 +36,8 @@ class RankState:
     takes from 2 to 4 positional arguments but 27 were given".
     """
 
-    def __init__(self, rank, num_active_requests=0, num_active_tokens=0):
+    def __init__(self, rank: int, num_active_requests: int = 0,
+                 num_active_tokens: int = 0) -> None:
         self.rank = rank
         self.num_active_requests = num_active_requests
         self.num_active_tokens = num_active_tokens
@@ -76,7 +77,7 @@ class RawBackend:
     def _allgather(self, label: str, it: int, obj: Any) -> List[Any]:
         self.last = (label, it)
         self.current = (label, it, time.monotonic())
-        out = self.tp.allgather(obj)
+        out: List[Any] = self.tp.allgather(obj)
         self.current = None
         return out
 
@@ -95,7 +96,7 @@ class RawBackend:
     def bcast_assignment(self, assignment: Optional[Assignment], it: int) -> Assignment:
         self.last = ("world broadcast of new requests", it)
         self.current = (self.last[0], it, time.monotonic())
-        out = self.world.bcast(assignment, root=0)
+        out: Assignment = self.world.bcast(assignment, root=0)
         self.current = None
         return out
 

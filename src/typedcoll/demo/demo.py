@@ -94,9 +94,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0 if ok else 1
 
 
-def read_records(results: str) -> Dict[int, list]:
+def read_records(results: str) -> Dict[int, List[Dict[str, Any]]]:
     """``{rank: [record, ...]}`` from a results directory (what ``runner`` wrote)."""
-    out: Dict[int, list] = {}
+    out: Dict[int, List[Dict[str, Any]]] = {}
     for name in sorted(os.listdir(results)):
         if name.startswith("rank") and name.endswith(".jsonl"):
             with open(os.path.join(results, name)) as fh:
@@ -104,26 +104,27 @@ def read_records(results: str) -> Dict[int, list]:
     return out
 
 
-def final_record(records: list, mode: str) -> Optional[Dict[str, Any]]:
+def final_record(records: List[Dict[str, Any]], mode: str) -> Optional[Dict[str, Any]]:
     """A rank's outcome in ``mode``: its own record, else its watchdog's "hung" line."""
     mine = [r for r in records if r.get("mode") == mode]
     done = [r for r in mine if r.get("status") != "hung"]
-    return (done or mine or [None])[-1]
+    return (done or mine or [None])[-1]  # type: ignore[list-item]  # [None] typed from mine
 
 
-def _outcomes(records: Dict[int, list], mode: str, ranks: int) -> Dict[int, Optional[dict]]:
+def _outcomes(records: Dict[int, List[Dict[str, Any]]], mode: str,
+              ranks: int) -> Dict[int, Optional[Dict[str, Any]]]:
     return {r: final_record(records.get(r, []), mode) for r in range(ranks)}
 
 
-def _group(outcomes: Dict[int, Optional[dict]],
-           key: Callable[[Optional[dict]], Tuple[str, str]]) -> Dict[Any, List[int]]:
+def _group(outcomes: Dict[int, Optional[Dict[str, Any]]],
+           key: Callable[[Optional[Dict[str, Any]]], Tuple[str, str]]) -> Dict[Any, List[int]]:
     groups: Dict[Any, List[int]] = {}
     for rank, rec in outcomes.items():
         groups.setdefault(key(rec), []).append(rank)
     return groups
 
 
-def summarize(args: argparse.Namespace, plan: FaultPlan, records: Dict[int, list],
+def summarize(args: argparse.Namespace, plan: FaultPlan, records: Dict[int, List[Dict[str, Any]]],
               rc: int) -> bool:
     """Print the side-by-side summary; True when every mode behaved as expected."""
     n = args.ranks
@@ -148,7 +149,7 @@ def summarize(args: argparse.Namespace, plan: FaultPlan, records: Dict[int, list
     return ok
 
 
-def _print_raw(n: int, records: Dict[int, list]) -> bool:
+def _print_raw(n: int, records: Dict[int, List[Dict[str, Any]]]) -> bool:
     raw = _outcomes(records, "raw", n)
     crashed = {r: o for r, o in raw.items() if o is not None and o["status"] == "crashed"}
     raw_ok = bool(crashed)
@@ -166,7 +167,7 @@ def _print_raw(n: int, records: Dict[int, list]) -> bool:
     return raw_ok
 
 
-def _print_typed(n: int, records: Dict[int, list]) -> bool:
+def _print_typed(n: int, records: Dict[int, List[Dict[str, Any]]]) -> bool:
     typed = _outcomes(records, "typed", n)
     texts = {o["error"] for o in typed.values() if o is not None and o["status"] == "desync"}
     typed_ok = all(o is not None and o["status"] == "desync" and o["decisions"]
@@ -188,7 +189,7 @@ def _print_typed(n: int, records: Dict[int, list]) -> bool:
     return typed_ok
 
 
-def _print_symmetric(n: int, plan: FaultPlan, records: Dict[int, list]) -> bool:
+def _print_symmetric(n: int, plan: FaultPlan, records: Dict[int, List[Dict[str, Any]]]) -> bool:
     sym = _outcomes(records, "symmetric", n)
     done = [o for o in sym.values() if o is not None and o["status"] == "completed"]
     sym_ok = len(done) == n and len({(o["flushes"], o["posted"]) for o in done}) == 1
@@ -208,7 +209,7 @@ def _print_symmetric(n: int, plan: FaultPlan, records: Dict[int, list]) -> bool:
     return sym_ok
 
 
-def _print_cost(args: argparse.Namespace, n: int, records: Dict[int, list]) -> None:
+def _print_cost(args: argparse.Namespace, n: int, records: Dict[int, List[Dict[str, Any]]]) -> None:
     cost = [rec for recs in records.values() for rec in recs if rec.get("mode") == "cost"]
     if cost:
         c = cost[0]
@@ -226,7 +227,7 @@ def _print_cost(args: argparse.Namespace, n: int, records: Dict[int, list]) -> N
                   f"are inflated)")
 
 
-def _raw_key(rec: Optional[dict]) -> Tuple[str, str]:
+def _raw_key(rec: Optional[Dict[str, Any]]) -> Tuple[str, str]:
     if rec is None:
         return ("missing", "no record (killed before it could report)")
     status = rec["status"]

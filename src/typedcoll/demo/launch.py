@@ -13,9 +13,9 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import IO, Dict, List, Optional, Sequence, Union
+from typing import IO, Any, Dict, List, Optional, Sequence, Union
 
-Output = Union[None, int, IO]
+Output = Union[None, int, IO[Any]]
 
 
 def find_mpiexec() -> str:

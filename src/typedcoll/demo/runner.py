@@ -18,7 +18,7 @@ import json
 import os
 import threading
 import time
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, List, Tuple
 
 from mpi4py import MPI
 
@@ -54,7 +54,7 @@ def run_mode(mode: str, plan: FaultPlan, world: Any, tp_parent: Any, writer: Rec
     rank = world.Get_rank()
     record: Dict[str, Any] = {"mode": mode}
     t0 = time.perf_counter()
-    typed: list = []
+    typed: List[TypedComm] = []
     if mode == "raw":
         backend: Any = RawBackend(world.Dup(), world.Dup())
     else:

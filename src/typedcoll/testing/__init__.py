@@ -22,7 +22,7 @@ import os
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from .._comm import TypedComm, _created
 from ..core.channel import Channel
@@ -113,7 +113,7 @@ def _note(exc: BaseException, text: str) -> None:
     if hasattr(exc, "add_note"):
         exc.add_note(text)
     else:  # pragma: no cover - Python 3.10: the exceptiongroup backport prints __notes__
-        exc.__notes__ = [*getattr(exc, "__notes__", []), text]  # type: ignore[attr-defined]
+        exc.__notes__ = [*getattr(exc, "__notes__", []), text]
 
 
 class _Reporter:
@@ -172,7 +172,7 @@ _STDLIB = os.path.dirname(threading.__file__) + os.sep
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
 
-def _arrived(transport: Any) -> set:
+def _arrived(transport: Any) -> Set[int]:
     """The ranks that reached this rank's latest backend operation (its rendezvous)."""
     world = transport.world
     with world.lock:

@@ -13,7 +13,7 @@ import itertools
 import threading
 import time
 from collections import deque
-from typing import Any, Deque, Dict, List, Optional, Tuple
+from typing import Any, Deque, Dict, List, Optional, Tuple, cast
 
 import numpy as np
 
@@ -140,7 +140,7 @@ class MemoryTransport:
     def allreduce_array(self, array: np.ndarray, op: str,
                         deadline: Optional[float]) -> np.ndarray:
         parts = self._all(np.ascontiguousarray(array).copy(), deadline)
-        return reduce_values([parts[r] for r in range(self.size)], op)
+        return cast(np.ndarray, reduce_values([parts[r] for r in range(self.size)], op))
 
     # --- point to point --------------------------------------------------------------------
     def send_bytes(self, data: bytes, dest: int, tag: int,

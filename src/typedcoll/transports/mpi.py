@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, List, Optional
+from typing import Any, List, Optional, cast
 
 import numpy as np
 from mpi4py import MPI
@@ -134,12 +134,12 @@ def channel_for(parent: Any) -> Channel:
                         f"torch.distributed use TypedComm.from_torch)")
     if _KEYVAL is None:
         _KEYVAL = MPI.Comm.Create_keyval(delete_fn=_on_parent_freed)
-    channel = parent.Get_attr(_KEYVAL)
+    channel = cast(Optional[Channel], parent.Get_attr(_KEYVAL))
     if channel is None or channel.users <= 0:
         channel = Channel(MPITransport(parent.Dup(), parent.Dup(), parent.Dup()),
                           comm_name(parent))
         parent.Set_attr(_KEYVAL, channel)
-    return channel  # type: ignore[no-any-return]
+    return channel
 
 
 class MPITransport:
@@ -345,7 +345,7 @@ class MPITransport:
         subs = [c.Split(color_, key) for c in (self.comm, self.p2p, self.side)]
         if subs[0] == MPI.COMM_NULL:
             return None
-        return MPITransport(*subs)
+        return MPITransport(*cast(List[MPI.Intracomm], subs))
 
     def dup(self) -> "MPITransport":
         return MPITransport(self.comm.Dup(), self.p2p.Dup(), self.side.Dup())

@@ -107,6 +107,7 @@ def wait_work(work: Any, deadline: Optional[float]) -> None:
     if remaining >= _FOREVER_S:  # None, math.inf, or beyond what a timedelta holds
         work.wait()
         return
+    assert deadline is not None
     try:
         work.wait(timedelta(seconds=max(remaining, 1e-3)))
     except RuntimeError:
