@@ -31,9 +31,8 @@ Everything after the verdict (phase 2, the cold paths) uses MPI's own collective
 has then agreed which one comes next. MPI never matches a blocking collective with a nonblocking
 one, so the form follows the deadline, which the caller makes alike on every rank: ``None``
 (phase 2 after an agreed verdict on a communicator without a timeout: the settings were agreed
-at creation) takes the blocking form, which MPI libraries tune and which costs several times
-less than a nonblocking one and its wait at 8 ranks and more; a number, ``math.inf`` included,
-takes the nonblocking form, waited on. The cold paths pass ``math.inf`` where they have no
+at creation) takes the blocking form, which MPI libraries tune and which is cheaper to call; a
+number, ``math.inf`` included, takes the nonblocking form, waited on. The cold paths pass ``math.inf`` where they have no
 deadline: ranks whose settings differ (a bad timeout on one rank, found by the creation exchange
 itself) must still meet in the exchange that reports it.
 """
