@@ -27,6 +27,8 @@ MPI_SCRIPTS = {
     "collectives": [],
     "core_decompose": [],
     "recorder_cost": [],
+    "compat_allgather": [],
+    "bcast_schema": [],
     # torch's gloo can abort a process in its teardown, after the run (tests/test_torch.py and
     # bench/torch_gloo.py cover the gloo rows): the MPI rows only, here.
     "peers": ["--payloads", "RankState", "2,048 ints", "64 KiB", "--no-torch"],
@@ -82,6 +84,8 @@ def check_document(doc: Dict[str, Any], script: str, ranks: int) -> None:
      {"raw64", "raw", "typed", "pickle", "exchange", "encode", "allgatherv", "decode",
       "copy_free", "py_decode"}),
     ("recorder_cost", {"RankState"}, {"on", "off"}),
+    ("compat_allgather", {"dict[3]"}, {"pickle", "typed", "drop-in"}),
+    ("bcast_schema", {"RankState"}, {"schema", "no_schema", "pickle"}),
 ])
 def test_mpi_script_document(docs: Dict[str, Dict[str, Any]], script: str, cases: set,
                              methods: set) -> None:
