@@ -15,6 +15,7 @@ def test_the_usage_example_runs(tmp_path):
     example = next(b for b in blocks if b.startswith("# example.py"))
     result = run_spmd(example, 2, timeout=120, tmp_path=tmp_path)
     assert not result.timed_out and result.returncode == 0, repr(result)
-    # Both ranks print one line; mpiexec may interleave them, so count rather than split.
+    # Each rank prints its line in one write (the newline is a second one): mpiexec may put the
+    # other rank's output between the two, so count rather than split.
     assert result.stdout.count("{'it': 2} 4") == 2, repr(result)
     assert result.stdout.count("RankState(rank=1, num_active_requests=2)") == 2, repr(result)
