@@ -29,7 +29,7 @@ def test_gloo_hang_report_names_the_absent_rank_and_where_it_is(size, monkeypatc
     outputs = []
     try:
         for proc in procs:
-            outputs.append(proc.communicate(timeout=60)[0])
+            outputs.append(proc.communicate(timeout=60 + 15 * size)[0])  # torch imports
     except subprocess.TimeoutExpired:
         for proc in procs:
             os.killpg(proc.pid, signal.SIGKILL)

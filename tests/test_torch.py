@@ -47,8 +47,11 @@ class TimeoutFlag(msgspec.Struct):
     timed_out: bool
 
 
-def run_ranks(program: str, size: int, tmp_path: Path, timeout: float = 60.0) -> List[dict]:
-    """Run ``program`` on ``size`` gloo ranks; every rank's outcomes, in rank order."""
+def run_ranks(program: str, size: int, tmp_path: Path,
+              timeout: Optional[float] = None) -> List[dict]:
+    """Run ``program`` on ``size`` gloo ranks; every rank's outcomes, in rank order. The limit
+    grows with the size: each process imports torch, and a small machine runs them in turn."""
+    timeout = 60.0 + 15.0 * size if timeout is None else timeout
     from typedcoll.transports.torch import free_port
     port = free_port()
     env = dict(os.environ, TYPEDCOLL_SEED=str(SEED), OMP_NUM_THREADS="1")
