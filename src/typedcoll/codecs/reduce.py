@@ -9,31 +9,36 @@ numpy's ``maximum``/``minimum``; Python's ``max`` would keep or drop it dependin
 
 from __future__ import annotations
 
-import math
 import operator
 from typing import Any, Callable, Dict, List
 
 import numpy as np
 
 
-def _nan_max(a: Any, b: Any) -> Any:
-    if isinstance(a, float) and math.isnan(a):
+def _is_nan(x: Any) -> bool:
+    return isinstance(x, (float, np.floating)) and x != x
+
+
+def nan_max(a: Any, b: Any) -> Any:
+    """The larger of two numbers under the NaN rule (the drop-ins' object reductions use it too)."""
+    if _is_nan(a):
         return a
-    if isinstance(b, float) and math.isnan(b):
+    if _is_nan(b):
         return b
     return b if b > a else a
 
 
-def _nan_min(a: Any, b: Any) -> Any:
-    if isinstance(a, float) and math.isnan(a):
+def nan_min(a: Any, b: Any) -> Any:
+    """The smaller of two numbers under the NaN rule."""
+    if _is_nan(a):
         return a
-    if isinstance(b, float) and math.isnan(b):
+    if _is_nan(b):
         return b
     return b if b < a else a
 
 
 SCALAR_REDUCE: Dict[str, Callable[[Any, Any], Any]] = {
-    "sum": operator.add, "prod": operator.mul, "max": _nan_max, "min": _nan_min,
+    "sum": operator.add, "prod": operator.mul, "max": nan_max, "min": nan_min,
     "land": lambda a, b: bool(a) and bool(b), "lor": lambda a, b: bool(a) or bool(b),
     "lxor": lambda a, b: bool(a) != bool(b),
     "band": operator.and_, "bor": operator.or_, "bxor": operator.xor,

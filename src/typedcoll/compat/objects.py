@@ -26,6 +26,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..codecs.reduce import nan_max, nan_min
 from ..core import ops, parts, payloads
 from ..core.args import check_reduce_op, check_root, first_error
 from ..core.errors import CollectiveError, DecodeError
@@ -283,45 +284,24 @@ def refuse(p: Protocol, op: str, error: str, step: Any = None, name: Any = None,
 
 
 # --- reductions of arbitrary objects ----------------------------------------------------------
-def _nan(x: Any) -> bool:
-    return isinstance(x, (float, np.floating)) and x != x
-
-
-def _maximum(a: Any, b: Any) -> Any:
-    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
-        return np.maximum(a, b)
-    if _nan(a):
-        return a
-    if _nan(b):
-        return b
-    return b if b > a else a
-
-
-def _minimum(a: Any, b: Any) -> Any:
-    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
-        return np.minimum(a, b)
-    if _nan(a):
-        return a
-    if _nan(b):
-        return b
-    return b if b < a else a
-
-
-def _logical(array_op: Any, scalar_op: Any) -> Any:
+def _elementwise(array_op: Any, scalar_op: Any) -> Any:
+    """``array_op`` where either side is an array, else ``scalar_op``."""
     def apply(a: Any, b: Any) -> Any:
         if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
             return array_op(a, b)
-        return scalar_op(bool(a), bool(b))
+        return scalar_op(a, b)
     return apply
 
 
 # mpi4py's Python semantics of each op (``MPI.SUM(a, b)`` is ``a + b``), except that a NaN in
-# max or min wins whichever rank holds it, and arrays compare element-wise.
+# max or min wins whichever rank holds it (the typed reductions' rule), and arrays compare
+# element-wise.
 PAIRWISE = {
-    "sum": lambda a, b: a + b, "prod": lambda a, b: a * b, "max": _maximum, "min": _minimum,
-    "land": _logical(np.logical_and, lambda a, b: a & b),
-    "lor": _logical(np.logical_or, lambda a, b: a | b),
-    "lxor": _logical(np.logical_xor, lambda a, b: a ^ b),
+    "sum": lambda a, b: a + b, "prod": lambda a, b: a * b,
+    "max": _elementwise(np.maximum, nan_max), "min": _elementwise(np.minimum, nan_min),
+    "land": _elementwise(np.logical_and, lambda a, b: bool(a) & bool(b)),
+    "lor": _elementwise(np.logical_or, lambda a, b: bool(a) | bool(b)),
+    "lxor": _elementwise(np.logical_xor, lambda a, b: bool(a) ^ bool(b)),
     "band": lambda a, b: a & b, "bor": lambda a, b: a | b, "bxor": lambda a, b: a ^ b,
 }
 
