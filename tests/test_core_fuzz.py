@@ -130,6 +130,9 @@ CALLS = {
     "allreduce": lambda c: c.allreduce(3),
     "allreduce array": lambda c: c.allreduce(np.arange(4)),
     "scatter": lambda c: c.scatter([RankState(r) for r in range(c.size)], 0),
+    "scatter from a peer": lambda c: c.scatter(None, 1, schema=RankState),
+    "scatter from a peer without schema": lambda c: c.scatter(None, 1),
+    "alltoall of strings": lambda c: c.alltoall(["x" * 30] * c.size),
     "alltoall": lambda c: c.alltoall([r for r in range(c.size)]),
     "barrier": lambda c: c.barrier(),
 }

@@ -141,6 +141,52 @@ def test_mpi_a_caught_desync_between_two_comms_leaves_both_usable(tmp_path):
     assert [g[1] for g in got] == [["returned", [0, 1]]] * 2, got
 
 
+MPI_FORMS = """
+import json, os, sys, time
+from mpi4py import MPI
+import typedcoll as tc
+out, rank = sys.argv[1], MPI.COMM_WORLD.rank
+report = {}
+untimed = tc.TypedComm(MPI.COMM_WORLD)
+report["untimed"] = [untimed.allgather(rank) for _ in range(3)] + [
+    untimed.bcast(rank, 0, schema=int), untimed.gather(rank, 1)]
+timed = tc.TypedComm(MPI.COMM_WORLD, timeout=2.0)
+try:  # rank 0 on the timed communicator, its peers on the untimed one
+    (timed if rank == 0 else untimed).allgather(rank)
+    report["mixed"] = "returned"
+except tc.DesyncError:
+    report["mixed"] = "DesyncError"
+report["after"] = [timed.allgather(rank), untimed.allgather(rank), timed.bcast(7, 0, schema=int)]
+if rank == 1:
+    time.sleep(4)
+try:
+    timed.allgather(rank)
+    report["late"] = "returned"
+except tc.CollectiveTimeout:
+    report["late"] = "CollectiveTimeout"
+json.dump(report, open(f"{out}/{rank}.json", "w"))
+MPI.COMM_WORLD.Barrier()  # the launcher may end the job at the first exit
+os._exit(0)  # operations stay pending after a timeout: MPI_Finalize could wait
+"""
+
+
+def test_mpi_exchange_forms_follow_the_channel_not_the_rank(tmp_path):
+    """Up to 16 ranks an untimed channel exchanges by one blocking MPI_Allgather, which a
+    deadline cannot stop and which never matches a nonblocking operation. Every rank must pick
+    the same form without asking: after an untimed communicator's calls, a timed communicator
+    over the same parent is created, one rank calls on it while its peers call on the untimed
+    one (DesyncError on every rank, not a hang), and a rank late on the timed communicator
+    makes its peers time out (its deadline is kept). Ranks on three paths in one job."""
+    c_path = {"TYPEDCOLL_PURE_PYTHON": ""}
+    paths = [{"TYPEDCOLL_PURE_PYTHON": "1"}, dict(c_path, TYPEDCOLL_DIRECT_MPI="0"), c_path]
+    got = spmd_json(tmp_path, MPI_FORMS, 3, timeout=90, rank_env=paths)
+    assert [g["untimed"] for g in got] == [
+        [[0, 1, 2]] * 3 + [0, [0, 1, 2] if r == 1 else None] for r in range(3)], got
+    assert [g["mixed"] for g in got] == ["DesyncError"] * 3, got
+    assert [g["after"] for g in got] == [[[0, 1, 2], [0, 1, 2], 7]] * 3, got
+    assert [g["late"] for g in got] == ["CollectiveTimeout"] * 3, got
+
+
 # --- 2. instance numbers after a creation that met another collective ---------------------------
 def creation_meets_a_collective(comm: tc.TypedComm) -> Any:
     try:  # rank 0 builds a communicator while rank 1 calls allgather: a desync, caught

@@ -146,3 +146,12 @@ def test_imports_point_down():
                                                  and not same_package):
                 wrong.append(f"{module} -> {target}")
     assert sorted(wrong) == []
+
+
+def test_the_distribution_and_the_package_give_one_version():
+    """``pip show typedcoll`` and ``typedcoll --version`` must agree (pyproject.toml and
+    _version.py each hold the number)."""
+    from importlib.metadata import version
+
+    import typedcoll
+    assert version("typedcoll") == typedcoll.__version__

@@ -71,6 +71,25 @@ def decode_array_view(prefix: Any, data: Any) -> np.ndarray:
 
 
 def _array_over(prefix: memoryview, data: memoryview) -> np.ndarray:
+    key = bytes(prefix)
+    meta = _META_CACHE.get(key)
+    if meta is None:
+        meta = _parse_meta(prefix)
+        if len(_META_CACHE) > 4096:
+            _META_CACHE.clear()
+        _META_CACHE[key] = meta
+    dtype, shape, expected = meta
+    if len(data) != expected:
+        raise ValueError(f"expected {expected} bytes of {dtype.str} data for shape {shape}, "
+                         f"got {len(data)}")
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+# A prefix's checked reading, by its bytes: a steady stream of one shape reads it once.
+_META_CACHE: Dict[bytes, Tuple[np.dtype, Tuple[int, ...], int]] = {}
+
+
+def _parse_meta(prefix: memoryview) -> Tuple[np.dtype, Tuple[int, ...], int]:
     n = int.from_bytes(prefix[:2], "little")
     dtype_str, shape = _ARRAY_META.decode(prefix[2:2 + n])
     try:
@@ -81,8 +100,4 @@ def _array_over(prefix: memoryview, data: memoryview) -> np.ndarray:
         raise ValueError(f"expected an array of plain numbers, got dtype {dtype}")
     if any(d < 0 for d in shape):
         raise ValueError(f"expected a shape of sizes >= 0, got {shape}")
-    expected = math.prod(shape) * dtype.itemsize
-    if len(data) != expected:
-        raise ValueError(f"expected {expected} bytes of {dtype_str} data for shape {shape}, "
-                         f"got {len(data)}")
-    return np.frombuffer(data, dtype=dtype).reshape(shape)
+    return dtype, shape, math.prod(shape) * dtype.itemsize

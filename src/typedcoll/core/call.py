@@ -12,9 +12,9 @@ from typing import Any, Optional, Tuple
 from ..codecs import SchemaInfo
 from .wire import GATHER, NO_ROOT, NO_STEP
 
-# How a contribution travels: msgspec-encoded, as a numpy array, or not at all (a barrier, the
-# non-roots of bcast).
-MODE_MSG, MODE_ARRAY, MODE_EMPTY = 0, 1, 2
+# How a contribution travels: msgspec-encoded, as a numpy array, not at all (a barrier, the
+# non-roots of bcast), or as bytes the op encoded itself (scatter's and alltoall's parts).
+MODE_MSG, MODE_ARRAY, MODE_EMPTY, MODE_BYTES = 0, 1, 2, 3
 
 _ZEROS = bytes(8)
 

@@ -1,14 +1,26 @@
 """The collectives whose payload is one value per destination rank: scatter, alltoall and
 reduce_scatter.
 
-The root (scatter) or every rank (alltoall) encodes and checks each value on its own side; a
-REDUCE exchange agrees on the call; then the backend's own rooted or all-to-all collective
-moves each rank's parts. A receiver of ``scatter`` without ``schema=`` takes the root's class,
-as in ``bcast``.
+The root (scatter) or every rank (alltoall) encodes and checks each value on its own side and
+packs the encoded parts into one payload::
+
+    u32 count (the communicator's size), count x u32 end offsets, then the parts, in rank order
+
+(little-endian). The payload rides in the exchange itself when it fits the slot: a scatter's
+REDUCE exchange carries the root's payload to every rank, as a bcast's does; an alltoall up to
+``GATHER_DIRECT_MAX`` ranks is a GATHER exchange, so every rank holds every rank's parts. Each
+rank checks every packed payload's framing (the same bytes everywhere, so a bad one fails on
+every rank) and decodes its own parts. A payload that does not fit its slot (the agreement
+block's overflow flag, alike on every rank), and an alltoall beyond GATHER_DIRECT_MAX ranks,
+move the parts on the backend's own scatter or all-to-all after the exchange instead, so no
+rank receives the parts of others. A receiver of ``scatter`` without ``schema=`` takes the
+root's class, as in ``bcast``.
 """
 
 from __future__ import annotations
 
+import struct
+from itertools import accumulate
 from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -16,12 +28,13 @@ import numpy as np
 from ..codecs import SchemaInfo, array_fingerprint, check_operands, reduce_values
 from . import payloads, verdict
 from .args import check_reduce_op, check_root, first_error, payload_mode, schema_of
-from .call import MODE_EMPTY, Call
+from .call import MODE_BYTES, MODE_EMPTY, Call
 from .identity import register_internal
-from .ops import _ZEROS, _common, _from_root, run
+from .ops import _ZEROS, GATHER_DIRECT_MAX, _common, _from_root, run
 from .protocol import Protocol
 from .transport import TransportTimeout
-from .wire import NO_ROOT, REDUCE, REDUCE_OP_NAMES
+from .wire import (FLAG_OVERFLOW, FLAGS_OFFSET, GATHER, HEADER_SIZE, LENGTH_OFFSET, NO_ROOT,
+                   REDUCE, REDUCE_OP_NAMES, block_flags)
 
 
 # --- scatter -----------------------------------------------------------------------------------
@@ -47,17 +60,44 @@ def scatter(p: Protocol, values: Any, root: Any, schema: Any, step: Any, name: A
     elif not wild:
         info, schema_error = schema_of(None, schema)
         error = error or schema_error
-    call = Call("scatter", REDUCE, info, MODE_EMPTY, None,
+    call = Call("scatter", REDUCE, info, MODE_EMPTY if parts is None else MODE_BYTES,
+                None if parts is None else pack(parts),
                 root=NO_ROOT if root_error else int(root), step=step, name=name, wild=wild,
                 error=error)
+    call.inline = True
 
     def rest(c: Call) -> Any:
+        if not block_flags(p.block) & FLAG_OVERFLOW:
+            packed = payloads.root_payload(p, c, c.root)
+            return _from_root(p, c, unpack(p, c, packed, c.root)[p.rank], c.root)
         try:
             mine = p.transport.scatter_parts(parts, c.root, c.deadline)
         except TransportTimeout:
             verdict.timed_out(p, c)
         return _from_root(p, c, mine, c.root)
     return run(p, call, rest)
+
+
+def pack(parts: List[bytes]) -> bytes:
+    """Encoded parts as one payload (the module docstring's format)."""
+    ends = list(accumulate(len(x) for x in parts))
+    return struct.pack(f"<{len(parts) + 1}I", len(parts), *ends) + b"".join(parts)
+
+
+def unpack(p: Protocol, call: Call, packed: Any, source: int) -> List[Any]:
+    """Views of ``source``'s parts in ``packed``, or the DecodeError every rank raises for it."""
+    view = memoryview(packed)
+    n = p.size
+    body = 4 + 4 * n
+    if len(view) < body or int.from_bytes(view[:4], "little") != n:
+        problem = f"expected {n} packed parts, got a payload of {len(view)} bytes"
+    else:
+        ends = struct.unpack_from(f"<{n}I", view, 4)
+        starts = (0,) + ends[:-1]
+        if ends[-1] == len(view) - body and all(a <= b for a, b in zip(starts, ends)):
+            return [view[body + a:body + b] for a, b in zip(starts, ends)]
+        problem = f"expected part offsets within its {len(view) - body} bytes, got {list(ends)}"
+    raise verdict.decode_failure(p, call, source, ValueError(problem))
 
 
 def _encode_parts(p: Protocol, info: SchemaInfo, values: Sequence[Any],
@@ -118,16 +158,35 @@ def _exchange_parts(p: Protocol, op: str, values: Any, schema: Any, step: Any, n
             error = error or shape_error
         if error is None and info is not None:
             parts, error = _encode_parts(p, info, values, op)
-    call = Call(op, REDUCE, info, MODE_EMPTY, None, step=step, name=name, error=error,
-                reduce_op=reduce_op, array_fp=array_fp)
+    direct = p.size <= GATHER_DIRECT_MAX
+    call = Call(op, GATHER if direct else REDUCE, info, MODE_BYTES if direct and parts else
+                MODE_EMPTY, pack(parts) if direct and parts else None, step=step, name=name,
+                error=error, reduce_op=reduce_op, array_fp=array_fp)
 
     def rest(c: Call) -> List[Any]:
+        if direct and not block_flags(p.block) & FLAG_OVERFLOW:
+            return [payloads.decode(p, c, part, r) for r, part in enumerate(_own_parts(p, c))]
         try:
             got = p.transport.alltoall_parts(parts, c.deadline)
         except TransportTimeout:
             verdict.timed_out(p, c)
         return [payloads.decode(p, c, buf, r) for r, buf in enumerate(got)]
     return run(p, call, rest)  # type: ignore[no-any-return]
+
+
+def _own_parts(p: Protocol, call: Call) -> List[Any]:
+    """This rank's part of every rank's packed payload, from the gathered slots; every packed
+    payload's framing is checked, so a bad one raises on every rank."""
+    slot, recv, width = p.slot, p.recv_view, p.slot - HEADER_SIZE
+    mine = []
+    for r in range(p.size):
+        start = r * slot
+        n = int.from_bytes(recv[start + LENGTH_OFFSET:start + HEADER_SIZE], "little")
+        if n > width or recv[start + FLAGS_OFFSET] & FLAG_OVERFLOW:
+            raise verdict.decode_failure(p, call, r, ValueError(
+                f"expected at most {width} inline payload bytes, got {n}"))
+        mine.append(unpack(p, call, recv[start + HEADER_SIZE:start + HEADER_SIZE + n], r)[p.rank])
+    return mine
 
 
 def _column_shapes(values: Sequence[Any]) -> Tuple[bytes, Optional[str]]:

@@ -46,7 +46,7 @@ from . import verdict
 # CREATION_MIN_TIMEOUT whatever the communicator's timeout, so a tight timeout bounds
 # collectives, not start-up.
 from .verdict import CREATE_SEQ, CREATION_MIN_TIMEOUT
-from .call import MODE_ARRAY, MODE_EMPTY, Call
+from .call import MODE_ARRAY, MODE_BYTES, MODE_EMPTY, Call
 from .channel import BUSY_CODE, BUSY_LASTI, Channel, thread_label
 from .errors import CollectiveError, ConcurrentCallError
 from .mismatch import Note
@@ -54,8 +54,8 @@ from .fresh import on_fresh_stack
 from .identity import format_site, name_fingerprint, register_internal, site_fingerprint, \
     user_frame
 from .recorder import FlightRecorder, capacity_from_env
-from .wire import (AGREE_SIZE, FLAG_LOCAL_ERROR, FLAG_OVERFLOW, FLAG_SPLIT_ARRAY,
-                   FLAG_WILD_SCHEMA, GATHER, HEADER, HEADER_SIZE, MAGIC, MAX_PAYLOAD,
+from .wire import (AGREE_SIZE, FLAG_DEADLINE, FLAG_LOCAL_ERROR, FLAG_OVERFLOW,
+                   FLAG_SPLIT_ARRAY, FLAG_WILD_SCHEMA, GATHER, HEADER, HEADER_SIZE, MAGIC, MAX_PAYLOAD,
                    NATIVE_LITTLE, NO_STEP, OPS, REDUCE, SlotPolicy, agreed, block_flags,
                    block_length, instances_differ, slot_log2)
 from .transport import TransportTimeout
@@ -63,6 +63,7 @@ from .transport import TransportTimeout
 _ZEROS = bytes(8)
 _INT64 = 2 ** 63
 _MAX_ERROR_TEXT = 4096  # bytes of a failed rank's error text that reach its peers
+_FOREVER = float("inf")  # a cold path's deadline when the communicator has none
 
 # Called as hook(protocol, error) before a CollectiveError propagates (diagnostics dumps).
 ERROR_HOOKS: List[Callable[["Protocol", BaseException], None]] = []
@@ -212,10 +213,10 @@ class Protocol:
             # The whole text: one longer than the slot travels like any overflowing payload.
             flags = FLAG_LOCAL_ERROR
             payload = call.error.encode()[:_MAX_ERROR_TEXT]
+        call.deadline = self.deadline(CREATION_MIN_TIMEOUT if call.seq == CREATE_SEQ else 0.0)
         self.write(call, payload, flags)
         if self.recorder is not None:
             self.recorder.set_bytes(len(payload))
-        call.deadline = self.deadline(CREATION_MIN_TIMEOUT if call.seq == CREATE_SEQ else 0.0)
         try:
             self.transport.exchange(self.send, self.recv, self.block, call.shape, call.deadline)
         except TransportTimeout:
@@ -259,6 +260,11 @@ class Protocol:
     def encode(self, call: Call) -> Tuple[bytes, Optional[str]]:
         """(payload, None) or (b"", error text): a failure to encode never raises here."""
         value = call.value
+        if call.mode == MODE_BYTES:  # encoded and checked by the op already
+            if len(value) > MAX_PAYLOAD:
+                return b"", (f"ValueError: expected a payload of at most {MAX_PAYLOAD} bytes, "
+                             f"got {len(value)}")
+            return value, None
         try:
             if call.mode == MODE_ARRAY:
                 if call.shape == GATHER and MAX_PAYLOAD >= value.nbytes > self.slot - HEADER_SIZE:
@@ -316,6 +322,8 @@ class Protocol:
             self.send_view[HEADER_SIZE:HEADER_SIZE + n] = payload
         if call.wild:
             flags |= FLAG_WILD_SCHEMA
+        if call.deadline is not None and call.deadline != _FOREVER:
+            flags |= FLAG_DEADLINE
         info = call.info
         _pack(self.send, 0, MAGIC, opcode or OPS[call.op], call.reduce_op, slot_log2(slot),
               call.root,

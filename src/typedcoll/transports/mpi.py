@@ -6,11 +6,32 @@ diagnostics use to ask a hung peer where it is) and cached as an MPI attribute
 of the parent, so every TypedComm built over it shares it and constructing thousands costs
 no communicators. It is freed with the last TypedComm that frees it, or with the parent.
 
-The exchange. Phase 1 of every typed collective runs one point-to-point schedule, the same for
-both shapes, so ranks that disagree about the shape (one in an allgather, its peer in a bcast)
-still exchange well-formed messages in the same rounds. Round k (distance d = 2**k, ceil(log2 N)
-rounds): send to rank r - d, receive from rank r + d (mod N), on the collective communicator
-with one reserved tag. Every message is::
+The exchange. Phase 1 of every typed collective is one exchange whose form never depends on the
+shape, so ranks that disagree about the shape (one in an allgather, its peer in a bcast) still
+meet in the same MPI operations. It has two forms, and every rank picks the same one:
+
+- Untimed, up to ``wire.ALLGATHER_MAX`` ranks: one blocking ``MPI_Allgather`` of every rank's
+  slot, for both shapes. Every rank then holds every slot: it folds the agreement block itself,
+  and for REDUCE ORs the slots' inline payload regions (``finish_gathered``). The headers carry
+  the op, so a shape mismatch is a header mismatch like any other. MPI's own allgather is tuned
+  per library and size, and at these sizes it beats any schedule written over point-to-point
+  messages; a REDUCE moves at most ALLGATHER_MAX slots.
+- Timed, or beyond ALLGATHER_MAX ranks: the point-to-point schedule below, which a deadline
+  can stop waiting for. A blocking collective cannot be abandoned, and MPI never matches one
+  with a nonblocking one, so this form serves every exchange that may need to time out.
+
+Which form comes next follows the agreement block of every exchange on the channel, the same
+bytes on every rank (every rank joins every exchange of a channel, in order): the first
+exchange (a creation) is timed; after it the channel is untimed until an exchange in which some
+rank flagged a deadline (``FLAG_DEADLINE``: its communicator has a timeout), then timed for
+good. So a rank never decides alone, and ranks on communicators with different timeouts that
+meet in one exchange (a desync between communicators of one channel) still run the same form.
+The price: on a channel that was untimed, the one exchange in which a deadline first shows
+waits without it (a later timed communicator's creation, which waits 10 s at least anyway).
+
+The point-to-point schedule is the same for both shapes. Round k (distance d = 2**k,
+ceil(log2 N) rounds): send to rank r - d, receive from rank r + d (mod N), on the collective
+communicator with one reserved tag. Every message is::
 
     u8 shape, u8 shapes seen, u16 0, u32 count
     GATHER: count slots (Bruck's allgather: the first min(d, N - d) slots this rank holds, in
@@ -19,27 +40,31 @@ with one reserved tag. Every message is::
             count bytes: the OR of the payload regions heard of so far
 
 "Shapes seen" has a bit per shape, ORed along: after the last round every rank has heard, at
-first or second hand, of every rank (overlapping coverage when N is not a power of two changes
-nothing: OR is idempotent). A GATHER rank then holds every slot and folds their agreement block
-itself; a REDUCE rank's block covers every rank. Ranks that saw both shapes (one in an
-allgather, its peer in a bcast) all mark their block as disagreeing, so no rank decodes what it
-could not have gathered, and every rank enters the same cold path. MPI delivers messages between
-two ranks with one tag in order, so consecutive exchanges never mix. The C fast path runs this
-same schedule (``core/_speedups.c``, over MPI's C symbols); this module is its Python twin.
+first or second hand, of every rank (overlapping coverage when N is not a power of two
+changes nothing: OR is idempotent). A GATHER rank then holds every slot and folds their
+agreement block itself; a REDUCE rank's block covers every rank. Ranks that saw both shapes
+(one in an allgather, its peer in a bcast) all mark their block as disagreeing, so no rank
+decodes what it could not have gathered, and every rank enters the same cold path. MPI
+delivers messages between two ranks with one tag in order, so consecutive exchanges never
+mix. A REDUCE message stays one slot and a block long at any N.
+
+The C fast path runs these same forms (``core/_speedups.c``, over MPI's C symbols, built with
+the same ALLGATHER_MAX); this module is its Python twin, and one job may mix both.
 
 Everything after the verdict (phase 2, the cold paths) uses MPI's own collectives: every rank
 has then agreed which one comes next. MPI never matches a blocking collective with a nonblocking
 one, so the form follows the deadline, which the caller makes alike on every rank: ``None``
 (phase 2 after an agreed verdict on a communicator without a timeout: the settings were agreed
 at creation) takes the blocking form, which MPI libraries tune and which is cheaper to call; a
-number, ``math.inf`` included, takes the nonblocking form, waited on. The cold paths pass ``math.inf`` where they have no
-deadline: ranks whose settings differ (a bad timeout on one rank, found by the creation exchange
-itself) must still meet in the exchange that reports it.
+number, ``math.inf`` included, takes the nonblocking form, waited on. The cold paths pass
+``math.inf`` where they have no deadline: ranks whose settings differ (a bad timeout on one
+rank, found by the creation exchange itself) must still meet in the exchange that reports it.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from typing import Any, List, Optional, cast
 
@@ -48,11 +73,13 @@ from mpi4py import MPI
 
 from ..core.channel import Channel
 from ..core.identity import register_internal
-from ..core.transport import TransportTimeout, displacements
-from ..core.wire import (AGREE_SIZE, FLAG_OVERFLOW, FLAGS_OFFSET, GATHER, HEADER_SIZE,
-                         LENGTH_OFFSET, fold, force_disagreement, or_into, own_block)
+from ..core.transport import TransportTimeout, displacements, finish_gathered
+from ..core.wire import (AGREE_FLAGS, AGREE_SIZE, ALLGATHER_MAX, FLAG_DEADLINE, FLAG_OVERFLOW,
+                         FLAGS_OFFSET, GATHER, HEADER_SIZE, LENGTH_OFFSET, fold,
+                         force_disagreement, or_into, own_block)
 
 EXCHANGE_TAG = 0x7C31  # the collective communicator carries no other point-to-point traffic
+FORM_UNKNOWN, FORM_UNTIMED, FORM_TIMED = 0, 1, 2  # the exchange's form (module docstring)
 PREFIX = 8
 _MPI_OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN, "prod": MPI.PROD, "land": MPI.LAND,
             "lor": MPI.LOR, "lxor": MPI.LXOR, "band": MPI.BAND, "bor": MPI.BOR, "bxor": MPI.BXOR}
@@ -64,6 +91,9 @@ _MPI_OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN, "prod": MPI.PROD, "l
 _SPIN_TESTS = 200
 _YIELD_SECONDS = 0.05
 _MAX_SLEEP = 0.002
+# Requests a deadline left pending, with the buffers they hold: MPI may still write into those,
+# so they must outlive the call (the channel is broken then, and never reused).
+_ABANDONED: List[List[MPI.Request]] = []
 
 
 def wait_all(requests: List[MPI.Request], deadline: Optional[float]) -> None:
@@ -83,6 +113,7 @@ def wait_all(requests: List[MPI.Request], deadline: Optional[float]) -> None:
     pause = 1e-4
     while not MPI.Request.Testall(requests):
         if time.monotonic() >= deadline:
+            _ABANDONED.append(requests)
             raise TransportTimeout()
         time.sleep(pause)
         pause = min(pause * 2, _MAX_SLEEP)
@@ -154,7 +185,9 @@ class MPITransport:
         self.rank = comm.Get_rank()
         self.size = comm.Get_size()
         self._inbox = bytearray(0)
+        self._spare: Optional[np.ndarray] = None
         self.tag = EXCHANGE_TAG
+        self.form = FORM_UNKNOWN  # which exchange comes next (the module docstring)
         # The C fast path's binding of the exchange over MPI's own symbols (None: Python's).
         from ..core import fast
         self.engine = fast.mpi_engine(self)
@@ -168,7 +201,13 @@ class MPITransport:
             if fast.run_engine(engine, send, recv, block, shape, deadline):
                 return
             raise TransportTimeout()
-        self._exchange(send, recv, block, shape, deadline)
+        if self.size <= ALLGATHER_MAX and self.form == FORM_UNTIMED:
+            self.comm.Allgather([send, MPI.BYTE], [recv, MPI.BYTE])
+            finish_gathered(recv, len(send), self.size, block, shape)
+        else:
+            self._exchange(send, recv, block, shape, deadline)
+        if self.form != FORM_TIMED:
+            self.form = FORM_TIMED if block[AGREE_FLAGS] & FLAG_DEADLINE else FORM_UNTIMED
 
     def _exchange(self, send: bytearray, recv: bytearray, block: bytearray, shape: int,
                   deadline: Optional[float]) -> None:
@@ -249,8 +288,26 @@ class MPITransport:
         else:
             wait_all([getattr(self.comm, "I" + name.lower())(*args, **kwargs)], deadline)
 
+    def _receive_buffer(self, n: int) -> np.ndarray:
+        """Phase 2's receive buffer: the previous one when nothing refers to it any more (every
+        result viewing it is gone: arrays are decoded as views of it), else a new one. A new
+        buffer costs a page fault per page when MPI first writes it, which at 16 ranks of
+        64 KiB arrays costs as much as the transfer. Not zeroed: MPI writes every byte read."""
+        spare = self._spare
+        # Three references: the attribute, the local name and getrefcount's argument.
+        if spare is not None and spare.nbytes == n and sys.getrefcount(spare) == 3:
+            return spare
+        self._spare = spare = np.empty(n, dtype=np.uint8)
+        return spare
+
     def allgatherv(self, send: Any, counts: List[int], deadline: Optional[float]) -> Any:
-        recv = np.empty(sum(counts), dtype=np.uint8)  # not zeroed: MPI writes every byte read
+        recv = self._receive_buffer(sum(counts))
+        if counts.count(counts[0]) == len(counts):
+            # Equal counts (arrays of one shape), the same decision on every rank: MPI's
+            # allgather is tuned further than its allgatherv.
+            self._collective("Allgather", deadline, [send, len(send), MPI.BYTE],
+                             [recv, counts[0], MPI.BYTE])
+            return recv
         spec = [recv, (counts, displacements(counts)), MPI.BYTE]
         self._collective("Allgatherv", deadline, [send, len(send), MPI.BYTE], spec)
         return recv
