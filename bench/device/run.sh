@@ -10,7 +10,8 @@
 #
 #   device run (carry .whl):  bash bench/device/run.sh
 #   knobs: RANKS="2 8" (rank counts), BUDGET_S=420 (seconds before steps are skipped),
-#          TYPEDCOLL_PURE_PYTHON=1 (the Python path), and for a dry run elsewhere NO_INSTALL=1,
+#          TYPEDCOLL_PURE_PYTHON=1 (the Python path), NO_GPU=1 (skip the NCCL step), and for a
+#          dry run elsewhere NO_INSTALL=1,
 #          NO_BUILD=1, MPI="mpiexec -n", OUT=dir
 set -uo pipefail
 START=$(date +%s)
@@ -69,6 +70,12 @@ for n in $RANKS; do
     step "core overhead, $n ranks" 40 $MPI "$n" python3 bench/core_overhead.py --rounds 15 \
         --iters 2000 --json "$WORK/core-overhead-${n}ranks-device.json"
 done
+for n in $RANKS; do
+    step "drop-in allgather, $n ranks" 40 $MPI "$n" python3 bench/compat_allgather.py \
+        --rounds 15 --iters 2000 --json "$WORK/compat-allgather-${n}ranks-device.json"
+    step "bcast with and without schema, $n ranks" 40 $MPI "$n" python3 bench/bcast_schema.py \
+        --rounds 15 --iters 2000 --json "$WORK/bcast-schema-${n}ranks-device.json"
+done
 step "collectives, 4 ranks (scale plot)" 60 $MPI 4 python3 bench/collectives.py --rounds 15 \
     --iters 1000 --json "$WORK/collectives-4ranks-device.json"
 for n in $RANKS; do
@@ -91,7 +98,7 @@ for n in $RANKS; do
     step "gloo, $n ranks" 60 python3 bench/torch_gloo.py --ranks "$n" --rounds 5 --iters 100 \
         --json "$WORK/torch-gloo-${n}ranks-device.json"
 done
-if nvidia-smi -L; then
+if [ -z "${NO_GPU:-}" ] && nvidia-smi -L; then
     step "GPU tensor checks, world size 1" 150 torchrun --nproc-per-node=1 bench/torch_gpu.py \
         --rounds 3 --iters 200 --json "$WORK/torch-gpu-device.json"
 fi

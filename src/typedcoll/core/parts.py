@@ -28,7 +28,7 @@ import numpy as np
 from ..codecs import SchemaInfo, array_fingerprint, check_operands, reduce_values
 from . import payloads, verdict
 from .args import check_reduce_op, check_root, first_error, payload_mode, schema_of
-from .call import MODE_BYTES, MODE_EMPTY, Call
+from .call import MODE_BYTES, MODE_EMPTY, MODE_MSG, Call
 from .identity import register_internal
 from .ops import _ZEROS, GATHER_DIRECT_MAX, _common, _from_root, run
 from .protocol import Protocol
@@ -104,10 +104,13 @@ def _encode_parts(p: Protocol, info: SchemaInfo, values: Sequence[Any],
                   op: str) -> Tuple[Optional[List[bytes]], Optional[str]]:
     """Each value encoded (and checked against the schema) on this rank: (parts, error)."""
     parts = []
+    probe = Call(op, REDUCE, info, MODE_MSG, None, validate=True)  # one record for every part
+    # A value whose type is exactly a plain schema's decodes as it by construction: only other
+    # values need decoding back before they are sent.
+    plain = info.schema if info.schema in _PLAIN else None
     for i, v in enumerate(values):
         mode, encoded, _, mode_error = payload_mode(info, v)
-        probe = Call(op, REDUCE, info, mode, encoded, validate=True)
-        probe.value = encoded
+        probe.mode, probe.value, probe.validate = mode, encoded, type(v) is not plain
         payload, error = p.encode(probe)
         error = mode_error or error
         if error is not None:
@@ -115,6 +118,9 @@ def _encode_parts(p: Protocol, info: SchemaInfo, values: Sequence[Any],
             return None, f"{kind}: value {i}: {detail}"
         parts.append(payload)
     return parts, None
+
+
+_PLAIN = frozenset({int, float, str, bytes, bool})
 
 
 # --- alltoall and reduce_scatter ------------------------------------------------------------
