@@ -3,11 +3,14 @@
 Run: ``mpiexec -n 2 python bench/core_overhead.py [--rounds R] [--iters I] [--json F]``
 (Open MPI: ``mpirun --oversubscribe --bind-to core -n N ...``).
 
-Three methods on the 3-field ``RankState`` record, interleaved round by round:
+Four methods on the 3-field ``RankState`` record, interleaved round by round:
   raw      ``comm.Allgather`` of a 64-byte numpy buffer (the floor: no encoding, no check)
   pickle   mpi4py's ``comm.allgather`` of the same record as a dict (what executors use)
   typed    ``TypedComm.allgather(record)``: envelope, call identity check, typed decode
-Goals: typed <= 1.5x raw; typed ahead of pickle.
+  timed    the same on a communicator with ``timeout=60`` over a parent of its own: its
+           exchange is the point-to-point schedule a deadline can stop waiting for, where an
+           untimed channel of up to 16 ranks runs one MPI_Allgather (transports/mpi.py)
+Goals: typed <= 1.5x raw; typed ahead of pickle. timed / typed is what a timeout costs.
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ from mpi4py import MPI
 import typedcoll as tc
 from harness import records, report, timing
 
-METHODS = ("raw", "pickle", "typed")
+METHODS = ("raw", "pickle", "typed", "timed")
 CASE = "RankState"
 RATIOS = [report.Ratio(CASE, "typed", "raw", ("<=", 1.5)),
-          report.Ratio(CASE, "typed", "pickle", ("<=", 1.0))]
+          report.Ratio(CASE, "typed", "pickle", ("<=", 1.0)),
+          report.Ratio(CASE, "timed", "typed")]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -36,17 +40,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     world = MPI.COMM_WORLD
     control, raw_comm = world.Dup(), world.Dup()
     typed = tc.TypedComm(world)
+    # A parent of its own: a timed communicator turns its whole channel to the timed form.
+    timed = tc.TypedComm(world.Dup(), timeout=60.0)
     rank, size = world.rank, world.size
     record = records.rank_state(rank)
     as_dict = msgspec.structs.asdict(record)
     send, recv = np.zeros(64, np.uint8), np.empty(64 * size, np.uint8)
     calls = {"raw": lambda: raw_comm.Allgather(send, recv),
              "pickle": lambda: raw_comm.allgather(as_dict),
-             "typed": lambda: typed.allgather(record)}
+             "typed": lambda: typed.allgather(record),
+             "timed": lambda: timed.allgather(record)}
 
     expected = [records.rank_state(r) for r in range(size)]
     report.stop_on_wrong_results(control, [p for p in (
         records.problem(typed.allgather(record), expected, "typed"),
+        records.problem(timed.allgather(record), expected, "timed"),
         records.problem([records.RankState(**d) for d in raw_comm.allgather(as_dict)],
                         expected, "pickle")) if p])
 
