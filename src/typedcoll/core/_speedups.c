@@ -1,9 +1,10 @@
 /* The C fast path: the steady state of the hot collectives, and the MPI exchange itself.
  *
- * Exactly the protocol of core/protocol.py and core/ops.py (read their docstrings, and
- * core/wire.py for the header and the agreement block): for allgather (and the flush), gather up
- * to 16 ranks and allreduce of Python numbers (GATHER exchange), bcast and barrier (REDUCE
- * exchange): encode, find the call's identity (name or site), write the 64-byte header and the
+ * Exactly the protocol of core/protocol.py, core/ops.py and core/parts.py (read their
+ * docstrings, and core/wire.py for the header and the agreement block): for allgather (and the
+ * flush), gather and alltoall up to 16 ranks and allreduce of Python numbers (GATHER exchange),
+ * bcast, scatter and barrier (REDUCE exchange): encode (scatter's and alltoall's parts packed as
+ * core/parts.py packs them), find the call's identity (name or site), write the 64-byte header and the
  * inline payload, record the flight-recorder entry, exchange, check the agreement block, decode
  * what this rank needs. The interpreter would run a few hundred bytecodes per call for that;
  * here it is a few thousand instructions, which is what keeps a checked collective near a raw
@@ -77,13 +78,13 @@ enum { BUSY_IDENT, BUSY_CODE, BUSY_LASTI, BUSY_POISON, BUSY_BROKEN, BUSY_COUNT }
 
 /* What a collective sends and decodes (one exchange each; they differ in shape, in who sends a
  * payload and whose payloads are decoded). */
-enum { KIND_ALL, KIND_GATHER, KIND_BCAST, KIND_EMPTY };
+enum { KIND_ALL, KIND_GATHER, KIND_BCAST, KIND_EMPTY, KIND_SCATTER, KIND_ALLTOALL };
 
 static PyObject *SCHEMAS, *SCHEMAS_BY_ID, *OPS, *ENCODE, *SKIP_FILES, *SKIP_CODES, *SITE_FP,
     *NAME_FP, *TAKE_PY;
 /* (address of code, lasti) -> (code, fingerprint); name -> fingerprint. Hashing a code object
  * walks its bytecode, its address does not; holding the code keeps the address from reuse. */
-static PyObject *SITE_CACHE, *NAME_CACHE;
+static PyObject *SITE_CACHE, *NAME_CACHE, *EMPTY_BYTES;
 static PyObject *s_seq, *s_step, *s_policy, *s_observe, *s_size, *s_fast, *s_exchange;
 
 static void put_u32(unsigned char *p, uint32_t v) {
@@ -938,6 +939,62 @@ static PyObject *decode_batch(PyObject *list_decode, const unsigned char *rb, Py
     return values;
 }
 
+/* A scatter root's values, each checked and encoded as core/parts.py does (an instance of the
+ * record class, encoded, nesting bounded, decoded back as the schema), each part the class path
+ * prefix and the value, packed: u32 count, count u32 end offsets, the parts. NULL and no
+ * exception: not the steady state (the Python steps judge it); NULL with one: a hard error. */
+static PyObject *pack_parts(PyObject *values, Py_ssize_t size, PyObject *record_class,
+                            PyObject *decode, PyObject *prefix, Py_ssize_t cap) {
+    if ((!PyList_CheckExact(values) && !PyTuple_CheckExact(values)) ||
+        PySequence_Fast_GET_SIZE(values) != size || size > cap / 4)
+        return NULL;
+    PyObject **encoded = PyMem_Calloc((size_t)size, sizeof(PyObject *));
+    if (encoded == NULL) return PyErr_NoMemory();
+    PyObject *packed = NULL;
+    Py_ssize_t prefix_len = PyBytes_GET_SIZE(prefix), total = 4 + 4 * size, i;
+    for (i = 0; i < size; i++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(values, i);
+        if (record_class != Py_None) {
+            int is = PyObject_IsInstance(item, record_class);
+            if (is <= 0) goto done; /* an error, or "expected RankState, got dict": Python's */
+        }
+        PyObject *payload = PyObject_CallOneArg(ENCODE, item);
+        if (payload == NULL) goto done;
+        encoded[i] = payload;
+        if (!PyBytes_Check(payload)) goto done;
+        Py_ssize_t n = PyBytes_GET_SIZE(payload);
+        if (n > MAX_NESTING &&
+            !nesting_within((const unsigned char *)PyBytes_AS_STRING(payload), n, MAX_NESTING))
+            goto done;
+        PyObject *checked = PyObject_CallOneArg(decode, payload); /* only this rank can judge */
+        if (checked == NULL) goto done;
+        Py_DECREF(checked);
+        total += prefix_len + n;
+        if (total > cap) goto done;
+    }
+    packed = PyBytes_FromStringAndSize(NULL, total);
+    if (packed == NULL) goto done;
+    {
+        unsigned char *out = (unsigned char *)PyBytes_AS_STRING(packed);
+        Py_ssize_t at = 4 + 4 * size, end = 0;
+        put_u32(out, (uint32_t)size);
+        for (i = 0; i < size; i++) {
+            Py_ssize_t n = PyBytes_GET_SIZE(encoded[i]);
+            memcpy(out + at, PyBytes_AS_STRING(prefix), (size_t)prefix_len);
+            memcpy(out + at + prefix_len, PyBytes_AS_STRING(encoded[i]), (size_t)n);
+            at += prefix_len + n;
+            end += prefix_len + n;
+            put_u32(out + 4 + 4 * i, (uint32_t)end);
+        }
+    }
+done:
+    for (i = 0; i < size; i++) Py_XDECREF(encoded[i]);
+    PyMem_Free(encoded);
+    if (packed == NULL && PyErr_Occurred() && PyErr_ExceptionMatches(PyExc_Exception))
+        PyErr_Clear(); /* a value that does not encode or check: the Python steps report it */
+    return packed;
+}
+
 static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObject *step_obj,
                         PyObject *name, PyObject *op, long root, long reduce_op, int kind,
                         PyObject *schema) {
@@ -995,10 +1052,21 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
         list_decode = PyTuple_GET_ITEM(info_fast, 4);
         if (!PyBytes_Check(fp) || PyBytes_GET_SIZE(fp) != 8 || !PyBytes_Check(prefix)) goto take;
     }
-    int sends = kind == KIND_ALL || kind == KIND_GATHER || (kind == KIND_BCAST && f.rank == root);
+    int sends = kind == KIND_ALL || kind == KIND_GATHER || kind == KIND_ALLTOALL ||
+                ((kind == KIND_BCAST || kind == KIND_SCATTER) && f.rank == root);
     Py_ssize_t n = 0, prefix_len = kind == KIND_BCAST && sends ? PyBytes_GET_SIZE(prefix) : 0;
-    if (kind == KIND_BCAST && !sends && schema == Py_None) goto take; /* it takes the root's */
-    if (sends) {
+    if ((kind == KIND_BCAST || kind == KIND_SCATTER) && !sends && schema == Py_None)
+        goto take; /* it takes the root's class */
+    if (sends && (kind == KIND_SCATTER || kind == KIND_ALLTOALL)) {
+        /* scatter's parts carry the class path (its receivers may name no schema) */
+        payload = pack_parts(value, f.size, record_class, decode,
+                             kind == KIND_SCATTER ? prefix : EMPTY_BYTES, f.slot - HEADER_SIZE);
+        if (payload == NULL) {
+            if (PyErr_Occurred()) goto error;
+            goto take;
+        }
+        n = PyBytes_GET_SIZE(payload);
+    } else if (sends) {
         if (record_class != Py_None) {
             int is = PyObject_IsInstance(value, record_class);
             if (is < 0) goto error;
@@ -1087,7 +1155,8 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
     s[1] = (unsigned char)opcode;
     s[2] = (unsigned char)reduce_op;
     s[3] = (unsigned char)slot_log2(f.slot);
-    put_u32(s + 4, (uint32_t)(int32_t)(kind == KIND_GATHER || kind == KIND_BCAST ? root : NO_ROOT));
+    put_u32(s + 4, (uint32_t)(int32_t)(kind == KIND_GATHER || kind == KIND_BCAST ||
+                                               kind == KIND_SCATTER ? root : NO_ROOT));
     put_u64(s + 8, (uint64_t)seq);
     put_u64(s + 16, (uint64_t)step);
     if (fp != NULL) memcpy(s + 24, PyBytes_AS_STRING(fp), 8);
@@ -1104,7 +1173,8 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
                      name, occurrence) < 0)
         goto error;
 
-    int shape = kind == KIND_BCAST || kind == KIND_EMPTY ? SHAPE_REDUCE : SHAPE_GATHER;
+    int shape = kind == KIND_BCAST || kind == KIND_EMPTY || kind == KIND_SCATTER ? SHAPE_REDUCE
+                                                                                : SHAPE_GATHER;
     double deadline = -1;
     if (f.timeout != Py_None) {
         double t = PyFloat_AsDouble(f.timeout);
@@ -1159,6 +1229,34 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
     }
     observed_here = 1;
     PyObject *values = NULL;
+    if (kind == KIND_ALLTOALL) {
+        /* This rank's part of every rank's packed parts (core/parts.py). */
+        values = PyList_New(f.size);
+        if (values == NULL) goto error;
+        Py_ssize_t body = 4 + 4 * f.size;
+        for (Py_ssize_t r = 0; r < f.size; r++) {
+            const unsigned char *h = rb + r * f.slot, *region = h + HEADER_SIZE;
+            Py_ssize_t len = get_u32(h + LENGTH_OFFSET), start = 0, stop = 0, prev = 0;
+            int ok = len <= cap && len >= body && get_u32(region) == (uint32_t)f.size;
+            for (Py_ssize_t i = 0; ok && i < f.size; i++) {
+                Py_ssize_t end = get_u32(region + 4 + 4 * i);
+                ok = end >= prev;
+                if (i == f.rank) {
+                    start = prev;
+                    stop = end;
+                }
+                prev = end;
+            }
+            PyObject *item = ok && prev == len - body
+                ? decode_or_defer(decode, region + body + start, stop - start) : NULL;
+            if (item == NULL) {
+                Py_DECREF(values);
+                if (PyErr_Occurred()) goto error;
+                goto resume;
+            }
+            PyList_SET_ITEM(values, r, item);
+        }
+    }
     if (kind == KIND_ALL || (kind == KIND_GATHER && f.rank == root)) {
         values = decode_batch(list_decode, rb, f.slot, f.size);
         if (values == NULL && PyErr_Occurred()) goto error;
@@ -1193,6 +1291,37 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
             goto error;
         }
         PyList_SET_ITEM(values, 0, item);
+    } else if (kind == KIND_SCATTER) {
+        /* The root's packed parts (core/parts.py), this rank's one: anything unexpected is
+         * judged by the Python steps, from the same bytes on every rank. */
+        Py_ssize_t len = or_len, body = 4 + 4 * f.size, start = 0, stop = 0, prev = 0;
+        const unsigned char *region = rb + HEADER_SIZE;
+        if (len > cap || len < body || get_u32(region) != (uint32_t)f.size) goto resume;
+        for (Py_ssize_t i = 0; i < f.size; i++) {
+            Py_ssize_t end = get_u32(region + 4 + 4 * i);
+            if (end < prev) goto resume;
+            if (i == f.rank) {
+                start = prev;
+                stop = end;
+            }
+            prev = end;
+        }
+        if (prev != len - body) goto resume;
+        const unsigned char *part = region + body + start;
+        Py_ssize_t part_len = stop - start;
+        if (part_len < 1 || 1 + (Py_ssize_t)part[0] > part_len) goto resume;
+        Py_ssize_t skip = 1 + part[0];
+        PyObject *item = decode_or_defer(decode, part + skip, part_len - skip);
+        if (item == NULL) {
+            if (PyErr_Occurred()) goto error;
+            goto resume;
+        }
+        values = PyList_New(1);
+        if (values == NULL) {
+            Py_DECREF(item);
+            goto error;
+        }
+        PyList_SET_ITEM(values, 0, item);
     }
     if (record_complete(f.ring, f.ring_state, f.capacity) < 0) {
         Py_XDECREF(values);
@@ -1202,7 +1331,7 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
         Py_XDECREF(values);
         goto error;
     }
-    if (kind == KIND_ALL) {
+    if (kind == KIND_ALL || kind == KIND_ALLTOALL) {
         result = values;
     } else {
         result = PyList_New(1);
@@ -1212,7 +1341,8 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
         }
         PyList_SET_ITEM(result, 0, kind == KIND_EMPTY || (kind == KIND_GATHER && f.rank != root)
                                        ? Py_NewRef(Py_None)
-                                   : kind == KIND_BCAST ? Py_NewRef(PyList_GET_ITEM(values, 0))
+                                   : kind == KIND_BCAST || kind == KIND_SCATTER
+                                       ? Py_NewRef(PyList_GET_ITEM(values, 0))
                                                         : Py_NewRef(values));
         Py_XDECREF(values);
     }
@@ -1244,19 +1374,33 @@ static PyObject *schema_info(PyObject *value, PyObject *schema) {
     return lookup_info(schema == Py_None ? (PyObject *)Py_TYPE(value) : schema);
 }
 
-/* allgather(protocol, value, schema, step, name, op) */
+/* allgather(protocol, value, schema, step, name, op): "allgather", "flush", or "alltoall" (the
+ * value: a sequence of one part per rank; its schema, if none is named, that of its first
+ * item; the Python steps call it only up to the ranks of a GATHER alltoall) */
 static PyObject *allgather(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 6) {
         PyErr_SetString(PyExc_TypeError, "allgather expects 6 arguments");
         return NULL;
     }
-    PyObject *info = schema_info(args[1], args[2]);
+    int kind = KIND_ALL;
+    PyObject *typed = args[1];
+    if (PyUnicode_CompareWithASCIIString(args[5], "alltoall") == 0) {
+        kind = KIND_ALLTOALL; /* the value: a sequence of one part per rank */
+        if (args[2] == Py_None) {
+            if ((!PyList_CheckExact(typed) && !PyTuple_CheckExact(typed)) ||
+                PySequence_Fast_GET_SIZE(typed) < 1)
+                return take_py();
+            typed = PySequence_Fast_GET_ITEM(typed, 0);
+        }
+    }
+    PyObject *info = schema_info(typed, args[2]);
     if (info == NULL) return PyErr_Occurred() ? NULL : take_py();
-    return steady(args[0], args[1], info, args[3], args[4], args[5], NO_ROOT, 0, KIND_ALL,
+    return steady(args[0], args[1], info, args[3], args[4], args[5], NO_ROOT, 0, kind,
                   args[2]);
 }
 
-/* rooted(protocol, value, schema, step, name, op, root): "gather" or "bcast" */
+/* rooted(protocol, value, schema, step, name, op, root): "gather", "bcast" or "scatter" (the
+ * value: the root's sequence; its schema, if none is named, that of its first item) */
 static PyObject *rooted(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 7) {
         PyErr_SetString(PyExc_TypeError, "rooted expects 7 arguments");
@@ -1271,8 +1415,16 @@ static PyObject *rooted(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) 
     int kind;
     if (PyUnicode_CompareWithASCIIString(args[5], "gather") == 0) kind = KIND_GATHER;
     else if (PyUnicode_CompareWithASCIIString(args[5], "bcast") == 0) kind = KIND_BCAST;
+    else if (PyUnicode_CompareWithASCIIString(args[5], "scatter") == 0) kind = KIND_SCATTER;
     else return take_py();
-    PyObject *info = schema_info(args[1], args[2]);
+    PyObject *typed = args[1];
+    if (kind == KIND_SCATTER && args[2] == Py_None) {
+        if ((!PyList_CheckExact(typed) && !PyTuple_CheckExact(typed)) ||
+            PySequence_Fast_GET_SIZE(typed) < 1)
+            return take_py();
+        typed = PySequence_Fast_GET_ITEM(typed, 0);
+    }
+    PyObject *info = schema_info(typed, args[2]);
     if (info == NULL) return PyErr_Occurred() ? NULL : take_py();
     return steady(args[0], args[1], info, args[3], args[4], args[5], root, 0, kind, args[2]);
 }
@@ -1323,9 +1475,9 @@ static PyObject *empty(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
 static PyMethodDef methods[] = {
     {"configure", configure, METH_VARARGS, "Bind the protocol's tables (once, at import)."},
     {"allgather", (PyCFunction)(void (*)(void))allgather, METH_FASTCALL,
-     "The steady state of allgather and the flush; see the module comment."},
+     "The steady state of allgather, the flush and alltoall; see the module comment."},
     {"rooted", (PyCFunction)(void (*)(void))rooted, METH_FASTCALL,
-     "The steady state of gather (GATHER exchange) and bcast; see the module comment."},
+     "The steady state of gather (GATHER exchange), bcast and scatter; see the module comment."},
     {"allreduce", (PyCFunction)(void (*)(void))allreduce, METH_FASTCALL,
      "The steady state of allreduce of Python numbers."},
     {"empty", (PyCFunction)(void (*)(void))empty, METH_FASTCALL, "The steady state of barrier."},
@@ -1352,7 +1504,9 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     INTERN(s_size, "size");
     INTERN(s_fast, "fast");
     INTERN(s_exchange, "exchange");
-    if ((SITE_CACHE = PyDict_New()) == NULL || (NAME_CACHE = PyDict_New()) == NULL) return NULL;
+    if ((SITE_CACHE = PyDict_New()) == NULL || (NAME_CACHE = PyDict_New()) == NULL ||
+        (EMPTY_BYTES = PyBytes_FromStringAndSize(NULL, 0)) == NULL)
+        return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
     PyObject *fields = PyTuple_New(F_COUNT);

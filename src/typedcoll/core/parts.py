@@ -14,7 +14,8 @@ every rank) and decodes its own parts. A payload that does not fit its slot (the
 block's overflow flag, alike on every rank), and an alltoall beyond GATHER_DIRECT_MAX ranks,
 move the parts on the backend's own scatter or all-to-all after the exchange instead, so no
 rank receives the parts of others. A receiver of ``scatter`` without ``schema=`` takes the
-root's class, as in ``bcast``.
+root's class, as in ``bcast``. The C fast path serves the steady state of scatter and alltoall
+(parts that fit, schemas it knows) with this same packing.
 """
 
 from __future__ import annotations
@@ -26,11 +27,11 @@ from typing import Any, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..codecs import SchemaInfo, array_fingerprint, check_operands, reduce_values
-from . import payloads, verdict
+from . import fast, payloads, verdict
 from .args import check_reduce_op, check_root, first_error, payload_mode, schema_of
 from .call import MODE_BYTES, MODE_EMPTY, MODE_MSG, Call
 from .identity import register_internal
-from .ops import _ZEROS, GATHER_DIRECT_MAX, _common, _from_root, run
+from .ops import _ZEROS, GATHER_DIRECT_MAX, _common, _from_root, finish, run
 from .protocol import Protocol
 from .transport import TransportTimeout
 from .wire import (FLAG_OVERFLOW, FLAGS_OFFSET, GATHER, HEADER_SIZE, LENGTH_OFFSET, NO_ROOT,
@@ -39,6 +40,9 @@ from .wire import (FLAG_OVERFLOW, FLAGS_OFFSET, GATHER, HEADER_SIZE, LENGTH_OFFS
 
 # --- scatter -----------------------------------------------------------------------------------
 def scatter(p: Protocol, values: Any, root: Any, schema: Any, step: Any, name: Any) -> Any:
+    out = fast.rooted(p, values, schema, step, name, "scatter", root)
+    if out.__class__ is list:
+        return out[0]
     root_error = check_root(root, p.size)
     is_root = root_error is None and p.rank == root
     step, name, common_error = _common(step, name)
@@ -75,6 +79,8 @@ def scatter(p: Protocol, values: Any, root: Any, schema: Any, step: Any, name: A
         except TransportTimeout:
             verdict.timed_out(p, c)
         return _from_root(p, c, mine, c.root)
+    if out is not fast.TAKE_PY:
+        return finish(p, fast.resumed(p, call, out), rest)
     return run(p, call, rest)
 
 
@@ -147,6 +153,11 @@ def reduce_scatter(p: Protocol, values: Any, op: Any, schema: Any, step: Any,
 def _exchange_parts(p: Protocol, op: str, values: Any, schema: Any, step: Any, name: Any, *,
                     reduce_op: int = 0, error: Optional[str] = None) -> List[Any]:
     """Each rank sends ``values[j]`` to rank j: a REDUCE exchange, then the backend's alltoall."""
+    direct = p.size <= GATHER_DIRECT_MAX
+    out = fast.allgather(p, values, schema, step, name, op) if direct and op == "alltoall" \
+        else fast.TAKE_PY
+    if out.__class__ is list:
+        return out  # type: ignore[no-any-return]
     step, name, common_error = _common(step, name)
     error = first_error(error, common_error)
     info: Optional[SchemaInfo] = None
@@ -164,7 +175,6 @@ def _exchange_parts(p: Protocol, op: str, values: Any, schema: Any, step: Any, n
             error = error or shape_error
         if error is None and info is not None:
             parts, error = _encode_parts(p, info, values, op)
-    direct = p.size <= GATHER_DIRECT_MAX
     call = Call(op, GATHER if direct else REDUCE, info, MODE_BYTES if direct and parts else
                 MODE_EMPTY, pack(parts) if direct and parts else None, step=step, name=name,
                 error=error, reduce_op=reduce_op, array_fp=array_fp)
@@ -177,6 +187,8 @@ def _exchange_parts(p: Protocol, op: str, values: Any, schema: Any, step: Any, n
         except TransportTimeout:
             verdict.timed_out(p, c)
         return [payloads.decode(p, c, buf, r) for r, buf in enumerate(got)]
+    if out is not fast.TAKE_PY:
+        return finish(p, fast.resumed(p, call, out), rest)  # type: ignore[no-any-return]
     return run(p, call, rest)  # type: ignore[no-any-return]
 
 
