@@ -34,8 +34,8 @@ from .identity import register_internal
 from .ops import _ZEROS, GATHER_DIRECT_MAX, _common, _from_root, finish, run
 from .protocol import Protocol
 from .transport import TransportTimeout
-from .wire import (FLAG_OVERFLOW, FLAGS_OFFSET, GATHER, HEADER_SIZE, LENGTH_OFFSET, NO_ROOT,
-                   REDUCE, REDUCE_OP_NAMES, block_flags)
+from .wire import (FLAG_OVERFLOW, FLAGS_OFFSET, GATHER, HEADER_SIZE, LENGTH_OFFSET, MAX_SLOT,
+                   NO_ROOT, REDUCE, REDUCE_OP_NAMES, block_flags)
 
 
 # --- scatter -----------------------------------------------------------------------------------
@@ -85,9 +85,17 @@ def scatter(p: Protocol, values: Any, root: Any, schema: Any, step: Any, name: A
 
 
 def pack(parts: List[bytes]) -> bytes:
-    """Encoded parts as one payload (the module docstring's format)."""
+    """Encoded parts as one payload (the module docstring's format); parts too large for even
+    the largest slot are not copied together: a marker one byte too long for it stands in, so
+    the header flags the overflow and the parts move in phase 2 as they are."""
     ends = list(accumulate(len(x) for x in parts))
+    if 4 + 4 * len(parts) + (ends[-1] if ends else 0) > _LARGEST_INLINE:
+        return _OVERFLOW_MARK
     return struct.pack(f"<{len(parts) + 1}I", len(parts), *ends) + b"".join(parts)
+
+
+_LARGEST_INLINE = MAX_SLOT - HEADER_SIZE
+_OVERFLOW_MARK = bytes(_LARGEST_INLINE + 1)
 
 
 def unpack(p: Protocol, call: Call, packed: Any, source: int) -> List[Any]:
@@ -152,7 +160,9 @@ def reduce_scatter(p: Protocol, values: Any, op: Any, schema: Any, step: Any,
 
 def _exchange_parts(p: Protocol, op: str, values: Any, schema: Any, step: Any, name: Any, *,
                     reduce_op: int = 0, error: Optional[str] = None) -> List[Any]:
-    """Each rank sends ``values[j]`` to rank j: a REDUCE exchange, then the backend's alltoall."""
+    """Each rank sends ``values[j]`` to rank j: in a GATHER exchange up to GATHER_DIRECT_MAX
+    ranks when every rank's parts fit the slot, else after a REDUCE one on the backend's own
+    all-to-all."""
     direct = p.size <= GATHER_DIRECT_MAX
     out = fast.allgather(p, values, schema, step, name, op) if direct and op == "alltoall" \
         else fast.TAKE_PY
