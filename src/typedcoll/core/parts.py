@@ -167,7 +167,7 @@ def _exchange_parts(p: Protocol, op: str, values: Any, schema: Any, step: Any, n
     out = fast.allgather(p, values, schema, step, name, op) if direct and op == "alltoall" \
         else fast.TAKE_PY
     if out.__class__ is list:
-        return out  # type: ignore[no-any-return]
+        return out
     step, name, common_error = _common(step, name)
     error = first_error(error, common_error)
     info: Optional[SchemaInfo] = None
