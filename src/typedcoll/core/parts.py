@@ -13,8 +13,10 @@ rank checks every packed payload's framing (the same bytes everywhere, so a bad 
 every rank) and decodes its own parts. A payload that does not fit its slot (the agreement
 block's overflow flag, alike on every rank), and an alltoall beyond GATHER_DIRECT_MAX ranks,
 move the parts on the backend's own scatter or all-to-all after the exchange instead, so no
-rank receives the parts of others. A receiver of ``scatter`` without ``schema=`` takes the
-root's class, as in ``bcast``. The C fast path serves the steady state of scatter and alltoall
+rank receives the parts of others. Inline parts count toward the slot-size rule like any
+inline payload (``core/wire.py``): a scatter of N parts weighs what a bcast of all of them
+weighs, and a slot grown for them serves every later collective until it shrinks back. A
+receiver of ``scatter`` without ``schema=`` takes the root's class, as in ``bcast``. The C fast path serves the steady state of scatter and alltoall
 (parts that fit, schemas it knows) with this same packing.
 """
 

@@ -227,6 +227,9 @@ def _excepthook(exc_type: Any, exc: BaseException, tb: Any) -> None:
             end_job()
 
 
+_FORWARD_GRACE = 0.2  # seconds
+
+
 def end_job(code: int = 1) -> None:
     """End every rank now: the timed-out collective is still pending, so exit could hang."""
     for stream in (sys.stdout, sys.stderr):
@@ -234,6 +237,9 @@ def end_job(code: int = 1) -> None:
             stream.flush()
         except Exception:
             pass
+    # The launcher forwards this rank's output through a pipe of its own and tears the job
+    # down on the abort: give it a moment to forward the report just printed.
+    time.sleep(_FORWARD_GRACE)
     watcher.stop()
     mpi = sys.modules.get("mpi4py.MPI")
     try:
