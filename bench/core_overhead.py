@@ -7,9 +7,8 @@ Four methods on the 3-field ``RankState`` record, interleaved round by round:
   raw      ``comm.Allgather`` of a 64-byte numpy buffer (the floor: no encoding, no check)
   pickle   mpi4py's ``comm.allgather`` of the same record as a dict (what executors use)
   typed    ``TypedComm.allgather(record)``: envelope, call identity check, typed decode
-  timed    the same on a communicator with ``timeout=60`` over a parent of its own: its
-           exchange is the point-to-point schedule a deadline can stop waiting for, where an
-           untimed channel of up to 16 ranks runs one MPI_Allgather (transports/mpi.py)
+  timed    the same on a communicator with ``timeout=60`` over a parent of its own: every
+           backend operation of the call is bounded by a deadline
 Goals: typed <= 1.5x raw; typed ahead of pickle. timed / typed is what a timeout costs.
 """
 
@@ -40,7 +39,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     world = MPI.COMM_WORLD
     control, raw_comm = world.Dup(), world.Dup()
     typed = tc.TypedComm(world)
-    # A parent of its own: a timed communicator turns its whole channel to the timed form.
+    # A parent of its own, as an engine would keep its timed control plane apart.
     timed = tc.TypedComm(world.Dup(), timeout=60.0)
     rank, size = world.rank, world.size
     record = records.rank_state(rank)

@@ -170,13 +170,14 @@ os._exit(0)  # operations stay pending after a timeout: MPI_Finalize could wait
 """
 
 
-def test_mpi_exchange_forms_follow_the_channel_not_the_rank(tmp_path):
-    """Up to 16 ranks an untimed channel exchanges by one blocking MPI_Allgather, which a
-    deadline cannot stop and which never matches a nonblocking operation. Every rank must pick
-    the same form without asking: after an untimed communicator's calls, a timed communicator
-    over the same parent is created, one rank calls on it while its peers call on the untimed
-    one (DesyncError on every rank, not a hang), and a rank late on the timed communicator
-    makes its peers time out (its deadline is kept). Ranks on three paths in one job."""
+def test_mpi_timed_and_untimed_communicators_of_one_channel_meet(tmp_path):
+    """A timed and an untimed communicator over one parent share a channel: the exchange must
+    be one that ranks with and without a deadline both complete (an exchange tried earlier, one
+    blocking MPI_Allgather on untimed channels, needed every rank to agree on its form first).
+    After an untimed communicator's calls, a timed one is created, one rank calls on it while
+    its peers call on the untimed one (DesyncError on every rank, not a hang), and a rank late
+    on the timed communicator makes its peers time out (its deadline is kept). Ranks on three
+    paths in one job."""
     c_path = {"TYPEDCOLL_PURE_PYTHON": ""}
     paths = [{"TYPEDCOLL_PURE_PYTHON": "1"}, dict(c_path, TYPEDCOLL_DIRECT_MPI="0"), c_path]
     got = spmd_json(tmp_path, MPI_FORMS, 3, timeout=90, rank_env=paths)

@@ -6,10 +6,8 @@ Costs follow the usual latency-bandwidth model of collective algorithms: a colle
 the root) plus ``bytes`` through its busiest rank's link (the larger of what it sends and
 receives). With ``r = ceil(log2 N)``, payload ``L`` per rank, slot ``S``:
 
-typedcoll (``core/wire.py``, ``transports/mpi.py``): every call starts with one exchange. Up
-to ALLGATHER_MAX (16) ranks on an untimed channel, both shapes are one MPI_Allgather of the
-slots (recursive doubling: r steps, (N-1)*S bytes). Otherwise r rounds of Sendrecv at distance
-2**k, each message an 8-byte prefix plus
+typedcoll (``core/wire.py``, ``transports/mpi.py``): every call starts with one exchange, r
+rounds of point-to-point messages at distance 2**k, each message an 8-byte prefix plus
   GATHER   Bruck's allgather of the slots (no agreement block: every rank folds it from the
            gathered headers): r steps, r*8 + (N-1)*S bytes
   REDUCE   the 128-byte agreement block and the OR of the payload regions (a bcast root's
@@ -26,7 +24,7 @@ then, where the op's payload moves on MPI's own rooted collective, that collecti
   alltoall                             up to 16 ranks GATHER with each rank's packed parts
                                        inline; if they overflow, and beyond 16 ranks, REDUCE +
                                        Alltoall of counts (Bruck) + Alltoallv (N-1)
-The model takes the untimed channel (a communicator without ``timeout=``).
+
 MPI's own algorithms for the same payload (short messages; long ones where they apply):
   allgather recursive doubling / Bruck (r, (N-1)L); gather and scatter binomial (r, (N-1)L at
   the root); bcast binomial (r, rL at the root; long: scatter + ring allgather); allreduce
@@ -78,7 +76,6 @@ class Wire:
         self.min_slot = wire.MIN_SLOT
         self.max_slot = wire.MAX_SLOT
         self.direct_max = ops.GATHER_DIRECT_MAX
-        self.allgather_max = wire.ALLGATHER_MAX
 
     def slot(self, payload: int) -> int:
         size = self.min_slot
@@ -93,15 +90,11 @@ class Wire:
 # --- typedcoll ---------------------------------------------------------------------------------
 def gather_exchange(w: Wire, n: int, slot: int) -> Cost:
     r = rounds(n)
-    if n <= w.allgather_max:
-        return Cost(r, (n - 1) * slot)
     return Cost(r, r * w.prefix + (n - 1) * slot)
 
 
 def reduce_exchange(w: Wire, n: int, inline: int) -> Cost:
     r = rounds(n)
-    if n <= w.allgather_max:
-        return Cost(r, (n - 1) * w.slot(inline))
     return Cost(r, r * (w.prefix + w.block + inline))
 
 

@@ -21,10 +21,9 @@
  *   - otherwise the list of values (allgather), or a 1-item list holding the result.
  * Errors of the backend itself (an MPI error code) are raised as mpi4py raises them.
  *
- * The MPI exchange (transports/mpi.py has its Python twin and the message format): up to
- * ALLGATHER_MAX ranks, on a channel that has seen no deadline, one blocking MPI_Allgather of the
- * slots; otherwise ceil(log2 N) rounds; round k sends to rank - 2**k and receives from rank + 2**k,
- * through MPI_Sendrecv (blocking) or MPI_Isend/MPI_Irecv polled until a deadline. The MPI symbols are the ones
+ * The MPI exchange (transports/mpi.py has its Python twin and the message format): ceil(log2 N)
+ * rounds; round k sends to rank - 2**k and receives from rank + 2**k, through MPI_Isend and
+ * MPI_Irecv polled here (until the deadline, if any). The MPI symbols are the ones
  * mpi4py's own module resolves (the global scope first, so a PMPI tool preloaded there sees
  * the calls); handles are ints (MPICH's ABI) or pointers (Open MPI's), chosen by the handle size
  * mpi4py reports. The GIL is released around every MPI call, as mpi4py does.
@@ -55,7 +54,6 @@
 #define FLAG_LOCAL_ERROR 1
 #define FLAG_OVERFLOW 2
 #define FLAG_WILD_SCHEMA 4
-#define FLAG_DEADLINE 16
 #define SHAPE_REDUCE 0
 #define SHAPE_GATHER 1
 #define NO_ROOT (-1)
@@ -64,7 +62,6 @@
 #define ENTRY_SIZE 48
 #define OBJECTS_PER_ENTRY 3
 #define PREFIX 8
-#define ALLGATHER_MAX 16
 
 enum { F_SEND, F_RECV, F_BLOCK, F_SLOT, F_SIZE, F_RANK, F_EXCHANGE, F_ENGINE, F_RING,
        F_RING_OBJECTS, F_RING_STATE, F_CAPACITY, F_MIN_SLOT, F_COUNTS, F_BUSY, F_ACQUIRE,
@@ -405,20 +402,14 @@ static int record_complete(PyObject *ring, PyObject *state, Py_ssize_t capacity)
 #ifdef HAVE_ENGINE
 /* MPI handles are ints (MPICH's ABI) or pointers (Open MPI's): both prototypes of each call,
  * chosen by the handle size mpi4py reports. Requests have the handle size too. */
-typedef int (*sendrecv_i)(const void *, int, int32_t, int, int, void *, int, int32_t, int, int,
-                          int32_t, void *);
-typedef int (*sendrecv_p)(const void *, int, void *, int, int, void *, int, void *, int, int,
-                          void *, void *);
 typedef int (*isend_i)(const void *, int, int32_t, int, int, int32_t, void *);
 typedef int (*isend_p)(const void *, int, void *, int, int, void *, void *);
 typedef int (*irecv_i)(void *, int, int32_t, int, int, int32_t, void *);
 typedef int (*irecv_p)(void *, int, void *, int, int, void *, void *);
 typedef int (*testall_t)(int, void *, int *, void *);
-typedef int (*allgather_i)(const void *, int, int32_t, void *, int, int32_t, int32_t);
-typedef int (*allgather_p)(const void *, int, void *, void *, int, void *, void *);
 
 typedef struct {
-    void *sendrecv, *isend, *irecv, *testall, *allgather;
+    void *isend, *irecv, *testall;
     const void *comm_handle; /* where the mpi4py Comm object keeps its handle */
     intptr_t byte_type, null_comm;
     int handle_size, size, rank, tag;
@@ -427,10 +418,7 @@ typedef struct {
     unsigned char *out, *inbox, *held, *region;
     Py_ssize_t out_cap, inbox_cap, held_cap, region_cap;
     int broken; /* a timed-out exchange left requests pending on these buffers: never free */
-    int form;   /* FORM_*: which exchange the channel runs next (transports/mpi.py) */
 } Engine;
-
-enum { FORM_UNKNOWN, FORM_UNTIMED, FORM_TIMED };
 
 static void engine_free(PyObject *capsule) {
     Engine *e = (Engine *)PyCapsule_GetPointer(capsule, "typedcoll.engine");
@@ -474,18 +462,15 @@ static PyObject *engine(PyObject *mod, PyObject *args) {
     if ((handle_size != 4 && handle_size != (int)sizeof(void *)) || size < 1 || rank < 0 ||
         rank >= size)
         Py_RETURN_NONE;
-    void *fns[5];
-    const char *names[5] = {"MPI_Sendrecv", "MPI_Isend", "MPI_Irecv", "MPI_Testall",
-                            "MPI_Allgather"};
-    for (int i = 0; i < 5; i++)
+    void *fns[3];
+    const char *names[3] = {"MPI_Isend", "MPI_Irecv", "MPI_Testall"};
+    for (int i = 0; i < 3; i++)
         if ((fns[i] = find_symbol(path, names[i])) == NULL) Py_RETURN_NONE;
     Engine *e = PyMem_Calloc(1, sizeof(Engine));
     if (e == NULL) return PyErr_NoMemory();
-    e->sendrecv = fns[0];
-    e->isend = fns[1];
-    e->irecv = fns[2];
-    e->testall = fns[3];
-    e->allgather = fns[4];
+    e->isend = fns[0];
+    e->irecv = fns[1];
+    e->testall = fns[2];
     e->comm_handle = (const void *)(uintptr_t)handle_addr;
     e->byte_type = narrow(byte_type, handle_size);
     e->null_comm = narrow(null_comm, handle_size);
@@ -532,10 +517,12 @@ static int mpi_error(const Engine *e, int rc) {
     return -1;
 }
 
-/* Wait for ``count`` requests until ``deadline``: 1 done, 0 deadline passed (the engine is
- * then broken: the requests stay pending on its buffers), -1 error. Spin first (an operation
- * about to complete should not pay a wake-up), then yield the core (oversubscribed ranks need
- * it to progress), then sleep with backoff. Runs without the GIL. */
+/* Wait for ``count`` requests until ``deadline`` (< 0: none): 1 done, 0 deadline passed (the
+ * engine is then broken: the requests stay pending on its buffers), -1 error. Spin first (an
+ * operation about to complete should not pay a wake-up), then yield the core (oversubscribed
+ * ranks need it to progress), then sleep with backoff, so a rank waiting for a late peer does
+ * not burn a core. Polling from here costs no more than MPI's blocking point-to-point calls,
+ * which poll too (measured: docs/bench.md). Runs without the GIL. */
 static int wait_requests(Engine *e, void *req, int count, double deadline, int *rc_out) {
     char statuses[512];
     int rc, done = 0;
@@ -550,7 +537,7 @@ static int wait_requests(Engine *e, void *req, int count, double deadline, int *
         if (done) return 1;
         if (tests < 200) continue;
         double now = monotonic();
-        if (now >= deadline) {
+        if (deadline >= 0 && now >= deadline) {
             e->broken = 1;
             return 0;
         }
@@ -565,27 +552,12 @@ static int wait_requests(Engine *e, void *req, int count, double deadline, int *
     }
 }
 
-/* One round: send out[0:out_len] to dest, receive into inbox from source. 1 done, 0 deadline
- * passed (requests left pending), -1 error. Runs without the GIL. */
+/* One round: send out[0:out_len] to dest, receive into inbox from source (deadline < 0: none).
+ * 1 done, 0 deadline passed (requests left pending), -1 error. Runs without the GIL. */
 static int round_trip(Engine *e, const unsigned char *out, Py_ssize_t out_len, int dest,
                       int source, double deadline, int *rc_out) {
     int rc;
-    char statuses[512];
     intptr_t comm = comm_now(e);
-    if (deadline < 0) {
-        if (e->handle_size == 4)
-            rc = ((sendrecv_i)e->sendrecv)(out, (int)out_len, (int32_t)e->byte_type, dest,
-                                           e->tag, e->inbox, (int)e->inbox_cap,
-                                           (int32_t)e->byte_type, source, e->tag, (int32_t)comm,
-                                           statuses);
-        else
-            rc = ((sendrecv_p)e->sendrecv)(out, (int)out_len, (void *)e->byte_type, dest,
-                                           e->tag, e->inbox, (int)e->inbox_cap,
-                                           (void *)e->byte_type, source, e->tag, (void *)comm,
-                                           statuses);
-        *rc_out = rc;
-        return rc == 0 ? 1 : -1;
-    }
     /* Requests: two handles of handle_size bytes each. */
     union { int32_t i[2]; void *p[2]; } req;
     memset(&req, 0, sizeof(req));
@@ -628,61 +600,8 @@ static void force_disagreement(unsigned char *block) {
     memset(block + 2 * CHECKED, 0, AGREE_SIZE - 2 * CHECKED);
 }
 
-/* The REDUCE shape's payload region from gathered slots (core/transport.py
- * ``finish_gathered``): the OR of every slot's inline bytes, never the stale bytes past a
- * slot's length. */
-static void or_regions(unsigned char *recv, Py_ssize_t slot, Py_ssize_t n) {
-    Py_ssize_t width = slot - HEADER_SIZE, longest = 0;
-    unsigned char *region = recv + HEADER_SIZE;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        const unsigned char *s = recv + i * slot;
-        Py_ssize_t len = s[FLAGS_OFFSET] & FLAG_OVERFLOW ? 0 : get_u32(s + LENGTH_OFFSET);
-        if (len > width) len = width;
-        if (i == 0) {
-            longest = len;
-            continue;
-        }
-        if (len > longest) {
-            memset(region + longest, 0, (size_t)(len - longest));
-            longest = len;
-        }
-        or_bytes(region, s + HEADER_SIZE, len);
-    }
-    memset(region + longest, 0, (size_t)(width - longest));
-}
-
-/* On a channel in the untimed form, up to ALLGATHER_MAX ranks: one blocking MPI_Allgather of
- * the slots for both shapes (transports/mpi.py says when, and why every rank picks the same
- * form). Same results as the point-to-point schedule below. */
-static int allgather_exchange(Engine *e, const unsigned char *send, Py_ssize_t slot,
-                              unsigned char *recv, unsigned char *block, int shape) {
-    Py_ssize_t n = e->size;
-    int rc;
-    intptr_t comm = comm_now(e);
-    Py_BEGIN_ALLOW_THREADS
-    if (e->handle_size == 4)
-        rc = ((allgather_i)e->allgather)(send, (int)slot, (int32_t)e->byte_type, recv,
-                                         (int)slot, (int32_t)e->byte_type, (int32_t)comm);
-    else
-        rc = ((allgather_p)e->allgather)(send, (int)slot, (void *)e->byte_type, recv,
-                                         (int)slot, (void *)e->byte_type, (void *)comm);
-    Py_END_ALLOW_THREADS
-    if (rc != 0) return mpi_error(e, rc);
-    fold_slots(recv, slot, n, block);
-    if (shape != SHAPE_GATHER) or_regions(recv, slot, n);
-    return 1;
-}
-
-/* The form of the next exchange follows every exchange's agreement block, the same bytes on
- * every rank: untimed until a rank flags a deadline, then timed for good. */
-static int next_form(Engine *e, int status, const unsigned char *block) {
-    if (status > 0 && e->form != FORM_TIMED)
-        e->form = block[AGREE_FLAGS] & FLAG_DEADLINE ? FORM_TIMED : FORM_UNTIMED;
-    return status;
-}
-
-/* The exchange of core/transport.py over MPI point to point beyond ALLGATHER_MAX ranks; see
- * transports/mpi.py for the message format. 1 done, 0 the deadline passed, -1 error (exception set). Every round runs
+/* The exchange of core/transport.py over MPI point to point; see transports/mpi.py for the
+ * message format. 1 done, 0 the deadline passed, -1 error (exception set). Every round runs
  * without the GIL, released once: the buffers are this exchange's own while it runs (the
  * channel's lock keeps every other thread out). */
 static int engine_exchange(Engine *e, const unsigned char *send, Py_ssize_t slot,
@@ -693,8 +612,6 @@ static int engine_exchange(Engine *e, const unsigned char *send, Py_ssize_t slot
         PyErr_SetString(PyExc_RuntimeError, "typedcoll: the exchange is unusable after a timeout");
         return -1;
     }
-    if (n <= ALLGATHER_MAX && e->form == FORM_UNTIMED)
-        return next_form(e, allgather_exchange(e, send, slot, recv, block, shape), block);
     own_block(send, block);
     Py_ssize_t region_len = 0;
     if (!(send[FLAGS_OFFSET] & FLAG_OVERFLOW)) {
@@ -784,7 +701,7 @@ static int engine_exchange(Engine *e, const unsigned char *send, Py_ssize_t slot
         if (have == n) fold_slots(recv, slot, n, block);
         else force_disagreement(block); /* a peer sent short: corrupt, never decoded */
     }
-    return next_form(e, 1, block);
+    return 1;
 }
 
 /* exchange(engine, send, recv, block, shape, deadline) -> bool: False when the deadline (a
@@ -1165,7 +1082,7 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
     memcpy(s + 40, PyBytes_AS_STRING(identity), 8);
     put_u32(s + 48, (uint32_t)f.instance);
     memset(s + 52, 0, 4);
-    s[FLAGS_OFFSET] = f.timeout != Py_None ? FLAG_DEADLINE : 0;
+    s[FLAGS_OFFSET] = 0;
     s[57] = s[58] = s[59] = 0;
     put_u32(s + LENGTH_OFFSET, (uint32_t)(n + prefix_len));
     if (record_start(f.ring, f.ring_objects, f.ring_state, f.capacity, seq, opcode,
@@ -1206,8 +1123,7 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
      * keeps other threads out, and the protocol's buffers change only on its own thread. */
     rb = (unsigned char *)PyByteArray_AS_STRING(f.recv);
     block = (unsigned char *)PyByteArray_AS_STRING(f.block);
-    if (timed_out || (block[AGREE_FLAGS] & ~FLAG_DEADLINE) != 0 || !block_agreed(block))
-        goto resume;
+    if (timed_out || block[AGREE_FLAGS] != 0 || !block_agreed(block)) goto resume;
 
     /* --- the steady state: feed the slot rule (as every rank does, whatever happens next),
      * then decode what this rank needs --- */
@@ -1533,10 +1449,8 @@ PyMODINIT_FUNC PyInit__speedups(void) {
         PyModule_AddIntConstant(m, "FLAG_LOCAL_ERROR", FLAG_LOCAL_ERROR) < 0 ||
         PyModule_AddIntConstant(m, "FLAG_OVERFLOW", FLAG_OVERFLOW) < 0 ||
         PyModule_AddIntConstant(m, "FLAG_WILD_SCHEMA", FLAG_WILD_SCHEMA) < 0 ||
-        PyModule_AddIntConstant(m, "FLAG_DEADLINE", FLAG_DEADLINE) < 0 ||
         PyModule_AddIntConstant(m, "GATHER", SHAPE_GATHER) < 0 ||
         PyModule_AddIntConstant(m, "MAX_NESTING", MAX_NESTING) < 0 ||
-        PyModule_AddIntConstant(m, "ALLGATHER_MAX", ALLGATHER_MAX) < 0 ||
         PyModule_AddIntConstant(m, "MAX_NAME", MAX_NAME) < 0 ||
         PyModule_AddIntConstant(m, "ENTRY_SIZE", ENTRY_SIZE) < 0 ||
         PyModule_AddIntConstant(m, "OBJECTS_PER_ENTRY", OBJECTS_PER_ENTRY) < 0)

@@ -54,8 +54,8 @@ from .fresh import on_fresh_stack
 from .identity import format_site, name_fingerprint, register_internal, site_fingerprint, \
     user_frame
 from .recorder import FlightRecorder, capacity_from_env
-from .wire import (AGREE_SIZE, FLAG_DEADLINE, FLAG_LOCAL_ERROR, FLAG_OVERFLOW,
-                   FLAG_SPLIT_ARRAY, FLAG_WILD_SCHEMA, GATHER, HEADER, HEADER_SIZE, MAGIC, MAX_PAYLOAD,
+from .wire import (AGREE_SIZE, FLAG_LOCAL_ERROR, FLAG_OVERFLOW, FLAG_SPLIT_ARRAY,
+                   FLAG_WILD_SCHEMA, GATHER, HEADER, HEADER_SIZE, MAGIC, MAX_PAYLOAD,
                    NATIVE_LITTLE, NO_STEP, OPS, REDUCE, SlotPolicy, agreed, block_flags,
                    block_length, instances_differ, slot_log2)
 from .transport import TransportTimeout
@@ -63,7 +63,6 @@ from .transport import TransportTimeout
 _ZEROS = bytes(8)
 _INT64 = 2 ** 63
 _MAX_ERROR_TEXT = 4096  # bytes of a failed rank's error text that reach its peers
-_FOREVER = float("inf")  # a cold path's deadline when the communicator has none
 
 # Called as hook(protocol, error) before a CollectiveError propagates (diagnostics dumps).
 ERROR_HOOKS: List[Callable[["Protocol", BaseException], None]] = []
@@ -322,8 +321,6 @@ class Protocol:
             self.send_view[HEADER_SIZE:HEADER_SIZE + n] = payload
         if call.wild:
             flags |= FLAG_WILD_SCHEMA
-        if call.deadline is not None and call.deadline != _FOREVER:
-            flags |= FLAG_DEADLINE
         info = call.info
         _pack(self.send, 0, MAGIC, opcode or OPS[call.op], call.reduce_op, slot_log2(slot),
               call.root,

@@ -22,10 +22,7 @@ Ranks may disagree about the shape (one calls allgather, its peer bcast). The ex
 still complete on every rank, and the agreement block then says that the headers differ, so that
 every rank reaches the same verdict in the same call and never meets undefined backend
 behaviour. Transports that gather every slot get this for free (:func:`finish_gathered`); the MPI
-transport runs the same operations for both shapes (one allgather of the slots, or one
-point-to-point schedule, chosen alike on every rank: ``transports.mpi``). A transport whose
-exchange form depends on deadlines reads the header's ``FLAG_DEADLINE``, which no verdict
-compares.
+transport runs one point-to-point schedule for both shapes (``transports.mpi``).
 """
 
 from __future__ import annotations

@@ -68,19 +68,11 @@ FLAG_OVERFLOW = 2  # the payload did not fit the slot; it travels in the second 
 FLAG_WILD_SCHEMA = 4  # the rank named no schema and takes the root's: its fingerprint is not
 #                       compared (it counts as neither 0 nor 1 in the agreement block)
 FLAG_SPLIT_ARRAY = 8  # the inline bytes are an array's dtype and shape; phase 2 moves its data
-FLAG_DEADLINE = 16  # the rank's call has a deadline: the MPI transport's exchanges must be ones
-#                    it can stop waiting for (transports/mpi.py); never a disagreement
 SCHEMA_OFFSET = 24
 
 # Every collective starts with one exchange of this shape (the transport's ``exchange``):
 GATHER = 1  # every rank ends with every rank's slot
 REDUCE = 0  # every rank ends with the OR of every slot: the agreement, and a root's payload
-# Up to this many ranks, on a channel that has seen no deadline, the MPI transport runs both
-# shapes as one blocking MPI_Allgather of the slots (tuned by MPI, cheaper there than any
-# point-to-point schedule); otherwise as rounds of point-to-point messages whose size stays
-# O(slot) for REDUCE. The C engine is built with the same number: every rank of a job picks the
-# same form, whichever path it runs.
-ALLGATHER_MAX = 16
 
 OPS: Dict[str, int] = {
     "allgather": 1, "gather": 2, "bcast": 3, "allreduce": 4, "barrier": 5, "split": 6, "dup": 7,

@@ -6,30 +6,9 @@ diagnostics use to ask a hung peer where it is) and cached as an MPI attribute
 of the parent, so every TypedComm built over it shares it and constructing thousands costs
 no communicators. It is freed with the last TypedComm that frees it, or with the parent.
 
-The exchange. Phase 1 of every typed collective is one exchange whose form never depends on the
-shape, so ranks that disagree about the shape (one in an allgather, its peer in a bcast) still
-meet in the same MPI operations. It has two forms, and every rank picks the same one:
-
-- Untimed, up to ``wire.ALLGATHER_MAX`` ranks: one blocking ``MPI_Allgather`` of every rank's
-  slot, for both shapes. Every rank then holds every slot: it folds the agreement block itself,
-  and for REDUCE ORs the slots' inline payload regions (``finish_gathered``). The headers carry
-  the op, so a shape mismatch is a header mismatch like any other. MPI's own allgather is tuned
-  per library and size, and at these sizes it beats any schedule written over point-to-point
-  messages; a REDUCE moves at most ALLGATHER_MAX slots.
-- Timed, or beyond ALLGATHER_MAX ranks: the point-to-point schedule below, which a deadline
-  can stop waiting for. A blocking collective cannot be abandoned, and MPI never matches one
-  with a nonblocking one, so this form serves every exchange that may need to time out.
-
-Which form comes next follows the agreement block of every exchange on the channel, the same
-bytes on every rank (every rank joins every exchange of a channel, in order): the first
-exchange (a creation) is timed; after it the channel is untimed until an exchange in which some
-rank flagged a deadline (``FLAG_DEADLINE``: its communicator has a timeout), then timed for
-good. So a rank never decides alone, and ranks on communicators with different timeouts that
-meet in one exchange (a desync between communicators of one channel) still run the same form.
-The price: on a channel that was untimed, the one exchange in which a deadline first shows
-waits without it (a later timed communicator's creation, which waits 10 s at least anyway).
-
-The point-to-point schedule is the same for both shapes. Round k (distance d = 2**k,
+The exchange. Phase 1 of every typed collective runs one point-to-point schedule, the same for
+both shapes, so ranks that disagree about the shape (one in an allgather, its peer in a bcast)
+still exchange well-formed messages in the same rounds. Round k (distance d = 2**k,
 ceil(log2 N) rounds): send to rank r - d, receive from rank r + d (mod N), on the collective
 communicator with one reserved tag. Every message is::
 
@@ -48,8 +27,10 @@ decodes what it could not have gathered, and every rank enters the same cold pat
 delivers messages between two ranks with one tag in order, so consecutive exchanges never
 mix. A REDUCE message stays one slot and a block long at any N.
 
-The C fast path runs these same forms (``core/_speedups.c``, over MPI's C symbols, built with
-the same ALLGATHER_MAX); this module is its Python twin, and one job may mix both.
+The C fast path runs this same schedule (``core/_speedups.c``, over MPI's C symbols) with
+``MPI_Isend``/``MPI_Irecv`` polled, with or without a deadline: one code path, measured no
+slower than blocking ``MPI_Sendrecv`` rounds (docs/bench.md, "The exchange's form"). This module
+is its Python twin, and one job may mix both (a blocking ``Sendrecv`` matches a polled pair).
 
 Everything after the verdict (phase 2, the cold paths) uses MPI's own collectives: every rank
 has then agreed which one comes next. MPI never matches a blocking collective with a nonblocking
@@ -73,13 +54,11 @@ from mpi4py import MPI
 
 from ..core.channel import Channel
 from ..core.identity import register_internal
-from ..core.transport import TransportTimeout, displacements, finish_gathered
-from ..core.wire import (AGREE_FLAGS, AGREE_SIZE, ALLGATHER_MAX, FLAG_DEADLINE, FLAG_OVERFLOW,
-                         FLAGS_OFFSET, GATHER, HEADER_SIZE, LENGTH_OFFSET, fold,
-                         force_disagreement, or_into, own_block)
+from ..core.transport import TransportTimeout, displacements
+from ..core.wire import (AGREE_SIZE, FLAG_OVERFLOW, FLAGS_OFFSET, GATHER, HEADER_SIZE,
+                         LENGTH_OFFSET, fold, force_disagreement, or_into, own_block)
 
 EXCHANGE_TAG = 0x7C31  # the collective communicator carries no other point-to-point traffic
-FORM_UNKNOWN, FORM_UNTIMED, FORM_TIMED = 0, 1, 2  # the exchange's form (module docstring)
 PREFIX = 8
 _MPI_OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN, "prod": MPI.PROD, "land": MPI.LAND,
             "lor": MPI.LOR, "lxor": MPI.LXOR, "band": MPI.BAND, "bor": MPI.BOR, "bxor": MPI.BXOR}
@@ -187,7 +166,6 @@ class MPITransport:
         self._inbox = bytearray(0)
         self._spare: Optional[np.ndarray] = None
         self.tag = EXCHANGE_TAG
-        self.form = FORM_UNKNOWN  # which exchange comes next (the module docstring)
         # The C fast path's binding of the exchange over MPI's own symbols (None: Python's).
         from ..core import fast
         self.engine = fast.mpi_engine(self)
@@ -201,13 +179,7 @@ class MPITransport:
             if fast.run_engine(engine, send, recv, block, shape, deadline):
                 return
             raise TransportTimeout()
-        if self.size <= ALLGATHER_MAX and self.form == FORM_UNTIMED:
-            self.comm.Allgather([send, MPI.BYTE], [recv, MPI.BYTE])
-            finish_gathered(recv, len(send), self.size, block, shape)
-        else:
-            self._exchange(send, recv, block, shape, deadline)
-        if self.form != FORM_TIMED:
-            self.form = FORM_TIMED if block[AGREE_FLAGS] & FLAG_DEADLINE else FORM_UNTIMED
+        self._exchange(send, recv, block, shape, deadline)
 
     def _exchange(self, send: bytearray, recv: bytearray, block: bytearray, shape: int,
                   deadline: Optional[float]) -> None:
