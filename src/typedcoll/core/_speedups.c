@@ -521,8 +521,8 @@ static int mpi_error(const Engine *e, int rc) {
  * engine is then broken: the requests stay pending on its buffers), -1 error. Spin first (an
  * operation about to complete should not pay a wake-up), then yield the core (oversubscribed
  * ranks need it to progress), then sleep with backoff, so a rank waiting for a late peer does
- * not burn a core. Polling from here costs no more than MPI's blocking point-to-point calls,
- * which poll too (measured: docs/bench.md). Runs without the GIL. */
+ * not burn a core. Polling from here measured within 3% of MPI's blocking point-to-point calls,
+ * which poll too, or faster (docs/bench.md). Runs without the GIL. */
 static int wait_requests(Engine *e, void *req, int count, double deadline, int *rc_out) {
     char statuses[512];
     int rc, done = 0;

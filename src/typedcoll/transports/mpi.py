@@ -28,9 +28,10 @@ delivers messages between two ranks with one tag in order, so consecutive exchan
 mix. A REDUCE message stays one slot and a block long at any N.
 
 The C fast path runs this same schedule (``core/_speedups.c``, over MPI's C symbols) with
-``MPI_Isend``/``MPI_Irecv`` polled, with or without a deadline: one code path, measured no
-slower than blocking ``MPI_Sendrecv`` rounds (docs/bench.md, "The exchange's form"). This module
-is its Python twin, and one job may mix both (a blocking ``Sendrecv`` matches a polled pair).
+``MPI_Isend``/``MPI_Irecv`` polled, with or without a deadline: one code path, measured within
+3% of blocking ``MPI_Sendrecv`` rounds or faster (docs/bench.md, "The exchange's form"). This
+module is its Python twin, and one job may mix both (a blocking ``Sendrecv`` matches a polled
+pair).
 
 Everything after the verdict (phase 2, the cold paths) uses MPI's own collectives: every rank
 has then agreed which one comes next. MPI never matches a blocking collective with a nonblocking
