@@ -1,7 +1,8 @@
 """The C fast path's binding: its contract with the Python protocol, checked at import.
 
 ``_speedups.c`` runs the steady state of the hot ops (allgather and the flush, bcast, barrier,
-gather, scatter, alltoall, allreduce of Python numbers) in one C call: encode, header, exchange, verdict, decode.
+gather, scatter, alltoall, allreduce of Python numbers) in one C call: encode, header,
+exchange, verdict, decode.
 It reads a communicator's state from one list, ``Protocol.fast``, whose fields are named by
 ``FAST_FIELDS``; the extension exports the names it was built against, and they must be equal
 here, as must the wire constants it copies, or the extension is not used at all.

@@ -212,10 +212,10 @@ class Protocol:
             # The whole text: one longer than the slot travels like any overflowing payload.
             flags = FLAG_LOCAL_ERROR
             payload = call.error.encode()[:_MAX_ERROR_TEXT]
-        call.deadline = self.deadline(CREATION_MIN_TIMEOUT if call.seq == CREATE_SEQ else 0.0)
         self.write(call, payload, flags)
         if self.recorder is not None:
             self.recorder.set_bytes(len(payload))
+        call.deadline = self.deadline(CREATION_MIN_TIMEOUT if call.seq == CREATE_SEQ else 0.0)
         try:
             self.transport.exchange(self.send, self.recv, self.block, call.shape, call.deadline)
         except TransportTimeout:

@@ -263,9 +263,9 @@ class MPITransport:
 
     def _receive_buffer(self, n: int) -> np.ndarray:
         """Phase 2's receive buffer: the previous one when nothing refers to it any more (every
-        result viewing it is gone: arrays are decoded as views of it), else a new one. A new
-        buffer costs a page fault per page when MPI first writes it, which at 16 ranks of
-        64 KiB arrays costs as much as the transfer. Not zeroed: MPI writes every byte read."""
+        result viewing it is gone: arrays are decoded as views of it), else a new one, which
+        costs a page fault per page when MPI first writes it. Not zeroed: MPI writes every byte
+        read."""
         spare = self._spare
         # Three references: the attribute, the local name and getrefcount's argument.
         if spare is not None and spare.nbytes == n and sys.getrefcount(spare) == 3:
