@@ -912,6 +912,45 @@ done:
     return packed;
 }
 
+/* This rank's part of a packed payload (core/parts.py: u32 count, count u32 end offsets, the
+ * parts): 1 with *part and *part_len set, 0 when the framing is not what the packer writes (the
+ * Python steps judge it, from the same bytes on every rank). */
+static int own_part(const unsigned char *region, Py_ssize_t len, Py_ssize_t cap, Py_ssize_t size,
+                    Py_ssize_t rank, const unsigned char **part, Py_ssize_t *part_len) {
+    Py_ssize_t body = 4 + 4 * size, start = 0, stop = 0, prev = 0;
+    if (len > cap || len < body || get_u32(region) != (uint32_t)size) return 0;
+    for (Py_ssize_t i = 0; i < size; i++) {
+        Py_ssize_t end = get_u32(region + 4 + 4 * i);
+        if (end < prev) return 0;
+        if (i == rank) {
+            start = prev;
+            stop = end;
+        }
+        prev = end;
+    }
+    if (prev != len - body) return 0;
+    *part = region + body + start;
+    *part_len = stop - start;
+    return 1;
+}
+
+/* A rooted payload (its class path prefix, then the value) decoded, in a 1-item list. NULL and
+ * no exception: not well formed or not decoded here (the Python steps judge it); NULL with one:
+ * a hard error. */
+static PyObject *rooted_item(PyObject *decode, const unsigned char *p, Py_ssize_t len) {
+    if (len < 1 || 1 + (Py_ssize_t)p[0] > len) return NULL;
+    Py_ssize_t skip = 1 + p[0];
+    PyObject *item = decode_or_defer(decode, p + skip, len - skip);
+    if (item == NULL) return NULL;
+    PyObject *values = PyList_New(1);
+    if (values == NULL) {
+        Py_DECREF(item);
+        return NULL;
+    }
+    PyList_SET_ITEM(values, 0, item);
+    return values;
+}
+
 static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObject *step_obj,
                         PyObject *name, PyObject *op, long root, long reduce_op, int kind,
                         PyObject *schema) {
@@ -1149,22 +1188,12 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
         /* This rank's part of every rank's packed parts (core/parts.py). */
         values = PyList_New(f.size);
         if (values == NULL) goto error;
-        Py_ssize_t body = 4 + 4 * f.size;
         for (Py_ssize_t r = 0; r < f.size; r++) {
-            const unsigned char *h = rb + r * f.slot, *region = h + HEADER_SIZE;
-            Py_ssize_t len = get_u32(h + LENGTH_OFFSET), start = 0, stop = 0, prev = 0;
-            int ok = len <= cap && len >= body && get_u32(region) == (uint32_t)f.size;
-            for (Py_ssize_t i = 0; ok && i < f.size; i++) {
-                Py_ssize_t end = get_u32(region + 4 + 4 * i);
-                ok = end >= prev;
-                if (i == f.rank) {
-                    start = prev;
-                    stop = end;
-                }
-                prev = end;
-            }
-            PyObject *item = ok && prev == len - body
-                ? decode_or_defer(decode, region + body + start, stop - start) : NULL;
+            const unsigned char *h = rb + r * f.slot, *part;
+            Py_ssize_t part_len;
+            PyObject *item = own_part(h + HEADER_SIZE, get_u32(h + LENGTH_OFFSET), cap, f.size,
+                                      f.rank, &part, &part_len)
+                ? decode_or_defer(decode, part, part_len) : NULL;
             if (item == NULL) {
                 Py_DECREF(values);
                 if (PyErr_Occurred()) goto error;
@@ -1191,53 +1220,18 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
             }
             PyList_SET_ITEM(values, i, item);
         }
-    } else if (kind == KIND_BCAST) {
-        Py_ssize_t len = or_len;
-        const unsigned char *region = rb + HEADER_SIZE;
-        if (len < 1 || len > cap || 1 + (Py_ssize_t)region[0] > len) goto resume;
-        Py_ssize_t skip = 1 + region[0];
-        PyObject *item = decode_or_defer(decode, region + skip, len - skip);
-        if (item == NULL) {
+    } else if (kind == KIND_BCAST || kind == KIND_SCATTER) {
+        /* The root's payload; for scatter, this rank's part of the root's packed parts. */
+        const unsigned char *part = rb + HEADER_SIZE;
+        Py_ssize_t part_len = or_len;
+        int framed = kind == KIND_BCAST ? part_len <= cap
+                                         : own_part(rb + HEADER_SIZE, or_len, cap, f.size, f.rank,
+                                                    &part, &part_len);
+        values = framed ? rooted_item(decode, part, part_len) : NULL;
+        if (values == NULL) {
             if (PyErr_Occurred()) goto error;
             goto resume;
         }
-        values = PyList_New(1);
-        if (values == NULL) {
-            Py_DECREF(item);
-            goto error;
-        }
-        PyList_SET_ITEM(values, 0, item);
-    } else if (kind == KIND_SCATTER) {
-        /* The root's packed parts (core/parts.py), this rank's one: anything unexpected is
-         * judged by the Python steps, from the same bytes on every rank. */
-        Py_ssize_t len = or_len, body = 4 + 4 * f.size, start = 0, stop = 0, prev = 0;
-        const unsigned char *region = rb + HEADER_SIZE;
-        if (len > cap || len < body || get_u32(region) != (uint32_t)f.size) goto resume;
-        for (Py_ssize_t i = 0; i < f.size; i++) {
-            Py_ssize_t end = get_u32(region + 4 + 4 * i);
-            if (end < prev) goto resume;
-            if (i == f.rank) {
-                start = prev;
-                stop = end;
-            }
-            prev = end;
-        }
-        if (prev != len - body) goto resume;
-        const unsigned char *part = region + body + start;
-        Py_ssize_t part_len = stop - start;
-        if (part_len < 1 || 1 + (Py_ssize_t)part[0] > part_len) goto resume;
-        Py_ssize_t skip = 1 + part[0];
-        PyObject *item = decode_or_defer(decode, part + skip, part_len - skip);
-        if (item == NULL) {
-            if (PyErr_Occurred()) goto error;
-            goto resume;
-        }
-        values = PyList_New(1);
-        if (values == NULL) {
-            Py_DECREF(item);
-            goto error;
-        }
-        PyList_SET_ITEM(values, 0, item);
     }
     if (record_complete(f.ring, f.ring_state, f.capacity) < 0) {
         Py_XDECREF(values);
