@@ -46,6 +46,14 @@ def run(p: Protocol, call: Call, rest: Callable[[Call], Any]) -> Any:
     return result
 
 
+def run_after_fast(p: Protocol, out: Any, call: Call, rest: Callable[[Call], Any]) -> Any:
+    """``run``, or ``finish`` where the C fast path already started and exchanged ``call``
+    (``out``: its answer that was not the steady state's; ``fast.TAKE_PY``: it did nothing)."""
+    if out is fast.TAKE_PY:
+        return run(p, call, rest)
+    return finish(p, fast.resumed(p, call, out), rest)
+
+
 def finish(p: Protocol, call: Call, rest: Callable[[Call], Any]) -> Any:
     """``run`` after the C fast path already started and exchanged ``call``."""
     try:
@@ -93,10 +101,7 @@ def allgather(p: Protocol, value: Any, schema: Any, step: Any, name: Any,
     if out.__class__ is list:
         return out
     call = value_call(op, GATHER, value, schema, step, name)
-    if out is not fast.TAKE_PY:
-        resumed = fast.resumed(p, call, out)
-        return finish(p, resumed, lambda c: _decode_all(p, c))  # type: ignore[no-any-return]
-    return run(p, call, lambda c: _decode_all(p, c))  # type: ignore[no-any-return]
+    return run_after_fast(p, out, call, lambda c: _decode_all(p, c))  # type: ignore[no-any-return]
 
 
 def _decode_all(p: Protocol, call: Call) -> List[Any]:
@@ -118,9 +123,7 @@ def gather(p: Protocol, value: Any, root: Any, schema: Any, step: Any,
                       root=NO_ROOT if root_error else int(root), validate=True,
                       error=root_error)
     rest = lambda c: _at_root(p, c, c.root, lambda values: values)  # noqa: E731
-    if out is not fast.TAKE_PY:
-        return finish(p, fast.resumed(p, call, out), rest)  # type: ignore[no-any-return]
-    return run(p, call, rest)  # type: ignore[no-any-return]
+    return run_after_fast(p, out, call, rest)  # type: ignore[no-any-return]
 
 
 def reduce(p: Protocol, value: Any, op: Any, root: Any, step: Any, name: Any) -> Any:
@@ -140,9 +143,7 @@ def reduce(p: Protocol, value: Any, op: Any, root: Any, step: Any, name: Any) ->
     op_name = REDUCE_OP_NAMES.get(code, "sum")
     rest = lambda c: _at_root(p, c, c.root,  # noqa: E731
                               lambda values: _combine(values, op_name, c))
-    if out is not fast.TAKE_PY:
-        return finish(p, fast.resumed(p, call, out), rest)
-    return run(p, call, rest)
+    return run_after_fast(p, out, call, rest)
 
 
 def _at_root(p: Protocol, call: Call, root: int, finish_values: Callable[[List[Any]], Any]) -> Any:
@@ -181,9 +182,7 @@ def bcast(p: Protocol, value: Any, root: Any, schema: Any, step: Any, name: Any)
                 step=step, name=name, wild=wild,
                 error=first_error(root_error, schema_error, mode_error, common_error))
     rest = lambda c: _from_root(p, c, payloads.root_payload(p, c, c.root), c.root)  # noqa: E731
-    if out is not fast.TAKE_PY:
-        return finish(p, fast.resumed(p, call, out), rest)
-    return run(p, call, rest)
+    return run_after_fast(p, out, call, rest)
 
 
 def _from_root(p: Protocol, call: Call, buf: Any, root: int) -> Any:
@@ -213,9 +212,7 @@ def allreduce(p: Protocol, value: Any, op: Any, step: Any, name: Any) -> Any:
     call = _reduce_call("allreduce", GATHER, value, code, step, name, error=op_error)
     op_name = REDUCE_OP_NAMES.get(code, "sum")
     rest = lambda c: _allreduce_rest(p, c, op_name)  # noqa: E731
-    if out is not fast.TAKE_PY:
-        return finish(p, fast.resumed(p, call, out), rest)
-    return run(p, call, rest)
+    return run_after_fast(p, out, call, rest)
 
 
 def _reduce_call(op: str, shape: int, value: Any, code: int, step: Any, name: Any, *,
@@ -293,10 +290,7 @@ def barrier(p: Protocol, step: Any, name: Any) -> None:
         return
     step, name, error = _common(step, name)
     call = Call("barrier", REDUCE, None, MODE_EMPTY, None, step=step, name=name, error=error)
-    if out is not fast.TAKE_PY:
-        finish(p, fast.resumed(p, call, out), lambda c: None)
-        return
-    run(p, call, lambda c: None)
+    run_after_fast(p, out, call, lambda c: None)
 
 
 register_internal(__file__)

@@ -33,7 +33,7 @@ from . import fast, payloads, verdict
 from .args import check_reduce_op, check_root, first_error, payload_mode, schema_of
 from .call import MODE_BYTES, MODE_EMPTY, MODE_MSG, Call
 from .identity import register_internal
-from .ops import _ZEROS, GATHER_DIRECT_MAX, _common, _from_root, finish, run
+from .ops import _ZEROS, GATHER_DIRECT_MAX, _common, _from_root, run_after_fast
 from .protocol import Protocol
 from .transport import TransportTimeout
 from .wire import (FLAG_OVERFLOW, FLAGS_OFFSET, GATHER, HEADER_SIZE, LENGTH_OFFSET, MAX_SLOT,
@@ -81,9 +81,7 @@ def scatter(p: Protocol, values: Any, root: Any, schema: Any, step: Any, name: A
         except TransportTimeout:
             verdict.timed_out(p, c)
         return _from_root(p, c, mine, c.root)
-    if out is not fast.TAKE_PY:
-        return finish(p, fast.resumed(p, call, out), rest)
-    return run(p, call, rest)
+    return run_after_fast(p, out, call, rest)
 
 
 def pack(parts: List[bytes]) -> bytes:
@@ -199,9 +197,7 @@ def _exchange_parts(p: Protocol, op: str, values: Any, schema: Any, step: Any, n
         except TransportTimeout:
             verdict.timed_out(p, c)
         return [payloads.decode(p, c, buf, r) for r, buf in enumerate(got)]
-    if out is not fast.TAKE_PY:
-        return finish(p, fast.resumed(p, call, out), rest)  # type: ignore[no-any-return]
-    return run(p, call, rest)  # type: ignore[no-any-return]
+    return run_after_fast(p, out, call, rest)  # type: ignore[no-any-return]
 
 
 def _own_parts(p: Protocol, call: Call) -> List[Any]:
