@@ -4,11 +4,11 @@
  * docstrings, and core/wire.py for the header and the agreement block): for allgather (and the
  * flush), gather and alltoall up to 16 ranks and allreduce of Python numbers (GATHER exchange),
  * bcast, scatter and barrier (REDUCE exchange): encode (scatter's and alltoall's parts packed as
- * core/parts.py packs them), find the call's identity (name or site), write the 64-byte header and the
- * inline payload, record the flight-recorder entry, exchange, check the agreement block, decode
- * what this rank needs. The interpreter would run a few hundred bytecodes per call for that;
- * here it is a few thousand instructions, which is what keeps a checked collective near a raw
- * one.
+ * core/parts.py packs them), find the call's identity (name or site), write the 64-byte
+ * header and the inline payload, record the flight-recorder entry, exchange, check the
+ * agreement block, decode what this rank needs. The interpreter would run a few hundred
+ * bytecodes per call for that; here it is a few thousand instructions, which is what keeps a
+ * checked collective near a raw one.
  *
  * It never raises for protocol reasons (core/fast.py documents the contract):
  *   - TAKE_PY before touching any state when the call is unusual (no cached schema, an array,
@@ -856,9 +856,35 @@ static PyObject *decode_batch(PyObject *list_decode, const unsigned char *rb, Py
     return values;
 }
 
-/* A scatter root's values, each checked and encoded as core/parts.py does (an instance of the
- * record class, encoded, nesting bounded, decoded back as the schema), each part the class path
- * prefix and the value, packed: u32 count, count u32 end offsets, the parts. NULL and no
+/* A value encoded as the Python steps encode it: msgspec's bytes, nested at most MAX_NESTING
+ * deep, and where ``validate``, decoded back as the schema (a payload only its receiver decodes:
+ * this rank must judge it, so that a bad value fails here and the Python steps flag it to every
+ * rank). The bytes, or NULL: with no exception set, not the steady state; with one, what the
+ * encoder or the decoder raised. */
+static PyObject *encode_checked(PyObject *value, PyObject *decode, int validate) {
+    PyObject *payload = PyObject_CallOneArg(ENCODE, value);
+    if (payload == NULL) return NULL;
+    Py_ssize_t n = PyBytes_Check(payload) ? PyBytes_GET_SIZE(payload) : -1;
+    if (n < 0 || (n > MAX_NESTING &&
+                  !nesting_within((const unsigned char *)PyBytes_AS_STRING(payload), n,
+                                  MAX_NESTING))) {
+        Py_DECREF(payload);
+        return NULL;
+    }
+    if (validate) {
+        PyObject *checked = PyObject_CallOneArg(decode, payload);
+        if (checked == NULL) {
+            Py_DECREF(payload);
+            return NULL;
+        }
+        Py_DECREF(checked);
+    }
+    return payload;
+}
+
+/* A scatter root's (an alltoall rank's) values, each checked and encoded as core/parts.py does
+ * (an instance of the record class, then encode_checked), each part the class path prefix (for
+ * scatter) and the value, packed: u32 count, count u32 end offsets, the parts. NULL and no
  * exception: not the steady state (the Python steps judge it); NULL with one: a hard error. */
 static PyObject *pack_parts(PyObject *values, Py_ssize_t size, PyObject *record_class,
                             PyObject *decode, PyObject *prefix, Py_ssize_t cap) {
@@ -875,18 +901,8 @@ static PyObject *pack_parts(PyObject *values, Py_ssize_t size, PyObject *record_
             int is = PyObject_IsInstance(item, record_class);
             if (is <= 0) goto done; /* an error, or "expected RankState, got dict": Python's */
         }
-        PyObject *payload = PyObject_CallOneArg(ENCODE, item);
-        if (payload == NULL) goto done;
-        encoded[i] = payload;
-        if (!PyBytes_Check(payload)) goto done;
-        Py_ssize_t n = PyBytes_GET_SIZE(payload);
-        if (n > MAX_NESTING &&
-            !nesting_within((const unsigned char *)PyBytes_AS_STRING(payload), n, MAX_NESTING))
-            goto done;
-        PyObject *checked = PyObject_CallOneArg(decode, payload); /* only this rank can judge */
-        if (checked == NULL) goto done;
-        Py_DECREF(checked);
-        total += prefix_len + n;
+        if ((encoded[i] = encode_checked(item, decode, 1)) == NULL) goto done;
+        total += prefix_len + PyBytes_GET_SIZE(encoded[i]);
         if (total > cap) goto done;
     }
     packed = PyBytes_FromStringAndSize(NULL, total);
@@ -1028,30 +1044,16 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
             if (is < 0) goto error;
             if (!is) goto take; /* "expected RankState, got dict", from the Python steps */
         }
-        payload = PyObject_CallOneArg(ENCODE, value);
+        /* Only the root decodes a gather payload. */
+        payload = encode_checked(value, decode, kind == KIND_GATHER);
         if (payload == NULL) {
+            if (!PyErr_Occurred()) goto take;
             Py_DECREF(state);
             Py_XDECREF(info_fast);
             return take_py_after_error();
         }
-        if (!PyBytes_Check(payload)) goto take;
         n = PyBytes_GET_SIZE(payload);
         if (n + prefix_len > f.slot - HEADER_SIZE) goto take;
-        if (n > MAX_NESTING &&
-            !nesting_within((const unsigned char *)PyBytes_AS_STRING(payload), n, MAX_NESTING))
-            goto take;
-        if (kind == KIND_GATHER) {
-            /* Only the root decodes a gather payload: a value that does not match the schema
-             * must fail on its own rank, which the Python steps flag to every rank. */
-            PyObject *checked = PyObject_CallOneArg(decode, payload);
-            if (checked == NULL) {
-                Py_DECREF(payload);
-                Py_DECREF(state);
-                Py_XDECREF(info_fast);
-                return take_py_after_error();
-            }
-            Py_DECREF(checked);
-        }
     }
     /* A bitwise reduction of floats is refused by the Python steps, on every rank alike. */
     if (reduce_op >= 8 && PyFloat_CheckExact(value)) goto take;

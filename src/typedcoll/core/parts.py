@@ -16,8 +16,9 @@ move the parts on the backend's own scatter or all-to-all after the exchange ins
 rank receives the parts of others. Inline parts count toward the slot-size rule like any
 inline payload (``core/wire.py``): a scatter of N parts weighs what a bcast of all of them
 weighs, and a slot grown for them serves every later collective until it shrinks back. A
-receiver of ``scatter`` without ``schema=`` takes the root's class, as in ``bcast``. The C fast path serves the steady state of scatter and alltoall
-(parts that fit, schemas it knows) with this same packing.
+receiver of ``scatter`` without ``schema=`` takes the root's class, as in ``bcast``. The C
+fast path serves the steady state of scatter and alltoall (parts that fit, schemas it knows)
+with this same packing.
 """
 
 from __future__ import annotations
