@@ -124,6 +124,8 @@ class Hostile:
 CALLS = {
     "allgather": lambda c: c.allgather(RankState(0)),
     "allgather big": lambda c: c.allgather(list(range(3000))),
+    "allgather array": lambda c: c.allgather(np.arange(4)),
+    "allgather array past the slot": lambda c: c.allgather(np.arange(3000)),
     "gather": lambda c: c.gather(RankState(0), 0),
     "bcast": lambda c: c.bcast(RankState(0), 0),
     "bcast without schema": lambda c: c.bcast(None, 1),

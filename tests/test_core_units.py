@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import typedcoll as tc
-from typedcoll.codecs.nesting import MAX_NESTING, nesting_ok
+from typedcoll.codecs.nesting import MAX_NESTING, nesting_ok, python_nesting_ok
 from typedcoll.core import fast
 from typedcoll.core.mismatch import (EnvelopeInfo, Note, compact_ranks, describe,
                                      desync_message, group_envelopes, mismatch_kinds)
@@ -93,7 +93,7 @@ def nested(depth: int) -> bytes:
                                       (5000, False)])
 def test_nesting_is_judged_from_the_bytes(depth, ok):
     data = nested(depth) if depth < 900 else b"\x91" * depth + b"\x00"
-    assert nesting_ok(data) is ok
+    assert nesting_ok(data) is ok and python_nesting_ok(data) is ok
 
 
 @pytest.mark.skipif(not fast.ENABLED, reason="the C extension is not built or is turned off")
@@ -107,7 +107,8 @@ def test_nesting_is_judged_from_the_bytes(depth, ok):
                               max_leaves=300).map(msgspec.msgpack.encode)),
        st.integers(1, MAX_NESTING))
 def test_the_c_nesting_scanner_agrees_with_its_python_twin(data, limit):
-    assert fast._speedups.nesting_ok(data, limit) == nesting_ok(data, limit)
+    assert fast._speedups.nesting_ok(data, limit) == python_nesting_ok(data, limit)
+    assert nesting_ok(data, limit) == python_nesting_ok(data, limit)
 
 
 def env(rank: int, **fields) -> EnvelopeInfo:

@@ -8,7 +8,7 @@ know the shape (non-roots of bcast) can rebuild it; the envelope carries
 
 from __future__ import annotations
 
-from typing import Any, Dict, Tuple, cast
+from typing import Any, Dict, Optional, Tuple, cast
 
 import math
 
@@ -22,10 +22,12 @@ from .digest import digest8
 _ARRAY_META = msgspec.msgpack.Decoder(Tuple[str, Tuple[int, ...]])
 _META_ENCODER = msgspec.msgpack.Encoder()
 
-_ARRAY_FP_CACHE: Dict[Tuple[str, Tuple[int, ...]], bytes] = {}
+_ARRAY_FP_CACHE: Dict[Tuple[str, Optional[Tuple[int, ...]]], bytes] = {}
 
 
-def array_fingerprint(dtype_str: str, shape: Tuple[int, ...]) -> bytes:
+def array_fingerprint(dtype_str: str, shape: Optional[Tuple[int, ...]]) -> bytes:
+    """The envelope's fingerprint of an array's dtype, and of its shape where the op needs
+    every rank's to be equal (None: the dtype alone)."""
     key = (dtype_str, shape)
     fp = _ARRAY_FP_CACHE.get(key)
     if fp is None:
@@ -35,11 +37,16 @@ def array_fingerprint(dtype_str: str, shape: Tuple[int, ...]) -> bytes:
     return fp
 
 
+def array_prefix(dtype_str: str, shape: Tuple[int, ...]) -> bytes:
+    """The payload's prefix: u16 length, then msgpack (dtype string, shape)."""
+    meta = _META_ENCODER.encode((dtype_str, shape))
+    return len(meta).to_bytes(2, "little") + meta
+
+
 def encode_array(arr: np.ndarray) -> bytes:
     if arr.dtype.hasobject:
         raise TypeError(f"expected an array of plain numbers, got dtype {arr.dtype}")
-    meta = _META_ENCODER.encode((arr.dtype.str, arr.shape))
-    return len(meta).to_bytes(2, "little") + meta + np.ascontiguousarray(arr).tobytes()
+    return array_prefix(arr.dtype.str, arr.shape) + np.ascontiguousarray(arr).tobytes()
 
 
 def encode_array_split(arr: np.ndarray) -> Tuple[bytes, memoryview]:
@@ -47,9 +54,8 @@ def encode_array_split(arr: np.ndarray) -> Tuple[bytes, memoryview]:
     copy for a C-contiguous array), for payloads that move in phase 2 anyway."""
     if arr.dtype.hasobject:
         raise TypeError(f"expected an array of plain numbers, got dtype {arr.dtype}")
-    meta = _META_ENCODER.encode((arr.dtype.str, arr.shape))
     data = memoryview(cast(Any, np.ascontiguousarray(arr).reshape(-1).view(np.uint8)))
-    return len(meta).to_bytes(2, "little") + meta, data
+    return array_prefix(arr.dtype.str, arr.shape), data
 
 
 def decode_array(buf: Any) -> np.ndarray:
@@ -70,15 +76,20 @@ def decode_array_view(prefix: Any, data: Any) -> np.ndarray:
     return _array_over(memoryview(prefix), memoryview(data))
 
 
-def _array_over(prefix: memoryview, data: memoryview) -> np.ndarray:
-    key = bytes(prefix)
-    meta = _META_CACHE.get(key)
+def read_prefix(prefix: bytes) -> Tuple[np.dtype, Tuple[int, ...], int]:
+    """(dtype, shape, data bytes) of a payload's whole prefix; ValueError where it is not a
+    well-formed one."""
+    meta = _META_CACHE.get(prefix)
     if meta is None:
-        meta = _parse_meta(prefix)
+        meta = _parse_meta(memoryview(prefix))
         if len(_META_CACHE) > 4096:
             _META_CACHE.clear()
-        _META_CACHE[key] = meta
-    dtype, shape, expected = meta
+        _META_CACHE[prefix] = meta
+    return meta
+
+
+def _array_over(prefix: memoryview, data: memoryview) -> np.ndarray:
+    dtype, shape, expected = read_prefix(bytes(prefix))
     if len(data) != expected:
         raise ValueError(f"expected {expected} bytes of {dtype.str} data for shape {shape}, "
                          f"got {len(data)}")

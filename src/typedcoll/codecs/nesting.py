@@ -4,7 +4,8 @@ msgspec guards its recursion with the interpreter's recursion limit, so whether 
 payload decodes depends on how deep in its own stack the decoding rank is: one rank raises,
 its peer returns. Every rank therefore checks the nesting of every payload it decodes against
 ``MAX_NESTING`` first, from the bytes alone, and reaches the same verdict. This is the Python
-twin of the C scanner in ``core/_speedups.c``; the tests hold them to the same answers.
+twin of the C scanner in ``core/_speedups.c``; the tests hold them to the same answers, and
+where the extension is loaded the C scanner answers.
 
 A payload of n bytes nests at most n deep (every container header is at least one byte), so
 payloads shorter than ``MAX_NESTING`` need no scan at all.
@@ -12,7 +13,7 @@ payloads shorter than ``MAX_NESTING`` need no scan at all.
 
 from __future__ import annotations
 
-from typing import List, Union
+from typing import Any, Callable, List, Optional, Union
 
 MAX_NESTING = 128
 
@@ -28,12 +29,32 @@ _SIZED = {0xC4: (1, 0), 0xC5: (2, 0), 0xC6: (4, 0), 0xC7: (1, 1), 0xC8: (2, 1), 
           0xD9: (1, 0), 0xDA: (2, 0), 0xDB: (4, 0)}
 
 
+# The C twin (``core/fast.py`` installs it when the extension is loaded): the same answers,
+# without a Python loop per msgpack object, which a long list of ints needs below.
+_native: Optional[Callable[[Any, int], bool]] = None
+
+
+def use_native(scanner: Optional[Callable[[Any, int], bool]]) -> None:
+    """Answer :func:`nesting_ok` with ``scanner(buf, limit)`` (None: this module's scan)."""
+    global _native
+    _native = scanner
+
+
 def nesting_ok(buf: Union[bytes, bytearray, memoryview], limit: int = MAX_NESTING) -> bool:
     """False when the first msgpack object in ``buf`` nests deeper than ``limit``.
 
     Malformed bytes count as fine here: the decoder rejects them itself, at a depth the scan has
     already proved within the limit.
     """
+    if len(buf) <= limit:
+        return True
+    if _native is not None and 0 <= limit <= MAX_NESTING:
+        return _native(buf, limit)
+    return python_nesting_ok(buf, limit)
+
+
+def python_nesting_ok(buf: Union[bytes, bytearray, memoryview], limit: int = MAX_NESTING) -> bool:
+    """:func:`nesting_ok` in Python alone (the C twin is held to its answers)."""
     if len(buf) <= limit:
         return True
     data = bytes(buf)

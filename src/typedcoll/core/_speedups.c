@@ -3,7 +3,8 @@
  * Exactly the protocol of core/protocol.py, core/ops.py and core/parts.py (read their
  * docstrings, and core/wire.py for the header and the agreement block): for allgather (and the
  * flush), gather and alltoall up to 16 ranks and allreduce of Python numbers (GATHER exchange),
- * bcast, scatter and barrier (REDUCE exchange): encode (scatter's and alltoall's parts packed as
+ * bcast, scatter and barrier (REDUCE exchange), allgather of numpy arrays (their format written
+ * and read by core/array_slots.py): encode (scatter's and alltoall's parts packed as
  * core/parts.py packs them), find the call's identity (name or site), write the 64-byte
  * header and the inline payload, record the flight-recorder entry, exchange, check the
  * agreement block, decode what this rank needs. The interpreter would run a few hundred
@@ -11,9 +12,10 @@
  * checked collective near a raw one.
  *
  * It never raises for protocol reasons (core/fast.py documents the contract):
- *   - TAKE_PY before touching any state when the call is unusual (no cached schema, an array,
- *     a value that does not encode, is not an instance of its record class, nests too deep or
- *     does not fit the slot, a name or step of the wrong type, a thread already inside);
+ *   - TAKE_PY before touching any state when the call is unusual (no cached schema, an array
+ *     outside an allgather, a value that does not encode, is not an instance of its record
+ *     class, nests too deep or does not fit the slot, a name or step of the wrong type, a
+ *     thread already inside);
  *   - a tuple (code, lasti, seq, occurrence, deadline, timed_out) after the exchange when it was
  *     not the steady state (the block disagrees, a flag is set, a payload does not decode, the
  *     deadline passed): Python finishes from the same bytes and reaches the verdict every rank
@@ -54,6 +56,7 @@
 #define FLAG_LOCAL_ERROR 1
 #define FLAG_OVERFLOW 2
 #define FLAG_WILD_SCHEMA 4
+#define FLAG_SPLIT_ARRAY 8
 #define SHAPE_REDUCE 0
 #define SHAPE_GATHER 1
 #define NO_ROOT (-1)
@@ -74,15 +77,17 @@ static const char *FAST_FIELDS[F_COUNT] = {
 enum { BUSY_IDENT, BUSY_CODE, BUSY_LASTI, BUSY_POISON, BUSY_BROKEN, BUSY_COUNT };
 
 /* What a collective sends and decodes (one exchange each; they differ in shape, in who sends a
- * payload and whose payloads are decoded). */
-enum { KIND_ALL, KIND_GATHER, KIND_BCAST, KIND_EMPTY, KIND_SCATTER, KIND_ALLTOALL };
+ * payload and whose payloads are decoded). KIND_ARRAYS: an allgather of numpy arrays, encoded
+ * and decoded by core/array_slots.py around this path's protocol steps. */
+enum { KIND_ALL, KIND_GATHER, KIND_BCAST, KIND_EMPTY, KIND_SCATTER, KIND_ALLTOALL, KIND_ARRAYS };
 
 static PyObject *SCHEMAS, *SCHEMAS_BY_ID, *OPS, *ENCODE, *SKIP_FILES, *SKIP_CODES, *SITE_FP,
     *NAME_FP, *TAKE_PY;
 /* (address of code, lasti) -> (code, fingerprint); name -> fingerprint. Hashing a code object
  * walks its bytecode, its address does not; holding the code keeps the address from reuse. */
 static PyObject *SITE_CACHE, *NAME_CACHE, *EMPTY_BYTES;
-static PyObject *s_seq, *s_step, *s_policy, *s_observe, *s_size, *s_fast, *s_exchange;
+static PyObject *s_seq, *s_step, *s_policy, *s_observe, *s_size, *s_fast, *s_exchange,
+    *s_fingerprint;
 
 static void put_u32(unsigned char *p, uint32_t v) {
     for (int i = 0; i < 4; i++) p[i] = (unsigned char)(v >> (8 * i));
@@ -1010,9 +1015,31 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
         goto take;
     }
     long opcode = PyLong_AsLong(opcode_obj);
+    Py_ssize_t n = 0;
     PyObject *fp = NULL, *decode = NULL, *record_class = Py_None, *prefix = NULL,
-             *list_decode = Py_None;
-    if (kind != KIND_EMPTY) {
+             *list_decode = Py_None, *array_fp = NULL;
+    /* A split array (KIND_ARRAYS): the data's length, which phase 2 moves; < 0: none. */
+    long long split_len = -1;
+    if (kind == KIND_ARRAYS) {
+        /* value: (inline bytes, dtype fingerprint, decoder of equal slots, data length or -1),
+         * as the Python steps would write the array's slot (core/array_slots.py); info: the
+         * ndarray schema's. */
+        if (!PyTuple_CheckExact(value) || PyTuple_GET_SIZE(value) != 4) goto take;
+        payload = Py_NewRef(PyTuple_GET_ITEM(value, 0));
+        array_fp = PyTuple_GET_ITEM(value, 1);
+        list_decode = PyTuple_GET_ITEM(value, 2);
+        split_len = PyLong_AsLongLong(PyTuple_GET_ITEM(value, 3));
+        if (split_len == -1 && PyErr_Occurred()) goto error;
+        info_fast = PyObject_GetAttr(info, s_fingerprint);
+        if (info_fast == NULL) goto error;
+        fp = info_fast;
+        if (!PyBytes_Check(payload) || !PyBytes_Check(fp) || PyBytes_GET_SIZE(fp) != 8 ||
+            !PyBytes_Check(array_fp) || PyBytes_GET_SIZE(array_fp) != 8 ||
+            split_len > (long long)UINT32_MAX)
+            goto take;
+        n = PyBytes_GET_SIZE(payload);
+        if (n > f.slot - HEADER_SIZE) goto take;
+    } else if (kind != KIND_EMPTY) {
         /* (fingerprint, decode, record class, path prefix, decode of a list or None) */
         info_fast = PyObject_GetAttr(info, s_fast);
         if (info_fast == NULL) goto error;
@@ -1026,7 +1053,7 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
     }
     int sends = kind == KIND_ALL || kind == KIND_GATHER || kind == KIND_ALLTOALL ||
                 ((kind == KIND_BCAST || kind == KIND_SCATTER) && f.rank == root);
-    Py_ssize_t n = 0, prefix_len = kind == KIND_BCAST && sends ? PyBytes_GET_SIZE(prefix) : 0;
+    Py_ssize_t prefix_len = kind == KIND_BCAST && sends ? PyBytes_GET_SIZE(prefix) : 0;
     if ((kind == KIND_BCAST || kind == KIND_SCATTER) && !sends && schema == Py_None)
         goto take; /* it takes the root's class */
     if (sends && (kind == KIND_SCATTER || kind == KIND_ALLTOALL)) {
@@ -1044,6 +1071,17 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
             if (is < 0) goto error;
             if (!is) goto take; /* "expected RankState, got dict", from the Python steps */
         }
+        /* A value whose payload cannot fit the slot is the Python steps' to encode (phase 2
+         * moves it), without being encoded here first: msgpack writes at least one byte per
+         * item of a list or tuple, per character of a str, per byte of bytes, two per entry of
+         * a dict. */
+        Py_ssize_t at_least = PyList_CheckExact(value)    ? PyList_GET_SIZE(value)
+                              : PyTuple_CheckExact(value)   ? PyTuple_GET_SIZE(value)
+                              : PyUnicode_CheckExact(value) ? PyUnicode_GET_LENGTH(value)
+                              : PyBytes_CheckExact(value)   ? PyBytes_GET_SIZE(value)
+                              : PyDict_CheckExact(value)    ? 2 * PyDict_GET_SIZE(value)
+                                                            : 0;
+        if (at_least + prefix_len > f.slot - HEADER_SIZE) goto take;
         /* Only the root decodes a gather payload. */
         payload = encode_checked(value, decode, kind == KIND_GATHER);
         if (payload == NULL) {
@@ -1119,13 +1157,14 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
     put_u64(s + 16, (uint64_t)step);
     if (fp != NULL) memcpy(s + 24, PyBytes_AS_STRING(fp), 8);
     else memset(s + 24, 0, 8);
-    memset(s + 32, 0, 8);
+    if (array_fp != NULL) memcpy(s + 32, PyBytes_AS_STRING(array_fp), 8);
+    else memset(s + 32, 0, 8);
     memcpy(s + 40, PyBytes_AS_STRING(identity), 8);
     put_u32(s + 48, (uint32_t)f.instance);
     memset(s + 52, 0, 4);
-    s[FLAGS_OFFSET] = 0;
+    s[FLAGS_OFFSET] = split_len < 0 ? 0 : FLAG_OVERFLOW | FLAG_SPLIT_ARRAY;
     s[57] = s[58] = s[59] = 0;
-    put_u32(s + LENGTH_OFFSET, (uint32_t)(n + prefix_len));
+    put_u32(s + LENGTH_OFFSET, (uint32_t)(split_len < 0 ? n + prefix_len : split_len));
     if (record_start(f.ring, f.ring_objects, f.ring_state, f.capacity, seq, opcode,
                      kind == KIND_EMPTY ? Py_None : info, code, lasti, step, n + prefix_len,
                      name, occurrence) < 0)
@@ -1204,6 +1243,41 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
             PyList_SET_ITEM(values, r, item);
         }
     }
+    if (kind == KIND_ARRAYS) {
+        /* The steady state of a control plane: every rank sent the same prefix (dtype and
+         * shape) and so the same length. The data regions, copied behind each other into one
+         * buffer, are decoded in one call; anything else is the Python steps' to decode. */
+        Py_ssize_t len0 = get_u32(rb + LENGTH_OFFSET);
+        Py_ssize_t k = len0 < 2 ? 0 : 2 + (Py_ssize_t)(rb[HEADER_SIZE] | rb[HEADER_SIZE + 1] << 8);
+        if (len0 < 2 || len0 > cap || k > len0) goto resume;
+        for (Py_ssize_t r = 1; r < f.size; r++) {
+            const unsigned char *h = rb + r * f.slot;
+            if ((Py_ssize_t)get_u32(h + LENGTH_OFFSET) != len0 ||
+                memcmp(h + HEADER_SIZE, rb + HEADER_SIZE, (size_t)k) != 0)
+                goto resume;
+        }
+        PyObject *head = PyBytes_FromStringAndSize((const char *)rb + HEADER_SIZE, k);
+        PyObject *data = head ? PyByteArray_FromStringAndSize(NULL, f.size * (len0 - k)) : NULL;
+        if (data == NULL) {
+            Py_XDECREF(head);
+            goto error;
+        }
+        char *d = PyByteArray_AS_STRING(data);
+        for (Py_ssize_t r = 0; r < f.size; r++)
+            memcpy(d + r * (len0 - k), rb + r * f.slot + HEADER_SIZE + k, (size_t)(len0 - k));
+        values = PyObject_CallFunction(list_decode, "OOn", head, data, f.size);
+        Py_DECREF(head);
+        Py_DECREF(data);
+        if (values == NULL) {
+            if (!PyErr_ExceptionMatches(PyExc_Exception)) goto error;
+            PyErr_Clear();
+            goto resume;
+        }
+        if (!PyList_CheckExact(values) || PyList_GET_SIZE(values) != f.size) {
+            Py_DECREF(values);
+            goto resume;
+        }
+    }
     if (kind == KIND_ALL || (kind == KIND_GATHER && f.rank == root)) {
         values = decode_batch(list_decode, rb, f.slot, f.size);
         if (values == NULL && PyErr_Occurred()) goto error;
@@ -1243,7 +1317,7 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
         Py_XDECREF(values);
         goto error;
     }
-    if (kind == KIND_ALL || kind == KIND_ALLTOALL) {
+    if (kind == KIND_ALL || kind == KIND_ALLTOALL || kind == KIND_ARRAYS) {
         result = values;
     } else {
         result = PyList_New(1);
@@ -1370,6 +1444,23 @@ static PyObject *allreduce(PyObject *mod, PyObject *const *args, Py_ssize_t narg
     return out;
 }
 
+/* arrays(protocol, encoded, info, step, name): allgather of a numpy array, inline where its
+ * payload fits the slot, else its dtype and shape inline and its data in phase 2 (the Python
+ * steps'); encoded: (inline bytes, dtype fingerprint, decoder of equal slots, data length or
+ * -1), see core/array_slots.py */
+static PyObject *arrays(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "arrays expects 5 arguments");
+        return NULL;
+    }
+    PyObject *op = PyUnicode_InternFromString("allgather");
+    if (op == NULL) return NULL;
+    PyObject *out = steady(args[0], args[1], args[2], args[3], args[4], op, NO_ROOT, 0,
+                           KIND_ARRAYS, Py_None);
+    Py_DECREF(op);
+    return out;
+}
+
 /* empty(protocol, step, name): the barrier */
 static PyObject *empty(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 3) {
@@ -1392,6 +1483,8 @@ static PyMethodDef methods[] = {
      "The steady state of gather (GATHER exchange), bcast and scatter; see the module comment."},
     {"allreduce", (PyCFunction)(void (*)(void))allreduce, METH_FASTCALL,
      "The steady state of allreduce of Python numbers."},
+    {"arrays", (PyCFunction)(void (*)(void))arrays, METH_FASTCALL,
+     "The steady state of allgather of a numpy array; see the module comment."},
     {"empty", (PyCFunction)(void (*)(void))empty, METH_FASTCALL, "The steady state of barrier."},
     {"nesting_ok", py_nesting_ok, METH_VARARGS,
      "nesting_ok(buf, limit=MAX_NESTING): the twin of codecs.nesting.nesting_ok."},
@@ -1416,6 +1509,7 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     INTERN(s_size, "size");
     INTERN(s_fast, "fast");
     INTERN(s_exchange, "exchange");
+    INTERN(s_fingerprint, "fingerprint");
     if ((SITE_CACHE = PyDict_New()) == NULL || (NAME_CACHE = PyDict_New()) == NULL ||
         (EMPTY_BYTES = PyBytes_FromStringAndSize(NULL, 0)) == NULL)
         return NULL;
@@ -1445,6 +1539,7 @@ PyMODINIT_FUNC PyInit__speedups(void) {
         PyModule_AddIntConstant(m, "FLAG_LOCAL_ERROR", FLAG_LOCAL_ERROR) < 0 ||
         PyModule_AddIntConstant(m, "FLAG_OVERFLOW", FLAG_OVERFLOW) < 0 ||
         PyModule_AddIntConstant(m, "FLAG_WILD_SCHEMA", FLAG_WILD_SCHEMA) < 0 ||
+        PyModule_AddIntConstant(m, "FLAG_SPLIT_ARRAY", FLAG_SPLIT_ARRAY) < 0 ||
         PyModule_AddIntConstant(m, "GATHER", SHAPE_GATHER) < 0 ||
         PyModule_AddIntConstant(m, "MAX_NESTING", MAX_NESTING) < 0 ||
         PyModule_AddIntConstant(m, "MAX_NAME", MAX_NAME) < 0 ||

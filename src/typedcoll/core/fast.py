@@ -2,7 +2,8 @@
 
 ``_speedups.c`` runs the steady state of the hot ops (allgather and the flush, bcast, barrier,
 gather, scatter, alltoall, allreduce of Python numbers) in one C call: encode, header,
-exchange, verdict, decode.
+exchange, verdict, decode; for an allgather of numpy arrays that fit the slot, ``array_slots``
+encodes and decodes around the C call.
 It reads a communicator's state from one list, ``Protocol.fast``, whose fields are named by
 ``FAST_FIELDS``; the extension exports the names it was built against, and they must be equal
 here, as must the wire constants it copies, or the extension is not used at all.
@@ -25,11 +26,15 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any, List, Optional
 
+import numpy as np
+
+from ..codecs import nesting, resolve
 from ..codecs.nesting import MAX_NESTING
 from ..codecs.schema import _BY_ID, _CACHE
-from .call import Call
+from ..codecs.array import encode_array_split
+from .call import MODE_ARRAY, Call
 from .identity import SKIP_CODES, SKIP_FILES, name_fingerprint, register_internal, site_fingerprint
-from . import recorder, wire
+from . import array_slots, recorder, wire
 
 if TYPE_CHECKING:
     from .protocol import Protocol
@@ -51,7 +56,8 @@ _CONSTANTS = {
     "HEADER_SIZE": wire.HEADER_SIZE, "CHECKED": wire.CHECKED, "AGREE_SIZE": wire.AGREE_SIZE,
     "MAGIC": wire.MAGIC, "FLAGS_OFFSET": wire.FLAGS_OFFSET, "LENGTH_OFFSET": wire.LENGTH_OFFSET,
     "FLAG_LOCAL_ERROR": wire.FLAG_LOCAL_ERROR, "FLAG_OVERFLOW": wire.FLAG_OVERFLOW,
-    "FLAG_WILD_SCHEMA": wire.FLAG_WILD_SCHEMA, "GATHER": wire.GATHER,
+    "FLAG_WILD_SCHEMA": wire.FLAG_WILD_SCHEMA, "FLAG_SPLIT_ARRAY": wire.FLAG_SPLIT_ARRAY,
+    "GATHER": wire.GATHER,
     "MAX_NESTING": MAX_NESTING, "ENTRY_SIZE": recorder.ENTRY.size,
     "OBJECTS_PER_ENTRY": recorder.OBJECTS_PER_ENTRY,
 }
@@ -71,8 +77,10 @@ if _speedups is not None and (os.environ.get("TYPEDCOLL_PURE_PYTHON")
     _speedups = None
 
 ENABLED = _speedups is not None
+_ARRAY_INFO = resolve(np.ndarray)
 if _speedups is not None:
     from ..codecs import ENCODER
+    nesting.use_native(_speedups.nesting_ok)
     _speedups.configure(_CACHE, _BY_ID, wire.OPS, ENCODER.encode, SKIP_FILES, SKIP_CODES,
                         site_fingerprint, name_fingerprint, TAKE_PY)
 
@@ -109,6 +117,13 @@ def bind(p: "Protocol") -> Optional[List[Any]]:
 def allgather(p: "Protocol", value: Any, schema: Any, step: Any, name: Any, op: str) -> Any:
     if _speedups is None or p.fast is None:
         return TAKE_PY
+    if value.__class__ is np.ndarray:
+        if op != "allgather" or (schema is not None and schema is not np.ndarray):
+            return TAKE_PY
+        encoded = array_slots.encode(value, p.slot - wire.HEADER_SIZE)
+        if encoded is None:
+            return TAKE_PY
+        return _guard(p, _speedups.arrays, encoded, _ARRAY_INFO, step, name)
     return _guard(p, _speedups.allgather, value, schema, step, name, op)
 
 
@@ -150,6 +165,10 @@ def resumed(p: "Protocol", call: Call, out: Any) -> Call:
     number, occurrence, deadline and step clock that the C path wrote into the header."""
     (call.code, call.lasti, call.seq, call.occurrence, call.deadline, call.timed_out,
      call.observed) = out
+    if p.send[wire.FLAGS_OFFSET] & wire.FLAG_SPLIT_ARRAY and call.mode == MODE_ARRAY:
+        # The C path sent this array's dtype and shape inline: phase 2 sends its data.
+        call.split = encode_array_split(call.value)
+        call.overflow = call.split[1]
     if call.step is None and p.step != wire.NO_STEP:
         call.step = p.step
     return call

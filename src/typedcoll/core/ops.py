@@ -78,7 +78,7 @@ def _common(step: Any, name: Any) -> Tuple[Any, Any, Optional[str]]:
 def _array_fp(meta: Any, same_shape: bool) -> bytes:
     if meta is None:
         return _ZEROS
-    return array_fingerprint(meta[1], meta[0] if same_shape else None)  # type: ignore[arg-type]
+    return array_fingerprint(meta[1], meta[0] if same_shape else None)
 
 
 def value_call(op: str, shape: int, value: Any, schema: Any, step: Any, name: Any, *,
@@ -105,7 +105,11 @@ def allgather(p: Protocol, value: Any, schema: Any, step: Any, name: Any,
 
 
 def _decode_all(p: Protocol, call: Call) -> List[Any]:
-    return [payloads.decode(p, call, buf, r) for r, buf in enumerate(payloads.gathered(p, call))]
+    bufs = payloads.gathered(p, call)
+    arrays = payloads.equal_split_arrays(call, bufs) if call.mode == MODE_ARRAY else None
+    if arrays is not None:
+        return arrays
+    return [payloads.decode(p, call, buf, r) for r, buf in enumerate(bufs)]
 
 
 # --- gather and reduce to a root --------------------------------------------------------------

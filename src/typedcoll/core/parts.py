@@ -228,7 +228,7 @@ def _column_shapes(values: Sequence[Any]) -> Tuple[bytes, Optional[str]]:
     if not all(arrays):
         return _ZEROS, "TypeError: expected all numbers or all numpy values, got a mix"
     shapes = ";".join(f"{np.asarray(v).dtype.str}{np.shape(v)}" for v in values)
-    return array_fingerprint(shapes, None), None  # type: ignore[arg-type]
+    return array_fingerprint(shapes, None), None
 
 
 def _operands_error(values: Any, code: int) -> Optional[str]:

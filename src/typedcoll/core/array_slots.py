@@ -1,0 +1,78 @@
+"""Numpy arrays on the C fast path: an allgather of arrays that fit their slot.
+
+The C path runs the protocol's steps for these calls (identity, header, exchange, verdict, the
+flight recorder) and leaves the array's own format to this module, which writes and reads it
+exactly as the Python steps do (``codecs.array``):
+
+  encode   the payload ``encode_array`` writes (u16 prefix length, msgpack (dtype, shape), the
+           C-order bytes) and the envelope's array fingerprint of an allgather (dtype only:
+           ranks may contribute arrays of different shapes);
+  decode   the steady state of a control plane, where every rank sent the same prefix (one
+           dtype, one shape): the C path checks that the prefixes are equal and copies the
+           data regions behind each other into one buffer; the prefix is read once and the
+           buffer split into one array per rank (views of that one fresh buffer, each its own
+           rank's, writable like the Python steps' copies).
+
+Anything else (an object dtype, arrays of different shapes, a prefix that does not decode, a
+dtype the envelope contradicts, a 0-d or empty array) is the Python steps', which reach the
+verdict every rank reaches from the same bytes: ``encode`` returns None before anything is
+sent; after the exchange the C path resumes the call in Python where the prefixes differ, and
+``decode_equal`` returns None (or raises) where it does not decode them exactly as they would.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from ..codecs.array import array_fingerprint, array_prefix, read_prefix
+from .identity import register_internal
+from .wire import MAX_PAYLOAD
+
+Decoder = Callable[[bytes, Any, int], Optional[List[np.ndarray]]]
+# (dtype.str, shape) -> (payload prefix, array fingerprint, decoder); bounded like codecs' caches
+_ENCODED: Dict[Tuple[str, Tuple[int, ...]], Tuple[bytes, bytes, Decoder]] = {}
+_MAX_ENTRIES = 4096
+
+
+def encode(arr: np.ndarray, cap: int) -> Optional[Tuple[bytes, bytes, Decoder, int]]:
+    """What the C path writes into a slot of ``cap`` payload bytes, as the Python steps would:
+    (inline bytes, array fingerprint, decoder of equal slots, -1), or for an array larger than
+    the slot, whose data phase 2 moves, (prefix, fingerprint, decoder, data length); None where
+    the Python steps must encode ``arr`` (they flag what cannot be sent)."""
+    dtype = arr.dtype
+    if dtype.hasobject:
+        return None
+    key = (dtype.str, arr.shape)
+    entry = _ENCODED.get(key)
+    if entry is None:
+        entry = (array_prefix(*key), array_fingerprint(dtype.str, None),
+                 partial(decode_equal, dtype.str))
+        if len(_ENCODED) >= _MAX_ENTRIES:
+            _ENCODED.clear()
+        _ENCODED[key] = entry
+    prefix = entry[0]
+    nbytes = arr.nbytes
+    if nbytes > cap:
+        if nbytes > MAX_PAYLOAD or len(prefix) > cap:
+            return None
+        return prefix, entry[1], entry[2], nbytes
+    if len(prefix) + nbytes > cap:
+        return None
+    return prefix + arr.tobytes(), entry[1], entry[2], -1
+
+
+def decode_equal(dtype_str: str, prefix: bytes, data: Any,
+                 size: int) -> Optional[List[np.ndarray]]:
+    """``size`` arrays from ``data`` (every rank's data in rank order, each after the one
+    ``prefix``), of dtype ``dtype_str`` (what the envelopes agreed on); None where the Python
+    steps must judge the payloads."""
+    dtype, shape, expected = read_prefix(prefix)
+    if dtype.str != dtype_str or not shape or not expected or len(data) != size * expected:
+        return None
+    return list(np.frombuffer(data, dtype).reshape((size,) + shape))
+
+
+register_internal(__file__)

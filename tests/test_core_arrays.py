@@ -1,0 +1,120 @@
+"""Allgather of numpy arrays on the C fast path (``core/array_slots.py``) and the Python steps.
+
+The C path serves arrays whose payload fits the slot, and runs the exchange of arrays past the
+slot (their dtype and shape inline) before phase 2 moves their data; arrays of one dtype and
+shape on every rank are decoded from one buffer. Everything else is the Python steps'. These
+tests hold both to the same results: values, dtype and byte order, shapes that differ by rank,
+a dtype that differs (the same DesyncError on every rank), results that are independent and
+writable, and that the C path does serve the steady state (C leg, no timeout).
+"""
+
+from __future__ import annotations
+
+from typing import Any, List
+
+import numpy as np
+import pytest
+
+import typedcoll as tc
+from typedcoll.core import array_slots, fast
+
+from test_core_review import C_PATH, TIMEOUTS, outcomes
+
+BIG = 3000  # int64 elements: 24,000 bytes, past the largest slot
+
+
+def contributions(r: int) -> List[Any]:
+    """What rank ``r`` contributes to each allgather, in order."""
+    return [
+        np.arange(4, dtype=np.int64) + r,                         # inline, one shape
+        np.arange(4, dtype=np.int64) + 10 * r,                    # the same, again
+        (np.arange(6, dtype=">f4") + r).reshape(2, 3),            # big-endian, 2-d
+        np.asfortranarray(np.arange(6).reshape(2, 3) + r),        # Fortran order
+        (np.arange(12) + r)[::3],                                 # not contiguous
+        np.arange(r + 1, dtype=np.int32),                         # shapes differ by rank
+        np.full(BIG, r, dtype=np.int64),                          # past the slot, one shape
+        np.full(BIG + r, r, dtype=np.int64),                      # past the slot, shapes differ
+        np.full(BIG if r == 0 else 2, r, dtype=np.int64),         # one rank past the slot
+        np.array(7.5 + r),                                        # 0-d
+        np.zeros((0, 3), dtype=np.float64),                       # empty
+    ]
+
+
+def allgathers(comm: tc.TypedComm) -> Any:
+    comm.allgather(np.arange(4, dtype=np.int64))  # the first call of a schema fills caches
+    out = [comm.allgather(value) for value in contributions(comm.rank)]
+    seen = [[x.copy() for x in rows] for rows in out]
+    out[0][0][0] = -1  # results are writable and independent of each other and of later calls
+    return seen, [list(a) for a in out[0]], [list(a) for a in out[1]]
+
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+def test_allgather_of_arrays_returns_every_rank_s_array_on_either_path(timeout, monkeypatch):
+    served: List[Any] = []
+    original = fast.allgather
+
+    def spy(p: Any, value: Any, *args: Any) -> Any:
+        out = original(p, value, *args)
+        served.append((p.seq, value.shape, out.__class__ is list))
+        return out
+    monkeypatch.setattr(fast, "allgather", tc.transparent(spy))
+    n = 3
+    got = outcomes(n, allgathers, timeout=timeout)
+    for r, result in enumerate(got):
+        assert not isinstance(result, BaseException), f"rank {r}: {result!r}"
+        out, first, again = result
+        for k, rows in enumerate(out):
+            want = [contributions(j)[k] for j in range(n)]
+            assert len(rows) == n
+            for x, y in zip(rows, want):
+                assert type(x) is np.ndarray and x.dtype.str == y.dtype.str, (k, x, y)
+                assert x.shape == y.shape and np.array_equal(x, y), (k, x, y)
+                assert first == [[-1, 1, 2, 3]] + [list(np.arange(4) + j) for j in range(1, n)]
+        assert again == [list(np.arange(4) + 10 * j) for j in range(n)]
+    if C_PATH and timeout is None:
+        # The C path runs every call whose arrays fit the slot, and returns the result itself
+        # where every rank sent one dtype and shape (calls 1-5 after the warm-up call).
+        steady = {seq for seq, _, ok in served if ok}
+        assert steady >= {1, 2, 3, 4, 5}, served
+
+
+def dtype_differs(comm: tc.TypedComm) -> Any:
+    comm.allgather(np.arange(4, dtype=np.int64))
+    size = BIG if comm.rank == 2 else 4
+    return comm.allgather(np.arange(size, dtype=np.float32 if comm.rank == 1 else np.int64))
+
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+def test_a_dtype_that_differs_raises_the_same_desync_error_on_every_rank(timeout):
+    got = outcomes(3, dtype_differs, timeout=timeout)
+    assert all(isinstance(g, tc.DesyncError) for g in got), got
+    assert len({str(g) for g in got}) == 1, got
+    assert "rank 1" in str(got[0]), str(got[0])
+
+
+def test_encode_writes_what_the_python_steps_write():
+    """The C path's inline payload is ``encode_array``'s; past the slot, the prefix alone."""
+    from typedcoll.codecs.array import array_fingerprint, encode_array, encode_array_split
+    for arr in (np.arange(5, dtype=">i2"), np.asfortranarray(np.ones((2, 3))),
+                np.arange(10)[::2]):
+        inline, fp, decode, split = array_slots.encode(arr, 1000)
+        assert (inline, fp, split) == (encode_array(arr), array_fingerprint(arr.dtype.str, None),
+                                       -1)
+        want = encode_array_split(arr)[0]
+        assert array_slots.encode(arr, len(want)) == (want, fp, decode, arr.nbytes)
+    assert array_slots.encode(np.array([object()]), 1000) is None  # the Python steps flag it
+    edge = np.arange(10, dtype=np.int64)  # fits alone, not with its prefix: the Python steps'
+    assert array_slots.encode(edge, edge.nbytes) is None
+
+
+def test_decode_equal_refuses_what_it_would_not_decode_as_the_python_steps_do():
+    from typedcoll.codecs.array import array_prefix
+    prefix = array_prefix("<i8", (3,))
+    data = bytearray(np.arange(6, dtype=np.int64).tobytes())
+    rows = array_slots.decode_equal("<i8", prefix, data, 2)
+    assert rows is not None and [list(x) for x in rows] == [[0, 1, 2], [3, 4, 5]]
+    assert array_slots.decode_equal("<i8", prefix, data, 3) is None  # lengths disagree
+    assert array_slots.decode_equal("<f8", prefix, data, 2) is None  # the envelope's dtype
+    assert array_slots.decode_equal("<i8", array_prefix("<i8", ()), data, 6) is None  # 0-d
+    with pytest.raises(Exception):  # a prefix that is not one: the Python steps say whose
+        array_slots.decode_equal("<i8", b"\x02\x00\x92\xa1", data, 2)
