@@ -99,9 +99,10 @@ def test_encode_writes_what_the_python_steps_write():
                 np.arange(10)[::2]):
         inline, fp, decode, split = array_slots.encode(arr, 1000)
         assert (inline, fp, split) == (encode_array(arr), array_fingerprint(arr.dtype.str, None),
-                                       -1)
-        want = encode_array_split(arr)[0]
-        assert array_slots.encode(arr, len(want)) == (want, fp, decode, arr.nbytes)
+                                       None)
+        want, data = encode_array_split(arr)
+        prefix, fp2, decode2, split = array_slots.encode(arr, len(want))
+        assert (prefix, fp2, decode2, bytes(split)) == (want, fp, decode, bytes(data))
     assert array_slots.encode(np.array([object()]), 1000) is None  # the Python steps flag it
     edge = np.arange(10, dtype=np.int64)  # fits alone, not with its prefix: the Python steps'
     assert array_slots.encode(edge, edge.nbytes) is None

@@ -50,12 +50,15 @@ def encode_array(arr: np.ndarray) -> bytes:
 
 
 def encode_array_split(arr: np.ndarray) -> Tuple[bytes, memoryview]:
-    """(prefix, data): the payload in two parts, the data being the array's own memory (no
-    copy for a C-contiguous array), for payloads that move in phase 2 anyway."""
+    """(prefix, data): the payload in two parts, for payloads that move in phase 2 anyway."""
     if arr.dtype.hasobject:
         raise TypeError(f"expected an array of plain numbers, got dtype {arr.dtype}")
-    data = memoryview(cast(Any, np.ascontiguousarray(arr).reshape(-1).view(np.uint8)))
-    return array_prefix(arr.dtype.str, arr.shape), data
+    return array_prefix(arr.dtype.str, arr.shape), array_data(arr)
+
+
+def array_data(arr: np.ndarray) -> memoryview:
+    """The array's bytes in C order: its own memory where it is C-contiguous (no copy)."""
+    return memoryview(cast(Any, np.ascontiguousarray(arr).reshape(-1).view(np.uint8)))
 
 
 def decode_array(buf: Any) -> np.ndarray:

@@ -412,9 +412,13 @@ typedef int (*isend_p)(const void *, int, void *, int, int, void *, void *);
 typedef int (*irecv_i)(void *, int, int32_t, int, int, int32_t, void *);
 typedef int (*irecv_p)(void *, int, void *, int, int, void *, void *);
 typedef int (*testall_t)(int, void *, int *, void *);
+typedef int (*allgather_i)(const void *, int, int32_t, void *, int, int32_t, int32_t);
+typedef int (*allgather_p)(const void *, int, void *, void *, int, void *, void *);
 
 typedef struct {
     void *isend, *irecv, *testall;
+    void *allgather; /* phase 2 of equal split arrays; NULL: the Python steps run it */
+    PyObject *spare; /* that phase's receive buffer, reused once no result refers to it */
     const void *comm_handle; /* where the mpi4py Comm object keeps its handle */
     intptr_t byte_type, null_comm;
     int handle_size, size, rank, tag;
@@ -430,6 +434,7 @@ static void engine_free(PyObject *capsule) {
     if (e == NULL) return;
     Py_XDECREF(e->comm);
     Py_XDECREF(e->error_type);
+    Py_XDECREF(e->spare);
     if (!e->broken) {
         PyMem_RawFree(e->out);
         PyMem_RawFree(e->inbox);
@@ -476,6 +481,7 @@ static PyObject *engine(PyObject *mod, PyObject *args) {
     e->isend = fns[0];
     e->irecv = fns[1];
     e->testall = fns[2];
+    e->allgather = find_symbol(path, "MPI_Allgather");
     e->comm_handle = (const void *)(uintptr_t)handle_addr;
     e->byte_type = narrow(byte_type, handle_size);
     e->null_comm = narrow(null_comm, handle_size);
@@ -584,6 +590,36 @@ static int round_trip(Engine *e, const unsigned char *out, Py_ssize_t out_len, i
         return -1;
     }
     return wait_requests(e, &req, 2, deadline, rc_out);
+}
+
+/* Phase 2 of an allgather whose every rank split an array of ``len`` bytes, as
+ * MPITransport.allgatherv runs it where the counts are equal and no deadline is set (a blocking
+ * MPI_Allgather, which a Python rank's call matches), into the engine's receive buffer: a new
+ * reference to it, or NULL with an exception set. */
+static PyObject *engine_allgather(Engine *e, const void *data, Py_ssize_t len) {
+    Py_ssize_t total = (Py_ssize_t)e->size * len;
+    PyObject *buf = e->spare;
+    if (buf == NULL || Py_REFCNT(buf) != 1 || PyByteArray_GET_SIZE(buf) != total) {
+        buf = PyByteArray_FromStringAndSize(NULL, total);
+        if (buf == NULL) return NULL;
+        Py_XSETREF(e->spare, buf);
+    }
+    void *out = PyByteArray_AS_STRING(buf);
+    intptr_t comm = comm_now(e);
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    if (e->handle_size == 4)
+        rc = ((allgather_i)e->allgather)(data, (int)len, (int32_t)e->byte_type, out, (int)len,
+                                         (int32_t)e->byte_type, (int32_t)comm);
+    else
+        rc = ((allgather_p)e->allgather)(data, (int)len, (void *)e->byte_type, out, (int)len,
+                                         (void *)e->byte_type, (void *)comm);
+    Py_END_ALLOW_THREADS
+    if (rc != 0) {
+        mpi_error(e, rc);
+        return NULL;
+    }
+    return Py_NewRef(buf);
 }
 
 /* The agreement block of ``n`` gathered slots (core/wire.py ``fold``). */
@@ -987,6 +1023,8 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
     PyObject *result = NULL, *payload = NULL, *identity = NULL, *info_fast = NULL;
     PyCodeObject *code = NULL;
     int lasti = 0, observed_here = 0;
+    Py_buffer data_view; /* a split array's data (KIND_ARRAYS), held until phase 2 is done */
+    int have_view = 0;
     /* A collision to report, or a broken channel: the Python steps say so. */
     if (PyList_GET_ITEM(f.busy, BUSY_POISON) != Py_None ||
         PyList_GET_ITEM(f.busy, BUSY_BROKEN) != Py_False)
@@ -1021,15 +1059,19 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
     /* A split array (KIND_ARRAYS): the data's length, which phase 2 moves; < 0: none. */
     long long split_len = -1;
     if (kind == KIND_ARRAYS) {
-        /* value: (inline bytes, dtype fingerprint, decoder of equal slots, data length or -1),
-         * as the Python steps would write the array's slot (core/array_slots.py); info: the
-         * ndarray schema's. */
+        /* value: (inline bytes, dtype fingerprint, decoder of equal slots, the data phase 2
+         * moves or None), as the Python steps would write the array's slot
+         * (core/array_slots.py); info: the ndarray schema's. */
         if (!PyTuple_CheckExact(value) || PyTuple_GET_SIZE(value) != 4) goto take;
         payload = Py_NewRef(PyTuple_GET_ITEM(value, 0));
         array_fp = PyTuple_GET_ITEM(value, 1);
         list_decode = PyTuple_GET_ITEM(value, 2);
-        split_len = PyLong_AsLongLong(PyTuple_GET_ITEM(value, 3));
-        if (split_len == -1 && PyErr_Occurred()) goto error;
+        if (PyTuple_GET_ITEM(value, 3) != Py_None) {
+            if (PyObject_GetBuffer(PyTuple_GET_ITEM(value, 3), &data_view, PyBUF_SIMPLE) < 0)
+                goto error;
+            have_view = 1;
+            split_len = data_view.len;
+        }
         info_fast = PyObject_GetAttr(info, s_fingerprint);
         if (info_fast == NULL) goto error;
         fp = info_fast;
@@ -1203,7 +1245,10 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
      * keeps other threads out, and the protocol's buffers change only on its own thread. */
     rb = (unsigned char *)PyByteArray_AS_STRING(f.recv);
     block = (unsigned char *)PyByteArray_AS_STRING(f.block);
-    if (timed_out || block[AGREE_FLAGS] != 0 || !block_agreed(block)) goto resume;
+    /* A split array's steady state has the two flags of every rank's split array set. */
+    int split_steady = split_len >= 0 && block[AGREE_FLAGS] == (FLAG_OVERFLOW | FLAG_SPLIT_ARRAY);
+    if (timed_out || (block[AGREE_FLAGS] != 0 && !split_steady) || !block_agreed(block))
+        goto resume;
 
     /* --- the steady state: feed the slot rule (as every rank does, whatever happens next),
      * then decode what this rank needs --- */
@@ -1243,7 +1288,42 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
             PyList_SET_ITEM(values, r, item);
         }
     }
-    if (kind == KIND_ARRAYS) {
+    if (kind == KIND_ARRAYS && split_len >= 0) {
+        /* Every rank split an array of this rank's dtype and shape: each slot holds this
+         * rank's prefix, both flags and this length. Phase 2 then runs here, where the engine
+         * can run it as the Python steps would (no deadline); anything else is theirs. Past
+         * that call there is no handing over: phase 2 is done. */
+#ifdef HAVE_ENGINE
+        Engine *e = f.engine == Py_None ? NULL
+                                        : (Engine *)PyCapsule_GetPointer(f.engine, "typedcoll.engine");
+        if (e == NULL) {
+            if (PyErr_Occurred()) goto error;
+            goto resume;
+        }
+        if (f.timeout != Py_None || e->allgather == NULL || split_len > INT32_MAX ||
+            split_len > PY_SSIZE_T_MAX / f.size)
+            goto resume;
+        for (Py_ssize_t r = 0; r < f.size; r++) {
+            const unsigned char *h = rb + r * f.slot;
+            if (h[FLAGS_OFFSET] != (FLAG_OVERFLOW | FLAG_SPLIT_ARRAY) ||
+                (long long)get_u32(h + LENGTH_OFFSET) != split_len ||
+                memcmp(h + HEADER_SIZE, PyBytes_AS_STRING(payload), (size_t)n) != 0)
+                goto resume;
+        }
+        PyObject *data = engine_allgather(e, data_view.buf, (Py_ssize_t)split_len);
+        if (data == NULL) goto error;
+        values = PyObject_CallFunction(list_decode, "OOn", payload, data, f.size);
+        Py_DECREF(data);
+        if (values == NULL) goto error;
+        if (!PyList_CheckExact(values) || PyList_GET_SIZE(values) != f.size) {
+            Py_DECREF(values);
+            PyErr_SetString(PyExc_RuntimeError, "typedcoll: equal split arrays did not decode");
+            goto error;
+        }
+#else
+        goto resume;
+#endif
+    } else if (kind == KIND_ARRAYS) {
         /* The steady state of a control plane: every rank sent the same prefix (dtype and
          * shape) and so the same length. The data regions, copied behind each other into one
          * buffer, are decoded in one call; anything else is the Python steps' to decode. */
@@ -1347,6 +1427,7 @@ take:
 error:
     result = NULL;
 cleanup:
+    if (have_view) PyBuffer_Release(&data_view);
     Py_XDECREF(code);
     Py_XDECREF(identity);
     Py_XDECREF(payload);
@@ -1445,9 +1526,9 @@ static PyObject *allreduce(PyObject *mod, PyObject *const *args, Py_ssize_t narg
 }
 
 /* arrays(protocol, encoded, info, step, name): allgather of a numpy array, inline where its
- * payload fits the slot, else its dtype and shape inline and its data in phase 2 (the Python
- * steps'); encoded: (inline bytes, dtype fingerprint, decoder of equal slots, data length or
- * -1), see core/array_slots.py */
+ * payload fits the slot, else its dtype and shape inline and its data in phase 2; encoded:
+ * (inline bytes, dtype fingerprint, decoder of equal slots, the data or None), see
+ * core/array_slots.py */
 static PyObject *arrays(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 5) {
         PyErr_SetString(PyExc_TypeError, "arrays expects 5 arguments");

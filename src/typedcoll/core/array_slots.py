@@ -12,6 +12,13 @@ exactly as the Python steps do (``codecs.array``):
            data regions behind each other into one buffer; the prefix is read once and the
            buffer split into one array per rank (views of that one fresh buffer, each its own
            rank's, writable like the Python steps' copies).
+  past the slot  an array larger than the slot sends its prefix inline and its data in phase
+           2, as the Python steps split it (``encode_array_split``). Where every rank split an
+           array of one dtype and shape and the communicator has no timeout, the C path runs
+           phase 2 itself, as ``MPITransport.allgatherv`` would (one blocking ``MPI_Allgather``,
+           which a Python rank's call matches), into a receive buffer it reuses once no result
+           refers to it, and splits that buffer the same way; otherwise the Python steps run
+           phase 2 after the C path's exchange.
 
 Anything else (an object dtype, arrays of different shapes, a prefix that does not decode, a
 dtype the envelope contradicts, a 0-d or empty array) is the Python steps', which reach the
@@ -27,7 +34,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ..codecs.array import array_fingerprint, array_prefix, read_prefix
+from ..codecs.array import array_data, array_fingerprint, array_prefix, read_prefix
 from .identity import register_internal
 from .wire import MAX_PAYLOAD
 
@@ -37,11 +44,12 @@ _ENCODED: Dict[Tuple[str, Tuple[int, ...]], Tuple[bytes, bytes, Decoder]] = {}
 _MAX_ENTRIES = 4096
 
 
-def encode(arr: np.ndarray, cap: int) -> Optional[Tuple[bytes, bytes, Decoder, int]]:
+def encode(arr: np.ndarray, cap: int) -> Optional[Tuple[bytes, bytes, Decoder, Any]]:
     """What the C path writes into a slot of ``cap`` payload bytes, as the Python steps would:
-    (inline bytes, array fingerprint, decoder of equal slots, -1), or for an array larger than
-    the slot, whose data phase 2 moves, (prefix, fingerprint, decoder, data length); None where
-    the Python steps must encode ``arr`` (they flag what cannot be sent)."""
+    (inline bytes, array fingerprint, decoder of equal slots, None), or for an array larger
+    than the slot, (prefix, fingerprint, decoder, the data phase 2 moves: the array's own memory
+    where it is C-contiguous); None where the Python steps must encode ``arr`` (they flag what
+    cannot be sent)."""
     dtype = arr.dtype
     if dtype.hasobject:
         return None
@@ -58,10 +66,10 @@ def encode(arr: np.ndarray, cap: int) -> Optional[Tuple[bytes, bytes, Decoder, i
     if nbytes > cap:
         if nbytes > MAX_PAYLOAD or len(prefix) > cap:
             return None
-        return prefix, entry[1], entry[2], nbytes
+        return prefix, entry[1], entry[2], array_data(arr)
     if len(prefix) + nbytes > cap:
         return None
-    return prefix + arr.tobytes(), entry[1], entry[2], -1
+    return prefix + arr.tobytes(), entry[1], entry[2], None
 
 
 def decode_equal(dtype_str: str, prefix: bytes, data: Any,
