@@ -17,6 +17,11 @@ def test_ops_match_mpi4py(spmd, nranks, timeout):
     spmd("core_ops", nranks, timeout=240, args=[timeout])
 
 
+@pytest.mark.parametrize("timeout", ["none", "30"])
+def test_random_array_allgathers_match_mpi4py(spmd, timeout):
+    spmd("core_arrays", 4, timeout=180, args=[timeout])
+
+
 @pytest.mark.parametrize("nranks", [2, 4])
 def test_errors(spmd, nranks):
     spmd("core_errors", nranks, timeout=180)
@@ -29,7 +34,7 @@ def test_timeouts(spmd, nranks):
 
 
 @pytest.mark.parametrize("program,args", [("core_ops", ["none"]), ("core_ops", ["30"]),
-                                          ("core_errors", [])])
+                                          ("core_errors", []), ("core_arrays", ["none"])])
 def test_the_c_and_python_paths_meet_in_one_job(spmd, program, args):
     """Half the ranks on the C fast path, half on the pure-Python steps, in one job: they speak
     one protocol and reach the same verdicts (the programs check every rank's results and

@@ -18,12 +18,13 @@ NRANKS = int(os.environ.get("TYPEDCOLL_TEST_RANKS", "8"))
 @pytest.mark.parametrize("program,args,uniform", [
     ("core_ops", ["none"], True), ("core_ops", ["30"], True), ("core_errors", [], True),
     ("core_timeout", [], False), ("diag_hang", [], False), ("compat_p2p", [], True),
-    ("compat_mpi4py", [], True)])
+    ("compat_mpi4py", [], True), ("core_arrays", ["none"], True)])
 def test_programs_at_scale(spmd, program, args, uniform, monkeypatch):
     monkeypatch.delenv("TYPEDCOLL_TRACE_DIR", raising=False)
     spmd(program, NRANKS, timeout=300, args=args, uniform=uniform)
 
 
-def test_the_c_and_python_paths_meet_at_scale(spmd):
-    spmd("core_errors", NRANKS, timeout=300,
+@pytest.mark.parametrize("program,args", [("core_errors", []), ("core_arrays", ["none"])])
+def test_the_c_and_python_paths_meet_at_scale(spmd, program, args):
+    spmd(program, NRANKS, timeout=300, args=args,
          rank_env=[{"TYPEDCOLL_PURE_PYTHON": "1"} if r % 2 else {} for r in range(NRANKS)])
