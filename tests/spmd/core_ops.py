@@ -112,9 +112,11 @@ def spy(p, value, *args):
 
 with comm.dup() as fresh:
     fast.allgather = tc.transparent(spy)
-    kept = [(k, n, fresh.allgather(np.full(n, 10 * k + rank, dtype=np.int64)))
-            for k in range(4) for n in (3, 20000)]
-    fast.allgather = original_allgather
+    try:
+        kept = [(k, n, fresh.allgather(np.full(n, 10 * k + rank, dtype=np.int64)))
+                for k in range(4) for n in (3, 20000)]
+    finally:
+        fast.allgather = original_allgather
 for k, n, rows in kept:
     check(f"kept arrays {k} of {n}", rows,
           [np.full(n, 10 * k + r, dtype=np.int64) for r in range(size)])

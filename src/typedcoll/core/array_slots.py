@@ -56,11 +56,12 @@ def encode(arr: np.ndarray, cap: int) -> Optional[Tuple[bytes, bytes, Decoder, A
     key = (dtype.str, arr.shape)
     entry = _ENCODED.get(key)
     if entry is None:
-        entry = (array_prefix(*key), array_fingerprint(dtype.str, None),
-                 partial(decode_equal, dtype.str))
+        entry = _entry(key)
         if len(_ENCODED) >= _MAX_ENTRIES:
             _ENCODED.clear()
         _ENCODED[key] = entry
+    if entry is _REFUSED:
+        return None
     prefix = entry[0]
     nbytes = arr.nbytes
     if nbytes > cap:
@@ -70,6 +71,26 @@ def encode(arr: np.ndarray, cap: int) -> Optional[Tuple[bytes, bytes, Decoder, A
     if len(prefix) + nbytes > cap:
         return None
     return prefix + arr.tobytes(), entry[1], entry[2], None
+
+
+def _entry(key: Tuple[str, Tuple[int, ...]]) -> Tuple[bytes, bytes, Decoder]:
+    """(prefix, array fingerprint, decoder) of arrays of ``key``'s dtype and shape, or
+    ``_REFUSED`` where ``decode_equal`` would not decode that prefix back to the same dtype and
+    shape (a dtype whose string reads back as another, as numpy's user dtypes can): the Python
+    steps must serve those, since the C path runs phase 2 before it decodes and cannot hand the
+    call over afterwards. Every rank that sent the same prefix reaches the same answer."""
+    prefix = array_prefix(*key)
+    try:
+        dtype, shape, expected = read_prefix(prefix)
+        ok = dtype.str == key[0] and shape == key[1]
+    except Exception:  # a dtype string numpy will not read back: the Python steps say so
+        ok = False
+    if not ok:
+        return _REFUSED
+    return prefix, array_fingerprint(key[0], None), partial(decode_equal, key[0])
+
+
+_REFUSED: Tuple[bytes, bytes, Decoder] = (b"", b"", lambda prefix, data, size: None)
 
 
 def decode_equal(dtype_str: str, prefix: bytes, data: Any,

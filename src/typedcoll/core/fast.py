@@ -11,10 +11,11 @@ here, as must the wire constants it copies, or the extension is not used at all.
 Each entry point returns:
   - a list: the steady state's result (for rooted and empty ops, a 1-item list holding it);
   - ``TAKE_PY``: nothing was done; the Python steps run the whole call;
-  - a tuple ``(code, lasti, seq, occurrence, deadline, timed_out, observed)``: the exchange ran
-    but was not the steady state (a peer disagreed, failed or overflowed, a payload does not
-    decode, the deadline passed); :func:`resumed` hands its facts to the Python steps, which
-    reach the verdict every rank reaches from the same bytes. ``observed``: the C path already
+  - a tuple ``(code, lasti, seq, occurrence, deadline, timed_out, observed)``, for an array
+    sent past its slot followed by ``(prefix, data)``: the exchange ran but was not the steady
+    state (a peer disagreed, failed or overflowed, a payload does not decode, the deadline
+    passed); :func:`resumed` hands its facts to the Python steps, which reach the verdict every
+    rank reaches from the same bytes. ``observed``: the C path already
     fed this exchange to the slot-size rule (each exchange feeds it exactly once).
 
 ``TYPEDCOLL_PURE_PYTHON=1`` turns the extension off: the Python steps serve every call, which is
@@ -31,8 +32,7 @@ import numpy as np
 from ..codecs import nesting, resolve
 from ..codecs.nesting import MAX_NESTING
 from ..codecs.schema import _BY_ID, _CACHE
-from ..codecs.array import encode_array_split
-from .call import MODE_ARRAY, Call
+from .call import Call
 from .identity import SKIP_CODES, SKIP_FILES, name_fingerprint, register_internal, site_fingerprint
 from . import array_slots, recorder, wire
 
@@ -120,10 +120,17 @@ def allgather(p: "Protocol", value: Any, schema: Any, step: Any, name: Any, op: 
     if value.__class__ is np.ndarray:
         if op != "allgather" or (schema is not None and schema is not np.ndarray):
             return TAKE_PY
-        encoded = array_slots.encode(value, p.slot - wire.HEADER_SIZE)
+        try:
+            encoded = array_slots.encode(value, p.slot - wire.HEADER_SIZE)
+        except Exception:  # before anything is sent: the Python steps flag it to every rank
+            return TAKE_PY
         if encoded is None:
             return TAKE_PY
-        return _guard(p, _speedups.arrays, encoded, _ARRAY_INFO, step, name)
+        out = _guard(p, _speedups.arrays, encoded, _ARRAY_INFO, step, name)
+        if out.__class__ is tuple and encoded[3] is not None:
+            # Exchanged with the array's prefix inline, not finished: phase 2 sends its data.
+            return out + ((encoded[0], encoded[3]),)
+        return out
     return _guard(p, _speedups.allgather, value, schema, step, name, op)
 
 
@@ -164,11 +171,10 @@ def resumed(p: "Protocol", call: Call, out: Any) -> Call:
     """``call`` as the C path started and exchanged it (its answer ``out``): the same site,
     number, occurrence, deadline and step clock that the C path wrote into the header."""
     (call.code, call.lasti, call.seq, call.occurrence, call.deadline, call.timed_out,
-     call.observed) = out
-    if p.send[wire.FLAGS_OFFSET] & wire.FLAG_SPLIT_ARRAY and call.mode == MODE_ARRAY:
-        # The C path sent this array's dtype and shape inline: phase 2 sends its data.
-        call.split = encode_array_split(call.value)
-        call.overflow = call.split[1]
+     call.observed) = out[:7]
+    if len(out) > 7:  # the C path sent an array's prefix inline: (prefix, data) for phase 2
+        call.split = out[7]
+        call.overflow = out[7][1]
     if call.step is None and p.step != wire.NO_STEP:
         call.step = p.step
     return call
