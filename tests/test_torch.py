@@ -341,6 +341,26 @@ def desyncs(rank: int, size: int) -> dict:
     return out
 
 
+def program_arrays(rank: int, size: int) -> dict:
+    """numpy arrays on gloo without a timeout, where the C path serves them over the
+    transport's own exchange, with the last rank on the Python steps: inline, past the slot, in
+    another byte order, shapes that differ by rank, then a dtype that differs on rank 1."""
+    if rank == size - 1:
+        os.environ["TYPEDCOLL_PURE_PYTHON"] = "1"
+    import typedcoll as tc
+    from typedcoll.core import fast
+
+    comm = tc.TypedComm.from_torch()
+    cases = [(3, "<i8", 0), (3, "<i8", 0), (600, ">i4", 0), (3000, "<f8", 0), (3000, "<i8", 1),
+             (3, "<i2", 5)]
+    for k, (n, dtype, grow) in enumerate(cases):
+        mine = np.full(n + grow * rank, 10 * k + rank).astype(dtype)
+        check(f"allgather of arrays, case {k}", comm.allgather(mine),
+              [np.full(n + grow * r, 10 * k + r).astype(dtype) for r in range(size)])
+    odd = np.arange(3000, dtype=np.float32 if rank == 1 else np.int64)
+    return {"c_path": fast.ENABLED, "desync": outcome(lambda: comm.allgather(odd))}
+
+
 def _child(program: str, rank: int, size: int, port: int, out: str) -> None:
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -379,6 +399,15 @@ def desync(request, tmp_path_factory):
 def test_every_collective_matches_independent_values(desync):
     size, results = desync  # a failed check in any rank fails the run itself
     assert len(results) == size
+
+
+def test_arrays_on_the_c_path_over_gloo_meet_a_rank_on_the_python_steps(tmp_path):
+    results = run_ranks("arrays", 3, tmp_path)  # the values are checked in the ranks
+    from typedcoll.core import fast
+    assert [r["c_path"] for r in results] == [fast.ENABLED, fast.ENABLED, False], results
+    outcomes = [r["desync"] for r in results]
+    assert all(o.get("error") == "DesyncError" for o in outcomes), outcomes
+    assert len({o["message"] for o in outcomes}) == 1 and "rank 1" in outcomes[0]["message"]
 
 
 def _groups(size: int) -> tuple:
