@@ -195,3 +195,19 @@ def test_a_dtype_whose_string_reads_back_as_another_is_the_python_steps():
     rational = pytest.importorskip("numpy._core._rational_tests").rational
     assert array_slots.encode(np.zeros(4, dtype=rational), 1000) is None
     assert array_slots.encode(np.zeros(3000, dtype=rational), 1000) is None
+
+
+def zero_d_past_the_slot(comm: tc.TypedComm) -> Any:
+    comm.allgather(np.arange(3))
+    return comm.allgather(np.zeros((), dtype=f"V{5000 + comm.rank % 2}"))
+
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+def test_a_0d_array_past_the_slot_is_the_python_steps(timeout):
+    """A 0-d array of a large void dtype passes the slot with no shape to split by: the C path
+    leaves it to the Python steps, which return every rank's, or raise one DesyncError for
+    dtypes that differ, on every rank."""
+    assert array_slots.encode(np.zeros((), dtype="V5000"), 1000) is None
+    got = outcomes(3, zero_d_past_the_slot, timeout=timeout)
+    assert all(isinstance(g, tc.DesyncError) for g in got), got
+    assert len({str(g) for g in got}) == 1, got

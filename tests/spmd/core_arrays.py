@@ -61,6 +61,10 @@ for i in range(120):
     if shared.random() < 0.3:
         kept.append((i, got, [w.copy() for w in want]))
 
+# A 0-d array of a large void dtype passes the slot with no shape to split by.
+void = np.frombuffer(bytes([rank]) * 5000, dtype="V5000").reshape(())
+chk.eq("0-d past the slot", comm.allgather(void), raw.allgather(void))
+
 # A dtype that differs on one rank: the same error everywhere, and the communicator goes on.
 odd = size - 1
 try:

@@ -1,4 +1,4 @@
-"""Numpy arrays on the C fast path: an allgather of arrays that fit their slot.
+"""Numpy arrays on the C fast path: allgather of arrays, inline and past the slot.
 
 The C path runs the protocol's steps for these calls (identity, header, exchange, verdict, the
 flight recorder) and leaves the array's own format to this module, which writes and reads it
@@ -75,14 +75,15 @@ def encode(arr: np.ndarray, cap: int) -> Optional[Tuple[bytes, bytes, Decoder, A
 
 def _entry(key: Tuple[str, Tuple[int, ...]]) -> Tuple[bytes, bytes, Decoder]:
     """(prefix, array fingerprint, decoder) of arrays of ``key``'s dtype and shape, or
-    ``_REFUSED`` where ``decode_equal`` would not decode that prefix back to the same dtype and
-    shape (a dtype whose string reads back as another, as numpy's user dtypes can): the Python
-    steps must serve those, since the C path runs phase 2 before it decodes and cannot hand the
-    call over afterwards. Every rank that sent the same prefix reaches the same answer."""
+    ``_REFUSED`` where ``decode_equal`` would not split that prefix's data: a dtype whose string
+    reads back as another (as numpy's user dtypes can), or a 0-d array (one of a large void
+    dtype can pass the slot). The Python steps must serve those, since the C path runs phase 2
+    before it decodes and cannot hand the call over afterwards. Every rank that sent the same
+    prefix reaches the same answer."""
     prefix = array_prefix(*key)
     try:
         dtype, shape, expected = read_prefix(prefix)
-        ok = dtype.str == key[0] and shape == key[1]
+        ok = dtype.str == key[0] and shape == key[1] and len(shape) > 0
     except Exception:  # a dtype string numpy will not read back: the Python steps say so
         ok = False
     if not ok:
