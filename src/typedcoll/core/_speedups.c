@@ -88,6 +88,8 @@ static PyObject *SCHEMAS, *SCHEMAS_BY_ID, *OPS, *ENCODE, *SKIP_FILES, *SKIP_CODE
 static PyObject *SITE_CACHE, *NAME_CACHE, *EMPTY_BYTES;
 static PyObject *s_seq, *s_step, *s_policy, *s_observe, *s_size, *s_fast, *s_exchange,
     *s_fingerprint;
+/* The op names of the entry points that are not given one, interned once at import. */
+static PyObject *s_allgather, *s_allreduce, *s_reduce, *s_barrier;
 
 static void put_u32(unsigned char *p, uint32_t v) {
     for (int i = 0; i < 4; i++) p[i] = (unsigned char)(v >> (8 * i));
@@ -1517,12 +1519,9 @@ static PyObject *allreduce(PyObject *mod, PyObject *const *args, Py_ssize_t narg
     }
     PyObject *info = lookup_info((PyObject *)Py_TYPE(args[1]));
     if (info == NULL) return PyErr_Occurred() ? NULL : take_py();
-    PyObject *op = PyUnicode_InternFromString(nargs == 6 ? "reduce" : "allreduce");
-    if (op == NULL) return NULL;
-    PyObject *out = steady(args[0], args[1], info, args[2], args[3], op, root, code,
-                           nargs == 6 ? KIND_GATHER : KIND_ALL, Py_None);
-    Py_DECREF(op);
-    return out;
+    return steady(args[0], args[1], info, args[2], args[3],
+                  nargs == 6 ? s_reduce : s_allreduce, root, code,
+                  nargs == 6 ? KIND_GATHER : KIND_ALL, Py_None);
 }
 
 /* arrays(protocol, encoded, info, step, name): allgather of a numpy array, inline where its
@@ -1534,12 +1533,8 @@ static PyObject *arrays(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) 
         PyErr_SetString(PyExc_TypeError, "arrays expects 5 arguments");
         return NULL;
     }
-    PyObject *op = PyUnicode_InternFromString("allgather");
-    if (op == NULL) return NULL;
-    PyObject *out = steady(args[0], args[1], args[2], args[3], args[4], op, NO_ROOT, 0,
-                           KIND_ARRAYS, Py_None);
-    Py_DECREF(op);
-    return out;
+    return steady(args[0], args[1], args[2], args[3], args[4], s_allgather, NO_ROOT, 0,
+                  KIND_ARRAYS, Py_None);
 }
 
 /* empty(protocol, step, name): the barrier */
@@ -1548,12 +1543,8 @@ static PyObject *empty(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
         PyErr_SetString(PyExc_TypeError, "empty expects 3 arguments");
         return NULL;
     }
-    PyObject *op = PyUnicode_InternFromString("barrier");
-    if (op == NULL) return NULL;
-    PyObject *out = steady(args[0], Py_None, Py_None, args[1], args[2], op, NO_ROOT, 0,
-                           KIND_EMPTY, Py_None);
-    Py_DECREF(op);
-    return out;
+    return steady(args[0], Py_None, Py_None, args[1], args[2], s_barrier, NO_ROOT, 0,
+                  KIND_EMPTY, Py_None);
 }
 
 static PyMethodDef methods[] = {
@@ -1591,6 +1582,10 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     INTERN(s_fast, "fast");
     INTERN(s_exchange, "exchange");
     INTERN(s_fingerprint, "fingerprint");
+    INTERN(s_allgather, "allgather");
+    INTERN(s_allreduce, "allreduce");
+    INTERN(s_reduce, "reduce");
+    INTERN(s_barrier, "barrier");
     if ((SITE_CACHE = PyDict_New()) == NULL || (NAME_CACHE = PyDict_New()) == NULL ||
         (EMPTY_BYTES = PyBytes_FromStringAndSize(NULL, 0)) == NULL)
         return NULL;
