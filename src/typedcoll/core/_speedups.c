@@ -952,15 +952,14 @@ static PyObject *pack_parts(PyObject *values, Py_ssize_t size, PyObject *record_
     if (packed == NULL) goto done;
     {
         unsigned char *out = (unsigned char *)PyBytes_AS_STRING(packed);
-        Py_ssize_t at = 4 + 4 * size, end = 0;
+        Py_ssize_t body = 4 + 4 * size, at = body;
         put_u32(out, (uint32_t)size);
         for (i = 0; i < size; i++) {
             Py_ssize_t n = PyBytes_GET_SIZE(encoded[i]);
             memcpy(out + at, PyBytes_AS_STRING(prefix), (size_t)prefix_len);
             memcpy(out + at + prefix_len, PyBytes_AS_STRING(encoded[i]), (size_t)n);
             at += prefix_len + n;
-            end += prefix_len + n;
-            put_u32(out + 4 + 4 * i, (uint32_t)end);
+            put_u32(out + 4 + 4 * i, (uint32_t)(at - body)); /* end offsets count from the parts */
         }
     }
 done:
@@ -1296,8 +1295,9 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
          * can run it as the Python steps would (no deadline); anything else is theirs. Past
          * that call there is no handing over: phase 2 is done. */
 #ifdef HAVE_ENGINE
-        Engine *e = f.engine == Py_None ? NULL
-                                        : (Engine *)PyCapsule_GetPointer(f.engine, "typedcoll.engine");
+        Engine *e = NULL;
+        if (f.engine != Py_None)
+            e = (Engine *)PyCapsule_GetPointer(f.engine, "typedcoll.engine");
         if (e == NULL) {
             if (PyErr_Occurred()) goto error;
             goto resume;
