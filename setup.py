@@ -1,9 +1,13 @@
-"""Build the optional C fast path; everything else is declared in pyproject.toml.
+"""Build the optional C code; everything else is declared in pyproject.toml.
 
-``optional=True``: where no compiler is available the package installs without it and
-``typedcoll._protocol`` uses the pure-Python fast path, which speaks the same wire protocol.
+``optional=True``: where no compiler is available the package installs without it. Without
+``core/_speedups.c`` the Python steps of ``core/protocol.py`` serve every call (the same wire
+protocol); without ``codecs/_ints.c`` msgspec decodes lists of ints itself (the same results).
 """
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("typedcoll.core._speedups", ["src/typedcoll/core/_speedups.c"], optional=True)])
+setup(ext_modules=[
+    Extension("typedcoll.core._speedups", ["src/typedcoll/core/_speedups.c"], optional=True),
+    Extension("typedcoll.codecs._ints", ["src/typedcoll/codecs/_ints.c"], optional=True),
+])

@@ -68,15 +68,20 @@ def imports_of(path: Path) -> Set[str]:
                 continue
             for alias in node.names:  # "from . import x" may name a module
                 candidate = f"{target}.{alias.name}"
-                found.add(candidate if candidate in MODULES else target)
+                found.add(candidate if candidate in MODULES or candidate in EXTENSIONS
+                          else target)
     return {m for m in found if m != name}
 
 
 MODULES: Dict[str, Path] = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+# C extensions (core/_speedups.c, codecs/_ints.c) import nothing of ours: edges to them end there.
+EXTENSIONS: Set[str] = {module_name(p) for p in PACKAGE.rglob("*.c")}
 
 
 def resolve(name: str) -> str:
-    """The module a name refers to (a package resolves to its __init__)."""
+    """The module a name refers to (a package resolves to its __init__; "" for a C extension)."""
+    if name in EXTENSIONS:
+        return ""
     while name and name not in MODULES:
         name = name.rpartition(".")[0]
     return name

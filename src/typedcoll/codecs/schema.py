@@ -20,6 +20,7 @@ import msgspec
 import msgspec.inspect as mi
 import numpy as np
 
+from .int_list import decode_function
 from .digest import digest8
 from .nesting import MAX_NESTING
 
@@ -61,16 +62,18 @@ class SchemaInfo:
     for schemas that are not classes, such as ``Optional[T]``).
     """
 
-    __slots__ = ("schema", "name", "fingerprint", "kind", "decoder", "path", "path_prefix",
-                 "record_class", "needs_nesting_scan", "fast")
+    __slots__ = ("schema", "name", "fingerprint", "kind", "decoder", "decode", "path",
+                 "path_prefix", "record_class", "needs_nesting_scan", "fast")
 
     def __init__(self, schema: Any, name: str, fingerprint: bytes, kind: int,
-                 decoder: Any) -> None:
+                 decoder: Any, decode: Any = None) -> None:
         self.schema = schema
         self.name = name
         self.fingerprint = fingerprint
         self.kind = kind
         self.decoder = decoder
+        # What decodes one payload: ``decoder.decode`` unless a faster twin gives its results.
+        self.decode: Any = decode if decode is not None else getattr(decoder, "decode", None)
         self.path = class_path(schema)
         # How a rooted payload names its class for receivers that named no schema: len, path.
         encoded = self.path.encode()[:255]
@@ -87,7 +90,7 @@ class SchemaInfo:
         list_decode = None
         if kind == KIND_MSGSPEC and isinstance(decoder, msgspec.msgpack.Decoder):
             list_decode = msgspec.msgpack.Decoder(List[schema], dec_hook=_dec_hook).decode
-        self.fast = ((fingerprint, decoder.decode, self.record_class, self.path_prefix,
+        self.fast = ((fingerprint, self.decode, self.record_class, self.path_prefix,
                       list_decode) if kind == KIND_MSGSPEC and decoder else None)
 
     def __repr__(self) -> str:
@@ -164,7 +167,8 @@ def _build(schema: Any) -> SchemaInfo:
     structure = canonical(type_info)
     if "RawType(" in structure or "MemoryViewType(" in structure:
         decoder = _CopyingDecoder(decoder)
-    info = SchemaInfo(schema, render_name(type_info), digest8(structure), KIND_MSGSPEC, decoder)
+    info = SchemaInfo(schema, render_name(type_info), digest8(structure), KIND_MSGSPEC, decoder,
+                      decode_function(type_info, decoder.decode))
     depth = static_depth(type_info)
     info.needs_nesting_scan = depth is None or depth >= MAX_NESTING
     return info

@@ -211,9 +211,9 @@ def decode_any(info: SchemaInfo, buf: Any) -> Any:
     already checked against a fixed limit, so such a rank decodes it again on a fresh stack.
     """
     try:
-        return info.decoder.decode(buf)
+        return info.decode(buf)
     except RecursionError:
-        return on_fresh_stack(info.decoder.decode, bytes(buf))
+        return on_fresh_stack(info.decode, bytes(buf))
 
 
 def decode_failure(p: "Protocol", call: Call, source: int, exc: BaseException) -> Exception:
