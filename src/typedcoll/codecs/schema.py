@@ -20,7 +20,7 @@ import msgspec
 import msgspec.inspect as mi
 import numpy as np
 
-from .int_list import decode_function
+from .int_list import faster_decode
 from .digest import digest8
 from .nesting import MAX_NESTING
 
@@ -66,13 +66,13 @@ class SchemaInfo:
                  "path_prefix", "record_class", "needs_nesting_scan", "fast")
 
     def __init__(self, schema: Any, name: str, fingerprint: bytes, kind: int,
-                 decoder: Any, decode: Any = None) -> None:
+                 decoder: Any, decode: Any = None, batch: bool = True) -> None:
         self.schema = schema
         self.name = name
         self.fingerprint = fingerprint
         self.kind = kind
         self.decoder = decoder
-        # What decodes one payload: ``decoder.decode`` unless a faster twin gives its results.
+        # What decodes one payload: ``decoder.decode``, or a faster twin that gives its results.
         self.decode: Any = decode if decode is not None else getattr(decoder, "decode", None)
         self.path = class_path(schema)
         # How a rooted payload names its class for receivers that named no schema: len, path.
@@ -86,9 +86,10 @@ class SchemaInfo:
         self.needs_nesting_scan = True
         # What the C fast path needs, in one attribute read; with a decoder of a list of this
         # schema, which decodes every rank's payload of an allgather in one call (None where
-        # values may point into their bytes: they are decoded one by one from private copies).
+        # values may point into their bytes: they are decoded one by one from private copies;
+        # and where not ``batch``: one by one with ``decode``).
         list_decode = None
-        if kind == KIND_MSGSPEC and isinstance(decoder, msgspec.msgpack.Decoder):
+        if kind == KIND_MSGSPEC and isinstance(decoder, msgspec.msgpack.Decoder) and batch:
             list_decode = msgspec.msgpack.Decoder(List[schema], dec_hook=_dec_hook).decode
         self.fast = ((fingerprint, self.decode, self.record_class, self.path_prefix,
                       list_decode) if kind == KIND_MSGSPEC and decoder else None)
@@ -167,8 +168,12 @@ def _build(schema: Any) -> SchemaInfo:
     structure = canonical(type_info)
     if "RawType(" in structure or "MemoryViewType(" in structure:
         decoder = _CopyingDecoder(decoder)
+    faster = faster_decode(type_info, decoder.decode)
+    # One msgspec call for every rank's payload beats a faster decoder called per payload,
+    # except for lists of ints, whose cost is their items; ``Any`` payloads are mostly records.
+    batch = faster is None or isinstance(type_info, mi.AnyType)
     info = SchemaInfo(schema, render_name(type_info), digest8(structure), KIND_MSGSPEC, decoder,
-                      decode_function(type_info, decoder.decode))
+                      faster, batch)
     depth = static_depth(type_info)
     info.needs_nesting_scan = depth is None or depth >= MAX_NESTING
     return info
