@@ -21,7 +21,7 @@ import typedcoll as tc
 from typedcoll._comm import TypedComm
 from typedcoll.core.channel import Channel
 from typedcoll.core.transport import finish_gathered
-from typedcoll.core.wire import FLAGS_OFFSET, HEADER_SIZE, LENGTH_OFFSET
+from typedcoll.core.wire import FLAGS_OFFSET, HEADER_SIZE, LENGTH_OFFSET, MAX_SLOT
 
 MAX_CLAIM = 1 << 16  # lengths a peer announces stay allocatable: decoding is under test
 
@@ -49,6 +49,7 @@ class Hostile:
     """Rank 0 is us; ranks 1.. echo our header, then lie."""
 
     kind = "hostile"
+    max_slot = MAX_SLOT
 
     def __init__(self, size: int, seed: int, mode: str) -> None:
         self.rank, self.size = 0, size

@@ -18,7 +18,8 @@ from typedcoll.core import fast
 from typedcoll.core.mismatch import (EnvelopeInfo, Note, compact_ranks, describe,
                                      desync_message, group_envelopes, mismatch_kinds)
 from typedcoll.core.wire import (AGREE_SIZE, CHECKED, FLAG_WILD_SCHEMA, HEADER, HEADER_SIZE,
-                                 MAGIC, NO_ROOT, NO_STEP, SlotPolicy, agreed, block_length,
+                                 LARGE_SHRINK_WINDOW, MAGIC, MAX_SLOT, MIN_SLOT, NO_ROOT, NO_STEP,
+                                 SlotPolicy, agreed, block_length,
                                  fold, or_into)
 
 
@@ -80,6 +81,26 @@ def test_the_slot_policy_grows_at_once_and_shrinks_after_a_window():
     assert policy.size == 128
     policy.observe(10 ** 6)  # past the largest slot: it travels in phase 2, no growth
     assert policy.size == 128
+
+
+def test_slots_past_max_slot_fit_within_a_sixteenth_and_shrink_sooner():
+    policy = SlotPolicy(max_slot=4 << 20)
+    for payload in (5000, 8155, 65_536 + 40, 1 << 20, (1 << 20) + 40, 3 << 20):
+        policy.observe(payload)
+        need = HEADER_SIZE + payload
+        assert need <= policy.size <= need * 17 // 16 + MAX_SLOT, (payload, policy.size)
+        assert policy.size % MAX_SLOT == 0
+        for _ in range(LARGE_SHRINK_WINDOW):  # the same payload: the slot it has is the fit
+            before = policy.size
+            policy.observe(payload)
+            assert policy.size == before
+    policy.observe(5 << 20)  # past this policy's largest slot: no growth
+    assert policy.size < 4 << 20
+    for _ in range(LARGE_SHRINK_WINDOW):
+        policy.observe(10)
+    assert policy.size == MIN_SLOT
+    policy.observe((4 << 20) - HEADER_SIZE - 1)  # just within the largest slot
+    assert policy.size == 4 << 20
 
 
 def nested(depth: int) -> bytes:

@@ -109,6 +109,7 @@ def check_values(rank: int, size: int) -> None:
     import torch.distributed as dist
     import typedcoll as tc
     from typedcoll.codecs import reduce_values
+    from typedcoll.core.wire import LARGE_SHRINK_WINDOW, MAX_SLOT
     from typedcoll.transports import torch as transport_module
 
     comm = tc.TypedComm.from_torch(timeout=30)
@@ -117,20 +118,39 @@ def check_values(rank: int, size: int) -> None:
     def blob(r: int, n: int) -> bytes:
         return np.random.default_rng([SEED, r, n]).integers(0, 256, n, dtype=np.uint8).tobytes()
 
-    # allgather, gather and bcast, inline and overflowing (phase 2) payloads
-    for n in (0, 3, 100, 5000):
-        check(f"allgather {n}", comm.allgather(blob(rank, n)), [blob(r, n) for r in ranks])
-        for root in ranks:
-            check(f"gather {n} root {root}", comm.gather(blob(rank, n), root),
-                  [blob(r, n) for r in ranks] if rank == root else None)
-            check(f"bcast {n} root {root}",
-                  comm.bcast(blob(rank, n) if rank == root else None, root, schema=bytes),
-                  blob(root, n))
-            check(f"scatter {n} root {root}",
-                  comm.scatter([blob(r, n + r) for r in ranks] if rank == root else None, root,
-                               schema=bytes), blob(rank, n + rank))
-        check(f"alltoall {n}", comm.alltoall([blob(rank * size + j, n) for j in ranks]),
-              [blob(i * size + rank, n) for i in ranks])
+    # A communicator whose slots stay within MAX_SLOT, as on MPI (its transport is made by the
+    # dup, on every rank alike): payloads past it take phase 2 on gloo too.
+    saved = transport_module.LARGEST_SLOT
+    transport_module.LARGEST_SLOT = MAX_SLOT
+    try:
+        narrow = comm.dup()
+    finally:
+        transport_module.LARGEST_SLOT = saved
+    assert narrow._p.policy.max_slot == MAX_SLOT < comm._p.policy.max_slot
+
+    # allgather, gather, bcast, scatter and alltoall, inline and overflowing (phase 2) payloads;
+    # on ``comm`` the slot grows past MAX_SLOT for them (one gloo operation), then shrinks
+    for c, sizes in ((comm, (0, 3, 100, 5000, 70_000, 3)), (narrow, (3, 5000))):
+        for n in sizes:
+            check(f"allgather {n}", c.allgather(blob(rank, n)), [blob(r, n) for r in ranks])
+            for root in ranks:
+                check(f"gather {n} root {root}", c.gather(blob(rank, n), root),
+                      [blob(r, n) for r in ranks] if rank == root else None)
+                check(f"bcast {n} root {root}",
+                      c.bcast(blob(rank, n) if rank == root else None, root, schema=bytes),
+                      blob(root, n))
+                check(f"scatter {n} root {root}",
+                      c.scatter([blob(r, n + r) for r in ranks] if rank == root else None, root,
+                                schema=bytes), blob(rank, n + rank))
+            check(f"alltoall {n}", c.alltoall([blob(rank * size + j, n) for j in ranks]),
+                  [blob(i * size + rank, n) for i in ranks])
+    check("slot past MAX_SLOT", comm._p.slot > MAX_SLOT, True)
+    # Each window shrinks the slot to fit that window's largest payload: within 2 windows of
+    # barriers one holds only small payloads, and the next call takes the slot it chose (from
+    # there on, the power-of-two slots' own longer window applies).
+    for _ in range(2 * LARGE_SHRINK_WINDOW + 1):
+        comm.barrier()
+    check("slot shrunk", comm._p.slot <= MAX_SLOT, True)
     states = [RankState(r, 3 * r, 17) for r in ranks]
     check("allgather RankState", comm.allgather(states[rank]), states)
     for root in ranks:  # receivers without a schema get the root's class

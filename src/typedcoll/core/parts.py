@@ -23,6 +23,7 @@ with this same packing.
 
 from __future__ import annotations
 
+import functools
 import struct
 from itertools import accumulate
 from typing import Any, List, Optional, Sequence, Tuple
@@ -37,8 +38,8 @@ from .identity import register_internal
 from .ops import _ZEROS, GATHER_DIRECT_MAX, _common, _from_root, run_after_fast
 from .protocol import Protocol
 from .transport import TransportTimeout
-from .wire import (FLAG_OVERFLOW, FLAGS_OFFSET, GATHER, HEADER_SIZE, LENGTH_OFFSET, MAX_SLOT,
-                   NO_ROOT, REDUCE, REDUCE_OP_NAMES, block_flags)
+from .wire import (FLAG_OVERFLOW, FLAGS_OFFSET, GATHER, HEADER_SIZE, LENGTH_OFFSET, NO_ROOT,
+                   REDUCE, REDUCE_OP_NAMES, block_flags)
 
 
 # --- scatter -----------------------------------------------------------------------------------
@@ -68,7 +69,7 @@ def scatter(p: Protocol, values: Any, root: Any, schema: Any, step: Any, name: A
         info, schema_error = schema_of(None, schema)
         error = error or schema_error
     call = Call("scatter", REDUCE, info, MODE_EMPTY if parts is None else MODE_BYTES,
-                None if parts is None else pack(parts),
+                None if parts is None else pack(parts, p.policy.max_slot),
                 root=NO_ROOT if root_error else int(root), step=step, name=name, wild=wild,
                 error=error)
     call.inline = True
@@ -85,18 +86,21 @@ def scatter(p: Protocol, values: Any, root: Any, schema: Any, step: Any, name: A
     return run_after_fast(p, out, call, rest)
 
 
-def pack(parts: List[bytes]) -> bytes:
+def pack(parts: List[bytes], max_slot: int) -> bytes:
     """Encoded parts as one payload (the module docstring's format); parts too large for even
-    the largest slot are not copied together: a marker one byte too long for it stands in, so
-    the header flags the overflow and the parts move in phase 2 as they are."""
+    the largest slot (``max_slot``, the communicator's) are not copied together: a marker one
+    byte too long for it stands in, so the header flags the overflow, the slot does not grow for
+    it, and the parts move in phase 2 as they are."""
     ends = list(accumulate(len(x) for x in parts))
-    if 4 + 4 * len(parts) + (ends[-1] if ends else 0) > _LARGEST_INLINE:
-        return _OVERFLOW_MARK
+    largest_inline = max_slot - HEADER_SIZE
+    if 4 + 4 * len(parts) + (ends[-1] if ends else 0) > largest_inline:
+        return _overflow_mark(largest_inline + 1)
     return struct.pack(f"<{len(parts) + 1}I", len(parts), *ends) + b"".join(parts)
 
 
-_LARGEST_INLINE = MAX_SLOT - HEADER_SIZE
-_OVERFLOW_MARK = bytes(_LARGEST_INLINE + 1)
+@functools.lru_cache(maxsize=4)
+def _overflow_mark(length: int) -> bytes:
+    return bytes(length)  # only its length is read: the slot never carries it
 
 
 def unpack(p: Protocol, call: Call, packed: Any, source: int) -> List[Any]:
@@ -186,9 +190,10 @@ def _exchange_parts(p: Protocol, op: str, values: Any, schema: Any, step: Any, n
             error = error or shape_error
         if error is None and info is not None:
             parts, error = _encode_parts(p, info, values, op)
-    call = Call(op, GATHER if direct else REDUCE, info, MODE_BYTES if direct and parts else
-                MODE_EMPTY, pack(parts) if direct and parts else None, step=step, name=name,
-                error=error, reduce_op=reduce_op, array_fp=array_fp)
+    packed = pack(parts, p.policy.max_slot) if direct and parts else None
+    call = Call(op, GATHER if direct else REDUCE, info, MODE_EMPTY if packed is None else
+                MODE_BYTES, packed, step=step, name=name, error=error, reduce_op=reduce_op,
+                array_fp=array_fp)
 
     def rest(c: Call) -> List[Any]:
         if direct and not block_flags(p.block) & FLAG_OVERFLOW:

@@ -95,7 +95,7 @@ class Protocol:
         self.timeout = timeout  # checked and agreed on by the creation exchange (ops.create)
         self.seq = 0
         self.step = NO_STEP  # the step clock: set_step() stamps every later collective
-        self.policy = SlotPolicy()
+        self.policy = SlotPolicy(max_slot=self.transport.max_slot)
         self.slot = 0
         self.block = bytearray(AGREE_SIZE)
         self.counts: Dict[bytes, int] = {}  # identity fingerprint -> calls so far (occurrence)

@@ -31,7 +31,8 @@ from typing import List, Optional, Protocol, Union
 
 import numpy as np
 
-from .wire import (FLAG_OVERFLOW, FLAGS_OFFSET, GATHER, HEADER_SIZE, LENGTH_OFFSET, fold)
+from .wire import (FLAG_OVERFLOW, FLAGS_OFFSET, GATHER, HEADER_SIZE, LENGTH_OFFSET, block_length,
+                   fold)
 
 
 class TransportTimeout(Exception):
@@ -44,6 +45,8 @@ class Transport(Protocol):
     kind: str  # "mpi", "torch" or "memory"
     rank: int
     size: int
+    # The largest slot the slot-size rule may choose (wire.SlotPolicy); the same on every rank.
+    max_slot: int
 
     def exchange(self, send: bytearray, recv: bytearray, block: bytearray, shape: int,
                  deadline: Optional[float]) -> None: ...
@@ -85,31 +88,34 @@ class Transport(Protocol):
     def recv_bytes(self, source: int, tag: int, deadline: Optional[float]) -> bytes: ...
 
 
-def inline_length(slot: Union[bytes, bytearray]) -> int:
-    """How many payload bytes sit inline in ``slot`` (none when the payload overflowed)."""
-    if slot[FLAGS_OFFSET] & FLAG_OVERFLOW:
+def inline_length(header: Union[bytes, bytearray], width: int) -> int:
+    """How many payload bytes sit inline after ``header`` in a slot of ``width`` payload bytes
+    (none when the payload overflowed)."""
+    if header[FLAGS_OFFSET] & FLAG_OVERFLOW:
         return 0
-    return min(int.from_bytes(slot[LENGTH_OFFSET:LENGTH_OFFSET + 4], "little"),
-               len(slot) - HEADER_SIZE)
+    return min(int.from_bytes(header[LENGTH_OFFSET:LENGTH_OFFSET + 4], "little"), width)
 
 
 def finish_gathered(recv: bytearray, slot: int, size: int, block: bytearray, shape: int) -> None:
     """Complete an exchange from every rank's gathered slot (``recv``).
 
     The REDUCE shape's payload region is the OR of each slot's *inline* bytes only: a slot also
-    carries stale bytes past its length, which must not leak into the root's payload.
+    carries stale bytes past its length, which must not leak into the root's payload. The region
+    is written up to the OR of the lengths (what a reader may read, the same on every rank), not
+    the whole slot: a large slot would cost a barrier a slot-sized integer per call.
     """
     fold(recv, slot, size, block)
     if shape == GATHER:
         return
+    width = slot - HEADER_SIZE
     acc = 0
     for r in range(size):
         start = r * slot + HEADER_SIZE
-        n = inline_length(recv[r * slot:(r + 1) * slot])
+        n = inline_length(recv[r * slot:start], width)
         acc |= int.from_bytes(recv[start:start + n], "little")
-    width = slot - HEADER_SIZE
-    recv[HEADER_SIZE:slot] = acc.to_bytes(width, "little") if acc.bit_length() <= 8 * width \
-        else bytes(width)
+    filled = min(block_length(block), width)
+    recv[HEADER_SIZE:HEADER_SIZE + filled] = acc.to_bytes(filled, "little") \
+        if acc.bit_length() <= 8 * filled else bytes(filled)
 
 
 def displacements(counts: List[int]) -> List[int]:

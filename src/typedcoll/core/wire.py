@@ -6,7 +6,7 @@ Header (little-endian; format version 2), at the start of every rank's slot::
       0   1  magic, 0xC2 (format version 2)                   yes
       1   1  op code (OPS)                                    yes
       2   1  reduce-op code (REDUCE_OPS; 0: none)             yes
-      3   1  log2 of the slot size                            yes
+      3   1  log2 of the slot size (rounded down)              yes
       4   4  root (int32; NO_ROOT: the op has none)           yes
       8   8  seq: the call's number on its communicator       yes
      16   8  step (int64; NO_STEP: none given)                yes
@@ -127,7 +127,7 @@ def fold(recv: bytearray, slot: int, size: int, block: bytearray) -> None:
     acc = bytearray(AGREE_SIZE)
     mine = bytearray(AGREE_SIZE)
     for r in range(size):
-        own_block(recv[r * slot:(r + 1) * slot], mine)
+        own_block(recv[r * slot:r * slot + HEADER_SIZE], mine)  # the header: no slot-sized copy
         or_into(acc, mine)
     block[:] = acc
 
@@ -181,12 +181,21 @@ def block_length(block: Union[bytes, bytearray]) -> int:
 # Every rank must use the same slot size in every collective, without talking about it. Each rank
 # reads the same agreement block in every collective, so all of them can apply the same rule to
 # the same number (the OR of the payload lengths, an upper bound of the largest): grow at once to
-# fit it (up to MAX_SLOT), and shrink after a window of collectives that would all have fit in a
-# smaller slot. The slot size is also in the checked header, so a disagreement cannot go unseen.
+# fit it (up to the transport's largest slot), and shrink after a window of collectives that
+# would all have fit in a smaller slot. The slot size is also in the checked header (its log2,
+# rounded down past MAX_SLOT), so a disagreement cannot go unseen.
+#
+# Up to MAX_SLOT slots are powers of two. A transport whose every operation costs far more than
+# the bytes it moves (gloo) may allow larger slots (``max_slot``), so that a payload of up to a
+# few MiB repeated call after call travels inline in one operation instead of two. Past MAX_SLOT
+# a slot is rounded to a multiple of 1/16 of its power of two (at most ~6% of empty bytes, where
+# a power of two would carry up to 2x), and shrinks after a shorter window: every collective,
+# a barrier too, moves size x slot bytes while the slot is large.
 
 MIN_SLOT = 128  # RankState-sized records (~60 bytes with the header) fit inline
-MAX_SLOT = 4096
+MAX_SLOT = 4096  # the largest power-of-two slot, and the largest of a transport naming none
 SHRINK_WINDOW = 256
+LARGE_SHRINK_WINDOW = 16  # for slots past MAX_SLOT
 
 
 def slot_log2(size: int) -> int:
@@ -223,11 +232,15 @@ class SlotPolicy:
         if largest_payload > self.window_max:
             self.window_max = largest_payload
         self.count += 1
-        if self.count >= SHRINK_WINDOW:
+        if self.count >= (SHRINK_WINDOW if self.size <= MAX_SLOT else LARGE_SHRINK_WINDOW):
             self.size = self._fit(HEADER_SIZE + self.window_max)
             self.window_max = self.count = 0
 
     def _fit(self, need: int) -> int:
+        """The slot for ``need`` bytes (at most ``max_slot``, which callers check ``need`` against)."""
+        if need > MAX_SLOT:
+            step = max(MAX_SLOT, 1 << (need.bit_length() - 5))
+            return min(-(-need // step) * step, self.max_slot)
         size = self.min_slot
         while size < need and size < self.max_slot:
             size *= 2

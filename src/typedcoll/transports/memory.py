@@ -20,6 +20,7 @@ import numpy as np
 from ..codecs.reduce import reduce_values
 from ..core.identity import register_internal
 from ..core.transport import TransportTimeout, finish_gathered
+from ..core.wire import MAX_SLOT
 
 
 class World:
@@ -75,6 +76,7 @@ class MemoryTransport:
     """One rank's view of one in-memory communicator."""
 
     kind = "memory"
+    max_slot = MAX_SLOT
 
     def __init__(self, world: World, context: Any, members: List[int], rank: int) -> None:
         self.world = world

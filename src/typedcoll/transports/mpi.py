@@ -57,7 +57,7 @@ from ..core.channel import Channel
 from ..core.identity import register_internal
 from ..core.transport import TransportTimeout, displacements
 from ..core.wire import (AGREE_SIZE, FLAG_OVERFLOW, FLAGS_OFFSET, GATHER, HEADER_SIZE,
-                         LENGTH_OFFSET, fold, force_disagreement, or_into, own_block)
+                         LENGTH_OFFSET, MAX_SLOT, fold, force_disagreement, or_into, own_block)
 
 EXCHANGE_TAG = 0x7C31  # the collective communicator carries no other point-to-point traffic
 PREFIX = 8
@@ -157,6 +157,9 @@ class MPITransport:
     channel for diagnostics (only their watcher thread and hang reports use it)."""
 
     kind = "mpi"
+    # Past the slot, phase 2 is one MPI_Allgather(v) whose cost is its bytes: larger slots would
+    # only make every exchange carry size x slot bytes.
+    max_slot = MAX_SLOT
 
     def __init__(self, comm: MPI.Intracomm, p2p: MPI.Intracomm, side: MPI.Intracomm) -> None:
         self.comm = comm

@@ -54,6 +54,7 @@ from ..codecs.reduce import reduce_values
 from ..core.channel import Channel
 from ..core.identity import register_internal
 from ..core.transport import TransportTimeout, finish_gathered
+from ..core.wire import MAX_SLOT
 
 # torch 2.13 renamed the fused-tensor collectives and deprecates the old names with a
 # FutureWarning; torch 2.11 has only the old ones.
@@ -141,6 +142,18 @@ def _nccl(store: Any, prefix: str, rank: int, size: int) -> Any:
                                  c10d.ProcessGroupNCCL.Options())
 
 
+# A gloo operation costs hundreds of microseconds however few bytes it moves, so a payload past
+# the slot (phase 2: a second operation) costs about twice one that fits. Slots may grow to a few
+# MiB here (wire.SlotPolicy), within a budget for the receive buffer of size x slot bytes.
+LARGEST_SLOT = 4 << 20
+SLOT_BUDGET = 64 << 20
+
+
+def largest_slot(size: int) -> int:
+    """The largest slot of a communicator of ``size`` ranks (the same on every rank)."""
+    return max(MAX_SLOT, min(LARGEST_SLOT, SLOT_BUDGET // size))
+
+
 class TorchTransport:
     """Byte operations on a private gloo backend (``control``); CUDA tensors on
     ``device_group``; ``store`` is a prefix of the job's c10d store private to this channel
@@ -154,6 +167,7 @@ class TorchTransport:
         self.ranks = ranks  # global ranks, in this communicator's rank order
         self.rank = int(control.rank())
         self.size = int(control.size())
+        self.max_slot = largest_slot(self.size)
         self.base_store = base_store
         self.prefix = prefix
         self.store = c10d.PrefixStore(prefix + "/diag/", base_store)
