@@ -32,15 +32,18 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 
 python3 - <<'PY' || exit 1
 import os, subprocess, sysconfig
-if not os.environ.get("NO_BUILD"):  # NO_BUILD=1: use the extension already built in place
-    out = "src/typedcoll/core/_speedups" + sysconfig.get_config_var("EXT_SUFFIX")
-    subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-I", sysconfig.get_paths()["include"],
-                    "src/typedcoll/core/_speedups.c", "-o", out], check=True)
-    print("built", out)
+if not os.environ.get("NO_BUILD"):  # NO_BUILD=1: use the extensions already built in place
+    for source in ("core/_speedups", "codecs/_ints"):
+        out = "src/typedcoll/" + source + sysconfig.get_config_var("EXT_SUFFIX")
+        subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-I", sysconfig.get_paths()["include"],
+                        "src/typedcoll/" + source + ".c", "-o", out], check=True)
+        print("built", out)
 from typedcoll.core import fast
+from typedcoll.codecs import int_list
 if not os.environ.get("TYPEDCOLL_PURE_PYTHON"):
     assert fast.ENABLED, "C fast path built but not loaded (contract mismatch?)"
-print("C fast path enabled:", fast.ENABLED)
+    assert int_list.ENABLED, "the C decoder of int lists built but not loaded"
+print("C fast path enabled:", fast.ENABLED, "/ C int lists:", int_list.ENABLED)
 PY
 lscpu | grep -E "Model name|^CPU\(s\)" || true
 mpirun --version | head -1
