@@ -239,7 +239,7 @@ class SlotPolicy:
     def _fit(self, need: int) -> int:
         """The slot for ``need`` bytes (at most ``max_slot``, which callers check ``need`` against)."""
         if need > MAX_SLOT:
-            step = max(MAX_SLOT, 1 << (need.bit_length() - 5))
+            step = 1 << (need.bit_length() - 5)  # 1/16 to 1/32 of need
             return min(-(-need // step) * step, self.max_slot)
         size = self.min_slot
         while size < need and size < self.max_slot:
