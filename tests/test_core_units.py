@@ -25,13 +25,14 @@ from typedcoll.core.wire import (AGREE_SIZE, CHECKED, FLAG_WILD_SCHEMA, HEADER, 
 
 def header(**fields) -> bytearray:
     values = dict(op=1, redop=0, slot=7, root=NO_ROOT, seq=0, step=NO_STEP, schema=b"S" * 8,
-                  array=bytes(8), identity=b"I" * 8, instance=1, flags=0, length=0)
+                  array=bytes(8), identity=b"I" * 8, instance=1, slot_size=128, flags=0,
+                  length=0)
     values.update(fields)
     slot = bytearray(128)
     HEADER.pack_into(slot, 0, MAGIC, values["op"], values["redop"], values["slot"],
                      values["root"], values["seq"], values["step"], values["schema"],
-                     values["array"], values["identity"], values["instance"], values["flags"],
-                     values["length"])
+                     values["array"], values["identity"], values["instance"],
+                     values["slot_size"], values["flags"], values["length"])
     return slot
 
 
@@ -49,7 +50,8 @@ def test_the_header_is_64_bytes_and_its_checked_part_56():
 def test_equal_headers_agree_and_any_difference_disagrees():
     assert agreed(agreement(header(), header(), header()))
     for field, value in [("op", 2), ("root", 0), ("seq", 1), ("step", 3), ("schema", b"T" * 8),
-                         ("identity", b"J" * 8), ("instance", 2), ("slot", 8), ("redop", 1)]:
+                         ("identity", b"J" * 8), ("instance", 2), ("slot", 8), ("redop", 1),
+                         ("slot_size", 69_632)]:
         assert not agreed(agreement(header(), header(**{field: value}), header())), field
 
 

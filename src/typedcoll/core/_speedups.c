@@ -1204,7 +1204,7 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
     else memset(s + 32, 0, 8);
     memcpy(s + 40, PyBytes_AS_STRING(identity), 8);
     put_u32(s + 48, (uint32_t)f.instance);
-    memset(s + 52, 0, 4);
+    put_u32(s + 52, (uint32_t)f.slot);
     s[FLAGS_OFFSET] = split_len < 0 ? 0 : FLAG_OVERFLOW | FLAG_SPLIT_ARRAY;
     s[57] = s[58] = s[59] = 0;
     put_u32(s + LENGTH_OFFSET, (uint32_t)(split_len < 0 ? n + prefix_len : split_len));

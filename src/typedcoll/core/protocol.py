@@ -323,7 +323,7 @@ class Protocol:
               call.root,
               call.seq, call.wire_step,
               info.fingerprint if info is not None and not call.wild else _ZEROS,
-              call.array_fp, self.identity(call), self.instance, flags, n)
+              call.array_fp, self.identity(call), self.instance, slot, flags, n)
 
     def decisions(self) -> Tuple[Note, ...]:
         """The latest recorded decisions (``comm.note``), one per key."""

@@ -6,7 +6,7 @@ Header (little-endian; format version 2), at the start of every rank's slot::
       0   1  magic, 0xC2 (format version 2)                   yes
       1   1  op code (OPS)                                    yes
       2   1  reduce-op code (REDUCE_OPS; 0: none)             yes
-      3   1  log2 of the slot size (rounded down)              yes
+      3   1  log2 of the slot size (rounded down)             yes
       4   4  root (int32; NO_ROOT: the op has none)           yes
       8   8  seq: the call's number on its communicator       yes
      16   8  step (int64; NO_STEP: none given)                yes
@@ -14,7 +14,7 @@ Header (little-endian; format version 2), at the start of every rank's slot::
      32   8  array fingerprint (dtype and shape; zeros)       yes
      40   8  call identity: its name=, else its call site     yes
      48   4  communicator instance (several TypedComms may share one private channel)  yes
-     52   4  reserved, 0                                      yes
+     52   4  slot size in bytes (uint32)                      yes
      56   1  flags (FLAG_*)                                   no
      57   3  reserved, 0                                      no
      60   4  payload length in bytes (uint32)                 no
@@ -43,7 +43,7 @@ import sys
 from typing import Dict, Union
 
 MAGIC = 0xC2
-HEADER = struct.Struct("<BBBBiQq8s8s8sI4xB3xI")
+HEADER = struct.Struct("<BBBBiQq8s8s8sIIB3xI")
 HEADER_SIZE = 64
 CHECKED = 56
 FLAGS_OFFSET = 56
@@ -182,8 +182,8 @@ def block_length(block: Union[bytes, bytearray]) -> int:
 # reads the same agreement block in every collective, so all of them can apply the same rule to
 # the same number (the OR of the payload lengths, an upper bound of the largest): grow at once to
 # fit it (up to the transport's largest slot), and shrink after a window of collectives that
-# would all have fit in a smaller slot. The slot size is also in the checked header (its log2,
-# rounded down past MAX_SLOT), so a disagreement cannot go unseen.
+# would all have fit in a smaller slot. The slot size is also in the checked header, so a
+# disagreement cannot go unseen.
 #
 # Up to MAX_SLOT slots are powers of two. A transport whose every operation costs far more than
 # the bytes it moves (gloo) may allow larger slots (``max_slot``), so that a payload of up to a
@@ -237,7 +237,7 @@ class SlotPolicy:
             self.window_max = self.count = 0
 
     def _fit(self, need: int) -> int:
-        """The slot for ``need`` bytes (at most ``max_slot``, which callers check ``need`` against)."""
+        """The slot for ``need`` bytes (at most ``max_slot``; callers check ``need`` against it)."""
         if need > MAX_SLOT:
             step = 1 << (need.bit_length() - 5)  # 1/16 to 1/32 of need
             return min(-(-need // step) * step, self.max_slot)

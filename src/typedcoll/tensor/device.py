@@ -294,7 +294,7 @@ def pack_block(view: Any, p: Protocol, call: TensorCall) -> None:
     assert info is not None
     HEADER.pack_into(view, 0, MAGIC, OPS[call.op], call.reduce_op, slot_log2(BLOCK), call.root,
                      call.seq, call.wire_step, info.fingerprint, call.array_fp,
-                     p.identity(call), p.instance,
+                     p.identity(call), p.instance, BLOCK,
                      FLAG_LOCAL_ERROR if call.error is not None else 0, len(payload))
     view[HEADER_SIZE:HEADER_SIZE + len(payload)] = payload
 

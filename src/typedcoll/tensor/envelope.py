@@ -151,7 +151,7 @@ def infos_from_blocks(blocks: bytes, size: int) -> List[EnvelopeInfo]:
     devices = {m.device for _, _, m in parsed if m is not None}
     out = []
     for r, header, meta in parsed:
-        _, opc, redop, _, root, seq, step, fp, _, _, _, flags, _ = header
+        _, opc, redop, _, root, seq, step, fp, _, _, _, _, flags, _ = header
         op = op_name(opc)
         failed = bool(flags & FLAG_LOCAL_ERROR)
         error = (meta.error or "?") if meta is not None and failed else ("?" if failed else None)
