@@ -18,7 +18,7 @@ from typedcoll.core import fast
 from typedcoll.core.mismatch import (EnvelopeInfo, Note, compact_ranks, describe,
                                      desync_message, group_envelopes, mismatch_kinds)
 from typedcoll.core.wire import (AGREE_SIZE, CHECKED, FLAG_WILD_SCHEMA, HEADER, HEADER_SIZE,
-                                 LARGE_SHRINK_WINDOW, MAGIC, MAX_SLOT, MIN_SLOT, NO_ROOT, NO_STEP,
+                                 LARGE_SHRINK_WINDOW, MAGIC, MIN_SLOT, NO_ROOT, NO_STEP,
                                  SlotPolicy, agreed, block_length,
                                  fold, or_into)
 
@@ -97,11 +97,33 @@ def test_slots_past_max_slot_fit_within_a_sixteenth_and_shrink_sooner():
             assert policy.size == before
     policy.observe(5 << 20)  # past this policy's largest slot: no growth
     assert policy.size < 4 << 20
+    for _ in range(LARGE_SHRINK_WINDOW):  # payloads past every slot need no room in one
+        policy.observe(5 << 20)
+    assert policy.size == MIN_SLOT
+    policy.observe(3 << 20)
     for _ in range(LARGE_SHRINK_WINDOW):
         policy.observe(10)
     assert policy.size == MIN_SLOT
     policy.observe((4 << 20) - HEADER_SIZE - 1)  # just within the largest slot
     assert policy.size == 4 << 20
+
+
+def test_a_largest_slot_off_the_64_byte_grid_is_rounded_down_and_still_works(monkeypatch):
+    """A transport's largest slot that is no multiple of 4 once made a receive buffer that
+    could not be read as uint32s: the call after the one that grew the slot raised, and the
+    communicator stayed claimed."""
+    from typedcoll.testing import run
+    from typedcoll.transports import memory
+
+    assert SlotPolicy(max_slot=5001).max_slot == 4992
+    monkeypatch.setattr(memory.MemoryTransport, "max_slot", 5001)
+
+    def program(comm):
+        grown = comm.allgather("x" * 4900)  # past 4 KiB: the slot grows to the largest one
+        return [len(v) for v in grown], comm._p.policy.size, comm.allgather(comm.rank)
+
+    for rank_result in run(3, program, timeout=20):
+        assert rank_result == ([4900] * 3, 4992, [0, 1, 2])
 
 
 def nested(depth: int) -> bytes:

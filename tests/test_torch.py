@@ -587,6 +587,15 @@ def _blocks(ps: List[Any], calls: List[Any]) -> bytes:
     return bytes(buf)
 
 
+def test_gloo_largest_slots_are_whole_4_kib_units_within_the_budget():
+    from typedcoll.core.wire import MAX_SLOT
+    from typedcoll.transports.torch import LARGEST_SLOT, SLOT_BUDGET, largest_slot
+    for size in range(1, 2049):
+        slot = largest_slot(size)
+        assert slot % MAX_SLOT == 0 and MAX_SLOT <= slot <= LARGEST_SLOT, size
+        assert slot * size <= SLOT_BUDGET or slot == MAX_SLOT, size
+
+
 def test_device_verdict_on_hand_built_blocks():
     import typedcoll as tc
     from typedcoll.core.wire import CHECKED

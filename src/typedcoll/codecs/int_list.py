@@ -15,20 +15,25 @@ from typing import Any, Callable, Optional
 
 import msgspec.inspect as mi
 
-_int_list_decoder: Optional[Callable[[Callable[[Any], Any]], Callable[[Any], Any]]] = None
-try:
-    from ._ints import int_list_decoder as _int_list_decoder  # type: ignore  # C, no stub
-except ImportError:  # built without a compiler: msgspec decodes every payload
-    pass
+_Decode = Callable[[Any], Any]
 
-if os.environ.get("TYPEDCOLL_PURE_PYTHON"):
-    _int_list_decoder = None
 
+def _load() -> Optional[Callable[[_Decode], _Decode]]:
+    if os.environ.get("TYPEDCOLL_PURE_PYTHON"):
+        return None
+    try:
+        from ._ints import int_list_decoder  # type: ignore  # C extension, no stub
+    except ImportError:  # built without a compiler: msgspec decodes every payload
+        return None
+    loaded: Callable[[_Decode], _Decode] = int_list_decoder
+    return loaded
+
+
+_int_list_decoder = _load()
 ENABLED = _int_list_decoder is not None
 
 
-def faster_decode(type_info: mi.Type,
-                  decode: Callable[[Any], Any]) -> Optional[Callable[[Any], Any]]:
+def faster_decode(type_info: mi.Type, decode: _Decode) -> Optional[_Decode]:
     """A faster twin of msgspec's ``decode`` for the schema ``type_info``, or None: none."""
     if _int_list_decoder is None or not _plain_int_list(type_info):
         return None

@@ -156,7 +156,11 @@ class Protocol:
             self._collide(call)
         busy = channel.busy
         if self.slot != self.policy.size:
-            self._alloc(self.policy.size)
+            try:
+                self._alloc(self.policy.size)
+            except BaseException:  # out of memory: this thread leaves the channel as it found it
+                channel.unclaim()
+                raise
         frame = user_frame(2)
         call.code = frame.f_code if frame is not None else None
         call.lasti = frame.f_lasti if frame is not None else 0

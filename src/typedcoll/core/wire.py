@@ -213,23 +213,25 @@ class SlotPolicy:
 
     def __init__(self, min_slot: int = MIN_SLOT, max_slot: int = MAX_SLOT) -> None:
         self.min_slot = min_slot
-        self.max_slot = max_slot
+        # Every slot a whole number of 64-byte units, the largest too: the receive buffer of
+        # size x slot bytes is read as uint32s (Protocol._alloc).
+        self.max_slot = max(min_slot, max_slot - max_slot % 64)
         self.size = min_slot
         self.window_max = 0
         self.count = 0
 
     def observe(self, largest_payload: int) -> None:
         need = HEADER_SIZE + largest_payload
-        if need > self.size:
-            # Grow only for what a slot can hold: a payload that overflows even the largest slot
-            # travels in phase 2 anyway, and growing for it would just carry empty slots.
-            if need <= self.max_slot:
-                self.size = self._fit(need)
-                self.window_max = self.count = 0
+        # A payload that overflows even the largest slot travels in phase 2 whatever the slot:
+        # it neither grows the slot nor keeps a large one from shrinking.
+        past_every_slot = need > self.max_slot
+        if need > self.size and not past_every_slot:
+            self.size = self._fit(need)
+            self.window_max = self.count = 0
             return
         if self.size == self.min_slot:
             return
-        if largest_payload > self.window_max:
+        if largest_payload > self.window_max and not past_every_slot:
             self.window_max = largest_payload
         self.count += 1
         if self.count >= (SHRINK_WINDOW if self.size <= MAX_SLOT else LARGE_SHRINK_WINDOW):

@@ -150,8 +150,9 @@ SLOT_BUDGET = 64 << 20
 
 
 def largest_slot(size: int) -> int:
-    """The largest slot of a communicator of ``size`` ranks (the same on every rank)."""
-    return max(MAX_SLOT, min(LARGEST_SLOT, SLOT_BUDGET // size))
+    """The largest slot of a communicator of ``size`` ranks (the same on every rank), a
+    multiple of MAX_SLOT."""
+    return max(MAX_SLOT, min(LARGEST_SLOT, SLOT_BUDGET // size) // MAX_SLOT * MAX_SLOT)
 
 
 class TorchTransport:
