@@ -55,14 +55,16 @@ static PyObject *parse(const unsigned char *p, Py_ssize_t len) {
     const unsigned char *end = p + len;
     if (len < 1) return NULL;
     unsigned char b = *p++;
-    Py_ssize_t n;
-    if (b >= 0x90 && b <= 0x9f) n = b & 0x0f;
+    uint64_t count;
+    if (b >= 0x90 && b <= 0x9f) count = b & 0x0f;
     else if ((b == 0xdc || b == 0xdd) && end - p >= (b == 0xdc ? 2 : 4)) {
         int width = b == 0xdc ? 2 : 4;
-        n = (Py_ssize_t)big_endian(p, width);
+        count = big_endian(p, width);
         p += width;
     } else return NULL;
-    if (n > end - p) return NULL; /* every item takes at least one byte */
+    /* every item takes at least one byte; compared unsigned, before any cast can wrap */
+    if (count > (uint64_t)(end - p)) return NULL;
+    Py_ssize_t n = (Py_ssize_t)count;
     PyObject *list = PyList_New(n);
     if (list == NULL) return NULL;
     for (Py_ssize_t i = 0; i < n; i++) {
@@ -107,6 +109,7 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_ints", NULL, 0, methods};
+static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_ints", NULL, 0, methods,
+                                        NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC PyInit__ints(void) { return PyModule_Create(&module_def); }
