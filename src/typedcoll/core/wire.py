@@ -193,7 +193,7 @@ def block_length(block: Union[bytes, bytearray]) -> int:
 # a barrier too, moves size x slot bytes while the slot is large.
 
 MIN_SLOT = 128  # RankState-sized records (~60 bytes with the header) fit inline
-MAX_SLOT = 4096  # the largest power-of-two slot, and the largest of a transport naming none
+MAX_SLOT = 4096  # the largest power-of-two slot; MPI's and the in-memory transport's largest
 SHRINK_WINDOW = 256
 LARGE_SHRINK_WINDOW = 16  # for slots past MAX_SLOT
 
