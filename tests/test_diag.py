@@ -102,6 +102,32 @@ def test_install_is_idempotent_from_any_thread():
     assert [t.name for t in threading.enumerate()].count("typedcoll-diagnostics") == 1
 
 
+def test_a_signal_is_taken_while_every_poll_starts_late():
+    # A side channel that is always due (each poll outlasts its interval), as on a loaded host:
+    # the wake-up fd must still be read, or SIGTERM never dumps nor ends the process.
+    code = ("import os, threading, time, weakref\n"
+            "from typedcoll.diagnostics import watcher\n"
+            "serve_calls = [0]\n"
+            "class Slow:\n"
+            "    interval = 0.001\n"
+            "    def serve(self, answer, channel):\n"
+            "        serve_calls[0] += 1\n"
+            "        time.sleep(0.003)\n"
+            "class Channel:\n"
+            "    users = 1\n"
+            "taken = threading.Event()\n"
+            "wfd = watcher.start(lambda c, q: None, lambda signum: taken.set(), lambda: None)\n"
+            "channel = Channel()\n"
+            "watcher._Watcher.polled[1] = (weakref.ref(channel), Slow())\n"
+            "watcher._Watcher.due[1] = 0.0\n"
+            "watcher.wake()\n"
+            "time.sleep(0.3)\n"
+            "assert channel is not None and serve_calls[0] > 10, serve_calls\n"
+            "os.write(wfd, bytes([15]))\n"
+            "assert taken.wait(5.0), 'the signal byte was never read'\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
 # --- hang reports ------------------------------------------------------------------------------
 def elsewhere(comm):
     comm.note("can_queue", comm.rank != 1)  # mark: note

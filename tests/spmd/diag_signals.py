@@ -11,7 +11,14 @@ import signal
 import threading
 import time
 
-from mpi4py import MPI
+# This program tests the default dispositions. A launcher may hand down a blocked SIGTERM (seen
+# on a CI runner: the signal then stays pending and the job hangs), so start from the defaults,
+# before MPI starts threads that would inherit the mask.
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGUSR1})
+signal.signal(signal.SIGTERM, signal.SIG_DFL)
+signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+
+from mpi4py import MPI  # noqa: E402
 
 import typedcoll as tc
 import typedcoll.diagnostics

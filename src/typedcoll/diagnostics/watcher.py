@@ -126,10 +126,11 @@ def _run() -> None:
         try:
             now = time.monotonic()
             wait = min(_Watcher.due.values(), default=now + IDLE_INTERVAL) - now
-            if wait > 0:
-                readable, _, _ = select.select([_Watcher.rfd], [], [], wait)
-                if readable:
-                    _drain_pipe()
+            # Looked at even when a poll is already due: on a loaded host every poll can start
+            # late, and a signal must not wait behind them.
+            readable, _, _ = select.select([_Watcher.rfd], [], [], max(wait, 0.0))
+            if readable:
+                _drain_pipe()
             _poll()
             if _Watcher.after_poll is not None:
                 _Watcher.after_poll()
