@@ -12,11 +12,10 @@ import enum
 import os
 import random
 import struct
-from typing import Any, Callable, List, Tuple
+from typing import Annotated, Any, Callable, List, Tuple
 
 import msgspec
 import pytest
-from typing_extensions import Annotated
 
 from typedcoll.codecs import int_list, resolve
 
