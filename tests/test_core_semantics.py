@@ -84,6 +84,44 @@ def test_wire_identical_votes_raise_at_the_first_misaligned_call(n):
         assert [g.ranks for g in e.groups] == [tuple(range(n - 1)), (n - 1,)]
 
 
+def two_packages(tmp_path: Any, monkeypatch: Any) -> Any:
+    """Two packages, each with a ``utils.py`` whose collective sits on the same line."""
+    for package, fn in (("typedcoll_t_a", "vote_timeout"), ("typedcoll_t_b", "num_waiting")):
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "__init__.py").write_text("")
+        (tmp_path / package / "utils.py").write_text(
+            f"def {fn}(comm, value):\n    return comm.allgather(value)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+    return (importlib.import_module("typedcoll_t_a.utils"),
+            importlib.import_module("typedcoll_t_b.utils"))
+
+
+def test_files_of_one_basename_in_two_packages_are_two_sites(tmp_path, monkeypatch):
+    # Engines hold many utils.py: a rank that skips a vote in one must not be paired with a
+    # call on the same line of another.
+    a, b = two_packages(tmp_path, monkeypatch)
+
+    def program(comm: tc.TypedComm) -> Any:
+        if comm.rank != 1:
+            a.vote_timeout(comm, 0)
+        return b.num_waiting(comm, 1000 + comm.rank)
+
+    for e in errors_of(3, program, timeout=10):  # a timeout: unseen, ranks 0 and 2 would wait
+        assert type(e) is tc.DesyncError and e.seq == 0, e
+        assert "allgather[int] at typedcoll_t_a/utils.py:2, its 1st call" in str(e), e
+        assert "allgather[int] at typedcoll_t_b/utils.py:2, its 1st call" in str(e), e
+
+
+def test_sites_name_files_by_module_not_by_path(tmp_path, monkeypatch):
+    from typedcoll.core.identity import source_name
+    a, _ = two_packages(tmp_path, monkeypatch)
+    assert source_name(a.__file__) == "typedcoll_t_a/utils.py"
+    assert source_name(sys.modules["typedcoll_t_a"].__file__) == "typedcoll_t_a/__init__.py"
+    assert source_name(str(tmp_path / "nowhere" / "script.py")) == "script.py"
+    assert source_name("<string>") == "<string>"
+
+
 def extra_call(comm: tc.TypedComm) -> List[Any]:
     if comm.rank == 0:
         comm.allgather(10)  # the extra call

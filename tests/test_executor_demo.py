@@ -31,10 +31,13 @@ def test_demo_shows_the_three_outcomes_and_exits_zero():
     assert re.search(
         r"   every rank raised, in the same collective \(#(\d+)\):\n"
         r"     typedcoll\.DesyncError: collective #\1 on tp diverged \(call site, schema, step\):\n"
-        r"       ranks? [\d,-]+: +allgather\[\w+\] at model\.py:\d+, its \d+\w\w call, step \d+\n"
-        r"       ranks? [\d,-]+: +allgather\[\w+\] at model\.py:\d+, its \d+\w\w call, step \d+\n"
+        r"       ranks? [\d,-]+: +allgather\[\w+\] at typedcoll/demo/model\.py:\d+, "
+        r"its \d+\w\w call, step \d+\n"
+        r"       ranks? [\d,-]+: +allgather\[\w+\] at typedcoll/demo/model\.py:\d+, "
+        r"its \d+\w\w call, step \d+\n"
         r"       decisions that differ:\n"
-        r"         can_queue_this_rank at model\.py:\d+ — ranks? [\d,-]+: (True|False); "
+        r"         can_queue_this_rank at typedcoll/demo/model\.py:\d+ — "
+        r"ranks? [\d,-]+: (True|False); "
         r"ranks? [\d,-]+: (True|False)\n", text), text
     # 3. symmetric: to the end, every message conserved.
     assert re.search(r"   ran all 40 iterations on every rank: 41 flushes, (\d+) messages posted "

@@ -46,19 +46,20 @@ SCENARIOS = {
              "metrics_all=True)",
              "TypeError: argument of type 'bool' is not iterable", "error/blocked-request vote",
              {(3, "allgather[TimeoutFlag]"), (4, "allgather[KvStatus]")},
-             r"can_queue_this_rank at model\.py:\d+ — rank 0: True; rank 1: False"),
+             r"can_queue_this_rank at typedcoll/demo/model\.py:\d+ — "
+             r"rank 0: True; rank 1: False"),
     "27": ("FaultPlan.scripted(2, 8, loop='overlap', empty=[(1, 3)], metrics_all=True)",
            "TypeError: RankState.__init__() takes from 2 to 4 positional arguments but 27 were "
            "given", "router gather of rank states",
            {(3, "allgather[IterStats]"), (4, "allgather[RankState]")},
-           r"can_queue_this_rank at model\.py:\d+ — rank 0: True; rank 1: False"),
+           r"can_queue_this_rank at typedcoll/demo/model\.py:\d+ — rank 0: True; rank 1: False"),
     # Stats sampled at iteration 3 only: rank 1 reported its previous batch at iteration 2,
     # silently, and rank 0 reports its own at 3, ahead of the forward pass.
     "int": ("FaultPlan.scripted(2, 8, loop='non_overlap', empty=[(1, 2)], "
             "metrics_on=[(0, 3), (1, 3)])",
             "TypeError: 'int' object is not iterable", "forward tp_cp_allgather (flattening)",
             {(3, "allgather[IterStats]"), (3, "allgather[tuple[bool, int]]")},
-            r"has_previous_batch at model\.py:\d+ — rank 0: True; rank 1: False"),
+            r"has_previous_batch at typedcoll/demo/model\.py:\d+ — rank 0: True; rank 1: False"),
 }
 
 
@@ -70,8 +71,8 @@ def test_typed_names_the_divergence_and_the_decisions(name):
     lines = text.splitlines()
     assert re.fullmatch(r"collective #\d+ on tp diverged \(call site, schema(, step)?\):",
                         lines[0]), text
-    found = {re.fullmatch(r"  rank (\d):\s+(allgather\[.+\]) at (model\.py:\d+), its \d+\w\w "
-                          r"call, step (\d+)", line).groups() for line in lines[1:3]}
+    found = {re.fullmatch(r"  rank (\d):\s+(allgather\[.+\]) at (typedcoll/demo/model\.py:\d+), "
+                          r"its \d+\w\w call, step (\d+)", line).groups() for line in lines[1:3]}
     assert {(int(step), call) for _, call, _, step in found} == sides, text
     assert len({site for _, _, site, _ in found}) == 2, text  # two different lines of the model
     assert re.fullmatch(r"  decisions that differ:\n    " + decision, "\n".join(lines[3:])), text

@@ -6,9 +6,12 @@ frame on the stack that is neither typedcoll's own plumbing nor a function marke
 it, so a rank that skipped one vote and entered the next (same op, same schema, same shape) still
 disagrees with its peers: the sites differ.
 
-Sites are ``file.py:LINE`` with the file's basename, so the same program launched from different
-paths agrees. Hot paths record the code object and bytecode offset (``f_lasti``, an int read);
-the line is worked out only when shown or first fingerprinted.
+Sites are ``file.py:LINE``, the file named without the directories it was loaded from, so the
+same program launched from different paths (or installed under different prefixes) agrees: a
+module's file by its dotted name (``pkg/utils.py``, ``pkg/__init__.py``), so that two
+``utils.py`` of two packages stay two sites; the main script and code of no module by its
+basename. Hot paths record the code object and bytecode offset (``f_lasti``, an int read); the
+line is worked out only when shown or first fingerprinted.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ SKIP_CODES: Set[CodeType] = set()
 _SITE_FP: Dict[Tuple[Optional[CodeType], int], bytes] = {}
 _LINES: Dict[Tuple[CodeType, int], int] = {}
 _NAME_FP: Dict[str, bytes] = {}
+_SOURCE_NAMES: Dict[str, str] = {}  # co_filename -> how sites name it
 MAX_NAME = 256
 
 
@@ -109,10 +113,41 @@ def line_of(code: CodeType, lasti: int) -> int:
 
 
 def format_site(code: Optional[CodeType], lasti: int) -> str:
-    """``file.py:LINE`` (basename: the same script launched from different paths agrees)."""
+    """``file.py:LINE``, the file as :func:`source_name` names it."""
     if code is None:
         return "?"
-    return f"{os.path.basename(code.co_filename)}:{line_of(code, lasti)}"
+    return f"{source_name(code.co_filename)}:{line_of(code, lasti)}"
+
+
+def source_name(filename: str) -> str:
+    """How sites name the file ``filename``: ``pkg/mod.py`` for the module ``pkg.mod`` loaded
+    from it (``pkg/__init__.py`` for a package), its basename for the main script and for
+    anything no module names (or several do, under different names).
+
+    A name of the module rather than of the path: ranks agree on it wherever each installed
+    the code, yet two files of one basename in two packages differ.
+    """
+    name = _SOURCE_NAMES.get(filename)
+    if name is None:
+        if len(_SOURCE_NAMES) > 65536:
+            _SOURCE_NAMES.clear()
+        name = _SOURCE_NAMES[filename] = _name_of_source(filename)
+    return name
+
+
+def _name_of_source(filename: str) -> str:
+    base = os.path.basename(filename)
+    names = sorted({name for name, module in list(sys.modules.items())
+                    if getattr(module, "__file__", None) == filename})
+    if len(names) != 1 or names[0] == "__main__":
+        return base
+    parts = names[0].split(".")
+    stem = os.path.splitext(base)[0]
+    if stem == "__init__":
+        return "/".join(parts + [base])
+    if stem == parts[-1]:
+        return "/".join(parts[:-1] + [base])
+    return base
 
 
 def site_fingerprint(code: Optional[CodeType], lasti: int) -> bytes:

@@ -30,7 +30,7 @@ from types import FrameType
 from typing import Any, Dict, Hashable, List, Optional, Tuple
 
 from ..core.channel import Channel
-from ..core.identity import SKIP_CODES, SKIP_FILES, register_internal
+from ..core.identity import SKIP_CODES, SKIP_FILES, register_internal, source_name
 from ..core.protocol import LIVE, Protocol
 from ..core.wire import NO_STEP
 from .model import CommState, RankStatus, ThreadStack
@@ -175,7 +175,7 @@ def protocols(owner: Hashable = ..., *, everyone: bool = False) -> List[Protocol
 # --- stacks ----------------------------------------------------------------------------------
 def frame_text(frame: FrameType, short: bool = False) -> str:
     code = frame.f_code
-    path = os.path.basename(code.co_filename) if short else code.co_filename
+    path = source_name(code.co_filename) if short else code.co_filename
     return f"{path}:{frame.f_lineno} in {code.co_name}"
 
 
