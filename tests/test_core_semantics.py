@@ -92,6 +92,8 @@ def two_packages(tmp_path: Any, monkeypatch: Any) -> Any:
         (tmp_path / package / "utils.py").write_text(
             f"def {fn}(comm, value):\n    return comm.allgather(value)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [name for name in sys.modules if name.startswith("typedcoll_t_")]:
+        del sys.modules[name]  # an earlier test's packages, in another directory
     import importlib
     return (importlib.import_module("typedcoll_t_a.utils"),
             importlib.import_module("typedcoll_t_b.utils"))
@@ -114,11 +116,19 @@ def test_files_of_one_basename_in_two_packages_are_two_sites(tmp_path, monkeypat
 
 
 def test_sites_name_files_by_module_not_by_path(tmp_path, monkeypatch):
+    from typedcoll.core import identity
     from typedcoll.core.identity import source_name
     a, _ = two_packages(tmp_path, monkeypatch)
     assert source_name(a.__file__) == "typedcoll_t_a/utils.py"
     assert source_name(sys.modules["typedcoll_t_a"].__file__) == "typedcoll_t_a/__init__.py"
     assert source_name(str(tmp_path / "nowhere" / "script.py")) == "script.py"
+    # Imported twice (as its package's and as a top-level module): the qualified name.
+    monkeypatch.syspath_prepend(str(tmp_path / "typedcoll_t_b"))
+    import importlib
+    twice = importlib.import_module("utils")
+    assert twice.__file__ == sys.modules["typedcoll_t_b.utils"].__file__
+    assert identity._name_of_source(twice.__file__) == "typedcoll_t_b/utils.py"
+    monkeypatch.delitem(sys.modules, "utils")
     assert source_name("<string>") == "<string>"
 
 

@@ -137,11 +137,14 @@ def source_name(filename: str) -> str:
 
 def _name_of_source(filename: str) -> str:
     base = os.path.basename(filename)
-    names = sorted({name for name, module in list(sys.modules.items())
-                    if getattr(module, "__file__", None) == filename})
-    if len(names) != 1 or names[0] == "__main__":
+    names = [name for name, module in list(sys.modules.items())
+             if name != "__main__" and getattr(module, "__file__", None) == filename]
+    if not names:
         return base
-    parts = names[0].split(".")
+    # A file imported under two names (``pkg.mod`` and, through another path entry, ``mod``)
+    # may be so on one rank only, by the time it asks: the most qualified name is the one every
+    # rank that imported it as part of its package shares.
+    parts = min(names, key=lambda name: (-name.count("."), name)).split(".")
     stem = os.path.splitext(base)[0]
     if stem == "__init__":
         return "/".join(parts + [base])
