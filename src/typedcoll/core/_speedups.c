@@ -1240,6 +1240,9 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
                                                       shape_obj, Py_None, NULL);
         Py_DECREF(shape_obj);
         if (done == NULL) goto error;
+        /* False: the backend failed the exchange (fast.py keeps why); the Python steps report
+         * it as they report a deadline that passed. */
+        timed_out = done == Py_False;
         Py_DECREF(done);
     }
     /* Buffers may have been replaced by a thread that ran Python code meanwhile? No: busy

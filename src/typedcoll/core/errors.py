@@ -64,18 +64,20 @@ class CollectiveTimeout(CollectiveError):
     the ranks that never arrived, when the hang report could tell. The backend exchange is still
     pending, so the communicator is unusable afterwards: every later call raises this error again.
     Retrying does not help; end the job (``python -m mpi4py`` or ``comm.abort()``) and read the
-    report.
+    report. Also raised, before the timeout (or with none), when the backend itself fails the
+    operation because a peer's process or connection is gone (gloo); the message then says so.
     """
 
     def __init__(self, message: str, *, seq: int, comm: str = "", op: str = "", schema: str = "",
                  site: str = "", timeout: float = 0.0,
-                 missing: Optional[Sequence[int]] = None) -> None:
+                 missing: Optional[Sequence[int]] = None, failure: str = "") -> None:
         super().__init__(message, seq=seq, comm=comm)
         self.op = op
         self.schema = schema
         self.site = site
         self.timeout = timeout
         self.missing = tuple(missing) if missing is not None else None
+        self.failure = failure  # the backend's own error, when it failed the call first
 
 
 class EncodeError(CollectiveError):

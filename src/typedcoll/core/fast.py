@@ -25,6 +25,7 @@ how CI's second leg holds both paths to the same results.
 from __future__ import annotations
 
 import os
+from functools import partial
 from typing import TYPE_CHECKING, Any, List, Optional
 
 import numpy as np
@@ -35,6 +36,7 @@ from ..codecs.schema import _BY_ID, _CACHE
 from .call import Call
 from .identity import SKIP_CODES, SKIP_FILES, name_fingerprint, register_internal, site_fingerprint
 from . import array_slots, recorder, wire
+from .transport import TransportFailure
 
 if TYPE_CHECKING:
     from .protocol import Protocol
@@ -100,7 +102,8 @@ def bind(p: "Protocol") -> Optional[List[Any]]:
     on = rec is not None
     state = {
         "send": p.send, "recv": p.recv, "block": p.block, "slot": p.slot, "size": p.size,
-        "rank": p.rank, "exchange": transport.exchange, "engine": engine,
+        "rank": p.rank, "exchange": partial(_exchange_or_failure, p, transport.exchange),
+        "engine": engine,
         "ring": rec.numbers if on else None,  # type: ignore[union-attr]
         "ring_objects": rec.objects if on else None,  # type: ignore[union-attr]
         "ring_state": rec.state if on else None,  # type: ignore[union-attr]
@@ -165,6 +168,19 @@ def _guard(p: "Protocol", entry: Any, *args: Any) -> Any:
     except BaseException as exc:  # the C path released the channel; record and tell hooks
         p.failed(exc)
         raise
+
+
+def _exchange_or_failure(p: "Protocol", exchange: Any, send: Any, recv: Any, block: Any,
+                         shape: int, deadline: Optional[float]) -> bool:
+    """The transport's exchange as the C path calls it: False where the backend failed it (a
+    peer is gone), which the Python steps then report (``verdict.timed_out`` reads
+    ``p.failure``) as they report a passed deadline."""
+    try:
+        exchange(send, recv, block, shape, deadline)
+    except TransportFailure as exc:
+        p.failure = exc
+        return False
+    return True
 
 
 def resumed(p: "Protocol", call: Call, out: Any) -> Call:

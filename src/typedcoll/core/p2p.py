@@ -45,7 +45,7 @@ from .mailbox import (ENVELOPE_ENCODER, LENGTH_PREFIX, TRANSPORT_TAG, Envelope, 
                       mailbox_of)
 from .mismatch import label
 from .p2p_receive import Caller, p2p_state, recv_timed_out, take
-from .transport import TransportTimeout
+from .transport import TransportFailure, TransportTimeout
 
 MAX_TAG = 2 ** 31 - 1
 # Transports whose sends never wait for their receiver (buffered, or left in flight).
@@ -272,11 +272,14 @@ def send(p: Any, value: Any, dest: Any, tag: Any, schema: Any, name: Any,
     deadline = None if p.timeout is None else time.monotonic() + p.timeout
     try:
         p.transport.send_bytes(data, dest, TRANSPORT_TAG, deadline)
-    except TransportTimeout:
-        raise CollectiveTimeout(f"{head_text('send', None, dest, tag, p.name)}: send did not "
-                                f"complete within {p.timeout:g} s (rank {dest} never received "
-                                f"it)", seq=-1, comm=p.name, op="send", timeout=p.timeout,
-                                missing=(dest,)) from None
+    except TransportTimeout as exc:
+        broke = str(exc)[:300] if isinstance(exc, TransportFailure) else ""
+        why = (f"failed in the backend (a peer's process or connection is gone?): {broke}"
+               if broke else f"did not complete within {p.timeout:g} s (rank {dest} never "
+               f"received it)")
+        raise CollectiveTimeout(f"{head_text('send', None, dest, tag, p.name)}: send {why}",
+                                seq=-1, comm=p.name, op="send", timeout=p.timeout or 0.0,
+                                missing=(dest,), failure=broke) from None
     if failure is not None:
         raise failure
 

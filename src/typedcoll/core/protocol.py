@@ -81,8 +81,8 @@ class Protocol:
 
     __slots__ = ("channel", "transport", "rank", "size", "name", "instance", "timeout", "seq",
                  "step", "policy", "slot", "send", "send_view", "recv", "recv_view", "recv_u32",
-                 "block", "counts", "recorder", "fast", "observer", "deferred", "hang_reporter",
-                 "extensions", "freed", "notes", "__weakref__")
+                 "block", "counts", "recorder", "fast", "failure", "observer", "deferred",
+                 "hang_reporter", "extensions", "freed", "notes", "__weakref__")
 
     def __init__(self, channel: Channel, instance: int, name: str,
                  timeout: Optional[float]) -> None:
@@ -115,6 +115,9 @@ class Protocol:
         self.hang_reporter: Optional[Callable[["Protocol", Call], Tuple[Any, str]]] = None
         self.extensions: Dict[str, Any] = {}  # per-communicator state of other layers
         self.fast: Optional[List[Any]] = None
+        # The backend's failure of the C path's last exchange, until verdict.timed_out reports
+        # it (fast._exchange_or_failure).
+        self.failure: Optional[BaseException] = None
         self._alloc(self.policy.size)
         LIVE.add(self)
         for hook in list(NEW_PROTOCOL_HOOKS):

@@ -39,6 +39,12 @@ class TransportTimeout(Exception):
     """The backend operation did not complete by its deadline (it is still pending)."""
 
 
+class TransportFailure(TransportTimeout):
+    """The backend failed the operation before its deadline, or with none (gloo, when a peer's
+    process or connection is gone). A kind of timeout to the protocol: the call cannot complete
+    and the channel is unusable after it, so every path that handles a timeout handles this."""
+
+
 class Transport(Protocol):
     """The byte-level operations the protocol runs on (see the module docstring)."""
 

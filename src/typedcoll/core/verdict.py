@@ -9,6 +9,7 @@ counts agree) gives every rank the same facts, from which each builds the same e
 from __future__ import annotations
 
 import math
+import sys
 import threading
 from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple
 
@@ -16,7 +17,7 @@ import msgspec
 import numpy as np
 
 from ..codecs import ENCODER, SchemaInfo
-from .transport import TransportTimeout
+from .transport import TransportFailure, TransportTimeout
 from .call import Call
 from .fresh import on_fresh_stack
 from .errors import (CollectiveTimeout, ConcurrentCallError, DecodeError, DesyncError,
@@ -237,8 +238,19 @@ def timed_out(p: "Protocol", call: Call) -> None:
     timeout = p.timeout if p.timeout is not None else 0.0
     if call.seq == CREATE_SEQ:
         timeout = max(timeout, CREATION_MIN_TIMEOUT)
-    text = (f"{where(p, call)}: {what(call)} at {site} did not complete within "
-            f"{timeout:g} s")
+    # The backend's failure: the one being handled, or the one the C path's exchange kept.
+    exc = sys.exc_info()[1]
+    if not isinstance(exc, TransportFailure):
+        exc = p.failure
+    p.failure = None
+    failure = str(exc)[:300] if isinstance(exc, TransportFailure) else ""
+    if failure:
+        text = (f"{where(p, call)}: {what(call)} at {site} failed in the {p.transport.kind} "
+                f"backend before completing (a peer's process or connection is gone?): "
+                f"{failure}")
+    else:
+        text = (f"{where(p, call)}: {what(call)} at {site} did not complete within "
+                f"{timeout:g} s")
     missing = None
     if p.hang_reporter is not None:
         try:
@@ -249,7 +261,7 @@ def timed_out(p: "Protocol", call: Call) -> None:
             text += f"\n(hang report unavailable: {type(exc).__name__}: {exc})"
     err = CollectiveTimeout(text, seq=call.seq, comm=p.name, op=call.op,
                             schema=call.schema_name, site=site, timeout=timeout,
-                            missing=missing)
+                            missing=missing, failure=failure)
     p.channel.broken = err
     p.refresh_fast()
     raise err
@@ -263,9 +275,9 @@ def refuse_broken(p: "Protocol", call: Call) -> None:
         raise CollectiveTimeout(
             f"collective #{p.seq} on {p.name}: {what(call)} refused: the communicator is unusable "
             f"since collective #{cause.seq} on {cause.comm} ({cause.op}[{cause.schema}] at "
-            f"{cause.site}) timed out", seq=p.seq, comm=p.name, op=call.op,
-            schema=call.schema_name, site=cause.site, timeout=cause.timeout,
-            missing=cause.missing)
+            f"{cause.site}) {'failed in the backend' if cause.failure else 'timed out'}",
+            seq=p.seq, comm=p.name, op=call.op, schema=call.schema_name, site=cause.site,
+            timeout=cause.timeout, missing=cause.missing, failure=cause.failure)
     raise type(cause)(f"collective #{p.seq} on {p.name}: {what(call)} refused: the communicator is "
                       f"unusable since collective #{cause.seq} on {cause.comm}: {cause}",
                       seq=p.seq, comm=p.name)

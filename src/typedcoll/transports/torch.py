@@ -53,7 +53,7 @@ from torch.distributed import distributed_c10d as c10d
 from ..codecs.reduce import reduce_values
 from ..core.channel import Channel
 from ..core.identity import register_internal
-from ..core.transport import TransportTimeout, finish_gathered
+from ..core.transport import TransportFailure, TransportTimeout, finish_gathered
 from ..core.wire import MAX_SLOT
 
 # torch 2.13 renamed the fused-tensor collectives and deprecates the old names with a
@@ -103,20 +103,21 @@ def options(kind: Any, deadline: Optional[float]) -> Any:
 
 
 def wait_work(work: Any, deadline: Optional[float]) -> None:
-    """Wait for a torch operation; TransportTimeout once ``deadline`` has passed."""
+    """Wait for a torch operation; TransportTimeout once ``deadline`` has passed,
+    TransportFailure when the backend fails it first (a peer's process or connection is gone)."""
     remaining = math.inf if deadline is None else deadline - time.monotonic()
-    if remaining >= _FOREVER_S:  # None, math.inf, or beyond what a timedelta holds
-        work.wait()
-        return
-    assert deadline is not None
     try:
-        work.wait(timedelta(seconds=max(remaining, 1e-3)))
-    except RuntimeError:
+        if remaining >= _FOREVER_S:  # None, math.inf, or beyond what a timedelta holds
+            work.wait()
+        else:
+            work.wait(timedelta(seconds=max(remaining, 1e-3)))
+    except RuntimeError as exc:
         # Collectives stay pending after a timed-out wait; point-to-point operations are failed
         # by it (gloo closes the pair). Before the deadline, it is a real failure (a peer died).
-        if not work.is_completed() or time.monotonic() >= deadline - 1e-3:
+        if deadline is not None and (not work.is_completed()
+                                     or time.monotonic() >= deadline - 1e-3):
             raise TransportTimeout() from None
-        raise
+        raise TransportFailure(f"{type(exc).__name__}: {exc}") from exc
 
 
 def group_name(group: Any) -> str:
