@@ -471,3 +471,37 @@ def test_a_bad_value_past_the_direct_gather_size_raises_on_every_rank():
     errors = errors_of(18, bad_value_at_scale)
     assert type(errors[9]) is tc.EncodeError
     assert all(type(e) is tc.PeerError and e.ranks == (9,) for r, e in enumerate(errors) if r != 9)
+
+
+# --- hints: how to declare what differs on purpose -------------------------------------------------
+def types_that_differ(comm: tc.TypedComm) -> List[Any]:
+    out: List[Any] = []
+    calls = (lambda: comm.allgather(None if comm.rank == 1 else RankState(comm.rank)),
+             lambda: comm.allreduce(0 if comm.rank == 1 else 1.5),
+             lambda: comm.allreduce(True, op="land"),
+             lambda: comm.allreduce(np.bool_(comm.rank != 1), op="land"),
+             lambda: comm.allgather(None if comm.rank == 1 else RankState(comm.rank),
+                                    schema=Optional[RankState]))
+    for call in calls:
+        try:
+            out.append(call())
+        except tc.CollectiveError as exc:
+            out.append(exc)
+    return out
+
+
+def test_types_that_differ_say_how_to_declare_them():
+    for rank, got in enumerate(run(3, types_that_differ)):
+        gather, reduce, flag, numpy_flag, declared = got
+        assert type(gather) is tc.DesyncError and str(gather).endswith(
+            "\n  only the schemas differ (None and RankState): if ranks may send different types "
+            "here, give every rank's call one schema= that admits them all (Optional[X] where a "
+            "rank has nothing to send, or a Union)"), gather
+        assert type(reduce) is tc.DesyncError and str(reduce).endswith(
+            "\n  only the value types differ (float and int): a reduction takes each value's own "
+            "type, so give every rank's value one type (int(x), float(x) or one numpy dtype)")
+        assert type(flag) is tc.EncodeError and str(flag).endswith(
+            "expected an int, float, numpy scalar or numpy array, got bool (send int(flag) or "
+            "numpy.bool_(flag))"), flag
+        assert numpy_flag == np.False_
+        assert declared == [RankState(0), None, RankState(2)]

@@ -184,7 +184,9 @@ def test_different_channels_differ_in_schema():
     assert re.fullmatch(
         rf"collective #0 on tp diverged \(schema\):\n"
         rf"  rank 0: flush\[FlushBatch@[0-9a-f]{{8}}\] at {SITE}, its 1st call, step 1\n"
-        rf"  rank 1: flush\[FlushBatch@[0-9a-f]{{8}}\] at {SITE}, its 1st call, step 1", text), text
+        rf"  rank 1: flush\[FlushBatch@[0-9a-f]{{8}}\] at {SITE}, its 1st call, step 1\n"
+        rf"  only the flush's channels differ: build the SymmetricFlush with the same channels "
+        rf"and message types on every rank", text), text
 
 
 def test_bad_step_on_one_rank_fails_the_flush_on_every_rank_and_keeps_messages():

@@ -222,7 +222,27 @@ def format_decisions(groups: Sequence[Group], indent: str = "  ") -> List[str]:
     return lines
 
 
-def _hint(kinds: Sequence[MismatchKind]) -> List[str]:
+# Ops whose callers choose the schema (schema=), and reductions, which take the value's type.
+_SCHEMA_OPS = frozenset({"allgather", "gather", "bcast", "scatter", "alltoall"})
+_VALUE_OPS = frozenset({"allreduce", "reduce", "reduce_scatter"})
+
+
+def _hint(kinds: Sequence[MismatchKind], groups: Sequence[Group]) -> List[str]:
+    ops = {g.envelope.op for g in groups}
+    if list(kinds) == [MismatchKind.SCHEMA] and len(ops) == 1:
+        op = ops.pop()
+        schemas = " and ".join(sorted({g.envelope.schema for g in groups}))
+        if op in _VALUE_OPS:
+            return [f"  only the value types differ ({schemas}): a reduction takes each value's "
+                    f"own type, so give every rank's value one type (int(x), float(x) or one "
+                    f"numpy dtype)"]
+        if op in _SCHEMA_OPS:
+            return [f"  only the schemas differ ({schemas}): if ranks may send different types "
+                    f"here, give every rank's call one schema= that admits them all "
+                    f"(Optional[X] where a rank has nothing to send, or a Union)"]
+        if op == "flush":
+            return ["  only the flush's channels differ: build the SymmetricFlush with the same "
+                    "channels and message types on every rank"]
     if list(kinds) == [MismatchKind.CALL]:
         return ["  only the call sites differ: if these are the same collective called from "
                 "different lines, give every rank's call the same name= (or mark the wrapper "
@@ -238,4 +258,4 @@ def desync_message(seq: int, comm: str, kinds: Sequence[MismatchKind],
     kinds_text = ", ".join(k.value for k in kinds) or "envelope"
     first = f"{head or f'collective #{seq} on {comm}'} diverged ({kinds_text}):"
     return "\n".join([first] + format_groups(groups, kinds) + format_decisions(groups)
-                      + _hint(kinds))
+                      + _hint(kinds, groups))

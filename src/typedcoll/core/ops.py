@@ -225,7 +225,9 @@ def _reduce_call(op: str, shape: int, value: Any, code: int, step: Any, name: An
     value_error = None
     if isinstance(value, bool) or not isinstance(value, (int, float, np.generic, np.ndarray)):
         value_error = (f"TypeError: expected an int, float, numpy scalar or numpy array, got "
-                       f"{type(value).__name__}")
+                       f"{type(value).__name__}"
+                       + (" (send int(flag) or numpy.bool_(flag))" if isinstance(value, bool)
+                          else ""))
         schema: Any = type(None)
     elif isinstance(value, (np.ndarray, np.generic)):
         kind = np.asarray(value).dtype.kind
