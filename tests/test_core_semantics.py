@@ -130,6 +130,15 @@ def test_sites_name_files_by_module_not_by_path(tmp_path, monkeypatch):
     assert identity._name_of_source(twice.__file__) == "typedcoll_t_b/utils.py"
     monkeypatch.delitem(sys.modules, "utils")
     assert source_name("<string>") == "<string>"
+    # A lazy module is not asked for attributes it lacks (its __getattr__ may import or raise).
+    import types
+
+    class Lazy(types.ModuleType):
+        def __getattr__(self, name: str) -> Any:
+            raise RuntimeError(f"lazy import of {name}")
+
+    monkeypatch.setitem(sys.modules, "typedcoll_t_lazy", Lazy("typedcoll_t_lazy"))
+    assert identity._name_of_source(str(tmp_path / "lazy.py")) == "lazy.py"
 
 
 def extra_call(comm: tc.TypedComm) -> List[Any]:

@@ -138,7 +138,7 @@ def source_name(filename: str) -> str:
 def _name_of_source(filename: str) -> str:
     base = os.path.basename(filename)
     names = [name for name, module in list(sys.modules.items())
-             if name != "__main__" and getattr(module, "__file__", None) == filename]
+             if name != "__main__" and _file_of(module) == filename]
     if not names:
         return base
     # A file imported under two names (``pkg.mod`` and, through another path entry, ``mod``)
@@ -151,6 +151,15 @@ def _name_of_source(filename: str) -> str:
     if stem == parts[-1]:
         return "/".join(parts[:-1] + [base])
     return base
+
+
+def _file_of(module: Any) -> Any:
+    """A module's ``__file__``, read from its namespace: a lazy module's ``__getattr__`` must
+    not run (it may import, or raise) when a site is named."""
+    try:
+        return vars(module).get("__file__")
+    except Exception:  # not a module, or a namespace that refuses to be read
+        return None
 
 
 def site_fingerprint(code: Optional[CodeType], lasti: int) -> bytes:
