@@ -1,4 +1,5 @@
-"""Hang reports over gloo with no setup: the question goes through the group's Store."""
+"""Hang reports over gloo with no setup (the question goes through the group's Store), and what
+a dead gloo peer makes its peers raise."""
 
 from __future__ import annotations
 
@@ -7,25 +8,27 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import List, Tuple
 
 import pytest
 
 pytest.importorskip("torch.distributed")
 
-PROGRAM = Path(__file__).resolve().parent / "spmd" / "diag_gloo.py"
+SPMD = Path(__file__).resolve().parent / "spmd"
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("size", [2, 4, 8])
-def test_gloo_hang_report_names_the_absent_rank_and_where_it_is(size, monkeypatch):
+def run_gloo(program: str, size: int) -> List[Tuple[int, str]]:
+    """Run ``tests/spmd/<program>.py RANK SIZE PORT`` in ``size`` processes: each one's (exit
+    status, output), in rank order; the test fails if any is still running after the limit."""
     from typedcoll.transports.torch import free_port
     port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
                PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]))
     env.pop("TYPEDCOLL_TRACE_DIR", None)
-    procs = [subprocess.Popen([sys.executable, str(PROGRAM), str(r), str(size), str(port)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env=env, start_new_session=True) for r in range(size)]
+    procs = [subprocess.Popen([sys.executable, str(SPMD / f"{program}.py"), str(r), str(size),
+                               str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env=env, start_new_session=True) for r in range(size)]
     outputs = []
     try:
         for proc in procs:
@@ -33,33 +36,22 @@ def test_gloo_hang_report_names_the_absent_rank_and_where_it_is(size, monkeypatc
     except subprocess.TimeoutExpired:
         for proc in procs:
             os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("diag_gloo hung:\n" + "\n".join(p.communicate()[0][-3000:] for p in procs))
-    for r, (proc, out) in enumerate(zip(procs, outputs)):
-        assert proc.returncode == 0, f"rank {r}:\n{out[-6000:]}"
+        pytest.fail(f"{program} hung:\n" + "\n".join(p.communicate()[0][-3000:] for p in procs))
+    return [(proc.returncode, out) for proc, out in zip(procs, outputs)]
+
+
+@pytest.mark.parametrize("size", [2, 4, 8])
+def test_gloo_hang_report_names_the_absent_rank_and_where_it_is(size):
+    for r, (returncode, out) in enumerate(run_gloo("diag_gloo", size)):
+        assert returncode == 0, f"rank {r}:\n{out[-6000:]}"
         checks = 0 if r == size - 1 else 1
         assert f"SPMD-OK diag_gloo rank {r}/{size} checks {checks}" in out, out
 
 
 @pytest.mark.parametrize("size", [2, 4])
 def test_a_dead_gloo_peer_is_a_collective_error_not_a_runtime_error(size):
-    from typedcoll.transports.torch import free_port
-    program = Path(__file__).resolve().parent / "spmd" / "gloo_dead_peer.py"
-    port = free_port()
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]))
-    procs = [subprocess.Popen([sys.executable, str(program), str(r), str(size), str(port)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env=env, start_new_session=True) for r in range(size)]
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=60 + 15 * size)[0])
-    except subprocess.TimeoutExpired:
-        for proc in procs:
-            os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("gloo_dead_peer hung:\n" + "\n".join(p.communicate()[0][-3000:]
-                                                         for p in procs))
-    assert procs[-1].returncode == 3, outputs[-1]
-    for r, (proc, out) in enumerate(zip(procs[:-1], outputs)):
-        assert proc.returncode == 0 and f"SPMD-OK gloo_dead_peer rank {r}/{size}" in out, \
+    ranks = run_gloo("gloo_dead_peer", size)
+    assert ranks[-1][0] == 3, ranks[-1][1]
+    for r, (returncode, out) in enumerate(ranks[:-1]):
+        assert returncode == 0 and f"SPMD-OK gloo_dead_peer rank {r}/{size}" in out, \
             f"rank {r}:\n{out[-6000:]}"

@@ -45,7 +45,7 @@ from .mailbox import (ENVELOPE_ENCODER, LENGTH_PREFIX, TRANSPORT_TAG, Envelope, 
                       mailbox_of)
 from .mismatch import label
 from .p2p_receive import Caller, p2p_state, recv_timed_out, take
-from .transport import TransportFailure, TransportTimeout
+from .transport import TransportTimeout, failure_of
 
 MAX_TAG = 2 ** 31 - 1
 # Transports whose sends never wait for their receiver (buffered, or left in flight).
@@ -273,7 +273,7 @@ def send(p: Any, value: Any, dest: Any, tag: Any, schema: Any, name: Any,
     try:
         p.transport.send_bytes(data, dest, TRANSPORT_TAG, deadline)
     except TransportTimeout as exc:
-        broke = str(exc)[:300] if isinstance(exc, TransportFailure) else ""
+        broke = failure_of(exc)
         why = (f"failed in the backend (a peer's process or connection is gone?): {broke}"
                if broke else f"did not complete within {p.timeout:g} s (rank {dest} never "
                f"received it)")

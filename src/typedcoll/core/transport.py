@@ -45,6 +45,11 @@ class TransportFailure(TransportTimeout):
     and the channel is unusable after it, so every path that handles a timeout handles this."""
 
 
+def failure_of(exc: Optional[BaseException]) -> str:
+    """The backend's own error text when ``exc`` is a TransportFailure, else "" (a timeout)."""
+    return str(exc)[:300] if isinstance(exc, TransportFailure) else ""
+
+
 class Transport(Protocol):
     """The byte-level operations the protocol runs on (see the module docstring)."""
 

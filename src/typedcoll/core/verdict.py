@@ -17,7 +17,7 @@ import msgspec
 import numpy as np
 
 from ..codecs import ENCODER, SchemaInfo
-from .transport import TransportFailure, TransportTimeout
+from .transport import TransportTimeout, failure_of
 from .call import Call
 from .fresh import on_fresh_stack
 from .errors import (CollectiveTimeout, ConcurrentCallError, DecodeError, DesyncError,
@@ -239,11 +239,8 @@ def timed_out(p: "Protocol", call: Call) -> None:
     if call.seq == CREATE_SEQ:
         timeout = max(timeout, CREATION_MIN_TIMEOUT)
     # The backend's failure: the one being handled, or the one the C path's exchange kept.
-    exc = sys.exc_info()[1]
-    if not isinstance(exc, TransportFailure):
-        exc = p.failure
+    failure = failure_of(sys.exc_info()[1]) or failure_of(p.failure)
     p.failure = None
-    failure = str(exc)[:300] if isinstance(exc, TransportFailure) else ""
     if failure:
         text = (f"{where(p, call)}: {what(call)} at {site} failed in the {p.transport.kind} "
                 f"backend before completing (a peer's process or connection is gone?): "
