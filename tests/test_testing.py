@@ -102,6 +102,31 @@ def test_absent_ranks_at_one_place_are_named_on_one_line():
         f"  ranks 1-4: at test_testing.py:{line_of('# AWAY')} in prog (outside typedcoll)"]
 
 
+def test_a_rank_that_arrives_after_its_peers_gave_up_raises_with_them():
+    gave_up = threading.Barrier(3, timeout=10)
+
+    def prog(comm):
+        if comm.rank == 2:
+            gave_up.wait()  # its peers' part of the call is deposited, and abandoned
+            return comm.allgather(comm.rank)  # LATE
+        try:
+            return comm.allgather(comm.rank)
+        finally:
+            gave_up.wait()
+
+    with pytest.raises(ExceptionGroup) as info:
+        run(3, prog, timeout=0.3)
+    errors = info.value.exceptions
+    assert len(errors) == 3 and all(isinstance(e, tc.CollectiveTimeout) for e in errors)
+    late = errors[2]
+    assert [e.missing for e in errors] == [(2,), (2,), None]
+    assert str(late) == (
+        f"collective #0 on WORLD: allgather[int] at test_testing.py:{line_of('# LATE')} is "
+        f"abandoned: ranks 0-1 gave up waiting at collective #0 (timeout 0.3 s) before it "
+        f"completed on rank 2; no rank returns this call's result (their reports name the ranks "
+        f"they waited for)")
+
+
 def test_a_rank_waiting_in_another_call_is_shown_inside_typedcoll():
     def prog(comm):
         if comm.rank == 1:

@@ -3,7 +3,8 @@
 Run by tests/test_core_mpi.py at 2 and 4 ranks. With every rank present, the deadline-bounded
 paths (the exchange, phase 2, the cold paths) just work; then the last rank skips one collective
 of each kind, each on a communicator of its own, and the others must raise within about the
-timeout, naming seq, op, schema and call site, and refuse every later call on that channel. The
+timeout, naming seq, op, schema and call site, and refuse every later call on that channel; a
+rank that arrives after its peers gave up raises too. The
 skipped collectives stay pending in MPI, so the program ends with os._exit(0) after the markers
 (MPI_Finalize could wait forever); the launcher's timeout bounds the whole run.
 """
@@ -62,6 +63,26 @@ for label, call in CASES.items():
     chk.true(f"{label}: refusal names the cause", str(again.error).startswith(
         f"collective #1 on each: allgather[int] refused: the communicator is unusable since "
         f"collective #0 on each ({op}"))
+
+# A rank that arrives after its peers gave up can complete the exchange from the messages they
+# left posted; it must raise too (none returns the call's data), naming who gave up.
+LATE = {
+    "allgather[int]": lambda c: c.allgather(rank),
+    "bcast[int]": lambda c: c.bcast(rank, 0, schema=int),
+}
+for label, call in LATE.items():
+    each = tc.TypedComm(WORLD.Dup(), timeout=TIMEOUT, name="late")
+    if rank == odd:
+        time.sleep(TIMEOUT * 3)
+    with chk.expect(tc.CollectiveTimeout, f"late {label}") as err:
+        call(each)
+    if rank == odd:
+        chk.eq(f"late {label}: the late rank's message", str(err.error).splitlines()[0],
+               f"collective #0 on late: {label} at {FILE}:{call.__code__.co_firstlineno} is "
+               f"abandoned: {'rank 0' if size == 2 else f'ranks 0-{odd - 1}'} gave up waiting "
+               f"at collective #0 (timeout 0.5 s) before it completed on rank {odd}; no rank "
+               f"returns this call's result (their reports name the ranks they waited for)")
+    chk.eq(f"late {label}: missing", err.error.missing, None if rank == odd else (odd,))
 
 # Every rank waits for the others (the launcher may end the job at the first exit), prints its
 # marker, then leaves without MPI_Finalize, which would wait for the abandoned exchanges.

@@ -414,16 +414,20 @@ typedef int (*isend_p)(const void *, int, void *, int, int, void *, void *);
 typedef int (*irecv_i)(void *, int, int32_t, int, int, int32_t, void *);
 typedef int (*irecv_p)(void *, int, void *, int, int, void *, void *);
 typedef int (*testall_t)(int, void *, int *, void *);
+typedef int (*iprobe_i)(int, int, int32_t, int *, void *);
+typedef int (*iprobe_p)(int, int, void *, int *, void *);
 typedef int (*allgather_i)(const void *, int, int32_t, void *, int, int32_t, int32_t);
 typedef int (*allgather_p)(const void *, int, void *, void *, int, void *, void *);
 
 typedef struct {
     void *isend, *irecv, *testall;
+    void *iprobe; /* NULL: peers' notices are not looked for (a timeout then ends the call) */
     void *allgather; /* phase 2 of equal split arrays; NULL: the Python steps run it */
     PyObject *spare; /* that phase's receive buffer, reused once no result refers to it */
     const void *comm_handle; /* where the mpi4py Comm object keeps its handle */
     intptr_t byte_type, null_comm;
     int handle_size, size, rank, tag;
+    int notice_tag, any_source; /* a peer's notice that it gave up on a call (transports/mpi.py) */
     PyObject *comm;       /* keeps comm_handle valid */
     PyObject *error_type; /* MPI.Exception, raised with an error code */
     unsigned char *out, *inbox, *held, *region;
@@ -462,14 +466,16 @@ static void *find_symbol(const char *path, const char *name) {
 }
 
 /* engine(library_path, comm, comm_handle_address, byte_handle, null_comm_handle, handle_size,
- *        size, rank, tag, error_type) -> capsule, or None when a symbol cannot be found. */
+ *        size, rank, tag, notice_tag, any_source, error_type) -> capsule, or None when a symbol
+ *        cannot be found. */
 static PyObject *engine(PyObject *mod, PyObject *args) {
     const char *path;
     PyObject *comm, *error_type;
     unsigned long long handle_addr, byte_type, null_comm;
-    int handle_size, size, rank, tag;
-    if (!PyArg_ParseTuple(args, "sOKKKiiiiO", &path, &comm, &handle_addr, &byte_type, &null_comm,
-                          &handle_size, &size, &rank, &tag, &error_type))
+    int handle_size, size, rank, tag, notice_tag, any_source;
+    if (!PyArg_ParseTuple(args, "sOKKKiiiiiiO", &path, &comm, &handle_addr, &byte_type,
+                          &null_comm, &handle_size, &size, &rank, &tag, &notice_tag,
+                          &any_source, &error_type))
         return NULL;
     if ((handle_size != 4 && handle_size != (int)sizeof(void *)) || size < 1 || rank < 0 ||
         rank >= size)
@@ -484,6 +490,9 @@ static PyObject *engine(PyObject *mod, PyObject *args) {
     e->irecv = fns[1];
     e->testall = fns[2];
     e->allgather = find_symbol(path, "MPI_Allgather");
+    e->iprobe = find_symbol(path, "MPI_Iprobe");
+    e->notice_tag = notice_tag;
+    e->any_source = any_source;
     e->comm_handle = (const void *)(uintptr_t)handle_addr;
     e->byte_type = narrow(byte_type, handle_size);
     e->null_comm = narrow(null_comm, handle_size);
@@ -563,6 +572,24 @@ static int wait_requests(Engine *e, void *req, int count, double deadline, int *
         nanosleep(&ts, NULL);
         if (pause_ns < 2000000) pause_ns *= 2;
     }
+}
+
+/* Whether a peer's notice that it gave up on a call waits for this rank: 1 yes, 0 no, -1 error
+ * (rc_out set). Runs without the GIL. */
+static int notice_waiting(const Engine *e, int *rc_out) {
+    if (e->iprobe == NULL) return 0;
+    char status[512];
+    int flag = 0, rc;
+    intptr_t comm = comm_now(e);
+    if (e->handle_size == 4)
+        rc = ((iprobe_i)e->iprobe)(e->any_source, e->notice_tag, (int32_t)comm, &flag, status);
+    else
+        rc = ((iprobe_p)e->iprobe)(e->any_source, e->notice_tag, (void *)comm, &flag, status);
+    if (rc != 0) {
+        *rc_out = rc;
+        return -1;
+    }
+    return flag != 0;
 }
 
 /* One round: send out[0:out_len] to dest, receive into inbox from source (deadline < 0: none).
@@ -722,6 +749,13 @@ static int engine_exchange(Engine *e, const unsigned char *send, Py_ssize_t slot
             memcpy(held + have * slot, in + PREFIX, (size_t)(got * slot));
             have += got;
         }
+    }
+    /* With a deadline, an exchange that completed still fails where a peer already gave up on
+     * a call (it arrived after that peer's deadline: the peer's messages were sent before it
+     * gave up): every rank then raises, none returns the call's data (transports/mpi.py). */
+    if (status > 0 && deadline >= 0) {
+        int noticed = notice_waiting(e, &rc);
+        if (noticed != 0) status = noticed < 0 ? -1 : 0;
     }
     if (status > 0 && seen != 3) {
         if (shape == SHAPE_GATHER) {

@@ -60,8 +60,11 @@ class CollectiveTimeout(CollectiveError):
 
     Some rank never reached the matching collective: it is stuck elsewhere, dead, or took a branch
     around it (with no step clock, a rank that skipped one call of a loop surfaces this way).
-    Only the ranks that arrived raise this (the others are not in the call). ``missing`` names
-    the ranks that never arrived, when the hang report could tell. The backend exchange is still
+    The ranks that arrived raise this; a rank that arrives after some peer gave up raises it too,
+    in the same call, instead of returning its result (the message says who gave up; over MPI,
+    where such a rank could otherwise complete the call, see ``transports/mpi.py``). ``missing``
+    names the ranks that never arrived, when the hang report could tell (None on the rank that
+    came late). The backend exchange is still
     pending, so the communicator is unusable afterwards: every later call raises this error again.
     Retrying does not help; end the job (``python -m mpi4py`` or ``comm.abort()``) and read the
     report. Also raised, before the timeout (or with none), when the backend itself fails the

@@ -27,7 +27,7 @@ transport runs one point-to-point schedule for both shapes (``transports.mpi``).
 
 from __future__ import annotations
 
-from typing import List, Optional, Protocol, Union
+from typing import List, Optional, Protocol, Tuple, Union
 
 import numpy as np
 
@@ -89,6 +89,14 @@ class Transport(Protocol):
     def dup(self) -> "Transport": ...
 
     def abort(self, code: int) -> None: ...
+
+    # A rank that gave up on a call (its deadline passed) tells its peers, so that a peer that
+    # completes that call late fails it too; ``given_up`` returns the (rank, call number) of each
+    # notice received so far. Transports whose late rank cannot complete such a call keep no
+    # notices (``transports.mpi`` explains when one can).
+    def give_up(self, seq: int) -> None: ...
+
+    def given_up(self) -> List[Tuple[int, int]]: ...
 
     def free(self) -> None: ...
 

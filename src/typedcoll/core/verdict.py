@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import sys
 import threading
+import time
 from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple
 
 import msgspec
@@ -241,15 +242,28 @@ def timed_out(p: "Protocol", call: Call) -> None:
     # The backend's failure: the one being handled, or the one the C path's exchange kept.
     failure = failure_of(sys.exc_info()[1]) or failure_of(p.failure)
     p.failure = None
+    notices = p.transport.given_up()
+    p.transport.give_up(call.seq)  # first: a late peer looks for it as its exchange completes
+    # An exchange stops before its deadline only when the backend failed it or when it completed
+    # after a peer had given up (the transport found that peer's notice): this rank came late.
+    late = (bool(notices) and not failure and call.deadline is not None
+            and time.monotonic() < call.deadline)
+    missing: Optional[Sequence[int]] = None
     if failure:
         text = (f"{where(p, call)}: {what(call)} at {site} failed in the {p.transport.kind} "
                 f"backend before completing (a peer's process or connection is gone?): "
                 f"{failure}")
+    elif late:
+        first = min(seq for _, seq in notices)
+        text = (f"{where(p, call)}: {what(call)} at {site} is abandoned: "
+                f"{compact_ranks([rank for rank, _ in notices])} gave up waiting at "
+                f"collective #{first} (timeout {timeout:g} s) before it completed on rank "
+                f"{p.rank}; no rank returns this call's result (their reports name the ranks "
+                f"they waited for)")
     else:
         text = (f"{where(p, call)}: {what(call)} at {site} did not complete within "
                 f"{timeout:g} s")
-    missing = None
-    if p.hang_reporter is not None:
+    if p.hang_reporter is not None and not late:
         try:
             missing, report = p.hang_reporter(p, call)
             if report:

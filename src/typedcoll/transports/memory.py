@@ -39,6 +39,7 @@ class World:
         self.queues: Dict[Tuple[Any, int, int, int], Deque[bytes]] = {}
         self.contexts = itertools.count(1)
         self.aborted: Optional[int] = None
+        self.notices: Dict[Any, List[Tuple[int, int]]] = {}  # context -> (rank, seq) given up
 
     def transports(self) -> List["MemoryTransport"]:
         """One transport per rank over the world communicator."""
@@ -95,6 +96,8 @@ class MemoryTransport:
     def exchange(self, send: bytearray, recv: bytearray, block: bytearray, shape: int,
                  deadline: Optional[float]) -> None:
         parts = self._all(bytes(send), deadline)
+        if deadline is not None and self.given_up():
+            raise TransportTimeout()
         slot = len(send)
         for r in range(self.size):
             part = parts[r]
@@ -187,6 +190,16 @@ class MemoryTransport:
 
     def free(self) -> None:
         pass
+
+    # A rank that gave up left its part deposited, so a late rank completes the call from it
+    # (as over MPI): it must find the notice and fail the call too.
+    def give_up(self, seq: int) -> None:
+        with self.world.lock:
+            self.world.notices.setdefault(self.context, []).append((self.rank, seq))
+
+    def given_up(self) -> List[Tuple[int, int]]:
+        with self.world.lock:
+            return [n for n in self.world.notices.get(self.context, []) if n[0] != self.rank]
 
 
 register_internal(__file__)

@@ -27,6 +27,16 @@ decodes what it could not have gathered, and every rank enters the same cold pat
 delivers messages between two ranks with one tag in order, so consecutive exchanges never
 mix. A REDUCE message stays one slot and a block long at any N.
 
+Giving up. A rank whose deadline passes leaves its messages of that exchange posted, and a peer
+that arrives after it can still complete the exchange from them: no round's message depends on
+its receiver's own. So a rank that gives up on a call tells every peer (``give_up``: the call's
+number, 8 bytes, tag ``NOTICE_TAG`` on the collective communicator), and an exchange with a
+deadline that completes looks for such a notice (``MPI_Iprobe``) before it returns: one found
+fails the call there too (``given_up`` reads them), so the late rank raises with its peers
+instead of returning. A notice still in flight when the late rank looks is not seen (it came
+within microseconds of the deadline): that rank returns, and its next call times out. Waiting
+exchanges do not look: a rank waiting for an absent peer reports that peer at its own deadline.
+
 The C fast path runs this same schedule (``core/_speedups.c``, over MPI's C symbols) with
 ``MPI_Isend``/``MPI_Irecv`` polled, with or without a deadline: one code path, measured within
 3% of blocking ``MPI_Sendrecv`` rounds or faster (docs/bench.md, "The exchange's form"). This
@@ -48,7 +58,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Any, List, Optional, cast
+from typing import Any, List, Optional, Tuple, cast
 
 import numpy as np
 from mpi4py import MPI
@@ -60,6 +70,7 @@ from ..core.wire import (AGREE_SIZE, FLAG_OVERFLOW, FLAGS_OFFSET, GATHER, HEADER
                          LENGTH_OFFSET, MAX_SLOT, fold, force_disagreement, or_into, own_block)
 
 EXCHANGE_TAG = 0x7C31  # the collective communicator carries no other point-to-point traffic
+NOTICE_TAG = 0x7C32  # but a rank's notice that it gave up on a call (give_up)
 PREFIX = 8
 _MPI_OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN, "prod": MPI.PROD, "land": MPI.LAND,
             "lor": MPI.LOR, "lxor": MPI.LXOR, "band": MPI.BAND, "bor": MPI.BOR, "bxor": MPI.BXOR}
@@ -73,7 +84,7 @@ _YIELD_SECONDS = 0.05
 _MAX_SLEEP = 0.002
 # Requests a deadline left pending, with the buffers they hold: MPI may still write into those,
 # so they must outlive the call (the channel is broken then, and never reused).
-_ABANDONED: List[List[MPI.Request]] = []
+_ABANDONED: List[List[Any]] = []
 
 
 def wait_all(requests: List[MPI.Request], deadline: Optional[float]) -> None:
@@ -170,6 +181,7 @@ class MPITransport:
         self._inbox = bytearray(0)
         self._spare: Optional[np.ndarray] = None
         self.tag = EXCHANGE_TAG
+        self.notice_tag = NOTICE_TAG
         # The C fast path's binding of the exchange over MPI's own symbols (None: Python's).
         from ..core import fast
         self.engine = fast.mpi_engine(self)
@@ -230,6 +242,8 @@ class MPITransport:
                 held[have * slot:(have + got) * slot] = inbox[PREFIX:PREFIX + got * slot]
                 have += got
             dist *= 2
+        if deadline is not None and self.comm.Iprobe(MPI.ANY_SOURCE, NOTICE_TAG):
+            raise TransportTimeout()  # a peer gave up on a call: see the module's docstring
         if seen == 3:  # ranks met in exchanges of both shapes: disagreement, on every rank
             force_disagreement(block)
         elif shape == GATHER:
@@ -348,6 +362,22 @@ class MPITransport:
             raise TypeError(f"expected integers or bools for op {op!r}, got {send.dtype}")
         self._collective("Allreduce", deadline, send, out, op=_MPI_OPS[op])
         return out.astype(arr.dtype, copy=False)
+
+    # --- giving up (the module's docstring) -----------------------------------------------
+    def give_up(self, seq: int) -> None:
+        note = seq.to_bytes(8, "little")
+        for peer in range(self.size):
+            if peer != self.rank:  # never waited on: the channel is unusable after this
+                _ABANDONED.append([self.comm.Isend([note, MPI.BYTE], peer, NOTICE_TAG), note])
+
+    def given_up(self) -> List[Tuple[int, int]]:
+        found = []
+        status = MPI.Status()
+        while self.comm.Iprobe(MPI.ANY_SOURCE, NOTICE_TAG, status):
+            note = bytearray(8)
+            self.comm.Recv([note, MPI.BYTE], status.Get_source(), NOTICE_TAG)
+            found.append((status.Get_source(), int.from_bytes(note, "little")))
+        return found
 
     # --- point to point --------------------------------------------------------------------
     def send_bytes(self, data: bytes, dest: int, tag: int, deadline: Optional[float]) -> None:

@@ -407,6 +407,14 @@ class TorchTransport:
         # launcher watching its children) end the other ranks.
         os._exit(code)
 
+    # A gloo operation that timed out closes its connections, so a late rank cannot complete it:
+    # it fails in the backend instead (a CollectiveTimeout naming the failure).
+    def give_up(self, seq: int) -> None:
+        pass
+
+    def given_up(self) -> List[Tuple[int, int]]:
+        return []
+
     def free(self) -> None:
         if self.freed:
             return
