@@ -403,6 +403,7 @@ def test_different_timeouts_raise_a_desync_of_settings():
         t.join(10)
     for e in outcomes:
         assert type(e) is tc.DesyncError and e.kinds == (tc.MismatchKind.SETTINGS,)
+        assert e.seq == -1  # the creation, not its number on the wire
         assert str(e).splitlines()[0] == "creation on WORLD diverged (settings):"
         assert "create timeout=None at " in str(e) and "create timeout=5 at " in str(e)
 

@@ -7,7 +7,9 @@ different orders, and threads colliding on one communicator.
 """
 
 import os
+import sys
 import threading
+import types
 
 import msgspec
 import numpy as np
@@ -116,6 +118,27 @@ victim = tc.TypedComm(WORLD.Dup(), timeout=20.0)
 with chk.expect(tc.DesyncError, "free while others call") as err:
     victim.free() if rank == last else victim.allgather(1)
 chk.true("free: op named", "free" in str(err.error) and "allgather" in str(err.error))
+
+# A bcast of a class only the root imported, without schema=: every rank raises the same
+# DecodeError, naming the root as the payload's source and the class as the root names it.
+if size > 1:
+    if rank == 0:
+        module = types.ModuleType("only_rank_zero")
+        exec("import msgspec\nclass Hidden(msgspec.Struct):\n    a: int\n", module.__dict__)
+        sys.modules[module.__name__] = module
+        hidden = module.Hidden(1)
+    seq = comm.seq
+    with chk.expect(tc.DecodeError, "class only the root has") as err:
+        comm.bcast(hidden if rank == 0 else None, 0)  # HIDDEN
+    chk.same("class only the root has: the same error", (str(err.error), err.error.source,
+                                                         err.error.schema))
+    chk.eq("class only the root has: source and schema", (err.error.source, err.error.schema),
+           (0, "Hidden"))
+    chk.true(f"class only the root has: message ({err.error})", str(err.error).startswith(
+        f"collective #{seq} on COMM_WORLD: rank 1{'' if size == 2 else ' (and '}"))
+    chk.true("class only the root has: the payload named", "could not decode the root's "
+             "bcast[Hidden] payload" in str(err.error))
+    chk.usable(comm, "after a class only the root has")
 
 # Two threads on one communicator: refused, never paired across threads, never a hang.
 shared = tc.TypedComm(WORLD.Dup(), timeout=5.0)

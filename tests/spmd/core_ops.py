@@ -14,6 +14,7 @@ import numpy as np
 from mpi4py import MPI
 
 import typedcoll as tc
+from typedcoll.core.verdict import numbering
 from spmd.harness import WORLD, Checker, slot_size
 
 
@@ -189,6 +190,17 @@ members = [r for r in range(size) if r % 2 == rank % 2][::-1]
 check("split members, ordered by key", sub.allgather(rank), members)
 chk.eq("split name", sub.name, f"COMM_WORLD.split({rank % 2})")
 chk.eq("split of None", comm.split(None), None)
+# Its ranks are not the job's: every message says how they map, so the ranks it names can be found.
+here = "rank 0 here is world rank" if len(members) == 1 else \
+    f"ranks 0-{len(members) - 1} here are world ranks"
+numbered = "" if members == list(range(len(members))) else \
+    f" ({here} {','.join(map(str, members))})"
+chk.eq("split numbering", numbering(sub._p), numbered)
+if sub.size > 1:
+    with chk.expect(tc.DesyncError, "desync on a split") as err:
+        sub.allgather(1 if sub.rank == 0 else "one")
+    chk.eq("desync on a split names the world ranks", str(err.error).split(" diverged")[0],
+           f"collective #1 on COMM_WORLD.split({rank % 2}){numbered}")
 with comm.dup() as twin:
     check("dup", twin.allgather(rank), list(range(size)))
     chk.eq("dup timeout", twin.timeout, TIMEOUT)

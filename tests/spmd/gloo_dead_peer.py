@@ -1,6 +1,8 @@
 """A gloo job whose last rank dies between two collectives: its peers raise CollectiveTimeout
 saying the backend failed the call (never gloo's bare RuntimeError), long before the timeout
-and with none at all, and every later call on that communicator is refused.
+and with none at all, and every later call on that communicator is refused. gloo itself fails
+the call only on the ranks that exchange with the dead one directly: the others learn it from
+their report (at 4 ranks, rank 1 does).
 
 Run by tests/test_diag_torch.py as ``python gloo_dead_peer.py RANK SIZE PORT`` in SIZE
 processes. The survivors print ``SPMD-OK gloo_dead_peer rank R/N``, then leave with os._exit(0)
@@ -29,7 +31,7 @@ for comm in (timed, untimed):
         comm.allgather(rank)
         raise AssertionError("an allgather with a dead peer returned")
     except tc.CollectiveTimeout as exc:
-        assert exc.failure and time.monotonic() - started < 30, (exc, exc.failure)
+        assert exc.failure and time.monotonic() - started < 15, (exc, exc.failure)
         assert " failed in the torch backend before completing" in str(exc), str(exc)
     try:
         comm.allgather(rank)

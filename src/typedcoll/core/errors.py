@@ -10,18 +10,21 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence, Tuple
 
+CREATE_SEQ = 2 ** 64 - 1  # the creation exchange's number on the wire: before the first, apart
+
 
 class CollectiveError(Exception):
     """Base of every error raised by a typed collective.
 
-    ``seq`` is the 0-based number of the failing collective on its communicator and ``comm`` the
-    communicator's name. Catch this to handle any typedcoll failure. Also raised, on the calling
-    rank only, for a call on a communicator that was freed (a bug of the calling code).
+    ``seq`` is the 0-based number of the failing collective on its communicator (-1: the
+    communicator's creation) and ``comm`` the communicator's name. Catch this to handle any
+    typedcoll failure. Also raised, on the calling rank only, for a call on a communicator that
+    was freed (a bug of the calling code).
     """
 
     def __init__(self, message: str, *, seq: int, comm: str = "") -> None:
         super().__init__(message)
-        self.seq = seq
+        self.seq = -1 if seq == CREATE_SEQ else seq
         self.comm = comm
 
 

@@ -19,13 +19,12 @@ from ..codecs import resolve
 from .args import check_color_key, check_timeout, first_error
 from .call import MODE_EMPTY, MODE_MSG, Call
 from .channel import Channel
-from .errors import DesyncError
+from .errors import CREATE_SEQ, DesyncError
 from .identity import register_internal
 from .mismatch import MismatchKind, desync_message, group_envelopes
 from .ops import _common, run
 from .payloads import gathered
 from .protocol import Protocol
-from .verdict import CREATE_SEQ
 from .verdict import describe_call, where
 from .wire import GATHER, REDUCE
 

@@ -115,6 +115,19 @@ def mismatch_kinds(envelopes: Sequence[EnvelopeInfo]) -> List[MismatchKind]:
     return [kind for kind, read in _CHECKS if len({read(e) for e in envelopes}) > 1]
 
 
+def ordered_ranks(ranks: Sequence[int], most: int = 32) -> str:
+    """``compact_ranks`` keeping the given order: ``[7, 6, 4, 5]`` -> ``"ranks 7,6,4-5"``;
+    past ``most`` ranks, the first ``most`` and a count."""
+    runs: List[str] = []
+    for i, r in enumerate(ranks[:most]):
+        if i and r == ranks[i - 1] + 1:
+            runs[-1] = f"{runs[-1].split('-')[0]}-{r}"
+        else:
+            runs.append(str(r))
+    more = f",... ({len(ranks)} in all)" if len(ranks) > most else ""
+    return ("ranks " if len(ranks) > 1 else "rank ") + ",".join(runs) + more
+
+
 def compact_ranks(ranks: Sequence[int]) -> str:
     """``[0, 1, 2, 4, 5]`` -> ``"ranks 0-2,4-5"``; ``[3]`` -> ``"rank 3"``."""
     ordered = sorted(set(ranks))

@@ -45,10 +45,10 @@ from . import verdict
 # connecting its ranks (gloo does so lazily, slowly on a loaded host): it waits at least
 # CREATION_MIN_TIMEOUT whatever the communicator's timeout, so a tight timeout bounds
 # collectives, not start-up.
-from .verdict import CREATE_SEQ, CREATION_MIN_TIMEOUT
+from .verdict import CREATION_MIN_TIMEOUT
 from .call import MODE_ARRAY, MODE_BYTES, MODE_EMPTY, Call
 from .channel import BUSY_CODE, BUSY_LASTI, Channel, thread_label
-from .errors import CollectiveError, ConcurrentCallError
+from .errors import CREATE_SEQ, CollectiveError, ConcurrentCallError
 from .mismatch import Note
 from .fresh import on_fresh_stack
 from .identity import format_site, name_fingerprint, register_internal, site_fingerprint, \

@@ -90,11 +90,17 @@ class Transport(Protocol):
 
     def abort(self, code: int) -> None: ...
 
-    # A rank that gave up on a call (its deadline passed) tells its peers, so that a peer that
-    # completes that call late fails it too; ``given_up`` returns the (rank, call number) of each
-    # notice received so far. Transports whose late rank cannot complete such a call keep no
-    # notices (``transports.mpi`` explains when one can).
-    def give_up(self, seq: int) -> None: ...
+    # Each member's rank in the job (MPI's COMM_WORLD, torch's default group), in this
+    # communicator's rank order; None where the backend cannot tell. Messages use it.
+    def world_ranks(self) -> Optional[List[int]]: ...
+
+    # A rank that gave up on a call tells its peers: ``failure`` is the backend's error where it
+    # failed the call, "" where the deadline passed. A peer that completes a call after another
+    # gave up on it must fail it too: ``given_up`` returns the (rank, call number) of each notice
+    # received so far (transports where a late rank cannot complete such a call keep none;
+    # ``transports.mpi`` explains when one can). A transport whose backend fails a call on some
+    # ranks only (gloo, with a dead peer) ends its peers' waits with the failure it reports.
+    def give_up(self, seq: int, failure: str) -> None: ...
 
     def given_up(self) -> List[Tuple[int, int]]: ...
 

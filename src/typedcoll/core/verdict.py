@@ -21,11 +21,11 @@ from ..codecs import ENCODER, SchemaInfo
 from .transport import TransportTimeout, failure_of
 from .call import Call
 from .fresh import on_fresh_stack
-from .errors import (CollectiveTimeout, ConcurrentCallError, DecodeError, DesyncError,
-                     EncodeError, PeerError)
+from .errors import (CREATE_SEQ, CollectiveTimeout, ConcurrentCallError, DecodeError,
+                     DesyncError, EncodeError, PeerError)
 from .identity import format_site, register_internal
 from .mismatch import (EnvelopeInfo, Group, MismatchKind, compact_ranks, desync_message,
-                       differing_notes, group_envelopes, label, mismatch_kinds)
+                       differing_notes, group_envelopes, label, mismatch_kinds, ordered_ranks)
 from .wire import (AGREE_SIZE, FLAG_LOCAL_ERROR, FLAGS_OFFSET, HEADER_SIZE, REDUCE_OP_NAMES,
                    REDUCING_OPS, ROOTED_OPS, agreed, or_into, own_block)
 
@@ -33,17 +33,29 @@ if TYPE_CHECKING:
     from .protocol import Protocol
 
 CREATION_MIN_TIMEOUT = 10.0  # the creation exchange waits at least this long (core/protocol.py)
-CREATE_SEQ = 2 ** 64 - 1  # the creation exchange: before the first collective, numbered apart
 
 _INFO_DECODER = msgspec.msgpack.Decoder(Tuple[bytes, EnvelopeInfo])
 MAX_INFO = 1 << 20  # an envelope description is a few hundred bytes; notes make it longer
 
 
 def where(p: "Protocol", call: Call) -> str:
-    """How every message about ``call`` starts: ``collective #14 on tp``."""
+    """How every message about ``call`` starts: ``collective #14 on tp``, and where the
+    communicator numbers its ranks unlike the job, how: ``(ranks 0-3 here are world ranks
+    4-7)``, so that the ranks a message names can be found."""
     if call.seq == CREATE_SEQ:
-        return f"creation on {p.name}"
-    return f"collective #{call.seq} on {p.name}"
+        return f"creation on {p.name}{numbering(p)}"
+    return f"collective #{call.seq} on {p.name}{numbering(p)}"
+
+
+def numbering(p: "Protocol") -> str:
+    try:
+        world = p.transport.world_ranks()
+    except Exception:  # a message must never fail for want of this note
+        return ""
+    if world is None or world == list(range(p.size)):
+        return ""
+    here = compact_ranks(range(p.size))
+    return f" ({here} here {'is' if p.size == 1 else 'are'} world {ordered_ranks(world)})"
 
 
 def what(call: Call) -> str:
@@ -107,7 +119,8 @@ def disagreement(p: "Protocol", call: Call, receiving: bool = False) -> None:
         # rank's seq (a creation, numbered apart, only where no rank is in a collective).
         numbered = [i.seq for i in infos if i.seq != CREATE_SEQ]
         seq = numbered[0] if numbered else CREATE_SEQ
-        head = f"creation on {p.name}" if seq == CREATE_SEQ else f"collective #{seq} on {p.name}"
+        head = (f"creation on {p.name}" if seq == CREATE_SEQ
+                else f"collective #{seq} on {p.name}") + numbering(p)
         raise DesyncError(desync_message(seq, p.name, kinds, groups, head=head), seq=seq,
                           comm=p.name, kinds=kinds, groups=groups,
                           decisions=_decisions(groups))
@@ -115,12 +128,15 @@ def disagreement(p: "Protocol", call: Call, receiving: bool = False) -> None:
         raise DesyncError(f"{where(p, call)}: the agreement block and the "
                           f"envelopes disagree (corrupt exchange)", seq=call.seq, comm=p.name)
     if receiving:
-        first = failed[0]
+        # Named as the root names it (the receivers may not know its class), with the root as
+        # the payload's source: the same text and attributes on every rank.
+        first, root = failed[0], call.root
+        schema = infos[root].schema or call.schema_name
         raise DecodeError(f"{where(p, call)}: rank {first}"
                           f"{'' if len(failed) == 1 else f' (and {compact_ranks(failed[1:])})'} "
-                          f"could not decode the root's {what(call)} payload at "
+                          f"could not decode the root's {label(call.op, schema)} payload at "
                           f"{infos[first].site}: {infos[first].error}", seq=call.seq,
-                          comm=p.name, source=first, schema=call.schema_name)
+                          comm=p.name, source=root, schema=schema)
     raise failure(p, call, failed, infos)
 
 
@@ -243,7 +259,7 @@ def timed_out(p: "Protocol", call: Call) -> None:
     failure = failure_of(sys.exc_info()[1]) or failure_of(p.failure)
     p.failure = None
     notices = p.transport.given_up()
-    p.transport.give_up(call.seq)  # first: a late peer looks for it as its exchange completes
+    p.transport.give_up(call.seq, failure)  # first: a late peer looks for it as it completes
     # An exchange stops before its deadline only when the backend failed it or when it completed
     # after a peer had given up (the transport found that peer's notice): this rank came late.
     late = (bool(notices) and not failure and call.deadline is not None

@@ -191,9 +191,12 @@ class MemoryTransport:
     def free(self) -> None:
         pass
 
+    def world_ranks(self) -> Optional[List[int]]:
+        return list(self.members)
+
     # A rank that gave up left its part deposited, so a late rank completes the call from it
     # (as over MPI): it must find the notice and fail the call too.
-    def give_up(self, seq: int) -> None:
+    def give_up(self, seq: int, failure: str) -> None:
         with self.world.lock:
             self.world.notices.setdefault(self.context, []).append((self.rank, seq))
 

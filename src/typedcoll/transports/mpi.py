@@ -363,8 +363,18 @@ class MPITransport:
         self._collective("Allreduce", deadline, send, out, op=_MPI_OPS[op])
         return out.astype(arr.dtype, copy=False)
 
+    def world_ranks(self) -> Optional[List[int]]:
+        world = MPI.COMM_WORLD.Get_group()
+        mine = self.comm.Get_group()
+        try:
+            ranks = mine.Translate_ranks(list(range(self.size)), world)
+        finally:
+            mine.Free()
+            world.Free()
+        return None if MPI.UNDEFINED in ranks else [int(r) for r in ranks]
+
     # --- giving up (the module's docstring) -----------------------------------------------
-    def give_up(self, seq: int) -> None:
+    def give_up(self, seq: int, failure: str) -> None:
         note = seq.to_bytes(8, "little")
         for peer in range(self.size):
             if peer != self.rank:  # never waited on: the channel is unusable after this

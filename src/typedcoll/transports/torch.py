@@ -40,7 +40,7 @@ import os
 import socket
 import time
 from datetime import timedelta
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -65,6 +65,7 @@ reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.red
 FOREVER = timedelta(days=365)
 _FOREVER_S = FOREVER.total_seconds()
 _MARGIN_S = 1.0  # gloo abandons a timed-out operation this long after its deadline
+_ALARM_SLICE_S = 0.5  # how often a waiting collective looks for a peer's report of a failure
 
 TORCH_OPS = {"sum": dist.ReduceOp.SUM, "prod": dist.ReduceOp.PRODUCT, "max": dist.ReduceOp.MAX,
              "min": dist.ReduceOp.MIN, "band": dist.ReduceOp.BAND, "bor": dist.ReduceOp.BOR,
@@ -102,22 +103,40 @@ def options(kind: Any, deadline: Optional[float]) -> Any:
     return opts
 
 
-def wait_work(work: Any, deadline: Optional[float]) -> None:
+def wait_work(work: Any, deadline: Optional[float],
+              alarm: Optional[Callable[[], str]] = None) -> None:
     """Wait for a torch operation; TransportTimeout once ``deadline`` has passed,
-    TransportFailure when the backend fails it first (a peer's process or connection is gone)."""
-    remaining = math.inf if deadline is None else deadline - time.monotonic()
-    try:
-        if remaining >= _FOREVER_S:  # None, math.inf, or beyond what a timedelta holds
-            work.wait()
-        else:
-            work.wait(timedelta(seconds=max(remaining, 1e-3)))
-    except RuntimeError as exc:
-        # Collectives stay pending after a timed-out wait; point-to-point operations are failed
-        # by it (gloo closes the pair). Before the deadline, it is a real failure (a peer died).
-        if deadline is not None and (not work.is_completed()
-                                     or time.monotonic() >= deadline - 1e-3):
-            raise TransportTimeout() from None
-        raise TransportFailure(f"{type(exc).__name__}: {exc}") from exc
+    TransportFailure when the backend fails it first (a peer's process or connection is gone).
+
+    ``alarm`` (collectives only): read between slices of the wait, the text of a peer's report
+    that the backend failed a call of this channel, or "". gloo fails a call with a dead peer
+    only on the ranks that exchange with it directly; the others would wait for their
+    neighbours, who have given up, until the deadline, or forever without one.
+    """
+    while True:
+        remaining = math.inf if deadline is None else deadline - time.monotonic()
+        sliced = alarm is not None and remaining > _ALARM_SLICE_S
+        try:
+            if sliced:
+                work.wait(timedelta(seconds=_ALARM_SLICE_S))
+            elif remaining >= _FOREVER_S:  # None, math.inf, or beyond what a timedelta holds
+                work.wait()
+            else:
+                work.wait(timedelta(seconds=max(remaining, 1e-3)))
+            return
+        except RuntimeError as exc:
+            # Collectives stay pending after a timed-out wait; point-to-point operations are
+            # failed by it (gloo closes the pair). Before the deadline, a completed operation
+            # that raised is a real failure (a peer died).
+            if sliced and not work.is_completed():
+                reported = alarm()  # type: ignore[misc]  # sliced: alarm is not None
+                if reported:
+                    raise TransportFailure(reported) from None
+                continue
+            if deadline is not None and (not work.is_completed()
+                                         or time.monotonic() >= deadline - 1e-3):
+                raise TransportTimeout() from None
+            raise TransportFailure(f"{type(exc).__name__}: {exc}") from exc
 
 
 def group_name(group: Any) -> str:
@@ -196,7 +215,7 @@ class TorchTransport:
         send_t, recv_t = self._views
         opts = self._gather_opts if deadline is None else options(AllgatherOptions,
                                                                   deadline)
-        wait_work(self.control._allgather_base(recv_t, send_t, opts), deadline)
+        self._wait(self.control._allgather_base(recv_t, send_t, opts), deadline)
         finish_gathered(recv, len(send), self.size, block, shape)
 
     # --- phase 2 and the cold paths ------------------------------------------------------------
@@ -206,7 +225,7 @@ class TorchTransport:
         padded = torch.zeros(width, dtype=torch.uint8)
         padded[:len(send)] = u8(send)
         out = torch.empty(width * self.size, dtype=torch.uint8)
-        wait_work(self.control._allgather_base(out, padded,
+        self._wait(self.control._allgather_base(out, padded,
                                                options(AllgatherOptions, deadline)),
                   deadline)
         return out.view(self.size, width)
@@ -218,7 +237,7 @@ class TorchTransport:
             return bytearray()
         if width == min(counts):
             recv = bytearray(width * self.size)
-            wait_work(self.control._allgather_base(u8(recv), u8(send),
+            self._wait(self.control._allgather_base(u8(recv), u8(send),
                                                    options(AllgatherOptions, deadline)),
                       deadline)
             return recv
@@ -236,7 +255,7 @@ class TorchTransport:
             if self.rank == root else []
         opts = options(GatherOptions, deadline)
         opts.rootRank = root
-        wait_work(self.control.gather([rows] if rows else [], [padded], opts), deadline)
+        self._wait(self.control.gather([rows] if rows else [], [padded], opts), deadline)
         if not rows:
             return None
         return bytearray(b"".join(rows[r][:c].numpy().tobytes() for r, c in enumerate(counts)))
@@ -280,7 +299,7 @@ class TorchTransport:
                 rows.append(row)
         opts = options(ScatterOptions, deadline)
         opts.rootRank = root
-        wait_work(self.control.scatter([mine], [rows] if rows else [], opts), deadline)
+        self._wait(self.control.scatter([mine], [rows] if rows else [], opts), deadline)
         return mine[:counts[self.rank]].numpy().tobytes()
 
     def alltoall_parts(self, parts: Optional[List[bytes]],
@@ -294,7 +313,7 @@ class TorchTransport:
         if not table.any():
             return [b""] * self.size
         out = torch.empty(sum(recv_counts), dtype=torch.uint8)
-        wait_work(self.control.alltoall_base(out, u8(b"".join(parts)), recv_counts, send_counts,
+        self._wait(self.control.alltoall_base(out, u8(b"".join(parts)), recv_counts, send_counts,
                                              options(AllToAllOptions, deadline)), deadline)
         blob = out.numpy().tobytes()
         result, offset = [], 0
@@ -308,7 +327,7 @@ class TorchTransport:
             return
         opts = options(BroadcastOptions, deadline)
         opts.rootRank = root
-        wait_work(self.control.broadcast([u8(buf)], opts), deadline)
+        self._wait(self.control.broadcast([u8(buf)], opts), deadline)
 
     def allreduce_array(self, array: np.ndarray, op: str,
                         deadline: Optional[float]) -> np.ndarray:
@@ -319,7 +338,7 @@ class TorchTransport:
             result = native.copy()
             opts = options(AllreduceOptions, deadline)
             opts.reduceOp = TORCH_OPS[op]
-            wait_work(self.control.allreduce([torch.from_numpy(result)], opts), deadline)
+            self._wait(self.control.allreduce([torch.from_numpy(result)], opts), deadline)
         else:
             # Every rank gathers the same bytes and reduces them in rank order: the same
             # result everywhere, at size x the traffic.
@@ -333,7 +352,7 @@ class TorchTransport:
     # --- tensors (the tensor layer's host path) ------------------------------------------------
     def all_gather_tensor(self, out: torch.Tensor, src: torch.Tensor,
                           deadline: Optional[float]) -> None:
-        wait_work(self.control._allgather_base(_bytes_of(out), _bytes_of(src),
+        self._wait(self.control._allgather_base(_bytes_of(out), _bytes_of(src),
                                                options(AllgatherOptions, deadline)),
                   deadline)
 
@@ -342,13 +361,13 @@ class TorchTransport:
         opts = options(AllreduceOptions, deadline)
         opts.reduceOp = TORCH_OPS[op]
         target = torch.view_as_real(tensor) if tensor.is_complex() else tensor
-        wait_work(self.control.allreduce([target], opts), deadline)
+        self._wait(self.control.allreduce([target], opts), deadline)
 
     def broadcast_tensor(self, tensor: torch.Tensor, root: int,
                          deadline: Optional[float]) -> None:
         opts = options(BroadcastOptions, deadline)
         opts.rootRank = root
-        wait_work(self.control.broadcast([_bytes_of(tensor)], opts), deadline)
+        self._wait(self.control.broadcast([_bytes_of(tensor)], opts), deadline)
 
     def reduce_scatter_tensor(self, out: torch.Tensor, src: torch.Tensor, op: str,
                               deadline: Optional[float]) -> None:
@@ -356,7 +375,7 @@ class TorchTransport:
         opts.reduceOp = TORCH_OPS[op]
         if src.is_complex():
             out, src = torch.view_as_real(out), torch.view_as_real(src)
-        wait_work(self.control._reduce_scatter_base(out, src, opts), deadline)
+        self._wait(self.control._reduce_scatter_base(out, src, opts), deadline)
 
     # --- point to point: the length, then the bytes, on the private group ------------------
     def send_bytes(self, data: bytes, dest: int, tag: int, deadline: Optional[float]) -> None:
@@ -407,13 +426,40 @@ class TorchTransport:
         # launcher watching its children) end the other ranks.
         os._exit(code)
 
-    # A gloo operation that timed out closes its connections, so a late rank cannot complete it:
-    # it fails in the backend instead (a CollectiveTimeout naming the failure).
-    def give_up(self, seq: int) -> None:
-        pass
+    def world_ranks(self) -> Optional[List[int]]:
+        return list(self.ranks)
+
+    # Giving up. A gloo operation that timed out closes its connections, so a late rank cannot
+    # complete it: it fails in the backend instead, and there is no notice to look for after a
+    # completed call. A failure of the backend is reported to the peers through the channel's
+    # store (the counter "failed", then "failed/<rank>": what this rank's backend said), which
+    # every collective waiting on this channel reads between slices of its wait (``_wait``).
+    def give_up(self, seq: int, failure: str) -> None:
+        if not failure:  # a timeout: each rank reports its own, naming whom it waited for
+            return
+        try:
+            self.store.set(f"failed/{self.rank}", f"collective #{seq}: {failure}")
+            self.store.add("failed", 1)
+        except Exception:  # the store died with its rank: the peers' own waits end theirs
+            pass
 
     def given_up(self) -> List[Tuple[int, int]]:
         return []
+
+    def _peer_failure(self) -> str:
+        try:
+            if int(self.store.add("failed", 0)) == 0:
+                return ""
+            for peer in range(self.size):
+                key = f"failed/{peer}"
+                if peer != self.rank and self.store.check([key]):
+                    return f"rank {peer} reported {self.store.get(key).decode(errors='replace')}"
+        except Exception:  # the store died with its rank
+            pass
+        return ""
+
+    def _wait(self, work: Any, deadline: Optional[float]) -> None:
+        wait_work(work, deadline, self._peer_failure)
 
     def free(self) -> None:
         if self.freed:
