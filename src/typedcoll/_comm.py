@@ -3,6 +3,11 @@
 Argument problems (a bad schema, root, reduce op, step or name) are never raised before the
 collective: the rank still takes part and flags its error, so every rank raises in the same call
 and none is left waiting (see ``core.protocol``).
+
+The hot collectives (allgather, gather, bcast, barrier) call the C path's steady state straight
+from here where it is bound (``p.fast``), and hand anything else to ``core.ops`` with its answer
+(``out=``): naming the call site takes a frame object of every frame between the caller and the
+C code, so each layer in between costs every call (docs/bench.md has the figures).
 """
 
 from __future__ import annotations
@@ -10,7 +15,9 @@ from __future__ import annotations
 import sys
 from typing import Any, List, Optional, Sequence, Type, TypeVar, overload
 
-from .core import lifecycle, ops, parts
+import numpy as np
+
+from .core import fast, lifecycle, ops, parts
 from .core.args import check_step
 from .core.channel import Channel
 from .core.identity import register_internal
@@ -18,6 +25,8 @@ from .core.protocol import Protocol
 from .core.wire import NO_STEP
 
 T = TypeVar("T")
+_C = fast.entries()  # the C path's entry points (None without the extension)
+_NDARRAY = np.ndarray
 
 
 class TypedComm:
@@ -138,7 +147,17 @@ class TypedComm:
     def allgather(self, value: Any, *, schema: Any = None, step: Optional[int] = None,
                   name: Optional[str] = None) -> Any:
         """Every rank's value, in rank order. ``schema`` defaults to ``type(value)``."""
-        return ops.allgather(self._p, value, schema, step, name)
+        p = self._p
+        out = None
+        if p.fast is not None and value.__class__ is not _NDARRAY:
+            try:
+                out = _C.allgather(p, value, schema, step, name, "allgather")
+            except BaseException as exc:
+                p.failed(exc)
+                raise
+            if out.__class__ is list:
+                return out
+        return ops.allgather(p, value, schema, step, name, out=out)
 
     @overload
     def gather(self, value: T, root: int = 0, *, schema: None = None,
@@ -153,7 +172,18 @@ class TypedComm:
     def gather(self, value: Any, root: int = 0, *, schema: Any = None,
                step: Optional[int] = None, name: Optional[str] = None) -> Any:
         """Every rank's value on ``root`` (in rank order); None on the other ranks."""
-        return ops.gather(self._p, value, root, schema, step, name)
+        p = self._p
+        out = None
+        if p.fast is not None and p.size <= ops.GATHER_DIRECT_MAX and root.__class__ is int \
+                and 0 <= root < p.size:
+            try:
+                out = _C.rooted(p, value, schema, step, name, "gather", root)
+            except BaseException as exc:
+                p.failed(exc)
+                raise
+            if out.__class__ is list:
+                return out[0]
+        return ops.gather(p, value, root, schema, step, name, out=out)
 
     @overload
     def bcast(self, value: T, root: int = 0, *, schema: None = None, step: Optional[int] = None,
@@ -172,7 +202,17 @@ class TypedComm:
         Receivers that pass no ``schema`` get the root's class, found by name among the modules
         they imported and checked against the root's structure.
         """
-        return ops.bcast(self._p, value, root, schema, step, name)
+        p = self._p
+        out = None
+        if p.fast is not None and root.__class__ is int and 0 <= root < p.size:
+            try:
+                out = _C.rooted(p, value, schema, step, name, "bcast", root)
+            except BaseException as exc:
+                p.failed(exc)
+                raise
+            if out.__class__ is list:
+                return out[0]
+        return ops.bcast(p, value, root, schema, step, name, out=out)
 
     def scatter(self, values: Optional[Sequence[Any]], root: int = 0, *, schema: Any = None,
                 step: Optional[int] = None, name: Optional[str] = None) -> Any:
@@ -202,7 +242,17 @@ class TypedComm:
 
     def barrier(self, *, step: Optional[int] = None, name: Optional[str] = None) -> None:
         """Wait until every rank arrives (and check that they all called barrier)."""
-        ops.barrier(self._p, step, name)
+        p = self._p
+        out = None
+        if p.fast is not None:
+            try:
+                out = _C.empty(p, step, name)
+            except BaseException as exc:
+                p.failed(exc)
+                raise
+            if out.__class__ is list:
+                return
+        ops.barrier(p, step, name, out=out)
 
     # --- communicators -----------------------------------------------------------------------
     def split(self, color: Optional[int], key: int = 0, *, step: Optional[int] = None,

@@ -162,6 +162,13 @@ def empty(p: "Protocol", step: Any, name: Any) -> Any:
     return _guard(p, _speedups.empty, step, name)
 
 
+def entries() -> Any:
+    """The C entry points, for callers that run the steady state themselves (TypedComm's hot
+    collectives: ``allgather``, ``rooted``, ``empty``), guarded as ``_guard`` does and only where
+    ``p.fast`` is bound; None without the extension."""
+    return _speedups
+
+
 def _guard(p: "Protocol", entry: Any, *args: Any) -> Any:
     try:
         return entry(p, *args)

@@ -96,10 +96,12 @@ def value_call(op: str, shape: int, value: Any, schema: Any, step: Any, name: An
 
 # --- allgather ---------------------------------------------------------------------------------
 def allgather(p: Protocol, value: Any, schema: Any, step: Any, name: Any,
-              op: str = "allgather") -> List[Any]:
-    out = fast.allgather(p, value, schema, step, name, op)
-    if out.__class__ is list:
-        return out
+              op: str = "allgather", out: Any = None) -> List[Any]:
+    """``out``: the C path's answer where the caller already ran it (TypedComm), else None."""
+    if out is None:
+        out = fast.allgather(p, value, schema, step, name, op)
+        if out.__class__ is list:
+            return out
     call = value_call(op, GATHER, value, schema, step, name)
     return run_after_fast(p, out, call, lambda c: _decode_all(p, c))  # type: ignore[no-any-return]
 
@@ -114,14 +116,14 @@ def _decode_all(p: Protocol, call: Call) -> List[Any]:
 
 # --- gather and reduce to a root --------------------------------------------------------------
 def gather(p: Protocol, value: Any, root: Any, schema: Any, step: Any,
-           name: Any) -> Optional[List[Any]]:
+           name: Any, out: Any = None) -> Optional[List[Any]]:
     direct = p.size <= GATHER_DIRECT_MAX
-    if direct:
+    if not direct:
+        out = fast.TAKE_PY
+    elif out is None:
         out = fast.rooted(p, value, schema, step, name, "gather", root)
         if out.__class__ is list:
             return out[0]  # type: ignore[no-any-return]
-    else:
-        out = fast.TAKE_PY
     root_error = check_root(root, p.size)
     call = value_call("gather", GATHER if direct else REDUCE, value, schema, step, name,
                       root=NO_ROOT if root_error else int(root), validate=True,
@@ -171,10 +173,12 @@ def _own_length(p: Protocol) -> int:
 
 
 # --- bcast -------------------------------------------------------------------------------------
-def bcast(p: Protocol, value: Any, root: Any, schema: Any, step: Any, name: Any) -> Any:
-    out = fast.rooted(p, value, schema, step, name, "bcast", root)
-    if out.__class__ is list:
-        return out[0]
+def bcast(p: Protocol, value: Any, root: Any, schema: Any, step: Any, name: Any,
+          out: Any = None) -> Any:
+    if out is None:
+        out = fast.rooted(p, value, schema, step, name, "bcast", root)
+        if out.__class__ is list:
+            return out[0]
     root_error = check_root(root, p.size)
     is_root = root_error is None and p.rank == root
     step, name, common_error = _common(step, name)
@@ -290,10 +294,11 @@ def _combine(values: List[Any], op: str, call: Call) -> Any:
 
 
 # --- barrier -----------------------------------------------------------------------------------
-def barrier(p: Protocol, step: Any, name: Any) -> None:
-    out = fast.empty(p, step, name)
-    if out.__class__ is list:
-        return
+def barrier(p: Protocol, step: Any, name: Any, out: Any = None) -> None:
+    if out is None:
+        out = fast.empty(p, step, name)
+        if out.__class__ is list:
+            return
     step, name, error = _common(step, name)
     call = Call("barrier", REDUCE, None, MODE_EMPTY, None, step=step, name=name, error=error)
     run_after_fast(p, out, call, lambda c: None)
