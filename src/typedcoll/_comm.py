@@ -150,11 +150,7 @@ class TypedComm:
         p = self._p
         out = None
         if p.fast is not None and value.__class__ is not _NDARRAY:
-            try:
-                out = _C.allgather(p, value, schema, step, name, "allgather")
-            except BaseException as exc:
-                p.failed(exc)
-                raise
+            out = _C.allgather(p, value, schema, step, name, "allgather")
             if out.__class__ is list:
                 return out
         return ops.allgather(p, value, schema, step, name, out=out)
@@ -176,11 +172,7 @@ class TypedComm:
         out = None
         if p.fast is not None and p.size <= ops.GATHER_DIRECT_MAX and root.__class__ is int \
                 and 0 <= root < p.size:
-            try:
-                out = _C.rooted(p, value, schema, step, name, "gather", root)
-            except BaseException as exc:
-                p.failed(exc)
-                raise
+            out = _C.rooted(p, value, schema, step, name, "gather", root)
             if out.__class__ is list:
                 return out[0]
         return ops.gather(p, value, root, schema, step, name, out=out)
@@ -205,11 +197,7 @@ class TypedComm:
         p = self._p
         out = None
         if p.fast is not None and root.__class__ is int and 0 <= root < p.size:
-            try:
-                out = _C.rooted(p, value, schema, step, name, "bcast", root)
-            except BaseException as exc:
-                p.failed(exc)
-                raise
+            out = _C.rooted(p, value, schema, step, name, "bcast", root)
             if out.__class__ is list:
                 return out[0]
         return ops.bcast(p, value, root, schema, step, name, out=out)
@@ -245,11 +233,7 @@ class TypedComm:
         p = self._p
         out = None
         if p.fast is not None:
-            try:
-                out = _C.empty(p, step, name)
-            except BaseException as exc:
-                p.failed(exc)
-                raise
+            out = _C.empty(p, step, name)
             if out.__class__ is list:
                 return
         ops.barrier(p, step, name, out=out)

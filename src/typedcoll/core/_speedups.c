@@ -87,7 +87,7 @@ static PyObject *SCHEMAS, *SCHEMAS_BY_ID, *OPS, *ENCODE, *SKIP_FILES, *SKIP_CODE
  * walks its bytecode, its address does not; holding the code keeps the address from reuse. */
 static PyObject *SITE_CACHE, *NAME_CACHE, *EMPTY_BYTES;
 static PyObject *s_seq, *s_step, *s_policy, *s_observe, *s_size, *s_fast, *s_exchange,
-    *s_fingerprint;
+    *s_fingerprint, *s_failed;
 /* The op names of the entry points that are not given one, interned once at import. */
 static PyObject *s_allgather, *s_allreduce, *s_reduce, *s_barrier;
 
@@ -1483,7 +1483,7 @@ static PyObject *schema_info(PyObject *value, PyObject *schema) {
 /* allgather(protocol, value, schema, step, name, op): "allgather", "flush", or "alltoall" (the
  * value: a sequence of one part per rank; its schema, if none is named, that of its first
  * item; the Python steps call it only up to the ranks of a GATHER alltoall) */
-static PyObject *allgather(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+static PyObject *allgather_impl(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 6) {
         PyErr_SetString(PyExc_TypeError, "allgather expects 6 arguments");
         return NULL;
@@ -1507,7 +1507,7 @@ static PyObject *allgather(PyObject *mod, PyObject *const *args, Py_ssize_t narg
 
 /* rooted(protocol, value, schema, step, name, op, root): "gather", "bcast" or "scatter" (the
  * value: the root's sequence; its schema, if none is named, that of its first item) */
-static PyObject *rooted(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+static PyObject *rooted_impl(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 7) {
         PyErr_SetString(PyExc_TypeError, "rooted expects 7 arguments");
         return NULL;
@@ -1537,7 +1537,7 @@ static PyObject *rooted(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) 
 
 /* allreduce(protocol, value, step, name, reduce_code[, root]): Python ints and floats; with a
  * root, the reduce: gathered to the root, which combines (None elsewhere) */
-static PyObject *allreduce(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+static PyObject *allreduce_impl(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 5 && nargs != 6) {
         PyErr_SetString(PyExc_TypeError, "allreduce expects 5 or 6 arguments");
         return NULL;
@@ -1565,7 +1565,7 @@ static PyObject *allreduce(PyObject *mod, PyObject *const *args, Py_ssize_t narg
  * payload fits the slot, else its dtype and shape inline and its data in phase 2; encoded:
  * (inline bytes, dtype fingerprint, decoder of equal slots, the data or None), see
  * core/array_slots.py */
-static PyObject *arrays(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+static PyObject *arrays_impl(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 5) {
         PyErr_SetString(PyExc_TypeError, "arrays expects 5 arguments");
         return NULL;
@@ -1575,7 +1575,7 @@ static PyObject *arrays(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) 
 }
 
 /* empty(protocol, step, name): the barrier */
-static PyObject *empty(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+static PyObject *empty_impl(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 3) {
         PyErr_SetString(PyExc_TypeError, "empty expects 3 arguments");
         return NULL;
@@ -1583,6 +1583,43 @@ static PyObject *empty(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
     return steady(args[0], Py_None, Py_None, args[1], args[2], s_barrier, NO_ROOT, 0,
                   KIND_EMPTY, Py_None);
 }
+
+/* An entry point that raised: ``protocol.failed(exc)`` (release the channel, record, tell the
+ * hooks) as the Python steps do, then the exception goes on; should ``failed`` itself raise,
+ * its exception goes on instead, with the first as its context (as in Python). */
+static void tell_failed(PyObject *proto) {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (tb != NULL) PyException_SetTraceback(value, tb);
+    PyObject *done = PyObject_CallMethodOneArg(proto, s_failed, value);
+    if (done != NULL) {
+        Py_DECREF(done);
+        PyErr_Restore(type, value, tb);
+        return;
+    }
+    PyObject *type2, *value2, *tb2;
+    PyErr_Fetch(&type2, &value2, &tb2);
+    PyErr_NormalizeException(&type2, &value2, &tb2);
+    PyException_SetContext(value2, value); /* steals value */
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+    PyErr_Restore(type2, value2, tb2);
+}
+
+/* The entry points as core/fast.py and TypedComm call them: each tells the protocol when it
+ * raises (args[0]: the protocol). */
+#define GUARDED(entry)                                                                      \
+    static PyObject *entry(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {       \
+        PyObject *out = entry##_impl(mod, args, nargs);                                     \
+        if (out == NULL && nargs > 0) tell_failed(args[0]);                                 \
+        return out;                                                                         \
+    }
+GUARDED(allgather)
+GUARDED(rooted)
+GUARDED(allreduce)
+GUARDED(arrays)
+GUARDED(empty)
 
 static PyMethodDef methods[] = {
     {"configure", configure, METH_VARARGS, "Bind the protocol's tables (once, at import)."},
@@ -1619,6 +1656,7 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     INTERN(s_fast, "fast");
     INTERN(s_exchange, "exchange");
     INTERN(s_fingerprint, "fingerprint");
+    INTERN(s_failed, "failed");
     INTERN(s_allgather, "allgather");
     INTERN(s_allreduce, "allreduce");
     INTERN(s_reduce, "reduce");

@@ -129,52 +129,44 @@ def allgather(p: "Protocol", value: Any, schema: Any, step: Any, name: Any, op: 
             return TAKE_PY
         if encoded is None:
             return TAKE_PY
-        out = _guard(p, _speedups.arrays, encoded, _ARRAY_INFO, step, name)
+        out = _speedups.arrays(p, encoded, _ARRAY_INFO, step, name)
         if out.__class__ is tuple and encoded[3] is not None:
             # Exchanged with the array's prefix inline, not finished: phase 2 sends its data.
             return out + ((encoded[0], encoded[3]),)
         return out
-    return _guard(p, _speedups.allgather, value, schema, step, name, op)
+    return _speedups.allgather(p, value, schema, step, name, op)
 
 
 def rooted(p: "Protocol", value: Any, schema: Any, step: Any, name: Any, op: str,
            root: Any) -> Any:
     if _speedups is None or p.fast is None or type(root) is not int or not 0 <= root < p.size:
         return TAKE_PY
-    return _guard(p, _speedups.rooted, value, schema, step, name, op, root)
+    return _speedups.rooted(p, value, schema, step, name, op, root)
 
 
 def allreduce(p: "Protocol", value: Any, step: Any, name: Any, code: int) -> Any:
     if _speedups is None or p.fast is None:
         return TAKE_PY
-    return _guard(p, _speedups.allreduce, value, step, name, code)
+    return _speedups.allreduce(p, value, step, name, code)
 
 
 def reduce(p: "Protocol", value: Any, step: Any, name: Any, code: int, root: Any) -> Any:
     if _speedups is None or p.fast is None or type(root) is not int or not 0 <= root < p.size:
         return TAKE_PY
-    return _guard(p, _speedups.allreduce, value, step, name, code, root)
+    return _speedups.allreduce(p, value, step, name, code, root)
 
 
 def empty(p: "Protocol", step: Any, name: Any) -> Any:
     if _speedups is None or p.fast is None:
         return TAKE_PY
-    return _guard(p, _speedups.empty, step, name)
+    return _speedups.empty(p, step, name)
 
 
 def entries() -> Any:
     """The C entry points, for callers that run the steady state themselves (TypedComm's hot
-    collectives: ``allgather``, ``rooted``, ``empty``), guarded as ``_guard`` does and only where
-    ``p.fast`` is bound; None without the extension."""
+    collectives: ``allgather``, ``rooted``, ``empty``) where ``p.fast`` is bound; None without
+    the extension. An entry that raises has told the protocol (``p.failed``) already."""
     return _speedups
-
-
-def _guard(p: "Protocol", entry: Any, *args: Any) -> Any:
-    try:
-        return entry(p, *args)
-    except BaseException as exc:  # the C path released the channel; record and tell hooks
-        p.failed(exc)
-        raise
 
 
 def _exchange_or_failure(p: "Protocol", exchange: Any, send: Any, recv: Any, block: Any,

@@ -36,8 +36,11 @@ import msgspec
 
 from .. import codecs
 from .._comm import TypedComm
-from ..core import ops
+from ..core import fast, ops
 from ..core.identity import register_internal
+
+
+_C = fast.entries()  # the C path's entry points (None without the extension)
 
 
 class Delivery:
@@ -167,7 +170,13 @@ class SymmetricFlush:
         batch = self._batch_type(*map(tuple, queues)) if pending else self._empty
         seq = comm.seq
         # A bad step or name is flagged in the flush itself: every rank raises there together.
-        received = ops.allgather(comm._p, batch, self._batch_type, step, name, op="flush")
+        # The C path's steady state is called from here (see TypedComm.allgather).
+        p = comm._p
+        out = None
+        if p.fast is not None:
+            out = _C.allgather(p, batch, self._batch_type, step, name, "flush")
+        received = out if out.__class__ is list else ops.allgather(
+            p, batch, self._batch_type, step, name, op="flush", out=out)
         if sets_clock:
             # Only once every rank agreed on the step: a failed flush leaves every rank's clock
             # as it was.
