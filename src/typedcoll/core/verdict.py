@@ -273,7 +273,8 @@ def timed_out(p: "Protocol", call: Call) -> None:
         first = min(seq for _, seq in notices)
         text = (f"{where(p, call)}: {what(call)} at {site} is abandoned: "
                 f"{compact_ranks([rank for rank, _ in notices])} gave up waiting at "
-                f"collective #{first} (timeout {timeout:g} s) before it completed on rank "
+                f"{'the creation' if first == CREATE_SEQ else f'collective #{first}'} "
+                f"(timeout {timeout:g} s) before it completed on rank "
                 f"{p.rank}; no rank returns this call's result (their reports name the ranks "
                 f"they waited for)")
     else:
