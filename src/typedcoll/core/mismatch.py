@@ -115,34 +115,24 @@ def mismatch_kinds(envelopes: Sequence[EnvelopeInfo]) -> List[MismatchKind]:
     return [kind for kind, read in _CHECKS if len({read(e) for e in envelopes}) > 1]
 
 
-def ordered_ranks(ranks: Sequence[int], most: int = 32) -> str:
-    """``compact_ranks`` keeping the given order: ``[7, 6, 4, 5]`` -> ``"ranks 7,6,4-5"``;
-    past ``most`` ranks, the first ``most`` and a count."""
+def ordered_ranks(ranks: Sequence[int], most: Optional[int] = 32) -> str:
+    """``[7, 6, 4, 5]`` -> ``"ranks 7,6,4-5"``, in the given order; past ``most`` ranks (None:
+    no limit), the first ``most`` and a count."""
+    shown = ranks if most is None else ranks[:most]
     runs: List[str] = []
-    for i, r in enumerate(ranks[:most]):
-        if i and r == ranks[i - 1] + 1:
+    for i, r in enumerate(shown):
+        if i and r == shown[i - 1] + 1:
             runs[-1] = f"{runs[-1].split('-')[0]}-{r}"
         else:
             runs.append(str(r))
-    more = f",... ({len(ranks)} in all)" if len(ranks) > most else ""
+    more = f",... ({len(ranks)} in all)" if len(shown) < len(ranks) else ""
     return ("ranks " if len(ranks) > 1 else "rank ") + ",".join(runs) + more
 
 
 def compact_ranks(ranks: Sequence[int]) -> str:
     """``[0, 1, 2, 4, 5]`` -> ``"ranks 0-2,4-5"``; ``[3]`` -> ``"rank 3"``."""
     ordered = sorted(set(ranks))
-    if not ordered:
-        return "no ranks"
-    runs: List[str] = []
-    start = prev = ordered[0]
-    for r in ordered[1:] + [None]:
-        if r is not None and r == prev + 1:
-            prev = r
-            continue
-        runs.append(str(start) if start == prev else f"{start}-{prev}")
-        if r is not None:
-            start = prev = r
-    return ("ranks " if len(ordered) > 1 else "rank ") + ",".join(runs)
+    return ordered_ranks(ordered, None) if ordered else "no ranks"
 
 
 def label(op: str, schema: str) -> str:
