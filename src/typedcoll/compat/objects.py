@@ -32,7 +32,7 @@ from ..core.args import check_reduce_op, check_root, first_error
 from ..core.errors import CollectiveError, DecodeError
 from ..core.identity import format_site, register_internal, user_frame
 from ..core.protocol import Protocol
-from ..core.verdict import numbering
+from ..core.verdict import heading
 from ..core.wire import GATHER, NO_ROOT, REDUCE, REDUCE_OP_NAMES
 from . import values as tagged
 from .values import CALL_HAS_CLASSES, HAS_CLASSES, Refused, Unresolved, is_plain
@@ -102,9 +102,8 @@ def _raise_first(p: Protocol, failures: List[Tuple[int, Any]], op: str, seq: int
         return
     rank, (source, detail) = failures[0]
     more = "" if len(failures) == 1 else f" (and {len(failures) - 1} more ranks)"
-    raise DecodeError(f"collective #{seq} on {p.name}{numbering(p)}: {op}[Any] at {_site()}: "
-                      f"rank {rank}"
-                      f"{more} could not rebuild the value from rank {source}: {detail}",
+    raise DecodeError(f"{heading(p, seq)}: {op}[Any] at {_site()}: rank {rank}{more} could "
+                      f"not rebuild the value from rank {source}: {detail}",
                       seq=seq, comm=p.name, source=source, schema="Any")
 
 
@@ -317,8 +316,7 @@ def combine(p: Protocol, values: List[Any], op: str, what: str, seq: int) -> Any
             acc = pair(acc, values[r])
         except Exception as exc:  # a user type's operator: the same on every rank, in order
             raise CollectiveError(
-                f"collective #{seq} on {p.name}{numbering(p)}: {what}[Any] op={op} at {_site()}: "
-                f"combining "
+                f"{heading(p, seq)}: {what}[Any] op={op} at {_site()}: combining "
                 f"ranks 0..{r - 1}'s {type(acc).__name__} with rank {r}'s "
                 f"{type(values[r]).__name__} failed: {type(exc).__name__}: {exc}", seq=seq,
                 comm=p.name) from exc

@@ -39,12 +39,17 @@ MAX_INFO = 1 << 20  # an envelope description is a few hundred bytes; notes make
 
 
 def where(p: "Protocol", call: Call) -> str:
-    """How every message about ``call`` starts: ``collective #14 on tp``, and where the
-    communicator numbers its ranks unlike the job, how: ``(ranks 0-3 here are world ranks
-    4-7)``, so that the ranks a message names can be found."""
-    if call.seq == CREATE_SEQ:
+    """How every message about ``call`` starts (:func:`heading`)."""
+    return heading(p, call.seq)
+
+
+def heading(p: Any, seq: int) -> str:
+    """How every message about collective ``seq`` of ``p`` starts: ``collective #14 on tp``
+    (``creation on tp``), and where the communicator numbers its ranks unlike the job, how:
+    ``(ranks 0-3 here are world ranks 4-7)``, so that the ranks a message names can be found."""
+    if seq == CREATE_SEQ:
         return f"creation on {p.name}{numbering(p)}"
-    return f"collective #{call.seq} on {p.name}{numbering(p)}"
+    return f"collective #{seq} on {p.name}{numbering(p)}"
 
 
 def numbering(p: "Protocol") -> str:
@@ -119,10 +124,8 @@ def disagreement(p: "Protocol", call: Call, receiving: bool = False) -> None:
         # rank's seq (a creation, numbered apart, only where no rank is in a collective).
         numbered = [i.seq for i in infos if i.seq != CREATE_SEQ]
         seq = numbered[0] if numbered else CREATE_SEQ
-        head = (f"creation on {p.name}" if seq == CREATE_SEQ
-                else f"collective #{seq} on {p.name}") + numbering(p)
-        raise DesyncError(desync_message(seq, p.name, kinds, groups, head=head), seq=seq,
-                          comm=p.name, kinds=kinds, groups=groups,
+        raise DesyncError(desync_message(seq, p.name, kinds, groups, head=heading(p, seq)),
+                          seq=seq, comm=p.name, kinds=kinds, groups=groups,
                           decisions=_decisions(groups))
     if not failed:  # unreachable for well-formed peers: the block said something differed
         raise DesyncError(f"{where(p, call)}: the agreement block and the "

@@ -21,7 +21,7 @@ from ..core.call import MODE_EMPTY, Call
 from ..core.errors import DesyncError
 from ..core.identity import check_name, register_internal
 from ..core.mismatch import EnvelopeInfo, desync_message, group_envelopes, mismatch_kinds
-from ..core.verdict import numbering
+from ..core.verdict import heading
 from ..core.wire import (FLAG_LOCAL_ERROR, HEADER, HEADER_SIZE, NO_ROOT, NO_STEP, REDUCE,
                          REDUCE_OPS, REDUCING_OPS, ROOTED_OPS, op_name, reduce_op_name)
 
@@ -177,8 +177,7 @@ def desync_error(p: Any, seq: int, infos: Sequence[EnvelopeInfo],
     """The DesyncError of ``infos``; ``compared`` (the ranks that did not fail) gives kinds."""
     kinds = mismatch_kinds(compared)
     groups = group_envelopes(infos)
-    head = f"collective #{seq} on {p.name}{numbering(p)}"
-    return DesyncError(desync_message(seq, p.name, kinds, groups, head=head), seq=seq,
+    return DesyncError(desync_message(seq, p.name, kinds, groups, head=heading(p, seq)), seq=seq,
                        comm=p.name, kinds=kinds, groups=groups)
 
 
