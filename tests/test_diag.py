@@ -85,7 +85,7 @@ def test_import_installs_nothing():
             "typedcoll.diagnostics.install(); typedcoll.diagnostics.install()\n"
             "assert len(NEW_PROTOCOL_HOOKS) == len(ERROR_HOOKS) == 1\n"
             "assert [t.name for t in threading.enumerate()] == "
-            "['MainThread', 'typedcoll-diagnostics']\n"
+            "['MainThread', 'typedcoll-diagnostics', 'typedcoll-signals']\n"
             "assert sys.excepthook is not sys.__excepthook__\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
@@ -99,19 +99,24 @@ def test_install_is_idempotent_from_any_thread():
     diag.install()
     assert NEW_PROTOCOL_HOOKS.count(NEW_PROTOCOL_HOOKS[-1]) == 1
     assert len([h for h in ERROR_HOOKS if h.__module__.startswith("typedcoll")]) == 1
-    assert [t.name for t in threading.enumerate()].count("typedcoll-diagnostics") == 1
+    names = [t.name for t in threading.enumerate()]
+    assert names.count("typedcoll-diagnostics") == names.count("typedcoll-signals") == 1
 
 
-def test_a_signal_is_taken_while_every_poll_starts_late():
-    # A side channel that is always due (each poll outlasts its interval), as on a loaded host:
-    # the wake-up fd must still be read, or SIGTERM never dumps nor ends the process.
-    code = ("import os, threading, time, weakref\n"
+@pytest.mark.parametrize("poll", ["late", "stuck"])
+def test_a_signal_is_taken_whatever_the_side_channel_polls_do(poll):
+    # On a loaded host every poll can start late; an MPI call after a peer died may never
+    # return. Either way the signal must still be read, or SIGTERM never dumps nor ends the
+    # process.
+    code = ("import os, sys, threading, time, weakref\n"
             "from typedcoll.diagnostics import watcher\n"
             "serve_calls = [0]\n"
             "class Slow:\n"
             "    interval = 0.001\n"
             "    def serve(self, answer, channel):\n"
             "        serve_calls[0] += 1\n"
+            "        if sys.argv[1] == 'stuck':\n"
+            "            threading.Event().wait()\n"
             "        time.sleep(0.003)\n"
             "class Channel:\n"
             "    users = 1\n"
@@ -122,10 +127,35 @@ def test_a_signal_is_taken_while_every_poll_starts_late():
             "watcher._Watcher.due[1] = 0.0\n"
             "watcher.wake()\n"
             "time.sleep(0.3)\n"
-            "assert channel is not None and serve_calls[0] > 10, serve_calls\n"
+            "assert channel is not None and serve_calls[0] > (10 if sys.argv[1] == 'late' else 0)\n"
             "os.write(wfd, bytes([15]))\n"
             "assert taken.wait(5.0), 'the signal byte was never read'\n")
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    subprocess.run([sys.executable, "-c", code, poll], check=True, timeout=60)
+
+
+def test_sigterm_ends_the_process_when_its_dump_never_finishes(tmp_path):
+    # The main thread is stuck in C with SIGTERM blocked there (so no Python handler runs) and
+    # the dump blocks forever: the process must still end, as SIGTERM's default would end it.
+    code = ("import ctypes, os, signal, threading, time\n"
+            "import typedcoll.diagnostics as diag\n"
+            "from typedcoll.diagnostics import dumps\n"
+            "signal.signal(signal.SIGTERM, signal.SIG_DFL)\n"
+            "dumps.SIGTERM_GRACE = 1.0\n"
+            "dumps.build_dump = lambda *a, **k: threading.Event().wait()\n"
+            "diag.install()\n"
+            "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})\n"
+            "def kill():\n"
+            "    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})\n"
+            "    time.sleep(0.2)\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "threading.Thread(target=kill).start()\n"
+            "ctypes.CDLL(None).sleep(60)\n"
+            "print('the main thread returned', flush=True)\n")
+    started = time.monotonic()
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "TYPEDCOLL_TRACE_DIR": str(tmp_path)})
+    assert res.returncode == 128 + 15 and time.monotonic() - started < 30, res
+    assert "the main thread returned" not in res.stdout, res
 
 
 # --- hang reports ------------------------------------------------------------------------------

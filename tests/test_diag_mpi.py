@@ -143,7 +143,7 @@ def test_sigterm_dumps_a_rank_stuck_in_mpi_and_it_still_ends(tmp_path):
     # What Slurm or torchrun send: the dump must be written while the rank is blocked in MPI,
     # then the previous (default) handler must still end the process.
     trace = tmp_path / "trace"
-    res = run_spmd(program("diag_signals"), 2, timeout=40, tmp_path=tmp_path,
+    res = run_spmd(program("diag_signals"), 2, timeout=60, tmp_path=tmp_path,
                    abort_on_error=False,
                    env={"TYPEDCOLL_TRACE_DIR": str(trace), "DIAG_SIGNAL": "TERM"})
     assert not res.timed_out and res.returncode != 0, res

@@ -44,6 +44,26 @@ if os.environ["DIAG_SIGNAL"] == "USR1":
 else:
     if comm.rank == 1:
         threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        print("rank 1 waits in the barrier", flush=True)
         comm.barrier()  # rank 0 never joins: rank 1 is blocked inside MPI when the signal comes
     else:
-        time.sleep(30)  # ended by the launcher once rank 1 is gone
+        # The launcher ends this rank once rank 1 is gone; if it does not, this rank ends itself
+        # when rank 1 has (no MPI_Finalize: its peer is dead). What it saw tells where a hang
+        # stopped.
+        path = os.path.join(os.environ["TYPEDCOLL_TRACE_DIR"], "rank1.json")
+        deadline = time.monotonic() + 50
+        while not os.path.exists(path) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        print(f"rank 0 {'saw' if os.path.exists(path) else 'never saw'} rank 1's dump", flush=True)
+
+        def alive(pid: int) -> bool:
+            try:
+                with open(f"/proc/{pid}/stat") as fh:
+                    return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+            except OSError:
+                return False
+
+        while alive(pids[1]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        print(f"rank 0: rank 1 {'is still running' if alive(pids[1]) else 'ended'}", flush=True)
+        os._exit(0)

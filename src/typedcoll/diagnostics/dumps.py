@@ -11,8 +11,9 @@ into user code (a failure becomes a line on stderr).
 
 Signals. A Python signal handler runs only when the main thread executes bytecode, and a hung
 rank sits in a blocking MPI call. So the C-level handler's wake-up fd (``signal.set_wakeup_fd``)
-wakes the diagnostics thread (``watcher``), which dumps while the main thread is stuck; the Python
-handlers only chain to the previous ones.
+wakes the watcher's signal thread, which dumps while the main thread is stuck; the Python
+handlers only chain to the previous ones. SIGTERM ends the process even when the dump cannot be
+written within ``SIGTERM_GRACE``.
 
 How a hung job ends. After a ``CollectiveTimeout`` the backend collective is still pending, so
 ``MPI_Finalize`` at exit could wait forever. The excepthook therefore ends the job
@@ -43,6 +44,8 @@ from .state import trace_dir
 # SIGINT too: launchers (mpiexec.gforker, hydra on Ctrl-C) send it to every rank when one dies.
 DUMP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 MAX_EVENTS = 20
+# Seconds SIGTERM's dump may take before the process ends without it.
+SIGTERM_GRACE = 10.0
 
 _ENCODER = msgspec.json.Encoder()
 # Serialises writers; reentrant because a signal handler may interrupt a dump on the main thread.
@@ -180,16 +183,20 @@ def install_signals(wakeup_fd: int) -> None:
 
 
 def on_signal(signum: int) -> None:
-    """On the diagnostics thread: dump now, even while the main thread is stuck in C."""
+    """On the signal thread: dump now, even while the main thread is stuck in C."""
     if signum not in _State.dumped:
         return
+    # SIGTERM must end the process as it would have without us, whatever the main thread is
+    # doing (stuck in C, it never runs its handler) and however long the dump takes.
+    ends = signum == signal.SIGTERM and _State.previous_handlers.get(signum) == signal.SIG_DFL
+    if ends:
+        reaper = threading.Timer(SIGTERM_GRACE, os._exit, (128 + signal.SIGTERM,))
+        reaper.daemon = True
+        reaper.start()
     dump_traces(signal.Signals(signum).name)
     _State.dumped[signum].set()
-    if signum == signal.SIGTERM and _State.previous_handlers.get(signum) == signal.SIG_DFL:
-        # The main thread may be stuck in C and never run its handler; SIGTERM must still end
-        # the process, as it would have without us.
-        if not _State.main_took_sigterm.wait(1.0):
-            os._exit(128 + signal.SIGTERM)
+    if ends and not _State.main_took_sigterm.wait(1.0):
+        os._exit(128 + signal.SIGTERM)
 
 
 def _handler(signum: int, frame: Any) -> None:

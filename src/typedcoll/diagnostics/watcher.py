@@ -1,10 +1,15 @@
-"""The watcher: one daemon thread per process that answers the side channel and takes signals.
+"""The watcher: two daemon threads per process, one that answers the side channel and one that
+takes signals.
 
-It polls every channel's side channel (``side``) when due, every few milliseconds for MPI, and
-otherwise sleeps in ``select`` on a pipe, which is also the signal wake-up fd (``dumps``): a
-rank blocked inside MPI still answers its peers and still writes its dump on SIGTERM. It holds
-``_Watcher.lock`` while it uses a transport, so whoever frees a channel's communicators
-(``forget``) or finalises MPI (``stop``, at exit) first waits out a poll in progress.
+The first polls every channel's side channel (``side``) when due, every few milliseconds for
+MPI, and otherwise sleeps in ``select`` on its wake-up pipe: a rank blocked inside MPI still
+answers its peers. It holds ``_Watcher.lock`` while it uses a transport, so whoever frees a
+channel's communicators (``forget``) or finalises MPI (``stop``, at exit) first waits out a
+poll in progress.
+
+The second blocks on a pipe of its own, the signal wake-up fd (``dumps``), and calls no
+transport: a poll that never returns (an MPI call after a peer died may block) cannot keep
+SIGTERM from writing the dump and ending the process.
 """
 
 from __future__ import annotations
@@ -22,13 +27,16 @@ from ..core.identity import register_internal
 from . import side as side_channels
 from .side import Answerer, MPISide, Side
 
-IDLE_INTERVAL = 0.25  # with no side channel to poll: only signals and stopping wake the thread
+IDLE_INTERVAL = 0.25  # with no side channel to poll: only a new one and stopping wake the thread
 
 
 class _Watcher:
     thread: Optional[threading.Thread] = None
     rfd = -1
     wfd = -1
+    signal_thread: Optional[threading.Thread] = None
+    signal_rfd = -1
+    signal_wfd = -1
     # id(channel) -> (weak channel, its side channel or why it has none), for every channel
     sides: Dict[int, Tuple["weakref.ref[Channel]", Union[Side, str]]] = {}
     polled: Dict[int, Tuple["weakref.ref[Channel]", Side]] = {}  # those that need polling
@@ -84,7 +92,7 @@ def forget(channel: Channel) -> None:
 
 def start(answer: Answerer, on_signal: Callable[[int], None],
           after_poll: Callable[[], None]) -> int:
-    """Start the thread (once); returns the write end of its wake-up pipe.
+    """Start the threads (once); returns the write end of the signal thread's pipe.
 
     ``answer(channel, query)`` builds this rank's answer, ``on_signal(signum)`` handles a signal
     and ``after_poll()`` does what may wait until the answers are sent (requested dumps).
@@ -97,10 +105,15 @@ def start(answer: Answerer, on_signal: Callable[[int], None],
         _Watcher.rfd, _Watcher.wfd = os.pipe()
         os.set_blocking(_Watcher.wfd, False)
         os.set_blocking(_Watcher.rfd, False)
+        _Watcher.signal_rfd, _Watcher.signal_wfd = os.pipe()
+        os.set_blocking(_Watcher.signal_wfd, False)  # a signal handler must never block
         _Watcher.thread = threading.Thread(target=_run, name="typedcoll-diagnostics",
                                            daemon=True)
+        _Watcher.signal_thread = threading.Thread(target=_take_signals,
+                                                  name="typedcoll-signals", daemon=True)
         _Watcher.thread.start()
-    return _Watcher.wfd
+        _Watcher.signal_thread.start()
+    return _Watcher.signal_wfd
 
 
 def wake() -> None:
@@ -126,10 +139,8 @@ def _run() -> None:
         try:
             now = time.monotonic()
             wait = min(_Watcher.due.values(), default=now + IDLE_INTERVAL) - now
-            # Looked at even when a poll is already due: on a loaded host every poll can start
-            # late, and a signal must not wait behind them.
             readable, _, _ = select.select([_Watcher.rfd], [], [], max(wait, 0.0))
-            if readable:
+            if readable:  # a new channel or stopping woke it: drained even when polls run late
                 _drain_pipe()
             _poll()
             if _Watcher.after_poll is not None:
@@ -141,12 +152,22 @@ def _run() -> None:
 
 def _drain_pipe() -> None:
     try:
-        data = os.read(_Watcher.rfd, 256)
+        os.read(_Watcher.rfd, 256)
     except BlockingIOError:
-        return
-    for signum in data:
-        if signum and _Watcher.on_signal is not None:
-            _Watcher.on_signal(signum)
+        pass
+
+
+def _take_signals() -> None:
+    """Each byte the C-level handler writes is a signal's number (``signal.set_wakeup_fd``)."""
+    while True:
+        try:
+            data = os.read(_Watcher.signal_rfd, 256)
+            for signum in data:
+                if signum and _Watcher.on_signal is not None:
+                    _Watcher.on_signal(signum)
+        except Exception as exc:  # the thread must survive anything, or SIGTERM is lost
+            _warn(f"diagnostics signal thread: {type(exc).__name__}: {exc}")
+            time.sleep(IDLE_INTERVAL)
 
 
 def _poll() -> None:
