@@ -206,6 +206,25 @@ with comm.dup() as twin:
     chk.eq("dup timeout", twin.timeout, TIMEOUT)
 sub.free()
 
+# More call sites than the C path keeps at hand (a table of 512), all in one function, so that
+# sites differing only in their offset share table entries: ranks on the C path and on the
+# Python steps still name every site alike, each time it comes back after being pushed out.
+SITES = 1500
+generated = {}
+exec(compile("def site_of(c, i):\n" + "".join(
+    f"    if i == {i}:\n        return c.allgather({i})\n" for i in range(SITES)),
+    "generated_sites.py", "exec"), generated)
+site_of = generated["site_of"]
+for order in (range(SITES), range(SITES - 1, -1, -1)):
+    for i in order:
+        if site_of(comm, i) != [i] * size:
+            check(f"generated site {i}", site_of(comm, i), [i] * size)
+if size > 1:
+    with chk.expect(tc.DesyncError, "two generated sites") as err:
+        site_of(comm, 7 if rank == 0 else SITES - 1)
+    chk.eq("two generated sites are told apart", "generated_sites.py:17," in str(err.error)
+           and f"generated_sites.py:{2 * SITES + 1}," in str(err.error), True)
+
 # Two TypedComms over one parent share its private channel and are told apart in messages.
 other = tc.TypedComm(MPI.COMM_WORLD, timeout=TIMEOUT)
 chk.eq("second name", other.name, "COMM_WORLD#2")

@@ -85,7 +85,7 @@ static PyObject *SCHEMAS, *SCHEMAS_BY_ID, *OPS, *ENCODE, *SKIP_FILES, *SKIP_CODE
     *NAME_FP, *TAKE_PY;
 /* (address of code, lasti) -> (code, fingerprint); name -> fingerprint. Hashing a code object
  * walks its bytecode, its address does not; holding the code keeps the address from reuse. */
-static PyObject *SITE_CACHE, *NAME_CACHE, *EMPTY_BYTES;
+static PyObject *NAME_CACHE, *EMPTY_BYTES;
 static PyObject *s_seq, *s_step, *s_policy, *s_observe, *s_size, *s_fast, *s_exchange,
     *s_fingerprint, *s_failed;
 /* The op names of the entry points that are not given one, interned once at import. */
@@ -290,30 +290,34 @@ static int user_site(PyCodeObject **code_out, int *lasti_out) {
     return 0;
 }
 
-/* The identity fingerprint of an unnamed call at (code, lasti) (a new reference). */
+/* The identity fingerprint of an unnamed call at (code, lasti) (a new reference). A
+ * direct-mapped table in front of SITE_FP (which has its own cache): a hit compares two words and
+ * allocates nothing; the table holds its code objects, so a pointer in it is never reused. */
+#define SITE_SLOTS 512
+static struct {
+    PyObject *code;
+    int lasti;
+    PyObject *fp;
+} SITE_TABLE[SITE_SLOTS];
+
 static PyObject *site_identity(PyCodeObject *code, int lasti) {
     PyObject *code_obj = code ? (PyObject *)code : Py_None;
-    PyObject *key = Py_BuildValue("(ni)", (Py_ssize_t)(uintptr_t)code, lasti);
-    if (key == NULL) return NULL;
-    PyObject *entry = PyDict_GetItemWithError(SITE_CACHE, key); /* borrowed */
-    if (entry != NULL && PyTuple_GET_ITEM(entry, 0) == code_obj) {
-        Py_DECREF(key);
-        return Py_NewRef(PyTuple_GET_ITEM(entry, 1));
-    }
-    if (PyErr_Occurred()) {
-        Py_DECREF(key);
-        return NULL;
-    }
+    size_t h = ((size_t)(uintptr_t)code_obj >> 4) ^ ((size_t)(unsigned)lasti * 2654435761u);
+    size_t i = (h ^ (h >> 9)) & (SITE_SLOTS - 1);
+    if (SITE_TABLE[i].code == code_obj && SITE_TABLE[i].lasti == lasti)
+        return Py_NewRef(SITE_TABLE[i].fp);
     PyObject *fp = PyObject_CallFunction(SITE_FP, "Oi", code_obj, lasti);
     if (fp != NULL && (!PyBytes_Check(fp) || PyBytes_GET_SIZE(fp) != 8)) {
         Py_CLEAR(fp);
         PyErr_SetString(PyExc_RuntimeError, "typedcoll: bad site fingerprint");
     }
-    PyObject *value = fp ? PyTuple_Pack(2, code_obj, fp) : NULL;
-    int failed = value == NULL || PyDict_SetItem(SITE_CACHE, key, value) < 0;
-    Py_XDECREF(value);
-    Py_DECREF(key);
-    if (failed) Py_CLEAR(fp);
+    if (fp == NULL) return NULL;
+    PyObject *old_code = SITE_TABLE[i].code, *old_fp = SITE_TABLE[i].fp;
+    SITE_TABLE[i].code = Py_NewRef(code_obj);
+    SITE_TABLE[i].lasti = lasti;
+    SITE_TABLE[i].fp = Py_NewRef(fp);
+    Py_XDECREF(old_code); /* last: a code object's deallocation may run Python code */
+    Py_XDECREF(old_fp);
     return fp;
 }
 
@@ -334,18 +338,39 @@ static PyObject *name_identity(PyObject *name) {
 }
 
 /* The schema cache's SchemaInfo for ``key`` (borrowed), or NULL: with an exception set on error,
- * without one when the schema is not resolved yet (or unhashable). */
+ * without one when the schema is not resolved yet (or unhashable). A direct-mapped table of
+ * schemas seen (the caches only ever add entries, and keep key and info alive) saves the id's
+ * allocation and a dict lookup. */
+#define SCHEMA_SLOTS 64
+static struct {
+    PyObject *key, *info;
+} SCHEMA_TABLE[SCHEMA_SLOTS];
+
 static PyObject *lookup_info(PyObject *key) {
+    size_t h = (size_t)(uintptr_t)key >> 4;
+    size_t slot = (h ^ (h >> 6)) & (SCHEMA_SLOTS - 1);
+    if (SCHEMA_TABLE[slot].key == key) return SCHEMA_TABLE[slot].info;
     PyObject *id = PyLong_FromVoidPtr(key);
     if (id == NULL) return NULL;
     PyObject *entry = PyDict_GetItemWithError(SCHEMAS_BY_ID, id); /* borrowed */
     Py_DECREF(id);
+    PyObject *info = NULL;
     if (entry != NULL && PyTuple_Check(entry) && PyTuple_GET_SIZE(entry) == 2 &&
-        PyTuple_GET_ITEM(entry, 0) == key)
-        return PyTuple_GET_ITEM(entry, 1);
-    if (PyErr_Occurred()) return NULL;
-    PyObject *info = PyDict_GetItemWithError(SCHEMAS, key);
-    if (info == NULL) PyErr_Clear();
+        PyTuple_GET_ITEM(entry, 0) == key) {
+        info = PyTuple_GET_ITEM(entry, 1);
+    } else {
+        if (PyErr_Occurred()) return NULL;
+        info = PyDict_GetItemWithError(SCHEMAS, key);
+        if (info == NULL) {
+            PyErr_Clear();
+            return NULL;
+        }
+    }
+    PyObject *old_key = SCHEMA_TABLE[slot].key, *old_info = SCHEMA_TABLE[slot].info;
+    SCHEMA_TABLE[slot].key = Py_NewRef(key);
+    SCHEMA_TABLE[slot].info = Py_NewRef(info);
+    Py_XDECREF(old_key); /* the caches still hold both */
+    Py_XDECREF(old_info);
     return info;
 }
 
@@ -1661,7 +1686,7 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     INTERN(s_allreduce, "allreduce");
     INTERN(s_reduce, "reduce");
     INTERN(s_barrier, "barrier");
-    if ((SITE_CACHE = PyDict_New()) == NULL || (NAME_CACHE = PyDict_New()) == NULL ||
+    if ((NAME_CACHE = PyDict_New()) == NULL ||
         (EMPTY_BYTES = PyBytes_FromStringAndSize(NULL, 0)) == NULL)
         return NULL;
     PyObject *m = PyModule_Create(&module);
