@@ -22,7 +22,8 @@ from .core.args import check_step
 from .core.channel import Channel
 from .core.identity import register_internal
 from .core.protocol import Protocol
-from .core.wire import NO_STEP
+from .codecs import reduce_values
+from .core.wire import NO_STEP, REDUCE_OP_NAMES, REDUCE_OPS
 
 T = TypeVar("T")
 _C = fast.entries()  # the C path's entry points (None without the extension)
@@ -205,7 +206,13 @@ class TypedComm:
     def scatter(self, values: Optional[Sequence[Any]], root: int = 0, *, schema: Any = None,
                 step: Optional[int] = None, name: Optional[str] = None) -> Any:
         """``values[i]`` of ``root`` on rank i; other ranks pass None."""
-        return parts.scatter(self._p, values, root, schema, step, name)
+        p = self._p
+        out = None
+        if p.fast is not None and root.__class__ is int and 0 <= root < p.size:
+            out = _C.rooted(p, values, schema, step, name, "scatter", root)
+            if out.__class__ is list:
+                return out[0]
+        return parts.scatter(p, values, root, schema, step, name, out=out)
 
     def alltoall(self, values: Sequence[Any], *, schema: Any = None,
                  step: Optional[int] = None, name: Optional[str] = None) -> List[Any]:
@@ -216,12 +223,29 @@ class TypedComm:
                   name: Optional[str] = None) -> T:
         """Combine ints, floats, numpy scalars or arrays on every rank: "sum", "prod", "max",
         "min", "land", "lor", "lxor", "band", "bor", "bxor" (or the mpi4py ``MPI.Op``)."""
-        return ops.allreduce(self._p, value, op, step, name)  # type: ignore[no-any-return]
+        p = self._p
+        out = None
+        if p.fast is not None and (value.__class__ is int or value.__class__ is float) and \
+                op.__class__ is str and op in REDUCE_OPS:
+            code = REDUCE_OPS[op]
+            out = _C.allreduce(p, value, step, name, code)
+            if out.__class__ is list:
+                return reduce_values(out, REDUCE_OP_NAMES[code])  # type: ignore[no-any-return]
+        return ops.allreduce(p, value, op, step, name, out=out)  # type: ignore[no-any-return]
 
     def reduce(self, value: T, op: Any = "sum", root: int = 0, *, step: Optional[int] = None,
                name: Optional[str] = None) -> Optional[T]:
         """As :meth:`allreduce`, the result on ``root`` only (None elsewhere)."""
-        return ops.reduce(self._p, value, op, root, step, name)  # type: ignore[no-any-return]
+        p = self._p
+        out = None
+        if p.fast is not None and (value.__class__ is int or value.__class__ is float) and \
+                op.__class__ is str and op in REDUCE_OPS and root.__class__ is int and \
+                0 <= root < p.size <= ops.GATHER_DIRECT_MAX:
+            code = REDUCE_OPS[op]
+            out = _C.allreduce(p, value, step, name, code, root)
+            if out.__class__ is list:
+                return ops.reduced_at_root(out, code)  # type: ignore[no-any-return]
+        return ops.reduce(p, value, op, root, step, name, out=out)  # type: ignore[no-any-return]
 
     def reduce_scatter(self, values: Sequence[Any], op: Any = "sum", *, schema: Any = None,
                        step: Optional[int] = None, name: Optional[str] = None) -> Any:

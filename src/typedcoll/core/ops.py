@@ -132,14 +132,17 @@ def gather(p: Protocol, value: Any, root: Any, schema: Any, step: Any,
     return run_after_fast(p, out, call, rest)  # type: ignore[no-any-return]
 
 
-def reduce(p: Protocol, value: Any, op: Any, root: Any, step: Any, name: Any) -> Any:
+def reduce(p: Protocol, value: Any, op: Any, root: Any, step: Any, name: Any,
+           out: Any = None) -> Any:
+    """``out``: the C path's answer where the caller already ran it (TypedComm), else None."""
     code, op_error = check_reduce_op(op)
     direct = p.size <= GATHER_DIRECT_MAX
-    if direct and op_error is None and type(value) in (int, float):
+    if out is not None:
+        pass
+    elif direct and op_error is None and type(value) in (int, float):
         out = fast.reduce(p, value, step, name, code, root)
         if out.__class__ is list:
-            values = out[0]
-            return None if values is None else reduce_values(values, REDUCE_OP_NAMES[code])
+            return reduced_at_root(out, code)
     else:
         out = fast.TAKE_PY
     root_error = check_root(root, p.size)
@@ -150,6 +153,12 @@ def reduce(p: Protocol, value: Any, op: Any, root: Any, step: Any, name: Any) ->
     rest = lambda c: _at_root(p, c, c.root,  # noqa: E731
                               lambda values: _combine(values, op_name, c))
     return run_after_fast(p, out, call, rest)
+
+
+def reduced_at_root(out: List[Any], code: int) -> Any:
+    """A C-path reduce's answer: ``[values]`` on the root, ``[None]`` elsewhere."""
+    values = out[0]
+    return None if values is None else reduce_values(values, REDUCE_OP_NAMES[code])
 
 
 def _at_root(p: Protocol, call: Call, root: int, finish_values: Callable[[List[Any]], Any]) -> Any:
@@ -209,9 +218,12 @@ def _from_root(p: Protocol, call: Call, buf: Any, root: int) -> Any:
 
 
 # --- allreduce ---------------------------------------------------------------------------------
-def allreduce(p: Protocol, value: Any, op: Any, step: Any, name: Any) -> Any:
+def allreduce(p: Protocol, value: Any, op: Any, step: Any, name: Any, out: Any = None) -> Any:
+    """``out``: the C path's answer where the caller already ran it (TypedComm), else None."""
     code, op_error = check_reduce_op(op)
-    if op_error is None and type(value) in (int, float):
+    if out is not None:
+        pass
+    elif op_error is None and type(value) in (int, float):
         out = fast.allreduce(p, value, step, name, code)
         if out.__class__ is list:
             return reduce_values(out, REDUCE_OP_NAMES[code])

@@ -43,10 +43,13 @@ from .wire import (FLAG_OVERFLOW, FLAGS_OFFSET, GATHER, HEADER_SIZE, LENGTH_OFFS
 
 
 # --- scatter -----------------------------------------------------------------------------------
-def scatter(p: Protocol, values: Any, root: Any, schema: Any, step: Any, name: Any) -> Any:
-    out = fast.rooted(p, values, schema, step, name, "scatter", root)
-    if out.__class__ is list:
-        return out[0]
+def scatter(p: Protocol, values: Any, root: Any, schema: Any, step: Any, name: Any,
+            out: Any = None) -> Any:
+    """``out``: the C path's answer where the caller already ran it (TypedComm), else None."""
+    if out is None:
+        out = fast.rooted(p, values, schema, step, name, "scatter", root)
+        if out.__class__ is list:
+            return out[0]
     root_error = check_root(root, p.size)
     is_root = root_error is None and p.rank == root
     step, name, common_error = _common(step, name)
