@@ -83,8 +83,7 @@ enum { KIND_ALL, KIND_GATHER, KIND_BCAST, KIND_EMPTY, KIND_SCATTER, KIND_ALLTOAL
 
 static PyObject *SCHEMAS, *SCHEMAS_BY_ID, *OPS, *ENCODE, *SKIP_FILES, *SKIP_CODES, *SITE_FP,
     *NAME_FP, *TAKE_PY;
-/* (address of code, lasti) -> (code, fingerprint); name -> fingerprint. Hashing a code object
- * walks its bytecode, its address does not; holding the code keeps the address from reuse. */
+/* name -> fingerprint (call sites have a table of their own, before site_identity). */
 static PyObject *NAME_CACHE, *EMPTY_BYTES;
 static PyObject *s_seq, *s_step, *s_policy, *s_observe, *s_size, *s_fast, *s_exchange,
     *s_fingerprint, *s_failed;
@@ -291,8 +290,9 @@ static int user_site(PyCodeObject **code_out, int *lasti_out) {
 }
 
 /* The identity fingerprint of an unnamed call at (code, lasti) (a new reference). A
- * direct-mapped table in front of SITE_FP (which has its own cache): a hit compares two words and
- * allocates nothing; the table holds its code objects, so a pointer in it is never reused. */
+ * direct-mapped table in front of SITE_FP (which has its own cache), keyed by the code's address
+ * (hashing a code object walks its bytecode): a hit compares two words and allocates nothing;
+ * the table holds its code objects, so an address in it is never reused. */
 #define SITE_SLOTS 512
 static struct {
     PyObject *code;
