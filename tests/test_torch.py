@@ -409,10 +409,14 @@ def wait_for_all(key: str, size: int, count: bool = True) -> None:
 
 
 # --- the tests -----------------------------------------------------------------------------------
-@pytest.fixture(scope="module", params=[2, 4, 8])
+EXTRA_SIZE = [int(os.environ["TYPEDCOLL_TEST_RANKS"])] if os.environ.get(
+    "TYPEDCOLL_TEST_RANKS", "8") not in ("2", "4", "8") else []
+
+
+@pytest.fixture(scope="module", params=[2, 4, 8] + EXTRA_SIZE)
 def desync(request, tmp_path_factory):
     """One run of the program at each size: its values are checked in the ranks; the desync
-    outcomes come back."""
+    outcomes come back. ``TYPEDCOLL_TEST_RANKS=16`` adds that size (as for test_scale_mpi.py)."""
     size = request.param
     return size, run_ranks("all", size, tmp_path_factory.mktemp(f"all{size}"))
 
