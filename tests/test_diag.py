@@ -133,6 +133,27 @@ def test_a_signal_is_taken_whatever_the_side_channel_polls_do(poll):
     subprocess.run([sys.executable, "-c", code, poll], check=True, timeout=60)
 
 
+def test_a_sigterm_handler_installed_after_typedcolls_keeps_the_process(tmp_path):
+    # An engine's graceful shutdown: its own handler, installed later, decides; typedcoll still
+    # dumps from its signal thread but must not end the process.
+    code = ("import os, signal, threading, time\n"
+            "import typedcoll.diagnostics as diag\n"
+            "signal.signal(signal.SIGTERM, signal.SIG_DFL)\n"
+            "diag.install()\n"
+            "took = threading.Event()\n"
+            "signal.signal(signal.SIGTERM, lambda *a: took.set())\n"
+            "os.kill(os.getpid(), signal.SIGTERM)\n"
+            "deadline = time.monotonic() + 3\n"
+            "while time.monotonic() < deadline:\n"
+            "    time.sleep(0.05)\n"
+            "assert took.is_set()\n"
+            "assert os.path.exists(os.path.join(os.environ['TYPEDCOLL_TRACE_DIR'], 'rank0.json'))\n"
+            "print('still running', flush=True)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "TYPEDCOLL_TRACE_DIR": str(tmp_path)})
+    assert res.returncode == 0 and "still running" in res.stdout, res
+
+
 def test_sigterm_ends_the_process_when_its_dump_never_finishes(tmp_path):
     # The main thread is stuck in C with SIGTERM blocked there (so no Python handler runs) and
     # the dump blocks forever: the process must still end, as SIGTERM's default would end it.

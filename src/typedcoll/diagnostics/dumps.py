@@ -187,8 +187,10 @@ def on_signal(signum: int) -> None:
     if signum not in _State.dumped:
         return
     # SIGTERM must end the process as it would have without us, whatever the main thread is
-    # doing (stuck in C, it never runs its handler) and however long the dump takes.
-    ends = signum == signal.SIGTERM and _State.previous_handlers.get(signum) == signal.SIG_DFL
+    # doing (stuck in C, it never runs its handler) and however long the dump takes; unless the
+    # program installed a handler of its own since (a graceful shutdown): SIGTERM is then its.
+    ends = (signum == signal.SIGTERM and _State.previous_handlers.get(signum) == signal.SIG_DFL
+            and signal.getsignal(signum) is _handler)
     if ends:
         reaper = threading.Timer(SIGTERM_GRACE, os._exit, (128 + signal.SIGTERM,))
         reaper.daemon = True
