@@ -4,10 +4,12 @@ Argument problems (a bad schema, root, reduce op, step or name) are never raised
 collective: the rank still takes part and flags its error, so every rank raises in the same call
 and none is left waiting (see ``core.protocol``).
 
-The hot collectives (allgather, gather, bcast, barrier) call the C path's steady state straight
-from here where it is bound (``p.fast``), and hand anything else to ``core.ops`` with its answer
-(``out=``): naming the call site takes a frame object of every frame between the caller and the
-C code, so each layer in between costs every call (docs/bench.md has the figures).
+The hot collectives (allgather, gather, bcast, scatter, allreduce, reduce, barrier) call the
+C path's steady state straight from here where it is bound (``p.fast``), and hand anything else
+to ``core.ops`` or ``core.parts`` with its answer (``out=``): naming the call site takes a frame
+object of every frame between the caller and the C code, so each layer in between costs every
+call (docs/bench.md has the figures). That is also why the rooted ones repeat the same few
+lines rather than share a helper around the C call.
 """
 
 from __future__ import annotations

@@ -164,8 +164,9 @@ def empty(p: "Protocol", step: Any, name: Any) -> Any:
 
 def entries() -> Any:
     """The C entry points, for callers that run the steady state themselves (TypedComm's hot
-    collectives: ``allgather``, ``rooted``, ``empty``) where ``p.fast`` is bound; None without
-    the extension. An entry that raises has told the protocol (``p.failed``) already."""
+    collectives: ``allgather``, ``rooted``, ``allreduce``, ``empty``) where ``p.fast`` is bound;
+    None without the extension. An entry that raises has told the protocol (``p.failed``)
+    already."""
     return _speedups
 
 
