@@ -6,9 +6,10 @@ Run: ``mpiexec -n 2 python bench/bcast_schema.py [--rounds R] [--iters I] [--jso
 Three methods on the 3-field ``RankState`` record from root 0 (a dict for pickle), interleaved
 round by round (medians over rounds of the slowest rank's mean per call):
   schema     ``TypedComm.bcast(state or None, root=0, schema=RankState)``
-  no_schema  ``TypedComm.bcast(state or None, root=0)``: receivers find the root's class by
-             name among imported modules, and every rank settles the outcome in one more
-             exchange (one rank may lack the class)
+  no_schema  ``TypedComm.bcast(state or None, root=0)``: at the call's first run receivers
+             find the root's class by name among imported modules and every rank settles the
+             outcome in one more exchange (one rank may lack the class); every later run (the
+             steady state measured) sends that class as if named (``Protocol.guess``)
   pickle     ``comm.bcast(dict or None, root=0)``
 Goal, as for every bcast: at most 1.2x pickle.
 """

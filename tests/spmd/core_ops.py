@@ -132,6 +132,22 @@ for label, value in [("struct", RankState(7, 8, 9)), ("dict", {"k": [1, 2]}),
     check(f"scatter without schema: {label}",
           comm.scatter([value] * size if rank == 0 else None, 0), value)
 
+# After a site's first call they guess the root's class (one exchange, no search by name), and
+# follow a root that changes class there: no false alarm, the root's type on every rank.
+for k, value in enumerate([RankState(1, 2, 3)] * 3 + [{"k": 1}, RankState(4, 5, 6), None]):
+    got = comm.bcast(value if rank == 0 else None, 0)
+    check(f"guessed bcast {k}", (got, type(got)), (value, type(value)))
+# A guesser whose peer is elsewhere: the same DesyncError on every rank, nobody left waiting.
+if size > 1:
+    for k in range(2):
+        comm.bcast(RankState(k, 0, 0) if rank == 0 else None, 0, name="guessed")
+    with chk.expect(tc.DesyncError, "a guesser meets a barrier") as err:
+        comm.barrier() if rank == size - 1 else comm.bcast(
+            RankState(0, 0, 0) if rank == 0 else None, 0, name="guessed")
+    chk.same("a guesser meets a barrier: one message", str(err.error))
+    chk.true("a guesser meets a barrier: both named", "barrier" in str(err.error)
+             and "bcast" in str(err.error))
+
 OPS = {"sum": MPI.SUM, "prod": MPI.PROD, "max": MPI.MAX, "min": MPI.MIN, "land": MPI.LAND,
        "lor": MPI.LOR, "lxor": MPI.LXOR, "band": MPI.BAND, "bor": MPI.BOR, "bxor": MPI.BXOR}
 # The reference, independent of typedcoll: Python's operators on numbers, numpy's on arrays;

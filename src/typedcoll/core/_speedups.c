@@ -57,6 +57,7 @@
 #define FLAG_OVERFLOW 2
 #define FLAG_WILD_SCHEMA 4
 #define FLAG_SPLIT_ARRAY 8
+#define FLAG_GUESSED 16
 #define SHAPE_REDUCE 0
 #define SHAPE_GATHER 1
 #define NO_ROOT (-1)
@@ -86,7 +87,7 @@ static PyObject *SCHEMAS, *SCHEMAS_BY_ID, *OPS, *ENCODE, *SKIP_FILES, *SKIP_CODE
 /* name -> fingerprint (call sites have a table of their own, before site_identity). */
 static PyObject *NAME_CACHE, *EMPTY_BYTES;
 static PyObject *s_seq, *s_step, *s_policy, *s_observe, *s_size, *s_fast, *s_exchange,
-    *s_fingerprint, *s_failed;
+    *s_fingerprint, *s_failed, *s_guesses;
 /* The op names of the entry points that are not given one, interned once at import. */
 static PyObject *s_allgather, *s_allreduce, *s_reduce, *s_barrier;
 
@@ -1052,10 +1053,14 @@ static int own_part(const unsigned char *region, Py_ssize_t len, Py_ssize_t cap,
 }
 
 /* A rooted payload (its class path prefix, then the value) decoded, in a 1-item list. NULL and
- * no exception: not well formed or not decoded here (the Python steps judge it); NULL with one:
- * a hard error. */
-static PyObject *rooted_item(PyObject *decode, const unsigned char *p, Py_ssize_t len) {
+ * no exception: not well formed, or not the class path ``expect`` (a guessed class's prefix;
+ * NULL: any), or not decoded here (the Python steps judge it); NULL with one: a hard error. */
+static PyObject *rooted_item(PyObject *decode, const unsigned char *p, Py_ssize_t len,
+                             PyObject *expect) {
     if (len < 1 || 1 + (Py_ssize_t)p[0] > len) return NULL;
+    if (expect != NULL && (PyBytes_GET_SIZE(expect) != 1 + (Py_ssize_t)p[0] ||
+                           memcmp(p, PyBytes_AS_STRING(expect), (size_t)(1 + p[0])) != 0))
+        return NULL;
     Py_ssize_t skip = 1 + p[0];
     PyObject *item = decode_or_defer(decode, p + skip, len - skip);
     if (item == NULL) return NULL;
@@ -1070,7 +1075,7 @@ static PyObject *rooted_item(PyObject *decode, const unsigned char *p, Py_ssize_
 
 static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObject *step_obj,
                         PyObject *name, PyObject *op, long root, long reduce_op, int kind,
-                        PyObject *schema) {
+                        PyObject *schema, int guessed) {
     /* --- every check before anything is touched: TAKE_PY and the Python steps run all --- */
     PyObject *state = PyObject_GetAttr(proto, s_fast);
     if (state == NULL) return NULL;
@@ -1156,8 +1161,8 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
     int sends = kind == KIND_ALL || kind == KIND_GATHER || kind == KIND_ALLTOALL ||
                 ((kind == KIND_BCAST || kind == KIND_SCATTER) && f.rank == root);
     Py_ssize_t prefix_len = kind == KIND_BCAST && sends ? PyBytes_GET_SIZE(prefix) : 0;
-    if ((kind == KIND_BCAST || kind == KIND_SCATTER) && !sends && schema == Py_None)
-        goto take; /* it takes the root's class */
+    if ((kind == KIND_BCAST || kind == KIND_SCATTER) && !sends && schema == Py_None && !guessed)
+        goto take; /* it takes the root's class by name */
     if (sends && (kind == KIND_SCATTER || kind == KIND_ALLTOALL)) {
         /* scatter's parts carry the class path (its receivers may name no schema) */
         payload = pack_parts(value, f.size, record_class, decode,
@@ -1264,7 +1269,8 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
     memcpy(s + 40, PyBytes_AS_STRING(identity), 8);
     put_u32(s + 48, (uint32_t)f.instance);
     put_u32(s + 52, (uint32_t)f.slot);
-    s[FLAGS_OFFSET] = split_len < 0 ? 0 : FLAG_OVERFLOW | FLAG_SPLIT_ARRAY;
+    s[FLAGS_OFFSET] = (unsigned char)((split_len < 0 ? 0 : FLAG_OVERFLOW | FLAG_SPLIT_ARRAY) |
+                                      (guessed ? FLAG_GUESSED : 0));
     s[57] = s[58] = s[59] = 0;
     put_u32(s + LENGTH_OFFSET, (uint32_t)(split_len < 0 ? n + prefix_len : split_len));
     if (record_start(f.ring, f.ring_objects, f.ring_state, f.capacity, seq, opcode,
@@ -1310,7 +1316,10 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
     block = (unsigned char *)PyByteArray_AS_STRING(f.block);
     /* A split array's steady state has the two flags of every rank's split array set. */
     int split_steady = split_len >= 0 && block[AGREE_FLAGS] == (FLAG_OVERFLOW | FLAG_SPLIT_ARRAY);
-    if (timed_out || (block[AGREE_FLAGS] != 0 && !split_steady) || !block_agreed(block))
+    /* Receivers that guessed the root's class, all right (the headers agree): steady too. */
+    int guess_steady = block[AGREE_FLAGS] == FLAG_GUESSED;
+    if (timed_out || (block[AGREE_FLAGS] != 0 && !split_steady && !guess_steady) ||
+        !block_agreed(block))
         goto resume;
 
     /* --- the steady state: feed the slot rule (as every rank does, whatever happens next),
@@ -1447,7 +1456,7 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
         int framed = kind == KIND_BCAST ? part_len <= cap
                                          : own_part(rb + HEADER_SIZE, or_len, cap, f.size, f.rank,
                                                     &part, &part_len);
-        values = framed ? rooted_item(decode, part, part_len) : NULL;
+        values = framed ? rooted_item(decode, part, part_len, guessed ? prefix : NULL) : NULL;
         if (values == NULL) {
             if (PyErr_Occurred()) goto error;
             goto resume;
@@ -1527,7 +1536,50 @@ static PyObject *allgather_impl(PyObject *mod, PyObject *const *args, Py_ssize_t
     PyObject *info = schema_info(typed, args[2]);
     if (info == NULL) return PyErr_Occurred() ? NULL : take_py();
     return steady(args[0], args[1], info, args[3], args[4], args[5], NO_ROOT, 0, kind,
-                  args[2]);
+                  args[2], 0);
+}
+
+/* 1 when this rank is not ``root`` of a communicator the C path serves, 0 when it is (or the C
+ * path does not serve it: steady says so), -1 on error. */
+static int is_receiver(PyObject *proto, long root) {
+    PyObject *state = PyObject_GetAttr(proto, s_fast);
+    if (state == NULL) return -1;
+    int receiver = 0;
+    if (PyList_CheckExact(state) && PyList_GET_SIZE(state) == F_COUNT) {
+        Py_ssize_t rank = PyLong_AsSsize_t(PyList_GET_ITEM(state, F_RANK));
+        if (rank == -1 && PyErr_Occurred()) receiver = -1;
+        else receiver = rank != root;
+    }
+    Py_DECREF(state);
+    return receiver;
+}
+
+/* The root's class a receiver that names no schema took at this call last time (a new
+ * reference to its SchemaInfo), or NULL: with an exception on error, without one when there is
+ * none (or the name is not one the C path takes). The identity is found as steady finds it. */
+static PyObject *guessed_info(PyObject *proto, PyObject *name) {
+    PyObject *identity;
+    if (name == Py_None) {
+        PyCodeObject *code = NULL;
+        int lasti = 0;
+        if (user_site(&code, &lasti) < 0) return NULL;
+        identity = site_identity(code, lasti);
+        Py_XDECREF(code);
+    } else if (PyUnicode_CheckExact(name) && PyUnicode_GET_LENGTH(name) >= 1 &&
+               PyUnicode_GET_LENGTH(name) <= MAX_NAME) {
+        identity = name_identity(name);
+    } else {
+        return NULL;
+    }
+    if (identity == NULL) return NULL;
+    PyObject *guesses = PyObject_GetAttr(proto, s_guesses), *info = NULL;
+    if (guesses != NULL && PyDict_CheckExact(guesses)) {
+        info = PyDict_GetItemWithError(guesses, identity);
+        Py_XINCREF(info);
+    }
+    Py_XDECREF(guesses);
+    Py_DECREF(identity);
+    return info;
 }
 
 /* rooted(protocol, value, schema, step, name, op, root): "gather", "bcast" or "scatter" (the
@@ -1548,6 +1600,20 @@ static PyObject *rooted_impl(PyObject *mod, PyObject *const *args, Py_ssize_t na
     else if (PyUnicode_CompareWithASCIIString(args[5], "bcast") == 0) kind = KIND_BCAST;
     else if (PyUnicode_CompareWithASCIIString(args[5], "scatter") == 0) kind = KIND_SCATTER;
     else return take_py();
+    if (kind != KIND_GATHER && args[2] == Py_None) {
+        /* A receiver that names no schema: the root's class it took here last time, if any
+         * (Protocol.guess); the root itself goes on below. */
+        int receiver = is_receiver(args[0], root);
+        if (receiver < 0) return NULL;
+        if (receiver) {
+            PyObject *guess = guessed_info(args[0], args[4]);
+            if (guess == NULL) return PyErr_Occurred() ? NULL : take_py();
+            PyObject *out = steady(args[0], args[1], guess, args[3], args[4], args[5], root, 0,
+                                   kind, Py_None, 1);
+            Py_DECREF(guess);
+            return out;
+        }
+    }
     PyObject *typed = args[1];
     if (kind == KIND_SCATTER && args[2] == Py_None) {
         if ((!PyList_CheckExact(typed) && !PyTuple_CheckExact(typed)) ||
@@ -1557,7 +1623,7 @@ static PyObject *rooted_impl(PyObject *mod, PyObject *const *args, Py_ssize_t na
     }
     PyObject *info = schema_info(typed, args[2]);
     if (info == NULL) return PyErr_Occurred() ? NULL : take_py();
-    return steady(args[0], args[1], info, args[3], args[4], args[5], root, 0, kind, args[2]);
+    return steady(args[0], args[1], info, args[3], args[4], args[5], root, 0, kind, args[2], 0);
 }
 
 /* allreduce(protocol, value, step, name, reduce_code[, root]): Python ints and floats; with a
@@ -1583,7 +1649,7 @@ static PyObject *allreduce_impl(PyObject *mod, PyObject *const *args, Py_ssize_t
     if (info == NULL) return PyErr_Occurred() ? NULL : take_py();
     return steady(args[0], args[1], info, args[2], args[3],
                   nargs == 6 ? s_reduce : s_allreduce, root, code,
-                  nargs == 6 ? KIND_GATHER : KIND_ALL, Py_None);
+                  nargs == 6 ? KIND_GATHER : KIND_ALL, Py_None, 0);
 }
 
 /* arrays(protocol, encoded, info, step, name): allgather of a numpy array, inline where its
@@ -1596,7 +1662,7 @@ static PyObject *arrays_impl(PyObject *mod, PyObject *const *args, Py_ssize_t na
         return NULL;
     }
     return steady(args[0], args[1], args[2], args[3], args[4], s_allgather, NO_ROOT, 0,
-                  KIND_ARRAYS, Py_None);
+                  KIND_ARRAYS, Py_None, 0);
 }
 
 /* empty(protocol, step, name): the barrier */
@@ -1606,7 +1672,7 @@ static PyObject *empty_impl(PyObject *mod, PyObject *const *args, Py_ssize_t nar
         return NULL;
     }
     return steady(args[0], Py_None, Py_None, args[1], args[2], s_barrier, NO_ROOT, 0,
-                  KIND_EMPTY, Py_None);
+                  KIND_EMPTY, Py_None, 0);
 }
 
 /* An entry point that raised: ``protocol.failed(exc)`` (release the channel, record, tell the
@@ -1682,6 +1748,7 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     INTERN(s_exchange, "exchange");
     INTERN(s_fingerprint, "fingerprint");
     INTERN(s_failed, "failed");
+    INTERN(s_guesses, "guesses");
     INTERN(s_allgather, "allgather");
     INTERN(s_allreduce, "allreduce");
     INTERN(s_reduce, "reduce");
@@ -1716,6 +1783,7 @@ PyMODINIT_FUNC PyInit__speedups(void) {
         PyModule_AddIntConstant(m, "FLAG_OVERFLOW", FLAG_OVERFLOW) < 0 ||
         PyModule_AddIntConstant(m, "FLAG_WILD_SCHEMA", FLAG_WILD_SCHEMA) < 0 ||
         PyModule_AddIntConstant(m, "FLAG_SPLIT_ARRAY", FLAG_SPLIT_ARRAY) < 0 ||
+        PyModule_AddIntConstant(m, "FLAG_GUESSED", FLAG_GUESSED) < 0 ||
         PyModule_AddIntConstant(m, "GATHER", SHAPE_GATHER) < 0 ||
         PyModule_AddIntConstant(m, "MAX_NESTING", MAX_NESTING) < 0 ||
         PyModule_AddIntConstant(m, "MAX_NAME", MAX_NAME) < 0 ||

@@ -23,7 +23,7 @@ class Call:
     """One typed collective on one rank."""
 
     __slots__ = ("op", "shape", "info", "mode", "value", "root", "reduce_op", "step", "name",
-                 "code", "lasti", "error", "array_fp", "validate", "wild", "settings",
+                 "code", "lasti", "error", "array_fp", "validate", "wild", "guessed", "settings",
                  "seq", "deadline", "overflow", "occurrence", "array_meta", "same_shape",
                  "inline", "split", "timed_out", "observed", "clocked")
 
@@ -47,6 +47,7 @@ class Call:
         self.array_fp = array_fp
         self.validate = validate  # decode our own payload before sending (only a root decodes)
         self.wild = wild  # this rank named no schema: it takes the root's
+        self.guessed = False  # it named none, and sends the root's class of the last call here
         self.settings = settings  # communicator settings compared at creation (messages)
         self.array_meta = array_meta  # (shape, dtype.str) of an array contribution
         self.same_shape = same_shape  # the op combines values: shapes must agree, not only dtypes

@@ -59,6 +59,7 @@ _CONSTANTS = {
     "MAGIC": wire.MAGIC, "FLAGS_OFFSET": wire.FLAGS_OFFSET, "LENGTH_OFFSET": wire.LENGTH_OFFSET,
     "FLAG_LOCAL_ERROR": wire.FLAG_LOCAL_ERROR, "FLAG_OVERFLOW": wire.FLAG_OVERFLOW,
     "FLAG_WILD_SCHEMA": wire.FLAG_WILD_SCHEMA, "FLAG_SPLIT_ARRAY": wire.FLAG_SPLIT_ARRAY,
+    "FLAG_GUESSED": wire.FLAG_GUESSED,
     "GATHER": wire.GATHER,
     "MAX_NESTING": MAX_NESTING, "ENTRY_SIZE": recorder.ENTRY.size,
     "OBJECTS_PER_ENTRY": recorder.OBJECTS_PER_ENTRY,
@@ -193,6 +194,8 @@ def resumed(p: "Protocol", call: Call, out: Any) -> Call:
         call.overflow = out[7][1]
     if call.step is None and p.step != wire.NO_STEP:
         call.step = p.step
+    if call.wild:  # the C path guessed the root's class from the same table
+        p.guess(call)
     return call
 
 

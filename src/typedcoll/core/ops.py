@@ -207,13 +207,24 @@ def _from_root(p: Protocol, call: Call, buf: Any, root: int) -> Any:
     path, rest = payloads.split_path(p, call, buf, root)
     info = call.info
     error = ""
+    found = call.wild  # this rank finds the root's class by name, and remembers it (guess)
     if call.wild:
         info, error = payloads.resolve_wild(p, call, path)
+    elif call.guessed and info is not None and path != info.path_prefix[1:].decode(
+            errors="replace"):
+        # The fingerprint (structure and qualified name) agreed, the module did not: the root's
+        # own class where this rank has it, else the guessed one, which decodes alike (no
+        # outcome only this rank could judge, so nothing to settle).
+        other, _ = payloads.resolve_wild(p, call, path)
+        if other is not None:
+            info, found = other, True
     if block_flags(p.block) & FLAG_WILD_SCHEMA:
         # Finding a class by name depends on what this rank imported: agree on the outcome
         # (one more exchange, which reuses the buffers the payload sits in).
         rest = bytes(rest)
         p.settle(call, error or None)
+    if found and info is not None:
+        p.remember(call, info)
     return payloads.decode(p, call, rest, root, info)
 
 
