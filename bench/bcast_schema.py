@@ -9,7 +9,7 @@ round by round (medians over rounds of the slowest rank's mean per call):
   no_schema  ``TypedComm.bcast(state or None, root=0)``: at the call's first run receivers
              find the root's class by name among imported modules and every rank settles the
              outcome in one more exchange (one rank may lack the class); every later run (the
-             steady state measured) sends that class as if named (``Protocol.guess``)
+             steady state measured) sends that class as if named (``core/guesses.py``)
   pickle     ``comm.bcast(dict or None, root=0)``
 Goal, as for every bcast: at most 1.2x pickle.
 """

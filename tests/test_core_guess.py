@@ -1,4 +1,4 @@
-"""Receivers that name no schema guess the root's class (``Protocol.guess``, FLAG_GUESSED).
+"""Receivers that name no schema guess the root's class (``core/guesses.py``, FLAG_GUESSED).
 
 A receiver of ``bcast`` or ``scatter`` without ``schema=`` sends the root's class it took at the
 same call last time as if it had named it: the steady state is one exchange on the C path, with
@@ -235,8 +235,8 @@ def bounded(comm: tc.TypedComm, names: List[str]) -> Any:
 def test_the_table_of_guesses_is_bounded(monkeypatch):
     """Generated call sites do not grow a rank's table without bound: past its size it starts
     again (the next call at a forgotten site finds the class by name, as the first did)."""
-    from typedcoll.core import protocol
-    monkeypatch.setattr(protocol, "_MAX_GUESSES", 4)
+    from typedcoll.core import guesses
+    monkeypatch.setattr(guesses, "MAX_GUESSES", 4)
     got = outcomes(2, bounded, [f"site{k}" for k in range(10)])
     assert got[1] == [1, 2, 3, 4, 1, 2, 3, 4, 1, 2], got  # receivers remember, the root not
     assert got[0] == [0] * 10, got

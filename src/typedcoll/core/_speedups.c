@@ -1602,7 +1602,7 @@ static PyObject *rooted_impl(PyObject *mod, PyObject *const *args, Py_ssize_t na
     else return take_py();
     if (kind != KIND_GATHER && args[2] == Py_None) {
         /* A receiver that names no schema: the root's class it took here last time, if any
-         * (Protocol.guess); the root itself goes on below. */
+         * (core/guesses.py); the root itself goes on below. */
         int receiver = is_receiver(args[0], root);
         if (receiver < 0) return NULL;
         if (receiver) {

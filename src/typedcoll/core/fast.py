@@ -35,7 +35,7 @@ from ..codecs.nesting import MAX_NESTING
 from ..codecs.schema import _BY_ID, _CACHE
 from .call import Call
 from .identity import SKIP_CODES, SKIP_FILES, name_fingerprint, register_internal, site_fingerprint
-from . import array_slots, recorder, wire
+from . import array_slots, guesses, recorder, wire
 from .transport import TransportFailure
 
 if TYPE_CHECKING:
@@ -195,7 +195,7 @@ def resumed(p: "Protocol", call: Call, out: Any) -> Call:
     if call.step is None and p.step != wire.NO_STEP:
         call.step = p.step
     if call.wild:  # the C path guessed the root's class from the same table
-        p.guess(call)
+        guesses.guess(p, call)
     return call
 
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..codecs import KIND_NUMPY_SCALAR, array_fingerprint, check_operands, reduce_values, resolve
 from .transport import TransportTimeout
-from . import fast, payloads, verdict
+from . import fast, guesses, payloads, verdict
 from .verdict import where
 from .args import (check_reduce_op, check_root, check_step, first_error, payload_mode,
                    schema_of)
@@ -224,7 +224,7 @@ def _from_root(p: Protocol, call: Call, buf: Any, root: int) -> Any:
         rest = bytes(rest)
         p.settle(call, error or None)
     if found and info is not None:
-        p.remember(call, info)
+        guesses.remember(p, call, info)
     return payloads.decode(p, call, rest, root, info)
 
 

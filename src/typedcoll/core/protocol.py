@@ -17,14 +17,12 @@ Every typed collective, whatever its kind, runs these steps (``ops`` holds each 
      rank also gets the agreement block, and ranks that disagree about the shape still meet.
   4. Verdict, from the agreement block, the same bytes on every rank, hence the same verdict.
      A receiver of ``bcast`` or ``scatter`` that names no schema sends, as if it had named it,
-     the root's class it took at the same call last time (``guess``; flagged FLAG_GUESSED).
-     Where headers differ and any rank guessed, every rank exchanges once more, the guessers
-     now naming none (FLAG_WILD_SCHEMA: their schema field is left out of the comparison and
-     they find the root's class by name, then ``settle``): a root that changed class is not a
-     desync, and a real disagreement shows again, without the flag. Then: headers differ or some rank flagged an error -> ``verdict.disagreement`` exchanges the
-     readable envelopes once and raises the same DesyncError (or EncodeError on the failed rank
-     and PeerError elsewhere) on every rank. Every rank also feeds the same number to the same
-     slot-size rule, so the next slot size needs no message.
+     the root's class it took at the same call last time, and where headers differ and any
+     rank did so, every rank exchanges once more (``guesses``). Then: headers differ or some
+     rank flagged an error -> ``verdict.disagreement`` exchanges the readable envelopes once
+     and raises the same DesyncError (or EncodeError on the failed rank and PeerError
+     elsewhere) on every rank. Every rank also feeds the same number to the same slot-size
+     rule, so the next slot size needs no message.
   5. Phase 2 (``payloads``; only for payloads that overflowed, or for ops whose payload moves
      on a rooted collective): counts come from headers every rank has seen, so every rank joins
      the same backend operations. Then typed decoding, never pickle: a payload that does not
@@ -45,7 +43,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from ..codecs import ENCODER, KIND_MSGSPEC, SchemaInfo, encode_array, nesting_ok
 from ..codecs.array import encode_array_split
 from ..codecs.nesting import MAX_NESTING
-from . import verdict
+from . import guesses, verdict
 # The creation exchange is the first traffic on a new backend group, which may still be
 # connecting its ranks (gloo does so lazily, slowly on a loaded host): it waits at least
 # CREATION_MIN_TIMEOUT whatever the communicator's timeout, so a tight timeout bounds
@@ -60,15 +58,14 @@ from .identity import format_site, name_fingerprint, register_internal, site_fin
     user_frame
 from .recorder import FlightRecorder, capacity_from_env
 from .wire import (AGREE_SIZE, FLAG_GUESSED, FLAG_LOCAL_ERROR, FLAG_OVERFLOW,
-                   FLAG_SPLIT_ARRAY, FLAG_WILD_SCHEMA, FLAGS_OFFSET, GATHER, HEADER, HEADER_SIZE,
-                   MAGIC, MAX_PAYLOAD, NATIVE_LITTLE, NO_STEP, OPS, REDUCE, SCHEMA_OFFSET,
-                   SlotPolicy, agreed, block_flags, block_length, instances_differ, slot_log2)
+                   FLAG_SPLIT_ARRAY, FLAG_WILD_SCHEMA, GATHER, HEADER, HEADER_SIZE, MAGIC,
+                   MAX_PAYLOAD, NATIVE_LITTLE, NO_STEP, OPS, REDUCE, SlotPolicy, agreed,
+                   block_flags, block_length, instances_differ, slot_log2)
 from .transport import TransportTimeout
 
 _ZEROS = bytes(8)
 _INT64 = 2 ** 63
 _MAX_ERROR_TEXT = 4096  # bytes of a failed rank's error text that reach its peers
-_MAX_GUESSES = 4096  # call identities whose root's class a rank remembers (guess)
 
 # Called as hook(protocol, error) before a CollectiveError propagates (diagnostics dumps).
 ERROR_HOOKS: List[Callable[["Protocol", BaseException], None]] = []
@@ -87,8 +84,8 @@ class Protocol:
 
     __slots__ = ("channel", "transport", "rank", "size", "name", "instance", "timeout", "seq",
                  "step", "policy", "slot", "send", "send_view", "recv", "recv_view", "recv_u32",
-                 "block", "counts", "guesses", "recorder", "fast", "failure", "observer", "deferred",
-                 "hang_reporter", "extensions", "freed", "notes", "__weakref__")
+                 "block", "counts", "guesses", "recorder", "fast", "failure", "observer",
+                 "deferred", "hang_reporter", "extensions", "freed", "notes", "__weakref__")
 
     def __init__(self, channel: Channel, instance: int, name: str,
                  timeout: Optional[float]) -> None:
@@ -106,7 +103,7 @@ class Protocol:
         self.block = bytearray(AGREE_SIZE)
         self.counts: Dict[bytes, int] = {}  # identity fingerprint -> calls so far (occurrence)
         # identity fingerprint -> the root's class a receiver without schema= took there last
-        # (guess); the C path reads it too.
+        # (core/guesses.py); the C path reads it too.
         self.guesses: Dict[bytes, SchemaInfo] = {}
         capacity = capacity_from_env()
         self.recorder: Optional[FlightRecorder] = FlightRecorder(capacity) if capacity else None
@@ -185,7 +182,7 @@ class Protocol:
             call.step = None if self.step == NO_STEP else self.step
         identity = self.identity(call)
         if call.wild:
-            self.guess(call, identity)
+            guesses.guess(self, call, identity)
         call.occurrence = self.counts.get(identity, 0) + 1
         self.counts[identity] = call.occurrence
         if channel.poison is not None and call.error is None:
@@ -249,7 +246,7 @@ class Protocol:
 
     def after_exchange(self, call: Call) -> None:
         """Step 4 from the agreement block (the C fast path calls this after its own exchange)."""
-        self._unguess_if_differ(call, call.shape)
+        guesses.unguess_if_differ(self, call, call.shape)
         block = self.block
         flags = block_flags(block)
         # Every rank feeds the same number to the slot rule, once per exchange; except when the
@@ -271,43 +268,10 @@ class Protocol:
             self.transport.exchange(self.send, self.recv, self.block, REDUCE, call.deadline)
         except TransportTimeout:
             verdict.timed_out(self, call)
-        self._unguess_if_differ(call, REDUCE)
+        guesses.unguess_if_differ(self, call, REDUCE)
         if block_flags(self.block) & FLAG_LOCAL_ERROR or not agreed(self.block):
             call.error = error
             verdict.disagreement(self, call, receiving=True)
-
-    # --- receivers that name no schema ----------------------------------------------------
-    def guess(self, call: Call, identity: Optional[bytes] = None) -> None:
-        """Send the root's class this rank took at the same call last time as if named: the
-        steady state then needs one exchange, no search by name and no ``settle``. The C path
-        makes the same choice from the same table (``fast.resumed`` repeats it)."""
-        info = self.guesses.get(identity if identity is not None else self.identity(call))
-        if info is not None:
-            call.info, call.wild, call.guessed = info, False, True
-
-    def remember(self, call: Call, info: SchemaInfo) -> None:
-        """The root's class this rank took, for the next call here to guess."""
-        if len(self.guesses) >= _MAX_GUESSES:  # generated call sites: a bounded table
-            self.guesses.clear()
-        self.guesses[self.identity(call)] = info
-
-    def _unguess_if_differ(self, call: Call, shape: int) -> None:
-        """Headers differ and some rank guessed: perhaps only because the root changed class.
-        Every rank sees the same block, so every rank exchanges once more; a guesser now names
-        no schema (its header's flag and schema field rewritten in place), the others send the
-        same header. A real disagreement then shows again, without the flag."""
-        if not block_flags(self.block) & FLAG_GUESSED or agreed(self.block):
-            return
-        if call.guessed:
-            self.guesses.pop(self.identity(call), None)
-            call.info, call.wild, call.guessed = None, True, False
-            send = self.send
-            send[FLAGS_OFFSET] = (send[FLAGS_OFFSET] & ~FLAG_GUESSED) | FLAG_WILD_SCHEMA
-            send[SCHEMA_OFFSET:SCHEMA_OFFSET + 8] = _ZEROS
-        try:
-            self.transport.exchange(self.send, self.recv, self.block, shape, call.deadline)
-        except TransportTimeout:
-            verdict.timed_out(self, call)
 
     def encode(self, call: Call) -> Tuple[bytes, Optional[str]]:
         """(payload, None) or (b"", error text): a failure to encode never raises here."""

@@ -69,7 +69,7 @@ FLAG_WILD_SCHEMA = 4  # the rank named no schema and takes the root's: its finge
 #                       compared (it counts as neither 0 nor 1 in the agreement block)
 FLAG_SPLIT_ARRAY = 8  # the inline bytes are an array's dtype and shape; phase 2 moves its data
 FLAG_GUESSED = 16  # the rank named no schema and sent, as if named, the root's class it took at
-#                    this call last time (Protocol.guess); headers that differ where any rank
+#                    this call last time (core/guesses.py); headers that differ where any rank
 #                    guessed are exchanged once more, the guessers taking the root's by name
 SCHEMA_OFFSET = 24
 
