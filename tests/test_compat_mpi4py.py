@@ -16,6 +16,7 @@ import pytest
 
 import typedcoll as tc
 from typedcoll import compat
+from typedcoll.core import fast
 from typedcoll.testing import run
 
 
@@ -296,3 +297,44 @@ def test_import_pulls_in_neither_mpi4py_nor_torch():
 def test_matches_mpi4py_on_random_programs(spmd, nranks):
     result = spmd("compat_mpi4py", nranks, timeout=240)
     assert "hypothesis: derandomized" in result.stdout
+
+
+def test_the_c_and_python_paths_meet_in_one_drop_in_job(spmd):
+    """Ranks 1 and 3 on the pure-Python steps, 0 and 2 on the C path: one protocol for the
+    drop-in's collectives too (the program compares every rank's results with mpi4py's)."""
+    spmd("compat_mpi4py", 4, timeout=240,
+         rank_env=[{"TYPEDCOLL_PURE_PYTHON": "1"} if r % 2 else {} for r in range(4)])
+
+
+def test_the_c_path_serves_the_drop_ins_gathering_calls(monkeypatch):
+    """allreduce, reduce and gather of plain values and of records take the C path's steady
+    state (where the extension is built), and return what the Python steps return."""
+    served = []
+    original = getattr(fast._speedups, "allgather", None)
+    if original is not None:
+        def spy(p, *args):
+            out = original(p, *args)
+            if len(args) == 7:
+                served.append((args[4], out.__class__ is list))
+            return out
+        monkeypatch.setattr(fast._speedups, "allgather", tc.transparent(spy))
+
+    def prog(comm):
+        c = compat.mpi4py(comm)
+        r = c.rank
+        out = []
+        for _ in range(3):
+            out.append(c.allreduce(r + 1, op="sum"))
+            out.append(c.allreduce(float(r), op="max"))
+            out.append(c.reduce(r, op="prod", root=1))
+            out.append(c.gather(Stats(r, [r]), root=2))
+            out.append(c.allreduce({r}, op="bor"))
+        return out
+
+    got = run(3, prog, timeout=None)  # no deadline: the C path serves in-process ranks
+    for r, out in enumerate(got):
+        one = [6, 2.0, 0 if r == 1 else None,
+               [Stats(k, [k]) for k in range(3)] if r == 2 else None, {0, 1, 2}]
+        assert out == one * 3, (r, out)
+    if fast.ENABLED:
+        assert len(served) == 3 * 3 * 5 and all(ok for _, ok in served[3 * 5:]), served

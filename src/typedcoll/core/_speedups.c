@@ -1260,8 +1260,7 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
     s[1] = (unsigned char)opcode;
     s[2] = (unsigned char)reduce_op;
     s[3] = (unsigned char)slot_log2(f.slot);
-    put_u32(s + 4, (uint32_t)(int32_t)(kind == KIND_GATHER || kind == KIND_BCAST ||
-                                               kind == KIND_SCATTER ? root : NO_ROOT));
+    put_u32(s + 4, (uint32_t)(int32_t)root); /* NO_ROOT from every entry whose op has none */
     put_u64(s + 8, (uint64_t)seq);
     put_u64(s + 16, (uint64_t)step);
     if (fp != NULL) memcpy(s + 24, PyBytes_AS_STRING(fp), 8);
@@ -1516,15 +1515,30 @@ static PyObject *schema_info(PyObject *value, PyObject *schema) {
     return lookup_info(schema == Py_None ? (PyObject *)Py_TYPE(value) : schema);
 }
 
-/* allgather(protocol, value, schema, step, name, op): "allgather", "flush", or "alltoall" (the
- * value: a sequence of one part per rank; its schema, if none is named, that of its first
- * item; the Python steps call it only up to the ranks of a GATHER alltoall) */
+/* allgather(protocol, value, schema, step, name, op[, reduce_code, root]): "allgather",
+ * "flush", or "alltoall" (the value: a sequence of one part per rank; its schema, if none is
+ * named, that of its first item; the Python steps call it only up to the ranks of a GATHER
+ * alltoall); with a reduce op code and a root (NO_ROOT: none), the mpi4py drop-in's GATHER
+ * calls of values under ``Any`` (compat/objects.py): "allreduce" and "reduce" decoded on every
+ * rank, "gather" on the root only, the header naming both as the Python steps write them */
 static PyObject *allgather_impl(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError, "allgather expects 6 arguments");
+    if (nargs != 6 && nargs != 8) {
+        PyErr_SetString(PyExc_TypeError, "allgather expects 6 or 8 arguments");
         return NULL;
     }
     int kind = KIND_ALL;
+    long code = 0, root = NO_ROOT;
+    if (nargs == 8) {
+        int overflow = 0;
+        code = PyLong_AsLong(args[6]);
+        root = PyLong_AsLongAndOverflow(args[7], &overflow);
+        if (overflow || ((code == -1 || root == -1) && PyErr_Occurred())) {
+            PyErr_Clear();
+            return take_py();
+        }
+        if (code < 0 || code > 255 || root < NO_ROOT) return take_py();
+        if (PyUnicode_CompareWithASCIIString(args[5], "gather") == 0) kind = KIND_GATHER;
+    }
     PyObject *typed = args[1];
     if (PyUnicode_CompareWithASCIIString(args[5], "alltoall") == 0) {
         kind = KIND_ALLTOALL; /* the value: a sequence of one part per rank */
@@ -1537,7 +1551,7 @@ static PyObject *allgather_impl(PyObject *mod, PyObject *const *args, Py_ssize_t
     }
     PyObject *info = schema_info(typed, args[2]);
     if (info == NULL) return PyErr_Occurred() ? NULL : take_py();
-    return steady(args[0], args[1], info, args[3], args[4], args[5], NO_ROOT, 0, kind,
+    return steady(args[0], args[1], info, args[3], args[4], args[5], root, code, kind,
                   args[2], 0);
 }
 

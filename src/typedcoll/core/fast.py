@@ -138,6 +138,16 @@ def allgather(p: "Protocol", value: Any, schema: Any, step: Any, name: Any, op: 
     return _speedups.allgather(p, value, schema, step, name, op)
 
 
+def gathered(p: "Protocol", value: Any, schema: Any, step: Any, name: Any, op: str, code: int,
+             root: int) -> Any:
+    """The mpi4py drop-in's GATHER calls ("gather", "allreduce", "reduce"; ``root``: NO_ROOT or
+    a valid rank, ``code``: the reduce op's): ``[values]`` on a gather's root and ``[None]`` on
+    its other ranks, every rank's values for the others."""
+    if _speedups is None or p.fast is None:
+        return TAKE_PY
+    return _speedups.allgather(p, value, schema, step, name, op, code, root)
+
+
 def rooted(p: "Protocol", value: Any, schema: Any, step: Any, name: Any, op: str,
            root: Any) -> Any:
     if _speedups is None or p.fast is None or type(root) is not int or not 0 <= root < p.size:
