@@ -84,7 +84,8 @@ def check_document(doc: Dict[str, Any], script: str, ranks: int) -> None:
      {"raw64", "raw", "typed", "pickle", "exchange", "encode", "allgatherv", "decode",
       "copy_free", "py_decode"}),
     ("recorder_cost", {"RankState"}, {"on", "off"}),
-    ("compat_allgather", {"dict[3]"}, {"pickle", "typed", "drop-in"}),
+    ("compat_allgather", {"dict[3]", "allreduce int", "gather dict[3]"},
+     {"pickle", "typed", "drop-in"}),
     ("bcast_schema", {"RankState"}, {"schema", "no_schema", "pickle"}),
 ])
 def test_mpi_script_document(docs: Dict[str, Dict[str, Any]], script: str, cases: set,

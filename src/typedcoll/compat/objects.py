@@ -159,8 +159,10 @@ def _gathered(p: Protocol, op: str, value: Any, root: Any, code: int, op_error: 
     if op_error is None and root_error is None and error is None:
         out = fast.gathered(p, tree, Any, step, name, op, code, root)
         if out.__class__ is list:  # the C path's steady state: every payload inline
-            trees = out if op != "gather" else out[0] if p.rank == root else []
-            return trees, _inline_flags(p), root, seq
+            if op == "gather" and p.rank != root:
+                return [], _inline_flags(p), root, seq  # nothing decoded here
+            trees = out[0] if op == "gather" else out
+            return trees, _flags(trees), root, seq
     call = ops.value_call(op, GATHER, tree, Any, step, name, root=root, reduce_op=code,
                           error=first_error(op_error, root_error, error))
 

@@ -9,7 +9,7 @@ text ("TypeError: expected ..., got ..."), or None; they never raise.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -57,17 +57,28 @@ def check_reduce_op(op: Any) -> Tuple[int, Optional[str]]:
                f"(or the mpi4py MPI.Op of one), got {op!r}")[:300]
 
 
+# id(op) -> (op, its name or None): mpi4py's ops, found once (a call should not compare ten)
+_OP_NAMES: Dict[int, Tuple[Any, Optional[str]]] = {}
+
+
 def op_name_of(op: Any) -> Optional[str]:
     if isinstance(op, str):
         return op.lower()
+    known = _OP_NAMES.get(id(op))
+    if known is not None and known[0] is op:
+        return known[1]
     try:  # mpi4py's predefined ops, without importing mpi4py where it is not loaded
         from mpi4py import MPI
     except ImportError:
         return None
+    found = None
     for name in REDUCE_OPS:
         if op == getattr(MPI, name.upper(), None) or (name == "prod" and op == MPI.PROD):
-            return name
-    return None
+            found = name
+            break
+    if len(_OP_NAMES) < 64:  # the held op keeps its id from being reused
+        _OP_NAMES[id(op)] = (op, found)
+    return found
 
 
 def check_timeout(timeout: Any) -> Optional[str]:
