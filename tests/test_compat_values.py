@@ -250,3 +250,30 @@ def test_payload_its_class_rejects_is_unresolved():
                                                 r"rejects: ValidationError: Expected `int`, got "
                                                 r"`str` - at `\$.a`"):
         tagged.decode(tagged_tree(tree))
+
+
+def test_flags_of_slots_reads_what_flags_of_bytes_reads():
+    """The scan a gather's non-roots run over the exchange's slots gives the OR of the flags
+    of each slot's payload, as decoding them would: tagged, plain, empty and 3-byte payloads."""
+    import random
+
+    from typedcoll.compat.values import encode, flags_of_bytes, flags_of_slots
+    from typedcoll.core.wire import HEADER_SIZE, LENGTH_OFFSET
+
+    rng = random.Random(7)
+    slot = 128
+    payloads = [msgspec.msgpack.encode(encode(v)[0]) for v in
+                ([1, 2], Stats(3, [1]), {"a": Key(1)}, None, "text", [Stats(2, [])], (1, 2),
+                 {4, 5})]
+    payloads += [b"", bytes([0x92, 0xD4]), payloads[1][:3]]
+    for _ in range(200):
+        chosen = [rng.choice(payloads) for _ in range(rng.randint(1, 6))]
+        recv = bytearray(len(chosen) * slot)
+        for r, data in enumerate(chosen):
+            recv[r * slot + LENGTH_OFFSET:r * slot + HEADER_SIZE] = len(data).to_bytes(4, "little")
+            recv[r * slot + HEADER_SIZE:r * slot + HEADER_SIZE + len(data)] = data
+        want = 0
+        for data in chosen:
+            want |= flags_of_bytes(data)
+        assert flags_of_slots(recv, slot, len(chosen), HEADER_SIZE) == want, chosen
+    assert any(flags_of_bytes(data) for data in payloads)  # the scan saw flagged payloads

@@ -183,11 +183,7 @@ def _gathered(p: Protocol, op: str, value: Any, root: Any, code: int, op_error: 
 def _inline_flags(p: Protocol) -> int:
     """Every rank's payload flags, read as ``rest`` reads them from the exchange's buffers (a
     gather's other ranks, which decode nothing, still settle where a value holds classes)."""
-    slot, view, flags = p.slot, p.recv_view, 0
-    for r, n in enumerate(payloads.lengths(p)):
-        start = r * slot + HEADER_SIZE
-        flags |= tagged.flags_of_bytes(view[start:start + n])
-    return flags
+    return tagged.flags_of_slots(p.recv, p.slot, p.size, HEADER_SIZE)
 
 
 def gather(p: Protocol, value: Any, root: Any = 0, step: Any = None,
