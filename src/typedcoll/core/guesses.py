@@ -32,10 +32,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Optional
 
 from ..codecs import SchemaInfo
-from . import verdict
 from .call import Call
 from .identity import register_internal
-from .transport import TransportTimeout
 from .wire import (FLAG_GUESSED, FLAG_WILD_SCHEMA, FLAGS_OFFSET, SCHEMA_OFFSET, agreed,
                    block_flags)
 
@@ -71,10 +69,7 @@ def unguess_if_differ(p: "Protocol", call: Call, shape: int) -> None:
         send = p.send
         send[FLAGS_OFFSET] = (send[FLAGS_OFFSET] & ~FLAG_GUESSED) | FLAG_WILD_SCHEMA
         send[SCHEMA_OFFSET:SCHEMA_OFFSET + 8] = _ZEROS
-    try:
-        p.transport.exchange(p.send, p.recv, p.block, shape, call.deadline)
-    except TransportTimeout:
-        verdict.timed_out(p, call)
+    p.run_exchange(call, shape)
 
 
 register_internal(__file__)

@@ -231,11 +231,16 @@ class Protocol:
         if self.recorder is not None:
             self.recorder.set_bytes(len(payload))
         call.deadline = self.deadline(CREATION_MIN_TIMEOUT if call.seq == CREATE_SEQ else 0.0)
+        self.run_exchange(call, call.shape)
+        self.after_exchange(call)
+
+    def run_exchange(self, call: Call, shape: int) -> None:
+        """The transport's exchange of this rank's slot, bounded by the call's deadline (a
+        timeout raises the CollectiveTimeout every waiting rank raises)."""
         try:
-            self.transport.exchange(self.send, self.recv, self.block, call.shape, call.deadline)
+            self.transport.exchange(self.send, self.recv, self.block, shape, call.deadline)
         except TransportTimeout:
             verdict.timed_out(self, call)
-        self.after_exchange(call)
 
     def deadline(self, at_least: float = 0.0) -> Optional[float]:
         """When this call's backend operations must be done by (None: never; an infinite
@@ -264,10 +269,7 @@ class Protocol:
         REDUCE exchange, after which every rank raises the same error, or none does."""
         payload = b"" if error is None else error.encode()[:_MAX_ERROR_TEXT]
         self.write(call, payload, FLAG_LOCAL_ERROR if error is not None else 0, OPS["settle"])
-        try:
-            self.transport.exchange(self.send, self.recv, self.block, REDUCE, call.deadline)
-        except TransportTimeout:
-            verdict.timed_out(self, call)
+        self.run_exchange(call, REDUCE)
         guesses.unguess_if_differ(self, call, REDUCE)
         if block_flags(self.block) & FLAG_LOCAL_ERROR or not agreed(self.block):
             call.error = error
