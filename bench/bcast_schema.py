@@ -10,8 +10,12 @@ round by round (medians over rounds of the slowest rank's mean per call):
              find the root's class by name among imported modules and every rank settles the
              outcome in one more exchange (one rank may lack the class); every later run (the
              steady state measured) sends that class as if named (``core/guesses.py``)
+  branch     ``bcast(state, root=0)`` in one arm of an ``if`` and ``bcast(None, root=0,
+             schema=RankState)`` in the other (a role branch, ``core/arms.py``): every run
+             compares the envelopes once more to accept the two call sites
   pickle     ``comm.bcast(dict or None, root=0)``
-Goal, as for every bcast: at most 1.2x pickle.
+Goal, as for every bcast: at most 1.2x pickle. ``branch / schema`` is what writing the roles
+on two lines costs against one line (or a shared ``name=``).
 """
 
 from __future__ import annotations
@@ -27,11 +31,12 @@ import typedcoll as tc
 from harness import records, report, timing
 
 RankState = records.RankState
-METHODS = ("schema", "no_schema", "pickle")
+METHODS = ("schema", "no_schema", "branch", "pickle")
 CASE = "RankState"
 RATIOS = [report.Ratio(CASE, "schema", "pickle", ("<=", 1.2)),
           report.Ratio(CASE, "no_schema", "pickle", ("<=", 1.2)),
-          report.Ratio(CASE, "no_schema", "schema")]
+          report.Ratio(CASE, "no_schema", "schema"),
+          report.Ratio(CASE, "branch", "schema")]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -44,8 +49,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     root = world.rank == 0
     state = records.rank_state(0)
     as_dict = msgspec.structs.asdict(state)
+
+    def branch() -> RankState:
+        if root:
+            typed.bcast(state, root=0)
+            return state
+        else:
+            return typed.bcast(None, root=0, schema=RankState)
+
     calls = {"schema": lambda: typed.bcast(state if root else None, root=0, schema=RankState),
              "no_schema": lambda: typed.bcast(state if root else None, root=0),
+             "branch": branch,
              "pickle": lambda: RankState(**pickled.bcast(as_dict if root else None, root=0))}
 
     report.stop_on_wrong_results(control, [

@@ -86,7 +86,7 @@ def check_document(doc: Dict[str, Any], script: str, ranks: int) -> None:
     ("recorder_cost", {"RankState"}, {"on", "off"}),
     ("compat_allgather", {"dict[3]", "allreduce int", "gather dict[3]"},
      {"pickle", "typed", "drop-in"}),
-    ("bcast_schema", {"RankState"}, {"schema", "no_schema", "pickle"}),
+    ("bcast_schema", {"RankState"}, {"schema", "no_schema", "branch", "pickle"}),
 ])
 def test_mpi_script_document(docs: Dict[str, Dict[str, Any]], script: str, cases: set,
                              methods: set) -> None:

@@ -213,8 +213,24 @@ def unnamed_roles(comm: tc.TypedComm) -> Any:
     return comm.bcast(None, root=0, schema=RankState)
 
 
+def test_a_root_and_its_receivers_in_a_role_branch_match_without_a_name():
+    assert run(3, unnamed_roles) == [RankState(0, 7)] * 3
+
+
+def send_schedule(comm: tc.TypedComm) -> Any:
+    return comm.bcast(RankState(0, 7), root=0)
+
+
+def receive_schedule(comm: tc.TypedComm) -> Any:
+    return comm.bcast(None, root=0, schema=RankState)
+
+
+def roles_in_two_functions(comm: tc.TypedComm) -> Any:
+    return (send_schedule if comm.rank == 0 else receive_schedule)(comm)
+
+
 def test_roles_on_different_lines_without_a_name_raise_with_advice():
-    for e in errors_of(2, unnamed_roles):
+    for e in errors_of(2, roles_in_two_functions):
         assert type(e) is tc.DesyncError and e.kinds == (tc.MismatchKind.CALL,)
         assert "give every rank's call the same name=" in str(e)
 

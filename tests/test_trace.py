@@ -92,6 +92,23 @@ def test_op_and_step_divergence_kinds():
     assert div is not None and div.kinds == [MismatchKind.OP, MismatchKind.STEP]
 
 
+def test_a_role_branch_completed_live_is_no_divergence_and_anything_else_is():
+    """A root and its receivers in the two arms of one role branch (core.arms) show two sites;
+    a completed call was accepted live, so the analysis accepts it too."""
+    def bcast(r: int, state: str = "completed", key: str = "m.py:3 bcast #1") -> Dict[str, Any]:
+        arm = 0 if r == 0 else 1
+        return entry(0, op="bcast", site=f"m.py:{4 + 3 * arm}", state=state,
+                     branch={"key": key, "arm": arm})
+    ok = analyze(dumps_of(*(dump(r, [comm(r, 3, [bcast(r)])]) for r in range(3))))
+    assert ok.consistent and ok.first is None
+    failed = analyze(dumps_of(*(dump(r, [comm(r, 3, [bcast(r, "failed")])]) for r in range(3))))
+    other = analyze(dumps_of(*(dump(r, [comm(r, 3, [bcast(r, key=f"m.py:{r} bcast #1")])])
+                               for r in range(3))))
+    for report in (failed, other):
+        div = report.comms[0].divergence
+        assert div is not None and div.kinds == [MismatchKind.CALL]
+
+
 def test_rank_whose_count_stops_earlier_is_missing_with_where_it_was():
     docs = [dump(r, [comm(r, 3, steady(6 if r != 1 else 4),
                           where="prog.py:30 in main" if r == 1 else "?")]) for r in range(3)]

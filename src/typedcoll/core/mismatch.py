@@ -46,6 +46,14 @@ class Note(msgspec.Struct, frozen=True, kw_only=True):
     step: Optional[int] = None
 
 
+class Branch(msgspec.Struct, frozen=True):
+    """The role branch a call is written in (``core.arms``): ``key`` names the ``if`` and the
+    k-th call of a name in its arms (the same for both arms' calls), ``arm`` which arm (0, 1)."""
+
+    key: str
+    arm: int
+
+
 class EnvelopeInfo(msgspec.Struct, frozen=True, kw_only=True):
     """What one rank says it is calling: the readable form of its envelope."""
 
@@ -68,6 +76,7 @@ class EnvelopeInfo(msgspec.Struct, frozen=True, kw_only=True):
     error_type: Optional[str] = None
     error: Optional[str] = None
     notes: Tuple[Note, ...] = ()
+    branch: Optional[Branch] = None
 
 
 class Group(msgspec.Struct, frozen=True):
@@ -75,6 +84,21 @@ class Group(msgspec.Struct, frozen=True):
 
     ranks: Tuple[int, ...]
     envelope: EnvelopeInfo
+
+
+def role_split(envelopes: Sequence[EnvelopeInfo], root: Optional[int]) -> bool:
+    """Every envelope names no ``name=`` and the same role branch (``core.arms``), and one rank
+    is alone in its arm: ``root`` where it is known, else any one rank (a dump holds no root;
+    the live verdict checked it)."""
+    first = envelopes[0].branch
+    if first is None or any(e.name is not None or e.branch is None or e.branch.key != first.key
+                            for e in envelopes):
+        return False
+    arms = [e.branch.arm for e in envelopes]  # type: ignore[union-attr]
+    lone = [r for r, arm in enumerate(arms) if arms.count(arm) == 1]
+    if root is None:
+        return len(set(arms)) == 2 and bool(lone)
+    return 0 <= root < len(arms) and root in lone and len(set(arms)) == 2
 
 
 def _identity(e: EnvelopeInfo) -> Any:

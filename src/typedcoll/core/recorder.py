@@ -20,8 +20,10 @@ from typing import Any, Dict, List, Optional
 
 import msgspec
 
+from .arms import branch_of
 from .identity import format_site
-from .wire import NO_STEP, OPS, op_name
+from .mismatch import Branch
+from .wire import NO_STEP, OPS, ROOTED_OPS, op_name
 
 DEFAULT_CAPACITY = 2000
 INITIAL_ENTRIES = 8
@@ -50,6 +52,7 @@ class RecordEntry(msgspec.Struct, kw_only=True):
     t_start_ns: int = 0
     t_end_ns: Optional[int] = None
     error: Optional[str] = None
+    branch: Optional[Branch] = None  # the role branch of an unnamed rooted call (core.arms)
 
 
 def capacity_from_env() -> int:
@@ -146,13 +149,15 @@ class FlightRecorder:
          state) = ENTRY.unpack_from(self.numbers, index * ENTRY.size)
         info, code, name = self.objects[OBJECTS_PER_ENTRY * index:
                                         OBJECTS_PER_ENTRY * (index + 1)]
+        op_text = op_name(op)
         return RecordEntry(
-            seq=seq, op=op_name(op), schema=info.name if info is not None else "",
+            seq=seq, op=op_text, schema=info.name if info is not None else "",
             fingerprint=info.fingerprint.hex() if info is not None else "",
             site=format_site(code, lasti), name=name, occurrence=occurrence,
             step=None if step == NO_STEP else step, bytes=nbytes,
             state=STATE_NAMES[state] if state < len(STATE_NAMES) else "started",
-            t_start_ns=t_start, t_end_ns=t_end or None, error=self.failures.get(number))
+            t_start_ns=t_start, t_end_ns=t_end or None, error=self.failures.get(number),
+            branch=branch_of(code, lasti) if name is None and op_text in ROOTED_OPS else None)
 
     def last(self) -> Optional[RecordEntry]:
         return self.entry(self.count) if self.count else None

@@ -23,11 +23,13 @@ from .call import Call
 from .fresh import on_fresh_stack
 from .errors import (CREATE_SEQ, CollectiveTimeout, ConcurrentCallError, DecodeError,
                      DesyncError, EncodeError, PeerError)
+from .arms import branch_of
 from .identity import format_site, register_internal
 from .mismatch import (EnvelopeInfo, Group, MismatchKind, compact_ranks, desync_message,
-                       differing_notes, group_envelopes, label, mismatch_kinds, ordered_ranks)
-from .wire import (AGREE_SIZE, FLAG_LOCAL_ERROR, FLAGS_OFFSET, HEADER_SIZE, REDUCE_OP_NAMES,
-                   REDUCING_OPS, ROOTED_OPS, agreed, or_into, own_block)
+                       differing_notes, group_envelopes, label, mismatch_kinds, ordered_ranks,
+                       role_split)
+from .wire import (AGREE_SIZE, FLAG_LOCAL_ERROR, FLAGS_OFFSET, HEADER_SIZE, IDENTITY_OFFSET,
+                   REDUCE_OP_NAMES, REDUCING_OPS, ROOTED_OPS, agreed, or_into, own_block)
 
 if TYPE_CHECKING:
     from .protocol import Protocol
@@ -91,7 +93,9 @@ def describe_call(p: "Protocol", call: Call, error: Optional[str] = None) -> Env
         thread=threading.current_thread().name,
         error_type=split_error(error)[0] if error is not None else None,
         error=split_error(error)[1] if error is not None else None,
-        notes=p.decisions())
+        notes=p.decisions(),
+        branch=branch_of(call.code, call.lasti) if call.name is None and call.op in ROOTED_OPS
+        else None)
 
 
 def disagreement(p: "Protocol", call: Call, receiving: bool = False) -> None:
@@ -111,6 +115,8 @@ def disagreement(p: "Protocol", call: Call, receiving: bool = False) -> None:
         if r not in failed:
             own_block(h, mine)
             or_into(block, mine)
+    if not failed and role_branch([h for h, _ in pairs], infos):
+        return  # one rooted collective written in a role branch's two arms: the call goes on
     if len(failed) < p.size and not agreed(block):
         others = [info for r, info in enumerate(infos) if r not in failed]
         kinds = mismatch_kinds(others)
@@ -141,6 +147,23 @@ def disagreement(p: "Protocol", call: Call, receiving: bool = False) -> None:
                           f"{infos[first].site}: {infos[first].error}", seq=call.seq,
                           comm=p.name, source=root, schema=schema)
     raise failure(p, call, failed, infos)
+
+
+def role_branch(headers: Sequence[bytes], infos: Sequence[EnvelopeInfo]) -> bool:
+    """Every rank's header agrees but for its call identity, the call is a rooted op, and every
+    rank wrote it in the same role branch with the root alone in its arm (``role_split``): the
+    root's side and the receivers' side of one collective. Read from what every rank
+    exchanged, so every rank decides alike."""
+    first = infos[0]
+    if first.op not in ROOTED_OPS or first.root is None or not role_split(infos, first.root):
+        return False
+    block, mine = bytearray(AGREE_SIZE), bytearray(AGREE_SIZE)
+    for header in headers:
+        masked = bytearray(header[:HEADER_SIZE])
+        masked[IDENTITY_OFFSET:IDENTITY_OFFSET + 8] = bytes(8)
+        own_block(masked, mine)
+        or_into(block, mine)
+    return agreed(block)
 
 
 def failure(p: "Protocol", call: Call, failed: Sequence[int],

@@ -72,6 +72,7 @@ FLAG_GUESSED = 16  # the rank named no schema and sent, as if named, the root's 
 #                    this call last time (core/guesses.py); headers that differ where any rank
 #                    guessed are exchanged once more, the guessers taking the root's by name
 SCHEMA_OFFSET = 24
+IDENTITY_OFFSET = 40
 
 # Every collective starts with one exchange of this shape (the transport's ``exchange``):
 GATHER = 1  # every rank ends with every rank's slot

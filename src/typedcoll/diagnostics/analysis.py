@@ -24,7 +24,7 @@ import msgspec
 from ..core.identity import register_internal
 from ..core.mismatch import (EnvelopeInfo, Group, MismatchKind, Note, compact_ranks, describe,
                              desync_message, differing_notes, format_groups, group_envelopes,
-                             mismatch_kinds)
+                             mismatch_kinds, role_split)
 from ..core.recorder import RecordEntry
 from .model import CommDump, Dump
 
@@ -92,7 +92,8 @@ def envelope(rank: int, e: RecordEntry, comm: str, notes: Sequence[Note] = ()) -
     return EnvelopeInfo(rank=rank, seq=e.seq, op=clean(e.op, 64), schema=clean(e.schema),
                         fingerprint=clean(e.fingerprint, 64), comm=clean(comm),
                         site=clean(e.site), name=None if e.name is None else clean(e.name),
-                        occurrence=e.occurrence, step=e.step, notes=tuple(notes))
+                        occurrence=e.occurrence, step=e.step, notes=tuple(notes),
+                        branch=e.branch)
 
 
 def seq_label(e: RecordEntry) -> str:
@@ -130,6 +131,9 @@ def analyze_comm(comm_id: str, members: Dict[int, CommDump]) -> CommReport:
         envelopes = [envelope(r, by_seq[r][seq], comm_id, members[r].notes)
                      for r in sorted(members)]
         kinds = mismatch_kinds(envelopes)
+        if (kinds == [MismatchKind.CALL] and role_split(envelopes, None) and
+                all(by_seq[r][seq].state == "completed" for r in members)):
+            kinds = []  # a root and its receivers in a role branch's two arms, as live accepted
         if kinds:
             groups = group_envelopes(envelopes)
             report.divergence = Finding(

@@ -1,0 +1,217 @@
+"""Role branches: one rooted collective written once in each arm of an ``if``.
+
+Code that branches on its role often issues the root's side and the receivers' side of one
+collective from two lines::
+
+    if rank == src:
+        comm.bcast(obj, root=src)           # the root's arm
+        return obj
+    else:
+        return comm.bcast(None, root=src)   # the receivers' arm
+
+Their call sites differ, so the envelopes disagree on identity. This module reads, from the
+source every rank runs, whether a call is such a branch's: the k-th call of its name (``bcast``)
+in one arm of an ``if``/``else`` (or of a conditional expression, or of an ``if`` whose body
+always leaves the block — return, raise, continue, break — against the statements after it),
+where the other arm has as many calls of that name, so it has a k-th too. Ordinals are counted
+in the source, not as the calls run: a root that skips its arm's first call under a condition
+of its own reaches its second with ordinal 2, and the receivers' first (ordinal 1) still
+differs; arms with unequal counts (a call only the receivers make) pair nothing. ``branch_of(code, lasti)`` gives the
+branch's key (file, the ``if``'s line, k, name) and the arm this call is in; the verdict
+(``verdict.disagreement``) accepts a rooted collective whose envelopes differ only in their
+sites when every rank names the same branch and the root alone is in its arm. Only rooted ops:
+two votes written in two arms (``allreduce`` of a timeout, ``allreduce`` of a batch size) are
+different calls, and a rank in the wrong arm must still raise.
+
+Nothing here runs on the steady path: a branch is read when envelopes are compared. Where the
+source cannot be read (no file, a file too large) no call is a branch's, so the sites are
+compared as lines, as before.
+"""
+
+from __future__ import annotations
+
+import ast
+import linecache
+import threading
+import tokenize
+from types import CodeType
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from .identity import register_internal, source_name
+from .mismatch import Branch
+
+_MAX_SOURCE = 4 * 1024 * 1024  # bytes of source parsed for one file, at most
+_EXITS = (ast.Return, ast.Raise, ast.Continue, ast.Break)
+# A call's branch is looked for up to the function that holds it (a lambda is an expression of
+# its arm: ``step(lambda: comm.bcast(x))`` is that arm's call).
+_SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Module)
+Position = Tuple[int, int, int, int]  # line, end line, column, end column of a call
+
+
+# filename -> {position of a call -> (line of the if, k, name, arm)}; None: source not read
+_FILES: Dict[str, Optional[Dict[Position, Tuple[int, int, str, int]]]] = {}
+_BRANCHES: Dict[Tuple[CodeType, int], Optional[Branch]] = {}
+_UNREAD = object()
+_LOCK = threading.Lock()
+
+
+def branch_of(code: Optional[CodeType], lasti: int) -> Optional[Branch]:
+    """The role branch of the call at bytecode offset ``lasti`` of ``code`` (None: none)."""
+    if code is None:
+        return None
+    memo = (code, lasti)
+    found = _BRANCHES.get(memo, _UNREAD)
+    if found is not _UNREAD:
+        return found  # type: ignore[return-value]
+    # One reader at a time: in-process ranks are threads, and a file is parsed once.
+    with _LOCK:
+        try:
+            position = _position(code, lasti)
+            calls = _calls_of(code.co_filename) if position is not None else None
+        except Exception:  # never raise in a cold path a rank's peers wait in; not remembered
+            return None
+        hit = calls.get(position) if calls is not None and position is not None else None
+        branch = None if hit is None else Branch(
+            f"{source_name(code.co_filename)}:{hit[0]} {hit[2]} #{hit[1] + 1}", hit[3])
+        if len(_BRANCHES) > 65536:
+            _BRANCHES.clear()
+        _BRANCHES[memo] = branch
+        return branch
+
+
+def _position(code: CodeType, lasti: int) -> Optional[Position]:
+    """The source span of the instruction at ``lasti`` (a call: the whole call expression)."""
+    for i, span in enumerate(code.co_positions()):
+        if i == lasti // 2:
+            line, end_line, col, end_col = span
+            if line is None or end_line is None or col is None or end_col is None:
+                return None
+            return line, end_line, col, end_col
+    return None
+
+
+def _calls_of(filename: str) -> Optional[Dict[Position, Tuple[int, int, str, int]]]:
+    if filename not in _FILES:
+        if len(_FILES) > 256:
+            _FILES.clear()
+        source = _source(filename)
+        _FILES[filename] = (branch_calls(source) if source and len(source) <= _MAX_SOURCE
+                            else None)
+    return _FILES[filename]
+
+
+def _source(filename: str) -> str:
+    """The file's text, read from disk (linecache's shared cache may be emptied by another
+    thread as it is read), else as linecache finds it (a module in a zip, say)."""
+    try:
+        with tokenize.open(filename) as f:
+            return f.read(_MAX_SOURCE + 1)
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        return "".join(linecache.getlines(filename))
+
+
+def branch_calls(source: str) -> Optional[Dict[Position, Tuple[int, int, str, int]]]:
+    """Every call of ``source`` that is a role branch's: its position -> (line of the ``if``,
+    k, name, arm). None where the source does not parse."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return None
+    parents: Dict[ast.AST, ast.AST] = {}
+    for node in ast.walk(tree):
+        for child in ast.iter_child_nodes(node):
+            parents[child] = node
+    found: Dict[Position, Tuple[int, int, str, int]] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            name = _name(node)
+            hit = _innermost_branch(node, name, parents) if name is not None else None
+            if hit is not None and node.end_lineno is not None and node.end_col_offset is not None:
+                found[(node.lineno, node.end_lineno, node.col_offset, node.end_col_offset)] = hit
+    return found
+
+
+def _name(call: ast.Call) -> Optional[str]:
+    func = call.func
+    if isinstance(func, ast.Attribute):
+        return func.attr
+    if isinstance(func, ast.Name):
+        return func.id
+    return None
+
+
+def _innermost_branch(call: ast.Call, name: str,
+                      parents: Dict[ast.AST, ast.AST]) -> Optional[Tuple[int, int, str, int]]:
+    """The first enclosing ``if`` (inside the call's function) whose arms pair this call."""
+    node: ast.AST = call
+    while node in parents and not isinstance(node, _SCOPES):
+        parent = parents[node]
+        for line, arm, mine, other in _arms_around(node, parent, parents):
+            calls = _named_calls(mine, name)
+            k = next((i for i, c in enumerate(calls) if c is call), None)
+            if k is not None and len(_named_calls(other, name)) == len(calls):
+                return line, k, name, arm
+        node = parent
+    return None
+
+
+def _arms_around(node: ast.AST, parent: ast.AST, parents: Dict[ast.AST, ast.AST]
+                 ) -> List[Tuple[int, int, Sequence[ast.AST], Sequence[ast.AST]]]:
+    """The branches ``node`` is an arm's part of, as its ``parent`` holds it: (line of the
+    ``if``, which arm, this arm, the other arm)."""
+    out: List[Tuple[int, int, Sequence[ast.AST], Sequence[ast.AST]]] = []
+    if isinstance(parent, ast.IfExp) and node is not parent.test:
+        arm = 0 if node is parent.body else 1
+        out.append((parent.lineno, arm, [node], [parent.orelse if arm == 0 else parent.body]))
+    if isinstance(parent, ast.If) and node is not parent.test:
+        if node in parent.body:
+            if parent.orelse:
+                out.append((parent.lineno, 0, parent.body, parent.orelse))
+            elif _leaves(parent.body):
+                out.append((parent.lineno, 0, parent.body, _after(parent, parents)))
+        elif node in parent.orelse:
+            out.append((parent.lineno, 1, parent.orelse, parent.body))
+    # A statement after an ``if`` whose body always leaves: the statements after it are the
+    # other arm of that ``if``, the nearest such ``if`` first.
+    for field in ("body", "orelse", "finalbody"):
+        block = getattr(parent, field, None)
+        if isinstance(block, list) and node in block:
+            i = block.index(node)
+            for earlier in reversed(block[:i]):
+                if isinstance(earlier, ast.If) and not earlier.orelse and _leaves(earlier.body):
+                    out.append((earlier.lineno, 1, block[block.index(earlier) + 1:],
+                                earlier.body))
+    return out
+
+
+def _after(node: ast.stmt, parents: Dict[ast.AST, ast.AST]) -> Sequence[ast.AST]:
+    """The statements after ``node`` in the block that holds it."""
+    holder = parents.get(node)
+    for field in ("body", "orelse", "finalbody"):
+        block = getattr(holder, field, None)
+        if isinstance(block, list) and node in block:
+            return block[block.index(node) + 1:]
+    return ()
+
+
+def _leaves(body: Sequence[ast.stmt]) -> bool:
+    return bool(body) and isinstance(body[-1], _EXITS)
+
+
+def _named_calls(nodes: Sequence[ast.AST], name: str) -> List[ast.Call]:
+    """Calls of ``name`` in ``nodes``, in source order, not looking into nested functions or
+    classes (lambdas are looked into)."""
+    found: List[ast.Call] = []
+    stack = list(reversed(nodes))
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.Call) and _name(node) == name:
+            found.append(node)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            continue
+        stack.extend(reversed(list(ast.iter_child_nodes(node))))
+    found.sort(key=lambda c: (c.lineno, c.col_offset))
+    return found
+
+
+register_internal(__file__)

@@ -1,0 +1,296 @@
+"""Role branches (``core/arms.py``): a rooted collective written once in each arm of an ``if``.
+
+``if rank == root: comm.bcast(x)`` / ``else: comm.bcast(None)`` is one collective on two lines:
+the verdict accepts it when every rank wrote it in the same branch and the root alone is in its
+arm. What must stay an error: a receiver in the root's arm, two arms' calls of different ops or
+names, unrooted calls in two arms (two votes look alike), a named call. The branch reading is
+pure logic, tested on source text; the verdict on in-process ranks, on the C path
+(``timeout=None``) and the Python steps (``timeout=10``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
+import msgspec
+import pytest
+
+import typedcoll as tc
+from typedcoll.core.arms import branch_calls
+from typedcoll.core.mismatch import Branch, EnvelopeInfo
+from typedcoll.core.verdict import role_branch
+
+from test_core_review import TIMEOUTS, outcomes, slot_state
+
+
+class Plan(msgspec.Struct):
+    step: int
+    names: List[str]
+
+
+SOURCE = '''
+def if_else(comm, x):
+    if comm.rank == 0:
+        comm.bcast(x, root=0)
+        return x
+    else:
+        return comm.bcast(None, root=0)
+
+def early_return(comm, x):
+    if comm.rank == 0:
+        comm.bcast(x)
+        return x
+    return comm.bcast(None)
+
+def two_each(comm):
+    if comm.rank == 0:
+        comm.bcast(1); comm.bcast(2)
+    else:
+        a = comm.bcast(None)
+        b = comm.bcast(None)
+
+def conditional(comm, x):
+    return comm.bcast(x) if comm.rank == 0 else comm.bcast(None)
+
+def one_arm(comm):
+    if comm.rank == 0:
+        comm.bcast(1)
+    comm.bcast(2)
+
+def other_names(comm):
+    if comm.rank == 0:
+        comm.bcast(1)
+    else:
+        comm.gather(2)
+
+def nested_function(comm):
+    if comm.rank == 0:
+        comm.bcast(1)
+    else:
+        def later():
+            comm.bcast(None)
+
+def in_lambdas(comm, run):
+    if comm.rank == 0:
+        run(lambda: comm.bcast(1))
+    else:
+        x = run(lambda: comm.bcast(None))
+'''
+
+
+def _branches() -> Dict[int, List[Tuple[int, int, str, int]]]:
+    found = branch_calls(SOURCE)
+    assert found is not None
+    by_line: Dict[int, List[Tuple[int, int, str, int]]] = {}
+    for (line, _, _, _), hit in sorted(found.items()):
+        by_line.setdefault(line, []).append(hit)
+    return by_line
+
+
+def test_the_arms_of_an_if_pair_their_kth_calls_of_one_name() -> None:
+    b = _branches()
+    assert b[4] == [(3, 0, "bcast", 0)] and b[7] == [(3, 0, "bcast", 1)]  # if / else
+    assert b[11] == [(10, 0, "bcast", 0)] and b[13] == [(10, 0, "bcast", 1)]  # early return
+    assert b[17] == [(16, 0, "bcast", 0), (16, 1, "bcast", 0)]  # two calls on one line
+    assert b[19] == [(16, 0, "bcast", 1)] and b[20] == [(16, 1, "bcast", 1)]
+    assert b[23] == [(23, 0, "bcast", 0), (23, 0, "bcast", 1)]  # conditional expression
+    assert (44, 0, "bcast", 0) in b[45] and (44, 0, "bcast", 1) in b[47]  # in lambdas
+
+
+def test_calls_without_a_partner_in_the_other_arm_are_no_branchs() -> None:
+    b = _branches()
+    for line in (27, 28, 32, 34, 38, 41):  # one arm only, other names, a nested function
+        assert line not in b, line
+
+
+def test_source_that_does_not_parse_has_no_branches() -> None:
+    assert branch_calls("def f(:\n") is None
+
+
+def _info(rank: int, arm: Optional[int], *, op: str = "bcast", root: int = 0,
+          key: str = "m.py:3 bcast #1", name: Optional[str] = None) -> EnvelopeInfo:
+    return EnvelopeInfo(rank=rank, seq=5, op=op, root=root, site=f"m.py:{4 + 3 * (arm or 0)}",
+                        name=name, branch=None if arm is None else Branch(key, arm))
+
+
+def _header(identity: int, root: int = 0) -> bytes:
+    return bytes([0xC2, 3, 0, 8]) + root.to_bytes(4, "little") + bytes(32) + \
+        identity.to_bytes(8, "little") + bytes(16)
+
+
+def test_role_branch_needs_the_root_alone_in_its_arm() -> None:
+    headers = [_header(1), _header(2), _header(2), _header(2)]
+    ok = [_info(0, 0), _info(1, 1), _info(2, 1), _info(3, 1)]
+    assert role_branch(headers, ok)
+    assert not role_branch(headers, [_info(0, 0), _info(1, 0), _info(2, 1), _info(3, 1)])
+    assert not role_branch(headers, [_info(0, 0), _info(1, 1), _info(2, None), _info(3, 1)])
+    other_key = [_info(0, 0), _info(1, 1), _info(2, 1, key="m.py:9 bcast #1"), _info(3, 1)]
+    assert not role_branch(headers, other_key)
+    named = [_info(0, 0), _info(1, 1, name="plan"), _info(2, 1), _info(3, 1)]
+    assert not role_branch(headers, named)
+    votes = [_info(r, int(r > 0), op="allreduce", root=None) for r in range(4)]  # type: ignore
+    assert not role_branch(headers, votes)
+
+
+def test_role_branch_needs_every_other_header_field_equal() -> None:
+    ok = [_info(0, 0), _info(1, 1)]
+    assert role_branch([_header(1), _header(2)], ok)
+    assert not role_branch([_header(1), _header(2, root=1)], ok)
+
+
+# --- the verdict on in-process ranks -------------------------------------------------------
+
+def broadcast_object(comm: tc.TypedComm, obj: Any, src: int = 0) -> Any:
+    if comm.rank == src:
+        comm.bcast(obj, root=src, schema=Plan)
+        return obj
+    else:
+        return comm.bcast(None, root=src, schema=Plan)
+
+
+def broadcast_early(comm: tc.TypedComm, obj: Any, src: int = 0) -> Any:
+    if comm.rank == src:
+        comm.bcast(obj, root=src)
+        return obj
+    return comm.bcast(None, root=src)
+
+
+def gather_sides(comm: tc.TypedComm) -> Any:
+    if comm.rank == 1:
+        return comm.gather(comm.rank * 10, root=1)
+    else:
+        return comm.gather(comm.rank * 10, root=1)
+
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+def test_the_root_and_its_receivers_in_two_arms_are_one_call(timeout: Optional[float]) -> None:
+    def body(comm: tc.TypedComm) -> Any:
+        got = []
+        for step in range(3):
+            got.append(broadcast_object(comm, Plan(step, ["a"]) if comm.rank == 0 else None))
+            got.append(broadcast_early(comm, {"step": step} if comm.rank == 0 else None))
+            got.append(gather_sides(comm))
+        got.append(comm.allgather(comm.rank))  # the numbering and slot rule still agree
+        recorded = [e.branch for e in comm._p.recorder.snapshot() if e.op == "bcast"]
+        return got, slot_state(comm), recorded
+
+    results = outcomes(4, body, timeout=timeout)
+    for rank, result in enumerate(results):
+        assert not isinstance(result, BaseException), result
+        got, _, recorded = result
+        # the flight recorder keeps each call's branch, for the trace analysis
+        assert [b.arm if b else None for b in recorded] == [0 if rank == 0 else 1] * 6
+        for step in range(3):
+            assert got[3 * step] == Plan(step, ["a"])
+            assert got[3 * step + 1] == {"step": step}
+            assert got[3 * step + 2] == ([0, 10, 20, 30] if rank == 1 else None)
+        assert got[-1] == [0, 1, 2, 3]
+    assert len({repr(r[1]) for r in results}) == 1
+
+
+def wrong_arm(comm: tc.TypedComm) -> Any:
+    if comm.rank in (0, 2):  # rank 2 takes the root's arm: its call sends, it does not receive
+        return comm.bcast(comm.rank, root=0, schema=int)
+    else:
+        return comm.bcast(None, root=0, schema=int)
+
+
+def two_votes(comm: tc.TypedComm) -> Any:
+    if comm.rank == 2:  # a local timeout on rank 2: its vote looks like the others' on the wire
+        return comm.allreduce(1, op="max")
+    else:
+        return comm.allreduce(0, op="max")
+
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+@pytest.mark.parametrize("fn", [wrong_arm, two_votes])
+def test_anything_else_in_two_arms_raises_one_desync_everywhere(fn: Any,
+                                                                timeout: Optional[float]) -> None:
+    results = outcomes(4, fn, timeout=timeout)
+    assert all(isinstance(r, tc.DesyncError) for r in results), results
+    assert len({str(r) for r in results}) == 1
+    assert list(results[0].kinds) == [tc.MismatchKind.CALL]
+
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+def test_the_mpi4py_drop_in_in_a_wrapper_that_branches_on_its_role(
+        timeout: Optional[float]) -> None:
+    class Coordinator:  # the shape of an engine's broadcast_object
+        def __init__(self, comm: tc.TypedComm) -> None:
+            self.comm = tc.compat.mpi4py(comm)
+            self.rank = self.comm.Get_rank()
+
+        def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+            if self.rank == src:
+                self.comm.bcast(obj, root=src)
+                return obj
+            else:
+                return self.comm.bcast(None, root=src)
+
+    def body(comm: tc.TypedComm) -> Any:
+        c = Coordinator(comm)
+        return [c.broadcast_object({"reqs": [step]} if c.rank == 0 else None)
+                for step in range(3)]
+
+    results = outcomes(3, body, timeout=timeout)
+    assert results == [[{"reqs": [0]}, {"reqs": [1]}, {"reqs": [2]}]] * 3
+
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+def test_the_torch_drop_in_and_scatter_in_role_branches(timeout: Optional[float]) -> None:
+    def broadcast_object(dist: Any, rank: int, obj: Any, src: int = 0) -> Any:
+        if rank == src:  # an engine's broadcast_object over torch.distributed's object list
+            dist.broadcast_object_list([obj], src=src)
+            return obj
+        else:
+            recv = [None]
+            dist.broadcast_object_list(recv, src=src)
+            return recv[0]
+
+    def scatter_work(comm: tc.TypedComm) -> Any:
+        if comm.rank == 2:
+            return comm.scatter([f"part {r}" for r in range(comm.size)], root=2)
+        return comm.scatter(None, root=2)
+
+    def body(comm: tc.TypedComm) -> Any:
+        dist = tc.compat.torch(comm)
+        got = [(broadcast_object(dist, comm.rank, {"step": s} if comm.rank == 0 else None),
+                scatter_work(comm)) for s in range(2)]
+        return got, slot_state(comm)
+
+    results = outcomes(3, body, timeout=timeout)
+    for rank, result in enumerate(results):
+        assert not isinstance(result, BaseException), result
+        assert result[0] == [({"step": s}, f"part {rank}") for s in range(2)]
+    assert len({repr(r[1]) for r in results}) == 1
+
+
+def test_arms_with_unequal_counts_pair_nothing() -> None:
+    found = branch_calls('''
+def root_skips(comm, plan):
+    if comm.rank == 0:
+        comm.bcast(7)
+    else:
+        p = comm.bcast(None)
+        f = comm.bcast(None)
+''')
+    assert found == {}
+
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+def test_a_root_that_skips_a_call_in_its_arm_raises_everywhere(timeout: Optional[float]) -> None:
+    def body(comm: tc.TypedComm, has_plan: bool) -> Any:
+        if comm.rank == 0:
+            if has_plan:
+                comm.bcast([1, 2], root=0)
+            comm.bcast(7, root=0)
+            return None
+        else:
+            plan = comm.bcast(None, root=0)
+            flag = comm.bcast(None, root=0)
+            return plan, flag
+
+    assert outcomes(3, body, True, timeout=timeout) == [None, ([1, 2], 7), ([1, 2], 7)]
+    results = outcomes(3, body, False, timeout=timeout)
+    assert all(isinstance(r, tc.DesyncError) for r in results), results
+    assert len({str(r) for r in results}) == 1
