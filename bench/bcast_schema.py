@@ -11,8 +11,9 @@ round by round (medians over rounds of the slowest rank's mean per call):
              outcome in one more exchange (one rank may lack the class); every later run (the
              steady state measured) sends that class as if named (``core/guesses.py``)
   branch     ``bcast(state, root=0)`` in one arm of an ``if`` and ``bcast(None, root=0,
-             schema=RankState)`` in the other (a role branch, ``core/arms.py``): every run
-             compares the envelopes once more to accept the two call sites
+             schema=RankState)`` in the other (a role branch, ``core/arms.py``): the first
+             run compares the envelopes once more to accept the two call sites; every later
+             one sends the role identity it learned there (``core/roles.py``)
   pickle     ``comm.bcast(dict or None, root=0)``
 Goal, as for every bcast: at most 1.2x pickle. ``branch / schema`` is what writing the roles
 on two lines costs against one line (or a shared ``name=``).

@@ -294,3 +294,89 @@ def test_a_root_that_skips_a_call_in_its_arm_raises_everywhere(timeout: Optional
     results = outcomes(3, body, False, timeout=timeout)
     assert all(isinstance(r, tc.DesyncError) for r in results), results
     assert len({str(r) for r in results}) == 1
+
+
+# --- the steady state: a proved role branch sends its role identity (core/roles.py) ----------
+
+def broadcast_any(comm: tc.TypedComm, obj: Any, src: int) -> Any:
+    if comm.rank == src:  # an engine's broadcast_pyobj: the root may move between calls
+        comm.bcast(obj, root=src)
+        return obj
+    else:
+        return comm.bcast(None, root=src)
+
+
+def _count_envelope_exchanges(monkeypatch: Any) -> Dict[int, int]:
+    from typedcoll.core import verdict
+    counts: Dict[int, int] = {}
+    real = verdict.exchange_infos
+
+    def counting(p: Any, *args: Any) -> Any:
+        counts[p.rank] = counts.get(p.rank, 0) + 1
+        return real(p, *args)
+
+    monkeypatch.setattr(verdict, "exchange_infos", counting)
+    return counts
+
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+def test_a_proved_role_branch_needs_no_envelope_exchange_again(
+        monkeypatch: Any, timeout: Optional[float]) -> None:
+    counts = _count_envelope_exchanges(monkeypatch)
+
+    def body(comm: tc.TypedComm) -> Any:
+        got = [broadcast_object(comm, Plan(step, ["a"]) if comm.rank == 0 else None)
+               for step in range(6)]
+        got.append(comm.allgather(comm.rank))
+        return got, len(comm._p.roles), slot_state(comm)
+
+    results = outcomes(4, body, timeout=timeout)
+    for result in results:
+        assert not isinstance(result, BaseException), result
+        got, roles, _ = result
+        assert got[:6] == [Plan(step, ["a"]) for step in range(6)]
+        assert got[6] == [0, 1, 2, 3]
+        assert roles == 1
+    assert len({repr(r[2]) for r in results}) == 1
+    assert counts == {0: 1, 1: 1, 2: 1, 3: 1}  # the first call's, only
+
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+def test_a_root_that_moves_is_learned_at_each_site(timeout: Optional[float]) -> None:
+    def body(comm: tc.TypedComm) -> Any:
+        return [broadcast_any(comm, {"step": s, "by": comm.rank} if comm.rank == s % 3 else None,
+                              s % 3) for s in range(9)], slot_state(comm)
+
+    results = outcomes(3, body, timeout=timeout)
+    for result in results:
+        assert not isinstance(result, BaseException), result
+        assert result[0] == [{"step": s, "by": s % 3} for s in range(9)]
+    assert len({repr(r[1]) for r in results}) == 1
+
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+@pytest.mark.parametrize("fault", ["receiver_in_root_arm", "root_skips", "root_differs"])
+def test_a_learned_role_that_no_longer_holds_raises_as_at_a_first_run(
+        fault: str, timeout: Optional[float]) -> None:
+    def body(comm: tc.TypedComm) -> Any:
+        got = []
+        for step in range(4):
+            faulty = step == 3
+            if faulty and fault == "receiver_in_root_arm" and comm.rank == 2:
+                got.append(comm.bcast(step, root=0))  # rank 2 believes it is the root
+                continue
+            if faulty and fault == "root_skips" and comm.rank == 0:
+                got.append(comm.allgather(step))  # the root goes on to the next call
+                continue
+            root = 1 if faulty and fault == "root_differs" and comm.rank == 3 else 0
+            if comm.rank == root:
+                comm.bcast(step, root=root)
+                got.append(step)
+            else:
+                got.append(comm.bcast(None, root=root))
+        return got
+
+    results = outcomes(4, body, timeout=timeout)
+    assert all(isinstance(r, tc.DesyncError) for r in results), results
+    assert len({str(r) for r in results}) == 1
+    assert results[0].seq == 3

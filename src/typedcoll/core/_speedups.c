@@ -60,6 +60,7 @@
 #define FLAG_WILD_SCHEMA 4
 #define FLAG_SPLIT_ARRAY 8
 #define FLAG_GUESSED 16
+#define FLAG_ROLE 32
 #define SHAPE_REDUCE 0
 #define SHAPE_GATHER 1
 #define NO_ROOT (-1)
@@ -89,7 +90,7 @@ static PyObject *SCHEMAS, *SCHEMAS_BY_ID, *OPS, *ENCODE, *SKIP_FILES, *SKIP_CODE
 /* name -> fingerprint (call sites have a table of their own, before site_identity). */
 static PyObject *NAME_CACHE, *EMPTY_BYTES;
 static PyObject *s_seq, *s_step, *s_policy, *s_observe, *s_size, *s_fast, *s_exchange,
-    *s_fingerprint, *s_failed, *s_guesses;
+    *s_fingerprint, *s_failed, *s_guesses, *s_roles;
 /* The op names of the entry points that are not given one, interned once at import. */
 static PyObject *s_allgather, *s_allreduce, *s_reduce, *s_barrier;
 
@@ -1253,6 +1254,29 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
         Py_DECREF(occ);
         if (rc < 0) goto error;
     }
+    /* A call this rank took in a role branch sends the role identity it learned there
+     * (core/roles.py): its arm, as seen from the root. */
+    unsigned char role_fp[8];
+    int role = 0;
+    if (name == Py_None && root >= 0) {
+        PyObject *roles = PyObject_GetAttr(proto, s_roles);
+        if (roles == NULL) goto error;
+        if (PyDict_CheckExact(roles) && PyDict_GET_SIZE(roles) > 0) {
+            PyObject *pair = PyDict_GetItemWithError(roles, identity); /* borrowed */
+            if (pair == NULL && PyErr_Occurred()) {
+                Py_DECREF(roles);
+                goto error;
+            }
+            if (pair != NULL && PyTuple_CheckExact(pair) && PyTuple_GET_SIZE(pair) == 2) {
+                PyObject *side = PyTuple_GET_ITEM(pair, f.rank == root);
+                if (PyBytes_CheckExact(side) && PyBytes_GET_SIZE(side) == 8) {
+                    memcpy(role_fp, PyBytes_AS_STRING(side), 8);
+                    role = 1;
+                }
+            }
+        }
+        Py_DECREF(roles);
+    }
     unsigned char *s = (unsigned char *)PyByteArray_AS_STRING(f.send);
     if (prefix_len) memcpy(s + HEADER_SIZE, PyBytes_AS_STRING(prefix), (size_t)prefix_len);
     if (n) memcpy(s + HEADER_SIZE + prefix_len, PyBytes_AS_STRING(payload), (size_t)n);
@@ -1267,11 +1291,11 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
     else memset(s + 24, 0, 8);
     if (array_fp != NULL) memcpy(s + 32, PyBytes_AS_STRING(array_fp), 8);
     else memset(s + 32, 0, 8);
-    memcpy(s + 40, PyBytes_AS_STRING(identity), 8);
+    memcpy(s + 40, role ? role_fp : (const unsigned char *)PyBytes_AS_STRING(identity), 8);
     put_u32(s + 48, (uint32_t)f.instance);
     put_u32(s + 52, (uint32_t)f.slot);
     s[FLAGS_OFFSET] = (unsigned char)((split_len < 0 ? 0 : FLAG_OVERFLOW | FLAG_SPLIT_ARRAY) |
-                                      (guessed ? FLAG_GUESSED : 0));
+                                      (guessed ? FLAG_GUESSED : 0) | (role ? FLAG_ROLE : 0));
     s[57] = s[58] = s[59] = 0;
     put_u32(s + LENGTH_OFFSET, (uint32_t)(split_len < 0 ? n + prefix_len : split_len));
     if (record_start(f.ring, f.ring_objects, f.ring_state, f.capacity, seq, opcode,
@@ -1317,8 +1341,9 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
     block = (unsigned char *)PyByteArray_AS_STRING(f.block);
     /* A split array's steady state has the two flags of every rank's split array set. */
     int split_steady = split_len >= 0 && block[AGREE_FLAGS] == (FLAG_OVERFLOW | FLAG_SPLIT_ARRAY);
-    /* Receivers that guessed the root's class, all right (the headers agree): steady too. */
-    int guess_steady = block[AGREE_FLAGS] == FLAG_GUESSED;
+    /* Receivers that guessed the root's class, ranks that sent a role identity, all right (the
+     * headers agree): steady too. */
+    int guess_steady = (block[AGREE_FLAGS] & ~(FLAG_GUESSED | FLAG_ROLE)) == 0;
     if (timed_out || (block[AGREE_FLAGS] != 0 && !split_steady && !guess_steady) ||
         !block_agreed(block))
         goto resume;
@@ -1765,6 +1790,7 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     INTERN(s_fingerprint, "fingerprint");
     INTERN(s_failed, "failed");
     INTERN(s_guesses, "guesses");
+    INTERN(s_roles, "roles");
     INTERN(s_allgather, "allgather");
     INTERN(s_allreduce, "allreduce");
     INTERN(s_reduce, "reduce");
@@ -1800,6 +1826,7 @@ PyMODINIT_FUNC PyInit__speedups(void) {
         PyModule_AddIntConstant(m, "FLAG_WILD_SCHEMA", FLAG_WILD_SCHEMA) < 0 ||
         PyModule_AddIntConstant(m, "FLAG_SPLIT_ARRAY", FLAG_SPLIT_ARRAY) < 0 ||
         PyModule_AddIntConstant(m, "FLAG_GUESSED", FLAG_GUESSED) < 0 ||
+        PyModule_AddIntConstant(m, "FLAG_ROLE", FLAG_ROLE) < 0 ||
         PyModule_AddIntConstant(m, "GATHER", SHAPE_GATHER) < 0 ||
         PyModule_AddIntConstant(m, "MAX_NESTING", MAX_NESTING) < 0 ||
         PyModule_AddIntConstant(m, "MAX_NAME", MAX_NAME) < 0 ||

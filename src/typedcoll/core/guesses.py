@@ -32,9 +32,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Optional
 
 from ..codecs import SchemaInfo
+from . import roles
 from .call import Call
 from .identity import register_internal
-from .wire import (FLAG_GUESSED, FLAG_WILD_SCHEMA, FLAGS_OFFSET, SCHEMA_OFFSET, agreed,
+from .wire import (FLAG_GUESSED, FLAG_ROLE, FLAG_WILD_SCHEMA, FLAGS_OFFSET, SCHEMA_OFFSET, agreed,
                    block_flags)
 
 if TYPE_CHECKING:
@@ -60,9 +61,11 @@ def remember(p: "Protocol", call: Call, info: SchemaInfo) -> None:
 
 def unguess_if_differ(p: "Protocol", call: Call, shape: int) -> None:
     """Step 2, after each exchange of ``shape``: once more where headers differ and any rank
-    guessed, the guessers now naming no schema (their header rewritten in place)."""
-    if not block_flags(p.block) & FLAG_GUESSED or agreed(p.block):
+    guessed, the guessers now naming no schema (their header rewritten in place); so too
+    where any rank sent a role identity (``roles.unrole``: its call site again)."""
+    if not block_flags(p.block) & (FLAG_GUESSED | FLAG_ROLE) or agreed(p.block):
         return
+    roles.unrole(p, call)
     if call.guessed:
         p.guesses.pop(p.identity(call), None)
         call.info, call.wild, call.guessed = None, True, False

@@ -18,7 +18,8 @@ Every typed collective, whatever its kind, runs these steps (``ops`` holds each 
   4. Verdict, from the agreement block, the same bytes on every rank, hence the same verdict.
      A receiver of ``bcast`` or ``scatter`` that names no schema sends, as if it had named it,
      the root's class it took at the same call last time, and where headers differ and any
-     rank did so, every rank exchanges once more (``guesses``). Then: headers differ or some
+     rank did so, every rank exchanges once more (``guesses``); so does a call that sent the
+     role identity it learned in a role branch in place of its call site (``roles``). Then: headers differ or some
      rank flagged an error -> ``verdict.disagreement`` exchanges the readable envelopes once
      and raises the same DesyncError (or EncodeError on the failed rank and PeerError
      elsewhere) on every rank. Every rank also feeds the same number to the same slot-size
@@ -43,7 +44,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from ..codecs import ENCODER, KIND_MSGSPEC, SchemaInfo, encode_array, nesting_ok
 from ..codecs.array import encode_array_split
 from ..codecs.nesting import MAX_NESTING
-from . import guesses, verdict
+from . import guesses, roles, verdict
 # The creation exchange is the first traffic on a new backend group, which may still be
 # connecting its ranks (gloo does so lazily, slowly on a loaded host): it waits at least
 # CREATION_MIN_TIMEOUT whatever the communicator's timeout, so a tight timeout bounds
@@ -57,7 +58,7 @@ from .fresh import on_fresh_stack
 from .identity import format_site, name_fingerprint, register_internal, site_fingerprint, \
     user_frame
 from .recorder import FlightRecorder, capacity_from_env
-from .wire import (AGREE_SIZE, FLAG_GUESSED, FLAG_LOCAL_ERROR, FLAG_OVERFLOW,
+from .wire import (AGREE_SIZE, FLAG_GUESSED, FLAG_LOCAL_ERROR, FLAG_OVERFLOW, FLAG_ROLE,
                    FLAG_SPLIT_ARRAY, FLAG_WILD_SCHEMA, GATHER, HEADER, HEADER_SIZE, MAGIC,
                    MAX_PAYLOAD, NATIVE_LITTLE, NO_STEP, OPS, REDUCE, SlotPolicy, agreed,
                    block_flags, block_length, instances_differ, slot_log2)
@@ -84,7 +85,7 @@ class Protocol:
 
     __slots__ = ("channel", "transport", "rank", "size", "name", "instance", "timeout", "seq",
                  "step", "policy", "slot", "send", "send_view", "recv", "recv_view", "recv_u32",
-                 "block", "counts", "guesses", "recorder", "fast", "failure", "observer",
+                 "block", "counts", "guesses", "roles", "recorder", "fast", "failure", "observer",
                  "deferred", "hang_reporter", "extensions", "freed", "notes", "__weakref__")
 
     def __init__(self, channel: Channel, instance: int, name: str,
@@ -105,6 +106,9 @@ class Protocol:
         # identity fingerprint -> the root's class a receiver without schema= took there last
         # (core/guesses.py); the C path reads it too.
         self.guesses: Dict[bytes, SchemaInfo] = {}
+        # site identity -> the role identities (receiver's, root's) of a call proved a role
+        # branch there (core/roles.py); the C path reads it too.
+        self.roles: Dict[bytes, Tuple[bytes, bytes]] = {}
         capacity = capacity_from_env()
         self.recorder: Optional[FlightRecorder] = FlightRecorder(capacity) if capacity else None
         # key -> (value, code, lasti, step): the latest decisions (comm.note), made into Notes
@@ -339,12 +343,17 @@ class Protocol:
             flags |= FLAG_WILD_SCHEMA
         elif call.guessed:
             flags |= FLAG_GUESSED
+        identity = self.identity(call)
+        if self.roles and not opcode:
+            role = roles.wire_identity(self, call, identity)
+            if role is not None:
+                identity, flags = role, flags | FLAG_ROLE
         info = call.info
         _pack(self.send, 0, MAGIC, opcode or OPS[call.op], call.reduce_op, slot_log2(slot),
               call.root,
               call.seq, call.wire_step,
               info.fingerprint if info is not None and not call.wild else _ZEROS,
-              call.array_fp, self.identity(call), self.instance, slot, flags, n)
+              call.array_fp, identity, self.instance, slot, flags, n)
 
     def decisions(self) -> Tuple[Note, ...]:
         """The latest recorded decisions (``comm.note``), one per key."""

@@ -23,6 +23,7 @@ from .call import Call
 from .fresh import on_fresh_stack
 from .errors import (CREATE_SEQ, CollectiveTimeout, ConcurrentCallError, DecodeError,
                      DesyncError, EncodeError, PeerError)
+from . import roles
 from .arms import branch_of
 from .identity import format_site, register_internal
 from .mismatch import (EnvelopeInfo, Group, MismatchKind, compact_ranks, desync_message,
@@ -116,7 +117,10 @@ def disagreement(p: "Protocol", call: Call, receiving: bool = False) -> None:
             own_block(h, mine)
             or_into(block, mine)
     if not failed and role_branch([h for h, _ in pairs], infos):
-        return  # one rooted collective written in a role branch's two arms: the call goes on
+        # One rooted collective written in a role branch's two arms: the call goes on, and the
+        # next one there sends the role identity instead of its call site.
+        roles.learn(p, call, infos)
+        return
     if len(failed) < p.size and not agreed(block):
         others = [info for r, info in enumerate(infos) if r not in failed]
         kinds = mismatch_kinds(others)

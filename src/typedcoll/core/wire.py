@@ -71,6 +71,10 @@ FLAG_SPLIT_ARRAY = 8  # the inline bytes are an array's dtype and shape; phase 2
 FLAG_GUESSED = 16  # the rank named no schema and sent, as if named, the root's class it took at
 #                    this call last time (core/guesses.py); headers that differ where any rank
 #                    guessed are exchanged once more, the guessers taking the root's by name
+FLAG_ROLE = 32  # the rank sent, in place of its call site, the role identity it learned where
+#                 this call proved one rooted collective in a role branch's two arms
+#                 (core/roles.py); headers that differ where any rank did are exchanged once
+#                 more with the call sites
 SCHEMA_OFFSET = 24
 IDENTITY_OFFSET = 40
 

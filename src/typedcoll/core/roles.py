@@ -1,0 +1,69 @@
+"""Role branches in the steady state: the identity a call learned in a role branch.
+
+``if rank == root: comm.bcast(x)`` / ``else: comm.bcast(None)`` is one collective on two lines
+(``core.arms``): the root's call site differs from its receivers', so the headers disagree and
+the verdict accepts the call only from the readable envelopes (``verdict.role_branch``), one
+more exchange on every call. Engines broadcast their requests this way every iteration, so
+once a call passed that check, each rank sends the same proof in its header instead, step by
+step:
+
+  1. ``learn``: where the verdict accepted a role branch, each rank keeps, under its call's
+     site identity, two role identities: the digest of the branch's key and of its own arm
+     as seen from the root (its arm when it is not the root, the other arm when it is). The
+     root alone in one arm, every receiver in the other: every rank's value is the same.
+  2. ``wire_identity``: the next unnamed rooted call at that site sends the role identity
+     for its side (is this rank the root now?) in the header's identity field and sets
+     FLAG_ROLE. Headers that agree prove what the envelopes proved: the same branch, the
+     root alone in its arm, every other field equal. The C path reads the same table.
+  3. ``unrole``: headers that differ where any rank set the flag (a root that moved, a peer
+     elsewhere) are exchanged once more by every rank (``guesses.unguess_if_differ``), the
+     flagged ranks sending their call site again and forgetting the role; the verdict then
+     judges the call sites as at a first run.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional, Sequence
+
+from ..codecs.digest import digest8
+from .call import Call
+from .identity import register_internal
+from .mismatch import EnvelopeInfo
+from .wire import FLAG_ROLE, FLAGS_OFFSET, IDENTITY_OFFSET, NO_ROOT
+
+if TYPE_CHECKING:
+    from .protocol import Protocol
+
+MAX_ROLES = 4096  # call sites whose role identity a rank remembers
+
+
+def learn(p: "Protocol", call: Call, infos: Sequence[EnvelopeInfo]) -> None:
+    """Step 1: the verdict accepted ``call`` as a role branch from every rank's ``infos``."""
+    branch = infos[p.rank].branch
+    if branch is None or call.name is not None:
+        return
+    if len(p.roles) >= MAX_ROLES:
+        p.roles.clear()
+    side = [digest8(f"role:{branch.key}:{arm}") for arm in (branch.arm, branch.arm ^ 1)]
+    p.roles[p.identity(call)] = (side[0], side[1])
+
+
+def wire_identity(p: "Protocol", call: Call, identity: bytes) -> Optional[bytes]:
+    """Step 2: the role identity ``call`` sends in place of ``identity``, or None."""
+    if call.name is not None or call.root == NO_ROOT:
+        return None
+    pair = p.roles.get(identity)
+    return None if pair is None else pair[p.rank == call.root]
+
+
+def unrole(p: "Protocol", call: Call) -> None:
+    """Step 3: this rank's header names its call site again, and the role is forgotten."""
+    send = p.send
+    if send[FLAGS_OFFSET] & FLAG_ROLE:
+        identity = p.identity(call)
+        p.roles.pop(identity, None)
+        send[FLAGS_OFFSET] &= ~FLAG_ROLE
+        send[IDENTITY_OFFSET:IDENTITY_OFFSET + 8] = identity
+
+
+register_internal(__file__)
