@@ -5,11 +5,12 @@
  * flush), gather and alltoall up to 16 ranks and allreduce of Python numbers (GATHER exchange),
  * bcast, scatter and barrier (REDUCE exchange), allgather of numpy arrays (their format written
  * and read by core/array_slots.py): encode (scatter's and alltoall's parts packed as
- * core/parts.py packs them), find the call's identity (name or site), write the 64-byte
- * header and the inline payload, record the flight-recorder entry, exchange, check the
- * agreement block, decode what this rank needs (a receiver of bcast or scatter that names no
- * schema is served where it has a guess of the root's class, core/guesses.py, sent as if named
- * with FLAG_GUESSED). The interpreter would run a few hundred bytecodes per call for that;
+ * core/parts.py packs them), find the call's identity (name or site; a rooted call at a
+ * site that proved a role branch sends the role identity learned there, core/roles.py),
+ * write the 64-byte header and the inline payload, record the flight-recorder entry,
+ * exchange, check the agreement block, decode what this rank needs (a receiver of bcast or
+ * scatter that names no schema is served where it has a guess of the root's class,
+ * core/guesses.py, sent as if named with FLAG_GUESSED). The interpreter would run a few hundred bytecodes per call for that;
  * here it is a few thousand instructions, which is what keeps a checked collective near a raw
  * one.
  *

@@ -19,11 +19,11 @@ Every typed collective, whatever its kind, runs these steps (``ops`` holds each 
      A receiver of ``bcast`` or ``scatter`` that names no schema sends, as if it had named it,
      the root's class it took at the same call last time, and where headers differ and any
      rank did so, every rank exchanges once more (``guesses``); so does a call that sent the
-     role identity it learned in a role branch in place of its call site (``roles``). Then: headers differ or some
-     rank flagged an error -> ``verdict.disagreement`` exchanges the readable envelopes once
-     and raises the same DesyncError (or EncodeError on the failed rank and PeerError
-     elsewhere) on every rank. Every rank also feeds the same number to the same slot-size
-     rule, so the next slot size needs no message.
+     role identity it learned in a role branch in place of its call site (``roles``). Then:
+     headers differ or some rank flagged an error -> ``verdict.disagreement`` exchanges the
+     readable envelopes once and raises the same DesyncError (or EncodeError on the failed
+     rank and PeerError elsewhere) on every rank. Every rank also feeds the same number to
+     the same slot-size rule, so the next slot size needs no message.
   5. Phase 2 (``payloads``; only for payloads that overflowed, or for ops whose payload moves
      on a rooted collective): counts come from headers every rank has seen, so every rank joins
      the same backend operations. Then typed decoding, never pickle: a payload that does not
