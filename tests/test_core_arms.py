@@ -89,18 +89,37 @@ def _branches() -> Dict[int, List[Tuple[int, int, str, int]]]:
 
 def test_the_arms_of_an_if_pair_their_kth_calls_of_one_name() -> None:
     b = _branches()
-    assert b[4] == [(3, 0, "bcast", 0)] and b[7] == [(3, 0, "bcast", 1)]  # if / else
-    assert b[11] == [(10, 0, "bcast", 0)] and b[13] == [(10, 0, "bcast", 1)]  # early return
-    assert b[17] == [(16, 0, "bcast", 0), (16, 1, "bcast", 0)]  # two calls on one line
-    assert b[19] == [(16, 0, "bcast", 1)] and b[20] == [(16, 1, "bcast", 1)]
-    assert b[23] == [(23, 0, "bcast", 0), (23, 0, "bcast", 1)]  # conditional expression
-    assert (44, 0, "bcast", 0) in b[45] and (44, 0, "bcast", 1) in b[47]  # in lambdas
+    assert b[4] == [(3, 4, 0, "bcast", 0)] and b[7] == [(3, 4, 0, "bcast", 1)]  # if / else
+    assert b[11] == [(10, 4, 0, "bcast", 0)] and b[13] == [(10, 4, 0, "bcast", 1)]  # early return
+    assert b[17] == [(16, 4, 0, "bcast", 0), (16, 4, 1, "bcast", 0)]  # two calls on one line
+    assert b[19] == [(16, 4, 0, "bcast", 1)] and b[20] == [(16, 4, 1, "bcast", 1)]
+    assert b[23] == [(23, 11, 0, "bcast", 0), (23, 11, 0, "bcast", 1)]  # conditional expression
+    assert (44, 4, 0, "bcast", 0) in b[45] and (44, 4, 0, "bcast", 1) in b[47]  # in lambdas
 
 
 def test_calls_without_a_partner_in_the_other_arm_are_no_branchs() -> None:
     b = _branches()
     for line in (27, 28, 32, 34, 38, 41):  # one arm only, other names, a nested function
         assert line not in b, line
+
+
+def two_conditionals_from_one_line(comm: tc.TypedComm, ready: bool) -> Any:
+    b, r = comm.bcast, comm.rank
+    return (b("plan") if r == 0 else b(None)) if ready else (b("flag") if r == 0 else
+                                                              b(None))
+
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+def test_two_conditionals_that_start_on_one_line_are_two_branches(
+        timeout: Optional[float]) -> None:
+    assert outcomes(3, two_conditionals_from_one_line, True, timeout=timeout) == ["plan"] * 3
+
+    def body(comm: tc.TypedComm) -> Any:  # the root ready, its receivers not: another call
+        return two_conditionals_from_one_line(comm, comm.rank == 0)
+
+    results = outcomes(3, body, timeout=timeout)
+    assert all(isinstance(r, tc.DesyncError) for r in results), results
+    assert len({str(r) for r in results}) == 1
 
 
 def test_source_that_does_not_parse_has_no_branches() -> None:

@@ -16,8 +16,10 @@ always leaves the block — return, raise, continue, break — against the state
 where the other arm has as many calls of that name, so it has a k-th too. Ordinals are counted
 in the source, not as the calls run: a root that skips its arm's first call under a condition
 of its own reaches its second with ordinal 2, and the receivers' first (ordinal 1) still
-differs; arms with unequal counts (a call only the receivers make) pair nothing. ``branch_of(code, lasti)`` gives the
-branch's key (file, the ``if``'s line, k, name) and the arm this call is in; the verdict
+differs; arms with unequal counts (a call only the receivers make) pair nothing.
+``branch_of(code, lasti)`` gives the branch's key (file, the ``if``'s line and column, k, name:
+two conditional expressions on one line are two branches) and the arm this call is in; the
+verdict
 (``verdict.disagreement``) accepts a rooted collective whose envelopes differ only in their
 sites when every rank names the same branch and the root alone is in its arm. Only rooted ops:
 two votes written in two arms (``allreduce`` of a timeout, ``allreduce`` of a batch size) are
@@ -46,10 +48,11 @@ _EXITS = (ast.Return, ast.Raise, ast.Continue, ast.Break)
 # its arm: ``step(lambda: comm.bcast(x))`` is that arm's call).
 _SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Module)
 Position = Tuple[int, int, int, int]  # line, end line, column, end column of a call
+Hit = Tuple[int, int, int, str, int]  # the if's line and column, k, name, arm
 
 
-# filename -> {position of a call -> (line of the if, k, name, arm)}; None: source not read
-_FILES: Dict[str, Optional[Dict[Position, Tuple[int, int, str, int]]]] = {}
+# filename -> {position of a call -> its Hit}; None: source not read
+_FILES: Dict[str, Optional[Dict[Position, Hit]]] = {}
 _BRANCHES: Dict[Tuple[CodeType, int], Optional[Branch]] = {}
 _UNREAD = object()
 _LOCK = threading.Lock()
@@ -72,7 +75,7 @@ def branch_of(code: Optional[CodeType], lasti: int) -> Optional[Branch]:
             return None
         hit = calls.get(position) if calls is not None and position is not None else None
         branch = None if hit is None else Branch(
-            f"{source_name(code.co_filename)}:{hit[0]} {hit[2]} #{hit[1] + 1}", hit[3])
+            f"{source_name(code.co_filename)}:{hit[0]}:{hit[1]} {hit[3]} #{hit[2] + 1}", hit[4])
         if len(_BRANCHES) > 65536:
             _BRANCHES.clear()
         _BRANCHES[memo] = branch
@@ -90,7 +93,7 @@ def _position(code: CodeType, lasti: int) -> Optional[Position]:
     return None
 
 
-def _calls_of(filename: str) -> Optional[Dict[Position, Tuple[int, int, str, int]]]:
+def _calls_of(filename: str) -> Optional[Dict[Position, Hit]]:
     if filename not in _FILES:
         if len(_FILES) > 256:
             _FILES.clear()
@@ -110,9 +113,9 @@ def _source(filename: str) -> str:
         return "".join(linecache.getlines(filename))
 
 
-def branch_calls(source: str) -> Optional[Dict[Position, Tuple[int, int, str, int]]]:
-    """Every call of ``source`` that is a role branch's: its position -> (line of the ``if``,
-    k, name, arm). None where the source does not parse."""
+def branch_calls(source: str) -> Optional[Dict[Position, Hit]]:
+    """Every call of ``source`` that is a role branch's: its position -> (line and column of
+    the ``if``, k, name, arm). None where the source does not parse."""
     try:
         tree = ast.parse(source)
     except (SyntaxError, ValueError):
@@ -121,7 +124,7 @@ def branch_calls(source: str) -> Optional[Dict[Position, Tuple[int, int, str, in
     for node in ast.walk(tree):
         for child in ast.iter_child_nodes(node):
             parents[child] = node
-    found: Dict[Position, Tuple[int, int, str, int]] = {}
+    found: Dict[Position, Hit] = {}
     for node in ast.walk(tree):
         if isinstance(node, ast.Call):
             name = _name(node)
@@ -141,36 +144,36 @@ def _name(call: ast.Call) -> Optional[str]:
 
 
 def _innermost_branch(call: ast.Call, name: str,
-                      parents: Dict[ast.AST, ast.AST]) -> Optional[Tuple[int, int, str, int]]:
+                      parents: Dict[ast.AST, ast.AST]) -> Optional[Hit]:
     """The first enclosing ``if`` (inside the call's function) whose arms pair this call."""
     node: ast.AST = call
     while node in parents and not isinstance(node, _SCOPES):
         parent = parents[node]
-        for line, arm, mine, other in _arms_around(node, parent, parents):
+        for branch, arm, mine, other in _arms_around(node, parent, parents):
             calls = _named_calls(mine, name)
             k = next((i for i, c in enumerate(calls) if c is call), None)
             if k is not None and len(_named_calls(other, name)) == len(calls):
-                return line, k, name, arm
+                return branch.lineno, branch.col_offset, k, name, arm
         node = parent
     return None
 
 
 def _arms_around(node: ast.AST, parent: ast.AST, parents: Dict[ast.AST, ast.AST]
-                 ) -> List[Tuple[int, int, Sequence[ast.AST], Sequence[ast.AST]]]:
-    """The branches ``node`` is an arm's part of, as its ``parent`` holds it: (line of the
-    ``if``, which arm, this arm, the other arm)."""
-    out: List[Tuple[int, int, Sequence[ast.AST], Sequence[ast.AST]]] = []
+                 ) -> List[Tuple[ast.expr | ast.stmt, int, Sequence[ast.AST], Sequence[ast.AST]]]:
+    """The branches ``node`` is an arm's part of, as its ``parent`` holds it: (the ``if``,
+    which arm, this arm, the other arm)."""
+    out: List[Tuple[ast.expr | ast.stmt, int, Sequence[ast.AST], Sequence[ast.AST]]] = []
     if isinstance(parent, ast.IfExp) and node is not parent.test:
         arm = 0 if node is parent.body else 1
-        out.append((parent.lineno, arm, [node], [parent.orelse if arm == 0 else parent.body]))
+        out.append((parent, arm, [node], [parent.orelse if arm == 0 else parent.body]))
     if isinstance(parent, ast.If) and node is not parent.test:
         if node in parent.body:
             if parent.orelse:
-                out.append((parent.lineno, 0, parent.body, parent.orelse))
+                out.append((parent, 0, parent.body, parent.orelse))
             elif _leaves(parent.body):
-                out.append((parent.lineno, 0, parent.body, _after(parent, parents)))
+                out.append((parent, 0, parent.body, _after(parent, parents)))
         elif node in parent.orelse:
-            out.append((parent.lineno, 1, parent.orelse, parent.body))
+            out.append((parent, 1, parent.orelse, parent.body))
     # A statement after an ``if`` whose body always leaves: the statements after it are the
     # other arm of that ``if``, the nearest such ``if`` first.
     for field in ("body", "orelse", "finalbody"):
@@ -179,8 +182,7 @@ def _arms_around(node: ast.AST, parent: ast.AST, parents: Dict[ast.AST, ast.AST]
             i = block.index(node)
             for earlier in reversed(block[:i]):
                 if isinstance(earlier, ast.If) and not earlier.orelse and _leaves(earlier.body):
-                    out.append((earlier.lineno, 1, block[block.index(earlier) + 1:],
-                                earlier.body))
+                    out.append((earlier, 1, block[block.index(earlier) + 1:], earlier.body))
     return out
 
 
