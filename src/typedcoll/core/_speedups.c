@@ -10,9 +10,9 @@
  * write the 64-byte header and the inline payload, record the flight-recorder entry,
  * exchange, check the agreement block, decode what this rank needs (a receiver of bcast or
  * scatter that names no schema is served where it has a guess of the root's class,
- * core/guesses.py, sent as if named with FLAG_GUESSED). The interpreter would run a few hundred bytecodes per call for that;
- * here it is a few thousand instructions, which is what keeps a checked collective near a raw
- * one.
+ * core/guesses.py, sent as if named with FLAG_GUESSED). The interpreter would run a few
+ * hundred bytecodes per call for that; here it is a few thousand instructions, which is what
+ * keeps a checked collective near a raw one.
  *
  * It never raises for protocol reasons (core/fast.py documents the contract):
  *   - TAKE_PY before touching any state when the call is unusual (no cached schema, an array

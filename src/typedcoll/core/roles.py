@@ -40,12 +40,11 @@ MAX_ROLES = 4096  # call sites whose role identity a rank remembers
 def learn(p: "Protocol", call: Call, infos: Sequence[EnvelopeInfo]) -> None:
     """Step 1: the verdict accepted ``call`` as a role branch from every rank's ``infos``."""
     branch = infos[p.rank].branch
-    if branch is None or call.name is not None:
-        return
+    assert branch is not None and call.name is None  # role_branch held: unnamed, in a branch
     if len(p.roles) >= MAX_ROLES:
         p.roles.clear()
-    side = [digest8(f"role:{branch.key}:{arm}") for arm in (branch.arm, branch.arm ^ 1)]
-    p.roles[p.identity(call)] = (side[0], side[1])
+    p.roles[p.identity(call)] = (digest8(f"role:{branch.key}:{branch.arm}"),
+                                 digest8(f"role:{branch.key}:{branch.arm ^ 1}"))
 
 
 def wire_identity(p: "Protocol", call: Call, identity: bytes) -> Optional[bytes]:
