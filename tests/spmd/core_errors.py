@@ -60,12 +60,14 @@ chk.eq("votes: the skipper", votes[2],
 chk.usable(comm, "after the votes")
 
 # Ranks in collectives whose exchanges have different shapes still meet, and all raise.
-# (Each pair's two lambdas share a line, so the call sites agree: only what differs is named.)
+# (Each pair's two lambdas share a line, not a column: their call sites differ too.)
 PAIRS = {
-    "bcast/allgather": (lambda: comm.bcast(1, 0), lambda: comm.allgather(1), "op, root"),
-    "barrier/allgather": (lambda: comm.barrier(), lambda: comm.allgather(1), "op, schema"),
+    "bcast/allgather": (lambda: comm.bcast(1, 0), lambda: comm.allgather(1),
+                        "op, call site, root"),
+    "barrier/allgather": (lambda: comm.barrier(), lambda: comm.allgather(1),
+                          "op, call site, schema"),
     "gather/allreduce": (lambda: comm.gather(1, 0), lambda: comm.allreduce(1),
-                         "op, root, reduce op"),
+                         "op, call site, root, reduce op"),
     "scatter/barrier": (lambda: comm.scatter([1] * size if rank == 0 else None, 0, schema=int),
                         lambda: comm.barrier(), "op, call site, schema, root"),  # two lines
 }
@@ -77,6 +79,17 @@ for what, (mine, theirs, kinds) in PAIRS.items():
         f"collective #{comm.seq - 1} on COMM_WORLD diverged (op, ") and all(
         k in head for k in kinds.split(", ")))
     chk.usable(comm, what)
+
+# Two votes identical on the wire on one line: the columns where the calls start differ.
+with chk.expect(tc.DesyncError, "two votes on one line") as err:
+    comm.allgather(1) if rank == last else comm.allgather(2)  # ONE-LINE
+chk.eq("one line: kinds", err.error.kinds, (tc.MismatchKind.CALL,))
+one_line, text = next((i, text) for i, text in enumerate(open(__file__), 1)
+                      if "# ONE-LINE" in text)
+starts = [str(text.find("comm.allgather") + 1), str(text.rfind("comm.allgather") + 1)]
+columns = [line.split(f"at {FILE}:{one_line}:")[1].split(",")[0] for line in lines(err)[1:3]]
+chk.eq("one line: the two columns shown", sorted(columns), sorted(starts))
+chk.usable(comm, "after two votes on one line")
 
 # The same site, one iteration short on one rank: the step clock tells them apart.
 with chk.expect(tc.DesyncError, "same-site skip") as err:

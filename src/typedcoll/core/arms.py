@@ -27,7 +27,7 @@ different calls, and a rank in the wrong arm must still raise.
 
 Nothing here runs on the steady path: a branch is read when envelopes are compared. Where the
 source cannot be read (no file, a file too large) no call is a branch's, so the sites are
-compared as lines, as before.
+compared as they are, as before.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import tokenize
 from types import CodeType
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .identity import register_internal, source_name
+from .identity import Position, position_of, register_internal, source_name
 from .mismatch import Branch
 
 _MAX_SOURCE = 4 * 1024 * 1024  # bytes of source parsed for one file, at most
@@ -47,7 +47,6 @@ _EXITS = (ast.Return, ast.Raise, ast.Continue, ast.Break)
 # A call's branch is looked for up to the function that holds it (a lambda is an expression of
 # its arm: ``step(lambda: comm.bcast(x))`` is that arm's call).
 _SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Module)
-Position = Tuple[int, int, int, int]  # line, end line, column, end column of a call
 Hit = Tuple[int, int, int, str, int]  # the if's line and column, k, name, arm
 
 
@@ -69,7 +68,7 @@ def branch_of(code: Optional[CodeType], lasti: int) -> Optional[Branch]:
     # One reader at a time: in-process ranks are threads, and a file is parsed once.
     with _LOCK:
         try:
-            position = _position(code, lasti)
+            position = position_of(code, lasti)
             calls = _calls_of(code.co_filename) if position is not None else None
         except Exception:  # never raise in a cold path a rank's peers wait in; not remembered
             return None
@@ -80,17 +79,6 @@ def branch_of(code: Optional[CodeType], lasti: int) -> Optional[Branch]:
             _BRANCHES.clear()
         _BRANCHES[memo] = branch
         return branch
-
-
-def _position(code: CodeType, lasti: int) -> Optional[Position]:
-    """The source span of the instruction at ``lasti`` (a call: the whole call expression)."""
-    for i, span in enumerate(code.co_positions()):
-        if i == lasti // 2:
-            line, end_line, col, end_col = span
-            if line is None or end_line is None or col is None or end_col is None:
-                return None
-            return line, end_line, col, end_col
-    return None
 
 
 def _calls_of(filename: str) -> Optional[Dict[Position, Hit]]:

@@ -10,8 +10,11 @@ Sites are ``file.py:LINE``, the file named without the directories it was loaded
 same program launched from different paths (or installed under different prefixes) agrees: a
 module's file by its dotted name (``pkg/utils.py``, ``pkg/__init__.py``), so that two
 ``utils.py`` of two packages stay two sites; the main script and code of no module by its
-basename. Hot paths record the code object and bytecode offset (``f_lasti``, an int read); the
-line is worked out only when shown or first fingerprinted.
+basename. A site's fingerprint holds the column where its call starts as well, so two
+collectives written on one line (``a() if ready else b()``) are two calls; messages show the
+column only where two sites of one line meet (``mismatch.describe``). Hot paths record the code
+object and bytecode offset (``f_lasti``, an int read); line and column are worked out only when
+shown or first fingerprinted.
 """
 
 from __future__ import annotations
@@ -19,12 +22,14 @@ from __future__ import annotations
 import os
 import sys
 import types
+from itertools import islice
 from types import CodeType, FrameType
 from typing import Any, Callable, Dict, Optional, Set, Tuple, TypeVar, Union
 
 from ..codecs.digest import digest8
 
 _F = TypeVar("_F", bound=Callable[..., Any])
+Position = Tuple[int, int, int, int]  # line, end line, column, end column of an instruction
 
 # Files whose frames are plumbing: typedcoll's own modules, and modules marked transparent.
 SKIP_FILES: Set[str] = set()
@@ -32,6 +37,7 @@ SKIP_FILES: Set[str] = set()
 SKIP_CODES: Set[CodeType] = set()
 _SITE_FP: Dict[Tuple[Optional[CodeType], int], bytes] = {}
 _LINES: Dict[Tuple[CodeType, int], int] = {}
+_POSITIONS: Dict[Tuple[CodeType, int], Optional[Position]] = {}
 _NAME_FP: Dict[str, bytes] = {}
 _SOURCE_NAMES: Dict[str, str] = {}  # co_filename -> how sites name it
 MAX_NAME = 256
@@ -112,6 +118,37 @@ def line_of(code: CodeType, lasti: int) -> int:
     return line
 
 
+def position_of(code: CodeType, lasti: int) -> Optional[Position]:
+    """The source span of the instruction at ``lasti`` (a call: the whole call expression),
+    columns in UTF-8 bytes as the interpreter and ``ast`` count them; None where the
+    interpreter keeps no columns (before 3.11, or ``-X no_debug_ranges``)."""
+    key = (code, lasti)
+    if key in _POSITIONS:
+        return _POSITIONS[key]
+    positions = getattr(code, "co_positions", None)
+    # One entry per 2-byte code unit, caches included: a call's caches share its span.
+    span = next(islice(positions(), lasti // 2, None), None) if positions is not None else None
+    found: Optional[Position] = None
+    if span is not None and None not in span:
+        found = span
+    if len(_POSITIONS) > 65536:
+        _POSITIONS.clear()
+    _POSITIONS[key] = found
+    return found
+
+
+def column_of(code: Optional[CodeType], lasti: int) -> Optional[int]:
+    """The column where the call at ``lasti`` starts (0-based), None where none is known."""
+    position = position_of(code, lasti) if code is not None else None
+    return position[2] if position is not None else None
+
+
+def format_column(site: str, column: Optional[int]) -> str:
+    """``file.py:LINE:COL``, the column counted from 1 as editors do; the site alone where no
+    column is known."""
+    return site if column is None else f"{site}:{column + 1}"
+
+
 def format_site(code: Optional[CodeType], lasti: int) -> str:
     """``file.py:LINE``, the file as :func:`source_name` names it."""
     if code is None:
@@ -163,11 +200,13 @@ def _file_of(module: Any) -> Any:
 
 
 def site_fingerprint(code: Optional[CodeType], lasti: int) -> bytes:
-    """The identity of an unnamed call: 8 bytes that agree across processes for one site."""
+    """The identity of an unnamed call: 8 bytes that agree across processes for one site (its
+    line and the column where the call starts)."""
     key = (code, lasti)
     fp = _SITE_FP.get(key)
     if fp is None:
-        fp = _SITE_FP[key] = digest8("site:" + format_site(code, lasti))
+        site = format_column(format_site(code, lasti), column_of(code, lasti))
+        fp = _SITE_FP[key] = digest8("site:" + site)
     return fp
 
 

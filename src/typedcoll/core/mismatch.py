@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import msgspec
 
-from .identity import ordinal
+from .identity import format_column, ordinal
 from .wire import REDUCING_OPS, ROOTED_OPS
 
 
@@ -64,6 +64,7 @@ class EnvelopeInfo(msgspec.Struct, frozen=True, kw_only=True):
     fingerprint: str = ""
     comm: str = ""
     site: str = "?"
+    column: Optional[int] = None  # where on the site's line the call starts, 0-based
     name: Optional[str] = None
     occurrence: int = 0
     step: Optional[int] = None
@@ -102,7 +103,7 @@ def role_split(envelopes: Sequence[EnvelopeInfo], root: Optional[int]) -> bool:
 
 
 def _identity(e: EnvelopeInfo) -> Any:
-    return ("name", e.name) if e.name is not None else ("site", e.site)
+    return ("name", e.name) if e.name is not None else ("site", e.site, e.column)
 
 
 # (kind, how to read the compared value from an envelope), in the order messages list them
@@ -122,7 +123,8 @@ _CHECKS = (
 
 
 def _shown(e: EnvelopeInfo) -> Tuple[Any, ...]:
-    return (e.seq, e.comm, e.op, e.schema, e.fingerprint, e.site, e.name, e.occurrence, e.step,
+    return (e.seq, e.comm, e.op, e.schema, e.fingerprint, e.site, e.column, e.name, e.occurrence,
+            e.step,
             e.root, e.reduce_op, e.shape, e.dtype, e.settings, e.error)
 
 
@@ -165,13 +167,13 @@ def label(op: str, schema: str) -> str:
 
 
 def describe(env: EnvelopeInfo, kinds: Sequence[MismatchKind] = (),
-             show_fingerprint: bool = False) -> str:
+             show_fingerprint: bool = False, show_column: bool = False) -> str:
     """What a rank was calling, as one fragment::
 
         allgather[RankState] at model.py:88, its 3rd call, step 451
 
     ``kinds`` adds the fields that differ; ``show_fingerprint`` tells apart two versions of a
-    same-named schema.
+    same-named schema, ``show_column`` two calls written on one line (``model.py:88:17``).
     """
     schema = env.schema
     if show_fingerprint and env.fingerprint:
@@ -194,7 +196,7 @@ def describe(env: EnvelopeInfo, kinds: Sequence[MismatchKind] = (),
         text += " (creation)" if env.seq == 2 ** 64 - 1 else f" seq={env.seq}"
     if env.name is not None:
         text += f" name={env.name!r}"
-    text += f" at {env.site}"
+    text += f" at {format_column(env.site, env.column) if show_column else env.site}"
     if env.occurrence:
         text += f", its {ordinal(env.occurrence)} call"
     if env.step is not None:
@@ -210,7 +212,9 @@ def format_groups(groups: Sequence[Group], kinds: Sequence[MismatchKind],
     width = max(len(text) for text in labels)
     schemas = {(g.envelope.schema, g.envelope.fingerprint) for g in groups}
     collide = len(schemas) > len({name for name, _ in schemas})
-    return [f"{indent}{text:<{width}} {describe(g.envelope, kinds, collide)}"
+    sites = {(g.envelope.site, g.envelope.column) for g in groups}
+    one_line = len(sites) > len({site for site, _ in sites})
+    return [f"{indent}{text:<{width}} {describe(g.envelope, kinds, collide, one_line)}"
             for text, g in zip(labels, groups)]
 
 

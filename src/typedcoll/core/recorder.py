@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional
 import msgspec
 
 from .arms import branch_of
-from .identity import format_site
+from .identity import column_of, format_site
 from .mismatch import Branch
 from .wire import NO_STEP, OPS, ROOTED_OPS, op_name
 
@@ -44,6 +44,7 @@ class RecordEntry(msgspec.Struct, kw_only=True):
     schema: str = ""
     fingerprint: str = ""
     site: str = "?"
+    column: Optional[int] = None  # where on the site's line the call starts, 0-based
     name: Optional[str] = None
     occurrence: int = 0
     step: Optional[int] = None
@@ -153,7 +154,8 @@ class FlightRecorder:
         return RecordEntry(
             seq=seq, op=op_text, schema=info.name if info is not None else "",
             fingerprint=info.fingerprint.hex() if info is not None else "",
-            site=format_site(code, lasti), name=name, occurrence=occurrence,
+            site=format_site(code, lasti), column=column_of(code, lasti), name=name,
+            occurrence=occurrence,
             step=None if step == NO_STEP else step, bytes=nbytes,
             state=STATE_NAMES[state] if state < len(STATE_NAMES) else "started",
             t_start_ns=t_start, t_end_ns=t_end or None, error=self.failures.get(number),

@@ -25,7 +25,7 @@ from .errors import (CREATE_SEQ, CollectiveTimeout, ConcurrentCallError, DecodeE
                      DesyncError, EncodeError, PeerError)
 from . import roles
 from .arms import branch_of
-from .identity import format_site, register_internal
+from .identity import column_of, format_site, register_internal
 from .mismatch import (EnvelopeInfo, Group, MismatchKind, compact_ranks, desync_message,
                        differing_notes, group_envelopes, label, mismatch_kinds, ordered_ranks,
                        role_split)
@@ -86,7 +86,8 @@ def describe_call(p: "Protocol", call: Call, error: Optional[str] = None) -> Env
         rank=p.rank, seq=call.seq, op=call.op,
         schema=call.schema_name if not (call.wild or internal) else "",
         fingerprint=call.info.fingerprint.hex() if call.info is not None and not call.wild
-        else "", comm=p.name, site=format_site(call.code, call.lasti), name=call.name,
+        else "", comm=p.name, site=format_site(call.code, call.lasti),
+        column=column_of(call.code, call.lasti), name=call.name,
         occurrence=call.occurrence, step=call.step,
         root=call.root if call.op in ROOTED_OPS else None,
         reduce_op=REDUCE_OP_NAMES.get(call.reduce_op) if call.op in REDUCING_OPS else None,

@@ -15,10 +15,13 @@ import torch
 from torch._C._distributed_c10d import AllgatherOptions
 
 from ..core import verdict
-from ..core.identity import format_site, register_internal
+from ..codecs.digest import digest8
+from ..core.arms import branch_of
+from ..core.identity import column_of, format_site, register_internal
+from ..core.mismatch import Branch
 from ..core.protocol import Protocol
 from ..core.wire import (CHECKED, FLAG_LOCAL_ERROR, FLAGS_OFFSET, HEADER, HEADER_SIZE, MAGIC,
-                         OPS, slot_log2)
+                         OPS, ROOTED_OPS, slot_log2)
 from .envelope import (BLOCK, MODES, RING, DeviceMeta, TensorCall, desync_error, dtype_name,
                        encode_meta, infos_from_blocks)
 
@@ -26,6 +29,7 @@ _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 # torch declares no types for these constructors: called through Any, strict mypy accepts them.
 _Event: Any = torch.cuda.Event
 _Stream: Any = torch.cuda.Stream
+_BRANCH_KEYS: Dict[str, str] = {}  # a role branch's key -> its digest, as blocks carry it
 
 
 def stream_ordered(kind: Any) -> Any:
@@ -275,10 +279,31 @@ def check(p: Any, call: TensorCall, blocks: bytes, own: bytes,
     # message names rank 0's seq, so that every rank's text is the same.
     ref = own if p.rank not in failed else blocks[fine[0] * BLOCK:][:CHECKED] if fine else b""
     if any(not blocks.startswith(ref, r * BLOCK) for r in fine):
+        headers = [blocks[r * BLOCK:r * BLOCK + HEADER_SIZE] for r in range(size)]
+        if not failed and verdict.role_branch(headers, infos):
+            # One broadcast written in a role branch's two arms (the root's side, the
+            # receivers'): the same acceptance as the host path's, read from the blocks.
+            return None
         return desync_error(p, infos[0].seq, infos, [infos[r] for r in fine])
     if p.rank in failed and call.error is not None and mode == "deferred":
         return None  # this rank raised its EncodeError when it made the call
     return verdict.failure(p, call, failed, infos)
+
+
+def role_branch_of(call: TensorCall) -> Optional[Branch]:
+    """The role branch of an unnamed rooted call (``core.arms``), its key digested to 16 hex
+    characters so that any key fits the block: ranks compare keys, never read them."""
+    if call.name is not None or call.op not in ROOTED_OPS:
+        return None
+    branch = branch_of(call.code, call.lasti)
+    if branch is None:
+        return None
+    key = _BRANCH_KEYS.get(branch.key)
+    if key is None:
+        if len(_BRANCH_KEYS) > 4096:
+            _BRANCH_KEYS.clear()
+        key = _BRANCH_KEYS[branch.key] = digest8(branch.key).hex()
+    return Branch(key, branch.arm)
 
 
 def pack_block(view: Any, p: Protocol, call: TensorCall) -> None:
@@ -288,7 +313,8 @@ def pack_block(view: Any, p: Protocol, call: TensorCall) -> None:
     meta = DeviceMeta(call.name, dtype_name(tensor.dtype) if is_tensor else "?",
                       tensor.device.type if is_tensor else "?",
                       tuple(tensor.shape) if is_tensor else (), format_site(call.code, call.lasti),
-                      call.occurrence, p.name, call.error)
+                      call.occurrence, p.name, call.error, column_of(call.code, call.lasti),
+                      role_branch_of(call))
     payload = encode_meta(meta)
     info = call.info
     assert info is not None

@@ -20,7 +20,8 @@ from ..core.args import check_root, check_step, first_error
 from ..core.call import MODE_EMPTY, Call
 from ..core.errors import DesyncError
 from ..core.identity import check_name, register_internal
-from ..core.mismatch import EnvelopeInfo, desync_message, group_envelopes, mismatch_kinds
+from ..core.mismatch import (Branch, EnvelopeInfo, desync_message, group_envelopes,
+                             mismatch_kinds)
 from ..core.verdict import heading
 from ..core.wire import (FLAG_LOCAL_ERROR, HEADER, HEADER_SIZE, NO_ROOT, NO_STEP, REDUCE,
                          REDUCE_OPS, REDUCING_OPS, ROOTED_OPS, op_name, reduce_op_name)
@@ -119,6 +120,9 @@ class DeviceMeta(msgspec.Struct, array_like=True, frozen=True):
     occurrence: int
     comm: str
     error: Optional[str] = None
+    column: Optional[int] = None  # where on the site's line the call starts, 0-based
+    # An unnamed broadcast's role branch (core.arms), its key digested to fit the block.
+    branch: Optional[Branch] = None
 
 
 META_DECODER = msgspec.msgpack.Decoder(DeviceMeta)
@@ -126,13 +130,17 @@ META_DECODER = msgspec.msgpack.Decoder(DeviceMeta)
 
 def encode_meta(meta: DeviceMeta) -> bytes:
     """``meta`` in at most META_MAX bytes: long texts and shapes are cut (the header's
-    fingerprints still cover them)."""
+    fingerprints still cover them), the branch kept (the verdict reads it)."""
     payload = ENCODER.encode(meta)
-    if len(payload) > META_MAX:
-        meta = DeviceMeta(None if meta.name is None else meta.name[:24], meta.dtype, meta.device,
-                          meta.shape if len(meta.shape) <= 4 else (), meta.site[-40:],
-                          meta.occurrence, meta.comm[:24],
-                          None if meta.error is None else meta.error[:64])
+    for name, text, site, shape in ((24, 64, 40, 4), (0, 16, 24, 0)):
+        if len(payload) <= META_MAX:
+            break
+        meta = DeviceMeta(None if meta.name is None or not name else meta.name[:name],
+                          meta.dtype[:16], meta.device[:8],
+                          meta.shape if len(meta.shape) <= shape else (), meta.site[-site:],
+                          meta.occurrence, meta.comm[:24 if name else 8],
+                          None if meta.error is None else meta.error[:text], meta.column,
+                          meta.branch)
         payload = ENCODER.encode(meta)
     return payload
 
@@ -162,6 +170,7 @@ def infos_from_blocks(blocks: bytes, size: int) -> List[EnvelopeInfo]:
         out.append(EnvelopeInfo(
             rank=r, seq=seq, op=op, schema="", fingerprint=fp.hex(),
             comm=meta.comm if meta else "?", site=meta.site if meta else "?",
+            column=meta.column if meta else None, branch=meta.branch if meta else None,
             name=meta.name if meta else None, occurrence=meta.occurrence if meta else 0,
             step=None if step == NO_STEP else step,
             root=root if op in ROOTED_OPS else None,

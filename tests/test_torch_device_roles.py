@@ -1,0 +1,73 @@
+"""The device path's verdict on a broadcast written in a role branch (``core.arms``), on
+hand-built envelope blocks (no GPU): the root's side in one arm of an ``if``, the receivers' in
+the other, is one call there as on the host path; any other split raises on every rank.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, List, Set
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import typedcoll as tc  # noqa: E402
+from typedcoll.core.mismatch import Branch  # noqa: E402
+from typedcoll.core.wire import CHECKED  # noqa: E402
+from typedcoll.tensor import device  # noqa: E402
+from typedcoll.tensor.envelope import (BLOCK, META_DECODER, META_MAX, DeviceMeta,  # noqa: E402
+                                       encode_meta)
+
+from test_torch import _FakeProtocol, _blocks, _device_call  # noqa: E402
+
+
+def role_branch(p: Any, root: int, in_roots_arm: Callable[[int], bool]) -> Any:
+    t = torch.zeros(3)
+    if in_roots_arm(p.rank):
+        return _device_call(p, "broadcast_tensor", t, 4, root=root)
+    else:
+        return _device_call(p, "broadcast_tensor", t, 4, root=root)
+
+
+def two_votes(p: Any) -> Any:
+    t = torch.zeros(3)
+    if p.rank == 0:
+        return _device_call(p, "all_reduce_tensor", t, 4, reduce_op="sum")
+    else:
+        return _device_call(p, "all_reduce_tensor", t, 4, reduce_op="sum")
+
+
+def verdicts(calls_of: Callable[[Any], Any], size: int = 3) -> List[Any]:
+    ps = [_FakeProtocol(r, size) for r in range(size)]
+    calls = [calls_of(p) for p in ps]
+    blocks = _blocks(ps, calls)
+    return [device.check(ps[r], calls[r], blocks, blocks[r * BLOCK:r * BLOCK + CHECKED],
+                         "deferred") for r in range(size)]
+
+
+def test_the_root_alone_in_its_arm_is_one_call():
+    assert verdicts(lambda p: role_branch(p, 0, lambda r: r == 0)) == [None] * 3
+    assert verdicts(lambda p: role_branch(p, 2, lambda r: r == 2), 4) == [None] * 4
+
+
+@pytest.mark.parametrize("case", ["receiver in the root's arm", "root in the receivers' arm",
+                                  "two votes"])
+def test_any_other_split_raises_on_every_rank(case: str):
+    calls_of = {
+        "receiver in the root's arm": lambda p: role_branch(p, 0, lambda r: r < 2),
+        "root in the receivers' arm": lambda p: role_branch(p, 1, lambda r: r == 0),
+        "two votes": two_votes,
+    }[case]
+    errors = verdicts(calls_of, 4)
+    assert all(isinstance(e, tc.DesyncError) for e in errors), errors
+    texts: Set[str] = {str(e) for e in errors}
+    assert len(texts) == 1 and "diverged (call site)" in texts.pop()
+
+
+def test_a_long_envelope_keeps_its_branch_within_the_block():
+    branch = Branch("0123456789abcdef", 1)
+    meta = DeviceMeta("n" * 256, "complex128", "cuda", tuple(range(1, 40)), "s" * 300, 2 ** 40,
+                      "c" * 99, "e" * 500, 4000, branch)
+    payload = encode_meta(meta)
+    assert len(payload) <= META_MAX
+    assert META_DECODER.decode(payload).branch == branch
