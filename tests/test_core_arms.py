@@ -399,3 +399,20 @@ def test_a_learned_role_that_no_longer_holds_raises_as_at_a_first_run(
     assert all(isinstance(r, tc.DesyncError) for r in results), results
     assert len({str(r) for r in results}) == 1
     assert results[0].seq == 3
+
+
+def method_chains_across_lines(comm: tc.TypedComm, x: Any) -> Any:
+    if comm.rank == 0:
+        return (comm
+                .bcast(x, root=0))
+    else:
+        return (comm
+                .bcast(None, root=0))
+
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+def test_a_method_call_whose_name_is_on_a_later_line_is_in_its_branch(
+        timeout: Optional[float]) -> None:
+    """The interpreter places such a call from its name on (where tracebacks point), not where
+    the expression starts: the branch is found there too."""
+    assert outcomes(3, method_chains_across_lines, "plan", timeout=timeout) == ["plan"] * 3

@@ -17,7 +17,7 @@ import pytest
 import typedcoll as tc
 from typedcoll import MismatchKind
 from typedcoll.core.identity import column_of, format_column, site_fingerprint
-from typedcoll.core.mismatch import EnvelopeInfo, format_groups, group_envelopes
+from typedcoll.core.mismatch import EnvelopeInfo, desync_message, format_groups, group_envelopes
 from typedcoll.diagnostics.analysis import analyze
 
 from test_core_review import TIMEOUTS, outcomes
@@ -69,7 +69,7 @@ def test_two_votes_on_one_line_with_a_rank_local_condition_raise(timeout: Option
         f"  rank 0:    allgather[int] at {FILE}:{line}:{ready}, its 1st call",
         f"  ranks 1-2: allgather[int] at {FILE}:{line}:{other}, its 1st call",
         "  only the call sites differ: if these are the same collective called from different "
-        "lines, give every rank's call the same name= (or mark the wrapper they share with "
+        "places, give every rank's call the same name= (or mark the wrapper they share with "
         "@typedcoll.transparent)"]
     assert list(results[0].kinds) == [MismatchKind.CALL]
 
@@ -128,3 +128,23 @@ def test_the_trace_analyzer_tells_two_calls_of_one_line_apart():
     div = report.comms[0].divergence
     assert div is not None and div.kinds == [MismatchKind.CALL]
     assert "loop.py:10:5" in div.text and "loop.py:10:31" in div.text
+
+
+def test_a_rank_without_column_positions_is_named_at_creation(spmd):
+    spmd("core_columns", 2, timeout=120,
+         rank_env=[{}, {"PYTHONNODEBUGRANGES": "1"}])
+
+
+def test_a_site_without_its_column_says_why():
+    def info(rank: int, column: Optional[int]) -> EnvelopeInfo:
+        return EnvelopeInfo(rank=rank, seq=4, op="allgather", schema="int", site="m.py:7",
+                            column=column)
+    groups = group_envelopes([info(0, 11), info(1, 11), info(2, None)])
+    text = desync_message(4, "WORLD", [MismatchKind.CALL], groups)
+    assert text.splitlines()[1:] == [
+        "  ranks 0-1: allgather[int] at m.py:7:12",
+        "  rank 2:    allgather[int] at m.py:7",
+        "  rank 2 ran code with no column positions (-X no_debug_ranges, PYTHONNODEBUGRANGES, "
+        "or code compiled so), its peers with: a site's column is part of its identity, so run "
+        "every rank alike (remove __pycache__ written without columns), or give the call a "
+        "name="]

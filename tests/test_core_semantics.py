@@ -74,7 +74,7 @@ def test_wire_identical_votes_raise_at_the_first_misaligned_call(n):
         f"  {last:<{width}} allgather[ndarray] shape=(1,) dtype=int64 at {FILE}:{second}, "
         f"its 2nd call",
         "  only the call sites differ: if these are the same collective called from different "
-        "lines, give every rank's call the same name= (or mark the wrapper they share with "
+        "places, give every rank's call the same name= (or mark the wrapper they share with "
         "@typedcoll.transparent)",
     ])
     for e in errors:

@@ -182,7 +182,7 @@ def test_decisions_that_differ_are_listed():
     assert text.endswith("  decisions that differ:\n"
                          "    can_queue at loop.py:12 — ranks 0,2: True; rank 1: False\n"
                          "  only the call sites differ: if these are the same collective called "
-                         "from different lines, give every rank's call the same name= (or mark "
+                         "from different places, give every rank's call the same name= (or mark "
                          "the wrapper they share with @typedcoll.transparent)")
 
 

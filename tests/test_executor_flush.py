@@ -145,7 +145,7 @@ def test_two_flush_points_differ_in_call_site_and_a_name_joins_them():
         rf"  rank 0: flush\[FlushBatch\] at {SITE}, its 1st call, step 6\n"
         rf"  rank 1: flush\[FlushBatch\] at {SITE}, its 1st call, step 6\n"
         rf"  only the call sites differ: if these are the same collective called from different "
-        rf"lines, give every rank's call the same name= \(or mark the wrapper they share with "
+        rf"places, give every rank's call the same name= \(or mark the wrapper they share with "
         rf"@typedcoll.transparent\)", text), text
 
     def named(comm):

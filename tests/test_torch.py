@@ -449,7 +449,7 @@ def _table(head: str, size: int, many: str, odd: str, hint: Optional[str] = None
 
 
 SITE_HINT = ("only the call sites differ: if these are the same collective called from different "
-             "lines, give every rank's call the same name= (or mark the wrapper they share with "
+             "places, give every rank's call the same name= (or mark the wrapper they share with "
              "@typedcoll.transparent)")
 
 

@@ -71,3 +71,13 @@ def test_a_long_envelope_keeps_its_branch_within_the_block():
     payload = encode_meta(meta)
     assert len(payload) <= META_MAX
     assert META_DECODER.decode(payload).branch == branch
+
+
+def test_an_envelope_of_wide_characters_fits_the_block():
+    wide = "\U0001F600"
+    meta = DeviceMeta(wide * 99, "float32", "cuda", (4,), wide * 300, 2 ** 40, wide * 99,
+                      wide * 500, 4000, Branch("0123456789abcdef", 0))
+    payload = encode_meta(meta)
+    assert len(payload) <= META_MAX
+    cut = META_DECODER.decode(payload)
+    assert (cut.branch, cut.occurrence, cut.column) == (meta.branch, 2 ** 40, 4000)

@@ -39,7 +39,7 @@ import tokenize
 from types import CodeType
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .identity import Position, position_of, register_internal, source_name
+from .identity import CodeTable, Position, position_of, register_internal, source_name
 from .mismatch import Branch
 
 _MAX_SOURCE = 4 * 1024 * 1024  # bytes of source parsed for one file, at most
@@ -52,7 +52,7 @@ Hit = Tuple[int, int, int, str, int]  # the if's line and column, k, name, arm
 
 # filename -> {position of a call -> its Hit}; None: source not read
 _FILES: Dict[str, Optional[Dict[Position, Hit]]] = {}
-_BRANCHES: Dict[Tuple[CodeType, int], Optional[Branch]] = {}
+_BRANCHES = CodeTable()
 _UNREAD = object()
 _LOCK = threading.Lock()
 
@@ -61,10 +61,9 @@ def branch_of(code: Optional[CodeType], lasti: int) -> Optional[Branch]:
     """The role branch of the call at bytecode offset ``lasti`` of ``code`` (None: none)."""
     if code is None:
         return None
-    memo = (code, lasti)
-    found = _BRANCHES.get(memo, _UNREAD)
+    found = _BRANCHES.get(code, lasti, _UNREAD)
     if found is not _UNREAD:
-        return found  # type: ignore[return-value]
+        return found  # type: ignore[no-any-return]
     # One reader at a time: in-process ranks are threads, and a file is parsed once.
     with _LOCK:
         try:
@@ -75,10 +74,7 @@ def branch_of(code: Optional[CodeType], lasti: int) -> Optional[Branch]:
         hit = calls.get(position) if calls is not None and position is not None else None
         branch = None if hit is None else Branch(
             f"{source_name(code.co_filename)}:{hit[0]}:{hit[1]} {hit[3]} #{hit[2] + 1}", hit[4])
-        if len(_BRANCHES) > 65536:
-            _BRANCHES.clear()
-        _BRANCHES[memo] = branch
-        return branch
+        return _BRANCHES.put(code, lasti, branch)  # type: ignore[no-any-return]
 
 
 def _calls_of(filename: str) -> Optional[Dict[Position, Hit]]:
@@ -119,7 +115,22 @@ def branch_calls(source: str) -> Optional[Dict[Position, Hit]]:
             hit = _innermost_branch(node, name, parents) if name is not None else None
             if hit is not None and node.end_lineno is not None and node.end_col_offset is not None:
                 found[(node.lineno, node.end_lineno, node.col_offset, node.end_col_offset)] = hit
+                found[_method_call_position(node)] = hit
     return found
+
+
+def _method_call_position(call: ast.Call) -> Position:
+    """Where the interpreter places a method call whose name is on a later line than its
+    object (``(comm\n .bcast(x))``): from the name on, so that tracebacks point at it. The
+    call's own span everywhere else."""
+    func = call.func
+    end_line, end_col = call.end_lineno or call.lineno, call.end_col_offset or 0
+    if not isinstance(func, ast.Attribute) or func.end_lineno in (None, call.lineno) \
+            or func.end_col_offset is None or len(func.attr) > func.end_col_offset:
+        return (call.lineno, end_line, call.col_offset, end_col)
+    line, col = func.end_lineno, func.end_col_offset - len(func.attr)
+    end_line = max(line, end_line)
+    return (line, end_line, col, max(col, end_col) if line == end_line else end_col)
 
 
 def _name(call: ast.Call) -> Optional[str]:

@@ -35,9 +35,34 @@ Position = Tuple[int, int, int, int]  # line, end line, column, end column of an
 SKIP_FILES: Set[str] = set()
 # Functions marked transparent, by code object (their frames are skipped wherever they live).
 SKIP_CODES: Set[CodeType] = set()
-_SITE_FP: Dict[Tuple[Optional[CodeType], int], bytes] = {}
-_LINES: Dict[Tuple[CodeType, int], int] = {}
-_POSITIONS: Dict[Tuple[CodeType, int], Optional[Position]] = {}
+
+
+class CodeTable:
+    """What was worked out for a bytecode offset of a code object, keyed by the code object's
+    address: hashing a code object hashes its whole bytecode (microseconds for a long
+    function), on every call. Each entry holds its code object, so an address in the table is
+    never reused by another while the entry lives."""
+
+    __slots__ = ("entries",)
+
+    def __init__(self) -> None:
+        self.entries: Dict[Tuple[int, int], Tuple[Any, Any]] = {}
+
+    def get(self, code: Optional[CodeType], lasti: int, default: Any = None) -> Any:
+        entry = self.entries.get((id(code), lasti))
+        return entry[1] if entry is not None and entry[0] is code else default
+
+    def put(self, code: Optional[CodeType], lasti: int, value: Any) -> Any:
+        if len(self.entries) > 65536:
+            self.entries.clear()
+        self.entries[(id(code), lasti)] = (code, value)
+        return value
+
+
+_SITE_FP = CodeTable()
+_LINES = CodeTable()
+_POSITIONS = CodeTable()
+_UNSET = object()
 _NAME_FP: Dict[str, bytes] = {}
 _SOURCE_NAMES: Dict[str, str] = {}  # co_filename -> how sites name it
 MAX_NAME = 256
@@ -106,15 +131,14 @@ def user_frame(depth: int = 2) -> Optional[FrameType]:
 
 def line_of(code: CodeType, lasti: int) -> int:
     """The source line of bytecode offset ``lasti`` in ``code``."""
-    key = (code, lasti)
-    line = _LINES.get(key)
+    line: Optional[int] = _LINES.get(code, lasti)
     if line is None:
         line = code.co_firstlineno
         for start, end, number in code.co_lines():
             if start <= lasti < end:
                 line = number if number is not None else line
                 break
-        _LINES[key] = line
+        _LINES.put(code, lasti, line)
     return line
 
 
@@ -122,25 +146,35 @@ def position_of(code: CodeType, lasti: int) -> Optional[Position]:
     """The source span of the instruction at ``lasti`` (a call: the whole call expression),
     columns in UTF-8 bytes as the interpreter and ``ast`` count them; None where the
     interpreter keeps no columns (before 3.11, or ``-X no_debug_ranges``)."""
-    key = (code, lasti)
-    if key in _POSITIONS:
-        return _POSITIONS[key]
+    known = _POSITIONS.get(code, lasti, _UNSET)
+    if known is not _UNSET:
+        return known  # type: ignore[no-any-return]
     positions = getattr(code, "co_positions", None)
     # One entry per 2-byte code unit, caches included: a call's caches share its span.
     span = next(islice(positions(), lasti // 2, None), None) if positions is not None else None
     found: Optional[Position] = None
     if span is not None and None not in span:
         found = span
-    if len(_POSITIONS) > 65536:
-        _POSITIONS.clear()
-    _POSITIONS[key] = found
-    return found
+    return _POSITIONS.put(code, lasti, found)  # type: ignore[no-any-return]
 
 
 def column_of(code: Optional[CodeType], lasti: int) -> Optional[int]:
     """The column where the call at ``lasti`` starts (0-based), None where none is known."""
     position = position_of(code, lasti) if code is not None else None
     return position[2] if position is not None else None
+
+
+def _compiles_columns() -> bool:
+    """Whether this interpreter compiles column positions: not before 3.11, nor under
+    ``-X no_debug_ranges`` / ``PYTHONNODEBUGRANGES``. Ranks must agree on it, since a call's
+    identity holds its column where one is known (checked when a communicator is created)."""
+    positions = getattr(compile("f()", "<typedcoll>", "eval"), "co_positions", None)
+    return positions is not None and any(span[2] is not None for span in positions())
+
+
+COLUMNS = _compiles_columns()
+NO_COLUMNS = ("no column positions (-X no_debug_ranges, PYTHONNODEBUGRANGES, or code compiled "
+              "so)")
 
 
 def format_column(site: str, column: Optional[int]) -> str:
@@ -202,11 +236,10 @@ def _file_of(module: Any) -> Any:
 def site_fingerprint(code: Optional[CodeType], lasti: int) -> bytes:
     """The identity of an unnamed call: 8 bytes that agree across processes for one site (its
     line and the column where the call starts)."""
-    key = (code, lasti)
-    fp = _SITE_FP.get(key)
+    fp: Optional[bytes] = _SITE_FP.get(code, lasti)
     if fp is None:
         site = format_column(format_site(code, lasti), column_of(code, lasti))
-        fp = _SITE_FP[key] = digest8("site:" + site)
+        fp = _SITE_FP.put(code, lasti, digest8("site:" + site))
     return fp
 
 

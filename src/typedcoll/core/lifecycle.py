@@ -20,7 +20,7 @@ from .args import check_color_key, check_timeout, first_error
 from .call import MODE_EMPTY, MODE_MSG, Call
 from .channel import Channel
 from .errors import CREATE_SEQ, DesyncError
-from .identity import register_internal
+from .identity import COLUMNS, NO_COLUMNS, register_internal
 from .mismatch import MismatchKind, desync_message, group_envelopes
 from .ops import _common, run
 from .payloads import gathered
@@ -28,19 +28,23 @@ from .protocol import Protocol
 from .verdict import describe_call, where
 from .wire import GATHER, REDUCE
 
-_SETTINGS = resolve(Tuple[bool, float])
+# (timeout given, its seconds, the interpreter compiles column positions: identity.COLUMNS)
+_SETTINGS = resolve(Tuple[bool, float, bool])
 _SPLIT = resolve(Tuple[int, int])
-_settings_decoder = msgspec.msgpack.Decoder(Tuple[bool, float])
+_settings_decoder = msgspec.msgpack.Decoder(Tuple[bool, float, bool])
 
 
-def _settings_text(timeout: Optional[float]) -> str:
-    return "timeout=None" if timeout is None else f"timeout={timeout:g}"
+def _settings_text(timeout: Optional[float], columns: bool = COLUMNS) -> str:
+    text = "timeout=None" if timeout is None else f"timeout={timeout:g}"
+    return text if columns else f"{text}, {NO_COLUMNS}"
 
 
 def create(p: Protocol, timeout: Any) -> None:
-    """The creation exchange: every rank checks and compares the settings."""
+    """The creation exchange: every rank checks and compares the settings (its timeout, and
+    whether call sites hold columns: ranks that differ would name every call differently)."""
     error = check_timeout(timeout)
-    value = (False, 0.0) if error is not None or timeout is None else (True, float(timeout))
+    value = ((False, 0.0) if error is not None or timeout is None else (True, float(timeout))) \
+        + (COLUMNS,)
     call = Call("create", GATHER, _SETTINGS, MODE_MSG, value, error=error,
                 settings=_settings_text(None if error else timeout), clocked=False)
     call.seq = CREATE_SEQ
@@ -50,12 +54,12 @@ def create(p: Protocol, timeout: Any) -> None:
             c.deadline = math.inf
         settings = []
         for buf in gathered(p, c):
-            given, seconds = _settings_decoder.decode(buf)
-            settings.append(seconds if given else None)
+            given, seconds, columns = _settings_decoder.decode(buf)
+            settings.append((seconds if given else None, columns))
         if len(set(settings)) == 1:
             return
         mine = describe_call(p, c)
-        infos = [msgspec.structs.replace(mine, rank=r, settings=_settings_text(s), thread="",
+        infos = [msgspec.structs.replace(mine, rank=r, settings=_settings_text(*s), thread="",
                                          notes=()) for r, s in enumerate(settings)]
         kinds = [MismatchKind.SETTINGS]
         groups = group_envelopes(infos)

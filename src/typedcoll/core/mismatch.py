@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import msgspec
 
-from .identity import format_column, ordinal
+from .identity import NO_COLUMNS, format_column, ordinal
 from .wire import REDUCING_OPS, ROOTED_OPS
 
 
@@ -275,8 +275,16 @@ def _hint(kinds: Sequence[MismatchKind], groups: Sequence[Group]) -> List[str]:
             return ["  only the flush's channels differ: build the SymmetricFlush with the same "
                     "channels and message types on every rank"]
     if list(kinds) == [MismatchKind.CALL]:
+        unplaced = [g for g in groups if g.envelope.column is None and g.envelope.name is None
+                    and any(h.envelope.site == g.envelope.site and h.envelope.column is not None
+                            for h in groups)]
+        if unplaced:
+            ranks = compact_ranks([r for g in unplaced for r in g.ranks])
+            return [f"  {ranks} ran code with {NO_COLUMNS}, its peers with: a site's column "
+                    f"is part of its identity, so run every rank alike (remove __pycache__ "
+                    f"written without columns), or give the call a name="]
         return ["  only the call sites differ: if these are the same collective called from "
-                "different lines, give every rank's call the same name= (or mark the wrapper "
+                "different places, give every rank's call the same name= (or mark the wrapper "
                 "they share with @typedcoll.transparent)"]
     if MismatchKind.STEP in kinds and len(kinds) == 1:
         return ["  the ranks are at different steps of the same call: a rank skipped or "

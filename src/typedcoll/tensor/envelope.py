@@ -142,6 +142,10 @@ def encode_meta(meta: DeviceMeta) -> bytes:
                           None if meta.error is None else meta.error[:text], meta.column,
                           meta.branch)
         payload = ENCODER.encode(meta)
+    if len(payload) > META_MAX:  # texts of wide characters: keep what the verdict reads
+        payload = ENCODER.encode(DeviceMeta(
+            None, "?", "?", (), "?", meta.occurrence, "?", None if meta.error is None else "?",
+            meta.column, meta.branch))
     return payload
 
 
