@@ -17,7 +17,7 @@ from torch._C._distributed_c10d import AllgatherOptions
 from ..core import verdict
 from ..codecs.digest import digest8
 from ..core.arms import branch_of
-from ..core.identity import column_of, format_site, register_internal
+from ..core.identity import CodeTable, column_of, format_site, register_internal
 from ..core.mismatch import Branch
 from ..core.protocol import Protocol
 from ..core.wire import (CHECKED, FLAG_LOCAL_ERROR, FLAGS_OFFSET, HEADER, HEADER_SIZE, MAGIC,
@@ -29,7 +29,8 @@ _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 # torch declares no types for these constructors: called through Any, strict mypy accepts them.
 _Event: Any = torch.cuda.Event
 _Stream: Any = torch.cuda.Stream
-_BRANCH_KEYS: Dict[str, str] = {}  # a role branch's key -> its digest, as blocks carry it
+_BRANCHES = CodeTable()  # a call site's role branch as blocks carry it (role_branch_of)
+_UNSET = object()
 
 
 def stream_ordered(kind: Any) -> Any:
@@ -295,15 +296,12 @@ def role_branch_of(call: TensorCall) -> Optional[Branch]:
     characters so that any key fits the block: ranks compare keys, never read them."""
     if call.name is not None or call.op not in ROOTED_OPS:
         return None
-    branch = branch_of(call.code, call.lasti)
-    if branch is None:
-        return None
-    key = _BRANCH_KEYS.get(branch.key)
-    if key is None:
-        if len(_BRANCH_KEYS) > 4096:
-            _BRANCH_KEYS.clear()
-        key = _BRANCH_KEYS[branch.key] = digest8(branch.key).hex()
-    return Branch(key, branch.arm)
+    found = _BRANCHES.get(call.code, call.lasti, _UNSET)
+    if found is _UNSET:
+        branch = branch_of(call.code, call.lasti)
+        found = _BRANCHES.put(call.code, call.lasti, None if branch is None else
+                              Branch(digest8(branch.key).hex(), branch.arm))
+    return found  # type: ignore[no-any-return]
 
 
 def pack_block(view: Any, p: Protocol, call: TensorCall) -> None:
