@@ -20,7 +20,7 @@ from typedcoll.core.arms import branch_calls
 from typedcoll.core.mismatch import Branch, EnvelopeInfo
 from typedcoll.core.verdict import role_branch
 
-from test_core_review import TIMEOUTS, outcomes, slot_state
+from test_core_review import TIMEOUTS, one_desync, outcomes, slot_state
 
 
 class Plan(msgspec.Struct):
@@ -118,8 +118,7 @@ def test_two_conditionals_that_start_on_one_line_are_two_branches(
         return two_conditionals_from_one_line(comm, comm.rank == 0)
 
     results = outcomes(3, body, timeout=timeout)
-    assert all(isinstance(r, tc.DesyncError) for r in results), results
-    assert len({str(r) for r in results}) == 1
+    one_desync(results)
 
 
 def test_source_that_does_not_parse_has_no_branches() -> None:
@@ -226,8 +225,7 @@ def two_votes(comm: tc.TypedComm) -> Any:
 def test_anything_else_in_two_arms_raises_one_desync_everywhere(fn: Any,
                                                                 timeout: Optional[float]) -> None:
     results = outcomes(4, fn, timeout=timeout)
-    assert all(isinstance(r, tc.DesyncError) for r in results), results
-    assert len({str(r) for r in results}) == 1
+    one_desync(results)
     assert list(results[0].kinds) == [tc.MismatchKind.CALL]
 
 
@@ -311,8 +309,7 @@ def test_a_root_that_skips_a_call_in_its_arm_raises_everywhere(timeout: Optional
 
     assert outcomes(3, body, True, timeout=timeout) == [None, ([1, 2], 7), ([1, 2], 7)]
     results = outcomes(3, body, False, timeout=timeout)
-    assert all(isinstance(r, tc.DesyncError) for r in results), results
-    assert len({str(r) for r in results}) == 1
+    one_desync(results)
 
 
 # --- the steady state: a proved role branch sends its role identity (core/roles.py) ----------
@@ -396,8 +393,7 @@ def test_a_learned_role_that_no_longer_holds_raises_as_at_a_first_run(
         return got
 
     results = outcomes(4, body, timeout=timeout)
-    assert all(isinstance(r, tc.DesyncError) for r in results), results
-    assert len({str(r) for r in results}) == 1
+    one_desync(results)
     assert results[0].seq == 3
 
 

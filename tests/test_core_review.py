@@ -54,6 +54,13 @@ def outcomes(n: int, fn: Callable[..., Any], *args: Any, timeout: Optional[float
     return box[0]  # type: ignore[no-any-return]
 
 
+def one_desync(results: List[Any]) -> tc.DesyncError:
+    """Every rank's outcome is a DesyncError, with one text on every rank: that error."""
+    assert all(isinstance(r, tc.DesyncError) for r in results), results
+    assert len({str(r) for r in results}) == 1, results
+    return results[0]  # type: ignore[no-any-return]
+
+
 def second_comm(comm: tc.TypedComm) -> tc.TypedComm:
     """Another TypedComm on the same private channel (as TypedComm(parent) twice over MPI)."""
     other = TypedComm.__new__(TypedComm)

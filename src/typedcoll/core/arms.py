@@ -115,21 +115,24 @@ def branch_calls(source: str) -> Optional[Dict[Position, Hit]]:
             hit = _innermost_branch(node, name, parents) if name is not None else None
             if hit is not None and node.end_lineno is not None and node.end_col_offset is not None:
                 found[(node.lineno, node.end_lineno, node.col_offset, node.end_col_offset)] = hit
-                found[_method_call_position(node)] = hit
+                moved = _method_call_position(node)
+                if moved is not None:
+                    found[moved] = hit
     return found
 
 
-def _method_call_position(call: ast.Call) -> Position:
+def _method_call_position(call: ast.Call) -> Optional[Position]:
     """Where the interpreter places a method call whose name is on a later line than its
-    object (``(comm\n .bcast(x))``): from the name on, so that tracebacks point at it. The
-    call's own span everywhere else."""
+    object (``(comm\n .bcast(x))``): from the name on, so that tracebacks point at it. None
+    for any other call. Both positions are kept for such a call: with ``*`` or ``**``
+    arguments the interpreter keeps the call's own span."""
     func = call.func
-    end_line, end_col = call.end_lineno or call.lineno, call.end_col_offset or 0
     if not isinstance(func, ast.Attribute) or func.end_lineno in (None, call.lineno) \
             or func.end_col_offset is None or len(func.attr) > func.end_col_offset:
-        return (call.lineno, end_line, call.col_offset, end_col)
+        return None
     line, col = func.end_lineno, func.end_col_offset - len(func.attr)
-    end_line = max(line, end_line)
+    end_line = max(line, call.end_lineno or call.lineno)
+    end_col = call.end_col_offset or 0
     return (line, end_line, col, max(col, end_col) if line == end_line else end_col)
 
 

@@ -124,8 +124,7 @@ _CHECKS = (
 
 def _shown(e: EnvelopeInfo) -> Tuple[Any, ...]:
     return (e.seq, e.comm, e.op, e.schema, e.fingerprint, e.site, e.column, e.name, e.occurrence,
-            e.step,
-            e.root, e.reduce_op, e.shape, e.dtype, e.settings, e.error)
+            e.step, e.root, e.reduce_op, e.shape, e.dtype, e.settings, e.error)
 
 
 def group_envelopes(envelopes: Sequence[EnvelopeInfo]) -> List[Group]:

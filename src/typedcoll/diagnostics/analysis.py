@@ -91,7 +91,8 @@ def envelope(rank: int, e: RecordEntry, comm: str, notes: Sequence[Note] = ()) -
     # rank; the last-entries section shows it.
     return EnvelopeInfo(rank=rank, seq=e.seq, op=clean(e.op, 64), schema=clean(e.schema),
                         fingerprint=clean(e.fingerprint, 64), comm=clean(comm),
-                        site=clean(e.site), column=e.column, name=None if e.name is None else clean(e.name),
+                        site=clean(e.site), column=e.column,
+                        name=None if e.name is None else clean(e.name),
                         occurrence=e.occurrence, step=e.step, notes=tuple(notes),
                         branch=e.branch)
 

@@ -132,14 +132,15 @@ def encode_meta(meta: DeviceMeta) -> bytes:
     """``meta`` in at most META_MAX bytes: long texts and shapes are cut (the header's
     fingerprints still cover them), the branch kept (the verdict reads it)."""
     payload = ENCODER.encode(meta)
-    for name, text, site, shape in ((24, 64, 40, 4), (0, 16, 24, 0)):
+    # Characters kept of each text (none of the name in the second pass), dimensions of the shape.
+    for name, error, site, comm, dims in ((24, 64, 40, 24, 4), (0, 16, 24, 8, 0)):
         if len(payload) <= META_MAX:
             break
         meta = DeviceMeta(None if meta.name is None or not name else meta.name[:name],
                           meta.dtype[:16], meta.device[:8],
-                          meta.shape if len(meta.shape) <= shape else (), meta.site[-site:],
-                          meta.occurrence, meta.comm[:24 if name else 8],
-                          None if meta.error is None else meta.error[:text], meta.column,
+                          meta.shape if len(meta.shape) <= dims else (), meta.site[-site:],
+                          meta.occurrence, meta.comm[:comm],
+                          None if meta.error is None else meta.error[:error], meta.column,
                           meta.branch)
         payload = ENCODER.encode(meta)
     if len(payload) > META_MAX:  # texts of wide characters: keep what the verdict reads
