@@ -21,7 +21,7 @@ SNIPPETS = [(kind, int(n), code) for kind, n, code in SNIPPET.findall(DOC.read_t
 
 
 def test_every_python_block_is_run():
-    assert len(SNIPPETS) == DOC.read_text().count("```python") == 8
+    assert len(SNIPPETS) == DOC.read_text().count("```python") == 9
 
 
 @pytest.mark.parametrize("kind, n, code", SNIPPETS,

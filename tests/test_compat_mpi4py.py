@@ -284,6 +284,33 @@ def test_timeout_when_a_rank_skips_a_call():
     assert isinstance(err, tc.CollectiveTimeout) and err.missing == (1,)
 
 
+def test_communicator_calls_over_a_typed_comm():
+    """Barrier, Split, Dup and Clone over a TypedComm (no mpi4py communicator beneath): checked
+    calls whose results are drop-ins over the right ranks; a split skipped by one rank raises
+    on every rank (under mpiexec, ``spmd/compat_mpi4py.py`` compares them with mpi4py's)."""
+    def prog(comm):
+        drop_in = compat.mpi4py(comm)
+        drop_in.Barrier()
+        odd = drop_in.Split(comm.rank % 2, key=-comm.rank)
+        twin = drop_in.Clone()
+        out = (odd.Get_size(), odd.allgather(comm.rank), twin.allgather(comm.rank), odd.comm)
+        with pytest.raises(tc.DesyncError) as info:
+            if comm.rank == 0:
+                drop_in.allgather(0)
+            else:
+                drop_in.Split(0)
+        with pytest.raises(AttributeError, match=r"'Allreduce'; mpi4py's buffer calls are not "
+                                                 r"checked by typedcoll: call them on \.comm"):
+            drop_in.Allreduce
+        return out, info.value.kinds
+
+    got = run(3, prog, timeout=20)
+    assert [g[0] for g in got] == [((2, [2, 0], [0, 1, 2], None)), (1, [1], [0, 1, 2], None),
+                                   (2, [2, 0], [0, 1, 2], None)]
+    assert {g[1] for g in got} == {(tc.MismatchKind.OP, tc.MismatchKind.CALL,
+                                    tc.MismatchKind.SCHEMA)}
+
+
 def test_import_pulls_in_neither_mpi4py_nor_torch():
     code = ("import sys, typedcoll as tc, typedcoll.compat\n"
             "assert callable(tc.compat.mpi4py) and callable(tc.compat.torch)\n"

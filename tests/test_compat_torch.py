@@ -1,5 +1,6 @@
 """The torch drop-in: its logic under typedcoll.testing, and its results against torch's own
-object collectives on gloo (2 and 4 processes, each step run through both in the same job)."""
+object and tensor collectives on gloo (2 and 4 processes, each step run through both in the same
+job)."""
 
 from __future__ import annotations
 
@@ -105,6 +106,74 @@ def program(api: Any, rank: int, size: int, rng: random.Random) -> list:
     return out
 
 
+def tensor_program(api: Any, rank: int, size: int, rng: random.Random) -> list:
+    """Every tensor collective of the drop-in, in torch's signatures, with values that tell
+    ranks and orders apart; returns what each call left in its tensors."""
+    import torch
+    from torch.distributed import ReduceOp
+
+    out: list = []
+    for i in range(4):
+        j = rng.randrange(100)
+        vote = torch.tensor([rank + i, j * (rank + 1)], dtype=torch.int64)
+        api.all_reduce(vote, op=ReduceOp.MAX)
+        total = torch.full((3,), float(rank + j))
+        api.all_reduce(total)
+        least = torch.tensor(j - rank, dtype=torch.int32)
+        api.all_reduce(least, ReduceOp.MIN, async_op=True).wait()
+        row = torch.arange(4, dtype=torch.float32) * (rank + 1)
+        api.broadcast(row, src=i % size)
+        out += [vote.tolist(), total.tolist(), least.tolist(), row.tolist()]
+        parts = [torch.zeros(2, 2, dtype=torch.int32) for _ in range(size)]
+        api.all_gather(parts, torch.full((2, 2), rank * j, dtype=torch.int32))
+        flat, wide = torch.zeros(size * 3), torch.zeros(size * 2, 3, dtype=torch.int32)
+        api.all_gather_into_tensor(flat, torch.arange(3.0) + rank)
+        api.all_gather_into_tensor(wide, torch.full((2, 3), rank - j, dtype=torch.int32))
+        mine = torch.zeros(2, dtype=torch.float64)
+        api.reduce_scatter_tensor(mine, torch.arange(2.0 * size, dtype=torch.float64)
+                                  * (rank + j))
+        out += [[p.tolist() for p in parts], flat.tolist(), wide.tolist(), mine.tolist()]
+    out.append((api.get_rank(), api.get_world_size()))
+    return out
+
+
+def tensor_failures(drop_in: Any, rank: int, size: int) -> list:
+    """What only the drop-in catches: a skipped vote, an output list of the wrong size on one
+    rank, an op gloo cannot reduce. Each must raise on every rank and leave it usable."""
+    import torch
+    from torch.distributed import ReduceOp
+
+    failures = []
+
+    def expect(kinds: tuple, label: str, call: Any) -> None:
+        """``kinds``: the error of the last rank (the one that errs), then of the others."""
+        try:
+            call()
+        except (tc.DesyncError, tc.EncodeError, tc.PeerError) as exc:
+            if type(exc) is not kinds[rank != size - 1]:
+                failures.append(f"{label}: {type(exc).__name__}: {exc}")
+        else:
+            failures.append(f"{label}: nothing raised")
+
+    def skipped_vote() -> None:
+        if rank != size - 1:
+            drop_in.all_reduce(torch.tensor([1]), op=ReduceOp.MAX)  # batch-size vote
+        drop_in.all_reduce(torch.tensor([rank]), op=ReduceOp.MAX)  # timeout vote
+
+    expect((tc.DesyncError, tc.DesyncError), "skipped vote", skipped_vote)
+    short = [torch.zeros(1)] * (size - 1 if rank == size - 1 else size)
+    expect((tc.EncodeError, tc.PeerError), "short tensor_list",
+           lambda: drop_in.all_gather(short, torch.zeros(1)))
+    expect((tc.EncodeError, tc.PeerError), "AVG on gloo",
+           lambda: drop_in.all_reduce(torch.zeros(1), op=ReduceOp.AVG if rank == size - 1
+                                      else ReduceOp.SUM))
+    after = torch.tensor([rank])
+    drop_in.all_reduce(after)
+    if after.item() != size * (size - 1) // 2:
+        failures.append(f"usable afterwards: got {after.item()}")
+    return failures
+
+
 def worker(rank: int, size: int, port: int, out_dir: str) -> None:
     import torch.distributed as dist
 
@@ -117,6 +186,11 @@ def worker(rank: int, size: int, port: int, out_dir: str) -> None:
                 for k, (g, e) in enumerate(zip(got, expected)) if not same(g, e)]
     if len(got) != len(expected):
         failures.append(f"{len(got)} calls, torch made {len(expected)}")
+    expected = tensor_program(dist, rank, size, random.Random(SEED))
+    got = tensor_program(drop_in, rank, size, random.Random(SEED))
+    failures += [f"tensor call {k}: got {g!r}, torch gave {e!r}"
+                 for k, (g, e) in enumerate(zip(got, expected)) if g != e]
+    failures += tensor_failures(drop_in, rank, size)
     Path(out_dir, f"compat_torch.{rank}.json").write_text(json.dumps(failures))
     drop_in.free()
     dist.destroy_process_group()
@@ -128,7 +202,7 @@ def worker(rank: int, size: int, port: int, out_dir: str) -> None:
 
 
 @pytest.mark.parametrize("size", [2, 4])
-def test_matches_torch_object_collectives_on_gloo(tmp_path, size):
+def test_matches_torch_collectives_on_gloo(tmp_path, size):
     pytest.importorskip("torch")
     from typedcoll.transports.torch import free_port
     port = free_port()

@@ -234,3 +234,31 @@ def test_without_nccl_a_cuda_tensor_is_a_local_error(groups):
                                                  r"backend\), got one on cuda:0$"):
             comm.all_gather_tensor(torch.ones(2, device="cuda"))
         assert comm.all_gather_tensor(torch.ones(2)).tolist() == [1.0, 1.0]
+
+
+def test_the_torch_drop_in_runs_tensor_calls_on_nccl(groups):
+    """compat.torch's tensor calls on CUDA tensors take the device path and match plain NCCL."""
+    from torch.distributed import ReduceOp
+
+    from typedcoll import compat
+
+    api = compat.torch(groups[0], timeout=60)
+    gen = torch.Generator().manual_seed(SEED)
+    for _ in range(70):  # more calls than the pinned ring has slots
+        host = _data((5, 3), torch.float32, gen)
+        got, want = host.cuda(), host.cuda()
+        api.all_reduce(got, op=ReduceOp.MAX)
+        dist.all_reduce(want, op=ReduceOp.MAX, group=groups[0])
+        api.broadcast(got, src=0)
+        assert torch.equal(got, want)
+        parts = [torch.empty_like(got)]
+        api.all_gather(parts, got)
+        flat = torch.empty(5, 3, device="cuda")
+        api.all_gather_into_tensor(flat, got)
+        mine = torch.empty(5, 3, device="cuda")
+        api.reduce_scatter_tensor(mine, got, async_op=True).wait()
+        assert torch.equal(parts[0], want) and torch.equal(flat, want)
+        assert torch.equal(mine, want)
+    api.typed.synchronize()
+    assert not api.typed._p.extensions["tensor"].pending
+    api.free()

@@ -265,6 +265,57 @@ def fixed_cases(chk: Checker, drop_in: Any) -> None:
     chk.same("usable afterwards", drop_in.allgather(rank))
 
 
+# --- mpi4py's communicator calls -----------------------------------------------------------------
+def communicator_cases(chk: Checker, drop_in: Any) -> None:
+    rank, size = WORLD.Get_rank(), WORLD.Get_size()
+    drop_in.Barrier()
+    # Split as mpi4py splits: the same ranks, order and sizes, and a .comm that is that split.
+    sub = drop_in.Split(rank % 2, key=-rank)
+    theirs = ORACLE.Split(rank % 2, key=-rank)
+    chk.eq("Split: rank and size", (sub.Get_rank(), sub.Get_size()),
+           (theirs.Get_rank(), theirs.Get_size()))
+    chk.eq("Split: .comm", (sub.comm.Get_rank(), sub.comm.Get_size()),
+           (theirs.Get_rank(), theirs.Get_size()))
+    chk.eq("Split: allgather", sub.allgather(rank), theirs.allgather(rank))
+    sub.Free()
+    chk.true("Split: Free frees the communicator it made", sub.comm == MPI.COMM_NULL)
+    theirs.Free()
+    # MPI.UNDEFINED: COMM_NULL there, a communicator of the others elsewhere.
+    rest = drop_in.Split(MPI.UNDEFINED if rank == 0 else 1)
+    if rank == 0:
+        chk.true("Split: UNDEFINED gives COMM_NULL", rest == MPI.COMM_NULL)
+    else:
+        chk.eq("Split: the others", rest.allgather(rank), list(range(1, size)))
+        rest.Free()
+    # A bad color on one rank: raised on every rank, and nothing split beneath.
+    expected = tc.EncodeError if rank == size - 1 else tc.PeerError
+    with chk.expect(expected, "Split: bad color") as err:
+        drop_in.Split(-5 if rank == size - 1 else 0)
+    chk.true("Split: names the color", "expected color to be None or an int" in err.text)
+    # One rank at another call: DesyncError on every rank, before mpi4py's Split pairs anything.
+    if size > 1:
+        with chk.expect(tc.DesyncError, "Split: skipped") as err:
+            if rank == 0:
+                drop_in.allgather(rank)
+            else:
+                drop_in.Split(0)
+        chk.same("Split: skipped: one error", str(err.error))
+    else:
+        chk.count += 2
+    twin = drop_in.Dup()
+    chk.eq("Dup: allgather", twin.allgather(rank), list(range(size)))
+    chk.true("Dup: its own mpi4py communicator", twin.comm is not drop_in.comm and
+             twin.comm.Get_size() == size)
+    twin.Free()
+    try:
+        drop_in.Allreduce
+    except AttributeError as exc:
+        chk.true("buffer calls: says where they are", ".comm" in str(exc))
+    else:
+        chk.true("buffer calls: AttributeError", False)
+    chk.same("usable after the communicator calls", drop_in.allgather(rank))
+
+
 def main() -> None:
     chk = Checker("compat_mpi4py")
     drop_in = compat.mpi4py(MPI.COMM_WORLD, timeout=60)
@@ -272,6 +323,7 @@ def main() -> None:
            (WORLD.Get_rank(), WORLD.Get_rank(), WORLD.Get_size(), WORLD.Get_size()))
     chk.true("communicator beneath", drop_in.comm is MPI.COMM_WORLD)
     fixed_cases(chk, drop_in)
+    communicator_cases(chk, drop_in)
     if WORLD.Get_size() > 1:
         property_test(chk, drop_in)
     else:

@@ -1,8 +1,8 @@
-"""Drop-in surfaces: mpi4py's object API and torch's object collectives, typed and pickle-free.
+"""Drop-in surfaces: mpi4py's object API and torch.distributed's collectives, typed, no pickle.
 
 ``typedcoll.compat.mpi4py(comm)`` and ``typedcoll.compat.torch(group)`` take the place of an
-mpi4py communicator and of ``torch.distributed``'s object collectives with no change to the
-calls: the same methods and signatures, results equal to theirs for the supported payloads
+mpi4py communicator and of ``torch.distributed``'s object and tensor collectives with no change
+to the calls: the same methods and signatures, results equal to theirs for the supported payloads
 (builtins, dataclasses, msgspec Structs, NamedTuple, TypedDict, Enum, numpy arrays and scalars),
 while every call becomes a typed collective whose identity, order and arguments every rank
 checks. Neither mpi4py nor torch is imported until a communicator over them is made.
@@ -18,10 +18,11 @@ from typing import Any, Optional
 from . import mpi4py as _mpi4py_surface
 from . import torch as _torch_surface
 from .mpi4py import Comm, Request
-from .torch import ObjectCollectives
+from .torch import ObjectCollectives, TorchDistributed
 from .values import Refused
 
-__all__ = ["Comm", "ObjectCollectives", "Refused", "Request", "mpi4py", "torch"]
+__all__ = ["Comm", "ObjectCollectives", "Refused", "Request", "TorchDistributed", "mpi4py",
+           "torch"]
 
 
 def mpi4py(comm: Any, timeout: Optional[float] = None) -> Comm:  # noqa: F811
@@ -30,7 +31,8 @@ def mpi4py(comm: Any, timeout: Optional[float] = None) -> Comm:  # noqa: F811
     return _mpi4py_surface.Comm(comm, timeout)
 
 
-def torch(group: Any = None, timeout: Optional[float] = None) -> ObjectCollectives:  # noqa: F811
-    """torch.distributed's object collectives over ``group`` (None: the default group; or a
-    TypedComm). Collective: every rank of the group makes its own at the same point."""
-    return _torch_surface.ObjectCollectives(group, timeout)
+def torch(group: Any = None,  # noqa: F811
+          timeout: Optional[float] = None) -> TorchDistributed:
+    """torch.distributed's object and tensor collectives over ``group`` (None: the default
+    group; or a TypedComm). Collective: every rank of the group makes its own at the same point."""
+    return _torch_surface.TorchDistributed(group, timeout)

@@ -3,9 +3,11 @@
 ``typedcoll.compat.mpi4py(comm)`` returns a :class:`Comm` with the methods and signatures of
 mpi4py's object API (``allgather``, ``gather``, ``bcast``, ``scatter``, ``alltoall``,
 ``allreduce``, ``reduce``, ``barrier``, ``send``, ``recv``, ``sendrecv``, ``isend``,
-``irecv``, ``Get_rank``, ``Get_size``, ``rank``, ``size``): results equal mpi4py's for the
+``irecv``, ``Get_rank``, ``Get_size``, ``rank``, ``size``) and of its communicator calls
+(``Barrier``, ``Split``, ``Dup``, ``Clone``, ``Free``): results equal mpi4py's for the
 supported payloads (``compat.values``), and every call is a typed collective, checked on every
-rank. Each method also takes keyword-only ``name=`` and ``step=``, as TypedComm's do.
+rank. mpi4py's buffer calls (``Allreduce``, ``Bcast``, ...) stay on ``.comm``, unchecked.
+Each method also takes keyword-only ``name=`` and ``step=``, as TypedComm's do.
 
 mpi4py is imported only by the TypedComm made over an mpi4py communicator, never here: the
 same class serves a TypedComm over another transport (``typedcoll.testing``).
@@ -99,6 +101,22 @@ class Comm:
             self.typed = TypedComm(comm, timeout)
             self.comm = comm
         self._p = self.typed._p
+        self._owns_comm = False  # Free frees ``comm`` too: this object made it (Split, Dup)
+
+    @classmethod
+    def _made(cls, typed: TypedComm, comm: Any) -> "Comm":
+        made = cls(typed)
+        made.comm = comm
+        made._owns_comm = comm is not None
+        return made
+
+    def __getattr__(self, attr: str) -> Any:
+        # Only for names this class lacks: say where mpi4py's other methods are.
+        if attr.startswith("_"):
+            raise AttributeError(attr)
+        hint = ("; mpi4py's buffer calls are not checked by typedcoll: call them on .comm, "
+                "the mpi4py communicator beneath" if attr[:1].isupper() else "")
+        raise AttributeError(f"typedcoll.compat.mpi4py's Comm has no attribute {attr!r}{hint}")
 
     # --- what it is ----------------------------------------------------------------------
     def Get_rank(self) -> int:
@@ -152,6 +170,38 @@ class Comm:
     def barrier(self, *, step: Optional[int] = None, name: Optional[str] = None) -> None:
         objects.barrier(self._p, step, name)
 
+    def Barrier(self, *, step: Optional[int] = None, name: Optional[str] = None) -> None:
+        """mpi4py's ``Barrier``: the same checked barrier as ``barrier``."""
+        objects.barrier(self._p, step, name)
+
+    # --- communicators ---------------------------------------------------------------------
+    def Split(self, color: Any = 0, key: int = 0, *, step: Optional[int] = None,
+              name: Optional[str] = None) -> Any:
+        """mpi4py's ``Split``, checked: a drop-in over the ranks of ``color`` ordered by
+        ``key``; ``MPI.UNDEFINED`` (or None) gives ``MPI.COMM_NULL`` (None without mpi4py).
+
+        Every rank's color and key are exchanged in band first (a bad one on any rank, or a
+        rank at another call, raises on every rank); only then does the mpi4py communicator
+        beneath split, so its ``.comm`` is the same split as mpi4py's.
+        """
+        mpi = sys.modules.get("mpi4py.MPI")
+        undefined = mpi.UNDEFINED if mpi is not None else None
+        outside = color is None or (undefined is not None and color == undefined)
+        typed = self.typed.split(None if outside else color, key, step=step, name=name)
+        comm = None
+        if self.comm is not None:
+            comm = self.comm.Split(undefined if outside else color, key)
+        if typed is None:
+            return mpi.COMM_NULL if mpi is not None else None
+        return Comm._made(typed, comm)
+
+    def Dup(self, *, step: Optional[int] = None, name: Optional[str] = None) -> "Comm":
+        """mpi4py's ``Dup``, checked: a drop-in over the same ranks with its own sequence."""
+        typed = self.typed.dup(step=step, name=name)
+        return Comm._made(typed, self.comm.Dup() if self.comm is not None else None)
+
+    Clone = Dup
+
     # --- point to point --------------------------------------------------------------------
     def send(self, obj: Any, dest: int, tag: int = 0, *, name: Optional[str] = None) -> None:
         tree, refused = _encoded(obj)
@@ -203,6 +253,14 @@ class Comm:
     def free(self) -> None:
         """Collective: free the TypedComm beneath (not the mpi4py communicator)."""
         self.typed.free()
+
+    def Free(self) -> None:
+        """Collective: free the TypedComm beneath, and the mpi4py communicator where ``Split``
+        or ``Dup`` made it (one passed in stays its owner's)."""
+        self.typed.free()
+        if self._owns_comm and self.comm is not None:
+            self.comm.Free()
+            self._owns_comm = False
 
     def __enter__(self) -> "Comm":
         return self

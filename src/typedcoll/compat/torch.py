@@ -1,11 +1,15 @@
-"""The torch drop-in: torch.distributed's object collectives over typed collectives, no pickle.
+"""The torch drop-in: torch.distributed's collectives over typed collectives, no pickle.
 
-``typedcoll.compat.torch(group=None)`` returns an :class:`ObjectCollectives` whose methods have
+``typedcoll.compat.torch(group=None)`` returns a :class:`TorchDistributed` whose methods have
 the names and signatures of ``torch.distributed``'s object collectives (``all_gather_object``,
 ``broadcast_object_list``, ``gather_object``, ``scatter_object_list``, ``send_object_list``,
-``recv_object_list``, ``barrier``) and fill their lists in place as those do. Traffic runs on
-the group's private gloo side (``TypedComm.from_torch``); values are self-describing
-(``compat.values``), never pickled.
+``recv_object_list``, ``barrier``) and of its tensor collectives (``all_reduce``,
+``broadcast``, ``all_gather``, ``all_gather_into_tensor``, ``reduce_scatter_tensor``, and
+their newer names ``all_gather_single`` and ``reduce_scatter_single``; plus ``get_rank`` and
+``get_world_size``), and fill their lists and tensors in place as those do.
+Object traffic runs on the group's private gloo side (``TypedComm.from_torch``); values are
+self-describing (``compat.values``), never pickled. Tensors take the checked tensor
+collectives (``tensor.ops``): CPU tensors on the private gloo side, CUDA tensors on NCCL.
 
 As in torch, ``src``/``dst`` are global ranks and ``group_src``/``group_dst`` ranks within the
 group. A list whose length must match between ranks (``broadcast_object_list``,
@@ -41,8 +45,9 @@ def _schema(n: int) -> Any:
     return schema
 
 
-class ObjectCollectives:
-    """torch.distributed's object collectives, bound to one group (or a TypedComm)."""
+class TorchDistributed:
+    """torch.distributed's object and tensor collectives, bound to one group (or a
+    TypedComm)."""
 
     def __init__(self, group: Any = None, timeout: Optional[float] = None) -> None:
         if isinstance(group, TypedComm):
@@ -158,6 +163,84 @@ class ObjectCollectives:
         objects.barrier(self._p)
         return _Done() if async_op else None
 
+    # --- tensor collectives -------------------------------------------------------------------
+    # Engines' control-plane votes are often tensors (a per-step MAX all-reduce of a batch size
+    # on the CPU group): here each is one checked tensor collective (``tensor.ops``), CPU tensors
+    # on the private gloo side after the envelope exchange, CUDA tensors on the group's NCCL
+    # behind the device envelope. A caller's output tensors are filled by one copy of the
+    # result. ``async_op=True`` returns a completed handle: the call has already run (CPU) or is
+    # ordered on the caller's stream (CUDA), as after torch's ``work.wait()``.
+    def get_rank(self, group: Any = None) -> int:
+        """This rank's rank in the group."""
+        _raise_if(self._check_group("get_rank", group))
+        return self._p.rank
+
+    def get_world_size(self, group: Any = None) -> int:
+        """The group's size."""
+        _raise_if(self._check_group("get_world_size", group))
+        return self._p.size
+
+    def all_reduce(self, tensor: Any, op: Any = None, group: Any = None,
+                   async_op: bool = False) -> Any:
+        """``tensor`` reduced across the group, in place (``op``: ``ReduceOp.SUM`` when None,
+        ``PRODUCT``, ``MAX``, ``MIN``, or their names)."""
+        from ..tensor import ops as tensor_ops
+        tensor_ops.all_reduce_tensor(self._p, tensor, _op_name(op), None, None,
+                                     error=self._check_group("all_reduce", group))
+        return _done(async_op)
+
+    def broadcast(self, tensor: Any, src: Optional[int] = None, group: Any = None,
+                  async_op: bool = False, group_src: Optional[int] = None) -> Any:
+        """``tensor`` overwritten in place with ``src``'s."""
+        from ..tensor import ops as tensor_ops
+        root, error = self._group_rank("broadcast", src, group_src, 0)
+        error = self._check_group("broadcast", group) or error
+        tensor_ops.broadcast_tensor(self._p, tensor, 0 if root is None else root, None, None,
+                                    error=error)
+        return _done(async_op)
+
+    def all_gather(self, tensor_list: List[Any], tensor: Any, group: Any = None,
+                   async_op: bool = False) -> Any:
+        """``tensor_list[i]`` = rank i's ``tensor`` (one tensor per rank, each of its shape and
+        dtype)."""
+        from ..tensor import ops as tensor_ops
+        p = self._p
+        error = self._check_group("all_gather", group) or _output_tensors(tensor_list, tensor,
+                                                                          p.size)
+        out = tensor_ops.all_gather_tensor(p, tensor, None, None, error=error)
+        parts = out.reshape((p.size,) + tuple(tensor.shape))
+        for i in range(p.size):
+            tensor_list[i].copy_(parts[i])
+        return _done(async_op)
+
+    def all_gather_into_tensor(self, output_tensor: Any, input_tensor: Any, group: Any = None,
+                               async_op: bool = False) -> Any:
+        """``output_tensor`` = every rank's ``input_tensor``, concatenated along dim 0 or stacked
+        (its numel: size times the input's)."""
+        from ..tensor import ops as tensor_ops
+        p = self._p
+        error = self._check_group("all_gather_into_tensor", group) or _output_tensor(
+            "output_tensor", output_tensor, input_tensor, p.size, 1)
+        out = tensor_ops.all_gather_tensor(p, input_tensor, None, None, error=error)
+        output_tensor.copy_(out.reshape(output_tensor.shape))
+        return _done(async_op)
+
+    def reduce_scatter_tensor(self, output: Any, input: Any, op: Any = None, group: Any = None,
+                              async_op: bool = False) -> Any:
+        """``output`` = block ``rank`` of ``input`` reduced across the group (``input``: the
+        blocks concatenated along dim 0 or stacked)."""
+        from ..tensor import ops as tensor_ops
+        p = self._p
+        error = self._check_group("reduce_scatter_tensor", group) or _output_tensor(
+            "output", output, input, 1, p.size)
+        out = tensor_ops.reduce_scatter_tensor(p, input, _op_name(op), None, None, error=error)
+        output.copy_(out.reshape(output.shape))
+        return _done(async_op)
+
+    # torch's newer names for the two.
+    all_gather_single = all_gather_into_tensor
+    reduce_scatter_single = reduce_scatter_tensor
+
     # --- point to point ----------------------------------------------------------------------
     def send_object_list(self, object_list: List[Any], dst: Optional[int] = None,
                          group: Any = None, device: Any = None,
@@ -210,6 +293,67 @@ class _Done:
 
     def is_completed(self) -> bool:
         return True
+
+
+# The name of this class before it took the tensor collectives.
+ObjectCollectives = TorchDistributed
+
+
+def _done(async_op: bool) -> Optional[_Done]:
+    return _Done() if async_op else None
+
+
+def _raise_if(error: Optional[str]) -> None:
+    """A local argument error of a call that exchanges nothing (no peer waits for it)."""
+    if error is not None:
+        raise ValueError(error.partition(": ")[2])
+
+
+def _op_name(op: Any) -> Any:
+    """torch's ``ReduceOp`` as the name the tensor collectives take (anything else as it is:
+    their argument check names it)."""
+    if op is None:
+        return "sum"
+    if isinstance(op, str):
+        return op
+    from ..transports.torch import TORCH_OPS
+    for name, torch_op in TORCH_OPS.items():
+        if op == torch_op:
+            return name
+    return op
+
+
+def _output_tensors(outputs: Any, tensor: Any, size: int) -> Optional[str]:
+    """Why ``outputs`` cannot take every rank's ``tensor`` (``all_gather``), or None."""
+    import torch
+    if not isinstance(outputs, list) or len(outputs) != size:
+        got = f"a list of {len(outputs)}" if isinstance(outputs, list) else \
+            type(outputs).__name__
+        return f"ValueError: expected tensor_list to be a list of {size} tensors, got {got}"
+    if not isinstance(tensor, torch.Tensor):
+        return None  # the collective's own check names it
+    for i, out in enumerate(outputs):
+        if not isinstance(out, torch.Tensor) or out.shape != tensor.shape or \
+                out.dtype != tensor.dtype:
+            got = (f"shape {tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor)
+                   else type(out).__name__)
+            return (f"ValueError: expected tensor_list[{i}] to be a tensor of shape "
+                    f"{tuple(tensor.shape)} {tensor.dtype}, got {got}")
+    return None
+
+
+def _output_tensor(what: str, out: Any, tensor: Any, times: int, per: int) -> Optional[str]:
+    """Why ``out`` cannot hold ``tensor``'s numel x ``times`` / ``per`` items, or None."""
+    import torch
+    if not isinstance(tensor, torch.Tensor):
+        return None  # the collective's own check names it
+    numel = tensor.numel() * times // per
+    if not isinstance(out, torch.Tensor) or out.numel() != numel or out.dtype != tensor.dtype:
+        got = (f"{out.numel()} elements of {out.dtype}" if isinstance(out, torch.Tensor)
+               else type(out).__name__)
+        return (f"ValueError: expected {what} to be a tensor of {numel} elements of "
+                f"{tensor.dtype}, got {got}")
+    return None
 
 
 def _output_list(what: str, value: Any, size: int) -> Optional[str]:

@@ -53,8 +53,9 @@ def dtype_name(dtype: Any) -> str:
 
 
 def tensor_call(p: Any, op: str, tensor: Any, name: Any, step: Any, *, root: Any = None,
-                reduce_op: Any = None) -> TensorCall:
-    """The record of one tensor collective on this rank, its argument errors flagged."""
+                reduce_op: Any = None, error: Optional[str] = None) -> TensorCall:
+    """The record of one tensor collective on this rank, its argument errors flagged (``error``:
+    one its caller found, such as a drop-in's output list of the wrong size)."""
     name = None if name == "" else name
     name_error, step_error = check_name(name), check_step(step)
     is_tensor = isinstance(tensor, torch.Tensor)
@@ -80,6 +81,7 @@ def tensor_call(p: Any, op: str, tensor: Any, name: Any, step: Any, *, root: Any
         errors.append(_tensor_error(op, tensor, p.size, reduce_op, on_device, device_group))
         meta = (tuple(tensor.shape), dtype_name(tensor.dtype))
         fingerprint = array_fingerprint(f"{meta[1]}@{tensor.device.type}", meta[0])
+    errors.append(error)
     call = TensorCall(op, REDUCE, TENSOR_INFO, MODE_EMPTY, None,
                       root=int(root) if op in ROOTED_OPS and root_error is None else NO_ROOT,
                       reduce_op=code, step=None if step_error else step,

@@ -91,10 +91,11 @@ def _real(tensor: Any) -> Any:
 
 
 # --- the four collectives ------------------------------------------------------------------------
-def all_gather_tensor(p: Protocol, tensor: Any, name: Any, step: Any) -> Any:
+def all_gather_tensor(p: Protocol, tensor: Any, name: Any, step: Any,
+                      error: Optional[str] = None) -> Any:
     """Every rank's ``tensor`` concatenated along dim 0 (a 0-d tensor gathers to shape [size])."""
     _torch_comm(p, "all_gather_tensor")
-    call = tensor_call(p, "all_gather_tensor", tensor, name, step)
+    call = tensor_call(p, "all_gather_tensor", tensor, name, step, error=error)
     out = src = None
     if call.error is None:
         src = tensor.reshape(1) if tensor.dim() == 0 else tensor.contiguous()
@@ -105,30 +106,35 @@ def all_gather_tensor(p: Protocol, tensor: Any, name: Any, step: Any) -> Any:
     return out
 
 
-def all_reduce_tensor(p: Protocol, tensor: Any, op: Any, name: Any, step: Any) -> Any:
+def all_reduce_tensor(p: Protocol, tensor: Any, op: Any, name: Any, step: Any,
+                      error: Optional[str] = None) -> Any:
     """Reduce ``tensor`` across ranks in place with ``op``; returns it."""
     _torch_comm(p, "all_reduce_tensor")
-    call = tensor_call(p, "all_reduce_tensor", tensor, name, step, reduce_op=op)
+    call = tensor_call(p, "all_reduce_tensor", tensor, name, step, reduce_op=op,
+                       error=error)
     _run(p, call, lambda deadline: p.transport.all_reduce_tensor(tensor, op, deadline),
          lambda group: device.enqueued(group.allreduce([_real(tensor)], _opts(
              AllreduceOptions, reduceOp=TORCH_OPS[op]))))
     return tensor
 
 
-def broadcast_tensor(p: Protocol, tensor: Any, root: Any, name: Any, step: Any) -> Any:
+def broadcast_tensor(p: Protocol, tensor: Any, root: Any, name: Any, step: Any,
+                     error: Optional[str] = None) -> Any:
     """Overwrite ``tensor`` in place with ``root``'s; returns it."""
     _torch_comm(p, "broadcast_tensor")
-    call = tensor_call(p, "broadcast_tensor", tensor, name, step, root=root)
+    call = tensor_call(p, "broadcast_tensor", tensor, name, step, root=root, error=error)
     _run(p, call, lambda deadline: p.transport.broadcast_tensor(tensor, call.root, deadline),
          lambda group: device.enqueued(group.broadcast([_real(tensor)], _opts(
              BroadcastOptions, rootRank=call.root))))
     return tensor
 
 
-def reduce_scatter_tensor(p: Protocol, tensor: Any, op: Any, name: Any, step: Any) -> Any:
+def reduce_scatter_tensor(p: Protocol, tensor: Any, op: Any, name: Any, step: Any,
+                          error: Optional[str] = None) -> Any:
     """Reduce ``tensor`` across ranks with ``op``; rank r gets block r of dim 0 (a new tensor)."""
     _torch_comm(p, "reduce_scatter_tensor")
-    call = tensor_call(p, "reduce_scatter_tensor", tensor, name, step, reduce_op=op)
+    call = tensor_call(p, "reduce_scatter_tensor", tensor, name, step, reduce_op=op,
+                       error=error)
     out = src = None
     if call.error is None:
         src = tensor.contiguous()
