@@ -139,8 +139,10 @@ def tensor_program(api: Any, rank: int, size: int, rng: random.Random) -> list:
 
 def tensor_failures(drop_in: Any, rank: int, size: int) -> list:
     """What only the drop-in catches: a skipped vote, an output list of the wrong size on one
-    rank, an op gloo cannot reduce. Each must raise on every rank and leave it usable."""
+    rank, an op it does not reduce, arguments that cannot be compared. Each must raise on every
+    rank and leave it usable; the default group named as torch names it is no error."""
     import torch
+    import torch.distributed as dist
     from torch.distributed import ReduceOp
 
     failures = []
@@ -164,9 +166,25 @@ def tensor_failures(drop_in: Any, rank: int, size: int) -> list:
     short = [torch.zeros(1)] * (size - 1 if rank == size - 1 else size)
     expect((tc.EncodeError, tc.PeerError), "short tensor_list",
            lambda: drop_in.all_gather(short, torch.zeros(1)))
-    expect((tc.EncodeError, tc.PeerError), "AVG on gloo",
+    expect((tc.EncodeError, tc.PeerError), "AVG (not reduced by the drop-in)",
            lambda: drop_in.all_reduce(torch.zeros(1), op=ReduceOp.AVG if rank == size - 1
                                       else ReduceOp.SUM))
+    # Values that cannot even be compared with an op or a rank: flagged, never raised alone.
+    expect((tc.EncodeError, tc.PeerError), "op an array",
+           lambda: drop_in.all_reduce(torch.zeros(1), op=np.array([1, 2]) if rank == size - 1
+                                      else ReduceOp.SUM))
+    expect((tc.EncodeError, tc.PeerError), "src a list",
+           lambda: drop_in.broadcast(torch.zeros(1), src=[0] if rank == size - 1 else 0))
+    # dist.group.WORLD is the default group this drop-in was made for.
+    world = torch.tensor([rank])
+    handle = drop_in.all_reduce(world, group=dist.group.WORLD, async_op=True)
+    if not (handle.wait() and handle.is_completed() and handle.get_future().wait() == [world]
+            and world.item() == size * (size - 1) // 2):
+        failures.append(f"group=WORLD, async_op: got {world.item()}")
+    seen = [None] * size
+    drop_in.all_gather_object(seen, rank, group=dist.group.WORLD)
+    if seen != list(range(size)) or drop_in.get_rank(dist.group.WORLD) != rank:
+        failures.append(f"group=WORLD for objects: got {seen}")
     after = torch.tensor([rank])
     drop_in.all_reduce(after)
     if after.item() != size * (size - 1) // 2:

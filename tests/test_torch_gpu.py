@@ -237,13 +237,15 @@ def test_without_nccl_a_cuda_tensor_is_a_local_error(groups):
 
 
 def test_the_torch_drop_in_runs_tensor_calls_on_nccl(groups):
-    """compat.torch's tensor calls on CUDA tensors take the device path and match plain NCCL."""
+    """compat.torch's tensor calls on CUDA tensors take the device path and fill their outputs
+    (sentinels before: at world size 1 every collective is the identity)."""
     from torch.distributed import ReduceOp
 
     from typedcoll import compat
 
     api = compat.torch(groups[0], timeout=60)
     gen = torch.Generator().manual_seed(SEED)
+    side = torch.cuda.Stream()
     for _ in range(70):  # more calls than the pinned ring has slots
         host = _data((5, 3), torch.float32, gen)
         got, want = host.cuda(), host.cuda()
@@ -251,14 +253,37 @@ def test_the_torch_drop_in_runs_tensor_calls_on_nccl(groups):
         dist.all_reduce(want, op=ReduceOp.MAX, group=groups[0])
         api.broadcast(got, src=0)
         assert torch.equal(got, want)
-        parts = [torch.empty_like(got)]
+        parts = [torch.full_like(got, float("nan"))]
         api.all_gather(parts, got)
-        flat = torch.empty(5, 3, device="cuda")
+        flat = torch.full((5, 3), float("nan"), device="cuda")
         api.all_gather_into_tensor(flat, got)
-        mine = torch.empty(5, 3, device="cuda")
-        api.reduce_scatter_tensor(mine, got, async_op=True).wait()
+        mine = torch.full((5, 3), float("nan"), device="cuda")
+        with torch.cuda.stream(side):  # issued on another stream, waited for on this one
+            side.wait_stream(torch.cuda.default_stream())
+            handle = api.reduce_scatter_tensor(mine, got, async_op=True)
+        handle.wait()
         assert torch.equal(parts[0], want) and torch.equal(flat, want)
         assert torch.equal(mine, want)
     api.typed.synchronize()
     assert not api.typed._p.extensions["tensor"].pending
+    api.free()
+
+
+def test_a_callers_own_error_still_enqueues_the_payload_when_deferred(groups, monkeypatch):
+    """Deferred mode: a drop-in's output error on one rank is flagged in the envelope and that
+    rank still enqueues its payload (its tensor passed every check), so its peers' NCCL call,
+    enqueued before they can know, completes; a bad tensor enqueues nothing."""
+    from typedcoll import compat
+
+    enqueued = []
+    original = device.enqueued
+    monkeypatch.setattr(device, "enqueued", lambda work: (enqueued.append(1), original(work)))
+    api = compat.torch(groups[0], timeout=60, tensor_check="deferred")
+    x = torch.ones(4, device="cuda")
+    with pytest.raises(tc.EncodeError, match="expected tensor_list to be a list of 1 tensors"):
+        api.all_gather([], x)
+    assert enqueued == [1]
+    with pytest.raises(tc.EncodeError, match="expected a contiguous tensor"):
+        api.all_reduce(torch.ones(4, 2, device="cuda").t())
+    assert enqueued == [1]
     api.free()

@@ -32,7 +32,9 @@ def mpi4py(comm: Any, timeout: Optional[float] = None) -> Comm:  # noqa: F811
 
 
 def torch(group: Any = None,  # noqa: F811
-          timeout: Optional[float] = None) -> TorchDistributed:
+          timeout: Optional[float] = None, *,
+          tensor_check: Optional[str] = None) -> TorchDistributed:
     """torch.distributed's object and tensor collectives over ``group`` (None: the default
-    group; or a TypedComm). Collective: every rank of the group makes its own at the same point."""
-    return _torch_surface.TorchDistributed(group, timeout)
+    group; or a TypedComm). Collective: every rank of the group makes its own at the same point.
+    ``tensor_check``: how CUDA tensor envelopes are verified, as ``TypedComm.from_torch``."""
+    return _torch_surface.TorchDistributed(group, timeout, tensor_check=tensor_check)

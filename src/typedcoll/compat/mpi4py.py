@@ -15,6 +15,7 @@ same class serves a TypedComm over another transport (``typedcoll.testing``).
 
 from __future__ import annotations
 
+import operator
 import sys
 from typing import Any, List, Optional, Sequence, Tuple
 
@@ -186,7 +187,13 @@ class Comm:
         """
         mpi = sys.modules.get("mpi4py.MPI")
         undefined = mpi.UNDEFINED if mpi is not None else None
-        outside = color is None or (undefined is not None and color == undefined)
+        # Only an int can be UNDEFINED; anything else goes on to the split's own check, which
+        # flags it in the call (a comparison that raised here would leave the peers waiting).
+        try:
+            outside = color is None or (undefined is not None
+                                        and operator.index(color) == undefined)
+        except TypeError:
+            outside = False
         typed = self.typed.split(None if outside else color, key, step=step, name=name)
         comm = None
         if self.comm is not None:
@@ -195,8 +202,10 @@ class Comm:
             return mpi.COMM_NULL if mpi is not None else None
         return Comm._made(typed, comm)
 
-    def Dup(self, *, step: Optional[int] = None, name: Optional[str] = None) -> "Comm":
-        """mpi4py's ``Dup``, checked: a drop-in over the same ranks with its own sequence."""
+    def Dup(self, info: Any = None, *, step: Optional[int] = None,
+            name: Optional[str] = None) -> "Comm":
+        """mpi4py's ``Dup``, checked: a drop-in over the same ranks with its own sequence
+        (``info`` is accepted and not used)."""
         typed = self.typed.dup(step=step, name=name)
         return Comm._made(typed, self.comm.Dup() if self.comm is not None else None)
 
@@ -267,6 +276,9 @@ class Comm:
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         self.typed.__exit__(exc_type, exc, tb)
+        if self._owns_comm and self.comm is not None and exc_type is None:
+            self.comm.Free()
+            self._owns_comm = False
 
 
 def _encoded(obj: Any) -> Tuple[Any, Optional[str]]:

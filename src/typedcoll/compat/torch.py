@@ -49,16 +49,21 @@ class TorchDistributed:
     """torch.distributed's object and tensor collectives, bound to one group (or a
     TypedComm)."""
 
-    def __init__(self, group: Any = None, timeout: Optional[float] = None) -> None:
+    def __init__(self, group: Any = None, timeout: Optional[float] = None, *,
+                 tensor_check: Optional[str] = None) -> None:
         if isinstance(group, TypedComm):
             self.typed = group
             self.group = None
             self._torch_group = False
         else:
-            self.typed = TypedComm.from_torch(group, timeout)
+            self.typed = TypedComm.from_torch(group, timeout, tensor_check=tensor_check)
             self.group = group
             self._torch_group = True
         self._p = self.typed._p
+        # The comm's ranks as torch's global ranks, where it runs over torch (src/dst are
+        # global in torch's API); None: they are the comm's own.
+        world = self._p.transport.world_ranks() if self._p.transport.kind == "torch" else None
+        self._world: Optional[List[int]] = world
 
     def __repr__(self) -> str:
         return f"compat.torch({self.typed!r})"
@@ -73,25 +78,26 @@ class TorchDistributed:
             return group_rank, None
         if global_rank is None:
             return default, None
-        if not self._torch_group or self.group is None:
+        if self._world is None:
             return global_rank, None
-        import torch.distributed as dist
+        # Any value a rank passes must come back as a flagged error, never raise here: its
+        # peers would wait in the call for it.
         try:
-            return dist.get_group_rank(self.group, global_rank), None
-        except (ValueError, RuntimeError) as exc:
-            return None, f"ValueError: {op}: rank {global_rank} is not in the group: {exc}"
+            return self._world.index(global_rank), None
+        except Exception:
+            return None, (f"ValueError: {op}: expected a global rank of the group "
+                          f"{self._world}, got {global_rank!r}"[:300])
 
     def _global_rank(self, group_rank: int) -> int:
-        if not self._torch_group or self.group is None:
-            return group_rank
-        import torch.distributed as dist
-        return dist.get_global_rank(self.group, group_rank)
+        return group_rank if self._world is None else self._world[group_rank]
 
     def _check_group(self, op: str, group: Any) -> Optional[str]:
         if group is None or group is self.group or group is self.typed:
             return None
+        if self._torch_group and _default_group(group) is _default_group(self.group):
+            return None  # dist.group.WORLD and the default group are one group
         return (f"ValueError: {op}: expected group=None or the group this object was made "
-                f"for, got {group!r}")
+                f"for, got {group!r}"[:300])
 
     # --- collectives -------------------------------------------------------------------------
     def all_gather_object(self, object_list: List[Any], obj: Any, group: Any = None) -> None:
@@ -187,7 +193,7 @@ class TorchDistributed:
         from ..tensor import ops as tensor_ops
         tensor_ops.all_reduce_tensor(self._p, tensor, _op_name(op), None, None,
                                      error=self._check_group("all_reduce", group))
-        return _done(async_op)
+        return _done(async_op, tensor)
 
     def broadcast(self, tensor: Any, src: Optional[int] = None, group: Any = None,
                   async_op: bool = False, group_src: Optional[int] = None) -> Any:
@@ -195,9 +201,10 @@ class TorchDistributed:
         from ..tensor import ops as tensor_ops
         root, error = self._group_rank("broadcast", src, group_src, 0)
         error = self._check_group("broadcast", group) or error
-        tensor_ops.broadcast_tensor(self._p, tensor, 0 if root is None else root, None, None,
-                                    error=error)
-        return _done(async_op)
+        # An unknown root stays None: flagged by the collective too, so that no rank enqueues
+        # a payload with a root its peers do not share (the device path).
+        tensor_ops.broadcast_tensor(self._p, tensor, root, None, None, error=error)
+        return _done(async_op, tensor)
 
     def all_gather(self, tensor_list: List[Any], tensor: Any, group: Any = None,
                    async_op: bool = False) -> Any:
@@ -211,7 +218,7 @@ class TorchDistributed:
         parts = out.reshape((p.size,) + tuple(tensor.shape))
         for i in range(p.size):
             tensor_list[i].copy_(parts[i])
-        return _done(async_op)
+        return _done(async_op, *tensor_list)
 
     def all_gather_into_tensor(self, output_tensor: Any, input_tensor: Any, group: Any = None,
                                async_op: bool = False) -> Any:
@@ -223,7 +230,7 @@ class TorchDistributed:
             "output_tensor", output_tensor, input_tensor, p.size, 1)
         out = tensor_ops.all_gather_tensor(p, input_tensor, None, None, error=error)
         output_tensor.copy_(out.reshape(output_tensor.shape))
-        return _done(async_op)
+        return _done(async_op, output_tensor)
 
     def reduce_scatter_tensor(self, output: Any, input: Any, op: Any = None, group: Any = None,
                               async_op: bool = False) -> Any:
@@ -235,7 +242,7 @@ class TorchDistributed:
             "output", output, input, 1, p.size)
         out = tensor_ops.reduce_scatter_tensor(p, input, _op_name(op), None, None, error=error)
         output.copy_(out.reshape(output.shape))
-        return _done(async_op)
+        return _done(async_op, output)
 
     # torch's newer names for the two.
     all_gather_single = all_gather_into_tensor
@@ -286,21 +293,63 @@ class TorchDistributed:
 
 
 class _Done:
-    """The work handle of an ``async_op`` barrier that already completed."""
+    """The work handle of an ``async_op`` call, which has already run on the host. A CUDA call
+    is ordered on the stream it was issued on: ``wait()`` makes the stream current at the wait
+    wait for it (an event recorded there), as torch's ``Work.wait()`` does."""
+
+    __slots__ = ("_event", "_result")
+
+    def __init__(self, event: Any = None, result: Optional[List[Any]] = None) -> None:
+        self._event = event
+        self._result = result if result is not None else []
 
     def wait(self, timeout: Any = None) -> bool:
+        if self._event is not None:
+            import torch
+            torch.cuda.current_stream().wait_event(self._event)
         return True
 
     def is_completed(self) -> bool:
+        return self._event is None or bool(self._event.query())
+
+    def is_success(self) -> bool:
         return True
+
+    def exception(self) -> None:
+        return None
+
+    def result(self) -> List[Any]:
+        return self._result
+
+    def get_future(self) -> Any:
+        import torch
+        future: Any = torch.futures.Future()
+        future.set_result(self._result)
+        return future
 
 
 # The name of this class before it took the tensor collectives.
 ObjectCollectives = TorchDistributed
 
 
-def _done(async_op: bool) -> Optional[_Done]:
-    return _Done() if async_op else None
+def _default_group(group: Any) -> Any:
+    """torch's rule: None and ``dist.group.WORLD`` name the default group."""
+    import torch.distributed as dist
+    if group is None or group is dist.group.WORLD:
+        return dist.distributed_c10d._get_default_group()
+    return group
+
+
+def _done(async_op: bool, *tensors: Any) -> Optional[_Done]:
+    """None, or with ``async_op`` the handle of a call that wrote ``tensors``."""
+    if not async_op:
+        return None
+    event = None
+    if any(t.is_cuda for t in tensors):
+        import torch
+        event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        event.record()  # on the current stream, where the call and its copies were issued
+    return _Done(event, list(tensors))
 
 
 def _raise_if(error: Optional[str]) -> None:
@@ -318,8 +367,11 @@ def _op_name(op: Any) -> Any:
         return op
     from ..transports.torch import TORCH_OPS
     for name, torch_op in TORCH_OPS.items():
-        if op == torch_op:
-            return name
+        try:
+            if op == torch_op:
+                return name
+        except Exception:  # an array, say: the collective's check names it, on every rank
+            return op
     return op
 
 

@@ -369,8 +369,12 @@ def run(p: Protocol, call: TensorCall, launch: Callable[[Any], None]) -> None:
         if checks.mode == "eager":
             checks.verify_all(p)
         if call.error is not None:
-            # Deferred: this rank cannot take part in the payload; its peers learn why from
-            # its envelope at their next check.
+            # Deferred: its peers learn why from its envelope at their next check, having
+            # enqueued their payload collective already. Where the tensor itself passed every
+            # check (the error is the caller's own: a drop-in's output list, say), this rank
+            # enqueues its payload too, so that theirs completes instead of hanging the stream.
+            if call.payload_ok:
+                launch(group)
             own = infos_from_blocks(bytes(checks.send_view[index * BLOCK:(index + 1) * BLOCK]),
                                     1)[0]
             raise verdict.failure(p, call, [p.rank], [own] * p.size)

@@ -43,9 +43,10 @@ GLOO_REDUCIBLE = frozenset({torch.bool, torch.int8, torch.uint8, torch.int32, to
 class TensorCall(Call):
     """A tensor collective's record: the core's :class:`Call` plus the tensor itself."""
 
-    __slots__ = ("tensor", "on_device")
+    __slots__ = ("tensor", "on_device", "payload_ok")
     tensor: Any  # what this rank passed (not necessarily a tensor: then call.error says so)
     on_device: bool  # the device path (CUDA tensor, NCCL) rather than the host path
+    payload_ok: bool  # the tensor passed every check: any error is the caller's own
 
 
 def dtype_name(dtype: Any) -> str:
@@ -81,7 +82,8 @@ def tensor_call(p: Any, op: str, tensor: Any, name: Any, step: Any, *, root: Any
         errors.append(_tensor_error(op, tensor, p.size, reduce_op, on_device, device_group))
         meta = (tuple(tensor.shape), dtype_name(tensor.dtype))
         fingerprint = array_fingerprint(f"{meta[1]}@{tensor.device.type}", meta[0])
-    errors.append(error)
+    payload_ok = first_error(*errors) is None
+    errors.insert(0, error)  # the caller's own words first: it knows what its user passed
     call = TensorCall(op, REDUCE, TENSOR_INFO, MODE_EMPTY, None,
                       root=int(root) if op in ROOTED_OPS and root_error is None else NO_ROOT,
                       reduce_op=code, step=None if step_error else step,
@@ -89,6 +91,7 @@ def tensor_call(p: Any, op: str, tensor: Any, name: Any, step: Any, *, root: Any
                       array_fp=fingerprint, array_meta=meta)
     call.tensor = tensor
     call.on_device = on_device
+    call.payload_ok = payload_ok
     return call
 
 

@@ -97,7 +97,7 @@ def all_gather_tensor(p: Protocol, tensor: Any, name: Any, step: Any,
     _torch_comm(p, "all_gather_tensor")
     call = tensor_call(p, "all_gather_tensor", tensor, name, step, error=error)
     out = src = None
-    if call.error is None:
+    if call.payload_ok:
         src = tensor.reshape(1) if tensor.dim() == 0 else tensor.contiguous()
         out = src.new_empty((src.shape[0] * p.size,) + tuple(src.shape[1:]))
     _run(p, call, lambda deadline: p.transport.all_gather_tensor(out, src, deadline),
@@ -136,7 +136,7 @@ def reduce_scatter_tensor(p: Protocol, tensor: Any, op: Any, name: Any, step: An
     call = tensor_call(p, "reduce_scatter_tensor", tensor, name, step, reduce_op=op,
                        error=error)
     out = src = None
-    if call.error is None:
+    if call.payload_ok:
         src = tensor.contiguous()
         out = src.new_empty((src.shape[0] // p.size,) + tuple(src.shape[1:]))
     _run(p, call, lambda deadline: p.transport.reduce_scatter_tensor(out, src, op, deadline),
