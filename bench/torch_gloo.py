@@ -10,9 +10,14 @@ Methods, interleaved round by round in one process group, on the ``RankState`` r
   detail    raw again, in a second run whose processes start with
             TORCH_DISTRIBUTED_DEBUG=DETAIL (a process-level setting: its wrapper checks every
             collective with extra gloo collectives), reported in the same table
+and on an engine's tensor vote (``int64 vote``: a one-element int64 CPU tensor, all-reduced
+with MAX in place):
+  raw       dist.all_reduce(t, op=MAX)
+  drop-in   typedcoll.compat.torch().all_reduce(t, op=MAX) (the envelope exchange, then the
+            same gloo all-reduce on the private group: two gloo round trips)
 Each figure is the median over rounds of the slowest rank's mean per call. Goals: typed <=
-1.2x raw; detail >= 3x typed. typed is reported unavailable, with why, where
-``TypedComm.from_torch`` does not work.
+1.2x raw; detail >= 3x typed (the vote's ratio is reported, with no goal). typed and drop-in
+are reported unavailable, with why, where ``TypedComm.from_torch`` does not work.
 """
 
 from __future__ import annotations
@@ -31,10 +36,12 @@ from harness import records, report, timing
 from harness.peers import free_port
 
 CASE = "RankState"
-METHODS = ("raw", "typed", "object", "detail")
+VOTE = "int64 vote"
+METHODS = ("raw", "typed", "object", "detail", "drop-in")
 RATIOS = [report.Ratio(CASE, "typed", "raw", ("<=", 1.2)),
           report.Ratio(CASE, "detail", "typed", (">=", 3.0)),
-          report.Ratio(CASE, "object", "typed")]
+          report.Ratio(CASE, "object", "typed"),
+          report.Ratio(VOTE, "drop-in", "raw")]
 
 
 def child(variant: str, rank: int, size: int, port: int, rounds: int, iters: int,
@@ -53,31 +60,40 @@ def child(variant: str, rank: int, size: int, port: int, rounds: int, iters: int
     record = records.rank_state(rank)
     as_dict = {"rank": rank, "num_active_requests": 3 + rank, "num_active_tokens": 17 * rank}
     unavailable: Dict[str, str] = {}
+    # "case|method" -> one call
     methods: Dict[str, Callable[[], Any]] = {}
     if variant == "detail":
-        methods["detail"] = lambda: gather(recv, send)
+        methods[f"{CASE}|detail"] = lambda: gather(recv, send)
     else:
         gathered: List[Any] = [None] * size
 
         def pickled() -> None:
             dist.all_gather_object(gathered, as_dict)
 
-        methods = {"raw": lambda: gather(recv, send), "object": pickled}
+        vote = torch.tensor([rank], dtype=torch.int64)
+        methods = {f"{CASE}|raw": lambda: gather(recv, send), f"{CASE}|object": pickled,
+                   f"{VOTE}|raw": lambda: dist.all_reduce(vote, op=dist.ReduceOp.MAX)}
         why_not = None
         try:
             typed = tc.TypedComm.from_torch()
             got = typed.allgather(record)
+            votes = tc.compat.torch()
+            check = torch.tensor([rank], dtype=torch.int64)
+            votes.all_reduce(check, op=dist.ReduceOp.MAX)
+            if check.item() != size - 1:
+                why_not = f"the drop-in's all_reduce returned {check.item()}"
         except Exception as exc:  # the torch transport is being adapted: say so, never fake
             why_not = f"TypedComm.from_torch failed: {type(exc).__name__}: {str(exc)[:160]}"
         answers: List[Any] = [None] * size
         dist.all_gather_object(answers, why_not)  # every rank leaves typed out alike
         if any(answers):
-            unavailable["typed"] = next(a for a in answers if a)
+            unavailable["typed"] = unavailable["drop-in"] = next(a for a in answers if a)
         else:
             pickled()
             if got != [records.RankState(**d) for d in gathered]:
                 raise SystemExit(f"typed allgather returned {got!r}")
-            methods["typed"] = lambda: typed.allgather(record)
+            methods[f"{CASE}|typed"] = lambda: typed.allgather(record)
+            methods[f"{VOTE}|drop-in"] = lambda: votes.all_reduce(vote, op=dist.ReduceOp.MAX)
     samples: Dict[str, List[float]] = {name: [] for name in methods}
     for r in range(rounds):
         names = list(methods)
@@ -132,16 +148,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         per_rank = launch("plain", args, workdir)
         detail = launch("detail", args, workdir)
     results = []
-    for name in METHODS:
-        source = detail if name == "detail" else per_rank
-        if name not in source[0]["samples"]:
-            continue
-        # A round's figure is the slowest rank's mean per call, as everywhere.
-        rounds_us = [max(rank["samples"][name][r] for rank in source) * 1e6
-                     for r in range(settings.rounds)]
-        results.append({"case": CASE, "method": name, "iters": args.iters,
-                        "warmup": max(1, args.iters // 10), "rounds_us": rounds_us,
-                        **timing.summarize(rounds_us)})
+    for case in (CASE, VOTE):
+        for name in METHODS:
+            key = f"{case}|{name}"
+            source = detail if name == "detail" else per_rank
+            if key not in source[0]["samples"]:
+                continue
+            # A round's figure is the slowest rank's mean per call, as everywhere.
+            rounds_us = [max(rank["samples"][key][r] for rank in source) * 1e6
+                         for r in range(settings.rounds)]
+            results.append({"case": case, "method": name, "iters": args.iters,
+                            "warmup": max(1, args.iters // 10), "rounds_us": rounds_us,
+                            **timing.summarize(rounds_us)})
     doc = report.document("torch_gloo", "typedcoll on torch.distributed gloo", args.ranks,
                           settings.as_dict(), results, RATIOS,
                           report.versions(torch_version=per_rank[0]["torch"]))

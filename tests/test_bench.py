@@ -153,6 +153,8 @@ def test_torch_gloo_document(tmp_path: Path) -> None:
     ran = {r["method"] for r in doc["results"]}
     assert {"raw", "object", "detail"} <= ran
     assert ("typed" in ran) != ("typed" in doc["unavailable"])
+    assert ("drop-in" in ran) != ("drop-in" in doc["unavailable"])
+    assert {r["case"] for r in doc["results"]} == {"RankState", "int64 vote"}
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed")

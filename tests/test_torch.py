@@ -277,6 +277,27 @@ def check_values(rank: int, size: int) -> None:
     finally:
         transport.control = control
     check("one all-gather per allgather", calls, ["_allgather_base"] * 5)
+    # A small tensor rides in the envelope exchange: one gloo op per call (an int all-reduce
+    # reduced from the slots); a float all-reduce (gloo's own reduction) and a tensor past
+    # INLINE_MAX take a second op.
+    calls.clear()
+    vote, weights = torch.tensor([rank], dtype=torch.int64), torch.full((3,), rank + 0.5)
+    transport.control = Counting()
+    try:
+        comm.all_reduce_tensor(vote, "max")
+        comm.broadcast_tensor(weights.to(torch.bfloat16), 0)
+        small = comm.all_gather_tensor(torch.tensor([[rank, 1], [2, 3]], dtype=torch.int32))
+        comm.all_reduce_tensor(weights, "sum")
+        big = comm.all_gather_tensor(torch.full((65,), float(rank)))  # 260 bytes
+    finally:
+        transport.control = control
+    check("small calls: one op each", calls, ["_allgather_base"] * 4 + ["allreduce"]
+          + ["_allgather_base"] * 2)
+    check("inline vote", vote.tolist(), [size - 1])
+    check("inline all-gather", small.tolist(), [[r, 1] if i == 0 else [2, 3]
+                                               for r in ranks for i in range(2)])
+    check("float all-reduce", weights.tolist(), [sum(r + 0.5 for r in ranks)] * 3)
+    check("past INLINE_MAX", big.reshape(size, 65)[:, 0].tolist(), [float(r) for r in ranks])
     check("no mpi4py", "mpi4py" in sys.modules, False)
     comm.free()  # the world's channel goes with it: the desyncs start on a fresh one
 

@@ -6,13 +6,14 @@ identity (its ``name=``, else its call site), the communicator instance, and the
 device type and shape hashed into the array fingerprint. Two paths, chosen by the tensor's device:
 
 Host path (CPU tensors). Per call:
-  1. The core's exchange on the private gloo group (``core.ops.run``: start, exchange, verdict),
-     with no payload: the header says everything that must agree. A tensor op meeting an object
-     op, a different shape, dtype, root, reduce op, step or call site raises the same
-     ``DesyncError`` on every rank before the payload moves; a rank's bad argument raises
-     ``EncodeError`` there and ``PeerError`` on the others.
-  2. The torch collective on the same private gloo group. Two gloo round trips per call; the
-     payload's dominates for anything but tiny tensors.
+  1. The core's exchange on the private gloo group (``core.ops.run``: start, exchange, verdict):
+     the header says everything that must agree. A tensor op meeting an object op, a different
+     shape, dtype, root, reduce op, step or call site raises the same ``DesyncError`` on every
+     rank before the payload moves; a rank's bad argument raises ``EncodeError`` there and
+     ``PeerError`` on the others.
+  2. The torch collective on the same private gloo group: two gloo round trips per call. A
+     tensor of at most ``inline.INLINE_MAX`` bytes (a vote) instead rides in the exchange of
+     step 1, and every rank finishes the op from the gathered slots (``inline``): one.
 
 Device path (CUDA tensors, the group's NCCL backend). A gloo round trip (~1 ms) per call would
 dwarf NCCL, and a host sync would stall the GPU queue, so the envelope travels on the device, in
@@ -54,19 +55,27 @@ from ..core.identity import register_internal
 from ..core.protocol import Protocol
 from ..core.transport import TransportTimeout
 from ..transports.torch import TORCH_OPS
-from . import device
+from . import device, inline
 from .envelope import TensorCall, tensor_call
 
 
 def _run(p: Protocol, call: TensorCall, host: Callable[[Optional[float]], None],
-         on_device: Callable[[Any], None]) -> None:
+         on_device: Callable[[Any], None],
+         from_slots: Optional[Callable[[], None]] = None, op: Any = None) -> None:
     """One checked tensor collective: ``host(deadline)`` or ``on_device(group)`` moves the
-    payload once every rank agreed (host) or behind the envelope (device)."""
+    payload once every rank agreed (host) or behind the envelope (device); ``from_slots()``
+    finishes a small host tensor that rode in the exchange (``inline``)."""
     if call.on_device:
         device.run(p, call, on_device)
         return
+    inline.on_host(call)
+    rides = from_slots is not None and inline.ride(p, call, op)
 
     def rest(c: Call) -> None:
+        if rides:
+            assert from_slots is not None
+            from_slots()
+            return
         try:
             host(c.deadline)
         except TransportTimeout:
@@ -102,7 +111,8 @@ def all_gather_tensor(p: Protocol, tensor: Any, name: Any, step: Any,
         out = src.new_empty((src.shape[0] * p.size,) + tuple(src.shape[1:]))
     _run(p, call, lambda deadline: p.transport.all_gather_tensor(out, src, deadline),
          lambda group: device.enqueued(group._allgather_base(_real(out), _real(src),
-                                                             _opts(AllgatherOptions))))
+                                                             _opts(AllgatherOptions))),
+         lambda: inline.all_gather(p, call, out))
     return out
 
 
@@ -114,7 +124,8 @@ def all_reduce_tensor(p: Protocol, tensor: Any, op: Any, name: Any, step: Any,
                        error=error)
     _run(p, call, lambda deadline: p.transport.all_reduce_tensor(tensor, op, deadline),
          lambda group: device.enqueued(group.allreduce([_real(tensor)], _opts(
-             AllreduceOptions, reduceOp=TORCH_OPS[op]))))
+             AllreduceOptions, reduceOp=TORCH_OPS[op]))),
+         lambda: inline.all_reduce(p, call, op), op)
     return tensor
 
 
@@ -125,7 +136,8 @@ def broadcast_tensor(p: Protocol, tensor: Any, root: Any, name: Any, step: Any,
     call = tensor_call(p, "broadcast_tensor", tensor, name, step, root=root, error=error)
     _run(p, call, lambda deadline: p.transport.broadcast_tensor(tensor, call.root, deadline),
          lambda group: device.enqueued(group.broadcast([_real(tensor)], _opts(
-             BroadcastOptions, rootRank=call.root))))
+             BroadcastOptions, rootRank=call.root))),
+         lambda: inline.broadcast(p, call))
     return tensor
 
 
