@@ -262,6 +262,24 @@ def check_values(rank: int, size: int) -> None:
             check(f"broadcast_tensor {dtype} root {root}", torch.equal(got, ref), True)
     check("0-d all_gather_tensor", comm.all_gather_tensor(torch.tensor(rank)).tolist(),
           list(ranks))
+    # Views whose memory is not their values (a column, a stride, an expansion) ride as their
+    # values.
+    w = torch.arange(12.0).reshape(4, 3) + 100 * rank
+    for label, view in [("column", w[:, 0]), ("stride", w.reshape(-1)[::2]),
+                        ("expanded", torch.tensor([rank + 0.5]).expand(5))]:
+        want = view.new_empty((view.shape[0] * size,))
+        transport_module.all_gather_single(want, view.contiguous())
+        check(f"all_gather_tensor of a {label}", torch.equal(comm.all_gather_tensor(view), want),
+              True)
+    # A pending conjugate is refused in the call; a dtype numpy lacks still gets its message.
+    c = torch.tensor([1 + 2j, 3 - 1j])
+    got = outcome(lambda: comm.broadcast_tensor(c.conj() if rank == size - 1 else c, 0))
+    check("conjugate view", got["error"], "EncodeError" if rank == size - 1 else "PeerError")
+    check("conjugate view: why", "pending conjugate" in got["message"], True)
+    got = outcome(lambda: comm.all_gather_tensor(
+        torch.zeros(2, dtype=torch.bfloat16 if rank == 0 else torch.float16)))
+    check("bfloat16 against float16", (got["error"], "dtype=bfloat16" in got["message"]),
+          ("DesyncError", True))
 
     # Steady state: one gloo all-gather per typed allgather, nothing else on the private group
     calls: List[str] = []

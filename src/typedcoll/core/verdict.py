@@ -78,9 +78,13 @@ def describe_call(p: "Protocol", call: Call, error: Optional[str] = None) -> Env
     """This rank's readable envelope for ``call``."""
     shape, dtype = call.array_meta if call.array_meta is not None else (None, None)
     if dtype is not None:  # "int64", and the byte order where it is not the native one
-        kind = np.dtype(dtype)
-        order = "big" if dtype[0] == ">" else "little"
-        dtype = kind.name if kind.isnative else f"{kind.name} ({order}-endian)"
+        try:
+            kind = np.dtype(dtype)
+        except Exception:  # a torch dtype numpy lacks (bfloat16): its name, as given
+            kind = None
+        if kind is not None:
+            order = "big" if dtype[0] == ">" else "little"
+            dtype = kind.name if kind.isnative else f"{kind.name} ({order}-endian)"
     internal = call.op in INTERNAL_PAYLOADS  # their payloads are ours, not the caller's
     return EnvelopeInfo(
         rank=p.rank, seq=call.seq, op=call.op,

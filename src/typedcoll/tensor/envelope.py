@@ -100,6 +100,13 @@ def _tensor_error(op: str, tensor: torch.Tensor, size: int, reduce_op: Any, on_d
     if tensor.is_cuda and not on_device:
         return (f"ValueError: expected a CPU tensor (the group has no NCCL backend), got one on "
                 f"{tensor.device}")
+    if not on_device and (tensor.layout != torch.strided or tensor.device.type != "cpu"):
+        return (f"ValueError: expected a dense CPU or CUDA tensor, got layout "
+                f"{str(tensor.layout).removeprefix('torch.')} on {tensor.device}")
+    if tensor.is_conj() or tensor.is_neg():
+        # Collectives move memory: a pending conjugate or negation would be lost on the way.
+        return ("ValueError: expected a tensor without a pending conjugate or negation, got a "
+                "view with one (call .resolve_conj() or .resolve_neg() first)")
     if op in ("all_reduce_tensor", "broadcast_tensor") and not tensor.is_contiguous():
         return "ValueError: expected a contiguous tensor (the collective works in place)"
     if op == "reduce_scatter_tensor" and (tensor.dim() == 0 or tensor.shape[0] % size):

@@ -56,8 +56,14 @@ def ride(p: Protocol, call: TensorCall, op: Any = None) -> bool:
     if call.op == "all_reduce_tensor" and (tensor.dtype not in _REDUCIBLE or op not in _UFUNCS):
         return False
     sends = call.op != "broadcast_tensor" or p.rank == call.root
+    try:
+        # A strided or expanded view is copied whole first: its own memory is not its values.
+        value = _raw(tensor.contiguous()).tobytes() if sends else b""
+    except Exception as exc:  # flagged in the call: raising here would leave the peers waiting
+        call.error = f"ValueError: could not read the tensor's memory: {exc}"[:300]
+        return False
     call.mode = MODE_BYTES
-    call.value = _raw(tensor).tobytes() if sends else b""
+    call.value = value
     return True
 
 
