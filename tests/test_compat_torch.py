@@ -209,6 +209,17 @@ def worker(rank: int, size: int, port: int, out_dir: str) -> None:
     failures += [f"tensor call {k}: got {g!r}, torch gave {e!r}"
                  for k, (g, e) in enumerate(zip(got, expected)) if g != e]
     failures += tensor_failures(drop_in, rank, size)
+    if size >= 3:  # on a subgroup, src is a global rank, also through a TypedComm over it
+        import torch
+        sub = dist.new_group([1, 2])
+        if rank in (1, 2):
+            for api in (compat.torch(sub, timeout=30),
+                        compat.torch(tc.TypedComm.from_torch(sub, timeout=30))):
+                value = torch.tensor([rank])
+                api.broadcast(value, src=2)
+                if value.item() != 2 or api.get_rank() != rank - 1:
+                    failures.append(f"subgroup broadcast from global rank 2: got {value.item()}")
+                api.typed.free()
     Path(out_dir, f"compat_torch.{rank}.json").write_text(json.dumps(failures))
     drop_in.free()
     dist.destroy_process_group()
