@@ -171,9 +171,7 @@ class Comm:
     def barrier(self, *, step: Optional[int] = None, name: Optional[str] = None) -> None:
         objects.barrier(self._p, step, name)
 
-    def Barrier(self, *, step: Optional[int] = None, name: Optional[str] = None) -> None:
-        """mpi4py's ``Barrier``: the same checked barrier as ``barrier``."""
-        objects.barrier(self._p, step, name)
+    Barrier = barrier  # mpi4py's upper-case name: the same checked barrier
 
     # --- communicators ---------------------------------------------------------------------
     def Split(self, color: Any = 0, key: int = 0, *, step: Optional[int] = None,
@@ -267,6 +265,9 @@ class Comm:
         """Collective: free the TypedComm beneath, and the mpi4py communicator where ``Split``
         or ``Dup`` made it (one passed in stays its owner's)."""
         self.typed.free()
+        self._free_made_comm()
+
+    def _free_made_comm(self) -> None:
         if self._owns_comm and self.comm is not None:
             self.comm.Free()
             self._owns_comm = False
@@ -276,9 +277,8 @@ class Comm:
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         self.typed.__exit__(exc_type, exc, tb)
-        if self._owns_comm and self.comm is not None and exc_type is None:
-            self.comm.Free()
-            self._owns_comm = False
+        if exc_type is None:  # every rank is here: the mpi4py Free (collective) pairs
+            self._free_made_comm()
 
 
 def _encoded(obj: Any) -> Tuple[Any, Optional[str]]:

@@ -167,15 +167,15 @@ class TorchDistributed:
         if error is not None:
             objects.refuse(self._p, "barrier", error)
         objects.barrier(self._p)
-        return _Done() if async_op else None
+        return _done(async_op)
 
     # --- tensor collectives -------------------------------------------------------------------
     # Engines' control-plane votes are often tensors (a per-step MAX all-reduce of a batch size
     # on the CPU group): here each is one checked tensor collective (``tensor.ops``), CPU tensors
     # on the private gloo side after the envelope exchange, CUDA tensors on the group's NCCL
     # behind the device envelope. A caller's output tensors are filled by one copy of the
-    # result. ``async_op=True`` returns a completed handle: the call has already run (CPU) or is
-    # ordered on the caller's stream (CUDA), as after torch's ``work.wait()``.
+    # result. ``async_op=True`` returns the handle of a call that has already run on the host
+    # (``_Done``: on CUDA its ``wait()`` orders the waiting stream after the call).
     def get_rank(self, group: Any = None) -> int:
         """This rank's rank in the group."""
         _raise_if(self._check_group("get_rank", group))

@@ -46,12 +46,11 @@ def on_host(call: TensorCall) -> None:
 
 
 def ride(p: Protocol, call: TensorCall, op: Any = None) -> bool:
-    """Make ``call`` carry its tensor in its slot, where it may; True if it does."""
+    """Make a host-path ``call`` carry its tensor in its slot, where it may; True if it does."""
     tensor = call.tensor
-    if call.error is not None or call.on_device:
+    if call.error is not None:
         return False
-    nbytes = tensor.numel() * tensor.element_size()
-    if not 0 < nbytes <= INLINE_MAX:
+    if not 0 < tensor.nbytes <= INLINE_MAX:
         return False
     if call.op == "all_reduce_tensor" and (tensor.dtype not in _REDUCIBLE or op not in _UFUNCS):
         return False
@@ -87,7 +86,7 @@ def _payloads(p: Protocol, call: TensorCall, expected: List[int]) -> List[Any]:
 
 def all_gather(p: Protocol, call: TensorCall, out: Any) -> None:
     """``out`` (every rank's tensor along dim 0) from the gathered slots."""
-    nbytes = call.tensor.numel() * call.tensor.element_size()
+    nbytes = call.tensor.nbytes
     bufs = _payloads(p, call, [nbytes] * p.size)
     dst = _raw(out)
     for r, buf in enumerate(bufs):
@@ -97,8 +96,7 @@ def all_gather(p: Protocol, call: TensorCall, out: Any) -> None:
 def broadcast(p: Protocol, call: TensorCall) -> None:
     """The root's tensor into every other rank's, from the gathered slots."""
     tensor = call.tensor
-    nbytes = tensor.numel() * tensor.element_size()
-    bufs = _payloads(p, call, [nbytes if r == call.root else 0 for r in range(p.size)])
+    bufs = _payloads(p, call, [tensor.nbytes if r == call.root else 0 for r in range(p.size)])
     if p.rank != call.root:
         _raw(tensor)[:] = np.frombuffer(bufs[call.root], dtype=np.uint8)
 
@@ -106,9 +104,8 @@ def broadcast(p: Protocol, call: TensorCall) -> None:
 def all_reduce(p: Protocol, call: TensorCall, op: str) -> None:
     """Every rank's tensor reduced in rank order into this rank's, from the gathered slots."""
     tensor = call.tensor
-    nbytes = tensor.numel() * tensor.element_size()
     dtype = _REDUCIBLE[tensor.dtype]
-    bufs = _payloads(p, call, [nbytes] * p.size)
+    bufs = _payloads(p, call, [tensor.nbytes] * p.size)
     acc = np.frombuffer(bufs[0], dtype=dtype).copy()
     ufunc = _UFUNCS[op]
     for buf in bufs[1:]:
