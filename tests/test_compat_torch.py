@@ -335,5 +335,54 @@ def test_rank_arguments_follow_torch():
     assert run(2, prog, timeout=10) == [([1], True), ([1], True)]
 
 
+def test_name_and_step_keywords_and_the_step_clock():
+    def prog(comm):
+        t = compat.torch(comm)
+        got = [None] * comm.size
+        # One vote written on two lines, made one call by its name.
+        if comm.rank == 0:
+            t.all_gather_object(got, "a", name="vote")
+        else:
+            t.all_gather_object(got, "b", name="vote")
+        votes = list(got)
+        # A per-step vote skipped by rank 1 on step 1: the step clock catches it there.
+        with pytest.raises(tc.DesyncError) as info:
+            for step in range(3):
+                t.set_step(step)
+                if not (comm.rank == 1 and step == 1):
+                    t.barrier()
+        t.set_step(None)
+        # step= on the call itself.
+        with pytest.raises(tc.DesyncError) as second:
+            t.gather_object(comm.rank, [None] * comm.size if comm.rank == 0 else None, dst=0,
+                            step=comm.rank)
+        return votes, info.value.kinds, second.value.kinds
+
+    for got in run(2, prog, timeout=10):
+        assert got == (["a", "b"], (tc.MismatchKind.STEP,), (tc.MismatchKind.STEP,))
+
+
+GROUP_TIMEOUT = """
+import datetime, os, sys
+import torch.distributed as dist
+import typedcoll as tc
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[1], rank=0,
+                        world_size=1, timeout=datetime.timedelta(seconds=17))
+print(tc.compat.torch().typed.timeout, tc.compat.torch(timeout=5).typed.timeout, flush=True)
+os._exit(0)
+"""
+
+
+def test_the_drop_in_takes_the_groups_timeout_unless_given_one():
+    # torch's own calls fail after the group's timeout; the drop-in's waited forever.
+    pytest.importorskip("torch")
+    from typedcoll.transports.torch import free_port
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [
+        str(HERE.parent.parent / "src"), os.environ.get("PYTHONPATH", "")])))
+    out = subprocess.run([sys.executable, "-c", GROUP_TIMEOUT, str(free_port())],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert out.stdout.split() == ["17.0", "5"], out.stdout + out.stderr
+
+
 if __name__ == "__main__":
     worker(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])

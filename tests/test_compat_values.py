@@ -177,6 +177,29 @@ def test_refuses_a_field_msgspec_cannot_encode():
         f"{SUPPORTED}")
 
 
+TensorMetadata = collections.namedtuple("TensorMetadata", ["device", "dtype", "size"])
+
+
+def test_torch_dtypes_and_sizes_travel_in_an_engines_tensor_metadata():
+    # vLLM's broadcast_tensor_dict broadcasts (key, TensorMetadata(device, dtype, size)) pairs.
+    torch = pytest.importorskip("torch")
+    metadata = [("input_ids", TensorMetadata("cpu", torch.int64, torch.Size([3, 4]))),
+                ("scale", TensorMetadata("cuda", torch.bfloat16, torch.Size([])))]
+    back = round_trip(metadata)
+    assert back == metadata
+    assert type(back[0][1]) is TensorMetadata and type(back[0][1].size) is torch.Size
+    assert round_trip({"dtypes": (torch.float8_e4m3fn, torch.complex64)}) == {
+        "dtypes": (torch.float8_e4m3fn, torch.complex64)}
+    assert tagged.flags_of(tagged.encode(metadata)[0]) == tagged.HAS_CLASSES
+
+
+def test_a_namedtuple_of_what_msgspec_cannot_encode_names_the_item():
+    assert refusal(Pair(1, Opaque())) == (
+        f"TypeError: expected a value the drop-ins can send without pickle ({SUPPORTED}), got "
+        f"Opaque at $[1]: make it a msgspec Struct or a dataclass, or convert it to one of "
+        f"those before the call")
+
+
 @pytest.mark.parametrize("array, dtype", [
     (np.array([object()]), "object"), (np.zeros(2, dtype=[("a", "i4")]), "[('a', '<i4')]")])
 def test_refuses_arrays_of_objects_or_records(array, dtype):
@@ -221,9 +244,23 @@ def tagged_tree(tree: Any) -> Any:
     (Ext(99, b""), "expected a value marker, got extension code 99"),
     (Ext(tagged.COMPLEX, b"12"), "expected 16 bytes of a complex, got 2"),
     (Ext(tagged.ARRAY, b"\x00\x00"), "truncated"),
+    ([Ext(tagged.NAMED_TUPLE, b""), 1], "expected a class path after a namedtuple marker"),
 ])
 def test_malformed_markers_raise_value_errors(tree, message):
     with pytest.raises((ValueError, msgspec.DecodeError), match=message.replace("[", r"\[")):
+        tagged.decode(tagged_tree(tree))
+
+
+def test_malformed_torch_leaves_and_namedtuples_of_other_shapes():
+    torch = pytest.importorskip("torch")
+    assert torch is not None
+    with pytest.raises(ValueError, match="expected a torch.Size of 8-byte ints, got 3 bytes"):
+        tagged.decode(tagged_tree(Ext(tagged.TORCH_SIZE, b"123")))
+    with pytest.raises(tagged.Unresolved, match="expected a torch dtype this rank's torch has, "
+                                                "got 'torch.no_such'"):
+        tagged.decode(tagged_tree(Ext(tagged.TORCH_DTYPE, b"torch.no_such")))
+    tree = [Ext(tagged.NAMED_TUPLE, b""), f"{__name__}:Pair", 1, 2, 3]
+    with pytest.raises(tagged.Unresolved, match="with the sender's 3 fields, got one with 2"):
         tagged.decode(tagged_tree(tree))
 
 

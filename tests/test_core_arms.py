@@ -82,8 +82,8 @@ def _branches() -> Dict[int, List[Tuple[int, int, str, int]]]:
     found = branch_calls(SOURCE)
     assert found is not None
     by_line: Dict[int, List[Tuple[int, int, str, int]]] = {}
-    for (line, _, _, _), hit in sorted(found.items()):
-        by_line.setdefault(line, []).append(hit)
+    for (line, _, _, _), hits in sorted(found.items()):
+        by_line.setdefault(line, []).append(hits[0])  # the innermost candidate
     return by_line
 
 
@@ -292,6 +292,103 @@ def root_skips(comm, plan):
         f = comm.bcast(None)
 ''')
     assert found == {}
+
+
+NESTED = '''
+def broadcast_pyobj(comm, data, src):
+    if comm.rank == src:
+        if len(data) == 0:
+            comm.bcast(0, root=src)
+        else:
+            comm.bcast(len(data), root=src)
+            comm.bcast(data, root=src)
+        return data
+    else:
+        size = comm.bcast(None, root=src)
+        if size == 0:
+            return []
+        return comm.bcast(None, root=src)
+
+def three_arms(comm):
+    if comm.rank == 0:
+        return comm.bcast("plan")
+    elif comm.rank == comm.size - 1:
+        return comm.bcast(None)
+    else:
+        return comm.bcast(None)
+
+def under_a_setting(comm, fast):
+    if fast:
+        if comm.rank == 0:
+            comm.bcast(1)
+        else:
+            comm.bcast(None)
+    else:
+        comm.bcast(2) if comm.rank == 0 else comm.bcast(None)
+'''
+
+
+def test_calls_pair_along_a_path_and_every_enclosing_branch_is_a_candidate() -> None:
+    found = branch_calls(NESTED)
+    assert found is not None
+    by_line = {line: hits for (line, _, _, _), hits in found.items()}
+    # The root's two size calls are each the first of their path; the data call the second.
+    assert (3, 4, 0, "bcast", 0) in by_line[5] and (3, 4, 0, "bcast", 0) in by_line[7]
+    assert (3, 4, 1, "bcast", 0) in by_line[8]
+    assert by_line[11] == [(3, 4, 0, "bcast", 1)] and by_line[14] == [(3, 4, 1, "bcast", 1)]
+    # elif: the receivers' two arms pair with the root's through the outer if.
+    assert by_line[18] == [(17, 4, 0, "bcast", 0)]
+    assert by_line[20][-1] == (17, 4, 0, "bcast", 1) == by_line[22][-1]
+    # A role branch under a setting every rank shares: the inner if first.
+    assert by_line[27][0] == (26, 8, 0, "bcast", 0) and by_line[29][0] == (26, 8, 0, "bcast", 1)
+
+
+def engine_broadcast_pyobj(comm: tc.TypedComm, data: List[Any], src: int) -> Any:
+    if comm.rank == src:
+        if len(data) == 0:
+            comm.bcast(0, root=src)  # the size alone
+        else:
+            comm.bcast(len(data), root=src)
+            comm.bcast(data, root=src)
+        return data
+    else:
+        size = comm.bcast(None, root=src)
+        if size == 0:
+            return []
+        return comm.bcast(None, root=src)
+
+
+def three_arms(comm: tc.TypedComm, step: int) -> Any:
+    if comm.rank == 0:
+        return comm.bcast({"step": step})
+    elif comm.rank == comm.size - 1:
+        return comm.bcast(None)
+    else:
+        return comm.bcast(None)
+
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+def test_nested_arms_and_elif_receivers_are_one_call(timeout: Optional[float]) -> None:
+    def body(comm: tc.TypedComm) -> Any:
+        got = []
+        for step in range(4):  # empty and full in turn: both root paths, learned roles after
+            data = [] if step % 2 else [f"req{step}"]
+            got.append(engine_broadcast_pyobj(comm, data, 0))
+            got.append(three_arms(comm, step))
+        return got
+
+    expected = [x for s in range(4) for x in ([] if s % 2 else [f"req{s}"], {"step": s})]
+    assert outcomes(4, body, timeout=timeout) == [expected] * 4
+
+    def wrong(comm: tc.TypedComm) -> Any:  # rank 1 in the root's arm: two roots
+        if comm.rank in (0, 1):
+            return comm.bcast("plan")
+        elif comm.rank == comm.size - 1:
+            return comm.bcast(None)
+        else:
+            return comm.bcast(None)
+
+    one_desync(outcomes(4, wrong, timeout=timeout))
 
 
 @pytest.mark.parametrize("timeout", TIMEOUTS)

@@ -8,6 +8,7 @@ under mpiexec in tests/spmd/core_errors.py; CI runs both with and without the C 
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import threading
@@ -251,6 +252,38 @@ def test_a_transparent_wrapper_keeps_its_callers_sites():
     only, every = (line_of(votes_through_a_wrapper, "only rank 0"),
                    line_of(votes_through_a_wrapper, "every rank takes"))
     for e in errors:
+        assert f"at {FILE}:{only}, its 1st call" in str(e).splitlines()[1]
+        assert f"at {FILE}:{every}, its 1st call" in str(e).splitlines()[2]
+
+
+def timed(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A timer-style decorator: its own frame runs at one line for every function it wraps."""
+    @functools.wraps(fn)
+    def inner(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+    return inner
+
+
+@tc.transparent
+@timed
+def timed_vote(comm: tc.TypedComm, value: int) -> List[int]:
+    return comm.allgather(value)
+
+
+def votes_through_a_decorated_wrapper(comm: tc.TypedComm) -> List[Any]:
+    if comm.rank == 0:
+        timed_vote(comm, 1)  # the vote only rank 0 takes
+    return timed_vote(comm, 2)  # the vote every rank takes
+
+
+def test_transparent_over_a_decorator_marks_every_layer():
+    # Marking only the function under functools.wraps left the decorator's frame as the call
+    # site of both votes: one identity, and rank 1's vote took rank 0's other vote silently.
+    errors = errors_of(2, votes_through_a_decorated_wrapper)
+    only, every = (line_of(votes_through_a_decorated_wrapper, "only rank 0"),
+                   line_of(votes_through_a_decorated_wrapper, "every rank takes"))
+    for e in errors:
+        assert type(e) is tc.DesyncError, e
         assert f"at {FILE}:{only}, its 1st call" in str(e).splitlines()[1]
         assert f"at {FILE}:{every}, its 1st call" in str(e).splitlines()[2]
 

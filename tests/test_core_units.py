@@ -186,6 +186,29 @@ def test_decisions_that_differ_are_listed():
                          "the wrapper they share with @typedcoll.transparent)")
 
 
+def test_the_identity_hint_follows_what_the_identities_are():
+    def hint(*envelopes: EnvelopeInfo) -> str:
+        kinds = mismatch_kinds(envelopes)
+        assert kinds == [tc.MismatchKind.CALL]
+        return desync_message(14, "tp", kinds, group_envelopes(envelopes)).splitlines()[-1]
+
+    assert hint(env(0, name="batch"), env(1, name="timeout")) == (
+        "  only the names differ: each name= is a collective of its own, so a rank skipped or "
+        "added a call before this one, or the ranks named one call differently")
+    assert hint(env(0, name="batch"), env(1), env(2)) == (
+        "  rank 0 named the call and the others did not: a name= replaces the call site in the "
+        "identity, so give the same name= on every rank")
+
+
+def test_a_record_without_root_or_reduce_op_leaves_them_out():
+    # Hang reports and dumps describe recorded calls, which keep neither.
+    assert describe(env(0, op="bcast")) == "bcast[RankState] at model.py:143, its 2nd call, step 2"
+    assert describe(env(0, op="allreduce", schema="")).startswith("allreduce at model.py:143")
+    assert describe(env(0, op="bcast", root=None), [tc.MismatchKind.ROOT]).startswith(
+        "bcast[RankState] root=None at")
+    assert describe(env(0, schema=""), show_fingerprint=True).startswith("allgather at")
+
+
 def test_describe_shows_what_differs():
     e = env(0, op="bcast", root=0, name="schedule")
     assert describe(e) == ("bcast[RankState] root=0 name='schedule' at model.py:143, "
@@ -226,3 +249,11 @@ def test_importing_typedcoll_installs_nothing():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": ""}, timeout=60)
     assert out.stdout.split() == ["True", "True"], out.stderr
+
+
+def test_an_unsupported_mpi_op_is_named_not_shown_by_address():
+    from mpi4py import MPI
+
+    from typedcoll.core.args import check_reduce_op
+    assert check_reduce_op(MPI.MAXLOC)[1].endswith("got MPI.MAXLOC")  # type: ignore[union-attr]
+    assert check_reduce_op(MPI.MAX)[1] is None

@@ -487,6 +487,8 @@ def _table(head: str, size: int, many: str, odd: str, hint: Optional[str] = None
     return "\n".join([head] + rows + ([f"  {hint}"] if hint else []))
 
 
+NAME_HINT = ("only the names differ: each name= is a collective of its own, so a rank skipped "
+             "or added a call before this one, or the ranks named one call differently")
 SITE_HINT = ("only the call sites differ: if these are the same collective called from different "
              "places, give every rank's call the same name= (or mark the wrapper they share with "
              "@typedcoll.transparent)")
@@ -527,7 +529,7 @@ def _expected(size: int) -> Dict[str, str]:
         "t_name": _table("collective #13 on WORLD diverged (call site):", size,
                          f"all_reduce_tensor op=sum {t} name='grad' at {s['t5']}, its 1st call",
                          f"all_reduce_tensor op=sum {t} name='loss' at {s['t5']}, its 1st call",
-                         SITE_HINT),
+                         NAME_HINT),
         "t_vs_object": _table(
             "collective #14 on WORLD diverged (op, call site, schema, shape, dtype):", size,
             f"all_gather_tensor shape=(2,) dtype=float32 at {s['t6b']}, its 1st call",

@@ -36,5 +36,8 @@ def torch(group: Any = None,  # noqa: F811
           tensor_check: Optional[str] = None) -> TorchDistributed:
     """torch.distributed's object and tensor collectives over ``group`` (None: the default
     group; or a TypedComm). Collective: every rank of the group makes its own at the same point.
-    ``tensor_check``: how CUDA tensor envelopes are verified, as ``TypedComm.from_torch``."""
+    ``timeout``: seconds per call; None takes the group's own (``init_process_group(timeout=)``,
+    30 minutes by default on gloo), so a rank that never arrives fails its peers' calls as
+    torch's would, with a report naming it. ``tensor_check``: how CUDA tensor envelopes are
+    verified, as ``TypedComm.from_torch``."""
     return _torch_surface.TorchDistributed(group, timeout, tensor_check=tensor_check)

@@ -45,6 +45,27 @@ def _schema(n: int) -> Any:
     return schema
 
 
+def group_timeout(group: Any) -> Optional[float]:
+    """The seconds after which torch fails a call of ``group`` (None: the default group), as
+    ``init_process_group(timeout=)`` or ``new_group(timeout=)`` set them; None where the group
+    does not say."""
+    try:
+        import torch
+        from torch.distributed import distributed_c10d as c10d
+        pg = c10d._get_default_group() if group is None else group
+        for device in ("cpu", "cuda"):
+            try:
+                backend = pg._get_backend(torch.device(device))
+            except Exception:  # no backend for this device
+                continue
+            seconds = backend.options._timeout.total_seconds()
+            if 0 < seconds < 10 ** 9:
+                return float(seconds)
+    except Exception:  # a torch without these internals: no timeout, as before
+        pass
+    return None
+
+
 class TorchDistributed:
     """torch.distributed's object and tensor collectives, bound to one group (or a
     TypedComm)."""
@@ -56,6 +77,8 @@ class TorchDistributed:
             self.group = None
             self._torch_group = False
         else:
+            if timeout is None:  # torch's own calls fail after the group's timeout: so do these
+                timeout = group_timeout(group)
             self.typed = TypedComm.from_torch(group, timeout, tensor_check=tensor_check)
             self.group = group
             self._torch_group = True
@@ -99,20 +122,32 @@ class TorchDistributed:
         return (f"ValueError: {op}: expected group=None or the group this object was made "
                 f"for, got {group!r}"[:300])
 
+    def set_step(self, step: Optional[int]) -> None:
+        """The step clock of the TypedComm beneath (``TypedComm.set_step``): every later call
+        carries ``step`` until it is set again, so a rank that skipped a call at one line (a
+        per-step vote skipped on an idle step) raises there instead of pairing with the next
+        step's call."""
+        self.typed.set_step(step)
+
     # --- collectives -------------------------------------------------------------------------
-    def all_gather_object(self, object_list: List[Any], obj: Any, group: Any = None) -> None:
+    # Every collective takes two keywords torch lacks: ``name=`` (the call's identity instead
+    # of its line: the same name on every rank makes calls from different lines one call)
+    # and ``step=`` (this call's step, instead of the clock's).
+    def all_gather_object(self, object_list: List[Any], obj: Any, group: Any = None,
+                          *, name: Optional[str] = None, step: Optional[int] = None) -> None:
         """``object_list[i]`` = rank i's ``obj`` (``object_list`` holds at least one slot per
         rank)."""
         p = self._p
         error = self._check_group("all_gather_object", group) or _output_list(
             "object_list", object_list, p.size)
         if error is not None:
-            objects.refuse(p, "allgather", error)
-        object_list[:p.size] = objects.allgather(p, obj)
+            objects.refuse(p, "allgather", error, step, name)
+        object_list[:p.size] = objects.allgather(p, obj, step, name)
 
     def broadcast_object_list(self, object_list: List[Any], src: Optional[int] = None,
                               group: Any = None, device: Any = None,
-                              group_src: Optional[int] = None) -> None:
+                              group_src: Optional[int] = None,
+                              *, name: Optional[str] = None, step: Optional[int] = None) -> None:
         """Every rank's ``object_list`` items become ``src``'s (same length on every rank;
         ``src``'s own list is left as it is)."""
         p = self._p
@@ -122,14 +157,15 @@ class TorchDistributed:
             error = (f"TypeError: broadcast_object_list: expected object_list to be a list, "
                      f"got {type(object_list).__name__}")
         if error is not None:
-            objects.refuse(p, "bcast", error, root=root)
-        got = objects.bcast(p, object_list, root, schema=_schema(len(object_list)))
+            objects.refuse(p, "bcast", error, step, name, root=root)
+        got = objects.bcast(p, object_list, root, step, name, schema=_schema(len(object_list)))
         if p.rank != root:
             object_list[:] = got
 
     def gather_object(self, obj: Any, object_gather_list: Optional[List[Any]] = None,
                       dst: Optional[int] = None, group: Any = None,
-                      group_dst: Optional[int] = None) -> None:
+                      group_dst: Optional[int] = None,
+                      *, name: Optional[str] = None, step: Optional[int] = None) -> None:
         """On ``dst``, ``object_gather_list[i]`` = rank i's ``obj``."""
         p = self._p
         root, error = self._group_rank("gather_object", dst, group_dst, 0)
@@ -137,15 +173,16 @@ class TorchDistributed:
         if error is None and p.rank == root:
             error = _output_list("object_gather_list", object_gather_list, p.size)
         if error is not None:
-            objects.refuse(p, "gather", error, root=root)
-        got = objects.gather(p, obj, root)
+            objects.refuse(p, "gather", error, step, name, root=root)
+        got = objects.gather(p, obj, root, step, name)
         if got is not None and object_gather_list is not None:
             object_gather_list[:p.size] = got
 
     def scatter_object_list(self, scatter_object_output_list: List[Any],
                             scatter_object_input_list: Optional[List[Any]] = None,
                             src: Optional[int] = None, group: Any = None,
-                            group_src: Optional[int] = None) -> None:
+                            group_src: Optional[int] = None,
+                            *, name: Optional[str] = None, step: Optional[int] = None) -> None:
         """``scatter_object_output_list[0]`` = ``src``'s ``scatter_object_input_list[rank]``."""
         p = self._p
         root, error = self._group_rank("scatter_object_list", src, group_src, 0)
@@ -157,16 +194,18 @@ class TorchDistributed:
         if error is None and p.rank == root and scatter_object_input_list is None:
             error = "ValueError: source rank must provide non-None scatter_object_input_list"
         if error is not None:
-            objects.refuse(p, "scatter", error, root=root)
-        scatter_object_output_list[0] = objects.scatter(p, scatter_object_input_list, root)
+            objects.refuse(p, "scatter", error, step, name, root=root)
+        scatter_object_output_list[0] = objects.scatter(p, scatter_object_input_list, root, step,
+                                                        name)
 
     def barrier(self, group: Any = None, async_op: bool = False, device_ids: Any = None,
-                timeout: Any = None) -> Any:
+                timeout: Any = None,
+                *, name: Optional[str] = None, step: Optional[int] = None) -> Any:
         """A checked barrier; with ``async_op``, an already completed work handle."""
         error = self._check_group("barrier", group)
         if error is not None:
-            objects.refuse(self._p, "barrier", error)
-        objects.barrier(self._p)
+            objects.refuse(self._p, "barrier", error, step, name)
+        objects.barrier(self._p, step, name)
         return _done(async_op)
 
     # --- tensor collectives -------------------------------------------------------------------
@@ -187,60 +226,65 @@ class TorchDistributed:
         return self._p.size
 
     def all_reduce(self, tensor: Any, op: Any = None, group: Any = None,
-                   async_op: bool = False) -> Any:
+                   async_op: bool = False,
+                   *, name: Optional[str] = None, step: Optional[int] = None) -> Any:
         """``tensor`` reduced across the group, in place (``op``: ``ReduceOp.SUM`` when None,
         ``PRODUCT``, ``MAX``, ``MIN``, or their names)."""
         from ..tensor import ops as tensor_ops
-        tensor_ops.all_reduce_tensor(self._p, tensor, _op_name(op), None, None,
+        tensor_ops.all_reduce_tensor(self._p, tensor, _op_name(op), name, step,
                                      error=self._check_group("all_reduce", group))
         return _done(async_op, tensor)
 
     def broadcast(self, tensor: Any, src: Optional[int] = None, group: Any = None,
-                  async_op: bool = False, group_src: Optional[int] = None) -> Any:
+                  async_op: bool = False, group_src: Optional[int] = None,
+                  *, name: Optional[str] = None, step: Optional[int] = None) -> Any:
         """``tensor`` overwritten in place with ``src``'s."""
         from ..tensor import ops as tensor_ops
         root, error = self._group_rank("broadcast", src, group_src, 0)
         error = self._check_group("broadcast", group) or error
         # An unknown root stays None: flagged by the collective too, so that no rank enqueues
         # a payload with a root its peers do not share (the device path).
-        tensor_ops.broadcast_tensor(self._p, tensor, root, None, None, error=error)
+        tensor_ops.broadcast_tensor(self._p, tensor, root, name, step, error=error)
         return _done(async_op, tensor)
 
     def all_gather(self, tensor_list: List[Any], tensor: Any, group: Any = None,
-                   async_op: bool = False) -> Any:
+                   async_op: bool = False,
+                   *, name: Optional[str] = None, step: Optional[int] = None) -> Any:
         """``tensor_list[i]`` = rank i's ``tensor`` (one tensor per rank, each of its shape and
         dtype)."""
         from ..tensor import ops as tensor_ops
         p = self._p
         error = self._check_group("all_gather", group) or _output_tensors(tensor_list, tensor,
                                                                           p.size)
-        out = tensor_ops.all_gather_tensor(p, tensor, None, None, error=error)
+        out = tensor_ops.all_gather_tensor(p, tensor, name, step, error=error)
         parts = out.reshape((p.size,) + tuple(tensor.shape))
         for i in range(p.size):
             tensor_list[i].copy_(parts[i])
         return _done(async_op, *tensor_list)
 
     def all_gather_into_tensor(self, output_tensor: Any, input_tensor: Any, group: Any = None,
-                               async_op: bool = False) -> Any:
+                               async_op: bool = False,
+                               *, name: Optional[str] = None, step: Optional[int] = None) -> Any:
         """``output_tensor`` = every rank's ``input_tensor``, concatenated along dim 0 or stacked
         (its numel: size times the input's)."""
         from ..tensor import ops as tensor_ops
         p = self._p
         error = self._check_group("all_gather_into_tensor", group) or _output_tensor(
             "output_tensor", output_tensor, input_tensor, p.size, 1)
-        out = tensor_ops.all_gather_tensor(p, input_tensor, None, None, error=error)
+        out = tensor_ops.all_gather_tensor(p, input_tensor, name, step, error=error)
         output_tensor.copy_(out.reshape(output_tensor.shape))
         return _done(async_op, output_tensor)
 
     def reduce_scatter_tensor(self, output: Any, input: Any, op: Any = None, group: Any = None,
-                              async_op: bool = False) -> Any:
+                              async_op: bool = False,
+                              *, name: Optional[str] = None, step: Optional[int] = None) -> Any:
         """``output`` = block ``rank`` of ``input`` reduced across the group (``input``: the
         blocks concatenated along dim 0 or stacked)."""
         from ..tensor import ops as tensor_ops
         p = self._p
         error = self._check_group("reduce_scatter_tensor", group) or _output_tensor(
             "output", output, input, 1, p.size)
-        out = tensor_ops.reduce_scatter_tensor(p, input, _op_name(op), None, None, error=error)
+        out = tensor_ops.reduce_scatter_tensor(p, input, _op_name(op), name, step, error=error)
         output.copy_(out.reshape(output.shape))
         return _done(async_op, output)
 
@@ -262,7 +306,8 @@ class TorchDistributed:
             raise ValueError((error or f"ValueError: send_object_list: expected a destination "
                               f"other than this rank ({p.rank})").partition(": ")[2])
         trees, refused = _encode_each(object_list)
-        p2p.send(p, trees, peer, 0, _schema(len(object_list)), None, refused)
+        # torch's send returns once the receiver took the message: so does this one.
+        p2p.send(p, trees, peer, 0, _schema(len(object_list)), None, refused, complete=True)
 
     def recv_object_list(self, object_list: List[Any], src: Optional[int] = None,
                          group: Any = None, device: Any = None,

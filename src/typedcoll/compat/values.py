@@ -21,6 +21,11 @@ peers' dicts), so every payload travels under the one schema ``Any`` and describ
     complex, bytearray, an int
     beyond 64 bits
     a user's own ``Ext``       ``[EXT, code, data]``, so that no user value reads as a marker
+    torch.dtype, torch.Size    extension values holding the dtype's name and the sizes (an
+                               engine's tensor metadata: ``TensorMetadata(device, dtype,
+                               size)``); decoded where torch is imported
+    a namedtuple msgspec       ``[NAMED_TUPLE, "module:qualname", item, ...]``, its items
+    cannot encode              tagged as a tuple's (a namedtuple of torch dtypes and sizes)
 
 Markers are msgpack extension values, which a plain value never contains, so a receiver tells
 the two forms apart from the first bytes alone. Decoding is never pickle: a marker either names
@@ -50,10 +55,11 @@ from ..core.identity import register_internal
 from ..core.verdict import decode_any
 
 # Extension codes. Containers are lists whose first item is an empty marker; leaves carry data.
-ROOT, TUPLE, SET, FROZENSET, DICT, CLASS, EXT = 16, 17, 18, 19, 20, 21, 22
-ARRAY, NUMPY_SCALAR, COMPLEX, BIG_INT, BYTEARRAY = 24, 25, 26, 27, 28
+ROOT, TUPLE, SET, FROZENSET, DICT, CLASS, EXT, NAMED_TUPLE = 16, 17, 18, 19, 20, 21, 22, 23
+ARRAY, NUMPY_SCALAR, COMPLEX, BIG_INT, BYTEARRAY, TORCH_DTYPE, TORCH_SIZE = 24, 25, 26, 27, 28, \
+    29, 30
 _CONTAINERS = {TUPLE: tuple, SET: set, FROZENSET: frozenset}
-_NODES = frozenset((TUPLE, SET, FROZENSET, DICT, CLASS, EXT))
+_NODES = frozenset((TUPLE, SET, FROZENSET, DICT, CLASS, EXT, NAMED_TUPLE))
 _MARKERS = {code: Ext(code, b"") for code in _NODES}
 
 HAS_CLASSES = 1  # this value holds class instances
@@ -61,6 +67,7 @@ CALL_HAS_CLASSES = 2  # some value of this call does (stamped on every part a ra
 
 _MIN_INT, _MAX_INT = -2 ** 63, 2 ** 64 - 1
 _COMPLEX = struct.Struct("<dd")
+_SIZE = struct.Struct("<q")
 # The msgpack bytes that start a tagged value: a 2-array, then a fixext1 with the ROOT code.
 _TAGGED_PREFIX = bytes((0x92, 0xD4, ROOT))
 
@@ -176,7 +183,11 @@ class _Tagger:
             return Ext(NUMPY_SCALAR, _array_bytes(np.asarray(value)))
         if t is Ext:
             return [_MARKERS[EXT], value.code, value.data]
-        return self._instance(value)
+        if t.__module__ == "torch" and t.__name__ in ("dtype", "Size"):
+            if t.__name__ == "dtype":
+                return Ext(TORCH_DTYPE, str(value).encode())
+            return Ext(TORCH_SIZE, b"".join(_SIZE.pack(int(n)) for n in value))
+        return self._instance(value, depth)
 
     def _item(self, x: Any, depth: int, where: Any) -> Any:
         try:
@@ -201,7 +212,7 @@ class _Tagger:
             raise Refused(f"ValueError: expected an int of at most {sys.get_int_max_str_digits()} "
                           f"digits, got a larger one at {{path}}: {exc}") from exc
 
-    def _instance(self, value: Any) -> Any:
+    def _instance(self, value: Any, depth: int) -> Any:
         cls = type(value)
         what = cls.__name__
         info = _class_info(cls)
@@ -224,6 +235,12 @@ class _Tagger:
         try:
             payload = ENCODER.encode(value)
         except Exception as exc:  # whatever msgspec or a field's type raises
+            if isinstance(value, tuple) and hasattr(cls, "_fields"):
+                # A namedtuple of what only this module tags (torch dtypes and sizes): its items
+                # tagged one by one, rebuilt by the receiver's class of that name.
+                self.flags |= HAS_CLASSES
+                return [_MARKERS[NAMED_TUPLE], path] + [self._item(x, depth, i)
+                                                        for i, x in enumerate(value)]
             raise Refused(f"TypeError: expected a {what} whose fields msgspec can encode, got "
                           f"one it cannot at {{path}} ({exc}); give its fields types from "
                           f"{SUPPORTED}") from None
@@ -370,6 +387,8 @@ def _node(x: Any, depth: int) -> Any:
                 for i in range(0, len(items), 2)}
     if code == CLASS:
         return _instance(items)
+    if code == NAMED_TUPLE:
+        return _named_tuple(items, depth)
     if code == EXT:
         if len(items) != 2 or type(items[0]) is not int or type(items[1]) is not bytes:
             raise ValueError("expected [code, data] after an Ext marker")
@@ -391,7 +410,44 @@ def _leaf(ext: Ext) -> Any:
         return int(bytes(data).decode("ascii"))
     if code == BYTEARRAY:
         return bytearray(data)
+    if code == TORCH_DTYPE or code == TORCH_SIZE:
+        return _torch_leaf(code, data)
     raise ValueError(f"expected a value marker, got extension code {code}")
+
+
+def _torch_leaf(code: int, data: bytes) -> Any:
+    torch = sys.modules.get("torch")  # never imported here: a rank without torch cannot use one
+    if torch is None:
+        raise Unresolved("expected torch to be imported on this rank, as on the sender's, to "
+                         "rebuild a torch.dtype or torch.Size")
+    if code == TORCH_SIZE:
+        if len(data) % _SIZE.size:
+            raise ValueError(f"expected a torch.Size of 8-byte ints, got {len(data)} bytes")
+        return torch.Size(n for (n,) in _SIZE.iter_unpack(data))
+    name = data.decode("ascii", errors="replace")
+    dtype = getattr(torch, name.partition("torch.")[2], None) if name.startswith("torch.") \
+        else None
+    if not isinstance(dtype, torch.dtype):
+        raise Unresolved(f"expected a torch dtype this rank's torch has, got {name!r}")
+    return dtype
+
+
+def _named_tuple(items: Any, depth: int) -> Any:
+    if not items or type(items[0]) is not str:
+        raise ValueError("expected a class path after a namedtuple marker")
+    try:
+        cls = find_class(items[0])
+    except (LookupError, TypeError) as exc:
+        raise Unresolved(str(exc)) from None
+    fields = getattr(cls, "_fields", None)
+    if not (isinstance(cls, type) and issubclass(cls, tuple) and isinstance(fields, tuple)):
+        raise Unresolved(f"expected {items[0]} to be a namedtuple on this rank, as on the "
+                         f"sender's")
+    if len(fields) != len(items) - 1:
+        raise Unresolved(f"expected {items[0]} with the sender's {len(items) - 1} fields, got "
+                         f"one with {len(fields)} on this rank (the ranks run different "
+                         f"versions of it)")
+    return cls(*(_untag(item, depth + 1) for item in items[1:]))
 
 
 def _instance(items: Any) -> Any:

@@ -54,7 +54,22 @@ def check_reduce_op(op: Any) -> Tuple[int, Optional[str]]:
     if name is not None and name in REDUCE_OPS:
         return REDUCE_OPS[name], None
     return 0, (f"ValueError: expected op to be one of {', '.join(map(repr, REDUCE_OPS))} "
-               f"(or the mpi4py MPI.Op of one), got {op!r}")[:300]
+               f"(or the mpi4py MPI.Op of one), got {_op_text(op)}")[:300]
+
+
+def _op_text(op: Any) -> str:
+    """An op as messages show it: mpi4py's predefined ops by name (``MPI.MAXLOC``), whose repr
+    is only an address."""
+    try:
+        from mpi4py import MPI
+        if isinstance(op, MPI.Op):
+            for name in ("MAXLOC", "MINLOC", "REPLACE", "NO_OP", "OP_NULL"):
+                if op == getattr(MPI, name, None):
+                    return f"MPI.{name}"
+            return "a user-defined MPI.Op"
+    except ImportError:
+        pass
+    return repr(op)
 
 
 # id(op) -> (op, its name or None): mpi4py's ops, found once (a call should not compare ten)

@@ -13,17 +13,24 @@ Their call sites differ, so the envelopes disagree on identity. This module read
 source every rank runs, whether a call is such a branch's: the k-th call of its name (``bcast``)
 in one arm of an ``if``/``else`` (or of a conditional expression, or of an ``if`` whose body
 always leaves the block — return, raise, continue, break — against the statements after it),
-where the other arm has as many calls of that name, so it has a k-th too. Ordinals are counted
-in the source, not as the calls run: a root that skips its arm's first call under a condition
-of its own reaches its second with ordinal 2, and the receivers' first (ordinal 1) still
-differs; arms with unequal counts (a call only the receivers make) pair nothing.
-``branch_of(code, lasti)`` gives the branch's key (file, the ``if``'s line and column, k, name:
-two conditional expressions on one line are two branches) and the arm this call is in; the
-verdict
-(``verdict.disagreement``) accepts a rooted collective whose envelopes differ only in their
-sites when every rank names the same branch and the root alone is in its arm. Only rooted ops:
-two votes written in two arms (``allreduce`` of a timeout, ``allreduce`` of a batch size) are
-different calls, and a rank in the wrong arm must still raise.
+where the other arm has a k-th call of that name too and the longest run of such calls is as
+long in both arms. Ordinals are counted in the source along one path through the arm: the calls
+before this one that can run before it, so calls in two arms of an ``if`` nested in the arm (or
+in the body of an ``if`` that leaves, against the statements after it) do not count each other.
+SGLang's ``broadcast_pyobj`` sends a size alone when the data is empty, else a size and the
+data, while its receivers read the size and return early on 0: the root's two size calls are
+both the first of their path and pair with the receivers' one. A root that skips its arm's first
+call under a condition of its own reaches its second with ordinal 2, and the receivers' first
+(ordinal 1) still differs; arms whose longest runs differ (a call only the receivers make) pair
+nothing. A call may sit in several nested ``if`` statements that pair it (a role branch under a
+setting every rank shares, or a receivers' arm split further by ``elif``): each is a candidate,
+the innermost first. ``branch_of(code, lasti)`` gives them (each: file, the ``if``'s line and
+column, k, name: two conditional expressions on one line are two branches; and the arm this
+call is in); the verdict (``verdict.disagreement``, ``mismatch.split_branch``) accepts a rooted
+collective whose envelopes differ only in their sites when every rank names the root's
+innermost branch and the root alone is in its arm. Only rooted ops: two votes written in two
+arms (``allreduce`` of a timeout, ``allreduce`` of a batch size) are different calls, and a
+rank in the wrong arm must still raise.
 
 Nothing here runs on the steady path: a branch is read when envelopes are compared. Where the
 source cannot be read (no file, a file too large) no call is a branch's, so the sites are
@@ -48,10 +55,11 @@ _EXITS = (ast.Return, ast.Raise, ast.Continue, ast.Break)
 # its arm: ``step(lambda: comm.bcast(x))`` is that arm's call).
 _SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Module)
 Hit = Tuple[int, int, int, str, int]  # the if's line and column, k, name, arm
+MAX_CANDIDATES = 4  # enclosing branches kept per call, the innermost first
 
 
-# filename -> {position of a call -> its Hit}; None: source not read
-_FILES: Dict[str, Optional[Dict[Position, Hit]]] = {}
+# filename -> {position of a call -> its Hits, innermost first}; None: source not read
+_FILES: Dict[str, Optional[Dict[Position, List[Hit]]]] = {}
 _BRANCHES = CodeTable()
 _UNREAD = object()
 _LOCK = threading.Lock()
@@ -71,13 +79,16 @@ def branch_of(code: Optional[CodeType], lasti: int) -> Optional[Branch]:
             calls = _calls_of(code.co_filename) if position is not None else None
         except Exception:  # never raise in a cold path a rank's peers wait in; not remembered
             return None
-        hit = calls.get(position) if calls is not None and position is not None else None
-        branch = None if hit is None else Branch(
-            f"{source_name(code.co_filename)}:{hit[0]}:{hit[1]} {hit[3]} #{hit[2] + 1}", hit[4])
+        hits = calls.get(position) if calls is not None and position is not None else None
+        branch = None
+        if hits:
+            name = source_name(code.co_filename)
+            keyed = [(f"{name}:{h[0]}:{h[1]} {h[3]} #{h[2] + 1}", h[4]) for h in hits]
+            branch = Branch(keyed[0][0], keyed[0][1], tuple(keyed[1:]))
         return _BRANCHES.put(code, lasti, branch)  # type: ignore[no-any-return]
 
 
-def _calls_of(filename: str) -> Optional[Dict[Position, Hit]]:
+def _calls_of(filename: str) -> Optional[Dict[Position, List[Hit]]]:
     if filename not in _FILES:
         if len(_FILES) > 256:
             _FILES.clear()
@@ -97,9 +108,10 @@ def _source(filename: str) -> str:
         return "".join(linecache.getlines(filename))
 
 
-def branch_calls(source: str) -> Optional[Dict[Position, Hit]]:
-    """Every call of ``source`` that is a role branch's: its position -> (line and column of
-    the ``if``, k, name, arm). None where the source does not parse."""
+def branch_calls(source: str) -> Optional[Dict[Position, List[Hit]]]:
+    """Every call of ``source`` that is a role branch's: its position -> its candidate branches,
+    the innermost first, each (line and column of the ``if``, k, name, arm). None where the
+    source does not parse."""
     try:
         tree = ast.parse(source)
     except (SyntaxError, ValueError):
@@ -108,16 +120,16 @@ def branch_calls(source: str) -> Optional[Dict[Position, Hit]]:
     for node in ast.walk(tree):
         for child in ast.iter_child_nodes(node):
             parents[child] = node
-    found: Dict[Position, Hit] = {}
+    found: Dict[Position, List[Hit]] = {}
     for node in ast.walk(tree):
         if isinstance(node, ast.Call):
             name = _name(node)
-            hit = _innermost_branch(node, name, parents) if name is not None else None
-            if hit is not None and node.end_lineno is not None and node.end_col_offset is not None:
-                found[(node.lineno, node.end_lineno, node.col_offset, node.end_col_offset)] = hit
+            hits = _enclosing_branches(node, name, parents) if name is not None else []
+            if hits and node.end_lineno is not None and node.end_col_offset is not None:
+                found[(node.lineno, node.end_lineno, node.col_offset, node.end_col_offset)] = hits
                 moved = _method_call_position(node)
                 if moved is not None:
-                    found[moved] = hit
+                    found[moved] = hits
     return found
 
 
@@ -145,19 +157,54 @@ def _name(call: ast.Call) -> Optional[str]:
     return None
 
 
-def _innermost_branch(call: ast.Call, name: str,
-                      parents: Dict[ast.AST, ast.AST]) -> Optional[Hit]:
-    """The first enclosing ``if`` (inside the call's function) whose arms pair this call."""
+def _enclosing_branches(call: ast.Call, name: str,
+                        parents: Dict[ast.AST, ast.AST]) -> List[Hit]:
+    """The enclosing ``if`` statements (inside the call's function) whose arms pair this call, the
+    innermost first."""
+    hits: List[Hit] = []
     node: ast.AST = call
-    while node in parents and not isinstance(node, _SCOPES):
+    while node in parents and not isinstance(node, _SCOPES) and len(hits) < MAX_CANDIDATES:
         parent = parents[node]
         for branch, arm, mine, other in _arms_around(node, parent, parents):
-            calls = _named_calls(mine, name)
-            k = next((i for i, c in enumerate(calls) if c is call), None)
-            if k is not None and len(_named_calls(other, name)) == len(calls):
-                return branch.lineno, branch.col_offset, k, name, arm
+            ordinals = _ordinals(_named_calls(mine, name), parents)
+            k = next((i for c, i in ordinals if c is call), None)
+            theirs = {i for _, i in _ordinals(_named_calls(other, name), parents)}
+            if k is not None and k in theirs and \
+                    max(i for _, i in ordinals) == max(theirs):
+                hits.append((branch.lineno, branch.col_offset, k, name, arm))
         node = parent
-    return None
+    return hits[:MAX_CANDIDATES]
+
+
+def _ordinals(calls: List[ast.Call], parents: Dict[ast.AST, ast.AST]
+              ) -> List[Tuple[ast.Call, int]]:
+    """Each call with its ordinal along a path: the earlier calls that can run before it."""
+    return [(c, sum(not _exclusive(e, c, parents) for e in calls[:i]))
+            for i, c in enumerate(calls)]
+
+
+def _exclusive(earlier: ast.AST, later: ast.AST, parents: Dict[ast.AST, ast.AST]) -> bool:
+    """No run reaches both: they sit in two arms of one ``if`` (or conditional expression),
+    or ``earlier`` in the body of an ``if`` that leaves and ``later`` after that ``if``."""
+    chain = [earlier]
+    while chain[-1] in parents:
+        chain.append(parents[chain[-1]])
+    ancestors = {id(a): i for i, a in enumerate(chain)}
+    node, below = later, later
+    while id(node) not in ancestors and node in parents:
+        below, node = node, parents[node]
+    i = ancestors.get(id(node))
+    if i is None or i == 0:
+        return False
+    mine = chain[i - 1]  # the common ancestor's child on the earlier call's side
+    if isinstance(node, (ast.If, ast.IfExp)):
+        bodies = (node.body, node.orelse)
+        in_body = [mine in b if isinstance(b, list) else mine is b for b in bodies]
+        in_other = [below in b if isinstance(b, list) else below is b for b in bodies]
+        return (in_body[0] and in_other[1]) or (in_body[1] and in_other[0])
+    if isinstance(mine, ast.If) and i >= 2:  # ``earlier`` in an arm of ``mine`` that leaves
+        return any(chain[i - 2] in block and _leaves(block) for block in (mine.body, mine.orelse))
+    return False
 
 
 def _arms_around(node: ast.AST, parent: ast.AST, parents: Dict[ast.AST, ast.AST]

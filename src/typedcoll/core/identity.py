@@ -24,7 +24,7 @@ import sys
 import types
 from itertools import islice
 from types import CodeType, FrameType
-from typing import Any, Callable, Dict, Optional, Set, Tuple, TypeVar, Union
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple, TypeVar, Union
 
 from ..codecs.digest import digest8
 
@@ -89,11 +89,11 @@ def transparent(target: Union[_F, types.ModuleType, str]) -> Union[_F, types.Mod
     elif isinstance(target, types.ModuleType):
         target_module = target
     else:
-        code = _code_of(target)
-        if code is None:
+        codes = _codes_of(target)
+        if not codes:
             raise TypeError(f"expected a function, method, module or module name, got "
                             f"{target!r}")
-        SKIP_CODES.add(code)
+        SKIP_CODES.update(codes)
         return target
     filename = getattr(target_module, "__file__", None)
     if not filename:
@@ -102,21 +102,26 @@ def transparent(target: Union[_F, types.ModuleType, str]) -> Union[_F, types.Mod
     return target
 
 
-def _code_of(target: Any) -> Optional[CodeType]:
-    """The code object whose frames a call of ``target`` runs (through wraps, methods)."""
-    seen = 0
-    while seen < 32:
-        seen += 1
-        if isinstance(target, (staticmethod, classmethod)):
+def _codes_of(target: Any) -> List[CodeType]:
+    """The code objects whose frames a call of ``target`` runs: every layer of it.
+
+    A decorator made with ``functools.wraps`` (a timer, a tracing range) runs a frame of its own
+    around the function it wraps, at the same line for every function it wraps: marking only
+    the innermost function would leave that frame as the call site of every collective issued
+    through the wrapper, giving them all one identity. So each layer is marked.
+    """
+    codes: List[CodeType] = []
+    for _ in range(32):
+        if isinstance(target, (staticmethod, classmethod, types.MethodType)):
             target = target.__func__
-        elif isinstance(target, types.MethodType):
-            target = target.__func__
-        elif hasattr(target, "__wrapped__"):
-            target = target.__wrapped__
-        else:
+            continue
+        code = getattr(target, "__code__", None)
+        if isinstance(code, CodeType):
+            codes.append(code)
+        if not hasattr(target, "__wrapped__"):
             break
-    code = getattr(target, "__code__", None)
-    return code if isinstance(code, CodeType) else None
+        target = target.__wrapped__
+    return codes
 
 
 def user_frame(depth: int = 2) -> Optional[FrameType]:

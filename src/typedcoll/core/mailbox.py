@@ -19,7 +19,7 @@ import msgspec
 
 from .errors import CollectiveError
 from .identity import register_internal
-from .transport import TransportTimeout
+from .transport import TransportTimeout, failure_of
 
 if TYPE_CHECKING:
     from .p2p import RecvRequest
@@ -160,7 +160,8 @@ class Mailbox:
         while request.message is None:
             try:
                 data = self.transport.recv_bytes(source, TRANSPORT_TAG, deadline)
-            except TransportTimeout:
+            except TransportTimeout as exc:
+                request.failure = failure_of(exc)
                 return False
             self.deliver(data, source)
         return True

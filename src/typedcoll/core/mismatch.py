@@ -48,10 +48,15 @@ class Note(msgspec.Struct, frozen=True, kw_only=True):
 
 class Branch(msgspec.Struct, frozen=True):
     """The role branch a call is written in (``core.arms``): ``key`` names the ``if`` and the
-    k-th call of a name in its arms (the same for both arms' calls), ``arm`` which arm (0, 1)."""
+    k-th call of a name in its arms (the same for both arms' calls), ``arm`` which arm (0, 1);
+    ``outer``: the enclosing branches that pair the call too, as (key, arm), innermost first."""
 
     key: str
     arm: int
+    outer: Tuple[Tuple[str, int], ...] = ()
+
+    def candidates(self) -> List[Tuple[str, int]]:
+        return [(self.key, self.arm), *self.outer]
 
 
 class EnvelopeInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -88,18 +93,31 @@ class Group(msgspec.Struct, frozen=True):
 
 
 def role_split(envelopes: Sequence[EnvelopeInfo], root: Optional[int]) -> bool:
-    """Every envelope names no ``name=`` and the same role branch (``core.arms``), and one rank
-    is alone in its arm: ``root`` where it is known, else any one rank (a dump holds no root;
+    """Every envelope names no ``name=`` and one role branch (``core.arms``), and one rank is
+    alone in its arm: ``root`` where it is known, else any one rank (a dump holds no root;
     the live verdict checked it)."""
-    first = envelopes[0].branch
-    if first is None or any(e.name is not None or e.branch is None or e.branch.key != first.key
-                            for e in envelopes):
-        return False
-    arms = [e.branch.arm for e in envelopes]  # type: ignore[union-attr]
-    lone = [r for r, arm in enumerate(arms) if arms.count(arm) == 1]
-    if root is None:
-        return len(set(arms)) == 2 and bool(lone)
-    return 0 <= root < len(arms) and root in lone and len(set(arms)) == 2
+    return split_branch(envelopes, root) is not None
+
+
+def split_branch(envelopes: Sequence[EnvelopeInfo], root: Optional[int]) -> Optional[str]:
+    """The key of ``role_split``'s branch, or None: the root's innermost branch, named by every
+    rank (as its own innermost or an enclosing one), with the root alone in its arm. Only the
+    root's innermost: where the root's call pairs in an ``if`` of its own, receivers elsewhere
+    are another call's (two conditionals, each a role branch, under a rank-local ``ready``),
+    while receivers split further (``elif``) still pair through the branch that holds them.
+    Without a root (a dump) any one rank alone, by its innermost. Every rank reads the same
+    envelopes, so every rank picks the same branch."""
+    if any(e.name is not None or e.branch is None for e in envelopes):
+        return None
+    arms_of = [dict(e.branch.candidates()) for e in envelopes]  # type: ignore[union-attr]
+    leads = range(len(envelopes)) if root is None else [root] if 0 <= root < len(envelopes) \
+        else []
+    for lead in leads:
+        key = envelopes[lead].branch.key  # type: ignore[union-attr]
+        arms = [a.get(key) for a in arms_of]
+        if None not in arms and len(set(arms)) == 2 and arms.count(arms[lead]) == 1:
+            return key
+    return None
 
 
 def _identity(e: EnvelopeInfo) -> Any:
@@ -175,14 +193,16 @@ def describe(env: EnvelopeInfo, kinds: Sequence[MismatchKind] = (),
     same-named schema, ``show_column`` two calls written on one line (``model.py:88:17``).
     """
     schema = env.schema
-    if show_fingerprint and env.fingerprint:
+    if show_fingerprint and env.fingerprint and schema:
         schema = f"{schema}@{env.fingerprint[:8]}"
     text = label(env.op, schema)
     if MismatchKind.COMMUNICATOR in kinds:
         text += f" on {env.comm}"
-    if env.op in ROOTED_OPS or MismatchKind.ROOT in kinds:
+    # A record (hang reports, dumps) keeps no root or reduce op: left out there, not "None".
+    if (env.op in ROOTED_OPS and env.root is not None) or MismatchKind.ROOT in kinds:
         text += f" root={env.root}"
-    if env.op in REDUCING_OPS or MismatchKind.REDUCE_OP in kinds:
+    if (env.op in REDUCING_OPS and env.reduce_op is not None) or \
+            MismatchKind.REDUCE_OP in kinds:
         text += f" op={env.reduce_op}"
     if env.shape is not None:
         text += f" shape={tuple(env.shape)}"
@@ -282,6 +302,15 @@ def _hint(kinds: Sequence[MismatchKind], groups: Sequence[Group]) -> List[str]:
             return [f"  {ranks} ran code with {NO_COLUMNS}, its peers with: a site's column "
                     f"is part of its identity, so run every rank alike (remove __pycache__ "
                     f"written without columns), or give the call a name="]
+        named = [g for g in groups if g.envelope.name is not None]
+        if len(named) == len(groups):
+            return ["  only the names differ: each name= is a collective of its own, so a rank "
+                    "skipped or added a call before this one, or the ranks named one call "
+                    "differently"]
+        if named:
+            ranks = compact_ranks([r for g in named for r in g.ranks])
+            return [f"  {ranks} named the call and the others did not: a name= replaces the "
+                    f"call site in the identity, so give the same name= on every rank"]
         return ["  only the call sites differ: if these are the same collective called from "
                 "different places, give every rank's call the same name= (or mark the wrapper "
                 "they share with @typedcoll.transparent)"]

@@ -160,7 +160,7 @@ class RecvRequest:
     """A posted receive: ``wait()`` returns the value; ``test()`` -> (done, value or None)."""
 
     __slots__ = ("p", "source", "tag", "size", "info", "caller", "_box", "message",
-                 "expected", "_done", "_value", "_error", "__weakref__")
+                 "expected", "_done", "_value", "_error", "failure", "__weakref__")
 
     def __init__(self, p: Any, source: Optional[int], tag: Optional[int],
                  info: Optional[SchemaInfo], caller: Caller) -> None:
@@ -176,6 +176,7 @@ class RecvRequest:
         self._done = False
         self._value: Any = None
         self._error: Optional[BaseException] = None
+        self.failure = ""  # the backend's error where it failed the receive (a peer is gone)
         self._box.post(self)
 
     def matches(self, message: Message) -> bool:
@@ -267,11 +268,17 @@ class _SendingThread:
 
 
 def send(p: Any, value: Any, dest: Any, tag: Any, schema: Any, name: Any,
-         refused: Optional[str] = None) -> None:
+         refused: Optional[str] = None, complete: bool = False) -> None:
+    """Send ``value``; ``complete``: return once the receiver took it, where a backend leaves
+    sends in flight (gloo: torch's own sends wait, and a rank that exits after one must not
+    drop it)."""
     data, dest, tag, failure = _message(p, value, dest, tag, schema, name, refused)
     deadline = None if p.timeout is None else time.monotonic() + p.timeout
     try:
         p.transport.send_bytes(data, dest, TRANSPORT_TAG, deadline)
+        wait_sends = getattr(p.transport, "wait_sends", None) if complete else None
+        if wait_sends is not None:
+            wait_sends(deadline)
     except TransportTimeout as exc:
         broke = failure_of(exc)
         why = (f"failed in the backend (a peer's process or connection is gone?): {broke}"

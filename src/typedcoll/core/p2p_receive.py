@@ -68,13 +68,16 @@ def recv_timed_out(p: Any, request: RecvRequest) -> None:
     schema = request.info.name if request.info is not None else ""
     caller = request.caller
     timeout = p.timeout if p.timeout is not None else 0.0
+    source = f"rank {request.source}" if request.source is not None else "any rank"
+    why = (f"failed in the backend before any message from {source} arrived (a peer's process "
+           f"or connection is gone?): {request.failure}" if request.failure else
+           f"did not complete within {timeout:g} s: no message from {source} arrived")
     raise CollectiveTimeout(
         f"{head_text('recv', seq, request.source, request.tag, p.name)}: "
-        f"{label('recv', schema)} at "
-        f"{caller.site} did not complete within {timeout:g} s: no message from "
-        f"{'rank ' + str(request.source) if request.source is not None else 'any rank'} arrived",
+        f"{label('recv', schema)} at {caller.site} {why}",
         seq=-1 if seq is None else seq, comm=p.name, op="recv", schema=schema, site=caller.site,
-        timeout=timeout, missing=(request.source,) if request.source is not None else None)
+        timeout=timeout, missing=(request.source,) if request.source is not None else None,
+        failure=request.failure)
 
 
 def take(p: Any, request: RecvRequest) -> Any:

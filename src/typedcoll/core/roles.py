@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 from ..codecs.digest import digest8
 from .call import Call
 from .identity import register_internal
-from .mismatch import EnvelopeInfo
+from .mismatch import EnvelopeInfo, split_branch
 from .wire import FLAG_ROLE, FLAGS_OFFSET, IDENTITY_OFFSET, NO_ROOT
 
 if TYPE_CHECKING:
@@ -40,11 +40,13 @@ MAX_ROLES = 4096  # call sites whose role identity a rank remembers
 def learn(p: "Protocol", call: Call, infos: Sequence[EnvelopeInfo]) -> None:
     """Step 1: the verdict accepted ``call`` as a role branch from every rank's ``infos``."""
     branch = infos[p.rank].branch
-    assert branch is not None and call.name is None  # role_branch held: unnamed, in a branch
+    key = split_branch(infos, call.root)
+    # role_branch held: unnamed, in a branch every rank named
+    assert branch is not None and key is not None and call.name is None
+    arm = dict(branch.candidates())[key]
     if len(p.roles) >= MAX_ROLES:
         p.roles.clear()
-    p.roles[p.identity(call)] = (digest8(f"role:{branch.key}:{branch.arm}"),
-                                 digest8(f"role:{branch.key}:{branch.arm ^ 1}"))
+    p.roles[p.identity(call)] = (digest8(f"role:{key}:{arm}"), digest8(f"role:{key}:{arm ^ 1}"))
 
 
 def wire_identity(p: "Protocol", call: Call, identity: bytes) -> Optional[bytes]:

@@ -337,7 +337,7 @@ def refuse_broken(p: "Protocol", call: Call) -> None:
     if isinstance(cause, CollectiveTimeout):
         raise CollectiveTimeout(
             f"collective #{p.seq} on {p.name}: {what(call)} refused: the communicator is unusable "
-            f"since collective #{cause.seq} on {cause.comm} ({cause.op}[{cause.schema}] at "
+            f"since collective #{cause.seq} on {cause.comm} ({label(cause.op, cause.schema)} at "
             f"{cause.site}) {'failed in the backend' if cause.failure else 'timed out'}",
             seq=p.seq, comm=p.name, op=call.op, schema=call.schema_name, site=cause.site,
             timeout=cause.timeout, missing=cause.missing, failure=cause.failure)

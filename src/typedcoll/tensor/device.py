@@ -300,7 +300,8 @@ def role_branch_of(call: TensorCall) -> Optional[Branch]:
     if found is _UNSET:
         branch = branch_of(call.code, call.lasti)
         found = _BRANCHES.put(call.code, call.lasti, None if branch is None else
-                              Branch(digest8(branch.key).hex(), branch.arm))
+                              Branch(digest8(branch.key).hex(), branch.arm,
+                                     tuple((digest8(k).hex(), a) for k, a in branch.outer)))
     return found  # type: ignore[no-any-return]
 
 

@@ -146,6 +146,15 @@ def group_name(group: Any) -> str:
     return "group[" + ",".join(map(str, dist.get_process_group_ranks(group))) + "]"
 
 
+def _posted(post: Callable[..., Any], *args: Any) -> Any:
+    """A point-to-point operation posted; TransportFailure where gloo refuses to post it (the
+    peer's connection closed: its process is gone), as when it fails the operation later."""
+    try:
+        return post(*args)
+    except RuntimeError as exc:
+        raise TransportFailure(str(exc)) from None
+
+
 def free_port() -> int:
     """A free localhost TCP port, for launching test and benchmark process groups."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -386,14 +395,20 @@ class TorchTransport:
         self._sends = [sent for sent in self._sends if not sent[0].is_completed()]
         parts = [torch.tensor([len(data)], dtype=torch.int64)] + ([u8(data)] if data else [])
         for part in parts:
-            self._sends.append((self.control.send([part], dest, tag), part))
+            self._sends.append((_posted(self.control.send, [part], dest, tag), part))
+
+    def wait_sends(self, deadline: Optional[float]) -> None:
+        """Wait for every send in flight (TransportTimeout, TransportFailure as ``wait_work``)."""
+        for work, _ in self._sends:
+            wait_work(work, deadline)
+        self._sends.clear()
 
     def recv_bytes(self, source: int, tag: int, deadline: Optional[float]) -> bytes:
         length = torch.zeros(1, dtype=torch.int64)
-        wait_work(self.control.recv([length], source, tag), deadline)
+        wait_work(_posted(self.control.recv, [length], source, tag), deadline)
         buf = bytearray(int(length[0]))
         if buf:
-            wait_work(self.control.recv([u8(buf)], source, tag), deadline)
+            wait_work(_posted(self.control.recv, [u8(buf)], source, tag), deadline)
         return bytes(buf)
 
     # --- communicators ------------------------------------------------------------------------
@@ -479,7 +494,19 @@ class TorchTransport:
 _OPEN: "weakref.WeakSet[TorchTransport]" = weakref.WeakSet()
 
 
+_EXIT_DRAIN_S = 10.0  # how long an exiting process waits for its sends in flight, at most
+
+
 def _shut_down_at_exit() -> None:
+    # A rank that sends its last message and exits would drop it with its groups (torch's own
+    # send waits for it): sends still in flight get a bounded wait first.
+    deadline = time.monotonic() + _EXIT_DRAIN_S
+    for transport in list(_OPEN):
+        for work, _ in transport._sends:
+            try:
+                wait_work(work, deadline)
+            except Exception:  # the receiver is gone or late: nothing left to report to
+                break
     for transport in list(_OPEN):
         try:
             transport.free()
