@@ -109,6 +109,29 @@ def test_a_role_branch_completed_live_is_no_divergence_and_anything_else_is():
         assert div is not None and div.kinds == [MismatchKind.CALL]
 
 
+def test_receivers_that_name_no_schema_take_the_roots_class():
+    """``comm.bcast(x if rank == 0 else None)``: the receivers' records name no schema, as
+    live they take the root's class; so do receivers in a role branch's other arm."""
+    def bcast(r: int, schema: str, site: str = "m.py:4", **more: Any) -> Dict[str, Any]:
+        return entry(0, op="bcast", schema=schema if r == 0 else "", site=site, **more)
+    ok = analyze(dumps_of(*(dump(r, [comm(r, 3, [bcast(r, "Plan")])]) for r in range(3))))
+    assert ok.consistent and ok.first is None
+    branch = analyze(dumps_of(*(dump(r, [comm(r, 3, [bcast(
+        r, "int", site=f"m.py:{4 + 3 * (r > 0)}", branch={"key": "m.py:3 bcast #1",
+                                                          "arm": int(r > 0)})])])
+        for r in range(3))))
+    assert branch.consistent
+    # Named schemas that differ, and ranks in other ops, are still divergences.
+    two = [entry(0, op="bcast", schema=["Plan", "", "Stats"][r]) for r in range(3)]
+    named = analyze(dumps_of(*(dump(r, [comm(r, 3, [two[r]])]) for r in range(3))))
+    div = named.comms[0].divergence
+    assert div is not None and div.kinds == [MismatchKind.SCHEMA]
+    mixed = [entry(0, op="bcast" if r else "allgather", schema="Plan" if r == 1 else "")
+             for r in range(3)]
+    other = analyze(dumps_of(*(dump(r, [comm(r, 3, [mixed[r]])]) for r in range(3))))
+    assert other.comms[0].divergence is not None
+
+
 def test_rank_whose_count_stops_earlier_is_missing_with_where_it_was():
     docs = [dump(r, [comm(r, 3, steady(6 if r != 1 else 4),
                           where="prog.py:30 in main" if r == 1 else "?")]) for r in range(3)]

@@ -97,6 +97,25 @@ def envelope(rank: int, e: RecordEntry, comm: str, notes: Sequence[Note] = ()) -
                         branch=e.branch)
 
 
+_ROOTS_CLASS_OPS = frozenset({"bcast", "scatter"})
+
+
+def _as_the_roots_class(envelopes: List[EnvelopeInfo]) -> List[EnvelopeInfo]:
+    """A receiver of bcast or scatter that names no schema takes the root's class (live, the
+    root's class is what it decodes and then sends as if named); its record names none. Read
+    it as the one class the other ranks name, where they name one: else a healthy call of the
+    README's own form (``comm.bcast(x if rank == 0 else None)``) would be a divergence."""
+    if not envelopes or envelopes[0].op not in _ROOTS_CLASS_OPS or \
+            any(e.op != envelopes[0].op for e in envelopes):
+        return envelopes
+    named = {(e.schema, e.fingerprint) for e in envelopes if e.schema}
+    if len(named) != 1 or len(named) == len(envelopes):
+        return envelopes
+    schema, fingerprint = named.pop()
+    return [e if e.schema else msgspec.structs.replace(e, schema=schema, fingerprint=fingerprint)
+            for e in envelopes]
+
+
 def seq_label(e: RecordEntry) -> str:
     """``#12``, or ``creation`` for the exchange that created the communicator."""
     return "creation" if e.op == "create" else f"#{e.seq}"
@@ -129,8 +148,8 @@ def analyze_comm(comm_id: str, members: Dict[int, CommDump]) -> CommReport:
     report = CommReport(comm=comm_id, size=size, world_ranks=list(world), dumped=sorted(members),
                         compared=(min(common), max(common)) if common else None)
     for seq in sorted(common):
-        envelopes = [envelope(r, by_seq[r][seq], comm_id, members[r].notes)
-                     for r in sorted(members)]
+        envelopes = _as_the_roots_class([envelope(r, by_seq[r][seq], comm_id, members[r].notes)
+                                         for r in sorted(members)])
         kinds = mismatch_kinds(envelopes)
         if (kinds == [MismatchKind.CALL] and role_split(envelopes, None) and
                 all(by_seq[r][seq].state == "completed" for r in members)):
