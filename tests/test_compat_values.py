@@ -191,6 +191,8 @@ def test_torch_dtypes_and_sizes_travel_in_an_engines_tensor_metadata():
     assert round_trip({"dtypes": (torch.float8_e4m3fn, torch.complex64)}) == {
         "dtypes": (torch.float8_e4m3fn, torch.complex64)}
     assert tagged.flags_of(tagged.encode(metadata)[0]) == tagged.HAS_CLASSES
+    # Decoded by each rank's own torch: the ranks settle whether every rank could.
+    assert tagged.flags_of(tagged.encode([torch.int8])[0]) == tagged.HAS_CLASSES
 
 
 def test_a_namedtuple_of_what_msgspec_cannot_encode_names_the_item():
@@ -244,7 +246,8 @@ def tagged_tree(tree: Any) -> Any:
     (Ext(99, b""), "expected a value marker, got extension code 99"),
     (Ext(tagged.COMPLEX, b"12"), "expected 16 bytes of a complex, got 2"),
     (Ext(tagged.ARRAY, b"\x00\x00"), "truncated"),
-    ([Ext(tagged.NAMED_TUPLE, b""), 1], "expected a class path after a namedtuple marker"),
+    ([Ext(tagged.NAMED_TUPLE, b""), 1], "expected a class path and field names after a "
+                                        "namedtuple marker"),
 ])
 def test_malformed_markers_raise_value_errors(tree, message):
     with pytest.raises((ValueError, msgspec.DecodeError), match=message.replace("[", r"\[")):
@@ -259,9 +262,15 @@ def test_malformed_torch_leaves_and_namedtuples_of_other_shapes():
     with pytest.raises(tagged.Unresolved, match="expected a torch dtype this rank's torch has, "
                                                 "got 'torch.no_such'"):
         tagged.decode(tagged_tree(Ext(tagged.TORCH_DTYPE, b"torch.no_such")))
-    tree = [Ext(tagged.NAMED_TUPLE, b""), f"{__name__}:Pair", 1, 2, 3]
-    with pytest.raises(tagged.Unresolved, match="with the sender's 3 fields, got one with 2"):
-        tagged.decode(tagged_tree(tree))
+    for fields in (["a", "b", "c"], ["b", "a"]):  # another count; the same count reordered
+        tree = [Ext(tagged.NAMED_TUPLE, b""), f"{__name__}:Pair", fields, *range(len(fields))]
+        with pytest.raises(tagged.Unresolved, match=rf"with the sender's fields \['{fields[0]}'"):
+            tagged.decode(tagged_tree(tree))
+    import time
+    start = time.monotonic()  # a wire name is looked up, never imported (torch._dynamo: seconds)
+    with pytest.raises(tagged.Unresolved, match="got 'torch._dynamo'"):
+        tagged.decode(tagged_tree(Ext(tagged.TORCH_DTYPE, b"torch._dynamo")))
+    assert "torch._dynamo" not in sys.modules or time.monotonic() - start < 1
 
 
 def test_unknown_class_is_unresolved():

@@ -391,6 +391,76 @@ def test_nested_arms_and_elif_receivers_are_one_call(timeout: Optional[float]) -
     one_desync(outcomes(4, wrong, timeout=timeout))
 
 
+def send_request(comm: tc.TypedComm, cached: bool) -> Any:
+    """Both arms choose among their calls by a flag each rank holds: a rank whose flag differs
+    must raise, never take the header as its body."""
+    if comm.rank == 0:
+        if cached:
+            comm.bcast("BODY", root=0)
+        else:
+            comm.bcast("HEADER", root=0)
+            comm.bcast("BODY", root=0)
+        return None
+    else:
+        if cached:
+            return comm.bcast(None, root=0)
+        else:
+            return comm.bcast(None, root=0), comm.bcast(None, root=0)
+
+
+def stream(comm: tc.TypedComm, items: List[Any]) -> Any:
+    """A loop's ``else`` runs after iterations that ``continue``: not exclusive with them."""
+    got = []
+    if comm.rank == 0:
+        for i, item in enumerate(items):
+            if item is None:
+                comm.bcast(("skip", i), root=0)
+                continue
+        else:
+            comm.bcast(("end",), root=0)
+        return None
+    else:
+        for item in items:
+            if item is None:
+                got.append(comm.bcast(None, root=0))
+                continue
+        else:
+            got.append(comm.bcast(None, root=0))
+        return got
+
+
+def early_return_in_the_roots_arm(comm: tc.TypedComm, data: List[Any]) -> Any:
+    if comm.rank == 0:
+        if not data:
+            comm.bcast(0, root=0)
+            return data
+        comm.bcast(len(data), root=0)
+        comm.bcast(data, root=0)
+        return data
+    size = comm.bcast(None, root=0)
+    if size == 0:
+        return []
+    return comm.bcast(None, root=0)
+
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+def test_arms_that_both_branch_pair_as_written_and_exits_leave_their_block_only(
+        timeout: Optional[float]) -> None:
+    assert outcomes(3, send_request, True, timeout=timeout) == [None, "BODY", "BODY"]
+    assert outcomes(3, send_request, False, timeout=timeout) == [None] + [("HEADER", "BODY")] * 2
+    for wrong in (2, 0):  # a receiver's flag differs; the root's does
+        one_desync(outcomes(3, lambda c: send_request(c, c.rank == wrong), timeout=timeout))
+    assert outcomes(3, stream, [None, None], timeout=timeout) == \
+        [None] + [[("skip", 0), ("skip", 1), ("end",)]] * 2
+    one_desync(outcomes(3, lambda c: stream(c, [None] * (1 if c.rank == 2 else 2)),
+                        timeout=timeout))
+
+    def body(comm: tc.TypedComm) -> Any:
+        return [early_return_in_the_roots_arm(comm, [] if s % 2 else ["a"]) for s in range(3)]
+
+    assert outcomes(3, body, timeout=timeout) == [[["a"], [], ["a"]]] * 3
+
+
 @pytest.mark.parametrize("timeout", TIMEOUTS)
 def test_a_root_that_skips_a_call_in_its_arm_raises_everywhere(timeout: Optional[float]) -> None:
     def body(comm: tc.TypedComm, has_plan: bool) -> Any:

@@ -196,8 +196,8 @@ def test_the_identity_hint_follows_what_the_identities_are():
         "  only the names differ: each name= is a collective of its own, so a rank skipped or "
         "added a call before this one, or the ranks named one call differently")
     assert hint(env(0, name="batch"), env(1), env(2)) == (
-        "  rank 0 named the call and the others did not: a name= replaces the call site in the "
-        "identity, so give the same name= on every rank")
+        "  rank 0 named the call and the others did not: if these are the same collective, give "
+        "it the same name= on every rank; else a rank skipped or added a call before this one")
 
 
 def test_a_record_without_root_or_reduce_op_leaves_them_out():

@@ -24,8 +24,8 @@ peers' dicts), so every payload travels under the one schema ``Any`` and describ
     torch.dtype, torch.Size    extension values holding the dtype's name and the sizes (an
                                engine's tensor metadata: ``TensorMetadata(device, dtype,
                                size)``); decoded where torch is imported
-    a namedtuple msgspec       ``[NAMED_TUPLE, "module:qualname", item, ...]``, its items
-    cannot encode              tagged as a tuple's (a namedtuple of torch dtypes and sizes)
+    a namedtuple msgspec       ``[NAMED_TUPLE, "module:qualname", [field, ...], item, ...]``,
+    cannot encode              its items tagged as a tuple's (torch dtypes and sizes in it)
 
 Markers are msgpack extension values, which a plain value never contains, so a receiver tells
 the two forms apart from the first bytes alone. Decoding is never pickle: a marker either names
@@ -184,6 +184,9 @@ class _Tagger:
         if t is Ext:
             return [_MARKERS[EXT], value.code, value.data]
         if t.__module__ == "torch" and t.__name__ in ("dtype", "Size"):
+            # Decoded by the receiver's torch, which may lack a dtype or not be imported: the
+            # ranks settle together whether every rank decoded, as for classes.
+            self.flags |= HAS_CLASSES
             if t.__name__ == "dtype":
                 return Ext(TORCH_DTYPE, str(value).encode())
             return Ext(TORCH_SIZE, b"".join(_SIZE.pack(int(n)) for n in value))
@@ -239,8 +242,8 @@ class _Tagger:
                 # A namedtuple of what only this module tags (torch dtypes and sizes): its items
                 # tagged one by one, rebuilt by the receiver's class of that name.
                 self.flags |= HAS_CLASSES
-                return [_MARKERS[NAMED_TUPLE], path] + [self._item(x, depth, i)
-                                                        for i, x in enumerate(value)]
+                return [_MARKERS[NAMED_TUPLE], path, list(cls._fields)] + [
+                    self._item(x, depth, i) for i, x in enumerate(value)]
             raise Refused(f"TypeError: expected a {what} whose fields msgspec can encode, got "
                           f"one it cannot at {{path}} ({exc}); give its fields types from "
                           f"{SUPPORTED}") from None
@@ -425,16 +428,30 @@ def _torch_leaf(code: int, data: bytes) -> Any:
             raise ValueError(f"expected a torch.Size of 8-byte ints, got {len(data)} bytes")
         return torch.Size(n for (n,) in _SIZE.iter_unpack(data))
     name = data.decode("ascii", errors="replace")
-    dtype = getattr(torch, name.partition("torch.")[2], None) if name.startswith("torch.") \
-        else None
-    if not isinstance(dtype, torch.dtype):
+    dtype = _torch_dtypes(torch).get(name)
+    if dtype is None:
         raise Unresolved(f"expected a torch dtype this rank's torch has, got {name!r}")
     return dtype
 
 
+_DTYPES: Dict[str, Any] = {}
+
+
+def _torch_dtypes(torch: Any) -> Dict[str, Any]:
+    """``str(dtype)`` -> dtype, from the module's own names: looking a wire name up with
+    ``getattr`` would run torch's lazy imports for any name a payload holds."""
+    if not _DTYPES:
+        _DTYPES.update((str(v), v) for v in list(vars(torch).values())
+                       if isinstance(v, torch.dtype))
+    return _DTYPES
+
+
 def _named_tuple(items: Any, depth: int) -> Any:
-    if not items or type(items[0]) is not str:
-        raise ValueError("expected a class path after a namedtuple marker")
+    if len(items) < 2 or type(items[0]) is not str or type(items[1]) is not list \
+            or any(type(f) is not str for f in items[1]):
+        raise ValueError("expected a class path and field names after a namedtuple marker")
+    path, names = items[0], tuple(items[1])
+    items = [path] + items[2:]
     try:
         cls = find_class(items[0])
     except (LookupError, TypeError) as exc:
@@ -443,10 +460,9 @@ def _named_tuple(items: Any, depth: int) -> Any:
     if not (isinstance(cls, type) and issubclass(cls, tuple) and isinstance(fields, tuple)):
         raise Unresolved(f"expected {items[0]} to be a namedtuple on this rank, as on the "
                          f"sender's")
-    if len(fields) != len(items) - 1:
-        raise Unresolved(f"expected {items[0]} with the sender's {len(items) - 1} fields, got "
-                         f"one with {len(fields)} on this rank (the ranks run different "
-                         f"versions of it)")
+    if fields != names or len(names) != len(items) - 1:
+        raise Unresolved(f"expected {path} with the sender's fields {list(names)}, got "
+                         f"{list(fields)} on this rank (the ranks run different versions of it)")
     return cls(*(_untag(item, depth + 1) for item in items[1:]))
 
 

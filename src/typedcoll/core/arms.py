@@ -13,24 +13,33 @@ Their call sites differ, so the envelopes disagree on identity. This module read
 source every rank runs, whether a call is such a branch's: the k-th call of its name (``bcast``)
 in one arm of an ``if``/``else`` (or of a conditional expression, or of an ``if`` whose body
 always leaves the block — return, raise, continue, break — against the statements after it),
-where the other arm has a k-th call of that name too and the longest run of such calls is as
-long in both arms. Ordinals are counted in the source along one path through the arm: the calls
-before this one that can run before it, so calls in two arms of an ``if`` nested in the arm (or
-in the body of an ``if`` that leaves, against the statements after it) do not count each other.
-SGLang's ``broadcast_pyobj`` sends a size alone when the data is empty, else a size and the
-data, while its receivers read the size and return early on 0: the root's two size calls are
-both the first of their path and pair with the receivers' one. A root that skips its arm's first
-call under a condition of its own reaches its second with ordinal 2, and the receivers' first
-(ordinal 1) still differs; arms whose longest runs differ (a call only the receivers make) pair
-nothing. A call may sit in several nested ``if`` statements that pair it (a role branch under a
-setting every rank shares, or a receivers' arm split further by ``elif``): each is a candidate,
-the innermost first. ``branch_of(code, lasti)`` gives them (each: file, the ``if``'s line and
-column, k, name: two conditional expressions on one line are two branches; and the arm this
-call is in); the verdict (``verdict.disagreement``, ``mismatch.split_branch``) accepts a rooted
-collective whose envelopes differ only in their sites when every rank names the root's
-innermost branch and the root alone is in its arm. Only rooted ops: two votes written in two
-arms (``allreduce`` of a timeout, ``allreduce`` of a batch size) are different calls, and a
-rank in the wrong arm must still raise.
+where the other arm has a k-th call of that name too. Where at most one of the two arms chooses
+among its calls, ordinals are counted along one path through each arm: the calls before this
+one that can run before it, so calls in two arms of an ``if`` nested in the arm (or in an arm
+that always leaves of an earlier ``if`` in the same block) do not count each other, and the
+longest run must be as long in both arms. SGLang's ``broadcast_pyobj`` sends a size alone when
+the data is empty, else a size and the data, while its receivers read the size and return early
+on 0: the root's two size calls are both the first of their path and pair with the receivers'
+one. Where both arms choose (``if cached: body / else: header, body`` on both sides, ``cached``
+a rank's own), a rank on one path would pair its header with a peer's body: there ordinals are
+counted in the source, with as many calls in each arm, as written. A root that skips its arm's
+first call under a condition of its own reaches its second with ordinal 2, and the receivers'
+first (ordinal 1) still differs; arms whose longest runs differ (a call only the receivers make)
+pair nothing. A call may sit in several nested ``if`` statements that pair it (a role branch
+under a setting every rank shares, or a receivers' arm split further by ``elif``): each is a
+candidate, the innermost first. The verdict takes the root's innermost, so a root that chooses
+between two calls of its own in an inner ``if`` with one call in each arm (vLLM's
+``broadcast_tensor_dict``: a CPU tensor on one group, a GPU tensor on another) names that inner
+``if``, which its receivers do not: it raises, and ``name=`` on the calls declares them one
+call. The source alone cannot tell it from two role branches under a rank-local condition
+(``(b(x) if root else b(None)) if ready else (b(y) if root else b(None))``), whose receivers
+must not take the root's other call. ``branch_of(code, lasti)`` gives the candidates (each:
+file, the ``if``'s line and column, k, name: two conditional expressions on one line are two
+branches; and the arm this call is in); the verdict (``verdict.disagreement``,
+``mismatch.split_branch``) accepts a rooted collective whose envelopes differ only in their
+sites when every rank names the root's innermost branch and the root alone is in its arm.
+Only rooted ops: two votes written in two arms (``allreduce`` of a timeout, ``allreduce`` of a
+batch size) are different calls, and a rank in the wrong arm must still raise.
 
 Nothing here runs on the steady path: a branch is read when envelopes are compared. Where the
 source cannot be read (no file, a file too large) no call is a branch's, so the sites are
@@ -160,20 +169,39 @@ def _name(call: ast.Call) -> Optional[str]:
 def _enclosing_branches(call: ast.Call, name: str,
                         parents: Dict[ast.AST, ast.AST]) -> List[Hit]:
     """The enclosing ``if`` statements (inside the call's function) whose arms pair this call, the
-    innermost first."""
+    innermost first (at most MAX_CANDIDATES: a farther one can only be a false alarm's cause)."""
     hits: List[Hit] = []
     node: ast.AST = call
     while node in parents and not isinstance(node, _SCOPES) and len(hits) < MAX_CANDIDATES:
         parent = parents[node]
         for branch, arm, mine, other in _arms_around(node, parent, parents):
-            ordinals = _ordinals(_named_calls(mine, name), parents)
-            k = next((i for c, i in ordinals if c is call), None)
-            theirs = {i for _, i in _ordinals(_named_calls(other, name), parents)}
-            if k is not None and k in theirs and \
-                    max(i for _, i in ordinals) == max(theirs):
-                hits.append((branch.lineno, branch.col_offset, k, name, arm))
+            hit = _pair(call, _named_calls(mine, name), _named_calls(other, name), parents)
+            if hit is not None:
+                hits.append((branch.lineno, branch.col_offset, hit, name, arm))
         node = parent
-    return hits[:MAX_CANDIDATES]
+    return hits
+
+
+def _pair(call: ast.Call, mine: List[ast.Call], other: List[ast.Call],
+          parents: Dict[ast.AST, ast.AST]) -> Optional[int]:
+    """``call``'s ordinal k where the other arm has a k-th call too, else None.
+
+    Along paths where at most one arm branches between its calls (the root's data or no data,
+    against receivers that read one size and stop early); in source order, with as many calls
+    in each arm, where both do: two arms that each choose among their calls by a condition of
+    their own (``if cached: body else: header, body`` on both sides) would pair a rank's header
+    with its peer's body, so there the k-th call of each arm pairs, as written."""
+    ours, theirs = _ordinals(mine, parents), _ordinals(other, parents)
+    if _branches_between(ours) and _branches_between(theirs):
+        k = next((i for i, c in enumerate(mine) if c is call), None)
+        return k if k is not None and len(mine) == len(other) else None
+    k = next((i for c, i in ours if c is call), None)
+    ks = {i for _, i in theirs}
+    return k if k is not None and k in ks and max(i for _, i in ours) == max(ks) else None
+
+
+def _branches_between(ordinals: List[Tuple[ast.Call, int]]) -> bool:
+    return any(i != j for j, (_, i) in enumerate(ordinals))
 
 
 def _ordinals(calls: List[ast.Call], parents: Dict[ast.AST, ast.AST]
@@ -184,8 +212,10 @@ def _ordinals(calls: List[ast.Call], parents: Dict[ast.AST, ast.AST]
 
 
 def _exclusive(earlier: ast.AST, later: ast.AST, parents: Dict[ast.AST, ast.AST]) -> bool:
-    """No run reaches both: they sit in two arms of one ``if`` (or conditional expression),
-    or ``earlier`` in the body of an ``if`` that leaves and ``later`` after that ``if``."""
+    """No run reaches both: they sit in two arms of one ``if`` (or conditional expression), or
+    ``earlier`` in an arm that always leaves (return, raise, continue, break) of an ``if``
+    that comes before ``later`` in the same block. Only the same block: a loop's ``else``, a
+    ``finally`` or an ``except`` still runs after such an exit."""
     chain = [earlier]
     while chain[-1] in parents:
         chain.append(parents[chain[-1]])
@@ -199,11 +229,17 @@ def _exclusive(earlier: ast.AST, later: ast.AST, parents: Dict[ast.AST, ast.AST]
     mine = chain[i - 1]  # the common ancestor's child on the earlier call's side
     if isinstance(node, (ast.If, ast.IfExp)):
         bodies = (node.body, node.orelse)
-        in_body = [mine in b if isinstance(b, list) else mine is b for b in bodies]
-        in_other = [below in b if isinstance(b, list) else below is b for b in bodies]
-        return (in_body[0] and in_other[1]) or (in_body[1] and in_other[0])
-    if isinstance(mine, ast.If) and i >= 2:  # ``earlier`` in an arm of ``mine`` that leaves
-        return any(chain[i - 2] in block and _leaves(block) for block in (mine.body, mine.orelse))
+        side = [next((a for a, b in enumerate(bodies)
+                      if (x in b if isinstance(b, list) else x is b)), None)
+                for x in (mine, below)]
+        if None not in side and side[0] != side[1]:
+            return True
+    for field in ("body", "orelse", "finalbody"):
+        block = getattr(node, field, None)
+        if isinstance(block, list) and mine in block and below in block:
+            if i < 2 or not isinstance(mine, ast.If) or block.index(mine) > block.index(below):
+                return False
+            return any(chain[i - 2] in arm and _leaves(arm) for arm in (mine.body, mine.orelse))
     return False
 
 

@@ -66,8 +66,8 @@ def head_text(op: str, seq: Optional[int], peer: Optional[int], tag: Optional[in
           comm: str) -> str:
     """``recv #2 from rank 0 (tag 5) on WORLD``: how point-to-point messages start."""
     number = f" #{seq}" if seq is not None else ""
-    return (f"{op}{number} {_peer(peer, 'to' if op == 'send' else 'from')} ({_tag_text(tag)}) "
-            f"on {comm}")
+    way = "to" if op in ("send", "isend") else "from"
+    return f"{op}{number} {_peer(peer, way)} ({_tag_text(tag)}) on {comm}"
 
 
 class Message:

@@ -309,8 +309,9 @@ def _hint(kinds: Sequence[MismatchKind], groups: Sequence[Group]) -> List[str]:
                     "differently"]
         if named:
             ranks = compact_ranks([r for g in named for r in g.ranks])
-            return [f"  {ranks} named the call and the others did not: a name= replaces the "
-                    f"call site in the identity, so give the same name= on every rank"]
+            return [f"  {ranks} named the call and the others did not: if these are the same "
+                    f"collective, give it the same name= on every rank; else a rank skipped or "
+                    f"added a call before this one"]
         return ["  only the call sites differ: if these are the same collective called from "
                 "different places, give every rank's call the same name= (or mark the wrapper "
                 "they share with @typedcoll.transparent)"]

@@ -237,7 +237,14 @@ def isend(p: Any, value: Any, dest: Any, tag: Any, schema: Any, name: Any,
     if start is not None:
         return SendRequest(start(data, dest, TRANSPORT_TAG), failure)
     if transport.kind in _SENDS_NEVER_WAIT:
-        transport.send_bytes(data, dest, TRANSPORT_TAG, None)
+        try:
+            transport.send_bytes(data, dest, TRANSPORT_TAG, None)
+        except TransportTimeout as exc:  # gloo refused to post it: the peer's connection closed
+            raise CollectiveTimeout(
+                f"{head_text('isend', None, dest, tag, p.name)}: isend failed in the backend (a "
+                f"peer's process or connection is gone?): {failure_of(exc)}", seq=-1,
+                comm=p.name, op="isend", timeout=p.timeout or 0.0, missing=(dest,),
+                failure=failure_of(exc)) from None
         return SendRequest(None, failure)
     return SendRequest(_SendingThread(transport, data, dest), failure)
 
@@ -276,9 +283,9 @@ def send(p: Any, value: Any, dest: Any, tag: Any, schema: Any, name: Any,
     deadline = None if p.timeout is None else time.monotonic() + p.timeout
     try:
         p.transport.send_bytes(data, dest, TRANSPORT_TAG, deadline)
-        wait_sends = getattr(p.transport, "wait_sends", None) if complete else None
-        if wait_sends is not None:
-            wait_sends(deadline)
+        wait_sent = getattr(p.transport, "wait_last_send", None) if complete else None
+        if wait_sent is not None:
+            wait_sent(deadline)
     except TransportTimeout as exc:
         broke = failure_of(exc)
         why = (f"failed in the backend (a peer's process or connection is gone?): {broke}"

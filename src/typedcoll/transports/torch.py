@@ -208,6 +208,7 @@ class TorchTransport:
         self._views: Tuple[torch.Tensor, torch.Tensor] = (_EMPTY, _EMPTY)
         self._gather_opts = AllgatherOptions()
         self._sends: List[Tuple[Any, torch.Tensor]] = []  # point-to-point sends in flight
+        self._last_send: List[Tuple[Any, torch.Tensor]] = []  # the parts of the latest one
         self.freed = False
         _OPEN.add(self)
 
@@ -394,14 +395,15 @@ class TorchTransport:
         # of one tag in order), and the receiver's deadline bounds the exchange.
         self._sends = [sent for sent in self._sends if not sent[0].is_completed()]
         parts = [torch.tensor([len(data)], dtype=torch.int64)] + ([u8(data)] if data else [])
-        for part in parts:
-            self._sends.append((_posted(self.control.send, [part], dest, tag), part))
+        posted = [(_posted(self.control.send, [part], dest, tag), part) for part in parts]
+        self._sends.extend(posted)
+        self._last_send = posted
 
-    def wait_sends(self, deadline: Optional[float]) -> None:
-        """Wait for every send in flight (TransportTimeout, TransportFailure as ``wait_work``)."""
-        for work, _ in self._sends:
+    def wait_last_send(self, deadline: Optional[float]) -> None:
+        """Wait for the message ``send_bytes`` posted last, not for earlier ones to other ranks
+        (TransportTimeout, TransportFailure as ``wait_work``)."""
+        for work, _ in self._last_send:
             wait_work(work, deadline)
-        self._sends.clear()
 
     def recv_bytes(self, source: int, tag: int, deadline: Optional[float]) -> bytes:
         length = torch.zeros(1, dtype=torch.int64)
@@ -481,6 +483,7 @@ class TorchTransport:
             return
         self.freed = True
         self._sends.clear()
+        self._last_send = []
         self.control.shutdown()
         if self.owns_device_group:
             self.device_group.shutdown()
