@@ -461,6 +461,70 @@ def test_arms_that_both_branch_pair_as_written_and_exits_leave_their_block_only(
     assert outcomes(3, body, timeout=timeout) == [[["a"], [], ["a"]]] * 3
 
 
+def plan_or_flag(comm: tc.TypedComm, ready: bool) -> Any:
+    """An ``if`` on a flag of the rank's own is no role branch, whoever takes which arm."""
+    if ready:
+        return "plan", comm.bcast("PLAN" if comm.rank == 0 else None, root=0)
+    else:
+        return "flag", comm.bcast("FLAG" if comm.rank == 0 else None, root=0)
+
+
+def header_then_body(comm: tc.TypedComm, cached: bool) -> Any:
+    """The root sends both; a receiver that believes the header cached reads one call. Its
+    receivers choose how many calls to read by a flag of their own, with no exit between the
+    root's calls: the shape is refused whatever the flags (a receiver whose flag differs would
+    take the header as its body); ``name=`` on each call declares it."""
+    if comm.rank == 0:
+        comm.bcast("HEADER", root=0)
+        comm.bcast("BODY", root=0)
+        return None
+    elif cached:
+        return comm.bcast(None, root=0)
+    else:
+        return comm.bcast(None, root=0), comm.bcast(None, root=0)
+
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+def test_a_flag_of_the_ranks_own_and_a_receiver_that_reads_less_raise(
+        timeout: Optional[float]) -> None:
+    assert outcomes(3, plan_or_flag, True, timeout=timeout) == [("plan", "PLAN")] * 3
+    one_desync(outcomes(3, lambda c: plan_or_flag(c, c.rank != 0), timeout=timeout))
+    one_desync(outcomes(3, header_then_body, False, timeout=timeout))
+    one_desync(outcomes(3, lambda c: header_then_body(c, c.rank == 1), timeout=timeout))
+
+
+class Msg(msgspec.Struct):
+    tag: str
+
+
+def nested_roles(comm: tc.TypedComm, src: int, rank_outer: bool, rank_inner: bool) -> Any:
+    mine = (lambda tag: Msg(tag) if comm.rank == src else None)
+    if rank_outer:
+        if rank_inner:
+            return comm.bcast(mine("A"), root=src, schema=Msg)
+        else:
+            return comm.bcast(mine("B"), root=src, schema=Msg)
+    else:
+        return comm.bcast(mine("C"), root=src, schema=Msg)
+
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+def test_the_steady_state_accepts_no_more_than_a_first_run(timeout: Optional[float]) -> None:
+    # A root whose innermost branch is an inner one raises on a first run; having learned the
+    # outer branch at that site as a receiver must not make it pass later.
+    def swapped(comm: tc.TypedComm) -> Any:
+        return nested_roles(comm, 0, comm.rank == 0, True)
+
+    def learned_then_swapped(comm: tc.TypedComm) -> Any:
+        for src in range(comm.size):  # every rank the root once, in the outer else
+            assert nested_roles(comm, src, comm.rank != src, True).tag == "A" \
+                if comm.rank != src else True
+        return swapped(comm)
+
+    one_desync(outcomes(3, swapped, timeout=timeout))
+    one_desync(outcomes(3, learned_then_swapped, timeout=timeout))
+
+
 @pytest.mark.parametrize("timeout", TIMEOUTS)
 def test_a_root_that_skips_a_call_in_its_arm_raises_everywhere(timeout: Optional[float]) -> None:
     def body(comm: tc.TypedComm, has_plan: bool) -> Any:

@@ -12,34 +12,35 @@ collective from two lines::
 Their call sites differ, so the envelopes disagree on identity. This module reads, from the
 source every rank runs, whether a call is such a branch's: the k-th call of its name (``bcast``)
 in one arm of an ``if``/``else`` (or of a conditional expression, or of an ``if`` whose body
-always leaves the block — return, raise, continue, break — against the statements after it),
-where the other arm has a k-th call of that name too. Where at most one of the two arms chooses
-among its calls, ordinals are counted along one path through each arm: the calls before this
-one that can run before it, so calls in two arms of an ``if`` nested in the arm (or in an arm
-that always leaves of an earlier ``if`` in the same block) do not count each other, and the
+always leaves the block — return, raise, continue, break — against the statements after it)
+whose test reads a role (``_tests_a_role``: a name with ``rank``, ``root``, ``src``... in it; an
+``if ready:`` only the root took the other way of would hand its receivers the root's other
+call), where the other arm has a k-th call of that name too. Where at most one of the two arms
+chooses among its calls, ordinals are counted along one path through each arm: the calls before
+this one that can run before it, so calls in two arms of an ``if`` nested in the arm (or in an
+arm that always leaves of an earlier ``if`` in the same block) do not count each other, and the
 longest run must be as long in both arms. SGLang's ``broadcast_pyobj`` sends a size alone when
 the data is empty, else a size and the data, while its receivers read the size and return early
 on 0: the root's two size calls are both the first of their path and pair with the receivers'
 one. Where both arms choose (``if cached: body / else: header, body`` on both sides, ``cached``
 a rank's own), a rank on one path would pair its header with a peer's body: there ordinals are
-counted in the source, with as many calls in each arm, as written. A root that skips its arm's
-first call under a condition of its own reaches its second with ordinal 2, and the receivers'
-first (ordinal 1) still differs; arms whose longest runs differ (a call only the receivers make)
-pair nothing. A call may sit in several nested ``if`` statements that pair it (a role branch
-under a setting every rank shares, or a receivers' arm split further by ``elif``): each is a
-candidate, the innermost first. The verdict takes the root's innermost, so a root that chooses
-between two calls of its own in an inner ``if`` with one call in each arm (vLLM's
-``broadcast_tensor_dict``: a CPU tensor on one group, a GPU tensor on another) names that inner
-``if``, which its receivers do not: it raises, and ``name=`` on the calls declares them one
-call. The source alone cannot tell it from two role branches under a rank-local condition
-(``(b(x) if root else b(None)) if ready else (b(y) if root else b(None))``), whose receivers
-must not take the root's other call. ``branch_of(code, lasti)`` gives the candidates (each:
-file, the ``if``'s line and column, k, name: two conditional expressions on one line are two
-branches; and the arm this call is in); the verdict (``verdict.disagreement``,
-``mismatch.split_branch``) accepts a rooted collective whose envelopes differ only in their
-sites when every rank names the root's innermost branch and the root alone is in its arm.
-Only rooted ops: two votes written in two arms (``allreduce`` of a timeout, ``allreduce`` of a
-batch size) are different calls, and a rank in the wrong arm must still raise.
+counted in the source, with as many calls in each arm, as written; and where one arm chooses,
+each of its paths must end where the other arm can (its last call, or an exit between two of its
+calls), so receivers that skip a header by a flag of their own pair nothing. A root that skips
+its arm's first call under a condition of its own reaches its second with ordinal 2, and the
+receivers' first (ordinal 1) still differs; arms whose longest runs differ (a call only the
+receivers make) pair nothing. A call may sit in several nested ``if`` statements that pair it (a
+role branch under a setting every rank shares, or a receivers' arm split further by ``elif``):
+each is a candidate, the innermost first. The verdict takes the root's innermost, so two role
+branches under a condition of the rank's own (``(b(x) if r == 0 else b(None)) if ready else
+(b(y) if r == 0 else b(None))``, the root ready and its receivers not) raise: each names its
+own. ``branch_of(code, lasti)`` gives the candidates (each: file, the ``if``'s line and column,
+k, name: two conditional expressions on one line are two branches; and the arm this call is in);
+the verdict (``verdict.disagreement``, ``mismatch.split_branch``) accepts a rooted collective
+whose envelopes differ only in their sites when every rank names the root's innermost branch and
+the root alone is in its arm. Only rooted ops: two votes written in two arms (``allreduce`` of a
+timeout, ``allreduce`` of a batch size) are different calls, and a rank in the wrong arm must
+still raise.
 
 Nothing here runs on the steady path: a branch is read when envelopes are compared. Where the
 source cannot be read (no file, a file too large) no call is a branch's, so the sites are
@@ -53,7 +54,7 @@ import linecache
 import threading
 import tokenize
 from types import CodeType
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 from .identity import CodeTable, Position, position_of, register_internal, source_name
 from .mismatch import Branch
@@ -64,7 +65,7 @@ _EXITS = (ast.Return, ast.Raise, ast.Continue, ast.Break)
 # its arm: ``step(lambda: comm.bcast(x))`` is that arm's call).
 _SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Module)
 Hit = Tuple[int, int, int, str, int]  # the if's line and column, k, name, arm
-MAX_CANDIDATES = 4  # enclosing branches kept per call, the innermost first
+MAX_CANDIDATES = 8  # enclosing branches kept per call, the innermost first
 
 
 # filename -> {position of a call -> its Hits, innermost first}; None: source not read
@@ -175,14 +176,40 @@ def _enclosing_branches(call: ast.Call, name: str,
     while node in parents and not isinstance(node, _SCOPES) and len(hits) < MAX_CANDIDATES:
         parent = parents[node]
         for branch, arm, mine, other in _arms_around(node, parent, parents):
-            hit = _pair(call, _named_calls(mine, name), _named_calls(other, name), parents)
+            if not _tests_a_role(branch):
+                continue
+            hit = _pair(call, _named_calls(mine, name), _named_calls(other, name), mine, other,
+                        parents)
             if hit is not None:
                 hits.append((branch.lineno, branch.col_offset, hit, name, arm))
         node = parent
     return hits
 
 
+# Words in a branch test that name a role: the rank or the root (``rank == src``,
+# ``self.rank_in_group == 0``, ``dist.get_rank() == root``, ``is_driver_worker``).
+_ROLE_WORDS = ("rank", "root", "src", "source", "leader", "driver", "master", "coordinator",
+               "primary", "is_main")
+_ROLE_NAMES = frozenset({"r", "me"})  # a rank's usual one-letter names
+
+
+def _tests_a_role(branch: ast.AST) -> bool:
+    """Whether the ``if``'s test reads a role. Only such a branch pairs its arms: an ``if`` on
+    a flag of the rank's own (``if ready: bcast(plan) else: bcast(flag)``) that only the root
+    took the other way of would otherwise pass for a role branch, and its receivers would take
+    the root's other call."""
+    test = getattr(branch, "test", None)
+    for node in ast.walk(test) if test is not None else ():
+        word = node.id if isinstance(node, ast.Name) else \
+            node.attr if isinstance(node, ast.Attribute) else None
+        if word is not None and (word in _ROLE_NAMES or
+                                 any(w in word.lower() for w in _ROLE_WORDS)):
+            return True
+    return False
+
+
 def _pair(call: ast.Call, mine: List[ast.Call], other: List[ast.Call],
+          mine_arm: Sequence[ast.AST], other_arm: Sequence[ast.AST],
           parents: Dict[ast.AST, ast.AST]) -> Optional[int]:
     """``call``'s ordinal k where the other arm has a k-th call too, else None.
 
@@ -192,9 +219,22 @@ def _pair(call: ast.Call, mine: List[ast.Call], other: List[ast.Call],
     their own (``if cached: body else: header, body`` on both sides) would pair a rank's header
     with its peer's body, so there the k-th call of each arm pairs, as written."""
     ours, theirs = _ordinals(mine, parents), _ordinals(other, parents)
+    in_source = next((i for i, c in enumerate(mine) if c is call), None)
+    if in_source is None:
+        return None
+    if not _branches_between(ours) and not _branches_between(theirs):
+        return in_source if len(mine) == len(other) else None
+    # One arm chooses among its calls: each of its paths must end where the other, straight
+    # arm can end too (its last call, or an exit between two of its calls: receivers that
+    # read a size and return on 0); else a receiver whose own flag skipped a header would take
+    # the root's header as its body.
     if _branches_between(ours) and _branches_between(theirs):
-        k = next((i for i, c in enumerate(mine) if c is call), None)
-        return k if k is not None and len(mine) == len(other) else None
+        return in_source if len(mine) == len(other) else None
+    branching, straight, straight_arm = (ours, other, other_arm) if _branches_between(ours) \
+        else (theirs, mine, mine_arm)
+    ends = {len(straight)} | _stops(straight, straight_arm, parents)
+    if any(length not in ends for length in _path_lengths(branching, parents)):
+        return None
     k = next((i for c, i in ours if c is call), None)
     ks = {i for _, i in theirs}
     return k if k is not None and k in ks and max(i for _, i in ours) == max(ks) else None
@@ -202,6 +242,68 @@ def _pair(call: ast.Call, mine: List[ast.Call], other: List[ast.Call],
 
 def _branches_between(ordinals: List[Tuple[ast.Call, int]]) -> bool:
     return any(i != j for j, (_, i) in enumerate(ordinals))
+
+
+def _path_lengths(ordinals: List[Tuple[ast.Call, int]],
+                  parents: Dict[ast.AST, ast.AST]) -> List[int]:
+    """How many calls each path through an arm makes: a call no later call can follow ends
+    one, after its ordinal's count of calls."""
+    calls = [c for c, _ in ordinals]
+    return [i + 1 for n, (c, i) in enumerate(ordinals)
+            if all(_exclusive(c, later, parents) for later in calls[n + 1:])]
+
+
+def _stops(calls: List[ast.Call], arm: Sequence[ast.AST],
+           parents: Dict[ast.AST, ast.AST]) -> Set[int]:
+    """The counts k (0 < k < len(calls)) after which a straight arm can stop: a return or
+    raise between its k-th and (k+1)-th call, or a break or continue of a loop around the
+    whole branch (an exit that holds the next call, ``return bcast(None)``, is after it)."""
+    exits = _exits(arm, parents)
+    stops: Set[int] = set()
+    for k in range(1, len(calls)):
+        before, after = calls[k - 1], calls[k]
+        lo = (before.end_lineno or before.lineno, before.end_col_offset or 0)
+        hi = (after.lineno, after.col_offset)
+        if any(lo <= (e.lineno, e.col_offset) < hi and not _under(after, e, parents)
+               for e in exits):
+            stops.add(k)
+    return stops
+
+
+def _exits(arm: Sequence[ast.AST], parents: Dict[ast.AST, ast.AST]) -> List[ast.stmt]:
+    """Returns and raises in the arm, and breaks and continues of loops around it (not in
+    nested functions or classes)."""
+    tops = {id(node) for node in arm}
+    found: List[ast.stmt] = []
+    stack: List[ast.AST] = list(arm)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
+            continue
+        if isinstance(node, (ast.Return, ast.Raise)):
+            found.append(node)
+        elif isinstance(node, (ast.Break, ast.Continue)) and not _loop_in_arm(node, tops, parents):
+            found.append(node)
+        stack.extend(ast.iter_child_nodes(node))
+    return found
+
+
+def _loop_in_arm(node: ast.AST, tops: Set[int], parents: Dict[ast.AST, ast.AST]) -> bool:
+    """Whether the loop a break or continue belongs to lies inside the arm."""
+    while node in parents:
+        if isinstance(node, (ast.For, ast.AsyncFor, ast.While)):
+            return True
+        if id(node) in tops:
+            return False
+        node = parents[node]
+    return False
+
+
+def _under(node: ast.AST, top: ast.AST, parents: Dict[ast.AST, ast.AST]) -> bool:
+    """Whether ``node`` is ``top`` or inside it."""
+    while node is not top and node in parents:
+        node = parents[node]
+    return node is top
 
 
 def _ordinals(calls: List[ast.Call], parents: Dict[ast.AST, ast.AST]

@@ -108,7 +108,7 @@ class Protocol:
         self.guesses: Dict[bytes, SchemaInfo] = {}
         # site identity -> the role identities (receiver's, root's) of a call proved a role
         # branch there (core/roles.py); the C path reads it too.
-        self.roles: Dict[bytes, Tuple[bytes, bytes]] = {}
+        self.roles: Dict[bytes, Tuple[bytes, Optional[bytes]]] = {}
         capacity = capacity_from_env()
         self.recorder: Optional[FlightRecorder] = FlightRecorder(capacity) if capacity else None
         # key -> (value, code, lasti, step): the latest decisions (comm.note), made into Notes

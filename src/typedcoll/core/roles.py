@@ -46,7 +46,11 @@ def learn(p: "Protocol", call: Call, infos: Sequence[EnvelopeInfo]) -> None:
     arm = dict(branch.candidates())[key]
     if len(p.roles) >= MAX_ROLES:
         p.roles.clear()
-    p.roles[p.identity(call)] = (digest8(f"role:{key}:{arm}"), digest8(f"role:{key}:{arm ^ 1}"))
+    # The root's side only where the branch is this site's innermost: the verdict accepts a
+    # root whose innermost branch every rank names, and the steady state must accept no more
+    # (a root here in an inner branch of its own is another call to its peers).
+    p.roles[p.identity(call)] = (digest8(f"role:{key}:{arm}"),
+                                 digest8(f"role:{key}:{arm ^ 1}") if key == branch.key else None)
 
 
 def wire_identity(p: "Protocol", call: Call, identity: bytes) -> Optional[bytes]:
