@@ -247,15 +247,6 @@ def votes_through_a_wrapper(comm: tc.TypedComm) -> List[Any]:
     return vote(comm, 2)  # the vote every rank takes
 
 
-def test_a_transparent_wrapper_keeps_its_callers_sites():
-    errors = errors_of(2, votes_through_a_wrapper)
-    only, every = (line_of(votes_through_a_wrapper, "only rank 0"),
-                   line_of(votes_through_a_wrapper, "every rank takes"))
-    for e in errors:
-        assert f"at {FILE}:{only}, its 1st call" in str(e).splitlines()[1]
-        assert f"at {FILE}:{every}, its 1st call" in str(e).splitlines()[2]
-
-
 def timed(fn: Callable[..., Any]) -> Callable[..., Any]:
     """A timer-style decorator: its own frame runs at one line for every function it wraps."""
     @functools.wraps(fn)
@@ -276,12 +267,14 @@ def votes_through_a_decorated_wrapper(comm: tc.TypedComm) -> List[Any]:
     return timed_vote(comm, 2)  # the vote every rank takes
 
 
-def test_transparent_over_a_decorator_marks_every_layer():
-    # Marking only the function under functools.wraps left the decorator's frame as the call
-    # site of both votes: one identity, and rank 1's vote took rank 0's other vote silently.
-    errors = errors_of(2, votes_through_a_decorated_wrapper)
-    only, every = (line_of(votes_through_a_decorated_wrapper, "only rank 0"),
-                   line_of(votes_through_a_decorated_wrapper, "every rank takes"))
+@pytest.mark.parametrize("program", [votes_through_a_wrapper,
+                                     votes_through_a_decorated_wrapper])
+def test_a_transparent_wrapper_keeps_its_callers_sites(program):
+    # Over a functools.wraps decorator: marking only the function beneath left the decorator's
+    # frame as the call site of both votes, one identity, and rank 1's vote took rank 0's
+    # other vote silently.
+    errors = errors_of(2, program)
+    only, every = line_of(program, "only rank 0"), line_of(program, "every rank takes")
     for e in errors:
         assert type(e) is tc.DesyncError, e
         assert f"at {FILE}:{only}, its 1st call" in str(e).splitlines()[1]

@@ -222,15 +222,14 @@ def _pair(call: ast.Call, mine: List[ast.Call], other: List[ast.Call],
     in_source = next((i for i, c in enumerate(mine) if c is call), None)
     if in_source is None:
         return None
-    if not _branches_between(ours) and not _branches_between(theirs):
+    we_branch = _branches_between(ours)
+    if we_branch == _branches_between(theirs):  # neither arm chooses, or both do
         return in_source if len(mine) == len(other) else None
     # One arm chooses among its calls: each of its paths must end where the other, straight
     # arm can end too (its last call, or an exit between two of its calls: receivers that
     # read a size and return on 0); else a receiver whose own flag skipped a header would take
     # the root's header as its body.
-    if _branches_between(ours) and _branches_between(theirs):
-        return in_source if len(mine) == len(other) else None
-    branching, straight, straight_arm = (ours, other, other_arm) if _branches_between(ours) \
+    branching, straight, straight_arm = (ours, other, other_arm) if we_branch \
         else (theirs, mine, mine_arm)
     ends = {len(straight)} | _stops(straight, straight_arm, parents)
     if any(length not in ends for length in _path_lengths(branching, parents)):
