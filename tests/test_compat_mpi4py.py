@@ -293,7 +293,9 @@ def test_communicator_calls_over_a_typed_comm():
         drop_in.Barrier()
         odd = drop_in.Split(comm.rank % 2, key=-comm.rank)
         twin = drop_in.Clone()
-        out = (odd.Get_size(), odd.allgather(comm.rank), twin.allgather(comm.rank), odd.comm)
+        flagged = drop_in.Split(comm.rank >= 1, key=True)  # mpi4py takes bools as ints
+        out = (odd.Get_size(), odd.allgather(comm.rank), twin.allgather(comm.rank), odd.comm,
+               flagged.allgather(comm.rank))
         with pytest.raises(tc.DesyncError) as info:
             if comm.rank == 0:
                 drop_in.allgather(0)
@@ -305,8 +307,9 @@ def test_communicator_calls_over_a_typed_comm():
         return out, info.value.kinds
 
     got = run(3, prog, timeout=20)
-    assert [g[0] for g in got] == [((2, [2, 0], [0, 1, 2], None)), (1, [1], [0, 1, 2], None),
-                                   (2, [2, 0], [0, 1, 2], None)]
+    assert [g[0] for g in got] == [(2, [2, 0], [0, 1, 2], None, [0]),
+                                   (1, [1], [0, 1, 2], None, [1, 2]),
+                                   (2, [2, 0], [0, 1, 2], None, [1, 2])]
     assert {g[1] for g in got} == {(tc.MismatchKind.OP, tc.MismatchKind.CALL,
                                     tc.MismatchKind.SCHEMA)}
 

@@ -497,10 +497,10 @@ class Msg(msgspec.Struct):
     tag: str
 
 
-def nested_roles(comm: tc.TypedComm, src: int, rank_outer: bool, rank_inner: bool) -> Any:
+def nested_roles(comm: tc.TypedComm, src: int, is_receiver_rank: bool, inner_rank: bool) -> Any:
     mine = (lambda tag: Msg(tag) if comm.rank == src else None)
-    if rank_outer:
-        if rank_inner:
+    if is_receiver_rank:
+        if inner_rank:
             return comm.bcast(mine("A"), root=src, schema=Msg)
         else:
             return comm.bcast(mine("B"), root=src, schema=Msg)
@@ -515,12 +515,16 @@ def test_the_steady_state_accepts_no_more_than_a_first_run(timeout: Optional[flo
     def swapped(comm: tc.TypedComm) -> Any:
         return nested_roles(comm, 0, comm.rank == 0, True)
 
-    def learned_then_swapped(comm: tc.TypedComm) -> Any:
+    def learn(comm: tc.TypedComm) -> Any:
         for src in range(comm.size):  # every rank the root once, in the outer else
-            assert nested_roles(comm, src, comm.rank != src, True).tag == "A" \
-                if comm.rank != src else True
+            assert nested_roles(comm, src, comm.rank != src, True).tag == "C"
+        return True
+
+    def learned_then_swapped(comm: tc.TypedComm) -> Any:
+        learn(comm)
         return swapped(comm)
 
+    assert outcomes(3, learn, timeout=timeout) == [True] * 3
     one_desync(outcomes(3, swapped, timeout=timeout))
     one_desync(outcomes(3, learned_then_swapped, timeout=timeout))
 
@@ -643,3 +647,58 @@ def test_a_method_call_whose_name_is_on_a_later_line_is_in_its_branch(
     """The interpreter places such a call from its name on (where tracebacks point), not where
     the expression starts: the branch is found there too."""
     assert outcomes(3, method_chains_across_lines, "plan", timeout=timeout) == ["plan"] * 3
+
+
+@pytest.mark.parametrize("test, role", [
+    ("rank == src", True), ("self.rank_in_group == 0", True), ("dist.get_rank() == root", True),
+    ("is_driver_worker", True), ("self.is_first_rank", True), ("not rank", True),
+    ("comm.Get_rank() in (0, 1)", True), ("tp_rank == 0 and pp_rank == 0", True),
+    ("rank % self.tp_size == 0", True), ("r == 0", True), ("is_main_process()", True),
+    # a value of the rank's own beside the role, or a name that merely contains a role word
+    ("rank == 0 and has_update", False), ("resources_ok", False), ("pending[rank]", False),
+    ("rank_has_stats", False), ("rank_ready", False), ("ready", False),
+    ("rank == 0 or timed_out", False), ("len(queue) > rank", False),
+    ("rank == owner_of(request)", False),
+])
+def test_only_a_test_built_of_roles_splits_ranks_by_role(test: str, role: bool) -> None:
+    import ast
+
+    from typedcoll.core.role_test import tests_a_role
+    assert tests_a_role(ast.parse(test, mode="eval").body) is role
+
+
+def update_or_plan(comm: tc.TypedComm, it: int, has_update: bool) -> Any:
+    """The root alone sends an update when it has one; its receivers cannot know."""
+    if comm.rank == 0 and has_update:
+        comm.bcast({"update": it}, root=0)
+        return "sent-update"
+    return comm.bcast({"plan": it} if comm.rank == 0 else None, root=0)
+
+
+def by_own_flags(comm: tc.TypedComm, which: str) -> Any:
+    pending = {0: ["req"]}  # only rank 0 holds work
+    resources_ok = rank_has_stats = comm.rank == 0
+    if which == "resources":
+        if resources_ok:
+            return comm.bcast("schedule" if comm.rank == 0 else None, root=0)
+        return comm.bcast("heartbeat" if comm.rank == 0 else None, root=0)
+    if which == "indexed":
+        if pending.get(comm.rank):
+            return comm.bcast("prefill" if comm.rank == 0 else None, root=0)
+        return comm.bcast("decode" if comm.rank == 0 else None, root=0)
+    drop_in = tc.compat.mpi4py(comm)
+    if rank_has_stats:
+        return drop_in.gather({"stats": comm.rank}, root=0)
+    return drop_in.gather(["responses", comm.rank], root=0)
+
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+def test_a_root_deciding_by_its_own_flag_beside_its_role_raises(timeout: Optional[float]) -> None:
+    def loop(comm: tc.TypedComm) -> Any:
+        return [update_or_plan(comm, it, has_update=(it == 1)) for it in range(3)]
+
+    assert outcomes(3, lambda c: update_or_plan(c, 0, False), timeout=timeout) == \
+        [{"plan": 0}] * 3
+    one_desync(outcomes(3, loop, timeout=timeout))
+    for which in ("resources", "indexed", "gather"):
+        one_desync(outcomes(3, by_own_flags, which, timeout=timeout))

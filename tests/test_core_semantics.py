@@ -377,6 +377,8 @@ ARGUMENTS = {
            "ValueError: expected op to be one of"),
     "step": (lambda c: c.allgather(1, step=2 ** 63 if c.rank == 1 else 0),
              "TypeError: expected step to be None or a 64-bit int, got 9223372036854775808"),
+    "set_step": (lambda c: (c.set_step("x" if c.rank == 1 else 0), c.allgather(1)),
+                 "TypeError: expected step to be None or a 64-bit int, got 'x' (given to set_step)"),
     "name": (lambda c: c.allgather(1, name="" if c.rank == 1 else "x"),
              "TypeError: expected name to be None or a str of 1 to 256 characters, got ''"),
     "schema": (lambda c: c.allgather(1, schema=object() if c.rank == 1 else int),

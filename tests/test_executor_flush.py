@@ -207,3 +207,33 @@ def test_bad_step_on_one_rank_fails_the_flush_on_every_rank_and_keeps_messages()
     assert re.fullmatch(rf"collective #0 on tp: rank 1 could not send its flush\[FlushBatch\] "
                         rf"contribution at {SITE}: expected step to be None or a 64-bit int, "
                         rf"got 'x'", str(errors[1])), str(errors[1])
+
+
+def test_a_message_unfit_for_its_channel_fails_one_flush_and_is_kept_aside():
+    """A message that post() accepts (a Struct whose field holds the wrong type; a str on an
+    Optional[int] channel) fails the flush on every rank; the posting rank takes it out of its
+    queues into ``rejected`` so the next flush delivers everything else, every peer's too."""
+    from typing import Optional
+
+    def body(comm):
+        flush = SymmetricFlush(comm, {"timeouts": TimeoutFlag, "count": Optional[int]})
+        bad = comm.rank == 1
+        flush.post("timeouts", TimeoutFlag(rank=comm.rank, iteration=0,
+                                           request_ids=("x",) if bad else (comm.rank,)))
+        flush.post("count", "oops" if bad else comm.rank)
+        try:
+            flush.flush(step=0)
+        except tc.CollectiveError as exc:
+            first = exc
+        delivery = flush.flush(step=1)
+        return (type(first), str(first), [len(t) for t in delivery["timeouts"]],
+                delivery["count"], [(ch, why.split(":")[0]) for ch, _, why in flush.rejected])
+
+    got = run(3, body)
+    assert [g[0] for g in got] == [tc.DecodeError, tc.EncodeError, tc.DecodeError]
+    assert "payload from rank 1 does not decode as FlushBatch" in got[0][1]
+    assert "taken out of this rank's queues (in SymmetricFlush.rejected)" in got[1][1]
+    assert "'count': 'oops' (ValidationError: Expected `int | null`, got `str`)" in got[1][1]
+    assert [g[2:4] for g in got] == [([1, 0, 1], [(0,), (), (2,)])] * 3
+    assert [g[4] for g in got] == [[], [("timeouts", "ValidationError"),
+                                        ("count", "ValidationError")], []]

@@ -117,12 +117,19 @@ class TypedComm:
         until the next call; a collective's own ``step=`` overrides it. Local: no communication.
 
         With it, a rank that skipped one call of a loop raises DesyncError at the first
-        misaligned call instead of returning another iteration's data.
+        misaligned call instead of returning another iteration's data. A bad ``step`` (not an
+        int) is not raised here: the next collective the clock stamps raises EncodeError on
+        this rank and PeerError on the others.
         """
         error = check_step(step)
+        p = self._p
         if error is not None:
-            raise TypeError(error.partition(": ")[2])
-        self._p.step = NO_STEP if step is None else int(step)
+            # Not raised here, where this rank's peers would wait for it at their next
+            # collective: that collective raises it (EncodeError here, PeerError elsewhere),
+            # and so does every later one until the clock is set again.
+            p.step, p.step_error = None, f"{error} (given to set_step)"
+            return
+        p.step, p.step_error = (NO_STEP if step is None else int(step)), None
 
     def note(self, key: str, value: Any) -> None:
         """Record a rank-local decision (``can_queue``, a local timeout) for error reports.

@@ -192,6 +192,9 @@ class Comm:
                                         and operator.index(color) == undefined)
         except TypeError:
             outside = False
+        # mpi4py takes any int, a bool among them (``Split(rank >= 2)``).
+        color = int(color) if isinstance(color, bool) else color
+        key = int(key) if isinstance(key, bool) else key
         typed = self.typed.split(None if outside else color, key, step=step, name=name)
         comm = None
         if self.comm is not None:

@@ -9,38 +9,37 @@ collective from two lines::
     else:
         return comm.bcast(None, root=src)   # the receivers' arm
 
-Their call sites differ, so the envelopes disagree on identity. This module reads, from the
-source every rank runs, whether a call is such a branch's: the k-th call of its name (``bcast``)
-in one arm of an ``if``/``else`` (or of a conditional expression, or of an ``if`` whose body
-always leaves the block — return, raise, continue, break — against the statements after it)
-whose test reads a role (``_tests_a_role``: a name with ``rank``, ``root``, ``src``... in it; an
-``if ready:`` only the root took the other way of would hand its receivers the root's other
-call), where the other arm has a k-th call of that name too. Where at most one of the two arms
-chooses among its calls, ordinals are counted along one path through each arm: the calls before
-this one that can run before it, so calls in two arms of an ``if`` nested in the arm (or in an
-arm that always leaves of an earlier ``if`` in the same block) do not count each other, and the
-longest run must be as long in both arms. SGLang's ``broadcast_pyobj`` sends a size alone when
-the data is empty, else a size and the data, while its receivers read the size and return early
-on 0: the root's two size calls are both the first of their path and pair with the receivers'
-one. Where both arms choose (``if cached: body / else: header, body`` on both sides, ``cached``
-a rank's own), a rank on one path would pair its header with a peer's body: there ordinals are
-counted in the source, with as many calls in each arm, as written; and where one arm chooses,
-each of its paths must end where the other arm can (its last call, or an exit between two of its
-calls), so receivers that skip a header by a flag of their own pair nothing. A root that skips
-its arm's first call under a condition of its own reaches its second with ordinal 2, and the
-receivers' first (ordinal 1) still differs; arms whose longest runs differ (a call only the
-receivers make) pair nothing. A call may sit in several nested ``if`` statements that pair it (a
-role branch under a setting every rank shares, or a receivers' arm split further by ``elif``):
-each is a candidate, the innermost first. The verdict takes the root's innermost, so two role
-branches under a condition of the rank's own (``(b(x) if r == 0 else b(None)) if ready else
-(b(y) if r == 0 else b(None))``, the root ready and its receivers not) raise: each names its
-own. ``branch_of(code, lasti)`` gives the candidates (each: file, the ``if``'s line and column,
-k, name: two conditional expressions on one line are two branches; and the arm this call is in);
-the verdict (``verdict.disagreement``, ``mismatch.split_branch``) accepts a rooted collective
-whose envelopes differ only in their sites when every rank names the root's innermost branch and
-the root alone is in its arm. Only rooted ops: two votes written in two arms (``allreduce`` of a
-timeout, ``allreduce`` of a batch size) are different calls, and a rank in the wrong arm must
-still raise.
+Their call sites differ, so the envelopes disagree on identity. This module reads, from the source
+every rank runs, whether a call is such a branch's: the k-th call of its name (``bcast``) in one
+arm of an ``if``/``else`` (or of a conditional expression, or of an ``if`` whose body always leaves
+the block — return, raise, continue, break — against the statements after it) whose test splits
+ranks by role alone (``role_test``: ``rank == src``, ``is_driver_worker``; an ``if ready:`` or ``if
+rank == 0 and ready:`` the root took the other way of by a flag of its own would hand its receivers
+the root's other call), where the other arm has a k-th call of that name too. Where at most one of
+the two arms chooses among its calls, ordinals are counted along one path through each arm: the
+calls before this one that can run before it, so calls in two arms of an ``if`` nested in the arm
+(or in an arm that always leaves of an earlier ``if`` in the same block) do not count each other,
+and the longest run must be as long in both arms. SGLang's ``broadcast_pyobj`` sends a size alone
+when the data is empty, else a size and the data, while its receivers read the size and return
+early on 0: the root's two size calls are both the first of their path and pair with the receivers'
+one. Where both arms choose (``if cached: body / else: header, body`` on both sides, ``cached`` a
+rank's own), a rank on one path would pair its header with a peer's body: there ordinals are
+counted in the source, with as many calls in each arm, as written; and where one arm chooses, each
+of its paths must end where the other arm can (its last call, or an exit between two of its calls),
+so receivers that skip a header by a flag of their own pair nothing. A root that skips its arm's
+first call under a condition of its own reaches its second with ordinal 2, and the receivers' first
+(ordinal 1) still differs; arms whose longest runs differ (a call only the receivers make) pair
+nothing. A call may sit in several nested ``if`` statements that pair it (a role branch under a
+setting every rank shares, or a receivers' arm split further by ``elif``): each is a candidate, the
+innermost first. The verdict takes the root's innermost, so two role branches under a condition of
+the rank's own (``(b(x) if r == 0 else b(None)) if ready else (b(y) if r == 0 else b(None))``, the
+root ready and its receivers not) raise: each names its own. ``branch_of(code, lasti)`` gives the
+candidates (each: file, the ``if``'s line and column, k, name: two conditional expressions on one
+line are two branches; and the arm this call is in); the verdict (``verdict.disagreement``,
+``mismatch.split_branch``) accepts a rooted collective whose envelopes differ only in their sites
+when every rank names the root's innermost branch and the root alone is in its arm. Only rooted
+ops: two votes written in two arms (``allreduce`` of a timeout, ``allreduce`` of a batch size) are
+different calls, and a rank in the wrong arm must still raise.
 
 Nothing here runs on the steady path: a branch is read when envelopes are compared. Where the
 source cannot be read (no file, a file too large) no call is a branch's, so the sites are
@@ -58,6 +57,7 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 from .identity import CodeTable, Position, position_of, register_internal, source_name
 from .mismatch import Branch
+from .role_test import tests_a_role
 
 _MAX_SOURCE = 4 * 1024 * 1024  # bytes of source parsed for one file, at most
 _EXITS = (ast.Return, ast.Raise, ast.Continue, ast.Break)
@@ -176,7 +176,7 @@ def _enclosing_branches(call: ast.Call, name: str,
     while node in parents and not isinstance(node, _SCOPES) and len(hits) < MAX_CANDIDATES:
         parent = parents[node]
         for branch, arm, mine, other in _arms_around(node, parent, parents):
-            if not _tests_a_role(branch):
+            if not tests_a_role(getattr(branch, "test", None)):
                 continue
             hit = _pair(call, _named_calls(mine, name), _named_calls(other, name), mine, other,
                         parents)
@@ -184,28 +184,6 @@ def _enclosing_branches(call: ast.Call, name: str,
                 hits.append((branch.lineno, branch.col_offset, hit, name, arm))
         node = parent
     return hits
-
-
-# Words in a branch test that name a role: the rank or the root (``rank == src``,
-# ``self.rank_in_group == 0``, ``dist.get_rank() == root``, ``is_driver_worker``).
-_ROLE_WORDS = ("rank", "root", "src", "source", "leader", "driver", "master", "coordinator",
-               "primary", "is_main")
-_ROLE_NAMES = frozenset({"r", "me"})  # a rank's usual one-letter names
-
-
-def _tests_a_role(branch: ast.AST) -> bool:
-    """Whether the ``if``'s test reads a role. Only such a branch pairs its arms: an ``if`` on
-    a flag of the rank's own (``if ready: bcast(plan) else: bcast(flag)``) that only the root
-    took the other way of would otherwise pass for a role branch, and its receivers would take
-    the root's other call."""
-    test = getattr(branch, "test", None)
-    for node in ast.walk(test) if test is not None else ():
-        word = node.id if isinstance(node, ast.Name) else \
-            node.attr if isinstance(node, ast.Attribute) else None
-        if word is not None and (word in _ROLE_NAMES or
-                                 any(w in word.lower() for w in _ROLE_WORDS)):
-            return True
-    return False
 
 
 def _pair(call: ast.Call, mine: List[ast.Call], other: List[ast.Call],

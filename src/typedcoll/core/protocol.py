@@ -86,7 +86,8 @@ class Protocol:
     __slots__ = ("channel", "transport", "rank", "size", "name", "instance", "timeout", "seq",
                  "step", "policy", "slot", "send", "send_view", "recv", "recv_view", "recv_u32",
                  "block", "counts", "guesses", "roles", "recorder", "fast", "failure", "observer",
-                 "deferred", "hang_reporter", "extensions", "freed", "notes", "__weakref__")
+                 "deferred", "hang_reporter", "extensions", "freed", "notes", "step_error",
+                 "__weakref__")
 
     def __init__(self, channel: Channel, instance: int, name: str,
                  timeout: Optional[float]) -> None:
@@ -98,7 +99,10 @@ class Protocol:
         self.instance = instance
         self.timeout = timeout  # checked and agreed on by the creation exchange (ops.create)
         self.seq = 0
-        self.step = NO_STEP  # the step clock: set_step() stamps every later collective
+        # The step clock: set_step() stamps every later collective. None: set_step() was given
+        # a bad value, held in step_error for the next collective it stamps to report.
+        self.step: Optional[int] = NO_STEP
+        self.step_error: Optional[str] = None
         self.policy = SlotPolicy(max_slot=self.transport.max_slot)
         self.slot = 0
         self.block = bytearray(AGREE_SIZE)
@@ -183,7 +187,10 @@ class Protocol:
             call.seq = self.seq
             self.seq += 1
         if call.step is None and call.clocked:
-            call.step = None if self.step == NO_STEP else self.step
+            if self.step is None:
+                call.error = call.error or self.step_error
+            elif self.step != NO_STEP:
+                call.step = self.step
         identity = self.identity(call)
         if call.wild:
             guesses.guess(self, call, identity)

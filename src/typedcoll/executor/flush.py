@@ -37,6 +37,7 @@ import msgspec
 from .. import codecs
 from .._comm import TypedComm
 from ..core import fast, ops
+from ..core.errors import EncodeError
 from ..core.identity import register_internal
 
 
@@ -121,7 +122,12 @@ class SymmetricFlush:
         self._post_to = {ch: (queue, tp if isinstance(tp, type) else None)
                          for (ch, tp), queue in zip(channels.items(), self._queues)}
         self._flushed = [0] * len(self.channels)
+        self._types = tuple(channels.values())
         self.flushes = 0
+        # (channel, message, why): messages this rank posted that do not fit their channel's
+        # type. A flush that could not send them took them out of its queues (they would fail
+        # every later flush) and raised EncodeError naming them; they are kept here.
+        self.rejected: List[Tuple[str, Any, str]] = []
 
     def post(self, channel: str, message: Any) -> None:
         """Queue ``message`` on ``channel`` until the next flush; local, never communicates.
@@ -173,10 +179,19 @@ class SymmetricFlush:
         # The C path's steady state is called from here (see TypedComm.allgather).
         p = comm._p
         out = None
-        if p.fast is not None:
-            out = _C.allgather(p, batch, self._batch_type, step, name, "flush")
-        received = out if out.__class__ is list else ops.allgather(
-            p, batch, self._batch_type, step, name, op="flush", out=out)
+        try:
+            if p.fast is not None:
+                out = _C.allgather(p, batch, self._batch_type, step, name, "flush")
+            received = out if out.__class__ is list else ops.allgather(
+                p, batch, self._batch_type, step, name, op="flush", out=out)
+        except EncodeError as exc:
+            rejected = self._take_unfit() if pending else []
+            if not rejected:
+                raise
+            raise EncodeError(
+                f"{exc}\n  messages that do not fit their channel's type, taken out of this "
+                f"rank's queues (in SymmetricFlush.rejected) so that the next flush delivers the "
+                f"rest: {'; '.join(rejected)}", seq=exc.seq, comm=exc.comm) from exc
         if sets_clock:
             # Only once every rank agreed on the step: a failed flush leaves every rank's clock
             # as it was.
@@ -190,6 +205,25 @@ class SymmetricFlush:
                     queue.clear()
         self.flushes += 1
         return Delivery(step, seq, self.channels, received)
+
+    def _take_unfit(self) -> List[str]:
+        """This rank's batch did not encode or fit its type: take out the messages that do not
+        fit their channel's type (each checked alone, as its peers would decode it), into
+        ``rejected``; what was taken, as text."""
+        taken: List[str] = []
+        for channel, queue, tp in zip(self.channels, self._queues, self._types):
+            keep = []
+            for message in queue:
+                try:
+                    msgspec.msgpack.decode(codecs.ENCODER.encode(message), type=tp)
+                except (msgspec.MsgspecError, TypeError, ValueError, OverflowError) as exc:
+                    why = f"{type(exc).__name__}: {exc}"
+                    self.rejected.append((channel, message, why))
+                    taken.append(f"{channel!r}: {message!r:.200} ({why})")
+                else:
+                    keep.append(message)
+            queue[:] = keep
+        return taken
 
 
 register_internal(__file__)
