@@ -265,8 +265,9 @@ def test_a_rank_that_does_not_answer_is_named_unresponsive_with_what_is_known():
     assert err.missing == (1,)
     assert normal(str(err)).splitlines()[1:] == [
         "hang report (side channel: 0 of 1 peer answered within 1 s):",
-        "  unresponsive: rank 1 (no answer within 1 s: stuck in a C call that holds the GIL, "
-        "dead, or running without typedcoll diagnostics)",
+        "  unresponsive: rank 1 (no answer within 1 s: it released this communicator already "
+        "(a `with` block left by an exception releases it on that rank alone), or it is stuck "
+        "in a C call that holds the GIL, dead, or running without typedcoll diagnostics)",
         "    rank 1: it never answered this rank's side channel",
         f"    last collective every rank took part in: allgather[RankState] on WORLD seq=0 at "
         f"{at('together')}, its 1st call: completed N s ago",

@@ -38,8 +38,9 @@ from .model import CommState, PeerSeen, RankStatus
 
 GRACE = 1.0  # how long the asker waits for answers: the report comes within timeout + GRACE
 MAX_DETAILED = 8  # ranks described one by one in each list; the rest are only listed
-UNRESPONSIVE_WHY = ("stuck in a C call that holds the GIL, dead, or running without typedcoll "
-                    "diagnostics")
+UNRESPONSIVE_WHY = ("it released this communicator already (a `with` block left by an "
+                    "exception releases it on that rank alone), or it is stuck in a C call that "
+                    "holds the GIL, dead, or running without typedcoll diagnostics")
 _NONCES = itertools.count(int.from_bytes(os.urandom(3), "little") << 20)
 
 
