@@ -323,3 +323,56 @@ def test_flags_of_slots_reads_what_flags_of_bytes_reads():
             want |= flags_of_bytes(data)
         assert flags_of_slots(recv, slot, len(chosen), HEADER_SIZE) == want, chosen
     assert any(flags_of_bytes(data) for data in payloads)  # the scan saw flagged payloads
+
+
+# --- instances that would not arrive as sent ------------------------------------------------------
+class ConnectorMeta(msgspec.Struct):
+    pass
+
+
+class NixlMeta(ConnectorMeta):
+    reqs: dict[str, list[int]] = {}
+
+
+class SchedulerOut(msgspec.Struct):
+    step: int
+    meta: Optional[ConnectorMeta] = None
+
+
+@dataclasses.dataclass
+class RequestState:
+    req_id: str
+    computed: int = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        self.computed = 0  # the engine advances it later
+
+
+@dataclasses.dataclass
+class Loads:
+    phase: int
+    sizes: list[int]
+    mean: float
+
+
+def test_refuses_an_instance_that_would_not_arrive_as_sent():
+    """pickle rebuilds an object as it was; msgspec by its declared fields and types. Where the
+    two differ the sender refuses (a silent difference would be another value on every
+    receiver); where they agree in value, it sends."""
+    assert refusal(SchedulerOut(7, NixlMeta({"r": [1]}))) == (
+        "ValueError: expected a SchedulerOut that arrives as it was sent, got one that would "
+        "not: $.meta is a NixlMeta and would arrive as a ConnectorMeta (the field's declared "
+        "class: the subclass's fields are lost); pickle would rebuild it, msgspec rebuilds "
+        "declared fields by their declared types")
+    advanced = RequestState("a")
+    advanced.computed = 3
+    assert "$[0].computed 3 would arrive as 0 (RequestState.__post_init__ runs again on every " \
+        "receiver)" in refusal([advanced])
+    tagged_on = Loads(1, [2], 0.5)
+    tagged_on.owner = 3  # type: ignore[attr-defined]
+    assert "$[0] carries attributes outside its declared fields (owner)" in refusal([tagged_on])
+    # Equal in value: an IntEnum in an int field, a tuple in a list field, NaN, arrays.
+    for value in (Loads(Phase.PREFILL, (1, 2), math.nan), Request(1, np.array([math.nan])),
+                  SchedulerOut(1, ConnectorMeta()), RequestState("b")):
+        back = round_trip(value)
+        assert type(back) is type(value)

@@ -53,6 +53,7 @@ from ..codecs.schema import ENCODER, class_path
 from ..core.fresh import on_fresh_stack
 from ..core.identity import register_internal
 from ..core.verdict import decode_any
+from .fidelity import why_not
 
 # Extension codes. Containers are lists whose first item is an empty marker; leaves carry data.
 ROOT, TUPLE, SET, FROZENSET, DICT, CLASS, EXT, NAMED_TUPLE = 16, 17, 18, 19, 20, 21, 22, 23
@@ -250,6 +251,14 @@ class _Tagger:
         if len(payload) > MAX_NESTING and not nesting_ok(payload):
             raise Refused(f"ValueError: expected a value nested at most {MAX_NESTING} deep, got "
                           f"a {what} nested deeper at {{path}}")
+        try:
+            why = why_not(value, info.decode(payload), "{path}")
+        except Exception as exc:  # a __post_init__ that refuses what it built
+            why = f"{{path}} would not decode as a {what} ({type(exc).__name__}: {exc})"
+        if why is not None:
+            raise Refused(f"ValueError: expected a {what} that arrives as it was sent, got one "
+                          f"that would not: {why}; pickle would rebuild it, msgspec rebuilds "
+                          f"declared fields by their declared types")
         self.flags |= HAS_CLASSES
         return [_MARKERS[CLASS], path, info.fingerprint, payload]
 
