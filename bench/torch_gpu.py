@@ -47,7 +47,8 @@ import torch.distributed as dist
 import typedcoll as tc
 from typedcoll.tensor import device as tensor_device
 from typedcoll.tensor.envelope import BLOCK, RING
-from typedcoll.transports.torch import all_gather_single, free_port
+from typedcoll.transports.gloo import free_port
+from typedcoll.transports.torch import all_gather_single
 
 SIZES = [1 << 10, 16 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
 

@@ -40,7 +40,7 @@ def test_snippet_runs(tmp_path, kind, n, code):
 
 
 def _run_gloo(code: str, n: int, tmp_path: Path) -> None:
-    from typedcoll.transports.torch import free_port
+    from typedcoll.transports.gloo import free_port
     script = tmp_path / "snippet.py"
     # After the snippet: skip the interpreter's teardown, where gloo's threads now and then abort
     # a process that already finished ("terminate called without an active exception").

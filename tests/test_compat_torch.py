@@ -233,7 +233,7 @@ def worker(rank: int, size: int, port: int, out_dir: str) -> None:
 @pytest.mark.parametrize("size", [2, 4])
 def test_matches_torch_collectives_on_gloo(tmp_path, size):
     pytest.importorskip("torch")
-    from typedcoll.transports.torch import free_port
+    from typedcoll.transports.gloo import free_port
     port = free_port()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [
         str(HERE.parent.parent / "src"), os.environ.get("PYTHONPATH", "")])),
@@ -376,7 +376,7 @@ os._exit(0)
 def test_the_drop_in_takes_the_groups_timeout_unless_given_one():
     # torch's own calls fail after the group's timeout; the drop-in's waited forever.
     pytest.importorskip("torch")
-    from typedcoll.transports.torch import free_port
+    from typedcoll.transports.gloo import free_port
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [
         str(HERE.parent.parent / "src"), os.environ.get("PYTHONPATH", "")])))
     out = subprocess.run([sys.executable, "-c", GROUP_TIMEOUT, str(free_port())],

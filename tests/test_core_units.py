@@ -186,6 +186,20 @@ def test_decisions_that_differ_are_listed():
                          "the wrapper they share with @typedcoll.transparent)")
 
 
+def test_decisions_that_differ_within_one_envelope_group_are_listed_by_rank():
+    """Ranks 0-2 agree in their envelope but rank 1 decided otherwise: each rank's own
+    decision counts, at every site it was noted at; and a rank that noted nothing is shown."""
+    note = lambda v, at="loop.py:12": (  # noqa: E731
+        Note(key="can_queue", value=v, site=at, step=4),)
+    envelopes = [env(0, notes=note(True)), env(1, notes=note(False, "loop.py:14")),
+                 env(2, notes=note(True)), env(3, site="x.py:1", notes=note(False)), env(4)]
+    groups = group_envelopes(envelopes)
+    assert [g.ranks for g in groups] == [(0, 1, 2, 4), (3,)]
+    text = desync_message(14, "tp", mismatch_kinds(envelopes), groups)
+    assert "  decisions that differ:\n    can_queue at loop.py:12 and loop.py:14 — ranks 0,2: " \
+        "True; ranks 1,3: False; rank 4: (not noted)\n" in text, text
+
+
 def test_the_identity_hint_follows_what_the_identities_are():
     def hint(*envelopes: EnvelopeInfo) -> str:
         kinds = mismatch_kinds(envelopes)

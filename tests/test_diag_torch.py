@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 def run_gloo(program: str, size: int) -> List[Tuple[int, str]]:
     """Run ``tests/spmd/<program>.py RANK SIZE PORT`` in ``size`` processes: each one's (exit
     status, output), in rank order; the test fails if any is still running after the limit."""
-    from typedcoll.transports.torch import free_port
+    from typedcoll.transports.gloo import free_port
     port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
                PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]))
@@ -55,3 +55,11 @@ def test_a_dead_gloo_peer_is_a_collective_error_not_a_runtime_error(size):
     for r, (returncode, out) in enumerate(ranks[:-1]):
         assert returncode == 0 and f"SPMD-OK gloo_dead_peer rank {r}/{size}" in out, \
             f"rank {r}:\n{out[-6000:]}"
+
+
+def test_a_rank_that_never_creates_its_comm_fails_creation_on_the_others_in_time():
+    ranks = run_gloo("gloo_absent_creator", 3)
+    for r, (returncode, out) in enumerate(ranks):
+        assert returncode == 0, f"rank {r}:\n{out[-6000:]}"
+    for r, (_, out) in enumerate(ranks[:-1]):
+        assert f"SPMD-OK gloo_absent_creator rank {r}/3" in out, f"rank {r}:\n{out[-6000:]}"

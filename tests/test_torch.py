@@ -52,7 +52,7 @@ def run_ranks(program: str, size: int, tmp_path: Path,
     """Run ``program`` on ``size`` gloo ranks; every rank's outcomes, in rank order. The limit
     grows with the size: each process imports torch, and a small machine runs them in turn."""
     timeout = 60.0 + 15.0 * size if timeout is None else timeout
-    from typedcoll.transports.torch import free_port
+    from typedcoll.transports.gloo import free_port
     port = free_port()
     env = dict(os.environ, TYPEDCOLL_SEED=str(SEED), OMP_NUM_THREADS="1")
     procs = [subprocess.Popen([sys.executable, str(HERE), program, str(r), str(size), str(port),

@@ -23,8 +23,8 @@ dist = pytest.importorskip("torch.distributed")
 
 import typedcoll as tc  # noqa: E402
 from typedcoll.tensor import device  # noqa: E402
-from typedcoll.transports.torch import (all_gather_single, free_port,  # noqa: E402
-                                        reduce_scatter_single)
+from typedcoll.transports.gloo import free_port  # noqa: E402
+from typedcoll.transports.torch import all_gather_single, reduce_scatter_single  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -68,7 +68,7 @@ class TypedComm:
         """
         from .transports.torch import channel_for_group
         comm = cls.__new__(cls)
-        comm._p = _created(channel_for_group(group), timeout, name)
+        comm._p = _created(channel_for_group(group, timeout), timeout, name)
         if tensor_check is not None:
             from .tensor.device import set_tensor_check
             set_tensor_check(comm._p, tensor_check)

@@ -46,24 +46,10 @@ def _schema(n: int) -> Any:
 
 
 def group_timeout(group: Any) -> Optional[float]:
-    """The seconds after which torch fails a call of ``group`` (None: the default group), as
-    ``init_process_group(timeout=)`` or ``new_group(timeout=)`` set them; None where the group
-    does not say."""
-    try:
-        import torch
-        from torch.distributed import distributed_c10d as c10d
-        pg = c10d._get_default_group() if group is None else group
-        for device in ("cpu", "cuda"):
-            try:
-                backend = pg._get_backend(torch.device(device))
-            except Exception:  # no backend for this device
-                continue
-            seconds = backend.options._timeout.total_seconds()
-            if 0 < seconds < 10 ** 9:
-                return float(seconds)
-    except Exception:  # a torch without these internals: no timeout, as before
-        pass
-    return None
+    """The seconds after which torch fails a call of ``group`` (None: the default group); None
+    where the group does not say (``transports.gloo.group_timeout``)."""
+    from ..transports.gloo import group_timeout as of_group
+    return of_group(group)
 
 
 class TorchDistributed:

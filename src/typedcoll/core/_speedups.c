@@ -62,6 +62,7 @@
 #define FLAG_SPLIT_ARRAY 8
 #define FLAG_GUESSED 16
 #define FLAG_ROLE 32
+#define NOTICE_POLLS 4 /* transports/mpi.py: NOTICE_POLLS */
 #define SHAPE_REDUCE 0
 #define SHAPE_GATHER 1
 #define NO_ROOT (-1)
@@ -605,19 +606,23 @@ static int wait_requests(Engine *e, void *req, int count, double deadline, int *
 }
 
 /* Whether a peer's notice that it gave up on a call waits for this rank: 1 yes, 0 no, -1 error
- * (rc_out set). Runs without the GIL. */
+ * (rc_out set). Probed NOTICE_POLLS times (transports/mpi.py says why). Runs without the GIL. */
 static int notice_waiting(const Engine *e, int *rc_out) {
     if (e->iprobe == NULL) return 0;
     char status[512];
     int flag = 0, rc;
     intptr_t comm = comm_now(e);
-    if (e->handle_size == 4)
-        rc = ((iprobe_i)e->iprobe)(e->any_source, e->notice_tag, (int32_t)comm, &flag, status);
-    else
-        rc = ((iprobe_p)e->iprobe)(e->any_source, e->notice_tag, (void *)comm, &flag, status);
-    if (rc != 0) {
-        *rc_out = rc;
-        return -1;
+    for (int poll = 0; poll < NOTICE_POLLS && !flag; poll++) {
+        if (e->handle_size == 4)
+            rc = ((iprobe_i)e->iprobe)(e->any_source, e->notice_tag, (int32_t)comm, &flag,
+                                       status);
+        else
+            rc = ((iprobe_p)e->iprobe)(e->any_source, e->notice_tag, (void *)comm, &flag,
+                                       status);
+        if (rc != 0) {
+            *rc_out = rc;
+            return -1;
+        }
     }
     return flag != 0;
 }

@@ -86,10 +86,20 @@ class EnvelopeInfo(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Group(msgspec.Struct, frozen=True):
-    """Ranks whose envelopes agree in every field shown, and that envelope."""
+    """Ranks whose envelopes agree in every field shown, and that envelope (its first rank's).
+
+    Decisions (notes) are not shown in the envelope line, so ranks of one group may differ in
+    them: ``member_notes`` then holds each rank's, in the order of ``ranks`` (empty where they
+    all noted alike)."""
 
     ranks: Tuple[int, ...]
     envelope: EnvelopeInfo
+    member_notes: Tuple[Tuple[Note, ...], ...] = ()
+
+    def notes_by_rank(self) -> List[Tuple[int, Tuple[Note, ...]]]:
+        if not self.member_notes:
+            return [(r, self.envelope.notes) for r in self.ranks]
+        return list(zip(self.ranks, self.member_notes))
 
 
 def role_split(envelopes: Sequence[EnvelopeInfo], root: Optional[int]) -> bool:
@@ -150,7 +160,10 @@ def group_envelopes(envelopes: Sequence[EnvelopeInfo]) -> List[Group]:
     by_key: Dict[Tuple[Any, ...], List[EnvelopeInfo]] = {}
     for env in sorted(envelopes, key=lambda e: e.rank):
         by_key.setdefault(_shown(env), []).append(env)
-    return [Group(tuple(e.rank for e in members), members[0]) for members in by_key.values()]
+    return [Group(tuple(e.rank for e in members), members[0],
+                  () if all(e.notes == members[0].notes for e in members)
+                  else tuple(e.notes for e in members))
+            for members in by_key.values()]
 
 
 def mismatch_kinds(envelopes: Sequence[EnvelopeInfo]) -> List[MismatchKind]:
@@ -239,25 +252,25 @@ def format_groups(groups: Sequence[Group], kinds: Sequence[MismatchKind],
 
 def differing_notes(groups: Sequence[Group]) -> List[Tuple[str, str, List[Tuple[str, str]]]]:
     """The latest notes whose values differ between groups: (key, site, [(ranks, value)])."""
-    if len(groups) < 2:
+    per_rank = sorted(pair for g in groups for pair in g.notes_by_rank())
+    if len(per_rank) < 2:
         return []
     by_key: Dict[str, Dict[int, Note]] = {}
     note: Optional[Note]
-    for g in groups:
-        for note in g.envelope.notes:
-            by_key.setdefault(note.key, {})[g.ranks[0]] = note
+    for rank, notes in per_rank:
+        for note in notes:
+            by_key.setdefault(note.key, {})[rank] = note
     out = []
-    for key, notes in by_key.items():
-        values = {repr(n.value) for n in notes.values()}
-        missing = [g for g in groups if g.ranks[0] not in notes]
-        if len(values) < 2 and not missing:
+    for key, noted in by_key.items():
+        values = {repr(n.value) for n in noted.values()}
+        if len(values) < 2 and len(noted) == len(per_rank):
             continue
-        site = next(iter(notes.values())).site
+        sites = sorted({n.site for n in noted.values()})
         rows: Dict[str, List[int]] = {}
-        for g in groups:
-            note = notes.get(g.ranks[0])
-            rows.setdefault(repr(note.value) if note else "(not noted)", []).extend(g.ranks)
-        out.append((key, site, [(compact_ranks(r), v) for v, r in rows.items()]))
+        for rank, _ in per_rank:
+            note = noted.get(rank)
+            rows.setdefault(repr(note.value) if note else "(not noted)", []).append(rank)
+        out.append((key, " and ".join(sites), [(compact_ranks(r), v) for v, r in rows.items()]))
     return out
 
 

@@ -85,6 +85,11 @@ _MAX_SLEEP = 0.002
 # Requests a deadline left pending, with the buffers they hold: MPI may still write into those,
 # so they must outlive the call (the channel is broken then, and never reused).
 _ABANDONED: List[List[Any]] = []
+_NOTICE_PROGRESS_S = 0.2  # how long a rank that gives up progresses its notices to its peers
+# How many times a completed exchange with a deadline probes for a peer's notice: MPICH moves
+# only part of what waits in its shared-memory queues per probe, so one probe missed notices
+# that had arrived seconds before (a late rank returned its result); the C path probes as often.
+NOTICE_POLLS = 4
 
 
 def wait_all(requests: List[MPI.Request], deadline: Optional[float]) -> None:
@@ -242,7 +247,8 @@ class MPITransport:
                 held[have * slot:(have + got) * slot] = inbox[PREFIX:PREFIX + got * slot]
                 have += got
             dist *= 2
-        if deadline is not None and self.comm.Iprobe(MPI.ANY_SOURCE, NOTICE_TAG):
+        if deadline is not None and any(self.comm.Iprobe(MPI.ANY_SOURCE, NOTICE_TAG)
+                                        for _ in range(NOTICE_POLLS)):
             raise TransportTimeout()  # a peer gave up on a call: see the module's docstring
         if seen == 3:  # ranks met in exchanges of both shapes: disagreement, on every rank
             force_disagreement(block)
@@ -376,9 +382,15 @@ class MPITransport:
     # --- giving up (the module's docstring) -----------------------------------------------
     def give_up(self, seq: int, failure: str) -> None:
         note = seq.to_bytes(8, "little")
-        for peer in range(self.size):
-            if peer != self.rank:  # never waited on: the channel is unusable after this
-                _ABANDONED.append([self.comm.Isend([note, MPI.BYTE], peer, NOTICE_TAG), note])
+        sends = [self.comm.Isend([note, MPI.BYTE], peer, NOTICE_TAG)
+                 for peer in range(self.size) if peer != self.rank]
+        _ABANDONED.extend([send, note] for send in sends)  # their buffers live with the process
+        # Progressed here for a moment (a rank raising its timeout makes no MPI call after, and
+        # MPICH delivers a send it was not progressed for late, after a late peer has looked),
+        # never waited on for longer: a peer that is gone never takes them.
+        until = time.monotonic() + _NOTICE_PROGRESS_S
+        while not MPI.Request.Testall(sends) and time.monotonic() < until:
+            time.sleep(0)
 
     def given_up(self) -> List[Tuple[int, int]]:
         found = []

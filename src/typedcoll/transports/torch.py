@@ -35,12 +35,9 @@ from __future__ import annotations
 import atexit
 import weakref
 
-import math
 import os
-import socket
 import time
-from datetime import timedelta
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -53,19 +50,16 @@ from torch.distributed import distributed_c10d as c10d
 from ..codecs.reduce import reduce_values
 from ..core.channel import Channel
 from ..core.identity import register_internal
-from ..core.transport import TransportFailure, TransportTimeout, finish_gathered
+from ..core.transport import finish_gathered
 from ..core.wire import MAX_SLOT
+from .gloo import (EMPTY, connect_bound, group_name, make_gloo, make_nccl, options, post, u8,
+                   wait_work)
 
 # torch 2.13 renamed the fused-tensor collectives and deprecates the old names with a
 # FutureWarning; torch 2.11 has only the old ones.
 all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
-# Gloo needs a finite timeout: "no deadline" is a year of it.
-FOREVER = timedelta(days=365)
-_FOREVER_S = FOREVER.total_seconds()
-_MARGIN_S = 1.0  # gloo abandons a timed-out operation this long after its deadline
-_ALARM_SLICE_S = 0.5  # how often a waiting collective looks for a peer's report of a failure
 
 TORCH_OPS = {"sum": dist.ReduceOp.SUM, "prod": dist.ReduceOp.PRODUCT, "max": dist.ReduceOp.MAX,
              "min": dist.ReduceOp.MIN, "band": dist.ReduceOp.BAND, "bor": dist.ReduceOp.BOR,
@@ -77,98 +71,6 @@ TORCH_OPS = {"sum": dist.ReduceOp.SUM, "prod": dist.ReduceOp.PRODUCT, "max": dis
 _INT_OPS = frozenset(TORCH_OPS)
 _GLOO_NATIVE = {("i", 1): _INT_OPS, ("u", 1): _INT_OPS, ("i", 4): _INT_OPS, ("i", 8): _INT_OPS,
                 ("f", 4): frozenset({"sum", "prod"}), ("f", 8): frozenset({"sum", "prod"})}
-_EMPTY = torch.empty(0, dtype=torch.uint8)
-
-
-def u8(buf: Any) -> torch.Tensor:
-    """A uint8 CPU tensor over ``buf``'s memory: no copy for writable buffers (bytearrays).
-
-    Read-only ones (bytes) are copied first: torch warns on a read-only view. torch.frombuffer
-    refuses empty buffers.
-    """
-    if not len(buf):
-        return _EMPTY
-    if memoryview(buf).readonly:
-        buf = bytearray(buf)
-    return torch.frombuffer(buf, dtype=torch.uint8)
-
-
-def options(kind: Any, deadline: Optional[float]) -> Any:
-    """Options of one gloo operation, its timeout taken from ``deadline``."""
-    opts = kind()
-    if deadline is not None:
-        remaining = deadline - time.monotonic()
-        if remaining < _FOREVER_S:
-            opts.timeout = timedelta(seconds=max(remaining, 0.0) + _MARGIN_S)
-    return opts
-
-
-def wait_work(work: Any, deadline: Optional[float],
-              alarm: Optional[Callable[[], str]] = None) -> None:
-    """Wait for a torch operation; TransportTimeout once ``deadline`` has passed,
-    TransportFailure when the backend fails it first (a peer's process or connection is gone).
-
-    ``alarm`` (collectives only): read between slices of the wait, the text of a peer's report
-    that the backend failed a call of this channel, or "". gloo fails a call with a dead peer
-    only on the ranks that exchange with it directly; the others would wait for their
-    neighbours, who have given up, until the deadline, or forever without one.
-    """
-    while True:
-        remaining = math.inf if deadline is None else deadline - time.monotonic()
-        sliced = alarm is not None and remaining > _ALARM_SLICE_S
-        try:
-            if sliced:
-                work.wait(timedelta(seconds=_ALARM_SLICE_S))
-            elif remaining >= _FOREVER_S:  # None, math.inf, or beyond what a timedelta holds
-                work.wait()
-            else:
-                work.wait(timedelta(seconds=max(remaining, 1e-3)))
-            return
-        except RuntimeError as exc:
-            # Collectives stay pending after a timed-out wait; point-to-point operations are
-            # failed by it (gloo closes the pair). Before the deadline, a completed operation
-            # that raised is a real failure (a peer died).
-            if sliced and not work.is_completed():
-                reported = alarm()  # type: ignore[misc]  # sliced: alarm is not None
-                if reported:
-                    raise TransportFailure(reported) from None
-                continue
-            if deadline is not None and (not work.is_completed()
-                                         or time.monotonic() >= deadline - 1e-3):
-                raise TransportTimeout() from None
-            raise TransportFailure(f"{type(exc).__name__}: {exc}") from exc
-
-
-def group_name(group: Any) -> str:
-    """``WORLD`` for the default group, else ``group[0,2,5]`` (its global ranks)."""
-    if group is None or group is dist.group.WORLD:
-        return "WORLD"
-    return "group[" + ",".join(map(str, dist.get_process_group_ranks(group))) + "]"
-
-
-def _posted(post: Callable[..., Any], *args: Any) -> Any:
-    """A point-to-point operation posted; TransportFailure where gloo refuses to post it (the
-    peer's connection closed: its process is gone), as when it fails the operation later."""
-    try:
-        return post(*args)
-    except RuntimeError as exc:
-        raise TransportFailure(str(exc)) from None
-
-
-def free_port() -> int:
-    """A free localhost TCP port, for launching test and benchmark process groups."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _gloo(store: Any, prefix: str, rank: int, size: int) -> Any:
-    return c10d.ProcessGroupGloo(c10d.PrefixStore(prefix + "/gloo/", store), rank, size, FOREVER)
-
-
-def _nccl(store: Any, prefix: str, rank: int, size: int) -> Any:
-    return c10d.ProcessGroupNCCL(c10d.PrefixStore(prefix + "/nccl/", store), rank, size,
-                                 c10d.ProcessGroupNCCL.Options())
 
 
 # A gloo operation costs hundreds of microseconds however few bytes it moves, so a payload past
@@ -192,8 +94,9 @@ class TorchTransport:
     kind = "torch"
 
     def __init__(self, control: Any, ranks: List[int], base_store: Any, prefix: str,
-                 device_group: Any, owns_device_group: bool) -> None:
+                 device_group: Any, owns_device_group: bool, connect_s: float) -> None:
         self.control = control
+        self.connect_s = connect_s  # how long its derived groups may wait to connect
         self.ranks = ranks  # global ranks, in this communicator's rank order
         self.rank = int(control.rank())
         self.size = int(control.size())
@@ -205,8 +108,11 @@ class TorchTransport:
         self.owns_device_group = owns_device_group
         self.derived = 0  # splits and dups so far: names their groups alike on every rank
         self._owners: Tuple[Any, Any] = (None, None)
-        self._views: Tuple[torch.Tensor, torch.Tensor] = (_EMPTY, _EMPTY)
-        self._gather_opts = AllgatherOptions()
+        self._views: Tuple[torch.Tensor, torch.Tensor] = (EMPTY, EMPTY)
+        self._gather_opts = options(AllgatherOptions, None)
+        # The latest operation waited for, held until the next: the gloo thread that ran it
+        # then never holds the last reference to its tensors (``free``).
+        self._last_work: Any = None
         self._sends: List[Tuple[Any, torch.Tensor]] = []  # point-to-point sends in flight
         self._last_send: List[Tuple[Any, torch.Tensor]] = []  # the parts of the latest one
         self.freed = False
@@ -395,7 +301,7 @@ class TorchTransport:
         # of one tag in order), and the receiver's deadline bounds the exchange.
         self._sends = [sent for sent in self._sends if not sent[0].is_completed()]
         parts = [torch.tensor([len(data)], dtype=torch.int64)] + ([u8(data)] if data else [])
-        posted = [(_posted(self.control.send, [part], dest, tag), part) for part in parts]
+        posted = [(post(self.control.send, [part], dest, tag), part) for part in parts]
         self._sends.extend(posted)
         self._last_send = posted
 
@@ -407,10 +313,11 @@ class TorchTransport:
 
     def recv_bytes(self, source: int, tag: int, deadline: Optional[float]) -> bytes:
         length = torch.zeros(1, dtype=torch.int64)
-        wait_work(_posted(self.control.recv, [length], source, tag), deadline)
+        wait_work(post(self.control.recv, [length], source, tag), deadline)
         buf = bytearray(int(length[0]))
         if buf:
-            wait_work(_posted(self.control.recv, [u8(buf)], source, tag), deadline)
+            self._last_work = post(self.control.recv, [u8(buf)], source, tag)
+            wait_work(self._last_work, deadline)
         return bytes(buf)
 
     # --- communicators ------------------------------------------------------------------------
@@ -432,11 +339,11 @@ class TorchTransport:
     def _derived(self, members: List[int], tag: str) -> "TorchTransport":
         prefix = f"{self.prefix}/{tag}"
         rank, size = members.index(self.rank), len(members)
-        device = None if self.device_group is None else _nccl(self.base_store, prefix, rank,
+        device = None if self.device_group is None else make_nccl(self.base_store, prefix, rank,
                                                                size)
-        return TorchTransport(_gloo(self.base_store, prefix, rank, size),
+        return TorchTransport(make_gloo(self.base_store, prefix, rank, size, self.connect_s, tag),
                               [self.ranks[r] for r in members], self.base_store, prefix, device,
-                              owns_device_group=device is not None)
+                              owns_device_group=device is not None, connect_s=self.connect_s)
 
     def abort(self, code: int = 1) -> None:
         # torch.distributed has no job-wide abort: exiting non-zero makes torchrun (or any
@@ -477,18 +384,23 @@ class TorchTransport:
 
     def _wait(self, work: Any, deadline: Optional[float]) -> None:
         wait_work(work, deadline, self._peer_failure)
+        self._last_work = work
 
     def free(self) -> None:
         if self.freed:
             return
         self.freed = True
-        self._sends.clear()
-        self._last_send = []
         self.control.shutdown()
         if self.owns_device_group:
             self.device_group.shutdown()
+        # Dropped only now, on this thread: the tensors over this process's buffers must not
+        # lose their last reference on a gloo thread, which needs the interpreter to release
+        # the buffer and aborts the process if it is exiting.
+        self._sends.clear()
+        self._last_send = []
+        self._last_work = None
         self._owners = (None, None)
-        self._views = (_EMPTY, _EMPTY)
+        self._views = (EMPTY, EMPTY)
 
 
 # Private groups still open when the interpreter exits are shut down first: left to the
@@ -528,9 +440,10 @@ def _bytes_of(tensor: torch.Tensor) -> torch.Tensor:
 _CHANNELS: Dict[int, Tuple[Any, Channel]] = {}
 
 
-def channel_for_group(group: Any = None) -> Channel:
+def channel_for_group(group: Any = None, timeout: Optional[float] = None) -> Channel:
     """The private channel of ``group`` (None: the world): made by the first TypedComm over
-    it, then shared until its last user frees."""
+    it (connecting within ``connect_bound(timeout, group)``), then shared until its last user
+    frees."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("expected an initialised torch.distributed process group "
                            "(call torch.distributed.init_process_group first)")
@@ -546,9 +459,12 @@ def channel_for_group(group: Any = None) -> Channel:
     count = store.add(f"typedcoll/{pg.group_name}/channels", 1)
     prefix = f"typedcoll/{pg.group_name}/{(count - 1) // size}"
     has_cuda = "nccl" in str(dist.get_backend(pg))
-    transport = TorchTransport(_gloo(store, prefix, dist.get_rank(pg), size),
+    connect_s = connect_bound(timeout, group)
+    transport = TorchTransport(make_gloo(store, prefix, dist.get_rank(pg), size, connect_s,
+                                     group_name(pg)),
                                dist.get_process_group_ranks(pg), store, prefix,
-                               pg if has_cuda else None, owns_device_group=False)
+                               pg if has_cuda else None, owns_device_group=False,
+                               connect_s=connect_s)
     channel = Channel(transport, group_name(pg))
     _CHANNELS[id(pg)] = (pg, channel)
     return channel
