@@ -146,6 +146,20 @@ def test_rank_whose_count_stops_earlier_is_missing_with_where_it_was():
             "at dump time at prog.py:30 in main") in missing.text
 
 
+def test_a_collective_every_member_started_but_that_did_not_complete_is_a_finding():
+    """A timeout every rank reported, the late one included: every count is level, yet the
+    newest collective failed; it is no "consistent" run."""
+    timed_out = dict(state="failed", error="CollectiveTimeout: collective #4 timed out")
+    docs = [dump(r, [comm(r, 3, steady(4) + [entry(4, step=4, **timed_out)])]) for r in range(3)]
+    docs[2]["comms"][0]["entries"][-1]["error"] = "CollectiveTimeout: #4 is abandoned"
+    report = analyze(dumps_of(*docs))
+    assert not report.consistent and report.first is not None
+    assert report.first.seq == 4 and report.first.text.splitlines() == [
+        "collective #4 on COMM_WORLD did not complete: every member started it",
+        "  ranks 0-1: failed (CollectiveTimeout: collective #4 timed out)",
+        "  rank 2: failed (CollectiveTimeout: #4 is abandoned)"]
+
+
 def test_member_without_a_dump_is_missing():
     es = steady(3)
     es[-1].update(state="failed", error="CollectiveTimeout: collective #2 on COMM_WORLD: ...")

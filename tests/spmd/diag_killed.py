@@ -45,8 +45,10 @@ except tc.CollectiveTimeout as err:
     assert err.missing == (1,), err
     assert elapsed < TIMEOUT + 2, elapsed
     assert lines[1] == "hang report (side channel: 1 of 2 peers answered within 1 s):", lines
-    assert lines[2] == ("  unresponsive: rank 1 (no answer within 1 s: stuck in a C call that "
-                        "holds the GIL, dead, or running without typedcoll diagnostics)"), lines
+    assert lines[2] == ("  unresponsive: rank 1 (no answer within 1 s: it released this "
+                        "communicator already (a `with` block left by an exception releases it "
+                        "on that rank alone), or it is stuck in a C call that holds the GIL, "
+                        "dead, or running without typedcoll diagnostics)"), lines
     assert lines[3] == "    rank 1: it never answered this rank's side channel", lines
     assert lines[4].startswith(
         f"    last collective every rank took part in: allgather[RankState] on COMM_WORLD "

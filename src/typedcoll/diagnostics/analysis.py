@@ -180,7 +180,26 @@ def analyze_comm(comm_id: str, members: Dict[int, CommDump]) -> CommReport:
                            default=0))
         finding.text = missing_message(finding, reached)
         report.missing = finding
+    elif common and any(by_seq[r][max(common)].state != "completed" for r in members):
+        report.missing = _unfinished(comm_id, max(common), by_seq)
     return report
+
+
+def _unfinished(comm_id: str, seq: int, by_seq: Dict[int, Dict[int, RecordEntry]]) -> Finding:
+    """Every member started ``seq`` and none is missing, but it did not complete on some: a
+    timeout every rank reported (a rank that came late included), or dumps taken mid-call."""
+    states: Dict[str, List[int]] = {}
+    for r in sorted(by_seq):
+        e = by_seq[r][seq]
+        state = "completed" if e.state == "completed" else \
+            f"failed ({clean(e.error).rstrip(': ')})" if e.state == "failed" else \
+            clean(e.state, 32)
+        states.setdefault(state, []).append(r)
+    lines = [f"collective #{seq} on {clean(comm_id)} did not complete: every member started it"]
+    lines += [f"  {compact_ranks(ranks)}: {state}" for state, ranks in states.items()]
+    return Finding(comm=comm_id, seq=seq, kinds=[MismatchKind.MISSING_RANKS], groups=[],
+                   t_start_ns=min(by_seq[r][seq].t_start_ns for r in by_seq),
+                   text="\n".join(lines))
 
 
 def missing_message(f: Finding, reached: Dict[int, int]) -> str:

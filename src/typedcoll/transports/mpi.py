@@ -85,7 +85,6 @@ _MAX_SLEEP = 0.002
 # Requests a deadline left pending, with the buffers they hold: MPI may still write into those,
 # so they must outlive the call (the channel is broken then, and never reused).
 _ABANDONED: List[List[Any]] = []
-_NOTICE_PROGRESS_S = 0.2  # how long a rank that gives up progresses its notices to its peers
 # How many times a completed exchange with a deadline probes for a peer's notice: MPICH moves
 # only part of what waits in its shared-memory queues per probe, so one probe missed notices
 # that had arrived seconds before (a late rank returned its result); the C path probes as often.
@@ -382,15 +381,9 @@ class MPITransport:
     # --- giving up (the module's docstring) -----------------------------------------------
     def give_up(self, seq: int, failure: str) -> None:
         note = seq.to_bytes(8, "little")
-        sends = [self.comm.Isend([note, MPI.BYTE], peer, NOTICE_TAG)
-                 for peer in range(self.size) if peer != self.rank]
-        _ABANDONED.extend([send, note] for send in sends)  # their buffers live with the process
-        # Progressed here for a moment (a rank raising its timeout makes no MPI call after, and
-        # MPICH delivers a send it was not progressed for late, after a late peer has looked),
-        # never waited on for longer: a peer that is gone never takes them.
-        until = time.monotonic() + _NOTICE_PROGRESS_S
-        while not MPI.Request.Testall(sends) and time.monotonic() < until:
-            time.sleep(0)
+        for peer in range(self.size):
+            if peer != self.rank:  # never waited on: the channel is unusable after this
+                _ABANDONED.append([self.comm.Isend([note, MPI.BYTE], peer, NOTICE_TAG), note])
 
     def given_up(self) -> List[Tuple[int, int]]:
         found = []
