@@ -114,7 +114,8 @@ def test_a_killed_rank_is_named_unresponsive_and_the_survivors_dump(tmp_path, ca
     capsys.readouterr()
     assert trace_main([str(trace)]) == 1
     out = capsys.readouterr().out
-    assert "collective #20 on COMM_WORLD is missing ranks: rank 1 never started it" in out
+    assert ("collective #20 on COMM_WORLD did not complete, and rank 1 left no dump: whether it "
+            "started it is unknown") in out
     assert "  rank 1: no dump (killed, or ran without TYPEDCOLL_TRACE_DIR)" in out
 
 

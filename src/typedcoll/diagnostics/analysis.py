@@ -7,8 +7,11 @@ reported per communicator:
 - the first divergent collective: the lowest seq that every dumped member holds and whose
   entries disagree (op, call site or name, schema, step: the same grouping and words as a live
   ``DesyncError``), followed by the decisions (notes) that differ between the groups;
-- missing ranks: the lowest seq that some member never started (its count stops earlier), and
-  members with no dump at all (killed, or never wrote one), each with where it was at dump time.
+- missing ranks: the lowest seq that some member never started (its count stops earlier), each
+  with where it was at dump time; else, where every dumped member reached the same count, the
+  newest collective when it did not complete (a timeout every rank reported), naming members
+  with no dump at all (killed, or never wrote one) as unknown, not absent: a collective that
+  completed anywhere had every member.
 
 Everything here is bounded by what was read: loops run over entries held, never over a range of
 sequence numbers or ranks a dump merely claims (``trace`` bounds the reading itself).
@@ -164,6 +167,11 @@ def analyze_comm(comm_id: str, members: Dict[int, CommDump]) -> CommReport:
             break
     no_dump = [r for r in range(size) if r not in members]
     low, top = min(reached.values()), max(reached.values())
+    newest = by_seq[min(members)].get(top - 1)
+    if low == top and no_dump and newest is not None and \
+            all(top - 1 in by_seq[r] and by_seq[r][top - 1].state == "completed"
+                for r in members):
+        no_dump = []  # the newest collective completed, so every member took part in it
     if low < top or no_dump:
         # With every dumped member level, the absent ones are reported against the newest
         # collective the others started (the one a killed rank left them waiting in).
@@ -205,8 +213,13 @@ def _unfinished(comm_id: str, seq: int, by_seq: Dict[int, Dict[int, RecordEntry]
 def missing_message(f: Finding, reached: Dict[int, int]) -> str:
     """``collective #5 on COMM_WORLD is missing ranks: rank 1 never started it`` and details."""
     absent = sorted(f.missing + f.no_dump)
-    lines = [f"collective #{f.seq} on {clean(f.comm)} is missing ranks: {compact_ranks(absent)} "
-             f"never started it"]
+    if f.missing:
+        lines = [f"collective #{f.seq} on {clean(f.comm)} is missing ranks: "
+                 f"{compact_ranks(absent)} never started it"]
+    else:  # only ranks without a dump: what they did is not known
+        who = "it" if len(f.no_dump) == 1 else "they"
+        lines = [f"collective #{f.seq} on {clean(f.comm)} did not complete, and "
+                 f"{compact_ranks(f.no_dump)} left no dump: whether {who} started it is unknown"]
     if f.groups:
         lines.append("  started by:")
         lines += format_groups(f.groups, [], indent="    ")
