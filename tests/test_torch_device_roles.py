@@ -23,7 +23,8 @@ from test_torch import _FakeProtocol, _blocks, _device_call  # noqa: E402
 
 def role_branch(p: Any, root: int, in_roots_arm: Callable[[int], bool]) -> Any:
     t = torch.zeros(3)
-    if in_roots_arm(p.rank):
+    leader = in_roots_arm(p.rank)  # a role's name: only a test of roles pairs the arms
+    if leader:
         return _device_call(p, "broadcast_tensor", t, 4, root=root)
     else:
         return _device_call(p, "broadcast_tensor", t, 4, root=root)
