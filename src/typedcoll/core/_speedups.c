@@ -62,7 +62,6 @@
 #define FLAG_SPLIT_ARRAY 8
 #define FLAG_GUESSED 16
 #define FLAG_ROLE 32
-#define NOTICE_POLLS 4 /* transports/mpi.py: NOTICE_POLLS */
 #define SHAPE_REDUCE 0
 #define SHAPE_GATHER 1
 #define NO_ROOT (-1)
@@ -459,6 +458,7 @@ typedef struct {
     intptr_t byte_type, null_comm;
     int handle_size, size, rank, tag;
     int notice_tag, any_source; /* a peer's notice that it gave up on a call (transports/mpi.py) */
+    int notice_polls; /* how many times a completed exchange probes for one (at least 1) */
     PyObject *comm;       /* keeps comm_handle valid */
     PyObject *error_type; /* MPI.Exception, raised with an error code */
     unsigned char *out, *inbox, *held, *region;
@@ -497,16 +497,16 @@ static void *find_symbol(const char *path, const char *name) {
 }
 
 /* engine(library_path, comm, comm_handle_address, byte_handle, null_comm_handle, handle_size,
- *        size, rank, tag, notice_tag, any_source, error_type) -> capsule, or None when a symbol
- *        cannot be found. */
+ *        size, rank, tag, notice_tag, any_source, error_type, notice_polls) -> capsule, or None
+ *        when a symbol cannot be found. */
 static PyObject *engine(PyObject *mod, PyObject *args) {
     const char *path;
     PyObject *comm, *error_type;
     unsigned long long handle_addr, byte_type, null_comm;
-    int handle_size, size, rank, tag, notice_tag, any_source;
-    if (!PyArg_ParseTuple(args, "sOKKKiiiiiiO", &path, &comm, &handle_addr, &byte_type,
+    int handle_size, size, rank, tag, notice_tag, any_source, notice_polls;
+    if (!PyArg_ParseTuple(args, "sOKKKiiiiiiOi", &path, &comm, &handle_addr, &byte_type,
                           &null_comm, &handle_size, &size, &rank, &tag, &notice_tag,
-                          &any_source, &error_type))
+                          &any_source, &error_type, &notice_polls))
         return NULL;
     if ((handle_size != 4 && handle_size != (int)sizeof(void *)) || size < 1 || rank < 0 ||
         rank >= size)
@@ -523,6 +523,7 @@ static PyObject *engine(PyObject *mod, PyObject *args) {
     e->allgather = find_symbol(path, "MPI_Allgather");
     e->iprobe = find_symbol(path, "MPI_Iprobe");
     e->notice_tag = notice_tag;
+    e->notice_polls = notice_polls < 1 ? 1 : notice_polls;
     e->any_source = any_source;
     e->comm_handle = (const void *)(uintptr_t)handle_addr;
     e->byte_type = narrow(byte_type, handle_size);
@@ -606,13 +607,13 @@ static int wait_requests(Engine *e, void *req, int count, double deadline, int *
 }
 
 /* Whether a peer's notice that it gave up on a call waits for this rank: 1 yes, 0 no, -1 error
- * (rc_out set). Probed NOTICE_POLLS times (transports/mpi.py says why). Runs without the GIL. */
+ * (rc_out set). Probed notice_polls times (transports/mpi.py says why). Runs without the GIL. */
 static int notice_waiting(const Engine *e, int *rc_out) {
     if (e->iprobe == NULL) return 0;
     char status[512];
     int flag = 0, rc;
     intptr_t comm = comm_now(e);
-    for (int poll = 0; poll < NOTICE_POLLS && !flag; poll++) {
+    for (int poll = 0; poll < e->notice_polls && !flag; poll++) {
         if (e->handle_size == 4)
             rc = ((iprobe_i)e->iprobe)(e->any_source, e->notice_tag, (int32_t)comm, &flag,
                                        status);

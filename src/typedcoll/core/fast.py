@@ -223,7 +223,7 @@ def mpi_engine(transport: Any) -> Any:
         return _speedups.engine(MPI.__file__, comm, MPI._addressof(comm), MPI.BYTE.handle,
                                 MPI.COMM_NULL.handle, handle_size, comm.Get_size(),
                                 comm.Get_rank(), transport.tag, transport.notice_tag,
-                                MPI.ANY_SOURCE, MPI.Exception)
+                                MPI.ANY_SOURCE, MPI.Exception, transport.notice_polls)
     except (AttributeError, TypeError, ValueError, OverflowError):
         return None
 
