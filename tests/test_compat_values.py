@@ -134,6 +134,12 @@ def test_dataclass_fields_follow_their_annotations():
     Loose.__qualname__ = "Loose"
     try:
         assert round_trip(Loose((1, 2))).value == [1, 2]
+        # A nested instance there would come back as a dict: refused, saying what to declare.
+        assert refusal(Loose(Key(1))) == (
+            "ValueError: expected a Loose that arrives as it was sent, got one that would not: "
+            "$.value is a Key and would arrive as a dict (the field's declared type does not "
+            "rebuild it: declare the field with its class); pickle would rebuild it, msgspec "
+            "rebuilds declared fields by their declared types")
     finally:
         del module.Loose  # type: ignore[attr-defined]
 

@@ -38,9 +38,12 @@ def why_not(sent: Any, back: Any, path: str = "$", depth: int = 0) -> Optional[s
     kind = type(sent)
     if isinstance(sent, msgspec.Struct) or dataclasses.is_dataclass(sent):
         if type(back) is not kind:
+            record = isinstance(back, msgspec.Struct) or dataclasses.is_dataclass(back)
+            reason = ("the field's declared class: the subclass's fields are lost" if record else
+                      "the field's declared type does not rebuild it: declare the field with its "
+                      "class")
             return (f"{path} is a {kind.__name__} and would arrive as a "
-                    f"{type(back).__name__} (the field's declared class: the subclass's fields "
-                    f"are lost)")
+                    f"{type(back).__name__} ({reason})")
         return _record(sent, back, path, depth)
     if kind is float or isinstance(sent, np.floating):
         return None if sent == back or (sent != sent and back != back) else \
