@@ -124,15 +124,19 @@ def seq_label(e: RecordEntry) -> str:
     return "creation" if e.op == "create" else f"#{e.seq}"
 
 
-def describe_entry(e: RecordEntry) -> str:
-    """``allgather[RankState] at loop.py:10, its 4th call, step 3: completed``."""
-    text = describe(envelope(0, e, ""))
+def state_text(e: RecordEntry) -> str:
+    """``completed``, ``in flight at dump time`` or ``failed (<the error's first line>)``."""
     if e.state == "failed":
         # The error's first line; a DesyncError's ends in ":" before its groups.
-        return f"{text}: failed ({clean(e.error).rstrip(': ')})"
+        return f"failed ({clean(e.error).rstrip(': ')})"
     if e.state == "started":
-        return f"{text}: in flight at dump time"
-    return f"{text}: {clean(e.state, 32)}"
+        return "in flight at dump time"
+    return clean(e.state, 32)
+
+
+def describe_entry(e: RecordEntry) -> str:
+    """``allgather[RankState] at loop.py:10, its 4th call, step 3: completed``."""
+    return f"{describe(envelope(0, e, ''))}: {state_text(e)}"
 
 
 def _aligned(m: CommDump) -> Dict[int, RecordEntry]:
@@ -167,10 +171,8 @@ def analyze_comm(comm_id: str, members: Dict[int, CommDump]) -> CommReport:
             break
     no_dump = [r for r in range(size) if r not in members]
     low, top = min(reached.values()), max(reached.values())
-    newest = by_seq[min(members)].get(top - 1)
-    if low == top and no_dump and newest is not None and \
-            all(top - 1 in by_seq[r] and by_seq[r][top - 1].state == "completed"
-                for r in members):
+    if low == top and no_dump and all(top - 1 in by_seq[r] and
+                                      by_seq[r][top - 1].state == "completed" for r in members):
         no_dump = []  # the newest collective completed, so every member took part in it
     if low < top or no_dump:
         # With every dumped member level, the absent ones are reported against the newest
@@ -198,11 +200,7 @@ def _unfinished(comm_id: str, seq: int, by_seq: Dict[int, Dict[int, RecordEntry]
     timeout every rank reported (a rank that came late included), or dumps taken mid-call."""
     states: Dict[str, List[int]] = {}
     for r in sorted(by_seq):
-        e = by_seq[r][seq]
-        state = "completed" if e.state == "completed" else \
-            f"failed ({clean(e.error).rstrip(': ')})" if e.state == "failed" else \
-            clean(e.state, 32)
-        states.setdefault(state, []).append(r)
+        states.setdefault(state_text(by_seq[r][seq]), []).append(r)
     lines = [f"collective #{seq} on {clean(comm_id)} did not complete: every member started it"]
     lines += [f"  {compact_ranks(ranks)}: {state}" for state, ranks in states.items()]
     return Finding(comm=comm_id, seq=seq, kinds=[MismatchKind.MISSING_RANKS], groups=[],

@@ -212,10 +212,11 @@ class SymmetricFlush:
         ``rejected``; what was taken, as text."""
         taken: List[str] = []
         for channel, queue, tp in zip(self.channels, self._queues, self._types):
+            decode = codecs.resolve(tp).decode  # the decoder the peers' batch type uses
             keep = []
             for message in queue:
                 try:
-                    msgspec.msgpack.decode(codecs.ENCODER.encode(message), type=tp)
+                    decode(codecs.ENCODER.encode(message))
                 except (msgspec.MsgspecError, TypeError, ValueError, OverflowError) as exc:
                     why = f"{type(exc).__name__}: {exc}"
                     self.rejected.append((channel, message, why))
