@@ -4,8 +4,9 @@ A private group is a ``ProcessGroupGloo`` this package constructs over a store p
 (``transports/torch.py`` says why not ``dist.new_group``). Connecting it waits for every member,
 within a bound (``connect_bound``): a member that never comes fails creation on the others with
 a CollectiveTimeout naming it, where a year-long bound would hang them. That bound is also the
-group's default timeout, which no operation uses: each one sets its own (``options``), a year
-where the call has no deadline. Waiting for an operation (``wait_work``) turns gloo's errors
+group's default timeout, which no operation may use: a collective sets its own (``options``),
+and a point-to-point operation, which takes no options, is waited for with the call's own
+bound (``wait_work``); either is a year where the call has no deadline. Waiting for an operation (``wait_work``) turns gloo's errors
 into the transport's: a timeout, or a failure where a peer's process or connection is gone.
 """
 
@@ -77,7 +78,9 @@ def wait_work(work: Any, deadline: Optional[float],
             if sliced:
                 work.wait(timedelta(seconds=ALARM_SLICE_S))
             elif remaining >= FOREVER_S:  # None, math.inf, or beyond what a timedelta holds
-                work.wait()
+                # Never the bare wait(): a receive would then end at the group's default
+                # timeout, the connection bound, not when the call's own deadline says.
+                work.wait(FOREVER)
             else:
                 work.wait(timedelta(seconds=max(remaining, 1e-3)))
             return
