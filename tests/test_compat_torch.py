@@ -5,6 +5,7 @@ job)."""
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import enum
 import json
 import math
@@ -133,6 +134,29 @@ def tensor_program(api: Any, rank: int, size: int, rng: random.Random) -> list:
         api.reduce_scatter_tensor(mine, torch.arange(2.0 * size, dtype=torch.float64)
                                   * (rank + j))
         out += [[p.tolist() for p in parts], flat.tolist(), wide.tolist(), mine.tolist()]
+    for i in range(2):
+        root = (i + 1) % size
+        acc = torch.tensor([rank * 3 + i, rng.randrange(100) - rank], dtype=torch.int64)
+        api.reduce(acc, dst=root, op=ReduceOp.MAX if i else ReduceOp.SUM)
+        if rank == root:  # the other ranks' tensors are undefined in torch
+            out.append(acc.tolist())
+        into = [torch.zeros(2) for _ in range(size)] if rank == root else None
+        api.gather(torch.tensor([rank, i * 0.5]), into, dst=root)
+        if into is not None:
+            out.append([t.tolist() for t in into])
+        piece = torch.zeros(3, dtype=torch.int32)
+        parts = [torch.full((3,), 10 * r + i, dtype=torch.int32) for r in range(size)]
+        api.scatter(piece, parts if rank == root else None, src=root)
+        out.append(piece.tolist())
+    if rank % 2 == 0 and rank + 1 < size:
+        api.send(torch.arange(4, dtype=torch.float64) * (rank + 1), dst=rank + 1)
+        api.isend(torch.tensor([[rank, 7]]), dst=rank + 1, tag=3).wait()
+    elif rank % 2 == 1:
+        floats, ints = torch.zeros(4, dtype=torch.float64), torch.zeros(1, 2, dtype=torch.int64)
+        source = api.recv(floats, src=rank - 1)
+        api.irecv(ints, src=rank - 1, tag=3).wait()
+        out.append((floats.tolist(), source, ints.tolist()))
+    api.monitored_barrier(timeout=datetime.timedelta(seconds=60))
     out.append((api.get_rank(), api.get_world_size()))
     return out
 
@@ -175,6 +199,39 @@ def tensor_failures(drop_in: Any, rank: int, size: int) -> list:
                                       else ReduceOp.SUM))
     expect((tc.EncodeError, tc.PeerError), "src a list",
            lambda: drop_in.broadcast(torch.zeros(1), src=[0] if rank == size - 1 else 0))
+    expect((tc.DesyncError, tc.DesyncError), "reduce to another root",
+           lambda: drop_in.reduce(torch.zeros(1), dst=1 if rank == size - 1 else 0))
+    expect((tc.EncodeError, tc.PeerError), "gather list off the root",
+           lambda: drop_in.gather(torch.zeros(1), [torch.zeros(1)] * size, dst=0)
+           if rank == size - 1 else drop_in.gather(torch.zeros(1), [torch.zeros(1)] * size
+                                                   if rank == 0 else None, dst=0))
+    expect((tc.EncodeError, tc.PeerError), "scatter list of another shape",
+           lambda: drop_in.scatter(torch.zeros(2), [torch.zeros(3)] * size
+                                   if rank == size - 1 else None, src=size - 1))
+    expect((tc.EncodeError, tc.PeerError), "monitored_barrier timeout not a duration",
+           lambda: drop_in.monitored_barrier(timeout="soon" if rank == size - 1 else 30))
+    if size > 1 and rank in (0, 1):  # a receive into another dtype and shape: the receiver
+        if rank == 0:
+            drop_in.send(torch.ones(3), dst=1)
+            drop_in.send(torch.tensor([5, 6]), dst=1)
+        else:
+            try:
+                drop_in.recv(torch.zeros(2, dtype=torch.int64), src=0)
+                failures.append("recv of another dtype and shape: nothing raised")
+            except tc.DesyncError as exc:
+                if "shape (3,) float32" not in str(exc) or "expected shape (2,) int64" not in \
+                        str(exc) or exc.kinds != (tc.MismatchKind.DTYPE, tc.MismatchKind.SHAPE):
+                    failures.append(f"recv of another dtype and shape: {exc}")
+            again = torch.zeros(2, dtype=torch.int64)
+            drop_in.recv(again, src=0)
+            if again.tolist() != [5, 6]:
+                failures.append(f"recv after the mismatch: got {again.tolist()}")
+    try:
+        drop_in.all_to_all_single
+        failures.append("all_to_all_single: no AttributeError")
+    except AttributeError as exc:
+        if "compat.torch has no 'all_to_all_single'" not in str(exc) or "reduce" not in str(exc):
+            failures.append(f"all_to_all_single: {exc}")
     # dist.group.WORLD is the default group this drop-in was made for.
     world = torch.tensor([rank])
     handle = drop_in.all_reduce(world, group=dist.group.WORLD, async_op=True)

@@ -260,6 +260,19 @@ def check_values(rank: int, size: int) -> None:
             comm.broadcast_tensor(got, root, name="w", step=step)
             dist.broadcast(ref, src=root)
             check(f"broadcast_tensor {dtype} root {root}", torch.equal(got, ref), True)
+            got, ref = x.clone(), x.clone()
+            comm.reduce_tensor(got, "max", root, name="d", step=step)
+            dist.reduce(ref, dst=root, op=dist.ReduceOp.MAX)
+            check(f"reduce_tensor {dtype} root {root}",
+                  torch.equal(got, ref if rank == root else x), True)
+            gathered = comm.gather_tensor(x, root, name="c", step=step)
+            check(f"gather_tensor {dtype} root {root}",
+                  torch.equal(gathered, want) if rank == root else gathered, True
+                  if rank == root else None)
+            parts = (torch.arange(size * 12.0).reshape(size, 4, 3) * (root + 1)).to(dtype)
+            got = x.new_zeros(4, 3)
+            comm.scatter_tensor(got, parts if rank == root else None, root, name="s", step=step)
+            check(f"scatter_tensor {dtype} root {root}", torch.equal(got, parts[rank]), True)
     check("0-d all_gather_tensor", comm.all_gather_tensor(torch.tensor(rank)).tolist(),
           list(ranks))
     # Views whose memory is not their values (a column, a stride, an expansion) ride as their

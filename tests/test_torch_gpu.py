@@ -264,6 +264,13 @@ def test_the_torch_drop_in_runs_tensor_calls_on_nccl(groups):
         handle.wait()
         assert torch.equal(parts[0], want) and torch.equal(flat, want)
         assert torch.equal(mine, want)
+        reduced, gathered, scattered = got.clone(), [torch.full_like(got, float("nan"))], \
+            torch.full_like(got, float("nan"))
+        api.reduce(reduced, dst=0, op=ReduceOp.MIN)
+        api.gather(got, gathered, dst=0)
+        api.scatter(scattered, [got], src=0)
+        assert torch.equal(reduced, want) and torch.equal(gathered[0], want)
+        assert torch.equal(scattered, want)
     api.typed.synchronize()
     assert not api.typed._p.extensions["tensor"].pending
     api.free()

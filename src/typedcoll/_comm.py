@@ -330,6 +330,25 @@ class TypedComm:
         from .tensor import ops as tensor_ops
         return tensor_ops.reduce_scatter_tensor(self._p, tensor, op, name, step)
 
+    def reduce_tensor(self, tensor: Any, op: str = "sum", root: int = 0, *,
+                      name: Optional[str] = None, step: Optional[int] = None) -> Any:
+        """Checked reduce of ``tensor`` into ``root``'s, in place (torch backend)."""
+        from .tensor import ops as tensor_ops
+        return tensor_ops.reduce_tensor(self._p, tensor, op, root, name, step)
+
+    def gather_tensor(self, tensor: Any, root: int = 0, *, name: Optional[str] = None,
+                      step: Optional[int] = None) -> Any:
+        """Checked gather along dim 0 on ``root``, None elsewhere (torch backend)."""
+        from .tensor import ops as tensor_ops
+        return tensor_ops.gather_tensor(self._p, tensor, root, name, step)
+
+    def scatter_tensor(self, tensor: Any, parts: Any = None, root: int = 0, *,
+                       name: Optional[str] = None, step: Optional[int] = None) -> Any:
+        """Checked scatter: ``tensor`` gets block ``rank`` of ``root``'s ``parts`` (shape
+        ``(size,) + tensor.shape``), in place (torch backend)."""
+        from .tensor import ops as tensor_ops
+        return tensor_ops.scatter_tensor(self._p, tensor, parts, root, name, step)
+
     def synchronize(self) -> None:
         """Verify every deferred tensor check now (torch/NCCL backend); no-op elsewhere."""
         from .tensor import ops as tensor_ops

@@ -86,12 +86,14 @@ OPS: Dict[str, int] = {
     "allgather": 1, "gather": 2, "bcast": 3, "allreduce": 4, "barrier": 5, "split": 6, "dup": 7,
     "flush": 8, "all_gather_tensor": 9, "all_reduce_tensor": 10, "broadcast_tensor": 11,
     "reduce_scatter_tensor": 12, "create": 13, "scatter": 14, "alltoall": 15, "reduce": 16,
-    "reduce_scatter": 17, "free": 18, "settle": 19,
+    "reduce_scatter": 17, "free": 18, "settle": 19, "reduce_tensor": 20, "gather_tensor": 21,
+    "scatter_tensor": 22,
 }
 OP_NAMES = {code: name for name, code in OPS.items()}
-ROOTED_OPS = frozenset({"gather", "bcast", "broadcast_tensor", "scatter", "reduce"})
+ROOTED_OPS = frozenset({"gather", "bcast", "broadcast_tensor", "scatter", "reduce",
+                        "reduce_tensor", "gather_tensor", "scatter_tensor"})
 REDUCING_OPS = frozenset({"allreduce", "all_reduce_tensor", "reduce_scatter_tensor", "reduce",
-                          "reduce_scatter"})
+                          "reduce_scatter", "reduce_tensor"})
 
 REDUCE_OPS = {"sum": 1, "max": 2, "min": 3, "prod": 4, "land": 5, "lor": 6, "lxor": 7,
               "band": 8, "bor": 9, "bxor": 10}

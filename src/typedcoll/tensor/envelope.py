@@ -107,7 +107,8 @@ def _tensor_error(op: str, tensor: torch.Tensor, size: int, reduce_op: Any, on_d
         # Collectives move memory: a pending conjugate or negation would be lost on the way.
         return ("ValueError: expected a tensor without a pending conjugate or negation, got a "
                 "view with one (call .resolve_conj() or .resolve_neg() first)")
-    if op in ("all_reduce_tensor", "broadcast_tensor") and not tensor.is_contiguous():
+    if op in ("all_reduce_tensor", "broadcast_tensor", "reduce_tensor") and \
+            not tensor.is_contiguous():
         return "ValueError: expected a contiguous tensor (the collective works in place)"
     if op == "reduce_scatter_tensor" and (tensor.dim() == 0 or tensor.shape[0] % size):
         return (f"ValueError: expected dim 0 to be a multiple of the group size {size}, got "

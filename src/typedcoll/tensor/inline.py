@@ -11,6 +11,9 @@ instead, and every rank finishes the op from the gathered slots:
                       sums and products wrap and max and min are exact, so the result is gloo's,
                       bit for bit, on every rank. Floats keep gloo's own reduction (its order,
                       its NaN rule) on the second collective.
+  reduce_tensor, gather_tensor, scatter_tensor
+                      as all_reduce_tensor, all_gather_tensor and broadcast_tensor (of the
+                      root's stacked parts): the root keeps, or every rank takes, its share.
 
 Whether a call rides inline depends only on what its header carries (op, dtype, shape, reduce
 op), so ranks whose headers agree choose alike; ranks whose headers differ get the verdict first.
@@ -52,9 +55,10 @@ def ride(p: Protocol, call: TensorCall, op: Any = None) -> bool:
         return False
     if not 0 < tensor.nbytes <= INLINE_MAX:
         return False
-    if call.op == "all_reduce_tensor" and (tensor.dtype not in _REDUCIBLE or op not in _UFUNCS):
+    if call.op in ("all_reduce_tensor", "reduce_tensor") and (tensor.dtype not in _REDUCIBLE
+                                                             or op not in _UFUNCS):
         return False
-    sends = call.op != "broadcast_tensor" or p.rank == call.root
+    sends = call.op not in ("broadcast_tensor", "scatter_tensor") or p.rank == call.root
     try:
         # A strided or expanded view is copied whole first: its own memory is not its values.
         value = _raw(tensor.contiguous()).tobytes() if sends else b""

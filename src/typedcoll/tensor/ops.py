@@ -1,5 +1,5 @@
 """Tensor collectives with envelopes (torch backend): all-gather, all-reduce, broadcast,
-reduce-scatter.
+reduce-scatter, and the rooted reduce, gather and scatter.
 
 Each rank's envelope is the core's 64-byte header: op, seq, step, root, reduce op, the call's
 identity (its ``name=``, else its call site), the communicator instance, and the tensor's dtype,
@@ -50,6 +50,7 @@ from torch._C._distributed_c10d import (AllgatherOptions, AllreduceOptions, Broa
 
 from ..core import ops as core_ops
 from ..core import verdict
+from ..core.args import check_root
 from ..core.call import Call
 from ..core.identity import register_internal
 from ..core.protocol import Protocol
@@ -61,13 +62,17 @@ from .envelope import TensorCall, tensor_call
 
 def _run(p: Protocol, call: TensorCall, host: Callable[[Optional[float]], None],
          on_device: Callable[[Any], None],
-         from_slots: Optional[Callable[[], None]] = None, op: Any = None) -> None:
+         from_slots: Optional[Callable[[], None]] = None, op: Any = None,
+         payload: Any = None) -> None:
     """One checked tensor collective: ``host(deadline)`` or ``on_device(group)`` moves the
     payload once every rank agreed (host) or behind the envelope (device); ``from_slots()``
-    finishes a small host tensor that rode in the exchange (``inline``)."""
+    finishes a small host tensor that rode in the exchange (``inline``). ``payload``: the
+    tensor the host path moves where it is not the caller's (a rooted op's working copy)."""
     if call.on_device:
         device.run(p, call, on_device)
         return
+    if payload is not None:
+        call.tensor = payload  # the envelope (its fingerprint, its shape) is already written
     inline.on_host(call)
     rides = from_slots is not None and inline.ride(p, call, op)
 
@@ -155,6 +160,83 @@ def reduce_scatter_tensor(p: Protocol, tensor: Any, op: Any, name: Any, step: An
          lambda group: device.enqueued(group._reduce_scatter_base(_real(out), _real(src), _opts(
              ReduceScatterOptions, reduceOp=TORCH_OPS[op]))))
     return out
+
+
+# --- the rooted three ----------------------------------------------------------------------------
+# Each moves its payload on a symmetric collective (every rank sends and receives alike), so a
+# root that ranks disagree on, found by the deferred device check after the payload was
+# enqueued, pairs one complete collective with another instead of hanging NCCL.
+def reduce_tensor(p: Protocol, tensor: Any, op: Any, root: Any, name: Any, step: Any,
+                  error: Optional[str] = None) -> Any:
+    """Reduce ``tensor`` across ranks with ``op`` into ``root``'s, in place; the other ranks'
+    tensors are left as they were. Returns ``tensor``."""
+    _torch_comm(p, "reduce_tensor")
+    call = tensor_call(p, "reduce_tensor", tensor, name, step, root=root, reduce_op=op,
+                       error=error)
+    work = tensor
+    if call.payload_ok and p.rank != call.root:
+        work = tensor.clone()
+    _run(p, call, lambda deadline: p.transport.all_reduce_tensor(work, op, deadline),
+         lambda group: device.enqueued(group.allreduce([_real(work)], _opts(
+             AllreduceOptions, reduceOp=TORCH_OPS[op]))),
+         lambda: inline.all_reduce(p, call, op), op, payload=work)
+    return tensor
+
+
+def gather_tensor(p: Protocol, tensor: Any, root: Any, name: Any, step: Any,
+                  error: Optional[str] = None) -> Any:
+    """On ``root``, every rank's ``tensor`` concatenated along dim 0 (a 0-d tensor gathers to
+    shape [size]); None on the other ranks."""
+    _torch_comm(p, "gather_tensor")
+    call = tensor_call(p, "gather_tensor", tensor, name, step, root=root, error=error)
+    out = src = None
+    if call.payload_ok:
+        src = tensor.reshape(1) if tensor.dim() == 0 else tensor.contiguous()
+        out = src.new_empty((src.shape[0] * p.size,) + tuple(src.shape[1:]))
+    _run(p, call, lambda deadline: p.transport.all_gather_tensor(out, src, deadline),
+         lambda group: device.enqueued(group._allgather_base(_real(out), _real(src),
+                                                             _opts(AllgatherOptions))),
+         lambda: inline.all_gather(p, call, out))
+    return out if p.rank == call.root else None
+
+
+def scatter_tensor(p: Protocol, tensor: Any, parts: Any, root: Any, name: Any, step: Any,
+                   error: Optional[str] = None) -> Any:
+    """``tensor`` overwritten in place with block ``rank`` of ``root``'s ``parts`` (every
+    rank's share stacked along a new dim 0: shape ``(size,) + tensor.shape``; None elsewhere).
+    Returns ``tensor``."""
+    _torch_comm(p, "scatter_tensor")
+    if error is None and check_root(root, p.size) is None and int(root) == p.rank and \
+            isinstance(tensor, torch.Tensor):
+        error = _parts_error(parts, tensor, p.size)
+    call = tensor_call(p, "scatter_tensor", tensor, name, step, root=root, error=error)
+    stacked = None
+    if call.payload_ok:
+        shape = (p.size,) + tuple(tensor.shape)
+        # A root whose parts are flagged still moves a payload: on the device path its peers'
+        # broadcast is enqueued before they can know.
+        stacked = parts.reshape(shape).contiguous() if p.rank == call.root and \
+            call.error is None else tensor.new_empty(shape)
+    _run(p, call, lambda deadline: p.transport.broadcast_tensor(stacked, call.root, deadline),
+         lambda group: device.enqueued(group.broadcast([_real(stacked)], _opts(
+             BroadcastOptions, rootRank=call.root))),
+         lambda: inline.broadcast(p, call), payload=stacked)
+    if stacked is not None:
+        tensor.copy_(stacked[p.rank])
+    return tensor
+
+
+def _parts_error(parts: Any, tensor: Any, size: int) -> Optional[str]:
+    """Why a scatter's root cannot send ``parts`` (one ``tensor``-like block per rank), or
+    None: flagged in the call, since raising here would leave the peers waiting."""
+    numel = tensor.numel() * size
+    if isinstance(parts, torch.Tensor) and parts.numel() == numel and \
+            parts.dtype == tensor.dtype and parts.device == tensor.device:
+        return None
+    got = (f"{parts.numel()} elements of {parts.dtype} on {parts.device}"
+           if isinstance(parts, torch.Tensor) else type(parts).__name__)
+    return (f"ValueError: expected the root's parts to be a tensor of {numel} elements of "
+            f"{tensor.dtype} on {tensor.device}, got {got}")
 
 
 def synchronize(p: Protocol) -> None:
