@@ -443,3 +443,23 @@ def test_the_drop_in_takes_the_groups_timeout_unless_given_one():
 
 if __name__ == "__main__":
     worker(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+
+
+def test_monitored_barrier_names_a_late_rank_within_its_own_timeout():
+    import time
+
+    def prog(comm):
+        api = compat.torch(comm)
+        if comm.rank == 2:
+            time.sleep(1.5)
+        started = time.monotonic()
+        try:
+            api.monitored_barrier(timeout=datetime.timedelta(seconds=0.5))
+        except tc.CollectiveTimeout as exc:
+            return exc.missing, time.monotonic() - started, "abandoned" in str(exc), comm.timeout
+        return "completed"
+
+    got = run(3, prog, timeout=None)
+    for missing, took, abandoned, after in got[:2]:
+        assert missing == (2,) and 0.4 < took < 1.4 and not abandoned and after is None, got
+    assert got[2][2] and got[2][3] is None, got  # the late rank learns its peers gave up

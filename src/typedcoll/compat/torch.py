@@ -184,11 +184,16 @@ class TorchDistributed(TensorCalls, TensorPointToPoint):
         if error is not None:
             objects.refuse(self._p, "barrier", error, step, name)
         p = self._p
-        bound, p.timeout = p.timeout, p.timeout if seconds is None else float(seconds)
+        if seconds is None:
+            objects.barrier(p, step, name)
+            return
+        bound, p.timeout = p.timeout, float(seconds)
+        p.refresh_fast()  # the C path holds the timeout it was bound with
         try:
             objects.barrier(p, step, name)
         finally:
             p.timeout = bound
+            p.refresh_fast()
 
     # --- point to point ----------------------------------------------------------------------
     def send_object_list(self, object_list: List[Any], dst: Optional[int] = None,

@@ -112,7 +112,9 @@ def _fill(p: Protocol, request: Any, tensor: Any, message: TensorMessage, source
           seq: int) -> None:
     """Write ``message`` into ``tensor``, or raise DesyncError where they differ."""
     import torch
-    mine = (dtype_text(tensor.dtype), tuple(tensor.shape))
+
+    from ..tensor.envelope import dtype_name
+    mine = (dtype_name(tensor.dtype), tuple(tensor.shape))
     if (message.dtype, message.shape) != mine:
         kinds = [k for k, same in ((MismatchKind.DTYPE, message.dtype == mine[0]),
                                    (MismatchKind.SHAPE, message.shape == mine[1])) if not same]
@@ -120,17 +122,14 @@ def _fill(p: Protocol, request: Any, tensor: Any, message: TensorMessage, source
         raise DesyncError(
             f"{p2p.head(p, request)} diverged ({', '.join(k.value for k in kinds)}): rank "
             f"{source} sent a tensor of shape {message.shape} {message.dtype} at {env.site}; "
-            f"rank {p.rank} expected shape {mine[1]} {mine[0]} (the receiving tensor's)",
+            f"rank {p.rank} expected shape {mine[1]} {mine[0]} at {request.caller.site} (the "
+            f"receiving tensor's)",
             seq=seq, comm=p.name, kinds=kinds)
     if not tensor.numel():
         return
     flat = torch.frombuffer(bytearray(message.data), dtype=torch.uint8)
     with torch.no_grad():  # as the backend's own receive writes: past autograd's checks
         tensor.copy_(flat.view(tensor.dtype).reshape(tensor.shape))
-
-
-def dtype_text(dtype: Any) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _tensor_error(tensor: Any) -> Optional[str]:
@@ -148,8 +147,10 @@ def _message(tensor: Any) -> Tuple[Optional[TensorMessage], Optional[str]]:
     if error is not None:
         return None, error
     import torch
+
+    from ..tensor.envelope import dtype_name
     flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8).cpu()
-    return TensorMessage(dtype_text(tensor.dtype), tuple(tensor.shape),
+    return TensorMessage(dtype_name(tensor.dtype), tuple(tensor.shape),
                          flat.numpy().tobytes()), None
 
 
