@@ -87,7 +87,7 @@ enum { BUSY_IDENT, BUSY_CODE, BUSY_LASTI, BUSY_POISON, BUSY_BROKEN, BUSY_COUNT }
 enum { KIND_ALL, KIND_GATHER, KIND_BCAST, KIND_EMPTY, KIND_SCATTER, KIND_ALLTOALL, KIND_ARRAYS };
 
 static PyObject *SCHEMAS, *SCHEMAS_BY_ID, *OPS, *ENCODE, *SKIP_FILES, *SKIP_CODES, *SITE_FP,
-    *NAME_FP, *TAKE_PY, *IS_FORWARDER;
+    *NAME_FP, *TAKE_PY;
 /* name -> fingerprint (call sites have a table of their own, before site_identity). */
 static PyObject *NAME_CACHE, *EMPTY_BYTES;
 static PyObject *s_seq, *s_step, *s_policy, *s_observe, *s_size, *s_fast, *s_exchange,
@@ -243,14 +243,13 @@ static int block_agreed(const unsigned char *block) {
 
 /* --- configure --- */
 /* configure(schemas, schemas_by_id, ops, encode, skip_files, skip_codes, site_fingerprint,
- *           name_fingerprint, take_py, is_forwarder) */
+ *           name_fingerprint, take_py) */
 static PyObject *configure(PyObject *mod, PyObject *args) {
-    PyObject *schemas, *by_id, *ops, *encode, *files, *codes, *site_fp, *name_fp, *take, *fwd;
-    if (!PyArg_ParseTuple(args, "O!O!O!OO!O!OOOO", &PyDict_Type, &schemas, &PyDict_Type, &by_id,
+    PyObject *schemas, *by_id, *ops, *encode, *files, *codes, *site_fp, *name_fp, *take;
+    if (!PyArg_ParseTuple(args, "O!O!O!OO!O!OOO", &PyDict_Type, &schemas, &PyDict_Type, &by_id,
                           &PyDict_Type, &ops, &encode, &PySet_Type, &files, &PySet_Type, &codes,
-                          &site_fp, &name_fp, &take, &fwd))
+                          &site_fp, &name_fp, &take))
         return NULL;
-    Py_XSETREF(IS_FORWARDER, Py_NewRef(fwd));
     Py_XSETREF(SCHEMAS, Py_NewRef(schemas));
     Py_XSETREF(SCHEMAS_BY_ID, Py_NewRef(by_id));
     Py_XSETREF(OPS, Py_NewRef(ops));
@@ -264,74 +263,34 @@ static PyObject *configure(PyObject *mod, PyObject *args) {
 }
 
 /* --- call identity --- */
-/* Whether a code object is a thin wrapper (identity.is_forwarder), 1 or 0, -1 on error. A
- * direct-mapped table keyed by the code's address, holding its code objects, in front of the
- * Python classifier, which reads the bytecode once. */
-#define FORWARDER_SLOTS 256
-static struct {
-    PyObject *code;
-    int forwards;
-} FORWARDER_TABLE[FORWARDER_SLOTS];
-
-static int is_forwarder(PyCodeObject *code) {
-    size_t h = (size_t)(uintptr_t)code >> 4;
-    size_t i = (h ^ (h >> 8)) & (FORWARDER_SLOTS - 1);
-    if (FORWARDER_TABLE[i].code == (PyObject *)code) return FORWARDER_TABLE[i].forwards;
-    PyObject *answer = PyObject_CallOneArg(IS_FORWARDER, (PyObject *)code);
-    if (answer == NULL) return -1;
-    int forwards = PyObject_IsTrue(answer);
-    Py_DECREF(answer);
-    if (forwards < 0) return -1;
-    PyObject *old = FORWARDER_TABLE[i].code;
-    FORWARDER_TABLE[i].code = Py_NewRef((PyObject *)code);
-    FORWARDER_TABLE[i].forwards = forwards;
-    Py_XDECREF(old); /* last: a code object's deallocation may run Python code */
-    return forwards;
-}
-
-/* The call site's frame, as identity.user_frame finds it: the first whose file is not
- * typedcoll's own plumbing and whose code is not marked transparent, past thin wrappers whose
- * caller is such a frame (a thin wrapper called from plumbing is the site itself). New
- * references to its code object, and its lasti. */
+/* The caller's frame: the first whose file is not typedcoll's own plumbing and whose code is not
+ * marked transparent. New references to its code object, and its lasti. */
 static int user_site(PyCodeObject **code_out, int *lasti_out) {
     PyFrameObject *frame = PyEval_GetFrame(); /* borrowed */
     Py_XINCREF(frame);
-    PyFrameObject *wrapper = NULL; /* the outermost thin wrapper seen since the last plumbing */
     int check_codes = PySet_GET_SIZE(SKIP_CODES) > 0;
     while (frame != NULL) {
         PyCodeObject *code = PyFrame_GetCode(frame);
         int skip = PySet_Contains(SKIP_FILES, code->co_filename);
         if (skip == 0 && check_codes) skip = PySet_Contains(SKIP_CODES, (PyObject *)code);
-        int forwards = skip == 0 ? is_forwarder(code) : 0;
-        Py_DECREF(code);
-        if (skip < 0 || forwards < 0) {
+        if (skip < 0) {
+            Py_DECREF(code);
             Py_DECREF(frame);
-            Py_XDECREF(wrapper);
             return -1;
         }
-        if (skip && wrapper != NULL) break;
-        if (!skip && !forwards) {
-            Py_XDECREF(wrapper);
-            wrapper = frame; /* the site */
-            break;
+        if (!skip) {
+            *code_out = code;
+            *lasti_out = PyFrame_GetLasti(frame);
+            Py_DECREF(frame);
+            return 0;
         }
-        if (forwards) {
-            Py_XDECREF(wrapper);
-            wrapper = (PyFrameObject *)Py_NewRef(frame);
-        }
+        Py_DECREF(code);
         PyFrameObject *back = PyFrame_GetBack(frame);
         Py_DECREF(frame);
         frame = back;
     }
-    if (wrapper != NULL && frame != wrapper) Py_XDECREF(frame);
-    if (wrapper == NULL) {
-        *code_out = NULL;
-        *lasti_out = 0;
-        return 0;
-    }
-    *code_out = PyFrame_GetCode(wrapper);
-    *lasti_out = PyFrame_GetLasti(wrapper);
-    Py_DECREF(wrapper);
+    *code_out = NULL;
+    *lasti_out = 0;
     return 0;
 }
 

@@ -34,8 +34,7 @@ from ..codecs import nesting, resolve
 from ..codecs.nesting import MAX_NESTING
 from ..codecs.schema import _BY_ID, _CACHE
 from .call import Call
-from .identity import (SKIP_CODES, SKIP_FILES, is_forwarder, name_fingerprint, register_internal,
-                       site_fingerprint)
+from .identity import SKIP_CODES, SKIP_FILES, name_fingerprint, register_internal, site_fingerprint
 from . import array_slots, guesses, recorder, wire
 from .transport import TransportFailure
 
@@ -86,7 +85,7 @@ if _speedups is not None:
     from ..codecs import ENCODER
     nesting.use_native(_speedups.nesting_ok)
     _speedups.configure(_CACHE, _BY_ID, wire.OPS, ENCODER.encode, SKIP_FILES, SKIP_CODES,
-                        site_fingerprint, name_fingerprint, TAKE_PY, is_forwarder)
+                        site_fingerprint, name_fingerprint, TAKE_PY)
 
 
 def bind(p: "Protocol") -> Optional[List[Any]]:

@@ -2,17 +2,9 @@
 
 A collective's identity is its ``name=`` when the caller gives one, else its call site: the first
 frame on the stack that is neither typedcoll's own plumbing nor a function marked
-:func:`transparent`, nor a thin wrapper called from user code (:func:`is_forwarder`: a ``def``
-whose whole body is one call and no branch, such as an engine's
-``def tp_allgather(self, obj): return self.tp_comm.allgather(obj)``). The identity's fingerprint
-rides in every envelope and every rank compares it, so a rank that skipped one vote and entered
-the next (same op, same schema, same shape) still disagrees with its peers: the sites differ.
-
-Why thin wrappers need no marking: such a function cannot decide anything, so whether and how
-often it runs is its caller's decision, and its own line is the same for every purpose it
-serves. Took as the site, that line would make a skipped batch-size vote and the timeout vote
-after it one call. A wrapper that branches or makes other calls (a size-1 shortcut, a log line)
-is a site of its own unless marked transparent.
+:func:`transparent`. The identity's fingerprint rides in every envelope and every rank compares
+it, so a rank that skipped one vote and entered the next (same op, same schema, same shape) still
+disagrees with its peers: the sites differ.
 
 Sites are ``file.py:LINE``, the file named without the directories it was loaded from, so the
 same program launched from different paths (or installed under different prefixes) agrees: a
@@ -84,12 +76,10 @@ def register_internal(filename: str) -> None:
 def transparent(target: Union[_F, types.ModuleType, str]) -> Union[_F, types.ModuleType, str]:
     """Mark a wrapper as transparent: the call site of a collective it issues is its caller's.
 
-    Use it on functions and methods that forward to typedcoll (a ``vote(x)`` helper that logs,
-    a wrapper with a size-1 shortcut), so that two votes issued through one helper from two
-    lines keep two identities. A thin wrapper (``is_forwarder``: one call, no branch, as an
-    engine's ``tp_allgather``) is passed over without it. ``target`` may also be a module, or
-    a module's name (``transparent(__name__)``), to mark every function in it. Returns
-    ``target``, so it works as a decorator.
+    Use it on functions and methods that forward to typedcoll (an engine's ``tp_allgather``,
+    a ``vote(x)`` helper), so that two votes issued through one helper from two lines keep two
+    identities. ``target`` may also be a module, or a module's name (``transparent(__name__)``),
+    to mark every function in it. Returns ``target``, so it works as a decorator.
     """
     if isinstance(target, str):
         module = sys.modules.get(target)
@@ -134,58 +124,14 @@ def _codes_of(target: Any) -> List[CodeType]:
     return codes
 
 
-_FORWARDERS = CodeTable()
-# Code flags of functions whose frames suspend (generators, coroutines): never thin wrappers.
-_SUSPENDS = 0x20 | 0x80 | 0x100 | 0x200
-_NEWLOCALS = 0x02  # a function's code, not a module's or a class body's
-
-
-def is_forwarder(code: CodeType) -> bool:
-    """Whether ``code`` is a thin wrapper: a ``def`` (not a lambda, comprehension, generator,
-    module or class body) whose body makes exactly one call and never branches, loops or
-    handles an exception. Read from its bytecode once per code object."""
-    found: Optional[bool] = _FORWARDERS.get(code, 0)
-    if found is None:
-        found = _FORWARDERS.put(code, 0, _forwards(code))
-    return found
-
-
-def _forwards(code: CodeType) -> bool:
-    handles: bytes = getattr(code, "co_exceptiontable", b"")  # a try or with block (3.11+)
-    if code.co_name.startswith("<") or code.co_flags & _SUSPENDS or \
-            not code.co_flags & _NEWLOCALS or handles or \
-            any(isinstance(const, CodeType) for const in code.co_consts):
-        return False  # a nested function or (before 3.12) comprehension: its own loop
-    import dis
-    calls = 0
-    for instruction in dis.get_instructions(code):
-        name = instruction.opname
-        if any(mark in name for mark in ("JUMP", "FOR_ITER", "SEND", "YIELD", "SETUP_",
-                                          "WITH")):
-            return False
-        if name.startswith("CALL") and not name.startswith("CALL_INTRINSIC"):
-            calls += 1
-    return calls == 1
-
-
 def user_frame(depth: int = 2) -> Optional[FrameType]:
-    """The call site's frame, ``depth`` frames up: the first outside typedcoll and transparent
-    functions, past thin wrappers (``is_forwarder``) whose caller is such a frame; a thin
-    wrapper called from plumbing (a test harness's thread) is the site itself."""
+    """The first frame outside typedcoll and transparent functions, ``depth`` frames up."""
     frame: Optional[FrameType] = sys._getframe(depth)
     files, codes = SKIP_FILES, SKIP_CODES
-    wrapper: Optional[FrameType] = None
-    while frame is not None:
-        code = frame.f_code
-        if code.co_filename in files or (codes and code in codes):
-            if wrapper is not None:
-                return wrapper
-        elif is_forwarder(code):
-            wrapper = frame
-        else:
-            return frame
+    while frame is not None and (frame.f_code.co_filename in files or
+                                 (codes and frame.f_code in codes)):
         frame = frame.f_back
-    return wrapper
+    return frame
 
 
 def line_of(code: CodeType, lasti: int) -> int:
