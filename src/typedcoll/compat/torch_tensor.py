@@ -62,9 +62,7 @@ class TensorCalls(GroupBinding):
         error = self._check_group("all_gather", group) or _output_tensors(
             "tensor_list", tensor_list, tensor, p.size)
         out = tensor_ops.all_gather_tensor(p, tensor, name, step, error=error)
-        parts = out.reshape((p.size,) + tuple(tensor.shape))
-        for i in range(p.size):
-            tensor_list[i].copy_(parts[i])
+        _split_into(tensor_list, out, tensor, p.size)
         return done(async_op, *tensor_list)
 
     def gather(self, tensor: Any, gather_list: Optional[List[Any]] = None,
@@ -83,9 +81,7 @@ class TensorCalls(GroupBinding):
         out = tensor_ops.gather_tensor(p, tensor, root, name, step, error=error)
         if out is None or gather_list is None:
             return done(async_op)
-        parts = out.reshape((p.size,) + tuple(tensor.shape))
-        for i in range(p.size):
-            gather_list[i].copy_(parts[i])
+        _split_into(gather_list, out, tensor, p.size)
         return done(async_op, *gather_list)
 
     def scatter(self, tensor: Any, scatter_list: Optional[List[Any]] = None,
@@ -202,6 +198,13 @@ def _op_name(op: Any) -> Any:
         except Exception:  # an array, say: the collective's check names it, on every rank
             return op
     return op
+
+
+def _split_into(outputs: List[Any], out: Any, tensor: Any, size: int) -> None:
+    """``outputs[i]`` = block ``i`` of ``out``, every rank's ``tensor`` gathered along dim 0."""
+    parts = out.reshape((size,) + tuple(tensor.shape))
+    for i in range(size):
+        outputs[i].copy_(parts[i])
 
 
 def _no_list(what: str, value: Any, role: str) -> Optional[str]:

@@ -42,7 +42,7 @@ band:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 from torch._C._distributed_c10d import (AllgatherOptions, AllreduceOptions, BroadcastOptions,
@@ -104,12 +104,13 @@ def _real(tensor: Any) -> Any:
     return torch.view_as_real(tensor) if tensor.is_complex() else tensor
 
 
-# --- the four collectives ------------------------------------------------------------------------
-def all_gather_tensor(p: Protocol, tensor: Any, name: Any, step: Any,
-                      error: Optional[str] = None) -> Any:
-    """Every rank's ``tensor`` concatenated along dim 0 (a 0-d tensor gathers to shape [size])."""
-    _torch_comm(p, "all_gather_tensor")
-    call = tensor_call(p, "all_gather_tensor", tensor, name, step, error=error)
+def _gather(p: Protocol, op: str, tensor: Any, root: Any, name: Any, step: Any,
+            error: Optional[str]) -> Tuple[Any, TensorCall]:
+    """Every rank's ``tensor`` concatenated along dim 0, on every rank (a 0-d tensor gathers to
+    shape [size]), and the call's record: ``all_gather_tensor``, or ``gather_tensor`` whose
+    root alone keeps it."""
+    _torch_comm(p, op)
+    call = tensor_call(p, op, tensor, name, step, root=root, error=error)
     out = src = None
     if call.payload_ok:
         src = tensor.reshape(1) if tensor.dim() == 0 else tensor.contiguous()
@@ -118,7 +119,14 @@ def all_gather_tensor(p: Protocol, tensor: Any, name: Any, step: Any,
          lambda group: device.enqueued(group._allgather_base(_real(out), _real(src),
                                                              _opts(AllgatherOptions))),
          lambda: inline.all_gather(p, call, out))
-    return out
+    return out, call
+
+
+# --- the four collectives ------------------------------------------------------------------------
+def all_gather_tensor(p: Protocol, tensor: Any, name: Any, step: Any,
+                      error: Optional[str] = None) -> Any:
+    """Every rank's ``tensor`` concatenated along dim 0 (a 0-d tensor gathers to shape [size])."""
+    return _gather(p, "all_gather_tensor", tensor, None, name, step, error)[0]
 
 
 def all_reduce_tensor(p: Protocol, tensor: Any, op: Any, name: Any, step: Any,
@@ -187,16 +195,7 @@ def gather_tensor(p: Protocol, tensor: Any, root: Any, name: Any, step: Any,
                   error: Optional[str] = None) -> Any:
     """On ``root``, every rank's ``tensor`` concatenated along dim 0 (a 0-d tensor gathers to
     shape [size]); None on the other ranks."""
-    _torch_comm(p, "gather_tensor")
-    call = tensor_call(p, "gather_tensor", tensor, name, step, root=root, error=error)
-    out = src = None
-    if call.payload_ok:
-        src = tensor.reshape(1) if tensor.dim() == 0 else tensor.contiguous()
-        out = src.new_empty((src.shape[0] * p.size,) + tuple(src.shape[1:]))
-    _run(p, call, lambda deadline: p.transport.all_gather_tensor(out, src, deadline),
-         lambda group: device.enqueued(group._allgather_base(_real(out), _real(src),
-                                                             _opts(AllgatherOptions))),
-         lambda: inline.all_gather(p, call, out))
+    out, call = _gather(p, "gather_tensor", tensor, root, name, step, error)
     return out if p.rank == call.root else None
 
 
