@@ -172,6 +172,37 @@ def test_skipped_vote_of_plain_ints_raises_on_every_rank(n):
         assert isinstance(e, tc.DesyncError) and str(e) == expected
 
 
+class MPIDist:
+    """An engine's unmarked wrapper class over the drop-in (its methods one call each)."""
+
+    def __init__(self, comm):
+        self.tp_comm = compat.mpi4py(comm)
+
+    def tp_allgather(self, obj):
+        return self.tp_comm.allgather(obj)
+
+
+def test_a_skipped_vote_through_an_unmarked_wrapper_raises_on_every_rank():
+    # The engine's crash: ranks 1-2 skip the batch-size vote; without the wrappers' callers
+    # as sites, their rank-state vote would meet rank 0's batch-size vote and return it.
+    def prog(comm):
+        dist = MPIDist(comm)
+        if dist.tp_comm.rank == 0:
+            dist.tp_allgather(3)  # BATCH-SIZE
+        return dist.tp_allgather({"rank": dist.tp_comm.rank, "active": 1})  # RANK-STATE
+
+    with pytest.raises(ExceptionGroup) as info:
+        run(3, prog, timeout=10)
+    errors = errors_by_rank(info.value)
+    assert sorted(errors) == [0, 1, 2]
+    for e in errors.values():
+        assert isinstance(e, tc.DesyncError) and e.kinds == (tc.MismatchKind.CALL,), e
+        assert f"rank 0:    allgather[Any] at test_compat_mpi4py.py:{line_of('# BATCH-SIZE')}" \
+            in str(e), e
+        assert f"ranks 1-2: allgather[Any] at test_compat_mpi4py.py:{line_of('# RANK-STATE')}" \
+            in str(e), e
+
+
 def test_different_reduce_ops_or_ops_at_one_name_raise():
     from mpi4py import MPI
 

@@ -8,6 +8,8 @@ under mpiexec in tests/spmd/core_errors.py; CI runs both with and without the C 
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import functools
 import math
 import sys
@@ -86,12 +88,13 @@ def test_wire_identical_votes_raise_at_the_first_misaligned_call(n):
 
 
 def two_packages(tmp_path: Any, monkeypatch: Any) -> Any:
-    """Two packages, each with a ``utils.py`` whose collective sits on the same line."""
+    """Two packages, each with a ``utils.py`` whose collective sits on the same line (in a
+    function that branches, so that the line is the call site, not its caller's)."""
     for package, fn in (("typedcoll_t_a", "vote_timeout"), ("typedcoll_t_b", "num_waiting")):
         (tmp_path / package).mkdir()
         (tmp_path / package / "__init__.py").write_text("")
         (tmp_path / package / "utils.py").write_text(
-            f"def {fn}(comm, value):\n    return comm.allgather(value)\n")
+            f"def {fn}(comm, value):\n    return comm.allgather(value) if comm else None\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     for name in [name for name in sys.modules if name.startswith("typedcoll_t_")]:
         del sys.modules[name]  # an earlier test's packages, in another directory
@@ -279,6 +282,247 @@ def test_a_transparent_wrapper_keeps_its_callers_sites(program):
         assert type(e) is tc.DesyncError, e
         assert f"at {FILE}:{only}, its 1st call" in str(e).splitlines()[1]
         assert f"at {FILE}:{every}, its 1st call" in str(e).splitlines()[2]
+
+
+class Distributed:
+    """An engine's wrapper class, unmarked: each method one call, no branch."""
+
+    def __init__(self, comm: tc.TypedComm) -> None:
+        self.comm = comm
+
+    def tp_allgather(self, obj: Any) -> List[Any]:
+        return self.comm.allgather(obj)
+
+    def vote(self, obj: Any) -> List[Any]:  # a thin wrapper over another
+        return self.tp_allgather(obj)
+
+    def guarded_allgather(self, obj: Any) -> List[Any]:
+        if self.comm.size == 1:  # a shortcut: no longer thin, a site of its own
+            return [obj]
+        return self.comm.allgather(obj)
+
+
+def skipped_vote_through(method: str) -> Callable[[tc.TypedComm], Any]:
+    def program(comm: tc.TypedComm) -> Any:
+        dist = Distributed(comm)
+        call = getattr(dist, method)
+        out = [call(100)]  # iteration 0: every rank votes twice
+        out.append(call(0))
+        if comm.rank != comm.size - 1:
+            out.append(call(101))  # the batch-size vote the last rank skips
+        out.append(call(0))  # the timeout vote
+        return out
+    return program
+
+
+@pytest.mark.parametrize("method", ["tp_allgather", "vote"])
+def test_an_unmarked_thin_wrapper_keeps_its_callers_sites(method):
+    # The engine's crash: the last rank skipped the batch-size vote, so its timeout vote met
+    # its peers' batch-size vote through one wrapper line, and returned their payloads.
+    program = skipped_vote_through(method)
+    errors = errors_of(3, program)
+    skipped = line_of(skipped_vote_through, "the last rank skips")
+    taken = line_of(skipped_vote_through, "the timeout vote")
+    for e in errors:
+        assert type(e) is tc.DesyncError and e.kinds == (tc.MismatchKind.CALL,), e
+        lines = str(e).splitlines()
+        via = "through Distributed.tp_allgather"  # the innermost thin wrapper
+        assert f"at {FILE}:{skipped} {via}, its 1st call" in lines[1], e
+        assert f"at {FILE}:{taken} {via}, its 1st call" in lines[2], e
+        assert lines[3] == ("  only the callers of Distributed.tp_allgather differ: a call "
+                            "through a thin wrapper is its caller's, so a rank skipped or added "
+                            "a call before this one, or these are one collective reached from "
+                            "two places: then give the call in Distributed.tp_allgather a name=")
+
+
+def with_context(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A decorator whose frame holds a ``with`` (``torch.no_grad()``'s shape): not thin itself,
+    so its one line calls every function it wraps."""
+    @functools.wraps(fn)
+    def inner(*args: Any, **kwargs: Any) -> Any:
+        with contextlib.nullcontext():
+            return fn(*args, **kwargs)
+    return inner
+
+
+class Votes:
+    """Two thin wrappers, reached through lines they share: a decorator's frame, a ``getattr``
+    dispatcher, a thread pool's worker."""
+
+    def __init__(self, comm: tc.TypedComm) -> None:
+        self.comm = comm
+
+    def batch_vote(self, value: int) -> List[Any]:
+        return self.comm.allgather(value)
+
+    def timeout_vote(self, value: int) -> List[Any]:
+        return self.comm.allgather(value)
+
+    decorated_batch_vote = with_context(batch_vote)
+    decorated_timeout_vote = with_context(timeout_vote)
+
+    def dispatch(self, op: str, value: int) -> List[Any]:
+        return getattr(self, op)(value)  # two calls: this line is the caller of both
+
+    def in_pool(self, op: str, value: int) -> List[Any]:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            return pool.submit(getattr(self, op), value).result()  # type: ignore[no-any-return]
+
+
+def skipped_vote_by(way: str) -> Callable[[tc.TypedComm], Any]:
+    def program(comm: tc.TypedComm) -> Any:
+        votes = Votes(comm)
+        if way == "decorator":
+            def call(op: str, value: int) -> List[Any]:
+                return getattr(votes, "decorated_" + op)(value)  # type: ignore[no-any-return]
+        else:
+            def call(op: str, value: int) -> List[Any]:
+                return getattr(votes, way)(op, value)  # type: ignore[no-any-return]
+        out = []
+        for it in range(2):
+            if not (it == 1 and comm.rank == comm.size - 1):
+                out.append(call("batch_vote", 100 + it))
+            out.append(call("timeout_vote", 0))
+        return out
+    return program
+
+
+@pytest.mark.parametrize("way", ["decorator", "dispatch", "in_pool"])
+def test_two_thin_wrappers_reached_from_one_line_stay_two_calls(way):
+    # The wrapper is part of the identity: with its caller's line alone, the decorator's, the
+    # dispatcher's or the pool's one line would make both votes one call, and the last rank's
+    # timeout vote would take its peers' batch-size votes without an error.
+    for e in errors_of(3, skipped_vote_by(way)):
+        assert type(e) is tc.DesyncError and e.kinds == (tc.MismatchKind.CALL,), e
+        lines = str(e).splitlines()
+        assert lines[1].endswith("through Votes.batch_vote, its 2nd call"), e
+        assert lines[2].endswith("through Votes.timeout_vote, its 2nd call"), e
+
+
+class Broadcaster:
+    """An engine's broadcast and barrier wrappers, thin."""
+
+    def __init__(self, comm: tc.TypedComm) -> None:
+        self.comm = comm
+
+    def tp_broadcast(self, obj: Any) -> Any:
+        return self.comm.bcast(obj, root=0, schema=RankState)
+
+    def barrier(self) -> None:
+        self.comm.barrier()
+
+    def named_barrier(self) -> None:
+        self.comm.barrier(name="sync")
+
+
+def broadcasts_in_a_role_branch(comm: tc.TypedComm) -> List[Any]:
+    dist, out = Broadcaster(comm), []
+    for it in range(3):
+        if comm.rank == 0:
+            out.append(dist.tp_broadcast(RankState(0, it)))
+        else:
+            out.append(dist.tp_broadcast(None))
+    return out
+
+
+def test_a_role_branch_around_a_thin_wrapper_is_one_call():
+    # Its first run is judged from the envelopes, the later ones from the role it proved.
+    assert run(3, broadcasts_in_a_role_branch) == [[RankState(0, it) for it in range(3)]] * 3
+
+
+def in_role_branch(comm: tc.TypedComm, broadcast: Callable[[Any], Any], value: Any) -> Any:
+    if comm.rank == 0:
+        return broadcast(value)
+    return broadcast(None)
+
+
+def two_wrappers_through_one_role_branch(comm: tc.TypedComm) -> List[Any]:
+    dist, out = Sizes(comm), []
+    for it in range(3):
+        if not (it == 1 and comm.rank == 1):  # rank 1 skips the size in iteration 1
+            out.append(in_role_branch(comm, dist.bcast_size, 100 + it))
+        out.append(in_role_branch(comm, dist.bcast_flag, 0))
+    return out
+
+
+class Sizes:
+    def __init__(self, comm: tc.TypedComm) -> None:
+        self.comm = comm
+
+    def bcast_size(self, value: Any) -> Any:
+        return self.comm.bcast(value, root=0)
+
+    def bcast_flag(self, value: Any) -> Any:
+        return self.comm.bcast(value, root=0)
+
+
+def test_a_role_branch_pairs_calls_through_one_wrapper_only():
+    # One role branch reaching two wrappers is two calls: paired, rank 1's flag would take the
+    # root's size without an error.
+    for e in errors_of(3, two_wrappers_through_one_role_branch):
+        assert type(e) is tc.DesyncError and e.seq == 2, e
+        assert "rank 1: bcast root=0" in str(e) and "through Sizes.bcast_flag, its 2nd" in str(e)
+
+
+def barriers_in_two_arms(comm: tc.TypedComm, method: str) -> None:
+    dist = Broadcaster(comm)
+    if comm.rank == 0:
+        getattr(dist, method)()  # the root's arm
+    else:
+        getattr(dist, method)()  # everyone else's
+
+
+def test_one_thin_wrapper_called_from_two_lines_is_one_call_only_by_name():
+    # Unrooted calls in two arms are two calls, through a thin wrapper as written out; the
+    # error says to name the wrapper's call, and so named they pair.
+    for e in errors_of(2, barriers_in_two_arms, "barrier"):
+        assert type(e) is tc.DesyncError and e.kinds == (tc.MismatchKind.CALL,), e
+        assert str(e).splitlines()[-1] == (
+            "  only the callers of Broadcaster.barrier differ: a call through a thin wrapper "
+            "is its caller's, so a rank skipped or added a call before this one, or these are "
+            "one collective reached from two places: then give the call in "
+            "Broadcaster.barrier a name=")
+    assert run(2, barriers_in_two_arms, "named_barrier") == [None, None]
+
+
+def test_what_counts_as_a_thin_wrapper():
+    from typedcoll.core.identity import is_forwarder
+
+    class Cases:
+        def one_call(self, obj): return self.c.allgather(obj)  # noqa: E704
+        def no_argument(self): self.c.barrier()  # noqa: E704
+
+        def out_list(self, obj):
+            objs = [None] * self.n
+            self.c.all_gather_object(objs, obj)
+            return objs
+
+        def two_calls(self, obj):
+            print(obj)
+            return self.c.allgather(obj)
+
+        def branches(self, obj): return self.c.allgather(obj) if obj else []  # noqa: E704
+
+        def loops(self, objs): return [self.c.allgather(o) for o in objs]  # noqa: E704
+
+        def guarded(self, obj):
+            with self.lock:
+                return self.c.allgather(obj)
+
+        def catches(self, obj):
+            try:
+                return self.c.allgather(obj)
+            except ValueError:
+                return None
+
+        def suspends(self, obj): yield self.c.allgather(obj)  # noqa: E704
+
+    thin = {name: is_forwarder(getattr(Cases, name).__code__) for name in vars(Cases)
+            if not name.startswith("_")}
+    assert thin == {"one_call": True, "no_argument": True, "out_list": True, "two_calls": False,
+                    "branches": False, "loops": False, "guarded": False, "catches": False,
+                    "suspends": False}
+    assert not is_forwarder((lambda obj: obj.allgather(1)).__code__)  # a lambda is a site
 
 
 def test_transparent_marks_functions_modules_and_module_names():

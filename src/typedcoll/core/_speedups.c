@@ -87,7 +87,7 @@ enum { BUSY_IDENT, BUSY_CODE, BUSY_LASTI, BUSY_POISON, BUSY_BROKEN, BUSY_COUNT }
 enum { KIND_ALL, KIND_GATHER, KIND_BCAST, KIND_EMPTY, KIND_SCATTER, KIND_ALLTOALL, KIND_ARRAYS };
 
 static PyObject *SCHEMAS, *SCHEMAS_BY_ID, *OPS, *ENCODE, *SKIP_FILES, *SKIP_CODES, *SITE_FP,
-    *NAME_FP, *TAKE_PY;
+    *NAME_FP, *TAKE_PY, *IS_FORWARDER;
 /* name -> fingerprint (call sites have a table of their own, before site_identity). */
 static PyObject *NAME_CACHE, *EMPTY_BYTES;
 static PyObject *s_seq, *s_step, *s_policy, *s_observe, *s_size, *s_fast, *s_exchange,
@@ -243,13 +243,14 @@ static int block_agreed(const unsigned char *block) {
 
 /* --- configure --- */
 /* configure(schemas, schemas_by_id, ops, encode, skip_files, skip_codes, site_fingerprint,
- *           name_fingerprint, take_py) */
+ *           name_fingerprint, take_py, is_forwarder) */
 static PyObject *configure(PyObject *mod, PyObject *args) {
-    PyObject *schemas, *by_id, *ops, *encode, *files, *codes, *site_fp, *name_fp, *take;
-    if (!PyArg_ParseTuple(args, "O!O!O!OO!O!OOO", &PyDict_Type, &schemas, &PyDict_Type, &by_id,
+    PyObject *schemas, *by_id, *ops, *encode, *files, *codes, *site_fp, *name_fp, *take, *fwd;
+    if (!PyArg_ParseTuple(args, "O!O!O!OO!O!OOOO", &PyDict_Type, &schemas, &PyDict_Type, &by_id,
                           &PyDict_Type, &ops, &encode, &PySet_Type, &files, &PySet_Type, &codes,
-                          &site_fp, &name_fp, &take))
+                          &site_fp, &name_fp, &take, &fwd))
         return NULL;
+    Py_XSETREF(IS_FORWARDER, Py_NewRef(fwd));
     Py_XSETREF(SCHEMAS, Py_NewRef(schemas));
     Py_XSETREF(SCHEMAS_BY_ID, Py_NewRef(by_id));
     Py_XSETREF(OPS, Py_NewRef(ops));
@@ -263,34 +264,75 @@ static PyObject *configure(PyObject *mod, PyObject *args) {
 }
 
 /* --- call identity --- */
-/* The caller's frame: the first whose file is not typedcoll's own plumbing and whose code is not
- * marked transparent. New references to its code object, and its lasti. */
-static int user_site(PyCodeObject **code_out, int *lasti_out) {
+/* Whether a code object is a thin wrapper (identity.is_forwarder), 1 or 0, -1 on error. A
+ * direct-mapped table keyed by the code's address, holding its code objects, in front of the
+ * Python classifier, which reads the bytecode once. */
+#define FORWARDER_SLOTS 256
+static struct {
+    PyObject *code;
+    int forwards;
+} FORWARDER_TABLE[FORWARDER_SLOTS];
+
+static int is_forwarder(PyCodeObject *code) {
+    size_t h = (size_t)(uintptr_t)code >> 4;
+    size_t i = (h ^ (h >> 8)) & (FORWARDER_SLOTS - 1);
+    if (FORWARDER_TABLE[i].code == (PyObject *)code) return FORWARDER_TABLE[i].forwards;
+    PyObject *answer = PyObject_CallOneArg(IS_FORWARDER, (PyObject *)code);
+    if (answer == NULL) return -1;
+    int forwards = PyObject_IsTrue(answer);
+    Py_DECREF(answer);
+    if (forwards < 0) return -1;
+    PyObject *old = FORWARDER_TABLE[i].code;
+    FORWARDER_TABLE[i].code = Py_NewRef((PyObject *)code);
+    FORWARDER_TABLE[i].forwards = forwards;
+    Py_XDECREF(old); /* last: a code object's deallocation may run Python code */
+    return forwards;
+}
+
+/* The call site, as identity.call_site finds it: the first frame whose file is not typedcoll's
+ * own plumbing, whose code is not marked transparent and that is not a thin wrapper, and the
+ * innermost thin wrapper passed on the way (``via``); where no such frame is above a thin
+ * wrapper, that wrapper is the site and there is no via. New references to the site's code
+ * object and to via's (or NULL), and the site's lasti. */
+static int user_site(PyCodeObject **code_out, int *lasti_out, PyCodeObject **via_out) {
     PyFrameObject *frame = PyEval_GetFrame(); /* borrowed */
     Py_XINCREF(frame);
+    PyFrameObject *wrapper = NULL; /* the innermost thin wrapper */
     int check_codes = PySet_GET_SIZE(SKIP_CODES) > 0;
+    *code_out = *via_out = NULL;
+    *lasti_out = 0;
     while (frame != NULL) {
         PyCodeObject *code = PyFrame_GetCode(frame);
         int skip = PySet_Contains(SKIP_FILES, code->co_filename);
         if (skip == 0 && check_codes) skip = PySet_Contains(SKIP_CODES, (PyObject *)code);
-        if (skip < 0) {
+        int forwards = skip == 0 ? is_forwarder(code) : 0;
+        if (skip < 0 || forwards < 0) {
             Py_DECREF(code);
             Py_DECREF(frame);
+            Py_XDECREF(wrapper);
             return -1;
         }
-        if (!skip) {
+        if (!skip && !forwards) {
             *code_out = code;
             *lasti_out = PyFrame_GetLasti(frame);
             Py_DECREF(frame);
+            if (wrapper != NULL) {
+                *via_out = PyFrame_GetCode(wrapper);
+                Py_DECREF(wrapper);
+            }
             return 0;
         }
         Py_DECREF(code);
+        if (forwards && wrapper == NULL) wrapper = (PyFrameObject *)Py_NewRef(frame);
         PyFrameObject *back = PyFrame_GetBack(frame);
         Py_DECREF(frame);
         frame = back;
     }
-    *code_out = NULL;
-    *lasti_out = 0;
+    if (wrapper != NULL) {
+        *code_out = PyFrame_GetCode(wrapper);
+        *lasti_out = PyFrame_GetLasti(wrapper);
+        Py_DECREF(wrapper);
+    }
     return 0;
 }
 
@@ -302,26 +344,33 @@ static int user_site(PyCodeObject **code_out, int *lasti_out) {
 static struct {
     PyObject *code;
     int lasti;
+    PyObject *via;
     PyObject *fp;
 } SITE_TABLE[SITE_SLOTS];
 
-static PyObject *site_identity(PyCodeObject *code, int lasti) {
+static PyObject *site_identity(PyCodeObject *code, int lasti, PyCodeObject *via) {
     PyObject *code_obj = code ? (PyObject *)code : Py_None;
-    size_t h = ((size_t)(uintptr_t)code_obj >> 4) ^ ((size_t)(unsigned)lasti * 2654435761u);
+    PyObject *via_obj = via ? (PyObject *)via : Py_None;
+    size_t h = ((size_t)(uintptr_t)code_obj >> 4) ^ ((size_t)(unsigned)lasti * 2654435761u) ^
+               ((size_t)(uintptr_t)via_obj >> 6);
     size_t i = (h ^ (h >> 9)) & (SITE_SLOTS - 1);
-    if (SITE_TABLE[i].code == code_obj && SITE_TABLE[i].lasti == lasti)
+    if (SITE_TABLE[i].code == code_obj && SITE_TABLE[i].lasti == lasti &&
+        SITE_TABLE[i].via == via_obj)
         return Py_NewRef(SITE_TABLE[i].fp);
-    PyObject *fp = PyObject_CallFunction(SITE_FP, "Oi", code_obj, lasti);
+    PyObject *fp = PyObject_CallFunction(SITE_FP, "OiO", code_obj, lasti, via_obj);
     if (fp != NULL && (!PyBytes_Check(fp) || PyBytes_GET_SIZE(fp) != 8)) {
         Py_CLEAR(fp);
         PyErr_SetString(PyExc_RuntimeError, "typedcoll: bad site fingerprint");
     }
     if (fp == NULL) return NULL;
-    PyObject *old_code = SITE_TABLE[i].code, *old_fp = SITE_TABLE[i].fp;
+    PyObject *old_code = SITE_TABLE[i].code, *old_via = SITE_TABLE[i].via,
+             *old_fp = SITE_TABLE[i].fp;
     SITE_TABLE[i].code = Py_NewRef(code_obj);
     SITE_TABLE[i].lasti = lasti;
+    SITE_TABLE[i].via = Py_NewRef(via_obj);
     SITE_TABLE[i].fp = Py_NewRef(fp);
     Py_XDECREF(old_code); /* last: a code object's deallocation may run Python code */
+    Py_XDECREF(old_via);
     Py_XDECREF(old_fp);
     return fp;
 }
@@ -1096,7 +1145,7 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
         return usable < 0 ? NULL : take_py();
     }
     PyObject *result = NULL, *payload = NULL, *identity = NULL, *info_fast = NULL;
-    PyCodeObject *code = NULL;
+    PyCodeObject *code = NULL, *via = NULL;
     int lasti = 0, observed_here = 0;
     Py_buffer data_view; /* a split array's data (KIND_ARRAYS), held until phase 2 is done */
     int have_view = 0;
@@ -1229,7 +1278,7 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
     }
 
     /* --- from here the call is issued: no more TAKE_PY --- */
-    if (user_site(&code, &lasti) < 0) goto error;
+    if (user_site(&code, &lasti, &via) < 0) goto error;
     {
         PyObject *where = PyLong_FromLong(lasti);
         if (where == NULL) goto error;
@@ -1237,7 +1286,7 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
             PyList_SetItem(f.busy, BUSY_CODE, Py_NewRef(code ? (PyObject *)code : Py_None)) < 0)
             goto error;
     }
-    identity = name == Py_None ? site_identity(code, lasti) : name_identity(name);
+    identity = name == Py_None ? site_identity(code, lasti, via) : name_identity(name);
     if (identity == NULL) goto error;
     long long seq;
     Py_ssize_t occurrence;
@@ -1522,8 +1571,8 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
 resume:
     /* Exchanged, not the steady state: the Python steps finish from the same bytes (the
      * channel stays busy until they do). */
-    result = Py_BuildValue("(OiLnNOO)", code ? (PyObject *)code : Py_None, lasti, seq,
-                           occurrence,
+    result = Py_BuildValue("(OiOLnNOO)", code ? (PyObject *)code : Py_None, lasti,
+                           via ? (PyObject *)via : Py_None, seq, occurrence,
                            deadline < 0 ? Py_NewRef(Py_None) : PyFloat_FromDouble(deadline),
                            timed_out ? Py_True : Py_False, observed_here ? Py_True : Py_False);
     goto cleanup;
@@ -1535,6 +1584,7 @@ error:
 cleanup:
     if (have_view) PyBuffer_Release(&data_view);
     Py_XDECREF(code);
+    Py_XDECREF(via);
     Py_XDECREF(identity);
     Py_XDECREF(payload);
     Py_XDECREF(info_fast);
@@ -1608,11 +1658,12 @@ static int is_receiver(PyObject *proto, long root) {
 static PyObject *guessed_info(PyObject *proto, PyObject *name) {
     PyObject *identity;
     if (name == Py_None) {
-        PyCodeObject *code = NULL;
+        PyCodeObject *code = NULL, *via = NULL;
         int lasti = 0;
-        if (user_site(&code, &lasti) < 0) return NULL;
-        identity = site_identity(code, lasti);
+        if (user_site(&code, &lasti, &via) < 0) return NULL;
+        identity = site_identity(code, lasti, via);
         Py_XDECREF(code);
+        Py_XDECREF(via);
     } else if (PyUnicode_CheckExact(name) && PyUnicode_GET_LENGTH(name) >= 1 &&
                PyUnicode_GET_LENGTH(name) <= MAX_NAME) {
         identity = name_identity(name);

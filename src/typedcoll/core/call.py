@@ -23,8 +23,8 @@ class Call:
     """One typed collective on one rank."""
 
     __slots__ = ("op", "shape", "info", "mode", "value", "root", "reduce_op", "step", "name",
-                 "code", "lasti", "error", "array_fp", "validate", "wild", "guessed", "settings",
-                 "seq", "deadline", "overflow", "occurrence", "array_meta", "same_shape",
+                 "code", "lasti", "via", "error", "array_fp", "validate", "wild", "guessed",
+                 "settings", "seq", "deadline", "overflow", "occurrence", "array_meta", "same_shape",
                  "inline", "split", "timed_out", "observed", "clocked")
 
     def __init__(self, op: str, shape: int, info: Optional[SchemaInfo], mode: int, value: Any, *,
@@ -56,6 +56,7 @@ class Call:
         self.inline = shape == GATHER or op == "bcast"
         self.code: Any = None
         self.lasti = 0
+        self.via: Any = None  # the thin wrapper the call went through (core.identity)
         self.seq = 0
         self.deadline: Optional[float] = None
         self.overflow: Any = None  # own payload bytes that move in phase 2

@@ -34,7 +34,8 @@ from ..codecs import nesting, resolve
 from ..codecs.nesting import MAX_NESTING
 from ..codecs.schema import _BY_ID, _CACHE
 from .call import Call
-from .identity import SKIP_CODES, SKIP_FILES, name_fingerprint, register_internal, site_fingerprint
+from .identity import (SKIP_CODES, SKIP_FILES, is_forwarder, name_fingerprint, register_internal,
+                       site_fingerprint)
 from . import array_slots, guesses, recorder, wire
 from .transport import TransportFailure
 
@@ -85,7 +86,7 @@ if _speedups is not None:
     from ..codecs import ENCODER
     nesting.use_native(_speedups.nesting_ok)
     _speedups.configure(_CACHE, _BY_ID, wire.OPS, ENCODER.encode, SKIP_FILES, SKIP_CODES,
-                        site_fingerprint, name_fingerprint, TAKE_PY)
+                        site_fingerprint, name_fingerprint, TAKE_PY, is_forwarder)
 
 
 def bind(p: "Protocol") -> Optional[List[Any]]:
@@ -197,11 +198,11 @@ def _exchange_or_failure(p: "Protocol", exchange: Any, send: Any, recv: Any, blo
 def resumed(p: "Protocol", call: Call, out: Any) -> Call:
     """``call`` as the C path started and exchanged it (its answer ``out``): the same site,
     number, occurrence, deadline and step clock that the C path wrote into the header."""
-    (call.code, call.lasti, call.seq, call.occurrence, call.deadline, call.timed_out,
-     call.observed) = out[:7]
-    if len(out) > 7:  # the C path sent an array's prefix inline: (prefix, data) for phase 2
-        call.split = out[7]
-        call.overflow = out[7][1]
+    (call.code, call.lasti, call.via, call.seq, call.occurrence, call.deadline, call.timed_out,
+     call.observed) = out[:8]
+    if len(out) > 8:  # the C path sent an array's prefix inline: (prefix, data) for phase 2
+        call.split = out[8]
+        call.overflow = out[8][1]
     if call.step is None and p.step != wire.NO_STEP:
         call.step = p.step
     if call.wild:  # the C path guessed the root's class from the same table

@@ -6,6 +6,18 @@ frame on the stack that is neither typedcoll's own plumbing nor a function marke
 it, so a rank that skipped one vote and entered the next (same op, same schema, same shape) still
 disagrees with its peers: the sites differ.
 
+Thin wrappers. A ``def`` whose whole body is one call and no branch (:func:`is_forwarder`: an
+engine's ``def tp_allgather(self, obj): return self.tp_comm.allgather(obj)``) decides nothing:
+whether it runs is its caller's decision, and its own line is the same for every purpose it
+serves. Taken as the site, that line would make a skipped batch-size vote and the timeout vote
+after it one call, and they would return each other's payloads without an error. So the site of
+a call through a thin wrapper is its caller's line, and its identity is that line *together
+with* the wrapper (``via``): never coarser than the wrapper's own line, so two wrappers reached
+from one shared line (a decorator's frame, a thread pool's worker, a ``getattr`` dispatcher)
+stay two calls. The cost is that one wrapper called from two lines is two calls, as a
+collective written on two lines is; a wrapper meant to be one call wherever it is called from
+gives its call a ``name=``.
+
 Sites are ``file.py:LINE``, the file named without the directories it was loaded from, so the
 same program launched from different paths (or installed under different prefixes) agrees: a
 module's file by its dotted name (``pkg/utils.py``, ``pkg/__init__.py``), so that two
@@ -76,10 +88,12 @@ def register_internal(filename: str) -> None:
 def transparent(target: Union[_F, types.ModuleType, str]) -> Union[_F, types.ModuleType, str]:
     """Mark a wrapper as transparent: the call site of a collective it issues is its caller's.
 
-    Use it on functions and methods that forward to typedcoll (an engine's ``tp_allgather``,
-    a ``vote(x)`` helper), so that two votes issued through one helper from two lines keep two
-    identities. ``target`` may also be a module, or a module's name (``transparent(__name__)``),
-    to mark every function in it. Returns ``target``, so it works as a decorator.
+    Use it on functions and methods that forward to typedcoll (a ``vote(x)`` helper that logs,
+    a wrapper with a size-1 shortcut), so that two votes issued through one helper from two
+    lines keep two identities. A thin wrapper (:func:`is_forwarder`: one call, no branch, as an
+    engine's ``tp_allgather``) is passed over without it. ``target`` may also be a module, or
+    a module's name (``transparent(__name__)``), to mark every function in it. Returns
+    ``target``, so it works as a decorator.
     """
     if isinstance(target, str):
         module = sys.modules.get(target)
@@ -124,14 +138,71 @@ def _codes_of(target: Any) -> List[CodeType]:
     return codes
 
 
-def user_frame(depth: int = 2) -> Optional[FrameType]:
-    """The first frame outside typedcoll and transparent functions, ``depth`` frames up."""
+_FORWARDERS = CodeTable()
+# Code flags of functions whose frames suspend (generators, coroutines): never thin wrappers.
+_SUSPENDS = 0x20 | 0x80 | 0x100 | 0x200
+_NEWLOCALS = 0x02  # a function's code, not a module's or a class body's
+
+
+def is_forwarder(code: CodeType) -> bool:
+    """Whether ``code`` is a thin wrapper: a ``def`` (not a lambda, comprehension, generator,
+    module or class body) whose body makes exactly one call and never branches, loops or
+    handles an exception. Read from its bytecode once per code object."""
+    found: Optional[bool] = _FORWARDERS.get(code, 0)
+    if found is None:
+        found = _FORWARDERS.put(code, 0, _forwards(code))
+    return found
+
+
+def _forwards(code: CodeType) -> bool:
+    handles: bytes = getattr(code, "co_exceptiontable", b"")  # a try or with block (3.11+)
+    if code.co_name.startswith("<") or code.co_flags & _SUSPENDS or \
+            not code.co_flags & _NEWLOCALS or handles or \
+            any(isinstance(const, CodeType) for const in code.co_consts):
+        return False  # a nested function or (before 3.12) comprehension: its own loop
+    import dis
+    calls = 0
+    for instruction in dis.get_instructions(code):
+        name = instruction.opname
+        if any(mark in name for mark in ("JUMP", "FOR_ITER", "SEND", "YIELD", "SETUP_",
+                                          "WITH")):
+            return False
+        if name.startswith("CALL") and not name.startswith("CALL_INTRINSIC"):
+            calls += 1
+    return calls == 1
+
+
+def call_site(depth: int = 2) -> Tuple[Optional[FrameType], Optional[CodeType]]:
+    """The call site's frame, ``depth`` frames up, and the thin wrapper it called (``via``,
+    None where there is none).
+
+    The site is the first frame outside typedcoll and transparent functions that is not a thin
+    wrapper; ``via`` the innermost thin wrapper passed on the way. Where every frame above a
+    thin wrapper is plumbing or another thin wrapper (a thread's target), that wrapper is the
+    site, as it was before thin wrappers were passed over.
+    """
     frame: Optional[FrameType] = sys._getframe(depth)
     files, codes = SKIP_FILES, SKIP_CODES
-    while frame is not None and (frame.f_code.co_filename in files or
-                                 (codes and frame.f_code in codes)):
+    wrapper: Optional[FrameType] = None
+    while frame is not None:
+        code = frame.f_code
+        if not (code.co_filename in files or (codes and code in codes)):
+            if not is_forwarder(code):
+                return frame, (wrapper.f_code if wrapper is not None else None)
+            if wrapper is None:
+                wrapper = frame
         frame = frame.f_back
-    return frame
+    return wrapper, None
+
+
+def user_frame(depth: int = 2) -> Optional[FrameType]:
+    """The call site's frame (:func:`call_site`), ``depth`` frames up."""
+    return call_site(depth + 1)[0]
+
+
+def via_name(via: Optional[CodeType]) -> Optional[str]:
+    """How messages name the thin wrapper a call went through: ``Dist.tp_allgather``."""
+    return None if via is None else getattr(via, "co_qualname", via.co_name)
 
 
 def line_of(code: CodeType, lasti: int) -> int:
@@ -238,13 +309,36 @@ def _file_of(module: Any) -> Any:
         return None
 
 
-def site_fingerprint(code: Optional[CodeType], lasti: int) -> bytes:
+def site_fingerprint(code: Optional[CodeType], lasti: int,
+                     via: Optional[CodeType] = None) -> bytes:
     """The identity of an unnamed call: 8 bytes that agree across processes for one site (its
-    line and the column where the call starts)."""
+    line and the column where the call starts) and, where the call went through a thin
+    wrapper, that wrapper (its module, name and first line)."""
+    if via is not None:
+        return _via_fingerprint(code, lasti, via)
     fp: Optional[bytes] = _SITE_FP.get(code, lasti)
     if fp is None:
         site = format_column(format_site(code, lasti), column_of(code, lasti))
         fp = _SITE_FP.put(code, lasti, digest8("site:" + site))
+    return fp
+
+
+# (id(site code), lasti, id(via)) -> (site code, via, fingerprint): the entry holds both code
+# objects, so neither address is reused while it lives.
+_VIA_FP: Dict[Tuple[int, int, int], Tuple[Any, CodeType, bytes]] = {}
+
+
+def _via_fingerprint(code: Optional[CodeType], lasti: int, via: CodeType) -> bytes:
+    key = (id(code), lasti, id(via))
+    entry = _VIA_FP.get(key)
+    if entry is not None and entry[0] is code and entry[1] is via:
+        return entry[2]
+    site = format_column(format_site(code, lasti), column_of(code, lasti))
+    wrapper = f"{source_name(via.co_filename)}:{via.co_firstlineno}:{via_name(via)}"
+    fp = digest8(f"site:{site} via:{wrapper}")
+    if len(_VIA_FP) > 65536:
+        _VIA_FP.clear()
+    _VIA_FP[key] = (code, via, fp)
     return fp
 
 

@@ -83,6 +83,7 @@ class EnvelopeInfo(msgspec.Struct, frozen=True, kw_only=True):
     error: Optional[str] = None
     notes: Tuple[Note, ...] = ()
     branch: Optional[Branch] = None
+    via: Optional[str] = None  # the thin wrapper the call went through (core.identity)
 
 
 class Group(msgspec.Struct, frozen=True):
@@ -116,8 +117,13 @@ def split_branch(envelopes: Sequence[EnvelopeInfo], root: Optional[int]) -> Opti
     are another call's (two conditionals, each a role branch, under a rank-local ``ready``),
     while receivers split further (``elif``) still pair through the branch that holds them.
     Without a root (a dump) any one rank alone, by its innermost. Every rank reads the same
-    envelopes, so every rank picks the same branch."""
-    if any(e.name is not None or e.branch is None for e in envelopes):
+    envelopes, so every rank picks the same branch.
+
+    Every rank must have gone through the same thin wrapper (``via``, or none): a branch whose
+    arms reach two wrappers (``fn = send_size if ... else send_flag`` called in both arms) is
+    two calls, as the wrappers' own lines were before thin wrappers were passed over."""
+    if any(e.name is not None or e.branch is None for e in envelopes) or \
+            len({e.via for e in envelopes}) > 1:
         return None
     arms_of = [dict(e.branch.candidates()) for e in envelopes]  # type: ignore[union-attr]
     leads = range(len(envelopes)) if root is None else [root] if 0 <= root < len(envelopes) \
@@ -131,7 +137,7 @@ def split_branch(envelopes: Sequence[EnvelopeInfo], root: Optional[int]) -> Opti
 
 
 def _identity(e: EnvelopeInfo) -> Any:
-    return ("name", e.name) if e.name is not None else ("site", e.site, e.column)
+    return ("name", e.name) if e.name is not None else ("site", e.site, e.column, e.via)
 
 
 # (kind, how to read the compared value from an envelope), in the order messages list them
@@ -152,7 +158,7 @@ _CHECKS = (
 
 def _shown(e: EnvelopeInfo) -> Tuple[Any, ...]:
     return (e.seq, e.comm, e.op, e.schema, e.fingerprint, e.site, e.column, e.name, e.occurrence,
-            e.step, e.root, e.reduce_op, e.shape, e.dtype, e.settings, e.error)
+            e.step, e.root, e.reduce_op, e.shape, e.dtype, e.settings, e.error, e.via)
 
 
 def group_envelopes(envelopes: Sequence[EnvelopeInfo]) -> List[Group]:
@@ -229,6 +235,8 @@ def describe(env: EnvelopeInfo, kinds: Sequence[MismatchKind] = (),
     if env.name is not None:
         text += f" name={env.name!r}"
     text += f" at {format_column(env.site, env.column) if show_column else env.site}"
+    if env.via is not None and env.name is None:
+        text += f" through {env.via}"
     if env.occurrence:
         text += f", its {ordinal(env.occurrence)} call"
     if env.step is not None:
@@ -325,6 +333,13 @@ def _hint(kinds: Sequence[MismatchKind], groups: Sequence[Group]) -> List[str]:
             return [f"  {ranks} named the call and the others did not: if these are the same "
                     f"collective, give it the same name= on every rank; else a rank skipped or "
                     f"added a call before this one"]
+        vias = {g.envelope.via for g in groups}
+        if len(vias) == 1 and None not in vias:
+            via = vias.pop()
+            return [f"  only the callers of {via} differ: a call through a thin wrapper is its "
+                    f"caller's, so a rank skipped or added a call before this one, or these are "
+                    f"one collective reached from two places: then give the call in {via} a "
+                    f"name="]
         return ["  only the call sites differ: if these are the same collective called from "
                 "different places, give every rank's call the same name= (or mark the wrapper "
                 "they share with @typedcoll.transparent)"]

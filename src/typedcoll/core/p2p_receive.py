@@ -12,8 +12,8 @@ from ..codecs import (KIND_MSGSPEC, KIND_NUMPY_SCALAR, SchemaInfo, decode_array,
                       nesting_ok, resolve)
 from ..codecs.nesting import MAX_NESTING
 from .errors import CollectiveTimeout, DecodeError, DesyncError, PeerError
-from .identity import format_site, name_fingerprint, register_internal, site_fingerprint, \
-    user_frame
+from .identity import call_site, format_site, name_fingerprint, register_internal, \
+    site_fingerprint
 from .mailbox import Envelope, head_text
 from .mismatch import EnvelopeInfo, Group, MismatchKind, format_groups, label
 from .verdict import decode_any
@@ -47,11 +47,12 @@ class Caller:
     __slots__ = ("site", "name", "occurrence", "step")
 
     def __init__(self, p: Any, name: Optional[str]) -> None:
-        frame = user_frame(2)
+        frame, via = call_site(2)
         code, lasti = (frame.f_code, frame.f_lasti) if frame is not None else (None, 0)
         self.site = format_site(code, lasti)
         self.name = name
-        identity = name_fingerprint(name) if name is not None else site_fingerprint(code, lasti)
+        identity = name_fingerprint(name) if name is not None else \
+            site_fingerprint(code, lasti, via)
         counts = p2p_state(p).counts
         self.occurrence = counts.get(identity, 0) + 1
         counts[identity] = self.occurrence

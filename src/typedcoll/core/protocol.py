@@ -55,8 +55,8 @@ from .channel import BUSY_CODE, BUSY_LASTI, Channel, thread_label
 from .errors import CREATE_SEQ, CollectiveError, ConcurrentCallError
 from .mismatch import Note
 from .fresh import on_fresh_stack
-from .identity import format_site, name_fingerprint, register_internal, site_fingerprint, \
-    user_frame
+from .identity import call_site, format_site, name_fingerprint, register_internal, \
+    site_fingerprint, user_frame
 from .recorder import FlightRecorder, capacity_from_env
 from .wire import (AGREE_SIZE, FLAG_GUESSED, FLAG_LOCAL_ERROR, FLAG_OVERFLOW, FLAG_ROLE,
                    FLAG_SPLIT_ARRAY, FLAG_WILD_SCHEMA, GATHER, HEADER, HEADER_SIZE, MAGIC,
@@ -178,7 +178,7 @@ class Protocol:
             except BaseException:  # out of memory: this thread leaves the channel as it found it
                 channel.unclaim()
                 raise
-        frame = user_frame(2)
+        frame, call.via = call_site(2)
         call.code = frame.f_code if frame is not None else None
         call.lasti = frame.f_lasti if frame is not None else 0
         busy[BUSY_CODE] = call.code  # where this thread is, for one that collides with it
@@ -205,7 +205,7 @@ class Protocol:
     def identity(self, call: Call) -> bytes:
         if call.name is not None:
             return name_fingerprint(call.name)
-        return site_fingerprint(call.code, call.lasti)
+        return site_fingerprint(call.code, call.lasti, call.via)
 
     def _collide(self, call: Call) -> None:
         """Another thread is inside a collective on this channel: refuse, and poison it."""

@@ -49,8 +49,11 @@ def learn(p: "Protocol", call: Call, infos: Sequence[EnvelopeInfo]) -> None:
     # The root's side only where the branch is this site's innermost: the verdict accepts a
     # root whose innermost branch every rank names, and the steady state must accept no more
     # (a root here in an inner branch of its own is another call to its peers).
-    p.roles[p.identity(call)] = (digest8(f"role:{key}:{arm}"),
-                                 digest8(f"role:{key}:{arm ^ 1}") if key == branch.key else None)
+    # The thin wrapper the call went through is part of the role, as it is of the site.
+    via = infos[p.rank].via
+    p.roles[p.identity(call)] = (digest8(f"role:{key}:{arm}:{via}"),
+                                 digest8(f"role:{key}:{arm ^ 1}:{via}") if key == branch.key
+                                 else None)
 
 
 def wire_identity(p: "Protocol", call: Call, identity: bytes) -> Optional[bytes]:

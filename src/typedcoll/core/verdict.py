@@ -25,7 +25,7 @@ from .errors import (CREATE_SEQ, CollectiveTimeout, ConcurrentCallError, DecodeE
                      DesyncError, EncodeError, PeerError)
 from . import roles
 from .arms import branch_of
-from .identity import column_of, format_site, register_internal
+from .identity import column_of, format_site, register_internal, via_name
 from .mismatch import (EnvelopeInfo, Group, MismatchKind, compact_ranks, desync_message,
                        differing_notes, group_envelopes, label, mismatch_kinds, ordered_ranks,
                        role_split)
@@ -101,7 +101,7 @@ def describe_call(p: "Protocol", call: Call, error: Optional[str] = None) -> Env
         error=split_error(error)[1] if error is not None else None,
         notes=p.decisions(),
         branch=branch_of(call.code, call.lasti) if call.name is None and call.op in ROOTED_OPS
-        else None)
+        else None, via=via_name(call.via))
 
 
 def disagreement(p: "Protocol", call: Call, receiving: bool = False) -> None:

@@ -17,7 +17,7 @@ from torch._C._distributed_c10d import AllgatherOptions
 from ..core import verdict
 from ..codecs.digest import digest8
 from ..core.arms import branch_of
-from ..core.identity import CodeTable, column_of, format_site, register_internal
+from ..core.identity import CodeTable, column_of, format_site, register_internal, via_name
 from ..core.mismatch import Branch
 from ..core.protocol import Protocol
 from ..core.wire import (CHECKED, FLAG_LOCAL_ERROR, FLAGS_OFFSET, HEADER, HEADER_SIZE, MAGIC,
@@ -313,7 +313,7 @@ def pack_block(view: Any, p: Protocol, call: TensorCall) -> None:
                       tensor.device.type if is_tensor else "?",
                       tuple(tensor.shape) if is_tensor else (), format_site(call.code, call.lasti),
                       call.occurrence, p.name, call.error, column_of(call.code, call.lasti),
-                      role_branch_of(call))
+                      role_branch_of(call), via_name(call.via))
     payload = encode_meta(meta)
     info = call.info
     assert info is not None

@@ -136,6 +136,7 @@ class DeviceMeta(msgspec.Struct, array_like=True, frozen=True):
     column: Optional[int] = None  # where on the site's line the call starts, 0-based
     # An unnamed broadcast's role branch (core.arms), its key digested to fit the block.
     branch: Optional[Branch] = None
+    via: Optional[str] = None  # the thin wrapper the call went through (core.identity)
 
 
 META_DECODER = msgspec.msgpack.Decoder(DeviceMeta)
@@ -154,7 +155,7 @@ def encode_meta(meta: DeviceMeta) -> bytes:
                           meta.shape if len(meta.shape) <= dims else (), meta.site[-site:],
                           meta.occurrence, meta.comm[:comm],
                           None if meta.error is None else meta.error[:error], meta.column,
-                          meta.branch)
+                          meta.branch, None if meta.via is None else meta.via[-site:])
         payload = ENCODER.encode(meta)
     if len(payload) > META_MAX:  # texts of wide characters: keep what the verdict reads
         payload = ENCODER.encode(DeviceMeta(
@@ -189,6 +190,7 @@ def infos_from_blocks(blocks: bytes, size: int) -> List[EnvelopeInfo]:
             rank=r, seq=seq, op=op, schema="", fingerprint=fp.hex(),
             comm=meta.comm if meta else "?", site=meta.site if meta else "?",
             column=meta.column if meta else None, branch=meta.branch if meta else None,
+            via=meta.via if meta else None,
             name=meta.name if meta else None, occurrence=meta.occurrence if meta else 0,
             step=None if step == NO_STEP else step,
             root=root if op in ROOTED_OPS else None,
