@@ -24,8 +24,8 @@ class Call:
 
     __slots__ = ("op", "shape", "info", "mode", "value", "root", "reduce_op", "step", "name",
                  "code", "lasti", "via", "error", "array_fp", "validate", "wild", "guessed",
-                 "settings", "seq", "deadline", "overflow", "occurrence", "array_meta", "same_shape",
-                 "inline", "split", "timed_out", "observed", "clocked")
+                 "settings", "seq", "deadline", "overflow", "occurrence", "array_meta",
+                 "same_shape", "inline", "split", "timed_out", "observed", "clocked")
 
     def __init__(self, op: str, shape: int, info: Optional[SchemaInfo], mode: int, value: Any, *,
                  root: int = NO_ROOT, reduce_op: int = 0, step: Any = None,
