@@ -42,6 +42,11 @@ def errors_of(n: int, fn: Callable[..., Any], *args: Any,
     return [by_rank[r] for r in range(n)]
 
 
+def wrapper_text(fn: Callable[..., Any]) -> str:
+    """How messages name a thin wrapper: its qualified name and the line of its ``def``."""
+    return f"{fn.__qualname__} ({FILE}:{fn.__code__.co_firstlineno})"
+
+
 def line_of(fn: Callable[..., Any], marker: str) -> int:
     """The line in this file holding ``marker`` inside ``fn`` (sites named in messages)."""
     import inspect
@@ -326,13 +331,13 @@ def test_an_unmarked_thin_wrapper_keeps_its_callers_sites(method):
     for e in errors:
         assert type(e) is tc.DesyncError and e.kinds == (tc.MismatchKind.CALL,), e
         lines = str(e).splitlines()
-        via = "through Distributed.tp_allgather"  # the innermost thin wrapper
-        assert f"at {FILE}:{skipped} {via}, its 1st call" in lines[1], e
-        assert f"at {FILE}:{taken} {via}, its 1st call" in lines[2], e
-        assert lines[3] == ("  only the callers of Distributed.tp_allgather differ: a call "
+        wrapper = wrapper_text(Distributed.tp_allgather)  # the innermost thin wrapper
+        assert f"at {FILE}:{skipped} through {wrapper}, its 1st call" in lines[1], e
+        assert f"at {FILE}:{taken} through {wrapper}, its 1st call" in lines[2], e
+        assert lines[3] == (f"  only the callers of {wrapper} differ: a call "
                             "through a thin wrapper is its caller's, so a rank skipped or added "
                             "a call before this one, or these are one collective reached from "
-                            "two places: then give the call in Distributed.tp_allgather a name=")
+                            f"two places: then give the call in {wrapper} a name=")
 
 
 def with_context(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -387,6 +392,22 @@ def skipped_vote_by(way: str) -> Callable[[tc.TypedComm], Any]:
     return program
 
 
+def recorded_wrappers(comm: tc.TypedComm) -> List[Any]:
+    votes = Votes(comm)
+    for op in ("batch_vote", "timeout_vote"):
+        votes.dispatch(op, comm.rank)
+    comm.allgather(0, name="direct")
+    return [(e.site, e.via) for e in comm._p.recorder.snapshot() if e.op == "allgather"]
+
+
+def test_the_flight_recorder_keeps_the_thin_wrapper_for_the_trace_analysis():
+    # The dispatcher's one line is both votes' site: offline, only the wrapper tells them apart.
+    site = f"{FILE}:{line_of(Votes.dispatch, 'two calls')}"
+    assert run(2, recorded_wrappers) == [[
+        (site, wrapper_text(Votes.batch_vote)), (site, wrapper_text(Votes.timeout_vote)),
+        (f"{FILE}:{line_of(recorded_wrappers, 'direct')}", None)]] * 2
+
+
 @pytest.mark.parametrize("way", ["decorator", "dispatch", "in_pool"])
 def test_two_thin_wrappers_reached_from_one_line_stay_two_calls(way):
     # The wrapper is part of the identity: with its caller's line alone, the decorator's, the
@@ -395,8 +416,10 @@ def test_two_thin_wrappers_reached_from_one_line_stay_two_calls(way):
     for e in errors_of(3, skipped_vote_by(way)):
         assert type(e) is tc.DesyncError and e.kinds == (tc.MismatchKind.CALL,), e
         lines = str(e).splitlines()
-        assert lines[1].endswith("through Votes.batch_vote, its 2nd call"), e
-        assert lines[2].endswith("through Votes.timeout_vote, its 2nd call"), e
+        batch, timeout = wrapper_text(Votes.batch_vote), wrapper_text(Votes.timeout_vote)
+        assert lines[1].endswith(f"through {batch}, its 2nd call"), e
+        assert lines[2].endswith(f"through {timeout}, its 2nd call"), e
+        assert lines[3].startswith("  only the thin wrappers differ: one line reached"), e
 
 
 class Broadcaster:
@@ -461,7 +484,47 @@ def test_a_role_branch_pairs_calls_through_one_wrapper_only():
     # root's size without an error.
     for e in errors_of(3, two_wrappers_through_one_role_branch):
         assert type(e) is tc.DesyncError and e.seq == 2, e
-        assert "rank 1: bcast root=0" in str(e) and "through Sizes.bcast_flag, its 2nd" in str(e)
+        flag = wrapper_text(Sizes.bcast_flag)
+        assert "rank 1: bcast root=0" in str(e) and f"through {flag}, its 2nd" in str(e)
+
+
+# One class written into two modules: two wrappers of one qualified name, ``Sizes.bcast``.
+SIZES_SOURCE = """
+class Sizes:
+    def __init__(self, comm):
+        self.comm = comm
+
+    def bcast(self, value):
+        return self.comm.bcast(value, root=0)
+"""
+
+
+def sizes_class_of(filename: str) -> Any:
+    namespace: dict = {}
+    exec(compile(SIZES_SOURCE, filename, "exec"), namespace)
+    return namespace["Sizes"]
+
+
+SIZE_SENDER, FLAG_SENDER = sizes_class_of("sizes_a.py"), sizes_class_of("sizes_b.py")
+
+
+def like_named_wrappers_through_one_role_branch(comm: tc.TypedComm) -> List[Any]:
+    size, flag, out = SIZE_SENDER(comm), FLAG_SENDER(comm), []
+    for it in range(3):
+        if not (it == 1 and comm.rank == 1):  # rank 1 skips the size in iteration 1
+            out.append(in_role_branch(comm, size.bcast, 100 + it))
+        out.append(in_role_branch(comm, flag.bcast, 0))
+    return out
+
+
+def test_a_role_branch_tells_apart_like_named_wrappers_of_two_modules():
+    # Ranks compare the wrapper by its name and where it is defined: by its name alone, rank
+    # 1's flag would take the root's size without an error.
+    for e in errors_of(3, like_named_wrappers_through_one_role_branch, timeout=10):
+        assert type(e) is tc.DesyncError and e.seq == 2, e
+        assert "rank 1: bcast root=0" in str(e), e
+        line = FLAG_SENDER.bcast.__code__.co_firstlineno
+        assert f"through Sizes.bcast (sizes_b.py:{line}), its 2nd call" in str(e), e
 
 
 def barriers_in_two_arms(comm: tc.TypedComm, method: str) -> None:
@@ -478,10 +541,10 @@ def test_one_thin_wrapper_called_from_two_lines_is_one_call_only_by_name():
     for e in errors_of(2, barriers_in_two_arms, "barrier"):
         assert type(e) is tc.DesyncError and e.kinds == (tc.MismatchKind.CALL,), e
         assert str(e).splitlines()[-1] == (
-            "  only the callers of Broadcaster.barrier differ: a call through a thin wrapper "
-            "is its caller's, so a rank skipped or added a call before this one, or these are "
-            "one collective reached from two places: then give the call in "
-            "Broadcaster.barrier a name=")
+            f"  only the callers of {wrapper_text(Broadcaster.barrier)} differ: a call through "
+            "a thin wrapper is its caller's, so a rank skipped or added a call before this "
+            "one, or these are one collective reached from two places: then give the call in "
+            f"{wrapper_text(Broadcaster.barrier)} a name=")
     assert run(2, barriers_in_two_arms, "named_barrier") == [None, None]
 
 

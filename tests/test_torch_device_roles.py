@@ -71,6 +71,20 @@ def test_a_long_envelope_keeps_its_branch_within_the_block():
     assert META_DECODER.decode(payload).branch == branch
 
 
+@pytest.mark.parametrize("wide", [False, True])
+def test_a_cut_envelope_keeps_two_thin_wrappers_apart(wide):
+    # Ranks compare the wrapper's text (a role branch pairs calls through one wrapper only):
+    # cut to fit, two wrappers whose texts differ in one character must still differ.
+    char = "\U0001F600" if wide else "s"
+    metas = [DeviceMeta("n" * 256, "float32", "cuda", (4,), char * 300, 7, "c" * 99, "e" * 500,
+                        40, Branch("0123456789abcdef", 0),
+                        f"{char * 100}{module}{char * 100}.bcast (pkg/m.py:12)") for module in "ab"]
+    cut = [META_DECODER.decode(encode_meta(meta)) for meta in metas]
+    assert all(len(encode_meta(meta)) <= META_MAX for meta in metas)
+    assert cut[0].via != cut[1].via and None not in (cut[0].via, cut[1].via)
+    assert cut[0].branch == cut[1].branch == metas[0].branch
+
+
 def test_an_envelope_of_wide_characters_fits_the_block():
     wide = "\U0001F600"
     meta = DeviceMeta(wide * 99, "float32", "cuda", (4,), wide * 300, 2 ** 40, wide * 99,

@@ -109,6 +109,31 @@ def test_a_role_branch_completed_live_is_no_divergence_and_anything_else_is():
         assert div is not None and div.kinds == [MismatchKind.CALL]
 
 
+def test_two_thin_wrappers_at_one_site_diverge_offline_as_they_do_live():
+    """A dispatcher's one line reaches two thin wrappers: the entries' ``via`` tells the calls
+    apart, in plain calls and in a role branch's arms."""
+    def vote(r: int) -> Dict[str, Any]:
+        return entry(0, site="dist.py:40", via=f"Dist.{'timeout' if r == 2 else 'batch'}_vote "
+                                                 f"(dist.py:{50 if r == 2 else 44})")
+    div = analyze(dumps_of(*(dump(r, [comm(r, 3, [vote(r)])]) for r in range(3)))).comms[0] \
+        .divergence
+    assert div is not None and div.kinds == [MismatchKind.CALL]
+    assert div.text.splitlines()[1:] == [
+        "  ranks 0-1: allgather[RankState] at dist.py:40 through Dist.batch_vote (dist.py:44)",
+        "  rank 2:    allgather[RankState] at dist.py:40 through Dist.timeout_vote (dist.py:50)",
+        "  only the thin wrappers differ: one line reached two of them (a dispatcher, a "
+        "decorator's frame, a worker thread), so a rank skipped or added a call before this "
+        "one, or these are one collective: then give every wrapper's call the same name="]
+
+    def bcast(r: int) -> Dict[str, Any]:
+        arm = 0 if r == 0 else 1
+        return entry(0, op="bcast", site=f"m.py:{4 + 3 * arm}", branch={"key": "k", "arm": arm},
+                     via=f"Sizes.bcast ({'b' if r == 2 else 'a'}.py:6)")
+    div = analyze(dumps_of(*(dump(r, [comm(r, 3, [bcast(r)])]) for r in range(3)))).comms[0] \
+        .divergence
+    assert div is not None and div.kinds == [MismatchKind.CALL]
+
+
 def test_receivers_that_name_no_schema_take_the_roots_class():
     """``comm.bcast(x if rank == 0 else None)``: the receivers' records name no schema, as
     live they take the root's class; so do receivers in a role branch's other arm."""

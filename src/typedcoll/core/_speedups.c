@@ -68,7 +68,7 @@
 #define MAX_NESTING 128
 #define MAX_NAME 256
 #define ENTRY_SIZE 48
-#define OBJECTS_PER_ENTRY 3
+#define OBJECTS_PER_ENTRY 4
 #define PREFIX 8
 
 enum { F_SEND, F_RECV, F_BLOCK, F_SLOT, F_SIZE, F_RANK, F_EXCHANGE, F_ENGINE, F_RING,
@@ -431,7 +431,8 @@ static PyObject *lookup_info(PyObject *key) {
 /* --- the flight recorder: core/recorder.py's ENTRY, written in place --- */
 static int record_start(PyObject *ring, PyObject *objects, PyObject *state, Py_ssize_t capacity,
                         long long seq, long opcode, PyObject *info, PyCodeObject *code, int lasti,
-                        long long step, Py_ssize_t n, PyObject *name, Py_ssize_t occurrence) {
+                        long long step, Py_ssize_t n, PyObject *name, Py_ssize_t occurrence,
+                        PyCodeObject *via) {
     if (ring == Py_None) return 0;
     Py_ssize_t count = PyLong_AsSsize_t(PyList_GET_ITEM(state, 0));
     if (count < 0 && PyErr_Occurred()) return -1;
@@ -463,7 +464,8 @@ static int record_start(PyObject *ring, PyObject *objects, PyObject *state, Py_s
     Py_ssize_t base = OBJECTS_PER_ENTRY * index;
     if (PyList_SetItem(objects, base, Py_NewRef(info)) < 0 ||
         PyList_SetItem(objects, base + 1, Py_NewRef(code ? (PyObject *)code : Py_None)) < 0 ||
-        PyList_SetItem(objects, base + 2, Py_NewRef(name)) < 0)
+        PyList_SetItem(objects, base + 2, Py_NewRef(name)) < 0 ||
+        PyList_SetItem(objects, base + 3, Py_NewRef(via ? (PyObject *)via : Py_None)) < 0)
         return -1;
     PyObject *next = PyLong_FromSsize_t(count + 1);
     if (next == NULL || PyList_SetItem(state, 0, next) < 0) return -1;
@@ -1356,7 +1358,7 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
     put_u32(s + LENGTH_OFFSET, (uint32_t)(split_len < 0 ? n + prefix_len : split_len));
     if (record_start(f.ring, f.ring_objects, f.ring_state, f.capacity, seq, opcode,
                      kind == KIND_EMPTY ? Py_None : info, code, lasti, step, n + prefix_len,
-                     name, occurrence) < 0)
+                     name, occurrence, via) < 0)
         goto error;
 
     int shape = kind == KIND_BCAST || kind == KIND_EMPTY || kind == KIND_SCATTER ? SHAPE_REDUCE

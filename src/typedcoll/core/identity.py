@@ -72,6 +72,7 @@ class CodeTable:
 
 
 _SITE_FP = CodeTable()
+_VIA_FP = CodeTable()  # site -> the fingerprints of its calls through thin wrappers
 _LINES = CodeTable()
 _POSITIONS = CodeTable()
 _UNSET = object()
@@ -201,8 +202,14 @@ def user_frame(depth: int = 2) -> Optional[FrameType]:
 
 
 def via_name(via: Optional[CodeType]) -> Optional[str]:
-    """How messages name the thin wrapper a call went through: ``Dist.tp_allgather``."""
-    return None if via is None else getattr(via, "co_qualname", via.co_name)
+    """How envelopes and messages name the thin wrapper a call went through:
+    ``Dist.tp_allgather (pkg/dist.py:40)``, its qualified name and where its ``def`` starts.
+    Ranks compare this text (a role branch pairs calls through one wrapper only), so it names
+    the module too: two wrappers of one qualified name in two modules are two wrappers."""
+    if via is None:
+        return None
+    qualname = getattr(via, "co_qualname", via.co_name)
+    return f"{qualname} ({source_name(via.co_filename)}:{via.co_firstlineno})"
 
 
 def line_of(code: CodeType, lasti: int) -> int:
@@ -313,33 +320,24 @@ def site_fingerprint(code: Optional[CodeType], lasti: int,
                      via: Optional[CodeType] = None) -> bytes:
     """The identity of an unnamed call: 8 bytes that agree across processes for one site (its
     line and the column where the call starts) and, where the call went through a thin
-    wrapper, that wrapper (its module, name and first line)."""
-    if via is not None:
-        return _via_fingerprint(code, lasti, via)
+    wrapper, that wrapper (:func:`via_name`: its name, module and first line)."""
     fp: Optional[bytes] = _SITE_FP.get(code, lasti)
     if fp is None:
         site = format_column(format_site(code, lasti), column_of(code, lasti))
         fp = _SITE_FP.put(code, lasti, digest8("site:" + site))
-    return fp
-
-
-# (id(site code), lasti, id(via)) -> (site code, via, fingerprint): the entry holds both code
-# objects, so neither address is reused while it lives.
-_VIA_FP: Dict[Tuple[int, int, int], Tuple[Any, CodeType, bytes]] = {}
-
-
-def _via_fingerprint(code: Optional[CodeType], lasti: int, via: CodeType) -> bytes:
-    key = (id(code), lasti, id(via))
-    entry = _VIA_FP.get(key)
-    if entry is not None and entry[0] is code and entry[1] is via:
-        return entry[2]
-    site = format_column(format_site(code, lasti), column_of(code, lasti))
-    wrapper = f"{source_name(via.co_filename)}:{via.co_firstlineno}:{via_name(via)}"
-    fp = digest8(f"site:{site} via:{wrapper}")
-    if len(_VIA_FP) > 65536:
-        _VIA_FP.clear()
-    _VIA_FP[key] = (code, via, fp)
-    return fp
+    if via is None:
+        return fp
+    # {id(via): (via, fingerprint)} per site: the entry holds the wrapper's code object, so
+    # its address is never reused while the entry lives.
+    through: Optional[Dict[int, Tuple[CodeType, bytes]]] = _VIA_FP.get(code, lasti)
+    entry = through.get(id(via)) if through is not None else None
+    if entry is not None and entry[0] is via:
+        return entry[1]
+    if through is None or len(through) > 64:
+        through = _VIA_FP.put(code, lasti, {})
+    combined = digest8(f"site:{fp.hex()} via:{via_name(via)}")
+    through[id(via)] = (via, combined)
+    return combined
 
 
 def check_name(name: Any) -> Optional[str]:

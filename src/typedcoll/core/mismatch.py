@@ -340,6 +340,11 @@ def _hint(kinds: Sequence[MismatchKind], groups: Sequence[Group]) -> List[str]:
                     f"caller's, so a rank skipped or added a call before this one, or these are "
                     f"one collective reached from two places: then give the call in {via} a "
                     f"name="]
+        if len({(g.envelope.site, g.envelope.column) for g in groups}) == 1:
+            return ["  only the thin wrappers differ: one line reached two of them (a "
+                    "dispatcher, a decorator's frame, a worker thread), so a rank skipped or "
+                    "added a call before this one, or these are one collective: then give "
+                    "every wrapper's call the same name="]
         return ["  only the call sites differ: if these are the same collective called from "
                 "different places, give every rank's call the same name= (or mark the wrapper "
                 "they share with @typedcoll.transparent)"]

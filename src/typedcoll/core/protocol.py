@@ -200,7 +200,7 @@ class Protocol:
             call.error = channel.poison
         if self.recorder is not None:
             self.recorder.start(call.seq, call.op, call.info, call.code, call.lasti,
-                                call.wire_step, 0, call.name, call.occurrence)
+                                call.wire_step, 0, call.name, call.occurrence, call.via)
 
     def identity(self, call: Call) -> bytes:
         if call.name is not None:

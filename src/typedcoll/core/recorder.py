@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional
 import msgspec
 
 from .arms import branch_of
-from .identity import column_of, format_site
+from .identity import column_of, format_site, via_name
 from .mismatch import Branch
 from .wire import NO_STEP, OPS, ROOTED_OPS, op_name
 
@@ -33,7 +33,7 @@ STATE_NAMES = ("started", "completed", "failed")
 # An entry's numbers, little-endian: seq, step, start and end time (ns since the epoch; end 0
 # while started), payload bytes, bytecode offset of the call site, occurrence, op code, state.
 ENTRY = struct.Struct("<QqQQIiIBB2x")
-OBJECTS_PER_ENTRY = 3  # schema info, code object, name
+OBJECTS_PER_ENTRY = 4  # schema info, code object, name, thin wrapper's code object
 
 
 class RecordEntry(msgspec.Struct, kw_only=True):
@@ -54,6 +54,7 @@ class RecordEntry(msgspec.Struct, kw_only=True):
     t_end_ns: Optional[int] = None
     error: Optional[str] = None
     branch: Optional[Branch] = None  # the role branch of an unnamed rooted call (core.arms)
+    via: Optional[str] = None  # the thin wrapper an unnamed call went through (core.identity)
 
 
 def capacity_from_env() -> int:
@@ -107,7 +108,7 @@ class FlightRecorder:
         self.objects.extend([None] * (OBJECTS_PER_ENTRY * more))
 
     def start(self, seq: int, op: str, info: Any, code: Any, lasti: int, step: int,
-              nbytes: int, name: Optional[str], occurrence: int) -> None:
+              nbytes: int, name: Optional[str], occurrence: int, via: Any = None) -> None:
         state = self.state
         if state[0] == self.allocated < self.capacity:
             self._grow()
@@ -118,6 +119,7 @@ class FlightRecorder:
         self.objects[base] = info
         self.objects[base + 1] = code
         self.objects[base + 2] = name
+        self.objects[base + 3] = via
         state[0] += 1
         state[1] = True
 
@@ -148,7 +150,7 @@ class FlightRecorder:
         index = (number - 1) % self.allocated
         (seq, step, t_start, t_end, nbytes, lasti, occurrence, op,
          state) = ENTRY.unpack_from(self.numbers, index * ENTRY.size)
-        info, code, name = self.objects[OBJECTS_PER_ENTRY * index:
+        info, code, name, via = self.objects[OBJECTS_PER_ENTRY * index:
                                         OBJECTS_PER_ENTRY * (index + 1)]
         op_text = op_name(op)
         return RecordEntry(
@@ -159,7 +161,8 @@ class FlightRecorder:
             step=None if step == NO_STEP else step, bytes=nbytes,
             state=STATE_NAMES[state] if state < len(STATE_NAMES) else "started",
             t_start_ns=t_start, t_end_ns=t_end or None, error=self.failures.get(number),
-            branch=branch_of(code, lasti) if name is None and op_text in ROOTED_OPS else None)
+            branch=branch_of(code, lasti) if name is None and op_text in ROOTED_OPS else None,
+            via=via_name(via) if name is None else None)
 
     def last(self) -> Optional[RecordEntry]:
         return self.entry(self.count) if self.count else None

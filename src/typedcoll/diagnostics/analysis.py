@@ -97,7 +97,7 @@ def envelope(rank: int, e: RecordEntry, comm: str, notes: Sequence[Note] = ()) -
                         site=clean(e.site), column=e.column,
                         name=None if e.name is None else clean(e.name),
                         occurrence=e.occurrence, step=e.step, notes=tuple(notes),
-                        branch=e.branch)
+                        branch=e.branch, via=None if e.via is None else clean(e.via))
 
 
 _ROOTS_CLASS_OPS = frozenset({"bcast", "scatter"})

@@ -16,6 +16,7 @@ import msgspec
 import torch
 
 from ..codecs import KIND_ARRAY, ENCODER, SchemaInfo, array_fingerprint
+from ..codecs.digest import digest8
 from ..core.args import check_root, check_step, first_error
 from ..core.call import MODE_EMPTY, Call
 from ..core.errors import DesyncError
@@ -155,13 +156,22 @@ def encode_meta(meta: DeviceMeta) -> bytes:
                           meta.shape if len(meta.shape) <= dims else (), meta.site[-site:],
                           meta.occurrence, meta.comm[:comm],
                           None if meta.error is None else meta.error[:error], meta.column,
-                          meta.branch, None if meta.via is None else meta.via[-site:])
+                          meta.branch, _cut_kept_apart(meta.via, site))
         payload = ENCODER.encode(meta)
     if len(payload) > META_MAX:  # texts of wide characters: keep what the verdict reads
         payload = ENCODER.encode(DeviceMeta(
             None, "?", "?", (), "?", meta.occurrence, "?", None if meta.error is None else "?",
-            meta.column, meta.branch))
+            meta.column, meta.branch, _cut_kept_apart(meta.via, 0)))
     return payload
+
+
+def _cut_kept_apart(text: Optional[str], keep: int) -> Optional[str]:
+    """``text`` in at most ``keep`` + 9 characters, its head and a digest of the whole: for what
+    ranks compare (the thin wrapper a role branch's calls went through), where a cut alone
+    could make two wrappers one."""
+    if text is None or len(text) <= keep:
+        return text
+    return f"{text[:keep]}~{digest8(text).hex()[:8]}"
 
 
 def infos_from_blocks(blocks: bytes, size: int) -> List[EnvelopeInfo]:
