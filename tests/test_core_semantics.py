@@ -585,7 +585,37 @@ def test_what_counts_as_a_thin_wrapper():
     assert thin == {"one_call": True, "no_argument": True, "out_list": True, "two_calls": False,
                     "branches": False, "loops": False, "guarded": False, "catches": False,
                     "suspends": False}
-    assert not is_forwarder((lambda obj: obj.allgather(1)).__code__)  # a lambda is a site
+    assert is_forwarder((lambda obj: obj.allgather(1)).__code__)
+    assert not is_forwarder((lambda obj: obj.allgather(1) if obj else None).__code__)
+
+
+def skipped_vote_through_lambdas(comm: tc.TypedComm, one_line: bool) -> List[Any]:
+    # Two lambdas written on one line, called from their own lines or from one shared line.
+    batch, timeout = (lambda v: comm.allgather(v)), (lambda v: comm.allgather(v))
+    out = []
+    for it in range(2):
+        plan = [(batch, 100 + it), (timeout, 0)]
+        if it == 1 and comm.rank == comm.size - 1:
+            plan = plan[1:]  # the batch-size vote the last rank skips
+        if one_line:
+            out.extend(fn(v) for fn, v in plan)
+        else:
+            if len(plan) == 2:
+                out.append(batch(100 + it))
+            out.append(timeout(0))
+    return out
+
+
+@pytest.mark.parametrize("one_line", [False, True])
+def test_a_skipped_vote_through_a_lambda_raises(one_line):
+    # A lambda is a thin wrapper as a def is: its caller's line is the site, and two lambdas
+    # written on one line stay two wrappers (each named by where its body starts).
+    for e in errors_of(3, skipped_vote_through_lambdas, one_line, timeout=10):
+        assert type(e) is tc.DesyncError and e.kinds == (tc.MismatchKind.CALL,), e
+        lines = str(e).splitlines()
+        assert "through skipped_vote_through_lambdas.<locals>.<lambda> (" in lines[1], e
+        if one_line:  # the columns where the two bodies start tell the wrappers apart
+            assert lines[1].split("(")[-1] != lines[2].split("(")[-1], e
 
 
 def test_transparent_marks_functions_modules_and_module_names():

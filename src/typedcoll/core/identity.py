@@ -146,9 +146,9 @@ _NEWLOCALS = 0x02  # a function's code, not a module's or a class body's
 
 
 def is_forwarder(code: CodeType) -> bool:
-    """Whether ``code`` is a thin wrapper: a ``def`` (not a lambda, comprehension, generator,
-    module or class body) whose body makes exactly one call and never branches, loops or
-    handles an exception. Read from its bytecode once per code object."""
+    """Whether ``code`` is a thin wrapper: a ``def`` or ``lambda`` (not a comprehension,
+    generator, module or class body) whose body makes exactly one call and never branches,
+    loops or handles an exception. Read from its bytecode once per code object."""
     found: Optional[bool] = _FORWARDERS.get(code, 0)
     if found is None:
         found = _FORWARDERS.put(code, 0, _forwards(code))
@@ -157,7 +157,8 @@ def is_forwarder(code: CodeType) -> bool:
 
 def _forwards(code: CodeType) -> bool:
     handles: bytes = getattr(code, "co_exceptiontable", b"")  # a try or with block (3.11+)
-    if code.co_name.startswith("<") or code.co_flags & _SUSPENDS or \
+    if (code.co_name.startswith("<") and code.co_name != "<lambda>") or \
+            code.co_flags & _SUSPENDS or \
             not code.co_flags & _NEWLOCALS or handles or \
             any(isinstance(const, CodeType) for const in code.co_consts):
         return False  # a nested function or (before 3.12) comprehension: its own loop
@@ -205,11 +206,26 @@ def via_name(via: Optional[CodeType]) -> Optional[str]:
     """How envelopes and messages name the thin wrapper a call went through:
     ``Dist.tp_allgather (pkg/dist.py:40)``, its qualified name and where its ``def`` starts.
     Ranks compare this text (a role branch pairs calls through one wrapper only), so it names
-    the module too: two wrappers of one qualified name in two modules are two wrappers."""
+    the module too: two wrappers of one qualified name in two modules are two wrappers. A
+    lambda is named by where its body starts, column included (``<lambda> (m.py:7:30)``):
+    two lambdas of one line are two wrappers."""
     if via is None:
         return None
     qualname = getattr(via, "co_qualname", via.co_name)
-    return f"{qualname} ({source_name(via.co_filename)}:{via.co_firstlineno})"
+    where = f"{source_name(via.co_filename)}:{via.co_firstlineno}"
+    if via.co_name == "<lambda>":
+        where = _lambda_body(via, where)
+    return f"{qualname} ({where})"
+
+
+def _lambda_body(code: CodeType, where: str) -> str:
+    """``file.py:LINE:COL`` of a lambda's body, from its first instruction placed past column
+    0 (the prologue's are placed at the line's start); ``where`` where none is."""
+    positions = getattr(code, "co_positions", None)
+    for line, _, column, _ in positions() if positions is not None else ():
+        if line is not None and column:
+            return f"{source_name(code.co_filename)}:{line}:{column + 1}"
+    return where
 
 
 def line_of(code: CodeType, lasti: int) -> int:
