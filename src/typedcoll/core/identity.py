@@ -75,6 +75,7 @@ _SITE_FP = CodeTable()
 _VIA_FP = CodeTable()  # site -> the fingerprints of its calls through thin wrappers
 _LINES = CodeTable()
 _POSITIONS = CodeTable()
+_VIA_NAMES = CodeTable()  # a thin wrapper's code -> via_name's text
 _UNSET = object()
 _NAME_FP: Dict[str, bytes] = {}
 _SOURCE_NAMES: Dict[str, str] = {}  # co_filename -> how sites name it
@@ -208,24 +209,29 @@ def via_name(via: Optional[CodeType]) -> Optional[str]:
     Ranks compare this text (a role branch pairs calls through one wrapper only), so it names
     the module too: two wrappers of one qualified name in two modules are two wrappers. A
     lambda is named by where its body starts, column included (``<lambda> (m.py:7:30)``):
-    two lambdas of one line are two wrappers."""
+    two lambdas of one line are two wrappers. Worked out once per code object: a device
+    envelope names its wrapper on every call."""
     if via is None:
         return None
-    qualname = getattr(via, "co_qualname", via.co_name)
-    where = f"{source_name(via.co_filename)}:{via.co_firstlineno}"
-    if via.co_name == "<lambda>":
-        where = _lambda_body(via, where)
-    return f"{qualname} ({where})"
+    name: Optional[str] = _VIA_NAMES.get(via, 0)
+    if name is None:
+        qualname = getattr(via, "co_qualname", via.co_name)
+        line, column = (_lambda_body(via) if via.co_name == "<lambda>"
+                        else (via.co_firstlineno, None))
+        where = format_column(f"{source_name(via.co_filename)}:{line}", column)
+        name = _VIA_NAMES.put(via, 0, f"{qualname} ({where})")
+    return name
 
 
-def _lambda_body(code: CodeType, where: str) -> str:
-    """``file.py:LINE:COL`` of a lambda's body, from its first instruction placed past column
-    0 (the prologue's are placed at the line's start); ``where`` where none is."""
+def _lambda_body(code: CodeType) -> Tuple[int, Optional[int]]:
+    """The line and 0-based column where a lambda's body starts, from its first instruction
+    placed past column 0 (the prologue's are placed at the line's start); its first line and
+    no column where none is."""
     positions = getattr(code, "co_positions", None)
     for line, _, column, _ in positions() if positions is not None else ():
         if line is not None and column:
-            return f"{source_name(code.co_filename)}:{line}:{column + 1}"
-    return where
+            return line, column
+    return code.co_firstlineno, None
 
 
 def line_of(code: CodeType, lasti: int) -> int:
