@@ -94,12 +94,13 @@ def test_wire_identical_votes_raise_at_the_first_misaligned_call(n):
 
 def two_packages(tmp_path: Any, monkeypatch: Any) -> Any:
     """Two packages, each with a ``utils.py`` whose collective sits on the same line (in a
-    function that branches, so that the line is the call site, not its caller's)."""
+    function whose two arms call, so that the line is the call site, not its caller's)."""
     for package, fn in (("typedcoll_t_a", "vote_timeout"), ("typedcoll_t_b", "num_waiting")):
         (tmp_path / package).mkdir()
         (tmp_path / package / "__init__.py").write_text("")
         (tmp_path / package / "utils.py").write_text(
-            f"def {fn}(comm, value):\n    return comm.allgather(value) if comm else None\n")
+            f"def {fn}(comm, value):\n"
+            "    return comm.allgather(value) if value else comm.allgather(-1)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     for name in [name for name in sys.modules if name.startswith("typedcoll_t_")]:
         del sys.modules[name]  # an earlier test's packages, in another directory
@@ -235,7 +236,9 @@ def receive_schedule(comm: tc.TypedComm) -> Any:
 
 
 def roles_in_two_functions(comm: tc.TypedComm) -> Any:
-    return (send_schedule if comm.rank == 0 else receive_schedule)(comm)
+    if comm.rank == 0:
+        return send_schedule(comm)
+    return receive_schedule(comm)
 
 
 def test_roles_on_different_lines_without_a_name_raise_with_advice():
@@ -289,8 +292,11 @@ def test_a_transparent_wrapper_keeps_its_callers_sites(program):
         assert f"at {FILE}:{every}, its 1st call" in str(e).splitlines()[2]
 
 
+MULTI_DEVICE = True
+
+
 class Distributed:
-    """An engine's wrapper class, unmarked: each method one call, no branch."""
+    """An engine's wrapper class, unmarked: each method makes its one call or none."""
 
     def __init__(self, comm: tc.TypedComm) -> None:
         self.comm = comm
@@ -302,9 +308,15 @@ class Distributed:
         return self.tp_allgather(obj)
 
     def guarded_allgather(self, obj: Any) -> List[Any]:
-        if self.comm.size == 1:  # a shortcut: no longer thin, a site of its own
+        if self.comm.size == 1:  # a shortcut that makes no call: still thin
             return [obj]
         return self.comm.allgather(obj)
+
+    def group(self) -> tc.TypedComm:
+        return self.comm
+
+    def flagged_allgather(self, obj: Any) -> List[Any]:  # TensorRT-LLM's mpi_allgather's shape
+        return self.group().allgather(obj) if MULTI_DEVICE else [obj]
 
 
 def skipped_vote_through(method: str) -> Callable[[tc.TypedComm], Any]:
@@ -320,10 +332,15 @@ def skipped_vote_through(method: str) -> Callable[[tc.TypedComm], Any]:
     return program
 
 
-@pytest.mark.parametrize("method", ["tp_allgather", "vote"])
-def test_an_unmarked_thin_wrapper_keeps_its_callers_sites(method):
+@pytest.mark.parametrize("method,innermost", [("tp_allgather", Distributed.tp_allgather),
+                                              ("vote", Distributed.tp_allgather),
+                                              ("guarded_allgather", Distributed.guarded_allgather),
+                                              ("flagged_allgather", Distributed.flagged_allgather)])
+def test_an_unmarked_thin_wrapper_keeps_its_callers_sites(method, innermost):
     # The engine's crash: the last rank skipped the batch-size vote, so its timeout vote met
-    # its peers' batch-size vote through one wrapper line, and returned their payloads.
+    # its peers' batch-size vote through one wrapper line, and returned their payloads. A
+    # wrapper with a size-1 shortcut was a site of its own until its shortcut, which makes no
+    # call, counted as a branch of no consequence.
     program = skipped_vote_through(method)
     errors = errors_of(3, program)
     skipped = line_of(skipped_vote_through, "the last rank skips")
@@ -331,7 +348,7 @@ def test_an_unmarked_thin_wrapper_keeps_its_callers_sites(method):
     for e in errors:
         assert type(e) is tc.DesyncError and e.kinds == (tc.MismatchKind.CALL,), e
         lines = str(e).splitlines()
-        wrapper = wrapper_text(Distributed.tp_allgather)  # the innermost thin wrapper
+        wrapper = wrapper_text(innermost)  # the innermost thin wrapper
         assert f"at {FILE}:{skipped} through {wrapper}, its 1st call" in lines[1], e
         assert f"at {FILE}:{taken} through {wrapper}, its 1st call" in lines[2], e
         assert lines[3] == (f"  only the callers of {wrapper} differ: a call "
@@ -352,7 +369,7 @@ def with_context(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 class Votes:
     """Two thin wrappers, reached through lines they share: a decorator's frame, a ``getattr``
-    dispatcher, a thread pool's worker."""
+    dispatcher, a thread pool's worker (the standard library's plumbing: each vote its own site)."""
 
     def __init__(self, comm: tc.TypedComm) -> None:
         self.comm = comm
@@ -367,7 +384,7 @@ class Votes:
     decorated_timeout_vote = with_context(timeout_vote)
 
     def dispatch(self, op: str, value: int) -> List[Any]:
-        return getattr(self, op)(value)  # two calls: this line is the caller of both
+        return getattr(self, op)(value)  # thin too: its two calls always run together
 
     def in_pool(self, op: str, value: int) -> List[Any]:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -385,9 +402,11 @@ def skipped_vote_by(way: str) -> Callable[[tc.TypedComm], Any]:
                 return getattr(votes, way)(op, value)  # type: ignore[no-any-return]
         out = []
         for it in range(2):
-            if not (it == 1 and comm.rank == comm.size - 1):
-                out.append(call("batch_vote", 100 + it))
-            out.append(call("timeout_vote", 0))
+            plan = [("batch_vote", 100 + it), ("timeout_vote", 0)]
+            if it == 1 and comm.rank == comm.size - 1:
+                plan = plan[1:]  # the batch-size vote the last rank skips
+            for op, value in plan:
+                out.append(call(op, value))  # one line for both votes
         return out
     return program
 
@@ -401,8 +420,9 @@ def recorded_wrappers(comm: tc.TypedComm) -> List[Any]:
 
 
 def test_the_flight_recorder_keeps_the_thin_wrapper_for_the_trace_analysis():
-    # The dispatcher's one line is both votes' site: offline, only the wrapper tells them apart.
-    site = f"{FILE}:{line_of(Votes.dispatch, 'two calls')}"
+    # The loop's one line is both votes' site (the dispatcher is thin too: its two calls run
+    # together): offline, only the wrapper tells them apart.
+    site = f"{FILE}:{line_of(recorded_wrappers, 'votes.dispatch')}"
     assert run(2, recorded_wrappers) == [[
         (site, wrapper_text(Votes.batch_vote)), (site, wrapper_text(Votes.timeout_vote)),
         (f"{FILE}:{line_of(recorded_wrappers, 'direct')}", None)]] * 2
@@ -412,10 +432,16 @@ def test_the_flight_recorder_keeps_the_thin_wrapper_for_the_trace_analysis():
 def test_two_thin_wrappers_reached_from_one_line_stay_two_calls(way):
     # The wrapper is part of the identity: with its caller's line alone, the decorator's, the
     # dispatcher's or the pool's one line would make both votes one call, and the last rank's
-    # timeout vote would take its peers' batch-size votes without an error.
+    # timeout vote would take its peers' batch-size votes without an error. (A pool's worker
+    # is the standard library's plumbing: there each thin vote is its own site.)
     for e in errors_of(3, skipped_vote_by(way)):
         assert type(e) is tc.DesyncError and e.kinds == (tc.MismatchKind.CALL,), e
         lines = str(e).splitlines()
+        if way == "in_pool":
+            for line, vote in zip(lines[1:3], (Votes.batch_vote, Votes.timeout_vote)):
+                assert line.endswith(f"at {FILE}:{line_of(vote, 'return')}, its 2nd call"), e
+            assert lines[3].startswith("  only the call sites differ"), e
+            continue
         batch, timeout = wrapper_text(Votes.batch_vote), wrapper_text(Votes.timeout_vote)
         assert lines[1].endswith(f"through {batch}, its 2nd call"), e
         assert lines[2].endswith(f"through {timeout}, its 2nd call"), e
@@ -560,11 +586,38 @@ def test_what_counts_as_a_thin_wrapper():
             self.c.all_gather_object(objs, obj)
             return objs
 
-        def two_calls(self, obj):
+        # Thin: every execution that makes one of its calls makes all of them, on one line.
+        def chained(self, obj): return self.group().allgather(obj)  # noqa: E704
+
+        def shortcut(self, obj):
+            if self.n == 1:
+                return [obj]
+            return self.c.allgather(obj)
+
+        def flag(self, obj): return self.c.allgather(obj) if self.on else [obj]  # noqa: E704
+
+        def picks_argument(self, obj):  # one call, though 3.12 compiles a copy into each arm
+            return self.c.allgather(obj, timeout=6 if self.on else 5)
+
+        def checks_result(self, obj):
+            out = self.c.allgather(obj)
+            if not out:
+                raise ValueError(out)
+            return out
+
+        # Not thin: a branch picks which of its calls run, it calls on two lines (a function
+        # of several statements keeps its lines in messages), loops, catches or suspends.
+        def logs_first(self, obj):
             print(obj)
             return self.c.allgather(obj)
 
-        def branches(self, obj): return self.c.allgather(obj) if obj else []  # noqa: E704
+        def alternatives(self, obj):
+            return self.c.allgather(obj) if obj else self.c.barrier()
+
+        def guard_that_calls(self, obj):
+            if not self.ready():
+                return None
+            return self.c.allgather(obj)
 
         def loops(self, objs): return [self.c.allgather(o) for o in objs]  # noqa: E704
 
@@ -579,14 +632,25 @@ def test_what_counts_as_a_thin_wrapper():
                 return None
 
         def suspends(self, obj): yield self.c.allgather(obj)  # noqa: E704
+        def no_call(self, obj): return obj  # noqa: E704
 
     thin = {name: is_forwarder(getattr(Cases, name).__code__) for name in vars(Cases)
             if not name.startswith("_")}
-    assert thin == {"one_call": True, "no_argument": True, "out_list": True, "two_calls": False,
-                    "branches": False, "loops": False, "guarded": False, "catches": False,
-                    "suspends": False}
+    assert thin == {"one_call": True, "no_argument": True, "out_list": True, "logs_first": False,
+                    "chained": True, "shortcut": True, "flag": True, "picks_argument": True,
+                    "checks_result": True,
+                    "alternatives": False, "guard_that_calls": False, "loops": False,
+                    "guarded": False, "catches": False, "suspends": False, "no_call": False}
+    # An assert's message is no call of the wrapper's (compiled here: pytest rewrites the
+    # asserts of a test module into calls of its own).
+    scope: dict = {}
+    exec(compile("def checks_src(self, obj, src=0):\n"
+                 "    assert src < self.n, 'bad src %s' % repr(src)\n"
+                 "    return self.c.bcast(obj, root=src)\n", "cases.py", "exec"), scope)
+    assert is_forwarder(scope["checks_src"].__code__)
     assert is_forwarder((lambda obj: obj.allgather(1)).__code__)
-    assert not is_forwarder((lambda obj: obj.allgather(1) if obj else None).__code__)
+    assert is_forwarder((lambda obj: obj.allgather(1) if obj else None).__code__)
+    assert not is_forwarder((lambda obj: obj.allgather(1) if obj else obj.barrier()).__code__)
 
 
 def skipped_vote_through_lambdas(comm: tc.TypedComm, one_line: bool) -> List[Any]:

@@ -37,6 +37,15 @@ SITES = {m.group(1): f"{HERE.name}:{n}" for n, line in enumerate(HERE.read_text(
          for m in [_MARK.search(line)] if m}
 
 
+
+def lambda_at(tag: str, body: str) -> str:
+    """How messages name the one-call lambda of desyncs() on the line marked ``# @tag`` whose body
+    starts with ``body``: a thin wrapper, its calls' site the line that called it."""
+    line = int(SITES[tag].rsplit(":", 1)[1])
+    column = HERE.read_text().splitlines()[line - 1].index(body) + 1
+    return f"desyncs.<locals>.<lambda> ({SITES[tag]}:{column})"
+
+
 class RankState(msgspec.Struct):
     rank: int
     num_active_requests: int
@@ -76,7 +85,7 @@ def run_ranks(program: str, size: int, tmp_path: Path,
 def outcome(fn: Callable[[], Any]) -> dict:
     import typedcoll as tc
     try:
-        value = fn()
+        value = fn()  # @outcome
     except tc.CollectiveError as exc:
         return {"error": type(exc).__name__, "message": str(exc)}
     return {"value": repr(value)}
@@ -510,6 +519,10 @@ SITE_HINT = ("only the call sites differ: if these are the same collective calle
 def _expected(size: int) -> Dict[str, str]:
     s = SITES
     t, vote = "shape=(4,) dtype=float32", "shape=(1,) dtype=int64"
+    # Thin lambdas (their calls on one line, all made or none: a branch that picks an argument
+    # is no choice among calls): their site is outcome()'s line.
+    t1, other = lambda_at("t1", "comm.all_gather_tensor"), lambda_at("other-timeout", "tc.")
+    t3, t4 = lambda_at("t3", "comm.all_reduce_tensor"), lambda_at("t4", "comm.broadcast_tensor")
     return {
         "votes": _table("collective #2 on WORLD diverged (call site):", size,
                         f"allgather[ndarray] {vote} at {s['vote-batch']}, its 2nd call",
@@ -525,32 +538,38 @@ def _expected(size: int) -> Dict[str, str]:
             "the ranks are at different steps of the same call: a rank skipped or repeated an "
             "iteration"),
         "t_shape": _table("collective #9 on WORLD diverged (shape):", size,
-                          f"all_gather_tensor shape=(2, 4) dtype=float32 at {s['t1']}, its 1st "
-                          f"call, step 1",
-                          f"all_gather_tensor shape=(3, 4) dtype=float32 at {s['t1']}, its 1st "
-                          f"call, step 1"),
+                          f"all_gather_tensor shape=(2, 4) dtype=float32 at {s['outcome']} "
+                          f"through {t1}, its 1st call, step 1",
+                          f"all_gather_tensor shape=(3, 4) dtype=float32 at {s['outcome']} "
+                          f"through {t1}, its 1st call, step 1"),
         "t_dtype": _table("collective #10 on WORLD diverged (dtype):", size,
                           f"all_reduce_tensor op=sum {t} at {s['t2']}, its 1st call",
                           f"all_reduce_tensor op=sum shape=(4,) dtype=float64 at {s['t2']}, its "
                           f"1st call"),
         "t_op": _table("collective #11 on WORLD diverged (reduce op):", size,
-                       f"all_reduce_tensor op=sum {t} at {s['t3']}, its 1st call",
-                       f"all_reduce_tensor op=max {t} at {s['t3']}, its 1st call"),
+                       f"all_reduce_tensor op=sum {t} at {s['outcome']} through {t3}, its 1st "
+                       "call",
+                       f"all_reduce_tensor op=max {t} at {s['outcome']} through {t3}, its 1st "
+                       "call"),
         "t_root": _table("collective #12 on WORLD diverged (root):", size,
-                         f"broadcast_tensor root=0 {t} at {s['t4']}, its 1st call",
-                         f"broadcast_tensor root={size - 1} {t} at {s['t4']}, its 1st call"),
+                         f"broadcast_tensor root=0 {t} at {s['outcome']} through {t4}, its 1st "
+                         "call",
+                         f"broadcast_tensor root={size - 1} {t} at {s['outcome']} through {t4}, "
+                         "its 1st call"),
         "t_name": _table("collective #13 on WORLD diverged (call site):", size,
-                         f"all_reduce_tensor op=sum {t} name='grad' at {s['t5']}, its 1st call",
-                         f"all_reduce_tensor op=sum {t} name='loss' at {s['t5']}, its 1st call",
+                         f"all_reduce_tensor op=sum {t} name='grad' at {s['outcome']}, its 1st "
+                         "call",
+                         f"all_reduce_tensor op=sum {t} name='loss' at {s['outcome']}, its 1st "
+                         "call",
                          NAME_HINT),
         "t_vs_object": _table(
             "collective #14 on WORLD diverged (op, call site, schema, shape, dtype):", size,
             f"all_gather_tensor shape=(2,) dtype=float32 at {s['t6b']}, its 1st call",
             f"allgather[RankState] at {s['t6']}, its 1st call"),
         "other timeout": _table("creation on WORLD#2 diverged (settings):", size,
-                                f"create timeout=5 at {s['other-timeout']}, "
+                                f"create timeout=5 at {s['outcome']} through {other}, "
                                 f"its 1st call",
-                                f"create timeout=6 at {s['other-timeout']}, "
+                                f"create timeout=6 at {s['outcome']} through {other}, "
                                 f"its 1st call"),
     }
 
@@ -572,12 +591,12 @@ def test_after_a_desync_the_communicator_is_usable(desync):
 
 
 @pytest.mark.parametrize("case, head, what, line, detail", [
-    ("t_bad_op", "collective #15 on WORLD", "all_reduce_tensor", "t7",
+    ("t_bad_op", "collective #15 on WORLD", "all_reduce_tensor", "outcome",
      "expected op 'sum', 'prod', 'max' or 'min', got 'avg'"),
     ("t_not_tensor", "collective #16 on WORLD", "all_gather_tensor", "t8",
      "expected a torch.Tensor, got list"),
     ("bad timeout", "creation on WORLD#2", "create",
-     "bad-timeout", "expected timeout None or seconds > 0, got 0"),
+     "outcome", "expected timeout None or seconds > 0, got 0"),
 ])
 def test_one_ranks_bad_argument_raises_on_every_rank(desync, case, head, what, line, detail):
     size, results = desync

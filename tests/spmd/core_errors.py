@@ -59,6 +59,50 @@ chk.eq("votes: the skipper", votes[2],
        f"{FILE}:{first_line + 3}, its 2nd call")
 chk.usable(comm, "after the votes")
 
+
+# The same two votes through an engine's wrappers, unmarked: a size-1 shortcut and a flag in a
+# conditional expression do not make a wrapper the site of every call through it.
+MULTI_DEVICE = True
+
+
+class Dist:
+    def __init__(self, typed):
+        self.typed = typed
+
+    def group(self):
+        return self.typed
+
+    def allgather(self, obj):
+        if self.typed.size == 1:
+            return [obj]
+        return self.flagged(obj)
+
+    def flagged(self, obj):
+        return self.group().allgather(obj) if MULTI_DEVICE else [obj]
+
+
+def wrapped_iteration(dist, it):
+    if not (rank == last and it == 1):
+        dist.allgather(it)  # the batch-size vote, through the wrapper
+    dist.allgather(10 + it)  # the timeout vote, through the wrapper
+
+
+dist = Dist(comm)
+wrapped_iteration(dist, 0)
+if size > 1:
+    with chk.expect(tc.DesyncError, "votes through wrappers") as err:
+        wrapped_iteration(dist, 1)
+    head = wrapped_iteration.__code__.co_firstlineno
+    via = f"Dist.flagged ({FILE}:{Dist.flagged.__code__.co_firstlineno})"
+    chk.eq("wrapped votes: kinds", err.error.kinds, (tc.MismatchKind.CALL,))
+    chk.eq("wrapped votes: the others", lines(err)[1],
+           f"  {others:<{width}} allgather[int] at {FILE}:{head + 2} through {via}, "
+           "its 2nd call")
+    chk.eq("wrapped votes: the skipper", lines(err)[2],
+           f"  {label:<{width}} allgather[int] at {FILE}:{head + 3} through {via}, "
+           "its 2nd call")
+    chk.usable(comm, "after the votes through wrappers")
+
 # Ranks in collectives whose exchanges have different shapes still meet, and all raise.
 # (Each pair's two lambdas share a line, not a column: their call sites differ too.)
 PAIRS = {

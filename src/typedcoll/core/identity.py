@@ -6,17 +6,20 @@ frame on the stack that is neither typedcoll's own plumbing nor a function marke
 it, so a rank that skipped one vote and entered the next (same op, same schema, same shape) still
 disagrees with its peers: the sites differ.
 
-Thin wrappers. A ``def`` whose whole body is one call and no branch (:func:`is_forwarder`: an
-engine's ``def tp_allgather(self, obj): return self.tp_comm.allgather(obj)``) decides nothing:
-whether it runs is its caller's decision, and its own line is the same for every purpose it
-serves. Taken as the site, that line would make a skipped batch-size vote and the timeout vote
-after it one call, and they would return each other's payloads without an error. So the site of
-a call through a thin wrapper is its caller's line, and its identity is that line *together
-with* the wrapper (``via``): never coarser than the wrapper's own line, so two wrappers reached
-from one shared line (a decorator's frame, a thread pool's worker, a ``getattr`` dispatcher)
-stay two calls. The cost is that one wrapper called from two lines is two calls, as a
-collective written on two lines is; a wrapper meant to be one call wherever it is called from
-gives its call a ``name=``.
+Thin wrappers. A ``def`` that never loops or catches, makes its calls on one line and makes all
+of them or none (:func:`is_forwarder`: an engine's ``def tp_allgather(self, obj): return
+self.tp_comm.allgather(obj)``, with or without a size-1 shortcut) tells its executions apart by
+nothing: its line is the same for every purpose it serves. Taken as the site, it would make a
+skipped batch-size vote and the timeout vote after it one call, and they would return each
+other's payloads without an error. So the site of a call through a thin wrapper is its caller's
+line, and its identity is that line *together with* the wrapper (``via``): never coarser than
+the wrapper's own line, so two wrappers reached from one shared line (a decorator's frame, a loop
+over a dispatch table) stay two calls. A wrapper making two collectives on its line makes both
+or neither, in one order on every rank (unless one rank raises between them); one that lets a
+branch pick among its calls keeps its own sites, as does one calling on two lines (a function of
+several statements keeps its lines in messages). The cost is that one wrapper called from two
+lines is two calls, as a collective written on two lines is; a wrapper meant to be one call
+wherever it is called from gives its call a ``name=``.
 
 Sites are ``file.py:LINE``, the file named without the directories it was loaded from, so the
 same program launched from different paths (or installed under different prefixes) agrees: a
@@ -33,12 +36,14 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import types
 from itertools import islice
 from types import CodeType, FrameType
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple, TypeVar, Union
 
 from ..codecs.digest import digest8
+from .thin import forwards
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 Position = Tuple[int, int, int, int]  # line, end line, column, end column of an instruction
@@ -87,13 +92,24 @@ def register_internal(filename: str) -> None:
     SKIP_FILES.add(filename)
 
 
+# The standard library's starters of a thread's or a process's target (Thread.run, a thread
+# pool's worker, Process.run) decide nothing about which collective runs: their frames are
+# plumbing, so a thin target is its own site ("at worker.py:12"), never "at threading.py:982".
+_STDLIB = os.path.dirname(getattr(threading, "__file__", None) or "")
+for _starter in ("threading.py", os.path.join("concurrent", "futures", "thread.py"),
+                 os.path.join("multiprocessing", "process.py")):
+    if _STDLIB:  # a frozen standard library has no files to skip
+        register_internal(os.path.join(_STDLIB, _starter))
+
+
 def transparent(target: Union[_F, types.ModuleType, str]) -> Union[_F, types.ModuleType, str]:
     """Mark a wrapper as transparent: the call site of a collective it issues is its caller's.
 
-    Use it on functions and methods that forward to typedcoll (a ``vote(x)`` helper that logs,
-    a wrapper with a size-1 shortcut), so that two votes issued through one helper from two
-    lines keep two identities. A thin wrapper (:func:`is_forwarder`: one call, no branch, as an
-    engine's ``tp_allgather``) is passed over without it. ``target`` may also be a module, or
+    Use it on functions and methods that forward to typedcoll (a ``vote(x)`` helper that logs
+    on a line of its own, one that picks among calls), so that two votes issued through one
+    helper from two lines keep two identities. A thin wrapper (:func:`is_forwarder`: its calls
+    on one line, all made or none, as an engine's ``tp_allgather``, with or without a size-1
+    shortcut) is passed over without it. ``target`` may also be a module, or
     a module's name (``transparent(__name__)``), to mark every function in it. Returns
     ``target``, so it works as a decorator.
     """
@@ -141,38 +157,16 @@ def _codes_of(target: Any) -> List[CodeType]:
 
 
 _FORWARDERS = CodeTable()
-# Code flags of functions whose frames suspend (generators, coroutines): never thin wrappers.
-_SUSPENDS = 0x20 | 0x80 | 0x100 | 0x200
-_NEWLOCALS = 0x02  # a function's code, not a module's or a class body's
 
 
 def is_forwarder(code: CodeType) -> bool:
-    """Whether ``code`` is a thin wrapper: a ``def`` or ``lambda`` (not a comprehension,
-    generator, module or class body) whose body makes exactly one call and never branches,
-    loops or handles an exception. Read from its bytecode once per code object."""
+    """Whether ``code`` is a thin wrapper (``core.thin``: it never loops or catches, makes its
+    calls on one line and makes all of them or none). Read from its bytecode once per code
+    object."""
     found: Optional[bool] = _FORWARDERS.get(code, 0)
     if found is None:
-        found = _FORWARDERS.put(code, 0, _forwards(code))
+        found = _FORWARDERS.put(code, 0, forwards(code))
     return found
-
-
-def _forwards(code: CodeType) -> bool:
-    handles: bytes = getattr(code, "co_exceptiontable", b"")  # a try or with block (3.11+)
-    if (code.co_name.startswith("<") and code.co_name != "<lambda>") or \
-            code.co_flags & _SUSPENDS or \
-            not code.co_flags & _NEWLOCALS or handles or \
-            any(isinstance(const, CodeType) for const in code.co_consts):
-        return False  # a nested function or (before 3.12) comprehension: its own loop
-    import dis
-    calls = 0
-    for instruction in dis.get_instructions(code):
-        name = instruction.opname
-        if any(mark in name for mark in ("JUMP", "FOR_ITER", "SEND", "YIELD", "SETUP_",
-                                          "WITH")):
-            return False
-        if name.startswith("CALL") and not name.startswith("CALL_INTRINSIC"):
-            calls += 1
-    return calls == 1
 
 
 def call_site(depth: int = 2) -> Tuple[Optional[FrameType], Optional[CodeType]]:

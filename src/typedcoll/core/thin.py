@@ -1,0 +1,113 @@
+"""Whether a function is a thin wrapper, read from its bytecode (``identity.is_forwarder``).
+
+A thin wrapper's calls, when it makes any, run together: every execution makes all of them or
+none, and they sit on one line. Branches before them are guards (``if self.world_size == 1:
+return obj``) and branches after them act on the result: either way no rank can take one of
+the wrapper's collectives and not another, and the wrapper's line tells its executions nothing
+its caller's does not, so the call is its caller's (``identity`` explains why that matters).
+A branch that picks which call runs (``a() if x else b()``, ``if not ready(): return``) keeps
+the wrapper's own sites, as do calls on two lines: a function of several statements (a
+script's ``main()``, a worker's loop body) keeps its lines in messages, hang reports and dumps.
+
+The reading walks every path through the function's bytecode (it has no loops, so there are
+few) and collects the calls each path makes, a call being its source position: the compiler
+may copy one call into both arms of a branch (``f(x=1 if a else 2)`` on 3.12), and the copies
+are one call of the source. Building the exception that a ``raise`` or an ``assert x, msg``
+raises is no call of the wrapper's.
+"""
+
+from __future__ import annotations
+
+import dis
+from types import CodeType
+from typing import Dict, FrozenSet, List, Optional, Set, Tuple
+
+_SUSPENDS = 0x20 | 0x80 | 0x100 | 0x200  # generator, coroutine, async generator
+_NEWLOCALS = 0x02  # a function's code, not a module's or a class body's
+_MAX_PATHS = 256  # more paths than this: not thin (no wrapper has them)
+_ENDS = frozenset({"RETURN_VALUE", "RETURN_CONST", "RAISE_VARARGS", "RERAISE"})
+_REFUSED = ("FOR_ITER", "SEND", "YIELD", "SETUP_", "WITH")  # loops, generators, with blocks
+
+Position = Tuple[Optional[int], Optional[int], Optional[int], Optional[int]]
+
+
+def forwards(code: CodeType) -> bool:
+    """Whether ``code`` is a thin wrapper: a ``def`` or ``lambda`` (not a comprehension,
+    generator, module or class body) that never loops or handles an exception, makes its calls
+    on one line and makes all of them or none."""
+    handles: bytes = getattr(code, "co_exceptiontable", b"")  # a try or with block (3.11+)
+    if (code.co_name.startswith("<") and code.co_name != "<lambda>") or \
+            code.co_flags & _SUSPENDS or \
+            not code.co_flags & _NEWLOCALS or handles or \
+            any(isinstance(const, CodeType) for const in code.co_consts):
+        return False  # a nested function or (before 3.12) comprehension: its own loop
+    instructions = list(dis.get_instructions(code))
+    if any(mark in ins.opname for ins in instructions for mark in _REFUSED):
+        return False
+    calls = _calls(instructions)
+    if calls is None:
+        return False
+    lines = {position[0] for position in calls.values()}
+    if len(lines) != 1 or None in lines:  # first, as it is cheap: most functions stop here
+        return False
+    made = _calls_per_path(instructions, calls)
+    if made is None:
+        return False
+    every: Set[Position] = set(calls.values())
+    return all(not path or path == every for path in made)
+
+
+def _calls(instructions: List[dis.Instruction]) -> Optional[Dict[int, Position]]:
+    """Offset -> source position of each call that counts; None where a jump goes backwards."""
+    calls: Dict[int, Position] = {}
+    raising = False  # between LOAD_ASSERTION_ERROR and its RAISE_VARARGS
+    previous = None
+    line = None  # before 3.11 instructions carry no positions: the line alone
+    for ins in instructions:
+        name = ins.opname
+        line = ins.starts_line if ins.starts_line is not None else line
+        if name == "LOAD_ASSERTION_ERROR":
+            raising = True
+        elif name == "RAISE_VARARGS":
+            raising = False
+            if previous is not None and previous.offset in calls:
+                del calls[previous.offset]  # ``raise ValueError(out)``
+        elif "JUMP" in name:
+            if not isinstance(ins.argval, int) or ins.argval <= ins.offset:
+                return None  # a loop
+        elif name.startswith("CALL") and not name.startswith("CALL_INTRINSIC") and not raising:
+            p = getattr(ins, "positions", None)
+            calls[ins.offset] = (line, None, None, None) if p is None else (
+                p.lineno, p.end_lineno, p.col_offset, p.end_col_offset)
+        previous = ins
+    return calls
+
+
+def _calls_per_path(instructions: List[dis.Instruction],
+                    calls: Dict[int, Position]) -> Optional[List[FrozenSet[Position]]]:
+    """The calls each path from the entry to a return or a raise makes (None: too many)."""
+    index = {ins.offset: i for i, ins in enumerate(instructions)}
+    made: List[FrozenSet[Position]] = []
+    pending: List[Tuple[int, FrozenSet[Position]]] = [(0, frozenset())]
+    while pending:
+        if len(made) + len(pending) > _MAX_PATHS:
+            return None
+        i, seen = pending.pop()
+        while i < len(instructions):
+            ins = instructions[i]
+            if ins.offset in calls:
+                seen = seen | {calls[ins.offset]}
+            if ins.opname in _ENDS:
+                break
+            if "JUMP" in ins.opname:
+                target = index.get(ins.argval)
+                if target is None:
+                    return None
+                if "IF" in ins.opname:  # conditional: both ways
+                    pending.append((target, seen))
+                else:
+                    i = target
+                    continue
+            i += 1
+        made.append(seen)
+    return made
