@@ -31,18 +31,17 @@ torch = pytest.importorskip("torch") if __name__ != "__main__" else __import__("
 HERE = Path(__file__).resolve()
 SEED = int(os.environ.get("TYPEDCOLL_SEED", random.randrange(2 ** 31)))
 _MARK = re.compile(r"#\s*@(\S+)")
-# "test_torch.py:LINE" of each line marked ``# @tag`` in this file: expected messages name call
-# sites without hard-coded line numbers.
-SITES = {m.group(1): f"{HERE.name}:{n}" for n, line in enumerate(HERE.read_text().splitlines(), 1)
-         for m in [_MARK.search(line)] if m}
-
+_LINES = HERE.read_text().splitlines()
+# Line number of each line marked ``# @tag`` in this file, and "test_torch.py:LINE": expected
+# messages name call sites without hard-coded line numbers.
+_TAGGED = {m.group(1): n for n, line in enumerate(_LINES, 1) for m in [_MARK.search(line)] if m}
+SITES = {tag: f"{HERE.name}:{n}" for tag, n in _TAGGED.items()}
 
 
 def lambda_at(tag: str, body: str) -> str:
-    """How messages name the one-call lambda of desyncs() on the line marked ``# @tag`` whose body
-    starts with ``body``: a thin wrapper, its calls' site the line that called it."""
-    line = int(SITES[tag].rsplit(":", 1)[1])
-    column = HERE.read_text().splitlines()[line - 1].index(body) + 1
+    """How messages name the thin lambda of desyncs() on the line marked ``# @tag`` whose body
+    starts with ``body``: its calls' site is the line that called it."""
+    column = _LINES[_TAGGED[tag] - 1].index(body) + 1
     return f"desyncs.<locals>.<lambda> ({SITES[tag]}:{column})"
 
 

@@ -96,9 +96,9 @@ def register_internal(filename: str) -> None:
 # pool's worker, Process.run) decide nothing about which collective runs: their frames are
 # plumbing, so a thin target is its own site ("at worker.py:12"), never "at threading.py:982".
 _STDLIB = os.path.dirname(getattr(threading, "__file__", None) or "")
-for _starter in ("threading.py", os.path.join("concurrent", "futures", "thread.py"),
-                 os.path.join("multiprocessing", "process.py")):
-    if _STDLIB:  # a frozen standard library has no files to skip
+if _STDLIB:  # a frozen standard library has no files to skip
+    for _starter in ("threading.py", os.path.join("concurrent", "futures", "thread.py"),
+                     os.path.join("multiprocessing", "process.py")):
         register_internal(os.path.join(_STDLIB, _starter))
 
 
