@@ -662,6 +662,138 @@ def test_what_counts_as_a_thin_wrapper():
     assert not is_forwarder((lambda obj: obj.allgather(1) if obj else obj.barrier()).__code__)
 
 
+def test_a_decorators_frame_is_thin_at_its_pass_through_call():
+    import dis
+    from typedcoll.core.identity import forwarding
+
+    def passes_at(fn: Callable[..., Any]) -> Any:
+        """forwarding's answer, with offsets as the opcodes found there."""
+        answer = forwarding(fn.__code__)
+        if not isinstance(answer, frozenset):
+            return answer
+        names = {ins.offset: ins.opname for ins in dis.get_instructions(fn.__code__)}
+        return sorted(names[offset] for offset in answer)
+
+    def logs(func, enable_log=False):
+        def wrapper(*args, **kwargs):
+            if enable_log:
+                print(f"{func.__name__} enter: {args[1:]}")
+            ret = func(*args, **kwargs)
+            if enable_log:
+                print(f"{func.__name__} exit: {ret}")
+            return ret
+        return wrapper
+
+    def in_context(func, lock):
+        def decorate_context(*args, **kwargs):
+            with lock:
+                return func(*args, **kwargs)
+        return decorate_context
+
+    def retries(func):
+        def wrapper(*args, **kwargs):
+            for _ in range(3):
+                out = func(*args, **kwargs)
+                if out is not None:
+                    return out
+            return None
+        return wrapper
+
+    def catches(func):
+        def wrapper(*args, **kwargs):
+            try:
+                return func(*args, **kwargs)
+            except ValueError:
+                return None
+        return wrapper
+
+    def cleans_up(func, done):
+        def wrapper(*args, **kwargs):
+            try:
+                return func(*args, **kwargs)
+            finally:
+                done()
+        return wrapper
+
+    def twice(func):
+        def wrapper(*args, **kwargs):
+            func(*args, **kwargs)
+            return func(*args, **kwargs)
+        return wrapper
+
+    def picks(func, other, flag):
+        def wrapper(*args, **kwargs):
+            return func(*args, **kwargs) if flag else other(*args, **kwargs)
+        return wrapper
+
+    def guarded(func, ready):
+        def wrapper(*args, **kwargs):
+            if not ready():
+                return None
+            return func(*args, **kwargs)
+        return wrapper
+
+    def no_unpacking(func):
+        def wrapper(obj, *rest):
+            print(obj)
+            return func(obj)
+        return wrapper
+
+    f = print
+    # Thin at the call that hands its arguments on, and there alone: a log line under a flag,
+    # a with block (torch.no_grad()'s decorator), a guard that returns before it; any other
+    # call keeps its own site.
+    assert passes_at(logs(f)) == ["CALL_FUNCTION_EX"]
+    assert passes_at(in_context(f, threading.Lock())) == ["CALL_FUNCTION_EX"]
+    assert passes_at(guarded(f, f)) == ["CALL_FUNCTION_EX"]
+    # Not thin: a loop, a handler, a branch that picks among pass-through calls, two of them
+    # on two lines, no unpacked call.
+    for fn in (retries(f), catches(f), cleans_up(f, f), twice(f), picks(f, f, True),
+               no_unpacking(f)):
+        assert passes_at(fn) is False, fn.__code__.co_name
+    # A thin wrapper stays True, whatever its parameters.
+    assert forwarding((lambda *a: f(*a)).__code__) is True
+
+
+def vote_through_decorators(comm: tc.TypedComm, with_block: bool) -> List[Any]:
+    def decorate(func):
+        def logged(*args, **kwargs):
+            if comm.rank < 0:
+                print("never")
+            return func(*args, **kwargs)
+
+        def in_context(*args, **kwargs):
+            with contextlib.nullcontext():
+                return func(*args, **kwargs)
+        return functools.wraps(func)(in_context if with_block else logged)
+
+    @decorate
+    def vote(v):
+        return comm.allgather(v)
+
+    out = [vote(1)]
+    if comm.rank != comm.size - 1:
+        out.append(vote(100))  # SKIPPED-BY-LAST: the batch-size vote
+    out.append(vote(0))  # TIMEOUT-VOTE: the timeout vote
+    return out
+
+
+@pytest.mark.parametrize("with_block", [False, True])
+def test_a_skipped_vote_through_a_decorated_wrapper_raises(with_block):
+    # Before, the decorator's frame was the site of every call through it: the last rank's
+    # timeout vote took its peers' batch-size votes without an error.
+    with open(__file__) as fh:
+        source = fh.read().splitlines()
+    skipped, timeout = (next(i for i, text in enumerate(source, 1) if marker in text)
+                        for marker in ("# SKIPPED-BY-LAST", "# TIMEOUT-VOTE"))
+    for e in errors_of(3, vote_through_decorators, with_block, timeout=10):
+        assert type(e) is tc.DesyncError and e.kinds == (tc.MismatchKind.CALL,), e
+        lines = str(e).splitlines()
+        assert f"at {FILE}:{skipped}:" in lines[1] or f"at {FILE}:{skipped} " in lines[1], e
+        assert f"at {FILE}:{timeout}" in lines[2], e
+        assert "through vote_through_decorators.<locals>.vote (" in lines[1], e
+
+
 def skipped_vote_through_lambdas(comm: tc.TypedComm, one_line: bool) -> List[Any]:
     # Two lambdas written on one line, called from their own lines or from one shared line.
     batch, timeout = (lambda v: comm.allgather(v)), (lambda v: comm.allgather(v))

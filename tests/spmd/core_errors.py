@@ -6,6 +6,8 @@ collectives of different exchange shapes meeting, two communicators over one par
 different orders, and threads colliding on one communicator.
 """
 
+import contextlib
+import functools
 import os
 import sys
 import threading
@@ -61,8 +63,29 @@ chk.usable(comm, "after the votes")
 
 
 # The same two votes through an engine's wrappers, unmarked: a size-1 shortcut and a flag in a
-# conditional expression do not make a wrapper the site of every call through it.
+# conditional expression do not make a wrapper the site of every call through it, nor do
+# decorators around it (a log line under a debug flag, a context around the call).
 MULTI_DEVICE = True
+
+
+def log_op(func, enable_log=False):
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        if enable_log:
+            print(f"{func.__name__} enter: {args[1:]}")
+        ret = func(*args, **kwargs)
+        if enable_log:
+            print(f"{func.__name__} exit: {ret}")
+        return ret
+    return wrapper
+
+
+def in_context(func):
+    @functools.wraps(func)
+    def decorate_context(*args, **kwargs):
+        with contextlib.nullcontext():
+            return func(*args, **kwargs)
+    return decorate_context
 
 
 class Dist:
@@ -72,6 +95,8 @@ class Dist:
     def group(self):
         return self.typed
 
+    @log_op
+    @in_context
     def allgather(self, obj):
         if self.typed.size == 1:
             return [obj]

@@ -70,6 +70,8 @@
 #define ENTRY_SIZE 48
 #define OBJECTS_PER_ENTRY 4
 #define PREFIX 8
+/* What configure's ``forwarding`` answers (True, False, or pass-through offsets): its form. */
+#define FORWARDING_FORM 2
 
 enum { F_SEND, F_RECV, F_BLOCK, F_SLOT, F_SIZE, F_RANK, F_EXCHANGE, F_ENGINE, F_RING,
        F_RING_OBJECTS, F_RING_STATE, F_CAPACITY, F_MIN_SLOT, F_COUNTS, F_BUSY, F_ACQUIRE,
@@ -87,7 +89,7 @@ enum { BUSY_IDENT, BUSY_CODE, BUSY_LASTI, BUSY_POISON, BUSY_BROKEN, BUSY_COUNT }
 enum { KIND_ALL, KIND_GATHER, KIND_BCAST, KIND_EMPTY, KIND_SCATTER, KIND_ALLTOALL, KIND_ARRAYS };
 
 static PyObject *SCHEMAS, *SCHEMAS_BY_ID, *OPS, *ENCODE, *SKIP_FILES, *SKIP_CODES, *SITE_FP,
-    *NAME_FP, *TAKE_PY, *IS_FORWARDER;
+    *NAME_FP, *TAKE_PY, *FORWARDING;
 /* name -> fingerprint (call sites have a table of their own, before site_identity). */
 static PyObject *NAME_CACHE, *EMPTY_BYTES;
 static PyObject *s_seq, *s_step, *s_policy, *s_observe, *s_size, *s_fast, *s_exchange,
@@ -243,14 +245,14 @@ static int block_agreed(const unsigned char *block) {
 
 /* --- configure --- */
 /* configure(schemas, schemas_by_id, ops, encode, skip_files, skip_codes, site_fingerprint,
- *           name_fingerprint, take_py, is_forwarder) */
+ *           name_fingerprint, take_py, forwarding) */
 static PyObject *configure(PyObject *mod, PyObject *args) {
     PyObject *schemas, *by_id, *ops, *encode, *files, *codes, *site_fp, *name_fp, *take, *fwd;
     if (!PyArg_ParseTuple(args, "O!O!O!OO!O!OOOO", &PyDict_Type, &schemas, &PyDict_Type, &by_id,
                           &PyDict_Type, &ops, &encode, &PySet_Type, &files, &PySet_Type, &codes,
                           &site_fp, &name_fp, &take, &fwd))
         return NULL;
-    Py_XSETREF(IS_FORWARDER, Py_NewRef(fwd));
+    Py_XSETREF(FORWARDING, Py_NewRef(fwd));
     Py_XSETREF(SCHEMAS, Py_NewRef(schemas));
     Py_XSETREF(SCHEMAS_BY_ID, Py_NewRef(by_id));
     Py_XSETREF(OPS, Py_NewRef(ops));
@@ -264,36 +266,49 @@ static PyObject *configure(PyObject *mod, PyObject *args) {
 }
 
 /* --- call identity --- */
-/* Whether a code object is a thin wrapper (identity.is_forwarder), 1 or 0, -1 on error. A
- * direct-mapped table keyed by the code's address, holding its code objects, in front of the
- * Python classifier, which reads the bytecode once. */
+/* What identity.forwarding says of a code object (a new reference; NULL on error): True for a
+ * thin wrapper, a frozenset of the offsets of its pass-through calls for a decorator's frame
+ * thin at those calls, else False. A direct-mapped table keyed by the code's address, holding its
+ * code objects, in front of the Python classifier, which reads the bytecode once. */
 #define FORWARDER_SLOTS 256
 static struct {
     PyObject *code;
-    int forwards;
+    PyObject *answer;
 } FORWARDER_TABLE[FORWARDER_SLOTS];
 
-static int is_forwarder(PyCodeObject *code) {
+static PyObject *forwarding(PyCodeObject *code) {
     size_t h = (size_t)(uintptr_t)code >> 4;
     size_t i = (h ^ (h >> 8)) & (FORWARDER_SLOTS - 1);
-    if (FORWARDER_TABLE[i].code == (PyObject *)code) return FORWARDER_TABLE[i].forwards;
-    PyObject *answer = PyObject_CallOneArg(IS_FORWARDER, (PyObject *)code);
-    if (answer == NULL) return -1;
-    int forwards = PyObject_IsTrue(answer);
-    Py_DECREF(answer);
-    if (forwards < 0) return -1;
-    PyObject *old = FORWARDER_TABLE[i].code;
+    if (FORWARDER_TABLE[i].code == (PyObject *)code) return Py_NewRef(FORWARDER_TABLE[i].answer);
+    PyObject *answer = PyObject_CallOneArg(FORWARDING, (PyObject *)code);
+    if (answer == NULL) return NULL;
+    PyObject *old = FORWARDER_TABLE[i].code, *old_answer = FORWARDER_TABLE[i].answer;
     FORWARDER_TABLE[i].code = Py_NewRef((PyObject *)code);
-    FORWARDER_TABLE[i].forwards = forwards;
+    FORWARDER_TABLE[i].answer = Py_NewRef(answer);
+    Py_XDECREF(old_answer);
     Py_XDECREF(old); /* last: a code object's deallocation may run Python code */
-    return forwards;
+    return answer;
+}
+
+/* Whether ``frame`` of ``code`` is passed over as a thin wrapper: 1 or 0, -1 on error. */
+static int passes_over(PyFrameObject *frame, PyCodeObject *code) {
+    PyObject *answer = forwarding(code);
+    if (answer == NULL) return -1;
+    int found = answer == Py_True;
+    if (!found && PyFrozenSet_CheckExact(answer)) {
+        PyObject *at = PyLong_FromLong(PyFrame_GetLasti(frame));
+        found = at == NULL ? -1 : PySet_Contains(answer, at);
+        Py_XDECREF(at);
+    }
+    Py_DECREF(answer);
+    return found;
 }
 
 /* The call site, as identity.call_site finds it: the first frame whose file is not typedcoll's
- * own plumbing, whose code is not marked transparent and that is not a thin wrapper, and the
- * innermost thin wrapper passed on the way (``via``); where no such frame is above a thin
- * wrapper, that wrapper is the site and there is no via. New references to the site's code
- * object and to via's (or NULL), and the site's lasti. */
+ * own plumbing, whose code is not marked transparent and that is not passed over as a thin
+ * wrapper (passes_over), and the innermost thin wrapper passed on the way (``via``); where no
+ * such frame is above a thin wrapper, that wrapper is the site and there is no via. New
+ * references to the site's code object and to via's (or NULL), and the site's lasti. */
 static int user_site(PyCodeObject **code_out, int *lasti_out, PyCodeObject **via_out) {
     PyFrameObject *frame = PyEval_GetFrame(); /* borrowed */
     Py_XINCREF(frame);
@@ -305,7 +320,7 @@ static int user_site(PyCodeObject **code_out, int *lasti_out, PyCodeObject **via
         PyCodeObject *code = PyFrame_GetCode(frame);
         int skip = PySet_Contains(SKIP_FILES, code->co_filename);
         if (skip == 0 && check_codes) skip = PySet_Contains(SKIP_CODES, (PyObject *)code);
-        int forwards = skip == 0 ? is_forwarder(code) : 0;
+        int forwards = skip == 0 ? passes_over(frame, code) : 0;
         if (skip < 0 || forwards < 0) {
             Py_DECREF(code);
             Py_DECREF(frame);
@@ -1876,6 +1891,7 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     }
     /* What core/fast.py compares with core/wire.py and core/recorder.py before binding. */
     if (PyModule_AddIntConstant(m, "HEADER_SIZE", HEADER_SIZE) < 0 ||
+        PyModule_AddIntConstant(m, "FORWARDING_FORM", FORWARDING_FORM) < 0 ||
         PyModule_AddIntConstant(m, "CHECKED", CHECKED) < 0 ||
         PyModule_AddIntConstant(m, "AGREE_SIZE", AGREE_SIZE) < 0 ||
         PyModule_AddIntConstant(m, "MAGIC", MAGIC) < 0 ||

@@ -34,7 +34,7 @@ from ..codecs import nesting, resolve
 from ..codecs.nesting import MAX_NESTING
 from ..codecs.schema import _BY_ID, _CACHE
 from .call import Call
-from .identity import (SKIP_CODES, SKIP_FILES, is_forwarder, name_fingerprint, register_internal,
+from .identity import (SKIP_CODES, SKIP_FILES, forwarding, name_fingerprint, register_internal,
                        site_fingerprint)
 from . import array_slots, guesses, recorder, wire
 from .transport import TransportFailure
@@ -64,6 +64,7 @@ _CONSTANTS = {
     "GATHER": wire.GATHER,
     "MAX_NESTING": MAX_NESTING, "ENTRY_SIZE": recorder.ENTRY.size,
     "OBJECTS_PER_ENTRY": recorder.OBJECTS_PER_ENTRY,
+    "FORWARDING_FORM": 2,  # identity.forwarding answers True, False or pass-through offsets
 }
 
 
@@ -86,7 +87,7 @@ if _speedups is not None:
     from ..codecs import ENCODER
     nesting.use_native(_speedups.nesting_ok)
     _speedups.configure(_CACHE, _BY_ID, wire.OPS, ENCODER.encode, SKIP_FILES, SKIP_CODES,
-                        site_fingerprint, name_fingerprint, TAKE_PY, is_forwarder)
+                        site_fingerprint, name_fingerprint, TAKE_PY, forwarding)
 
 
 def bind(p: "Protocol") -> Optional[List[Any]]:

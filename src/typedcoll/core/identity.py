@@ -17,7 +17,11 @@ the wrapper's own line, so two wrappers reached from one shared line (a decorato
 over a dispatch table) stay two calls. A wrapper making two collectives on its line makes both
 or neither, in one order on every rank (unless one rank raises between them); one that lets a
 branch pick among its calls keeps its own sites, as does one calling on two lines (a function of
-several statements keeps its lines in messages). The cost is that one wrapper called from two
+several statements keeps its lines in messages). A decorator's frame is passed over at its
+pass-through call, ``func(*args, **kwargs)``, whatever it does around it (a log line under a
+flag, a timer, a ``with`` block): at that call it decides nothing (``thin.pass_through_calls``),
+and as the site it would make every collective of every function it decorates one call from
+one line. The cost is that one wrapper called from two
 lines is two calls, as a collective written on two lines is; a wrapper meant to be one call
 wherever it is called from gives its call a ``name=``.
 
@@ -40,10 +44,11 @@ import threading
 import types
 from itertools import islice
 from types import CodeType, FrameType
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple, TypeVar, Union
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Set, Tuple, TypeVar, \
+    Union
 
 from ..codecs.digest import digest8
-from .thin import forwards
+from .thin import forwards, pass_through_calls
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 Position = Tuple[int, int, int, int]  # line, end line, column, end column of an instruction
@@ -156,17 +161,24 @@ def _codes_of(target: Any) -> List[CodeType]:
     return codes
 
 
-_FORWARDERS = CodeTable()
+_FORWARDING = CodeTable()
+
+
+def forwarding(code: CodeType) -> Union[bool, FrozenSet[int]]:
+    """True where ``code`` is a thin wrapper (``core.thin``: it never loops or catches, makes
+    its calls on one line and makes all of them or none); else the offsets of its pass-through
+    calls where it is a decorator's frame that is thin at those calls alone (``func(*args,
+    **kwargs)``), or False. Read from its bytecode once per code object; the C path asks it
+    too."""
+    found: Union[None, bool, FrozenSet[int]] = _FORWARDING.get(code, 0)
+    if found is None:
+        found = _FORWARDING.put(code, 0, forwards(code) or pass_through_calls(code) or False)
+    return found
 
 
 def is_forwarder(code: CodeType) -> bool:
-    """Whether ``code`` is a thin wrapper (``core.thin``: it never loops or catches, makes its
-    calls on one line and makes all of them or none). Read from its bytecode once per code
-    object."""
-    found: Optional[bool] = _FORWARDERS.get(code, 0)
-    if found is None:
-        found = _FORWARDERS.put(code, 0, forwards(code))
-    return found
+    """Whether ``code`` is a thin wrapper (:func:`forwarding`)."""
+    return forwarding(code) is True
 
 
 def call_site(depth: int = 2) -> Tuple[Optional[FrameType], Optional[CodeType]]:
@@ -174,9 +186,10 @@ def call_site(depth: int = 2) -> Tuple[Optional[FrameType], Optional[CodeType]]:
     None where there is none).
 
     The site is the first frame outside typedcoll and transparent functions that is not a thin
-    wrapper; ``via`` the innermost thin wrapper passed on the way. Where every frame above a
-    thin wrapper is plumbing or another thin wrapper (a thread's target), that wrapper is the
-    site, as it was before thin wrappers were passed over.
+    wrapper nor a decorator's frame at its pass-through call (:func:`forwarding`); ``via`` the
+    innermost such frame passed on the way. Where every frame above a thin wrapper is plumbing
+    or another thin wrapper (a thread's target), that wrapper is the site, as it was before thin
+    wrappers were passed over.
     """
     frame: Optional[FrameType] = sys._getframe(depth)
     files, codes = SKIP_FILES, SKIP_CODES
@@ -184,7 +197,8 @@ def call_site(depth: int = 2) -> Tuple[Optional[FrameType], Optional[CodeType]]:
     while frame is not None:
         code = frame.f_code
         if not (code.co_filename in files or (codes and code in codes)):
-            if not is_forwarder(code):
+            thin = forwarding(code)
+            if thin is not True and not (thin and frame.f_lasti in thin):
                 return frame, (wrapper.f_code if wrapper is not None else None)
             if wrapper is None:
                 wrapper = frame

@@ -14,6 +14,13 @@ few) and collects the calls each path makes, a call being its source position: t
 may copy one call into both arms of a branch (``f(x=1 if a else 2)`` on 3.12), and the copies
 are one call of the source. Building the exception that a ``raise`` or an ``assert x, msg``
 raises is no call of the wrapper's.
+
+A decorator's frame (``def wrapper(*args, **kwargs)``) is thin at its pass-through call
+(:func:`pass_through_calls`): the call that hands on its own arguments unpacked,
+``func(*args, **kwargs)``, read as above but for those calls alone, and a ``with`` block
+allowed around them. Whatever else it does (a log line under a debug flag, a timer, a tracing
+range, ``torch.no_grad()``'s context) decides nothing about which collective runs beneath that
+call; any other call it makes (a collective on a line of its own) keeps its site there.
 """
 
 from __future__ import annotations
@@ -27,6 +34,9 @@ _NEWLOCALS = 0x02  # a function's code, not a module's or a class body's
 _MAX_PATHS = 256  # more paths than this: not thin (no wrapper has them)
 _ENDS = frozenset({"RETURN_VALUE", "RETURN_CONST", "RAISE_VARARGS", "RERAISE"})
 _REFUSED = ("FOR_ITER", "SEND", "YIELD", "SETUP_", "WITH")  # loops, generators, with blocks
+_STARRED = 0x04 | 0x08  # takes *args or **kwargs
+_CATCHES = ("CHECK_EXC_MATCH", "CHECK_EG_MATCH")  # an except clause with a type
+_NO_CALLS: FrozenSet[int] = frozenset()
 
 Position = Tuple[Optional[int], Optional[int], Optional[int], Optional[int]]
 
@@ -35,12 +45,8 @@ def forwards(code: CodeType) -> bool:
     """Whether ``code`` is a thin wrapper: a ``def`` or ``lambda`` (not a comprehension,
     generator, module or class body) that never loops or handles an exception, makes its calls
     on one line and makes all of them or none."""
-    handles: bytes = getattr(code, "co_exceptiontable", b"")  # a try or with block (3.11+)
-    if (code.co_name.startswith("<") and code.co_name != "<lambda>") or \
-            code.co_flags & _SUSPENDS or \
-            not code.co_flags & _NEWLOCALS or handles or \
-            any(isinstance(const, CodeType) for const in code.co_consts):
-        return False  # a nested function or (before 3.12) comprehension: its own loop
+    if getattr(code, "co_exceptiontable", b"") or not _a_plain_function(code):
+        return False  # a try or with block (3.11+)
     instructions = list(dis.get_instructions(code))
     if any(mark in ins.opname for ins in instructions for mark in _REFUSED):
         return False
@@ -55,6 +61,46 @@ def forwards(code: CodeType) -> bool:
         return False
     every: Set[Position] = set(calls.values())
     return all(not path or path == every for path in made)
+
+
+def pass_through_calls(code: CodeType) -> FrozenSet[int]:
+    """The offsets of the calls at which ``code``, a function taking ``*args`` or ``**kwargs``,
+    is a decorator's thin frame (the module's docstring), or none: it never loops or catches
+    (a ``with`` block is allowed), and its calls with unpacked arguments sit on one line and
+    are all made or none."""
+    if not code.co_flags & _STARRED or not _a_plain_function(code):
+        return _NO_CALLS
+    instructions = list(dis.get_instructions(code))
+    names = [ins.opname for ins in instructions]
+    if any(name in _CATCHES or name in ("FOR_ITER", "SEND") or "YIELD" in name or
+           name.startswith("SETUP_") for name in names):
+        return _NO_CALLS
+    # Handlers only of with blocks (before 3.11, any SETUP_ refused them all): no try.
+    if getattr(code, "co_exceptiontable", b"") and \
+            names.count("PUSH_EXC_INFO") != names.count("BEFORE_WITH"):
+        return _NO_CALLS
+    calls = _calls(instructions)
+    if calls is None:
+        return _NO_CALLS
+    unpacking = {ins.offset for ins in instructions if ins.opname == "CALL_FUNCTION_EX"}
+    starred = {offset: position for offset, position in calls.items() if offset in unpacking}
+    lines = {position[0] for position in starred.values()}
+    if len(lines) != 1 or None in lines:
+        return _NO_CALLS
+    made = _calls_per_path(instructions, starred)
+    every: Set[Position] = set(starred.values())
+    if made is None or not all(not path or path == every for path in made):
+        return _NO_CALLS
+    return frozenset(starred)
+
+
+def _a_plain_function(code: CodeType) -> bool:
+    """A ``def`` or ``lambda``: not a comprehension, generator, coroutine, module or class
+    body, and with no function of its own inside (before 3.12 a comprehension is one: a
+    loop)."""
+    return not ((code.co_name.startswith("<") and code.co_name != "<lambda>") or
+                code.co_flags & _SUSPENDS or not code.co_flags & _NEWLOCALS or
+                any(isinstance(const, CodeType) for const in code.co_consts))
 
 
 def _calls(instructions: List[dis.Instruction]) -> Optional[Dict[int, Position]]:
