@@ -900,6 +900,24 @@ def test_a_bad_value_names_its_site_and_what_was_expected():
                        f"contribution at {FILE}:{site}: expected RankState, got dict")
 
 
+def bad_root_on_one_rank(comm: tc.TypedComm) -> Any:
+    # The root names its payload's schema, the receivers none, rank 1 a root that is no rank.
+    return comm.bcast(7 if comm.rank == 0 else None, root=5 if comm.rank == 1 else 0)
+
+
+def test_a_failed_rank_is_described_alike_on_every_rank():
+    # Each rank used to describe rank 1's call by its own call: "bcast[int]" on the root,
+    # "bcast" on the receivers. It is rank 1's call: every peer's text is the same.
+    site = line_of(bad_root_on_one_rank, "return comm.bcast")
+    e0, e1, e2 = errors_of(3, bad_root_on_one_rank)
+    expected = (f"collective #0 on WORLD: rank 1 failed its bcast contribution at "
+                f"{FILE}:{site}: expected root in 0..2, got 5")
+    assert type(e0) is type(e2) is tc.PeerError and str(e0) == str(e2) == expected
+    assert type(e1) is tc.EncodeError and str(e1) == (
+        f"collective #0 on WORLD: rank 1 could not send its bcast contribution at "
+        f"{FILE}:{site}: expected root in 0..2, got 5")
+
+
 def unencodable(comm: tc.TypedComm) -> Any:
     return comm.allgather(object() if comm.rank == 0 else 1, schema=int)
 

@@ -190,12 +190,15 @@ def failure(p: "Protocol", call: Call, failed: Sequence[int],
         p.channel.broken = err
         return err
     site = infos[first].site
+    # The failed rank's call as it described it, so that every rank's text is the same (a bcast
+    # receiver names no schema, its root does).
     if p.rank in failed:
         return EncodeError(f"{where(p, call)}: rank {p.rank} could not send "
-                           f"its {what(call)} contribution at {infos[p.rank].site}: "
-                           f"{texts[p.rank]}", seq=call.seq, comm=p.name)
+                           f"its {label(call.op, infos[p.rank].schema)} contribution at "
+                           f"{infos[p.rank].site}: {texts[p.rank]}", seq=call.seq, comm=p.name)
     more = "" if len(failed) == 1 else f" (and {compact_ranks(failed[1:])})"
-    return PeerError(f"{where(p, call)}: rank {first}{more} failed its {what(call)} "
+    return PeerError(f"{where(p, call)}: rank {first}{more} failed its "
+                     f"{label(call.op, infos[first].schema)} "
                      f"contribution at {site}: {texts[first]}", seq=call.seq, comm=p.name,
                      ranks=failed, error_type=kinds[first], detail=texts[first])
 
