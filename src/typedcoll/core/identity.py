@@ -21,9 +21,9 @@ several statements keeps its lines in messages). A decorator's frame is passed o
 pass-through call, ``func(*args, **kwargs)``, whatever it does around it (a log line under a
 flag, a timer, a ``with`` block): at that call it decides nothing (``thin.pass_through_calls``),
 and as the site it would make every collective of every function it decorates one call from
-one line. The cost is that one wrapper called from two
-lines is two calls, as a collective written on two lines is; a wrapper meant to be one call
-wherever it is called from gives its call a ``name=``.
+one line. The cost is that one wrapper called from two lines is two calls, as a collective
+written on two lines is; a wrapper meant to be one call wherever it is called from gives its
+call a ``name=``.
 
 Sites are ``file.py:LINE``, the file named without the directories it was loaded from, so the
 same program launched from different paths (or installed under different prefixes) agrees: a

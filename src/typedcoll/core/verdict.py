@@ -194,11 +194,11 @@ def failure(p: "Protocol", call: Call, failed: Sequence[int],
     # receiver names no schema, its root does).
     if p.rank in failed:
         return EncodeError(f"{where(p, call)}: rank {p.rank} could not send "
-                           f"its {label(call.op, infos[p.rank].schema)} contribution at "
+                           f"its {label(infos[p.rank].op, infos[p.rank].schema)} contribution at "
                            f"{infos[p.rank].site}: {texts[p.rank]}", seq=call.seq, comm=p.name)
     more = "" if len(failed) == 1 else f" (and {compact_ranks(failed[1:])})"
     return PeerError(f"{where(p, call)}: rank {first}{more} failed its "
-                     f"{label(call.op, infos[first].schema)} "
+                     f"{label(infos[first].op, infos[first].schema)} "
                      f"contribution at {site}: {texts[first]}", seq=call.seq, comm=p.name,
                      ranks=failed, error_type=kinds[first], detail=texts[first])
 
