@@ -918,6 +918,26 @@ def test_a_failed_rank_is_described_alike_on_every_rank():
         f"{FILE}:{site}: expected root in 0..2, got 5")
 
 
+def scatter_of_two_types(comm: tc.TypedComm) -> Any:
+    plans = [None, RankState(1), None, RankState(3)][:comm.size]
+    return comm.scatter(plans if comm.rank == 0 else None, root=0)
+
+
+def test_a_scatter_of_values_of_two_types_without_a_schema_says_why():
+    # The schema of a root that names none is its value 0's type: say so, and what to pass.
+    site = line_of(scatter_of_two_types, "return comm.scatter")
+    errors = errors_of(2, scatter_of_two_types)
+    assert type(errors[0]) is tc.EncodeError and type(errors[1]) is tc.PeerError
+    assert str(errors[1]) == (
+        f"collective #0 on WORLD: rank 0 failed its scatter[None] contribution at "
+        f"{FILE}:{site}: value 1: Expected `null`, got `object` (no schema= was given, so every "
+        f"value must be of value 0's type, NoneType, and value 1 is a RankState: pass a schema= "
+        f"that admits both, Optional[...] where some are None)")
+    assert run(2, lambda comm: comm.scatter(
+        [None, RankState(1)] if comm.rank == 0 else None, root=0,
+        schema=Optional[RankState])) == [None, RankState(1)]
+
+
 def unencodable(comm: tc.TypedComm) -> Any:
     return comm.allgather(object() if comm.rank == 0 else 1, schema=int)
 

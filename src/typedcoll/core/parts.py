@@ -67,7 +67,7 @@ def scatter(p: Protocol, values: Any, root: Any, schema: Any, step: Any, name: A
             info, schema_error = schema_of(values[0], schema)
             error = error or schema_error
             if error is None and info is not None:
-                parts, error = _encode_parts(p, info, values, "scatter")
+                parts, error = _encode_parts(p, info, values, "scatter", schema is None)
     elif not wild:
         info, schema_error = schema_of(None, schema)
         error = error or schema_error
@@ -122,9 +122,10 @@ def unpack(p: Protocol, call: Call, packed: Any, source: int) -> List[Any]:
     raise verdict.decode_failure(p, call, source, ValueError(problem))
 
 
-def _encode_parts(p: Protocol, info: SchemaInfo, values: Sequence[Any],
-                  op: str) -> Tuple[Optional[List[bytes]], Optional[str]]:
-    """Each value encoded (and checked against the schema) on this rank: (parts, error)."""
+def _encode_parts(p: Protocol, info: SchemaInfo, values: Sequence[Any], op: str,
+                  inferred: bool) -> Tuple[Optional[List[bytes]], Optional[str]]:
+    """Each value encoded (and checked against the schema) on this rank: (parts, error).
+    ``inferred``: no ``schema=`` was given, the schema is value 0's type."""
     parts = []
     probe = Call(op, REDUCE, info, MODE_MSG, None, validate=True)  # one record for every part
     # A value whose type is exactly a plain schema's decodes as it by construction: only other
@@ -137,6 +138,10 @@ def _encode_parts(p: Protocol, info: SchemaInfo, values: Sequence[Any],
         error = mode_error or error
         if error is not None:
             kind, _, detail = error.partition(": ")
+            if inferred and type(v) is not type(values[0]):
+                detail += (f" (no schema= was given, so every value must be of value 0's type, "
+                           f"{type(values[0]).__name__}, and value {i} is a {type(v).__name__}: "
+                           f"pass a schema= that admits both, Optional[...] where some are None)")
             return None, f"{kind}: value {i}: {detail}"
         parts.append(payload)
     return parts, None
@@ -192,7 +197,7 @@ def _exchange_parts(p: Protocol, op: str, values: Any, schema: Any, step: Any, n
             array_fp, shape_error = _column_shapes(values)
             error = error or shape_error
         if error is None and info is not None:
-            parts, error = _encode_parts(p, info, values, op)
+            parts, error = _encode_parts(p, info, values, op, schema is None)
     packed = pack(parts, p.policy.max_slot) if direct and parts else None
     call = Call(op, GATHER if direct else REDUCE, info, MODE_EMPTY if packed is None else
                 MODE_BYTES, packed, step=step, name=name, error=error, reduce_op=reduce_op,
