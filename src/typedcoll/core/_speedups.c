@@ -307,12 +307,14 @@ static int passes_over(PyFrameObject *frame, PyCodeObject *code) {
 /* The call site, as identity.call_site finds it: the first frame whose file is not typedcoll's
  * own plumbing, whose code is not marked transparent and that is not passed over as a thin
  * wrapper (passes_over), and the innermost thin wrapper passed on the way (``via``); where no
- * such frame is above a thin wrapper, that wrapper is the site and there is no via. New
+ * such frame is above, the outermost thin wrapper is the site (a thread's target, a test's
+ * program), with the innermost as via where they differ. New
  * references to the site's code object and to via's (or NULL), and the site's lasti. */
 static int user_site(PyCodeObject **code_out, int *lasti_out, PyCodeObject **via_out) {
     PyFrameObject *frame = PyEval_GetFrame(); /* borrowed */
     Py_XINCREF(frame);
     PyFrameObject *wrapper = NULL; /* the innermost thin wrapper */
+    PyFrameObject *outer = NULL;   /* the outermost: the site where no frame above is one */
     int check_codes = PySet_GET_SIZE(SKIP_CODES) > 0;
     *code_out = *via_out = NULL;
     *lasti_out = 0;
@@ -325,6 +327,7 @@ static int user_site(PyCodeObject **code_out, int *lasti_out, PyCodeObject **via
             Py_DECREF(code);
             Py_DECREF(frame);
             Py_XDECREF(wrapper);
+            Py_XDECREF(outer);
             return -1;
         }
         if (!skip && !forwards) {
@@ -335,19 +338,25 @@ static int user_site(PyCodeObject **code_out, int *lasti_out, PyCodeObject **via
                 *via_out = PyFrame_GetCode(wrapper);
                 Py_DECREF(wrapper);
             }
+            Py_XDECREF(outer);
             return 0;
         }
         Py_DECREF(code);
-        if (forwards && wrapper == NULL) wrapper = (PyFrameObject *)Py_NewRef(frame);
+        if (forwards) {
+            if (wrapper == NULL) wrapper = (PyFrameObject *)Py_NewRef(frame);
+            Py_XSETREF(outer, (PyFrameObject *)Py_NewRef(frame));
+        }
         PyFrameObject *back = PyFrame_GetBack(frame);
         Py_DECREF(frame);
         frame = back;
     }
-    if (wrapper != NULL) {
-        *code_out = PyFrame_GetCode(wrapper);
-        *lasti_out = PyFrame_GetLasti(wrapper);
-        Py_DECREF(wrapper);
+    if (outer != NULL) {
+        *code_out = PyFrame_GetCode(outer);
+        *lasti_out = PyFrame_GetLasti(outer);
+        if (wrapper != outer) *via_out = PyFrame_GetCode(wrapper);
+        Py_DECREF(outer);
     }
+    Py_XDECREF(wrapper);
     return 0;
 }
 

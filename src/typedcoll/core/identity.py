@@ -17,13 +17,13 @@ the wrapper's own line, so two wrappers reached from one shared line (a decorato
 over a dispatch table) stay two calls. A wrapper making two collectives on its line makes both
 or neither, in one order on every rank (unless one rank raises between them); one that lets a
 branch pick among its calls keeps its own sites, as does one calling on two lines (a function of
-several statements keeps its lines in messages). A decorator's frame is passed over at its
-pass-through call, ``func(*args, **kwargs)``, whatever it does around it (a log line under a
-flag, a timer, a ``with`` block): at that call it decides nothing (``thin.pass_through_calls``),
-and as the site it would make every collective of every function it decorates one call from
-one line. The cost is that one wrapper called from two lines is two calls, as a collective
-written on two lines is; a wrapper meant to be one call wherever it is called from gives its
-call a ``name=``.
+several statements keeps its lines in messages). Any function is passed over at its pass-through
+call, the one that hands on its arguments (a decorator's ``func(*args, **kwargs)``) or whose result
+it returns, whatever it does around it (a log line, a timer, a ``with`` block, a ``try``): at that
+call it decides nothing (``thin.pass_through_calls``), and as the site it would make every call
+through it one call from one line. The cost is that one wrapper called from two lines is two calls,
+as a collective written on two lines is; a wrapper meant to be one call wherever it is called from
+gives its call a ``name=``.
 
 Sites are ``file.py:LINE``, the file named without the directories it was loaded from, so the
 same program launched from different paths (or installed under different prefixes) agrees: a
@@ -187,13 +187,14 @@ def call_site(depth: int = 2) -> Tuple[Optional[FrameType], Optional[CodeType]]:
 
     The site is the first frame outside typedcoll and transparent functions that is not a thin
     wrapper nor a decorator's frame at its pass-through call (:func:`forwarding`); ``via`` the
-    innermost such frame passed on the way. Where every frame above a thin wrapper is plumbing
-    or another thin wrapper (a thread's target), that wrapper is the site, as it was before thin
-    wrappers were passed over.
+    innermost such frame passed on the way. Where every frame above is plumbing or passed over
+    (a thread's target, a test's program), the outermost of them is the site, with the innermost
+    as ``via`` where they differ.
     """
     frame: Optional[FrameType] = sys._getframe(depth)
     files, codes = SKIP_FILES, SKIP_CODES
     wrapper: Optional[FrameType] = None
+    outer: Optional[FrameType] = None
     while frame is not None:
         code = frame.f_code
         if not (code.co_filename in files or (codes and code in codes)):
@@ -202,8 +203,9 @@ def call_site(depth: int = 2) -> Tuple[Optional[FrameType], Optional[CodeType]]:
                 return frame, (wrapper.f_code if wrapper is not None else None)
             if wrapper is None:
                 wrapper = frame
+            outer = frame
         frame = frame.f_back
-    return wrapper, None
+    return outer, (wrapper.f_code if wrapper is not None and wrapper is not outer else None)
 
 
 def user_frame(depth: int = 2) -> Optional[FrameType]:

@@ -15,10 +15,11 @@ may copy one call into both arms of a branch (``f(x=1 if a else 2)`` on 3.12), a
 are one call of the source. Building the exception that a ``raise`` or an ``assert x, msg``
 raises is no call of the wrapper's.
 
-A decorator's frame (``def wrapper(*args, **kwargs)``) is thin at its pass-through call
-(:func:`pass_through_calls`): the call that hands on its own arguments unpacked,
-``func(*args, **kwargs)``, read as above but for those calls alone, and a ``with`` block
-allowed around them. Whatever else it does (a log line under a debug flag, a timer, a tracing
+A function that does more is thin at its pass-through call (:func:`pass_through_calls`): the
+call that hands on its own arguments unpacked (a decorator's ``func(*args, **kwargs)``) or
+whose result it returns (``return self.comm.allgather(obj)`` after a log line), read as above
+but for those calls alone, with a ``with`` block or a ``try`` allowed around them. Whatever
+else it does (a log line under a debug flag, a timer, a guard that returns first, a tracing
 range, ``torch.no_grad()``'s context) decides nothing about which collective runs beneath that
 call; any other call it makes (a collective on a line of its own) keeps its site there.
 """
@@ -26,6 +27,7 @@ call; any other call it makes (a collective on a line of its own) keeps its site
 from __future__ import annotations
 
 import dis
+from collections import Counter
 from types import CodeType
 from typing import Dict, FrozenSet, List, Optional, Set, Tuple
 
@@ -35,7 +37,6 @@ _MAX_PATHS = 256  # more paths than this: not thin (no wrapper has them)
 _ENDS = frozenset({"RETURN_VALUE", "RETURN_CONST", "RAISE_VARARGS", "RERAISE"})
 _REFUSED = ("FOR_ITER", "SEND", "YIELD", "SETUP_", "WITH")  # loops, generators, with blocks
 _STARRED = 0x04 | 0x08  # takes *args or **kwargs
-_CATCHES = ("CHECK_EXC_MATCH", "CHECK_EG_MATCH")  # an except clause with a type
 _NO_CALLS: FrozenSet[int] = frozenset()
 
 Position = Tuple[Optional[int], Optional[int], Optional[int], Optional[int]]
@@ -64,34 +65,60 @@ def forwards(code: CodeType) -> bool:
 
 
 def pass_through_calls(code: CodeType) -> FrozenSet[int]:
-    """The offsets of the calls at which ``code``, a function taking ``*args`` or ``**kwargs``,
-    is a decorator's thin frame (the module's docstring), or none: it never loops or catches
-    (a ``with`` block is allowed), and its calls with unpacked arguments sit on one line and
-    are all made or none."""
-    if not code.co_flags & _STARRED or not _a_plain_function(code):
+    """The offsets of the calls at which ``code`` is thin though it does more than make them
+    (the module's docstring), or none. Its pass-through calls are those that hand on its own
+    arguments unpacked (``func(*args, **kwargs)``) and those whose result it returns
+    (``return self.comm.allgather(obj)`` after a log line; ``out = func(...)``, a timer,
+    ``return out``). It never loops, and those calls sit on one line and are all made or none
+    on every path that does not raise, a path that makes none making only calls every path
+    makes; a ``with`` block or a ``try`` may hold them (every rank raises alike out of a
+    collective, so no rank alone takes a handler around one)."""
+    if not _a_plain_function(code):
         return _NO_CALLS
     instructions = list(dis.get_instructions(code))
-    names = [ins.opname for ins in instructions]
-    if any(name in _CATCHES or name in ("FOR_ITER", "SEND") or "YIELD" in name or
-           name.startswith("SETUP_") for name in names):
-        return _NO_CALLS
-    # Handlers only of with blocks (before 3.11, any SETUP_ refused them all): no try.
-    if getattr(code, "co_exceptiontable", b"") and \
-            names.count("PUSH_EXC_INFO") != names.count("BEFORE_WITH"):
-        return _NO_CALLS
+    if any(ins.opname in ("FOR_ITER", "SEND") or "YIELD" in ins.opname or
+           ins.opname.startswith("SETUP_") for ins in instructions):
+        return _NO_CALLS  # a loop, a generator; before 3.11 any try or with block
     calls = _calls(instructions)
     if calls is None:
         return _NO_CALLS
-    unpacking = {ins.offset for ins in instructions if ins.opname == "CALL_FUNCTION_EX"}
-    starred = {offset: position for offset, position in calls.items() if offset in unpacking}
-    lines = {position[0] for position in starred.values()}
+    chosen = _returned(instructions, calls)
+    if code.co_flags & _STARRED:
+        chosen |= {ins.offset for ins in instructions if ins.opname == "CALL_FUNCTION_EX"}
+    passing = {offset: position for offset, position in calls.items() if offset in chosen}
+    lines = {position[0] for position in passing.values()}
     if len(lines) != 1 or None in lines:
         return _NO_CALLS
-    made = _calls_per_path(instructions, starred)
-    every: Set[Position] = set(starred.values())
-    if made is None or not all(not path or path == every for path in made):
+    made = _calls_per_path(instructions, calls)
+    if made is None:
         return _NO_CALLS
-    return frozenset(starred)
+    every: Set[Position] = set(passing.values())
+    # A path that makes none of them makes no call of its own either, only calls every path
+    # makes (a guard's test): else its call may be the collective in their place, and
+    # receivers that call in one arm would not pair with a root whose call is its caller's.
+    common = frozenset.intersection(*made) if made else frozenset()
+    if not all(path >= every or (not path & every and path <= common) for path in made):
+        return _NO_CALLS
+    # A frame inside a call reports the offset of the call or, where the call has inline
+    # caches (3.11+), of its last cache entry: every code unit up to the next instruction.
+    after = {ins.offset: nxt.offset for ins, nxt in zip(instructions, instructions[1:])}
+    return frozenset(unit for offset in passing
+                     for unit in range(offset, after.get(offset, offset + 2), 2))
+
+
+def _returned(instructions: List[dis.Instruction], calls: Dict[int, Position]) -> Set[int]:
+    """The calls whose result the function returns: returned at once, or stored in a local
+    that nothing else stores and that is returned."""
+    stores = Counter(ins.argval for ins in instructions if ins.opname == "STORE_FAST")
+    returned_locals = {ins.argval for ins, after in zip(instructions, instructions[1:])
+                       if ins.opname.startswith("LOAD_FAST") and after.opname == "RETURN_VALUE"}
+    out: Set[int] = set()
+    for ins, after in zip(instructions, instructions[1:]):
+        if ins.offset in calls and (after.opname == "RETURN_VALUE" or (
+                after.opname == "STORE_FAST" and stores[after.argval] == 1 and
+                after.argval in returned_locals)):
+            out.add(ins.offset)
+    return out
 
 
 def _a_plain_function(code: CodeType) -> bool:
