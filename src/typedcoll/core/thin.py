@@ -70,9 +70,10 @@ def pass_through_calls(code: CodeType) -> FrozenSet[int]:
     arguments unpacked (``func(*args, **kwargs)``) and those whose result it returns
     (``return self.comm.allgather(obj)`` after a log line; ``out = func(...)``, a timer,
     ``return out``). It never loops, and those calls sit on one line and are all made or none
-    on every path that does not raise, a path that makes none making only calls every path
-    makes; a ``with`` block or a ``try`` may hold them (every rank raises alike out of a
-    collective, so no rank alone takes a handler around one)."""
+    on every path, a path that makes none making only calls every path makes; a ``with``
+    block or a ``try`` may hold them (every rank raises alike out of a collective, so no rank
+    alone takes a handler around one). Read once per code object: the walk over its paths
+    stops at 256 of them (a long function with many branches is then no pass-through)."""
     if not _a_plain_function(code):
         return _NO_CALLS
     instructions = list(dis.get_instructions(code))
