@@ -267,8 +267,8 @@ static PyObject *configure(PyObject *mod, PyObject *args) {
 
 /* --- call identity --- */
 /* What identity.forwarding says of a code object (a new reference; NULL on error): True for a
- * thin wrapper, a frozenset of the offsets of its pass-through calls for a decorator's frame
- * thin at those calls, else False. A direct-mapped table keyed by the code's address, holding its
+ * thin wrapper, a frozenset of the offsets of its pass-through calls for a function thin at
+ * those calls alone, else False. A direct-mapped table keyed by the code's address, holding its
  * code objects, in front of the Python classifier, which reads the bytecode once. */
 #define FORWARDER_SLOTS 256
 static struct {
@@ -308,8 +308,8 @@ static int passes_over(PyFrameObject *frame, PyCodeObject *code) {
  * own plumbing, whose code is not marked transparent and that is not passed over as a thin
  * wrapper (passes_over), and the innermost thin wrapper passed on the way (``via``); where no
  * such frame is above, the outermost thin wrapper is the site (a thread's target, a test's
- * program), with the innermost as via where they differ. New
- * references to the site's code object and to via's (or NULL), and the site's lasti. */
+ * program), with the innermost as via where they differ. New references to the site's code
+ * object and to via's (or NULL), and the site's lasti. */
 static int user_site(PyCodeObject **code_out, int *lasti_out, PyCodeObject **via_out) {
     PyFrameObject *frame = PyEval_GetFrame(); /* borrowed */
     Py_XINCREF(frame);

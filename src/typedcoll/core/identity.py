@@ -167,9 +167,9 @@ _FORWARDING = CodeTable()
 def forwarding(code: CodeType) -> Union[bool, FrozenSet[int]]:
     """True where ``code`` is a thin wrapper (``core.thin``: it never loops or catches, makes
     its calls on one line and makes all of them or none); else the offsets of its pass-through
-    calls where it is a decorator's frame that is thin at those calls alone (``func(*args,
-    **kwargs)``), or False. Read from its bytecode once per code object; the C path asks it
-    too."""
+    calls (``thin.pass_through_calls``: the call it returns or that hands on its ``*args,
+    **kwargs``), where it is thin at those calls alone, or False. Read from its bytecode once
+    per code object; the C path asks it too."""
     found: Union[None, bool, FrozenSet[int]] = _FORWARDING.get(code, 0)
     if found is None:
         found = _FORWARDING.put(code, 0, forwards(code) or pass_through_calls(code) or False)
@@ -186,7 +186,7 @@ def call_site(depth: int = 2) -> Tuple[Optional[FrameType], Optional[CodeType]]:
     None where there is none).
 
     The site is the first frame outside typedcoll and transparent functions that is not a thin
-    wrapper nor a decorator's frame at its pass-through call (:func:`forwarding`); ``via`` the
+    wrapper nor a function at its pass-through call (:func:`forwarding`); ``via`` the
     innermost such frame passed on the way. Where every frame above is plumbing or passed over
     (a thread's target, a test's program), the outermost of them is the site, with the innermost
     as ``via`` where they differ.
