@@ -809,10 +809,8 @@ def test_a_skipped_vote_through_a_wrapper_that_does_more_raises(shape):
     # Before, the decorator's frame (or the wrapper, for a log line or a try) was the site of
     # every call through it: the last rank's timeout vote took its peers' batch-size votes
     # without an error.
-    with open(__file__) as fh:
-        source = fh.read().splitlines()
-    skipped, timeout = (next(i for i, text in enumerate(source, 1) if marker in text)
-                        for marker in ("# SKIPPED-BY-LAST", "# TIMEOUT-VOTE"))
+    skipped = line_of(vote_through_wrappers, "# SKIPPED-BY-LAST")
+    timeout = line_of(vote_through_wrappers, "# TIMEOUT-VOTE")
     for e in errors_of(3, vote_through_wrappers, shape, timeout=10):
         assert type(e) is tc.DesyncError and e.kinds == (tc.MismatchKind.CALL,), e
         lines = str(e).splitlines()
