@@ -134,6 +134,25 @@ def tensor_program(api: Any, rank: int, size: int, rng: random.Random) -> list:
         api.reduce_scatter_tensor(mine, torch.arange(2.0 * size, dtype=torch.float64)
                                   * (rank + j))
         out += [[p.tolist() for p in parts], flat.tolist(), wide.tolist(), mine.tolist()]
+        # All-to-all: equal blocks (a vote's size, and past what rides in the exchange), rows
+        # per rank that differ by rank, a list per rank, and a reduce-scatter of a list.
+        for width in (1, 40):
+            blocks = torch.arange(size * width, dtype=torch.int64) + 1000 * rank + j
+            swapped = torch.zeros(size * width, dtype=torch.int64)
+            api.all_to_all_single(swapped, blocks)
+            out.append(swapped.tolist())
+        sends = [(rank + k + i) % 3 for k in range(size)]
+        receives = [(k + rank + i) % 3 for k in range(size)]
+        rows = torch.arange(sum(sends) * 2, dtype=torch.float32).reshape(-1, 2) + 10 * rank + j
+        into = torch.zeros(sum(receives), 2)
+        api.all_to_all_single(into, rows, receives, sends)
+        lists = [torch.zeros(2, dtype=torch.int32) for _ in range(size)]
+        api.all_to_all(lists, [torch.full((2,), 10 * rank + k + j, dtype=torch.int32)
+                               for k in range(size)])
+        share = torch.zeros(3)
+        api.reduce_scatter(share, [torch.full((3,), float(rank * k + j)) for k in range(size)],
+                           op=ReduceOp.MAX)
+        out += [into.tolist(), [t.tolist() for t in lists], share.tolist()]
     for i in range(2):
         root = (i + 1) % size
         acc = torch.tensor([rank * 3 + i, rng.randrange(100) - rank], dtype=torch.int64)
@@ -226,12 +245,29 @@ def tensor_failures(drop_in: Any, rank: int, size: int) -> list:
             drop_in.recv(again, src=0)
             if again.tolist() != [5, 6]:
                 failures.append(f"recv after the mismatch: got {again.tolist()}")
+    # All-to-all counts that disagree between ranks (the last expects 2 rows from rank 0 and
+    # none from itself) raise alike on every rank, before any row moves; counts that do not
+    # add up to a rank's own rows are that rank's error.
+    receives = [2] + [1] * (size - 2) + [0] if rank == size - 1 else [1] * size
     try:
-        drop_in.all_to_all_single
-        failures.append("all_to_all_single: no AttributeError")
+        drop_in.all_to_all_single(torch.zeros(size), torch.zeros(size), receives, [1] * size)
+        failures.append("all_to_all_single counts that disagree: nothing raised")
+    except tc.DesyncError as exc:
+        want = (f"rank 0 sends 1 row to rank {size - 1}, which expects 2 from it; rank "
+                f"{size - 1} sends 1 row to rank {size - 1}, which expects 0 from it")
+        if want not in str(exc) or exc.kinds != (tc.MismatchKind.SHAPE,) or \
+                "test_compat_torch.py" not in str(exc):
+            failures.append(f"all_to_all_single counts that disagree: {exc}")
+    expect((tc.EncodeError, tc.PeerError), "all_to_all_single split sizes past the rows",
+           lambda: drop_in.all_to_all_single(torch.zeros(size), torch.zeros(size), [1] * size,
+                                             [2] * size if rank == size - 1 else [1] * size))
+    try:
+        drop_in.batch_isend_irecv
+        failures.append("batch_isend_irecv: no AttributeError")
     except AttributeError as exc:
-        if "compat.torch has no 'all_to_all_single'" not in str(exc) or "reduce" not in str(exc):
-            failures.append(f"all_to_all_single: {exc}")
+        if "compat.torch has no 'batch_isend_irecv'" not in str(exc) or \
+                "all_to_all_single" not in str(exc):
+            failures.append(f"batch_isend_irecv: {exc}")
     # dist.group.WORLD is the default group this drop-in was made for.
     world = torch.tensor([rank])
     handle = drop_in.all_reduce(world, group=dist.group.WORLD, async_op=True)

@@ -63,6 +63,10 @@ def _raw(op: str, t: Any, group: Any) -> Any:
     if op == "broadcast":
         dist.broadcast(t, src=0, group=group)
         return t
+    if op == "all_to_all":
+        out = torch.empty_like(t)
+        dist.all_to_all_single(out, t, group=group)
+        return out
     out = t.new_empty((t.shape[0] // dist.get_world_size(group),) + t.shape[1:])
     reduce_scatter_single(out, t, op=dist.ReduceOp.SUM, group=group)
     return out
@@ -75,12 +79,15 @@ def _typed(comm: Any, op: str, t: Any, step: int) -> Any:
         return comm.all_reduce_tensor(t, "max", name="g", step=step)
     if op == "broadcast":
         return comm.broadcast_tensor(t, 0, name="w", step=step)
+    if op == "all_to_all":
+        return comm.all_to_all_tensor(t, name="a", step=step)
     return comm.reduce_scatter_tensor(t, "sum", name="r", step=step)
 
 
 @pytest.mark.parametrize("mode", ["deferred", "eager"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64])
-@pytest.mark.parametrize("op", ["all_gather", "all_reduce", "broadcast", "reduce_scatter"])
+@pytest.mark.parametrize("op", ["all_gather", "all_reduce", "broadcast", "reduce_scatter",
+                                "all_to_all"])
 def test_matches_plain_nccl_and_cpu_path(groups, op, dtype, mode):
     nccl, gloo = groups
     with tc.TypedComm.from_torch(nccl, timeout=60, tensor_check=mode) as gpu, \
@@ -271,6 +278,13 @@ def test_the_torch_drop_in_runs_tensor_calls_on_nccl(groups):
         api.scatter(scattered, [got], src=0)
         assert torch.equal(reduced, want) and torch.equal(gathered[0], want)
         assert torch.equal(scattered, want)
+        swapped, rows, lists = torch.full_like(got, float("nan")), \
+            torch.full_like(got, float("nan")), [torch.full_like(got, float("nan"))]
+        api.all_to_all_single(swapped, got)
+        api.all_to_all_single(rows, got, [5], [5])
+        api.all_to_all(lists, [got])
+        assert torch.equal(swapped, want) and torch.equal(rows, want)
+        assert torch.equal(lists[0], want)
     api.typed.synchronize()
     assert not api.typed._p.extensions["tensor"].pending
     api.free()

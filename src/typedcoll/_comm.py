@@ -330,6 +330,13 @@ class TypedComm:
         from .tensor import ops as tensor_ops
         return tensor_ops.reduce_scatter_tensor(self._p, tensor, op, name, step)
 
+    def all_to_all_tensor(self, tensor: Any, *, name: Optional[str] = None,
+                          step: Optional[int] = None) -> Any:
+        """Checked all-to-all of ``tensor`` (torch backend): block j of dim 0 (``size`` equal
+        blocks) goes to rank j; returns a new tensor whose block j is rank j's for this rank."""
+        from .tensor import ops as tensor_ops
+        return tensor_ops.all_to_all_tensor(self._p, tensor, name, step)
+
     def reduce_tensor(self, tensor: Any, op: str = "sum", root: int = 0, *,
                       name: Optional[str] = None, step: Optional[int] = None) -> Any:
         """Checked reduce of ``tensor`` into ``root``'s, in place (torch backend)."""

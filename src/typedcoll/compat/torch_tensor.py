@@ -130,6 +130,73 @@ class TensorCalls(GroupBinding):
         output.copy_(out.reshape(output.shape))
         return done(async_op, output)
 
+    def reduce_scatter(self, output: Any, input_list: List[Any], op: Any = None,
+                       group: Any = None, async_op: bool = False,
+                       *, name: Optional[str] = None, step: Optional[int] = None) -> Any:
+        """``output`` = every rank's ``input_list[rank]`` reduced across the group (one tensor
+        per rank, each of ``output``'s shape and dtype)."""
+        from ..tensor import ops as tensor_ops
+        p = self._p
+        error = self._check_group("reduce_scatter", group) or _output_tensors(
+            "input_list", input_list, output, p.size)
+        stacked = _stacked(input_list, output, p.size, error)
+        out = tensor_ops.reduce_scatter_tensor(p, stacked, _op_name(op), name, step,
+                                               error=error)
+        output.copy_(out.reshape(output.shape))
+        return done(async_op, output)
+
+    def all_to_all_single(self, output: Any, input: Any,
+                          output_split_sizes: Optional[List[int]] = None,
+                          input_split_sizes: Optional[List[int]] = None, group: Any = None,
+                          async_op: bool = False,
+                          *, name: Optional[str] = None, step: Optional[int] = None) -> Any:
+        """Rows of ``input`` (dim 0) to each rank, ``input_split_sizes[j]`` to rank j, and into
+        ``output`` rank j's rows for this rank, ``output_split_sizes[j]`` of them, in rank
+        order; without split sizes, ``size`` equal blocks each way. With split sizes every
+        rank must pass both (the counts are checked against each other's on every rank first:
+        one more checked call)."""
+        from ..tensor import ops as tensor_ops
+        p = self._p
+        error = self._check_group("all_to_all_single", group)
+        if output_split_sizes is None and input_split_sizes is None:
+            error = error or _output_tensor("output", output, input, 1, 1)
+            out = tensor_ops.all_to_all_tensor(p, input, name, step, error=error)
+            output.copy_(out.reshape(output.shape))
+        else:
+            if error is None and (output_split_sizes is None or input_split_sizes is None):
+                error = ("ValueError: expected both output_split_sizes and input_split_sizes "
+                         "(or neither), got one")
+            tensor_ops.all_to_all_rows(p, output, input, output_split_sizes,
+                                       input_split_sizes, name, step, error=error)
+        return done(async_op, output)
+
+    def all_to_all(self, output_tensor_list: List[Any], input_tensor_list: List[Any],
+                   group: Any = None, async_op: bool = False,
+                   *, name: Optional[str] = None, step: Optional[int] = None) -> Any:
+        """``input_tensor_list[j]`` to rank j, and into ``output_tensor_list[j]`` rank j's
+        tensor for this rank (one tensor per rank each way, of one dtype; sizes may differ by
+        rank, as their elements move in order)."""
+        import torch
+
+        from ..tensor import ops as tensor_ops
+        p = self._p
+        error = self._check_group("all_to_all", group) or \
+            _tensor_lists(output_tensor_list, input_tensor_list, p.size)
+        if error is not None:
+            flat = out = torch.zeros(0)
+            sends = receives = [0] * p.size
+        else:
+            flat = torch.cat([t.detach().reshape(-1) for t in input_tensor_list])
+            out = flat.new_empty(sum(t.numel() for t in output_tensor_list))
+            sends = [t.numel() for t in input_tensor_list]
+            receives = [t.numel() for t in output_tensor_list]
+        tensor_ops.all_to_all_rows(p, out, flat, receives, sends, name, step, error=error)
+        offset = 0
+        for t in output_tensor_list:
+            t.copy_(out[offset:offset + t.numel()].reshape(t.shape))
+            offset += t.numel()
+        return done(async_op, *output_tensor_list)
+
     # torch's newer names for the two.
     all_gather_single = all_gather_into_tensor
     reduce_scatter_single = reduce_scatter_tensor
@@ -205,6 +272,32 @@ def _split_into(outputs: List[Any], out: Any, tensor: Any, size: int) -> None:
     parts = out.reshape((size,) + tuple(tensor.shape))
     for i in range(size):
         outputs[i].copy_(parts[i])
+
+
+def _stacked(tensors: List[Any], like: Any, size: int, error: Optional[str]) -> Any:
+    """``tensors`` along a new dim 0 (one per rank), or an empty stand-in where ``error``."""
+    import torch
+    if error is not None:
+        return like.new_zeros((size,) + tuple(like.shape)) if isinstance(like, torch.Tensor) \
+            else torch.zeros(size)
+    return torch.stack([t.detach() for t in tensors])
+
+
+def _tensor_lists(outputs: Any, inputs: Any, size: int) -> Optional[str]:
+    """Why ``outputs`` and ``inputs`` cannot be an all-to-all's lists, or None."""
+    import torch
+    for what, value in (("output_tensor_list", outputs), ("input_tensor_list", inputs)):
+        if not isinstance(value, (list, tuple)) or len(value) != size or \
+                not all(isinstance(t, torch.Tensor) for t in value):
+            got = (f"{len(value)} items" if isinstance(value, (list, tuple))
+                   else type(value).__name__)
+            return f"ValueError: expected {what} to be {size} tensors, one per rank, got {got}"
+    dtypes = {t.dtype for t in list(outputs) + list(inputs)}
+    devices = {t.device for t in list(outputs) + list(inputs)}
+    if len(dtypes) > 1 or len(devices) > 1:
+        return (f"ValueError: expected the tensors of both lists to share one dtype and "
+                f"device, got {sorted(map(str, dtypes))} on {sorted(map(str, devices))}")
+    return None
 
 
 def _no_list(what: str, value: Any, role: str) -> Optional[str]:

@@ -87,7 +87,7 @@ OPS: Dict[str, int] = {
     "flush": 8, "all_gather_tensor": 9, "all_reduce_tensor": 10, "broadcast_tensor": 11,
     "reduce_scatter_tensor": 12, "create": 13, "scatter": 14, "alltoall": 15, "reduce": 16,
     "reduce_scatter": 17, "free": 18, "settle": 19, "reduce_tensor": 20, "gather_tensor": 21,
-    "scatter_tensor": 22,
+    "scatter_tensor": 22, "all_to_all_tensor": 23,
 }
 OP_NAMES = {code: name for name, code in OPS.items()}
 ROOTED_OPS = frozenset({"gather", "bcast", "broadcast_tensor", "scatter", "reduce",

@@ -111,7 +111,8 @@ def _tensor_error(op: str, tensor: torch.Tensor, size: int, reduce_op: Any, on_d
     if op in ("all_reduce_tensor", "broadcast_tensor", "reduce_tensor") and \
             not tensor.is_contiguous():
         return "ValueError: expected a contiguous tensor (the collective works in place)"
-    if op == "reduce_scatter_tensor" and (tensor.dim() == 0 or tensor.shape[0] % size):
+    if op in ("reduce_scatter_tensor", "all_to_all_tensor") and \
+            (tensor.dim() == 0 or tensor.shape[0] % size):
         return (f"ValueError: expected dim 0 to be a multiple of the group size {size}, got "
                 f"shape {tuple(tensor.shape)}")
     if op in REDUCING_OPS:

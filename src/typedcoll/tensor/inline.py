@@ -6,6 +6,7 @@ per-step vote, a few numbers of per-rank stats -- travels in its rank's slot of 
 instead, and every rank finishes the op from the gathered slots:
 
   all_gather_tensor   every rank's bytes, in rank order
+  all_to_all_tensor   block ``rank`` of every rank's bytes, in rank order
   broadcast_tensor    the root's bytes (the other ranks send none)
   all_reduce_tensor   integer dtypes only (int8, uint8, int32, int64), reduced in rank order:
                       sums and products wrap and max and min are exact, so the result is gloo's,
@@ -95,6 +96,16 @@ def all_gather(p: Protocol, call: TensorCall, out: Any) -> None:
     dst = _raw(out)
     for r, buf in enumerate(bufs):
         dst[r * nbytes:(r + 1) * nbytes] = np.frombuffer(buf, dtype=np.uint8)
+
+
+def all_to_all(p: Protocol, call: TensorCall, out: Any) -> None:
+    """``out``'s block j: block ``rank`` of rank j's tensor, from the gathered slots."""
+    nbytes = call.tensor.nbytes
+    block = nbytes // p.size
+    bufs = _payloads(p, call, [nbytes] * p.size)
+    dst, mine = _raw(out), p.rank * block
+    for r, buf in enumerate(bufs):
+        dst[r * block:(r + 1) * block] = np.frombuffer(buf, dtype=np.uint8)[mine:mine + block]
 
 
 def broadcast(p: Protocol, call: TensorCall) -> None:

@@ -1,5 +1,5 @@
 """Tensor collectives with envelopes (torch backend): all-gather, all-reduce, broadcast,
-reduce-scatter, and the rooted reduce, gather and scatter.
+reduce-scatter, all-to-all, and the rooted reduce, gather and scatter.
 
 Each rank's envelope is the core's 64-byte header: op, seq, step, root, reduce op, the call's
 identity (its ``name=``, else its call site), the communicator instance, and the tensor's dtype,
@@ -45,18 +45,22 @@ from __future__ import annotations
 from typing import Any, Callable, Optional, Tuple
 
 import torch
-from torch._C._distributed_c10d import (AllgatherOptions, AllreduceOptions, BroadcastOptions,
-                                        ReduceScatterOptions)
+from torch._C._distributed_c10d import (AllgatherOptions, AllreduceOptions, AllToAllOptions,
+                                        BroadcastOptions, ReduceScatterOptions)
 
 from ..core import ops as core_ops
 from ..core import verdict
 from ..core.args import check_root
 from ..core.call import Call
-from ..core.identity import register_internal
+from ..core.errors import DesyncError
+from ..core.identity import call_site, format_site, register_internal, via_name
+from ..core.mismatch import MismatchKind
 from ..core.protocol import Protocol
 from ..core.transport import TransportTimeout
+from ..core.wire import GATHER
 from ..transports.torch import TORCH_OPS
 from . import device, inline
+from .counts import AllToAllCounts, counts_error, describe_unmatched, unmatched
 from .envelope import TensorCall, tensor_call
 
 
@@ -168,6 +172,83 @@ def reduce_scatter_tensor(p: Protocol, tensor: Any, op: Any, name: Any, step: An
          lambda group: device.enqueued(group._reduce_scatter_base(_real(out), _real(src), _opts(
              ReduceScatterOptions, reduceOp=TORCH_OPS[op]))))
     return out
+
+
+# --- all-to-all ----------------------------------------------------------------------------------
+def all_to_all_tensor(p: Protocol, tensor: Any, name: Any, step: Any,
+                      error: Optional[str] = None) -> Any:
+    """Block j of ``tensor`` (dim 0 cut into ``size`` equal blocks) to rank j; returns a new
+    tensor of its shape whose block j is rank j's block for this rank."""
+    _torch_comm(p, "all_to_all_tensor")
+    call = tensor_call(p, "all_to_all_tensor", tensor, name, step, error=error)
+    out = src = None
+    if call.payload_ok:
+        src = tensor.contiguous()
+        out = torch.empty_like(src)
+    _run(p, call, lambda deadline: p.transport.all_to_all_tensor(out, src, deadline),
+         lambda group: device.enqueued(group.alltoall_base(_real(out), _real(src), [], [], _opts(
+             AllToAllOptions))),
+         lambda: inline.all_to_all(p, call, out))
+    return out
+
+
+def all_to_all_rows(p: Protocol, out: Any, tensor: Any, receives: Any, sends: Any, name: Any,
+                    step: Any, error: Optional[str] = None) -> Any:
+    """``sends[j]`` rows of ``tensor`` (dim 0) to rank j, and ``receives[j]`` rows from rank j
+    into ``out``, in rank order; returns ``out``. Two checked calls (``tensor.counts``): every
+    rank's counts, read alike on every rank, then the rows under an envelope of their dtype and
+    row shape."""
+    _torch_comm(p, "all_to_all_tensor")
+    error = error or _rows_error(out, tensor) or \
+        counts_error(sends, tensor.shape[0], "input", p.size) or \
+        counts_error(receives, out.shape[0], "output", p.size)
+    if error is not None:
+        flagged = core_ops.value_call("all_to_all_tensor", GATHER, None, AllToAllCounts, step,
+                                      name, error=error)
+        core_ops.run(p, flagged, lambda c: None)
+        raise AssertionError("a flagged error raises in the exchange")  # pragma: no cover
+    table = core_ops.allgather(p, AllToAllCounts(tuple(sends), tuple(receives)),
+                               AllToAllCounts, step, name, op="all_to_all_tensor")
+    pairs = unmatched(table)
+    if pairs:
+        frame, via = call_site()
+        site = format_site(frame.f_code, frame.f_lasti) if frame is not None else "?"
+        through = f" through {via_name(via)}" if via is not None else ""
+        seq = p.seq - 1
+        exc = DesyncError(f"{verdict.heading(p, seq)}: all_to_all_tensor at {site}{through}: "
+                          f"the ranks' split sizes disagree: {describe_unmatched(pairs)}",
+                          seq=seq, comm=p.name, kinds=(MismatchKind.SHAPE,))
+        p.failed(exc)  # logged and dumped as any collective's error
+        raise exc
+    # The envelope of the rows: dtype, device and the shape of one row, alike on every rank.
+    call = tensor_call(p, "all_to_all_tensor", tensor.new_empty((0,) + tuple(tensor.shape[1:])),
+                       name, step)
+    src = tensor.contiguous()
+    into = out if out.is_contiguous() else \
+        torch.empty_like(out, memory_format=torch.contiguous_format)
+    _run(p, call, lambda deadline: p.transport.all_to_all_tensor(into, src, deadline,
+                                                                  list(receives), list(sends)),
+         lambda group: device.enqueued(group.alltoall_base(_real(into), _real(src),
+                                                           list(receives), list(sends),
+                                                           _opts(AllToAllOptions))))
+    if into is not out:
+        out.copy_(into)
+    return out
+
+
+def _rows_error(out: Any, tensor: Any) -> Optional[str]:
+    """Why ``out`` cannot take rows of ``tensor``, or None."""
+    if not isinstance(tensor, torch.Tensor) or not isinstance(out, torch.Tensor):
+        return (f"TypeError: expected tensors for the output and the input, got "
+                f"{type(out).__name__} and {type(tensor).__name__}")
+    if tensor.dim() == 0 or out.dim() == 0:
+        return "ValueError: expected tensors of at least one dimension (rows along dim 0)"
+    if out.dtype != tensor.dtype or out.device != tensor.device or \
+            out.shape[1:] != tensor.shape[1:]:
+        return (f"ValueError: expected the output to hold rows of the input's, "
+                f"{tuple(tensor.shape[1:])} of {tensor.dtype} on {tensor.device}, got "
+                f"{tuple(out.shape[1:])} of {out.dtype} on {out.device}")
+    return None
 
 
 # --- the rooted three ----------------------------------------------------------------------------

@@ -33,6 +33,7 @@ still pending: :class:`TransportTimeout`. Polling ``is_completed()`` was measure
 from __future__ import annotations
 
 import atexit
+import math
 import weakref
 
 import os
@@ -292,6 +293,18 @@ class TorchTransport:
         if src.is_complex():
             out, src = torch.view_as_real(out), torch.view_as_real(src)
         self._wait(self.control._reduce_scatter_base(out, src, opts), deadline)
+
+    def all_to_all_tensor(self, out: torch.Tensor, src: torch.Tensor,
+                          deadline: Optional[float], receives: Optional[List[int]] = None,
+                          sends: Optional[List[int]] = None) -> None:
+        """Block j of ``src`` to rank j, rank j's block for this rank into block j of ``out``:
+        equal blocks along dim 0, or ``sends``/``receives`` rows to and from each rank."""
+        row = math.prod(src.shape[1:]) * src.element_size()
+        counts = ([], []) if sends is None or receives is None else \
+            ([n * row for n in receives], [n * row for n in sends])
+        self._wait(self.control.alltoall_base(_bytes_of(out), _bytes_of(src), counts[0],
+                                              counts[1], options(AllToAllOptions, deadline)),
+                   deadline)
 
     # --- point to point: the length, then the bytes, on the private group ------------------
     def send_bytes(self, data: bytes, dest: int, tag: int, deadline: Optional[float]) -> None:

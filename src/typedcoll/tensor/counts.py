@@ -1,0 +1,61 @@
+"""The counts of an all-to-all whose ranks move different numbers of rows (torch's
+``all_to_all_single`` with split sizes): what each rank sends to and expects from each rank.
+
+Ranks' tensors differ in length by design there, so the envelope cannot hold the shape that
+must agree; what must agree is the table: the rows rank r sends to rank j are the rows j expects
+from r. Every rank gathers every rank's :class:`AllToAllCounts` in one checked call and reads the
+table alike (:func:`unmatched`), so a rank whose counts disagree with a peer's raises the same
+``DesyncError`` on every rank, naming the pairs, before any row moves: gloo would fail on the
+receiving rank alone, NCCL would hang or copy past the end of a peer's rows. Pure logic, no
+communicator.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional, Sequence, Tuple
+
+import msgspec
+
+from ..core.identity import register_internal
+
+
+class AllToAllCounts(msgspec.Struct, array_like=True, frozen=True):
+    """One rank's side of an all-to-all: rows it sends to each rank, rows it expects from each
+    rank, in rank order."""
+
+    sends: Tuple[int, ...]
+    receives: Tuple[int, ...]
+
+
+Pair = Tuple[int, int, int, int]  # sender, receiver, rows sent, rows the receiver expects
+
+
+def counts_error(counts: Any, rows: int, what: str, size: int) -> Optional[str]:
+    """Why ``counts`` cannot split ``rows`` rows of ``what`` among ``size`` ranks, or None."""
+    if not isinstance(counts, (list, tuple)) or len(counts) != size or \
+            not all(type(n) is int and n >= 0 for n in counts):
+        return (f"ValueError: expected {what}'s split sizes to be {size} ints >= 0, one per "
+                f"rank, got {counts!r}"[:300])
+    if sum(counts) != rows:
+        return (f"ValueError: expected {what}'s split sizes to add up to its {rows} rows "
+                f"(dim 0), got {list(counts)} (sum {sum(counts)})")
+    return None
+
+
+def unmatched(table: Sequence[AllToAllCounts]) -> List[Pair]:
+    """The (sender, receiver) pairs whose counts disagree, in rank order."""
+    return [(r, j, mine.sends[j], table[j].receives[r])
+            for r, mine in enumerate(table) for j in range(len(table))
+            if mine.sends[j] != table[j].receives[r]]
+
+
+def describe_unmatched(pairs: Sequence[Pair], limit: int = 4) -> str:
+    """``rank 0 sends 3 rows to rank 1, which expects 2 from it; ...``: the same text on every
+    rank, the first ``limit`` pairs and how many more."""
+    text = "; ".join(f"rank {r} sends {sent} row{'s' * (sent != 1)} to rank {j}, which expects "
+                     f"{wanted} from it" for r, j, sent, wanted in pairs[:limit])
+    more = len(pairs) - limit
+    return text + (f"; and {more} more pair{'s' * (more != 1)}" if more > 0 else "")
+
+
+register_internal(__file__)

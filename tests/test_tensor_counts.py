@@ -1,0 +1,59 @@
+"""An all-to-all's counts table read alike on every rank: hand-built tables, no communicator."""
+
+from __future__ import annotations
+
+import pytest
+
+from typedcoll.tensor.counts import (AllToAllCounts, counts_error, describe_unmatched,
+                                     unmatched)
+
+
+def table(sends: list, receives: list) -> list:
+    return [AllToAllCounts(tuple(s), tuple(r)) for s, r in zip(sends, receives)]
+
+
+def test_counts_that_match_pair_every_rank():
+    # rank r sends S[r][j] rows to j; j expects S[r][j] from r: the transpose
+    sends = [[0, 3, 1], [2, 0, 0], [5, 1, 4]]
+    receives = [[row[j] for row in sends] for j in range(3)]
+    assert unmatched(table(sends, receives)) == []
+
+
+def test_a_rank_expecting_other_counts_is_named_with_its_senders():
+    sends = [[1, 1], [1, 1]]
+    receives = [[1, 1], [2, 0]]  # rank 1 expects 2 rows from rank 0 and none from itself
+    pairs = unmatched(table(sends, receives))
+    assert pairs == [(0, 1, 1, 2), (1, 1, 1, 0)]
+    assert describe_unmatched(pairs) == ("rank 0 sends 1 row to rank 1, which expects 2 from "
+                                         "it; rank 1 sends 1 row to rank 1, which expects 0 "
+                                         "from it")
+
+
+def test_many_pairs_are_cut_with_a_count():
+    size = 4
+    sends = [[1] * size for _ in range(size)]
+    receives = [[0] * size for _ in range(size)]
+    pairs = unmatched(table(sends, receives))
+    assert len(pairs) == size * size
+    text = describe_unmatched(pairs, limit=2)
+    assert text.endswith("; and 14 more pairs")
+    assert text.count("sends 1 row to") == 2
+
+
+@pytest.mark.parametrize("counts, rows, expected", [
+    ([1, 2], 3, None),
+    ([0, 0], 0, None),
+    ([1, 2, 0], 3, "expected input's split sizes to be 2 ints >= 0, one per rank, got "
+                   "[1, 2, 0]"),
+    ([1, -1], 0, "expected input's split sizes to be 2 ints >= 0"),
+    ([1.0, 2], 3, "expected input's split sizes to be 2 ints >= 0"),
+    ("12", 3, "expected input's split sizes to be 2 ints >= 0"),
+    ([2, 2], 3, "expected input's split sizes to add up to its 3 rows (dim 0), got [2, 2] "
+                "(sum 4)"),
+])
+def test_counts_of_one_rank_are_checked_against_its_rows(counts, rows, expected):
+    error = counts_error(counts, rows, "input", 2)
+    if expected is None:
+        assert error is None
+    else:
+        assert error is not None and error.startswith("ValueError: ") and expected in error
