@@ -147,8 +147,13 @@ def tensor_program(api: Any, rank: int, size: int, rng: random.Random) -> list:
         into = torch.zeros(sum(receives), 2)
         api.all_to_all_single(into, rows, receives, sends)
         lists = [torch.zeros(2, dtype=torch.int32) for _ in range(size)]
-        api.all_to_all(lists, [torch.full((2,), 10 * rank + k + j, dtype=torch.int32)
-                               for k in range(size)])
+        sources = [torch.full((2,), 10 * rank + k + j, dtype=torch.int32) for k in range(size)]
+        if hasattr(api, "typed"):
+            api.all_to_all(lists, sources)
+        else:  # some builds' gloo lacks the list form: torch's side takes the flat one
+            whole = torch.zeros(2 * size, dtype=torch.int32)
+            api.all_to_all_single(whole, torch.cat(sources))
+            lists = list(whole.split(2))
         share = torch.zeros(3)
         api.reduce_scatter(share, [torch.full((3,), float(rank * k + j)) for k in range(size)],
                            op=ReduceOp.MAX)
