@@ -43,16 +43,15 @@ def test_many_pairs_are_cut_with_a_count():
 @pytest.mark.parametrize("counts, rows, expected", [
     ([1, 2], 3, None),
     ([0, 0], 0, None),
-    ([1, 2, 0], 3, "expected input's split sizes to be 2 ints >= 0, one per rank, got "
-                   "[1, 2, 0]"),
-    ([1, -1], 0, "expected input's split sizes to be 2 ints >= 0"),
-    ([1.0, 2], 3, "expected input's split sizes to be 2 ints >= 0"),
-    ("12", 3, "expected input's split sizes to be 2 ints >= 0"),
-    ([2, 2], 3, "expected input's split sizes to add up to its 3 rows (dim 0), got [2, 2] "
+    ([1, 2, 0], 3, "expected send_counts to be 2 ints >= 0, one per rank, got [1, 2, 0]"),
+    ([1, -1], 0, "expected send_counts to be 2 ints >= 0"),
+    ([1.0, 2], 3, "expected send_counts to be 2 ints >= 0"),
+    ("12", 3, "expected send_counts to be 2 ints >= 0"),
+    ([2, 2], 3, "expected send_counts to add up to the tensor's 3 rows (dim 0), got [2, 2] "
                 "(sum 4)"),
 ])
 def test_counts_of_one_rank_are_checked_against_its_rows(counts, rows, expected):
-    error = counts_error(counts, rows, "input", 2)
+    error = counts_error(counts, rows, "send_counts", 2)
     if expected is None:
         assert error is None
     else:

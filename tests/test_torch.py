@@ -269,6 +269,14 @@ def check_values(rank: int, size: int) -> None:
                 dist.all_to_all_single(ref_a2a, rows)
                 check(f"all_to_all_tensor {dtype} {tuple(rows.shape)}", torch.equal(
                     comm.all_to_all_tensor(rows, name="a", step=step), ref_a2a), True)
+        sends = [(rank + k + step) % 3 for k in range(size)]
+        receives = [(k + rank + step) % 3 for k in range(size)]
+        rows = x.repeat(8, 1)[:sum(sends)]
+        ref_rows = rows.new_empty((sum(receives), 3))
+        dist.all_to_all_single(ref_rows, rows, receives, sends)
+        check(f"all_to_all_tensor counted {dtype}", torch.equal(comm.all_to_all_tensor(
+            rows, send_counts=sends, receive_counts=receives, name="a", step=step), ref_rows),
+              True)
         for root in ranks:
             got, ref = x.clone(), x.clone()
             comm.broadcast_tensor(got, root, name="w", step=step)
@@ -303,6 +311,20 @@ def check_values(rank: int, size: int) -> None:
     got = outcome(lambda: comm.broadcast_tensor(c.conj() if rank == size - 1 else c, 0))
     check("conjugate view", got["error"], "EncodeError" if rank == size - 1 else "PeerError")
     check("conjugate view: why", "pending conjugate" in got["message"], True)
+    # Counts past a rank's own rows are its error; counts that disagree, every rank's.
+    got = outcome(lambda: comm.all_to_all_tensor(
+        torch.zeros(size), send_counts=[2 if rank == size - 1 else 1] * size,
+        receive_counts=[1] * size))
+    check("send_counts past the rows", got["error"],
+          "EncodeError" if rank == size - 1 else "PeerError")
+    check("send_counts past the rows: why", "expected send_counts to add up to the tensor's "
+          f"{size} rows (dim 0), got {[2] * size}" in got["message"], True)
+    got = outcome(lambda: comm.all_to_all_tensor(
+        torch.zeros(size), send_counts=[1] * size,
+        receive_counts=[2] + [1] * (size - 2) + [0] if rank == size - 1 else [1] * size))
+    check("counts that disagree", got["error"], "DesyncError")
+    check("counts that disagree: why", f"rank 0 sends 1 row to rank {size - 1}, which expects "
+          f"2 from it" in got["message"], True)
     got = outcome(lambda: comm.all_gather_tensor(
         torch.zeros(2, dtype=torch.bfloat16 if rank == 0 else torch.float16)))
     check("bfloat16 against float16", (got["error"], "dtype=bfloat16" in got["message"]),

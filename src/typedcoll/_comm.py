@@ -330,12 +330,19 @@ class TypedComm:
         from .tensor import ops as tensor_ops
         return tensor_ops.reduce_scatter_tensor(self._p, tensor, op, name, step)
 
-    def all_to_all_tensor(self, tensor: Any, *, name: Optional[str] = None,
-                          step: Optional[int] = None) -> Any:
-        """Checked all-to-all of ``tensor`` (torch backend): block j of dim 0 (``size`` equal
-        blocks) goes to rank j; returns a new tensor whose block j is rank j's for this rank."""
+    def all_to_all_tensor(self, tensor: Any, *, send_counts: Optional[Sequence[int]] = None,
+                          receive_counts: Optional[Sequence[int]] = None,
+                          name: Optional[str] = None, step: Optional[int] = None) -> Any:
+        """Checked all-to-all of ``tensor`` (torch backend). Without counts, block j of dim 0
+        (``size`` equal blocks) goes to rank j, and the new tensor returned holds rank j's block
+        for this rank as its block j. With ``send_counts`` and ``receive_counts`` (rows of dim 0
+        to and from each rank), it holds ``sum(receive_counts)`` rows, rank j's in rank order;
+        every rank's counts are checked against its peers' first (one more checked call)."""
         from .tensor import ops as tensor_ops
-        return tensor_ops.all_to_all_tensor(self._p, tensor, name, step)
+        if send_counts is None and receive_counts is None:
+            return tensor_ops.all_to_all_tensor(self._p, tensor, name, step)
+        return tensor_ops.all_to_all_counted(self._p, tensor, send_counts, receive_counts,
+                                             name, step)
 
     def reduce_tensor(self, tensor: Any, op: str = "sum", root: int = 0, *,
                       name: Optional[str] = None, step: Optional[int] = None) -> Any:

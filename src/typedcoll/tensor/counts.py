@@ -31,14 +31,15 @@ Pair = Tuple[int, int, int, int]  # sender, receiver, rows sent, rows the receiv
 
 
 def counts_error(counts: Any, rows: int, what: str, size: int) -> Optional[str]:
-    """Why ``counts`` cannot split ``rows`` rows of ``what`` among ``size`` ranks, or None."""
+    """Why ``counts`` (the argument named ``what``) cannot split ``rows`` rows among ``size``
+    ranks, or None."""
     if not isinstance(counts, (list, tuple)) or len(counts) != size or \
             not all(type(n) is int and n >= 0 for n in counts):
-        return (f"ValueError: expected {what}'s split sizes to be {size} ints >= 0, one per "
-                f"rank, got {counts!r}"[:300])
+        return (f"ValueError: expected {what} to be {size} ints >= 0, one per rank, got "
+                f"{counts!r}"[:300])
     if sum(counts) != rows:
-        return (f"ValueError: expected {what}'s split sizes to add up to its {rows} rows "
-                f"(dim 0), got {list(counts)} (sum {sum(counts)})")
+        return (f"ValueError: expected {what} to add up to the tensor's {rows} rows (dim 0), "
+                f"got {list(counts)} (sum {sum(counts)})")
     return None
 
 

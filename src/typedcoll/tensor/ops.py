@@ -193,15 +193,17 @@ def all_to_all_tensor(p: Protocol, tensor: Any, name: Any, step: Any,
 
 
 def all_to_all_rows(p: Protocol, out: Any, tensor: Any, receives: Any, sends: Any, name: Any,
-                    step: Any, error: Optional[str] = None) -> Any:
+                    step: Any, error: Optional[str] = None,
+                    labels: Tuple[str, str] = ("output_split_sizes", "input_split_sizes")
+                    ) -> Any:
     """``sends[j]`` rows of ``tensor`` (dim 0) to rank j, and ``receives[j]`` rows from rank j
     into ``out``, in rank order; returns ``out``. Two checked calls (``tensor.counts``): every
     rank's counts, read alike on every rank, then the rows under an envelope of their dtype and
-    row shape."""
+    row shape. ``labels``: how errors name the receive and send counts."""
     _torch_comm(p, "all_to_all_tensor")
     error = error or _rows_error(out, tensor) or \
-        counts_error(sends, tensor.shape[0], "input", p.size) or \
-        counts_error(receives, out.shape[0], "output", p.size)
+        counts_error(sends, tensor.shape[0], labels[1], p.size) or \
+        counts_error(receives, out.shape[0], labels[0], p.size)
     if error is not None:
         flagged = core_ops.value_call("all_to_all_tensor", GATHER, None, AllToAllCounts, step,
                                       name, error=error)
@@ -234,6 +236,20 @@ def all_to_all_rows(p: Protocol, out: Any, tensor: Any, receives: Any, sends: An
     if into is not out:
         out.copy_(into)
     return out
+
+
+def all_to_all_counted(p: Protocol, tensor: Any, sends: Any, receives: Any, name: Any,
+                       step: Any) -> Any:
+    """``all_to_all_rows`` into a new tensor of ``sum(receives)`` rows."""
+    error = None
+    if sends is None or receives is None:
+        error = "ValueError: expected both send_counts and receive_counts (or neither), got one"
+    rows = sum(receives) if isinstance(receives, (list, tuple)) and \
+        all(type(n) is int and n >= 0 for n in receives) else 0
+    out = tensor.new_empty((rows,) + tuple(tensor.shape[1:])) \
+        if isinstance(tensor, torch.Tensor) and tensor.dim() else tensor
+    return all_to_all_rows(p, out, tensor, receives, sends, name, step, error=error,
+                           labels=("receive_counts", "send_counts"))
 
 
 def _rows_error(out: Any, tensor: Any) -> Optional[str]:
