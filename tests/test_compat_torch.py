@@ -180,6 +180,14 @@ def tensor_program(api: Any, rank: int, size: int, rng: random.Random) -> list:
         source = api.recv(floats, src=rank - 1)
         api.irecv(ints, src=rank - 1, tag=3).wait()
         out.append((floats.tolist(), source, ints.tolist()))
+    if size > 1:  # a ring: receive from the left, send to the right, the receive listed first
+        import torch.distributed as dist
+        left = torch.zeros(3, dtype=torch.int64)
+        for handle in api.batch_isend_irecv([
+                dist.P2POp(dist.irecv, left, (rank - 1) % size),
+                dist.P2POp(dist.isend, torch.arange(3) + 10 * rank, (rank + 1) % size)]):
+            handle.wait()
+        out.append(left.tolist())
     api.monitored_barrier(timeout=datetime.timedelta(seconds=60))
     out.append((api.get_rank(), api.get_world_size()))
     return out
@@ -267,12 +275,18 @@ def tensor_failures(drop_in: Any, rank: int, size: int) -> list:
            lambda: drop_in.all_to_all_single(torch.zeros(size), torch.zeros(size), [1] * size,
                                              [2] * size if rank == size - 1 else [1] * size))
     try:
-        drop_in.batch_isend_irecv
-        failures.append("batch_isend_irecv: no AttributeError")
+        drop_in.all_reduce_coalesced
+        failures.append("all_reduce_coalesced: no AttributeError")
     except AttributeError as exc:
-        if "compat.torch has no 'batch_isend_irecv'" not in str(exc) or \
+        if "compat.torch has no 'all_reduce_coalesced'" not in str(exc) or \
                 "all_to_all_single" not in str(exc):
-            failures.append(f"batch_isend_irecv: {exc}")
+            failures.append(f"all_reduce_coalesced: {exc}")
+    try:
+        drop_in.batch_isend_irecv([torch.zeros(1)])
+        failures.append("batch_isend_irecv of a tensor: nothing raised")
+    except ValueError as exc:
+        if "expected a P2POp whose op is isend or irecv at index 0" not in str(exc):
+            failures.append(f"batch_isend_irecv of a tensor: {exc}")
     # dist.group.WORLD is the default group this drop-in was made for.
     world = torch.tensor([rank])
     handle = drop_in.all_reduce(world, group=dist.group.WORLD, async_op=True)

@@ -7,8 +7,8 @@ the names and signatures of ``torch.distributed``'s object collectives (``all_ga
 (``all_reduce``, ``reduce``, ``broadcast``, ``all_gather``, ``gather``, ``scatter``,
 ``all_gather_into_tensor``, ``reduce_scatter_tensor``, and their newer names
 ``all_gather_single`` and ``reduce_scatter_single``, ``reduce_scatter`` of a list,
-``all_to_all_single`` and ``all_to_all``) and tensor point to point (``send``,
-``recv``, ``isend``, ``irecv``; ``compat.torch_p2p``), plus ``get_rank`` and
+``all_to_all_single`` and ``all_to_all``) and tensor point to point (``send``, ``recv``,
+``isend``, ``irecv``, ``batch_isend_irecv``; ``compat.torch_p2p``), plus ``get_rank`` and
 ``get_world_size``, and fill their lists and tensors in place as those do. A name of
 torch.distributed it lacks raises AttributeError saying so and what it has.
 Object traffic runs on the group's private gloo side (``TypedComm.from_torch``); values are

@@ -1,4 +1,5 @@
-"""The torch drop-in's tensor point to point: ``send``, ``recv``, ``isend``, ``irecv``.
+"""The torch drop-in's tensor point to point: ``send``, ``recv``, ``isend``, ``irecv`` and
+``batch_isend_irecv``.
 
 Tensors travel as typed messages (:class:`TensorMessage`: dtype, shape, bytes) on the private
 point-to-point channel, through the host whatever their device: right for the small tensors of
@@ -10,7 +11,7 @@ receiver raises: the send has completed by then.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import msgspec
 
@@ -56,6 +57,30 @@ class TensorPointToPoint(GroupBinding):
               group_src: Optional[int] = None, *, name: Optional[str] = None) -> Any:
         """Start receiving into ``tensor``; ``wait()`` on the handle fills it."""
         return self._receive("irecv", tensor, src, group, tag, group_src, name)
+
+    def batch_isend_irecv(self, p2p_op_list: List[Any]) -> List[Any]:
+        """Start every ``torch.distributed.P2POp`` of the list (its ``op`` torch's ``isend`` or
+        ``irecv``, or this object's) and return their handles in the list's order, as torch
+        does. Each item's ``op`` is checked before any starts (a ValueError names the first
+        that is no P2POp of isend or irecv), and the sends start before the receives: a ring
+        of ranks that each receive from the left and send to the right meets, whatever order
+        the list has."""
+        kinds = []
+        for index, item in enumerate(p2p_op_list):
+            kind = getattr(getattr(item, "op", None), "__name__", None)
+            if kind not in ("isend", "irecv") or not hasattr(item, "tensor"):
+                raise ValueError(f"batch_isend_irecv: expected a P2POp whose op is isend or "
+                                 f"irecv at index {index}, got {item!r}"[:300])
+            kinds.append(kind)
+        handles: List[Any] = [None] * len(kinds)
+        for index in sorted(range(len(kinds)), key=lambda i: kinds[i] != "isend"):
+            item = p2p_op_list[index]
+            group_peer = getattr(item, "group_peer", None)
+            peer = item.peer if group_peer is None else None
+            call = self.isend if kinds[index] == "isend" else self.irecv
+            handles[index] = call(item.tensor, peer, getattr(item, "group", None),
+                                  getattr(item, "tag", 0), group_peer)
+        return handles
 
     def _receive(self, op: str, tensor: Any, src: Optional[int], group: Any, tag: int,
                  group_src: Optional[int], name: Optional[str]) -> "_Receiving":
