@@ -141,11 +141,18 @@ def tensor_program(api: Any, rank: int, size: int, rng: random.Random) -> list:
             swapped = torch.zeros(size * width, dtype=torch.int64)
             api.all_to_all_single(swapped, blocks)
             out.append(swapped.tolist())
-        sends = [(rank + k + i) % 3 for k in range(size)]
-        receives = [(k + rank + i) % 3 for k in range(size)]
+        # rank r sends (2r + k + i) % 3 rows to rank k: what a rank sends and what it receives
+        # differ, so counts taken the wrong way round move other rows or raise
+        sends = [(2 * rank + k + i) % 3 for k in range(size)]
+        receives = [(2 * k + rank + i) % 3 for k in range(size)]
         rows = torch.arange(sum(sends) * 2, dtype=torch.float32).reshape(-1, 2) + 10 * rank + j
         into = torch.zeros(sum(receives), 2)
         api.all_to_all_single(into, rows, receives, sends)
+        # split sizes None, [] and given, mixed between ranks, as torch lets them be
+        mixed = torch.zeros(size * 2)
+        api.all_to_all_single(mixed, torch.arange(size * 2.0) + 100 * rank + j,
+                              [2] * size if rank % 2 else None, [] if rank % 3 else None)
+        out.append(mixed.tolist())
         lists = [torch.zeros(2, dtype=torch.int32) for _ in range(size)]
         sources = [torch.full((2,), 10 * rank + k + j, dtype=torch.int32) for k in range(size)]
         if hasattr(api, "typed"):
@@ -271,6 +278,26 @@ def tensor_failures(drop_in: Any, rank: int, size: int) -> list:
         if want not in str(exc) or exc.kinds != (tc.MismatchKind.SHAPE,) or \
                 "test_compat_torch.py" not in str(exc):
             failures.append(f"all_to_all_single counts that disagree: {exc}")
+    expect((tc.EncodeError, tc.PeerError), "all_to_all_single of a conjugate view",
+           lambda: drop_in.all_to_all_single(
+               torch.zeros(size, dtype=torch.complex64), torch.ones(size, dtype=torch.complex64)
+               .conj() if rank == size - 1 else torch.ones(size, dtype=torch.complex64)))
+    expect((tc.EncodeError, tc.PeerError), "reduce_scatter of a list it cannot stack",
+           lambda: drop_in.reduce_scatter(torch.zeros(2), [torch.zeros(2).to_sparse()
+                                                           if rank == size - 1 else
+                                                           torch.zeros(2)] * size))
+    named = []  # counts that disagree, the calls named and made from two lines: one text
+    try:
+        if rank == 0:
+            drop_in.all_to_all_single(torch.zeros(size), torch.zeros(size), [1] * size,
+                                      [1] * size, name="routes")
+        else:
+            drop_in.all_to_all_single(torch.zeros(size), torch.zeros(size), receives,
+                                      [1] * size, name="routes")
+    except tc.DesyncError as exc:
+        named = drop_in.typed.allgather(str(exc))
+    if len(set(named)) != 1 or "all_to_all_tensor name='routes'" not in named[0]:
+        failures.append(f"named counts that disagree: {named}")
     expect((tc.EncodeError, tc.PeerError), "all_to_all_single split sizes past the rows",
            lambda: drop_in.all_to_all_single(torch.zeros(size), torch.zeros(size), [1] * size,
                                              [2] * size if rank == size - 1 else [1] * size))

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from typedcoll.tensor.counts import (AllToAllCounts, counts_error, describe_unmatched,
+import numpy as np
+import torch
+
+from typedcoll.tensor.counts import (AllToAllCounts, describe_unmatched, split_counts,
                                      unmatched)
 
 
@@ -40,9 +43,23 @@ def test_many_pairs_are_cut_with_a_count():
     assert text.count("sends 1 row to") == 2
 
 
+@pytest.mark.parametrize("counts, rows, split", [
+    (None, 4, [2, 2]),
+    ([], 6, [3, 3]),
+    ((1, 2), 3, [1, 2]),
+    ([np.int64(3), np.int32(0)], 3, [3, 0]),
+    (torch.tensor([1, 1]), 2, [1, 1]),
+])
+def test_counts_split_rows_as_torch_does(counts, rows, split):
+    got, error = split_counts(counts, rows, "send_counts", 2)
+    assert (got, error) == (split, None)
+    assert all(type(n) is int for n in got)
+
+
 @pytest.mark.parametrize("counts, rows, expected", [
-    ([1, 2], 3, None),
-    ([0, 0], 0, None),
+    (None, 3, "expected the tensor's 3 rows (dim 0) to be a multiple of the group size 2, as "
+              "send_counts is not given"),
+    (3, 3, "expected send_counts to be 2 ints >= 0, one per rank, got 3"),
     ([1, 2, 0], 3, "expected send_counts to be 2 ints >= 0, one per rank, got [1, 2, 0]"),
     ([1, -1], 0, "expected send_counts to be 2 ints >= 0"),
     ([1.0, 2], 3, "expected send_counts to be 2 ints >= 0"),
@@ -51,8 +68,6 @@ def test_many_pairs_are_cut_with_a_count():
                 "(sum 4)"),
 ])
 def test_counts_of_one_rank_are_checked_against_its_rows(counts, rows, expected):
-    error = counts_error(counts, rows, "send_counts", 2)
-    if expected is None:
-        assert error is None
-    else:
-        assert error is not None and error.startswith("ValueError: ") and expected in error
+    got, error = split_counts(counts, rows, "send_counts", 2)
+    assert got is None
+    assert error is not None and error.startswith("ValueError: ") and expected in error

@@ -269,8 +269,8 @@ def check_values(rank: int, size: int) -> None:
                 dist.all_to_all_single(ref_a2a, rows)
                 check(f"all_to_all_tensor {dtype} {tuple(rows.shape)}", torch.equal(
                     comm.all_to_all_tensor(rows, name="a", step=step), ref_a2a), True)
-        sends = [(rank + k + step) % 3 for k in range(size)]
-        receives = [(k + rank + step) % 3 for k in range(size)]
+        sends = [(2 * rank + k + step) % 3 for k in range(size)]  # what a rank sends and
+        receives = [(2 * k + rank + step) % 3 for k in range(size)]  # receives differ
         rows = x.repeat(8, 1)[:sum(sends)]
         ref_rows = rows.new_empty((sum(receives), 3))
         dist.all_to_all_single(ref_rows, rows, receives, sends)

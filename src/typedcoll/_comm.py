@@ -336,13 +336,12 @@ class TypedComm:
         """Checked all-to-all of ``tensor`` (torch backend). Without counts, block j of dim 0
         (``size`` equal blocks) goes to rank j, and the new tensor returned holds rank j's block
         for this rank as its block j. With ``send_counts`` and ``receive_counts`` (rows of dim 0
-        to and from each rank), it holds ``sum(receive_counts)`` rows, rank j's in rank order;
-        every rank's counts are checked against its peers' first (one more checked call)."""
+        to and from each rank; one of them alone: equal blocks the other way), it holds
+        ``sum(receive_counts)`` rows, rank j's in rank order; every rank's counts are checked
+        against its peers' first (one more checked call, which a CUDA tensor always takes)."""
         from .tensor import ops as tensor_ops
-        if send_counts is None and receive_counts is None:
-            return tensor_ops.all_to_all_tensor(self._p, tensor, name, step)
-        return tensor_ops.all_to_all_counted(self._p, tensor, send_counts, receive_counts,
-                                             name, step)
+        return tensor_ops.all_to_all_any(self._p, tensor, send_counts, receive_counts, name,
+                                         step)
 
     def reduce_tensor(self, tensor: Any, op: str = "sum", root: int = 0, *,
                       name: Optional[str] = None, step: Optional[int] = None) -> Any:

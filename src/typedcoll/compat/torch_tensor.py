@@ -10,7 +10,7 @@ CUDA its ``wait()`` orders the waiting stream after the call).
 
 from __future__ import annotations
 
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Tuple
 
 from ..core.identity import register_internal
 from .torch_group import GroupBinding
@@ -139,7 +139,7 @@ class TensorCalls(GroupBinding):
         p = self._p
         error = self._check_group("reduce_scatter", group) or _output_tensors(
             "input_list", input_list, output, p.size)
-        stacked = _stacked(input_list, output, p.size, error)
+        stacked, error = _stacked(input_list, output, p.size, error)
         out = tensor_ops.reduce_scatter_tensor(p, stacked, _op_name(op), name, step,
                                                error=error)
         output.copy_(out.reshape(output.shape))
@@ -152,22 +152,14 @@ class TensorCalls(GroupBinding):
                           *, name: Optional[str] = None, step: Optional[int] = None) -> Any:
         """Rows of ``input`` (dim 0) to each rank, ``input_split_sizes[j]`` to rank j, and into
         ``output`` rank j's rows for this rank, ``output_split_sizes[j]`` of them, in rank
-        order; without split sizes, ``size`` equal blocks each way. With split sizes every
-        rank must pass both (the counts are checked against each other's on every rank first:
-        one more checked call)."""
+        order; split sizes None or [] cut dim 0 into ``size`` equal blocks, as torch's do.
+        Two checked calls whatever the split sizes (``tensor.ops.all_to_all_rows``): the
+        counts, checked against each other's on every rank, then the rows; so ranks may differ
+        in passing split sizes, as torch lets them."""
         from ..tensor import ops as tensor_ops
-        p = self._p
-        error = self._check_group("all_to_all_single", group)
-        if output_split_sizes is None and input_split_sizes is None:
-            error = error or _output_tensor("output", output, input, 1, 1)
-            out = tensor_ops.all_to_all_tensor(p, input, name, step, error=error)
-            output.copy_(out.reshape(output.shape))
-        else:
-            if error is None and (output_split_sizes is None or input_split_sizes is None):
-                error = ("ValueError: expected both output_split_sizes and input_split_sizes "
-                         "(or neither), got one")
-            tensor_ops.all_to_all_rows(p, output, input, output_split_sizes,
-                                       input_split_sizes, name, step, error=error)
+        tensor_ops.all_to_all_rows(self._p, output, input, output_split_sizes,
+                                   input_split_sizes, name, step,
+                                   error=self._check_group("all_to_all_single", group))
         return done(async_op, output)
 
     def all_to_all(self, output_tensor_list: List[Any], input_tensor_list: List[Any],
@@ -182,14 +174,16 @@ class TensorCalls(GroupBinding):
         p = self._p
         error = self._check_group("all_to_all", group) or \
             _tensor_lists(output_tensor_list, input_tensor_list, p.size)
-        if error is not None:
-            flat = out = torch.zeros(0)
-            sends = receives = [0] * p.size
-        else:
-            flat = torch.cat([t.detach().reshape(-1) for t in input_tensor_list])
-            out = flat.new_empty(sum(t.numel() for t in output_tensor_list))
-            sends = [t.numel() for t in input_tensor_list]
-            receives = [t.numel() for t in output_tensor_list]
+        flat = out = torch.zeros(1)
+        sends = receives = [1] * p.size
+        if error is None:
+            try:
+                flat = torch.cat([t.detach().reshape(-1) for t in input_tensor_list])
+                out = flat.new_empty(sum(t.numel() for t in output_tensor_list))
+                sends = [t.numel() for t in input_tensor_list]
+                receives = [t.numel() for t in output_tensor_list]
+            except Exception as exc:  # flagged in the call: its peers are waiting in it
+                error = f"ValueError: could not read input_tensor_list: {exc}"[:300]
         tensor_ops.all_to_all_rows(p, out, flat, receives, sends, name, step, error=error)
         offset = 0
         for t in output_tensor_list:
@@ -274,13 +268,18 @@ def _split_into(outputs: List[Any], out: Any, tensor: Any, size: int) -> None:
         outputs[i].copy_(parts[i])
 
 
-def _stacked(tensors: List[Any], like: Any, size: int, error: Optional[str]) -> Any:
-    """``tensors`` along a new dim 0 (one per rank), or an empty stand-in where ``error``."""
+def _stacked(tensors: List[Any], like: Any, size: int, error: Optional[str]
+             ) -> Tuple[Any, Optional[str]]:
+    """``tensors`` along a new dim 0 (one per rank), or a stand-in and why not (``error``, or
+    what stacking them raised: flagged in the call, where the peers are waiting)."""
     import torch
-    if error is not None:
-        return like.new_zeros((size,) + tuple(like.shape)) if isinstance(like, torch.Tensor) \
-            else torch.zeros(size)
-    return torch.stack([t.detach() for t in tensors])
+    if error is None:
+        try:
+            return torch.stack([t.detach() for t in tensors]), None
+        except Exception as exc:
+            error = f"ValueError: could not stack input_list: {exc}"[:300]
+    return (like.new_zeros((size,) + tuple(like.shape)) if isinstance(like, torch.Tensor)
+            else torch.zeros(size)), error
 
 
 def _tensor_lists(outputs: Any, inputs: Any, size: int) -> Optional[str]:
@@ -292,6 +291,8 @@ def _tensor_lists(outputs: Any, inputs: Any, size: int) -> Optional[str]:
             got = (f"{len(value)} items" if isinstance(value, (list, tuple))
                    else type(value).__name__)
             return f"ValueError: expected {what} to be {size} tensors, one per rank, got {got}"
+    if any(t.layout != torch.strided for t in list(outputs) + list(inputs)):
+        return "ValueError: expected dense tensors in both lists, got a sparse one"
     dtypes = {t.dtype for t in list(outputs) + list(inputs)}
     devices = {t.device for t in list(outputs) + list(inputs)}
     if len(dtypes) > 1 or len(devices) > 1:

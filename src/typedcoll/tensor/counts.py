@@ -12,6 +12,7 @@ communicator.
 
 from __future__ import annotations
 
+import operator
 from typing import Any, List, Optional, Sequence, Tuple
 
 import msgspec
@@ -30,17 +31,28 @@ class AllToAllCounts(msgspec.Struct, array_like=True, frozen=True):
 Pair = Tuple[int, int, int, int]  # sender, receiver, rows sent, rows the receiver expects
 
 
-def counts_error(counts: Any, rows: int, what: str, size: int) -> Optional[str]:
-    """Why ``counts`` (the argument named ``what``) cannot split ``rows`` rows among ``size``
-    ranks, or None."""
-    if not isinstance(counts, (list, tuple)) or len(counts) != size or \
-            not all(type(n) is int and n >= 0 for n in counts):
-        return (f"ValueError: expected {what} to be {size} ints >= 0, one per rank, got "
-                f"{counts!r}"[:300])
-    if sum(counts) != rows:
-        return (f"ValueError: expected {what} to add up to the tensor's {rows} rows (dim 0), "
-                f"got {list(counts)} (sum {sum(counts)})")
-    return None
+def split_counts(counts: Any, rows: int, what: str, size: int
+                 ) -> Tuple[Optional[List[int]], Optional[str]]:
+    """``counts`` (the argument named ``what``) as ``size`` ints that split ``rows`` rows among
+    the ranks, or why they cannot: (counts, None) or (None, error). None or an empty list splits
+    them equally, as torch's ``all_to_all_single`` does; any integers count (numpy's, a
+    tensor's elements)."""
+    if counts is None or (isinstance(counts, (list, tuple)) and not counts):
+        if rows % size:
+            return None, (f"ValueError: expected the tensor's {rows} rows (dim 0) to be a "
+                          f"multiple of the group size {size}, as {what} is not given")
+        return [rows // size] * size, None
+    try:
+        values: Optional[List[int]] = [operator.index(n) for n in counts]
+    except TypeError:  # not iterable, or an item that is no integer
+        values = None
+    if values is None or len(values) != size or any(n < 0 for n in values):
+        return None, (f"ValueError: expected {what} to be {size} ints >= 0, one per rank, got "
+                      f"{counts!r}"[:300])
+    if sum(values) != rows:
+        return None, (f"ValueError: expected {what} to add up to the tensor's {rows} rows "
+                      f"(dim 0), got {values} (sum {sum(values)})")
+    return values, None
 
 
 def unmatched(table: Sequence[AllToAllCounts]) -> List[Pair]:

@@ -42,7 +42,8 @@ band:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Tuple
+import operator
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 from torch._C._distributed_c10d import (AllgatherOptions, AllreduceOptions, AllToAllOptions,
@@ -60,7 +61,7 @@ from ..core.transport import TransportTimeout
 from ..core.wire import GATHER
 from ..transports.torch import TORCH_OPS
 from . import device, inline
-from .counts import AllToAllCounts, counts_error, describe_unmatched, unmatched
+from .counts import AllToAllCounts, Pair, describe_unmatched, split_counts, unmatched
 from .envelope import TensorCall, tensor_call
 
 
@@ -197,13 +198,16 @@ def all_to_all_rows(p: Protocol, out: Any, tensor: Any, receives: Any, sends: An
                     labels: Tuple[str, str] = ("output_split_sizes", "input_split_sizes")
                     ) -> Any:
     """``sends[j]`` rows of ``tensor`` (dim 0) to rank j, and ``receives[j]`` rows from rank j
-    into ``out``, in rank order; returns ``out``. Two checked calls (``tensor.counts``): every
-    rank's counts, read alike on every rank, then the rows under an envelope of their dtype and
-    row shape. ``labels``: how errors name the receive and send counts."""
+    into ``out``, in rank order (None or []: equal blocks); returns ``out``. Two checked calls
+    (``tensor.counts``): every rank's counts, read alike on every rank, then the rows under an
+    envelope of their dtype and row shape. ``labels``: how errors name the receive and send
+    counts."""
     _torch_comm(p, "all_to_all_tensor")
-    error = error or _rows_error(out, tensor) or \
-        counts_error(sends, tensor.shape[0], labels[1], p.size) or \
-        counts_error(receives, out.shape[0], labels[0], p.size)
+    error = error or _rows_error(out, tensor)
+    if error is None:
+        sends, error = split_counts(sends, tensor.shape[0], labels[1], p.size)
+    if error is None:
+        receives, error = split_counts(receives, out.shape[0], labels[0], p.size)
     if error is not None:
         flagged = core_ops.value_call("all_to_all_tensor", GATHER, None, AllToAllCounts, step,
                                       name, error=error)
@@ -213,15 +217,7 @@ def all_to_all_rows(p: Protocol, out: Any, tensor: Any, receives: Any, sends: An
                                AllToAllCounts, step, name, op="all_to_all_tensor")
     pairs = unmatched(table)
     if pairs:
-        frame, via = call_site()
-        site = format_site(frame.f_code, frame.f_lasti) if frame is not None else "?"
-        through = f" through {via_name(via)}" if via is not None else ""
-        seq = p.seq - 1
-        exc = DesyncError(f"{verdict.heading(p, seq)}: all_to_all_tensor at {site}{through}: "
-                          f"the ranks' split sizes disagree: {describe_unmatched(pairs)}",
-                          seq=seq, comm=p.name, kinds=(MismatchKind.SHAPE,))
-        p.failed(exc)  # logged and dumped as any collective's error
-        raise exc
+        raise _counts_disagree(p, name, pairs)
     # The envelope of the rows: dtype, device and the shape of one row, alike on every rank.
     call = tensor_call(p, "all_to_all_tensor", tensor.new_empty((0,) + tuple(tensor.shape[1:])),
                        name, step)
@@ -229,36 +225,71 @@ def all_to_all_rows(p: Protocol, out: Any, tensor: Any, receives: Any, sends: An
     into = out if out.is_contiguous() else \
         torch.empty_like(out, memory_format=torch.contiguous_format)
     _run(p, call, lambda deadline: p.transport.all_to_all_tensor(into, src, deadline,
-                                                                  list(receives), list(sends)),
-         lambda group: device.enqueued(group.alltoall_base(_real(into), _real(src),
-                                                           list(receives), list(sends),
-                                                           _opts(AllToAllOptions))))
+                                                                  receives, sends),
+         lambda group: device.enqueued(group.alltoall_base(_real(into), _real(src), receives,
+                                                           sends, _opts(AllToAllOptions))))
     if into is not out:
         out.copy_(into)
     return out
 
 
-def all_to_all_counted(p: Protocol, tensor: Any, sends: Any, receives: Any, name: Any,
-                       step: Any) -> Any:
-    """``all_to_all_rows`` into a new tensor of ``sum(receives)`` rows."""
-    error = None
-    if sends is None or receives is None:
-        error = "ValueError: expected both send_counts and receive_counts (or neither), got one"
-    rows = sum(receives) if isinstance(receives, (list, tuple)) and \
-        all(type(n) is int and n >= 0 for n in receives) else 0
-    out = tensor.new_empty((rows,) + tuple(tensor.shape[1:])) \
-        if isinstance(tensor, torch.Tensor) and tensor.dim() else tensor
-    return all_to_all_rows(p, out, tensor, receives, sends, name, step, error=error,
+def _counts_disagree(p: Protocol, name: Any, pairs: List[Pair]) -> DesyncError:
+    """The error of counts that disagree, in one text on every rank: the call's name where it
+    has one (ranks may call it from different lines), else its site."""
+    if name is not None:
+        which = f"name={name!r}"
+    else:
+        frame, via = call_site()
+        site = format_site(frame.f_code, frame.f_lasti) if frame is not None else "?"
+        which = f"at {site}" + (f" through {via_name(via)}" if via is not None else "")
+    seq = p.seq - 1
+    exc = DesyncError(f"{verdict.heading(p, seq)}: all_to_all_tensor {which}: the ranks' split "
+                      f"sizes disagree: {describe_unmatched(pairs)}", seq=seq, comm=p.name,
+                      kinds=(MismatchKind.SHAPE,))
+    p.failed(exc)  # logged and dumped as any collective's error
+    return exc
+
+
+def all_to_all_any(p: Protocol, tensor: Any, sends: Any, receives: Any, name: Any,
+                   step: Any) -> Any:
+    """TypedComm's all-to-all: a CPU tensor without counts in one checked call; otherwise
+    ``all_to_all_rows`` into a new tensor of the rows received. A CUDA tensor always takes the
+    counted path, whose first exchange is on the host: ranks that differ in giving counts then
+    meet in it and raise, where the one-call path's envelope on NCCL would leave them waiting
+    in two different exchanges."""
+    if sends is None and receives is None and not (isinstance(tensor, torch.Tensor) and
+                                                   tensor.is_cuda):
+        return all_to_all_tensor(p, tensor, name, step)
+    if not isinstance(tensor, torch.Tensor) or tensor.dim() == 0:
+        return all_to_all_rows(p, tensor, tensor, receives, sends, name, step,
+                               labels=("receive_counts", "send_counts"))
+    rows = tensor.shape[0]
+    if receives is not None and len(receives):
+        try:
+            rows = max(0, sum(operator.index(n) for n in receives))
+        except TypeError:  # split_counts says why
+            rows = 0
+    out = tensor.new_empty((rows,) + tuple(tensor.shape[1:]))
+    return all_to_all_rows(p, out, tensor, receives, sends, name, step,
                            labels=("receive_counts", "send_counts"))
 
 
 def _rows_error(out: Any, tensor: Any) -> Optional[str]:
-    """Why ``out`` cannot take rows of ``tensor``, or None."""
-    if not isinstance(tensor, torch.Tensor) or not isinstance(out, torch.Tensor):
-        return (f"TypeError: expected tensors for the output and the input, got "
-                f"{type(out).__name__} and {type(tensor).__name__}")
-    if tensor.dim() == 0 or out.dim() == 0:
-        return "ValueError: expected tensors of at least one dimension (rows along dim 0)"
+    """Why ``out`` cannot take rows of ``tensor``, or None (checked before the first exchange:
+    nothing may fail on one rank alone after it)."""
+    for what, value in (("input", tensor), ("output", out)):
+        if not isinstance(value, torch.Tensor):
+            return (f"TypeError: expected the {what} to be a torch.Tensor, got "
+                    f"{type(value).__name__}")
+        if value.dim() == 0:
+            return f"ValueError: expected the {what} to have rows (dim 0), got a 0-d tensor"
+        if value.layout != torch.strided:
+            return (f"ValueError: expected the {what} to be a dense tensor, got layout "
+                    f"{str(value.layout).removeprefix('torch.')}")
+        if value.is_conj() or value.is_neg():
+            return (f"ValueError: expected the {what} without a pending conjugate or "
+                    f"negation, got a view with one (call .resolve_conj() or .resolve_neg() "
+                    f"first)")
     if out.dtype != tensor.dtype or out.device != tensor.device or \
             out.shape[1:] != tensor.shape[1:]:
         return (f"ValueError: expected the output to hold rows of the input's, "
