@@ -278,6 +278,17 @@ def tensor_failures(drop_in: Any, rank: int, size: int) -> list:
         if want not in str(exc) or exc.kinds != (tc.MismatchKind.SHAPE,) or \
                 "test_compat_torch.py" not in str(exc):
             failures.append(f"all_to_all_single counts that disagree: {exc}")
+    try:  # rows of another dtype: the counts exchange names it, before NCCL or gloo could
+        drop_in.all_to_all_single(torch.zeros(size, dtype=torch.int64 if rank == size - 1
+                                              else torch.float32),
+                                  torch.zeros(size, dtype=torch.int64 if rank == size - 1
+                                              else torch.float32))
+        failures.append("all_to_all_single of rows of another dtype: nothing raised")
+    except tc.DesyncError as exc:
+        want = (f"the ranks' rows differ: {'rank 0 moves' if size == 2 else 'ranks'}")
+        if want not in str(exc) or "of int64 () on cpu" not in str(exc) or \
+                exc.kinds != (tc.MismatchKind.DTYPE,):
+            failures.append(f"all_to_all_single of rows of another dtype: {exc}")
     expect((tc.EncodeError, tc.PeerError), "all_to_all_single of a conjugate view",
            lambda: drop_in.all_to_all_single(
                torch.zeros(size, dtype=torch.complex64), torch.ones(size, dtype=torch.complex64)

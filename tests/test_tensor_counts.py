@@ -7,8 +7,9 @@ import pytest
 import numpy as np
 import torch
 
-from typedcoll.tensor.counts import (AllToAllCounts, describe_unmatched, split_counts,
-                                     unmatched)
+from typedcoll import MismatchKind
+from typedcoll.tensor.counts import (AllToAllCounts, describe_unmatched, rows_differ,
+                                     split_counts, unmatched)
 
 
 def table(sends: list, receives: list) -> list:
@@ -71,3 +72,19 @@ def test_counts_of_one_rank_are_checked_against_its_rows(counts, rows, expected)
     got, error = split_counts(counts, rows, "send_counts", 2)
     assert got is None
     assert error is not None and error.startswith("ValueError: ") and expected in error
+
+
+def test_rows_of_another_dtype_or_shape_are_named_by_group():
+    def counts(dtype: str, shape: tuple, device: str = "cpu") -> AllToAllCounts:
+        return AllToAllCounts((1, 1, 1), (1, 1, 1), dtype, shape, device)
+
+    alike = [counts("float32", (3,))] * 3
+    assert rows_differ(alike) == (None, [])
+    text, kinds = rows_differ([counts("float32", (3,)), counts("int64", (3,)),
+                               counts("float32", (3,))])
+    assert text == "ranks 0,2 move rows of float32 (3,) on cpu; rank 1 of int64 (3,) on cpu"
+    assert kinds == [MismatchKind.DTYPE]
+    text, kinds = rows_differ([counts("float32", (3,)), counts("float32", (2,), "cuda")])
+    assert text == ("rank 0 moves rows of float32 (3,) on cpu; rank 1 of float32 (2,) on "
+                    "cuda")
+    assert kinds == [MismatchKind.DTYPE, MismatchKind.SHAPE]

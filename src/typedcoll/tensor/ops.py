@@ -61,8 +61,8 @@ from ..core.transport import TransportTimeout
 from ..core.wire import GATHER
 from ..transports.torch import TORCH_OPS
 from . import device, inline
-from .counts import AllToAllCounts, Pair, describe_unmatched, split_counts, unmatched
-from .envelope import TensorCall, tensor_call
+from .counts import AllToAllCounts, describe_unmatched, rows_differ, split_counts, unmatched
+from .envelope import TensorCall, dtype_name, tensor_call
 
 
 def _run(p: Protocol, call: TensorCall, host: Callable[[Optional[float]], None],
@@ -199,8 +199,8 @@ def all_to_all_rows(p: Protocol, out: Any, tensor: Any, receives: Any, sends: An
                     ) -> Any:
     """``sends[j]`` rows of ``tensor`` (dim 0) to rank j, and ``receives[j]`` rows from rank j
     into ``out``, in rank order (None or []: equal blocks); returns ``out``. Two checked calls
-    (``tensor.counts``): every rank's counts, read alike on every rank, then the rows under an
-    envelope of their dtype and row shape. ``labels``: how errors name the receive and send
+    (``tensor.counts``): every rank's counts and what one of its rows is, read alike on every
+    rank, then the rows. ``labels``: how errors name the receive and send
     counts."""
     _torch_comm(p, "all_to_all_tensor")
     error = error or _rows_error(out, tensor)
@@ -213,12 +213,18 @@ def all_to_all_rows(p: Protocol, out: Any, tensor: Any, receives: Any, sends: An
                                       name, error=error)
         core_ops.run(p, flagged, lambda c: None)
         raise AssertionError("a flagged error raises in the exchange")  # pragma: no cover
-    table = core_ops.allgather(p, AllToAllCounts(tuple(sends), tuple(receives)),
-                               AllToAllCounts, step, name, op="all_to_all_tensor")
+    mine = AllToAllCounts(tuple(sends), tuple(receives), dtype_name(tensor.dtype),
+                          tuple(tensor.shape[1:]), tensor.device.type)
+    table = core_ops.allgather(p, mine, AllToAllCounts, step, name, op="all_to_all_tensor")
+    rows, kinds = rows_differ(table)
+    if rows is not None:
+        raise _counts_disagree(p, name, f"the ranks' rows differ: {rows}", kinds)
     pairs = unmatched(table)
     if pairs:
-        raise _counts_disagree(p, name, pairs)
-    # The envelope of the rows: dtype, device and the shape of one row, alike on every rank.
+        raise _counts_disagree(p, name, f"the ranks' split sizes disagree: "
+                               f"{describe_unmatched(pairs)}", [MismatchKind.SHAPE])
+    # The rows' own checked call, its envelope a tensor of no rows (the counts' exchange
+    # compared what a row is already): on the device path the envelope NCCL runs before them.
     call = tensor_call(p, "all_to_all_tensor", tensor.new_empty((0,) + tuple(tensor.shape[1:])),
                        name, step)
     src = tensor.contiguous()
@@ -233,9 +239,10 @@ def all_to_all_rows(p: Protocol, out: Any, tensor: Any, receives: Any, sends: An
     return out
 
 
-def _counts_disagree(p: Protocol, name: Any, pairs: List[Pair]) -> DesyncError:
-    """The error of counts that disagree, in one text on every rank: the call's name where it
-    has one (ranks may call it from different lines), else its site."""
+def _counts_disagree(p: Protocol, name: Any, why: str, kinds: List[MismatchKind]
+                     ) -> DesyncError:
+    """The error of counts or rows that disagree, in one text on every rank: the call's name
+    where it has one (ranks may call it from different lines), else its site."""
     if name is not None:
         which = f"name={name!r}"
     else:
@@ -243,9 +250,8 @@ def _counts_disagree(p: Protocol, name: Any, pairs: List[Pair]) -> DesyncError:
         site = format_site(frame.f_code, frame.f_lasti) if frame is not None else "?"
         which = f"at {site}" + (f" through {via_name(via)}" if via is not None else "")
     seq = p.seq - 1
-    exc = DesyncError(f"{verdict.heading(p, seq)}: all_to_all_tensor {which}: the ranks' split "
-                      f"sizes disagree: {describe_unmatched(pairs)}", seq=seq, comm=p.name,
-                      kinds=(MismatchKind.SHAPE,))
+    exc = DesyncError(f"{verdict.heading(p, seq)}: all_to_all_tensor {which}: {why}", seq=seq,
+                      comm=p.name, kinds=kinds)
     p.failed(exc)  # logged and dumped as any collective's error
     return exc
 
