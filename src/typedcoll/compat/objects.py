@@ -50,15 +50,6 @@ def _encode(value: Any, flags: int = 0) -> Tuple[Any, int, Optional[str]]:
     return tree, flags, None
 
 
-def _refuse(p: Protocol, op: str, shape: int, error: str, step: Any, name: Any,
-            root: int = NO_ROOT, reduce_op: int = 0) -> None:
-    """Take part in the call with this rank's error flagged: every rank raises in it."""
-    call = ops.value_call(op, shape, None, Any, step, name, root=root, reduce_op=reduce_op,
-                          error=error)
-    ops.run(p, call, lambda c: None)
-    raise AssertionError("a flagged error raises in the exchange")  # pragma: no cover
-
-
 def _site() -> str:
     frame = user_frame(2)
     return format_site(frame.f_code, frame.f_lasti) if frame is not None else "?"
@@ -138,7 +129,7 @@ def allgather(p: Protocol, value: Any, step: Any = None, name: Any = None) -> Li
     if not plain:
         tree, _, error = _encode(value)
         if error is not None:
-            _refuse(p, "allgather", GATHER, error, step, name)
+            ops.refuse(p, "allgather", GATHER, error, step, name)
     seq = p.seq
     trees = ops.allgather(p, tree, Any, step, name)
     if not tagged.any_tagged(trees):
@@ -227,7 +218,7 @@ def bcast(p: Protocol, value: Any, root: Any = 0, step: Any = None, name: Any = 
         else:
             tree, _, error = _encode(value)
         if error is not None:
-            _refuse(p, "bcast", REDUCE, error, step, name, root=int(root))
+            ops.refuse(p, "bcast", REDUCE, error, step, name, root=int(root))
     seq = p.seq
     got = ops.bcast(p, tree, root, schema, step, name)
     trees = list(got) if many else [got]
@@ -266,7 +257,7 @@ def scatter(p: Protocol, values: Any, root: Any = 0, step: Any = None, name: Any
                 and len(values) == p.size:
             trees, error = _stamped(values)
             if error is not None:
-                _refuse(p, "scatter", REDUCE, error, step, name, root=int(root))
+                ops.refuse(p, "scatter", REDUCE, error, step, name, root=int(root))
         else:
             trees = values  # the core flags what is wrong with it, on this rank
     seq = p.seq
@@ -280,7 +271,7 @@ def alltoall(p: Protocol, values: Any, step: Any = None, name: Any = None) -> Li
             and len(values) == p.size:
         trees, error = _stamped(values)
         if error is not None:
-            _refuse(p, "alltoall", REDUCE, error, step, name)
+            ops.refuse(p, "alltoall", REDUCE, error, step, name)
     seq = p.seq
     got = parts.alltoall(p, trees, Any, step, name)
     return _finish(p, got, range(p.size), _flags(got), "alltoall", seq, step)
@@ -294,7 +285,7 @@ def refuse(p: Protocol, op: str, error: str, step: Any = None, name: Any = None,
            root: Any = NO_ROOT) -> None:
     """Take part in ``op`` with an argument error of this rank flagged (never returns)."""
     shape = GATHER if op in ("allgather", "gather", "allreduce", "reduce") else REDUCE
-    _refuse(p, op, shape, error, step, name,
+    ops.refuse(p, op, shape, error, step, name,
             root=int(root) if check_root(root, p.size) is None else NO_ROOT)
 
 

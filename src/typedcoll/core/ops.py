@@ -9,7 +9,7 @@ ops first and hands the rest to these functions.
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, List, NoReturn, Optional, Tuple
 
 import numpy as np
 
@@ -44,6 +44,16 @@ def run(p: Protocol, call: Call, rest: Callable[[Call], Any]) -> Any:
         raise
     p.completed(call)
     return result
+
+
+def refuse(p: Protocol, op: str, shape: int, error: str, step: Any, name: Any, *,
+           schema: Any = Any, root: int = NO_ROOT, reduce_op: int = 0) -> NoReturn:
+    """Take part in ``op`` with this rank's argument ``error`` flagged: every rank raises in
+    it (EncodeError here, PeerError on the others), so no peer is left waiting in it."""
+    call = value_call(op, shape, None, schema, step, name, root=root, reduce_op=reduce_op,
+                      error=error)
+    run(p, call, lambda c: None)
+    raise AssertionError("a flagged error raises in the exchange")  # pragma: no cover
 
 
 def run_after_fast(p: Protocol, out: Any, call: Call, rest: Callable[[Call], Any]) -> Any:

@@ -209,10 +209,8 @@ def all_to_all_rows(p: Protocol, out: Any, tensor: Any, receives: Any, sends: An
     if error is None:
         receives, error = split_counts(receives, out.shape[0], labels[0], p.size)
     if error is not None:
-        flagged = core_ops.value_call("all_to_all_tensor", GATHER, None, AllToAllCounts, step,
-                                      name, error=error)
-        core_ops.run(p, flagged, lambda c: None)
-        raise AssertionError("a flagged error raises in the exchange")  # pragma: no cover
+        core_ops.refuse(p, "all_to_all_tensor", GATHER, error, step, name,
+                        schema=AllToAllCounts)
     mine = AllToAllCounts(tuple(sends), tuple(receives), dtype_name(tensor.dtype),
                           tuple(tensor.shape[1:]), tensor.device.type)
     table = core_ops.allgather(p, mine, AllToAllCounts, step, name, op="all_to_all_tensor")
