@@ -10,6 +10,7 @@ import enum
 import json
 import math
 import os
+import pickle
 import random
 import signal
 import subprocess
@@ -226,6 +227,40 @@ def tensor_failures(drop_in: Any, rank: int, size: int) -> list:
         drop_in.all_reduce(torch.tensor([rank]), op=ReduceOp.MAX)  # timeout vote
 
     expect((tc.DesyncError, tc.DesyncError), "skipped vote", skipped_vote)
+
+    def broadcast_pyobj(data: list, src: int = 0) -> list:
+        """SGLang's, unchanged: a size, then the pickled bytes unless the list is empty."""
+        if rank == src:
+            if len(data) == 0:
+                drop_in.broadcast(torch.tensor([0], dtype=torch.long), src=src)
+            else:
+                raw = pickle.dumps(data)
+                drop_in.broadcast(torch.tensor([len(raw)], dtype=torch.long), src=src)
+                drop_in.broadcast(torch.frombuffer(bytearray(raw), dtype=torch.uint8), src=src)
+            return data
+        else:
+            size_tensor = torch.tensor([0], dtype=torch.long)
+            drop_in.broadcast(size_tensor, src=src)
+            if size_tensor.item() == 0:
+                return []
+            data_tensor = torch.empty(size_tensor.item(), dtype=torch.uint8)
+            drop_in.broadcast(data_tensor, src=src)
+            return pickle.loads(bytes(data_tensor.numpy()))
+
+    def work_then_control(skip: bool) -> list:
+        got = []
+        if not skip:  # a decision of this rank's own: an empty queue, a local timeout
+            got.append(broadcast_pyobj(["work"] if rank == 0 else []))
+        got.append(broadcast_pyobj(["abort"] if rank == 0 else []))
+        return got
+
+    for _ in range(2):
+        if work_then_control(False) != [["work"], ["abort"]]:
+            failures.append("broadcast_pyobj from two lines: wrong requests")
+    # Its callers tell its calls apart: the skipped work requests raise on every rank, where the
+    # last rank would take the control requests as work.
+    expect((tc.DesyncError, tc.DesyncError), "skipped broadcast_pyobj",
+           lambda: work_then_control(rank == size - 1))
     short = [torch.zeros(1)] * (size - 1 if rank == size - 1 else size)
     expect((tc.EncodeError, tc.PeerError), "short tensor_list",
            lambda: drop_in.all_gather(short, torch.zeros(1)))

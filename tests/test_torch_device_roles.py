@@ -5,6 +5,7 @@ the other, is one call there as on the host path; any other split raises on ever
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable, List
 
 import pytest
@@ -93,3 +94,47 @@ def test_an_envelope_of_wide_characters_fits_the_block():
     assert len(payload) <= META_MAX
     cut = META_DECODER.decode(payload)
     assert (cut.branch, cut.occurrence, cut.column) == (meta.branch, 2 ** 40, 4000)
+
+
+# --- the callers of a role wrapper (core.callers) ---------------------------------------------
+
+def _site_call(p: Any, tensor: Any) -> Any:
+    """A device call at its caller's line, with the callers found there (core.callers)."""
+    from typedcoll.core.callers import callers_of
+    from typedcoll.tensor.envelope import tensor_call
+    call = tensor_call(p, "broadcast_tensor", tensor, "", None, root=0)
+    frame = sys._getframe(1)
+    call.code, call.lasti, call.seq, call.occurrence = frame.f_code, frame.f_lasti, 4, 1
+    call.callers = callers_of(frame)
+    return call
+
+
+def _wrapped_call(p: Any, tensor: Any) -> Any:
+    if p.rank == 0:  # an engine's broadcast_object, made for its caller's line
+        return _site_call(p, tensor)
+    else:
+        return _site_call(p, tensor)
+
+
+def requests_then_control(p: Any, skipper: int) -> Any:
+    has_work = p.rank != skipper  # a decision of the rank's own, not a test of its role
+    if has_work:
+        return _wrapped_call(p, torch.zeros(3))  # the work requests
+    return _wrapped_call(p, torch.zeros(3))  # the control requests, the skipper's next call
+
+
+def test_a_role_wrapper_made_for_two_lines_raises_on_the_device_path():
+    assert verdicts(lambda p: requests_then_control(p, -1), 4) == [None] * 4
+    for skipper in (0, 2):
+        error = one_desync(verdicts(lambda p: requests_then_control(p, skipper), 4))
+        assert "called from test_torch_device_roles.py:" in str(error), error
+
+
+def test_a_cut_envelope_keeps_two_callers_apart():
+    metas = [DeviceMeta("n" * 256, "float32", "cuda", (4,), "s" * 300, 7, "c" * 99, "e" * 500,
+                        40, Branch("0123456789abcdef", 0), None,
+                        ((f"{'p' * 200}/{line}.py:12:5", None),))
+             for line in "ab"]
+    cut = [META_DECODER.decode(encode_meta(meta)) for meta in metas]
+    assert all(len(encode_meta(meta)) <= META_MAX for meta in metas)
+    assert cut[0].callers != cut[1].callers and len(cut[0].callers) == 1

@@ -109,6 +109,23 @@ def test_a_role_branch_completed_live_is_no_divergence_and_anything_else_is():
         assert div is not None and div.kinds == [MismatchKind.CALL]
 
 
+def test_a_role_wrapper_made_for_two_callers_diverges_offline_as_it_does_live():
+    """The entries keep the callers of a call in a role branch (core.callers): a rank whose
+    broadcast_object was called from another line is another call, in a dump as live."""
+    def bcast(r: int, line: int) -> Dict[str, Any]:
+        arm = 0 if r == 0 else 1
+        return entry(0, op="bcast", site=f"m.py:{4 + 3 * arm}",
+                     branch={"key": "m.py:3 bcast #1", "arm": arm},
+                     callers=[{"site": f"sched.py:{line}"}])
+    same = analyze(dumps_of(*(dump(r, [comm(r, 3, [bcast(r, 90)])]) for r in range(3))))
+    assert same.consistent and same.first is None
+    div = analyze(dumps_of(*(dump(r, [comm(r, 3, [bcast(r, 91 if r == 2 else 90)])])
+                             for r in range(3)))).comms[0].divergence
+    assert div is not None and div.kinds == [MismatchKind.CALL]
+    assert div.text.splitlines()[3] == \
+        "  rank 2: bcast[RankState] at m.py:7 called from sched.py:91"
+
+
 def test_two_thin_wrappers_at_one_site_diverge_offline_as_they_do_live():
     """A dispatcher's one line reaches two thin wrappers: the entries' ``via`` tells the calls
     apart, in plain calls and in a role branch's arms."""

@@ -226,6 +226,45 @@ if size > 1:
              "bcast[Hidden] payload" in str(err.error))
     chk.usable(comm, "after a class only the root has")
 
+# An engine's broadcast_object: the root's side and the receivers' in two arms of one role
+# branch, called for the work requests and then the control requests from two lines. Its callers
+# are part of its identity: a rank that skips the work requests raises on every rank, with one
+# text, where it would take the control requests as work.
+def broadcast_object(obj, src=0):
+    if comm.rank == src:
+        comm.bcast(obj, root=src)
+        return obj
+    else:
+        return comm.bcast(None, root=src)
+
+
+def receive_requests(it, skipper):
+    got = []
+    has_work = rank != skipper  # this rank's own decision (a local queue, a timeout)
+    if has_work:
+        got.append(broadcast_object([f"work {it}"] if rank == 0 else None))
+    got.append(broadcast_object([f"abort {it}"] if rank == 0 else None))
+    return got
+
+
+if size > 1:
+    for it in range(2):  # the first run proves the branch; the second sends the role identity
+        chk.eq(f"role wrapper: iteration {it}", receive_requests(it, None),
+               [[f"work {it}"], [f"abort {it}"]])
+    for skipper in (0, last):
+        seq = comm.seq
+        with chk.expect(tc.DesyncError, f"role wrapper: rank {skipper} skips") as err:
+            receive_requests(9, skipper)
+        chk.same(f"role wrapper: rank {skipper} skips: one text", str(err.error))
+        # (receivers that name no schema may show none beside the root's: kinds may add it)
+        chk.eq(f"role wrapper: rank {skipper} skips: seq and first kind",
+               (err.error.seq, err.error.kinds[0]), (seq, tc.MismatchKind.CALL))
+        head = receive_requests.__code__.co_firstlineno
+        chk.true(f"role wrapper: rank {skipper} skips: callers named ({err.error})",
+                 f"called from {FILE}:{head + 4}" in str(err.error) and
+                 f"called from {FILE}:{head + 5}" in str(err.error))
+        chk.usable(comm, f"after rank {skipper} skipped through a role wrapper")
+
 # Two threads on one communicator: refused, never paired across threads, never a hang.
 shared = tc.TypedComm(WORLD.Dup(), timeout=5.0)
 outcomes = {0: [], 1: []}

@@ -89,9 +89,9 @@ enum { BUSY_IDENT, BUSY_CODE, BUSY_LASTI, BUSY_POISON, BUSY_BROKEN, BUSY_COUNT }
 enum { KIND_ALL, KIND_GATHER, KIND_BCAST, KIND_EMPTY, KIND_SCATTER, KIND_ALLTOALL, KIND_ARRAYS };
 
 static PyObject *SCHEMAS, *SCHEMAS_BY_ID, *OPS, *ENCODE, *SKIP_FILES, *SKIP_CODES, *SITE_FP,
-    *NAME_FP, *TAKE_PY, *FORWARDING;
+    *NAME_FP, *TAKE_PY, *FORWARDING, *ROLE_SITE, *COMBINED;
 /* name -> fingerprint (call sites have a table of their own, before site_identity). */
-static PyObject *NAME_CACHE, *EMPTY_BYTES;
+static PyObject *NAME_CACHE, *EMPTY_BYTES, *EMPTY_TUPLE;
 static PyObject *s_seq, *s_step, *s_policy, *s_observe, *s_size, *s_fast, *s_exchange,
     *s_fingerprint, *s_failed, *s_guesses, *s_roles;
 /* The op names of the entry points that are not given one, interned once at import. */
@@ -245,13 +245,16 @@ static int block_agreed(const unsigned char *block) {
 
 /* --- configure --- */
 /* configure(schemas, schemas_by_id, ops, encode, skip_files, skip_codes, site_fingerprint,
- *           name_fingerprint, take_py, forwarding) */
+ *           name_fingerprint, take_py, forwarding, role_site, combined) */
 static PyObject *configure(PyObject *mod, PyObject *args) {
-    PyObject *schemas, *by_id, *ops, *encode, *files, *codes, *site_fp, *name_fp, *take, *fwd;
-    if (!PyArg_ParseTuple(args, "O!O!O!OO!O!OOOO", &PyDict_Type, &schemas, &PyDict_Type, &by_id,
-                          &PyDict_Type, &ops, &encode, &PySet_Type, &files, &PySet_Type, &codes,
-                          &site_fp, &name_fp, &take, &fwd))
+    PyObject *schemas, *by_id, *ops, *encode, *files, *codes, *site_fp, *name_fp, *take, *fwd,
+        *role_site, *combined;
+    if (!PyArg_ParseTuple(args, "O!O!O!OO!O!OOOOOO", &PyDict_Type, &schemas, &PyDict_Type,
+                          &by_id, &PyDict_Type, &ops, &encode, &PySet_Type, &files, &PySet_Type,
+                          &codes, &site_fp, &name_fp, &take, &fwd, &role_site, &combined))
         return NULL;
+    Py_XSETREF(ROLE_SITE, Py_NewRef(role_site));
+    Py_XSETREF(COMBINED, Py_NewRef(combined));
     Py_XSETREF(FORWARDING, Py_NewRef(fwd));
     Py_XSETREF(SCHEMAS, Py_NewRef(schemas));
     Py_XSETREF(SCHEMAS_BY_ID, Py_NewRef(by_id));
@@ -304,20 +307,23 @@ static int passes_over(PyFrameObject *frame, PyCodeObject *code) {
     return found;
 }
 
-/* The call site, as identity.call_site finds it: the first frame whose file is not typedcoll's
- * own plumbing, whose code is not marked transparent and that is not passed over as a thin
- * wrapper (passes_over), and the innermost thin wrapper passed on the way (``via``); where no
- * such frame is above, the outermost thin wrapper is the site (a thread's target, a test's
- * program), with the innermost as via where they differ. New references to the site's code
- * object and to via's (or NULL), and the site's lasti. */
-static int user_site(PyCodeObject **code_out, int *lasti_out, PyCodeObject **via_out) {
-    PyFrameObject *frame = PyEval_GetFrame(); /* borrowed */
+/* The call site at or above ``start`` (borrowed; NULL: none), as identity.site_from finds it:
+ * the first frame whose file is not typedcoll's own plumbing, whose code is not marked
+ * transparent and that is not passed over as a thin wrapper (passes_over), and the innermost
+ * thin wrapper passed on the way (``via``); where no such frame is above, the outermost thin
+ * wrapper is the site (a thread's target, a test's program), with the innermost as via where
+ * they differ. New references to the site's code object, to via's (or NULL) and, where
+ * ``frame_out`` is given, to the site's frame (or NULL); and the site's lasti. */
+static int site_from(PyFrameObject *start, PyCodeObject **code_out, int *lasti_out,
+                     PyCodeObject **via_out, PyFrameObject **frame_out) {
+    PyFrameObject *frame = start;
     Py_XINCREF(frame);
     PyFrameObject *wrapper = NULL; /* the innermost thin wrapper */
     PyFrameObject *outer = NULL;   /* the outermost: the site where no frame above is one */
     int check_codes = PySet_GET_SIZE(SKIP_CODES) > 0;
     *code_out = *via_out = NULL;
     *lasti_out = 0;
+    if (frame_out != NULL) *frame_out = NULL;
     while (frame != NULL) {
         PyCodeObject *code = PyFrame_GetCode(frame);
         int skip = PySet_Contains(SKIP_FILES, code->co_filename);
@@ -333,7 +339,8 @@ static int user_site(PyCodeObject **code_out, int *lasti_out, PyCodeObject **via
         if (!skip && !forwards) {
             *code_out = code;
             *lasti_out = PyFrame_GetLasti(frame);
-            Py_DECREF(frame);
+            if (frame_out != NULL) *frame_out = frame;
+            else Py_DECREF(frame);
             if (wrapper != NULL) {
                 *via_out = PyFrame_GetCode(wrapper);
                 Py_DECREF(wrapper);
@@ -354,10 +361,17 @@ static int user_site(PyCodeObject **code_out, int *lasti_out, PyCodeObject **via
         *code_out = PyFrame_GetCode(outer);
         *lasti_out = PyFrame_GetLasti(outer);
         if (wrapper != outer) *via_out = PyFrame_GetCode(wrapper);
-        Py_DECREF(outer);
+        if (frame_out != NULL) *frame_out = outer;
+        else Py_DECREF(outer);
     }
     Py_XDECREF(wrapper);
     return 0;
+}
+
+/* The call site of the running collective (site_from the current frame). */
+static int user_site(PyCodeObject **code_out, int *lasti_out, PyCodeObject **via_out,
+                     PyFrameObject **frame_out) {
+    return site_from(PyEval_GetFrame(), code_out, lasti_out, via_out, frame_out);
 }
 
 /* The identity fingerprint of an unnamed call at (code, lasti) (a new reference). A
@@ -397,6 +411,163 @@ static PyObject *site_identity(PyCodeObject *code, int lasti, PyCodeObject *via)
     Py_XDECREF(old_via);
     Py_XDECREF(old_fp);
     return fp;
+}
+
+/* --- the callers of a call in a role branch (core/callers.py) --- */
+#define MAX_LEVELS 4
+#define ROLE_SLOTS 512
+static struct {
+    PyObject *code;
+    int lasti;
+    int role;
+} ROLE_TABLE[ROLE_SLOTS];
+
+/* Whether the call at (code, lasti) is a role branch's (callers.role_site): 1 or 0, -1 on
+ * error. A direct-mapped table in front of the Python answer, which parses the source once. */
+static int role_site(PyCodeObject *code, int lasti) {
+    size_t h = ((size_t)(uintptr_t)code >> 4) ^ ((size_t)(unsigned)lasti * 2654435761u);
+    size_t i = (h ^ (h >> 9)) & (ROLE_SLOTS - 1);
+    if (ROLE_TABLE[i].code == (PyObject *)code && ROLE_TABLE[i].lasti == lasti)
+        return ROLE_TABLE[i].role;
+    PyObject *answer = PyObject_CallFunction(ROLE_SITE, "Oi", (PyObject *)code, lasti);
+    if (answer == NULL) return -1;
+    int role = PyObject_IsTrue(answer);
+    Py_DECREF(answer);
+    if (role < 0) return -1;
+    PyObject *old = ROLE_TABLE[i].code;
+    ROLE_TABLE[i].code = Py_NewRef((PyObject *)code);
+    ROLE_TABLE[i].lasti = lasti;
+    ROLE_TABLE[i].role = role;
+    Py_XDECREF(old); /* last: a code object's deallocation may run Python code */
+    return role;
+}
+
+/* A call's callers as identified before: its site fingerprint's object and each caller's code,
+ * lasti and via -> the identity and the callers' tuple handed to the Python steps. A
+ * direct-mapped table that holds what it compares, so an address in it is never reused; a
+ * hit spares the tuples and the digest. */
+#define CALLERS_SLOTS 256
+static struct {
+    PyObject *site;
+    int n;
+    PyObject *codes[MAX_LEVELS];
+    int lastis[MAX_LEVELS];
+    PyObject *vias[MAX_LEVELS];
+    PyObject *identity;
+    PyObject *levels;
+} CALLERS_TABLE[CALLERS_SLOTS];
+
+/* The identity and callers' tuple of callers not in CALLERS_TABLE: each caller's site
+ * fingerprint joined to the site's, digested by callers.combined (new references; NULL on
+ * error). */
+static PyObject *combine_callers(PyObject *site, int n, PyCodeObject **codes, int *lastis,
+                                 PyCodeObject **vias, PyObject **levels_out) {
+    unsigned char joined[8 * (MAX_LEVELS + 1)];
+    PyObject *levels = PyTuple_New(n), *result = NULL;
+    if (levels == NULL) return NULL;
+    memcpy(joined, PyBytes_AS_STRING(site), 8);
+    for (int k = 0; k < n; k++) {
+        PyObject *fp = site_identity(codes[k], lastis[k], vias[k]);
+        if (fp == NULL) goto done;
+        memcpy(joined + 8 * (k + 1), PyBytes_AS_STRING(fp), 8);
+        Py_DECREF(fp);
+        PyObject *level = Py_BuildValue("(OiO)", (PyObject *)codes[k], lastis[k],
+                                        vias[k] ? (PyObject *)vias[k] : Py_None);
+        if (level == NULL) goto done;
+        PyTuple_SET_ITEM(levels, k, level);
+    }
+    PyObject *key = PyBytes_FromStringAndSize((const char *)joined, 8 * (n + 1));
+    if (key == NULL) goto done;
+    result = PyObject_CallOneArg(COMBINED, key);
+    Py_DECREF(key);
+    if (result != NULL && (!PyBytes_Check(result) || PyBytes_GET_SIZE(result) != 8)) {
+        Py_CLEAR(result);
+        PyErr_SetString(PyExc_RuntimeError, "typedcoll: bad callers' fingerprint");
+    }
+done:
+    if (result == NULL) Py_DECREF(levels);
+    else *levels_out = levels;
+    return result;
+}
+
+/* The identity of the unnamed rooted call whose site frame is ``frame`` and whose site
+ * fingerprint is ``site`` (both borrowed): with its callers where its site is a role branch's,
+ * walked as callers.callers_of walks them (a new reference; NULL on error). ``levels_out``: a
+ * new reference to the callers' tuple of (code, lasti, via), innermost first, for the Python
+ * steps and the flight recorder. */
+static PyObject *with_callers(PyFrameObject *frame, PyObject *site, PyObject **levels_out) {
+    PyCodeObject *codes[MAX_LEVELS], *vias[MAX_LEVELS];
+    int lastis[MAX_LEVELS];
+    int n = 0;
+    PyObject *result = NULL;
+    PyFrameObject *at = (PyFrameObject *)Py_NewRef(frame);
+    *levels_out = NULL;
+    while (at != NULL && n < MAX_LEVELS) {
+        PyCodeObject *code = PyFrame_GetCode(at);
+        int role = role_site(code, PyFrame_GetLasti(at));
+        Py_DECREF(code);
+        if (role < 0) goto done;
+        if (!role) break;
+        PyFrameObject *back = PyFrame_GetBack(at), *up = NULL;
+        int rc = site_from(back, &codes[n], &lastis[n], &vias[n], &up);
+        Py_XDECREF(back);
+        if (rc < 0) goto done;
+        if (codes[n] == NULL) break;
+        n++;
+        Py_XSETREF(at, up);
+    }
+    if (n == 0) {
+        result = Py_NewRef(site);
+        *levels_out = Py_NewRef(EMPTY_TUPLE);
+        goto done;
+    }
+    size_t h = ((size_t)(uintptr_t)site >> 4) ^ (size_t)n;
+    for (int k = 0; k < n; k++)
+        h = h * 1000003u ^ ((size_t)(uintptr_t)codes[k] >> 4) ^
+            ((size_t)(unsigned)lastis[k] * 2654435761u) ^ ((size_t)(uintptr_t)vias[k] >> 6);
+    size_t i = (h ^ (h >> 11)) & (CALLERS_SLOTS - 1);
+    int hit = CALLERS_TABLE[i].site == site && CALLERS_TABLE[i].n == n;
+    for (int k = 0; hit && k < n; k++)
+        hit = CALLERS_TABLE[i].codes[k] == (PyObject *)codes[k] &&
+              CALLERS_TABLE[i].lastis[k] == lastis[k] &&
+              CALLERS_TABLE[i].vias[k] == (vias[k] ? (PyObject *)vias[k] : Py_None);
+    if (hit) {
+        result = Py_NewRef(CALLERS_TABLE[i].identity);
+        *levels_out = Py_NewRef(CALLERS_TABLE[i].levels);
+        goto done;
+    }
+    result = combine_callers(site, n, codes, lastis, vias, levels_out);
+    if (result == NULL) goto done;
+    {
+        /* Replace the entry; the old references go last (a code object's deallocation may run
+         * Python code). */
+        PyObject *old[3 + 2 * MAX_LEVELS];
+        int m = 0;
+        old[m++] = CALLERS_TABLE[i].site;
+        old[m++] = CALLERS_TABLE[i].identity;
+        old[m++] = CALLERS_TABLE[i].levels;
+        for (int k = 0; k < CALLERS_TABLE[i].n; k++) {
+            old[m++] = CALLERS_TABLE[i].codes[k];
+            old[m++] = CALLERS_TABLE[i].vias[k];
+        }
+        CALLERS_TABLE[i].site = Py_NewRef(site);
+        CALLERS_TABLE[i].n = n;
+        for (int k = 0; k < n; k++) {
+            CALLERS_TABLE[i].codes[k] = Py_NewRef((PyObject *)codes[k]);
+            CALLERS_TABLE[i].lastis[k] = lastis[k];
+            CALLERS_TABLE[i].vias[k] = Py_NewRef(vias[k] ? (PyObject *)vias[k] : Py_None);
+        }
+        CALLERS_TABLE[i].identity = Py_NewRef(result);
+        CALLERS_TABLE[i].levels = Py_NewRef(*levels_out);
+        for (int k = 0; k < m; k++) Py_XDECREF(old[k]);
+    }
+done:
+    for (int k = 0; k < n; k++) {
+        Py_DECREF(codes[k]);
+        Py_XDECREF(vias[k]);
+    }
+    Py_XDECREF(at);
+    return result;
 }
 
 /* The identity fingerprint of a call named ``name`` (a new reference). */
@@ -456,7 +627,7 @@ static PyObject *lookup_info(PyObject *key) {
 static int record_start(PyObject *ring, PyObject *objects, PyObject *state, Py_ssize_t capacity,
                         long long seq, long opcode, PyObject *info, PyCodeObject *code, int lasti,
                         long long step, Py_ssize_t n, PyObject *name, Py_ssize_t occurrence,
-                        PyCodeObject *via) {
+                        PyCodeObject *via, PyObject *callers) {
     if (ring == Py_None) return 0;
     Py_ssize_t count = PyLong_AsSsize_t(PyList_GET_ITEM(state, 0));
     if (count < 0 && PyErr_Occurred()) return -1;
@@ -486,10 +657,16 @@ static int record_start(PyObject *ring, PyObject *objects, PyObject *state, Py_s
     e[45] = 0; /* started */
     e[46] = e[47] = 0;
     Py_ssize_t base = OBJECTS_PER_ENTRY * index;
-    if (PyList_SetItem(objects, base, Py_NewRef(info)) < 0 ||
+    /* A call made for its callers keeps them beside its wrapper (FlightRecorder.start). */
+    PyObject *via_obj = via ? (PyObject *)via : Py_None;
+    PyObject *wrapper = callers != NULL && PyTuple_GET_SIZE(callers) > 0
+                            ? PyTuple_Pack(2, via_obj, callers)
+                            : Py_NewRef(via_obj);
+    if (wrapper == NULL) return -1;
+    if (PyList_SetItem(objects, base + 3, wrapper) < 0 || /* stolen, set or not */
+        PyList_SetItem(objects, base, Py_NewRef(info)) < 0 ||
         PyList_SetItem(objects, base + 1, Py_NewRef(code ? (PyObject *)code : Py_None)) < 0 ||
-        PyList_SetItem(objects, base + 2, Py_NewRef(name)) < 0 ||
-        PyList_SetItem(objects, base + 3, Py_NewRef(via ? (PyObject *)via : Py_None)) < 0)
+        PyList_SetItem(objects, base + 2, Py_NewRef(name)) < 0)
         return -1;
     PyObject *next = PyLong_FromSsize_t(count + 1);
     if (next == NULL || PyList_SetItem(state, 0, next) < 0) return -1;
@@ -1170,8 +1347,10 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
         Py_DECREF(state);
         return usable < 0 ? NULL : take_py();
     }
-    PyObject *result = NULL, *payload = NULL, *identity = NULL, *info_fast = NULL;
+    PyObject *result = NULL, *payload = NULL, *identity = NULL, *info_fast = NULL,
+             *callers = NULL;
     PyCodeObject *code = NULL, *via = NULL;
+    PyFrameObject *site_frame = NULL;
     int lasti = 0, observed_here = 0;
     Py_buffer data_view; /* a split array's data (KIND_ARRAYS), held until phase 2 is done */
     int have_view = 0;
@@ -1304,7 +1483,10 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
     }
 
     /* --- from here the call is issued: no more TAKE_PY --- */
-    if (user_site(&code, &lasti, &via) < 0) goto error;
+    /* An unnamed rooted call's site frame: where its site is a role branch's, its callers are
+     * part of its identity (core/callers.py). */
+    if (user_site(&code, &lasti, &via, name == Py_None && root >= 0 ? &site_frame : NULL) < 0)
+        goto error;
     {
         PyObject *where = PyLong_FromLong(lasti);
         if (where == NULL) goto error;
@@ -1314,6 +1496,10 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
     }
     identity = name == Py_None ? site_identity(code, lasti, via) : name_identity(name);
     if (identity == NULL) goto error;
+    if (site_frame != NULL) {
+        Py_SETREF(identity, with_callers(site_frame, identity, &callers));
+        if (identity == NULL) goto error;
+    }
     long long seq;
     Py_ssize_t occurrence;
     {
@@ -1382,7 +1568,7 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
     put_u32(s + LENGTH_OFFSET, (uint32_t)(split_len < 0 ? n + prefix_len : split_len));
     if (record_start(f.ring, f.ring_objects, f.ring_state, f.capacity, seq, opcode,
                      kind == KIND_EMPTY ? Py_None : info, code, lasti, step, n + prefix_len,
-                     name, occurrence, via) < 0)
+                     name, occurrence, via, callers) < 0)
         goto error;
 
     int shape = kind == KIND_BCAST || kind == KIND_EMPTY || kind == KIND_SCATTER ? SHAPE_REDUCE
@@ -1597,8 +1783,9 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
 resume:
     /* Exchanged, not the steady state: the Python steps finish from the same bytes (the
      * channel stays busy until they do). */
-    result = Py_BuildValue("(OiOLnNOO)", code ? (PyObject *)code : Py_None, lasti,
-                           via ? (PyObject *)via : Py_None, seq, occurrence,
+    result = Py_BuildValue("(OiOOLnNOO)", code ? (PyObject *)code : Py_None, lasti,
+                           via ? (PyObject *)via : Py_None, callers ? callers : EMPTY_TUPLE,
+                           seq, occurrence,
                            deadline < 0 ? Py_NewRef(Py_None) : PyFloat_FromDouble(deadline),
                            timed_out ? Py_True : Py_False, observed_here ? Py_True : Py_False);
     goto cleanup;
@@ -1611,6 +1798,8 @@ cleanup:
     if (have_view) PyBuffer_Release(&data_view);
     Py_XDECREF(code);
     Py_XDECREF(via);
+    Py_XDECREF(site_frame);
+    Py_XDECREF(callers);
     Py_XDECREF(identity);
     Py_XDECREF(payload);
     Py_XDECREF(info_fast);
@@ -1685,9 +1874,15 @@ static PyObject *guessed_info(PyObject *proto, PyObject *name) {
     PyObject *identity;
     if (name == Py_None) {
         PyCodeObject *code = NULL, *via = NULL;
+        PyFrameObject *frame = NULL;
+        PyObject *levels = NULL;
         int lasti = 0;
-        if (user_site(&code, &lasti, &via) < 0) return NULL;
+        if (user_site(&code, &lasti, &via, &frame) < 0) return NULL;
         identity = site_identity(code, lasti, via);
+        if (identity != NULL && frame != NULL) /* a rooted call: with its callers */
+            Py_SETREF(identity, with_callers(frame, identity, &levels));
+        Py_XDECREF(levels);
+        Py_XDECREF(frame);
         Py_XDECREF(code);
         Py_XDECREF(via);
     } else if (PyUnicode_CheckExact(name) && PyUnicode_GET_LENGTH(name) >= 1 &&
@@ -1880,7 +2075,8 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     INTERN(s_reduce, "reduce");
     INTERN(s_barrier, "barrier");
     if ((NAME_CACHE = PyDict_New()) == NULL ||
-        (EMPTY_BYTES = PyBytes_FromStringAndSize(NULL, 0)) == NULL)
+        (EMPTY_BYTES = PyBytes_FromStringAndSize(NULL, 0)) == NULL ||
+        (EMPTY_TUPLE = PyTuple_New(0)) == NULL)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;

@@ -23,9 +23,10 @@ class Call:
     """One typed collective on one rank."""
 
     __slots__ = ("op", "shape", "info", "mode", "value", "root", "reduce_op", "step", "name",
-                 "code", "lasti", "via", "error", "array_fp", "validate", "wild", "guessed",
-                 "settings", "seq", "deadline", "overflow", "occurrence", "array_meta",
-                 "same_shape", "inline", "split", "timed_out", "observed", "clocked")
+                 "code", "lasti", "via", "callers", "error", "array_fp", "validate", "wild",
+                 "guessed", "settings", "seq", "deadline", "overflow", "occurrence",
+                 "array_meta", "same_shape", "inline", "split", "timed_out", "observed",
+                 "clocked")
 
     def __init__(self, op: str, shape: int, info: Optional[SchemaInfo], mode: int, value: Any, *,
                  root: int = NO_ROOT, reduce_op: int = 0, step: Any = None,
@@ -57,6 +58,7 @@ class Call:
         self.code: Any = None
         self.lasti = 0
         self.via: Any = None  # the thin wrapper the call went through (core.identity)
+        self.callers: Tuple[Any, ...] = ()  # of a call in a role branch (core.callers)
         self.seq = 0
         self.deadline: Optional[float] = None
         self.overflow: Any = None  # own payload bytes that move in phase 2

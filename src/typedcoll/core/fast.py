@@ -11,7 +11,8 @@ here, as must the wire constants it copies, or the extension is not used at all.
 Each entry point returns:
   - a list: the steady state's result (for rooted and empty ops, a 1-item list holding it);
   - ``TAKE_PY``: nothing was done; the Python steps run the whole call;
-  - a tuple ``(code, lasti, seq, occurrence, deadline, timed_out, observed)``, for an array
+  - a tuple ``(code, lasti, via, callers, seq, occurrence, deadline, timed_out, observed)``
+    (``callers``: ``core.callers``' levels, as the C path walked them), for an array
     sent past its slot followed by ``(prefix, data)``: the exchange ran but was not the steady
     state (a peer disagreed, failed or overflowed, a payload does not decode, the deadline
     passed); :func:`resumed` hands its facts to the Python steps, which reach the verdict every
@@ -36,7 +37,7 @@ from ..codecs.schema import _BY_ID, _CACHE
 from .call import Call
 from .identity import (SKIP_CODES, SKIP_FILES, forwarding, name_fingerprint, register_internal,
                        site_fingerprint)
-from . import array_slots, guesses, recorder, wire
+from . import array_slots, callers, guesses, recorder, wire
 from .transport import TransportFailure
 
 if TYPE_CHECKING:
@@ -87,7 +88,8 @@ if _speedups is not None:
     from ..codecs import ENCODER
     nesting.use_native(_speedups.nesting_ok)
     _speedups.configure(_CACHE, _BY_ID, wire.OPS, ENCODER.encode, SKIP_FILES, SKIP_CODES,
-                        site_fingerprint, name_fingerprint, TAKE_PY, forwarding)
+                        site_fingerprint, name_fingerprint, TAKE_PY, forwarding,
+                        callers.role_site, callers.combined)
 
 
 def bind(p: "Protocol") -> Optional[List[Any]]:
@@ -199,11 +201,11 @@ def _exchange_or_failure(p: "Protocol", exchange: Any, send: Any, recv: Any, blo
 def resumed(p: "Protocol", call: Call, out: Any) -> Call:
     """``call`` as the C path started and exchanged it (its answer ``out``): the same site,
     number, occurrence, deadline and step clock that the C path wrote into the header."""
-    (call.code, call.lasti, call.via, call.seq, call.occurrence, call.deadline, call.timed_out,
-     call.observed) = out[:8]
-    if len(out) > 8:  # the C path sent an array's prefix inline: (prefix, data) for phase 2
-        call.split = out[8]
-        call.overflow = out[8][1]
+    (call.code, call.lasti, call.via, call.callers, call.seq, call.occurrence, call.deadline,
+     call.timed_out, call.observed) = out[:9]
+    if len(out) > 9:  # the C path sent an array's prefix inline: (prefix, data) for phase 2
+        call.split = out[9]
+        call.overflow = out[9][1]
     if call.step is None and p.step != wire.NO_STEP:
         call.step = p.step
     if call.wild:  # the C path guessed the root's class from the same table

@@ -183,15 +183,19 @@ def is_forwarder(code: CodeType) -> bool:
 
 def call_site(depth: int = 2) -> Tuple[Optional[FrameType], Optional[CodeType]]:
     """The call site's frame, ``depth`` frames up, and the thin wrapper it called (``via``,
-    None where there is none).
+    None where there is none): :func:`site_from` that frame."""
+    return site_from(sys._getframe(depth))
+
+
+def site_from(frame: Optional[FrameType]) -> Tuple[Optional[FrameType], Optional[CodeType]]:
+    """The call site at or above ``frame``, and the thin wrapper it called.
 
     The site is the first frame outside typedcoll and transparent functions that is not a thin
     wrapper nor a function at its pass-through call (:func:`forwarding`); ``via`` the
     innermost such frame passed on the way. Where every frame above is plumbing or passed over
     (a thread's target, a test's program), the outermost of them is the site, with the innermost
-    as ``via`` where they differ.
+    as ``via`` where they differ. The C path's ``user_site`` is this walk.
     """
-    frame: Optional[FrameType] = sys._getframe(depth)
     files, codes = SKIP_FILES, SKIP_CODES
     wrapper: Optional[FrameType] = None
     outer: Optional[FrameType] = None

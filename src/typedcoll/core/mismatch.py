@@ -59,6 +59,17 @@ class Branch(msgspec.Struct, frozen=True):
         return [(self.key, self.arm), *self.outer]
 
 
+class Caller(msgspec.Struct, frozen=True):
+    """A caller of a call written in a role branch (``core.callers``): its site, as an
+    envelope's own (the file and line, the column, the thin wrapper passed), and the role branch
+    that call is written in, where it is one's."""
+
+    site: str
+    column: Optional[int] = None
+    via: Optional[str] = None
+    branch: Optional[Branch] = None
+
+
 class EnvelopeInfo(msgspec.Struct, frozen=True, kw_only=True):
     """What one rank says it is calling: the readable form of its envelope."""
 
@@ -84,6 +95,7 @@ class EnvelopeInfo(msgspec.Struct, frozen=True, kw_only=True):
     notes: Tuple[Note, ...] = ()
     branch: Optional[Branch] = None
     via: Optional[str] = None  # the thin wrapper the call went through (core.identity)
+    callers: Tuple[Caller, ...] = ()  # of a call in a role branch, innermost first
 
 
 class Group(msgspec.Struct, frozen=True):
@@ -104,32 +116,65 @@ class Group(msgspec.Struct, frozen=True):
 
 
 def role_split(envelopes: Sequence[EnvelopeInfo], root: Optional[int]) -> bool:
-    """Every envelope names no ``name=`` and one role branch (``core.arms``), and one rank is
-    alone in its arm: ``root`` where it is known, else any one rank (a dump holds no root;
-    the live verdict checked it)."""
-    return split_branch(envelopes, root) is not None
+    """Every envelope names no ``name=``, and at every level of the call (its site, then each
+    caller, ``core.callers``) the ranks name one site or split by one role branch with one rank
+    alone in its arm: ``root`` where it is known, else any one rank (a dump holds no root; the
+    live verdict checked it)."""
+    return split_levels(envelopes, root) is not None
 
 
-def split_branch(envelopes: Sequence[EnvelopeInfo], root: Optional[int]) -> Optional[str]:
-    """The key of ``role_split``'s branch, or None: the root's innermost branch, named by every
-    rank (as its own innermost or an enclosing one), with the root alone in its arm. Only the
-    root's innermost: where the root's call pairs in an ``if`` of its own, receivers elsewhere
-    are another call's (two conditionals, each a role branch, under a rank-local ``ready``),
-    while receivers split further (``elif``) still pair through the branch that holds them.
-    Without a root (a dump) any one rank alone, by its innermost. Every rank reads the same
-    envelopes, so every rank picks the same branch.
+Level = Tuple[str, Optional[int], Optional[str], Optional[Branch]]
+
+
+def levels(e: EnvelopeInfo) -> List[Level]:
+    """A call's site and its callers', innermost first: (site, column, via, branch)."""
+    return [(e.site, e.column, e.via, e.branch),
+            *((c.site, c.column, c.via, c.branch) for c in e.callers)]
+
+
+def split_levels(envelopes: Sequence[EnvelopeInfo], root: Optional[int]
+                 ) -> Optional[List[Optional[str]]]:
+    """``role_split``'s pairing: for each level, None where every rank names one site there, else
+    the key of the role branch that splits them (:func:`split_branch`); None where the ranks do
+    not pair, or name one site at every level. Every rank reads the same envelopes, so every
+    rank pairs alike."""
+    if any(e.name is not None for e in envelopes):
+        return None
+    chains = [levels(e) for e in envelopes]
+    if len({len(chain) for chain in chains}) != 1:
+        return None
+    keys: List[Optional[str]] = []
+    for depth in range(len(chains[0])):
+        row = [chain[depth] for chain in chains]
+        if len(set(row)) == 1:  # one site (a cut text too: the branch then tells arms apart)
+            keys.append(None)
+            continue
+        key = split_branch([level[3] for level in row], [level[2] for level in row], root)
+        if key is None:
+            return None
+        keys.append(key)
+    return keys if any(key is not None for key in keys) else None
+
+
+def split_branch(branches: Sequence[Optional[Branch]], vias: Sequence[Optional[str]],
+                 root: Optional[int]) -> Optional[str]:
+    """The key of the branch that splits one level of the ranks' calls, or None: the root's
+    innermost branch, named by every rank (as its own innermost or an enclosing one), with the
+    root alone in its arm. Only the root's innermost: where the root's call pairs in an ``if`` of
+    its own, receivers elsewhere are another call's (two conditionals, each a role branch, under
+    a rank-local ``ready``), while receivers split further (``elif``) still pair through the
+    branch that holds them. Without a root (a dump) any one rank alone, by its innermost.
 
     Every rank must have gone through the same thin wrapper (``via``, or none): a branch whose
     arms reach two wrappers (``fn = send_size if ... else send_flag`` called in both arms) is
     two calls, as the wrappers' own lines were before thin wrappers were passed over."""
-    if any(e.name is not None or e.branch is None for e in envelopes) or \
-            len({e.via for e in envelopes}) > 1:
+    if any(b is None for b in branches) or len(set(vias)) > 1:
         return None
-    arms_of = [dict(e.branch.candidates()) for e in envelopes]  # type: ignore[union-attr]
-    leads = range(len(envelopes)) if root is None else [root] if 0 <= root < len(envelopes) \
+    arms_of = [dict(b.candidates()) for b in branches]  # type: ignore[union-attr]
+    leads = range(len(branches)) if root is None else [root] if 0 <= root < len(branches) \
         else []
     for lead in leads:
-        key = envelopes[lead].branch.key  # type: ignore[union-attr]
+        key = branches[lead].key  # type: ignore[union-attr]
         arms = [a.get(key) for a in arms_of]
         if None not in arms and len(set(arms)) == 2 and arms.count(arms[lead]) == 1:
             return key
@@ -137,7 +182,8 @@ def split_branch(envelopes: Sequence[EnvelopeInfo], root: Optional[int]) -> Opti
 
 
 def _identity(e: EnvelopeInfo) -> Any:
-    return ("name", e.name) if e.name is not None else ("site", e.site, e.column, e.via)
+    return ("name", e.name) if e.name is not None else ("site", e.site, e.column, e.via,
+                                                           e.callers)
 
 
 # (kind, how to read the compared value from an envelope), in the order messages list them
@@ -158,7 +204,8 @@ _CHECKS = (
 
 def _shown(e: EnvelopeInfo) -> Tuple[Any, ...]:
     return (e.seq, e.comm, e.op, e.schema, e.fingerprint, e.site, e.column, e.name, e.occurrence,
-            e.step, e.root, e.reduce_op, e.shape, e.dtype, e.settings, e.error, e.via)
+            e.step, e.root, e.reduce_op, e.shape, e.dtype, e.settings, e.error, e.via,
+            e.callers)
 
 
 def group_envelopes(envelopes: Sequence[EnvelopeInfo]) -> List[Group]:
@@ -237,6 +284,10 @@ def describe(env: EnvelopeInfo, kinds: Sequence[MismatchKind] = (),
     text += f" at {format_column(env.site, env.column) if show_column else env.site}"
     if env.via is not None and env.name is None:
         text += f" through {env.via}"
+    if env.name is None:
+        for caller in env.callers:
+            where = format_column(caller.site, caller.column) if show_column else caller.site
+            text += f" called from {where}" + (f" through {caller.via}" if caller.via else "")
     if env.occurrence:
         text += f", its {ordinal(env.occurrence)} call"
     if env.step is not None:
@@ -333,6 +384,12 @@ def _hint(kinds: Sequence[MismatchKind], groups: Sequence[Group]) -> List[str]:
             return [f"  {ranks} named the call and the others did not: if these are the same "
                     f"collective, give it the same name= on every rank; else a rank skipped or "
                     f"added a call before this one"]
+        if all(g.envelope.callers for g in groups) and \
+                len({g.envelope.callers for g in groups}) > 1:
+            return ["  the callers differ: a call written in a role branch's arm is one call "
+                    "per line that calls its function, so a rank skipped or added a call of it "
+                    "before this one, or these are one collective reached from two places (a "
+                    "driver and its workers): then give the call a name="]
         vias = {g.envelope.via for g in groups}
         if len(vias) == 1 and None not in vias:
             via = vias.pop()

@@ -44,13 +44,14 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from ..codecs import ENCODER, KIND_MSGSPEC, SchemaInfo, encode_array, nesting_ok
 from ..codecs.array import encode_array_split
 from ..codecs.nesting import MAX_NESTING
-from . import guesses, roles, verdict
+from . import callers, guesses, roles, verdict
 # The creation exchange is the first traffic on a new backend group, which may still be
 # connecting its ranks (gloo does so lazily, slowly on a loaded host): it waits at least
 # CREATION_MIN_TIMEOUT whatever the communicator's timeout, so a tight timeout bounds
 # collectives, not start-up.
 from .verdict import CREATION_MIN_TIMEOUT
 from .call import MODE_ARRAY, MODE_BYTES, MODE_EMPTY, Call
+from .callers import callers_of
 from .channel import BUSY_CODE, BUSY_LASTI, Channel, thread_label
 from .errors import CREATE_SEQ, CollectiveError, ConcurrentCallError
 from .mismatch import Note
@@ -60,7 +61,7 @@ from .identity import call_site, format_site, name_fingerprint, register_interna
 from .recorder import FlightRecorder, capacity_from_env
 from .wire import (AGREE_SIZE, FLAG_GUESSED, FLAG_LOCAL_ERROR, FLAG_OVERFLOW, FLAG_ROLE,
                    FLAG_SPLIT_ARRAY, FLAG_WILD_SCHEMA, GATHER, HEADER, HEADER_SIZE, MAGIC,
-                   MAX_PAYLOAD, NATIVE_LITTLE, NO_STEP, OPS, REDUCE, SlotPolicy, agreed,
+                   MAX_PAYLOAD, NATIVE_LITTLE, NO_ROOT, NO_STEP, OPS, REDUCE, SlotPolicy, agreed,
                    block_flags, block_length, instances_differ, slot_log2)
 from .transport import TransportTimeout
 
@@ -181,6 +182,8 @@ class Protocol:
         frame, call.via = call_site(2)
         call.code = frame.f_code if frame is not None else None
         call.lasti = frame.f_lasti if frame is not None else 0
+        if call.name is None and call.root != NO_ROOT:
+            call.callers = callers_of(frame)
         busy[BUSY_CODE] = call.code  # where this thread is, for one that collides with it
         busy[BUSY_LASTI] = call.lasti
         if call.seq != CREATE_SEQ:
@@ -200,12 +203,14 @@ class Protocol:
             call.error = channel.poison
         if self.recorder is not None:
             self.recorder.start(call.seq, call.op, call.info, call.code, call.lasti,
-                                call.wire_step, 0, call.name, call.occurrence, call.via)
+                                call.wire_step, 0, call.name, call.occurrence, call.via,
+                                call.callers)
 
     def identity(self, call: Call) -> bytes:
         if call.name is not None:
             return name_fingerprint(call.name)
-        return site_fingerprint(call.code, call.lasti, call.via)
+        site = site_fingerprint(call.code, call.lasti, call.via)
+        return callers.fingerprint(site, call.callers) if call.callers else site
 
     def _collide(self, call: Call) -> None:
         """Another thread is inside a collective on this channel: refuse, and poison it."""

@@ -16,13 +16,14 @@ from __future__ import annotations
 import os
 import struct
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import msgspec
 
 from .arms import branch_of
+from .callers import describe as describe_callers
 from .identity import column_of, format_site, via_name
-from .mismatch import Branch
+from .mismatch import Branch, Caller
 from .wire import NO_STEP, OPS, ROOTED_OPS, op_name
 
 DEFAULT_CAPACITY = 2000
@@ -55,6 +56,7 @@ class RecordEntry(msgspec.Struct, kw_only=True):
     error: Optional[str] = None
     branch: Optional[Branch] = None  # the role branch of an unnamed rooted call (core.arms)
     via: Optional[str] = None  # the thin wrapper an unnamed call went through (core.identity)
+    callers: Tuple[Caller, ...] = ()  # of an unnamed call in a role branch (core.callers)
 
 
 def capacity_from_env() -> int:
@@ -108,7 +110,8 @@ class FlightRecorder:
         self.objects.extend([None] * (OBJECTS_PER_ENTRY * more))
 
     def start(self, seq: int, op: str, info: Any, code: Any, lasti: int, step: int,
-              nbytes: int, name: Optional[str], occurrence: int, via: Any = None) -> None:
+              nbytes: int, name: Optional[str], occurrence: int, via: Any = None,
+              callers: Tuple[Any, ...] = ()) -> None:
         state = self.state
         if state[0] == self.allocated < self.capacity:
             self._grow()
@@ -119,7 +122,8 @@ class FlightRecorder:
         self.objects[base] = info
         self.objects[base + 1] = code
         self.objects[base + 2] = name
-        self.objects[base + 3] = via
+        # A call made for its callers keeps them beside its wrapper (the C path does the same).
+        self.objects[base + 3] = (via, callers) if callers else via
         state[0] += 1
         state[1] = True
 
@@ -152,6 +156,7 @@ class FlightRecorder:
          state) = ENTRY.unpack_from(self.numbers, index * ENTRY.size)
         info, code, name, via = self.objects[OBJECTS_PER_ENTRY * index:
                                         OBJECTS_PER_ENTRY * (index + 1)]
+        via, callers = via if isinstance(via, tuple) else (via, ())
         op_text = op_name(op)
         return RecordEntry(
             seq=seq, op=op_text, schema=info.name if info is not None else "",
@@ -162,7 +167,8 @@ class FlightRecorder:
             state=STATE_NAMES[state] if state < len(STATE_NAMES) else "started",
             t_start_ns=t_start, t_end_ns=t_end or None, error=self.failures.get(number),
             branch=branch_of(code, lasti) if name is None and op_text in ROOTED_OPS else None,
-            via=via_name(via) if name is None else None)
+            via=via_name(via) if name is None else None,
+            callers=describe_callers(callers) if name is None else ())
 
     def last(self) -> Optional[RecordEntry]:
         return self.entry(self.count) if self.count else None

@@ -8,9 +8,10 @@ once a call passed that check, each rank sends the same proof in its header inst
 step:
 
   1. ``learn``: where the verdict accepted a role branch, each rank keeps, under its call's
-     site identity, two role identities: the digest of the branch's key and of its own arm
-     as seen from the root (its arm when it is not the root, the other arm when it is). The
-     root alone in one arm, every receiver in the other: every rank's value is the same.
+     identity (its site and callers, ``core.callers``), two role identities: the digest, level
+     by level, of the site every rank named there or of the branch's key and of its own arm as
+     seen from the root (its arm when it is not the root, the other arm when it is). The root
+     alone in one arm, every receiver in the other: every rank's value is the same.
   2. ``wire_identity``: the next unnamed rooted call at that site sends the role identity
      for its side (is this rank the root now?) in the header's identity field and sets
      FLAG_ROLE. Headers that agree prove what the envelopes proved: the same branch, the
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 from ..codecs.digest import digest8
 from .call import Call
 from .identity import register_internal
-from .mismatch import EnvelopeInfo, split_branch
+from .mismatch import EnvelopeInfo, levels, split_levels
 from .wire import FLAG_ROLE, FLAGS_OFFSET, IDENTITY_OFFSET, NO_ROOT
 
 if TYPE_CHECKING:
@@ -39,21 +40,31 @@ MAX_ROLES = 4096  # call sites whose role identity a rank remembers
 
 def learn(p: "Protocol", call: Call, infos: Sequence[EnvelopeInfo]) -> None:
     """Step 1: the verdict accepted ``call`` as a role branch from every rank's ``infos``."""
-    branch = infos[p.rank].branch
-    key = split_branch(infos, call.root)
-    # role_branch held: unnamed, in a branch every rank named
-    assert branch is not None and key is not None and call.name is None
-    arm = dict(branch.candidates())[key]
+    keys = split_levels(infos, call.root)
+    # role_branch held: unnamed, split by a role branch at one level at least
+    assert keys is not None and call.name is None
     if len(p.roles) >= MAX_ROLES:
         p.roles.clear()
-    # The root's side only where the branch is this site's innermost: the verdict accepts a
-    # root whose innermost branch every rank names, and the steady state must accept no more
-    # (a root here in an inner branch of its own is another call to its peers).
-    # The thin wrapper the call went through is part of the role, as it is of the site.
-    via = infos[p.rank].via
-    p.roles[p.identity(call)] = (digest8(f"role:{key}:{arm}:{via}"),
-                                 digest8(f"role:{key}:{arm ^ 1}:{via}") if key == branch.key
-                                 else None)
+    # Level by level (the site, then its callers: core.callers): a level where every rank
+    # names one site is that site; one split by a role branch is the branch and this rank's
+    # arm, as seen from the root. The thin wrapper a level went through is part of it, as it is
+    # of the site. The root's side only where each split's branch is that level's innermost:
+    # the verdict accepts a root whose innermost branch every rank names, and the steady state
+    # must accept no more (a root here in an inner branch of its own is another call to its
+    # peers).
+    mine, roots, innermost = [], [], True
+    for (site, column, via, branch), key in zip(levels(infos[p.rank]), keys):
+        if key is None:
+            mine.append(f"{site}:{column}:{via}")
+            roots.append(mine[-1])
+            continue
+        assert branch is not None
+        arm = dict(branch.candidates())[key]
+        mine.append(f"{key}:{arm}:{via}")
+        roots.append(f"{key}:{arm ^ 1}:{via}")
+        innermost = innermost and key == branch.key
+    p.roles[p.identity(call)] = (digest8("role:" + "|".join(mine)),
+                                 digest8("role:" + "|".join(roots)) if innermost else None)
 
 
 def wire_identity(p: "Protocol", call: Call, identity: bytes) -> Optional[bytes]:

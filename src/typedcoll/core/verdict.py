@@ -25,6 +25,7 @@ from .errors import (CREATE_SEQ, CollectiveTimeout, ConcurrentCallError, DecodeE
                      DesyncError, EncodeError, PeerError)
 from . import roles
 from .arms import branch_of
+from .callers import describe as describe_callers
 from .identity import column_of, format_site, register_internal, via_name
 from .mismatch import (EnvelopeInfo, Group, MismatchKind, compact_ranks, desync_message,
                        differing_notes, group_envelopes, label, mismatch_kinds, ordered_ranks,
@@ -101,7 +102,7 @@ def describe_call(p: "Protocol", call: Call, error: Optional[str] = None) -> Env
         error=split_error(error)[1] if error is not None else None,
         notes=p.decisions(),
         branch=branch_of(call.code, call.lasti) if call.name is None and call.op in ROOTED_OPS
-        else None, via=via_name(call.via))
+        else None, via=via_name(call.via), callers=describe_callers(call.callers))
 
 
 def disagreement(p: "Protocol", call: Call, receiving: bool = False) -> None:

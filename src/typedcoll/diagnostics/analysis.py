@@ -97,7 +97,10 @@ def envelope(rank: int, e: RecordEntry, comm: str, notes: Sequence[Note] = ()) -
                         site=clean(e.site), column=e.column,
                         name=None if e.name is None else clean(e.name),
                         occurrence=e.occurrence, step=e.step, notes=tuple(notes),
-                        branch=e.branch, via=None if e.via is None else clean(e.via))
+                        branch=e.branch, via=None if e.via is None else clean(e.via),
+                        callers=tuple(msgspec.structs.replace(
+                            c, site=clean(c.site), via=None if c.via is None else clean(c.via))
+                            for c in e.callers))
 
 
 _ROOTS_CLASS_OPS = frozenset({"bcast", "scatter"})

@@ -161,7 +161,7 @@ def entry_text(e: RecordEntry, comm: Optional[str], now_ns: int) -> str:
     ``on ...`` when ``comm`` is None)."""
     env = EnvelopeInfo(rank=0, seq=e.seq, op=e.op, schema=e.schema, fingerprint=e.fingerprint,
                        comm=comm or "", site=e.site, name=e.name, occurrence=e.occurrence,
-                       step=e.step, via=e.via)
+                       step=e.step, via=e.via, callers=e.callers)
     kinds = [MismatchKind.SEQUENCE] if comm is None else [MismatchKind.COMMUNICATOR,
                                                           MismatchKind.SEQUENCE]
     text = describe(env, kinds)

@@ -17,7 +17,8 @@ from torch._C._distributed_c10d import AllgatherOptions
 from ..core import verdict
 from ..codecs.digest import digest8
 from ..core.arms import branch_of
-from ..core.identity import CodeTable, column_of, format_site, register_internal, via_name
+from ..core.identity import (CodeTable, column_of, format_column, format_site,
+                             register_internal, via_name)
 from ..core.mismatch import Branch
 from ..core.protocol import Protocol
 from ..core.wire import (CHECKED, FLAG_LOCAL_ERROR, FLAGS_OFFSET, HEADER, HEADER_SIZE, MAGIC,
@@ -296,13 +297,26 @@ def role_branch_of(call: TensorCall) -> Optional[Branch]:
     characters so that any key fits the block: ranks compare keys, never read them."""
     if call.name is not None or call.op not in ROOTED_OPS:
         return None
-    found = _BRANCHES.get(call.code, call.lasti, _UNSET)
+    return _branch_at(call.code, call.lasti)
+
+
+def _branch_at(code: Any, lasti: int) -> Optional[Branch]:
+    found = _BRANCHES.get(code, lasti, _UNSET)
     if found is _UNSET:
-        branch = branch_of(call.code, call.lasti)
-        found = _BRANCHES.put(call.code, call.lasti, None if branch is None else
+        branch = branch_of(code, lasti)
+        found = _BRANCHES.put(code, lasti, None if branch is None else
                               Branch(digest8(branch.key).hex(), branch.arm,
                                      tuple((digest8(k).hex(), a) for k, a in branch.outer)))
     return found  # type: ignore[no-any-return]
+
+
+def callers_of(call: TensorCall) -> Tuple[Tuple[str, Optional[Branch]], ...]:
+    """The callers of a call in a role branch (``core.callers``), as the block carries them:
+    each its site, column and thin wrapper in one text, and its branch, the key digested as the
+    call's own is."""
+    return tuple((format_column(format_site(code, lasti), column_of(code, lasti)) +
+                  (f" through {via_name(via)}" if via is not None else ""),
+                  _branch_at(code, lasti)) for code, lasti, via in call.callers)
 
 
 def pack_block(view: Any, p: Protocol, call: TensorCall) -> None:
@@ -313,7 +327,7 @@ def pack_block(view: Any, p: Protocol, call: TensorCall) -> None:
                       tensor.device.type if is_tensor else "?",
                       tuple(tensor.shape) if is_tensor else (), format_site(call.code, call.lasti),
                       call.occurrence, p.name, call.error, column_of(call.code, call.lasti),
-                      role_branch_of(call), via_name(call.via))
+                      role_branch_of(call), via_name(call.via), callers_of(call))
     payload = encode_meta(meta)
     info = call.info
     assert info is not None

@@ -21,7 +21,7 @@ from ..core.args import check_root, check_step, first_error
 from ..core.call import MODE_EMPTY, Call
 from ..core.errors import DesyncError
 from ..core.identity import check_name, register_internal
-from ..core.mismatch import (Branch, EnvelopeInfo, desync_message, group_envelopes,
+from ..core.mismatch import (Branch, Caller, EnvelopeInfo, desync_message, group_envelopes,
                              mismatch_kinds)
 from ..core.verdict import heading
 from ..core.wire import (FLAG_LOCAL_ERROR, HEADER, HEADER_SIZE, NO_ROOT, NO_STEP, REDUCE,
@@ -139,6 +139,10 @@ class DeviceMeta(msgspec.Struct, array_like=True, frozen=True):
     # An unnamed broadcast's role branch (core.arms), its key digested to fit the block.
     branch: Optional[Branch] = None
     via: Optional[str] = None  # the thin wrapper the call went through (core.identity)
+    # An unnamed broadcast's callers where its site is a role branch's (core.callers): each its
+    # site (column and wrapper included) and its branch, the key digested, as the verdict
+    # compares them; texts are cut with a digest of the whole kept (``_cut_kept_apart``).
+    callers: Tuple[Tuple[str, Optional[Branch]], ...] = ()
 
 
 META_DECODER = msgspec.msgpack.Decoder(DeviceMeta)
@@ -157,13 +161,25 @@ def encode_meta(meta: DeviceMeta) -> bytes:
                           meta.shape if len(meta.shape) <= dims else (), meta.site[-site:],
                           meta.occurrence, meta.comm[:comm],
                           None if meta.error is None else meta.error[:error], meta.column,
-                          meta.branch, _cut_kept_apart(meta.via, site))
+                          meta.branch, _cut_kept_apart(meta.via, site),
+                          _cut_callers(meta.callers, site))
         payload = ENCODER.encode(meta)
     if len(payload) > META_MAX:  # texts of wide characters: keep what the verdict reads
-        payload = ENCODER.encode(DeviceMeta(
-            None, "?", "?", (), "?", meta.occurrence, "?", None if meta.error is None else "?",
-            meta.column, meta.branch, _cut_kept_apart(meta.via, 0)))
+        meta = DeviceMeta(None, "?", "?", (), "?", meta.occurrence, "?",
+                          None if meta.error is None else "?", meta.column, meta.branch,
+                          _cut_kept_apart(meta.via, 0), _cut_callers(meta.callers, 0))
+        payload = ENCODER.encode(meta)
+    if len(payload) > META_MAX:
+        # Callers too many to fit with their branches: their sites alone, so that ranks split
+        # at a caller's level pair nothing there (a false alarm, never another call's data).
+        payload = ENCODER.encode(msgspec.structs.replace(
+            meta, callers=tuple((text, None) for text, _ in meta.callers)))
     return payload
+
+
+def _cut_callers(callers: Tuple[Tuple[str, Optional[Branch]], ...], keep: int
+                 ) -> Tuple[Tuple[str, Optional[Branch]], ...]:
+    return tuple((_cut_kept_apart(text, keep) or "?", branch) for text, branch in callers)
 
 
 def _cut_kept_apart(text: Optional[str], keep: int) -> Optional[str]:
@@ -202,6 +218,8 @@ def infos_from_blocks(blocks: bytes, size: int) -> List[EnvelopeInfo]:
             comm=meta.comm if meta else "?", site=meta.site if meta else "?",
             column=meta.column if meta else None, branch=meta.branch if meta else None,
             via=meta.via if meta else None,
+            callers=tuple(Caller(text, branch=branch) for text, branch in meta.callers)
+            if meta else (),
             name=meta.name if meta else None, occurrence=meta.occurrence if meta else 0,
             step=None if step == NO_STEP else step,
             root=root if op in ROOTED_OPS else None,

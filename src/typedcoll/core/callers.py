@@ -1,0 +1,100 @@
+"""The callers of a call written in a role branch: what tells a role wrapper's calls apart.
+
+An engine's ``broadcast_object`` (or ``broadcast_pyobj``) writes the root's side and the
+receivers' side of one broadcast in the two arms of ``if rank == src`` (``core.arms``). Its call
+sites are its own two lines, the same whatever it is called for. Called from two lines of its
+caller (the work requests, then the control requests), its two executions would be one call, and
+a rank that skipped the first would hand its peers the second's payload without an error. Such a
+wrapper decides which side of the call a rank takes, never which call it makes, as a thin wrapper
+decides nothing (``core.identity``). So a rooted call whose site is in a role branch's arm
+carries its callers, as a call through a thin wrapper carries its caller's line:
+
+  1. ``callers_of``: the call site of the function that holds the role branch, found as the
+     call's own site is (``identity.site_from`` from that function's caller: plumbing,
+     transparent functions and thin wrappers passed over). Where that site is a role branch's
+     call too (vLLM's ``broadcast_tensor_dict`` calls ``broadcast_object`` in both arms of its
+     own), its caller's as well, up to MAX_LEVELS. Module code is nobody's callee.
+  2. ``fingerprint``: the identity is the site's fingerprint and each caller's, digested
+     together: a call from another line of the caller is another call, on every rank.
+  3. The verdict (``mismatch.split_levels``) pairs a root and its receivers level by level: at
+     each level every rank names one site, or the ranks split there by a role branch with the
+     root alone in its arm. A driver and its workers that call one such wrapper from two
+     methods are two calls, as two lines are: such a call needs a ``name=``.
+
+The C path walks the same frames with its own ``user_site`` and asks ``role_site`` and
+``combined`` here, so both paths send the same identity for the same stack.
+"""
+
+from __future__ import annotations
+
+from types import CodeType, FrameType
+from typing import Dict, List, Optional, Tuple
+
+from ..codecs.digest import digest8
+from .arms import branch_of
+from .identity import (CodeTable, column_of, format_site, register_internal, site_fingerprint,
+                       site_from, via_name)
+from .mismatch import Caller
+
+MAX_LEVELS = 4  # callers kept: a role wrapper called in a role branch of a role wrapper, ...
+Level = Tuple[Optional[CodeType], int, Optional[CodeType]]  # a caller's code, lasti and via
+_OPTIMIZED = 0x01  # a function's code (not a module's or a class body's)
+
+_ROLE_SITES = CodeTable()
+_COMBINED: Dict[bytes, bytes] = {}
+
+
+def role_site(code: Optional[CodeType], lasti: int) -> bool:
+    """Whether the call at ``lasti`` of the function ``code`` is a role branch's
+    (``arms.branch_of``): its caller then tells its executions apart. Read once per call site
+    (the source is parsed once per file); the C path asks it too."""
+    if code is None:
+        return False
+    found: Optional[bool] = _ROLE_SITES.get(code, lasti)
+    if found is None:
+        found = _ROLE_SITES.put(code, lasti, bool(code.co_flags & _OPTIMIZED) and
+                                branch_of(code, lasti) is not None)
+    return found
+
+
+def callers_of(frame: Optional[FrameType]) -> Tuple[Level, ...]:
+    """Step 1: the callers that tell apart the executions of the call at ``frame`` (the call's
+    site frame), innermost first; none where the call is no role branch's."""
+    levels: List[Level] = []
+    while frame is not None and len(levels) < MAX_LEVELS and \
+            role_site(frame.f_code, frame.f_lasti):
+        site, via = site_from(frame.f_back)
+        if site is None:
+            break
+        levels.append((site.f_code, site.f_lasti, via))
+        frame = site
+    return tuple(levels)
+
+
+def fingerprint(site: bytes, levels: Tuple[Level, ...]) -> bytes:
+    """Step 2: the identity of a call at the site of fingerprint ``site`` made for ``levels``."""
+    if not levels:
+        return site
+    return combined(site + b"".join(site_fingerprint(code, lasti, via)
+                                    for code, lasti, via in levels))
+
+
+def combined(joined: bytes) -> bytes:
+    """The fingerprint of the site's fingerprint and its callers', joined: 8 bytes that agree
+    across processes (the C path sends what this returns)."""
+    fp = _COMBINED.get(joined)
+    if fp is None:
+        if len(_COMBINED) > 65536:
+            _COMBINED.clear()
+        fp = _COMBINED[joined] = digest8("callers:" + joined.hex())
+    return fp
+
+
+def describe(levels: Tuple[Level, ...]) -> Tuple[Caller, ...]:
+    """The callers as envelopes name them, for messages and the verdict."""
+    return tuple(Caller(site=format_site(code, lasti), column=column_of(code, lasti),
+                        via=via_name(via), branch=branch_of(code, lasti))
+                 for code, lasti, via in levels)
+
+
+register_internal(__file__)

@@ -1,0 +1,202 @@
+"""A role wrapper's callers are part of its calls' identity (core/callers.py).
+
+An engine's ``broadcast_object`` writes the root's and the receivers' side of one broadcast in
+the two arms of ``if rank == src``; called from two lines of its caller (requests, then control
+messages), a rank that skips the first must not be handed the second's payload. The verdict's
+level-by-level pairing is pure logic, tested on hand-built envelopes; the rest on in-process
+ranks, over the C fast path (timeout None) and the Python steps (timeout 10).
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional
+
+import msgspec
+import pytest
+
+import typedcoll as tc
+from typedcoll.core.mismatch import Branch, Caller, EnvelopeInfo, split_levels
+
+from test_core_review import TIMEOUTS, one_desync, outcomes, slot_state
+
+
+class Reqs(msgspec.Struct):
+    items: List[str]
+
+
+# --- the wrappers, shaped as engines write them -------------------------------------------------
+
+def broadcast_object(comm: tc.TypedComm, obj: Any, src: int = 0) -> Any:
+    if comm.rank == src:  # vLLM's GroupCoordinator.broadcast_object
+        comm.bcast(obj, root=src, schema=Reqs)
+        return obj
+    else:
+        return comm.bcast(None, root=src, schema=Reqs)
+
+
+def broadcast_pyobj(comm: tc.TypedComm, data: List[str], src: int = 0) -> Any:
+    if comm.rank == src:  # SGLang's broadcast_pyobj: a size, then the data unless empty
+        if len(data) == 0:
+            comm.bcast(0, root=src)
+        else:
+            comm.bcast(len(data), root=src)
+            comm.bcast(data, root=src)
+        return data
+    else:
+        size = comm.bcast(None, root=src)
+        if size == 0:
+            return []
+        return comm.bcast(None, root=src)
+
+
+def broadcast_dict(comm: tc.TypedComm, d: Any, src: int = 0) -> Any:
+    if comm.rank == src:  # vLLM's broadcast_tensor_dict: its metadata through broadcast_object
+        broadcast_object(comm, Reqs(sorted(d)), src=src)
+        return d
+    else:
+        keys = broadcast_object(comm, None, src=src)
+        return {k: None for k in keys.items}
+
+
+def receive_requests(comm: tc.TypedComm, step: int, skip_work_on: Optional[int]) -> Any:
+    """Work requests, then control requests, each through the wrapper from its own line."""
+    work = Reqs([f"work {step}"]) if comm.rank == 0 else None
+    control = Reqs([f"abort {step}"]) if comm.rank == 0 else None
+    got = []
+    if comm.rank != skip_work_on:
+        got.append(broadcast_object(comm, work))
+    got.append(broadcast_object(comm, control))
+    return got
+
+
+# --- in-process ranks ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+def test_a_role_wrapper_called_from_two_lines_serves_both_calls(
+        timeout: Optional[float]) -> None:
+    def body(comm: tc.TypedComm) -> Any:
+        got = [receive_requests(comm, step, None) for step in range(3)]
+        pyobj = [(broadcast_pyobj(comm, [f"a{s}"] * s if comm.rank == 0 else []),
+                  broadcast_pyobj(comm, ["b"] if comm.rank == 0 else []))
+                 for s in range(3)]
+        # the flight recorder keeps each call's callers, for dumps and the trace analyzer
+        recorded = [e.callers for e in comm._p.recorder.snapshot() if e.op == "bcast"][:6]
+        return got, pyobj, slot_state(comm), recorded
+
+    results = outcomes(4, body, timeout=timeout)
+    head = receive_requests.__code__.co_firstlineno
+    for result in results:
+        assert not isinstance(result, BaseException), result
+        got, pyobj, _, recorded = result
+        assert got == [[Reqs([f"work {s}"]), Reqs([f"abort {s}"])] for s in range(3)]
+        assert pyobj == [([f"a{s}"] * s, ["b"]) for s in range(3)]
+        assert [[c.site for c in callers] for callers in recorded] == \
+            [[f"test_core_callers.py:{head + 6}"], [f"test_core_callers.py:{head + 7}"]] * 3
+    assert len({repr(r[2]) for r in results}) == 1
+
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+@pytest.mark.parametrize("skipper", [0, 2])
+@pytest.mark.parametrize("warm", [False, True])
+def test_a_rank_that_skips_one_call_of_a_role_wrapper_raises_everywhere(
+        skipper: int, warm: bool, timeout: Optional[float]) -> None:
+    """Without the callers, the skipped call's peers would take the next call's payload (the
+    control requests as work), the steady state's role identity as much as a first run."""
+    def body(comm: tc.TypedComm) -> Any:
+        if warm:  # both calls proved their role branch: the steady state sends role identities
+            for step in range(2):
+                receive_requests(comm, step, None)
+        return receive_requests(comm, 9, skipper)
+
+    error = one_desync(outcomes(4, body, timeout=timeout))
+    assert list(error.kinds) == [tc.MismatchKind.CALL]
+    assert "called from test_core_callers.py:" in str(error)
+
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+def test_a_root_that_skips_a_call_of_sglangs_broadcast_pyobj_raises(
+        timeout: Optional[float]) -> None:
+    def body(comm: tc.TypedComm, skip: bool) -> Any:
+        work = ["w"] if comm.rank == 0 else []
+        control = ["c"] if comm.rank == 0 else []
+        out = []
+        for step in range(3):
+            if not (skip and step == 2 and comm.rank == 0):
+                out.append(broadcast_pyobj(comm, work))
+            out.append(broadcast_pyobj(comm, control))
+        return out
+
+    assert outcomes(3, body, False, timeout=timeout) == [[["w"], ["c"]] * 3] * 3
+    one_desync(outcomes(3, body, True, timeout=timeout))
+
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+def test_role_wrappers_nested_in_role_branches_pair_level_by_level(
+        timeout: Optional[float]) -> None:
+    def body(comm: tc.TypedComm) -> Any:
+        got = [broadcast_dict(comm, {f"k{s}": 1} if comm.rank == 0 else None)
+               for s in range(3)]
+        return got, len(comm._p.roles), slot_state(comm)
+
+    results = outcomes(3, body, timeout=timeout)
+    for result in results:
+        assert not isinstance(result, BaseException), result
+        assert [sorted(d) for d in result[0]] == [["k0"], ["k1"], ["k2"]]
+        assert result[1] == 1  # learned once: one site, one caller
+    assert len({repr(r[2]) for r in results}) == 1
+
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+def test_a_driver_and_its_workers_calling_a_role_wrapper_from_two_methods_raise(
+        timeout: Optional[float]) -> None:
+    """Two lines that are not a role branch's two arms are two calls: nothing tells them from
+    a skip. A name= makes them one call."""
+    def driver(comm: tc.TypedComm) -> Any:
+        return broadcast_object(comm, Reqs(["plan"]))
+
+    def worker(comm: tc.TypedComm) -> Any:
+        return broadcast_object(comm, None)
+
+    def named(comm: tc.TypedComm) -> Any:
+        if comm.rank == 0:
+            return comm.bcast(Reqs(["plan"]), root=0, name="plan")
+        return comm.bcast(None, root=0, schema=Reqs, name="plan")
+
+    def body(comm: tc.TypedComm, how: str) -> Any:
+        if how == "named":
+            return named(comm)
+        return driver(comm) if comm.rank == 0 else worker(comm)
+
+    one_desync(outcomes(3, body, "methods", timeout=timeout))
+    assert outcomes(3, body, "named", timeout=timeout) == [Reqs(["plan"])] * 3
+
+
+# --- the verdict's pairing, pure logic ----------------------------------------------------------
+
+def _info(rank: int, arm: int, callers: tuple = ()) -> EnvelopeInfo:
+    return EnvelopeInfo(rank=rank, seq=1, op="bcast", root=0, site=f"w.py:{3 if arm == 0 else 6}",
+                        branch=Branch("w.py:2:4 bcast #1", arm), callers=callers)
+
+
+def test_split_levels_pairs_each_level_or_names_one_site() -> None:
+    line = (Caller("engine.py:40"),)
+    infos = [_info(0, 0, line), _info(1, 1, line), _info(2, 1, line)]
+    assert split_levels(infos, 0) == ["w.py:2:4 bcast #1", None]
+    # a caller of another line on one rank: no pairing at that level
+    other = (Caller("engine.py:41"),)
+    assert split_levels([_info(0, 0, line), _info(1, 1, other), _info(2, 1, line)], 0) is None
+    # two levels split by two role branches, the root alone in its arm at each
+    key = "dict.py:10:4 broadcast_object #1"
+    runner = Caller("runner.py:7")
+    nested = [_info(0, 0, (Caller("dict.py:12", branch=Branch(key, 0)), runner)),
+              _info(1, 1, (Caller("dict.py:15", branch=Branch(key, 1)), runner))]
+    assert split_levels(nested, 0) == ["w.py:2:4 bcast #1", key, None]
+    # the root not alone in its arm at the callers' level
+    assert split_levels(nested + [_info(2, 1, (Caller("dict.py:12", branch=Branch(key, 0)),
+                                               runner))], 0) is None
+    # chains of different lengths, and a named call, never pair
+    assert split_levels([_info(0, 0, line), _info(1, 1)], 0) is None
+    named = msgspec.structs.replace(_info(1, 1, line), name="x")
+    assert split_levels([_info(0, 0, line), named], 0) is None
+    # every level alike: nothing to pair (the headers differ elsewhere)
+    assert split_levels([_info(1, 1, line), _info(2, 1, line)], 0) is None
