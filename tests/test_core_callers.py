@@ -200,3 +200,79 @@ def test_split_levels_pairs_each_level_or_names_one_site() -> None:
     assert split_levels([_info(0, 0, line), named], 0) is None
     # every level alike: nothing to pair (the headers differ elsewhere)
     assert split_levels([_info(1, 1, line), _info(2, 1, line)], 0) is None
+
+
+# --- deep chains, comprehensions, a caller's arms that hold the root with others ----------------
+
+def nest_0(comm: tc.TypedComm, obj: Any) -> Any:
+    if comm.rank == 0:
+        comm.bcast(obj, root=0, schema=Reqs)
+        return obj
+    else:
+        return comm.bcast(None, root=0, schema=Reqs)
+
+
+def _nested(inner: Any) -> Any:
+    def nest(comm: tc.TypedComm, obj: Any) -> Any:
+        if comm.rank == 0:
+            return inner(comm, obj)
+        else:
+            return inner(comm, None)
+    return nest
+
+
+NESTS = [nest_0]
+for _ in range(10):
+    NESTS.append(_nested(NESTS[-1]))
+
+
+def nested_requests(comm: tc.TypedComm, depth: int, skip_work_on: Optional[int]) -> Any:
+    top = NESTS[depth]
+    got = []
+    if comm.rank != skip_work_on:
+        got.append(top(comm, Reqs(["work"])))
+    got.append(top(comm, Reqs(["control"])))
+    return got
+
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+def test_callers_of_role_wrappers_nested_five_deep_still_tell_calls_apart(
+        timeout: Optional[float]) -> None:
+    assert outcomes(3, nested_requests, 5, None, timeout=timeout) == \
+        [[Reqs(["work"]), Reqs(["control"])]] * 3
+    one_desync(outcomes(3, nested_requests, 5, 2, timeout=timeout))
+
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+def test_callers_past_those_kept_never_pair(timeout: Optional[float]) -> None:
+    """Nine role wrappers deep, the line that tells the calls apart is past the eight callers
+    kept: such a call raises (a false alarm, never another call's payload)."""
+    one_desync(outcomes(3, nested_requests, 9, None, timeout=timeout))
+
+
+def in_comprehensions(comm: tc.TypedComm) -> Any:
+    if comm.rank == 0:
+        return [broadcast_object(comm, Reqs([str(i)])) for i in range(3)]
+    else:
+        return [broadcast_object(comm, None) for _ in range(3)]
+
+
+def last_stage_apart(comm: tc.TypedComm) -> Any:
+    if comm.rank == comm.size - 1:
+        return broadcast_object(comm, None)
+    else:
+        return broadcast_object(comm, Reqs(["plan"]) if comm.rank == 0 else None)
+
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+def test_a_comprehension_in_each_arm_is_its_functions_caller(timeout: Optional[float]) -> None:
+    assert outcomes(3, in_comprehensions, timeout=timeout) == [[Reqs(["0"]), Reqs(["1"]),
+                                                                 Reqs(["2"])]] * 3
+
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+def test_a_callers_arms_that_hold_the_root_with_others_raise(timeout: Optional[float]) -> None:
+    """As at the call's own site, a caller's two arms pair when the root is alone in its arm:
+    nothing else tells them from a rank that leaves out one call of two by its role."""
+    error = one_desync(outcomes(3, last_stage_apart, timeout=timeout))
+    assert "call it from one line on every rank" in str(error)

@@ -12,11 +12,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from typedcoll.core.mismatch import Branch  # noqa: E402
 from typedcoll.core.wire import CHECKED  # noqa: E402
 from typedcoll.tensor import device  # noqa: E402
-from typedcoll.tensor.envelope import (BLOCK, META_DECODER, META_MAX, DeviceMeta,  # noqa: E402
-                                       encode_meta)
+from typedcoll.tensor.envelope import (BLOCK, META_DECODER, META_MAX, DeviceBranch,  # noqa: E402
+                                       DeviceMeta, encode_meta)
 
 from test_core_review import one_desync  # noqa: E402
 from test_torch import _FakeProtocol, _blocks, _device_call  # noqa: E402
@@ -64,7 +63,7 @@ def test_any_other_split_raises_on_every_rank(case: str):
 
 
 def test_a_long_envelope_keeps_its_branch_within_the_block():
-    branch = Branch("0123456789abcdef", 1)
+    branch = DeviceBranch("0123456789abcdef", 1)
     meta = DeviceMeta("n" * 256, "complex128", "cuda", tuple(range(1, 40)), "s" * 300, 2 ** 40,
                       "c" * 99, "e" * 500, 4000, branch)
     payload = encode_meta(meta)
@@ -78,7 +77,7 @@ def test_a_cut_envelope_keeps_two_thin_wrappers_apart(wide):
     # cut to fit, two wrappers whose texts differ in one character must still differ.
     char = "\U0001F600" if wide else "s"
     metas = [DeviceMeta("n" * 256, "float32", "cuda", (4,), char * 300, 7, "c" * 99, "e" * 500,
-                        40, Branch("0123456789abcdef", 0),
+                        40, DeviceBranch("0123456789abcdef", 0),
                         f"{char * 100}{module}{char * 100}.bcast (pkg/m.py:12)") for module in "ab"]
     cut = [META_DECODER.decode(encode_meta(meta)) for meta in metas]
     assert all(len(encode_meta(meta)) <= META_MAX for meta in metas)
@@ -89,7 +88,7 @@ def test_a_cut_envelope_keeps_two_thin_wrappers_apart(wide):
 def test_an_envelope_of_wide_characters_fits_the_block():
     wide = "\U0001F600"
     meta = DeviceMeta(wide * 99, "float32", "cuda", (4,), wide * 300, 2 ** 40, wide * 99,
-                      wide * 500, 4000, Branch("0123456789abcdef", 0))
+                      wide * 500, 4000, DeviceBranch("0123456789abcdef", 0))
     payload = encode_meta(meta)
     assert len(payload) <= META_MAX
     cut = META_DECODER.decode(payload)
@@ -132,9 +131,35 @@ def test_a_role_wrapper_made_for_two_lines_raises_on_the_device_path():
 
 def test_a_cut_envelope_keeps_two_callers_apart():
     metas = [DeviceMeta("n" * 256, "float32", "cuda", (4,), "s" * 300, 7, "c" * 99, "e" * 500,
-                        40, Branch("0123456789abcdef", 0), None,
+                        40, DeviceBranch("0123456789abcdef", 0), None,
                         ((f"{'p' * 200}/{line}.py:12:5", None),))
              for line in "ab"]
     cut = [META_DECODER.decode(encode_meta(meta)) for meta in metas]
     assert all(len(encode_meta(meta)) <= META_MAX for meta in metas)
     assert cut[0].callers != cut[1].callers and len(cut[0].callers) == 1
+
+
+def _nest(inner: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    def nest(p: Any, tensor: Any) -> Any:
+        if p.rank == 0:
+            return inner(p, tensor)
+        else:
+            return inner(p, tensor)
+    return nest
+
+
+def test_role_wrappers_nested_three_deep_pair_within_the_block():
+    three = _nest(_nest(_nest(_wrapped_call)))
+    assert verdicts(lambda p: three(p, torch.zeros(3)), 4) == [None] * 4
+
+
+def test_an_envelope_never_outgrows_its_block():
+    """A branch with many enclosing candidates and eight callers with theirs: what lets calls
+    pair is given up (a false alarm at worst), never the block's bound."""
+    branch = DeviceBranch("0123456789abcdef", 1, tuple((f"{k:016x}", 1) for k in range(7)))
+    callers = tuple((f"{'p' * 90}/m.py:{k}:5", branch) for k in range(8))
+    meta = DeviceMeta("n" * 256, "float32", "cuda", (4,), "s" * 300, 2 ** 40, "c" * 99,
+                      "e" * 500, 4000, branch, "v" * 200, callers)
+    payload = encode_meta(meta)
+    assert len(payload) <= META_MAX
+    assert META_DECODER.decode(payload).occurrence == 2 ** 40

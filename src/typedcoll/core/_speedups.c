@@ -414,7 +414,18 @@ static PyObject *site_identity(PyCodeObject *code, int lasti, PyCodeObject *via)
 }
 
 /* --- the callers of a call in a role branch (core/callers.py) --- */
-#define MAX_LEVELS 4
+#define MAX_LEVELS 8
+/* The names of comprehensions' code (callers.COMPREHENSIONS): before Python 3.12 one runs in a
+ * frame of its own, and its role branch is its function's. */
+static PyObject *s_comprehensions[4];
+
+static int is_comprehension(PyCodeObject *code) {
+    for (int k = 0; k < 4; k++)
+        if (code->co_name == s_comprehensions[k] ||
+            PyUnicode_Compare(code->co_name, s_comprehensions[k]) == 0)
+            return 1;
+    return 0;
+}
 #define ROLE_SLOTS 512
 static struct {
     PyObject *code;
@@ -450,9 +461,9 @@ static int role_site(PyCodeObject *code, int lasti) {
 static struct {
     PyObject *site;
     int n;
-    PyObject *codes[MAX_LEVELS];
-    int lastis[MAX_LEVELS];
-    PyObject *vias[MAX_LEVELS];
+    PyObject *codes[MAX_LEVELS + 1];
+    int lastis[MAX_LEVELS + 1];
+    PyObject *vias[MAX_LEVELS + 1];
     PyObject *identity;
     PyObject *levels;
 } CALLERS_TABLE[CALLERS_SLOTS];
@@ -462,7 +473,7 @@ static struct {
  * error). */
 static PyObject *combine_callers(PyObject *site, int n, PyCodeObject **codes, int *lastis,
                                  PyCodeObject **vias, PyObject **levels_out) {
-    unsigned char joined[8 * (MAX_LEVELS + 1)];
+    unsigned char joined[8 * (MAX_LEVELS + 2)];
     PyObject *levels = PyTuple_New(n), *result = NULL;
     if (levels == NULL) return NULL;
     memcpy(joined, PyBytes_AS_STRING(site), 8);
@@ -471,8 +482,8 @@ static PyObject *combine_callers(PyObject *site, int n, PyCodeObject **codes, in
         if (fp == NULL) goto done;
         memcpy(joined + 8 * (k + 1), PyBytes_AS_STRING(fp), 8);
         Py_DECREF(fp);
-        PyObject *level = Py_BuildValue("(OiO)", (PyObject *)codes[k], lastis[k],
-                                        vias[k] ? (PyObject *)vias[k] : Py_None);
+        PyObject *level = Py_BuildValue("(OiO)", codes[k] ? (PyObject *)codes[k] : Py_None,
+                                        lastis[k], vias[k] ? (PyObject *)vias[k] : Py_None);
         if (level == NULL) goto done;
         PyTuple_SET_ITEM(levels, k, level);
     }
@@ -496,18 +507,32 @@ done:
  * new reference to the callers' tuple of (code, lasti, via), innermost first, for the Python
  * steps and the flight recorder. */
 static PyObject *with_callers(PyFrameObject *frame, PyObject *site, PyObject **levels_out) {
-    PyCodeObject *codes[MAX_LEVELS], *vias[MAX_LEVELS];
-    int lastis[MAX_LEVELS];
+    /* one more than kept: callers past MAX_LEVELS are one marker level (callers.TOO_DEEP) */
+    PyCodeObject *codes[MAX_LEVELS + 1], *vias[MAX_LEVELS + 1];
+    int lastis[MAX_LEVELS + 1];
     int n = 0;
     PyObject *result = NULL;
     PyFrameObject *at = (PyFrameObject *)Py_NewRef(frame);
     *levels_out = NULL;
-    while (at != NULL && n < MAX_LEVELS) {
+    while (at != NULL) {
         PyCodeObject *code = PyFrame_GetCode(at);
         int role = role_site(code, PyFrame_GetLasti(at));
         Py_DECREF(code);
         if (role < 0) goto done;
         if (!role) break;
+        if (n == MAX_LEVELS) {
+            codes[n] = vias[n] = NULL;
+            lastis[n++] = -1;
+            break;
+        }
+        for (;;) { /* a comprehension's frame is its function's */
+            PyCodeObject *own = PyFrame_GetCode(at);
+            int inside = is_comprehension(own);
+            Py_DECREF(own);
+            PyFrameObject *outer = inside ? PyFrame_GetBack(at) : NULL;
+            if (outer == NULL) break;
+            Py_SETREF(at, outer);
+        }
         PyFrameObject *back = PyFrame_GetBack(at), *up = NULL;
         int rc = site_from(back, &codes[n], &lastis[n], &vias[n], &up);
         Py_XDECREF(back);
@@ -528,7 +553,7 @@ static PyObject *with_callers(PyFrameObject *frame, PyObject *site, PyObject **l
     size_t i = (h ^ (h >> 11)) & (CALLERS_SLOTS - 1);
     int hit = CALLERS_TABLE[i].site == site && CALLERS_TABLE[i].n == n;
     for (int k = 0; hit && k < n; k++)
-        hit = CALLERS_TABLE[i].codes[k] == (PyObject *)codes[k] &&
+        hit = CALLERS_TABLE[i].codes[k] == (codes[k] ? (PyObject *)codes[k] : Py_None) &&
               CALLERS_TABLE[i].lastis[k] == lastis[k] &&
               CALLERS_TABLE[i].vias[k] == (vias[k] ? (PyObject *)vias[k] : Py_None);
     if (hit) {
@@ -541,7 +566,7 @@ static PyObject *with_callers(PyFrameObject *frame, PyObject *site, PyObject **l
     {
         /* Replace the entry; the old references go last (a code object's deallocation may run
          * Python code). */
-        PyObject *old[3 + 2 * MAX_LEVELS];
+        PyObject *old[3 + 2 * (MAX_LEVELS + 1)];
         int m = 0;
         old[m++] = CALLERS_TABLE[i].site;
         old[m++] = CALLERS_TABLE[i].identity;
@@ -553,7 +578,7 @@ static PyObject *with_callers(PyFrameObject *frame, PyObject *site, PyObject **l
         CALLERS_TABLE[i].site = Py_NewRef(site);
         CALLERS_TABLE[i].n = n;
         for (int k = 0; k < n; k++) {
-            CALLERS_TABLE[i].codes[k] = Py_NewRef((PyObject *)codes[k]);
+            CALLERS_TABLE[i].codes[k] = Py_NewRef(codes[k] ? (PyObject *)codes[k] : Py_None);
             CALLERS_TABLE[i].lastis[k] = lastis[k];
             CALLERS_TABLE[i].vias[k] = Py_NewRef(vias[k] ? (PyObject *)vias[k] : Py_None);
         }
@@ -563,7 +588,7 @@ static PyObject *with_callers(PyFrameObject *frame, PyObject *site, PyObject **l
     }
 done:
     for (int k = 0; k < n; k++) {
-        Py_DECREF(codes[k]);
+        Py_XDECREF(codes[k]);
         Py_XDECREF(vias[k]);
     }
     Py_XDECREF(at);
@@ -2060,6 +2085,10 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_speedups", NULL, -1
 
 PyMODINIT_FUNC PyInit__speedups(void) {
     INTERN(s_seq, "seq");
+    INTERN(s_comprehensions[0], "<listcomp>");
+    INTERN(s_comprehensions[1], "<setcomp>");
+    INTERN(s_comprehensions[2], "<dictcomp>");
+    INTERN(s_comprehensions[3], "<genexpr>");
     INTERN(s_step, "step");
     INTERN(s_policy, "policy");
     INTERN(s_observe, "observe");

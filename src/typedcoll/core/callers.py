@@ -13,13 +13,17 @@ carries its callers, as a call through a thin wrapper carries its caller's line:
      call's own site is (``identity.site_from`` from that function's caller: plumbing,
      transparent functions and thin wrappers passed over). Where that site is a role branch's
      call too (vLLM's ``broadcast_tensor_dict`` calls ``broadcast_object`` in both arms of its
-     own), its caller's as well, up to MAX_LEVELS. Module code is nobody's callee.
+     own), its caller's as well, up to MAX_LEVELS (past them a marker that never pairs). A
+     comprehension's frame is its function's (before Python 3.12 it has one of its own).
+     Module code is nobody's callee.
   2. ``fingerprint``: the identity is the site's fingerprint and each caller's, digested
      together: a call from another line of the caller is another call, on every rank.
   3. The verdict (``mismatch.split_levels``) pairs a root and its receivers level by level: at
      each level every rank names one site, or the ranks split there by a role branch with the
      root alone in its arm. A driver and its workers that call one such wrapper from two
-     methods are two calls, as two lines are: such a call needs a ``name=``.
+     methods are two calls, as two lines are; so are two arms of a caller's role branch that
+     put the root with other ranks (``if rank == last: bo(None)`` / ``else: bo(x)``): nothing
+     tells them from a rank that leaves out one call of two by its role.
 
 The C path walks the same frames with its own ``user_site`` and asks ``role_site`` and
 ``combined`` here, so both paths send the same identity for the same stack.
@@ -34,11 +38,17 @@ from ..codecs.digest import digest8
 from .arms import branch_of
 from .identity import (CodeTable, column_of, format_site, register_internal, site_fingerprint,
                        site_from, via_name)
-from .mismatch import Caller
+from .mismatch import TOO_DEEP_SITE, Caller
 
-MAX_LEVELS = 4  # callers kept: a role wrapper called in a role branch of a role wrapper, ...
+MAX_LEVELS = 8  # callers kept: a role wrapper called in a role branch of a role wrapper, ...
 Level = Tuple[Optional[CodeType], int, Optional[CodeType]]  # a caller's code, lasti and via
+# The level that stands for callers past MAX_LEVELS, all of them role branches' calls: the line
+# that tells the calls apart is not kept, so such a call never pairs (mismatch.split_levels).
+TOO_DEEP: Level = (None, -1, None)
 _OPTIMIZED = 0x01  # a function's code (not a module's or a class body's)
+# A comprehension runs in a frame of its own before Python 3.12; its role branch (arms.py reads
+# through it) is its function's, so its function's caller is the next level.
+COMPREHENSIONS = frozenset({"<listcomp>", "<setcomp>", "<dictcomp>", "<genexpr>"})
 
 _ROLE_SITES = CodeTable()
 _COMBINED: Dict[bytes, bytes] = {}
@@ -61,8 +71,12 @@ def callers_of(frame: Optional[FrameType]) -> Tuple[Level, ...]:
     """Step 1: the callers that tell apart the executions of the call at ``frame`` (the call's
     site frame), innermost first; none where the call is no role branch's."""
     levels: List[Level] = []
-    while frame is not None and len(levels) < MAX_LEVELS and \
-            role_site(frame.f_code, frame.f_lasti):
+    while frame is not None and role_site(frame.f_code, frame.f_lasti):
+        if len(levels) == MAX_LEVELS:
+            levels.append(TOO_DEEP)
+            break
+        while frame.f_code.co_name in COMPREHENSIONS and frame.f_back is not None:
+            frame = frame.f_back
         site, via = site_from(frame.f_back)
         if site is None:
             break
@@ -94,7 +108,7 @@ def describe(levels: Tuple[Level, ...]) -> Tuple[Caller, ...]:
     """The callers as envelopes name them, for messages and the verdict."""
     return tuple(Caller(site=format_site(code, lasti), column=column_of(code, lasti),
                         via=via_name(via), branch=branch_of(code, lasti))
-                 for code, lasti, via in levels)
+                 if code is not None else Caller(TOO_DEEP_SITE) for code, lasti, via in levels)
 
 
 register_internal(__file__)

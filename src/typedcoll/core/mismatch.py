@@ -59,6 +59,9 @@ class Branch(msgspec.Struct, frozen=True):
         return [(self.key, self.arm), *self.outer]
 
 
+TOO_DEEP_SITE = "(more callers)"  # callers past those kept (core.callers): never pairs
+
+
 class Caller(msgspec.Struct, frozen=True):
     """A caller of a call written in a role branch (``core.callers``): its site, as an
     envelope's own (the file and line, the column, the thin wrapper passed), and the role branch
@@ -135,13 +138,17 @@ def levels(e: EnvelopeInfo) -> List[Level]:
 def split_levels(envelopes: Sequence[EnvelopeInfo], root: Optional[int]
                  ) -> Optional[List[Optional[str]]]:
     """``role_split``'s pairing: for each level, None where every rank names one site there, else
-    the key of the role branch that splits them (:func:`split_branch`); None where the ranks do
-    not pair, or name one site at every level. Every rank reads the same envelopes, so every
-    rank pairs alike."""
+    the key of the role branch that splits them (:func:`split_branch`: the root alone in its arm,
+    at a caller's level as at the call's own site); None where the ranks do not pair, or name
+    one site at every level. A caller's arms both call the function, so the root alone is what
+    tells two arms that make one call apart from a rank that left out one call of two by its
+    role (``if rank != last: return bo(work)`` / ``return bo(control)``). Every rank reads the
+    same envelopes, so every rank pairs alike."""
     if any(e.name is not None for e in envelopes):
         return None
     chains = [levels(e) for e in envelopes]
-    if len({len(chain) for chain in chains}) != 1:
+    if len({len(chain) for chain in chains}) != 1 or \
+            any(level[0] == TOO_DEEP_SITE for level in chains[0]):
         return None
     keys: List[Optional[str]] = []
     for depth in range(len(chains[0])):
@@ -388,8 +395,10 @@ def _hint(kinds: Sequence[MismatchKind], groups: Sequence[Group]) -> List[str]:
                 len({g.envelope.callers for g in groups}) > 1:
             return ["  the callers differ: a call written in a role branch's arm is one call "
                     "per line that calls its function, so a rank skipped or added a call of it "
-                    "before this one, or these are one collective reached from two places (a "
-                    "driver and its workers): then give the call a name="]
+                    "before this one, or the root and its receivers reach it from two places (a "
+                    "driver and its workers): then call it from one line on every rank, or pass "
+                    "each use a name= of its own down to the call (one name= written inside the "
+                    "function makes all its uses one call)"]
         vias = {g.envelope.via for g in groups}
         if len(vias) == 1 and None not in vias:
             via = vias.pop()

@@ -23,8 +23,8 @@ from ..core.mismatch import Branch
 from ..core.protocol import Protocol
 from ..core.wire import (CHECKED, FLAG_LOCAL_ERROR, FLAGS_OFFSET, HEADER, HEADER_SIZE, MAGIC,
                          OPS, ROOTED_OPS, slot_log2)
-from .envelope import (BLOCK, MODES, RING, DeviceMeta, TensorCall, desync_error, dtype_name,
-                       encode_meta, infos_from_blocks)
+from .envelope import (BLOCK, MODES, RING, DeviceBranch, DeviceMeta, TensorCall, desync_error,
+                       dtype_name, encode_meta, infos_from_blocks)
 
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 # torch declares no types for these constructors: called through Any, strict mypy accepts them.
@@ -310,13 +310,13 @@ def _branch_at(code: Any, lasti: int) -> Optional[Branch]:
     return found  # type: ignore[no-any-return]
 
 
-def callers_of(call: TensorCall) -> Tuple[Tuple[str, Optional[Branch]], ...]:
+def callers_of(call: TensorCall) -> Tuple[Tuple[str, Optional[DeviceBranch]], ...]:
     """The callers of a call in a role branch (``core.callers``), as the block carries them:
     each its site, column and thin wrapper in one text, and its branch, the key digested as the
     call's own is."""
     return tuple((format_column(format_site(code, lasti), column_of(code, lasti)) +
                   (f" through {via_name(via)}" if via is not None else ""),
-                  _branch_at(code, lasti)) for code, lasti, via in call.callers)
+                  DeviceBranch.of(_branch_at(code, lasti))) for code, lasti, via in call.callers)
 
 
 def pack_block(view: Any, p: Protocol, call: TensorCall) -> None:
@@ -327,7 +327,7 @@ def pack_block(view: Any, p: Protocol, call: TensorCall) -> None:
                       tensor.device.type if is_tensor else "?",
                       tuple(tensor.shape) if is_tensor else (), format_site(call.code, call.lasti),
                       call.occurrence, p.name, call.error, column_of(call.code, call.lasti),
-                      role_branch_of(call), via_name(call.via), callers_of(call))
+                      DeviceBranch.of(role_branch_of(call)), via_name(call.via), callers_of(call))
     payload = encode_meta(meta)
     info = call.info
     assert info is not None

@@ -124,6 +124,23 @@ def _tensor_error(op: str, tensor: torch.Tensor, size: int, reduce_op: Any, on_d
 
 
 # --- the device path's envelope as data --------------------------------------------------------
+class DeviceBranch(msgspec.Struct, array_like=True, frozen=True):
+    """A role branch (``core.mismatch.Branch``) as the block carries it: an array, not a map,
+    its keys digested (``device.role_branch_of``), so that a call and its callers' branches
+    fit."""
+
+    key: str
+    arm: int
+    outer: Tuple[Tuple[str, int], ...] = ()
+
+    @classmethod
+    def of(cls, branch: Optional[Branch]) -> Optional["DeviceBranch"]:
+        return None if branch is None else cls(branch.key, branch.arm, branch.outer)
+
+    def branch(self) -> Branch:
+        return Branch(self.key, self.arm, self.outer)
+
+
 class DeviceMeta(msgspec.Struct, array_like=True, frozen=True):
     """One rank's device-path envelope, after the header: what messages show."""
 
@@ -137,12 +154,12 @@ class DeviceMeta(msgspec.Struct, array_like=True, frozen=True):
     error: Optional[str] = None
     column: Optional[int] = None  # where on the site's line the call starts, 0-based
     # An unnamed broadcast's role branch (core.arms), its key digested to fit the block.
-    branch: Optional[Branch] = None
+    branch: Optional[DeviceBranch] = None
     via: Optional[str] = None  # the thin wrapper the call went through (core.identity)
     # An unnamed broadcast's callers where its site is a role branch's (core.callers): each its
     # site (column and wrapper included) and its branch, the key digested, as the verdict
     # compares them; texts are cut with a digest of the whole kept (``_cut_kept_apart``).
-    callers: Tuple[Tuple[str, Optional[Branch]], ...] = ()
+    callers: Tuple[Tuple[str, Optional[DeviceBranch]], ...] = ()
 
 
 META_DECODER = msgspec.msgpack.Decoder(DeviceMeta)
@@ -152,8 +169,10 @@ def encode_meta(meta: DeviceMeta) -> bytes:
     """``meta`` in at most META_MAX bytes: long texts and shapes are cut (the header's
     fingerprints still cover them), the branch kept (the verdict reads it)."""
     payload = ENCODER.encode(meta)
-    # Characters kept of each text (none of the name in the second pass), dimensions of the shape.
-    for name, error, site, comm, dims in ((24, 64, 40, 24, 4), (0, 16, 24, 8, 0)):
+    # Characters kept of each text (none of the name in the second pass, of callers' in the
+    # third: their digests), dimensions of the shape.
+    for name, error, site, comm, dims, callers in ((24, 64, 40, 24, 4, 40), (0, 16, 24, 8, 0, 24),
+                                                   (0, 16, 24, 8, 0, 0)):
         if len(payload) <= META_MAX:
             break
         meta = DeviceMeta(None if meta.name is None or not name else meta.name[:name],
@@ -162,23 +181,53 @@ def encode_meta(meta: DeviceMeta) -> bytes:
                           meta.occurrence, meta.comm[:comm],
                           None if meta.error is None else meta.error[:error], meta.column,
                           meta.branch, _cut_kept_apart(meta.via, site),
-                          _cut_callers(meta.callers, site))
+                          _cut_callers(meta.callers, callers))
         payload = ENCODER.encode(meta)
     if len(payload) > META_MAX:  # texts of wide characters: keep what the verdict reads
         meta = DeviceMeta(None, "?", "?", (), "?", meta.occurrence, "?",
                           None if meta.error is None else "?", meta.column, meta.branch,
                           _cut_kept_apart(meta.via, 0), _cut_callers(meta.callers, 0))
         payload = ENCODER.encode(meta)
-    if len(payload) > META_MAX:
-        # Callers too many to fit with their branches: their sites alone, so that ranks split
-        # at a caller's level pair nothing there (a false alarm, never another call's data).
-        payload = ENCODER.encode(msgspec.structs.replace(
-            meta, callers=tuple((text, None) for text, _ in meta.callers)))
+    # Still too long (callers nested deep, a branch with many enclosing candidates): give up
+    # what lets calls pair, never what tells them apart, so that at worst a pair of calls raises
+    # (a false alarm), never that other calls pair. Each rank cuts its own: ranks that cut
+    # differently disagree, and raise.
+    for cut in (_callers_without_branches, _callers_as_one_digest, _branch_alone, _no_branch):
+        if len(payload) <= META_MAX:
+            break
+        meta = cut(meta)
+        payload = ENCODER.encode(meta)
+    assert len(payload) <= META_MAX, len(payload)
     return payload
 
 
-def _cut_callers(callers: Tuple[Tuple[str, Optional[Branch]], ...], keep: int
-                 ) -> Tuple[Tuple[str, Optional[Branch]], ...]:
+def _callers_without_branches(meta: DeviceMeta) -> DeviceMeta:
+    """Callers' sites alone: ranks split at a caller's level pair nothing there."""
+    return msgspec.structs.replace(meta, callers=tuple((text, None) for text, _ in meta.callers))
+
+
+def _callers_as_one_digest(meta: DeviceMeta) -> DeviceMeta:
+    """Every caller in one digest: equal callers still pair, any difference raises."""
+    if not meta.callers:
+        return meta
+    return msgspec.structs.replace(
+        meta, callers=((f"~{digest8(repr(meta.callers)).hex()}", None),))
+
+
+def _branch_alone(meta: DeviceMeta) -> DeviceMeta:
+    """The call's own branch without its enclosing candidates (receivers split by ``elif``
+    then raise)."""
+    branch = meta.branch
+    return meta if branch is None else msgspec.structs.replace(
+        meta, branch=DeviceBranch(branch.key, branch.arm))
+
+
+def _no_branch(meta: DeviceMeta) -> DeviceMeta:
+    return msgspec.structs.replace(meta, branch=None)
+
+
+def _cut_callers(callers: Tuple[Tuple[str, Optional[DeviceBranch]], ...], keep: int
+                 ) -> Tuple[Tuple[str, Optional[DeviceBranch]], ...]:
     return tuple((_cut_kept_apart(text, keep) or "?", branch) for text, branch in callers)
 
 
@@ -216,9 +265,11 @@ def infos_from_blocks(blocks: bytes, size: int) -> List[EnvelopeInfo]:
         out.append(EnvelopeInfo(
             rank=r, seq=seq, op=op, schema="", fingerprint=fp.hex(),
             comm=meta.comm if meta else "?", site=meta.site if meta else "?",
-            column=meta.column if meta else None, branch=meta.branch if meta else None,
+            column=meta.column if meta else None,
+            branch=meta.branch.branch() if meta and meta.branch else None,
             via=meta.via if meta else None,
-            callers=tuple(Caller(text, branch=branch) for text, branch in meta.callers)
+            callers=tuple(Caller(text, branch=None if branch is None else branch.branch())
+                          for text, branch in meta.callers)
             if meta else (),
             name=meta.name if meta else None, occurrence=meta.occurrence if meta else 0,
             step=None if step == NO_STEP else step,
