@@ -595,6 +595,21 @@ done:
     return result;
 }
 
+/* The identity of an unnamed call, found at its site (user_site): the site's fingerprint, with
+ * its callers where the call is rooted (with_callers; ``levels``: their tuple, or NULL where
+ * none were walked). New references in the outputs and the result; NULL on error. */
+static PyObject *unnamed_identity(int rooted, PyCodeObject **code, int *lasti,
+                                  PyCodeObject **via, PyObject **levels) {
+    PyFrameObject *frame = NULL;
+    *levels = NULL;
+    if (user_site(code, lasti, via, rooted ? &frame : NULL) < 0) return NULL;
+    PyObject *identity = site_identity(*code, *lasti, *via);
+    if (identity != NULL && frame != NULL)
+        Py_SETREF(identity, with_callers(frame, identity, levels));
+    Py_XDECREF(frame);
+    return identity;
+}
+
 /* The identity fingerprint of a call named ``name`` (a new reference). */
 static PyObject *name_identity(PyObject *name) {
     PyObject *fp = PyDict_GetItemWithError(NAME_CACHE, name);
@@ -1375,7 +1390,6 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
     PyObject *result = NULL, *payload = NULL, *identity = NULL, *info_fast = NULL,
              *callers = NULL;
     PyCodeObject *code = NULL, *via = NULL;
-    PyFrameObject *site_frame = NULL;
     int lasti = 0, observed_here = 0;
     Py_buffer data_view; /* a split array's data (KIND_ARRAYS), held until phase 2 is done */
     int have_view = 0;
@@ -1508,22 +1522,19 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
     }
 
     /* --- from here the call is issued: no more TAKE_PY --- */
-    /* An unnamed rooted call's site frame: where its site is a role branch's, its callers are
-     * part of its identity (core/callers.py). */
-    if (user_site(&code, &lasti, &via, name == Py_None && root >= 0 ? &site_frame : NULL) < 0)
-        goto error;
+    /* An unnamed rooted call whose site is a role branch's: its callers are part of its
+     * identity (core/callers.py). */
+    if (name == Py_None)
+        identity = unnamed_identity(root >= 0, &code, &lasti, &via, &callers);
+    else if (user_site(&code, &lasti, &via, NULL) == 0)
+        identity = name_identity(name);
+    if (identity == NULL) goto error;
     {
         PyObject *where = PyLong_FromLong(lasti);
         if (where == NULL) goto error;
         if (PyList_SetItem(f.busy, BUSY_LASTI, where) < 0 ||
             PyList_SetItem(f.busy, BUSY_CODE, Py_NewRef(code ? (PyObject *)code : Py_None)) < 0)
             goto error;
-    }
-    identity = name == Py_None ? site_identity(code, lasti, via) : name_identity(name);
-    if (identity == NULL) goto error;
-    if (site_frame != NULL) {
-        Py_SETREF(identity, with_callers(site_frame, identity, &callers));
-        if (identity == NULL) goto error;
     }
     long long seq;
     Py_ssize_t occurrence;
@@ -1823,7 +1834,6 @@ cleanup:
     if (have_view) PyBuffer_Release(&data_view);
     Py_XDECREF(code);
     Py_XDECREF(via);
-    Py_XDECREF(site_frame);
     Py_XDECREF(callers);
     Py_XDECREF(identity);
     Py_XDECREF(payload);
@@ -1899,15 +1909,10 @@ static PyObject *guessed_info(PyObject *proto, PyObject *name) {
     PyObject *identity;
     if (name == Py_None) {
         PyCodeObject *code = NULL, *via = NULL;
-        PyFrameObject *frame = NULL;
         PyObject *levels = NULL;
         int lasti = 0;
-        if (user_site(&code, &lasti, &via, &frame) < 0) return NULL;
-        identity = site_identity(code, lasti, via);
-        if (identity != NULL && frame != NULL) /* a rooted call: with its callers */
-            Py_SETREF(identity, with_callers(frame, identity, &levels));
+        identity = unnamed_identity(1, &code, &lasti, &via, &levels); /* a rooted call */
         Py_XDECREF(levels);
-        Py_XDECREF(frame);
         Py_XDECREF(code);
         Py_XDECREF(via);
     } else if (PyUnicode_CheckExact(name) && PyUnicode_GET_LENGTH(name) >= 1 &&

@@ -36,7 +36,7 @@ from typing import Dict, List, Optional, Tuple
 
 from ..codecs.digest import digest8
 from .arms import branch_of
-from .identity import (CodeTable, column_of, format_site, register_internal, site_fingerprint,
+from .identity import (column_of, format_site, register_internal, site_fingerprint,
                        site_from, via_name)
 from .mismatch import TOO_DEEP_SITE, Caller
 
@@ -50,21 +50,15 @@ _OPTIMIZED = 0x01  # a function's code (not a module's or a class body's)
 # through it) is its function's, so its function's caller is the next level.
 COMPREHENSIONS = frozenset({"<listcomp>", "<setcomp>", "<dictcomp>", "<genexpr>"})
 
-_ROLE_SITES = CodeTable()
 _COMBINED: Dict[bytes, bytes] = {}
 
 
 def role_site(code: Optional[CodeType], lasti: int) -> bool:
     """Whether the call at ``lasti`` of the function ``code`` is a role branch's
-    (``arms.branch_of``): its caller then tells its executions apart. Read once per call site
-    (the source is parsed once per file); the C path asks it too."""
-    if code is None:
-        return False
-    found: Optional[bool] = _ROLE_SITES.get(code, lasti)
-    if found is None:
-        found = _ROLE_SITES.put(code, lasti, bool(code.co_flags & _OPTIMIZED) and
-                                branch_of(code, lasti) is not None)
-    return found
+    (``arms.branch_of``, which keeps what it read per call site): its caller then tells its
+    executions apart. The C path asks it too, once per call site."""
+    return code is not None and bool(code.co_flags & _OPTIMIZED) and \
+        branch_of(code, lasti) is not None
 
 
 def callers_of(frame: Optional[FrameType]) -> Tuple[Level, ...]:

@@ -148,7 +148,7 @@ def split_levels(envelopes: Sequence[EnvelopeInfo], root: Optional[int]
         return None
     chains = [levels(e) for e in envelopes]
     if len({len(chain) for chain in chains}) != 1 or \
-            any(level[0] == TOO_DEEP_SITE for level in chains[0]):
+            any(level[0] == TOO_DEEP_SITE for chain in chains for level in chain):
         return None
     keys: List[Optional[str]] = []
     for depth in range(len(chains[0])):
