@@ -17,6 +17,7 @@ import pytest
 import typedcoll as tc
 from typedcoll.core.mismatch import Branch, Caller, EnvelopeInfo, split_levels
 
+from test_core_arms import engine_broadcast_pyobj
 from test_core_review import TIMEOUTS, one_desync, outcomes, slot_state
 
 
@@ -32,21 +33,6 @@ def broadcast_object(comm: tc.TypedComm, obj: Any, src: int = 0) -> Any:
         return obj
     else:
         return comm.bcast(None, root=src, schema=Reqs)
-
-
-def broadcast_pyobj(comm: tc.TypedComm, data: List[str], src: int = 0) -> Any:
-    if comm.rank == src:  # SGLang's broadcast_pyobj: a size, then the data unless empty
-        if len(data) == 0:
-            comm.bcast(0, root=src)
-        else:
-            comm.bcast(len(data), root=src)
-            comm.bcast(data, root=src)
-        return data
-    else:
-        size = comm.bcast(None, root=src)
-        if size == 0:
-            return []
-        return comm.bcast(None, root=src)
 
 
 def broadcast_dict(comm: tc.TypedComm, d: Any, src: int = 0) -> Any:
@@ -76,8 +62,9 @@ def test_a_role_wrapper_called_from_two_lines_serves_both_calls(
         timeout: Optional[float]) -> None:
     def body(comm: tc.TypedComm) -> Any:
         got = [receive_requests(comm, step, None) for step in range(3)]
-        pyobj = [(broadcast_pyobj(comm, [f"a{s}"] * s if comm.rank == 0 else []),
-                  broadcast_pyobj(comm, ["b"] if comm.rank == 0 else []))
+        # SGLang's broadcast_pyobj: a size, then the data unless empty
+        pyobj = [(engine_broadcast_pyobj(comm, [f"a{s}"] * s if comm.rank == 0 else [], 0),
+                  engine_broadcast_pyobj(comm, ["b"] if comm.rank == 0 else [], 0))
                  for s in range(3)]
         # the flight recorder keeps each call's callers, for dumps and the trace analyzer
         recorded = [e.callers for e in comm._p.recorder.snapshot() if e.op == "bcast"][:6]
@@ -122,8 +109,8 @@ def test_a_root_that_skips_a_call_of_sglangs_broadcast_pyobj_raises(
         out = []
         for step in range(3):
             if not (skip and step == 2 and comm.rank == 0):
-                out.append(broadcast_pyobj(comm, work))
-            out.append(broadcast_pyobj(comm, control))
+                out.append(engine_broadcast_pyobj(comm, work, 0))
+            out.append(engine_broadcast_pyobj(comm, control, 0))
         return out
 
     assert outcomes(3, body, False, timeout=timeout) == [[["w"], ["c"]] * 3] * 3
