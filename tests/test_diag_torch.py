@@ -69,3 +69,39 @@ def test_untimed_calls_wait_past_the_groups_own_timeout():
     for r, (returncode, out) in enumerate(run_gloo("gloo_untimed_wait", 2)):
         assert returncode == 0 and f"SPMD-OK gloo_untimed_wait rank {r}/2" in out, \
             f"rank {r}:\n{out[-6000:]}"
+
+
+class _RacingWork:
+    """A gloo collective whose wait slice runs out as it completes: the first wait raises
+    torch's "Operation timed out!" though the operation is done by the time anyone asks, and
+    a wait after that reports how it really ended (``outcome``: None, or what it raised)."""
+
+    def __init__(self, outcome: "Exception | None") -> None:
+        self.outcome = outcome
+        self.waits = 0
+
+    def wait(self, timeout: object) -> bool:
+        self.waits += 1
+        if self.waits == 1:
+            raise RuntimeError("Operation timed out!")
+        if self.outcome is not None:
+            raise self.outcome
+        return True
+
+    def is_completed(self) -> bool:
+        return self.waits >= 1
+
+
+def test_a_collective_completing_as_its_wait_slice_runs_out_is_not_a_failure():
+    from typedcoll.transports.gloo import wait_work
+    work = _RacingWork(None)
+    wait_work(work, None, alarm=lambda: "")
+    assert work.waits == 2
+
+
+def test_a_collective_that_failed_as_its_wait_slice_ran_out_reports_its_own_failure():
+    from typedcoll.core.transport import TransportFailure
+    from typedcoll.transports.gloo import wait_work
+    work = _RacingWork(RuntimeError("Connection closed by peer [127.0.0.1]:4242"))
+    with pytest.raises(TransportFailure, match="Connection closed by peer"):
+        wait_work(work, None, alarm=lambda: "")

@@ -89,11 +89,19 @@ def wait_work(work: Any, deadline: Optional[float],
             # Collectives stay pending after a timed-out wait; point-to-point operations are
             # failed by it (gloo closes the pair). Before the deadline, a completed operation
             # that raised is a real failure (a peer died).
-            if sliced and not work.is_completed():
-                reported = alarm()  # type: ignore[misc]  # sliced: alarm is not None
-                if reported:
-                    raise TransportFailure(reported) from None
-                continue
+            if sliced:
+                if not work.is_completed():
+                    reported = alarm()  # type: ignore[misc]  # sliced: alarm is not None
+                    if reported:
+                        raise TransportFailure(reported) from None
+                    continue
+                # The slice ran out as the collective completed: only the completed
+                # operation says whether it succeeded (it returns or raises at once).
+                try:
+                    work.wait(timedelta(seconds=ALARM_SLICE_S))
+                    return
+                except RuntimeError as outcome:
+                    exc = outcome
             if deadline is not None and (not work.is_completed()
                                          or time.monotonic() >= deadline - 1e-3):
                 raise TransportTimeout() from None
