@@ -9,6 +9,7 @@ ranks, over the C fast path (timeout None) and the Python steps (timeout 10).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, List, Optional
 
 import msgspec
@@ -115,6 +116,48 @@ def test_a_root_that_skips_a_call_of_sglangs_broadcast_pyobj_raises(
 
     assert outcomes(3, body, False, timeout=timeout) == [[["w"], ["c"]] * 3] * 3
     one_desync(outcomes(3, body, True, timeout=timeout))
+
+
+def retried(func: Any) -> Any:
+    """A retry decorator: its wrapper calls the function in a loop and catches."""
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        for _ in range(3):
+            try:
+                return func(*args, **kwargs)
+            except TimeoutError:
+                continue
+        raise TimeoutError(func.__name__)
+    return wrapper
+
+
+retried_broadcast_object = retried(broadcast_object)
+
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+@pytest.mark.parametrize("skip", [False, True])
+def test_a_retry_decorator_around_a_role_wrapper_keeps_its_callers(
+        skip: bool, timeout: Optional[float]) -> None:
+    """The decorator's wrapper hands on its caller's arguments: the line that called it is
+    the caller, not the wrapper's loop (the same line for every use, where the last rank's
+    control call would take the work requests)."""
+    def body(comm: tc.TypedComm) -> Any:
+        work = Reqs(["work"]) if comm.rank == 0 else None
+        control = Reqs(["abort"]) if comm.rank == 0 else None
+        got = []
+        if not (skip and comm.rank == comm.size - 1):
+            got.append(retried_broadcast_object(comm, work))
+        got.append(retried_broadcast_object(comm, control))
+        return got
+
+    results = outcomes(4, body, timeout=timeout)
+    if not skip:
+        assert results == [[Reqs(["work"]), Reqs(["abort"])]] * 4
+        return
+    error = one_desync(results)
+    assert list(error.kinds) == [tc.MismatchKind.CALL]
+    assert "the callers differ" in str(error) and "through retried.<locals>.wrapper" in \
+        str(error), error
 
 
 @pytest.mark.parametrize("timeout", TIMEOUTS)

@@ -21,9 +21,11 @@ several statements keeps its lines in messages). Any function is passed over at 
 call, the one that hands on its arguments (a decorator's ``func(*args, **kwargs)``) or whose result
 it returns, whatever it does around it (a log line, a timer, a ``with`` block, a ``try``): at that
 call it decides nothing (``thin.pass_through_calls``), and as the site it would make every call
-through it one call from one line. The cost is that one wrapper called from two lines is two calls,
-as a collective written on two lines is; a wrapper meant to be one call wherever it is called from
-gives its call a ``name=``.
+through it one call from one line. A call that hands on the function's own ``*args`` and
+``**kwargs`` as they came is passed over in a loop or a ``try`` too (a retry decorator,
+``call_with_retry(fn, *args, **kwargs)``: ``thin.hand_on_calls``). The cost is that one wrapper
+called from two lines is two calls, as a collective written on two lines is; a wrapper meant to
+be one call wherever it is called from gives its call a ``name=``.
 
 Sites are ``file.py:LINE``, the file named without the directories it was loaded from, so the
 same program launched from different paths (or installed under different prefixes) agrees: a
@@ -48,7 +50,7 @@ from typing import Any, Callable, Dict, FrozenSet, List, Optional, Set, Tuple, T
     Union
 
 from ..codecs.digest import digest8
-from .thin import forwards, pass_through_calls
+from .thin import forwards, hand_on_calls, pass_through_calls
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 Position = Tuple[int, int, int, int]  # line, end line, column, end column of an instruction
@@ -168,11 +170,13 @@ def forwarding(code: CodeType) -> Union[bool, FrozenSet[int]]:
     """True where ``code`` is a thin wrapper (``core.thin``: it never loops or catches, makes
     its calls on one line and makes all of them or none); else the offsets of its pass-through
     calls (``thin.pass_through_calls``: the call it returns or that hands on its ``*args,
-    **kwargs``), where it is thin at those calls alone, or False. Read from its bytecode once
+    **kwargs``; ``thin.hand_on_calls``: that hands them on as they came, in a loop too), where
+    it is thin at those calls alone, or False. Read from its bytecode once
     per code object; the C path asks it too."""
     found: Union[None, bool, FrozenSet[int]] = _FORWARDING.get(code, 0)
     if found is None:
-        found = _FORWARDING.put(code, 0, forwards(code) or pass_through_calls(code) or False)
+        found = _FORWARDING.put(code, 0, forwards(code) or
+                                (pass_through_calls(code) | hand_on_calls(code)) or False)
     return found
 
 

@@ -22,6 +22,11 @@ but for those calls alone, with a ``with`` block or a ``try`` allowed around the
 else it does (a log line under a debug flag, a timer, a guard that returns first, a tracing
 range, ``torch.no_grad()``'s context) decides nothing about which collective runs beneath that
 call; any other call it makes (a collective on a line of its own) keeps its site there.
+
+A call that hands on the function's own ``*args`` and ``**kwargs`` as they came, nothing added
+(:func:`hand_on_calls`), is passed over in a loop or a ``try`` as well: a retry decorator's
+wrapper repeats its caller's call, and its one line would make every use of the function one
+call.
 """
 
 from __future__ import annotations
@@ -107,6 +112,71 @@ def pass_through_calls(code: CodeType) -> FrozenSet[int]:
                      for unit in range(offset, after.get(offset, offset + 2), 2))
 
 
+def hand_on_calls(code: CodeType) -> FrozenSet[int]:
+    """The offsets of the calls that hand on ``code``'s own arguments as they came, its
+    ``*args`` and ``**kwargs`` unpacked and nothing added (``fn(*args, **kwargs)``,
+    ``fn(self, *args, **kwargs)``), in a loop or a ``try`` too: a retry decorator's wrapper, a
+    ``call_with_retry(fn, *args, **kwargs)``. However often it makes such a call, the call
+    repeats its caller's: every argument is the caller's, so the wrapper's line tells its uses
+    nothing its caller's line does not, and as their site it would make every use one call
+    (a skipped use would take the next use's payload). Only where the source holds one such
+    call: two (``f(*a) if x else g(*a)``, a call made twice) keep the wrapper's own sites."""
+    if not code.co_flags & 0x04 or not _a_plain_function(code, nested_allowed=True):
+        return _NO_CALLS  # no *args to hand on; a comprehension, generator, module or class
+    params = code.co_argcount + code.co_kwonlyargcount
+    star = code.co_varnames[params]
+    double = code.co_varnames[params + 1] if code.co_flags & 0x08 else None
+    own = set(code.co_varnames[:params + 1 + (double is not None)])
+    instructions = [ins for ins in dis.get_instructions(code) if ins.opname != "CACHE"]
+    if any(ins.opname in ("STORE_FAST", "DELETE_FAST") and ins.argval in own
+           for ins in instructions):
+        return _NO_CALLS  # it reassigns an argument: what it hands on may not be its caller's
+    found: Dict[int, Position] = {}
+    line = None  # before 3.11 instructions carry no positions: the line alone
+    for i, ins in enumerate(instructions):
+        line = ins.starts_line if ins.starts_line is not None else line
+        if ins.opname == "CALL_FUNCTION_EX" and bool(ins.arg and ins.arg & 1) == bool(double) \
+                and _hands_on(instructions, i, own, star, double):
+            p = getattr(ins, "positions", None)
+            found[ins.offset] = (line, None, None, None) if p is None else (
+                p.lineno, p.end_lineno, p.col_offset, p.end_col_offset)
+    if len(set(found.values())) != 1:
+        return _NO_CALLS  # two of them (a branch picking one, a call made twice): its own sites
+    after = {ins.offset: nxt.offset for ins, nxt in zip(instructions, instructions[1:])}
+    return frozenset(unit for offset in found
+                     for unit in range(offset, after.get(offset, offset + 2), 2))
+
+
+# What may build a call that hands on its function's arguments: loading the callee (a global,
+# a closure's function, a parameter, an attribute of one) and packing the parameters.
+_HANDING_ON = frozenset({
+    "LOAD_FAST", "LOAD_FAST_CHECK", "LOAD_FAST_LOAD_FAST", "LOAD_DEREF", "LOAD_GLOBAL",
+    "LOAD_ATTR", "LOAD_METHOD", "PUSH_NULL", "BUILD_LIST", "BUILD_TUPLE", "LIST_EXTEND",
+    "LIST_TO_TUPLE", "CALL_INTRINSIC_1", "BUILD_MAP", "DICT_MERGE"})
+
+
+def _hands_on(instructions: List[dis.Instruction], at: int, own: Set[str], star: str,
+              double: Optional[str]) -> bool:
+    """Whether the CALL_FUNCTION_EX at ``instructions[at]`` is built from its callee and the
+    function's own parameters alone, ``*args`` (``star``) and ``**kwargs`` (``double``) each
+    unpacked once: read backwards to where the expression starts (one value on the stack)."""
+    depth = dis.stack_effect(instructions[at].opcode, instructions[at].arg)
+    loaded: List[str] = []
+    for ins in reversed(instructions[:at]):
+        if ins.opname not in _HANDING_ON or (ins.opname == "BUILD_MAP" and ins.arg):
+            return False
+        if ins.opname.startswith("LOAD_FAST"):
+            names = ins.argval if isinstance(ins.argval, tuple) else (ins.argval,)
+            if not own.issuperset(names):
+                return False  # a local the wrapper made: not its caller's argument
+            loaded.extend(names)
+        depth += dis.stack_effect(ins.opcode, ins.arg) if ins.arg is not None \
+            else dis.stack_effect(ins.opcode)
+        if depth == 1:
+            return loaded.count(star) == 1 and (double is None or loaded.count(double) == 1)
+    return False
+
+
 def _returned(instructions: List[dis.Instruction], calls: Dict[int, Position]) -> Set[int]:
     """The calls whose result the function returns: returned at once, or stored in a local
     that nothing else stores and that is returned."""
@@ -122,13 +192,14 @@ def _returned(instructions: List[dis.Instruction], calls: Dict[int, Position]) -
     return out
 
 
-def _a_plain_function(code: CodeType) -> bool:
+def _a_plain_function(code: CodeType, nested_allowed: bool = False) -> bool:
     """A ``def`` or ``lambda``: not a comprehension, generator, coroutine, module or class
-    body, and with no function of its own inside (before 3.12 a comprehension is one: a
-    loop)."""
+    body, and (unless ``nested_allowed``) with no function of its own inside (before 3.12 a
+    comprehension is one: a loop)."""
     return not ((code.co_name.startswith("<") and code.co_name != "<lambda>") or
                 code.co_flags & _SUSPENDS or not code.co_flags & _NEWLOCALS or
-                any(isinstance(const, CodeType) for const in code.co_consts))
+                (not nested_allowed and
+                 any(isinstance(const, CodeType) for const in code.co_consts)))
 
 
 def _calls(instructions: List[dis.Instruction]) -> Optional[Dict[int, Position]]:
