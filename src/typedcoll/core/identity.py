@@ -171,8 +171,8 @@ def forwarding(code: CodeType) -> Union[bool, FrozenSet[int]]:
     its calls on one line and makes all of them or none); else the offsets of its pass-through
     calls (``thin.pass_through_calls``: the call it returns or that hands on its ``*args,
     **kwargs``; ``thin.hand_on_calls``: that hands them on as they came, in a loop too), where
-    it is thin at those calls alone, or False. Read from its bytecode once
-    per code object; the C path asks it too."""
+    it is thin at those calls alone, or False. Read from its bytecode once per code object; the
+    C path asks it too."""
     found: Union[None, bool, FrozenSet[int]] = _FORWARDING.get(code, 0)
     if found is None:
         found = _FORWARDING.put(code, 0, forwards(code) or

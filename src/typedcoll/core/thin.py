@@ -41,7 +41,8 @@ _NEWLOCALS = 0x02  # a function's code, not a module's or a class body's
 _MAX_PATHS = 256  # more paths than this: not thin (no wrapper has them)
 _ENDS = frozenset({"RETURN_VALUE", "RETURN_CONST", "RAISE_VARARGS", "RERAISE"})
 _REFUSED = ("FOR_ITER", "SEND", "YIELD", "SETUP_", "WITH")  # loops, generators, with blocks
-_STARRED = 0x04 | 0x08  # takes *args or **kwargs
+_VARARGS, _VARKEYWORDS = 0x04, 0x08  # takes *args; takes **kwargs
+_STARRED = _VARARGS | _VARKEYWORDS
 _NO_CALLS: FrozenSet[int] = frozenset()
 
 Position = Tuple[Optional[int], Optional[int], Optional[int], Optional[int]]
@@ -121,15 +122,15 @@ def hand_on_calls(code: CodeType) -> FrozenSet[int]:
     nothing its caller's line does not, and as their site it would make every use one call
     (a skipped use would take the next use's payload). Only where the source holds one such
     call: two (``f(*a) if x else g(*a)``, a call made twice) keep the wrapper's own sites."""
-    if not code.co_flags & 0x04 or not _a_plain_function(code, nested_allowed=True):
+    if not code.co_flags & _VARARGS or not _a_plain_function(code, nested_allowed=True):
         return _NO_CALLS  # no *args to hand on; a comprehension, generator, module or class
     params = code.co_argcount + code.co_kwonlyargcount
     star = code.co_varnames[params]
-    double = code.co_varnames[params + 1] if code.co_flags & 0x08 else None
+    double = code.co_varnames[params + 1] if code.co_flags & _VARKEYWORDS else None
     own = set(code.co_varnames[:params + 1 + (double is not None)])
     instructions = [ins for ins in dis.get_instructions(code) if ins.opname != "CACHE"]
-    if any(ins.opname in ("STORE_FAST", "DELETE_FAST") and ins.argval in own
-           for ins in instructions):
+    if any(own.intersection(_names(ins)) for ins in instructions
+           if ins.opname.startswith("STORE_FAST") or ins.opname == "DELETE_FAST"):
         return _NO_CALLS  # it reassigns an argument: what it hands on may not be its caller's
     found: Dict[int, Position] = {}
     line = None  # before 3.11 instructions carry no positions: the line alone
@@ -166,7 +167,7 @@ def _hands_on(instructions: List[dis.Instruction], at: int, own: Set[str], star:
         if ins.opname not in _HANDING_ON or (ins.opname == "BUILD_MAP" and ins.arg):
             return False
         if ins.opname.startswith("LOAD_FAST"):
-            names = ins.argval if isinstance(ins.argval, tuple) else (ins.argval,)
+            names = _names(ins)
             if not own.issuperset(names):
                 return False  # a local the wrapper made: not its caller's argument
             loaded.extend(names)
@@ -175,6 +176,12 @@ def _hands_on(instructions: List[dis.Instruction], at: int, own: Set[str], star:
         if depth == 1:
             return loaded.count(star) == 1 and (double is None or loaded.count(double) == 1)
     return False
+
+
+def _names(ins: dis.Instruction) -> Tuple[str, ...]:
+    """The local names an instruction loads or stores (3.13's ``LOAD_FAST_LOAD_FAST``, and
+    ``STORE_FAST_STORE_FAST``, name two)."""
+    return ins.argval if isinstance(ins.argval, tuple) else (ins.argval,)
 
 
 def _returned(instructions: List[dis.Instruction], calls: Dict[int, Position]) -> Set[int]:
