@@ -160,6 +160,136 @@ def test_a_retry_decorator_around_a_role_wrapper_keeps_its_callers(
         str(error), error
 
 
+class Coordinator:
+    """vLLM's GroupCoordinator: a flag picks the route to one collective, and the function
+    returns its result (``all_reduce``: the custom op, or the out-of-place call)."""
+
+    def __init__(self, comm: tc.TypedComm, use_custom_op: bool) -> None:
+        self.comm, self.use_custom_op, self.world_size = comm, use_custom_op, comm.size
+
+    def all_gather(self, value: Any) -> Any:
+        if self.world_size == 1:
+            return [value]
+        if self.use_custom_op:
+            return self._custom(value)
+        else:
+            return self._out_place(value)
+
+    def _custom(self, value: Any) -> Any:
+        return self.comm.allgather(value)
+
+    def _out_place(self, value: Any) -> Any:
+        return self.comm.allgather(value)
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        if self.world_size == 1:
+            return obj
+        if self.use_custom_op:
+            return self.comm.bcast(obj, root=src, schema=Reqs)
+        return self.comm.bcast(obj, root=src, schema=Reqs)
+
+
+def two_votes(comm: tc.TypedComm, custom: bool, skipper: Optional[int]) -> Any:
+    group = Coordinator(comm, custom)
+    got = []
+    if comm.rank != skipper:
+        got.append(group.all_gather(100 + comm.rank))  # the batch-size vote
+    got.append(group.all_gather(comm.rank))  # the timeout vote
+    return got
+
+
+def two_broadcasts(comm: tc.TypedComm, skipper: Optional[int]) -> Any:
+    group = Coordinator(comm, comm.size > 2)
+    got = []
+    if comm.rank != skipper:
+        got.append(group.broadcast(Reqs(["work"]) if comm.rank == 0 else None))
+    got.append(group.broadcast(Reqs(["abort"]) if comm.rank == 0 else None))
+    return got
+
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+@pytest.mark.parametrize("custom", [True, False])
+def test_a_call_that_its_function_picks_carries_its_callers(
+        custom: bool, timeout: Optional[float]) -> None:
+    """The route a function picks is the same line for every use: without the callers, the
+    last rank's timeout vote would take its peers' batch-size votes without an error."""
+    assert outcomes(4, two_votes, custom, None, timeout=timeout) == \
+        [[[100, 101, 102, 103], [0, 1, 2, 3]]] * 4
+    error = one_desync(outcomes(4, two_votes, custom, 3, timeout=timeout))
+    assert list(error.kinds) == [tc.MismatchKind.CALL]
+    head = two_votes.__code__.co_firstlineno
+    text = str(error)
+    assert f"called from test_core_callers.py:{head + 4}" in text, text
+    assert f"called from test_core_callers.py:{head + 5}" in text, text
+    assert "the callers differ" in text and "picks between" in text, text
+
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+@pytest.mark.parametrize("skipper", [0, 2])
+def test_a_rooted_call_that_its_function_picks_carries_its_callers(
+        skipper: int, timeout: Optional[float]) -> None:
+    assert outcomes(4, two_broadcasts, None, timeout=timeout) == \
+        [[Reqs(["work"]), Reqs(["abort"])]] * 4
+    error = one_desync(outcomes(4, two_broadcasts, skipper, timeout=timeout))
+    assert list(error.kinds)[0] == tc.MismatchKind.CALL
+
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+def test_ranks_that_pick_two_routes_still_raise(timeout: Optional[float]) -> None:
+    """The routes keep their own sites: a rank-local flag that sends one rank down the other
+    route is two calls, as before."""
+    def body(comm: tc.TypedComm) -> Any:
+        return Coordinator(comm, comm.rank == 0).all_gather(comm.rank)
+
+    error = one_desync(outcomes(3, body, timeout=timeout))
+    assert list(error.kinds) == [tc.MismatchKind.CALL]
+    assert "Coordinator._custom" in str(error) and "Coordinator._out_place" in str(error)
+
+
+def test_which_calls_a_function_picks_between() -> None:
+    import dis
+    from typedcoll.core.thin import picked_calls
+
+    def picked(fn: Any) -> List[str]:
+        names = {i.offset: i.opname for i in dis.get_instructions(fn.__code__)}
+        return sorted(names[o] for o in picked_calls(fn.__code__) if o in names)
+
+    class Shapes:
+        def own_call(self, x: Any) -> Any:
+            if self.flag:
+                print(x)
+                return self.a(x)
+            return self.b(x)
+
+        def guarded(self, x: Any) -> Any:
+            if not self.ready():
+                return None
+            if self.flag:
+                return self.a(x)
+            return self.b(x)
+
+        def stored(self, x: Any) -> Any:
+            if self.flag:
+                out = self.a(x)
+            else:
+                out = self.b(x)
+            return out
+
+        def in_a_loop(self, x: Any) -> Any:
+            for _ in range(2):
+                if self.flag:
+                    return self.a(x)
+            return self.b(x)
+
+    # Routes picked by a flag, behind guards whose calls every path makes.
+    assert picked(Coordinator.all_gather) == ["CALL", "CALL"]
+    assert picked(Shapes.guarded) == ["CALL", "CALL"]
+    # Not a picker: one route (a thin wrapper), a call of its own beside a route, routes
+    # stored before they are returned, a loop.
+    for fn in (Coordinator._custom, Shapes.own_call, Shapes.stored, Shapes.in_a_loop):
+        assert picked(fn) == [], fn.__name__
+
+
 @pytest.mark.parametrize("timeout", TIMEOUTS)
 def test_role_wrappers_nested_in_role_branches_pair_level_by_level(
         timeout: Optional[float]) -> None:

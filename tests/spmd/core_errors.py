@@ -265,6 +265,50 @@ if size > 1:
                  f"called from {FILE}:{head + 5}" in str(err.error))
         chk.usable(comm, f"after rank {skipper} skipped through a role wrapper")
 
+# vLLM's GroupCoordinator.all_reduce: a flag picks one of two routes to one collective, and the
+# function returns its result. The route it picks is the same line for every use: the batch-size
+# vote and the timeout vote through it are told apart by their callers, so a rank that skips the
+# first raises on every rank where it would hand its peers the timeout vote as a batch size.
+class Coordinator:
+    def __init__(self, use_custom_op):
+        self.use_custom_op = use_custom_op
+
+    def all_gather(self, value):
+        if size == 1:
+            return [value]
+        if self.use_custom_op:
+            return self._custom(value)
+        else:
+            return self._out_place(value)
+
+    def _custom(self, value):
+        return comm.allgather(value)
+
+    def _out_place(self, value):
+        return comm.allgather(value)
+
+
+def votes(group, skipper):
+    got = []
+    if rank != skipper:
+        got.append(group.all_gather(100 + rank))  # the batch-size vote
+    got.append(group.all_gather(rank))  # the timeout vote
+    return got
+
+
+if size > 1:
+    for custom in (True, False):
+        chk.eq(f"picker: route {custom}", votes(Coordinator(custom), None),
+               [[100 + r for r in range(size)], list(range(size))])
+    with chk.expect(tc.DesyncError, "picker: the last rank skips") as err:
+        votes(Coordinator(True), last)
+    chk.same("picker: the last rank skips: one text", str(err.error))
+    head = votes.__code__.co_firstlineno
+    chk.true(f"picker: callers named ({err.error})",
+             f"called from {FILE}:{head + 3}" in str(err.error) and
+             f"called from {FILE}:{head + 4}" in str(err.error))
+    chk.usable(comm, "after the last rank skipped through a picker")
+
 # Two threads on one communicator: refused, never paired across threads, never a hang.
 shared = tc.TypedComm(WORLD.Dup(), timeout=5.0)
 outcomes = {0: [], 1: []}

@@ -433,8 +433,11 @@ static struct {
     int role;
 } ROLE_TABLE[ROLE_SLOTS];
 
-/* Whether the call at (code, lasti) is a role branch's (callers.role_site): 1 or 0, -1 on
- * error. A direct-mapped table in front of the Python answer, which parses the source once. */
+/* What the call at (code, lasti) is made for (callers.role_site): ROLE_BIT where it is a role
+ * branch's, PICKED_BIT where its function picks it among others, both, or 0; -1 on error. A
+ * direct-mapped table in front of the Python answer, which parses the source once. */
+#define ROLE_BIT 1
+#define PICKED_BIT 2
 static int role_site(PyCodeObject *code, int lasti) {
     size_t h = ((size_t)(uintptr_t)code >> 4) ^ ((size_t)(unsigned)lasti * 2654435761u);
     size_t i = (h ^ (h >> 9)) & (ROLE_SLOTS - 1);
@@ -442,9 +445,10 @@ static int role_site(PyCodeObject *code, int lasti) {
         return ROLE_TABLE[i].role;
     PyObject *answer = PyObject_CallFunction(ROLE_SITE, "Oi", (PyObject *)code, lasti);
     if (answer == NULL) return -1;
-    int role = PyObject_IsTrue(answer);
+    long kind = PyLong_AsLong(answer);
     Py_DECREF(answer);
-    if (role < 0) return -1;
+    if (kind == -1 && PyErr_Occurred()) return -1;
+    int role = (int)(kind & (ROLE_BIT | PICKED_BIT));
     PyObject *old = ROLE_TABLE[i].code;
     ROLE_TABLE[i].code = Py_NewRef((PyObject *)code);
     ROLE_TABLE[i].lasti = lasti;
@@ -501,12 +505,13 @@ done:
     return result;
 }
 
-/* The identity of the unnamed rooted call whose site frame is ``frame`` and whose site
- * fingerprint is ``site`` (both borrowed): with its callers where its site is a role branch's,
- * walked as callers.callers_of walks them (a new reference; NULL on error). ``levels_out``: a
- * new reference to the callers' tuple of (code, lasti, via), innermost first, for the Python
- * steps and the flight recorder. */
-static PyObject *with_callers(PyFrameObject *frame, PyObject *site, PyObject **levels_out) {
+/* The identity of the unnamed call whose site frame is ``frame`` and whose site fingerprint
+ * is ``site`` (both borrowed): with its callers where its site is a role branch's (``rooted``
+ * calls) or one its function picks, walked as callers.callers_of walks them (a new reference;
+ * NULL on error). ``levels_out``: a new reference to the callers' tuple of (code, lasti, via),
+ * innermost first, for the Python steps and the flight recorder. */
+static PyObject *with_callers(PyFrameObject *frame, PyObject *site, int rooted,
+                              PyObject **levels_out) {
     /* one more than kept: callers past MAX_LEVELS are one marker level (callers.TOO_DEEP) */
     PyCodeObject *codes[MAX_LEVELS + 1], *vias[MAX_LEVELS + 1];
     int lastis[MAX_LEVELS + 1];
@@ -519,7 +524,7 @@ static PyObject *with_callers(PyFrameObject *frame, PyObject *site, PyObject **l
         int role = role_site(code, PyFrame_GetLasti(at));
         Py_DECREF(code);
         if (role < 0) goto done;
-        if (!role) break;
+        if (!(role & PICKED_BIT) && !(rooted && (role & ROLE_BIT))) break;
         if (n == MAX_LEVELS) {
             codes[n] = vias[n] = NULL;
             lastis[n++] = -1;
@@ -596,16 +601,16 @@ done:
 }
 
 /* The identity of an unnamed call, found at its site (user_site): the site's fingerprint, with
- * its callers where the call is rooted (with_callers; ``levels``: their tuple, or NULL where
- * none were walked). New references in the outputs and the result; NULL on error. */
+ * the callers that with_callers finds (``levels``: their tuple, or NULL where none were
+ * walked). New references in the outputs and the result; NULL on error. */
 static PyObject *unnamed_identity(int rooted, PyCodeObject **code, int *lasti,
                                   PyCodeObject **via, PyObject **levels) {
     PyFrameObject *frame = NULL;
     *levels = NULL;
-    if (user_site(code, lasti, via, rooted ? &frame : NULL) < 0) return NULL;
+    if (user_site(code, lasti, via, &frame) < 0) return NULL;
     PyObject *identity = site_identity(*code, *lasti, *via);
     if (identity != NULL && frame != NULL)
-        Py_SETREF(identity, with_callers(frame, identity, levels));
+        Py_SETREF(identity, with_callers(frame, identity, rooted, levels));
     Py_XDECREF(frame);
     return identity;
 }
@@ -1522,8 +1527,8 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
     }
 
     /* --- from here the call is issued: no more TAKE_PY --- */
-    /* An unnamed rooted call whose site is a role branch's: its callers are part of its
-     * identity (core/callers.py). */
+    /* An unnamed call whose site is a role branch's (rooted calls) or one its function picks:
+     * its callers are part of its identity (core/callers.py). */
     if (name == Py_None)
         identity = unnamed_identity(root >= 0, &code, &lasti, &via, &callers);
     else if (user_site(&code, &lasti, &via, NULL) == 0)

@@ -1,4 +1,5 @@
-"""The callers of a call written in a role branch: what tells a role wrapper's calls apart.
+"""The callers of a call written in a role branch, or picked by its function: what tells the
+uses of a role wrapper, or of a wrapper that picks a route, apart.
 
 An engine's ``broadcast_object`` (or ``broadcast_pyobj``) writes the root's side and the
 receivers' side of one broadcast in the two arms of ``if rank == src`` (``core.arms``). Its call
@@ -7,7 +8,11 @@ caller (the work requests, then the control requests), its two executions would 
 a rank that skipped the first would hand its peers the second's payload without an error. Such a
 wrapper decides which side of the call a rank takes, never which call it makes, as a thin wrapper
 decides nothing (``core.identity``). So a rooted call whose site is in a role branch's arm
-carries its callers, as a call through a thin wrapper carries its caller's line:
+carries its callers, as a call through a thin wrapper carries its caller's line. So does any
+call that its function picks between others and returns (``thin.picked_calls``: vLLM's
+``GroupCoordinator.all_reduce`` returns the custom op's result or its out-of-place route's, by a
+flag): its sites tell the routes apart, but each route is the same line for every use, and the
+timeout vote and the batch-size vote through it would be one call.
 
   1. ``callers_of``: the call site of the function that holds the role branch, found as the
      call's own site is (``identity.site_from`` from that function's caller: plumbing,
@@ -20,7 +25,8 @@ carries its callers, as a call through a thin wrapper carries its caller's line:
      together: a call from another line of the caller is another call, on every rank.
   3. The verdict (``mismatch.split_levels``) pairs a root and its receivers level by level: at
      each level every rank names one site, or the ranks split there by a role branch with the
-     root alone in its arm. A driver and its workers that call one such wrapper from two
+     root alone in its arm (rooted calls alone: any other call pairs only where every level
+     names one site). A driver and its workers that call one such wrapper from two
      methods are two calls, as two lines are; so are two arms of a caller's role branch that
      put the root with other ranks (``if rank == last: bo(None)`` / ``else: bo(x)``): nothing
      tells them from a rank that leaves out one call of two by its role.
@@ -36,9 +42,10 @@ from typing import Dict, List, Optional, Tuple
 
 from ..codecs.digest import digest8
 from .arms import branch_of
-from .identity import (column_of, format_site, register_internal, site_fingerprint,
-                       site_from, via_name)
+from .identity import (CodeTable, column_of, format_site, register_internal,
+                       site_fingerprint, site_from, via_name)
 from .mismatch import TOO_DEEP_SITE, Caller
+from .thin import picked_calls
 
 MAX_LEVELS = 8  # callers kept: a role wrapper called in a role branch of a role wrapper, ...
 Level = Tuple[Optional[CodeType], int, Optional[CodeType]]  # a caller's code, lasti and via
@@ -50,22 +57,38 @@ _OPTIMIZED = 0x01  # a function's code (not a module's or a class body's)
 # through it) is its function's, so its function's caller is the next level.
 COMPREHENSIONS = frozenset({"<listcomp>", "<setcomp>", "<dictcomp>", "<genexpr>"})
 
+ROLE, PICKED = 1, 2  # role_site's answers, as bits
+_PICKED = CodeTable()  # a function's code -> the offsets of the calls it picks between
+
 _COMBINED: Dict[bytes, bytes] = {}
 
 
-def role_site(code: Optional[CodeType], lasti: int) -> bool:
-    """Whether the call at ``lasti`` of the function ``code`` is a role branch's
-    (``arms.branch_of``, which keeps what it read per call site): its caller then tells its
-    executions apart. The C path asks it too, once per call site."""
-    return code is not None and bool(code.co_flags & _OPTIMIZED) and \
-        branch_of(code, lasti) is not None
+def role_site(code: Optional[CodeType], lasti: int) -> int:
+    """What the call at ``lasti`` of the function ``code`` is made for: ROLE where it is a role
+    branch's (``arms.branch_of``, which keeps what it read per call site), PICKED where it is
+    one of the calls its function picks between and returns (``thin.picked_calls``), both, or
+    0. Its caller then tells its executions apart (ROLE for rooted calls alone). The C path asks
+    it too, once per call site."""
+    if code is None or not code.co_flags & _OPTIMIZED:
+        return 0
+    kind = ROLE if branch_of(code, lasti) is not None else 0
+    picked = _PICKED.get(code, 0)
+    if picked is None:
+        picked = _PICKED.put(code, 0, picked_calls(code))
+    return kind | PICKED if lasti in picked else kind
 
 
-def callers_of(frame: Optional[FrameType]) -> Tuple[Level, ...]:
+def made_for_caller(kind: int, rooted: bool) -> bool:
+    """Whether a call of ``role_site``'s ``kind`` carries its callers."""
+    return bool(kind & PICKED or (rooted and kind & ROLE))
+
+
+def callers_of(frame: Optional[FrameType], rooted: bool = True) -> Tuple[Level, ...]:
     """Step 1: the callers that tell apart the executions of the call at ``frame`` (the call's
-    site frame), innermost first; none where the call is no role branch's."""
+    site frame), innermost first; none where the call is neither a role branch's (``rooted``
+    calls) nor one its function picks."""
     levels: List[Level] = []
-    while frame is not None and role_site(frame.f_code, frame.f_lasti):
+    while frame is not None and made_for_caller(role_site(frame.f_code, frame.f_lasti), rooted):
         if len(levels) == MAX_LEVELS:
             levels.append(TOO_DEEP)
             break

@@ -393,12 +393,13 @@ def _hint(kinds: Sequence[MismatchKind], groups: Sequence[Group]) -> List[str]:
                     f"added a call before this one"]
         if all(g.envelope.callers for g in groups) and \
                 len({g.envelope.callers for g in groups}) > 1:
-            return ["  the callers differ: a call written in a role branch's arm is one call "
-                    "per line that calls its function, so a rank skipped or added a call of it "
-                    "before this one, or the root and its receivers reach it from two places (a "
-                    "driver and its workers): then call it from one line on every rank, or pass "
-                    "each use a name= of its own down to the call (one name= written inside the "
-                    "function makes all its uses one call)"]
+            return ["  the callers differ: a call written in a role branch's arm, or one of "
+                    "several its function picks between and returns, is one call per line that "
+                    "calls its function, so a rank skipped or added a call of it before this "
+                    "one, or the ranks reach it from two places (a driver and its workers): "
+                    "then call it from one line on every rank, or pass each use a name= of its "
+                    "own down to the call (one name= written inside the function makes all its "
+                    "uses one call)"]
         vias = {g.envelope.via for g in groups}
         if len(vias) == 1 and None not in vias:
             via = vias.pop()

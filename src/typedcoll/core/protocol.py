@@ -182,8 +182,8 @@ class Protocol:
         frame, call.via = call_site(2)
         call.code = frame.f_code if frame is not None else None
         call.lasti = frame.f_lasti if frame is not None else 0
-        if call.name is None and call.root != NO_ROOT:
-            call.callers = callers_of(frame)
+        if call.name is None:
+            call.callers = callers_of(frame, call.root != NO_ROOT)
         busy[BUSY_CODE] = call.code  # where this thread is, for one that collides with it
         busy[BUSY_LASTI] = call.lasti
         if call.seq != CREATE_SEQ:

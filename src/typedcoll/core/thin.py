@@ -113,6 +113,39 @@ def pass_through_calls(code: CodeType) -> FrozenSet[int]:
                      for unit in range(offset, after.get(offset, offset + 2), 2))
 
 
+def picked_calls(code: CodeType) -> FrozenSet[int]:
+    """The offsets of the calls whose results ``code`` returns where it picks one of several
+    (vLLM's ``GroupCoordinator.all_reduce``: ``if self.use_custom_op_call: return
+    torch.ops.vllm.all_reduce(...)`` / ``else: return self._all_reduce_out_place(...)``), or
+    none. Each path makes at most one of them, and beside it only calls every path makes (a
+    guard's test); it never loops or catches. Such a function keeps its own sites, which tell
+    its routes apart, but the route it picks is the same for every use: its caller tells the
+    uses apart (``core.callers``)."""
+    if getattr(code, "co_exceptiontable", b"") or not _a_plain_function(code):
+        return _NO_CALLS
+    instructions = list(dis.get_instructions(code))
+    if any(mark in ins.opname for ins in instructions for mark in _REFUSED):
+        return _NO_CALLS
+    calls = _calls(instructions)
+    if calls is None:
+        return _NO_CALLS
+    returned = _returned(instructions, calls)
+    picked = frozenset(calls[offset] for offset in returned)
+    if len(picked) < 2:
+        return _NO_CALLS  # one returned call: a thin wrapper or a pass-through, if anything
+    made = _calls_per_path(instructions, calls)
+    if made is None:
+        return _NO_CALLS
+    common = frozenset.intersection(*made) if made else frozenset()
+    for path in made:
+        mine = path & picked
+        if len(mine) > 1 or not (path - mine) <= common:
+            return _NO_CALLS  # two routes in a row, or a call of its own on one path
+    after = {ins.offset: nxt.offset for ins, nxt in zip(instructions, instructions[1:])}
+    return frozenset(unit for offset in returned
+                     for unit in range(offset, after.get(offset, offset + 2), 2))
+
+
 def hand_on_calls(code: CodeType) -> FrozenSet[int]:
     """The offsets of the calls that hand on ``code``'s own arguments as they came, its
     ``*args`` and ``**kwargs`` unpacked and nothing added (``fn(*args, **kwargs)``,
