@@ -167,11 +167,12 @@ class Coordinator:
     def __init__(self, comm: tc.TypedComm, use_custom_op: bool) -> None:
         self.comm, self.use_custom_op, self.world_size = comm, use_custom_op, comm.size
 
-    def all_gather(self, value: Any) -> Any:
+    def all_gather(self, value: Any, dim: int = -1) -> Any:
         if self.world_size == 1:
             return [value]
+        assert -1 <= dim < 1, f"invalid dim ({dim}) for {type(value).__name__}"
         if self.use_custom_op:
-            return self._custom(value)
+            return self._custom(int(value))
         else:
             return self._out_place(value)
 
@@ -281,12 +282,13 @@ def test_which_calls_a_function_picks_between() -> None:
                     return self.a(x)
             return self.b(x)
 
-    # Routes picked by a flag, behind guards whose calls every path makes.
-    assert picked(Coordinator.all_gather) == ["CALL", "CALL"]
-    assert picked(Shapes.guarded) == ["CALL", "CALL"]
-    # Not a picker: one route (a thin wrapper), a call of its own beside a route, routes
-    # stored before they are returned, a loop.
-    for fn in (Coordinator._custom, Shapes.own_call, Shapes.stored, Shapes.in_a_loop):
+    # Routes picked by a flag, whatever else the function does: a size-1 shortcut and an
+    # assert before them (vLLM's all_gather), a guard's call, a call of its own on one path.
+    for fn in (Coordinator.all_gather, Shapes.guarded, Shapes.own_call):
+        assert picked(fn) == ["CALL", "CALL"], fn.__name__
+    # Not a picker: one route (a thin wrapper), routes stored in two places before they are
+    # returned, a loop.
+    for fn in (Coordinator._custom, Shapes.stored, Shapes.in_a_loop):
         assert picked(fn) == [], fn.__name__
 
 
@@ -381,13 +383,19 @@ def _nested(inner: Any) -> Any:
     return nest
 
 
-NESTS = [nest_0]
+NESTS = [nest_0]  # each nest a code object of its own: a level of its own
+for depth in range(1, 11):
+    _nest = _nested(NESTS[-1])
+    _nest.__code__ = _nest.__code__.replace(co_name=f"nest_{depth}")
+    NESTS.append(_nest)
+SAME_CODE_NESTS = [nest_0]  # closures of one factory: one code object, calls of itself
 for _ in range(10):
-    NESTS.append(_nested(NESTS[-1]))
+    SAME_CODE_NESTS.append(_nested(SAME_CODE_NESTS[-1]))
 
 
-def nested_requests(comm: tc.TypedComm, depth: int, skip_work_on: Optional[int]) -> Any:
-    top = NESTS[depth]
+def nested_requests(comm: tc.TypedComm, depth: int, skip_work_on: Optional[int],
+                    nests: List[Any] = NESTS) -> Any:
+    top = nests[depth]
     got = []
     if comm.rank != skip_work_on:
         got.append(top(comm, Reqs(["work"])))
@@ -408,6 +416,33 @@ def test_callers_past_those_kept_never_pair(timeout: Optional[float]) -> None:
     """Nine role wrappers deep, the line that tells the calls apart is past the eight callers
     kept: such a call raises (a false alarm, never another call's payload)."""
     one_desync(outcomes(3, nested_requests, 9, None, timeout=timeout))
+
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+def test_a_functions_calls_of_itself_are_one_level(timeout: Optional[float]) -> None:
+    """Closures of one factory nested nine deep run one code object: its calls of itself are
+    one level, so they pair, and the line that tells the calls apart is kept."""
+    assert outcomes(3, nested_requests, 9, None, SAME_CODE_NESTS, timeout=timeout) == \
+        [[Reqs(["work"]), Reqs(["control"])]] * 3
+    one_desync(outcomes(3, nested_requests, 9, 2, SAME_CODE_NESTS, timeout=timeout))
+
+
+def recursive_vote(comm: tc.TypedComm, skip: bool) -> Any:
+    def at_depth(n: int, value: int) -> Any:
+        return at_depth(n - 1, value) if n else comm.allgather(value)
+    depth = 3 * comm.rank  # each rank recurses to a depth of its own
+    got = []
+    if not (skip and comm.rank == comm.size - 1):
+        got.append(at_depth(depth, 100 + comm.rank))  # the batch-size vote
+    got.append(at_depth(depth, comm.rank))  # the timeout vote
+    return got
+
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+def test_ranks_that_recurse_to_different_depths_meet(timeout: Optional[float]) -> None:
+    assert outcomes(3, recursive_vote, False, timeout=timeout) == \
+        [[[100, 101, 102], [0, 1, 2]]] * 3
+    one_desync(outcomes(3, recursive_vote, True, timeout=timeout))
 
 
 def in_comprehensions(comm: tc.TypedComm) -> Any:

@@ -64,9 +64,13 @@ def test_two_votes_on_one_line_with_a_rank_local_condition_raise(timeout: Option
     results = outcomes(3, body, timeout=timeout)
     one_desync(results)
     line, (ready, other) = line_and_columns(two_votes_on_one_line, "# TWO-VOTES", "comm.allgather")
+    # (the function picks one of its two calls: each names its caller, the same on every rank)
+    runner, (column,) = line_and_columns(outcomes, "return fn(comm, *a)", "fn(comm, *a)")
+    called = (f" called from test_core_review.py:{runner}:{column} through {body.__qualname__} "
+              f"({FILE}:{body.__code__.co_firstlineno}), its 1st call")
     assert str(results[0]).splitlines()[1:] == [
-        f"  rank 0:    allgather[int] at {FILE}:{line}:{ready}, its 1st call",
-        f"  ranks 1-2: allgather[int] at {FILE}:{line}:{other}, its 1st call",
+        f"  rank 0:    allgather[int] at {FILE}:{line}:{ready}{called}",
+        f"  ranks 1-2: allgather[int] at {FILE}:{line}:{other}{called}",
         "  only the call sites differ: if these are the same collective called from different "
         "places, give every rank's call the same name= (or mark the wrapper they share with "
         "@typedcoll.transparent)"]

@@ -597,8 +597,10 @@ def _expected(size: int) -> Dict[str, str]:
                          NAME_HINT),
         "t_vs_object": _table(
             "collective #14 on WORLD diverged (op, call site, schema, shape, dtype):", size,
-            f"all_gather_tensor shape=(2,) dtype=float32 at {s['t6b']}, its 1st call",
-            f"allgather[RankState] at {s['t6']}, its 1st call"),
+            # (the lambda picks one of its two calls: each names its caller too)
+            f"all_gather_tensor shape=(2,) dtype=float32 at {s['t6b']} called from "
+            f"{s['outcome']}, its 1st call",
+            f"allgather[RankState] at {s['t6']} called from {s['outcome']}, its 1st call"),
         "other timeout": _table("creation on WORLD#2 diverged (settings):", size,
                                 f"create timeout=5 at {s['outcome']} through {other}, "
                                 f"its 1st call",

@@ -542,7 +542,29 @@ static PyObject *with_callers(PyFrameObject *frame, PyObject *site, int rooted,
         int rc = site_from(back, &codes[n], &lastis[n], &vias[n], &up);
         Py_XDECREF(back);
         if (rc < 0) goto done;
-        if (codes[n] == NULL) break;
+        {
+            /* a function's calls of itself are one level (callers.callers_of) */
+            PyCodeObject *own = PyFrame_GetCode(at);
+            while (rc == 0 && codes[n] != NULL && codes[n] == own && up != NULL) {
+                PyFrameObject *above = PyFrame_GetBack(up);
+                Py_CLEAR(codes[n]);
+                Py_CLEAR(vias[n]);
+                Py_CLEAR(up);
+                rc = site_from(above, &codes[n], &lastis[n], &vias[n], &up);
+                Py_XDECREF(above);
+            }
+            Py_DECREF(own);
+            if (rc < 0) {
+                Py_CLEAR(codes[n]);
+                Py_CLEAR(vias[n]);
+                Py_XDECREF(up);
+                goto done;
+            }
+        }
+        if (codes[n] == NULL) {
+            Py_XDECREF(up);
+            break;
+        }
         n++;
         Py_XSETREF(at, up);
     }

@@ -16,8 +16,9 @@ timeout vote and the batch-size vote through it would be one call.
 
   1. ``callers_of``: the call site of the function that holds the role branch, found as the
      call's own site is (``identity.site_from`` from that function's caller: plumbing,
-     transparent functions and thin wrappers passed over). Where that site is a role branch's
-     call too (vLLM's ``broadcast_tensor_dict`` calls ``broadcast_object`` in both arms of its
+     transparent functions and thin wrappers passed over; a function's calls of itself are
+     one level, so ranks that recurse to different depths meet). Where that site is a role
+     branch's call too (vLLM's ``broadcast_tensor_dict`` calls ``broadcast_object`` in both arms of its
      own), its caller's as well, up to MAX_LEVELS (past them a marker that never pairs). A
      comprehension's frame is its function's (before Python 3.12 it has one of its own).
      Module code is nobody's callee.
@@ -95,6 +96,8 @@ def callers_of(frame: Optional[FrameType], rooted: bool = True) -> Tuple[Level, 
         while frame.f_code.co_name in COMPREHENSIONS and frame.f_back is not None:
             frame = frame.f_back
         site, via = site_from(frame.f_back)
+        while site is not None and site.f_code is frame.f_code:
+            site, via = site_from(site.f_back)  # a function's calls of itself are one level
         if site is None:
             break
         levels.append((site.f_code, site.f_lasti, via))

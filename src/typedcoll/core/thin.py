@@ -44,6 +44,7 @@ _REFUSED = ("FOR_ITER", "SEND", "YIELD", "SETUP_", "WITH")  # loops, generators,
 _VARARGS, _VARKEYWORDS = 0x04, 0x08  # takes *args; takes **kwargs
 _STARRED = _VARARGS | _VARKEYWORDS
 _NO_CALLS: FrozenSet[int] = frozenset()
+_FORWARD_JUMPS = ("JUMP_FORWARD", "JUMP", "JUMP_NO_INTERRUPT")
 
 Position = Tuple[Optional[int], Optional[int], Optional[int], Optional[int]]
 
@@ -114,33 +115,27 @@ def pass_through_calls(code: CodeType) -> FrozenSet[int]:
 
 
 def picked_calls(code: CodeType) -> FrozenSet[int]:
-    """The offsets of the calls whose results ``code`` returns where it picks one of several
+    """The offsets of the calls whose results ``code`` returns where it returns one of several
     (vLLM's ``GroupCoordinator.all_reduce``: ``if self.use_custom_op_call: return
     torch.ops.vllm.all_reduce(...)`` / ``else: return self._all_reduce_out_place(...)``), or
-    none. Each path makes at most one of them, and beside it only calls every path makes (a
-    guard's test); it never loops or catches. Such a function keeps its own sites, which tell
-    its routes apart, but the route it picks is the same for every use: its caller tells the
-    uses apart (``core.callers``)."""
-    if getattr(code, "co_exceptiontable", b"") or not _a_plain_function(code):
+    none; it never loops. Such a function keeps its own sites, which tell its routes apart, but
+    the route it picks is the same for every use: its caller tells the uses apart
+    (``core.callers``). Whatever else it does (a size-1 shortcut, an ``assert``, a check before
+    the routes, a call in a route's arguments) is no matter: carrying the callers only makes
+    the routes' identities finer, so reading a function as a picker never pairs two calls
+    that were apart, and reading too few leaves their uses one call."""
+    if not _a_plain_function(code):
         return _NO_CALLS
     instructions = list(dis.get_instructions(code))
-    if any(mark in ins.opname for ins in instructions for mark in _REFUSED):
-        return _NO_CALLS
+    if any(ins.opname in ("FOR_ITER", "SEND") or "YIELD" in ins.opname
+           for ins in instructions):
+        return _NO_CALLS  # a loop, a generator
     calls = _calls(instructions)
     if calls is None:
-        return _NO_CALLS
+        return _NO_CALLS  # a loop
     returned = _returned(instructions, calls)
-    picked = frozenset(calls[offset] for offset in returned)
-    if len(picked) < 2:
+    if len({calls[offset] for offset in returned}) < 2:
         return _NO_CALLS  # one returned call: a thin wrapper or a pass-through, if anything
-    made = _calls_per_path(instructions, calls)
-    if made is None:
-        return _NO_CALLS
-    common = frozenset.intersection(*made) if made else frozenset()
-    for path in made:
-        mine = path & picked
-        if len(mine) > 1 or not (path - mine) <= common:
-            return _NO_CALLS  # two routes in a row, or a call of its own on one path
     after = {ins.offset: nxt.offset for ins, nxt in zip(instructions, instructions[1:])}
     return frozenset(unit for offset in returned
                      for unit in range(offset, after.get(offset, offset + 2), 2))
@@ -208,6 +203,8 @@ def _hands_on(instructions: List[dis.Instruction], at: int, own: Set[str], star:
             else dis.stack_effect(ins.opcode)
         if depth == 1:
             return loaded.count(star) == 1 and (double is None or loaded.count(double) == 1)
+        if ins.is_jump_target:
+            return False  # two ways into the expression: ``(f if c else g)(*args)``
     return False
 
 
@@ -223,8 +220,12 @@ def _returned(instructions: List[dis.Instruction], calls: Dict[int, Position]) -
     stores = Counter(ins.argval for ins in instructions if ins.opname == "STORE_FAST")
     returned_locals = {ins.argval for ins, after in zip(instructions, instructions[1:])
                        if ins.opname.startswith("LOAD_FAST") and after.opname == "RETURN_VALUE"}
+    by_offset = {ins.offset: ins for ins in instructions}
     out: Set[int] = set()
     for ins, after in zip(instructions, instructions[1:]):
+        if after.opname in _FORWARD_JUMPS and isinstance(after.argval, int):
+            # before 3.12 a conditional expression's first arm jumps to the one return
+            after = by_offset.get(after.argval, after)
         if ins.offset in calls and (after.opname == "RETURN_VALUE" or (
                 after.opname == "STORE_FAST" and stores[after.argval] == 1 and
                 after.argval in returned_locals)):
