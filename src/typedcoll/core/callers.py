@@ -17,11 +17,11 @@ timeout vote and the batch-size vote through it would be one call.
   1. ``callers_of``: the call site of the function that holds the role branch, found as the
      call's own site is (``identity.site_from`` from that function's caller: plumbing,
      transparent functions and thin wrappers passed over; a function's calls of itself are
-     one level, so ranks that recurse to different depths meet). Where that site is a role
-     branch's call too (vLLM's ``broadcast_tensor_dict`` calls ``broadcast_object`` in both arms of its
-     own), its caller's as well, up to MAX_LEVELS (past them a marker that never pairs). A
-     comprehension's frame is its function's (before Python 3.12 it has one of its own).
-     Module code is nobody's callee.
+     one level, so ranks that recurse to different depths meet). Where that site is such a
+     call too (vLLM's ``broadcast_tensor_dict`` calls ``broadcast_object`` in both arms of its
+     own), its caller's as well, up to MAX_LEVELS; past them a marker that never pairs by role
+     (ranks whose chains agree past it are one call). A comprehension's frame is its
+     function's (before Python 3.12 it has one of its own). Module code is nobody's callee.
   2. ``fingerprint``: the identity is the site's fingerprint and each caller's, digested
      together: a call from another line of the caller is another call, on every rank.
   3. The verdict (``mismatch.split_levels``) pairs a root and its receivers level by level: at
@@ -50,8 +50,9 @@ from .thin import picked_calls
 
 MAX_LEVELS = 8  # callers kept: a role wrapper called in a role branch of a role wrapper, ...
 Level = Tuple[Optional[CodeType], int, Optional[CodeType]]  # a caller's code, lasti and via
-# The level that stands for callers past MAX_LEVELS, all of them role branches' calls: the line
-# that tells the calls apart is not kept, so such a call never pairs (mismatch.split_levels).
+# The level that stands for callers past MAX_LEVELS: the line that tells the calls apart is not
+# kept, so such a call never pairs by role (mismatch.split_levels); ranks whose chains agree up
+# to it are one call.
 TOO_DEEP: Level = (None, -1, None)
 _OPTIMIZED = 0x01  # a function's code (not a module's or a class body's)
 # A comprehension runs in a frame of its own before Python 3.12; its role branch (arms.py reads
