@@ -727,13 +727,6 @@ def test_a_function_is_thin_at_its_pass_through_call():
                 done()
         return wrapper
 
-    def call_with_retry(func, *args, **kwargs):
-        while True:
-            try:
-                return func(*args, **kwargs)
-            except TimeoutError:
-                continue
-
     def retry_method(func):
         def wrapper(self, *args, **kwargs):
             for _ in range(3):

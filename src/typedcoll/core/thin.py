@@ -127,10 +127,7 @@ def picked_calls(code: CodeType) -> FrozenSet[int]:
     if not _a_plain_function(code):
         return _NO_CALLS
     instructions = list(dis.get_instructions(code))
-    if any(ins.opname in ("FOR_ITER", "SEND") or "YIELD" in ins.opname
-           for ins in instructions):
-        return _NO_CALLS  # a loop, a generator
-    calls = _calls(instructions)
+    calls = _calls(instructions)  # (a generator is no plain function)
     if calls is None:
         return _NO_CALLS  # a loop
     returned = _returned(instructions, calls)
