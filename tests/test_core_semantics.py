@@ -810,12 +810,14 @@ def test_a_function_is_thin_at_its_pass_through_call():
     assert passes_at(retries(f)) == ["CALL_FUNCTION_EX"]
     assert passes_at(call_with_retry) == ["CALL_FUNCTION_EX"]
     assert passes_at(retry_method(f)) == ["CALL_FUNCTION_EX"]
+    # What the wrapper adds to them (an attempt number) is its own, the same for every use.
+    assert passes_at(retries_adding(f)) == ["CALL_FUNCTION_EX"]
     # Not thin: a branch that picks among pass-through calls, two of them on two lines, an
     # arm that makes a call of its own in their place (a role branch whose root returns its
     # call's result: the receivers' arm would no longer pair with it); and in a loop, a call
-    # that adds an argument, hands on arguments the wrapper changed, or calls a local.
-    for fn in (twice(f), picks(f, f, True), Methods.asymmetric_role, retries_adding(f),
-               retries_shifted(f), every_handler):
+    # that hands on arguments the wrapper changed, or calls a local.
+    for fn in (twice(f), picks(f, f, True), Methods.asymmetric_role, retries_shifted(f),
+               every_handler):
         assert passes_at(fn) is False, fn.__code__.co_name
     # A thin wrapper stays True, whatever its parameters.
     assert forwarding((lambda *a: f(*a)).__code__) is True
@@ -843,12 +845,21 @@ def vote_through_wrappers(comm: tc.TypedComm, shape: str) -> List[Any]:
 
         def retried(*args, **kwargs):
             return call_with_retry(func, *args, **kwargs)
-        chosen = {"with": in_context, "retry": retried}.get(shape, logged)
+
+        def retried_with_attempt(*args, **kwargs):  # adds an argument of its own
+            for attempt in range(3):
+                try:
+                    return func(*args, attempt=attempt, **kwargs)
+                except TimeoutError:
+                    continue
+            raise TimeoutError
+        chosen = {"with": in_context, "retry": retried,
+                  "retry attempt": retried_with_attempt}.get(shape, logged)
         return functools.wraps(func)(chosen)
 
-    if shape in ("logged", "with", "retry"):
+    if shape in ("logged", "with", "retry", "retry attempt"):
         @decorate
-        def vote(v):
+        def vote(v, attempt=0):
             return comm.allgather(v)
     elif shape == "log line":
         def vote(v):
@@ -869,7 +880,8 @@ def vote_through_wrappers(comm: tc.TypedComm, shape: str) -> List[Any]:
 
 
 @pytest.mark.parametrize("timeout", [None, 10])  # the C fast path, the Python steps
-@pytest.mark.parametrize("shape", ["logged", "with", "log line", "try", "retry"])
+@pytest.mark.parametrize("shape", ["logged", "with", "log line", "try", "retry",
+                                   "retry attempt"])
 def test_a_skipped_vote_through_a_wrapper_that_does_more_raises(shape, timeout):
     # Before, the decorator's frame (or the wrapper, for a log line or a try; the retry loop
     # for a retry decorator) was the site of every call through it: the last rank's timeout

@@ -22,8 +22,9 @@ at its pass-through call, the one that hands on its arguments (a decorator's ``f
 **kwargs)``) or whose result it returns, whatever it does around it (a log line, a timer, a
 ``with`` block, a ``try``): at that call it decides nothing (``thin.pass_through_calls``), and as
 the site it would make every call through it one call from one line. A call that hands on the
-function's own ``*args`` and ``**kwargs`` as they came is passed over in a loop or a ``try`` too (a
-retry decorator, ``call_with_retry(fn, *args, **kwargs)``: ``thin.hand_on_calls``). The cost is
+function's own ``*args`` and ``**kwargs`` whole is passed over in a loop or a ``try`` too (a retry
+decorator, one adding ``attempt=i``, ``call_with_retry(fn, *args, **kwargs)``:
+``thin.hand_on_calls``). The cost is
 that one wrapper called from two lines is two calls, as a collective written on two lines is; a
 wrapper meant to be one call wherever it is called from gives its call a ``name=``.
 

@@ -140,13 +140,16 @@ def picked_calls(code: CodeType) -> FrozenSet[int]:
 
 def hand_on_calls(code: CodeType) -> FrozenSet[int]:
     """The offsets of the calls that hand on ``code``'s own arguments as they came, its
-    ``*args`` and ``**kwargs`` unpacked and nothing added (``fn(*args, **kwargs)``,
-    ``fn(self, *args, **kwargs)``), in a loop or a ``try`` too: a retry decorator's wrapper, a
-    ``call_with_retry(fn, *args, **kwargs)``. However often it makes such a call, the call
-    repeats its caller's: every argument is the caller's, so the wrapper's line tells its uses
-    nothing its caller's line does not, and as their site it would make every use one call
-    (a skipped use would take the next use's payload). Only where the source holds one such
-    call: two (``f(*a) if x else g(*a)``, a call made twice) keep the wrapper's own sites."""
+    ``*args`` and ``**kwargs`` unpacked whole (``fn(*args, **kwargs)``, ``fn(self, *args,
+    **kwargs)``, ``fn(*args, attempt=i, **kwargs)``), in a loop or a ``try`` too: a retry
+    decorator's wrapper, a ``call_with_retry(fn, *args, **kwargs)``. However often it makes such
+    a call, the call repeats its caller's: the caller's arguments are all there, so the
+    wrapper's line tells its uses nothing its caller's line does not, and as their site it
+    would make every use one call (a skipped use would take the next use's payload). What the
+    wrapper adds (an attempt number, a timeout) is its own, the same for every use. Only where
+    the source holds one such call, and its callee is not a local the wrapper chose (``for h in
+    handlers: h(*args)`` would make two callees' uses one call): two (``f(*a) if x else
+    g(*a)``, a call made twice) keep the wrapper's own sites."""
     if not code.co_flags & _VARARGS or not _a_plain_function(code, nested_allowed=True):
         return _NO_CALLS  # no *args to hand on; a comprehension, generator, module or class
     params = code.co_argcount + code.co_kwonlyargcount
@@ -161,7 +164,7 @@ def hand_on_calls(code: CodeType) -> FrozenSet[int]:
     line = None  # before 3.11 instructions carry no positions: the line alone
     for i, ins in enumerate(instructions):
         line = ins.starts_line if ins.starts_line is not None else line
-        if ins.opname == "CALL_FUNCTION_EX" and bool(ins.arg and ins.arg & 1) == bool(double) \
+        if ins.opname == "CALL_FUNCTION_EX" and (double is None or ins.arg and ins.arg & 1) \
                 and _hands_on(instructions, i, own, star, double):
             p = getattr(ins, "positions", None)
             found[ins.offset] = (line, None, None, None) if p is None else (
@@ -174,31 +177,41 @@ def hand_on_calls(code: CodeType) -> FrozenSet[int]:
 
 
 # What may build a call that hands on its function's arguments: loading the callee (a global,
-# a closure's function, a parameter, an attribute of one) and packing the parameters.
+# a closure's function, a parameter, an attribute of one), packing the parameters, and the
+# plain expressions of what the wrapper adds (``attempt=i``, ``timeout=self.timeout * 2``);
+# never a call, a jump or a store inside it.
 _HANDING_ON = frozenset({
     "LOAD_FAST", "LOAD_FAST_CHECK", "LOAD_FAST_LOAD_FAST", "LOAD_DEREF", "LOAD_GLOBAL",
     "LOAD_ATTR", "LOAD_METHOD", "PUSH_NULL", "BUILD_LIST", "BUILD_TUPLE", "LIST_EXTEND",
-    "LIST_TO_TUPLE", "CALL_INTRINSIC_1", "BUILD_MAP", "DICT_MERGE"})
+    "LIST_TO_TUPLE", "CALL_INTRINSIC_1", "BUILD_MAP", "DICT_MERGE", "LOAD_CONST",
+    "LOAD_SMALL_INT", "BUILD_CONST_KEY_MAP", "BINARY_OP", "BINARY_SUBSCR", "COMPARE_OP",
+    "UNARY_NEGATIVE", "UNARY_NOT", "UNARY_INVERT", "TO_BOOL", "COPY_FREE_VARS"})
+# Before 3.11 each arithmetic operator has its own opcode.
+_OPERATORS_BEFORE_311 = ("BINARY_", "INPLACE_")
 
 
 def _hands_on(instructions: List[dis.Instruction], at: int, own: Set[str], star: str,
               double: Optional[str]) -> bool:
-    """Whether the CALL_FUNCTION_EX at ``instructions[at]`` is built from its callee and the
-    function's own parameters alone, ``*args`` (``star``) and ``**kwargs`` (``double``) each
-    unpacked once: read backwards to where the expression starts (one value on the stack)."""
+    """Whether the CALL_FUNCTION_EX at ``instructions[at]`` hands on the function's own
+    ``*args`` (``star``) and ``**kwargs`` (``double``), each unpacked once, to a callee that is
+    not a local the function made: read backwards to where the expression starts (one value on
+    the stack)."""
     depth = dis.stack_effect(instructions[at].opcode, instructions[at].arg)
     loaded: List[str] = []
+    callee: Optional[dis.Instruction] = None  # the expression's first load, read last
     for ins in reversed(instructions[:at]):
-        if ins.opname not in _HANDING_ON or (ins.opname == "BUILD_MAP" and ins.arg):
+        if ins.opname not in _HANDING_ON and not ins.opname.startswith(_OPERATORS_BEFORE_311):
             return False
+        if ins.opname.startswith("LOAD_"):
+            callee = ins
         if ins.opname.startswith("LOAD_FAST"):
-            names = _names(ins)
-            if not own.issuperset(names):
-                return False  # a local the wrapper made: not its caller's argument
-            loaded.extend(names)
+            loaded.extend(_names(ins))
         depth += dis.stack_effect(ins.opcode, ins.arg) if ins.arg is not None \
             else dis.stack_effect(ins.opcode)
         if depth == 1:
+            if callee is not None and callee.opname.startswith("LOAD_FAST") \
+                    and not own.issuperset(_names(callee)[:1]):
+                return False  # a local the wrapper chose (a loop over handlers): its decision
             return loaded.count(star) == 1 and (double is None or loaded.count(double) == 1)
         if ins.is_jump_target:
             return False  # two ways into the expression: ``(f if c else g)(*args)``
