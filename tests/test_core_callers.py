@@ -78,8 +78,10 @@ def test_a_role_wrapper_called_from_two_lines_serves_both_calls(
         got, pyobj, _, recorded = result
         assert got == [[Reqs([f"work {s}"]), Reqs([f"abort {s}"])] for s in range(3)]
         assert pyobj == [([f"a{s}"] * s, ["b"]) for s in range(3)]
+        # receive_requests has no loop: its caller (the comprehension's line) is kept too
         assert [[c.site for c in callers] for callers in recorded] == \
-            [[f"test_core_callers.py:{head + 6}"], [f"test_core_callers.py:{head + 7}"]] * 3
+            [[f"test_core_callers.py:{head + 6}", f"test_core_callers.py:{head + 17}"],
+             [f"test_core_callers.py:{head + 7}", f"test_core_callers.py:{head + 17}"]] * 3
     assert len({repr(r[2]) for r in results}) == 1
 
 
@@ -471,3 +473,67 @@ def test_a_callers_arms_that_hold_the_root_with_others_raise(timeout: Optional[f
     nothing else tells them from a rank that leaves out one call of two by its role."""
     error = one_desync(outcomes(3, last_stage_apart, timeout=timeout))
     assert "call it from one line on every rank" in str(error)
+
+
+# --- helpers: functions without a loop ---------------------------------------------------------
+
+def any_rank(comm: tc.TypedComm, flag: bool) -> bool:
+    flags = comm.allgather(flag)  # on a line of its own: no thin wrapper
+    return any(flags)
+
+
+def max_over_ranks(comm: tc.TypedComm, value: int) -> int:
+    out = comm.allreduce(value, op="max")
+    print(end="")  # a call of its own after the collective
+    return int(out)
+
+
+def votes_through_helpers(comm: tc.TypedComm, skipper: Optional[int]) -> Any:
+    """Two votes identical on the wire through one helper, from two lines; ``skipper`` leaves
+    out the first (an idle rank's has-work vote), as an engine's iteration does."""
+    got = []
+    if comm.rank != skipper:
+        got.append((any_rank(comm, comm.rank == 0), max_over_ranks(comm, 100 + comm.rank)))
+    got.append((any_rank(comm, False), max_over_ranks(comm, comm.rank)))
+    return got
+
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+@pytest.mark.parametrize("skipper", [0, 2])
+def test_a_skipped_vote_through_a_helper_without_a_loop_raises(
+        skipper: int, timeout: Optional[float]) -> None:
+    """Before, the helper's own line was the site of both votes: the skipper's timeout vote
+    took its peers' has-work votes (``True`` where every rank voted ``False``) without an
+    error, and its peers hung. The line that called the helper is part of the identity now."""
+    assert outcomes(3, votes_through_helpers, None, timeout=timeout) == \
+        [[(True, 102), (False, 2)]] * 3
+    error = one_desync(outcomes(3, votes_through_helpers, skipper, timeout=timeout))
+    assert list(error.kinds) == [tc.MismatchKind.CALL]
+    first = votes_through_helpers.__code__.co_firstlineno
+    rows = str(error).splitlines()[1:3]
+    site = f"test_core_callers.py:{any_rank.__code__.co_firstlineno + 1}"
+    assert all(f"allgather[bool] at {site} called from test_core_callers.py:" in r
+               for r in rows), error
+    assert {r.split("called from ")[1].split()[0].rstrip(",") for r in rows} == \
+        {f"test_core_callers.py:{first + 5}", f"test_core_callers.py:{first + 6}"}, error
+    assert "the callers differ" in str(error)
+
+
+def test_which_functions_carry_their_callers() -> None:
+    """Every call of a function without a loop carries its callers; a function with a loop, a
+    generator, a module's code carry none (a worker's loop is one site per line)."""
+    from typedcoll.core.callers import PICKED, role_site
+    from typedcoll.core.thin import loops
+
+    def with_loop(comm: Any) -> None:
+        for _ in range(2):
+            comm.barrier()
+
+    def generator(comm: Any) -> Any:
+        yield comm.barrier()
+
+    assert not loops(any_rank.__code__) and not loops(max_over_ranks.__code__)
+    assert loops(with_loop.__code__) and loops(generator.__code__)
+    assert loops(compile("x = 1", "<module>", "exec"))
+    assert role_site(any_rank.__code__, 0) & PICKED
+    assert not role_site(with_loop.__code__, 0) & PICKED

@@ -391,7 +391,7 @@ def desyncs(rank: int, size: int) -> dict:
         if rank == odd:
             comm.allgather(10)  # @extra
         return comm.allgather(rank)  # @after-extra
-    out["extra call"] = outcome(extra)
+    out["extra call"] = outcome(extra)  # @extra-case
     out["extra usable"] = outcome(lambda: comm.allgather(rank))
 
     def skip_with_step_clock() -> None:
@@ -419,7 +419,7 @@ def desyncs(rank: int, size: int) -> dict:
         "t_not_tensor": lambda: comm.all_gather_tensor([1.0] if rank == odd else z(1)),  # @t8
     }
     for key, fn in tensor_cases.items():
-        out[key] = outcome(fn)
+        out[key] = outcome(fn)  # @tensor-case
     out["tensor usable"] = outcome(lambda: comm.all_gather_tensor(torch.tensor([rank])).tolist())
 
     # A bad or different timeout on one rank: every rank raises at creation
@@ -553,6 +553,8 @@ def _expected(size: int) -> Dict[str, str]:
     # Functions that do more are thin at the call whose result they return: extra() (an extra
     # call first on one rank) and the lambdas whose arguments call on a line of their own.
     t2 = lambda_at("t2", "comm.all_reduce_tensor")
+    # outcome() and extra() have no loop: the lines that called them follow the site
+    case, tensor = f"called from {s['extra-case']}", f"called from {s['tensor-case']}"
     extra = next(f"desyncs.<locals>.extra ({HERE.name}:{n})" for n, line in enumerate(_LINES, 1)
                  if "def extra() -> Any:" in line)
     return {
@@ -561,8 +563,10 @@ def _expected(size: int) -> Dict[str, str]:
                         f"allgather[ndarray] {vote} at {s['vote-timeout']}, its 2nd call",
                         SITE_HINT),
         "extra call": _table("collective #4 on WORLD diverged (call site):", size,
-                             f"allgather[int] at {s['outcome']} through {extra}, its 1st call",
-                             f"allgather[int] at {s['extra']}, its 1st call", SITE_HINT),
+                             f"allgather[int] at {s['outcome']} through {extra} {case}, its 1st "
+                             "call",
+                             f"allgather[int] at {s['extra']} called from {s['outcome']} {case}, "
+                             "its 1st call", SITE_HINT),
         "same-site skip": _table(
             "collective #7 on WORLD diverged (step):", size,
             f"allgather[RankState] at {s['loop']}, its 2nd call, step 1",
@@ -571,24 +575,24 @@ def _expected(size: int) -> Dict[str, str]:
             "iteration"),
         "t_shape": _table("collective #9 on WORLD diverged (shape):", size,
                           f"all_gather_tensor shape=(2, 4) dtype=float32 at {s['outcome']} "
-                          f"through {t1}, its 1st call, step 1",
+                          f"through {t1} {tensor}, its 1st call, step 1",
                           f"all_gather_tensor shape=(3, 4) dtype=float32 at {s['outcome']} "
-                          f"through {t1}, its 1st call, step 1"),
+                          f"through {t1} {tensor}, its 1st call, step 1"),
         "t_dtype": _table("collective #10 on WORLD diverged (dtype):", size,
-                          f"all_reduce_tensor op=sum {t} at {s['outcome']} through {t2}, its 1st "
-                          "call",
+                          f"all_reduce_tensor op=sum {t} at {s['outcome']} through {t2} "
+                          f"{tensor}, its 1st call",
                           f"all_reduce_tensor op=sum shape=(4,) dtype=float64 at {s['outcome']} "
-                          f"through {t2}, its 1st call"),
+                          f"through {t2} {tensor}, its 1st call"),
         "t_op": _table("collective #11 on WORLD diverged (reduce op):", size,
-                       f"all_reduce_tensor op=sum {t} at {s['outcome']} through {t3}, its 1st "
-                       "call",
-                       f"all_reduce_tensor op=max {t} at {s['outcome']} through {t3}, its 1st "
-                       "call"),
+                       f"all_reduce_tensor op=sum {t} at {s['outcome']} through {t3} {tensor}, "
+                       "its 1st call",
+                       f"all_reduce_tensor op=max {t} at {s['outcome']} through {t3} {tensor}, "
+                       "its 1st call"),
         "t_root": _table("collective #12 on WORLD diverged (root):", size,
-                         f"broadcast_tensor root=0 {t} at {s['outcome']} through {t4}, its 1st "
-                         "call",
-                         f"broadcast_tensor root={size - 1} {t} at {s['outcome']} through {t4}, "
-                         "its 1st call"),
+                         f"broadcast_tensor root=0 {t} at {s['outcome']} through {t4} {tensor}, "
+                         "its 1st call",
+                         f"broadcast_tensor root={size - 1} {t} at {s['outcome']} through {t4} "
+                         f"{tensor}, its 1st call"),
         "t_name": _table("collective #13 on WORLD diverged (call site):", size,
                          f"all_reduce_tensor op=sum {t} name='grad' at {s['outcome']}, its 1st "
                          "call",
@@ -599,13 +603,14 @@ def _expected(size: int) -> Dict[str, str]:
             "collective #14 on WORLD diverged (op, call site, schema, shape, dtype):", size,
             # (the lambda picks one of its two calls: each names its caller too)
             f"all_gather_tensor shape=(2,) dtype=float32 at {s['t6b']} called from "
-            f"{s['outcome']}, its 1st call",
-            f"allgather[RankState] at {s['t6']} called from {s['outcome']}, its 1st call"),
+            f"{s['outcome']} {tensor}, its 1st call",
+            f"allgather[RankState] at {s['t6']} called from {s['outcome']} {tensor}, its 1st "
+            "call"),
         "other timeout": _table("creation on WORLD#2 diverged (settings):", size,
-                                f"create timeout=5 at {s['outcome']} through {other}, "
-                                f"its 1st call",
-                                f"create timeout=6 at {s['outcome']} through {other}, "
-                                f"its 1st call"),
+                                f"create timeout=5 at {s['outcome']} through {other} "
+                                f"called from {s['other-timeout']}, its 1st call",
+                                f"create timeout=6 at {s['outcome']} through {other} "
+                                f"called from {s['other-timeout']}, its 1st call"),
     }
 
 

@@ -54,12 +54,13 @@ with chk.expect(tc.DesyncError, "wire-identical votes") as err:
     iteration(1)
 votes = lines(err)
 chk.eq("votes: head", votes[0], "collective #2 on COMM_WORLD diverged (call site):")
+# iteration has no loop: the line that called it is part of each vote's identity
 chk.eq("votes: the others", votes[1],
        f"  {others:<{width}} allgather[ndarray] shape=(1,) dtype=int64 at "
-       f"{FILE}:{first_line + 2}, its 2nd call")
+       f"{FILE}:{first_line + 2} called from {FILE}:{first_line + 9}, its 1st call")
 chk.eq("votes: the skipper", votes[2],
        f"  {label:<{width}} allgather[ndarray] shape=(1,) dtype=int64 at "
-       f"{FILE}:{first_line + 3}, its 2nd call")
+       f"{FILE}:{first_line + 3} called from {FILE}:{first_line + 9}, its 1st call")
 chk.usable(comm, "after the votes")
 
 
@@ -124,12 +125,13 @@ if size > 1:
     head = wrapped_iteration.__code__.co_firstlineno
     via = f"Dist.flagged ({FILE}:{Dist.flagged.__code__.co_firstlineno})"
     chk.eq("wrapped votes: kinds", err.error.kinds, (tc.MismatchKind.CALL,))
+    called = f"called from {FILE}:{head + 10}"
     chk.eq("wrapped votes: the others", lines(err)[1],
-           f"  {others:<{width}} allgather[int] at {FILE}:{head + 2} through {via}, "
-           "its 2nd call")
+           f"  {others:<{width}} allgather[int] at {FILE}:{head + 2} through {via} {called}, "
+           "its 1st call")
     chk.eq("wrapped votes: the skipper", lines(err)[2],
-           f"  {label:<{width}} allgather[int] at {FILE}:{head + 3} through {via}, "
-           "its 2nd call")
+           f"  {label:<{width}} allgather[int] at {FILE}:{head + 3} through {via} {called}, "
+           "its 1st call")
     chk.usable(comm, "after the votes through wrappers")
 
 # Ranks in collectives whose exchanges have different shapes still meet, and all raise.

@@ -1,5 +1,6 @@
-"""The callers of a call written in a role branch, or picked by its function: what tells the
-uses of a role wrapper, or of a wrapper that picks a route, apart.
+"""The callers of a call made in a function without a loop, written in a role branch, or picked
+by its function: what tells the uses of a helper, a role wrapper or a wrapper that picks a
+route apart.
 
 An engine's ``broadcast_object`` (or ``broadcast_pyobj``) writes the root's side and the
 receivers' side of one broadcast in the two arms of ``if rank == src`` (``core.arms``). Its call
@@ -12,7 +13,12 @@ carries its callers, as a call through a thin wrapper carries its caller's line.
 call that its function picks between others and returns (``thin.picked_calls``: vLLM's
 ``GroupCoordinator.all_reduce`` returns the custom op's result or its out-of-place route's, by a
 flag): its sites tell the routes apart, but each route is the same line for every use, and the
-timeout vote and the batch-size vote through it would be one call.
+timeout vote and the batch-size vote through it would be one call. And so does every call of a
+function without a loop (``thin.loops``): a helper that makes its collective on a line of its
+own (``flags = comm.allgather(flag)``, ``return any(flags)``) is the same line for every use.
+Carrying the callers only makes an identity finer, so it never pairs two calls that were apart;
+its price is a thin wrapper's (one helper reached from two lines for one collective is two
+calls). A function with a loop (a worker's or a driver's) carries none: its lines are its own.
 
   1. ``callers_of``: the call site of the function that holds the role branch, found as the
      call's own site is (``identity.site_from`` from that function's caller: plumbing,
@@ -46,7 +52,7 @@ from .arms import branch_of
 from .identity import (CodeTable, column_of, format_site, register_internal,
                        site_fingerprint, site_from, via_name)
 from .mismatch import TOO_DEEP_SITE, Caller
-from .thin import picked_calls
+from .thin import loops, picked_calls
 
 MAX_LEVELS = 8  # callers kept: a role wrapper called in a role branch of a role wrapper, ...
 Level = Tuple[Optional[CodeType], int, Optional[CodeType]]  # a caller's code, lasti and via
@@ -60,7 +66,10 @@ _OPTIMIZED = 0x01  # a function's code (not a module's or a class body's)
 COMPREHENSIONS = frozenset({"<listcomp>", "<setcomp>", "<dictcomp>", "<genexpr>"})
 
 ROLE, PICKED = 1, 2  # role_site's answers, as bits
-_PICKED = CodeTable()  # a function's code -> the offsets of the calls it picks between
+# A function's code -> the offsets of the calls made for its caller: those it picks between,
+# or every call of a function without a loop (ALL).
+_PICKED = CodeTable()
+ALL = frozenset({-1})
 
 _COMBINED: Dict[bytes, bytes] = {}
 
@@ -68,16 +77,17 @@ _COMBINED: Dict[bytes, bytes] = {}
 def role_site(code: Optional[CodeType], lasti: int) -> int:
     """What the call at ``lasti`` of the function ``code`` is made for: ROLE where it is a role
     branch's (``arms.branch_of``, which keeps what it read per call site), PICKED where it is
-    one of the calls its function picks between and returns (``thin.picked_calls``), both, or
-    0. Its caller then tells its executions apart (ROLE for rooted calls alone). The C path asks
-    it too, once per call site."""
+    one of the calls its function picks between and returns (``thin.picked_calls``) or any call
+    of a function without a loop (``thin.loops``), both, or 0. Its caller then tells its
+    executions apart (ROLE for rooted calls alone). The C path asks it too, once per call
+    site."""
     if code is None or not code.co_flags & _OPTIMIZED:
         return 0
     kind = ROLE if branch_of(code, lasti) is not None else 0
     picked = _PICKED.get(code, 0)
     if picked is None:
-        picked = _PICKED.put(code, 0, picked_calls(code))
-    return kind | PICKED if lasti in picked else kind
+        picked = _PICKED.put(code, 0, picked_calls(code) if loops(code) else ALL)
+    return kind | PICKED if picked is ALL or lasti in picked else kind
 
 
 def made_for_caller(kind: int, rooted: bool) -> bool:

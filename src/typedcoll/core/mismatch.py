@@ -391,12 +391,17 @@ def _hint(kinds: Sequence[MismatchKind], groups: Sequence[Group]) -> List[str]:
             return [f"  {ranks} named the call and the others did not: if these are the same "
                     f"collective, give it the same name= on every rank; else a rank skipped or "
                     f"added a call before this one"]
-        if all(g.envelope.callers for g in groups) and \
+        # One place in the function (one site, or the arms of one role branch) reached from
+        # different callers; where the sites differ as well, the sites' hint below is the one
+        places = {(g.envelope.site, g.envelope.column, g.envelope.via) if g.envelope.branch is None
+                  else g.envelope.branch.key for g in groups}
+        if len(places) == 1 and all(g.envelope.callers for g in groups) and \
                 len({g.envelope.callers for g in groups}) > 1:
-            return ["  the callers differ: a call written in a role branch's arm, or one of "
-                    "several its function picks between and returns, is one call per line that "
-                    "calls its function, so a rank skipped or added a call of it before this "
-                    "one, or the ranks reach it from two places (a driver and its workers): "
+            return ["  the callers differ: a call made in a function without a loop (a "
+                    "helper), written in a role branch's arm, or one of several its function "
+                    "picks between and returns, is one call per line that calls its function, "
+                    "so a rank skipped or added a call of it before this one, or the ranks "
+                    "reach it from two places (a driver and its workers): "
                     "then call it from one line on every rank, or pass each use a name= of its "
                     "own down to the call (one name= written inside the function makes all its "
                     "uses one call)"]

@@ -23,10 +23,14 @@ else it does (a log line under a debug flag, a timer, a guard that returns first
 range, ``torch.no_grad()``'s context) decides nothing about which collective runs beneath that
 call; any other call it makes (a collective on a line of its own) keeps its site there.
 
-A call that hands on the function's own ``*args`` and ``**kwargs`` as they came, nothing added
-(:func:`hand_on_calls`), is passed over in a loop or a ``try`` as well: a retry decorator's
-wrapper repeats its caller's call, and its one line would make every use of the function one
-call.
+A call that hands on the function's own ``*args`` and ``**kwargs`` whole, whatever the function
+adds of its own (:func:`hand_on_calls`), is passed over in a loop or a ``try`` as well: a retry
+decorator's wrapper repeats its caller's call, and its one line would make every use of the
+function one call.
+
+Any other function keeps its sites. Where it has no loop (:func:`loops`), or picks among calls
+and returns the one it picked (:func:`picked_calls`), its calls carry its callers
+(``core.callers``).
 """
 
 from __future__ import annotations
@@ -222,6 +226,17 @@ def _names(ins: dis.Instruction) -> Tuple[str, ...]:
     """The local names an instruction loads or stores (3.13's ``LOAD_FAST_LOAD_FAST``, and
     ``STORE_FAST_STORE_FAST``, name two)."""
     return ins.argval if isinstance(ins.argval, tuple) else (ins.argval,)
+
+
+def loops(code: CodeType) -> bool:
+    """Whether ``code`` is anything but a plain function that never loops: a function with a
+    loop (a worker's or a driver's), a generator, a module or a class body. A function without
+    one is a helper (``core.callers``): its caller tells its uses apart. Comprehensions and
+    functions inside it run in frames of their own (before 3.12; from 3.12 a comprehension is
+    inlined, and a loop of the function's own)."""
+    if not _a_plain_function(code, nested_allowed=True):
+        return True
+    return _calls(list(dis.get_instructions(code))) is None
 
 
 def _returned(instructions: List[dis.Instruction], calls: Dict[int, Position]) -> Set[int]:
