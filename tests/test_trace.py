@@ -211,6 +211,22 @@ def test_member_without_a_dump_is_missing():
     assert "  ranks 1-2: no dump (killed, or ran without TYPEDCOLL_TRACE_DIR)" in missing.text
 
 
+def test_an_idle_communicator_beside_a_rank_without_a_dump_is_no_finding():
+    """Rank 3 left no dump; every rank holds a dup on which nothing was issued. The dumped
+    members of the dup are level at count 0: no collective on it waits for rank 3, so the
+    finding is COMM_WORLD's #4, where rank 3 left the others waiting."""
+    timed_out = dict(state="failed", error="CollectiveTimeout: collective #4 timed out")
+    docs = [dump(r, [comm(r, 4, steady(4) + [entry(4, **timed_out)]),
+                     comm(r, 4, [], comm_id="COMM_WORLD.dup", where="scen.py:49 in <module>")],
+                 reason="CollectiveTimeout") for r in range(3)]
+    report = analyze(dumps_of(*docs))
+    dup = {c.comm: c for c in report.comms}["COMM_WORLD.dup"]
+    assert dup.missing is None and dup.divergence is None
+    first = report.first
+    assert first is not None and (first.comm, first.seq) == ("COMM_WORLD", 4)
+    assert (first.missing, first.no_dump) == ([], [3])
+
+
 def test_communicator_never_used_by_one_rank():
     a = dump(0, [comm(0, 2, steady(2)), comm(0, 2, [], comm_id="side")])
     b = dump(1, [comm(1, 2, steady(2)), comm(1, 2, [entry(0, op="barrier", schema="",

@@ -174,9 +174,8 @@ def analyze_comm(comm_id: str, members: Dict[int, CommDump]) -> CommReport:
             break
     no_dump = [r for r in range(size) if r not in members]
     low, top = min(reached.values()), max(reached.values())
-    if low == top and no_dump and all(top - 1 in by_seq[r] and
-                                      by_seq[r][top - 1].state == "completed" for r in members):
-        no_dump = []  # the newest collective completed, so every member took part in it
+    if low == top and no_dump and _nothing_waits(top, by_seq):
+        no_dump = []
     if low < top or no_dump:
         # With every dumped member level, the absent ones are reported against the newest
         # collective the others started (the one a killed rank left them waiting in).
@@ -196,6 +195,14 @@ def analyze_comm(comm_id: str, members: Dict[int, CommDump]) -> CommReport:
     elif common and any(by_seq[r][max(common)].state != "completed" for r in members):
         report.missing = _unfinished(comm_id, max(common), by_seq)
     return report
+
+
+def _nothing_waits(top: int, by_seq: Dict[int, Dict[int, RecordEntry]]) -> bool:
+    """Whether dumped members level at count ``top`` wait on no one: they issued nothing here
+    (a rank that left no dump cannot have kept them from a collective none of them started),
+    or their newest collective completed, so every member took part in it."""
+    return top == 0 or all(top - 1 in entries and entries[top - 1].state == "completed"
+                           for entries in by_seq.values())
 
 
 def _unfinished(comm_id: str, seq: int, by_seq: Dict[int, Dict[int, RecordEntry]]) -> Finding:
