@@ -132,6 +132,39 @@ def test_an_uncaught_timeout_ends_the_job(tmp_path):
     assert " in <module> (thread MainThread)\n" in res.stderr
 
 
+UNCAUGHT = """\
+import typedcoll as tc
+import typedcoll.diagnostics
+from mpi4py import MPI
+
+typedcoll.diagnostics.install()
+comm = tc.TypedComm(MPI.COMM_WORLD, timeout=5)
+comm.allgather(comm.rank)
+
+
+def fail():
+    raise RuntimeError("the caller's own error")  # line 11
+
+
+fail()
+"""
+
+
+def test_a_dump_on_an_uncaught_exception_says_where_the_caller_was_not_typedcoll(tmp_path):
+    """In the excepthook the caller's frames have unwound: its stack is typedcoll's alone. The
+    rank was where the exception left the caller's code."""
+    script = tmp_path / "user.py"
+    script.write_text(UNCAUGHT)
+    env = dict(os.environ, TYPEDCOLL_TRACE_DIR=str(tmp_path / "trace"), TYPEDCOLL_LOG="off",
+               PYTHONPATH=str(REPO / "src"))
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         env=env, timeout=60)  # a singleton MPI job: one rank, no launcher
+    assert "RuntimeError: the caller's own error" in res.stderr, res
+    doc = dumps(tmp_path / "trace")[0]
+    assert doc["reason"] == "uncaught RuntimeError"
+    assert [c["where"] for c in doc["comms"]] == ["user.py:11 in fail"], doc["comms"]
+
+
 def test_sigusr1_dumps_a_rank_stuck_in_mpi_and_it_continues(tmp_path):
     trace = tmp_path / "trace"
     res = run_spmd(program("diag_signals"), 2, timeout=40, tmp_path=tmp_path,

@@ -127,6 +127,31 @@ def test_a_rank_that_arrives_after_its_peers_gave_up_raises_with_them():
         f"they waited for)")
 
 
+def test_a_late_rank_that_has_heard_one_notice_claims_no_more(monkeypatch):
+    """Over MPI a peer's notice may still be in flight when the late rank looks (one found of
+    three): the message names the ranks it heard from, and says there may be others."""
+    from typedcoll.transports.memory import MemoryTransport
+    heard = MemoryTransport.given_up
+    monkeypatch.setattr(MemoryTransport, "given_up",
+                        lambda self: [n for n in heard(self) if n[0] == 0])
+    gave_up = threading.Barrier(4, timeout=10)
+
+    def prog(comm):
+        if comm.rank == 3:
+            gave_up.wait()
+            return comm.allgather(comm.rank)  # LATE ONE
+        try:
+            return comm.allgather(comm.rank)
+        finally:
+            gave_up.wait()
+
+    with pytest.raises(ExceptionGroup) as info:
+        run(4, prog, timeout=0.3)
+    late = info.value.exceptions[3]
+    assert "is abandoned: rank 0 (and possibly others) gave up waiting at collective #0 " \
+        "(timeout 0.3 s) before it completed on rank 3;" in str(late), str(late)
+
+
 def test_a_rank_waiting_in_another_call_is_shown_inside_typedcoll():
     def prog(comm):
         if comm.rank == 1:

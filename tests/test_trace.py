@@ -13,7 +13,7 @@ import pytest
 
 from typedcoll import MismatchKind
 from typedcoll.diagnostics import trace
-from typedcoll.diagnostics.analysis import analyze, clean
+from typedcoll.diagnostics.analysis import analyze, clean, consistent_text
 from typedcoll.diagnostics.model import Dump
 from typedcoll.diagnostics.trace import TraceInputError, main, parse_dump
 
@@ -211,6 +211,24 @@ def test_member_without_a_dump_is_missing():
     assert "  ranks 1-2: no dump (killed, or ran without TYPEDCOLL_TRACE_DIR)" in missing.text
 
 
+def test_an_idle_communicator_beside_a_rank_without_a_dump_is_no_finding():
+    """Rank 3 left no dump; every rank holds a dup on which nothing was issued. The dumped
+    members of the dup are level at count 0: no collective on it waits for rank 3, so the
+    finding is COMM_WORLD's #4, where rank 3 left the others waiting."""
+    timed_out = dict(state="failed", error="CollectiveTimeout: collective #4 timed out")
+    docs = [dump(r, [comm(r, 4, steady(4) + [entry(4, **timed_out)]),
+                     comm(r, 4, [], comm_id="COMM_WORLD.dup", where="scen.py:49 in <module>")],
+                 reason="CollectiveTimeout") for r in range(3)]
+    report = analyze(dumps_of(*docs))
+    dup = {c.comm: c for c in report.comms}["COMM_WORLD.dup"]
+    assert dup.missing is None and dup.divergence is None
+    assert consistent_text(dup) == \
+        "consistent: nothing was issued on it by ranks 0-2 (the others left no dump)"
+    first = report.first
+    assert first is not None and (first.comm, first.seq) == ("COMM_WORLD", 4)
+    assert (first.missing, first.no_dump) == ([], [3])
+
+
 def test_communicator_never_used_by_one_rank():
     a = dump(0, [comm(0, 2, steady(2)), comm(0, 2, [], comm_id="side")])
     b = dump(1, [comm(1, 2, steady(2)), comm(1, 2, [entry(0, op="barrier", schema="",
@@ -229,6 +247,18 @@ def test_ring_windows_compare_only_what_every_rank_still_holds():
 def test_buffer_off_dumps_compare_sequence_numbers_only():
     report = analyze(dumps_of(*(dump(r, [comm(r, 2, [], seq=5)]) for r in range(2))))
     assert report.consistent and report.comms[0].compared is None
+
+
+def test_an_unused_communicator_says_nothing_was_issued_not_that_the_recorder_is_off(
+        tmp_path, capsys):
+    write(tmp_path, [dump(r, [comm(r, 2, steady(2)), comm(r, 2, [], comm_id="side"),
+                              comm(r, 2, [], seq=3, comm_id="unrecorded")]) for r in range(2)])
+    assert main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "side (2 ranks; compared collectives none):\n  consistent: nothing was issued on " \
+           "it\n" in out
+    assert "unrecorded (2 ranks; compared collectives none):\n  consistent sequence numbers; " \
+           "no entries to compare (flight recorder off, TYPEDCOLL_TRACE_BUFFER=0?)\n" in out
 
 
 def test_creation_entries_are_not_aligned_and_read_as_creation(tmp_path, capsys):

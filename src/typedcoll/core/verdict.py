@@ -288,6 +288,13 @@ def decode_failure(p: "Protocol", call: Call, source: int, exc: BaseException) -
                        seq=call.seq, comm=p.name, source=source, schema=name)
 
 
+def who_gave_up(p: "Protocol", notices: Sequence[Tuple[int, int]]) -> str:
+    """The ranks whose notices this rank found, ``(and possibly others)`` short of every peer:
+    over MPI a notice may still be in flight when the late rank looks (one found of three)."""
+    heard = sorted({rank for rank, _ in notices})
+    return compact_ranks(heard) + (" (and possibly others)" if len(heard) < p.size - 1 else "")
+
+
 def timed_out(p: "Protocol", call: Call) -> None:
     """Raise CollectiveTimeout; the channel is unusable from now on."""
     site = format_site(call.code, call.lasti)
@@ -311,7 +318,7 @@ def timed_out(p: "Protocol", call: Call) -> None:
     elif late:
         first = min(seq for _, seq in notices)
         text = (f"{where(p, call)}: {what(call)} at {site} is abandoned: "
-                f"{compact_ranks([rank for rank, _ in notices])} gave up waiting at "
+                f"{who_gave_up(p, notices)} gave up waiting at "
                 f"{'the creation' if first == CREATE_SEQ else f'collective #{first}'} "
                 f"(timeout {timeout:g} s) before it completed on rank "
                 f"{p.rank}; no rank returns this call's result (their reports name the ranks "

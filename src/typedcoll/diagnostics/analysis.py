@@ -68,6 +68,7 @@ class CommReport(msgspec.Struct, kw_only=True):
     world_ranks: List[int]
     dumped: List[int]
     compared: Optional[Tuple[int, int]]  # lowest and highest seq every dumped member holds
+    issued: int = 0  # the highest count of collectives a dumped member issued on it
     divergence: Optional[Finding] = None
     missing: Optional[Finding] = None
 
@@ -156,7 +157,8 @@ def analyze_comm(comm_id: str, members: Dict[int, CommDump]) -> CommReport:
     reached = {r: m.seq for r, m in members.items()}
     common = set.intersection(*(set(s) for s in by_seq.values())) if by_seq else set()
     report = CommReport(comm=comm_id, size=size, world_ranks=list(world), dumped=sorted(members),
-                        compared=(min(common), max(common)) if common else None)
+                        compared=(min(common), max(common)) if common else None,
+                        issued=max(reached.values()))
     for seq in sorted(common):
         envelopes = _as_the_roots_class([envelope(r, by_seq[r][seq], comm_id, members[r].notes)
                                          for r in sorted(members)])
@@ -174,9 +176,8 @@ def analyze_comm(comm_id: str, members: Dict[int, CommDump]) -> CommReport:
             break
     no_dump = [r for r in range(size) if r not in members]
     low, top = min(reached.values()), max(reached.values())
-    if low == top and no_dump and all(top - 1 in by_seq[r] and
-                                      by_seq[r][top - 1].state == "completed" for r in members):
-        no_dump = []  # the newest collective completed, so every member took part in it
+    if low == top and no_dump and _nothing_waits(top, by_seq):
+        no_dump = []
     if low < top or no_dump:
         # With every dumped member level, the absent ones are reported against the newest
         # collective the others started (the one a killed rank left them waiting in).
@@ -196,6 +197,14 @@ def analyze_comm(comm_id: str, members: Dict[int, CommDump]) -> CommReport:
     elif common and any(by_seq[r][max(common)].state != "completed" for r in members):
         report.missing = _unfinished(comm_id, max(common), by_seq)
     return report
+
+
+def _nothing_waits(top: int, by_seq: Dict[int, Dict[int, RecordEntry]]) -> bool:
+    """Whether dumped members level at count ``top`` wait on no one: they issued nothing here
+    (a rank that left no dump cannot have kept them from a collective none of them started),
+    or their newest collective completed, so every member took part in it."""
+    return top == 0 or all(top - 1 in entries and entries[top - 1].state == "completed"
+                           for entries in by_seq.values())
 
 
 def _unfinished(comm_id: str, seq: int, by_seq: Dict[int, Dict[int, RecordEntry]]) -> Finding:
@@ -278,6 +287,18 @@ def summary(f: Finding) -> str:
     return f"collective #{f.seq} on {clean(f.comm)} diverged ({kinds}): {sides}{more}"
 
 
+def consistent_text(c: CommReport) -> str:
+    """What a communicator without a finding compared: entries, counts only, or nothing."""
+    if c.compared:
+        return "consistent"
+    if c.issued == 0:  # no entries because there was nothing to record
+        by = "" if len(c.dumped) == c.size else \
+            f" by {compact_ranks(c.dumped)} (the others left no dump)"
+        return f"consistent: nothing was issued on it{by}"
+    return ("consistent sequence numbers; no entries to compare (flight recorder off, "
+            "TYPEDCOLL_TRACE_BUFFER=0?)")
+
+
 def format_report(report: Report, dumps: Dict[int, Dump], source: str) -> str:
     """The human-readable report."""
     lines = [f"typedcoll trace: {len(dumps)} dump{'s' if len(dumps) != 1 else ''} "
@@ -296,9 +317,7 @@ def format_report(report: Report, dumps: Dict[int, Dump], source: str) -> str:
         span = f"#{c.compared[0]}-#{c.compared[1]}" if c.compared else "none"
         lines.append(f"{clean(c.comm)} ({c.size} ranks{world}; compared collectives {span}):")
         if c.divergence is None and c.missing is None:
-            lines.append("  consistent" if c.compared else
-                         "  consistent sequence numbers; no entries to compare (flight recorder "
-                         "off, TYPEDCOLL_TRACE_BUFFER=0?)")
+            lines.append("  " + consistent_text(c))
         for finding in (c.divergence, c.missing):
             if finding is not None:
                 lines += ["  " + line for line in finding.text.split("\n")]

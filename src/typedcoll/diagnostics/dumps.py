@@ -226,14 +226,18 @@ def install_excepthook() -> None:
 
 
 def _excepthook(exc_type: Any, exc: BaseException, tb: Any) -> None:
+    state.note_uncaught(tb)  # before any dump: this thread's stack is the hook's alone now
     try:
-        if trace_dir() is not None:
-            dump_traces(f"uncaught {exc_type.__name__}", str(exc))
+        try:
+            if trace_dir() is not None:
+                dump_traces(f"uncaught {exc_type.__name__}", str(exc))
+        finally:
+            previous = _State.previous_excepthook or sys.__excepthook__
+            previous(exc_type, exc, tb)
+            if isinstance(exc, CollectiveTimeout):
+                end_job()
     finally:
-        previous = _State.previous_excepthook or sys.__excepthook__
-        previous(exc_type, exc, tb)
-        if isinstance(exc, CollectiveTimeout):
-            end_job()
+        state.note_uncaught(None)
 
 
 _FORWARD_GRACE = 0.2  # seconds

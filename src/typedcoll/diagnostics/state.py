@@ -26,7 +26,7 @@ import sysconfig
 import threading
 import time
 import weakref
-from types import FrameType
+from types import CodeType, FrameType, TracebackType
 from typing import Any, Dict, Hashable, List, Optional, Tuple
 
 from ..core.channel import Channel
@@ -189,21 +189,60 @@ def stack_of(frame: Optional[FrameType]) -> List[str]:
     return out
 
 
-def where_of(frame: Optional[FrameType]) -> str:
+# Thread ident -> the traceback of the uncaught exception the excepthook is handling on it.
+# Its caller's frames have unwound by then, leaving typedcoll's hook alone on the stack: where
+# the exception left the caller's code is where that thread was.
+_UNCAUGHT: Dict[int, TracebackType] = {}
+
+
+def note_uncaught(tb: Optional[TracebackType]) -> None:
+    """The excepthook, on the thread whose exception it handles: keep where it was raised
+    while the hook runs; None when it returns (an interactive session goes on, elsewhere)."""
+    if tb is None:
+        _UNCAUGHT.pop(threading.get_ident(), None)
+    else:
+        _UNCAUGHT[threading.get_ident()] = tb
+
+
+def where_of(frame: Optional[FrameType], ident: int = 0) -> str:
     """Where a thread is, in the caller's terms (short form): above typedcoll's own frames (a
     thread inside a collective is at the collective's call site), and above the standard
-    library's (a thread in ``queue.get`` is at the line that called it); its innermost frame
-    when there is no such frame."""
+    library's (a thread in ``queue.get`` is at the line that called it). A thread that has no
+    frame of the caller's, in the excepthook, is where its uncaught exception left the
+    caller's code; else at its innermost frame."""
     if frame is None:
         return "?"
-    innermost = frame
-    # Outward from the innermost frame, the first that is the caller's own code: typedcoll
-    # frames may also sit below it (a rank of typedcoll.testing runs on one of our threads).
-    while frame is not None and (frame.f_code.co_filename in SKIP_FILES
-                                 or frame.f_code in SKIP_CODES
-                                 or _library(frame.f_code.co_filename)):
+    found = _callers_frame(frame)
+    if found is not None:
+        return frame_text(found, short=True)
+    raised = _raised_at(_UNCAUGHT.get(ident))
+    return raised if raised is not None else frame_text(frame, short=True)
+
+
+def _callers_frame(frame: Optional[FrameType]) -> Optional[FrameType]:
+    """Outward from ``frame``, the first that is the caller's own code: typedcoll frames may
+    also sit below it (a rank of typedcoll.testing runs on one of our threads)."""
+    while frame is not None and _plumbing(frame.f_code):
         frame = frame.f_back
-    return frame_text(frame if frame is not None else innermost, short=True)
+    return frame
+
+
+def _raised_at(tb: Optional[TracebackType]) -> Optional[str]:
+    """The innermost line of the caller's code in traceback ``tb`` (it runs outermost first)."""
+    found = None
+    while tb is not None:
+        if not _plumbing(tb.tb_frame.f_code):
+            found = tb
+        tb = tb.tb_next
+    if found is None:
+        return None
+    code = found.tb_frame.f_code
+    return f"{source_name(code.co_filename)}:{found.tb_lineno} in {code.co_name}"
+
+
+def _plumbing(code: CodeType) -> bool:
+    """typedcoll's own frames, those it was told to pass over, and the standard library's."""
+    return code.co_filename in SKIP_FILES or code in SKIP_CODES or _library(code.co_filename)
 
 
 _STDLIB = tuple(os.path.realpath(sysconfig.get_paths()[key]) + os.sep
@@ -273,7 +312,8 @@ def _focus(channel: Channel, asked: Optional[Protocol],
 def where_now(p: Protocol) -> str:
     """``file.py:LINE in function`` of the thread that says where ``p``'s rank is now."""
     busy = _busy_threads(protocols(owner_key(p.transport)))
-    return where_of(sys._current_frames().get(_focus(p.channel, p, busy)))
+    ident = _focus(p.channel, p, busy)
+    return where_of(sys._current_frames().get(ident), ident)
 
 
 def rank_status(channel: Channel, instance: int, *, stack: bool = True) -> RankStatus:
@@ -287,7 +327,7 @@ def rank_status(channel: Channel, instance: int, *, stack: bool = True) -> RankS
     rank = channel.transport.rank
     return RankStatus(
         rank=ranks[rank] if ranks is not None and rank < len(ranks) else rank,
-        host=HOST, pid=os.getpid(), time_ns=time.time_ns(), where=where_of(frame),
+        host=HOST, pid=os.getpid(), time_ns=time.time_ns(), where=where_of(frame, ident),
         thread=thread_names().get(ident, f"ident {ident}") if ident else "",
         collective=busy.get(ident),
         stack=stack_of(frame) if stack else [],
