@@ -14,9 +14,8 @@ import ast
 from typing import Dict, FrozenSet
 
 from ._callgraph import CallTarget, Function, Program
-from ._collectives import last_identifier, words
+from ._collectives import GROUP_KEYWORDS, last_identifier, words
 
-_GROUP_KEYWORDS = ("group", "comm", "process_group", "pg")
 WORLD = "*"
 
 
@@ -45,7 +44,7 @@ class Dimensions:
         if isinstance(node.func, ast.Attribute):
             names.append(last_identifier(node.func.value) or "")
         names += [last_identifier(kw.value) or "" for kw in node.keywords
-                  if kw.arg in _GROUP_KEYWORDS]
+                  if kw.arg in GROUP_KEYWORDS]
         found = {w for name in names for w in words(name)} & self.known
         return frozenset(found) if found else frozenset({WORLD})
 
