@@ -121,6 +121,15 @@ def _anonymous(seq: Seq) -> Seq:
     return tuple(out)
 
 
+def _irrefutable(case: ast.match_case) -> bool:
+    """Whether a case matches every subject: ``case _:`` or ``case name:``, with no guard."""
+    def matches_all(pattern: ast.pattern) -> bool:
+        if isinstance(pattern, ast.MatchAs):
+            return pattern.pattern is None or matches_all(pattern.pattern)
+        return isinstance(pattern, ast.MatchOr) and any(matches_all(p) for p in pattern.patterns)
+    return case.guard is None and matches_all(case.pattern)
+
+
 def exits_in(stmts: Sequence[ast.stmt]) -> Tuple[bool, bool]:
     """Whether ``stmts`` hold a ``return``, and a ``break``/``continue`` leaving their loop."""
     has_return = has_loop_exit = False
@@ -271,7 +280,7 @@ class Sequencer:
             return entered + self.block(stmt.body, fn, p2p)
         if isinstance(stmt, ast.Match):
             out = self.expr(stmt.subject, fn, p2p)
-            cases = [self.block(case.body, fn, p2p) for case in stmt.cases]
+            cases = self.match_paths(stmt, fn, p2p)
             if cases and all(_same(c, cases[0]) for c in cases):
                 return out + cases[0]
             return out + (("alt",) + tuple(cases),)
@@ -282,6 +291,13 @@ class Sequencer:
             if isinstance(child, ast.expr):
                 out += self.expr(child, fn, p2p)
         return out
+
+    def match_paths(self, stmt: ast.Match, fn: Function, p2p: bool) -> List[Seq]:
+        """One path per case, and an empty one where a subject may match none of them."""
+        paths = [self.block(case.body, fn, p2p) for case in stmt.cases]
+        if not any(_irrefutable(case) for case in stmt.cases):
+            paths.append(())
+        return paths
 
     def expr(self, node: Optional[ast.expr], fn: Function, p2p: bool) -> Seq:
         if node is None or isinstance(node, (ast.Constant, ast.Name, ast.Lambda)):
@@ -344,7 +360,7 @@ def gate_balanced(sequencer: Sequencer, gate: Gate, point_to_point: bool) -> boo
     if gate.kind == "if-expression" and isinstance(node, ast.IfExp):
         return paths_equal(seq.expr(node.body, fn, p2p), seq.expr(node.orelse, fn, p2p))
     if gate.kind == "match" and isinstance(node, ast.Match):
-        cases = [seq.block(c.body, fn, p2p) for c in node.cases]
+        cases = seq.match_paths(node, fn, p2p)
         return all(paths_equal(c, cases[0]) for c in cases)
     if gate.kind in ("and", "or") and isinstance(node, ast.expr):
         return not _has_ops(seq.expr(node, fn, p2p))
