@@ -134,6 +134,25 @@ def last_identifier(node: ast.expr) -> Optional[str]:
     return None
 
 
+def chain_identifiers(node: ast.expr) -> List[str]:
+    """Every name along a receiver's chain: ``cp_group.cpu_group`` -> cp_group, cpu_group;
+    ``get_pp_group().device_group`` -> get_pp_group, device_group (a call's arguments left out)."""
+    out: List[str] = []
+    while True:
+        if isinstance(node, ast.Attribute):
+            out.append(node.attr)
+            node = node.value
+        elif isinstance(node, ast.Call):
+            node = node.func
+        elif isinstance(node, ast.Subscript):
+            node = node.value
+        elif isinstance(node, ast.Name):
+            out.append(node.id)
+            return out[::-1]
+        else:
+            return out[::-1]
+
+
 @dataclass(frozen=True)
 class CollectiveOp:
     """A call recognised as a collective.
@@ -214,7 +233,7 @@ class CollectiveTable:
 
 
 # Keyword arguments that name the communicator a collective runs on.
-GROUP_KEYWORDS = ("group", "comm", "process_group", "pg")
+GROUP_KEYWORDS = ("group", "comm", "process_group", "pg", "dist_group")
 
 
 def communicator_text(call: ast.Call, op: CollectiveOp) -> Optional[str]:
