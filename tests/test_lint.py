@@ -167,6 +167,21 @@ def test_a_byte_order_mark_is_read_past(tmp_path):
         (7, 9, RANK_LOCAL_GATE)]
 
 
+@pytest.mark.parametrize("clause, shown", [
+    ("except (OSError, ValueError):", "except (OSError, ValueError)"),
+    pytest.param("except* OSError:", "except* OSError", marks=pytest.mark.skipif(
+        sys.version_info < (3, 11), reason="except* is Python 3.11's")),
+])
+def test_an_except_gate_names_its_clause(tmp_path, clause, shown):
+    path = tmp_path / "handler.py"
+    path.write_text("import torch.distributed as dist\n\n\ndef load(read):\n    try:\n"
+                    f"        read()\n    {clause}\n        dist.barrier()\n")
+    (finding,) = lint_paths([str(path)])
+    assert finding.gates[0].to_json() == {
+        "line": 7, "kind": "except", "text": shown,
+        "source": f"{shown} (caught exception, line 7)"}
+
+
 def test_json_configuration(tmp_path, capsys):
     config = tmp_path / "lint.json"
     config.write_text(json.dumps({"wrappers": ["sync_batch_stats", "*_tp_vote"]}))

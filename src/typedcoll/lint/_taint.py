@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence, Set, Tuple, Union
 
 from ._callgraph import Function, body_nodes, is_try
-from ._collectives import dotted_name
 from ._expressions import ValueAnalysis, merge
 from ._facts import Gate
 from ._values import SYMMETRIC, join, local
@@ -155,9 +154,10 @@ class FunctionAnalysis(ValueAnalysis):
         after_body = self.env
         merged = after_body
         handled: List[Gate] = []
+        clause = "except" if isinstance(stmt, ast.Try) else "except*"
         for handler in stmt.handlers:
-            caught = dotted_name(handler.type) if handler.type is not None else "BaseException"
-            cause = local(f"except {caught}", "caught exception", handler.lineno)
+            caught = ast.unparse(handler.type) if handler.type is not None else "BaseException"
+            cause = local(f"{clause} {caught}", "caught exception", handler.lineno)
             gate = self.gate("except", handler, handler.type, cause)
             self.env = merge(before, after_body)
             if handler.name:
