@@ -157,6 +157,31 @@ def test_lint_paths_reports_every_unreadable_input(tmp_path):
                                                          str(broken)]
 
 
+def test_a_byte_order_mark_is_read_past(tmp_path):
+    # Editors on Windows write UTF-8 with a BOM; Python itself runs such files.
+    marked = tmp_path / "marked.py"
+    marked.write_bytes(b"\xef\xbb\xbf" + b"import time\nfrom mpi4py import MPI\n\n\n"
+                       b"def poll(deadline):\n    while time.monotonic() < deadline:\n"
+                       b"        MPI.COMM_WORLD.Barrier()\n")
+    assert [(f.line, f.column, f.rule) for f in lint_paths([str(marked)])] == [
+        (7, 9, RANK_LOCAL_GATE)]
+
+
+@pytest.mark.parametrize("clause, shown", [
+    ("except (OSError, ValueError):", "except (OSError, ValueError)"),
+    pytest.param("except* OSError:", "except* OSError", marks=pytest.mark.skipif(
+        sys.version_info < (3, 11), reason="except* is Python 3.11's")),
+])
+def test_an_except_gate_names_its_clause(tmp_path, clause, shown):
+    path = tmp_path / "handler.py"
+    path.write_text("import torch.distributed as dist\n\n\ndef load(read):\n    try:\n"
+                    f"        read()\n    {clause}\n        dist.barrier()\n")
+    (finding,) = lint_paths([str(path)])
+    assert finding.gates[0].to_json() == {
+        "line": 7, "kind": "except", "text": shown,
+        "source": f"{shown} (caught exception, line 7)"}
+
+
 def test_json_configuration(tmp_path, capsys):
     config = tmp_path / "lint.json"
     config.write_text(json.dumps({"wrappers": ["sync_batch_stats", "*_tp_vote"]}))

@@ -6,7 +6,9 @@ the end of the scope its exits leave (the function for ``return``, the loop body
 ``continue``), so ``if not work: comm.allgather(None); return`` followed by
 ``comm.allgather(work)`` is balanced too. Point-to-point operations are left out when comparing the
 sides of a branch on the rank identity alone, where a send on one side and its receive on the
-other is the normal pairing, and exception handlers are left out of every path.
+other is the normal pairing, and exception handlers are left out of every path. The same operation
+on two communicators written out differently (``self.tp_comm.allgather`` and
+``self.dp_comm.allgather``) is two different collectives.
 """
 
 from __future__ import annotations
@@ -15,13 +17,40 @@ import ast
 from typing import Dict, List, Optional, Sequence, Set, Tuple, Union, cast
 
 from ._callgraph import Function, Program, is_try
+from ._collectives import communicator_text
 from ._facts import Gate
 
-Token = Union[str, Tuple[object, ...]]
+
+class Op:
+    """A collective in a sequence: its operation and, where the call writes it out, the source
+    text of its communicator. Two match when their operations do and their communicators are not
+    both known and different: a communicator left implicit may be any."""
+
+    __slots__ = ("name", "comm")
+
+    def __init__(self, name: str, comm: Optional[str]) -> None:
+        self.name = name
+        self.comm = comm
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Op):
+            return NotImplemented
+        return self.name == other.name and (
+            self.comm is None or other.comm is None or self.comm == other.comm)
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    def __repr__(self) -> str:
+        return f"Op({self.name!r}, {self.comm!r})"
+
+
+Token = Union[Op, Tuple[object, ...]]
 Seq = Tuple[Token, ...]
 
 _EXIT = "exit"
 _RAISE = ("raise",)
+_MAX_PATHS = 64  # beyond this many paths through a side, only its structure is compared
 
 
 def _branches(tok: Token) -> Optional[Tuple[Seq, Seq]]:
@@ -44,7 +73,7 @@ def _terminates(seq: Seq) -> bool:
 def _has_ops(seq: Seq) -> bool:
     """Whether any collective is issued on some path of ``seq`` (exits alone issue none)."""
     for tok in seq:
-        if isinstance(tok, str):
+        if isinstance(tok, Op):
             return True
         if tok and tok[0] in ("alt", "loop") and any(
                 _has_ops(cast(Seq, part)) for part in tok[1:]):
@@ -52,12 +81,53 @@ def _has_ops(seq: Seq) -> bool:
     return False
 
 
+def _strict(seq: Seq) -> Tuple[object, ...]:
+    """``seq`` with each collective as a plain tuple of its operation and communicator."""
+    out: List[object] = []
+    for tok in seq:
+        if isinstance(tok, Op):
+            out.append(("op", tok.name, tok.comm))
+        elif tok and tok[0] in ("alt", "loop"):
+            out.append((tok[0],) + tuple(_strict(cast(Seq, part)) for part in tok[1:]))
+        else:
+            out.append(tok)
+    return tuple(out)
+
+
+def _same(a: Seq, b: Seq) -> bool:
+    """Equal communicators included: two sides merge into one only then, so that a communicator
+    one side leaves implicit does not take the other side's name (or lose it)."""
+    return a == b and _strict(a) == _strict(b)
+
+
 def _alt(a: Seq, b: Seq) -> Seq:
-    if a == b:
+    if _same(a, b):
         return a
     if not (_has_ops(a) or _has_ops(b)) and not (_terminates(a) and _terminates(b)):
         return ()  # the two sides differ only in exits that skip no collective
     return (("alt", a, b),)
+
+
+def _anonymous(seq: Seq) -> Seq:
+    """``seq`` with every communicator left implicit."""
+    out: List[Token] = []
+    for tok in seq:
+        if isinstance(tok, Op):
+            out.append(Op(tok.name, None) if tok.comm is not None else tok)
+        elif tok and tok[0] in ("alt", "loop"):
+            out.append((tok[0],) + tuple(_anonymous(cast(Seq, part)) for part in tok[1:]))
+        else:
+            out.append(tok)
+    return tuple(out)
+
+
+def _irrefutable(case: ast.match_case) -> bool:
+    """Whether a case matches every subject: ``case _:`` or ``case name:``, with no guard."""
+    def matches_all(pattern: ast.pattern) -> bool:
+        if isinstance(pattern, ast.MatchAs):
+            return pattern.pattern is None or matches_all(pattern.pattern)
+        return isinstance(pattern, ast.MatchOr) and any(matches_all(p) for p in pattern.patterns)
+    return case.guard is None and matches_all(case.pattern)
 
 
 def exits_in(stmts: Sequence[ast.stmt]) -> Tuple[bool, bool]:
@@ -78,8 +148,26 @@ def exits_in(stmts: Sequence[ast.stmt]) -> Tuple[bool, bool]:
     return has_return, has_loop_exit
 
 
-def paths_equal(a: Seq, b: Seq) -> bool:
-    """Two paths issue the same collectives (an exception raised on either ends that rank)."""
+def _linear(seq: Seq) -> Optional[List[Seq]]:
+    """Every path through the alternatives in ``seq``; None when there are too many to list."""
+    paths: List[Seq] = [()]
+    for tok in seq:
+        if not (isinstance(tok, tuple) and tok and tok[0] == "alt"):
+            paths = [path + (tok,) for path in paths]
+            continue
+        sides: List[Seq] = []
+        for part in tok[1:]:
+            found = _linear(cast(Seq, part))
+            if found is None:
+                return None
+            sides += found
+        paths = [path + side for path in paths for side in sides]
+        if len(paths) > _MAX_PATHS:
+            return None
+    return paths
+
+
+def _one_path_equal(a: Seq, b: Seq) -> bool:
     def trim(seq: Seq) -> Seq:
         while seq and seq[-1] in ((_EXIT, "return"), (_EXIT, "continue")):
             seq = seq[:-1]
@@ -88,6 +176,21 @@ def paths_equal(a: Seq, b: Seq) -> bool:
     if (a and a[-1] == _RAISE) or (b and b[-1] == _RAISE):
         return True
     return a == b
+
+
+def paths_equal(a: Seq, b: Seq) -> bool:
+    """Two paths issue the same collectives (an exception raised on either ends that rank).
+
+    Alternatives inside them match alike, or else every path through one side must match every
+    path through the other: a collective in a callee, whose communicator is left implicit,
+    matches either side of ``if pynccl: pynccl.all_gather(x) else: self.all_gather(x)``.
+    """
+    if _one_path_equal(a, b):
+        return True
+    paths_a, paths_b = _linear(a), _linear(b)
+    if paths_a is None or paths_b is None or (len(paths_a) == 1 and len(paths_b) == 1):
+        return False
+    return all(_one_path_equal(x, y) for x in paths_a for y in paths_b)
 
 
 class Sequencer:
@@ -124,7 +227,7 @@ class Sequencer:
             sides = _branches(tok)
             if sides is not None:
                 then, other = self._strip_returns(sides[0]), self._strip_returns(sides[1])
-                if then == other:
+                if _same(then, other):
                     out.extend(then)
                     continue
                 tok = ("alt", then, other)
@@ -177,8 +280,8 @@ class Sequencer:
             return entered + self.block(stmt.body, fn, p2p)
         if isinstance(stmt, ast.Match):
             out = self.expr(stmt.subject, fn, p2p)
-            cases = [self.block(case.body, fn, p2p) for case in stmt.cases]
-            if cases and all(c == cases[0] for c in cases):
+            cases = self.match_paths(stmt, fn, p2p)
+            if cases and all(_same(c, cases[0]) for c in cases):
                 return out + cases[0]
             return out + (("alt",) + tuple(cases),)
         if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
@@ -188,6 +291,13 @@ class Sequencer:
             if isinstance(child, ast.expr):
                 out += self.expr(child, fn, p2p)
         return out
+
+    def match_paths(self, stmt: ast.Match, fn: Function, p2p: bool) -> List[Seq]:
+        """One path per case, and an empty one where a subject may match none of them."""
+        paths = [self.block(case.body, fn, p2p) for case in stmt.cases]
+        if not any(_irrefutable(case) for case in stmt.cases):
+            paths.append(())
+        return paths
 
     def expr(self, node: Optional[ast.expr], fn: Function, p2p: bool) -> Seq:
         if node is None or isinstance(node, (ast.Constant, ast.Name, ast.Lambda)):
@@ -224,13 +334,15 @@ class Sequencer:
         if target.collective is not None:
             if target.collective.point_to_point and not p2p:
                 return ()
-            return (target.collective.op,)
-        seqs = [self.function(callee, p2p) for callee in target.functions
+            return (Op(target.collective.op, communicator_text(node, target.collective)),)
+        # A callee's names mean nothing here (its ``comm`` may be this function's
+        # ``self.tp_comm``): its communicators are compared with none.
+        seqs = [_anonymous(self.function(callee, p2p)) for callee in target.functions
                 if callee in self.program.reach and not self.program.is_rank_safe(callee)]
         if not seqs:
             return ()
         first = seqs[0]
-        if all(s == first for s in seqs):
+        if all(_same(s, first) for s in seqs):
             return first
         return (("alt",) + tuple(seqs),)
 
@@ -246,10 +358,10 @@ def gate_balanced(sequencer: Sequencer, gate: Gate, point_to_point: bool) -> boo
         return paths_equal(seq.block(node.body + rest, fn, p2p),
                            seq.block(node.orelse + rest, fn, p2p))
     if gate.kind == "if-expression" and isinstance(node, ast.IfExp):
-        return seq.expr(node.body, fn, p2p) == seq.expr(node.orelse, fn, p2p)
+        return paths_equal(seq.expr(node.body, fn, p2p), seq.expr(node.orelse, fn, p2p))
     if gate.kind == "match" and isinstance(node, ast.Match):
-        cases = [seq.block(c.body, fn, p2p) for c in node.cases]
-        return all(c == cases[0] for c in cases)
+        cases = seq.match_paths(node, fn, p2p)
+        return all(paths_equal(c, cases[0]) for c in cases)
     if gate.kind in ("and", "or") and isinstance(node, ast.expr):
         return not _has_ops(seq.expr(node, fn, p2p))
     if gate.kind in ("for", "while") and isinstance(node, (ast.For, ast.AsyncFor, ast.While)):

@@ -134,6 +134,25 @@ def last_identifier(node: ast.expr) -> Optional[str]:
     return None
 
 
+def chain_identifiers(node: ast.expr) -> List[str]:
+    """Every name along a receiver's chain: ``cp_group.cpu_group`` -> cp_group, cpu_group;
+    ``get_pp_group().device_group`` -> get_pp_group, device_group (a call's arguments left out)."""
+    out: List[str] = []
+    while True:
+        if isinstance(node, ast.Attribute):
+            out.append(node.attr)
+            node = node.value
+        elif isinstance(node, ast.Call):
+            node = node.func
+        elif isinstance(node, ast.Subscript):
+            node = node.value
+        elif isinstance(node, ast.Name):
+            out.append(node.id)
+            return out[::-1]
+        else:
+            return out[::-1]
+
+
 @dataclass(frozen=True)
 class CollectiveOp:
     """A call recognised as a collective.
@@ -149,6 +168,7 @@ class CollectiveOp:
     result: str
     in_place: bool
     by_wrapper: bool = False  # recognised only through the configured wrapper names
+    module_function: bool = False  # torch.distributed's own: the group argument names the group
 
 
 def _result_kind(op: str) -> str:
@@ -208,4 +228,28 @@ class CollectiveTable:
         by_wrapper = wrapper and not known and not (
             receiver is not None and (op in AMBIGUOUS_OPS or set(words(op)) & COLLECTIVE_WORDS)
             and self.is_communicator_name(last_identifier(receiver) or ""))
-        return CollectiveOp(display, op, point_to_point, _result_kind(op), in_place, by_wrapper)
+        return CollectiveOp(display, op, point_to_point, _result_kind(op), in_place, by_wrapper,
+                            torch_op and receiver is not None)
+
+
+# Keyword arguments that name the communicator a collective runs on.
+GROUP_KEYWORDS = ("group", "comm", "process_group", "pg", "dist_group")
+
+
+def communicator_text(call: ast.Call, op: CollectiveOp) -> Optional[str]:
+    """The communicator a collective call writes out, as source text: its group keyword, else
+    its receiver (``self.tp_comm.allgather``); None when the call leaves it implicit
+    (``dist.all_reduce(t)``, a plain function without a group keyword)."""
+    for keyword in call.keywords:
+        if keyword.arg in GROUP_KEYWORDS:
+            return ast.unparse(keyword.value)
+    if not isinstance(call.func, ast.Attribute) or op.module_function:
+        return None
+    receiver = call.func.value
+    # The object itself, however the method reaches it: a communicator class's own methods.
+    if isinstance(receiver, ast.Name) and receiver.id in ("self", "cls"):
+        return "self"
+    if (isinstance(receiver, ast.Call) and isinstance(receiver.func, ast.Name)
+            and receiver.func.id == "super"):
+        return "self"
+    return ast.unparse(receiver)

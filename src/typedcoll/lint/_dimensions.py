@@ -3,9 +3,10 @@
 A branch on one dimension's rank around a collective on another dimension's group is taken alike
 by every member of that group: every rank of a tensor-parallel group sits on the same pipeline
 stage, so ``if self.pp_rank == 0: self.tp_group.allreduce(x)`` cannot make them diverge. The
-dimension of a collective is read from the words of its name, its receiver and its ``group=``
-argument (``tp_gather``, ``self.tp_group``, ``group=get_pp_group()``); "*" marks a collective
-whose names carry none, such as the world's.
+dimension of a collective is read from the words of its name, its receiver, its group keyword
+(``group=``, ``dist_group=``...) and positional arguments whose names say they are communicators,
+each with every name along its chain (``tp_gather``, ``self.tp_group``, ``group=get_pp_group()``,
+``cp_group.cpu_group``); "*" marks a collective whose names carry none, such as the world's.
 """
 
 from __future__ import annotations
@@ -14,9 +15,8 @@ import ast
 from typing import Dict, FrozenSet
 
 from ._callgraph import CallTarget, Function, Program
-from ._collectives import last_identifier, words
+from ._collectives import GROUP_KEYWORDS, chain_identifiers, last_identifier, words
 
-_GROUP_KEYWORDS = ("group", "comm", "process_group", "pg")
 WORLD = "*"
 
 
@@ -43,9 +43,14 @@ class Dimensions:
                                        for f in target.functions))
         names = [target.collective.op]
         if isinstance(node.func, ast.Attribute):
-            names.append(last_identifier(node.func.value) or "")
-        names += [last_identifier(kw.value) or "" for kw in node.keywords
-                  if kw.arg in _GROUP_KEYWORDS]
+            names += chain_identifiers(node.func.value)
+        for kw in node.keywords:
+            if kw.arg in GROUP_KEYWORDS:
+                names += chain_identifiers(kw.value)
+        for arg in node.args:
+            # A group passed by position, as wrappers take it (broadcast_pyobj(data, rank, group))
+            if self.program.table.is_communicator_name(last_identifier(arg) or ""):
+                names += chain_identifiers(arg)
         found = {w for name in names for w in words(name)} & self.known
         return frozenset(found) if found else frozenset({WORLD})
 

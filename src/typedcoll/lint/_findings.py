@@ -96,7 +96,8 @@ class _Findings:
         node = gate.node
         lines = module.source.lines
         if gate.kind == "except":
-            head = "except" + (f" {segment(lines, gate.test)}" if gate.test is not None else "")
+            head = _except_clause(lines, node) + (
+                f" {segment(lines, gate.test)}" if gate.test is not None else "")
         elif gate.kind == "for" and isinstance(node, (ast.For, ast.AsyncFor)):
             head = f"for {segment(lines, node.target)} in {segment(lines, node.iter)}"
         elif gate.kind == "for":
@@ -106,6 +107,16 @@ class _Findings:
         else:
             head = segment(lines, gate.test)
         return head if len(head) <= _TEXT_WIDTH else head[:_TEXT_WIDTH - 3] + "..."
+
+
+def _except_clause(lines: List[str], handler: ast.AST) -> str:
+    """``except`` or ``except*``: the handler's node does not say which, its source does."""
+    line: int = getattr(handler, "lineno", 0)
+    start: int = getattr(handler, "col_offset", 0)
+    if not 0 < line <= len(lines):
+        return "except"
+    rest = lines[line - 1].encode("utf-8")[start:].decode("utf-8", "replace")
+    return "except*" if rest[len("except"):].lstrip().startswith("*") else "except"
 
 
 def segment(lines: List[str], node: Optional[ast.AST]) -> str:

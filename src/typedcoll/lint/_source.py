@@ -67,7 +67,7 @@ def read_source(path: str) -> SourceFile:
     except OSError as exc:
         raise LintInputError([(path, f"cannot read: {exc.strerror or exc}")]) from exc
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # a leading byte order mark is no part of the source
     except UnicodeDecodeError as exc:
         raise LintInputError([(path, f"not UTF-8: {exc.reason} at byte {exc.start}")]) from exc
     try:

@@ -4,7 +4,8 @@ Flow-sensitive over locals: a loop's body is repeated until its variables stop c
 ``if``/``while``/``for``/``match``, exception handlers, later operands of ``and``/``or``,
 conditional expressions, and early exits: a ``return``, ``break`` or ``continue`` under a gate puts
 that gate over everything it skips (the rest of the block; for ``return`` and ``break`` also the
-whole loop body, whose later iterations are skipped).
+whole loop body, whose later iterations are skipped). A ``try``'s ``else`` is under its handlers'
+gates, a loop's ``else`` under its ``break`` statements'.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence, Set, Tuple, Union
 
 from ._callgraph import Function, body_nodes, is_try
-from ._collectives import dotted_name
 from ._expressions import ValueAnalysis, merge
 from ._facts import Gate
 from ._values import SYMMETRIC, join, local
@@ -114,6 +114,7 @@ class FunctionAnalysis(ValueAnalysis):
         before = dict(self.env)
         wide: Tuple[Gate, ...] = ()
         escaping: List[_Exit] = []
+        broken: List[Gate] = []
         for _ in range(_MAX_LOOP_PASSES):
             start = dict(self.env)
             inner = ctrl + (gate,) + wide
@@ -123,6 +124,7 @@ class FunctionAnalysis(ValueAnalysis):
                 gate.taint = join(gate.taint, self.expr(head, inner))
             exits = self.block(stmt.body, inner, loop_body=True)
             escaping = [e for e in exits if e.kind in ("return", "raise")]
+            broken = self.break_gates(exits, ctrl)
             grown = list(wide)
             for ex in exits:
                 if ex.kind in ("break", "return"):
@@ -132,25 +134,43 @@ class FunctionAnalysis(ValueAnalysis):
                 break
             wide = tuple(grown)
         self.env = merge(before, self.env)
-        escaping += self.block(stmt.orelse, ctrl)
+        # A loop's else runs only on ranks that did not break out of it.
+        escaping += self.block(stmt.orelse, ctrl + tuple(broken))
         return [e for e in escaping if e.kind != "raise"]
+
+    def break_gates(self, exits: List[_Exit], ctrl: Tuple[Gate, ...]) -> List[Gate]:
+        """The gates a loop's ``break`` statements put over its ``else``: those they are under
+        in the loop, the loop's own included (an unconditional break skips the else on every
+        rank that iterates once)."""
+        out: List[Gate] = []
+        for ex in exits:
+            if ex.kind == "break":
+                out += [g for g in self.new_gates(ex, ctrl) or () if g not in out]
+        return out
 
     def try_(self, stmt: ast.Try, ctrl: Tuple[Gate, ...]) -> List[_Exit]:
         before = dict(self.env)
         exits = self.block(stmt.body, ctrl)
         after_body = self.env
         merged = after_body
+        handled: List[Gate] = []
+        clause = "except" if isinstance(stmt, ast.Try) else "except*"
         for handler in stmt.handlers:
-            caught = dotted_name(handler.type) if handler.type is not None else "BaseException"
-            cause = local(f"except {caught}", "caught exception", handler.lineno)
+            caught = ast.unparse(handler.type) if handler.type is not None else "BaseException"
+            cause = local(f"{clause} {caught}", "caught exception", handler.lineno)
             gate = self.gate("except", handler, handler.type, cause)
             self.env = merge(before, after_body)
             if handler.name:
                 self.env[handler.name] = cause
-            exits += self.block(handler.body, ctrl + (gate,))
+            found = self.block(handler.body, ctrl + (gate,))
+            exits += found
             merged = merge(merged, self.env)
+            # A rank whose handler always raises ends there: a crash, not a skipped else.
+            if not any(e.kind == "raise" and e.gates == ctrl + (gate,) for e in found):
+                handled.append(gate)
         self.env = merged
-        exits += self.block(stmt.orelse, ctrl)
+        # The else runs only on ranks where no handler did: every handler's gate is over it.
+        exits += self.block(stmt.orelse, ctrl + tuple(handled))
         exits += self.block(stmt.finalbody, ctrl)
         return [e for e in exits if e.kind != "raise"]
 
