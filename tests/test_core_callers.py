@@ -537,3 +537,21 @@ def test_which_functions_carry_their_callers() -> None:
     assert loops(compile("x = 1", "<module>", "exec"))
     assert role_site(any_rank.__code__, 0) & PICKED
     assert not role_site(with_loop.__code__, 0) & PICKED
+
+
+def test_receivers_without_a_schema_leave_the_callers_hint() -> None:
+    """A driver and its workers reaching a role wrapper from two methods, the receivers naming
+    no schema (they take the root's): the schemas differ only by that, so the hint says how to
+    make the two places one call, as where the receivers name it."""
+    from typedcoll.core.mismatch import desync_message, group_envelopes, mismatch_kinds
+
+    def envelope(rank: int, schema: str) -> EnvelopeInfo:
+        arm = 0 if rank == 0 else 1
+        return msgspec.structs.replace(
+            _info(rank, arm, (Caller(f"engine.py:{20 if rank == 0 else 30}"),)), schema=schema)
+
+    for receivers in ("", "Reqs"):
+        envelopes = [envelope(0, "Reqs")] + [envelope(r, receivers) for r in (1, 2)]
+        kinds = mismatch_kinds(envelopes)
+        text = desync_message(1, "WORLD", kinds, group_envelopes(envelopes))
+        assert "the callers differ" in text and "pass each use a name=" in text, text

@@ -354,10 +354,16 @@ def format_decisions(groups: Sequence[Group], indent: str = "  ") -> List[str]:
 # Ops whose callers choose the schema (schema=), and reductions, which take the value's type.
 _SCHEMA_OPS = frozenset({"allgather", "gather", "bcast", "scatter", "alltoall"})
 _VALUE_OPS = frozenset({"allreduce", "reduce", "reduce_scatter"})
+_TAKING_OPS = frozenset({"bcast", "scatter"})  # whose receivers may take the root's schema
 
 
 def _hint(kinds: Sequence[MismatchKind], groups: Sequence[Group]) -> List[str]:
     ops = {g.envelope.op for g in groups}
+    taking = {g.envelope.schema for g in groups if g.envelope.op in _TAKING_OPS} & {"", "?"}
+    if MismatchKind.SCHEMA in kinds and taking and \
+            len({g.envelope.schema for g in groups} - taking) <= 1:
+        # receivers that named no schema take the root's: no disagreement of their making
+        kinds = [kind for kind in kinds if kind is not MismatchKind.SCHEMA]
     if list(kinds) == [MismatchKind.SCHEMA] and len(ops) == 1:
         op = ops.pop()
         schemas = " and ".join(sorted({g.envelope.schema for g in groups}))
