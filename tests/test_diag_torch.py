@@ -105,3 +105,44 @@ def test_a_collective_that_failed_as_its_wait_slice_ran_out_reports_its_own_fail
     work = _RacingWork(RuntimeError("Connection closed by peer [127.0.0.1]:4242"))
     with pytest.raises(TransportFailure, match="Connection closed by peer"):
         wait_work(work, None, alarm=lambda: "")
+
+
+class _DeadStore:
+    """The job's store after the rank that hosted it died: every request fails."""
+
+    def add(self, key: str, value: int) -> int:
+        raise RuntimeError("Broken pipe")
+
+    def check(self, keys: List[str]) -> bool:
+        raise RuntimeError("Broken pipe")
+
+
+class _NeverDone:
+    """A collective waiting for neighbours that are alive but gave up: it never completes."""
+
+    def wait(self, timeout: object) -> bool:
+        raise RuntimeError("Operation timed out!")
+
+    def is_completed(self) -> bool:
+        return False
+
+
+def test_a_store_that_stays_unreachable_ends_an_untimed_wait(monkeypatch):
+    """A rank whose neighbours are alive waited, with no deadline, until they exited when the
+    store's host died: the alarm swallowed the store's errors. A store that fails to answer for
+    STORE_LOST_S is now the failure the wait reports (one failed read is not)."""
+    import itertools
+    import types
+
+    from typedcoll.core.transport import TransportFailure
+    from typedcoll.transports import torch as torch_transport
+    from typedcoll.transports.gloo import wait_work
+    clock = itertools.count(0.0)
+    monkeypatch.setattr(torch_transport.time, "monotonic", lambda: next(clock))
+    transport = types.SimpleNamespace(store=_DeadStore(), rank=1, size=3, _store_lost_at=None)
+    alarm = types.MethodType(torch_transport.TorchTransport._peer_failure, transport)
+    assert alarm() == ""  # a first failed read: it may pass
+    assert "store has not answered" in alarm() and "Broken pipe" in alarm()
+    transport._store_lost_at = None
+    with pytest.raises(TransportFailure, match="the rank that hosted it"):
+        wait_work(_NeverDone(), None, alarm)

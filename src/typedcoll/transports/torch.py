@@ -87,6 +87,9 @@ def largest_slot(size: int) -> int:
     return max(MAX_SLOT, min(LARGEST_SLOT, SLOT_BUDGET // size) // MAX_SLOT * MAX_SLOT)
 
 
+STORE_LOST_S = 1.0  # how long the store may fail to answer before a waiting rank gives up
+
+
 class TorchTransport:
     """Byte operations on a private gloo backend (``control``); CUDA tensors on
     ``device_group``; ``store`` is a prefix of the job's c10d store private to this channel
@@ -117,6 +120,7 @@ class TorchTransport:
         self._sends: List[Tuple[Any, torch.Tensor]] = []  # point-to-point sends in flight
         self._last_send: List[Tuple[Any, torch.Tensor]] = []  # the parts of the latest one
         self.freed = False
+        self._store_lost_at: Optional[float] = None  # when the store first failed to answer
         _OPEN.add(self)
 
     # --- the exchange ------------------------------------------------------------------------
@@ -385,14 +389,26 @@ class TorchTransport:
 
     def _peer_failure(self) -> str:
         try:
-            if int(self.store.add("failed", 0)) == 0:
+            failed = int(self.store.add("failed", 0))
+            self._store_lost_at = None
+            if failed == 0:
                 return ""
             for peer in range(self.size):
                 key = f"failed/{peer}"
                 if peer != self.rank and self.store.check([key]):
                     return f"rank {peer} reported {self.store.get(key).decode(errors='replace')}"
-        except Exception:  # the store died with its rank
-            pass
+        except Exception as exc:
+            # The store died with the rank that hosted it (tcp:// and env:// host it on rank
+            # 0). gloo fails a call only on the ranks that exchange with the dead one; a rank
+            # whose neighbours are alive would wait for them until they exit: a store that
+            # stays unreachable is that failure.
+            now = time.monotonic()
+            if self._store_lost_at is None:
+                self._store_lost_at = now
+            elif now - self._store_lost_at >= STORE_LOST_S:
+                return (f"the job's store has not answered for {now - self._store_lost_at:.1f} s "
+                        f"(the rank that hosted it, rank 0 under tcp:// or env://, is gone?): "
+                        f"{type(exc).__name__}: {exc}")
         return ""
 
     def _wait(self, work: Any, deadline: Optional[float]) -> None:
