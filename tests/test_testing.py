@@ -102,20 +102,24 @@ def test_absent_ranks_at_one_place_are_named_on_one_line():
         f"  ranks 1-4: at test_testing.py:{line_of('# AWAY')} in prog (outside typedcoll)"]
 
 
-def test_a_rank_that_arrives_after_its_peers_gave_up_raises_with_them():
-    gave_up = threading.Barrier(3, timeout=10)
+def late_last_rank(size: int):
+    """A program whose last rank calls allgather after its peers gave up on it."""
+    gave_up = threading.Barrier(size, timeout=10)
 
     def prog(comm):
-        if comm.rank == 2:
+        if comm.rank == size - 1:
             gave_up.wait()  # its peers' part of the call is deposited, and abandoned
             return comm.allgather(comm.rank)  # LATE
         try:
             return comm.allgather(comm.rank)
         finally:
             gave_up.wait()
+    return prog
 
+
+def test_a_rank_that_arrives_after_its_peers_gave_up_raises_with_them():
     with pytest.raises(ExceptionGroup) as info:
-        run(3, prog, timeout=0.3)
+        run(3, late_last_rank(3), timeout=0.3)
     errors = info.value.exceptions
     assert len(errors) == 3 and all(isinstance(e, tc.CollectiveTimeout) for e in errors)
     late = errors[2]
@@ -134,19 +138,8 @@ def test_a_late_rank_that_has_heard_one_notice_claims_no_more(monkeypatch):
     heard = MemoryTransport.given_up
     monkeypatch.setattr(MemoryTransport, "given_up",
                         lambda self: [n for n in heard(self) if n[0] == 0])
-    gave_up = threading.Barrier(4, timeout=10)
-
-    def prog(comm):
-        if comm.rank == 3:
-            gave_up.wait()
-            return comm.allgather(comm.rank)  # LATE ONE
-        try:
-            return comm.allgather(comm.rank)
-        finally:
-            gave_up.wait()
-
     with pytest.raises(ExceptionGroup) as info:
-        run(4, prog, timeout=0.3)
+        run(4, late_last_rank(4), timeout=0.3)
     late = info.value.exceptions[3]
     assert "is abandoned: rank 0 (and possibly others) gave up waiting at collective #0 " \
         "(timeout 0.3 s) before it completed on rank 3;" in str(late), str(late)

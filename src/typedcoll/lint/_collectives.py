@@ -122,16 +122,9 @@ def resolve_alias(dotted: str, imports: Dict[str, str]) -> str:
 
 def last_identifier(node: ast.expr) -> Optional[str]:
     """The name a receiver goes by: ``self.tp_group`` -> tp_group, ``get_world_group()`` -> its
-    callee's."""
-    if isinstance(node, ast.Attribute):
-        return node.attr
-    if isinstance(node, ast.Name):
-        return node.id
-    if isinstance(node, ast.Call):
-        return last_identifier(node.func)
-    if isinstance(node, ast.Subscript):
-        return last_identifier(node.value)
-    return None
+    callee's (the last of :func:`chain_identifiers`)."""
+    names = chain_identifiers(node)
+    return names[-1] if names else None
 
 
 def chain_identifiers(node: ast.expr) -> List[str]:
