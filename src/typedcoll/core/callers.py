@@ -52,7 +52,7 @@ from .arms import branch_of
 from .identity import (CodeTable, column_of, format_site, register_internal,
                        site_fingerprint, site_from, via_name)
 from .mismatch import TOO_DEEP_SITE, Caller
-from .thin import loops, picked_calls
+from .thin import loops
 
 MAX_LEVELS = 8  # callers kept: a role wrapper called in a role branch of a role wrapper, ...
 Level = Tuple[Optional[CodeType], int, Optional[CodeType]]  # a caller's code, lasti and via
@@ -66,19 +66,18 @@ _OPTIMIZED = 0x01  # a function's code (not a module's or a class body's)
 COMPREHENSIONS = frozenset({"<listcomp>", "<setcomp>", "<dictcomp>", "<genexpr>"})
 
 ROLE, PICKED = 1, 2  # role_site's answers, as bits
-# A function's code -> the offsets of the calls made for its caller: those it picks between,
-# or every call of a function without a loop (ALL).
+# A function's code -> whether its calls are made for its caller: it has no loop (a function
+# that picks among calls, thin.picked_calls, never loops either, so it is one of these)
 _PICKED = CodeTable()
-ALL = frozenset({-1})
 
 _COMBINED: Dict[bytes, bytes] = {}
 
 
 def role_site(code: Optional[CodeType], lasti: int) -> int:
     """What the call at ``lasti`` of the function ``code`` is made for: ROLE where it is a role
-    branch's (``arms.branch_of``, which keeps what it read per call site), PICKED where it is
-    one of the calls its function picks between and returns (``thin.picked_calls``) or any call
-    of a function without a loop (``thin.loops``), both, or 0. Its caller then tells its
+    branch's (``arms.branch_of``, which keeps what it read per call site), PICKED where its
+    function has no loop (``thin.loops``: a helper, or one that picks among calls and returns
+    the one it picked), both, or 0. Its caller then tells its
     executions apart (ROLE for rooted calls alone). The C path asks it too, once per call
     site."""
     if code is None or not code.co_flags & _OPTIMIZED:
@@ -86,8 +85,8 @@ def role_site(code: Optional[CodeType], lasti: int) -> int:
     kind = ROLE if branch_of(code, lasti) is not None else 0
     picked = _PICKED.get(code, 0)
     if picked is None:
-        picked = _PICKED.put(code, 0, picked_calls(code) if loops(code) else ALL)
-    return kind | PICKED if picked is ALL or lasti in picked else kind
+        picked = _PICKED.put(code, 0, not loops(code))
+    return kind | PICKED if picked else kind
 
 
 def made_for_caller(kind: int, rooted: bool) -> bool:
