@@ -335,11 +335,12 @@ def skipped_vote_through(method: str) -> Callable[[tc.TypedComm], Any]:
     return program
 
 
-@pytest.mark.parametrize("method,innermost", [("tp_allgather", Distributed.tp_allgather),
-                                              ("vote", Distributed.tp_allgather),
-                                              ("guarded_allgather", Distributed.guarded_allgather),
-                                              ("flagged_allgather", Distributed.flagged_allgather)])
-def test_an_unmarked_thin_wrapper_keeps_its_callers_sites(method, innermost):
+@pytest.mark.parametrize("method,passed", [
+    ("tp_allgather", [Distributed.tp_allgather]),
+    ("vote", [Distributed.vote, Distributed.tp_allgather]),
+    ("guarded_allgather", [Distributed.guarded_allgather]),
+    ("flagged_allgather", [Distributed.flagged_allgather])])
+def test_an_unmarked_thin_wrapper_keeps_its_callers_sites(method, passed):
     # The engine's crash: the last rank skipped the batch-size vote, so its timeout vote met
     # its peers' batch-size vote through one wrapper line, and returned their payloads. A
     # wrapper with a size-1 shortcut was a site of its own until its shortcut, which makes no
@@ -351,13 +352,14 @@ def test_an_unmarked_thin_wrapper_keeps_its_callers_sites(method, innermost):
     for e in errors:
         assert type(e) is tc.DesyncError and e.kinds == (tc.MismatchKind.CALL,), e
         lines = str(e).splitlines()
-        wrapper = wrapper_text(innermost)  # the innermost thin wrapper
+        wrapper = " through ".join(map(wrapper_text, passed))  # outermost first
         assert f"at {FILE}:{skipped} through {wrapper}, its 1st call" in lines[1], e
         assert f"at {FILE}:{taken} through {wrapper}, its 1st call" in lines[2], e
         assert lines[3] == (f"  only the callers of {wrapper} differ: a call "
                             "through a thin wrapper is its caller's, so a rank skipped or added "
                             "a call before this one, or these are one collective reached from "
-                            f"two places: then give the call in {wrapper} a name=")
+                            f"two places: then give the call in {wrapper_text(passed[-1])} "
+                            "a name=")
 
 
 def with_context(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -386,6 +388,15 @@ class Votes:
     decorated_batch_vote = with_context(batch_vote)
     decorated_timeout_vote = with_context(timeout_vote)
 
+    def _gathered(self, value: int) -> List[Any]:
+        return self.comm.allgather(value)
+
+    def shared_batch_vote(self, value: int) -> List[Any]:  # thin over a thin wrapper
+        return self._gathered(value)
+
+    def shared_timeout_vote(self, value: int) -> List[Any]:
+        return self._gathered(value)
+
     def dispatch(self, op: str, value: int) -> List[Any]:
         return getattr(self, op)(value)  # thin too: its two calls always run together
 
@@ -397,9 +408,11 @@ class Votes:
 def skipped_vote_by(way: str) -> Callable[[tc.TypedComm], Any]:
     def program(comm: tc.TypedComm) -> Any:
         votes = Votes(comm)
-        if way == "decorator":
+        if way in ("decorator", "shared"):
+            prefix = "decorated_" if way == "decorator" else "shared_"
+
             def call(op: str, value: int) -> List[Any]:
-                return getattr(votes, "decorated_" + op)(value)  # type: ignore[no-any-return]
+                return getattr(votes, prefix + op)(value)  # type: ignore[no-any-return]
         else:
             def call(op: str, value: int) -> List[Any]:
                 return getattr(votes, way)(op, value)  # type: ignore[no-any-return]
@@ -424,19 +437,23 @@ def recorded_wrappers(comm: tc.TypedComm) -> List[Any]:
 
 def test_the_flight_recorder_keeps_the_thin_wrapper_for_the_trace_analysis():
     # The loop's one line is both votes' site (the dispatcher is thin too: its two calls run
-    # together): offline, only the wrapper tells them apart.
+    # together): offline, only the wrappers passed, outermost first, tell them apart.
     site = f"{FILE}:{line_of(recorded_wrappers, 'votes.dispatch')}"
+    dispatch = wrapper_text(Votes.dispatch)
     assert run(2, recorded_wrappers) == [[
-        (site, wrapper_text(Votes.batch_vote)), (site, wrapper_text(Votes.timeout_vote)),
+        (site, f"{dispatch} through {wrapper_text(Votes.batch_vote)}"),
+        (site, f"{dispatch} through {wrapper_text(Votes.timeout_vote)}"),
         (f"{FILE}:{line_of(recorded_wrappers, 'direct')}", None)]] * 2
 
 
-@pytest.mark.parametrize("way", ["decorator", "dispatch", "in_pool"])
+@pytest.mark.parametrize("way", ["decorator", "dispatch", "in_pool", "shared"])
 def test_two_thin_wrappers_reached_from_one_line_stay_two_calls(way):
     # The wrapper is part of the identity: with its caller's line alone, the decorator's, the
     # dispatcher's or the pool's one line would make both votes one call, and the last rank's
     # timeout vote would take its peers' batch-size votes without an error. (A pool's worker
-    # is the standard library's plumbing: there each thin vote is its own site.)
+    # is the standard library's plumbing: there each thin vote is its own site.) Every wrapper
+    # passed counts, not only the innermost: two votes over one shared wrapper, "shared",
+    # returned each other's payloads when the innermost alone was kept.
     for e in errors_of(3, skipped_vote_by(way)):
         assert type(e) is tc.DesyncError and e.kinds == (tc.MismatchKind.CALL,), e
         lines = str(e).splitlines()
@@ -446,6 +463,12 @@ def test_two_thin_wrappers_reached_from_one_line_stay_two_calls(way):
             assert lines[3].startswith("  only the call sites differ"), e
             continue
         batch, timeout = wrapper_text(Votes.batch_vote), wrapper_text(Votes.timeout_vote)
+        if way == "dispatch":
+            batch, timeout = (f"{wrapper_text(Votes.dispatch)} through {vote}"
+                              for vote in (batch, timeout))
+        elif way == "shared":
+            batch, timeout = (f"{wrapper_text(vote)} through {wrapper_text(Votes._gathered)}"
+                              for vote in (Votes.shared_batch_vote, Votes.shared_timeout_vote))
         assert lines[1].endswith(f"through {batch}, its 2nd call"), e
         assert lines[2].endswith(f"through {timeout}, its 2nd call"), e
         assert lines[3].startswith("  only the thin wrappers differ: one line reached"), e

@@ -72,6 +72,7 @@
 #define PREFIX 8
 /* What configure's ``forwarding`` answers (True, False, or pass-through offsets): its form. */
 #define FORWARDING_FORM 2
+#define CHAIN_MAX 8 /* identity.CHAIN_MAX: thin wrappers a call's via keeps */
 
 enum { F_SEND, F_RECV, F_BLOCK, F_SLOT, F_SIZE, F_RANK, F_EXCHANGE, F_ENGINE, F_RING,
        F_RING_OBJECTS, F_RING_STATE, F_CAPACITY, F_MIN_SLOT, F_COUNTS, F_BUSY, F_ACQUIRE,
@@ -89,7 +90,7 @@ enum { BUSY_IDENT, BUSY_CODE, BUSY_LASTI, BUSY_POISON, BUSY_BROKEN, BUSY_COUNT }
 enum { KIND_ALL, KIND_GATHER, KIND_BCAST, KIND_EMPTY, KIND_SCATTER, KIND_ALLTOALL, KIND_ARRAYS };
 
 static PyObject *SCHEMAS, *SCHEMAS_BY_ID, *OPS, *ENCODE, *SKIP_FILES, *SKIP_CODES, *SITE_FP,
-    *NAME_FP, *TAKE_PY, *FORWARDING, *ROLE_SITE, *COMBINED;
+    *NAME_FP, *TAKE_PY, *FORWARDING, *ROLE_SITE, *COMBINED, *THIN_CHAIN;
 /* name -> fingerprint (call sites have a table of their own, before site_identity). */
 static PyObject *NAME_CACHE, *EMPTY_BYTES, *EMPTY_TUPLE;
 static PyObject *s_seq, *s_step, *s_policy, *s_observe, *s_size, *s_fast, *s_exchange,
@@ -245,14 +246,16 @@ static int block_agreed(const unsigned char *block) {
 
 /* --- configure --- */
 /* configure(schemas, schemas_by_id, ops, encode, skip_files, skip_codes, site_fingerprint,
- *           name_fingerprint, take_py, forwarding, role_site, combined) */
+ *           name_fingerprint, take_py, forwarding, role_site, combined, thin_chain) */
 static PyObject *configure(PyObject *mod, PyObject *args) {
     PyObject *schemas, *by_id, *ops, *encode, *files, *codes, *site_fp, *name_fp, *take, *fwd,
-        *role_site, *combined;
-    if (!PyArg_ParseTuple(args, "O!O!O!OO!O!OOOOOO", &PyDict_Type, &schemas, &PyDict_Type,
+        *role_site, *combined, *thin_chain;
+    if (!PyArg_ParseTuple(args, "O!O!O!OO!O!OOOOOOO", &PyDict_Type, &schemas, &PyDict_Type,
                           &by_id, &PyDict_Type, &ops, &encode, &PySet_Type, &files, &PySet_Type,
-                          &codes, &site_fp, &name_fp, &take, &fwd, &role_site, &combined))
+                          &codes, &site_fp, &name_fp, &take, &fwd, &role_site, &combined,
+                          &thin_chain))
         return NULL;
+    Py_XSETREF(THIN_CHAIN, Py_NewRef(thin_chain));
     Py_XSETREF(ROLE_SITE, Py_NewRef(role_site));
     Py_XSETREF(COMBINED, Py_NewRef(combined));
     Py_XSETREF(FORWARDING, Py_NewRef(fwd));
@@ -307,21 +310,69 @@ static int passes_over(PyFrameObject *frame, PyCodeObject *code) {
     return found;
 }
 
+/* ``via`` for the thin wrappers passed on the way to a site (``passed``, innermost first, new
+ * references, consumed): none, the one wrapper's code, or their identity.ThinChain, outermost
+ * first (a new reference; NULL on error with *failed set). A direct-mapped table keyed by the
+ * codes' addresses, holding its codes and chains, in front of identity.thin_chain. */
+#define CHAIN_SLOTS 64
+static struct {
+    int n;
+    PyObject *codes[CHAIN_MAX];
+    PyObject *chain;
+} CHAIN_TABLE[CHAIN_SLOTS];
+
+static PyObject *via_of(PyObject **passed, int n, int *failed) {
+    *failed = 0;
+    if (n < 2) return n ? passed[0] : NULL;
+    size_t h = (size_t)n;
+    for (int k = 0; k < n; k++) h = h * 1000003u ^ ((size_t)(uintptr_t)passed[k] >> 4);
+    size_t i = (h ^ (h >> 7)) & (CHAIN_SLOTS - 1);
+    int hit = CHAIN_TABLE[i].n == n;
+    for (int k = 0; hit && k < n; k++) hit = CHAIN_TABLE[i].codes[k] == passed[k];
+    PyObject *chain = NULL;
+    if (hit) {
+        chain = Py_NewRef(CHAIN_TABLE[i].chain);
+    } else {
+        PyObject *codes = PyTuple_New(n);
+        if (codes != NULL) {
+            for (int k = 0; k < n; k++) PyTuple_SET_ITEM(codes, k, Py_NewRef(passed[n - 1 - k]));
+            chain = PyObject_CallOneArg(THIN_CHAIN, codes);
+            Py_DECREF(codes);
+        }
+        if (chain != NULL) {
+            PyObject *old[CHAIN_MAX + 1];
+            int m = 0;
+            for (int k = 0; k < CHAIN_TABLE[i].n; k++) old[m++] = CHAIN_TABLE[i].codes[k];
+            old[m++] = CHAIN_TABLE[i].chain;
+            CHAIN_TABLE[i].n = n;
+            for (int k = 0; k < n; k++) CHAIN_TABLE[i].codes[k] = Py_NewRef(passed[k]);
+            CHAIN_TABLE[i].chain = Py_NewRef(chain);
+            for (int k = 0; k < m; k++) Py_XDECREF(old[k]); /* last: may run Python code */
+        }
+    }
+    for (int k = 0; k < n; k++) Py_DECREF(passed[k]);
+    if (chain == NULL) *failed = 1;
+    return chain;
+}
+
 /* The call site at or above ``start`` (borrowed; NULL: none), as identity.site_from finds it:
  * the first frame whose file is not typedcoll's own plumbing, whose code is not marked
- * transparent and that is not passed over as a thin wrapper (passes_over), and the innermost
- * thin wrapper passed on the way (``via``); where no such frame is above, the outermost thin
- * wrapper is the site (a thread's target, a test's program), with the innermost as via where
- * they differ. New references to the site's code object, to via's (or NULL) and, where
- * ``frame_out`` is given, to the site's frame (or NULL); and the site's lasti. */
+ * transparent and that is not passed over as a thin wrapper (passes_over), and the thin
+ * wrappers passed on the way (``via``: via_of them, the innermost seven and the outermost
+ * beyond CHAIN_MAX); where no such frame is above, the outermost thin wrapper is the site (a
+ * thread's target, a test's program), with the others as via. New references to the site's
+ * code object, to via (or NULL) and, where ``frame_out`` is given, to the site's frame (or
+ * NULL); and the site's lasti. */
 static int site_from(PyFrameObject *start, PyCodeObject **code_out, int *lasti_out,
-                     PyCodeObject **via_out, PyFrameObject **frame_out) {
+                     PyObject **via_out, PyFrameObject **frame_out) {
     PyFrameObject *frame = start;
     Py_XINCREF(frame);
-    PyFrameObject *wrapper = NULL; /* the innermost thin wrapper */
-    PyFrameObject *outer = NULL;   /* the outermost: the site where no frame above is one */
+    PyObject *passed[CHAIN_MAX]; /* the codes of the thin wrappers passed, innermost first */
+    int n = 0, failed = 0;
+    PyFrameObject *outer = NULL; /* the outermost: the site where no frame above is one */
     int check_codes = PySet_GET_SIZE(SKIP_CODES) > 0;
-    *code_out = *via_out = NULL;
+    *code_out = NULL;
+    *via_out = NULL;
     *lasti_out = 0;
     if (frame_out != NULL) *frame_out = NULL;
     while (frame != NULL) {
@@ -332,44 +383,53 @@ static int site_from(PyFrameObject *start, PyCodeObject **code_out, int *lasti_o
         if (skip < 0 || forwards < 0) {
             Py_DECREF(code);
             Py_DECREF(frame);
-            Py_XDECREF(wrapper);
+            for (int k = 0; k < n; k++) Py_DECREF(passed[k]);
             Py_XDECREF(outer);
             return -1;
         }
         if (!skip && !forwards) {
+            *via_out = via_of(passed, n, &failed);
+            if (failed) {
+                Py_DECREF(code);
+                Py_DECREF(frame);
+                Py_XDECREF(outer);
+                return -1;
+            }
             *code_out = code;
             *lasti_out = PyFrame_GetLasti(frame);
             if (frame_out != NULL) *frame_out = frame;
             else Py_DECREF(frame);
-            if (wrapper != NULL) {
-                *via_out = PyFrame_GetCode(wrapper);
-                Py_DECREF(wrapper);
-            }
             Py_XDECREF(outer);
             return 0;
         }
-        Py_DECREF(code);
         if (forwards) {
-            if (wrapper == NULL) wrapper = (PyFrameObject *)Py_NewRef(frame);
+            if (n < CHAIN_MAX) passed[n++] = (PyObject *)code;
+            else Py_SETREF(passed[CHAIN_MAX - 1], (PyObject *)code);
             Py_XSETREF(outer, (PyFrameObject *)Py_NewRef(frame));
+        } else {
+            Py_DECREF(code);
         }
         PyFrameObject *back = PyFrame_GetBack(frame);
         Py_DECREF(frame);
         frame = back;
     }
     if (outer != NULL) {
+        Py_DECREF(passed[--n]); /* the outermost is the site */
+        *via_out = via_of(passed, n, &failed);
+        if (failed) {
+            Py_DECREF(outer);
+            return -1;
+        }
         *code_out = PyFrame_GetCode(outer);
         *lasti_out = PyFrame_GetLasti(outer);
-        if (wrapper != outer) *via_out = PyFrame_GetCode(wrapper);
         if (frame_out != NULL) *frame_out = outer;
         else Py_DECREF(outer);
     }
-    Py_XDECREF(wrapper);
     return 0;
 }
 
 /* The call site of the running collective (site_from the current frame). */
-static int user_site(PyCodeObject **code_out, int *lasti_out, PyCodeObject **via_out,
+static int user_site(PyCodeObject **code_out, int *lasti_out, PyObject **via_out,
                      PyFrameObject **frame_out) {
     return site_from(PyEval_GetFrame(), code_out, lasti_out, via_out, frame_out);
 }
@@ -386,9 +446,9 @@ static struct {
     PyObject *fp;
 } SITE_TABLE[SITE_SLOTS];
 
-static PyObject *site_identity(PyCodeObject *code, int lasti, PyCodeObject *via) {
+static PyObject *site_identity(PyCodeObject *code, int lasti, PyObject *via) {
     PyObject *code_obj = code ? (PyObject *)code : Py_None;
-    PyObject *via_obj = via ? (PyObject *)via : Py_None;
+    PyObject *via_obj = via ? via : Py_None;
     size_t h = ((size_t)(uintptr_t)code_obj >> 4) ^ ((size_t)(unsigned)lasti * 2654435761u) ^
                ((size_t)(uintptr_t)via_obj >> 6);
     size_t i = (h ^ (h >> 9)) & (SITE_SLOTS - 1);
@@ -476,7 +536,7 @@ static struct {
  * fingerprint joined to the site's, digested by callers.combined (new references; NULL on
  * error). */
 static PyObject *combine_callers(PyObject *site, int n, PyCodeObject **codes, int *lastis,
-                                 PyCodeObject **vias, PyObject **levels_out) {
+                                 PyObject **vias, PyObject **levels_out) {
     unsigned char joined[8 * (MAX_LEVELS + 2)];
     PyObject *levels = PyTuple_New(n), *result = NULL;
     if (levels == NULL) return NULL;
@@ -487,7 +547,7 @@ static PyObject *combine_callers(PyObject *site, int n, PyCodeObject **codes, in
         memcpy(joined + 8 * (k + 1), PyBytes_AS_STRING(fp), 8);
         Py_DECREF(fp);
         PyObject *level = Py_BuildValue("(OiO)", codes[k] ? (PyObject *)codes[k] : Py_None,
-                                        lastis[k], vias[k] ? (PyObject *)vias[k] : Py_None);
+                                        lastis[k], vias[k] ? vias[k] : Py_None);
         if (level == NULL) goto done;
         PyTuple_SET_ITEM(levels, k, level);
     }
@@ -513,7 +573,8 @@ done:
 static PyObject *with_callers(PyFrameObject *frame, PyObject *site, int rooted,
                               PyObject **levels_out) {
     /* one more than kept: callers past MAX_LEVELS are one marker level (callers.TOO_DEEP) */
-    PyCodeObject *codes[MAX_LEVELS + 1], *vias[MAX_LEVELS + 1];
+    PyCodeObject *codes[MAX_LEVELS + 1];
+    PyObject *vias[MAX_LEVELS + 1];
     int lastis[MAX_LEVELS + 1];
     int n = 0;
     PyObject *result = NULL;
@@ -526,7 +587,8 @@ static PyObject *with_callers(PyFrameObject *frame, PyObject *site, int rooted,
         if (role < 0) goto done;
         if (!(role & PICKED_BIT) && !(rooted && (role & ROLE_BIT))) break;
         if (n == MAX_LEVELS) {
-            codes[n] = vias[n] = NULL;
+            codes[n] = NULL;
+            vias[n] = NULL;
             lastis[n++] = -1;
             break;
         }
@@ -582,7 +644,7 @@ static PyObject *with_callers(PyFrameObject *frame, PyObject *site, int rooted,
     for (int k = 0; hit && k < n; k++)
         hit = CALLERS_TABLE[i].codes[k] == (codes[k] ? (PyObject *)codes[k] : Py_None) &&
               CALLERS_TABLE[i].lastis[k] == lastis[k] &&
-              CALLERS_TABLE[i].vias[k] == (vias[k] ? (PyObject *)vias[k] : Py_None);
+              CALLERS_TABLE[i].vias[k] == (vias[k] ? vias[k] : Py_None);
     if (hit) {
         result = Py_NewRef(CALLERS_TABLE[i].identity);
         *levels_out = Py_NewRef(CALLERS_TABLE[i].levels);
@@ -607,7 +669,7 @@ static PyObject *with_callers(PyFrameObject *frame, PyObject *site, int rooted,
         for (int k = 0; k < n; k++) {
             CALLERS_TABLE[i].codes[k] = Py_NewRef(codes[k] ? (PyObject *)codes[k] : Py_None);
             CALLERS_TABLE[i].lastis[k] = lastis[k];
-            CALLERS_TABLE[i].vias[k] = Py_NewRef(vias[k] ? (PyObject *)vias[k] : Py_None);
+            CALLERS_TABLE[i].vias[k] = Py_NewRef(vias[k] ? vias[k] : Py_None);
         }
         CALLERS_TABLE[i].identity = Py_NewRef(result);
         CALLERS_TABLE[i].levels = Py_NewRef(*levels_out);
@@ -626,7 +688,7 @@ done:
  * the callers that with_callers finds (``levels``: their tuple, or NULL where none were
  * walked). New references in the outputs and the result; NULL on error. */
 static PyObject *unnamed_identity(int rooted, PyCodeObject **code, int *lasti,
-                                  PyCodeObject **via, PyObject **levels) {
+                                  PyObject **via, PyObject **levels) {
     PyFrameObject *frame = NULL;
     *levels = NULL;
     if (user_site(code, lasti, via, &frame) < 0) return NULL;
@@ -694,7 +756,7 @@ static PyObject *lookup_info(PyObject *key) {
 static int record_start(PyObject *ring, PyObject *objects, PyObject *state, Py_ssize_t capacity,
                         long long seq, long opcode, PyObject *info, PyCodeObject *code, int lasti,
                         long long step, Py_ssize_t n, PyObject *name, Py_ssize_t occurrence,
-                        PyCodeObject *via, PyObject *callers) {
+                        PyObject *via, PyObject *callers) {
     if (ring == Py_None) return 0;
     Py_ssize_t count = PyLong_AsSsize_t(PyList_GET_ITEM(state, 0));
     if (count < 0 && PyErr_Occurred()) return -1;
@@ -725,7 +787,7 @@ static int record_start(PyObject *ring, PyObject *objects, PyObject *state, Py_s
     e[46] = e[47] = 0;
     Py_ssize_t base = OBJECTS_PER_ENTRY * index;
     /* A call made for its callers keeps them beside its wrapper (FlightRecorder.start). */
-    PyObject *via_obj = via ? (PyObject *)via : Py_None;
+    PyObject *via_obj = via ? via : Py_None;
     PyObject *wrapper = callers != NULL && PyTuple_GET_SIZE(callers) > 0
                             ? PyTuple_Pack(2, via_obj, callers)
                             : Py_NewRef(via_obj);
@@ -1416,7 +1478,8 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
     }
     PyObject *result = NULL, *payload = NULL, *identity = NULL, *info_fast = NULL,
              *callers = NULL;
-    PyCodeObject *code = NULL, *via = NULL;
+    PyCodeObject *code = NULL;
+    PyObject *via = NULL;
     int lasti = 0, observed_here = 0;
     Py_buffer data_view; /* a split array's data (KIND_ARRAYS), held until phase 2 is done */
     int have_view = 0;
@@ -1847,7 +1910,7 @@ resume:
     /* Exchanged, not the steady state: the Python steps finish from the same bytes (the
      * channel stays busy until they do). */
     result = Py_BuildValue("(OiOOLnNOO)", code ? (PyObject *)code : Py_None, lasti,
-                           via ? (PyObject *)via : Py_None, callers ? callers : EMPTY_TUPLE,
+                           via ? via : Py_None, callers ? callers : EMPTY_TUPLE,
                            seq, occurrence,
                            deadline < 0 ? Py_NewRef(Py_None) : PyFloat_FromDouble(deadline),
                            timed_out ? Py_True : Py_False, observed_here ? Py_True : Py_False);
@@ -1935,7 +1998,8 @@ static int is_receiver(PyObject *proto, long root) {
 static PyObject *guessed_info(PyObject *proto, PyObject *name) {
     PyObject *identity;
     if (name == Py_None) {
-        PyCodeObject *code = NULL, *via = NULL;
+        PyCodeObject *code = NULL;
+    PyObject *via = NULL;
         PyObject *levels = NULL;
         int lasti = 0;
         identity = unnamed_identity(1, &code, &lasti, &via, &levels); /* a rooted call */
@@ -2158,6 +2222,7 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     /* What core/fast.py compares with core/wire.py and core/recorder.py before binding. */
     if (PyModule_AddIntConstant(m, "HEADER_SIZE", HEADER_SIZE) < 0 ||
         PyModule_AddIntConstant(m, "FORWARDING_FORM", FORWARDING_FORM) < 0 ||
+        PyModule_AddIntConstant(m, "CHAIN_MAX", CHAIN_MAX) < 0 ||
         PyModule_AddIntConstant(m, "CHECKED", CHECKED) < 0 ||
         PyModule_AddIntConstant(m, "AGREE_SIZE", AGREE_SIZE) < 0 ||
         PyModule_AddIntConstant(m, "MAGIC", MAGIC) < 0 ||

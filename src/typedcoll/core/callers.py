@@ -49,13 +49,13 @@ from typing import Dict, List, Optional, Tuple
 
 from ..codecs.digest import digest8
 from .arms import branch_of
-from .identity import (CodeTable, column_of, format_site, register_internal,
+from .identity import (CodeTable, Via, column_of, format_site, register_internal,
                        site_fingerprint, site_from, via_name)
 from .mismatch import TOO_DEEP_SITE, Caller
 from .thin import loops
 
 MAX_LEVELS = 8  # callers kept: a role wrapper called in a role branch of a role wrapper, ...
-Level = Tuple[Optional[CodeType], int, Optional[CodeType]]  # a caller's code, lasti and via
+Level = Tuple[Optional[CodeType], int, Optional[Via]]  # a caller's code, lasti and via
 # The level that stands for callers past MAX_LEVELS: the line that tells the calls apart is not
 # kept, so such a call never pairs by role (mismatch.split_levels); ranks whose chains agree up
 # to it are one call.

@@ -35,8 +35,8 @@ from ..codecs import nesting, resolve
 from ..codecs.nesting import MAX_NESTING
 from ..codecs.schema import _BY_ID, _CACHE
 from .call import Call
-from .identity import (SKIP_CODES, SKIP_FILES, forwarding, name_fingerprint, register_internal,
-                       site_fingerprint)
+from .identity import (CHAIN_MAX, SKIP_CODES, SKIP_FILES, forwarding, name_fingerprint,
+                       register_internal, site_fingerprint, thin_chain)
 from . import array_slots, callers, guesses, recorder, wire
 from .transport import TransportFailure
 
@@ -66,6 +66,7 @@ _CONSTANTS = {
     "MAX_NESTING": MAX_NESTING, "ENTRY_SIZE": recorder.ENTRY.size,
     "OBJECTS_PER_ENTRY": recorder.OBJECTS_PER_ENTRY,
     "FORWARDING_FORM": 2,  # identity.forwarding answers True, False or pass-through offsets
+    "CHAIN_MAX": CHAIN_MAX,  # thin wrappers a call's via keeps (identity.site_from)
 }
 
 
@@ -89,7 +90,7 @@ if _speedups is not None:
     nesting.use_native(_speedups.nesting_ok)
     _speedups.configure(_CACHE, _BY_ID, wire.OPS, ENCODER.encode, SKIP_FILES, SKIP_CODES,
                         site_fingerprint, name_fingerprint, TAKE_PY, forwarding,
-                        callers.role_site, callers.combined)
+                        callers.role_site, callers.combined, thin_chain)
 
 
 def bind(p: "Protocol") -> Optional[List[Any]]:

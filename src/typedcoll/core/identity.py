@@ -12,9 +12,10 @@ self.tp_comm.allgather(obj)``, with or without a size-1 shortcut) tells its exec
 nothing: its line is the same for every purpose it serves. Taken as the site, it would make a
 skipped batch-size vote and the timeout vote after it one call, and they would return each other's
 payloads without an error. So the site of a call through a thin wrapper is its caller's line, and
-its identity is that line *together with* the wrapper (``via``): never coarser than the wrapper's
-own line, so two wrappers reached from one shared line (a decorator's frame, a loop over a dispatch
-table) stay two calls. A wrapper making two collectives on its line makes both or neither, in one
+its identity is that line *together with* the wrapper (``via``; every wrapper passed, where the
+call went through several): never coarser than the wrapper's own line, so two wrappers reached
+from one shared line (a decorator's frame, a loop over a dispatch table) stay two calls, and so do
+two wrappers over one shared wrapper. A wrapper making two collectives on its line makes both or neither, in one
 order on every rank (unless one rank raises between them); one that lets a branch pick among its
 calls keeps its own sites (and carries its callers: ``core.callers``), as does one calling on two
 lines (a function of several statements keeps its lines in messages). Any function is passed over
@@ -73,11 +74,11 @@ class CodeTable:
     def __init__(self) -> None:
         self.entries: Dict[Tuple[int, int], Tuple[Any, Any]] = {}
 
-    def get(self, code: Optional[CodeType], lasti: int, default: Any = None) -> Any:
+    def get(self, code: Optional[object], lasti: int, default: Any = None) -> Any:
         entry = self.entries.get((id(code), lasti))
         return entry[1] if entry is not None and entry[0] is code else default
 
-    def put(self, code: Optional[CodeType], lasti: int, value: Any) -> Any:
+    def put(self, code: Optional[object], lasti: int, value: Any) -> Any:
         if len(self.entries) > 65536:
             self.entries.clear()
         self.entries[(id(code), lasti)] = (code, value)
@@ -88,7 +89,7 @@ _SITE_FP = CodeTable()
 _VIA_FP = CodeTable()  # site -> the fingerprints of its calls through thin wrappers
 _LINES = CodeTable()
 _POSITIONS = CodeTable()
-_VIA_NAMES = CodeTable()  # a thin wrapper's code -> via_name's text
+_VIA_NAMES = CodeTable()  # a thin wrapper's code, or a ThinChain -> via_name's text
 _UNSET = object()
 _NAME_FP: Dict[str, bytes] = {}
 _SOURCE_NAMES: Dict[str, str] = {}  # co_filename -> how sites name it
@@ -186,35 +187,85 @@ def is_forwarder(code: CodeType) -> bool:
     return forwarding(code) is True
 
 
-def call_site(depth: int = 2) -> Tuple[Optional[FrameType], Optional[CodeType]]:
+def call_site(depth: int = 2) -> Tuple[Optional[FrameType], Optional[Via]]:
     """The call site's frame, ``depth`` frames up, and the thin wrapper it called (``via``,
     None where there is none): :func:`site_from` that frame."""
     return site_from(sys._getframe(depth))
 
 
-def site_from(frame: Optional[FrameType]) -> Tuple[Optional[FrameType], Optional[CodeType]]:
-    """The call site at or above ``frame``, and the thin wrapper it called.
+class ThinChain:
+    """Two or more thin wrappers one call went through, outermost first: a call's ``via`` where
+    it passed more than one (:func:`site_from`). Interned by :func:`thin_chain`, so one chain is
+    one object, as a wrapper's code object is."""
+
+    __slots__ = ("codes",)
+
+    def __init__(self, codes: Tuple[CodeType, ...]) -> None:
+        self.codes = codes
+
+    def __repr__(self) -> str:
+        return f"ThinChain({via_name(self)})"
+
+
+Via = Union[CodeType, ThinChain]  # the thin wrapper, or wrappers, a call went through
+CHAIN_MAX = 8  # thin wrappers a chain keeps: the innermost seven and the outermost
+_CHAINS: Dict[Tuple[int, ...], ThinChain] = {}
+
+
+def thin_chain(codes: Tuple[CodeType, ...]) -> ThinChain:
+    """The one :class:`ThinChain` of ``codes`` (outermost first). The C path asks it too."""
+    key = tuple(map(id, codes))
+    chain = _CHAINS.get(key)
+    if chain is None:  # each entry holds its code objects: an address is never reused in it
+        if len(_CHAINS) > 4096:
+            _CHAINS.clear()  # a chain made again is named, so fingerprinted, as before
+        chain = _CHAINS[key] = ThinChain(codes)
+    return chain
+
+
+def _via_of(passed: List[CodeType]) -> Optional[Via]:
+    """``via`` for the thin wrappers passed on the way to a site, innermost first."""
+    if len(passed) < 2:
+        return passed[0] if passed else None
+    return thin_chain(tuple(reversed(passed)))
+
+
+def site_from(frame: Optional[FrameType]) -> Tuple[Optional[FrameType], Optional[Via]]:
+    """The call site at or above ``frame``, and the thin wrapper, or wrappers, it called.
 
     The site is the first frame outside typedcoll and transparent functions that is not a thin
-    wrapper nor a function at its pass-through call (:func:`forwarding`); ``via`` the
-    innermost such frame passed on the way. Where every frame above is plumbing or passed over
-    (a thread's target, a test's program), the outermost of them is the site, with the innermost
-    as ``via`` where they differ. The C path's ``user_site`` is this walk.
+    wrapper nor a function at its pass-through call (:func:`forwarding`); ``via`` the frames
+    passed on the way: the one wrapper's code, or a :class:`ThinChain` of them all where there
+    were several. Every one counts: two wrappers over one shared wrapper (``vote_batch_size``
+    and ``vote_timeout`` both returning ``self._all_gather(x)``), reached from one dispatch line,
+    are two calls, and a decorator's wrapper over two functions is two calls too. Beyond
+    ``CHAIN_MAX`` wrappers the innermost seven and the outermost are kept. Where every frame
+    above is plumbing or passed over (a thread's target, a test's program), the outermost of them
+    is the site and the others are ``via``. The C path's ``user_site`` is this walk.
     """
     files, codes = SKIP_FILES, SKIP_CODES
-    wrapper: Optional[FrameType] = None
+    wrapper: Optional[CodeType] = None  # the innermost passed over
+    passed: Optional[List[CodeType]] = None  # all of them, innermost first, where two or more
     outer: Optional[FrameType] = None
     while frame is not None:
         code = frame.f_code
         if not (code.co_filename in files or (codes and code in codes)):
             thin = forwarding(code)
             if thin is not True and not (thin and frame.f_lasti in thin):
-                return frame, (wrapper.f_code if wrapper is not None else None)
+                return frame, (wrapper if passed is None else _via_of(passed))
             if wrapper is None:
-                wrapper = frame
+                wrapper = code
+            elif passed is None:
+                passed = [wrapper, code]
+            elif len(passed) < CHAIN_MAX:
+                passed.append(code)
+            else:
+                passed[-1] = code
             outer = frame
         frame = frame.f_back
-    return outer, (wrapper.f_code if wrapper is not None and wrapper is not outer else None)
+    if passed is not None:
+        return outer, _via_of(passed[:-1])
+    return outer, None
 
 
 def user_frame(depth: int = 2) -> Optional[FrameType]:
@@ -222,24 +273,27 @@ def user_frame(depth: int = 2) -> Optional[FrameType]:
     return call_site(depth + 1)[0]
 
 
-def via_name(via: Optional[CodeType]) -> Optional[str]:
+def via_name(via: Optional[Via]) -> Optional[str]:
     """How envelopes and messages name the thin wrapper a call went through:
     ``Dist.tp_allgather (pkg/dist.py:40)``, its qualified name and where its ``def`` starts.
     Ranks compare this text (a role branch pairs calls through one wrapper only), so it names
     the module too: two wrappers of one qualified name in two modules are two wrappers. A
     lambda is named by where its body starts, column included (``<lambda> (m.py:7:30)``):
-    two lambdas of one line are two wrappers. Worked out once per code object: a device
-    envelope names its wrapper on every call."""
+    two lambdas of one line are two wrappers. A :class:`ThinChain` is its wrappers' names,
+    outermost first, joined by `` through ``. Worked out once per code object or chain: a
+    device envelope names its wrapper on every call."""
     if via is None:
         return None
     name: Optional[str] = _VIA_NAMES.get(via, 0)
-    if name is None:
-        qualname = getattr(via, "co_qualname", via.co_name)
-        line, column = (_lambda_body(via) if via.co_name == "<lambda>"
-                        else (via.co_firstlineno, None))
-        where = format_column(f"{source_name(via.co_filename)}:{line}", column)
-        name = _VIA_NAMES.put(via, 0, f"{qualname} ({where})")
-    return name
+    if name is not None:
+        return name
+    if isinstance(via, ThinChain):
+        return str(_VIA_NAMES.put(via, 0, " through ".join(str(via_name(c)) for c in via.codes)))
+    qualname = getattr(via, "co_qualname", via.co_name)
+    line, column = (_lambda_body(via) if via.co_name == "<lambda>"
+                    else (via.co_firstlineno, None))
+    where = format_column(f"{source_name(via.co_filename)}:{line}", column)
+    return str(_VIA_NAMES.put(via, 0, f"{qualname} ({where})"))
 
 
 def _lambda_body(code: CodeType) -> Tuple[int, Optional[int]]:
@@ -357,8 +411,7 @@ def _file_of(module: Any) -> Any:
         return None
 
 
-def site_fingerprint(code: Optional[CodeType], lasti: int,
-                     via: Optional[CodeType] = None) -> bytes:
+def site_fingerprint(code: Optional[CodeType], lasti: int, via: Optional[Via] = None) -> bytes:
     """The identity of an unnamed call: 8 bytes that agree across processes for one site (its
     line and the column where the call starts) and, where the call went through a thin
     wrapper, that wrapper (:func:`via_name`: its name, module and first line)."""
@@ -370,7 +423,7 @@ def site_fingerprint(code: Optional[CodeType], lasti: int,
         return fp
     # {id(via): (via, fingerprint)} per site: the entry holds the wrapper's code object, so
     # its address is never reused while the entry lives.
-    through: Optional[Dict[int, Tuple[CodeType, bytes]]] = _VIA_FP.get(code, lasti)
+    through: Optional[Dict[int, Tuple[Via, bytes]]] = _VIA_FP.get(code, lasti)
     entry = through.get(id(via)) if through is not None else None
     if entry is not None and entry[0] is via:
         return entry[1]
