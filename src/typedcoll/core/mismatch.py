@@ -414,7 +414,7 @@ def _hint(kinds: Sequence[MismatchKind], groups: Sequence[Group]) -> List[str]:
         vias = {g.envelope.via for g in groups}
         if len(vias) == 1 and None not in vias:
             via = vias.pop()
-            innermost = via.rsplit(" through ", 1)[-1]  # the one that makes the call
+            innermost = str(via).rsplit(" through ", 1)[-1]  # the one that makes the call
             return [f"  only the callers of {via} differ: a call through a thin wrapper is its "
                     f"caller's, so a rank skipped or added a call before this one, or these are "
                     f"one collective reached from two places: then give the call in {innermost} "
