@@ -494,8 +494,9 @@ static struct {
 } ROLE_TABLE[ROLE_SLOTS];
 
 /* What the call at (code, lasti) is made for (callers.role_site): ROLE_BIT where it is a role
- * branch's, PICKED_BIT where its function picks it among others, both, or 0; -1 on error. A
- * direct-mapped table in front of the Python answer, which parses the source once. */
+ * branch's, PICKED_BIT where its function has no loop (a helper, a route picker), both, or 0;
+ * -1 on error. A direct-mapped table in front of the Python answer, which parses the source
+ * once. */
 #define ROLE_BIT 1
 #define PICKED_BIT 2
 static int role_site(PyCodeObject *code, int lasti) {

@@ -10,9 +10,9 @@ a rank that skipped the first would hand its peers the second's payload without 
 wrapper decides which side of the call a rank takes, never which call it makes, as a thin wrapper
 decides nothing (``core.identity``). So a rooted call whose site is in a role branch's arm
 carries its callers, as a call through a thin wrapper carries its caller's line. So does any
-call that its function picks between others and returns (``thin.picked_calls``: vLLM's
+call that its function picks between others and returns (vLLM's
 ``GroupCoordinator.all_reduce`` returns the custom op's result or its out-of-place route's, by a
-flag): its sites tell the routes apart, but each route is the same line for every use, and the
+flag; such a function has no loop): its sites tell the routes apart, but each route is the same line for every use, and the
 timeout vote and the batch-size vote through it would be one call. And so does every call of a
 function without a loop (``thin.loops``): a helper that makes its collective on a line of its
 own (``flags = comm.allgather(flag)``, ``return any(flags)``) is the same line for every use.
@@ -67,7 +67,7 @@ COMPREHENSIONS = frozenset({"<listcomp>", "<setcomp>", "<dictcomp>", "<genexpr>"
 
 ROLE, PICKED = 1, 2  # role_site's answers, as bits
 # A function's code -> whether its calls are made for its caller: it has no loop (a function
-# that picks among calls, thin.picked_calls, never loops either, so it is one of these)
+# that picks among calls and returns the one it picked is one of these)
 _PICKED = CodeTable()
 
 _COMBINED: Dict[bytes, bytes] = {}

@@ -63,9 +63,10 @@ TOO_DEEP_SITE = "(more callers)"  # callers past those kept (core.callers): neve
 
 
 class Caller(msgspec.Struct, frozen=True):
-    """A caller of a call written in a role branch (``core.callers``): its site, as an
-    envelope's own (the file and line, the column, the thin wrapper passed), and the role branch
-    that call is written in, where it is one's."""
+    """A caller of a call made for its callers (``core.callers``: written in a role branch, or
+    in a function without a loop): its site, as an envelope's own (the file and line, the
+    column, the thin wrappers passed), and the role branch that call is written in, where it is
+    one's."""
 
     site: str
     column: Optional[int] = None
@@ -98,7 +99,7 @@ class EnvelopeInfo(msgspec.Struct, frozen=True, kw_only=True):
     notes: Tuple[Note, ...] = ()
     branch: Optional[Branch] = None
     via: Optional[str] = None  # the thin wrapper the call went through (core.identity)
-    callers: Tuple[Caller, ...] = ()  # of a call in a role branch, innermost first
+    callers: Tuple[Caller, ...] = ()  # of a call made for its callers, innermost first
 
 
 class Group(msgspec.Struct, frozen=True):

@@ -28,9 +28,8 @@ adds of its own (:func:`hand_on_calls`), is passed over in a loop or a ``try`` a
 decorator's wrapper repeats its caller's call, and its one line would make every use of the
 function one call.
 
-Any other function keeps its sites. Where it has no loop (:func:`loops`), or picks among calls
-and returns the one it picked (:func:`picked_calls`), its calls carry its callers
-(``core.callers``).
+Any other function keeps its sites. Where it has no loop (:func:`loops`: a helper, or one that
+picks among calls and returns the one it picked), its calls carry its callers (``core.callers``).
 """
 
 from __future__ import annotations
@@ -118,30 +117,6 @@ def pass_through_calls(code: CodeType) -> FrozenSet[int]:
                      for unit in range(offset, after.get(offset, offset + 2), 2))
 
 
-def picked_calls(code: CodeType) -> FrozenSet[int]:
-    """The offsets of the calls whose results ``code`` returns where it returns one of several
-    (vLLM's ``GroupCoordinator.all_reduce``: ``if self.use_custom_op_call: return
-    torch.ops.vllm.all_reduce(...)`` / ``else: return self._all_reduce_out_place(...)``), or
-    none; it never loops. Such a function keeps its own sites, which tell its routes apart, but
-    the route it picks is the same for every use: its caller tells the uses apart
-    (``core.callers``). Whatever else it does (a size-1 shortcut, an ``assert``, a check before
-    the routes, a call in a route's arguments) is no matter: carrying the callers only makes
-    the routes' identities finer, so reading a function as a picker never pairs two calls
-    that were apart, and reading too few leaves their uses one call."""
-    if not _a_plain_function(code):
-        return _NO_CALLS
-    instructions = list(dis.get_instructions(code))
-    calls = _calls(instructions)  # (a generator is no plain function)
-    if calls is None:
-        return _NO_CALLS  # a loop
-    returned = _returned(instructions, calls)
-    if len({calls[offset] for offset in returned}) < 2:
-        return _NO_CALLS  # one returned call: a thin wrapper or a pass-through, if anything
-    after = {ins.offset: nxt.offset for ins, nxt in zip(instructions, instructions[1:])}
-    return frozenset(unit for offset in returned
-                     for unit in range(offset, after.get(offset, offset + 2), 2))
-
-
 def hand_on_calls(code: CodeType) -> FrozenSet[int]:
     """The offsets of the calls that hand on ``code``'s own arguments as they came, its
     ``*args`` and ``**kwargs`` unpacked whole (``fn(*args, **kwargs)``, ``fn(self, *args,
@@ -190,8 +165,9 @@ _HANDING_ON = frozenset({
     "LIST_TO_TUPLE", "CALL_INTRINSIC_1", "BUILD_MAP", "DICT_MERGE", "LOAD_CONST",
     "LOAD_SMALL_INT", "BUILD_CONST_KEY_MAP", "BINARY_OP", "BINARY_SUBSCR", "COMPARE_OP",
     "UNARY_NEGATIVE", "UNARY_NOT", "UNARY_INVERT", "TO_BOOL", "COPY_FREE_VARS"})
-# Before 3.11 each arithmetic operator has its own opcode.
-_OPERATORS_BEFORE_311 = ("BINARY_", "INPLACE_")
+# Operators by prefix: before 3.11 each arithmetic operator has its own opcode (BINARY_ADD,
+# INPLACE_ADD); from 3.11 the prefix also takes BINARY_SUBSCR and BINARY_SLICE, plain reads too.
+_OPERATOR_PREFIXES = ("BINARY_", "INPLACE_")
 
 
 def _hands_on(instructions: List[dis.Instruction], at: int, own: Set[str], star: str,
@@ -204,7 +180,7 @@ def _hands_on(instructions: List[dis.Instruction], at: int, own: Set[str], star:
     loaded: List[str] = []
     callee: Optional[dis.Instruction] = None  # the expression's first load, read last
     for ins in reversed(instructions[:at]):
-        if ins.opname not in _HANDING_ON and not ins.opname.startswith(_OPERATORS_BEFORE_311):
+        if ins.opname not in _HANDING_ON and not ins.opname.startswith(_OPERATOR_PREFIXES):
             return False
         if ins.opname.startswith("LOAD_"):
             callee = ins
