@@ -476,9 +476,16 @@ def test_a_skipped_vote_through_a_helper_without_a_loop_raises(
 
 def test_which_functions_carry_their_callers() -> None:
     """Every call of a function without a loop carries its callers; a function with a loop, a
-    generator, a module's code carry none (a worker's loop is one site per line)."""
+    generator, a module's code carry none (a worker's loop is one site per line), nor does a
+    call in a comprehension."""
+    import dis
+    from types import CodeType
+
     from typedcoll.core.callers import PICKED, role_site
-    from typedcoll.core.thin import loops
+    from typedcoll.core.thin import loop_spans
+
+    def loops(code: CodeType) -> bool:
+        return loop_spans(code) is None
 
     def with_loop(comm: Any) -> None:
         for _ in range(2):
@@ -487,12 +494,38 @@ def test_which_functions_carry_their_callers() -> None:
     def generator(comm: Any) -> Any:
         yield comm.barrier()
 
+    # A comprehension is no loop of the function's, inlined (3.12+) or not: a vote helper that
+    # reads its votes with one was one call for every use on 3.12 (silent, as without callers).
+    def comprehending(comm: Any, flag: bool) -> bool:
+        flags = comm.allgather(flag)
+        truths = [bool(f) for f in flags] + [{f: g for f in flags for g in flags}]
+        return any(truths)
+
+    def loop_around_a_comprehension(comm: Any) -> None:
+        while [r for r in range(comm.size)]:
+            comm.barrier()
+
+    assert not loops(comprehending.__code__) and loops(loop_around_a_comprehension.__code__)
     assert not loops(any_rank.__code__) and not loops(max_over_ranks.__code__)
     assert not loops(Coordinator.all_gather.__code__)  # picks a route by a flag, returns it
     assert loops(with_loop.__code__) and loops(generator.__code__)
     assert loops(compile("x = 1", "<module>", "exec"))
     assert role_site(any_rank.__code__, 0) & PICKED
     assert not role_site(with_loop.__code__, 0) & PICKED
+    # The vote is made for the helper's caller; the calls in its comprehensions are not, as
+    # on 3.11, where a comprehension runs in a frame of its own (3.12 inlines it).
+    made_for_caller = set()
+    for code in (comprehending.__code__, *(c for c in comprehending.__code__.co_consts
+                                           if isinstance(c, CodeType))):
+        callee = None  # (3.11 calls the comprehension's function too: no name loaded)
+        for ins in dis.get_instructions(code):
+            if ins.opname in ("LOAD_GLOBAL", "LOAD_ATTR", "LOAD_METHOD"):
+                callee = ins.argval
+            elif ins.opname == "CALL":
+                if callee is not None:
+                    made_for_caller.add((callee, bool(role_site(code, ins.offset) & PICKED)))
+                callee = None
+    assert made_for_caller == {("allgather", True), ("bool", False), ("any", True)}
 
 
 def test_receivers_without_a_schema_leave_the_callers_hint() -> None:

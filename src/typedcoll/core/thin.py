@@ -28,8 +28,9 @@ adds of its own (:func:`hand_on_calls`), is passed over in a loop or a ``try`` a
 decorator's wrapper repeats its caller's call, and its one line would make every use of the
 function one call.
 
-Any other function keeps its sites. Where it has no loop (:func:`loops`: a helper, or one that
-picks among calls and returns the one it picked), its calls carry its callers (``core.callers``).
+Any other function keeps its sites. Where it has no loop (:func:`loop_spans`: a helper, or one
+that picks among calls and returns the one it picked), its calls carry its callers
+(``core.callers``), but for those in a comprehension.
 """
 
 from __future__ import annotations
@@ -204,15 +205,43 @@ def _names(ins: dis.Instruction) -> Tuple[str, ...]:
     return ins.argval if isinstance(ins.argval, tuple) else (ins.argval,)
 
 
-def loops(code: CodeType) -> bool:
-    """Whether ``code`` is anything but a plain function that never loops: a function with a
-    loop (a worker's or a driver's), a generator, a module or a class body. A function without
-    one is a helper (``core.callers``): its caller tells its uses apart. Comprehensions and
-    functions inside it run in frames of their own (before 3.12; from 3.12 a comprehension is
-    inlined, and a loop of the function's own)."""
+def in_spans(spans: List[Tuple[int, int]], offset: int) -> bool:
+    """Whether ``offset`` lies in one of ``spans`` (:func:`loop_spans`)."""
+    return any(first <= offset <= last for first, last in spans)
+
+
+def loop_spans(code: CodeType) -> Optional[List[Tuple[int, int]]]:
+    """None where ``code`` is anything but a plain function that never loops (a function with
+    a loop, a worker's or a driver's; a generator; a module or a class body); else the (first,
+    last) offsets of the comprehensions inlined into it, whose calls run in a loop all the
+    same. Comprehensions and functions inside a function are not its loops: before 3.12 they
+    run in frames of their own (a frame with a loop), and from 3.12 a comprehension is inlined
+    (``return any([f for f in flags])``), read here as one, so a vote helper and a call in a
+    comprehension read alike on every version."""
     if not _a_plain_function(code, nested_allowed=True):
-        return True
-    return _calls(list(dis.get_instructions(code))) is None
+        return None
+    instructions = list(dis.get_instructions(code))
+    inlined = _inlined_comprehensions(instructions)
+    if any("JUMP" in ins.opname and not (isinstance(ins.argval, int) and (
+            ins.argval > ins.offset or in_spans(inlined, ins.argval))) for ins in instructions):
+        return None
+    return inlined
+
+
+def _inlined_comprehensions(instructions: List[dis.Instruction]) -> List[Tuple[int, int]]:
+    """The (first, last) offsets of each loop of a comprehension inlined into its function
+    (3.12+): its first loop starts at the FOR_ITER after LOAD_FAST_AND_CLEAR saves its variables
+    (the iterable is evaluated before), and loops starting inside it are its own too."""
+    spans: List[Tuple[int, int]] = []
+    saved = False
+    for ins in instructions:
+        if ins.opname == "LOAD_FAST_AND_CLEAR":
+            saved = True
+        elif ins.opname == "FOR_ITER" and isinstance(ins.argval, int):
+            if saved or in_spans(spans, ins.offset):
+                spans.append((ins.offset, ins.argval))
+            saved = False
+    return spans
 
 
 def _returned(instructions: List[dis.Instruction], calls: Dict[int, Position]) -> Set[int]:
