@@ -102,6 +102,9 @@ class Analysis:
             hit = self._balance[key] = gate_balanced(self.sequencer, root, point_to_point)
         return hit
 
+    def caught(self, fn: Function) -> Dict[int, int]:
+        return self.sequencer.catches.of(fn)
+
     # -- rounds -----------------------------------------------------------------------------
     def _caller_map(self) -> Callers:
         callers: Callers = {}
