@@ -6,6 +6,10 @@ each parameter, and what every ``self`` attribute holds. Rounds repeat until not
 
 Parameters take what the analysed callers pass. With no analysed caller a parameter is rank-local,
 except a set-up method's (configuration) and names that say they are configuration or the rank.
+A parameter the function hands to a collective as its communicator (``group=pg``, ``pg.barrier()``,
+or on to such a parameter of a callee) is symmetric whatever its callers pass: every rank that
+takes part in a collective passes its group, so a test of it (``isinstance(pg, ProcessGroup)``,
+``group is not None`` for membership) is taken alike by all of them.
 """
 
 from __future__ import annotations
@@ -16,9 +20,9 @@ from typing import Dict, Iterator, List, Optional, Set, Tuple
 from ._attributes import AttributeModel
 from ._balance import Sequencer, gate_balanced
 from ._callgraph import Function, Program
-from ._collectives import is_rank_name
+from ._collectives import communicator_text, is_rank_name
 from ._config import Config
-from ._calls import bind
+from ._calls import bind, bound_nodes
 from ._facts import AttrWrite, Gate
 from ._taint import FunctionAnalysis, function_globals
 from ._values import SYMMETRIC, Taint, collapse, expand, join, local, rank
@@ -42,6 +46,7 @@ class Analysis:
         self._envs: Dict[Function, Dict[str, Taint]] = {}
         self.params: Dict[str, Dict[str, Taint]] = {}
         self._callers = self._caller_map()
+        self.communicators = self._communicator_params()
         self.attributes = AttributeModel(program, config, self._callers)
         self._rebound = {m: set().union(*(function_globals(f) for f in program.functions
                                            if f.module is m)) for m in program.modules}
@@ -132,10 +137,31 @@ class Analysis:
             if not pending:
                 break
 
+    def _communicator_params(self) -> Dict[Function, Set[str]]:
+        """Each function's parameters that reach a collective as its communicator."""
+        found: Dict[Function, Set[str]] = {fn: set() for fn in self.program.functions}
+        changed = True
+        while changed:
+            changed = False
+            for fn, calls in self.program.calls.items():
+                for node, target in calls:
+                    if target.collective is not None:
+                        names = {communicator_text(node, target.collective) or ""}
+                    else:
+                        names = {arg.id for callee in target.functions
+                                 for name, arg in bound_nodes(callee, target.bound, node).items()
+                                 if name in found[callee] and isinstance(arg, ast.Name)}
+                    new = (names & set(fn.params)) - found[fn]
+                    if new:
+                        found[fn] |= new
+                        changed = True
+        return found
+
     def _entry_params(self, fn: Function) -> Dict[str, Taint]:
         out: Dict[str, Taint] = {}
         for name in fn.params:
-            if self.attributes.is_setup_root(fn) or self.config.matches("symmetric_names", name):
+            if (self.attributes.is_setup_root(fn) or name in self.communicators[fn]
+                    or self.config.matches("symmetric_names", name)):
                 out[name] = SYMMETRIC
             elif is_rank_name(name, self.config):
                 out[name] = rank(name, "rank identity", 0)
@@ -206,5 +232,6 @@ class Analysis:
                 if name in passed:
                     passed[name].append(expand(value, self.params))
         line = getattr(fn.node, "lineno", 0)
-        return {name: collapse(join(*values), name, f"parameter of {fn.qualname}; a caller passes",
-                               line) for name, values in passed.items()}
+        return {name: SYMMETRIC if name in self.communicators[fn] else collapse(
+                    join(*values), name, f"parameter of {fn.qualname}; a caller passes", line)
+                for name, values in passed.items()}
