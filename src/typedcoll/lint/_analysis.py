@@ -6,10 +6,12 @@ each parameter, and what every ``self`` attribute holds. Rounds repeat until not
 
 Parameters take what the analysed callers pass. With no analysed caller a parameter is rank-local,
 except a set-up method's (configuration) and names that say they are configuration or the rank.
-A parameter the function hands to a collective as its communicator (``group=pg``, ``pg.barrier()``,
-or on to such a parameter of a callee) is symmetric whatever its callers pass: every rank that
-takes part in a collective passes its group, so a test of it (``isinstance(pg, ProcessGroup)``,
-``group is not None`` for membership) is taken alike by all of them.
+A parameter the function hands to a collective as its communicator (``group=pg``, ``pg.barrier()``)
+or its root (``src=``, ``root=``, ``dst=`` of a collective that is not point-to-point), or on to
+such a parameter of a callee, is symmetric whatever its callers pass: every rank that takes part
+in a collective passes its group and its root, so a test of the group (``isinstance(pg,
+ProcessGroup)``, ``group is not None`` for membership) is taken alike by all of them, and
+``rank == src`` is a test of the rank identity.
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ from ._collectives import communicator_text, is_rank_name
 from ._config import Config
 from ._calls import bind, bound_nodes
 from ._facts import AttrWrite, Gate
+from ._roles import Roles
 from ._taint import FunctionAnalysis, function_globals
 from ._values import SYMMETRIC, Taint, collapse, expand, join, local, rank
 
 _MAX_ROUNDS = 8
+_ROOT_KEYWORDS = ("root", "src", "dst", "group_src", "group_dst")
 Callers = Dict[Function, List[Tuple[Function, Optional[ast.Call]]]]
 
 
@@ -51,6 +55,7 @@ class Analysis:
         self._rebound = {m: set().union(*(function_globals(f) for f in program.functions
                                            if f.module is m)) for m in program.modules}
         self._balance: Dict[Tuple[int, str, bool], bool] = {}
+        self.roles = Roles(self.sequencer, self._gates_of, lambda: self.params)
         self.static_cache: Dict[int, Optional[Taint]] = {}
 
     # -- Facts ------------------------------------------------------------------------------
@@ -105,7 +110,12 @@ class Analysis:
         hit = self._balance.get(key)
         if hit is None:
             hit = self._balance[key] = gate_balanced(self.sequencer, root, point_to_point)
-        return hit
+        # a branch on the rank identity alone may be a leader's and its followers' (_roles)
+        return hit or (not point_to_point and root.kind == "if" and self.roles.led(root))
+
+    def _gates_of(self, fn: Function) -> List[Gate]:
+        result = self.results.get(fn)
+        return result.all_gates() if result is not None else []
 
     def caught(self, fn: Function) -> Dict[int, int]:
         return self.sequencer.catches.of(fn)
@@ -138,15 +148,20 @@ class Analysis:
                 break
 
     def _communicator_params(self) -> Dict[Function, Set[str]]:
-        """Each function's parameters that reach a collective as its communicator."""
+        """Each function's parameters that reach a collective as its communicator or root."""
         found: Dict[Function, Set[str]] = {fn: set() for fn in self.program.functions}
         changed = True
         while changed:
             changed = False
             for fn, calls in self.program.calls.items():
                 for node, target in calls:
-                    if target.collective is not None:
-                        names = {communicator_text(node, target.collective) or ""}
+                    op = target.collective
+                    if op is not None:
+                        names = {communicator_text(node, op) or ""}
+                        if not op.point_to_point:
+                            names |= {kw.value.id for kw in node.keywords
+                                      if kw.arg in _ROOT_KEYWORDS
+                                      and isinstance(kw.value, ast.Name)}
                     else:
                         names = {arg.id for callee in target.functions
                                  for name, arg in bound_nodes(callee, target.bound, node).items()
@@ -207,6 +222,7 @@ class Analysis:
                                if f is not scope and (f.parent is scope or (
                                    scope.name == "<module>" and f.module is scope.module)))
         self._returns, self._items, self._syncs, self.params = returns, items, syncs, params
+        self.roles.forget()
         self._envs = envs
         return pending
 

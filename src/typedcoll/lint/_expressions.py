@@ -48,6 +48,9 @@ class ValueAnalysis:
         for name in fn.params:
             self.env[name] = param(self.key, name)
 
+    def all_gates(self) -> List[Gate]:
+        return list(self._gates.values())
+
     def gate(self, kind: str, node: ast.AST, test: Optional[ast.AST], taint: Taint,
              branches: Optional[List[ast.stmt]] = None) -> Gate:
         """The gate of ``node``, one object however often a loop revisits it; taints grow."""
