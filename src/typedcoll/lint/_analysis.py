@@ -28,7 +28,7 @@ from ._calls import bind, bound_nodes
 from ._facts import AttrWrite, Gate
 from ._roles import Roles
 from ._taint import FunctionAnalysis, function_globals
-from ._values import SYMMETRIC, Taint, collapse, expand, join, local, rank
+from ._values import SYMMETRIC, Taint, collapse, divergent, expand, join, local, rank
 
 _MAX_ROUNDS = 8
 _ROOT_KEYWORDS = ("root", "src", "dst", "group_src", "group_dst")
@@ -202,6 +202,8 @@ class Analysis:
         for fn in self.program.functions:
             params[self._keys[fn]] = self._passed(fn, setter_values.get(fn))
         before = dict(self.attributes.taints)
+        self.attributes.uniform_teardown = {fn for fn in self.attributes.teardown
+                                            if self._called_alike(fn)}
         self.attributes.update(self._writes())
         pending: Set[Function] = set()
         for fn in self.program.functions:
@@ -225,6 +227,16 @@ class Analysis:
         self.roles.forget()
         self._envs = envs
         return pending
+
+    def _called_alike(self, fn: Function) -> bool:
+        """No analysed call of ``fn`` is under a divergent gate."""
+        for caller, node in self._callers.get(fn, []):
+            result = self.results.get(caller)
+            record = result.calls.get(id(node)) if result is not None and node is not None else None
+            if record is not None and any(divergent(expand(g.taint, self.params))
+                                          for g in record.gates):
+                return False
+        return True
 
     def _readers(self, names: Set[str]) -> Set[Function]:
         if not names:
