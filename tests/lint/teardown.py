@@ -60,3 +60,32 @@ class Stream:
     def flush(self, tensor):
         if self.open:
             dist.all_reduce(tensor, group=self.group)  # expect: collective-under-rank-local-gate
+
+
+class Workspace:
+    def __init__(self, group):
+        self.group = group
+        self.buffer = object()
+
+    def destroy(self):
+        self.buffer = None
+
+    def reduce(self, tensor):
+        if self.buffer is None:
+            return tensor
+        dist.all_reduce(tensor, group=self.group)
+        return tensor
+
+
+class Owner:
+    def __init__(self):
+        self.workspace = None
+
+    def ensure(self, group):
+        if self.workspace is None:
+            self.workspace = Workspace(group)
+
+    def shutdown(self):
+        # a teardown releasing what it holds: the workspace's destroy ends alike everywhere
+        if self.workspace is not None:
+            self.workspace.destroy()

@@ -229,8 +229,11 @@ class Analysis:
         return pending
 
     def _called_alike(self, fn: Function) -> bool:
-        """No analysed call of ``fn`` is under a divergent gate."""
+        """No analysed call of ``fn`` is under a divergent gate, other than a teardown's (one that
+        releases what it holds, ``if self.ws is not None: self.ws.destroy()``, ends alike)."""
         for caller, node in self._callers.get(fn, []):
+            if caller in self.attributes.teardown:
+                continue
             result = self.results.get(caller)
             record = result.calls.get(id(node)) if result is not None and node is not None else None
             if record is not None and any(divergent(expand(g.taint, self.params))

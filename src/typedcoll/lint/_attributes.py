@@ -5,11 +5,12 @@ methods such as ``init_*``/``setup*``, and methods only set-up code calls), from
 or when every other assignment stores a collective's result or is teardown code's (``destroy*``,
 ``cleanup*``, ``close``, ``shutdown*``..., and methods only such code calls) storing a symmetric
 value: a teardown runs on every rank, as set-up does, and the None it leaves is everyone's. A
-teardown that analysed code calls under a divergent gate (``if item is None: self.close()``) is
-not one every rank runs: its stores are per-rank state. Any other assignment, or a change in
-place (``append``, ``x[k] = v``, ``self.x.y = v``), makes it per-rank state, and that one write is
-what a finding names. An attribute ``__init__`` fills with a queue is rank-local from the start:
-other threads fill it. Classes related by inheritance (mixins included) share their attributes.
+teardown that analysed code other than a teardown calls under a divergent gate (``if item is
+None: self.close()``) is not one every rank runs: its stores are per-rank state. Any other
+assignment, or a change in place (``append``, ``x[k] = v``, ``self.x.y = v``), makes it per-rank
+state, and that one write is what a finding names. An attribute ``__init__`` fills with a queue is
+rank-local from the start: other threads fill it. Classes related by inheritance (mixins included)
+share their attributes.
 """
 
 from __future__ import annotations
