@@ -83,3 +83,19 @@ def follow_an_older_vote(data, rank, group=None):
     buffer = torch.empty(4)
     dist.broadcast(buffer, 0, group)  # expect: collective-under-unbalanced-rank-branch
     return buffer
+
+
+class Coordinator:
+    def __init__(self, ranks, rank_in_group, group):
+        self.ranks = ranks
+        self.rank_in_group = rank_in_group
+        self.group = group
+
+    def share_rows(self, rows, src=0):
+        # The root is named through the group's rank list, so src is the same on every member:
+        # rank_in_group == src is a role, and a send paired with a receive by role is the norm.
+        dist.broadcast(rows[0], src=self.ranks[src], group=self.group)
+        if self.rank_in_group == src:
+            dist.send(rows[1], dst=self.ranks[1])
+        elif self.rank_in_group == 1:
+            dist.recv(rows[1], src=self.ranks[src])

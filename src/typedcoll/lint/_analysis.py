@@ -7,11 +7,11 @@ each parameter, and what every ``self`` attribute holds. Rounds repeat until not
 Parameters take what the analysed callers pass. With no analysed caller a parameter is rank-local,
 except a set-up method's (configuration) and names that say they are configuration or the rank.
 A parameter the function hands to a collective as its communicator (``group=pg``, ``pg.barrier()``)
-or its root (``src=``, ``root=``, ``dst=`` of a collective that is not point-to-point), or on to
-such a parameter of a callee, is symmetric whatever its callers pass: every rank that takes part
-in a collective passes its group and its root, so a test of the group (``isinstance(pg,
-ProcessGroup)``, ``group is not None`` for membership) is taken alike by all of them, and
-``rank == src`` is a test of the rank identity.
+or its root (names in ``src=``, ``root=``, ``dst=`` of a collective that is not point-to-point:
+``src=self.ranks[src]``), or on to such a parameter of a callee, is symmetric whatever its
+callers pass: every rank that takes part in a collective passes its group and its root, so a test
+of the group (``isinstance(pg, ProcessGroup)``, ``group is not None`` for membership) is taken
+alike by all of them, and ``rank == src`` is a test of the rank identity.
 """
 
 from __future__ import annotations
@@ -159,9 +159,7 @@ class Analysis:
                     if op is not None:
                         names = {communicator_text(node, op) or ""}
                         if not op.point_to_point:
-                            names |= {kw.value.id for kw in node.keywords
-                                      if kw.arg in _ROOT_KEYWORDS
-                                      and isinstance(kw.value, ast.Name)}
+                            names |= self._root_names(node)
                     else:
                         names = {arg.id for callee in target.functions
                                  for name, arg in bound_nodes(callee, target.bound, node).items()
@@ -171,6 +169,13 @@ class Analysis:
                         found[fn] |= new
                         changed = True
         return found
+
+    def _root_names(self, node: ast.Call) -> Set[str]:
+        """Names a rooted collective's root is computed from (``src=self.ranks[src]``); the rank
+        identity is left out (a root of ``rank`` would be each rank's own)."""
+        return {name.id for kw in node.keywords if kw.arg in _ROOT_KEYWORDS
+                for name in ast.walk(kw.value) if isinstance(name, ast.Name)
+                and not is_rank_name(name.id, self.config)}
 
     def _entry_params(self, fn: Function) -> Dict[str, Taint]:
         out: Dict[str, Taint] = {}
