@@ -17,6 +17,7 @@ alike by all of them, and ``rank == src`` is a test of the rank identity.
 from __future__ import annotations
 
 import ast
+import re
 from typing import Dict, Iterator, List, Optional, Set, Tuple
 
 from ._attributes import AttributeModel
@@ -32,6 +33,12 @@ from ._values import SYMMETRIC, Taint, collapse, divergent, expand, join, local,
 
 _MAX_ROUNDS = 8
 _ROOT_KEYWORDS = ("root", "src", "dst", "group_src", "group_dst")
+# Collectives whose tensor must have one dtype, shape and device on every rank, and the keywords
+# that name that tensor (else it is the first positional argument).
+_SHAPED_OPS = re.compile(r"all_?reduce|Allreduce|broadcast|Bcast|all_gather_into_tensor|"
+                         r"reduce_scatter_tensor")
+_UNSHAPED_OPS = re.compile(r"obj|dict|gatherv|scatterv")
+_BUFFER_KEYWORDS = ("tensor", "input", "input_", "inp", "buf")
 Callers = Dict[Function, List[Tuple[Function, Optional[ast.Call]]]]
 
 
@@ -51,6 +58,7 @@ class Analysis:
         self.params: Dict[str, Dict[str, Taint]] = {}
         self._callers = self._caller_map()
         self.communicators = self._communicator_params()
+        self.buffers = self._buffer_params()
         self.attributes = AttributeModel(program, config, self._callers)
         self._rebound = {m: set().union(*(function_globals(f) for f in program.functions
                                            if f.module is m)) for m in program.modules}
@@ -164,6 +172,36 @@ class Analysis:
                         names = {arg.id for callee in target.functions
                                  for name, arg in bound_nodes(callee, target.bound, node).items()
                                  if name in found[callee] and isinstance(arg, ast.Name)}
+                    new = (names & set(fn.params)) - found[fn]
+                    if new:
+                        found[fn] |= new
+                        changed = True
+        return found
+
+    def shaped_params(self, fn: Function) -> Set[str]:
+        return self.buffers[fn]
+
+    def _buffer_params(self) -> Dict[Function, Set[str]]:
+        """Each function's parameters that reach a collective as a tensor that must have one
+        dtype, shape and device on every rank (``dist.all_reduce(tensor)``)."""
+        found: Dict[Function, Set[str]] = {fn: set() for fn in self.program.functions}
+        changed = True
+        while changed:
+            changed = False
+            for fn, calls in self.program.calls.items():
+                for node, target in calls:
+                    op = target.collective
+                    if op is not None:
+                        if op.point_to_point or not _SHAPED_OPS.search(op.op) or (
+                                _UNSHAPED_OPS.search(op.op)):
+                            continue
+                        args = node.args[:1] + [kw.value for kw in node.keywords
+                                                if kw.arg in _BUFFER_KEYWORDS]
+                    else:
+                        args = [arg for callee in target.functions for name, arg in
+                                bound_nodes(callee, target.bound, node).items()
+                                if name in found[callee]]
+                    names = {a.id for a in args if isinstance(a, ast.Name)}
                     new = (names & set(fn.params)) - found[fn]
                     if new:
                         found[fn] |= new

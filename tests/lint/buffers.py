@@ -1,0 +1,52 @@
+"""A tensor a function hands to an all-reduce or a broadcast has one dtype, shape and device on
+every rank (the collective needs it): a test of those picks the same route everywhere. Its
+values, and layout such as contiguity, are the rank's own."""
+
+import torch
+import torch.distributed as dist
+
+MAX_BYTES = 1 << 20
+
+
+def all_reduce(tensor, group=None):
+    if tensor.is_cpu or tensor.nbytes > MAX_BYTES:
+        dist.all_reduce(tensor, group=group)
+        return tensor
+    if tensor.device.type == "cuda" and tensor.dim() == 2 and tensor.shape[0] > 8:
+        custom_reduce(tensor, group)
+        return tensor
+    if isinstance(tensor, torch.Tensor) and tensor.numel() > 0:
+        dist.barrier(group=group)
+    return tensor
+
+
+def custom_reduce(tensor, group):
+    dist.all_reduce(tensor, group=group)
+
+
+def reduce_if_positive(tensor, group=None):
+    if tensor.sum() > 0:
+        dist.all_reduce(tensor, group=group)  # expect: collective-under-rank-local-gate
+
+
+def reduce_if_contiguous(tensor, group=None):
+    if tensor.is_contiguous():
+        dist.all_reduce(tensor, group=group)  # expect: collective-under-rank-local-gate
+    else:
+        dist.barrier(group=group)  # expect: collective-under-rank-local-gate
+
+
+def reduce_replaced(tensor, rows, group=None):
+    tensor = rows
+    if tensor.shape[0] > 8:
+        dist.barrier(group=group)  # expect: collective-under-rank-local-gate
+    dist.all_reduce(tensor, group=group)
+
+
+def gather_objects(tensor, group=None):
+    # an object all-gather puts no shape on what each rank hands in
+    if tensor.shape[0] > 8:
+        dist.barrier(group=group)  # expect: collective-under-rank-local-gate
+    out = [None]
+    dist.all_gather_object(out, tensor, group=group)
+    return out
