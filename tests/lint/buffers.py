@@ -50,3 +50,29 @@ def gather_objects(tensor, group=None):
     out = [None]
     dist.all_gather_object(out, tensor, group=group)
     return out
+
+
+def fits(tensor):
+    return tensor.numel() * tensor.element_size() <= MAX_BYTES
+
+
+def all_reduce_or_broadcast(tensor, group=None):
+    # The helper's parameter is the same tensor at its every analysed call: its size is too.
+    if fits(tensor):
+        dist.all_reduce(tensor, group=group)
+        return tensor
+    dist.broadcast(tensor, src=0, group=group)
+    return tensor
+
+
+def count(tensor):
+    return tensor.numel()
+
+
+def barrier_if_large(tensor, rows, group=None):
+    # count() is also called with a tensor no collective takes: its result is rank-local there.
+    if count(rows) > 8:
+        dist.barrier(group=group)  # expect: collective-under-rank-local-gate
+    if count(tensor) > 8:
+        dist.barrier(group=group)  # expect: collective-under-rank-local-gate
+    dist.all_reduce(tensor, group=group)

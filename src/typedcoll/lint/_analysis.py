@@ -22,7 +22,7 @@ from typing import Dict, Iterator, List, Optional, Set, Tuple
 
 from ._attributes import AttributeModel
 from ._balance import Sequencer, gate_balanced
-from ._callgraph import Function, Program
+from ._callgraph import Function, Program, body_nodes
 from ._collectives import communicator_text, is_rank_name
 from ._config import Config
 from ._calls import bind, bound_nodes
@@ -206,6 +206,33 @@ class Analysis:
                     if new:
                         found[fn] |= new
                         changed = True
+        return self._passed_alike(found)
+
+    def _passed_alike(self, found: Dict[Function, Set[str]]) -> Dict[Function, Set[str]]:
+        """Add the parameters every analysed caller fills with such a tensor of its own, never
+        rebound there: a helper that sizes the tensor (``fits(tensor)``) sees it alike too."""
+        rebound = {fn: {n.id for n in body_nodes(fn.node) if isinstance(n, ast.Name)
+                        and isinstance(n.ctx, ast.Store)} for fn in self.program.functions}
+        changed = True
+        while changed:
+            changed = False
+            for fn in self.program.functions:
+                callers = self._callers.get(fn, [])
+                if not callers or any(node is None for _, node in callers):
+                    continue
+                passed: Dict[str, bool] = {}
+                for caller, node in callers:
+                    if node is None:
+                        continue
+                    target = self.program.target(node, caller)
+                    for name, arg in bound_nodes(fn, target.bound, node).items():
+                        alike = (isinstance(arg, ast.Name) and arg.id in found[caller]
+                                 and arg.id not in rebound[caller])
+                        passed[name] = passed.get(name, True) and alike
+                new = {name for name in fn.params if passed.get(name)} - found[fn]
+                if new:
+                    found[fn] |= new
+                    changed = True
         return found
 
     def _root_names(self, node: ast.Call) -> Set[str]:
