@@ -89,3 +89,33 @@ class Owner:
         # a teardown releasing what it holds: the workspace's destroy ends alike everywhere
         if self.workspace is not None:
             self.workspace.destroy()
+
+
+class Handle:
+    def __init__(self, group):
+        self.group = group
+        self.handle = group
+
+    def reduce(self, tensor):
+        if self.handle is not None:
+            dist.all_reduce(tensor, group=self.group)
+        return tensor
+
+    def destroy(self):
+        # deleting the attribute resets it, as storing None would (vLLM's `del self.cpu_group`)
+        del self.handle
+
+
+class Evicting:
+    def __init__(self, group):
+        self.group = group
+        self.cache = object()
+
+    def evict(self):
+        # outside a teardown, a deleted attribute is per-rank state like an assigned one
+        del self.cache
+
+    def reduce(self, tensor):
+        if self.cache is not None:
+            dist.all_reduce(tensor, group=self.group)  # expect: collective-under-rank-local-gate
+        return tensor

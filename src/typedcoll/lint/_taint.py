@@ -18,7 +18,7 @@ from typing import List, Optional, Sequence, Set, Tuple, Union
 
 from ._callgraph import Function, body_nodes, is_try
 from ._expressions import ValueAnalysis, merge
-from ._facts import Gate
+from ._facts import AttrWrite, Gate
 from ._values import SYMMETRIC, join, local
 
 _MAX_LOOP_PASSES = 8
@@ -88,7 +88,13 @@ class FunctionAnalysis(ValueAnalysis):
             return self.match(stmt, ctrl)
         elif isinstance(stmt, ast.Delete):
             for target in stmt.targets:
-                self.mutate(target, SYMMETRIC, ctrl, stmt.lineno)
+                name = self.self_attribute(target) if isinstance(target, ast.Attribute) else None
+                if name is not None and "." not in name:
+                    # ``del self.x`` replaces the attribute, like storing a value, not its history
+                    self.writes.append(AttrWrite(name, self.implicit(ctrl, SYMMETRIC),
+                                                 stmt.lineno, False))
+                else:
+                    self.mutate(target, SYMMETRIC, ctrl, stmt.lineno)
         elif isinstance(stmt, ast.Raise):
             if stmt.exc is not None:
                 self.expr(stmt.exc, ctrl)
