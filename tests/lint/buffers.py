@@ -76,3 +76,17 @@ def barrier_if_large(tensor, rows, group=None):
     if count(tensor) > 8:
         dist.barrier(group=group)  # expect: collective-under-rank-local-gate
     dist.all_reduce(tensor, group=group)
+
+
+def gather_rows(tensor, tp_group):
+    # an all-gather of a tensor (not of objects, not uneven) needs one shape on every rank too
+    if tensor.shape[0] > 8:
+        tp_group.barrier()
+    return tp_group.all_gather(tensor, dim=0)
+
+
+def sum_objects(value, comm):
+    # mpi4py's lowercase allreduce pickles any object: nothing about shapes is agreed
+    if value.shape[0] > 8:
+        comm.Barrier()  # expect: collective-under-rank-local-gate
+    return comm.allreduce(value)

@@ -35,8 +35,9 @@ _MAX_ROUNDS = 8
 _ROOT_KEYWORDS = ("root", "src", "dst", "group_src", "group_dst")
 # Collectives whose tensor must have one dtype, shape and device on every rank, and the keywords
 # that name that tensor (else it is the first positional argument).
-_SHAPED_OPS = re.compile(r"all_?reduce|Allreduce|broadcast|Bcast|all_gather_into_tensor|"
-                         r"reduce_scatter_tensor")
+# mpi4py's lowercase methods (allreduce, bcast, allgather) pickle any object: no shape is agreed.
+_SHAPED_OPS = re.compile(r"all_reduce|Allreduce|broadcast|Bcast|all_gather|Allgather|"
+                         r"reduce_scatter|Reduce_scatter")
 _UNSHAPED_OPS = re.compile(r"obj|dict|gatherv|scatterv")
 _BUFFER_KEYWORDS = ("tensor", "input", "input_", "inp", "buf")
 Callers = Dict[Function, List[Tuple[Function, Optional[ast.Call]]]]
