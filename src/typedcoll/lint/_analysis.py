@@ -33,8 +33,8 @@ from ._values import SYMMETRIC, Taint, collapse, divergent, expand, join, local,
 
 _MAX_ROUNDS = 8
 _ROOT_KEYWORDS = ("root", "src", "dst", "group_src", "group_dst")
-# Collectives whose tensor must have one dtype, shape and device on every rank, and the keywords
-# that name that tensor (else it is the first positional argument).
+# Collectives whose tensors must have one dtype, shape and device on every rank, and the keywords
+# that name such a tensor (besides the positional arguments).
 # mpi4py's lowercase methods (allreduce, bcast, allgather) pickle any object: no shape is agreed.
 _SHAPED_OPS = re.compile(r"all_reduce|Allreduce|broadcast|Bcast|all_gather|Allgather|"
                          r"reduce_scatter|Reduce_scatter")
@@ -196,8 +196,11 @@ class Analysis:
                         if op.point_to_point or not _SHAPED_OPS.search(op.op) or (
                                 _UNSHAPED_OPS.search(op.op)):
                             continue
-                        args = node.args[:1] + [kw.value for kw in node.keywords
-                                                if kw.arg in _BUFFER_KEYWORDS]
+                        # every positional argument: the tensor is not the first where a
+                        # communicator is (all_gather_push(comm, local, out)); the others
+                        # (a group, a root) have no shape to test
+                        args = list(node.args) + [kw.value for kw in node.keywords
+                                                  if kw.arg in _BUFFER_KEYWORDS]
                     else:
                         args = [arg for callee in target.functions for name, arg in
                                 bound_nodes(callee, target.bound, node).items()
