@@ -46,3 +46,19 @@ def main():
     executor = Executor(MPI.COMM_WORLD)
     executor.step()
     executor.deep()
+
+
+class LambdaVote:
+    def __init__(self, comm):
+        self.comm = comm
+        self.pending = []
+
+    def add(self, request):
+        self.pending.append(request)
+
+    def step(self):
+        vote = lambda: self.comm.allgather(1)  # noqa: E731
+        if self.pending:
+            vote()  # expect: collective-under-rank-local-gate
+        every_rank = lambda flag: self.comm.allgather(flag)  # noqa: E731
+        every_rank(bool(self.pending))

@@ -2,6 +2,7 @@
 communicator on some ranks and another on the rest leaves each group's peers waiting."""
 
 import torch.distributed as dist
+from torch.distributed import ProcessGroup
 
 
 class Worker:
@@ -67,3 +68,35 @@ class Worker:
 
 def sync(comm, value):
     return comm.allgather(value)
+
+
+def exchange_name(pg, name):
+    # A group every member passes is of one kind on all of them: a test of its type (or of
+    # whether a rank got one at all) is taken alike by every rank that takes part.
+    if isinstance(pg, ProcessGroup):
+        box = [name]
+        dist.broadcast_object_list(box, src=0, group=pg)
+        return box[0]
+    return pg.broadcast_obj(name, src=0)
+
+
+def reduce_if_member(tensor, group):
+    if group is not None:
+        reduce_on(tensor, group)
+    return tensor
+
+
+def reduce_on(tensor, group):
+    dist.all_reduce(tensor, group=group)
+
+
+def reduce_some(tensor, group, count):
+    # the group is symmetric, the count a parameter nobody analysed passes
+    for _ in range(count):
+        dist.all_reduce(tensor, group=group)  # expect: collective-under-rank-local-gate
+
+
+def barrier_when_probed(comm):
+    # the communicator is symmetric; what a probe on it answers is not
+    if comm.Iprobe(source=0):
+        comm.Barrier()  # expect: collective-under-rank-local-gate

@@ -6,6 +6,8 @@ each parameter, and what every ``self`` attribute holds. Rounds repeat until not
 
 Parameters take what the analysed callers pass. With no analysed caller a parameter is rank-local,
 except a set-up method's (configuration) and names that say they are configuration or the rank.
+A parameter a collective's contract makes symmetric (its group or root, see :mod:`_contracts`) is
+symmetric whatever its callers pass.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ from ._balance import Sequencer, gate_balanced
 from ._callgraph import Function, Program
 from ._collectives import is_rank_name
 from ._config import Config
+from ._contracts import Contracts
 from ._calls import bind
 from ._facts import AttrWrite, Gate
+from ._roles import Roles
 from ._taint import FunctionAnalysis, function_globals
-from ._values import SYMMETRIC, Taint, collapse, expand, join, local, rank
+from ._values import SYMMETRIC, Taint, collapse, divergent, expand, join, local, rank
 
 _MAX_ROUNDS = 8
 Callers = Dict[Function, List[Tuple[Function, Optional[ast.Call]]]]
@@ -42,10 +46,12 @@ class Analysis:
         self._envs: Dict[Function, Dict[str, Taint]] = {}
         self.params: Dict[str, Dict[str, Taint]] = {}
         self._callers = self._caller_map()
+        self.contracts = Contracts(program, self._callers, self.config)
         self.attributes = AttributeModel(program, config, self._callers)
         self._rebound = {m: set().union(*(function_globals(f) for f in program.functions
                                            if f.module is m)) for m in program.modules}
         self._balance: Dict[Tuple[int, str, bool], bool] = {}
+        self.roles = Roles(self.sequencer, self._gates_of, lambda: self.params)
         self.static_cache: Dict[int, Optional[Taint]] = {}
 
     # -- Facts ------------------------------------------------------------------------------
@@ -100,7 +106,15 @@ class Analysis:
         hit = self._balance.get(key)
         if hit is None:
             hit = self._balance[key] = gate_balanced(self.sequencer, root, point_to_point)
-        return hit
+        # a branch on the rank identity alone may be a leader's and its followers' (_roles)
+        return hit or (not point_to_point and root.kind == "if" and self.roles.led(root))
+
+    def _gates_of(self, fn: Function) -> List[Gate]:
+        result = self.results.get(fn)
+        return result.all_gates() if result is not None else []
+
+    def caught(self, fn: Function) -> Dict[int, int]:
+        return self.sequencer.catches.of(fn)
 
     # -- rounds -----------------------------------------------------------------------------
     def _caller_map(self) -> Callers:
@@ -129,10 +143,14 @@ class Analysis:
             if not pending:
                 break
 
+    def shaped_params(self, fn: Function) -> Set[str]:
+        return self.contracts.shaped[fn]
+
     def _entry_params(self, fn: Function) -> Dict[str, Taint]:
         out: Dict[str, Taint] = {}
         for name in fn.params:
-            if self.attributes.is_setup_root(fn) or self.config.matches("symmetric_names", name):
+            if (self.attributes.is_setup_root(fn) or name in self.contracts.communicators[fn]
+                    or self.config.matches("symmetric_names", name)):
                 out[name] = SYMMETRIC
             elif is_rank_name(name, self.config):
                 out[name] = rank(name, "rank identity", 0)
@@ -158,6 +176,8 @@ class Analysis:
         for fn in self.program.functions:
             params[self._keys[fn]] = self._passed(fn, setter_values.get(fn))
         before = dict(self.attributes.taints)
+        self.attributes.uniform_teardown = {fn for fn in self.attributes.teardown
+                                            if self._called_alike(fn)}
         self.attributes.update(self._writes())
         pending: Set[Function] = set()
         for fn in self.program.functions:
@@ -178,8 +198,22 @@ class Analysis:
                                if f is not scope and (f.parent is scope or (
                                    scope.name == "<module>" and f.module is scope.module)))
         self._returns, self._items, self._syncs, self.params = returns, items, syncs, params
+        self.roles.forget()
         self._envs = envs
         return pending
+
+    def _called_alike(self, fn: Function) -> bool:
+        """No analysed call of ``fn`` is under a divergent gate, other than a teardown's (one that
+        releases what it holds, ``if self.ws is not None: self.ws.destroy()``, ends alike)."""
+        for caller, node in self._callers.get(fn, []):
+            if caller in self.attributes.teardown:
+                continue
+            result = self.results.get(caller)
+            record = result.calls.get(id(node)) if result is not None and node is not None else None
+            if record is not None and any(divergent(expand(g.taint, self.params))
+                                          for g in record.gates):
+                return False
+        return True
 
     def _readers(self, names: Set[str]) -> Set[Function]:
         if not names:
@@ -203,5 +237,6 @@ class Analysis:
                 if name in passed:
                     passed[name].append(expand(value, self.params))
         line = getattr(fn.node, "lineno", 0)
-        return {name: collapse(join(*values), name, f"parameter of {fn.qualname}; a caller passes",
-                               line) for name, values in passed.items()}
+        return {name: SYMMETRIC if name in self.contracts.communicators[fn] else collapse(
+                    join(*values), name, f"parameter of {fn.qualname}; a caller passes", line)
+                for name, values in passed.items()}

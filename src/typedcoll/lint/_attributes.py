@@ -2,10 +2,15 @@
 
 An attribute is symmetric when only set-up code assigns it (``__init__``, the configured set-up
 methods such as ``init_*``/``setup*``, and methods only set-up code calls), from symmetric values,
-or when every other assignment stores a collective's result. Any other assignment, or a change in
-place (``append``, ``x[k] = v``, ``self.x.y = v``), makes it per-rank state, and that one write is
-what a finding names. An attribute ``__init__`` fills with a queue is rank-local from the start:
-other threads fill it. Classes related by inheritance (mixins included) share their attributes.
+or when every other assignment stores a collective's result or is teardown code's (``destroy*``,
+``cleanup*``, ``close``, ``shutdown*``..., and methods only such code calls) storing a symmetric
+value: a teardown runs on every rank, as set-up does, and the None it leaves is everyone's. A
+teardown that analysed code other than a teardown calls under a divergent gate (``if item is
+None: self.close()``) is not one every rank runs: its stores are per-rank state. Any other
+assignment, or a change in place (``append``, ``x[k] = v``, ``self.x.y = v``), makes it per-rank
+state, and that one write is what a finding names. An attribute ``__init__`` fills with a queue is
+rank-local from the start: other threads fill it. Classes related by inheritance (mixins included)
+share their attributes.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from typing import Dict, Iterable, List, Optional, Set, Tuple
 from ._callgraph import Function, Program
 from ._config import Config
 from ._facts import AttrWrite
-from ._values import SYMMETRIC, Taint, join, local, only_synced
+from ._values import SYMMETRIC, Taint, divergent, join, local, only_synced
 
 AttrKey = Tuple[int, str]
 # value: a plain container or scalar; queue: filled by other threads; object: anything else
@@ -55,6 +60,8 @@ class AttributeModel:
                         if fn.cls is not None and (name := _setter_of(fn)) is not None}
         self._add_setter_callers(callers)
         self.setup = self._setup_context(callers)
+        self.teardown = self._teardown_context(callers)
+        self.uniform_teardown = set(self.teardown)  # narrowed each round by the analysis
         self.kinds = self._initial_kinds()
         self.taints: Dict[AttrKey, Taint] = {}
 
@@ -116,6 +123,23 @@ class AttributeModel:
                     changed = True
         return setup
 
+    def _teardown_context(self, callers: Dict[Function, List[Tuple[Function, Optional[
+            ast.Call]]]]) -> Set[Function]:
+        teardown = {fn for fn in self.program.functions
+                    if fn.cls is not None and fn.parent is None and fn.self_name is not None
+                    and self.config.matches("teardown_methods", fn.name)}
+        changed = True
+        while changed:
+            changed = False
+            for fn in self.program.functions:
+                found = callers.get(fn)
+                if fn in teardown or fn in self.setup or fn.cls is None or not found:
+                    continue
+                if all(caller in teardown or caller in self.setup for caller, _ in found):
+                    teardown.add(fn)
+                    changed = True
+        return teardown
+
     def _initial_kinds(self) -> Dict[AttrKey, Set[str]]:
         kinds: Dict[AttrKey, Set[str]] = {}
         for fn in self.program.functions:
@@ -150,7 +174,8 @@ class AttributeModel:
             key = (self.family(fn), write.name)
             # A stored collective result is the same on every rank; a container changed in
             # place keeps its history, which is per rank even when each change is symmetric.
-            if fn in self.setup or (only_synced(value) and not write.mutation):
+            if fn in self.setup or (not write.mutation and (only_synced(value) or (
+                    fn in self.uniform_teardown and not divergent(value)))):
                 values[key] = join(values.get(key, SYMMETRIC), value)
             elif key not in per_rank:
                 verb = "changed" if write.mutation else "assigned"

@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple, Union, cast
 from ._callgraph import Function, Program, is_try
 from ._collectives import communicator_text
 from ._facts import Gate
+from ._raises import Catches
 
 
 class Op:
@@ -106,6 +107,23 @@ def _alt(a: Seq, b: Seq) -> Seq:
     if not (_has_ops(a) or _has_ops(b)) and not (_terminates(a) and _terminates(b)):
         return ()  # the two sides differ only in exits that skip no collective
     return (("alt", a, b),)
+
+
+def _resume(seq: Seq, catcher: int) -> Seq:
+    """``seq`` with the raises ``catcher`` catches no longer ending their paths: those go on
+    after the ``try`` (its handlers are left out of every path)."""
+    out: List[Token] = []
+    for tok in seq:
+        if tok == (_EXIT, "raise", catcher):
+            break
+        sides = _branches(tok)
+        if sides is not None:
+            out.extend(_alt(_resume(sides[0], catcher), _resume(sides[1], catcher)))
+        elif isinstance(tok, tuple) and tok and tok[0] in ("alt", "loop"):
+            out.append((tok[0],) + tuple(_resume(cast(Seq, p), catcher) for p in tok[1:]))
+        else:
+            out.append(tok)
+    return tuple(out)
 
 
 def _anonymous(seq: Seq) -> Seq:
@@ -198,6 +216,7 @@ class Sequencer:
 
     def __init__(self, program: Program) -> None:
         self.program = program
+        self.catches = Catches(program)
         self._functions: Dict[Tuple[Function, bool], Seq] = {}
         self._active: Set[Tuple[Function, bool]] = set()
 
@@ -261,7 +280,9 @@ class Sequencer:
             value = self.expr(stmt.value, fn, p2p) if isinstance(stmt, ast.Return) else ()
             return value + ((_EXIT, kind),)
         if isinstance(stmt, ast.Raise):
-            return _RAISE,
+            catcher = self.catches.of(fn).get(id(stmt))
+            # caught here: the path leaves the try's body for its handler, left out below
+            return ((_EXIT, "raise", catcher),) if catcher is not None else (_RAISE,)
         if isinstance(stmt, (ast.For, ast.AsyncFor, ast.While)):
             head = self.expr(stmt.iter if isinstance(stmt, (ast.For, ast.AsyncFor))
                              else stmt.test, fn, p2p)
@@ -271,8 +292,8 @@ class Sequencer:
         if is_try(stmt):
             # Handlers are left out: the normal path is what the two sides of a branch must agree
             # on, and a collective in a handler is a divergent gate of its own.
-            return (self.block(stmt.body, fn, p2p) + self.block(stmt.orelse, fn, p2p)
-                    + self.block(stmt.finalbody, fn, p2p))
+            body = _resume(self.block(stmt.body, fn, p2p), id(stmt))
+            return body + self.block(stmt.orelse, fn, p2p) + self.block(stmt.finalbody, fn, p2p)
         if isinstance(stmt, (ast.With, ast.AsyncWith)):
             entered: Seq = ()
             for item in stmt.items:

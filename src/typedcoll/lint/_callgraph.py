@@ -1,11 +1,12 @@
 """The analysed files as a program: functions, classes, imports, calls resolved, and which
 functions reach a collective.
 
-Resolution is by name, within the files given: a plain name to a nested or module-level function
-(or a class, meaning its ``__init__``), ``self.m`` / ``cls.m`` to the method of the class or of its
-analysed bases, ``super().m`` to the bases, ``C.m`` and ``module.f`` directly. Any other
-``obj.m`` resolves to the analysed methods named ``m`` when few classes define one and the name is
-not a common method of builtin types (``get``, ``append``...), since the receiver's type is unknown.
+Resolution is by name, within the files given: a plain name to a nested function (a lambda bound
+to a local name is one) or module-level function (or a class, meaning its ``__init__``),
+``self.m`` / ``cls.m`` to the method of the class or of its analysed bases, ``super().m`` to the
+bases, ``C.m`` and ``module.f`` directly. Any other ``obj.m`` resolves to the analysed methods
+named ``m`` when few classes define one and the name is not a common method of builtin types
+(``get``, ``append``...), since the receiver's type is unknown.
 """
 
 from __future__ import annotations
@@ -124,6 +125,13 @@ def is_try(node: ast.AST) -> TypeGuard[ast.Try]:
     return isinstance(node, ast.Try) or type(node).__name__ == "TryStar"
 
 
+def _lambda_def(name: str, node: ast.Lambda) -> ast.FunctionDef:
+    """A lambda bound to a local name, as the nested function it is: its body returned."""
+    body = ast.copy_location(ast.Return(value=node.body), node.body)
+    return ast.copy_location(ast.FunctionDef(name=name, args=node.args, body=[body],
+                                             decorator_list=[], returns=None), node)
+
+
 def body_nodes(root: ast.AST) -> Iterator[ast.AST]:
     """Every node in ``root``'s own scope: nested functions, classes and lambdas left out."""
     stack = list(ast.iter_child_nodes(root))
@@ -204,6 +212,9 @@ class Program:
         self.functions.append(fn)
         inner = [n for n in body_nodes(node) if isinstance(n, (ast.FunctionDef,
                                                                 ast.AsyncFunctionDef))]
+        inner += [_lambda_def(n.targets[0].id, n.value) for n in body_nodes(node)
+                  if isinstance(n, ast.Assign) and isinstance(n.value, ast.Lambda)
+                  and len(n.targets) == 1 and isinstance(n.targets[0], ast.Name)]
         for child in inner:
             self._index_function(child, module, None, fn, f"{fn.qualname}.")
 

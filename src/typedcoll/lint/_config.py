@@ -63,6 +63,13 @@ DEFAULT_RANK_LOCAL_CALLS = (
 DEFAULT_INIT_METHODS = ("__init__", "__post_init__", "__new__", "init_*", "_init_*",
                         "initialize*", "_initialize*", "setup*", "_setup*", "set_up*")
 
+# Methods that end an object's service, run on every rank as set-up is: what they store from
+# symmetric values (the None that vLLM's ``destroy()`` leaves in ``self.pynccl_comm``) is the same
+# on every rank, and so is the state it replaces.
+DEFAULT_TEARDOWN_METHODS = ("destroy*", "_destroy*", "cleanup*", "_cleanup*", "close", "_close",
+                            "shutdown*", "_shutdown*", "teardown*", "tear_down*", "__del__",
+                            "__exit__", "__aexit__")
+
 # Words naming a parallel dimension: ``tp_group``, ``pp_rank``, ``self.dist.tp_allgather``. A
 # branch on one dimension's rank around a collective of another dimension's group is taken alike by
 # every member of that group.
@@ -99,6 +106,7 @@ class Config:
     rank_local_calls: Tuple[str, ...] = DEFAULT_RANK_LOCAL_CALLS
     queue_types: Tuple[str, ...] = DEFAULT_QUEUE_TYPES
     init_methods: Tuple[str, ...] = DEFAULT_INIT_METHODS
+    teardown_methods: Tuple[str, ...] = DEFAULT_TEARDOWN_METHODS
     parallel_dimensions: Tuple[str, ...] = DEFAULT_PARALLEL_DIMENSIONS
     rank_safe_functions: Tuple[str, ...] = ()
     environment_is_rank_local: bool = True

@@ -16,9 +16,13 @@ from ._callgraph import CallTarget, Function
 from ._calls import bind, bound_nodes, self_attribute, static_attribute, static_call
 from ._collectives import dotted_name, is_rank_name
 from ._facts import AttrWrite, CallRecord, Facts, Gate
-from ._values import (LOCAL, SYMMETRIC, Taint, collapse, join, local, only_synced, param, rank,
-                      substitute, synced)
+from ._values import (LOCAL, SYMMETRIC, SYNCED, Taint, collapse, join, local, only_synced, param,
+                      rank, substitute, synced)
 
+# What every rank's tensor of a shape-bound collective has alike (values and layout are its own).
+_SHAPE_ATTRIBUTES = frozenset({"shape", "dtype", "device", "is_cpu", "is_cuda", "nbytes", "ndim",
+                               "itemsize"})
+_SHAPE_METHODS = frozenset({"size", "dim", "numel", "nelement", "element_size", "get_device"})
 _MUTATORS = frozenset({"append", "extend", "insert", "add", "update", "setdefault", "put",
                        "put_nowait", "appendleft", "extendleft", "remove", "discard", "pop",
                        "popleft", "popitem", "clear", "sort", "reverse", "push"})
@@ -47,6 +51,9 @@ class ValueAnalysis:
         self._gates: Dict[Tuple[str, int], Gate] = {}
         for name in fn.params:
             self.env[name] = param(self.key, name)
+
+    def all_gates(self) -> List[Gate]:
+        return list(self._gates.values())
 
     def gate(self, kind: str, node: ast.AST, test: Optional[ast.AST], taint: Taint,
              branches: Optional[List[ast.stmt]] = None) -> Gate:
@@ -278,6 +285,8 @@ class ValueAnalysis:
         fixed = cache[key]
         if fixed is not None:
             return fixed
+        if node.attr in _SHAPE_ATTRIBUTES and self.shaped(node.value):
+            return SYMMETRIC
         name = self.self_attribute(node)
         base = self.expr(node.value, ctrl) if name is None else SYMMETRIC
         if self.is_rank_name(node.attr) and not only_synced(base):
@@ -287,8 +296,24 @@ class ValueAnalysis:
             return self.facts.attribute(self.fn, name)
         return base
 
+    def shaped(self, node: ast.expr) -> bool:
+        """``node`` is still the parameter the function hands to a shape-bound collective (or
+        that tensor after an in-place collective, which keeps its shape)."""
+        if not (isinstance(node, ast.Name) and node.id in self.facts.shaped_params(self.fn)):
+            return False
+        own = param(self.key, node.id)
+        value = self.env.get(node.id, SYMMETRIC)
+        return own <= value and all(s in own or s.kind == SYNCED for s in value)
+
     def call(self, node: ast.Call, ctrl: Tuple[Gate, ...]) -> Taint:
         func = node.func
+        if (isinstance(func, ast.Attribute) and func.attr in _SHAPE_METHODS
+                and self.shaped(func.value)) or (
+                    isinstance(func, ast.Name) and func.id == "isinstance" and node.args
+                    and self.shaped(node.args[0])):
+            target = self.facts.program.target(node, self.fn)
+            if target.collective is None and not target.functions:
+                return join(*(self.expr(arg, ctrl) for arg in node.args[1:]))
         receiver = SYMMETRIC
         if isinstance(func, ast.Attribute):
             receiver = self.expr(func.value, ctrl)

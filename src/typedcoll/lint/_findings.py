@@ -77,7 +77,8 @@ class _Findings:
             if not is_local and (reach.point_to_point or self._other_dimension(taint, record)):
                 continue
             if (self.analysis.balanced(gate, point_to_point=is_local)
-                    or self.requirements.excuses(gate, record)):
+                    or self.requirements.excuses(gate, record)
+                    or self.analysis.roles.excused(gate, record.gates)):
                 continue
             seen.add(id(root))
             any_local = any_local or is_local

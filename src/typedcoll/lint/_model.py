@@ -18,8 +18,9 @@ class GateInfo:
     """One condition a gated collective depends on.
 
     ``kind`` is ``if``, ``while``, ``for``, ``except``, ``and``/``or`` (a short-circuit operand),
-    ``if-expression``, ``match``, or ``early-return`` / ``early-break`` / ``early-continue``
-    (then ``line`` and ``text`` are the condition's and ``exit_line`` the exit statement's).
+    ``if-expression``, ``match``, or ``early-return`` / ``early-break`` / ``early-continue`` /
+    ``early-raise`` (then ``line`` and ``text`` are the condition's and ``exit_line`` the exit
+    statement's: a ``raise`` is one when a handler of the same function catches it).
     ``source`` names the rank-local value the condition depends on, and where it comes from.
     """
 

@@ -4,8 +4,10 @@ Flow-sensitive over locals: a loop's body is repeated until its variables stop c
 ``if``/``while``/``for``/``match``, exception handlers, later operands of ``and``/``or``,
 conditional expressions, and early exits: a ``return``, ``break`` or ``continue`` under a gate puts
 that gate over everything it skips (the rest of the block; for ``return`` and ``break`` also the
-whole loop body, whose later iterations are skipped). A ``try``'s ``else`` is under its handlers'
-gates, a loop's ``else`` under its ``break`` statements'.
+whole loop body, whose later iterations are skipped). A ``raise`` that a ``try`` of the same
+function catches is an early exit from that ``try``'s body (see :mod:`_raises`); one that leaves
+the function ends the rank and gates nothing. A ``try``'s ``else`` is under its handlers' gates, a
+loop's ``else`` under its ``break`` statements'.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import List, Optional, Sequence, Set, Tuple, Union
 
 from ._callgraph import Function, body_nodes, is_try
 from ._expressions import ValueAnalysis, merge
-from ._facts import Gate
+from ._facts import AttrWrite, Gate
 from ._values import SYMMETRIC, join, local
 
 _MAX_LOOP_PASSES = 8
@@ -24,9 +26,13 @@ _MAX_LOOP_PASSES = 8
 
 @dataclass
 class _Exit:
+    """``kind``: ``return``, ``break``, ``continue``, ``raise`` (caught by the ``try`` whose id
+    is ``catcher``, in this function) or ``crash`` (an exception that leaves the function)."""
+
     kind: str
     gates: Tuple[Gate, ...]
     line: int
+    catcher: int = 0
 
 
 class FunctionAnalysis(ValueAnalysis):
@@ -82,11 +88,20 @@ class FunctionAnalysis(ValueAnalysis):
             return self.match(stmt, ctrl)
         elif isinstance(stmt, ast.Delete):
             for target in stmt.targets:
-                self.mutate(target, SYMMETRIC, ctrl, stmt.lineno)
+                name = self.self_attribute(target) if isinstance(target, ast.Attribute) else None
+                if name is not None and "." not in name:
+                    # ``del self.x`` replaces the attribute, like storing a value, not its history
+                    self.writes.append(AttrWrite(name, self.implicit(ctrl, SYMMETRIC),
+                                                 stmt.lineno, False))
+                else:
+                    self.mutate(target, SYMMETRIC, ctrl, stmt.lineno)
         elif isinstance(stmt, ast.Raise):
             if stmt.exc is not None:
                 self.expr(stmt.exc, ctrl)
-            return [_Exit("raise", ctrl, stmt.lineno)]
+            catcher = self.facts.caught(self.fn).get(id(stmt))
+            if catcher is not None:
+                return [_Exit("raise", ctrl, stmt.lineno, catcher)]
+            return [_Exit("crash", ctrl, stmt.lineno)]
         elif isinstance(stmt, (ast.Expr, ast.Assert)):
             self.expr(stmt.value if isinstance(stmt, ast.Expr) else stmt.test, ctrl)
         return []
@@ -101,7 +116,7 @@ class FunctionAnalysis(ValueAnalysis):
         self.env = dict(before)
         exits += self.block(stmt.orelse, inner)
         self.env = merge(after_then, self.env)
-        return [e for e in exits if e.kind != "raise"]
+        return [e for e in exits if e.kind != "crash"]
 
     def loop(self, stmt: Union[ast.For, ast.AsyncFor, ast.While],
              ctrl: Tuple[Gate, ...]) -> List[_Exit]:
@@ -123,11 +138,11 @@ class FunctionAnalysis(ValueAnalysis):
             else:
                 gate.taint = join(gate.taint, self.expr(head, inner))
             exits = self.block(stmt.body, inner, loop_body=True)
-            escaping = [e for e in exits if e.kind in ("return", "raise")]
+            escaping = [e for e in exits if e.kind in ("return", "raise", "crash")]
             broken = self.break_gates(exits, ctrl)
             grown = list(wide)
             for ex in exits:
-                if ex.kind in ("break", "return"):
+                if ex.kind in ("break", "return", "raise"):
                     grown += [g for g in self.new_gates(ex, inner) or () if g not in grown]
             self.env = merge(start, self.env)
             if self.env == start and len(grown) == len(wide):
@@ -136,7 +151,7 @@ class FunctionAnalysis(ValueAnalysis):
         self.env = merge(before, self.env)
         # A loop's else runs only on ranks that did not break out of it.
         escaping += self.block(stmt.orelse, ctrl + tuple(broken))
-        return [e for e in escaping if e.kind != "raise"]
+        return [e for e in escaping if e.kind != "crash"]
 
     def break_gates(self, exits: List[_Exit], ctrl: Tuple[Gate, ...]) -> List[Gate]:
         """The gates a loop's ``break`` statements put over its ``else``: those they are under
@@ -166,13 +181,14 @@ class FunctionAnalysis(ValueAnalysis):
             exits += found
             merged = merge(merged, self.env)
             # A rank whose handler always raises ends there: a crash, not a skipped else.
-            if not any(e.kind == "raise" and e.gates == ctrl + (gate,) for e in found):
+            if not any(e.kind == "crash" and e.gates == ctrl + (gate,) for e in found):
                 handled.append(gate)
         self.env = merged
         # The else runs only on ranks where no handler did: every handler's gate is over it.
         exits += self.block(stmt.orelse, ctrl + tuple(handled))
         exits += self.block(stmt.finalbody, ctrl)
-        return [e for e in exits if e.kind != "raise"]
+        # Raises this try catches end in its handlers: the code after it runs on every rank.
+        return [e for e in exits if e.kind != "crash" and e.catcher != id(stmt)]
 
     def match(self, stmt: ast.Match, ctrl: Tuple[Gate, ...]) -> List[_Exit]:
         subject = self.expr(stmt.subject, ctrl)
@@ -189,7 +205,7 @@ class FunctionAnalysis(ValueAnalysis):
             exits += self.block(case.body, ctrl + (gate,))
             merged = merge(merged, self.env)
         self.env = merged
-        return exits
+        return [e for e in exits if e.kind != "crash"]
 
     def new_gates(self, ex: _Exit, ctrl: Tuple[Gate, ...]) -> Optional[List[Gate]]:
         """The early-exit gates an exit puts over the code after it; None if it is unconditional."""
