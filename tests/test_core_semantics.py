@@ -358,8 +358,10 @@ def test_an_unmarked_thin_wrapper_keeps_its_callers_sites(method, passed):
         assert lines[3] == (f"  only the callers of {wrapper} differ: a call "
                             "through a thin wrapper is its caller's, so a rank skipped or added "
                             "a call before this one, or these are one collective reached from "
-                            f"two places: then give the call in {wrapper_text(passed[-1])} "
-                            "a name=")
+                            "two places: then give this use a name= of its own, passed down "
+                            f"to the call in {wrapper_text(passed[-1])} (a name= written in "
+                            f"{wrapper_text(passed[-1])} itself makes every call through it one "
+                            "call)")
 
 
 def with_context(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -612,8 +614,10 @@ def test_one_thin_wrapper_called_from_two_lines_is_one_call_only_by_name():
         assert str(e).splitlines()[-1] == (
             f"  only the callers of {wrapper_text(Broadcaster.barrier)} differ: a call through "
             "a thin wrapper is its caller's, so a rank skipped or added a call before this "
-            "one, or these are one collective reached from two places: then give the call in "
-            f"{wrapper_text(Broadcaster.barrier)} a name=")
+            "one, or these are one collective reached from two places: then give this use a "
+            f"name= of its own, passed down to the call in {wrapper_text(Broadcaster.barrier)} "
+            f"(a name= written in {wrapper_text(Broadcaster.barrier)} itself makes every call "
+            "through it one call)")
     assert run(2, barriers_in_two_arms, "named_barrier") == [None, None]
 
 

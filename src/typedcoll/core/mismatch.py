@@ -416,10 +416,13 @@ def _hint(kinds: Sequence[MismatchKind], groups: Sequence[Group]) -> List[str]:
         if len(vias) == 1 and None not in vias:
             via = vias.pop()
             innermost = str(via).rsplit(" through ", 1)[-1]  # the one that makes the call
+            # A name= written in the innermost wrapper would make every use of it one call
+            # (two votes over one shared _all_gather): the name must be this use's alone.
             return [f"  only the callers of {via} differ: a call through a thin wrapper is its "
                     f"caller's, so a rank skipped or added a call before this one, or these are "
-                    f"one collective reached from two places: then give the call in {innermost} "
-                    f"a name="]
+                    f"one collective reached from two places: then give this use a name= of its "
+                    f"own, passed down to the call in {innermost} (a name= written in "
+                    f"{innermost} itself makes every call through it one call)"]
         if len({(g.envelope.site, g.envelope.column) for g in groups}) == 1:
             return ["  only the thin wrappers differ: one line reached two of them (a "
                     "dispatcher, a decorator's frame, a worker thread), so a rank skipped or "
