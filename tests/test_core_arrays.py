@@ -19,6 +19,7 @@ import pytest
 import typedcoll as tc
 from typedcoll.core import array_slots, fast
 from typedcoll.core.wire import HEADER_SIZE, LENGTH_OFFSET
+from typedcoll.testing import observe
 
 from test_core_review import C_PATH, TIMEOUTS, outcomes
 
@@ -55,12 +56,10 @@ def test_allgather_of_arrays_returns_every_rank_s_array_on_either_path(timeout, 
     served: List[Any] = []
     original = fast.allgather
 
-    def spy(p: Any, value: Any, *args: Any) -> Any:
-        seq = p.seq  # this call's number: 0 is the warm-up, 1.. the contributions in order
-        out = original(p, value, *args)
+    def after(seq: int, out: Any, p: Any, value: Any, *args: Any) -> None:
+        # seq: this call's number: 0 is the warm-up, 1.. the contributions in order
         served.append((seq, value.shape, out.__class__ is list))
-        return out
-    monkeypatch.setattr(fast, "allgather", tc.transparent(spy))
+    monkeypatch.setattr(fast, "allgather", observe(original, after, lambda p, *args: p.seq))
     n = 3
     got = outcomes(n, allgathers, timeout=timeout)
     for r, result in enumerate(got):
@@ -152,7 +151,7 @@ def test_the_c_path_writes_the_slot_the_python_steps_write(monkeypatch):
     past the slot, a prefix longer than the slot), the header flags, length, fingerprints and
     inline bytes of the C path's call are those of the Python steps'."""
     c_path = outcomes(2, slots)
-    monkeypatch.setattr(fast, "allgather", tc.transparent(lambda *args: fast.TAKE_PY))
+    monkeypatch.setattr(fast, "allgather", lambda *args: fast.TAKE_PY)
     python = outcomes(2, slots)
     for r, (mine, theirs) in enumerate(zip(c_path, python)):
         assert not isinstance(mine, BaseException), f"rank {r}: {mine!r}"

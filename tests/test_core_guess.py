@@ -22,6 +22,7 @@ import pytest
 import typedcoll as tc
 from typedcoll.core import fast
 from typedcoll.core.protocol import Protocol
+from typedcoll.testing import observe
 
 from test_core_review import C_PATH, TIMEOUTS, outcomes, slot_state
 
@@ -54,12 +55,10 @@ def served_by_c(monkeypatch: pytest.MonkeyPatch) -> List[Any]:
     served: List[Any] = []
     original = getattr(fast._speedups, "rooted", None)
     if original is not None:
-        def spy(p: Any, *args: Any) -> Any:
-            seq = p.seq
-            out = original(p, *args)
+        def after(seq: int, out: Any, p: Any, *args: Any) -> None:
             served.append((p.rank, seq, args[4], out.__class__ is list))
-            return out
-        monkeypatch.setattr(fast._speedups, "rooted", tc.transparent(spy))
+        monkeypatch.setattr(fast._speedups, "rooted",
+                            observe(original, after, before=lambda p, *args: p.seq))
     return served
 
 

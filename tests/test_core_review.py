@@ -26,7 +26,7 @@ import pytest
 import typedcoll as tc
 from typedcoll._comm import TypedComm, _created
 from typedcoll.core import fast
-from typedcoll.testing import run
+from typedcoll.testing import observe, run
 
 from launch import run_spmd
 
@@ -910,14 +910,11 @@ def test_scatter_and_alltoall_deliver_each_part_and_the_c_path_serves_them(timeo
         if original is None:
             continue
 
-        def spy(p: Any, *args: Any, _original: Any = original) -> Any:
-            seq = p.seq
-            out = _original(p, *args)
-            op = args[4]
-            if op in ("scatter", "alltoall"):
+        def after(seq: int, out: Any, p: Any, *args: Any) -> None:
+            if args[4] in ("scatter", "alltoall"):  # the op
                 served.append((seq, out.__class__ is list))
-            return out
-        monkeypatch.setattr(fast._speedups, entry, tc.transparent(spy))
+        monkeypatch.setattr(fast._speedups, entry,
+                            observe(original, after, lambda p, *args: p.seq))
     n = 3
     got = outcomes(n, parts_everywhere, timeout=timeout)
     for r, out in enumerate(got):

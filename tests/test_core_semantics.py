@@ -281,18 +281,73 @@ def votes_through_a_decorated_wrapper(comm: tc.TypedComm) -> List[Any]:
     return timed_vote(comm, 2)  # the vote every rank takes
 
 
-@pytest.mark.parametrize("program", [votes_through_a_wrapper,
-                                     votes_through_a_decorated_wrapper])
-def test_a_transparent_wrapper_keeps_its_callers_sites(program):
+@pytest.mark.parametrize("program,marked", [
+    (votes_through_a_wrapper, [vote.__code__]),
+    (votes_through_a_decorated_wrapper, [timed_vote.__code__,  # the decorator's frame
+                                         timed_vote.__wrapped__.__code__])])
+def test_a_transparent_wrapper_keeps_its_callers_sites(program, marked):
     # Over a functools.wraps decorator: marking only the function beneath left the decorator's
     # frame as the call site of both votes, one identity, and rank 1's vote took rank 0's
-    # other vote silently.
+    # other vote silently. The marked functions are wrappers the call passed, as thin ones are.
     errors = errors_of(2, program)
     only, every = line_of(program, "only rank 0"), line_of(program, "every rank takes")
+    through = " through ".join(f"{getattr(code, 'co_qualname', code.co_name)} ({FILE}:"
+                               f"{code.co_firstlineno})"
+                               for code in marked)
     for e in errors:
         assert type(e) is tc.DesyncError, e
-        assert f"at {FILE}:{only}, its 1st call" in str(e).splitlines()[1]
-        assert f"at {FILE}:{every}, its 1st call" in str(e).splitlines()[2]
+        assert f"at {FILE}:{only} through {through}, its 1st call" in str(e).splitlines()[1]
+        assert f"at {FILE}:{every} through {through}, its 1st call" in str(e).splitlines()[2]
+
+
+class Votes2:
+    """Two votes, thin over one shared thin wrapper, under a retry decorator marked transparent
+    (it loops and adds an argument of its own: not passed over unmarked)."""
+
+    def __init__(self, comm: tc.TypedComm) -> None:
+        self.comm = comm
+
+    def _gathered(self, value: int) -> List[Any]:
+        return self.comm.allgather(value)
+
+    @staticmethod
+    def retried(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def again(*args: Any, **kwargs: Any) -> Any:
+            for attempt in range(3):
+                try:
+                    return fn(*args, **kwargs)
+                except ConnectionError:  # a transient failure of its own
+                    args = args[:1] + (args[1] + attempt,)
+            raise RuntimeError("gave up")
+        return tc.transparent(again)
+
+    @retried
+    def batch_vote(self, value: int) -> List[Any]:
+        return self._gathered(value)
+
+    @retried
+    def timeout_vote(self, value: int) -> List[Any]:
+        return self._gathered(value)
+
+
+def test_functions_marked_transparent_count_among_the_wrappers_passed():
+    # The mark reaches the functions a decorator wraps; leaving marked frames out of the chain
+    # made both votes "_gathered" alone, called from one dispatch line, and the last rank's
+    # timeout vote took its peers' batch-size votes without an error.
+    def program(comm: tc.TypedComm) -> Any:
+        votes, out = Votes2(comm), []
+        for it in range(2):
+            for op in ("batch_vote", "timeout_vote"):
+                if not (op == "batch_vote" and it == 1 and comm.rank == comm.size - 1):
+                    out.append(getattr(votes, op)(10 * it))  # one line for both votes
+        return out
+
+    for e in errors_of(3, program):
+        assert type(e) is tc.DesyncError and e.kinds == (tc.MismatchKind.CALL,), e
+        lines = str(e).splitlines()
+        assert "through Votes2.retried.<locals>.again" in lines[1], e
+        assert "through Votes2.batch_vote" in lines[1] and "Votes2.timeout_vote" in lines[2], e
 
 
 MULTI_DEVICE = True

@@ -100,19 +100,15 @@ for label, schema, make in CASES:
 # later calls (phase 2's receive buffer is reused only once no result refers to it). Where the
 # C path is loaded and no timeout is set, it serves every one of them, phase 2 included.
 from typedcoll.core import fast  # noqa: E402
+from typedcoll.testing import observe  # noqa: E402
 
 served = []
 original_allgather = fast.allgather
 
 
-def spy(p, value, *args):
-    out = original_allgather(p, value, *args)
-    served.append(out.__class__ is list)
-    return out
-
-
 with comm.dup() as fresh:
-    fast.allgather = tc.transparent(spy)
+    fast.allgather = observe(original_allgather,
+                             lambda _, out, *args: served.append(out.__class__ is list))
     try:
         kept = [(k, n, fresh.allgather(np.full(n, 10 * k + rank, dtype=np.int64)))
                 for k in range(4) for n in (3, 20000)]

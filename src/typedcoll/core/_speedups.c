@@ -356,9 +356,9 @@ static PyObject *via_of(PyObject **passed, int n, int *failed) {
 }
 
 /* The call site at or above ``start`` (borrowed; NULL: none), as identity.site_from finds it:
- * the first frame whose file is not typedcoll's own plumbing, whose code is not marked
- * transparent and that is not passed over as a thin wrapper (passes_over), and the thin
- * wrappers passed on the way (``via``: via_of them, the innermost seven and the outermost
+ * the first frame whose file is not typedcoll's own plumbing and that is not passed over as a
+ * thin wrapper (passes_over) or a function marked transparent, and the thin wrappers and marked
+ * functions passed on the way (``via``: via_of them, the innermost seven and the outermost
  * beyond CHAIN_MAX); where no such frame is above, the outermost thin wrapper is the site (a
  * thread's target, a test's program), with the others as via. New references to the site's
  * code object, to via (or NULL) and, where ``frame_out`` is given, to the site's frame (or
@@ -377,9 +377,10 @@ static int site_from(PyFrameObject *start, PyCodeObject **code_out, int *lasti_o
     if (frame_out != NULL) *frame_out = NULL;
     while (frame != NULL) {
         PyCodeObject *code = PyFrame_GetCode(frame);
-        int skip = PySet_Contains(SKIP_FILES, code->co_filename);
-        if (skip == 0 && check_codes) skip = PySet_Contains(SKIP_CODES, (PyObject *)code);
-        int forwards = skip == 0 ? passes_over(frame, code) : 0;
+        /* a function marked transparent is passed over as a thin wrapper is, and kept in via */
+        int marked = check_codes ? PySet_Contains(SKIP_CODES, (PyObject *)code) : 0;
+        int skip = marked == 0 ? PySet_Contains(SKIP_FILES, code->co_filename) : 0;
+        int forwards = marked ? marked : (skip == 0 ? passes_over(frame, code) : 0);
         if (skip < 0 || forwards < 0) {
             Py_DECREF(code);
             Py_DECREF(frame);

@@ -233,12 +233,15 @@ def _via_of(passed: List[CodeType]) -> Optional[Via]:
 def site_from(frame: Optional[FrameType]) -> Tuple[Optional[FrameType], Optional[Via]]:
     """The call site at or above ``frame``, and the thin wrapper, or wrappers, it called.
 
-    The site is the first frame outside typedcoll and transparent functions that is not a thin
-    wrapper nor a function at its pass-through call (:func:`forwarding`); ``via`` the frames
-    passed on the way: the one wrapper's code, or a :class:`ThinChain` of them all where there
-    were several. Every one counts: two wrappers over one shared wrapper (``vote_batch_size``
-    and ``vote_timeout`` both returning ``self._all_gather(x)``), reached from one dispatch line,
-    are two calls, and a decorator's wrapper over two functions is two calls too. Beyond
+    The site is the first frame outside typedcoll and transparent modules that is not a thin
+    wrapper, a function marked transparent nor a function at its pass-through call
+    (:func:`forwarding`); ``via`` the frames passed on the way: the one wrapper's code, or a
+    :class:`ThinChain` of them all where there were several. Every one counts: two wrappers over
+    one shared wrapper (``vote_batch_size`` and ``vote_timeout`` both returning
+    ``self._all_gather(x)``), reached from one dispatch line, are two calls, and a decorator's
+    wrapper over two functions is two calls too. A function marked transparent is one of them,
+    as a thin wrapper is: the mark reaches the functions a decorator wraps (``__wrapped__``),
+    and leaving them out would make two votes under a marked retry decorator one call. Beyond
     ``CHAIN_MAX`` wrappers the innermost seven and the outermost are kept. Where every frame
     above is plumbing or passed over (a thread's target, a test's program), the outermost of them
     is the site and the others are ``via``. The C path's ``user_site`` is this walk.
@@ -249,8 +252,9 @@ def site_from(frame: Optional[FrameType]) -> Tuple[Optional[FrameType], Optional
     outer: Optional[FrameType] = None
     while frame is not None:
         code = frame.f_code
-        if not (code.co_filename in files or (codes and code in codes)):
-            thin = forwarding(code)
+        marked = bool(codes) and code in codes  # passed over as a thin wrapper is, and kept
+        if marked or code.co_filename not in files:
+            thin = True if marked else forwarding(code)
             if thin is not True and not (thin and frame.f_lasti in thin):
                 return frame, (wrapper if passed is None else _via_of(passed))
             if wrapper is None:

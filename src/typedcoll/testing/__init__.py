@@ -35,7 +35,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     from exceptiongroup import ExceptionGroup as _ExceptionGroup
 
-__all__ = ["run"]
+__all__ = ["observe", "run"]
 
 
 def run(n: int, fn: Callable[..., Any], *args: Any, timeout: Optional[float] = 30.0,
@@ -84,6 +84,22 @@ def run(n: int, fn: Callable[..., Any], *args: Any, timeout: Optional[float] = 3
 # A rank that timed out asks its peers where they are before it raises; on a loaded machine that
 # takes seconds, and only a rank stuck in its own code should be reported as such.
 _REPORT_GRACE = 3.0
+
+
+def observe(original: Callable[..., Any], after: Callable[..., None],
+            before: Optional[Callable[..., Any]] = None) -> Callable[..., Any]:
+    """A stand-in for one of typedcoll's own functions, for a test that spies on it (which path
+    served a call): it calls ``original`` with the arguments it is given and returns its
+    result, handing ``after`` what ``before`` returned (None without one), that result and the
+    arguments. Its frame is typedcoll's plumbing, so the calls it serves keep their identities;
+    a spy of the test's own, marked transparent, would be one of the wrappers a call passed,
+    on the ranks whose call went through it alone."""
+    def observed(*args: Any, **kwargs: Any) -> Any:
+        token = before(*args, **kwargs) if before is not None else None
+        out = original(*args, **kwargs)
+        after(token, out, *args, **kwargs)
+        return out
+    return observed
 
 
 def _join(threads: List[threading.Thread], timeout: Optional[float]) -> List[int]:
