@@ -71,7 +71,7 @@
 #define OBJECTS_PER_ENTRY 4
 #define PREFIX 8
 /* What configure's ``forwarding`` answers (True, False, or pass-through offsets): its form. */
-#define FORWARDING_FORM 2
+#define FORWARDING_FORM 3
 #define CHAIN_MAX 8 /* identity.CHAIN_MAX: thin wrappers a call's via keeps */
 
 enum { F_SEND, F_RECV, F_BLOCK, F_SLOT, F_SIZE, F_RANK, F_EXCHANGE, F_ENGINE, F_RING,
@@ -296,15 +296,19 @@ static PyObject *forwarding(PyCodeObject *code) {
     return answer;
 }
 
-/* Whether ``frame`` of ``code`` is passed over as a thin wrapper: 1 or 0, -1 on error. */
+/* Whether ``frame`` of ``code`` is passed over: 1 as a thin wrapper (kept in via), 2 as a
+ * decorator's wrapper (left out: identity.forwarding's 1-tuple), 0 not; -1 on error. */
 static int passes_over(PyFrameObject *frame, PyCodeObject *code) {
     PyObject *answer = forwarding(code);
     if (answer == NULL) return -1;
     int found = answer == Py_True;
-    if (!found && PyFrozenSet_CheckExact(answer)) {
+    int decorator = PyTuple_CheckExact(answer) && PyTuple_GET_SIZE(answer) == 1;
+    PyObject *offsets = decorator ? PyTuple_GET_ITEM(answer, 0) : answer;
+    if (!found && PyFrozenSet_CheckExact(offsets)) {
         PyObject *at = PyLong_FromLong(PyFrame_GetLasti(frame));
-        found = at == NULL ? -1 : PySet_Contains(answer, at);
+        found = at == NULL ? -1 : PySet_Contains(offsets, at);
         Py_XDECREF(at);
+        if (found == 1 && decorator) found = 2;
     }
     Py_DECREF(answer);
     return found;
@@ -358,8 +362,8 @@ static PyObject *via_of(PyObject **passed, int n, int *failed) {
 /* The call site at or above ``start`` (borrowed; NULL: none), as identity.site_from finds it:
  * the first frame whose file is not typedcoll's own plumbing and that is not passed over as a
  * thin wrapper (passes_over) or a function marked transparent, and the thin wrappers and marked
- * functions passed on the way (``via``: via_of them, the innermost seven and the outermost
- * beyond CHAIN_MAX); where no such frame is above, the outermost thin wrapper is the site (a
+ * functions passed on the way, decorators' wrappers left out (``via``: via_of them, the
+ * innermost seven and the outermost beyond CHAIN_MAX); where no such frame is above, the outermost thin wrapper is the site (a
  * thread's target, a test's program), with the others as via. New references to the site's
  * code object, to via (or NULL) and, where ``frame_out`` is given, to the site's frame (or
  * NULL); and the site's lasti. */
@@ -368,7 +372,7 @@ static int site_from(PyFrameObject *start, PyCodeObject **code_out, int *lasti_o
     PyFrameObject *frame = start;
     Py_XINCREF(frame);
     PyObject *passed[CHAIN_MAX]; /* the codes of the thin wrappers passed, innermost first */
-    int n = 0, failed = 0;
+    int n = 0, failed = 0, kept = 0; /* kept: whether outer is passed[n - 1] */
     PyFrameObject *outer = NULL; /* the outermost: the site where no frame above is one */
     int check_codes = PySet_GET_SIZE(SKIP_CODES) > 0;
     *code_out = NULL;
@@ -403,19 +407,22 @@ static int site_from(PyFrameObject *start, PyCodeObject **code_out, int *lasti_o
             Py_XDECREF(outer);
             return 0;
         }
-        if (forwards) {
+        if (forwards == 1) {
             if (n < CHAIN_MAX) passed[n++] = (PyObject *)code;
             else Py_SETREF(passed[CHAIN_MAX - 1], (PyObject *)code);
-            Py_XSETREF(outer, (PyFrameObject *)Py_NewRef(frame));
         } else {
-            Py_DECREF(code);
+            Py_DECREF(code); /* plumbing, or a decorator's wrapper: left out */
+        }
+        if (forwards) {
+            Py_XSETREF(outer, (PyFrameObject *)Py_NewRef(frame));
+            kept = forwards == 1;
         }
         PyFrameObject *back = PyFrame_GetBack(frame);
         Py_DECREF(frame);
         frame = back;
     }
     if (outer != NULL) {
-        Py_DECREF(passed[--n]); /* the outermost is the site */
+        if (kept) Py_DECREF(passed[--n]); /* the outermost is the site */
         *via_out = via_of(passed, n, &failed);
         if (failed) {
             Py_DECREF(outer);

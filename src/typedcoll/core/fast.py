@@ -65,7 +65,7 @@ _CONSTANTS = {
     "GATHER": wire.GATHER,
     "MAX_NESTING": MAX_NESTING, "ENTRY_SIZE": recorder.ENTRY.size,
     "OBJECTS_PER_ENTRY": recorder.OBJECTS_PER_ENTRY,
-    "FORWARDING_FORM": 2,  # identity.forwarding answers True, False or pass-through offsets
+    "FORWARDING_FORM": 3,  # identity.forwarding: True, False, offsets, or a decorator's 1-tuple
     "CHAIN_MAX": CHAIN_MAX,  # thin wrappers a call's via keeps (identity.site_from)
 }
 

@@ -52,7 +52,7 @@ from typing import Any, Callable, Dict, FrozenSet, List, Optional, Set, Tuple, T
     Union
 
 from ..codecs.digest import digest8
-from .thin import forwards, hand_on_calls, pass_through_calls
+from .thin import decorator_calls, forwards, hand_on_calls, pass_through_calls
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 Position = Tuple[int, int, int, int]  # line, end line, column, end column of an instruction
@@ -168,23 +168,30 @@ def _codes_of(target: Any) -> List[CodeType]:
 _FORWARDING = CodeTable()
 
 
-def forwarding(code: CodeType) -> Union[bool, FrozenSet[int]]:
+Forwarding = Union[bool, FrozenSet[int], Tuple[FrozenSet[int]]]
+
+
+def forwarding(code: CodeType) -> Forwarding:
     """True where ``code`` is a thin wrapper (``core.thin``: it never loops or catches, makes
     its calls on one line and makes all of them or none); else the offsets of its pass-through
     calls (``thin.pass_through_calls``: the call it returns or that hands on its ``*args,
     **kwargs``; ``thin.hand_on_calls``: that hands them on as they came, in a loop too), where
-    it is thin at those calls alone, or False. Read from its bytecode once per code object; the
-    C path asks it too."""
-    found: Union[None, bool, FrozenSet[int]] = _FORWARDING.get(code, 0)
+    it is thin at those calls alone, or False. A decorator's wrapper that hands them on to the
+    function it wraps is the 1-tuple of those offsets: passed over there, and left out of the
+    wrappers passed (``thin.decorator_calls``). Read from its bytecode once per code object;
+    the C path asks it too."""
+    found: Optional[Forwarding] = _FORWARDING.get(code, 0)
     if found is None:
-        found = _FORWARDING.put(code, 0, forwards(code) or
-                                (pass_through_calls(code) | hand_on_calls(code)) or False)
+        decorating = decorator_calls(code)
+        found = _FORWARDING.put(code, 0, (decorating,) if decorating else (
+            forwards(code) or (pass_through_calls(code) | hand_on_calls(code)) or False))
     return found
 
 
 def is_forwarder(code: CodeType) -> bool:
-    """Whether ``code`` is a thin wrapper (:func:`forwarding`)."""
-    return forwarding(code) is True
+    """Whether ``code`` is a thin wrapper (:func:`forwarding`), a decorator's among them."""
+    found = forwarding(code)
+    return found is True or (isinstance(found, tuple) and forwards(code))
 
 
 def call_site(depth: int = 2) -> Tuple[Optional[FrameType], Optional[Via]]:
@@ -241,20 +248,30 @@ def site_from(frame: Optional[FrameType]) -> Tuple[Optional[FrameType], Optional
     ``self._all_gather(x)``), reached from one dispatch line, are two calls, and a decorator's
     wrapper over two functions is two calls too. A function marked transparent is one of them,
     as a thin wrapper is: the mark reaches the functions a decorator wraps (``__wrapped__``),
-    and leaving them out would make two votes under a marked retry decorator one call. Beyond
+    and leaving them out would make two votes under a marked retry decorator one call. A
+    decorator's wrapper that hands its arguments on to the function it wraps is passed over and
+    left out (``thin.decorator_calls``): that function is the next frame, and a timer applied on
+    one rank alone must not part it from its peers. Beyond
     ``CHAIN_MAX`` wrappers the innermost seven and the outermost are kept. Where every frame
     above is plumbing or passed over (a thread's target, a test's program), the outermost of them
     is the site and the others are ``via``. The C path's ``user_site`` is this walk.
     """
     files, codes = SKIP_FILES, SKIP_CODES
-    wrapper: Optional[CodeType] = None  # the innermost passed over
-    passed: Optional[List[CodeType]] = None  # all of them, innermost first, where two or more
+    wrapper: Optional[CodeType] = None  # the innermost kept
+    passed: Optional[List[CodeType]] = None  # all those kept, innermost first, where two or more
     outer: Optional[FrameType] = None
+    kept = False  # whether outer is the last kept
     while frame is not None:
         code = frame.f_code
         marked = bool(codes) and code in codes  # passed over as a thin wrapper is, and kept
         if marked or code.co_filename not in files:
             thin = True if marked else forwarding(code)
+            if thin.__class__ is tuple:  # a decorator's wrapper: passed over, not kept
+                if frame.f_lasti not in thin[0]:
+                    return frame, (wrapper if passed is None else _via_of(passed))
+                outer, kept = frame, False
+                frame = frame.f_back
+                continue
             if thin is not True and not (thin and frame.f_lasti in thin):
                 return frame, (wrapper if passed is None else _via_of(passed))
             if wrapper is None:
@@ -265,11 +282,10 @@ def site_from(frame: Optional[FrameType]) -> Tuple[Optional[FrameType], Optional
                 passed.append(code)
             else:
                 passed[-1] = code
-            outer = frame
+            outer, kept = frame, True
         frame = frame.f_back
-    if passed is not None:
-        return outer, _via_of(passed[:-1])
-    return outer, None
+    every = passed if passed is not None else [wrapper] if wrapper is not None else []
+    return outer, _via_of(every[:-1] if kept else every)
 
 
 def user_frame(depth: int = 2) -> Optional[FrameType]:

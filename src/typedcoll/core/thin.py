@@ -130,8 +130,24 @@ def hand_on_calls(code: CodeType) -> FrozenSet[int]:
     the source holds one such call, and its callee is not a local the wrapper chose (``for h in
     handlers: h(*args)`` would make two callees' uses one call): two (``f(*a) if x else
     g(*a)``, a call made twice) keep the wrapper's own sites."""
+    return _handing_on(code)[0]
+
+
+def decorator_calls(code: CodeType) -> FrozenSet[int]:
+    """:func:`hand_on_calls` where their callee is a function ``code`` closes over (a
+    decorator's ``wrapper(*args, **kwargs)`` calling ``func(*args, **kwargs)``), else none.
+    What such a frame runs is the function it wraps, whose own frame is the next one a call
+    passes; its line is the same for every function it wraps. So a call's identity leaves it
+    out of the wrappers passed (``identity.site_from``): a timer or a tracer applied on one rank
+    alone would else part that rank's calls from its peers'."""
+    calls, closure = _handing_on(code)
+    return calls if closure else _NO_CALLS
+
+
+def _handing_on(code: CodeType) -> Tuple[FrozenSet[int], bool]:
+    """:func:`hand_on_calls`, and whether every such call's callee is a free variable."""
     if not code.co_flags & _VARARGS or not _a_plain_function(code, nested_allowed=True):
-        return _NO_CALLS  # no *args to hand on; a comprehension, generator, module or class
+        return _NO_CALLS, False  # no *args to hand on; a comprehension, generator, module
     params = code.co_argcount + code.co_kwonlyargcount
     star = code.co_varnames[params]
     double = code.co_varnames[params + 1] if code.co_flags & _VARKEYWORDS else None
@@ -139,21 +155,26 @@ def hand_on_calls(code: CodeType) -> FrozenSet[int]:
     instructions = [ins for ins in dis.get_instructions(code) if ins.opname != "CACHE"]
     if any(own.intersection(_names(ins)) for ins in instructions
            if ins.opname.startswith("STORE_FAST") or ins.opname == "DELETE_FAST"):
-        return _NO_CALLS  # it reassigns an argument: what it hands on may not be its caller's
+        return _NO_CALLS, False  # it reassigns an argument: it may not hand on its caller's
     found: Dict[int, Position] = {}
+    closure = True
     line = None  # before 3.11 instructions carry no positions: the line alone
     for i, ins in enumerate(instructions):
         line = ins.starts_line if ins.starts_line is not None else line
-        if ins.opname == "CALL_FUNCTION_EX" and (double is None or ins.arg and ins.arg & 1) \
-                and _hands_on(instructions, i, own, star, double):
+        callee = _hands_on(instructions, i, own, star, double) \
+            if ins.opname == "CALL_FUNCTION_EX" and (double is None or ins.arg and ins.arg & 1) \
+            else None
+        if callee is not None:
+            closure = closure and callee.opname == "LOAD_DEREF" and \
+                callee.argval in code.co_freevars
             p = getattr(ins, "positions", None)
             found[ins.offset] = (line, None, None, None) if p is None else (
                 p.lineno, p.end_lineno, p.col_offset, p.end_col_offset)
     if len(set(found.values())) != 1:
-        return _NO_CALLS  # two of them (a branch picking one, a call made twice): its own sites
+        return _NO_CALLS, False  # two (a branch picking one, a call made twice): its own sites
     after = {ins.offset: nxt.offset for ins, nxt in zip(instructions, instructions[1:])}
     return frozenset(unit for offset in found
-                     for unit in range(offset, after.get(offset, offset + 2), 2))
+                     for unit in range(offset, after.get(offset, offset + 2), 2)), closure
 
 
 # What may build a call that hands on its function's arguments: loading the callee (a global,
@@ -172,17 +193,17 @@ _OPERATOR_PREFIXES = ("BINARY_", "INPLACE_")
 
 
 def _hands_on(instructions: List[dis.Instruction], at: int, own: Set[str], star: str,
-              double: Optional[str]) -> bool:
-    """Whether the CALL_FUNCTION_EX at ``instructions[at]`` hands on the function's own
-    ``*args`` (``star``) and ``**kwargs`` (``double``), each unpacked once, to a callee that is
-    not a local the function made: read backwards to where the expression starts (one value on
-    the stack)."""
+              double: Optional[str]) -> Optional[dis.Instruction]:
+    """Where the CALL_FUNCTION_EX at ``instructions[at]`` hands on the function's own ``*args``
+    (``star``) and ``**kwargs`` (``double``), each unpacked once, to a callee that is not a
+    local the function made, the instruction that loads that callee; else None. Read backwards
+    to where the expression starts (one value on the stack)."""
     depth = dis.stack_effect(instructions[at].opcode, instructions[at].arg)
     loaded: List[str] = []
     callee: Optional[dis.Instruction] = None  # the expression's first load, read last
     for ins in reversed(instructions[:at]):
         if ins.opname not in _HANDING_ON and not ins.opname.startswith(_OPERATOR_PREFIXES):
-            return False
+            return None
         if ins.opname.startswith("LOAD_"):
             callee = ins
         if ins.opname.startswith("LOAD_FAST"):
@@ -190,13 +211,14 @@ def _hands_on(instructions: List[dis.Instruction], at: int, own: Set[str], star:
         depth += dis.stack_effect(ins.opcode, ins.arg) if ins.arg is not None \
             else dis.stack_effect(ins.opcode)
         if depth == 1:
-            if callee is not None and callee.opname.startswith("LOAD_FAST") \
+            if callee is None or callee.opname.startswith("LOAD_FAST") \
                     and not own.issuperset(_names(callee)[:1]):
-                return False  # a local the wrapper chose (a loop over handlers): its decision
-            return loaded.count(star) == 1 and (double is None or loaded.count(double) == 1)
+                return None  # a local the wrapper chose (a loop over handlers): its decision
+            handed = loaded.count(star) == 1 and (double is None or loaded.count(double) == 1)
+            return callee if handed else None
         if ins.is_jump_target:
-            return False  # two ways into the expression: ``(f if c else g)(*args)``
-    return False
+            return None  # two ways into the expression: ``(f if c else g)(*args)``
+    return None
 
 
 def _names(ins: dis.Instruction) -> Tuple[str, ...]:
