@@ -33,10 +33,9 @@ import threading
 import time
 from typing import Any, List, Optional, Tuple
 
-import msgspec
-
 from ..codecs import KIND_MSGSPEC, SchemaInfo, encode_array, nesting_ok
 from ..codecs.nesting import MAX_NESTING
+from ..codecs.culprit import encode_failure
 from ..codecs.schema import ENCODER
 from .args import check_dest, payload_mode, schema_of
 from .errors import CollectiveError, CollectiveTimeout, EncodeError
@@ -78,12 +77,7 @@ def _encode_payload(info: SchemaInfo, value: Any) -> Tuple[bytes, Optional[str]]
             return encode_array(encoded), None
         payload = ENCODER.encode(encoded)
     except Exception as exc:  # any failure to encode becomes the flagged error
-        detail = str(exc)
-        if isinstance(exc, msgspec.EncodeError) or "is unsupported" in detail:
-            detail = (f"expected {info.name}, got {type(value).__name__}: msgspec cannot encode "
-                      f"it ({detail}); give the value a type msgspec supports (a Struct, a "
-                      f"dataclass, builtins, numpy arrays)")
-        return b"", f"{type(exc).__name__}: {detail}"
+        return b"", encode_failure(exc, value, info.schema, info.name)
     if len(payload) > MAX_NESTING and not nesting_ok(payload):
         return b"", (f"ValueError: expected a value nested at most {MAX_NESTING} deep, got one "
                      f"nested deeper")

@@ -18,6 +18,7 @@ import msgspec
 import numpy as np
 
 from ..codecs import ENCODER, SchemaInfo
+from ..codecs.culprit import encode_failure
 from .transport import TransportTimeout, failure_of
 from .call import Call
 from .fresh import on_fresh_stack
@@ -249,15 +250,12 @@ def split_error(text: Optional[str]) -> Tuple[str, str]:
 def error_text(exc: BaseException, call: Call) -> str:
     """A failure to produce this rank's payload, as the text its peers receive.
 
-    msgspec's own messages keep their shape ("Expected `int`, got `str` - at `$.rank`"); an
-    unsupported value says what was expected and what was given.
+    msgspec's own messages keep their shape ("Expected `int`, got `str` - at `$.rank`"); a value
+    msgspec cannot encode names the part that fails, what was declared there and what it holds.
     """
-    detail = str(exc)
-    if isinstance(exc, msgspec.EncodeError) or "is unsupported" in detail:
-        detail = (f"expected {call.schema_name}, got {type(call.value).__name__}: msgspec "
-                  f"cannot encode it ({detail}); give the value a type msgspec supports (a "
-                  f"Struct, a dataclass, builtins, numpy arrays)")
-    return f"{type(exc).__name__}: {detail}"
+    info = call.info
+    return encode_failure(exc, call.value, info.schema if info is not None else Any,
+                          call.schema_name)
 
 
 def decode_any(info: SchemaInfo, buf: Any) -> Any:

@@ -1,0 +1,161 @@
+"""What an error tells the user on every rank: the part of a value that does not encode, how many
+values a call expected, and the thin wrapper a failing call went through. Texts pinned, under
+``typedcoll.testing``; CI runs them with and without the C fast path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any, Callable, Dict, List, NamedTuple, Optional
+
+import msgspec
+import pytest
+
+import typedcoll as tc
+from typedcoll.codecs.culprit import locate
+from typedcoll.testing import run
+
+FILE = "test_messages.py"
+UNSUPPORTED = "Encoding objects of type Unencodable is unsupported"
+HINT = "give the field a type msgspec supports (a Struct, a dataclass, builtins, numpy arrays)"
+
+
+class Unencodable:
+    pass
+
+
+class Plan(msgspec.Struct):
+    batch: int
+    name: str = ""
+
+
+@dataclasses.dataclass
+class Job:
+    plan: Plan
+    tags: Dict[str, Any]
+
+
+class Pair(NamedTuple):
+    left: int
+    right: Any
+
+
+def errors_of(n: int, fn: Callable[..., Any]) -> List[BaseException]:
+    """Every rank's exception, in rank order; fails unless every rank raised."""
+    with pytest.raises(BaseExceptionGroup) as info:
+        run(n, fn, timeout=10)
+    by_rank = {int(str(e.__notes__[-1]).split()[1]): e for e in info.value.exceptions}
+    assert sorted(by_rank) == list(range(n)), info.value.exceptions
+    return [by_rank[r] for r in range(n)]
+
+
+def line_of(marker: str) -> int:
+    for number, line in enumerate(Path(__file__).read_text().splitlines(), 1):
+        if marker in line and "line_of" not in line:
+            return number
+    raise AssertionError(marker)
+
+
+# --- the part of a value msgspec cannot encode -----------------------------------------------
+def test_a_field_that_does_not_encode_is_named_with_its_declared_type():
+    def prog(comm):
+        comm.allgather(Plan(Unencodable()) if comm.rank == 1 else Plan(1))  # FIELD
+
+    e0, e1 = errors_of(2, prog)
+    site = f"{FILE}:{line_of('# FIELD')}"
+    detail = (f"expected Plan.batch: int, got Unencodable: msgspec cannot encode it "
+              f"({UNSUPPORTED}); {HINT}")
+    assert type(e1) is tc.EncodeError and str(e1) == (
+        f"collective #0 on WORLD: rank 1 could not send its allgather[Plan] contribution at "
+        f"{site}: {detail}")
+    assert type(e0) is tc.PeerError and str(e0) == (
+        f"collective #0 on WORLD: rank 1 failed its allgather[Plan] contribution at {site}: "
+        f"{detail}")
+    assert e0.detail == detail and e0.error_type == "NotImplementedError"
+
+
+@pytest.mark.parametrize("op", ["allgather", "bcast", "gather", "scatter", "alltoall"])
+def test_every_collective_names_the_item_and_field(op):
+    def prog(comm):
+        items = [Plan(1), Plan(Unencodable())] if comm.rank == 1 else [Plan(1), Plan(2)]
+        if op == "allgather":
+            comm.allgather(items, schema=List[Plan])
+        elif op == "bcast":
+            comm.bcast(items, root=1, schema=List[Plan])
+        elif op == "gather":
+            comm.gather(items, root=0, schema=List[Plan])
+        elif op == "scatter":
+            comm.scatter(items if comm.rank == 1 else None, root=1, schema=Plan)
+        else:
+            comm.alltoall(items, schema=Plan)
+
+    e0, e1 = errors_of(2, prog)
+    where = "Plan.batch" if op in ("scatter", "alltoall") else "list[Plan][1].batch"
+    value = "value 1: " if op in ("scatter", "alltoall") else ""
+    assert type(e1) is tc.EncodeError and type(e0) is tc.PeerError
+    for e in (e0, e1):
+        assert f": {value}expected {where}: int, got Unencodable: msgspec cannot encode it (" \
+            in str(e)
+
+
+def test_an_int_beyond_64_bits_in_a_field_is_named():
+    def prog(comm):
+        comm.bcast(Plan(1 << 70) if comm.rank == 1 else None, root=1, schema=Plan)
+
+    for e in errors_of(2, prog):
+        assert re.search(r": expected Plan\.batch: int, got an int beyond 64 bits: msgspec cannot "
+                         r"encode it \(can't serialize ints [^)]*\)$", str(e)), str(e)
+
+
+def test_a_send_names_the_field():
+    def prog(comm):
+        if comm.rank == 1:
+            comm.send(Plan(1, name=Unencodable()), 0)  # type: ignore[arg-type]
+        else:
+            comm.recv(1, schema=Plan)
+
+    e0, e1 = errors_of(2, prog)
+    assert type(e1) is tc.EncodeError and type(e0) is tc.PeerError
+    for e in (e0, e1):
+        assert str(e).endswith(f"NotImplementedError: expected Plan.name: str, got Unencodable: "
+                               f"msgspec cannot encode it ({UNSUPPORTED}); {HINT}")
+
+
+def test_the_drop_ins_name_the_field_inside_the_value():
+    def prog(comm):
+        mine = [Plan(1), Plan(Unencodable())] if comm.rank == 1 else [Plan(1)]
+        tc.compat.mpi4py(comm).allgather(mine)
+
+    e0, e1 = errors_of(2, prog)
+    assert type(e1) is tc.EncodeError and type(e0) is tc.PeerError
+    for e in (e0, e1):
+        assert (f"expected a Plan whose fields msgspec can encode, got Unencodable at "
+                f"$[1].batch, declared int ({UNSUPPORTED}); give its fields types from ") in str(e)
+
+
+@pytest.mark.parametrize("value, schema, where, declared, got", [
+    (Plan(Unencodable()), Plan, "Plan.batch", "int", "Unencodable"),
+    (Plan(Unencodable()), Optional[Plan], "Plan.batch", "int", "Unencodable"),
+    (Plan(Unencodable()), Any, "Plan.batch", "int", "Unencodable"),
+    ([None, Plan(1, Unencodable())], List[Optional[Plan]], "list[Optional[Plan]][1].name", "str",
+     "Unencodable"),
+    (Job(Plan(1), {"a": 1, "b": [2, Unencodable()]}), Job, "Job.tags['b'][1]", "Any",
+     "Unencodable"),
+    (Job(Plan(1 << 65), {}), Job, "Job.plan.batch", "int", "an int beyond 64 bits"),
+    ({"x": Plan(Unencodable())}, Dict[str, Plan], "dict[str, Plan]['x'].batch", "int",
+     "Unencodable"),
+    (Pair(1, Unencodable()), Pair, "Pair.right", "Any", "Unencodable"),
+    ((1, Unencodable()), Any, "tuple[1]", "Any", "Unencodable"),
+])
+def test_locate_walks_records_containers_and_unions(value, schema, where, declared, got):
+    culprit = locate(value, schema)
+    assert culprit is not None
+    assert (culprit.where, culprit.declared, culprit.got) == (where, declared, got)
+
+
+def test_locate_finds_nothing_in_a_value_that_encodes_or_fails_whole():
+    assert locate(Plan(1), Plan) is None
+    assert locate(Unencodable(), Any) is None
+
