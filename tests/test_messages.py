@@ -159,3 +159,32 @@ def test_locate_finds_nothing_in_a_value_that_encodes_or_fails_whole():
     assert locate(Plan(1), Plan) is None
     assert locate(Unencodable(), Any) is None
 
+
+# --- one value per rank ------------------------------------------------------------------------
+@pytest.mark.parametrize("surface, op, where", [
+    ("typed", "alltoall", ""), ("typed", "reduce_scatter", ""),
+    ("typed", "scatter", " on the root"), ("mpi4py", "alltoall", ""),
+    ("mpi4py", "scatter", " on the root")])
+def test_a_list_of_the_wrong_length_says_how_long_it_was(surface, op, where):
+    def prog(comm):
+        c = comm if surface == "typed" else tc.compat.mpi4py(comm)
+        values = [1] * (4 if comm.rank == 1 else 3)
+        if op == "scatter":
+            c.scatter(values if comm.rank == 1 else None, root=1)
+        else:
+            getattr(c, op)(values)
+
+    errors = errors_of(3, prog)
+    assert [type(e) for e in errors] == [tc.PeerError, tc.EncodeError, tc.PeerError]
+    for e in errors:
+        assert str(e).endswith(f": expected a sequence of 3 values{where}, one per rank, got a "
+                               f"list of 4"), str(e)
+
+
+def test_a_value_that_is_no_sequence_is_named():
+    def prog(comm):
+        comm.alltoall({0: 1, 1: 2} if comm.rank == 1 else [1, 2])
+
+    for e in errors_of(2, prog):
+        assert str(e).endswith(": expected a sequence of 2 values, one per rank, got dict")
+
