@@ -188,3 +188,76 @@ def test_a_value_that_is_no_sequence_is_named():
     for e in errors_of(2, prog):
         assert str(e).endswith(": expected a sequence of 2 values, one per rank, got dict")
 
+
+# --- the thin wrapper a failing call went through ----------------------------------------------
+class Dist:
+    def __init__(self, comm: tc.TypedComm) -> None:
+        self.comm = comm
+
+    def tp_allgather(self, obj: Any) -> Any:
+        return self.comm.allgather(obj)
+
+    def tp_gather(self, obj: Any) -> Any:
+        return self.comm.gather(obj, root=0)
+
+    def tp_send(self, obj: Any, dest: int) -> None:
+        self.comm.send(obj, dest)
+
+    def tp_vote(self, obj: Any) -> Any:
+        return self.comm.allgather(obj, name="vote")
+
+
+def through(fn: Callable[..., Any]) -> str:
+    return f"through {fn.__qualname__} ({FILE}:{fn.__code__.co_firstlineno})"
+
+
+@pytest.mark.parametrize("wrapper", [Dist.tp_allgather, Dist.tp_gather])
+def test_a_value_that_cannot_be_sent_names_the_thin_wrapper(wrapper):
+    def prog(comm):
+        getattr(Dist(comm), wrapper.__name__)(Unencodable() if comm.rank == 1 else 1)  # WRAPPED
+
+    e0, e1 = errors_of(2, prog)
+    op = wrapper.__name__[3:]
+    at = f"at {FILE}:{line_of('# WRAPPED')} {through(wrapper)}: expected Unencodable"
+    assert type(e1) is tc.EncodeError and str(e1).startswith(
+        f"collective #0 on WORLD: rank 1 could not send its {op}[Unencodable] contribution {at}")
+    assert type(e0) is tc.PeerError and str(e0).startswith(
+        f"collective #0 on WORLD: rank 1 failed its {op}[Unencodable] contribution {at}")
+
+
+def test_a_value_that_fails_its_schema_names_the_thin_wrapper():
+    def prog(comm):
+        Dist(comm).tp_allgather(Plan("x") if comm.rank == 1 else Plan(1))  # type: ignore  # BAD
+
+    e0, e1 = errors_of(2, prog)
+    at = f"{FILE}:{line_of('# BAD')} {through(Dist.tp_allgather)}"
+    assert type(e0) is tc.DecodeError and str(e0) == (
+        f"collective #0 on WORLD: payload from rank 1 does not decode as Plan (allgather[Plan] at "
+        f"{at}): Expected `int`, got `str` - at `$.batch`")
+    assert type(e1) is tc.EncodeError and str(e1) == (
+        f"collective #0 on WORLD: rank 1 could not send its allgather[Plan] contribution at {at}: "
+        f"expected Plan: Expected `int`, got `str` - at `$.batch`")
+
+
+def test_a_send_that_fails_names_the_thin_wrapper():
+    def prog(comm):
+        if comm.rank == 1:
+            Dist(comm).tp_send(Unencodable(), 0)  # SENT
+        else:
+            comm.recv(1)
+
+    e0, e1 = errors_of(2, prog)
+    at = f"at {FILE}:{line_of('# SENT')} {through(Dist.tp_send)}: NotImplementedError"
+    assert type(e1) is tc.EncodeError and str(e1).startswith(
+        f"send #0 to rank 0 (tag 0) on WORLD: rank 1 could not send its send[Unencodable] {at}")
+    assert type(e0) is tc.PeerError and str(e0).startswith(
+        f"recv #0 from rank 1 (tag 0) on WORLD: rank 1 failed its send[Unencodable] {at}")
+
+
+def test_a_named_call_through_a_wrapper_names_no_wrapper():
+    # Its identity is the name alone, as DesyncError's lines show it.
+    def prog(comm):
+        Dist(comm).tp_vote(Unencodable() if comm.rank == 1 else 1)  # NAMED
+
+    for e in errors_of(2, prog):
+        assert f"contribution at {FILE}:{line_of('# NAMED')}: expected" in str(e)

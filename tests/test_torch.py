@@ -630,21 +630,23 @@ def test_after_a_desync_the_communicator_is_usable(desync):
     assert [r["named"] for r in results] == [{"value": "7"}] * size  # same name, two lines
 
 
-@pytest.mark.parametrize("case, head, what, line, detail", [
-    ("t_bad_op", "collective #15 on WORLD", "all_reduce_tensor", "outcome",
+@pytest.mark.parametrize("case, head, what, via, detail", [
+    ("t_bad_op", "collective #15 on WORLD", "all_reduce_tensor", ("t7", "comm.all_reduce_tensor"),
      "expected op 'sum', 'prod', 'max' or 'min', got 'avg'"),
-    ("t_not_tensor", "collective #16 on WORLD", "all_gather_tensor", "outcome",
-     "expected a torch.Tensor, got list"),
-    ("bad timeout", "creation on WORLD#2", "create",
-     "outcome", "expected timeout None or seconds > 0, got 0"),
+    ("t_not_tensor", "collective #16 on WORLD", "all_gather_tensor",
+     ("t8", "comm.all_gather_tensor"), "expected a torch.Tensor, got list"),
+    ("bad timeout", "creation on WORLD#2", "create", ("bad-timeout", "tc.TypedComm"),
+     "expected timeout None or seconds > 0, got 0"),
 ])
-def test_one_ranks_bad_argument_raises_on_every_rank(desync, case, head, what, line, detail):
+def test_one_ranks_bad_argument_raises_on_every_rank(desync, case, head, what, via, detail):
+    # Each case's call is a thin lambda's, called at outcome's line: messages name both.
     size, results = desync
     odd = size - 1
+    at = f"{SITES['outcome']} through {lambda_at(*via)}"
     peer = {"error": "PeerError", "message": f"{head}: rank {odd} failed its {what} "
-                                             f"contribution at {SITES[line]}: {detail}"}
+                                             f"contribution at {at}: {detail}"}
     own = {"error": "EncodeError", "message": f"{head}: rank {odd} could not send its {what} "
-                                              f"contribution at {SITES[line]}: {detail}"}
+                                              f"contribution at {at}: {detail}"}
     assert [r[case] for r in results] == [peer] * odd + [own]
 
 

@@ -111,14 +111,14 @@ def _message(p: Any, value: Any, dest: Any, tag: Any, schema: Any, name: Any,
     envelope = Envelope(
         p.instance, p.rank, tag, seq, info.name if info is not None else "?",
         info.fingerprint if info is not None else b"", info.path if info is not None else "",
-        info.kind if info is not None else KIND_MSGSPEC, name, caller.site, caller.occurrence,
+        info.kind if info is not None else KIND_MSGSPEC, name, caller.place, caller.occurrence,
         caller.step, error)
     head = ENVELOPE_ENCODER.encode(envelope)
     data = len(head).to_bytes(LENGTH_PREFIX, "little") + head + (payload if error is None else b"")
     failure = None
     if error is not None:
         failure = EncodeError(f"{head_text(op, seq, dest, tag, p.name)}: rank {p.rank} could not "
-                              f"send its {label(op, envelope.schema)} at {caller.site}: {error}",
+                              f"send its {label(op, envelope.schema)} at {caller.place}: {error}",
                               seq=seq, comm=p.name)
     return data, dest, tag, failure
 

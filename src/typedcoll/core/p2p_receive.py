@@ -13,7 +13,7 @@ from ..codecs import (KIND_MSGSPEC, KIND_NUMPY_SCALAR, SchemaInfo, decode_array,
 from ..codecs.nesting import MAX_NESTING
 from .errors import CollectiveTimeout, DecodeError, DesyncError, PeerError
 from .identity import call_site, format_site, name_fingerprint, register_internal, \
-    site_fingerprint
+    site_fingerprint, via_name
 from .mailbox import Envelope, head_text
 from .mismatch import EnvelopeInfo, Group, MismatchKind, format_groups, label
 from .verdict import decode_any
@@ -42,14 +42,17 @@ def p2p_state(p: Any) -> P2PState:
 
 
 class Caller:
-    """Who is calling: the site (or name), its occurrence, and the step clock."""
+    """Who is calling: the site (or name), its occurrence, and the step clock. ``place`` is the
+    site as messages show it: with the thin wrapper the call went through, as a collective's."""
 
-    __slots__ = ("site", "name", "occurrence", "step")
+    __slots__ = ("site", "place", "name", "occurrence", "step")
 
     def __init__(self, p: Any, name: Optional[str]) -> None:
         frame, via = call_site(2)
         code, lasti = (frame.f_code, frame.f_lasti) if frame is not None else (None, 0)
         self.site = format_site(code, lasti)
+        wrapper = via_name(via) if name is None else None
+        self.place = self.site if wrapper is None else f"{self.site} through {wrapper}"
         self.name = name
         identity = name_fingerprint(name) if name is not None else \
             site_fingerprint(code, lasti, via)
@@ -75,7 +78,7 @@ def recv_timed_out(p: Any, request: RecvRequest) -> None:
            f"did not complete within {timeout:g} s: no message from {source} arrived")
     raise CollectiveTimeout(
         f"{head_text('recv', seq, request.source, request.tag, p.name)}: "
-        f"{label('recv', schema)} at {caller.site} {why}",
+        f"{label('recv', schema)} at {caller.place} {why}",
         seq=-1 if seq is None else seq, comm=p.name, op="recv", schema=schema, site=caller.site,
         timeout=timeout, missing=(request.source,) if request.source is not None else None,
         failure=request.failure)
@@ -117,7 +120,7 @@ def take(p: Any, request: RecvRequest) -> Any:
         diverged(p, head, kinds, expected, message.source, env, info, caller)
     if info is None:
         info = sender_class(p, head, env, message.source)
-    return decode_payload(p, head, info, message.payload, message.source, caller.site)
+    return decode_payload(p, head, info, message.payload, message.source, caller.place)
 
 
 def diverged(p: Any, head: str, kinds: List[MismatchKind], expected: int, source: int,
@@ -128,7 +131,7 @@ def diverged(p: Any, head: str, kinds: List[MismatchKind], expected: int, source
     mine = EnvelopeInfo(rank=p.rank, seq=expected, op="recv",
                         schema=info.name if info is not None else "",
                         fingerprint=info.fingerprint.hex() if info is not None else "",
-                        comm=p.name, site=caller.site, name=caller.name,
+                        comm=p.name, site=caller.place, name=caller.name,
                         occurrence=caller.occurrence, step=caller.step)
     groups = [Group((source,), sent), Group((p.rank,), mine)]
     lines = [f"{head} diverged ({', '.join(k.value for k in kinds)}):"]

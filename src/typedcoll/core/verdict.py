@@ -30,7 +30,7 @@ from .callers import describe as describe_callers
 from .identity import column_of, format_site, register_internal, via_name
 from .mismatch import (EnvelopeInfo, Group, MismatchKind, compact_ranks, desync_message,
                        differing_notes, group_envelopes, label, mismatch_kinds, ordered_ranks,
-                       role_split)
+                       place, role_split)
 from .wire import (AGREE_SIZE, FLAG_LOCAL_ERROR, FLAGS_OFFSET, HEADER_SIZE, IDENTITY_OFFSET,
                    REDUCE_OP_NAMES, REDUCING_OPS, ROOTED_OPS, agreed, or_into, own_block)
 
@@ -191,13 +191,14 @@ def failure(p: "Protocol", call: Call, failed: Sequence[int],
             comm=p.name, threads=(infos[r].thread,), ranks=tuple(failed))
         p.channel.broken = err
         return err
-    site = infos[first].site
+    site = place(infos[first], callers=False)
     # The failed rank's call as it described it, so that every rank's text is the same (a bcast
     # receiver names no schema, its root does).
     if p.rank in failed:
         return EncodeError(f"{where(p, call)}: rank {p.rank} could not send "
                            f"its {label(infos[p.rank].op, infos[p.rank].schema)} contribution at "
-                           f"{infos[p.rank].site}: {texts[p.rank]}", seq=call.seq, comm=p.name)
+                           f"{place(infos[p.rank], callers=False)}: {texts[p.rank]}", seq=call.seq,
+                           comm=p.name)
     more = "" if len(failed) == 1 else f" (and {compact_ranks(failed[1:])})"
     return PeerError(f"{where(p, call)}: rank {first}{more} failed its "
                      f"{label(infos[first].op, infos[first].schema)} "
@@ -273,7 +274,9 @@ def decode_any(info: SchemaInfo, buf: Any) -> Any:
 
 def decode_failure(p: "Protocol", call: Call, source: int, exc: BaseException) -> Exception:
     """The error for a payload that does not decode: the sender's own, or its peers'."""
-    site = format_site(call.code, call.lasti)
+    site = place(EnvelopeInfo(rank=p.rank, seq=call.seq, op=call.op,
+                              site=format_site(call.code, call.lasti), name=call.name,
+                              via=via_name(call.via)))
     name = call.info.name if call.info is not None else "?"
     detail = f"{type(exc).__name__}: {exc}" if not isinstance(exc, msgspec.DecodeError) \
         else str(exc)
