@@ -261,3 +261,41 @@ def test_a_named_call_through_a_wrapper_names_no_wrapper():
 
     for e in errors_of(2, prog):
         assert f"contribution at {FILE}:{line_of('# NAMED')}: expected" in str(e)
+
+
+# --- point to point on a communicator that numbers its ranks unlike the job ----------------------
+def test_point_to_point_errors_on_a_split_say_how_its_ranks_map():
+    # Ranks 2-3 of the job are ranks 0-1 of their split: "rank 1" alone would send a reader to
+    # the job's rank 1, which is in the other split.
+    def prog(comm):
+        sub = comm.split(comm.rank // 2)
+        if sub.rank == 1:
+            sub.send(Unencodable(), 0)
+        else:
+            sub.recv(1)
+
+    errors = errors_of(4, prog)
+    assert [type(e) for e in errors] == [tc.PeerError, tc.EncodeError] * 2
+    split_of = ["WORLD.split(0)", "WORLD.split(1) (ranks 0-1 here are world ranks 2-3)"]
+    for world_rank, e in enumerate(errors):
+        where = split_of[world_rank // 2]
+        head = (f"recv #0 from rank 1 (tag 0) on {where}: rank 1 failed" if world_rank % 2 == 0
+                else f"send #0 to rank 0 (tag 0) on {where}: rank 1 could not send")
+        assert str(e).startswith(head), str(e)
+
+
+def test_a_point_to_point_desync_on_a_split_says_how_its_ranks_map():
+    def prog(comm):
+        sub = comm.split(comm.rank // 2)
+        if sub.rank == 1:
+            sub.send(1, 0, name="batch_size")
+        else:
+            sub.recv(1, name="stop")
+
+    with pytest.raises(BaseExceptionGroup) as info:
+        run(4, prog, timeout=10)
+    texts = sorted(str(e) for e in info.value.exceptions)
+    assert len(texts) == 2 and texts[0].startswith(
+        "recv #0 from rank 1 (tag 0) on WORLD.split(0) diverged (call site):")
+    assert texts[1].startswith("recv #0 from rank 1 (tag 0) on WORLD.split(1) (ranks 0-1 here "
+                               "are world ranks 2-3) diverged (call site):")

@@ -251,6 +251,24 @@ def compact_ranks(ranks: Sequence[int]) -> str:
     return ordered_ranks(ordered, None) if ordered else "no ranks"
 
 
+def numbering(p: Any) -> str:
+    """How communicator ``p`` numbers its ranks, where not as the job does: `` (ranks 0-3 here
+    are world ranks 4-7)``, so that the ranks a message names can be found; "" where alike."""
+    try:
+        world = p.transport.world_ranks()
+    except Exception:  # a message must never fail for want of this note
+        return ""
+    if world is None or world == list(range(p.size)):
+        return ""
+    here = compact_ranks(range(p.size))
+    return f" ({here} here {'is' if p.size == 1 else 'are'} world {ordered_ranks(world)})"
+
+
+def comm_name(p: Any) -> str:
+    """``p``'s name as messages give it: with its :func:`numbering`."""
+    return f"{p.name}{numbering(p)}"
+
+
 def label(op: str, schema: str) -> str:
     """``allgather[RankState]``, or the bare op for collectives without a payload schema."""
     return f"{op}[{schema}]" if schema else op

@@ -42,7 +42,7 @@ from .errors import CollectiveError, CollectiveTimeout, EncodeError
 from .identity import check_name, register_internal
 from .mailbox import (ENVELOPE_ENCODER, LENGTH_PREFIX, TRANSPORT_TAG, Envelope, Message, head_text,
                       mailbox_of)
-from .mismatch import label
+from .mismatch import comm_name, label
 from .p2p_receive import Caller, p2p_state, recv_timed_out, take
 from .transport import TransportTimeout, failure_of
 
@@ -54,7 +54,7 @@ _SENDS_NEVER_WAIT = frozenset({"memory", "torch"})
 # --- messages ---------------------------------------------------------------------------------
 def _refuse_freed(p: Any, op: str, peer: Optional[int], tag: Optional[int]) -> None:
     if p.freed:
-        raise CollectiveError(f"{head_text(op, None, peer, tag, p.name)}: refused: the "
+        raise CollectiveError(f"{head_text(op, None, peer, tag, comm_name(p))}: refused: the "
                               f"communicator was freed", seq=-1, comm=p.name)
 
 
@@ -117,9 +117,9 @@ def _message(p: Any, value: Any, dest: Any, tag: Any, schema: Any, name: Any,
     data = len(head).to_bytes(LENGTH_PREFIX, "little") + head + (payload if error is None else b"")
     failure = None
     if error is not None:
-        failure = EncodeError(f"{head_text(op, seq, dest, tag, p.name)}: rank {p.rank} could not "
-                              f"send its {label(op, envelope.schema)} at {caller.place}: {error}",
-                              seq=seq, comm=p.name)
+        failure = EncodeError(f"{head_text(op, seq, dest, tag, comm_name(p))}: rank {p.rank} "
+                              f"could not send its {label(op, envelope.schema)} at "
+                              f"{caller.place}: {error}", seq=seq, comm=p.name)
     return data, dest, tag, failure
 
 
@@ -235,8 +235,8 @@ def isend(p: Any, value: Any, dest: Any, tag: Any, schema: Any, name: Any,
             transport.send_bytes(data, dest, TRANSPORT_TAG, None)
         except TransportTimeout as exc:  # gloo refused to post it: the peer's connection closed
             raise CollectiveTimeout(
-                f"{head_text('isend', None, dest, tag, p.name)}: isend failed in the backend (a "
-                f"peer's process or connection is gone?): {failure_of(exc)}", seq=-1,
+                f"{head_text('isend', None, dest, tag, comm_name(p))}: isend failed in the "
+                f"backend (a peer's process or connection is gone?): {failure_of(exc)}", seq=-1,
                 comm=p.name, op="isend", timeout=p.timeout or 0.0, missing=(dest,),
                 failure=failure_of(exc)) from None
         return SendRequest(None, failure)
@@ -285,7 +285,7 @@ def send(p: Any, value: Any, dest: Any, tag: Any, schema: Any, name: Any,
         why = (f"failed in the backend (a peer's process or connection is gone?): {broke}"
                if broke else f"did not complete within {p.timeout:g} s (rank {dest} never "
                f"received it)")
-        raise CollectiveTimeout(f"{head_text('send', None, dest, tag, p.name)}: send {why}",
+        raise CollectiveTimeout(f"{head_text('send', None, dest, tag, comm_name(p))}: send {why}",
                                 seq=-1, comm=p.name, op="send", timeout=p.timeout or 0.0,
                                 missing=(dest,), failure=broke) from None
     if failure is not None:
@@ -335,7 +335,7 @@ def matched(request: RecvRequest) -> Tuple[int, int, int]:
 def head(p: Any, request: RecvRequest) -> str:
     """How messages about a completed receive start: ``recv #0 from rank 1 (tag 0) on WORLD``."""
     source, tag, seq = matched(request)
-    return head_text("recv", seq, source, tag, p.name)
+    return head_text("recv", seq, source, tag, comm_name(p))
 
 
 register_internal(__file__)

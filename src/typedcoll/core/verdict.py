@@ -29,7 +29,7 @@ from .arms import branch_of
 from .callers import describe as describe_callers
 from .identity import column_of, format_site, register_internal, via_name
 from .mismatch import (EnvelopeInfo, Group, MismatchKind, compact_ranks, desync_message,
-                       differing_notes, group_envelopes, label, mismatch_kinds, ordered_ranks,
+                       differing_notes, group_envelopes, label, mismatch_kinds, numbering,
                        place, role_split)
 from .wire import (AGREE_SIZE, FLAG_LOCAL_ERROR, FLAGS_OFFSET, HEADER_SIZE, IDENTITY_OFFSET,
                    REDUCE_OP_NAMES, REDUCING_OPS, ROOTED_OPS, agreed, or_into, own_block)
@@ -55,17 +55,6 @@ def heading(p: Any, seq: int) -> str:
     if seq == CREATE_SEQ:
         return f"creation on {p.name}{numbering(p)}"
     return f"collective #{seq} on {p.name}{numbering(p)}"
-
-
-def numbering(p: "Protocol") -> str:
-    try:
-        world = p.transport.world_ranks()
-    except Exception:  # a message must never fail for want of this note
-        return ""
-    if world is None or world == list(range(p.size)):
-        return ""
-    here = compact_ranks(range(p.size))
-    return f" ({here} here {'is' if p.size == 1 else 'are'} world {ordered_ranks(world)})"
 
 
 def what(call: Call) -> str:
