@@ -278,6 +278,11 @@ def decode_failure(p: "Protocol", call: Call, source: int, exc: BaseException) -
                        seq=call.seq, comm=p.name, source=source, schema=name)
 
 
+# Transports whose late rank's call fails in the backend instead of completing (their notices
+# of give-ups are read only to tell that failure from a dead peer).
+LATE_CALLS_FAIL = frozenset({"torch"})
+
+
 def who_gave_up(p: "Protocol", notices: Sequence[Tuple[int, int]]) -> str:
     """The ranks whose notices this rank found, ``(and possibly others)`` short of every peer:
     over MPI a notice may still be in flight when the late rank looks (one found of three)."""
@@ -298,10 +303,18 @@ def timed_out(p: "Protocol", call: Call) -> None:
     p.transport.give_up(call.seq, failure)  # first: a late peer looks for it as it completes
     # An exchange stops before its deadline only when the backend failed it or when it completed
     # after a peer had given up (the transport found that peer's notice): this rank came late.
-    late = (bool(notices) and not failure and call.deadline is not None
-            and time.monotonic() < call.deadline)
+    # Where a late rank cannot complete the call (gloo: its peers' give-ups closed the
+    # connections), its backend fails it with "connection closed", as for a dead peer: every
+    # peer's notice tells the two apart. Only every peer's: a rank failed so while it too waited
+    # for an absent one is not late.
+    if p.transport.kind in LATE_CALLS_FAIL:
+        gave_up = {rank for rank, seq in notices if seq <= call.seq}
+        came_late = bool(failure) and len(gave_up | {p.rank}) == p.size
+    else:
+        came_late = bool(notices) and not failure
+    late = came_late and call.deadline is not None and time.monotonic() < call.deadline
     missing: Optional[Sequence[int]] = None
-    if failure:
+    if failure and not late:
         text = (f"{where(p, call)}: {what(call)} at {site} failed in the {p.transport.kind} "
                 f"backend before completing (a peer's process or connection is gone?): "
                 f"{failure}")
