@@ -172,6 +172,42 @@ def test_skipped_vote_of_plain_ints_raises_on_every_rank(n):
         assert isinstance(e, tc.DesyncError) and str(e) == expected
 
 
+def test_the_step_clock_catches_a_vote_skipped_at_one_line_of_a_loop():
+    # Both votes are one line run every step: only the step tells rank 1's step-2 vote from
+    # rank 0's step-1 one. Without the clock they would pair, one step apart, without an error.
+    def prog(comm):
+        c = compat.mpi4py(comm)
+        for step in range(3):
+            c.set_step(step)
+            if not (c.rank == 1 and step == 1):  # rank 1 idle at step 1
+                c.allgather(step)  # STEP-VOTE
+
+    with pytest.raises(ExceptionGroup) as info:
+        run(2, prog, timeout=10)
+    errors = errors_by_rank(info.value)
+    site = f"test_compat_mpi4py.py:{line_of('# STEP-VOTE')}"
+    expected = (f"collective #1 on WORLD diverged (step):\n"
+                f"  rank 0: allgather[Any] at {site}, its 2nd call, step 1\n"
+                f"  rank 1: allgather[Any] at {site}, its 2nd call, step 2")
+    for e in errors.values():
+        assert isinstance(e, tc.DesyncError) and e.kinds == (tc.MismatchKind.STEP,), e
+        assert str(e).startswith(expected), e
+
+
+def test_a_bad_step_given_to_set_step_raises_at_the_next_call_on_every_rank():
+    def prog(comm):
+        c = compat.mpi4py(comm)
+        c.set_step("one" if c.rank == 1 else 1)  # type: ignore[arg-type]
+        c.allgather(c.rank)
+
+    with pytest.raises(ExceptionGroup) as info:
+        run(2, prog, timeout=10)
+    errors = errors_by_rank(info.value)
+    assert type(errors[1]) is tc.EncodeError and type(errors[0]) is tc.PeerError
+    for e in errors.values():
+        assert "(given to set_step)" in str(e), e
+
+
 class MPIDist:
     """An engine's unmarked wrapper class over the drop-in (its methods one call each)."""
 

@@ -178,8 +178,9 @@ def test_refuses_a_class_defined_in_a_function():
 
 def test_refuses_a_field_msgspec_cannot_encode():
     assert refusal(Stats(1, [Opaque()])) == (  # type: ignore[list-item]
-        f"TypeError: expected a Stats whose fields msgspec can encode, got one it cannot at $ "
-        f"(Encoding objects of type Opaque is unsupported); give its fields types from "
+        f"TypeError: expected a Stats whose fields msgspec can encode, got Opaque at "
+        f"$.sizes[0], declared int (Encoding objects of type Opaque is unsupported); give its "
+        f"fields types from "
         f"{SUPPORTED}")
 
 

@@ -450,6 +450,22 @@ def desyncs(rank: int, size: int) -> dict:
     return out
 
 
+def program_late(rank: int, size: int) -> dict:
+    """The last rank arrives 2.5 s late at a call with a 1 s timeout: slow, not dead. Its peers
+    give up first, and gloo then fails its call as though they had died."""
+    import typedcoll as tc
+
+    comm = tc.TypedComm.from_torch(timeout=1)
+    comm.allgather(rank)
+    if rank == size - 1:
+        time.sleep(2.5)
+    try:
+        comm.allgather(rank)  # @late
+    except tc.CollectiveError as exc:
+        return {"error": type(exc).__name__, "message": str(exc)}
+    return {"value": "completed"}
+
+
 def program_arrays(rank: int, size: int) -> dict:
     """numpy arrays on gloo without a timeout, where the C path serves them over the
     transport's own exchange, with the last rank on the Python steps: inline, past the slot, in
@@ -512,6 +528,22 @@ def desync(request, tmp_path_factory):
 def test_every_collective_matches_independent_values(desync):
     size, results = desync  # a failed check in any rank fails the run itself
     assert len(results) == size
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_a_slow_rank_is_told_its_peers_gave_up_not_that_they_died(tmp_path, size):
+    # Before, the late rank read "failed in the torch backend before completing (a peer's
+    # process or connection is gone?)", and a hang report that every rank had started the call.
+    *early, late = run_ranks("late", size, tmp_path)
+    at = f"collective #1 on WORLD: allgather[int] at {SITES['late']}"
+    for r in early:  # the first to give up may fail a peer's wait, with the same report
+        assert r["error"] == "CollectiveTimeout", r
+        assert f"  never arrived at collective #1 on WORLD: rank {size - 1}\n" in r["message"], r
+    peers = "rank 0" if size == 2 else f"ranks 0-{size - 2}"
+    assert late == {"error": "CollectiveTimeout", "message": (
+        f"{at} is abandoned: {peers} gave up waiting at collective #1 (timeout 1 s) before it "
+        f"completed on rank {size - 1}; no rank returns this call's result (their reports name "
+        f"the ranks they waited for)")}
 
 
 def test_arrays_on_the_c_path_over_gloo_meet_a_rank_on_the_python_steps(tmp_path):
@@ -630,21 +662,23 @@ def test_after_a_desync_the_communicator_is_usable(desync):
     assert [r["named"] for r in results] == [{"value": "7"}] * size  # same name, two lines
 
 
-@pytest.mark.parametrize("case, head, what, line, detail", [
-    ("t_bad_op", "collective #15 on WORLD", "all_reduce_tensor", "outcome",
+@pytest.mark.parametrize("case, head, what, via, detail", [
+    ("t_bad_op", "collective #15 on WORLD", "all_reduce_tensor", ("t7", "comm.all_reduce_tensor"),
      "expected op 'sum', 'prod', 'max' or 'min', got 'avg'"),
-    ("t_not_tensor", "collective #16 on WORLD", "all_gather_tensor", "outcome",
-     "expected a torch.Tensor, got list"),
-    ("bad timeout", "creation on WORLD#2", "create",
-     "outcome", "expected timeout None or seconds > 0, got 0"),
+    ("t_not_tensor", "collective #16 on WORLD", "all_gather_tensor",
+     ("t8", "comm.all_gather_tensor"), "expected a torch.Tensor, got list"),
+    ("bad timeout", "creation on WORLD#2", "create", ("bad-timeout", "tc.TypedComm"),
+     "expected timeout None or seconds > 0, got 0"),
 ])
-def test_one_ranks_bad_argument_raises_on_every_rank(desync, case, head, what, line, detail):
+def test_one_ranks_bad_argument_raises_on_every_rank(desync, case, head, what, via, detail):
+    # Each case's call is a thin lambda's, called at outcome's line: messages name both.
     size, results = desync
     odd = size - 1
+    at = f"{SITES['outcome']} through {lambda_at(*via)}"
     peer = {"error": "PeerError", "message": f"{head}: rank {odd} failed its {what} "
-                                             f"contribution at {SITES[line]}: {detail}"}
+                                             f"contribution at {at}: {detail}"}
     own = {"error": "EncodeError", "message": f"{head}: rank {odd} could not send its {what} "
-                                              f"contribution at {SITES[line]}: {detail}"}
+                                              f"contribution at {at}: {detail}"}
     assert [r[case] for r in results] == [peer] * odd + [own]
 
 

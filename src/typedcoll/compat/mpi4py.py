@@ -7,7 +7,8 @@ mpi4py's object API (``allgather``, ``gather``, ``bcast``, ``scatter``, ``alltoa
 (``Barrier``, ``Split``, ``Dup``, ``Clone``, ``Free``): results equal mpi4py's for the
 supported payloads (``compat.values``), and every call is a typed collective, checked on every
 rank. mpi4py's buffer calls (``Allreduce``, ``Bcast``, ...) stay on ``.comm``, unchecked.
-Each method also takes keyword-only ``name=`` and ``step=``, as TypedComm's do.
+Each method also takes keyword-only ``name=`` and ``step=``, as TypedComm's do, and
+``set_step(it)`` sets the step clock they carry.
 
 mpi4py is imported only by the TypedComm made over an mpi4py communicator, never here: the
 same class serves a TypedComm over another transport (``typedcoll.testing``).
@@ -136,6 +137,14 @@ class Comm:
 
     def __repr__(self) -> str:
         return f"compat.mpi4py({self.typed!r})"
+
+    def set_step(self, step: Optional[int]) -> None:
+        """The step clock of the TypedComm beneath (``TypedComm.set_step``): every later call,
+        collective or point to point, carries ``step`` until it is set again, so a rank that
+        skipped a call at one line of a loop (a vote skipped on an idle step) raises there
+        instead of pairing with the next step's call. Local; a bad ``step`` raises at the next
+        call, on every rank (EncodeError here, PeerError elsewhere)."""
+        self.typed.set_step(step)
 
     # --- collectives -----------------------------------------------------------------------
     def allgather(self, sendobj: Any, *, step: Optional[int] = None,

@@ -147,7 +147,7 @@ def _fill(p: Protocol, request: Any, tensor: Any, message: TensorMessage, source
         raise DesyncError(
             f"{p2p.head(p, request)} diverged ({', '.join(k.value for k in kinds)}): rank "
             f"{source} sent a tensor of shape {message.shape} {message.dtype} at {env.site}; "
-            f"rank {p.rank} expected shape {mine[1]} {mine[0]} at {request.caller.site} (the "
+            f"rank {p.rank} expected shape {mine[1]} {mine[0]} at {request.caller.place} (the "
             f"receiving tensor's)",
             seq=seq, comm=p.name, kinds=kinds)
     if not tensor.numel():

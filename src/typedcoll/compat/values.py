@@ -49,6 +49,7 @@ from msgspec.msgpack import Ext
 from ..codecs import (KIND_MSGSPEC, decode_array, encode_array, find_class, nesting_ok,
                       resolve)
 from ..codecs.nesting import MAX_NESTING
+from ..codecs.culprit import locate
 from ..codecs.schema import ENCODER, class_path
 from ..core.fresh import on_fresh_stack
 from ..core.identity import register_internal
@@ -245,9 +246,11 @@ class _Tagger:
                 self.flags |= HAS_CLASSES
                 return [_MARKERS[NAMED_TUPLE], path, list(cls._fields)] + [
                     self._item(x, depth, i) for i, x in enumerate(value)]
+            culprit = locate(value, cls, "{path}")
+            at = "one it cannot at {path}" if culprit is None else \
+                f"{culprit.got} at {culprit.where}, declared {culprit.declared}"
             raise Refused(f"TypeError: expected a {what} whose fields msgspec can encode, got "
-                          f"one it cannot at {{path}} ({exc}); give its fields types from "
-                          f"{SUPPORTED}") from None
+                          f"{at} ({exc}); give its fields types from {SUPPORTED}") from None
         if len(payload) > MAX_NESTING and not nesting_ok(payload):
             raise Refused(f"ValueError: expected a value nested at most {MAX_NESTING} deep, got "
                           f"a {what} nested deeper at {{path}}")

@@ -19,6 +19,7 @@ import msgspec
 
 from .errors import CollectiveError
 from .identity import register_internal
+from .mismatch import comm_name
 from .transport import TransportTimeout, failure_of
 
 if TYPE_CHECKING:
@@ -136,8 +137,8 @@ class Mailbox:
                 return self._wait_for(request, request.source, deadline)
             if self.transport.kind not in _CAN_POLL:
                 raise CollectiveError(
-                    f"{head_text('recv', None, request.source, request.tag, request.p.name)}: "
-                    f"refused: expected a transport that can look for a message without "
+                    f"{head_text('recv', None, request.source, request.tag, comm_name(request.p))}"
+                    f": refused: expected a transport that can look for a message without "
                     f"waiting for it (a receive from any rank, or test()), got "
                     f"{self.transport.kind}'s; name the source and wait", seq=-1,
                     comm=request.p.name)

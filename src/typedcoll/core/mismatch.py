@@ -252,9 +252,42 @@ def compact_ranks(ranks: Sequence[int]) -> str:
     return ordered_ranks(ordered, None) if ordered else "no ranks"
 
 
+def numbering(p: Any) -> str:
+    """How communicator ``p`` numbers its ranks, where not as the job does: `` (ranks 0-3 here
+    are world ranks 4-7)``, so that the ranks a message names can be found; "" where alike."""
+    try:
+        world = p.transport.world_ranks()
+    except Exception:  # a message must never fail for want of this note
+        return ""
+    if world is None or world == list(range(p.size)):
+        return ""
+    here = compact_ranks(range(p.size))
+    return f" ({here} here {'is' if p.size == 1 else 'are'} world {ordered_ranks(world)})"
+
+
+def comm_name(p: Any) -> str:
+    """``p``'s name as messages give it: with its :func:`numbering`."""
+    return f"{p.name}{numbering(p)}"
+
+
 def label(op: str, schema: str) -> str:
     """``allgather[RankState]``, or the bare op for collectives without a payload schema."""
     return f"{op}[{schema}]" if schema else op
+
+
+def place(env: EnvelopeInfo, show_column: bool = False, callers: bool = True) -> str:
+    """Where a rank made its call: ``engine.py:88 through Dist.tp_allgather (dist.py:40)``, the
+    caller's line alone naming every use of a wrapper alike; with ``callers``, the lines that
+    called its function too (``called from scheduler.py:194``), which a desync needs to tell two
+    uses of one helper apart and a failure to send does not (its site is where to look)."""
+    text = format_column(env.site, env.column) if show_column else env.site
+    if env.via is not None and env.name is None:
+        text += f" through {env.via}"
+    if env.name is None and callers:
+        for caller in env.callers:
+            where = format_column(caller.site, caller.column) if show_column else caller.site
+            text += f" called from {where}" + (f" through {caller.via}" if caller.via else "")
+    return text
 
 
 def describe(env: EnvelopeInfo, kinds: Sequence[MismatchKind] = (),
@@ -289,13 +322,7 @@ def describe(env: EnvelopeInfo, kinds: Sequence[MismatchKind] = (),
         text += " (creation)" if env.seq == 2 ** 64 - 1 else f" seq={env.seq}"
     if env.name is not None:
         text += f" name={env.name!r}"
-    text += f" at {format_column(env.site, env.column) if show_column else env.site}"
-    if env.via is not None and env.name is None:
-        text += f" through {env.via}"
-    if env.name is None:
-        for caller in env.callers:
-            where = format_column(caller.site, caller.column) if show_column else caller.site
-            text += f" called from {where}" + (f" through {caller.via}" if caller.via else "")
+    text += f" at {place(env, show_column)}"
     if env.occurrence:
         text += f", its {ordinal(env.occurrence)} call"
     if env.step is not None:

@@ -33,17 +33,16 @@ import threading
 import time
 from typing import Any, List, Optional, Tuple
 
-import msgspec
-
 from ..codecs import KIND_MSGSPEC, SchemaInfo, encode_array, nesting_ok
 from ..codecs.nesting import MAX_NESTING
+from ..codecs.culprit import encode_failure
 from ..codecs.schema import ENCODER
 from .args import check_dest, payload_mode, schema_of
 from .errors import CollectiveError, CollectiveTimeout, EncodeError
 from .identity import check_name, register_internal
 from .mailbox import (ENVELOPE_ENCODER, LENGTH_PREFIX, TRANSPORT_TAG, Envelope, Message, head_text,
                       mailbox_of)
-from .mismatch import label
+from .mismatch import comm_name, label
 from .p2p_receive import Caller, p2p_state, recv_timed_out, take
 from .transport import TransportTimeout, failure_of
 
@@ -55,7 +54,7 @@ _SENDS_NEVER_WAIT = frozenset({"memory", "torch"})
 # --- messages ---------------------------------------------------------------------------------
 def _refuse_freed(p: Any, op: str, peer: Optional[int], tag: Optional[int]) -> None:
     if p.freed:
-        raise CollectiveError(f"{head_text(op, None, peer, tag, p.name)}: refused: the "
+        raise CollectiveError(f"{head_text(op, None, peer, tag, comm_name(p))}: refused: the "
                               f"communicator was freed", seq=-1, comm=p.name)
 
 
@@ -78,12 +77,7 @@ def _encode_payload(info: SchemaInfo, value: Any) -> Tuple[bytes, Optional[str]]
             return encode_array(encoded), None
         payload = ENCODER.encode(encoded)
     except Exception as exc:  # any failure to encode becomes the flagged error
-        detail = str(exc)
-        if isinstance(exc, msgspec.EncodeError) or "is unsupported" in detail:
-            detail = (f"expected {info.name}, got {type(value).__name__}: msgspec cannot encode "
-                      f"it ({detail}); give the value a type msgspec supports (a Struct, a "
-                      f"dataclass, builtins, numpy arrays)")
-        return b"", f"{type(exc).__name__}: {detail}"
+        return b"", encode_failure(exc, value, info.schema, info.name)
     if len(payload) > MAX_NESTING and not nesting_ok(payload):
         return b"", (f"ValueError: expected a value nested at most {MAX_NESTING} deep, got one "
                      f"nested deeper")
@@ -117,15 +111,15 @@ def _message(p: Any, value: Any, dest: Any, tag: Any, schema: Any, name: Any,
     envelope = Envelope(
         p.instance, p.rank, tag, seq, info.name if info is not None else "?",
         info.fingerprint if info is not None else b"", info.path if info is not None else "",
-        info.kind if info is not None else KIND_MSGSPEC, name, caller.site, caller.occurrence,
+        info.kind if info is not None else KIND_MSGSPEC, name, caller.place, caller.occurrence,
         caller.step, error)
     head = ENVELOPE_ENCODER.encode(envelope)
     data = len(head).to_bytes(LENGTH_PREFIX, "little") + head + (payload if error is None else b"")
     failure = None
     if error is not None:
-        failure = EncodeError(f"{head_text(op, seq, dest, tag, p.name)}: rank {p.rank} could not "
-                              f"send its {label(op, envelope.schema)} at {caller.site}: {error}",
-                              seq=seq, comm=p.name)
+        failure = EncodeError(f"{head_text(op, seq, dest, tag, comm_name(p))}: rank {p.rank} "
+                              f"could not send its {label(op, envelope.schema)} at "
+                              f"{caller.place}: {error}", seq=seq, comm=p.name)
     return data, dest, tag, failure
 
 
@@ -241,8 +235,8 @@ def isend(p: Any, value: Any, dest: Any, tag: Any, schema: Any, name: Any,
             transport.send_bytes(data, dest, TRANSPORT_TAG, None)
         except TransportTimeout as exc:  # gloo refused to post it: the peer's connection closed
             raise CollectiveTimeout(
-                f"{head_text('isend', None, dest, tag, p.name)}: isend failed in the backend (a "
-                f"peer's process or connection is gone?): {failure_of(exc)}", seq=-1,
+                f"{head_text('isend', None, dest, tag, comm_name(p))}: isend failed in the "
+                f"backend (a peer's process or connection is gone?): {failure_of(exc)}", seq=-1,
                 comm=p.name, op="isend", timeout=p.timeout or 0.0, missing=(dest,),
                 failure=failure_of(exc)) from None
         return SendRequest(None, failure)
@@ -291,7 +285,7 @@ def send(p: Any, value: Any, dest: Any, tag: Any, schema: Any, name: Any,
         why = (f"failed in the backend (a peer's process or connection is gone?): {broke}"
                if broke else f"did not complete within {p.timeout:g} s (rank {dest} never "
                f"received it)")
-        raise CollectiveTimeout(f"{head_text('send', None, dest, tag, p.name)}: send {why}",
+        raise CollectiveTimeout(f"{head_text('send', None, dest, tag, comm_name(p))}: send {why}",
                                 seq=-1, comm=p.name, op="send", timeout=p.timeout or 0.0,
                                 missing=(dest,), failure=broke) from None
     if failure is not None:
@@ -341,7 +335,7 @@ def matched(request: RecvRequest) -> Tuple[int, int, int]:
 def head(p: Any, request: RecvRequest) -> str:
     """How messages about a completed receive start: ``recv #0 from rank 1 (tag 0) on WORLD``."""
     source, tag, seq = matched(request)
-    return head_text("recv", seq, source, tag, p.name)
+    return head_text("recv", seq, source, tag, comm_name(p))
 
 
 register_internal(__file__)

@@ -13,9 +13,10 @@ from ..codecs import (KIND_MSGSPEC, KIND_NUMPY_SCALAR, SchemaInfo, decode_array,
 from ..codecs.nesting import MAX_NESTING
 from .errors import CollectiveTimeout, DecodeError, DesyncError, PeerError
 from .identity import call_site, format_site, name_fingerprint, register_internal, \
-    site_fingerprint
+    site_fingerprint, via_name
 from .mailbox import Envelope, head_text
-from .mismatch import EnvelopeInfo, Group, MismatchKind, format_groups, label
+from .mismatch import EnvelopeInfo, Group, MismatchKind, format_groups, label, numbering, \
+    comm_name
 from .verdict import decode_any
 from .wire import NO_STEP
 
@@ -42,14 +43,17 @@ def p2p_state(p: Any) -> P2PState:
 
 
 class Caller:
-    """Who is calling: the site (or name), its occurrence, and the step clock."""
+    """Who is calling: the site (or name), its occurrence, and the step clock. ``place`` is the
+    site as messages show it: with the thin wrapper the call went through, as a collective's."""
 
-    __slots__ = ("site", "name", "occurrence", "step")
+    __slots__ = ("site", "place", "name", "occurrence", "step")
 
     def __init__(self, p: Any, name: Optional[str]) -> None:
         frame, via = call_site(2)
         code, lasti = (frame.f_code, frame.f_lasti) if frame is not None else (None, 0)
         self.site = format_site(code, lasti)
+        wrapper = via_name(via) if name is None else None
+        self.place = self.site if wrapper is None else f"{self.site} through {wrapper}"
         self.name = name
         identity = name_fingerprint(name) if name is not None else \
             site_fingerprint(code, lasti, via)
@@ -74,8 +78,8 @@ def recv_timed_out(p: Any, request: RecvRequest) -> None:
            f"or connection is gone?): {request.failure}" if request.failure else
            f"did not complete within {timeout:g} s: no message from {source} arrived")
     raise CollectiveTimeout(
-        f"{head_text('recv', seq, request.source, request.tag, p.name)}: "
-        f"{label('recv', schema)} at {caller.site} {why}",
+        f"{head_text('recv', seq, request.source, request.tag, comm_name(p))}: "
+        f"{label('recv', schema)} at {caller.place} {why}",
         seq=-1 if seq is None else seq, comm=p.name, op="recv", schema=schema, site=caller.site,
         timeout=timeout, missing=(request.source,) if request.source is not None else None,
         failure=request.failure)
@@ -88,15 +92,18 @@ def take(p: Any, request: RecvRequest) -> Any:
     caller = request.caller
     env = message.envelope
     if env is None:
-        raise DecodeError(f"{head_text('recv', None, message.source, request.tag, p.name)}: the "
+        raise DecodeError(f"{head_text('recv', None, message.source, request.tag, p.name)}"
+                          f"{numbering(p)}: the "
                           f"envelope from rank {message.source} does not decode: "
                           f"{message.error}", seq=-1, comm=p.name, source=message.source,
                           schema="Envelope")
     expected = request.expected
+    # Every receive builds it; the numbering (a backend query) joins it where an error is raised.
     head = head_text("recv", expected, message.source, env.tag, p.name)
     info = request.info
     if env.error is not None:
-        raise PeerError(f"{head}: rank {message.source} failed its {label('send', env.schema)} "
+        raise PeerError(f"{head}{numbering(p)}: rank {message.source} failed its "
+                        f"{label('send', env.schema)} "
                         f"at {env.site}: {env.error}", seq=expected, comm=p.name,
                         ranks=(message.source,), error_type=env.error.partition(": ")[0],
                         detail=env.error.partition(": ")[2])
@@ -117,7 +124,7 @@ def take(p: Any, request: RecvRequest) -> Any:
         diverged(p, head, kinds, expected, message.source, env, info, caller)
     if info is None:
         info = sender_class(p, head, env, message.source)
-    return decode_payload(p, head, info, message.payload, message.source, caller.site)
+    return decode_payload(p, head, info, message.payload, message.source, caller.place)
 
 
 def diverged(p: Any, head: str, kinds: List[MismatchKind], expected: int, source: int,
@@ -128,10 +135,10 @@ def diverged(p: Any, head: str, kinds: List[MismatchKind], expected: int, source
     mine = EnvelopeInfo(rank=p.rank, seq=expected, op="recv",
                         schema=info.name if info is not None else "",
                         fingerprint=info.fingerprint.hex() if info is not None else "",
-                        comm=p.name, site=caller.site, name=caller.name,
+                        comm=p.name, site=caller.place, name=caller.name,
                         occurrence=caller.occurrence, step=caller.step)
     groups = [Group((source,), sent), Group((p.rank,), mine)]
-    lines = [f"{head} diverged ({', '.join(k.value for k in kinds)}):"]
+    lines = [f"{head}{numbering(p)} diverged ({', '.join(k.value for k in kinds)}):"]
     lines += format_groups(groups, kinds)
     if MismatchKind.SEQUENCE in kinds:
         lines.append(f"  expected message #{expected} from rank {source}, got #{env.seq} (a "
@@ -142,16 +149,16 @@ def diverged(p: Any, head: str, kinds: List[MismatchKind], expected: int, source
 def sender_class(p: Any, head: str, env: Envelope, source: int) -> SchemaInfo:
     """The sender's schema, found by its class path (never importing) and checked."""
     if not env.path:
-        raise DecodeError(f"{head}: expected the sender's schema to be a class this rank can "
-                          f"find by name, got {env.schema}; pass schema= to recv", seq=env.seq,
-                          comm=p.name, source=source, schema=env.schema)
+        raise DecodeError(f"{head}{numbering(p)}: expected the sender's schema to be a class "
+                          f"this rank can find by name, got {env.schema}; pass schema= to recv",
+                          seq=env.seq, comm=p.name, source=source, schema=env.schema)
     try:
         info = resolve(find_class(env.path))
     except (LookupError, TypeError) as exc:
-        raise DecodeError(f"{head}: {exc}", seq=env.seq, comm=p.name, source=source,
+        raise DecodeError(f"{head}{numbering(p)}: {exc}", seq=env.seq, comm=p.name, source=source,
                           schema=env.schema) from exc
     if info.fingerprint != env.fingerprint:
-        raise DecodeError(f"{head}: expected {env.path} with the sender's structure "
+        raise DecodeError(f"{head}{numbering(p)}: expected {env.path} with the sender's structure "
                           f"({env.fingerprint.hex()[:8]}), got a class of another structure "
                           f"({info.fingerprint.hex()[:8]}) on this rank; pass schema=",
                           seq=env.seq, comm=p.name, source=source, schema=env.schema)
@@ -171,8 +178,8 @@ def decode_payload(p: Any, head: str, info: SchemaInfo, payload: Any, source: in
     except Exception as exc:  # untrusted bytes: whatever the decoder or a user type raises
         detail = f"{type(exc).__name__}: {exc}" if not isinstance(exc, msgspec.DecodeError) \
             else str(exc)
-        raise DecodeError(f"{head}: payload does not decode as {info.name} (recv at {site}): "
-                          f"{detail}", seq=-1, comm=p.name, source=source,
+        raise DecodeError(f"{head}{numbering(p)}: payload does not decode as {info.name} (recv "
+                          f"at {site}): {detail}", seq=-1, comm=p.name, source=source,
                           schema=info.name) from exc
 
 

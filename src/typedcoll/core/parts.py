@@ -60,9 +60,7 @@ def scatter(p: Protocol, values: Any, root: Any, schema: Any, step: Any, name: A
     if is_root:
         if not isinstance(values, Sequence) or isinstance(values, (str, bytes)) \
                 or len(values) != p.size:
-            error = error or (f"ValueError: expected a sequence of {p.size} values on the root, "
-                              f"got {type(values).__name__}"
-                              f"{' of ' + str(len(values)) if hasattr(values, '__len__') else ''}")
+            error = error or _count_error(values, p.size, " on the root")
         else:
             info, schema_error = schema_of(values[0], schema)
             error = error or schema_error
@@ -87,6 +85,15 @@ def scatter(p: Protocol, values: Any, root: Any, schema: Any, step: Any, name: A
             verdict.timed_out(p, c)
         return _from_root(p, c, mine, c.root)
     return run_after_fast(p, out, call, rest)
+
+
+def _count_error(values: Any, size: int, where: str = "") -> str:
+    """The error for ``values`` that are not one value per rank: how many were given, for a
+    sequence, since a list one short reads like a list of the right length."""
+    got = type(values).__name__
+    if isinstance(values, Sequence) and not isinstance(values, (str, bytes)):
+        got = f"a {got} of {len(values)}"
+    return f"ValueError: expected a sequence of {size} values{where}, one per rank, got {got}"
 
 
 def pack(parts: List[bytes], max_slot: int) -> bytes:
@@ -188,8 +195,7 @@ def _exchange_parts(p: Protocol, op: str, values: Any, schema: Any, step: Any, n
     array_fp = _ZEROS
     if not isinstance(values, Sequence) or isinstance(values, (str, bytes)) \
             or len(values) != p.size:
-        error = error or (f"ValueError: expected a sequence of {p.size} values, got "
-                          f"{type(values).__name__}")
+        error = error or _count_error(values, p.size)
     else:
         info, schema_error = schema_of(values[0], schema)
         error = error or schema_error

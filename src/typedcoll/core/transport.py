@@ -97,9 +97,10 @@ class Transport(Protocol):
     # A rank that gave up on a call tells its peers: ``failure`` is the backend's error where it
     # failed the call, "" where the deadline passed. A peer that completes a call after another
     # gave up on it must fail it too: ``given_up`` returns the (rank, call number) of each notice
-    # received so far (transports where a late rank cannot complete such a call keep none;
-    # ``transports.mpi`` explains when one can). A transport whose backend fails a call on some
-    # ranks only (gloo, with a dead peer) ends its peers' waits with the failure it reports.
+    # received so far (``transports.mpi`` explains when a late rank can complete such a call;
+    # where it cannot, gloo, its backend fails the call, and the notices tell that failure from a
+    # dead peer's). A transport whose backend fails a call on some ranks only (gloo, with a dead
+    # peer) ends its peers' waits with the failure it reports.
     def give_up(self, seq: int, failure: str) -> None: ...
 
     def given_up(self) -> List[Tuple[int, int]]: ...

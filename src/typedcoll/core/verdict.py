@@ -18,6 +18,7 @@ import msgspec
 import numpy as np
 
 from ..codecs import ENCODER, SchemaInfo
+from ..codecs.culprit import encode_failure
 from .transport import TransportTimeout, failure_of
 from .call import Call
 from .fresh import on_fresh_stack
@@ -28,8 +29,8 @@ from .arms import branch_of
 from .callers import describe as describe_callers
 from .identity import column_of, format_site, register_internal, via_name
 from .mismatch import (EnvelopeInfo, Group, MismatchKind, compact_ranks, desync_message,
-                       differing_notes, group_envelopes, label, mismatch_kinds, ordered_ranks,
-                       role_split)
+                       differing_notes, group_envelopes, label, mismatch_kinds, numbering,
+                       place, role_split)
 from .wire import (AGREE_SIZE, FLAG_LOCAL_ERROR, FLAGS_OFFSET, HEADER_SIZE, IDENTITY_OFFSET,
                    REDUCE_OP_NAMES, REDUCING_OPS, ROOTED_OPS, agreed, or_into, own_block)
 
@@ -54,17 +55,6 @@ def heading(p: Any, seq: int) -> str:
     if seq == CREATE_SEQ:
         return f"creation on {p.name}{numbering(p)}"
     return f"collective #{seq} on {p.name}{numbering(p)}"
-
-
-def numbering(p: "Protocol") -> str:
-    try:
-        world = p.transport.world_ranks()
-    except Exception:  # a message must never fail for want of this note
-        return ""
-    if world is None or world == list(range(p.size)):
-        return ""
-    here = compact_ranks(range(p.size))
-    return f" ({here} here {'is' if p.size == 1 else 'are'} world {ordered_ranks(world)})"
 
 
 def what(call: Call) -> str:
@@ -190,13 +180,14 @@ def failure(p: "Protocol", call: Call, failed: Sequence[int],
             comm=p.name, threads=(infos[r].thread,), ranks=tuple(failed))
         p.channel.broken = err
         return err
-    site = infos[first].site
+    site = place(infos[first], callers=False)
     # The failed rank's call as it described it, so that every rank's text is the same (a bcast
     # receiver names no schema, its root does).
     if p.rank in failed:
         return EncodeError(f"{where(p, call)}: rank {p.rank} could not send "
                            f"its {label(infos[p.rank].op, infos[p.rank].schema)} contribution at "
-                           f"{infos[p.rank].site}: {texts[p.rank]}", seq=call.seq, comm=p.name)
+                           f"{place(infos[p.rank], callers=False)}: {texts[p.rank]}", seq=call.seq,
+                           comm=p.name)
     more = "" if len(failed) == 1 else f" (and {compact_ranks(failed[1:])})"
     return PeerError(f"{where(p, call)}: rank {first}{more} failed its "
                      f"{label(infos[first].op, infos[first].schema)} "
@@ -249,15 +240,12 @@ def split_error(text: Optional[str]) -> Tuple[str, str]:
 def error_text(exc: BaseException, call: Call) -> str:
     """A failure to produce this rank's payload, as the text its peers receive.
 
-    msgspec's own messages keep their shape ("Expected `int`, got `str` - at `$.rank`"); an
-    unsupported value says what was expected and what was given.
+    msgspec's own messages keep their shape ("Expected `int`, got `str` - at `$.rank`"); a value
+    msgspec cannot encode names the part that fails, what was declared there and what it holds.
     """
-    detail = str(exc)
-    if isinstance(exc, msgspec.EncodeError) or "is unsupported" in detail:
-        detail = (f"expected {call.schema_name}, got {type(call.value).__name__}: msgspec "
-                  f"cannot encode it ({detail}); give the value a type msgspec supports (a "
-                  f"Struct, a dataclass, builtins, numpy arrays)")
-    return f"{type(exc).__name__}: {detail}"
+    info = call.info
+    return encode_failure(exc, call.value, info.schema if info is not None else Any,
+                          call.schema_name)
 
 
 def decode_any(info: SchemaInfo, buf: Any) -> Any:
@@ -275,7 +263,9 @@ def decode_any(info: SchemaInfo, buf: Any) -> Any:
 
 def decode_failure(p: "Protocol", call: Call, source: int, exc: BaseException) -> Exception:
     """The error for a payload that does not decode: the sender's own, or its peers'."""
-    site = format_site(call.code, call.lasti)
+    site = place(EnvelopeInfo(rank=p.rank, seq=call.seq, op=call.op,
+                              site=format_site(call.code, call.lasti), name=call.name,
+                              via=via_name(call.via)))
     name = call.info.name if call.info is not None else "?"
     detail = f"{type(exc).__name__}: {exc}" if not isinstance(exc, msgspec.DecodeError) \
         else str(exc)
@@ -286,6 +276,11 @@ def decode_failure(p: "Protocol", call: Call, source: int, exc: BaseException) -
     return DecodeError(f"{where(p, call)}: payload from rank {source} does not "
                        f"decode as {name} ({label(call.op, name)} at {site}): {detail}",
                        seq=call.seq, comm=p.name, source=source, schema=name)
+
+
+# Transports whose late rank's call fails in the backend instead of completing (their notices
+# of give-ups are read only to tell that failure from a dead peer).
+LATE_CALLS_FAIL = frozenset({"torch"})
 
 
 def who_gave_up(p: "Protocol", notices: Sequence[Tuple[int, int]]) -> str:
@@ -308,10 +303,18 @@ def timed_out(p: "Protocol", call: Call) -> None:
     p.transport.give_up(call.seq, failure)  # first: a late peer looks for it as it completes
     # An exchange stops before its deadline only when the backend failed it or when it completed
     # after a peer had given up (the transport found that peer's notice): this rank came late.
-    late = (bool(notices) and not failure and call.deadline is not None
-            and time.monotonic() < call.deadline)
+    # Where a late rank cannot complete the call (gloo: its peers' give-ups closed the
+    # connections), its backend fails it with "connection closed", as for a dead peer: every
+    # peer's notice tells the two apart. Only every peer's: a rank failed so while it too waited
+    # for an absent one is not late.
+    if p.transport.kind in LATE_CALLS_FAIL:
+        gave_up = {rank for rank, seq in notices if seq <= call.seq}
+        came_late = bool(failure) and len(gave_up | {p.rank}) == p.size
+    else:
+        came_late = bool(notices) and not failure
+    late = came_late and call.deadline is not None and time.monotonic() < call.deadline
     missing: Optional[Sequence[int]] = None
-    if failure:
+    if failure and not late:
         text = (f"{where(p, call)}: {what(call)} at {site} failed in the {p.transport.kind} "
                 f"backend before completing (a peer's process or connection is gone?): "
                 f"{failure}")

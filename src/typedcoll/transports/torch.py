@@ -375,17 +375,31 @@ class TorchTransport:
     # completed call. A failure of the backend is reported to the peers through the channel's
     # store (the counter "failed", then "failed/<rank>": what this rank's backend said), which
     # every collective waiting on this channel reads between slices of its wait (``_wait``).
+    #
+    # A timeout is not reported to the waits (each rank reports its own, naming whom it waited
+    # for), but its notice ("gave_up/<rank>": the call number) is kept: a slow peer that arrives
+    # later finds its call failed by the closed connections, as if this rank had died, and the
+    # notice tells it that this rank gave up instead (``given_up``, read when a call ends unmet).
     def give_up(self, seq: int, failure: str) -> None:
-        if not failure:  # a timeout: each rank reports its own, naming whom it waited for
-            return
         try:
+            if not failure:
+                self.store.set(f"gave_up/{self.rank}", str(seq))
+                return
             self.store.set(f"failed/{self.rank}", f"collective #{seq}: {failure}")
             self.store.add("failed", 1)
         except Exception:  # the store died with its rank: the peers' own waits end theirs
             pass
 
     def given_up(self) -> List[Tuple[int, int]]:
-        return []
+        found = []
+        try:
+            for peer in range(self.size):
+                key = f"gave_up/{peer}"
+                if peer != self.rank and self.store.check([key]):
+                    found.append((peer, int(self.store.get(key))))
+        except Exception:  # the store is gone: no notice can be read, the failure stands
+            pass
+        return found
 
     def _peer_failure(self) -> str:
         try:
