@@ -532,7 +532,8 @@ def test_receivers_without_a_schema_leave_the_callers_hint() -> None:
     """A driver and its workers reaching a role wrapper from two methods, the receivers naming
     no schema (they take the root's): the schemas differ only by that, so the hint says how to
     make the two places one call, as where the receivers name it."""
-    from typedcoll.core.mismatch import desync_message, group_envelopes, mismatch_kinds
+    from typedcoll.core.desync import desync_message
+    from typedcoll.core.mismatch import group_envelopes, mismatch_kinds
 
     def envelope(rank: int, schema: str) -> EnvelopeInfo:
         arm = 0 if rank == 0 else 1

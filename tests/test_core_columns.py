@@ -17,7 +17,8 @@ import pytest
 import typedcoll as tc
 from typedcoll import MismatchKind
 from typedcoll.core.identity import column_of, format_column, site_fingerprint
-from typedcoll.core.mismatch import EnvelopeInfo, desync_message, format_groups, group_envelopes
+from typedcoll.core.desync import desync_message
+from typedcoll.core.mismatch import EnvelopeInfo, format_groups, group_envelopes
 from typedcoll.diagnostics.analysis import analyze
 
 from test_core_review import TIMEOUTS, one_desync, outcomes

@@ -15,8 +15,9 @@ from hypothesis import strategies as st
 import typedcoll as tc
 from typedcoll.codecs.nesting import MAX_NESTING, nesting_ok, python_nesting_ok
 from typedcoll.core import fast
-from typedcoll.core.mismatch import (EnvelopeInfo, Note, compact_ranks, describe,
-                                     desync_message, group_envelopes, mismatch_kinds)
+from typedcoll.core.desync import desync_message
+from typedcoll.core.mismatch import (EnvelopeInfo, Note, compact_ranks, describe, group_envelopes,
+                                     mismatch_kinds)
 from typedcoll.core.wire import (AGREE_SIZE, CHECKED, FLAG_WILD_SCHEMA, HEADER, HEADER_SIZE,
                                  LARGE_SHRINK_WINDOW, MAGIC, MIN_SLOT, NO_ROOT, NO_STEP,
                                  SlotPolicy, agreed, block_length,

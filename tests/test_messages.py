@@ -263,6 +263,22 @@ def test_a_named_call_through_a_wrapper_names_no_wrapper():
         assert f"contribution at {FILE}:{line_of('# NAMED')}: expected" in str(e)
 
 
+def test_a_timeout_through_a_wrapper_names_the_wrapper():
+    # The rank that waits names where it waits as a desync would: its caller's line alone names
+    # every use of the wrapper alike.
+    def prog(comm):
+        if comm.rank == 0:
+            Dist(comm).tp_allgather(1)  # WAITS
+
+    with pytest.raises(BaseExceptionGroup) as info:
+        run(2, prog, timeout=0.5)
+    (e,) = info.value.exceptions
+    assert type(e) is tc.CollectiveTimeout and str(e).startswith(
+        f"collective #0 on WORLD: allgather[int] at {FILE}:{line_of('# WAITS')} "
+        f"{through(Dist.tp_allgather)} did not complete within 0.5 s"), e
+    assert e.site == f"{FILE}:{line_of('# WAITS')}"  # the site alone, as before
+
+
 # --- point to point on a communicator that numbers its ranks unlike the job ----------------------
 def test_point_to_point_errors_on_a_split_say_how_its_ranks_map():
     # Ranks 2-3 of the job are ranks 0-1 of their split: "rank 1" alone would send a reader to

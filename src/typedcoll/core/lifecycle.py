@@ -19,9 +19,10 @@ from ..codecs import resolve
 from .args import check_color_key, check_timeout, first_error
 from .call import MODE_EMPTY, MODE_MSG, Call
 from .channel import Channel
+from .desync import desync_message
 from .errors import CREATE_SEQ, DesyncError
 from .identity import COLUMNS, NO_COLUMNS, register_internal
-from .mismatch import MismatchKind, desync_message, group_envelopes
+from .mismatch import MismatchKind, group_envelopes
 from .ops import _common, run
 from .payloads import gathered
 from .protocol import Protocol

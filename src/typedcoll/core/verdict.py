@@ -27,10 +27,10 @@ from .errors import (CREATE_SEQ, CollectiveTimeout, ConcurrentCallError, DecodeE
 from . import roles
 from .arms import branch_of
 from .callers import describe as describe_callers
+from .desync import desync_message
 from .identity import column_of, format_site, register_internal, via_name
-from .mismatch import (EnvelopeInfo, Group, MismatchKind, compact_ranks, desync_message,
-                       differing_notes, group_envelopes, label, mismatch_kinds, numbering,
-                       place, role_split)
+from .mismatch import (EnvelopeInfo, Group, MismatchKind, compact_ranks, differing_notes,
+                       group_envelopes, label, mismatch_kinds, numbering, place, role_split)
 from .wire import (AGREE_SIZE, FLAG_LOCAL_ERROR, FLAGS_OFFSET, HEADER_SIZE, IDENTITY_OFFSET,
                    REDUCE_OP_NAMES, REDUCING_OPS, ROOTED_OPS, agreed, or_into, own_block)
 
@@ -293,6 +293,9 @@ def who_gave_up(p: "Protocol", notices: Sequence[Tuple[int, int]]) -> str:
 def timed_out(p: "Protocol", call: Call) -> None:
     """Raise CollectiveTimeout; the channel is unusable from now on."""
     site = format_site(call.code, call.lasti)
+    # The wrappers passed name the call where its caller's line serves several (mismatch.place)
+    shown = site + (f" through {via_name(call.via)}"
+                    if call.via is not None and call.name is None else "")
     timeout = p.timeout if p.timeout is not None else 0.0
     if call.seq == CREATE_SEQ:
         timeout = max(timeout, CREATION_MIN_TIMEOUT)
@@ -315,19 +318,19 @@ def timed_out(p: "Protocol", call: Call) -> None:
     late = came_late and call.deadline is not None and time.monotonic() < call.deadline
     missing: Optional[Sequence[int]] = None
     if failure and not late:
-        text = (f"{where(p, call)}: {what(call)} at {site} failed in the {p.transport.kind} "
+        text = (f"{where(p, call)}: {what(call)} at {shown} failed in the {p.transport.kind} "
                 f"backend before completing (a peer's process or connection is gone?): "
                 f"{failure}")
     elif late:
         first = min(seq for _, seq in notices)
-        text = (f"{where(p, call)}: {what(call)} at {site} is abandoned: "
+        text = (f"{where(p, call)}: {what(call)} at {shown} is abandoned: "
                 f"{who_gave_up(p, notices)} gave up waiting at "
                 f"{'the creation' if first == CREATE_SEQ else f'collective #{first}'} "
                 f"(timeout {timeout:g} s) before it completed on rank "
                 f"{p.rank}; no rank returns this call's result (their reports name the ranks "
                 f"they waited for)")
     else:
-        text = (f"{where(p, call)}: {what(call)} at {site} did not complete within "
+        text = (f"{where(p, call)}: {what(call)} at {shown} did not complete within "
                 f"{timeout:g} s")
     if p.hang_reporter is not None and not late:
         try:

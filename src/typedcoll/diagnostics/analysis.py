@@ -25,9 +25,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import msgspec
 
 from ..core.identity import register_internal
+from ..core.desync import desync_message
 from ..core.mismatch import (EnvelopeInfo, Group, MismatchKind, Note, compact_ranks, describe,
-                             desync_message, differing_notes, format_groups, group_envelopes,
-                             mismatch_kinds, role_split)
+                             differing_notes, format_groups, group_envelopes, mismatch_kinds,
+                             role_split)
 from ..core.recorder import RecordEntry
 from .model import CommDump, Dump
 

@@ -21,8 +21,8 @@ from ..core.args import check_root, check_step, first_error
 from ..core.call import MODE_EMPTY, Call
 from ..core.errors import DesyncError
 from ..core.identity import check_name, register_internal
-from ..core.mismatch import (Branch, Caller, EnvelopeInfo, desync_message, group_envelopes,
-                             mismatch_kinds)
+from ..core.desync import desync_message
+from ..core.mismatch import Branch, Caller, EnvelopeInfo, group_envelopes, mismatch_kinds
 from ..core.verdict import heading
 from ..core.wire import (FLAG_LOCAL_ERROR, HEADER, HEADER_SIZE, NO_ROOT, NO_STEP, REDUCE,
                          REDUCE_OPS, REDUCING_OPS, ROOTED_OPS, op_name, reduce_op_name)

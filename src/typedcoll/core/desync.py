@@ -1,0 +1,110 @@
+"""The text of a :class:`DesyncError`: its heading, every group's call (``mismatch.describe``),
+the decisions that differ, and a hint that says what to do about the difference found.
+
+A hint is written for what the kinds of difference say together: a schema that differs alone
+(give every rank one schema=), calls that differ only by their callers (one helper reached
+from two lines), only by the thin wrappers passed (a dispatcher's one line), or only by their
+sites. Pure logic over :class:`EnvelopeInfo`, no communicator, so the live check, hang reports
+and the trace analyzer write the same text.
+"""
+
+from __future__ import annotations
+
+from typing import List, Sequence
+
+from .identity import NO_COLUMNS
+from .mismatch import Group, MismatchKind, compact_ranks, format_decisions, format_groups
+
+# Ops whose callers choose the schema (schema=), and reductions, which take the value's type.
+_SCHEMA_OPS = frozenset({"allgather", "gather", "bcast", "scatter", "alltoall"})
+_VALUE_OPS = frozenset({"allreduce", "reduce", "reduce_scatter"})
+_TAKING_OPS = frozenset({"bcast", "scatter"})  # whose receivers may take the root's schema
+
+
+def _hint(kinds: Sequence[MismatchKind], groups: Sequence[Group]) -> List[str]:
+    ops = {g.envelope.op for g in groups}
+    taking = {g.envelope.schema for g in groups if g.envelope.op in _TAKING_OPS} & {"", "?"}
+    if MismatchKind.SCHEMA in kinds and taking and \
+            len({g.envelope.schema for g in groups} - taking) <= 1:
+        # receivers that named no schema take the root's: no disagreement of their making
+        kinds = [kind for kind in kinds if kind is not MismatchKind.SCHEMA]
+    if list(kinds) == [MismatchKind.SCHEMA] and len(ops) == 1:
+        op = ops.pop()
+        schemas = " and ".join(sorted({g.envelope.schema for g in groups}))
+        if op in _VALUE_OPS:
+            return [f"  only the value types differ ({schemas}): a reduction takes each value's "
+                    f"own type, so give every rank's value one type (int(x), float(x) or one "
+                    f"numpy dtype)"]
+        if op in _SCHEMA_OPS:
+            return [f"  only the schemas differ ({schemas}): if ranks may send different types "
+                    f"here, give every rank's call one schema= that admits them all "
+                    f"(Optional[X] where a rank has nothing to send, or a Union)"]
+        if op == "flush":
+            return ["  only the flush's channels differ: build the SymmetricFlush with the same "
+                    "channels and message types on every rank"]
+    if list(kinds) == [MismatchKind.CALL]:
+        unplaced = [g for g in groups if g.envelope.column is None and g.envelope.name is None
+                    and any(h.envelope.site == g.envelope.site and h.envelope.column is not None
+                            for h in groups)]
+        if unplaced:
+            ranks = compact_ranks([r for g in unplaced for r in g.ranks])
+            return [f"  {ranks} ran code with {NO_COLUMNS}, its peers with: a site's column "
+                    f"is part of its identity, so run every rank alike (remove __pycache__ "
+                    f"written without columns), or give the call a name="]
+        named = [g for g in groups if g.envelope.name is not None]
+        if len(named) == len(groups):
+            return ["  only the names differ: each name= is a collective of its own, so a rank "
+                    "skipped or added a call before this one, or the ranks named one call "
+                    "differently"]
+        if named:
+            ranks = compact_ranks([r for g in named for r in g.ranks])
+            return [f"  {ranks} named the call and the others did not: if these are the same "
+                    f"collective, give it the same name= on every rank; else a rank skipped or "
+                    f"added a call before this one"]
+        # One place in the function (one site, or the arms of one role branch) reached from
+        # different callers; where the sites differ as well, the sites' hint below is the one
+        places = {(g.envelope.site, g.envelope.column, g.envelope.via) if g.envelope.branch is None
+                  else g.envelope.branch.key for g in groups}
+        if len(places) == 1 and all(g.envelope.callers for g in groups) and \
+                len({g.envelope.callers for g in groups}) > 1:
+            return ["  the callers differ: a call made in a function without a loop (a "
+                    "helper), written in a role branch's arm, or one of several its function "
+                    "picks between and returns, is one call per line that calls its function, "
+                    "so a rank skipped or added a call of it before this one, or the ranks "
+                    "reach it from two places (a driver and its workers): "
+                    "then call it from one line on every rank, or pass each use a name= of its "
+                    "own down to the call (one name= written inside the function makes all its "
+                    "uses one call)"]
+        vias = {g.envelope.via for g in groups}
+        if len(vias) == 1 and None not in vias:
+            via = vias.pop()
+            innermost = str(via).rsplit(" through ", 1)[-1]  # the one that makes the call
+            # A name= written in the innermost wrapper would make every use of it one call
+            # (two votes over one shared _all_gather): the name must be this use's alone.
+            return [f"  only the callers of {via} differ: a call through a thin wrapper is its "
+                    f"caller's, so a rank skipped or added a call before this one, or these are "
+                    f"one collective reached from two places: then give this use a name= of its "
+                    f"own, passed down to the call in {innermost} (a name= written in "
+                    f"{innermost} itself makes every call through it one call)"]
+        if len({(g.envelope.site, g.envelope.column) for g in groups}) == 1:
+            return ["  only the thin wrappers differ: one line reached two of them (a "
+                    "dispatcher, a decorator's frame, a worker thread), so a rank skipped or "
+                    "added a call before this one, or these are one collective: then give "
+                    "every wrapper's call the same name="]
+        return ["  only the call sites differ: if these are the same collective called from "
+                "different places, give every rank's call the same name= (or mark the wrapper "
+                "they share with @typedcoll.transparent)"]
+    if MismatchKind.STEP in kinds and len(kinds) == 1:
+        return ["  the ranks are at different steps of the same call: a rank skipped or "
+                "repeated an iteration"]
+    return []
+
+
+def desync_message(seq: int, comm: str, kinds: Sequence[MismatchKind],
+                   groups: Sequence[Group], head: str = "") -> str:
+    """The text of a :class:`DesyncError` over ``groups``, headed ``head`` (else the
+    collective's number on ``comm``)."""
+    kinds_text = ", ".join(k.value for k in kinds) or "envelope"
+    first = f"{head or f'collective #{seq} on {comm}'} diverged ({kinds_text}):"
+    return "\n".join([first] + format_groups(groups, kinds) + format_decisions(groups)
+                      + _hint(kinds, groups))
