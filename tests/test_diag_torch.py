@@ -35,7 +35,10 @@ def run_gloo(program: str, size: int) -> List[Tuple[int, str]]:
             outputs.append(proc.communicate(timeout=60 + 15 * size)[0])  # torch imports
     except subprocess.TimeoutExpired:
         for proc in procs:
-            os.killpg(proc.pid, signal.SIGKILL)
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:  # it exited: no group is left to signal
+                pass
         pytest.fail(f"{program} hung:\n" + "\n".join(p.communicate()[0][-3000:] for p in procs))
     return [(proc.returncode, out) for proc, out in zip(procs, outputs)]
 

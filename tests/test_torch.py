@@ -72,7 +72,10 @@ def run_ranks(program: str, size: int, tmp_path: Path,
             outputs.append(proc.communicate(timeout=timeout)[0])
     except subprocess.TimeoutExpired:
         for proc in procs:
-            os.killpg(proc.pid, signal.SIGKILL)
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:  # it exited: no group is left to signal
+                pass
         pytest.fail(f"{program} at {size} ranks hung (seed {SEED}):\n"
                     + "\n".join(p.communicate()[0][-3000:] for p in procs))
     for r, (proc, out) in enumerate(zip(procs, outputs)):
