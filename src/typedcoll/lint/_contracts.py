@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import ast
 import re
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 from ._callgraph import Function, Program, body_nodes
 from ._calls import bound_nodes
-from ._collectives import communicator_text, is_rank_name
+from ._collectives import CollectiveOp, communicator_text, is_rank_name
 from ._config import Config
 
 _ROOT_KEYWORDS = ("root", "src", "dst", "group_src", "group_dst")
@@ -48,17 +48,36 @@ class Contracts:
 
     def _communicator_params(self) -> Dict[Function, Set[str]]:
         """Each function's parameters that reach a collective as its communicator or root."""
+        def named(node: ast.Call, op: CollectiveOp) -> Set[str]:
+            names = {communicator_text(node, op) or ""}
+            return names if op.point_to_point else names | self._root_names(node)
+        return self._reaching(named)
+
+    def _buffer_params(self) -> Dict[Function, Set[str]]:
+        """Each function's parameters that reach a collective as a tensor that must have one
+        dtype, shape and device on every rank (``dist.all_reduce(tensor)``)."""
+        def named(node: ast.Call, op: CollectiveOp) -> Set[str]:
+            if op.point_to_point or not _SHAPED_OPS.search(op.op) or _UNSHAPED_OPS.search(op.op):
+                return set()
+            # every positional argument: the tensor is not the first where a communicator is
+            # (all_gather_push(comm, local, out)); the others (a group, a root) have no shape
+            args = list(node.args) + [kw.value for kw in node.keywords
+                                      if kw.arg in _BUFFER_KEYWORDS]
+            return {a.id for a in args if isinstance(a, ast.Name)}
+        return self._passed_alike(self._reaching(named))
+
+    def _reaching(self, named: Callable[[ast.Call, CollectiveOp], Set[str]]
+                  ) -> Dict[Function, Set[str]]:
+        """Each function's parameters that ``named`` finds in a collective's call, or that it
+        hands on to such a parameter of a function it calls, to a fixpoint."""
         found: Dict[Function, Set[str]] = {fn: set() for fn in self.program.functions}
         changed = True
         while changed:
             changed = False
             for fn, calls in self.program.calls.items():
                 for node, target in calls:
-                    op = target.collective
-                    if op is not None:
-                        names = {communicator_text(node, op) or ""}
-                        if not op.point_to_point:
-                            names |= self._root_names(node)
+                    if target.collective is not None:
+                        names = named(node, target.collective)
                     else:
                         names = {arg.id for callee in target.functions
                                  for name, arg in bound_nodes(callee, target.bound, node).items()
@@ -68,36 +87,6 @@ class Contracts:
                         found[fn] |= new
                         changed = True
         return found
-
-    def _buffer_params(self) -> Dict[Function, Set[str]]:
-        """Each function's parameters that reach a collective as a tensor that must have one
-        dtype, shape and device on every rank (``dist.all_reduce(tensor)``)."""
-        found: Dict[Function, Set[str]] = {fn: set() for fn in self.program.functions}
-        changed = True
-        while changed:
-            changed = False
-            for fn, calls in self.program.calls.items():
-                for node, target in calls:
-                    op = target.collective
-                    if op is not None:
-                        if op.point_to_point or not _SHAPED_OPS.search(op.op) or (
-                                _UNSHAPED_OPS.search(op.op)):
-                            continue
-                        # every positional argument: the tensor is not the first where a
-                        # communicator is (all_gather_push(comm, local, out)); the others
-                        # (a group, a root) have no shape to test
-                        args = list(node.args) + [kw.value for kw in node.keywords
-                                                  if kw.arg in _BUFFER_KEYWORDS]
-                    else:
-                        args = [arg for callee in target.functions for name, arg in
-                                bound_nodes(callee, target.bound, node).items()
-                                if name in found[callee]]
-                    names = {a.id for a in args if isinstance(a, ast.Name)}
-                    new = (names & set(fn.params)) - found[fn]
-                    if new:
-                        found[fn] |= new
-                        changed = True
-        return self._passed_alike(found)
 
     def _passed_alike(self, found: Dict[Function, Set[str]]) -> Dict[Function, Set[str]]:
         """Add the parameters every analysed caller fills with such a tensor of its own, never
