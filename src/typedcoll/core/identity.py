@@ -15,11 +15,11 @@ payloads without an error. So the site of a call through a thin wrapper is its c
 its identity is that line *together with* the wrapper (``via``; every wrapper passed, where the
 call went through several): never coarser than the wrapper's own line, so two wrappers reached
 from one shared line (a decorator's frame, a loop over a dispatch table) stay two calls, and so do
-two wrappers over one shared wrapper. A wrapper making two collectives on its line makes both or neither, in one
-order on every rank (unless one rank raises between them); one that lets a branch pick among its
-calls keeps its own sites (and carries its callers: ``core.callers``), as does one calling on two
-lines (a function of several statements keeps its lines in messages). Any function is passed over
-at its pass-through call, the one that hands on its arguments (a decorator's ``func(*args,
+two wrappers over one shared wrapper. A wrapper making two collectives on its line makes both or
+neither, in one order on every rank (unless one rank raises between them); one that lets a branch
+pick among its calls keeps its own sites (and carries its callers: ``core.callers``), as does one
+calling on two lines (a function of several statements keeps its lines in messages). Any function
+is passed over at its pass-through call, the one that hands on its arguments (a decorator's ``func(*args,
 **kwargs)``) or whose result it returns, whatever it does around it (a log line, a timer, a
 ``with`` block, a ``try``): at that call it decides nothing (``thin.pass_through_calls``), and as
 the site it would make every call through it one call from one line. A call that hands on the
@@ -52,7 +52,7 @@ from typing import Any, Callable, Dict, FrozenSet, List, Optional, Set, Tuple, T
     Union
 
 from ..codecs.digest import digest8
-from .thin import decorator_calls, forwards, hand_on_calls, pass_through_calls
+from .thin import forwards, hand_on_calls, pass_through_calls
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 Position = Tuple[int, int, int, int]  # line, end line, column, end column of an instruction
@@ -178,13 +178,13 @@ def forwarding(code: CodeType) -> Forwarding:
     **kwargs``; ``thin.hand_on_calls``: that hands them on as they came, in a loop too), where
     it is thin at those calls alone, or False. A decorator's wrapper that hands them on to the
     function it wraps is the 1-tuple of those offsets: passed over there, and left out of the
-    wrappers passed (``thin.decorator_calls``). Read from its bytecode once per code object;
-    the C path asks it too."""
+    wrappers passed (``thin.hand_on_calls``' second answer). Read from its bytecode once per
+    code object; the C path asks it too."""
     found: Optional[Forwarding] = _FORWARDING.get(code, 0)
     if found is None:
-        decorating = decorator_calls(code)
-        found = _FORWARDING.put(code, 0, (decorating,) if decorating else (
-            forwards(code) or (pass_through_calls(code) | hand_on_calls(code)) or False))
+        handed, to_closure = hand_on_calls(code)
+        found = _FORWARDING.put(code, 0, (handed,) if handed and to_closure else (
+            forwards(code) or (pass_through_calls(code) | handed) or False))
     return found
 
 
@@ -250,7 +250,7 @@ def site_from(frame: Optional[FrameType]) -> Tuple[Optional[FrameType], Optional
     as a thin wrapper is: the mark reaches the functions a decorator wraps (``__wrapped__``),
     and leaving them out would make two votes under a marked retry decorator one call. A
     decorator's wrapper that hands its arguments on to the function it wraps is passed over and
-    left out (``thin.decorator_calls``): that function is the next frame, and a timer applied on
+    left out (``thin.hand_on_calls``): that function is the next frame, and a timer applied on
     one rank alone must not part it from its peers. Beyond
     ``CHAIN_MAX`` wrappers the innermost seven and the outermost are kept. Where every frame
     above is plumbing or passed over (a thread's target, a test's program), the outermost of them

@@ -118,7 +118,7 @@ def pass_through_calls(code: CodeType) -> FrozenSet[int]:
                      for unit in range(offset, after.get(offset, offset + 2), 2))
 
 
-def hand_on_calls(code: CodeType) -> FrozenSet[int]:
+def hand_on_calls(code: CodeType) -> Tuple[FrozenSet[int], bool]:
     """The offsets of the calls that hand on ``code``'s own arguments as they came, its
     ``*args`` and ``**kwargs`` unpacked whole (``fn(*args, **kwargs)``, ``fn(self, *args,
     **kwargs)``, ``fn(*args, attempt=i, **kwargs)``), in a loop or a ``try`` too: a retry
@@ -129,23 +129,14 @@ def hand_on_calls(code: CodeType) -> FrozenSet[int]:
     wrapper adds (an attempt number, a timeout) is its own, the same for every use. Only where
     the source holds one such call, and its callee is not a local the wrapper chose (``for h in
     handlers: h(*args)`` would make two callees' uses one call): two (``f(*a) if x else
-    g(*a)``, a call made twice) keep the wrapper's own sites."""
-    return _handing_on(code)[0]
+    g(*a)``, a call made twice) keep the wrapper's own sites.
 
-
-def decorator_calls(code: CodeType) -> FrozenSet[int]:
-    """:func:`hand_on_calls` where their callee is a function ``code`` closes over (a
-    decorator's ``wrapper(*args, **kwargs)`` calling ``func(*args, **kwargs)``), else none.
-    What such a frame runs is the function it wraps, whose own frame is the next one a call
-    passes; its line is the same for every function it wraps. So a call's identity leaves it
-    out of the wrappers passed (``identity.site_from``): a timer or a tracer applied on one rank
-    alone would else part that rank's calls from its peers'."""
-    calls, closure = _handing_on(code)
-    return calls if closure else _NO_CALLS
-
-
-def _handing_on(code: CodeType) -> Tuple[FrozenSet[int], bool]:
-    """:func:`hand_on_calls`, and whether every such call's callee is a free variable."""
+    And whether each such callee is a function ``code`` closes over (a decorator's
+    ``wrapper(*args, **kwargs)`` calling ``func(*args, **kwargs)``): what such a frame runs is
+    the function it wraps, whose own frame is the next one a call passes, and its line is the
+    same for every function it wraps. So a call's identity leaves it out of the wrappers passed
+    (``identity.site_from``): a timer or a tracer applied on one rank alone would else part that
+    rank's calls from its peers'."""
     if not code.co_flags & _VARARGS or not _a_plain_function(code, nested_allowed=True):
         return _NO_CALLS, False  # no *args to hand on; a comprehension, generator, module
     params = code.co_argcount + code.co_kwonlyargcount
