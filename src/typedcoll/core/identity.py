@@ -19,8 +19,8 @@ two wrappers over one shared wrapper. A wrapper making two collectives on its li
 neither, in one order on every rank (unless one rank raises between them); one that lets a branch
 pick among its calls keeps its own sites (and carries its callers: ``core.callers``), as does one
 calling on two lines (a function of several statements keeps its lines in messages). Any function
-is passed over at its pass-through call, the one that hands on its arguments (a decorator's ``func(*args,
-**kwargs)``) or whose result it returns, whatever it does around it (a log line, a timer, a
+is passed over at its pass-through call, the one that hands on its arguments (a decorator's
+``func(*args, **kwargs)``) or whose result it returns, whatever it does around it (a log line, a timer, a
 ``with`` block, a ``try``): at that call it decides nothing (``thin.pass_through_calls``), and as
 the site it would make every call through it one call from one line. A call that hands on the
 function's own ``*args`` and ``**kwargs`` whole is passed over in a loop or a ``try`` too (a retry
