@@ -13,21 +13,21 @@ nothing: its line is the same for every purpose it serves. Taken as the site, it
 skipped batch-size vote and the timeout vote after it one call, and they would return each other's
 payloads without an error. So the site of a call through a thin wrapper is its caller's line, and
 its identity is that line *together with* the wrapper (``via``; every wrapper passed, where the
-call went through several): never coarser than the wrapper's own line, so two wrappers reached
-from one shared line (a decorator's frame, a loop over a dispatch table) stay two calls, and so do
-two wrappers over one shared wrapper. A wrapper making two collectives on its line makes both or
+call went through several): never coarser than the wrapper's own line, so two wrappers reached from
+one shared line (a decorator's frame, a loop over a dispatch table) stay two calls, and so do two
+wrappers over one shared wrapper. A wrapper making two collectives on its line makes both or
 neither, in one order on every rank (unless one rank raises between them); one that lets a branch
 pick among its calls keeps its own sites (and carries its callers: ``core.callers``), as does one
 calling on two lines (a function of several statements keeps its lines in messages). Any function
 is passed over at its pass-through call, the one that hands on its arguments (a decorator's
-``func(*args, **kwargs)``) or whose result it returns, whatever it does around it (a log line, a timer, a
-``with`` block, a ``try``): at that call it decides nothing (``thin.pass_through_calls``), and as
-the site it would make every call through it one call from one line. A call that hands on the
-function's own ``*args`` and ``**kwargs`` whole is passed over in a loop or a ``try`` too (a retry
-decorator, one adding ``attempt=i``, ``call_with_retry(fn, *args, **kwargs)``:
-``thin.hand_on_calls``). The cost is
-that one wrapper called from two lines is two calls, as a collective written on two lines is; a
-wrapper meant to be one call wherever it is called from gives its call a ``name=``.
+``func(*args, **kwargs)``) or whose result it returns, whatever it does around it (a log line, a
+timer, a ``with`` block, a ``try``): at that call it decides nothing (``thin.pass_through_calls``),
+and as the site it would make every call through it one call from one line. A call that hands on
+the function's own ``*args`` and ``**kwargs`` whole is passed over in a loop or a ``try`` too (a
+retry decorator, one adding ``attempt=i``, ``call_with_retry(fn, *args, **kwargs)``:
+``thin.hand_on_calls``). The cost is that one wrapper called from two lines is two calls, as a
+collective written on two lines is; a wrapper meant to be one call wherever it is called from gives
+its call a ``name=``.
 
 Sites are ``file.py:LINE``, the file named without the directories it was loaded from, so the
 same program launched from different paths (or installed under different prefixes) agrees: a
