@@ -363,10 +363,10 @@ static PyObject *via_of(PyObject **passed, int n, int *failed) {
  * the first frame whose file is not typedcoll's own plumbing and that is not passed over as a
  * thin wrapper (passes_over) or a function marked transparent, and the thin wrappers and marked
  * functions passed on the way, decorators' wrappers left out (``via``: via_of them, the
- * innermost seven and the outermost beyond CHAIN_MAX); where no such frame is above, the outermost thin wrapper is the site (a
- * thread's target, a test's program), with the others as via. New references to the site's
- * code object, to via (or NULL) and, where ``frame_out`` is given, to the site's frame (or
- * NULL); and the site's lasti. */
+ * innermost seven and the outermost beyond CHAIN_MAX); where no such frame is above, the
+ * outermost thin wrapper is the site (a thread's target, a test's program), with the others as
+ * via. New references to the site's code object, to via (or NULL) and, where ``frame_out`` is
+ * given, to the site's frame (or NULL); and the site's lasti. */
 static int site_from(PyFrameObject *start, PyCodeObject **code_out, int *lasti_out,
                      PyObject **via_out, PyFrameObject **frame_out) {
     PyFrameObject *frame = start;
