@@ -470,9 +470,9 @@ def program_late(rank: int, size: int) -> dict:
 
 
 def program_absent(rank: int, size: int) -> dict:
-    """The last rank never calls collective #1. Rank 0 gives up waiting for it first; rank 1
-    comes once gloo has abandoned rank 0's call (a margin past its deadline), which closed its
-    connections: gloo fails rank 1's call as though a peer had died, while it too waits for the
+    """The last rank never calls collective #1. Rank 0 gives up waiting for it first; the others
+    come once gloo has abandoned rank 0's call (a margin past its deadline), which closed its
+    connections: gloo fails their calls as though a peer had died, while they too wait for the
     absent rank."""
     import typedcoll as tc
     from typedcoll.transports.gloo import MARGIN_S
@@ -481,7 +481,7 @@ def program_absent(rank: int, size: int) -> dict:
     comm.allgather(rank)
     out: dict = {}
     if rank < size - 1:
-        if rank == 1:
+        if rank > 0:
             wait_for_all("absent/gave-up", 1, count=False)
             time.sleep(MARGIN_S + 1.0)
         try:
@@ -577,24 +577,27 @@ def test_a_slow_rank_is_told_its_peers_gave_up_not_that_they_died(tmp_path, size
         f"the ranks they waited for)")}
 
 
-def test_a_rank_failed_by_a_peers_give_up_names_the_absent_rank_not_a_dead_peer(tmp_path):
-    # Before, rank 1 read "failed in the torch backend before completing (a peer's process or
-    # connection is gone?)", though no process was gone: rank 0 had given up on absent rank 2.
-    first, failed, absent = run_ranks("absent", 3, tmp_path)
+@pytest.mark.parametrize("size", [3, 4])
+def test_a_rank_failed_by_a_peers_give_up_names_the_absent_rank_not_a_dead_peer(tmp_path, size):
+    # Before, the ranks that came after rank 0 gave up read "failed in the torch backend before
+    # completing (a peer's process or connection is gone?)", though no process was gone: rank 0
+    # had given up on the absent last rank.
+    first, *failed, absent = run_ranks("absent", size, tmp_path)
     at = f"collective #1 on WORLD: allgather[int] at {SITES['absent']}"
     assert absent == {}
     assert first["message"].startswith(f"{at} did not complete within 1 s\n"), first
-    assert "  never arrived at collective #1 on WORLD: ranks 1-2\n" in first["message"], first
-    assert (first["missing"], first["failure"]) == ([1, 2], False), first
-    head, *report = failed["message"].split("\n")
-    assert head == (
-        f"{at} did not complete: ranks 0-1 arrived at it and waited for rank 2; rank 0 gave up "
-        f"waiting at collective #1 (timeout 1 s), and gloo then failed the call on rank 1 as "
-        f"though a peer had died (a give-up closes its connections; gloo's error is in "
-        f".failure)"), failed
-    assert "  never arrived at collective #1 on WORLD: rank 2" in report, failed
-    assert "  arrived: ranks 0-1" in report, failed
-    assert (failed["missing"], failed["failure"]) == ([2], True), failed
+    assert f"  never arrived at collective #1 on WORLD: ranks 1-{size - 1}\n" in first["message"]
+    assert (first["missing"], first["failure"]) == (list(range(1, size)), False), first
+    for r, result in enumerate(failed, 1):  # every one of them gives the same account
+        head, *report = result["message"].split("\n")
+        assert head == (
+            f"{at} did not complete: ranks 0-{size - 2} arrived at it and waited for rank "
+            f"{size - 1}; rank 0 gave up waiting at collective #1 (timeout 1 s), and gloo then "
+            f"failed the call on rank {r} as though a peer had died (a give-up closes its "
+            f"connections; gloo's error is in .failure)"), result
+        assert f"  never arrived at collective #1 on WORLD: rank {size - 1}" in report, result
+        assert f"  arrived: ranks 0-{size - 2}" in report, result
+        assert (result["missing"], result["failure"]) == ([size - 1], True), result
 
 
 def test_arrays_on_the_c_path_over_gloo_meet_a_rank_on_the_python_steps(tmp_path):
