@@ -208,6 +208,40 @@ def test_a_bad_step_given_to_set_step_raises_at_the_next_call_on_every_rank():
         assert "(given to set_step)" in str(e), e
 
 
+def test_a_note_made_on_one_rank_is_in_the_error_every_rank_raises():
+    # The drop-in had no note(): AttributeError, where TypedComm's decisions reach the report.
+    def prog(comm):
+        c = compat.mpi4py(comm)
+        if c.rank == 1:
+            c.note("idle", True)  # NOTE-IDLE
+            c.allgather(None)  # IDLE-VOTE
+        c.allgather(c.rank)
+
+    with pytest.raises(ExceptionGroup) as info:
+        run(3, prog, timeout=2)
+    errors = errors_by_rank(info.value)
+    site = f"test_compat_mpi4py.py:{line_of('# NOTE-IDLE')}"
+    assert sorted(errors) == [0, 1, 2]
+    for e in errors.values():
+        assert isinstance(e, tc.DesyncError), e
+        assert ("\n  decisions that differ:\n"
+                f"    idle at {site} — ranks 0,2: (not noted); rank 1: True") in str(e), e
+        assert e.decisions == (("idle", site, [("ranks 0,2", "(not noted)"),
+                                               ("rank 1", "True")]),)
+
+
+def test_a_note_records_the_latest_value_its_line_and_step():
+    def prog(comm):
+        c = compat.mpi4py(comm)
+        c.set_step(2)
+        c.note("k", 0)
+        c.note("k", {"why": "x"})  # NOTE-LATEST
+        return comm._p.decisions()
+
+    site = f"test_compat_mpi4py.py:{line_of('# NOTE-LATEST')}"
+    assert run(1, prog) == [(tc.Note(key="k", value={"why": "x"}, site=site, step=2),)]
+
+
 class MPIDist:
     """An engine's unmarked wrapper class over the drop-in (its methods one call each)."""
 

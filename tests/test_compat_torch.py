@@ -550,6 +550,45 @@ def test_name_and_step_keywords_and_the_step_clock():
         assert got == (["a", "b"], (tc.MismatchKind.STEP,), (tc.MismatchKind.STEP,))
 
 
+def test_a_note_made_on_one_rank_is_in_the_error_every_rank_raises():
+    # The drop-in had no note(): AttributeError, where TypedComm's decisions reach the report.
+    def prog(comm):
+        t = compat.torch(comm)
+        if comm.rank == 1:
+            t.note("idle", True)  # NOTE-IDLE
+            t.barrier()
+        t.all_gather_object([None] * comm.size, comm.rank)
+
+    with pytest.raises(ExceptionGroup) as info:
+        run(3, prog, timeout=2)
+    errors = errors_by_rank(info.value)
+    site = f"test_compat_torch.py:{_line_of('# NOTE-IDLE')}"
+    assert sorted(errors) == [0, 1, 2]
+    for e in errors.values():
+        assert isinstance(e, tc.DesyncError), e
+        assert ("\n  decisions that differ:\n"
+                f"    idle at {site} — ranks 0,2: (not noted); rank 1: True") in str(e), e
+        assert e.decisions == (("idle", site, [("ranks 0,2", "(not noted)"),
+                                               ("rank 1", "True")]),)
+
+
+def test_a_note_records_the_latest_value_its_line_and_step():
+    def prog(comm):
+        t = compat.torch(comm)
+        t.set_step(2)
+        t.note("k", 0)
+        t.note("k", {"why": "x"})  # NOTE-LATEST
+        return comm._p.decisions()
+
+    site = f"test_compat_torch.py:{_line_of('# NOTE-LATEST')}"
+    assert run(1, prog) == [(tc.Note(key="k", value={"why": "x"}, site=site, step=2),)]
+
+
+def _line_of(mark: str) -> int:
+    return next(n for n, text in enumerate(HERE.read_text().splitlines(), 1)
+                if text.endswith(mark))
+
+
 GROUP_TIMEOUT = """
 import datetime, os, sys
 import torch.distributed as dist

@@ -100,6 +100,36 @@ def test_every_collective_names_the_item_and_field(op):
             in str(e)
 
 
+TOP = (f"expected a value msgspec can encode (a Struct, a dataclass, "
+       f"builtins, numpy arrays), got Unencodable: msgspec cannot encode it ({UNSUPPORTED}); make "
+       f"it a msgspec Struct or a dataclass, or convert it to one of those types before the call")
+
+
+@pytest.mark.parametrize("schema", [None, Any])
+def test_a_value_that_is_not_encodable_as_a_whole_names_its_type(schema):
+    # It read "expected Unencodable, got Unencodable" (no schema=: the value's own type as the
+    # expected one), or "expected Any, got Unencodable".
+    def prog(comm):
+        comm.allgather(Unencodable() if comm.rank == 1 else 1, schema=schema)  # WHOLE
+
+    e0, e1 = errors_of(2, prog)
+    what = "allgather[Unencodable]" if schema is None else "allgather[Any]"
+    at = f"{FILE}:{line_of('# WHOLE')}"
+    assert type(e1) is tc.EncodeError and str(e1) == (
+        f"collective #0 on WORLD: rank 1 could not send its {what} contribution at {at}: {TOP}")
+    assert type(e0) is tc.PeerError and str(e0) == (
+        f"collective #0 on WORLD: rank 1 failed its {what} contribution at {at}: {TOP}")
+
+
+def test_an_int_beyond_64_bits_sent_without_a_schema_keeps_its_declared_type():
+    def prog(comm):
+        comm.allgather(1 << 70 if comm.rank == 1 else 1)
+
+    for e in errors_of(2, prog):
+        assert re.search(r": expected int, got an int beyond 64 bits: msgspec cannot encode it "
+                         r"\(can't serialize ints [^)]*\)$", str(e)), str(e)
+
+
 def test_an_int_beyond_64_bits_in_a_field_is_named():
     def prog(comm):
         comm.bcast(Plan(1 << 70) if comm.rank == 1 else None, root=1, schema=Plan)
@@ -218,7 +248,8 @@ def test_a_value_that_cannot_be_sent_names_the_thin_wrapper(wrapper):
 
     e0, e1 = errors_of(2, prog)
     op = wrapper.__name__[3:]
-    at = f"at {FILE}:{line_of('# WRAPPED')} {through(wrapper)}: expected Unencodable"
+    at = (f"at {FILE}:{line_of('# WRAPPED')} {through(wrapper)}: expected a value msgspec "
+          f"can encode")
     assert type(e1) is tc.EncodeError and str(e1).startswith(
         f"collective #0 on WORLD: rank 1 could not send its {op}[Unencodable] contribution {at}")
     assert type(e0) is tc.PeerError and str(e0).startswith(

@@ -230,9 +230,11 @@ def test_unencodable_value_raises_on_sender_and_peer_error_on_receiver():
         run(2, prog, timeout=10)
     site = f"test_p2p.py:{line_of('# BAD-SEND')}"
     sender, receiver = only_rank(info.value, 0), only_rank(info.value, 1)
-    detail = ("NotImplementedError: expected object, got object: msgspec cannot encode it "
-              "(Encoding objects of type object is unsupported); give the value a type msgspec "
-              "supports (a Struct, a dataclass, builtins, numpy arrays)")
+    # It read "expected object, got object": the value's own type as what was expected.
+    detail = ("NotImplementedError: expected a value msgspec can encode (a Struct, a dataclass, "
+              "builtins, numpy arrays), got object: msgspec cannot encode it (Encoding objects "
+              "of type object is unsupported); make it a msgspec Struct or a dataclass, or "
+              "convert it to one of those types before the call")
     assert isinstance(sender, tc.EncodeError) and isinstance(receiver, tc.PeerError)
     assert str(sender) == (f"send #0 to rank 1 (tag 0) on WORLD: rank 0 could not send its "
                            f"send[object] at {site}: {detail}")

@@ -469,6 +469,34 @@ def program_late(rank: int, size: int) -> dict:
     return {"value": "completed"}
 
 
+def program_absent(rank: int, size: int) -> dict:
+    """The last rank never calls collective #1. Rank 0 gives up waiting for it first; the others
+    come once gloo has abandoned rank 0's call (a margin past its deadline), which closed its
+    connections: gloo fails their calls as though a peer had died, while they too wait for the
+    absent rank."""
+    import typedcoll as tc
+    from typedcoll.transports.gloo import MARGIN_S
+
+    comm = tc.TypedComm.from_torch(timeout=1)
+    comm.allgather(rank)
+    out: dict = {}
+    if rank < size - 1:
+        if rank > 0:
+            wait_for_all("absent/gave-up", 1, count=False)
+            time.sleep(MARGIN_S + 1.0)
+        try:
+            comm.allgather(rank)  # @absent
+            out = {"value": "completed"}
+        except tc.CollectiveTimeout as exc:
+            out = {"error": type(exc).__name__, "message": str(exc),
+                   "missing": list(exc.missing or ()), "failure": bool(exc.failure)}
+        if rank == 0:
+            wait_for_all("absent/gave-up", 1)
+    # The absent rank stays until its peers have raised: its exit would close their connections.
+    wait_for_all("absent/raised", size - 1, count=rank < size - 1)
+    return out
+
+
 def program_arrays(rank: int, size: int) -> dict:
     """numpy arrays on gloo without a timeout, where the C path serves them over the
     transport's own exchange, with the last rank on the Python steps: inline, past the slot, in
@@ -547,6 +575,29 @@ def test_a_slow_rank_is_told_its_peers_gave_up_not_that_they_died(tmp_path, size
         f"{at} is abandoned: {peers} gave up waiting at collective #1 (timeout 1 s) before it "
         f"completed on rank {size - 1}; no rank returns this call's result (their reports name "
         f"the ranks they waited for)")}
+
+
+@pytest.mark.parametrize("size", [3, 4])
+def test_a_rank_failed_by_a_peers_give_up_names_the_absent_rank_not_a_dead_peer(tmp_path, size):
+    # Before, the ranks that came after rank 0 gave up read "failed in the torch backend before
+    # completing (a peer's process or connection is gone?)", though no process was gone: rank 0
+    # had given up on the absent last rank.
+    first, *failed, absent = run_ranks("absent", size, tmp_path)
+    at = f"collective #1 on WORLD: allgather[int] at {SITES['absent']}"
+    assert absent == {}
+    assert first["message"].startswith(f"{at} did not complete within 1 s\n"), first
+    assert f"  never arrived at collective #1 on WORLD: ranks 1-{size - 1}\n" in first["message"]
+    assert (first["missing"], first["failure"]) == (list(range(1, size)), False), first
+    for r, result in enumerate(failed, 1):  # every one of them gives the same account
+        head, *report = result["message"].split("\n")
+        assert head == (
+            f"{at} did not complete: ranks 0-{size - 2} arrived at it and waited for rank "
+            f"{size - 1}; rank 0 gave up waiting at collective #1 (timeout 1 s), and gloo then "
+            f"failed the call on rank {r} as though a peer had died (a give-up closes its "
+            f"connections; gloo's error is in .failure)"), result
+        assert f"  never arrived at collective #1 on WORLD: rank {size - 1}" in report, result
+        assert f"  arrived: ranks 0-{size - 2}" in report, result
+        assert (result["missing"], result["failure"]) == ([size - 1], True), result
 
 
 def test_arrays_on_the_c_path_over_gloo_meet_a_rank_on_the_python_steps(tmp_path):

@@ -138,10 +138,7 @@ class TypedComm:
         differ between the groups of ranks; dumps hold them too. ``value`` should be small and
         msgspec-encodable (it is shown with ``repr`` otherwise).
         """
-        frame = sys._getframe(1)
-        p = self._p
-        # Stored raw (a few hundred ns); made into Notes only when an error reads them.
-        p.notes[key] = (value, frame.f_code, frame.f_lasti, p.step)
+        self._p.note(key, value, sys._getframe(1))
 
     # --- collectives -----------------------------------------------------------------------
     @overload

@@ -147,6 +147,9 @@ def _got(value: Any) -> str:
     return type(value).__name__
 
 
+SUPPORTED = "a Struct, a dataclass, builtins, numpy arrays"
+
+
 def encode_failure(exc: BaseException, value: Any, schema: Any, name: str) -> str:
     """``exc``, raised encoding ``value`` as ``schema`` (shown as ``name``), as the text an error
     carries: ``"NotImplementedError: expected Plan.batch: int, got Unencodable: msgspec cannot
@@ -161,8 +164,19 @@ def encode_failure(exc: BaseException, value: Any, schema: Any, name: str) -> st
             got = culprit.got
         else:
             where, declared, got = name, "the value", _got(value)
+        if culprit is None and unsupported and _declares_nothing(schema, value):
+            # The value's own type (no schema= given) or Any says nothing of what was expected:
+            # "expected object, got object" read as no fault at all.
+            return (f"{type(exc).__name__}: expected a value msgspec can encode ({SUPPORTED}), "
+                    f"got {got}: msgspec cannot encode it ({detail}); make it a msgspec Struct "
+                    f"or a dataclass, or convert it to one of those types before the call")
         detail = f"expected {where}, got {got}: msgspec cannot encode it ({detail})"
         if unsupported:
-            detail += (f"; give {declared} a type msgspec supports (a Struct, a dataclass, "
-                       f"builtins, numpy arrays)")
+            detail += f"; give {declared} a type msgspec supports ({SUPPORTED})"
     return f"{type(exc).__name__}: {detail}"
+
+
+def _declares_nothing(schema: Any, value: Any) -> bool:
+    """Whether ``schema`` is only ``value``'s own class (the default without ``schema=``) or
+    ``Any``: nothing the value was expected to be."""
+    return schema is type(value) or isinstance(_type_info(schema), mi.AnyType)

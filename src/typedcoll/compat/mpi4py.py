@@ -146,6 +146,13 @@ class Comm:
         call, on every rank (EncodeError here, PeerError elsewhere)."""
         self.typed.set_step(step)
 
+    def note(self, key: str, value: Any) -> None:
+        """A rank-local decision (``can_queue``, a local timeout) for error reports, as
+        ``TypedComm.note``: a DesyncError or a hang report lists the latest notes whose values
+        differ between ranks, with the line that made each and its step; dumps hold them too.
+        Local and cheap; ``value`` should be small and msgspec-encodable (``repr`` otherwise)."""
+        self._p.note(key, value, sys._getframe(1))
+
     # --- collectives -----------------------------------------------------------------------
     def allgather(self, sendobj: Any, *, step: Optional[int] = None,
                   name: Optional[str] = None) -> List[Any]:

@@ -28,6 +28,7 @@ transport, ``typedcoll.testing`` say), ranks are that communicator's.
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Dict, List, Optional, Tuple
 
 from .._comm import TypedComm
@@ -89,6 +90,13 @@ class TorchDistributed(TensorCalls, TensorPointToPoint):
         per-step vote skipped on an idle step) raises there instead of pairing with the next
         step's call."""
         self.typed.set_step(step)
+
+    def note(self, key: str, value: Any) -> None:
+        """A rank-local decision (``can_queue``, a local timeout) for error reports, as
+        ``TypedComm.note``: a DesyncError or a hang report lists the latest notes whose values
+        differ between ranks, with the line that made each and its step; dumps hold them too.
+        Local and cheap; ``value`` should be small and msgspec-encodable (``repr`` otherwise)."""
+        self._p.note(key, value, sys._getframe(1))
 
     # --- collectives -------------------------------------------------------------------------
     # Every collective takes two keywords torch lacks: ``name=`` (the call's identity instead

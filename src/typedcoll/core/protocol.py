@@ -39,6 +39,7 @@ from __future__ import annotations
 import threading
 import time
 import weakref
+from types import FrameType
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..codecs import ENCODER, KIND_MSGSPEC, SchemaInfo, encode_array, nesting_ok
@@ -372,6 +373,11 @@ class Protocol:
         return tuple(Note(key=key, value=value, site=format_site(code, lasti),
                           step=None if step == NO_STEP else step)
                      for key, (value, code, lasti, step) in self.notes.items())
+
+    def note(self, key: str, value: Any, frame: FrameType) -> None:
+        """``comm.note(key, value)``, made at ``frame``: kept raw (a few hundred ns), made into
+        Notes only when an error reads them (``decisions``)."""
+        self.notes[key] = (value, frame.f_code, frame.f_lasti, self.step)
 
     # --- bookkeeping ------------------------------------------------------------------------
     def completed(self, call: Optional[Call] = None) -> None:

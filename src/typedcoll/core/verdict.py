@@ -290,6 +290,23 @@ def who_gave_up(p: "Protocol", notices: Sequence[Tuple[int, int]]) -> str:
     return compact_ranks(heard) + (" (and possibly others)" if len(heard) < p.size - 1 else "")
 
 
+def ended_by_give_up(p: "Protocol", call: Call, shown: str, notices: Sequence[Tuple[int, int]],
+                     missing: Optional[Sequence[int]], timeout: float) -> str:
+    """The account of a rank whose wait gloo failed after a peer gave up (a give-up closes that
+    call's connections, as a death does) while it too waited for a rank that never arrived:
+    who came, whom they waited for (the hang report's ``missing``), and who gave up."""
+    first = min(seq for _, seq in notices)
+    gave_up = {rank for rank, _ in notices}  # were there, whatever their side channel says now
+    gone = [r for r in missing or () if r != p.rank and r not in gave_up]
+    there = (f"{compact_ranks([r for r in range(p.size) if r not in gone])} arrived at it and "
+             f"waited for {compact_ranks(gone)}; " if gone else "")
+    return (f"{where(p, call)}: {what(call)} at {shown} did not complete: {there}"
+            f"{compact_ranks(sorted(gave_up))} gave up waiting at "
+            f"{'the creation' if first == CREATE_SEQ else f'collective #{first}'} (timeout "
+            f"{timeout:g} s), and gloo then failed the call on rank {p.rank} as though a peer "
+            f"had died (a give-up closes its connections; gloo's error is in .failure)")
+
+
 def timed_out(p: "Protocol", call: Call) -> None:
     """Raise CollectiveTimeout; the channel is unusable from now on."""
     site = format_site(call.code, call.lasti)
@@ -309,15 +326,25 @@ def timed_out(p: "Protocol", call: Call) -> None:
     # Where a late rank cannot complete the call (gloo: its peers' give-ups closed the
     # connections), its backend fails it with "connection closed", as for a dead peer: every
     # peer's notice tells the two apart. Only every peer's: a rank failed so while it too waited
-    # for an absent one is not late.
+    # for an absent one is not late, but its wait was ended by the give-ups it found (``ended``).
+    gave_up = {rank for rank, seq in notices if seq <= call.seq}
     if p.transport.kind in LATE_CALLS_FAIL:
-        gave_up = {rank for rank, seq in notices if seq <= call.seq}
         came_late = bool(failure) and len(gave_up | {p.rank}) == p.size
     else:
         came_late = bool(notices) and not failure
     late = came_late and call.deadline is not None and time.monotonic() < call.deadline
+    ended = bool(failure) and bool(gave_up) and not late and p.transport.kind in LATE_CALLS_FAIL
     missing: Optional[Sequence[int]] = None
-    if failure and not late:
+    report = ""
+    if p.hang_reporter is not None and not late:
+        try:
+            missing, report = p.hang_reporter(p, call)
+        except Exception as exc:  # a failing report must not hide the timeout itself
+            report = f"(hang report unavailable: {type(exc).__name__}: {exc})"
+    if ended:
+        text = ended_by_give_up(p, call, shown, [n for n in notices if n[0] in gave_up],
+                                missing, timeout)
+    elif failure and not late:
         text = (f"{where(p, call)}: {what(call)} at {shown} failed in the {p.transport.kind} "
                 f"backend before completing (a peer's process or connection is gone?): "
                 f"{failure}")
@@ -332,13 +359,8 @@ def timed_out(p: "Protocol", call: Call) -> None:
     else:
         text = (f"{where(p, call)}: {what(call)} at {shown} did not complete within "
                 f"{timeout:g} s")
-    if p.hang_reporter is not None and not late:
-        try:
-            missing, report = p.hang_reporter(p, call)
-            if report:
-                text += "\n" + report
-        except Exception as exc:  # a failing report must not hide the timeout itself
-            text += f"\n(hang report unavailable: {type(exc).__name__}: {exc})"
+    if report:
+        text += "\n" + report
     err = CollectiveTimeout(text, seq=call.seq, comm=p.name, op=call.op,
                             schema=call.schema_name, site=site, timeout=timeout,
                             missing=missing, failure=failure)
