@@ -9,6 +9,7 @@ ranks, over the C fast path (timeout None) and the Python steps (timeout 10).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from typing import Any, List, Optional
 
@@ -474,6 +475,45 @@ def test_a_skipped_vote_through_a_helper_without_a_loop_raises(
     assert "the callers differ" in str(error)
 
 
+# An async engine's vote helper: a coroutine, whose every ``await`` compiles to a loop of
+# SEND and a backward jump, none of them a loop of the helper's own.
+async def any_rank_awaiting(comm: tc.TypedComm, flag: bool) -> bool:
+    await asyncio.sleep(0)  # yields to the event loop (a lock, a queue) before voting
+    flags = comm.allgather(flag)
+    return any(flags)
+
+
+async def async_votes(comm: tc.TypedComm, skipper: Optional[int]) -> Any:
+    """Two votes identical on the wire through one async helper, from two lines of a
+    coroutine; ``skipper`` leaves out the first, as an idle rank's iteration does."""
+    got = []
+    if comm.rank != skipper:
+        got.append(await any_rank_awaiting(comm, comm.rank == 0))
+    got.append(await any_rank_awaiting(comm, False))
+    return got
+
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+@pytest.mark.parametrize("skipper", [0, 2])
+def test_a_skipped_vote_through_an_async_helper_raises(
+        skipper: int, timeout: Optional[float]) -> None:
+    """Before, a coroutine counted as a function with a loop (its awaits' jumps back), so it
+    carried no callers: both votes were the helper's one line, and the skipper's second vote
+    took its peers' first (``True`` where every rank voted ``False``) without an error, the
+    step clock set or not; its peers timed out."""
+    def run_votes(comm: tc.TypedComm, skip: Optional[int]) -> Any:
+        comm.set_step(7)
+        return asyncio.run(async_votes(comm, skip))
+
+    assert outcomes(3, run_votes, None, timeout=timeout) == [[True, False]] * 3
+    error = one_desync(outcomes(3, run_votes, skipper, timeout=timeout))
+    assert list(error.kinds) == [tc.MismatchKind.CALL]
+    first = async_votes.__code__.co_firstlineno
+    rows = str(error).splitlines()[1:3]
+    assert {r.split("called from ")[1].split()[0].rstrip(",") for r in rows} == \
+        {f"test_core_callers.py:{first + 5}", f"test_core_callers.py:{first + 6}"}, error
+
+
 def test_which_functions_carry_their_callers() -> None:
     """Every call of a function without a loop carries its callers; a function with a loop, a
     generator, a module's code carry none (a worker's loop is one site per line), nor does a
@@ -509,6 +549,12 @@ def test_which_functions_carry_their_callers() -> None:
     assert not loops(any_rank.__code__) and not loops(max_over_ranks.__code__)
     assert not loops(Coordinator.all_gather.__code__)  # picks a route by a flag, returns it
     assert loops(with_loop.__code__) and loops(generator.__code__)
+
+    async def async_loop(comm: Any, source: Any) -> None:
+        async for _ in source:  # a loop, beside the await it compiles to
+            comm.barrier()
+
+    assert not loops(any_rank_awaiting.__code__) and loops(async_loop.__code__)
     assert loops(compile("x = 1", "<module>", "exec"))
     assert role_site(any_rank.__code__, 0) & PICKED
     assert not role_site(with_loop.__code__, 0) & PICKED

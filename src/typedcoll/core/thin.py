@@ -41,6 +41,7 @@ from types import CodeType
 from typing import Dict, FrozenSet, List, Optional, Set, Tuple
 
 _SUSPENDS = 0x20 | 0x80 | 0x100 | 0x200  # generator, coroutine, async generator
+_COROUTINE = 0x80  # an ``async def`` (neither a generator nor an async generator)
 _NEWLOCALS = 0x02  # a function's code, not a module's or a class body's
 _MAX_PATHS = 256  # more paths than this: not thin (no wrapper has them)
 _ENDS = frozenset({"RETURN_VALUE", "RETURN_CONST", "RAISE_VARARGS", "RERAISE"})
@@ -230,15 +231,31 @@ def loop_spans(code: CodeType) -> Optional[List[Tuple[int, int]]]:
     same. Comprehensions and functions inside a function are not its loops: before 3.12 they
     run in frames of their own (a frame with a loop), and from 3.12 a comprehension is inlined
     (``return any([f for f in flags])``), read here as one, so a vote helper and a call in a
-    comprehension read alike on every version."""
-    if not _a_plain_function(code, nested_allowed=True):
+    comprehension read alike on every version. Nor are a coroutine's awaits (an async engine's
+    vote helper): each compiles to a jump back, but runs the awaited object once."""
+    if not _a_plain_function(code, nested_allowed=True, coroutine_allowed=True):
         return None
+    coroutine = code.co_flags & _COROUTINE
     instructions = list(dis.get_instructions(code))
     inlined = _inlined_comprehensions(instructions)
-    if any("JUMP" in ins.opname and not (isinstance(ins.argval, int) and (
-            ins.argval > ins.offset or in_spans(inlined, ins.argval))) for ins in instructions):
+    awaiting = _await_jumps(instructions) if coroutine else _NO_CALLS
+    if any("JUMP" in ins.opname and ins.offset not in awaiting and not (
+            isinstance(ins.argval, int) and (ins.argval > ins.offset or
+                                             in_spans(inlined, ins.argval)))
+           for ins in instructions):
         return None
     return inlined
+
+
+def _await_jumps(instructions: List[dis.Instruction]) -> FrozenSet[int]:
+    """The offsets of the jumps back that an ``await`` compiles to, none of them a loop of the
+    coroutine's (an async engine's vote helper has them; an ``async for`` has a loop besides):
+    back to its SEND after each value the awaited object yields, and (3.12+) back to the
+    await's end after a CLEANUP_THROW."""
+    sends = {ins.offset for ins in instructions if ins.opname == "SEND"}
+    return frozenset(ins.offset for before, ins in zip([None, *instructions], instructions)
+                     if "JUMP" in ins.opname and (ins.argval in sends or (
+                         before is not None and before.opname == "CLEANUP_THROW")))
 
 
 def _inlined_comprehensions(instructions: List[dis.Instruction]) -> List[Tuple[int, int]]:
@@ -276,12 +293,14 @@ def _returned(instructions: List[dis.Instruction], calls: Dict[int, Position]) -
     return out
 
 
-def _a_plain_function(code: CodeType, nested_allowed: bool = False) -> bool:
-    """A ``def`` or ``lambda``: not a comprehension, generator, coroutine, module or class
-    body, and (unless ``nested_allowed``) with no function of its own inside (before 3.12 a
-    comprehension is one: a loop)."""
+def _a_plain_function(code: CodeType, nested_allowed: bool = False,
+                      coroutine_allowed: bool = False) -> bool:
+    """A ``def`` or ``lambda``: not a comprehension, generator, module or class body, nor
+    (unless ``coroutine_allowed``) an ``async def``, and (unless ``nested_allowed``) with no
+    function of its own inside (before 3.12 a comprehension is one: a loop)."""
+    suspends = _SUSPENDS & ~_COROUTINE if coroutine_allowed else _SUSPENDS
     return not ((code.co_name.startswith("<") and code.co_name != "<lambda>") or
-                code.co_flags & _SUSPENDS or not code.co_flags & _NEWLOCALS or
+                code.co_flags & suspends or not code.co_flags & _NEWLOCALS or
                 (not nested_allowed and
                  any(isinstance(const, CodeType) for const in code.co_consts)))
 
