@@ -10,6 +10,7 @@ ranks, over the C fast path (timeout None) and the Python steps (timeout 10).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 from typing import Any, List, Optional
 
@@ -514,6 +515,48 @@ def test_a_skipped_vote_through_an_async_helper_raises(
         {f"test_core_callers.py:{first + 5}", f"test_core_callers.py:{first + 6}"}, error
 
 
+# Vote helpers around a block: Python 3.12 and later place an exception handler after the
+# function's code and jump back from it to the code after the block (3.12: a ``with`` of two
+# context managers; 3.13: any ``with``, an ``except`` that goes on), no loop of the helper's.
+def any_rank_holding(comm: tc.TypedComm, flag: bool) -> bool:
+    with contextlib.nullcontext(), contextlib.suppress(KeyError):
+        flags = comm.allgather(flag)
+    return any(flags)
+
+
+def any_rank_or_none(comm: tc.TypedComm, flag: bool) -> bool:
+    try:
+        flags = comm.allgather(flag)
+    except KeyError:
+        flags = []
+    return any(flags)
+
+
+def votes_in_a_block(comm: tc.TypedComm, helper: Any, skipper: Optional[int]) -> Any:
+    """Two votes identical on the wire through ``helper``, from two lines; ``skipper`` leaves
+    out the first."""
+    got = []
+    if comm.rank != skipper:
+        got.append(helper(comm, comm.rank == 0))
+    got.append(helper(comm, False))
+    return got
+
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+@pytest.mark.parametrize("helper", [any_rank_holding, any_rank_or_none])
+def test_a_skipped_vote_through_a_helper_around_a_block_raises(
+        helper: Any, timeout: Optional[float]) -> None:
+    """Before, on 3.12 and 3.13, the handler's jump back read as a loop: the helper carried no
+    callers, and the skipper's second vote took its peers' first (``True`` where every rank
+    voted ``False``) without an error; its peers hung."""
+    assert outcomes(3, votes_in_a_block, helper, None, timeout=timeout) == [[True, False]] * 3
+    error = one_desync(outcomes(3, votes_in_a_block, helper, 2, timeout=timeout))
+    first = votes_in_a_block.__code__.co_firstlineno
+    rows = str(error).splitlines()[1:3]
+    assert {r.split("called from ")[1].split()[0].rstrip(",") for r in rows} == \
+        {f"test_core_callers.py:{first + 5}", f"test_core_callers.py:{first + 6}"}, error
+
+
 def test_which_functions_carry_their_callers() -> None:
     """Every call of a function without a loop carries its callers; a function with a loop, a
     generator, a module's code carry none (a worker's loop is one site per line), nor does a
@@ -555,6 +598,18 @@ def test_which_functions_carry_their_callers() -> None:
             comm.barrier()
 
     assert not loops(any_rank_awaiting.__code__) and loops(async_loop.__code__)
+
+    def retry(comm: Any, flag: bool) -> Any:
+        while True:  # a retry whose only way back is its handler's
+            try:
+                flags = comm.allgather(flag)
+                break
+            except KeyError:
+                continue
+        return flags
+
+    assert not loops(any_rank_holding.__code__) and not loops(any_rank_or_none.__code__)
+    assert loops(retry.__code__)
     assert loops(compile("x = 1", "<module>", "exec"))
     assert role_site(any_rank.__code__, 0) & PICKED
     assert not role_site(with_loop.__code__, 0) & PICKED

@@ -239,12 +239,49 @@ def loop_spans(code: CodeType) -> Optional[List[Tuple[int, int]]]:
     instructions = list(dis.get_instructions(code))
     inlined = _inlined_comprehensions(instructions)
     awaiting = _await_jumps(instructions) if coroutine else _NO_CALLS
-    if any("JUMP" in ins.opname and ins.offset not in awaiting and not (
-            isinstance(ins.argval, int) and (ins.argval > ins.offset or
-                                             in_spans(inlined, ins.argval)))
-           for ins in instructions):
+    back = [ins for ins in instructions if "JUMP" in ins.opname and ins.offset not in awaiting
+            and not (isinstance(ins.argval, int) and (ins.argval > ins.offset or
+                                                      in_spans(inlined, ins.argval)))]
+    if back and (any(not isinstance(ins.argval, int) for ins in back) or
+                 _on_a_cycle(code, instructions, back)):
         return None
     return inlined
+
+
+def _on_a_cycle(code: CodeType, instructions: List[dis.Instruction],
+                back: List[dis.Instruction]) -> bool:
+    """Whether one of the jumps ``back`` closes a loop: its target leads to it again, a raise
+    into a handler counted as a way on. 3.12 and later place an exception handler after the
+    function's code and jump back from it to the code after its ``with`` or ``try`` block
+    (3.12: a ``with`` of two context managers; 3.13: any ``with``, an ``except`` that goes on):
+    such a jump runs at most once per pass, as the block does; a retry that goes back into
+    the ``try`` (``except E: continue``) is a loop."""
+    entries = getattr(dis.Bytecode(code), "exception_entries", [])
+    following = {ins.offset: nxt.offset for ins, nxt in zip(instructions, instructions[1:])}
+
+    def successors(ins: dis.Instruction) -> List[int]:
+        out = [e.target for e in entries if e.start <= ins.offset < e.end]
+        jumps = "JUMP" in ins.opname or ins.opname in ("FOR_ITER", "SEND")
+        if jumps and isinstance(ins.argval, int):
+            out.append(ins.argval)
+        onward = not (ins.opname in _ENDS or (jumps and not ins.opname.startswith(
+            ("POP_JUMP", "JUMP_IF")) and ins.opname not in ("FOR_ITER", "SEND")))
+        if onward and ins.offset in following:
+            out.append(following[ins.offset])
+        return out
+
+    by_offset = {ins.offset: ins for ins in instructions}
+    for jump in back:
+        seen, todo = set(), [jump.argval]
+        while todo:
+            offset = todo.pop()
+            if offset == jump.offset:
+                return True
+            if offset in seen or offset not in by_offset:
+                continue
+            seen.add(offset)
+            todo.extend(successors(by_offset[offset]))
+    return False
 
 
 def _await_jumps(instructions: List[dis.Instruction]) -> FrozenSet[int]:
