@@ -515,6 +515,45 @@ def test_a_skipped_vote_through_an_async_helper_raises(
         {f"test_core_callers.py:{first + 5}", f"test_core_callers.py:{first + 6}"}, error
 
 
+class Transient(Exception):
+    pass
+
+
+async def with_retry_async(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """An async ``call_with_retry``: hands on its caller's arguments whole, in a loop."""
+    for attempt in range(3):
+        try:
+            return await fn(*args, **kwargs)
+        except Transient:
+            await asyncio.sleep(0)
+
+
+async def retried_votes(comm: tc.TypedComm, skipper: Optional[int]) -> Any:
+    got = []
+    if comm.rank != skipper:
+        got.append(await with_retry_async(any_rank_awaiting, comm, comm.rank == 0))
+    got.append(await with_retry_async(any_rank_awaiting, comm, False))
+    return got
+
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+def test_a_skipped_vote_through_an_async_retry_helper_raises(timeout: Optional[float]) -> None:
+    """An async retry helper is passed over at its ``await fn(*args, **kwargs)`` as a sync one
+    is at ``fn(*args, **kwargs)``. Before, it was a site with a loop, the same line for both
+    votes: the skipper's second vote took its peers' first without an error."""
+    def run_votes(comm: tc.TypedComm, skip: Optional[int]) -> Any:
+        comm.set_step(3)
+        return asyncio.run(retried_votes(comm, skip))
+
+    assert outcomes(3, run_votes, None, timeout=timeout) == [[True, False]] * 3
+    error = one_desync(outcomes(3, run_votes, 2, timeout=timeout))
+    first = retried_votes.__code__.co_firstlineno
+    rows = str(error).splitlines()[1:3]
+    assert {r.split("called from ")[1].split()[0] for r in rows} == \
+        {f"test_core_callers.py:{first + 3}", f"test_core_callers.py:{first + 4}"}, error
+    assert all("through with_retry_async" in r for r in rows), error
+
+
 # Vote helpers around a block: Python 3.12 and later place an exception handler after the
 # function's code and jump back from it to the code after the block (3.12: a ``with`` of two
 # context managers; 3.13: any ``with``, an ``except`` that goes on), no loop of the helper's.

@@ -24,13 +24,13 @@ range, ``torch.no_grad()``'s context) decides nothing about which collective run
 call; any other call it makes (a collective on a line of its own) keeps its site there.
 
 A call that hands on the function's own ``*args`` and ``**kwargs`` whole, whatever the function
-adds of its own (:func:`hand_on_calls`), is passed over in a loop or a ``try`` as well: a retry
-decorator's wrapper repeats its caller's call, and its one line would make every use of the
-function one call.
+adds of its own (:func:`hand_on_calls`), is passed over in a loop or a ``try`` as well (an
+``async def``'s at its ``await fn(*args, **kwargs)``): a retry decorator's wrapper repeats its
+caller's call, and its one line would make every use of the function one call.
 
 Any other function keeps its sites. Where it has no loop (:func:`loop_spans`: a helper, or one
-that picks among calls and returns the one it picked), its calls carry its callers
-(``core.callers``), but for those in a comprehension.
+that picks among calls and returns the one it picked; an await is none), its calls carry its
+callers (``core.callers``), but for those in a comprehension.
 """
 
 from __future__ import annotations
@@ -138,7 +138,8 @@ def hand_on_calls(code: CodeType) -> Tuple[FrozenSet[int], bool]:
     same for every function it wraps. So a call's identity leaves it out of the wrappers passed
     (``identity.site_from``): a timer or a tracer applied on one rank alone would else part that
     rank's calls from its peers'."""
-    if not code.co_flags & _VARARGS or not _a_plain_function(code, nested_allowed=True):
+    if not code.co_flags & _VARARGS or not _a_plain_function(code, nested_allowed=True,
+                                                             coroutine_allowed=True):
         return _NO_CALLS, False  # no *args to hand on; a comprehension, generator, module
     params = code.co_argcount + code.co_kwonlyargcount
     star = code.co_varnames[params]
@@ -165,8 +166,12 @@ def hand_on_calls(code: CodeType) -> Tuple[FrozenSet[int], bool]:
     if len(set(found.values())) != 1:
         return _NO_CALLS, False  # two (a branch picking one, a call made twice): its own sites
     after = {ins.offset: nxt.offset for ins, nxt in zip(instructions, instructions[1:])}
-    return frozenset(unit for offset in found
-                     for unit in range(offset, after.get(offset, offset + 2), 2)), closure
+    # An async one awaits what it handed on (``return await fn(*args, **kwargs)``): its frame
+    # then stands at that await's SEND, which runs the callee.
+    sends = {i.offset: s.offset for i, s in zip(instructions, instructions[3:])
+             if i.opname == "CALL_FUNCTION_EX" and s.opname == "SEND"}
+    stops = [at for offset in found for at in (offset, sends.get(offset)) if at is not None]
+    return frozenset(unit for at in stops for unit in range(at, after.get(at, at + 2), 2)), closure
 
 
 # What may build a call that hands on its function's arguments: loading the callee (a global,
