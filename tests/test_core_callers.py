@@ -9,6 +9,8 @@ ranks, over the C fast path (timeout None) and the Python steps (timeout 10).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 from typing import Any, List, Optional
 
@@ -474,6 +476,126 @@ def test_a_skipped_vote_through_a_helper_without_a_loop_raises(
     assert "the callers differ" in str(error)
 
 
+# An async engine's vote helper: a coroutine, whose every ``await`` compiles to a loop of
+# SEND and a backward jump, none of them a loop of the helper's own.
+async def any_rank_awaiting(comm: tc.TypedComm, flag: bool) -> bool:
+    await asyncio.sleep(0)  # yields to the event loop (a lock, a queue) before voting
+    flags = comm.allgather(flag)
+    return any(flags)
+
+
+async def async_votes(comm: tc.TypedComm, skipper: Optional[int]) -> Any:
+    """Two votes identical on the wire through one async helper, from two lines of a
+    coroutine; ``skipper`` leaves out the first, as an idle rank's iteration does."""
+    got = []
+    if comm.rank != skipper:
+        got.append(await any_rank_awaiting(comm, comm.rank == 0))
+    got.append(await any_rank_awaiting(comm, False))
+    return got
+
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+@pytest.mark.parametrize("skipper", [0, 2])
+def test_a_skipped_vote_through_an_async_helper_raises(
+        skipper: int, timeout: Optional[float]) -> None:
+    """Before, a coroutine counted as a function with a loop (its awaits' jumps back), so it
+    carried no callers: both votes were the helper's one line, and the skipper's second vote
+    took its peers' first (``True`` where every rank voted ``False``) without an error, the
+    step clock set or not; its peers timed out."""
+    def run_votes(comm: tc.TypedComm, skip: Optional[int]) -> Any:
+        comm.set_step(7)
+        return asyncio.run(async_votes(comm, skip))
+
+    assert outcomes(3, run_votes, None, timeout=timeout) == [[True, False]] * 3
+    error = one_desync(outcomes(3, run_votes, skipper, timeout=timeout))
+    assert list(error.kinds) == [tc.MismatchKind.CALL]
+    first = async_votes.__code__.co_firstlineno
+    rows = str(error).splitlines()[1:3]
+    assert {r.split("called from ")[1].split()[0].rstrip(",") for r in rows} == \
+        {f"test_core_callers.py:{first + 5}", f"test_core_callers.py:{first + 6}"}, error
+
+
+class Transient(Exception):
+    pass
+
+
+async def with_retry_async(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """An async ``call_with_retry``: hands on its caller's arguments whole, in a loop."""
+    for attempt in range(3):
+        try:
+            return await fn(*args, **kwargs)
+        except Transient:
+            await asyncio.sleep(0)
+
+
+async def retried_votes(comm: tc.TypedComm, skipper: Optional[int]) -> Any:
+    got = []
+    if comm.rank != skipper:
+        got.append(await with_retry_async(any_rank_awaiting, comm, comm.rank == 0))
+    got.append(await with_retry_async(any_rank_awaiting, comm, False))
+    return got
+
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+def test_a_skipped_vote_through_an_async_retry_helper_raises(timeout: Optional[float]) -> None:
+    """An async retry helper is passed over at its ``await fn(*args, **kwargs)`` as a sync one
+    is at ``fn(*args, **kwargs)``. Before, it was a site with a loop, the same line for both
+    votes: the skipper's second vote took its peers' first without an error."""
+    def run_votes(comm: tc.TypedComm, skip: Optional[int]) -> Any:
+        comm.set_step(3)
+        return asyncio.run(retried_votes(comm, skip))
+
+    assert outcomes(3, run_votes, None, timeout=timeout) == [[True, False]] * 3
+    error = one_desync(outcomes(3, run_votes, 2, timeout=timeout))
+    first = retried_votes.__code__.co_firstlineno
+    rows = str(error).splitlines()[1:3]
+    assert {r.split("called from ")[1].split()[0] for r in rows} == \
+        {f"test_core_callers.py:{first + 3}", f"test_core_callers.py:{first + 4}"}, error
+    assert all("through with_retry_async" in r for r in rows), error
+
+
+# Vote helpers around a block: Python 3.12 and later place an exception handler after the
+# function's code and jump back from it to the code after the block (3.12: a ``with`` of two
+# context managers; 3.13: any ``with``, an ``except`` that goes on), no loop of the helper's.
+def any_rank_holding(comm: tc.TypedComm, flag: bool) -> bool:
+    with contextlib.nullcontext(), contextlib.suppress(KeyError):
+        flags = comm.allgather(flag)
+    return any(flags)
+
+
+def any_rank_or_none(comm: tc.TypedComm, flag: bool) -> bool:
+    try:
+        flags = comm.allgather(flag)
+    except KeyError:
+        flags = []
+    return any(flags)
+
+
+def votes_in_a_block(comm: tc.TypedComm, helper: Any, skipper: Optional[int]) -> Any:
+    """Two votes identical on the wire through ``helper``, from two lines; ``skipper`` leaves
+    out the first."""
+    got = []
+    if comm.rank != skipper:
+        got.append(helper(comm, comm.rank == 0))
+    got.append(helper(comm, False))
+    return got
+
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+@pytest.mark.parametrize("helper", [any_rank_holding, any_rank_or_none])
+def test_a_skipped_vote_through_a_helper_around_a_block_raises(
+        helper: Any, timeout: Optional[float]) -> None:
+    """Before, on 3.12 and 3.13, the handler's jump back read as a loop: the helper carried no
+    callers, and the skipper's second vote took its peers' first (``True`` where every rank
+    voted ``False``) without an error; its peers hung."""
+    assert outcomes(3, votes_in_a_block, helper, None, timeout=timeout) == [[True, False]] * 3
+    error = one_desync(outcomes(3, votes_in_a_block, helper, 2, timeout=timeout))
+    first = votes_in_a_block.__code__.co_firstlineno
+    rows = str(error).splitlines()[1:3]
+    assert {r.split("called from ")[1].split()[0].rstrip(",") for r in rows} == \
+        {f"test_core_callers.py:{first + 5}", f"test_core_callers.py:{first + 6}"}, error
+
+
 def test_which_functions_carry_their_callers() -> None:
     """Every call of a function without a loop carries its callers; a function with a loop, a
     generator, a module's code carry none (a worker's loop is one site per line), nor does a
@@ -509,6 +631,24 @@ def test_which_functions_carry_their_callers() -> None:
     assert not loops(any_rank.__code__) and not loops(max_over_ranks.__code__)
     assert not loops(Coordinator.all_gather.__code__)  # picks a route by a flag, returns it
     assert loops(with_loop.__code__) and loops(generator.__code__)
+
+    async def async_loop(comm: Any, source: Any) -> None:
+        async for _ in source:  # a loop, beside the await it compiles to
+            comm.barrier()
+
+    assert not loops(any_rank_awaiting.__code__) and loops(async_loop.__code__)
+
+    def retry(comm: Any, flag: bool) -> Any:
+        while True:  # a retry whose only way back is its handler's
+            try:
+                flags = comm.allgather(flag)
+                break
+            except KeyError:
+                continue
+        return flags
+
+    assert not loops(any_rank_holding.__code__) and not loops(any_rank_or_none.__code__)
+    assert loops(retry.__code__)
     assert loops(compile("x = 1", "<module>", "exec"))
     assert role_site(any_rank.__code__, 0) & PICKED
     assert not role_site(with_loop.__code__, 0) & PICKED

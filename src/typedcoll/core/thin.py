@@ -24,13 +24,13 @@ range, ``torch.no_grad()``'s context) decides nothing about which collective run
 call; any other call it makes (a collective on a line of its own) keeps its site there.
 
 A call that hands on the function's own ``*args`` and ``**kwargs`` whole, whatever the function
-adds of its own (:func:`hand_on_calls`), is passed over in a loop or a ``try`` as well: a retry
-decorator's wrapper repeats its caller's call, and its one line would make every use of the
-function one call.
+adds of its own (:func:`hand_on_calls`), is passed over in a loop or a ``try`` as well (an
+``async def``'s at its ``await fn(*args, **kwargs)``): a retry decorator's wrapper repeats its
+caller's call, and its one line would make every use of the function one call.
 
 Any other function keeps its sites. Where it has no loop (:func:`loop_spans`: a helper, or one
-that picks among calls and returns the one it picked), its calls carry its callers
-(``core.callers``), but for those in a comprehension.
+that picks among calls and returns the one it picked; an await is none), its calls carry its
+callers (``core.callers``), but for those in a comprehension.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from types import CodeType
 from typing import Dict, FrozenSet, List, Optional, Set, Tuple
 
 _SUSPENDS = 0x20 | 0x80 | 0x100 | 0x200  # generator, coroutine, async generator
+_COROUTINE = 0x80  # an ``async def`` (neither a generator nor an async generator)
 _NEWLOCALS = 0x02  # a function's code, not a module's or a class body's
 _MAX_PATHS = 256  # more paths than this: not thin (no wrapper has them)
 _ENDS = frozenset({"RETURN_VALUE", "RETURN_CONST", "RAISE_VARARGS", "RERAISE"})
@@ -137,7 +138,8 @@ def hand_on_calls(code: CodeType) -> Tuple[FrozenSet[int], bool]:
     same for every function it wraps. So a call's identity leaves it out of the wrappers passed
     (``identity.site_from``): a timer or a tracer applied on one rank alone would else part that
     rank's calls from its peers'."""
-    if not code.co_flags & _VARARGS or not _a_plain_function(code, nested_allowed=True):
+    if not code.co_flags & _VARARGS or not _a_plain_function(code, nested_allowed=True,
+                                                             coroutine_allowed=True):
         return _NO_CALLS, False  # no *args to hand on; a comprehension, generator, module
     params = code.co_argcount + code.co_kwonlyargcount
     star = code.co_varnames[params]
@@ -164,8 +166,12 @@ def hand_on_calls(code: CodeType) -> Tuple[FrozenSet[int], bool]:
     if len(set(found.values())) != 1:
         return _NO_CALLS, False  # two (a branch picking one, a call made twice): its own sites
     after = {ins.offset: nxt.offset for ins, nxt in zip(instructions, instructions[1:])}
-    return frozenset(unit for offset in found
-                     for unit in range(offset, after.get(offset, offset + 2), 2)), closure
+    # An async one awaits what it handed on (``return await fn(*args, **kwargs)``): its frame
+    # then stands at that await's SEND, which runs the callee.
+    sends = {i.offset: s.offset for i, s in zip(instructions, instructions[3:])
+             if i.opname == "CALL_FUNCTION_EX" and s.opname == "SEND"}
+    stops = [at for offset in found for at in (offset, sends.get(offset)) if at is not None]
+    return frozenset(unit for at in stops for unit in range(at, after.get(at, at + 2), 2)), closure
 
 
 # What may build a call that hands on its function's arguments: loading the callee (a global,
@@ -230,15 +236,68 @@ def loop_spans(code: CodeType) -> Optional[List[Tuple[int, int]]]:
     same. Comprehensions and functions inside a function are not its loops: before 3.12 they
     run in frames of their own (a frame with a loop), and from 3.12 a comprehension is inlined
     (``return any([f for f in flags])``), read here as one, so a vote helper and a call in a
-    comprehension read alike on every version."""
-    if not _a_plain_function(code, nested_allowed=True):
+    comprehension read alike on every version. Nor are a coroutine's awaits (an async engine's
+    vote helper): each compiles to a jump back, but runs the awaited object once."""
+    if not _a_plain_function(code, nested_allowed=True, coroutine_allowed=True):
         return None
+    coroutine = code.co_flags & _COROUTINE
     instructions = list(dis.get_instructions(code))
     inlined = _inlined_comprehensions(instructions)
-    if any("JUMP" in ins.opname and not (isinstance(ins.argval, int) and (
-            ins.argval > ins.offset or in_spans(inlined, ins.argval))) for ins in instructions):
+    awaiting = _await_jumps(instructions) if coroutine else _NO_CALLS
+    back = [ins for ins in instructions if "JUMP" in ins.opname and ins.offset not in awaiting
+            and not (isinstance(ins.argval, int) and (ins.argval > ins.offset or
+                                                      in_spans(inlined, ins.argval)))]
+    if back and (any(not isinstance(ins.argval, int) for ins in back) or
+                 _on_a_cycle(code, instructions, back)):
         return None
     return inlined
+
+
+def _on_a_cycle(code: CodeType, instructions: List[dis.Instruction],
+                back: List[dis.Instruction]) -> bool:
+    """Whether one of the jumps ``back`` closes a loop: its target leads to it again, a raise
+    into a handler counted as a way on. 3.12 and later place an exception handler after the
+    function's code and jump back from it to the code after its ``with`` or ``try`` block
+    (3.12: a ``with`` of two context managers; 3.13: any ``with``, an ``except`` that goes on):
+    such a jump runs at most once per pass, as the block does; a retry that goes back into
+    the ``try`` (``except E: continue``) is a loop."""
+    entries = getattr(dis.Bytecode(code), "exception_entries", [])
+    following = {ins.offset: nxt.offset for ins, nxt in zip(instructions, instructions[1:])}
+
+    def successors(ins: dis.Instruction) -> List[int]:
+        out = [e.target for e in entries if e.start <= ins.offset < e.end]
+        jumps = "JUMP" in ins.opname or ins.opname in ("FOR_ITER", "SEND")
+        if jumps and isinstance(ins.argval, int):
+            out.append(ins.argval)
+        onward = not (ins.opname in _ENDS or (jumps and not ins.opname.startswith(
+            ("POP_JUMP", "JUMP_IF")) and ins.opname not in ("FOR_ITER", "SEND")))
+        if onward and ins.offset in following:
+            out.append(following[ins.offset])
+        return out
+
+    by_offset = {ins.offset: ins for ins in instructions}
+    for jump in back:
+        seen, todo = set(), [jump.argval]
+        while todo:
+            offset = todo.pop()
+            if offset == jump.offset:
+                return True
+            if offset in seen or offset not in by_offset:
+                continue
+            seen.add(offset)
+            todo.extend(successors(by_offset[offset]))
+    return False
+
+
+def _await_jumps(instructions: List[dis.Instruction]) -> FrozenSet[int]:
+    """The offsets of the jumps back that an ``await`` compiles to, none of them a loop of the
+    coroutine's (an async engine's vote helper has them; an ``async for`` has a loop besides):
+    back to its SEND after each value the awaited object yields, and (3.12+) back to the
+    await's end after a CLEANUP_THROW."""
+    sends = {ins.offset for ins in instructions if ins.opname == "SEND"}
+    return frozenset(ins.offset for before, ins in zip([None, *instructions], instructions)
+                     if "JUMP" in ins.opname and (ins.argval in sends or (
+                         before is not None and before.opname == "CLEANUP_THROW")))
 
 
 def _inlined_comprehensions(instructions: List[dis.Instruction]) -> List[Tuple[int, int]]:
@@ -276,12 +335,14 @@ def _returned(instructions: List[dis.Instruction], calls: Dict[int, Position]) -
     return out
 
 
-def _a_plain_function(code: CodeType, nested_allowed: bool = False) -> bool:
-    """A ``def`` or ``lambda``: not a comprehension, generator, coroutine, module or class
-    body, and (unless ``nested_allowed``) with no function of its own inside (before 3.12 a
-    comprehension is one: a loop)."""
+def _a_plain_function(code: CodeType, nested_allowed: bool = False,
+                      coroutine_allowed: bool = False) -> bool:
+    """A ``def`` or ``lambda``: not a comprehension, generator, module or class body, nor
+    (unless ``coroutine_allowed``) an ``async def``, and (unless ``nested_allowed``) with no
+    function of its own inside (before 3.12 a comprehension is one: a loop)."""
+    suspends = _SUSPENDS & ~_COROUTINE if coroutine_allowed else _SUSPENDS
     return not ((code.co_name.startswith("<") and code.co_name != "<lambda>") or
-                code.co_flags & _SUSPENDS or not code.co_flags & _NEWLOCALS or
+                code.co_flags & suspends or not code.co_flags & _NEWLOCALS or
                 (not nested_allowed and
                  any(isinstance(const, CodeType) for const in code.co_consts)))
 
