@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from typing import Any, List, Optional
+from typing import Any, Iterator, List, Optional
 
 import msgspec
 import pytest
@@ -515,6 +515,45 @@ def test_a_skipped_vote_through_an_async_helper_raises(
         {f"test_core_callers.py:{first + 5}", f"test_core_callers.py:{first + 6}"}, error
 
 
+# A context manager that votes on entry: a generator with no loop, resumed by the ``with``.
+@contextlib.contextmanager
+def voted(comm: tc.TypedComm, flag: bool) -> Iterator[bool]:
+    flags = comm.allgather(flag)
+    yield any(flags)
+
+
+def votes_on_entry(comm: tc.TypedComm, skipper: Optional[int]) -> Any:
+    """Two votes identical on the wire, each entered by a ``with`` of its own line; ``skipper``
+    leaves out the first."""
+    comm.set_step(3)
+    got = []
+    if comm.rank != skipper:
+        with voted(comm, comm.rank == 0) as busy:
+            got.append(busy)
+    with voted(comm, False) as timed_out:
+        got.append(timed_out)
+    return got
+
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+@pytest.mark.parametrize("skipper", [0, 2])
+def test_a_skipped_vote_through_a_context_manager_raises(
+        skipper: int, timeout: Optional[float]) -> None:
+    """Before, a generator counted as a function with a loop, so a ``contextmanager`` voting
+    on entry carried no callers: both votes were its one line, and the skipper's second vote
+    took its peers' first (``True`` where every rank voted ``False``) without an error, the
+    step clock set; its peers timed out."""
+    assert outcomes(3, votes_on_entry, None, timeout=timeout) == [[True, False]] * 3
+    error = one_desync(outcomes(3, votes_on_entry, skipper, timeout=timeout))
+    assert list(error.kinds) == [tc.MismatchKind.CALL]
+    first = votes_on_entry.__code__.co_firstlineno
+    rows = str(error).splitlines()[1:3]
+    assert all(f"at test_core_callers.py:{voted.__wrapped__.__code__.co_firstlineno + 2}"
+               in r for r in rows), error
+    assert all(f"test_core_callers.py:{first + 6}" in r or f"test_core_callers.py:{first + 8}"
+               in r for r in rows), error
+
+
 class Transient(Exception):
     pass
 
@@ -597,8 +636,8 @@ def test_a_skipped_vote_through_a_helper_around_a_block_raises(
 
 
 def test_which_functions_carry_their_callers() -> None:
-    """Every call of a function without a loop carries its callers; a function with a loop, a
-    generator, a module's code carry none (a worker's loop is one site per line), nor does a
+    """Every call of a function or generator without a loop carries its callers; a function
+    with a loop, a module's code carry none (a worker's loop is one site per line), nor does a
     call in a comprehension."""
     import dis
     from types import CodeType
@@ -613,8 +652,12 @@ def test_which_functions_carry_their_callers() -> None:
         for _ in range(2):
             comm.barrier()
 
-    def generator(comm: Any) -> Any:
+    def generator(comm: Any) -> Any:  # a context manager's, say: resumed once per use
         yield comm.barrier()
+
+    def generator_with_loop(comm: Any) -> Any:
+        for _ in range(2):
+            yield comm.barrier()
 
     # A comprehension is no loop of the function's, inlined (3.12+) or not: a vote helper that
     # reads its votes with one was one call for every use on 3.12 (silent, as without callers).
@@ -630,7 +673,8 @@ def test_which_functions_carry_their_callers() -> None:
     assert not loops(comprehending.__code__) and loops(loop_around_a_comprehension.__code__)
     assert not loops(any_rank.__code__) and not loops(max_over_ranks.__code__)
     assert not loops(Coordinator.all_gather.__code__)  # picks a route by a flag, returns it
-    assert loops(with_loop.__code__) and loops(generator.__code__)
+    assert loops(with_loop.__code__) and loops(generator_with_loop.__code__)
+    assert not loops(generator.__code__)
 
     async def async_loop(comm: Any, source: Any) -> None:
         async for _ in source:  # a loop, beside the await it compiles to

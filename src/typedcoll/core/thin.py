@@ -41,7 +41,7 @@ from types import CodeType
 from typing import Dict, FrozenSet, List, Optional, Set, Tuple
 
 _SUSPENDS = 0x20 | 0x80 | 0x100 | 0x200  # generator, coroutine, async generator
-_COROUTINE = 0x80  # an ``async def`` (neither a generator nor an async generator)
+_COROUTINE, _GENERATOR = 0x80, 0x20  # an ``async def``; a ``def`` that yields
 _NEWLOCALS = 0x02  # a function's code, not a module's or a class body's
 _MAX_PATHS = 256  # more paths than this: not thin (no wrapper has them)
 _ENDS = frozenset({"RETURN_VALUE", "RETURN_CONST", "RAISE_VARARGS", "RERAISE"})
@@ -139,7 +139,7 @@ def hand_on_calls(code: CodeType) -> Tuple[FrozenSet[int], bool]:
     (``identity.site_from``): a timer or a tracer applied on one rank alone would else part that
     rank's calls from its peers'."""
     if not code.co_flags & _VARARGS or not _a_plain_function(code, nested_allowed=True,
-                                                             coroutine_allowed=True):
+                                                             suspends_allowed=_COROUTINE):
         return _NO_CALLS, False  # no *args to hand on; a comprehension, generator, module
     params = code.co_argcount + code.co_kwonlyargcount
     star = code.co_varnames[params]
@@ -230,20 +230,23 @@ def in_spans(spans: List[Tuple[int, int]], offset: int) -> bool:
 
 
 def loop_spans(code: CodeType) -> Optional[List[Tuple[int, int]]]:
-    """None where ``code`` is anything but a plain function that never loops (a function with
-    a loop, a worker's or a driver's; a generator; a module or a class body); else the (first,
-    last) offsets of the comprehensions inlined into it, whose calls run in a loop all the
-    same. Comprehensions and functions inside a function are not its loops: before 3.12 they
+    """None where ``code`` is anything but a function that never loops (a function with a
+    loop, a worker's or a driver's; an async generator; a module or a class body); else the
+    (first, last) offsets of the comprehensions inlined into it, whose calls run in a loop all
+    the same. Comprehensions and functions inside a function are not its loops: before 3.12 they
     run in frames of their own (a frame with a loop), and from 3.12 a comprehension is inlined
     (``return any([f for f in flags])``), read here as one, so a vote helper and a call in a
     comprehension read alike on every version. Nor are a coroutine's awaits (an async engine's
-    vote helper): each compiles to a jump back, but runs the awaited object once."""
-    if not _a_plain_function(code, nested_allowed=True, coroutine_allowed=True):
+    vote helper) or a generator's ``yield from``: each compiles to a jump back, but runs the
+    awaited object once. A generator without a loop (a ``contextlib.contextmanager`` that votes
+    on entry) carries its callers as a function does: those of the frame that resumed it."""
+    if not _a_plain_function(code, nested_allowed=True,
+                             suspends_allowed=_COROUTINE | _GENERATOR):
         return None
-    coroutine = code.co_flags & _COROUTINE
+    suspends = code.co_flags & (_COROUTINE | _GENERATOR)
     instructions = list(dis.get_instructions(code))
     inlined = _inlined_comprehensions(instructions)
-    awaiting = _await_jumps(instructions) if coroutine else _NO_CALLS
+    awaiting = _await_jumps(instructions) if suspends else _NO_CALLS
     back = [ins for ins in instructions if "JUMP" in ins.opname and ins.offset not in awaiting
             and not (isinstance(ins.argval, int) and (ins.argval > ins.offset or
                                                       in_spans(inlined, ins.argval)))]
@@ -336,11 +339,12 @@ def _returned(instructions: List[dis.Instruction], calls: Dict[int, Position]) -
 
 
 def _a_plain_function(code: CodeType, nested_allowed: bool = False,
-                      coroutine_allowed: bool = False) -> bool:
-    """A ``def`` or ``lambda``: not a comprehension, generator, module or class body, nor
-    (unless ``coroutine_allowed``) an ``async def``, and (unless ``nested_allowed``) with no
-    function of its own inside (before 3.12 a comprehension is one: a loop)."""
-    suspends = _SUSPENDS & ~_COROUTINE if coroutine_allowed else _SUSPENDS
+                      suspends_allowed: int = 0) -> bool:
+    """A ``def`` or ``lambda``: not a comprehension, module or class body, nor a generator or
+    coroutine of a kind not in ``suspends_allowed`` (its code flags), and (unless
+    ``nested_allowed``) with no function of its own inside (before 3.12 a comprehension is one:
+    a loop)."""
+    suspends = _SUSPENDS & ~suspends_allowed
     return not ((code.co_name.startswith("<") and code.co_name != "<lambda>") or
                 code.co_flags & suspends or not code.co_flags & _NEWLOCALS or
                 (not nested_allowed and
