@@ -119,7 +119,9 @@ class TypedComm:
         With it, a rank that skipped one call of a loop raises DesyncError at the first
         misaligned call instead of returning another iteration's data. A bad ``step`` (not an
         int) is not raised here: the next collective the clock stamps raises EncodeError on
-        this rank and PeerError on the others.
+        this rank and PeerError on the others. The clock is this communicator's own: a
+        ``split`` or ``dup`` child does not follow it (another thread may use the child), so
+        set it on every communicator the loop calls on.
         """
         error = check_step(step)
         p = self._p
