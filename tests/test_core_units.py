@@ -215,6 +215,22 @@ def test_the_identity_hint_follows_what_the_identities_are():
         "it the same name= on every rank; else a rank skipped or added a call before this one")
 
 
+def test_the_step_hint_tells_a_skipped_iteration_from_a_clock_some_ranks_never_set():
+    def hint(*envelopes: EnvelopeInfo) -> str:
+        kinds = mismatch_kinds(envelopes)
+        assert kinds == [tc.MismatchKind.STEP]
+        return desync_message(14, "tp", kinds, group_envelopes(envelopes)).splitlines()[-1]
+
+    assert hint(env(0, step=3), env(1, step=4), env(2, step=3)) == (
+        "  the ranks are at different steps of the same call: a rank skipped or repeated an "
+        "iteration")
+    # Before, this read as a skipped iteration too: only the driver's loop set the clock.
+    assert hint(env(0, step=0), env(1, step=None), env(2, step=None)) == (
+        "  only rank 0 stamped this call with a step: ranks 1-2 never set the step clock on this "
+        "communicator (or set it to None); set it on every rank alike (set_step in the loop "
+        "each rank runs, or step= on the call)")
+
+
 def test_a_record_without_root_or_reduce_op_leaves_them_out():
     # Hang reports and dumps describe recorded calls, which keep neither.
     assert describe(env(0, op="bcast")) == "bcast[RankState] at model.py:143, its 2nd call, step 2"
