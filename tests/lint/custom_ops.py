@@ -45,3 +45,18 @@ class Communicator:
         while not pending.empty():
             torch.ops.engine.sync_all(tensor)  # expect: collective-under-rank-local-gate
         torch.ops.engine.not_registered_here(tensor)
+
+
+@custom_op("other::barrier_all", mutates_args=())
+def barrier_all(tensor: torch.Tensor) -> None:
+    dist.barrier()
+
+
+def overload(tensor, pending):
+    if pending.qsize():
+        torch.ops.engine.sync_all.default(tensor)  # expect: collective-under-rank-local-gate
+
+
+def another_namespace(tensor, pending):
+    if pending.qsize():
+        torch.ops.engine.barrier_all(tensor)  # registered as other::barrier_all: not this op

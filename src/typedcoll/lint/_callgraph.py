@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Set, Tuple, TypeGuard, Union
 
 from ._collectives import CollectiveOp, CollectiveTable, dotted_name
-from ._custom_ops import is_custom_op, registered_ops
+from ._custom_ops import custom_op_namespace, ops_named, registered_ops
 from ._source import SourceFile
 
 FunctionNode = Union[ast.FunctionDef, ast.AsyncFunctionDef]
@@ -307,8 +307,9 @@ class Program:
         if not isinstance(func, ast.Attribute):
             return (), False
         receiver, name = func.value, func.attr
-        if is_custom_op(receiver, fn.module.imports):
-            return tuple(self.custom_ops.get(name, ())), False
+        namespace = custom_op_namespace(receiver, fn.module.imports)
+        if namespace is not None:
+            return ops_named(self.custom_ops, namespace, name), False
         if isinstance(receiver, ast.Name) and fn.cls is not None and receiver.id == fn.self_name:
             found = self.class_method(fn.cls, name)
             return ((found,), True) if found is not None else (self._by_name(name, fn, True), True)

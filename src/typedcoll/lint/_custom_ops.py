@@ -32,17 +32,18 @@ def _argument(call: ast.Call, position: int, *names: str) -> Optional[ast.expr]:
 
 
 def _op_name(node: Optional[ast.expr]) -> Optional[str]:
-    """``"namespace::name"`` or ``"name"`` -> name."""
+    """``"namespace::name"``, or ``"name"`` where the namespace is not written out (a helper's
+    default library)."""
     if isinstance(node, ast.Constant) and isinstance(node.value, str):
-        return node.value.rsplit("::", 1)[-1]
+        return node.value
     return None
 
 
 def registered_ops(functions: Iterable[Function], calls_of: Callable[[Function], List[ast.Call]],
                    resolve: Callable[[str, Function], Tuple[Function, ...]]
                    ) -> Dict[str, List[Function]]:
-    """Op name -> the analysed functions registered under it (``resolve`` finds a plain name as
-    seen from a function)."""
+    """Op name (``namespace::name`` where written) -> the analysed functions registered under it
+    (``resolve`` finds a plain name as seen from a function)."""
     ops: Dict[str, List[Function]] = {}
     for fn in functions:
         if isinstance(fn.node, (ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -60,7 +61,21 @@ def registered_ops(functions: Iterable[Function], calls_of: Callable[[Function],
     return ops
 
 
-def is_custom_op(receiver: ast.expr, imports: Dict[str, str]) -> bool:
-    """``torch.ops.<namespace>`` (imports resolved): a call on it runs a registered op."""
+def custom_op_namespace(receiver: ast.expr, imports: Dict[str, str]) -> Optional[str]:
+    """``torch.ops.<namespace>`` (imports resolved) -> the namespace: a call on it runs a
+    registered op (``torch.ops.<namespace>.<name>`` -> "<namespace>.<name>": a call on it runs
+    one of the op's overloads); None for any other receiver."""
     owner = dotted_name(receiver)
-    return owner is not None and resolve_alias(owner, imports).startswith("torch.ops.")
+    resolved = resolve_alias(owner, imports) if owner is not None else ""
+    head, _, namespace = resolved.partition("torch.ops.")
+    return namespace if not head and namespace else None
+
+
+def ops_named(ops: Dict[str, List[Function]], namespace: str, name: str
+              ) -> Tuple[Function, ...]:
+    """The functions ``torch.ops.<namespace>.<name>`` runs (``.<overload>`` after it): registered
+    under that namespace, or under the name alone."""
+    if "." in namespace:
+        namespace, _, name = namespace.partition(".")
+        name = name.split(".")[0]
+    return tuple(ops.get(f"{namespace}::{name}", []) + ops.get(name, []))
