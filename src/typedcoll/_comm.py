@@ -66,7 +66,7 @@ class TypedComm:
         no host sync, verified at the next tensor call or :meth:`synchronize`) or "eager" (one
         host sync per call, verified before the payload reaches NCCL); see docs/torch.md.
         """
-        from .transports.torch import channel_for_group
+        from .transports.torch_channels import channel_for_group
         comm = cls.__new__(cls)
         comm._p = _created(channel_for_group(group, timeout), timeout, name)
         if tensor_check is not None:

@@ -251,7 +251,7 @@ def _op_name(op: Any) -> Any:
         return "sum"
     if isinstance(op, str):
         return op
-    from ..transports.torch import TORCH_OPS
+    from ..transports.torch_tensors import TORCH_OPS
     for name, torch_op in TORCH_OPS.items():
         try:
             if op == torch_op:

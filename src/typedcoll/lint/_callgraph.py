@@ -4,7 +4,8 @@ functions reach a collective.
 Resolution is by name, within the files given: a plain name to a nested function (a lambda bound
 to a local name is one) or module-level function (or a class, meaning its ``__init__``),
 ``self.m`` / ``cls.m`` to the method of the class or of its analysed bases, ``super().m`` to the
-bases, ``C.m`` and ``module.f`` directly. Any other ``obj.m`` resolves to the analysed methods
+bases, ``C.m`` and ``module.f`` directly, ``torch.ops.ns.op`` to the function registered as that
+op (``_custom_ops``). Any other ``obj.m`` resolves to the analysed methods
 named ``m`` when few classes define one and the name is not a common method of builtin types
 (``get``, ``append``...), since the receiver's type is unknown.
 """
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Set, Tuple, TypeGuard, Union
 
 from ._collectives import CollectiveOp, CollectiveTable, dotted_name
+from ._custom_ops import custom_op_namespace, ops_named, registered_ops
 from ._source import SourceFile
 
 FunctionNode = Union[ast.FunctionDef, ast.AsyncFunctionDef]
@@ -154,6 +156,8 @@ class Program:
         self.functions_by_name: Dict[str, List[Function]] = {}
         for source in sources:
             self._index_module(source)
+        self.custom_ops = registered_ops(self.functions, self._call_nodes,
+                                         lambda name, fn: self._resolve_name(name, fn)[0])
         self._targets: Dict[int, CallTarget] = {}
         self.calls: Dict[Function, List[Tuple[ast.Call, CallTarget]]] = {}
         for fn in self.functions:
@@ -303,6 +307,9 @@ class Program:
         if not isinstance(func, ast.Attribute):
             return (), False
         receiver, name = func.value, func.attr
+        namespace = custom_op_namespace(receiver, fn.module.imports)
+        if namespace is not None:
+            return ops_named(self.custom_ops, namespace, name), False
         if isinstance(receiver, ast.Name) and fn.cls is not None and receiver.id == fn.self_name:
             found = self.class_method(fn.cls, name)
             return ((found,), True) if found is not None else (self._by_name(name, fn, True), True)

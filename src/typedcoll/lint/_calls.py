@@ -107,3 +107,21 @@ def bound_nodes(callee: Function, bound: bool, node: ast.Call) -> Dict[str, ast.
     out = dict(zip(callee.params, args))
     out.update({kw.arg: kw.value for kw in node.keywords if kw.arg is not None})
     return out
+
+
+def wraps(value: Optional[ast.expr], name: str) -> bool:
+    """``f(name, ...)``: a call that takes the variable it is assigned to."""
+    return (isinstance(value, ast.Call) and bool(value.args) and isinstance(value.args[0], ast.Name)
+            and value.args[0].id == name)
+
+
+# Constructors whose result takes only its argument's shape, dtype and device, never its values.
+_SHAPE_COPIES = frozenset({"zeros_like", "ones_like", "full_like"})
+
+
+def shape_copy(node: ast.Call) -> Optional[str]:
+    """The local ``x`` of ``zeros_like(x)`` (``ones_like``, ``full_like``), else None."""
+    func, first = node.func, node.args[0] if node.args else None
+    name = func.attr if isinstance(func, ast.Attribute) else \
+        func.id if isinstance(func, ast.Name) else ""
+    return first.id if name in _SHAPE_COPIES and isinstance(first, ast.Name) else None

@@ -13,7 +13,8 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
 
 from ._balance import exits_in
 from ._callgraph import CallTarget, Function
-from ._calls import bind, bound_nodes, self_attribute, static_attribute, static_call
+from ._calls import (bind, bound_nodes, self_attribute, shape_copy, static_attribute,
+                     static_call, wraps)
 from ._collectives import dotted_name, is_rank_name
 from ._facts import AttrWrite, CallRecord, Facts, Gate
 from ._values import (LOCAL, SYMMETRIC, SYNCED, Taint, collapse, join, local, only_synced, param,
@@ -38,6 +39,9 @@ class ValueAnalysis:
         self.config = facts.config
         self.key = facts.key(fn)
         self.env: Dict[str, Taint] = {}
+        # What each local was bound to, joined over the whole function, without the values
+        # written into it since (``x[i] = v``): all that its shape, dtype and device can follow.
+        self.bound: Dict[str, Taint] = {}
         self.calls: Dict[int, CallRecord] = {}
         self.writes: List[AttrWrite] = []
         self.returned: Taint = SYMMETRIC
@@ -50,7 +54,11 @@ class ValueAnalysis:
         self.final_env: Dict[str, Taint] = {}
         self._gates: Dict[Tuple[str, int], Gate] = {}
         for name in fn.params:
-            self.env[name] = param(self.key, name)
+            self.rebind(name, param(self.key, name))
+
+    def rebind(self, name: str, value: Taint) -> None:
+        self.env[name] = value
+        self.bound[name] = join(self.bound.get(name, SYMMETRIC), value)
 
     def all_gates(self) -> List[Gate]:
         return list(self._gates.values())
@@ -142,13 +150,13 @@ class ValueAnalysis:
 
     def assign(self, target: ast.expr, value: Taint, ctrl: Tuple[Gate, ...], stmt: ast.stmt,
                value_node: Optional[ast.expr] = None) -> None:
-        if isinstance(target, ast.Name) and _wraps(value_node, target.id):
+        if isinstance(target, ast.Name) and wraps(value_node, target.id):
             # ``x = tqdm(x)`` on rank 0 only: the same items, decorated; a role gate adds nothing
             value = join(value, self.implicit(ctrl, value, roles=False))
         else:
             value = join(value, self.implicit(ctrl, value))
         if isinstance(target, ast.Name):
-            self.env[target.id] = value
+            self.rebind(target.id, value)
         elif isinstance(target, (ast.Tuple, ast.List)):
             parts = self.unpacked(value_node, len(target.elts), ctrl)
             for i, element in enumerate(target.elts):
@@ -190,7 +198,8 @@ class ValueAnalysis:
         return [join(*values) for values in per_position]
 
     def mutate(self, target: ast.expr, value: Taint, ctrl: Tuple[Gate, ...], line: int) -> None:
-        """A change inside an object (``x[k] = v``, ``x.append(v)``, ``obj.f = v``)."""
+        """A change inside an object (``x[k] = v``, ``x.append(v)``, ``obj.f = v``); only the
+        first keeps ``x``'s shape."""
         base = target
         while isinstance(base, (ast.Subscript, ast.Attribute)):
             name = self.self_attribute(base) if isinstance(base, ast.Attribute) else None
@@ -200,7 +209,10 @@ class ValueAnalysis:
                 return
             base = base.value
         if isinstance(base, ast.Name) and base.id in self.env:
-            self.env[base.id] = join(self.env[base.id], value, self.implicit(ctrl, value))
+            changed = join(value, self.implicit(ctrl, value))
+            self.env[base.id] = join(self.env[base.id], changed)
+            if not (isinstance(target, ast.Subscript) and target.value is base):
+                self.bound[base.id] = join(self.bound.get(base.id, SYMMETRIC), changed)
 
     def self_attribute(self, node: ast.Attribute) -> Optional[str]:
         return self_attribute(node, self.fn)
@@ -230,7 +242,7 @@ class ValueAnalysis:
             return join(test, body, other)
         if isinstance(node, ast.NamedExpr):
             named = self.expr(node.value, ctrl)
-            self.env[node.target.id] = join(named, self.implicit(ctrl, named))
+            self.rebind(node.target.id, join(named, self.implicit(ctrl, named)))
             return named
         if isinstance(node, (ast.ListComp, ast.SetComp, ast.GeneratorExp, ast.DictComp)):
             return self.comprehension(node, ctrl)
@@ -335,6 +347,11 @@ class ValueAnalysis:
             else:
                 keywords[kw.arg] = value
         target = self.facts.program.target(node, self.fn)
+        copied = shape_copy(node)
+        if copied in self.bound and target.collective is None and not target.functions:
+            # ``torch.zeros_like(flags)`` after ``flags[rank] = 1``: the zeros are alike on every
+            # rank where ``flags`` was bound alike, whatever was written into it since.
+            args[0] = self.bound[copied]
         self.calls[id(node)] = CallRecord(node, target, ctrl, args, keywords, spread)
         inputs = join(*args, *keywords.values(), spread)
         if target.collective is not None:
@@ -384,18 +401,3 @@ class ValueAnalysis:
             cache[key] = static_call(node, self.fn, self.facts)
         fixed = cache[key]
         return receiver if fixed is None else fixed
-
-def _wraps(value: Optional[ast.expr], name: str) -> bool:
-    """``f(name, ...)``: a call that takes the variable it is assigned to."""
-    return (isinstance(value, ast.Call) and bool(value.args) and isinstance(value.args[0], ast.Name)
-            and value.args[0].id == name)
-
-
-def merge(a: Dict[str, Taint], b: Dict[str, Taint]) -> Dict[str, Taint]:
-    if a is b:
-        return dict(a)
-    out = dict(a)
-    for key, value in b.items():
-        old = out.get(key)
-        out[key] = value if old is None or old == value else join(old, value)
-    return out

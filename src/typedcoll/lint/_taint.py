@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence, Set, Tuple, Union
 
 from ._callgraph import Function, body_nodes, is_try
-from ._expressions import ValueAnalysis, merge
+from ._expressions import ValueAnalysis
 from ._facts import AttrWrite, Gate
-from ._values import SYMMETRIC, join, local
+from ._values import SYMMETRIC, join, local, merge
 
 _MAX_LOOP_PASSES = 8
 
@@ -176,7 +176,7 @@ class FunctionAnalysis(ValueAnalysis):
             gate = self.gate("except", handler, handler.type, cause)
             self.env = merge(before, after_body)
             if handler.name:
-                self.env[handler.name] = cause
+                self.rebind(handler.name, cause)
             found = self.block(handler.body, ctrl + (gate,))
             exits += found
             merged = merge(merged, self.env)
@@ -201,7 +201,7 @@ class FunctionAnalysis(ValueAnalysis):
             for node in ast.walk(case.pattern):
                 name = getattr(node, "name", None)
                 if isinstance(name, str):
-                    self.env[name] = subject
+                    self.rebind(name, subject)
             exits += self.block(case.body, ctrl + (gate,))
             merged = merge(merged, self.env)
         self.env = merged

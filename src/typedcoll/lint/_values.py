@@ -15,7 +15,7 @@ A taint is a set of sources; the empty set is a symmetric value (the same on eve
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import FrozenSet, Iterable, Mapping
+from typing import Dict, FrozenSet, Iterable, Mapping
 
 LOCAL = "local"
 RANK = "rank"
@@ -165,3 +165,14 @@ def collapse(taint: Taint, text: str, verb: str, line: int) -> Taint:
             root = cause.owner or cause.describe()
             kept.append(Source(kind, line, text, f"{verb} {root}", root))
     return frozenset(kept)
+
+
+def merge(a: Dict[str, Taint], b: Dict[str, Taint]) -> Dict[str, Taint]:
+    """Two environments of locals where control flow joins: each name's taints joined."""
+    if a is b:
+        return dict(a)
+    out = dict(a)
+    for key, value in b.items():
+        old = out.get(key)
+        out[key] = value if old is None or old == value else join(old, value)
+    return out

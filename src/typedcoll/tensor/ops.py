@@ -59,7 +59,7 @@ from ..core.mismatch import MismatchKind
 from ..core.protocol import Protocol
 from ..core.transport import TransportTimeout
 from ..core.wire import GATHER
-from ..transports.torch import TORCH_OPS
+from ..transports.torch_tensors import TORCH_OPS
 from . import device, inline
 from .counts import AllToAllCounts, describe_unmatched, rows_differ, split_counts, unmatched
 from .envelope import TensorCall, dtype_name, tensor_call

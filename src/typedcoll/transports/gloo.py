@@ -1,14 +1,14 @@
 """gloo's own primitives under the torch transport: private groups and how long they wait.
 
 A private group is a ``ProcessGroupGloo`` this package constructs over a store prefix of its own
-(``transports/torch.py`` says why not ``dist.new_group``). Connecting it waits for every member,
-within a bound (``connect_bound``): a member that never comes fails creation on the others with
-a CollectiveTimeout naming it, where a year-long bound would hang them. That bound is also the
-group's default timeout, which no operation may use: a collective sets its own (``options``),
-and a point-to-point operation, which takes no options, is waited for with the call's own
-bound (``wait_work``); either is a year where the call has no deadline. Waiting for an
-operation (``wait_work``) turns gloo's errors into the transport's: a timeout, or a failure
-where a peer's process or connection is gone.
+(``transports/torch_channels.py`` says why not ``dist.new_group``). Connecting it waits for every
+member, within a bound (``connect_bound``): a member that never comes fails creation on the others
+with a CollectiveTimeout naming it, where a year-long bound would hang them. That bound is also the
+group's default timeout, which no operation may use: a collective sets its own (``options``), and a
+point-to-point operation, which takes no options, is waited for with the call's own bound
+(``wait_work``); either is a year where the call has no deadline. Waiting for an operation
+(``wait_work``) turns gloo's errors into the transport's: a timeout, or a failure where a peer's
+process or connection is gone.
 """
 
 from __future__ import annotations

@@ -1,16 +1,7 @@
 """The torch.distributed transport: byte operations over a private gloo group.
 
-Channels. ``channel_for_group(group)`` returns the group's private channel, made once per group
-and shared by every TypedComm built over it (constructing thousands costs one gloo group), and
-freed with the last TypedComm that frees it. The private group is a gloo backend that this
-module constructs itself over a store prefix of its own, not a ``dist.new_group``: that one would
-name its store keys after how many groups the process already holds (which differs between
-ranks once a split left some of them out, and repeats after a group is destroyed), and would
-join torch's registry of groups, which the caller's own later ``new_group`` calls depend on.
-The prefix is ``typedcoll/<group name>/<n>``, ``n`` counted in the store itself: every member
-adds 1 before it connects, and no member connects the next group before every member has
-added for this one, so all read the same ``n``. ``split`` and ``dup`` derive their prefixes
-from their parent's (the derived groups are made in the same order on every rank).
+Its channels, one per torch.distributed group, are made in ``torch_channels``; its tensor
+operations are ``torch_tensors``'s, its waits and failure reports ``torch_failures``'s.
 
 Gloo even when the caller's group is NCCL: object payloads are CPU bytes, and a detour through
 the GPU would cost two copies and a host sync per call. CPU tensor payloads travel here too.
@@ -33,28 +24,25 @@ still pending: :class:`TransportTimeout`. Polling ``is_completed()`` was measure
 from __future__ import annotations
 
 import atexit
-import math
 import weakref
 
 import os
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch._C._distributed_c10d import (AllgatherOptions, AllreduceOptions, AllToAllOptions,
-                                        BroadcastOptions, GatherOptions, ReduceScatterOptions,
-                                        ScatterOptions)
+                                        BroadcastOptions, GatherOptions, ScatterOptions)
 from torch.distributed import distributed_c10d as c10d
 
 from ..codecs.reduce import reduce_values
-from ..core.channel import Channel
 from ..core.identity import register_internal
 from ..core.transport import finish_gathered
 from ..core.wire import MAX_SLOT
-from .gloo import (EMPTY, connect_bound, group_name, make_gloo, make_nccl, options, post, u8,
-                   wait_work)
+from .gloo import EMPTY, make_gloo, make_nccl, options, post, u8, wait_work
+from .torch_tensors import TORCH_OPS, TensorOps
 
 # torch 2.13 renamed the fused-tensor collectives and deprecates the old names with a
 # FutureWarning; torch 2.11 has only the old ones.
@@ -62,9 +50,6 @@ all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_
 reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
-TORCH_OPS = {"sum": dist.ReduceOp.SUM, "prod": dist.ReduceOp.PRODUCT, "max": dist.ReduceOp.MAX,
-             "min": dist.ReduceOp.MIN, "band": dist.ReduceOp.BAND, "bor": dist.ReduceOp.BOR,
-             "bxor": dist.ReduceOp.BXOR}
 # (numpy kind, itemsize) -> the ops gloo reduces natively with the same result as
 # codecs.reduce_values; anything else is gathered and reduced in rank order on every rank
 # (logical ops, bools, uint16-64 and int16 that gloo lacks, and float max/min, whose NaN rule
@@ -87,10 +72,7 @@ def largest_slot(size: int) -> int:
     return max(MAX_SLOT, min(LARGEST_SLOT, SLOT_BUDGET // size) // MAX_SLOT * MAX_SLOT)
 
 
-STORE_LOST_S = 1.0  # how long the store may fail to answer before a waiting rank gives up
-
-
-class TorchTransport:
+class TorchTransport(TensorOps):
     """Byte operations on a private gloo backend (``control``); CUDA tensors on
     ``device_group``; ``store`` is a prefix of the job's c10d store private to this channel
     (diagnostics post and read per-rank status there)."""
@@ -270,46 +252,6 @@ class TorchTransport:
             return result.astype(array.dtype, copy=False)
         return result  # the logical ops give bools, as codecs.reduce_values does
 
-    # --- tensors (the tensor layer's host path) ------------------------------------------------
-    def all_gather_tensor(self, out: torch.Tensor, src: torch.Tensor,
-                          deadline: Optional[float]) -> None:
-        self._wait(self.control._allgather_base(_bytes_of(out), _bytes_of(src),
-                                               options(AllgatherOptions, deadline)),
-                  deadline)
-
-    def all_reduce_tensor(self, tensor: torch.Tensor, op: str,
-                          deadline: Optional[float]) -> None:
-        opts = options(AllreduceOptions, deadline)
-        opts.reduceOp = TORCH_OPS[op]
-        target = torch.view_as_real(tensor) if tensor.is_complex() else tensor
-        self._wait(self.control.allreduce([target], opts), deadline)
-
-    def broadcast_tensor(self, tensor: torch.Tensor, root: int,
-                         deadline: Optional[float]) -> None:
-        opts = options(BroadcastOptions, deadline)
-        opts.rootRank = root
-        self._wait(self.control.broadcast([_bytes_of(tensor)], opts), deadline)
-
-    def reduce_scatter_tensor(self, out: torch.Tensor, src: torch.Tensor, op: str,
-                              deadline: Optional[float]) -> None:
-        opts = options(ReduceScatterOptions, deadline)
-        opts.reduceOp = TORCH_OPS[op]
-        if src.is_complex():
-            out, src = torch.view_as_real(out), torch.view_as_real(src)
-        self._wait(self.control._reduce_scatter_base(out, src, opts), deadline)
-
-    def all_to_all_tensor(self, out: torch.Tensor, src: torch.Tensor,
-                          deadline: Optional[float], receives: Optional[List[int]] = None,
-                          sends: Optional[List[int]] = None) -> None:
-        """Block j of ``src`` to rank j, rank j's block for this rank into block j of ``out``:
-        equal blocks along dim 0, or ``sends``/``receives`` rows to and from each rank."""
-        row = math.prod(src.shape[1:]) * src.element_size()
-        counts = ([], []) if sends is None or receives is None else \
-            ([n * row for n in receives], [n * row for n in sends])
-        self._wait(self.control.alltoall_base(_bytes_of(out), _bytes_of(src), counts[0],
-                                              counts[1], options(AllToAllOptions, deadline)),
-                   deadline)
-
     # --- point to point: the length, then the bytes, on the private group ------------------
     def send_bytes(self, data: bytes, dest: int, tag: int, deadline: Optional[float]) -> None:
         # A gloo send completes only once the receiver has posted its receive, so waiting here
@@ -370,65 +312,6 @@ class TorchTransport:
     def world_ranks(self) -> Optional[List[int]]:
         return list(self.ranks)
 
-    # Giving up. A gloo operation that timed out closes its connections, so a late rank cannot
-    # complete it: it fails in the backend instead, and there is no notice to look for after a
-    # completed call. A failure of the backend is reported to the peers through the channel's
-    # store (the counter "failed", then "failed/<rank>": what this rank's backend said), which
-    # every collective waiting on this channel reads between slices of its wait (``_wait``).
-    #
-    # A timeout is not reported to the waits (each rank reports its own, naming whom it waited
-    # for), but its notice ("gave_up/<rank>": the call number) is kept: a slow peer that arrives
-    # later finds its call failed by the closed connections, as if this rank had died, and the
-    # notice tells it that this rank gave up instead (``given_up``, read when a call ends unmet).
-    def give_up(self, seq: int, failure: str) -> None:
-        try:
-            if not failure:
-                self.store.set(f"gave_up/{self.rank}", str(seq))
-                return
-            self.store.set(f"failed/{self.rank}", f"collective #{seq}: {failure}")
-            self.store.add("failed", 1)
-        except Exception:  # the store died with its rank: the peers' own waits end theirs
-            pass
-
-    def given_up(self) -> List[Tuple[int, int]]:
-        found = []
-        try:
-            for peer in range(self.size):
-                key = f"gave_up/{peer}"
-                if peer != self.rank and self.store.check([key]):
-                    found.append((peer, int(self.store.get(key))))
-        except Exception:  # the store is gone: no notice can be read, the failure stands
-            pass
-        return found
-
-    def _peer_failure(self) -> str:
-        try:
-            failed = int(self.store.add("failed", 0))
-            self._store_lost_at = None
-            if failed == 0:
-                return ""
-            for peer in range(self.size):
-                key = f"failed/{peer}"
-                if peer != self.rank and self.store.check([key]):
-                    return f"rank {peer} reported {self.store.get(key).decode(errors='replace')}"
-        except Exception as exc:
-            # The store died with the rank that hosted it (tcp:// and env:// host it on rank
-            # 0). gloo fails a call only on the ranks that exchange with the dead one; a rank
-            # whose neighbours are alive would wait for them until they exit: a store that
-            # stays unreachable is that failure.
-            now = time.monotonic()
-            if self._store_lost_at is None:
-                self._store_lost_at = now
-            elif now - self._store_lost_at >= STORE_LOST_S:
-                return (f"the job's store has not answered for {now - self._store_lost_at:.1f} s "
-                        f"(the rank that hosted it, rank 0 under tcp:// or env://, is gone?): "
-                        f"{type(exc).__name__}: {exc}")
-        return ""
-
-    def _wait(self, work: Any, deadline: Optional[float]) -> None:
-        wait_work(work, deadline, self._peer_failure)
-        self._last_work = work
-
     def free(self) -> None:
         if self.freed:
             return
@@ -473,44 +356,6 @@ def _shut_down_at_exit() -> None:
 
 
 atexit.register(_shut_down_at_exit)
-
-
-def _bytes_of(tensor: torch.Tensor) -> torch.Tensor:
-    """A contiguous tensor's memory as flat uint8: moving bytes works for every dtype."""
-    return tensor.reshape(-1).view(torch.uint8)
-
-
-_CHANNELS: Dict[int, Tuple[Any, Channel]] = {}
-
-
-def channel_for_group(group: Any = None, timeout: Optional[float] = None) -> Channel:
-    """The private channel of ``group`` (None: the world): made by the first TypedComm over
-    it (connecting within ``connect_bound(timeout, group)``), then shared until its last user
-    frees."""
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("expected an initialised torch.distributed process group "
-                           "(call torch.distributed.init_process_group first)")
-    pg = dist.group.WORLD if group is None else group
-    if pg is None or pg is dist.GroupMember.NON_GROUP_MEMBER or dist.get_rank(pg) < 0:
-        raise ValueError(f"expected a group this process (global rank {dist.get_rank()}) is a "
-                         f"member of, got {group!r}")
-    cached = _CHANNELS.get(id(pg))
-    if cached is not None and cached[0] is pg and cached[1].users > 0:
-        return cached[1]
-    store = c10d._get_default_store()
-    size = dist.get_world_size(pg)
-    count = store.add(f"typedcoll/{pg.group_name}/channels", 1)
-    prefix = f"typedcoll/{pg.group_name}/{(count - 1) // size}"
-    has_cuda = "nccl" in str(dist.get_backend(pg))
-    connect_s = connect_bound(timeout, group)
-    transport = TorchTransport(make_gloo(store, prefix, dist.get_rank(pg), size, connect_s,
-                                     group_name(pg)),
-                               dist.get_process_group_ranks(pg), store, prefix,
-                               pg if has_cuda else None, owns_device_group=False,
-                               connect_s=connect_s)
-    channel = Channel(transport, group_name(pg))
-    _CHANNELS[id(pg)] = (pg, channel)
-    return channel
 
 
 register_internal(__file__)
