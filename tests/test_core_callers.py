@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from typing import Any, Iterator, List, Optional
+from typing import Any, AsyncIterator, Iterator, List, Optional
 
 import msgspec
 import pytest
@@ -554,6 +554,49 @@ def test_a_skipped_vote_through_a_context_manager_raises(
                in r for r in rows), error
 
 
+
+# An async engine's context manager that votes on entry: an async generator with no loop,
+# resumed by the ``async with``.
+@contextlib.asynccontextmanager
+async def voted_async(comm: tc.TypedComm, flag: bool) -> AsyncIterator[bool]:
+    flags = comm.allgather(flag)
+    yield any(flags)
+
+
+async def votes_on_async_entry(comm: tc.TypedComm, skipper: Optional[int]) -> Any:
+    """``votes_on_entry`` through an ``async with``."""
+    comm.set_step(3)
+    got = []
+    if comm.rank != skipper:
+        async with voted_async(comm, comm.rank == 0) as busy:
+            got.append(busy)
+    async with voted_async(comm, False) as timed_out:
+        got.append(timed_out)
+    return got
+
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+@pytest.mark.parametrize("skipper", [0, 2])
+def test_a_skipped_vote_through_an_async_context_manager_raises(
+        skipper: int, timeout: Optional[float]) -> None:
+    """Before, an async generator counted as a function with a loop, so an
+    ``asynccontextmanager`` voting on entry carried no callers: both votes were its one line,
+    and the skipper's second vote took its peers' first (``True`` where every rank voted
+    ``False``) without an error; its peers timed out, or waited for ever without a timeout."""
+    def run_votes(comm: tc.TypedComm, skip: Optional[int]) -> Any:
+        return asyncio.run(votes_on_async_entry(comm, skip))
+
+    assert outcomes(3, run_votes, None, timeout=timeout) == [[True, False]] * 3
+    error = one_desync(outcomes(3, run_votes, skipper, timeout=timeout, limit=30))
+    assert list(error.kinds) == [tc.MismatchKind.CALL]
+    first = votes_on_async_entry.__code__.co_firstlineno
+    rows = str(error).splitlines()[1:3]
+    vote = voted_async.__wrapped__.__code__.co_firstlineno + 2
+    assert all(f"at test_core_callers.py:{vote}" in r for r in rows), error
+    assert all(f"test_core_callers.py:{first + 5}" in r or f"test_core_callers.py:{first + 7}"
+               in r for r in rows), error
+
+
 class Transient(Exception):
     pass
 
@@ -675,6 +718,16 @@ def test_which_functions_carry_their_callers() -> None:
     assert not loops(Coordinator.all_gather.__code__)  # picks a route by a flag, returns it
     assert loops(with_loop.__code__) and loops(generator_with_loop.__code__)
     assert not loops(generator.__code__)
+
+    async def async_generator(comm: Any) -> Any:  # an async context manager's
+        yield comm.barrier()
+
+    async def async_generator_with_loop(comm: Any, source: Any) -> Any:
+        async for item in source:
+            yield comm.bcast(item)
+
+    assert not loops(async_generator.__code__)
+    assert loops(async_generator_with_loop.__code__)
 
     async def async_loop(comm: Any, source: Any) -> None:
         async for _ in source:  # a loop, beside the await it compiles to

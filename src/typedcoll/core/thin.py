@@ -42,6 +42,8 @@ from typing import Dict, FrozenSet, List, Optional, Set, Tuple
 
 _SUSPENDS = 0x20 | 0x80 | 0x100 | 0x200  # generator, coroutine, async generator
 _COROUTINE, _GENERATOR = 0x80, 0x20  # an ``async def``; a ``def`` that yields
+_ASYNC_GENERATOR = 0x200  # an ``async def`` that yields
+_RESUMED = _COROUTINE | _GENERATOR | _ASYNC_GENERATOR  # run by whoever resumes them
 _NEWLOCALS = 0x02  # a function's code, not a module's or a class body's
 _MAX_PATHS = 256  # more paths than this: not thin (no wrapper has them)
 _ENDS = frozenset({"RETURN_VALUE", "RETURN_CONST", "RAISE_VARARGS", "RERAISE"})
@@ -231,7 +233,7 @@ def in_spans(spans: List[Tuple[int, int]], offset: int) -> bool:
 
 def loop_spans(code: CodeType) -> Optional[List[Tuple[int, int]]]:
     """None where ``code`` is anything but a function that never loops (a function with a
-    loop, a worker's or a driver's; an async generator; a module or a class body); else the
+    loop, a worker's or a driver's; a module or a class body); else the
     (first, last) offsets of the comprehensions inlined into it, whose calls run in a loop all
     the same. Comprehensions and functions inside a function are not its loops: before 3.12 they
     run in frames of their own (a frame with a loop), and from 3.12 a comprehension is inlined
@@ -239,11 +241,11 @@ def loop_spans(code: CodeType) -> Optional[List[Tuple[int, int]]]:
     comprehension read alike on every version. Nor are a coroutine's awaits (an async engine's
     vote helper) or a generator's ``yield from``: each compiles to a jump back, but runs the
     awaited object once. A generator without a loop (a ``contextlib.contextmanager`` that votes
-    on entry) carries its callers as a function does: those of the frame that resumed it."""
-    if not _a_plain_function(code, nested_allowed=True,
-                             suspends_allowed=_COROUTINE | _GENERATOR):
+    on entry, an async one for an ``asynccontextmanager``) carries its callers as a function
+    does: those of the frame that resumed it."""
+    if not _a_plain_function(code, nested_allowed=True, suspends_allowed=_RESUMED):
         return None
-    suspends = code.co_flags & (_COROUTINE | _GENERATOR)
+    suspends = code.co_flags & _RESUMED
     instructions = list(dis.get_instructions(code))
     inlined = _inlined_comprehensions(instructions)
     awaiting = _await_jumps(instructions) if suspends else _NO_CALLS
