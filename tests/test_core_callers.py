@@ -597,6 +597,66 @@ def test_a_skipped_vote_through_an_async_context_manager_raises(
                in r for r in rows), error
 
 
+
+# A context manager that votes on every exit, the way the ranks agree whether any body failed.
+@contextlib.contextmanager
+def agreed(comm: tc.TypedComm, box: List[Any]) -> Iterator[None]:
+    failed = True
+    try:
+        yield
+        failed = False
+    finally:
+        box.append(comm.allgather(failed))
+
+
+def one_rank_raises_inside(comm: tc.TypedComm, raiser: int) -> Any:
+    """Every rank enters and leaves once; ``raiser`` leaves by an exception it handles."""
+    box: List[Any] = []
+    try:
+        with agreed(comm, box):
+            if comm.rank == raiser:
+                raise Transient(f"rank {raiser}'s own work")
+    except Transient:
+        pass
+    return box
+
+
+@contextlib.asynccontextmanager
+async def agreed_async(comm: tc.TypedComm, box: List[Any]) -> AsyncIterator[None]:
+    failed = True
+    try:
+        yield
+        failed = False
+    finally:
+        box.append(comm.allgather(failed))
+
+
+async def one_rank_raises_inside_async(comm: tc.TypedComm, raiser: int) -> Any:
+    box: List[Any] = []
+    try:
+        async with agreed_async(comm, box):
+            if comm.rank == raiser:
+                raise Transient(f"rank {raiser}'s own work")
+    except Transient:
+        pass
+    return box
+
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+@pytest.mark.parametrize("kind", ["with", "async with"])
+def test_a_context_manager_voting_on_exit_by_an_exception_is_one_call(
+        kind: str, timeout: Optional[float]) -> None:
+    """Before, the exit's vote carried contextlib's frame as a caller: ``next(self.gen)`` for
+    a rank leaving normally, ``self.gen.throw(...)`` for one leaving by an exception, two
+    lines, so every rank raised a DesyncError (the callers differ) on a correct program."""
+    def program(comm: tc.TypedComm, raiser: int) -> Any:
+        if kind == "with":
+            return one_rank_raises_inside(comm, raiser)
+        return asyncio.run(one_rank_raises_inside_async(comm, raiser))
+
+    assert outcomes(3, program, 1, timeout=timeout) == [[[False, True, False]]] * 3
+
+
 class Transient(Exception):
     pass
 

@@ -42,6 +42,7 @@ shown or first fingerprinted.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -109,6 +110,12 @@ if _STDLIB:  # a frozen standard library has no files to skip
     for _starter in ("threading.py", os.path.join("concurrent", "futures", "thread.py"),
                      os.path.join("multiprocessing", "process.py")):
         register_internal(os.path.join(_STDLIB, _starter))
+# contextlib's generator context managers resume the generator from one line to enter, one to
+# leave and another to leave by an exception: as callers (a generator without a loop carries
+# its own) they would part the exit vote of a rank whose block raised from its peers', so the
+# ``with`` line calls the generator, on every way out alike.
+if getattr(contextlib, "__file__", None):
+    register_internal(contextlib.__file__)
 
 
 def transparent(target: Union[_F, types.ModuleType, str]) -> Union[_F, types.ModuleType, str]:
