@@ -657,6 +657,72 @@ def test_a_context_manager_voting_on_exit_by_an_exception_is_one_call(
     assert outcomes(3, program, 1, timeout=timeout) == [[[False, True, False]]] * 3
 
 
+
+def exit_stack_raises_inside(comm: tc.TypedComm, raiser: int) -> Any:
+    """``one_rank_raises_inside`` with the context manager entered through an ExitStack."""
+    box: List[Any] = []
+    try:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(agreed(comm, box))
+            if comm.rank == raiser:
+                raise Transient(f"rank {raiser}'s own work")
+    except Transient:
+        pass
+    return box
+
+
+def decorated_raises_inside(comm: tc.TypedComm, raiser: int) -> Any:
+    """``one_rank_raises_inside`` with the context manager as a decorator."""
+    box: List[Any] = []
+
+    @agreed(comm, box)
+    def work() -> None:
+        if comm.rank == raiser:
+            raise Transient(f"rank {raiser}'s own work")
+
+    try:
+        work()
+    except Transient:
+        pass
+    return box
+
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+@pytest.mark.parametrize("program", [exit_stack_raises_inside, decorated_raises_inside])
+def test_an_exit_vote_through_contextlib_is_one_call(program: Any,
+                                                     timeout: Optional[float]) -> None:
+    """The exit vote of a context manager entered by an ExitStack or used as a decorator, one
+    rank leaving by an exception it handles: one call (a DesyncError on every rank before)."""
+    assert outcomes(3, program, 1, timeout=timeout) == [[[False, True, False]]] * 3
+
+
+def stacked_callbacks(comm: tc.TypedComm, skipper: Optional[int]) -> Any:
+    """Two votes, each an ExitStack's callback, the stacks on two lines; ``skipper`` leaves out
+    the first."""
+    got: List[Any] = []
+
+    def vote(tag: str) -> None:
+        got.append(comm.allgather((tag, comm.rank)))
+
+    if comm.rank != skipper:
+        with contextlib.ExitStack() as first:
+            first.callback(vote, "bs")
+    with contextlib.ExitStack() as second:
+        second.callback(vote, "to")
+    return got
+
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+def test_a_skipped_exit_stack_callback_raises(timeout: Optional[float]) -> None:
+    """Before, a callback's caller was ExitStack.__exit__'s one line (a loop), so votes from two
+    stacks were one call: the skipper returned its peers' batch sizes as its timeout vote
+    without an error. contextlib's frames are plumbing: each stack's ``with`` line calls it."""
+    assert outcomes(3, stacked_callbacks, None, timeout=timeout) == \
+        [[[("bs", 0), ("bs", 1), ("bs", 2)], [("to", 0), ("to", 1), ("to", 2)]]] * 3
+    error = one_desync(outcomes(3, stacked_callbacks, 2, timeout=timeout, limit=30))
+    assert list(error.kinds) == [tc.MismatchKind.CALL]
+
+
 class Transient(Exception):
     pass
 
