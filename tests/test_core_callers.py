@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import sys
 from typing import Any, AsyncIterator, Iterator, List, Optional
 
 import msgspec
@@ -742,6 +743,40 @@ async def retried_votes(comm: tc.TypedComm, skipper: Optional[int]) -> Any:
         got.append(await with_retry_async(any_rank_awaiting, comm, comm.rank == 0))
     got.append(await with_retry_async(any_rank_awaiting, comm, False))
     return got
+
+
+async def with_retry_and_timeout(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """``with_retry_async`` awaiting its callee under a timeout."""
+    for attempt in range(3):
+        try:
+            return await asyncio.wait_for(fn(*args, **kwargs), timeout=60)
+        except Transient:
+            await asyncio.sleep(0)
+
+
+async def retried_timed_votes(comm: tc.TypedComm, skipper: Optional[int]) -> Any:
+    got = []
+    if comm.rank != skipper:
+        got.append(await with_retry_and_timeout(any_rank_awaiting, comm, comm.rank == 0))
+    got.append(await with_retry_and_timeout(any_rank_awaiting, comm, False))
+    return got
+
+
+# 3.11's wait_for runs its coroutine as a Task, stepped by the event loop: the helper's frame
+# is not on its stack (README: a Task is its own caller).
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="wait_for makes a Task before 3.12")
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+def test_a_skipped_vote_through_an_async_retry_helper_with_a_timeout_raises(
+        timeout: Optional[float]) -> None:
+    """Before, the helper was passed over only at ``await fn(*args, **kwargs)``: under
+    ``wait_for`` its frame stood at another await, so it was the site (a loop: no callers) and
+    the skipper's second vote took its peers' first without an error."""
+    def run_votes(comm: tc.TypedComm, skip: Optional[int]) -> Any:
+        return asyncio.run(retried_timed_votes(comm, skip))
+
+    assert outcomes(3, run_votes, None, timeout=timeout) == [[True, False]] * 3
+    error = one_desync(outcomes(3, run_votes, 2, timeout=timeout, limit=30))
+    assert list(error.kinds) == [tc.MismatchKind.CALL]
 
 
 @pytest.mark.parametrize("timeout", TIMEOUTS)

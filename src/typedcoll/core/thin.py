@@ -25,7 +25,8 @@ call; any other call it makes (a collective on a line of its own) keeps its site
 
 A call that hands on the function's own ``*args`` and ``**kwargs`` whole, whatever the function
 adds of its own (:func:`hand_on_calls`), is passed over in a loop or a ``try`` as well (an
-``async def``'s at its ``await fn(*args, **kwargs)``): a retry decorator's wrapper repeats its
+``async def``'s at the await of its statement: ``await fn(*args, **kwargs)``, ``await
+asyncio.wait_for(fn(*args, **kwargs), t)``): a retry decorator's wrapper repeats its
 caller's call, and its one line would make every use of the function one call.
 
 Any other function keeps its sites. Where it has no loop (:func:`loop_spans`: a helper, or one
@@ -168,12 +169,27 @@ def hand_on_calls(code: CodeType) -> Tuple[FrozenSet[int], bool]:
     if len(set(found.values())) != 1:
         return _NO_CALLS, False  # two (a branch picking one, a call made twice): its own sites
     after = {ins.offset: nxt.offset for ins, nxt in zip(instructions, instructions[1:])}
-    # An async one awaits what it handed on (``return await fn(*args, **kwargs)``): its frame
-    # then stands at that await's SEND, which runs the callee.
-    sends = {i.offset: s.offset for i, s in zip(instructions, instructions[3:])
-             if i.opname == "CALL_FUNCTION_EX" and s.opname == "SEND"}
-    stops = [at for offset in found for at in (offset, sends.get(offset)) if at is not None]
+    # An async one awaits what it handed on (``return await fn(*args, **kwargs)``, or under a
+    # timeout: ``await asyncio.wait_for(fn(*args, **kwargs), t)``): its frame then stands at
+    # that statement's await, whose SEND runs the callee.
+    index = {ins.offset: i for i, ins in enumerate(instructions)}
+    stops = [at for offset in found
+             for at in (offset, _awaited_at(instructions, index[offset])) if at is not None]
     return frozenset(unit for at in stops for unit in range(at, after.get(at, at + 2), 2)), closure
+
+
+def _awaited_at(instructions: List[dis.Instruction], at: int) -> Optional[int]:
+    """The offset of the first await's SEND after the call at ``instructions[at]`` in its
+    expression (no store, jump or discarded value between them), where one awaits it."""
+    for ins in instructions[at + 1:]:
+        if ins.opname == "SEND":
+            return ins.offset
+        if ins.opname.startswith(_EXPRESSION_ENDS) or "JUMP" in ins.opname:
+            return None
+    return None
+
+
+_EXPRESSION_ENDS = ("STORE_", "POP_TOP", "RETURN_", "DELETE_", "RAISE_", "RERAISE", "YIELD_")
 
 
 # What may build a call that hands on its function's arguments: loading the callee (a global,
