@@ -231,6 +231,18 @@ def test_the_step_hint_tells_a_skipped_iteration_from_a_clock_some_ranks_never_s
         "each rank runs, or step= on the call)")
 
 
+def test_the_step_hint_tells_both_a_clock_never_set_and_stamped_ranks_apart():
+    # The ranks that set the clock disagree as well: a skipped iteration among them too.
+    lines = desync_message(14, "tp", [tc.MismatchKind.STEP], group_envelopes(
+        (env(0, step=3), env(1, step=4), env(2, step=None)))).splitlines()[-2:]
+    assert lines == [
+        "  only ranks 0-1 stamped this call with a step: rank 2 never set the step clock on this "
+        "communicator (or set it to None); set it on every rank alike (set_step in the loop "
+        "each rank runs, or step= on the call)",
+        "  and ranks 0-1 are at different steps of the same call: a rank skipped or repeated "
+        "an iteration"], lines
+
+
 def test_a_record_without_root_or_reduce_op_leaves_them_out():
     # Hang reports and dumps describe recorded calls, which keep neither.
     assert describe(env(0, op="bcast")) == "bcast[RankState] at model.py:143, its 2nd call, step 2"

@@ -100,10 +100,14 @@ def _hint(kinds: Sequence[MismatchKind], groups: Sequence[Group]) -> List[str]:
             # Not an iteration skipped: a clock that only some ranks set (a driver's loop sets
             # it, its workers' never does) stamps nothing on the others.
             stamped = sorted(r for g in groups if g.envelope.step is not None for r in g.ranks)
-            return [f"  only {compact_ranks(stamped)} stamped this call with a step: "
-                    f"{compact_ranks(unset)} never set the step clock on this communicator (or "
-                    f"set it to None); set it on every rank alike (set_step in the loop each "
-                    f"rank runs, or step= on the call)"]
+            out = [f"  only {compact_ranks(stamped)} stamped this call with a step: "
+                   f"{compact_ranks(unset)} never set the step clock on this communicator (or "
+                   f"set it to None); set it on every rank alike (set_step in the loop each "
+                   f"rank runs, or step= on the call)"]
+            if len({g.envelope.step for g in groups if g.envelope.step is not None}) > 1:
+                out.append(f"  and {compact_ranks(stamped)} are at different steps of the same "
+                           f"call: a rank skipped or repeated an iteration")
+            return out
         return ["  the ranks are at different steps of the same call: a rank skipped or "
                 "repeated an iteration"]
     return []
