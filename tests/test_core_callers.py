@@ -847,7 +847,7 @@ def test_which_functions_carry_their_callers() -> None:
     from types import CodeType
 
     from typedcoll.core.callers import PICKED, role_site
-    from typedcoll.core.thin import loop_spans
+    from typedcoll.core.loops import loop_spans
 
     def loops(code: CodeType) -> bool:
         return loop_spans(code) is None

@@ -15,7 +15,7 @@ call that its function picks between others and returns (vLLM's
 flag; such a function has no loop): its sites tell the routes apart, but each route is the same
 line for every use, and the timeout vote and the batch-size vote through it would be one call.
 And so does every call of a function without a loop, but for those in a comprehension
-(``thin.loop_spans``): a helper that makes its collective on a line of its
+(``loops.loop_spans``): a helper that makes its collective on a line of its
 own (``flags = comm.allgather(flag)``, ``return any(flags)``) is the same line for every use.
 Carrying the callers only makes an identity finer, so it never pairs two calls that were apart;
 its price is a thin wrapper's (one helper reached from two lines for one collective is two
@@ -53,7 +53,7 @@ from .arms import branch_of
 from .identity import (CodeTable, Via, column_of, format_site, register_internal,
                        site_fingerprint, site_from, via_name)
 from .mismatch import TOO_DEEP_SITE, Caller
-from .thin import in_spans, loop_spans
+from .loops import in_spans, loop_spans
 
 MAX_LEVELS = 8  # callers kept: a role wrapper called in a role branch of a role wrapper, ...
 Level = Tuple[Optional[CodeType], int, Optional[Via]]  # a caller's code, lasti and via
@@ -68,7 +68,7 @@ COMPREHENSIONS = frozenset({"<listcomp>", "<setcomp>", "<dictcomp>", "<genexpr>"
 
 ROLE, PICKED = 1, 2  # role_site's answers, as bits
 # A function's code -> which of its calls are made for its caller: none where it loops, else
-# those outside the comprehensions inlined into it (thin.loop_spans). A function that picks
+# those outside the comprehensions inlined into it (loops.loop_spans). A function that picks
 # among calls and returns the one it picked has no loop.
 _PICKED = CodeTable()
 _UNREAD = object()
@@ -79,7 +79,7 @@ _COMBINED: Dict[bytes, bytes] = {}
 def role_site(code: Optional[CodeType], lasti: int) -> int:
     """What the call at ``lasti`` of the function ``code`` is made for: ROLE where it is a role
     branch's (``arms.branch_of``, which keeps what it read per call site), PICKED where its
-    function has no loop and the call is in no comprehension (``thin.loop_spans``: a helper, or
+    function has no loop and the call is in no comprehension (``loops.loop_spans``: a helper, or
     one that picks among calls and returns the one it picked), both, or 0. Its caller then tells
     its executions apart (ROLE for rooted calls alone). The C path asks it too, once per call
     site."""

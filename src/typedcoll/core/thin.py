@@ -29,7 +29,7 @@ adds of its own (:func:`hand_on_calls`), is passed over in a loop or a ``try`` a
 asyncio.wait_for(fn(*args, **kwargs), t)``): a retry decorator's wrapper repeats its
 caller's call, and its one line would make every use of the function one call.
 
-Any other function keeps its sites. Where it has no loop (:func:`loop_spans`: a helper, or one
+Any other function keeps its sites. Where it has no loop (``loops.loop_spans``: a helper, or one
 that picks among calls and returns the one it picked; an await is none), its calls carry its
 callers (``core.callers``), but for those in a comprehension.
 """
@@ -41,13 +41,9 @@ from collections import Counter
 from types import CodeType
 from typing import Dict, FrozenSet, List, Optional, Set, Tuple
 
-_SUSPENDS = 0x20 | 0x80 | 0x100 | 0x200  # generator, coroutine, async generator
-_COROUTINE, _GENERATOR = 0x80, 0x20  # an ``async def``; a ``def`` that yields
-_ASYNC_GENERATOR = 0x200  # an ``async def`` that yields
-_RESUMED = _COROUTINE | _GENERATOR | _ASYNC_GENERATOR  # run by whoever resumes them
-_NEWLOCALS = 0x02  # a function's code, not a module's or a class body's
+from .loops import COROUTINE, ENDS, a_plain_function
+
 _MAX_PATHS = 256  # more paths than this: not thin (no wrapper has them)
-_ENDS = frozenset({"RETURN_VALUE", "RETURN_CONST", "RAISE_VARARGS", "RERAISE"})
 _REFUSED = ("FOR_ITER", "SEND", "YIELD", "SETUP_", "WITH")  # loops, generators, with blocks
 _VARARGS, _VARKEYWORDS = 0x04, 0x08  # takes *args; takes **kwargs
 _STARRED = _VARARGS | _VARKEYWORDS
@@ -61,7 +57,7 @@ def forwards(code: CodeType) -> bool:
     """Whether ``code`` is a thin wrapper: a ``def`` or ``lambda`` (not a comprehension,
     generator, module or class body) that never loops or handles an exception, makes its calls
     on one line and makes all of them or none."""
-    if getattr(code, "co_exceptiontable", b"") or not _a_plain_function(code):
+    if getattr(code, "co_exceptiontable", b"") or not a_plain_function(code):
         return False  # a try or with block (3.11+)
     instructions = list(dis.get_instructions(code))
     if any(mark in ins.opname for ins in instructions for mark in _REFUSED):
@@ -89,7 +85,7 @@ def pass_through_calls(code: CodeType) -> FrozenSet[int]:
     block or a ``try`` may hold them (every rank raises alike out of a collective, so no rank
     alone takes a handler around one). Read once per code object: the walk over its paths
     stops at 256 of them (a long function with many branches is then no pass-through)."""
-    if not _a_plain_function(code):
+    if not a_plain_function(code):
         return _NO_CALLS
     instructions = list(dis.get_instructions(code))
     if any(ins.opname in ("FOR_ITER", "SEND") or "YIELD" in ins.opname or
@@ -141,8 +137,8 @@ def hand_on_calls(code: CodeType) -> Tuple[FrozenSet[int], bool]:
     same for every function it wraps. So a call's identity leaves it out of the wrappers passed
     (``identity.site_from``): a timer or a tracer applied on one rank alone would else part that
     rank's calls from its peers'."""
-    if not code.co_flags & _VARARGS or not _a_plain_function(code, nested_allowed=True,
-                                                             suspends_allowed=_COROUTINE):
+    if not code.co_flags & _VARARGS or not a_plain_function(code, nested_allowed=True,
+                                                             suspends_allowed=COROUTINE):
         return _NO_CALLS, False  # no *args to hand on; a comprehension, generator, module
     params = code.co_argcount + code.co_kwonlyargcount
     star = code.co_varnames[params]
@@ -242,101 +238,6 @@ def _names(ins: dis.Instruction) -> Tuple[str, ...]:
     return ins.argval if isinstance(ins.argval, tuple) else (ins.argval,)
 
 
-def in_spans(spans: List[Tuple[int, int]], offset: int) -> bool:
-    """Whether ``offset`` lies in one of ``spans`` (:func:`loop_spans`)."""
-    return any(first <= offset <= last for first, last in spans)
-
-
-def loop_spans(code: CodeType) -> Optional[List[Tuple[int, int]]]:
-    """None where ``code`` is anything but a function that never loops (a function with a
-    loop, a worker's or a driver's; a module or a class body); else the
-    (first, last) offsets of the comprehensions inlined into it, whose calls run in a loop all
-    the same. Comprehensions and functions inside a function are not its loops: before 3.12 they
-    run in frames of their own (a frame with a loop), and from 3.12 a comprehension is inlined
-    (``return any([f for f in flags])``), read here as one, so a vote helper and a call in a
-    comprehension read alike on every version. Nor are a coroutine's awaits (an async engine's
-    vote helper) or a generator's ``yield from``: each compiles to a jump back, but runs the
-    awaited object once. A generator without a loop (a ``contextlib.contextmanager`` that votes
-    on entry, an async one for an ``asynccontextmanager``) carries its callers as a function
-    does: those of the frame that resumed it."""
-    if not _a_plain_function(code, nested_allowed=True, suspends_allowed=_RESUMED):
-        return None
-    suspends = code.co_flags & _RESUMED
-    instructions = list(dis.get_instructions(code))
-    inlined = _inlined_comprehensions(instructions)
-    awaiting = _await_jumps(instructions) if suspends else _NO_CALLS
-    back = [ins for ins in instructions if "JUMP" in ins.opname and ins.offset not in awaiting
-            and not (isinstance(ins.argval, int) and (ins.argval > ins.offset or
-                                                      in_spans(inlined, ins.argval)))]
-    if back and (any(not isinstance(ins.argval, int) for ins in back) or
-                 _on_a_cycle(code, instructions, back)):
-        return None
-    return inlined
-
-
-def _on_a_cycle(code: CodeType, instructions: List[dis.Instruction],
-                back: List[dis.Instruction]) -> bool:
-    """Whether one of the jumps ``back`` closes a loop: its target leads to it again, a raise
-    into a handler counted as a way on. 3.12 and later place an exception handler after the
-    function's code and jump back from it to the code after its ``with`` or ``try`` block
-    (3.12: a ``with`` of two context managers; 3.13: any ``with``, an ``except`` that goes on):
-    such a jump runs at most once per pass, as the block does; a retry that goes back into
-    the ``try`` (``except E: continue``) is a loop."""
-    entries = getattr(dis.Bytecode(code), "exception_entries", [])
-    following = {ins.offset: nxt.offset for ins, nxt in zip(instructions, instructions[1:])}
-
-    def successors(ins: dis.Instruction) -> List[int]:
-        out = [e.target for e in entries if e.start <= ins.offset < e.end]
-        jumps = "JUMP" in ins.opname or ins.opname in ("FOR_ITER", "SEND")
-        if jumps and isinstance(ins.argval, int):
-            out.append(ins.argval)
-        onward = not (ins.opname in _ENDS or (jumps and not ins.opname.startswith(
-            ("POP_JUMP", "JUMP_IF")) and ins.opname not in ("FOR_ITER", "SEND")))
-        if onward and ins.offset in following:
-            out.append(following[ins.offset])
-        return out
-
-    by_offset = {ins.offset: ins for ins in instructions}
-    for jump in back:
-        seen, todo = set(), [jump.argval]
-        while todo:
-            offset = todo.pop()
-            if offset == jump.offset:
-                return True
-            if offset in seen or offset not in by_offset:
-                continue
-            seen.add(offset)
-            todo.extend(successors(by_offset[offset]))
-    return False
-
-
-def _await_jumps(instructions: List[dis.Instruction]) -> FrozenSet[int]:
-    """The offsets of the jumps back that an ``await`` compiles to, none of them a loop of the
-    coroutine's (an async engine's vote helper has them; an ``async for`` has a loop besides):
-    back to its SEND after each value the awaited object yields, and (3.12+) back to the
-    await's end after a CLEANUP_THROW."""
-    sends = {ins.offset for ins in instructions if ins.opname == "SEND"}
-    return frozenset(ins.offset for before, ins in zip([None, *instructions], instructions)
-                     if "JUMP" in ins.opname and (ins.argval in sends or (
-                         before is not None and before.opname == "CLEANUP_THROW")))
-
-
-def _inlined_comprehensions(instructions: List[dis.Instruction]) -> List[Tuple[int, int]]:
-    """The (first, last) offsets of each loop of a comprehension inlined into its function
-    (3.12+): its first loop starts at the FOR_ITER after LOAD_FAST_AND_CLEAR saves its variables
-    (the iterable is evaluated before), and loops starting inside it are its own too."""
-    spans: List[Tuple[int, int]] = []
-    saved = False
-    for ins in instructions:
-        if ins.opname == "LOAD_FAST_AND_CLEAR":
-            saved = True
-        elif ins.opname == "FOR_ITER" and isinstance(ins.argval, int):
-            if saved or in_spans(spans, ins.offset):
-                spans.append((ins.offset, ins.argval))
-            saved = False
-    return spans
-
-
 def _returned(instructions: List[dis.Instruction], calls: Dict[int, Position]) -> Set[int]:
     """The calls whose result the function returns: returned at once, or stored in a local
     that nothing else stores and that is returned."""
@@ -354,19 +255,6 @@ def _returned(instructions: List[dis.Instruction], calls: Dict[int, Position]) -
                 after.argval in returned_locals)):
             out.add(ins.offset)
     return out
-
-
-def _a_plain_function(code: CodeType, nested_allowed: bool = False,
-                      suspends_allowed: int = 0) -> bool:
-    """A ``def`` or ``lambda``: not a comprehension, module or class body, nor a generator or
-    coroutine of a kind not in ``suspends_allowed`` (its code flags), and (unless
-    ``nested_allowed``) with no function of its own inside (before 3.12 a comprehension is one:
-    a loop)."""
-    suspends = _SUSPENDS & ~suspends_allowed
-    return not ((code.co_name.startswith("<") and code.co_name != "<lambda>") or
-                code.co_flags & suspends or not code.co_flags & _NEWLOCALS or
-                (not nested_allowed and
-                 any(isinstance(const, CodeType) for const in code.co_consts)))
 
 
 def _calls(instructions: List[dis.Instruction]) -> Optional[Dict[int, Position]]:
@@ -409,7 +297,7 @@ def _calls_per_path(instructions: List[dis.Instruction],
             ins = instructions[i]
             if ins.offset in calls:
                 seen = seen | {calls[ins.offset]}
-            if ins.opname in _ENDS:
+            if ins.opname in ENDS:
                 break
             if "JUMP" in ins.opname:
                 target = index.get(ins.argval)
