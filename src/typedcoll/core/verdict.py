@@ -295,16 +295,23 @@ def ended_by_give_up(p: "Protocol", call: Call, shown: str, notices: Sequence[Tu
     """The account of a rank whose wait gloo failed after a peer gave up (a give-up closes that
     call's connections, as a death does) while it too waited for a rank that never arrived:
     who came, whom they waited for (the hang report's ``missing``), and who gave up."""
-    first = min(seq for _, seq in notices)
     gave_up = {rank for rank, _ in notices}  # were there, whatever their side channel says now
     gone = [r for r in missing or () if r != p.rank and r not in gave_up]
     there = (f"{compact_ranks([r for r in range(p.size) if r not in gone])} arrived at it and "
              f"waited for {compact_ranks(gone)}; " if gone else "")
     return (f"{where(p, call)}: {what(call)} at {shown} did not complete: {there}"
             f"{compact_ranks(sorted(gave_up))} gave up waiting at "
-            f"{'the creation' if first == CREATE_SEQ else f'collective #{first}'} (timeout "
-            f"{timeout:g} s), and gloo then failed the call on rank {p.rank} as though a peer "
-            f"had died (a give-up closes its connections; gloo's error is in .failure)")
+            f"{_first_given_up(notices, timeout)}, and gloo then failed the call on rank "
+            f"{p.rank} as though a peer had died (a give-up closes its connections; gloo's error "
+            f"is in .failure)")
+
+
+def _first_given_up(notices: Sequence[Tuple[int, int]], timeout: float) -> str:
+    """Where the first of ``notices`` gave up, and after how long: ``collective #3 (timeout
+    1 s)``."""
+    first = min(seq for _, seq in notices)
+    return (f"{'the creation' if first == CREATE_SEQ else f'collective #{first}'} (timeout "
+            f"{timeout:g} s)")
 
 
 def timed_out(p: "Protocol", call: Call) -> None:
@@ -349,11 +356,9 @@ def timed_out(p: "Protocol", call: Call) -> None:
                 f"backend before completing (a peer's process or connection is gone?): "
                 f"{failure}")
     elif late:
-        first = min(seq for _, seq in notices)
         text = (f"{where(p, call)}: {what(call)} at {shown} is abandoned: "
                 f"{who_gave_up(p, notices)} gave up waiting at "
-                f"{'the creation' if first == CREATE_SEQ else f'collective #{first}'} "
-                f"(timeout {timeout:g} s) before it completed on rank "
+                f"{_first_given_up(notices, timeout)} before it completed on rank "
                 f"{p.rank}; no rank returns this call's result (their reports name the ranks "
                 f"they waited for)")
     else:
