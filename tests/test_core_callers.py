@@ -737,11 +737,11 @@ async def with_retry_async(fn: Any, *args: Any, **kwargs: Any) -> Any:
             await asyncio.sleep(0)
 
 
-async def retried_votes(comm: tc.TypedComm, skipper: Optional[int]) -> Any:
+async def retried_votes(comm: tc.TypedComm, skipper: Optional[int], retry: Any) -> Any:
     got = []
     if comm.rank != skipper:
-        got.append(await with_retry_async(any_rank_awaiting, comm, comm.rank == 0))
-    got.append(await with_retry_async(any_rank_awaiting, comm, False))
+        got.append(await retry(any_rank_awaiting, comm, comm.rank == 0))
+    got.append(await retry(any_rank_awaiting, comm, False))
     return got
 
 
@@ -754,14 +754,6 @@ async def with_retry_and_timeout(fn: Any, *args: Any, **kwargs: Any) -> Any:
             await asyncio.sleep(0)
 
 
-async def retried_timed_votes(comm: tc.TypedComm, skipper: Optional[int]) -> Any:
-    got = []
-    if comm.rank != skipper:
-        got.append(await with_retry_and_timeout(any_rank_awaiting, comm, comm.rank == 0))
-    got.append(await with_retry_and_timeout(any_rank_awaiting, comm, False))
-    return got
-
-
 # 3.11's wait_for runs its coroutine as a Task, stepped by the event loop: the helper's frame
 # is not on its stack (README: a Task is its own caller).
 @pytest.mark.skipif(sys.version_info < (3, 12), reason="wait_for makes a Task before 3.12")
@@ -772,7 +764,7 @@ def test_a_skipped_vote_through_an_async_retry_helper_with_a_timeout_raises(
     ``wait_for`` its frame stood at another await, so it was the site (a loop: no callers) and
     the skipper's second vote took its peers' first without an error."""
     def run_votes(comm: tc.TypedComm, skip: Optional[int]) -> Any:
-        return asyncio.run(retried_timed_votes(comm, skip))
+        return asyncio.run(retried_votes(comm, skip, with_retry_and_timeout))
 
     assert outcomes(3, run_votes, None, timeout=timeout) == [[True, False]] * 3
     error = one_desync(outcomes(3, run_votes, 2, timeout=timeout, limit=30))
@@ -786,7 +778,7 @@ def test_a_skipped_vote_through_an_async_retry_helper_raises(timeout: Optional[f
     votes: the skipper's second vote took its peers' first without an error."""
     def run_votes(comm: tc.TypedComm, skip: Optional[int]) -> Any:
         comm.set_step(3)
-        return asyncio.run(retried_votes(comm, skip))
+        return asyncio.run(retried_votes(comm, skip, with_retry_async))
 
     assert outcomes(3, run_votes, None, timeout=timeout) == [[True, False]] * 3
     error = one_desync(outcomes(3, run_votes, 2, timeout=timeout))
