@@ -507,6 +507,7 @@ static struct {
  * once. */
 #define ROLE_BIT 1
 #define PICKED_BIT 2
+#define AWAITS_BIT 4
 static int role_site(PyCodeObject *code, int lasti) {
     size_t h = ((size_t)(uintptr_t)code >> 4) ^ ((size_t)(unsigned)lasti * 2654435761u);
     size_t i = (h ^ (h >> 9)) & (ROLE_SLOTS - 1);
@@ -517,13 +518,44 @@ static int role_site(PyCodeObject *code, int lasti) {
     long kind = PyLong_AsLong(answer);
     Py_DECREF(answer);
     if (kind == -1 && PyErr_Occurred()) return -1;
-    int role = (int)(kind & (ROLE_BIT | PICKED_BIT));
+    int role = (int)(kind & (ROLE_BIT | PICKED_BIT | AWAITS_BIT));
     PyObject *old = ROLE_TABLE[i].code;
     ROLE_TABLE[i].code = Py_NewRef((PyObject *)code);
     ROLE_TABLE[i].lasti = lasti;
     ROLE_TABLE[i].role = role;
     Py_XDECREF(old); /* last: a code object's deallocation may run Python code */
     return role;
+}
+
+/* Whether each coroutine from ``from`` up to ``to`` (a frame above it; both borrowed) runs
+ * for the frame above it, awaited by it (callers.awaited): 1 where so, 0 where one is its own
+ * caller (stepped by the event loop, started eagerly inside create_task), -1 on error. */
+static int awaited(PyFrameObject *from, PyFrameObject *to) {
+    PyFrameObject *at = (PyFrameObject *)Py_NewRef(from);
+    int answer = 1;
+    while (at != NULL && at != to) {
+        PyCodeObject *code = PyFrame_GetCode(at);
+        int is_async = (code->co_flags & (CO_COROUTINE | CO_ITERABLE_COROUTINE |
+                                          CO_ASYNC_GENERATOR)) != 0;
+        Py_DECREF(code);
+        PyFrameObject *back = PyFrame_GetBack(at);
+        if (is_async) {
+            int role = 0;
+            if (back != NULL) {
+                PyCodeObject *awaiter = PyFrame_GetCode(back);
+                role = role_site(awaiter, PyFrame_GetLasti(back));
+                Py_DECREF(awaiter);
+            }
+            if (role < 0 || !(role & AWAITS_BIT)) {
+                answer = role < 0 ? -1 : 0;
+                Py_XDECREF(back);
+                break;
+            }
+        }
+        Py_SETREF(at, back);
+    }
+    Py_XDECREF(at);
+    return answer;
 }
 
 /* A call's callers as identified before: its site fingerprint's object and each caller's code,
@@ -632,8 +664,12 @@ static PyObject *with_callers(PyFrameObject *frame, PyObject *site, int rooted,
                 goto done;
             }
         }
-        if (codes[n] == NULL) {
+        rc = codes[n] == NULL ? 0 : awaited(at, up);
+        if (rc <= 0) {
+            Py_CLEAR(codes[n]);
+            Py_CLEAR(vias[n]);
             Py_XDECREF(up);
+            if (rc < 0) goto done;
             break;
         }
         n++;

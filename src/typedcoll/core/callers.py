@@ -24,9 +24,12 @@ calls). A function with a loop (a worker's or a driver's) carries none: its line
   1. ``callers_of``: the call site of the function that holds the role branch, found as the
      call's own site is (``identity.site_from`` from that function's caller: plumbing,
      transparent functions and thin wrappers passed over; a function's calls of itself are
-     one level, so ranks that recurse to different depths meet). Where that site is such a
-     call too (vLLM's ``broadcast_tensor_dict`` calls ``broadcast_object`` in both arms of its
-     own), its caller's as well, up to MAX_LEVELS; past them a marker that never pairs by role
+     one level, so ranks that recurse to different depths meet). A coroutine is its caller's
+     callee only while that caller awaits it (``awaited``): one stepped by the event loop, or
+     started eagerly inside ``create_task`` (Python 3.12's eager tasks), is its own caller, so
+     the walk ends there. Where that site is such a call too (vLLM's
+     ``broadcast_tensor_dict`` calls ``broadcast_object`` in both arms of its own), its
+     caller's as well, up to MAX_LEVELS; past them a marker that never pairs by role
      (ranks whose chains agree past it are one call). A comprehension's frame is its
      function's (before Python 3.12 it has one of its own). Module code is nobody's callee.
   2. ``fingerprint``: the identity is the site's fingerprint and each caller's, digested
@@ -45,6 +48,7 @@ The C path walks the same frames with its own ``user_site`` and asks ``role_site
 
 from __future__ import annotations
 
+import dis
 from types import CodeType, FrameType
 from typing import Dict, List, Optional, Tuple
 
@@ -66,7 +70,13 @@ _OPTIMIZED = 0x01  # a function's code (not a module's or a class body's)
 # through it) is its function's, so its function's caller is the next level.
 COMPREHENSIONS = frozenset({"<listcomp>", "<setcomp>", "<dictcomp>", "<genexpr>"})
 
-ROLE, PICKED = 1, 2  # role_site's answers, as bits
+ROLE, PICKED, AWAITS = 1, 2, 4  # role_site's answers, as bits
+_ASYNC = 0x80 | 0x100 | 0x200  # CO_COROUTINE, CO_ITERABLE_COROUTINE, CO_ASYNC_GENERATOR
+# The instructions a frame stands at while the coroutine it awaits runs: SEND as it steps it,
+# YIELD_VALUE (RESUME from 3.13) while an exception is thrown into it through the frame. The
+# inline caches after an instruction are where 3.12 reports a SEND to be.
+_STEPS_AWAITED = frozenset(dis.opmap[name] for name in ("SEND", "YIELD_VALUE"))
+_RESUME, _CACHE = dis.opmap["RESUME"], dis.opmap.get("CACHE", 0)
 # A function's code -> which of its calls are made for its caller: none where it loops, else
 # those outside the comprehensions inlined into it (loops.loop_spans). A function that picks
 # among calls and returns the one it picked has no loop.
@@ -81,15 +91,43 @@ def role_site(code: Optional[CodeType], lasti: int) -> int:
     branch's (``arms.branch_of``, which keeps what it read per call site), PICKED where its
     function has no loop and the call is in no comprehension (``loops.loop_spans``: a helper, or
     one that picks among calls and returns the one it picked), both, or 0. Its caller then tells
-    its executions apart (ROLE for rooted calls alone). The C path asks it too, once per call
-    site."""
+    its executions apart (ROLE for rooted calls alone). AWAITS where the instruction at
+    ``lasti`` awaits what it called (``awaited``). The C path asks it too, once per call site."""
     if code is None or not code.co_flags & _OPTIMIZED:
         return 0
     kind = ROLE if branch_of(code, lasti) is not None else 0
+    kind |= AWAITS if _awaits_at(code.co_code, lasti) else 0
     spans = _PICKED.get(code, 0, _UNREAD)
     if spans is _UNREAD:
         spans = _PICKED.put(code, 0, loop_spans(code))
     return kind | PICKED if spans is not None and not in_spans(spans, lasti) else kind
+
+
+def _awaits_at(raw: bytes, lasti: int) -> bool:
+    """Whether the instruction that holds byte ``lasti`` of ``raw`` (a code's co_code) is one a
+    frame stands at while the coroutine it awaits runs."""
+    while 0 < lasti < len(raw) and raw[lasti] == _CACHE:
+        lasti -= 2
+    if not 0 <= lasti < len(raw) - 1:
+        return False
+    # RESUME's low two bits say after what it resumes: 0 is the function's start
+    return raw[lasti] in _STEPS_AWAITED or (raw[lasti] == _RESUME and raw[lasti + 1] & 3 != 0)
+
+
+def awaited(frame: FrameType, site: FrameType) -> bool:
+    """Whether each coroutine from ``frame`` up to ``site`` (a frame above it) was stepped by the
+    frame above it awaiting it. One stepped by anything else (the event loop, or ``send`` by
+    hand) is its own caller: an eager task's first step runs inside ``create_task`` and its
+    later steps in the event loop, so which frame stepped it to the call is timing, and ranks
+    would name different callers for one call."""
+    at: Optional[FrameType] = frame
+    while at is not None and at is not site:
+        back = at.f_back
+        if at.f_code.co_flags & _ASYNC and (
+                back is None or not role_site(back.f_code, back.f_lasti) & AWAITS):
+            return False
+        at = back
+    return True
 
 
 def made_for_caller(kind: int, rooted: bool) -> bool:
@@ -111,7 +149,7 @@ def callers_of(frame: Optional[FrameType], rooted: bool = True) -> Tuple[Level, 
         site, via = site_from(frame.f_back)
         while site is not None and site.f_code is frame.f_code:
             site, via = site_from(site.f_back)  # a function's calls of itself are one level
-        if site is None:
+        if site is None or not awaited(frame, site):
             break
         levels.append((site.f_code, site.f_lasti, via))
         frame = site
