@@ -19,6 +19,8 @@ from typedcoll import compat
 from typedcoll.core import fast
 from typedcoll.testing import observe, run
 
+from test_testing_core import errors_by_rank
+
 
 @dataclasses.dataclass
 class Stats:
@@ -31,14 +33,6 @@ def line_of(text: str) -> int:
         if text in line and "line_of" not in line:
             return number
     raise AssertionError(text)
-
-
-def errors_by_rank(group: BaseException) -> dict:
-    out = {}
-    for e in group.exceptions:
-        rank = int("".join(e.__notes__).split("(rank ")[1].split(" ")[0])
-        out[rank] = e
-    return out
 
 
 def copy(value):

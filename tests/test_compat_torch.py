@@ -27,6 +27,7 @@ from typedcoll import compat
 from typedcoll.testing import run
 
 from test_compat_mpi4py import assert_every_rank_lists_rank_1s_note
+from test_testing_core import errors_by_rank
 
 HERE = Path(__file__).resolve()
 SEED = int(os.environ.get("TYPEDCOLL_SEED", random.randrange(2 ** 31)))
@@ -446,11 +447,6 @@ def test_matches_torch_collectives_on_gloo(tmp_path, size):
 
 
 # --- the drop-in's own checks, in one process ---------------------------------------------------
-def errors_by_rank(group: BaseException) -> dict:
-    return {int("".join(e.__notes__).split("(rank ")[1].split(" ")[0]): e
-            for e in group.exceptions}
-
-
 def test_same_program_under_typedcoll_testing():
     def prog(comm):
         return program(compat.torch(comm), comm.rank, comm.size, random.Random(SEED))

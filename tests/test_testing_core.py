@@ -32,6 +32,8 @@ class Batch(msgspec.Struct):
 
 
 def errors_by_rank(group: BaseException) -> dict:
+    """``typedcoll.testing.run``'s exception group as {rank: that rank's exception}, read from
+    the note each carries."""
     return {int("".join(e.__notes__).split("(rank ")[1].split(" ")[0]): e
             for e in group.exceptions}
 
