@@ -22,7 +22,7 @@ import numpy as np
 from .core import fast, lifecycle, ops, parts
 from .core.args import check_step
 from .core.channel import Channel
-from .core.identity import register_internal
+from .core.plumbing import register_internal
 from .core.protocol import Protocol
 from .codecs import reduce_values
 from .core.wire import NO_STEP, REDUCE_OP_NAMES, REDUCE_OPS

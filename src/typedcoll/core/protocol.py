@@ -57,8 +57,10 @@ from .channel import BUSY_CODE, BUSY_LASTI, Channel, thread_label
 from .errors import CREATE_SEQ, CollectiveError, ConcurrentCallError
 from .mismatch import Note
 from .fresh import on_fresh_stack
-from .identity import call_site, format_site, name_fingerprint, register_internal, \
-    site_fingerprint, user_frame
+from .identity import name_fingerprint, site_fingerprint
+from .plumbing import register_internal
+from .site_walk import call_site, user_frame
+from .sites import format_site
 from .recorder import FlightRecorder, capacity_from_env
 from .wire import (AGREE_SIZE, FLAG_GUESSED, FLAG_LOCAL_ERROR, FLAG_OVERFLOW, FLAG_ROLE,
                    FLAG_SPLIT_ARRAY, FLAG_WILD_SCHEMA, GATHER, HEADER, HEADER_SIZE, MAGIC,

@@ -64,7 +64,7 @@ import numpy as np
 from mpi4py import MPI
 
 from ..core.channel import Channel
-from ..core.identity import register_internal
+from ..core.plumbing import register_internal
 from ..core.transport import TransportTimeout, displacements
 from ..core.wire import (AGREE_SIZE, FLAG_OVERFLOW, FLAGS_OFFSET, GATHER, HEADER_SIZE,
                          LENGTH_OFFSET, MAX_SLOT, fold, force_disagreement, or_into, own_block)
