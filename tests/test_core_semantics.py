@@ -130,7 +130,7 @@ def test_files_of_one_basename_in_two_packages_are_two_sites(tmp_path, monkeypat
 
 
 def test_sites_name_files_by_module_not_by_path(tmp_path, monkeypatch):
-    from typedcoll.core import identity
+    from typedcoll.core import sites
     from typedcoll.core.identity import source_name
     a, _ = two_packages(tmp_path, monkeypatch)
     assert source_name(a.__file__) == "typedcoll_t_a/utils.py"
@@ -141,7 +141,7 @@ def test_sites_name_files_by_module_not_by_path(tmp_path, monkeypatch):
     import importlib
     twice = importlib.import_module("utils")
     assert twice.__file__ == sys.modules["typedcoll_t_b.utils"].__file__
-    assert identity._name_of_source(twice.__file__) == "typedcoll_t_b/utils.py"
+    assert sites._name_of_source(twice.__file__) == "typedcoll_t_b/utils.py"
     monkeypatch.delitem(sys.modules, "utils")
     assert source_name("<string>") == "<string>"
     # A lazy module is not asked for attributes it lacks (its __getattr__ may import or raise).
@@ -152,7 +152,7 @@ def test_sites_name_files_by_module_not_by_path(tmp_path, monkeypatch):
             raise RuntimeError(f"lazy import of {name}")
 
     monkeypatch.setitem(sys.modules, "typedcoll_t_lazy", Lazy("typedcoll_t_lazy"))
-    assert identity._name_of_source(str(tmp_path / "lazy.py")) == "lazy.py"
+    assert sites._name_of_source(str(tmp_path / "lazy.py")) == "lazy.py"
 
 
 def extra_call(comm: tc.TypedComm) -> List[Any]:

@@ -19,6 +19,7 @@ LAYERS = [
     {"core"},
     {"transports"},
     {"tensor", "diagnostics"},
+    {"_comm_tensors", "_comm_p2p"},  # TypedComm's bases
     {"_comm", "_version"},
     {"executor", "compat", "testing"},
     {"demo"},

@@ -28,7 +28,7 @@ from ._comm import TypedComm
 from ._version import __version__
 from .core.errors import (CollectiveError, CollectiveTimeout, ConcurrentCallError, DecodeError,
                           DesyncError, EncodeError, PeerError)
-from .core.identity import transparent
+from .core.plumbing import transparent
 from .core.mismatch import EnvelopeInfo, Group, MismatchKind, Note
 
 __all__ = [

@@ -10,6 +10,9 @@ to ``core.ops`` or ``core.parts`` with its answer (``out=``): naming the call si
 object of every frame between the caller and the C code, so each layer in between costs every
 call (docs/bench.md has the figures). That is also why the rooted ones repeat the same few
 lines rather than share a helper around the C call.
+
+The tensor collectives and the point-to-point methods are TypedComm's bases, each written in
+a module of its own (``_comm_tensors.py``, ``_comm_p2p.py``).
 """
 
 from __future__ import annotations
@@ -22,17 +25,19 @@ import numpy as np
 from .core import fast, lifecycle, ops, parts
 from .core.args import check_step
 from .core.channel import Channel
-from .core.identity import register_internal
+from .core.plumbing import register_internal
 from .core.protocol import Protocol
 from .codecs import reduce_values
 from .core.wire import NO_STEP, REDUCE_OP_NAMES, REDUCE_OPS
+from ._comm_p2p import PointToPoint
+from ._comm_tensors import TensorCollectives
 
 T = TypeVar("T")
 _C = fast.entries()  # the C path's entry points (None without the extension)
 _NDARRAY = np.ndarray
 
 
-class TypedComm:
+class TypedComm(TensorCollectives, PointToPoint):
     """Typed, self-checking collectives over an mpi4py intracommunicator (or torch.distributed).
 
     Every collective carries an envelope that every rank checks: which call it is (its
@@ -303,106 +308,6 @@ class TypedComm:
     def abort(self, code: int = 1) -> None:
         """End every rank of the job now (after a CollectiveTimeout, say)."""
         self._p.transport.abort(code)
-
-    # --- tensor collectives (torch backend) ------------------------------------------------
-    def all_gather_tensor(self, tensor: Any, *, name: Optional[str] = None,
-                          step: Optional[int] = None) -> Any:
-        """Checked all-gather of ``tensor`` along dim 0 (torch backend)."""
-        from .tensor import ops as tensor_ops
-        return tensor_ops.all_gather_tensor(self._p, tensor, name, step)
-
-    def all_reduce_tensor(self, tensor: Any, op: str = "sum", *, name: Optional[str] = None,
-                          step: Optional[int] = None) -> Any:
-        """Checked all-reduce of ``tensor`` (torch backend)."""
-        from .tensor import ops as tensor_ops
-        return tensor_ops.all_reduce_tensor(self._p, tensor, op, name, step)
-
-    def broadcast_tensor(self, tensor: Any, root: int = 0, *, name: Optional[str] = None,
-                         step: Optional[int] = None) -> Any:
-        """Checked broadcast of ``root``'s ``tensor`` (torch backend)."""
-        from .tensor import ops as tensor_ops
-        return tensor_ops.broadcast_tensor(self._p, tensor, root, name, step)
-
-    def reduce_scatter_tensor(self, tensor: Any, op: str = "sum", *,
-                              name: Optional[str] = None, step: Optional[int] = None) -> Any:
-        """Checked reduce-scatter of ``tensor`` along dim 0 (torch backend)."""
-        from .tensor import ops as tensor_ops
-        return tensor_ops.reduce_scatter_tensor(self._p, tensor, op, name, step)
-
-    def all_to_all_tensor(self, tensor: Any, *, send_counts: Optional[Sequence[int]] = None,
-                          receive_counts: Optional[Sequence[int]] = None,
-                          name: Optional[str] = None, step: Optional[int] = None) -> Any:
-        """Checked all-to-all of ``tensor`` (torch backend). Without counts, block j of dim 0
-        (``size`` equal blocks) goes to rank j, and the new tensor returned holds rank j's block
-        for this rank as its block j. With ``send_counts`` and ``receive_counts`` (rows of dim 0
-        to and from each rank; one of them alone: equal blocks the other way), it holds
-        ``sum(receive_counts)`` rows, rank j's in rank order; every rank's counts are checked
-        against its peers' first (one more checked call, which a CUDA tensor always takes)."""
-        from .tensor import ops as tensor_ops
-        return tensor_ops.all_to_all_any(self._p, tensor, send_counts, receive_counts, name,
-                                         step)
-
-    def reduce_tensor(self, tensor: Any, op: str = "sum", root: int = 0, *,
-                      name: Optional[str] = None, step: Optional[int] = None) -> Any:
-        """Checked reduce of ``tensor`` into ``root``'s, in place (torch backend)."""
-        from .tensor import ops as tensor_ops
-        return tensor_ops.reduce_tensor(self._p, tensor, op, root, name, step)
-
-    def gather_tensor(self, tensor: Any, root: int = 0, *, name: Optional[str] = None,
-                      step: Optional[int] = None) -> Any:
-        """Checked gather along dim 0 on ``root``, None elsewhere (torch backend)."""
-        from .tensor import ops as tensor_ops
-        return tensor_ops.gather_tensor(self._p, tensor, root, name, step)
-
-    def scatter_tensor(self, tensor: Any, parts: Any = None, root: int = 0, *,
-                       name: Optional[str] = None, step: Optional[int] = None) -> Any:
-        """Checked scatter: ``tensor`` gets block ``rank`` of ``root``'s ``parts`` (shape
-        ``(size,) + tensor.shape``), in place (torch backend)."""
-        from .tensor import ops as tensor_ops
-        return tensor_ops.scatter_tensor(self._p, tensor, parts, root, name, step)
-
-    def synchronize(self) -> None:
-        """Verify every deferred tensor check now (torch/NCCL backend); no-op elsewhere."""
-        from .tensor import ops as tensor_ops
-        tensor_ops.synchronize(self._p)
-
-    # --- point to point (core/p2p.py) ---
-    def send(self, value: Any, dest: int, tag: int = 0, *, schema: Any = None,
-             name: Optional[str] = None) -> None:
-        """Send ``value`` to rank ``dest``: one message, its envelope (schema, call identity,
-        its number among this rank's messages to ``dest`` with ``tag``) before the payload."""
-        from .core import p2p
-        p2p.send(self._p, value, dest, tag, schema, name)
-
-    def recv(self, source: Optional[int], tag: Optional[int] = 0, *, schema: Any = None,
-             name: Optional[str] = None) -> Any:
-        """The next message from ``source`` with ``tag`` (None: any rank, any tag), checked
-        against its envelope; without ``schema``, decoded as the sender's class. The
-        communicator's ``timeout`` bounds the wait."""
-        from .core import p2p
-        return p2p.recv(self._p, source, tag, schema, name)
-
-    def isend(self, value: Any, dest: int, tag: int = 0, *, schema: Any = None,
-              name: Optional[str] = None) -> Any:
-        """Start :meth:`send`; the request's ``wait()`` completes it."""
-        from .core import p2p
-        return p2p.isend(self._p, value, dest, tag, schema, name)
-
-    def irecv(self, source: Optional[int], tag: Optional[int] = 0, *, schema: Any = None,
-              name: Optional[str] = None) -> Any:
-        """Post :meth:`recv` now (messages are matched in posting order); the request's
-        ``wait()`` returns the value, ``test()`` gives ``(done, value or None)``."""
-        from .core import p2p
-        return p2p.irecv(self._p, source, tag, schema, name)
-
-    def sendrecv(self, value: Any, dest: int, source: Optional[int], sendtag: int = 0,
-                 recvtag: Optional[int] = 0, *, schema: Any = None, recv_schema: Any = None,
-                 name: Optional[str] = None) -> Any:
-        """Send ``value`` to ``dest`` and receive from ``source`` without deadlocking on a
-        pair that does the same: the receive is posted before the send starts."""
-        from .core import p2p
-        return p2p.sendrecv(self._p, value, dest, source, sendtag, recvtag, schema,
-                            recv_schema, name)
 
 
 def _created(channel: Channel, timeout: Any, name: Optional[str]) -> Protocol:

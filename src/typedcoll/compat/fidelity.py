@@ -26,7 +26,7 @@ from typing import Any, Optional
 import msgspec
 import numpy as np
 
-from ..core.identity import register_internal
+from ..core.plumbing import register_internal
 
 _MAX_DEPTH = 64  # beyond the drop-ins' own nesting limit: never reached on a value they send
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from msgspec.msgpack import Ext
 
-from ..core.identity import register_internal
+from ..core.plumbing import register_internal
 
 # Extension codes. Containers are lists whose first item is an empty marker; leaves carry data.
 ROOT, TUPLE, SET, FROZENSET, DICT, CLASS, EXT, NAMED_TUPLE = 16, 17, 18, 19, 20, 21, 22, 23

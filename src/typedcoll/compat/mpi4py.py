@@ -23,7 +23,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 from .._comm import TypedComm
 from ..core import p2p
 from ..core.errors import DecodeError
-from ..core.identity import register_internal
+from ..core.plumbing import register_internal
 from . import objects
 from . import values as tagged
 from .values import Refused, Unresolved

@@ -30,7 +30,9 @@ from ..codecs.reduce import nan_max, nan_min
 from ..core import fast, ops, parts, payloads
 from ..core.args import check_reduce_op, check_root, first_error
 from ..core.errors import CollectiveError, DecodeError
-from ..core.identity import format_site, register_internal, user_frame
+from ..core.plumbing import register_internal
+from ..core.site_walk import user_frame
+from ..core.sites import format_site
 from ..core.protocol import Protocol
 from ..core.verdict import heading
 from ..core.wire import GATHER, HEADER_SIZE, NO_ROOT, REDUCE, REDUCE_OP_NAMES

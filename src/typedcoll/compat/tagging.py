@@ -18,7 +18,7 @@ from ..codecs.nesting import MAX_NESTING
 from ..codecs.culprit import locate
 from ..codecs.schema import ENCODER, class_path
 from ..core.fresh import on_fresh_stack
-from ..core.identity import register_internal
+from ..core.plumbing import register_internal
 from .fidelity import why_not
 from .markers import (ARRAY, BIG_INT, BYTEARRAY, CLASS, COMPLEX, COMPLEX_PAIR, DICT, EXT,
                       FROZENSET, HAS_CLASSES, NAMED_TUPLE, NODES, NUMPY_SCALAR, ROOT, SET,

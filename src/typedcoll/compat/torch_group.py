@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, List, Optional, Tuple
 
 from .._comm import TypedComm
-from ..core.identity import register_internal
+from ..core.plumbing import register_internal
 from ..core.protocol import Protocol
 
 

@@ -17,7 +17,7 @@ import msgspec
 
 from ..core import p2p
 from ..core.errors import DesyncError
-from ..core.identity import register_internal
+from ..core.plumbing import register_internal
 from ..core.mismatch import MismatchKind
 from ..core.protocol import Protocol
 from .torch_group import GroupBinding, raise_if

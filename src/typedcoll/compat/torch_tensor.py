@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, List, Optional, Tuple
 
-from ..core.identity import register_internal
+from ..core.plumbing import register_internal
 from .torch_group import GroupBinding
 
 

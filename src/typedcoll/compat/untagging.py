@@ -13,7 +13,7 @@ from msgspec.msgpack import Ext
 from ..codecs import decode_array, find_class, nesting_ok, resolve
 from ..codecs.nesting import MAX_NESTING
 from ..core.fresh import on_fresh_stack
-from ..core.identity import register_internal
+from ..core.plumbing import register_internal
 from ..core.verdict import decode_any
 from .markers import (ARRAY, BIG_INT, BYTEARRAY, CLASS, COMPLEX, COMPLEX_PAIR, DICT, EXT,
                       FROZENSET, NAMED_TUPLE, NODES, NUMPY_SCALAR, ROOT, SET, SIZE_ITEM,

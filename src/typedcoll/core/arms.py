@@ -55,7 +55,8 @@ import tokenize
 from types import CodeType
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
-from .identity import CodeTable, Position, position_of, register_internal, source_name
+from .plumbing import register_internal
+from .sites import CodeTable, Position, position_of, source_name
 from .mismatch import Branch
 from .role_test import tests_a_role
 

@@ -35,7 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from ..codecs.array import array_data, array_fingerprint, array_prefix, read_prefix
-from .identity import register_internal
+from .plumbing import register_internal
 from .wire import MAX_PAYLOAD
 
 Decoder = Callable[[bytes, Any, int], Optional[List[np.ndarray]]]

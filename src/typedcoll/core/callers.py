@@ -22,7 +22,7 @@ its price is a thin wrapper's (one helper reached from two lines for one collect
 calls). A function with a loop (a worker's or a driver's) carries none: its lines are its own.
 
   1. ``callers_of``: the call site of the function that holds the role branch, found as the
-     call's own site is (``identity.site_from`` from that function's caller: plumbing,
+     call's own site is (``site_walk.site_from`` from that function's caller: plumbing,
      transparent functions and thin wrappers passed over; a function's calls of itself are
      one level, so ranks that recurse to different depths meet). A coroutine is its caller's
      callee only while that caller awaits it (``awaited``): one stepped by the event loop, or
@@ -54,8 +54,10 @@ from typing import Dict, List, Optional, Tuple
 
 from ..codecs.digest import digest8
 from .arms import branch_of
-from .identity import (CodeTable, Via, column_of, format_site, register_internal,
-                       site_fingerprint, site_from, via_name)
+from .identity import site_fingerprint
+from .plumbing import register_internal
+from .site_walk import Via, site_from, via_name
+from .sites import CodeTable, column_of, format_site
 from .mismatch import TOO_DEEP_SITE, Caller
 from .loops import in_spans, loop_spans
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import List, Sequence
 
-from .identity import NO_COLUMNS
+from .sites import NO_COLUMNS
 from .mismatch import Group, MismatchKind, compact_ranks, format_decisions, format_groups
 
 # Ops whose callers choose the schema (schema=), and reductions, which take the value's type.

@@ -35,8 +35,9 @@ from ..codecs import nesting, resolve
 from ..codecs.nesting import MAX_NESTING
 from ..codecs.schema import _BY_ID, _CACHE
 from .call import Call
-from .identity import (CHAIN_MAX, SKIP_CODES, SKIP_FILES, forwarding, name_fingerprint,
-                       register_internal, site_fingerprint, thin_chain)
+from .identity import name_fingerprint, site_fingerprint
+from .plumbing import SKIP_CODES, SKIP_FILES, register_internal
+from .site_walk import CHAIN_MAX, forwarding, thin_chain
 from . import array_slots, callers, guesses, recorder, wire
 from .transport import TransportFailure
 
@@ -65,8 +66,8 @@ _CONSTANTS = {
     "GATHER": wire.GATHER,
     "MAX_NESTING": MAX_NESTING, "ENTRY_SIZE": recorder.ENTRY.size,
     "OBJECTS_PER_ENTRY": recorder.OBJECTS_PER_ENTRY,
-    "FORWARDING_FORM": 3,  # identity.forwarding: True, False, offsets, or a decorator's 1-tuple
-    "CHAIN_MAX": CHAIN_MAX,  # thin wrappers a call's via keeps (identity.site_from)
+    "FORWARDING_FORM": 3,  # site_walk.forwarding: True, False, offsets, or a decorator's 1-tuple
+    "CHAIN_MAX": CHAIN_MAX,  # thin wrappers a call's via keeps (site_walk.site_from)
 }
 
 

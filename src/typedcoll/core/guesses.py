@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Optional
 from ..codecs import SchemaInfo
 from . import roles
 from .call import Call
-from .identity import register_internal
+from .plumbing import register_internal
 from .wire import (FLAG_GUESSED, FLAG_ROLE, FLAG_WILD_SCHEMA, FLAGS_OFFSET, SCHEMA_OFFSET, agreed,
                    block_flags)
 

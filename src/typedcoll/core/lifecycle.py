@@ -21,7 +21,8 @@ from .call import MODE_EMPTY, MODE_MSG, Call
 from .channel import Channel
 from .desync import desync_message
 from .errors import CREATE_SEQ, DesyncError
-from .identity import COLUMNS, NO_COLUMNS, register_internal
+from .plumbing import register_internal
+from .sites import COLUMNS, NO_COLUMNS
 from .mismatch import MismatchKind, group_envelopes
 from .ops import _common, run
 from .payloads import gathered
@@ -29,7 +30,7 @@ from .protocol import Protocol
 from .verdict import describe_call, where
 from .wire import GATHER, REDUCE
 
-# (timeout given, its seconds, the interpreter compiles column positions: identity.COLUMNS)
+# (timeout given, its seconds, the interpreter compiles column positions: sites.COLUMNS)
 _SETTINGS = resolve(Tuple[bool, float, bool])
 _SPLIT = resolve(Tuple[int, int])
 _settings_decoder = msgspec.msgpack.Decoder(Tuple[bool, float, bool])

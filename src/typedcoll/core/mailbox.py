@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, List, Optional
 import msgspec
 
 from .errors import CollectiveError
-from .identity import register_internal
+from .plumbing import register_internal
 from .mismatch import comm_name
 from .transport import TransportTimeout, failure_of
 

@@ -13,7 +13,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import msgspec
 
-from .identity import format_column, ordinal
+from .identity import ordinal
+from .sites import format_column
 from .wire import REDUCING_OPS, ROOTED_OPS
 
 

@@ -21,7 +21,8 @@ from .args import (check_reduce_op, check_root, check_step, first_error, payload
                    schema_of)
 from .call import MODE_ARRAY, MODE_EMPTY, Call
 from .errors import DecodeError
-from .identity import check_name, register_internal
+from .identity import check_name
+from .plumbing import register_internal
 from .protocol import Protocol
 from .wire import (FLAG_OVERFLOW, FLAG_WILD_SCHEMA, GATHER, NO_ROOT, REDUCE, REDUCE_OP_NAMES,
                    block_flags)

@@ -39,7 +39,8 @@ from ..codecs.culprit import encode_failure
 from ..codecs.schema import ENCODER
 from .args import check_dest, payload_mode, schema_of
 from .errors import CollectiveError, CollectiveTimeout, EncodeError
-from .identity import check_name, register_internal
+from .identity import check_name
+from .plumbing import register_internal
 from .mailbox import (ENVELOPE_ENCODER, LENGTH_PREFIX, TRANSPORT_TAG, Envelope, Message, head_text,
                       mailbox_of)
 from .mismatch import comm_name, label

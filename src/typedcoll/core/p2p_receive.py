@@ -12,8 +12,10 @@ from ..codecs import (KIND_MSGSPEC, KIND_NUMPY_SCALAR, SchemaInfo, decode_array,
                       nesting_ok, resolve)
 from ..codecs.nesting import MAX_NESTING
 from .errors import CollectiveTimeout, DecodeError, DesyncError, PeerError
-from .identity import call_site, format_site, name_fingerprint, register_internal, \
-    site_fingerprint, via_name
+from .identity import name_fingerprint, site_fingerprint
+from .plumbing import register_internal
+from .site_walk import call_site, via_name
+from .sites import format_site
 from .mailbox import Envelope, head_text
 from .mismatch import EnvelopeInfo, Group, MismatchKind, format_groups, label, numbering, \
     comm_name

@@ -34,7 +34,7 @@ from ..codecs import SchemaInfo, array_fingerprint, check_operands, reduce_value
 from . import fast, payloads, verdict
 from .args import check_reduce_op, check_root, first_error, payload_mode, schema_of
 from .call import MODE_BYTES, MODE_EMPTY, MODE_MSG, Call
-from .identity import register_internal
+from .plumbing import register_internal
 from .ops import _ZEROS, GATHER_DIRECT_MAX, _common, _from_root, run_after_fast
 from .protocol import Protocol
 from .transport import TransportTimeout

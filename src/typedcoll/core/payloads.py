@@ -26,7 +26,7 @@ from . import array_slots, verdict
 from .verdict import where
 from .call import Call
 from .errors import DecodeError
-from .identity import register_internal
+from .plumbing import register_internal
 from .wire import (FLAG_OVERFLOW, FLAG_SPLIT_ARRAY, FLAGS_OFFSET, HEADER_SIZE, LENGTH_OFFSET,
                    SCHEMA_OFFSET, block_flags, block_length)
 

@@ -6,9 +6,10 @@ Every typed collective, whatever its kind, runs these steps (``ops`` holds each 
      entered while another thread is inside a collective on the same channel (nothing was sent:
      no peer is waiting for this call). Take the next sequence number and find the call's
      identity: its ``name=``, else its call site.
-  2. Encode. This rank's contribution becomes its payload; any failure (a bad argument, a value
-     msgspec cannot encode or that fails the schema) becomes an error text instead, flagged in
-     the header. A rank never raises before step 3: its peers would wait for it.
+  2. Encode (``encode_step``, a base of ``Protocol``). This rank's contribution becomes its
+     payload; any failure (a bad argument, a value msgspec cannot encode or that fails the
+     schema) becomes an error text instead, flagged in the header. A rank never raises
+     before step 3: its peers would wait for it.
   3. Exchange (``transport.exchange``; one backend operation of one of two shapes). Each rank
      writes its slot: the 64-byte header (``wire``) and, when it fits, its payload. GATHER gives
      every rank every slot (allgather, allreduce, flush, split); REDUCE gives every rank the OR
@@ -42,27 +43,27 @@ import weakref
 from types import FrameType
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from ..codecs import ENCODER, KIND_MSGSPEC, SchemaInfo, encode_array, nesting_ok
-from ..codecs.array import encode_array_split
-from ..codecs.nesting import MAX_NESTING
+from ..codecs import SchemaInfo
 from . import callers, guesses, roles, verdict
 # The creation exchange is the first traffic on a new backend group, which may still be
 # connecting its ranks (gloo does so lazily, slowly on a loaded host): it waits at least
 # CREATION_MIN_TIMEOUT whatever the communicator's timeout, so a tight timeout bounds
 # collectives, not start-up.
 from .verdict import CREATION_MIN_TIMEOUT
-from .call import MODE_ARRAY, MODE_BYTES, MODE_EMPTY, Call
+from .call import MODE_EMPTY, Call
 from .callers import callers_of
 from .channel import BUSY_CODE, BUSY_LASTI, Channel, thread_label
 from .errors import CREATE_SEQ, CollectiveError, ConcurrentCallError
 from .mismatch import Note
-from .fresh import on_fresh_stack
-from .identity import call_site, format_site, name_fingerprint, register_internal, \
-    site_fingerprint, user_frame
+from .encode_step import EncodeStep
+from .identity import name_fingerprint, site_fingerprint
+from .plumbing import register_internal
+from .site_walk import call_site, user_frame
+from .sites import format_site
 from .recorder import FlightRecorder, capacity_from_env
 from .wire import (AGREE_SIZE, FLAG_GUESSED, FLAG_LOCAL_ERROR, FLAG_OVERFLOW, FLAG_ROLE,
-                   FLAG_SPLIT_ARRAY, FLAG_WILD_SCHEMA, GATHER, HEADER, HEADER_SIZE, MAGIC,
-                   MAX_PAYLOAD, NATIVE_LITTLE, NO_ROOT, NO_STEP, OPS, REDUCE, SlotPolicy, agreed,
+                   FLAG_SPLIT_ARRAY, FLAG_WILD_SCHEMA, HEADER, HEADER_SIZE, MAGIC,
+                   NATIVE_LITTLE, NO_ROOT, NO_STEP, OPS, REDUCE, SlotPolicy, agreed,
                    block_flags, block_length, instances_differ, slot_log2)
 from .transport import TransportTimeout
 
@@ -77,12 +78,11 @@ NEW_PROTOCOL_HOOKS: List[Callable[["Protocol"], None]] = []
 # Every live protocol, for dumps on signals and at exit.
 LIVE: "weakref.WeakSet[Protocol]" = weakref.WeakSet()
 
-_encode = ENCODER.encode
 _pack = HEADER.pack_into
 _get_ident = threading.get_ident
 
 
-class Protocol:
+class Protocol(EncodeStep):
     """One communicator's protocol state: sequence, step clock, slot buffers, flight recorder."""
 
     __slots__ = ("channel", "transport", "rank", "size", "name", "instance", "timeout", "seq",
@@ -292,42 +292,6 @@ class Protocol:
             call.error = error
             verdict.disagreement(self, call, receiving=True)
 
-    def encode(self, call: Call) -> Tuple[bytes, Optional[str]]:
-        """(payload, None) or (b"", error text): a failure to encode never raises here."""
-        value = call.value
-        if call.mode == MODE_BYTES:  # packed parts, encoded and checked by the op already
-            return value, None
-        try:
-            if call.mode == MODE_ARRAY:
-                if call.shape == GATHER and MAX_PAYLOAD >= value.nbytes > self.slot - HEADER_SIZE:
-                    # Past the slot anyway: its dtype and shape ride inline and phase 2 sends
-                    # the array's own memory, received into one buffer and decoded as views.
-                    call.split = encode_array_split(value)
-                    return call.split[0], None
-                payload = encode_array(value)
-            else:
-                try:
-                    payload = _encode(value)
-                except RecursionError:  # deep in this rank's stack, not in the value
-                    payload = on_fresh_stack(_encode, value)
-                if (len(payload) > MAX_NESTING and call.info is not None
-                        and call.info.needs_nesting_scan and not nesting_ok(payload)):
-                    return b"", (f"ValueError: expected a value nested at most {MAX_NESTING} "
-                                 f"deep, got one nested deeper")
-                info = call.info
-                if call.validate and info is not None and info.kind == KIND_MSGSPEC:
-                    # Only a root decodes this payload: check it here, so a bad value fails on
-                    # every rank in this call, not only on the root.
-                    verdict.decode_any(info, payload)
-        except Exception as exc:  # any failure to encode becomes this rank's flagged error
-            return b"", verdict.error_text(exc, call)
-        if call.op in PATH_OPS and call.info is not None:
-            payload = call.info.path_prefix + payload
-        if len(payload) > MAX_PAYLOAD:
-            return b"", (f"ValueError: expected a payload of at most {MAX_PAYLOAD} bytes, "
-                         f"got {len(payload)}")
-        return payload, None
-
     def write(self, call: Call, payload: bytes, flags: int, opcode: int = 0) -> None:
         """This rank's slot: header, and the payload inline when it fits and the op wants it
         there (else it waits in ``call.overflow`` for phase 2)."""
@@ -403,10 +367,6 @@ class Protocol:
                     hook(self, exc)
                 except Exception:  # diagnostics never raise into user code
                     pass
-
-
-# Ops whose receivers may name no schema: the root's payload starts with its class's path.
-PATH_OPS = frozenset({"bcast", "scatter"})
 
 
 register_internal(__file__)

@@ -22,7 +22,8 @@ import msgspec
 
 from .arms import branch_of
 from .callers import describe as describe_callers
-from .identity import column_of, format_site, via_name
+from .site_walk import via_name
+from .sites import column_of, format_site
 from .mismatch import Branch, Caller
 from .wire import NO_STEP, OPS, ROOTED_OPS, op_name
 

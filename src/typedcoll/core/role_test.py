@@ -27,7 +27,7 @@ import ast
 import re
 from typing import Optional
 
-from .identity import register_internal
+from .plumbing import register_internal
 
 # The last word of a name that holds a rank's role.
 ROLE_WORDS = frozenset({"rank", "root", "src", "source", "dst", "dest", "leader", "driver",

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 from ..codecs.digest import digest8
 from .call import Call
-from .identity import register_internal
+from .plumbing import register_internal
 from .mismatch import EnvelopeInfo, levels, split_levels
 from .wire import FLAG_ROLE, FLAGS_OFFSET, IDENTITY_OFFSET, NO_ROOT
 

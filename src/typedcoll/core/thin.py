@@ -1,4 +1,4 @@
-"""Whether a function is a thin wrapper, read from its bytecode (``identity.is_forwarder``).
+"""Whether a function is a thin wrapper, read from its bytecode (``site_walk.is_forwarder``).
 
 A thin wrapper's calls, when it makes any, run together: every execution makes all of them or
 none, and they sit on one line. Branches before them are guards (``if self.world_size == 1:
@@ -135,7 +135,7 @@ def hand_on_calls(code: CodeType) -> Tuple[FrozenSet[int], bool]:
     ``wrapper(*args, **kwargs)`` calling ``func(*args, **kwargs)``): what such a frame runs is
     the function it wraps, whose own frame is the next one a call passes, and its line is the
     same for every function it wraps. So a call's identity leaves it out of the wrappers passed
-    (``identity.site_from``): a timer or a tracer applied on one rank alone would else part that
+    (``site_walk.site_from``): a timer or a tracer applied on one rank alone would else part that
     rank's calls from its peers'."""
     if not code.co_flags & _VARARGS or not a_plain_function(code, nested_allowed=True,
                                                              suspends_allowed=COROUTINE):

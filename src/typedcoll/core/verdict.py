@@ -28,7 +28,9 @@ from . import roles
 from .arms import branch_of
 from .callers import describe as describe_callers
 from .desync import desync_message
-from .identity import column_of, format_site, register_internal, via_name
+from .plumbing import register_internal
+from .site_walk import via_name
+from .sites import column_of, format_site
 from .mismatch import (EnvelopeInfo, Group, MismatchKind, compact_ranks, differing_notes,
                        group_envelopes, label, mismatch_kinds, numbering, place, role_split)
 from .wire import (AGREE_SIZE, FLAG_LOCAL_ERROR, FLAGS_OFFSET, HEADER_SIZE, IDENTITY_OFFSET,

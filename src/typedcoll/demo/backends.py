@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import msgspec
 
 from .._comm import TypedComm
-from ..core.identity import register_internal
+from ..core.plumbing import register_internal
 from ..executor import SymmetricFlush
 from ..executor import messages as m
 from ..executor.messages import IterStats, KvStatus, TimeoutFlag

@@ -25,7 +25,7 @@ from mpi4py import MPI
 from .._comm import TypedComm
 from ..core.errors import DesyncError
 from ..core.transport import TransportTimeout
-from ..transports.mpi import wait_all
+from ..transports.mpi_waits import wait_all
 from .backends import ConservationError, RawBackend, Watchdog, typed_backend
 from .model import ExecutorModel
 from .plan import FaultPlan

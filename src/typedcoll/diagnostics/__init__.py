@@ -21,7 +21,7 @@ import threading
 from typing import List, Tuple
 
 from ..core.channel import CLOSE_HOOKS, Channel
-from ..core.identity import register_internal
+from ..core.plumbing import register_internal
 from ..core.protocol import ERROR_HOOKS, LIVE, NEW_PROTOCOL_HOOKS, Protocol
 from . import dumps, hang, log, side, state, watcher
 from .dumps import dump_traces

@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import msgspec
 
-from ..core.identity import register_internal
+from ..core.plumbing import register_internal
 from ..core.desync import desync_message
 from ..core.mismatch import (EnvelopeInfo, Group, MismatchKind, Note, compact_ranks, describe,
                              differing_notes, format_groups, group_envelopes, mismatch_kinds,

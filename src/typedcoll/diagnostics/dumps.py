@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Optional
 import msgspec
 
 from ..core.errors import CollectiveError, CollectiveTimeout
-from ..core.identity import register_internal
+from ..core.plumbing import register_internal
 from ..core.protocol import Protocol
 from ..core.wire import NO_STEP
 from . import hang, log, state, watcher

@@ -26,7 +26,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..core.call import Call
 from ..core.channel import Channel
-from ..core.identity import register_internal
+from ..core.plumbing import register_internal
 from ..core.mismatch import (EnvelopeInfo, Group, MismatchKind, compact_ranks, describe,
                              format_decisions)
 from ..core.protocol import Protocol

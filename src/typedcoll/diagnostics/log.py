@@ -29,7 +29,7 @@ from typing import Any, Dict, Optional
 
 import msgspec
 
-from ..core.identity import register_internal
+from ..core.plumbing import register_internal
 from ..core.protocol import Protocol
 from . import state
 

@@ -16,7 +16,7 @@ from typing import List, Optional
 
 import msgspec
 
-from ..core.identity import register_internal
+from ..core.plumbing import register_internal
 from ..core.mismatch import Note
 from ..core.recorder import RecordEntry
 

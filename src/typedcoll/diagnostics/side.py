@@ -38,7 +38,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import msgspec
 
 from ..core.channel import Channel
-from ..core.identity import register_internal
+from ..core.plumbing import register_internal
 from .model import RankStatus
 
 QUERY_TAG = 0x7D51

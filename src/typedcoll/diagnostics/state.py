@@ -30,7 +30,8 @@ from types import CodeType, FrameType, TracebackType
 from typing import Any, Dict, Hashable, List, Optional, Tuple
 
 from ..core.channel import Channel
-from ..core.identity import SKIP_CODES, SKIP_FILES, register_internal, source_name
+from ..core.plumbing import SKIP_CODES, SKIP_FILES, register_internal
+from ..core.sites import source_name
 from ..core.protocol import LIVE, Protocol
 from ..core.wire import NO_STEP
 from .model import CommState, RankStatus, ThreadStack

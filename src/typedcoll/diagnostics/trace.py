@@ -24,7 +24,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import msgspec
 
-from ..core.identity import register_internal
+from ..core.plumbing import register_internal
 from .analysis import Report, analyze, clean, format_report
 from .model import FORMAT, REPORT_FORMAT, REPORT_VERSION, VERSION, Dump, DumpHeader
 

@@ -23,7 +23,7 @@ import weakref
 from typing import Callable, Dict, Optional, Set, Tuple, Union
 
 from ..core.channel import Channel
-from ..core.identity import register_internal
+from ..core.plumbing import register_internal
 from . import side as side_channels
 from .side import Answerer, MPISide, Side
 

@@ -38,7 +38,7 @@ from .. import codecs
 from .._comm import TypedComm
 from ..core import fast, ops
 from ..core.errors import EncodeError
-from ..core.identity import register_internal
+from ..core.plumbing import register_internal
 
 
 _C = fast.entries()  # the C path's entry points (None without the extension)

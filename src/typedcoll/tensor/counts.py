@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import msgspec
 
-from ..core.identity import register_internal
+from ..core.plumbing import register_internal
 from ..core.mismatch import MismatchKind, compact_ranks
 
 

@@ -17,8 +17,9 @@ from torch._C._distributed_c10d import AllgatherOptions
 from ..core import verdict
 from ..codecs.digest import digest8
 from ..core.arms import branch_of
-from ..core.identity import (CodeTable, column_of, format_column, format_site,
-                             register_internal, via_name)
+from ..core.plumbing import register_internal
+from ..core.site_walk import via_name
+from ..core.sites import CodeTable, column_of, format_column, format_site
 from ..core.mismatch import Branch
 from ..core.protocol import Protocol
 from ..core.wire import (CHECKED, FLAG_LOCAL_ERROR, FLAGS_OFFSET, HEADER, HEADER_SIZE, MAGIC,

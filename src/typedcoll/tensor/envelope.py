@@ -20,7 +20,8 @@ from ..codecs.digest import digest8
 from ..core.args import check_root, check_step, first_error
 from ..core.call import MODE_EMPTY, Call
 from ..core.errors import DesyncError
-from ..core.identity import check_name, register_internal
+from ..core.identity import check_name
+from ..core.plumbing import register_internal
 from ..core.desync import desync_message
 from ..core.mismatch import Branch, Caller, EnvelopeInfo, group_envelopes, mismatch_kinds
 from ..core.verdict import heading

@@ -31,7 +31,7 @@ import torch
 from ..core import payloads
 from ..core.call import MODE_BYTES
 from ..core.errors import DecodeError
-from ..core.identity import register_internal
+from ..core.plumbing import register_internal
 from ..core.protocol import Protocol
 from ..core.verdict import where
 from ..core.wire import GATHER

@@ -54,7 +54,9 @@ from ..core import verdict
 from ..core.args import check_root
 from ..core.call import Call
 from ..core.errors import DesyncError
-from ..core.identity import call_site, format_site, register_internal, via_name
+from ..core.plumbing import register_internal
+from ..core.site_walk import call_site, via_name
+from ..core.sites import format_site
 from ..core.mismatch import MismatchKind
 from ..core.protocol import Protocol
 from ..core.transport import TransportTimeout

@@ -26,7 +26,8 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from .._comm import TypedComm, _created
 from ..core.channel import Channel
-from ..core.identity import SKIP_FILES, format_site, register_internal
+from ..core.plumbing import SKIP_FILES, register_internal
+from ..core.sites import format_site
 from ..core.mismatch import compact_ranks
 from ..transports.memory import World
 

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch.distributed import distributed_c10d as c10d
 
 from ..core.errors import CREATE_SEQ, CollectiveTimeout
-from ..core.identity import register_internal
+from ..core.plumbing import register_internal
 from ..core.transport import TransportFailure, TransportTimeout
 from ..core.verdict import CREATION_MIN_TIMEOUT
 

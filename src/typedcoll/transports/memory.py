@@ -18,7 +18,7 @@ from typing import Any, Deque, Dict, List, Optional, Tuple, cast
 import numpy as np
 
 from ..codecs.reduce import reduce_values
-from ..core.identity import register_internal
+from ..core.plumbing import register_internal
 from ..core.transport import TransportTimeout, finish_gathered
 from ..core.wire import MAX_SLOT
 

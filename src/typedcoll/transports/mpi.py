@@ -55,7 +55,6 @@ rank, found by the creation exchange itself) must still meet in the exchange tha
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from typing import Any, List, Optional, Tuple, cast
@@ -64,10 +63,11 @@ import numpy as np
 from mpi4py import MPI
 
 from ..core.channel import Channel
-from ..core.identity import register_internal
+from ..core.plumbing import register_internal
 from ..core.transport import TransportTimeout, displacements
 from ..core.wire import (AGREE_SIZE, FLAG_OVERFLOW, FLAGS_OFFSET, GATHER, HEADER_SIZE,
                          LENGTH_OFFSET, MAX_SLOT, fold, force_disagreement, or_into, own_block)
+from .mpi_waits import _ABANDONED, _Sending, wait_all
 
 EXCHANGE_TAG = 0x7C31  # the collective communicator carries no other point-to-point traffic
 NOTICE_TAG = 0x7C32  # but a rank's notice that it gave up on a call (give_up)
@@ -75,61 +75,12 @@ PREFIX = 8
 _MPI_OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN, "prod": MPI.PROD, "land": MPI.LAND,
             "lor": MPI.LOR, "lxor": MPI.LXOR, "band": MPI.BAND, "bor": MPI.BOR, "bxor": MPI.BXOR}
 
-# Waiting with a deadline: spin on Test first (a call about to complete should not pay a
-# wake-up), then yield the core between tests (ranks that oversubscribe cores need it to make
-# progress), and only after a while sleep with backoff, so a rank waiting for a stuck peer does
-# not burn a core.
-_SPIN_TESTS = 200
-_YIELD_SECONDS = 0.05
-_MAX_SLEEP = 0.002
-# Requests a deadline left pending, with the buffers they hold: MPI may still write into those,
-# so they must outlive the call (the channel is broken then, and never reused).
-_ABANDONED: List[List[Any]] = []
 # How many times a completed exchange with a deadline probes for a peer's notice: MPICH moves
 # only part of what waits in its shared-memory queues per probe, so one probe missed notices
 # that had arrived seconds before (a late rank returned its result). Open MPI's one probe saw
 # them, and costs more (four added about 1 us per timed call at 2 to 16 ranks): one there.
 # The C path probes as often.
 NOTICE_POLLS = 4 if MPI.Get_library_version().startswith("MPICH") else 1
-
-
-def wait_all(requests: List[MPI.Request], deadline: Optional[float]) -> None:
-    if deadline is None:
-        MPI.Request.Waitall(requests)
-        return
-    for _ in range(_SPIN_TESTS):
-        if MPI.Request.Testall(requests):
-            return
-    now = time.monotonic()
-    yield_until = min(now + _YIELD_SECONDS, deadline)
-    while now < yield_until:
-        os.sched_yield()
-        if MPI.Request.Testall(requests):
-            return
-        now = time.monotonic()
-    pause = 1e-4
-    while not MPI.Request.Testall(requests):
-        if time.monotonic() >= deadline:
-            _ABANDONED.append(requests)
-            raise TransportTimeout()
-        time.sleep(pause)
-        pause = min(pause * 2, _MAX_SLEEP)
-
-
-class _Sending:
-    """An MPI send in flight, and the bytes it reads from (kept alive until it completes)."""
-
-    __slots__ = ("request", "data")
-
-    def __init__(self, request: MPI.Request, data: bytes) -> None:
-        self.request = request
-        self.data = data
-
-    def test(self) -> bool:
-        return bool(self.request.Test())
-
-    def wait(self, deadline: Optional[float]) -> None:
-        wait_all([self.request], deadline)
 
 
 def comm_name(comm: MPI.Comm) -> str:

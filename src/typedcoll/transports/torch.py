@@ -38,7 +38,7 @@ from torch._C._distributed_c10d import (AllgatherOptions, AllreduceOptions, AllT
 from torch.distributed import distributed_c10d as c10d
 
 from ..codecs.reduce import reduce_values
-from ..core.identity import register_internal
+from ..core.plumbing import register_internal
 from ..core.transport import finish_gathered
 from ..core.wire import MAX_SLOT
 from .gloo import EMPTY, make_gloo, make_nccl, options, post, u8, wait_work

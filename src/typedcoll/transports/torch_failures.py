@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from typing import Any, List, Optional, Tuple
 
-from ..core.identity import register_internal
+from ..core.plumbing import register_internal
 from .gloo import wait_work
 
 STORE_LOST_S = 1.0  # how long the store may fail to answer before a waiting rank gives up

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch._C._distributed_c10d import (AllgatherOptions, AllreduceOptions, AllToAllOptions,
                                         BroadcastOptions, ReduceScatterOptions)
 
-from ..core.identity import register_internal
+from ..core.plumbing import register_internal
 from .gloo import options
 from .torch_failures import FailureReports
 
