@@ -72,7 +72,7 @@
 #define PREFIX 8
 /* What configure's ``forwarding`` answers (True, False, or pass-through offsets): its form. */
 #define FORWARDING_FORM 3
-#define CHAIN_MAX 8 /* identity.CHAIN_MAX: thin wrappers a call's via keeps */
+#define CHAIN_MAX 8 /* site_walk.CHAIN_MAX: thin wrappers a call's via keeps */
 
 enum { F_SEND, F_RECV, F_BLOCK, F_SLOT, F_SIZE, F_RANK, F_EXCHANGE, F_ENGINE, F_RING,
        F_RING_OBJECTS, F_RING_STATE, F_CAPACITY, F_MIN_SLOT, F_COUNTS, F_BUSY, F_ACQUIRE,
@@ -272,7 +272,7 @@ static PyObject *configure(PyObject *mod, PyObject *args) {
 }
 
 /* --- call identity --- */
-/* What identity.forwarding says of a code object (a new reference; NULL on error): True for a
+/* What site_walk.forwarding says of a code object (a new reference; NULL on error): True for a
  * thin wrapper, a frozenset of the offsets of its pass-through calls for a function thin at
  * those calls alone, else False. A direct-mapped table keyed by the code's address, holding its
  * code objects, in front of the Python classifier, which reads the bytecode once. */
@@ -297,7 +297,7 @@ static PyObject *forwarding(PyCodeObject *code) {
 }
 
 /* Whether ``frame`` of ``code`` is passed over: 1 as a thin wrapper (kept in via), 2 as a
- * decorator's wrapper (left out: identity.forwarding's 1-tuple), 0 not; -1 on error. */
+ * decorator's wrapper (left out: site_walk.forwarding's 1-tuple), 0 not; -1 on error. */
 static int passes_over(PyFrameObject *frame, PyCodeObject *code) {
     PyObject *answer = forwarding(code);
     if (answer == NULL) return -1;
@@ -315,9 +315,9 @@ static int passes_over(PyFrameObject *frame, PyCodeObject *code) {
 }
 
 /* ``via`` for the thin wrappers passed on the way to a site (``passed``, innermost first, new
- * references, consumed): none, the one wrapper's code, or their identity.ThinChain, outermost
+ * references, consumed): none, the one wrapper's code, or their site_walk.ThinChain, outermost
  * first (a new reference; NULL on error with *failed set). A direct-mapped table keyed by the
- * codes' addresses, holding its codes and chains, in front of identity.thin_chain. */
+ * codes' addresses, holding its codes and chains, in front of site_walk.thin_chain. */
 #define CHAIN_SLOTS 64
 static struct {
     int n;
@@ -359,7 +359,7 @@ static PyObject *via_of(PyObject **passed, int n, int *failed) {
     return chain;
 }
 
-/* The call site at or above ``start`` (borrowed; NULL: none), as identity.site_from finds it:
+/* The call site at or above ``start`` (borrowed; NULL: none), as site_walk.site_from finds it:
  * the first frame whose file is not typedcoll's own plumbing and that is not passed over as a
  * thin wrapper (passes_over) or a function marked transparent, and the thin wrappers and marked
  * functions passed on the way, decorators' wrappers left out (``via``: via_of them, the
