@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import types
 from typing import Any, Optional
 
 import pytest
@@ -208,3 +209,41 @@ def test_a_coroutine_stepped_by_hand_keeps_its_steppers_line(
     named = [{word.rstrip(",") for word in row.split()} for row in rows]
     assert f"test_core_tasks.py:{first + 3}" in named[0] - named[1], error
     assert f"test_core_tasks.py:{first + 4}" in named[1] - named[0], error
+
+
+@types.coroutine
+def any_of_legacy(comm: tc.TypedComm, flag: Any) -> Any:
+    """A generator-based coroutine (``types.coroutine``, older libraries' awaitables) that
+    delegates to the vote helper: ``yield from`` runs it once, as an ``await`` does."""
+    return (yield from any_of(comm, flag).__await__())
+
+
+async def votes_through_a_generator_based_coroutine(comm: tc.TypedComm,
+                                                    skipper: Optional[int]) -> Any:
+    got = []
+    if comm.rank != skipper:
+        got.append(await any_of_legacy(comm, comm.rank == 0))
+    got.append(await any_of_legacy(comm, False))
+    return got
+
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+@pytest.mark.parametrize("skipper", [None, 2])
+def test_two_votes_through_a_generator_based_coroutine_are_two_calls(
+        skipper: Optional[int], timeout: Optional[float]) -> None:
+    """A ``types.coroutine`` generator's code is flagged CO_ITERABLE_COROUTINE, which
+    ``loops.loop_spans`` refused as a function with a loop: it carried no callers, so its two
+    votes were one call and the rank that skipped the first returned its peers' first vote as
+    its second, without an error."""
+    def run_votes(comm: tc.TypedComm, skip: Optional[int]) -> Any:
+        return asyncio.run(votes_through_a_generator_based_coroutine(comm, skip))
+
+    if skipper is None:
+        assert outcomes(3, run_votes, None, timeout=timeout) == [[True, False]] * 3
+        return
+    error = one_desync(outcomes(3, run_votes, skipper, timeout=timeout))
+    assert list(error.kinds) == [tc.MismatchKind.CALL]
+    first = votes_through_a_generator_based_coroutine.__code__.co_firstlineno
+    named = [{word.rstrip(",") for word in row.split()} for row in str(error).splitlines()[1:3]]
+    assert f"test_core_tasks.py:{first + 4}" in named[0] - named[1], error
+    assert f"test_core_tasks.py:{first + 5}" in named[1] - named[0], error
