@@ -83,6 +83,9 @@ _STEPPERS = frozenset({"send", "throw", "close"})
 _LOADS = frozenset({"LOAD_ATTR", "LOAD_METHOD"})
 _ASYNCIO_DIR = os.path.join(os.path.dirname(dis.__file__), "asyncio", "")
 _STEPS = CodeTable()  # a code's instruction -> AWAITS where it steps a coroutine for its frame
+_INSTRUCTIONS = CodeTable()  # a code's (-1) -> its instructions, for _steps_by_hand
+_CALLS = frozenset(op for name, op in dis.opmap.items()
+                   if name in ("PRECALL", "CALL", "CALL_KW", "CALL_FUNCTION_EX"))
 # A function's code -> which of its calls are made for its caller: none where it loops, else
 # those outside the comprehensions inlined into it (loops.loop_spans). A function that picks
 # among calls and returns the one it picked has no loop.
@@ -102,10 +105,11 @@ def role_site(code: Optional[CodeType], lasti: int) -> int:
     top-level ``await``. The C path asks it too, once per call site."""
     if code is None:
         return 0
-    kind = _STEPS.get(code, lasti)
+    kind: Optional[int] = _STEPS.get(code, lasti)
     if kind is None:
-        kind = _STEPS.put(code, lasti, AWAITS if _awaits_at(code.co_code, lasti)
-                          or _steps_by_hand(code, lasti) else 0)
+        raw = code.co_code
+        kind = _STEPS.put(code, lasti, AWAITS if _awaits_at(raw, lasti) or (
+            _calls_at(raw, lasti) and _steps_by_hand(code, lasti)) else 0)
     if not code.co_flags & _OPTIMIZED:
         return kind
     kind |= ROLE if branch_of(code, lasti) is not None else 0
@@ -117,13 +121,22 @@ def role_site(code: Optional[CodeType], lasti: int) -> int:
 
 def _awaits_at(raw: bytes, lasti: int) -> bool:
     """Whether the instruction that holds byte ``lasti`` of ``raw`` (a code's co_code) is one a
-    frame stands at while the coroutine it awaits runs."""
+    frame stands at while the coroutine it awaits runs, or a call (``_steps_by_hand`` reads
+    whose)."""
     while 0 < lasti < len(raw) and raw[lasti] == _CACHE:
         lasti -= 2
     if not 0 <= lasti < len(raw) - 1:
         return False
     # RESUME's low two bits say after what it resumes: 0 is the function's start
     return raw[lasti] in _STEPS_AWAITED or (raw[lasti] == _RESUME and raw[lasti + 1] & 3 != 0)
+
+
+def _calls_at(raw: bytes, lasti: int) -> bool:
+    """Whether the instruction that holds byte ``lasti`` of ``raw`` is a call: 3.11 runs a call
+    of a C method (``coro.send``) in its PRECALL once specialized, so a frame stands there."""
+    while 0 < lasti < len(raw) and raw[lasti] == _CACHE:
+        lasti -= 2
+    return 0 <= lasti < len(raw) and raw[lasti] in _CALLS
 
 
 def _steps_by_hand(code: CodeType, lasti: int) -> bool:
@@ -133,9 +146,11 @@ def _steps_by_hand(code: CodeType, lasti: int) -> bool:
     starts and ends last before the call's end (``coro.send`` of ``coro.send(x)``)."""
     if code.co_filename.startswith(_ASYNCIO_DIR):
         return False
-    before = [i for i in dis.get_instructions(code) if i.offset <= lasti]
-    # 3.11 runs a call of a C method in its PRECALL once specialized, so the frame stands there
-    if not before or not before[-1].opname.startswith(("CALL", "PRECALL")):
+    instructions = _INSTRUCTIONS.get(code, -1)
+    if instructions is None:
+        instructions = _INSTRUCTIONS.put(code, -1, list(dis.get_instructions(code)))
+    before = [i for i in instructions if i.offset <= lasti]
+    if not before or before[-1].opcode not in _CALLS:
         return False
     start, end = _span(before[-1])
     if start is None or end is None:
