@@ -1,4 +1,5 @@
-"""A coroutine is its caller's callee only while that caller awaits it (core/callers.py).
+"""A coroutine is its caller's callee only while that caller awaits it, or steps it by hand
+with its own ``send``, ``throw`` or ``close`` (core/callers.py).
 
 A vote helper without a loop carries its callers, so two votes through it from two lines are two
 calls. A coroutine's frame names as its caller whatever frame stepped it last: the coroutine that

@@ -25,7 +25,8 @@ calls). A function with a loop (a worker's or a driver's) carries none: its line
      call's own site is (``identity.site_from`` from that function's caller: plumbing,
      transparent functions and thin wrappers passed over; a function's calls of itself are
      one level, so ranks that recurse to different depths meet). A coroutine is its caller's
-     callee only while that caller awaits it (``awaited``): one stepped by the event loop, or
+     callee only while that caller awaits it or steps it by hand with its own ``send``,
+     ``throw`` or ``close`` (``awaited``): one stepped by the event loop, or
      started eagerly inside ``create_task`` (Python 3.12's eager tasks), is its own caller, so
      the walk ends there. Where that site is such a call too (vLLM's
      ``broadcast_tensor_dict`` calls ``broadcast_object`` in both arms of its own), its
