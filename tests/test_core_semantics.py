@@ -805,7 +805,9 @@ def test_a_function_is_thin_at_its_pass_through_call():
 
     def passes_at_offsets(fn: Callable[..., Any], answer: Any) -> Any:
         names = {ins.offset: ins.opname for ins in dis.get_instructions(fn.__code__)}
-        return sorted(names[offset] for offset in answer if offset in names)
+        # 3.11: the call's PRECALL is held too, where a warm frame stands (test_core_warm)
+        return sorted(names[offset] for offset in answer
+                      if offset in names and names[offset] != "PRECALL")
 
     def logs(func, enable_log=False):
         def wrapper(*args, **kwargs):

@@ -1,4 +1,5 @@
-"""A coroutine is its caller's callee only while that caller awaits it (core/callers.py).
+"""A coroutine is its caller's callee only while that caller awaits it, or steps it by hand
+with its own ``send``, ``throw`` or ``close`` (core/callers.py).
 
 A vote helper without a loop carries its callers, so two votes through it from two lines are two
 calls. A coroutine's frame names as its caller whatever frame stepped it last: the coroutine that
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import types
 from typing import Any, Optional
 
 import pytest
@@ -121,3 +123,128 @@ def test_a_coroutine_that_votes_as_it_is_cancelled_keeps_its_awaiters_line(
     rows = str(error).splitlines()[1:3]
     assert {r.split("called from ")[1].split()[0].rstrip(",") for r in rows} == \
         {f"test_core_tasks.py:{first + 3}", f"test_core_tasks.py:{first + 4}"}, error
+
+
+async def any_of(comm: tc.TypedComm, flag: Any) -> bool:
+    """A vote helper without a loop, as an engine's ``async def vote``."""
+    return any(comm.allgather(flag))
+
+
+# A notebook cell (IPython's autoawait, ``python -m asyncio``): module code that awaits
+CELL = """
+got = []
+if not skip:
+    got.append(await any_of(comm, comm.rank == 0))
+got.append(await any_of(comm, False))
+"""
+
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+@pytest.mark.parametrize("skipper", [None, 2])
+def test_two_votes_awaited_at_a_cells_top_level_are_two_calls(
+        skipper: Optional[int], timeout: Optional[float]) -> None:
+    """A cell's code is no function's (no CO_OPTIMIZED), and its awaits were not read as
+    awaits: the helper was its own caller, so the cell's two votes were one call and the rank
+    that skipped the first returned its peers' first vote as its second, without an error."""
+    import ast
+
+    code = compile(CELL, "<cell-7>", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+
+    def run_cell(comm: tc.TypedComm, skip: Optional[int]) -> Any:
+        space = {"any_of": any_of, "comm": comm, "skip": comm.rank == skip}
+
+        async def cell() -> None:
+            await eval(code, space)
+        asyncio.run(cell())
+        return space["got"]
+
+    if skipper is None:
+        assert outcomes(3, run_cell, None, timeout=timeout) == [[True, False]] * 3
+        return
+    error = one_desync(outcomes(3, run_cell, skipper, timeout=timeout))
+    assert list(error.kinds) == [tc.MismatchKind.CALL]
+    rows = str(error).splitlines()[1:3]
+    assert {r.split("called from ")[1].split()[0].rstrip(",") for r in rows} == \
+        {"<cell-7>:4", "<cell-7>:5"}, error
+
+
+def run_sync(coro: Any) -> Any:
+    """A coroutine that never suspends, run from synchronous code by stepping it once."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value
+    raise RuntimeError("the coroutine suspended")
+
+
+def votes_stepped_by_hand(comm: tc.TypedComm, skipper: Optional[int]) -> Any:
+    got = []
+    if comm.rank != skipper:
+        got.append(run_sync(any_of(comm, comm.rank == 0)))
+    got.append(run_sync(any_of(comm, False)))
+    return got
+
+
+def votes_stepped_by_hand_in_a_task(comm: tc.TypedComm, skipper: Optional[int]) -> Any:
+    async def in_task() -> Any:
+        return votes_stepped_by_hand(comm, skipper)
+    return asyncio.run(in_task())
+
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+@pytest.mark.parametrize("driver", [votes_stepped_by_hand, votes_stepped_by_hand_in_a_task])
+@pytest.mark.parametrize("skipper", [None, 2])
+def test_a_coroutine_stepped_by_hand_keeps_its_steppers_line(
+        driver: Any, skipper: Optional[int], timeout: Optional[float]) -> None:
+    """A coroutine stepped with ``send`` (a synchronous driver of one that never suspends) is
+    no task's: before, it was its own caller as a task is, so two votes through one helper
+    stepped from two lines were one call and the rank that skipped the first returned its
+    peers' first vote as its second, without an error."""
+    if skipper is None:
+        assert outcomes(3, driver, None, timeout=timeout) == [[True, False]] * 3
+        return
+    error = one_desync(outcomes(3, driver, skipper, timeout=timeout))
+    assert list(error.kinds) == [tc.MismatchKind.CALL]
+    first = votes_stepped_by_hand.__code__.co_firstlineno
+    rows = str(error).splitlines()[1:3]  # ranks 0-1, then rank 2
+    named = [{word.rstrip(",") for word in row.split()} for row in rows]
+    assert f"test_core_tasks.py:{first + 3}" in named[0] - named[1], error
+    assert f"test_core_tasks.py:{first + 4}" in named[1] - named[0], error
+
+
+@types.coroutine
+def any_of_legacy(comm: tc.TypedComm, flag: Any) -> Any:
+    """A generator-based coroutine (``types.coroutine``, older libraries' awaitables) that
+    delegates to the vote helper: ``yield from`` runs it once, as an ``await`` does."""
+    return (yield from any_of(comm, flag).__await__())
+
+
+async def votes_through_a_generator_based_coroutine(comm: tc.TypedComm,
+                                                    skipper: Optional[int]) -> Any:
+    got = []
+    if comm.rank != skipper:
+        got.append(await any_of_legacy(comm, comm.rank == 0))
+    got.append(await any_of_legacy(comm, False))
+    return got
+
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+@pytest.mark.parametrize("skipper", [None, 2])
+def test_two_votes_through_a_generator_based_coroutine_are_two_calls(
+        skipper: Optional[int], timeout: Optional[float]) -> None:
+    """A ``types.coroutine`` generator's code is flagged CO_ITERABLE_COROUTINE, which
+    ``loops.loop_spans`` refused as a function with a loop: it carried no callers, so its two
+    votes were one call and the rank that skipped the first returned its peers' first vote as
+    its second, without an error."""
+    def run_votes(comm: tc.TypedComm, skip: Optional[int]) -> Any:
+        return asyncio.run(votes_through_a_generator_based_coroutine(comm, skip))
+
+    if skipper is None:
+        assert outcomes(3, run_votes, None, timeout=timeout) == [[True, False]] * 3
+        return
+    error = one_desync(outcomes(3, run_votes, skipper, timeout=timeout))
+    assert list(error.kinds) == [tc.MismatchKind.CALL]
+    first = votes_through_a_generator_based_coroutine.__code__.co_firstlineno
+    named = [{word.rstrip(",") for word in row.split()} for row in str(error).splitlines()[1:3]]
+    assert f"test_core_tasks.py:{first + 4}" in named[0] - named[1], error
+    assert f"test_core_tasks.py:{first + 5}" in named[1] - named[0], error

@@ -25,7 +25,8 @@ calls). A function with a loop (a worker's or a driver's) carries none: its line
      call's own site is (``site_walk.site_from`` from that function's caller: plumbing,
      transparent functions and thin wrappers passed over; a function's calls of itself are
      one level, so ranks that recurse to different depths meet). A coroutine is its caller's
-     callee only while that caller awaits it (``awaited``): one stepped by the event loop, or
+     callee only while that caller awaits it or steps it by hand with its own ``send``,
+     ``throw`` or ``close`` (``awaited``): one stepped by the event loop, or
      started eagerly inside ``create_task`` (Python 3.12's eager tasks), is its own caller, so
      the walk ends there. Where that site is such a call too (vLLM's
      ``broadcast_tensor_dict`` calls ``broadcast_object`` in both arms of its own), its
@@ -49,6 +50,7 @@ The C path walks the same frames with its own ``user_site`` and asks ``role_site
 from __future__ import annotations
 
 import dis
+import os
 from types import CodeType, FrameType
 from typing import Dict, List, Optional, Tuple
 
@@ -79,6 +81,14 @@ _ASYNC = 0x80 | 0x100 | 0x200  # CO_COROUTINE, CO_ITERABLE_COROUTINE, CO_ASYNC_G
 # inline caches after an instruction are where 3.12 reports a SEND to be.
 _STEPS_AWAITED = frozenset(dis.opmap[name] for name in ("SEND", "YIELD_VALUE"))
 _RESUME, _CACHE = dis.opmap["RESUME"], dis.opmap.get("CACHE", 0)
+# A coroutine stepped by hand steps for the frame that calls these (``_steps_by_hand``)
+_STEPPERS = frozenset({"send", "throw", "close"})
+_LOADS = frozenset({"LOAD_ATTR", "LOAD_METHOD"})
+_ASYNCIO_DIR = os.path.join(os.path.dirname(dis.__file__), "asyncio", "")
+_STEPS = CodeTable()  # a code's instruction -> AWAITS where it steps a coroutine for its frame
+_INSTRUCTIONS = CodeTable()  # a code's (-1) -> its instructions, for _steps_by_hand
+_CALLS = frozenset(op for name, op in dis.opmap.items()
+                   if name in ("PRECALL", "CALL", "CALL_KW", "CALL_FUNCTION_EX"))
 # A function's code -> which of its calls are made for its caller: none where it loops, else
 # those outside the comprehensions inlined into it (loops.loop_spans). A function that picks
 # among calls and returns the one it picked has no loop.
@@ -94,11 +104,18 @@ def role_site(code: Optional[CodeType], lasti: int) -> int:
     function has no loop and the call is in no comprehension (``loops.loop_spans``: a helper, or
     one that picks among calls and returns the one it picked), both, or 0. Its caller then tells
     its executions apart (ROLE for rooted calls alone). AWAITS where the instruction at
-    ``lasti`` awaits what it called (``awaited``). The C path asks it too, once per call site."""
-    if code is None or not code.co_flags & _OPTIMIZED:
+    ``lasti`` awaits what it called (``awaited``), module code's too: a notebook cell's
+    top-level ``await``. The C path asks it too, once per call site."""
+    if code is None:
         return 0
-    kind = ROLE if branch_of(code, lasti) is not None else 0
-    kind |= AWAITS if _awaits_at(code.co_code, lasti) else 0
+    kind: Optional[int] = _STEPS.get(code, lasti)
+    if kind is None:
+        raw = code.co_code
+        kind = _STEPS.put(code, lasti, AWAITS if _awaits_at(raw, lasti) or (
+            _calls_at(raw, lasti) and _steps_by_hand(code, lasti)) else 0)
+    if not code.co_flags & _OPTIMIZED:
+        return kind
+    kind |= ROLE if branch_of(code, lasti) is not None else 0
     spans = _PICKED.get(code, 0, _UNREAD)
     if spans is _UNREAD:
         spans = _PICKED.put(code, 0, loop_spans(code))
@@ -107,7 +124,8 @@ def role_site(code: Optional[CodeType], lasti: int) -> int:
 
 def _awaits_at(raw: bytes, lasti: int) -> bool:
     """Whether the instruction that holds byte ``lasti`` of ``raw`` (a code's co_code) is one a
-    frame stands at while the coroutine it awaits runs."""
+    frame stands at while the coroutine it awaits runs, or a call (``_steps_by_hand`` reads
+    whose)."""
     while 0 < lasti < len(raw) and raw[lasti] == _CACHE:
         lasti -= 2
     if not 0 <= lasti < len(raw) - 1:
@@ -116,12 +134,50 @@ def _awaits_at(raw: bytes, lasti: int) -> bool:
     return raw[lasti] in _STEPS_AWAITED or (raw[lasti] == _RESUME and raw[lasti + 1] & 3 != 0)
 
 
+def _calls_at(raw: bytes, lasti: int) -> bool:
+    """Whether the instruction that holds byte ``lasti`` of ``raw`` is a call: 3.11 runs a call
+    of a C method (``coro.send``) in its PRECALL once specialized, so a frame stands there."""
+    while 0 < lasti < len(raw) and raw[lasti] == _CACHE:
+        lasti -= 2
+    return 0 <= lasti < len(raw) and raw[lasti] in _CALLS
+
+
+def _steps_by_hand(code: CodeType, lasti: int) -> bool:
+    """Whether the instruction at ``lasti`` is a call of a coroutine's own ``send``, ``throw`` or
+    ``close`` (``coro.send(None)``, ``self.gen.throw(exc)``), outside asyncio, whose steps of a
+    task are the event loop's. The callee is the attribute load that starts where the call
+    starts and ends last before the call's end (``coro.send`` of ``coro.send(x)``)."""
+    if code.co_filename.startswith(_ASYNCIO_DIR):
+        return False
+    instructions = _INSTRUCTIONS.get(code, -1)
+    if instructions is None:
+        instructions = _INSTRUCTIONS.put(code, -1, list(dis.get_instructions(code)))
+    before = [i for i in instructions if i.offset <= lasti]
+    if not before or before[-1].opcode not in _CALLS:
+        return False
+    start, end = _span(before[-1])
+    if start is None or end is None:
+        return False
+    loads = [i for i in before[:-1] if _span(i)[0] == start and (_span(i)[1] or end) < end]
+    callee = max(loads, key=lambda i: _span(i)[1] or end, default=None)
+    return callee is not None and callee.opname in _LOADS and callee.argval in _STEPPERS
+
+
+def _span(ins: dis.Instruction) -> Tuple[Optional[Tuple[int, int]], Optional[Tuple[int, int]]]:
+    """Where an instruction's source starts and ends, as (line, column); None where unknown."""
+    at = ins.positions
+    if at is None or None in (at.lineno, at.col_offset, at.end_lineno, at.end_col_offset):
+        return None, None
+    return (at.lineno or 0, at.col_offset or 0), (at.end_lineno or 0, at.end_col_offset or 0)
+
+
 def awaited(frame: FrameType, site: FrameType) -> bool:
-    """Whether each coroutine from ``frame`` up to ``site`` (a frame above it) was stepped by the
-    frame above it awaiting it. One stepped by anything else (the event loop, or ``send`` by
-    hand) is its own caller: an eager task's first step runs inside ``create_task`` and its
-    later steps in the event loop, so which frame stepped it to the call is timing, and ranks
-    would name different callers for one call."""
+    """Whether each coroutine from ``frame`` up to ``site`` (a frame above it) runs for the frame
+    above it: awaited by it, or stepped by it by hand (``coro.send(None)`` in a synchronous
+    driver, from one line on every rank). One stepped by anything else (the event loop,
+    garbage collection's ``close``) is its own caller: an eager task's first step runs inside
+    ``create_task`` and its later steps in the event loop, so which frame stepped it to the call
+    is timing, and ranks would name different callers for one call."""
     at: Optional[FrameType] = frame
     while at is not None and at is not site:
         back = at.f_back
@@ -130,6 +186,7 @@ def awaited(frame: FrameType, site: FrameType) -> bool:
             return False
         at = back
     return True
+
 
 
 def made_for_caller(kind: int, rooted: bool) -> bool:

@@ -19,7 +19,8 @@ from typing import FrozenSet, List, Optional, Tuple
 SUSPENDS = 0x20 | 0x80 | 0x100 | 0x200  # generator, coroutine, async generator
 COROUTINE, GENERATOR = 0x80, 0x20  # an ``async def``; a ``def`` that yields
 ASYNC_GENERATOR = 0x200  # an ``async def`` that yields
-RESUMED = COROUTINE | GENERATOR | ASYNC_GENERATOR  # run by whoever resumes them
+ITERABLE_COROUTINE = 0x100  # a generator ``types.coroutine`` made awaitable: its yield from awaits
+RESUMED = COROUTINE | GENERATOR | ASYNC_GENERATOR | ITERABLE_COROUTINE  # run by who resumes them
 _NEWLOCALS = 0x02  # a function's code, not a module's or a class body's
 ENDS = frozenset({"RETURN_VALUE", "RETURN_CONST", "RAISE_VARARGS", "RERAISE"})
 _NO_JUMPS: FrozenSet[int] = frozenset()

@@ -113,9 +113,15 @@ def pass_through_calls(code: CodeType) -> FrozenSet[int]:
         return _NO_CALLS
     # A frame inside a call reports the offset of the call or, where the call has inline
     # caches (3.11+), of its last cache entry: every code unit up to the next instruction.
+    # Python 3.11 runs a call of a C callable (``Context.run``) in its PRECALL once warm, so a
+    # frame stands there on a rank that ran the function eight times and at the CALL on one
+    # that did not: from the PRECALL on.
     after = {ins.offset: nxt.offset for ins, nxt in zip(instructions, instructions[1:])}
+    before = {nxt.offset: ins.offset for ins, nxt in zip(instructions, instructions[1:])
+              if ins.opname == "PRECALL"}
     return frozenset(unit for offset in passing
-                     for unit in range(offset, after.get(offset, offset + 2), 2))
+                     for unit in range(before.get(offset, offset), after.get(offset, offset + 2),
+                                       2))
 
 
 def hand_on_calls(code: CodeType) -> Tuple[FrozenSet[int], bool]:
