@@ -188,7 +188,6 @@ def awaited(frame: FrameType, site: FrameType) -> bool:
     return True
 
 
-
 def made_for_caller(kind: int, rooted: bool) -> bool:
     """Whether a call of ``role_site``'s ``kind`` carries its callers."""
     return bool(kind & PICKED or (rooted and kind & ROLE))
