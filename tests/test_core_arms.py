@@ -702,3 +702,24 @@ def test_a_root_deciding_by_its_own_flag_beside_its_role_raises(timeout: Optiona
     one_desync(outcomes(3, loop, timeout=timeout))
     for which in ("resources", "indexed", "gather"):
         one_desync(outcomes(3, by_own_flags, which, timeout=timeout))
+
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+def test_a_receivers_bad_root_in_a_role_branch_is_its_error_not_a_desync(
+        timeout: Optional[float]) -> None:
+    # A receiver that passes a root out of range fails before it knows the root: its peers'
+    # two arms must still pair, so that every rank names that rank's bad argument.
+    def body(comm: tc.TypedComm, bad: int) -> Any:
+        return broadcast_any(comm, {"x": 1} if comm.rank == 0 else None,
+                             7 if comm.rank == bad else 0)
+
+    # the receivers' arm keeps others, or this rank alone; or the root is left alone
+    for size, bad in ((4, 1), (4, 3), (2, 1)):
+        results = outcomes(size, body, bad, timeout=timeout)
+        detail = f"expected root in 0..{size - 1}, got 7"
+        at = f"test_core_arms.py:{broadcast_any.__code__.co_firstlineno + 5}"
+        for rank, result in enumerate(results):
+            assert type(result) is (tc.EncodeError if rank == bad else tc.PeerError), result
+            verb = "could not send its" if rank == bad else "failed its"
+            assert str(result) == f"collective #0 on WORLD: rank {bad} {verb} bcast " \
+                                  f"contribution at {at}: {detail}"

@@ -425,6 +425,16 @@ def desyncs(rank: int, size: int) -> dict:
         out[key] = outcome(fn)  # @tensor-case
     out["tensor usable"] = outcome(lambda: comm.all_gather_tensor(torch.tensor([rank])).tolist())
 
+    def broadcast_object(obj: Any, src: int) -> Any:
+        if rank == src:  # an engine's broadcast_object: the root's side, then the receivers'
+            comm.bcast(obj, root=src)
+            return obj
+        else:
+            return comm.bcast(None, root=src)  # @bo-peer
+    # One receiver's root out of range at that role branch's first run: its own error
+    out["role bad root"] = outcome(lambda: broadcast_object(  # @bo-case
+        {"x": 1} if rank == 0 else None, size + 3 if rank == odd else 0))
+
     # A bad or different timeout on one rank: every rank raises at creation
     out["bad timeout"] = outcome(lambda: tc.TypedComm.from_torch(  # @bad-timeout
         timeout=0 if rank == odd else 5))
@@ -740,6 +750,19 @@ def test_one_ranks_bad_argument_raises_on_every_rank(desync, case, head, what, v
     own = {"error": "EncodeError", "message": f"{head}: rank {odd} could not send its {what} "
                                               f"contribution at {at}: {detail}"}
     assert [r[case] for r in results] == [peer] * odd + [own]
+
+
+def test_a_receivers_bad_root_in_a_role_branch_raises_its_error_on_every_rank(desync):
+    # Before, at 4 ranks and more: a call-site DesyncError ("only the call sites differ").
+    size, results = desync
+    odd = size - 1
+    at = f"{SITES['bo-peer']}"
+    detail = f"expected root in 0..{odd}, got {size + 3}"
+    peer = {"error": "PeerError", "message": f"collective #18 on WORLD: rank {odd} failed its "
+                                             f"bcast contribution at {at}: {detail}"}
+    own = {"error": "EncodeError", "message": f"collective #18 on WORLD: rank {odd} could not "
+                                              f"send its bcast contribution at {at}: {detail}"}
+    assert [r["role bad root"] for r in results] == [peer] * odd + [own]
 
 
 def test_infinite_timeout_waits_like_none(desync):

@@ -163,3 +163,27 @@ def test_an_envelope_never_outgrows_its_block():
     payload = encode_meta(meta)
     assert len(payload) <= META_MAX
     assert META_DECODER.decode(payload).occurrence == 2 ** 40
+
+
+
+def bad_receiver(p: Any, bad: int) -> Any:
+    t = torch.zeros(3)
+    leader = p.rank == 0
+    if leader:
+        return _device_call(p, "broadcast_tensor", t, 4, root=0)
+    else:
+        return _device_call(p, "broadcast_tensor", t, 4, root=7 if p.rank == bad else 0)
+
+
+@pytest.mark.parametrize("bad", [1, 3])
+def test_a_receivers_bad_root_in_a_role_branch_is_its_error_not_a_desync(bad: int):
+    # The failed rank sent no root: the others' two arms still pair, and name its argument.
+    got = verdicts(lambda p: bad_receiver(p, bad), 4)
+    assert got[bad] is None  # deferred: it raised its own EncodeError when it made the call
+    for r, error in enumerate(got):
+        if r != bad:
+            assert type(error).__name__ == "PeerError", error
+            site = f"test_torch_device_roles.py:{bad_receiver.__code__.co_firstlineno + 6}"
+            assert str(error) == (f"collective #4 on WORLD: rank {bad} failed its "
+                                  f"broadcast_tensor contribution at {site}: expected root in "
+                                  "0..3, got 7"), error

@@ -109,6 +109,27 @@ def test_a_role_branch_completed_live_is_no_divergence_and_anything_else_is():
         assert div is not None and div.kinds == [MismatchKind.CALL]
 
 
+def test_a_role_branch_that_raised_a_ranks_own_failure_live_is_no_divergence():
+    """A receiver's bad root in a role branch: live, the arms paired and every rank raised that
+    rank's error (PeerError; EncodeError on it). The dumps show two sites: no divergence."""
+    def bcast(r: int, error: str) -> Dict[str, Any]:
+        arm = 0 if r == 0 else 1
+        return entry(0, op="bcast", site=f"m.py:{4 + 3 * arm}", state="failed", error=error,
+                     branch={"key": "m.py:3 bcast #1", "arm": arm})
+    failure = "collective #0 on COMM_WORLD: rank 2 failed its bcast contribution at m.py:7: x"
+    errors = [f"PeerError: {failure}", f"PeerError: {failure}", f"EncodeError: {failure}"]
+
+    def report_of(errors: List[str]) -> Any:  # the ranks then go on to a completed call
+        return analyze(dumps_of(*(dump(r, [comm(r, 3, [bcast(r, errors[r]), entry(1)])])
+                                  for r in range(3))))
+    report = report_of(errors)
+    assert report.consistent and report.first is None
+    errors[0] = "DesyncError: collective #0 on COMM_WORLD diverged (call site)"
+    report = report_of(errors)
+    div = report.comms[0].divergence
+    assert div is not None and div.kinds == [MismatchKind.CALL]
+
+
 def test_a_role_wrapper_made_for_two_callers_diverges_offline_as_it_does_live():
     """The entries keep the callers of a call in a role branch (core.callers): a rank whose
     broadcast_object was called from another line is another call, in a dump as live."""

@@ -121,6 +121,11 @@ def disagreement(p: "Protocol", call: Call, receiving: bool = False) -> None:
         return
     if len(failed) < p.size and not agreed(block):
         others = [info for r, info in enumerate(infos) if r not in failed]
+        if failed and role_branch([h for h, _ in pairs], infos, failed):
+            # A receiver that failed before it knew its root (a root out of range) left a role
+            # branch's first run unpaired: its peers' two arms still pair, so its own error is
+            # the verdict, not a call-site desync with a hint that names no bad argument.
+            raise failure(p, call, failed, infos)
         kinds = mismatch_kinds(others)
         groups = group_envelopes(infos)
         if MismatchKind.COMMUNICATOR in kinds:
@@ -151,16 +156,20 @@ def disagreement(p: "Protocol", call: Call, receiving: bool = False) -> None:
     raise failure(p, call, failed, infos)
 
 
-def role_branch(headers: Sequence[bytes], infos: Sequence[EnvelopeInfo]) -> bool:
+def role_branch(headers: Sequence[bytes], infos: Sequence[EnvelopeInfo],
+                failed: Sequence[int] = ()) -> bool:
     """Every rank's header agrees but for its call identity, the call is a rooted op, and every
     rank wrote it in the same role branch with the root alone in its arm (``role_split``): the
     root's side and the receivers' side of one collective. Read from what every rank
-    exchanged, so every rank decides alike."""
-    first = infos[0]
-    if first.op not in ROOTED_OPS or first.root is None or not role_split(infos, first.root):
+    exchanged, so every rank decides alike. ``failed``: ranks whose headers are left out (they
+    failed before they knew their root or schema); their call sites still pair."""
+    kept = [r for r in range(len(infos)) if r not in failed]
+    first = infos[kept[0]] if kept else None
+    if first is None or first.op not in ROOTED_OPS or first.root not in kept or \
+            not role_split(infos, first.root):
         return False
     block, mine = bytearray(AGREE_SIZE), bytearray(AGREE_SIZE)
-    for header in headers:
+    for header in (headers[r] for r in kept):
         masked = bytearray(header[:HEADER_SIZE])
         masked[IDENTITY_OFFSET:IDENTITY_OFFSET + 8] = bytes(8)
         own_block(masked, mine)

@@ -149,6 +149,14 @@ def _aligned(m: CommDump) -> Dict[int, RecordEntry]:
     return {e.seq: e for e in m.entries if e.op != "create"}
 
 
+def _paired_live(e: RecordEntry) -> bool:
+    """The live verdict paired this call's arms: it completed, or it raised a rank's own
+    failure (a bad argument: ``EncodeError`` there, ``PeerError`` naming it elsewhere), which
+    the verdict gives only once the arms pair; a ``DesyncError`` or a timeout did not."""
+    return e.state == "completed" or (e.state == "failed" and (e.error or "").startswith(
+        ("EncodeError:", "PeerError:")))
+
+
 def analyze_comm(comm_id: str, members: Dict[int, CommDump]) -> CommReport:
     """Align one communicator's members (comm rank -> its dump) by seq; see the module doc."""
     first = members[min(members)]
@@ -165,7 +173,7 @@ def analyze_comm(comm_id: str, members: Dict[int, CommDump]) -> CommReport:
                                          for r in sorted(members)])
         kinds = mismatch_kinds(envelopes)
         if (kinds == [MismatchKind.CALL] and role_split(envelopes, None) and
-                all(by_seq[r][seq].state == "completed" for r in members)):
+                all(_paired_live(by_seq[r][seq]) for r in members)):
             kinds = []  # a root and its receivers in a role branch's two arms, as live accepted
         if kinds:
             groups = group_envelopes(envelopes)

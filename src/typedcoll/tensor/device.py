@@ -283,11 +283,14 @@ def check(p: Any, call: TensorCall, blocks: bytes, own: bytes,
     ref = own if p.rank not in failed else blocks[fine[0] * BLOCK:][:CHECKED] if fine else b""
     if any(not blocks.startswith(ref, r * BLOCK) for r in fine):
         headers = [blocks[r * BLOCK:r * BLOCK + HEADER_SIZE] for r in range(size)]
-        if not failed and verdict.role_branch(headers, infos):
+        if not verdict.role_branch(headers, infos, failed):
+            return desync_error(p, infos[0].seq, infos, [infos[r] for r in fine])
+        if not failed:
             # One broadcast written in a role branch's two arms (the root's side, the
             # receivers'): the same acceptance as the host path's, read from the blocks.
             return None
-        return desync_error(p, infos[0].seq, infos, [infos[r] for r in fine])
+        # else a receiver failed before it knew its root: its error is the verdict, as on the
+        # host path, not a call-site desync
     if p.rank in failed and call.error is not None and mode == "deferred":
         return None  # this rank raised its EncodeError when it made the call
     return verdict.failure(p, call, failed, infos)
