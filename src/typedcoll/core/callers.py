@@ -122,12 +122,18 @@ def role_site(code: Optional[CodeType], lasti: int) -> int:
     return kind | PICKED if spans is not None and not in_spans(spans, lasti) else kind
 
 
-def _awaits_at(raw: bytes, lasti: int) -> bool:
-    """Whether the instruction that holds byte ``lasti`` of ``raw`` (a code's co_code) is one a
-    frame stands at while the coroutine it awaits runs, or a call (``_steps_by_hand`` reads
-    whose)."""
+def _instruction_at(raw: bytes, lasti: int) -> int:
+    """The offset of the instruction that holds byte ``lasti`` of ``raw`` (a code's co_code):
+    ``lasti`` itself, or the instruction whose inline caches hold it."""
     while 0 < lasti < len(raw) and raw[lasti] == _CACHE:
         lasti -= 2
+    return lasti
+
+
+def _awaits_at(raw: bytes, lasti: int) -> bool:
+    """Whether the instruction that holds byte ``lasti`` of ``raw`` (a code's co_code) is one a
+    frame stands at while the coroutine it awaits runs."""
+    lasti = _instruction_at(raw, lasti)
     if not 0 <= lasti < len(raw) - 1:
         return False
     # RESUME's low two bits say after what it resumes: 0 is the function's start
@@ -135,10 +141,10 @@ def _awaits_at(raw: bytes, lasti: int) -> bool:
 
 
 def _calls_at(raw: bytes, lasti: int) -> bool:
-    """Whether the instruction that holds byte ``lasti`` of ``raw`` is a call: 3.11 runs a call
-    of a C method (``coro.send``) in its PRECALL once specialized, so a frame stands there."""
-    while 0 < lasti < len(raw) and raw[lasti] == _CACHE:
-        lasti -= 2
+    """Whether the instruction that holds byte ``lasti`` of ``raw`` is a call (``_steps_by_hand``
+    reads whose): 3.11 runs a call of a C method (``coro.send``) in its PRECALL once
+    specialized, so a frame stands there."""
+    lasti = _instruction_at(raw, lasti)
     return 0 <= lasti < len(raw) and raw[lasti] in _CALLS
 
 
