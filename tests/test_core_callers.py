@@ -22,7 +22,7 @@ import typedcoll as tc
 from typedcoll.core.mismatch import Branch, Caller, EnvelopeInfo, split_levels
 
 from test_core_arms import engine_broadcast_pyobj
-from test_core_review import TIMEOUTS, one_desync, outcomes, slot_state
+from test_core_review import TIMEOUTS, a_skipped_vote_raises, one_desync, outcomes, slot_state
 
 
 class Reqs(msgspec.Struct):
@@ -485,13 +485,14 @@ async def any_rank_awaiting(comm: tc.TypedComm, flag: bool) -> bool:
     return any(flags)
 
 
-async def async_votes(comm: tc.TypedComm, skipper: Optional[int]) -> Any:
-    """Two votes identical on the wire through one async helper, from two lines of a
+async def async_votes(comm: tc.TypedComm, skipper: Optional[int],
+                      helper: Any = any_rank_awaiting) -> Any:
+    """Two votes identical on the wire through one awaitable helper, from two lines of a
     coroutine; ``skipper`` leaves out the first, as an idle rank's iteration does."""
     got = []
     if comm.rank != skipper:
-        got.append(await any_rank_awaiting(comm, comm.rank == 0))
-    got.append(await any_rank_awaiting(comm, False))
+        got.append(await helper(comm, comm.rank == 0))
+    got.append(await helper(comm, False))
     return got
 
 
@@ -507,13 +508,13 @@ def test_a_skipped_vote_through_an_async_helper_raises(
         comm.set_step(7)
         return asyncio.run(async_votes(comm, skip))
 
-    assert outcomes(3, run_votes, None, timeout=timeout) == [[True, False]] * 3
-    error = one_desync(outcomes(3, run_votes, skipper, timeout=timeout))
-    assert list(error.kinds) == [tc.MismatchKind.CALL]
     first = async_votes.__code__.co_firstlineno
+    error = a_skipped_vote_raises(run_votes, f"test_core_callers.py:{first + 6}",
+                                  f"test_core_callers.py:{first + 7}", skipper=skipper,
+                                  timeout=timeout)
     rows = str(error).splitlines()[1:3]
     assert {r.split("called from ")[1].split()[0].rstrip(",") for r in rows} == \
-        {f"test_core_callers.py:{first + 5}", f"test_core_callers.py:{first + 6}"}, error
+        {f"test_core_callers.py:{first + 6}", f"test_core_callers.py:{first + 7}"}, error
 
 
 # A context manager that votes on entry: a generator with no loop, resumed by the ``with``.
@@ -544,14 +545,12 @@ def test_a_skipped_vote_through_a_context_manager_raises(
     on entry carried no callers: both votes were its one line, and the skipper's second vote
     took its peers' first (``True`` where every rank voted ``False``) without an error, the
     step clock set; its peers timed out."""
-    assert outcomes(3, votes_on_entry, None, timeout=timeout) == [[True, False]] * 3
-    error = one_desync(outcomes(3, votes_on_entry, skipper, timeout=timeout))
-    assert list(error.kinds) == [tc.MismatchKind.CALL]
     first = votes_on_entry.__code__.co_firstlineno
+    error = a_skipped_vote_raises(votes_on_entry, f"test_core_callers.py:{first + 6}",
+                                  f"test_core_callers.py:{first + 8}", skipper=skipper,
+                                  timeout=timeout)
     rows = str(error).splitlines()[1:3]
     assert all(f"at test_core_callers.py:{voted.__wrapped__.__code__.co_firstlineno + 2}"
-               in r for r in rows), error
-    assert all(f"test_core_callers.py:{first + 6}" in r or f"test_core_callers.py:{first + 8}"
                in r for r in rows), error
 
 
@@ -587,15 +586,13 @@ def test_a_skipped_vote_through_an_async_context_manager_raises(
     def run_votes(comm: tc.TypedComm, skip: Optional[int]) -> Any:
         return asyncio.run(votes_on_async_entry(comm, skip))
 
-    assert outcomes(3, run_votes, None, timeout=timeout) == [[True, False]] * 3
-    error = one_desync(outcomes(3, run_votes, skipper, timeout=timeout, limit=30))
-    assert list(error.kinds) == [tc.MismatchKind.CALL]
     first = votes_on_async_entry.__code__.co_firstlineno
+    error = a_skipped_vote_raises(run_votes, f"test_core_callers.py:{first + 5}",
+                                  f"test_core_callers.py:{first + 7}", skipper=skipper,
+                                  timeout=timeout, limit=30)
     rows = str(error).splitlines()[1:3]
     vote = voted_async.__wrapped__.__code__.co_firstlineno + 2
     assert all(f"at test_core_callers.py:{vote}" in r for r in rows), error
-    assert all(f"test_core_callers.py:{first + 5}" in r or f"test_core_callers.py:{first + 7}"
-               in r for r in rows), error
 
 
 
@@ -766,9 +763,9 @@ def test_a_skipped_vote_through_an_async_retry_helper_with_a_timeout_raises(
     def run_votes(comm: tc.TypedComm, skip: Optional[int]) -> Any:
         return asyncio.run(retried_votes(comm, skip, with_retry_and_timeout))
 
-    assert outcomes(3, run_votes, None, timeout=timeout) == [[True, False]] * 3
-    error = one_desync(outcomes(3, run_votes, 2, timeout=timeout, limit=30))
-    assert list(error.kinds) == [tc.MismatchKind.CALL]
+    first = retried_votes.__code__.co_firstlineno
+    a_skipped_vote_raises(run_votes, f"test_core_callers.py:{first + 3}",
+                          f"test_core_callers.py:{first + 4}", timeout=timeout, limit=30)
 
 
 @pytest.mark.parametrize("timeout", TIMEOUTS)
@@ -780,9 +777,9 @@ def test_a_skipped_vote_through_an_async_retry_helper_raises(timeout: Optional[f
         comm.set_step(3)
         return asyncio.run(retried_votes(comm, skip, with_retry_async))
 
-    assert outcomes(3, run_votes, None, timeout=timeout) == [[True, False]] * 3
-    error = one_desync(outcomes(3, run_votes, 2, timeout=timeout))
     first = retried_votes.__code__.co_firstlineno
+    error = a_skipped_vote_raises(run_votes, f"test_core_callers.py:{first + 3}",
+                                  f"test_core_callers.py:{first + 4}", timeout=timeout)
     rows = str(error).splitlines()[1:3]
     assert {r.split("called from ")[1].split()[0] for r in rows} == \
         {f"test_core_callers.py:{first + 3}", f"test_core_callers.py:{first + 4}"}, error
@@ -823,9 +820,9 @@ def test_a_skipped_vote_through_a_helper_around_a_block_raises(
     """Before, on 3.12 and 3.13, the handler's jump back read as a loop: the helper carried no
     callers, and the skipper's second vote took its peers' first (``True`` where every rank
     voted ``False``) without an error; its peers hung."""
-    assert outcomes(3, votes_in_a_block, helper, None, timeout=timeout) == [[True, False]] * 3
-    error = one_desync(outcomes(3, votes_in_a_block, helper, 2, timeout=timeout))
     first = votes_in_a_block.__code__.co_firstlineno
+    error = a_skipped_vote_raises(votes_in_a_block, f"test_core_callers.py:{first + 5}",
+                                  f"test_core_callers.py:{first + 6}", helper, timeout=timeout)
     rows = str(error).splitlines()[1:3]
     assert {r.split("called from ")[1].split()[0].rstrip(",") for r in rows} == \
         {f"test_core_callers.py:{first + 5}", f"test_core_callers.py:{first + 6}"}, error

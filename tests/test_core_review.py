@@ -61,6 +61,28 @@ def one_desync(results: List[Any]) -> tc.DesyncError:
     return results[0]  # type: ignore[no-any-return]
 
 
+def a_skipped_vote_raises(run_votes: Callable[..., Any], peers_line: str, skippers_line: str,
+                          *args: Any, skipper: int = 2, timeout: Optional[float] = None,
+                          limit: float = 60.0) -> tc.DesyncError:
+    """Two votes identical on the wire from two lines, ``run_votes(comm, *args, skipper)``
+    leaving out the first on rank ``skipper`` (None: on none). Without a skipper every rank
+    returns ``[True, False]``; with one every rank raises one DesyncError of kind CALL whose
+    skipper's row names ``skippers_line`` and its peers' row ``peers_line``, neither the other's
+    (``file.py:N`` as the text names it). The error, for a test's own further checks."""
+    assert outcomes(3, run_votes, *args, None, timeout=timeout, limit=limit) == [[True, False]] * 3
+    error = one_desync(outcomes(3, run_votes, *args, skipper, timeout=timeout, limit=limit))
+    assert list(error.kinds) == [tc.MismatchKind.CALL], error
+    rows = str(error).splitlines()[1:3]
+    skippers = [row for row in rows if row.lstrip().startswith(f"rank {skipper}:")]
+    assert len(skippers) == 1, error
+    peers = [row for row in rows if row is not skippers[0]]
+    named_by_peers, named_by_skipper = ({word.rstrip(",") for word in row.split()}
+                                        for row in (peers[0], skippers[0]))
+    assert peers_line in named_by_peers - named_by_skipper, error
+    assert skippers_line in named_by_skipper - named_by_peers, error
+    return error
+
+
 def second_comm(comm: tc.TypedComm) -> tc.TypedComm:
     """Another TypedComm on the same private channel (as TypedComm(parent) twice over MPI)."""
     other = TypedComm.__new__(TypedComm)

@@ -20,7 +20,8 @@ import pytest
 
 import typedcoll as tc
 
-from test_core_review import TIMEOUTS, one_desync, outcomes
+from test_core_callers import async_votes
+from test_core_review import TIMEOUTS, a_skipped_vote_raises, one_desync, outcomes
 
 
 async def vote_holding(comm: tc.TypedComm, lock: asyncio.Lock, flag: bool) -> bool:
@@ -104,9 +105,8 @@ async def cancel_until_done(comm: tc.TypedComm, skipper: Optional[int]) -> Any:
 
 
 @pytest.mark.parametrize("timeout", TIMEOUTS)
-@pytest.mark.parametrize("skipper", [None, 2])
 def test_a_coroutine_that_votes_as_it_is_cancelled_keeps_its_awaiters_line(
-        skipper: Optional[int], timeout: Optional[float]) -> None:
+        timeout: Optional[float]) -> None:
     """A cancellation is thrown into the awaited coroutine through its awaiter, which stands
     at its await meanwhile (YIELD_VALUE, or RESUME from Python 3.13): the awaiter's line still
     tells the two votes apart, and the rank that skipped the first raises with its peers."""
@@ -114,12 +114,9 @@ def test_a_coroutine_that_votes_as_it_is_cancelled_keeps_its_awaiters_line(
         comm.set_step(3)
         return asyncio.run(cancel_until_done(comm, skip))
 
-    if skipper is None:
-        assert outcomes(3, run_votes, None, timeout=timeout) == [[True, False]] * 3
-        return
-    error = one_desync(outcomes(3, run_votes, skipper, timeout=timeout))
-    assert list(error.kinds) == [tc.MismatchKind.CALL]
     first = votes_on_cancellation.__code__.co_firstlineno
+    error = a_skipped_vote_raises(run_votes, f"test_core_tasks.py:{first + 3}",
+                                  f"test_core_tasks.py:{first + 4}", timeout=timeout)
     rows = str(error).splitlines()[1:3]
     assert {r.split("called from ")[1].split()[0].rstrip(",") for r in rows} == \
         {f"test_core_tasks.py:{first + 3}", f"test_core_tasks.py:{first + 4}"}, error
@@ -140,9 +137,7 @@ got.append(await any_of(comm, False))
 
 
 @pytest.mark.parametrize("timeout", TIMEOUTS)
-@pytest.mark.parametrize("skipper", [None, 2])
-def test_two_votes_awaited_at_a_cells_top_level_are_two_calls(
-        skipper: Optional[int], timeout: Optional[float]) -> None:
+def test_two_votes_awaited_at_a_cells_top_level_are_two_calls(timeout: Optional[float]) -> None:
     """A cell's code is no function's (no CO_OPTIMIZED), and its awaits were not read as
     awaits: the helper was its own caller, so the cell's two votes were one call and the rank
     that skipped the first returned its peers' first vote as its second, without an error."""
@@ -158,11 +153,7 @@ def test_two_votes_awaited_at_a_cells_top_level_are_two_calls(
         asyncio.run(cell())
         return space["got"]
 
-    if skipper is None:
-        assert outcomes(3, run_cell, None, timeout=timeout) == [[True, False]] * 3
-        return
-    error = one_desync(outcomes(3, run_cell, skipper, timeout=timeout))
-    assert list(error.kinds) == [tc.MismatchKind.CALL]
+    error = a_skipped_vote_raises(run_cell, "<cell-7>:4", "<cell-7>:5", timeout=timeout)
     rows = str(error).splitlines()[1:3]
     assert {r.split("called from ")[1].split()[0].rstrip(",") for r in rows} == \
         {"<cell-7>:4", "<cell-7>:5"}, error
@@ -193,23 +184,15 @@ def votes_stepped_by_hand_in_a_task(comm: tc.TypedComm, skipper: Optional[int]) 
 
 @pytest.mark.parametrize("timeout", TIMEOUTS)
 @pytest.mark.parametrize("driver", [votes_stepped_by_hand, votes_stepped_by_hand_in_a_task])
-@pytest.mark.parametrize("skipper", [None, 2])
 def test_a_coroutine_stepped_by_hand_keeps_its_steppers_line(
-        driver: Any, skipper: Optional[int], timeout: Optional[float]) -> None:
+        driver: Any, timeout: Optional[float]) -> None:
     """A coroutine stepped with ``send`` (a synchronous driver of one that never suspends) is
     no task's: before, it was its own caller as a task is, so two votes through one helper
     stepped from two lines were one call and the rank that skipped the first returned its
     peers' first vote as its second, without an error."""
-    if skipper is None:
-        assert outcomes(3, driver, None, timeout=timeout) == [[True, False]] * 3
-        return
-    error = one_desync(outcomes(3, driver, skipper, timeout=timeout))
-    assert list(error.kinds) == [tc.MismatchKind.CALL]
     first = votes_stepped_by_hand.__code__.co_firstlineno
-    rows = str(error).splitlines()[1:3]  # ranks 0-1, then rank 2
-    named = [{word.rstrip(",") for word in row.split()} for row in rows]
-    assert f"test_core_tasks.py:{first + 3}" in named[0] - named[1], error
-    assert f"test_core_tasks.py:{first + 4}" in named[1] - named[0], error
+    a_skipped_vote_raises(driver, f"test_core_tasks.py:{first + 3}",
+                          f"test_core_tasks.py:{first + 4}", timeout=timeout)
 
 
 @types.coroutine
@@ -219,32 +202,16 @@ def any_of_legacy(comm: tc.TypedComm, flag: Any) -> Any:
     return (yield from any_of(comm, flag).__await__())
 
 
-async def votes_through_a_generator_based_coroutine(comm: tc.TypedComm,
-                                                    skipper: Optional[int]) -> Any:
-    got = []
-    if comm.rank != skipper:
-        got.append(await any_of_legacy(comm, comm.rank == 0))
-    got.append(await any_of_legacy(comm, False))
-    return got
-
-
 @pytest.mark.parametrize("timeout", TIMEOUTS)
-@pytest.mark.parametrize("skipper", [None, 2])
 def test_two_votes_through_a_generator_based_coroutine_are_two_calls(
-        skipper: Optional[int], timeout: Optional[float]) -> None:
+        timeout: Optional[float]) -> None:
     """A ``types.coroutine`` generator's code is flagged CO_ITERABLE_COROUTINE, which
     ``loops.loop_spans`` refused as a function with a loop: it carried no callers, so its two
     votes were one call and the rank that skipped the first returned its peers' first vote as
     its second, without an error."""
     def run_votes(comm: tc.TypedComm, skip: Optional[int]) -> Any:
-        return asyncio.run(votes_through_a_generator_based_coroutine(comm, skip))
+        return asyncio.run(async_votes(comm, skip, any_of_legacy))
 
-    if skipper is None:
-        assert outcomes(3, run_votes, None, timeout=timeout) == [[True, False]] * 3
-        return
-    error = one_desync(outcomes(3, run_votes, skipper, timeout=timeout))
-    assert list(error.kinds) == [tc.MismatchKind.CALL]
-    first = votes_through_a_generator_based_coroutine.__code__.co_firstlineno
-    named = [{word.rstrip(",") for word in row.split()} for row in str(error).splitlines()[1:3]]
-    assert f"test_core_tasks.py:{first + 4}" in named[0] - named[1], error
-    assert f"test_core_tasks.py:{first + 5}" in named[1] - named[0], error
+    first = async_votes.__code__.co_firstlineno
+    a_skipped_vote_raises(run_votes, f"test_core_callers.py:{first + 6}",
+                          f"test_core_callers.py:{first + 7}", timeout=timeout)
