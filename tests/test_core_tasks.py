@@ -215,3 +215,61 @@ def test_two_votes_through_a_generator_based_coroutine_are_two_calls(
     first = async_votes.__code__.co_firstlineno
     a_skipped_vote_raises(run_votes, f"test_core_callers.py:{first + 6}",
                           f"test_core_callers.py:{first + 7}", timeout=timeout)
+
+
+# Code compiled without column positions (``-X no_debug_ranges``) names a stepper's callee by
+# the stack: each function's last call is the one read.
+def steps(coro: Any) -> Any:
+    return coro.send(None)
+
+
+def throws_into(self: Any, exc: BaseException) -> Any:
+    return self.gen.throw(exc)
+
+
+def schedules(loop: Any, make: Any) -> Any:
+    return loop.create_task(make())
+
+
+def sends_what_a_call_returns(coro: Any, closer: Any) -> Any:
+    return coro.send(closer.close())
+
+
+def sends_a_method(coro: Any, other: Any) -> Any:
+    return coro.send(other.throw)
+
+
+def sends_one_of_two(coro: Any, which: bool, a: Any, b: Any) -> Any:
+    return coro.send(a if which else b)
+
+
+@pytest.mark.parametrize("fn, callee", [
+    (steps, "send"), (throws_into, "throw"), (schedules, "create_task"),
+    (sends_what_a_call_returns, "send"), (sends_a_method, "send"), (sends_one_of_two, None)])
+def test_a_calls_callee_is_read_from_the_stack_where_no_columns_are_kept(
+        fn: Any, callee: Optional[str]) -> None:
+    """The walk back over the arguments' stack effects stops at the load that pushed the
+    callee, past loads inside the arguments; a jump between them (a conditional argument)
+    leaves it unknown."""
+    import dis
+
+    from typedcoll.core.callers import _CALLS, callee_by_stack
+
+    instructions = list(dis.get_instructions(fn))
+    last = max(i for i, ins in enumerate(instructions) if ins.opcode in _CALLS)
+    found = callee_by_stack(instructions[:last + 1])
+    assert (found.argval if found is not None else None) == callee, instructions
+
+
+def test_a_coroutine_stepped_by_hand_keeps_its_steppers_line_without_column_positions() -> None:
+    """Before, the stepper's callee was read from column positions alone: under
+    ``-X no_debug_ranges`` a coroutine stepped by hand was its own caller, and the skipper's
+    second vote took its peers' first without an error (its peers hung on the C path)."""
+    import subprocess
+    from pathlib import Path
+
+    done = subprocess.run(
+        [sys.executable, "-X", "no_debug_ranges", "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         "-k", "test_a_coroutine_stepped_by_hand_keeps_its_steppers_line[",
+         str(Path(__file__))], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "4 passed" in done.stdout.splitlines()[-1], done.stdout[-3000:]
