@@ -126,6 +126,9 @@ def tensor_program(api: Any, rank: int, size: int, rng: random.Random) -> list:
         api.all_reduce(total)
         least = torch.tensor(j - rank, dtype=torch.int32)
         api.all_reduce(least, ReduceOp.MIN, async_op=True).wait()
+        bits = torch.tensor([rank + 1, j | rank, 7 ^ rank], dtype=torch.int64)
+        api.all_reduce(bits, op=(ReduceOp.BAND, ReduceOp.BOR, ReduceOp.BXOR)[i % 3])
+        out.append(bits.tolist())
         row = torch.arange(4, dtype=torch.float32) * (rank + 1)
         api.broadcast(row, src=i % size)
         out += [vote.tolist(), total.tolist(), least.tolist(), row.tolist()]
@@ -269,6 +272,9 @@ def tensor_failures(drop_in: Any, rank: int, size: int) -> list:
            lambda: drop_in.all_gather(short, torch.zeros(1)))
     expect((tc.EncodeError, tc.PeerError), "AVG (not reduced by the drop-in)",
            lambda: drop_in.all_reduce(torch.zeros(1), op=ReduceOp.AVG if rank == size - 1
+                                      else ReduceOp.SUM))
+    expect((tc.EncodeError, tc.PeerError), "BAND of a float tensor (gloo reduces no float so)",
+           lambda: drop_in.all_reduce(torch.zeros(1), op=ReduceOp.BAND if rank == size - 1
                                       else ReduceOp.SUM))
     # Values that cannot even be compared with an op or a rank: flagged, never raised alone.
     expect((tc.EncodeError, tc.PeerError), "op an array",

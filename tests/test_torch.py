@@ -734,7 +734,7 @@ def test_after_a_desync_the_communicator_is_usable(desync):
 
 @pytest.mark.parametrize("case, head, what, via, detail", [
     ("t_bad_op", "collective #15 on WORLD", "all_reduce_tensor", ("t7", "comm.all_reduce_tensor"),
-     "expected op 'sum', 'prod', 'max' or 'min', got 'avg'"),
+     "expected op 'sum', 'prod', 'max', 'min', 'band', 'bor' or 'bxor', got 'avg'"),
     ("t_not_tensor", "collective #16 on WORLD", "all_gather_tensor",
      ("t8", "comm.all_gather_tensor"), "expected a torch.Tensor, got list"),
     ("bad timeout", "creation on WORLD#2", "create", ("bad-timeout", "tc.TypedComm"),
@@ -856,19 +856,21 @@ def test_device_verdict_on_hand_built_blocks():
     assert device.check(ps[0], calls[0], same, same[:CHECKED], "deferred") is None
 
     ps = ps[:2]
+    # Built without an NCCL group, so with the host path's words for the op (gloo's ops)
+    HOST_OPS = "expected op 'sum', 'prod', 'max', 'min', 'band', 'bor' or 'bxor'"
     good = _device_call(ps[0], "all_reduce_tensor", x, 3, reduce_op="sum")  # @good
     bad = _device_call(ps[1], "all_reduce_tensor", x, 3, reduce_op="avg")  # @bad
     blocks = _blocks(ps, [good, bad])
     err = device.check(ps[0], good, blocks, blocks[:CHECKED], "deferred")
     assert isinstance(err, tc.PeerError) and str(err) == (
         f"collective #3 on WORLD: rank 1 failed its all_reduce_tensor contribution at "
-        f"{SITES['bad']}: expected op 'sum', 'prod', 'max' or 'min', got 'avg'")
+        f"{SITES['bad']}: {HOST_OPS}, got 'avg'")
     own = blocks[BLOCK:BLOCK + CHECKED]
     assert device.check(ps[1], bad, blocks, own, "deferred") is None  # it raised at call time
     err = device.check(ps[1], bad, blocks, own, "eager")
     assert isinstance(err, tc.EncodeError) and str(err) == (
         f"collective #3 on WORLD: rank 1 could not send its all_reduce_tensor contribution at "
-        f"{SITES['bad']}: expected op 'sum', 'prod', 'max' or 'min', got 'avg'")
+        f"{SITES['bad']}: {HOST_OPS}, got 'avg'")
     assert good.array_fp == bad.array_fp and good.error is None
 
 

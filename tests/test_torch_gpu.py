@@ -149,6 +149,17 @@ def test_local_error_raises_encode_error(groups, mode):
         assert comm.all_reduce_tensor(torch.ones(3, device="cuda"), "sum").sum().item() == 3
 
 
+def test_a_bitwise_op_is_gloos_alone(groups):
+    """NCCL reduces no bitwise op: a CUDA tensor's raises with why; a CPU tensor's is gloo's."""
+    with tc.TypedComm.from_torch(groups[0]) as comm:
+        with pytest.raises(tc.EncodeError) as err:
+            comm.all_reduce_tensor(torch.ones(3, dtype=torch.int32, device="cuda"), "bor")
+        assert str(err.value).endswith(
+            "expected op 'sum', 'prod', 'max' or 'min', got 'bor' (NCCL reduces no bitwise op: "
+            "a CPU tensor's goes through gloo)"), err.value
+        assert comm.all_reduce_tensor(torch.tensor([6, 3]), "band").tolist() == [6, 3]
+
+
 def test_object_collectives_on_an_nccl_group_use_private_gloo(groups):
     with tc.TypedComm.from_torch(groups[0]) as comm:
         assert comm._p.transport.control.name() == "gloo"

@@ -23,7 +23,8 @@ class TensorCalls(GroupBinding):
                    async_op: bool = False,
                    *, name: Optional[str] = None, step: Optional[int] = None) -> Any:
         """``tensor`` reduced across the group, in place (``op``: ``ReduceOp.SUM`` when None,
-        ``PRODUCT``, ``MAX``, ``MIN``, or their names)."""
+        ``PRODUCT``, ``MAX``, ``MIN``, or their names; ``BAND``, ``BOR`` and ``BXOR`` of integer
+        and bool CPU tensors too, as gloo reduces them)."""
         from ..tensor import ops as tensor_ops
         tensor_ops.all_reduce_tensor(self._p, tensor, _op_name(op), name, step,
                                      error=self._check_group("all_reduce", group))

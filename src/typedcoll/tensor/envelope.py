@@ -33,6 +33,7 @@ META_MAX = BLOCK - HEADER_SIZE
 RING = 64  # pinned envelope slots per communicator: unverified device calls in flight, at most
 MODES = ("deferred", "eager")
 TENSOR_OPS = ("sum", "prod", "max", "min")  # what both gloo and NCCL reduce
+BITWISE_OPS = ("band", "bor", "bxor")  # what gloo reduces too, of integer and bool tensors
 # Tensor collectives carry no payload schema: an empty name (messages show the bare op) and one
 # fingerprint for every tensor call (an object collective still differs from it in its op).
 TENSOR_INFO = SchemaInfo(None, "", array_fingerprint("tensor", ()), KIND_ARRAY, None)
@@ -71,11 +72,15 @@ def tensor_call(p: Any, op: str, tensor: Any, name: Any, step: Any, *, root: Any
         None if is_tensor else f"TypeError: expected a torch.Tensor, got {type(tensor).__name__}"]
     code = 0
     if op in REDUCING_OPS:
-        if isinstance(reduce_op, str) and reduce_op in TENSOR_OPS:
+        known = TENSOR_OPS if on_device else TENSOR_OPS + BITWISE_OPS
+        if isinstance(reduce_op, str) and reduce_op in known:
             code = REDUCE_OPS[reduce_op]
         else:
-            errors.append(f"ValueError: expected op 'sum', 'prod', 'max' or 'min', got "
-                          f"{reduce_op!r}"[:300])
+            names = ", ".join(repr(k) for k in known[:-1])
+            why = (" (NCCL reduces no bitwise op: a CPU tensor's goes through gloo)"
+                   if isinstance(reduce_op, str) and reduce_op in BITWISE_OPS else "")
+            errors.append(f"ValueError: expected op {names} or {known[-1]!r}, got "
+                          f"{reduce_op!r}{why}"[:300])
     root_error = check_root(root, p.size) if op in ROOTED_OPS else None
     errors.append(root_error)
     meta = None
@@ -121,6 +126,10 @@ def _tensor_error(op: str, tensor: torch.Tensor, size: int, reduce_op: Any, on_d
             return f"TypeError: expected a real tensor for op {reduce_op!r}, got {tensor.dtype}"
         if not on_device and tensor.dtype not in GLOO_REDUCIBLE:
             return f"TypeError: expected a dtype gloo can reduce, got {tensor.dtype}"
+        bitwise = isinstance(reduce_op, str) and reduce_op in BITWISE_OPS
+        if bitwise and (tensor.is_floating_point() or tensor.is_complex()):
+            return (f"TypeError: expected an integer or bool tensor for op {reduce_op!r}, got "
+                    f"{tensor.dtype}")
     return None
 
 

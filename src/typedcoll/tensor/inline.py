@@ -9,9 +9,9 @@ instead, and every rank finishes the op from the gathered slots:
   all_to_all_tensor   block ``rank`` of every rank's bytes, in rank order
   broadcast_tensor    the root's bytes (the other ranks send none)
   all_reduce_tensor   integer dtypes only (int8, uint8, int32, int64), reduced in rank order:
-                      sums and products wrap and max and min are exact, so the result is gloo's,
-                      bit for bit, on every rank. Floats keep gloo's own reduction (its order,
-                      its NaN rule) on the second collective.
+                      sums and products wrap, max, min and the bitwise ops are exact, so the
+                      result is gloo's, bit for bit, on every rank. Floats keep gloo's own
+                      reduction (its order, its NaN rule) on the second collective.
   reduce_tensor, gather_tensor, scatter_tensor
                       as all_reduce_tensor, all_gather_tensor and broadcast_tensor (of the
                       root's stacked parts): the root keeps, or every rank takes, its share.
@@ -40,7 +40,8 @@ from .envelope import TensorCall
 INLINE_MAX = 256  # bytes of one rank's tensor that ride in its slot
 _REDUCIBLE = {torch.int8: np.int8, torch.uint8: np.uint8, torch.int32: np.int32,
               torch.int64: np.int64}
-_UFUNCS = {"sum": np.add, "prod": np.multiply, "max": np.maximum, "min": np.minimum}
+_UFUNCS = {"sum": np.add, "prod": np.multiply, "max": np.maximum, "min": np.minimum,
+           "band": np.bitwise_and, "bor": np.bitwise_or, "bxor": np.bitwise_xor}
 
 
 def on_host(call: TensorCall) -> None:
