@@ -10,6 +10,8 @@ the trace analyzer are pure logic on hand-built envelopes and dumps.
 from __future__ import annotations
 
 import inspect
+import subprocess
+import sys
 from typing import Any, Callable, List, Optional
 
 import pytest
@@ -17,6 +19,7 @@ import pytest
 import typedcoll as tc
 from typedcoll import MismatchKind
 from typedcoll.core.identity import column_of, format_column, site_fingerprint
+from typedcoll.core.sites import COLUMNS
 from typedcoll.core.desync import desync_message
 from typedcoll.core.mismatch import EnvelopeInfo, format_groups, group_envelopes
 from typedcoll.diagnostics.analysis import analyze
@@ -76,6 +79,65 @@ def test_two_votes_on_one_line_with_a_rank_local_condition_raise(timeout: Option
         "places, give every rank's call the same name= (or mark the wrapper they share with "
         "@typedcoll.transparent)"]
     assert list(results[0].kinds) == [MismatchKind.CALL]
+
+
+@pytest.mark.skipif(COLUMNS, reason="run under -X no_debug_ranges by the test after it")
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+def test_two_votes_on_one_line_raise_without_column_positions(timeout: Optional[float]):
+    """Where code keeps no column positions (Python 3.10, ``-X no_debug_ranges``), a site is
+    its line and which of the line's calls it is, in bytecode order. Before, both votes were
+    ``file.py:LINE``, and the function that picks one of them a thin wrapper: the ready rank
+    took its peers' other vote without an error."""
+    assert outcomes(3, two_votes_on_one_line, True, timeout=timeout) == [[1, 1, 1]] * 3
+    assert outcomes(3, two_votes_on_one_line, False, timeout=timeout) == [[2, 2, 2]] * 3
+
+    def body(comm: tc.TypedComm) -> Any:
+        return two_votes_on_one_line(comm, comm.rank == 0)
+
+    error = one_desync(outcomes(3, body, timeout=timeout))
+    assert list(error.kinds) == [MismatchKind.CALL], error
+    line, _ = line_and_columns(two_votes_on_one_line, "# TWO-VOTES", "comm.allgather")
+    rows = str(error).splitlines()[1:3]
+    at = f"allgather[int] at {FILE}:{line}"
+    assert rows[0].startswith(f"  rank 0:    {at} (call 1 of 2 on its line) called from "), error
+    assert rows[1].startswith(f"  ranks 1-2: {at} (call 2 of 2 on its line) called from "), error
+
+
+def test_two_votes_on_one_line_raise_under_no_debug_ranges():
+    """The test before, in a process without column positions."""
+    done = subprocess.run(
+        [sys.executable, "-X", "no_debug_ranges", "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         "-k", "test_two_votes_on_one_line_raise_without_column_positions", __file__],
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "2 passed" in done.stdout.splitlines()[-1], \
+        done.stdout[-3000:]
+
+
+def votes_when_done(comm: tc.TypedComm, box: List[Any]) -> None:
+    try:
+        pass
+    finally:
+        box.append(comm.allgather(True))  # FINALLY
+
+
+def test_a_lines_calls_are_told_apart_and_the_compilers_copies_are_not():
+    """``sites.calls_by_line``, what sites hold where code keeps no columns: the two votes of
+    one line are its calls 0 and 1; the copies of a ``finally`` block (one run on each way
+    out) are one call each."""
+    import dis
+
+    from typedcoll.core.sites import calls_by_line
+
+    def read(fn: Callable[..., Any], marker: str) -> List[Any]:
+        line, _ = line_and_columns(fn, marker, "comm.allgather")
+        instructions = list(dis.get_instructions(fn))
+        table = calls_by_line(instructions)
+        return [table[i.offset] for i in instructions
+                if i.offset in table and i.positions is not None and i.positions.lineno == line]
+
+    assert read(two_votes_on_one_line, "# TWO-VOTES") == [(0, 2), (1, 2)]
+    done = read(votes_when_done, "# FINALLY")  # allgather, then append, on each way out
+    assert len(done) >= 4 and set(done) == {(0, 2), (1, 2)}, done
 
 
 @pytest.mark.parametrize("timeout", TIMEOUTS)

@@ -59,7 +59,7 @@ from .arms import branch_of
 from .identity import site_fingerprint
 from .plumbing import register_internal
 from .site_walk import Via, site_from, via_name
-from .sites import CodeTable, column_of, format_site
+from .sites import CodeTable, column_of, format_call_site
 from .mismatch import TOO_DEEP_SITE, Caller
 from .loops import in_spans, loop_spans
 
@@ -271,7 +271,7 @@ def combined(joined: bytes) -> bytes:
 
 def describe(levels: Tuple[Level, ...]) -> Tuple[Caller, ...]:
     """The callers as envelopes name them, for messages and the verdict."""
-    return tuple(Caller(site=format_site(code, lasti), column=column_of(code, lasti),
+    return tuple(Caller(site=format_call_site(code, lasti), column=column_of(code, lasti),
                         via=via_name(via), branch=branch_of(code, lasti))
                  if code is not None else Caller(TOO_DEEP_SITE) for code, lasti, via in levels)
 

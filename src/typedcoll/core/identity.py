@@ -55,7 +55,7 @@ from .plumbing import SKIP_CODES, SKIP_FILES, register_internal, transparent
 from .site_walk import CHAIN_MAX, Forwarding, ThinChain, Via, call_site, forwarding, \
     is_forwarder, site_from, thin_chain, user_frame, via_name
 from .sites import COLUMNS, NO_COLUMNS, CodeTable, Position, column_of, format_column, \
-    format_site, line_of, position_of, source_name
+    format_site, line_of, position_of, site_key, source_name
 
 __all__ = [
     "CHAIN_MAX", "COLUMNS", "MAX_NAME", "NO_COLUMNS", "SKIP_CODES", "SKIP_FILES", "CodeTable",
@@ -77,7 +77,7 @@ def site_fingerprint(code: Optional[CodeType], lasti: int, via: Optional[Via] = 
     wrapper, that wrapper (:func:`via_name`: its name, module and first line)."""
     fp: Optional[bytes] = _SITE_FP.get(code, lasti)
     if fp is None:
-        site = format_column(format_site(code, lasti), column_of(code, lasti))
+        site = site_key(code, lasti) if code is not None else format_site(code, lasti)
         fp = _SITE_FP.put(code, lasti, digest8("site:" + site))
     if via is None:
         return fp

@@ -7,11 +7,12 @@ Sites read ``file.py:LINE``, the file named by its module (``core.identity`` say
 
 from __future__ import annotations
 
+import dis
 import os
 import sys
 from itertools import islice
 from types import CodeType
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from .plumbing import register_internal
 
@@ -42,6 +43,16 @@ class CodeTable:
 
 _LINES = CodeTable()
 _POSITIONS = CodeTable()
+_CALLS_ON_LINE = CodeTable()
+# 3.11's PRECALL is left out: it comes just before its CALL, so counts as that CALL
+_CALL_OPS = frozenset(op for name, op in dis.opmap.items() if name in (
+    "CALL", "CALL_KW", "CALL_FUNCTION_EX", "CALL_FUNCTION", "CALL_FUNCTION_KW", "CALL_METHOD"))
+_PRECALL = dis.opmap.get("PRECALL", -1)
+_ENDS_RUN = frozenset({"RETURN_VALUE", "RETURN_CONST", "RERAISE", "RAISE_VARARGS",
+                       "JUMP_FORWARD", "JUMP_BACKWARD", "JUMP_ABSOLUTE", "JUMP",
+                       "JUMP_BACKWARD_NO_INTERRUPT", "JUMP_NO_INTERRUPT"})
+_UNREAD_OPS = frozenset({"NOP", "PUSH_EXC_INFO", "CACHE", "EXTENDED_ARG", "RESUME"})
+_JUMP_OPS = frozenset(dis.hasjrel + dis.hasjabs)
 _UNSET = object()
 _SOURCE_NAMES: Dict[str, str] = {}  # co_filename -> how sites name it
 
@@ -79,6 +90,71 @@ def column_of(code: Optional[CodeType], lasti: int) -> Optional[int]:
     """The column where the call at ``lasti`` starts (0-based), None where none is known."""
     position = position_of(code, lasti) if code is not None else None
     return position[2] if position is not None else None
+
+
+def site_key(code: CodeType, lasti: int) -> str:
+    """What a site's fingerprint holds: ``file.py:LINE:COL``; where the code keeps no column
+    positions, ``file.py:LINE`` and which of the line's calls it is (``#2``: the third in
+    bytecode order), so that two calls written on one line stay two calls there too."""
+    column = column_of(code, lasti)
+    site = format_column(format_site(code, lasti), column)
+    return site if column is not None else f"{site}#{_calls_on_line(code, lasti)[0]}"
+
+
+def format_call_site(code: Optional[CodeType], lasti: int) -> str:
+    """A call's site as envelopes name it: :func:`format_site`, and where the code keeps no
+    column positions and its line holds more than one call, which of them it is (messages
+    show the column instead where one is known)."""
+    site = format_site(code, lasti)
+    if code is None or column_of(code, lasti) is not None:
+        return site
+    index, count = _calls_on_line(code, lasti)
+    return site if count < 2 else f"{site} (call {index + 1} of {count} on its line)"
+
+
+def _calls_on_line(code: CodeType, lasti: int) -> Tuple[int, int]:
+    """Which of its line's calls the call at ``lasti`` is, from 0 in bytecode order, and how
+    many the line holds (:func:`calls_by_line`); (0, 1) for an offset that holds no call."""
+    table: Optional[Dict[int, Tuple[int, int]]] = _CALLS_ON_LINE.get(code, -1)
+    if table is None:
+        table = _CALLS_ON_LINE.put(code, -1, calls_by_line(list(dis.get_instructions(code))))
+    raw = code.co_code
+    if 0 <= lasti < len(raw) and raw[lasti] == _PRECALL:  # 3.11: the CALL after it
+        at = min((offset for offset in table if offset > lasti), default=lasti)
+    else:  # the call, or one of the inline caches that follow it
+        at = max((offset for offset in table if offset <= lasti), default=lasti)
+    return table.get(at, (0, 1))
+
+
+def calls_by_line(instructions: List[dis.Instruction]) -> Dict[int, Tuple[int, int]]:
+    """Each call's offset -> which of its line's calls it is and how many the line holds, for
+    code without column positions, where that is what tells apart two calls of one line. A
+    call reads as the instructions of its line that lead to it since the last jump target,
+    exception handler or end of a path (jumps without their targets): the copies the compiler
+    makes of one call (a ``finally`` block's, a ``with`` block's exit on each way out) read
+    alike and count once."""
+    lines: Dict[int, List[Tuple[Any, ...]]] = {}
+    found: Dict[int, Tuple[int, Tuple[Any, ...]]] = {}
+    line, run = None, []  # type: Tuple[Optional[int], List[Tuple[Any, ...]]]
+    ended = False  # the instruction before ends its run: no instruction follows it there
+    for ins in instructions:
+        where = getattr(ins, "positions", None)  # before 3.11: starts_line alone
+        at: Optional[int] = where.lineno if where is not None else ins.starts_line
+        at = line if at is None else at
+        if at != line or ins.is_jump_target or ins.opname == "PUSH_EXC_INFO" or ended:
+            line, run = at, []
+        ended = ins.opname in _ENDS_RUN
+        if ins.opname in _UNREAD_OPS:
+            continue
+        run.append((ins.opname,) if ins.opcode in _JUMP_OPS else (ins.opname, repr(ins.argval)))
+        if ins.opcode in _CALL_OPS and line is not None:
+            reading = tuple(run)
+            seen = lines.setdefault(line, [])
+            if reading not in seen:
+                seen.append(reading)
+            found[ins.offset] = (line, reading)
+    return {offset: (lines[line].index(reading), len(lines[line]))
+            for offset, (line, reading) in found.items()}
 
 
 def _compiles_columns() -> bool:

@@ -42,6 +42,7 @@ from types import CodeType
 from typing import Dict, FrozenSet, List, Optional, Set, Tuple
 
 from .loops import COROUTINE, ENDS, a_plain_function
+from .sites import calls_by_line
 
 _MAX_PATHS = 256  # more paths than this: not thin (no wrapper has them)
 _REFUSED = ("FOR_ITER", "SEND", "YIELD", "SETUP_", "WITH")  # loops, generators, with blocks
@@ -155,6 +156,7 @@ def hand_on_calls(code: CodeType) -> Tuple[FrozenSet[int], bool]:
            if ins.opname.startswith("STORE_FAST") or ins.opname == "DELETE_FAST"):
         return _NO_CALLS, False  # it reassigns an argument: it may not hand on its caller's
     found: Dict[int, Position] = {}
+    by_line: Dict[int, Tuple[int, int]] = {}
     closure = True
     line = None  # before 3.11 instructions carry no positions: the line alone
     for i, ins in enumerate(instructions):
@@ -165,9 +167,7 @@ def hand_on_calls(code: CodeType) -> Tuple[FrozenSet[int], bool]:
         if callee is not None:
             closure = closure and callee.opname == "LOAD_DEREF" and \
                 callee.argval in code.co_freevars
-            p = getattr(ins, "positions", None)
-            found[ins.offset] = (line, None, None, None) if p is None else (
-                p.lineno, p.end_lineno, p.col_offset, p.end_col_offset)
+            found[ins.offset] = _where(ins, line, instructions, by_line)
     if len(set(found.values())) != 1:
         return _NO_CALLS, False  # two (a branch picking one, a call made twice): its own sites
     after = {ins.offset: nxt.offset for ins, nxt in zip(instructions, instructions[1:])}
@@ -266,6 +266,7 @@ def _returned(instructions: List[dis.Instruction], calls: Dict[int, Position]) -
 def _calls(instructions: List[dis.Instruction]) -> Optional[Dict[int, Position]]:
     """Offset -> source position of each call that counts; None where a jump goes backwards."""
     calls: Dict[int, Position] = {}
+    by_line: Dict[int, Tuple[int, int]] = {}
     raising = False  # between LOAD_ASSERTION_ERROR and its RAISE_VARARGS
     previous = None
     line = None  # before 3.11 instructions carry no positions: the line alone
@@ -282,11 +283,24 @@ def _calls(instructions: List[dis.Instruction]) -> Optional[Dict[int, Position]]
             if not isinstance(ins.argval, int) or ins.argval <= ins.offset:
                 return None  # a loop
         elif name.startswith("CALL") and not name.startswith("CALL_INTRINSIC") and not raising:
-            p = getattr(ins, "positions", None)
-            calls[ins.offset] = (line, None, None, None) if p is None else (
-                p.lineno, p.end_lineno, p.col_offset, p.end_col_offset)
+            calls[ins.offset] = _where(ins, line, instructions, by_line)
         previous = ins
     return calls
+
+
+def _where(ins: dis.Instruction, line: Optional[int], instructions: List[dis.Instruction],
+           by_line: Dict[int, Tuple[int, int]]) -> Position:
+    """Where a call is written: its source span; where the code keeps no column positions
+    (before 3.11, ``-X no_debug_ranges``), its line and which of the line's calls it is
+    (``sites.calls_by_line``, filled into ``by_line`` on first use), so that two calls written
+    on one line (``a() if ready else b()``) stay two calls, as their sites do."""
+    p = getattr(ins, "positions", None)
+    if p is None or p.col_offset is None:
+        if not by_line:
+            by_line.update(calls_by_line(instructions))
+        index = by_line.get(ins.offset, (None, 0))[0]
+        return (line if p is None else p.lineno, None, None, index)
+    return (p.lineno, p.end_lineno, p.col_offset, p.end_col_offset)
 
 
 def _calls_per_path(instructions: List[dis.Instruction],

@@ -30,7 +30,7 @@ from .callers import describe as describe_callers
 from .desync import desync_message
 from .plumbing import register_internal
 from .site_walk import via_name
-from .sites import column_of, format_site
+from .sites import column_of, format_call_site, format_site
 from .mismatch import (EnvelopeInfo, Group, MismatchKind, compact_ranks, differing_notes,
                        group_envelopes, label, mismatch_kinds, numbering, place, role_split)
 from .wire import (AGREE_SIZE, FLAG_LOCAL_ERROR, FLAGS_OFFSET, HEADER_SIZE, IDENTITY_OFFSET,
@@ -83,7 +83,7 @@ def describe_call(p: "Protocol", call: Call, error: Optional[str] = None) -> Env
         rank=p.rank, seq=call.seq, op=call.op,
         schema=call.schema_name if not (call.wild or internal) else "",
         fingerprint=call.info.fingerprint.hex() if call.info is not None and not call.wild
-        else "", comm=p.name, site=format_site(call.code, call.lasti),
+        else "", comm=p.name, site=format_call_site(call.code, call.lasti),
         column=column_of(call.code, call.lasti), name=call.name,
         occurrence=call.occurrence, step=call.step,
         root=call.root if call.op in ROOTED_OPS else None,
