@@ -180,7 +180,10 @@ def test_sigterm_dumps_a_rank_stuck_in_mpi_and_it_still_ends(tmp_path):
     res = run_spmd(program("diag_signals"), 2, timeout=60, tmp_path=tmp_path,
                    abort_on_error=False,
                    env={"TYPEDCOLL_TRACE_DIR": str(trace), "DIAG_SIGNAL": "TERM"})
-    assert not res.timed_out and res.returncode != 0, res
+    # Rank 1 ended: the launcher reports its signal, or (MPICH now and then returns 0 when
+    # rank 0 exits first) rank 0 saw it gone before it exited itself.
+    assert not res.timed_out, res
+    assert res.returncode != 0 or "rank 0: rank 1 ended" in res.stdout, res
     doc = json.loads((trace / "rank1.json").read_text())
     last = doc["comms"][0]["entries"][-1]
     assert doc["reason"] == "SIGTERM", doc
