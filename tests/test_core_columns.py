@@ -10,8 +10,6 @@ the trace analyzer are pure logic on hand-built envelopes and dumps.
 from __future__ import annotations
 
 import inspect
-import subprocess
-import sys
 from typing import Any, Callable, List, Optional
 
 import pytest
@@ -81,7 +79,7 @@ def test_two_votes_on_one_line_with_a_rank_local_condition_raise(timeout: Option
     assert list(results[0].kinds) == [MismatchKind.CALL]
 
 
-@pytest.mark.skipif(COLUMNS, reason="run under -X no_debug_ranges by the test after it")
+@pytest.mark.skipif(COLUMNS, reason="run under -X no_debug_ranges by test_core_no_columns")
 @pytest.mark.parametrize("timeout", TIMEOUTS)
 def test_two_votes_on_one_line_raise_without_column_positions(timeout: Optional[float]):
     """Where code keeps no column positions (Python 3.10, ``-X no_debug_ranges``), a site is
@@ -101,16 +99,6 @@ def test_two_votes_on_one_line_raise_without_column_positions(timeout: Optional[
     at = f"allgather[int] at {FILE}:{line}"
     assert rows[0].startswith(f"  rank 0:    {at} (call 1 of 2 on its line) called from "), error
     assert rows[1].startswith(f"  ranks 1-2: {at} (call 2 of 2 on its line) called from "), error
-
-
-def test_two_votes_on_one_line_raise_under_no_debug_ranges():
-    """The test before, in a process without column positions."""
-    done = subprocess.run(
-        [sys.executable, "-X", "no_debug_ranges", "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         "-k", "test_two_votes_on_one_line_raise_without_column_positions", __file__],
-        capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and "2 passed" in done.stdout.splitlines()[-1], \
-        done.stdout[-3000:]
 
 
 def votes_when_done(comm: tc.TypedComm, box: List[Any]) -> None:

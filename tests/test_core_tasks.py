@@ -217,8 +217,8 @@ def test_two_votes_through_a_generator_based_coroutine_are_two_calls(
                           f"test_core_callers.py:{first + 7}", timeout=timeout)
 
 
-# Code compiled without column positions (``-X no_debug_ranges``) names a stepper's callee by
-# the stack: each function's last call is the one read.
+# Code compiled without column positions (``-X no_debug_ranges``) names a call's callee by the
+# stack (a stepper's; a role branch's call by its name): each function's last call is read.
 def steps(coro: Any) -> Any:
     return coro.send(None)
 
@@ -243,9 +243,22 @@ def sends_one_of_two(coro: Any, which: bool, a: Any, b: Any) -> Any:
     return coro.send(a if which else b)
 
 
+def measures(items: Any) -> Any:
+    return len(items)
+
+
+def broadcasts(comm: Any, x: Any) -> Any:
+    return comm.bcast(x, root=0)
+
+
+def hands_on(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    return fn(*args, **kwargs)
+
+
 @pytest.mark.parametrize("fn, callee", [
     (steps, "send"), (throws_into, "throw"), (schedules, "create_task"),
-    (sends_what_a_call_returns, "send"), (sends_a_method, "send"), (sends_one_of_two, None)])
+    (sends_what_a_call_returns, "send"), (sends_a_method, "send"), (sends_one_of_two, None),
+    (measures, "len"), (broadcasts, "bcast"), (hands_on, "fn")])
 def test_a_calls_callee_is_read_from_the_stack_where_no_columns_are_kept(
         fn: Any, callee: Optional[str]) -> None:
     """The walk back over the arguments' stack effects stops at the load that pushed the
@@ -253,23 +266,10 @@ def test_a_calls_callee_is_read_from_the_stack_where_no_columns_are_kept(
     leaves it unknown."""
     import dis
 
-    from typedcoll.core.callers import _CALLS, callee_by_stack
+    from typedcoll.core.callers import _CALLS
+    from typedcoll.core.sites import callee_by_stack
 
     instructions = list(dis.get_instructions(fn))
     last = max(i for i, ins in enumerate(instructions) if ins.opcode in _CALLS)
     found = callee_by_stack(instructions[:last + 1])
     assert (found.argval if found is not None else None) == callee, instructions
-
-
-def test_a_coroutine_stepped_by_hand_keeps_its_steppers_line_without_column_positions() -> None:
-    """Before, the stepper's callee was read from column positions alone: under
-    ``-X no_debug_ranges`` a coroutine stepped by hand was its own caller, and the skipper's
-    second vote took its peers' first without an error (its peers hung on the C path)."""
-    import subprocess
-    from pathlib import Path
-
-    done = subprocess.run(
-        [sys.executable, "-X", "no_debug_ranges", "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         "-k", "test_a_coroutine_stepped_by_hand_keeps_its_steppers_line[",
-         str(Path(__file__))], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and "4 passed" in done.stdout.splitlines()[-1], done.stdout[-3000:]

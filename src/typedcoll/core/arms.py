@@ -56,7 +56,7 @@ from types import CodeType
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 from .plumbing import register_internal
-from .sites import CodeTable, Position, position_of, source_name
+from .sites import CodeTable, Position, callee_name, line_of, position_of, source_name
 from .mismatch import Branch
 from .role_test import tests_a_role
 
@@ -66,11 +66,12 @@ _EXITS = (ast.Return, ast.Raise, ast.Continue, ast.Break)
 # its arm: ``step(lambda: comm.bcast(x))`` is that arm's call).
 _SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Module)
 Hit = Tuple[int, int, int, str, int]  # the if's line and column, k, name, arm
+LineName = Tuple[int, str]  # where code keeps no column positions: a call's line and name
 MAX_CANDIDATES = 8  # enclosing branches kept per call, the innermost first
 
 
 # filename -> {position of a call -> its Hits, innermost first}; None: source not read
-_FILES: Dict[str, Optional[Dict[Position, List[Hit]]]] = {}
+_FILES: Dict[str, Optional[Tuple[Dict[Position, List[Hit]], Dict[LineName, List[Hit]]]]] = {}
 _BRANCHES = CodeTable()
 _UNREAD = object()
 _LOCK = threading.Lock()
@@ -87,10 +88,15 @@ def branch_of(code: Optional[CodeType], lasti: int) -> Optional[Branch]:
     with _LOCK:
         try:
             position = position_of(code, lasti)
-            calls = _calls_of(code.co_filename) if position is not None else None
+            # without column positions: the line and the name called (``branch_calls``)
+            name = callee_name(code, lasti) if position is None else None
+            calls = _calls_of(code.co_filename) if position or name else None
         except Exception:  # never raise in a cold path a rank's peers wait in; not remembered
             return None
-        hits = calls.get(position) if calls is not None and position is not None else None
+        hits = None
+        if calls is not None:
+            hits = calls[0].get(position) if position is not None else \
+                calls[1].get((line_of(code, lasti), name or ""))
         branch = None
         if hits:
             name = source_name(code.co_filename)
@@ -99,13 +105,15 @@ def branch_of(code: Optional[CodeType], lasti: int) -> Optional[Branch]:
         return _BRANCHES.put(code, lasti, branch)  # type: ignore[no-any-return]
 
 
-def _calls_of(filename: str) -> Optional[Dict[Position, List[Hit]]]:
+def _calls_of(filename: str) -> Optional[Tuple[Dict[Position, List[Hit]],
+                                                Dict[LineName, List[Hit]]]]:
     if filename not in _FILES:
         if len(_FILES) > 256:
             _FILES.clear()
         source = _source(filename)
-        _FILES[filename] = (branch_calls(source) if source and len(source) <= _MAX_SOURCE
-                            else None)
+        by_line: Dict[LineName, List[Hit]] = {}
+        spans = branch_calls(source, by_line) if source and len(source) <= _MAX_SOURCE else None
+        _FILES[filename] = (spans, by_line) if spans is not None else None
     return _FILES[filename]
 
 
@@ -119,10 +127,13 @@ def _source(filename: str) -> str:
         return "".join(linecache.getlines(filename))
 
 
-def branch_calls(source: str) -> Optional[Dict[Position, List[Hit]]]:
+def branch_calls(source: str, by_line: Optional[Dict[LineName, List[Hit]]] = None
+                 ) -> Optional[Dict[Position, List[Hit]]]:
     """Every call of ``source`` that is a role branch's: its position -> its candidate branches,
     the innermost first, each (line and column of the ``if``, k, name, arm). None where the
-    source does not parse."""
+    source does not parse. ``by_line`` gets them by line and name called, for code without
+    column positions (Python 3.10, ``-X no_debug_ranges``), where a line's calls of that name
+    are all one branch's alike."""
     try:
         tree = ast.parse(source)
     except (SyntaxError, ValueError):
@@ -132,15 +143,21 @@ def branch_calls(source: str) -> Optional[Dict[Position, List[Hit]]]:
         for child in ast.iter_child_nodes(node):
             parents[child] = node
     found: Dict[Position, List[Hit]] = {}
+    named: Dict[LineName, List[List[Hit]]] = {}
     for node in ast.walk(tree):
         if isinstance(node, ast.Call):
             name = _name(node)
             hits = _enclosing_branches(node, name, parents) if name is not None else []
+            if name is not None:
+                named.setdefault((node.lineno, name), []).append(hits)
             if hits and node.end_lineno is not None and node.end_col_offset is not None:
                 found[(node.lineno, node.end_lineno, node.col_offset, node.end_col_offset)] = hits
                 moved = _method_call_position(node)
                 if moved is not None:
                     found[moved] = hits
+    if by_line is not None:
+        by_line.update((key, each[0]) for key, each in named.items()
+                       if each[0] and all(hits == each[0] for hits in each))
     return found
 
 

@@ -59,7 +59,7 @@ from .arms import branch_of
 from .identity import site_fingerprint
 from .plumbing import register_internal
 from .site_walk import Via, site_from, via_name
-from .sites import CodeTable, column_of, format_call_site
+from .sites import CodeTable, callee_by_stack, column_of, format_call_site
 from .mismatch import TOO_DEEP_SITE, Caller
 from .loops import in_spans, loop_spans
 
@@ -84,7 +84,6 @@ _RESUME, _CACHE = dis.opmap["RESUME"], dis.opmap.get("CACHE", 0)
 # A coroutine stepped by hand steps for the frame that calls these (``_steps_by_hand``)
 _STEPPERS = frozenset({"send", "throw", "close"})
 _LOADS = frozenset({"LOAD_ATTR", "LOAD_METHOD"})
-_JUMPS = frozenset(dis.hasjrel + dis.hasjabs)
 _ASYNCIO_DIR = os.path.join(os.path.dirname(dis.__file__), "asyncio", "")
 _STEPS = CodeTable()  # a code's instruction -> AWAITS where it steps a coroutine for its frame
 _INSTRUCTIONS = CodeTable()  # a code's (-1) -> its instructions, for _steps_by_hand
@@ -169,34 +168,6 @@ def _steps_by_hand(code: CodeType, lasti: int) -> bool:
         loads = [i for i in before[:-1] if _span(i)[0] == start and (_span(i)[1] or end) < end]
         callee = max(loads, key=lambda i: _span(i)[1] or end, default=None)
     return callee is not None and callee.opname in _LOADS and callee.argval in _STEPPERS
-
-
-def callee_by_stack(before: List[dis.Instruction]) -> Optional[dis.Instruction]:
-    """The instruction that pushed the callee of the call ``before[-1]``, for code compiled
-    without column positions (``-X no_debug_ranges``): walking back from the call, the one
-    before which the instructions in between push exactly the call's arguments. A method load
-    pushes the callee with its object (or NULL), so the arguments follow it directly. None
-    where a jump lies in between (a conditional argument) or the call takes keywords or a
-    star (no stepper is called so)."""
-    at = len(before) - 1
-    if before[at].opname == "CALL" and at and before[at - 1].opname == "PRECALL":
-        at -= 1  # 3.11: the arguments end at PRECALL, which carries the same count
-    if before[at].opname not in ("CALL", "PRECALL"):
-        return None
-    count, pushed = before[at].arg or 0, 0
-    for ins in reversed(before[:at]):
-        if pushed == count and ins.opname in _LOADS:
-            return ins  # type: ignore[no-any-return]
-        if ins.opcode in _JUMPS:
-            return None
-        try:
-            pushed += dis.stack_effect(
-                ins.opcode, ins.arg if ins.opcode >= dis.HAVE_ARGUMENT else None)
-        except ValueError:
-            return None
-        if pushed > count:  # a prefix of the arguments' code never pops below its base
-            return None
-    return None
 
 
 def _span(ins: dis.Instruction) -> Tuple[Optional[Tuple[int, int]], Optional[Tuple[int, int]]]:

@@ -12,7 +12,7 @@ import os
 import sys
 from itertools import islice
 from types import CodeType
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .plumbing import register_internal
 
@@ -44,6 +44,7 @@ class CodeTable:
 _LINES = CodeTable()
 _POSITIONS = CodeTable()
 _CALLS_ON_LINE = CodeTable()
+_INSTRUCTIONS = CodeTable()  # a code's (-1) -> its instructions
 # 3.11's PRECALL is left out: it comes just before its CALL, so counts as that CALL
 _CALL_OPS = frozenset(op for name, op in dis.opmap.items() if name in (
     "CALL", "CALL_KW", "CALL_FUNCTION_EX", "CALL_FUNCTION", "CALL_FUNCTION_KW", "CALL_METHOD"))
@@ -53,6 +54,8 @@ _ENDS_RUN = frozenset({"RETURN_VALUE", "RETURN_CONST", "RERAISE", "RAISE_VARARGS
                        "JUMP_BACKWARD_NO_INTERRUPT", "JUMP_NO_INTERRUPT"})
 _UNREAD_OPS = frozenset({"NOP", "PUSH_EXC_INFO", "CACHE", "EXTENDED_ARG", "RESUME"})
 _JUMP_OPS = frozenset(dis.hasjrel + dis.hasjabs)
+_CALLEE_LOADS = frozenset({"LOAD_ATTR", "LOAD_METHOD", "LOAD_GLOBAL", "LOAD_NAME", "LOAD_FAST",
+                           "LOAD_DEREF", "LOAD_CLOSURE", "LOAD_FAST_CHECK"})
 _UNSET = object()
 _SOURCE_NAMES: Dict[str, str] = {}  # co_filename -> how sites name it
 
@@ -155,6 +158,57 @@ def calls_by_line(instructions: List[dis.Instruction]) -> Dict[int, Tuple[int, i
             found[ins.offset] = (line, reading)
     return {offset: (lines[line].index(reading), len(lines[line]))
             for offset, (line, reading) in found.items()}
+
+
+def callee_by_stack(before: List[dis.Instruction]) -> Optional[dis.Instruction]:
+    """The load that pushed the callee of the call ``before[-1]`` (its name is the load's
+    ``argval``), for code compiled without column positions (``-X no_debug_ranges``): walking
+    back from the call, the one before which the instructions in between push exactly what
+    the call takes (its arguments; the keywords' names; ``*args`` and ``**kwargs``). A load
+    pushes the callee with its object or a NULL, so those follow it directly. None where a
+    jump lies in between (a conditional argument) or the count is not known."""
+    at = len(before) - 1
+    if before[at].opname == "CALL" and at and before[at - 1].opname == "PRECALL":
+        at -= 1  # 3.11: the arguments end at PRECALL, which carries the same count
+    taken = _TAKES.get(before[at].opname)
+    if taken is None:
+        return None
+    count, pushed = taken(before[at].arg or 0), 0
+    for ins in reversed(before[:at]):
+        if pushed == count and ins.opname in _CALLEE_LOADS:
+            return ins  # type: ignore[no-any-return]
+        if pushed == count and ins.opname == "PUSH_NULL":
+            continue  # 3.13 pushes the NULL after the callee it goes with
+        if ins.opcode in _JUMP_OPS:
+            return None
+        try:
+            pushed += dis.stack_effect(
+                ins.opcode, ins.arg if ins.opcode >= dis.HAVE_ARGUMENT else None)
+        except ValueError:
+            return None
+        if pushed > count:  # a prefix of the arguments' code never pops below its base
+            return None
+    return None
+
+
+# What a call takes off the stack above its callee, by its oparg: the arguments, with the
+# keywords' names as one more (3.13's CALL_KW, 3.10's CALL_FUNCTION_KW), or *args and, where
+# the low bit is set, **kwargs.
+_TAKES: Dict[str, Callable[[int], int]] = {
+    "CALL": lambda n: n, "PRECALL": lambda n: n, "CALL_FUNCTION": lambda n: n,
+    "CALL_METHOD": lambda n: n, "CALL_KW": lambda n: n + 1, "CALL_FUNCTION_KW": lambda n: n + 1,
+    "CALL_FUNCTION_EX": lambda flags: 1 + (flags & 1)}
+
+
+def callee_name(code: CodeType, lasti: int) -> Optional[str]:
+    """The name the call at ``lasti`` calls (``bcast`` of ``comm.bcast(x)``), read from the
+    stack (:func:`callee_by_stack`); None where it cannot be told."""
+    instructions: Optional[List[dis.Instruction]] = _INSTRUCTIONS.get(code, -1)
+    if instructions is None:
+        instructions = _INSTRUCTIONS.put(code, -1, list(dis.get_instructions(code)))
+    before = [ins for ins in instructions if ins.offset <= lasti]
+    callee = callee_by_stack(before) if before else None
+    return callee.argval if callee is not None and isinstance(callee.argval, str) else None
 
 
 def _compiles_columns() -> bool:
