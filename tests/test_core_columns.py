@@ -82,7 +82,7 @@ def test_two_votes_on_one_line_with_a_rank_local_condition_raise(timeout: Option
 @pytest.mark.skipif(COLUMNS, reason="run under -X no_debug_ranges by test_core_no_columns")
 @pytest.mark.parametrize("timeout", TIMEOUTS)
 def test_two_votes_on_one_line_raise_without_column_positions(timeout: Optional[float]):
-    """Where code keeps no column positions (Python 3.10, ``-X no_debug_ranges``), a site is
+    """Where code keeps no column positions (``-X no_debug_ranges``), a site is
     its line and which of the line's calls it is, in bytecode order. Before, both votes were
     ``file.py:LINE``, and the function that picks one of them a thin wrapper: the ready rank
     took its peers' other vote without an error."""

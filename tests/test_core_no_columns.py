@@ -1,4 +1,4 @@
-"""Call identity where code keeps no column positions (Python 3.10, ``-X no_debug_ranges``).
+"""Call identity where code keeps no column positions (``-X no_debug_ranges``).
 
 There a site is its line and which of the line's calls it is (``sites.calls_by_line``), a role
 branch's call is found by its line and the name it calls (``arms.branch_calls``), and a stepper's

@@ -21,7 +21,7 @@ def run(n, fn):
 
 def raised(n, fn):
     """Every rank's exception, in rank order; fails when some rank returned."""
-    with pytest.raises(Exception) as info:  # an ExceptionGroup (its backport on Python 3.10)
+    with pytest.raises(Exception) as info:  # an ExceptionGroup
         run(n, fn)
     errors = list(info.value.exceptions)  # type: ignore[attr-defined]
     assert len(errors) == n, errors

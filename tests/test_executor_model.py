@@ -29,7 +29,7 @@ def run(plan, mode):
 
 def desync(plan):
     """Every rank's error in the typed mode; they must be one DesyncError, the same on all."""
-    with pytest.raises(Exception) as info:  # an ExceptionGroup (its backport on Python 3.10)
+    with pytest.raises(Exception) as info:  # an ExceptionGroup
         run(plan, "typed")
     errors = list(info.value.exceptions)  # type: ignore[attr-defined]
     assert len(errors) == plan.ranks and {type(e) for e in errors} == {tc.DesyncError}, errors

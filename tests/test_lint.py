@@ -201,15 +201,6 @@ def test_toml_configuration_and_pyproject_table(tmp_path):
         (str(CORPUS / "acceptance.py"), 23, RANK_LOCAL_GATE)}
 
 
-def test_toml_needs_python_311(tmp_path, monkeypatch):
-    config = tmp_path / "lint.toml"
-    config.write_text("wrappers = []\n")
-    monkeypatch.setattr(sys, "version_info", (3, 10, 14))
-    with pytest.raises(ConfigError, match=r"reading TOML needs Python 3\.11 or later \(tomllib\);"
-                                          r" give the same keys in a \.json file instead"):
-        load_config(str(config))
-
-
 @pytest.mark.parametrize("content, message", [
     ({"wrapper": ["x"]}, r"unknown key 'wrapper' \(known: clock_calls, "),
     ({"wrappers": "tp_allgather"}, r"wrappers must be a list of strings, got 'tp_allgather'"),

@@ -132,7 +132,7 @@ def branch_calls(source: str, by_line: Optional[Dict[LineName, List[Hit]]] = Non
     """Every call of ``source`` that is a role branch's: its position -> its candidate branches,
     the innermost first, each (line and column of the ``if``, k, name, arm). None where the
     source does not parse. ``by_line`` gets them by line and name called, for code without
-    column positions (Python 3.10, ``-X no_debug_ranges``), where a line's calls of that name
+    column positions (``-X no_debug_ranges``), where a line's calls of that name
     are all one branch's alike."""
     try:
         tree = ast.parse(source)

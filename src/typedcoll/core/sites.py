@@ -192,7 +192,7 @@ def callee_by_stack(before: List[dis.Instruction]) -> Optional[dis.Instruction]:
 
 
 # What a call takes off the stack above its callee, by its oparg: the arguments, with the
-# keywords' names as one more (3.13's CALL_KW, 3.10's CALL_FUNCTION_KW), or *args and, where
+# keywords' names as one more (3.13's CALL_KW), or *args and, where
 # the low bit is set, **kwargs.
 _TAKES: Dict[str, Callable[[int], int]] = {
     "CALL": lambda n: n, "PRECALL": lambda n: n, "CALL_FUNCTION": lambda n: n,

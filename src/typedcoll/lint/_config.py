@@ -10,7 +10,6 @@ replaces them, except through ``not_collectives``, which wins over every other r
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass, field, fields, replace
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -168,9 +167,6 @@ def load_config(path: str) -> Config:
         except ValueError as exc:
             raise ConfigError(f"{path}: not valid JSON: {exc}") from exc
     else:
-        if sys.version_info < (3, 11):
-            raise ConfigError(f"{path}: reading TOML needs Python 3.11 or later (tomllib); "
-                              "give the same keys in a .json file instead")
         import tomllib
         try:
             data = tomllib.loads(raw.decode("utf-8"))

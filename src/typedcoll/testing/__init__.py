@@ -31,10 +31,7 @@ from ..core.sites import format_site
 from ..core.mismatch import compact_ranks
 from ..transports.memory import World
 
-if sys.version_info >= (3, 11):
-    _ExceptionGroup = ExceptionGroup  # noqa: F821
-else:  # pragma: no cover - Python 3.10
-    from exceptiongroup import ExceptionGroup as _ExceptionGroup
+_ExceptionGroup = ExceptionGroup
 
 __all__ = ["observe", "run"]
 
@@ -127,10 +124,7 @@ def _join(threads: List[threading.Thread], timeout: Optional[float]) -> List[int
 
 
 def _note(exc: BaseException, text: str) -> None:
-    if hasattr(exc, "add_note"):
-        exc.add_note(text)
-    else:  # pragma: no cover - Python 3.10: the exceptiongroup backport prints __notes__
-        exc.__notes__ = [*getattr(exc, "__notes__", []), text]
+    exc.add_note(text)
 
 
 class _Reporter:
