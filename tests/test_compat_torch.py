@@ -140,7 +140,11 @@ def tensor_program(api: Any, rank: int, size: int, rng: random.Random) -> list:
         mine = torch.zeros(2, dtype=torch.float64)
         api.reduce_scatter_tensor(mine, torch.arange(2.0 * size, dtype=torch.float64)
                                   * (rank + j))
-        out += [[p.tolist() for p in parts], flat.tolist(), wide.tolist(), mine.tolist()]
+        flags = torch.zeros(40, dtype=torch.int32)  # past what rides in the exchange
+        api.reduce_scatter_tensor(flags, torch.arange(40 * size, dtype=torch.int32) * (rank + 1)
+                                  + j, op=(ReduceOp.BXOR, ReduceOp.BAND, ReduceOp.BOR)[i % 3])
+        out += [[p.tolist() for p in parts], flat.tolist(), wide.tolist(), mine.tolist(),
+                flags.tolist()]
         # All-to-all: equal blocks (a vote's size, and past what rides in the exchange), rows
         # per rank that differ by rank, a list per rank, and a reduce-scatter of a list.
         for width in (1, 40):
@@ -176,8 +180,10 @@ def tensor_program(api: Any, rank: int, size: int, rng: random.Random) -> list:
         root = (i + 1) % size
         acc = torch.tensor([rank * 3 + i, rng.randrange(100) - rank], dtype=torch.int64)
         api.reduce(acc, dst=root, op=ReduceOp.MAX if i else ReduceOp.SUM)
+        mask = torch.tensor([rank + 1, 6 - rank, i], dtype=torch.uint8)
+        api.reduce(mask, dst=root, op=ReduceOp.BOR if i else ReduceOp.BXOR)
         if rank == root:  # the other ranks' tensors are undefined in torch
-            out.append(acc.tolist())
+            out += [acc.tolist(), mask.tolist()]
         into = [torch.zeros(2) for _ in range(size)] if rank == root else None
         api.gather(torch.tensor([rank, i * 0.5]), into, dst=root)
         if into is not None:
