@@ -59,7 +59,7 @@ from .arms import branch_of
 from .identity import site_fingerprint
 from .plumbing import register_internal
 from .site_walk import Via, site_from, via_name
-from .sites import CodeTable, callee_by_stack, column_of, format_call_site
+from .sites import CodeTable, callee_by_stack, column_of, format_call_site, instructions_of
 from .mismatch import TOO_DEEP_SITE, Caller
 from .loops import in_spans, loop_spans
 
@@ -86,7 +86,6 @@ _STEPPERS = frozenset({"send", "throw", "close"})
 _LOADS = frozenset({"LOAD_ATTR", "LOAD_METHOD"})
 _ASYNCIO_DIR = os.path.join(os.path.dirname(dis.__file__), "asyncio", "")
 _STEPS = CodeTable()  # a code's instruction -> AWAITS where it steps a coroutine for its frame
-_INSTRUCTIONS = CodeTable()  # a code's (-1) -> its instructions, for _steps_by_hand
 _CALLS = frozenset(op for name, op in dis.opmap.items()
                    if name in ("PRECALL", "CALL", "CALL_KW", "CALL_FUNCTION_EX"))
 # A function's code -> which of its calls are made for its caller: none where it loops, else
@@ -155,10 +154,7 @@ def _steps_by_hand(code: CodeType, lasti: int) -> bool:
     starts and ends last before the call's end (``coro.send`` of ``coro.send(x)``)."""
     if code.co_filename.startswith(_ASYNCIO_DIR):
         return False
-    instructions = _INSTRUCTIONS.get(code, -1)
-    if instructions is None:
-        instructions = _INSTRUCTIONS.put(code, -1, list(dis.get_instructions(code)))
-    before = [i for i in instructions if i.offset <= lasti]
+    before = [i for i in instructions_of(code) if i.offset <= lasti]
     if not before or before[-1].opcode not in _CALLS:
         return False
     start, end = _span(before[-1])

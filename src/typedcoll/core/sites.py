@@ -44,13 +44,13 @@ class CodeTable:
 _LINES = CodeTable()
 _POSITIONS = CodeTable()
 _CALLS_ON_LINE = CodeTable()
-_INSTRUCTIONS = CodeTable()  # a code's (-1) -> its instructions
+_INSTRUCTIONS = CodeTable()  # a code's (-1) -> its instructions (instructions_of)
 # 3.11's PRECALL is left out: it comes just before its CALL, so counts as that CALL
-_CALL_OPS = frozenset(op for name, op in dis.opmap.items() if name in (
-    "CALL", "CALL_KW", "CALL_FUNCTION_EX", "CALL_FUNCTION", "CALL_FUNCTION_KW", "CALL_METHOD"))
+_CALL_OPS = frozenset(op for name, op in dis.opmap.items()
+                      if name in ("CALL", "CALL_KW", "CALL_FUNCTION_EX"))
 _PRECALL = dis.opmap.get("PRECALL", -1)
 _ENDS_RUN = frozenset({"RETURN_VALUE", "RETURN_CONST", "RERAISE", "RAISE_VARARGS",
-                       "JUMP_FORWARD", "JUMP_BACKWARD", "JUMP_ABSOLUTE", "JUMP",
+                       "JUMP_FORWARD", "JUMP_BACKWARD", "JUMP",
                        "JUMP_BACKWARD_NO_INTERRUPT", "JUMP_NO_INTERRUPT"})
 _UNREAD_OPS = frozenset({"NOP", "PUSH_EXC_INFO", "CACHE", "EXTENDED_ARG", "RESUME"})
 _JUMP_OPS = frozenset(dis.hasjrel + dis.hasjabs)
@@ -120,7 +120,7 @@ def _calls_on_line(code: CodeType, lasti: int) -> Tuple[int, int]:
     many the line holds (:func:`calls_by_line`); (0, 1) for an offset that holds no call."""
     table: Optional[Dict[int, Tuple[int, int]]] = _CALLS_ON_LINE.get(code, -1)
     if table is None:
-        table = _CALLS_ON_LINE.put(code, -1, calls_by_line(list(dis.get_instructions(code))))
+        table = _CALLS_ON_LINE.put(code, -1, calls_by_line(instructions_of(code)))
     raw = code.co_code
     if 0 <= lasti < len(raw) and raw[lasti] == _PRECALL:  # 3.11: the CALL after it
         at = min((offset for offset in table if offset > lasti), default=lasti)
@@ -141,8 +141,7 @@ def calls_by_line(instructions: List[dis.Instruction]) -> Dict[int, Tuple[int, i
     line, run = None, []  # type: Tuple[Optional[int], List[Tuple[Any, ...]]]
     ended = False  # the instruction before ends its run: no instruction follows it there
     for ins in instructions:
-        where = getattr(ins, "positions", None)  # before 3.11: starts_line alone
-        at: Optional[int] = where.lineno if where is not None else ins.starts_line
+        at = ins.positions.lineno if ins.positions is not None else None
         at = line if at is None else at
         if at != line or ins.is_jump_target or ins.opname == "PUSH_EXC_INFO" or ended:
             line, run = at, []
@@ -195,20 +194,24 @@ def callee_by_stack(before: List[dis.Instruction]) -> Optional[dis.Instruction]:
 # keywords' names as one more (3.13's CALL_KW), or *args and, where
 # the low bit is set, **kwargs.
 _TAKES: Dict[str, Callable[[int], int]] = {
-    "CALL": lambda n: n, "PRECALL": lambda n: n, "CALL_FUNCTION": lambda n: n,
-    "CALL_METHOD": lambda n: n, "CALL_KW": lambda n: n + 1, "CALL_FUNCTION_KW": lambda n: n + 1,
+    "CALL": lambda n: n, "PRECALL": lambda n: n, "CALL_KW": lambda n: n + 1,
     "CALL_FUNCTION_EX": lambda flags: 1 + (flags & 1)}
 
 
 def callee_name(code: CodeType, lasti: int) -> Optional[str]:
     """The name the call at ``lasti`` calls (``bcast`` of ``comm.bcast(x)``), read from the
     stack (:func:`callee_by_stack`); None where it cannot be told."""
+    before = [ins for ins in instructions_of(code) if ins.offset <= lasti]
+    callee = callee_by_stack(before) if before else None
+    return callee.argval if callee is not None and isinstance(callee.argval, str) else None
+
+
+def instructions_of(code: CodeType) -> List[dis.Instruction]:
+    """``code``'s instructions (caches left out), read once per code object."""
     instructions: Optional[List[dis.Instruction]] = _INSTRUCTIONS.get(code, -1)
     if instructions is None:
         instructions = _INSTRUCTIONS.put(code, -1, list(dis.get_instructions(code)))
-    before = [ins for ins in instructions if ins.offset <= lasti]
-    callee = callee_by_stack(before) if before else None
-    return callee.argval if callee is not None and isinstance(callee.argval, str) else None
+    return instructions
 
 
 def _compiles_columns() -> bool:

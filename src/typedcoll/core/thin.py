@@ -158,16 +158,14 @@ def hand_on_calls(code: CodeType) -> Tuple[FrozenSet[int], bool]:
     found: Dict[int, Position] = {}
     by_line: Dict[int, Tuple[int, int]] = {}
     closure = True
-    line = None  # before 3.11 instructions carry no positions: the line alone
     for i, ins in enumerate(instructions):
-        line = ins.starts_line if ins.starts_line is not None else line
         callee = _hands_on(instructions, i, own, star, double) \
             if ins.opname == "CALL_FUNCTION_EX" and (double is None or ins.arg and ins.arg & 1) \
             else None
         if callee is not None:
             closure = closure and callee.opname == "LOAD_DEREF" and \
                 callee.argval in code.co_freevars
-            found[ins.offset] = _where(ins, line, instructions, by_line)
+            found[ins.offset] = _where(ins, instructions, by_line)
     if len(set(found.values())) != 1:
         return _NO_CALLS, False  # two (a branch picking one, a call made twice): its own sites
     after = {ins.offset: nxt.offset for ins, nxt in zip(instructions, instructions[1:])}
@@ -269,10 +267,8 @@ def _calls(instructions: List[dis.Instruction]) -> Optional[Dict[int, Position]]
     by_line: Dict[int, Tuple[int, int]] = {}
     raising = False  # between LOAD_ASSERTION_ERROR and its RAISE_VARARGS
     previous = None
-    line = None  # before 3.11 instructions carry no positions: the line alone
     for ins in instructions:
         name = ins.opname
-        line = ins.starts_line if ins.starts_line is not None else line
         if name == "LOAD_ASSERTION_ERROR":
             raising = True
         elif name == "RAISE_VARARGS":
@@ -283,23 +279,23 @@ def _calls(instructions: List[dis.Instruction]) -> Optional[Dict[int, Position]]
             if not isinstance(ins.argval, int) or ins.argval <= ins.offset:
                 return None  # a loop
         elif name.startswith("CALL") and not name.startswith("CALL_INTRINSIC") and not raising:
-            calls[ins.offset] = _where(ins, line, instructions, by_line)
+            calls[ins.offset] = _where(ins, instructions, by_line)
         previous = ins
     return calls
 
 
-def _where(ins: dis.Instruction, line: Optional[int], instructions: List[dis.Instruction],
+def _where(ins: dis.Instruction, instructions: List[dis.Instruction],
            by_line: Dict[int, Tuple[int, int]]) -> Position:
     """Where a call is written: its source span; where the code keeps no column positions
-    (before 3.11, ``-X no_debug_ranges``), its line and which of the line's calls it is
+    (``-X no_debug_ranges``), its line and which of the line's calls it is
     (``sites.calls_by_line``, filled into ``by_line`` on first use), so that two calls written
     on one line (``a() if ready else b()``) stay two calls, as their sites do."""
-    p = getattr(ins, "positions", None)
+    p = ins.positions
     if p is None or p.col_offset is None:
         if not by_line:
             by_line.update(calls_by_line(instructions))
         index = by_line.get(ins.offset, (None, 0))[0]
-        return (line if p is None else p.lineno, None, None, index)
+        return (p.lineno if p is not None else None, None, None, index)
     return (p.lineno, p.end_lineno, p.col_offset, p.end_col_offset)
 
 

@@ -31,8 +31,6 @@ from ..core.sites import format_site
 from ..core.mismatch import compact_ranks
 from ..transports.memory import World
 
-_ExceptionGroup = ExceptionGroup
-
 __all__ = ["observe", "run"]
 
 
@@ -74,7 +72,7 @@ def run(n: int, fn: Callable[..., Any], *args: Any, timeout: Optional[float] = 3
     if failed:
         for r, e in failed:
             _note(e, f"(rank {r} of {n})")
-        raise _ExceptionGroup(f"{len(failed)} of {n} ranks raised",
+        raise ExceptionGroup(f"{len(failed)} of {n} ranks raised",
                               [e for _, e in failed])  # type: ignore[type-var]
     return results
 
