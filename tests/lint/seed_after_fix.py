@@ -10,7 +10,7 @@ class OverlapExecutor:
 
     def _fetch_new_requests(self):
         new = self.dist.broadcast(self._pending_from_frontend(), root=0)
-        self.active_requests.extend(new)
+        self.active_requests.extend(r for r in new if r["rank"] == self.dist.tp_rank)
 
     def _pending_from_frontend(self):
         return []

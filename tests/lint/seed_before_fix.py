@@ -1,8 +1,8 @@
 """An overlap loop whose extra votes run only on ranks that still hold a batch.
 
-Both sides of the gate are reported: the ranks that skip the previous batch issue one collective
-where the others issue three or four.
-"""
+With attention DP each rank keeps the requests assigned to it. Both sides of the gate are
+reported: the ranks that skip the previous batch issue one collective where the others issue three
+or four."""
 
 
 class OverlapExecutor:
@@ -14,7 +14,7 @@ class OverlapExecutor:
 
     def _fetch_new_requests(self):
         new = self.dist.broadcast(self._pending_from_frontend(), root=0)
-        self.active_requests.extend(new)
+        self.active_requests.extend(r for r in new if r["rank"] == self.dist.tp_rank)
 
     def _pending_from_frontend(self):
         return []

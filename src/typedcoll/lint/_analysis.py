@@ -5,7 +5,8 @@ each function returns, which parameters it hands to an in-place collective, what
 each parameter, and what every ``self`` attribute holds. Rounds repeat until nothing changes.
 
 Parameters take what the analysed callers pass. With no analysed caller a parameter is rank-local,
-except a set-up method's (configuration) and names that say they are configuration or the rank.
+except names that say they are configuration or the rank, and a set-up method's other parameters
+(configuration).
 A parameter a collective's contract makes symmetric (its group or root, see :mod:`_contracts`) is
 symmetric whatever its callers pass.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import ast
 from typing import Dict, Iterator, List, Optional, Set, Tuple
 
+from . import _presence as presence
 from ._attributes import AttributeModel
 from ._balance import Sequencer, gate_balanced
 from ._callgraph import Function, Program
@@ -64,6 +66,13 @@ class Analysis:
             if method is not None and method.is_property:
                 return expand(self._returns.get(method, SYMMETRIC), self.params)
         return self.attributes.read(fn, name)
+
+    def presence(self, fn: Function, name: str) -> Optional[Taint]:
+        if fn.cls is not None:
+            method = self.program.class_method(fn.cls, name)
+            if method is not None and method.is_property:
+                return None
+        return self.attributes.taints.get((self.attributes.family(fn), presence.key(name)))
 
     def attribute_kinds(self, fn: Function, name: str) -> Set[str]:
         return self.attributes.kinds.get((self.attributes.family(fn), name), set())
@@ -149,11 +158,13 @@ class Analysis:
     def _entry_params(self, fn: Function) -> Dict[str, Taint]:
         out: Dict[str, Taint] = {}
         for name in fn.params:
-            if (self.attributes.is_setup_root(fn) or name in self.contracts.communicators[fn]
-                    or self.config.matches("symmetric_names", name)):
+            if name in self.contracts.communicators[fn] or self.config.matches(
+                    "symmetric_names", name):
                 out[name] = SYMMETRIC
-            elif is_rank_name(name, self.config):
-                out[name] = rank(name, "rank identity", 0)
+            elif is_rank_name(name, self.config):  # set-up's too: ``self.leader = rank == 0``
+                out[name] = rank(name, "rank identity", getattr(fn.node, "lineno", 0))
+            elif self.attributes.is_setup_root(fn):
+                out[name] = SYMMETRIC
             else:
                 out[name] = local(name, f"parameter of {fn.qualname}, which no analysed code "
                                   "calls", getattr(fn.node, "lineno", 0))
@@ -178,6 +189,7 @@ class Analysis:
         before = dict(self.attributes.taints)
         self.attributes.uniform_teardown = {fn for fn in self.attributes.teardown
                                             if self._called_alike(fn)}
+        self.attributes.lockstep = self._lockstep()
         self.attributes.update(self._writes())
         pending: Set[Function] = set()
         for fn in self.program.functions:
@@ -203,17 +215,40 @@ class Analysis:
         return pending
 
     def _called_alike(self, fn: Function) -> bool:
-        """No analysed call of ``fn`` is under a divergent gate, other than a teardown's (one that
-        releases what it holds, ``if self.ws is not None: self.ws.destroy()``, ends alike)."""
+        """No analysed call of ``fn`` is under a divergent gate, other than a teardown's, or one
+        that asks only whether the object torn down exists (``if _TP: _TP.destroy()``): one that
+        releases what it holds (``if self.ws is not None: self.ws.destroy()``) ends alike."""
         for caller, node in self._callers.get(fn, []):
             if caller in self.attributes.teardown:
                 continue
             result = self.results.get(caller)
             record = result.calls.get(id(node)) if result is not None and node is not None else None
             if record is not None and any(divergent(expand(g.taint, self.params))
+                                          and not _tests_presence_of(g, record.node.func)
                                           for g in record.gates):
                 return False
         return True
+
+    def _lockstep(self) -> Set[Function]:
+        """Functions that issue a collective on every call (directly or through one that does),
+        under no divergent gate: each rank's calls of one pair with every other rank's, or that
+        collective is a finding, so what they store from symmetric values is stored alike."""
+        found: Set[Function] = set()
+        changed = True
+        while changed:
+            changed = False
+            for fn, result in self.results.items():
+                if fn not in found and any(
+                        (record.target.collective is not None
+                         and not record.target.collective.point_to_point
+                         or bool(record.target.functions)
+                         and all(f in found for f in record.target.functions))
+                        and not any(divergent(expand(g.taint, self.params))
+                                    for g in record.gates)
+                        for record in result.calls.values()):
+                    found.add(fn)
+                    changed = True
+        return found
 
     def _readers(self, names: Set[str]) -> Set[Function]:
         if not names:
@@ -240,3 +275,19 @@ class Analysis:
         return {name: SYMMETRIC if name in self.contracts.communicators[fn] else collapse(
                     join(*values), name, f"parameter of {fn.qualname}; a caller passes", line)
                 for name, values in passed.items()}
+
+
+def _tests_presence_of(gate: Gate, func: ast.expr) -> bool:
+    """``gate`` is ``if X:``, ``if X is not None:`` or those and'ed with ``X is not Y`` (an alias
+    torn down elsewhere), with a call of a method of ``X`` in its body: the object is torn down
+    either way."""
+    if (gate.kind != "if" or not isinstance(func, ast.Attribute) or gate.test is None
+            or not isinstance(gate.node, ast.If)
+            or not any(n is func for stmt in gate.node.body for n in ast.walk(stmt))):
+        return False
+    held = ast.dump(func.value)
+    test = gate.test
+    parts = test.values if isinstance(test, ast.BoolOp) and isinstance(test.op, ast.And) else [test]
+    return all(ast.dump(part) == held or (
+        isinstance(part, ast.Compare) and len(part.ops) == 1 and isinstance(part.ops[0], ast.IsNot)
+        and ast.dump(part.left) == held) for part in parts)

@@ -21,6 +21,7 @@ from typing import Dict, Iterable, List, Optional, Set, Tuple
 from ._callgraph import Function, Program
 from ._config import Config
 from ._facts import AttrWrite
+from ._presence import SUFFIX
 from ._values import SYMMETRIC, Taint, divergent, join, local, only_synced
 
 AttrKey = Tuple[int, str]
@@ -62,6 +63,7 @@ class AttributeModel:
         self.setup = self._setup_context(callers)
         self.teardown = self._teardown_context(callers)
         self.uniform_teardown = set(self.teardown)  # narrowed each round by the analysis
+        self.lockstep: Set[Function] = set()  # functions every rank calls alike (each round)
         self.kinds = self._initial_kinds()
         self.taints: Dict[AttrKey, Taint] = {}
 
@@ -172,14 +174,16 @@ class AttributeModel:
                 per_rank[key] = local(f"self.{key[1]}", "queue other threads fill", 0)
         for fn, write, value in writes:
             key = (self.family(fn), write.name)
-            # A stored collective result is the same on every rank; a container changed in
-            # place keeps its history, which is per rank even when each change is symmetric.
-            if fn in self.setup or (not write.mutation and (only_synced(value) or (
-                    fn in self.uniform_teardown and not divergent(value)))):
+            # A stored collective result is the same on every rank, and so is a symmetric value
+            # stored by a function whose every call pairs with a collective on the other ranks.
+            # Anywhere else, a container changed in place keeps its history, which is per rank
+            # even when each change is symmetric (who calls ``clear()`` when is unknown).
+            if fn in self.setup or only_synced(value) or not divergent(value) and (
+                    fn in self.lockstep or not write.mutation and fn in self.uniform_teardown):
                 values[key] = join(values.get(key, SYMMETRIC), value)
             elif key not in per_rank:
                 verb = "changed" if write.mutation else "assigned"
-                per_rank[key] = local(f"self.{write.name}",
+                per_rank[key] = local(f"self.{write.name.rstrip(SUFFIX)}",
                                       f"per-rank state, {verb} in {fn.qualname}", write.line)
         values.update(per_rank)
         self.taints = values

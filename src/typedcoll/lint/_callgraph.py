@@ -235,14 +235,22 @@ class Program:
             collective = self.table.classify(call, fn.module.imports)
             functions: Tuple[Function, ...] = ()
             bound = False
-            if collective is None or collective.by_wrapper:
+            if collective is None or collective.by_wrapper or collective.by_method_name:
                 # a configured wrapper defined in the analysed files is followed, not trusted
                 functions, bound = self._resolve(call.func, fn)
+                if collective is not None and collective.by_method_name and not all(
+                        self._issues_collective(f) for f in functions):
+                    functions = ()  # a guess, or a method that delegates: the name decides
                 if functions:
                     collective = None
             hit = CallTarget(collective, functions, bound)
             self._targets[key] = hit
         return hit
+
+    def _issues_collective(self, fn: Function) -> bool:
+        """``fn``'s own body calls something named like a collective."""
+        return any(self.table.classify(call, fn.module.imports) is not None
+                   for call in self._call_nodes(fn))
 
     def class_method(self, cls: ClassInfo, name: str,
                      seen: Optional[Set[int]] = None) -> Optional[Function]:

@@ -161,6 +161,9 @@ class CollectiveOp:
     result: str
     in_place: bool
     by_wrapper: bool = False  # recognised only through the configured wrapper names
+    # a method named like a collective on a receiver not named like a communicator
+    # (``info.all_gather()``): analysed methods of that name that issue collectives run instead
+    by_method_name: bool = False
     module_function: bool = False  # torch.distributed's own: the group argument names the group
 
 
@@ -221,8 +224,10 @@ class CollectiveTable:
         by_wrapper = wrapper and not known and not (
             receiver is not None and (op in AMBIGUOUS_OPS or set(words(op)) & COLLECTIVE_WORDS)
             and self.is_communicator_name(last_identifier(receiver) or ""))
+        by_method_name = receiver is not None and not in_place and not by_wrapper and not (
+            self.is_communicator_name(last_identifier(receiver) or ""))
         return CollectiveOp(display, op, point_to_point, _result_kind(op), in_place, by_wrapper,
-                            torch_op and receiver is not None)
+                            by_method_name, torch_op and receiver is not None)
 
 
 # Keyword arguments that name the communicator a collective runs on.

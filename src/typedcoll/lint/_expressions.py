@@ -17,6 +17,7 @@ from ._calls import (bind, bound_nodes, self_attribute, shape_copy, static_attri
                      static_call, wraps)
 from ._collectives import dotted_name, is_rank_name
 from ._facts import AttrWrite, CallRecord, Facts, Gate
+from ._presence import PresenceTracking, asked
 from ._values import (LOCAL, SYMMETRIC, SYNCED, Taint, collapse, join, local, only_synced, param,
                       rank, substitute, synced)
 
@@ -29,7 +30,7 @@ _MUTATORS = frozenset({"append", "extend", "insert", "add", "update", "setdefaul
                        "popleft", "popitem", "clear", "sort", "reverse", "push"})
 
 
-class ValueAnalysis:
+class ValueAnalysis(PresenceTracking):
     """The values of one function's expressions and variables; :class:`FunctionAnalysis` adds
     the statements and the control flow."""
 
@@ -153,8 +154,14 @@ class ValueAnalysis:
         if isinstance(target, ast.Name) and wraps(value_node, target.id):
             # ``x = tqdm(x)`` on rank 0 only: the same items, decorated; a role gate adds nothing
             value = join(value, self.implicit(ctrl, value, roles=False))
+        elif isinstance(value_node, ast.Constant) and value_node.value is None:
+            # ``if self.x is not None: self.x = None`` leaves None on every rank, whichever way
+            # each went: a gate that asks only whether the target is set adds nothing
+            value = self.implicit(self.not_asking(ctrl, target), value)
         else:
             value = join(value, self.implicit(ctrl, value))
+        if isinstance(target, (ast.Name, ast.Attribute)):
+            self.store_presence(target, value, ctrl, stmt, value_node)
         if isinstance(target, ast.Name):
             self.rebind(target.id, value)
         elif isinstance(target, (ast.Tuple, ast.List)):
@@ -227,6 +234,10 @@ class ValueAnalysis:
             return self.attribute(node, ctrl)
         if isinstance(node, ast.Call):
             return self.call(node, ctrl)
+        if isinstance(node, ast.Compare) and (tested := asked(node)) is not None:
+            known = self.presence_of(tested)
+            whole = self.expr(tested, ctrl)
+            return whole if known is None else known
         if isinstance(node, ast.BoolOp):
             parts = [self.expr(node.values[0], ctrl)]
             for value in node.values[1:]:
@@ -267,6 +278,7 @@ class ValueAnalysis:
             for cond in gen.ifs:
                 test = self.expr(cond, inner)
                 inner = inner + (self.gate("if", cond, cond, test),)
+                parts.append(test)  # which items it keeps: ``[r for r in new if r.rank == me]``
             parts.append(source)
         elements = [node.key, node.value] if isinstance(node, ast.DictComp) else [node.elt]
         parts += [self.expr(e, inner) for e in elements]
@@ -401,3 +413,4 @@ class ValueAnalysis:
             cache[key] = static_call(node, self.fn, self.facts)
         fixed = cache[key]
         return receiver if fixed is None else fixed
+

@@ -16,6 +16,7 @@ import ast
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Set, Tuple, Union
 
+from . import _presence as presence
 from ._callgraph import Function, body_nodes, is_try
 from ._expressions import ValueAnalysis
 from ._facts import AttrWrite, Gate
@@ -91,10 +92,13 @@ class FunctionAnalysis(ValueAnalysis):
                 name = self.self_attribute(target) if isinstance(target, ast.Attribute) else None
                 if name is not None and "." not in name:
                     # ``del self.x`` replaces the attribute, like storing a value, not its history
-                    self.writes.append(AttrWrite(name, self.implicit(ctrl, SYMMETRIC),
-                                                 stmt.lineno, False))
-                else:
-                    self.mutate(target, SYMMETRIC, ctrl, stmt.lineno)
+                    for written in (name, presence.key(name)):
+                        self.writes.append(AttrWrite(written, self.implicit(ctrl, SYMMETRIC),
+                                                     stmt.lineno, False))
+                else:  # ``del x[:n]`` changes x as much as n is rank-local
+                    removed = (self.expr(target.slice, ctrl) if isinstance(target, ast.Subscript)
+                               else SYMMETRIC)
+                    self.mutate(target, removed, ctrl, stmt.lineno)
         elif isinstance(stmt, ast.Raise):
             if stmt.exc is not None:
                 self.expr(stmt.exc, ctrl)
