@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import functools
 import sys
-from typing import Any, AsyncIterator, Iterator, List, Optional
+from typing import Any, AsyncIterator, Callable, Dict, Iterator, List, Optional
 
 import msgspec
 import pytest
@@ -829,21 +829,39 @@ def test_a_skipped_vote_through_a_helper_around_a_block_raises(
 
 
 def test_which_functions_carry_their_callers() -> None:
-    """Every call of a function or generator without a loop carries its callers; a function
-    with a loop, a module's code carry none (a worker's loop is one site per line), nor does a
-    call in a comprehension."""
+    """Every call of a function or generator outside its loops carries its callers: a helper
+    that sums in a loop and then votes is one call per line that uses it. A call in a loop (a
+    worker's loop is one site per line, a retry), in a comprehension, or in a module's code
+    carries none."""
     import dis
     from types import CodeType
 
     from typedcoll.core.callers import PICKED, role_site
     from typedcoll.core.loops import loop_spans
 
-    def loops(code: CodeType) -> bool:
-        return loop_spans(code) is None
+    def carried(code: CodeType, callee: str) -> bool:
+        """Whether the calls of ``callee`` in ``code`` carry their callers (all alike)."""
+        found = set()
+        name = None
+        for ins in dis.get_instructions(code):
+            if ins.opname in ("LOAD_GLOBAL", "LOAD_ATTR", "LOAD_METHOD"):
+                name = ins.argval
+            elif ins.opname in ("CALL", "CALL_KW", "CALL_FUNCTION_EX"):
+                if name == callee:
+                    found.add(bool(role_site(code, ins.offset) & PICKED))
+                name = None
+        assert len(found) == 1, (code.co_name, callee, found)
+        return found.pop()
 
     def with_loop(comm: Any) -> None:
         for _ in range(2):
             comm.barrier()
+
+    def sums_then_votes(comm: Any, counts: Any) -> Any:
+        total = 0
+        for count in counts:
+            total += abs(count)
+        return comm.allreduce(total)
 
     def generator(comm: Any) -> Any:  # a context manager's, say: resumed once per use
         yield comm.barrier()
@@ -863,11 +881,15 @@ def test_which_functions_carry_their_callers() -> None:
         while [r for r in range(comm.size)]:
             comm.barrier()
 
-    assert not loops(comprehending.__code__) and loops(loop_around_a_comprehension.__code__)
-    assert not loops(any_rank.__code__) and not loops(max_over_ranks.__code__)
-    assert not loops(Coordinator.all_gather.__code__)  # picks a route by a flag, returns it
-    assert loops(with_loop.__code__) and loops(generator_with_loop.__code__)
-    assert not loops(generator.__code__)
+    assert carried(comprehending.__code__, "allgather")
+    assert not carried(loop_around_a_comprehension.__code__, "barrier")
+    assert carried(any_rank.__code__, "allgather")
+    assert carried(Coordinator.all_gather.__code__, "_out_place")  # picks a route by a flag
+    assert not carried(with_loop.__code__, "barrier")
+    assert carried(sums_then_votes.__code__, "allreduce")
+    assert not carried(sums_then_votes.__code__, "abs")
+    assert not carried(generator_with_loop.__code__, "barrier")
+    assert carried(generator.__code__, "barrier")
 
     async def async_generator(comm: Any) -> Any:  # an async context manager's
         yield comm.barrier()
@@ -876,14 +898,15 @@ def test_which_functions_carry_their_callers() -> None:
         async for item in source:
             yield comm.bcast(item)
 
-    assert not loops(async_generator.__code__)
-    assert loops(async_generator_with_loop.__code__)
+    assert carried(async_generator.__code__, "barrier")
+    assert not carried(async_generator_with_loop.__code__, "bcast")
 
     async def async_loop(comm: Any, source: Any) -> None:
         async for _ in source:  # a loop, beside the await it compiles to
             comm.barrier()
 
-    assert not loops(any_rank_awaiting.__code__) and loops(async_loop.__code__)
+    assert loop_spans(any_rank_awaiting.__code__) == [] and not carried(async_loop.__code__,
+                                                                        "barrier")
 
     def retry(comm: Any, flag: bool) -> Any:
         while True:  # a retry whose only way back is its handler's
@@ -894,11 +917,11 @@ def test_which_functions_carry_their_callers() -> None:
                 continue
         return flags
 
-    assert not loops(any_rank_holding.__code__) and not loops(any_rank_or_none.__code__)
-    assert loops(retry.__code__)
-    assert loops(compile("x = 1", "<module>", "exec"))
+    assert loop_spans(any_rank_holding.__code__) == [] and loop_spans(
+        any_rank_or_none.__code__) == []
+    assert not carried(retry.__code__, "allgather")
+    assert loop_spans(compile("x = 1", "<module>", "exec")) is None
     assert role_site(any_rank.__code__, 0) & PICKED
-    assert not role_site(with_loop.__code__, 0) & PICKED
     # The vote is made for the helper's caller; the calls in its comprehensions are not, as
     # on 3.11, where a comprehension runs in a frame of its own (3.12 inlines it).
     made_for_caller = set()
@@ -913,6 +936,77 @@ def test_which_functions_carry_their_callers() -> None:
                     made_for_caller.add((callee, bool(role_site(code, ins.offset) & PICKED)))
                 callee = None
     assert made_for_caller == {("allgather", True), ("bool", False), ("any", True)}
+
+
+def counted_vote(comm: tc.TypedComm, counts: List[int]) -> bool:
+    """A vote helper that sums in a loop, then votes once, after it."""
+    total = 0
+    for count in counts:
+        total += count
+    return any(comm.allgather(total > 0))
+
+
+def sums_then_votes_twice(comm: tc.TypedComm, skipper: Optional[int]) -> Any:
+    got = []
+    if comm.rank != skipper:
+        got.append(counted_vote(comm, [int(comm.rank == 0)]))
+    got.append(counted_vote(comm, [0, 0]))
+    return got
+
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+def test_a_skipped_vote_through_a_helper_that_loops_first_raises(
+        timeout: Optional[float]) -> None:
+    """Before, a function with a loop anywhere carried no callers: the has-work vote and the
+    next one through a helper that counts in a loop were its one line, and the skipper took
+    its peers' second vote as its first without an error. Its vote is after its loop."""
+    first = sums_then_votes_twice.__code__.co_firstlineno
+    a_skipped_vote_raises(sums_then_votes_twice, f"test_core_callers.py:{first + 3}",
+                          f"test_core_callers.py:{first + 4}", timeout=timeout)
+
+
+def _chain(depth: int) -> Callable[[tc.TypedComm, bool], List[bool]]:
+    """``depth`` helpers, none thin (each logs on a line of its own) and none with a loop,
+    between the caller and its vote: each made from one source, so each has code of its own."""
+    namespace: Dict[str, Any] = {}
+    source = ["def level0(comm, flag):", "    flags = comm.allgather(flag)", "    return flags"]
+    for k in range(1, depth):
+        source += [f"def level{k}(comm, flag):", f"    got = level{k - 1}(comm, flag)",
+                   f"    LOG.append({k})", "    return list(got)"]
+    exec(compile("\n".join(source), "deep_chain.py", "exec"), {"LOG": []}, namespace)
+    top = namespace[f"level{depth - 1}"]
+    for fn in namespace.values():
+        fn.__globals__.update(namespace)
+    return top  # type: ignore[no-any-return]
+
+
+DEEP = _chain(12)  # past the eight callers that messages name one by one
+
+
+def deep_votes(comm: tc.TypedComm, skipper: Optional[int]) -> Any:
+    got = []
+    if comm.rank != skipper:
+        got.append(any(DEEP(comm, comm.rank == 0)))
+    got.append(any(DEEP(comm, False)))
+    return got
+
+
+def test_a_skipped_vote_twelve_callers_deep_raises_alike_on_both_paths() -> None:
+    """Before, callers past the eighth were one marker, the same for every chain: two votes
+    whose chains parted only there were one call, and the skipper took its peers' second vote
+    as its first without an error. Those callers are now one digest, which tells the chains
+    apart and is the same on the C path and in the Python steps."""
+    digests = []
+    for timeout in TIMEOUTS:
+        assert outcomes(3, deep_votes, None, timeout=timeout) == [[True, False]] * 3
+        error = one_desync(outcomes(3, deep_votes, 2, timeout=timeout))
+        assert list(error.kinds) == [tc.MismatchKind.CALL], error
+        rows = str(error).splitlines()[1:3]
+        assert all(row.count("called from deep_chain.py:") == 8 for row in rows), error
+        marks = [row.split("(more callers: ")[1][:8] for row in rows]
+        assert marks[0] != marks[1], error
+        digests.append(marks)
+    assert digests[0] == digests[1]
 
 
 def test_receivers_without_a_schema_leave_the_callers_hint() -> None:

@@ -531,7 +531,7 @@ def _child(program: str, rank: int, size: int, port: int, out: str) -> None:
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=size)
-    result = globals()[f"program_{program}"](rank, size)
+    result = globals()[f"program_{program}"](rank, size)  # @program
     Path(out, f"{program}.{rank}.json").write_text(json.dumps(result))
     # Rank 0 serves the job's store: it leaves last, once every other rank is done with it.
     wait_for_all(f"{program}/finished", size)
@@ -655,8 +655,14 @@ def _expected(size: int) -> Dict[str, str]:
     # Functions that do more are thin at the call whose result they return: extra() (an extra
     # call first on one rank) and the lambdas whose arguments call on a line of their own.
     t2 = lambda_at("t2", "comm.all_reduce_tensor")
-    # outcome() and extra() have no loop: the lines that called them follow the site
-    case, tensor = f"called from {s['extra-case']}", f"called from {s['tensor-case']}"
+    # outcome() and extra() have no loop: the lines that called them follow the site, and
+    # desyncs() calls outcome() for the extra call outside its loops, so its callers follow too
+    # (program_all, thin, is passed over; _child's caller is module code, nobody's callee)
+    program_all_def = next(n for n, line in enumerate(_LINES, 1)
+                           if line.startswith("def program_all("))
+    above = (f"called from {s['program']} through program_all ({HERE.name}:{program_all_def}) "
+             f"called from {s['main']}")
+    case, tensor = f"called from {s['extra-case']} {above}", f"called from {s['tensor-case']}"
     extra = next(f"desyncs.<locals>.extra ({HERE.name}:{n})" for n, line in enumerate(_LINES, 1)
                  if "def extra() -> Any:" in line)
     return {
@@ -710,9 +716,9 @@ def _expected(size: int) -> Dict[str, str]:
             "call"),
         "other timeout": _table("creation on WORLD#2 diverged (settings):", size,
                                 f"create timeout=5 at {s['outcome']} through {other} "
-                                f"called from {s['other-timeout']}, its 1st call",
+                                f"called from {s['other-timeout']} {above}, its 1st call",
                                 f"create timeout=6 at {s['outcome']} through {other} "
-                                f"called from {s['other-timeout']}, its 1st call"),
+                                f"called from {s['other-timeout']} {above}, its 1st call"),
     }
 
 
@@ -885,4 +891,4 @@ def test_long_device_envelopes_are_cut_to_fit():
 
 
 if __name__ == "__main__":
-    _child(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
+    _child(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])  # @main

@@ -502,9 +502,9 @@ static struct {
 } ROLE_TABLE[ROLE_SLOTS];
 
 /* What the call at (code, lasti) is made for (callers.role_site): ROLE_BIT where it is a role
- * branch's, PICKED_BIT where its function has no loop (a helper, a route picker), both, or 0;
- * -1 on error. A direct-mapped table in front of the Python answer, which parses the source
- * once. */
+ * branch's, PICKED_BIT where it is outside its function's loops (a helper's, a route
+ * picker's), both, or 0; -1 on error. A direct-mapped table in front of the Python answer,
+ * which parses the source once. */
 #define ROLE_BIT 1
 #define PICKED_BIT 2
 #define AWAITS_BIT 4
@@ -613,12 +613,13 @@ done:
  * innermost first, for the Python steps and the flight recorder. */
 static PyObject *with_callers(PyFrameObject *frame, PyObject *site, int rooted,
                               PyObject **levels_out) {
-    /* one more than kept: callers past MAX_LEVELS are one marker level (callers.TOO_DEEP) */
+    /* One more than kept: the callers past MAX_LEVELS are one marker level (callers.too_deep),
+     * their site fingerprints joined in ``deeper`` as the walk reads them into the spare slot. */
     PyCodeObject *codes[MAX_LEVELS + 1];
     PyObject *vias[MAX_LEVELS + 1];
     int lastis[MAX_LEVELS + 1];
     int n = 0;
-    PyObject *result = NULL;
+    PyObject *result = NULL, *deeper = NULL;
     PyFrameObject *at = (PyFrameObject *)Py_NewRef(frame);
     *levels_out = NULL;
     while (at != NULL) {
@@ -627,12 +628,6 @@ static PyObject *with_callers(PyFrameObject *frame, PyObject *site, int rooted,
         Py_DECREF(code);
         if (role < 0) goto done;
         if (!(role & PICKED_BIT) && !(rooted && (role & ROLE_BIT))) break;
-        if (n == MAX_LEVELS) {
-            codes[n] = NULL;
-            vias[n] = NULL;
-            lastis[n++] = -1;
-            break;
-        }
         for (;;) { /* a comprehension's frame is its function's */
             PyCodeObject *own = PyFrame_GetCode(at);
             int inside = is_comprehension(own);
@@ -672,8 +667,36 @@ static PyObject *with_callers(PyFrameObject *frame, PyObject *site, int rooted,
             if (rc < 0) goto done;
             break;
         }
-        n++;
+        if (n == MAX_LEVELS) {
+            PyObject *fp = site_identity(codes[n], lastis[n], vias[n]);
+            Py_CLEAR(codes[n]);
+            Py_CLEAR(vias[n]);
+            if (fp != NULL && deeper == NULL) deeper = PyBytes_FromStringAndSize(NULL, 0);
+            if (fp != NULL && deeper != NULL) PyBytes_Concat(&deeper, fp);
+            Py_XDECREF(fp);
+            if (fp == NULL || deeper == NULL) {
+                Py_XDECREF(up);
+                goto done;
+            }
+        } else {
+            n++;
+        }
         Py_XSETREF(at, up);
+    }
+    if (deeper != NULL) { /* callers.too_deep: the marker's lasti digests the callers past */
+        PyObject *digest = PyObject_CallOneArg(COMBINED, deeper);
+        if (digest == NULL) goto done;
+        if (!PyBytes_Check(digest) || PyBytes_GET_SIZE(digest) != 8) {
+            Py_DECREF(digest);
+            PyErr_SetString(PyExc_RuntimeError, "typedcoll: bad callers' fingerprint");
+            goto done;
+        }
+        const unsigned char *d = (const unsigned char *)PyBytes_AS_STRING(digest);
+        codes[n] = NULL;
+        vias[n] = NULL;
+        lastis[n++] = (int)(((unsigned)d[0] | (unsigned)d[1] << 8 | (unsigned)d[2] << 16 |
+                             (unsigned)d[3] << 24) & 0x7FFFFFFFu);
+        Py_DECREF(digest);
     }
     if (n == 0) {
         result = Py_NewRef(site);
@@ -725,6 +748,7 @@ done:
         Py_XDECREF(codes[k]);
         Py_XDECREF(vias[k]);
     }
+    Py_XDECREF(deeper);
     Py_XDECREF(at);
     return result;
 }

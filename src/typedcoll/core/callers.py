@@ -1,4 +1,4 @@
-"""The callers of a call made in a function without a loop, written in a role branch, or picked
+"""The callers of a call made outside its function's loops, written in a role branch, or picked
 by its function: what tells the uses of a helper, a role wrapper or a wrapper that picks a
 route apart.
 
@@ -12,14 +12,15 @@ decides nothing (``core.identity``). So a rooted call whose site is in a role br
 carries its callers, as a call through a thin wrapper carries its caller's line. So does any
 call that its function picks between others and returns (vLLM's
 ``GroupCoordinator.all_reduce`` returns the custom op's result or its out-of-place route's, by a
-flag; such a function has no loop): its sites tell the routes apart, but each route is the same
+flag): its sites tell the routes apart, but each route is the same
 line for every use, and the timeout vote and the batch-size vote through it would be one call.
-And so does every call of a function without a loop, but for those in a comprehension
-(``loops.loop_spans``): a helper that makes its collective on a line of its
-own (``flags = comm.allgather(flag)``, ``return any(flags)``) is the same line for every use.
+And so does every call outside its function's loops and comprehensions (``loops.loop_spans``):
+a helper that makes its collective on a line of its own (``flags = comm.allgather(flag)``,
+``return any(flags)``, or after a loop that sums its counts) is the same line for every use.
 Carrying the callers only makes an identity finer, so it never pairs two calls that were apart;
 its price is a thin wrapper's (one helper reached from two lines for one collective is two
-calls). A function with a loop (a worker's or a driver's) carries none: its lines are its own.
+calls). A call inside a loop (a worker's or a driver's) carries none: it runs many times for
+one caller, and its lines are its own.
 
   1. ``callers_of``: the call site of the function that holds the role branch, found as the
      call's own site is (``site_walk.site_from`` from that function's caller: plumbing,
@@ -30,8 +31,9 @@ calls). A function with a loop (a worker's or a driver's) carries none: its line
      started eagerly inside ``create_task`` (Python 3.12's eager tasks), is its own caller, so
      the walk ends there. Where that site is such a call too (vLLM's
      ``broadcast_tensor_dict`` calls ``broadcast_object`` in both arms of its own), its
-     caller's as well, up to MAX_LEVELS; past them a marker that never pairs by role
-     (ranks whose chains agree past it are one call). A comprehension's frame is its
+     caller's as well: MAX_LEVELS of them one by one, those past them as one marker level
+     that digests their sites (``too_deep``: ranks whose chains differ past MAX_LEVELS are two
+     calls still) and never pairs by role. A comprehension's frame is its
      function's (before Python 3.12 it has one of its own). Module code is nobody's callee.
   2. ``fingerprint``: the identity is the site's fingerprint and each caller's, digested
      together: a call from another line of the caller is another call, on every rank.
@@ -65,10 +67,9 @@ from .loops import in_spans, loop_spans
 
 MAX_LEVELS = 8  # callers kept: a role wrapper called in a role branch of a role wrapper, ...
 Level = Tuple[Optional[CodeType], int, Optional[Via]]  # a caller's code, lasti and via
-# The level that stands for callers past MAX_LEVELS: the line that tells the calls apart is not
-# kept, so such a call never pairs by role (mismatch.split_levels); ranks whose chains agree up
-# to it are one call.
-TOO_DEEP: Level = (None, -1, None)
+# Callers past MAX_LEVELS are one level (too_deep): a digest of their sites, so ranks whose
+# chains differ only there are two calls; named "(more callers: DIGEST)", it never pairs by role
+# (mismatch.split_levels).
 _OPTIMIZED = 0x01  # a function's code (not a module's or a class body's)
 # A comprehension runs in a frame of its own before Python 3.12; its role branch (arms.py reads
 # through it) is its function's, so its function's caller is the next level.
@@ -88,9 +89,8 @@ _ASYNCIO_DIR = os.path.join(os.path.dirname(dis.__file__), "asyncio", "")
 _STEPS = CodeTable()  # a code's instruction -> AWAITS where it steps a coroutine for its frame
 _CALLS = frozenset(op for name, op in dis.opmap.items()
                    if name in ("PRECALL", "CALL", "CALL_KW", "CALL_FUNCTION_EX"))
-# A function's code -> which of its calls are made for its caller: none where it loops, else
-# those outside the comprehensions inlined into it (loops.loop_spans). A function that picks
-# among calls and returns the one it picked has no loop.
+# A function's code -> the spans of its loops and inlined comprehensions (loops.loop_spans):
+# its calls outside them are made for its caller.
 _PICKED = CodeTable()
 _UNREAD = object()
 
@@ -99,9 +99,9 @@ _COMBINED: Dict[bytes, bytes] = {}
 
 def role_site(code: Optional[CodeType], lasti: int) -> int:
     """What the call at ``lasti`` of the function ``code`` is made for: ROLE where it is a role
-    branch's (``arms.branch_of``, which keeps what it read per call site), PICKED where its
-    function has no loop and the call is in no comprehension (``loops.loop_spans``: a helper, or
-    one that picks among calls and returns the one it picked), both, or 0. Its caller then tells
+    branch's (``arms.branch_of``, which keeps what it read per call site), PICKED where the call
+    is in no loop or comprehension of its function (``loops.loop_spans``: a helper's, or one
+    that its function picks among calls and returns), both, or 0. Its caller then tells
     its executions apart (ROLE for rooted calls alone). AWAITS where the instruction at
     ``lasti`` awaits what it called (``awaited``), module code's too: a notebook cell's
     top-level ``await``. The C path asks it too, once per call site."""
@@ -201,10 +201,8 @@ def callers_of(frame: Optional[FrameType], rooted: bool = True) -> Tuple[Level, 
     site frame), innermost first; none where the call is neither a role branch's (``rooted``
     calls) nor one its function picks."""
     levels: List[Level] = []
+    deeper: List[bytes] = []  # the site fingerprints of the callers past MAX_LEVELS
     while frame is not None and made_for_caller(role_site(frame.f_code, frame.f_lasti), rooted):
-        if len(levels) == MAX_LEVELS:
-            levels.append(TOO_DEEP)
-            break
         while frame.f_code.co_name in COMPREHENSIONS and frame.f_back is not None:
             frame = frame.f_back
         site, via = site_from(frame.f_back)
@@ -212,9 +210,20 @@ def callers_of(frame: Optional[FrameType], rooted: bool = True) -> Tuple[Level, 
             site, via = site_from(site.f_back)  # a function's calls of itself are one level
         if site is None or not awaited(frame, site):
             break
-        levels.append((site.f_code, site.f_lasti, via))
+        if len(levels) < MAX_LEVELS:
+            levels.append((site.f_code, site.f_lasti, via))
+        else:
+            deeper.append(site_fingerprint(site.f_code, site.f_lasti, via))
         frame = site
+    if deeper:
+        levels.append(too_deep(b"".join(deeper)))
     return tuple(levels)
+
+
+def too_deep(joined: bytes) -> Level:
+    """The level standing for the callers past MAX_LEVELS, their site fingerprints ``joined``:
+    one marker whose lasti is their digest, so chains that differ there are two calls."""
+    return (None, int.from_bytes(combined(joined)[:4], "little") & 0x7FFFFFFF, None)
 
 
 def fingerprint(site: bytes, levels: Tuple[Level, ...]) -> bytes:
@@ -240,7 +249,8 @@ def describe(levels: Tuple[Level, ...]) -> Tuple[Caller, ...]:
     """The callers as envelopes name them, for messages and the verdict."""
     return tuple(Caller(site=format_call_site(code, lasti), column=column_of(code, lasti),
                         via=via_name(via), branch=branch_of(code, lasti))
-                 if code is not None else Caller(TOO_DEEP_SITE) for code, lasti, via in levels)
+                 if code is not None else Caller(TOO_DEEP_SITE.format(lasti))
+                 for code, lasti, via in levels)
 
 
 register_internal(__file__)

@@ -67,8 +67,8 @@ def _hint(kinds: Sequence[MismatchKind], groups: Sequence[Group]) -> List[str]:
                   else g.envelope.branch.key for g in groups}
         if len(places) == 1 and all(g.envelope.callers for g in groups) and \
                 len({g.envelope.callers for g in groups}) > 1:
-            return ["  the callers differ: a call made in a function without a loop (a "
-                    "helper), written in a role branch's arm, or one of several its function "
+            return ["  the callers differ: a call made outside its function's loops (a "
+                    "helper's), written in a role branch's arm, or one of several its function "
                     "picks between and returns, is one call per line that calls its function, "
                     "so a rank skipped or added a call of it before this one, or the ranks "
                     "reach it from two places (a driver and its workers): "

@@ -77,7 +77,8 @@ def site_fingerprint(code: Optional[CodeType], lasti: int, via: Optional[Via] = 
     wrapper, that wrapper (:func:`via_name`: its name, module and first line)."""
     fp: Optional[bytes] = _SITE_FP.get(code, lasti)
     if fp is None:
-        site = site_key(code, lasti) if code is not None else format_site(code, lasti)
+        # no code: the level that digests the callers past those kept (callers.too_deep)
+        site = site_key(code, lasti) if code is not None else f"{format_site(code, lasti)}{lasti}"
         fp = _SITE_FP.put(code, lasti, digest8("site:" + site))
     if via is None:
         return fp

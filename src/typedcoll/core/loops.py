@@ -1,9 +1,9 @@
-"""Whether a function loops, read from its bytecode (``core.callers``: which calls carry
+"""Where a function loops, read from its bytecode (``core.callers``: which calls carry
 their callers).
 
-A function without a loop runs each of its calls at most once per call of it, so the line that
-called it tells its uses apart; a function with a loop (a worker's, a driver's, a retry that
-changes its arguments) runs one call many times from one caller, and carries none. What
+A call outside its function's loops runs at most once per call of the function, so the line that
+called it tells its uses apart; a call inside a loop (a worker's, a driver's, a retry that changes
+its arguments) runs many times from one caller, and carries none. What
 compiles to a jump back but is no loop of the function's: a comprehension (before 3.12 a frame
 of its own; from 3.12 inlined, and its spans answered, since calls in it run in a loop all the
 same), a coroutine's ``await`` and a generator's ``yield from``, and 3.12+'s jump back from an
@@ -32,17 +32,19 @@ def in_spans(spans: List[Tuple[int, int]], offset: int) -> bool:
 
 
 def loop_spans(code: CodeType) -> Optional[List[Tuple[int, int]]]:
-    """None where ``code`` is anything but a function that never loops (a function with a
-    loop, a worker's or a driver's; a module or a class body); else the
-    (first, last) offsets of the comprehensions inlined into it, whose calls run in a loop all
-    the same. Comprehensions and functions inside a function are not its loops: before 3.12 they
-    run in frames of their own (a frame with a loop), and from 3.12 a comprehension is inlined
-    (``return any([f for f in flags])``), read here as one, so a vote helper and a call in a
+    """None where ``code`` is not a function (a module or a class body) or a jump of it cannot
+    be read; else the (first, last) offsets of its loops (a worker's, a driver's, a retry that
+    changes its arguments) and of the comprehensions inlined into it, whose calls run in a
+    loop all the same. Functions inside a function are not its loops: before 3.12 a
+    comprehension runs in a frame of its own (a frame with a loop), and from 3.12 one is inlined
+    (``return any([f for f in flags])``), read here as a loop, so a vote helper and a call in a
     comprehension read alike on every version. Nor are a coroutine's awaits (an async engine's
     vote helper) or a generator's ``yield from``: each compiles to a jump back, but runs the
-    awaited object once. A generator without a loop (a ``contextlib.contextmanager`` that votes
-    on entry, an async one for an ``asynccontextmanager``) carries its callers as a function
-    does: those of the frame that resumed it."""
+    awaited object once. A generator's calls outside its loops (a ``contextlib.contextmanager``
+    that votes on entry, an async one for an ``asynccontextmanager``) carry their callers as a
+    function's do: those of the frame that resumed it. A span runs from a loop's first
+    instruction to its jump back, so a handler placed after the code that jumps back into a loop
+    (a retry's ``except E: continue``) covers the code between: its calls carry none."""
     if not a_plain_function(code, nested_allowed=True, suspends_allowed=RESUMED):
         return None
     suspends = code.co_flags & RESUMED
@@ -52,10 +54,12 @@ def loop_spans(code: CodeType) -> Optional[List[Tuple[int, int]]]:
     back = [ins for ins in instructions if "JUMP" in ins.opname and ins.offset not in awaiting
             and not (isinstance(ins.argval, int) and (ins.argval > ins.offset or
                                                       in_spans(inlined, ins.argval)))]
-    if back and (any(not isinstance(ins.argval, int) for ins in back) or
-                 _on_a_cycle(code, instructions, back)):
+    if any(not isinstance(ins.argval, int) for ins in back):
         return None
-    return inlined
+    # A loop runs from the target of its jump back to the jump: a call there runs many times
+    # from one caller; one before or after it (a helper that sums in a loop, then votes) once.
+    loops = [(ins.argval, ins.offset) for ins in back if _on_a_cycle(code, instructions, [ins])]
+    return inlined + loops
 
 
 def _on_a_cycle(code: CodeType, instructions: List[dis.Instruction],

@@ -60,12 +60,14 @@ class Branch(msgspec.Struct, frozen=True):
         return [(self.key, self.arm), *self.outer]
 
 
-TOO_DEEP_SITE = "(more callers)"  # callers past those kept (core.callers): never pairs
+# The callers past those kept (core.callers.too_deep), named by their digest: never pairs by role
+TOO_DEEP_SITE = "(more callers: {:08x})"
+_TOO_DEEP_HEAD = TOO_DEEP_SITE.split("{")[0]
 
 
 class Caller(msgspec.Struct, frozen=True):
     """A caller of a call made for its callers (``core.callers``: written in a role branch, or
-    in a function without a loop): its site, as an envelope's own (the file and line, the
+    outside its function's loops): its site, as an envelope's own (the file and line, the
     column, the thin wrappers passed), and the role branch that call is written in, where it is
     one's."""
 
@@ -150,7 +152,7 @@ def split_levels(envelopes: Sequence[EnvelopeInfo], root: Optional[int]
         return None
     chains = [levels(e) for e in envelopes]
     if len({len(chain) for chain in chains}) != 1 or \
-            any(level[0] == TOO_DEEP_SITE for chain in chains for level in chain):
+            any(level[0].startswith(_TOO_DEEP_HEAD) for chain in chains for level in chain):
         return None
     keys: List[Optional[str]] = []
     for depth in range(len(chains[0])):

@@ -37,9 +37,9 @@ if _STDLIB:  # a frozen standard library has no files to skip
                      os.path.join("multiprocessing", "process.py")):
         register_internal(os.path.join(_STDLIB, _starter))
 # contextlib's generator context managers resume the generator from one line to enter, one to
-# leave and another to leave by an exception: as callers (a generator without a loop carries
-# its own) they would part the exit vote of a rank whose block raised from its peers', so the
-# ``with`` line calls the generator, on every way out alike.
+# leave and another to leave by an exception: as callers (a generator's calls outside its loops
+# carry them) they would part the exit vote of a rank whose block raised from its peers', so
+# the ``with`` line calls the generator, on every way out alike.
 if getattr(contextlib, "__file__", None):
     register_internal(contextlib.__file__)
 

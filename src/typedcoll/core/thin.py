@@ -29,9 +29,9 @@ adds of its own (:func:`hand_on_calls`), is passed over in a loop or a ``try`` a
 asyncio.wait_for(fn(*args, **kwargs), t)``): a retry decorator's wrapper repeats its
 caller's call, and its one line would make every use of the function one call.
 
-Any other function keeps its sites. Where it has no loop (``loops.loop_spans``: a helper, or one
-that picks among calls and returns the one it picked; an await is none), its calls carry its
-callers (``core.callers``), but for those in a comprehension.
+Any other function keeps its sites. Its calls outside its loops and comprehensions
+(``loops.loop_spans``: a helper's, or one that picks among calls and returns the one it picked;
+an await is no loop) carry its callers (``core.callers``).
 """
 
 from __future__ import annotations
