@@ -1,8 +1,9 @@
 """The analysed files as a program: functions, classes, imports, calls resolved, and which
 functions reach a collective.
 
-Resolution is by name, within the files given: a plain name to a nested function (a lambda bound
-to a local name is one) or module-level function (or a class, meaning its ``__init__``),
+Resolution is by name, within the files given: a plain name to a nested function (a lambda, a
+collective's bound method or a ``functools.partial`` bound to a local name is one; bound to a
+``self`` attribute, a method) or module-level function (or a class, meaning its ``__init__``),
 ``self.m`` / ``cls.m`` to the method of the class or of its analysed bases, ``super().m`` to the
 bases, ``C.m`` and ``module.f`` directly, ``torch.ops.ns.op`` to the function registered as that
 op (``_custom_ops``). Any other ``obj.m`` resolves to the analysed methods
@@ -15,14 +16,13 @@ from __future__ import annotations
 import ast
 import os
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Set, Tuple, TypeGuard, Union
+from typing import Callable, Dict, Iterator, List, Optional, Set, Tuple, TypeGuard, Union
 
 from ._collectives import CollectiveOp, CollectiveTable, dotted_name
+from ._definitions import FunctionNode, alias_def, aliases, body_nodes, lambda_def, params_of
 from ._custom_ops import custom_op_namespace, ops_named, registered_ops
 from ._source import SourceFile
 
-FunctionNode = Union[ast.FunctionDef, ast.AsyncFunctionDef]
-SCOPE_NODES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)
 
 # Receivers are untyped: resolving these by name would tie every dict.get to some analysed get().
 _BUILTIN_METHOD_NAMES = frozenset(
@@ -107,41 +107,9 @@ def _module_name(path: str) -> str:
     return ".".join(p for p in parts if p and p not in (".", ".."))
 
 
-def _params(node: FunctionNode, method: bool, decorators: Tuple[str, ...]) -> Tuple[
-        List[str], Optional[str]]:
-    args = node.args
-    names = [a.arg for a in args.posonlyargs + args.args]
-    self_name = None
-    if method and "staticmethod" not in decorators and names:
-        self_name = names.pop(0)
-    names += [a.arg for a in args.kwonlyargs]
-    if args.vararg:
-        names.append(args.vararg.arg)
-    if args.kwarg:
-        names.append(args.kwarg.arg)
-    return names, self_name
-
-
 def is_try(node: ast.AST) -> TypeGuard[ast.Try]:
     """``try`` and, from Python 3.11, ``try``/``except*`` (the same fields)."""
     return isinstance(node, ast.Try) or type(node).__name__ == "TryStar"
-
-
-def _lambda_def(name: str, node: ast.Lambda) -> ast.FunctionDef:
-    """A lambda bound to a local name, as the nested function it is: its body returned."""
-    body = ast.copy_location(ast.Return(value=node.body), node.body)
-    return ast.copy_location(ast.FunctionDef(name=name, args=node.args, body=[body],
-                                             decorator_list=[], returns=None), node)
-
-
-def body_nodes(root: ast.AST) -> Iterator[ast.AST]:
-    """Every node in ``root``'s own scope: nested functions, classes and lambdas left out."""
-    stack = list(ast.iter_child_nodes(root))
-    while stack:
-        node = stack.pop()
-        yield node
-        if not isinstance(node, SCOPE_NODES):
-            stack.extend(ast.iter_child_nodes(node))
 
 
 class Program:
@@ -192,6 +160,13 @@ class Program:
                 if cls is None:
                     module.classes[node.name] = info
                 self._index_body(node.body, module, info, None, f"{prefix}{node.name}.")
+                # ``self._vote = comm.allreduce``: ``self._vote(n)`` calls a method of that name
+                for method in list(info.methods.values()):
+                    for name, value, where in aliases(method.node, method.self_name, False,
+                                                      self._collective(method)):
+                        if name not in info.methods:
+                            self._index_function(alias_def(name, value, where, True), module,
+                                                 info, None, f"{prefix}{node.name}.")
             elif isinstance(node, (ast.If, ast.Try, ast.With, ast.AsyncWith)) and parent is None:
                 # definitions under `if TYPE_CHECKING:` / `try: import` fallbacks
                 for block in _blocks(node):
@@ -201,7 +176,7 @@ class Program:
                         parent: Optional[Function], prefix: str) -> None:
         decorators = tuple(d for d in (dotted_name(x.func if isinstance(x, ast.Call) else x)
                                        for x in node.decorator_list) if d)
-        params, self_name = _params(node, cls is not None and parent is None, decorators)
+        params, self_name = params_of(node, cls is not None and parent is None, decorators)
         fn = Function(prefix + node.name, node, module, cls if parent is None else parent.cls,
                       parent, params, self_name, decorators)
         if parent is not None:
@@ -216,11 +191,18 @@ class Program:
         self.functions.append(fn)
         inner = [n for n in body_nodes(node) if isinstance(n, (ast.FunctionDef,
                                                                 ast.AsyncFunctionDef))]
-        inner += [_lambda_def(n.targets[0].id, n.value) for n in body_nodes(node)
+        inner += [lambda_def(n.targets[0].id, n.value) for n in body_nodes(node)
                   if isinstance(n, ast.Assign) and isinstance(n.value, ast.Lambda)
                   and len(n.targets) == 1 and isinstance(n.targets[0], ast.Name)]
+        inner += [alias_def(name, value, where, False)
+                  for name, value, where in aliases(node, fn.self_name, True, self._collective(fn))]
         for child in inner:
             self._index_function(child, module, None, fn, f"{fn.qualname}.")
+
+    def _collective(self, fn: Function) -> Callable[[ast.expr], bool]:
+        """Whether a call of a callable written as in ``fn`` is a collective's."""
+        return lambda func: self.table.classify(ast.Call(func=func, args=[], keywords=[]),
+                                                fn.module.imports) is not None
 
     # -- resolution -------------------------------------------------------------------------
     def _call_nodes(self, fn: Function) -> List[ast.Call]:

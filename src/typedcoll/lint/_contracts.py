@@ -19,10 +19,11 @@ import ast
 import re
 from typing import Callable, Dict, List, Optional, Set, Tuple
 
-from ._callgraph import Function, Program, body_nodes
+from ._callgraph import Function, Program
 from ._calls import bound_nodes
 from ._collectives import CollectiveOp, communicator_text, is_rank_name
 from ._config import Config
+from ._definitions import body_nodes
 
 _ROOT_KEYWORDS = ("root", "src", "dst", "group_src", "group_dst")
 # Collectives whose tensors must have one dtype, shape and device on every rank, and the keywords

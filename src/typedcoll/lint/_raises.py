@@ -16,7 +16,8 @@ import ast
 import builtins
 from typing import Callable, Dict, List, Optional, Sequence
 
-from ._callgraph import SCOPE_NODES, Function, Program, is_try
+from ._callgraph import Function, Program, is_try
+from ._definitions import SCOPE_NODES
 
 # The bases an analysed class is declared with (last names), or none when it is not analysed.
 BaseLookup = Callable[[str], List[str]]

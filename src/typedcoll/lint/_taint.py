@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence, Set, Tuple, Union
 
 from . import _presence as presence
-from ._callgraph import Function, body_nodes, is_try
+from ._callgraph import Function, is_try
+from ._definitions import body_nodes
 from ._expressions import ValueAnalysis
 from ._facts import AttrWrite, Gate
 from ._values import SYMMETRIC, join, local, merge
