@@ -24,7 +24,7 @@ from ._collectives import is_rank_name
 from ._config import Config
 from ._contracts import Contracts
 from ._calls import bind
-from ._facts import AttrWrite, Gate
+from ._facts import AttrWrite, CallRecord, Gate
 from ._roles import Roles
 from ._taint import FunctionAnalysis, function_globals
 from ._values import SYMMETRIC, Taint, collapse, divergent, expand, join, local, rank
@@ -234,18 +234,21 @@ class Analysis:
         under no divergent gate: each rank's calls of one pair with every other rank's, or that
         collective is a finding, so what they store from symmetric values is stored alike."""
         found: Set[Function] = set()
+
+        def pairs(record: CallRecord) -> bool:
+            target = record.target
+            if target.collective is not None:
+                issues = not target.collective.point_to_point
+            else:
+                issues = bool(target.functions) and all(f in found for f in target.functions)
+            return issues and not any(divergent(expand(g.taint, self.params))
+                                      for g in record.gates)
+
         changed = True
         while changed:
             changed = False
             for fn, result in self.results.items():
-                if fn not in found and any(
-                        (record.target.collective is not None
-                         and not record.target.collective.point_to_point
-                         or bool(record.target.functions)
-                         and all(f in found for f in record.target.functions))
-                        and not any(divergent(expand(g.taint, self.params))
-                                    for g in record.gates)
-                        for record in result.calls.values()):
+                if fn not in found and any(map(pairs, result.calls.values())):
                     found.add(fn)
                     changed = True
         return found
