@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Set, Tuple, TypeGuard, Union
 
 from ._collectives import CollectiveOp, CollectiveTable, dotted_name
-from ._definitions import FunctionNode, alias_def, aliases, body_nodes, lambda_def, params_of
 from ._custom_ops import custom_op_namespace, ops_named, registered_ops
+from ._definitions import FunctionNode, alias_def, aliases, body_nodes, lambda_def, params_of
 from ._source import SourceFile
 
 
