@@ -11,6 +11,7 @@ import os
 import time
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
+import msgspec
 import torch
 from torch._C._distributed_c10d import AllgatherOptions
 
@@ -293,7 +294,17 @@ def check(p: Any, call: TensorCall, blocks: bytes, own: bytes,
         # host path, not a call-site desync
     if p.rank in failed and call.error is not None and mode == "deferred":
         return None  # this rank raised its EncodeError when it made the call
+    if p.rank in failed:
+        infos[p.rank] = whole_error(infos[p.rank], call)
     return verdict.failure(p, call, failed, infos)
+
+
+def whole_error(info: Any, call: TensorCall) -> Any:
+    """``info`` with this rank's own error whole: a full block keeps a few dozen characters."""
+    if call.error is None:
+        return info
+    kind, _, detail = call.error.partition(": ")
+    return msgspec.structs.replace(info, error_type=kind, error=detail)
 
 
 def role_branch_of(call: TensorCall) -> Optional[Branch]:
@@ -394,8 +405,8 @@ def run(p: Protocol, call: TensorCall, launch: Callable[[Any], None]) -> None:
             # enqueues its payload too, so that theirs completes instead of hanging the stream.
             if call.payload_ok:
                 launch(group)
-            own = infos_from_blocks(bytes(checks.send_view[index * BLOCK:(index + 1) * BLOCK]),
-                                    1)[0]
+            own = whole_error(infos_from_blocks(
+                bytes(checks.send_view[index * BLOCK:(index + 1) * BLOCK]), 1)[0], call)
             raise verdict.failure(p, call, [p.rank], [own] * p.size)
         launch(group)
     except BaseException as exc:
