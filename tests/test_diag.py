@@ -7,7 +7,6 @@ over MPI are in test_diag_mpi.py. Expected texts are pinned; call-site lines are
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import os
@@ -303,24 +302,27 @@ def test_with_the_recorder_off_the_report_still_counts_collectives(monkeypatch, 
         f"    rank 1: now at {at('moved_on')} in one_short (thread rank-1)",
         "      on WORLD: issued 2 collectives",
     ]
-    del excinfo, err
-    gc.collect()  # a dump lists every live communicator of the process: one job's only
-
     dumped = threading.Event()
 
     def body(comm):
         comm.allgather(comm.rank)
         if comm.rank == 0:
-            out = diag.dump_traces("manual", directory=str(tmp_path))
+            out = diag.dump_traces("manual", directory=str(tmp_path / "all"))
             dumped.set()
             return out
         dumped.wait(30)  # rank 1's communicator lives, one collective in, until rank 0 dumped
         return None
-    run(2, body)
-    dump = msgspec.json.decode((tmp_path / "rank0.json").read_bytes(), type=Dump)
+    run(2, body, name="unrecorded")
+    dump = msgspec.json.decode((tmp_path / "all" / "rank0.json").read_bytes(), type=Dump)
+    # A dump lists every live communicator of the process, and an earlier test's in-memory job
+    # may not be collected yet: this job's are the ones named for it.
+    dump.comms = [c for c in dump.comms if c.id == "unrecorded"]
+    assert sorted(c.rank for c in dump.comms) == [0, 1]
     for c in dump.comms:
         assert (c.entries, c.capacity, c.recorded) == ([], 0, 0)
-    assert trace_main([str(tmp_path)]) == 0
+    (tmp_path / "job").mkdir()
+    (tmp_path / "job" / "rank0.json").write_bytes(msgspec.json.encode(dump))
+    assert trace_main([str(tmp_path / "job")]) == 0
 
 
 # --- decisions in a DesyncError --------------------------------------------------------------
@@ -371,8 +373,6 @@ def test_dump_traces_never_raises(tmp_path, capsys):
 
 
 def test_a_dump_holds_entries_notes_stacks_and_where_each_rank_is(tmp_path):
-    gc.collect()  # earlier tests' in-memory jobs: a dump lists every live communicator
-
     def body(comm):
         comm.set_step(4)
         comm.note("can_queue", comm.rank == 0)
@@ -384,14 +384,14 @@ def test_a_dump_holds_entries_notes_stacks_and_where_each_rank_is(tmp_path):
             path = diag.dump_traces("manual", "why", directory=str(tmp_path))  # mark: dumping
         comm.barrier()  # rank 1's communicator lives until the dump is written
         return path
-    path, _ = run(2, body)
+    path, _ = run(2, body, name="dumped")
     assert path == str(tmp_path / "rank0.json")
     assert not list(tmp_path.glob("*.tmp.*"))
     dump = msgspec.json.decode(Path(path).read_bytes(), type=Dump)
     assert (dump.format, dump.version, dump.reason, dump.message) == (FORMAT, VERSION, "manual",
                                                                       "why")
     assert dump.events[-1] == "manual" and dump.pid == os.getpid()
-    mine = {c.rank: c for c in dump.comms if c.id == "WORLD"}
+    mine = {c.rank: c for c in dump.comms if c.id == "dumped"}  # this job's, by its name
     assert sorted(mine) == [0, 1]  # in-memory ranks: one process holds both
     c = mine[0]
     assert (c.size, c.seq, c.step, c.transport, c.world_ranks) == (2, 3, 4, "memory", [0, 1])
@@ -413,13 +413,13 @@ def test_a_dump_holds_entries_notes_stacks_and_where_each_rank_is(tmp_path):
 def test_a_timed_out_rank_dumps_with_what_it_saw_of_its_peers(tmp_path, monkeypatch):
     monkeypatch.setenv("TYPEDCOLL_TRACE_DIR", str(tmp_path))
     with pytest.raises(BaseExceptionGroup):
-        run(2, silent, timeout=0.3)
+        run(2, silent, timeout=0.3, name="timed_out")
     dump = msgspec.json.decode((tmp_path / "rank0.json").read_bytes(), type=Dump)
-    world = next(c for c in dump.comms if c.id == "WORLD" and c.rank == 0)
+    world = next(c for c in dump.comms if c.id == "timed_out" and c.rank == 0)
     (peer,) = world.peers
     assert (peer.rank, peer.answered, peer.status) == (1, False, None) and peer.asked_ns > 0
     assert world.entries[-1].state == "failed"
-    assert world.entries[-1].error.startswith("CollectiveTimeout: collective #1 on WORLD")
+    assert world.entries[-1].error.startswith("CollectiveTimeout: collective #1 on timed_out")
 
 
 # --- logs -----------------------------------------------------------------------------------------
