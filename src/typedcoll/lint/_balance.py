@@ -358,14 +358,20 @@ class Sequencer:
             return (Op(target.collective.op, communicator_text(node, target.collective)),)
         # A callee's names mean nothing here (its ``comm`` may be this function's
         # ``self.tp_comm``): its communicators are compared with none.
-        seqs = [_anonymous(self.function(callee, p2p)) for callee in target.functions
-                if callee in self.program.reach and not self.program.is_rank_safe(callee)]
-        if not seqs:
-            return ()
-        first = seqs[0]
-        if all(_same(s, first) for s in seqs):
-            return first
-        return (("alt",) + tuple(seqs),)
+        seqs = [s for s in (self._callee(callee, p2p) for callee in target.functions)
+                if s is not None]
+        out: Seq = ()
+        if seqs:
+            first = seqs[0]
+            out = first if all(_same(s, first) for s in seqs) else (("alt",) + tuple(seqs),)
+        for method in target.entered:  # in order: __enter__, then __exit__
+            out += self._callee(method, p2p) or ()
+        return out
+
+    def _callee(self, callee: Function, p2p: bool) -> Optional[Seq]:
+        if callee not in self.program.reach or self.program.is_rank_safe(callee):
+            return None
+        return _anonymous(self.function(callee, p2p))
 
 
 def gate_balanced(sequencer: Sequencer, gate: Gate, point_to_point: bool) -> bool:

@@ -6,7 +6,7 @@ collective's bound method or a ``functools.partial`` bound to a local name is on
 ``self`` attribute, a method) or module-level function (or a class, meaning its ``__init__``),
 ``self.m`` / ``cls.m`` to the method of the class or of its analysed bases, ``super().m`` to the
 bases, ``C.m`` and ``module.f`` directly, ``torch.ops.ns.op`` to the function registered as that
-op (``_custom_ops``). Any other ``obj.m`` resolves to the analysed methods
+op (``_custom_ops``); ``with C(...)`` also to ``C``'s ``__enter__`` and ``__exit__``. Any other ``obj.m`` resolves to the analysed methods
 named ``m`` when few classes define one and the name is not a common method of builtin types
 (``get``, ``append``...), since the receiver's type is unknown.
 """
@@ -21,6 +21,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Set, Tuple, TypeGua
 from ._collectives import CollectiveOp, CollectiveTable, dotted_name
 from ._custom_ops import custom_op_namespace, ops_named, registered_ops
 from ._definitions import FunctionNode, alias_def, aliases, body_nodes, lambda_def, params_of
+from ._reach import Reach, call_reach, reachability
 from ._source import SourceFile
 
 
@@ -82,15 +83,6 @@ class Module:
 
 
 @dataclass(frozen=True)
-class Reach:
-    """How a function reaches its first collective: ``chain`` from its callee down to the op."""
-
-    collective: str
-    chain: Tuple[str, ...]
-    point_to_point: bool
-
-
-@dataclass(frozen=True)
 class CallTarget:
     """What a call is: a collective, and/or analysed functions it may run (``bound``: self
     passed)."""
@@ -98,6 +90,9 @@ class CallTarget:
     collective: Optional[CollectiveOp]
     functions: Tuple[Function, ...]
     bound: bool
+    # ``with Cls(...)``: the class's __enter__ and __exit__, which run after the constructor, on
+    # whichever ranks take the statement
+    entered: Tuple[Function, ...] = ()
 
 
 def _module_name(path: str) -> str:
@@ -127,10 +122,14 @@ class Program:
         self.custom_ops = registered_ops(self.functions, self._call_nodes,
                                          lambda name, fn: self._resolve_name(name, fn)[0])
         self._targets: Dict[int, CallTarget] = {}
+        self._context_calls = {id(item.context_expr) for fn in self.functions
+                               for node in body_nodes(fn.node)
+                               if isinstance(node, (ast.With, ast.AsyncWith))
+                               for item in node.items}
         self.calls: Dict[Function, List[Tuple[ast.Call, CallTarget]]] = {}
         for fn in self.functions:
             self.calls[fn] = [(c, self.target(c, fn)) for c in self._call_nodes(fn)]
-        self.reach = self._reachability()
+        self.reach = reachability(self.functions, self.calls, self.is_rank_safe)
 
     # -- indexing ---------------------------------------------------------------------------
     def _index_module(self, source: SourceFile) -> None:
@@ -225,9 +224,20 @@ class Program:
                     functions = ()  # a guess, or a method that delegates: the name decides
                 if functions:
                     collective = None
-            hit = CallTarget(collective, functions, bound)
+            hit = CallTarget(collective, functions, bound, self._entered(call, fn))
             self._targets[key] = hit
         return hit
+
+    def _entered(self, call: ast.Call, fn: Function) -> Tuple[Function, ...]:
+        """The context-manager methods ``with Cls(...)`` runs, for an analysed class ``Cls``."""
+        if id(call) not in self._context_calls or not isinstance(call.func, ast.Name):
+            return ()
+        cls = self._class_named(call.func.id, fn)
+        if cls is None:
+            return ()
+        found = (self.class_method(cls, name)
+                 for name in ("__enter__", "__aenter__", "__exit__", "__aexit__"))
+        return tuple(f for f in found if f is not None)
 
     def _issues_collective(self, fn: Function) -> bool:
         """``fn``'s own body calls something named like a collective."""
@@ -276,20 +286,29 @@ class Program:
         module = fn.module
         if name in module.functions:
             return (module.functions[name],), False
-        cls = module.classes.get(name)
         imported = module.imports.get(name)
-        if cls is None and imported is not None:
+        if name not in module.classes and imported is not None:
             owner = imported.rsplit(".", 1)[0]
             for candidate in self.functions_by_name.get(name, []):
                 if candidate.module.name.endswith(owner.split(".")[-1]):
                     return (candidate,), False
-            for info in self.classes_by_name.get(name, []):
-                if info.module.name.endswith(owner.split(".")[-1]):
-                    cls = info
+        cls = self._class_named(name, fn)
         if cls is not None:
             init = self.class_method(cls, "__init__")
             return ((init,), True) if init is not None else ((), False)
         return (), False
+
+    def _class_named(self, name: str, fn: Function) -> Optional[ClassInfo]:
+        """The analysed class ``name`` means in ``fn``'s module: its own, or one it imports."""
+        module = fn.module
+        cls = module.classes.get(name)
+        imported = module.imports.get(name)
+        if cls is None and imported is not None:
+            owner = imported.rsplit(".", 1)[0]
+            for info in self.classes_by_name.get(name, []):
+                if info.module.name.endswith(owner.split(".")[-1]):
+                    cls = info
+        return cls
 
     def _resolve(self, func: ast.expr, fn: Function) -> Tuple[Tuple[Function, ...], bool]:
         if isinstance(func, ast.Name):
@@ -326,61 +345,17 @@ class Program:
                 return (), False
         return self._by_name(name, fn, False), True
 
-    # -- reachability -----------------------------------------------------------------------
-    def _reachability(self) -> Dict[Function, Reach]:
-        """First collective (in source order) each function reaches; collectives over
-        point-to-point ops."""
-        reach: Dict[Function, Reach] = {}
-        changed = True
-        while changed:
-            changed = False
-            for fn in self.functions:
-                best = self._first_reach(fn, reach)
-                old = reach.get(fn)
-                if best is not None and (old is None or (old.point_to_point
-                                                         and not best.point_to_point)):
-                    reach[fn] = best
-                    changed = True
-        return reach
-
+    # -- reachability ---------------------------------------------------------------------------
     def is_rank_safe(self, fn: Function) -> bool:
         config = self.table.config
         return bool(config.rank_safe_functions) and (
             config.matches("rank_safe_functions", fn.name)
             or config.matches("rank_safe_functions", fn.qualname))
 
-
-    def _first_reach(self, fn: Function, reach: Dict[Function, Reach]) -> Optional[Reach]:
-        fallback: Optional[Reach] = None
-        for _, target in self.calls[fn]:
-            found = self.call_reach(target, reach)
-            if found is None:
-                continue
-            if not found.point_to_point:
-                return found
-            fallback = fallback or found
-        return fallback
-
     def call_reach(self, target: CallTarget, reach: Optional[Dict[Function, Reach]] = None
                    ) -> Optional[Reach]:
         """What a call reaches: the collective it is, or its first callee's reach."""
-        reach = self.reach if reach is None else reach
-        if target.collective is not None:
-            op = target.collective
-            return Reach(op.display, (op.display,), op.point_to_point)
-        fallback: Optional[Reach] = None
-        for callee in target.functions:
-            if self.is_rank_safe(callee):
-                continue
-            inner = reach.get(callee)
-            if inner is None:
-                continue
-            found = Reach(inner.collective, (callee.qualname,) + inner.chain,
-                          inner.point_to_point)
-            if not found.point_to_point:
-                return found
-            fallback = fallback or found
-        return fallback
+        return call_reach(target, self.reach if reach is None else reach, self.is_rank_safe)
 
 
 def _blocks(node: ast.stmt) -> Iterator[List[ast.stmt]]:

@@ -15,10 +15,11 @@ import ast
 from typing import Dict, List, Optional, Set, Tuple
 
 from ._analysis import Analysis
-from ._callgraph import Function, Module, Reach
+from ._callgraph import Function, Module
 from ._dimensions import Dimensions
 from ._facts import CallRecord, Gate
 from ._model import RANK_LOCAL_GATE, UNBALANCED_RANK_BRANCH, Finding, GateInfo
+from ._reach import Reach
 from ._requirements import Requirements
 from ._values import RANK, Taint, divergent, expand, first_cause, rank_local
 
