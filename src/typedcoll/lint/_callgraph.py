@@ -6,9 +6,10 @@ collective's bound method or a ``functools.partial`` bound to a local name is on
 ``self`` attribute, a method) or module-level function (or a class, meaning its ``__init__``),
 ``self.m`` / ``cls.m`` to the method of the class or of its analysed bases, ``super().m`` to the
 bases, ``C.m`` and ``module.f`` directly, ``torch.ops.ns.op`` to the function registered as that
-op (``_custom_ops``); ``with C(...)`` also to ``C``'s ``__enter__`` and ``__exit__``. Any other ``obj.m`` resolves to the analysed methods
-named ``m`` when few classes define one and the name is not a common method of builtin types
-(``get``, ``append``...), since the receiver's type is unknown.
+op (``_custom_ops``); ``with C(...)`` also to ``C``'s ``__enter__`` and ``__exit__``. Any other
+``obj.m`` resolves to the analysed methods named ``m`` when few classes define one and the name
+is not a common method of builtin types (``get``, ``append``...), since the receiver's type is
+unknown.
 """
 
 from __future__ import annotations

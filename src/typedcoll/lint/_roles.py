@@ -23,7 +23,8 @@ from __future__ import annotations
 import ast
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
-from ._balance import Sequencer, _linear, _one_path_equal, gate_balanced
+from ._balance import Sequencer, gate_balanced
+from ._sequences import linear, one_path_equal
 from ._callgraph import Function
 from ._facts import Gate
 from ._values import Taint, divergent, expand, only_synced, rank_local
@@ -93,12 +94,12 @@ class Roles:
         if not following:
             return False
         seq, fn = self.sequencer, gate.fn
-        lead = _linear(seq.block(leader + rest, fn, False))
-        follow = _linear(seq.block(following, fn, False))
+        lead = linear(seq.block(leader + rest, fn, False))
+        follow = linear(seq.block(following, fn, False))
         if lead is None or follow is None:
             return False
-        if not (all(any(_one_path_equal(a, b) for b in follow) for a in lead)
-                and all(any(_one_path_equal(a, b) for a in lead) for b in follow)):
+        if not (all(any(one_path_equal(a, b) for b in follow) for a in lead)
+                and all(any(one_path_equal(a, b) for a in lead) for b in follow)):
             return False
         inside = _within(following)
         span = range(following[0].lineno, (following[-1].end_lineno or 0) + 1)
