@@ -18,7 +18,7 @@ from typing import Dict, Iterator, List, Optional, Set, Tuple
 
 from . import _presence as presence
 from ._attributes import AttributeModel
-from ._balance import Sequencer, gate_balanced
+from ._balance import Sequencer, gate_balanced, gate_issues
 from ._callgraph import Function, Program
 from ._collectives import is_rank_name
 from ._config import Config
@@ -27,7 +27,8 @@ from ._calls import bind
 from ._facts import AttrWrite, CallRecord, Gate
 from ._roles import Roles
 from ._taint import FunctionAnalysis, function_globals
-from ._values import SYMMETRIC, Taint, collapse, divergent, expand, join, local, rank
+from ._values import (LOCAL, SYMMETRIC, Taint, collapse, divergent, expand, join, local,
+                      only_synced, rank)
 
 _MAX_ROUNDS = 8
 Callers = Dict[Function, List[Tuple[Function, Optional[ast.Call]]]]
@@ -53,8 +54,10 @@ class Analysis:
         self._rebound = {m: set().union(*(function_globals(f) for f in program.functions
                                            if f.module is m)) for m in program.modules}
         self._balance: Dict[Tuple[int, str, bool], bool] = {}
+        self._issuing: Dict[int, bool] = {}
         self.roles = Roles(self.sequencer, self._gates_of, lambda: self.params)
         self.static_cache: Dict[int, Optional[Taint]] = {}
+        self._contexts: Dict[Function, Tuple[Gate, ...]] = {}
 
     # -- Facts ------------------------------------------------------------------------------
     def key(self, fn: Function) -> str:
@@ -118,6 +121,13 @@ class Analysis:
         # a branch on the rank identity alone may be a leader's and its followers' (_roles)
         return hit or (not point_to_point and root.kind == "if" and self.roles.led(root))
 
+    def pairs_within(self, gate: Gate, point_to_point: bool) -> bool:
+        root = gate.root
+        issues = self._issuing.get(id(root.node))
+        if issues is None:
+            issues = self._issuing[id(root.node)] = gate_issues(self.sequencer, root)
+        return issues and self.balanced(gate, point_to_point)
+
     def _gates_of(self, fn: Function) -> List[Gate]:
         result = self.results.get(fn)
         return result.all_gates() if result is not None else []
@@ -174,14 +184,54 @@ class Analysis:
         for fn in self.program.functions:
             result = self.results.get(fn)
             if result is not None:
+                over = self._contexts.get(fn, ())
                 for write in result.writes:
-                    yield fn, write, expand(write.taint, self.params)
+                    value = expand(write.taint, self.params)
+                    yield fn, write, join(value, *(self._carried(g, value) for g in over))
+
+    def _call_contexts(self) -> Dict[Function, Tuple[Gate, ...]]:
+        """The gates over each function's analysed calls, and over its callers' calls: what it
+        stores in ``self`` is stored on the ranks that called it, as if stored at the call.
+        Set-up and teardown run on every rank, whoever calls them, and a call that reaches a
+        collective is a finding of its own under such a gate: its callee's state would only
+        echo it."""
+        contexts: Dict[Function, Dict[int, Gate]] = {}
+        for _ in range(_MAX_ROUNDS):
+            changed = False
+            for callee, callers in self._callers.items():
+                if callee in self.attributes.setup or callee in self.attributes.teardown:
+                    continue
+                found = contexts.setdefault(callee, {})
+                before = len(found)
+                for caller, node in callers:
+                    result = self.results.get(caller)
+                    record = (result.calls.get(id(node))
+                              if result is not None and node is not None else None)
+                    if record is not None and self.program.call_reach(record.target) is None:
+                        for gate in record.gates + tuple(contexts.get(caller, {}).values()):
+                            found.setdefault(id(gate), gate)
+                changed = changed or len(found) != before
+            if not changed:
+                break
+        return {fn: tuple(gates.values()) for fn, gates in contexts.items() if gates}
+
+    def _carried(self, gate: Gate, value: Taint) -> Taint:
+        """What a gate over a call adds to a value the callee stores (``implicit`` in the
+        interpreter, across the call)."""
+        taint = expand(gate.taint, self.params)
+        if not taint or gate.origin is not None or gate.root.kind == "except":
+            return SYMMETRIC
+        if only_synced(value) and self.pairs_within(
+                gate, point_to_point=any(s.kind == LOCAL for s in taint)):
+            return SYMMETRIC
+        return taint
 
     def _update(self) -> Set[Function]:
         """Recompute the summaries; the functions whose inputs changed."""
         returns = {fn: r.returned for fn, r in self.results.items()}
         items = {fn: self.returned_items(fn) for fn in self.results}
         syncs = {fn: r.synced_params for fn, r in self.results.items()}
+        self._contexts = self._call_contexts()
         setter_values = self.attributes.setter_values(self._writes())
         params: Dict[str, Dict[str, Taint]] = {}
         for fn in self.program.functions:

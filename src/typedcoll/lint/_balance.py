@@ -246,3 +246,22 @@ def gate_balanced(sequencer: Sequencer, gate: Gate, point_to_point: bool) -> boo
     if gate.kind in ("for", "while") and isinstance(node, (ast.For, ast.AsyncFor, ast.While)):
         return not has_ops(seq.block(node.body, fn, p2p))
     return False
+
+
+def gate_issues(sequencer: Sequencer, gate: Gate) -> bool:
+    """Whether the code a gate chooses between (its own sides, not what follows them) issues a
+    collective: a value stored there came from it, not from before the gate."""
+    seq, node, fn = sequencer, gate.node, gate.fn
+    if isinstance(node, ast.If):
+        sides = [seq.block(node.body, fn, False), seq.block(node.orelse, fn, False)]
+    elif isinstance(node, ast.IfExp):
+        sides = [seq.expr(node.body, fn, False), seq.expr(node.orelse, fn, False)]
+    elif isinstance(node, ast.Match):
+        sides = seq.match_paths(node, fn, False)
+    elif isinstance(node, (ast.For, ast.AsyncFor, ast.While)):
+        sides = [seq.block(node.body, fn, False)]
+    elif isinstance(node, ast.expr):
+        sides = [seq.expr(node, fn, False)]
+    else:
+        return False
+    return any(has_ops(side) for side in sides)

@@ -104,7 +104,7 @@ class ValueAnalysis(PresenceTracking):
                 continue  # a handler's fallback value is taken as what every rank computes
             if not roles and not any(s.kind == LOCAL for s in gate.taint):
                 continue
-            if only_synced(value) and self.facts.balanced(
+            if only_synced(value) and self.facts.pairs_within(
                     gate, point_to_point=any(s.kind == LOCAL for s in gate.taint)):
                 continue
             parts.append(gate.taint)
