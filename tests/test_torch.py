@@ -819,11 +819,11 @@ def _device_call(p: Any, op: str, tensor: Any, seq: int, **kwargs: Any) -> Any:
 
 
 def _blocks(ps: List[Any], calls: List[Any]) -> bytes:
-    from typedcoll.tensor import device
+    from typedcoll.tensor.blocks import pack_block
     from typedcoll.tensor.envelope import BLOCK
     buf = bytearray(BLOCK * len(calls))
     for r, (p, call) in enumerate(zip(ps, calls)):
-        device.pack_block(memoryview(buf)[r * BLOCK:], p, call)
+        pack_block(memoryview(buf)[r * BLOCK:], p, call)
     return bytes(buf)
 
 

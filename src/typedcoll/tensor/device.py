@@ -16,24 +16,16 @@ import torch
 from torch._C._distributed_c10d import AllgatherOptions
 
 from ..core import verdict
-from ..codecs.digest import digest8
-from ..core.arms import branch_of
 from ..core.plumbing import register_internal
-from ..core.site_walk import via_name
-from ..core.sites import CodeTable, column_of, format_column, format_site
-from ..core.mismatch import Branch
 from ..core.protocol import Protocol
-from ..core.wire import (CHECKED, FLAG_LOCAL_ERROR, FLAGS_OFFSET, HEADER, HEADER_SIZE, MAGIC,
-                         OPS, ROOTED_OPS, slot_log2)
-from .envelope import (BLOCK, MODES, RING, DeviceBranch, DeviceMeta, TensorCall, desync_error,
-                       dtype_name, encode_meta, infos_from_blocks)
+from ..core.wire import CHECKED, FLAG_LOCAL_ERROR, FLAGS_OFFSET, HEADER_SIZE
+from .blocks import pack_block
+from .envelope import BLOCK, MODES, RING, TensorCall, desync_error, infos_from_blocks
 
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 # torch declares no types for these constructors: called through Any, strict mypy accepts them.
 _Event: Any = torch.cuda.Event
 _Stream: Any = torch.cuda.Stream
-_BRANCHES = CodeTable()  # a call site's role branch as blocks carry it (role_branch_of)
-_UNSET = object()
 
 
 def stream_ordered(kind: Any) -> Any:
@@ -305,52 +297,6 @@ def whole_error(info: Any, call: TensorCall) -> Any:
         return info
     kind, _, detail = call.error.partition(": ")
     return msgspec.structs.replace(info, error_type=kind, error=detail)
-
-
-def role_branch_of(call: TensorCall) -> Optional[Branch]:
-    """The role branch of an unnamed rooted call (``core.arms``), its key digested to 16 hex
-    characters so that any key fits the block: ranks compare keys, never read them."""
-    if call.name is not None or call.op not in ROOTED_OPS:
-        return None
-    return _branch_at(call.code, call.lasti)
-
-
-def _branch_at(code: Any, lasti: int) -> Optional[Branch]:
-    found = _BRANCHES.get(code, lasti, _UNSET)
-    if found is _UNSET:
-        branch = branch_of(code, lasti)
-        found = _BRANCHES.put(code, lasti, None if branch is None else
-                              Branch(digest8(branch.key).hex(), branch.arm,
-                                     tuple((digest8(k).hex(), a) for k, a in branch.outer)))
-    return found  # type: ignore[no-any-return]
-
-
-def callers_of(call: TensorCall) -> Tuple[Tuple[str, Optional[DeviceBranch]], ...]:
-    """The callers of a call in a role branch (``core.callers``), as the block carries them:
-    each its site, column and thin wrapper in one text, and its branch, the key digested as the
-    call's own is."""
-    return tuple((format_column(format_site(code, lasti), column_of(code, lasti)) +
-                  (f" through {via_name(via)}" if via is not None else ""),
-                  DeviceBranch.of(_branch_at(code, lasti))) for code, lasti, via in call.callers)
-
-
-def pack_block(view: Any, p: Protocol, call: TensorCall) -> None:
-    """Write ``call``'s device envelope (header, then DeviceMeta) at ``view[:BLOCK]``."""
-    tensor = call.tensor
-    is_tensor = isinstance(tensor, torch.Tensor)
-    meta = DeviceMeta(call.name, dtype_name(tensor.dtype) if is_tensor else "?",
-                      tensor.device.type if is_tensor else "?",
-                      tuple(tensor.shape) if is_tensor else (), format_site(call.code, call.lasti),
-                      call.occurrence, p.name, call.error, column_of(call.code, call.lasti),
-                      DeviceBranch.of(role_branch_of(call)), via_name(call.via), callers_of(call))
-    payload = encode_meta(meta)
-    info = call.info
-    assert info is not None
-    HEADER.pack_into(view, 0, MAGIC, OPS[call.op], call.reduce_op, slot_log2(BLOCK), call.root,
-                     call.seq, call.wire_step, info.fingerprint, call.array_fp,
-                     p.identity(call), p.instance, BLOCK,
-                     FLAG_LOCAL_ERROR if call.error is not None else 0, len(payload))
-    view[HEADER_SIZE:HEADER_SIZE + len(payload)] = payload
 
 
 def _wait_event(p: Protocol, event: Any, rec: Pending) -> None:

@@ -136,7 +136,7 @@ def _tensor_error(op: str, tensor: torch.Tensor, size: int, reduce_op: Any, on_d
 # --- the device path's envelope as data --------------------------------------------------------
 class DeviceBranch(msgspec.Struct, array_like=True, frozen=True):
     """A role branch (``core.mismatch.Branch``) as the block carries it: an array, not a map,
-    its keys digested (``device.role_branch_of``), so that a call and its callers' branches
+    its keys digested (``blocks.role_branch_of``), so that a call and its callers' branches
     fit."""
 
     key: str
