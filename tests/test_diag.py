@@ -246,6 +246,29 @@ def test_a_rank_one_call_short_is_named_with_where_it_moved_on_to():
     ]
 
 
+def test_a_hang_where_every_rank_started_says_where_each_peer_is(monkeypatch):
+    asked = hang.ask_peers
+
+    def as_if_started(p, seq, reason, dump, grace=hang.GRACE):
+        # rank 1 as it would answer had it entered the collective and stalled in it
+        answers, why = asked(p, seq, reason, dump, grace)
+        return {r: msgspec.structs.replace(s, comm=msgspec.structs.replace(s.comm, seq=seq + 1))
+                for r, s in (answers or {}).items()}, why
+    monkeypatch.setattr(hang, "ask_peers", as_if_started)
+    with pytest.raises(BaseExceptionGroup) as excinfo:
+        run(2, one_short, timeout=0.3, name="stalled")
+    (err,) = errors_of(excinfo).values()
+    assert normal(str(err)).splitlines()[1:] == [
+        "hang report (side channel: 1 of 1 peer answered in N s):",
+        "  every rank has started collective #2: it is slow, or the transport is stuck; where "
+        "each peer is now:",
+        f"    rank 1: now at {at('moved_on')} in one_short (thread rank-1)",
+        f"      last started: allgather[RankState] on stalled seq=1 at {at('short_loop')}, its "
+        f"2nd call: completed",
+        "  arrived: ranks 0-1",
+    ]
+
+
 def silent(comm):
     comm.allgather(RankState(comm.rank))  # mark: together
     if comm.rank == 1:

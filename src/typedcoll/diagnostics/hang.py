@@ -117,8 +117,11 @@ def hang_report(p: Protocol, call: Call) -> Tuple[Optional[Tuple[int, ...]], str
         lines += _grouped(p, silent, lambda r: [f"    {_WHO}: {_last_answer(p.channel, r)}"])
         lines += together
     if not absent and not silent:
+        # Where each is tells a slow rank (in its own code, or between the phases of a
+        # collective over gloo) from one waiting in a collective on another communicator.
         lines.append(f"  every rank has started collective #{call.seq}: it is slow, or the "
-                     f"transport is stuck")
+                     f"transport is stuck; where each peer is now:")
+        lines += _grouped(p, sorted(answers), lambda r: _absent_lines(p, answers[r]))
     lines.append(f"  arrived: {compact_ranks(arrived)}")
     lines += _decisions(p, answers)
     missing = tuple(sorted(absent + silent))
