@@ -125,8 +125,11 @@ def test_a_signal_is_taken_whatever_the_side_channel_polls_do(poll):
             "watcher._Watcher.polled[1] = (weakref.ref(channel), Slow())\n"
             "watcher._Watcher.due[1] = 0.0\n"
             "watcher.wake()\n"
-            "time.sleep(0.3)\n"
-            "assert channel is not None and serve_calls[0] > (10 if sys.argv[1] == 'late' else 0)\n"
+            "want = 10 if sys.argv[1] == 'late' else 0\n"
+            "deadline = time.monotonic() + 30\n"  # a starved process polls late, but polls
+            "while serve_calls[0] <= want and time.monotonic() < deadline:\n"
+            "    time.sleep(0.01)\n"
+            "assert channel is not None and serve_calls[0] > want, serve_calls\n"
             "os.write(wfd, bytes([15]))\n"
             "assert taken.wait(5.0), 'the signal byte was never read'\n")
     subprocess.run([sys.executable, "-c", code, poll], check=True, timeout=60)
@@ -142,11 +145,12 @@ def test_a_sigterm_handler_installed_after_typedcolls_keeps_the_process(tmp_path
             "took = threading.Event()\n"
             "signal.signal(signal.SIGTERM, lambda *a: took.set())\n"
             "os.kill(os.getpid(), signal.SIGTERM)\n"
-            "deadline = time.monotonic() + 3\n"
-            "while time.monotonic() < deadline:\n"
+            "dump = os.path.join(os.environ['TYPEDCOLL_TRACE_DIR'], 'rank0.json')\n"
+            "deadline = time.monotonic() + 30\n"  # a loaded host dumps late, but dumps
+            "while not (took.is_set() and os.path.exists(dump)) and time.monotonic() < deadline:\n"
             "    time.sleep(0.05)\n"
-            "assert took.is_set()\n"
-            "assert os.path.exists(os.path.join(os.environ['TYPEDCOLL_TRACE_DIR'], 'rank0.json'))\n"
+            "assert took.is_set() and os.path.exists(dump)\n"
+            "time.sleep(3)\n"  # and the process lives on after its dump
             "print('still running', flush=True)\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, env={**os.environ, "TYPEDCOLL_TRACE_DIR": str(tmp_path)})
@@ -179,21 +183,30 @@ def test_sigterm_ends_the_process_when_its_dump_never_finishes(tmp_path):
 
 
 # --- hang reports ------------------------------------------------------------------------------
-def elsewhere(comm):
+def elsewhere(comm, reported):
+    """Rank 1 stays away (at its ``sleep`` mark) until both its peers have their reports."""
     comm.note("can_queue", comm.rank != 1)  # mark: note
     comm.note("batch", 8)
     for step in range(3):
         comm.allgather(RankState(comm.rank))  # mark: loop
     if comm.rank == 1:
-        time.sleep(0.6)  # mark: sleep
+        reported.wait()  # mark: sleep
         return None
-    comm.allgather(RankState(comm.rank))  # mark: late
+    try:
+        comm.allgather(RankState(comm.rank))  # mark: late
+    finally:
+        reported.wait()
     return None
+
+
+def away():
+    """What ``elsewhere`` waits on, for its three ranks: bounded, so nothing outlives a test."""
+    return threading.Barrier(3, timeout=30)
 
 
 def test_hang_report_names_the_absent_rank_where_it_is_and_what_differs():
     with pytest.raises(BaseExceptionGroup) as excinfo:
-        run(3, elsewhere, timeout=0.3)  # rank 1 is away for 0.6 s: the report is ready before
+        run(3, elsewhere, away(), timeout=0.3)
     errors = errors_of(excinfo)
     assert sorted(errors) == [0, 2]
     for r, err in errors.items():
@@ -223,18 +236,22 @@ def test_hang_report_describes_ranks_alike_once_and_caps_the_places():
                      + [f"    ... and ranks 16-19 (at most {hang.MAX_DETAILED} descriptions)"])
 
 
-def one_short(comm):
+def one_short(comm, reported):
+    """Rank 1 moves on and stays there (its ``moved_on`` mark) until rank 0 has its report."""
     for step in range(2):
         comm.allgather(RankState(comm.rank))  # mark: short_loop
     if comm.rank == 0:
-        comm.allgather(RankState(comm.rank))  # mark: extra
+        try:
+            comm.allgather(RankState(comm.rank))  # mark: extra
+        finally:
+            reported.set()
     else:
-        time.sleep(0.8)  # mark: moved_on
+        reported.wait(30)  # mark: moved_on
 
 
 def test_a_rank_one_call_short_is_named_with_where_it_moved_on_to():
     with pytest.raises(BaseExceptionGroup) as excinfo:
-        run(2, one_short, timeout=0.3)
+        run(2, one_short, threading.Event(), timeout=0.3)
     (err,) = errors_of(excinfo).values()
     lines = normal(str(err)).splitlines()
     assert lines[2:6] == [
@@ -256,7 +273,7 @@ def test_a_hang_where_every_rank_started_says_where_each_peer_is(monkeypatch):
                 for r, s in (answers or {}).items()}, why
     monkeypatch.setattr(hang, "ask_peers", as_if_started)
     with pytest.raises(BaseExceptionGroup) as excinfo:
-        run(2, one_short, timeout=0.3, name="stalled")
+        run(2, one_short, threading.Event(), timeout=0.3, name="stalled")
     (err,) = errors_of(excinfo).values()
     assert normal(str(err)).splitlines()[1:] == [
         "hang report (side channel: 1 of 1 peer answered in N s):",
@@ -269,21 +286,27 @@ def test_a_hang_where_every_rank_started_says_where_each_peer_is(monkeypatch):
     ]
 
 
-def silent(comm):
+def silent(comm, forgotten, reported):
+    """Rank 1 stops answering before rank 0's second call, and stays away until its report."""
     comm.allgather(RankState(comm.rank))  # mark: together
     if comm.rank == 1:
         watcher.forget(comm._p.channel)  # as if its process had died: nobody answers for it
-        time.sleep(hang.GRACE + 0.8)
+        forgotten.set()
+        reported.wait(30)
         return
-    comm.allgather(RankState(comm.rank))
+    forgotten.wait(30)
+    try:
+        comm.allgather(RankState(comm.rank))
+    finally:
+        reported.set()
 
 
 def test_a_rank_that_does_not_answer_is_named_unresponsive_with_what_is_known():
     started = time.monotonic()
     with pytest.raises(BaseExceptionGroup) as excinfo:
-        run(2, silent, timeout=0.3)
+        run(2, silent, threading.Event(), threading.Event(), timeout=0.3)
     (err,) = errors_of(excinfo).values()
-    assert time.monotonic() - started < 0.3 + 2.0 + 1.0
+    assert time.monotonic() - started < 0.3 + hang.GRACE + 5.0  # not a whole watchdog's wait
     assert err.missing == (1,)
     assert normal(str(err)).splitlines()[1:] == [
         "hang report (side channel: 0 of 1 peer answered within 1 s):",
@@ -308,7 +331,7 @@ def test_the_store_protocol_works_over_a_torch_store(monkeypatch):
         return side.StoreSide(channel, store, 0.01)
     monkeypatch.setattr(side, "make_side", make_side)
     with pytest.raises(BaseExceptionGroup) as excinfo:
-        run(3, elsewhere, timeout=0.3)
+        run(3, elsewhere, away(), timeout=0.3)
     assert len(stores) == 1
     for err in errors_of(excinfo).values():
         assert err.missing == (1,)
@@ -318,7 +341,7 @@ def test_the_store_protocol_works_over_a_torch_store(monkeypatch):
 def test_with_the_recorder_off_the_report_still_counts_collectives(monkeypatch, tmp_path):
     monkeypatch.setenv("TYPEDCOLL_TRACE_BUFFER", "0")
     with pytest.raises(BaseExceptionGroup) as excinfo:
-        run(2, one_short, timeout=0.3)
+        run(2, one_short, threading.Event(), timeout=0.3)
     (err,) = errors_of(excinfo).values()
     assert normal(str(err)).splitlines()[2:5] == [
         "  never arrived at collective #2 on WORLD: rank 1",
@@ -436,7 +459,8 @@ def test_a_dump_holds_entries_notes_stacks_and_where_each_rank_is(tmp_path):
 def test_a_timed_out_rank_dumps_with_what_it_saw_of_its_peers(tmp_path, monkeypatch):
     monkeypatch.setenv("TYPEDCOLL_TRACE_DIR", str(tmp_path))
     with pytest.raises(BaseExceptionGroup):
-        run(2, silent, timeout=0.3, name="timed_out")
+        run(2, silent, threading.Event(), threading.Event(), timeout=0.3,
+            name="timed_out")
     dump = msgspec.json.decode((tmp_path / "rank0.json").read_bytes(), type=Dump)
     world = next(c for c in dump.comms if c.id == "timed_out" and c.rank == 0)
     (peer,) = world.peers

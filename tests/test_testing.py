@@ -87,11 +87,16 @@ def test_a_skipped_collective_times_out_naming_the_absent_rank_and_where_it_is()
 
 
 def test_absent_ranks_at_one_place_are_named_on_one_line():
+    release = threading.Event()  # the absent ranks stay away until rank 0 has its report
+
     def prog(comm):
         if comm.rank:
-            time.sleep(0.8)  # AWAY
+            release.wait(30)  # AWAY
             return None
-        return comm.allgather(comm.rank)
+        try:
+            return comm.allgather(comm.rank)
+        finally:
+            release.set()
 
     with pytest.raises(ExceptionGroup) as info:
         run(5, prog, timeout=0.3)
@@ -148,12 +153,12 @@ def test_a_late_rank_that_has_heard_one_notice_claims_no_more(monkeypatch):
 def test_a_rank_waiting_in_another_call_is_shown_inside_typedcoll():
     def prog(comm):
         if comm.rank == 1:
-            time.sleep(0.2)  # so that its receive outlasts its peer's allgather
+            time.sleep(1.0)  # its receive starts mid-way through its peer's wait, a second each way
             return comm.recv(0)  # IN-RECV
         return comm.allgather(comm.rank)
 
     with pytest.raises(ExceptionGroup) as info:
-        run(2, prog, timeout=0.5)
+        run(2, prog, timeout=2.0)
     text = str(next(e for e in info.value.exceptions if "allgather" in str(e)))
     assert text.splitlines()[2] == (f"  rank 1: at test_testing.py:{line_of('# IN-RECV')} in "
                                     f"prog (inside typedcoll: recv)")
