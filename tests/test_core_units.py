@@ -5,7 +5,11 @@ The nesting scanner has a C twin; both must give the same answer for any bytes.
 
 from __future__ import annotations
 
+import copy
+import gc
 import os
+import pickle
+import weakref
 
 import msgspec
 import pytest
@@ -13,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import typedcoll as tc
+from typedcoll.testing import run
 from typedcoll.codecs.nesting import MAX_NESTING, nesting_ok, python_nesting_ok
 from typedcoll.core import fast
 from typedcoll.core.desync import desync_message
@@ -113,7 +118,6 @@ def test_a_largest_slot_off_the_64_byte_grid_is_rounded_down_and_still_works(mon
     """A transport's largest slot that is no multiple of 4 once made a receive buffer that
     could not be read as uint32s: the call after the one that grew the slot raised, and the
     communicator stayed claimed."""
-    from typedcoll.testing import run
     from typedcoll.transports import memory
 
     assert SlotPolicy(max_slot=5001).max_slot == 4992
@@ -280,6 +284,49 @@ def test_the_public_api():
         assert issubclass(cls, tc.CollectiveError)
         doc = cls.__doc__ or ""
         assert "Raised" in doc or "raised" in doc, cls
+
+
+def _raised(n, body, **kwargs):
+    with pytest.raises(BaseExceptionGroup) as info:
+        run(n, body, **kwargs)
+    return list(info.value.exceptions)
+
+
+def test_every_error_crosses_a_process_boundary_whole():
+    # An engine's worker pipe, or Ray, pickles what a rank raised: a keyword-only field missing
+    # from ``args`` made unpickling fail with TypeError instead.
+    def skip(comm):
+        if comm.rank == 0:
+            comm.allgather(1)  # rank 1 votes on another line
+        comm.allgather(2)
+    errors = _raised(2, skip, timeout=5) + _raised(2, lambda comm: comm.rank or comm.barrier(),
+                                                   timeout=0.3)
+    assert {type(e) for e in errors} == {tc.DesyncError, tc.CollectiveTimeout}
+    for err in errors + [tc.PeerError("m", seq=2 ** 64 - 1, comm="c", ranks=(1,)),
+                         tc.DecodeError("m", seq=3, source=1, schema="int")]:
+        for twin in (pickle.loads(pickle.dumps(err)), copy.copy(err)):
+            assert type(twin) is type(err) and str(twin) == str(err)
+            assert vars(twin) == vars(err) and twin.__traceback__ is None
+
+
+def test_a_broken_channel_keeps_the_error_not_the_frames_of_its_call():
+    # A channel lives as long as its parent communicator (torch keeps its channels for the
+    # process): an engine that catches the timeout and carries on must get its batch back.
+    class Batch:
+        pass
+    batches, channels = [], {}
+
+    def body(comm):
+        batch = Batch()
+        batches.append(weakref.ref(batch))
+        channels[comm.rank] = comm._p.channel
+        if comm.rank == 0:
+            comm.allgather(1)  # rank 1 never comes
+    assert len(_raised(2, body, timeout=0.3)) == 1
+    gc.collect()
+    assert isinstance(channels[0].broken, tc.CollectiveTimeout)
+    assert channels[0].broken.__traceback__ is None and channels[1].broken is None
+    assert [ref() for ref in batches] == [None, None]
 
 
 def test_importing_typedcoll_installs_nothing():

@@ -10,6 +10,7 @@ whether two threads collided.
 
 from __future__ import annotations
 
+import copy
 import threading
 from typing import Any, Callable, List, Optional, Tuple
 
@@ -74,7 +75,9 @@ class Channel:
 
     @broken.setter
     def broken(self, error: Optional[CollectiveError]) -> None:
-        self._broken = error
+        # A copy that is never raised: the channel keeps what the error says, not the frames of
+        # the call that raised it, whose locals (an engine's batches) would live on with it.
+        self._broken = copy.copy(error)
         self.busy[BUSY_BROKEN] = error is not None  # every C binding on the channel sees it
 
     def inside(self) -> Tuple[str, Any, int]:

@@ -8,7 +8,7 @@ waiting in a collective its peers abandoned. Each message starts with one shape,
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple, Type
 
 CREATE_SEQ = 2 ** 64 - 1  # the creation exchange's number on the wire: before the first, apart
 
@@ -26,6 +26,20 @@ class CollectiveError(Exception):
         super().__init__(message)
         self.seq = -1 if seq == CREATE_SEQ else seq
         self.comm = comm
+
+    def __reduce__(self) -> Tuple[Any, ...]:
+        # The keyword-only fields are not in ``args``: rebuilt from the message and the
+        # attributes, an error crosses a process boundary (an engine's worker pipe, Ray) and
+        # copies whole.
+        return _rebuilt, (type(self), self.args, dict(self.__dict__))
+
+
+def _rebuilt(cls: Type["CollectiveError"], args: Tuple[Any, ...],
+             state: Dict[str, Any]) -> "CollectiveError":
+    err = cls.__new__(cls)
+    Exception.__init__(err, *args)
+    err.__dict__.update(state)
+    return err
 
 
 class DesyncError(CollectiveError):
