@@ -6,6 +6,7 @@ Over MPI the same checks run in tests/spmd/compat_p2p.py (test_p2p_mpi.py).
 from __future__ import annotations
 
 import dataclasses
+import gc
 import re
 import sys
 import threading
@@ -106,6 +107,19 @@ def test_irecv_posted_first_takes_the_first_message_whatever_the_wait_order():
         return [late.wait(), early.wait(), early.test()]
 
     assert run(2, prog, timeout=10)[1] == ["second", "first", (True, "first")]
+
+
+def test_a_receive_never_waited_for_leaves_nothing_behind():
+    # A posted receive refers back to its channel; held in a table keyed by the channel, it kept
+    # both, and the whole job, alive for the rest of the process.
+    from typedcoll.core.protocol import LIVE
+
+    def prog(comm):
+        if comm.rank == 1:
+            comm.irecv(0)  # posted, never waited for, never matched
+    run(2, prog, timeout=5, name="abandoned_receive")
+    gc.collect()
+    assert [p for p in LIVE if p.name == "abandoned_receive"] == []
 
 
 def test_isend_irecv_test_and_sendrecv_exchange():

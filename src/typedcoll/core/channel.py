@@ -29,7 +29,7 @@ class Channel:
     """One private communicator (a transport) and its shared state."""
 
     __slots__ = ("transport", "busy", "lock", "_broken", "instances", "users", "label",
-                 "__weakref__")
+                 "mailbox", "__weakref__")
 
     def __init__(self, transport: Any, label: str) -> None:
         self.transport = transport
@@ -45,6 +45,10 @@ class Channel:
         self._broken: Optional[CollectiveError] = None
         self.instances = 0  # TypedComms built on this channel so far
         self.users = 0  # of those, not freed yet
+        # Point to point's posted receives (core.mailbox), made at the first. Held here, not in
+        # a table keyed by the channel: a receive never completed refers back to the channel,
+        # and only a cycle the collector sees lets both go.
+        self.mailbox: Any = None
 
     def claim(self) -> bool:
         """Enter a collective on this thread; False when another thread is inside."""

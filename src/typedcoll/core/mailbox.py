@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import threading
 import time
-import weakref
 from typing import TYPE_CHECKING, Any, List, Optional
 
 import msgspec
@@ -186,17 +185,17 @@ class Mailbox:
         return list(range(start, size)) + list(range(start))
 
 
-_MAILBOXES: "weakref.WeakKeyDictionary[Any, Mailbox]" = weakref.WeakKeyDictionary()
 _MAILBOX_LOCK = threading.Lock()
 
 
 def mailbox_of(p: Any) -> Mailbox:
-    box = _MAILBOXES.get(p.channel)
+    """The mailbox of ``p``'s channel, shared by every communicator on it."""
+    box: Optional[Mailbox] = p.channel.mailbox
     if box is None:
         with _MAILBOX_LOCK:
-            box = _MAILBOXES.get(p.channel)
+            box = p.channel.mailbox
             if box is None:
-                box = _MAILBOXES[p.channel] = Mailbox(p.transport)
+                box = p.channel.mailbox = Mailbox(p.transport)
     return box
 
 
