@@ -129,13 +129,86 @@ def test_files_of_one_basename_in_two_packages_are_two_sites(tmp_path, monkeypat
         assert "allgather[int] at typedcoll_t_b/utils.py:2 called from" in str(e), e
 
 
+def _loaded_by_path(path: Any) -> Any:
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("hooks", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # a plugin loader's way: never in sys.modules
+    return module
+
+
+def test_files_of_one_basename_loaded_by_path_are_two_sites(tmp_path, monkeypatch):
+    # Two plugins laid out alike, each hooks.py executed by path, hold one vote on one line.
+    # Named by basename they were one wrapper: a rank that skipped one plugin's vote was handed
+    # another plugin's, without an error.
+    plugins = ("plugins_a", "plugins_b")
+    for plugin in plugins:
+        (tmp_path / plugin).mkdir()
+        (tmp_path / plugin / "hooks.py").write_text(
+            "def vote(comm, x):\n    return comm.allgather(x)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))  # the script's folder, as for `python engine.py`
+    votes = [_loaded_by_path(tmp_path / plugin / "hooks.py").vote for plugin in plugins]
+    from typedcoll.core.identity import source_name
+    assert [source_name(str(tmp_path / p / "hooks.py")) for p in plugins] == [
+        "plugins_a/hooks.py", "plugins_b/hooks.py"]
+
+    def program(comm: tc.TypedComm) -> None:
+        for vote in votes[1:] if comm.rank == 1 else votes:
+            vote(comm, comm.rank)
+    for e in errors_of(3, program, timeout=10):
+        assert type(e) is tc.DesyncError and e.seq == 0, e
+        assert "plugins_a/hooks.py" in str(e) and "plugins_b/hooks.py" in str(e), e
+
+
+def test_functions_made_from_one_template_by_exec_are_two_sites():
+    # exec of one template with two constants: two functions named vote at <string>:1, reached
+    # from one line. A rank that skipped the first was handed the second, without an error.
+    def made(tag: str) -> Any:
+        namespace: dict = {}
+        exec(f"def vote(comm, x):\n    return comm.allgather(({tag!r}, x))\n", namespace)
+        return namespace["vote"]
+    votes = [made("batch_size"), made("timeout")]
+
+    def program(comm: tc.TypedComm) -> None:
+        for vote in votes[1:] if comm.rank == 1 else votes:
+            vote(comm, comm.rank)
+    for e in errors_of(3, program, timeout=10):
+        assert type(e) is tc.DesyncError and e.seq == 0, e
+        assert re.search(r"vote \(<string>#[0-9a-f]{8}:1\)", str(e)), e
+    from typedcoll.core.sites import code_source
+    assert code_source(made("timeout").__code__) == code_source(votes[1].__code__)
+
+
+def test_a_script_in_a_package_is_named_as_its_importers_name_it(tmp_path, monkeypatch):
+    # A driver that runs pkg/engine.py as its script and workers that import pkg.engine make one
+    # program: named engine.py on the driver and pkg/engine.py on the workers, every rank raised
+    # DesyncError when they created their communicator.
+    package = tmp_path / "typedcoll_t_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "engine.py").write_text("")
+    from typedcoll.core import sites
+    assert sites._name_of_source(str(package / "engine.py")) == "typedcoll_t_pkg/engine.py"
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+    importlib.import_module("typedcoll_t_pkg.engine")
+    try:
+        assert sites._name_of_source(str(package / "engine.py")) == "typedcoll_t_pkg/engine.py"
+    finally:
+        for name in ("typedcoll_t_pkg.engine", "typedcoll_t_pkg"):
+            sys.modules.pop(name, None)
+
+
 def test_sites_name_files_by_module_not_by_path(tmp_path, monkeypatch):
     from typedcoll.core import sites
     from typedcoll.core.identity import source_name
     a, _ = two_packages(tmp_path, monkeypatch)
     assert source_name(a.__file__) == "typedcoll_t_a/utils.py"
     assert source_name(sys.modules["typedcoll_t_a"].__file__) == "typedcoll_t_a/__init__.py"
-    assert source_name(str(tmp_path / "nowhere" / "script.py")) == "script.py"
+    # A file nothing imports: from the import path entry holding it, else its basename.
+    assert source_name(str(tmp_path / "nowhere" / "script.py")) == "nowhere/script.py"
+    assert source_name("/typedcoll_t_nowhere/script.py") == "script.py"
     # Imported twice (as its package's and as a top-level module): the qualified name.
     monkeypatch.syspath_prepend(str(tmp_path / "typedcoll_t_b"))
     import importlib

@@ -14,7 +14,7 @@ from types import CodeType, FrameType
 from typing import Dict, FrozenSet, List, Optional, Tuple, Union
 
 from .plumbing import SKIP_CODES, SKIP_FILES, register_internal
-from .sites import CodeTable, format_column, source_name
+from .sites import CodeTable, code_source, format_column
 from .thin import forwards, hand_on_calls, pass_through_calls
 
 _VIA_NAMES = CodeTable()  # a thin wrapper's code, or a ThinChain -> via_name's text
@@ -165,7 +165,7 @@ def via_name(via: Optional[Via]) -> Optional[str]:
     qualname = getattr(via, "co_qualname", via.co_name)
     line, column = (_lambda_body(via) if via.co_name == "<lambda>"
                     else (via.co_firstlineno, None))
-    where = format_column(f"{source_name(via.co_filename)}:{line}", column)
+    where = format_column(f"{code_source(via)}:{line}", column)
     return str(_VIA_NAMES.put(via, 0, f"{qualname} ({where})"))
 
 

@@ -8,6 +8,7 @@ Sites read ``file.py:LINE``, the file named by its module (``core.identity`` say
 from __future__ import annotations
 
 import dis
+import hashlib
 import os
 import sys
 from itertools import islice
@@ -58,6 +59,7 @@ _CALLEE_LOADS = frozenset({"LOAD_ATTR", "LOAD_METHOD", "LOAD_GLOBAL", "LOAD_NAME
                            "LOAD_DEREF", "LOAD_CLOSURE", "LOAD_FAST_CHECK"})
 _UNSET = object()
 _SOURCE_NAMES: Dict[str, str] = {}  # co_filename -> how sites name it
+_CODE_SOURCES: Dict[CodeType, str] = {}  # code with no file -> its name and digest
 
 
 def line_of(code: CodeType, lasti: int) -> int:
@@ -234,10 +236,36 @@ def format_column(site: str, column: Optional[int]) -> str:
 
 
 def format_site(code: Optional[CodeType], lasti: int) -> str:
-    """``file.py:LINE``, the file as :func:`source_name` names it."""
+    """``file.py:LINE``, the file as :func:`code_source` names it."""
     if code is None:
         return "?"
-    return f"{source_name(code.co_filename)}:{line_of(code, lasti)}"
+    return f"{code_source(code)}:{line_of(code, lasti)}"
+
+
+def code_source(code: CodeType) -> str:
+    """:func:`source_name` of the file ``code`` was compiled from. Code with no file (``exec``
+    of a string: ``<string>``) adds a digest of the code itself (``<string>#9f86d081``): two
+    functions made from one template with different constants are two places, not one line of
+    one file."""
+    name = source_name(code.co_filename)
+    if not (name.startswith("<") and name.endswith(">")):
+        return name
+    tagged = _CODE_SOURCES.get(code)
+    if tagged is None:
+        if len(_CODE_SOURCES) > 65536:
+            _CODE_SOURCES.clear()
+        digest = hashlib.blake2b(_code_text(code).encode(), digest_size=4).hexdigest()
+        tagged = _CODE_SOURCES[code] = f"{name}#{digest}"
+    return tagged
+
+
+def _code_text(code: CodeType) -> str:
+    """What ``code`` does, the same in every process of one Python version (a set's order,
+    which hash randomisation moves, sorted)."""
+    consts = [_code_text(c) if isinstance(c, CodeType) else
+              repr(sorted(map(repr, c))) if isinstance(c, frozenset) else repr(c)
+              for c in code.co_consts]
+    return "|".join([code.co_name, code.co_code.hex(), " ".join(code.co_names), *consts])
 
 
 def source_name(filename: str) -> str:
@@ -261,7 +289,7 @@ def _name_of_source(filename: str) -> str:
     names = [name for name, module in list(sys.modules.items())
              if name != "__main__" and _file_of(module) == filename]
     if not names:
-        return base
+        return _unimported_name(filename, base)
     # A file imported under two names (``pkg.mod`` and, through another path entry, ``mod``)
     # may be so on one rank only, by the time it asks: the most qualified name is the one every
     # rank that imported it as part of its package shares.
@@ -272,6 +300,32 @@ def _name_of_source(filename: str) -> str:
     if stem == parts[-1]:
         return "/".join(parts[:-1] + [base])
     return base
+
+
+def _unimported_name(filename: str, base: str) -> str:
+    """A file no module names (the main script, a file loaded by path), named as importing it
+    would: from the outermost package holding it (``pkg/engine.py``, so a driver that runs it
+    as its script and workers that import it agree), else from the import path entry holding
+    it (``plugins_a/hooks.py`` beside ``plugins_b/hooks.py``, loaded by path from the script's
+    folder). The main script outside a package is its basename. Never by its absolute path:
+    ranks install code in different places."""
+    if not os.path.isabs(filename):
+        return base  # ``<string>``, ``<stdin>``: no file (``identity`` digests such code)
+    parts = [base]
+    folder = os.path.dirname(filename)
+    while os.path.isfile(os.path.join(folder, "__init__.py")):
+        parts.insert(0, os.path.basename(folder))
+        if os.path.dirname(folder) == folder:
+            break
+        folder = os.path.dirname(folder)
+    if len(parts) > 1:
+        return "/".join(parts)
+    if _file_of(sys.modules.get("__main__")) == filename:
+        return base  # however each rank launched it: `python x.py`, `python -m mpi4py x.py`
+    found = [os.path.relpath(filename, os.path.abspath(entry or os.curdir))
+             for entry in list(sys.path) if isinstance(entry, str)]
+    inside = [name.replace(os.sep, "/") for name in found if not name.startswith(os.pardir)]
+    return min(inside, key=lambda name: (name.count("/"), name)) if inside else base
 
 
 def _file_of(module: Any) -> Any:
