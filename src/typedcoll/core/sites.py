@@ -59,7 +59,8 @@ _CALLEE_LOADS = frozenset({"LOAD_ATTR", "LOAD_METHOD", "LOAD_GLOBAL", "LOAD_NAME
                            "LOAD_DEREF", "LOAD_CLOSURE", "LOAD_FAST_CHECK"})
 _UNSET = object()
 _SOURCE_NAMES: Dict[str, str] = {}  # co_filename -> how sites name it
-_CODE_SOURCES: Dict[CodeType, str] = {}  # code with no file -> its name and digest
+_CODE_SOURCES: Dict[CodeType, str] = {}  # code exec made from a string -> name, digest
+_ANONYMOUS_SOURCES = frozenset({"<string>", "<unknown>"})  # what exec and compile name it
 
 
 def line_of(code: CodeType, lasti: int) -> int:
@@ -243,12 +244,12 @@ def format_site(code: Optional[CodeType], lasti: int) -> str:
 
 
 def code_source(code: CodeType) -> str:
-    """:func:`source_name` of the file ``code`` was compiled from. Code with no file (``exec``
-    of a string: ``<string>``) adds a digest of the code itself (``<string>#9f86d081``): two
+    """:func:`source_name` of the file ``code`` was compiled from. Code ``exec`` made from a
+    string (``<string>``) adds a digest of the code itself (``<string>#9f86d081``): two
     functions made from one template with different constants are two places, not one line of
-    one file."""
+    one file. Other names in brackets (a notebook's ``<cell-7>``) name their source already."""
     name = source_name(code.co_filename)
-    if not (name.startswith("<") and name.endswith(">")):
+    if name not in _ANONYMOUS_SOURCES:
         return name
     tagged = _CODE_SOURCES.get(code)
     if tagged is None:
