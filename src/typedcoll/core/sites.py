@@ -59,7 +59,7 @@ _CALLEE_LOADS = frozenset({"LOAD_ATTR", "LOAD_METHOD", "LOAD_GLOBAL", "LOAD_NAME
                            "LOAD_DEREF", "LOAD_CLOSURE", "LOAD_FAST_CHECK"})
 _UNSET = object()
 _SOURCE_NAMES: Dict[str, str] = {}  # co_filename -> how sites name it
-_CODE_SOURCES: Dict[CodeType, str] = {}  # code exec made from a string -> name, digest
+_CODE_SOURCES = CodeTable()  # code exec made from a string's (-1) -> its name and digest
 _ANONYMOUS_SOURCES = frozenset({"<string>", "<unknown>"})  # what exec and compile name it
 
 
@@ -251,12 +251,10 @@ def code_source(code: CodeType) -> str:
     name = source_name(code.co_filename)
     if name not in _ANONYMOUS_SOURCES:
         return name
-    tagged = _CODE_SOURCES.get(code)
+    tagged: Optional[str] = _CODE_SOURCES.get(code, -1)
     if tagged is None:
-        if len(_CODE_SOURCES) > 65536:
-            _CODE_SOURCES.clear()
         digest = hashlib.blake2b(_code_text(code).encode(), digest_size=4).hexdigest()
-        tagged = _CODE_SOURCES[code] = f"{name}#{digest}"
+        tagged = str(_CODE_SOURCES.put(code, -1, f"{name}#{digest}"))
     return tagged
 
 
@@ -311,7 +309,7 @@ def _unimported_name(filename: str, base: str) -> str:
     folder). The main script outside a package is its basename. Never by its absolute path:
     ranks install code in different places."""
     if not os.path.isabs(filename):
-        return base  # ``<string>``, ``<stdin>``: no file (``identity`` digests such code)
+        return base  # ``<string>``, ``<stdin>``: no file (``code_source`` digests exec's code)
     parts = [base]
     folder = os.path.dirname(filename)
     while os.path.isfile(os.path.join(folder, "__init__.py")):

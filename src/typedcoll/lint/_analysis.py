@@ -24,11 +24,10 @@ from ._collectives import is_rank_name
 from ._config import Config
 from ._contracts import Contracts
 from ._calls import bind
-from ._facts import AttrWrite, CallRecord, Gate
+from ._facts import AttrWrite, CallRecord, Gate, gate_flow
 from ._roles import Roles
 from ._taint import FunctionAnalysis, function_globals
-from ._values import (LOCAL, SYMMETRIC, Taint, collapse, divergent, expand, join, local,
-                      only_synced, rank)
+from ._values import SYMMETRIC, Taint, collapse, divergent, expand, join, local, rank
 
 _MAX_ROUNDS = 8
 Callers = Dict[Function, List[Tuple[Function, Optional[ast.Call]]]]
@@ -216,15 +215,8 @@ class Analysis:
         return {fn: tuple(gates.values()) for fn, gates in contexts.items() if gates}
 
     def _carried(self, gate: Gate, value: Taint) -> Taint:
-        """What a gate over a call adds to a value the callee stores (``implicit`` in the
-        interpreter, across the call)."""
-        taint = expand(gate.taint, self.params)
-        if not taint or gate.origin is not None or gate.root.kind == "except":
-            return SYMMETRIC
-        if only_synced(value) and self.pairs_within(
-                gate, point_to_point=any(s.kind == LOCAL for s in taint)):
-            return SYMMETRIC
-        return taint
+        """What a gate over a call adds to a value the callee stores, as if stored there."""
+        return gate_flow(self, gate, expand(gate.taint, self.params), value)
 
     def _update(self) -> Set[Function]:
         """Recompute the summaries; the functions whose inputs changed."""

@@ -16,9 +16,9 @@ from ._callgraph import CallTarget, Function
 from ._calls import (bind, bound_nodes, self_attribute, shape_copy, static_attribute,
                      static_call, wraps)
 from ._collectives import dotted_name, is_rank_name
-from ._facts import AttrWrite, CallRecord, Facts, Gate
+from ._facts import AttrWrite, CallRecord, Facts, Gate, gate_flow
 from ._presence import PresenceTracking, asked
-from ._values import (LOCAL, SYMMETRIC, SYNCED, Taint, collapse, join, local, only_synced, param,
+from ._values import (SYMMETRIC, SYNCED, Taint, collapse, join, local, only_synced, param,
                       rank, substitute, synced)
 
 # What every rank's tensor of a shape-bound collective has alike (values and layout are its own).
@@ -91,24 +91,9 @@ class ValueAnalysis(PresenceTracking):
     # -- assignments ------------------------------------------------------------------------
     def implicit(self, ctrl: Tuple[Gate, ...], value: Taint, roles: bool = True,
                  exits: bool = False) -> Taint:
-        """What the gates over an assignment add to the assigned value (implicit flow).
-
-        An early exit's gate matters to what a function returns (ranks that left early returned
-        something else) but not to a variable assigned after it: no rank that left reads it.
-        """
-        parts = []
-        for gate in ctrl:
-            if not gate.taint or (gate.origin is not None and not exits):
-                continue
-            if gate.root.kind == "except":
-                continue  # a handler's fallback value is taken as what every rank computes
-            if not roles and not any(s.kind == LOCAL for s in gate.taint):
-                continue
-            if only_synced(value) and self.facts.pairs_within(
-                    gate, point_to_point=any(s.kind == LOCAL for s in gate.taint)):
-                continue
-            parts.append(gate.taint)
-        return join(*parts)
+        """What the gates over an assignment add to the assigned value (``gate_flow``)."""
+        return join(*(gate_flow(self.facts, gate, gate.taint, value, roles, exits)
+                      for gate in ctrl))
 
     def record_return(self, value_node: Optional[ast.expr], ctrl: Tuple[Gate, ...]) -> None:
         """What a ``return`` (or ``yield``) hands the caller; a tuple is also kept per position,

@@ -8,7 +8,7 @@ from typing import Dict, List, Optional, Protocol, Set, Tuple
 
 from ._callgraph import CallTarget, Function, Program
 from ._config import Config
-from ._values import Taint
+from ._values import LOCAL, SYMMETRIC, Taint, only_synced
 
 
 class Gate:
@@ -90,3 +90,23 @@ class Facts(Protocol):
     def pairs_within(self, gate: Gate, point_to_point: bool) -> bool: ...
     def caught(self, fn: Function) -> Dict[int, int]: ...  # raise id -> id of the try catching it
     def shaped_params(self, fn: Function) -> Set[str]: ...  # tensors an all-reduce... takes
+
+
+def gate_flow(facts: Facts, gate: Gate, taint: Taint, value: Taint, roles: bool = True,
+              exits: bool = False) -> Taint:
+    """What ``gate`` (its taint ``taint``) adds to ``value`` stored under it (implicit flow).
+
+    An early exit's gate matters to what a function returns (ranks that left returned
+    something else) but not to a value stored after it: no rank that left reads it. A handler's
+    fallback value is taken as what every rank computes; ``roles`` False leaves out gates on
+    the rank identity alone; a value from collectives the gate's balanced sides issue is every
+    rank's.
+    """
+    if not taint or (gate.origin is not None and not exits) or gate.root.kind == "except":
+        return SYMMETRIC
+    local = any(s.kind == LOCAL for s in taint)
+    if not roles and not local:
+        return SYMMETRIC
+    if only_synced(value) and facts.pairs_within(gate, point_to_point=local):
+        return SYMMETRIC
+    return taint
