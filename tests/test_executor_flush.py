@@ -13,6 +13,7 @@ from typedcoll.executor import Delivery, IterStats, RankState, SymmetricFlush, T
 
 CHANNELS = {"rank_state": RankState, "timeouts": TimeoutFlag, "iter_stats": IterStats}
 SITE = r"test_executor_flush\.py:\d+"
+BATCH = rf"FlushBatch@{SITE}"  # a flush's default batch name: where it was created
 
 
 def run(n, fn):
@@ -125,7 +126,7 @@ def test_flush_under_rank_local_condition_meets_another_collective():
     assert re.fullmatch(
         rf"collective #0 on tp diverged \(op, call site, schema\):\n"
         rf"  rank 0: allgather\[RankState\] at {SITE}, its 1st call, step 5\n"
-        rf"  rank 1: flush\[FlushBatch\] at {SITE}, its 1st call, step 5", text), text
+        rf"  rank 1: flush\[{BATCH}\] at {SITE}, its 1st call, step 5", text), text
     assert [k.value for k in errors[0].kinds] == ["op", "call site", "schema"]
     assert str(errors[1]) == text
 
@@ -142,8 +143,8 @@ def test_two_flush_points_differ_in_call_site_and_a_name_joins_them():
     text = str(errors[0])
     assert re.fullmatch(
         rf"collective #0 on tp diverged \(call site\):\n"
-        rf"  rank 0: flush\[FlushBatch\] at {SITE}, its 1st call, step 6\n"
-        rf"  rank 1: flush\[FlushBatch\] at {SITE}, its 1st call, step 6\n"
+        rf"  rank 0: flush\[{BATCH}\] at {SITE}, its 1st call, step 6\n"
+        rf"  rank 1: flush\[{BATCH}\] at {SITE}, its 1st call, step 6\n"
         rf"  only the call sites differ: if these are the same collective called from different "
         rf"places, give every rank's call the same name= \(or mark the wrapper they share with "
         rf"@typedcoll.transparent\)", text), text
@@ -168,8 +169,8 @@ def test_flush_one_iteration_late_differs_in_step():
     text = str(errors[0])
     assert re.fullmatch(
         rf"collective #0 on tp diverged \(step\):\n"
-        rf"  rank 0: flush\[FlushBatch\] at {SITE}, its 1st call, step 8\n"
-        rf"  rank 1: flush\[FlushBatch\] at {SITE}, its 1st call, step 7\n"
+        rf"  rank 0: flush\[{BATCH}\] at {SITE}, its 1st call, step 8\n"
+        rf"  rank 1: flush\[{BATCH}\] at {SITE}, its 1st call, step 7\n"
         rf"  the ranks are at different steps of the same call: a rank skipped or repeated an "
         rf"iteration", text), text
 
@@ -183,10 +184,62 @@ def test_different_channels_differ_in_schema():
     text = str(errors[0])
     assert re.fullmatch(
         rf"collective #0 on tp diverged \(schema\):\n"
-        rf"  rank 0: flush\[FlushBatch@[0-9a-f]{{8}}\] at {SITE}, its 1st call, step 1\n"
-        rf"  rank 1: flush\[FlushBatch@[0-9a-f]{{8}}\] at {SITE}, its 1st call, step 1\n"
+        rf"  rank 0: flush\[{BATCH}@[0-9a-f]{{8}}\] at {SITE}, its 1st call, step 1\n"
+        rf"  rank 1: flush\[{BATCH}@[0-9a-f]{{8}}\] at {SITE}, its 1st call, step 1\n"
         rf"  only the flush's channels differ: build the SymmetricFlush with the same channels "
         rf"and message types on every rank", text), text
+
+
+@pytest.mark.parametrize("nranks", [2, 4])
+def test_flushes_of_two_objects_from_one_line_are_told_apart(nranks):
+    """Two SymmetricFlush objects with the same channels, flushed from one line (a loop over
+    them): a rank that skips one flushes the other against its peers' first. Their batches are
+    named where each was created, so every rank raises instead of receiving the other object's
+    messages, and that with only one rank wrong."""
+    def body(comm):
+        prefill = SymmetricFlush(comm, {"rank_state": RankState})
+        decode = SymmetricFlush(comm, {"rank_state": RankState})
+        prefill.post("rank_state", RankState(comm.rank, 1))
+        decode.post("rank_state", RankState(comm.rank, 2))
+        for flush in (prefill, decode):
+            if flush is prefill and comm.rank == nranks - 1:
+                continue                              # this rank had no prefill batch
+            flush.flush(step=0)
+
+    errors = raised(nranks, body)
+    assert {type(e) for e in errors} == {tc.DesyncError}
+    text = str(errors[0])
+    first = "0" if nranks == 2 else "0-2"
+    assert re.fullmatch(
+        rf"collective #0 on tp diverged \(schema\):\n"
+        rf"  ranks? {first}: flush\[{BATCH}\] at {SITE}, its 1st call, step 0\n"
+        rf"  rank {nranks - 1}: +flush\[{BATCH}\] at {SITE}, its 1st call, step 0\n"
+        rf"  only the flushes' batches differ \({BATCH} and {BATCH}\): each SymmetricFlush is "
+        rf"named where it was created, or by its batch_name=, so a rank flushed one where its "
+        rf"peers flushed another \(a rank skipped or added a flush\), or built it elsewhere; "
+        rf"if these are one flush point, give them one batch_name=", text), text
+    assert all(str(e) == text for e in errors)
+    made = re.findall(r"flush\[FlushBatch@test_executor_flush\.py:(\d+)\]", text)
+    assert int(made[1]) == int(made[0]) + 1  # rank 0 flushed prefill, the last rank decode
+
+
+def test_objects_made_at_one_line_are_numbered_and_one_batch_name_joins_two():
+    def body(comm):
+        made = [SymmetricFlush(comm, {"rank_state": RankState}) for _ in range(3)]
+        names = [f._batch_type.__name__ for f in made]
+        # Declared one flush point: a rank may flush either object there.
+        a, b = (SymmetricFlush(comm, {"rank_state": RankState}, batch_name="Control")
+                for _ in range(2))
+        mine = a if comm.rank == 0 else b
+        mine.post("rank_state", RankState(comm.rank))
+        return names, mine.flush(step=0)["rank_state"]
+
+    got = run(2, body)
+    names = got[0][0]
+    assert got[1][0] == names
+    assert re.fullmatch(rf"FlushBatch@({SITE})", names[0]) and \
+        names[1:] == [names[0] + "#2", names[0] + "#3"], names
+    assert [g[1] for g in got] == [[(RankState(0),), (RankState(1),)]] * 2
 
 
 def test_bad_step_on_one_rank_fails_the_flush_on_every_rank_and_keeps_messages():
@@ -201,10 +254,10 @@ def test_bad_step_on_one_rank_fails_the_flush_on_every_rank_and_keeps_messages()
 
     errors = raised(2, body)
     assert [type(e) for e in errors] == [tc.PeerError, tc.EncodeError]
-    assert re.fullmatch(rf"collective #0 on tp: rank 1 failed its flush\[FlushBatch\] "
+    assert re.fullmatch(rf"collective #0 on tp: rank 1 failed its flush\[{BATCH}\] "
                         rf"contribution at {SITE}: expected step to be None or a 64-bit int, "
                         rf"got 'x'", str(errors[0])), str(errors[0])
-    assert re.fullmatch(rf"collective #0 on tp: rank 1 could not send its flush\[FlushBatch\] "
+    assert re.fullmatch(rf"collective #0 on tp: rank 1 could not send its flush\[{BATCH}\] "
                         rf"contribution at {SITE}: expected step to be None or a 64-bit int, "
                         rf"got 'x'", str(errors[1])), str(errors[1])
 

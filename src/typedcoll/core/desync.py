@@ -40,6 +40,12 @@ def _hint(kinds: Sequence[MismatchKind], groups: Sequence[Group]) -> List[str]:
                     f"here, give every rank's call one schema= that admits them all "
                     f"(Optional[X] where a rank has nothing to send, or a Union)"]
         if op == "flush":
+            if len({g.envelope.schema for g in groups}) > 1:
+                return [f"  only the flushes' batches differ ({schemas}): each SymmetricFlush "
+                        f"is named where it was created, or by its batch_name=, so a rank "
+                        f"flushed one where its peers flushed another (a rank skipped or added "
+                        f"a flush), or built it elsewhere; if these are one flush point, give "
+                        f"them one batch_name="]
             return ["  only the flush's channels differ: build the SymmetricFlush with the same "
                     "channels and message types on every rank"]
     if list(kinds) == [MismatchKind.CALL]:

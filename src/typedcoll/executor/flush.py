@@ -25,7 +25,11 @@ collective, never a misdelivery:
     ``name=``), compared like every collective's;
   - the other ranks are at the same flush point one iteration later: the step differs (pass the
     iteration as ``step``);
-  - the ranks declared different channels: the batch Struct's fingerprint differs (schema).
+  - the ranks declared different channels: the batch Struct's fingerprint differs (schema);
+  - the ranks flushed different SymmetricFlush objects from one line (a loop over them, a helper
+    that flushes the one it is given): each object's batch Struct is named where the object was
+    created, ``FlushBatch@engine.py:40`` (``#2`` for the second made there on the communicator),
+    so the schemas differ; objects that are one flush point declare it with one ``batch_name=``.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ from .._comm import TypedComm
 from ..core import fast, ops
 from ..core.errors import EncodeError
 from ..core.plumbing import register_internal
+from ..core.site_walk import user_frame
+from ..core.sites import format_site
 
 
 _C = fast.entries()  # the C path's entry points (None without the extension)
@@ -99,13 +105,19 @@ class SymmetricFlush:
     communicates, so it may be called under any rank-local condition; :meth:`flush` is a
     collective and must be reached the same number of times on every rank, from the same line
     or with the same ``name=`` (see the module docstring for how a violation is reported).
-    ``batch_name`` names the batch schema in messages.
+    ``batch_name`` names the batch schema, which is part of every flush's envelope. By default
+    it is where this object was created (``FlushBatch@engine.py:40``, then ``...#2`` for the
+    second made there on this communicator), so a rank that flushes one object where its peers
+    flush another raises DesyncError instead of receiving the other's messages; give objects
+    that are one flush point on different ranks one ``batch_name``.
     """
 
     def __init__(self, comm: TypedComm, channels: Mapping[str, Any], *,
-                 batch_name: str = "FlushBatch") -> None:
+                 batch_name: Optional[str] = None) -> None:
         if not channels:
             raise ValueError("expected at least one channel, got none")
+        if batch_name is None:
+            batch_name = _created_here(comm)
         self.comm = comm
         self.channels: Tuple[str, ...] = tuple(channels)
         # Frozen tuples, so one consumer of a delivery cannot mutate it under another's feet;
@@ -225,6 +237,17 @@ class SymmetricFlush:
                     keep.append(message)
             queue[:] = keep
         return taken
+
+
+def _created_here(comm: TypedComm) -> str:
+    """The default batch name: ``FlushBatch@`` the creating call site, with ``#k`` from the
+    second object made there on ``comm``. Every rank builds its objects at the same lines in the
+    same order (their channels must match too), so each rank gives one object one name."""
+    frame = user_frame(1)  # this module's frames are passed over
+    site = format_site(frame.f_code, frame.f_lasti) if frame is not None else "?"
+    made: Dict[str, int] = comm._p.extensions.setdefault("flushes", {})
+    count = made[site] = made.get(site, 0) + 1
+    return f"FlushBatch@{site}" + (f"#{count}" if count > 1 else "")
 
 
 register_internal(__file__)
