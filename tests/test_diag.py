@@ -540,3 +540,22 @@ def test_a_recorded_creation_reads_as_creation_not_its_sentinel_number():
     assert text == "create[tuple[bool, float]] on WORLD (creation) at prog.py:4: completed", text
     later = hang.entry_text(RecordEntry(seq=3, op="barrier", site="prog.py:9"), "WORLD", 0)
     assert " seq=3 at prog.py:9" in later, later
+
+
+def test_an_uncaught_exception_is_told_by_its_first_line_and_where_it_left_the_callers_code():
+    from typedcoll.diagnostics.state import uncaught_text
+
+    def schedule():
+        raise ValueError("request 17 has no KV blocks\nsecond line")
+
+    try:
+        schedule()
+    except ValueError as exc:
+        line = exc.__traceback__.tb_next.tb_lineno
+        assert uncaught_text(ValueError, exc, exc.__traceback__) == (
+            f"ValueError: request 17 has no KV blocks (raised at test_diag.py:{line} in "
+            f"schedule)")
+        long = uncaught_text(RuntimeError, RuntimeError("x" * 400), None)
+        assert long == "RuntimeError: " + "x" * 297 + "..." and len(long) == 314
+        assert uncaught_text(KeyboardInterrupt, KeyboardInterrupt(), None) == \
+            "KeyboardInterrupt"

@@ -132,6 +132,17 @@ def test_an_uncaught_timeout_ends_the_job(tmp_path):
     assert " in <module> (thread MainThread)\n" in res.stderr
 
 
+@pytest.mark.parametrize("nranks", [3, 4])
+def test_a_rank_ended_by_an_uncaught_exception_is_named_with_it(tmp_path, nranks):
+    # abort_on_error=False: `python -m mpi4py` would abort the job before any report.
+    res = run_spmd(program("diag_uncaught"), nranks, timeout=60, tmp_path=tmp_path,
+                   abort_on_error=False)
+    assert not res.timed_out, res
+    for r in range(nranks - 1):
+        assert f"SPMD-OK diag_uncaught rank {r}/{nranks}" in res.stdout, res
+    assert f"ValueError: request 17 has no KV blocks on rank {nranks - 1}" in res.stderr, res
+
+
 UNCAUGHT = """\
 import typedcoll as tc
 import typedcoll.diagnostics

@@ -60,6 +60,15 @@ def test_a_dead_gloo_peer_is_a_collective_error_not_a_runtime_error(size):
             f"rank {r}:\n{out[-6000:]}"
 
 
+def test_a_gloo_peer_ended_by_an_uncaught_exception_is_named_with_it():
+    ranks = run_gloo("gloo_uncaught", 3)
+    assert ranks[-1][0] != 0 and "ValueError: request 17 has no KV blocks" in ranks[-1][1], \
+        ranks[-1][1]
+    for r, (returncode, out) in enumerate(ranks[:-1]):
+        assert returncode == 0 and f"SPMD-OK gloo_uncaught rank {r}/3" in out, \
+            f"rank {r}:\n{out[-6000:]}"
+
+
 def test_a_rank_that_never_creates_its_comm_fails_creation_on_the_others_in_time():
     ranks = run_gloo("gloo_absent_creator", 3)
     for r, (returncode, out) in enumerate(ranks):

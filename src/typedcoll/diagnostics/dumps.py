@@ -228,6 +228,12 @@ def install_excepthook() -> None:
 def _excepthook(exc_type: Any, exc: BaseException, tb: Any) -> None:
     state.note_uncaught(tb)  # before any dump: this thread's stack is the hook's alone now
     try:
+        # First, while the transports still run: peers waiting for this rank then name the
+        # exception that ended it instead of calling it unresponsive.
+        watcher.farewell(state.uncaught_text(exc_type, exc, tb))
+    except Exception as exc_farewell:
+        warn(f"farewell not sent: {type(exc_farewell).__name__}: {exc_farewell}")
+    try:
         try:
             if trace_dir() is not None:
                 dump_traces(f"uncaught {exc_type.__name__}", str(exc))

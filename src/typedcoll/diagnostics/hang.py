@@ -8,7 +8,8 @@ collectives on the communicator never arrived at #N: it is named with its last s
 its main thread). That covers a rank one call short, which skipped a call and moved on: it has
 issued N and is somewhere else. A peer that does not answer (stuck in a C call that holds the
 GIL, dead) is named as unresponsive, with what this rank knows of it: the last collective that
-completed here, which every member took part in.
+completed here, which every member took part in; one that an uncaught exception ended, and that
+said so on its way out (``side.Ended``), is named with that exception and where it was raised.
 
 The decisions that differ between the ranks that answered (``comm.note``) follow, in the same
 words as a DesyncError's. The text follows ``core.mismatch``: :func:`describe` says what a rank
@@ -97,6 +98,8 @@ def hang_report(p: Protocol, call: Call) -> Tuple[Optional[Tuple[int, ...]], str
     took = time.monotonic() - started
     peers = [r for r in range(p.size) if r != p.rank]
     silent = [r for r in peers if r not in answers]
+    ended = _farewells(p, silent)
+    silent = [r for r in silent if r not in ended]
     absent: List[int] = []
     arrived = [p.rank]
     for r, status in sorted(answers.items()):
@@ -104,19 +107,24 @@ def hang_report(p: Protocol, call: Call) -> Tuple[Optional[Tuple[int, ...]], str
         (arrived if comm is not None and comm.seq > call.seq else absent).append(r)
     head = (f"hang report (side channel: {len(answers)} of {len(peers)} "
             f"{'peer' if len(peers) == 1 else 'peers'} answered "
-            f"{f'in {took:.3f}' if not silent else f'within {GRACE:g}'} s):")
+            f"{f'in {took:.3f}' if not (silent or ended) else f'within {GRACE:g}'} s):")
     lines = [head]
     if absent:
         lines.append(f"  never arrived at {where(p, call)}: "
                      f"{compact_ranks(absent)}")
         lines += _grouped(p, absent, lambda r: _absent_lines(p, answers[r]))
+    if ended:
+        lines.append(f"  ended by an uncaught exception: {compact_ranks(sorted(ended))}")
+        lines += _grouped(p, sorted(ended), lambda r: [f"    {_WHO}: {ended[r]}"])
+        if not silent:
+            lines += _last_together(p, indent="    ")
     if silent:
         lines.append(f"  unresponsive: {compact_ranks(silent)} (no answer within {GRACE:g} s: "
                      f"{UNRESPONSIVE_WHY})")
         together = _last_together(p, indent="    ")
         lines += _grouped(p, silent, lambda r: [f"    {_WHO}: {_last_answer(p.channel, r)}"])
         lines += together
-    if not absent and not silent:
+    if not absent and not silent and not ended:
         # Where each is tells a slow rank (in its own code, or between the phases of a
         # collective over gloo) from one waiting in a collective on another communicator.
         lines.append(f"  every rank has started collective #{call.seq}: it is slow, or the "
@@ -124,11 +132,23 @@ def hang_report(p: Protocol, call: Call) -> Tuple[Optional[Tuple[int, ...]], str
         lines += _grouped(p, sorted(answers), lambda r: _absent_lines(p, answers[r]))
     lines.append(f"  arrived: {compact_ranks(arrived)}")
     lines += _decisions(p, answers)
-    missing = tuple(sorted(absent + silent))
+    missing = tuple(sorted(absent + silent + list(ended)))
     return missing, "\n".join(lines)
 
 
 _WHO = "\0who\0"  # where a rank's description names it, filled in once per group
+
+
+def _farewells(p: Protocol, silent: Sequence[int]) -> Dict[int, str]:
+    """What ended each of ``silent`` that said so before it ended (``side.Ended``)."""
+    side = watcher.side_of(p.channel)
+    if isinstance(side, str) or not silent:
+        return {}
+    try:
+        told = side.ended()
+    except Exception:  # a broken side channel: they stay unresponsive
+        return {}
+    return {r: told[r] for r in silent if r in told}
 
 
 def _grouped(p: Protocol, ranks: Sequence[int],

@@ -21,7 +21,11 @@ questions arriving on a channel typed traffic never uses:
 
 mpi4py and torch release the GIL while a rank waits in a collective, so the watcher answers for a
 rank stuck in one; a rank stuck in a C call that holds the GIL, or dead, does not answer, and the
-asker names it unresponsive after its grace period. Polling costs the steady state one GIL
+asker names it unresponsive after its grace period. A rank whose main thread raises an uncaught
+exception says so first (``farewell``, from the excepthook): an :class:`Ended` to every peer
+(MPI: tag ``ENDED_TAG`` on the side communicator; torch: the key ``ended/<rank>``), which an
+asker reads for the peers that did not answer (``ended``), so its report names the exception
+that ended the rank rather than calling it unresponsive. Polling costs the steady state one GIL
 hand-over and one nonblocking probe per channel every few milliseconds (measured in
 ``docs/diagnostics.md``).
 
@@ -43,6 +47,8 @@ from .model import RankStatus
 
 QUERY_TAG = 0x7D51
 ANSWER_TAG = 0x7D52
+ENDED_TAG = 0x7D53
+FAREWELL_SECONDS = 0.5  # how long an ending rank waits for its farewells to leave
 MPI_INTERVAL = 0.005
 STORE_INTERVAL = 0.05
 STORE_MAX_INTERVAL = 0.5  # within the asker's grace, whatever the job's size
@@ -66,9 +72,17 @@ class Answer(msgspec.Struct, array_like=True):
     status: RankStatus
 
 
+class Ended(msgspec.Struct, array_like=True, frozen=True):
+    """A rank's farewell: what ended it (``ValueError: ... (raised at engine.py:88 in step)``)."""
+
+    rank: int  # the sender's rank in the communicator
+    text: str
+
+
 _ENCODER = msgspec.msgpack.Encoder()
 _QUERY = msgspec.msgpack.Decoder(Query)
 _ANSWER = msgspec.msgpack.Decoder(Answer)
+_ENDED = msgspec.msgpack.Decoder(Ended)
 
 # Called by the watcher as answer(channel, query) -> RankStatus (set by the package at install).
 Answerer = Callable[[Channel, Query], RankStatus]
@@ -78,6 +92,13 @@ def decode_answer(data: Any) -> Optional[Answer]:
     try:
         return _ANSWER.decode(data)
     except Exception:  # a peer of another typedcoll version, or corrupt bytes: no answer
+        return None
+
+
+def _decode_ended(data: Any) -> Optional[Ended]:
+    try:
+        return _ENDED.decode(data)
+    except Exception:  # as for answers: nothing we can read
         return None
 
 
@@ -96,6 +117,7 @@ class MPISide:
         self.lock = threading.Lock()
         self.nonce = -1  # the question being asked on this channel now (-1: none)
         self.inbox: Dict[int, Answer] = {}  # its answers, when the watcher received them
+        self.farewells: Dict[int, str] = {}  # peers' Ended texts received so far
 
     def _send(self, data: bytes, dest: int, tag: int) -> None:
         request = self.comm.Isend([data, len(data), self.MPI.BYTE], dest, tag)
@@ -134,6 +156,29 @@ class MPISide:
                     self.inbox[got[0]] = reply  # the asking thread collects it
         with self.lock:
             self.sends = [(r, d) for r, d in self.sends if not r.Test()]
+
+    def farewell(self, text: str, deadline: float) -> None:
+        """Tell every peer this rank is ending, waiting until ``deadline`` for the sends."""
+        data = _ENCODER.encode(Ended(self.rank, text))
+        requests = [self.comm.Isend([data, len(data), self.MPI.BYTE], r, ENDED_TAG)
+                    for r in range(self.comm.Get_size()) if r != self.rank]
+        while not self.MPI.Request.Testall(requests) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        with self.lock:  # sends not done yet keep their bytes alive
+            self.sends += [(r, data) for r in requests]
+
+    def ended(self) -> Dict[int, str]:
+        """The peers that said they are ending, and what ended each."""
+        while True:
+            got = self._receive(ENDED_TAG)
+            if got is None:
+                break
+            message = _decode_ended(got[1])
+            if message is not None:
+                with self.lock:
+                    self.farewells[got[0]] = message.text
+        with self.lock:
+            return dict(self.farewells)
 
     def ask(self, query: Query, peers: List[int], deadline: float) -> Dict[int, Answer]:
         """Ask ``peers``; their answers that arrive before ``deadline`` (monotonic)."""
@@ -182,6 +227,12 @@ class LocalSide:
     def serve(self, answer: Answerer, channel: Channel) -> None:
         pass
 
+    def farewell(self, text: str, deadline: float) -> None:
+        pass  # ranks are threads here, and the excepthook is the main thread's alone
+
+    def ended(self) -> Dict[int, str]:
+        return {}
+
     def ask(self, query: Query, peers: List[int], deadline: float) -> Dict[int, Answer]:
         answer = ANSWERER[0]
         members = _LOCAL.get(self.key)
@@ -210,6 +261,8 @@ class StoreSide:
         self.store = store
         self.interval: Optional[float] = interval
         self.rank = channel.transport.rank
+        self.size = channel.transport.size
+        self.farewells: Dict[int, str] = {}  # peers' Ended texts found so far
         self.seen = int(store.add(STORE_PREFIX + "q", 0))  # questions before us were not ours
 
     def serve(self, answer: Answerer, channel: Channel) -> None:
@@ -231,6 +284,26 @@ class StoreSide:
             store.set(f"{STORE_PREFIX}a/{number}/{self.rank}",
                       _ENCODER.encode(Answer(query.nonce, self.rank, status)))
             store.add(f"{STORE_PREFIX}a/{number}/count", 1)
+
+    def farewell(self, text: str, deadline: float) -> None:
+        # A store whose server has gone blocks for its own timeout: set from a thread waited
+        # on until the deadline, never longer.
+        data = _ENCODER.encode(Ended(self.rank, text))
+        setter = threading.Thread(
+            target=self.store.set, args=(f"{STORE_PREFIX}ended/{self.rank}", data),
+            name="typedcoll-farewell", daemon=True)
+        setter.start()
+        setter.join(max(0.0, deadline - time.monotonic()))
+
+    def ended(self) -> Dict[int, str]:
+        found = self.farewells
+        for r in range(self.size):
+            key = f"{STORE_PREFIX}ended/{r}"
+            if r != self.rank and r not in found and self.store.check([key]):
+                message = _decode_ended(self.store.get(key))
+                if message is not None:
+                    found[r] = message.text
+        return dict(found)
 
     def ask(self, query: Query, peers: List[int], deadline: float) -> Dict[int, Answer]:
         store = self.store

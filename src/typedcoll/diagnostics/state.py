@@ -228,6 +228,17 @@ def _callers_frame(frame: Optional[FrameType]) -> Optional[FrameType]:
     return frame
 
 
+def uncaught_text(exc_type: Any, exc: BaseException, tb: Optional[TracebackType]) -> str:
+    """``ValueError: no KV blocks (raised at engine.py:88 in step)``: an uncaught exception as
+    a peer's report names it (its message's first line, up to 300 characters)."""
+    message = str(exc).split("\n", 1)[0]
+    if len(message) > 300:
+        message = message[:297] + "..."
+    text = f"{getattr(exc_type, '__name__', exc_type)}" + (f": {message}" if message else "")
+    raised = _raised_at(tb)
+    return text + (f" (raised at {raised})" if raised is not None else "")
+
+
 def _raised_at(tb: Optional[TracebackType]) -> Optional[str]:
     """The innermost line of the caller's code in traceback ``tb`` (it runs outermost first)."""
     found = None

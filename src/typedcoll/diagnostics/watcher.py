@@ -116,6 +116,27 @@ def start(answer: Answerer, on_signal: Callable[[int], None],
     return _Watcher.signal_wfd
 
 
+def farewell(text: str) -> None:
+    """Tell every peer of every served channel that this rank is ending, and why (the
+    excepthook): at most ``side.FAREWELL_SECONDS`` in all, and not at all while a poll holds
+    the transports longer than that (a peer died under it)."""
+    deadline = time.monotonic() + side_channels.FAREWELL_SECONDS
+    if not _Watcher.lock.acquire(timeout=side_channels.FAREWELL_SECONDS):
+        return
+    try:
+        for ref, side in list(_Watcher.sides.values()):
+            channel = ref()
+            if channel is None or channel.users <= 0 or isinstance(side, str) or (
+                    isinstance(side, MPISide) and side.MPI.Is_finalized()):
+                continue
+            try:
+                side.farewell(text, deadline)
+            except Exception as exc:  # a broken channel: its peers call this rank unresponsive
+                _warn(f"side channel of {channel.label}: {type(exc).__name__}: {exc}")
+    finally:
+        _Watcher.lock.release()
+
+
 def wake() -> None:
     if _Watcher.wfd >= 0:
         try:
