@@ -406,10 +406,15 @@ def test_two_threads_are_never_inside_one_channel_at_once():
             f"two threads were inside one channel and no rank raised: {got}"
 
 
+# Set by rank 0 once its second thread collided with the one inside: rank 1 joins only then,
+# whatever the load (a fixed sleep let it come first, and the holder's call completed early).
+_COLLIDED = threading.Event()
+
+
 def collision_named(comm: tc.TypedComm) -> Any:
     comm.allgather(0, name="x")  # every rank: the C path warm
     if comm.rank == 1:
-        time.sleep(0.5)
+        _COLLIDED.wait(10)
         out = []
         for _ in range(2):
             try:
@@ -436,6 +441,7 @@ def collision_named(comm: tc.TypedComm) -> Any:
         text = "no error"
     except tc.ConcurrentCallError as exc:
         text = str(exc)
+    _COLLIDED.set()
     holder.join(10)
     try:  # the poisoned next call raises on every rank and keeps them aligned
         comm.allgather(4, name="x")
@@ -449,6 +455,7 @@ def test_a_collision_names_the_thread_inside():
     thread's id only, leaving the name and site of whichever thread last took the Python steps
     (here the rank's main thread, from the creation exchange): the error names the wrong
     thread as the one inside."""
+    _COLLIDED.clear()
     got = outcomes(2, collision_named)
     text = got[0]
     assert isinstance(text, str) and text != "no error", got
@@ -460,7 +467,7 @@ def collision_then_continue(comm: tc.TypedComm) -> Any:
     comm.allgather(0, name="x")
     busy = comm._p.channel.busy
     if comm.rank == 1:  # no collision on this rank
-        time.sleep(0.5)
+        _COLLIDED.wait(10)
         for _ in range(2):
             try:
                 comm.allgather(1, name="x")
@@ -482,6 +489,7 @@ def collision_then_continue(comm: tc.TypedComm) -> Any:
             comm.allgather(3, name="x")
         except tc.ConcurrentCallError:
             pass
+        _COLLIDED.set()
         holder.join(10)
         try:  # the poisoned call: ConcurrentCallError on every rank
             comm.allgather(4, name="x")
@@ -499,6 +507,7 @@ def test_after_a_collision_every_rank_refuses_the_next_call():
     next call at once, alike. The verdict marks the channel broken but leaves the C binding of
     the rank that saw no collision in place (only a timeout rebinds it), so that rank's C path
     starts an exchange its peer refused locally: it hangs (the Python steps refuse at once)."""
+    _COLLIDED.clear()
     got = outcomes(2, collision_then_continue, limit=8)
     assert got == ["ConcurrentCallError", "ConcurrentCallError"], got
 
