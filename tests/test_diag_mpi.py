@@ -143,6 +143,19 @@ def test_a_rank_ended_by_an_uncaught_exception_is_named_with_it(tmp_path, nranks
     assert f"ValueError: request 17 has no KV blocks on rank {nranks - 1}" in res.stderr, res
 
 
+def test_a_rank_ending_while_its_peers_wait_without_a_timeout_ends_the_job(tmp_path):
+    started = time.monotonic()
+    res = run_spmd(program("diag_uncaught"), 4, timeout=60, tmp_path=tmp_path,
+                   abort_on_error=False, args=["untimed"])
+    elapsed = time.monotonic() - started
+    assert not res.timed_out and res.returncode != 0, res
+    assert elapsed < 30, (elapsed, res)
+    assert "ValueError: request 17 has no KV blocks on rank 3" in res.stderr, res
+    assert ("typedcoll diagnostics: this rank is ending (uncaught ValueError) and ranks 0-2 of "
+            "COMM_WORLD wait for it in collective #1, which has no timeout: ending the job"
+            in res.stderr), res
+
+
 UNCAUGHT = """\
 import typedcoll as tc
 import typedcoll.diagnostics

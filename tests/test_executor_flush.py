@@ -216,11 +216,65 @@ def test_flushes_of_two_objects_from_one_line_are_told_apart(nranks):
         rf"  rank {nranks - 1}: +flush\[{BATCH}\] at {SITE}, its 1st call, step 0\n"
         rf"  only the flushes' batches differ \({BATCH} and {BATCH}\): each SymmetricFlush is "
         rf"named where it was created, or by its batch_name=, so a rank flushed one where its "
-        rf"peers flushed another \(a rank skipped or added a flush\), or built it elsewhere; "
-        rf"if these are one flush point, give them one batch_name=", text), text
+        rf"peers flushed another \(a rank skipped or added a flush\), or built it elsewhere: "
+        rf"if these are one flush point, flush them with one name= \(or build them with one "
+        rf"batch_name=\)", text), text
     assert all(str(e) == text for e in errors)
     made = re.findall(r"flush\[FlushBatch@test_executor_flush\.py:(\d+)\]", text)
     assert int(made[1]) == int(made[0]) + 1  # rank 0 flushed prefill, the last rank decode
+
+
+def test_objects_made_at_one_line_in_orders_that_differ_say_how_to_name_them():
+    """Flushes made lazily, per stage, at one line: each rank numbers them in the order it made
+    them, so the ranks' names differ. Every rank raises, and the hint says what to do."""
+    def body(comm):
+        made = {}
+
+        def flush_for(stage):
+            if stage not in made:
+                made[stage] = SymmetricFlush(comm, {"rank_state": RankState})
+            return made[stage]
+
+        for stage in (["prefill", "decode"] if comm.rank == 0 else ["decode", "prefill"]):
+            flush_for(stage).post("rank_state", RankState(comm.rank))
+        flush_for("prefill").flush(step=0)
+
+    errors = raised(2, body)
+    text = str(errors[0])
+    assert re.fullmatch(
+        rf"collective #0 on tp diverged \(schema\):\n"
+        rf"  rank 0: flush\[(?P<name>{BATCH})\] at {SITE}, its 1st call, step 0\n"
+        rf"  rank 1: flush\[(?P=name)#2\] at {SITE}, its 1st call, step 0\n"
+        rf"  only the numbers of flushes made at one line differ \((?P=name) and (?P=name)#2\): "
+        rf"objects made there are numbered in the order each rank made them, so a rank flushed "
+        rf"one where its peers flushed another, or the ranks made them in different orders: "
+        rf"then make them in one order on every rank, or give each its own batch_name= \(one "
+        rf"per stage, say\)", text), text
+    assert str(errors[1]) == text
+
+
+def test_a_driver_and_its_workers_flush_their_own_objects_as_one_named_flush():
+    """Objects built at two lines (a driver's, its workers') are one flush point when flushed
+    with one name=; without one, every rank raises and the hint says so."""
+    def driver(comm, name):
+        flush = SymmetricFlush(comm, {"rank_state": RankState})
+        flush.post("rank_state", RankState(comm.rank))
+        return flush.flush(step=0, name=name)["rank_state"]
+
+    def worker(comm, name):
+        flush = SymmetricFlush(comm, {"rank_state": RankState})
+        flush.post("rank_state", RankState(comm.rank))
+        return flush.flush(step=0, name=name)["rank_state"]
+
+    got = run(3, lambda comm: (driver if comm.rank == 0 else worker)(comm, "control"))
+    assert got == [[(RankState(0),), (RankState(1),), (RankState(2),)]] * 3
+    errors = raised(3, lambda comm: (driver if comm.rank == 0 else worker)(comm, None))
+    text = str(errors[0])
+    assert text.endswith(
+        "  the ranks flushed different SymmetricFlush objects from different lines: if these "
+        "are one flush point (a driver's and its workers'), flush them with one name=; else a "
+        "rank skipped or added a flush before this one"), text
+    assert all(str(e) == text for e in errors)
 
 
 def test_objects_made_at_one_line_are_numbered_and_one_batch_name_joins_two():

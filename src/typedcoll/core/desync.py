@@ -10,6 +10,7 @@ and the trace analyzer write the same text.
 
 from __future__ import annotations
 
+import re
 from typing import List, Sequence
 
 from .sites import NO_COLUMNS
@@ -40,14 +41,26 @@ def _hint(kinds: Sequence[MismatchKind], groups: Sequence[Group]) -> List[str]:
                     f"here, give every rank's call one schema= that admits them all "
                     f"(Optional[X] where a rank has nothing to send, or a Union)"]
         if op == "flush":
-            if len({g.envelope.schema for g in groups}) > 1:
+            names = {g.envelope.schema for g in groups}
+            if len({re.sub(r"#\d+$", "", n) for n in names}) == 1 < len(names):
+                return [f"  only the numbers of flushes made at one line differ ({schemas}): "
+                        f"objects made there are numbered in the order each rank made them, so "
+                        f"a rank flushed one where its peers flushed another, or the ranks made "
+                        f"them in different orders: then make them in one order on every rank, "
+                        f"or give each its own batch_name= (one per stage, say)"]
+            if len(names) > 1:
                 return [f"  only the flushes' batches differ ({schemas}): each SymmetricFlush "
                         f"is named where it was created, or by its batch_name=, so a rank "
                         f"flushed one where its peers flushed another (a rank skipped or added "
-                        f"a flush), or built it elsewhere; if these are one flush point, give "
-                        f"them one batch_name="]
+                        f"a flush), or built it elsewhere: if these are one flush point, flush "
+                        f"them with one name= (or build them with one batch_name=)"]
             return ["  only the flush's channels differ: build the SymmetricFlush with the same "
                     "channels and message types on every rank"]
+    if ops == {"flush"} and set(kinds) == {MismatchKind.CALL, MismatchKind.SCHEMA} and \
+            all(g.envelope.name is None for g in groups):
+        return ["  the ranks flushed different SymmetricFlush objects from different lines: if "
+                "these are one flush point (a driver's and its workers'), flush them with one "
+                "name=; else a rank skipped or added a flush before this one"]
     if list(kinds) == [MismatchKind.CALL]:
         unplaced = [g for g in groups if g.envelope.column is None and g.envelope.name is None
                     and any(h.envelope.site == g.envelope.site and h.envelope.column is not None

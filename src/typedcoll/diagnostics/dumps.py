@@ -227,14 +227,13 @@ def install_excepthook() -> None:
 
 def _excepthook(exc_type: Any, exc: BaseException, tb: Any) -> None:
     state.note_uncaught(tb)  # before any dump: this thread's stack is the hook's alone now
-    try:
-        # First, while the transports still run: peers waiting for this rank then name the
-        # exception that ended it instead of calling it unresponsive.
-        watcher.farewell(state.uncaught_text(exc_type, exc, tb))
-    except Exception as exc_farewell:
-        warn(f"farewell not sent: {type(exc_farewell).__name__}: {exc_farewell}")
+    ending = _process_ends_with(exc)
     try:
         try:
+            if ending:
+                # First, while the transports still run: peers waiting for this rank then name
+                # the exception that ended it instead of calling it unresponsive.
+                _farewell(exc_type, exc, tb)
             if trace_dir() is not None:
                 dump_traces(f"uncaught {exc_type.__name__}", str(exc))
         finally:
@@ -242,8 +241,41 @@ def _excepthook(exc_type: Any, exc: BaseException, tb: Any) -> None:
             previous(exc_type, exc, tb)
             if isinstance(exc, CollectiveTimeout):
                 end_job()
+            if ending:
+                _end_job_if_waited_for(exc_type)
     finally:
         state.note_uncaught(None)
+
+
+def _process_ends_with(exc: BaseException) -> bool:
+    """Whether the interpreter calls the hook because ``exc`` ends the program: it stored the
+    exception as ``sys.last_value`` first (a program that calls the hook to log an error and
+    carries on does not), on the main thread, and no interactive session goes on after it."""
+    return (getattr(sys, "last_value", None) is exc and not sys.flags.inspect
+            and not hasattr(sys, "ps1")
+            and threading.current_thread() is threading.main_thread())
+
+
+def _farewell(exc_type: Any, exc: BaseException, tb: Any) -> None:
+    try:
+        watcher.farewell(state.uncaught_text(exc_type, exc, tb))
+    except BaseException as failed:  # the dump, the chained hook and the job's end come first
+        warn(f"farewell not sent: {type(failed).__name__}: {failed}")
+
+
+def _end_job_if_waited_for(exc_type: Any) -> None:
+    """Peers inside a collective without a timeout that this ending rank never joined would
+    wait for ever (MPI_Finalize waits for them too): say so and end the job, as a launcher's
+    abort-on-error mode would. Peers with a timeout report by themselves."""
+    try:
+        waiting = hang.waiting_for_this_rank()
+    except BaseException as failed:  # no answer to build on: the job goes on as it would have
+        warn(f"could not ask the peers: {type(failed).__name__}: {failed}")
+        return
+    if waiting:
+        warn(f"this rank is ending (uncaught {getattr(exc_type, '__name__', exc_type)}) and "
+             f"{'; '.join(waiting)}: ending the job")
+        end_job()
 
 
 _FORWARD_GRACE = 0.2  # seconds

@@ -30,7 +30,7 @@ from ..core.channel import Channel
 from ..core.plumbing import register_internal
 from ..core.mismatch import (EnvelopeInfo, Group, MismatchKind, compact_ranks, describe,
                              format_decisions)
-from ..core.protocol import Protocol
+from ..core.protocol import LIVE, Protocol
 from ..core.recorder import RecordEntry
 from ..core.verdict import where
 from . import side as side_channel
@@ -38,6 +38,9 @@ from . import state, watcher
 from .model import CommState, PeerSeen, RankStatus
 
 GRACE = 1.0  # how long the asker waits for answers: the report comes within timeout + GRACE
+# An ending rank asks whether peers wait for it (waiting_for_this_rank): each ask's grace, the
+# pause between asks, and how long it goes on asking.
+END_GRACE, END_POLL, END_WINDOW = 0.5, 0.25, 5.0
 MAX_DETAILED = 8  # ranks described one by one in each list; the rest are only listed
 UNRESPONSIVE_WHY = ("it released this communicator already (a `with` block left by an "
                     "exception releases it on that rank alone), or it is stuck in a C call that "
@@ -86,6 +89,45 @@ def ask_peers(p: Protocol, seq: int, reason: str, dump: bool,
     answers = {r: a.status for r, a in replies.items() if 0 <= r < p.size and r != p.rank}
     _remember(p.channel, peers, answers, asked_ns)
     return answers, ""
+
+
+def waiting_for_this_rank(window: float = END_WINDOW) -> List[str]:
+    """Called as this rank ends (an uncaught exception): over MPI, the communicators without a
+    timeout whose peers wait inside a collective this rank never issued, and so never
+    completes; one line each. Asked every ``END_POLL`` seconds for up to ``window``, since
+    peers still computing reach their next collective later; empty once no peer answers
+    (they have ended too) or when none waits. A timeout's peers report by themselves."""
+    end = time.monotonic() + window
+    protocols = [p for p in list(LIVE) if p.transport.kind == "mpi" and p.timeout is None
+                 and p.size > 1 and not p.freed]
+    while protocols:
+        lines, answered = [], False
+        for p in protocols:
+            if time.monotonic() > end:
+                break
+            answers, _ = ask_peers(p, p.seq, f"rank {p.rank} is ending", False, END_GRACE)
+            if not answers:
+                continue
+            answered = True
+            waiting = sorted(r for r, status in answers.items() if _waits_at(status, p.seq))
+            if waiting:
+                lines.append(f"{compact_ranks(waiting)} of {p.name} wait for it in collective "
+                             f"#{p.seq}, which has no timeout")
+        if lines or not answered or time.monotonic() + END_POLL > end:
+            return lines
+        time.sleep(END_POLL)
+    return []
+
+
+def _waits_at(status: RankStatus, seq: int) -> bool:
+    """Whether a peer is inside collective ``seq`` or a later one of the communicator asked."""
+    comm = status.comm
+    if comm is None or comm.seq <= seq:
+        return False
+    last = comm.last
+    if last is not None:
+        return last.seq >= seq and last.state == "started"
+    return status.collective is not None  # no recorder: inside some collective, issued past
 
 
 def hang_report(p: Protocol, call: Call) -> Tuple[Optional[Tuple[int, ...]], str]:
@@ -145,10 +187,9 @@ def _farewells(p: Protocol, silent: Sequence[int]) -> Dict[int, str]:
     if isinstance(side, str) or not silent:
         return {}
     try:
-        told = side.ended()
+        return side.ended(silent)
     except Exception:  # a broken side channel: they stay unresponsive
         return {}
-    return {r: told[r] for r in silent if r in told}
 
 
 def _grouped(p: Protocol, ranks: Sequence[int],

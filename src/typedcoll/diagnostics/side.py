@@ -37,7 +37,7 @@ from __future__ import annotations
 import threading
 import time
 import weakref
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import msgspec
 
@@ -167,8 +167,8 @@ class MPISide:
         with self.lock:  # sends not done yet keep their bytes alive
             self.sends += [(r, data) for r in requests]
 
-    def ended(self) -> Dict[int, str]:
-        """The peers that said they are ending, and what ended each."""
+    def ended(self, peers: Sequence[int]) -> Dict[int, str]:
+        """Which of ``peers`` said they are ending, and what ended each."""
         while True:
             got = self._receive(ENDED_TAG)
             if got is None:
@@ -178,7 +178,7 @@ class MPISide:
                 with self.lock:
                     self.farewells[got[0]] = message.text
         with self.lock:
-            return dict(self.farewells)
+            return {r: self.farewells[r] for r in peers if r in self.farewells}
 
     def ask(self, query: Query, peers: List[int], deadline: float) -> Dict[int, Answer]:
         """Ask ``peers``; their answers that arrive before ``deadline`` (monotonic)."""
@@ -230,7 +230,7 @@ class LocalSide:
     def farewell(self, text: str, deadline: float) -> None:
         pass  # ranks are threads here, and the excepthook is the main thread's alone
 
-    def ended(self) -> Dict[int, str]:
+    def ended(self, peers: Sequence[int]) -> Dict[int, str]:
         return {}
 
     def ask(self, query: Query, peers: List[int], deadline: float) -> Dict[int, Answer]:
@@ -261,7 +261,6 @@ class StoreSide:
         self.store = store
         self.interval: Optional[float] = interval
         self.rank = channel.transport.rank
-        self.size = channel.transport.size
         self.farewells: Dict[int, str] = {}  # peers' Ended texts found so far
         self.seen = int(store.add(STORE_PREFIX + "q", 0))  # questions before us were not ours
 
@@ -295,15 +294,17 @@ class StoreSide:
         setter.start()
         setter.join(max(0.0, deadline - time.monotonic()))
 
-    def ended(self) -> Dict[int, str]:
+    def ended(self, peers: Sequence[int]) -> Dict[int, str]:
+        # Only the peers asked about: one store request each, where every survivor of a job
+        # that lost a rank asks at once.
         found = self.farewells
-        for r in range(self.size):
+        for r in peers:
             key = f"{STORE_PREFIX}ended/{r}"
             if r != self.rank and r not in found and self.store.check([key]):
                 message = _decode_ended(self.store.get(key))
                 if message is not None:
                     found[r] = message.text
-        return dict(found)
+        return {r: found[r] for r in peers if r in found}
 
     def ask(self, query: Query, peers: List[int], deadline: float) -> Dict[int, Answer]:
         store = self.store

@@ -34,6 +34,7 @@ collective, never a misdelivery:
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import msgspec
@@ -107,27 +108,35 @@ class SymmetricFlush:
     or with the same ``name=`` (see the module docstring for how a violation is reported).
     ``batch_name`` names the batch schema, which is part of every flush's envelope. By default
     it is where this object was created (``FlushBatch@engine.py:40``, then ``...#2`` for the
-    second made there on this communicator), so a rank that flushes one object where its peers
-    flush another raises DesyncError instead of receiving the other's messages; give objects
-    that are one flush point on different ranks one ``batch_name``.
+    second made there with the same channels on this communicator, in the order each rank makes
+    them), so a rank that flushes one object where its peers flush another raises DesyncError
+    instead of receiving the other's messages. Objects made in an order that differs between
+    ranks (lazily, per stage) each need a ``batch_name`` of their own. A flush given a
+    ``name=`` is that named collective whatever object flushes it: its batch is ``batch_name``,
+    else plain ``FlushBatch``.
     """
 
     def __init__(self, comm: TypedComm, channels: Mapping[str, Any], *,
                  batch_name: Optional[str] = None) -> None:
         if not channels:
             raise ValueError("expected at least one channel, got none")
-        if batch_name is None:
-            batch_name = _created_here(comm)
         self.comm = comm
         self.channels: Tuple[str, ...] = tuple(channels)
         # Frozen tuples, so one consumer of a delivery cannot mutate it under another's feet;
         # array_like, so channel names are not repeated in every rank's payload.
         fields = [(ch, Tuple[tp, ...], ()) for ch, tp in channels.items()]
-        self._batch_type = msgspec.defstruct(batch_name, fields, frozen=True, array_like=True)
+        plain = msgspec.defstruct(batch_name or "FlushBatch", fields, frozen=True,
+                                  array_like=True)
         # Resolved here, on every rank alike: a channel type msgspec cannot handle fails at
         # construction on the rank that built it, rather than at the first flush.
-        codecs.resolve(self._batch_type)
-        self._empty = self._batch_type()
+        channels_fingerprint = codecs.resolve(plain).fingerprint
+        own = plain
+        if batch_name is None:
+            own = msgspec.defstruct(_created_here(comm, channels_fingerprint), fields,
+                                    frozen=True, array_like=True)
+            codecs.resolve(own)
+        self._batch_type, self._empty = own, own()
+        self._named_type, self._named_empty = plain, plain()  # for flushes given a name=
         self._queues: List[List[Any]] = [[] for _ in self.channels]
         # post() runs several times per iteration: one dict lookup gives the queue and the type
         # to check (None where isinstance cannot check it, e.g. Optional[...]).
@@ -185,7 +194,11 @@ class SymmetricFlush:
             step = self.flushes if clock is None else clock
         queues = self._queues
         pending = any(queues)
-        batch = self._batch_type(*map(tuple, queues)) if pending else self._empty
+        if name is None:
+            batch_type, empty = self._batch_type, self._empty
+        else:
+            batch_type, empty = self._named_type, self._named_empty
+        batch = batch_type(*map(tuple, queues)) if pending else empty
         seq = comm.seq
         # A bad step or name is flagged in the flush itself: every rank raises there together.
         # The C path's steady state is called from here (see TypedComm.allgather).
@@ -193,9 +206,9 @@ class SymmetricFlush:
         out = None
         try:
             if p.fast is not None:
-                out = _C.allgather(p, batch, self._batch_type, step, name, "flush")
+                out = _C.allgather(p, batch, batch_type, step, name, "flush")
             received = out if out.__class__ is list else ops.allgather(
-                p, batch, self._batch_type, step, name, op="flush", out=out)
+                p, batch, batch_type, step, name, op="flush", out=out)
         except EncodeError as exc:
             rejected = self._take_unfit() if pending else []
             if not rejected:
@@ -239,14 +252,19 @@ class SymmetricFlush:
         return taken
 
 
-def _created_here(comm: TypedComm) -> str:
+_MADE_LOCK = threading.Lock()  # two threads making flushes on one communicator count apart
+
+
+def _created_here(comm: TypedComm, channels_fingerprint: bytes) -> str:
     """The default batch name: ``FlushBatch@`` the creating call site, with ``#k`` from the
-    second object made there on ``comm``. Every rank builds its objects at the same lines in the
-    same order (their channels must match too), so each rank gives one object one name."""
+    second object made there with the same channels on ``comm``. Counted per channels, so an
+    object of other channels made at a factory's line does not renumber the rest."""
     frame = user_frame(1)  # this module's frames are passed over
     site = format_site(frame.f_code, frame.f_lasti) if frame is not None else "?"
-    made: Dict[str, int] = comm._p.extensions.setdefault("flushes", {})
-    count = made[site] = made.get(site, 0) + 1
+    key = (site, channels_fingerprint)
+    with _MADE_LOCK:
+        made: Dict[Tuple[str, bytes], int] = comm._p.extensions.setdefault("flushes", {})
+        count = made[key] = made.get(key, 0) + 1
     return f"FlushBatch@{site}" + (f"#{count}" if count > 1 else "")
 
 
