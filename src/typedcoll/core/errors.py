@@ -62,6 +62,10 @@ class DesyncError(CollectiveError):
     The communicator stays usable after this error: every rank took part in the same backend
     exchange, and where the ranks were on different communicators sharing one channel, each
     gives back the number it spent, so the next typed collective is matched correctly again.
+    The program is not realigned: its ranks are still a call (or an iteration) apart, so a loop
+    that catches this error and goes on raises it again at its next call. End the job, or
+    agree on where to resume before going on (every rank's step through one ``allreduce`` with
+    ``op="max"``, then :meth:`~typedcoll.TypedComm.set_step`).
     """
 
     def __init__(self, message: str, *, seq: int, comm: str = "", kinds: Sequence[Any] = (),
