@@ -28,8 +28,11 @@ collective, never a misdelivery:
   - the ranks declared different channels: the batch Struct's fingerprint differs (schema);
   - the ranks flushed different SymmetricFlush objects from one line (a loop over them, a helper
     that flushes the one it is given): each object's batch Struct is named where the object was
-    created, ``FlushBatch@engine.py:40`` (``#2`` for the second made there on the communicator),
-    so the schemas differ; objects that are one flush point declare it with one ``batch_name=``.
+    created, ``FlushBatch@engine.py:40`` (``#2`` for the second made there with the same
+    channels on the communicator, in each rank's order of making them), so the schemas differ.
+    Objects that are one flush point (a driver's and its workers', built at two lines) say so by
+    flushing with one ``name=``, which uses the plain batch (``batch_name``, else
+    ``FlushBatch``).
 """
 
 from __future__ import annotations
