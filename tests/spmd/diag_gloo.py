@@ -3,8 +3,7 @@
 Run by tests/test_diag_torch.py as ``python diag_gloo.py RANK SIZE PORT`` in SIZE processes. The
 last rank is one call short: it skips the last allgather and sleeps; its peers' CollectiveTimeout
 names it, the line it sleeps on, its last collective and the decision that differs. Every rank
-prints ``SPMD-OK diag_gloo rank R/N checks K``, then leaves with os._exit(0) once every rank is
-done with the store (rank 0 serves it; the timed-out collective is still pending).
+prints ``SPMD-OK diag_gloo rank R/N checks K``, then ``gloo_job.leave``.
 """
 
 import os
@@ -13,8 +12,8 @@ import sys
 import time
 
 import msgspec
-import torch.distributed as dist
 
+import gloo_job
 import typedcoll as tc
 import typedcoll.diagnostics
 
@@ -30,9 +29,7 @@ def line_at(offset: int) -> int:
     return sys._getframe(1).f_lineno + offset
 
 
-rank, size, port = (int(x) for x in sys.argv[1:4])
-dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                        world_size=size)
+rank, size = gloo_job.join(sys.argv)
 typedcoll.diagnostics.install()
 comm = tc.TypedComm.from_torch(timeout=TIMEOUT)
 absent = size - 1
@@ -70,11 +67,4 @@ else:
         assert lines[2:] == expected, "\n".join(lines[2:]) + "\n---\n" + "\n".join(expected)
         checks = 1
 print(f"SPMD-OK diag_gloo rank {rank}/{size} checks {checks}", flush=True)
-store = dist.distributed_c10d._get_default_store()
-store.add("diag_gloo/done", 1)
-deadline = time.monotonic() + 30
-while store.add("diag_gloo/done", 0) < size and time.monotonic() < deadline:
-    time.sleep(0.05)
-if rank == 0:
-    time.sleep(0.5)  # the store's server leaves last
-os._exit(0)
+gloo_job.leave("diag_gloo", ranks_done=size)

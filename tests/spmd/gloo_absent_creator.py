@@ -4,23 +4,21 @@ came, instead of waiting in gloo's connection for the group's 30 minutes; the sa
 torch drop-in, whose bound is its group's own timeout.
 
 Run by tests/test_diag_torch.py as ``python gloo_absent_creator.py RANK SIZE PORT`` in SIZE
-processes. The others print ``SPMD-OK gloo_absent_creator rank R/N``; every rank then leaves
-with os._exit(0) once all are done with the store (rank 0 serves it).
+processes. The others print ``SPMD-OK gloo_absent_creator rank R/N``; every rank then
+``gloo_job.leave``s.
 """
 
 import datetime
-import os
 import sys
 import time
 
 import torch.distributed as dist
 
+import gloo_job
 import typedcoll as tc
 from typedcoll.core.verdict import CREATION_MIN_TIMEOUT
 
-rank, size, port = (int(x) for x in sys.argv[1:4])
-dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                        world_size=size)
+rank, size = gloo_job.join(sys.argv)
 short = dist.new_group(list(range(size)), timeout=datetime.timedelta(seconds=12))
 store = dist.distributed_c10d._get_default_store()
 absent = size - 1
@@ -38,7 +36,4 @@ if rank != absent:
             assert exc.missing == (absent,), (label, exc.missing, str(exc))
             assert f"rank(s) {absent} of {size} never came" in str(exc), str(exc)
     print(f"SPMD-OK gloo_absent_creator rank {rank}/{size}", flush=True)
-store.add("gloo_absent_creator_done", 1)
-while rank == 0 and int(store.add("gloo_absent_creator_done", 0)) < size:
-    time.sleep(0.05)
-os._exit(0)
+gloo_job.leave("gloo_absent_creator", ranks_done=size)

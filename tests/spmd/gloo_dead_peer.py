@@ -5,8 +5,7 @@ the call only on the ranks that exchange with the dead one directly: the others 
 their report (at 4 ranks, rank 1 does).
 
 Run by tests/test_diag_torch.py as ``python gloo_dead_peer.py RANK SIZE PORT`` in SIZE
-processes. The survivors print ``SPMD-OK gloo_dead_peer rank R/N``, then leave with os._exit(0)
-once all are done with the store (rank 0 serves it).
+processes. The survivors print ``SPMD-OK gloo_dead_peer rank R/N``, then ``gloo_job.leave``.
 """
 
 import os
@@ -15,11 +14,10 @@ import time
 
 import torch.distributed as dist
 
+import gloo_job
 import typedcoll as tc
 
-rank, size, port = (int(x) for x in sys.argv[1:4])
-dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                        world_size=size)
+rank, size = gloo_job.join(sys.argv)
 timed = tc.TypedComm.from_torch(timeout=60)
 untimed = tc.TypedComm.from_torch(dist.new_group(list(range(size))))  # no timeout, own channel
 assert timed.allgather(rank) == untimed.allgather(rank) == list(range(size))
@@ -39,8 +37,4 @@ for comm in (timed, untimed):
     except tc.CollectiveTimeout as exc:
         assert "failed in the backend" in str(exc) and exc.failure, str(exc)
 print(f"SPMD-OK gloo_dead_peer rank {rank}/{size}", flush=True)
-store = dist.distributed_c10d._get_default_store()
-store.add("gloo_dead_peer_done", 1)
-while rank == 0 and int(store.add("gloo_dead_peer_done", 0)) < size - 1:
-    time.sleep(0.05)
-os._exit(0)
+gloo_job.leave("gloo_dead_peer", ranks_done=size - 1)

@@ -4,22 +4,19 @@ error names the exception and where it was raised, with a timeout or with none (
 call when the rank's connections close).
 
 Run by tests/test_diag_torch.py as ``python gloo_uncaught.py RANK SIZE PORT`` in SIZE processes.
-The survivors print ``SPMD-OK gloo_uncaught rank R/N``, then leave with os._exit(0) once all are
-done with the store (rank 0 serves it).
+The survivors print ``SPMD-OK gloo_uncaught rank R/N``, then ``gloo_job.leave``.
 """
 
 import os
 import sys
-import time
 
 import torch.distributed as dist
 
+import gloo_job
 import typedcoll as tc
 
 FILE = os.path.basename(__file__)
-rank, size, port = (int(x) for x in sys.argv[1:4])
-dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                        world_size=size)
+rank, size = gloo_job.join(sys.argv)
 timed = tc.TypedComm.from_torch(timeout=60)
 untimed = tc.TypedComm.from_torch(dist.new_group(list(range(size))))  # no timeout, own channel
 assert timed.allgather(rank) == untimed.allgather(rank) == list(range(size))
@@ -37,8 +34,4 @@ for comm in (timed, untimed):
                f"    rank {size - 1}: ValueError: request 17 has no KV blocks (raised at " \
                f"{FILE}:{RAISE_LINE} in <module>)\n" in text, text
 print(f"SPMD-OK gloo_uncaught rank {rank}/{size}", flush=True)
-store = dist.distributed_c10d._get_default_store()
-store.add("gloo_uncaught_done", 1)
-while rank == 0 and int(store.add("gloo_uncaught_done", 0)) < size - 1:
-    time.sleep(0.05)
-os._exit(0)
+gloo_job.leave("gloo_uncaught", ranks_done=size - 1)
