@@ -14,6 +14,8 @@ import concurrent.futures
 import contextlib
 import functools
 import math
+import os
+import subprocess
 import sys
 import threading
 import time
@@ -1441,3 +1443,51 @@ def test_types_that_differ_say_how_to_declare_them():
             "numpy.bool_(flag))"), flag
         assert numpy_flag == np.False_
         assert declared == [RankState(0), None, RankState(2)]
+
+
+def two_builds_of_one_record(comm, omit_defaults: bool, older_default: Any) -> Any:
+    """Rank 1 runs an older build of RankState: its max_batch defaults to ``older_default``.
+    Every rank sends max_batch=8, the newer default, so a sender that omits defaults leaves it
+    out and rank 1 would fill in its own."""
+    class RankState(msgspec.Struct, omit_defaults=omit_defaults):
+        rank: int
+        max_batch: Any = older_default if comm.rank == 1 else 8
+    try:
+        return [(s.rank, s.max_batch) for s in comm.allgather(RankState(comm.rank, 8))]
+    except tc.CollectiveError as exc:
+        return exc
+
+
+@pytest.mark.parametrize("older_default", [16, msgspec.UNSET], ids=["16", "UNSET"])
+def test_two_builds_whose_defaults_a_receiver_fills_in_differ_are_refused(older_default):
+    """Never rank 1 decoding its peers' max_batch as its own default: the defaults a receiver
+    fills in are part of the schema's fingerprint, so every rank raises."""
+    texts = set()
+    for got in run(3, two_builds_of_one_record, True, older_default):
+        assert type(got) is tc.DesyncError and [k.value for k in got.kinds] == ["schema"], got
+        assert str(got).endswith(
+            "\n  the ranks' RankState are two versions of one type (fields, their types, or the "
+            "defaults a receiver fills in for fields a sender leaves out differ): run one "
+            "version of the code on every rank"), got
+        texts.add(str(got))
+    assert len(texts) == 1, texts
+
+
+def test_two_builds_whose_defaults_differ_agree_where_every_value_is_sent():
+    """No false alarm: without omit_defaults every field goes on the wire, a default decides
+    nothing, and the builds meet."""
+    for got in run(3, two_builds_of_one_record, False, 16):
+        assert got == [(0, 8), (1, 8), (2, 8)], got
+
+
+def test_a_default_in_the_fingerprint_is_the_same_in_every_process():
+    """Defaults enter the fingerprint as deterministic msgpack (sets sorted), not as repr,
+    which follows the process's hash seed."""
+    program = ("import msgspec\nfrom typedcoll.codecs import resolve\n"
+               "class Tags(msgspec.Struct, omit_defaults=True):\n"
+               "    names: frozenset = frozenset('abcdefgh')\n"
+               "print(resolve(Tags).fingerprint.hex())")
+    prints = {subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                             check=True, env=dict(os.environ, PYTHONHASHSEED=str(seed))).stdout
+              for seed in (1, 2, 3)}
+    assert len(prints) == 1 and len(prints.pop().strip()) == 16, prints

@@ -5,8 +5,9 @@ A schema is any type msgspec can decode, or ``numpy.ndarray`` (and numpy scalar 
 an 8-byte fingerprint and a reusable decoder; later calls hit a dict.
 
 The fingerprint hashes msgspec's structural type information (field names, wire names, types,
-defaults presence, tags, array_like), so two versions of a same-named Struct differ while the
-same Struct defined in two processes agrees. Python's ``hash`` is salted per process, so blake2b.
+defaults presence, the defaults a receiver fills in for fields a sender may leave out, tags,
+array_like), so two versions of a same-named Struct differ while the same Struct defined in two
+processes agrees. Python's ``hash`` is salted per process, so blake2b.
 """
 
 from __future__ import annotations
@@ -259,9 +260,10 @@ def canonical(t: mi.Type, _seen: Tuple[int, ...] = ()) -> str:
         if id(t) in _seen:
             return f"<ref {_seen.index(id(t))}>"
         seen = _seen + (id(t),)
+        omits = isinstance(t, mi.StructType) and t.cls.__struct_config__.omit_defaults
         fields = ",".join(
-            f"{f.name}/{f.encode_name}{'!' if f.required else '?'}:{canonical(f.type, seen)}"
-            for f in t.fields)
+            f"{f.name}/{f.encode_name}{'!' if f.required else '?'}{_default(f, omits)}:"
+            f"{canonical(f.type, seen)}" for f in t.fields)
         extra = ""
         if isinstance(t, mi.StructType):
             extra = f"|tag={t.tag_field}={t.tag!r}|array_like={t.array_like}"
@@ -283,3 +285,26 @@ def canonical(t: mi.Type, _seen: Tuple[int, ...] = ()) -> str:
             value = repr(value)
         parts.append(f"{slot}={value}")
     return f"{type(t).__name__}({','.join(parts)})"
+
+
+def _default(field: mi.Field, omits: bool) -> str:
+    """A field's default where it decides what a receiver decodes: a sender leaves the field
+    out when its value is the default (``omit_defaults``) or unset (a default of ``UNSET``,
+    which msgspec's inspection shows as no default), and the receiver then fills in its own
+    default. Two versions whose defaults differ there decode one message to two values, so
+    they must not agree; elsewhere every value is sent and a default changes nothing."""
+    unset = field.default is msgspec.NODEFAULT and field.default_factory is msgspec.NODEFAULT
+    if field.required or not (omits or unset):
+        return ""
+    if unset:
+        return "=UNSET"
+    value = field.default
+    if field.default_factory is not msgspec.NODEFAULT:
+        try:
+            value = field.default_factory()
+        except Exception:  # a factory that fails here fails at decoding too: name it
+            return f"=<{getattr(field.default_factory, '__qualname__', '?')}()>"
+    try:
+        return "=" + msgspec.msgpack.encode(value, order="deterministic").hex()
+    except (TypeError, ValueError):
+        return f"={value!r}"

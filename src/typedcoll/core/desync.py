@@ -36,6 +36,10 @@ def _hint(kinds: Sequence[MismatchKind], groups: Sequence[Group]) -> List[str]:
             return [f"  only the value types differ ({schemas}): a reduction takes each value's "
                     f"own type, so give every rank's value one type (int(x), float(x) or one "
                     f"numpy dtype)"]
+        if op in _SCHEMA_OPS and len({g.envelope.schema for g in groups}) == 1:
+            return [f"  the ranks' {schemas} are two versions of one type (fields, their "
+                    f"types, or the defaults a receiver fills in for fields a sender leaves "
+                    f"out differ): run one version of the code on every rank"]
         if op in _SCHEMA_OPS:
             return [f"  only the schemas differ ({schemas}): if ranks may send different types "
                     f"here, give every rank's call one schema= that admits them all "
