@@ -1466,9 +1466,10 @@ def test_two_builds_whose_defaults_a_receiver_fills_in_differ_are_refused(older_
     for got in run(3, two_builds_of_one_record, True, older_default):
         assert type(got) is tc.DesyncError and [k.value for k in got.kinds] == ["schema"], got
         assert str(got).endswith(
-            "\n  the ranks' RankState are two versions of one type (fields, their types, or the "
-            "defaults a receiver fills in for fields a sender leaves out differ): run one "
-            "version of the code on every rank"), got
+            "\n  the ranks' RankState differ in structure (fields, their types, or the defaults "
+            "a receiver fills in for fields a sender leaves out): define it alike on every rank "
+            "(one version of the code, and defaults that do not depend on the rank or its "
+            "environment)"), got
         texts.add(str(got))
     assert len(texts) == 1, texts
 
@@ -1478,6 +1479,29 @@ def test_two_builds_whose_defaults_differ_agree_where_every_value_is_sent():
     nothing, and the builds meet."""
     for got in run(3, two_builds_of_one_record, False, 16):
         assert got == [(0, 8), (1, 8), (2, 8)], got
+
+
+def records_with_a_per_rank_factory(comm, made: List[int]) -> Any:
+    """A request id from a counter that differs by rank: a factory msgspec never leaves out."""
+    def next_id() -> str:
+        made.append(comm.rank)
+        return f"req-{comm.rank}-{len(made)}"
+
+    class Request(msgspec.Struct, omit_defaults=True):
+        rank: int
+        request_id: str = msgspec.field(default_factory=next_id)
+        tags: list = msgspec.field(default_factory=list)
+    mine = Request(comm.rank, request_id=f"req-{comm.rank}")
+    return [(r.rank, r.request_id, r.tags) for r in comm.allgather(mine)]
+
+
+def test_a_factory_default_is_never_called_and_meets_across_ranks():
+    """No false alarm and no user code run: a factory's field (other than an empty builtin
+    collection's) is always sent, so its default stays out of the fingerprint, uncalled."""
+    made: List[int] = []
+    for got in run(3, records_with_a_per_rank_factory, made):
+        assert got == [(r, f"req-{r}", []) for r in range(3)], got
+    assert made == [], made
 
 
 def test_a_default_in_the_fingerprint_is_the_same_in_every_process():

@@ -236,6 +236,47 @@ def test_hang_report_describes_ranks_alike_once_and_caps_the_places():
                      + [f"    ... and ranks 16-19 (at most {hang.MAX_DETAILED} descriptions)"])
 
 
+def out_of_step(comm, reported):
+    """Rank 1 stays away (``out_of_step_stay``) while rank 2 skips the state allgather for the
+    stats barrier; all three wait until ranks 0 and 2 have their reports."""
+    comm.set_step(4)
+    try:
+        if comm.rank == 0:
+            comm.allgather(RankState(comm.rank), name="rank_state")  # mark: out_of_step_state
+        elif comm.rank == 2:
+            comm.barrier(name="stats")  # mark: out_of_step_stats
+    finally:
+        reported.wait()  # mark: out_of_step_stay
+
+
+def test_a_peer_that_arrived_at_another_call_is_named_with_it():
+    """Not only "arrived": a peer at another call as the same collective means the ranks are
+    out of step, which the absent rank's arrival would turn into a DesyncError."""
+    with pytest.raises(BaseExceptionGroup) as excinfo:
+        run(3, out_of_step, away(), timeout=0.3)
+    errors = errors_of(excinfo)
+    assert sorted(errors) == [0, 2]
+    state = (f"allgather[RankState] name='rank_state' at {at('out_of_step_state')}, its 1st "
+             f"call, step 4")
+    stats = f"barrier name='stats' at {at('out_of_step_stats')}, its 1st call, step 4"
+    for r, mine, theirs in ((0, state, stats), (2, stats, state)):
+        err = errors[r]
+        assert isinstance(err, tc.CollectiveTimeout) and err.missing == (1,), err
+        lines = normal(str(err)).splitlines()
+        at_arrived = lines.index("  arrived: ranks 0,2")
+        assert lines[at_arrived + 1:] == [
+            "  at another call as collective #0: rank " + str(2 - r) + " (the ranks are out "
+            "of step)",
+            f"    this rank: {mine}",
+            f"    rank {2 - r}: {theirs}",
+        ], "\n".join(lines)
+
+
+def test_peers_at_this_ranks_call_add_no_line():
+    p = run(1, lambda comm: comm._p)[0]
+    assert hang._other_calls(p, 0, [], {}) == []
+
+
 def one_short(comm, reported):
     """Rank 1 moves on and stays there (its ``moved_on`` mark) until rank 0 has its report."""
     for step in range(2):

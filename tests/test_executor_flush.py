@@ -187,7 +187,7 @@ def test_different_channels_differ_in_schema():
         rf"  rank 0: flush\[{BATCH}@[0-9a-f]{{8}}\] at {SITE}, its 1st call, step 1\n"
         rf"  rank 1: flush\[{BATCH}@[0-9a-f]{{8}}\] at {SITE}, its 1st call, step 1\n"
         rf"  only the flush's channels differ: build the SymmetricFlush with the same channels "
-        rf"and message types on every rank", text), text
+        rf"and message types on every rank \(and one version of each type\)", text), text
 
 
 @pytest.mark.parametrize("nranks", [2, 4])

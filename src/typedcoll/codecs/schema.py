@@ -289,22 +289,24 @@ def canonical(t: mi.Type, _seen: Tuple[int, ...] = ()) -> str:
 
 def _default(field: mi.Field, omits: bool) -> str:
     """A field's default where it decides what a receiver decodes: a sender leaves the field
-    out when its value is the default (``omit_defaults``) or unset (a default of ``UNSET``,
-    which msgspec's inspection shows as no default), and the receiver then fills in its own
-    default. Two versions whose defaults differ there decode one message to two values, so
-    they must not agree; elsewhere every value is sent and a default changes nothing."""
+    out when its value is unset (a default of ``UNSET``, which msgspec's inspection shows as no
+    default) or, with ``omit_defaults``, equal to the default, and the receiver then fills in
+    its own. Two versions whose defaults differ there decode one message to two values, so they
+    must not agree; elsewhere every value is sent and a default changes nothing. A factory is
+    never called: msgspec leaves a factory's field out only for the empty builtin collections,
+    and any other factory's field is always sent."""
     unset = field.default is msgspec.NODEFAULT and field.default_factory is msgspec.NODEFAULT
     if field.required or not (omits or unset):
         return ""
     if unset:
         return "=UNSET"
-    value = field.default
-    if field.default_factory is not msgspec.NODEFAULT:
-        try:
-            value = field.default_factory()
-        except Exception:  # a factory that fails here fails at decoding too: name it
-            return f"=<{getattr(field.default_factory, '__qualname__', '?')}()>"
+    factory = field.default_factory
+    if factory is not msgspec.NODEFAULT:
+        return f"={factory.__name__}()" if factory in _OMITTED_FACTORIES else ""
     try:
-        return "=" + msgspec.msgpack.encode(value, order="deterministic").hex()
-    except (TypeError, ValueError):
-        return f"={value!r}"
+        return "=" + msgspec.msgpack.encode(field.default, order="deterministic").hex()
+    except (TypeError, ValueError):  # never sent as it is: its type names it, not its repr
+        return f"=<{type(field.default).__qualname__}>"
+
+
+_OMITTED_FACTORIES = (list, dict, set, frozenset)

@@ -37,9 +37,10 @@ def _hint(kinds: Sequence[MismatchKind], groups: Sequence[Group]) -> List[str]:
                     f"own type, so give every rank's value one type (int(x), float(x) or one "
                     f"numpy dtype)"]
         if op in _SCHEMA_OPS and len({g.envelope.schema for g in groups}) == 1:
-            return [f"  the ranks' {schemas} are two versions of one type (fields, their "
-                    f"types, or the defaults a receiver fills in for fields a sender leaves "
-                    f"out differ): run one version of the code on every rank"]
+            return [f"  the ranks' {schemas} differ in structure (fields, their types, or "
+                    f"the defaults a receiver fills in for fields a sender leaves out): define "
+                    f"it alike on every rank (one version of the code, and defaults that do "
+                    f"not depend on the rank or its environment)"]
         if op in _SCHEMA_OPS:
             return [f"  only the schemas differ ({schemas}): if ranks may send different types "
                     f"here, give every rank's call one schema= that admits them all "
@@ -59,7 +60,7 @@ def _hint(kinds: Sequence[MismatchKind], groups: Sequence[Group]) -> List[str]:
                         f"a flush), or built it elsewhere: if these are one flush point, flush "
                         f"them with one name= (or build them with one batch_name=)"]
             return ["  only the flush's channels differ: build the SymmetricFlush with the same "
-                    "channels and message types on every rank"]
+                    "channels and message types on every rank (and one version of each type)"]
     if ops == {"flush"} and set(kinds) == {MismatchKind.CALL, MismatchKind.SCHEMA} and \
             all(g.envelope.name is None for g in groups):
         return ["  the ranks flushed different SymmetricFlush objects from different lines: if "

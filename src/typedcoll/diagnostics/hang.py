@@ -11,6 +11,8 @@ GIL, dead) is named as unresponsive, with what this rank knows of it: the last c
 completed here, which every member took part in; one that an uncaught exception ended, and that
 said so on its way out (``side.Ended``), is named with that exception and where it was raised.
 
+A peer that arrived at another call as collective #N (its envelope's call, schema or step
+differ from this rank's) is named with that call: the ranks are out of step, not only late.
 The decisions that differ between the ranks that answered (``comm.note``) follow, in the same
 words as a DesyncError's. The text follows ``core.mismatch``: :func:`describe` says what a rank
 was calling, :func:`compact_ranks` lists ranks.
@@ -173,6 +175,7 @@ def hang_report(p: Protocol, call: Call) -> Tuple[Optional[Tuple[int, ...]], str
                      f"transport is stuck; where each peer is now:")
         lines += _grouped(p, sorted(answers), lambda r: _absent_lines(p, answers[r]))
     lines.append(f"  arrived: {compact_ranks(arrived)}")
+    lines += _other_calls(p, call.seq, arrived[1:], answers)
     lines += _decisions(p, answers)
     missing = tuple(sorted(absent + silent + list(ended)))
     return missing, "\n".join(lines)
@@ -241,6 +244,41 @@ def _newest(status: RankStatus) -> Optional[CommState]:
     return status.comms[max(started)[1]] if started else None
 
 
+def _other_calls(p: Protocol, seq: int, arrived: Sequence[int],
+                 answers: Dict[int, RankStatus]) -> List[str]:
+    """The arrived peers whose collective #``seq`` is another call than this rank's: the ranks
+    are out of step, not only late, and the absent rank's arrival would end in a DesyncError."""
+    mine = state.comm_state(p).last
+    if mine is None or mine.seq != seq:
+        return []
+    other: Dict[int, RecordEntry] = {}
+    for r in arrived:
+        comm = answers[r].comm
+        theirs = comm.last if comm is not None else None
+        if theirs is not None and theirs.seq == seq and _call_of(theirs) != _call_of(mine):
+            other[r] = theirs
+    if not other:
+        return []
+    return ([f"  at another call as collective #{seq}: {compact_ranks(sorted(other))} (the ranks "
+             f"are out of step)",
+             f"    this rank: {_called(mine)}"]
+            + _grouped(p, sorted(other), lambda r: [f"    {_WHO}: {_called(other[r])}"]))
+
+
+def _call_of(e: RecordEntry) -> Tuple[object, ...]:
+    """What a rank called, as its envelope says it (not its state, times or size)."""
+    return (e.op, e.schema, e.fingerprint, e.site, e.column, e.name, e.step, e.branch, e.via,
+            e.callers)
+
+
+def _called(e: RecordEntry) -> str:
+    """``barrier name='stats' at prog.py:9, its 2nd call, step 1``: a call, without its state."""
+    return describe(EnvelopeInfo(rank=0, seq=e.seq, op=e.op, schema=e.schema,
+                                 fingerprint=e.fingerprint, site=e.site, name=e.name,
+                                 occurrence=e.occurrence, step=e.step, via=e.via,
+                                 callers=e.callers), [])
+
+
 def _absent_lines(p: Protocol, status: RankStatus) -> List[str]:
     now = status.time_ns
     inside = f", inside a collective on {status.collective}" if status.collective else ""
@@ -295,7 +333,9 @@ def _last_together(p: Protocol, indent: str = "  ") -> List[str]:
 
 
 def _decisions(p: Protocol, answers: Dict[int, RankStatus]) -> List[str]:
-    """The decisions that differ between the ranks that answered (and this rank)."""
+    """A peer that arrived at another call as collective #N (its envelope's call, schema or step
+differ from this rank's) is named with that call: the ranks are out of step, not only late.
+The decisions that differ between the ranks that answered (and this rank)."""
     groups = [Group((p.rank,), EnvelopeInfo(rank=p.rank, seq=0, op="", notes=tuple(
         p.decisions())))]
     for r, status in sorted(answers.items()):
