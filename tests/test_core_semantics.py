@@ -1504,6 +1504,47 @@ def test_a_factory_default_is_never_called_and_meets_across_ranks():
     assert made == [], made
 
 
+class Opaque:
+    """A value msgspec cannot encode."""
+
+
+def fails_at_another_call(comm) -> Any:
+    """Rank 2 skipped the state allgather and fails to encode its stats."""
+    try:
+        if comm.rank == 2:
+            return comm.allgather(Opaque(), name="stats")
+        return comm.allgather(comm.rank, name="state")
+    except tc.CollectiveError as exc:
+        return exc
+
+
+def fails_in_a_role_branch(comm) -> Any:
+    """The root of a bcast written in a role branch fails to encode: one call on two lines."""
+    try:
+        if comm.rank == 0:
+            return comm.bcast(Opaque(), root=0)
+        return comm.bcast(None, root=0, schema=int)
+    except tc.CollectiveError as exc:
+        return exc
+
+
+def test_a_rank_failing_at_another_call_is_also_named_out_of_step():
+    """Its failure is the verdict (a failed rank is compared with nobody), and its text says
+    the ranks are out of step, the same words on every rank."""
+    got = run(3, fails_at_another_call)
+    assert [type(e) for e in got] == [tc.PeerError, tc.PeerError, tc.EncodeError], got
+    tail = (" (and rank 2 made another call than the others, so the ranks are out of step too: "
+            "ranks 0-1: allgather name='state' at ")
+    assert all(tail in str(e) and "; rank 2: allgather name='stats' at " in str(e)
+               for e in got), got
+
+
+def test_a_root_failing_in_a_role_branch_is_not_called_out_of_step():
+    got = run(3, fails_in_a_role_branch)
+    assert [type(e) for e in got] == [tc.EncodeError, tc.PeerError, tc.PeerError], got
+    assert not any("out of step" in str(e) for e in got), got
+
+
 def test_a_default_in_the_fingerprint_is_the_same_in_every_process():
     """Defaults enter the fingerprint as deterministic msgpack (sets sorted), not as repr,
     which follows the process's hash seed."""

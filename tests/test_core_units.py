@@ -20,7 +20,7 @@ import typedcoll as tc
 from typedcoll.testing import run
 from typedcoll.codecs.nesting import MAX_NESTING, nesting_ok, python_nesting_ok
 from typedcoll.core import fast
-from typedcoll.core.desync import desync_message
+from typedcoll.core.desync import desync_message, failed_elsewhere
 from typedcoll.core.mismatch import (EnvelopeInfo, Note, compact_ranks, describe, group_envelopes,
                                      mismatch_kinds)
 from typedcoll.core.wire import (AGREE_SIZE, CHECKED, FLAG_WILD_SCHEMA, HEADER, HEADER_SIZE,
@@ -165,6 +165,25 @@ def env(rank: int, **fields) -> EnvelopeInfo:
                 comm="tp", site="model.py:143", occurrence=2, step=2)
     base.update(fields)
     return EnvelopeInfo(**base)
+
+
+def test_a_failure_at_another_call_than_its_peers_says_the_ranks_are_out_of_step():
+    """A failed rank is left out of the comparison (it may not know its schema): where its
+    call is not one its peers made, the failure's text says so, the same on every rank."""
+    failed = env(3, site="model.py:170", name=None, error="bad value", error_type="EncodeError")
+    infos = [env(r) for r in range(3)] + [failed]
+    assert failed_elsewhere([3], infos) == (
+        " (and rank 3 made another call than the others, so the ranks are out of step too: "
+        "ranks 0-2: allgather at model.py:143; rank 3: allgather at model.py:170)")
+    named = [env(r, name="stats") for r in range(3)] + [env(3, name="state")]
+    assert failed_elsewhere([3], named).endswith(
+        "ranks 0-2: allgather name='stats' at model.py:143; rank 3: allgather name='state' at "
+        "model.py:143)")
+    assert failed_elsewhere([3], [env(r) for r in range(4)]) == ""  # one call: a failure alone
+    assert failed_elsewhere([3], [env(r) for r in range(3)] + [env(3, site="?")]) == ""
+    assert failed_elsewhere([0, 1], [env(0, site="a.py:1"), env(1, site="b.py:2")]) == ""
+    one_name = [env(r, name="plan", site=f"worker{r}.py:9") for r in range(4)]
+    assert failed_elsewhere([3], one_name) == ""  # a name= is one call wherever it is written
 
 
 def test_desync_message_pinned():

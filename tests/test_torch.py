@@ -864,19 +864,20 @@ def test_device_verdict_on_hand_built_blocks():
     ps = ps[:2]
     # Built without an NCCL group, so with the host path's words for the op (gloo's ops)
     HOST_OPS = "expected op 'sum', 'prod', 'max', 'min', 'band', 'bor' or 'bxor'"
-    good = _device_call(ps[0], "all_reduce_tensor", x, 3, reduce_op="sum")  # @good
-    bad = _device_call(ps[1], "all_reduce_tensor", x, 3, reduce_op="avg")  # @bad
+    # One line, as one call of the ranks' program: a failure at another call says so too
+    good, bad = (_device_call(p, "all_reduce_tensor", x, 3, reduce_op=op)  # @reduce-op
+                 for p, op in zip(ps, ["sum", "avg"]))
     blocks = _blocks(ps, [good, bad])
     err = device.check(ps[0], good, blocks, blocks[:CHECKED], "deferred")
     assert isinstance(err, tc.PeerError) and str(err) == (
         f"collective #3 on WORLD: rank 1 failed its all_reduce_tensor contribution at "
-        f"{SITES['bad']}: {HOST_OPS}, got 'avg'")
+        f"{SITES['reduce-op']}: {HOST_OPS}, got 'avg'")
     own = blocks[BLOCK:BLOCK + CHECKED]
     assert device.check(ps[1], bad, blocks, own, "deferred") is None  # it raised at call time
     err = device.check(ps[1], bad, blocks, own, "eager")
     assert isinstance(err, tc.EncodeError) and str(err) == (
         f"collective #3 on WORLD: rank 1 could not send its all_reduce_tensor contribution at "
-        f"{SITES['bad']}: {HOST_OPS}, got 'avg'")
+        f"{SITES['reduce-op']}: {HOST_OPS}, got 'avg'")
     assert good.array_fp == bad.array_fp and good.error is None
 
 

@@ -11,10 +11,11 @@ and the trace analyzer write the same text.
 from __future__ import annotations
 
 import re
-from typing import List, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from .sites import NO_COLUMNS
-from .mismatch import Group, MismatchKind, compact_ranks, format_decisions, format_groups
+from .mismatch import (EnvelopeInfo, Group, MismatchKind, compact_ranks, format_decisions,
+                       format_groups, place)
 
 # Ops whose callers choose the schema (schema=), and reductions, which take the value's type.
 _SCHEMA_OPS = frozenset({"allgather", "gather", "bcast", "scatter", "alltoall"})
@@ -145,3 +146,27 @@ def desync_message(seq: int, comm: str, kinds: Sequence[MismatchKind],
     first = f"{head or f'collective #{seq} on {comm}'} diverged ({kinds_text}):"
     return "\n".join([first] + format_groups(groups, kinds) + format_decisions(groups)
                       + _hint(kinds, groups))
+
+
+def failed_elsewhere(failed: Sequence[int], infos: Sequence[EnvelopeInfo]) -> str:
+    """A failure's verdict compares no failed rank (it may not know its schema or root), so a
+    rank that failed at another call than its peers' would read as a plain failure: name it,
+    and the ranks' calls (op, call site or name=), as a failure's last words. Empty where
+    every failed rank's call is one its peers made, or its call site is unknown."""
+    # A name= is the call wherever it is written, and a rooted call's two arms of one role
+    # branch are one call: compare their branch.
+    same = [(i.op, i.name, "" if i.name is not None else
+             place(i) if i.branch is None else repr(i.branch.key)) for i in infos]
+    theirs = {same[r] for r in range(len(infos)) if r not in failed}
+    away = [r for r in failed if same[r] not in theirs and infos[r].site != "?"]
+    if not theirs or not away:
+        return ""
+    calls = [(i.op, i.name, place(i)) for i in infos]
+    groups: Dict[Tuple[str, Optional[str], str], List[int]] = {}
+    for r, call in enumerate(calls):
+        groups.setdefault(call, []).append(r)
+    said = "; ".join(f"{compact_ranks(ranks)}: {op}"
+                     f"{f' name={name!r}' if name is not None else ''} at {at}"
+                     for (op, name, at), ranks in groups.items())
+    return (f" (and {compact_ranks(away)} made another call than the others, so the ranks are "
+            f"out of step too: {said})")

@@ -27,7 +27,7 @@ from .errors import (CREATE_SEQ, CollectiveTimeout, ConcurrentCallError, DecodeE
 from . import roles
 from .arms import branch_of
 from .callers import describe as describe_callers
-from .desync import desync_message
+from .desync import desync_message, failed_elsewhere
 from .plumbing import register_internal
 from .site_walk import via_name
 from .sites import column_of, format_call_site, format_site
@@ -192,17 +192,18 @@ def failure(p: "Protocol", call: Call, failed: Sequence[int],
         p.channel.broken = err
         return err
     site = place(infos[first], callers=False)
+    apart = failed_elsewhere(failed, infos)
     # The failed rank's call as it described it, so that every rank's text is the same (a bcast
     # receiver names no schema, its root does).
     if p.rank in failed:
         return EncodeError(f"{where(p, call)}: rank {p.rank} could not send "
                            f"its {label(infos[p.rank].op, infos[p.rank].schema)} contribution at "
-                           f"{place(infos[p.rank], callers=False)}: {texts[p.rank]}", seq=call.seq,
-                           comm=p.name)
+                           f"{place(infos[p.rank], callers=False)}: {texts[p.rank]}{apart}",
+                           seq=call.seq, comm=p.name)
     more = "" if len(failed) == 1 else f" (and {compact_ranks(failed[1:])})"
     return PeerError(f"{where(p, call)}: rank {first}{more} failed its "
                      f"{label(infos[first].op, infos[first].schema)} "
-                     f"contribution at {site}: {texts[first]}", seq=call.seq, comm=p.name,
+                     f"contribution at {site}: {texts[first]}{apart}", seq=call.seq, comm=p.name,
                      ranks=failed, error_type=kinds[first], detail=texts[first])
 
 
