@@ -156,7 +156,7 @@ def failed_elsewhere(failed: Sequence[int], infos: Sequence[EnvelopeInfo]) -> st
     # A name= is the call wherever it is written, and a rooted call's two arms of one role
     # branch are one call: compare their branch.
     same = [(i.op, i.name, "" if i.name is not None else
-             place(i) if i.branch is None else repr(i.branch.key)) for i in infos]
+             place(i) if i.branch is None else i.branch.key) for i in infos]
     theirs = {same[r] for r in range(len(infos)) if r not in failed}
     away = [r for r in failed if same[r] not in theirs and infos[r].site != "?"]
     if not theirs or not away:

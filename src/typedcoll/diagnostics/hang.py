@@ -11,8 +11,8 @@ GIL, dead) is named as unresponsive, with what this rank knows of it: the last c
 completed here, which every member took part in; one that an uncaught exception ended, and that
 said so on its way out (``side.Ended``), is named with that exception and where it was raised.
 
-A peer that arrived at another call as collective #N (its envelope's call, schema or step
-differ from this rank's) is named with that call: the ranks are out of step, not only late.
+A peer that arrived at another call as collective #N (its op, call identity or step differ
+from this rank's) is named with that call: the ranks are out of step, not only late.
 The decisions that differ between the ranks that answered (``comm.note``) follow, in the same
 words as a DesyncError's. The text follows ``core.mismatch``: :func:`describe` says what a rank
 was calling, :func:`compact_ranks` lists ranks.
@@ -266,9 +266,16 @@ def _other_calls(p: Protocol, seq: int, arrived: Sequence[int],
 
 
 def _call_of(e: RecordEntry) -> Tuple[object, ...]:
-    """What a rank called, as its envelope says it (not its state, times or size)."""
-    return (e.op, e.schema, e.fingerprint, e.site, e.column, e.name, e.step, e.branch, e.via,
-            e.callers)
+    """Which call a rank made, as the live check pairs calls: a name= wherever it is written,
+    a rooted call's two arms of one role branch alike, else its site with the wrappers and
+    callers it came through. Not its schema: a bcast's receivers may name none."""
+    if e.name is not None:
+        where: object = None
+    elif e.branch is not None:
+        where = e.branch.key
+    else:
+        where = (e.site, e.column, e.via, e.callers)
+    return (e.op, e.name, where, e.step)
 
 
 def _called(e: RecordEntry) -> str:
@@ -333,9 +340,7 @@ def _last_together(p: Protocol, indent: str = "  ") -> List[str]:
 
 
 def _decisions(p: Protocol, answers: Dict[int, RankStatus]) -> List[str]:
-    """A peer that arrived at another call as collective #N (its envelope's call, schema or step
-differ from this rank's) is named with that call: the ranks are out of step, not only late.
-The decisions that differ between the ranks that answered (and this rank)."""
+    """The decisions that differ between the ranks that answered (and this rank)."""
     groups = [Group((p.rank,), EnvelopeInfo(rank=p.rank, seq=0, op="", notes=tuple(
         p.decisions())))]
     for r, status in sorted(answers.items()):
