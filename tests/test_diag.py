@@ -622,3 +622,14 @@ def test_an_uncaught_exception_is_told_by_its_first_line_and_where_it_left_the_c
         assert long == "RuntimeError: " + "x" * 297 + "..." and len(long) == 314
         assert uncaught_text(KeyboardInterrupt, KeyboardInterrupt(), None) == \
             "KeyboardInterrupt"
+
+
+def test_a_sub_communicators_id_holds_its_members_world_ranks(monkeypatch):
+    """What every member gives alike: names from one split differ only by color."""
+    from typedcoll.diagnostics import state
+    monkeypatch.setattr(state, "process_world_size", lambda: 4)
+    assert state._with_members("COMM_WORLD.split(0)", [0, 2]) == "COMM_WORLD.split(0)[0,2]"
+    assert state._with_members("COMM_WORLD.split(0)", [0, 1]) == "COMM_WORLD.split(0)[0-1]"
+    assert state._with_members("COMM_WORLD.dup", [0, 1, 2, 3]) == "COMM_WORLD.dup"  # the world's
+    assert state._with_members("group[1,3]", [1, 3]) == "group[1,3]"  # named by them already
+    assert state._with_members("tp", None) == "tp"  # members unknown

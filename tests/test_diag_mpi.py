@@ -214,3 +214,17 @@ def test_sigterm_dumps_a_rank_stuck_in_mpi_and_it_still_ends(tmp_path):
     assert (last["op"], last["state"], last["seq"]) == ("barrier", "started", 1), last
     stuck = [t for t in doc["threads"] if t["name"] == "MainThread"]
     assert stuck and stuck[0]["collective"] == "COMM_WORLD", doc["threads"]
+
+
+def test_the_tp_dp_layouts_dumps_align_in_the_trace(spmd, tmp_path, capsys):
+    """Both splits have a color-0 communicator on some ranks: their ids hold their members,
+    so the trace aligns each one across its members and finds nothing in a clean run."""
+    trace = tmp_path / "trace"
+    spmd("diag_tpdp", 4, timeout=90, env={"TYPEDCOLL_TRACE_DIR": str(trace)})
+    assert sorted(dumps(trace)) == [0, 1, 2, 3]
+    capsys.readouterr()
+    assert trace_main([str(trace)]) == 0
+    out = capsys.readouterr().out
+    for comm in ("COMM_WORLD.split(0)[0-1]", "COMM_WORLD.split(1)[2-3]",
+                 "COMM_WORLD.split(0)[0,2]", "COMM_WORLD.split(1)[1,3]"):
+        assert f"{comm} (2 ranks" in out, out

@@ -223,6 +223,35 @@ def test_a_collective_every_member_started_but_that_did_not_complete_is_a_findin
         "  rank 2: failed (CollectiveTimeout: #4 is abandoned)"]
 
 
+def test_a_rank_that_started_after_every_peer_gave_up_came_late():
+    """Its own dump, written as it gave up in turn, replaced the one its peers' questions made:
+    every count is level, but it started #4 after every peer had ended it, so it came late
+    (no transport stalled)."""
+    timed_out = dict(state="failed", error="CollectiveTimeout: collective #4 timed out")
+    docs = [dump(r, [comm(r, 3, steady(4) + [entry(4, **timed_out)])]) for r in range(3)]
+    late = docs[2]["comms"][0]["entries"][-1]
+    late.update(t_start_ns=3_000_000_000, t_end_ns=7_000_000_000)
+    report = analyze(dumps_of(*docs))
+    assert report.first is not None and report.first.text.splitlines()[0] == (
+        "collective #4 on COMM_WORLD did not complete: rank 2 started it 3.0 s after every peer "
+        "had given up waiting (it came late: its peers waited for it)")
+
+
+def test_findings_on_a_sub_communicator_say_how_it_numbers_its_ranks():
+    """World ranks 1 and 3 are ranks 0 and 1 of their split: a finding says so, as live
+    errors do, so that "rank 1" can be found."""
+    split = "COMM_WORLD.split(1)[1,3]"
+    docs = []
+    for r, world in enumerate([1, 3]):
+        c = comm(r, 2, steady(3 if r == 0 else 2), comm_id=split)
+        c["world_ranks"] = [1, 3]
+        docs.append(dump(world, [c]))
+    report = analyze(dumps_of(*docs))
+    assert report.first is not None and report.first.text.splitlines()[0] == (
+        f"collective #2 on {split} (ranks 0-1 here are world ranks 1,3) is missing ranks: rank 1 "
+        f"never started it")
+
+
 def test_member_without_a_dump_is_missing():
     es = steady(3)
     es[-1].update(state="failed", error="CollectiveTimeout: collective #2 on COMM_WORLD: ...")

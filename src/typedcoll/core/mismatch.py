@@ -262,10 +262,16 @@ def numbering(p: Any) -> str:
         world = p.transport.world_ranks()
     except Exception:  # a message must never fail for want of this note
         return ""
-    if world is None or world == list(range(p.size)):
+    return numbering_of(p.size, world)
+
+
+def numbering_of(size: int, world: Optional[Sequence[int]]) -> str:
+    """:func:`numbering` of a communicator of ``size`` ranks whose world ranks are ``world``
+    (the trace analyzer's, from dumps)."""
+    if world is None or list(world) == list(range(size)):
         return ""
-    here = compact_ranks(range(p.size))
-    return f" ({here} here {'is' if p.size == 1 else 'are'} world {ordered_ranks(world)})"
+    here = compact_ranks(range(size))
+    return f" ({here} here {'is' if size == 1 else 'are'} world {ordered_ranks(world)})"
 
 
 def comm_name(p: Any) -> str:

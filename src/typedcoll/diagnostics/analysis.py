@@ -28,7 +28,7 @@ from ..core.plumbing import register_internal
 from ..core.desync import desync_message
 from ..core.mismatch import (EnvelopeInfo, Group, MismatchKind, Note, compact_ranks, describe,
                              differing_notes, format_groups, group_envelopes, mismatch_kinds,
-                             role_split)
+                             numbering_of, role_split)
 from ..core.recorder import RecordEntry
 from .model import CommDump, Dump
 
@@ -165,6 +165,7 @@ def analyze_comm(comm_id: str, members: Dict[int, CommDump]) -> CommReport:
     by_seq = {r: _aligned(m) for r, m in members.items()}
     reached = {r: m.seq for r, m in members.items()}
     common = set.intersection(*(set(s) for s in by_seq.values())) if by_seq else set()
+    shown = clean(comm_id) + numbering_of(size, world)  # findings name ranks as the comm does
     report = CommReport(comm=comm_id, size=size, world_ranks=list(world), dumped=sorted(members),
                         compared=(min(common), max(common)) if common else None,
                         issued=max(reached.values()))
@@ -181,7 +182,7 @@ def analyze_comm(comm_id: str, members: Dict[int, CommDump]) -> CommReport:
                 comm=comm_id, seq=seq, kinds=kinds, groups=groups,
                 decisions=differing_notes(groups),
                 t_start_ns=min(by_seq[r][seq].t_start_ns for r in members),
-                text=desync_message(seq, clean(comm_id), kinds, groups))
+                text=desync_message(seq, shown, kinds, groups))
             break
     no_dump = [r for r in range(size) if r not in members]
     low, top = min(reached.values()), max(reached.values())
@@ -201,10 +202,10 @@ def analyze_comm(comm_id: str, members: Dict[int, CommDump]) -> CommReport:
             where=[(r, clean(members[r].where)) for r in missing],
             t_start_ns=min((by_seq[r][seq].t_start_ns for r in present if seq in by_seq[r]),
                            default=0))
-        finding.text = missing_message(finding, reached)
+        finding.text = missing_message(finding, reached, shown)
         report.missing = finding
     elif common and any(by_seq[r][max(common)].state != "completed" for r in members):
-        report.missing = _unfinished(comm_id, max(common), by_seq)
+        report.missing = _unfinished(comm_id, shown, max(common), by_seq)
     return report
 
 
@@ -216,28 +217,45 @@ def _nothing_waits(top: int, by_seq: Dict[int, Dict[int, RecordEntry]]) -> bool:
                            for entries in by_seq.values())
 
 
-def _unfinished(comm_id: str, seq: int, by_seq: Dict[int, Dict[int, RecordEntry]]) -> Finding:
+def _unfinished(comm_id: str, shown: str, seq: int,
+                by_seq: Dict[int, Dict[int, RecordEntry]]) -> Finding:
     """Every member started ``seq`` and none is missing, but it did not complete on some: a
-    timeout every rank reported (a rank that came late included), or dumps taken mid-call."""
+    timeout every rank reported (a rank that came late included), or dumps taken mid-call. A
+    rank that started it only after every peer had given up came late: its peers waited for
+    it, and no transport stalled (its own dump, written as it gave up in turn, is the newer)."""
     states: Dict[str, List[int]] = {}
     for r in sorted(by_seq):
         states.setdefault(state_text(by_seq[r][seq]), []).append(r)
-    lines = [f"collective #{seq} on {clean(comm_id)} did not complete: every member started it"]
+    late = []
+    for r in sorted(by_seq):
+        ends = [by_seq[q][seq].t_end_ns for q in by_seq if q != r]
+        if ends and all(end is not None and end < by_seq[r][seq].t_start_ns for end in ends):
+            late.append(r)
+    if late:
+        ended = max(by_seq[q][seq].t_end_ns or 0 for q in by_seq if q not in late)
+        after = min(by_seq[r][seq].t_start_ns for r in late) - ended
+        lines = [f"collective #{seq} on {shown} did not complete: {compact_ranks(late)} "
+                 f"started it {after / 1e9:.1f} s after every peer had given up waiting (it "
+                 f"came late: its peers waited for it)"]
+    else:
+        lines = [f"collective #{seq} on {shown} did not complete: every member started it"]
     lines += [f"  {compact_ranks(ranks)}: {state}" for state, ranks in states.items()]
     return Finding(comm=comm_id, seq=seq, kinds=[MismatchKind.MISSING_RANKS], groups=[],
                    t_start_ns=min(by_seq[r][seq].t_start_ns for r in by_seq),
                    text="\n".join(lines))
 
 
-def missing_message(f: Finding, reached: Dict[int, int]) -> str:
-    """``collective #5 on COMM_WORLD is missing ranks: rank 1 never started it`` and details."""
+def missing_message(f: Finding, reached: Dict[int, int], shown: str = "") -> str:
+    """``collective #5 on COMM_WORLD is missing ranks: rank 1 never started it`` and details;
+    ``shown``: the communicator as findings name it (with how it numbers its ranks)."""
     absent = sorted(f.missing + f.no_dump)
+    shown = shown or clean(f.comm)
     if f.missing:
-        lines = [f"collective #{f.seq} on {clean(f.comm)} is missing ranks: "
+        lines = [f"collective #{f.seq} on {shown} is missing ranks: "
                  f"{compact_ranks(absent)} never started it"]
     else:  # only ranks without a dump: what they did is not known
         who = "it" if len(f.no_dump) == 1 else "they"
-        lines = [f"collective #{f.seq} on {clean(f.comm)} did not complete, and "
+        lines = [f"collective #{f.seq} on {shown} did not complete, and "
                  f"{compact_ranks(f.no_dump)} left no dump: whether {who} started it is unknown"]
     if f.groups:
         lines.append("  started by:")

@@ -30,6 +30,7 @@ from types import CodeType, FrameType, TracebackType
 from typing import Any, Dict, Hashable, List, Optional, Tuple
 
 from ..core.channel import Channel
+from ..core.mismatch import compact_ranks
 from ..core.plumbing import SKIP_CODES, SKIP_FILES, register_internal
 from ..core.sites import source_name
 from ..core.protocol import LIVE, Protocol
@@ -150,13 +151,26 @@ def register(p: Protocol) -> CommMeta:
     """Give ``p`` its cross-rank id (at creation; or late, for one created before install)."""
     meta = _Registry.meta.get(p)
     if meta is None:
-        key = (owner_key(p.transport), p.name)
+        members = world_ranks(p.channel)
+        name = p.name if p.transport.kind == "memory" else _with_members(p.name, members)
+        key = (owner_key(p.transport), name)
         k = _Registry.created.get(key, 0) + 1
         _Registry.created[key] = k
-        meta = CommMeta(p.name if k == 1 else f"{p.name}#{k}", threading.get_ident())
+        meta = CommMeta(name if k == 1 else f"{name}#{k}", threading.get_ident())
         _Registry.meta[p] = meta
-        world_ranks(p.channel)
     return meta
+
+
+def _with_members(name: str, members: Optional[List[int]]) -> str:
+    """A sub-communicator's name with its members' world ranks: ``tp.split(0)[0,2]``. Names
+    from one split call differ only by color, and the k-th communicator of a name on one rank
+    need not be the k-th on another (a rank's tp and dp splits both of color 0, its peer's
+    dp alone), so only the members make an id every member gives alike."""
+    world = process_world_size()
+    if members is None or world is None or members == list(range(world)):
+        return name
+    text = compact_ranks(members).split(" ", 1)[-1]
+    return name if name.endswith(f"[{text}]") else f"{name}[{text}]"
 
 
 def comm_id(p: Protocol) -> str:
