@@ -218,7 +218,8 @@ class TorchDistributed(TensorCalls, TensorPointToPoint):
     def recv_object_list(self, object_list: List[Any], src: Optional[int] = None,
                          group: Any = None, device: Any = None,
                          group_src: Optional[int] = None, use_batch: bool = False) -> int:
-        """Fill ``object_list`` from ``src`` (None: any rank); returns the sender's global rank."""
+        """Fill ``object_list`` from ``src``; returns the sender's global rank. ``src=None`` (any
+        rank) is refused here: torch's transports cannot look for a message without waiting."""
         p = self._p
         peer = self._peer("recv_object_list", src, group_src, group, receiving=True)
         request = p2p.irecv(p, peer, 0, _schema(len(object_list)), None)

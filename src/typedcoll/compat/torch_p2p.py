@@ -50,7 +50,8 @@ class TensorPointToPoint(GroupBinding):
 
     def recv(self, tensor: Any, src: Optional[int] = None, group: Any = None, tag: int = 0,
              group_src: Optional[int] = None, *, name: Optional[str] = None) -> int:
-        """Fill ``tensor`` from ``src`` (None: any rank); returns the sender's global rank."""
+        """Fill ``tensor`` from ``src``; returns the sender's global rank. ``src=None`` (any rank)
+        is refused on torch's transports, which cannot look for a message without waiting."""
         return self._receive("recv", tensor, src, group, tag, group_src, name).wait_rank()
 
     def irecv(self, tensor: Any, src: Optional[int] = None, group: Any = None, tag: int = 0,
