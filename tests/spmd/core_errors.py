@@ -188,6 +188,9 @@ with chk.expect(tc.DesyncError, "communicators mixed") as err:
     (second if rank == last else comm).allgather(rank)
 chk.true("mixed: communicator named", "communicator" in lines(err)[0]
          and "on COMM_WORLD#2" in str(err.error))
+chk.same("mixed: one text on every rank, headed by the lowest rank's communicator",
+         str(err.error))
+chk.true("mixed: heading", str(err.error).startswith("collective #"))
 chk.usable(comm, "after mixing")
 
 # One rank's bad argument: every rank raises in the same call.

@@ -50,13 +50,14 @@ def where(p: "Protocol", call: Call) -> str:
     return heading(p, call.seq)
 
 
-def heading(p: Any, seq: int) -> str:
+def heading(p: Any, seq: int, name: Optional[str] = None) -> str:
     """How every message about collective ``seq`` of ``p`` starts: ``collective #14 on tp``
     (``creation on tp``), and where the communicator numbers its ranks unlike the job, how:
-    ``(ranks 0-3 here are world ranks 4-7)``, so that the ranks a message names can be found."""
+    ``(ranks 0-3 here are world ranks 4-7)``, so that the ranks a message names can be found.
+    ``name``: another communicator's over the same channel (its numbering is ``p``'s)."""
     if seq == CREATE_SEQ:
-        return f"creation on {p.name}{numbering(p)}"
-    return f"collective #{seq} on {p.name}{numbering(p)}"
+        return f"creation on {name or p.name}{numbering(p)}"
+    return f"collective #{seq} on {name or p.name}{numbering(p)}"
 
 
 def what(call: Call) -> str:
@@ -134,10 +135,12 @@ def disagreement(p: "Protocol", call: Call, receiving: bool = False) -> None:
             p.seq -= 1
             p.counts[p.identity(call)] -= 1
         # Every rank builds the same text from the same envelopes: the head names the lowest
-        # rank's seq (a creation, numbered apart, only where no rank is in a collective).
-        numbered = [i.seq for i in infos if i.seq != CREATE_SEQ]
-        seq = numbered[0] if numbered else CREATE_SEQ
-        raise DesyncError(desync_message(seq, p.name, kinds, groups, head=heading(p, seq)),
+        # rank's seq and communicator (a creation, numbered apart, only where no rank is in a
+        # collective; two communicators over one channel where a rank skipped to the other).
+        numbered = [i for i in infos if i.seq != CREATE_SEQ]
+        seq = numbered[0].seq if numbered else CREATE_SEQ
+        name = numbered[0].comm if numbered and numbered[0].comm else p.name
+        raise DesyncError(desync_message(seq, name, kinds, groups, head=heading(p, seq, name)),
                           seq=seq, comm=p.name, kinds=kinds, groups=groups,
                           decisions=_decisions(groups))
     if not failed:  # unreachable for well-formed peers: the block said something differed
