@@ -1545,6 +1545,36 @@ def test_a_root_failing_in_a_role_branch_is_not_called_out_of_step():
     assert not any("out of step" in str(e) for e in got), got
 
 
+def two_builds_of_one_enum(comm, swapped: bool) -> Any:
+    """Rank 1's Mode lists its members in another order (``swapped``: with enum.auto(), so
+    its names map to the other values)."""
+    import enum
+    if comm.rank == 1 and swapped:
+        Mode = enum.Enum("Mode", ["DECODE", "PREFILL"])
+    elif comm.rank == 1:
+        Mode = enum.Enum("Mode", [("DECODE", 2), ("PREFILL", 1)])
+    else:
+        Mode = enum.Enum("Mode", ["PREFILL", "DECODE"])
+    try:
+        return [m.name for m in comm.allgather(Mode.PREFILL)]
+    except tc.CollectiveError as exc:
+        return exc
+
+
+def test_an_enum_whose_names_map_to_other_values_on_a_rank_is_refused():
+    """The wire holds the value: rank 1 would read its peers' PREFILL (1) as DECODE."""
+    got = run(3, two_builds_of_one_enum, True)
+    assert all(type(e) is tc.DesyncError and [k.value for k in e.kinds] == ["schema"]
+               for e in got), got
+    assert len({str(e) for e in got}) == 1
+
+
+def test_an_enum_listed_in_another_order_meets():
+    """No false alarm: every name maps to the same value, whatever the order of the class."""
+    for got in run(3, two_builds_of_one_enum, False):
+        assert got == ["PREFILL"] * 3, got
+
+
 def test_a_default_in_the_fingerprint_is_the_same_in_every_process():
     """Defaults enter the fingerprint as deterministic msgpack (sets sorted), not as repr,
     which follows the process's hash seed."""

@@ -271,7 +271,10 @@ def canonical(t: mi.Type, _seen: Tuple[int, ...] = ()) -> str:
     if isinstance(t, mi.UnionType):
         return "Union(" + ",".join(canonical(x, _seen) for x in t.types) + ")"
     if isinstance(t, mi.EnumType):
-        return f"Enum({t.cls.__qualname__}|{','.join(repr(m.value) for m in t.cls)})"
+        # The wire holds a member's value and the receiver maps it to a member: two versions
+        # agree where every name maps to the same value, whatever order they list them in.
+        members = sorted(f"{m.name}={m.value!r}" for m in t.cls)
+        return f"Enum({t.cls.__qualname__}|{','.join(members)})"
     parts = []
     for slot in getattr(type(t), "__struct_fields__", ()):  # every mi.Type is a msgspec Struct
         value = getattr(t, slot)
