@@ -1539,10 +1539,29 @@ def test_a_rank_failing_at_another_call_is_also_named_out_of_step():
                for e in got), got
 
 
-def test_a_root_failing_in_a_role_branch_is_not_called_out_of_step():
-    got = run(3, fails_in_a_role_branch)
+def fails_in_an_elif(comm) -> Any:
+    """The root of a bcast written in three arms (if/elif/else) fails to encode at its first
+    run: one call on three lines, the receivers' two arms never paired before."""
+    try:
+        if comm.rank == 0:
+            return comm.bcast(Opaque(), root=0)
+        elif comm.rank == 1:
+            return comm.bcast(None, root=0, schema=int)
+        else:
+            return comm.bcast(None, root=0, schema=int)
+    except tc.CollectiveError as exc:
+        return exc
+
+
+@pytest.mark.parametrize("body", [fails_in_a_role_branch, fails_in_an_elif],
+                         ids=["if-else", "elif"])
+def test_a_root_failing_in_a_role_branch_is_its_failure_not_out_of_step(body):
+    """The failed root still says where it called, so the arms pair: its own EncodeError and
+    PeerError elsewhere (an elif's receivers on two lines had read as a call-site desync)."""
+    got = run(3, body)
     assert [type(e) for e in got] == [tc.EncodeError, tc.PeerError, tc.PeerError], got
     assert not any("out of step" in str(e) for e in got), got
+    assert len({str(e) for e in got[1:]}) == 1, got
 
 
 def two_builds_of_one_enum(comm, swapped: bool) -> Any:

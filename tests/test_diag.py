@@ -273,25 +273,28 @@ def test_a_peer_that_arrived_at_another_call_is_named_with_it():
 
 
 def in_a_role_branch(comm, reported):
-    """Rank 1 stays away while the root and a receiver meet in a bcast written in a role
-    branch: two lines, one call."""
+    """The last rank stays away while the root and the receivers meet in a bcast written in
+    a role branch's arms, an elif's three at four ranks: several lines, one call."""
     try:
         if comm.rank == 0:
             comm.bcast(RankState(0), root=0)
-        elif comm.rank == 2:
+        elif comm.rank == 1 and comm.size == 4:
+            comm.bcast(None, root=0, schema=RankState)
+        elif comm.rank != comm.size - 1:
             comm.bcast(None, root=0, schema=RankState)
     finally:
         reported.wait()
 
 
-def test_a_role_branchs_two_arms_are_one_call_in_a_hang_report():
+@pytest.mark.parametrize("size", [3, 4])
+def test_a_role_branchs_arms_are_one_call_in_a_hang_report(size):
     with pytest.raises(BaseExceptionGroup) as excinfo:
-        run(3, in_a_role_branch, away(), timeout=0.3)
+        run(size, in_a_role_branch, threading.Barrier(size, timeout=30), timeout=0.3)
     errors = errors_of(excinfo)
-    assert sorted(errors) == [0, 2]
+    assert sorted(errors) == list(range(size - 1))
     for err in errors.values():
-        assert isinstance(err, tc.CollectiveTimeout) and err.missing == (1,), err
-        assert "  arrived: ranks 0,2" in str(err) and "another call" not in str(err), str(err)
+        assert isinstance(err, tc.CollectiveTimeout) and err.missing == (size - 1,), err
+        assert str(err).endswith(f"\n  arrived: ranks 0-{size - 2}"), str(err)
 
 
 def test_peers_at_this_ranks_call_add_no_line():

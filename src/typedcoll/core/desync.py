@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from .sites import NO_COLUMNS
 from .mismatch import (EnvelopeInfo, Group, MismatchKind, compact_ranks, format_decisions,
-                       format_groups, place)
+                       format_groups, place, role_split)
 
 # Ops whose callers choose the schema (schema=), and reductions, which take the value's type.
 _SCHEMA_OPS = frozenset({"allgather", "gather", "bcast", "scatter", "alltoall"})
@@ -153,10 +153,12 @@ def failed_elsewhere(failed: Sequence[int], infos: Sequence[EnvelopeInfo]) -> st
     rank that failed at another call than its peers' would read as a plain failure: name it,
     and the ranks' calls (op, call site or name=), as a failure's last words. Empty where
     every failed rank's call is one its peers made, or its call site is unknown."""
-    # A name= is the call wherever it is written, and a rooted call's two arms of one role
-    # branch are one call: compare their branch.
-    same = [(i.op, i.name, "" if i.name is not None else
-             place(i) if i.branch is None else i.branch.key) for i in infos]
+    # A name= is the call wherever it is written, and a rooted call written in a role
+    # branch's arms (an elif's too) is one call, as the live check pairs them.
+    if len({(i.op, i.name) for i in infos}) == 1 and \
+            (infos[0].name is not None or role_split(infos, None)):
+        return ""
+    same = [(i.op, i.name, "" if i.name is not None else place(i)) for i in infos]
     theirs = {same[r] for r in range(len(infos)) if r not in failed}
     away = [r for r in failed if same[r] not in theirs and infos[r].site != "?"]
     if not theirs or not away:

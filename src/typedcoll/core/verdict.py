@@ -168,8 +168,9 @@ def role_branch(headers: Sequence[bytes], infos: Sequence[EnvelopeInfo],
     failed before they knew their root or schema); their call sites still pair."""
     kept = [r for r in range(len(infos)) if r not in failed]
     first = infos[kept[0]] if kept else None
-    if first is None or first.op not in ROOTED_OPS or first.root not in kept or \
-            not role_split(infos, first.root):
+    # A root that failed still says where it called (its site, its arm): it pairs too.
+    if first is None or first.op not in ROOTED_OPS or first.root is None or \
+            not 0 <= first.root < len(infos) or not role_split(infos, first.root):
         return False
     block, mine = bytearray(AGREE_SIZE), bytearray(AGREE_SIZE)
     for header in (headers[r] for r in kept):

@@ -31,7 +31,7 @@ from ..core.call import Call
 from ..core.channel import Channel
 from ..core.plumbing import register_internal
 from ..core.mismatch import (EnvelopeInfo, Group, MismatchKind, compact_ranks, describe,
-                             format_decisions)
+                             format_decisions, role_split)
 from ..core.protocol import LIVE, Protocol
 from ..core.recorder import RecordEntry
 from ..core.verdict import where
@@ -247,16 +247,23 @@ def _newest(status: RankStatus) -> Optional[CommState]:
 def _other_calls(p: Protocol, seq: int, arrived: Sequence[int],
                  answers: Dict[int, RankStatus]) -> List[str]:
     """The arrived peers whose collective #``seq`` is another call than this rank's: the ranks
-    are out of step, not only late, and the absent rank's arrival would end in a DesyncError."""
+    are out of step, not only late, and the absent rank's arrival would end in a DesyncError.
+    Calls pair as the live check pairs them: a name= wherever it is written, a rooted call in
+    a role branch's arms (an elif's too) as one call; a schema is not compared (a bcast's
+    receivers may name none)."""
     mine = state.comm_state(p).last
     if mine is None or mine.seq != seq:
         return []
-    other: Dict[int, RecordEntry] = {}
+    entries = {p.rank: mine}
     for r in arrived:
         comm = answers[r].comm
-        theirs = comm.last if comm is not None else None
-        if theirs is not None and theirs.seq == seq and _call_of(theirs) != _call_of(mine):
-            other[r] = theirs
+        if comm is not None and comm.last is not None and comm.last.seq == seq:
+            entries[r] = comm.last
+    calls = {r: _envelope(r, e) for r, e in entries.items()}
+    if len({(c.op, c.name) for c in calls.values()}) == 1 and \
+            (mine.name is not None or role_split(list(calls.values()), None)):
+        return []
+    other = {r: e for r, e in entries.items() if _call_of(e) != _call_of(mine)}
     if not other:
         return []
     return ([f"  at another call as collective #{seq}: {compact_ranks(sorted(other))} (the ranks "
@@ -266,16 +273,17 @@ def _other_calls(p: Protocol, seq: int, arrived: Sequence[int],
 
 
 def _call_of(e: RecordEntry) -> Tuple[object, ...]:
-    """Which call a rank made, as the live check pairs calls: a name= wherever it is written,
-    a rooted call's two arms of one role branch alike, else its site with the wrappers and
-    callers it came through. Not its schema: a bcast's receivers may name none."""
+    """Which call a rank made: its op, and its name= or else its site with the wrappers and
+    callers it came through."""
     if e.name is not None:
-        where: object = None
-    elif e.branch is not None:
-        where = e.branch.key
-    else:
-        where = (e.site, e.column, e.via, e.callers)
-    return (e.op, e.name, where, e.step)
+        return (e.op, e.name)
+    return (e.op, e.site, e.column, e.via, e.callers)
+
+
+def _envelope(rank: int, e: RecordEntry) -> EnvelopeInfo:
+    return EnvelopeInfo(rank=rank, seq=e.seq, op=e.op, schema=e.schema, fingerprint=e.fingerprint,
+                        site=e.site, column=e.column, name=e.name, occurrence=e.occurrence,
+                        step=e.step, branch=e.branch, via=e.via, callers=e.callers)
 
 
 def _called(e: RecordEntry) -> str:
