@@ -297,6 +297,33 @@ def test_a_role_branchs_arms_are_one_call_in_a_hang_report(size):
         assert str(err).endswith(f"\n  arrived: ranks 0-{size - 2}"), str(err)
 
 
+def branch_and_a_skip(comm, reported):
+    """The root and rank 1 meet in a role branch's two arms while rank 2 skipped to the stats
+    barrier and rank 3 stays away."""
+    try:
+        if comm.rank == 0:
+            comm.bcast(RankState(0), root=0)
+        elif comm.rank == 1:
+            comm.bcast(None, root=0, schema=RankState)
+        elif comm.rank == 2:
+            comm.barrier(name="stats")
+    finally:
+        reported.wait()
+
+
+def test_only_the_rank_at_another_call_is_named_beside_a_role_branch():
+    """The root and its receiver are one call though on two lines: each names rank 2 alone."""
+    with pytest.raises(BaseExceptionGroup) as excinfo:
+        run(4, branch_and_a_skip, threading.Barrier(4, timeout=30), timeout=0.3)
+    errors = errors_of(excinfo)
+    assert sorted(errors) == [0, 1, 2]
+    for r in (0, 1):
+        assert "  at another call as collective #0: rank 2 (the ranks are out of step)\n" \
+            in str(errors[r]), str(errors[r])
+    assert "  at another call as collective #0: ranks 0-1 (the ranks are out of step)\n" \
+        in str(errors[2]), str(errors[2])
+
+
 def test_peers_at_this_ranks_call_add_no_line():
     p = run(1, lambda comm: comm._p)[0]
     assert hang._other_calls(p, 0, [], {}) == []

@@ -148,20 +148,26 @@ def desync_message(seq: int, comm: str, kinds: Sequence[MismatchKind],
                       + _hint(kinds, groups))
 
 
+def one_call(a: EnvelopeInfo, b: EnvelopeInfo) -> bool:
+    """Whether two ranks' envelopes name one call as the live check pairs them: one op and
+    ``name=`` (a name is the call wherever it is written), else one site with the same wrappers
+    and callers, or a rooted call's arms of one role branch (an elif's too)."""
+    if a.op != b.op or a.name != b.name:
+        return False
+    if a.name is not None or place(a) == place(b) and a.column == b.column:
+        return True
+    return role_split([a, b], None)
+
+
 def failed_elsewhere(failed: Sequence[int], infos: Sequence[EnvelopeInfo]) -> str:
     """A failure's verdict compares no failed rank (it may not know its schema or root), so a
     rank that failed at another call than its peers' would read as a plain failure: name it,
     and the ranks' calls (op, call site or name=), as a failure's last words. Empty where
-    every failed rank's call is one its peers made, or its call site is unknown."""
-    # A name= is the call wherever it is written, and a rooted call written in a role
-    # branch's arms (an elif's too) is one call, as the live check pairs them.
-    if len({(i.op, i.name) for i in infos}) == 1 and \
-            (infos[0].name is not None or role_split(infos, None)):
-        return ""
-    same = [(i.op, i.name, "" if i.name is not None else place(i)) for i in infos]
-    theirs = {same[r] for r in range(len(infos)) if r not in failed}
-    away = [r for r in failed if same[r] not in theirs and infos[r].site != "?"]
-    if not theirs or not away:
+    every failed rank's call pairs with a peer's (:func:`one_call`), or its site is unknown."""
+    kept = [r for r in range(len(infos)) if r not in failed]
+    away = [r for r in failed if infos[r].site != "?" and kept
+            and not any(one_call(infos[r], infos[q]) for q in kept)]
+    if not away or role_split(infos, None):
         return ""
     calls = [(i.op, i.name, place(i)) for i in infos]
     groups: Dict[Tuple[str, Optional[str], str], List[int]] = {}

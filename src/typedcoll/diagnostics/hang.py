@@ -34,6 +34,7 @@ from ..core.mismatch import (EnvelopeInfo, Group, MismatchKind, compact_ranks, d
                              format_decisions, role_split)
 from ..core.protocol import LIVE, Protocol
 from ..core.recorder import RecordEntry
+from ..core.desync import one_call
 from ..core.verdict import where
 from . import side as side_channel
 from . import state, watcher
@@ -260,24 +261,15 @@ def _other_calls(p: Protocol, seq: int, arrived: Sequence[int],
         if comm is not None and comm.last is not None and comm.last.seq == seq:
             entries[r] = comm.last
     calls = {r: _envelope(r, e) for r, e in entries.items()}
-    if len({(c.op, c.name) for c in calls.values()}) == 1 and \
-            (mine.name is not None or role_split(list(calls.values()), None)):
+    if role_split(list(calls.values()), None):
         return []
-    other = {r: e for r, e in entries.items() if _call_of(e) != _call_of(mine)}
+    other = {r: e for r, e in entries.items() if not one_call(calls[r], calls[p.rank])}
     if not other:
         return []
     return ([f"  at another call as collective #{seq}: {compact_ranks(sorted(other))} (the ranks "
              f"are out of step)",
              f"    this rank: {_called(mine)}"]
             + _grouped(p, sorted(other), lambda r: [f"    {_WHO}: {_called(other[r])}"]))
-
-
-def _call_of(e: RecordEntry) -> Tuple[object, ...]:
-    """Which call a rank made: its op, and its name= or else its site with the wrappers and
-    callers it came through."""
-    if e.name is not None:
-        return (e.op, e.name)
-    return (e.op, e.site, e.column, e.via, e.callers)
 
 
 def _envelope(rank: int, e: RecordEntry) -> EnvelopeInfo:
