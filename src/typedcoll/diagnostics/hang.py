@@ -11,8 +11,9 @@ GIL, dead) is named as unresponsive, with what this rank knows of it: the last c
 completed here, which every member took part in; one that an uncaught exception ended, and that
 said so on its way out (``side.Ended``), is named with that exception and where it was raised.
 
-A peer that arrived at another call as collective #N (its op, call identity or step differ
-from this rank's) is named with that call: the ranks are out of step, not only late.
+A peer that arrived at another call as collective #N (its op or call identity differ from this
+rank's, as the live check pairs calls) is named with that call: the ranks are out of step, not
+only late.
 The decisions that differ between the ranks that answered (``comm.note``) follow, in the same
 words as a DesyncError's. The text follows ``core.mismatch``: :func:`describe` says what a rank
 was calling, :func:`compact_ranks` lists ranks.
