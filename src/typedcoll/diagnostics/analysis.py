@@ -226,13 +226,21 @@ def _unfinished(comm_id: str, shown: str, seq: int,
     states: Dict[str, List[int]] = {}
     for r in sorted(by_seq):
         states.setdefault(state_text(by_seq[r][seq]), []).append(r)
+    # Late: started after every other member's end. One pass, with the two latest ends (a
+    # rank's own end is not its peers'), as dumps may hold thousands of members.
+    ends = {r: by_seq[r][seq].t_end_ns for r in by_seq}
+    known = sorted((end, r) for r, end in ends.items() if end is not None)
+    unended = len(ends) - len(known)  # a rank without an end can be late; its peers cannot
     late = []
-    for r in sorted(by_seq):
-        ends = [by_seq[q][seq].t_end_ns for q in by_seq if q != r]
-        if ends and all(end is not None and end < by_seq[r][seq].t_start_ns for end in ends):
+    for r in sorted(by_seq) if len(by_seq) > 1 and unended <= 1 else ():
+        if unended and ends[r] is not None:
+            continue
+        peers_end = known[-1][0] if known[-1][1] != r else known[-2][0]
+        if peers_end < by_seq[r][seq].t_start_ns:
             late.append(r)
     if late:
-        ended = max(by_seq[q][seq].t_end_ns or 0 for q in by_seq if q not in late)
+        on_time = set(by_seq) - set(late)
+        ended = max((ends[q] or 0 for q in on_time), default=0)
         after = min(by_seq[r][seq].t_start_ns for r in late) - ended
         lines = [f"collective #{seq} on {shown} did not complete: {compact_ranks(late)} "
                  f"started it {after / 1e9:.1f} s after every peer had given up waiting (it "

@@ -228,12 +228,9 @@ def _label(p: Protocol, members: Sequence[int]) -> str:
 def entry_text(e: RecordEntry, comm: Optional[str], now_ns: int) -> str:
     """``allgather[int] on COMM_WORLD seq=2 at prog.py:9, its 3rd call: completed`` (without
     ``on ...`` when ``comm`` is None)."""
-    env = EnvelopeInfo(rank=0, seq=e.seq, op=e.op, schema=e.schema, fingerprint=e.fingerprint,
-                       comm=comm or "", site=e.site, name=e.name, occurrence=e.occurrence,
-                       step=e.step, via=e.via, callers=e.callers)
     kinds = [MismatchKind.SEQUENCE] if comm is None else [MismatchKind.COMMUNICATOR,
                                                           MismatchKind.SEQUENCE]
-    text = describe(env, kinds)
+    text = describe(_envelope(0, e, comm or ""), kinds)
     if e.state == "started":
         return f"{text}: in flight for {max(0, now_ns - e.t_start_ns) / 1e9:.1f} s"
     if e.state == "failed":
@@ -273,18 +270,17 @@ def _other_calls(p: Protocol, seq: int, arrived: Sequence[int],
             + _grouped(p, sorted(other), lambda r: [f"    {_WHO}: {_called(other[r])}"]))
 
 
-def _envelope(rank: int, e: RecordEntry) -> EnvelopeInfo:
+def _envelope(rank: int, e: RecordEntry, comm: str = "") -> EnvelopeInfo:
+    """A recorded call as ``rank``'s envelope: what pairs calls and what describes them."""
     return EnvelopeInfo(rank=rank, seq=e.seq, op=e.op, schema=e.schema, fingerprint=e.fingerprint,
-                        site=e.site, column=e.column, name=e.name, occurrence=e.occurrence,
-                        step=e.step, branch=e.branch, via=e.via, callers=e.callers)
+                        comm=comm, site=e.site, column=e.column, name=e.name,
+                        occurrence=e.occurrence, step=e.step, branch=e.branch, via=e.via,
+                        callers=e.callers)
 
 
 def _called(e: RecordEntry) -> str:
     """``barrier name='stats' at prog.py:9, its 2nd call, step 1``: a call, without its state."""
-    return describe(EnvelopeInfo(rank=0, seq=e.seq, op=e.op, schema=e.schema,
-                                 fingerprint=e.fingerprint, site=e.site, name=e.name,
-                                 occurrence=e.occurrence, step=e.step, via=e.via,
-                                 callers=e.callers), [])
+    return describe(_envelope(0, e))
 
 
 def _absent_lines(p: Protocol, status: RankStatus) -> List[str]:
