@@ -128,23 +128,9 @@ def world_ranks(channel: Channel) -> Optional[List[int]]:
 
 def _translate(transport: Any) -> Optional[List[int]]:
     try:
-        if transport.kind == "memory":
-            return list(transport.members)
-        if transport.kind == "mpi":
-            from mpi4py import MPI
-            group, world = transport.comm.Get_group(), MPI.COMM_WORLD.Get_group()
-            try:
-                return [int(r) for r in MPI.Group.Translate_ranks(
-                    group, list(range(transport.size)), world)]
-            finally:
-                group.Free()
-                world.Free()
-        ranks = getattr(transport, "ranks", None)  # torch: global ranks, in comm rank order
-        if ranks is not None:
-            return [int(r) for r in ranks]
+        return transport.world_ranks()  # type: ignore[no-any-return]
     except Exception:  # world ranks are a nicety of messages: never fail for them
-        pass
-    return None
+        return None
 
 
 def register(p: Protocol) -> CommMeta:
