@@ -111,6 +111,53 @@ def test_clock_from_flush_catches_a_skipped_iteration_later():
     assert str(errors[1]) == text
 
 
+def _idle_iteration_loop(comm, clock_at_top):
+    """Rank 1 idles through iteration 1 (`continue`): the allgather before each end-of-iteration
+    flush returns what it got, and which iteration each payload came from."""
+    flush = SymmetricFlush(comm, CHANNELS)
+    seen = []
+    for it in range(3):
+        if clock_at_top:
+            comm.set_step(it)
+        if comm.rank == 1 and it == 1:
+            continue
+        seen.append((it, comm.allgather(it)))
+        flush.flush(step=it)
+    return seen
+
+
+def test_a_flush_at_the_end_stamps_the_next_iteration_so_the_clock_goes_on_top():
+    # Without set_step at the top, the flush's clock lags an iteration behind: rank 1's
+    # iteration 2 meets rank 0's iteration 1 in the allgather (what the docs warn of), and only
+    # the flush after it raises (step).
+    def lagging(comm):
+        try:
+            _idle_iteration_loop(comm, clock_at_top=False)
+        except tc.DesyncError as exc:
+            return exc.seq, str(exc).splitlines()
+        raise AssertionError("expected the flush to raise")
+
+    results = run(2, lagging)
+    assert results[0] == results[1], results
+    seq, lines = results[0]
+    assert seq == 3 and lines[0] == "collective #3 on tp diverged (step):", lines
+    assert re.fullmatch(rf"  rank 0: flush\[{BATCH}\] at {SITE}, its 2nd "
+                        rf"call, step 1", lines[1]), lines
+
+    # With it, the first call of the iteration rank 1 went on to raises on every rank, before
+    # any payload of another iteration is returned.
+    errors = raised(2, lambda comm: _idle_iteration_loop(comm, clock_at_top=True))
+    assert {type(e) for e in errors} == {tc.DesyncError}
+    text = str(errors[0])
+    assert re.fullmatch(
+        rf"collective #2 on tp diverged \(step\):\n"
+        rf"  rank 0: allgather\[int\] at {SITE}, its 2nd call, step 1\n"
+        rf"  rank 1: allgather\[int\] at {SITE}, its 2nd call, step 2\n"
+        rf"  the ranks are at different steps of the same call: a rank skipped or repeated an "
+        rf"iteration", text), text
+    assert str(errors[1]) == text
+
+
 def test_flush_under_rank_local_condition_meets_another_collective():
     def body(comm):
         flush = SymmetricFlush(comm, CHANNELS)

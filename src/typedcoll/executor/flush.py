@@ -185,7 +185,10 @@ class SymmetricFlush:
 
         ``step`` (the iteration, say) goes into the envelope and, once the flush succeeded,
         becomes the communicator's step clock (:meth:`TypedComm.set_step`), so the collectives
-        that follow in the iteration are stamped with it too. Without one, the flush carries
+        after the flush are stamped with it too; those before it carry the clock as it was (a
+        flush at an iteration's end needs ``set_step(it)`` at the top to stamp the iteration's
+        earlier collectives: a rank that skipped a whole iteration would otherwise meet its
+        peers' previous iteration there unnoticed). Without one, the flush carries
         the clock if it was set, else its own ordinal. ``name`` gives the flush an identity of
         its own (default: its call site). Every rank receives every rank's pending messages and
         this rank's queues are emptied; a flush that raises leaves them pending.
