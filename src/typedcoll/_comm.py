@@ -278,13 +278,17 @@ class TypedComm(TensorCollectives, PointToPoint):
     # --- communicators -----------------------------------------------------------------------
     def split(self, color: Optional[int], key: int = 0, *, step: Optional[int] = None,
               name: Optional[str] = None) -> Optional["TypedComm"]:
-        """A TypedComm per color, ranks ordered by key; None where color is None."""
+        """A TypedComm per color, ranks ordered by key; None where color is None. ``name``
+        names the split (every rank passes the same) and the child it makes (``tp``, and in
+        diagnostics ``tp[0-1]`` with its members' world ranks); without one the child is
+        ``<parent>.split(<color>)``."""
         child = lifecycle.split(self._p, color, key, step, name, self._child)
         return child  # type: ignore[no-any-return]
 
     def dup(self, *, step: Optional[int] = None, name: Optional[str] = None) -> "TypedComm":
         """A TypedComm over a new private communicator with the same ranks: its own sequence,
-        and its own channel (another thread may use it concurrently)."""
+        and its own channel (another thread may use it concurrently). ``name`` names the
+        call and the child; without one the child is ``<parent>.dup``."""
         return lifecycle.dup(self._p, step, name, self._child)  # type: ignore[no-any-return]
 
     def _child(self, transport: Any, name: str) -> "TypedComm":

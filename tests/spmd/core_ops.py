@@ -216,6 +216,22 @@ if sub.size > 1:
 with comm.dup() as twin:
     check("dup", twin.allgather(rank), list(range(size)))
     chk.eq("dup timeout", twin.timeout, TIMEOUT)
+    chk.eq("dup name", twin.name, "COMM_WORLD.dup")
+# A name= names the call and the child it makes: an engine's tp and dp splits of one color are
+# two names, in every message about them.
+tp = comm.split(rank // 2, name="tp")
+dp = comm.split(rank % 2, name="dp")
+chk.eq("named split children", (tp.name, dp.name), ("tp", "dp"))
+check("named split members", tp.allgather(rank), [r for r in range(size) if r // 2 == rank // 2])
+if tp.size > 1:
+    with chk.expect(tc.DesyncError, "desync on a named split") as err:
+        tp.allgather(1 if tp.rank == 0 else "one")
+    chk.eq("a named split's desync names it", str(err.error).split(" diverged")[0],
+           f"collective #1 on tp{numbering(tp._p)}")
+with comm.dup(name="spare") as spare:
+    chk.eq("named dup", spare.name, "spare")
+tp.free()
+dp.free()
 sub.free()
 
 # More call sites than the C path keeps at hand (a table of 512), all in one function, so that

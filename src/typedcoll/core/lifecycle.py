@@ -72,7 +72,9 @@ def create(p: Protocol, timeout: Any) -> None:
 
 def split(p: Protocol, color: Any, key: Any, step: Any, name: Any,
           make: Callable[[Any, str], Any]) -> Any:
-    """The exchange of (color, key), then the backend split; ``make(transport, name)``."""
+    """The exchange of (color, key), then the backend split; ``make(transport, name)``. The
+    child is called by the call's ``name=`` where one was given (``tp``: the name every rank
+    of the split agreed on), else ``parent.split(color)``."""
     arg_error = check_color_key(color, key)
     step, name, common_error = _common(step, name)
     value = (-1 if color is None else int(color), int(key)) if arg_error is None else (0, 0)
@@ -81,14 +83,14 @@ def split(p: Protocol, color: Any, key: Any, step: Any, name: Any,
 
     def rest(c: Call) -> Any:
         sub = p.transport.split(None if color is None else int(color), int(key))
-        return None if sub is None else make(sub, f"{p.name}.split({color})")
+        return None if sub is None else make(sub, name or f"{p.name}.split({color})")
     return run(p, call, rest)
 
 
 def dup(p: Protocol, step: Any, name: Any, make: Callable[[Any, str], Any]) -> Any:
     step, name, error = _common(step, name)
     call = Call("dup", REDUCE, None, MODE_EMPTY, None, step=step, name=name, error=error)
-    return run(p, call, lambda c: make(p.transport.dup(), f"{p.name}.dup"))
+    return run(p, call, lambda c: make(p.transport.dup(), name or f"{p.name}.dup"))
 
 
 def free(p: Protocol) -> None:
