@@ -233,6 +233,60 @@ def test_late_message_of_a_timed_out_recv_is_not_the_next_ones():
     assert after == "next"
 
 
+@pytest.mark.parametrize("source, tag", [(None, None), (None, 0), (0, None)])
+def test_late_message_of_a_timed_out_wildcard_recv_is_not_the_next_ones(source, tag):
+    # A wildcard receive cannot know which message it missed: the first that fits it counts as
+    # its late one, as the explicit receive's count does above, and the next receive raises.
+    release = threading.Event()
+
+    def prog(comm):
+        if comm.rank == 0:
+            release.wait(10)
+            comm.send("late", 1)
+            comm.send("next", 1)
+            return None
+        with pytest.raises(tc.CollectiveTimeout):
+            comm.recv(source, tag)  # WILD-TIMED-OUT
+        release.set()
+        try:
+            comm.recv(source, tag)
+        except tc.DesyncError as err:
+            return err.kinds, str(err).splitlines()[-1], comm.recv(source, tag)
+
+    kinds, hint, after = run(2, prog, timeout=0.5)[1]
+    assert kinds == (tc.MismatchKind.SEQUENCE,)
+    peer = "any rank" if source is None else f"rank {source}"
+    of_tag = "any tag" if tag is None else f"tag {tag}"
+    assert hint == (
+        f"  the receive from {peer} ({of_tag}) at test_p2p.py:{line_of('# WILD-TIMED-OUT')} "
+        f"timed out before this message arrived, and may have been waiting for it: a receive "
+        f"from any rank or of any tag that times out counts against the first message that "
+        f"fits it, which is not taken for a later receive (to wait again without giving one "
+        f"up, poll irecv()'s test())")
+    assert after == "next"
+
+
+def test_a_timed_out_wildcard_recv_owes_nothing_to_receives_posted_before_it_or_unlike_it():
+    release = threading.Event()
+
+    def prog(comm):
+        if comm.rank == 0:
+            release.wait(10)
+            comm.send("first", 1, tag=1)
+            comm.send("tagged 2", 1, tag=2)
+            comm.send("second", 1, tag=1)
+            return None
+        early = comm.irecv(0, 1)  # posted before the receive that times out
+        with pytest.raises(tc.CollectiveTimeout):
+            comm.recv(None, 2)  # times out: it owes the first message of tag 2, not of tag 1
+        release.set()
+        with pytest.raises(tc.DesyncError):
+            comm.recv(0, 2)
+        return early.wait(), comm.recv(0, 1)
+
+    assert run(2, prog, timeout=0.5)[1] == ("first", "second")
+
+
 # --- errors --------------------------------------------------------------------------------------
 def test_unencodable_value_raises_on_sender_and_peer_error_on_receiver():
     def prog(comm):

@@ -18,13 +18,16 @@ returns the other call's data:
   - the schemas differ (fingerprints), both calls were named and the names differ, the step
     clocks differ, or the message is not the one this receive expects from that source and tag
     (its number: a receive that timed out still counts, so its late message is not taken for the
-    next one's): DesyncError naming both sides' call sites.
+    next one's; one from any rank or of any tag, which cannot know the number it missed, counts
+    against the first message that fits it and reaches a receive posted after it):
+    DesyncError naming both sides' call sites.
 A receive without ``schema`` takes the sender's class, found by module and qualified name among
 modules this rank already imported and checked against the sender's fingerprint.
 
 Only the receiver raises on a mismatch (a send has completed by then). The communicator's
 ``timeout`` bounds every receive; a receive that times out leaves nothing pending, so the
-communicator stays usable.
+communicator stays usable, and its late message raises in the receive that takes it. To wait
+again without giving a receive up, poll ``irecv()``'s ``test()``.
 """
 
 from __future__ import annotations
@@ -155,7 +158,7 @@ class RecvRequest:
     """A posted receive: ``wait()`` returns the value; ``test()`` -> (done, value or None)."""
 
     __slots__ = ("p", "source", "tag", "size", "info", "caller", "_box", "message",
-                 "expected", "_done", "_value", "_error", "failure", "__weakref__")
+                 "expected", "order", "_done", "_value", "_error", "failure", "__weakref__")
 
     def __init__(self, p: Any, source: Optional[int], tag: Optional[int],
                  info: Optional[SchemaInfo], caller: Caller) -> None:
@@ -168,6 +171,9 @@ class RecvRequest:
         self._box = mailbox_of(p)
         self.message: Optional[Message] = None
         self.expected = 0  # the number the bound message should carry
+        state = p2p_state(p)
+        self.order = state.posted  # a timed-out wildcard receive owes only later ones a message
+        state.posted += 1
         self._done = False
         self._value: Any = None
         self._error: Optional[BaseException] = None

@@ -29,12 +29,18 @@ if TYPE_CHECKING:
 class P2PState:
     """A communicator's point-to-point counters."""
 
-    __slots__ = ("sent", "received", "counts")
+    __slots__ = ("sent", "received", "counts", "posted", "owed")
 
     def __init__(self) -> None:
         self.sent: Dict[Tuple[int, int], int] = {}  # (dest, tag) -> messages sent
         self.received: Dict[Tuple[int, int], int] = {}  # (source, tag) -> messages taken
         self.counts: Dict[bytes, int] = {}  # identity -> point-to-point calls so far
+        self.posted = 0  # receives posted so far: each one's order
+        # Receives from any rank or of any tag that timed out: (source, tag, order, place). A
+        # timed-out receive from one source and tag counts in ``received``; one with a
+        # wildcard cannot know which count its message would have taken, so the first message
+        # that fits it, bound to a receive posted after it, is taken as its late message.
+        self.owed: List[Tuple[Optional[int], Optional[int], int, str]] = []
 
 
 def p2p_state(p: Any) -> P2PState:
@@ -68,10 +74,12 @@ class Caller:
 def recv_timed_out(p: Any, request: RecvRequest) -> None:
     # The late message of a receive that timed out must not pass for the next one's: count it.
     seq = None
+    state = p2p_state(p)
     if request.source is not None and request.tag is not None:
-        received = p2p_state(p).received
-        seq = received.get((request.source, request.tag), 0)
-        received[(request.source, request.tag)] = seq + 1
+        seq = state.received.get((request.source, request.tag), 0)
+        state.received[(request.source, request.tag)] = seq + 1
+    else:
+        state.owed.append((request.source, request.tag, request.order, request.caller.place))
     schema = request.info.name if request.info is not None else ""
     caller = request.caller
     timeout = p.timeout if p.timeout is not None else 0.0
@@ -103,6 +111,7 @@ def take(p: Any, request: RecvRequest) -> Any:
     # Every receive builds it; the numbering (a backend query) joins it where an error is raised.
     head = head_text("recv", expected, message.source, env.tag, p.name)
     info = request.info
+    late_for = _owed_to_a_timed_out_receive(p, request, message.source, env.tag)
     if env.error is not None:
         raise PeerError(f"{head}{numbering(p)}: rank {message.source} failed its "
                         f"{label('send', env.schema)} "
@@ -110,7 +119,7 @@ def take(p: Any, request: RecvRequest) -> Any:
                         ranks=(message.source,), error_type=env.error.partition(": ")[0],
                         detail=env.error.partition(": ")[2])
     kinds = []
-    if env.seq != expected:
+    if env.seq != expected or late_for is not None:
         kinds.append(MismatchKind.SEQUENCE)
         if env.seq < expected:
             # The late message of a receive that timed out, which counted it already: the
@@ -123,14 +132,29 @@ def take(p: Any, request: RecvRequest) -> Any:
     if env.step != caller.step:
         kinds.append(MismatchKind.STEP)
     if kinds:
-        diverged(p, head, kinds, expected, message.source, env, info, caller)
+        diverged(p, head, kinds, expected, message.source, env, info, caller, late_for)
     if info is None:
         info = sender_class(p, head, env, message.source)
     return decode_payload(p, head, info, message.payload, message.source, caller.place)
 
 
+def _owed_to_a_timed_out_receive(p: Any, request: RecvRequest, source: int,
+                                 tag: int) -> Optional[str]:
+    """The place of the oldest wildcard receive that timed out before ``request`` was posted
+    and that this message fits (taking it off the list), else None."""
+    owed = p2p_state(p).owed
+    for i, (owed_source, owed_tag, order, place) in enumerate(owed):
+        if order < request.order and owed_source in (None, source) and owed_tag in (None, tag):
+            del owed[i]
+            peer = "any rank" if owed_source is None else f"rank {owed_source}"
+            of_tag = "any tag" if owed_tag is None else f"tag {owed_tag}"
+            return f"from {peer} ({of_tag}) at {place}"
+    return None
+
+
 def diverged(p: Any, head: str, kinds: List[MismatchKind], expected: int, source: int,
-              env: Envelope, info: Optional[SchemaInfo], caller: Caller) -> None:
+             env: Envelope, info: Optional[SchemaInfo], caller: Caller,
+             late_for: Optional[str] = None) -> None:
     sent = EnvelopeInfo(rank=source, seq=env.seq, op="send", schema=env.schema,
                         fingerprint=env.fingerprint.hex(), comm=p.name, site=env.site,
                         name=env.name, occurrence=env.occurrence, step=env.step)
@@ -142,7 +166,13 @@ def diverged(p: Any, head: str, kinds: List[MismatchKind], expected: int, source
     groups = [Group((source,), sent), Group((p.rank,), mine)]
     lines = [f"{head}{numbering(p)} diverged ({', '.join(k.value for k in kinds)}):"]
     lines += format_groups(groups, kinds)
-    if MismatchKind.SEQUENCE in kinds:
+    if late_for is not None:
+        lines.append(f"  the receive {late_for} timed out before this message arrived, and "
+                     f"may have been waiting for it: a receive from any rank or of any tag "
+                     f"that times out counts against the first message that fits it, which is "
+                     f"not taken for a later receive (to wait again without giving one up, "
+                     f"poll irecv()'s test())")
+    elif MismatchKind.SEQUENCE in kinds:
         lines.append(f"  expected message #{expected} from rank {source}, got #{env.seq} (a "
                      f"receive that timed out, or a send or receive skipped on one side)")
     raise DesyncError("\n".join(lines), seq=expected, comm=p.name, kinds=kinds, groups=groups)
