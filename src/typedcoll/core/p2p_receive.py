@@ -140,8 +140,9 @@ def take(p: Any, request: RecvRequest) -> Any:
 
 def _owed_to_a_timed_out_receive(p: Any, request: RecvRequest, source: int,
                                  tag: int) -> Optional[str]:
-    """The place of the oldest wildcard receive that timed out before ``request`` was posted
-    and that this message fits (taking it off the list), else None."""
+    """The oldest wildcard receive that timed out before ``request`` was posted and that this
+    message fits, as a message names it (``from any rank (any tag) at engine.py:40``), taken
+    off the list; else None."""
     owed = p2p_state(p).owed
     for i, (owed_source, owed_tag, order, place) in enumerate(owed):
         if order < request.order and owed_source in (None, source) and owed_tag in (None, tag):
@@ -172,7 +173,7 @@ def diverged(p: Any, head: str, kinds: List[MismatchKind], expected: int, source
                      f"that times out counts against the first message that fits it, which is "
                      f"not taken for a later receive (to wait again without giving one up, "
                      f"poll irecv()'s test())")
-    elif MismatchKind.SEQUENCE in kinds:
+    if MismatchKind.SEQUENCE in kinds and env.seq != expected:
         lines.append(f"  expected message #{expected} from rank {source}, got #{env.seq} (a "
                      f"receive that timed out, or a send or receive skipped on one side)")
     raise DesyncError("\n".join(lines), seq=expected, comm=p.name, kinds=kinds, groups=groups)
