@@ -235,18 +235,23 @@ def mismatch_kinds(envelopes: Sequence[EnvelopeInfo]) -> List[MismatchKind]:
     return [kind for kind, read in _CHECKS if len({read(e) for e in envelopes}) > 1]
 
 
+def rank_runs(ranks: Sequence[int]) -> str:
+    """``[7, 6, 4, 5]`` -> ``"7,6,4-5"``: the ranks in the given order, consecutive ones as runs."""
+    runs: List[str] = []
+    for i, r in enumerate(ranks):
+        if i and r == ranks[i - 1] + 1:
+            runs[-1] = f"{runs[-1].split('-')[0]}-{r}"
+        else:
+            runs.append(str(r))
+    return ",".join(runs)
+
+
 def ordered_ranks(ranks: Sequence[int], most: Optional[int] = 32) -> str:
     """``[7, 6, 4, 5]`` -> ``"ranks 7,6,4-5"``, in the given order; past ``most`` ranks (None:
     no limit), the first ``most`` and a count."""
     shown = ranks if most is None else ranks[:most]
-    runs: List[str] = []
-    for i, r in enumerate(shown):
-        if i and r == shown[i - 1] + 1:
-            runs[-1] = f"{runs[-1].split('-')[0]}-{r}"
-        else:
-            runs.append(str(r))
     more = f",... ({len(ranks)} in all)" if len(shown) < len(ranks) else ""
-    return ("ranks " if len(ranks) > 1 else "rank ") + ",".join(runs) + more
+    return ("ranks " if len(ranks) > 1 else "rank ") + rank_runs(shown) + more
 
 
 def compact_ranks(ranks: Sequence[int]) -> str:

@@ -253,11 +253,10 @@ def _unfinished(comm_id: str, shown: str, seq: int,
                    text="\n".join(lines))
 
 
-def missing_message(f: Finding, reached: Dict[int, int], shown: str = "") -> str:
+def missing_message(f: Finding, reached: Dict[int, int], shown: str) -> str:
     """``collective #5 on COMM_WORLD is missing ranks: rank 1 never started it`` and details;
     ``shown``: the communicator as findings name it (with how it numbers its ranks)."""
     absent = sorted(f.missing + f.no_dump)
-    shown = shown or clean(f.comm)
     if f.missing:
         lines = [f"collective #{f.seq} on {shown} is missing ranks: "
                  f"{compact_ranks(absent)} never started it"]

@@ -30,7 +30,7 @@ from types import CodeType, FrameType, TracebackType
 from typing import Any, Dict, Hashable, List, Optional, Tuple
 
 from ..core.channel import Channel
-from ..core.mismatch import compact_ranks
+from ..core.mismatch import rank_runs
 from ..core.plumbing import SKIP_CODES, SKIP_FILES, register_internal
 from ..core.sites import source_name
 from ..core.protocol import LIVE, Protocol
@@ -155,7 +155,7 @@ def _with_members(name: str, members: Optional[List[int]]) -> str:
     world = process_world_size()
     if members is None or world is None or members == list(range(world)):
         return name
-    text = compact_ranks(members).split(" ", 1)[-1]
+    text = rank_runs(sorted(set(members)))
     return name if name.endswith(f"[{text}]") else f"{name}[{text}]"
 
 
