@@ -209,7 +209,9 @@ def test_step_clocks_that_differ_are_a_mismatch():
     assert run(2, prog, timeout=10)[1] == ((tc.MismatchKind.STEP,), [4, 5])
 
 
-def test_late_message_of_a_timed_out_recv_is_not_the_next_ones():
+def _after_a_timed_out_recv(source, tag):
+    """Rank 1's receive times out, then rank 0 sends "late" and "next": the second receive's
+    DesyncError kinds and last line, and what a third receive returns."""
     release = threading.Event()
 
     def prog(comm):
@@ -219,14 +221,18 @@ def test_late_message_of_a_timed_out_recv_is_not_the_next_ones():
             comm.send("next", 1)
             return None
         with pytest.raises(tc.CollectiveTimeout):
-            comm.recv(0)
+            comm.recv(source, tag)  # TIMED-OUT
         release.set()
         try:
-            comm.recv(0)
+            comm.recv(source, tag)
         except tc.DesyncError as err:
-            return err.kinds, str(err).splitlines()[-1], comm.recv(0)
+            return err.kinds, str(err).splitlines()[-1], comm.recv(source, tag)
 
-    kinds, hint, after = run(2, prog, timeout=0.5)[1]
+    return run(2, prog, timeout=0.5)[1]
+
+
+def test_late_message_of_a_timed_out_recv_is_not_the_next_ones():
+    kinds, hint, after = _after_a_timed_out_recv(0, 0)
     assert kinds == (tc.MismatchKind.SEQUENCE,)
     assert hint == ("  expected message #1 from rank 0, got #0 (a receive that timed out, or a "
                     "send or receive skipped on one side)")
@@ -237,28 +243,12 @@ def test_late_message_of_a_timed_out_recv_is_not_the_next_ones():
 def test_late_message_of_a_timed_out_wildcard_recv_is_not_the_next_ones(source, tag):
     # A wildcard receive cannot know which message it missed: the first that fits it counts as
     # its late one, as the explicit receive's count does above, and the next receive raises.
-    release = threading.Event()
-
-    def prog(comm):
-        if comm.rank == 0:
-            release.wait(10)
-            comm.send("late", 1)
-            comm.send("next", 1)
-            return None
-        with pytest.raises(tc.CollectiveTimeout):
-            comm.recv(source, tag)  # WILD-TIMED-OUT
-        release.set()
-        try:
-            comm.recv(source, tag)
-        except tc.DesyncError as err:
-            return err.kinds, str(err).splitlines()[-1], comm.recv(source, tag)
-
-    kinds, hint, after = run(2, prog, timeout=0.5)[1]
+    kinds, hint, after = _after_a_timed_out_recv(source, tag)
     assert kinds == (tc.MismatchKind.SEQUENCE,)
     peer = "any rank" if source is None else f"rank {source}"
     of_tag = "any tag" if tag is None else f"tag {tag}"
     assert hint == (
-        f"  the receive from {peer} ({of_tag}) at test_p2p.py:{line_of('# WILD-TIMED-OUT')} "
+        f"  the receive from {peer} ({of_tag}) at test_p2p.py:{line_of('# TIMED-OUT')} "
         f"timed out before this message arrived, and may have been waiting for it: a receive "
         f"from any rank or of any tag that times out counts against the first message that "
         f"fits it, which is not taken for a later receive (to wait again without giving one "
