@@ -713,7 +713,7 @@ def test_a_role_branch_pairs_calls_through_one_wrapper_only():
     for e in errors_of(3, two_wrappers_through_one_role_branch):
         assert type(e) is tc.DesyncError and e.seq == 2, e
         flag = wrapper_text(Sizes.bcast_flag)
-        assert "rank 1: bcast root=0" in str(e) and \
+        assert "rank 1: bcast[int] root=0" in str(e) and \
             re.search(rf"through {re.escape(flag)} called from [^ ]+:\d+, its 2nd", str(e)), e
         assert len(set(re.findall(r"called from (\S+:\d+)", str(e)))) == 1, e
 
@@ -753,7 +753,7 @@ def test_a_role_branch_tells_apart_like_named_wrappers_of_two_modules():
     # 1's flag would take the root's size without an error.
     for e in errors_of(3, like_named_wrappers_through_one_role_branch, timeout=10):
         assert type(e) is tc.DesyncError and e.seq == 2, e
-        assert "rank 1: bcast root=0" in str(e), e
+        assert "rank 1: bcast[int] root=0" in str(e), e
         line = FLAG_SENDER.bcast.__code__.co_firstlineno
         assert re.search(rf"through Sizes.bcast \(sizes_b.py:{line}\) called from [^ ]+, its "
                          rf"2nd call", str(e)), e

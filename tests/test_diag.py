@@ -663,3 +663,34 @@ def test_a_sub_communicators_id_holds_its_members_world_ranks(monkeypatch):
     assert state._with_members("COMM_WORLD.dup", [0, 1, 2, 3]) == "COMM_WORLD.dup"  # the world's
     assert state._with_members("group[1,3]", [1, 3]) == "group[1,3]"  # named by them already
     assert state._with_members("tp", None) == "tp"  # members unknown
+
+
+def root_or_op_differs(comm, aspect):
+    for it in range(3):
+        comm.set_step(it)
+        odd = comm.rank == 2 and it == 2
+        comm.bcast([it, comm.rank] if comm.rank in (0, 2) else None,
+                   root=2 if aspect == "root" and odd else 0)
+        comm.allreduce(it, op="max" if aspect == "reduce op" and odd else "sum")
+
+
+@pytest.mark.parametrize("aspect", ["root", "reduce op"])
+def test_a_call_that_differs_only_in_its_root_or_reduce_op_diverges_offline_as_live(aspect):
+    """The records keep root and reduce op: without them the analyzer saw a call every rank
+    started and none finished, and blamed no one. Receivers that name no class are read as
+    taking the root's, live and offline, so the root alone is the kind."""
+    from typedcoll.diagnostics.analysis import analyze
+    from typedcoll.diagnostics.dumps import build_dump
+    with pytest.raises(ExceptionGroup) as excinfo:
+        run(3, root_or_op_differs, aspect, name=f"differs-{aspect}")
+    live = errors_of(excinfo)
+    assert {type(e) for e in live.values()} == {tc.DesyncError}
+    assert {tuple(k.value for k in e.kinds) for e in live.values()} == {(aspect,)}
+    doc = build_dump("test")
+    docs = {r: msgspec.structs.replace(doc, rank=r, comms=[
+        c for c in doc.comms if c.id == f"differs-{aspect}" and c.rank == r]) for r in range(3)}
+    found = analyze(docs).first
+    assert found is not None and list(found.kinds) == list(live[0].kinds), found
+    assert [g.ranks for g in found.groups] == [g.ranks for g in live[0].groups] == [(0, 1), (2,)]
+    assert [(g.envelope.root, g.envelope.reduce_op) for g in found.groups] == \
+        [(g.envelope.root, g.envelope.reduce_op) for g in live[0].groups]

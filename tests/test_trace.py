@@ -92,6 +92,19 @@ def test_op_and_step_divergence_kinds():
     assert div is not None and div.kinds == [MismatchKind.OP, MismatchKind.STEP]
 
 
+def test_root_and_reduce_op_divergence_kinds():
+    def dumps(field: str, values: List[Any], op: str) -> Dict[int, Dump]:
+        return dumps_of(*(dump(r, [comm(r, 3, [entry(0, op=op, **{field: v})])])
+                          for r, v in enumerate(values)))
+    root = analyze(dumps("root", [0, 0, 2], "gather")).first
+    assert root is not None and root.kinds == [MismatchKind.ROOT]
+    assert [g.ranks for g in root.groups] == [(0, 1), (2,)]
+    assert "root=2 at loop.py:10" in root.text, root.text
+    reduce_op = analyze(dumps("reduce_op", ["sum", "max", "sum"], "allreduce")).first
+    assert reduce_op is not None and reduce_op.kinds == [MismatchKind.REDUCE_OP]
+    assert "op=max at loop.py:10" in reduce_op.text, reduce_op.text
+
+
 def test_a_role_branch_completed_live_is_no_divergence_and_anything_else_is():
     """A root and its receivers in the two arms of one role branch (core.arms) show two sites;
     a completed call was accepted live, so the analysis accepts it too."""
@@ -433,6 +446,26 @@ def test_two_dumps_of_one_member_or_two_sizes_are_refused(tmp_path, capsys):
     write(tmp_path, [dump(1, [comm(1, 3, steady(1))])])
     assert main([str(tmp_path)]) == 2
     assert "communicator 'COMM_WORLD' has 3 ranks here and 2 in" in capsys.readouterr().err
+
+
+def test_dumps_of_two_runs_are_refused_naming_both_ranks(tmp_path, capsys):
+    """A reused directory keeps a rank's dump from an earlier run: its collectives ended before
+    this run's started, which no collective does, so the dumps are refused, not analysed."""
+    def shifted(rank: int, seconds: float) -> Dict[str, Any]:
+        es = steady(3)
+        for e in es:
+            e["t_start_ns"] += int(seconds * 1e9)
+            e["t_end_ns"] += int(seconds * 1e9)
+        return dump(rank, [comm(rank, 3, es)])
+    write(tmp_path, [shifted(0, 30.0), shifted(1, 30.0), shifted(2, 0.0)])
+    assert main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "rank 2's and rank 0's dumps are from different runs: collective #0 on COMM_WORLD " \
+           "ended on rank 2 30.0 s before it started on rank 0" in err, err
+    assert main([str(tmp_path), "--clock-skew", "60"]) == 0
+    write(tmp_path, [shifted(2, 29.5)])  # within the default skew of one run's clocks
+    assert main([str(tmp_path)]) == 0
+    capsys.readouterr()
 
 
 # --- the CLI -------------------------------------------------------------------------------------

@@ -67,7 +67,7 @@
 #define NO_ROOT (-1)
 #define MAX_NESTING 128
 #define MAX_NAME 256
-#define ENTRY_SIZE 48
+#define ENTRY_SIZE 56
 #define OBJECTS_PER_ENTRY 4
 #define PREFIX 8
 /* What configure's ``forwarding`` answers (True, False, or pass-through offsets): its form. */
@@ -825,7 +825,7 @@ static PyObject *lookup_info(PyObject *key) {
 static int record_start(PyObject *ring, PyObject *objects, PyObject *state, Py_ssize_t capacity,
                         long long seq, long opcode, PyObject *info, PyCodeObject *code, int lasti,
                         long long step, Py_ssize_t n, PyObject *name, Py_ssize_t occurrence,
-                        PyObject *via, PyObject *callers) {
+                        PyObject *via, PyObject *callers, long root, long reduce_op) {
     if (ring == Py_None) return 0;
     Py_ssize_t count = PyLong_AsSsize_t(PyList_GET_ITEM(state, 0));
     if (count < 0 && PyErr_Occurred()) return -1;
@@ -853,7 +853,10 @@ static int record_start(PyObject *ring, PyObject *objects, PyObject *state, Py_s
     put_u32(e + 40, (uint32_t)occurrence);
     e[44] = (unsigned char)opcode;
     e[45] = 0; /* started */
-    e[46] = e[47] = 0;
+    e[46] = (unsigned char)reduce_op;
+    e[47] = 0;
+    put_u32(e + 48, (uint32_t)(int32_t)root);
+    put_u32(e + 52, 0);
     Py_ssize_t base = OBJECTS_PER_ENTRY * index;
     /* A call made for its callers keeps them beside its wrapper (FlightRecorder.start). */
     PyObject *via_obj = via ? via : Py_None;
@@ -1763,7 +1766,7 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
     put_u32(s + LENGTH_OFFSET, (uint32_t)(split_len < 0 ? n + prefix_len : split_len));
     if (record_start(f.ring, f.ring_objects, f.ring_state, f.capacity, seq, opcode,
                      kind == KIND_EMPTY ? Py_None : info, code, lasti, step, n + prefix_len,
-                     name, occurrence, via, callers) < 0)
+                     name, occurrence, via, callers, root, reduce_op) < 0)
         goto error;
 
     int shape = kind == KIND_BCAST || kind == KIND_EMPTY || kind == KIND_SCATTER ? SHAPE_REDUCE

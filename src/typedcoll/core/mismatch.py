@@ -235,6 +235,26 @@ def mismatch_kinds(envelopes: Sequence[EnvelopeInfo]) -> List[MismatchKind]:
     return [kind for kind, read in _CHECKS if len({read(e) for e in envelopes}) > 1]
 
 
+_ROOTS_CLASS_OPS = frozenset({"bcast", "scatter"})
+
+
+def as_the_roots_class(envelopes: List[EnvelopeInfo]) -> List[EnvelopeInfo]:
+    """A receiver of bcast or scatter that names no schema takes the root's class: read it as
+    the one class the other ranks name, where they name one. Else a call that differs only in
+    its root would also read as a schema divergence, and the analyzer, whose records of such
+    receivers name no class, would find one in a healthy call of the README's own form
+    (``comm.bcast(x if rank == 0 else None)``)."""
+    if not envelopes or envelopes[0].op not in _ROOTS_CLASS_OPS or \
+            any(e.op != envelopes[0].op for e in envelopes):
+        return envelopes
+    named = {(e.schema, e.fingerprint) for e in envelopes if e.schema}
+    if len(named) != 1 or len(named) == len(envelopes):
+        return envelopes
+    schema, fingerprint = named.pop()
+    return [e if e.schema else msgspec.structs.replace(e, schema=schema, fingerprint=fingerprint)
+            for e in envelopes]
+
+
 def rank_runs(ranks: Sequence[int]) -> str:
     """``[7, 6, 4, 5]`` -> ``"7,6,4-5"``: the ranks in the given order, consecutive ones as runs."""
     runs: List[str] = []

@@ -203,9 +203,7 @@ class Protocol(EncodeStep):
         if channel.poison is not None and call.error is None:
             call.error = channel.poison
         if self.recorder is not None:
-            self.recorder.start(call.seq, call.op, call.info, call.code, call.lasti,
-                                call.wire_step, 0, call.name, call.occurrence, call.via,
-                                call.callers)
+            self.recorder.start(call)
 
     def identity(self, call: Call) -> bytes:
         if call.name is not None:

@@ -25,7 +25,8 @@ from .callers import describe as describe_callers
 from .site_walk import via_name
 from .sites import column_of, format_site
 from .mismatch import Branch, Caller
-from .wire import NO_STEP, OPS, ROOTED_OPS, op_name
+from .call import Call
+from .wire import NO_ROOT, NO_STEP, OPS, REDUCE_OP_NAMES, REDUCING_OPS, ROOTED_OPS, op_name
 
 DEFAULT_CAPACITY = 2000
 INITIAL_ENTRIES = 8
@@ -33,8 +34,10 @@ STARTED, COMPLETED, FAILED = 0, 1, 2
 STATE_NAMES = ("started", "completed", "failed")
 
 # An entry's numbers, little-endian: seq, step, start and end time (ns since the epoch; end 0
-# while started), payload bytes, bytecode offset of the call site, occurrence, op code, state.
-ENTRY = struct.Struct("<QqQQIiIBB2x")
+# while started), payload bytes, bytecode offset of the call site, occurrence, op code, state,
+# reduce-op code (0: none), root (NO_ROOT: none). Root and reduce op are kept because a call
+# that differs in nothing else is a divergence the analyzer must see.
+ENTRY = struct.Struct("<QqQQIiIBBBxi4x")
 OBJECTS_PER_ENTRY = 4  # schema info, code object, name, thin wrapper's code object
 
 
@@ -51,6 +54,8 @@ class RecordEntry(msgspec.Struct, kw_only=True):
     occurrence: int = 0
     step: Optional[int] = None
     bytes: int = 0
+    root: Optional[int] = None  # of a rooted op
+    reduce_op: Optional[str] = None  # of a reducing op
     state: str = "completed"
     t_start_ns: int = 0
     t_end_ns: Optional[int] = None
@@ -110,21 +115,20 @@ class FlightRecorder:
         self.numbers.extend(bytes(ENTRY.size * more))
         self.objects.extend([None] * (OBJECTS_PER_ENTRY * more))
 
-    def start(self, seq: int, op: str, info: Any, code: Any, lasti: int, step: int,
-              nbytes: int, name: Optional[str], occurrence: int, via: Any = None,
-              callers: Tuple[Any, ...] = ()) -> None:
+    def start(self, call: Call, nbytes: int = 0) -> None:
         state = self.state
         if state[0] == self.allocated < self.capacity:
             self._grow()
         index = state[0] % self.allocated
-        ENTRY.pack_into(self.numbers, index * ENTRY.size, seq & (2 ** 64 - 1), step,
-                        time.time_ns(), 0, nbytes, lasti, occurrence, OPS[op], STARTED)
+        ENTRY.pack_into(self.numbers, index * ENTRY.size, call.seq & (2 ** 64 - 1),
+                        call.wire_step, time.time_ns(), 0, nbytes, call.lasti, call.occurrence,
+                        OPS[call.op], STARTED, call.reduce_op, call.root)
         base = OBJECTS_PER_ENTRY * index
-        self.objects[base] = info
-        self.objects[base + 1] = code
-        self.objects[base + 2] = name
+        self.objects[base] = call.info
+        self.objects[base + 1] = call.code
+        self.objects[base + 2] = call.name
         # A call made for its callers keeps them beside its wrapper (the C path does the same).
-        self.objects[base + 3] = (via, callers) if callers else via
+        self.objects[base + 3] = (call.via, call.callers) if call.callers else call.via
         state[0] += 1
         state[1] = True
 
@@ -153,8 +157,8 @@ class FlightRecorder:
     def entry(self, number: int) -> RecordEntry:
         """The ``number``-th entry recorded (1-based count since creation), read back."""
         index = (number - 1) % self.allocated
-        (seq, step, t_start, t_end, nbytes, lasti, occurrence, op,
-         state) = ENTRY.unpack_from(self.numbers, index * ENTRY.size)
+        (seq, step, t_start, t_end, nbytes, lasti, occurrence, op, state, reduce_op,
+         root) = ENTRY.unpack_from(self.numbers, index * ENTRY.size)
         info, code, name, via = self.objects[OBJECTS_PER_ENTRY * index:
                                         OBJECTS_PER_ENTRY * (index + 1)]
         via, callers = via if isinstance(via, tuple) else (via, ())
@@ -165,6 +169,8 @@ class FlightRecorder:
             site=format_site(code, lasti), column=column_of(code, lasti), name=name,
             occurrence=occurrence,
             step=None if step == NO_STEP else step, bytes=nbytes,
+            root=root if op_text in ROOTED_OPS and root != NO_ROOT else None,
+            reduce_op=REDUCE_OP_NAMES.get(reduce_op) if op_text in REDUCING_OPS else None,
             state=STATE_NAMES[state] if state < len(STATE_NAMES) else "started",
             t_start_ns=t_start, t_end_ns=t_end or None, error=self.failures.get(number),
             branch=branch_of(code, lasti) if name is None and op_text in ROOTED_OPS else None,

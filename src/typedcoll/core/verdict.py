@@ -31,8 +31,9 @@ from .desync import desync_message, failed_elsewhere
 from .plumbing import register_internal
 from .site_walk import via_name
 from .sites import column_of, format_call_site, format_site
-from .mismatch import (EnvelopeInfo, Group, MismatchKind, compact_ranks, differing_notes,
-                       group_envelopes, label, mismatch_kinds, numbering, place, role_split)
+from .mismatch import (EnvelopeInfo, Group, MismatchKind, as_the_roots_class, compact_ranks,
+                       differing_notes, group_envelopes, label, mismatch_kinds, numbering, place,
+                       role_split)
 from .wire import (AGREE_SIZE, FLAG_LOCAL_ERROR, FLAGS_OFFSET, HEADER_SIZE, IDENTITY_OFFSET,
                    REDUCE_OP_NAMES, REDUCING_OPS, ROOTED_OPS, agreed, or_into, own_block)
 
@@ -121,14 +122,14 @@ def disagreement(p: "Protocol", call: Call, receiving: bool = False) -> None:
         roles.learn(p, call, infos)
         return
     if len(failed) < p.size and not agreed(block):
-        others = [info for r, info in enumerate(infos) if r not in failed]
         if failed and role_branch([h for h, _ in pairs], infos, failed):
             # A receiver that failed before it knew its root (a root out of range) left a role
             # branch's first run unpaired: its peers' two arms still pair, so its own error is
             # the verdict, not a call-site desync with a hint that names no bad argument.
             raise failure(p, call, failed, infos)
-        kinds = mismatch_kinds(others)
-        groups = group_envelopes(infos)
+        shown = as_the_roots_class(infos)
+        kinds = mismatch_kinds([info for r, info in enumerate(shown) if r not in failed])
+        groups = group_envelopes(shown)
         if MismatchKind.COMMUNICATOR in kinds:
             # Each rank spent a number of a different communicator on this call: give it back,
             # so that every communicator's numbers stay aligned across ranks afterwards.

@@ -26,9 +26,9 @@ import msgspec
 
 from ..core.plumbing import register_internal
 from ..core.desync import desync_message
-from ..core.mismatch import (EnvelopeInfo, Group, MismatchKind, Note, compact_ranks, describe,
-                             differing_notes, format_groups, group_envelopes, mismatch_kinds,
-                             numbering_of, role_split)
+from ..core.mismatch import (EnvelopeInfo, Group, MismatchKind, Note, as_the_roots_class,
+                             compact_ranks, describe, differing_notes, format_groups,
+                             group_envelopes, mismatch_kinds, numbering_of, role_split)
 from ..core.recorder import RecordEntry
 from .model import CommDump, Dump
 
@@ -98,30 +98,13 @@ def envelope(rank: int, e: RecordEntry, comm: str, notes: Sequence[Note] = ()) -
                         fingerprint=clean(e.fingerprint, 64), comm=clean(comm),
                         site=clean(e.site), column=e.column,
                         name=None if e.name is None else clean(e.name),
-                        occurrence=e.occurrence, step=e.step, notes=tuple(notes),
+                        occurrence=e.occurrence, step=e.step, root=e.root,
+                        reduce_op=None if e.reduce_op is None else clean(e.reduce_op, 16),
+                        notes=tuple(notes),
                         branch=e.branch, via=None if e.via is None else clean(e.via),
                         callers=tuple(msgspec.structs.replace(
                             c, site=clean(c.site), via=None if c.via is None else clean(c.via))
                             for c in e.callers))
-
-
-_ROOTS_CLASS_OPS = frozenset({"bcast", "scatter"})
-
-
-def _as_the_roots_class(envelopes: List[EnvelopeInfo]) -> List[EnvelopeInfo]:
-    """A receiver of bcast or scatter that names no schema takes the root's class (live, the
-    root's class is what it decodes and then sends as if named); its record names none. Read
-    it as the one class the other ranks name, where they name one: else a healthy call of the
-    README's own form (``comm.bcast(x if rank == 0 else None)``) would be a divergence."""
-    if not envelopes or envelopes[0].op not in _ROOTS_CLASS_OPS or \
-            any(e.op != envelopes[0].op for e in envelopes):
-        return envelopes
-    named = {(e.schema, e.fingerprint) for e in envelopes if e.schema}
-    if len(named) != 1 or len(named) == len(envelopes):
-        return envelopes
-    schema, fingerprint = named.pop()
-    return [e if e.schema else msgspec.structs.replace(e, schema=schema, fingerprint=fingerprint)
-            for e in envelopes]
 
 
 def seq_label(e: RecordEntry) -> str:
@@ -170,7 +153,7 @@ def analyze_comm(comm_id: str, members: Dict[int, CommDump]) -> CommReport:
                         compared=(min(common), max(common)) if common else None,
                         issued=max(reached.values()))
     for seq in sorted(common):
-        envelopes = _as_the_roots_class([envelope(r, by_seq[r][seq], comm_id, members[r].notes)
+        envelopes = as_the_roots_class([envelope(r, by_seq[r][seq], comm_id, members[r].notes)
                                          for r in sorted(members)])
         kinds = mismatch_kinds(envelopes)
         if (kinds == [MismatchKind.CALL] and role_split(envelopes, None) and

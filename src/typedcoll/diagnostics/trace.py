@@ -1,4 +1,4 @@
-"""``typedcoll trace DIR [--json] [--last K]``: the first divergent collective in per-rank dumps.
+"""``typedcoll trace DIR [--json] [--last K] [--clock-skew S]``: the first divergent collective.
 
 Reads every ``rank<R>.json`` in DIR (``dumps`` writes them), analyses them (``analysis``) and
 prints the report, or with ``--json`` the same as one JSON object (``typedcoll-trace-report``,
@@ -11,6 +11,13 @@ over ``MAX_FILE_BYTES`` is refused from its size before a byte is read, every nu
 claims (a communicator's size, ranks, sequence numbers) is checked against hard limits before
 anything is sized by it, and each rank keeps only the newest ``WINDOW`` entries per
 communicator. The analysis then loops over entries held, never over claimed ranges.
+
+Dumps of one run are the only input that makes sense, and a directory reused across runs keeps
+the files of ranks that did not dump this time (a killed rank's, or those of a larger earlier
+run), which the analysis would blame. So ``one_run`` refuses dumps whose recorded collectives
+cannot have been the same calls: a checked collective ends on no rank before every rank has
+started it, so where one rank's call ended more than the hosts' clock skew before another
+rank's same-numbered call started, they were two runs' calls.
 """
 
 from __future__ import annotations
@@ -20,13 +27,13 @@ import os
 import re
 import stat
 import sys
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import msgspec
 
 from ..core.plumbing import register_internal
 from .analysis import Report, analyze, clean, format_report
-from .model import FORMAT, REPORT_FORMAT, REPORT_VERSION, VERSION, Dump, DumpHeader
+from .model import FORMAT, REPORT_FORMAT, REPORT_VERSION, VERSION, CommDump, Dump, DumpHeader
 
 MAX_FILE_BYTES = 64 * 2 ** 20
 MAX_FILES = 65536
@@ -37,6 +44,7 @@ WINDOW = 4096  # newest entries kept per communicator per rank
 MAX_ENTRIES = 4_000_000  # kept over all dumps: beyond, the input is refused as too large
 MAX_LAST = 1000
 MAX_SEQ = 2 ** 64 - 1
+CLOCK_SKEW_S = 1.0  # how far apart the hosts' clocks may be, by default
 _DUMP_NAME = re.compile(r"^rank(\d{1,7})\.json$")
 _HEADER = msgspec.json.Decoder(DumpHeader)
 _DUMP = msgspec.json.Decoder(Dump)
@@ -174,6 +182,34 @@ def load_dir(directory: str) -> Dict[int, Dump]:
     return dumps
 
 
+def one_run(dumps: Dict[int, Dump], directory: str, skew_s: float = CLOCK_SKEW_S) -> None:
+    """Refuse dumps from two runs (see the module doc). Only exchanges count: a tensor
+    collective's entry may end before its peers start it (its check can be deferred)."""
+    comms: Dict[str, List[Tuple[int, CommDump]]] = {}
+    for rank, dump in dumps.items():
+        for c in dump.comms:
+            world = c.world_ranks[c.rank] if c.world_ranks is not None else rank
+            comms.setdefault(c.id, []).append((world, c))
+    for comm_id, members in sorted(comms.items()):
+        ended = [{e.seq: e for e in c.entries if e.state == "completed" and e.t_end_ns and
+                  not e.op.endswith("_tensor")} for _, c in members]
+        for seq in sorted(set.intersection(*(set(by_seq) for by_seq in ended))):
+            ends = [(by_seq[seq].t_end_ns or 0, world) for (world, _), by_seq in
+                    zip(members, ended)]
+            starts = [(-by_seq[seq].t_start_ns, world) for (world, _), by_seq in
+                      zip(members, ended)]
+            (first_end, early), (last_start, late) = min(ends), min(starts)  # lowest ranks
+            gap = (-last_start - first_end) / 1e9
+            if gap > skew_s:
+                raise TraceInputError(
+                    f"{directory}: rank {early}'s and rank {late}'s dumps are from different "
+                    f"runs: collective #{seq} on {clean(comm_id, 80)} ended on rank {early} "
+                    f"{gap:.1f} s before it started on rank {late} (a collective ends on no "
+                    f"rank before every rank has started it); remove the dumps an earlier run "
+                    f"left there, or pass --clock-skew with more than {skew_s:g} s where the "
+                    f"hosts' clocks differ by more")
+
+
 def report_json(report: Report) -> bytes:
     """The ``--json`` document (schema in docs/diagnostics.md)."""
     doc = {"format": REPORT_FORMAT, "version": REPORT_VERSION, **msgspec.to_builtins(report)}
@@ -181,7 +217,7 @@ def report_json(report: Report) -> bytes:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``typedcoll trace DIR [--json] [--last K]``; returns the exit code."""
+    """``typedcoll trace DIR [--json] [--last K] [--clock-skew S]``; returns the exit code."""
     parser = argparse.ArgumentParser(
         prog="typedcoll trace",
         description="Merge per-rank flight-recorder dumps (TYPEDCOLL_TRACE_DIR) and report the "
@@ -192,9 +228,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--last", type=int, default=5, metavar="K",
                         help=f"entries to show from the end of each rank's buffer (default 5, "
                              f"at most {MAX_LAST})")
+    parser.add_argument("--clock-skew", type=float, default=CLOCK_SKEW_S, metavar="S",
+                        help=f"how many seconds the hosts' clocks may differ by before dumps "
+                             f"whose collectives do not overlap in time are refused as two "
+                             f"runs' (default {CLOCK_SKEW_S:g})")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         dumps = load_dir(args.directory)
+        one_run(dumps, args.directory, args.clock_skew)
     except TraceInputError as exc:
         print(f"typedcoll trace: error: {exc}", file=sys.stderr)
         return 2
