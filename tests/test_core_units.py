@@ -360,6 +360,22 @@ def test_importing_typedcoll_installs_nothing():
     assert out.stdout.split() == ["True", "True"], out.stderr
 
 
+def test_a_bad_reduce_op_never_imports_mpi4py():
+    """Importing mpi4py initialises MPI, which under an MPI launcher waits for every rank: a
+    torch job's one rank with a bad op would hang there instead of raising."""
+    import subprocess
+    import sys
+    code = ("import sys; from typedcoll.core.args import check_reduce_op; "
+            "print(check_reduce_op('avg')[1]); print(check_reduce_op(object())[0]); "
+            "print('mpi4py.MPI' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("ValueError: expected op to be one of 'sum'") and \
+        lines[0].endswith("got 'avg'"), out
+    assert lines[1:] == ["0", "False"], out
+
+
 def test_an_unsupported_mpi_op_is_named_not_shown_by_address():
     from mpi4py import MPI
 

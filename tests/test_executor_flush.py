@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 
+import msgspec
 import pytest
 
 import typedcoll as tc
@@ -388,3 +389,33 @@ def test_a_message_unfit_for_its_channel_fails_one_flush_and_is_kept_aside():
     assert [g[2:4] for g in got] == [([1, 0, 1], [(0,), (), (2,)])] * 3
     assert [g[4] for g in got] == [[], [("timeouts", "ValidationError"),
                                         ("count", "ValidationError")], []]
+
+
+class Opaque:
+    """No codec knows it: the encoder raises NotImplementedError, not a msgspec error."""
+
+
+class Count(msgspec.Struct):
+    n: int
+
+
+def test_a_message_that_does_not_encode_at_all_is_kept_aside_too():
+    """Whatever the encoder raises for a message, it is unfit: taken aside into ``rejected``,
+    an EncodeError on its rank and a PeerError on the others, and the next flush delivers."""
+    def body(comm):
+        flush = SymmetricFlush(comm, {"count": Count})
+        flush.post("count", Count(comm.rank))
+        if comm.rank == 2:
+            flush.post("count", Count(Opaque()))  # post() checks the class, not its fields
+        try:
+            flush.flush(step=0)
+        except tc.CollectiveError as exc:
+            first = exc
+        delivery = flush.flush(step=1)
+        return type(first), [[c.n for c in got] for got in delivery["count"]], \
+            [(ch, why.split(":")[0]) for ch, _, why in flush.rejected]
+
+    got = run(3, body)
+    assert [g[0] for g in got] == [tc.PeerError, tc.PeerError, tc.EncodeError]
+    assert [g[1] for g in got] == [[[0], [1], [2]]] * 3
+    assert [g[2] for g in got] == [[], [], [("count", "NotImplementedError")]]

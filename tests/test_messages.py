@@ -211,6 +211,30 @@ def test_a_list_of_the_wrong_length_says_how_long_it_was(surface, op, where):
                                f"list of 4"), str(e)
 
 
+class Liar(list):  # type: ignore[type-arg]
+    def __len__(self) -> int:
+        return 3
+
+
+@pytest.mark.parametrize("op", ["scatter", "alltoall"])
+def test_a_sequence_is_counted_by_what_it_holds_not_by_its_len(op):
+    """A sequence whose len() says one per rank but that holds fewer, of parts too large to
+    ride in the slot: counted as sent, so an error on every rank, not a transport failure on
+    the root alone and a timeout on the others."""
+    def prog(comm):
+        values = Liar(["x" * 300] * 2) if comm.rank == 1 else ["x" * 300] * 3
+        if op == "scatter":
+            comm.scatter(values if comm.rank == 1 else None, root=1)
+        else:
+            comm.alltoall(values)
+
+    errors = errors_of(3, prog)
+    assert [type(e) for e in errors] == [tc.PeerError, tc.EncodeError, tc.PeerError]
+    for e in errors:
+        assert ": expected a sequence of 3 values" in str(e) and \
+            str(e).endswith("one per rank, got a list of 2"), str(e)
+
+
 def test_a_value_that_is_no_sequence_is_named():
     def prog(comm):
         comm.alltoall({0: 1, 1: 2} if comm.rank == 1 else [1, 2])

@@ -9,6 +9,7 @@ text ("TypeError: expected ..., got ..."), or None; they never raise.
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
@@ -60,16 +61,21 @@ def check_reduce_op(op: Any) -> Tuple[int, Optional[str]]:
 def _op_text(op: Any) -> str:
     """An op as messages show it: mpi4py's predefined ops by name (``MPI.MAXLOC``), whose repr
     is only an address."""
-    try:
-        from mpi4py import MPI
-        if isinstance(op, MPI.Op):
-            for name in ("MAXLOC", "MINLOC", "REPLACE", "NO_OP", "OP_NULL"):
-                if op == getattr(MPI, name, None):
-                    return f"MPI.{name}"
-            return "a user-defined MPI.Op"
-    except ImportError:
-        pass
+    MPI = _loaded_mpi()
+    if MPI is not None and isinstance(op, MPI.Op):
+        for name in ("MAXLOC", "MINLOC", "REPLACE", "NO_OP", "OP_NULL"):
+            if op == getattr(MPI, name, None):
+                return f"MPI.{name}"
+        return "a user-defined MPI.Op"
     return repr(op)
+
+
+def _loaded_mpi() -> Any:
+    """mpi4py's MPI module where the process has loaded it, else None. Never imported here:
+    importing it initialises MPI, which under an MPI launcher waits for every rank to do the
+    same, so a bad op on one rank of a torch job would hang it. An ``MPI.Op`` exists only
+    where the module is loaded."""
+    return sys.modules.get("mpi4py.MPI")
 
 
 # id(op) -> (op, its name or None): mpi4py's ops, found once (a call should not compare ten)
@@ -82,9 +88,8 @@ def op_name_of(op: Any) -> Optional[str]:
     known = _OP_NAMES.get(id(op))
     if known is not None and known[0] is op:
         return known[1]
-    try:  # mpi4py's predefined ops, without importing mpi4py where it is not loaded
-        from mpi4py import MPI
-    except ImportError:
+    MPI = _loaded_mpi()
+    if MPI is None:
         return None
     found = None
     for name in REDUCE_OPS:

@@ -58,6 +58,7 @@ def scatter(p: Protocol, values: Any, root: Any, schema: Any, step: Any, name: A
     info: Optional[SchemaInfo] = None
     wild = not is_root and schema is None
     if is_root:
+        values = _held(values)
         if not isinstance(values, Sequence) or isinstance(values, (str, bytes)) \
                 or len(values) != p.size:
             error = error or _count_error(values, p.size, " on the root")
@@ -129,6 +130,16 @@ def unpack(p: Protocol, call: Call, packed: Any, source: int) -> List[Any]:
     raise verdict.decode_failure(p, call, source, ValueError(problem))
 
 
+def _held(values: Any) -> Any:
+    """A sequence's values as a plain list: the parts sent and the count checked are then the
+    same ones (a sequence type whose ``len`` and iteration disagree would otherwise pass the
+    count check and fail in the transport on the root alone)."""
+    if isinstance(values, Sequence) and not isinstance(values, (str, bytes)) and \
+            type(values) not in (list, tuple):
+        return list(values)
+    return values
+
+
 def _encode_parts(p: Protocol, info: SchemaInfo, values: Sequence[Any], op: str,
                   inferred: bool) -> Tuple[Optional[List[bytes]], Optional[str]]:
     """Each value encoded (and checked against the schema) on this rank: (parts, error).
@@ -193,6 +204,7 @@ def _exchange_parts(p: Protocol, op: str, values: Any, schema: Any, step: Any, n
     info: Optional[SchemaInfo] = None
     parts: Optional[List[bytes]] = None
     array_fp = _ZEROS
+    values = _held(values)
     if not isinstance(values, Sequence) or isinstance(values, (str, bytes)) \
             or len(values) != p.size:
         error = error or _count_error(values, p.size)
