@@ -39,3 +39,9 @@ def typedcoll_calls(comm, flush, pending):
 def point_to_point(comm, pending):
     if pending:
         comm.send(pending, dest=1)  # expect: collective-under-rank-local-gate
+
+
+def text_split_beside_a_communicator_split(comm, line, pending):
+    if pending:
+        line.split(":")
+        comm.split(1, 0)  # expect: collective-under-rank-local-gate

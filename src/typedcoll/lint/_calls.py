@@ -115,6 +115,12 @@ def wraps(value: Optional[ast.expr], name: str) -> bool:
             and value.args[0].id == name)
 
 
+def decorates(value: ast.expr, plain: ast.expr) -> bool:
+    """``f(x, ...)`` against ``x``: a call whose first argument is the other expression."""
+    return (isinstance(value, ast.Call) and bool(value.args)
+            and ast.dump(value.args[0]) == ast.dump(plain))
+
+
 # Constructors whose result takes only its argument's shape, dtype and device, never its values.
 _SHAPE_COPIES = frozenset({"zeros_like", "ones_like", "full_like"})
 

@@ -68,6 +68,9 @@ COLLECTIVE_WORDS = frozenset({
 })
 _POINT_TO_POINT_WORDS = frozenset({"send", "isend", "recv", "irecv", "sendrecv"})
 
+# GPU kernel languages: their ``barrier`` synchronises the threads of one kernel, not processes.
+KERNEL_LANGUAGES = ("cutlass.", "cute.", "flydsl.", "triton.", "tilelang.", "numba.cuda.")
+
 _RECEIVES = re.compile(r"recv", re.IGNORECASE)
 # Only the root gets a gather's or a reduce's result; each rank its own part of a scatter.
 _ROOTED = re.compile(r"gather|reduce|scatter|alltoall|all_to_all|scan", re.IGNORECASE)
@@ -177,6 +180,14 @@ def _result_kind(op: str) -> str:
     return "symmetric"
 
 
+def _splits_text(call: ast.Call) -> bool:
+    """``name.split(":")``, ``line.split(sep=",")``: str.split, whose separator a communicator's
+    split (a color and a key, both ints) never takes."""
+    first = call.args[0] if call.args else None
+    return (isinstance(first, ast.Constant) and isinstance(first.value, (str, bytes))) or \
+        any(k.arg in ("sep", "maxsplit") for k in call.keywords)
+
+
 class CollectiveTable:
     """Classifies call expressions under one :class:`Config`; caches the receiver tests."""
 
@@ -206,6 +217,8 @@ class CollectiveTable:
         resolved = resolve_alias(display, imports)
         config = self.config
         if config.matches("not_collectives", op) or config.matches("not_collectives", resolved):
+            return None
+        if resolved.startswith(KERNEL_LANGUAGES) or (op == "split" and _splits_text(call)):
             return None
         torch_op = resolved.startswith("torch.distributed.") and op in TORCH_DISTRIBUTED_OPS
         in_place = torch_op or op in MPI_BUFFER_OPS

@@ -13,8 +13,8 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
 
 from ._balance import exits_in
 from ._callgraph import CallTarget, Function
-from ._calls import (bind, bound_nodes, self_attribute, shape_copy, static_attribute,
-                     static_call, wraps)
+from ._calls import (bind, bound_nodes, decorates, self_attribute, shape_copy,
+                     static_attribute, static_call, wraps)
 from ._collectives import dotted_name, is_rank_name
 from ._facts import AttrWrite, CallRecord, Facts, Gate, gate_flow
 from ._presence import PresenceTracking, asked
@@ -235,6 +235,11 @@ class ValueAnalysis(PresenceTracking):
             gate = self.gate("if-expression", node, node.test, test)
             body = self.expr(node.body, ctrl + (gate,))
             other = self.expr(node.orelse, ctrl + (gate,))
+            if decorates(node.body, node.orelse) or decorates(node.orelse, node.body):
+                # ``tqdm(x) if rank == 0 else x``: the same items either way, as for ``x =
+                # tqdm(x)`` under such a branch; a role test adds nothing
+                return join(body, other, gate_flow(self.facts, gate, test, join(body, other),
+                                                   roles=False))
             return join(test, body, other)
         if isinstance(node, ast.NamedExpr):
             named = self.expr(node.value, ctrl)
