@@ -42,3 +42,62 @@ class Worker:
             dist.barrier()  # expect: collective-under-rank-local-gate
             if len(self.pending) > 8:
                 break
+
+
+class Receiver:
+    """A rank that leaves a loop early goes on after it: what the loop built after the exit's
+    gate (a count, a list, a flag a helper returns) is this rank's own."""
+
+    def __init__(self, inbox, comm):
+        self.inbox = inbox
+        self.comm = comm
+
+    def counted(self):
+        n = 0
+        for _ in range(8):
+            if self.inbox.empty():
+                break
+            n += 1
+        if n:
+            self.comm.barrier()  # expect: collective-under-rank-local-gate
+
+    def drained(self):
+        got = []
+        while True:
+            try:
+                got.append(self.inbox.get_nowait())
+            except Exception:
+                break
+        if not got:
+            return
+        self.comm.allgather(len(got))  # expect: collective-under-rank-local-gate
+
+    def skipped(self):
+        n = 0
+        for _ in range(8):
+            if self.inbox.empty():
+                continue
+            n += 1
+        if n:
+            self.comm.barrier()  # expect: collective-under-rank-local-gate
+
+    def _any(self):
+        found = False
+        for _ in range(4):
+            if self.inbox.empty():
+                break
+            found = True
+        return found
+
+    def through_a_helper(self):
+        if self._any():
+            self.comm.barrier()  # expect: collective-under-rank-local-gate
+
+    def counted_alike(self, items):
+        n = 0
+        for item in items:
+            if item is None:
+                break
+            n += 1
+        self.comm.allgather(n)
+        return n

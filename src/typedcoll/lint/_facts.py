@@ -96,13 +96,16 @@ def gate_flow(facts: Facts, gate: Gate, taint: Taint, value: Taint, roles: bool 
               exits: bool = False) -> Taint:
     """What ``gate`` (its taint ``taint``) adds to ``value`` stored under it (implicit flow).
 
-    An early exit's gate matters to what a function returns (ranks that left returned
-    something else) but not to a value stored after it: no rank that left reads it. A handler's
-    fallback value is taken as what every rank computes; ``roles`` False leaves out gates on
-    the rank identity alone; a value from collectives the gate's balanced sides issue is every
-    rank's.
+    An early return's gate matters to what a function returns (ranks that left returned
+    something else) but not to a value stored after it: no rank that left reads it. A rank that
+    left a loop (``break``, ``continue``, a handler's too) goes on and reads it, so those gates
+    count. A handler's fallback value is taken as what every rank computes; ``roles`` False
+    leaves out gates on the rank identity alone; a value from collectives the gate's balanced
+    sides issue is every rank's.
     """
-    if not taint or (gate.origin is not None and not exits) or gate.root.kind == "except":
+    left_loop = gate.kind in ("early-break", "early-continue")
+    if not taint or (gate.origin is not None and not exits and not left_loop) or \
+            (gate.root.kind == "except" and not left_loop):
         return SYMMETRIC
     local = any(s.kind == LOCAL for s in taint)
     if not roles and not local:
