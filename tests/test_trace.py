@@ -481,6 +481,10 @@ def test_cli_exit_codes_and_text(tmp_path, capsys):
            "it\n" in out
     assert "  rank 1:\n    COMM_WORLD #1 allgather[RankState] at loop.py:10, step 1: completed" \
         in out
+    assert main([str(tmp_path), "--last", "0"]) == 1
+    out = capsys.readouterr().out
+    assert "first finding: collective #2" in out and "last entries" not in out and \
+        "none recorded" not in out, out
 
 
 def test_cli_lines_are_whole_and_clean(tmp_path, capsys):

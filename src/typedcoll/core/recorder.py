@@ -115,13 +115,14 @@ class FlightRecorder:
         self.numbers.extend(bytes(ENTRY.size * more))
         self.objects.extend([None] * (OBJECTS_PER_ENTRY * more))
 
-    def start(self, call: Call, nbytes: int = 0) -> None:
+    def start(self, call: Call) -> None:
+        """Record ``call`` as started; its payload's size comes later (``set_bytes``)."""
         state = self.state
         if state[0] == self.allocated < self.capacity:
             self._grow()
         index = state[0] % self.allocated
         ENTRY.pack_into(self.numbers, index * ENTRY.size, call.seq & (2 ** 64 - 1),
-                        call.wire_step, time.time_ns(), 0, nbytes, call.lasti, call.occurrence,
+                        call.wire_step, time.time_ns(), 0, 0, call.lasti, call.occurrence,
                         OPS[call.op], STARTED, call.reduce_op, call.root)
         base = OBJECTS_PER_ENTRY * index
         self.objects[base] = call.info

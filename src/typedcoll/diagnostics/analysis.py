@@ -316,8 +316,8 @@ def consistent_text(c: CommReport) -> str:
             "TYPEDCOLL_TRACE_BUFFER=0?)")
 
 
-def format_report(report: Report, dumps: Dict[int, Dump], source: str) -> str:
-    """The human-readable report."""
+def format_report(report: Report, dumps: Dict[int, Dump], source: str, last: int = 5) -> str:
+    """The human-readable report; ``last`` 0 leaves out the last entries per rank."""
     lines = [f"typedcoll trace: {len(dumps)} dump{'s' if len(dumps) != 1 else ''} "
              f"({compact_ranks(report.ranks)}) in {clean(source, 1000)}"]
     for rank, d in sorted(dumps.items())[:MAX_RANK_LINES]:
@@ -338,6 +338,8 @@ def format_report(report: Report, dumps: Dict[int, Dump], source: str) -> str:
         for finding in (c.divergence, c.missing):
             if finding is not None:
                 lines += ["  " + line for line in finding.text.split("\n")]
+    if last <= 0:
+        return "\n".join(lines)
     lines += ["", "last entries per rank (oldest first):"]
     for tail in report.last[:MAX_RANK_LINES]:
         lines.append(f"  rank {tail.rank}:" + ("" if tail.entries else " (none recorded)"))

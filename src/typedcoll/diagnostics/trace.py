@@ -239,12 +239,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except TraceInputError as exc:
         print(f"typedcoll trace: error: {exc}", file=sys.stderr)
         return 2
-    report = analyze(dumps, min(max(args.last, 0), MAX_LAST))
+    last = min(max(args.last, 0), MAX_LAST)
+    report = analyze(dumps, last)
     try:
         if args.json:
             sys.stdout.write(report_json(report).decode() + "\n")
         else:
-            print(format_report(report, dumps, args.directory))
+            print(format_report(report, dumps, args.directory, last))
         sys.stdout.flush()
     except BrokenPipeError:  # `typedcoll trace DIR | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
