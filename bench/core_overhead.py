@@ -9,7 +9,13 @@ Four methods on the 3-field ``RankState`` record, interleaved round by round:
   typed    ``TypedComm.allgather(record)``: envelope, call identity check, typed decode
   timed    the same on a communicator with ``timeout=60`` over a parent of its own: every
            backend operation of the call is bounded by a deadline
-Goals: typed <= 1.5x raw; typed ahead of pickle. timed / typed is what a timeout costs.
+  hooked   ``TypedComm.allgather`` of the same fields in a Struct with a ``__post_init__``:
+           decoding runs user code, so every rank settles it in one more exchange (on the
+           Python steps)
+  declared the same with the hook declared to decide from the fields alone
+           (``typedcoll.decides_from_fields``): no settle, the C path
+Goals: typed <= 1.5x raw; typed ahead of pickle. timed / typed is what a timeout costs,
+hooked / typed what a decoding hook costs, declared / typed what is left of it declared.
 """
 
 from __future__ import annotations
@@ -25,11 +31,25 @@ from mpi4py import MPI
 import typedcoll as tc
 from harness import records, report, timing
 
-METHODS = ("raw", "pickle", "typed", "timed")
+METHODS = ("raw", "pickle", "typed", "timed", "hooked", "declared")
 CASE = "RankState"
 RATIOS = [report.Ratio(CASE, "typed", "raw", ("<=", 1.5)),
           report.Ratio(CASE, "typed", "pickle", ("<=", 1.0)),
-          report.Ratio(CASE, "timed", "typed")]
+          report.Ratio(CASE, "timed", "typed"),
+          report.Ratio(CASE, "hooked", "typed"),
+          report.Ratio(CASE, "declared", "typed")]
+
+
+class HookedRankState(records.RankState):
+    """``RankState`` with a hook that decoding runs (it accepts every value)."""
+
+    def __post_init__(self) -> None:
+        pass
+
+
+@tc.decides_from_fields
+class DeclaredRankState(HookedRankState):
+    """The same hook, declared to decide from the fields alone."""
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -44,16 +64,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rank, size = world.rank, world.size
     record = records.rank_state(rank)
     as_dict = msgspec.structs.asdict(record)
+    hooked = HookedRankState(*msgspec.structs.astuple(record))
+    declared = DeclaredRankState(*msgspec.structs.astuple(record))
     send, recv = np.zeros(64, np.uint8), np.empty(64 * size, np.uint8)
     calls = {"raw": lambda: raw_comm.Allgather(send, recv),
              "pickle": lambda: raw_comm.allgather(as_dict),
              "typed": lambda: typed.allgather(record),
-             "timed": lambda: timed.allgather(record)}
+             "timed": lambda: timed.allgather(record),
+             "hooked": lambda: typed.allgather(hooked),
+             "declared": lambda: typed.allgather(declared)}
 
     expected = [records.rank_state(r) for r in range(size)]
     report.stop_on_wrong_results(control, [p for p in (
         records.problem(typed.allgather(record), expected, "typed"),
         records.problem(timed.allgather(record), expected, "timed"),
+        records.problem(typed.allgather(hooked), [HookedRankState(*msgspec.structs.astuple(e))
+                                                  for e in expected], "hooked"),
+        records.problem(typed.allgather(declared), [DeclaredRankState(*msgspec.structs.astuple(
+            e)) for e in expected], "declared"),
         records.problem([records.RankState(**d) for d in raw_comm.allgather(as_dict)],
                         expected, "pickle")) if p])
 

@@ -77,7 +77,8 @@ def check_document(doc: Dict[str, Any], script: str, ranks: int) -> None:
 
 
 @pytest.mark.parametrize("script, cases, methods", [
-    ("core_overhead", {"RankState"}, {"raw", "pickle", "typed", "timed"}),
+    ("core_overhead", {"RankState"}, {"raw", "pickle", "typed", "timed", "hooked",
+                                          "declared"}),
     ("collectives", {"allgather", "gather", "bcast", "allreduce", "reduce", "barrier", "scatter",
                      "alltoall"}, {"typed", "mpi4py"}),
     ("core_decompose", {"RankState", "64 KiB array", "1 MiB array", "2,048 ints"},

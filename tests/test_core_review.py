@@ -568,12 +568,13 @@ def interrupted_then_continue(comm: tc.TypedComm) -> Any:
     comm.allgather(0)
     try:
         comm.allgather(Sensitive(42 if comm.rank == 0 else comm.rank, pad="p" * 300))
-    except Interrupt:
-        pass  # an application that catches the interrupt and goes on
+        ended = "returned"
+    except (Interrupt, tc.PeerError) as exc:
+        ended = type(exc).__name__  # an application that catches the interrupt and goes on
     state = slot_state(comm)
     for i in range(300):  # past the 256-call shrink window
         comm.allgather(i)
-    return state
+    return ended, state
 
 
 def test_an_interrupt_while_decoding_keeps_the_slot_rule_aligned():
@@ -581,10 +582,13 @@ def test_an_interrupt_while_decoding_keeps_the_slot_rule_aligned():
     communicator must stay aligned for the ranks that go on. The Python steps feed the slot
     rule before decoding; the C path feeds it after decoding, so the interrupted rank skips
     one observation, shrinks its slot one call later than its peers, and that call raises
-    DesyncError on every rank (a false alarm; over MPI a truncated message)."""
+    DesyncError on every rank (a false alarm; over MPI a truncated message). The hook reads
+    rank-local state, so its peer settles the decoding with it and raises PeerError naming it
+    instead of returning."""
     got = outcomes(2, interrupted_then_continue)
     assert not any(isinstance(g, BaseException) for g in got), got
-    assert got[0] == got[1], got
+    assert [g[0] for g in got] == ["PeerError", "Interrupt"], got
+    assert got[0][1] == got[1][1], got
 
 
 # --- 6. reduce_scatter of an op that does not apply ------------------------------------------

@@ -12,7 +12,8 @@ Layout (imports point down only)::
     _comm.py                TypedComm: each method one call into the core
     core/                   wire format, call identity, the protocol, verdicts, payloads, the C
                             fast path and its contract, the flight recorder, errors
-    codecs/                 schemas and fingerprints, numpy arrays, nesting, reductions
+    codecs/                 schemas and fingerprints, numpy arrays, nesting, reductions, the
+                            user hooks decoding runs
     transports/             mpi (mpi4py), torch (torch.distributed), memory (threads)
     tensor/                 checked tensor collectives (torch, NCCL)
     diagnostics/            hang reports, dumps, logs, the trace analyzer
@@ -26,6 +27,7 @@ Layout (imports point down only)::
 from . import compat, diagnostics, testing
 from ._comm import TypedComm
 from ._version import __version__
+from .codecs import decides_from_fields
 from .core.errors import (CollectiveError, CollectiveTimeout, ConcurrentCallError, DecodeError,
                           DesyncError, EncodeError, PeerError)
 from .core.plumbing import transparent
@@ -46,6 +48,7 @@ __all__ = [
     "TypedComm",
     "__version__",
     "compat",
+    "decides_from_fields",
     "diagnostics",
     "testing",
     "transparent",

@@ -318,6 +318,58 @@ if size > 1:
              f"called from {FILE}:{head + 4}" in str(err.error))
     chk.usable(comm, "after the last rank skipped through a picker")
 
+# A __post_init__ that reads rank-local state: the last rank refuses what the others accept.
+# Every rank raises in the same call (the last its own error, the others PeerError naming it),
+# a SymmetricFlush keeps the batch pending everywhere, and the communicator stays usable. The
+# hook is defined on the last rank only, so the other ranks' schema runs none (the C path
+# serves them) and the flag in the last rank's header alone makes every rank settle.
+if size > 1:
+    from typedcoll.executor import SymmetricFlush
+
+    strict = [False]
+    if rank == last:
+        class Limited(msgspec.Struct):
+            x: int
+
+            def __post_init__(self):
+                if strict[0] and self.x > 1:
+                    raise ValueError("x above this rank's limit")
+    else:
+        class Limited(msgspec.Struct):  # type: ignore[no-redef]
+            x: int
+
+    hooked = [
+        ("allgather", lambda: comm.allgather(Limited(0 if rank == last else rank + 2))),
+        ("bcast", lambda: comm.bcast(Limited(5) if rank == 0 else None, 0, schema=Limited)),
+        ("gather", lambda: comm.gather(Limited(0 if rank == last else rank + 2), last)),
+        ("scatter", lambda: comm.scatter([Limited(r + 2) for r in range(size)] if rank == 0
+                                         else None, 0, schema=Limited)),
+    ]
+    for op, call in hooked:
+        chk.eq(f"hook {op}: accepted everywhere", type(call()).__name__ in ("list", "Limited",
+                                                                           "NoneType"), True)
+        strict[0] = rank == last
+        own = tc.DecodeError if rank == last else tc.PeerError
+        with chk.expect(own, f"hook {op}: refused on the last rank only") as err:
+            call()
+        strict[0] = False
+        named = err.error.ranks if rank != last else (last,)
+        chk.eq(f"hook {op}: the rank named", named, (last,))
+        chk.true(f"hook {op}: why ({err.error})", "x above this rank's limit" in str(err.error)
+                 and (rank == last or "__post_init__" in str(err.error)))
+        chk.usable(comm, f"after hook {op}")
+    flush = SymmetricFlush(comm, {"limited": Limited})
+    flush.post("limited", Limited(5 if rank == 0 else 0))
+    strict[0] = rank == last
+    with chk.expect(tc.DecodeError if rank == last else tc.PeerError, "hook flush") as err:
+        flush.flush()
+    strict[0] = False
+    chk.eq("hook flush: kept pending", flush.num_pending, 1)
+    got = flush.flush()
+    chk.eq("hook flush: delivered once", [m.x for _, m in got.messages("limited")],
+           [5] + [0] * (size - 1))
+    chk.usable(comm, "after hook flush")
+
 # Two threads on one communicator: refused, never paired across threads, never a hang.
 shared = tc.TypedComm(WORLD.Dup(), timeout=5.0)
 outcomes = {0: [], 1: []}

@@ -7,6 +7,7 @@ rank decodes a payload alike; reductions combine in rank order. Nothing here pic
 """
 
 from .array import array_fingerprint, decode_array, encode_array
+from .hooks import decides_from_fields
 from .nesting import MAX_NESTING, nesting_ok
 from .reduce import ARRAY_REDUCE, SCALAR_REDUCE, check_operands, reduce_values
 from .schema import (ENCODER, FINGERPRINT_SIZE, KIND_ARRAY, KIND_MSGSPEC, KIND_NUMPY_SCALAR,
@@ -15,6 +16,7 @@ from .schema import (ENCODER, FINGERPRINT_SIZE, KIND_ARRAY, KIND_MSGSPEC, KIND_N
 __all__ = [
     "ARRAY_REDUCE", "ENCODER", "FINGERPRINT_SIZE", "KIND_ARRAY", "KIND_MSGSPEC",
     "KIND_NUMPY_SCALAR", "MAX_NESTING", "SCALAR_REDUCE", "SchemaInfo", "array_fingerprint",
-    "canonical", "check_operands", "class_path", "decode_array", "encode_array", "find_class",
+    "canonical", "check_operands", "class_path", "decides_from_fields", "decode_array",
+    "encode_array", "find_class",
     "nesting_ok", "reduce_values", "render_name", "resolve",
 ]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import sys
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import msgspec
 import msgspec.inspect as mi
@@ -23,6 +23,7 @@ import numpy as np
 
 from .int_list import faster_decode
 from .digest import digest8
+from .hooks import decoding_hook
 from .nesting import MAX_NESTING
 
 from .array import decode_array, encode_array
@@ -64,7 +65,7 @@ class SchemaInfo:
     """
 
     __slots__ = ("schema", "name", "fingerprint", "kind", "decoder", "decode", "path",
-                 "path_prefix", "record_class", "needs_nesting_scan", "fast")
+                 "path_prefix", "record_class", "needs_nesting_scan", "hook", "fast")
 
     def __init__(self, schema: Any, name: str, fingerprint: bytes, kind: int,
                  decoder: Any, decode: Any = None, batch: bool = True) -> None:
@@ -85,6 +86,9 @@ class SchemaInfo:
         # msgspec recurses no deeper than a schema's own structure, whatever the payload: only
         # schemas that can nest without bound (Any, Raw, recursive types) need the nesting scan.
         self.needs_nesting_scan = True
+        # User code decoding runs (``Class.__post_init__``), which the protocol settles after
+        # decoding (``codecs.hooks``); None where the bytes alone decide.
+        self.hook: Optional[str] = None
         # What the C fast path needs, in one attribute read; with a decoder of a list of this
         # schema, which decodes every rank's payload of an allgather in one call (None where
         # values may point into their bytes: they are decoded one by one from private copies;
@@ -177,6 +181,9 @@ def _build(schema: Any) -> SchemaInfo:
                       faster, batch)
     depth = static_depth(type_info)
     info.needs_nesting_scan = depth is None or depth >= MAX_NESTING
+    info.hook = decoding_hook(type_info)
+    if info.hook is not None:
+        info.fast = None  # the Python steps serve it: they settle what its hook decides
     return info
 
 

@@ -26,7 +26,7 @@ class Call:
                  "code", "lasti", "via", "callers", "error", "array_fp", "validate", "wild",
                  "guessed", "settings", "seq", "deadline", "overflow", "occurrence",
                  "array_meta", "same_shape", "inline", "split", "timed_out", "observed",
-                 "clocked")
+                 "clocked", "settles")
 
     def __init__(self, op: str, shape: int, info: Optional[SchemaInfo], mode: int, value: Any, *,
                  root: int = NO_ROOT, reduce_op: int = 0, step: Any = None,
@@ -68,6 +68,8 @@ class Call:
         self.clocked = clocked  # stamped with the step clock unless it gives its own step
         self.timed_out = False  # the C path's exchange passed its deadline (Python reports it)
         self.observed = False  # the C path fed this exchange to the slot-size rule already
+        # Some rank's decoding runs user code: every rank settles the outcome (core/settle.py).
+        self.settles = False
 
     @property
     def wire_step(self) -> int:

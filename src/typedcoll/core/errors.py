@@ -126,9 +126,9 @@ class DecodeError(CollectiveError):
     comes from a plain desync (that is a :class:`DesyncError`). Every rank that decodes the
     payload raises it, whatever its own stack depth; ranks that do not receive the payload
     (non-roots of ``gather``) do not, which is why ``gather`` checks each value on its sender
-    instead (:class:`PeerError`). Decoding is taken to give the same result on every rank: a
-    ``__post_init__`` that reads rank-local state can raise it on some ranks only, while the
-    others return; keep such checks out of ``__post_init__``.
+    instead (:class:`PeerError`). A ``__post_init__`` or validator that reads rank-local state
+    can refuse a payload on some ranks only: those raise it, and the ranks that decoded the
+    payload raise :class:`PeerError` naming them (``core/settle.py``).
     """
 
     def __init__(self, message: str, *, seq: int, comm: str = "", source: int = -1,

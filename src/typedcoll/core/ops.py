@@ -24,6 +24,7 @@ from .errors import DecodeError
 from .identity import check_name
 from .plumbing import register_internal
 from .protocol import Protocol
+from .settle import settled
 from .wire import (FLAG_OVERFLOW, FLAG_WILD_SCHEMA, GATHER, NO_ROOT, REDUCE, REDUCE_OP_NAMES,
                    block_flags)
 
@@ -39,7 +40,7 @@ def run(p: Protocol, call: Call, rest: Callable[[Call], Any]) -> Any:
     p.start(call)
     try:
         p.exchange(call)
-        result = rest(call)
+        result = settled(p, call, rest)
     except BaseException as exc:
         p.failed(exc)
         raise
@@ -71,7 +72,7 @@ def finish(p: Protocol, call: Call, rest: Callable[[Call], Any]) -> Any:
         if call.timed_out:
             verdict.timed_out(p, call)
         p.after_exchange(call)
-        result = rest(call)
+        result = settled(p, call, rest)
     except BaseException as exc:
         p.failed(exc)
         raise

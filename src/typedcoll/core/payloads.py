@@ -10,7 +10,8 @@ Decoding is typed (msgspec decoders built once; numpy arrays in their own format
 and gives the same verdict on every rank that decodes a payload: nesting is checked against a
 fixed limit from the bytes alone, a RecursionError from a deep caller is retried on a fresh
 stack, and whatever else the decoder or a user type raises (``__post_init__``, a ``ValueError``)
-becomes the one error every rank raises.
+becomes the one error every rank raises. A user hook may judge alike bytes differently on two
+ranks: ``settle`` then makes every rank raise.
 """
 
 from __future__ import annotations
@@ -208,7 +209,7 @@ def decode(p: "Protocol", call: Call, buf: Any, source: int,
                              f"{arr.shape}")
         return arr[()] if info.kind == KIND_NUMPY_SCALAR else arr
     except Exception as exc:  # untrusted bytes: whatever the decoder or a user type raises
-        raise verdict.decode_failure(p, call, source, exc) from exc
+        raise verdict.decode_failure(p, call, source, exc, info) from exc
 
 
 register_internal(__file__)

@@ -29,6 +29,8 @@ Every typed collective, whatever its kind, runs these steps (``ops`` holds each 
      on a rooted collective): counts come from headers every rank has seen, so every rank joins
      the same backend operations. Then typed decoding, never pickle: a payload that does not
      decode raises the same error on every rank that decodes it, whatever its stack depth.
+     Where some rank's schema runs user code when decoding (``__post_init__``), every rank
+     then settles the outcome with one more exchange (``settle``): every rank raises or none.
 
 With ``timeout``, one deadline bounds every backend operation of the call. The C fast path
 (``fast``) runs steps 1-4 and the decoding of the steady state; it hands anything else to these
@@ -61,8 +63,8 @@ from .plumbing import register_internal
 from .site_walk import call_site, user_frame
 from .sites import format_site
 from .recorder import FlightRecorder, capacity_from_env
-from .wire import (AGREE_SIZE, FLAG_GUESSED, FLAG_LOCAL_ERROR, FLAG_OVERFLOW, FLAG_ROLE,
-                   FLAG_SPLIT_ARRAY, FLAG_WILD_SCHEMA, HEADER, HEADER_SIZE, MAGIC,
+from .wire import (AGREE_SIZE, FLAG_DECODE_HOOK, FLAG_GUESSED, FLAG_LOCAL_ERROR, FLAG_OVERFLOW,
+                   FLAG_ROLE, FLAG_SPLIT_ARRAY, FLAG_WILD_SCHEMA, HEADER, HEADER_SIZE, MAGIC,
                    NATIVE_LITTLE, NO_ROOT, NO_STEP, OPS, REDUCE, SlotPolicy, agreed,
                    block_flags, block_length, instances_differ, slot_log2)
 from .transport import TransportTimeout
@@ -278,6 +280,7 @@ class Protocol(EncodeStep):
             self.fast = None  # the next call re-allocates (start), then binds the C path again
         if flags & FLAG_LOCAL_ERROR or not agreed(block):
             verdict.disagreement(self, call)
+        call.settles = bool(flags & FLAG_DECODE_HOOK)
 
     def settle(self, call: Call, error: Optional[str]) -> None:
         """Agree on an outcome only some ranks could judge (a class found by name): one more
@@ -314,6 +317,9 @@ class Protocol(EncodeStep):
             flags |= FLAG_OVERFLOW
         else:
             self.send_view[HEADER_SIZE:HEADER_SIZE + n] = payload
+        info = call.info
+        if info is not None and info.hook is not None and not opcode:
+            flags |= FLAG_DECODE_HOOK
         if call.wild:
             flags |= FLAG_WILD_SCHEMA
         elif call.guessed:
@@ -323,7 +329,6 @@ class Protocol(EncodeStep):
             role = roles.wire_identity(self, call, identity)
             if role is not None:
                 identity, flags = role, flags | FLAG_ROLE
-        info = call.info
         _pack(self.send, 0, MAGIC, opcode or OPS[call.op], call.reduce_op, slot_log2(slot),
               call.root,
               call.seq, call.wire_step,

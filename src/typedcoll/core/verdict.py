@@ -278,12 +278,15 @@ def decode_any(info: SchemaInfo, buf: Any) -> Any:
         return on_fresh_stack(info.decode, bytes(buf))
 
 
-def decode_failure(p: "Protocol", call: Call, source: int, exc: BaseException) -> Exception:
-    """The error for a payload that does not decode: the sender's own, or its peers'."""
+def decode_failure(p: "Protocol", call: Call, source: int, exc: BaseException,
+                   info: Optional[SchemaInfo] = None) -> Exception:
+    """The error for a payload that does not decode as ``info`` (default: the call's schema):
+    the sender's own, or its peers'."""
     site = place(EnvelopeInfo(rank=p.rank, seq=call.seq, op=call.op,
                               site=format_site(call.code, call.lasti), name=call.name,
                               via=via_name(call.via)))
-    name = call.info.name if call.info is not None else "?"
+    info = info if info is not None else call.info
+    name = info.name if info is not None else "?"
     detail = f"{type(exc).__name__}: {exc}" if not isinstance(exc, msgspec.DecodeError) \
         else str(exc)
     if source == p.rank:

@@ -75,6 +75,9 @@ FLAG_ROLE = 32  # the rank sent, in place of its call site, the role identity it
 #                 this call proved one rooted collective in a role branch's two arms
 #                 (core/roles.py); headers that differ where any rank did are exchanged once
 #                 more with the call sites
+FLAG_DECODE_HOOK = 64  # the rank's schema runs user code when decoding (codecs/hooks.py), which
+#                         may judge a payload differently on another rank: every rank settles
+#                         the call's decoding with one more exchange (core/ops.py)
 SCHEMA_OFFSET = 24
 IDENTITY_OFFSET = 40
 

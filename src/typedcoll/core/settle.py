@@ -1,0 +1,87 @@
+"""Settling decoding that runs user code: every rank raises in the call, or none does.
+
+Decoding is a function of the bytes and the schema, the same on every rank that decodes a
+payload, except where the schema's classes define hooks that msgspec runs as it builds them
+(``__post_init__``, attrs validators: ``codecs.hooks``). A hook may read rank-local state, and
+then the same payload decodes on one rank and is refused on another: without this step the
+first returns while the second raises, and a ``SymmetricFlush`` keeps the refused batch pending
+on one rank after its peers delivered it.
+
+So a call whose header says that some rank's schema runs a hook (``FLAG_DECODE_HOOK``, read from
+the agreement block, hence on every rank alike) ends with one more REDUCE exchange, op
+``settle``, in which each rank flags whether its own decoding failed (after an error that
+every rank raised anyway, too: a rank cannot know that its peers raised). Where any rank
+flagged, the readable envelopes are exchanged once more; a rank that failed raises its own
+error, the others a :class:`PeerError` naming it. Schemas without hooks never pay this step.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+from .call import Call
+from .errors import CollectiveError, DecodeError, EncodeError, PeerError
+from .mismatch import compact_ranks, label, place
+from .plumbing import register_internal
+from .verdict import describe_call, disagreement, exchange_infos, where
+from .wire import (FLAG_LOCAL_ERROR, FLAGS_OFFSET, HEADER_SIZE, OPS, REDUCE, agreed,
+                   block_flags)
+
+if TYPE_CHECKING:
+    from .protocol import Protocol
+
+_MAX_ERROR_TEXT = 4096
+
+
+def settled(p: "Protocol", call: Call, rest: Callable[[Call], Any]) -> Any:
+    """``rest(call)`` (phase 2 and decoding), settled on every rank where ``call.settles``."""
+    if not call.settles:
+        return rest(call)
+    try:
+        result = rest(call)
+    except (DecodeError, EncodeError, PeerError) as exc:
+        settle_decoding(p, call, exc)
+        raise
+    except CollectiveError:
+        raise  # a timeout, a lost peer: not every rank may come to a settle
+    except BaseException as exc:  # an interrupt in a hook: its peers must not wait for it
+        settle_decoding(p, call, exc)
+        raise
+    settle_decoding(p, call, None)
+    return result
+
+
+def settle_decoding(p: "Protocol", call: Call, exc: Optional[BaseException]) -> None:
+    """The settle exchange; returns where no rank failed, or where this one did (its caller
+    raises its own error), else raises the PeerError naming the ranks that failed."""
+    error = None
+    if exc is not None:
+        text, head = str(exc), where(p, call) + ": "
+        error = f"{type(exc).__name__}: {text[len(head):] if text.startswith(head) else text}"
+    payload = b"" if error is None else error.encode()[:_MAX_ERROR_TEXT]
+    p.write(call, payload, FLAG_LOCAL_ERROR if error is not None else 0, OPS["settle"])
+    p.run_exchange(call, REDUCE)
+    if not block_flags(p.block) & FLAG_LOCAL_ERROR:
+        if not agreed(p.block):
+            disagreement(p, call)  # headers that differ in a settle: a corrupt peer; raises
+        return
+    header = bytes(p.send[:HEADER_SIZE])
+    pairs = exchange_infos(p, call, header, describe_call(p, call, error))
+    if exc is not None:
+        return
+    failed = [r for r, (h, _) in enumerate(pairs) if h[FLAGS_OFFSET] & FLAG_LOCAL_ERROR]
+    first = pairs[failed[0]][1]
+    more = "" if len(failed) == 1 else f" (and {compact_ranks(failed[1:])})"
+    detail = f"{first.error_type}: {first.error}" if first.error_type else first.error or ""
+    # Named from what every rank exchanged (a bcast receiver that named no schema knows none).
+    schema = next((info.schema for _, info in pairs if info.schema), "")
+    raise PeerError(f"{where(p, call)}: rank {first.rank}{more} refused in decoding what the "
+                    f"other ranks decoded, in {label(call.op, schema)} at "
+                    f"{place(first, callers=False)}: {detail} (decoding runs the schema's "
+                    f"__post_init__ or validators, which judged the same bytes differently on "
+                    f"different ranks: they must decide from the fields alone)", seq=call.seq,
+                    comm=p.name, ranks=failed, error_type=first.error_type or "",
+                    detail=first.error or "")
+
+
+register_internal(__file__)

@@ -1,0 +1,231 @@
+"""Schemas whose decoding runs user code, and the settle that keeps every rank's verdict one.
+
+A ``__post_init__`` that reads rank-local state refuses on one rank what its peers accept:
+every rank must raise in that call (the refusing rank its own error, the others PeerError),
+and a SymmetricFlush must deliver the batch once, after the hook accepts it. The same SPMD
+cases run over MPI in tests/spmd/core_errors.py, with the hook on one rank only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from typing import Any, Dict, List, Optional
+
+import msgspec
+import msgspec.inspect as mi
+import pytest
+
+import typedcoll as tc
+from typedcoll.codecs import resolve
+from typedcoll.codecs.hooks import decoding_hook
+from typedcoll.executor import SymmetricFlush
+from typedcoll.testing import run
+
+FILE = "test_codecs_hooks.py"
+STRICT = threading.local()  # per rank: the testing harness runs each rank in a thread
+
+
+class Plain(msgspec.Struct):
+    x: int
+
+
+class Limited(msgspec.Struct):
+    x: int
+
+    def __post_init__(self) -> None:
+        if getattr(STRICT, "on", False) and self.x > 1:
+            raise ValueError("x above this rank's limit")
+
+
+@dataclasses.dataclass
+class Checked:
+    y: int
+
+    def __post_init__(self) -> None:
+        pass
+
+
+@tc.decides_from_fields
+class Validated(msgspec.Struct):
+    x: int
+
+    def __post_init__(self) -> None:
+        if self.x < 0:
+            raise ValueError("expected x >= 0")
+
+
+class ValidatedMore(Validated):
+    """Inherits the declared hook: still declared."""
+
+    y: int = 0
+
+
+class Rechecked(Validated):
+    """Defines a hook of its own: not covered by its base's declaration."""
+
+    def __post_init__(self) -> None:
+        pass
+
+
+class Tree(msgspec.Struct):
+    children: List["Tree"]
+
+
+class Holder(msgspec.Struct):
+    inner: Optional[Dict[str, List[Limited]]]
+
+
+@pytest.mark.parametrize("schema,hook", [
+    (int, None), (Plain, None), (List[Plain], None), (Tree, None), (Any, None),
+    (Limited, "Limited.__post_init__"), (Checked, "Checked.__post_init__"),
+    (Optional[List[Limited]], "Limited.__post_init__"), (Holder, "Limited.__post_init__"),
+    (Dict[str, Checked], "Checked.__post_init__"),
+    (Validated, None), (ValidatedMore, None), (Rechecked, "Rechecked.__post_init__"),
+    (List[Validated], None),
+])
+def test_the_hook_a_schema_runs_is_found_wherever_it_nests(schema, hook):
+    assert decoding_hook(mi.type_info(schema)) == hook
+    info = resolve(schema)
+    assert info.hook == hook
+    # Only schemas without hooks keep the C path's steady state, which does not settle.
+    assert (info.fast is None) == (hook is not None)
+
+
+def refused_on_rank_2(comm: tc.TypedComm, op: str) -> Any:
+    value = Limited(0 if comm.rank == 2 else comm.rank + 2)
+    STRICT.on = comm.rank == 2
+    try:
+        if op == "allgather":
+            return comm.allgather(value)
+        if op == "bcast":
+            return comm.bcast(Limited(5) if comm.rank == 0 else None, 0, schema=Limited)
+        return comm.gather(value, 2)
+    finally:
+        STRICT.on = False
+
+
+def outcomes(n: int, fn: Any, *args: Any) -> List[Any]:
+    def each(comm: tc.TypedComm, *a: Any) -> Any:
+        try:
+            return fn(comm, *a)
+        except tc.CollectiveError as exc:
+            return exc
+    return run(n, each, *args, timeout=20.0)
+
+
+@pytest.mark.parametrize("op", ["allgather", "bcast", "gather"])
+def test_a_hook_that_refuses_on_one_rank_raises_on_every_rank(op):
+    got = outcomes(4, refused_on_rank_2, op)
+    assert type(got[2]) is tc.DecodeError, got
+    assert "x above this rank's limit" in str(got[2])
+    others = [got[r] for r in (0, 1, 3)]
+    assert all(type(e) is tc.PeerError and e.ranks == (2,) for e in others), got
+    assert len({str(e) for e in others}) == 1, "one text on every rank that decoded it"
+    line = refused_on_rank_2.__code__.co_firstlineno + {"allgather": 5, "bcast": 7,
+                                                          "gather": 8}[op]
+    head = (f"collective #0 on WORLD: rank 2 refused in decoding what the other ranks decoded, "
+            f"in {op}[Limited] at {FILE}:{line}: DecodeError: payload from rank ")
+    assert str(others[0]).startswith(head), str(others[0])
+    assert str(others[0]).endswith(
+        "x above this rank's limit (decoding runs the schema's __post_init__ or validators, "
+        "which judged the same bytes differently on different ranks: they must decide from "
+        "the fields alone)"), str(others[0])
+
+
+def accepted_everywhere(comm: tc.TypedComm) -> Any:
+    return comm.allgather(Limited(comm.rank % 2)), comm.allgather(Plain(comm.rank))
+
+
+def test_hooks_that_accept_return_the_values_on_every_rank():
+    for got in run(4, accepted_everywhere):
+        assert got == ([Limited(r % 2) for r in range(4)], [Plain(r) for r in range(4)])
+
+
+def flush_refused_then_accepted(comm: tc.TypedComm) -> Any:
+    flush = SymmetricFlush(comm, {"limited": Limited})
+    flush.post("limited", Limited(5 if comm.rank == 0 else 0))
+    STRICT.on = comm.rank == 2
+    try:
+        flush.flush()
+        first = "delivered"
+    except tc.CollectiveError as exc:
+        first = type(exc).__name__
+    STRICT.on = False
+    pending = flush.num_pending
+    delivered = [(r, m.x) for r, m in flush.flush().messages("limited")]
+    return first, pending, delivered, flush.num_pending
+
+
+def test_a_flush_refused_on_one_rank_stays_pending_everywhere_and_is_delivered_once():
+    got = run(4, flush_refused_then_accepted)
+    for r, (first, pending, delivered, left) in enumerate(got):
+        assert first == ("DecodeError" if r == 2 else "PeerError"), got
+        assert (pending, left) == (1, 0), got
+        assert delivered == [(0, 5), (1, 0), (2, 0), (3, 0)], got
+
+
+def wild_bcasts(comm: tc.TypedComm) -> Any:
+    """Receivers that name no schema: the first call finds the class by name, the next ones
+    send the class they found (a guess); the hook refuses on rank 2 in the second."""
+    seen = []
+    for strict in (False, True, False):
+        STRICT.on = strict and comm.rank == 2
+        try:
+            seen.append(comm.bcast(Limited(5) if comm.rank == 0 else None, 0))
+        except tc.CollectiveError as exc:
+            seen.append(type(exc).__name__)
+        STRICT.on = False
+    return seen
+
+
+def test_receivers_that_name_no_schema_settle_too():
+    got = run(4, wild_bcasts, timeout=20.0)
+    for r, seen in enumerate(got):
+        assert seen == [Limited(5), "DecodeError" if r == 2 else "PeerError", Limited(5)], got
+
+
+def declared_then_refused(comm: tc.TypedComm) -> Any:
+    """A declared hook decides from the fields: it refuses on every rank, with no settle."""
+    value = Validated(comm.rank)
+    if comm.rank == 1:
+        msgspec.structs.force_setattr(value, "x", -1)
+    try:
+        comm.allgather(value)
+    except tc.CollectiveError as exc:
+        return type(exc).__name__
+    return "returned"
+
+
+def test_a_declared_hook_refuses_on_every_rank_without_a_settle(monkeypatch):
+    from typedcoll.core import settle
+    settles: List[int] = []
+    real = settle.settle_decoding
+    monkeypatch.setattr(settle, "settle_decoding",
+                        lambda p, call, exc: settles.append(p.rank) or real(p, call, exc))
+    got = run(4, declared_then_refused, timeout=20.0)
+    assert got == ["DecodeError", "EncodeError", "DecodeError", "DecodeError"], got
+    assert settles == []
+
+
+def test_an_undeclared_hook_settles_on_every_rank(monkeypatch):
+    from typedcoll.core import settle
+    settles: List[int] = []
+    real = settle.settle_decoding
+    monkeypatch.setattr(settle, "settle_decoding",
+                        lambda p, call, exc: settles.append(p.rank) or real(p, call, exc))
+    run(4, accepted_everywhere)
+    assert sorted(settles) == [0, 1, 2, 3]  # one per rank, for the Limited call alone
+
+
+class Inherited(Limited):
+    """Declares the hook it inherits from an undeclared base."""
+
+
+decides_from_fields_inherited = tc.decides_from_fields(Inherited)
+
+
+def test_a_declaration_covers_the_hooks_a_class_inherits():
+    assert decides_from_fields_inherited is Inherited
+    assert decoding_hook(mi.type_info(Inherited)) is None
+    assert decoding_hook(mi.type_info(Limited)) == "Limited.__post_init__"
