@@ -293,8 +293,8 @@ def test_the_public_api():
     assert sorted(tc.__all__) == sorted([
         "CollectiveError", "CollectiveTimeout", "ConcurrentCallError", "DecodeError",
         "DesyncError", "EncodeError", "EnvelopeInfo", "Group", "MismatchKind", "Note",
-        "PeerError", "TypedComm", "__version__", "compat", "diagnostics", "testing",
-        "transparent"])
+        "PeerError", "TypedComm", "__version__", "compat", "decides_from_fields", "diagnostics",
+        "testing", "transparent"])
     for name in ("CollectiveError", "DesyncError", "CollectiveTimeout", "EncodeError",
                  "DecodeError", "PeerError", "ConcurrentCallError", "MismatchKind"):
         assert getattr(tc, name).__module__ == "typedcoll"
