@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from typing import Any, Dict, List, Optional
 
 import msgspec
@@ -229,3 +230,99 @@ def test_a_declaration_covers_the_hooks_a_class_inherits():
     assert decides_from_fields_inherited is Inherited
     assert decoding_hook(mi.type_info(Inherited)) is None
     assert decoding_hook(mi.type_info(Limited)) == "Limited.__post_init__"
+
+
+class Mixin:
+    def __post_init__(self) -> None:
+        pass
+
+
+@tc.decides_from_fields
+class DeclaredBase(msgspec.Struct):
+    x: int
+
+
+class WithMixin(DeclaredBase, Mixin):
+    """Its hook is the mixin's, which the declared base does not run: not covered."""
+
+
+def test_a_declared_base_does_not_cover_a_mixins_hook():
+    assert decoding_hook(mi.type_info(WithMixin)) == "WithMixin.__post_init__"
+    assert decoding_hook(mi.type_info(DeclaredBase)) is None
+
+
+class Located(msgspec.Struct):
+    path: str
+
+    def __post_init__(self) -> None:
+        if getattr(STRICT, "on", False):
+            # What os.fsdecode of undecodable bytes gives: a lone surrogate.
+            raise FileNotFoundError("no such file: /data/\udcff/" + self.path)
+
+
+def refused_with_a_surrogate(comm: tc.TypedComm) -> Any:
+    value = Located(f"f{comm.rank}")
+    STRICT.on = comm.rank == 2
+    try:
+        return comm.allgather(value)
+    finally:
+        STRICT.on = False
+
+
+def test_a_refusal_whose_text_cannot_be_encoded_still_reaches_every_rank():
+    got = outcomes(4, refused_with_a_surrogate)
+    assert type(got[2]) is tc.DecodeError, got
+    for r in (0, 1, 3):
+        assert type(got[r]) is tc.PeerError and got[r].ranks == (2,), got
+        assert "no such file: /data/\\udcff/f0" in str(got[r]), str(got[r])
+
+
+class Slow(msgspec.Struct):
+    x: int
+
+    def __post_init__(self) -> None:
+        if getattr(STRICT, "on", False):
+            time.sleep(0.25)
+
+
+def slow_hooks(comm: tc.TypedComm) -> Any:
+    STRICT.on = True
+    try:
+        return comm.allgather(Slow(comm.rank))
+    finally:
+        STRICT.on = False
+
+
+def test_the_settle_has_a_deadline_of_its_own():
+    """Four hooks of 0.25 s each outlast the 0.5 s timeout: the settle that follows them is not
+    a late peer."""
+    for got in run(4, slow_hooks, timeout=0.5):
+        assert got == [Slow(r) for r in range(4)]
+
+
+@dataclasses.dataclass
+class Request:
+    x: int
+
+    def __post_init__(self) -> None:
+        if getattr(STRICT, "on", False) and self.x == 0:
+            raise KeyboardInterrupt("interrupted while rebuilding")
+
+
+def interrupted_in_the_drop_in(comm: tc.TypedComm) -> Any:
+    from typedcoll.compat.mpi4py import Comm
+    drop_in = Comm._made(comm, None)
+    STRICT.on = comm.rank == 2
+    try:
+        return drop_in.allgather(Request(comm.rank))
+    except (KeyboardInterrupt, tc.CollectiveError) as exc:
+        return type(exc).__name__
+    finally:
+        STRICT.on = False
+
+
+def test_an_interrupt_in_a_drop_ins_rebuild_still_settles_with_its_peers():
+    """The mpi4py drop-in rebuilds classes after the call and settles that: an interrupt on
+    one rank propagates there, and its peers raise instead of waiting for it."""
+    got = run(4, interrupted_in_the_drop_in, timeout=20.0)
+    assert got == ["DecodeError", "DecodeError", "KeyboardInterrupt", "DecodeError"], got

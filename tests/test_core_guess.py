@@ -43,9 +43,9 @@ def settles(monkeypatch: pytest.MonkeyPatch) -> Dict[int, int]:
     counts: Dict[int, int] = {}
     original = Protocol.settle
 
-    def spy(self: Protocol, call: Any, error: Any) -> None:
+    def spy(self: Protocol, call: Any, error: Any, hook: bool = False) -> None:
         counts[self.rank] = counts.get(self.rank, 0) + 1
-        original(self, call, error)
+        original(self, call, error, hook)
     monkeypatch.setattr(Protocol, "settle", spy)
     return counts
 

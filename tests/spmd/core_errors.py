@@ -358,6 +358,20 @@ if size > 1:
         chk.true(f"hook {op}: why ({err.error})", "x above this rank's limit" in str(err.error)
                  and (rank == last or "__post_init__" in str(err.error)))
         chk.usable(comm, f"after hook {op}")
+    # Receivers that name no schema find the class by name: only the last rank's runs a hook,
+    # so the header carries no flag; the search's own settle tells every rank to settle.
+    def wild_bcast():
+        return comm.bcast(Limited(5) if rank == 0 else None, 0)  # receivers: no schema=
+
+    for attempt in ("found by name", "guessed"):
+        strict[0] = rank == last
+        with chk.expect(tc.DecodeError if rank == last else tc.PeerError,
+                        f"hook wild bcast, {attempt}") as err:
+            wild_bcast()
+        strict[0] = False
+        chk.true(f"hook wild bcast, {attempt}: why ({err.error})",
+                 "x above this rank's limit" in str(err.error))
+    chk.eq("hook wild bcast: accepted", wild_bcast().x, 5)
     flush = SymmetricFlush(comm, {"limited": Limited})
     flush.post("limited", Limited(5 if rank == 0 else 0))
     strict[0] = rank == last

@@ -79,11 +79,12 @@ def _own_hook(cls: type) -> Optional[str]:
 
 
 def _declared(cls: type, name: str) -> bool:
-    """``cls``, or a base of it no lower than the class that defines ``name``, declared that it
-    decides from its fields (``decides_from_fields``)."""
-    for c in cls.__mro__:
-        if vars(c).get(_DECLARED):
-            return True
-        if name in vars(c):
-            return False
-    return False
+    """A class that declared it decides from its fields (``decides_from_fields``), ``cls`` or a
+    base of it, runs the same ``name`` as ``cls`` does (it defines or inherits it: a base
+    declared beside a mixin that defines the hook does not cover the mixin's)."""
+    owner = _definer(cls, name)
+    return any(vars(c).get(_DECLARED) and _definer(c, name) is owner for c in cls.__mro__)
+
+
+def _definer(cls: type, name: str) -> Any:
+    return next((c for c in cls.__mro__ if name in vars(c)), None)

@@ -61,12 +61,13 @@ def _site() -> str:
 class _Rebuilt:
     """The values of one call on this rank, or the first failure to rebuild one."""
 
-    __slots__ = ("values", "failure", "source")
+    __slots__ = ("values", "failure", "source", "interrupt")
 
     def __init__(self) -> None:
         self.values: List[Any] = []
         self.failure: Optional[str] = None
         self.source = -1
+        self.interrupt: Optional[BaseException] = None  # raised here once the peers know
 
 
 def _rebuild(trees: Sequence[Any], sources: Sequence[int]) -> _Rebuilt:
@@ -74,10 +75,12 @@ def _rebuild(trees: Sequence[Any], sources: Sequence[int]) -> _Rebuilt:
     for tree, source in zip(trees, sources):
         try:
             out.values.append(tagged.decode(tree))
-        except Exception as exc:  # malformed markers, or classes this rank lacks
+        except BaseException as exc:  # malformed markers, classes this rank lacks, a hook's
             out.failure = str(exc) if isinstance(exc, Unresolved) else \
                 f"{type(exc).__name__}: {exc}"
             out.source = source
+            if not isinstance(exc, Exception):  # an interrupt: its peers still settle with it
+                out.interrupt = exc
             return out
     return out
 
@@ -107,6 +110,12 @@ def _finish(p: Protocol, trees: Sequence[Any], sources: Sequence[int], flags: in
         return list(trees)  # plain values: decoded as they were sent (the common case)
     settling = bool(flags & _CLASSES)
     rebuilt = _rebuild(trees, sources) if rebuild else _Rebuilt()
+    if rebuilt.interrupt is not None:
+        try:
+            if settling:
+                _settle(p, rebuilt, op, seq, step)
+        finally:
+            raise rebuilt.interrupt
     if settling:
         _settle(p, rebuilt, op, seq, step)
     elif rebuilt.failure is not None:  # a malformed value: the same bytes fail on every rank

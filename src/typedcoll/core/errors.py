@@ -176,3 +176,11 @@ PUBLIC_ERRORS = (CollectiveError, DesyncError, CollectiveTimeout, EncodeError, D
                  PeerError, ConcurrentCallError)
 for _cls in PUBLIC_ERRORS:
     _cls.__module__ = "typedcoll"
+
+
+def sendable(text: str) -> str:
+    """``text`` as it can travel to peers: a lone surrogate (a path from ``os.fsdecode`` of
+    undecodable bytes) would make UTF-8 encoding raise on the failing rank alone, before it
+    tells its peers; it travels escaped instead."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+

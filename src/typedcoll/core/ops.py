@@ -228,13 +228,15 @@ def _from_root(p: Protocol, call: Call, buf: Any, root: int) -> Any:
         # own class where this rank has it, else the guessed one, which decodes alike (no
         # outcome only this rank could judge, so nothing to settle).
         other, _ = payloads.resolve_wild(p, call, path)
-        if other is not None:
+        if other is not None and (other.hook is None) == (info.hook is None):
+            # (Where only one of them runs hooks, the guessed one, which set the header's
+            # flag, decodes: the ranks agreed whether to settle from it.)
             info, found = other, True
     if block_flags(p.block) & FLAG_WILD_SCHEMA:
         # Finding a class by name depends on what this rank imported: agree on the outcome
         # (one more exchange, which reuses the buffers the payload sits in).
         rest = bytes(rest)
-        p.settle(call, error or None)
+        p.settle(call, error or None, hook=info is not None and info.hook is not None)
     if found and info is not None:
         guesses.remember(p, call, info)
     return payloads.decode(p, call, rest, root, info)

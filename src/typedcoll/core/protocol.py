@@ -55,7 +55,7 @@ from .verdict import CREATION_MIN_TIMEOUT
 from .call import MODE_EMPTY, Call
 from .callers import callers_of
 from .channel import BUSY_CODE, BUSY_LASTI, Channel, thread_label
-from .errors import CREATE_SEQ, CollectiveError, ConcurrentCallError
+from .errors import CREATE_SEQ, CollectiveError, ConcurrentCallError, sendable
 from .mismatch import Note
 from .encode_step import EncodeStep
 from .identity import name_fingerprint, site_fingerprint
@@ -243,6 +243,7 @@ class Protocol(EncodeStep):
         if call.error is not None:
             # The whole text: one longer than the slot travels like any overflowing payload.
             flags = FLAG_LOCAL_ERROR
+            call.error = sendable(call.error)
             payload = call.error.encode()[:_MAX_ERROR_TEXT]
         self.write(call, payload, flags)
         if self.recorder is not None:
@@ -282,16 +283,21 @@ class Protocol(EncodeStep):
             verdict.disagreement(self, call)
         call.settles = bool(flags & FLAG_DECODE_HOOK)
 
-    def settle(self, call: Call, error: Optional[str]) -> None:
+    def settle(self, call: Call, error: Optional[str], hook: bool = False) -> None:
         """Agree on an outcome only some ranks could judge (a class found by name): one more
-        REDUCE exchange, after which every rank raises the same error, or none does."""
+        REDUCE exchange, after which every rank raises the same error, or none does. ``hook``:
+        the class this rank found runs user code when decoding; where any rank's does, every
+        rank settles its decoding too (``call.settles``)."""
+        error = None if error is None else sendable(error)
         payload = b"" if error is None else error.encode()[:_MAX_ERROR_TEXT]
-        self.write(call, payload, FLAG_LOCAL_ERROR if error is not None else 0, OPS["settle"])
+        flags = (FLAG_LOCAL_ERROR if error is not None else 0) | (FLAG_DECODE_HOOK if hook else 0)
+        self.write(call, payload, flags, OPS["settle"])
         self.run_exchange(call, REDUCE)
         guesses.unguess_if_differ(self, call, REDUCE)
         if block_flags(self.block) & FLAG_LOCAL_ERROR or not agreed(self.block):
             call.error = error
             verdict.disagreement(self, call, receiving=True)
+        call.settles = call.settles or bool(block_flags(self.block) & FLAG_DECODE_HOOK)
 
     def write(self, call: Call, payload: bytes, flags: int, opcode: int = 0) -> None:
         """This rank's slot: header, and the payload inline when it fits and the op wants it

@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from .call import Call
-from .errors import CollectiveError, DecodeError, EncodeError, PeerError
+from .errors import CollectiveError, DecodeError, EncodeError, PeerError, sendable
 from .mismatch import compact_ranks, label, place
 from .plumbing import register_internal
 from .verdict import describe_call, disagreement, exchange_infos, where
@@ -34,20 +34,23 @@ _MAX_ERROR_TEXT = 4096
 
 
 def settled(p: "Protocol", call: Call, rest: Callable[[Call], Any]) -> Any:
-    """``rest(call)`` (phase 2 and decoding), settled on every rank where ``call.settles``."""
-    if not call.settles:
-        return rest(call)
+    """``rest(call)`` (phase 2 and decoding), settled on every rank where ``call.settles``
+    (set from the exchange's flags, or by a receiver's search for the root's class in
+    ``rest`` itself: read after it)."""
     try:
         result = rest(call)
     except (DecodeError, EncodeError, PeerError) as exc:
-        settle_decoding(p, call, exc)
+        if call.settles:
+            settle_decoding(p, call, exc)
         raise
     except CollectiveError:
         raise  # a timeout, a lost peer: not every rank may come to a settle
     except BaseException as exc:  # an interrupt in a hook: its peers must not wait for it
-        settle_decoding(p, call, exc)
+        if call.settles:
+            settle_decoding(p, call, exc)
         raise
-    settle_decoding(p, call, None)
+    if call.settles:
+        settle_decoding(p, call, None)
     return result
 
 
@@ -57,8 +60,11 @@ def settle_decoding(p: "Protocol", call: Call, exc: Optional[BaseException]) -> 
     error = None
     if exc is not None:
         text, head = str(exc), where(p, call) + ": "
-        error = f"{type(exc).__name__}: {text[len(head):] if text.startswith(head) else text}"
+        error = sendable(f"{type(exc).__name__}: "
+                         f"{text[len(head):] if text.startswith(head) else text}")
     payload = b"" if error is None else error.encode()[:_MAX_ERROR_TEXT]
+    # A deadline of its own: the time the hooks took is the caller's, not a late peer's.
+    call.deadline = p.deadline()
     p.write(call, payload, FLAG_LOCAL_ERROR if error is not None else 0, OPS["settle"])
     p.run_exchange(call, REDUCE)
     if not block_flags(p.block) & FLAG_LOCAL_ERROR:
