@@ -288,16 +288,22 @@ class Protocol(EncodeStep):
         REDUCE exchange, after which every rank raises the same error, or none does. ``hook``:
         the class this rank found runs user code when decoding; where any rank's does, every
         rank settles its decoding too (``call.settles``)."""
-        error = None if error is None else sendable(error)
-        payload = b"" if error is None else error.encode()[:_MAX_ERROR_TEXT]
-        flags = (FLAG_LOCAL_ERROR if error is not None else 0) | (FLAG_DECODE_HOOK if hook else 0)
-        self.write(call, payload, flags, OPS["settle"])
-        self.run_exchange(call, REDUCE)
+        error = self.settle_exchange(call, error, FLAG_DECODE_HOOK if hook else 0)
         guesses.unguess_if_differ(self, call, REDUCE)
         if block_flags(self.block) & FLAG_LOCAL_ERROR or not agreed(self.block):
             call.error = error
             verdict.disagreement(self, call, receiving=True)
         call.settles = call.settles or bool(block_flags(self.block) & FLAG_DECODE_HOOK)
+
+    def settle_exchange(self, call: Call, error: Optional[str], flags: int = 0) -> Optional[str]:
+        """One more REDUCE exchange, op ``settle``, of this rank's outcome (``error``, flagged;
+        None: it succeeded) and ``flags``; returns ``error`` as it travelled (``sendable``)."""
+        error = None if error is None else sendable(error)
+        payload = b"" if error is None else error.encode()[:_MAX_ERROR_TEXT]
+        self.write(call, payload, flags | (FLAG_LOCAL_ERROR if error is not None else 0),
+                   OPS["settle"])
+        self.run_exchange(call, REDUCE)
+        return error
 
     def write(self, call: Call, payload: bytes, flags: int, opcode: int = 0) -> None:
         """This rank's slot: header, and the payload inline when it fits and the op wants it

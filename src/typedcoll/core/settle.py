@@ -20,17 +20,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from .call import Call
-from .errors import CollectiveError, DecodeError, EncodeError, PeerError, sendable
+from .errors import CollectiveError, DecodeError, EncodeError, PeerError
 from .mismatch import compact_ranks, label, place
 from .plumbing import register_internal
 from .verdict import describe_call, disagreement, exchange_infos, where
-from .wire import (FLAG_LOCAL_ERROR, FLAGS_OFFSET, HEADER_SIZE, OPS, REDUCE, agreed,
-                   block_flags)
+from .wire import FLAG_LOCAL_ERROR, FLAGS_OFFSET, HEADER_SIZE, agreed, block_flags
 
 if TYPE_CHECKING:
     from .protocol import Protocol
-
-_MAX_ERROR_TEXT = 4096
 
 
 def settled(p: "Protocol", call: Call, rest: Callable[[Call], Any]) -> Any:
@@ -60,13 +57,10 @@ def settle_decoding(p: "Protocol", call: Call, exc: Optional[BaseException]) -> 
     error = None
     if exc is not None:
         text, head = str(exc), where(p, call) + ": "
-        error = sendable(f"{type(exc).__name__}: "
-                         f"{text[len(head):] if text.startswith(head) else text}")
-    payload = b"" if error is None else error.encode()[:_MAX_ERROR_TEXT]
+        error = f"{type(exc).__name__}: {text[len(head):] if text.startswith(head) else text}"
     # A deadline of its own: the time the hooks took is the caller's, not a late peer's.
     call.deadline = p.deadline()
-    p.write(call, payload, FLAG_LOCAL_ERROR if error is not None else 0, OPS["settle"])
-    p.run_exchange(call, REDUCE)
+    error = p.settle_exchange(call, error)
     if not block_flags(p.block) & FLAG_LOCAL_ERROR:
         if not agreed(p.block):
             disagreement(p, call)  # headers that differ in a settle: a corrupt peer; raises

@@ -77,7 +77,7 @@ FLAG_ROLE = 32  # the rank sent, in place of its call site, the role identity it
 #                 more with the call sites
 FLAG_DECODE_HOOK = 64  # the rank's schema runs user code when decoding (codecs/hooks.py), which
 #                         may judge a payload differently on another rank: every rank settles
-#                         the call's decoding with one more exchange (core/ops.py)
+#                         the call's decoding with one more exchange (core/settle.py)
 SCHEMA_OFFSET = 24
 IDENTITY_OFFSET = 40
 
