@@ -9,19 +9,24 @@ cases run over MPI in tests/spmd/core_errors.py, with the hook on one rank only.
 from __future__ import annotations
 
 import dataclasses
+import random
 import threading
 import time
 from typing import Any, Dict, List, Optional
 
 import msgspec
 import msgspec.inspect as mi
+import numpy as np
 import pytest
 
 import typedcoll as tc
 from typedcoll.codecs import resolve
 from typedcoll.codecs.hooks import decoding_hook
+from typedcoll.core import fast, settle
 from typedcoll.executor import SymmetricFlush
 from typedcoll.testing import run
+
+from test_core_review import TIMEOUTS, outcomes
 
 FILE = "test_codecs_hooks.py"
 STRICT = threading.local()  # per rank: the testing harness runs each rank in a thread
@@ -89,8 +94,9 @@ def test_the_hook_a_schema_runs_is_found_wherever_it_nests(schema, hook):
     assert decoding_hook(mi.type_info(schema)) == hook
     info = resolve(schema)
     assert info.hook == hook
-    # Only schemas without hooks keep the C path's steady state, which does not settle.
-    assert (info.fast is None) == (hook is not None)
+    # The C path sends and exchanges every msgspec schema; it is told which run hooks, whose
+    # flag hands decoding and the settle to the Python steps (its steady state does not settle).
+    assert info.fast is not None and info.fast[5] is (hook is not None)
 
 
 def refused_on_rank_2(comm: tc.TypedComm, op: str) -> Any:
@@ -106,18 +112,20 @@ def refused_on_rank_2(comm: tc.TypedComm, op: str) -> Any:
         STRICT.on = False
 
 
-def outcomes(n: int, fn: Any, *args: Any) -> List[Any]:
-    def each(comm: tc.TypedComm, *a: Any) -> Any:
-        try:
-            return fn(comm, *a)
-        except tc.CollectiveError as exc:
-            return exc
-    return run(n, each, *args, timeout=20.0)
+@pytest.fixture
+def settles(monkeypatch: pytest.MonkeyPatch) -> List[int]:
+    """The ranks that ran the decoding settle, one entry per settle."""
+    ranks: List[int] = []
+    real = settle.settle_decoding
+    monkeypatch.setattr(settle, "settle_decoding",
+                        lambda p, call, exc: ranks.append(p.rank) or real(p, call, exc))
+    return ranks
 
 
+@pytest.mark.parametrize("timeout", TIMEOUTS)
 @pytest.mark.parametrize("op", ["allgather", "bcast", "gather"])
-def test_a_hook_that_refuses_on_one_rank_raises_on_every_rank(op):
-    got = outcomes(4, refused_on_rank_2, op)
+def test_a_hook_that_refuses_on_one_rank_raises_on_every_rank(op, timeout):
+    got = outcomes(4, refused_on_rank_2, op, timeout=timeout)
     assert type(got[2]) is tc.DecodeError, got
     assert "x above this rank's limit" in str(got[2])
     others = [got[r] for r in (0, 1, 3)]
@@ -138,9 +146,46 @@ def accepted_everywhere(comm: tc.TypedComm) -> Any:
     return comm.allgather(Limited(comm.rank % 2)), comm.allgather(Plain(comm.rank))
 
 
-def test_hooks_that_accept_return_the_values_on_every_rank():
-    for got in run(4, accepted_everywhere):
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+def test_hooks_that_accept_return_the_values_on_every_rank(timeout):
+    for got in outcomes(4, accepted_everywhere, timeout=timeout):
         assert got == ([Limited(r % 2) for r in range(4)], [Plain(r) for r in range(4)])
+
+
+def hooked_calls_on_either_path(comm: tc.TypedComm) -> Any:
+    rng = random.Random(comm.rank)  # each rank picks its own path per call
+    seen = []
+    for k in range(48):
+        STRICT.on = False
+        refuser = k // 4 % comm.size if k % 4 == 0 else None  # refuses a peer's x = 2
+        sends_2 = refuser is not None and comm.rank == (refuser + 1) % comm.size
+        value = Limited(2 if sends_2 else k % 2)  # built before this rank's hook turns strict
+        STRICT.on = comm.rank == refuser
+        step = np.int64(k) if rng.random() < 0.5 else k  # a numpy step takes the Python steps
+        try:
+            seen.append([v.x for v in comm.allgather(value, step=step)])
+        except tc.CollectiveError as exc:
+            seen.append((type(exc).__name__, getattr(exc, "ranks", None)))
+    STRICT.on = False
+    p = comm._p
+    return seen, (p.seq, p.slot, p.policy.size, p.policy.count)
+
+
+def test_hooked_calls_reach_one_verdict_whichever_path_each_rank_takes(monkeypatch):
+    """The C path sends and exchanges a hooked call, then hands it to the Python steps; ranks
+    on the Python steps throughout meet it there: every call returns or raises alike."""
+    handed_back: List[int] = []  # ranks whose C path exchanged a call, then resumed it
+    real = fast.resumed
+    monkeypatch.setattr(fast, "resumed",
+                        lambda p, call, out: handed_back.append(p.rank) or real(p, call, out))
+    got = outcomes(3, hooked_calls_on_either_path)
+    for k in range(48):
+        refuser = k // 4 % 3 if k % 4 == 0 else None
+        want = [[k % 2] * 3] * 3 if refuser is None else [
+            ("DecodeError", None) if r == refuser else ("PeerError", (refuser,)) for r in range(3)]
+        assert [g[0][k] for g in got] == want, (k, [g[0][k] for g in got])
+    assert got[0][1] == got[1][1] == got[2][1], got
+    assert not fast.ENABLED or sorted(set(handed_back)) == [0, 1, 2], handed_back
 
 
 def flush_refused_then_accepted(comm: tc.TypedComm) -> Any:
@@ -158,8 +203,9 @@ def flush_refused_then_accepted(comm: tc.TypedComm) -> Any:
     return first, pending, delivered, flush.num_pending
 
 
-def test_a_flush_refused_on_one_rank_stays_pending_everywhere_and_is_delivered_once():
-    got = run(4, flush_refused_then_accepted)
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+def test_a_flush_refused_on_one_rank_stays_pending_everywhere_and_is_delivered_once(timeout):
+    got = outcomes(4, flush_refused_then_accepted, timeout=timeout)
     for r, (first, pending, delivered, left) in enumerate(got):
         assert first == ("DecodeError" if r == 2 else "PeerError"), got
         assert (pending, left) == (1, 0), got
@@ -180,8 +226,9 @@ def wild_bcasts(comm: tc.TypedComm) -> Any:
     return seen
 
 
-def test_receivers_that_name_no_schema_settle_too():
-    got = run(4, wild_bcasts, timeout=20.0)
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+def test_receivers_that_name_no_schema_settle_too(timeout):
+    got = outcomes(4, wild_bcasts, timeout=timeout)
     for r, seen in enumerate(got):
         assert seen == [Limited(5), "DecodeError" if r == 2 else "PeerError", Limited(5)], got
 
@@ -198,24 +245,16 @@ def declared_then_refused(comm: tc.TypedComm) -> Any:
     return "returned"
 
 
-def test_a_declared_hook_refuses_on_every_rank_without_a_settle(monkeypatch):
-    from typedcoll.core import settle
-    settles: List[int] = []
-    real = settle.settle_decoding
-    monkeypatch.setattr(settle, "settle_decoding",
-                        lambda p, call, exc: settles.append(p.rank) or real(p, call, exc))
-    got = run(4, declared_then_refused, timeout=20.0)
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+def test_a_declared_hook_refuses_on_every_rank_without_a_settle(settles, timeout):
+    got = outcomes(4, declared_then_refused, timeout=timeout)
     assert got == ["DecodeError", "EncodeError", "DecodeError", "DecodeError"], got
     assert settles == []
 
 
-def test_an_undeclared_hook_settles_on_every_rank(monkeypatch):
-    from typedcoll.core import settle
-    settles: List[int] = []
-    real = settle.settle_decoding
-    monkeypatch.setattr(settle, "settle_decoding",
-                        lambda p, call, exc: settles.append(p.rank) or real(p, call, exc))
-    run(4, accepted_everywhere)
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+def test_an_undeclared_hook_settles_on_every_rank(settles, timeout):
+    outcomes(4, accepted_everywhere, timeout=timeout)
     assert sorted(settles) == [0, 1, 2, 3]  # one per rank, for the Limited call alone
 
 

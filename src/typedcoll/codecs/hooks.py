@@ -6,7 +6,8 @@ is a function of the bytes and the schema, the same on every rank; a hook may al
 rank-local state, so the same payload can decode on one rank and be refused on another. The
 protocol settles decoding for such schemas (``core/settle.py``): it must know which ones they
 are. A class whose hooks decide from its fields alone can say so (:func:`decides_from_fields`):
-its hooks then count as none, and its calls keep the C path and skip the settle.
+its hooks then count as none, and its calls keep the C path's steady state and skip the
+settle.
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ def decides_from_fields(cls: T) -> T:
 
     Calls whose schema holds such a class otherwise end with one more exchange that settles
     their decoding (a hook that reads rank-local state could refuse on one rank what the others
-    accept) and leave the C fast path; declared, they skip both. The declaration covers the
-    hooks ``cls`` defines or inherits; a subclass that defines a hook of its own is not
-    covered. Declare before the class's first collective (a schema is resolved once). A
+    accept), both on the Python steps after the C fast path's exchange; declared, they skip
+    both. The declaration covers the hooks ``cls`` defines or inherits; a subclass that defines
+    a hook of its own is not covered. Declare before the class's first collective (a schema is resolved once). A
     declared hook that does read rank-local state splits the verdict again: the rank it
     refuses raises ``DecodeError`` while the others return.
     """

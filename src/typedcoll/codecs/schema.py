@@ -97,7 +97,7 @@ class SchemaInfo:
         if kind == KIND_MSGSPEC and isinstance(decoder, msgspec.msgpack.Decoder) and batch:
             list_decode = msgspec.msgpack.Decoder(List[schema], dec_hook=_dec_hook).decode
         self.fast = ((fingerprint, self.decode, self.record_class, self.path_prefix,
-                      list_decode) if kind == KIND_MSGSPEC and decoder else None)
+                      list_decode, False) if kind == KIND_MSGSPEC and decoder else None)
 
     def __repr__(self) -> str:
         return f"SchemaInfo({self.name}, {self.fingerprint.hex()})"
@@ -182,8 +182,10 @@ def _build(schema: Any) -> SchemaInfo:
     depth = static_depth(type_info)
     info.needs_nesting_scan = depth is None or depth >= MAX_NESTING
     info.hook = decoding_hook(type_info)
-    if info.hook is not None:
-        info.fast = None  # the Python steps serve it: they settle what its hook decides
+    if info.hook is not None and info.fast is not None:
+        # The C path sends such a call and exchanges it; the flag it writes for the hook hands
+        # the rest to the Python steps, which decode and settle what the hook decides.
+        info.fast = info.fast[:5] + (True,)
     return info
 
 

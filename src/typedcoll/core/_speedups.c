@@ -62,6 +62,7 @@
 #define FLAG_SPLIT_ARRAY 8
 #define FLAG_GUESSED 16
 #define FLAG_ROLE 32
+#define FLAG_DECODE_HOOK 64
 #define SHAPE_REDUCE 0
 #define SHAPE_GATHER 1
 #define NO_ROOT (-1)
@@ -1586,6 +1587,9 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
     Py_ssize_t n = 0;
     PyObject *fp = NULL, *decode = NULL, *record_class = Py_None, *prefix = NULL,
              *list_decode = Py_None, *array_fp = NULL;
+    /* The schema runs user code decoding (codecs/hooks.py): the header says so, and the flag in
+     * the block hands the call to the Python steps after the exchange, which settle it. */
+    int hooked = 0;
     /* A split array (KIND_ARRAYS): the data's length, which phase 2 moves; < 0: none. */
     long long split_len = -1;
     if (kind == KIND_ARRAYS) {
@@ -1612,15 +1616,17 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
         n = PyBytes_GET_SIZE(payload);
         if (n > f.slot - HEADER_SIZE) goto take;
     } else if (kind != KIND_EMPTY) {
-        /* (fingerprint, decode, record class, path prefix, decode of a list or None) */
+        /* (fingerprint, decode, record class, path prefix, decode of a list or None, whether
+         * decoding runs user code) */
         info_fast = PyObject_GetAttr(info, s_fast);
         if (info_fast == NULL) goto error;
-        if (!PyTuple_Check(info_fast) || PyTuple_GET_SIZE(info_fast) != 5) goto take;
+        if (!PyTuple_Check(info_fast) || PyTuple_GET_SIZE(info_fast) != 6) goto take;
         fp = PyTuple_GET_ITEM(info_fast, 0);
         decode = PyTuple_GET_ITEM(info_fast, 1);
         record_class = PyTuple_GET_ITEM(info_fast, 2);
         prefix = PyTuple_GET_ITEM(info_fast, 3);
         list_decode = PyTuple_GET_ITEM(info_fast, 4);
+        hooked = PyTuple_GET_ITEM(info_fast, 5) == Py_True;
         if (!PyBytes_Check(fp) || PyBytes_GET_SIZE(fp) != 8 || !PyBytes_Check(prefix)) goto take;
     }
     int sends = kind == KIND_ALL || kind == KIND_GATHER || kind == KIND_ALLTOALL ||
@@ -1761,7 +1767,8 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
     put_u32(s + 48, (uint32_t)f.instance);
     put_u32(s + 52, (uint32_t)f.slot);
     s[FLAGS_OFFSET] = (unsigned char)((split_len < 0 ? 0 : FLAG_OVERFLOW | FLAG_SPLIT_ARRAY) |
-                                      (guessed ? FLAG_GUESSED : 0) | (role ? FLAG_ROLE : 0));
+                                      (guessed ? FLAG_GUESSED : 0) | (role ? FLAG_ROLE : 0) |
+                                      (hooked ? FLAG_DECODE_HOOK : 0));
     s[57] = s[58] = s[59] = 0;
     put_u32(s + LENGTH_OFFSET, (uint32_t)(split_len < 0 ? n + prefix_len : split_len));
     if (record_start(f.ring, f.ring_objects, f.ring_state, f.capacity, seq, opcode,
@@ -2306,6 +2313,7 @@ PyMODINIT_FUNC PyInit__speedups(void) {
         PyModule_AddIntConstant(m, "FLAG_SPLIT_ARRAY", FLAG_SPLIT_ARRAY) < 0 ||
         PyModule_AddIntConstant(m, "FLAG_GUESSED", FLAG_GUESSED) < 0 ||
         PyModule_AddIntConstant(m, "FLAG_ROLE", FLAG_ROLE) < 0 ||
+        PyModule_AddIntConstant(m, "FLAG_DECODE_HOOK", FLAG_DECODE_HOOK) < 0 ||
         PyModule_AddIntConstant(m, "GATHER", SHAPE_GATHER) < 0 ||
         PyModule_AddIntConstant(m, "MAX_NESTING", MAX_NESTING) < 0 ||
         PyModule_AddIntConstant(m, "MAX_NAME", MAX_NAME) < 0 ||
