@@ -26,7 +26,7 @@ from typedcoll.core import fast, settle
 from typedcoll.executor import SymmetricFlush
 from typedcoll.testing import run
 
-from test_core_review import TIMEOUTS, outcomes
+from test_core_review import TIMEOUTS, outcomes, slot_state
 
 FILE = "test_codecs_hooks.py"
 STRICT = threading.local()  # per rank: the testing harness runs each rank in a thread
@@ -167,8 +167,7 @@ def hooked_calls_on_either_path(comm: tc.TypedComm) -> Any:
         except tc.CollectiveError as exc:
             seen.append((type(exc).__name__, getattr(exc, "ranks", None)))
     STRICT.on = False
-    p = comm._p
-    return seen, (p.seq, p.slot, p.policy.size, p.policy.count)
+    return seen, slot_state(comm)
 
 
 def test_hooked_calls_reach_one_verdict_whichever_path_each_rank_takes(monkeypatch):

@@ -31,9 +31,9 @@ def decides_from_fields(cls: T) -> T:
     their decoding (a hook that reads rank-local state could refuse on one rank what the others
     accept), both on the Python steps after the C fast path's exchange; declared, they skip
     both. The declaration covers the hooks ``cls`` defines or inherits; a subclass that defines
-    a hook of its own is not covered. Declare before the class's first collective (a schema is resolved once). A
-    declared hook that does read rank-local state splits the verdict again: the rank it
-    refuses raises ``DecodeError`` while the others return.
+    a hook of its own is not covered. Declare before the class's first collective (a schema is
+    resolved once). A declared hook that does read rank-local state splits the verdict again:
+    the rank it refuses raises ``DecodeError`` while the others return.
     """
     setattr(cls, _DECLARED, True)
     return cls
