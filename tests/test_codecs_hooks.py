@@ -187,6 +187,62 @@ def test_hooked_calls_reach_one_verdict_whichever_path_each_rank_takes(monkeypat
     assert not fast.ENABLED or sorted(set(handed_back)) == [0, 1, 2], handed_back
 
 
+class Counted(msgspec.Struct):
+    text: str
+
+    def __post_init__(self) -> None:
+        STRICT.runs = getattr(STRICT, "runs", 0) + 1
+
+
+class Uncounted(msgspec.Struct):
+    text: str
+
+
+def hook_runs_per_part(comm: tc.TypedComm, op: str) -> Any:
+    n = comm.size
+    parts = [Counted(f"{comm.rank}>{d}") for d in range(n)]  # built before counting
+    for _ in range(3):  # counted in the last: the first calls grow the slot and bind the C path
+        STRICT.runs = 0
+        if op == "scatter":
+            got = [comm.scatter(parts if comm.rank == 0 else None, 0, schema=Counted)]
+        else:
+            got = comm.alltoall(parts)
+    return [m.text for m in got], STRICT.runs
+
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+@pytest.mark.parametrize("op", ["scatter", "alltoall"])
+def test_each_part_runs_its_hook_once_where_it_is_sent_and_once_where_it_is_decoded(op, timeout):
+    """The sender checks each part (decoding it back), its receiver decodes it: two runs of
+    the hook per part, whichever path sends it (the C path's parts were encoded and checked a
+    second time after its exchange, outside the settle)."""
+    n = 4
+    got = outcomes(n, hook_runs_per_part, op, timeout=timeout)
+    for r, (texts, runs) in enumerate(got):
+        if op == "scatter":
+            assert (texts, runs) == ([f"0>{r}"], n + 1 if r == 0 else 1), got
+        else:
+            assert (texts, runs) == ([f"{s}>{r}" for s in range(n)], 2 * n), got
+
+
+def alltoall_one_rank_past_the_slot(comm: tc.TypedComm, cls: Any) -> Any:
+    """Rank 0's parts overflow the slot (the Python steps send them); the others' fit (the C
+    path sends them inline): every rank's parts move in phase 2."""
+    width = 3000 if comm.rank == 0 else 3
+    got = []
+    for k in range(3):
+        parts = [cls(f"{comm.rank}>{d}:{k}".ljust(width, ".")) for d in range(comm.size)]
+        got.append([m.text.rstrip(".") for m in comm.alltoall(parts)])
+    return got
+
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+@pytest.mark.parametrize("cls", [Counted, Uncounted])
+def test_parts_sent_inline_by_the_c_path_move_again_when_another_ranks_overflow(cls, timeout):
+    got = outcomes(3, alltoall_one_rank_past_the_slot, cls, timeout=timeout)
+    assert got == [[[f"{s}>{r}:{k}" for s in range(3)] for k in range(3)] for r in range(3)], got
+
+
 def flush_refused_then_accepted(comm: tc.TypedComm) -> Any:
     flush = SymmetricFlush(comm, {"limited": Limited})
     flush.post("limited", Limited(5 if comm.rank == 0 else 0))

@@ -50,6 +50,7 @@ def scatter(p: Protocol, values: Any, root: Any, schema: Any, step: Any, name: A
         out = fast.rooted(p, values, schema, step, name, "scatter", root)
         if out.__class__ is list:
             return out[0]
+    sent = out is not fast.TAKE_PY  # the C path encoded, checked and sent the parts
     root_error = check_root(root, p.size)
     is_root = root_error is None and p.rank == root
     step, name, common_error = _common(step, name)
@@ -65,7 +66,7 @@ def scatter(p: Protocol, values: Any, root: Any, schema: Any, step: Any, name: A
         else:
             info, schema_error = schema_of(values[0], schema)
             error = error or schema_error
-            if error is None and info is not None:
+            if error is None and info is not None and not sent:
                 parts, error = _encode_parts(p, info, values, "scatter", schema is None)
     elif not wild:
         info, schema_error = schema_of(None, schema)
@@ -81,7 +82,8 @@ def scatter(p: Protocol, values: Any, root: Any, schema: Any, step: Any, name: A
             packed = payloads.root_payload(p, c, c.root)
             return _from_root(p, c, unpack(p, c, packed, c.root)[p.rank], c.root)
         try:
-            mine = p.transport.scatter_parts(parts, c.root, c.deadline)
+            mine = p.transport.scatter_parts(_parts_sent(p, c) if sent and is_root else parts,
+                                             c.root, c.deadline)
         except TransportTimeout:
             verdict.timed_out(p, c)
         return _from_root(p, c, mine, c.root)
@@ -199,6 +201,7 @@ def _exchange_parts(p: Protocol, op: str, values: Any, schema: Any, step: Any, n
         else fast.TAKE_PY
     if out.__class__ is list:
         return out
+    sent = out is not fast.TAKE_PY  # the C path encoded, checked and sent the parts
     step, name, common_error = _common(step, name)
     error = first_error(error, common_error)
     info: Optional[SchemaInfo] = None
@@ -214,7 +217,7 @@ def _exchange_parts(p: Protocol, op: str, values: Any, schema: Any, step: Any, n
         if reduce_op:
             array_fp, shape_error = _column_shapes(values)
             error = error or shape_error
-        if error is None and info is not None:
+        if error is None and info is not None and not sent:
             parts, error = _encode_parts(p, info, values, op, schema is None)
     packed = pack(parts, p.policy.max_slot) if direct and parts else None
     call = Call(op, GATHER if direct else REDUCE, info, MODE_EMPTY if packed is None else
@@ -225,11 +228,20 @@ def _exchange_parts(p: Protocol, op: str, values: Any, schema: Any, step: Any, n
         if direct and not block_flags(p.block) & FLAG_OVERFLOW:
             return [payloads.decode(p, c, part, r) for r, part in enumerate(_own_parts(p, c))]
         try:
-            got = p.transport.alltoall_parts(parts, c.deadline)
+            got = p.transport.alltoall_parts(_parts_sent(p, c) if sent else parts, c.deadline)
         except TransportTimeout:
             verdict.timed_out(p, c)
         return [payloads.decode(p, c, buf, r) for r, buf in enumerate(got)]
     return run_after_fast(p, out, call, rest)  # type: ignore[no-any-return]
+
+
+def _parts_sent(p: Protocol, call: Call) -> List[bytes]:
+    """This rank's parts as the C path packed them into its slot, for phase 2 where another
+    rank's parts overflowed: encoding them again would run the schema's hooks a second time,
+    after the exchange and outside the settle."""
+    n = int.from_bytes(p.send[LENGTH_OFFSET:HEADER_SIZE], "little")
+    return [bytes(part) for part in
+            unpack(p, call, bytes(p.send[HEADER_SIZE:HEADER_SIZE + n]), p.rank)]
 
 
 def _own_parts(p: Protocol, call: Call) -> List[Any]:
