@@ -37,7 +37,7 @@ from .call import MODE_BYTES, MODE_EMPTY, MODE_MSG, Call
 from .plumbing import register_internal
 from .ops import _ZEROS, GATHER_DIRECT_MAX, _common, _from_root, run_after_fast
 from .protocol import Protocol
-from .transport import TransportTimeout
+from .transport import TransportTimeout, inline_length
 from .wire import (FLAG_OVERFLOW, FLAGS_OFFSET, GATHER, HEADER_SIZE, LENGTH_OFFSET, NO_ROOT,
                    REDUCE, REDUCE_OP_NAMES, block_flags)
 
@@ -239,9 +239,9 @@ def _parts_sent(p: Protocol, call: Call) -> List[bytes]:
     """This rank's parts as the C path packed them into its slot, for phase 2 where another
     rank's parts overflowed: encoding them again would run the schema's hooks a second time,
     after the exchange and outside the settle."""
-    n = int.from_bytes(p.send[LENGTH_OFFSET:HEADER_SIZE], "little")
-    return [bytes(part) for part in
-            unpack(p, call, bytes(p.send[HEADER_SIZE:HEADER_SIZE + n]), p.rank)]
+    n = inline_length(p.send, p.slot - HEADER_SIZE)
+    return [bytes(part) for part in unpack(p, call, p.send_view[HEADER_SIZE:HEADER_SIZE + n],
+                                           p.rank)]
 
 
 def _own_parts(p: Protocol, call: Call) -> List[Any]:
