@@ -375,6 +375,8 @@ HOSTILE = [
     (lambda d: d["comms"][0].update(seq=-1), "seq -1 outside 0..2**64-1"),
     (lambda d: d["comms"][0].update(world_ranks=[0]), "world_ranks must hold 2 ranks"),
     (lambda d: d["comms"][0]["entries"][0].update(seq=-5), "entry seq -5 outside"),
+    (lambda d: d["comms"][0]["entries"].append(dict(d["comms"][0]["entries"][1], step=9)),
+     "communicator 'COMM_WORLD': two entries numbered #1"),
     (lambda d: d.update(rank=2 ** 40), "rank 1099511627776 outside 0..1048575"),
     (lambda d: d.update(comms=d["comms"] * 5000), "5000 communicators, over the 4096"),
 ]
@@ -446,6 +448,24 @@ def test_two_dumps_of_one_member_or_two_sizes_are_refused(tmp_path, capsys):
     write(tmp_path, [dump(1, [comm(1, 3, steady(1))])])
     assert main([str(tmp_path)]) == 2
     assert "communicator 'COMM_WORLD' has 3 ranks here and 2 in" in capsys.readouterr().err
+
+
+def test_members_that_map_a_communicator_to_other_world_ranks_are_refused(tmp_path, capsys):
+    """One id, two layouts: the dumps come from two runs, and findings would name its ranks
+    by whichever file was read first."""
+    def member(r: int, world_ranks: List[int]) -> Dict[str, Any]:
+        c = comm(r, 2, steady(2), comm_id="tp")
+        c["world_ranks"] = world_ranks
+        return dump(world_ranks[r], [c])
+    write(tmp_path, [member(0, [1, 3]), member(1, [1, 3])])
+    assert main([str(tmp_path), "--last", "0"]) == 0
+    (tmp_path / "rank3.json").unlink()
+    write(tmp_path, [member(1, [1, 2])])
+    assert main([str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (
+        f"typedcoll trace: error: {tmp_path / 'rank2.json'}: communicator 'tp' has world rank 2 "
+        f"as its rank 1 here and world rank 3 in {tmp_path / 'rank1.json'}: dumps of two "
+        f"runs\n")
 
 
 def test_dumps_of_two_runs_are_refused_naming_both_ranks(tmp_path, capsys):

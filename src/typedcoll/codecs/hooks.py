@@ -12,11 +12,11 @@ settle.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple, TypeVar
+from typing import Any, List, Optional, Tuple, TypeVar
 
 import msgspec.inspect as mi
 
-_RECORDS = (mi.StructType, mi.DataclassType, mi.TypedDictType, mi.NamedTupleType)
+RECORDS = (mi.StructType, mi.DataclassType, mi.TypedDictType, mi.NamedTupleType)
 _HOOKS = ("__post_init__", "__attrs_pre_init__", "__attrs_post_init__")
 _DECLARED = "__typedcoll_decides_from_fields__"
 
@@ -39,30 +39,37 @@ def decides_from_fields(cls: T) -> T:
     return cls
 
 
-def decoding_hook(t: mi.Type, _seen: Tuple[int, ...] = ()) -> Optional[str]:
-    """The first hook decoding ``t`` may run, as ``Class.__post_init__``; None where it runs
-    none (its result then depends on the bytes alone)."""
+def nested_types(t: mi.Type) -> Optional[List[mi.Type]]:
+    """The types ``t`` holds directly (what it annotates, a union's members, a container's
+    items, a record's fields); None for a type that holds none. The one walk of a schema's
+    tree, for its hooks here and its depth in ``schema``."""
     if isinstance(t, mi.Metadata):
-        return decoding_hook(t.type, _seen)
+        return [t.type]
     if isinstance(t, mi.UnionType):
-        return _first(t.types, _seen)
+        return list(t.types)
     if isinstance(t, (mi.ListType, mi.SetType, mi.FrozenSetType, mi.VarTupleType)):
-        return decoding_hook(t.item_type, _seen)
+        return [t.item_type]
     if isinstance(t, mi.TupleType):
-        return _first(t.item_types, _seen)
+        return list(t.item_types)
     if isinstance(t, mi.DictType):
-        return _first((t.key_type, t.value_type), _seen)
-    if isinstance(t, _RECORDS):
-        if id(t) in _seen:
-            return None
-        own = _own_hook(t.cls) if isinstance(t, (mi.StructType, mi.DataclassType)) else None
-        return own or _first([f.type for f in t.fields], _seen + (id(t),))
+        return [t.key_type, t.value_type]
+    if isinstance(t, RECORDS):
+        return [f.type for f in t.fields]
     return None
 
 
-def _first(types: Any, seen: Tuple[int, ...]) -> Optional[str]:
-    for t in types:
-        found = decoding_hook(t, seen)
+def decoding_hook(t: mi.Type, _seen: Tuple[int, ...] = ()) -> Optional[str]:
+    """The first hook decoding ``t`` may run, as ``Class.__post_init__``; None where it runs
+    none (its result then depends on the bytes alone)."""
+    if isinstance(t, RECORDS):
+        if id(t) in _seen:  # a recursive type: its hooks were looked for where it began
+            return None
+        own = _own_hook(t.cls) if isinstance(t, (mi.StructType, mi.DataclassType)) else None
+        if own is not None:
+            return own
+        _seen += (id(t),)
+    for inner in nested_types(t) or ():
+        found = decoding_hook(inner, _seen)
         if found is not None:
             return found
     return None

@@ -23,7 +23,7 @@ import numpy as np
 
 from .int_list import faster_decode
 from .digest import digest8
-from .hooks import decoding_hook
+from .hooks import RECORDS, decoding_hook, nested_types
 from .nesting import MAX_NESTING
 
 from .array import decode_array, encode_array
@@ -192,25 +192,20 @@ def _build(schema: Any) -> SchemaInfo:
 def static_depth(t: mi.Type, _seen: Tuple[int, ...] = ()) -> Any:
     """How deep msgspec can nest decoding ``t``; None where nothing bounds it (Any, Raw, a
     recursive type)."""
-    if isinstance(t, mi.Metadata):
-        return static_depth(t.type, _seen)
     if isinstance(t, (mi.AnyType, mi.RawType)):
         return None
     if isinstance(t, mi.CustomType):
         return 1 if t.cls is np.ndarray else None
-    if isinstance(t, mi.UnionType):
-        return _deepest([static_depth(x, _seen) for x in t.types], 0)
-    if isinstance(t, (mi.ListType, mi.SetType, mi.FrozenSetType, mi.VarTupleType)):
-        return _deepest([static_depth(t.item_type, _seen)], 1)
-    if isinstance(t, mi.TupleType):
-        return _deepest([static_depth(x, _seen) for x in t.item_types], 1)
-    if isinstance(t, mi.DictType):
-        return _deepest([static_depth(t.key_type, _seen), static_depth(t.value_type, _seen)], 1)
-    if isinstance(t, (mi.StructType, mi.DataclassType, mi.TypedDictType, mi.NamedTupleType)):
+    if isinstance(t, RECORDS):
         if id(t) in _seen:
             return None
-        return _deepest([static_depth(f.type, _seen + (id(t),)) for f in t.fields], 1)
-    return 1
+        _seen += (id(t),)
+    inner = nested_types(t)
+    if inner is None:
+        return 1
+    # An annotation or a union is no container of its own: it nests as deep as its members.
+    own = 0 if isinstance(t, (mi.Metadata, mi.UnionType)) else 1
+    return _deepest([static_depth(x, _seen) for x in inner], own)
 
 
 def _deepest(depths: List[Any], own: int) -> Any:

@@ -110,15 +110,14 @@ def _finish(p: Protocol, trees: Sequence[Any], sources: Sequence[int], flags: in
         return list(trees)  # plain values: decoded as they were sent (the common case)
     settling = bool(flags & _CLASSES)
     rebuilt = _rebuild(trees, sources) if rebuild else _Rebuilt()
-    if rebuilt.interrupt is not None:
-        try:
-            if settling:
-                _settle(p, rebuilt, op, seq, step)
-        finally:
+    try:
+        if settling:
+            _settle(p, rebuilt, op, seq, step)
+    finally:
+        if rebuilt.interrupt is not None:  # settled first, so the peers are not left waiting
             raise rebuilt.interrupt
-    if settling:
-        _settle(p, rebuilt, op, seq, step)
-    elif rebuilt.failure is not None:  # a malformed value: the same bytes fail on every rank
+    if not settling and rebuilt.failure is not None:
+        # A malformed value: the same bytes fail on every rank, so no settle is needed.
         _raise_first(p, [(p.rank, (rebuilt.source, rebuilt.failure))], op, seq)
     return rebuilt.values
 

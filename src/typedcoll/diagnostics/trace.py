@@ -128,9 +128,16 @@ def check_dump(dump: Dump, source: str) -> None:
         if c.world_ranks is not None and (len(c.world_ranks) != c.size or any(
                 not 0 <= w < MAX_RANKS for w in c.world_ranks)):
             raise bad(f"{where}: world_ranks must hold {c.size} ranks below {MAX_RANKS}")
+        numbered = set()
         for e in c.entries:
             if not 0 <= e.seq <= MAX_SEQ:
                 raise bad(f"{where}: entry seq {e.seq} outside 0..2**64-1")
+            # A rank numbers its collectives once each: a repeated number is two files or two
+            # runs merged, and aligning by it would compare one of them at random.
+            if e.op != "create":
+                if e.seq in numbered:
+                    raise bad(f"{where}: two entries numbered #{e.seq}")
+                numbered.add(e.seq)
         del c.entries[:-WINDOW]
 
 
@@ -147,7 +154,7 @@ def load_dir(directory: str) -> Dict[int, Dump]:
                               f"reader accepts")
     dumps: Dict[int, Dump] = {}
     members: Dict[Tuple[str, int], str] = {}
-    sizes: Dict[str, Tuple[int, str]] = {}
+    layouts: Dict[str, Tuple[int, Optional[List[int]], str]] = {}  # size, world ranks, file
     kept = claimed = 0
     for name in names:
         path = os.path.join(directory, name)
@@ -162,15 +169,23 @@ def load_dir(directory: str) -> Dict[int, Dump]:
                 raise TraceInputError(f"{path}: communicator {clean(c.id, 80)!r} rank {c.rank} "
                                       f"is also in {members[key]}")
             members[key] = path
-            if c.id not in sizes:
+            if c.id not in layouts:
                 claimed += c.size
                 if claimed > MAX_MEMBERS:
                     raise TraceInputError(f"{path}: the communicators' sizes add up to over "
                                           f"{MAX_MEMBERS} ranks; refused")
-            size, first = sizes.setdefault(c.id, (c.size, path))
+            size, ranks, first = layouts.setdefault(c.id, (c.size, c.world_ranks, path))
             if size != c.size:
                 raise TraceInputError(f"{path}: communicator {clean(c.id, 80)!r} has {c.size} "
                                       f"ranks here and {size} in {first}")
+            # Members of one communicator agree on who its ranks are; where they do not, the
+            # analysis would name ranks by whichever file it read first.
+            if ranks is not None and c.world_ranks is not None and ranks != c.world_ranks:
+                at = next(i for i, (a, b) in enumerate(zip(c.world_ranks, ranks)) if a != b)
+                raise TraceInputError(
+                    f"{path}: communicator {clean(c.id, 80)!r} has world rank "
+                    f"{c.world_ranks[at]} as its rank {at} here and world rank {ranks[at]} in "
+                    f"{first}: dumps of two runs")
             kept += len(c.entries)
         if kept > MAX_ENTRIES:
             raise TraceInputError(f"{directory}: over {MAX_ENTRIES} entries in all; analyse a "
