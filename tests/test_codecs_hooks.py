@@ -142,6 +142,86 @@ def test_a_hook_that_refuses_on_one_rank_raises_on_every_rank(op, timeout):
         "the fields alone)"), str(others[0])
 
 
+def own_payload_refused_on_rank_0(comm: tc.TypedComm, op: str) -> Any:
+    value = Limited(5 if comm.rank == 0 else 1)  # only rank 0's hook refuses x = 5
+    STRICT.on = comm.rank == 0
+    try:
+        if op == "allgather":
+            return comm.allgather(value)
+        return comm.bcast(value if comm.rank == 0 else None, 0, schema=Limited)
+    finally:
+        STRICT.on = False
+
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+@pytest.mark.parametrize("op", ["allgather", "bcast"])
+def test_a_rank_that_refuses_its_own_sent_payload_raises_decode_error(op, timeout):
+    """Its peers decoded what it sent: the refusal is its hook's, and EncodeError ("could not
+    send") was wrong, on that rank and in its peers' PeerError."""
+    got = outcomes(3, own_payload_refused_on_rank_0, op, timeout=timeout)
+    line = own_payload_refused_on_rank_0.__code__.co_firstlineno + {"allgather": 5,
+                                                                      "bcast": 6}[op]
+    own = (f"collective #0 on WORLD: payload from rank 0 (this rank's own, sent) does not "
+           f"decode as Limited here ({op}[Limited] at {FILE}:{line}): x above this rank's "
+           f"limit")
+    assert type(got[0]) is tc.DecodeError and got[0].source == 0 and str(got[0]) == own, got
+    assert isinstance(got[0].__cause__, msgspec.ValidationError)  # the hook's error
+    assert all(type(e) is tc.PeerError and e.ranks == (0,) for e in got[1:]), got
+    assert str(got[1]) == str(got[2]) == (
+        f"collective #0 on WORLD: rank 0 refused in decoding what the other ranks decoded, in "
+        f"{op}[Limited] at {FILE}:{line}: DecodeError: {own[len('collective #0 on WORLD: '):]} "
+        f"(decoding runs the schema's __post_init__ or validators, which judged the same bytes "
+        f"differently on different ranks: they must decide from the fields alone)")
+
+
+class Stoppable(msgspec.Struct):
+    x: int
+
+    def __post_init__(self) -> None:
+        if getattr(STRICT, "on", False) and self.x == 2:
+            raise KeyboardInterrupt("stopped while decoding")
+
+
+def interrupted_on_rank_1(comm: tc.TypedComm) -> Any:
+    value = Stoppable(comm.rank)
+    STRICT.on = comm.rank == 1
+    try:
+        return comm.allgather(value)
+    except KeyboardInterrupt as exc:
+        return repr(exc)
+    finally:
+        STRICT.on = False
+
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+def test_an_interrupt_in_a_hook_is_no_judgement_of_the_bytes(timeout):
+    """Its peers raise PeerError naming it, without the advice for hooks that judge bytes
+    differently: the rank was stopped, not of another opinion."""
+    got = outcomes(3, interrupted_on_rank_1, timeout=timeout)
+    assert got[1] == "KeyboardInterrupt('stopped while decoding')", got
+    line = interrupted_on_rank_1.__code__.co_firstlineno + 4
+    assert [str(e) for e in (got[0], got[2])] == 2 * [
+        f"collective #0 on WORLD: rank 1 was interrupted in decoding what the other ranks "
+        f"decoded, in allgather[Stoppable] at {FILE}:{line}: KeyboardInterrupt: stopped while "
+        f"decoding"], got
+
+
+def refused_by_every_rank(comm: tc.TypedComm) -> Any:
+    value = Limited(comm.rank)  # rank 2's x = 2 is refused everywhere
+    STRICT.on = True
+    try:
+        return comm.allgather(value)
+    finally:
+        STRICT.on = False
+
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+def test_a_value_every_rank_refuses_is_its_senders_encode_error(timeout):
+    got = outcomes(3, refused_by_every_rank, timeout=timeout)
+    assert type(got[2]) is tc.EncodeError and "rank 2 could not send" in str(got[2]), got
+    assert all(type(e) is tc.DecodeError and e.source == 2 for e in got[:2]), got
+
+
 def accepted_everywhere(comm: tc.TypedComm) -> Any:
     return comm.allgather(Limited(comm.rank % 2)), comm.allgather(Plain(comm.rank))
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The tests that need the device host, in one call: NCCL on its GPU, Open MPI with one rank per
-# core at 16 ranks, and Python 3.12 under the C fast path (the dev VM's C leg is 3.11). Each
-# pytest run writes its log to $OUT/device-tests-<name>.log.
+# The tests that need the device host, in one call: NCCL on its GPU, Open MPI and gloo with one
+# rank per core at 16 ranks, and Python 3.12 under the C fast path (the dev VM's C leg is 3.11).
+# Each pytest run writes its log to $OUT/device-tests-<name>.log.
 #
-#   device run (carry .whl):  bash bench/device/tests.sh        knob: BUDGET_S=540
+#   device run (carry .whl):  bash bench/device/tests.sh        knobs: BUDGET_S=540, ONLY=NAMES
 set -uo pipefail
 START=$(date +%s)
 DEADLINE=$((START + ${BUDGET_S:-540}))
@@ -26,8 +26,10 @@ mpirun --version | head -1
 nvidia-smi -L || true
 
 # tests NAME SECONDS [ENV=VALUE...] -- PYTEST ARGS: bounded by its limit and the budget left.
+# ONLY="gloo16 scale16" runs those alone.
 tests() {
     local name=$1 limit=$2 left; shift 2
+    if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
     left=$((DEADLINE - $(date +%s)))
     if [ "$left" -lt 20 ]; then echo "!! $name skipped: out of time"; return; fi
     [ "$limit" -gt "$left" ] && limit=$left
@@ -42,4 +44,6 @@ tests identity 120 python3 -m pytest -q tests/test_core_tasks.py tests/test_core
     tests/test_core_semantics.py tests/test_core_arms.py tests/test_core_units.py \
     --deselect tests/test_core_units.py::test_importing_typedcoll_installs_nothing
 tests scale16 240 TYPEDCOLL_TEST_RANKS=16 python3 -m pytest -q tests/test_scale_mpi.py
+# gloo: test_torch.py, its desync, bad-argument and timeout program at 2, 4, 8 and 16 ranks.
+tests gloo16 240 TYPEDCOLL_TEST_RANKS=16 python3 -m pytest -q tests/test_torch.py
 echo "== done in $(( $(date +%s) - START )) s"

@@ -116,6 +116,10 @@ class EncodeError(CollectiveError):
     rank as the source.
     """
 
+    # Set where this rank's own payload was refused as it decoded it after the exchange: the
+    # DecodeError it raises instead where a settle shows that a peer decoded the same bytes.
+    refused_here: Optional["DecodeError"] = None
+
 
 class DecodeError(CollectiveError):
     """Raised when a payload received from ``source`` does not decode as the schema.

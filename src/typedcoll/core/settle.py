@@ -55,9 +55,12 @@ def settle_decoding(p: "Protocol", call: Call, exc: Optional[BaseException]) -> 
     """The settle exchange; returns where no rank failed, or where this one did (its caller
     raises its own error), else raises the PeerError naming the ranks that failed."""
     error = None
-    if exc is not None:
-        text, head = str(exc), where(p, call) + ": "
-        error = f"{type(exc).__name__}: {text[len(head):] if text.startswith(head) else text}"
+    # This rank's own payload refused here: its peers are told the error it raises where they
+    # decoded the payload, the only case in which they read what it says.
+    told: Optional[BaseException] = getattr(exc, "refused_here", None) or exc
+    if told is not None:
+        text, head = str(told), where(p, call) + ": "
+        error = f"{type(told).__name__}: {text[len(head):] if text.startswith(head) else text}"
     # A deadline of its own: the time the hooks took is the caller's, not a late peer's.
     call.deadline = p.deadline()
     error = p.settle_exchange(call, error)
@@ -67,21 +70,32 @@ def settle_decoding(p: "Protocol", call: Call, exc: Optional[BaseException]) -> 
         return
     header = bytes(p.send[:HEADER_SIZE])
     pairs = exchange_infos(p, call, header, describe_call(p, call, error))
-    if exc is not None:
-        return
     failed = [r for r, (h, _) in enumerate(pairs) if h[FLAGS_OFFSET] & FLAG_LOCAL_ERROR]
+    if exc is not None:
+        if told is not None and told is not exc and len(failed) < p.size:
+            # A peer decoded what this rank sent and refused itself: the refusal is this
+            # rank's, not the value's (it was sent, and EncodeError would say it was not).
+            raise told from exc.__cause__
+        return
     first = pairs[failed[0]][1]
     more = "" if len(failed) == 1 else f" (and {compact_ranks(failed[1:])})"
     detail = f"{first.error_type}: {first.error}" if first.error_type else first.error or ""
     # Named from what every rank exchanged (a bcast receiver that named no schema knows none).
     schema = next((info.schema for _, info in pairs if info.schema), "")
-    raise PeerError(f"{where(p, call)}: rank {first.rank}{more} refused in decoding what the "
+    interrupted = first.error_type in _INTERRUPTS
+    verb = "was interrupted" if interrupted else "refused"
+    why = "" if interrupted else (
+        " (decoding runs the schema's __post_init__ or validators, which judged the same "
+        "bytes differently on different ranks: they must decide from the fields alone)")
+    raise PeerError(f"{where(p, call)}: rank {first.rank}{more} {verb} in decoding what the "
                     f"other ranks decoded, in {label(call.op, schema)} at "
-                    f"{place(first, callers=False)}: {detail} (decoding runs the schema's "
-                    f"__post_init__ or validators, which judged the same bytes differently on "
-                    f"different ranks: they must decide from the fields alone)", seq=call.seq,
+                    f"{place(first, callers=False)}: {detail}{why}", seq=call.seq,
                     comm=p.name, ranks=failed, error_type=first.error_type or "",
                     detail=first.error or "")
+
+
+# Not errors of a hook's judgement: what a rank raised because it was told to stop.
+_INTERRUPTS = frozenset({"KeyboardInterrupt", "SystemExit", "GeneratorExit", "CancelledError"})
 
 
 register_internal(__file__)

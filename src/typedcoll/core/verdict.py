@@ -290,9 +290,17 @@ def decode_failure(p: "Protocol", call: Call, source: int, exc: BaseException,
     detail = f"{type(exc).__name__}: {exc}" if not isinstance(exc, msgspec.DecodeError) \
         else str(exc)
     if source == p.rank:
-        return EncodeError(f"{where(p, call)}: rank {p.rank} could not send "
-                           f"its {label(call.op, name)} contribution at {site}: expected "
-                           f"{name}: {detail}", seq=call.seq, comm=p.name)
+        error = EncodeError(f"{where(p, call)}: rank {p.rank} could not send "
+                            f"its {label(call.op, name)} contribution at {site}: expected "
+                            f"{name}: {detail}", seq=call.seq, comm=p.name)
+        # Its own payload, refused after the exchange: the value's fault where its peers refuse
+        # it too, this rank's alone (a hook reading rank-local state) where a peer decoded it,
+        # which only a settle can tell (``settle.py`` raises this one then).
+        error.refused_here = DecodeError(
+            f"{where(p, call)}: payload from rank {source} (this rank's own, sent) does not "
+            f"decode as {name} here ({label(call.op, name)} at {site}): {detail}",
+            seq=call.seq, comm=p.name, source=source, schema=name)
+        return error
     return DecodeError(f"{where(p, call)}: payload from rank {source} does not "
                        f"decode as {name} ({label(call.op, name)} at {site}): {detail}",
                        seq=call.seq, comm=p.name, source=source, schema=name)
