@@ -206,6 +206,43 @@ def test_an_interrupt_in_a_hook_is_no_judgement_of_the_bytes(timeout):
         f"decoding"], got
 
 
+def interrupted_checking_its_own_value(comm: tc.TypedComm, op: str) -> Any:
+    value = Stoppable(2 if comm.rank == 1 else 0)  # built before rank 1's hook turns strict
+    parts = [Stoppable(2 if comm.rank == 1 else 0) for _ in range(comm.size)]
+    got = []
+    for k in range(3):  # the first calls grow the slot and bind the C path
+        STRICT.on = comm.rank == 1 and k == 2
+        try:
+            if op == "gather":
+                got.append(comm.gather(value, 0))
+            elif op == "scatter":
+                got.append(comm.scatter(parts if comm.rank == 1 else None, 1))
+            else:
+                got.append(comm.alltoall(parts))
+        except (KeyboardInterrupt, tc.CollectiveError) as exc:
+            got.append((type(exc).__name__, str(exc), getattr(exc, "error_type", None)))
+        finally:
+            STRICT.on = False
+    return got[-1], comm.allgather(comm.rank)  # still aligned: the next call pairs
+
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+@pytest.mark.parametrize("op", ["gather", "scatter", "alltoall"])
+def test_an_interrupt_as_a_sender_checks_its_own_value_reaches_every_rank(op, timeout):
+    """A sender decodes its values back before the exchange, running their hooks: an
+    interrupt there escaped before the exchange, and its peers waited for it (or paired its
+    next call with this one). It is flagged as the rank's error, then raised."""
+    got = outcomes(3, interrupted_checking_its_own_value, op, timeout=timeout)
+    assert [g[1] for g in got] == 3 * [[0, 1, 2]], got
+    assert got[1][0] == ("KeyboardInterrupt", "stopped while decoding", None), got
+    line = interrupted_checking_its_own_value.__code__.co_firstlineno + {
+        "gather": 8, "scatter": 10, "alltoall": 12}[op]
+    part = "" if op == "gather" else "value 0: "
+    assert got[0][0] == got[2][0] == ("PeerError", (
+        f"collective #2 on WORLD: rank 1 failed its {op}[Stoppable] contribution at "
+        f"{FILE}:{line}: {part}stopped while decoding"), "KeyboardInterrupt"), got
+
+
 def refused_by_every_rank(comm: tc.TypedComm) -> Any:
     value = Limited(comm.rank)  # rank 2's x = 2 is refused everywhere
     STRICT.on = True

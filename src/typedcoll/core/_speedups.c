@@ -1631,6 +1631,11 @@ static PyObject *steady(PyObject *proto, PyObject *value, PyObject *info, PyObje
     }
     int sends = kind == KIND_ALL || kind == KIND_GATHER || kind == KIND_ALLTOALL ||
                 ((kind == KIND_BCAST || kind == KIND_SCATTER) && f.rank == root);
+    /* A sender that checks its values by decoding them back would run their hooks here, before
+     * the exchange, where an interrupt they raise would leave the peers waiting: the Python
+     * steps check them, flag an interrupt to every rank and raise it after the exchange. */
+    if (hooked && sends && (kind == KIND_GATHER || kind == KIND_SCATTER || kind == KIND_ALLTOALL))
+        goto take;
     Py_ssize_t prefix_len = kind == KIND_BCAST && sends ? PyBytes_GET_SIZE(prefix) : 0;
     if ((kind == KIND_BCAST || kind == KIND_SCATTER) && !sends && schema == Py_None && !guessed)
         goto take; /* it takes the root's class by name */

@@ -26,7 +26,7 @@ class Call:
                  "code", "lasti", "via", "callers", "error", "array_fp", "validate", "wild",
                  "guessed", "settings", "seq", "deadline", "overflow", "occurrence",
                  "array_meta", "same_shape", "inline", "split", "timed_out", "observed",
-                 "clocked", "settles")
+                 "clocked", "settles", "interrupt")
 
     def __init__(self, op: str, shape: int, info: Optional[SchemaInfo], mode: int, value: Any, *,
                  root: int = NO_ROOT, reduce_op: int = 0, step: Any = None,
@@ -70,6 +70,9 @@ class Call:
         self.observed = False  # the C path fed this exchange to the slot-size rule already
         # Some rank's decoding runs user code: every rank settles the outcome (core/settle.py).
         self.settles = False
+        # An interrupt (KeyboardInterrupt) raised by a hook as this rank checked its own value
+        # before the exchange: flagged as its error so its peers raise too, then re-raised here.
+        self.interrupt: Optional[BaseException] = None
 
     @property
     def wire_step(self) -> int:

@@ -1,6 +1,8 @@
 """Step 2 of the protocol (``core.protocol``): this rank's contribution becomes its payload, or
 the error text that stands for it. A failure to encode never raises here: a rank never raises
-before the exchange, where its peers would wait for it. A base of ``Protocol``.
+before the exchange, where its peers would wait for it; not even an interrupt that a schema's
+hook raises as the value is checked (kept on the call, raised once the peers know of it). A
+base of ``Protocol``.
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ class EncodeStep:
                     verdict.decode_any(info, payload)
         except Exception as exc:  # any failure to encode becomes this rank's flagged error
             return b"", verdict.error_text(exc, call)
+        except BaseException as exc:  # an interrupt in a hook: raised after the exchange
+            call.interrupt = exc
+            return b"", f"{type(exc).__name__}: {exc}"
         if call.op in PATH_OPS and call.info is not None:
             payload = call.info.path_prefix + payload
         if len(payload) > MAX_PAYLOAD:

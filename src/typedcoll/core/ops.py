@@ -43,6 +43,8 @@ def run(p: Protocol, call: Call, rest: Callable[[Call], Any]) -> Any:
         result = settled(p, call, rest)
     except BaseException as exc:
         p.failed(exc)
+        if call.interrupt is not None:  # flagged to every rank as this rank's error: now raised
+            raise call.interrupt from None
         raise
     p.completed(call)
     return result

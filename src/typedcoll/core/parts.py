@@ -55,6 +55,7 @@ def scatter(p: Protocol, values: Any, root: Any, schema: Any, step: Any, name: A
     is_root = root_error is None and p.rank == root
     step, name, common_error = _common(step, name)
     parts: Optional[List[bytes]] = None
+    interrupt: Optional[BaseException] = None
     error = first_error(root_error, common_error)
     info: Optional[SchemaInfo] = None
     wild = not is_root and schema is None
@@ -67,7 +68,8 @@ def scatter(p: Protocol, values: Any, root: Any, schema: Any, step: Any, name: A
             info, schema_error = schema_of(values[0], schema)
             error = error or schema_error
             if error is None and info is not None and not sent:
-                parts, error = _encode_parts(p, info, values, "scatter", schema is None)
+                parts, error, interrupt = _encode_parts(p, info, values, "scatter",
+                                                        schema is None)
     elif not wild:
         info, schema_error = schema_of(None, schema)
         error = error or schema_error
@@ -76,6 +78,7 @@ def scatter(p: Protocol, values: Any, root: Any, schema: Any, step: Any, name: A
                 root=NO_ROOT if root_error else int(root), step=step, name=name, wild=wild,
                 error=error)
     call.inline = True
+    call.interrupt = interrupt
 
     def rest(c: Call) -> Any:
         if not block_flags(p.block) & FLAG_OVERFLOW:
@@ -143,9 +146,11 @@ def _held(values: Any) -> Any:
 
 
 def _encode_parts(p: Protocol, info: SchemaInfo, values: Sequence[Any], op: str,
-                  inferred: bool) -> Tuple[Optional[List[bytes]], Optional[str]]:
-    """Each value encoded (and checked against the schema) on this rank: (parts, error).
-    ``inferred``: no ``schema=`` was given, the schema is value 0's type."""
+                  inferred: bool
+                  ) -> Tuple[Optional[List[bytes]], Optional[str], Optional[BaseException]]:
+    """Each value encoded (and checked against the schema) on this rank: (parts, error, the
+    interrupt a hook raised, which the call raises after its exchange). ``inferred``: no
+    ``schema=`` was given, the schema is value 0's type."""
     parts = []
     probe = Call(op, REDUCE, info, MODE_MSG, None, validate=True)  # one record for every part
     # A value whose type is exactly a plain schema's decodes as it by construction: only other
@@ -162,9 +167,9 @@ def _encode_parts(p: Protocol, info: SchemaInfo, values: Sequence[Any], op: str,
                 detail += (f" (no schema= was given, so every value must be of value 0's type, "
                            f"{type(values[0]).__name__}, and value {i} is a {type(v).__name__}: "
                            f"pass a schema= that admits both, Optional[...] where some are None)")
-            return None, f"{kind}: value {i}: {detail}"
+            return None, f"{kind}: value {i}: {detail}", probe.interrupt
         parts.append(payload)
-    return parts, None
+    return parts, None, None
 
 
 _PLAIN = frozenset({int, float, str, bytes, bool})
@@ -206,6 +211,7 @@ def _exchange_parts(p: Protocol, op: str, values: Any, schema: Any, step: Any, n
     error = first_error(error, common_error)
     info: Optional[SchemaInfo] = None
     parts: Optional[List[bytes]] = None
+    interrupt: Optional[BaseException] = None
     array_fp = _ZEROS
     values = _held(values)
     if not isinstance(values, Sequence) or isinstance(values, (str, bytes)) \
@@ -218,11 +224,12 @@ def _exchange_parts(p: Protocol, op: str, values: Any, schema: Any, step: Any, n
             array_fp, shape_error = _column_shapes(values)
             error = error or shape_error
         if error is None and info is not None and not sent:
-            parts, error = _encode_parts(p, info, values, op, schema is None)
+            parts, error, interrupt = _encode_parts(p, info, values, op, schema is None)
     packed = pack(parts, p.policy.max_slot) if direct and parts else None
     call = Call(op, GATHER if direct else REDUCE, info, MODE_EMPTY if packed is None else
                 MODE_BYTES, packed, step=step, name=name, error=error, reduce_op=reduce_op,
                 array_fp=array_fp)
+    call.interrupt = interrupt
 
     def rest(c: Call) -> List[Any]:
         if direct and not block_flags(p.block) & FLAG_OVERFLOW:

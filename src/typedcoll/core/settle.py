@@ -53,7 +53,9 @@ def settled(p: "Protocol", call: Call, rest: Callable[[Call], Any]) -> Any:
 
 def settle_decoding(p: "Protocol", call: Call, exc: Optional[BaseException]) -> None:
     """The settle exchange; returns where no rank failed, or where this one did (its caller
-    raises its own error), else raises the PeerError naming the ranks that failed."""
+    raises its own error; where that is the EncodeError of its own payload, which a peer
+    decoded, this raises its DecodeError instead), else raises the PeerError naming the ranks
+    that failed."""
     error = None
     # This rank's own payload refused here: its peers are told the error it raises where they
     # decoded the payload, the only case in which they read what it says.
