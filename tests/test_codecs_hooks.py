@@ -331,8 +331,9 @@ def hook_runs_per_part(comm: tc.TypedComm, op: str) -> Any:
 @pytest.mark.parametrize("op", ["scatter", "alltoall"])
 def test_each_part_runs_its_hook_once_where_it_is_sent_and_once_where_it_is_decoded(op, timeout):
     """The sender checks each part (decoding it back), its receiver decodes it: two runs of
-    the hook per part, whichever path sends it (the C path's parts were encoded and checked a
-    second time after its exchange, outside the settle)."""
+    the hook per part, whichever path each rank is on (the C path's parts were once encoded
+    and checked a second time after its exchange, outside the settle; it now leaves senders
+    of hooked parts to the Python steps)."""
     n = 4
     got = outcomes(n, hook_runs_per_part, op, timeout=timeout)
     for r, (texts, runs) in enumerate(got):
@@ -344,7 +345,8 @@ def test_each_part_runs_its_hook_once_where_it_is_sent_and_once_where_it_is_deco
 
 def alltoall_one_rank_past_the_slot(comm: tc.TypedComm, cls: Any) -> Any:
     """Rank 0's parts overflow the slot (the Python steps send them); the others' fit (the C
-    path sends them inline): every rank's parts move in phase 2."""
+    path sends them inline, where their class runs no hook): every rank's parts move in
+    phase 2."""
     width = 3000 if comm.rank == 0 else 3
     got = []
     for k in range(3):

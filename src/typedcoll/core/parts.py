@@ -244,8 +244,8 @@ def _exchange_parts(p: Protocol, op: str, values: Any, schema: Any, step: Any, n
 
 def _parts_sent(p: Protocol, call: Call) -> List[bytes]:
     """This rank's parts as the C path packed them into its slot, for phase 2 where another
-    rank's parts overflowed: encoding them again would run the schema's hooks a second time,
-    after the exchange and outside the settle."""
+    rank's parts overflowed, rather than encoded and checked a second time (the C path packs no
+    parts whose check runs a schema's hooks: it leaves those senders to the Python steps)."""
     n = inline_length(p.send, p.slot - HEADER_SIZE)
     return [bytes(part) for part in unpack(p, call, p.send_view[HEADER_SIZE:HEADER_SIZE + n],
                                            p.rank)]

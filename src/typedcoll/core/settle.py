@@ -59,7 +59,8 @@ def settle_decoding(p: "Protocol", call: Call, exc: Optional[BaseException]) -> 
     error = None
     # This rank's own payload refused here: its peers are told the error it raises where they
     # decoded the payload, the only case in which they read what it says.
-    told: Optional[BaseException] = getattr(exc, "refused_here", None) or exc
+    local = getattr(exc, "refused_here", None)
+    told = local or exc
     if told is not None:
         text, head = str(told), where(p, call) + ": "
         error = f"{type(told).__name__}: {text[len(head):] if text.startswith(head) else text}"
@@ -74,10 +75,10 @@ def settle_decoding(p: "Protocol", call: Call, exc: Optional[BaseException]) -> 
     pairs = exchange_infos(p, call, header, describe_call(p, call, error))
     failed = [r for r, (h, _) in enumerate(pairs) if h[FLAGS_OFFSET] & FLAG_LOCAL_ERROR]
     if exc is not None:
-        if told is not None and told is not exc and len(failed) < p.size:
+        if local is not None and len(failed) < p.size:
             # A peer decoded what this rank sent and refused itself: the refusal is this
             # rank's, not the value's (it was sent, and EncodeError would say it was not).
-            raise told from exc.__cause__
+            raise local from exc.__cause__
         return
     first = pairs[failed[0]][1]
     more = "" if len(failed) == 1 else f" (and {compact_ranks(failed[1:])})"
