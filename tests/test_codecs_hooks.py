@@ -223,7 +223,8 @@ def interrupted_checking_its_own_value(comm: tc.TypedComm, op: str) -> Any:
             got.append((type(exc).__name__, str(exc), getattr(exc, "error_type", None)))
         finally:
             STRICT.on = False
-    return got[-1], comm.allgather(comm.rank)  # still aligned: the next call pairs
+    recorded = comm._p.recorder.last().error  # what the flight recorder says ended the call
+    return got[-1], comm.allgather(comm.rank), recorded  # still aligned: the next call pairs
 
 
 @pytest.mark.parametrize("timeout", TIMEOUTS)
@@ -234,6 +235,8 @@ def test_an_interrupt_as_a_sender_checks_its_own_value_reaches_every_rank(op, ti
     next call with this one). It is flagged as the rank's error, then raised."""
     got = outcomes(3, interrupted_checking_its_own_value, op, timeout=timeout)
     assert [g[1] for g in got] == 3 * [[0, 1, 2]], got
+    # The rank records (and logs) the interrupt it raises, not the flag's EncodeError.
+    assert [g[2].split(":")[0] for g in got] == ["PeerError", "KeyboardInterrupt", "PeerError"]
     assert got[1][0] == ("KeyboardInterrupt", "stopped while decoding", None), got
     line = interrupted_checking_its_own_value.__code__.co_firstlineno + {
         "gather": 8, "scatter": 10, "alltoall": 12}[op]

@@ -24,6 +24,7 @@ import pytest
 import typedcoll as tc
 import typedcoll.diagnostics as diag
 from typedcoll.core.protocol import ERROR_HOOKS, NEW_PROTOCOL_HOOKS
+from typedcoll.core.recorder import RecordEntry
 from typedcoll.diagnostics import hang, log, side, watcher
 from typedcoll.diagnostics.model import FORMAT, VERSION, Dump
 from typedcoll.diagnostics.trace import main as trace_main
@@ -694,3 +695,24 @@ def test_a_call_that_differs_only_in_its_root_or_reduce_op_diverges_offline_as_l
     assert [g.ranks for g in found.groups] == [g.ranks for g in live[0].groups] == [(0, 1), (2,)]
     assert [(g.envelope.root, g.envelope.reduce_op) for g in found.groups] == \
         [(g.envelope.root, g.envelope.reduce_op) for g in live[0].groups]
+
+
+def test_a_wait_past_a_peers_issued_count_is_one_it_never_joins():
+    # A peer issued 3 collectives (#0-#2) and ended: this rank waits for it only inside #3 or
+    # later, and not once that call has completed or failed.
+    started = RecordEntry(seq=3, op="allgather", state="started")
+    assert hang.waits_past(4, started, False, 3)
+    assert not hang.waits_past(3, RecordEntry(seq=2, op="allgather"), False, 3)  # all joined
+    assert not hang.waits_past(4, RecordEntry(seq=3, op="allgather"), True, 3)  # completed
+    assert not hang.waits_past(4, RecordEntry(seq=3, op="bcast", state="failed"), True, 3)
+    assert not hang.waits_past(3, RecordEntry(seq=2, op="allgather", state="started"), True, 3)
+    # Without a recorder: issued past the peer's count and inside a collective.
+    assert hang.waits_past(4, None, True, 3) and not hang.waits_past(4, None, False, 3)
+
+
+def test_a_farewell_from_a_peer_without_normal_ends_reads_as_an_exception():
+    old = msgspec.msgpack.encode([2, "ValueError: boom (raised at a.py:3 in f)"])
+    message = msgspec.msgpack.Decoder(side.Ended).decode(old)
+    assert (message.rank, message.normal, message.seqs) == (2, False, ())
+    normal = side.Ended(1, "its program ended", True, ((4, 7),))
+    assert msgspec.msgpack.Decoder(side.Ended).decode(msgspec.msgpack.encode(normal)) == normal

@@ -156,6 +156,40 @@ def test_a_rank_ending_while_its_peers_wait_without_a_timeout_ends_the_job(tmp_p
             in res.stderr), res
 
 
+@pytest.mark.parametrize("nranks, mode", [(2, "untimed"), (4, "untimed"), (4, "collected")])
+def test_a_rank_ending_normally_while_its_peers_wait_without_a_timeout_ends_the_job(
+        tmp_path, nranks, mode):
+    started = time.monotonic()
+    res = run_spmd(program("diag_ended"), nranks, timeout=60, tmp_path=tmp_path,
+                   abort_on_error=False, args=[mode])
+    elapsed = time.monotonic() - started
+    assert not res.timed_out and res.returncode != 0, res
+    assert elapsed < 30, (elapsed, res)
+    last = nranks - 1
+    reports = [line for line in res.stderr.splitlines()
+               if line.startswith(f"typedcoll diagnostics: rank {last} of COMM_WORLD ended")]
+    assert reports, res
+    for line in reports:  # each waiting rank that printed before the abort names itself
+        assert line in [f"typedcoll diagnostics: rank {last} of COMM_WORLD ended normally after "
+                        f"1 collective on it, and rank {r}, this one, waits for it in collective "
+                        f"#1, which has no timeout: ending the job" for r in range(last)], line
+    assert "  this rank: allgather[int] seq=1 at " in res.stderr, res
+    assert (f"  rank {last}: its program ended without an uncaught exception; its last "
+            f"collective: allgather[int] on COMM_WORLD seq=0 at ") in res.stderr, res
+
+
+def test_a_rank_ending_normally_is_named_in_its_peers_hang_report(spmd):
+    spmd("diag_ended", 3, timeout=60, uniform=False, abort_on_error=False, args=["timed"])
+
+
+def test_ranks_ending_normally_one_after_another_report_nothing(spmd):
+    res = spmd("diag_ended", 4, timeout=60, abort_on_error=False, args=["symmetric"])
+    assert res.returncode == 0, res
+    assert "typedcoll diagnostics" not in res.stderr, res
+    for r in range(4):  # the collective every rank makes at exit, after its farewell
+        assert f"at exit {r}: [0, 1, 2, 3]" in res.stdout, res
+
+
 UNCAUGHT = """\
 import typedcoll as tc
 import typedcoll.diagnostics

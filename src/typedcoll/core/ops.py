@@ -42,8 +42,10 @@ def run(p: Protocol, call: Call, rest: Callable[[Call], Any]) -> Any:
         p.exchange(call)
         result = settled(p, call, rest)
     except BaseException as exc:
-        p.failed(exc)
-        if call.interrupt is not None:  # flagged to every rank as this rank's error: now raised
+        # An interrupt flagged to every rank as this rank's error is what it raises, records
+        # and logs, not the EncodeError its flag raised here.
+        p.failed(exc if call.interrupt is None else call.interrupt)
+        if call.interrupt is not None:
             raise call.interrupt from None
         raise
     p.completed(call)

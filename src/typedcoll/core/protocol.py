@@ -79,6 +79,9 @@ ERROR_HOOKS: List[Callable[["Protocol", BaseException], None]] = []
 NEW_PROTOCOL_HOOKS: List[Callable[["Protocol"], None]] = []
 # Every live protocol, for dumps on signals and at exit.
 LIVE: "weakref.WeakSet[Protocol]" = weakref.WeakSet()
+# Called as hook(protocol) when a communicator that was never freed is garbage-collected (a
+# local of a function that returned): diagnostics keep how many collectives it issued.
+GONE_HOOKS: List[Callable[["Protocol"], None]] = []
 
 _pack = HEADER.pack_into
 _get_ident = threading.get_ident
@@ -368,6 +371,14 @@ class Protocol(EncodeStep):
                 self.observer(self)
             except Exception:  # diagnostics never raise into user code
                 pass
+
+    def __del__(self) -> None:
+        try:
+            if GONE_HOOKS and not self.freed:
+                for hook in list(GONE_HOOKS):
+                    hook(self)
+        except Exception:  # at interpreter shutdown, or a hook's failure: nothing to keep
+            pass
 
     def failed(self, exc: BaseException) -> None:
         """A call that started ended with ``exc``: release the channel, record, tell hooks."""

@@ -7,6 +7,7 @@
   watcher.py the thread that answers them (and receives signals)
   state.py   a rank's state, built only when asked; communicator ids; stacks
   dumps.py   post-mortem dump files (TYPEDCOLL_TRACE_DIR), signals, the excepthook
+  ending.py  a rank that ends normally while its peers wait for it without a timeout
   log.py     JSON-lines logs (TYPEDCOLL_LOG)
   model.py   the Structs the side channel, dumps and the analyzer share (the dump format)
   trace.py   ``typedcoll trace DIR``: reading dumps within bounds; analysis.py: the analysis
@@ -22,8 +23,8 @@ from typing import List, Tuple
 
 from ..core.channel import CLOSE_HOOKS, Channel
 from ..core.plumbing import register_internal
-from ..core.protocol import ERROR_HOOKS, LIVE, NEW_PROTOCOL_HOOKS, Protocol
-from . import dumps, hang, log, side, state, watcher
+from ..core.protocol import ERROR_HOOKS, GONE_HOOKS, LIVE, NEW_PROTOCOL_HOOKS, Protocol
+from . import dumps, ending, hang, log, side, state, watcher
 from .dumps import dump_traces
 from .model import RankStatus
 
@@ -58,10 +59,12 @@ def install() -> None:
             log.configure()
             wakeup = watcher.start(_answer, dumps.on_signal, _after_poll)
             atexit.register(watcher.stop)  # before mpi4py's MPI_Finalize (registered earlier)
+            atexit.register(ending.at_exit)  # and this one before the watcher stops
             dumps.install_excepthook()
             NEW_PROTOCOL_HOOKS.append(_on_new_protocol)
             ERROR_HOOKS.append(dumps.on_error)
             CLOSE_HOOKS.append(watcher.forget)
+            GONE_HOOKS.append(ending.on_gone)
             for p in sorted(list(LIVE), key=lambda p: (p.name, p.instance)):
                 _on_new_protocol(p)
             _Installed.hooks = True
@@ -98,6 +101,7 @@ def _answer(channel: Channel, query: side.Query) -> RankStatus:
 
 
 def _after_poll() -> None:
+    ending.check()
     while _Installed.requested_dumps:
         reason, message = _Installed.requested_dumps.pop(0)
         dump_traces(reason, message)

@@ -63,8 +63,9 @@ class _State:
 
 
 def warn(text: str) -> None:
-    try:
-        print(f"typedcoll diagnostics: {text}", file=sys.stderr, flush=True)
+    try:  # one write: the launcher may put another rank's output between two
+        sys.stderr.write(f"typedcoll diagnostics: {text}\n")
+        sys.stderr.flush()
     except Exception:  # nowhere left to report to
         pass
 

@@ -126,12 +126,19 @@ def waiting_for_this_rank(window: float = END_WINDOW) -> List[str]:
 def _waits_at(status: RankStatus, seq: int) -> bool:
     """Whether a peer is inside collective ``seq`` or a later one of the communicator asked."""
     comm = status.comm
-    if comm is None or comm.seq <= seq:
+    return comm is not None and waits_past(comm.seq, comm.last, status.collective is not None,
+                                           seq)
+
+
+def waits_past(issued: int, last: Optional[RecordEntry], inside: bool, seq: int) -> bool:
+    """Whether a rank that issued ``issued`` collectives on a communicator, the newest
+    recorded ``last`` (None: no recorder, and then ``inside``: it is in some collective), waits
+    inside collective ``seq`` or a later one: one a peer that issued ``seq`` never joins."""
+    if issued <= seq:
         return False
-    last = comm.last
     if last is not None:
         return last.seq >= seq and last.state == "started"
-    return status.collective is not None  # no recorder: inside some collective, issued past
+    return inside
 
 
 def hang_report(p: Protocol, call: Call) -> Tuple[Optional[Tuple[int, ...]], str]:
@@ -159,11 +166,14 @@ def hang_report(p: Protocol, call: Call) -> Tuple[Optional[Tuple[int, ...]], str
         lines.append(f"  never arrived at {where(p, call)}: "
                      f"{compact_ranks(absent)}")
         lines += _grouped(p, absent, lambda r: _absent_lines(p, answers[r]))
-    if ended:
-        lines.append(f"  ended by an uncaught exception: {compact_ranks(sorted(ended))}")
-        lines += _grouped(p, sorted(ended), lambda r: [f"    {_WHO}: {ended[r]}"])
-        if not silent:
-            lines += _last_together(p, indent="    ")
+    for normal, heading in ((False, "ended by an uncaught exception"),
+                            (True, "ended normally")):
+        these = sorted(r for r, message in ended.items() if message.normal == normal)
+        if these:
+            lines.append(f"  {heading}: {compact_ranks(these)}")
+            lines += _grouped(p, these, lambda r: [f"    {_WHO}: {ended[r].text}"])
+            if not silent:
+                lines += _last_together(p, indent="    ")
     if silent:
         lines.append(f"  unresponsive: {compact_ranks(silent)} (no answer within {GRACE:g} s: "
                      f"{UNRESPONSIVE_WHY})")
@@ -186,7 +196,7 @@ def hang_report(p: Protocol, call: Call) -> Tuple[Optional[Tuple[int, ...]], str
 _WHO = "\0who\0"  # where a rank's description names it, filled in once per group
 
 
-def _farewells(p: Protocol, silent: Sequence[int]) -> Dict[int, str]:
+def _farewells(p: Protocol, silent: Sequence[int]) -> Dict[int, side_channel.Ended]:
     """What ended each of ``silent`` that said so before it ended (``side.Ended``)."""
     side = watcher.side_of(p.channel)
     if isinstance(side, str) or not silent:
@@ -206,7 +216,7 @@ def _grouped(p: Protocol, ranks: Sequence[int],
         groups.setdefault(tuple(describe_rank(r)), []).append(r)
     lines: List[str] = []
     for body, members in list(groups.items())[:MAX_DETAILED]:
-        lines.append(body[0].replace(_WHO, _label(p, members), 1))
+        lines.append(body[0].replace(_WHO, ranks_label(p, members), 1))
         lines += body[1:]
     if len(groups) > MAX_DETAILED:
         rest = [r for members in list(groups.values())[MAX_DETAILED:] for r in members]
@@ -214,7 +224,7 @@ def _grouped(p: Protocol, ranks: Sequence[int],
     return lines
 
 
-def _label(p: Protocol, members: Sequence[int]) -> str:
+def ranks_label(p: Protocol, members: Sequence[int]) -> str:
     """``rank 3``, ``ranks 0-2,5``, with their world ranks where they differ."""
     world = state.world_ranks(p.channel)
     text = compact_ranks(members)

@@ -25,9 +25,12 @@ asker names it unresponsive after its grace period. A rank whose main thread rai
 exception says so first (``farewell``, from the excepthook): an :class:`Ended` to every peer
 (MPI: tag ``ENDED_TAG`` on the side communicator; torch: the key ``ended/<rank>``), which an
 asker reads for the peers that did not answer (``ended``), so its report names the exception
-that ended the rank rather than calling it unresponsive. Polling costs the steady state one GIL
-hand-over and one nonblocking probe per channel every few milliseconds (measured in
-``docs/diagnostics.md``).
+that ended the rank rather than calling it unresponsive. A rank whose program ends normally
+sends one too, marked ``normal``, with how many collectives it issued on each communicator;
+MPI watchers take those with their polls, since a peer waiting without a timeout for a call
+the ended rank never makes must learn it by itself (``ending``). Polling costs the steady
+state one GIL hand-over and a few nonblocking probes per channel every few milliseconds
+(measured in ``docs/diagnostics.md``).
 
 ``watcher`` runs the thread that polls these channels.
 """
@@ -73,10 +76,17 @@ class Answer(msgspec.Struct, array_like=True):
 
 
 class Ended(msgspec.Struct, array_like=True, frozen=True):
-    """A rank's farewell: what ended it (``ValueError: ... (raised at engine.py:88 in step)``)."""
+    """A rank's farewell: what ended it (``ValueError: ... (raised at engine.py:88 in step)``).
+
+    ``normal``: its program ended without an uncaught exception (it returned, or called
+    ``sys.exit``); ``seqs`` then holds, for each live communicator of the channel, its
+    ``instance`` and how many collectives this rank issued on it. A peer inside a later
+    collective of one of them waits for a call this rank never joins (``ending``)."""
 
     rank: int  # the sender's rank in the communicator
     text: str
+    normal: bool = False
+    seqs: Tuple[Tuple[int, int], ...] = ()
 
 
 _ENCODER = msgspec.msgpack.Encoder()
@@ -117,7 +127,7 @@ class MPISide:
         self.lock = threading.Lock()
         self.nonce = -1  # the question being asked on this channel now (-1: none)
         self.inbox: Dict[int, Answer] = {}  # its answers, when the watcher received them
-        self.farewells: Dict[int, str] = {}  # peers' Ended texts received so far
+        self.farewells: Dict[int, Ended] = {}  # peers' farewells received so far
 
     def _send(self, data: bytes, dest: int, tag: int) -> None:
         request = self.comm.Isend([data, len(data), self.MPI.BYTE], dest, tag)
@@ -156,10 +166,11 @@ class MPISide:
                     self.inbox[got[0]] = reply  # the asking thread collects it
         with self.lock:
             self.sends = [(r, d) for r, d in self.sends if not r.Test()]
+        self._take_farewells()  # a peer waiting here for one that ended learns it (ending)
 
-    def farewell(self, text: str, deadline: float) -> None:
+    def farewell(self, message: Ended, deadline: float) -> None:
         """Tell every peer this rank is ending, waiting until ``deadline`` for the sends."""
-        data = _ENCODER.encode(Ended(self.rank, text))
+        data = _ENCODER.encode(message)
         requests = [self.comm.Isend([data, len(data), self.MPI.BYTE], r, ENDED_TAG)
                     for r in range(self.comm.Get_size()) if r != self.rank]
         while not self.MPI.Request.Testall(requests) and time.monotonic() < deadline:
@@ -167,18 +178,26 @@ class MPISide:
         with self.lock:  # sends not done yet keep their bytes alive
             self.sends += [(r, data) for r in requests]
 
-    def ended(self, peers: Sequence[int]) -> Dict[int, str]:
-        """Which of ``peers`` said they are ending, and what ended each."""
+    def _take_farewells(self) -> None:
         while True:
             got = self._receive(ENDED_TAG)
             if got is None:
-                break
+                return
             message = _decode_ended(got[1])
             if message is not None:
                 with self.lock:
-                    self.farewells[got[0]] = message.text
+                    self.farewells[got[0]] = message
+
+    def ended(self, peers: Sequence[int]) -> Dict[int, Ended]:
+        """Which of ``peers`` said they are ending, and what ended each."""
+        self._take_farewells()
         with self.lock:
             return {r: self.farewells[r] for r in peers if r in self.farewells}
+
+    def departed(self) -> Dict[int, Ended]:
+        """The peers whose programs ended normally, as far as the watcher has heard."""
+        with self.lock:
+            return {r: m for r, m in self.farewells.items() if m.normal}
 
     def ask(self, query: Query, peers: List[int], deadline: float) -> Dict[int, Answer]:
         """Ask ``peers``; their answers that arrive before ``deadline`` (monotonic)."""
@@ -227,10 +246,10 @@ class LocalSide:
     def serve(self, answer: Answerer, channel: Channel) -> None:
         pass
 
-    def farewell(self, text: str, deadline: float) -> None:
+    def farewell(self, message: Ended, deadline: float) -> None:
         pass  # ranks are threads here, and the excepthook is the main thread's alone
 
-    def ended(self, peers: Sequence[int]) -> Dict[int, str]:
+    def ended(self, peers: Sequence[int]) -> Dict[int, Ended]:
         return {}
 
     def ask(self, query: Query, peers: List[int], deadline: float) -> Dict[int, Answer]:
@@ -261,7 +280,7 @@ class StoreSide:
         self.store = store
         self.interval: Optional[float] = interval
         self.rank = channel.transport.rank
-        self.farewells: Dict[int, str] = {}  # peers' Ended texts found so far
+        self.farewells: Dict[int, Ended] = {}  # peers' farewells found so far
         self.seen = int(store.add(STORE_PREFIX + "q", 0))  # questions before us were not ours
 
     def serve(self, answer: Answerer, channel: Channel) -> None:
@@ -284,17 +303,17 @@ class StoreSide:
                       _ENCODER.encode(Answer(query.nonce, self.rank, status)))
             store.add(f"{STORE_PREFIX}a/{number}/count", 1)
 
-    def farewell(self, text: str, deadline: float) -> None:
+    def farewell(self, message: Ended, deadline: float) -> None:
         # A store whose server has gone blocks for its own timeout: set from a thread waited
         # on until the deadline, never longer.
-        data = _ENCODER.encode(Ended(self.rank, text))
+        data = _ENCODER.encode(message)
         setter = threading.Thread(
             target=self.store.set, args=(f"{STORE_PREFIX}ended/{self.rank}", data),
             name="typedcoll-farewell", daemon=True)
         setter.start()
         setter.join(max(0.0, deadline - time.monotonic()))
 
-    def ended(self, peers: Sequence[int]) -> Dict[int, str]:
+    def ended(self, peers: Sequence[int]) -> Dict[int, Ended]:
         # Only the peers asked about: one store request each, where every survivor of a job
         # that lost a rank asks at once.
         found = self.farewells
@@ -303,7 +322,7 @@ class StoreSide:
             if r != self.rank and r not in found and self.store.check([key]):
                 message = _decode_ended(self.store.get(key))
                 if message is not None:
-                    found[r] = message.text
+                    found[r] = message
         return {r: found[r] for r in peers if r in found}
 
     def ask(self, query: Query, peers: List[int], deadline: float) -> Dict[int, Answer]:

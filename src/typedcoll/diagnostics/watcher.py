@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 import weakref
-from typing import Callable, Dict, Optional, Set, Tuple, Union
+from typing import Callable, Dict, List, Optional, Set, Tuple, Union
 
 from ..core.channel import Channel
 from ..core.plumbing import register_internal
@@ -47,6 +47,7 @@ class _Watcher:
     prune_at = 64
     warned: Set[int] = set()
     stopped = False
+    farewell_said = False  # this process has told its peers it is ending
     answer: Optional[Answerer] = None
     on_signal: Optional[Callable[[int], None]] = None
     after_poll: Optional[Callable[[], None]] = None
@@ -118,23 +119,71 @@ def start(answer: Answerer, on_signal: Callable[[int], None],
 
 def farewell(text: str) -> None:
     """Tell every peer of every served channel that this rank is ending, and why (the
-    excepthook): at most ``side.FAREWELL_SECONDS`` in all, and not at all while a poll holds
-    the transports longer than that (a peer died under it)."""
+    excepthook's farewell, with the exception's text)."""
+    def messages() -> List[Tuple[Side, side_channels.Ended]]:
+        found = []
+        for ref, side in list(_Watcher.sides.values()):
+            channel = ref()
+            if channel is not None and channel.users > 0 and not isinstance(side, str):
+                found.append((side, side_channels.Ended(channel.transport.rank, text)))
+        return found
+    say_farewell(messages)
+
+
+def say_farewell(messages: Callable[[], List[Tuple[Side, side_channels.Ended]]]) -> None:
+    """Send each of ``messages()`` (built under the lock) on its side channel: at most
+    ``side.FAREWELL_SECONDS`` in all, and not at all while a poll holds the transports longer
+    than that (a peer died under it). A normal end's messages come from ``ending``."""
+    _Watcher.farewell_said = True
     deadline = time.monotonic() + side_channels.FAREWELL_SECONDS
     if not _Watcher.lock.acquire(timeout=side_channels.FAREWELL_SECONDS):
         return
     try:
-        for ref, side in list(_Watcher.sides.values()):
-            channel = ref()
-            if channel is None or channel.users <= 0 or isinstance(side, str) or (
-                    isinstance(side, MPISide) and side.MPI.Is_finalized()):
+        for side, message in messages():
+            if isinstance(side, MPISide) and side.MPI.Is_finalized():
                 continue
             try:
-                side.farewell(text, deadline)
+                side.farewell(message, deadline)
             except Exception as exc:  # a broken channel: its peers call this rank unresponsive
-                _warn(f"side channel of {channel.label}: {type(exc).__name__}: {exc}")
+                _warn(f"side channel of rank {message.rank}: {type(exc).__name__}: {exc}")
     finally:
         _Watcher.lock.release()
+
+
+def known_side(channel: Channel) -> Optional[Side]:
+    """``channel``'s side channel if the watcher serves it (never attaching one). Called from
+    a finalizer too, where the garbage collector may have cleared the weak reference to a
+    channel that is being collected: ``channel`` still holds its id then."""
+    known = _Watcher.sides.get(id(channel))
+    if known is None or isinstance(known[1], str):
+        return None
+    alive = known[0]()
+    return known[1] if alive is None or alive is channel else None
+
+
+def while_running(work: Callable[[], None]) -> None:
+    """``work()`` holding the transports' lock, unless the watcher has stopped: whoever stops
+    it (at exit) then waits for ``work`` to finish, and ``work`` never sees what follows."""
+    with _Watcher.lock:
+        if not _Watcher.stopped:
+            work()
+
+
+def departures() -> List[Tuple[Channel, Dict[int, side_channels.Ended]]]:
+    """Each polled channel whose peers' programs ended normally, with their farewells."""
+    found = []
+    with _Watcher.lock:
+        for ref, side in list(_Watcher.polled.values()):
+            channel = ref()
+            if channel is not None and isinstance(side, MPISide) and side.farewells:
+                departed = side.departed()
+                if departed:
+                    found.append((channel, departed))
+    return found
+
+
+def said_farewell() -> bool:
+    return _Watcher.farewell_said
 
 
 def wake() -> None:

@@ -1,0 +1,172 @@
+"""A rank whose program ends normally while its peers wait for it without a timeout (MPI).
+
+A collective that one rank never joins does not complete: without a timeout its peers wait for
+ever inside it, and the ending rank's own ``MPI_Finalize`` waits for them. An uncaught exception
+is the excepthook's to handle (``dumps``): it tells the peers, asks whether any waits, and ends
+the job. A normal end (the program returned, or called ``sys.exit``) runs no excepthook, and
+asking every peer at every exit would cost each job's shutdown a side-channel round while its
+peers finalise. So the ending rank only tells, and the waiting rank judges:
+
+1. At exit, before MPI is finalised (``at_exit``, an ``atexit`` hook registered after
+   mpi4py's), the ending rank sends each peer of each channel one ``side.Ended`` marked
+   ``normal``, holding for every live communicator of the channel its instance and how many
+   collectives this rank issued on it, and the last collective it started. Nothing waits for
+   an answer: the cost is one small message per peer.
+2. A peer's watcher receives it with its polls (``side.MPISide.farewells``). After each poll
+   (``check``) it tests whether this rank is inside a collective of that communicator numbered
+   at or past the count the ended rank issued, without a timeout: one it never joins
+   (``hang.waits_past``, the test the excepthook's question uses).
+3. If so it prints what each of the two ranks did, logs it, writes its dump
+   (``TYPEDCOLL_TRACE_DIR``) and ends the job (``dumps.end_job``), as a launcher's
+   abort-on-error mode would. Every waiting rank finds it within one poll of the farewell.
+
+With a timeout the peers report by themselves: their hang report names the rank as ended
+normally, with its last collective. Over torch a rank that ends closes its connections, and its
+peers' collectives fail at once; in-memory ranks are threads that the harness bounds.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Dict, List, NamedTuple, Optional, Tuple
+
+from ..core.plumbing import register_internal
+from ..core.protocol import LIVE, Protocol
+from ..core.recorder import RecordEntry
+from . import dumps, hang, log, state, watcher
+from .side import Ended, MPISide
+
+
+class _State:
+    lock = threading.Lock()
+    ending = False  # a check has found a wait that never ends: the job is ending
+    # Communicators collected without being freed (a local of a function that returned):
+    # (id(side), instance) -> what at_exit tells of it (_Stop).
+    gone: Dict[Tuple[int, int], "_Stop"] = {}
+
+
+class _Stop(NamedTuple):
+    """Where this rank stopped on one communicator: what its farewell says of it."""
+
+    side: MPISide
+    rank: int  # this rank's, in the communicator
+    instance: int
+    issued: int  # collectives
+    name: str
+    last: Optional[RecordEntry]
+
+    @classmethod
+    def of(cls, p: Protocol, side: MPISide) -> "_Stop":
+        last = p.recorder.last() if p.recorder is not None else None
+        return cls(side, p.rank, p.instance, p.seq, p.name, last)
+
+
+GONE_KEPT = 4096  # at most this many collected communicators are remembered
+
+
+def on_gone(p: Protocol) -> None:
+    """A communicator never freed is being collected (``Protocol.__del__``): its peers may
+    still wait in it, so the count it issued goes into this rank's farewell."""
+    if p.transport.kind != "mpi" or p.size <= 1:
+        return
+    side = watcher.known_side(p.channel)
+    if isinstance(side, MPISide):
+        if len(_State.gone) >= GONE_KEPT:
+            _State.gone.pop(next(iter(_State.gone)))
+        _State.gone[(id(side), p.instance)] = _Stop.of(p, side)
+
+
+def at_exit() -> None:
+    """The ``atexit`` hook: a normal end tells every peer where this rank stopped."""
+    try:
+        if watcher.said_farewell() or not watcher.running():
+            return  # an uncaught exception said so already, or diagnostics are off
+        stops = list(_State.gone.values())
+        for p in list(LIVE):
+            side = watcher.known_side(p.channel)
+            if p.transport.kind == "mpi" and p.size > 1 and not p.freed \
+                    and isinstance(side, MPISide):
+                stops.append(_Stop.of(p, side))
+        if not stops:
+            return
+        text = _normal_text(stops)
+        by_side: Dict[int, List[_Stop]] = {}
+        for stop in stops:
+            by_side.setdefault(id(stop.side), []).append(stop)
+        watcher.say_farewell(lambda: [
+            (these[0].side, Ended(these[0].rank, text, True,
+                                  tuple((stop.instance, stop.issued) for stop in these)))
+            for these in by_side.values()])
+    except BaseException as failed:  # exit goes on: peers with a timeout still report
+        dumps.warn(f"farewell not sent: {type(failed).__name__}: {failed}")
+
+
+def _normal_text(stops: List[_Stop]) -> str:
+    """``its program ended without an uncaught exception; its last collective: ...``."""
+    text = "its program ended without an uncaught exception"
+    started = [stop for stop in stops if stop.last is not None]
+    if not started:
+        return text
+    newest = max(started, key=lambda stop: stop.last.t_start_ns if stop.last else 0)
+    assert newest.last is not None
+    return (f"{text}; its last collective: "
+            f"{hang.entry_text(newest.last, newest.name, time.time_ns())}")
+
+
+def check() -> None:
+    """After each poll, on the watcher thread: end the job where this rank waits, without a
+    timeout, inside a collective that a peer whose program ended never joins. Not once the
+    watcher has stopped: this rank is ending too, and may make collectives of its own at exit
+    (an ``atexit`` hook of the program's) that its peers' exits make as well."""
+    if not _State.ending:
+        watcher.while_running(_check)
+
+
+def _check() -> None:
+    for channel, departed in watcher.departures():
+        for p in list(LIVE):
+            if p.channel is not channel or p.freed or p.timeout is not None:
+                continue
+            for rank, message in sorted(departed.items()):
+                issued = dict(message.seqs).get(p.instance)
+                if issued is None or p.seq <= issued:
+                    continue  # the cheap test first: this runs every poll until the exit
+                last = p.recorder.last() if p.recorder is not None else None
+                if hang.waits_past(p.seq, last, bool(channel.busy[0]), issued):
+                    _end(p, rank, message, issued, last)
+                    return
+
+
+def waited_for_text(p: Protocol, rank: int, message: Ended, issued: int,
+                    last: Optional[RecordEntry]) -> str:
+    """The lines a waiting rank prints before it ends the job."""
+    waits = (f"collective #{last.seq}" if last is not None else
+             f"a collective numbered {issued} or later")
+    here = hang.entry_text(last, None, time.time_ns()) if last is not None else \
+        f"inside {p.name}'s collective (flight recorder off)"
+    peer = hang.ranks_label(p, [rank])
+    return "\n".join([
+        f"{peer} of {p.name} ended normally after {issued} "
+        f"{'collective' if issued == 1 else 'collectives'} on it, and "
+        f"{hang.ranks_label(p, [p.rank])}, this one, waits for it in {waits}, which has no "
+        f"timeout: ending the job",
+        f"  this rank: {here}",
+        f"  {peer}: {message.text}"])
+
+
+def _end(p: Protocol, rank: int, message: Ended, issued: int,
+         last: Optional[RecordEntry]) -> None:
+    with _State.lock:
+        if _State.ending:
+            return
+        _State.ending = True
+    text = waited_for_text(p, rank, message, issued, last)
+    dumps.warn(text)
+    log.event("error", "peer_ended", p, peer=rank, peer_issued=issued, seq=p.seq - 1)
+    if state.trace_dir() is not None:
+        dumps.dump_traces("a peer ended while this rank waits for it", text)
+    dumps.end_job()
+
+
+register_internal(__file__)
