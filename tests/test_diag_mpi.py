@@ -156,7 +156,8 @@ def test_a_rank_ending_while_its_peers_wait_without_a_timeout_ends_the_job(tmp_p
             in res.stderr), res
 
 
-@pytest.mark.parametrize("nranks, mode", [(2, "untimed"), (4, "untimed"), (4, "collected")])
+@pytest.mark.parametrize("nranks, mode", [(2, "untimed"), (4, "untimed"), (4, "collected"),
+                                           (3, "finalize")])
 def test_a_rank_ending_normally_while_its_peers_wait_without_a_timeout_ends_the_job(
         tmp_path, nranks, mode):
     started = time.monotonic()
@@ -174,8 +175,10 @@ def test_a_rank_ending_normally_while_its_peers_wait_without_a_timeout_ends_the_
                         f"1 collective on it, and rank {r}, this one, waits for it in collective "
                         f"#1, which has no timeout: ending the job" for r in range(last)], line
     assert "  this rank: allgather[int] seq=1 at " in res.stderr, res
-    assert (f"  rank {last}: its program ended without an uncaught exception; its last "
-            f"collective: allgather[int] on COMM_WORLD seq=0 at ") in res.stderr, res
+    how = ("it called MPI.Finalize()" if mode == "finalize" else
+           "its program ended without an uncaught exception")
+    assert (f"  rank {last}: {how}; its last collective: allgather[int] on COMM_WORLD seq=0 "
+            f"at ") in res.stderr, res
 
 
 def test_a_rank_ending_normally_is_named_in_its_peers_hang_report(spmd):

@@ -11,6 +11,7 @@ no exception, no excepthook. At exit it tells every peer how many collectives it
   collective is still pending).
 * ``collected``: as ``untimed``, with the communicator a local of ``main()``, collected once
   main returns on the last rank: its count still goes into the farewell.
+* ``finalize``: as ``untimed``, the last rank calling ``MPI.Finalize()`` itself, then ending.
 * ``symmetric``: every rank votes twice; rank 0 works on for a while after its peers ended, and
   every rank makes one more collective at exit, in an ``atexit`` hook registered before the
   communicator (so it runs after typedcoll's own): each rank's farewell comes before that
@@ -31,7 +32,7 @@ from spmd.harness import marker
 
 FILE = os.path.basename(__file__)
 MODE = sys.argv[1]
-assert MODE in ("untimed", "timed", "collected", "symmetric"), MODE
+assert MODE in ("untimed", "timed", "collected", "finalize", "symmetric"), MODE
 last = MPI.COMM_WORLD.size - 1
 survivors = MPI.COMM_WORLD.Split(0 if MPI.COMM_WORLD.rank < last else MPI.UNDEFINED)
 
@@ -68,6 +69,9 @@ except tc.CollectiveTimeout as err:
     survivors.Barrier()
     os._exit(0)
 assert MODE != "timed" or rank == last, "the vote without the last rank returned"
+if MODE == "finalize":
+    assert rank == last, "the vote without the last rank returned"
+    MPI.Finalize()
 if MODE == "symmetric" and rank == 0:
     time.sleep(0.5)  # its peers' farewells arrive while it works: it is inside no collective
 marker(f"SPMD-OK diag_ended rank {rank}/{size} checks 1")

@@ -81,6 +81,8 @@ def _on_new_protocol(p: Protocol) -> None:
         p.hang_reporter = hang.hang_report
         watcher.attach(p.channel)
         log.attach(p)
+        if p.transport.kind == "mpi":
+            ending.watch_finalize()
     except Exception as exc:
         dumps.warn(f"diagnostics not attached to {p.name}: {type(exc).__name__}: {exc}")
 

@@ -7,11 +7,12 @@ the job. A normal end (the program returned, or called ``sys.exit``) runs no exc
 asking every peer at every exit would cost each job's shutdown a side-channel round while its
 peers finalise. So the ending rank only tells, and the waiting rank judges:
 
-1. At exit, before MPI is finalised (``at_exit``, an ``atexit`` hook registered after
-   mpi4py's), the ending rank sends each peer of each channel one ``side.Ended`` marked
-   ``normal``, holding for every live communicator of the channel its instance and how many
-   collectives this rank issued on it, and the last collective it started. Nothing waits for
-   an answer: the cost is one small message per peer.
+1. At exit, before MPI is finalised (``at_exit``: an ``atexit`` hook, as mpi4py finalises
+   after the interpreter; or inside an explicit ``MPI.Finalize()``, ``watch_finalize``), the
+   ending rank sends each peer of each channel one ``side.Ended`` marked ``normal``, holding
+   for every communicator of the channel it never freed (live, or collected: ``on_gone``) its
+   instance and how many collectives this rank issued on it, and the last collective it
+   started. Nothing waits for an answer: the cost is one small message per peer.
 2. A peer's watcher receives it with its polls (``side.MPISide.farewells``). After each poll
    (``check``) it tests whether this rank is inside a collective of that communicator numbered
    at or past the count the ended rank issued, without a timeout: one it never joins
@@ -27,9 +28,10 @@ peers' collectives fail at once; in-memory ranks are threads that the harness bo
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 from ..core.plumbing import register_internal
 from ..core.protocol import LIVE, Protocol
@@ -41,6 +43,7 @@ from .side import Ended, MPISide
 class _State:
     lock = threading.Lock()
     ending = False  # a check has found a wait that never ends: the job is ending
+    finalize_watched = False
     # Communicators collected without being freed (a local of a function that returned):
     # (id(side), instance) -> what at_exit tells of it (_Stop).
     gone: Dict[Tuple[int, int], "_Stop"] = {}
@@ -77,7 +80,7 @@ def on_gone(p: Protocol) -> None:
         _State.gone[(id(side), p.instance)] = _Stop.of(p, side)
 
 
-def at_exit() -> None:
+def at_exit(how: str = "its program ended without an uncaught exception") -> None:
     """The ``atexit`` hook: a normal end tells every peer where this rank stopped."""
     try:
         if watcher.said_farewell() or not watcher.running():
@@ -90,7 +93,7 @@ def at_exit() -> None:
                 stops.append(_Stop.of(p, side))
         if not stops:
             return
-        text = _normal_text(stops)
+        text = _normal_text(how, stops)
         by_side: Dict[int, List[_Stop]] = {}
         for stop in stops:
             by_side.setdefault(id(stop.side), []).append(stop)
@@ -102,9 +105,29 @@ def at_exit() -> None:
         dumps.warn(f"farewell not sent: {type(failed).__name__}: {failed}")
 
 
-def _normal_text(stops: List[_Stop]) -> str:
+def watch_finalize() -> None:
+    """An explicit ``MPI.Finalize()`` would come before ``at_exit``, which could then send
+    nothing. MPI_Finalize first deletes ``MPI_COMM_SELF``'s attributes, while MPI still runs:
+    an attribute of ours says the farewell there, and takes the watcher off MPI before the
+    rest of the finalization. At mpi4py's own finalization, after the interpreter's, mpi4py
+    runs no Python callback, and ``at_exit`` has said it already."""
+    MPI = sys.modules.get("mpi4py.MPI")
+    with _State.lock:
+        if _State.finalize_watched or MPI is None or not MPI.Is_initialized() \
+                or MPI.Is_finalized():
+            return
+        _State.finalize_watched = True
+    keyval = MPI.Comm.Create_keyval(delete_fn=_at_finalize)
+    MPI.COMM_SELF.Set_attr(keyval, 0)
+
+
+def _at_finalize(comm: Any, keyval: int, value: Any) -> None:
+    at_exit("it called MPI.Finalize()")
+    watcher.leave_mpi()
+
+
+def _normal_text(text: str, stops: List[_Stop]) -> str:
     """``its program ended without an uncaught exception; its last collective: ...``."""
-    text = "its program ended without an uncaught exception"
     started = [stop for stop in stops if stop.last is not None]
     if not started:
         return text

@@ -161,6 +161,16 @@ def known_side(channel: Channel) -> Optional[Side]:
     return known[1] if alive is None or alive is channel else None
 
 
+def leave_mpi() -> None:
+    """MPI is being finalised (an explicit ``MPI.Finalize()``): poll no MPI side channel from
+    now on. Waits out a poll in progress, which may be inside MPI."""
+    with _Watcher.lock:
+        for key, (_, side) in list(_Watcher.polled.items()):
+            if isinstance(side, MPISide):
+                _Watcher.polled.pop(key, None)
+                _Watcher.due.pop(key, None)
+
+
 def while_running(work: Callable[[], None]) -> None:
     """``work()`` holding the transports' lock, unless the watcher has stopped: whoever stops
     it (at exit) then waits for ``work`` to finish, and ``work`` never sees what follows."""
