@@ -157,7 +157,7 @@ def test_a_rank_ending_while_its_peers_wait_without_a_timeout_ends_the_job(tmp_p
 
 
 @pytest.mark.parametrize("nranks, mode", [(2, "untimed"), (4, "untimed"), (4, "collected"),
-                                           (3, "finalize")])
+                                           (3, "finalize"), (3, "worker")])
 def test_a_rank_ending_normally_while_its_peers_wait_without_a_timeout_ends_the_job(
         tmp_path, nranks, mode):
     started = time.monotonic()

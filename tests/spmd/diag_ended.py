@@ -12,17 +12,22 @@ no exception, no excepthook. At exit it tells every peer how many collectives it
 * ``collected``: as ``untimed``, with the communicator a local of ``main()``, collected once
   main returns on the last rank: its count still goes into the farewell.
 * ``finalize``: as ``untimed``, the last rank calling ``MPI.Finalize()`` itself, then ending.
+* ``worker``: as ``untimed``, the votes made by a worker thread; the main threads end at
+  once, and the interpreter waits for the workers before its exit hooks.
 * ``symmetric``: every rank votes twice; rank 0 works on for a while after its peers ended, and
   every rank makes one more collective at exit, in an ``atexit`` hook registered before the
-  communicator (so it runs after typedcoll's own): each rank's farewell comes before that
-  call, and no peer may take it for a call never joined. Nothing is reported; the job ends
-  normally.
+  communicator, except on rank 0, whose diagnostics started earlier (a communicator over
+  COMM_SELF): that hook runs after the farewell on ranks 1-3, before it on rank 0, and no
+  rank may take it for a call never joined. A communicator over a user's duplicate, dropped
+  and collected, whose parent is then freed, sends no farewell. Nothing is reported; the job
+  ends normally.
 """
 
 import atexit
 import gc
 import os
 import sys
+import threading
 import time
 
 from mpi4py import MPI
@@ -32,7 +37,7 @@ from spmd.harness import marker
 
 FILE = os.path.basename(__file__)
 MODE = sys.argv[1]
-assert MODE in ("untimed", "timed", "collected", "finalize", "symmetric"), MODE
+assert MODE in ("untimed", "timed", "collected", "finalize", "worker", "symmetric"), MODE
 last = MPI.COMM_WORLD.size - 1
 survivors = MPI.COMM_WORLD.Split(0 if MPI.COMM_WORLD.rank < last else MPI.UNDEFINED)
 
@@ -48,8 +53,18 @@ if MODE == "collected":
     gc.collect()  # the last rank's communicator is gone; its peers still wait in it
     marker(f"SPMD-OK diag_ended rank {last}/{last + 1} checks 1")
     sys.exit(0)
+if MODE == "worker":
+    worker = threading.Thread(target=main)
+    worker.start()
+    sys.exit(0)
 if MODE == "symmetric":
+    if MPI.COMM_WORLD.rank == 0:
+        tc.TypedComm(MPI.COMM_SELF)
     atexit.register(lambda: marker(f"at exit {comm.rank}: {comm.allgather(comm.rank)}"))
+    user = MPI.COMM_WORLD.Dup()
+    tc.TypedComm(user).allgather(0)
+    gc.collect()
+    user.Free()
 comm = tc.TypedComm(MPI.COMM_WORLD, timeout=1.0 if MODE == "timed" else None)
 rank, size = comm.rank, comm.size
 queue = [7] if rank == last and MODE != "symmetric" else [7, 8]

@@ -60,6 +60,7 @@ def install() -> None:
             wakeup = watcher.start(_answer, dumps.on_signal, _after_poll)
             atexit.register(watcher.stop)  # before mpi4py's MPI_Finalize (registered earlier)
             atexit.register(ending.at_exit)  # and this one before the watcher stops
+            ending.watch_exit()
             dumps.install_excepthook()
             NEW_PROTOCOL_HOOKS.append(_on_new_protocol)
             ERROR_HOOKS.append(dumps.on_error)

@@ -43,6 +43,7 @@ from .side import Ended, MPISide
 class _State:
     lock = threading.Lock()
     ending = False  # a check has found a wait that never ends: the job is ending
+    exiting = False  # this process has begun its exit: its own judgements are over
     finalize_watched = False
     # Communicators collected without being freed (a local of a function that returned):
     # (id(side), instance) -> what at_exit tells of it (_Stop).
@@ -137,17 +138,40 @@ def _normal_text(text: str, stops: List[_Stop]) -> str:
             f"{hang.entry_text(newest.last, newest.name, time.time_ns())}")
 
 
+def watch_exit() -> None:
+    """Mark the start of this process's exit (``exiting``) before any ``atexit`` hook runs:
+    the interpreter calls the threading module's exit hooks first. Once set, this rank judges
+    no collective of its main thread: its exit hooks may make collectives that its peers' exits
+    make as well, after their farewells (hooks registered before typedcoll started on a rank
+    run after its farewell, those registered later before it). Another thread's collective is
+    still judged: the interpreter waits for that thread before any exit hook runs."""
+    register = getattr(threading, "_register_atexit", None)
+    if register is not None:
+        try:
+            register(_exiting)
+        except RuntimeError:  # the interpreter is exiting already
+            _exiting()
+
+
+def _exiting() -> None:
+    _State.exiting = True
+    watcher.wait_out_poll()  # a check in progress ends before any exit hook runs
+
+
 def check() -> None:
     """After each poll, on the watcher thread: end the job where this rank waits, without a
-    timeout, inside a collective that a peer whose program ended never joins. Not once the
-    watcher has stopped: this rank is ending too, and may make collectives of its own at exit
-    (an ``atexit`` hook of the program's) that its peers' exits make as well."""
+    timeout, inside a collective that a peer whose program ended never joins. Not for the main
+    thread's collectives once this process has begun to exit (``watch_exit``), nor at all once
+    the watcher has stopped."""
     if not _State.ending:
         watcher.while_running(_check)
 
 
 def _check() -> None:
+    main = threading.main_thread().ident
     for channel, departed in watcher.departures():
+        if _State.exiting and channel.busy[0] in (0, main):  # 0: a call only starting
+            continue
         for p in list(LIVE):
             if p.channel is not channel or p.freed or p.timeout is not None:
                 continue

@@ -172,8 +172,8 @@ def hang_report(p: Protocol, call: Call) -> Tuple[Optional[Tuple[int, ...]], str
         if these:
             lines.append(f"  {heading}: {compact_ranks(these)}")
             lines += _grouped(p, these, lambda r: [f"    {_WHO}: {ended[r].text}"])
-            if not silent:
-                lines += _last_together(p, indent="    ")
+    if ended and not silent:
+        lines += _last_together(p, indent="    ")
     if silent:
         lines.append(f"  unresponsive: {compact_ranks(silent)} (no answer within {GRACE:g} s: "
                      f"{UNRESPONSIVE_WHY})")

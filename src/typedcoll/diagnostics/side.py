@@ -79,9 +79,10 @@ class Ended(msgspec.Struct, array_like=True, frozen=True):
     """A rank's farewell: what ended it (``ValueError: ... (raised at engine.py:88 in step)``).
 
     ``normal``: its program ended without an uncaught exception (it returned, or called
-    ``sys.exit``); ``seqs`` then holds, for each live communicator of the channel, its
-    ``instance`` and how many collectives this rank issued on it. A peer inside a later
-    collective of one of them waits for a call this rank never joins (``ending``)."""
+    ``sys.exit`` or ``MPI.Finalize()``); ``seqs`` then holds, for each communicator of the
+    channel it never freed, its ``instance`` and how many collectives this rank issued on it.
+    A peer inside a later collective of one of them waits for a call this rank never joins
+    (``ending``)."""
 
     rank: int  # the sender's rank in the communicator
     text: str
@@ -128,6 +129,7 @@ class MPISide:
         self.nonce = -1  # the question being asked on this channel now (-1: none)
         self.inbox: Dict[int, Answer] = {}  # its answers, when the watcher received them
         self.farewells: Dict[int, Ended] = {}  # peers' farewells received so far
+        self.closed = False  # its communicator is freed (the channel closed): send nothing
 
     def _send(self, data: bytes, dest: int, tag: int) -> None:
         request = self.comm.Isend([data, len(data), self.MPI.BYTE], dest, tag)

@@ -48,6 +48,7 @@ class _Watcher:
     warned: Set[int] = set()
     stopped = False
     farewell_said = False  # this process has told its peers it is ending
+    mpi_left = False  # MPI is being finalised: its side channels are polled no more
     answer: Optional[Answerer] = None
     on_signal: Optional[Callable[[int], None]] = None
     after_poll: Optional[Callable[[], None]] = None
@@ -85,7 +86,9 @@ def side_of(channel: Channel) -> Union[Side, str]:
 def forget(channel: Channel) -> None:
     """Stop serving ``channel`` (before its communicators are freed): waits out a poll."""
     with _Watcher.lock:
-        _Watcher.sides.pop(id(channel), None)
+        known = _Watcher.sides.pop(id(channel), None)
+        if known is not None and isinstance(known[1], MPISide):
+            known[1].closed = True  # a farewell kept for a collected communicator skips it
         _Watcher.polled.pop(id(channel), None)
         _Watcher.due.pop(id(channel), None)
         side_channels.forget_local(channel)
@@ -140,7 +143,7 @@ def say_farewell(messages: Callable[[], List[Tuple[Side, side_channels.Ended]]])
         return
     try:
         for side, message in messages():
-            if isinstance(side, MPISide) and side.MPI.Is_finalized():
+            if isinstance(side, MPISide) and (side.closed or side.MPI.Is_finalized()):
                 continue
             try:
                 side.farewell(message, deadline)
@@ -163,12 +166,17 @@ def known_side(channel: Channel) -> Optional[Side]:
 
 def leave_mpi() -> None:
     """MPI is being finalised (an explicit ``MPI.Finalize()``): poll no MPI side channel from
-    now on. Waits out a poll in progress, which may be inside MPI."""
-    with _Watcher.lock:
-        for key, (_, side) in list(_Watcher.polled.items()):
-            if isinstance(side, MPISide):
-                _Watcher.polled.pop(key, None)
-                _Watcher.due.pop(key, None)
+    now on. Waits out a poll in progress, which may be inside MPI, for as long as a farewell
+    may take: one stuck there (a peer died under it) must not keep MPI from finalising."""
+    _Watcher.mpi_left = True
+    wait_out_poll()
+
+
+def wait_out_poll() -> None:
+    """Return once no poll (or work under ``while_running``) is in progress, or after as long
+    as a farewell may take: one stuck inside a transport must not keep the caller."""
+    if _Watcher.lock.acquire(timeout=side_channels.FAREWELL_SECONDS):
+        _Watcher.lock.release()
 
 
 def while_running(work: Callable[[], None]) -> None:
@@ -259,7 +267,8 @@ def _poll() -> None:
         for key, (ref, side) in list(_Watcher.polled.items()):
             channel = ref()
             if channel is None or channel.users <= 0 or (
-                    isinstance(side, MPISide) and side.MPI.Is_finalized()):
+                    isinstance(side, MPISide) and (_Watcher.mpi_left
+                                                   or side.MPI.Is_finalized())):
                 _Watcher.polled.pop(key, None)
                 _Watcher.due.pop(key, None)
                 continue
