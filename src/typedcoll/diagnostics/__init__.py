@@ -85,7 +85,7 @@ def _on_new_protocol(p: Protocol) -> None:
         if p.transport.kind == "mpi":
             ending.watch_finalize()
     except Exception as exc:
-        dumps.warn(f"diagnostics not attached to {p.name}: {type(exc).__name__}: {exc}")
+        watcher.warn(f"diagnostics not attached to {p.name}: {type(exc).__name__}: {exc}")
 
 
 def _answer(channel: Channel, query: side.Query) -> RankStatus:

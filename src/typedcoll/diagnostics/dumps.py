@@ -39,6 +39,7 @@ from ..core.protocol import Protocol
 from ..core.wire import NO_STEP
 from . import hang, log, state, watcher
 from .model import FORMAT, VERSION, CommDump, Dump
+from .watcher import warn
 from .state import trace_dir
 
 # SIGINT too: launchers (mpiexec.gforker, hydra on Ctrl-C) send it to every rank when one dies.
@@ -60,14 +61,6 @@ class _State:
     via_watcher = False
     dumped: Dict[int, threading.Event] = {}
     main_took_sigterm = threading.Event()
-
-
-def warn(text: str) -> None:
-    try:  # one write: the launcher may put another rank's output between two
-        sys.stderr.write(f"typedcoll diagnostics: {text}\n")
-        sys.stderr.flush()
-    except Exception:  # nowhere left to report to
-        pass
 
 
 # --- the dump ------------------------------------------------------------------------------------

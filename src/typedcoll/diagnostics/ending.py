@@ -33,6 +33,7 @@ import threading
 import time
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
+from ..core.channel import BUSY_IDENT
 from ..core.plumbing import register_internal
 from ..core.protocol import LIVE, Protocol
 from ..core.recorder import RecordEntry
@@ -62,8 +63,7 @@ class _Stop(NamedTuple):
 
     @classmethod
     def of(cls, p: Protocol, side: MPISide) -> "_Stop":
-        last = p.recorder.last() if p.recorder is not None else None
-        return cls(side, p.rank, p.instance, p.seq, p.name, last)
+        return cls(side, p.rank, p.instance, p.seq, p.name, state.last_entry(p))
 
 
 GONE_KEPT = 4096  # at most this many collected communicators are remembered
@@ -103,7 +103,7 @@ def at_exit(how: str = "its program ended without an uncaught exception") -> Non
                                   tuple((stop.instance, stop.issued) for stop in these)))
             for these in by_side.values()])
     except BaseException as failed:  # exit goes on: peers with a timeout still report
-        dumps.warn(f"farewell not sent: {type(failed).__name__}: {failed}")
+        watcher.warn(f"farewell not sent: {type(failed).__name__}: {failed}")
 
 
 def watch_finalize() -> None:
@@ -129,13 +129,11 @@ def _at_finalize(comm: Any, keyval: int, value: Any) -> None:
 
 def _normal_text(text: str, stops: List[_Stop]) -> str:
     """``its program ended without an uncaught exception; its last collective: ...``."""
-    started = [stop for stop in stops if stop.last is not None]
+    started = [(stop.last, stop.name) for stop in stops if stop.last is not None]
     if not started:
         return text
-    newest = max(started, key=lambda stop: stop.last.t_start_ns if stop.last else 0)
-    assert newest.last is not None
-    return (f"{text}; its last collective: "
-            f"{hang.entry_text(newest.last, newest.name, time.time_ns())}")
+    last, name = max(started, key=lambda pair: pair[0].t_start_ns)
+    return f"{text}; its last collective: {hang.entry_text(last, name, time.time_ns())}"
 
 
 def watch_exit() -> None:
@@ -170,7 +168,7 @@ def check() -> None:
 def _check() -> None:
     main = threading.main_thread().ident
     for channel, departed in watcher.departures():
-        if _State.exiting and channel.busy[0] in (0, main):  # 0: a call only starting
+        if _State.exiting and channel.busy[BUSY_IDENT] in (0, main):  # 0: only starting
             continue
         for p in list(LIVE):
             if p.channel is not channel or p.freed or p.timeout is not None:
@@ -179,8 +177,8 @@ def _check() -> None:
                 issued = dict(message.seqs).get(p.instance)
                 if issued is None or p.seq <= issued:
                     continue  # the cheap test first: this runs every poll until the exit
-                last = p.recorder.last() if p.recorder is not None else None
-                if hang.waits_past(p.seq, last, bool(channel.busy[0]), issued):
+                last = state.last_entry(p)
+                if hang.waits_past(p.seq, last, bool(channel.busy[BUSY_IDENT]), issued):
                     _end(p, rank, message, issued, last)
                     return
 
@@ -209,7 +207,7 @@ def _end(p: Protocol, rank: int, message: Ended, issued: int,
             return
         _State.ending = True
     text = waited_for_text(p, rank, message, issued, last)
-    dumps.warn(text)
+    watcher.warn(text)
     log.event("error", "peer_ended", p, peer=rank, peer_issued=issued, seq=p.seq - 1)
     if state.trace_dir() is not None:
         dumps.dump_traces("a peer ended while this rank waits for it", text)

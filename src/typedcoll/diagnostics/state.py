@@ -34,6 +34,7 @@ from ..core.mismatch import rank_runs
 from ..core.plumbing import SKIP_CODES, SKIP_FILES, register_internal
 from ..core.sites import source_name
 from ..core.protocol import LIVE, Protocol
+from ..core.recorder import RecordEntry
 from ..core.wire import NO_STEP
 from .model import CommState, RankStatus, ThreadStack
 
@@ -298,13 +299,18 @@ def _in_flight(p: Protocol) -> bool:
 
 
 # --- a rank's state ----------------------------------------------------------------------------
+def last_entry(p: Protocol) -> Optional[RecordEntry]:
+    """``p``'s newest recorded collective (None without a recorder), read from another thread."""
+    if p.recorder is None:
+        return None
+    try:
+        return p.recorder.last()
+    except Exception:  # written concurrently by the rank's own thread: skip the entry
+        return None
+
+
 def comm_state(p: Protocol) -> CommState:
-    last = None
-    if p.recorder is not None:
-        try:
-            last = p.recorder.last()
-        except Exception:  # written concurrently by the rank's own thread: skip the entry
-            last = None
+    last = last_entry(p)
     return CommState(id=comm_id(p), name=p.name, instance=p.instance, rank=p.rank, size=p.size,
                      seq=p.seq, step=None if p.step == NO_STEP else p.step, last=last,
                      notes=list(p.decisions()))

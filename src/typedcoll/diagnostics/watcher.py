@@ -148,7 +148,7 @@ def say_farewell(messages: Callable[[], List[Tuple[Side, side_channels.Ended]]])
             try:
                 side.farewell(message, deadline)
             except Exception as exc:  # a broken channel: its peers call this rank unresponsive
-                _warn(f"side channel of rank {message.rank}: {type(exc).__name__}: {exc}")
+                warn(f"side channel of rank {message.rank}: {type(exc).__name__}: {exc}")
     finally:
         _Watcher.lock.release()
 
@@ -234,7 +234,7 @@ def _run() -> None:
             if _Watcher.after_poll is not None:
                 _Watcher.after_poll()
         except Exception as exc:  # the thread must survive anything, or peers go unanswered
-            _warn(f"diagnostics thread: {type(exc).__name__}: {exc}")
+            warn(f"diagnostics thread: {type(exc).__name__}: {exc}")
             time.sleep(IDLE_INTERVAL)
 
 
@@ -254,7 +254,7 @@ def _take_signals() -> None:
                 if signum and _Watcher.on_signal is not None:
                     _Watcher.on_signal(signum)
         except Exception as exc:  # the thread must survive anything, or SIGTERM is lost
-            _warn(f"diagnostics signal thread: {type(exc).__name__}: {exc}")
+            warn(f"diagnostics signal thread: {type(exc).__name__}: {exc}")
             time.sleep(IDLE_INTERVAL)
 
 
@@ -280,13 +280,16 @@ def _poll() -> None:
             except Exception as exc:  # one broken channel (a dead peer) must not stop the rest
                 if key not in _Watcher.warned:  # once per channel: it may fail every second
                     _Watcher.warned.add(key)
-                    _warn(f"side channel of {channel.label}: {type(exc).__name__}: {exc}")
+                    warn(f"side channel of {channel.label}: {type(exc).__name__}: {exc}")
                 _Watcher.due[key] = now + 1.0
 
 
-def _warn(text: str) -> None:
+def warn(text: str) -> None:
+    """One line on stderr, in one write: the launcher may put another rank's output between
+    two."""
     try:
-        print(f"typedcoll diagnostics: {text}", file=sys.stderr, flush=True)
+        sys.stderr.write(f"typedcoll diagnostics: {text}\n")
+        sys.stderr.flush()
     except Exception:  # nowhere left to report to
         pass
 
