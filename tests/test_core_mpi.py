@@ -41,3 +41,11 @@ def test_the_c_and_python_paths_meet_in_one_job(spmd, program, args):
     messages, and compare them across ranks)."""
     spmd(program, 4, timeout=240, args=args,
          rank_env=[{"TYPEDCOLL_PURE_PYTHON": "1"} if r % 2 else {} for r in range(4)])
+
+
+@pytest.mark.parametrize("program,args", [("core_ops", ["30"]), ("core_errors", [])])
+def test_both_paths_meet_where_the_last_round_of_the_exchange_is_partial(spmd, program, args):
+    """6 ranks, no power of two: the exchange's last round (distance 4) carries 2 of the 4
+    slots a full round would (the C engine and its Python twin size those messages alike)."""
+    spmd(program, 6, timeout=300, args=args,
+         rank_env=[{"TYPEDCOLL_PURE_PYTHON": "1"} if r % 2 else {} for r in range(6)])
