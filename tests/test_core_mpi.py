@@ -33,6 +33,11 @@ def test_timeouts(spmd, nranks):
     spmd("core_timeout", nranks, timeout=90, uniform=False)
 
 
+def test_a_communicator_left_alone_hands_no_message_to_a_later_one(spmd):
+    # Ends with os._exit after its markers (abandoned exchanges stay pending in MPI).
+    spmd("core_release", 4, timeout=120)
+
+
 @pytest.mark.parametrize("program,args", [("core_ops", ["none"]), ("core_ops", ["30"]),
                                           ("core_errors", []), ("core_arrays", ["none"])])
 def test_the_c_and_python_paths_meet_in_one_job(spmd, program, args):

@@ -29,7 +29,7 @@ class Channel:
     """One private communicator (a transport) and its shared state."""
 
     __slots__ = ("transport", "busy", "lock", "_broken", "instances", "users", "label",
-                 "mailbox", "__weakref__")
+                 "mailbox", "settled", "__weakref__")
 
     def __init__(self, transport: Any, label: str) -> None:
         self.transport = transport
@@ -49,6 +49,10 @@ class Channel:
         # a table keyed by the channel: a receive never completed refers back to the channel,
         # and only a cycle the collector sees lets both go.
         self.mailbox: Any = None
+        # False once a peer may still send to the channel after this rank is done with it (a
+        # user released on this rank alone, a call abandoned): its transport is then kept, not
+        # freed (Transport.free).
+        self.settled = True
 
     def claim(self) -> bool:
         """Enter a collective on this thread; False when another thread is inside."""
@@ -83,6 +87,8 @@ class Channel:
         # the call that raised it, whose locals (an engine's batches) would live on with it.
         self._broken = copy.copy(error)
         self.busy[BUSY_BROKEN] = error is not None  # every C binding on the channel sees it
+        if error is not None:
+            self.settled = False  # the call's messages, and its peers', may still be in flight
 
     def inside(self) -> Tuple[str, Any, int]:
         """(thread, code, lasti) of the thread inside a collective, for a collision's message."""
@@ -112,7 +118,7 @@ class Channel:
                 hook(self)
             except Exception:  # diagnostics never keep a channel from closing
                 pass
-        self.transport.free()
+        self.transport.free(self.settled)
 
 
 def thread_label() -> str:

@@ -101,14 +101,19 @@ def free(p: Protocol) -> None:
     # and freeing must still work.
     call = Call("free", REDUCE, None, MODE_EMPTY, None, clocked=False)
     run(p, call, lambda c: None)
-    release(p)
+    release(p, settled=True)
 
 
-def release(p: Protocol) -> None:
-    """Mark ``p`` freed, and free its channel's transport when it was the last user."""
+def release(p: Protocol, settled: bool = False) -> None:
+    """Mark ``p`` freed, and free its channel's transport when it was the last user.
+    ``settled``: every rank frees ``p`` together (``free``); otherwise it is released on this
+    rank alone (a ``with`` block left by an exception, a failed creation), and its peers may
+    still send to it, so the channel's transport is kept rather than freed (Transport.free)."""
     p.freed = True
     p.refresh_fast()
     channel: Channel = p.channel
+    if not settled:
+        channel.settled = False
     if channel.release():
         channel.close()
 

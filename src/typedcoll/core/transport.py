@@ -105,7 +105,11 @@ class Transport(Protocol):
 
     def given_up(self) -> List[Tuple[int, int]]: ...
 
-    def free(self) -> None: ...
+    # ``settled``: every rank freed it together, with no message of it in flight. Where a rank
+    # released it alone, or a call on it was abandoned, peers may still send to it: a backend
+    # that hands a freed communicator's resources to a later one (MPI reuses its context, and
+    # messages sent to the freed one are then received by the new one) keeps them instead.
+    def free(self, settled: bool = True) -> None: ...
 
     # Typed point to point: one message, its envelope first (on a communicator of its own).
     def send_bytes(self, data: bytes, dest: int, tag: int,

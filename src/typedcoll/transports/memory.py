@@ -188,7 +188,7 @@ class MemoryTransport:
             self.world.lock.notify_all()
         raise SystemExit(code)
 
-    def free(self) -> None:
+    def free(self, settled: bool = True) -> None:
         pass
 
     def world_ranks(self) -> Optional[List[int]]:

@@ -4,7 +4,10 @@ Channels. ``channel_for(parent)`` returns the parent's private channel, made onc
 (``MPI_Comm_dup``, three times: collectives, typed point-to-point, and the side channel that
 diagnostics use to ask a hung peer where it is) and cached as an MPI attribute
 of the parent, so every TypedComm built over it shares it and constructing thousands costs
-no communicators. It is freed with the last TypedComm that frees it, or with the parent.
+no communicators. It is freed with the last TypedComm that frees it, or with the parent; a
+channel that a rank left alone (a ``with`` block left by an exception) or that a call abandoned
+is kept instead, never freed, so that no later communicator is handed its context, and with it
+its peers' messages still in flight (``MPITransport.free``).
 
 The exchange. Phase 1 of every typed collective runs one point-to-point schedule, the same for
 both shapes, so ranks that disagree about the shape (one in an allgather, its peer in a bcast)
@@ -93,6 +96,9 @@ def comm_name(comm: MPI.Comm) -> str:
 
 
 _KEYVAL: Optional[int] = None
+# Transports released while peers may still send to them (MPITransport.free): kept for good,
+# with their communicators and the C engine's buffers that posted receives may still fill.
+_RETIRED: List["MPITransport"] = []
 
 
 def _on_parent_freed(comm: Any, keyval: int, channel: Any) -> None:
@@ -384,7 +390,14 @@ class MPITransport:
     def abort(self, code: int = 1) -> None:
         self.comm.Abort(code)
 
-    def free(self) -> None:
+    def free(self, settled: bool = True) -> None:
+        if not settled:
+            # A peer may still send to these communicators (the rounds and give-up notices of a
+            # call this rank left, or will never make). MPI hands a freed communicator's context
+            # to a later one, and those messages with it: a new channel's exchange would take
+            # them for its own. Kept, never freed: MPICH has about 2,000 contexts per process.
+            _RETIRED.append(self)
+            return
         for comm in (self.comm, self.p2p, self.side):
             if comm not in (MPI.COMM_WORLD, MPI.COMM_SELF, MPI.COMM_NULL):
                 comm.Free()

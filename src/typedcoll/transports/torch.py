@@ -312,7 +312,9 @@ class TorchTransport(TensorOps):
     def world_ranks(self) -> Optional[List[int]]:
         return list(self.ranks)
 
-    def free(self) -> None:
+    def free(self, settled: bool = True) -> None:
+        # Shut down whether settled or not: a later group never receives a shut-down group's
+        # messages (each group has its own store prefix and connections).
         if self.freed:
             return
         self.freed = True
