@@ -1190,6 +1190,41 @@ def test_a_user_type_that_rejects_a_value_raises_typedcoll_errors(timeout):
                        f"contribution at {FILE}:{site}: expected Picky: expected x >= 0")
 
 
+class Counted(msgspec.Struct):
+    count: int = 0
+
+
+def misfit(comm: tc.TypedComm, op: str) -> Any:
+    """Rank 1's value encodes (a Struct does not check its fields) but fails its schema."""
+    value = Counted("x" if comm.rank == 1 else 0)
+    if op == "allgather":
+        return comm.allgather(value)
+    if op == "bcast":
+        return comm.bcast(value, root=1, schema=Counted)
+    if op == "gather":
+        return comm.gather(value, root=0)
+    if op == "scatter":
+        return comm.scatter([value] * comm.size if comm.rank == 1 else None, root=1,
+                            schema=Counted)
+    return comm.alltoall([value] * comm.size)
+
+
+@pytest.mark.parametrize("op,peers", [("allgather", tc.DecodeError), ("bcast", tc.DecodeError),
+                                      ("gather", tc.PeerError), ("scatter", tc.PeerError),
+                                      ("alltoall", tc.PeerError)])
+def test_a_value_that_fails_its_schema_raises_on_every_rank_as_the_readme_says(op, peers):
+    # Where every rank decodes the value from the exchange, its peers find it; where only its
+    # receivers would, its rank checks it before sending and its peers are told.
+    errors = errors_of(3, misfit, op)
+    assert [type(e) for e in errors] == [peers, tc.EncodeError, peers]
+    assert str(errors[1]).startswith(f"collective #0 on WORLD: rank 1 could not send its {op}"
+                                     f"[Counted] contribution at {FILE}:")
+    for e in (errors[0], errors[2]):
+        assert ("payload from rank 1 does not decode as Counted" if peers is tc.DecodeError
+                else f"rank 1 failed its {op}[Counted] contribution") in str(e)
+        assert str(e).endswith("Expected `int`, got `str` - at `$.count`")
+
+
 def bad_value(comm: tc.TypedComm) -> Any:
     return comm.allgather({"rank": 1} if comm.rank == 1 else RankState(0), schema=RankState)
 

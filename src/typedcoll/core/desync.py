@@ -23,6 +23,14 @@ _VALUE_OPS = frozenset({"allreduce", "reduce", "reduce_scatter"})
 _TAKING_OPS = frozenset({"bcast", "scatter"})  # whose receivers may take the root's schema
 
 
+def _object_list_length(schema: str) -> Optional[int]:
+    """n where ``schema`` is the torch drop-in's list of n objects (``tuple[Any, ..., Any]``:
+    a list's length is part of its schema there), else None."""
+    if schema == "tuple[]":
+        return 0
+    return schema.count("Any") if re.fullmatch(r"tuple\[Any(, Any)*\]", schema) else None
+
+
 def _hint(kinds: Sequence[MismatchKind], groups: Sequence[Group]) -> List[str]:
     ops = {g.envelope.op for g in groups}
     taking = {g.envelope.schema for g in groups if g.envelope.op in _TAKING_OPS} & {"", "?"}
@@ -42,6 +50,11 @@ def _hint(kinds: Sequence[MismatchKind], groups: Sequence[Group]) -> List[str]:
                     f"the defaults a receiver fills in for fields a sender leaves out): define "
                     f"it alike on every rank (one version of the code, and defaults that do "
                     f"not depend on the rank or its environment)"]
+        lengths = {_object_list_length(g.envelope.schema) for g in groups}
+        if op in _SCHEMA_OPS and None not in lengths:
+            counts = " and ".join(str(n) for n in sorted(n for n in lengths if n is not None))
+            return [f"  only the lengths of the object lists differ ({counts} items): torch's "
+                    f"object collectives take a list of the same length on every rank"]
         if op in _SCHEMA_OPS:
             return [f"  only the schemas differ ({schemas}): if ranks may send different types "
                     f"here, give every rank's call one schema= that admits them all "
