@@ -49,9 +49,9 @@ class Channel:
         # a table keyed by the channel: a receive never completed refers back to the channel,
         # and only a cycle the collector sees lets both go.
         self.mailbox: Any = None
-        # False once a peer may still send to the channel after this rank is done with it (a
-        # user released on this rank alone, a call abandoned): its transport is then kept, not
-        # freed (Transport.free).
+        # False once a user was released on this rank alone (not by the collective free): its
+        # peers may still send to the channel. With a broken one (a call abandoned), the
+        # transport is then kept, not freed (close, Transport.free).
         self.settled = True
 
     def claim(self) -> bool:
@@ -87,8 +87,6 @@ class Channel:
         # the call that raised it, whose locals (an engine's batches) would live on with it.
         self._broken = copy.copy(error)
         self.busy[BUSY_BROKEN] = error is not None  # every C binding on the channel sees it
-        if error is not None:
-            self.settled = False  # the call's messages, and its peers', may still be in flight
 
     def inside(self) -> Tuple[str, Any, int]:
         """(thread, code, lasti) of the thread inside a collective, for a collision's message."""
@@ -118,7 +116,8 @@ class Channel:
                 hook(self)
             except Exception:  # diagnostics never keep a channel from closing
                 pass
-        self.transport.free(self.settled)
+        # A broken channel's abandoned call may still have messages in flight, its peers' too.
+        self.transport.free(self.settled and self._broken is None)
 
 
 def thread_label() -> str:

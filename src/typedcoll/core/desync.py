@@ -50,12 +50,13 @@ def _hint(kinds: Sequence[MismatchKind], groups: Sequence[Group]) -> List[str]:
                     f"the defaults a receiver fills in for fields a sender leaves out): define "
                     f"it alike on every rank (one version of the code, and defaults that do "
                     f"not depend on the rank or its environment)"]
-        lengths = {_object_list_length(g.envelope.schema) for g in groups}
-        if op in _SCHEMA_OPS and None not in lengths:
-            counts = " and ".join(str(n) for n in sorted(n for n in lengths if n is not None))
-            return [f"  only the lengths of the object lists differ ({counts} items): torch's "
-                    f"object collectives take a list of the same length on every rank"]
         if op in _SCHEMA_OPS:
+            lengths = {_object_list_length(g.envelope.schema) for g in groups}
+            if None not in lengths:
+                counts = " and ".join(str(n) for n in sorted(n for n in lengths if n is not None))
+                return [f"  only the lengths of the object lists differ ({counts} items): "
+                        f"torch's object collectives take a list of the same length on every "
+                        f"rank"]
             return [f"  only the schemas differ ({schemas}): if ranks may send different types "
                     f"here, give every rank's call one schema= that admits them all "
                     f"(Optional[X] where a rank has nothing to send, or a Union)"]
