@@ -432,6 +432,32 @@ def test_the_store_protocol_works_over_a_torch_store(monkeypatch):
         assert f"    rank 1: now at {at('sleep')} in elsewhere (thread rank-1)" in str(err)
 
 
+def twins(comm, reported):
+    """Two communicators of one name over the same ranks: rank 1 never joins the second."""
+    first, second = comm.dup(name="twin"), comm.dup(name="twin")
+    first.allgather(RankState(comm.rank))  # mark: twin_first
+    if comm.rank == 0:
+        try:
+            second.allgather(RankState(comm.rank))
+        finally:
+            reported.set()
+    else:
+        reported.wait(30)  # mark: twin_wait
+
+
+def test_communicators_of_one_name_are_told_apart_by_their_ids_in_a_hang_report():
+    with pytest.raises(BaseExceptionGroup) as excinfo:
+        run(2, twins, threading.Event(), timeout=0.3)
+    (err,) = errors_of(excinfo).values()
+    assert normal(str(err)).splitlines()[2:6] == [
+        "  never arrived at collective #0 on twin#2: rank 1",
+        f"    rank 1: now at {at('twin_wait')} in twins (thread rank-1)",
+        f"      last started: allgather[RankState] on twin seq=0 at {at('twin_first')}, its 1st "
+        f"call: completed",
+        "      on twin#2: issued 0 collectives",
+    ]
+
+
 def test_with_the_recorder_off_the_report_still_counts_collectives(monkeypatch, tmp_path):
     monkeypatch.setenv("TYPEDCOLL_TRACE_BUFFER", "0")
     with pytest.raises(BaseExceptionGroup) as excinfo:

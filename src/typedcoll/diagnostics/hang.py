@@ -36,7 +36,7 @@ from ..core.mismatch import (EnvelopeInfo, Group, MismatchKind, compact_ranks, d
 from ..core.protocol import LIVE, Protocol
 from ..core.recorder import RecordEntry
 from ..core.desync import one_call
-from ..core.verdict import where
+from ..core.verdict import heading
 from . import side as side_channel
 from . import state, watcher
 from .model import CommState, PeerSeen, RankStatus
@@ -163,14 +163,16 @@ def hang_report(p: Protocol, call: Call) -> Tuple[Optional[Tuple[int, ...]], str
             f"{f'in {took:.3f}' if not (silent or ended) else f'within {GRACE:g}'} s):")
     lines = [head]
     if absent:
-        lines.append(f"  never arrived at {where(p, call)}: "
+        # The diagnostics id, not the name: two groups over the same ranks share a name, and
+        # the peers' lines below name communicators by id.
+        lines.append(f"  never arrived at {heading(p, call.seq, state.comm_id(p))}: "
                      f"{compact_ranks(absent)}")
         lines += _grouped(p, absent, lambda r: _absent_lines(p, answers[r]))
-    for normal, heading in ((False, "ended by an uncaught exception"),
-                            (True, "ended normally")):
+    for normal, title in ((False, "ended by an uncaught exception"),
+                          (True, "ended normally")):
         these = sorted(r for r, message in ended.items() if message.normal == normal)
         if these:
-            lines.append(f"  {heading}: {compact_ranks(these)}")
+            lines.append(f"  {title}: {compact_ranks(these)}")
             lines += _grouped(p, these, lambda r: [f"    {_WHO}: {ended[r].text}"])
     if ended and not silent:
         lines += _last_together(p, indent="    ")
@@ -305,9 +307,9 @@ def _absent_lines(p: Protocol, status: RankStatus) -> List[str]:
         lines.append(f"      last started: {entry_text(newest.last, newest.id, now)}")
     here = status.comm
     if here is None:
-        lines.append(f"      it has no live {p.name} (freed it?)")
+        lines.append(f"      it has no live {state.comm_id(p)} (freed it?)")
     elif newest is None or newest.id != here.id:
-        text = f"      on {p.name}: issued {here.seq} collectives"
+        text = f"      on {here.id}: issued {here.seq} collectives"
         if here.last is not None:
             text += f", the last {entry_text(here.last, None, now)}"
         lines.append(text)
