@@ -22,7 +22,7 @@
 #define PREFIX 8
 #define AGREE 128
 static int n, r;
-static unsigned char *held, *inbox[64], out[PREFIX + AGREE + SLOT];
+static unsigned char *held, *inbox[64], *buf, out[PREFIX + AGREE + SLOT];
 static void waitall(int cnt, MPI_Request *q) {
     int flag = 0;
     while (!flag) MPI_Testall(cnt, q, &flag, MPI_STATUSES_IGNORE);
@@ -53,7 +53,7 @@ static void exchange(int k, int gather) {
     }
 }
 static double timeit(int mode, int k, int iters) {
-    unsigned char buf[SLOT * 64], small[AGREE];
+    unsigned char small[AGREE];
     memset(small, 0, sizeof small);
     for (int w = 0; w < iters / 10; w++) {
         if (mode == 0) exchange(k, 0); else if (mode == 1) exchange(k, 1);
@@ -81,6 +81,7 @@ int main(int argc, char **argv) {
     MPI_Comm_size(MPI_COMM_WORLD, &n);
     MPI_Comm_rank(MPI_COMM_WORLD, &r);
     held = calloc(PREFIX + n * SLOT, 1);
+    buf = calloc(136 + n * 64, 1); /* the bcast's 136 bytes or the allgather's n * 64 */
     for (int i = 0; i < 64; i++) inbox[i] = calloc(PREFIX + AGREE + n * SLOT, 1);
     int iters = argc > 1 ? atoi(argv[1]) : 20000;
     int ks[] = {2, 3, 4, 8, 16, 32};
@@ -92,7 +93,7 @@ int main(int argc, char **argv) {
         }
         for (int ki = 0; ki < 6; ki++) {
             int k = ks[ki];
-            if (k > n && ks[ki - 1 >= 0 ? ki - 1 : 0] >= n) break;
+            if (ki > 0 && ks[ki - 1] >= n) break; /* a radix past n repeats the one before */
             double a = timeit(0, k, iters), b = timeit(1, k, iters);
             small_msgs = 1; double c = timeit(0, k, iters); small_msgs = 0;
             if (r == 0) printf("n=%d rep=%d radix=%-2d reduce %.2f us  gather %.2f us  reduce8B %.2f us\n", n, rep, k, a, b, c);
