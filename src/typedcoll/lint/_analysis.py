@@ -19,7 +19,7 @@ from typing import Dict, Iterator, List, Optional, Set, Tuple
 from . import _presence as presence
 from ._attributes import AttributeModel
 from ._balance import Sequencer, gate_balanced, gate_issues
-from ._callgraph import Function, Program
+from ._callgraph import Function, Module, Program
 from ._collectives import is_rank_name
 from ._config import Config
 from ._contracts import Contracts
@@ -50,8 +50,22 @@ class Analysis:
         self._callers = self._caller_map()
         self.contracts = Contracts(program, self._callers, self.config)
         self.attributes = AttributeModel(program, config, self._callers)
-        self._rebound = {m: set().union(*(function_globals(f) for f in program.functions
-                                           if f.module is m)) for m in program.modules}
+        # Indexed once: scanning every function per module or per changed scope made a whole
+        # package's analysis quadratic in its size.
+        in_module: Dict[Module, List[Function]] = {}
+        for f in program.functions:
+            in_module.setdefault(f.module, []).append(f)
+        self._rebound = {m: set().union(*map(function_globals, in_module.get(m, ())))
+                         for m in program.modules}
+        # scope -> the functions that read its final environment: nested ones, and for a
+        # module's top-level code every other function of that module.
+        self._enclosed: Dict[Function, List[Function]] = {}
+        for f in program.functions:
+            if f.name == "<module>":
+                self._enclosed.setdefault(f, []).extend(
+                    g for g in in_module[f.module] if g is not f and g.parent is not f)
+            if f.parent is not None:
+                self._enclosed.setdefault(f.parent, []).append(f)
         self._balance: Dict[Tuple[int, str, bool], bool] = {}
         self._issuing: Dict[int, bool] = {}
         self.roles = Roles(self.sequencer, self._gates_of, lambda: self.params)
@@ -248,9 +262,7 @@ class Analysis:
         envs = {fn: r.final_env for fn, r in self.results.items()}
         for scope, env in envs.items():
             if env != self._envs.get(scope):
-                pending.update(f for f in self.program.functions
-                               if f is not scope and (f.parent is scope or (
-                                   scope.name == "<module>" and f.module is scope.module)))
+                pending.update(self._enclosed.get(scope, ()))
         self._returns, self._items, self._syncs, self.params = returns, items, syncs, params
         self.roles.forget()
         self._envs = envs

@@ -40,6 +40,8 @@ def _setter_of(fn: Function) -> Optional[str]:
 
 def _self_assignments(fn: Function) -> Iterable[Tuple[str, ast.expr]]:
     """``self.name = value`` statements in ``fn``'s own body (targets and values)."""
+    if fn.self_name is None:  # no ``self`` to assign to (a module's code, a plain function)
+        return
     for node in ast.walk(fn.node):
         if isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]

@@ -59,14 +59,28 @@ def alias_def(name: str, value: ast.expr, where: ast.AST, method: bool) -> ast.F
     return ast.fix_missing_locations(ast.copy_location(made, where))
 
 
-def body_nodes(root: ast.AST) -> Iterator[ast.AST]:
-    """Every node in ``root``'s own scope: nested functions, classes and lambdas left out."""
+_BODY = "_typedcoll_body"  # where a node keeps its scope's nodes, once walked
+
+
+def body_nodes(root: ast.AST) -> Tuple[ast.AST, ...]:
+    """Every node in ``root``'s own scope: nested functions, classes and lambdas left out.
+
+    Walked once per node and kept on it: each function's scope is read by several passes, and
+    walking it again each time was most of a large package's analysis. The trees are never
+    changed once parsed."""
+    found: Optional[Tuple[ast.AST, ...]] = getattr(root, _BODY, None)
+    if found is not None:
+        return found
+    out = []
     stack = list(ast.iter_child_nodes(root))
     while stack:
         node = stack.pop()
-        yield node
+        out.append(node)
         if not isinstance(node, SCOPE_NODES):
             stack.extend(ast.iter_child_nodes(node))
+    found = tuple(out)
+    setattr(root, _BODY, found)
+    return found
 
 
 
