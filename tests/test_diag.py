@@ -458,6 +458,35 @@ def test_communicators_of_one_name_are_told_apart_by_their_ids_in_a_hang_report(
     ]
 
 
+def test_a_communicator_collected_mid_parse_is_kept_without_describing_its_calls(tmp_path):
+    # Protocol.__del__ runs wherever the collector interrupts, even inside arms.branch_of,
+    # which holds its lock while it parses a file: what a collected communicator leaves for
+    # the farewell must be kept without taking that lock (it froze the rank for good).
+    import importlib.util
+    from typedcoll.core import arms
+    from typedcoll.diagnostics import ending
+    source = tmp_path / "fresh_calls.py"
+    source.write_text("def call(comm):\n    return comm.bcast(7, root=0)\n")
+    spec = importlib.util.spec_from_file_location("fresh_calls", source)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    protocols = []
+    run(1, lambda comm: protocols.append(comm._p) or module.call(comm))  # mark: fresh_call
+    arms._BRANCHES.__init__()  # described afresh: the file must be parsed to describe the call
+    arms._FILES.clear()
+    kept = []
+    with arms._LOCK:  # as while another call's file is parsed
+        keeper = threading.Thread(target=lambda: kept.append(ending._Stop.of(protocols[0], None)))
+        keeper.start()
+        keeper.join(10)
+        assert not keeper.is_alive(), "keeping a collected communicator waited for the lock"
+    (stop,) = kept
+    last = stop.last()
+    # The module's one-line function is a thin wrapper: the call is where it is called.
+    assert (last.op, last.site, last.seq, last.state) == ("bcast", at("fresh_call"), 0,
+                                                          "completed")
+
+
 def test_with_the_recorder_off_the_report_still_counts_collectives(monkeypatch, tmp_path):
     monkeypatch.setenv("TYPEDCOLL_TRACE_BUFFER", "0")
     with pytest.raises(BaseExceptionGroup) as excinfo:

@@ -181,6 +181,23 @@ class FlightRecorder:
     def last(self) -> Optional[RecordEntry]:
         return self.entry(self.count) if self.count else None
 
+    def newest_alone(self) -> Optional["FlightRecorder"]:
+        """The newest entry, copied into a recorder of its own and read back (``entry(1)``) only
+        when asked. A finalizer keeps this: reading an entry back describes its call, which may
+        parse a source file under a lock that the thread the collector interrupted holds."""
+        count = self.count
+        if not count:
+            return None
+        one = FlightRecorder(1)
+        index = (count - 1) % self.allocated
+        one.numbers[:] = self.numbers[index * ENTRY.size:(index + 1) * ENTRY.size]
+        one.objects[:] = self.objects[OBJECTS_PER_ENTRY * index:OBJECTS_PER_ENTRY * (index + 1)]
+        one.state[0] = 1
+        error = self.failures.get(count)
+        if error is not None:
+            one.failures[1] = error
+        return one
+
     def snapshot(self) -> List[RecordEntry]:
         """The recorded collectives, oldest first."""
         count = self.count

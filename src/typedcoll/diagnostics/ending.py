@@ -36,7 +36,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 from ..core.channel import BUSY_IDENT
 from ..core.plumbing import register_internal
 from ..core.protocol import LIVE, Protocol
-from ..core.recorder import RecordEntry
+from ..core.recorder import FlightRecorder, RecordEntry
 from . import dumps, hang, log, state, watcher
 from .side import Ended, MPISide
 
@@ -59,11 +59,23 @@ class _Stop(NamedTuple):
     instance: int
     issued: int  # collectives
     name: str
-    last: Optional[RecordEntry]
+    newest: Optional[FlightRecorder]  # its newest entry alone, described only when read
 
     @classmethod
     def of(cls, p: Protocol, side: MPISide) -> "_Stop":
-        return cls(side, p.rank, p.instance, p.seq, p.name, state.last_entry(p))
+        """Called from ``Protocol.__del__`` too, so it only copies: describing a call may
+        take a lock that the code the collector interrupted holds."""
+        try:
+            newest = p.recorder.newest_alone() if p.recorder is not None else None
+        except Exception:  # written concurrently by the rank's own thread: no entry
+            newest = None
+        return cls(side, p.rank, p.instance, p.seq, p.name, newest)
+
+    def last(self) -> Optional[RecordEntry]:
+        try:
+            return self.newest.entry(1) if self.newest is not None else None
+        except Exception:  # a farewell is said anyway
+            return None
 
 
 GONE_KEPT = 4096  # at most this many collected communicators are remembered
@@ -129,7 +141,7 @@ def _at_finalize(comm: Any, keyval: int, value: Any) -> None:
 
 def _normal_text(text: str, stops: List[_Stop]) -> str:
     """``its program ended without an uncaught exception; its last collective: ...``."""
-    started = [(stop.last, stop.name) for stop in stops if stop.last is not None]
+    started = [(last, stop.name) for stop in stops for last in [stop.last()] if last is not None]
     if not started:
         return text
     last, name = max(started, key=lambda pair: pair[0].t_start_ns)
