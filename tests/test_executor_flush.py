@@ -65,6 +65,42 @@ def test_flush_delivers_every_rank_messages(nranks):
     assert run(nranks, body) == [("rank_state", "timeouts", "iter_stats")] * nranks
 
 
+def test_a_message_posted_by_another_thread_during_a_flush_goes_out_in_the_next():
+    # A callback thread (a transfer's completion, say) posts while the rank's main thread is
+    # inside a flush: that message was not sent, so the flush must leave it queued.
+    import threading
+    import time
+
+    posted = threading.Event()
+
+    def body(comm):
+        flush = SymmetricFlush(comm, {"done": int})
+        if comm.rank == 0:
+            flush.post("done", 1)
+
+            def poster():
+                deadline = time.monotonic() + 10
+                while not comm._p.channel.busy[0] and time.monotonic() < deadline:
+                    time.sleep(0.001)  # until rank 0 is inside the flush
+                flush.post("done", 2)
+                posted.set()
+            thread = threading.Thread(target=poster)
+            thread.start()
+        else:
+            posted.wait(10)  # rank 0 waits inside the flush for this rank meanwhile
+        first = flush.flush(step=0)
+        if comm.rank == 0:
+            thread.join()
+        second = flush.flush(step=1)
+        return first["done"], second["done"], flush.posted, flush.num_pending
+
+    results = run(2, body)
+    assert [(first, second) for first, second, _, _ in results] == \
+        [([(1,), ()], [(2,), ()])] * 2
+    assert [(posted_counts, pending) for _, _, posted_counts, pending in results] == \
+        [({"done": 2}, 0), ({"done": 0}, 0)]
+
+
 def test_post_checks_locally():
     def body(comm):
         flush = SymmetricFlush(comm, CHANNELS)

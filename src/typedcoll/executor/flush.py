@@ -158,7 +158,8 @@ class SymmetricFlush:
 
         Raises KeyError for an undeclared channel and TypeError when ``message`` is not an
         instance of the channel's type: both are bugs of the posting code, raised here on the
-        posting rank rather than as an error on every rank at the flush.
+        posting rank rather than as an error on every rank at the flush. Any thread may post,
+        also while :meth:`flush` runs on another: a message goes out in this flush or the next.
         """
         target = self._post_to.get(channel)
         if target is None:
@@ -204,7 +205,10 @@ class SymmetricFlush:
             batch_type, empty = self._batch_type, self._empty
         else:
             batch_type, empty = self._named_type, self._named_empty
-        batch = batch_type(*map(tuple, queues)) if pending else empty
+        # What is sent, taken once: another thread may post while the collective runs, and
+        # only what was sent leaves the queues below.
+        sent = tuple(map(tuple, queues)) if pending else ()
+        batch = batch_type(*sent) if pending else empty
         seq = comm.seq
         # A bad step or name is flagged in the flush itself: every rank raises there together.
         # The C path's steady state is called from here (see TypedComm.allgather).
@@ -230,10 +234,10 @@ class SymmetricFlush:
         # Emptied only once delivered: a flush that raised leaves its messages pending.
         if pending:
             flushed = self._flushed
-            for i, queue in enumerate(queues):
-                if queue:
-                    flushed[i] += len(queue)
-                    queue.clear()
+            for i, (queue, taken) in enumerate(zip(queues, sent)):
+                if taken:
+                    flushed[i] += len(taken)
+                    del queue[:len(taken)]  # posts only append: these are the ones sent
         self.flushes += 1
         return Delivery(step, seq, self.channels, received)
 
@@ -244,8 +248,8 @@ class SymmetricFlush:
         taken: List[str] = []
         for channel, queue, tp in zip(self.channels, self._queues, self._types):
             decode = codecs.resolve(tp).decode  # the decoder the peers' batch type uses
-            keep = []
-            for message in queue:
+            keep, checked = [], queue[:]
+            for message in checked:
                 try:
                     decode(codecs.ENCODER.encode(message))
                 except Exception as exc:  # what the encoder hooks or a message's own code raise
@@ -255,7 +259,7 @@ class SymmetricFlush:
                     taken.append(f"{channel!r}: {message!r:.200} ({why})")
                 else:
                     keep.append(message)
-            queue[:] = keep
+            queue[:len(checked)] = keep  # a message posted meanwhile by another thread stays
         return taken
 
 
