@@ -463,7 +463,7 @@ def desyncs(rank: int, size: int) -> dict:
     return out
 
 
-def program_late(rank: int, size: int) -> dict:
+def program_late(rank: int, size: int, sleep: float = 2.5) -> dict:
     """The last rank arrives 2.5 s late at a call with a 1 s timeout: slow, not dead. Its peers
     give up first, and gloo then fails its call as though they had died."""
     import typedcoll as tc
@@ -471,7 +471,7 @@ def program_late(rank: int, size: int) -> dict:
     comm = tc.TypedComm.from_torch(timeout=1)
     comm.allgather(rank)
     if rank == size - 1:
-        time.sleep(2.5)
+        time.sleep(sleep)
     try:
         comm.allgather(rank)  # @late
     except tc.CollectiveError as exc:
@@ -479,13 +479,18 @@ def program_late(rank: int, size: int) -> dict:
     return {"value": "completed"}
 
 
+def program_just_late(rank: int, size: int) -> dict:
+    """The last rank arrives 0.3 s after its peers' deadline: gloo failed their calls there, so
+    its call fails too (it completed with theirs while gloo waited a second longer)."""
+    return program_late(rank, size, 1.3)
+
+
 def program_absent(rank: int, size: int) -> dict:
     """The last rank never calls collective #1. Rank 0 gives up waiting for it first; the others
-    come once gloo has abandoned rank 0's call (a margin past its deadline), which closed its
-    connections: gloo fails their calls as though a peer had died, while they too wait for the
-    absent rank."""
+    come once gloo has failed rank 0's call (at its deadline), which closed its connections:
+    gloo fails their calls as though a peer had died, while they too wait for the absent
+    rank."""
     import typedcoll as tc
-    from typedcoll.transports.gloo import MARGIN_S
 
     comm = tc.TypedComm.from_torch(timeout=1)
     comm.allgather(rank)
@@ -493,7 +498,7 @@ def program_absent(rank: int, size: int) -> dict:
     if rank < size - 1:
         if rank > 0:
             wait_for_all("absent/gave-up", 1, count=False)
-            time.sleep(MARGIN_S + 1.0)
+            time.sleep(1.0)
         try:
             comm.allgather(rank)  # @absent
             out = {"value": "completed"}
@@ -571,11 +576,12 @@ def test_every_collective_matches_independent_values(desync):
     assert len(results) == size
 
 
-@pytest.mark.parametrize("size", [2, 3])
-def test_a_slow_rank_is_told_its_peers_gave_up_not_that_they_died(tmp_path, size):
+@pytest.mark.parametrize("size,program", [(2, "late"), (3, "late"), (3, "just_late")])
+def test_a_slow_rank_is_told_its_peers_gave_up_not_that_they_died(tmp_path, size, program):
     # Before, the late rank read "failed in the torch backend before completing (a peer's
     # process or connection is gone?)", and a hang report that every rank had started the call.
-    *early, late = run_ranks("late", size, tmp_path)
+    # Just late, it returned the call's result while its peers raised.
+    *early, late = run_ranks(program, size, tmp_path)
     at = f"collective #1 on WORLD: allgather[int] at {SITES['late']}"
     for r in early:  # the first to give up may fail a peer's wait, with the same report
         assert r["error"] == "CollectiveTimeout", r

@@ -32,7 +32,10 @@ from ..core.verdict import CREATION_MIN_TIMEOUT
 FOREVER = timedelta(days=365)
 DEFAULT_CONNECT_S = 1800.0  # torch's default timeout of a gloo group
 FOREVER_S = FOREVER.total_seconds()
-MARGIN_S = 1.0  # gloo abandons a timed-out operation this long after its deadline
+# gloo fails an operation at the call's own deadline. With any margin past it, a rank that came
+# within the margin completed the call its peers had just given up on: it returned while they
+# raised. Failed there, its operation fails too, and it reads their reports ("abandoned").
+MIN_TIMEOUT_S = 1e-3  # gloo's timeout of an operation posted at its deadline
 ALARM_SLICE_S = 0.5  # how often a waiting collective looks for a peer's report of a failure
 EMPTY = torch.empty(0, dtype=torch.uint8)
 
@@ -58,7 +61,7 @@ def options(kind: Any, deadline: Optional[float]) -> Any:
     if deadline is not None:
         remaining = deadline - time.monotonic()
         if remaining < FOREVER_S:
-            opts.timeout = timedelta(seconds=max(remaining, 0.0) + MARGIN_S)
+            opts.timeout = timedelta(seconds=max(remaining, MIN_TIMEOUT_S))
     return opts
 
 
