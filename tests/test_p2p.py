@@ -209,6 +209,43 @@ def test_step_clocks_that_differ_are_a_mismatch():
     assert run(2, prog, timeout=10)[1] == ((tc.MismatchKind.STEP,), [4, 5])
 
 
+def test_a_receive_posted_ahead_for_the_next_iteration_says_its_step():
+    # Double buffering: the receiver posts next iteration's receive before this one ends. It
+    # carries the clock as it was when posted, so it names the step it is for.
+    def prog(comm, ahead):
+        got = []
+        comm.set_step(0)
+        request = comm.irecv(0, 5) if comm.rank == 1 else None
+        for it in range(3):
+            comm.set_step(it)
+            if comm.rank == 0:
+                comm.send(it * 10, 1, 5)
+                continue
+            got.append(request.wait())
+            if it < 2:
+                request = comm.irecv(0, 5, step=it + 1) if ahead else comm.irecv(0, 5)
+        return got
+
+    assert run(2, prog, True, timeout=10)[1] == [0, 10, 20]
+    with pytest.raises(BaseExceptionGroup) as info:
+        run(2, prog, False, timeout=10)
+    (err,) = info.value.exceptions
+    assert isinstance(err, tc.DesyncError) and err.kinds == (tc.MismatchKind.STEP,)
+    assert str(err).splitlines()[-1] == (
+        "  a side skipped or repeated an iteration, or the receive was posted ahead of it: a "
+        "receive carries the step clock as it was when posted, so one posted for a later "
+        "iteration (irecv of the next step's message) passes that step: irecv(..., "
+        "step=it + 1)")
+
+
+def test_a_step_that_is_not_an_int_is_refused_on_the_calling_rank():
+    def prog(comm):
+        return str(pytest.raises(tc.EncodeError, comm.irecv, 0, step="1").value)
+
+    assert run(1, prog)[0] == ("recv on WORLD: refused: TypeError: expected step to be None or "
+                               "a 64-bit int, got '1'")
+
+
 def _after_a_timed_out_recv(source, tag):
     """Rank 1's receive times out, then rank 0 sends "late" and "next": the second receive's
     DesyncError kinds and last line, and what a third receive returns."""

@@ -318,6 +318,34 @@ def communicator_cases(chk: Checker, drop_in: Any) -> None:
     chk.same("usable after the communicator calls", drop_in.allgather(rank))
 
 
+def point_to_point_cases(chk: Checker, drop_in: Any) -> None:
+    """mpi4py's PROC_NULL at the ends of a line of ranks, and receives posted ahead of their
+    iteration (double buffering) naming the step they are for."""
+    rank, size = drop_in.rank, drop_in.size
+    right = rank + 1 if rank + 1 < size else MPI.PROC_NULL
+    left = rank - 1 if rank > 0 else MPI.PROC_NULL
+    status = MPI.Status()
+    got = drop_in.sendrecv(("line", rank), dest=right, source=left, status=status)
+    chk.eq("PROC_NULL: sendrecv along a line", got, None if rank == 0 else ("line", rank - 1))
+    chk.eq("PROC_NULL: status", status.Get_source(), MPI.PROC_NULL if rank == 0 else rank - 1)
+    drop_in.send(rank, dest=right if rank % 2 == 0 else MPI.PROC_NULL, tag=3)
+    pending = drop_in.irecv(source=left if rank % 2 == 1 else MPI.PROC_NULL, tag=3)
+    chk.eq("PROC_NULL: send and irecv", pending.wait(),
+           rank - 1 if rank % 2 == 1 else None)
+    got = []
+    drop_in.set_step(0)
+    ahead = drop_in.irecv(source=left, tag=4)
+    for it in range(3):
+        drop_in.set_step(it)
+        drop_in.send((it, rank), dest=right, tag=4)
+        got.append(ahead.wait())
+        if it < 2:
+            ahead = drop_in.irecv(source=left, tag=4, step=it + 1)
+    chk.eq("irecv posted ahead with its step", got,
+           [None if rank == 0 else (it, rank - 1) for it in range(3)])
+    drop_in.set_step(None)
+
+
 def main() -> None:
     chk = Checker("compat_mpi4py")
     drop_in = compat.mpi4py(MPI.COMM_WORLD, timeout=60)
@@ -326,6 +354,7 @@ def main() -> None:
     chk.true("communicator beneath", drop_in.comm is MPI.COMM_WORLD)
     fixed_cases(chk, drop_in)
     communicator_cases(chk, drop_in)
+    point_to_point_cases(chk, drop_in)
     if WORLD.Get_size() > 1:
         property_test(chk, drop_in)
     else:

@@ -37,6 +37,20 @@ def _wildcards() -> Tuple[Any, Any]:
     return mpi.ANY_SOURCE, mpi.ANY_TAG
 
 
+def _is_null(peer: Any) -> bool:
+    """Whether ``peer`` is mpi4py's PROC_NULL: a send to it or a receive from it does nothing
+    (the receive returns None), as mpi4py's do: the ends of a ring or a pipeline."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    return mpi is not None and isinstance(peer, int) and peer == mpi.PROC_NULL
+
+
+def _null_status(status: Any) -> None:
+    mpi = sys.modules.get("mpi4py.MPI")
+    if status is not None and mpi is not None:
+        status.Set_source(mpi.PROC_NULL)
+        status.Set_tag(mpi.ANY_TAG)
+
+
 def _source(source: Any) -> Any:
     return None if source is None or source == _wildcards()[0] else source
 
@@ -58,7 +72,16 @@ class Request:
         self._done = False
         self._value: Any = None
 
+    @classmethod
+    def _null(cls, comm: "Comm", receives: bool) -> "Request":
+        """A request with PROC_NULL: complete at once, its value None."""
+        request = cls(comm, None, receives)
+        request._done = True
+        return request
+
     def wait(self, status: Any = None) -> Any:
+        if self._request is None and self._receives:
+            _null_status(status)
         if not self._done:
             got = self._request.wait()
             self._value = self._comm._received(self._request, got, status) \
@@ -229,36 +252,59 @@ class Comm:
     Clone = Dup
 
     # --- point to point --------------------------------------------------------------------
-    def send(self, obj: Any, dest: int, tag: int = 0, *, name: Optional[str] = None) -> None:
+    # ``name=`` and ``step=`` (beyond mpi4py's signatures) as TypedComm's point to point
+    # takes them; a peer that is PROC_NULL makes the call do nothing, as in mpi4py.
+    def send(self, obj: Any, dest: int, tag: int = 0, *, name: Optional[str] = None,
+             step: Optional[int] = None) -> None:
+        if _is_null(dest):
+            return
         tree, refused = _encoded(obj)
-        p2p.send(self._p, tree, dest, tag, Any, name, refused)
+        p2p.send(self._p, tree, dest, tag, Any, name, refused, step=step)
 
-    def isend(self, obj: Any, dest: int, tag: int = 0, *,
-              name: Optional[str] = None) -> Request:
+    def isend(self, obj: Any, dest: int, tag: int = 0, *, name: Optional[str] = None,
+              step: Optional[int] = None) -> Request:
+        if _is_null(dest):
+            return Request._null(self, False)
         tree, refused = _encoded(obj)
-        return Request(self, p2p.isend(self._p, tree, dest, tag, Any, name, refused), False)
+        return Request(self, p2p.isend(self._p, tree, dest, tag, Any, name, refused, step),
+                       False)
 
     def recv(self, buf: Any = None, source: Any = None, tag: Any = None, status: Any = None,
-             *, name: Optional[str] = None) -> Any:
+             *, name: Optional[str] = None, step: Optional[int] = None) -> Any:
         """The next object from ``source`` with ``tag`` (default: any source, any tag, as
         mpi4py's ``ANY_SOURCE`` and ``ANY_TAG``); ``buf`` is ignored, as mpi4py ignores it."""
-        request = p2p.irecv(self._p, _source(source), _tag(tag), Any, name)
+        if _is_null(source):
+            _null_status(status)
+            return None
+        request = p2p.irecv(self._p, _source(source), _tag(tag), Any, name, step)
         return self._received(request, request.wait(), status)
 
     def irecv(self, buf: Any = None, source: Any = None, tag: Any = None, *,
-              name: Optional[str] = None) -> Request:
-        return Request(self, p2p.irecv(self._p, _source(source), _tag(tag), Any, name), True)
+              name: Optional[str] = None, step: Optional[int] = None) -> Request:
+        """Posted now, it carries the step clock as it is now: one posted ahead for a later
+        iteration passes ``step``."""
+        if _is_null(source):
+            return Request._null(self, True)
+        return Request(self, p2p.irecv(self._p, _source(source), _tag(tag), Any, name, step),
+                       True)
 
     def sendrecv(self, sendobj: Any, dest: int, sendtag: int = 0, recvbuf: Any = None,
                  source: Any = None, recvtag: Any = None, status: Any = None, *,
-                 name: Optional[str] = None) -> Any:
-        tree, refused = _encoded(sendobj)
-        request = p2p.irecv(self._p, _source(source), _tag(recvtag), Any, name)
-        sending = p2p.isend(self._p, tree, dest, sendtag, Any, name, refused)
+                 name: Optional[str] = None, step: Optional[int] = None) -> Any:
+        request = None if _is_null(source) else \
+            p2p.irecv(self._p, _source(source), _tag(recvtag), Any, name, step)
+        sending = None
+        if not _is_null(dest):
+            tree, refused = _encoded(sendobj)
+            sending = p2p.isend(self._p, tree, dest, sendtag, Any, name, refused, step)
         try:
-            got = request.wait()
+            got = request.wait() if request is not None else None
         finally:
-            sending.wait()
+            if sending is not None:
+                sending.wait()
+        if request is None:
+            _null_status(status)
+            return None
         return self._received(request, got, status)
 
     def _received(self, request: Any, tree: Any, status: Any) -> Any:

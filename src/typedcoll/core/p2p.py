@@ -40,7 +40,7 @@ from ..codecs import KIND_MSGSPEC, SchemaInfo, encode_array, nesting_ok
 from ..codecs.nesting import MAX_NESTING
 from ..codecs.culprit import encode_failure
 from ..codecs.schema import ENCODER
-from .args import check_dest, payload_mode, schema_of
+from .args import check_dest, check_step, payload_mode, schema_of
 from .errors import CollectiveError, CollectiveTimeout, EncodeError
 from .identity import check_name
 from .plumbing import register_internal
@@ -89,8 +89,8 @@ def _encode_payload(info: SchemaInfo, value: Any) -> Tuple[bytes, Optional[str]]
 
 
 def _message(p: Any, value: Any, dest: Any, tag: Any, schema: Any, name: Any,
-             refused: Optional[str] = None,
-             op: str = "send") -> Tuple[bytes, int, int, Optional[EncodeError]]:
+             refused: Optional[str] = None, op: str = "send",
+             step: Any = None) -> Tuple[bytes, int, int, Optional[EncodeError]]:
     """The message to send, its dest and tag, and the error to raise here after sending it.
 
     ``refused``: a layer above already found the value unsendable (its error text).
@@ -98,11 +98,12 @@ def _message(p: Any, value: Any, dest: Any, tag: Any, schema: Any, name: Any,
     _refuse_freed(p, op, dest if isinstance(dest, int) else None,
                   tag if isinstance(tag, int) else None)
     # Without a valid peer and tag there is nobody to tell: these fail on this rank alone.
-    local = check_dest(dest, p.size, "dest") or _check_tag(tag, False) or check_name(name)
+    local = (check_dest(dest, p.size, "dest") or _check_tag(tag, False) or check_name(name)
+             or check_step(step))
     if local is not None:
         raise EncodeError(f"{op} on {p.name}: refused: {local}", seq=-1, comm=p.name)
     dest, tag = int(dest), int(tag)
-    caller = Caller(p, name)
+    caller = Caller(p, name, step)
     sent = p2p_state(p).sent
     seq = sent.get((dest, tag), 0)
     sent[(dest, tag)] = seq + 1
@@ -225,14 +226,14 @@ class RecvRequest:
 
 # --- the operations ---------------------------------------------------------------------------
 def isend(p: Any, value: Any, dest: Any, tag: Any, schema: Any, name: Any,
-          refused: Optional[str] = None) -> SendRequest:
+          refused: Optional[str] = None, step: Any = None) -> SendRequest:
     """Start sending ``value``: its envelope and payload in one message.
 
     A value that does not encode still sends its envelope, flagged with the error, so the
     receiver raises PeerError instead of waiting; this rank raises EncodeError when the request
     completes.
     """
-    data, dest, tag, failure = _message(p, value, dest, tag, schema, name, refused)
+    data, dest, tag, failure = _message(p, value, dest, tag, schema, name, refused, step=step)
     transport = p.transport
     start = getattr(transport, "isend_bytes", None)
     if start is not None:
@@ -276,11 +277,11 @@ class _SendingThread:
 
 
 def send(p: Any, value: Any, dest: Any, tag: Any, schema: Any, name: Any,
-         refused: Optional[str] = None, complete: bool = False) -> None:
+         refused: Optional[str] = None, complete: bool = False, step: Any = None) -> None:
     """Send ``value``; ``complete``: return once the receiver took it, where a backend leaves
     sends in flight (gloo: torch's own sends wait, and a rank that exits after one must not
     drop it)."""
-    data, dest, tag, failure = _message(p, value, dest, tag, schema, name, refused)
+    data, dest, tag, failure = _message(p, value, dest, tag, schema, name, refused, step=step)
     deadline = None if p.timeout is None else time.monotonic() + p.timeout
     try:
         p.transport.send_bytes(data, dest, TRANSPORT_TAG, deadline)
@@ -299,31 +300,33 @@ def send(p: Any, value: Any, dest: Any, tag: Any, schema: Any, name: Any,
         raise failure
 
 
-def irecv(p: Any, source: Any, tag: Any, schema: Any, name: Any) -> RecvRequest:
+def irecv(p: Any, source: Any, tag: Any, schema: Any, name: Any,
+          step: Any = None) -> RecvRequest:
     """Post a receive from ``source`` (None: any) with ``tag`` (None: any)."""
     _refuse_freed(p, "recv", source if isinstance(source, int) else None,
                   tag if isinstance(tag, int) else None)
     local = ((check_dest(source, p.size, "source") if source is not None else None)
-             or _check_tag(tag, True) or check_name(name))
+             or _check_tag(tag, True) or check_name(name) or check_step(step))
     info = None
     if local is None and schema is not None:
         info, local = schema_of(None, schema)
     if local is not None:
         raise EncodeError(f"recv on {p.name}: refused: {local}", seq=-1, comm=p.name)
     return RecvRequest(p, None if source is None else int(source),
-                       None if tag is None else int(tag), info, Caller(p, name))
+                       None if tag is None else int(tag), info, Caller(p, name, step))
 
 
-def recv(p: Any, source: Any, tag: Any, schema: Any, name: Any) -> Any:
-    return irecv(p, source, tag, schema, name).wait()
+def recv(p: Any, source: Any, tag: Any, schema: Any, name: Any, step: Any = None) -> Any:
+    return irecv(p, source, tag, schema, name, step).wait()
 
 
 def sendrecv(p: Any, value: Any, dest: Any, source: Any, sendtag: Any, recvtag: Any,
-             schema: Any, recv_schema: Any, name: Any, refused: Optional[str] = None) -> Any:
+             schema: Any, recv_schema: Any, name: Any, refused: Optional[str] = None,
+             step: Any = None) -> Any:
     """Post the receive, start the send, then complete both (a pair exchanging never
     deadlocks: neither waits for its send before its receive is posted)."""
-    request = irecv(p, source, recvtag, recv_schema, name)
-    sending = isend(p, value, dest, sendtag, schema, name, refused)
+    request = irecv(p, source, recvtag, recv_schema, name, step)
+    sending = isend(p, value, dest, sendtag, schema, name, refused, step)
     try:
         value = request.wait()
     finally:

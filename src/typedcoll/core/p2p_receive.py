@@ -56,7 +56,7 @@ class Caller:
 
     __slots__ = ("site", "place", "name", "occurrence", "step")
 
-    def __init__(self, p: Any, name: Optional[str]) -> None:
+    def __init__(self, p: Any, name: Optional[str], step: Optional[int] = None) -> None:
         frame, via = call_site(2)
         code, lasti = (frame.f_code, frame.f_lasti) if frame is not None else (None, 0)
         self.site = format_site(code, lasti)
@@ -68,7 +68,9 @@ class Caller:
         counts = p2p_state(p).counts
         self.occurrence = counts.get(identity, 0) + 1
         counts[identity] = self.occurrence
-        self.step = None if p.step == NO_STEP else p.step
+        # The clock as it is now, unless the call says which step it is for (a receive
+        # posted ahead, for the next iteration).
+        self.step = int(step) if step is not None else None if p.step == NO_STEP else p.step
 
 
 def recv_timed_out(p: Any, request: RecvRequest) -> None:
@@ -176,6 +178,11 @@ def diverged(p: Any, head: str, kinds: List[MismatchKind], expected: int, source
     if MismatchKind.SEQUENCE in kinds and env.seq != expected:
         lines.append(f"  expected message #{expected} from rank {source}, got #{env.seq} (a "
                      f"receive that timed out, or a send or receive skipped on one side)")
+    if kinds == [MismatchKind.STEP]:
+        lines.append("  a side skipped or repeated an iteration, or the receive was posted "
+                     "ahead of it: a receive carries the step clock as it was when posted, so "
+                     "one posted for a later iteration (irecv of the next step's message) "
+                     "passes that step: irecv(..., step=it + 1)")
     raise DesyncError("\n".join(lines), seq=expected, comm=p.name, kinds=kinds, groups=groups)
 
 
