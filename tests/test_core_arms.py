@@ -292,6 +292,44 @@ def root_skips(comm, plan):
         f = comm.bcast(None)
 ''')
     assert found == {}
+    refused: Dict[Any, Any] = {}
+    branch_calls('''
+def root_skips(comm, plan):
+    if comm.rank == 0:
+        comm.bcast(7)
+    else:
+        p = comm.bcast(None)
+        f = comm.bcast(None)
+''', None, refused)
+    assert sorted(refused.values()) == [(3, "make 1 and 2 bcast calls (one makes a call the "
+                                            "other lacks), so they pair none")] * 3
+
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+def test_arms_that_pair_nothing_are_named_and_no_name_is_advised(
+        timeout: Optional[float]) -> None:
+    # The root alone may make a second call (under a condition of its own, false here): the
+    # arms pair nothing, and a name= on their calls would hand that call's data to the
+    # receivers' next one. The hint says where the branch is and what to do instead.
+    def body(comm: tc.TypedComm, cancel: List[int]) -> Any:
+        if comm.rank == 0:
+            reqs = comm.bcast(["a"], root=0)
+            if cancel:
+                comm.bcast(cancel, root=0)
+        else:
+            reqs = comm.bcast(None, root=0)
+        return reqs
+
+    error = one_desync(outcomes(3, body, [], timeout=timeout))
+    line = body.__code__.co_firstlineno + 1
+    assert str(error).splitlines()[-1] == (
+        f"  these calls are in the arms of the role branch at test_core_arms.py:{line}, whose "
+        f"arms make 2 and 1 bcast calls (one makes a call the other lacks), so they pair none: "
+        f"a rank in one arm meets another call of the other. Make both arms issue the same "
+        f"calls in the same order (a call only the root makes, under a condition of its own: "
+        f"broadcast the condition first so that every rank makes it, or post it to a "
+        f"SymmetricFlush); a name= would pair such a call with the other arm's next one and "
+        f"hand it this call's data")
 
 
 NESTED = '''

@@ -70,9 +70,13 @@ LineName = Tuple[int, str]  # where code keeps no column positions: a call's lin
 MAX_CANDIDATES = 8  # enclosing branches kept per call, the innermost first
 
 
-# filename -> {position of a call -> its Hits, innermost first}; None: source not read
-_FILES: Dict[str, Optional[Tuple[Dict[Position, List[Hit]], Dict[LineName, List[Hit]]]]] = {}
+Refusal = Tuple[int, str]  # a role branch that pairs nothing of a call: its line, and why
+# filename -> ({position of a call -> its Hits, innermost first}, the same by line and name,
+# {position -> the innermost role branch that does not pair it}); None: source not read
+Calls = Tuple[Dict[Position, List[Hit]], Dict[LineName, List[Hit]], Dict[Position, Refusal]]
+_FILES: Dict[str, Optional[Calls]] = {}
 _BRANCHES = CodeTable()
+_REFUSED = CodeTable()
 _UNREAD = object()
 _LOCK = threading.Lock()
 
@@ -105,15 +109,37 @@ def branch_of(code: Optional[CodeType], lasti: int) -> Optional[Branch]:
         return _BRANCHES.put(code, lasti, branch)  # type: ignore[no-any-return]
 
 
-def _calls_of(filename: str) -> Optional[Tuple[Dict[Position, List[Hit]],
-                                                Dict[LineName, List[Hit]]]]:
+def unpaired_of(code: Optional[CodeType], lasti: int) -> Optional[str]:
+    """Where the call at ``lasti`` of ``code`` is in an arm of a role branch whose arms do not
+    pair their calls of its name, what a DesyncError says of that branch (else None): its
+    calls then pair nothing, and a ``name=`` would pair a call one arm lacks with the next."""
+    if code is None:
+        return None
+    found = _REFUSED.get(code, lasti, _UNREAD)
+    if found is not _UNREAD:
+        return found  # type: ignore[no-any-return]
+    with _LOCK:
+        try:
+            position = position_of(code, lasti)
+            calls = _calls_of(code.co_filename) if position is not None else None
+        except Exception:  # never raise in a cold path; not remembered
+            return None
+        refusal = calls[2].get(position) if calls is not None and position else None
+        text = None if refusal is None else \
+            f"role branch at {source_name(code.co_filename)}:{refusal[0]}, whose arms {refusal[1]}"
+        return _REFUSED.put(code, lasti, text)  # type: ignore[no-any-return]
+
+
+def _calls_of(filename: str) -> Optional[Calls]:
     if filename not in _FILES:
         if len(_FILES) > 256:
             _FILES.clear()
         source = _source(filename)
         by_line: Dict[LineName, List[Hit]] = {}
-        spans = branch_calls(source, by_line) if source and len(source) <= _MAX_SOURCE else None
-        _FILES[filename] = (spans, by_line) if spans is not None else None
+        refused: Dict[Position, Refusal] = {}
+        spans = branch_calls(source, by_line, refused) \
+            if source and len(source) <= _MAX_SOURCE else None
+        _FILES[filename] = (spans, by_line, refused) if spans is not None else None
     return _FILES[filename]
 
 
@@ -127,13 +153,15 @@ def _source(filename: str) -> str:
         return "".join(linecache.getlines(filename))
 
 
-def branch_calls(source: str, by_line: Optional[Dict[LineName, List[Hit]]] = None
+def branch_calls(source: str, by_line: Optional[Dict[LineName, List[Hit]]] = None,
+                 refused: Optional[Dict[Position, Refusal]] = None
                  ) -> Optional[Dict[Position, List[Hit]]]:
     """Every call of ``source`` that is a role branch's: its position -> its candidate branches,
     the innermost first, each (line and column of the ``if``, k, name, arm). None where the
     source does not parse. ``by_line`` gets them by line and name called, for code without
     column positions (``-X no_debug_ranges``), where a line's calls of that name
-    are all one branch's alike."""
+    are all one branch's alike. ``refused`` gets the calls no role branch pairs that are in
+    the arm of one whose arms do not pair their calls of that name (the innermost)."""
     try:
         tree = ast.parse(source)
     except (SyntaxError, ValueError):
@@ -147,9 +175,14 @@ def branch_calls(source: str, by_line: Optional[Dict[LineName, List[Hit]]] = Non
     for node in ast.walk(tree):
         if isinstance(node, ast.Call):
             name = _name(node)
-            hits = _enclosing_branches(node, name, parents) if name is not None else []
+            refusals: List[Refusal] = []
+            hits = _enclosing_branches(node, name, parents, refusals) if name is not None else []
             if name is not None:
                 named.setdefault((node.lineno, name), []).append(hits)
+            if refused is not None and refusals and not hits and node.end_lineno is not None \
+                    and node.end_col_offset is not None:
+                refused[(node.lineno, node.end_lineno, node.col_offset, node.end_col_offset)] = \
+                    refusals[0]
             if hits and node.end_lineno is not None and node.end_col_offset is not None:
                 found[(node.lineno, node.end_lineno, node.col_offset, node.end_col_offset)] = hits
                 moved = _method_call_position(node)
@@ -185,10 +218,11 @@ def _name(call: ast.Call) -> Optional[str]:
     return None
 
 
-def _enclosing_branches(call: ast.Call, name: str,
-                        parents: Dict[ast.AST, ast.AST]) -> List[Hit]:
+def _enclosing_branches(call: ast.Call, name: str, parents: Dict[ast.AST, ast.AST],
+                        refusals: Optional[List[Refusal]] = None) -> List[Hit]:
     """The enclosing ``if`` statements (inside the call's function) whose arms pair this call, the
-    innermost first (at most MAX_CANDIDATES: a farther one can only be a false alarm's cause)."""
+    innermost first (at most MAX_CANDIDATES: a farther one can only be a false alarm's cause);
+    ``refusals`` gets those whose arms do not, the innermost first."""
     hits: List[Hit] = []
     node: ast.AST = call
     while node in parents and not isinstance(node, _SCOPES) and len(hits) < MAX_CANDIDATES:
@@ -196,12 +230,23 @@ def _enclosing_branches(call: ast.Call, name: str,
         for branch, arm, mine, other in _arms_around(node, parent, parents):
             if not tests_a_role(getattr(branch, "test", None)):
                 continue
-            hit = _pair(call, _named_calls(mine, name), _named_calls(other, name), mine, other,
-                        parents)
+            ours, theirs = _named_calls(mine, name), _named_calls(other, name)
+            hit = _pair(call, ours, theirs, mine, other, parents)
             if hit is not None:
                 hits.append((branch.lineno, branch.col_offset, hit, name, arm))
+            elif refusals is not None and ours and theirs:  # else: other names (wrappers)
+                counts = (len(ours), len(theirs)) if arm == 0 else (len(theirs), len(ours))
+                refusals.append((branch.lineno, _refusal(name, *counts)))
         node = parent
     return hits
+
+
+def _refusal(name: str, first: int, second: int) -> str:
+    """Why a role branch pairs nothing of its arms' calls of ``name`` (as counted in each)."""
+    if first != second:
+        return (f"make {first} and {second} {name} calls (one makes a call the other lacks), so "
+                f"they pair none")
+    return f"make their {name} calls under conditions of their own, so they pair none"
 
 
 def _pair(call: ast.Call, mine: List[ast.Call], other: List[ast.Call],

@@ -130,6 +130,16 @@ def _hint(kinds: Sequence[MismatchKind], groups: Sequence[Group]) -> List[str]:
                     "dispatcher, a decorator's frame, a worker thread), so a rank skipped or "
                     "added a call before this one, or these are one collective: then give "
                     "every wrapper's call the same name="]
+        refusal = next((g.envelope.unpaired for g in groups if g.envelope.unpaired), None)
+        if refusal is not None:
+            # Not a name's case: a name= on calls one arm lacks would pair them with the other
+            # arm's next call, and hand that call their data.
+            return [f"  these calls are in the arms of the {refusal}: a rank in one arm meets "
+                    f"another call of the other. Make both arms issue the same calls in the "
+                    f"same order (a call only the root makes, under a condition of its own: "
+                    f"broadcast the condition first so that every rank makes it, or post it to a "
+                    f"SymmetricFlush); a name= would pair such a call with the other arm's next "
+                    f"one and hand it this call's data"]
         return ["  only the call sites differ: if these are the same collective called from "
                 "different places, give every rank's call the same name= (or mark the wrapper "
                 "they share with @typedcoll.transparent)"]

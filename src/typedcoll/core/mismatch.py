@@ -103,6 +103,9 @@ class EnvelopeInfo(msgspec.Struct, frozen=True, kw_only=True):
     branch: Optional[Branch] = None
     via: Optional[str] = None  # the thin wrapper the call went through (core.identity)
     callers: Tuple[Caller, ...] = ()  # of a call made for its callers, innermost first
+    # An unnamed rooted call in the arm of a role branch whose arms pair none of its calls:
+    # where that branch is, and why (core.arms.unpaired_of); said in a DesyncError's hint.
+    unpaired: Optional[str] = None
 
 
 class Group(msgspec.Struct, frozen=True):

@@ -25,7 +25,7 @@ from .fresh import on_fresh_stack
 from .errors import (CREATE_SEQ, CollectiveTimeout, ConcurrentCallError, DecodeError,
                      DesyncError, EncodeError, PeerError)
 from . import roles
-from .arms import branch_of
+from .arms import branch_of, unpaired_of
 from .callers import describe as describe_callers
 from .desync import desync_message, failed_elsewhere
 from .plumbing import register_internal
@@ -81,6 +81,8 @@ def describe_call(p: "Protocol", call: Call, error: Optional[str] = None) -> Env
             order = "big" if dtype[0] == ">" else "little"
             dtype = kind.name if kind.isnative else f"{kind.name} ({order}-endian)"
     internal = call.op in INTERNAL_PAYLOADS  # their payloads are ours, not the caller's
+    rooted = call.name is None and call.op in ROOTED_OPS  # may be a role branch's
+    branch = branch_of(call.code, call.lasti) if rooted else None
     return EnvelopeInfo(
         rank=p.rank, seq=call.seq, op=call.op,
         schema=call.schema_name if not (call.wild or internal) else "",
@@ -94,9 +96,9 @@ def describe_call(p: "Protocol", call: Call, error: Optional[str] = None) -> Env
         thread=threading.current_thread().name,
         error_type=split_error(error)[0] if error is not None else None,
         error=split_error(error)[1] if error is not None else None,
-        notes=p.decisions(),
-        branch=branch_of(call.code, call.lasti) if call.name is None and call.op in ROOTED_OPS
-        else None, via=via_name(call.via), callers=describe_callers(call.callers))
+        notes=p.decisions(), branch=branch, via=via_name(call.via),
+        callers=describe_callers(call.callers),
+        unpaired=unpaired_of(call.code, call.lasti) if rooted and branch is None else None)
 
 
 def disagreement(p: "Protocol", call: Call, receiving: bool = False) -> None:
