@@ -273,6 +273,9 @@ def test_a_record_without_root_or_reduce_op_leaves_them_out():
     assert describe(env(0, op="bcast", root=None), [tc.MismatchKind.ROOT]).startswith(
         "bcast[RankState] root=None at")
     assert describe(env(0, schema=""), show_fingerprint=True).startswith("allgather at")
+    # An op that takes neither shows neither where the kinds differ: its op differs.
+    kinds = [tc.MismatchKind.OP, tc.MismatchKind.ROOT, tc.MismatchKind.REDUCE_OP]
+    assert describe(env(0), kinds).startswith("allgather[RankState] at")
 
 
 def test_describe_shows_what_differs():

@@ -342,11 +342,12 @@ def describe(env: EnvelopeInfo, kinds: Sequence[MismatchKind] = (),
     text = label(env.op, schema)
     if MismatchKind.COMMUNICATOR in kinds:
         text += f" on {env.comm}"
-    # A record (hang reports, dumps) keeps no root or reduce op: left out there, not "None".
-    if (env.op in ROOTED_OPS and env.root is not None) or MismatchKind.ROOT in kinds:
+    # A record (hang reports, dumps) keeps no root or reduce op: left out there, not "None";
+    # and an op that takes none shows none (the ops differ then, and say so).
+    if env.op in ROOTED_OPS and (env.root is not None or MismatchKind.ROOT in kinds):
         text += f" root={env.root}"
-    if (env.op in REDUCING_OPS and env.reduce_op is not None) or \
-            MismatchKind.REDUCE_OP in kinds:
+    if env.op in REDUCING_OPS and (env.reduce_op is not None or
+                                   MismatchKind.REDUCE_OP in kinds):
         text += f" op={env.reduce_op}"
     if env.shape is not None:
         text += f" shape={tuple(env.shape)}"
