@@ -963,3 +963,39 @@ def test_scatter_and_alltoall_deliver_each_part_and_the_c_path_serves_them(timeo
         fitting = range(PARTS_WARM_UP, PARTS_WARM_UP + len(PART_SCHEMAS) * (n + 1))
         checked = [ok for seq, ok in served if seq in fitting]
         assert len(checked) == n * len(fitting) and all(checked), served
+
+
+# Set per rank thread by the test below: the communicator a decoded value's __post_init__
+# calls a collective on, from inside the collective decoding it, once.
+_REENTER: dict = {}
+
+
+class Reenters(msgspec.Struct):
+    x: int
+
+    def __post_init__(self) -> None:
+        comm = _REENTER.pop(threading.current_thread().name, None)
+        if comm is not None:
+            try:
+                comm.allgather(0)
+            except tc.ConcurrentCallError as exc:
+                _REENTER["text"] = str(exc)
+
+
+@pytest.mark.parametrize("timeout", [None, 10])
+def test_a_thread_that_reenters_its_own_collective_is_told_so(timeout):
+    # A signal handler or a callback that runs a collective in the middle of one: the same
+    # thread twice, not "two threads" with one name.
+    _REENTER.clear()
+
+    def body(comm: tc.TypedComm) -> Any:
+        mine = Reenters(comm.rank)
+        if comm.rank == 0:
+            _REENTER[threading.current_thread().name] = comm
+        return [r.x for r in comm.allgather(mine)]
+
+    assert outcomes(2, body, timeout=timeout) == [[0, 1]] * 2
+    text = _REENTER.pop("text")
+    assert "re-entered while it was inside a collective on the same channel" in text, text
+    assert text.endswith("a collective run from a signal handler or a callback in the middle "
+                         "of another: run it after that one returns"), text

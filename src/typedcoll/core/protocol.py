@@ -222,16 +222,19 @@ class Protocol(EncodeStep):
         site = format_site(frame.f_code, frame.f_lasti) if frame is not None else "?"
         mine = thread_label()
         other, code, lasti = self.channel.inside()
-        text = (f"ConcurrentCallError: {call.op} at {site} in thread {mine} entered while "
-                f"thread {other} was inside a collective at {format_site(code, lasti)} on "
-                f"{self.channel.label}")
+        # One thread inside twice: a signal handler or a callback interrupted its collective.
+        entered = "re-entered while it was" if other == mine else \
+            f"entered while thread {other} was"
+        text = (f"ConcurrentCallError: {call.op} at {site} in thread {mine} {entered} inside a "
+                f"collective at {format_site(code, lasti)} on {self.channel.label}")
         self.channel.poison = text
+        advice = ("a collective run from a signal handler or a callback in the middle of "
+                  "another: run it after that one returns") if other == mine else \
+            "a communicator serves one thread at a time (give each thread its own: comm.dup())"
         raise ConcurrentCallError(
             f"collective #{self.seq} on {self.name}: {call.op} at {site} refused: thread {mine} "
-            f"entered while thread {other} was inside a collective on the same channel "
-            f"({self.channel.label}); a communicator serves one thread at a time (give each "
-            f"thread its own: comm.dup())", seq=self.seq, comm=self.name,
-            threads=(other, mine), ranks=(self.rank,))
+            f"{entered} inside a collective on the same channel ({self.channel.label}); "
+            f"{advice}", seq=self.seq, comm=self.name, threads=(other, mine), ranks=(self.rank,))
 
     # --- steps 2 to 4 -----------------------------------------------------------------------
     def exchange(self, call: Call) -> None:
