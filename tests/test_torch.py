@@ -463,14 +463,14 @@ def desyncs(rank: int, size: int) -> dict:
     return out
 
 
-def program_late(rank: int, size: int, sleep: float = 2.5) -> dict:
-    """The last rank arrives 2.5 s late at a call with a 1 s timeout: slow, not dead. Its peers
-    give up first, and gloo then fails its call as though they had died."""
+def program_late(rank: int, size: int, sleep: float = 2.5, late: int = 1) -> dict:
+    """The last rank (``late`` ranks) arrives 2.5 s late at a call with a 1 s timeout: slow,
+    not dead. Its peers give up first, and gloo then fails its call as though they had died."""
     import typedcoll as tc
 
     comm = tc.TypedComm.from_torch(timeout=1)
     comm.allgather(rank)
-    if rank == size - 1:
+    if rank >= size - late:
         time.sleep(sleep)
     try:
         comm.allgather(rank)  # @late
@@ -483,6 +483,10 @@ def program_just_late(rank: int, size: int) -> dict:
     """The last rank arrives 0.3 s after its peers' deadline: gloo failed their calls there, so
     its call fails too (it completed with theirs while gloo waited a second longer)."""
     return program_late(rank, size, 1.3)
+
+
+def program_two_late(rank: int, size: int) -> dict:
+    return program_late(rank, size, late=2)
 
 
 def program_absent(rank: int, size: int) -> dict:
@@ -591,6 +595,22 @@ def test_a_slow_rank_is_told_its_peers_gave_up_not_that_they_died(tmp_path, size
         f"{at} is abandoned: {peers} gave up waiting at collective #1 (timeout 1 s) before it "
         f"completed on rank {size - 1}; no rank returns this call's result (their reports name "
         f"the ranks they waited for)")}
+
+
+def test_late_ranks_that_meet_each_other_are_told_they_came_late_not_that_it_is_stuck(
+        tmp_path):
+    # Two late ranks start the call together after their peers gave up: their hang reports
+    # said "every rank has started collective #1: it is slow, or the transport is stuck".
+    *early, third, fourth = run_ranks("two_late", 4, tmp_path)
+    for r in early:
+        assert r["error"] == "CollectiveTimeout", r
+    for late in (third, fourth):
+        assert late["error"] == "CollectiveTimeout", late
+        if "hang report" in late["message"]:  # else it read the give-ups first: "abandoned"
+            assert ("  every rank has started collective #1, and ranks 0-1 gave up on it: this "
+                    "rank came late; where each peer is now:") in late["message"], late
+        else:
+            assert "is abandoned: ranks 0-1 gave up waiting" in late["message"], late
 
 
 @pytest.mark.parametrize("size", [3, 4])

@@ -185,7 +185,14 @@ def hang_report(p: Protocol, call: Call) -> Tuple[Optional[Tuple[int, ...]], str
     if not absent and not silent and not ended:
         # Where each is tells a slow rank (in its own code, or between the phases of a
         # collective over gloo) from one waiting in a collective on another communicator.
-        lines.append(f"  every rank has started collective #{call.seq}: it is slow, or the "
+        # Peers whose call already failed gave up on it (this rank came late): not stuck.
+        failed = sorted(r for r, status in answers.items() if status.comm is not None
+                        and status.comm.last is not None and status.comm.last.seq == call.seq
+                        and status.comm.last.state == "failed")
+        lines.append(f"  every rank has started collective #{call.seq}, and "
+                     f"{compact_ranks(failed)} gave up on it: this rank came late; where each "
+                     f"peer is now:" if failed else
+                     f"  every rank has started collective #{call.seq}: it is slow, or the "
                      f"transport is stuck; where each peer is now:")
         lines += _grouped(p, sorted(answers), lambda r: _absent_lines(p, answers[r]))
     lines.append(f"  arrived: {compact_ranks(arrived)}")
