@@ -246,6 +246,17 @@ def test_a_step_that_is_not_an_int_is_refused_on_the_calling_rank():
                                "a 64-bit int, got '1'")
 
 
+def test_a_send_with_a_bad_step_fails_on_its_receiver_too():
+    # The receiver is told (PeerError), not left waiting for a message that never comes.
+    def prog(comm):
+        if comm.rank == 0:
+            return type(pytest.raises(tc.EncodeError, comm.send, 1, 1, step="1").value)
+        error = pytest.raises(tc.PeerError, comm.recv, 0).value
+        return error.ranks, "expected step to be None or a 64-bit int, got '1'" in str(error)
+
+    assert run(2, prog, timeout=10) == [tc.EncodeError, ((0,), True)]
+
+
 def _after_a_timed_out_recv(source, tag):
     """Rank 1's receive times out, then rank 0 sends "late" and "next": the second receive's
     DesyncError kinds and last line, and what a third receive returns."""

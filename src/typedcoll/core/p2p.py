@@ -98,19 +98,20 @@ def _message(p: Any, value: Any, dest: Any, tag: Any, schema: Any, name: Any,
     _refuse_freed(p, op, dest if isinstance(dest, int) else None,
                   tag if isinstance(tag, int) else None)
     # Without a valid peer and tag there is nobody to tell: these fail on this rank alone.
-    local = (check_dest(dest, p.size, "dest") or _check_tag(tag, False) or check_name(name)
-             or check_step(step))
+    local = check_dest(dest, p.size, "dest") or _check_tag(tag, False) or check_name(name)
     if local is not None:
         raise EncodeError(f"{op} on {p.name}: refused: {local}", seq=-1, comm=p.name)
     dest, tag = int(dest), int(tag)
-    caller = Caller(p, name, step)
+    # A bad step is told to the receiver, as a value that does not encode, not left waiting.
+    bad_step = check_step(step)
+    caller = Caller(p, name, None if bad_step else step)
     sent = p2p_state(p).sent
     seq = sent.get((dest, tag), 0)
     sent[(dest, tag)] = seq + 1
     info, error = schema_of(value, schema)
     payload = b""
-    if refused is not None:
-        error = refused
+    if refused is not None or bad_step is not None:
+        error = refused or bad_step
     elif info is not None:
         payload, error = _encode_payload(info, value)
     envelope = Envelope(
