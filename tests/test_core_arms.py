@@ -303,6 +303,18 @@ def root_skips(comm, plan):
 ''', None, refused)
     assert sorted(refused.values()) == [(3, "make 1 and 2 bcast calls (one makes a call the "
                                             "other lacks), so they pair none")] * 3
+    # A method call whose name is on a later line is found where the interpreter places it.
+    refused.clear()
+    branch_calls('''
+def root_skips(comm, plan):
+    if comm.rank == 0:
+        (comm
+         .bcast(7))
+    else:
+        p = comm.bcast(None)
+        f = comm.bcast(None)
+''', None, refused)
+    assert (5, 5, 10, 18) in refused and len(refused) == 4
 
 
 @pytest.mark.parametrize("timeout", TIMEOUTS)

@@ -256,6 +256,14 @@ def test_a_send_with_a_bad_step_fails_on_its_receiver_too():
 
     assert run(2, prog, timeout=10) == [tc.EncodeError, ((0,), True)]
 
+    # sendrecv too: its receive is not posted, its send tells the peer.
+    def pair(comm):
+        if comm.rank == 0:
+            return type(pytest.raises(tc.EncodeError, comm.sendrecv, 1, 1, 1, step="1").value)
+        return type(pytest.raises(tc.PeerError, comm.sendrecv, 2, 0, 0).value)
+
+    assert run(2, pair, timeout=10) == [tc.EncodeError, tc.PeerError]
+
 
 def _after_a_timed_out_recv(source, tag):
     """Rank 1's receive times out, then rank 0 sends "late" and "next": the second receive's

@@ -480,9 +480,9 @@ def program_late(rank: int, size: int, sleep: float = 2.5, late: int = 1) -> dic
 
 
 def program_just_late(rank: int, size: int) -> dict:
-    """The last rank arrives 0.3 s after its peers' deadline: gloo failed their calls there, so
+    """The last rank arrives 0.6 s after its peers' deadline: gloo failed their calls there, so
     its call fails too (it completed with theirs while gloo waited a second longer)."""
-    return program_late(rank, size, 1.3)
+    return program_late(rank, size, 1.6)
 
 
 def program_two_late(rank: int, size: int) -> dict:

@@ -22,6 +22,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 from .._comm import TypedComm
 from ..core import p2p
+from ..core.args import check_step
 from ..core.errors import DecodeError
 from ..core.plumbing import register_internal
 from . import objects
@@ -91,6 +92,8 @@ class Request:
 
     def test(self, status: Any = None) -> Tuple[bool, Any]:
         if self._done:
+            if self._request is None and self._receives:
+                _null_status(status)
             return True, self._value
         flag, _ = self._request.test()
         if not flag:
@@ -291,11 +294,14 @@ class Comm:
     def sendrecv(self, sendobj: Any, dest: int, sendtag: int = 0, recvbuf: Any = None,
                  source: Any = None, recvtag: Any = None, status: Any = None, *,
                  name: Optional[str] = None, step: Optional[int] = None) -> Any:
+        sends = not _is_null(dest)
+        tree, refused = _encoded(sendobj) if sends else (None, None)
+        if sends and check_step(step) is not None:  # told to the receiver, nothing posted
+            p2p.isend(self._p, tree, dest, sendtag, Any, name, refused, step).wait()
         request = None if _is_null(source) else \
             p2p.irecv(self._p, _source(source), _tag(recvtag), Any, name, step)
         sending = None
-        if not _is_null(dest):
-            tree, refused = _encoded(sendobj)
+        if sends:
             sending = p2p.isend(self._p, tree, dest, sendtag, Any, name, refused, step)
         try:
             got = request.wait() if request is not None else None

@@ -183,6 +183,9 @@ def branch_calls(source: str, by_line: Optional[Dict[LineName, List[Hit]]] = Non
                     and node.end_col_offset is not None:
                 refused[(node.lineno, node.end_lineno, node.col_offset, node.end_col_offset)] = \
                     refusals[0]
+                moved = _method_call_position(node)
+                if moved is not None:
+                    refused[moved] = refusals[0]
             if hits and node.end_lineno is not None and node.end_col_offset is not None:
                 found[(node.lineno, node.end_lineno, node.col_offset, node.end_col_offset)] = hits
                 moved = _method_call_position(node)

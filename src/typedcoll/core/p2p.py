@@ -326,6 +326,8 @@ def sendrecv(p: Any, value: Any, dest: Any, source: Any, sendtag: Any, recvtag: 
              step: Any = None) -> Any:
     """Post the receive, start the send, then complete both (a pair exchanging never
     deadlocks: neither waits for its send before its receive is posted)."""
+    if check_step(step) is not None:  # told to the receiver (send's path), nothing posted
+        isend(p, value, dest, sendtag, schema, name, refused, step).wait()
     request = irecv(p, source, recvtag, recv_schema, name, step)
     sending = isend(p, value, dest, sendtag, schema, name, refused, step)
     try:
