@@ -210,6 +210,20 @@ def test_decisions_that_differ_are_listed():
                          "the wrapper they share with @typedcoll.transparent)")
 
 
+def test_sites_that_differ_with_counts_that_differ_say_a_call_was_skipped_or_added():
+    # Rank 0 made one call more (its 1st at its line, the others' 3rd at theirs): a name= there
+    # would pair rank 0's extra call with the others' and hand them its data.
+    envelopes = [env(0, site="engine.py:16", occurrence=1)] + \
+        [env(r, site="engine.py:20", occurrence=3) for r in (1, 2)]
+    text = desync_message(14, "tp", mismatch_kinds(envelopes), group_envelopes(envelopes))
+    assert text.splitlines()[-1] == (
+        "  only the call sites differ, and the ranks have made these calls a different number "
+        "of times: a rank most likely skipped or added a call before this one (a name= would "
+        "then pair it with another call and hand that call its data); only if these are one "
+        "collective reached from different places, and called as often on every rank, give "
+        "every rank's call the same name=")
+
+
 def test_decisions_that_differ_within_one_envelope_group_are_listed_by_rank():
     """Ranks 0-2 agree in their envelope but rank 1 decided otherwise: each rank's own
     decision counts, at every site it was noted at; and a rank that noted nothing is shown."""

@@ -140,6 +140,15 @@ def _hint(kinds: Sequence[MismatchKind], groups: Sequence[Group]) -> List[str]:
                     f"broadcast the condition first so that every rank makes it, or post it to a "
                     f"SymmetricFlush); a name= would pair such a call with the other arm's next "
                     f"one and hand it this call's data"]
+        if len({g.envelope.occurrence for g in groups}) > 1:
+            # One collective reached from two places is made as often at each: counts that
+            # differ say a rank made a call the others did not, which a name= would pair.
+            return ["  only the call sites differ, and the ranks have made these calls a "
+                    "different number of times: a rank most likely skipped or added a call "
+                    "before this one (a name= would then pair it with another call and hand "
+                    "that call its data); only if these are one collective reached from "
+                    "different places, and called as often on every rank, give every rank's "
+                    "call the same name="]
         return ["  only the call sites differ: if these are the same collective called from "
                 "different places, give every rank's call the same name= (or mark the wrapper "
                 "they share with @typedcoll.transparent)"]
