@@ -283,24 +283,16 @@ def test_the_torch_drop_in_and_scatter_in_role_branches(timeout: Optional[float]
 
 
 def test_arms_with_unequal_counts_pair_nothing() -> None:
-    found = branch_calls('''
+    source = '''
 def root_skips(comm, plan):
     if comm.rank == 0:
         comm.bcast(7)
     else:
         p = comm.bcast(None)
         f = comm.bcast(None)
-''')
-    assert found == {}
+'''
     refused: Dict[Any, Any] = {}
-    branch_calls('''
-def root_skips(comm, plan):
-    if comm.rank == 0:
-        comm.bcast(7)
-    else:
-        p = comm.bcast(None)
-        f = comm.bcast(None)
-''', None, refused)
+    assert branch_calls(source, None, refused) == {}
     assert sorted(refused.values()) == [(3, "make 1 and 2 bcast calls (one makes a call the "
                                             "other lacks), so they pair none")] * 3
     # A method call whose name is on a later line is found where the interpreter places it.

@@ -75,18 +75,30 @@ Refusal = Tuple[int, str]  # a role branch that pairs nothing of a call: its lin
 # {position -> the innermost role branch that does not pair it}); None: source not read
 Calls = Tuple[Dict[Position, List[Hit]], Dict[LineName, List[Hit]], Dict[Position, Refusal]]
 _FILES: Dict[str, Optional[Calls]] = {}
+# (code, lasti) -> (its role branch, what a DesyncError says of a branch that pairs it with
+# nothing): both read from the one parse of the file, once per call site
 _BRANCHES = CodeTable()
-_REFUSED = CodeTable()
-_UNREAD = object()
+_NEITHER: Tuple[Optional[Branch], Optional[str]] = (None, None)
 _LOCK = threading.Lock()
 
 
 def branch_of(code: Optional[CodeType], lasti: int) -> Optional[Branch]:
     """The role branch of the call at bytecode offset ``lasti`` of ``code`` (None: none)."""
+    return _read(code, lasti)[0]
+
+
+def unpaired_of(code: Optional[CodeType], lasti: int) -> Optional[str]:
+    """Where the call at ``lasti`` of ``code`` is in an arm of a role branch whose arms do not
+    pair their calls of its name, what a DesyncError says of that branch (else None): its
+    calls then pair nothing, and a ``name=`` would pair a call one arm lacks with the next."""
+    return _read(code, lasti)[1]
+
+
+def _read(code: Optional[CodeType], lasti: int) -> Tuple[Optional[Branch], Optional[str]]:
     if code is None:
-        return None
-    found = _BRANCHES.get(code, lasti, _UNREAD)
-    if found is not _UNREAD:
+        return _NEITHER
+    found = _BRANCHES.get(code, lasti)
+    if found is not None:
         return found  # type: ignore[no-any-return]
     # One reader at a time: in-process ranks are threads, and a file is parsed once.
     with _LOCK:
@@ -96,38 +108,20 @@ def branch_of(code: Optional[CodeType], lasti: int) -> Optional[Branch]:
             name = callee_name(code, lasti) if position is None else None
             calls = _calls_of(code.co_filename) if position or name else None
         except Exception:  # never raise in a cold path a rank's peers wait in; not remembered
-            return None
-        hits = None
+            return _NEITHER
+        hits = refusal = None
         if calls is not None:
             hits = calls[0].get(position) if position is not None else \
                 calls[1].get((line_of(code, lasti), name or ""))
-        branch = None
+            refusal = calls[2].get(position) if position else None
+        branch = text = None
+        where = source_name(code.co_filename)
         if hits:
-            name = source_name(code.co_filename)
-            keyed = [(f"{name}:{h[0]}:{h[1]} {h[3]} #{h[2] + 1}", h[4]) for h in hits]
+            keyed = [(f"{where}:{h[0]}:{h[1]} {h[3]} #{h[2] + 1}", h[4]) for h in hits]
             branch = Branch(keyed[0][0], keyed[0][1], tuple(keyed[1:]))
-        return _BRANCHES.put(code, lasti, branch)  # type: ignore[no-any-return]
-
-
-def unpaired_of(code: Optional[CodeType], lasti: int) -> Optional[str]:
-    """Where the call at ``lasti`` of ``code`` is in an arm of a role branch whose arms do not
-    pair their calls of its name, what a DesyncError says of that branch (else None): its
-    calls then pair nothing, and a ``name=`` would pair a call one arm lacks with the next."""
-    if code is None:
-        return None
-    found = _REFUSED.get(code, lasti, _UNREAD)
-    if found is not _UNREAD:
-        return found  # type: ignore[no-any-return]
-    with _LOCK:
-        try:
-            position = position_of(code, lasti)
-            calls = _calls_of(code.co_filename) if position is not None else None
-        except Exception:  # never raise in a cold path; not remembered
-            return None
-        refusal = calls[2].get(position) if calls is not None and position else None
-        text = None if refusal is None else \
-            f"role branch at {source_name(code.co_filename)}:{refusal[0]}, whose arms {refusal[1]}"
-        return _REFUSED.put(code, lasti, text)  # type: ignore[no-any-return]
+        if refusal is not None:
+            text = f"role branch at {where}:{refusal[0]}, whose arms {refusal[1]}"
+        return _BRANCHES.put(code, lasti, (branch, text))  # type: ignore[no-any-return]
 
 
 def _calls_of(filename: str) -> Optional[Calls]:
