@@ -238,6 +238,21 @@ def test_a_receive_posted_ahead_for_the_next_iteration_says_its_step():
         "step=it + 1)")
 
 
+def test_a_receive_that_says_its_step_is_not_told_it_may_have_been_posted_ahead():
+    # step= on the receive is the user's word for which iteration it belongs to: the hint
+    # names both steps rather than suggesting what the receive already does.
+    def prog(comm):
+        comm.set_step(3)
+        if comm.rank == 0:
+            comm.send("late", 1, 5)
+            return None
+        return str(pytest.raises(tc.DesyncError, comm.recv, 0, 5, step=4).value)
+
+    assert run(2, prog, timeout=10)[1].splitlines()[-1] == (
+        "  a side skipped or repeated an iteration: this receive is for step 4 (its step=), "
+        "the message was sent at step 3")
+
+
 def test_a_step_that_is_not_an_int_is_refused_on_the_calling_rank():
     def prog(comm):
         return str(pytest.raises(tc.EncodeError, comm.irecv, 0, step="1").value)

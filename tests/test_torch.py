@@ -518,6 +518,27 @@ def program_absent(rank: int, size: int) -> dict:
     return out
 
 
+def program_ends_normally(rank: int, size: int) -> dict:
+    """The last rank's program ends (sys.exit(0)) while its peers start another collective:
+    its farewell, left in the store, names it in their reports as ended normally."""
+    import typedcoll as tc
+
+    comm = tc.TypedComm.from_torch(timeout=30)
+    comm.allgather(rank)  # @ended_last
+    if rank == size - 1:
+        Path(sys.argv[5], f"ends_normally.{rank}.json").write_text("{}")
+        # What _child does at its end, without waiting for peers that wait for this rank.
+        for key in ("finished", "left"):
+            dist_store().add(f"typedcoll-test/ends_normally/{key}", 1)
+        sys.exit(0)
+    return outcome(lambda: comm.allgather(rank))
+
+
+def dist_store() -> Any:
+    import torch.distributed as dist
+    return dist.distributed_c10d._get_default_store()
+
+
 def program_arrays(rank: int, size: int) -> dict:
     """numpy arrays on gloo without a timeout, where the C path serves them over the
     transport's own exchange, with the last rank on the Python steps: inline, past the slot, in
@@ -599,6 +620,19 @@ def test_a_slow_rank_is_told_its_peers_gave_up_not_that_they_died(tmp_path, size
         f"the ranks they waited for)")}
 
 
+def test_a_rank_whose_program_ended_is_named_as_ended_normally_not_unresponsive(tmp_path):
+    # Its peers' calls fail as its connections close; their reports called it "unresponsive
+    # ... dead, or running without typedcoll diagnostics", as for a killed process.
+    *peers, _ = run_ranks("ends_normally", 3, tmp_path)
+    for r in peers:
+        assert r["error"] == "CollectiveTimeout", r
+        assert ("\n  ended normally: rank 2\n    rank 2: its program ended without an uncaught "
+                "exception; its last collective: allgather[int] on WORLD seq=0 at "
+                f"{SITES['ended_last']} called from {SITES['program']} called from "
+                f"{SITES['main']}, its 1st call: completed\n") in r["message"], r
+        assert "unresponsive" not in r["message"], r
+
+
 def test_late_ranks_that_meet_each_other_are_told_they_came_late_not_that_it_is_stuck(
         tmp_path):
     # Two late ranks start the call together after their peers gave up: their hang reports
@@ -611,7 +645,7 @@ def test_late_ranks_that_meet_each_other_are_told_they_came_late_not_that_it_is_
         if "hang report" in late["message"]:  # else it read the give-ups first: "abandoned"
             # The other late rank's call may have failed already when this one asks.
             assert re.search(r"\n  every rank has started collective #1, and ranks 0-(1|2|1,3) "
-                             r"gave up on it: this rank came late; where each peer is now:\n",
+                             r"already failed it: this rank came late; where each peer is now:\n",
                              late["message"]), late
         else:
             assert "is abandoned: ranks 0-1 gave up waiting" in late["message"], late

@@ -54,7 +54,7 @@ class Caller:
     """Who is calling: the site (or name), its occurrence, and the step clock. ``place`` is the
     site as messages show it: with the thin wrapper the call went through, as a collective's."""
 
-    __slots__ = ("site", "place", "name", "occurrence", "step")
+    __slots__ = ("site", "place", "name", "occurrence", "step", "step_given")
 
     def __init__(self, p: Any, name: Optional[str], step: Optional[int] = None) -> None:
         frame, via = call_site(2)
@@ -71,6 +71,7 @@ class Caller:
         # The clock as it is now, unless the call says which step it is for (a receive
         # posted ahead, for the next iteration).
         self.step = int(step) if step is not None else None if p.step == NO_STEP else p.step
+        self.step_given = step is not None
 
 
 def recv_timed_out(p: Any, request: RecvRequest) -> None:
@@ -178,7 +179,10 @@ def diverged(p: Any, head: str, kinds: List[MismatchKind], expected: int, source
     if MismatchKind.SEQUENCE in kinds and env.seq != expected:
         lines.append(f"  expected message #{expected} from rank {source}, got #{env.seq} (a "
                      f"receive that timed out, or a send or receive skipped on one side)")
-    if kinds == [MismatchKind.STEP]:
+    if kinds == [MismatchKind.STEP] and caller.step_given:
+        lines.append(f"  a side skipped or repeated an iteration: this receive is for step "
+                     f"{caller.step} (its step=), the message was sent at step {env.step}")
+    elif kinds == [MismatchKind.STEP]:
         lines.append("  a side skipped or repeated an iteration, or the receive was posted "
                      "ahead of it: a receive carries the step clock as it was when posted, so "
                      "one posted for a later iteration (irecv of the next step's message) "

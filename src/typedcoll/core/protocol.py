@@ -223,13 +223,13 @@ class Protocol(EncodeStep):
         mine = thread_label()
         other, code, lasti = self.channel.inside()
         # One thread inside twice: a signal handler or a callback interrupted its collective.
-        entered = "re-entered while it was" if other == mine else \
-            f"entered while thread {other} was"
+        again = other == mine
+        entered = "re-entered while it was" if again else f"entered while thread {other} was"
         text = (f"ConcurrentCallError: {call.op} at {site} in thread {mine} {entered} inside a "
                 f"collective at {format_site(code, lasti)} on {self.channel.label}")
         self.channel.poison = text
         advice = ("a collective run from a signal handler or a callback in the middle of "
-                  "another: run it after that one returns") if other == mine else \
+                  "another: run it after that one returns") if again else \
             "a communicator serves one thread at a time (give each thread its own: comm.dup())"
         raise ConcurrentCallError(
             f"collective #{self.seq} on {self.name}: {call.op} at {site} refused: thread {mine} "

@@ -23,7 +23,8 @@ peers finalise. So the ending rank only tells, and the waiting rank judges:
 
 With a timeout the peers report by themselves: their hang report names the rank as ended
 normally, with its last collective. Over torch a rank that ends closes its connections, and its
-peers' collectives fail at once; in-memory ranks are threads that the harness bounds.
+peers' collectives fail at once: step 1 alone runs there (one key of the channel's store), so
+their hang reports name it as ended normally. In-memory ranks are threads the harness bounds.
 """
 
 from __future__ import annotations
@@ -31,14 +32,14 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from typing import Any, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
 
 from ..core.channel import BUSY_IDENT
 from ..core.plumbing import register_internal
 from ..core.protocol import LIVE, Protocol
 from ..core.recorder import FlightRecorder, RecordEntry
 from . import dumps, hang, log, state, watcher
-from .side import Ended, MPISide
+from .side import Ended, MPISide, StoreSide
 
 
 class _State:
@@ -54,7 +55,7 @@ class _State:
 class _Stop(NamedTuple):
     """Where this rank stopped on one communicator: what its farewell says of it."""
 
-    side: MPISide
+    side: Union[MPISide, StoreSide]
     rank: int  # this rank's, in the communicator
     instance: int
     issued: int  # collectives
@@ -62,7 +63,7 @@ class _Stop(NamedTuple):
     newest: Optional[FlightRecorder]  # its newest entry alone, described only when read
 
     @classmethod
-    def of(cls, p: Protocol, side: MPISide) -> "_Stop":
+    def of(cls, p: Protocol, side: Union[MPISide, StoreSide]) -> "_Stop":
         """Called from ``Protocol.__del__`` too, so it only copies: describing a call may
         take a lock that the code the collector interrupted holds."""
         try:
@@ -84,10 +85,10 @@ GONE_KEPT = 4096  # at most this many collected communicators are remembered
 def on_gone(p: Protocol) -> None:
     """A communicator never freed is being collected (``Protocol.__del__``): its peers may
     still wait in it, so the count it issued goes into this rank's farewell."""
-    if p.transport.kind != "mpi" or p.size <= 1:
+    if p.size <= 1:
         return
     side = watcher.known_side(p.channel)
-    if isinstance(side, MPISide):
+    if isinstance(side, (MPISide, StoreSide)):
         if len(_State.gone) >= GONE_KEPT:
             _State.gone.pop(next(iter(_State.gone)))
         _State.gone[(id(side), p.instance)] = _Stop.of(p, side)
@@ -101,8 +102,9 @@ def at_exit(how: str = "its program ended without an uncaught exception") -> Non
         stops = list(_State.gone.values())
         for p in list(LIVE):
             side = watcher.known_side(p.channel)
-            if p.transport.kind == "mpi" and p.size > 1 and not p.freed \
-                    and isinstance(side, MPISide):
+            # Over torch the peers' collectives fail as this process's connections close:
+            # the note lets their hang reports say it ended normally, not "unresponsive".
+            if p.size > 1 and not p.freed and isinstance(side, (MPISide, StoreSide)):
                 stops.append(_Stop.of(p, side))
         if not stops:
             return

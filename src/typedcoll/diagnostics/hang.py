@@ -185,12 +185,13 @@ def hang_report(p: Protocol, call: Call) -> Tuple[Optional[Tuple[int, ...]], str
     if not absent and not silent and not ended:
         # Where each is tells a slow rank (in its own code, or between the phases of a
         # collective over gloo) from one waiting in a collective on another communicator.
-        # Peers whose call already failed gave up on it (this rank came late): not stuck.
+        # Peers whose call already failed (they gave up on it, or came late too and learnt
+        # so first): this rank came late, nothing is stuck. "gave up" would misname a late one.
         failed = sorted(r for r, status in answers.items() if status.comm is not None
                         and status.comm.last is not None and status.comm.last.seq == call.seq
                         and status.comm.last.state == "failed")
         lines.append(f"  every rank has started collective #{call.seq}, and "
-                     f"{compact_ranks(failed)} gave up on it: this rank came late; where each "
+                     f"{compact_ranks(failed)} already failed it: this rank came late; where each "
                      f"peer is now:" if failed else
                      f"  every rank has started collective #{call.seq}: it is slow, or the "
                      f"transport is stuck; where each peer is now:")
