@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Dict
 
 import msgspec
@@ -380,6 +381,31 @@ def test_a_hang_where_every_rank_started_says_where_each_peer_is(monkeypatch):
     ]
 
 
+def test_a_peer_that_came_late_is_named_and_this_rank_is_not_said_to_have(monkeypatch):
+    # Rank 1 started collective #2 after rank 0 gave up (it held the GIL past the deadline),
+    # read its give-up and failed as abandoned before answering. Rank 0's report said "rank 1
+    # already failed it: this rank came late", of the rank that had waited its whole timeout.
+    asked = hang.ask_peers
+
+    def as_if_late(p, seq, reason, dump, grace=hang.GRACE):
+        answers, why = asked(p, seq, reason, dump, grace)
+        error = (f"CollectiveTimeout: collective #{seq} on stalled: allgather[RankState] at "
+                 f"x.py:1 is abandoned: rank 0 gave up waiting at collective #{seq}")
+        return {r: msgspec.structs.replace(s, comm=msgspec.structs.replace(
+            s.comm, seq=seq + 1, last=msgspec.structs.replace(
+                s.comm.last, seq=seq, state="failed", error=error)))
+            for r, s in (answers or {}).items()}, why
+    monkeypatch.setattr(hang, "ask_peers", as_if_late)
+    with pytest.raises(BaseExceptionGroup) as excinfo:
+        run(2, one_short, threading.Event(), timeout=0.3, name="stalled")
+    (err,) = errors_of(excinfo).values()
+    lines = normal(str(err)).splitlines()
+    assert lines[2] == ("  every rank has started collective #2, rank 1 only after a rank had "
+                        "given up on it (it came late: its call failed as abandoned); where "
+                        "each peer is now:"), lines
+    assert not any("this rank came late" in line for line in lines), lines
+
+
 def silent(comm, forgotten, reported):
     """Rank 1 stops answering before rank 0's second call, and stays away until its report."""
     comm.allgather(RankState(comm.rank))  # mark: together
@@ -393,6 +419,28 @@ def silent(comm, forgotten, reported):
         comm.allgather(RankState(comm.rank))
     finally:
         reported.set()
+
+
+RANK_STATUS = diag.model.RankStatus(rank=3)
+
+
+@pytest.mark.parametrize("world_ranks, said", [
+    ([1, 3], "request from rank 0 (world rank 1)"),  # COMM_WORLD.split(1) of ranks 1 and 3
+    ([0, 1], "request from rank 0"),
+    (None, "request from rank 0")])
+def test_a_dump_asked_for_on_a_sub_communicator_names_the_askers_world_rank(
+        monkeypatch, world_ranks, said):
+    # Dumps are listed by world rank: "request from rank 0" read as world rank 0, which had
+    # asked nothing.
+    monkeypatch.setattr(diag.state, "rank_status", lambda channel, instance: RANK_STATUS)
+    monkeypatch.setattr(diag.state, "world_ranks", lambda channel: world_ranks)
+    monkeypatch.setattr(diag.state, "trace_dir", lambda: "/nowhere")
+    monkeypatch.setattr(diag._Installed, "requested_dumps", [])
+    monkeypatch.setattr(diag.log, "event", lambda *args, **kwargs: None)
+    query = side.Query(nonce=1, asker=0, instance=0, seq=4, dump=True, reason="it timed out")
+    channel = SimpleNamespace(transport=SimpleNamespace(rank=1))
+    assert diag._answer(channel, query) is RANK_STATUS  # type: ignore[arg-type]
+    assert diag._Installed.requested_dumps == [(said, "it timed out")]
 
 
 def test_a_rank_that_does_not_answer_is_named_unresponsive_with_what_is_known():

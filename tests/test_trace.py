@@ -227,13 +227,25 @@ def test_a_collective_every_member_started_but_that_did_not_complete_is_a_findin
     newest collective failed; it is no "consistent" run."""
     timed_out = dict(state="failed", error="CollectiveTimeout: collective #4 timed out")
     docs = [dump(r, [comm(r, 3, steady(4) + [entry(4, step=4, **timed_out)])]) for r in range(3)]
-    docs[2]["comms"][0]["entries"][-1]["error"] = "CollectiveTimeout: #4 is abandoned"
     report = analyze(dumps_of(*docs))
     assert not report.consistent and report.first is not None
     assert report.first.seq == 4 and report.first.text.splitlines() == [
         "collective #4 on COMM_WORLD did not complete: every member started it",
-        "  ranks 0-1: failed (CollectiveTimeout: collective #4 timed out)",
-        "  rank 2: failed (CollectiveTimeout: #4 is abandoned)"]
+        "  ranks 0-2: failed (CollectiveTimeout: collective #4 timed out)"]
+
+
+def test_a_rank_whose_call_failed_as_abandoned_came_late_though_its_peers_ended_after():
+    """Rank 2 started #4 inside its peers' hang-report wait, after their deadline: their ends
+    come after its start, but its own verdict said it came late."""
+    timed_out = dict(state="failed", error="CollectiveTimeout: collective #4 timed out")
+    docs = [dump(r, [comm(r, 3, steady(4) + [entry(4, step=4, **timed_out)])]) for r in range(3)]
+    docs[2]["comms"][0]["entries"][-1]["error"] = (
+        "CollectiveTimeout: collective #4 on COMM_WORLD: allgather[int] at x.py:1 is abandoned: "
+        "rank 0 gave up waiting")
+    report = analyze(dumps_of(*docs))
+    assert report.first is not None and report.first.text.splitlines()[0] == (
+        "collective #4 on COMM_WORLD did not complete: rank 2 started it after a peer had given "
+        "up waiting (it came late: its call failed as abandoned; its peers waited for it)")
 
 
 def test_a_rank_that_started_after_every_peer_gave_up_came_late():

@@ -344,6 +344,11 @@ def _first_given_up(notices: Sequence[Tuple[int, int]], timeout: float) -> str:
             f"{timeout:g} s)")
 
 
+# How the CollectiveTimeout of a rank that came late reads after its call's site; the
+# diagnostics tell such a rank's failed call by it.
+ABANDONED = " is abandoned: "
+
+
 def timed_out(p: "Protocol", call: Call) -> None:
     """Raise CollectiveTimeout; the channel is unusable from now on."""
     site = format_site(call.code, call.lasti)
@@ -386,7 +391,7 @@ def timed_out(p: "Protocol", call: Call) -> None:
                 f"backend before completing (a peer's process or connection is gone?): "
                 f"{failure}")
     elif late:
-        text = (f"{where(p, call)}: {what(call)} at {shown} is abandoned: "
+        text = (f"{where(p, call)}: {what(call)} at {shown}{ABANDONED}"
                 f"{who_gave_up(p, notices)} gave up waiting at "
                 f"{_first_given_up(notices, timeout)} before it completed on rank "
                 f"{p.rank}; no rank returns this call's result (their reports name the ranks "

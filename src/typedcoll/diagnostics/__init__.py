@@ -91,15 +91,18 @@ def _on_new_protocol(p: Protocol) -> None:
 def _answer(channel: Channel, query: side.Query) -> RankStatus:
     """On the watcher thread: a peer asked where this rank is."""
     status = state.rank_status(channel, query.instance)
-    if query.dump and state.trace_dir() is not None:
-        # After the answer is sent: the asker is waiting for it, not for our file.
-        _Installed.requested_dumps.append((f"request from rank {query.asker}", query.reason))
     ranks = state.world_ranks(channel)
+    world = ranks[query.asker] if ranks and 0 <= query.asker < len(ranks) else None
+    if query.dump and state.trace_dir() is not None:
+        # After the answer is sent: the asker is waiting for it, not for our file. Dumps are
+        # listed by world rank: a sub-communicator's rank says which world rank it is.
+        asker = f"rank {query.asker}" + (f" (world rank {world})" if world not in (
+            None, query.asker) else "")
+        _Installed.requested_dumps.append((f"request from {asker}", query.reason))
     log.event("info", "side_query", None, rank=status.rank,
               comm=status.comm.id if status.comm is not None else None,
-              comm_rank=channel.transport.rank, asker=query.asker,
-              asker_world_rank=ranks[query.asker] if ranks and 0 <= query.asker < len(ranks)
-              else None, seq=query.seq)
+              comm_rank=channel.transport.rank, asker=query.asker, asker_world_rank=world,
+              seq=query.seq)
     return status
 
 

@@ -30,6 +30,7 @@ from ..core.mismatch import (EnvelopeInfo, Group, MismatchKind, Note, as_the_roo
                              compact_ranks, describe, differing_notes, format_groups,
                              group_envelopes, mismatch_kinds, numbering_of, role_split)
 from ..core.recorder import RecordEntry
+from ..core.verdict import ABANDONED
 from .model import CommDump, Dump
 
 MAX_FIELD = 200  # characters of any one string from a dump that reach the output
@@ -221,7 +222,16 @@ def _unfinished(comm_id: str, shown: str, seq: int,
         peers_end = known[-1][0] if known[-1][1] != r else known[-2][0]
         if peers_end < by_seq[r][seq].t_start_ns:
             late.append(r)
-    if late:
+    # A peer's end includes its hang report's wait (up to a second): a rank that came within
+    # it is told by its own verdict, which its failed call records.
+    abandoned = [r for r in sorted(by_seq) if r not in late and by_seq[r][seq].state == "failed"
+                 and ABANDONED in (by_seq[r][seq].error or "")]
+    if abandoned and len(abandoned) < len(by_seq):
+        lines = [f"collective #{seq} on {shown} did not complete: "
+                 f"{compact_ranks(sorted(late + abandoned))} started it after a peer had given "
+                 f"up waiting (it came late: its call failed as abandoned; its peers waited "
+                 f"for it)"]
+    elif late:
         on_time = set(by_seq) - set(late)
         ended = max((ends[q] or 0 for q in on_time), default=0)
         after = min(by_seq[r][seq].t_start_ns for r in late) - ended

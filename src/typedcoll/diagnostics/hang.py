@@ -36,7 +36,7 @@ from ..core.mismatch import (EnvelopeInfo, Group, MismatchKind, compact_ranks, d
 from ..core.protocol import LIVE, Protocol
 from ..core.recorder import RecordEntry
 from ..core.desync import one_call
-from ..core.verdict import heading
+from ..core.verdict import ABANDONED, heading
 from . import side as side_channel
 from . import state, watcher
 from .model import CommState, PeerSeen, RankStatus
@@ -144,6 +144,9 @@ def waits_past(issued: int, last: Optional[RecordEntry], inside: bool, seq: int)
 def hang_report(p: Protocol, call: Call) -> Tuple[Optional[Tuple[int, ...]], str]:
     """(ranks that never arrived or did not answer, report text) for the timed-out ``call``."""
     started = time.monotonic()
+    # This rank's own deadline passed: it gave up by itself, so it did not come late, whatever
+    # its peers' calls did (a peer that came late fails in turn once it reads the give-ups).
+    gave_up = call.deadline is not None and started >= call.deadline - DEADLINE_SLACK_S
     reason = f"collective #{call.seq} on {p.name} timed out"
     answers, why = ask_peers(p, call.seq, reason, state.trace_dir() is not None)
     if answers is None:
@@ -185,22 +188,38 @@ def hang_report(p: Protocol, call: Call) -> Tuple[Optional[Tuple[int, ...]], str
     if not absent and not silent and not ended:
         # Where each is tells a slow rank (in its own code, or between the phases of a
         # collective over gloo) from one waiting in a collective on another communicator.
-        # Peers whose call already failed (they gave up on it, or came late too and learnt
-        # so first): this rank came late, nothing is stuck. "gave up" would misname a late one.
-        failed = sorted(r for r, status in answers.items() if status.comm is not None
-                        and status.comm.last is not None and status.comm.last.seq == call.seq
-                        and status.comm.last.state == "failed")
-        lines.append(f"  every rank has started collective #{call.seq}, and "
-                     f"{compact_ranks(failed)} already failed it: this rank came late; where each "
-                     f"peer is now:" if failed else
-                     f"  every rank has started collective #{call.seq}: it is slow, or the "
-                     f"transport is stuck; where each peer is now:")
+        # Where this rank's wait ended before its deadline, peers whose call already failed
+        # (they gave up on it, or came late too and learnt so first) mean this rank came late.
+        # Where it gave up by itself, a peer whose call failed as abandoned came late.
+        failed = {r: status.comm.last for r, status in answers.items()
+                  if status.comm is not None and status.comm.last is not None
+                  and status.comm.last.seq == call.seq and status.comm.last.state == "failed"}
+        late = sorted(r for r, last in failed.items() if _came_late(last))
+        if failed and not gave_up:
+            lines.append(f"  every rank has started collective #{call.seq}, and "
+                         f"{compact_ranks(sorted(failed))} already failed it: this rank came "
+                         f"late; where each peer is now:")
+        elif late:
+            lines.append(f"  every rank has started collective #{call.seq}, "
+                         f"{compact_ranks(late)} only after a rank had given up on it (it came "
+                         f"late: its call failed as abandoned); where each peer is now:")
+        else:
+            lines.append(f"  every rank has started collective #{call.seq}: it is slow, or the "
+                         f"transport is stuck; where each peer is now:")
         lines += _grouped(p, sorted(answers), lambda r: _absent_lines(p, answers[r]))
     lines.append(f"  arrived: {compact_ranks(arrived)}")
     lines += _other_calls(p, call.seq, arrived[1:], answers)
     lines += _decisions(p, answers)
     missing = tuple(sorted(absent + silent + list(ended)))
     return missing, "\n".join(lines)
+
+
+DEADLINE_SLACK_S = 0.01  # a backend's timer may end its wait this much before our clock's deadline
+
+
+def _came_late(entry: RecordEntry) -> bool:
+    """Whether a failed call failed as abandoned: its rank came after a peer had given up."""
+    return ABANDONED in (entry.error or "")
 
 
 _WHO = "\0who\0"  # where a rank's description names it, filled in once per group
