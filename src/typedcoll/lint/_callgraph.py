@@ -103,6 +103,27 @@ def _module_name(path: str) -> str:
     return ".".join(p for p in parts if p and p not in (".", ".."))
 
 
+def _imported_from(module: str, path: str, node: ast.ImportFrom) -> Optional[str]:
+    """The module ``from ... import`` names, relative imports (``from .utils``, ``from .``)
+    made absolute against the importing module's package as far as its path tells."""
+    if not node.level:
+        return node.module
+    package = module.split(".") if module else []
+    if os.path.splitext(os.path.basename(path))[0] != "__init__":
+        package = package[:-1]  # a module's package; a package's __init__ is its own
+    package = package[:len(package) - (node.level - 1)] if node.level > 1 else package
+    parts = package + (node.module.split(".") if node.module else [])
+    return ".".join(parts) if parts else None
+
+
+def same_module(module: str, target: str) -> bool:
+    """Whether analysed ``module`` is the module ``target`` names: equal, or one a dotted
+    suffix of the other (the paths given may start below or above the import root). A name
+    that only ends alike (``all_reduce_utils`` for ``utils``) is another module."""
+    return (module == target or module.endswith("." + target)
+            or target.endswith("." + module))
+
+
 def is_try(node: ast.AST) -> TypeGuard[ast.Try]:
     """``try`` and, from Python 3.11, ``try``/``except*`` (the same fields)."""
     return isinstance(node, ast.Try) or type(node).__name__ == "TryStar"
@@ -141,9 +162,11 @@ class Program:
                 for alias in node.names:
                     local = alias.asname or alias.name.split(".")[0]
                     module.imports[local] = alias.name if alias.asname else local
-            elif isinstance(node, ast.ImportFrom) and node.module is not None:
+            elif isinstance(node, ast.ImportFrom):
+                base = _imported_from(module.name, source.path, node)
                 for alias in node.names:
-                    module.imports[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+                    if base is not None:
+                        module.imports[alias.asname or alias.name] = f"{base}.{alias.name}"
         module.top = Function("<module>", source.tree, module)
         self.functions.append(module.top)
         self._index_body(source.tree.body, module, None, None, "")
@@ -291,7 +314,7 @@ class Program:
         if name not in module.classes and imported is not None:
             owner = imported.rsplit(".", 1)[0]
             for candidate in self.functions_by_name.get(name, []):
-                if candidate.module.name.endswith(owner.split(".")[-1]):
+                if same_module(candidate.module.name, owner):
                     return (candidate,), False
         cls = self._class_named(name, fn)
         if cls is not None:
@@ -307,7 +330,7 @@ class Program:
         if cls is None and imported is not None:
             owner = imported.rsplit(".", 1)[0]
             for info in self.classes_by_name.get(name, []):
-                if info.module.name.endswith(owner.split(".")[-1]):
+                if same_module(info.module.name, owner):
                     cls = info
         return cls
 
@@ -341,7 +364,7 @@ class Program:
             target = fn.module.imports.get(receiver.id)
             if target is not None:
                 for candidate in self.functions_by_name.get(name, []):
-                    if candidate.module.name.endswith(target.split(".")[-1]):
+                    if same_module(candidate.module.name, target):
                         return (candidate,), False
                 return (), False
         return self._by_name(name, fn, False), True

@@ -170,6 +170,39 @@ class CollectiveOp:
     module_function: bool = False  # torch.distributed's own: the group argument names the group
 
 
+# Where an in-place op leaves its result: the positional arguments that receive it (the others
+# are sent and keep what they held, so a send buffer of rank-local data stays rank-local). An op
+# not listed receives into its first argument (``all_reduce(t)``, ``all_gather(out, t)``,
+# ``Bcast(buf)``, ``Recv(buf)``).
+_RECEIVE_NOTHING = frozenset({
+    "send", "isend", "send_object_list", "batch_isend_irecv", "barrier", "monitored_barrier",
+    "new_group", "new_subgroups", "Send", "Isend", "Ssend", "Issend", "Bsend", "Rsend",
+    "Barrier", "Ibarrier", "Split", "Split_type", "Dup",
+})
+_RECEIVE_SECOND = frozenset({  # (input, output, ...): torch's gathers, MPI's (sendbuf, recvbuf)
+    "gather", "gather_object", "Allgather", "Allgatherv", "Allreduce", "Alltoall", "Alltoallv",
+    "Alltoallw", "Gather", "Gatherv", "Reduce", "Reduce_scatter", "Reduce_scatter_block",
+    "Scan", "Exscan", "Scatter", "Scatterv", "Iallgather", "Iallgatherv", "Iallreduce",
+    "Ialltoall", "Ialltoallv", "Ialltoallw", "Igather", "Igatherv", "Ireduce",
+    "Ireduce_scatter", "Ireduce_scatter_block", "Iscan", "Iexscan", "Iscatter", "Iscatterv",
+})
+# Keyword arguments that receive an in-place op's result.
+OUTPUT_KEYWORDS = frozenset({
+    "recvbuf", "output", "output_tensor", "output_tensor_list", "output_split_sizes_tensor",
+    "tensor_list", "gather_list", "object_gather_list", "object_list",
+    "scatter_object_output_list",
+})
+
+
+def received_into(op: str) -> Tuple[int, ...]:
+    """The positional arguments an in-place op ``op`` leaves its result in."""
+    if op in _RECEIVE_NOTHING:
+        return ()
+    if op == "Sendrecv":
+        return (3,)  # (sendbuf, dest, sendtag, recvbuf, ...)
+    return (1,) if op in _RECEIVE_SECOND else (0,)
+
+
 def _result_kind(op: str) -> str:
     if _RECEIVES.search(op):
         return "local"

@@ -15,7 +15,7 @@ from ._balance import exits_in
 from ._callgraph import CallTarget, Function
 from ._calls import (bind, bound_nodes, decorates, self_attribute, shape_copy,
                      static_attribute, static_call, wraps)
-from ._collectives import dotted_name, is_rank_name
+from ._collectives import OUTPUT_KEYWORDS, dotted_name, is_rank_name, received_into
 from ._facts import AttrWrite, CallRecord, Facts, Gate, gate_flow
 from ._presence import PresenceTracking, asked
 from ._values import (SYMMETRIC, SYNCED, Taint, collapse, join, local, only_synced, param,
@@ -366,8 +366,12 @@ class ValueAnalysis(PresenceTracking):
             else:
                 result = local(op.display, "point-to-point receive", node.lineno)
             if op.in_place:
-                for arg in node.args:
-                    self.sync_argument(arg, result)
+                for index in received_into(op.op):
+                    if index < len(node.args):
+                        self.sync_argument(node.args[index], result)
+                for kw in node.keywords:
+                    if kw.arg in OUTPUT_KEYWORDS:
+                        self.sync_argument(kw.value, result)
             return result
         if target.functions:
             return self.analysed_call(node, target, args, keywords, spread)

@@ -1,0 +1,2 @@
+def sync(t):
+    print(t)

@@ -1,0 +1,2 @@
+def publish(t):
+    print(t)

@@ -1,0 +1,5 @@
+import torch.distributed as dist
+
+
+def vote(t):
+    dist.all_reduce(t)
