@@ -28,3 +28,21 @@ def same_dimension(data, tp_group):
     if tp_group.rank_in_group == 0:
         data = broadcast_pyobj(data, tp_group.rank, tp_group.cpu_group, src=0)  # expect: collective-under-unbalanced-rank-branch
     return data
+
+
+def spelled_out(x, is_first_pp_rank):
+    # vllm's helpers spell the dimension out: a pipeline stage's branch around a
+    # tensor-parallel gather is taken alike by every member of that group.
+    from vllm.distributed import get_pipeline_model_parallel_rank, tensor_model_parallel_all_gather
+    if is_first_pp_rank:
+        x = tensor_model_parallel_all_gather(x)
+    if get_pipeline_model_parallel_rank() == 0:
+        x = tensor_model_parallel_all_gather(x)
+    return x
+
+
+def spelled_out_same_dimension(x):
+    from vllm.distributed import get_tensor_model_parallel_rank, tensor_model_parallel_all_gather
+    if get_tensor_model_parallel_rank() == 0:
+        x = tensor_model_parallel_all_gather(x)  # expect: collective-under-unbalanced-rank-branch
+    return x

@@ -19,6 +19,24 @@ from ._collectives import GROUP_KEYWORDS, chain_identifiers, last_identifier, wo
 
 WORLD = "*"
 
+# Spelled-out names of the default dimensions, as engines write them
+# (``tensor_model_parallel_all_gather``, ``get_pipeline_model_parallel_rank``).
+_SPELLED = (
+    (("tensor", "model", "parallel"), "tp"), (("tensor", "parallel"), "tp"),
+    (("pipeline", "model", "parallel"), "pp"), (("pipeline", "parallel"), "pp"),
+    (("data", "parallel"), "dp"), (("context", "parallel"), "cp"),
+    (("expert", "model", "parallel"), "ep"), (("expert", "parallel"), "ep"),
+    (("sequence", "parallel"), "sp"),
+)
+
+
+def dimension_words(name: str) -> FrozenSet[str]:
+    """The words of ``name``, with the short word of each spelled-out dimension in it."""
+    found = words(name)
+    extra = {short for phrase, short in _SPELLED
+             if any(found[i:i + len(phrase)] == phrase for i in range(len(found)))}
+    return frozenset(found) | extra
+
 
 class Dimensions:
     """The dimensions every analysed function's collectives may run on, to a fixed point."""
@@ -51,12 +69,12 @@ class Dimensions:
             # A group passed by position, as wrappers take it (broadcast_pyobj(data, rank, group))
             if self.program.table.is_communicator_name(last_identifier(arg) or ""):
                 names += chain_identifiers(arg)
-        found = {w for name in names for w in words(name)} & self.known
+        found = {w for name in names for w in dimension_words(name)} & self.known
         return frozenset(found) if found else frozenset({WORLD})
 
     def disjoint(self, tested: str, node: ast.Call, target: CallTarget) -> bool:
         """The rank named in ``tested`` (a source text) is of dimensions none of the call's
         collectives spans; False when either side names no dimension."""
-        ranks = set(words(tested)) & self.known
+        ranks = set(dimension_words(tested)) & self.known
         dims = self.of_call(node, target)
         return bool(ranks) and WORLD not in dims and not ranks & dims
