@@ -4,7 +4,8 @@ A ring of records whose receivers name no schema, tags taken out of order, wildc
 a large exchange both ways at once (no deadlock), then the mismatches: the receiver of a send
 with another schema raises DesyncError naming both call sites, a value that does not encode
 raises on its sender and PeerError on its receiver, and a receive with nothing to receive times
-out naming its source, leaving the communicator usable.
+out naming its source, leaving the communicator usable. Last, a message left unreceived on a
+freed communicator is not taken by the next one's receive.
 """
 
 import os
@@ -107,6 +108,22 @@ def main() -> None:
         chk.count += 2
     WORLD.Barrier()
     chk.eq("usable afterwards", short.allgather(r), list(range(n)))
+
+    # A message never received on a freed communicator stays with it. MPICH sends a small one at
+    # once and hands the freed context to the next communicator: the next dup's first receive
+    # took it as its own ("stale" for "fresh"), with no error, every time.
+    for make in (lambda: comm.dup(), lambda: comm.split(0, name="pair")):
+        old = make()
+        if r == 0:
+            old.isend(Other(-1), 1, tag=12).wait()
+        old.free()
+        new = make()
+        if r == 0:
+            new.send(Other(1), 1, tag=12)
+        elif r == 1:
+            chk.eq("a freed communicator's message stays with it", new.recv(0, 12), Other(1))
+        chk.count += r != 1
+        new.free()
     short.free()
     comm.free()
     chk.done()

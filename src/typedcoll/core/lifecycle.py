@@ -33,6 +33,8 @@ from .wire import GATHER, REDUCE
 # (timeout given, its seconds, the interpreter compiles column positions: sites.COLUMNS)
 _SETTINGS = resolve(Tuple[bool, float, bool])
 _SPLIT = resolve(Tuple[int, int])
+_P2P_COUNTS = resolve(Tuple[int, int])  # (messages sent, messages taken from the transport)
+_p2p_counts_decoder = msgspec.msgpack.Decoder(Tuple[int, int])
 _settings_decoder = msgspec.msgpack.Decoder(Tuple[bool, float, bool])
 
 
@@ -94,14 +96,27 @@ def dup(p: Protocol, step: Any, name: Any, make: Callable[[Any, str], Any]) -> A
 
 
 def free(p: Protocol) -> None:
-    """Collective: every rank frees together; the private channel goes with its last user."""
+    """Collective: every rank frees together; the private channel goes with its last user.
+
+    Each rank brings how many point-to-point messages it sent on the channel and how many it
+    took from the transport. Where the sums differ, a message is still in the backend (sent and
+    never received, or late for a receive that timed out): MPI would hand the freed context,
+    and that message with it, to a later communicator, whose first receive would take it as
+    its own. Every rank then keeps the channel's transport instead of freeing it (as for a
+    timed-out call), the same verdict everywhere.
+    """
     if p.freed:
         return
+    box = p.channel.mailbox
+    counts = (box.sent, box.delivered) if box is not None else (0, 0)
     # Not stamped with the step clock: after a caught DesyncError the ranks' clocks may differ,
     # and freeing must still work.
-    call = Call("free", REDUCE, None, MODE_EMPTY, None, clocked=False)
-    run(p, call, lambda c: None)
-    release(p, settled=True)
+    call = Call("free", GATHER, _P2P_COUNTS, MODE_MSG, counts, clocked=False)
+
+    def balanced(c: Call) -> bool:
+        totals = [_p2p_counts_decoder.decode(buf) for buf in gathered(p, c)]
+        return sum(sent for sent, _ in totals) == sum(taken for _, taken in totals)
+    release(p, settled=run(p, call, balanced))
 
 
 def release(p: Protocol, settled: bool = False) -> None:

@@ -101,6 +101,14 @@ class Mailbox:
         self.posted: List["RecvRequest"] = []
         self.lock = threading.RLock()
         self.turn = 0  # where the next poll of every source starts (fairness)
+        # Messages this rank handed to the transport, and took out of it: summed over the
+        # ranks at ``free``, they tell whether any is still in the backend (lifecycle.free).
+        self.sent = 0
+        self.delivered = 0
+
+    def count_sent(self) -> None:
+        with self.lock:
+            self.sent += 1
 
     def post(self, request: "RecvRequest") -> None:
         with self.lock:
@@ -117,6 +125,7 @@ class Mailbox:
                 self.posted.remove(request)
 
     def deliver(self, data: bytes, source: int) -> None:
+        self.delivered += 1  # under the lock, as every caller holds it
         message = parse(data, source)
         for i, request in enumerate(self.posted):
             if request.matches(message):

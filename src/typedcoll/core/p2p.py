@@ -121,6 +121,7 @@ def _message(p: Any, value: Any, dest: Any, tag: Any, schema: Any, name: Any,
         caller.step, error)
     head = ENVELOPE_ENCODER.encode(envelope)
     data = len(head).to_bytes(LENGTH_PREFIX, "little") + head + (payload if error is None else b"")
+    mailbox_of(p).count_sent()  # a send that then fails counts too: free keeps the backend
     failure = None
     if error is not None:
         failure = EncodeError(f"{head_text(op, seq, dest, tag, comm_name(p))}: rank {p.rank} "

@@ -66,7 +66,7 @@ def what(call: Call) -> str:
     return label(call.op, "" if call.op in INTERNAL_PAYLOADS else call.schema_name)
 
 
-INTERNAL_PAYLOADS = frozenset({"create", "split"})
+INTERNAL_PAYLOADS = frozenset({"create", "split", "free"})
 
 
 def describe_call(p: "Protocol", call: Call, error: Optional[str] = None) -> EnvelopeInfo:
