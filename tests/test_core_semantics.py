@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import msgspec
 import numpy as np
@@ -1237,6 +1237,48 @@ def test_a_bad_value_names_its_site_and_what_was_expected():
     assert type(e0) is tc.PeerError and e0.ranks == (1,) and e0.error_type == "TypeError"
     assert str(e0) == (f"collective #0 on WORLD: rank 1 failed its allgather[RankState] "
                        f"contribution at {FILE}:{site}: expected RankState, got dict")
+
+
+class EmptyState(msgspec.Struct):
+    """An idle rank's record: a RankState's rank, without its counts."""
+    rank: int
+    idle: bool = True
+
+
+def another_record_inside(comm: tc.TypedComm, schema: Any, good: Any, bad: Any) -> Any:
+    return comm.allgather(bad if comm.rank == 1 else good, schema=schema)
+
+
+@pytest.mark.parametrize("schema, good, bad, expected", [
+    (Optional[RankState], RankState(0), EmptyState(1), "Optional[RankState], got EmptyState"),
+    (Optional[RankState], None, {"rank": 1, "idle": True}, "Optional[RankState], got dict"),
+    (List[RankState], [RankState(0)], [RankState(1), EmptyState(1)],
+     "list[RankState], got EmptyState at [1]"),
+    (Dict[str, RankState], {}, {"dp0": EmptyState(1)},
+     "dict[str, RankState], got EmptyState at ['dp0']"),
+    (Tuple[RankState, int], (RankState(0), 0), (EmptyState(1), 1),
+     "tuple[RankState, int], got EmptyState at [0]"),
+    (Optional[List[RankState]], None, [EmptyState(1)],
+     "Optional[list[RankState]], got EmptyState at [0]"),
+])
+def test_a_record_of_another_class_inside_the_schema_is_refused_not_converted(
+        schema, good, bad, expected):
+    # msgspec decodes a record's fields into the schema's class: rank 1's EmptyState arrived on
+    # every rank as RankState(rank=1, num_active_requests=0), its own field dropped, no error.
+    site = line_of(another_record_inside, "return comm")
+    e0, e1 = errors_of(2, another_record_inside, schema, good, bad)
+    assert type(e0) is tc.PeerError and e0.ranks == (1,) and type(e1) is tc.EncodeError
+    for e in (e0, e1):
+        assert str(e).endswith(f" contribution at {FILE}:{site}: expected {expected}"), str(e)
+
+
+def test_records_inside_the_schema_that_fit_pass_both_paths():
+    def fits(comm: tc.TypedComm) -> Any:
+        return (comm.allgather(None if comm.rank else RankState(0), schema=Optional[RankState]),
+                comm.allgather({"r": [RankState(comm.rank)]}, schema=Dict[str, List[RankState]]),
+                comm.allgather(3, schema=Union[RankState, int]))
+    assert run(2, fits)[1] == ([RankState(0), None], [{"r": [RankState(0)]},
+                                                      {"r": [RankState(1)]}], [3, 3])
 
 
 def bad_root_on_one_rank(comm: tc.TypedComm) -> Any:

@@ -4,6 +4,7 @@ reached under a rank-local condition."""
 from __future__ import annotations
 
 import re
+from typing import List, Optional
 
 import msgspec
 import pytest
@@ -113,6 +114,19 @@ def test_post_checks_locally():
         assert flush.num_pending == 0 and comm.seq == 0  # nothing was communicated
         with pytest.raises(ValueError, match="^expected at least one channel, got none$"):
             SymmetricFlush(comm, {})
+        # A record inside the channel's type: a TimeoutFlag went out on an Optional[RankState]
+        # channel and arrived as RankState(rank=...), its own fields dropped.
+        nested = SymmetricFlush(comm, {"states": Optional[RankState],
+                                       "batches": List[RankState]})
+        with pytest.raises(TypeError, match=re.escape(
+                "channel 'states': expected Optional[RankState], got TimeoutFlag")):
+            nested.post("states", TimeoutFlag(rank=0, iteration=0))
+        with pytest.raises(TypeError, match=re.escape(
+                "channel 'batches': expected list[RankState], got TimeoutFlag at [1]")):
+            nested.post("batches", [RankState(0), TimeoutFlag(rank=0, iteration=0)])
+        nested.post("states", None)
+        nested.post("batches", [RankState(0)])
+        assert nested.num_pending == 2
 
     run(1, body)
 

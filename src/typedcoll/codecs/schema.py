@@ -12,8 +12,6 @@ processes agrees. Python's ``hash`` is salted per process, so blake2b.
 
 from __future__ import annotations
 
-import dataclasses
-import enum
 import sys
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -25,6 +23,7 @@ from .int_list import faster_decode
 from .digest import digest8
 from .hooks import RECORDS, decoding_hook, nested_types
 from .nesting import MAX_NESTING
+from .records import fits_class, is_record_class, nested_check
 
 from .array import decode_array, encode_array
 
@@ -82,7 +81,13 @@ class SchemaInfo:
         self.path_prefix = bytes((len(encoded),)) + encoded
         # A record class (Struct, dataclass, Enum) whose values must be instances of it: the
         # sender says "expected RankState, got dict" before any peer decodes anything.
-        self.record_class = schema if kind == KIND_MSGSPEC and _is_record(schema) else None
+        self.record_class = schema if kind == KIND_MSGSPEC and is_record_class(schema) else None
+        # Records inside the schema (Optional[RankState], list[RankState]): a class whose
+        # isinstance walks the value, so both paths test it as they test a bare record class.
+        check = nested_check(schema) if kind == KIND_MSGSPEC and self.record_class is None \
+            else None
+        if check is not None:
+            self.record_class = fits_class(check, name)
         # msgspec recurses no deeper than a schema's own structure, whatever the payload: only
         # schemas that can nest without bound (Any, Raw, recursive types) need the nesting scan.
         self.needs_nesting_scan = True
@@ -101,11 +106,6 @@ class SchemaInfo:
 
     def __repr__(self) -> str:
         return f"SchemaInfo({self.name}, {self.fingerprint.hex()})"
-
-
-def _is_record(schema: Any) -> bool:
-    return isinstance(schema, type) and (issubclass(schema, (msgspec.Struct, enum.Enum))
-                                         or dataclasses.is_dataclass(schema))
 
 
 def class_path(schema: Any) -> str:

@@ -123,10 +123,14 @@ def check_color_key(color: Any, key: Any) -> Optional[str]:
 
 def instance_check(info: SchemaInfo, value: Any) -> Optional[str]:
     """"expected RankState, got dict" where the schema is a record class and the value is not
-    an instance: said on the sender, before any peer tries to decode it."""
+    an instance, "expected Optional[RankState], got EmptyState" where it holds record classes
+    the value does not fit: said on the sender, before any peer tries to decode it."""
     record = info.record_class
     if record is None or isinstance(value, record):
         return None
+    walk = getattr(record, "check", None)  # records inside the schema (codecs.records)
+    if walk is not None:
+        return f"TypeError: expected {info.name}, got {walk(value)}"
     got = "None" if value is None else type(value).__name__
     hint = (f" (an idle rank's None needs schema=Optional[{info.name}] on every rank)"
             if value is None else "")

@@ -142,8 +142,10 @@ class SymmetricFlush:
         self._named_type, self._named_empty = plain, plain()  # for flushes given a name=
         self._queues: List[List[Any]] = [[] for _ in self.channels]
         # post() runs several times per iteration: one dict lookup gives the queue and the type
-        # to check (None where isinstance cannot check it, e.g. Optional[...]).
-        self._post_to = {ch: (queue, tp if isinstance(tp, type) else None)
+        # to check: the class, or for Optional[Rec], list[Rec]... the schema's walk of the
+        # records inside it (codecs.records; None where it holds none: msgspec checks those).
+        self._post_to = {ch: (queue, tp if isinstance(tp, type) else
+                              codecs.resolve(tp).record_class)
                          for (ch, tp), queue in zip(channels.items(), self._queues)}
         self._flushed = [0] * len(self.channels)
         self._types = tuple(channels.values())
@@ -166,8 +168,11 @@ class SymmetricFlush:
             raise KeyError(f"expected a channel in {list(self.channels)}, got {channel!r}")
         queue, expected = target
         if expected is not None and not isinstance(message, expected):
-            raise TypeError(f"channel {channel!r}: expected {expected.__name__}, got "
-                            f"{type(message).__name__}")
+            walk = getattr(expected, "check", None)
+            wanted = codecs.resolve(self._types[self.channels.index(channel)]).name if walk \
+                else expected.__name__
+            got = walk(message) if walk else type(message).__name__
+            raise TypeError(f"channel {channel!r}: expected {wanted}, got {got}")
         queue.append(message)
 
     @property
