@@ -534,6 +534,21 @@ def program_ends_normally(rank: int, size: int) -> dict:
     return outcome(lambda: comm.allgather(rank))
 
 
+def program_recv_times_out(rank: int, size: int) -> dict:
+    """Rank 1 waits for a message rank 0 never sends; then every rank makes a collective.
+    gloo closed the pair of the timed-out receive, which the collectives use too."""
+    import typedcoll as tc
+
+    comm = tc.TypedComm.from_torch(timeout=3)
+    out = {}
+    if rank == 1:
+        out["recv"] = outcome(lambda: comm.recv(0, schema=int))
+    else:
+        time.sleep(4)  # rank 1's receive has timed out
+    out["allgather"] = outcome(lambda: comm.allgather(rank))
+    return out
+
+
 def dist_store() -> Any:
     import torch.distributed as dist
     return dist.distributed_c10d._get_default_store()
@@ -631,6 +646,25 @@ def test_a_rank_whose_program_ended_is_named_as_ended_normally_not_unresponsive(
                 f"{SITES['ended_last']} called from {SITES['program']} called from "
                 f"{SITES['main']}, its 1st call: completed\n") in r["message"], r
         assert "unresponsive" not in r["message"], r
+
+
+def test_a_receive_that_times_out_on_gloo_breaks_the_collectives_and_every_rank_says_why(
+        tmp_path):
+    # Every rank read "failed in the torch backend before completing (a peer's process or
+    # connection is gone?): ... Connection closed by peer", though no process was gone.
+    first, second, third = run_ranks("recv_times_out", 3, tmp_path)
+    recv = second["recv"]
+    assert recv["error"] == "CollectiveTimeout" and recv["message"].endswith(
+        "did not complete within 3 s: no message from rank 0 arrived: gloo closes the connection "
+        "of a receive that times out, which this communicator's collectives use, so they fail "
+        "from now on, its peers told why"), recv
+    assert second["allgather"]["message"].startswith(
+        "collective #0 on WORLD: allgather[int] refused: the communicator is unusable since its "
+        "recv[int] at "), second
+    for r in (first, third):
+        assert r["allgather"]["error"] == "CollectiveTimeout", r
+        assert "rank 1 reported that its receive from rank 0 timed out: gloo closes the " \
+               "connection of a receive that times out" in r["allgather"]["message"], r
 
 
 def test_late_ranks_that_meet_each_other_are_told_they_came_late_not_that_it_is_stuck(

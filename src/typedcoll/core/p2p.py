@@ -26,8 +26,10 @@ modules this rank already imported and checked against the sender's fingerprint.
 
 Only the receiver raises on a mismatch (a send has completed by then). The communicator's
 ``timeout`` bounds every receive; a receive that times out leaves nothing pending, so the
-communicator stays usable, and its late message raises in the receive that takes it. To wait
-again without giving a receive up, poll ``irecv()``'s ``test()``.
+communicator stays usable (over MPI: gloo closes the connection of a receive that times out, so
+a torch communicator's collectives fail from then on, ``p2p_receive.recv_timed_out``), and its
+late message raises in the receive that takes it. To wait again without giving a receive up,
+poll ``irecv()``'s ``test()``.
 """
 
 from __future__ import annotations

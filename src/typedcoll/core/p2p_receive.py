@@ -19,7 +19,7 @@ from .sites import format_site
 from .mailbox import Envelope, head_text
 from .mismatch import EnvelopeInfo, Group, MismatchKind, format_groups, label, numbering, \
     comm_name
-from .verdict import decode_any
+from .verdict import LATE_CALLS_FAIL, decode_any
 from .wire import NO_STEP
 
 if TYPE_CHECKING:
@@ -90,12 +90,20 @@ def recv_timed_out(p: Any, request: RecvRequest) -> None:
     why = (f"failed in the backend before any message from {source} arrived (a peer's process "
            f"or connection is gone?): {request.failure}" if request.failure else
            f"did not complete within {timeout:g} s: no message from {source} arrived")
-    raise CollectiveTimeout(
+    closes = p.transport.kind in LATE_CALLS_FAIL and not request.failure
+    if closes:
+        why += (": gloo closes the connection of a receive that times out, which this "
+                "communicator's collectives use, so they fail from now on, its peers told why")
+    err = CollectiveTimeout(
         f"{head_text('recv', seq, request.source, request.tag, comm_name(p))}: "
         f"{label('recv', schema)} at {caller.place} {why}",
         seq=-1 if seq is None else seq, comm=p.name, op="recv", schema=schema, site=caller.site,
         timeout=timeout, missing=(request.source,) if request.source is not None else None,
         failure=request.failure)
+    if closes:  # refused here at once, rather than failed in the backend
+        p.channel.broken = err
+        p.refresh_fast()
+    raise err
 
 
 def take(p: Any, request: RecvRequest) -> Any:

@@ -414,10 +414,12 @@ def refuse_broken(p: "Protocol", call: Call) -> None:
     cause = p.channel.broken
     assert cause is not None  # only called when broken is set
     if isinstance(cause, CollectiveTimeout):
+        since = (f"its {label(cause.op, cause.schema)} at {cause.site}" if cause.op == "recv"
+                 else f"collective #{cause.seq} on {cause.comm} ({label(cause.op, cause.schema)}"
+                 f" at {cause.site})")
         raise CollectiveTimeout(
             f"collective #{p.seq} on {p.name}: {what(call)} refused: the communicator is unusable "
-            f"since collective #{cause.seq} on {cause.comm} ({label(cause.op, cause.schema)} at "
-            f"{cause.site}) {'failed in the backend' if cause.failure else 'timed out'}",
+            f"since {since} {'failed in the backend' if cause.failure else 'timed out'}",
             seq=p.seq, comm=p.name, op=call.op, schema=call.schema_name, site=cause.site,
             timeout=cause.timeout, missing=cause.missing, failure=cause.failure)
     raise type(cause)(f"collective #{p.seq} on {p.name}: {what(call)} refused: the communicator is "

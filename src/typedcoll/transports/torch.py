@@ -39,7 +39,7 @@ from torch.distributed import distributed_c10d as c10d
 
 from ..codecs.reduce import reduce_values
 from ..core.plumbing import register_internal
-from ..core.transport import finish_gathered
+from ..core.transport import TransportTimeout, failure_of, finish_gathered
 from ..core.wire import MAX_SLOT
 from .gloo import EMPTY, make_gloo, make_nccl, options, post, u8, wait_work
 from .torch_tensors import TORCH_OPS, TensorOps
@@ -272,11 +272,16 @@ class TorchTransport(TensorOps):
 
     def recv_bytes(self, source: int, tag: int, deadline: Optional[float]) -> bytes:
         length = torch.zeros(1, dtype=torch.int64)
-        wait_work(post(self.control.recv, [length], source, tag), deadline)
-        buf = bytearray(int(length[0]))
-        if buf:
-            self._last_work = post(self.control.recv, [u8(buf)], source, tag)
-            wait_work(self._last_work, deadline)
+        try:
+            wait_work(post(self.control.recv, [length], source, tag), deadline)
+            buf = bytearray(int(length[0]))
+            if buf:
+                self._last_work = post(self.control.recv, [u8(buf)], source, tag)
+                wait_work(self._last_work, deadline)
+        except TransportTimeout as exc:
+            if not failure_of(exc):  # its own deadline, not a failure: the pair is closed
+                self.receive_timed_out(source)
+            raise
         return bytes(buf)
 
     # --- communicators ------------------------------------------------------------------------

@@ -19,8 +19,10 @@ import time
 from typing import Any, List, Optional, Tuple
 
 from ..core.plumbing import register_internal
+from ..core.transport import TransportFailure
 from .gloo import wait_work
 
+RECEIVE_TIMED_OUT = "that its receive from rank "  # how a report of a receive's timeout starts
 STORE_LOST_S = 1.0  # how long the store may fail to answer before a waiting rank gives up
 
 
@@ -40,6 +42,18 @@ class FailureReports:
                 self.store.set(f"gave_up/{self.rank}", str(seq))
                 return
             self.store.set(f"failed/{self.rank}", f"collective #{seq}: {failure}")
+            self.store.add("failed", 1)
+        except Exception:  # the store died with its rank: the peers' own waits end theirs
+            pass
+
+    def receive_timed_out(self, source: int) -> None:
+        """A point-to-point receive's wait ran out: gloo closed the pair, which this channel's
+        collectives use too, so the peers' next collective fails in the backend. They are told
+        why, as for a backend failure, instead of reading that a process is gone."""
+        try:
+            self.store.set(f"failed/{self.rank}", f"{RECEIVE_TIMED_OUT}{source} timed out: gloo "
+                           f"closes the connection of a receive that times out, which this "
+                           f"communicator's collectives use")
             self.store.add("failed", 1)
         except Exception:  # the store died with its rank: the peers' own waits end theirs
             pass
@@ -80,7 +94,16 @@ class FailureReports:
         return ""
 
     def _wait(self, work: Any, deadline: Optional[float]) -> None:
-        wait_work(work, deadline, self._peer_failure)
+        try:
+            wait_work(work, deadline, self._peer_failure)
+        except TransportFailure as exc:
+            # A peer whose receive timed out closed its connections on purpose: its report
+            # says so, where gloo's own error (read first by the ranks it exchanged with
+            # directly) would say "connection closed by peer", as for a dead process.
+            reported = self._peer_failure()
+            if RECEIVE_TIMED_OUT in reported and RECEIVE_TIMED_OUT not in str(exc):
+                raise TransportFailure(reported) from None
+            raise
         self._last_work = work
 
 
