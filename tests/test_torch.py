@@ -549,6 +549,24 @@ def program_recv_times_out(rank: int, size: int) -> dict:
     return out
 
 
+def program_unregistered(rank: int, size: int) -> dict:
+    """A gloo group built by hand on a store of its own, as vllm builds its stateless
+    data-parallel group: torch.distributed does not know it."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    import typedcoll as tc
+    from typedcoll.transports.gloo import free_port
+
+    store = dist.TCPStore("127.0.0.1", free_port(), 1, True)
+    group = dist.ProcessGroupGloo(store, 0, 1, timedelta(seconds=10))
+    try:
+        tc.TypedComm.from_torch(group)
+    except ValueError as exc:
+        return {"error": "ValueError", "message": str(exc)}
+    return {"value": "wrapped"}
+
+
 def dist_store() -> Any:
     import torch.distributed as dist
     return dist.distributed_c10d._get_default_store()
@@ -665,6 +683,48 @@ def test_a_receive_that_times_out_on_gloo_breaks_the_collectives_and_every_rank_
         assert r["allgather"]["error"] == "CollectiveTimeout", r
         assert "rank 1 reported that its receive from rank 0 timed out: gloo closes the " \
                "connection of a receive that times out" in r["allgather"]["message"], r
+
+
+def test_a_creation_whose_store_is_gone_says_so_not_that_every_member_came(monkeypatch):
+    # The store's host (rank 0) had given up and exited: the check of who joined failed, and
+    # the message read "every member came but some did not connect".
+    import typedcoll as tc
+    from typedcoll.transports import gloo
+
+    class GoneStore:
+        def set(self, key, value):
+            pass
+
+        def check(self, keys):
+            raise RuntimeError("Connection reset by peer")
+
+    def refused(*args):
+        raise RuntimeError("Socket Timeout\nmore")
+    monkeypatch.setattr(gloo.c10d, "ProcessGroupGloo", refused)
+    monkeypatch.setattr(gloo.c10d, "PrefixStore", lambda prefix, store: store)
+    with pytest.raises(tc.CollectiveTimeout) as info:
+        gloo.make_gloo(GoneStore(), "p", 1, 2, 5.0, "group[0,1]")
+    assert str(info.value) == (
+        "creating typedcoll's private group over group[0,1] did not complete within 5 s: the "
+        "job's store no longer answers (the rank that hosted it, rank 0 under tcp:// or "
+        "env://, is gone?), so who came is unknown: RuntimeError: Connection reset by peer "
+        "(every rank of the group must create its TypedComm or drop-in over it at the same "
+        "point); gloo: Socket Timeout")
+    assert info.value.missing is None
+
+
+def test_a_group_torch_does_not_know_is_refused_saying_what_to_do(tmp_path):
+    # It raised torch's own "Group ... is not registered, please create group with
+    # torch.distributed.new_group API".
+    (only,) = run_ranks("unregistered", 1, tmp_path)
+    assert only["error"] == "ValueError", only
+    assert only["message"].startswith(
+        "expected a group torch.distributed knows (the default group, or one from "
+        "dist.new_group), got one it does not ("), only
+    assert only["message"].endswith(
+        "); a group built by hand on its own store, as vllm's stateless data-parallel group is, "
+        "cannot be wrapped: create a dist.new_group over the same ranks for typedcoll, or use "
+        "typedcoll over MPI"), only
 
 
 def test_late_ranks_that_meet_each_other_are_told_they_came_late_not_that_it_is_stuck(

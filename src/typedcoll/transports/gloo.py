@@ -17,7 +17,7 @@ import math
 import socket
 import time
 from datetime import timedelta
-from typing import Any, Callable, Optional
+from typing import Any, Callable, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -171,15 +171,20 @@ def make_gloo(store: Any, prefix: str, rank: int, size: int, connect_s: float, l
         return c10d.ProcessGroupGloo(c10d.PrefixStore(prefix + "/gloo/", store), rank, size,
                                      timedelta(seconds=connect_s))
     except RuntimeError as exc:
-        missing = []
+        missing: List[int] = []
+        lost = ""
         for r in range(size):
             try:
                 if not store.check([f"{prefix}/joined/{r}"]):
                     missing.append(r)
-            except Exception:  # the store went with its host: nothing more to tell
+            except Exception as gone:  # the store went with its host: who came is unknown
+                lost = f"{type(gone).__name__}: {str(gone).splitlines()[0][:200]}"
                 break
-        who = f"rank(s) {', '.join(map(str, missing))} of {size} never came" if missing else \
-            "every member came but some did not connect"
+        who = (f"the job's store no longer answers (the rank that hosted it, rank 0 under "
+               f"tcp:// or env://, is gone?), so who came is unknown: {lost}" if lost else
+               f"rank(s) {', '.join(map(str, missing))} of {size} never came" if missing else
+               "every member came but some did not connect")
+        missing = [] if lost else missing
         raise CollectiveTimeout(
             f"creating typedcoll's private group over {label} did not complete within "
             f"{connect_s:g} s: {who} (every rank of the group must create its TypedComm or "

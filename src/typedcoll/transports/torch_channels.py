@@ -36,7 +36,19 @@ def channel_for_group(group: Any = None, timeout: Optional[float] = None) -> Cha
         raise RuntimeError("expected an initialised torch.distributed process group "
                            "(call torch.distributed.init_process_group first)")
     pg = dist.group.WORLD if group is None else group
-    if pg is None or pg is dist.GroupMember.NON_GROUP_MEMBER or dist.get_rank(pg) < 0:
+    try:
+        member = pg is not None and pg is not dist.GroupMember.NON_GROUP_MEMBER \
+            and dist.get_rank(pg) >= 0
+    except ValueError as exc:  # "Group ... is not registered"
+        # A ProcessGroup built by hand on a store of its own (vllm's stateless data-parallel
+        # group): its ranks and store are not torch.distributed's to tell.
+        raise ValueError(
+            f"expected a group torch.distributed knows (the default group, or one from "
+            f"dist.new_group), got one it does not ({exc}); a group built by hand on its own "
+            f"store, as vllm's stateless data-parallel group is, cannot be wrapped: create a "
+            f"dist.new_group over the same ranks for typedcoll, or use typedcoll over "
+            f"MPI") from None
+    if pg is None or not member:
         raise ValueError(f"expected a group this process (global rank {dist.get_rank()}) is a "
                          f"member of, got {group!r}")
     cached = _CHANNELS.get(id(pg))
