@@ -1281,6 +1281,15 @@ def test_records_inside_the_schema_that_fit_pass_both_paths():
                                                       {"r": [RankState(1)]}], [3, 3])
 
 
+def test_a_union_written_in_another_order_on_one_rank_is_the_same_schema():
+    # Its fingerprint followed the order written: "schema mismatch" on every rank, with the
+    # advice to give one schema that admits them all, which both did.
+    def unions(comm: tc.TypedComm) -> Any:
+        mine = Union[int, str, None] if comm.rank == 0 else Union[None, str, int]
+        return comm.allgather("s" if comm.rank == 0 else 1, schema=mine)
+    assert run(2, unions) == [["s", 1], ["s", 1]]
+
+
 def bad_root_on_one_rank(comm: tc.TypedComm) -> Any:
     # The root names its payload's schema, the receivers none, rank 1 a root that is no rank.
     return comm.bcast(7 if comm.rank == 0 else None, root=5 if comm.rank == 1 else 0)
@@ -1338,6 +1347,10 @@ ARGUMENTS = {
            "ValueError: expected op to be one of"),
     "step": (lambda c: c.allgather(1, step=2 ** 63 if c.rank == 1 else 0),
              "TypeError: expected step to be None or a 64-bit int, got 9223372036854775808"),
+    # -2**63 is a 64-bit int, but the wire's mark for "no step".
+    "step_reserved": (lambda c: c.allgather(1, step=-2 ** 63 if c.rank == 1 else 0),
+                      "ValueError: expected step to be None or an int in -2**63+1..2**63-1, "
+                      "got -9223372036854775808"),
     "set_step": (lambda c: (c.set_step("x" if c.rank == 1 else 0), c.allgather(1)),
                  "TypeError: expected step to be None or a 64-bit int, got 'x' (given to set_step)"),
     "name": (lambda c: c.allgather(1, name="" if c.rank == 1 else "x"),

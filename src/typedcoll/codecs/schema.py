@@ -273,7 +273,9 @@ def canonical(t: mi.Type, _seen: Tuple[int, ...] = ()) -> str:
             extra = f"|tag={t.tag_field}={t.tag!r}|array_like={t.array_like}"
         return f"{type(t).__name__}({t.cls.__qualname__}{extra}|{fields})"
     if isinstance(t, mi.UnionType):
-        return "Union(" + ",".join(canonical(x, _seen) for x in t.types) + ")"
+        # msgspec tells a union's members apart by their wire types, whatever order they are
+        # written in: Union[A, B] on one rank and Union[B, A] on another decode alike.
+        return "Union(" + ",".join(sorted(canonical(x, _seen) for x in t.types)) + ")"
     if isinstance(t, mi.EnumType):
         # The wire holds a member's value and the receiver maps it to a member: two versions
         # agree where every name maps to the same value, whatever order they list them in.

@@ -34,6 +34,9 @@ def check_step(step: Any) -> Optional[str]:
     if step is None or (isinstance(step, (int, np.integer)) and not isinstance(step, bool)
                         and -_INT64 < int(step) < _INT64):
         return None
+    if isinstance(step, (int, np.integer)) and not isinstance(step, bool) and int(step) == -_INT64:
+        # The wire's mark for "no step": a step must be told from it.
+        return f"ValueError: expected step to be None or an int in -2**63+1..2**63-1, got {step!r}"
     return f"TypeError: expected step to be None or a 64-bit int, got {step!r}"[:300]
 
 

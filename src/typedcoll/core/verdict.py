@@ -406,7 +406,9 @@ def timed_out(p: "Protocol", call: Call) -> None:
                             missing=missing, failure=failure)
     p.channel.broken = err
     p.refresh_fast()
-    raise err
+    # Raised where the transport's timeout is handled: that internal exception is no cause of
+    # the user's (its failure text, where there is one, is in the message).
+    raise err from None
 
 
 def refuse_broken(p: "Protocol", call: Call) -> None:
