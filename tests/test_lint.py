@@ -182,6 +182,17 @@ def test_an_except_gate_names_its_clause(tmp_path, clause, shown):
         "source": f"{shown} (caught exception, line 7)"}
 
 
+def test_a_gate_on_a_ranks_own_part_says_so(tmp_path):
+    # A reduce-scatter's output was described as "only the root receives it".
+    path = tmp_path / "shards.py"
+    path.write_text("import torch.distributed as dist\n\n\ndef step(out, parts, hidden):\n"
+                    "    dist.reduce_scatter_tensor(out, parts)\n    if out.sum() > 0:\n"
+                    "        dist.all_reduce(hidden)\n")
+    (finding,) = lint_paths([str(path)])
+    assert finding.gates[0].to_json()["source"] == (
+        "dist.reduce_scatter_tensor (differs by rank: each rank receives its own part, line 5)")
+
+
 def test_json_configuration(tmp_path, capsys):
     config = tmp_path / "lint.json"
     config.write_text(json.dumps({"wrappers": ["sync_batch_stats", "*_tp_vote"]}))

@@ -9,6 +9,7 @@ is divergent, unless the gate is balanced and the value came from a collective.
 from __future__ import annotations
 
 import ast
+import re
 from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
 
 from ._balance import exits_in
@@ -20,6 +21,9 @@ from ._facts import AttrWrite, CallRecord, Facts, Gate, gate_flow
 from ._presence import PresenceTracking, asked
 from ._values import (SYMMETRIC, SYNCED, Taint, collapse, join, local, only_synced, param,
                       rank, substitute, synced)
+
+# A scatter's, an all-to-all's or a reduce-scatter's result is each rank's own part.
+_PARTS = re.compile(r"scatter|alltoall|all_to_all", re.IGNORECASE)
 
 # What every rank's tensor of a shape-bound collective has alike (values and layout are its own).
 _SHAPE_ATTRIBUTES = frozenset({"shape", "dtype", "device", "is_cpu", "is_cuda", "nbytes", "ndim",
@@ -361,7 +365,9 @@ class ValueAnalysis(PresenceTracking):
             if op.result == "symmetric":
                 result = synced(op.display, node.lineno)
             elif op.result == "role":
-                result = rank(op.display, "differs by rank: only the root receives it",
+                result = rank(op.display, "differs by rank: each rank receives its own part"
+                              if _PARTS.search(op.op) else
+                              "differs by rank: only the root receives it",
                               node.lineno)
             else:
                 result = local(op.display, "point-to-point receive", node.lineno)
