@@ -8,6 +8,9 @@ from typing import List
 from ._model import Finding, GateInfo
 
 _SHOWN_GATES = 4
+# How to declare intent, where a gate is one every rank takes alike (a false alarm).
+ACCEPT_HINT = ("a gate every rank takes alike is accepted by `# typedcoll: symmetric (why)` on "
+               "its line (docs/lint.md, Accepting a gate)")
 
 
 def _gate_line(gate: GateInfo) -> str:
@@ -30,6 +33,8 @@ def format_text(findings: List[Finding], files_checked: int) -> str:
         out.extend(_gate_line(g) for g in f.gates[:_SHOWN_GATES])
         if len(f.gates) > _SHOWN_GATES:
             out.append(f"    ... and {len(f.gates) - _SHOWN_GATES} more gates (--json lists all)")
+    if findings:
+        out.append(ACCEPT_HINT)
     files = len({f.path for f in findings})
     noun = "finding" if len(findings) == 1 else "findings"
     checked = "file" if files_checked == 1 else "files"
