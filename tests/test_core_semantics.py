@@ -12,6 +12,7 @@ import re
 
 import concurrent.futures
 import contextlib
+import enum
 import functools
 import math
 import os
@@ -19,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Annotated, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import msgspec
 import numpy as np
@@ -1245,6 +1246,15 @@ class EmptyState(msgspec.Struct):
     idle: bool = True
 
 
+class Routed(msgspec.Struct):
+    """A record whose field holds another: the walk follows it."""
+    state: Optional[RankState] = None
+
+
+class Level(enum.IntEnum):
+    HIGH = 1
+
+
 def another_record_inside(comm: tc.TypedComm, schema: Any, good: Any, bad: Any) -> Any:
     return comm.allgather(bad if comm.rank == 1 else good, schema=schema)
 
@@ -1260,6 +1270,13 @@ def another_record_inside(comm: tc.TypedComm, schema: Any, good: Any, bad: Any) 
      "tuple[RankState, int], got EmptyState at [0]"),
     (Optional[List[RankState]], None, [EmptyState(1)],
      "Optional[list[RankState]], got EmptyState at [0]"),
+    (Dict[str, List[RankState]], {}, {"dp0": [EmptyState(1)]},
+     "dict[str, list[RankState]], got EmptyState at ['dp0'][0]"),
+    (Sequence[RankState], [RankState(0)], [EmptyState(1)],
+     "list[RankState], got EmptyState at [0]"),
+    (Optional[Annotated[RankState, msgspec.Meta(title="state")]], None, EmptyState(1),
+     "Optional[RankState], got EmptyState"),
+    (Routed, Routed(RankState(0)), Routed(EmptyState(1)), "Routed, got EmptyState at .state"),
 ])
 def test_a_record_of_another_class_inside_the_schema_is_refused_not_converted(
         schema, good, bad, expected):
@@ -1276,9 +1293,11 @@ def test_records_inside_the_schema_that_fit_pass_both_paths():
     def fits(comm: tc.TypedComm) -> Any:
         return (comm.allgather(None if comm.rank else RankState(0), schema=Optional[RankState]),
                 comm.allgather({"r": [RankState(comm.rank)]}, schema=Dict[str, List[RankState]]),
-                comm.allgather(3, schema=Union[RankState, int]))
+                comm.allgather(3, schema=Union[RankState, int]),
+                # a member another part of the union takes as it is: an IntEnum's is an int
+                comm.allgather(Level.HIGH, schema=Union[RankState, int]))
     assert run(2, fits)[1] == ([RankState(0), None], [{"r": [RankState(0)]},
-                                                      {"r": [RankState(1)]}], [3, 3])
+                                                      {"r": [RankState(1)]}], [3, 3], [1, 1])
 
 
 def test_a_union_written_in_another_order_on_one_rank_is_the_same_schema():

@@ -10,6 +10,7 @@ import gc
 import re
 import sys
 import threading
+import time
 import types
 from pathlib import Path
 from typing import Optional
@@ -251,6 +252,47 @@ def test_a_receive_that_says_its_step_is_not_told_it_may_have_been_posted_ahead(
     assert run(2, prog, timeout=10)[1].splitlines()[-1] == (
         "  a side skipped or repeated an iteration: this receive is for step 4 (its step=), "
         "the message was sent at step 3")
+
+
+def test_a_send_is_not_held_up_by_a_receive_waiting_on_another_thread():
+    # free()'s message count took the mailbox's lock, which a blocking receive holds: a send
+    # from another thread waited for that receive, which waited for the reply to the send.
+    def prog(comm):
+        if comm.rank == 1:
+            comm.send(comm.recv(0, 0, schema=int) + 1, 0, 1)
+            return None
+        got = []
+        waiting = threading.Thread(target=lambda: got.append(comm.recv(1, 1, schema=int)))
+        waiting.start()
+        time.sleep(0.2)  # the receive is waiting
+        comm.send(5, 1, 0)
+        waiting.join()
+        return got
+
+    assert run(2, prog, timeout=5)[0] == [6]
+
+
+def test_only_the_last_free_of_a_shared_channel_decides_whether_its_backend_is_kept():
+    # Two TypedComms on one channel: the first's free, while a message of the second was still
+    # in flight, kept the backend for good, though every message was taken by the last free.
+    from typedcoll._comm import TypedComm, _created
+
+    def prog(first):
+        channel = first._p.channel
+        second = TypedComm.__new__(TypedComm)
+        second._p = _created(channel, None, "second")
+        freed = []
+        close = channel.transport.free
+        channel.transport.free = lambda settled=True: (freed.append(settled), close(settled))
+        if first.rank == 0:
+            second.send(1, 1)
+        first.free()
+        if first.rank == 1:
+            assert second.recv(0, schema=int) == 1
+        second.free()
+        return freed
+
+    assert run(2, prog, timeout=10) == [[True], [True]]
 
 
 def test_a_step_that_is_not_an_int_is_refused_on_the_calling_rank():

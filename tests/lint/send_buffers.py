@@ -46,3 +46,14 @@ def sent(pending):
     dist.send(count, dst=1)
     if count.item() > 0:
         dist.barrier()  # expect: collective-under-rank-local-gate
+
+
+def by_keyword(pending, hidden):
+    flag = torch.tensor([len(pending)])
+    dist.all_reduce(tensor=flag)  # the output, named: every rank's sum
+    if flag.item() > 0:
+        dist.all_reduce(hidden)
+    mine = [len(pending)]
+    dist.send_object_list(object_list=mine, dst=1)  # sent, not received: still this rank's
+    if mine[0] > 0:
+        dist.barrier()  # expect: collective-under-rank-local-gate

@@ -15,10 +15,12 @@ Python steps, which say what was found where (``check``). One test serves both p
 
 from __future__ import annotations
 
+import collections.abc as abc
 import dataclasses
 import enum
 import types
 import typing
+from itertools import repeat
 from typing import Any, Callable, List, Optional, Tuple
 
 import msgspec
@@ -28,6 +30,9 @@ Check = Callable[[Any], Optional[str]]
 
 _MAX_DEPTH = 16  # schemas nest no deeper in practice; a recursive alias stops here
 _SEQUENCES = (list, tuple, set, frozenset)
+_SEQUENCE_ORIGINS = (list, set, frozenset, abc.Sequence, abc.MutableSequence, abc.Set,
+                     abc.MutableSet, abc.Collection, abc.Iterable)
+_MAPPING_ORIGINS = (dict, abc.Mapping, abc.MutableMapping)
 
 
 def is_record_class(t: Any) -> bool:
@@ -45,32 +50,90 @@ def found_text(value: Any) -> str:
 
 
 def nested_check(schema: Any) -> Optional[Check]:
-    """The walk for ``schema`` where a record class sits inside it; None where none does (a
-    bare record class is ``record_class``'s, every other schema msgspec's own to decode)."""
-    if is_record_class(schema):
+    """The walk for ``schema`` where a record class sits inside it, or inside a record's
+    fields; None where none does (a bare record class whose fields hold none is
+    ``record_class``'s isinstance, every other schema msgspec's own to decode)."""
+    check = _check(schema, 0)
+    if is_record_class(schema) and _fields_check(schema, 0) is None:
         return None
-    return _check(schema, 0)
+    return check
+
+
+def _unwrap(t: Any) -> Any:
+    """``Annotated[T, ...]`` and ``NewType("N", T)`` are ``T`` on the wire."""
+    while True:
+        if typing.get_origin(t) is typing.Annotated:
+            t = typing.get_args(t)[0]
+        elif callable(getattr(t, "__supertype__", None)) or \
+                isinstance(getattr(t, "__supertype__", None), type):
+            t = t.__supertype__
+        else:
+            return t
 
 
 def _check(t: Any, depth: int) -> Optional[Check]:
     if depth > _MAX_DEPTH:
         return None
+    t = _unwrap(t)
     if is_record_class(t):
-        return lambda v: None if isinstance(v, t) else found_text(v)
+        return _record(t, _fields_check(t, depth))
     origin, args = typing.get_origin(t), typing.get_args(t)
+    if is_record_class(origin):  # a generic Struct, Outer[int]
+        return _record(origin, None)
     if origin is typing.Union or origin is types.UnionType:
         return _union(args, depth)
-    if origin in (list, set, frozenset) or (origin is tuple and len(args) == 2
-                                            and args[1] is Ellipsis):
+    if origin in _SEQUENCE_ORIGINS or (origin is tuple and len(args) == 2
+                                       and args[1] is Ellipsis):
         item = _check(args[0], depth + 1) if args else None
         return None if item is None else _each(item, origin)
     if origin is tuple and args:
         checks = [_check(a, depth + 1) for a in args]
         return None if not any(checks) else _positions(checks)
-    if origin is dict and len(args) == 2:
+    if origin in _MAPPING_ORIGINS and len(args) == 2:
         value = _check(args[1], depth + 1)
         return None if value is None else _values(value)
     return None
+
+
+def _record(t: type, fields: Optional[Check]) -> Check:
+    def record(v: Any) -> Optional[str]:
+        if not isinstance(v, t):
+            return found_text(v)
+        return fields(v) if fields is not None else None
+    if fields is None:
+        record.klass = t  # type: ignore[attr-defined]  # a list of them is tested in C
+    return record
+
+
+def _fields_check(t: type, depth: int) -> Optional[Check]:
+    """The walk of a record's fields that hold records (``inner: Optional[RankState]``)."""
+    if not (isinstance(t, type) and issubclass(t, msgspec.Struct)) and \
+            not dataclasses.is_dataclass(t):
+        return None
+    try:
+        hints = typing.get_type_hints(t, include_extras=True)
+    except Exception:  # an annotation that does not resolve: msgspec's to refuse
+        return None
+    names = msgspec.structs.fields(t) if issubclass(t, msgspec.Struct) else \
+        dataclasses.fields(t)
+    checks = [(f.name, c) for f in names if f.name in hints
+              for c in [_check(hints[f.name], depth + 1)] if c is not None]
+    if not checks:
+        return None
+
+    def fields(v: Any) -> Optional[str]:
+        for name, c in checks:
+            problem = c(getattr(v, name, None))
+            if problem is not None:
+                return _at(problem, f".{name}")
+        return None
+    return fields
+
+
+def _at(problem: str, where: str) -> str:
+    """``E at [1]`` found inside ``where`` reads ``E at <where>[1]``: outermost first."""
+    found, _, path = problem.partition(" at ")
+    return f"{found} at {where}{path}"
 
 
 def _union(args: Tuple[Any, ...], depth: int) -> Optional[Check]:
@@ -79,11 +142,20 @@ def _union(args: Tuple[Any, ...], depth: int) -> Optional[Check]:
     inner = [c for c in (_check(a, depth + 1) for a in others) if c is not None]
     if not records and not inner:
         return None
-    takes_dicts = any(a is dict or typing.get_origin(a) is dict or a is Any for a in others)
+    anything = any(_unwrap(a) is Any for a in others)
+    takes_dicts = anything or any(_unwrap(a) is dict or typing.get_origin(_unwrap(a)) in
+                                  _MAPPING_ORIGINS for a in others)
+    plain = tuple(u for u in map(_unwrap, others) if isinstance(u, type) and u is not Any)
+    by_class = {r: _check(r, depth + 1) for r in records}
 
     def union(v: Any) -> Optional[str]:
-        if v is None or (records and isinstance(v, records)):
+        if v is None:
             return None  # None where the schema has no None fails at decoding, as before
+        for r, c in by_class.items():
+            if isinstance(v, r):
+                return c(v) if c is not None else None
+        if anything or (plain and isinstance(v, plain)):
+            return None  # another member takes it as it is (an IntEnum member as an int)
         if _is_record_value(v) or (isinstance(v, dict) and records and not takes_dicts):
             return found_text(v)  # a record of a class the union lacks, or a bare dict
         problems = [c(v) for c in inner]
@@ -92,14 +164,19 @@ def _union(args: Tuple[Any, ...], depth: int) -> Optional[Check]:
 
 
 def _each(item: Check, origin: Any) -> Check:
-    kinds = _SEQUENCES if origin is not tuple else (list, tuple)
+    kinds = (list, tuple) if origin is tuple else _SEQUENCES
+
+    klass = getattr(item, "klass", None)
 
     def each(v: Any) -> Optional[str]:
+        if klass is not None and isinstance(v, kinds) and all(map(isinstance, v,
+                                                                   repeat(klass))):
+            return None  # the common case, at C speed: what fails is found below
         if isinstance(v, kinds):
             for i, x in enumerate(v):
                 problem = item(x)
                 if problem is not None:
-                    return f"{problem} at [{i}]" if origin in (list, tuple) else problem
+                    return _at(problem, f"[{i}]") if isinstance(v, (list, tuple)) else problem
         return None
     return each
 
@@ -110,7 +187,7 @@ def _positions(checks: List[Optional[Check]]) -> Check:
             for i, (c, x) in enumerate(zip(checks, v)):
                 problem = c(x) if c is not None else None
                 if problem is not None:
-                    return f"{problem} at [{i}]"
+                    return _at(problem, f"[{i}]")
         return None
     return positions
 
@@ -121,7 +198,7 @@ def _values(value: Check) -> Check:
             for k, x in v.items():
                 problem = value(x)
                 if problem is not None:
-                    return f"{problem} at [{k!r}]"
+                    return _at(problem, f"[{k!r}]")
         return None
     return values
 

@@ -82,10 +82,10 @@ class SchemaInfo:
         # A record class (Struct, dataclass, Enum) whose values must be instances of it: the
         # sender says "expected RankState, got dict" before any peer decodes anything.
         self.record_class = schema if kind == KIND_MSGSPEC and is_record_class(schema) else None
-        # Records inside the schema (Optional[RankState], list[RankState]): a class whose
-        # isinstance walks the value, so both paths test it as they test a bare record class.
-        check = nested_check(schema) if kind == KIND_MSGSPEC and self.record_class is None \
-            else None
+        # Records inside the schema (Optional[RankState], list[RankState], a record's field):
+        # a class whose isinstance walks the value, so both paths test it as they test a bare
+        # record class.
+        check = nested_check(schema) if kind == KIND_MSGSPEC else None
         if check is not None:
             self.record_class = fits_class(check, name)
         # msgspec recurses no deeper than a schema's own structure, whatever the payload: only

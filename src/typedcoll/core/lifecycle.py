@@ -103,7 +103,10 @@ def free(p: Protocol) -> None:
     never received, or late for a receive that timed out): MPI would hand the freed context,
     and that message with it, to a later communicator, whose first receive would take it as
     its own. Every rank then keeps the channel's transport instead of freeing it (as for a
-    timed-out call), the same verdict everywhere.
+    timed-out call), the same verdict everywhere. The counts are the channel's, shared by its
+    TypedComms: only the last user's free decides (an earlier one's message may still be
+    taken). A program that sends on the channel from another thread while freeing it breaks
+    the one-thread-per-communicator rule, and the counts then prove nothing.
     """
     if p.freed:
         return
@@ -116,7 +119,7 @@ def free(p: Protocol) -> None:
     def balanced(c: Call) -> bool:
         totals = [_p2p_counts_decoder.decode(buf) for buf in gathered(p, c)]
         return sum(sent for sent, _ in totals) == sum(taken for _, taken in totals)
-    release(p, settled=run(p, call, balanced))
+    release(p, settled=run(p, call, balanced) or p.channel.users > 1)
 
 
 def release(p: Protocol, settled: bool = False) -> None:

@@ -103,11 +103,14 @@ class Mailbox:
         self.turn = 0  # where the next poll of every source starts (fairness)
         # Messages this rank handed to the transport, and took out of it: summed over the
         # ranks at ``free``, they tell whether any is still in the backend (lifecycle.free).
+        # Sends count under a lock of their own: ``lock`` is held through a blocking receive,
+        # which may wait for the very message another thread is about to send.
         self.sent = 0
         self.delivered = 0
+        self._sent_lock = threading.Lock()
 
     def count_sent(self) -> None:
-        with self.lock:
+        with self._sent_lock:
             self.sent += 1
 
     def post(self, request: "RecvRequest") -> None:

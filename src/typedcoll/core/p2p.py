@@ -25,11 +25,12 @@ A receive without ``schema`` takes the sender's class, found by module and quali
 modules this rank already imported and checked against the sender's fingerprint.
 
 Only the receiver raises on a mismatch (a send has completed by then). The communicator's
-``timeout`` bounds every receive; a receive that times out leaves nothing pending, so the
-communicator stays usable (over MPI: gloo closes the connection of a receive that times out, so
-a torch communicator's collectives fail from then on, ``p2p_receive.recv_timed_out``), and its
-late message raises in the receive that takes it. To wait again without giving a receive up,
-poll ``irecv()``'s ``test()``.
+``timeout`` bounds every receive. Over MPI a receive that times out leaves no receive posted,
+so the communicator stays usable, and its late message raises in the receive that takes it (one
+still in the backend at ``free`` keeps the backend from being freed, ``lifecycle.free``). Over
+gloo a receive that times out closes its connection, which the collectives use: they fail from
+then on (``p2p_receive.recv_timed_out``). To wait again without giving a receive up, poll
+``irecv()``'s ``test()``.
 """
 
 from __future__ import annotations

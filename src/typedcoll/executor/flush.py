@@ -144,8 +144,8 @@ class SymmetricFlush:
         # post() runs several times per iteration: one dict lookup gives the queue and the type
         # to check: the class, or for Optional[Rec], list[Rec]... the schema's walk of the
         # records inside it (codecs.records; None where it holds none: msgspec checks those).
-        self._post_to = {ch: (queue, tp if isinstance(tp, type) else
-                              codecs.resolve(tp).record_class)
+        self._post_to = {ch: (queue, codecs.resolve(tp).record_class or (
+                                  tp if isinstance(tp, type) and tp is not Any else None))
                          for (ch, tp), queue in zip(channels.items(), self._queues)}
         self._flushed = [0] * len(self.channels)
         self._types = tuple(channels.values())

@@ -111,6 +111,8 @@ def _imported_from(module: str, path: str, node: ast.ImportFrom) -> Optional[str
     package = module.split(".") if module else []
     if os.path.splitext(os.path.basename(path))[0] != "__init__":
         package = package[:-1]  # a module's package; a package's __init__ is its own
+    if node.level - 1 > len(package):  # above the paths given: the name as written
+        return node.module
     package = package[:len(package) - (node.level - 1)] if node.level > 1 else package
     parts = package + (node.module.split(".") if node.module else [])
     return ".".join(parts) if parts else None

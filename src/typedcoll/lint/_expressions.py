@@ -371,13 +371,15 @@ class ValueAnalysis(PresenceTracking):
                               node.lineno)
             else:
                 result = local(op.display, "point-to-point receive", node.lineno)
-            if op.in_place:
-                for index in received_into(op.op):
-                    if index < len(node.args):
-                        self.sync_argument(node.args[index], result)
-                for kw in node.keywords:
-                    if kw.arg in OUTPUT_KEYWORDS:
-                        self.sync_argument(kw.value, result)
+            outputs = received_into(op.op) if op.in_place else ()
+            for index in outputs:
+                if index < len(node.args):
+                    self.sync_argument(node.args[index], result)
+            for kw in node.keywords if outputs else ():
+                # ``tensor=``/``buf=`` is the output only of ops that receive into their first
+                # argument (``all_reduce(tensor=t)``), the input of ``all_gather(..., tensor=t)``
+                if kw.arg in OUTPUT_KEYWORDS or (kw.arg in ("tensor", "buf") and outputs == (0,)):
+                    self.sync_argument(kw.value, result)
             return result
         if target.functions:
             return self.analysed_call(node, target, args, keywords, spread)
