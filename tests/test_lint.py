@@ -195,6 +195,17 @@ def test_a_gate_on_a_ranks_own_part_says_so(tmp_path):
         "dist.reduce_scatter_tensor (differs by rank: each rank receives its own part, line 5)")
 
 
+def test_a_marker_without_a_reason_is_named_on_stderr(tmp_path, capsys):
+    # It accepted nothing, silently: the finding stayed and nothing said why.
+    path = tmp_path / "bare.py"
+    path.write_text("import torch.distributed as dist\n\n\ndef step(pending):\n"
+                    "    if pending:  # typedcoll: symmetric\n        dist.barrier()\n")
+    assert main([str(path)]) == 1
+    assert capsys.readouterr().err == (
+        f"typedcoll lint: {path}:5: `# typedcoll: symmetric` without a reason accepts nothing: "
+        f"write `# typedcoll: symmetric (why every rank takes this branch alike)`\n")
+
+
 def test_json_configuration(tmp_path, capsys):
     config = tmp_path / "lint.json"
     config.write_text(json.dumps({"wrappers": ["sync_batch_stats", "*_tp_vote"]}))

@@ -48,6 +48,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         for path, reason in exc.problems:
             print(f"{PROG}: {path}: {reason}", file=sys.stderr)
         return 2
+    for source in sources:
+        for line in source.unreasoned:
+            print(f"{PROG}: {source.path}:{line}: `# typedcoll: symmetric` without a reason "
+                  f"accepts nothing: write `# typedcoll: symmetric (why every rank takes this "
+                  f"branch alike)`", file=sys.stderr)
     analysis = Analysis(Program(sources, CollectiveTable(config)), config)
     analysis.run()
     found = findings(analysis)

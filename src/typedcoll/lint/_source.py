@@ -7,13 +7,15 @@ import io
 import os
 import re
 import tokenize
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Tuple
 
 # ``# typedcoll: symmetric (why every rank takes the same branch here)``; the reason is required,
 # so that every accepted gate says why it is safe.
 _ACCEPT = re.compile(r"#\s*typedcoll:\s*symmetric\s*\(\s*([^)\s][^)]*)\)")
+# The marker without a reason accepts nothing: said on stderr, not left to be found out.
+_MARKER = re.compile(r"#\s*typedcoll:\s*symmetric\b")
 
 
 class LintInputError(Exception):
@@ -35,6 +37,7 @@ class SourceFile:
     tree: ast.Module
     lines: List[str]
     accepted: Dict[int, str]
+    unreasoned: List[int] = field(default_factory=list)  # markers without a reason
 
 
 def _python_files(path: str) -> Iterable[str]:
@@ -48,16 +51,21 @@ def _python_files(path: str) -> Iterable[str]:
         yield path
 
 
-def _accepted_lines(text: str) -> Dict[int, str]:
+def _accepted_lines(text: str) -> Tuple[Dict[int, str], List[int]]:
+    """The lines whose comment accepts a gate (with its reason), and those whose marker has
+    no reason."""
     accepted: Dict[int, str] = {}
+    unreasoned: List[int] = []
     if "typedcoll:" not in text:
-        return accepted
+        return accepted, unreasoned
     for tok in tokenize.generate_tokens(io.StringIO(text).readline):
         if tok.type == tokenize.COMMENT:
             match = _ACCEPT.search(tok.string)
             if match:
                 accepted[tok.start[0]] = match.group(1).strip()
-    return accepted
+            elif _MARKER.search(tok.string):
+                unreasoned.append(tok.start[0])
+    return accepted, unreasoned
 
 
 def read_source(path: str) -> SourceFile:
@@ -76,7 +84,7 @@ def read_source(path: str) -> SourceFile:
         raise LintInputError([(path, f"syntax error at line {exc.lineno}: {exc.msg}")]) from exc
     except ValueError as exc:  # source with NUL bytes
         raise LintInputError([(path, f"cannot parse: {exc}")]) from exc
-    return SourceFile(path, tree, text.splitlines(), _accepted_lines(text))
+    return SourceFile(path, tree, text.splitlines(), *_accepted_lines(text))
 
 
 def read_sources(paths: Iterable[str]) -> List[SourceFile]:
