@@ -53,10 +53,10 @@ def nested_check(schema: Any) -> Optional[Check]:
     """The walk for ``schema`` where a record class sits inside it, or inside a record's
     fields; None where none does (a bare record class whose fields hold none is
     ``record_class``'s isinstance, every other schema msgspec's own to decode)."""
-    check = _check(schema, 0)
-    if is_record_class(schema) and _fields_check(schema, 0) is None:
-        return None
-    return check
+    if is_record_class(schema):
+        fields = _fields_check(schema, 0)
+        return None if fields is None else _record(schema, fields)
+    return _check(schema, 0)
 
 
 def _unwrap(t: Any) -> Any:
@@ -146,14 +146,14 @@ def _union(args: Tuple[Any, ...], depth: int) -> Optional[Check]:
     takes_dicts = anything or any(_unwrap(a) is dict or typing.get_origin(_unwrap(a)) in
                                   _MAPPING_ORIGINS for a in others)
     plain = tuple(u for u in map(_unwrap, others) if isinstance(u, type) and u is not Any)
-    by_class = {r: _check(r, depth + 1) for r in records}
+    by_class = {r: _record(r, _fields_check(r, depth + 1)) for r in records}
 
     def union(v: Any) -> Optional[str]:
         if v is None:
             return None  # None where the schema has no None fails at decoding, as before
         for r, c in by_class.items():
             if isinstance(v, r):
-                return c(v) if c is not None else None
+                return c(v)
         if anything or (plain and isinstance(v, plain)):
             return None  # another member takes it as it is (an IntEnum member as an int)
         if _is_record_value(v) or (isinstance(v, dict) and records and not takes_dicts):
@@ -165,18 +165,17 @@ def _union(args: Tuple[Any, ...], depth: int) -> Optional[Check]:
 
 def _each(item: Check, origin: Any) -> Check:
     kinds = (list, tuple) if origin is tuple else _SEQUENCES
-
     klass = getattr(item, "klass", None)
 
     def each(v: Any) -> Optional[str]:
-        if klass is not None and isinstance(v, kinds) and all(map(isinstance, v,
-                                                                   repeat(klass))):
+        if not isinstance(v, kinds):
+            return None
+        if klass is not None and all(map(isinstance, v, repeat(klass))):
             return None  # the common case, at C speed: what fails is found below
-        if isinstance(v, kinds):
-            for i, x in enumerate(v):
-                problem = item(x)
-                if problem is not None:
-                    return _at(problem, f"[{i}]") if isinstance(v, (list, tuple)) else problem
+        for i, x in enumerate(v):
+            problem = item(x)
+            if problem is not None:
+                return _at(problem, f"[{i}]") if isinstance(v, (list, tuple)) else problem
         return None
     return each
 

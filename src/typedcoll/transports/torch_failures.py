@@ -37,11 +37,18 @@ class FailureReports:
     _last_work: Any  # the latest operation waited for (TorchTransport.__init__ says why)
 
     def give_up(self, seq: int, failure: str) -> None:
+        if failure:
+            self._report(f"collective #{seq}: {failure}")
+            return
         try:
-            if not failure:
-                self.store.set(f"gave_up/{self.rank}", str(seq))
-                return
-            self.store.set(f"failed/{self.rank}", f"collective #{seq}: {failure}")
+            self.store.set(f"gave_up/{self.rank}", str(seq))
+        except Exception:  # the store died with its rank: the peers' own waits end theirs
+            pass
+
+    def _report(self, text: str) -> None:
+        """Tell the channel's waits that this rank's backend failed, and why."""
+        try:
+            self.store.set(f"failed/{self.rank}", text)
             self.store.add("failed", 1)
         except Exception:  # the store died with its rank: the peers' own waits end theirs
             pass
@@ -50,13 +57,8 @@ class FailureReports:
         """A point-to-point receive's wait ran out: gloo closed the pair, which this channel's
         collectives use too, so the peers' next collective fails in the backend. They are told
         why, as for a backend failure, instead of reading that a process is gone."""
-        try:
-            self.store.set(f"failed/{self.rank}", f"{RECEIVE_TIMED_OUT}{source} timed out: gloo "
-                           f"closes the connection of a receive that times out, which this "
-                           f"communicator's collectives use")
-            self.store.add("failed", 1)
-        except Exception:  # the store died with its rank: the peers' own waits end theirs
-            pass
+        self._report(f"{RECEIVE_TIMED_OUT}{source} timed out: gloo closes the connection of a "
+                     f"receive that times out, which this communicator's collectives use")
 
     def given_up(self) -> List[Tuple[int, int]]:
         found = []
