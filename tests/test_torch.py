@@ -505,6 +505,9 @@ def program_absent(rank: int, size: int) -> dict:
         if rank > 0:
             wait_for_all("absent/gave-up", 1, count=False)
             time.sleep(1.0)
+            # Each of these ranks' reports asks which peers reached the call: they enter it
+            # together (a tight store barrier), so none reads another as not yet there.
+            wait_for_all("absent/entering", size - 2, poll=0.002)
         try:
             comm.allgather(rank)  # @absent
             out = {"value": "completed"}
@@ -608,14 +611,14 @@ def _child(program: str, rank: int, size: int, port: int, out: str) -> None:
     os._exit(0)  # skip teardown: a timed-out collective may still be pending
 
 
-def wait_for_all(key: str, size: int, count: bool = True) -> None:
+def wait_for_all(key: str, size: int, count: bool = True, poll: float = 0.05) -> None:
     """Wait (at most 30 s) until ``size`` ranks added to ``key`` in the job's store."""
     import torch.distributed as dist
     store = dist.distributed_c10d._get_default_store()
     store.add(f"typedcoll-test/{key}", 1 if count else 0)
     deadline = time.monotonic() + 30
     while store.add(f"typedcoll-test/{key}", 0) < size and time.monotonic() < deadline:
-        time.sleep(0.05)
+        time.sleep(poll)
 
 
 # --- the tests -----------------------------------------------------------------------------------
