@@ -130,16 +130,22 @@ def _flags(trees: Sequence[Any]) -> int:
 
 
 # --- the collectives ---------------------------------------------------------------------------
-def allgather(p: Protocol, value: Any, step: Any = None, name: Any = None) -> List[Any]:
+def _tree(value: Any) -> Tuple[Any, Optional[str]]:
+    """What to send for ``value`` (itself where msgpack alone brings it back: the common case,
+    tested without the tagger's calls), or the refusal's text."""
     try:
-        plain = is_plain(value, 0)
+        if is_plain(value, 0):
+            return value, None
     except RecursionError:  # deep in this rank's stack: encode() decides on a fresh one
-        plain = False
-    tree = value
-    if not plain:
-        tree, _, error = _encode(value)
-        if error is not None:
-            ops.refuse(p, "allgather", GATHER, error, step, name)
+        pass
+    tree, _, error = _encode(value)
+    return tree, error
+
+
+def allgather(p: Protocol, value: Any, step: Any = None, name: Any = None) -> List[Any]:
+    tree, error = _tree(value)
+    if error is not None:
+        ops.refuse(p, "allgather", GATHER, error, step, name)
     seq = p.seq
     trees = ops.allgather(p, tree, Any, step, name)
     if not tagged.any_tagged(trees):
@@ -154,7 +160,7 @@ def _gathered(p: Protocol, op: str, value: Any, root: Any, code: int, op_error: 
     those are compared too."""
     root_error = check_root(root, p.size) if root is not None else None
     root = NO_ROOT if root is None or root_error else int(root)
-    tree, _, error = _encode(value)
+    tree, error = _tree(value)
     seq = p.seq
     out = fast.TAKE_PY
     if op_error is None and root_error is None and error is None:
@@ -163,7 +169,7 @@ def _gathered(p: Protocol, op: str, value: Any, root: Any, code: int, op_error: 
             if op == "gather" and p.rank != root:
                 return [], _inline_flags(p), root, seq  # nothing decoded here
             trees = out[0] if op == "gather" else out
-            return trees, _flags(trees), root, seq
+            return trees, _flags(trees) if tagged.any_tagged(trees) else 0, root, seq
     call = ops.value_call(op, GATHER, tree, Any, step, name, root=root, reduce_op=code,
                           error=first_error(op_error, root_error, error))
 
