@@ -222,6 +222,24 @@ def test_rank_whose_count_stops_earlier_is_missing_with_where_it_was():
             "at dump time at prog.py:30 in main") in missing.text
 
 
+def test_a_missing_rank_is_shown_with_the_decisions_that_differ():
+    """Rank 2 had an empty batch and skipped #4; its peers went on into it. The finding names
+    what rank 2 decided, as a live hang report does, and leaves out what every rank noted
+    alike."""
+    docs = []
+    for r in range(3):
+        notes = [{"key": "has_batch", "value": r != 2, "site": "worker.py:77", "step": 4},
+                 {"key": "tp_size", "value": 8, "site": "worker.py:12", "step": 0}]
+        docs.append(dump(r, [comm(r, 3, steady(6 if r != 2 else 4), notes=notes)]))
+    missing = analyze(dumps_of(*docs)).comms[0].missing
+    assert missing is not None and missing.missing == [2]
+    assert missing.decisions == [("has_batch", "worker.py:77",
+                                  [("ranks 0-1", "True"), ("rank 2", "False")])]
+    assert missing.text.splitlines()[-2:] == [
+        "  decisions that differ:",
+        "    has_batch at worker.py:77 — ranks 0-1: True; rank 2: False"]
+
+
 def test_a_collective_every_member_started_but_that_did_not_complete_is_a_finding():
     """A timeout every rank reported, the late one included: every count is level, yet the
     newest collective failed; it is no "consistent" run."""

@@ -408,7 +408,12 @@ def differing_notes(groups: Sequence[Group]) -> List[Tuple[str, str, List[Tuple[
 
 def format_decisions(groups: Sequence[Group], indent: str = "  ") -> List[str]:
     """``decisions that differ: can_queue at x.py:12 — ranks 0,2-3: True; rank 1: False``."""
-    rows = differing_notes(groups)
+    return decision_lines(differing_notes(groups), indent)
+
+
+def decision_lines(rows: Sequence[Tuple[str, str, List[Tuple[str, str]]]],
+                   indent: str = "  ") -> List[str]:
+    """``differing_notes``'s rows as ``format_decisions`` shows them."""
     if not rows:
         return []
     lines = [f"{indent}decisions that differ:"]

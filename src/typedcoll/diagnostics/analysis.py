@@ -27,8 +27,9 @@ import msgspec
 from ..core.plumbing import register_internal
 from ..core.desync import desync_message
 from ..core.mismatch import (EnvelopeInfo, Group, MismatchKind, Note, as_the_roots_class,
-                             compact_ranks, describe, differing_notes, format_groups,
-                             group_envelopes, mismatch_kinds, numbering_of, role_split)
+                             compact_ranks, decision_lines, describe, differing_notes,
+                             format_groups, group_envelopes, mismatch_kinds, numbering_of,
+                             role_split)
 from ..core.recorder import RecordEntry
 from ..core.verdict import ABANDONED
 from .model import CommDump, Dump
@@ -179,9 +180,14 @@ def analyze_comm(comm_id: str, members: Dict[int, CommDump]) -> CommReport:
         missing = [r for r in sorted(members) if reached[r] <= seq]
         present = [r for r in sorted(members) if reached[r] > seq]
         envelopes = [envelope(r, by_seq[r][seq], comm_id) for r in present if seq in by_seq[r]]
+        # Each dumped member's latest notes: what the absent ones decided where the others
+        # went on (an empty batch, a local timeout) is what a reader needs first.
+        noted = [Group((r,), EnvelopeInfo(rank=r, seq=seq, op="", notes=tuple(members[r].notes)))
+                 for r in sorted(members)]
         finding = Finding(
             comm=comm_id, seq=seq, kinds=[MismatchKind.MISSING_RANKS],
             groups=group_envelopes(envelopes), missing=missing, no_dump=no_dump,
+            decisions=differing_notes(noted) if missing else [],
             stops_at=[(r, by_seq[r].get(reached[r] - 1)) for r in missing],
             where=[(r, clean(members[r].where)) for r in missing],
             t_start_ns=min((by_seq[r][seq].t_start_ns for r in present if seq in by_seq[r]),
@@ -275,7 +281,7 @@ def missing_message(f: Finding, reached: Dict[int, int], shown: str) -> str:
     if f.no_dump:
         lines.append(f"  {compact_ranks(f.no_dump)}: no dump (killed, or ran without "
                      f"TYPEDCOLL_TRACE_DIR)")
-    return "\n".join(lines)
+    return "\n".join(lines + decision_lines(f.decisions))
 
 
 def analyze(dumps: Dict[int, Dump], last: int = 5) -> Report:
