@@ -240,6 +240,31 @@ def test_a_missing_rank_is_shown_with_the_decisions_that_differ():
         "    has_batch at worker.py:77 — ranks 0-1: True; rank 2: False"]
 
 
+def test_a_rank_without_a_dump_is_shown_as_its_peers_last_heard_it():
+    """Rank 2 ended (or was killed) without a dump while ranks 0-1 waited in #4; rank 0's hang
+    report had asked it over the side channel, and its dump keeps the answer: where rank 2
+    was, what it had issued and what it had decided."""
+    timed_out = dict(state="failed", error="CollectiveTimeout: collective #4 timed out")
+    notes = [{"key": "has_batch", "value": True, "site": "worker.py:77", "step": 4}]
+    docs = [dump(r, [comm(r, 3, steady(4) + [entry(4, step=4, **timed_out)], notes=notes)])
+            for r in range(2)]
+    state = {"id": "COMM_WORLD", "name": "COMM_WORLD", "instance": 1, "rank": 2, "size": 3,
+             "seq": 4, "last": entry(3, step=3),
+             "notes": [{"key": "has_batch", "value": False, "site": "worker.py:77", "step": 4}]}
+    heard = {"rank": 2, "answered": True, "asked_ns": 9, "seen_ns": 10,
+             "status": {"rank": 2, "where": "worker.py:90 in idle_loop", "comms": [state]}}
+    docs[0]["comms"][0]["peers"] = [heard, {**heard, "seen_ns": 1, "status": {
+        "rank": 2, "where": "older.py:1 in f", "comms": [state]}}]
+    missing = analyze(dumps_of(*docs)).comms[0].missing
+    assert missing is not None and missing.no_dump == [2] and missing.missing == []
+    assert missing.text.splitlines()[-4:] == [
+        "  rank 2: no dump (killed, or ran without TYPEDCOLL_TRACE_DIR)",
+        "  rank 2, as rank 0 last heard from it: issued #3 (allgather[RankState] at loop.py:10, "
+        "step 3: completed); at worker.py:90 in idle_loop",
+        "  decisions that differ:",
+        "    has_batch at worker.py:77 — ranks 0-1: True; rank 2: False"]
+
+
 def test_a_collective_every_member_started_but_that_did_not_complete_is_a_finding():
     """A timeout every rank reported, the late one included: every count is level, yet the
     newest collective failed; it is no "consistent" run."""

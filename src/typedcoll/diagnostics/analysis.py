@@ -32,7 +32,7 @@ from ..core.mismatch import (EnvelopeInfo, Group, MismatchKind, Note, as_the_roo
                              role_split)
 from ..core.recorder import RecordEntry
 from ..core.verdict import ABANDONED
-from .model import CommDump, Dump
+from .model import CommDump, CommState, Dump, RankStatus
 
 MAX_FIELD = 200  # characters of any one string from a dump that reach the output
 MAX_RANK_LINES = 16  # per finding: more ranks are summarised in one line
@@ -59,6 +59,9 @@ class Finding(msgspec.Struct, kw_only=True):
     stops_at: List[Tuple[int, Optional[RecordEntry]]] = []  # missing rank, its newest entry
     where: List[Tuple[int, str]] = []  # missing rank, where it was at dump time
     decisions: List[Tuple[str, str, List[Tuple[str, str]]]] = []
+    # Members without a dump, as a dumped peer's side channel last heard them: (rank, heard
+    # by, where it was, collectives it had issued, its newest entry).
+    heard: List[Tuple[int, int, str, int, Optional[RecordEntry]]] = []
     t_start_ns: int = 0
     text: str = ""
 
@@ -180,14 +183,20 @@ def analyze_comm(comm_id: str, members: Dict[int, CommDump]) -> CommReport:
         missing = [r for r in sorted(members) if reached[r] <= seq]
         present = [r for r in sorted(members) if reached[r] > seq]
         envelopes = [envelope(r, by_seq[r][seq], comm_id) for r in present if seq in by_seq[r]]
-        # Each dumped member's latest notes: what the absent ones decided where the others
-        # went on (an empty batch, a local timeout) is what a reader needs first.
-        noted = [Group((r,), EnvelopeInfo(rank=r, seq=seq, op="", notes=tuple(members[r].notes)))
-                 for r in sorted(members)]
+        heard = _heard_of(comm_id, members, no_dump)
+        # Each member's latest notes (a member without a dump: as its peers last heard them):
+        # what the absent ones decided where the others went on (an empty batch, a local
+        # timeout) is what a reader needs first.
+        notes = {r: m.notes for r, m in members.items()}
+        notes.update((r, state.notes) for r, (_, _, state) in heard.items())
+        noted = [Group((r,), EnvelopeInfo(rank=r, seq=seq, op="", notes=tuple(notes[r])))
+                 for r in sorted(notes)]
         finding = Finding(
             comm=comm_id, seq=seq, kinds=[MismatchKind.MISSING_RANKS],
             groups=group_envelopes(envelopes), missing=missing, no_dump=no_dump,
-            decisions=differing_notes(noted) if missing else [],
+            decisions=differing_notes(noted) if missing or heard else [],
+            heard=[(r, by, clean(seen.where), state.seq, state.last)
+                   for r, (by, seen, state) in sorted(heard.items())],
             stops_at=[(r, by_seq[r].get(reached[r] - 1)) for r in missing],
             where=[(r, clean(members[r].where)) for r in missing],
             t_start_ns=min((by_seq[r][seq].t_start_ns for r in present if seq in by_seq[r]),
@@ -197,6 +206,26 @@ def analyze_comm(comm_id: str, members: Dict[int, CommDump]) -> CommReport:
     elif common and any(by_seq[r][max(common)].state != "completed" for r in members):
         report.missing = _unfinished(comm_id, shown, max(common), by_seq)
     return report
+
+
+def _heard_of(comm_id: str, members: Dict[int, CommDump],
+              no_dump: Sequence[int]) -> Dict[int, Tuple[int, RankStatus, CommState]]:
+    """For each member without a dump, the newest answer a dumped member's side channel had
+    from it about this communicator: (who heard it, its answer, its state here)."""
+    wanted = set(no_dump)
+    out: Dict[int, Tuple[int, RankStatus, CommState]] = {}
+    newest: Dict[int, int] = {}
+    for r, m in members.items():
+        for seen in m.peers:
+            status = seen.status
+            if seen.rank not in wanted or status is None or \
+                    seen.seen_ns <= newest.get(seen.rank, -1):
+                continue
+            state = next((c for c in status.comms if c.id == comm_id), None) if \
+                status.comm is None or status.comm.id != comm_id else status.comm
+            if state is not None:
+                out[seen.rank], newest[seen.rank] = (r, status, state), seen.seen_ns
+    return out
 
 
 def _nothing_waits(top: int, by_seq: Dict[int, Dict[int, RecordEntry]]) -> bool:
@@ -281,6 +310,12 @@ def missing_message(f: Finding, reached: Dict[int, int], shown: str) -> str:
     if f.no_dump:
         lines.append(f"  {compact_ranks(f.no_dump)}: no dump (killed, or ran without "
                      f"TYPEDCOLL_TRACE_DIR)")
+    for r, by, at, issued, last in f.heard[:MAX_RANK_LINES]:
+        text = f"issued #{issued - 1}" if issued else "had issued no collective"
+        if last is not None:
+            text += f" ({describe_entry(last)})"
+        lines.append(f"  rank {r}, as rank {by} last heard from it: {text}"
+                     + (f"; at {at}" if at != "?" else ""))
     return "\n".join(lines + decision_lines(f.decisions))
 
 
