@@ -347,5 +347,10 @@ class _Fits(type):
 
 def fits_class(check: Check, name: str) -> type:
     """A class whose ``isinstance`` is ``check(value) is None``."""
-    test = _Source().compile(check) if isinstance(check, _Node) else (lambda v: False)
+    test: Callable[[Any], bool] = lambda v: False  # the check decides every value
+    if isinstance(check, _Node):
+        try:
+            test = _Source().compile(check)
+        except (SyntaxError, RecursionError, MemoryError, ValueError):  # a schema too deep or
+            pass  # wide for one expression: the check alone is as right, only slower
     return _Fits(f"fits {name}", (), {"check": staticmethod(check), "test": staticmethod(test)})
