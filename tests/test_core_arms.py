@@ -21,6 +21,7 @@ from typedcoll.core.mismatch import Branch, EnvelopeInfo
 from typedcoll.core.verdict import role_branch
 
 from test_core_review import TIMEOUTS, one_desync, outcomes, slot_state
+from test_core_semantics import line_of
 
 
 class Plan(msgspec.Struct):
@@ -672,6 +673,34 @@ def test_a_learned_role_that_no_longer_holds_raises_as_at_a_first_run(
     results = outcomes(4, body, timeout=timeout)
     one_desync(results)
     assert results[0].seq == 3
+
+
+def plans_by_a_driver_flag(comm: tc.TypedComm, wrong_at: int) -> Any:
+    last: Any = {"step": -1}
+    for step in range(5):
+        comm.set_step(step)
+        is_driver = comm.rank == 0 and step != wrong_at  # read as a role: named like one
+        if is_driver:
+            last = comm.bcast({"step": step}, root=0)
+        else:
+            last = comm.bcast(last, root=0)  # the receivers' placeholder: the previous plan
+    return last
+
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+def test_a_root_in_its_receivers_arm_of_a_proved_branch_raises_everywhere(
+        timeout: Optional[float]) -> None:
+    # At step 3 the root took the receivers' arm: every rank called from one line, and every
+    # rank took the root's placeholder, step 2's plan, as step 3's with no error.
+    assert outcomes(3, plans_by_a_driver_flag, -1, timeout=timeout) == [{"step": 4}] * 3
+    error = one_desync(outcomes(3, plans_by_a_driver_flag, 3, timeout=timeout))
+    line = line_of(plans_by_a_driver_flag, "last = comm.bcast(last")
+    assert error.seq == 3 and error.kinds == (tc.MismatchKind.CALL,)
+    assert [g.ranks for g in error.groups] == [(0,), (1, 2)]
+    assert str(error).startswith(
+        f"collective #3 on WORLD: rank 0, the root, called bcast[dict[Any, Any]] at "
+        f"test_core_arms.py:{line}, in the arm of a role branch where its receivers call it:\n")
+    assert "give the call in both arms one name=" in str(error)
 
 
 def method_chains_across_lines(comm: tc.TypedComm, x: Any) -> Any:

@@ -64,9 +64,9 @@ from .site_walk import call_site, user_frame
 from .sites import format_site
 from .recorder import FlightRecorder, capacity_from_env
 from .wire import (AGREE_SIZE, FLAG_DECODE_HOOK, FLAG_GUESSED, FLAG_LOCAL_ERROR, FLAG_OVERFLOW,
-                   FLAG_ROLE, FLAG_SPLIT_ARRAY, FLAG_WILD_SCHEMA, HEADER, HEADER_SIZE, MAGIC,
-                   NATIVE_LITTLE, NO_ROOT, NO_STEP, OPS, REDUCE, SlotPolicy, agreed,
-                   block_flags, block_length, instances_differ, slot_log2)
+                   FLAG_RECEIVERS_ARM, FLAG_ROLE, FLAG_SPLIT_ARRAY, FLAG_WILD_SCHEMA, HEADER,
+                   HEADER_SIZE, MAGIC, NATIVE_LITTLE, NO_ROOT, NO_STEP, OPS, REDUCE, SlotPolicy,
+                   agreed, block_flags, block_length, instances_differ, slot_log2)
 from .transport import TransportTimeout
 
 _ZEROS = bytes(8)
@@ -287,6 +287,8 @@ class Protocol(EncodeStep):
             self.fast = None  # the next call re-allocates (start), then binds the C path again
         if flags & FLAG_LOCAL_ERROR or not agreed(block):
             verdict.disagreement(self, call)
+        if flags & FLAG_RECEIVERS_ARM and agreed(block):  # one site, the receivers' arm
+            verdict.root_in_receivers_arm(self, call)
         call.settles = bool(flags & FLAG_DECODE_HOOK)
 
     def settle(self, call: Call, error: Optional[str], hook: bool = False) -> None:

@@ -19,7 +19,10 @@ step:
   3. ``unrole``: headers that differ where any rank set the flag (a root that moved, a peer
      elsewhere) are exchanged once more by every rank (``guesses.unguess_if_differ``), the
      flagged ranks sending their call site again and forgetting the role; the verdict then
-     judges the call sites as at a first run.
+     judges the call sites as at a first run. A rank that learned its site as the receivers'
+     arm says so (FLAG_RECEIVERS_ARM): where the call sites then agree, every rank is in that
+     arm, the root too, and would take what the root passes there (a receivers' placeholder,
+     or a stale value) as this call's: ``verdict.root_in_receivers_arm`` raises instead.
 """
 
 from __future__ import annotations
@@ -30,12 +33,13 @@ from ..codecs.digest import digest8
 from .call import Call
 from .plumbing import register_internal
 from .mismatch import EnvelopeInfo, levels, split_levels
-from .wire import FLAG_ROLE, FLAGS_OFFSET, IDENTITY_OFFSET, NO_ROOT
+from .wire import FLAG_RECEIVERS_ARM, FLAG_ROLE, FLAGS_OFFSET, IDENTITY_OFFSET, NO_ROOT
 
 if TYPE_CHECKING:
     from .protocol import Protocol
 
 MAX_ROLES = 4096  # call sites whose role identity a rank remembers
+RECEIVERS_ARMS = "receivers_arms"  # p.extensions: identities this rank learned as receivers'
 
 
 def learn(p: "Protocol", call: Call, infos: Sequence[EnvelopeInfo]) -> None:
@@ -43,8 +47,10 @@ def learn(p: "Protocol", call: Call, infos: Sequence[EnvelopeInfo]) -> None:
     keys = split_levels(infos, call.root)
     # role_branch held: unnamed, split by a role branch at one level at least
     assert keys is not None and call.name is None
+    receivers_arms = p.extensions.setdefault(RECEIVERS_ARMS, set())
     if len(p.roles) >= MAX_ROLES:
         p.roles.clear()
+        receivers_arms.clear()
     # Level by level (the site, then its callers: core.callers): a level where every rank
     # names one site is that site; one split by a role branch is the branch and this rank's
     # arm, as seen from the root. The thin wrapper a level went through is part of it, as it is
@@ -63,8 +69,13 @@ def learn(p: "Protocol", call: Call, infos: Sequence[EnvelopeInfo]) -> None:
         mine.append(f"{key}:{arm}:{via}")
         roots.append(f"{key}:{arm ^ 1}:{via}")
         innermost = innermost and key == branch.key
-    p.roles[p.identity(call)] = (digest8("role:" + "|".join(mine)),
-                                 digest8("role:" + "|".join(roots)) if innermost else None)
+    identity = p.identity(call)
+    p.roles[identity] = (digest8("role:" + "|".join(mine)),
+                         digest8("role:" + "|".join(roots)) if innermost else None)
+    if p.rank != call.root:
+        receivers_arms.add(identity)
+    else:
+        receivers_arms.discard(identity)
 
 
 def wire_identity(p: "Protocol", call: Call, identity: bytes) -> Optional[bytes]:
@@ -82,6 +93,11 @@ def unrole(p: "Protocol", call: Call) -> None:
         identity = p.identity(call)
         p.roles.pop(identity, None)
         send[FLAGS_OFFSET] &= ~FLAG_ROLE
+        receivers_arms = p.extensions.get(RECEIVERS_ARMS, set())
+        if identity in receivers_arms:
+            receivers_arms.discard(identity)
+            if p.rank != call.root:
+                send[FLAGS_OFFSET] |= FLAG_RECEIVERS_ARM
         send[IDENTITY_OFFSET:IDENTITY_OFFSET + 8] = identity
 
 

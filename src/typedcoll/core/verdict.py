@@ -32,8 +32,8 @@ from .plumbing import register_internal
 from .site_walk import via_name
 from .sites import column_of, format_call_site, format_site
 from .mismatch import (EnvelopeInfo, Group, MismatchKind, as_the_roots_class, compact_ranks,
-                       differing_notes, group_envelopes, label, mismatch_kinds, numbering, place,
-                       role_split)
+                       differing_notes, format_decisions, format_groups, group_envelopes, label,
+                       mismatch_kinds, numbering, place, role_split)
 from .wire import (AGREE_SIZE, FLAG_LOCAL_ERROR, FLAGS_OFFSET, HEADER_SIZE, IDENTITY_OFFSET,
                    REDUCE_OP_NAMES, REDUCING_OPS, ROOTED_OPS, agreed, or_into, own_block)
 
@@ -212,6 +212,33 @@ def failure(p: "Protocol", call: Call, failed: Sequence[int],
                      f"{label(infos[first].op, infos[first].schema)} "
                      f"contribution at {site}: {texts[first]}{apart}", seq=call.seq, comm=p.name,
                      ranks=failed, error_type=kinds[first], detail=texts[first])
+
+
+def root_in_receivers_arm(p: "Protocol", call: Call) -> None:
+    """Every rank called from one site, which a rank learned as the receivers' arm of a role
+    branch (``roles.unrole`` flagged it): the root is in its receivers' arm, and what it passes
+    there (a placeholder, a stale value) would reach every rank as this call's. Raised on every
+    rank alike, after one more exchange of the readable envelopes (their notes)."""
+    infos = [info for _, info in exchange_infos(p, call, bytes(p.send[:HEADER_SIZE]),
+                                                describe_call(p, call))]
+    root = call.root
+    others = tuple(r for r in range(p.size) if r != root)
+    groups = [Group((root,), infos[root])]
+    if others:
+        groups.append(Group(others, infos[others[0]],
+                            tuple(tuple(infos[r].notes) for r in others)))
+    kinds = [MismatchKind.CALL]
+    called = label(infos[root].op, infos[root].schema)  # the root's: every rank says the same
+    head = (f"{where(p, call)}: rank {root}, the root, called {called} at {infos[root].site}, "
+            f"in the arm of a role branch where its receivers call it:")
+    hint = ("  the root would send what the receivers' arm passes (a placeholder, or an earlier "
+            "call's value) and every rank would take it as this call's: the branch's test sent "
+            "the root there by a value of its own. Make the test split ranks by role alone; "
+            "where the root may take either arm on purpose, give the call in both arms one name=")
+    raise DesyncError("\n".join([head] + format_groups(groups, kinds)
+                                + format_decisions(groups) + [hint]),
+                      seq=call.seq, comm=p.name, kinds=kinds, groups=groups,
+                      decisions=_decisions(groups))
 
 
 def _decisions(groups: Sequence[Group]) -> List[Tuple[str, str, List[Tuple[str, str]]]]:

@@ -78,6 +78,9 @@ FLAG_ROLE = 32  # the rank sent, in place of its call site, the role identity it
 FLAG_DECODE_HOOK = 64  # the rank's schema runs user code when decoding (codecs/hooks.py), which
 #                         may judge a payload differently on another rank: every rank settles
 #                         the call's decoding with one more exchange (core/settle.py)
+FLAG_RECEIVERS_ARM = 128  # set with the call site again (core/roles.py's unrole) by a rank that
+#                           learned this site as the receivers' arm of a role branch: headers
+#                           that then agree put the root in its receivers' arm (a DesyncError)
 SCHEMA_OFFSET = 24
 IDENTITY_OFFSET = 40
 
