@@ -77,6 +77,13 @@ def test_a_rank_that_never_creates_its_comm_fails_creation_on_the_others_in_time
         assert f"SPMD-OK gloo_absent_creator rank {r}/3" in out, f"rank {r}:\n{out[-6000:]}"
 
 
+def test_a_rank_that_never_creates_a_second_comm_is_the_only_one_named_absent():
+    ranks = run_gloo("gloo_absent_second_creator", 3)
+    for r, (returncode, out) in enumerate(ranks):
+        assert returncode == 0 and f"SPMD-OK gloo_absent_second_creator rank {r}/3" in out, \
+            f"rank {r}:\n{out[-6000:]}"
+
+
 def test_untimed_calls_wait_past_the_groups_own_timeout():
     for r, (returncode, out) in enumerate(run_gloo("gloo_untimed_wait", 2)):
         assert returncode == 0 and f"SPMD-OK gloo_untimed_wait rank {r}/2" in out, \

@@ -30,6 +30,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..core.call import Call
 from ..core.channel import Channel
+from ..core.errors import CREATE_SEQ
 from ..core.plumbing import register_internal
 from ..core.mismatch import (EnvelopeInfo, Group, MismatchKind, compact_ranks, describe,
                              format_decisions, role_split)
@@ -141,13 +142,17 @@ def waits_past(issued: int, last: Optional[RecordEntry], inside: bool, seq: int)
     return inside
 
 
+def _numbered(call: Call) -> str:
+    return "the creation" if call.seq == CREATE_SEQ else f"collective #{call.seq}"
+
+
 def hang_report(p: Protocol, call: Call) -> Tuple[Optional[Tuple[int, ...]], str]:
     """(ranks that never arrived or did not answer, report text) for the timed-out ``call``."""
     started = time.monotonic()
     # This rank's own deadline passed: it gave up by itself, so it did not come late, whatever
     # its peers' calls did (a peer that came late fails in turn once it reads the give-ups).
     gave_up = call.deadline is not None and started >= call.deadline - DEADLINE_SLACK_S
-    reason = f"collective #{call.seq} on {p.name} timed out"
+    reason = f"{heading(p, call.seq)} timed out"
     answers, why = ask_peers(p, call.seq, reason, state.trace_dir() is not None)
     if answers is None:
         return None, "\n".join([f"hang report unavailable: {why}"] + _last_together(p))
@@ -158,9 +163,10 @@ def hang_report(p: Protocol, call: Call) -> Tuple[Optional[Tuple[int, ...]], str
     silent = [r for r in silent if r not in ended]
     absent: List[int] = []
     arrived = [p.rank]
+    creation = call.seq == CREATE_SEQ  # a peer that holds the communicator is in its creation
     for r, status in sorted(answers.items()):
         comm = status.comm
-        (arrived if comm is not None and comm.seq > call.seq else absent).append(r)
+        (arrived if comm is not None and (creation or comm.seq > call.seq) else absent).append(r)
     head = (f"hang report (side channel: {len(answers)} of {len(peers)} "
             f"{'peer' if len(peers) == 1 else 'peers'} answered "
             f"{f'in {took:.3f}' if not (silent or ended) else f'within {GRACE:g}'} s):")
@@ -196,15 +202,15 @@ def hang_report(p: Protocol, call: Call) -> Tuple[Optional[Tuple[int, ...]], str
                   and status.comm.last.seq == call.seq and status.comm.last.state == "failed"}
         late = sorted(r for r, last in failed.items() if _came_late(last))
         if failed and not gave_up:
-            lines.append(f"  every rank has started collective #{call.seq}, and "
+            lines.append(f"  every rank has started {_numbered(call)}, and "
                          f"{compact_ranks(sorted(failed))} already failed it: this rank came "
                          f"late; where each peer is now:")
         elif late:
-            lines.append(f"  every rank has started collective #{call.seq}, "
+            lines.append(f"  every rank has started {_numbered(call)}, "
                          f"{compact_ranks(late)} only after a rank had given up on it (it came "
                          f"late: its call failed as abandoned); where each peer is now:")
         else:
-            lines.append(f"  every rank has started collective #{call.seq}: it is slow, or the "
+            lines.append(f"  every rank has started {_numbered(call)}: it is slow, or the "
                          f"transport is stuck; where each peer is now:")
         lines += _grouped(p, sorted(answers), lambda r: _absent_lines(p, answers[r]))
     lines.append(f"  arrived: {compact_ranks(arrived)}")
@@ -334,7 +340,7 @@ def _absent_lines(p: Protocol, status: RankStatus) -> List[str]:
         lines.append(f"      last started: {entry_text(newest.last, newest.id, now)}")
     here = status.comm
     if here is None:
-        lines.append(f"      it has no live {state.comm_id(p)} (freed it?)")
+        lines.append(f"      it has no live {state.comm_id(p)} (not created there yet, or freed)")
     elif newest is None or newest.id != here.id:
         text = f"      on {here.id}: issued {here.seq} collectives"
         if here.last is not None:

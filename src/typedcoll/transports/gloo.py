@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch.distributed import distributed_c10d as c10d
 
 from ..core.errors import CREATE_SEQ, CollectiveTimeout
+from ..core.mismatch import numbering_of
 from ..core.plumbing import register_internal
 from ..core.transport import TransportFailure, TransportTimeout
 from ..core.verdict import CREATION_MIN_TIMEOUT
@@ -163,9 +164,11 @@ def connect_bound(timeout: Any, group: Any) -> float:
     return group_timeout(group) or DEFAULT_CONNECT_S
 
 
-def make_gloo(store: Any, prefix: str, rank: int, size: int, connect_s: float, label: str) -> Any:
+def make_gloo(store: Any, prefix: str, rank: int, size: int, connect_s: float, label: str,
+              world_ranks: Optional[List[int]] = None) -> Any:
     """A gloo group over ``prefix``, connected within ``connect_s`` (CollectiveTimeout naming
-    the members that never came). Each operation sets its own timeout (``options``)."""
+    the members that never came, with the job's ranks of the group's, ``world_ranks``). Each
+    operation sets its own timeout (``options``)."""
     store.set(f"{prefix}/joined/{rank}", b"1")
     try:
         return c10d.ProcessGroupGloo(c10d.PrefixStore(prefix + "/gloo/", store), rank, size,
@@ -182,7 +185,8 @@ def make_gloo(store: Any, prefix: str, rank: int, size: int, connect_s: float, l
                 break
         who = (f"the job's store no longer answers (the rank that hosted it, rank 0 under "
                f"tcp:// or env://, is gone?), so who came is unknown: {lost}" if lost else
-               f"rank(s) {', '.join(map(str, missing))} of {size} never came" if missing else
+               f"rank(s) {', '.join(map(str, missing))} of {size}"
+               f"{numbering_of(size, world_ranks)} never came" if missing else
                "every member came but some did not connect")
         missing = [] if lost else missing
         raise CollectiveTimeout(

@@ -305,8 +305,10 @@ class TorchTransport(TensorOps):
         rank, size = members.index(self.rank), len(members)
         device = None if self.device_group is None else make_nccl(self.base_store, prefix, rank,
                                                                size)
-        return TorchTransport(make_gloo(self.base_store, prefix, rank, size, self.connect_s, tag),
-                              [self.ranks[r] for r in members], self.base_store, prefix, device,
+        ranks = [self.ranks[r] for r in members]
+        return TorchTransport(make_gloo(self.base_store, prefix, rank, size, self.connect_s, tag,
+                                        ranks),
+                              ranks, self.base_store, prefix, device,
                               owns_device_group=device is not None, connect_s=self.connect_s)
 
     def abort(self, code: int = 1) -> None:

@@ -60,9 +60,10 @@ def channel_for_group(group: Any = None, timeout: Optional[float] = None) -> Cha
     prefix = f"typedcoll/{pg.group_name}/{(count - 1) // size}"
     has_cuda = "nccl" in str(dist.get_backend(pg))
     connect_s = connect_bound(timeout, group)
+    ranks = dist.get_process_group_ranks(pg)
     transport = TorchTransport(make_gloo(store, prefix, dist.get_rank(pg), size, connect_s,
-                                     group_name(pg)),
-                               dist.get_process_group_ranks(pg), store, prefix,
+                                         group_name(pg), ranks),
+                               ranks, store, prefix,
                                pg if has_cuda else None, owns_device_group=False,
                                connect_s=connect_s)
     channel = Channel(transport, group_name(pg))

@@ -19,6 +19,7 @@ import time
 from typing import Any, List, Optional, Tuple
 
 from ..core.plumbing import register_internal
+from ..core.errors import CREATE_SEQ
 from ..core.transport import TransportFailure
 from .gloo import wait_work
 
@@ -38,7 +39,8 @@ class FailureReports:
 
     def give_up(self, seq: int, failure: str) -> None:
         if failure:
-            self._report(f"collective #{seq}: {failure}")
+            self._report(f"{'the creation' if seq == CREATE_SEQ else f'collective #{seq}'}: "
+                         f"{failure}")
             return
         try:
             self.store.set(f"gave_up/{self.rank}", str(seq))
