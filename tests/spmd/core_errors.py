@@ -384,6 +384,19 @@ if size > 1:
            [5] + [0] * (size - 1))
     chk.usable(comm, "after hook flush")
 
+# Two communicators of one name over one parent, the last rank on the other one: their names
+# alone hid the communicator mismatch ("diverged (envelope)", no kind, one group, and no number
+# given back); they are named apart by instance, and both stay aligned.
+tp_a = tc.TypedComm(MPI.COMM_WORLD, timeout=20.0, name="tp")
+tp_b = tc.TypedComm(MPI.COMM_WORLD, timeout=20.0, name="tp")
+with chk.expect(tc.DesyncError, "one name, two communicators") as err:
+    (tp_b if rank == last else tp_a).allgather(rank)
+chk.same("one name: one error on every rank", str(err.error))
+chk.eq("one name: kinds", tuple(err.error.kinds), (tc.MismatchKind.COMMUNICATOR,))
+chk.true(f"one name: named apart ({err.error})", "on tp (instance " in str(err.error))
+chk.eq("one name: both usable after", (tp_a.allgather(rank), tp_b.allgather(rank)),
+       (list(range(size)), list(range(size))))
+
 # Two threads on one communicator: refused, never paired across threads, never a hang.
 shared = tc.TypedComm(WORLD.Dup(), timeout=5.0)
 outcomes = {0: [], 1: []}

@@ -12,7 +12,7 @@ import math
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import msgspec
 import numpy as np
@@ -35,7 +35,8 @@ from .mismatch import (EnvelopeInfo, Group, MismatchKind, as_the_roots_class, co
                        differing_notes, format_decisions, format_groups, group_envelopes, label,
                        mismatch_kinds, numbering, place, role_split)
 from .wire import (AGREE_SIZE, FLAG_LOCAL_ERROR, FLAGS_OFFSET, HEADER_SIZE, IDENTITY_OFFSET,
-                   REDUCE_OP_NAMES, REDUCING_OPS, ROOTED_OPS, agreed, or_into, own_block)
+                   INSTANCE_OFFSET, REDUCE_OP_NAMES, REDUCING_OPS, ROOTED_OPS, agreed, or_into,
+                   own_block)
 
 if TYPE_CHECKING:
     from .protocol import Protocol
@@ -129,7 +130,7 @@ def disagreement(p: "Protocol", call: Call, receiving: bool = False) -> None:
             # branch's first run unpaired: its peers' two arms still pair, so its own error is
             # the verdict, not a call-site desync with a hint that names no bad argument.
             raise failure(p, call, failed, infos)
-        shown = as_the_roots_class(infos)
+        shown = _told_apart(as_the_roots_class(infos), [h for h, _ in pairs])
         kinds = mismatch_kinds([info for r, info in enumerate(shown) if r not in failed])
         groups = group_envelopes(shown)
         if MismatchKind.COMMUNICATOR in kinds:
@@ -212,6 +213,21 @@ def failure(p: "Protocol", call: Call, failed: Sequence[int],
                      f"{label(infos[first].op, infos[first].schema)} "
                      f"contribution at {site}: {texts[first]}{apart}", seq=call.seq, comm=p.name,
                      ranks=failed, error_type=kinds[first], detail=texts[first])
+
+
+def _told_apart(infos: List[EnvelopeInfo], headers: Sequence[bytes]) -> List[EnvelopeInfo]:
+    """Communicators of one name over one channel (two ``TypedComm(parent, name="tp")``),
+    where the ranks are on different ones, named apart by their instance on the channel
+    (``tp (instance 2)``): else their names alone would hide the communicator mismatch."""
+    instances = [int.from_bytes(h[INSTANCE_OFFSET:INSTANCE_OFFSET + 4], "little")
+                 for h in headers]
+    seen: Dict[str, Set[int]] = {}
+    for info, instance in zip(infos, instances):
+        seen.setdefault(info.comm, set()).add(instance)
+    if all(len(v) < 2 for v in seen.values()):
+        return infos
+    return [msgspec.structs.replace(info, comm=f"{info.comm} (instance {instance})")
+            if len(seen[info.comm]) > 1 else info for info, instance in zip(infos, instances)]
 
 
 def root_in_receivers_arm(p: "Protocol", call: Call) -> None:
