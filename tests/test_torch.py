@@ -485,6 +485,23 @@ def program_just_late(rank: int, size: int) -> dict:
     return program_late(rank, size, 1.6)
 
 
+def program_late_after_a_failed_peer(rank: int, size: int) -> dict:
+    """Rank 1 comes within its peers' wait (gloo then fails its call as they give up); the
+    last rank comes after all of them left: it came late."""
+    import typedcoll as tc
+
+    comm = tc.TypedComm.from_torch(timeout=1)
+    comm.allgather(rank)
+    time.sleep({1: 0.5, size - 1: 3.0}.get(rank, 0.0))
+    try:
+        comm.allgather(rank)  # @late_after_failed
+    except tc.CollectiveError as exc:
+        out = {"error": type(exc).__name__, "message": str(exc)}
+    # Every rank stays until all have raised: an exit would close the others' connections.
+    wait_for_all("late_after_failed/raised", size)
+    return out
+
+
 def program_two_late(rank: int, size: int) -> dict:
     # 4 s: the early ranks' own reports (up to a grace second each) are over, their calls
     # recorded as failed, when the late ranks ask them.
@@ -745,7 +762,21 @@ def test_late_ranks_that_meet_each_other_are_told_they_came_late_not_that_it_is_
                              r"already failed it: this rank came late; where each peer is now:\n",
                              late["message"]), late
         else:
-            assert "is abandoned: ranks 0-1 gave up waiting" in late["message"], late
+            # The other late rank's call may have failed (gloo) before this one read the notices.
+            assert re.search(r"is abandoned: ranks 0-1 (\(and possibly others\) )?gave up "
+                             r"waiting", late["message"]), late
+
+
+def test_a_rank_that_came_after_every_peer_left_is_told_so_though_gloo_failed_one(tmp_path):
+    # Rank 1's call was failed by gloo (it came within the others' wait), so it left no give-up
+    # notice, and the last rank read "ranks 0,2 gave up waiting ..., and gloo then failed the
+    # call on rank 3 as though a peer had died", its own report saying it came late.
+    *early, late = run_ranks("late_after_a_failed_peer", 4, tmp_path)
+    assert all(r["error"] == "CollectiveTimeout" for r in early), early
+    at = f"collective #1 on WORLD: allgather[int] at {SITES['late_after_failed']}"
+    assert late["error"] == "CollectiveTimeout" and late["message"].startswith(
+        f"{at} is abandoned: "), late
+    assert "as though a peer had died" not in late["message"], late
 
 
 @pytest.mark.parametrize("size", [3, 4])

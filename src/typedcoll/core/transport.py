@@ -105,6 +105,11 @@ class Transport(Protocol):
 
     def given_up(self) -> List[Tuple[int, int]]: ...
 
+    # (peer, seq) of the peers whose call this transport's backend failed (gloo fails a waiting
+    # rank's call once a peer gave up): they left the call too. Empty where no backend fails a
+    # call so (MPI, memory).
+    def failed_in(self) -> List[Tuple[int, int]]: ...
+
     # ``settled``: every rank freed it together, with no message of it in flight. Where a rank
     # released it alone, or a call on it was abandoned, peers may still send to it: a backend
     # that hands a freed communicator's resources to a later one (MPI reuses its context, and

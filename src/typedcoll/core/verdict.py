@@ -414,7 +414,10 @@ def timed_out(p: "Protocol", call: Call) -> None:
     # for an absent one is not late, but its wait was ended by the give-ups it found (``ended``).
     gave_up = {rank for rank, seq in notices if seq <= call.seq}
     if p.transport.kind in LATE_CALLS_FAIL:
-        came_late = bool(failure) and len(gave_up | {p.rank}) == p.size
+        # Every peer left the call before this rank's failure: gave up, or was failed by gloo
+        # in turn (a peer that came within the others' wait).
+        left = gave_up | {rank for rank, seq in p.transport.failed_in() if seq == call.seq}
+        came_late = bool(failure) and bool(gave_up) and len(left | {p.rank}) == p.size
     else:
         came_late = bool(notices) and not failure
     late = came_late and call.deadline is not None and time.monotonic() < call.deadline

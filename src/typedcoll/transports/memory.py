@@ -204,5 +204,8 @@ class MemoryTransport:
         with self.world.lock:
             return [n for n in self.world.notices.get(self.context, []) if n[0] != self.rank]
 
+    def failed_in(self) -> List[Tuple[int, int]]:
+        return []
+
 
 register_internal(__file__)

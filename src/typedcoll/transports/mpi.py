@@ -354,6 +354,9 @@ class MPITransport:
             found.append((status.Get_source(), int.from_bytes(note, "little")))
         return found
 
+    def failed_in(self) -> List[Tuple[int, int]]:
+        return []
+
     # --- point to point --------------------------------------------------------------------
     def send_bytes(self, data: bytes, dest: int, tag: int, deadline: Optional[float]) -> None:
         wait_all([self.p2p.Isend([data, len(data), MPI.BYTE], dest, tag)], deadline)

@@ -39,6 +39,10 @@ class FailureReports:
 
     def give_up(self, seq: int, failure: str) -> None:
         if failure:
+            try:  # a rank that comes late reads who left the call before it (failed_in)
+                self.store.set(f"failed_in/{self.rank}", str(seq))
+            except Exception:  # the store died with its rank: the report below fails too
+                pass
             self._report(f"{'the creation' if seq == CREATE_SEQ else f'collective #{seq}'}: "
                          f"{failure}")
             return
@@ -63,10 +67,16 @@ class FailureReports:
                      f"receive that times out, which this communicator's collectives use")
 
     def given_up(self) -> List[Tuple[int, int]]:
+        return self._notices("gave_up")
+
+    def failed_in(self) -> List[Tuple[int, int]]:
+        return self._notices("failed_in")
+
+    def _notices(self, kind: str) -> List[Tuple[int, int]]:
         found = []
         try:
             for peer in range(self.size):
-                key = f"gave_up/{peer}"
+                key = f"{kind}/{peer}"
                 if peer != self.rank and self.store.check([key]):
                     found.append((peer, int(self.store.get(key))))
         except Exception:  # the store is gone: no notice can be read, the failure stands
