@@ -180,6 +180,11 @@ def test_a_failure_at_another_call_than_its_peers_says_the_ranks_are_out_of_step
         "ranks 0-2: allgather name='stats' at model.py:143; rank 3: allgather name='state' at "
         "model.py:143)")
     assert failed_elsewhere([3], [env(r) for r in range(4)]) == ""  # one call: a failure alone
+    # The two calls of one line (a conditional): told apart by their columns, or the suffix
+    # named one group after saying the rank made another call.
+    one_line = [env(r, column=40) for r in range(3)] + [env(3, column=8, error="bad value")]
+    assert failed_elsewhere([3], one_line).endswith(
+        "ranks 0-2: allgather at model.py:143:41; rank 3: allgather at model.py:143:9)")
     assert failed_elsewhere([3], [env(r) for r in range(3)] + [env(3, site="?")]) == ""
     assert failed_elsewhere([0, 1], [env(0, site="a.py:1"), env(1, site="b.py:2")]) == ""
     one_name = [env(r, name="plan", site=f"worker{r}.py:9") for r in range(4)]

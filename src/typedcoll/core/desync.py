@@ -202,7 +202,9 @@ def failed_elsewhere(failed: Sequence[int], infos: Sequence[EnvelopeInfo]) -> st
             and not any(one_call(infos[r], infos[q]) for q in kept)]
     if not away or role_split(infos, None):
         return ""
-    calls = [(i.op, i.name, place(i)) for i in infos]
+    # Calls of one line that only columns tell apart (a conditional's two calls) show them.
+    columns = len({place(i, True) for i in infos}) > len({place(i) for i in infos})
+    calls = [(i.op, i.name, place(i, columns)) for i in infos]
     groups: Dict[Tuple[str, Optional[str], str], List[int]] = {}
     for r, call in enumerate(calls):
         groups.setdefault(call, []).append(r)
