@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from harness import records, report, timing
-from harness.peers import free_port
+from typedcoll.transports.gloo import free_port
 
 CASE = "RankState"
 VOTE = "int64 vote"

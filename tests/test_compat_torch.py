@@ -618,6 +618,17 @@ def test_the_drop_in_takes_the_groups_timeout_unless_given_one():
     assert out.stdout.split() == ["17.0", "5"], out.stdout + out.stderr
 
 
+def test_launch_ports_are_drawn_below_the_kernels_ephemeral_range():
+    # A port found free and bound later by another process: a port the kernel hands out itself
+    # (bind(0), a connecting socket) can be taken in between, and a launch failed so.
+    pytest.importorskip("torch")
+    from typedcoll.transports.gloo import _ephemeral_low, free_port
+    low = _ephemeral_low()
+    ports = {free_port() for _ in range(20)}
+    assert all(1024 <= port < low for port in ports), (sorted(ports), low)
+    assert len(ports) > 1  # drawn at random: concurrent launches do not all pick one port
+
+
 if __name__ == "__main__":
     worker(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
 

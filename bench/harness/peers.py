@@ -12,7 +12,6 @@ rendezvous is TCP on 127.0.0.1 (one host) at a port rank 0 picks and broadcasts 
 from __future__ import annotations
 
 import os
-import socket
 import warnings
 from datetime import timedelta
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
@@ -42,12 +41,6 @@ METHODS: List[Method] = [
     Method("typed_gloo", "typedcoll on gloo", "torch"),
 ]
 KEYS = [m.key for m in METHODS]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Torch:
@@ -87,6 +80,7 @@ def init_torch(world: Any, wanted: bool) -> Torch:
         state.unavailable = {k: "torch is missing on another rank" for k in torch_keys}
         return state
     state.torch, state.dist, state.version = torch, dist, torch.__version__
+    from typedcoll.transports.gloo import free_port
     port = world.bcast(free_port() if world.rank == 0 else None, root=0)
     # gloo binds to the interface the hostname resolves to; in containers that is often not
     # routable between local processes, loopback always is.

@@ -13,6 +13,11 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Type
 CREATE_SEQ = 2 ** 64 - 1  # the creation exchange's number on the wire: before the first, apart
 
 
+def numbered(seq: int) -> str:
+    """How a message names call ``seq`` in a sentence: ``collective #14``, ``the creation``."""
+    return "the creation" if seq == CREATE_SEQ else f"collective #{seq}"
+
+
 class CollectiveError(Exception):
     """Base of every error raised by a typed collective.
 

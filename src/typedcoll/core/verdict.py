@@ -23,7 +23,7 @@ from .transport import TransportTimeout, failure_of
 from .call import Call
 from .fresh import on_fresh_stack
 from .errors import (CREATE_SEQ, CollectiveTimeout, ConcurrentCallError, DecodeError,
-                     DesyncError, EncodeError, PeerError)
+                     DesyncError, EncodeError, PeerError, numbered)
 from . import roles
 from .arms import branch_of, unpaired_of
 from .callers import describe as describe_callers
@@ -383,8 +383,7 @@ def _first_given_up(notices: Sequence[Tuple[int, int]], timeout: float) -> str:
     """Where the first of ``notices`` gave up, and after how long: ``collective #3 (timeout
     1 s)``."""
     first = min(seq for _, seq in notices)
-    return (f"{'the creation' if first == CREATE_SEQ else f'collective #{first}'} (timeout "
-            f"{timeout:g} s)")
+    return f"{numbered(first)} (timeout {timeout:g} s)"
 
 
 # How the CollectiveTimeout of a rank that came late reads after its call's site; the

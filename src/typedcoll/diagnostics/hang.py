@@ -30,7 +30,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..core.call import Call
 from ..core.channel import Channel
-from ..core.errors import CREATE_SEQ
+from ..core.errors import CREATE_SEQ, numbered
 from ..core.plumbing import register_internal
 from ..core.mismatch import (EnvelopeInfo, Group, MismatchKind, compact_ranks, describe,
                              format_decisions, role_split)
@@ -142,10 +142,6 @@ def waits_past(issued: int, last: Optional[RecordEntry], inside: bool, seq: int)
     return inside
 
 
-def _numbered(call: Call) -> str:
-    return "the creation" if call.seq == CREATE_SEQ else f"collective #{call.seq}"
-
-
 def hang_report(p: Protocol, call: Call) -> Tuple[Optional[Tuple[int, ...]], str]:
     """(ranks that never arrived or did not answer, report text) for the timed-out ``call``."""
     started = time.monotonic()
@@ -202,15 +198,15 @@ def hang_report(p: Protocol, call: Call) -> Tuple[Optional[Tuple[int, ...]], str
                   and status.comm.last.seq == call.seq and status.comm.last.state == "failed"}
         late = sorted(r for r, last in failed.items() if _came_late(last))
         if failed and not gave_up:
-            lines.append(f"  every rank has started {_numbered(call)}, and "
+            lines.append(f"  every rank has started {numbered(call.seq)}, and "
                          f"{compact_ranks(sorted(failed))} already failed it: this rank came "
                          f"late; where each peer is now:")
         elif late:
-            lines.append(f"  every rank has started {_numbered(call)}, "
+            lines.append(f"  every rank has started {numbered(call.seq)}, "
                          f"{compact_ranks(late)} only after a rank had given up on it (it came "
                          f"late: its call failed as abandoned); where each peer is now:")
         else:
-            lines.append(f"  every rank has started {_numbered(call)}: it is slow, or the "
+            lines.append(f"  every rank has started {numbered(call.seq)}: it is slow, or the "
                          f"transport is stuck; where each peer is now:")
         lines += _grouped(p, sorted(answers), lambda r: _absent_lines(p, answers[r]))
     lines.append(f"  arrived: {compact_ranks(arrived)}")

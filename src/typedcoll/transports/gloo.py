@@ -14,6 +14,7 @@ process or connection is gone.
 from __future__ import annotations
 
 import math
+import random
 import socket
 import time
 from datetime import timedelta
@@ -129,10 +130,32 @@ def post(operation: Callable[..., Any], *args: Any) -> Any:
 
 
 def free_port() -> int:
-    """A free localhost TCP port, for launching test and benchmark process groups."""
+    """A free localhost TCP port, for launching test and benchmark process groups.
+
+    The port is found free here and bound later by another process, so it is drawn from below
+    the kernel's ephemeral range: a port the kernel hands out itself (``bind(0)``, or a connecting
+    socket such as gloo's own pairs) can be taken by any process in between.
+    """
+    low = _ephemeral_low()
+    for port in random.sample(range(max(1024, low - 8192), low), 64):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:  # taken: draw another
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (Linux's default where it does not say)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def group_timeout(group: Any) -> Optional[float]:

@@ -19,7 +19,7 @@ import time
 from typing import Any, List, Optional, Tuple
 
 from ..core.plumbing import register_internal
-from ..core.errors import CREATE_SEQ
+from ..core.errors import numbered
 from ..core.transport import TransportFailure
 from .gloo import wait_work
 
@@ -43,8 +43,7 @@ class FailureReports:
                 self.store.set(f"failed_in/{self.rank}", str(seq))
             except Exception:  # the store died with its rank: the report below fails too
                 pass
-            self._report(f"{'the creation' if seq == CREATE_SEQ else f'collective #{seq}'}: "
-                         f"{failure}")
+            self._report(f"{numbered(seq)}: {failure}")
             return
         try:
             self.store.set(f"gave_up/{self.rank}", str(seq))
