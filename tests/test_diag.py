@@ -734,7 +734,7 @@ def test_a_recorded_creation_reads_as_creation_not_its_sentinel_number():
     created = RecordEntry(seq=2 ** 64 - 1, op="create", schema="tuple[bool, float]",
                           site="prog.py:4")
     text = hang.entry_text(created, "WORLD", 0)
-    assert text == "create[tuple[bool, float]] on WORLD (creation) at prog.py:4: completed", text
+    assert text == "create on WORLD (creation) at prog.py:4: completed", text  # not its settings
     later = hang.entry_text(RecordEntry(seq=3, op="barrier", site="prog.py:9"), "WORLD", 0)
     assert " seq=3 at prog.py:9" in later, later
 

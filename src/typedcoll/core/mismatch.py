@@ -15,7 +15,7 @@ import msgspec
 
 from .identity import ordinal
 from .sites import format_column
-from .wire import REDUCING_OPS, ROOTED_OPS
+from .wire import INTERNAL_PAYLOADS, REDUCING_OPS, ROOTED_OPS
 
 
 class MismatchKind(enum.Enum):
@@ -339,6 +339,8 @@ def describe(env: EnvelopeInfo, kinds: Sequence[MismatchKind] = (),
     schema = env.schema
     if show_fingerprint and env.fingerprint and schema:
         schema = f"{schema}@{env.fingerprint[:8]}"
+    if env.op in INTERNAL_PAYLOADS and MismatchKind.SCHEMA not in kinds:
+        schema = ""  # typedcoll's own settings, not the caller's (unless they differ)
     text = label(env.op, schema)
     if MismatchKind.COMMUNICATOR in kinds:
         text += f" on {env.comm}"

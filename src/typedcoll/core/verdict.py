@@ -35,8 +35,8 @@ from .mismatch import (EnvelopeInfo, Group, MismatchKind, as_the_roots_class, co
                        differing_notes, format_decisions, format_groups, group_envelopes, label,
                        mismatch_kinds, numbering, place, role_split)
 from .wire import (AGREE_SIZE, FLAG_LOCAL_ERROR, FLAGS_OFFSET, HEADER_SIZE, IDENTITY_OFFSET,
-                   INSTANCE_OFFSET, REDUCE_OP_NAMES, REDUCING_OPS, ROOTED_OPS, agreed, or_into,
-                   own_block)
+                   INSTANCE_OFFSET, INTERNAL_PAYLOADS, REDUCE_OP_NAMES, REDUCING_OPS, ROOTED_OPS,
+                   agreed, or_into, own_block)
 
 if TYPE_CHECKING:
     from .protocol import Protocol
@@ -66,8 +66,6 @@ def what(call: Call) -> str:
     """``allgather[RankState]``; the bare op where the payload is typedcoll's own (creation)."""
     return label(call.op, "" if call.op in INTERNAL_PAYLOADS else call.schema_name)
 
-
-INTERNAL_PAYLOADS = frozenset({"create", "split", "free"})
 
 
 def describe_call(p: "Protocol", call: Call, error: Optional[str] = None) -> EnvelopeInfo:

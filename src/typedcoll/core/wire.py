@@ -100,6 +100,9 @@ ROOTED_OPS = frozenset({"gather", "bcast", "broadcast_tensor", "scatter", "reduc
                         "reduce_tensor", "gather_tensor", "scatter_tensor"})
 REDUCING_OPS = frozenset({"allreduce", "all_reduce_tensor", "reduce_scatter_tensor", "reduce",
                           "reduce_scatter", "reduce_tensor"})
+# Ops whose payload is typedcoll's own (a communicator's settings), not the caller's: a message
+# names the op alone.
+INTERNAL_PAYLOADS = frozenset({"create", "split", "free"})
 
 REDUCE_OPS = {"sum": 1, "max": 2, "min": 3, "prod": 4, "land": 5, "lor": 6, "lxor": 7,
               "band": 8, "bor": 9, "bxor": 10}
