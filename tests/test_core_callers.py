@@ -387,9 +387,9 @@ def test_a_functions_calls_of_itself_are_one_level(timeout: Optional[float]) -> 
     one_desync(outcomes(3, nested_requests, 9, 2, SAME_CODE_NESTS, timeout=timeout))
 
 
-def recursive_vote(comm: tc.TypedComm, skip: bool) -> Any:
+def recursive_vote(comm: tc.TypedComm, skip: bool, name: Optional[str] = None) -> Any:
     def at_depth(n: int, value: int) -> Any:
-        return at_depth(n - 1, value) if n else comm.allgather(value)
+        return at_depth(n - 1, value) if n else comm.allgather(value, name=name)
     depth = 3 * comm.rank  # each rank recurses to a depth of its own
     got = []
     if not (skip and comm.rank == comm.size - 1):
@@ -399,10 +399,48 @@ def recursive_vote(comm: tc.TypedComm, skip: bool) -> Any:
 
 
 @pytest.mark.parametrize("timeout", TIMEOUTS)
-def test_ranks_that_recurse_to_different_depths_meet(timeout: Optional[float]) -> None:
-    assert outcomes(3, recursive_vote, False, timeout=timeout) == \
+def test_ranks_that_recurse_to_different_depths_for_one_call_name_it(
+        timeout: Optional[float]) -> None:
+    """Recursion is a caller like any other (a walk that votes at each node must tell its
+    nodes apart by depth): ranks that recurse to different depths before one call are two
+    calls and raise, alike on every rank; a name= declares them one call."""
+    error = one_desync(outcomes(3, recursive_vote, False, timeout=timeout))
+    assert str(error).endswith("\n  a function's calls of itself are callers too (a walk that "
+                               "calls at each node tells its nodes apart by depth): ranks that "
+                               "recurse to different depths before one collective are two "
+                               "calls unless it has a name="), error
+    assert outcomes(3, recursive_vote, False, "vote", timeout=timeout) == \
         [[[100, 101, 102], [0, 1, 2]]] * 3
     one_desync(outcomes(3, recursive_vote, True, timeout=timeout))
+
+
+def stats_tree(comm: tc.TypedComm, post_order: bool) -> Any:
+    """A stats tree synced node by node, a vote at each node and recursion from two lines (the
+    draft child, then the target child); rank 1 has no draft child."""
+    def sync(node: Any) -> Dict[str, Any]:
+        tokens, draft, target = node
+        out: Dict[str, Any] = {}
+        if not post_order:
+            out["total"] = comm.allreduce(tokens)
+        if draft is not None:
+            out["draft"] = sync(draft)
+        if target is not None:
+            out["target"] = sync(target)
+        if post_order:
+            out["total"] = comm.allreduce(tokens)
+        return out
+    leaf = (comm.rank + 1, None, None)
+    nested = (10, leaf, None)  # a draft child with a draft child of its own
+    return sync((1, nested if comm.rank != 1 else None, leaf))
+
+
+@pytest.mark.parametrize("post_order", [False, True])
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+def test_a_tree_walk_that_recurses_from_two_lines_tells_its_nodes_apart(
+        timeout: Optional[float], post_order: bool) -> None:
+    # Before, a function's calls of itself were one level: rank 1's target vote took its
+    # peers' draft vote, and in post order the deepest draft leaf's took a child's.
+    one_desync(outcomes(3, stats_tree, post_order, timeout=timeout))
 
 
 def in_comprehensions(comm: tc.TypedComm) -> Any:
@@ -515,6 +553,51 @@ def test_a_skipped_vote_through_an_async_helper_raises(
     rows = str(error).splitlines()[1:3]
     assert {r.split("called from ")[1].split()[0].rstrip(",") for r in rows} == \
         {f"test_core_callers.py:{first + 6}", f"test_core_callers.py:{first + 7}"}, error
+
+
+def any_rank_retrying(comm: tc.TypedComm, flag: bool, loop: str) -> bool:
+    """A vote helper that retries its one call on a transient error: in a ``for`` loop, a
+    ``while`` loop, or from its handler."""
+    if loop == "for":
+        for _ in range(3):
+            try:
+                return any(comm.allgather(flag))
+            except ConnectionError:
+                pass
+    elif loop == "while":
+        while True:
+            try:
+                return any(comm.allgather(flag))
+            except ConnectionError:
+                continue
+    else:
+        try:
+            raise ConnectionError
+        except ConnectionError:
+            return any(comm.allgather(flag))
+    raise RuntimeError("gave up")
+
+
+def retried_sync_votes(comm: tc.TypedComm, loop: str, skipper: Optional[int]) -> Any:
+    comm.set_step(7)  # both votes in one iteration: the step clock cannot tell them apart
+    got = []
+    if comm.rank != skipper:
+        got.append(any_rank_retrying(comm, comm.rank == 0, loop))
+    got.append(any_rank_retrying(comm, False, loop))
+    return got
+
+
+@pytest.mark.parametrize("loop", ["for", "while", "handler"])
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+def test_a_skipped_vote_through_a_retry_loop_that_returns_its_call_raises(
+        timeout: Optional[float], loop: str) -> None:
+    """Before, a call in a loop carried no callers: both votes were the helper's one line, and
+    the skipper's timeout vote took its peers' has-work vote without an error. A call whose
+    result the function returns at once runs once per call of the function, loop or not."""
+    first = retried_sync_votes.__code__.co_firstlineno
+    a_skipped_vote_raises(retried_sync_votes, f"test_core_callers.py:{first + 4}",
+                          f"test_core_callers.py:{first + 5}", loop, skipper=2,
+                          timeout=timeout)
 
 
 # A context manager that votes on entry: a generator with no loop, resumed by the ``with``.

@@ -1145,8 +1145,8 @@ def deep_caller(comm: tc.TypedComm, nesting: int) -> int:
     for _ in range(nesting):
         value = [value]
 
-    def at_depth(n: int) -> List[Any]:
-        return at_depth(n - 1) if n else comm.allgather(value, schema=list)
+    def at_depth(n: int) -> List[Any]:  # one call, made at two depths: named so
+        return at_depth(n - 1) if n else comm.allgather(value, schema=list, name="deep")
     return len(at_depth(sys.getrecursionlimit() - 80 if comm.rank == 1 else 0))
 
 
@@ -1528,7 +1528,9 @@ def types_that_differ(comm: tc.TypedComm) -> List[Any]:
              lambda: comm.allreduce(True, op="land"),
              lambda: comm.allreduce(np.bool_(comm.rank != 1), op="land"),
              lambda: comm.allgather(None if comm.rank == 1 else RankState(comm.rank),
-                                    schema=Optional[RankState]))
+                                    schema=Optional[RankState]),
+             # an idle rank's literal beside its peers' numpy scalar (``arr.sum()``)
+             lambda: comm.allreduce(0 if comm.rank == 1 else np.int64(comm.rank)))
     for call in calls:
         try:
             out.append(call())
@@ -1539,7 +1541,7 @@ def types_that_differ(comm: tc.TypedComm) -> List[Any]:
 
 def test_types_that_differ_say_how_to_declare_them():
     for rank, got in enumerate(run(3, types_that_differ)):
-        gather, reduce, flag, numpy_flag, declared = got
+        gather, reduce, flag, numpy_flag, declared, numpy_sum = got
         assert type(gather) is tc.DesyncError and str(gather).endswith(
             "\n  only the schemas differ (None and RankState): if ranks may send different types "
             "here, give every rank's call one schema= that admits them all (Optional[X] where a "
@@ -1552,6 +1554,10 @@ def test_types_that_differ_say_how_to_declare_them():
             "numpy.bool_(flag))"), flag
         assert numpy_flag == np.False_
         assert declared == [RankState(0), None, RankState(2)]
+        assert type(numpy_sum) is tc.DesyncError and str(numpy_sum).endswith(
+            "\n  ranks 0,2 sent a numpy scalar (dtype int64), rank 1 a Python int: a numpy scalar "
+            "travels as a 0-d array, so give every rank's value one type (int(x), float(x) or "
+            "bool(x) on every rank, or a numpy scalar on every rank)"), numpy_sum
 
 
 def two_builds_of_one_record(comm, omit_defaults: bool, older_default: Any) -> Any:

@@ -20,12 +20,19 @@ a helper that makes its collective on a line of its own (``flags = comm.allgathe
 Carrying the callers only makes an identity finer, so it never pairs two calls that were apart;
 its price is a thin wrapper's (one helper reached from two lines for one collective is two
 calls). A call inside a loop (a worker's or a driver's) carries none: it runs many times for
-one caller, and its lines are its own.
+one caller, and its lines are its own; unless its function returns straight after it, as a
+retry loop's ``return comm.allgather(obj)`` does (``_returned_at``): once per call, as outside.
 
   1. ``callers_of``: the call site of the function that holds the role branch, found as the
      call's own site is (``site_walk.site_from`` from that function's caller: plumbing,
-     transparent functions and thin wrappers passed over; a function's calls of itself are
-     one level, so ranks that recurse to different depths meet). A coroutine is its caller's
+     transparent functions and thin wrappers passed over). A function's calls of itself are
+     callers like any other: a tree walk that votes at each node and recurses from two lines
+     (the draft child, then the target child) tells its nodes apart by the lines and depth that
+     reached them, so a rank without a draft child raises at its target's vote where it would
+     take its peers' draft vote, and ranks that recurse to different depths for one call are
+     two calls (give it a ``name=``). A rooted call's role wrapper that calls itself in its
+     role branch's arms (closures of one factory nested) is one level: its arms decide which
+     side a rank takes, never which call. A coroutine is its caller's
      callee only while that caller awaits it or steps it by hand with its own ``send``,
      ``throw`` or ``close`` (``awaited``): one stepped by the event loop, or
      started eagerly inside ``create_task`` (Python 3.12's eager tasks), is its own caller, so
@@ -92,6 +99,11 @@ _CALLS = frozenset(op for name, op in dis.opmap.items()
 # A function's code -> the spans of its loops and inlined comprehensions (loops.loop_spans):
 # its calls outside them are made for its caller.
 _PICKED = CodeTable()
+_RETURNED = CodeTable()  # a code's call -> whether the function returns its result at once
+_RETURNS = frozenset({"RETURN_VALUE", "RETURN_CONST"})
+# What ends straight-line code other than a jump: a loop's step, a suspension, a raise.
+_LEAVES_STRAIGHT_LINE = frozenset({"FOR_ITER", "SEND", "YIELD_VALUE", "RAISE_VARARGS",
+                                   "RERAISE", "END_FOR"})
 _UNREAD = object()
 
 _COMBINED: Dict[bytes, bytes] = {}
@@ -118,7 +130,35 @@ def role_site(code: Optional[CodeType], lasti: int) -> int:
     spans = _PICKED.get(code, 0, _UNREAD)
     if spans is _UNREAD:
         spans = _PICKED.put(code, 0, loop_spans(code))
-    return kind | PICKED if spans is not None and not in_spans(spans, lasti) else kind
+    if spans is None:
+        return kind
+    return kind | PICKED if not in_spans(spans, lasti) or _returned_at(code, lasti) else kind
+
+
+def _returned_at(code: CodeType, lasti: int) -> bool:
+    """Whether the function returns straight after the call at ``lasti`` (``return
+    comm.allgather(obj)``): inside a loop too, that call runs once per call of the function
+    where it completes, as a retry loop's does (``for attempt in range(3): try: return
+    comm.allgather(obj) except ConnectionError: pass``), so its caller tells its uses apart."""
+    returned: Optional[bool] = _RETURNED.get(code, lasti)
+    if returned is None:
+        at = _instruction_at(code.co_code, lasti)
+        instructions = instructions_of(code)
+        after = next((i + 1 for i, ins in enumerate(instructions) if ins.offset == at), None)
+        returned = _RETURNED.put(code, lasti, after is not None and _returns(instructions[after:]))
+    return returned
+
+
+def _returns(after: List[dis.Instruction]) -> bool:
+    """Whether ``after``, the instructions after a call, run straight to the function's return:
+    no jump back into a loop, nor any other, between the call and the return (``return
+    any(comm.allgather(flag))``, or ``flags = ...`` then ``return any(flags)``)."""
+    for ins in after:
+        if ins.opname in _RETURNS:
+            return True
+        if "JUMP" in ins.opname or ins.opname in _LEAVES_STRAIGHT_LINE:
+            return False
+    return False
 
 
 def _instruction_at(raw: bytes, lasti: int) -> int:
@@ -206,8 +246,9 @@ def callers_of(frame: Optional[FrameType], rooted: bool = True) -> Tuple[Level, 
         while frame.f_code.co_name in COMPREHENSIONS and frame.f_back is not None:
             frame = frame.f_back
         site, via = site_from(frame.f_back)
-        while site is not None and site.f_code is frame.f_code:
-            site, via = site_from(site.f_back)  # a function's calls of itself are one level
+        while site is not None and site.f_code is frame.f_code and rooted \
+                and role_site(site.f_code, site.f_lasti) & ROLE:
+            site, via = site_from(site.f_back)  # a role wrapper's calls of itself: one level
         if site is None or not awaited(frame, site):
             break
         if len(levels) < MAX_LEVELS:

@@ -11,7 +11,7 @@ and the trace analyzer write the same text.
 from __future__ import annotations
 
 import re
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import AbstractSet, Dict, List, Optional, Sequence, Tuple
 
 from .sites import NO_COLUMNS
 from .mismatch import (EnvelopeInfo, Group, MismatchKind, compact_ranks, format_decisions,
@@ -31,6 +31,38 @@ def _object_list_length(schema: str) -> Optional[int]:
     return schema.count("Any") if re.fullmatch(r"tuple\[Any(, Any)*\]", schema) else None
 
 
+def _numpy_scalars_beside_python_values(kinds: Sequence[MismatchKind], groups: Sequence[Group],
+                                        ops: AbstractSet[str]) -> List[str]:
+    """Where some ranks sent a numpy scalar (a 0-d array: ``arr.sum()``, ``np.any(...)``) and the
+    others a Python value (an idle rank's ``0`` or ``False``): the schemas may print alike
+    (``bool``), so say what differs."""
+    if len(ops) != 1 or not set(kinds) <= {MismatchKind.SCHEMA, MismatchKind.SHAPE,
+                                           MismatchKind.DTYPE}:
+        return []
+    numpy = [g for g in groups if g.envelope.shape is not None and len(g.envelope.shape) == 0]
+    python = [g for g in groups if g.envelope.shape is None and g.envelope.dtype is None]
+    if not numpy or not python or len(numpy) + len(python) != len(groups):
+        return []
+    dtypes = " and ".join(sorted({str(g.envelope.dtype) for g in numpy}))
+    values = " and ".join(sorted({g.envelope.schema for g in python}))
+    ranks = compact_ranks(sorted(r for g in numpy for r in g.ranks))
+    others = compact_ranks(sorted(r for g in python for r in g.ranks))
+    return [f"  {ranks} sent a numpy scalar (dtype {dtypes}), {others} a Python {values}: a "
+            f"numpy scalar travels as a 0-d array, so give every rank's value one type "
+            f"(int(x), float(x) or bool(x) on every rank, or a numpy scalar on every rank)"]
+
+
+def _recursion(groups: Sequence[Group]) -> List[str]:
+    """Where a rank's callers repeat a line (a function that calls itself), what recursion
+    counts for."""
+    if not any(len({(c.site, c.column) for c in g.envelope.callers}) < len(g.envelope.callers)
+               for g in groups):
+        return []
+    return ["  a function's calls of itself are callers too (a walk that calls at each node "
+            "tells its nodes apart by depth): ranks that recurse to different depths before "
+            "one collective are two calls unless it has a name="]
+
+
 def _hint(kinds: Sequence[MismatchKind], groups: Sequence[Group]) -> List[str]:
     ops = {g.envelope.op for g in groups}
     taking = {g.envelope.schema for g in groups if g.envelope.op in _TAKING_OPS} & {"", "?"}
@@ -38,6 +70,9 @@ def _hint(kinds: Sequence[MismatchKind], groups: Sequence[Group]) -> List[str]:
             len({g.envelope.schema for g in groups} - taking) <= 1:
         # receivers that named no schema take the root's: no disagreement of their making
         kinds = [kind for kind in kinds if kind is not MismatchKind.SCHEMA]
+    scalars = _numpy_scalars_beside_python_values(kinds, groups, ops)
+    if scalars:
+        return scalars
     if list(kinds) == [MismatchKind.SCHEMA] and len(ops) == 1:
         op = ops.pop()
         schemas = " and ".join(sorted({g.envelope.schema for g in groups}))
@@ -113,7 +148,7 @@ def _hint(kinds: Sequence[MismatchKind], groups: Sequence[Group]) -> List[str]:
                     "reach it from two places (a driver and its workers): "
                     "then call it from one line on every rank, or pass each use a name= of its "
                     "own down to the call (one name= written inside the function makes all its "
-                    "uses one call)"]
+                    "uses one call)"] + _recursion(groups)
         vias = {g.envelope.via for g in groups}
         if len(vias) == 1 and None not in vias:
             via = vias.pop()
