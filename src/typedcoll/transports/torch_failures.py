@@ -11,6 +11,11 @@ A timeout is not reported to the waits (each rank reports its own, naming whom i
 but its notice ("gave_up/<rank>": the call number) is kept: a slow peer that arrives later finds
 its call failed by the closed connections, as if this rank had died, and the notice tells it
 that this rank gave up instead (``given_up``, read when a call ends unmet).
+
+A failure leaves two keys: "failed/<rank>", the text the waits show, and "failed_in/<rank>",
+the call's number alone. A rank that comes after its peers left reads the numbers beside the
+give-ups' (which call each left, compared as numbers) without parsing a message meant for
+people; the text stays free to change.
 """
 
 from __future__ import annotations
