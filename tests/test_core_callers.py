@@ -414,6 +414,59 @@ def test_ranks_that_recurse_to_different_depths_for_one_call_name_it(
     one_desync(outcomes(3, recursive_vote, True, timeout=timeout))
 
 
+def bisection(comm: tc.TypedComm, one_line: bool) -> Any:
+    """A recursive bisection over the ranks: every rank votes at each level, then descends into
+    the half that holds it, by a test of its rank (a role branch's arms)."""
+    def split(lo: int, hi: int, xs: List[int]) -> List[Any]:
+        if hi - lo == 1:
+            return xs
+        mid = (lo + hi) // 2
+        pivot = comm.allreduce(sum(xs)) // comm.size
+        if one_line:
+            return split(lo, mid, xs + [pivot]) if comm.rank < mid else split(mid, hi, xs + [pivot])
+        if comm.rank < mid:
+            return split(lo, mid, xs + [pivot])
+        return split(mid, hi, xs + [pivot])
+    return split(0, comm.size, [comm.rank])
+
+
+@pytest.mark.parametrize("one_line", [False, True])
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+def test_calls_of_itself_in_a_role_branchs_arms_are_one_level(
+        timeout: Optional[float], one_line: bool) -> None:
+    # Each rank's path is its rank's: the levels' votes pair, whichever half a rank took.
+    assert outcomes(4, bisection, one_line, timeout=timeout) == \
+        [[0, 1, 2], [1, 1, 2], [2, 1, 2], [3, 1, 2]]
+
+
+def tokens_then_total(comm: tc.TypedComm) -> Any:
+    """A generator that streams a rank's tokens and returns the vote of their count from its
+    loop; the consumer takes the first by next() and drains the rest with a for loop, so which
+    line resumed it last is its data's (none, or three tokens)."""
+    def stream(tokens: List[int]) -> Iterator[Any]:
+        i = 0
+        while True:
+            if i == len(tokens):
+                return comm.allreduce(len(tokens))
+            yield tokens[i]
+            i += 1
+    gen = stream([1, 2, 3] if comm.rank else [])
+    got = []
+    try:
+        got.append(next(gen))
+        for token in gen:
+            got.append(token)
+    except StopIteration as stop:
+        return got, stop.value
+    return got, None
+
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+def test_a_generators_return_from_its_loop_stays_its_own_call(timeout: Optional[float]) -> None:
+    # rank 1's for loop ends the generator, and keeps no return value
+    assert outcomes(2, tokens_then_total, timeout=timeout) == [([], 3), ([1, 2, 3], None)]
+
+
 def stats_tree(comm: tc.TypedComm, post_order: bool) -> Any:
     """A stats tree synced node by node, a vote at each node and recursion from two lines (the
     draft child, then the target child); rank 1 has no draft child."""

@@ -188,6 +188,19 @@ def test_a_rank_without_column_positions_is_named_at_creation(spmd):
          rank_env=[{}, {"PYTHONNODEBUGRANGES": "1"}])
 
 
+def test_callers_on_one_line_are_told_apart_by_their_columns():
+    # ``return f(lo, mid) if rank < mid else f(mid, hi)``: the rows read alike without them.
+    from typedcoll.core.mismatch import Caller
+
+    def info(rank: int, column: int) -> EnvelopeInfo:
+        return EnvelopeInfo(rank=rank, seq=2, op="allreduce", schema="int", site="m.py:9",
+                            column=4, callers=(Caller("m.py:12", column), Caller("m.py:20", 0)))
+    rows = format_groups(group_envelopes([info(0, 15), info(1, 48)]), [MismatchKind.CALL])
+    assert rows == ["  rank 0: allreduce[int] at m.py:9:5 called from m.py:12:16 called from "
+                    "m.py:20:1", "  rank 1: allreduce[int] at m.py:9:5 called from m.py:12:49 "
+                    "called from m.py:20:1"], rows
+
+
 def test_a_site_without_its_column_says_why():
     def info(rank: int, column: Optional[int]) -> EnvelopeInfo:
         return EnvelopeInfo(rank=rank, seq=4, op="allgather", schema="int", site="m.py:7",

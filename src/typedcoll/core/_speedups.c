@@ -642,10 +642,10 @@ static PyObject *with_callers(PyFrameObject *frame, PyObject *site, int rooted,
         Py_XDECREF(back);
         if (rc < 0) goto done;
         {
-            /* a rooted call's role wrapper calling itself in its arms is one level
+            /* a function's calls of itself in a role branch's arms are one level
              * (callers.callers_of) */
             PyCodeObject *own = PyFrame_GetCode(at);
-            while (rc == 0 && rooted && codes[n] != NULL && codes[n] == own && up != NULL) {
+            while (rc == 0 && codes[n] != NULL && codes[n] == own && up != NULL) {
                 int bits = role_site(codes[n], PyFrame_GetLasti(up));
                 if (bits < 0) rc = -1;
                 if (bits <= 0 || !(bits & ROLE_BIT)) break;

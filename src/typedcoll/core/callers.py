@@ -30,9 +30,10 @@ retry loop's ``return comm.allgather(obj)`` does (``_returned_at``): once per ca
      (the draft child, then the target child) tells its nodes apart by the lines and depth that
      reached them, so a rank without a draft child raises at its target's vote where it would
      take its peers' draft vote, and ranks that recurse to different depths for one call are
-     two calls (give it a ``name=``). A rooted call's role wrapper that calls itself in its
-     role branch's arms (closures of one factory nested) is one level: its arms decide which
-     side a rank takes, never which call. A coroutine is its caller's
+     two calls (give it a ``name=``). Calls of itself written in a role branch's arms (``if
+     rank < mid: return bisect(lo, mid)`` / ``return bisect(mid, hi)``, a role wrapper's
+     closures of one factory nested) are one level: the rank's role picks the arm, and every
+     rank makes the same calls down either. A coroutine is its caller's
      callee only while that caller awaits it or steps it by hand with its own ``send``,
      ``throw`` or ``close`` (``awaited``): one stepped by the event loop, or
      started eagerly inside ``create_task`` (Python 3.12's eager tasks), is its own caller, so
@@ -101,6 +102,9 @@ _CALLS = frozenset(op for name, op in dis.opmap.items()
 _PICKED = CodeTable()
 _RETURNED = CodeTable()  # a code's call -> whether the function returns its result at once
 _RETURNS = frozenset({"RETURN_VALUE", "RETURN_CONST"})
+# A generator's return ends it for whichever line resumed it last (``next(gen)``, or the ``for``
+# that drains it), which its data decides: its calls in loops stay the generator's own.
+_GENERATORS = 0x20 | 0x200  # CO_GENERATOR, CO_ASYNC_GENERATOR
 # What ends straight-line code other than a jump: a loop's step, a suspension, a raise.
 _LEAVES_STRAIGHT_LINE = frozenset({"FOR_ITER", "SEND", "YIELD_VALUE", "RAISE_VARARGS",
                                    "RERAISE", "END_FOR"})
@@ -132,7 +136,8 @@ def role_site(code: Optional[CodeType], lasti: int) -> int:
         spans = _PICKED.put(code, 0, loop_spans(code))
     if spans is None:
         return kind
-    return kind | PICKED if not in_spans(spans, lasti) or _returned_at(code, lasti) else kind
+    return kind | PICKED if not in_spans(spans, lasti) or (
+        not code.co_flags & _GENERATORS and _returned_at(code, lasti)) else kind
 
 
 def _returned_at(code: CodeType, lasti: int) -> bool:
@@ -246,9 +251,9 @@ def callers_of(frame: Optional[FrameType], rooted: bool = True) -> Tuple[Level, 
         while frame.f_code.co_name in COMPREHENSIONS and frame.f_back is not None:
             frame = frame.f_back
         site, via = site_from(frame.f_back)
-        while site is not None and site.f_code is frame.f_code and rooted \
+        while site is not None and site.f_code is frame.f_code \
                 and role_site(site.f_code, site.f_lasti) & ROLE:
-            site, via = site_from(site.f_back)  # a role wrapper's calls of itself: one level
+            site, via = site_from(site.f_back)  # calls of itself in role arms: one level
         if site is None or not awaited(frame, site):
             break
         if len(levels) < MAX_LEVELS:

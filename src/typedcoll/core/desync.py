@@ -55,8 +55,11 @@ def _numpy_scalars_beside_python_values(kinds: Sequence[MismatchKind], groups: S
 def _recursion(groups: Sequence[Group]) -> List[str]:
     """Where a rank's callers repeat a line (a function that calls itself), what recursion
     counts for."""
-    if not any(len({(c.site, c.column) for c in g.envelope.callers}) < len(g.envelope.callers)
-               for g in groups):
+    chains = [g.envelope.callers for g in groups]
+    repeats = any(len({(c.site, c.column) for c in chain}) < len(chain) for chain in chains)
+    # one outermost caller, reached through more levels on some ranks: a recursion's depth
+    deeper = len({chain[-1] for chain in chains}) == 1 and len({len(c) for c in chains}) > 1
+    if not (repeats or deeper):
         return []
     return ["  a function's calls of itself are callers too (a walk that calls at each node "
             "tells its nodes apart by depth): ranks that recurse to different depths before "
@@ -142,7 +145,8 @@ def _hint(kinds: Sequence[MismatchKind], groups: Sequence[Group]) -> List[str]:
         if len(places) == 1 and all(g.envelope.callers for g in groups) and \
                 len({g.envelope.callers for g in groups}) > 1:
             return ["  the callers differ: a call made outside its function's loops (a "
-                    "helper's), written in a role branch's arm, or one of several its function "
+                    "helper's) or returned straight after (a retry loop's), written in a role "
+                    "branch's arm, or one of several its function "
                     "picks between and returns, is one call per line that calls its function, "
                     "so a rank skipped or added a call of it before this one, or the ranks "
                     "reach it from two places (a driver and its workers): "

@@ -378,8 +378,10 @@ def format_groups(groups: Sequence[Group], kinds: Sequence[MismatchKind],
     width = max(len(text) for text in labels)
     schemas = {(g.envelope.schema, g.envelope.fingerprint) for g in groups}
     collide = len(schemas) > len({name for name, _ in schemas})
-    sites = {(g.envelope.site, g.envelope.column) for g in groups}
-    one_line = len(sites) > len({site for site, _ in sites})
+    # Columns where two calls (or two of their callers) on one line are what differs.
+    sites = {((g.envelope.site, g.envelope.column),)
+             + tuple((c.site, c.column) for c in g.envelope.callers) for g in groups}
+    one_line = len(sites) > len({tuple(site for site, _ in chain) for chain in sites})
     return [f"{indent}{text:<{width}} {describe(g.envelope, kinds, collide, one_line)}"
             for text, g in zip(labels, groups)]
 
