@@ -610,7 +610,7 @@ def test_a_skipped_vote_through_an_async_helper_raises(
 
 def any_rank_retrying(comm: tc.TypedComm, flag: bool, loop: str) -> bool:
     """A vote helper that retries its one call on a transient error: in a ``for`` loop, a
-    ``while`` loop, or from its handler."""
+    ``while`` loop, a loop it leaves by ``break`` to return after it, or from its handler."""
     if loop == "for":
         for _ in range(3):
             try:
@@ -623,6 +623,15 @@ def any_rank_retrying(comm: tc.TypedComm, flag: bool, loop: str) -> bool:
                 return any(comm.allgather(flag))
             except ConnectionError:
                 continue
+    elif loop == "break":
+        flags: List[bool] = []
+        for _ in range(3):
+            try:
+                flags = comm.allgather(flag)
+                break
+            except ConnectionError:
+                continue
+        return any(flags)
     else:
         try:
             raise ConnectionError
@@ -640,7 +649,7 @@ def retried_sync_votes(comm: tc.TypedComm, loop: str, skipper: Optional[int]) ->
     return got
 
 
-@pytest.mark.parametrize("loop", ["for", "while", "handler"])
+@pytest.mark.parametrize("loop", ["for", "while", "break", "handler"])
 @pytest.mark.parametrize("timeout", TIMEOUTS)
 def test_a_skipped_vote_through_a_retry_loop_that_returns_its_call_raises(
         timeout: Optional[float], loop: str) -> None:
@@ -1055,7 +1064,8 @@ def test_which_functions_carry_their_callers() -> None:
 
     assert loop_spans(any_rank_holding.__code__) == [] and loop_spans(
         any_rank_or_none.__code__) == []
-    assert not carried(retry.__code__, "allgather")
+    # its one way on from the call is to the return: once per call of the function
+    assert carried(retry.__code__, "allgather")
     assert loop_spans(compile("x = 1", "<module>", "exec")) is None
     assert role_site(any_rank.__code__, 0) & PICKED
     # The vote is made for the helper's caller; the calls in its comprehensions are not, as

@@ -101,13 +101,15 @@ _CALLS = frozenset(op for name, op in dis.opmap.items()
 # its calls outside them are made for its caller.
 _PICKED = CodeTable()
 _RETURNED = CodeTable()  # a code's call -> whether the function returns its result at once
-_RETURNS = frozenset({"RETURN_VALUE", "RETURN_CONST"})
+# What leaves the function on a path after a call (a raise: unless a handler in the loop
+# catches it, which only makes the identity finer than the call's runs need).
+_RETURNS = frozenset({"RETURN_VALUE", "RETURN_CONST", "RAISE_VARARGS", "RERAISE"})
+_PATH_LIMIT = 400  # instructions read after a call before saying no
 # A generator's return ends it for whichever line resumed it last (``next(gen)``, or the ``for``
 # that drains it), which its data decides: its calls in loops stay the generator's own.
 _GENERATORS = 0x20 | 0x200  # CO_GENERATOR, CO_ASYNC_GENERATOR
-# What ends straight-line code other than a jump: a loop's step, a suspension, a raise.
-_LEAVES_STRAIGHT_LINE = frozenset({"FOR_ITER", "SEND", "YIELD_VALUE", "RAISE_VARARGS",
-                                   "RERAISE", "END_FOR"})
+# What ends a path after a call other than a jump back: a loop's step, a suspension.
+_LEAVES_STRAIGHT_LINE = frozenset({"FOR_ITER", "SEND", "YIELD_VALUE", "END_FOR"})
 _UNREAD = object()
 
 _COMBINED: Dict[bytes, bytes] = {}
@@ -150,20 +152,38 @@ def _returned_at(code: CodeType, lasti: int) -> bool:
         at = _instruction_at(code.co_code, lasti)
         instructions = instructions_of(code)
         after = next((i + 1 for i, ins in enumerate(instructions) if ins.offset == at), None)
-        returned = _RETURNED.put(code, lasti, after is not None and _returns(instructions[after:]))
+        returned = _RETURNED.put(code, lasti, after is not None and _returns(instructions, after))
     return returned
 
 
-def _returns(after: List[dis.Instruction]) -> bool:
-    """Whether ``after``, the instructions after a call, run straight to the function's return:
-    no jump back into a loop, nor any other, between the call and the return (``return
-    any(comm.allgather(flag))``, or ``flags = ...`` then ``return any(flags)``)."""
-    for ins in after:
-        if ins.opname in _RETURNS:
-            return True
-        if "JUMP" in ins.opname or ins.opname in _LEAVES_STRAIGHT_LINE:
-            return False
-    return False
+def _returns(instructions: List[dis.Instruction], after: int) -> bool:
+    """Whether every path from instruction ``after`` (the one after a call) leaves the function
+    without jumping back, so the call runs once per call of the function: ``return
+    any(comm.allgather(flag))``, ``flags = ...`` then ``break`` to a ``return any(flags)`` after
+    the loop, a log line under a flag between the two. A step of a loop or a suspension on the
+    way (a ``for``, an ``await``) says no."""
+    index = {ins.offset: i for i, ins in enumerate(instructions)}
+    todo, seen = [after], set()
+    while todo:
+        i = todo.pop()
+        while i not in seen:
+            seen.add(i)
+            if i >= len(instructions) or len(seen) > _PATH_LIMIT:
+                return False
+            ins = instructions[i]
+            if ins.opname in _RETURNS:
+                break
+            if ins.opname in _LEAVES_STRAIGHT_LINE:
+                return False
+            if "JUMP" in ins.opname:
+                target = index.get(ins.argval) if isinstance(ins.argval, int) else None
+                if target is None or ins.argval <= ins.offset:
+                    return False  # back into a loop, or where it cannot be read
+                todo.append(target)
+                if ins.opname == "JUMP_FORWARD":
+                    break
+            i += 1
+    return True
 
 
 def _instruction_at(raw: bytes, lasti: int) -> int:
