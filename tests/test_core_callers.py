@@ -379,12 +379,16 @@ def test_callers_past_those_kept_never_pair(timeout: Optional[float]) -> None:
 
 
 @pytest.mark.parametrize("timeout", TIMEOUTS)
-def test_a_functions_calls_of_itself_are_one_level(timeout: Optional[float]) -> None:
-    """Closures of one factory nested nine deep run one code object: its calls of itself are
-    one level, so they pair, and the line that tells the calls apart is kept."""
-    assert outcomes(3, nested_requests, 9, None, SAME_CODE_NESTS, timeout=timeout) == \
+def test_a_role_wrappers_calls_of_itself_pair_by_role_level_by_level(
+        timeout: Optional[float]) -> None:
+    """Closures of one factory nested run one code object, whose calls of itself are callers
+    like any other's: five deep, the root's arm and its receivers' pair at each level, and the
+    line that tells the calls apart is kept; nine deep, past the eight callers kept, such a
+    call raises (a false alarm, never another call's payload)."""
+    assert outcomes(3, nested_requests, 5, None, SAME_CODE_NESTS, timeout=timeout) == \
         [[Reqs(["work"]), Reqs(["control"])]] * 3
-    one_desync(outcomes(3, nested_requests, 9, 2, SAME_CODE_NESTS, timeout=timeout))
+    one_desync(outcomes(3, nested_requests, 5, 2, SAME_CODE_NESTS, timeout=timeout))
+    one_desync(outcomes(3, nested_requests, 9, None, SAME_CODE_NESTS, timeout=timeout))
 
 
 def recursive_vote(comm: tc.TypedComm, skip: bool, name: Optional[str] = None) -> Any:
@@ -414,14 +418,14 @@ def test_ranks_that_recurse_to_different_depths_for_one_call_name_it(
     one_desync(outcomes(3, recursive_vote, True, timeout=timeout))
 
 
-def bisection(comm: tc.TypedComm, one_line: bool) -> Any:
+def bisection(comm: tc.TypedComm, one_line: bool, name: Optional[str] = None) -> Any:
     """A recursive bisection over the ranks: every rank votes at each level, then descends into
     the half that holds it, by a test of its rank (a role branch's arms)."""
     def split(lo: int, hi: int, xs: List[int]) -> List[Any]:
         if hi - lo == 1:
             return xs
         mid = (lo + hi) // 2
-        pivot = comm.allreduce(sum(xs)) // comm.size
+        pivot = comm.allreduce(sum(xs), name=name) // comm.size
         if one_line:
             return split(lo, mid, xs + [pivot]) if comm.rank < mid else split(mid, hi, xs + [pivot])
         if comm.rank < mid:
@@ -432,11 +436,14 @@ def bisection(comm: tc.TypedComm, one_line: bool) -> Any:
 
 @pytest.mark.parametrize("one_line", [False, True])
 @pytest.mark.parametrize("timeout", TIMEOUTS)
-def test_calls_of_itself_in_a_role_branchs_arms_are_one_level(
+def test_calls_of_itself_in_a_role_branchs_arms_are_callers_too(
         timeout: Optional[float], one_line: bool) -> None:
-    # Each rank's path is its rank's: the levels' votes pair, whichever half a rank took.
-    assert outcomes(4, bisection, one_line, timeout=timeout) == \
+    """An arm may recurse into data of its own (twice, or a level less where its data ran
+    out), so each level is a caller: a bisection whose ranks take different halves at one
+    depth names its vote; unnamed, it raises on every rank."""
+    assert outcomes(4, bisection, one_line, "pivot", timeout=timeout) == \
         [[0, 1, 2], [1, 1, 2], [2, 1, 2], [3, 1, 2]]
+    one_desync(outcomes(4, bisection, one_line, None, timeout=timeout))
 
 
 def tokens_then_total(comm: tc.TypedComm) -> Any:
@@ -623,7 +630,7 @@ def any_rank_retrying(comm: tc.TypedComm, flag: bool, loop: str) -> bool:
                 return any(comm.allgather(flag))
             except ConnectionError:
                 continue
-    elif loop == "break":
+    elif loop in ("break", "break, then a loop"):
         flags: List[bool] = []
         for _ in range(3):
             try:
@@ -631,7 +638,12 @@ def any_rank_retrying(comm: tc.TypedComm, flag: bool, loop: str) -> bool:
                 break
             except ConnectionError:
                 continue
-        return any(flags)
+        if loop == "break":
+            return any(flags)
+        count = 0
+        for voted in flags:  # a loop after the call's: it never gets back to the call
+            count += voted
+        return count > 0
     else:
         try:
             raise ConnectionError
@@ -649,7 +661,7 @@ def retried_sync_votes(comm: tc.TypedComm, loop: str, skipper: Optional[int]) ->
     return got
 
 
-@pytest.mark.parametrize("loop", ["for", "while", "break", "handler"])
+@pytest.mark.parametrize("loop", ["for", "while", "break", "break, then a loop", "handler"])
 @pytest.mark.parametrize("timeout", TIMEOUTS)
 def test_a_skipped_vote_through_a_retry_loop_that_returns_its_call_raises(
         timeout: Optional[float], loop: str) -> None:

@@ -641,29 +641,6 @@ static PyObject *with_callers(PyFrameObject *frame, PyObject *site, int rooted,
         int rc = site_from(back, &codes[n], &lastis[n], &vias[n], &up);
         Py_XDECREF(back);
         if (rc < 0) goto done;
-        {
-            /* a function's calls of itself in a role branch's arms are one level
-             * (callers.callers_of) */
-            PyCodeObject *own = PyFrame_GetCode(at);
-            while (rc == 0 && codes[n] != NULL && codes[n] == own && up != NULL) {
-                int bits = role_site(codes[n], PyFrame_GetLasti(up));
-                if (bits < 0) rc = -1;
-                if (bits <= 0 || !(bits & ROLE_BIT)) break;
-                PyFrameObject *above = PyFrame_GetBack(up);
-                Py_CLEAR(codes[n]);
-                Py_CLEAR(vias[n]);
-                Py_CLEAR(up);
-                rc = site_from(above, &codes[n], &lastis[n], &vias[n], &up);
-                Py_XDECREF(above);
-            }
-            Py_DECREF(own);
-            if (rc < 0) {
-                Py_CLEAR(codes[n]);
-                Py_CLEAR(vias[n]);
-                Py_XDECREF(up);
-                goto done;
-            }
-        }
         rc = codes[n] == NULL ? 0 : awaited(at, up);
         if (rc <= 0) {
             Py_CLEAR(codes[n]);

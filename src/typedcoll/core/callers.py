@@ -20,8 +20,8 @@ a helper that makes its collective on a line of its own (``flags = comm.allgathe
 Carrying the callers only makes an identity finer, so it never pairs two calls that were apart;
 its price is a thin wrapper's (one helper reached from two lines for one collective is two
 calls). A call inside a loop (a worker's or a driver's) carries none: it runs many times for
-one caller, and its lines are its own; unless its function returns straight after it, as a
-retry loop's ``return comm.allgather(obj)`` does (``_returned_at``): once per call, as outside.
+one caller, and its lines are its own; unless no path from it gets back to it, as from a retry
+loop's ``return comm.allgather(obj)`` (``_returned_at``): once per call, as outside.
 
   1. ``callers_of``: the call site of the function that holds the role branch, found as the
      call's own site is (``site_walk.site_from`` from that function's caller: plumbing,
@@ -30,10 +30,10 @@ retry loop's ``return comm.allgather(obj)`` does (``_returned_at``): once per ca
      (the draft child, then the target child) tells its nodes apart by the lines and depth that
      reached them, so a rank without a draft child raises at its target's vote where it would
      take its peers' draft vote, and ranks that recurse to different depths for one call are
-     two calls (give it a ``name=``). Calls of itself written in a role branch's arms (``if
-     rank < mid: return bisect(lo, mid)`` / ``return bisect(mid, hi)``, a role wrapper's
-     closures of one factory nested) are one level: the rank's role picks the arm, and every
-     rank makes the same calls down either. A coroutine is its caller's
+     two calls (give it a ``name=``). So are calls of itself in a role branch's arms (``if rank
+     < mid: return bisect(lo, mid)`` / ``return bisect(mid, hi)``): an arm may recurse twice,
+     or stop early by its data, as any function may. A rooted call's levels still pair by role
+     (step 3), eight of them. A coroutine is its caller's
      callee only while that caller awaits it or steps it by hand with its own ``send``,
      ``throw`` or ``close`` (``awaited``): one stepped by the event loop, or
      started eagerly inside ``create_task`` (Python 3.12's eager tasks), is its own caller, so
@@ -104,12 +104,11 @@ _RETURNED = CodeTable()  # a code's call -> whether the function returns its res
 # What leaves the function on a path after a call (a raise: unless a handler in the loop
 # catches it, which only makes the identity finer than the call's runs need).
 _RETURNS = frozenset({"RETURN_VALUE", "RETURN_CONST", "RAISE_VARARGS", "RERAISE"})
-_PATH_LIMIT = 400  # instructions read after a call before saying no
+_ALWAYS_JUMPS = frozenset({"JUMP_FORWARD", "JUMP_BACKWARD", "JUMP_BACKWARD_NO_INTERRUPT",
+                           "JUMP", "JUMP_NO_INTERRUPT"})
 # A generator's return ends it for whichever line resumed it last (``next(gen)``, or the ``for``
 # that drains it), which its data decides: its calls in loops stay the generator's own.
 _GENERATORS = 0x20 | 0x200  # CO_GENERATOR, CO_ASYNC_GENERATOR
-# What ends a path after a call other than a jump back: a loop's step, a suspension.
-_LEAVES_STRAIGHT_LINE = frozenset({"FOR_ITER", "SEND", "YIELD_VALUE", "END_FOR"})
 _UNREAD = object()
 
 _COMBINED: Dict[bytes, bytes] = {}
@@ -143,10 +142,11 @@ def role_site(code: Optional[CodeType], lasti: int) -> int:
 
 
 def _returned_at(code: CodeType, lasti: int) -> bool:
-    """Whether the function returns straight after the call at ``lasti`` (``return
-    comm.allgather(obj)``): inside a loop too, that call runs once per call of the function
-    where it completes, as a retry loop's does (``for attempt in range(3): try: return
-    comm.allgather(obj) except ConnectionError: pass``), so its caller tells its uses apart."""
+    """Whether no path from the call at ``lasti`` gets back to it (``return
+    comm.allgather(obj)``, ``break`` to code after the loop): inside a loop too, that call runs
+    once per call of the function where it completes, as a retry loop's does (``for attempt in
+    range(3): try: return comm.allgather(obj) except ConnectionError: pass``), so its caller
+    tells its uses apart."""
     returned: Optional[bool] = _RETURNED.get(code, lasti)
     if returned is None:
         at = _instruction_at(code.co_code, lasti)
@@ -157,30 +157,28 @@ def _returned_at(code: CodeType, lasti: int) -> bool:
 
 
 def _returns(instructions: List[dis.Instruction], after: int) -> bool:
-    """Whether every path from instruction ``after`` (the one after a call) leaves the function
-    without jumping back, so the call runs once per call of the function: ``return
-    any(comm.allgather(flag))``, ``flags = ...`` then ``break`` to a ``return any(flags)`` after
-    the loop, a log line under a flag between the two. A step of a loop or a suspension on the
-    way (a ``for``, an ``await``) says no."""
+    """Whether no path from instruction ``after`` (the one after a call) jumps back to the
+    call or before it, so the call runs once per call of the function: ``return
+    any(comm.allgather(flag))``, ``flags = ...`` then ``break`` to a loop over the flags and a
+    return after the loop, a log line under a flag between. (A handler that an exception after
+    the call reaches and that loops back is not followed: it can only make the identity finer
+    than the call's runs need, never coarser.)"""
+    call = instructions[after - 1].offset
     index = {ins.offset: i for i, ins in enumerate(instructions)}
     todo, seen = [after], set()
     while todo:
         i = todo.pop()
-        while i not in seen:
+        while i not in seen and i < len(instructions):
             seen.add(i)
-            if i >= len(instructions) or len(seen) > _PATH_LIMIT:
-                return False
             ins = instructions[i]
             if ins.opname in _RETURNS:
                 break
-            if ins.opname in _LEAVES_STRAIGHT_LINE:
-                return False
-            if "JUMP" in ins.opname:
+            if "JUMP" in ins.opname or ins.opname == "FOR_ITER":
                 target = index.get(ins.argval) if isinstance(ins.argval, int) else None
-                if target is None or ins.argval <= ins.offset:
-                    return False  # back into a loop, or where it cannot be read
+                if target is None or ins.argval <= call:
+                    return False  # back to the call's loop, or where it cannot be read
                 todo.append(target)
-                if ins.opname == "JUMP_FORWARD":
+                if ins.opname in _ALWAYS_JUMPS:
                     break
             i += 1
     return True
@@ -271,9 +269,6 @@ def callers_of(frame: Optional[FrameType], rooted: bool = True) -> Tuple[Level, 
         while frame.f_code.co_name in COMPREHENSIONS and frame.f_back is not None:
             frame = frame.f_back
         site, via = site_from(frame.f_back)
-        while site is not None and site.f_code is frame.f_code \
-                and role_site(site.f_code, site.f_lasti) & ROLE:
-            site, via = site_from(site.f_back)  # calls of itself in role arms: one level
         if site is None or not awaited(frame, site):
             break
         if len(levels) < MAX_LEVELS:

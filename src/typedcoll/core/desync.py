@@ -145,7 +145,7 @@ def _hint(kinds: Sequence[MismatchKind], groups: Sequence[Group]) -> List[str]:
         if len(places) == 1 and all(g.envelope.callers for g in groups) and \
                 len({g.envelope.callers for g in groups}) > 1:
             return ["  the callers differ: a call made outside its function's loops (a "
-                    "helper's) or returned straight after (a retry loop's), written in a role "
+                    "helper's) or in a loop it leaves (a retry loop's), written in a role "
                     "branch's arm, or one of several its function "
                     "picks between and returns, is one call per line that calls its function, "
                     "so a rank skipped or added a call of it before this one, or the ranks "

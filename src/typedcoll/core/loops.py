@@ -3,8 +3,8 @@ their callers).
 
 A call outside its function's loops runs at most once per call of the function, so the line that
 called it tells its uses apart; a call inside a loop (a worker's, a driver's, a retry that changes
-its arguments) runs many times from one caller, and carries none, unless the function returns
-straight after it (``callers._returned_at``: a retry loop's ``return comm.allgather(obj)``). What
+its arguments) runs many times from one caller, and carries none, unless no path from it gets
+back to it (``callers._returned_at``: a retry loop's ``return comm.allgather(obj)``). What
 compiles to a jump back but is no loop of the function's: a comprehension (before 3.12 a frame
 of its own; from 3.12 inlined, and its spans answered, since calls in it run in a loop all the
 same), a coroutine's ``await`` and a generator's ``yield from``, and 3.12+'s jump back from an
