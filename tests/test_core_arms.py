@@ -104,6 +104,33 @@ def test_calls_without_a_partner_in_the_other_arm_are_no_branchs() -> None:
         assert line not in b, line
 
 
+def early_return_in_a_with_block(comm: tc.TypedComm, obj: Any, roots: Any = (0,)) -> Any:
+    import threading
+    lock = threading.Lock()
+    if comm.rank in roots:  # the root's arm leaves from inside a with block
+        with lock:
+            return comm.bcast(obj, root=0)
+    return comm.bcast(None, root=0)
+
+
+def early_return_in_a_with_block_that_raises(comm: tc.TypedComm, obj: Any) -> Any:
+    import contextlib
+    if comm.rank == 0:  # a context manager that swallows the raise: the root goes on
+        with contextlib.suppress(KeyError):
+            raise KeyError(obj)
+    return comm.bcast(obj if comm.rank == 0 else None, root=0)
+
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+def test_an_arm_that_returns_from_inside_a_with_block_leaves_it(
+        timeout: Optional[float]) -> None:
+    assert outcomes(3, early_return_in_a_with_block, "plan", timeout=timeout) == ["plan"] * 3
+    assert outcomes(3, early_return_in_a_with_block_that_raises, "plan", timeout=timeout) == \
+        ["plan"] * 3
+    # and a receiver in the root's arm still raises
+    one_desync(outcomes(3, early_return_in_a_with_block, "plan", (0, 1), timeout=timeout))
+
+
 def two_conditionals_from_one_line(comm: tc.TypedComm, ready: bool) -> Any:
     b, r = comm.bcast, comm.rank
     return (b("plan") if r == 0 else b(None)) if ready else (b("flag") if r == 0 else

@@ -421,7 +421,18 @@ def _after(node: ast.stmt, parents: Dict[ast.AST, ast.AST]) -> Sequence[ast.AST]
 
 
 def _leaves(body: Sequence[ast.stmt]) -> bool:
-    return bool(body) and isinstance(body[-1], _EXITS)
+    """Whether ``body`` always leaves its block: it ends in a return, raise, continue or break,
+    or in a ``with`` whose body does so other than by a raise (a context manager may swallow
+    that), or in an ``if`` whose arms both do."""
+    if not body:
+        return False
+    last = body[-1]
+    if isinstance(last, (ast.With, ast.AsyncWith)):
+        return bool(last.body) and not isinstance(last.body[-1], ast.Raise) \
+            and _leaves(last.body)
+    if isinstance(last, ast.If):
+        return bool(last.orelse) and _leaves(last.body) and _leaves(last.orelse)
+    return isinstance(last, _EXITS)
 
 
 def _named_calls(nodes: Sequence[ast.AST], name: str) -> List[ast.Call]:
