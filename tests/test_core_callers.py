@@ -1078,6 +1078,20 @@ def test_which_functions_carry_their_callers() -> None:
         any_rank_or_none.__code__) == []
     # its one way on from the call is to the return: once per call of the function
     assert carried(retry.__code__, "allgather")
+
+    async def serve(comm: Any, handle: Any, source: Any) -> None:
+        while True:  # a server's loop: an await after the call, then back to it
+            request = comm.bcast(None, root=0)
+            await handle(request)
+
+    async def serve_streams(comm: Any, handle: Any, source: Any) -> None:
+        while True:  # an async for after the call, which leaves by a handler
+            request = comm.bcast(None, root=0)
+            async for _ in source:
+                handle(request)
+
+    assert not carried(serve.__code__, "bcast")
+    assert not carried(serve_streams.__code__, "bcast")
     assert loop_spans(compile("x = 1", "<module>", "exec")) is None
     assert role_site(any_rank.__code__, 0) & PICKED
     # The vote is made for the helper's caller; the calls in its comprehensions are not, as

@@ -1556,8 +1556,8 @@ def test_types_that_differ_say_how_to_declare_them():
         assert declared == [RankState(0), None, RankState(2)]
         assert type(numpy_sum) is tc.DesyncError and str(numpy_sum).endswith(
             "\n  ranks 0,2 sent a numpy scalar (dtype int64), rank 1 a Python int: a numpy scalar "
-            "travels as a 0-d array, so give every rank's value one type (int(x), float(x) or "
-            "bool(x) on every rank, or a numpy scalar on every rank)"), numpy_sum
+            "travels as a 0-d array, so give every rank's value one type (int(x) or float(x) on "
+            "every rank, or a numpy scalar on every rank)"), numpy_sum
 
 
 def two_builds_of_one_record(comm, omit_defaults: bool, older_default: Any) -> Any:

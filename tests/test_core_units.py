@@ -404,3 +404,19 @@ def test_an_unsupported_mpi_op_is_named_not_shown_by_address():
     from typedcoll.core.args import check_reduce_op
     assert check_reduce_op(MPI.MAXLOC)[1].endswith("got MPI.MAXLOC")  # type: ignore[union-attr]
     assert check_reduce_op(MPI.MAX)[1] is None
+
+
+def test_the_numpy_scalar_hint_names_python_scalars_alone():
+    def info(rank: int, schema: str, shape: object = None, dtype: object = None) -> EnvelopeInfo:
+        return EnvelopeInfo(rank=rank, seq=1, op="allgather", schema=schema, site="m.py:3",
+                            shape=shape, dtype=dtype)
+    kinds = [tc.MismatchKind.SCHEMA, tc.MismatchKind.SHAPE, tc.MismatchKind.DTYPE]
+    scalar = info(0, "bool", (), "bool")
+    text = desync_message(1, "WORLD", kinds, group_envelopes([scalar, info(1, "bool")]))
+    assert text.endswith("rank 0 sent a numpy scalar (dtype bool), rank 1 a Python bool: a "
+                         "numpy scalar travels as a 0-d array, so give every rank's value one "
+                         "type (int(x), float(x) or bool(x) on every rank, or a numpy scalar on "
+                         "every rank)"), text
+    for other in (info(1, "list[int]"), info(1, "NoneType"), info(1, "")):
+        text = desync_message(1, "WORLD", kinds, group_envelopes([scalar, other]))
+        assert "numpy scalar" not in text, text

@@ -420,7 +420,7 @@ def _after(node: ast.stmt, parents: Dict[ast.AST, ast.AST]) -> Sequence[ast.AST]
     return ()
 
 
-def _leaves(body: Sequence[ast.stmt]) -> bool:
+def _leaves(body: Sequence[ast.stmt], in_with: bool = False) -> bool:
     """Whether ``body`` always leaves its block: it ends in a return, raise, continue or break,
     or in a ``with`` whose body does so other than by a raise (a context manager may swallow
     that), or in an ``if`` whose arms both do."""
@@ -428,11 +428,10 @@ def _leaves(body: Sequence[ast.stmt]) -> bool:
         return False
     last = body[-1]
     if isinstance(last, (ast.With, ast.AsyncWith)):
-        return bool(last.body) and not isinstance(last.body[-1], ast.Raise) \
-            and _leaves(last.body)
+        return _leaves(last.body, True)
     if isinstance(last, ast.If):
-        return bool(last.orelse) and _leaves(last.body) and _leaves(last.orelse)
-    return isinstance(last, _EXITS)
+        return bool(last.orelse) and _leaves(last.body, in_with) and _leaves(last.orelse, in_with)
+    return isinstance(last, _EXITS) and not (in_with and isinstance(last, ast.Raise))
 
 
 def _named_calls(nodes: Sequence[ast.AST], name: str) -> List[ast.Call]:

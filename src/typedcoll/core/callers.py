@@ -100,7 +100,7 @@ _CALLS = frozenset(op for name, op in dis.opmap.items()
 # A function's code -> the spans of its loops and inlined comprehensions (loops.loop_spans):
 # its calls outside them are made for its caller.
 _PICKED = CodeTable()
-_RETURNED = CodeTable()  # a code's call -> whether the function returns its result at once
+_RETURNED = CodeTable()  # a code's call -> whether no path from it gets back to it
 # What leaves the function on a path after a call (a raise: unless a handler in the loop
 # catches it, which only makes the identity finer than the call's runs need).
 _RETURNS = frozenset({"RETURN_VALUE", "RETURN_CONST", "RAISE_VARARGS", "RERAISE"})
@@ -118,7 +118,8 @@ def role_site(code: Optional[CodeType], lasti: int) -> int:
     """What the call at ``lasti`` of the function ``code`` is made for: ROLE where it is a role
     branch's (``arms.branch_of``, which keeps what it read per call site), PICKED where the call
     is in no loop or comprehension of its function (``loops.loop_spans``: a helper's, or one
-    that its function picks among calls and returns), both, or 0. Its caller then tells
+    that its function picks among calls and returns) or no path from it gets back to it
+    (``_returned_at``: a retry loop's, outside generators), both, or 0. Its caller then tells
     its executions apart (ROLE for rooted calls alone). AWAITS where the instruction at
     ``lasti`` awaits what it called (``awaited``), module code's too: a notebook cell's
     top-level ``await``. The C path asks it too, once per call site."""
@@ -173,7 +174,9 @@ def _returns(instructions: List[dis.Instruction], after: int) -> bool:
             ins = instructions[i]
             if ins.opname in _RETURNS:
                 break
-            if "JUMP" in ins.opname or ins.opname == "FOR_ITER":
+            if ins.opname == "GET_ANEXT":
+                return False  # an ``async for``: it leaves by a handler this walk does not read
+            if "JUMP" in ins.opname or ins.opname in ("FOR_ITER", "SEND"):
                 target = index.get(ins.argval) if isinstance(ins.argval, int) else None
                 if target is None or ins.argval <= call:
                     return False  # back to the call's loop, or where it cannot be read

@@ -21,6 +21,7 @@ from .mismatch import (EnvelopeInfo, Group, MismatchKind, compact_ranks, format_
 _SCHEMA_OPS = frozenset({"allgather", "gather", "bcast", "scatter", "alltoall"})
 _VALUE_OPS = frozenset({"allreduce", "reduce", "reduce_scatter"})
 _TAKING_OPS = frozenset({"bcast", "scatter"})  # whose receivers may take the root's schema
+_PYTHON_SCALARS = frozenset({"int", "float", "bool"})
 
 
 def _object_list_length(schema: str) -> Optional[int]:
@@ -40,16 +41,18 @@ def _numpy_scalars_beside_python_values(kinds: Sequence[MismatchKind], groups: S
                                            MismatchKind.DTYPE}:
         return []
     numpy = [g for g in groups if g.envelope.shape is not None and len(g.envelope.shape) == 0]
-    python = [g for g in groups if g.envelope.shape is None and g.envelope.dtype is None]
+    python = [g for g in groups if g.envelope.shape is None and g.envelope.dtype is None
+              and g.envelope.schema in _PYTHON_SCALARS]
     if not numpy or not python or len(numpy) + len(python) != len(groups):
         return []
     dtypes = " and ".join(sorted({str(g.envelope.dtype) for g in numpy}))
     values = " and ".join(sorted({g.envelope.schema for g in python}))
     ranks = compact_ranks(sorted(r for g in numpy for r in g.ranks))
     others = compact_ranks(sorted(r for g in python for r in g.ranks))
+    casts = "int(x) or float(x)" if ops & _VALUE_OPS else "int(x), float(x) or bool(x)"
     return [f"  {ranks} sent a numpy scalar (dtype {dtypes}), {others} a Python {values}: a "
             f"numpy scalar travels as a 0-d array, so give every rank's value one type "
-            f"(int(x), float(x) or bool(x) on every rank, or a numpy scalar on every rank)"]
+            f"({casts} on every rank, or a numpy scalar on every rank)"]
 
 
 def _recursion(groups: Sequence[Group]) -> List[str]:
@@ -61,9 +64,10 @@ def _recursion(groups: Sequence[Group]) -> List[str]:
     deeper = len({chain[-1] for chain in chains}) == 1 and len({len(c) for c in chains}) > 1
     if not (repeats or deeper):
         return []
-    return ["  a function's calls of itself are callers too (a walk that calls at each node "
-            "tells its nodes apart by depth): ranks that recurse to different depths before "
-            "one collective are two calls unless it has a name="]
+    return [f"  {'' if repeats else 'if the function calls itself: '}a function's calls of "
+            f"itself are callers too (a walk that calls at each node tells its nodes apart by "
+            f"depth): ranks that recurse to different depths before one collective are two "
+            f"calls unless it has a name="]
 
 
 def _hint(kinds: Sequence[MismatchKind], groups: Sequence[Group]) -> List[str]:

@@ -137,7 +137,8 @@ def free_port() -> int:
     socket such as gloo's own pairs) can be taken by any process in between.
     """
     low = _ephemeral_low()
-    for port in random.sample(range(max(1024, low - 8192), low), 64):
+    below = range(max(1024, low - 8192), low)
+    for port in random.SystemRandom().sample(below, min(64, len(below))):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             try:
                 s.bind(("127.0.0.1", port))
