@@ -160,8 +160,7 @@ def test_skipped_vote_of_plain_ints_raises_on_every_rank(n):
         f"  {others + ':':<{width}} allgather[Any] at test_compat_mpi4py.py:"
         f"{line_of('# BATCH-VOTE')}, its 1st call\n"
         f"  only the call sites differ: if these are the same collective called from different "
-        f"places, give every rank's call the same name= (or mark the wrapper they share with "
-        f"@typedcoll.transparent)")
+        f"places, give every rank's call the same name=")
     for e in errors.values():
         assert isinstance(e, tc.DesyncError) and str(e) == expected
 

@@ -509,6 +509,28 @@ def test_recv_list_of_another_length_names_both_sites():
     assert run(2, prog, timeout=10)[1] == "ok"
 
 
+def test_object_lists_sent_with_names_are_told_apart():
+    # Two one-item lists from two lines, the receiver skipping the first on a flag of its own:
+    # unnamed, it took the meta message as the data without an error (point to point calls
+    # compare no call sites); named on both sides, the receive raises.
+    def prog(comm, skip):
+        t = compat.torch(comm)
+        if comm.rank == 0:
+            t.send_object_list([{"meta": 1}], dst=1, name="meta")
+            return None
+        got = [None]
+        if skip:
+            with pytest.raises(tc.DesyncError, match=r"recv #0 from rank 0 \(tag 0\) on WORLD "
+                                                     r"diverged \(call site\)"):
+                t.recv_object_list(got, src=0, name="data")
+            return "raised"
+        t.recv_object_list(got, src=0, name="meta")
+        return got
+
+    assert run(2, prog, True, timeout=10) == [None, "raised"]
+    assert run(2, prog, False, timeout=10) == [None, [{"meta": 1}]]
+
+
 def test_scatter_needs_an_input_list_on_the_source():
     def prog(comm):
         compat.torch(comm).scatter_object_list([None], None, src=0)

@@ -132,36 +132,53 @@ def test_files_of_one_basename_in_two_packages_are_two_sites(tmp_path, monkeypat
         assert "allgather[int] at typedcoll_t_b/utils.py:2 called from" in str(e), e
 
 
-def _loaded_by_path(path: Any) -> Any:
+def _loaded_by_path(path: Any, name: str = "hooks", keep: bool = False) -> Any:
     import importlib.util
-    spec = importlib.util.spec_from_file_location("hooks", path)
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    if keep:  # a plugin registry's way: under a name of its own
+        sys.modules[name] = module
     spec.loader.exec_module(module)  # a plugin loader's way: never in sys.modules
     return module
 
 
-def test_files_of_one_basename_loaded_by_path_are_two_sites(tmp_path, monkeypatch):
+@pytest.mark.parametrize("keep", [False, True])
+@pytest.mark.parametrize("on_path", [True, False])
+def test_files_of_one_basename_loaded_by_path_are_two_sites(tmp_path, monkeypatch, keep,
+                                                            on_path):
     # Two plugins laid out alike, each hooks.py executed by path, hold one vote on one line.
     # Named by basename they were one wrapper: a rank that skipped one plugin's vote was handed
-    # another plugin's, without an error.
+    # another plugin's, without an error; so were plugins kept in sys.modules under names of
+    # their own (plugin_0, plugin_1) until those were named by where their files are too.
     plugins = ("plugins_a", "plugins_b")
-    for plugin in plugins:
+    for tag, plugin in enumerate(plugins):
         (tmp_path / plugin).mkdir()
-        (tmp_path / plugin / "hooks.py").write_text(
-            "def vote(comm, x):\n    return comm.allgather(x)\n")
-    monkeypatch.syspath_prepend(str(tmp_path))  # the script's folder, as for `python engine.py`
-    votes = [_loaded_by_path(tmp_path / plugin / "hooks.py").vote for plugin in plugins]
-    from typedcoll.core.identity import source_name
-    assert [source_name(str(tmp_path / p / "hooks.py")) for p in plugins] == [
-        "plugins_a/hooks.py", "plugins_b/hooks.py"]
+        (tmp_path / plugin / "hooks.py").write_text(  # code alike but for a constant
+            f"def vote(comm, x):\n    return comm.allgather(x + {tag})\n")
+    if on_path:
+        monkeypatch.syspath_prepend(str(tmp_path))  # the script's folder, `python engine.py`
+    votes = []
+    for n, plugin in enumerate(plugins):
+        if keep:
+            monkeypatch.delitem(sys.modules, f"plugin_{n}", raising=False)
+        votes.append(_loaded_by_path(tmp_path / plugin / "hooks.py", f"plugin_{n}", keep).vote)
+    from typedcoll.core.sites import code_source
+    names = [code_source(vote.__code__) for vote in votes]
+    if on_path:
+        assert names == ["plugins_a/hooks.py", "plugins_b/hooks.py"]
+    elif keep:  # outside every import path entry: by the module's name
+        assert names == ["plugin_0/hooks.py", "plugin_1/hooks.py"]
+    else:  # by the basename and a digest of the code
+        assert all(re.fullmatch(r"hooks\.py#[0-9a-f]{8}", name) for name in names), names
+        assert names[0] != names[1]
 
     def program(comm: tc.TypedComm) -> None:
         for vote in votes[1:] if comm.rank == 1 else votes:
             vote(comm, comm.rank)
     for e in errors_of(3, program, timeout=10):
         assert type(e) is tc.DesyncError and e.seq == 0, e
-        assert "plugins_a/hooks.py" in str(e) and "plugins_b/hooks.py" in str(e), e
+        assert names[0] in str(e) and names[1] in str(e), e
 
 
 def test_functions_made_from_one_template_by_exec_are_two_sites():

@@ -211,8 +211,24 @@ def test_decisions_that_differ_are_listed():
     assert text.endswith("  decisions that differ:\n"
                          "    can_queue at loop.py:12 — ranks 0,2: True; rank 1: False\n"
                          "  only the call sites differ: if these are the same collective called "
-                         "from different places, give every rank's call the same name= (or mark "
-                         "the wrapper they share with @typedcoll.transparent)")
+                         "from different places, give every rank's call the same name=")
+
+
+def test_sites_that_differ_through_one_helper_name_the_helper_to_write_the_name_in():
+    # vLLM's data-parallel padding vote: busy ranks reach it from execute_model, an idle rank
+    # from execute_dummy_batch (a thin wrapper, so its site is its caller's line). One edit
+    # pairs them, a name= in the helper; marking a wrapper transparent, as the hint used to
+    # offer, leaves the sites apart.
+    helper = "Runner.get_dp_padding (runner.py:6)"
+    envelopes = [env(0, site="runner.py:23", via=f"Runner.dummy (runner.py:12) through {helper}",
+                     occurrence=1),
+                 env(1, site="runner.py:10", via=helper, occurrence=1)]
+    text = desync_message(14, "dp", mismatch_kinds(envelopes), group_envelopes(envelopes))
+    assert text.splitlines()[-1] == (
+        "  only the call sites differ: if these are the same collective reached from different "
+        f"places, give every rank's call the same name= (one written in {helper}, which every "
+        "rank's call goes through, makes every call through it one call)")
+    assert "transparent" not in text
 
 
 def test_sites_that_differ_with_counts_that_differ_say_a_call_was_skipped_or_added():

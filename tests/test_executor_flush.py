@@ -242,8 +242,7 @@ def test_two_flush_points_differ_in_call_site_and_a_name_joins_them():
         rf"  rank 0: flush\[{BATCH}\] at {SITE}, its 1st call, step 6\n"
         rf"  rank 1: flush\[{BATCH}\] at {SITE}, its 1st call, step 6\n"
         rf"  only the call sites differ: if these are the same collective called from different "
-        rf"places, give every rank's call the same name= \(or mark the wrapper they share with "
-        rf"@typedcoll.transparent\)", text), text
+        rf"places, give every rank's call the same name=", text), text
 
     def named(comm):
         flush = SymmetricFlush(comm, CHANNELS)

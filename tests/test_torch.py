@@ -833,8 +833,7 @@ def _table(head: str, size: int, many: str, odd: str, hint: Optional[str] = None
 NAME_HINT = ("only the names differ: each name= is a collective of its own, so a rank skipped "
              "or added a call before this one, or the ranks named one call differently")
 SITE_HINT = ("only the call sites differ: if these are the same collective called from different "
-             "places, give every rank's call the same name= (or mark the wrapper they share with "
-             "@typedcoll.transparent)")
+             "places, give every rank's call the same name=")
 
 
 def _expected(size: int) -> Dict[str, str]:

@@ -172,9 +172,10 @@ def test_two_thin_wrappers_at_one_site_diverge_offline_as_they_do_live():
     assert div.text.splitlines()[1:] == [
         "  ranks 0-1: allgather[RankState] at dist.py:40 through Dist.batch_vote (dist.py:44)",
         "  rank 2:    allgather[RankState] at dist.py:40 through Dist.timeout_vote (dist.py:50)",
-        "  only the thin wrappers differ: one line reached two of them (a dispatcher, a "
-        "decorator's frame, a worker thread), so a rank skipped or added a call before this "
-        "one, or these are one collective: then give every wrapper's call the same name="]
+        "  only the thin wrappers differ: the ranks reached this line through different ones "
+        "(a dispatcher, a decorator's frame, a worker thread, a subclass's override, a proxy "
+        "only some ranks use), so a rank skipped or added a call before this one, or these are "
+        "one collective: then give this call the same name= on every rank"]
 
     def bcast(r: int) -> Dict[str, Any]:
         arm = 0 if r == 0 else 1

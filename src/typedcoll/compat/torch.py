@@ -207,22 +207,27 @@ class TorchDistributed(TensorCalls, TensorPointToPoint):
     # --- point to point ----------------------------------------------------------------------
     def send_object_list(self, object_list: List[Any], dst: Optional[int] = None,
                          group: Any = None, device: Any = None,
-                         group_dst: Optional[int] = None, use_batch: bool = False) -> None:
-        """Send the items of ``object_list`` to ``dst``, whose list must have the same length."""
+                         group_dst: Optional[int] = None, use_batch: bool = False, *,
+                         name: Optional[str] = None) -> None:
+        """Send the items of ``object_list`` to ``dst``, whose list must have the same length.
+        ``name=`` (typedcoll's own): the receive that names it alike is this message's; one
+        that names another raises on both sides."""
         p = self._p
         peer = self._peer("send_object_list", dst, group_dst, group, receiving=False)
         trees, refused = _encode_each(object_list)
         # torch's send returns once the receiver took the message: so does this one.
-        p2p.send(p, trees, peer, 0, _schema(len(object_list)), None, refused, complete=True)
+        p2p.send(p, trees, peer, 0, _schema(len(object_list)), name, refused, complete=True)
 
     def recv_object_list(self, object_list: List[Any], src: Optional[int] = None,
                          group: Any = None, device: Any = None,
-                         group_src: Optional[int] = None, use_batch: bool = False) -> int:
+                         group_src: Optional[int] = None, use_batch: bool = False, *,
+                         name: Optional[str] = None) -> int:
         """Fill ``object_list`` from ``src``; returns the sender's global rank. ``src=None`` (any
-        rank) is refused here: torch's transports cannot look for a message without waiting."""
+        rank) is refused here: torch's transports cannot look for a message without waiting.
+        ``name=`` as :meth:`send_object_list` takes it."""
         p = self._p
         peer = self._peer("recv_object_list", src, group_src, group, receiving=True)
-        request = p2p.irecv(p, peer, 0, _schema(len(object_list)), None)
+        request = p2p.irecv(p, peer, 0, _schema(len(object_list)), name)
         trees = request.wait()
         source, _, _ = p2p.matched(request)
         try:

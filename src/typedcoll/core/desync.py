@@ -169,10 +169,11 @@ def _hint(kinds: Sequence[MismatchKind], groups: Sequence[Group]) -> List[str]:
                     f"own, passed down to the call in {innermost} (a name= written in "
                     f"{innermost} itself makes every call through it one call)"]
         if len({(g.envelope.site, g.envelope.column) for g in groups}) == 1:
-            return ["  only the thin wrappers differ: one line reached two of them (a "
-                    "dispatcher, a decorator's frame, a worker thread), so a rank skipped or "
+            return ["  only the thin wrappers differ: the ranks reached this line through "
+                    "different ones (a dispatcher, a decorator's frame, a worker thread, a "
+                    "subclass's override, a proxy only some ranks use), so a rank skipped or "
                     "added a call before this one, or these are one collective: then give "
-                    "every wrapper's call the same name="]
+                    "this call the same name= on every rank"]
         refusal = next((g.envelope.unpaired for g in groups if g.envelope.unpaired), None)
         if refusal is not None:
             # Not a name's case: a name= on calls one arm lacks would pair them with the other
@@ -192,9 +193,17 @@ def _hint(kinds: Sequence[MismatchKind], groups: Sequence[Group]) -> List[str]:
                     "that call its data); only if these are one collective reached from "
                     "different places, and called as often on every rank, give every rank's "
                     "call the same name="]
+        inner = {str(g.envelope.via).rsplit(" through ", 1)[-1] if g.envelope.via else None
+                 for g in groups}
+        if len(inner) == 1 and None not in inner:
+            # Every rank's call made in one helper (a padding vote reached from the real batch
+            # and from the dummy batch): a name= written there is the one edit that pairs them.
+            return [f"  only the call sites differ: if these are the same collective reached "
+                    f"from different places, give every rank's call the same name= (one "
+                    f"written in {inner.pop()}, which every rank's call goes through, makes "
+                    f"every call through it one call)"]
         return ["  only the call sites differ: if these are the same collective called from "
-                "different places, give every rank's call the same name= (or mark the wrapper "
-                "they share with @typedcoll.transparent)"]
+                "different places, give every rank's call the same name="]
     if MismatchKind.STEP in kinds and len(kinds) == 1:
         unset = sorted(r for g in groups if g.envelope.step is None for r in g.ranks)
         if unset:

@@ -13,7 +13,7 @@ import os
 import sys
 from itertools import islice
 from types import CodeType
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from .plumbing import register_internal
 
@@ -61,6 +61,7 @@ _UNSET = object()
 _SOURCE_NAMES: Dict[str, str] = {}  # co_filename -> how sites name it
 _CODE_SOURCES = CodeTable()  # code exec made from a string's (-1) -> its name and digest
 _ANONYMOUS_SOURCES = frozenset({"<string>", "<unknown>"})  # what exec and compile name it
+_LOOSE_FILES: Set[str] = set()  # co_filenames named by their basename alone (_unimported_name)
 
 
 def line_of(code: CodeType, lasti: int) -> int:
@@ -247,9 +248,11 @@ def code_source(code: CodeType) -> str:
     """:func:`source_name` of the file ``code`` was compiled from. Code ``exec`` made from a
     string (``<string>``) adds a digest of the code itself (``<string>#9f86d081``): two
     functions made from one template with different constants are two places, not one line of
-    one file. Other names in brackets (a notebook's ``<cell-7>``) name their source already."""
+    one file; so does a file outside every import path entry, named by its basename alone (two
+    plugins' ``hook.py`` loaded by path from two folders). Other names in brackets (a
+    notebook's ``<cell-7>``) name their source already."""
     name = source_name(code.co_filename)
-    if name not in _ANONYMOUS_SOURCES:
+    if name not in _ANONYMOUS_SOURCES and code.co_filename not in _LOOSE_FILES:
         return name
     tagged: Optional[str] = _CODE_SOURCES.get(code, -1)
     if tagged is None:
@@ -269,8 +272,9 @@ def _code_text(code: CodeType) -> str:
 
 def source_name(filename: str) -> str:
     """How sites name the file ``filename``: ``pkg/mod.py`` for the module ``pkg.mod`` loaded
-    from it (``pkg/__init__.py`` for a package), its basename for the main script and for
-    anything no module names (or several do, under different names).
+    from it (``pkg/__init__.py`` for a package), its basename for the main script, and for
+    a file no module names, or one loaded under a name of its own, the path that importing it
+    would take (:func:`_unimported_name`).
 
     A name of the module rather than of the path: ranks agree on it wherever each installed
     the code, yet two files of one basename in two packages differ.
@@ -279,6 +283,7 @@ def source_name(filename: str) -> str:
     if name is None:
         if len(_SOURCE_NAMES) > 65536:
             _SOURCE_NAMES.clear()
+            _LOOSE_FILES.clear()
         name = _SOURCE_NAMES[filename] = _name_of_source(filename)
     return name
 
@@ -287,18 +292,24 @@ def _name_of_source(filename: str) -> str:
     base = os.path.basename(filename)
     names = [name for name, module in list(sys.modules.items())
              if name != "__main__" and _file_of(module) == filename]
-    if not names:
-        return _unimported_name(filename, base)
-    # A file imported under two names (``pkg.mod`` and, through another path entry, ``mod``)
-    # may be so on one rank only, by the time it asks: the most qualified name is the one every
-    # rank that imported it as part of its package shares.
-    parts = min(names, key=lambda name: (-name.count("."), name)).split(".")
-    stem = os.path.splitext(base)[0]
-    if stem == "__init__":
-        return "/".join(parts + [base])
-    if stem == parts[-1]:
-        return "/".join(parts[:-1] + [base])
-    return base
+    if names:
+        # A file imported under two names (``pkg.mod`` and, through another path entry,
+        # ``mod``) may be so on one rank only, by the time it asks: the most qualified name is
+        # the one every rank that imported it as part of its package shares.
+        parts = min(names, key=lambda name: (-name.count("."), name)).split(".")
+        stem = os.path.splitext(base)[0]
+        if stem == "__init__":
+            return "/".join(parts + [base])
+        if stem == parts[-1]:
+            return "/".join(parts[:-1] + [base])
+    # A module named apart from its file (a plugin loaded by path as ``plugin_0``) is named by
+    # where its file is, as one no module names: two plugins' ``hook.py`` stay two files; by
+    # its module's name where no import path entry holds it.
+    found = _unimported_name(filename, base)
+    if names and filename in _LOOSE_FILES:
+        _LOOSE_FILES.discard(filename)
+        return f"{min(names)}/{base}"
+    return found
 
 
 def _unimported_name(filename: str, base: str) -> str:
@@ -324,7 +335,10 @@ def _unimported_name(filename: str, base: str) -> str:
     found = [os.path.relpath(filename, os.path.abspath(entry or os.curdir))
              for entry in list(sys.path) if isinstance(entry, str)]
     inside = [name.replace(os.sep, "/") for name in found if not name.startswith(os.pardir)]
-    return min(inside, key=lambda name: (name.count("/"), name)) if inside else base
+    if inside:
+        return min(inside, key=lambda name: (name.count("/"), name))
+    _LOOSE_FILES.add(filename)  # outside every path entry: its basename, and its code's digest
+    return base
 
 
 def _file_of(module: Any) -> Any:
