@@ -10,16 +10,17 @@ Python steps (timeout 10).
 
 from __future__ import annotations
 
+import contextlib
 import dis
 from types import CodeType
-from typing import Any, List, Optional
+from typing import Any, Iterator, List, Optional
 
 import pytest
 
 import typedcoll as tc
 from typedcoll.core.callers import PICKED, role_site
 
-from test_core_review import TIMEOUTS, outcomes
+from test_core_review import TIMEOUTS, one_desync, outcomes
 
 
 class BatchError(Exception):
@@ -105,3 +106,61 @@ def test_every_copy_of_a_call_answers_alike(function: Any, name: str) -> None:
     offsets = call_offsets(code, name)
     assert len(offsets) == 2, dis.Bytecode(code).dis()
     assert len({role_site(code, at) & PICKED for at in offsets}) == 1
+
+
+def fetch(comm: tc.TypedComm, flag: bool, box: List[Any]) -> bool:
+    """A retry helper that votes on every attempt, in its ``finally``: every rank's first
+    attempt succeeds, so the copy that runs is the one before the ``return``."""
+    for _attempt in range(3):
+        try:
+            return flag
+        except ConnectionError:
+            continue
+        finally:
+            box.append(comm.allgather(flag))
+    return False
+
+
+@contextlib.contextmanager
+def step_vote(comm: tc.TypedComm, flag: bool, box: List[Any]) -> Iterator[None]:
+    """A scope that votes on every way out of its block; the loop after it holds a handler,
+    which 3.12 and later place after the code, beside the ``finally``'s exception copy."""
+    try:
+        yield
+    finally:
+        box.append(comm.allgather(flag))
+    for hook in ():
+        try:
+            hook()
+        except Exception:
+            pass
+
+
+def two_votes(comm: tc.TypedComm, how: str, skipper: Optional[int]) -> List[Any]:
+    comm.set_step(7)  # both votes in one iteration: the step clock cannot tell them apart
+    box: List[Any] = []
+    if comm.rank != skipper:
+        if how == "retry":
+            fetch(comm, comm.rank == 0, box)
+        else:
+            with step_vote(comm, comm.rank == 0, box):
+                pass
+    if how == "retry":
+        fetch(comm, False, box)
+    else:
+        with step_vote(comm, False, box):
+            pass
+    return box
+
+
+@pytest.mark.parametrize("how", ["retry", "scope"])
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+def test_a_skipped_vote_in_a_finally_reached_from_two_lines_raises(
+        timeout: Optional[float], how: str) -> None:
+    """The copies of a ``finally`` answer as the first, the one that runs normally: taking
+    the coarser answer of all of them (no callers where any copy sat in a loop) made both
+    uses one call, and the skipper's second vote took its peers' first without an error."""
+    assert outcomes(3, two_votes, how, None, timeout=timeout) == \
+        [[[True, False, False], [False, False, False]]] * 3
+    error = one_desync(outcomes(3, two_votes, how, 2, timeout=timeout))
+    assert list(error.kinds) == [tc.MismatchKind.CALL], error

@@ -88,8 +88,7 @@ def test_wire_identical_votes_raise_at_the_first_misaligned_call(n):
         f"  {last:<{width}} allgather[ndarray] shape=(1,) dtype=int64 at {FILE}:{second}, "
         f"its 2nd call",
         "  only the call sites differ: if these are the same collective called from different "
-        "places, give every rank's call the same name= (or mark the wrapper they share with "
-        "@typedcoll.transparent)",
+        "places, give every rank's call the same name=",
     ])
     for e in errors:
         assert type(e) is tc.DesyncError
@@ -150,12 +149,12 @@ def test_files_of_one_basename_loaded_by_path_are_two_sites(tmp_path, monkeypatc
     # Two plugins laid out alike, each hooks.py executed by path, hold one vote on one line.
     # Named by basename they were one wrapper: a rank that skipped one plugin's vote was handed
     # another plugin's, without an error; so were plugins kept in sys.modules under names of
-    # their own (plugin_0, plugin_1) until those were named by where their files are too.
+    # their own (plugin_0, plugin_1), and plugins outside every import path entry.
     plugins = ("plugins_a", "plugins_b")
     for tag, plugin in enumerate(plugins):
         (tmp_path / plugin).mkdir()
-        (tmp_path / plugin / "hooks.py").write_text(  # code alike but for a constant
-            f"def vote(comm, x):\n    return comm.allgather(x + {tag})\n")
+        (tmp_path / plugin / "hooks.py").write_text(  # one template, configured by a constant
+            f"TAG = {tag}\ndef vote(comm, x):\n    return comm.allgather(x + TAG)\n")
     if on_path:
         monkeypatch.syspath_prepend(str(tmp_path))  # the script's folder, `python engine.py`
     votes = []
@@ -167,9 +166,7 @@ def test_files_of_one_basename_loaded_by_path_are_two_sites(tmp_path, monkeypatc
     names = [code_source(vote.__code__) for vote in votes]
     if on_path:
         assert names == ["plugins_a/hooks.py", "plugins_b/hooks.py"]
-    elif keep:  # outside every import path entry: by the module's name
-        assert names == ["plugin_0/hooks.py", "plugin_1/hooks.py"]
-    else:  # by the basename and a digest of the code
+    else:  # outside every import path entry: the basename and a digest of the file's bytes
         assert all(re.fullmatch(r"hooks\.py#[0-9a-f]{8}", name) for name in names), names
         assert names[0] != names[1]
 
@@ -653,7 +650,8 @@ def test_two_thin_wrappers_reached_from_one_line_stay_two_calls(way):
                               for vote in (Votes.shared_batch_vote, Votes.shared_timeout_vote))
         assert lines[1].endswith(f"through {batch}, its 2nd call"), e
         assert lines[2].endswith(f"through {timeout}, its 2nd call"), e
-        assert lines[3].startswith("  only the thin wrappers differ: one line reached"), e
+        assert lines[3].startswith("  only the thin wrappers differ: the ranks reached this "
+                                   "line through different ones"), e
 
 
 class Broadcaster:

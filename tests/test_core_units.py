@@ -216,9 +216,9 @@ def test_decisions_that_differ_are_listed():
 
 def test_sites_that_differ_through_one_helper_name_the_helper_to_write_the_name_in():
     # vLLM's data-parallel padding vote: busy ranks reach it from execute_model, an idle rank
-    # from execute_dummy_batch (a thin wrapper, so its site is its caller's line). One edit
-    # pairs them, a name= in the helper; marking a wrapper transparent, as the hint used to
-    # offer, leaves the sites apart.
+    # from execute_dummy_batch (a thin wrapper, so its site is its caller's line). A name= in
+    # the helper pairs them (and every other use of it); marking a wrapper transparent, as the
+    # hint used to offer, leaves the sites apart.
     helper = "Runner.get_dp_padding (runner.py:6)"
     envelopes = [env(0, site="runner.py:23", via=f"Runner.dummy (runner.py:12) through {helper}",
                      occurrence=1),
@@ -226,9 +226,33 @@ def test_sites_that_differ_through_one_helper_name_the_helper_to_write_the_name_
     text = desync_message(14, "dp", mismatch_kinds(envelopes), group_envelopes(envelopes))
     assert text.splitlines()[-1] == (
         "  only the call sites differ: if these are the same collective reached from different "
-        f"places, give every rank's call the same name= (one written in {helper}, which every "
-        "rank's call goes through, makes every call through it one call)")
+        f"places, give every rank's call the same name=, passed down to the call in {helper} (a "
+        f"name= written in {helper} itself makes every call through it one call: only where it "
+        "makes one collective)")
     assert "transparent" not in text
+
+
+def test_long_chains_of_callers_that_differ_say_where_they_part():
+    # An engine whose rank 0 alone runs its entry point under a profiler: the kv-block vote in
+    # Engine.__init__ differs four levels up, past rows no reader compares by eye.
+    from typedcoll.core.mismatch import Caller
+    shared = (Caller("engine.py:40", 9), Caller("engine.py:88", 8, "Engine.start (engine.py:80)"))
+    chains = [shared + (Caller("main.py:25", 4), Caller("main.py:30")),
+              shared + (Caller("main.py:27", 4), Caller("main.py:30"))]
+    envelopes = [env(r, site="engine.py:12", occurrence=1, callers=chains[r > 0])
+                 for r in range(3)]
+    text = desync_message(0, "WORLD", mismatch_kinds(envelopes), group_envelopes(envelopes))
+    assert "  the callers differ:" in text, text
+    assert text.splitlines()[-1] == ("  the callers agree up to the 2nd and part at the 3rd: "
+                                     "rank 0: main.py:25; ranks 1-2: main.py:27"), text
+    shorter = [env(0, site="engine.py:12", occurrence=1, callers=shared),
+               env(1, site="engine.py:12", occurrence=1, callers=chains[0])]
+    text = desync_message(0, "WORLD", mismatch_kinds(shorter), group_envelopes(shorter))
+    assert "part at the 3rd: rank 0: no further caller; rank 1: main.py:25" in text, text
+    near = [env(r, site="engine.py:12", occurrence=1, callers=(Caller(f"main.py:{20 + r}"),))
+            for r in range(2)]
+    text = desync_message(0, "WORLD", mismatch_kinds(near), group_envelopes(near))
+    assert "the callers differ:" in text and "part at" not in text, text
 
 
 def test_sites_that_differ_with_counts_that_differ_say_a_call_was_skipped_or_added():

@@ -211,7 +211,8 @@ class TorchDistributed(TensorCalls, TensorPointToPoint):
                          name: Optional[str] = None) -> None:
         """Send the items of ``object_list`` to ``dst``, whose list must have the same length.
         ``name=`` (typedcoll's own): the receive that names it alike is this message's; one
-        that names another raises on both sides."""
+        that names another raises ``DesyncError`` (the receiver checks a point to point
+        message; this call returns once the receiver took it)."""
         p = self._p
         peer = self._peer("send_object_list", dst, group_dst, group, receiving=False)
         trees, refused = _encode_each(object_list)

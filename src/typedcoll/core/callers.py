@@ -101,7 +101,7 @@ _CALLS = frozenset(op for name, op in dis.opmap.items()
 # its calls outside them are made for its caller.
 _PICKED = CodeTable()
 _RETURNED = CodeTable()  # a code's call -> whether no path from it gets back to it
-_PICKED_AT = CodeTable()  # a code's call -> whether it and its copies run once per call
+_PICKED_AT = CodeTable()  # a code's call -> whether its first copy runs once per call
 # What leaves the function on a path after a call (a raise: unless a handler in the loop
 # catches it, which only makes the identity finer than the call's runs need).
 _RETURNS = frozenset({"RETURN_VALUE", "RETURN_CONST", "RAISE_VARARGS", "RERAISE"})
@@ -136,8 +136,7 @@ def role_site(code: Optional[CodeType], lasti: int) -> int:
     kind |= ROLE if branch_of(code, lasti) is not None else 0
     picked: Optional[bool] = _PICKED_AT.get(code, lasti)
     if picked is None:
-        picked = _PICKED_AT.put(code, lasti, all(
-            _picked(code, at) for at in _copies_of(code, lasti)))
+        picked = _PICKED_AT.put(code, lasti, _picked(code, _first_copy(code, lasti)))
     return kind | PICKED if picked else kind
 
 
@@ -151,21 +150,23 @@ def _picked(code: CodeType, lasti: int) -> bool:
         not code.co_flags & _GENERATORS and _returned_at(code, lasti)))
 
 
-def _copies_of(code: CodeType, lasti: int) -> List[int]:
-    """The offsets of the call at ``lasti`` and of every copy the compiler made of it: a
-    ``finally`` block is compiled twice, once on the way out of the ``try`` and once in its
-    exception handler (placed after the function's loops, ending in a re-raise), and a
-    ``while`` loop's test before the loop and at its end. One line and column, one site:
-    its copies must agree on whether it carries its callers, or a rank that leaves its ``try``
-    by an exception (``finally: comm.allreduce(failed)`` in a loop) makes another call than
-    its peers. A call carries them where every copy runs at most once per call."""
+def _first_copy(code: CodeType, lasti: int) -> int:
+    """The offset of the first copy the compiler made of the call at ``lasti``, which answers
+    for every copy. A ``finally`` block is compiled once for each way out of its ``try`` (the
+    end of the block, a ``return`` or ``break`` in it) and once for an exception, its handler
+    placed after the code that runs normally and ending in a re-raise; a ``while`` loop's test
+    before the loop and at its end. One line and column, one site: its copies must agree on
+    whether it carries its callers, or a rank that leaves its ``try`` by an exception
+    (``finally: comm.allreduce(failed)`` in a loop) makes another call than its peers. The
+    first copy is the code that runs normally (the handler's is after it), so the exception's
+    copy answers as that one does."""
     at = _instruction_at(code.co_code, lasti)
     instructions = instructions_of(code)
     this = next((ins for ins in instructions if ins.offset == at), None)
     if this is None or this.positions is None or None in this.positions:
-        return [lasti]  # no columns to tell a copy from another call of the line
-    return [ins.offset for ins in instructions
-            if ins.opname == this.opname and ins.positions == this.positions] or [lasti]
+        return lasti  # no columns to tell a copy from another call of the line
+    return next((ins.offset for ins in instructions
+                 if ins.opname == this.opname and ins.positions == this.positions), lasti)
 
 
 def _returned_at(code: CodeType, lasti: int) -> bool:

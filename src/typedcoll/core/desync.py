@@ -13,9 +13,10 @@ from __future__ import annotations
 import re
 from typing import AbstractSet, Dict, List, Optional, Sequence, Tuple
 
-from .sites import NO_COLUMNS
-from .mismatch import (EnvelopeInfo, Group, MismatchKind, compact_ranks, format_decisions,
-                       format_groups, place, role_split)
+from .identity import ordinal
+from .sites import NO_COLUMNS, format_column
+from .mismatch import (Caller, EnvelopeInfo, Group, MismatchKind, compact_ranks,
+                       format_decisions, format_groups, place, role_split)
 
 # Ops whose callers choose the schema (schema=), and reductions, which take the value's type.
 _SCHEMA_OPS = frozenset({"allgather", "gather", "bcast", "scatter", "alltoall"})
@@ -68,6 +69,30 @@ def _recursion(groups: Sequence[Group]) -> List[str]:
             f"itself are callers too (a walk that calls at each node tells its nodes apart by "
             f"depth): ranks that recurse to different depths before one collective are two "
             f"calls unless it has a name="]
+
+
+def _parting(groups: Sequence[Group]) -> List[str]:
+    """Where chains of callers first differ past their first level (an entry point that one
+    rank alone runs under a profiler, or in a thread): that level, so that no reader has to
+    compare two long rows by eye."""
+    chains = [g.envelope.callers for g in groups]
+    level = next((k for k in range(max(map(len, chains))) if len(
+        {(c[k].site, c[k].column, c[k].via) if k < len(c) else None for c in chains}) > 1), 0)
+    if level < 1:
+        return []
+
+    # columns where the lines alone do not tell the callers apart, as the rows show them
+    columns = len({c[level].site if level < len(c) else None for c in chains}) < len(groups)
+
+    def at(chain: Sequence[Caller]) -> str:
+        if level >= len(chain):
+            return "no further caller"
+        caller = chain[level]
+        where = format_column(caller.site, caller.column) if columns else caller.site
+        return where + (f" through {caller.via}" if caller.via else "")
+    return [f"  the callers agree up to the {ordinal(level)} and part at the "
+            f"{ordinal(level + 1)}: " + "; ".join(f"{compact_ranks(g.ranks)}: {at(chain)}"
+                                                 for g, chain in zip(groups, chains))]
 
 
 def _hint(kinds: Sequence[MismatchKind], groups: Sequence[Group]) -> List[str]:
@@ -156,7 +181,7 @@ def _hint(kinds: Sequence[MismatchKind], groups: Sequence[Group]) -> List[str]:
                     "reach it from two places (a driver and its workers): "
                     "then call it from one line on every rank, or pass each use a name= of its "
                     "own down to the call (one name= written inside the function makes all its "
-                    "uses one call)"] + _recursion(groups)
+                    "uses one call)"] + _parting(groups) + _recursion(groups)
         vias = {g.envelope.via for g in groups}
         if len(vias) == 1 and None not in vias:
             via = vias.pop()
@@ -197,11 +222,13 @@ def _hint(kinds: Sequence[MismatchKind], groups: Sequence[Group]) -> List[str]:
                  for g in groups}
         if len(inner) == 1 and None not in inner:
             # Every rank's call made in one helper (a padding vote reached from the real batch
-            # and from the dummy batch): a name= written there is the one edit that pairs them.
+            # and from the dummy batch): the name goes down to it; written in it, it would make
+            # every use of the helper one call (two votes over one shared _all_gather).
+            helper = inner.pop()
             return [f"  only the call sites differ: if these are the same collective reached "
-                    f"from different places, give every rank's call the same name= (one "
-                    f"written in {inner.pop()}, which every rank's call goes through, makes "
-                    f"every call through it one call)"]
+                    f"from different places, give every rank's call the same name=, passed "
+                    f"down to the call in {helper} (a name= written in {helper} itself makes "
+                    f"every call through it one call: only where it makes one collective)"]
         return ["  only the call sites differ: if these are the same collective called from "
                 "different places, give every rank's call the same name="]
     if MismatchKind.STEP in kinds and len(kinds) == 1:

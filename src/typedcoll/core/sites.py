@@ -13,7 +13,7 @@ import os
 import sys
 from itertools import islice
 from types import CodeType
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .plumbing import register_internal
 
@@ -61,7 +61,6 @@ _UNSET = object()
 _SOURCE_NAMES: Dict[str, str] = {}  # co_filename -> how sites name it
 _CODE_SOURCES = CodeTable()  # code exec made from a string's (-1) -> its name and digest
 _ANONYMOUS_SOURCES = frozenset({"<string>", "<unknown>"})  # what exec and compile name it
-_LOOSE_FILES: Set[str] = set()  # co_filenames named by their basename alone (_unimported_name)
 
 
 def line_of(code: CodeType, lasti: int) -> int:
@@ -248,11 +247,9 @@ def code_source(code: CodeType) -> str:
     """:func:`source_name` of the file ``code`` was compiled from. Code ``exec`` made from a
     string (``<string>``) adds a digest of the code itself (``<string>#9f86d081``): two
     functions made from one template with different constants are two places, not one line of
-    one file; so does a file outside every import path entry, named by its basename alone (two
-    plugins' ``hook.py`` loaded by path from two folders). Other names in brackets (a
-    notebook's ``<cell-7>``) name their source already."""
+    one file. Other names in brackets (a notebook's ``<cell-7>``) name their source already."""
     name = source_name(code.co_filename)
-    if name not in _ANONYMOUS_SOURCES and code.co_filename not in _LOOSE_FILES:
+    if name not in _ANONYMOUS_SOURCES:
         return name
     tagged: Optional[str] = _CODE_SOURCES.get(code, -1)
     if tagged is None:
@@ -274,7 +271,7 @@ def source_name(filename: str) -> str:
     """How sites name the file ``filename``: ``pkg/mod.py`` for the module ``pkg.mod`` loaded
     from it (``pkg/__init__.py`` for a package), its basename for the main script, and for
     a file no module names, or one loaded under a name of its own, the path that importing it
-    would take (:func:`_unimported_name`).
+    would take, else its basename and a digest of its bytes (:func:`_unimported_name`).
 
     A name of the module rather than of the path: ranks agree on it wherever each installed
     the code, yet two files of one basename in two packages differ.
@@ -283,7 +280,6 @@ def source_name(filename: str) -> str:
     if name is None:
         if len(_SOURCE_NAMES) > 65536:
             _SOURCE_NAMES.clear()
-            _LOOSE_FILES.clear()
         name = _SOURCE_NAMES[filename] = _name_of_source(filename)
     return name
 
@@ -302,14 +298,10 @@ def _name_of_source(filename: str) -> str:
             return "/".join(parts + [base])
         if stem == parts[-1]:
             return "/".join(parts[:-1] + [base])
-    # A module named apart from its file (a plugin loaded by path as ``plugin_0``) is named by
-    # where its file is, as one no module names: two plugins' ``hook.py`` stay two files; by
-    # its module's name where no import path entry holds it.
-    found = _unimported_name(filename, base)
-    if names and filename in _LOOSE_FILES:
-        _LOOSE_FILES.discard(filename)
-        return f"{min(names)}/{base}"
-    return found
+    # A module named apart from its file (a plugin loaded by path as ``plugin_0``; loaders
+    # build such names from a hash or a counter, which ranks need not share) is named by where
+    # its file is, as one no module names: two plugins' ``hook.py`` stay two files.
+    return _unimported_name(filename, base)
 
 
 def _unimported_name(filename: str, base: str) -> str:
@@ -337,8 +329,19 @@ def _unimported_name(filename: str, base: str) -> str:
     inside = [name.replace(os.sep, "/") for name in found if not name.startswith(os.pardir)]
     if inside:
         return min(inside, key=lambda name: (name.count("/"), name))
-    _LOOSE_FILES.add(filename)  # outside every path entry: its basename, and its code's digest
-    return base
+    return base + _file_digest(filename)
+
+
+def _file_digest(filename: str) -> str:
+    """``#`` and a digest of the file's bytes, for a file outside every import path entry:
+    two plugins' ``hook.py`` loaded by path from two places, which differ in their code or
+    their constants, stay two files wherever each rank keeps them. Empty where the file cannot
+    be read (gone since it was loaded): its basename alone then."""
+    try:
+        with open(filename, "rb") as source:
+            return "#" + hashlib.blake2b(source.read(), digest_size=4).hexdigest()
+    except OSError:
+        return ""
 
 
 def _file_of(module: Any) -> Any:
