@@ -122,6 +122,22 @@ def test_flags_say_whether_a_value_holds_classes():
     assert tagged.flags_of_bytes(ENCODER.encode([1, 2])) == 0
 
 
+def test_decimal_nans_travel_and_aware_datetimes_keep_their_offset_or_are_refused():
+    # Decimal('NaN') != Decimal('NaN'): the check that a value arrives as it was sent refused
+    # it, with a text about declared fields. An aware datetime travels in UTC: one in another
+    # offset compared equal (the same instant) and arrived with another hour and tzinfo.
+    for value in (decimal.Decimal("NaN"), decimal.Decimal("-sNaN"), decimal.Decimal("1.00")):
+        assert round_trip(value).compare_total(value) == 0
+    utc = datetime.datetime(2026, 1, 1, 12, tzinfo=datetime.timezone.utc)
+    assert round_trip(utc) == utc and round_trip(utc).utcoffset() == datetime.timedelta(0)
+    local = datetime.datetime(2026, 1, 1, 12,
+                              tzinfo=datetime.timezone(datetime.timedelta(hours=5)))
+    assert refusal(local) == (
+        "ValueError: expected a datetime that arrives as it was sent, got one that would not: $ "
+        "2026-01-01T12:00:00+05:00 would arrive as 2026-01-01T07:00:00+00:00 (the same instant: "
+        "an aware datetime travels in UTC; send it in UTC, or its isoformat())")
+
+
 def test_dataclass_fields_follow_their_annotations():
     # Declared types come back exactly; a field annotated Any follows msgspec (tuple -> list).
     @dataclasses.dataclass

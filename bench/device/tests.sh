@@ -40,7 +40,7 @@ tests() {
 tests gpu 180 python3 -m pytest -q tests/test_torch_gpu.py tests/test_torch_device_roles.py
 # Deselected: it imports typedcoll with PYTHONPATH cleared, and here typedcoll is on the path only.
 tests identity 120 python3 -m pytest -q tests/test_core_tasks.py tests/test_core_warm.py \
-    tests/test_core_callers.py \
+    tests/test_core_callers.py tests/test_core_copies.py \
     tests/test_core_semantics.py tests/test_core_arms.py tests/test_core_units.py \
     --deselect tests/test_core_units.py::test_importing_typedcoll_installs_nothing
 tests scale16 240 TYPEDCOLL_TEST_RANKS=16 python3 -m pytest -q tests/test_scale_mpi.py

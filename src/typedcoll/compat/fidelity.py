@@ -13,7 +13,8 @@ instance from its declared fields, by their declared types, and that differs whe
 Each would hand the receivers a value the sender never had, silently. So the sender decodes
 each instance as its peers will and compares: records must come back of the same class with
 every field the same and no attribute lost; other values must compare equal (NaN equal to NaN,
-arrays by dtype, shape and contents), of any type that compares equal (an ``IntEnum`` in an
+a Decimal NaN too, arrays by dtype, shape and contents, an aware datetime in its own offset:
+msgspec carries it in UTC), of any type that compares equal (an ``IntEnum`` in an
 ``int`` field, a tuple in a ``list`` field come back equal enough to pass). ``why_not`` says
 where they first differ, or None.
 """
@@ -21,6 +22,8 @@ where they first differ, or None.
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import decimal
 from typing import Any, Optional
 
 import msgspec
@@ -45,6 +48,15 @@ def why_not(sent: Any, back: Any, path: str = "$", depth: int = 0) -> Optional[s
             return (f"{path} is a {kind.__name__} and would arrive as a "
                     f"{type(back).__name__} ({reason})")
         return _record(sent, back, path, depth)
+    if isinstance(sent, decimal.Decimal) and isinstance(back, decimal.Decimal):
+        # NaN is no more equal to itself here than in a float; compare_total tells every
+        # Decimal apart (NaN from sNaN, 1.0 from 1.00) and matches it to itself
+        return None if sent.compare_total(back) == 0 else \
+            f"{path} {sent!r:.80} would arrive as {back!r:.80}"
+    if isinstance(sent, datetime.datetime) and isinstance(back, datetime.datetime) and \
+            sent == back and sent.utcoffset() != back.utcoffset():
+        return (f"{path} {sent.isoformat()} would arrive as {back.isoformat()} (the same "
+                f"instant: an aware datetime travels in UTC; send it in UTC, or its isoformat())")
     if kind is float or isinstance(sent, np.floating):
         return None if sent == back or (sent != sent and back != back) else \
             f"{path} {sent!r:.80} would arrive as {back!r:.80}"

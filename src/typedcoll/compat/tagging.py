@@ -6,9 +6,11 @@ alone would not bring back marked, and every class instance checked to arrive as
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from typing import Any, Dict, List, Tuple
 
+import msgspec
 import msgspec.inspect as mi
 import numpy as np
 from msgspec.msgpack import Ext
@@ -209,9 +211,12 @@ class _Tagger:
         except Exception as exc:  # a __post_init__ that refuses what it built
             why = f"{{path}} would not decode as a {what} ({type(exc).__name__}: {exc})"
         if why is not None:
+            # what records lose (a subclass, a rewritten field); a plain value says its own why
+            rebuilt = ("; pickle would rebuild it, msgspec rebuilds declared fields by their "
+                       "declared types") if isinstance(value, msgspec.Struct) or \
+                dataclasses.is_dataclass(value) else ""
             raise Refused(f"ValueError: expected a {what} that arrives as it was sent, got one "
-                          f"that would not: {why}; pickle would rebuild it, msgspec rebuilds "
-                          f"declared fields by their declared types")
+                          f"that would not: {why}{rebuilt}")
         self.flags |= HAS_CLASSES
         return [_MARKERS[CLASS], path, info.fingerprint, payload]
 

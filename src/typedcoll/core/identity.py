@@ -34,11 +34,11 @@ same program launched from different paths (or installed under different prefixe
 module's file by its dotted name (``pkg/utils.py``, ``pkg/__init__.py``), so that two
 ``utils.py`` of two packages stay two sites; the main script by its basename; code of no
 module by the import path entry that holds its file, else by its basename and a digest of the
-file (``sites.source_name``). A site's fingerprint holds the column where its call starts as well, so two
-collectives written on one line (``a() if ready else b()``) are two calls; messages show the
-column only where two sites of one line meet (``mismatch.describe``). Hot paths record the code
-object and bytecode offset (``f_lasti``, an int read); line and column are worked out only when
-shown or first fingerprinted.
+file (``sites.source_name``). A site's fingerprint holds the column where its call starts as
+well, so two collectives written on one line (``a() if ready else b()``) are two calls;
+messages show the column only where two sites of one line meet (``mismatch.describe``). Hot
+paths record the code object and bytecode offset (``f_lasti``, an int read); line and column
+are worked out only when shown or first fingerprinted.
 
 Where each part lives: which frames are plumbing and :func:`transparent` in ``core.plumbing``;
 the walk to the site and its thin wrappers (``via``) in ``core.site_walk``; how a site is named

@@ -241,7 +241,8 @@ class MPITransport:
         if deadline is None:
             getattr(self.comm, name)(*args, **kwargs)
         else:
-            wait_all([getattr(self.comm, "I" + name.lower())(*args, **kwargs)], deadline)
+            wait_all([getattr(self.comm, "I" + name.lower())(*args, **kwargs)], deadline,
+                     present=True)
 
     def _receive_buffer(self, n: int) -> np.ndarray:
         """Phase 2's receive buffer: the previous one when nothing refers to it any more (every

@@ -26,7 +26,13 @@ _MAX_SLEEP = 0.002
 _ABANDONED: List[List[Any]] = []
 
 
-def wait_all(requests: List[MPI.Request], deadline: Optional[float]) -> None:
+def wait_all(requests: List[MPI.Request], deadline: Optional[float],
+             present: bool = False) -> None:
+    """Wait for ``requests`` until ``deadline`` (None: without one). ``present``: every rank is
+    known to be in this operation (MPI's own collectives after an agreed verdict), so it yields
+    the core between tests up to the deadline and never sleeps: MPICH moves a large message
+    only inside MPI calls, a piece per test, and 2 ms sleeps between tests made a 24 MB
+    all-gather at 4 ranks take 3.7 s where the blocking form takes 0.13 s."""
     if deadline is None:
         MPI.Request.Waitall(requests)
         return
@@ -34,12 +40,15 @@ def wait_all(requests: List[MPI.Request], deadline: Optional[float]) -> None:
         if MPI.Request.Testall(requests):
             return
     now = time.monotonic()
-    yield_until = min(now + _YIELD_SECONDS, deadline)
+    yield_until = deadline if present else min(now + _YIELD_SECONDS, deadline)
     while now < yield_until:
         os.sched_yield()
         if MPI.Request.Testall(requests):
             return
         now = time.monotonic()
+    if present:
+        _ABANDONED.append(requests)
+        raise TransportTimeout()
     pause = 1e-4
     while not MPI.Request.Testall(requests):
         if time.monotonic() >= deadline:
