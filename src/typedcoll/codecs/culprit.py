@@ -88,7 +88,7 @@ def _narrow(t: mi.Type, value: Any) -> mi.Type:
         for member in t.types:
             if _container_of(member, value):
                 return member
-    if isinstance(t, (mi.AnyType, mi.UnionType)) and _is_record(value):
+    if isinstance(t, (mi.AnyType, mi.UnionType)) and is_record(value):
         return _type_info(type(value))
     return t
 
@@ -100,13 +100,13 @@ def _container_of(t: mi.Type, value: Any) -> bool:
     return kind is not None and isinstance(value, kind)
 
 
-def _is_record(value: Any) -> bool:
+def is_record(value: Any) -> bool:
     return isinstance(value, msgspec.Struct) or (dataclasses.is_dataclass(value)
                                                  and not isinstance(value, type))
 
 
 def _root_name(value: Any, t: mi.Type) -> str:
-    if _is_record(value) or isinstance(t, mi.AnyType):  # "Any[1]" would name no type
+    if is_record(value) or isinstance(t, mi.AnyType):  # "Any[1]" would name no type
         return type(value).__name__
     return render_name(t)
 
@@ -119,7 +119,7 @@ def _parts(value: Any, t: mi.Type) -> Iterator[Tuple[str, Any, mi.Type]]:
     if isinstance(value, msgspec.Struct):
         for name in value.__struct_fields__:
             yield f".{name}", getattr(value, name), fields.get(name, anything)
-    elif _is_record(value):
+    elif is_record(value):
         for field in dataclasses.fields(value):
             yield f".{field.name}", getattr(value, field.name), fields.get(field.name, anything)
     elif isinstance(value, tuple) and hasattr(type(value), "_fields"):

@@ -6,18 +6,16 @@ alone would not bring back marked, and every class instance checked to arrive as
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from typing import Any, Dict, List, Tuple
 
-import msgspec
 import msgspec.inspect as mi
 import numpy as np
 from msgspec.msgpack import Ext
 
 from ..codecs import KIND_MSGSPEC, encode_array, find_class, nesting_ok, resolve
 from ..codecs.nesting import MAX_NESTING
-from ..codecs.culprit import locate
+from ..codecs.culprit import is_record, locate
 from ..codecs.schema import ENCODER, class_path
 from ..core.fresh import on_fresh_stack
 from ..core.plumbing import register_internal
@@ -213,8 +211,7 @@ class _Tagger:
         if why is not None:
             # what records lose (a subclass, a rewritten field); a plain value says its own why
             rebuilt = ("; pickle would rebuild it, msgspec rebuilds declared fields by their "
-                       "declared types") if isinstance(value, msgspec.Struct) or \
-                dataclasses.is_dataclass(value) else ""
+                       "declared types") if is_record(value) else ""
             raise Refused(f"ValueError: expected a {what} that arrives as it was sent, got one "
                           f"that would not: {why}{rebuilt}")
         self.flags |= HAS_CLASSES

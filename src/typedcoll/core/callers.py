@@ -100,7 +100,6 @@ _CALLS = frozenset(op for name, op in dis.opmap.items()
 # A function's code -> the spans of its loops and inlined comprehensions (loops.loop_spans):
 # its calls outside them are made for its caller.
 _PICKED = CodeTable()
-_RETURNED = CodeTable()  # a code's call -> whether no path from it gets back to it
 _PICKED_AT = CodeTable()  # a code's call -> whether its first copy runs once per call
 # What leaves the function on a path after a call (a raise: unless a handler in the loop
 # catches it, which only makes the identity finer than the call's runs need).
@@ -160,9 +159,9 @@ def _first_copy(code: CodeType, lasti: int) -> int:
     (``finally: comm.allreduce(failed)`` in a loop) makes another call than its peers. The
     first copy is the code that runs normally (the handler's is after it), so the exception's
     copy answers as that one does."""
-    at = _instruction_at(code.co_code, lasti)
+    index = _index_at(code, lasti)
     instructions = instructions_of(code)
-    this = next((ins for ins in instructions if ins.offset == at), None)
+    this = instructions[index] if index is not None else None
     if this is None or this.positions is None or None in this.positions:
         return lasti  # no columns to tell a copy from another call of the line
     return next((ins.offset for ins in instructions
@@ -175,13 +174,8 @@ def _returned_at(code: CodeType, lasti: int) -> bool:
     once per call of the function where it completes, as a retry loop's does (``for attempt in
     range(3): try: return comm.allgather(obj) except ConnectionError: pass``), so its caller
     tells its uses apart."""
-    returned: Optional[bool] = _RETURNED.get(code, lasti)
-    if returned is None:
-        at = _instruction_at(code.co_code, lasti)
-        instructions = instructions_of(code)
-        after = next((i + 1 for i, ins in enumerate(instructions) if ins.offset == at), None)
-        returned = _RETURNED.put(code, lasti, after is not None and _returns(instructions, after))
-    return returned
+    index = _index_at(code, lasti)
+    return index is not None and _returns(instructions_of(code), index + 1)
 
 
 def _returns(instructions: List[dis.Instruction], after: int) -> bool:
@@ -212,6 +206,12 @@ def _returns(instructions: List[dis.Instruction], after: int) -> bool:
                     break
             i += 1
     return True
+
+
+def _index_at(code: CodeType, lasti: int) -> Optional[int]:
+    """The index in ``instructions_of(code)`` of the instruction that holds byte ``lasti``."""
+    at = _instruction_at(code.co_code, lasti)
+    return next((i for i, ins in enumerate(instructions_of(code)) if ins.offset == at), None)
 
 
 def _instruction_at(raw: bytes, lasti: int) -> int:

@@ -95,6 +95,11 @@ def _parting(groups: Sequence[Group]) -> List[str]:
                                                  for g, chain in zip(groups, chains))]
 
 
+def _innermost(via: str) -> str:
+    """The wrapper of a chain of thin ones (``A through B``) that makes the call: ``B``."""
+    return via.rsplit(" through ", 1)[-1]
+
+
 def _hint(kinds: Sequence[MismatchKind], groups: Sequence[Group]) -> List[str]:
     ops = {g.envelope.op for g in groups}
     taking = {g.envelope.schema for g in groups if g.envelope.op in _TAKING_OPS} & {"", "?"}
@@ -185,7 +190,7 @@ def _hint(kinds: Sequence[MismatchKind], groups: Sequence[Group]) -> List[str]:
         vias = {g.envelope.via for g in groups}
         if len(vias) == 1 and None not in vias:
             via = vias.pop()
-            innermost = str(via).rsplit(" through ", 1)[-1]  # the one that makes the call
+            innermost = _innermost(str(via))
             # A name= written in the innermost wrapper would make every use of it one call
             # (two votes over one shared _all_gather): the name must be this use's alone.
             return [f"  only the callers of {via} differ: a call through a thin wrapper is its "
@@ -218,8 +223,7 @@ def _hint(kinds: Sequence[MismatchKind], groups: Sequence[Group]) -> List[str]:
                     "that call its data); only if these are one collective reached from "
                     "different places, and called as often on every rank, give every rank's "
                     "call the same name="]
-        inner = {str(g.envelope.via).rsplit(" through ", 1)[-1] if g.envelope.via else None
-                 for g in groups}
+        inner = {_innermost(g.envelope.via) if g.envelope.via else None for g in groups}
         if len(inner) == 1 and None not in inner:
             # Every rank's call made in one helper (a padding vote reached from the real batch
             # and from the dummy batch): the name goes down to it; written in it, it would make
